@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the wheels these machines carry on local disk (CUDA build, runs on CPU too).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_UPDATED := /tmp/.vizapp-apt-updated
+
+.PHONY: run test debs venv bench report lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH_PINS)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+venv: $(STAMP)
+
+# Debian packages: chromium for the browser test, Fashion-MNIST for the bundled model's data tests.
+debs:
+	@need=""; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	test -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz || need="$$need dataset-fashion-mnist"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing Debian packages:$$need"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
+	fi
+
+run: $(STAMP)
+	$(PY) app.py $(ARGS)
+
+test: $(STAMP) debs
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m vizapp.bench $(ARGS)
+
+report: $(STAMP) debs
+	$(PY) -m vizapp.report $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vizapp tests app.py
+
+clean:
+	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -1,0 +1,30 @@
+"""vizapp: see inside a Vision Transformer.
+
+    import vizapp
+    vm = vizapp.load_model("vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    r = vizapp.analyze(vm, pil_image)
+    r.top_k, r.attention(layer=11), r.rollout(), r.mean_distance, vm.pos_similarity()
+"""
+
+from vizapp import analysis
+from vizapp.capture import AttentionCapture
+from vizapp.errors import BadImageError, BadParameterError, ModelLoadError, UnsupportedModelError, VizappError
+from vizapp.models import BUNDLED, VizModel, load_model
+from vizapp.pipeline import Analysis, analyze
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUNDLED",
+    "Analysis",
+    "AttentionCapture",
+    "BadImageError",
+    "BadParameterError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "VizModel",
+    "VizappError",
+    "analysis",
+    "analyze",
+    "load_model",
+]

@@ -1,0 +1,96 @@
+"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020).
+
+Each layer's head-fused attention gets the identity added for the residual path and its rows renormalised
+(keepdim: every row sums to 1), then the layers are multiplied from ``start_layer`` upward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fuse the head axis (dim -3) of ``attn`` [..., H, N, N] into [..., N, N]."""
+    if head_fusion == "mean":
+        return attn.mean(dim=-3)
+    if head_fusion == "max":
+        return attn.amax(dim=-3)
+    if head_fusion == "min":
+        return attn.amin(dim=-3)
+    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: float) -> torch.Tensor:
+    """Zero the lowest ``discard_ratio`` fraction of patch-to-patch entries of each [N, N] matrix.
+
+    Entries in rows or columns of prefix tokens (CLS, distillation token, registers) are never discarded, so the
+    CLS row keeps its mass. Ties at the threshold are broken by position (exactly ``floor(ratio * P*P)`` go).
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    if discard_ratio == 0.0:
+        return fused
+    p = num_prefix_tokens
+    out = fused.clone()
+    patch = out[..., p:, p:]  # [..., P, P] view
+    flat = patch.reshape(*patch.shape[:-2], -1)
+    k = int(flat.shape[-1] * discard_ratio)
+    if k > 0:
+        idx = flat.topk(k, dim=-1, largest=False).indices
+        flat = flat.scatter(-1, idx, 0.0)
+        out[..., p:, p:] = flat.reshape(patch.shape)
+    return out
+
+
+def add_residual(fused: torch.Tensor) -> torch.Tensor:
+    """Â = (A + I) with each row renormalised to sum to 1 (the residual connection's share)."""
+    n = fused.shape[-1]
+    a = fused + torch.eye(n, dtype=fused.dtype, device=fused.device)
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def rollout_fused(
+    fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: float = 0.0, start_layer: int = 0
+) -> torch.Tensor:
+    """Rollout of already head-fused attention ``fused`` [L, N, N] -> joint attention [N, N].
+
+    joint = Â_{L-1} ··· Â_{start_layer}, with Â as in :func:`add_residual` after :func:`discard_lowest`.
+    """
+    if fused.dim() != 3 or fused.shape[-1] != fused.shape[-2]:
+        raise ValueError(f"expected fused attention shaped [L, N, N], got {tuple(fused.shape)}")
+    num_layers, n, _ = fused.shape
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(f"start_layer must be in [0, {num_layers - 1}], got {start_layer}")
+    if not 0 <= num_prefix_tokens < n:
+        raise ValueError(f"num_prefix_tokens must be in [0, {n - 1}], got {num_prefix_tokens}")
+    joint = torch.eye(n, dtype=torch.float64, device=fused.device)
+    for layer in range(start_layer, num_layers):
+        a = discard_lowest(fused[layer].to(torch.float64), num_prefix_tokens, discard_ratio)
+        joint = add_residual(a) @ joint  # [N, N]
+    return joint.to(fused.dtype)
+
+
+def rollout(
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+) -> torch.Tensor:
+    """Attention rollout of per-head attention ``attn`` [L, H, N, N] -> joint attention [N, N].
+
+    Args:
+        attn: post-softmax attention of every layer and head, rows summing to 1.
+        num_prefix_tokens: CLS + distillation + register tokens at the front of the sequence.
+        head_fusion: "mean" (the paper), "max" or "min" (as offered by vit-explain).
+        discard_ratio: fraction of the fused patch-to-patch entries to zero per layer (0 keeps all).
+        start_layer: first layer included in the product.
+
+    Returns:
+        joint [N, N]; row 0 restricted to columns ``num_prefix_tokens:`` is the CLS rollout map over the patches.
+    """
+    if attn.dim() != 4:
+        raise ValueError(f"expected attention shaped [L, H, N, N], got {tuple(attn.shape)}")
+    return rollout_fused(fuse_heads(attn, head_fusion), num_prefix_tokens, discard_ratio, start_layer)

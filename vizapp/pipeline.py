@@ -1,0 +1,310 @@
+"""``analyze``: one forward pass with capture, then every analysis the views need, layer by layer.
+
+The result is a frozen :class:`Analysis` of CPU tensors and numpy arrays: it holds q and k of every layer (so any
+query's per-head map, and rollout with other settings, is recomputed without another forward pass) but never all
+layers' full attention at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vizapp.analysis.distance import head_distances, patch_distance_matrix
+from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_fused
+from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.errors import BadParameterError
+from vizapp.models import VizModel
+
+Query = str | int | tuple[int, int]
+# Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion).
+FUSED_CACHE_LIMIT_BYTES = 64 * 2**20
+
+
+def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image, ()
+    from vizapp.imageio import decode_image
+
+    decoded = decode_image(image)
+    return decoded.image, decoded.notes
+
+
+def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """The model's input [C, H, W] de-normalised to a uint8 RGB image [H, W, 3] (what the model saw)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    img = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return (img[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def grid_for_input(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Patch grid the model uses for an input of this size (dynamic_img_size models resize on the fly)."""
+    pe = model.patch_embed
+    if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
+        gh, gw = pe.dynamic_feat_size((height, width))
+        return int(gh), int(gw)
+    g = pe.grid_size
+    return int(g[0]), int(g[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
+
+    Attributes:
+        model_name: the model's id; ``load_args`` reload it (from the cache) for gradient methods.
+        labels: class names; ``probs`` [K] class probabilities (None without a classifier head).
+        top_k: [(label, probability)] best first.
+        image: the model's view of the input, uint8 [H, W, 3].
+        input: the model's input tensor [1, C, H, W].
+        q, k: per layer [H, N, head_dim] float32 (post q_norm / k_norm, before scaling).
+        scales: per-layer softmax scale.
+        mean_distance: [L, H] mean attention distance in pixels.
+        notes: remarks about the input (e.g. "animated GIF: first frame").
+    """
+
+    model_name: str
+    load_args: tuple[tuple[str, Any], ...]
+    labels: tuple[str, ...]
+    probs: np.ndarray | None
+    top_k: list[tuple[str, float]]
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    image: np.ndarray
+    input: torch.Tensor
+    q: tuple[torch.Tensor, ...]
+    k: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+    mean_distance: np.ndarray
+    notes: tuple[str, ...] = ()
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.q)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.q[0].shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q[0].shape[1])
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def _layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
+        if not -self.num_layers <= layer < self.num_layers:
+            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
+        return int(layer) % self.num_layers
+
+    def _head(self, head: Any) -> int | None:
+        if head is None:
+            return None
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
+            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
+        if not 0 <= head < self.num_heads:
+            raise BadParameterError(f"head {head} is out of range; this model has heads 0..{self.num_heads - 1}")
+        return int(head)
+
+    def query_index(self, query: Query) -> int:
+        """Token index of a query: "cls" (token 0), a prefix token index, or a patch (row, col)."""
+        p = self.num_prefix_tokens
+        gh, gw = self.grid_size
+        if isinstance(query, str):
+            if query.lower() != "cls":
+                raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query[:40]!r}")
+            if p == 0:
+                raise BadParameterError("this model has no CLS token; click a patch to use it as the query")
+            return 0
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            if not 0 <= query < self.num_tokens:
+                raise BadParameterError(f"token {query} is out of range 0..{self.num_tokens - 1}")
+            return int(query)
+        if isinstance(query, (tuple, list)) and len(query) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query
+        ):
+            r, c = int(query[0]), int(query[1])
+            if not (0 <= r < gh and 0 <= c < gw):
+                raise BadParameterError(f"patch ({r}, {c}) is outside the {gh}x{gw} grid")
+            return p + r * gw + c
+        raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query!r}"[:200])
+
+    # -- per-head maps ---------------------------------------------------------------------------------------------
+    def attention_layer(self, layer: int) -> torch.Tensor:
+        """Full attention of one layer, [H, N, N] float32 (recomputed from q and k)."""
+        layer = self._layer(layer)
+        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer])
+
+    def attention_row(self, layer: int, query: Query = "cls") -> torch.Tensor:
+        """Attention of one query token to every token, [H, N]."""
+        layer = self._layer(layer)
+        i = self.query_index(query)
+        return attention_from_qk(self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer])[:, 0]
+
+    def attention(self, layer: int, head: int | None = None, query: Query = "cls") -> np.ndarray:
+        """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
+        head = self._head(head)
+        row = self.attention_row(layer, query)[:, self.num_prefix_tokens :]  # [H, P]
+        maps = row.reshape(self.num_heads, *self.grid_size).numpy()
+        return maps if head is None else maps[head]
+
+    def attention_all_layers(self, query: Query = "cls") -> np.ndarray:
+        """[L, H, gh, gw] maps of one query for every layer."""
+        return np.stack([self.attention(layer, None, query) for layer in range(self.num_layers)])
+
+    def prefix_attention(self, layer: int, query: Query = "cls") -> np.ndarray:
+        """[H, num_prefix_tokens] weights the query sends to the prefix tokens (CLS/dist/registers)."""
+        return self.attention_row(layer, query)[:, : self.num_prefix_tokens].numpy()
+
+    # -- rollout ----------------------------------------------------------------------------------------------------
+    def fused(self, head_fusion: str = "mean") -> torch.Tensor:
+        """Head-fused attention of every layer [L, N, N]; cached while small."""
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        key = ("fused", head_fusion)
+        if key in self._cache:
+            return self._cache[key]
+        fused = torch.stack([fuse_heads(self.attention_layer(i), head_fusion) for i in range(self.num_layers)])
+        if fused.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+        """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
+        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
+            0.0 <= float(discard_ratio) < 1.0
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        start_layer = self._layer(start_layer)
+        key = ("rollout", head_fusion, float(discard_ratio), start_layer)
+        if key not in self._cache:
+            joint = rollout_fused(self.fused(head_fusion), self.num_prefix_tokens, float(discard_ratio), start_layer)
+            cls = self.query_index("cls")
+            self._cache[key] = joint[cls, self.num_prefix_tokens :].reshape(self.grid_size).numpy()
+        return self._cache[key]
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary of the analysis."""
+        return {
+            "model": self.model_name,
+            "top_k": [{"label": lbl, "probability": float(p)} for lbl, p in self.top_k],
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_tokens": self.num_tokens,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "grid_size": list(self.grid_size),
+            "patch_size": list(self.patch_size),
+            "mean_distance_px": np.round(self.mean_distance, 3).tolist(),
+            "rollout_mean": np.round(self.rollout(), 6).tolist(),
+            "notes": list(self.notes),
+        }
+
+    def arrays(self, max_bytes: int = 256 * 2**20) -> dict[str, np.ndarray]:
+        """Arrays for an .npz export: full attention [L, H, N, N] when it fits in ``max_bytes``, else CLS rows."""
+        out: dict[str, np.ndarray] = {
+            "mean_distance": self.mean_distance,
+            "rollout": self.rollout(),
+            "image": self.image,
+            "num_prefix_tokens": np.array(self.num_prefix_tokens),
+            "grid_size": np.array(self.grid_size),
+            "patch_size": np.array(self.patch_size),
+        }
+        full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
+        if full <= max_bytes:
+            out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()
+        else:
+            out["cls_attention"] = torch.stack([self.attention_row(i) for i in range(self.num_layers)]).numpy()
+        if self.probs is not None:
+            out["probs"] = self.probs
+        return out
+
+
+def analyze(
+    vm: VizModel,
+    image: Any,
+    *,
+    top_k: int = 5,
+    progress: Callable[[float, str], None] | None = None,
+) -> Analysis:
+    """Run the model once on ``image`` with capture and compute every core analysis.
+
+    Args:
+        vm: a model from :func:`vizapp.load_model`.
+        image: a PIL image (or bytes / path / numpy array, decoded safely by :mod:`vizapp.imageio`).
+        top_k: how many classes to report.
+        progress: optional callback(fraction, message).
+
+    Returns:
+        an :class:`Analysis`.
+    """
+    pil, notes = _to_pil(image)
+    x = vm.transform(pil)
+    if x.dim() == 3:
+        x = x[None]
+    x_dev = x.to(device=vm.device, dtype=vm.dtype)
+    if progress:
+        progress(0.1, "forward pass")
+    with torch.no_grad():
+        with AttentionCapture(vm.model) as cap:
+            logits = vm.model(x_dev)
+        if progress:
+            progress(0.6, "attention analyses")
+        grid = grid_for_input(vm.model, x.shape[-2], x.shape[-1])
+        p = vm.num_prefix_tokens
+        n = cap.q[0].shape[-2]
+        if n - p != grid[0] * grid[1]:
+            raise RuntimeError(f"{n} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
+        dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
+        mean_fused, distances = [], []
+        for layer in range(len(cap)):
+            a = cap.attention(layer)[0]  # [H, N, N], one layer at a time
+            distances.append(head_distances(a, dist, p))
+            mean_fused.append(a.mean(dim=0).cpu())
+            del a
+        q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
+        k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
+        scales = tuple(cap.scales)
+    probs = None
+    top: list[tuple[str, float]] = []
+    if vm.labels and logits.shape[-1] == len(vm.labels):
+        probs = torch.softmax(logits[0].float(), dim=-1).cpu().numpy()
+        order = np.argsort(-probs, kind="stable")[: max(0, int(top_k))]
+        top = [(vm.labels[i], float(probs[i])) for i in order]
+    result = Analysis(
+        model_name=vm.name,
+        load_args=vm.load_args,
+        labels=vm.labels,
+        probs=probs,
+        top_k=top,
+        num_prefix_tokens=p,
+        grid_size=grid,
+        patch_size=vm.patch_size,
+        image=model_view(x[0], vm.mean, vm.std),
+        input=x.cpu(),
+        q=q,
+        k=k,
+        scales=scales,
+        mean_distance=torch.stack(distances).float().cpu().numpy(),
+        notes=tuple(notes),
+    )
+    fused = torch.stack(mean_fused)  # [L, N, N]
+    if fused.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
+        result._cache[("fused", "mean")] = fused
+    if p:
+        joint = rollout_fused(fused, p)  # [N, N]
+        result._cache[("rollout", "mean", 0.0, 0)] = joint[0, p:].reshape(grid).numpy()
+    if progress:
+        progress(1.0, "done")
+    return result
