@@ -335,6 +335,8 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.M
             model_args = dict(hub_cfg.get("model_args") or {})
             if "num_classes" in hub_cfg:
                 model_args.setdefault("num_classes", hub_cfg["num_classes"])
+                # timm drops a checkpoint's head when the cfg's class count differs from the model's.
+                pcfg["num_classes"] = model_args["num_classes"]
             model_args.update(kwargs)
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=pcfg, **model_args), "pretrained"
         if not hub_reachable():
@@ -361,7 +363,11 @@ def _load_safetensors_into(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {e}") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).split("\n\t")[1:2]
+        raise ModelLoadError(f"{path.name} does not match the architecture: {first[0] if first else e}") from e
     if missing or unexpected:
         raise ModelLoadError(
             f"{path.name} does not match the architecture: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
@@ -419,9 +425,12 @@ def _load_uncached(
 
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                nc = f.get_slice("head.weight").get_shape()[0] if "head.weight" in keys else 0
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+                    nc = f.get_slice("head.weight").get_shape()[0] if "head.weight" in keys else 0
+            except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+                raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {e}") from e
             model = timm.create_model(validate_model_id(arch).split(".", 1)[0], pretrained=False, num_classes=nc, **kwargs)
             _load_safetensors_into(model, path)
             source = "file"
