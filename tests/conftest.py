@@ -44,3 +44,32 @@ def random_image(seed: int = 0, size: tuple[int, int] = (96, 128)) -> Image.Imag
 @pytest.fixture
 def image():
     return random_image(0)
+
+
+def write_card_model(folder, name: str = "tiny", depth: int = 2, embed_dim: int = 48, seed: int = 0):
+    """A random-weight timm VisionTransformer saved as .safetensors + model card, like the bundled model."""
+    import json
+
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=embed_dim, depth=depth, num_heads=3)
+    torch.manual_seed(seed)
+    model = VisionTransformer(**args)
+    save_file(model.state_dict(), str(folder / f"{name}.safetensors"))
+    card = dict(name=name, architecture="VisionTransformer", model_args=args, input_size=[1, 28, 28], mean=[0.286],
+                std=[0.353], polarity="light_on_dark", class_names=[f"class{i}" for i in range(10)], test_accuracy=0.1)
+    (folder / f"{name}.json").write_text(json.dumps(card))
+    return str(folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="session")
+def card_model(tmp_path_factory):
+    return write_card_model(tmp_path_factory.mktemp("cardmodel"))
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    random_image(11, size=(120, 90)).save(path)
+    return str(path)

@@ -14,7 +14,9 @@ Defences, in the order they run:
 3. Pixel budget: ``Image.open`` only parses the header, so width x height is checked against ``max_pixels`` before
    a single pixel is decoded. Pillow's own ``DecompressionBombError`` / ``DecompressionBombWarning`` (when warnings
    are errors) are reported the same way.
-4. Decode only the first frame; truncated files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is not touched).
+4. Decode only the first frame. A truncated file is an error whenever pixel data is missing: that is Pillow's rule
+   while ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False, which we never change. (A PNG that lost only its trailing
+   checksum and IEND chunk still has every pixel and decodes; a JPEG missing even its end marker is refused.)
 5. Normalise: EXIF orientation, 16-bit / 32-bit / float scaling, CMYK and palette conversion, alpha composited on
    white. Each change a person might notice is reported in ``notes``.
 
@@ -289,7 +291,7 @@ def _sniff_unsupported(head: bytes) -> str | None:
         An error message for a known unsupported format, or None to let Pillow try.
     """
     if _looks_like_svg(head):
-        return "SVG is a vector format, which this app cannot analyse; export it as PNG or JPEG and upload that."
+        return "SVG is a vector format; export it as PNG or JPEG and upload that instead."
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in _AVIF_BRANDS:
@@ -308,14 +310,15 @@ def _sniff_unsupported(head: bytes) -> str | None:
 
 def _unidentified_message(head: bytes) -> str:
     """Message for a file Pillow could not identify with the accepted plugins."""
-    for magic, kind in _ACCEPTED_MAGIC:
-        if head.startswith(magic):
-            return (
-                f"The file starts like a {kind} image but its header is damaged or incomplete. "
-                "Re-export the image or upload it again."
-            )
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "The file starts like a WebP image but its header is damaged or incomplete. Re-export it or upload it again."
+    # A file shorter than the magic itself (b"GIF8") counts too; calling that "text" would mislead.
+    kind = next((kind for magic, kind in _ACCEPTED_MAGIC if head.startswith(magic) or magic.startswith(head)), None)
+    if kind is None and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is not None:
+        return (
+            f"The file starts like a {kind} image but its header is damaged or incomplete. "
+            "Re-export the image or upload it again."
+        )
     if _looks_like_text(head):
         return f"The file contains text, not image data. Upload an image file ({_ACCEPTED_TEXT})."
     return f"The file is not an image in a supported format. Accepted formats: {_ACCEPTED_TEXT}."
@@ -329,16 +332,9 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise BadImageError(f"The image has no pixels ({width}x{height}). Upload a different image.")
     if width * height > max_pixels:
         raise BadImageError(
-            f"The image is too large: {width}x{height} pixels ({width * height / 1e6:.1f} MP); the limit is "
-            f"{max_pixels / 1e6:.1f} MP. Downscale it and upload it again."
+            f"The image is too large: {width}x{height} pixels ({width * height / 1e6:.3g} MP); the limit is "
+            f"{max_pixels / 1e6:.3g} MP. Downscale it and upload it again."
         )
-
-
-def _bomb_message() -> str:
-    return (
-        "The image's dimensions are far too large to decode safely (it may be a 'decompression bomb'). "
-        "Downscale it and upload it again."
-    )
 
 
 def _from_bytes(data: bytes, max_pixels: int) -> DecodedImage:
@@ -358,46 +354,57 @@ def _from_bytes(data: bytes, max_pixels: int) -> DecodedImage:
         raise
     except UnidentifiedImageError as exc:
         raise BadImageError(_unidentified_message(head)) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(_bomb_message()) from exc
-    except MemoryError as exc:
-        raise BadImageError("The server ran out of memory decoding this image. Upload a smaller image.") from exc
     except Exception as exc:
-        # Pillow's plugins signal malformed data with many exception types (OSError, SyntaxError, ValueError,
-        # EOFError, struct.error, IndexError, ...). For untrusted input they all mean "this file is broken";
-        # the chained cause keeps the detail for the server log.
-        log.info("image decode failed (%s): %r", fmt, exc)
-        raise BadImageError(_corrupt_message(fmt, exc)) from exc
+        raise _decode_failure(exc, fmt) from exc
     return DecodedImage(rgb, tuple(notes), fmt)
 
 
-def _corrupt_message(fmt: str | None, exc: Exception) -> str:
+def _decode_failure(exc: Exception, fmt: str | None) -> BadImageError:
+    """Translate an exception raised while Pillow parsed or decoded untrusted data.
+
+    Pillow's plugins signal malformed data with many exception types (OSError, SyntaxError, ValueError, EOFError,
+    struct.error, IndexError, ...). For untrusted input they all mean "this file is broken", so all become
+    ``BadImageError``; the caller chains ``exc`` so the detail still reaches the server log.
+
+    Args:
+        exc: What Pillow (or numpy, during conversion) raised.
+        fmt: Pillow's format name, if the header was identified.
+
+    Returns:
+        The error to raise.
+    """
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return BadImageError(
+            "The image's dimensions are far too large to decode safely (it may be a 'decompression bomb'). "
+            "Downscale it and upload it again."
+        )
+    if isinstance(exc, MemoryError):
+        return BadImageError("The server ran out of memory decoding this image. Upload a smaller image.")
+    log.info("image decode failed (%s): %r", fmt, exc)
     kind = f"{_FORMAT_NAMES.get(fmt, fmt)} " if fmt else ""
     if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
-        return (
+        return BadImageError(
             f"The {kind}file is truncated: it ends before the image data does (an interrupted upload or download?). "
             "Upload the complete file again."
         )
-    return f"The {kind}file is damaged and could not be decoded. Re-export the image or upload a different one."
+    return BadImageError(
+        f"The {kind}file is damaged and could not be decoded. Re-export the image or upload a different one."
+    )
 
 
 def _from_pil(img: Image.Image, max_pixels: int) -> DecodedImage:
     notes: list[str] = []
-    # Decode the first frame like a file upload would, and leave the caller's image on the frame it was on.
-    frame = img.tell() if getattr(img, "is_animated", False) else 0
+    frame = 0
     try:
+        # Decode the first frame like a file upload would, and leave the caller's image on the frame it was on.
+        frame = img.tell()
         if frame:
             img.seek(0)
         rgb = _normalise(img, max_pixels, notes)
     except BadImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(_bomb_message()) from exc
-    except MemoryError as exc:
-        raise BadImageError("The server ran out of memory decoding this image. Upload a smaller image.") from exc
-    except Exception as exc:  # a lazily opened image still decodes here; same reasoning as in _from_bytes
-        log.info("PIL image normalisation failed (%s): %r", img.format, exc)
-        raise BadImageError(_corrupt_message(img.format, exc)) from exc
+    except Exception as exc:  # a lazily opened image still decodes here
+        raise _decode_failure(exc, img.format) from exc
     finally:
         if frame:
             try:
@@ -434,7 +441,7 @@ def _frame_note(img: Image.Image) -> str | None:
     # n_frames walks frame headers without decoding pixels; its cost is linear in the file size, which max_bytes bounds.
     n = img.n_frames
     fmt = img.format or ""
-    if fmt in ("TIFF",):
+    if fmt == "TIFF":
         return f"multi-page TIFF: analysed the first of {n} pages"
     if fmt == "MPO":
         return f"multi-picture JPEG: analysed the first of {n} images"
@@ -499,7 +506,7 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     if mode.startswith("I;16"):
         # Pillow's own I;16 -> L conversion clips at 255, turning almost every pixel white; map 0..65535 to 0..255.
         arr = np.asarray(img).astype(np.uint32)
-        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
         notes.append("16-bit image scaled to 8 bits")
     elif mode in ("I", "F"):
         img = _scale_by_range(img, notes)
@@ -508,16 +515,16 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     elif mode in ("LAB", "HSV"):
         notes.append(f"{mode} converted to RGB")
 
-    if "A" in img.mode or "a" in img.mode or img.has_transparency_data:
-        rgba = img.convert("RGBA") if img.mode not in ("La",) else img.convert("LA").convert("RGBA")
+    if img.mode == "La":
+        img = img.convert("LA")  # Pillow converts premultiplied La only to LA
+    if img.has_transparency_data:  # alpha band, or a transparent palette index / colour key
+        rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] < 255:
             notes.append("transparent pixels composited on white")
             rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
         rgb = rgba.convert("RGB")
     else:
-        rgb = img.convert("RGB")
-    if rgb is img:  # convert() to the same mode may return a copy or, in principle, self; never hand back the source
-        rgb = rgb.copy()
+        rgb = img.convert("RGB")  # always a new image, even when img is already RGB
     rgb.info = {}
     return rgb
 
@@ -552,7 +559,7 @@ def _scale_by_range(img: Image.Image, notes: list[str]) -> Image.Image:
     if not finite.all():
         notes.append("non-finite pixel values shown black")
         scaled = np.where(finite, scaled, 0.0)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _shape_notes(rgb: Image.Image, notes: list[str]) -> None:

@@ -252,7 +252,7 @@ def bundled_transform(card: dict[str, Any]) -> Callable[[Image.Image], torch.Ten
             a = sq
         if a.shape != (h, w):
             a = np.asarray(Image.fromarray(a, mode="F").resize((w, h), resample=resample, reducing_gap=None))
-        x = torch.from_numpy(np.ascontiguousarray(a)).float().clamp(0, 1)[None].expand(c, h, w)
+        x = torch.from_numpy(np.array(a, dtype=np.float32)).float().clamp(0, 1)[None].expand(c, h, w)
         return (x - mean) / std
 
     return transform

@@ -22,14 +22,25 @@ from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 
 Query = str | int | tuple[int, int]
+# Map methods by name: attention rollout, raw last-layer attention, attention flow, gradient rollout, Chefer relevance.
+METHODS = {
+    "rollout": "Attention rollout",
+    "attention": "Last-layer CLS attention",
+    "flow": "Attention flow",
+    "grad_rollout": "Gradient rollout",
+    "relevance": "Chefer relevance",
+}
 # Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion).
 FUSED_CACHE_LIMIT_BYTES = 64 * 2**20
 
 
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+    from vizapp.imageio import DecodedImage, decode_image
+
+    if isinstance(image, DecodedImage):
+        return image.image, tuple(image.notes)
     if isinstance(image, Image.Image) and image.mode == "RGB":
         return image, ()
-    from vizapp.imageio import decode_image
 
     decoded = decode_image(image)
     return decoded.image, decoded.notes
@@ -194,6 +205,137 @@ class Analysis:
             self._cache[key] = joint[cls, self.num_prefix_tokens :].reshape(self.grid_size).numpy()
         return self._cache[key]
 
+    # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
+    def _class(self, class_idx: Any) -> int:
+        if self.probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no class to explain")
+        if class_idx is None:
+            return int(np.argmax(self.probs))
+        if isinstance(class_idx, str):
+            if class_idx not in self.labels:
+                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
+            return self.labels.index(class_idx)
+        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
+            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
+        if not 0 <= class_idx < len(self.probs):
+            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
+        return int(class_idx)
+
+    def attention_stack(self) -> torch.Tensor:
+        """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
+        return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
+
+    def _model(self) -> VizModel:
+        from vizapp.models import reload
+
+        return reload(self.load_args)
+
+    def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
+        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
+        cls = self._class(class_idx)
+        key = ("grads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        vm = self._model()
+        x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
+        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+            logits = vm.model(x)
+            grads = cap.attention_grads(logits[0, cls])
+        out = torch.stack([g[0].detach().float().cpu() for g in grads])
+        if out.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = out
+        return out
+
+    def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
+        return flat.reshape(self.grid_size).float().numpy()
+
+    def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+        """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention."""
+        from vizapp.analysis.relevance import cls_map, grad_rollout
+
+        start_layer = self._layer(start_layer)
+        joint = grad_rollout(self.attention_stack(), self.attention_gradients(class_idx), self.num_prefix_tokens,
+                             float(discard_ratio), start_layer)
+        return self._patch_map(cls_map(joint, self.num_prefix_tokens, self.query_index("cls")))
+
+    def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
+        """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw]."""
+        from vizapp.analysis.relevance import chefer_relevance, cls_map
+
+        start_layer = self._layer(start_layer)
+        joint = chefer_relevance(self.attention_stack(), self.attention_gradients(class_idx), start_layer)
+        return self._patch_map(cls_map(joint, self.num_prefix_tokens, self.query_index("cls")))
+
+    def attention_flow(self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
+        from vizapp.analysis.flow import attention_flow
+
+        key = ("flow", head_fusion)
+        if key not in self._cache:
+            flat = attention_flow(self.attention_stack(), self.num_prefix_tokens, head_fusion=head_fusion,
+                                  query=self.query_index("cls"), progress=progress)
+            self._cache[key] = self._patch_map(flat)
+        return self._cache[key]
+
+    def last_layer_attention(self) -> np.ndarray:
+        """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
+        return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)
+
+    def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """Any method's map by name: one of :data:`METHODS`."""
+        if method not in METHODS:
+            raise BadParameterError(f"method must be one of {list(METHODS)}, got {str(method)[:40]!r}")
+        if method == "rollout":
+            return self.rollout(**kwargs)
+        if method == "attention":
+            return self.last_layer_attention()
+        if method == "flow":
+            return self.attention_flow(**kwargs)
+        if method == "grad_rollout":
+            return self.grad_rollout(class_idx, **kwargs)
+        return self.relevance(class_idx, **kwargs)
+
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 16,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
+
+        Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
+        map's importance, and the class probability tracked. ``baseline`` is in the model's normalised input space,
+        so 0.0 is the dataset-mean colour. A random order is added as "random" unless ``random_seed`` is None.
+
+        Returns:
+            {name: {"deletion": Curve, "insertion": Curve}}
+        """
+        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        maps = dict(maps)
+        if random_seed is not None:
+            g = torch.Generator().manual_seed(int(random_seed))
+            maps["random"] = random_order_saliency(self.grid_size[0] * self.grid_size[1], g).numpy()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(vm.model(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in maps.items():
+            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+            out[name] = {
+                mode: perturbation_curve(predict, self.input[0], sal, self.grid_size, self.patch_size, cls, mode=mode,
+                                         steps=steps, baseline=baseline, batch_size=batch_size)
+                for mode in ("deletion", "insertion")
+            }
+        return out
+
     # -- export ------------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary of the analysis."""
@@ -267,11 +409,15 @@ def analyze(
         if n - p != grid[0] * grid[1]:
             raise RuntimeError(f"{n} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
-        mean_fused, distances = [], []
-        for layer in range(len(cap)):
+        n_layers = len(cap)
+        keep_fused = n_layers * n * n * 4 <= FUSED_CACHE_LIMIT_BYTES
+        fused: dict[str, list[torch.Tensor]] = {f: [] for f in (HEAD_FUSIONS if keep_fused else ("mean",))}
+        distances = []
+        for layer in range(n_layers):
             a = cap.attention(layer)[0]  # [H, N, N], one layer at a time
             distances.append(head_distances(a, dist, p))
-            mean_fused.append(a.mean(dim=0).cpu())
+            for f, store in fused.items():
+                store.append(fuse_heads(a, f).cpu())  # [N, N]
             del a
         q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
@@ -299,11 +445,12 @@ def analyze(
         mean_distance=torch.stack(distances).float().cpu().numpy(),
         notes=tuple(notes),
     )
-    fused = torch.stack(mean_fused)  # [L, N, N]
-    if fused.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
-        result._cache[("fused", "mean")] = fused
+    mean_fused = torch.stack(fused["mean"])  # [L, N, N]
+    if keep_fused:
+        for f, store in fused.items():
+            result._cache[("fused", f)] = torch.stack(store)
     if p:
-        joint = rollout_fused(fused, p)  # [N, N]
+        joint = rollout_fused(mean_fused, p)  # [N, N]
         result._cache[("rollout", "mean", 0.0, 0)] = joint[0, p:].reshape(grid).numpy()
     if progress:
         progress(1.0, "done")

@@ -2,10 +2,20 @@
 
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
 from vizapp.analysis.posembed import patch_pos_embed, pos_embed_similarity, resample_patch_pos_embed
+from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
+from vizapp.analysis.flow import attention_flow
+from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused
 
 __all__ = [
     "HEAD_FUSIONS",
+    "Curve",
+    "attention_flow",
+    "chefer_relevance",
+    "cls_map",
+    "grad_rollout",
+    "perturbation_curve",
+    "random_order_saliency",
     "fuse_heads",
     "mean_attention_distance",
     "patch_distance_matrix",

@@ -1,5 +1,6 @@
-"""Deletion and insertion curves (Petsiuk, Das & Saenko, "RISE: Randomized Input Sampling for Explanation of
-Black-box Models", BMVC 2018).
+"""Deletion and insertion curves for judging saliency maps.
+
+Paper: Petsiuk, Das & Saenko, "RISE: Randomized Input Sampling for Explanation of Black-box Models", BMVC 2018.
 
 Patches are ranked by decreasing saliency. Deletion starts from the image and replaces the top-ranked patches by a
 baseline, a few at a time; insertion starts from the baseline and reveals the image's patches in the same order.

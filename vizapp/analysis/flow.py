@@ -82,7 +82,9 @@ def _alive_nodes(caps: np.ndarray, num_prefix_tokens: int, query: int) -> np.nda
     return forward & backward
 
 
-def flow_graph(caps: np.ndarray, num_prefix_tokens: int, query: int = 0) -> tuple[scipy.sparse.csr_array, np.ndarray, int]:
+def flow_graph(
+    caps: np.ndarray, num_prefix_tokens: int, query: int = 0
+) -> tuple[scipy.sparse.csr_array, np.ndarray, int]:
     """The pruned attention graph as a CSR capacity matrix, built once for all patches.
 
     Args:
@@ -95,7 +97,7 @@ def flow_graph(caps: np.ndarray, num_prefix_tokens: int, query: int = 0) -> tupl
         capacity of the edge u -> v; ``sources`` [P] int64 holds the node index of each patch's layer-0 node, or
         -1 where that node was pruned (its flow is 0); ``sink`` is the sink's node index, or -1 if it was pruned.
     """
-    num_layers, n, _ = caps.shape
+    num_layers = caps.shape[0]
     alive = _alive_nodes(caps, num_prefix_tokens, query)  # [L+1, N]
     index = np.full(alive.shape, -1, dtype=np.int64)
     index[alive] = np.arange(int(alive.sum()))  # row-major: layer, then token
@@ -108,9 +110,7 @@ def flow_graph(caps: np.ndarray, num_prefix_tokens: int, query: int = 0) -> tupl
     data = caps[layer, head, tail].astype(np.int32)
     indptr = np.zeros(num_nodes + 1, dtype=np.int32)
     np.cumsum(np.bincount(tails, minlength=num_nodes), out=indptr[1:])
-    graph = scipy.sparse.csr_array(
-        (data, heads.astype(np.int32), indptr), shape=(num_nodes, num_nodes)
-    )
+    graph = scipy.sparse.csr_array((data, heads.astype(np.int32), indptr), shape=(num_nodes, num_nodes))
     graph.has_sorted_indices = True  # tails ascend, and heads ascend within a tail, by construction
     sources = index[0, num_prefix_tokens:].copy()
     sink = int(index[num_layers, query])

@@ -1,7 +1,7 @@
-"""Gradient-weighted attention maps: gradient rollout and Chefer et al.'s relevance propagation.
+"""Gradient-weighted attention maps: gradient rollout and relevance propagation (Chefer, Gur & Wolf, ICCV 2021).
 
-Paper: Chefer, Gur & Wolf, "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
-Transformers", ICCV 2021 (the relevance update R <- R + Ā R with Ā = E_h[(∇A ⊙ A)^+]).
+Paper: "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers"; its
+self-attention rule is R <- R + Ā R with Ā = E_h[(∇A ⊙ A)^+].
 
 Both maps weight each layer's attention by the gradient of the class score with respect to that same layer's
 attention. ``grad[l]`` must be the gradient of ``attn[l]``: jacobgil/vit-explain zips its attention list with the

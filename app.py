@@ -1,0 +1,28 @@
+"""vizapp's web app: `python app.py [--model NAME]` (Hugging Face Spaces runs this file)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="See inside a Vision Transformer (Gradio app).")
+    parser.add_argument("--model", default=None, help="start-up model: timm name, hf-hub:id, .safetensors, 'bundled'")
+    parser.add_argument("--host", default=None, help="default GRADIO_SERVER_NAME or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default GRADIO_SERVER_PORT or 7860")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from vizapp.ui import build_demo, launch_kwargs, queue
+
+    kwargs = launch_kwargs()
+    if args.host:
+        kwargs["server_name"] = args.host
+    if args.port:
+        kwargs["server_port"] = args.port
+    queue(build_demo(args.model)).launch(**kwargs)
+
+
+if __name__ == "__main__":
+    main()

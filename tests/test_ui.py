@@ -1,0 +1,165 @@
+"""UI handlers called directly, and the /analyze API end to end through gradio_client against a live server."""
+
+from __future__ import annotations
+
+import json
+import socket
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+import vizapp
+from vizapp import ui
+
+
+def _noprogress(*args, **kwargs):
+    return None
+
+
+@pytest.fixture(scope="module")
+def analysed(card_model, photo):
+    out = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model)
+    return out
+
+
+def test_analyze_outputs(analysed, card_model, photo):
+    state, status, label, roll, heads, qimg, dist, summary = analysed[:8]
+    r = state["analysis"]
+    assert isinstance(r, vizapp.Analysis) and state["query"] == "cls"
+    assert "2 layers x 3 heads" in status and "7x7 patches" in status
+    assert len(label) == 5 and abs(sum(label.values()) - sum(p for _, p in r.top_k)) < 1e-6
+    for fig in (roll, heads, dist):
+        assert isinstance(fig, go.Figure)
+    assert [t.type for t in roll.data] == ["image", "heatmap"]
+    assert roll.data[1].z.shape == (7, 7)
+    assert "layer" in dist.layout.xaxis.title.text and "pixels" in dist.layout.yaxis.title.text
+    assert dist.data[0].y.shape == (6,)  # 2 layers x 3 heads
+    assert "head %{customdata[0]" in heads.data[0].hovertemplate
+    assert qimg.shape == (28, 28, 3)
+    assert summary["num_prefix_tokens"] == 1 and summary["grid_size"] == [7, 7]
+    # The same analysis from the library.
+    vm = vizapp.load_model(card_model)
+    np.testing.assert_allclose(summary["mean_distance_px"], np.round(vizapp.analyze(vm, photo).mean_distance, 3))
+
+
+def test_rerender_without_forward_pass(analysed, monkeypatch):
+    state = analysed[0]
+    monkeypatch.setattr(vizapp.VizModel, "model", property(lambda self: pytest.fail("no forward pass")), raising=False)
+    fig = ui.render_map(state, "rollout", None, "max", 0.5, 1, 0.3, progress=_noprogress)
+    assert "fusion max, discard 0.50, from layer 1" in fig.layout.title.text
+    st2, heads_cls, focus, img = ui.render_heads(state, -1, ui.CLS_QUERY, 0, 0, True, -1, 0.5)
+    st3, heads_patch, focus2, img2 = ui.render_heads(state, -1, ui.PATCH_QUERY, 3, 4, True, 2, 0.5)
+    assert st3["query"] == (3, 4) and st2["query"] == "cls"
+    assert not np.allclose(np.nan_to_num(heads_cls.data[0].z), np.nan_to_num(heads_patch.data[0].z))
+    assert focus is None and isinstance(focus2, go.Figure) and "head 2" in focus2.layout.title.text
+    assert not np.array_equal(img, img2)  # the query patch is outlined
+
+
+def test_class_specific_methods_and_compare(analysed):
+    state = analysed[0]
+    label = state["analysis"].top_k[1][0]
+    for method in vizapp.pipeline.METHODS:
+        fig = ui.render_map(state, method, label, "mean", 0.0, 0, 0.6, progress=_noprogress)
+        assert fig.data[1].z.shape == (7, 7)
+    maps, deletion, insertion, table = ui.compare_methods(state, label, 8, True, progress=_noprogress)
+    names = [row[0] for row in table]
+    assert names == ["Attention rollout", "Last-layer CLS attention", "Attention flow", "Gradient rollout",
+                     "Chefer relevance", "random"]
+    assert all(0.0 <= row[1] <= 1.0 and 0.0 <= row[2] <= 1.0 for row in table)
+    assert len(deletion.data) == len(insertion.data) == 6
+
+
+def test_select_patch_and_click_bridges(analysed):
+    state = analysed[0]
+    evt = SimpleNamespace(index=[13, 27])  # x=13 px, y=27 px on 4-px patches -> row 6, col 3
+    assert ui.select_patch(state, evt) == (ui.PATCH_QUERY, 6, 3)
+    tabs, layer, head = ui.open_head(state, json.dumps({"customdata": [1, 2, 30.5]}))
+    assert (layer, head) == (1, 2)
+    assert ui.open_tile(state, json.dumps({"customdata": [3, 4, 0, 1]})) == (3, 4)
+    with pytest.raises(gr.Error, match="out of range|between"):
+        ui.open_head(state, json.dumps({"customdata": [9, 0, 1]}))
+    with pytest.raises(gr.Error, match="click"):
+        ui.open_head(state, "not json")
+
+
+def test_export(analysed):
+    npz, js = ui.export_files(analysed[0])
+    arrays = np.load(npz)
+    assert arrays["attention"].shape == (2, 3, 50, 50)
+    np.testing.assert_allclose(arrays["attention"].sum(-1), 1.0, atol=1e-5)
+    assert json.loads(open(js).read())["grid_size"] == [7, 7]
+
+
+def test_pos_views(card_model):
+    fig, tile, note = ui.render_pos(card_model, 0, 2, 3, trusted_model=card_model)
+    assert fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1) and "Tile (2, 3)" in tile.layout.title.text
+    fig, tile, note = ui.render_pos(card_model, 10, 0, 0, trusted_model=card_model)
+    assert "resampled to 10x10" in note
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda st, m: ui.render_map(None, "rollout", None, "mean", 0, 0, 0.5), "press Analyze"),
+        (lambda st, m: ui.render_map(st, "rollout", None, "median", 0, 0, 0.5), "head fusion"),
+        (lambda st, m: ui.render_map(st, "rollout", None, "mean", 1.5, 0, 0.5), "discard ratio"),
+        (lambda st, m: ui.render_map(st, "rollout", None, "mean", "abc", 0, 0.5), "discard ratio"),
+        (lambda st, m: ui.render_map(st, "rollout", None, "mean", 0, 99, 0.5), "start layer"),
+        (lambda st, m: ui.render_map(st, "nonsense", None, "mean", 0, 0, 0.5), "method"),
+        (lambda st, m: ui.render_map(st, "relevance", "no such class", "mean", 0, 0, 0.5), "unknown class"),
+        (lambda st, m: ui.render_heads(st, 7, ui.CLS_QUERY, 0, 0, True, -1, 0.5), "layer"),
+        (lambda st, m: ui.render_heads(st, 0, ui.PATCH_QUERY, 7, 0, True, -1, 0.5), "row"),
+        (lambda st, m: ui.render_heads(st, 0, ui.PATCH_QUERY, 0, 0, True, 3, 0.5), "head"),
+        (lambda st, m: ui.render_heads(st, [1], ui.CLS_QUERY, 0, 0, True, -1, 0.5), "layer"),
+        (lambda st, m: ui.analyze_image(None, m, progress=_noprogress, trusted_model=m), "no image"),
+        (lambda st, m: ui.analyze_image(b"not an image", m, progress=_noprogress, trusted_model=m), "image"),
+        (lambda st, m: ui.analyze_image(b"x", "no_such_model_at_all", progress=_noprogress), "unknown model"),
+        (lambda st, m: ui.analyze_image(b"x", m, progress=_noprogress), "local files"),
+    ],
+)
+def test_bad_parameters_get_clear_errors(analysed, card_model, call, message):
+    state = analysed[0]
+    before = state["analysis"].rollout().copy()
+    with pytest.raises(gr.Error, match=message):
+        call(state, card_model)
+    np.testing.assert_array_equal(state["analysis"].rollout(), before)  # nothing changed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(card_model):
+    demo = ui.queue(ui.build_demo(card_model))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo
+    demo.close()
+
+
+def test_api_end_to_end(server, card_model, photo, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server.local_url, verbose=False)
+    assert "/analyze" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    out = client.predict(handle_file(photo), card_model, api_name="/analyze")
+    status, label, summary = out[0], out[1], out[6]
+    vm = vizapp.load_model(card_model)
+    expected = vizapp.analyze(vm, photo)
+    assert label["label"] == expected.top_k[0][0]
+    np.testing.assert_allclose(summary["rollout_mean"], np.round(expected.rollout(), 6), atol=1e-6)
+    assert "Active model" in status
+    # A bad file gets a clear message and the server keeps serving.
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text, not a picture")
+    with pytest.raises(Exception, match="not an image|text|PNG"):
+        client.predict(handle_file(str(bad)), card_model, api_name="/analyze")
+    out2 = client.predict(handle_file(photo), card_model, api_name="/analyze")
+    assert out2[1]["label"] == label["label"]

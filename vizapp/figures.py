@@ -1,0 +1,292 @@
+"""Plotly figures: numpy arrays in, ``go.Figure`` out. Never calls a model.
+
+Big grids are drawn as one heatmap mosaic (tiles separated by a row/column of NaN), not as hundreds of subplots,
+so a figure stays a few hundred kB of JSON and renders quickly.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
+
+HEAT_SCALE = "Inferno"
+SIM_SCALE = "Viridis"
+_MARGIN = dict(l=10, r=10, t=40, b=10)
+# Hover data per cell is dropped above this many mosaic cells to keep the JSON small (e.g. ViT-L/16 at 384 px).
+MAX_HOVER_CELLS = 60_000
+
+
+def _png_data_uri(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False, compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _rescale(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    return np.zeros_like(x, dtype=np.float32) if hi <= lo else ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def _image_axes(fig: go.Figure, height_px: int, width_px: int, row: int | None = None, col: int | None = None) -> None:
+    kw = dict(row=row, col=col) if row is not None else {}
+    fig.update_xaxes(range=[0, width_px], showticklabels=False, showgrid=False, zeroline=False, **kw)
+    fig.update_yaxes(
+        range=[height_px, 0], showticklabels=False, showgrid=False, zeroline=False, scaleanchor="x" if not kw else None,
+        **kw,
+    )
+
+
+def topk_figure(top_k: Sequence[tuple[str, float]], title: str = "Top-5 prediction") -> go.Figure:
+    """Horizontal bars of (label, probability), best on top."""
+    labels = [lbl for lbl, _ in top_k][::-1]
+    probs = [float(p) for _, p in top_k][::-1]
+    fig = go.Figure(
+        go.Bar(
+            x=probs, y=labels, orientation="h", text=[f"{100 * p:.1f}%" for p in probs], textposition="auto",
+            hovertemplate="%{y}: %{x:.4f}<extra></extra>", marker_color="#4c78a8",
+        )
+    )
+    fig.update_layout(
+        title=title, xaxis_title="probability", xaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=40), height=300
+    )
+    return fig
+
+
+def overlay_figure(
+    image: np.ndarray,
+    heat: np.ndarray,
+    patch_size: Sequence[int],
+    opacity: float = 0.6,
+    title: str = "",
+    value_name: str = "value",
+    colorscale: str = HEAT_SCALE,
+    marker: tuple[int, int] | None = None,
+) -> go.Figure:
+    """A patch-level map [gh, gw] over the model's view of the image [H, W, 3].
+
+    Colours are min-max rescaled per map (the colour bar says so); hover shows the patch and the raw value.
+    """
+    gh, gw = heat.shape
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    rows, cols = np.mgrid[0:gh, 0:gw]
+    custom = np.stack([rows, cols, heat], axis=-1).astype(np.float32)
+    fig = go.Figure()
+    fig.add_trace(go.Image(source=_png_data_uri(image), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"))
+    fig.add_trace(
+        go.Heatmap(
+            z=_rescale(heat), x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, colorscale=colorscale, opacity=float(opacity),
+            zmin=0, zmax=1, customdata=custom, colorbar=dict(title="rescaled", thickness=12),
+            hovertemplate="patch (%{customdata[0]:.0f}, %{customdata[1]:.0f})<br>" + value_name
+            + " %{customdata[2]:.4g}<extra></extra>",
+        )
+    )
+    if marker is not None:
+        r, c = marker
+        fig.add_shape(
+            type="rect", x0=c * pw, x1=(c + 1) * pw, y0=r * ph, y1=(r + 1) * ph, line=dict(color="#00e5ff", width=2)
+        )
+    h, w = image.shape[:2]
+    _image_axes(fig, h, w)
+    fig.update_layout(title=title, margin=_MARGIN, height=420)
+    return fig
+
+
+def _mosaic_layout(n: int, cols: int | None = None) -> tuple[int, int]:
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    return math.ceil(n / cols), cols
+
+
+def heads_figure(
+    maps: np.ndarray,
+    layer: int,
+    query_label: str,
+    per_head_scale: bool = True,
+    query_patch: tuple[int, int] | None = None,
+    cols: int | None = None,
+) -> go.Figure:
+    """Every head's map [H, gh, gw] as one mosaic heatmap; hover gives layer, head, patch and the raw weight."""
+    num_heads, gh, gw = maps.shape
+    nrows, ncols = _mosaic_layout(num_heads, cols)
+    height, width = nrows * (gh + 1) - 1, ncols * (gw + 1) - 1
+    z = np.full((height, width), np.nan, dtype=np.float32)
+    custom = np.full((height, width, 4), np.nan, dtype=np.float32)
+    shown = maps / np.maximum(maps.reshape(num_heads, -1).max(-1), 1e-12)[:, None, None] if per_head_scale else maps
+    rows, cols_ = np.mgrid[0:gh, 0:gw]
+    annotations, mx, my = [], [], []
+    for h in range(num_heads):
+        r0, c0 = (h // ncols) * (gh + 1), (h % ncols) * (gw + 1)
+        z[r0 : r0 + gh, c0 : c0 + gw] = shown[h]
+        custom[r0 : r0 + gh, c0 : c0 + gw] = np.stack([np.full_like(rows, h), rows, cols_, maps[h]], -1)
+        annotations.append(dict(x=c0 + (gw - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom",
+                                font=dict(size=10)))
+        if query_patch is not None:
+            my.append(r0 + query_patch[0])
+            mx.append(c0 + query_patch[1])
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, customdata=custom, colorscale=HEAT_SCALE, zmin=0, zmax=1 if per_head_scale else None,
+            colorbar=dict(title="weight / head max" if per_head_scale else "weight", thickness=12),
+            hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>key patch (%{{customdata[1]:.0f}}, "
+            "%{customdata[2]:.0f})<br>weight %{customdata[3]:.4g}<extra></extra>",
+            hoverongaps=False,
+        )
+    )
+    if mx:
+        fig.add_trace(go.Scatter(x=mx, y=my, mode="markers", marker=dict(symbol="x", color="#00e5ff", size=7),
+                                 hoverinfo="skip", showlegend=False, name="query"))
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5])
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x")
+    fig.update_layout(
+        title=f"Layer {layer}: attention of {query_label} to every patch, per head", annotations=annotations,
+        margin=dict(l=10, r=10, t=50, b=10), height=max(320, 130 * nrows + 60), plot_bgcolor="white",
+    )
+    return fig
+
+
+def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title: str = "") -> go.Figure:
+    """Mean attention distance: one dot per head per layer (ViT paper Fig. 7 right), uniform reference line."""
+    num_layers, num_heads = mean_distance.shape
+    layers, heads = np.mgrid[0:num_layers, 0:num_heads]
+    jitter = (heads - (num_heads - 1) / 2) * (0.5 / max(num_heads, 1))
+    fig = go.Figure(
+        go.Scatter(
+            x=(layers + jitter).ravel(), y=mean_distance.ravel(), mode="markers",
+            customdata=np.stack([layers.ravel(), heads.ravel(), mean_distance.ravel()], -1),
+            marker=dict(color=heads.ravel(), colorscale="Turbo", size=9, line=dict(width=0.5, color="#333"),
+                        colorbar=dict(title="head", thickness=12)),
+            hovertemplate="layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}<br>%{customdata[2]:.1f} px"
+            "<extra></extra>",
+            name="heads",
+        )
+    )
+    if reference_px is not None:
+        fig.add_hline(y=reference_px, line_dash="dash", line_color="#888",
+                      annotation_text=f"uniform attention ({reference_px:.1f} px)", annotation_position="top left")
+    fig.update_layout(
+        title=title or "Mean attention distance per head", xaxis_title="layer (network depth)",
+        yaxis_title="mean attention distance (pixels)", margin=dict(l=10, r=10, t=50, b=40), height=420,
+    )
+    fig.update_xaxes(tickmode="linear", dtick=1)
+    return fig
+
+
+def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
+    """The paper's tiled cosine grid: tile (i, j) holds cos(e_ij, e_kl) at cell (k, l); one colour scale."""
+    gh, gw = sim.shape[:2]
+    height, width = gh * (gh + 1) - 1, gw * (gw + 1) - 1
+    z = np.full((height, width), np.nan, dtype=np.float32)
+    for i in range(gh):
+        for j in range(gw):
+            z[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw] = sim[i, j]
+    kwargs: dict = {"hovertemplate": "cosine %{z:.3f}<extra></extra>"}
+    if height * width <= MAX_HOVER_CELLS:
+        # uint8 (tile row, tile col, cell row, cell col) per mosaic cell: plotly ships it as a compact typed array.
+        custom = np.full((height, width, 4), 255, dtype=np.uint8)
+        k, l_ = np.mgrid[0:gh, 0:gw]
+        for i in range(gh):
+            for j in range(gw):
+                tile = custom[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw]
+                tile[..., 0], tile[..., 1], tile[..., 2], tile[..., 3] = i, j, k, l_
+        kwargs = dict(
+            customdata=custom,
+            hovertemplate="tile (%{customdata[0]}, %{customdata[1]}) · cell (%{customdata[2]}, %{customdata[3]})"
+            "<br>cosine %{z:.3f}<extra></extra>",
+        )
+    fig = go.Figure(go.Heatmap(z=z, colorscale=SIM_SCALE, zmin=-1, zmax=1, hoverongaps=False,
+                               colorbar=dict(title="cosine", thickness=12), **kwargs))
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5],
+                     title="input patch column")
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",
+                     title="input patch row")
+    fig.update_layout(title=title or "Position embedding similarity", margin=dict(l=30, r=10, t=50, b=30),
+                      height=560, plot_bgcolor="white")
+    return fig
+
+
+def pos_tile_figure(sim: np.ndarray, row: int, col: int) -> go.Figure:
+    """One tile of the cosine grid, enlarged: similarity of position (row, col) to every position."""
+    tile = sim[row, col]
+    gh, gw = tile.shape
+    fig = go.Figure(
+        go.Heatmap(z=tile, colorscale=SIM_SCALE, zmin=-1, zmax=1, colorbar=dict(title="cosine", thickness=12),
+                   hovertemplate=f"({row}, {col}) vs (%{{y}}, %{{x}})<br>cosine %{{z:.3f}}<extra></extra>")
+    )
+    fig.add_trace(go.Scatter(x=[col], y=[row], mode="markers", marker=dict(symbol="x", color="red", size=10),
+                             hoverinfo="skip", showlegend=False))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", title="row", range=[gh - 0.5, -0.5])
+    fig.update_xaxes(title="column", range=[-0.5, gw - 0.5])
+    fig.update_layout(title=f"Tile ({row}, {col}) enlarged", margin=dict(l=10, r=10, t=50, b=40), height=420)
+    return fig
+
+
+def annotate_query(image: np.ndarray, patch_size: Sequence[int], patch: tuple[int, int] | None) -> np.ndarray:
+    """The model's view with a faint patch grid and the query patch outlined (for the clickable image)."""
+    out = image.copy()
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    h, w = out.shape[:2]
+    grid = np.zeros((h, w), dtype=bool)
+    grid[::ph, :] = True
+    grid[:, ::pw] = True
+    out[grid] = (0.7 * out[grid] + 0.3 * 255).astype(np.uint8)
+    if patch is not None:
+        r, c = patch
+        y0, x0 = r * ph, c * pw
+        y1, x1 = min(y0 + ph, h) - 1, min(x0 + pw, w) - 1
+        colour = np.array([0, 229, 255], dtype=np.uint8)
+        out[y0, x0 : x1 + 1] = colour
+        out[y1, x0 : x1 + 1] = colour
+        out[y0 : y1 + 1, x0] = colour
+        out[y0 : y1 + 1, x1] = colour
+    return out
+
+
+def compare_figure(
+    image: np.ndarray, maps: Mapping[str, np.ndarray], patch_size: Sequence[int], scores: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Several maps [gh, gw] side by side over the same image, each min-max rescaled, titled with its scores."""
+    from plotly.subplots import make_subplots
+
+    names = list(maps)
+    scores = scores or {}
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[f"{n}<br><sub>{scores.get(n, '')}</sub>" for n in names],
+                        horizontal_spacing=0.02, vertical_spacing=0.1)
+    src = _png_data_uri(image)
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    h, w = image.shape[:2]
+    for idx, name in enumerate(names):
+        r, c = idx // ncols + 1, idx % ncols + 1
+        fig.add_trace(go.Image(source=src, hoverinfo="skip"), row=r, col=c)
+        heat = maps[name]
+        fig.add_trace(
+            go.Heatmap(z=_rescale(heat), x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, colorscale=HEAT_SCALE, opacity=0.6,
+                       zmin=0, zmax=1, showscale=idx == 0, colorbar=dict(title="rescaled", thickness=10),
+                       customdata=heat, hovertemplate=name + ": %{customdata:.4g}<extra></extra>"),
+            row=r, col=c,
+        )
+        _image_axes(fig, h, w, row=r, col=c)
+    fig.update_layout(margin=dict(l=10, r=10, t=60, b=10), height=330 * nrows + 40, title="Explanations compared")
+    return fig
+
+
+def curves_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], mode: str) -> go.Figure:
+    """Deletion or insertion curves (fraction of patches changed vs class probability), AUC in the legend."""
+    fig = go.Figure()
+    for name, (fractions, probs, auc) in curves.items():
+        fig.add_trace(go.Scatter(x=fractions, y=probs, mode="lines", name=f"{name} (AUC {auc:.3f})",
+                                 hovertemplate=name + ": %{x:.2f} → %{y:.3f}<extra></extra>"))
+    better = "lower is more faithful" if mode == "deletion" else "higher is more faithful"
+    fig.update_layout(
+        title=f"{mode.capitalize()} curves ({better})",
+        xaxis_title=f"fraction of patches {'deleted' if mode == 'deletion' else 'inserted'}",
+        yaxis_title="probability of the explained class", margin=dict(l=10, r=10, t=50, b=40), height=360,
+        yaxis_range=[0, 1.02],
+    )
+    return fig
