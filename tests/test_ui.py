@@ -38,7 +38,6 @@ def test_analyze_outputs(analysed, card_model, photo):
     assert "layer" in dist.layout.xaxis.title.text and "pixels" in dist.layout.yaxis.title.text
     assert dist.data[0].y.shape == (6,)  # 2 layers x 3 heads
     assert "head %{customdata[0]" in heads.data[0].hovertemplate
-    assert qimg.shape == (28, 28, 3)
     assert summary["num_prefix_tokens"] == 1 and summary["grid_size"] == [7, 7]
     # The same analysis from the library.
     vm = vizapp.load_model(card_model)
@@ -74,7 +73,9 @@ def test_class_specific_methods_and_compare(analysed):
 
 def test_select_patch_and_click_bridges(analysed):
     state = analysed[0]
-    evt = SimpleNamespace(index=[13, 27])  # x=13 px, y=27 px on 4-px patches -> row 6, col 3
+    s = ui.views.query_image_scale(state["analysis"])  # 28-px view shown 12x larger
+    assert s == 12 and analysed[5].shape == (28 * s, 28 * s, 3)
+    evt = SimpleNamespace(index=[13 * s, 27 * s])  # x=13 px, y=27 px of the view on 4-px patches -> row 6, col 3
     assert ui.select_patch(state, evt) == (ui.PATCH_QUERY, 6, 3)
     tabs, layer, head = ui.open_head(state, json.dumps({"customdata": [1, 2, 30.5]}))
     assert (layer, head) == (1, 2)

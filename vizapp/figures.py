@@ -116,7 +116,12 @@ def heads_figure(
     height, width = nrows * (gh + 1) - 1, ncols * (gw + 1) - 1
     z = np.full((height, width), np.nan, dtype=np.float32)
     custom = np.full((height, width, 4), np.nan, dtype=np.float32)
-    shown = maps / np.maximum(maps.reshape(num_heads, -1).max(-1), 1e-12)[:, None, None] if per_head_scale else maps
+    if per_head_scale:  # each head min-max rescaled: near-uniform heads still show their structure
+        lo = maps.reshape(num_heads, -1).min(-1)[:, None, None]
+        hi = maps.reshape(num_heads, -1).max(-1)[:, None, None]
+        shown = (maps - lo) / np.maximum(hi - lo, 1e-12)
+    else:
+        shown = maps
     rows, cols_ = np.mgrid[0:gh, 0:gw]
     annotations, mx, my = [], [], []
     for h in range(num_heads):
@@ -131,7 +136,7 @@ def heads_figure(
     fig = go.Figure(
         go.Heatmap(
             z=z, customdata=custom, colorscale=HEAT_SCALE, zmin=0, zmax=1 if per_head_scale else None,
-            colorbar=dict(title="weight / head max" if per_head_scale else "weight", thickness=12),
+            colorbar=dict(title="per-head min-max" if per_head_scale else "weight", thickness=12),
             hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>key patch (%{{customdata[1]:.0f}}, "
             "%{customdata[2]:.0f})<br>weight %{customdata[3]:.4g}<extra></extra>",
             hoverongaps=False,

@@ -60,6 +60,7 @@ CSS = """
 # distance and position-embedding plots into hidden textboxes whose `input` events reach Python.
 JS = """
 () => {
+  window.__vizappBridge = true;
   const bind = () => {
     for (const [plotId, boxId] of [["vizapp-distance-plot", "vizapp-distance-click"],
                                    ["vizapp-pos-plot", "vizapp-pos-click"]]) {
@@ -71,7 +72,7 @@ JS = """
         const p = ev.points && ev.points[0];
         const box = document.querySelector(`#${boxId} textarea, #${boxId} input`);
         if (!p || !box || p.customdata === undefined) return;
-        box.value = JSON.stringify({customdata: p.customdata, t: Date.now()});
+        box.value = JSON.stringify({customdata: Array.from(p.customdata, Number), t: Date.now()});
         box.dispatchEvent(new Event("input", {bubbles: true}));
       });
     }
@@ -386,8 +387,9 @@ def select_patch(state: Any, evt: gr.SelectData) -> tuple:
     st = _state(state)
     r: Analysis = st["analysis"]
     x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (0, 0))[:2]
-    row = int(np.clip(int(y) // r.patch_size[0], 0, r.grid_size[0] - 1))
-    col = int(np.clip(int(x) // r.patch_size[1], 0, r.grid_size[1] - 1))
+    s = views.query_image_scale(r)  # the clickable image is the model's view upscaled by s
+    row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))
+    col = int(np.clip(int(x) // (r.patch_size[1] * s), 0, r.grid_size[1] - 1))
     return PATCH_QUERY, row, col
 
 
@@ -525,14 +527,15 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                         with gr.Row():
                             with gr.Column(scale=1, min_width=240):
                                 query_img = gr.Image(label="Click a patch to make it the query", interactive=False,
-                                                     elem_id="vizapp-query-image", height=260, format="png")
+                                                     elem_id="vizapp-query-image", height=340, format="png",
+                                                     buttons=[])
                                 query_mode = gr.Radio([CLS_QUERY, PATCH_QUERY], value=CLS_QUERY, label="Query")
                                 with gr.Row():
                                     q_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
                                     q_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
                                 layer = gr.Slider(-1, 11, value=-1, step=1, label="Layer (-1 = last)")
                                 focus = gr.Dropdown([("all heads", -1)], value=-1, label="Enlarge head")
-                                per_head = gr.Checkbox(value=True, label="Scale each head to its own maximum")
+                                per_head = gr.Checkbox(value=True, label="Rescale each head to its own min-max (hover shows raw weights)")
                             with gr.Column(scale=2):
                                 heads_plot = gr.Plot(label="Heads", elem_id="vizapp-heads-plot")
                                 focus_plot = gr.Plot(label="Enlarged head", elem_id="vizapp-focus-plot")
@@ -590,9 +593,9 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                         trigger_mode="always_last")
         query_img.select(select_patch, inputs=[state], outputs=[query_mode, q_row, q_col],
                          api_visibility="private")
-        distance_click.input(open_head, inputs=[state, distance_click], outputs=[tabs, layer, focus],
+        distance_click.change(open_head, inputs=[state, distance_click], outputs=[tabs, layer, focus],
                              api_visibility="private")
-        pos_click.input(open_tile, inputs=[state, pos_click], outputs=[tile_row, tile_col], api_visibility="private")
+        pos_click.change(open_tile, inputs=[state, pos_click], outputs=[tile_row, tile_col], api_visibility="private")
 
         def _pos(model_name, res, tr, tc):
             return render_pos(model_name, res, tr, tc, trusted_model=trusted)

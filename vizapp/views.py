@@ -67,9 +67,20 @@ def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
                                   title=f"Layer {layer}, head {c.focus_head}: {query_label(c.query)}")
 
 
+QUERY_IMAGE_MIN_SIDE = 320
+
+
+def query_image_scale(r: Analysis) -> int:
+    """Integer upscaling of the model's view for the clickable image (a 28-px input is too small to click)."""
+    return max(1, -(-QUERY_IMAGE_MIN_SIDE // max(r.image.shape[:2])))
+
+
 def query_image(r: Analysis, c: Controls) -> np.ndarray:
+    """The model's view, upscaled by :func:`query_image_scale`, with the patch grid and the query outlined."""
     patch = None if isinstance(c.query, str) else (int(c.query[0]), int(c.query[1]))
-    return figures.annotate_query(r.image, r.patch_size, patch)
+    s = query_image_scale(r)
+    big = np.repeat(np.repeat(r.image, s, axis=0), s, axis=1) if s > 1 else r.image
+    return figures.annotate_query(big, (r.patch_size[0] * s, r.patch_size[1] * s), patch)
 
 
 def distance_view(r: Analysis) -> go.Figure:

@@ -1,0 +1,130 @@
+"""A real browser (Debian's chromium driven by Playwright) uses the app the way a person does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(card_model):
+    from vizapp import ui
+
+    demo = ui.queue(ui.build_demo(card_model))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(app_url)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        yield pg
+        browser.close()
+
+
+def _plot_data(page, elem_id: str) -> dict:
+    """The data of the plotly graph inside a gr.Plot, read from the browser."""
+    handle = page.wait_for_function(
+        """(id) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
+                     return gd && gd._fullData && gd._fullData.length ? gd : null; }""",
+        arg=elem_id, timeout=60_000,
+    )
+    return json.loads(page.evaluate(
+        """(gd) => JSON.stringify({n: gd.data.length, types: gd.data.map(t => t.type),
+                                 z: gd._fullData.map(t => t.z ? Array.from(t.z).slice(0, 60).map(r => Array.from(r || []).map(v => (v === null || Number.isNaN(v)) ? null : v)) : null),
+                                 title: gd.layout.title && gd.layout.title.text})""",
+        handle,
+    ))
+
+
+def test_person_analyses_an_image_and_explores(page, photo):
+    # Upload a photo and press Analyze.
+    page.locator("input[type=file]").first.set_input_files(photo)
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Analyze").click()
+    page.get_by_text("7x7 patches").wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "01-prediction.png"), full_page=True)
+    assert page.get_by_text("class", exact=False).count() > 0  # the top-5 labels rendered
+
+    # Rollout tab: an image with a heatmap over it.
+    page.get_by_role("tab", name="Rollout").click()
+    roll = _plot_data(page, "vizapp-rollout-plot")
+    assert roll["types"] == ["image", "heatmap"] and len(roll["z"][1]) == 7
+    page.screenshot(path=str(ARTIFACTS / "02-rollout.png"), full_page=True)
+
+    # Heads tab: CLS query first, then click a patch on the image and see the maps change.
+    page.get_by_role("tab", name="Heads").click()
+    before = _plot_data(page, "vizapp-heads-plot")
+    assert before["types"][0] == "heatmap" and "CLS" in before["title"]
+    img = page.locator("#vizapp-query-image img").first
+    img.wait_for(timeout=30_000)
+    box = img.bounding_box()
+    page.screenshot(path=str(ARTIFACTS / "03-heads-cls.png"), full_page=True)
+    page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.2)
+    page.wait_for_function(
+        """() => { const gd = document.querySelector('#vizapp-heads-plot .js-plotly-plot');
+                   return gd && gd.layout.title && gd.layout.title.text.includes('attention of patch'); }""",
+        timeout=60_000,
+    )
+    after = _plot_data(page, "vizapp-heads-plot")
+    assert "patch (1, 5)" in after["title"]
+    assert after["z"] != before["z"]
+    page.screenshot(path=str(ARTIFACTS / "03b-heads-patch-query.png"), full_page=True)
+
+    # Attention distance: one dot per head per layer; clicking a dot opens that head in the Heads tab.
+    page.get_by_role("tab", name="Attention distance").click()
+    dist = _plot_data(page, "vizapp-distance-plot")
+    assert dist["types"][0] == "scatter"
+    page.screenshot(path=str(ARTIFACTS / "04-distance.png"), full_page=True)
+    target = page.evaluate(
+        """() => { const gd = document.querySelector('#vizapp-distance-plot .js-plotly-plot');
+                   const pt = gd.calcdata[0][4], cd = gd._fullData[0].customdata[4];
+                   const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+                   return {x: r.left + fl.xaxis._offset + fl.xaxis.l2p(pt.x), y: r.top + fl.yaxis._offset + fl.yaxis.l2p(pt.y),
+                           layer: cd[0], head: cd[1]}; }"""
+    )
+    page.mouse.move(target["x"] - 5, target["y"] - 5)
+    page.mouse.move(target["x"], target["y"], steps=5)
+    page.wait_for_timeout(500)  # plotly resolves the hovered point on mousemove before a click can select it
+    page.mouse.click(target["x"], target["y"])
+    page.wait_for_function(
+        """() => { const gd = document.querySelector('#vizapp-focus-plot .js-plotly-plot');
+                   return gd && gd.layout.title && gd.layout.title.text.includes('head'); }""",
+        timeout=60_000,
+    )
+    focus = _plot_data(page, "vizapp-focus-plot")
+    assert f"Layer {int(target['layer'])}, head {int(target['head'])}" in focus["title"]
+    page.screenshot(path=str(ARTIFACTS / "05-head-opened-from-distance.png"), full_page=True)
+
+    # Position embeddings: the tiled cosine grid.
+    page.get_by_role("tab", name="Position embeddings").click()
+    pos = _plot_data(page, "vizapp-pos-plot")
+    assert pos["types"] == ["heatmap"]
+    page.screenshot(path=str(ARTIFACTS / "06-position-embeddings.png"), full_page=True)
