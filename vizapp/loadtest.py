@@ -1,0 +1,215 @@
+"""Load test: many concurrent gradio_client users against a server on 127.0.0.1, checking for cross-talk.
+
+``python -m vizapp.loadtest [--requests 200] [--clients 8] [--model bundled]`` starts ``app.py`` in a subprocess on a
+free loopback port, computes each image's single-user result first, then sends the requests from concurrent clients
+(each with distinct images) and checks that every response equals the single-user result for its image. It reports
+errors, p50/p95 latency and the server's RSS after warm-up and at the end. Bounded in count and time; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """Distinct images: a light blob at a different place and size in each, on a dark noisy background."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        h, w = 64 + 8 * (i % 5), 64 + 8 * (i % 3)
+        img = rng.integers(0, 40, (h, w, 3)).astype(np.uint8)
+        cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(6, 20)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(150, 256, 3)
+        path = folder / f"load_{i:03d}.png"
+        Image.fromarray(img).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _key(result: tuple) -> dict:
+    summary = result[6]
+    return {
+        "top_k": [(d["label"], d["probability"]) for d in summary["top_k"]],
+        "mean_distance": np.asarray(summary["mean_distance_px"], dtype=np.float64),
+        "rollout": np.asarray(summary["rollout_mean"], dtype=np.float64),
+    }
+
+
+def _same(a: dict, b: dict, atol: float = 1e-5) -> bool:
+    return (
+        [lbl for lbl, _ in a["top_k"]] == [lbl for lbl, _ in b["top_k"]]
+        and np.allclose([p for _, p in a["top_k"]], [p for _, p in b["top_k"]], atol=atol)
+        and np.allclose(a["mean_distance"], b["mean_distance"], atol=1e-3)  # summary rounds to 3 decimals
+        and np.allclose(a["rollout"], b["rollout"], atol=atol)
+    )
+
+
+@dataclass
+class LoadReport:
+    requests: int
+    clients: int
+    errors: list[str] = field(default_factory=list)
+    mismatches: int = 0
+    latencies: list[float] = field(default_factory=list)
+    rss_warm_mb: float = float("nan")
+    rss_end_mb: float = float("nan")
+    wall_s: float = 0.0
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) if self.latencies else float("nan")
+
+    @property
+    def p95(self) -> float:
+        return float(np.percentile(self.latencies, 95)) if self.latencies else float("nan")
+
+    def table(self) -> str:
+        return (
+            "| requests | clients | errors | mismatches | p50 s | p95 s | wall s | RSS after warm-up MB | RSS end MB |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            f"| {self.requests} | {self.clients} | {len(self.errors)} | {self.mismatches} | {self.p50:.3f} | "
+            f"{self.p95:.3f} | {self.wall_s:.1f} | {self.rss_warm_mb:.0f} | {self.rss_end_mb:.0f} |"
+        )
+
+
+def start_server(model: str, port: int, concurrency: int = 2, log_path: str | None = None) -> subprocess.Popen:
+    env = dict(os.environ, VIZAPP_CONCURRENCY=str(concurrency), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(log_path or os.devnull, "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start within 120 s")
+
+
+def run(model: str, requests: int = 200, clients: int = 8, images: int = 16, concurrency: int = 2,
+        timeout_s: float = 900.0) -> LoadReport:
+    """Run the load test and return its report (raises nothing for request errors: they are counted)."""
+    from gradio_client import Client, handle_file
+
+    report = LoadReport(requests=requests, clients=clients)
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="vizapp-load-") as tmp:
+        paths = make_images(Path(tmp), images)
+        server = start_server(model, port, concurrency, log_path=str(Path(tmp) / "server.log"))
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            single = Client(url, verbose=False)
+            expected = {p: _key(single.predict(handle_file(p), model, api_name="/analyze")) for p in paths}
+            report.rss_warm_mb = _rss_mb(server.pid)
+            lock = threading.Lock()
+            counter = iter(range(requests))
+            t_end = time.monotonic() + timeout_s
+
+            def worker(cid: int) -> None:
+                client = Client(url, verbose=False)
+                # Each client sends its own subset of images, so concurrent requests carry distinct inputs.
+                mine = [p for i, p in enumerate(paths) if i % clients == cid] or paths
+                j = 0
+                while time.monotonic() < t_end:
+                    with lock:
+                        n = next(counter, None)
+                    if n is None:
+                        return
+                    path = mine[j % len(mine)]
+                    j += 1
+                    t0 = time.perf_counter()
+                    try:
+                        got = _key(client.predict(handle_file(path), model, api_name="/analyze"))
+                    except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                        with lock:
+                            report.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        report.latencies.append(dt)
+                        report.mismatches += not _same(got, expected[path])
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            report.wall_s = time.perf_counter() - t0
+            report.rss_end_mb = _rss_mb(server.pid)
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=2, help="the server queue's concurrency limit")
+    parser.add_argument("--max-rss-growth-mb", type=float, default=150.0)
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+    report = run(args.model, args.requests, args.clients, args.images, args.concurrency)
+    table = report.table()
+    print(table)
+    for e in report.errors[:5]:
+        print("error:", e)
+    growth = report.rss_end_mb - report.rss_warm_mb
+    ok = not report.errors and report.mismatches == 0 and len(report.latencies) == args.requests
+    ok = ok and growth <= args.max_rss_growth_mb
+    print(f"RSS growth after warm-up: {growth:.0f} MB (bound {args.max_rss_growth_mb:.0f} MB); {'PASS' if ok else 'FAIL'}")
+    if args.out:
+        Path(args.out).write_text(
+            f"# Load test\n\n`python -m vizapp.loadtest --model {args.model} --requests {args.requests} --clients "
+            f"{args.clients}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{table}\n\n"
+            f"RSS growth after warm-up: {growth:.0f} MB (bound {args.max_rss_growth_mb:.0f} MB). "
+            f"{'PASS' if ok else 'FAIL'}.\n"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
