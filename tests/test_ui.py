@@ -91,7 +91,8 @@ def test_export(analysed):
     arrays = np.load(npz)
     assert arrays["attention"].shape == (2, 3, 50, 50)
     np.testing.assert_allclose(arrays["attention"].sum(-1), 1.0, atol=1e-5)
-    assert json.loads(open(js).read())["grid_size"] == [7, 7]
+    with open(js) as f:
+        assert json.load(f)["grid_size"] == [7, 7]
 
 
 def test_pos_views(card_model):

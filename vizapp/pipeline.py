@@ -302,7 +302,7 @@ class Analysis:
         steps: int | None = 20,
         baseline: float = 0.0,
         random_seed: int | None = 0,
-        batch_size: int = 16,
+        batch_size: int = 64,
     ) -> dict[str, dict[str, Any]]:
         """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
 
