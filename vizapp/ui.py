@@ -181,6 +181,9 @@ def _gpu(fn):
     return spaces.GPU(fn)
 
 
+_analyze_on_gpu = _gpu(analyze)  # decorated once, at import, as ZeroGPU expects
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model choice
 
@@ -305,7 +308,7 @@ def analyze_image(
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model)
     progress(0.3, desc="forward pass and attention")
-    r = _gpu(analyze)(vm, decoded)
+    r = _analyze_on_gpu(vm, decoded)
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
     lay = _int(layer, "layer", -r.num_layers, 63)
