@@ -13,13 +13,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.manual_seed(0)
 
 # (id, timm name, create_model kwargs): CLS only, CLS + distillation token, CLS + 4 registers with
-# no_embed_class, a non-square grid, no class token at all, and dynamic image size.
+# no_embed_class, a non-square grid, dynamic image size, and 4 registers with no CLS token (average pooling).
 FAMILIES = [
     ("vit", "vit_tiny_patch16_224", dict(img_size=64, depth=2)),
     ("deit_distilled", "deit_tiny_distilled_patch16_224", dict(img_size=64, depth=2)),
     ("reg4", "vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2)),
     ("nonsquare", "vit_tiny_patch16_224", dict(img_size=(48, 80), depth=2)),
     ("dynamic", "vit_tiny_patch16_224", dict(img_size=64, depth=2, dynamic_img_size=True)),
+    ("gap_reg4", "vit_little_patch16_reg4_gap_256", dict(img_size=64, depth=2)),  # 4 registers, no CLS token
 ]
 
 

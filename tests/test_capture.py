@@ -65,15 +65,25 @@ def test_outputs_identical_with_and_without_capture(family):
 
 def test_analyze_token_bookkeeping(family):
     fid, vm = family
-    expected_prefix = {"vit": 1, "deit_distilled": 2, "reg4": 5, "nonsquare": 1, "dynamic": 1}[fid]
+    expected_prefix = {"vit": 1, "deit_distilled": 2, "reg4": 5, "nonsquare": 1, "dynamic": 1, "gap_reg4": 4}[fid]
     assert vm.num_prefix_tokens == expected_prefix
-    assert vm.no_embed_class == (fid == "reg4")
+    assert vm.no_embed_class == (fid in ("reg4", "gap_reg4"))
+    assert vm.has_class_token == (fid != "gap_reg4")
     r = vizapp.analyze(vm, random_image(3))
     gh, gw = r.grid_size
     assert r.num_tokens == expected_prefix + gh * gw
-    assert r.attention(0).shape == (vm.num_heads, gh, gw)
+    if r.has_class_token:
+        assert r.attention(0).shape == (vm.num_heads, gh, gw)
+    else:  # token 0 is a register, not a CLS token: asking for CLS is an error, not a silent register map
+        with pytest.raises(vizapp.BadParameterError, match="no CLS token"):
+            r.attention(0)
     assert r.attention(1, head=0, query=(gh - 1, gw - 1)).shape == (gh, gw)
     assert r.rollout().shape == (gh, gw)
+    # The rollout map is the CLS row, or the mean of the patch rows for a model without a CLS token.
+    joint = vizapp.analysis.rollout(r.attention_stack(), r.num_prefix_tokens)
+    p = r.num_prefix_tokens
+    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    np.testing.assert_allclose(r.rollout(), expected.reshape(gh, gw).numpy(), atol=1e-5)
     assert r.mean_distance.shape == (len(vm.model.blocks), vm.num_heads)
     if fid == "nonsquare":
         assert (gh, gw) == (3, 5)
@@ -87,7 +97,8 @@ def test_per_head_map_matches_full_attention(family):
     r = vizapp.analyze(vm, random_image(4))
     full = r.attention_layer(1)  # [H, N, N]
     p, (gh, gw) = r.num_prefix_tokens, r.grid_size
-    np.testing.assert_allclose(r.attention(1), full[:, 0, p:].reshape(-1, gh, gw).numpy(), atol=1e-6)
+    if r.has_class_token:
+        np.testing.assert_allclose(r.attention(1), full[:, 0, p:].reshape(-1, gh, gw).numpy(), atol=1e-6)
     i = p + 1 * gw + 0
     np.testing.assert_allclose(r.attention(1, query=(1, 0)), full[:, i, p:].reshape(-1, gh, gw).numpy(), atol=1e-6)
 

@@ -69,6 +69,7 @@ class VizModel:
     dtype: torch.dtype = torch.float32
     card: dict[str, Any] = field(default_factory=dict)
     load_args: tuple[tuple[str, Any], ...] = ()
+    has_class_token: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -177,8 +178,9 @@ def check_supported(model: torch.nn.Module, name: str = "model") -> None:
     for i, blk in enumerate(blocks):
         attn = getattr(blk, "attn", None)
         if not isinstance(attn, Attention):
+            what = type(attn).__name__ if attn is not None else f"{type(blk).__name__} (no separate attention module)"
             raise UnsupportedModelError(
-                f"{name}: block {i} uses {type(attn).__name__}, not timm's standard Attention, so its attention "
+                f"{name}: block {i} uses {what}, not timm's standard Attention, so its attention "
                 "cannot be captured exactly; pick a ViT/DeiT/DINO/CLIP/register model"
             )
 
@@ -190,6 +192,7 @@ def _model_metadata(model: torch.nn.Module) -> dict[str, Any]:
         "grid_size": _pair(pe.grid_size),
         "patch_size": _pair(pe.patch_size),
         "no_embed_class": bool(getattr(model, "no_embed_class", False)),
+        "has_class_token": getattr(model, "cls_token", None) is not None,
     }
 
 
@@ -422,7 +425,6 @@ def _load_uncached(
             if not path.is_file():
                 raise ModelLoadError(f"no such file: {path}")
             import timm
-
             from safetensors import safe_open
 
             try:

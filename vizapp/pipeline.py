@@ -97,6 +97,7 @@ class Analysis:
     scales: tuple[float, ...]
     mean_distance: np.ndarray
     notes: tuple[str, ...] = ()
+    has_class_token: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -135,8 +136,8 @@ class Analysis:
         if isinstance(query, str):
             if query.lower() != "cls":
                 raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query[:40]!r}")
-            if p == 0:
-                raise BadParameterError("this model has no CLS token; click a patch to use it as the query")
+            if not self.has_class_token:
+                raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
             return 0
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             if not 0 <= query < self.num_tokens:
@@ -201,8 +202,7 @@ class Analysis:
         key = ("rollout", head_fusion, float(discard_ratio), start_layer)
         if key not in self._cache:
             joint = rollout_fused(self.fused(head_fusion), self.num_prefix_tokens, float(discard_ratio), start_layer)
-            cls = self.query_index("cls")
-            self._cache[key] = joint[cls, self.num_prefix_tokens :].reshape(self.grid_size).numpy()
+            self._cache[key] = self._patch_map(self.output_row(joint))
         return self._cache[key]
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
@@ -246,25 +246,31 @@ class Analysis:
             self._cache[key] = out
         return out
 
+    def output_row(self, joint: torch.Tensor) -> torch.Tensor:
+        """The map over the patches from a joint [N, N]: the CLS row, or for models that pool their patch tokens
+        instead of reading a CLS token (e.g. ``global_pool="avg"``), the mean of the patch rows. -> [P]."""
+        p = self.num_prefix_tokens
+        return joint[0, p:] if self.has_class_token else joint[p:, p:].mean(dim=0)
+
     def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
         return flat.reshape(self.grid_size).float().numpy()
 
     def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
         """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention."""
-        from vizapp.analysis.relevance import cls_map, grad_rollout
+        from vizapp.analysis.relevance import grad_rollout
 
         start_layer = self._layer(start_layer)
         joint = grad_rollout(self.attention_stack(), self.attention_gradients(class_idx), self.num_prefix_tokens,
                              float(discard_ratio), start_layer)
-        return self._patch_map(cls_map(joint, self.num_prefix_tokens, self.query_index("cls")))
+        return self._patch_map(self.output_row(joint))
 
     def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
         """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw]."""
-        from vizapp.analysis.relevance import chefer_relevance, cls_map
+        from vizapp.analysis.relevance import chefer_relevance
 
         start_layer = self._layer(start_layer)
         joint = chefer_relevance(self.attention_stack(), self.attention_gradients(class_idx), start_layer)
-        return self._patch_map(cls_map(joint, self.num_prefix_tokens, self.query_index("cls")))
+        return self._patch_map(self.output_row(joint))
 
     def attention_flow(self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
@@ -279,7 +285,7 @@ class Analysis:
 
     def last_layer_attention(self) -> np.ndarray:
         """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
-        return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)
+        return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)  # needs a CLS token
 
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
         """Any method's map by name: one of :data:`METHODS`."""
@@ -444,14 +450,14 @@ def analyze(
         scales=scales,
         mean_distance=torch.stack(distances).float().cpu().numpy(),
         notes=tuple(notes),
+        has_class_token=vm.has_class_token,
     )
     mean_fused = torch.stack(fused["mean"])  # [L, N, N]
     if keep_fused:
         for f, store in fused.items():
             result._cache[("fused", f)] = torch.stack(store)
-    if p:
-        joint = rollout_fused(mean_fused, p)  # [N, N]
-        result._cache[("rollout", "mean", 0.0, 0)] = joint[0, p:].reshape(grid).numpy()
+    joint = rollout_fused(mean_fused, p)  # [N, N]
+    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(result.output_row(joint))
     if progress:
         progress(1.0, "done")
     return result

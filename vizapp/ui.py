@@ -335,7 +335,7 @@ def analyze_image(
         gr.update(maximum=r.num_layers - 1, value=start),
         gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
         gr.update(choices=classes, value=classes[0] if classes else None),
-        gr.update(value=CLS_QUERY if r.num_prefix_tokens else PATCH_QUERY),
+        gr.update(value=CLS_QUERY if r.has_class_token else PATCH_QUERY),
         gr.update(maximum=r.grid_size[0] - 1, value=state["query"][0] if not isinstance(state["query"], str) else 0),
         gr.update(maximum=r.grid_size[1] - 1, value=state["query"][1] if not isinstance(state["query"], str) else 0),
     )
@@ -375,7 +375,7 @@ def render_heads(
     st = _state(state)
     r: Analysis = st["analysis"]
     mode = _choice(query_mode, "query", (CLS_QUERY, PATCH_QUERY))
-    if mode == CLS_QUERY and r.num_prefix_tokens > 0:
+    if mode == CLS_QUERY and r.has_class_token:
         st = {**st, "query": "cls"}
     else:
         st = {**st, "query": (_int(row, "row", 0, r.grid_size[0] - 1), _int(col, "column", 0, r.grid_size[1] - 1))}

@@ -38,14 +38,15 @@ def query_label(query: Query) -> str:
 
 def default_query(r: Analysis) -> Query:
     """CLS when the model has one; else the centre patch."""
-    return "cls" if r.num_prefix_tokens > 0 else (r.grid_size[0] // 2, r.grid_size[1] // 2)
+    return "cls" if r.has_class_token else (r.grid_size[0] // 2, r.grid_size[1] // 2)
 
 
 def rollout_view(r: Analysis, c: Controls) -> go.Figure:
     heat = r.rollout(c.head_fusion, c.discard_ratio, c.start_layer)
     return figures.overlay_figure(
         r.image, heat, r.patch_size, c.opacity,
-        title=f"Attention rollout (fusion {c.head_fusion}, discard {c.discard_ratio:.2f}, from layer {c.start_layer})",
+        title=f"Attention rollout (fusion {c.head_fusion}, discard {c.discard_ratio:.2f}, from layer {c.start_layer})"
+        + ("" if r.has_class_token else "; no CLS token: mean over patch outputs"),
         value_name="rollout",
     )
 
@@ -111,7 +112,7 @@ def render_all(r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = Non
     c = c or Controls(query=default_query(r))
     return {
         "topk": figures.topk_figure(r.top_k) if r.top_k else None,
-        "rollout": rollout_view(r, c) if r.num_prefix_tokens else None,
+        "rollout": rollout_view(r, c),
         "heads": heads_view(r, c),
         "focus": focus_view(r, c),
         "query_image": query_image(r, c),
