@@ -165,3 +165,21 @@ def test_api_end_to_end(server, card_model, photo, tmp_path):
         client.predict(handle_file(str(bad)), card_model, api_name="/analyze")
     out2 = client.predict(handle_file(photo), card_model, api_name="/analyze")
     assert out2[1]["label"] == label["label"]
+
+
+def test_startup_model_choice(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.delenv("VIZAPP_MODEL", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(ui.models, "hub_reachable", lambda *a, **k: False)
+    name, note = ui.choose_startup_model(None)
+    assert name == "bundled" and "unreachable" in note
+    monkeypatch.setattr(ui.models, "hub_reachable", lambda *a, **k: True)
+    name, note = ui.choose_startup_model(None)
+    assert name == ui.DEFAULT_PRETRAINED and "from the hub" in note
+    monkeypatch.setenv("VIZAPP_MODEL", "vit_tiny_patch16_224")
+    assert ui.choose_startup_model(None)[0] == "vit_tiny_patch16_224"
+    assert ui.choose_startup_model("bundled")[0] == "bundled"
+    labels = dict((v, k) for k, v in ui.model_choices())
+    assert labels["bundled"].endswith("[offline]") and labels[ui.DEFAULT_PRETRAINED].endswith("[download]")
