@@ -15,7 +15,8 @@ from vizapp.data import CLASS_NAMES, FASHION_MNIST_DIR, dataset_checksums, load_
 
 HAVE_FMNIST = (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST, reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)"
+    not HAVE_FMNIST,
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
 )
 
 
@@ -25,7 +26,9 @@ def _write_idx(path: Path, magic: int, array: np.ndarray, extra: bytes = b"") ->
         f.write(header + array.astype(np.uint8).tobytes() + extra)
 
 
-def _write_split(folder: Path, n: int = 5, image_magic: int = 2051, label_magic: int = 2049, extra: bytes = b"") -> None:
+def _write_split(
+    folder: Path, n: int = 5, image_magic: int = 2051, label_magic: int = 2049, extra: bytes = b""
+) -> None:
     rng = np.random.default_rng(0)
     _write_idx(folder / "t10k-images-idx3-ubyte.gz", image_magic, rng.integers(0, 256, (n, 28, 28)), extra)
     _write_idx(folder / "t10k-labels-idx1-ubyte.gz", label_magic, np.arange(n) % 10)
@@ -94,16 +97,55 @@ def test_train_smoke_run_writes_loadable_card_and_weights(tmp_path: Path) -> Non
 
     from vizapp.train import build_model, main
 
-    card = main([
-        "--out", str(tmp_path), "--name", "smoke", "--epochs", "1", "--limit", "256", "--batch-size", "128",
-        "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--device", "cpu", "--log-every", "1000",
-    ])
+    card = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--name",
+            "smoke",
+            "--epochs",
+            "1",
+            "--limit",
+            "256",
+            "--batch-size",
+            "128",
+            "--embed-dim",
+            "32",
+            "--depth",
+            "2",
+            "--num-heads",
+            "2",
+            "--device",
+            "cpu",
+            "--log-every",
+            "1000",
+        ]
+    )
     on_disk = json.loads((tmp_path / "smoke.json").read_text())
     assert on_disk == card
     expected_keys = {
-        "name", "architecture", "model_args", "input_size", "mean", "std", "polarity", "interpolation", "class_names",
-        "dataset", "dataset_sha256", "epochs", "seed", "batch_size", "lr", "augmentation", "test_accuracy",
-        "train_seconds", "hardware", "torch_version", "timm_version", "created",
+        "name",
+        "architecture",
+        "model_args",
+        "input_size",
+        "mean",
+        "std",
+        "polarity",
+        "interpolation",
+        "class_names",
+        "dataset",
+        "dataset_sha256",
+        "epochs",
+        "seed",
+        "batch_size",
+        "lr",
+        "augmentation",
+        "test_accuracy",
+        "train_seconds",
+        "hardware",
+        "torch_version",
+        "timm_version",
+        "created",
     }
     assert set(card) == expected_keys
     assert card["architecture"] == "VisionTransformer" and card["input_size"] == [1, 28, 28]
