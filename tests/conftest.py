@@ -74,3 +74,16 @@ def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("photo") / "photo.png"
     random_image(11, size=(120, 90)).save(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def live_app(card_model):
+    """The whole app on a free loopback port, started with the card model (module-scoped), yielding its URL."""
+    from vizapp import loadtest, ui
+
+    demo = ui.queue(ui.build_demo(card_model))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=loadtest.free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo.local_url
+    demo.close()

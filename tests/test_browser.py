@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,33 +16,15 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(card_model):
-    from vizapp import ui
-
-    demo = ui.queue(ui.build_demo(card_model))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
-    yield demo.local_url
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def page(app_url):
+def page(live_app):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.goto(app_url)
+        pg.goto(live_app)
         pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
         yield pg
         browser.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import gradio as gr
@@ -130,26 +129,10 @@ def test_bad_parameters_get_clear_errors(analysed, card_model, call, message):
     np.testing.assert_array_equal(state["analysis"].rollout(), before)  # nothing changed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(card_model):
-    demo = ui.queue(ui.build_demo(card_model))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
-    yield demo
-    demo.close()
-
-
-def test_api_end_to_end(server, card_model, photo, tmp_path):
+def test_api_end_to_end(live_app, card_model, photo, tmp_path):
     from gradio_client import Client, handle_file
 
-    client = Client(server.local_url, verbose=False)
+    client = Client(live_app, verbose=False)
     assert "/analyze" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     out = client.predict(handle_file(photo), card_model, api_name="/analyze")
     status, label, summary = out[0], out[1], out[6]

@@ -26,7 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -128,7 +128,7 @@ def run(model: str, requests: int = 200, clients: int = 8, images: int = 16, con
     from gradio_client import Client, handle_file
 
     report = LoadReport(requests=requests, clients=clients)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="vizapp-load-") as tmp:
         paths = make_images(Path(tmp), images)
         server = start_server(model, port, concurrency, log_path=str(Path(tmp) / "server.log"))
