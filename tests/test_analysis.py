@@ -204,3 +204,25 @@ def test_model_pos_similarity_matches_manual_cosines():
     manual = torch.nn.functional.cosine_similarity(pe[:, None], pe[None], dim=-1).reshape(4, 4, 4, 4)
     np.testing.assert_allclose(sim, manual.numpy(), atol=1e-5)
     assert vm.pos_similarity((2, 3)).shape == (2, 3, 2, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    layers=st.integers(1, 4),
+    prefix=st.integers(0, 3),
+    grid=st.integers(1, 4),
+    discard=st.floats(0.0, 0.9),
+    start=st.integers(0, 3),
+)
+def test_rollout_row_vector_pass_equals_full_joint(seed, layers, prefix, grid, discard, start):
+    from vizapp.analysis import fuse_heads, rollout_fused, rollout_row
+
+    n = prefix + grid * grid
+    start = min(start, layers - 1)
+    fused = fuse_heads(random_attention(seed, layers, 3, n), "mean")
+    joint = rollout_fused(fused, prefix, discard, start)
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+    row = rollout_row(lambda i: fused[i], layers, weights, prefix, discard, start)
+    torch.testing.assert_close(row, weights @ joint.double(), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from vizapp.analysis.distance import head_distances, patch_distance_matrix
-from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_fused
+from vizapp.analysis.rollout import add_residual
+from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
@@ -199,10 +200,18 @@ class Analysis:
         ):
             raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
         start_layer = self._layer(start_layer)
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
         key = ("rollout", head_fusion, float(discard_ratio), start_layer)
         if key not in self._cache:
-            joint = rollout_fused(self.fused(head_fusion), self.num_prefix_tokens, float(discard_ratio), start_layer)
-            self._cache[key] = self._patch_map(self.output_row(joint))
+            cached = self._cache.get(("fused", head_fusion))
+
+            def fused_layer(layer: int) -> torch.Tensor:
+                return cached[layer] if cached is not None else fuse_heads(self.attention_layer(layer), head_fusion)
+
+            row = rollout_row(fused_layer, self.num_layers, self.output_weights(), self.num_prefix_tokens,
+                              float(discard_ratio), start_layer)
+            self._cache[key] = self._patch_map(row[self.num_prefix_tokens :])
         return self._cache[key]
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
@@ -245,6 +254,16 @@ class Analysis:
         if out.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
             self._cache[key] = out
         return out
+
+    def output_weights(self) -> torch.Tensor:
+        """[N] weights over tokens whose joint-attention row is the map: one-hot at CLS, or uniform over the patches
+        for a model without a CLS token (see :meth:`output_row`)."""
+        w = torch.zeros(self.num_tokens, dtype=torch.float64)
+        if self.has_class_token:
+            w[0] = 1.0
+        else:
+            w[self.num_prefix_tokens :] = 1.0 / (self.num_tokens - self.num_prefix_tokens)
+        return w
 
     def output_row(self, joint: torch.Tensor) -> torch.Tensor:
         """The map over the patches from a joint [N, N]: the CLS row, or for models that pool their patch tokens
@@ -379,6 +398,31 @@ class Analysis:
         return out
 
 
+def _layer_stats(
+    q: torch.Tensor, k: torch.Tensor, scale: float, dist: torch.Tensor, p: int, with_extremes: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One layer's head-fused attention (mean, and max/min if asked) [N, N] and per-head mean distance [H].
+
+    Heads are processed in chunks so that at most ~32 MB of attention exists at once (a 1,374-token layer's full
+    [H, N, N] attention would be 121 MB, and softmax/renormalisation make temporary copies of it).
+    """
+    h, n, _ = q.shape
+    chunk = max(1, min(h, (32 * 2**20) // max(1, n * n * 4)))
+    total = torch.zeros(n, n, dtype=torch.float32, device=q.device)
+    hi = lo = None
+    dists = []
+    for s in range(0, h, chunk):
+        a = attention_from_qk(q[s : s + chunk], k[s : s + chunk], scale)  # [c, N, N]
+        dists.append(head_distances(a, dist, p))
+        total += a.sum(dim=0)
+        if with_extremes:
+            m, mn = a.amax(dim=0), a.amin(dim=0)
+            hi = m if hi is None else torch.maximum(hi, m)
+            lo = mn if lo is None else torch.minimum(lo, mn)
+        del a
+    return total / h, hi, lo, torch.cat(dists)
+
+
 def analyze(
     vm: VizModel,
     image: Any,
@@ -417,14 +461,21 @@ def analyze(
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
         n_layers = len(cap)
         keep_fused = n_layers * n * n * 4 <= FUSED_CACHE_LIMIT_BYTES
-        fused: dict[str, list[torch.Tensor]] = {f: [] for f in (HEAD_FUSIONS if keep_fused else ("mean",))}
-        distances = []
-        for layer in range(n_layers):
-            a = cap.attention(layer)[0]  # [H, N, N], one layer at a time
-            distances.append(head_distances(a, dist, p))
-            for f, store in fused.items():
-                store.append(fuse_heads(a, f).cpu())  # [N, N]
-            del a
+        fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in HEAD_FUSIONS if keep_fused}
+        distances: list[torch.Tensor | None] = [None] * n_layers
+        weights = torch.zeros(n, dtype=torch.float64, device=vm.device)
+        if vm.has_class_token:
+            weights[0] = 1.0
+        else:
+            weights[p:] = 1.0 / (n - p)
+        # One pass from the top layer down: per-layer statistics, and the default rollout row as a vector pass.
+        for layer in range(n_layers - 1, -1, -1):
+            mean_l, max_l, min_l, distances[layer] = _layer_stats(cap.q[layer][0], cap.k[layer][0],
+                                                                  cap.scales[layer], dist, p, keep_fused)
+            if keep_fused:
+                fused["mean"][layer], fused["max"][layer], fused["min"][layer] = mean_l.cpu(), max_l.cpu(), min_l.cpu()
+            weights = weights @ add_residual(mean_l.to(torch.float64))  # [N]
+        rollout_default = weights[p:].float().cpu()
         q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
         scales = tuple(cap.scales)
@@ -452,12 +503,9 @@ def analyze(
         notes=tuple(notes),
         has_class_token=vm.has_class_token,
     )
-    mean_fused = torch.stack(fused["mean"])  # [L, N, N]
-    if keep_fused:
-        for f, store in fused.items():
-            result._cache[("fused", f)] = torch.stack(store)
-    joint = rollout_fused(mean_fused, p)  # [N, N]
-    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(result.output_row(joint))
+    for f, store in fused.items():
+        result._cache[("fused", f)] = torch.stack(store)  # [L, N, N]
+    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(rollout_default)
     if progress:
         progress(1.0, "done")
     return result

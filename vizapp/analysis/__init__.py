@@ -1,11 +1,11 @@
 """Pure tensor analyses: no hooks, no models, only attention tensors and token metadata."""
 
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
-from vizapp.analysis.posembed import patch_pos_embed, pos_embed_similarity, resample_patch_pos_embed
 from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
 from vizapp.analysis.flow import attention_flow
+from vizapp.analysis.posembed import patch_pos_embed, pos_embed_similarity, resample_patch_pos_embed
 from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
-from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused
+from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused, rollout_row
 
 __all__ = [
     "HEAD_FUSIONS",
@@ -24,5 +24,6 @@ __all__ = [
     "resample_patch_pos_embed",
     "rollout",
     "rollout_fused",
+    "rollout_row",
     "uniform_reference_distance",
 ]
