@@ -119,7 +119,7 @@ class AttentionCapture:
 
         return hook
 
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         self._owner = threading.get_ident()
         try:
             for i, m in enumerate(self.modules):

@@ -1,0 +1,50 @@
+"""vizapp.bench: the --quick smoke run completes and writes the table (no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+
+from vizapp import bench
+
+
+def table_rows(markdown: str, heading: str = "## Results") -> tuple[list[str], list[list[str]]]:
+    """Header cells and data rows of the first markdown table after ``heading``."""
+    lines = markdown.split(heading, 1)[1].strip().splitlines()
+    table = [ln for ln in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table]
+    return cells[0], cells[2:]
+
+
+def test_quick_run_writes_every_column_and_a_row_per_model(tmp_path, capsys):
+    out = tmp_path / "b.md"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    header, rows = table_rows(text)
+    assert header == list(bench.TABLE_COLUMNS)
+    assert [r[0] for r in rows] == list(bench.QUICK_MODELS)
+    for row in rows:
+        assert len(row) == len(header)
+        assert all(cell and cell != "nan" for cell in row), row
+        assert int(row[1]) == 17  # 1 CLS + a 4x4 grid at 64 px
+    for section in ("## Machine", "## Cost model", "### Predicted vs measured", "### Memory decomposition",
+                    "### Where the time of (b) goes"):
+        assert section in text
+    assert re.search(r"torch threads \| \d+", text)
+    assert "| model | tokens N |" in capsys.readouterr().out  # the table is printed too
+
+
+def test_models_option_gives_one_row_each(tmp_path):
+    out = tmp_path / "two.md"
+    specs = ["vit_tiny_patch16_224@img_size=32,depth=1", "vit_small_patch14_reg4_dinov2@img_size=28,depth=1"]
+    assert bench.main(["--models", *specs, "--repeats", "1", "--warmup", "0", "--no-memory", "--no-profile",
+                       "--out", str(out)]) == 0
+    _header, rows = table_rows(out.read_text(encoding="utf-8"))
+    assert [r[0] for r in rows] == specs
+    assert [int(r[1]) for r in rows] == [1 + 2 * 2, 5 + 2 * 2]  # register model: CLS + 4 registers + patches
+
+
+def test_parse_spec():
+    spec = bench.parse_spec("vit_large_patch14_reg4_dinov2@img_size=518,dynamic_img_size=True")
+    assert spec.name == "vit_large_patch14_reg4_dinov2"
+    assert dict(spec.kwargs) == {"img_size": 518, "dynamic_img_size": True}
+    assert bench.parse_spec(spec.label) == spec

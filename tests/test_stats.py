@@ -1,0 +1,117 @@
+"""vizapp.stats: dataset-wide mean attention distance, checked against vizapp.analyze image by image."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vizapp
+from vizapp import stats
+
+MODEL = "vit_tiny_patch16_224"
+KWARGS = {"img_size": 64, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def vm():
+    torch.manual_seed(0)
+    return vizapp.load_model(MODEL, pretrained=False, device="cpu", **KWARGS)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Five PNGs of different sizes (two in a subfolder), one broken JPEG and a text file that is not an image."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    for i in range(5):
+        where = tmp_path / "sub" if i % 2 else tmp_path
+        arr = rng.integers(0, 256, (48 + 16 * i, 96 - 8 * i, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(where / f"img{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def good_images(folder):
+    return sorted(p for p in folder.rglob("*.png"))
+
+
+def test_find_images_is_recursive_and_filters_by_suffix(folder):
+    names = [p.name for p in stats.find_images(folder)]
+    assert sorted(names) == sorted(["img0.png", "img1.png", "img2.png", "img3.png", "img4.png", "broken.jpg"])
+    assert len(stats.find_images(folder, limit=2)) == 2
+
+
+def test_matches_analyze_image_by_image(vm, folder):
+    paths = stats.find_images(folder)
+    with pytest.warns(UserWarning, match="skipped 1 undecodable"):
+        mean, n = stats.dataset_mean_distance(vm, paths, batch_size=2)
+    assert n == 5
+    assert mean.shape == (vm.num_layers, vm.num_heads) == (2, 3)
+    # Second code path: one analyze() per image (its own decode, transform, capture and distance), then the mean.
+    expected = np.mean([vizapp.analyze(vm, p).mean_distance for p in good_images(folder)], axis=0)
+    np.testing.assert_allclose(mean, expected, atol=1e-4, rtol=0)
+
+
+def test_mean_does_not_depend_on_batching(vm, folder):
+    paths = good_images(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip here, so no warning
+        m1, n1 = stats.dataset_mean_distance(vm, paths, batch_size=1)
+        m3, n3 = stats.dataset_mean_distance(vm, paths, batch_size=3)
+    assert n1 == n3 == 5
+    np.testing.assert_allclose(m1, m3, atol=1e-5, rtol=0)
+
+
+def test_collect_stats_counts_skipped_and_times_the_baseline(vm, folder):
+    res = stats.collect_stats(vm, stats.find_images(folder), batch_size=2, baseline_batches=-1)
+    assert res.n_images == 5
+    assert [p.endswith("broken.jpg") for p, _ in res.skipped] == [True]
+    assert res.timed_images > 0 and res.bare_seconds > 0 and res.analysis_seconds > 0
+    assert np.isfinite(res.throughput_ratio)
+
+
+def test_cli_writes_csv_and_offline_html(vm, folder, tmp_path, capsys):
+    out_csv, out_html = tmp_path / "s.csv", tmp_path / "d.html"
+    rc = stats.main([
+        str(folder), "--model", MODEL, "--random", "--img-size", "64", "--model-arg", "depth=2", "--batch-size", "2",
+        "--workers", "0", "--device", "cpu", "--out-csv", str(out_csv), "--out-html", str(out_html), "--no-progress",
+    ])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 undecodable" in captured.err and "broken.jpg" in captured.err
+    assert "5 images analysed, 1 skipped" in captured.out
+    assert "bare forward" in captured.out and "ratio" in captured.out
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["layer", "head", "mean_distance_px", "n_images"]
+    assert len(rows) == vm.num_layers * vm.num_heads
+    assert {(int(r["layer"]), int(r["head"])) for r in rows} == {(l, h) for l in range(2) for h in range(3)}
+    assert {r["n_images"] for r in rows} == {"5"}
+    mean, _ = stats.dataset_mean_distance(vm, good_images(folder), batch_size=4)
+    got = np.array([float(r["mean_distance_px"]) for r in rows]).reshape(2, 3)
+    np.testing.assert_allclose(got, mean, atol=1e-4, rtol=0)
+    html = out_html.read_text(encoding="utf-8")
+    assert "<script src=" not in html  # plotly.js inlined: works offline
+    assert "Mean attention distance" in html and "5 images" in html
+
+
+def test_cli_limit_and_empty_folder(folder, tmp_path, capsys):
+    out_csv = tmp_path / "lim.csv"
+    rc = stats.main([
+        str(folder), "--model", MODEL, "--random", "--img-size", "64", "--model-arg", "depth=2", "--limit", "2",
+        "--device", "cpu", "--out-csv", str(out_csv), "--out-html", str(tmp_path / "lim.html"), "--no-progress",
+        "--baseline-batches", "0",
+    ])
+    assert rc == 0
+    with open(out_csv, newline="") as f:
+        assert {r["n_images"] for r in csv.DictReader(f)} <= {"1", "2"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert stats.main([str(empty), "--model", MODEL, "--random", "--no-progress"]) == 1
+    assert "no images" in capsys.readouterr().err
