@@ -85,8 +85,9 @@ class AttentionCapture:
         return threading.get_ident() == self._owner
 
     def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
-        # Detach unless gradients are wanted, so nothing keeps the autograd graph alive.
-        store[layer] = t if self.with_grad else t.detach()
+        # Detach unless gradients are wanted, so nothing keeps the autograd graph alive. q and k are views into the
+        # layer's whole qkv buffer; a contiguous copy lets that buffer (1.5x their size) be freed after the layer.
+        store[layer] = (t if self.with_grad else t.detach()).contiguous()
 
     def _q_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:

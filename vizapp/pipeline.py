@@ -31,8 +31,9 @@ METHODS = {
     "grad_rollout": "Gradient rollout",
     "relevance": "Chefer relevance",
 }
-# Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion).
-FUSED_CACHE_LIMIT_BYTES = 64 * 2**20
+# Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at
+# 384 px would need 32 MB per fusion, so big models recompute them from q and k when a view asks).
+FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
 
 
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
