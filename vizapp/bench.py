@@ -358,33 +358,54 @@ def _code_key(fn: Any) -> tuple[str, int, str] | None:
     return (code.co_filename, code.co_firstlineno, code.co_name) if code is not None else None
 
 
-def _profile_stages(vm: Any) -> list[tuple[str, Any, bool]]:
-    """(label, code key, count only calls made from pipeline.py) of the stages of (b); none nested in another.
+def _builtin(*names: str) -> tuple[str, int, tuple[str, ...]]:
+    """Profile key of a C function, by the name prefixes cProfile gives it (they differ across Python versions)."""
+    return ("~", 0, names)
 
-    A key's name may be a tuple of prefixes (builtins are named differently across Python versions).
+
+def _method(name: str) -> tuple[str, int, tuple[str, ...]]:
+    return _builtin(f"<method '{name}' of 'torch._C.TensorBase' objects>", f"<built-in method {name} ")
+
+
+def _profile_stages(vm: Any) -> list[tuple[str, list[Any], str]]:
+    """(label, profile keys, which callers count) of the stages of (b).
+
+    Callers: "any"; "pipeline" (calls made from vizapp/pipeline.py only, for builtins that timm also uses); or
+    "not-row" (any caller but ``Analysis.attention_row``, which belongs to the per-head maps). Functions that do not
+    exist in the measured version of the code simply count 0; no stage is nested in another.
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    from vizapp import pipeline
-    from vizapp.capture import AttentionCapture
+    from vizapp import capture, pipeline
 
     distance = importlib.import_module("vizapp.analysis.distance")
     rollout = importlib.import_module("vizapp.analysis.rollout")  # the package re-exports a function of that name
-
+    forward = type(vm.model).forward if isinstance(vm.model, VisionTransformer) else vm.model.forward
+    fusion = [_code_key(getattr(rollout, "fuse_heads", None))] + [
+        _method(m) for m in ("sum", "amax", "amin", "mean")
+    ] + [_builtin(f"<built-in method torch.{m}>", f"<built-in method {m} ") for m in ("maximum", "minimum")]
     return [
-        ("preprocessing (vm.transform)", _code_key(vm.transform), False),
-        ("forward with capture hooks", _code_key(type(vm.model).forward if isinstance(vm.model, VisionTransformer)
-                                                 else vm.model.forward), False),
-        ("attention recompute softmax(q kᵀ)", _code_key(AttentionCapture.attention), False),
-        ("mean distance (head_distances)", _code_key(distance.head_distances), True),
-        ("head fusion (fuse_heads)", _code_key(rollout.fuse_heads), True),
-        ("rollout (rollout_fused, float64)", _code_key(rollout.rollout_fused), True),
-        ("q/k copies (.contiguous)", ("~", 0, "<method 'contiguous' of 'torch._C.TensorBase' objects>"), True),
-        ("torch.stack (fused, distances)", ("~", 0, ("<built-in method torch.stack>", "<built-in method stack ")),
-         True),
-        ("model_view (uint8 image)", _code_key(pipeline.model_view), True),
-        ("per-head maps (r.attention)", _code_key(pipeline.Analysis.attention), False),
+        ("preprocessing (vm.transform)", [_code_key(vm.transform)], "any"),
+        ("forward with capture hooks", [_code_key(forward)], "any"),
+        ("attention recompute softmax(q kᵀ)", [_code_key(capture.attention_from_qk)], "not-row"),
+        ("mean distance (head_distances)", [_code_key(distance.head_distances)], "any"),
+        ("head fusion (mean/max/min over heads)", fusion, "pipeline"),
+        ("rollout (rollout_fused / rollout_row / add_residual)",
+         [_code_key(getattr(rollout, n, None)) for n in ("rollout_fused", "rollout_row", "add_residual")], "pipeline"),
+        ("q/k copies (.contiguous)", [_method("contiguous")], "pipeline"),
+        ("torch.stack / torch.cat (fused, distances)",
+         [_builtin("<built-in method torch.stack>", "<built-in method stack "),
+          _builtin("<built-in method torch.cat>", "<built-in method cat ")], "pipeline"),
+        ("model_view (uint8 image)", [_code_key(pipeline.model_view)], "any"),
+        ("per-head maps (r.attention)", [_code_key(pipeline.Analysis.attention)], "any"),
     ]
+
+
+def _matches(func: tuple[str, int, str], key: Any) -> bool:
+    if key is None or func[0] != key[0] or func[1] != key[1]:
+        return False
+    names = key[2] if isinstance(key[2], tuple) else (key[2],)
+    return func[2].startswith(names) if key[0] == "~" else func[2] in names
 
 
 def profile_b(vm: Any, img: Image.Image) -> dict[str, float]:
@@ -401,16 +422,19 @@ def profile_b(vm: Any, img: Image.Image) -> dict[str, float]:
     total = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     out: dict[str, float] = {}
-    for label, key, from_pipeline in stages:
+    for label, keys, who in stages:
         secs = 0.0
-        if key is not None:
-            for func, (_cc, _nc, _tt, ct, callers) in stats.items():
-                if func[0] != key[0] or func[1] != key[1] or not func[2].startswith(key[2]):
-                    continue
-                if from_pipeline:
-                    secs += sum(v[3] for caller, v in callers.items() if caller[0] == pipeline_file)
-                else:
-                    secs += ct
+        for func, (_cc, _nc, _tt, ct, callers) in stats.items():
+            if not any(_matches(func, key) for key in keys):
+                continue
+            if who == "pipeline":
+                # nested calls from a pipeline.py function that is itself counted elsewhere are excluded
+                secs += sum(v[3] for caller, v in callers.items()
+                            if caller[0] == pipeline_file and caller[2] not in ("attention_row", "model_view"))
+            elif who == "not-row":
+                secs += ct - sum(v[3] for caller, v in callers.items() if caller[2] == "attention_row")
+            else:
+                secs += ct
         out[label] = secs
     out["other (Python glue, top-k, hooks, ...)"] = max(0.0, total - sum(out.values()))
     out["total"] = total
@@ -768,7 +792,8 @@ METHOD_TEXT = """\
   a query patch. `d ms` is the median over the changes, `d max ms` the slowest change.
 * Peak memory: each of (a), a capture-only forward and (b) once in a fresh subprocess
   (`python -m vizapp.bench --_measure-mem STAGE MODEL`), peak minus the memory right after the model was loaded
-  (CPU: `ru_maxrss` after resetting the high-water mark via `/proc/self/clear_refs`; CUDA:
+  (CPU: `VmHWM` of `/proc/self/status` after resetting it via `/proc/self/clear_refs`, not `ru_maxrss`, which
+  keeps the high-water mark of the forked parent across exec; CUDA:
   `torch.cuda.max_memory_allocated`). `added MB` = peak(b) − peak(a). 1 MB = 10⁶ bytes. The first forward in a
   fresh process also pays one-off allocations (library initialisation), which appear in both (a) and (b).
 * Repeats: {repeats} per model, {large_repeats} for models whose forward exceeds {large_gmac:.0f} GMAC (the ViT-L
