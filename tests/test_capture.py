@@ -180,3 +180,46 @@ def test_attention_gradients_equal_autograd_through_explicit_attention():
 def test_unsupported_model_gets_a_clear_error():
     with pytest.raises(vizapp.UnsupportedModelError, match="Swin"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False)
+
+
+@pytest.mark.parametrize("path", ["default", "chunked_no_cache"])
+def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch, path):
+    """analyze's single top-down pass (in-place softmax, vector rollout, fused distance) against the plain
+    functions of vizapp.analysis applied to timm's own materialised attention."""
+    from vizapp import pipeline
+    from vizapp.analysis import fuse_heads, mean_attention_distance, rollout
+
+    fid, vm = family
+    if path == "chunked_no_cache":  # one head per chunk, and no fused cache: the path big models take
+        monkeypatch.setattr(pipeline, "ATTENTION_CHUNK_BYTES", 1)
+        monkeypatch.setattr(pipeline, "FUSED_CACHE_LIMIT_BYTES", 0)
+    img = random_image(7)
+    r = vizapp.analyze(vm, img)
+    _, maps = reference_attention(vm.model, r.input)
+    attn = torch.stack([m[0] for m in maps])  # [L, H, N, N]
+    p = r.num_prefix_tokens
+    expected_dist = mean_attention_distance(attn, r.grid_size, r.patch_size, p)
+    np.testing.assert_allclose(r.mean_distance, expected_dist.numpy(), rtol=1e-4, atol=1e-3)
+    joint = rollout(attn, p)
+    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    cached = r._cache[("rollout", "mean", 0.0, 0)]
+    np.testing.assert_allclose(cached, expected.reshape(r.grid_size).numpy(), atol=1e-5)
+    for fusion in ("mean", "max", "min"):
+        key = ("fused", fusion)
+        assert (key in r._cache) == (path == "default")
+        torch.testing.assert_close(r.fused(fusion), fuse_heads(attn, fusion).float(), atol=1e-5, rtol=0)
+
+
+def test_capture_packs_q_and_k_in_one_block_per_forward():
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    x = vm.transform(random_image(2))[None]
+    with torch.no_grad(), AttentionCapture(vm.model) as cap:
+        vm.model(x)
+        first_q0 = cap.q[0].clone()
+        storages = {t.untyped_storage().data_ptr() for t in cap.q + cap.k}
+        assert len(storages) == 1
+        held = cap.q[0]
+        vm.model(x.flip(-1))  # a second forward gets a new block: tensors from the first stay valid
+    assert torch.equal(held, first_q0)
+    assert cap.q[0].untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+    assert all(t.is_contiguous() for t in cap.q + cap.k)

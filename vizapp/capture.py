@@ -63,6 +63,10 @@ class AttentionCapture:
             :meth:`attention_grads` can return ∂score/∂A for every layer.
     """
 
+    #: store q and k of all layers in one [2, L, B, H, N, d] block (subclasses that consume each layer at once
+    #: set this False)
+    pack_qk = True
+
     def __init__(self, model: torch.nn.Module, with_grad: bool = False) -> None:
         self.modules = attention_modules(model)
         self.with_grad = with_grad
@@ -76,6 +80,7 @@ class AttentionCapture:
         self.head_dims = [int(m.head_dim) for m in self.modules]
         self._handles: list[Any] = []
         self._owner: int | None = None
+        self._packed: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -86,8 +91,22 @@ class AttentionCapture:
 
     def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
         # Detach unless gradients are wanted, so nothing keeps the autograd graph alive. q and k are views into the
-        # layer's whole qkv buffer; a contiguous copy lets that buffer (1.5x their size) be freed after the layer.
-        store[layer] = (t if self.with_grad else t.detach()).contiguous()
+        # layer's whole qkv buffer; a copy lets that buffer (1.5x their size) be freed after the layer.
+        if self.with_grad:
+            store[layer] = t.contiguous()
+            return
+        t = t.detach()
+        which = 0 if store is self.q else 1
+        if self.pack_qk and which == 0 and layer == 0:
+            # A new forward begins: one block for every layer's q and k (the heads are uniform across blocks in
+            # timm ViTs). One large allocation instead of 2·L small ones interleaved with the forward's own
+            # activations keeps the allocator from fragmenting, and is returned whole when the analysis is freed.
+            self._packed = torch.empty((2, len(self), *t.shape), dtype=t.dtype, device=t.device)
+        packed = self._packed
+        if packed is not None and packed.shape[2:] == t.shape and packed.dtype == t.dtype and packed.device == t.device:
+            store[layer] = packed[which, layer].copy_(t)
+        else:
+            store[layer] = t.contiguous()
 
     def _q_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:

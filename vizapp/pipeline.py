@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp.analysis.distance import head_distances, patch_distance_matrix
-from vizapp.analysis.rollout import add_residual
+from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError
@@ -399,29 +398,67 @@ class Analysis:
         return out
 
 
-def _layer_stats(
-    q: torch.Tensor, k: torch.Tensor, scale: float, dist: torch.Tensor, p: int, with_extremes: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """One layer's head-fused attention (mean, and max/min if asked) [N, N] and per-head mean distance [H].
+ATTENTION_CHUNK_BYTES = 32 * 2**20  # at most this much of one layer's attention exists at once
 
-    Heads are processed in chunks so that at most ~32 MB of attention exists at once (a 1,374-token layer's full
-    [H, N, N] attention would be 121 MB, and softmax/renormalisation make temporary copies of it).
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place on the CPU (no second [c, N, N] buffer to allocate and fault in)."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    return torch.softmax(x, dim=-1)
+
+
+@dataclass
+class _LayerStats:
+    fused: dict[str, torch.Tensor]  # head fusion -> [N, N]; empty unless asked for
+    row_times_mean: torch.Tensor  # [N] float64: row @ mean_h A_h
+    distances: torch.Tensor  # [H] mean attention distance per head
+
+
+def _layer_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    dist: torch.Tensor,
+    p: int,
+    row: torch.Tensor,
+    with_fused: bool,
+    scores: torch.Tensor,
+    product: torch.Tensor,
+) -> _LayerStats:
+    """Everything ``analyze`` needs from one layer, from its q and k [H, N, d].
+
+    Heads are processed in chunks of ``scores.shape[0]`` through two reused work buffers, ``scores`` [c, N, N] (the
+    attention, softmaxed in place) and ``product`` [c, P, P] (attention times pixel distance), so at most ~2 x 32 MB
+    of attention exists at once and nothing of that size is allocated per layer. Per chunk this is one GEMM for
+    q kᵀ and about five passes over c·N² floats: softmax, the rollout row as a batched vector-matrix product, and the
+    distance numerator and denominator. The mean fusion is never formed unless ``with_fused``: the rollout only
+    needs ``row @ mean_h A_h``.
     """
     h, n, _ = q.shape
-    chunk = max(1, min(h, (32 * 2**20) // max(1, n * n * 4)))
-    total = torch.zeros(n, n, dtype=torch.float32, device=q.device)
-    hi = lo = None
+    chunk = scores.shape[0]
+    qs = q.float() * scale
+    kt = k.float().transpose(-2, -1)
+    row32 = row.to(torch.float32)
+    row_out = torch.zeros(n, dtype=torch.float64, device=q.device)
+    tiny = torch.finfo(torch.float32).tiny
+    total = hi = lo = None
     dists = []
     for s in range(0, h, chunk):
-        a = attention_from_qk(q[s : s + chunk], k[s : s + chunk], scale)  # [c, N, N]
-        dists.append(head_distances(a, dist, p))
-        total += a.sum(dim=0)
-        if with_extremes:
-            m, mn = a.amax(dim=0), a.amin(dim=0)
-            hi = m if hi is None else torch.maximum(hi, m)
+        c = min(chunk, h - s)
+        a = _softmax_(torch.matmul(qs[s : s + c], kt[s : s + c], out=scores[:c]))  # [c, N, N]
+        row_out += torch.matmul(row32, a).sum(dim=0, dtype=torch.float64)
+        ap = a[:, p:, p:]
+        # Mean distance with each query's weights renormalised over the patches: Σ_j a_ij d_ij / Σ_j a_ij.
+        num = torch.mul(ap, dist, out=product[:c]).sum(dim=-1)
+        dists.append((num / ap.sum(dim=-1).clamp_min(tiny)).mean(dim=-1))
+        if with_fused:
+            sm, mx, mn = a.sum(dim=0), a.amax(dim=0), a.amin(dim=0)
+            total = sm if total is None else total.add_(sm)
+            hi = mx if hi is None else torch.maximum(hi, mx)
             lo = mn if lo is None else torch.minimum(lo, mn)
-        del a
-    return total / h, hi, lo, torch.cat(dists)
+    fused = {"mean": total / h, "max": hi, "min": lo} if with_fused else {}
+    return _LayerStats(fused, row_out / h, torch.cat(dists))
 
 
 def analyze(
@@ -469,13 +506,21 @@ def analyze(
             weights[0] = 1.0
         else:
             weights[p:] = 1.0 / (n - p)
+        h = cap.q[0].shape[1]
+        chunk = max(1, min(h, ATTENTION_CHUNK_BYTES // max(1, n * n * 4)))
+        scores = torch.empty(chunk, n, n, dtype=torch.float32, device=vm.device)
+        product = torch.empty(chunk, n - p, n - p, dtype=torch.float32, device=vm.device)
         # One pass from the top layer down: per-layer statistics, and the default rollout row as a vector pass.
+        # Softmax rows sum to one, so add_residual's Â = (A + I) / rowsum is (A + I) / 2 and
+        # row @ Â = (row @ A + row) / 2 (equal to rollout_row's result to float rounding; tested).
         for layer in range(n_layers - 1, -1, -1):
-            mean_l, max_l, min_l, distances[layer] = _layer_stats(cap.q[layer][0], cap.k[layer][0],
-                                                                  cap.scales[layer], dist, p, keep_fused)
-            if keep_fused:
-                fused["mean"][layer], fused["max"][layer], fused["min"][layer] = mean_l.cpu(), max_l.cpu(), min_l.cpu()
-            weights = weights @ add_residual(mean_l.to(torch.float64))  # [N]
+            st = _layer_stats(cap.q[layer][0], cap.k[layer][0], cap.scales[layer], dist, p, weights, keep_fused,
+                              scores, product)
+            distances[layer] = st.distances
+            for f, store in fused.items():
+                store[layer] = st.fused[f].cpu()
+            weights = 0.5 * (st.row_times_mean + weights)  # [N]
+        del scores, product
         rollout_default = weights[p:].float().cpu()
         q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)

@@ -103,6 +103,8 @@ class _DistanceCapture(AttentionCapture):
         self.sums = sums  # [L, H] float64, on the device
         self.counts = counts  # [L] images seen per layer (a consistency check)
 
+    pack_qk = False  # each layer's q and k are consumed as soon as both exist
+
     def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
         super()._store(store, layer, t)
         if self.q[layer] is not None and self.k[layer] is not None:
