@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import vizapp
-from vizapp.imageio import decode_image
 from vizapp import models
+from vizapp.imageio import decode_image
 
 EXAMPLES = models.ASSETS_DIR / "examples"
 

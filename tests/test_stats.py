@@ -91,7 +91,7 @@ def test_cli_writes_csv_and_offline_html(vm, folder, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["layer", "head", "mean_distance_px", "n_images"]
     assert len(rows) == vm.num_layers * vm.num_heads
-    assert {(int(r["layer"]), int(r["head"])) for r in rows} == {(l, h) for l in range(2) for h in range(3)}
+    assert {(int(r["layer"]), int(r["head"])) for r in rows} == {(layer, h) for layer in range(2) for h in range(3)}
     assert {r["n_images"] for r in rows} == {"5"}
     mean, _ = stats.dataset_mean_distance(vm, good_images(folder), batch_size=4)
     got = np.array([float(r["mean_distance_px"]) for r in rows]).reshape(2, 3)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import cProfile
 import dataclasses
 import gc
@@ -307,45 +308,68 @@ def _fused_limit() -> int:
         return FUSED_CACHE_LIMIT_BYTES
 
 
-def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
-    """Predicted work (MACs, elementwise passes) and bytes (fp32) of the forward and of the analysis.
+def _chunk_limit() -> int:
+    try:
+        from vizapp import pipeline
 
-    Forward, per layer and image: qkv 3·N·D², q kᵀ N²·D, A v N²·D, proj N·D², MLP 2·N·D·M (M = 4D) -> with M = 4D
+        return int(getattr(pipeline, "ATTENTION_CHUNK_BYTES", ATTENTION_CHUNK_BYTES))
+    except ImportError:
+        return ATTENTION_CHUNK_BYTES
+
+
+# Fallback for sources without the constant: the analysis works on at most this many bytes of one layer's attention
+# at once (heads in chunks), as ``vizapp.pipeline._layer_stats`` does.
+ATTENTION_CHUNK_BYTES = 32 * 2**20
+
+
+def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
+    """Predicted work and bytes (fp32) of the forward and of the analysis as implemented in the measured version.
+
+    Forward, per layer and image: qkv 3·N·D², q kᵀ N²·D, A v N²·D, proj N·D², MLP 2·N·D·M -> with M = 4D
     12·N·D² + 2·N²·D; plus the patch embedding P·(C·p²)·D and the head D·K once.
 
-    Analysis, per layer and image: q kᵀ again (N²·D MACs; SDPA never materialises the weights), softmax (~3 passes
-    over H·N²), distance weighting over the patches (~4 passes over H·P²), head fusion (F passes over H·N²; F = 3
-    fusions while L·N²·4 B fit the fused cache, else 1) and, for the default rollout, one N x N matrix product in
-    float64 per layer (N³ MACs at about half the fp32 rate, so counted twice).
+    Analysis, per layer and image, one chunk of c = min(H, 32 MiB / (4·N²)) heads at a time: q kᵀ again (N²·D MACs
+    over all heads: SDPA never returns the weights) written into a reused buffer; softmax in place (~2 passes over
+    H·N²); the rollout row as a batched vector-matrix product (1 pass over H·N²); the mean distance's numerator
+    (attention x pixel distance into a second reused buffer, then a sum: ~2 passes over H·P²) and denominator
+    (1 pass over H·P²); head fusion mean/max/min (3 passes over H·N²) only while the fused cache fits. Memory: q and
+    k of every layer in one block (2·L·N·D floats), the two work buffers (c·N² + c·P² floats), and the fused
+    matrices F·L·N² (F = 3 while they fit the cache limit, else 0), briefly twice while ``torch.stack`` runs.
     """
     n, p, L, h, d, m = s.tokens, s.patches, s.layers, s.heads, s.width, s.mlp_hidden
+    f32 = 4
     fwd_layer = 4 * n * d * d + 2 * n * d * m + 2 * n * n * d
     fwd = batch * (L * fwd_layer + p * s.in_chans * s.patch_pixels * d + d * s.num_classes)
-    n_fusions = 3 if L * n * n * 4 <= _fused_limit() else 1
-    gemm_extra = batch * L * (n * n * d + 2 * n**3)  # q kᵀ + float64 rollout product (x2)
-    elementwise = batch * L * (3 * h * n * n + 4 * h * p * p + n_fusions * h * n * n)
-    f32 = 4
-    qk_needed = 2 * L * n * d * f32 * batch
-    qkv_retained = 3 * L * n * d * f32 * batch  # what capture's detached views keep alive (the whole qkv output)
-    fused = n_fusions * L * n * n * f32
-    transient = 3 * h * n * n * f32  # scores + softmax output + distance temporaries, one layer
-    loop_peak = qkv_retained + fused + transient
-    end_peak = qkv_retained + fused + qk_needed + fused  # + q, k copies + torch.stack of the fused lists
+    keep_fused = L * n * n * f32 <= _fused_limit()
+    gemm_extra = batch * L * n * n * d  # q kᵀ once more
+    elementwise = batch * L * ((3 + (3 if keep_fused else 0)) * h * n * n + 3 * h * p * p)
+    chunk = max(1, min(h, _chunk_limit() // max(1, n * n * f32)))
+    qk = 2 * L * n * d * f32 * batch
+    fused = (3 * L * n * n * f32 if keep_fused else 0) * batch
+    transient = chunk * (n * n + p * p) * f32
     return {
         "forward_macs": float(fwd),
         "forward_attn_macs": float(batch * L * 2 * n * n * d),
         "extra_gemm_macs": float(gemm_extra),
         "extra_elementwise": float(elementwise),
-        "extra_fraction": gemm_extra / fwd,
-        "n_fusions": float(n_fusions),
-        "qk_needed_bytes": float(qk_needed),
-        "qkv_retained_bytes": float(qkv_retained),
+        "chunk_heads": float(chunk),
+        "qk_bytes": float(qk),
         "fused_bytes": float(fused),
         "transient_bytes": float(transient),
-        "predicted_added_bytes": float(max(loop_peak, end_peak)),
-        "ideal_added_bytes": float(qk_needed + fused + h * n * n * f32 / max(1, h)),
-        "forward_activation_bytes": float(batch * n * max(3 * d, m) * f32 * 2),
+        "predicted_added_bytes": float(qk + 2 * fused + transient),
     }
+
+
+def elementwise_rate(s: Shape, repeats: int = 3) -> float:
+    """Measured elements per second of a softmax over one attention chunk [c, N, N] (counted as 3 passes)."""
+    chunk = int(cost_model(s)["chunk_heads"])
+    x = torch.randn(chunk, s.tokens, s.tokens)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.softmax(x, dim=-1)
+        times.append(time.perf_counter() - t0)
+    return 3 * x.numel() / statistics.median(times[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,7 +589,8 @@ class ModelResult:
     times: dict[str, list[float]] = field(default_factory=dict)  # seconds per repeat: a, b, c, and one per change
     fig_json: dict[str, int] = field(default_factory=dict)  # bytes per figure of (c)
     pos_sim_s: float = 0.0
-    mem: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mem: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # one result per fresh subprocess
+    elem_rate: float = float("nan")  # elements/s of a softmax pass, measured beside the timings
     profile: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
 
@@ -588,7 +613,18 @@ class ModelResult:
         return statistics.median([x / a for x, a in zip(self.times[key], self.times["a"], strict=True)])
 
     def mem_mb(self, stage: str) -> float:
-        return self.mem[stage]["peak_bytes"] / MB if stage in self.mem else float("nan")
+        """Median peak (MB) over the fresh subprocesses of ``stage``."""
+        if not self.mem.get(stage):
+            return float("nan")
+        return statistics.median(m["peak_bytes"] for m in self.mem[stage]) / MB
+
+    def mem_range(self, stage: str) -> str:
+        peaks = [m["peak_bytes"] / MB for m in self.mem.get(stage, [])]
+        return f"{min(peaks):.0f}–{max(peaks):.0f}" if peaks else "–"
+
+    def mem_field(self, stage: str, key: str) -> float:
+        vals = [m[key] for m in self.mem.get(stage, []) if key in m]
+        return statistics.median(vals) if vals else float("nan")
 
     @property
     def added_mb(self) -> float:
@@ -607,12 +643,14 @@ def _render_json(change: Callable[[Any], Any], r: Any) -> dict[str, int]:
 
 def run_model(
     spec: ModelSpec, img: Image.Image, repeats: int | tuple[int, int], warmup: int, device: str, threads: int | None,
-    profile: bool = True, memory: bool = True, log: Callable[[str], None] = print,
+    profile: bool = True, memory: bool = True, log: Callable[[str], None] = print, mem_repeats: int = 3,
 ) -> ModelResult:
     """Time stages (a)-(d) with interleaved repeats, then profile (b) and measure memory in subprocesses.
 
     Args:
         repeats: timed repeats, or (repeats, repeats for models over :data:`LARGE_MACS`).
+        mem_repeats: fresh subprocesses per memory measurement of (a) and (b) (the median is reported: the peak RSS
+            of one run varies with the address-space layout); the capture-only diagnostic runs once.
     """
     from vizapp.models import MODEL_CACHE
 
@@ -652,16 +690,20 @@ def run_model(
             res.fig_json = sizes
         log(f"  {'warm-up' if i < warmup else f'repeat {i - warmup + 1}'}: a {ta * 1e3:.1f} ms, b {tb * 1e3:.1f} ms, "
             f"c {tc * 1e3:.1f} ms, d " + "/".join(f"{t * 1e3:.1f}" for t in tds.values()) + " ms")
+    if device == "cpu":
+        res.elem_rate = elementwise_rate(shape)
     if profile:
         res.profile = profile_b(vm, img)
     del r, vm
     MODEL_CACHE.clear()
     gc.collect()
     if memory:
-        for stage in ("a", "cap", "b"):
-            res.mem[stage] = measure_memory(spec, stage, device, threads)
-        log(f"  peak memory above loaded model: a {res.mem_mb('a'):.1f} MB, capture only {res.mem_mb('cap'):.1f} MB,"
-            f" b {res.mem_mb('b'):.1f} MB")
+        for i in range(max(1, mem_repeats)):
+            for stage in ("a", "b") if i else ("a", "cap", "b"):
+                res.mem.setdefault(stage, []).append(measure_memory(spec, stage, device, threads))
+        log(f"  peak memory above loaded model (median of {mem_repeats}): a {res.mem_mb('a'):.1f} MB "
+            f"({res.mem_range('a')}), capture only {res.mem_mb('cap'):.1f} MB, b {res.mem_mb('b'):.1f} MB "
+            f"({res.mem_range('b')})")
     return res
 
 
@@ -747,30 +789,38 @@ attention term 2·N²·D takes over only beyond N = 6D (4,608 tokens for ViT-B, 
 and L, ~quadratic in D, and between linear and quadratic in N. Memory: with fused SDPA the H·N² weights are never
 materialised, so the forward's activations are O(B·N·max(3D, M)) floats per layer, freed layer by layer (a few MB).
 
-**(b) extra analysis work, per image** (what `analyze` adds on top of the same forward):
+**(b) extra analysis work, per image** (what `analyze` adds on top of the same forward, as implemented in the
+measured sources, see the hashes above):
 
-* recompute the weights, since SDPA never returns them: q kᵀ = H·N²·(D/H) = N²·D MACs per layer (half the forward's
-  attention term), then softmax: ~3 passes over H·N² elements;
-* mean attention distance: renormalise and weight by the P×P pixel distances: ~4 passes over H·P² elements;
-* head fusion: F passes over H·N² (F = 3 fusions, mean/max/min, while L·N²·4 B fits the 64 MiB fused cache, else 1);
-* rollout (default settings, computed eagerly): one N×N·N×N product per layer in float64 = N³ MACs per layer at
-  about half the fp32 rate, counted here as 2·N³;
-* memory: q and k of every layer (2·L·N·D floats) are what the analysis needs to keep, but as implemented the
-  capture hooks keep *detached views* of q and k, which share storage with each layer's whole qkv projection output,
-  so 3·L·N·D floats stay alive until `analyze` returns, and `analyze` then makes contiguous copies (2·L·N·D more);
-  the fused matrices, F·L·N² floats, exist twice at the end (per-layer list + `torch.stack`); the transient of one
-  layer is ~3·H·N² floats (scores, softmax output, distance temporaries).
+* recompute the weights, since SDPA never returns them: q kᵀ = H·N²·(D/H) = N²·D MACs per layer (half the
+  forward's attention term), written into a work buffer reused by every layer, then softmax in place: ~2 passes
+  over H·N² elements;
+* default rollout: the CLS row only, carried from the top layer down as row ← (row·mean_h A_h + row)/2, where
+  row·A_h is a batched vector-matrix product: 1 pass over H·N² per layer (a full N×N·N×N product would be N³ per
+  layer: 2.6 GMAC for N = 1,374);
+* mean attention distance: Σ_j a_ij·d_ij into a second reused buffer and summed, over Σ_j a_ij (the
+  renormalisation over the patches): ~3 passes over H·P² elements;
+* head fusion (mean, max, min): 3 passes over H·N², only while the fused matrices of all layers, 3·L·N²·4 bytes,
+  fit `FUSED_CACHE_LIMIT_BYTES` (16 MiB: ViT-S/B at 224 px yes, the ViT-L models no: there the views recompute one
+  layer when asked);
+* memory: q and k of every layer, 2·L·N·D floats, copied by the capture hooks into one block per forward (so each
+  layer's qkv output is freed after the layer and the allocator is not fragmented by 2·L small blocks); the two
+  work buffers, c·N² + c·P² floats with c = min(H, 32 MiB/(4·N²)) heads; the fused cache, F·L·N² floats (F = 3 or
+  0), briefly twice (per-layer list + `torch.stack`).
 
-So the extra time fraction is ≈ (N²·D + 2·N³)/(12·N·D² + 2·N²·D) in GEMM terms (plus memory-bound passes over
-H·N²): it grows ~linearly with N/D while N ≪ D and like N²/D² once the N³ rollout term dominates (N > D/2). It does
-not depend on L (both sides are per layer) and falls slowly with H only through the elementwise passes. Added memory
-grows as L·N·D (q/k) + L·N² (fused) + H·N² (one layer), i.e. quadratically in N: for the 1,374-token model the
-L·N·D terms are the largest, for long sequences (N > D) the L·N² fused term takes over.
+Extra time ≈ L·N²·D / R_gemm + L·(3..6·H·N² + 3·H·P²) / R_elem, over forward ≈ L·(12·N·D² + 2·N²·D) / R_gemm.
+The GEMM part is a fraction ≈ N/(12·D + 2·N) of the forward (2 % for ViT-B/224, 4.3 % for ViT-L/384, 9 % for the
+1,374-token ViT-L/518), independent of L; the elementwise part does not use the matrix units, runs at memory
+bandwidth (R_elem is one to two orders of magnitude below R_gemm in elements/s vs MAC/s), and grows with H·N²,
+so it is what dominates the extra time for N in the hundreds and above. Added memory grows as L·N·D (q/k, linear
+in N) + c·N² (the work buffers, capped at 2 × 32 MiB): for all models here the q/k term dominates; the fused
+cache (L·N²) is kept only while small.
 
 Measured RSS can exceed these tensor-level counts: glibc's dynamic mmap threshold serves blocks up to 32 MB from the
-heap, and blocks freed during the forward that sit between long-lived q/k blocks cannot be returned to the system,
-so they stay resident (fragmentation), and the first forward in a process also maps library code and one-off
-buffers (in both (a) and (b)).
+heap, where blocks freed during the forward can stay resident, and the first forward in a process also maps library
+code and one-off buffers (in both (a) and (b)). Before q and k were packed into one block per forward and the
+per-layer buffers were reused, the same ViT-L/384 analysis measured 238–584 MB above load in six fresh processes
+(bimodal, with where the heap's holes fell); after, 197–202 MB in three.
 """
 
 
@@ -790,7 +840,7 @@ METHOD_TEXT = """\
 * (d) build + `to_json` of the one figure that changes after a control change, from a copy of the analysis with its
   cache as `analyze` left it: rollout with head fusion `max`, the heads mosaic of another layer, the heads mosaic for
   a query patch. `d ms` is the median over the changes, `d max ms` the slowest change.
-* Peak memory: each of (a), a capture-only forward and (b) once in a fresh subprocess
+* Peak memory: (a) and (b) each in {mem_repeats} fresh subprocesses (median reported), a capture-only forward once
   (`python -m vizapp.bench --_measure-mem STAGE MODEL`), peak minus the memory right after the model was loaded
   (CPU: `VmHWM` of `/proc/self/status` after resetting it via `/proc/self/clear_refs`, not `ru_maxrss`, which
   keeps the high-water mark of the forked parent across exec; CUDA:
@@ -814,7 +864,8 @@ def render_markdown(
     ]
     lines += ["## Machine", ""] + _md_table(["", ""], [[k, v] for k, v in info.items()]) + [""]
     lines += [METHOD_TEXT.format(image=image_desc, device=args.device, warmup=args.warmup, repeats=args.repeats,
-                                 large_repeats=args.large_repeats, large_gmac=LARGE_MACS / 1e9)]
+                                 large_repeats=args.large_repeats, large_gmac=LARGE_MACS / 1e9,
+                                 mem_repeats=getattr(args, "mem_repeats", 1))]
     lines += ["## Results", ""] + _md_table(TABLE_COLUMNS, table_rows(results)) + [""]
     target_rows = evaluate_targets(results)
     if target_rows:
@@ -843,18 +894,21 @@ def render_markdown(
             "### Memory decomposition",
             "",
             (
-                "`capture only`: a forward inside `AttentionCapture` with the capture kept alive. `q/k storage held` "
-                "is the bytes of the distinct storages the captured q and k tensors keep alive, `q/k needed` the bytes "
-                "of the q and k tensors themselves."
+                "Medians over the fresh subprocesses, with the range: the peak RSS of the same run varies from process "
+                "to process (with the address-space layout, i.e. where glibc's heap and mmap blocks land). `capture "
+                "only`: a forward inside `AttentionCapture` with the capture kept alive (one run). `q/k storage held`: "
+                "bytes of the distinct storages the captured q and k tensors keep alive; `q/k needed`: bytes of the q "
+                "and k tensors themselves."
             ),
             "",
         ]
-        lines += _md_table(["model", "peak a MB", "peak capture-only MB", "peak b MB", "q/k storage held MB",
-                            "q/k needed MB", "baseline RSS after load MB"], [
-            [res.spec.label, f"{res.mem_mb('a'):.1f}", f"{res.mem_mb('cap'):.1f}", f"{res.mem_mb('b'):.1f}",
-             f"{res.mem.get('cap', {}).get('qk_storage_bytes', float('nan')) / MB:.1f}",
-             f"{res.mem.get('cap', {}).get('qk_tensor_bytes', float('nan')) / MB:.1f}",
-             f"{res.mem.get('a', {}).get('baseline_bytes', float('nan')) / MB:.0f}"]
+        lines += _md_table(["model", "peak a MB (range)", "peak b MB (range)", "peak capture-only MB",
+                            "q/k storage held MB", "q/k needed MB", "baseline RSS after load MB", "runs"], [
+            [res.spec.label, f"{res.mem_mb('a'):.1f} ({res.mem_range('a')})",
+             f"{res.mem_mb('b'):.1f} ({res.mem_range('b')})", f"{res.mem_mb('cap'):.1f}",
+             f"{res.mem_field('cap', 'qk_storage_bytes') / MB:.1f}",
+             f"{res.mem_field('cap', 'qk_tensor_bytes') / MB:.1f}",
+             f"{res.mem_field('a', 'baseline_bytes') / MB:.0f}", str(len(res.mem.get("b", [])))]
             for res in results if res.mem
         ]) + [""]
     if any(res.profile for res in results):
@@ -874,27 +928,32 @@ def render_markdown(
     lines += [
         "### Predicted vs measured",
         "",
-        ("Predicted extra time = the extra GEMM MACs over the forward's MACs (elementwise passes not counted); "
-        "measured = b/a − 1. Predicted added memory = the peak of the analysis as implemented (max of the last "
-        "layer's loop state and the end state, see above); `ideal` = q/k (2·L·N·D) + fused matrices once + one "
-        "head's transient."),
+        (
+            "Predicted extra time of (b) over (a) = extra GEMM MACs / the GEMM rate achieved by (a) + extra "
+            "elementwise element-passes / the rate of a softmax over one attention chunk measured in the same "
+            "process. Predicted added memory = q/k + 2 × fused cache (lists + `torch.stack`) + one chunk's transient; "
+            "the measured value is the median peak of (b) minus that of (a)."
+        ),
         "",
     ]
     cm_rows = []
     for res in results:
         c = res.cost
-        measured_eff = c["forward_macs"] / res.med("a") / 1e9
+        gemm_rate = c["forward_macs"] / res.med("a")
+        pred_s = c["extra_gemm_macs"] / gemm_rate + c["extra_elementwise"] / res.elem_rate
         cm_rows.append([
             res.spec.label, f"{c['forward_macs'] / 1e9:.2f}", f"{100 * c['forward_attn_macs'] / c['forward_macs']:.1f}",
-            f"{measured_eff:.0f}", f"{c['extra_gemm_macs'] / 1e9:.2f}", f"{c['extra_elementwise'] / 1e6:.1f}",
-            f"{100 * c['extra_fraction']:.1f} %", f"{100 * (res.med('b') / res.med('a') - 1):.1f} %",
-            f"{c['qk_needed_bytes'] / MB:.1f}", f"{c['fused_bytes'] / MB:.1f}", f"{c['transient_bytes'] / MB:.1f}",
-            f"{c['predicted_added_bytes'] / MB:.0f}", f"{res.added_mb:.0f}", f"{c['ideal_added_bytes'] / MB:.0f}",
+            f"{gemm_rate / 1e9:.0f}", f"{c['extra_gemm_macs'] / 1e9:.2f}", f"{c['extra_elementwise'] / 1e6:.0f}",
+            f"{res.elem_rate / 1e9:.2f}",
+            f"{_ms(pred_s)} ms ({100 * pred_s / res.med('a'):.1f} %)",
+            f"{_ms(res.med('b') - res.med('a'))} ms ({100 * (res.med('b') / res.med('a') - 1):.1f} %)",
+            f"{c['qk_bytes'] / MB:.1f}", f"{c['fused_bytes'] / MB:.1f}", f"{int(c['chunk_heads'])}",
+            f"{c['transient_bytes'] / MB:.1f}", f"{c['predicted_added_bytes'] / MB:.0f}", f"{res.added_mb:.0f}",
         ])
     lines += _md_table([
-        "model", "forward GMAC", "attention share %", "achieved GMAC/s (a)", "extra GEMM GMAC", "extra elementwise M",
-        "predicted extra time", "measured extra time", "q/k MB (2LND)", "fused MB (F·L·N²)", "one layer transient MB",
-        "predicted added MB", "measured added MB", "ideal added MB",
+        "model", "forward GMAC", "attention share %", "GEMM GMAC/s (a)", "extra GEMM GMAC", "extra elementwise M",
+        "elementwise G/s", "predicted extra time", "measured extra time", "q/k MB (2LND)", "fused cache MB",
+        "chunk heads c", "chunk transient MB (3cN²)", "predicted added MB", "measured added MB",
     ], cm_rows) + [""]
     lines += findings(results)
     return "\n".join(lines) + "\n"
@@ -905,12 +964,10 @@ def findings(results: Sequence[ModelResult]) -> list[str]:
     out = ["## Findings from this run", ""]
     for res in results:
         notes = []
-        cap = res.mem.get("cap", {})
-        if cap.get("qk_storage_bytes") and cap.get("qk_tensor_bytes"):
-            held, need = cap["qk_storage_bytes"] / MB, cap["qk_tensor_bytes"] / MB
-            if held > 1.2 * need:
-                notes.append(f"capture keeps {held:.0f} MB of storage alive for {need:.0f} MB of q/k "
-                             f"({held / need:.1f}x: the detached q/k views pin each layer's whole qkv output)")
+        held, need = res.mem_field("cap", "qk_storage_bytes") / MB, res.mem_field("cap", "qk_tensor_bytes") / MB
+        if need > 0 and held > 1.2 * need:  # False for NaN
+            notes.append(f"capture keeps {held:.0f} MB of storage alive for {need:.0f} MB of q/k "
+                         f"({held / need:.1f}x: the detached q/k views pin each layer's whole qkv output)")
         if res.change_keys and res.d_max > 3 * res.d_median:
             slow = max(res.change_keys, key=res.med)
             notes.append(f"the slowest control change is '{slow[2:]}' ({_ms(res.med(slow))} ms vs a median of "
@@ -940,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--mem-repeats", type=int, default=None,
+                   help="fresh subprocesses per memory measurement of (a) and (b); the median is reported "
+                   "(default 3, 1 with --quick)")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile run of (b)")
     p.add_argument("--_measure-mem", nargs=2, metavar=("STAGE", "MODEL"), dest="measure_mem", help=argparse.SUPPRESS)
     return p
@@ -962,6 +1022,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = args.models or [parse_spec(s) for s in (QUICK_MODELS if args.quick else DEFAULT_MODELS)]
     if args.repeats is None:
         args.repeats = 2 if args.quick else 7
+    if args.mem_repeats is None:
+        args.mem_repeats = 1 if args.quick else 3
     info = machine_info(args.device)
     img, image_desc = photo()
     print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
@@ -970,8 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in specs:
         results.append(run_model(spec, img, (args.repeats, args.large_repeats), args.warmup, args.device, args.threads,
                                  profile=not args.no_profile, memory=not args.no_memory,
-                                 log=lambda s: print(s, flush=True)))
+                                 log=lambda s: print(s, flush=True), mem_repeats=args.mem_repeats))
     wall = time.perf_counter() - t0
+    with contextlib.suppress(OSError):
+        info["load average at end (1/5/15 min)"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print()
     print("\n".join(_md_table(TABLE_COLUMNS, table_rows(results))))
     targets = evaluate_targets(results)
