@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vizapp.pipeline import ATTENTION_CHUNK_BYTES, FUSED_CACHE_LIMIT_BYTES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 MB = 1e6  # all sizes in this report are decimal: 1 MB = 10^6 bytes, 1 kB = 10^3 bytes
@@ -70,7 +72,6 @@ TABLE_COLUMNS = (
     "model", "tokens N", "layers L", "heads H", "a ms", "b ms", "c ms", "d ms", "d max ms", "b/a", "c/a", "d/a",
     "max fig JSON kB", "peak mem a MB", "peak mem b MB", "added MB", "repeats",
 )
-FUSED_CACHE_LIMIT_BYTES = 64 * 2**20  # mirrors vizapp.pipeline's limit; read from there when it exists
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,29 +300,6 @@ def model_shape(vm: Any) -> Shape:
     )
 
 
-def _fused_limit() -> int:
-    try:
-        from vizapp import pipeline
-
-        return int(getattr(pipeline, "FUSED_CACHE_LIMIT_BYTES", FUSED_CACHE_LIMIT_BYTES))
-    except ImportError:
-        return FUSED_CACHE_LIMIT_BYTES
-
-
-def _chunk_limit() -> int:
-    try:
-        from vizapp import pipeline
-
-        return int(getattr(pipeline, "ATTENTION_CHUNK_BYTES", ATTENTION_CHUNK_BYTES))
-    except ImportError:
-        return ATTENTION_CHUNK_BYTES
-
-
-# Fallback for sources without the constant: the analysis works on at most this many bytes of one layer's attention
-# at once (heads in chunks), as ``vizapp.pipeline._layer_stats`` does.
-ATTENTION_CHUNK_BYTES = 32 * 2**20
-
-
 def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     """Predicted work and bytes (fp32) of the forward and of the analysis as implemented in the measured version.
 
@@ -340,10 +318,10 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     f32 = 4
     fwd_layer = 4 * n * d * d + 2 * n * d * m + 2 * n * n * d
     fwd = batch * (L * fwd_layer + p * s.in_chans * s.patch_pixels * d + d * s.num_classes)
-    keep_fused = L * n * n * f32 <= _fused_limit()
+    keep_fused = L * n * n * f32 <= FUSED_CACHE_LIMIT_BYTES
     gemm_extra = batch * L * n * n * d  # q kᵀ once more
     elementwise = batch * L * ((3 + (3 if keep_fused else 0)) * h * n * n + 3 * h * p * p)
-    chunk = max(1, min(h, _chunk_limit() // max(1, n * n * f32)))
+    chunk = max(1, min(h, ATTENTION_CHUNK_BYTES // max(1, n * n * f32)))
     qk = 2 * L * n * d * f32 * batch
     fused = (3 * L * n * n * f32 if keep_fused else 0) * batch
     transient = chunk * (n * n + p * p) * f32
