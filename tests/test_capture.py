@@ -11,7 +11,7 @@ import torch
 
 import vizapp
 from tests.conftest import random_image, small_model
-from vizapp.capture import AttentionCapture
+from vizapp.capture import AttentionCapture, attention_from_qk
 
 
 def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -182,19 +182,33 @@ def test_unsupported_model_gets_a_clear_error():
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False)
 
 
-@pytest.mark.parametrize("path", ["default", "chunked_no_cache"])
+ANALYZE_PATHS = ["inline", "inline_joint", "recompute", "recompute_chunked_no_cache"]
+
+
+@pytest.mark.parametrize("path", ANALYZE_PATHS)
 def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch, path):
-    """analyze's single top-down pass (in-place softmax, vector rollout, fused distance) against the plain
-    functions of vizapp.analysis applied to timm's own materialised attention."""
+    """Every way analyze can compute its statistics, against the plain functions of vizapp.analysis applied to
+    timm's own materialised attention: inline during the forward (all fusions kept; or one head per chunk with the
+    rollout multiplied up bottom-up and nothing cached, as for 1,374-token models), and recomputed from q and k
+    after a forward whose attention stayed inside the model (fused_attn off), whole or one head per chunk."""
     from vizapp import pipeline
     from vizapp.analysis import fuse_heads, mean_attention_distance, rollout
 
     fid, vm = family
-    if path == "chunked_no_cache":  # one head per chunk, and no fused cache: the path big models take
+    if path in ("inline_joint", "recompute_chunked_no_cache"):
+        monkeypatch.setattr(pipeline, "INLINE_CHUNK_BYTES", 1)
         monkeypatch.setattr(pipeline, "ATTENTION_CHUNK_BYTES", 1)
         monkeypatch.setattr(pipeline, "FUSED_CACHE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(pipeline, "ROLLOUT_STORE_LIMIT_BYTES", 0)
+    if path.startswith("recompute"):
+        for blk in vm.model.blocks:
+            monkeypatch.setattr(blk.attn, "fused_attn", False)
+    recomputed = []
+    real = pipeline._recompute_stats
+    monkeypatch.setattr(pipeline, "_recompute_stats", lambda *a: recomputed.append(1) or real(*a))
     img = random_image(7)
     r = vizapp.analyze(vm, img)
+    assert bool(recomputed) == path.startswith("recompute")
     _, maps = reference_attention(vm.model, r.input)
     attn = torch.stack([m[0] for m in maps])  # [L, H, N, N]
     p = r.num_prefix_tokens
@@ -206,8 +220,83 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
     np.testing.assert_allclose(cached, expected.reshape(r.grid_size).numpy(), atol=1e-5)
     for fusion in ("mean", "max", "min"):
         key = ("fused", fusion)
-        assert (key in r._cache) == (path == "default")
+        assert (key in r._cache) == (path in ("inline", "recompute"))
         torch.testing.assert_close(r.fused(fusion), fuse_heads(attn, fusion).float(), atol=1e-5, rtol=0)
+
+
+class _Recorder:
+    def __init__(self):
+        self.chunks = []
+        self.done = []
+
+    def chunk(self, layer, batch, head, attn):
+        self.chunks.append((layer, batch, head, attn.clone()))
+
+    def layer_done(self, layer):
+        self.done.append(layer)
+
+
+def test_inline_capture_hands_over_timm_attention_and_keeps_the_output():
+    """The consumer sees exactly timm's non-fused attention, chunk by chunk, for every image of a batch, and the
+    forward's output is the fused forward's to float rounding."""
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=3)
+    x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
+    with torch.no_grad():
+        plain = vm.model(x)
+    rec = _Recorder()
+    with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec, chunk_bytes=2 * 17 * 17 * 4) as cap:
+        out = vm.model(x)
+    assert cap.inline_layers == {0, 1, 2}
+    assert rec.done == [0, 1, 2]
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+    _, maps = reference_attention(vm.model, x)
+    heads = vm.model.blocks[0].attn.num_heads
+    assert len(rec.chunks) == 3 * 2 * ((heads + 1) // 2)
+    for layer, b, h0, a in rec.chunks:
+        assert a.shape[0] <= 2
+        torch.testing.assert_close(a, maps[layer][b, h0 : h0 + a.shape[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_inline_capture_leaves_other_threads_and_other_calls_alone():
+    import torch.nn.functional as F
+
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    x = vm.transform(random_image(3))[None]
+    rec = _Recorder()
+    seen = {}
+
+    def other_thread():
+        with torch.no_grad():
+            seen["out"] = vm.model(x)
+
+    with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec) as cap:
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert rec.chunks == [] and cap.inline_layers == set()
+        q = torch.randn(1, 2, 5, 4)
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q), attention_from_qk(q, q, 0.5) @ q)
+        assert rec.chunks == []  # an SDPA call that follows no recorded q and k is SDPA's
+    with torch.no_grad():
+        torch.testing.assert_close(seen["out"], vm.model(x))
+    # the mode is gone after the block: a call now goes straight to SDPA
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not any(type(m).__name__ == "_InlineSDPA" for m in _get_current_function_mode_stack())
+
+
+def test_inline_capture_lets_sdpa_run_what_it_cannot_reproduce():
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=1)
+    rec = _Recorder()
+    cap = AttentionCapture(vm.model, on_attention=rec)
+    cap._owner = threading.get_ident()
+    q = torch.randn(1, 3, 5, 4)
+    for kwargs in ({"attn_mask": torch.zeros(5, 5)}, {"dropout_p": 0.1}, {"is_causal": True}):
+        cap._pending = (0, q, q)
+        assert cap._attend(q, q, q, **kwargs) is None
+    cap._pending = (0, q, q.clone())  # not the recorded k
+    assert cap._attend(q, q, q) is None
+    assert rec.chunks == [] and cap.inline_layers == set()
 
 
 def test_capture_packs_q_and_k_in_one_block_per_forward():

@@ -8,17 +8,27 @@ never materialised and hooks on ``attn_drop`` or a softmax see nothing. Instead 
 For gradient methods we also record v (from ``qkv``) and the per-head attention output o (the input of
 ``attn.norm``). Since o = A v, ∂score/∂A = (∂score/∂o) vᵀ exactly, without turning fused attention off.
 
-Hooks live for one ``with`` block, record only calls made by the thread that opened it (so concurrent analyses of
-one cached model never see each other's tensors), and are removed on exit even when the block raises. No model
-flag is changed.
+With ``on_attention`` set, the capture also takes over the attention product itself, so that each layer's attention
+is formed once instead of twice (once inside SDPA, once more afterwards from q and k). A thread-local
+``TorchFunctionMode`` catches the ``F.scaled_dot_product_attention`` call that follows the recorded q and k, computes
+softmax(q kᵀ · scale) in fp32 a few heads at a time (a working set sized to stay in the CPU's cache), hands each
+chunk to the consumer while it is hot, and returns chunk @ v as the layer's output. Calls it cannot reproduce
+exactly (a mask, dropout, causal attention, gradients) go to SDPA untouched, and the layer is left out of
+``inline_layers`` so the caller recomputes it from q and k.
+
+Hooks and the mode live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
+analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises.
+No model flag is changed.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from vizapp.errors import UnsupportedModelError
 
@@ -48,6 +58,39 @@ def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
     return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
 
 
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place on the CPU (no second [c, N, N] buffer to allocate and fault in)."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    return torch.softmax(x, dim=-1)
+
+
+class AttentionConsumer(Protocol):
+    """What ``AttentionCapture(on_attention=...)`` feeds, layer by layer, in the forward's order."""
+
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor) -> None:
+        """Attention [c, N, N] fp32 of heads ``head .. head + c`` of image ``batch``; valid only during the call."""
+
+    def layer_done(self, layer: int) -> None:
+        """Every chunk of ``layer`` has been passed."""
+
+
+class _InlineSDPA(TorchFunctionMode):
+    """Routes this thread's SDPA calls of hooked layers to :meth:`AttentionCapture._attend`."""
+
+    def __init__(self, capture: AttentionCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = self.capture._attend(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
 class AttentionCapture:
     """Context manager recording q and k (and optionally v and the attention output) of every layer.
 
@@ -61,15 +104,31 @@ class AttentionCapture:
         model: a timm VisionTransformer whose blocks use timm's Attention.
         with_grad: also record v and the attention outputs, keeping the autograd graph, so that
             :meth:`attention_grads` can return ∂score/∂A for every layer.
+        on_attention: a consumer (see :class:`AttentionConsumer`) that receives each layer's attention during the
+            forward, computed once and then used for the layer's output; ignored with ``with_grad``.
+        chunk_bytes: at most this much attention per chunk handed to ``on_attention`` (at least one head).
     """
 
     #: store q and k of all layers in one [2, L, B, H, N, d] block (subclasses that consume each layer at once
     #: set this False)
     pack_qk = True
 
-    def __init__(self, model: torch.nn.Module, with_grad: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        with_grad: bool = False,
+        on_attention: AttentionConsumer | None = None,
+        chunk_bytes: int = 4 * 2**20,
+    ) -> None:
         self.modules = attention_modules(model)
         self.with_grad = with_grad
+        self.on_attention = None if with_grad else on_attention
+        self.chunk_bytes = int(chunk_bytes)
+        #: layers whose attention went through ``on_attention`` in the last forward
+        self.inline_layers: set[int] = set()
+        self._mode: _InlineSDPA | None = None
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._raw_q: torch.Tensor | None = None
         n = len(self.modules)
         self.q: list[torch.Tensor | None] = [None] * n
         self.k: list[torch.Tensor | None] = [None] * n
@@ -111,7 +170,10 @@ class AttentionCapture:
     def _q_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
+                if layer == 0:
+                    self.inline_layers.clear()  # a new forward
                 self._store(self.q, layer, out)
+                self._raw_q = out
 
         return hook
 
@@ -119,8 +181,59 @@ class AttentionCapture:
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
                 self._store(self.k, layer, out)
+                if self._raw_q is not None:
+                    self._pending = (layer, self._raw_q, out)  # the SDPA call that follows gets these
+                self._raw_q = None
 
         return hook
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        **extra: Any,
+    ) -> torch.Tensor | None:
+        """SDPA for the layer whose q and k were just recorded, with its attention passed to the consumer; None
+        (let SDPA run) for any call this cannot reproduce exactly."""
+        pending, self._pending = self._pending, None
+        consumer = self.on_attention
+        if consumer is None or pending is None or not self._mine():
+            return None
+        layer, q_rec, k_rec = pending
+        if query is not q_rec or key is not k_rec:
+            return None
+        if attn_mask is not None or dropout_p or is_causal or any(extra.values()):
+            return None
+        if query.dim() != 4 or query.shape != key.shape or value.shape[:3] != key.shape[:3]:
+            return None
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return None
+        b, h, n, d = query.shape
+        s = d**-0.5 if scale is None else float(scale)
+        c = max(1, min(h, self.chunk_bytes // max(1, n * n * 4)))
+        work = torch.empty((c, n, n), dtype=torch.float32, device=query.device)
+        out = torch.empty((b, h, n, value.shape[-1]), dtype=value.dtype, device=value.device)
+        for i in range(b):
+            qs = query[i].float() * s
+            kt = key[i].float().transpose(-2, -1)
+            v32 = value[i].float()
+            for h0 in range(0, h, c):
+                m = min(c, h - h0)
+                a = torch.matmul(qs[h0 : h0 + m], kt[h0 : h0 + m], out=work[:m])
+                a = softmax_(a)
+                consumer.chunk(layer, i, h0, a)
+                if out.dtype == torch.float32:
+                    torch.matmul(a, v32[h0 : h0 + m], out=out[i, h0 : h0 + m])
+                else:
+                    out[i, h0 : h0 + m] = torch.matmul(a, v32[h0 : h0 + m]).to(out.dtype)
+        consumer.layer_done(layer)
+        self.inline_layers.add(layer)
+        return out
 
     def _v_hook(self, layer: int):
         h, d = self.num_heads[layer], self.head_dims[layer]
@@ -141,6 +254,7 @@ class AttentionCapture:
 
     def __enter__(self) -> AttentionCapture:
         self._owner = threading.get_ident()
+        self.inline_layers = set()
         try:
             for i, m in enumerate(self.modules):
                 self._handles.append(m.q_norm.register_forward_hook(self._q_hook(i)))
@@ -148,6 +262,9 @@ class AttentionCapture:
                 if self.with_grad:
                     self._handles.append(m.qkv.register_forward_hook(self._v_hook(i)))
                     self._handles.append(m.norm.register_forward_pre_hook(self._out_hook(i)))
+            if self.on_attention is not None:
+                self._mode = _InlineSDPA(self)
+                self._mode.__enter__()
         except BaseException:
             self.remove()
             raise
@@ -160,6 +277,10 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        mode, self._mode = self._mode, None
+        if mode is not None and threading.get_ident() == self._owner:
+            mode.__exit__(None, None, None)
+        self._pending = self._raw_q = None
 
     # -- results -------------------------------------------------------------------------------------------------
     def _check(self, layer: int) -> None:

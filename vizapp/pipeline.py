@@ -17,7 +17,7 @@ from PIL import Image
 
 from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.capture import AttentionCapture, attention_from_qk, softmax_
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 
@@ -401,11 +401,88 @@ class Analysis:
 ATTENTION_CHUNK_BYTES = 32 * 2**20  # at most this much of one layer's attention exists at once
 
 
-def _softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place on the CPU (no second [c, N, N] buffer to allocate and fault in)."""
-    if x.device.type == "cpu":
-        return torch.ops.aten._softmax.out(x, -1, False, out=x)
-    return torch.softmax(x, dim=-1)
+# Attention per chunk handed over during the forward on the CPU: with the distance product beside it, about 2x this
+# stays in the last-level cache (2 heads of ViT-L/16 at 384 px, all 12 of ViT-B/16 at 224 px; one head at 1,374
+# tokens). Measured per ViT-L/384 layer: 15.5 ms for 2 heads a chunk against 21 ms for all 16 (docs/benchmarks.md).
+INLINE_CHUNK_BYTES = 3 * 2**20
+# Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as
+# the forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
+ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
+
+
+class _InlineStats:
+    """:class:`~vizapp.capture.AttentionConsumer` for :func:`analyze`: per-layer statistics from the attention the
+    forward itself computes, one cache-sized chunk of heads at a time.
+
+    Per chunk a [c, N, N]: the distance numerator Σ_j a_ij d_ij and denominator Σ_j a_ij over the patches, and the
+    head sum (plus max and min when ``keep_fused``). Per layer: the mean distance per head, and the rollout: the
+    mean-fused matrix is kept (``store_mean``) for a top-down vector pass after the forward, or else folded into
+    the joint attention R ← (M R + R) / 2 at once, bottom-up.
+    """
+
+    def __init__(self, n_layers: int, n_heads: list[int], n_tokens: int, dist: torch.Tensor, p: int, keep_fused: bool,
+                 store_mean: bool) -> None:
+        self.heads, self.n, self.p = n_heads, n_tokens, p
+        self.dist = dist
+        self.keep_fused = keep_fused
+        self.store_mean = store_mean or keep_fused
+        self.distances: list[torch.Tensor | None] = [None] * n_layers
+        self.fused: dict[str, list[torch.Tensor | None]] = {
+            f: [None] * n_layers for f in (HEAD_FUSIONS if keep_fused else ("mean",) if self.store_mean else ())
+        }
+        self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
+        self.valid = True
+        self._product: torch.Tensor | None = None
+        self._num = self._den = self._sum = self._hi = self._lo = None
+
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor) -> None:
+        c, n, _ = attn.shape
+        if batch != 0 or n != self.n or not self.valid:
+            self.valid = False
+            return
+        if head == 0:
+            dev = attn.device
+            self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
+            self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
+            self._sum = self._hi = self._lo = None
+        if self._product is None or self._product.shape[0] < c:
+            self._product = torch.empty((c, n - self.p, n - self.p), dtype=torch.float32, device=attn.device)
+        p = self.p
+        ap = attn[:, p:, p:]
+        torch.sum(torch.mul(ap, self.dist, out=self._product[:c]), dim=-1, out=self._num[head : head + c])
+        torch.sum(ap, dim=-1, out=self._den[head : head + c])
+        sm = attn.sum(dim=0)
+        self._sum = sm if self._sum is None else self._sum.add_(sm)
+        if self.keep_fused:
+            mx, mn = attn.amax(dim=0), attn.amin(dim=0)
+            self._hi = mx if self._hi is None else torch.maximum(self._hi, mx, out=self._hi)
+            self._lo = mn if self._lo is None else torch.minimum(self._lo, mn, out=self._lo)
+
+    def layer_done(self, layer: int) -> None:
+        if not self.valid or self._sum is None:
+            return
+        tiny = torch.finfo(torch.float32).tiny
+        self.distances[layer] = (self._num / self._den.clamp_min(tiny)).mean(dim=-1)
+        mean = self._sum.div_(self.heads[layer])
+        if self.store_mean:
+            self.fused["mean"][layer] = mean
+        else:
+            # Â = (M + I) / 2 (softmax rows sum to one); the joint attention of layers 0..l is Â_l R.
+            if self.joint is None:
+                self.joint = 0.5 * (mean + torch.eye(self.n, dtype=mean.dtype, device=mean.device))
+            else:
+                self.joint = torch.addmm(self.joint, mean, self.joint, beta=0.5, alpha=0.5)
+        if self.keep_fused:
+            self.fused["max"][layer], self.fused["min"][layer] = self._hi, self._lo
+        self._sum = self._hi = self._lo = None
+
+    def rollout_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The default rollout's row: ``weights`` [N] float64 through every layer, top-down."""
+        if self.store_mean:
+            for mean in reversed(self.fused["mean"]):
+                weights = 0.5 * (torch.matmul(weights.to(torch.float32), mean).to(torch.float64) + weights)
+            return weights
+        return torch.matmul(weights.to(torch.float32), self.joint).to(torch.float64)
 
 
 @dataclass
@@ -446,7 +523,7 @@ def _layer_stats(
     dists = []
     for s in range(0, h, chunk):
         c = min(chunk, h - s)
-        a = _softmax_(torch.matmul(qs[s : s + c], kt[s : s + c], out=scores[:c]))  # [c, N, N]
+        a = softmax_(torch.matmul(qs[s : s + c], kt[s : s + c], out=scores[:c]))  # [c, N, N]
         row_out += torch.matmul(row32, a).sum(dim=0, dtype=torch.float64)
         ap = a[:, p:, p:]
         # Mean distance with each query's weights renormalised over the patches: Σ_j a_ij d_ij / Σ_j a_ij.
@@ -459,6 +536,34 @@ def _layer_stats(
             lo = mn if lo is None else torch.minimum(lo, mn)
     fused = {"mean": total / h, "max": hi, "min": lo} if with_fused else {}
     return _LayerStats(fused, row_out / h, torch.cat(dists))
+
+
+def _recompute_stats(
+    cap: AttentionCapture, dist: torch.Tensor, p: int, weights: torch.Tensor, keep_fused: bool
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Per-layer statistics from recorded q and k, in one pass from the top layer down (for forwards whose attention
+    ran inside SDPA). Returns the mean distances [H] per layer, the fusions per layer (when ``keep_fused``) and the
+    default rollout's row.
+
+    Softmax rows sum to one, so add_residual's Â = (A + I) / rowsum is (A + I) / 2 and row @ Â = (row @ A + row) / 2
+    (equal to rollout_row's result to float rounding; tested).
+    """
+    n_layers = len(cap)
+    h, n = cap.q[0].shape[1], cap.q[0].shape[2]
+    device = cap.q[0].device
+    fused: dict[str, list] = {f: [None] * n_layers for f in HEAD_FUSIONS if keep_fused}
+    distances: list = [None] * n_layers
+    chunk = max(1, min(h, ATTENTION_CHUNK_BYTES // max(1, n * n * 4)))
+    scores = torch.empty(chunk, n, n, dtype=torch.float32, device=device)
+    product = torch.empty(chunk, n - p, n - p, dtype=torch.float32, device=device)
+    for layer in range(n_layers - 1, -1, -1):
+        st = _layer_stats(cap.q[layer][0], cap.k[layer][0], cap.scales[layer], dist, p, weights, keep_fused,
+                          scores, product)
+        distances[layer] = st.distances
+        for f, store in fused.items():
+            store[layer] = st.fused[f]
+        weights = 0.5 * (st.row_times_mean + weights)  # [N]
+    return distances, fused, weights
 
 
 def analyze(
@@ -486,41 +591,37 @@ def analyze(
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
     if progress:
         progress(0.1, "forward pass")
+    grid = grid_for_input(vm.model, x.shape[-2], x.shape[-1])
+    p = vm.num_prefix_tokens
+    n = p + grid[0] * grid[1]
+    n_layers = len(vm.model.blocks)
+    keep_fused = n_layers * n * n * 4 <= FUSED_CACHE_LIMIT_BYTES
+    weights = torch.zeros(n, dtype=torch.float64, device=vm.device)  # the rows whose joint attention is the map
+    if vm.has_class_token:
+        weights[0] = 1.0
+    else:
+        weights[p:] = 1.0 / (n - p)
     with torch.no_grad():
-        with AttentionCapture(vm.model) as cap:
+        dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
+        heads = [int(getattr(b.attn, "num_heads", 1)) for b in vm.model.blocks]
+        inline = _InlineStats(n_layers, heads, n, dist, p, keep_fused,
+                              store_mean=n_layers * n * n * 4 <= ROLLOUT_STORE_LIMIT_BYTES)
+        chunk_bytes = INLINE_CHUNK_BYTES if x_dev.device.type == "cpu" else ATTENTION_CHUNK_BYTES
+        with AttentionCapture(vm.model, on_attention=inline, chunk_bytes=chunk_bytes) as cap:
             logits = vm.model(x_dev)
         if progress:
             progress(0.6, "attention analyses")
-        grid = grid_for_input(vm.model, x.shape[-2], x.shape[-1])
-        p = vm.num_prefix_tokens
-        n = cap.q[0].shape[-2]
-        if n - p != grid[0] * grid[1]:
-            raise RuntimeError(f"{n} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
-        dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
-        n_layers = len(cap)
-        keep_fused = n_layers * n * n * 4 <= FUSED_CACHE_LIMIT_BYTES
-        fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in HEAD_FUSIONS if keep_fused}
-        distances: list[torch.Tensor | None] = [None] * n_layers
-        weights = torch.zeros(n, dtype=torch.float64, device=vm.device)
-        if vm.has_class_token:
-            weights[0] = 1.0
+        n_seen = cap.q[0].shape[-2]
+        if n_seen != n:
+            raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
+        if inline.valid and cap.inline_layers == set(range(n_layers)):
+            distances = inline.distances
+            fused = inline.fused if keep_fused else {}
+            weights = inline.rollout_weights(weights)
         else:
-            weights[p:] = 1.0 / (n - p)
-        h = cap.q[0].shape[1]
-        chunk = max(1, min(h, ATTENTION_CHUNK_BYTES // max(1, n * n * 4)))
-        scores = torch.empty(chunk, n, n, dtype=torch.float32, device=vm.device)
-        product = torch.empty(chunk, n - p, n - p, dtype=torch.float32, device=vm.device)
-        # One pass from the top layer down: per-layer statistics, and the default rollout row as a vector pass.
-        # Softmax rows sum to one, so add_residual's Â = (A + I) / rowsum is (A + I) / 2 and
-        # row @ Â = (row @ A + row) / 2 (equal to rollout_row's result to float rounding; tested).
-        for layer in range(n_layers - 1, -1, -1):
-            st = _layer_stats(cap.q[layer][0], cap.k[layer][0], cap.scales[layer], dist, p, weights, keep_fused,
-                              scores, product)
-            distances[layer] = st.distances
-            for f, store in fused.items():
-                store[layer] = st.fused[f].cpu()
-            weights = 0.5 * (st.row_times_mean + weights)  # [N]
-        del scores, product
+            # Some layer's attention ran inside SDPA (a mask, fused_attn off, ...): recompute from q and k.
+            distances, fused, weights = _recompute_stats(cap, dist, p, weights, keep_fused)
+        del inline
         rollout_default = weights[p:].float().cpu()
         q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
@@ -550,7 +651,7 @@ def analyze(
         has_class_token=vm.has_class_token,
     )
     for f, store in fused.items():
-        result._cache[("fused", f)] = torch.stack(store)  # [L, N, N]
+        result._cache[("fused", f)] = torch.stack(store).cpu()  # [L, N, N]
     result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(rollout_default)
     if progress:
         progress(1.0, "done")
