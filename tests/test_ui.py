@@ -166,3 +166,31 @@ def test_startup_model_choice(monkeypatch, tmp_path):
     assert ui.choose_startup_model("bundled")[0] == "bundled"
     labels = dict((v, k) for k, v in ui.model_choices())
     assert labels["bundled"].endswith("[offline]") and labels[ui.DEFAULT_PRETRAINED].endswith("[download]")
+
+
+def test_big_pos_embed_grid_is_a_palette_png_with_exact_colours():
+    """24x24 grids (ViT-L/16 at 384 px) ship the mosaic as a PNG: under 1 MB even for random embeddings, and each
+    cell's colour is the colour scale at its cosine, at the cell the tiled layout puts it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vizapp import figures
+
+    g = 24
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((g * g, 32))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    sim = (e @ e.T).reshape(g, g, g, g)
+    fig = figures.pos_embed_figure(sim)
+    assert len(fig.to_json()) < 1e6
+    png = base64.b64decode(fig.data[0].source.split(",", 1)[1])
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert rgb.shape == (g * (g + 1) - 1, g * (g + 1) - 1, 3)
+    lut = figures._colormap_lut(figures.SIM_SCALE, 255)
+    for i, j, k, l_ in [(0, 0, 0, 0), (3, 5, 7, 11), (23, 23, 0, 23), (10, 2, 17, 4)]:
+        level = int(round((sim[i, j, k, l_] + 1.0) * 127.0))
+        np.testing.assert_array_equal(rgb[i * (g + 1) + k, j * (g + 1) + l_], lut[level])
+    assert (rgb[g, :] == 255).all() and (rgb[:, g] == 255).all()  # the gap between tile rows / columns
+    np.testing.assert_array_equal(lut[0], [68, 1, 84])  # Viridis' first stop, #440154

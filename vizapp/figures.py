@@ -189,6 +189,8 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
     for i in range(gh):
         for j in range(gw):
             z[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw] = sim[i, j]
+    if height * width > MAX_HOVER_CELLS:
+        return _pos_embed_image(z, title)
     kwargs: dict = {"hovertemplate": "cosine %{z:.3f}<extra></extra>"}
     if height * width <= MAX_HOVER_CELLS:
         # uint8 (tile row, tile col, cell row, cell col) per mosaic cell: plotly ships it as a compact typed array.
@@ -211,6 +213,44 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
                      title="input patch row")
     fig.update_layout(title=title or "Position embedding similarity", margin=dict(l=30, r=10, t=50, b=30),
                       height=560, plot_bgcolor="white")
+    return fig
+
+
+def _colormap_lut(scale: str, n: int = 256) -> np.ndarray:
+    """[n, 3] uint8 colours of a plotly sequential scale, linearly interpolated between its stops."""
+    import plotly.colors as pc
+
+    stops = [pc.hex_to_rgb(c) if c.startswith("#") else pc.unlabel_rgb(c) for c in getattr(pc.sequential, scale)]
+    stops = np.asarray(stops, dtype=np.float64)
+    pos = np.linspace(0.0, 1.0, len(stops))
+    t = np.linspace(0.0, 1.0, n)
+    return np.stack([np.interp(t, pos, stops[:, i]) for i in range(3)], axis=1).round().astype(np.uint8)
+
+
+def _pos_embed_image(z: np.ndarray, title: str) -> go.Figure:
+    """The cosine mosaic as one palette PNG (1 byte per cell before compression) for grids too big to ship as
+    numbers with hover data (37x37 patches: 1.97 M cells, 11 MB as a heatmap); a colour bar from an empty trace.
+    Cosines are quantised to 255 levels (steps of 0.008); the gaps between tiles are white."""
+    lut = _colormap_lut(SIM_SCALE, 255)
+    idx = np.where(np.isnan(z), 255, np.clip(np.round((np.nan_to_num(z) + 1.0) * 127.0), 0, 254)).astype(np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette(np.concatenate([lut, [[255, 255, 255]]]).astype(np.uint8).reshape(-1).tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    height, width = z.shape
+    fig = go.Figure(go.Image(source=uri, hoverinfo="skip"))
+    fig.add_trace(go.Scatter(
+        x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+        marker=dict(colorscale=SIM_SCALE, cmin=-1, cmax=1, color=[0], showscale=True,
+                    colorbar=dict(title="cosine", thickness=12)),
+    ))
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5],
+                     title="input patch column")
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[height - 0.5, -0.5],
+                     scaleanchor="x", title="input patch row")
+    fig.update_layout(title=(title or "Position embedding similarity") + " · pick a tile below for values",
+                      margin=dict(l=30, r=10, t=50, b=30), height=560, plot_bgcolor="white")
     return fig
 
 
