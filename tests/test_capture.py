@@ -312,3 +312,23 @@ def test_capture_packs_q_and_k_in_one_block_per_forward():
     assert torch.equal(held, first_q0)
     assert cap.q[0].untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
     assert all(t.is_contiguous() for t in cap.q + cap.k)
+
+
+def test_inline_capture_mode_is_gone_when_a_layer_raises(monkeypatch):
+    """The SDPA interception is pushed per layer; an exception inside an attention module still pops it."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    x = vm.transform(random_image(4))[None]
+
+    def broken(_x):
+        assert any(type(m).__name__ == "_InlineSDPA" for m in _get_current_function_mode_stack())
+        raise RuntimeError("proj failed")
+
+    monkeypatch.setattr(vm.model.blocks[1].attn.proj, "forward", broken)
+    rec = _Recorder()
+    with pytest.raises(RuntimeError, match="proj failed"), torch.no_grad():
+        with AttentionCapture(vm.model, on_attention=rec):
+            vm.model(x)
+    assert rec.done == [0, 1]
+    assert _get_current_function_mode_stack() == []

@@ -181,8 +181,9 @@ class AttentionCapture:
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
                 self._store(self.k, layer, out)
-                if self._raw_q is not None:
+                if self._raw_q is not None and self.on_attention is not None:
                     self._pending = (layer, self._raw_q, out)  # the SDPA call that follows gets these
+                    self._push_mode()
                 self._raw_q = None
 
         return hook
@@ -252,6 +253,23 @@ class AttentionCapture:
 
         return hook
 
+    # The mode is on this thread's stack only from a layer's k_norm to the end of that attention module, so the
+    # rest of the forward's calls do not pass through Python (that cost ViT-Ti/16 a third of its forward).
+    def _push_mode(self) -> None:
+        if self._mode is None:
+            self._mode = _InlineSDPA(self)
+            self._mode.__enter__()
+
+    def _pop_mode(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def _attn_done_hook(self, _mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
+        if self._mine():
+            self._pop_mode()  # also when the module raised (always_call)
+            self._pending = None
+
     def __enter__(self) -> AttentionCapture:
         self._owner = threading.get_ident()
         self.inline_layers = set()
@@ -262,9 +280,8 @@ class AttentionCapture:
                 if self.with_grad:
                     self._handles.append(m.qkv.register_forward_hook(self._v_hook(i)))
                     self._handles.append(m.norm.register_forward_pre_hook(self._out_hook(i)))
-            if self.on_attention is not None:
-                self._mode = _InlineSDPA(self)
-                self._mode.__enter__()
+                if self.on_attention is not None:
+                    self._handles.append(m.register_forward_hook(self._attn_done_hook, always_call=True))
         except BaseException:
             self.remove()
             raise
@@ -277,9 +294,8 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        mode, self._mode = self._mode, None
-        if mode is not None and threading.get_ident() == self._owner:
-            mode.__exit__(None, None, None)
+        if threading.get_ident() == self._owner:
+            self._pop_mode()
         self._pending = self._raw_q = None
 
     # -- results -------------------------------------------------------------------------------------------------
