@@ -10,6 +10,7 @@ from vizapp import bench
 def table_rows(markdown: str, heading: str = "## Results") -> tuple[list[str], list[list[str]]]:
     """Header cells and data rows of the first markdown table after ``heading``."""
     lines = markdown.split(heading, 1)[1].strip().splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("|")) :]
     table = [ln for ln in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]]
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table]
     return cells[0], cells[2:]
@@ -27,10 +28,14 @@ def test_quick_run_writes_every_column_and_a_row_per_model(tmp_path, capsys):
         assert all(cell and cell != "nan" for cell in row), row
         assert int(row[1]) == 17  # 1 CLS + a 4x4 grid at 64 px
     for section in ("## Machine", "## Cost model", "### Predicted vs measured", "### Memory decomposition",
-                    "### Where the time of (b) goes"):
+                    "### Where the time of (b) goes", "## Dataset mode"):
         assert section in text
     assert re.search(r"torch threads \| \d+", text)
     assert "| model | tokens N |" in capsys.readouterr().out  # the table is printed too
+    ds_header, ds_rows = table_rows(text, "## Dataset mode")
+    assert ds_header[0] == "model" and len(ds_rows) == 1
+    assert int(ds_rows[0][1]) == 4  # 8 images in batches of 4: the first batch is the warm-up
+    assert all(float(c) > 0 for c in ds_rows[0][2:]), ds_rows
 
 
 def test_models_option_gives_one_row_each(tmp_path):

@@ -115,3 +115,35 @@ def test_cli_limit_and_empty_folder(folder, tmp_path, capsys):
     empty.mkdir()
     assert stats.main([str(empty), "--model", MODEL, "--random", "--no-progress"]) == 1
     assert "no images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["inline", "from_qk"])
+def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypatch, path):
+    """The dataset mean against vizapp.analysis.mean_attention_distance on timm's own materialised attention of the
+    same batch: with the attention formed inside the forward (default), and from q and k when fused_attn is off."""
+    import copy
+
+    from vizapp.analysis import mean_attention_distance
+
+    seen = []
+    real_chunk = stats._DistanceCapture.chunk
+    monkeypatch.setattr(stats._DistanceCapture, "chunk", lambda self, *a: seen.append(1) or real_chunk(self, *a))
+    model = vm.model
+    if path == "from_qk":
+        for blk in model.blocks:
+            monkeypatch.setattr(blk.attn, "fused_attn", False)
+    paths = good_images(folder)
+    got = stats.collect_stats(vm, paths, batch_size=3)
+    assert bool(seen) == (path == "inline")
+    x = torch.stack([vm.transform(vizapp.imageio.decode_image(p).image) for p in paths])
+    ref = copy.deepcopy(model)
+    maps = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach().clone()))
+    with torch.no_grad():
+        ref(x)
+    attn = torch.stack(maps, dim=1)  # [B, L, H, N, N]
+    expected = mean_attention_distance(attn, vm.grid_size, vm.patch_size, vm.num_prefix_tokens)
+    np.testing.assert_allclose(got.mean_distance, expected.numpy(), rtol=1e-5, atol=1e-4)
+    assert got.n_images == 5

@@ -705,6 +705,40 @@ def run_model(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Dataset mode
+
+DATASET_MODEL = "vit_base_patch16_224"
+QUICK_DATASET_MODEL = "vit_tiny_patch16_224@img_size=64"
+
+
+def run_dataset(spec: ModelSpec, img: Image.Image, n_images: int, batch_size: int, device: str,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``vizapp.stats.collect_stats`` over ``n_images`` PNG files (the photo, flipped and rotated so that they
+    differ), timing every batch's analysis beside a bare batched forward of the same batch (order alternating)."""
+    import tempfile
+
+    from vizapp.stats import collect_stats
+
+    vm = spec.load(device)
+    variants = [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), img.rotate(90), img.rotate(270)]
+    with tempfile.TemporaryDirectory(prefix="vizapp-bench-") as tmp:
+        paths = []
+        for i in range(n_images):
+            path = Path(tmp) / f"img{i:04d}.png"
+            variants[i % len(variants)].save(path, compress_level=1)
+            paths.append(path)
+        st = collect_stats(vm, paths, batch_size, baseline_batches=-1)
+    out = {
+        "model": spec.label, "images": st.n_images, "timed_images": st.timed_images, "batch_size": batch_size,
+        "analysis_ips": st.analysis_throughput, "bare_ips": st.bare_throughput, "ratio": st.throughput_ratio,
+        "end_to_end_ips": st.throughput,
+    }
+    log(f"dataset mode {spec.label}: {st.timed_images} timed images in batches of {batch_size}: analysis "
+        f"{st.analysis_throughput:.2f} img/s, bare forward {st.bare_throughput:.2f} img/s, ratio {st.throughput_ratio:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -741,7 +775,7 @@ def _find(results: Sequence[ModelResult], name: str, **kwargs: Any) -> ModelResu
     return None
 
 
-def evaluate_targets(results: Sequence[ModelResult]) -> list[list[str]]:
+def evaluate_targets(results: Sequence[ModelResult], dataset: dict[str, Any] | None = None) -> list[list[str]]:
     """[target, model, measured, met] for every target of the issue whose model was measured."""
     base = _find(results, "vit_base_patch16_224")
     large = _find(results, "vit_large_patch16_384")
@@ -766,6 +800,10 @@ def evaluate_targets(results: Sequence[ModelResult]) -> list[list[str]]:
     if reg:
         add(f"{reg.shape.tokens}-token register model adds < 0.5 GB", reg, reg.added_mb / 1e3, 0.5, "{:.2f} GB",
             strict=True)
+    if dataset and not math.isnan(dataset["ratio"]):
+        ok = dataset["ratio"] >= 0.8
+        rows.append(["dataset mode throughput >= 0.8x a bare batched forward", dataset["model"],
+                     f"{dataset['ratio']:.3f}", "met" if ok else "**missed**"])
     return rows
 
 
@@ -858,6 +896,7 @@ METHOD_TEXT = """\
 
 def render_markdown(
     results: Sequence[ModelResult], info: dict[str, Any], args: argparse.Namespace, image_desc: str, wall_s: float,
+    dataset: dict[str, Any] | None = None,
 ) -> str:
     """The markdown report."""
     lines = ["# vizapp benchmark: what the analysis costs on top of a bare ViT forward", ""]
@@ -872,9 +911,20 @@ def render_markdown(
                                  large_repeats=args.large_repeats, large_gmac=LARGE_MACS / 1e9,
                                  mem_repeats=getattr(args, "mem_repeats", 1))]
     lines += ["## Results", ""] + _md_table(TABLE_COLUMNS, table_rows(results)) + [""]
-    target_rows = evaluate_targets(results)
+    target_rows = evaluate_targets(results, dataset)
     if target_rows:
         lines += ["## Targets from the issue", ""] + _md_table(["target", "model", "measured", ""], target_rows) + [""]
+    if dataset:
+        lines += [
+            "## Dataset mode (`python -m vizapp.stats`)", "",
+            (f"`collect_stats` over {dataset['images']} PNG files (the photo and three flips/rotations), batches of "
+             f"{dataset['batch_size']} through its DataLoader; every batch is also run through a bare batched forward "
+             "(order alternating, the first batch a warm-up). Throughputs are over the forward passes only, "
+             "decoding excluded, as the target compares them."), "",
+        ] + _md_table(["model", "timed images", "analysis img/s", "bare forward img/s", "ratio", "end to end img/s"], [[
+            dataset["model"], str(dataset["timed_images"]), f"{dataset['analysis_ips']:.2f}",
+            f"{dataset['bare_ips']:.2f}", f"{dataset['ratio']:.3f}", f"{dataset['end_to_end_ips']:.2f}",
+        ]]) + [""]
     lines += ["## Details", "", "### Figure JSON sizes (c), kB", ""]
     fig_names = sorted({k for res in results for k in res.fig_json})
     lines += _md_table(["model", *fig_names, "pos_similarity() once, ms"], [
@@ -1008,6 +1058,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh subprocesses per memory measurement of (a) and (b); the median is reported "
                    "(default 3, 1 with --quick)")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile run of (b)")
+    p.add_argument("--dataset-images", type=int, default=None,
+                   help="images for the dataset-mode throughput (default 48; 8 with --quick; none with --models; "
+                        "0 skips it)")
     p.add_argument("--_measure-mem", nargs=2, metavar=("STAGE", "MODEL"), dest="measure_mem", help=argparse.SUPPRESS)
     return p
 
@@ -1040,17 +1093,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(run_model(spec, img, (args.repeats, args.large_repeats), args.warmup, args.device, args.threads,
                                  profile=not args.no_profile, memory=not args.no_memory,
                                  log=lambda s: print(s, flush=True), mem_repeats=args.mem_repeats))
+    dataset = None
+    # default: with the default or quick model set (a --models run measures only what it names)
+    n_ds = args.dataset_images if args.dataset_images is not None else (
+        0 if args.models else 8 if args.quick else 48)
+    if n_ds > 0:
+        ds_spec = parse_spec(QUICK_DATASET_MODEL if args.quick else DATASET_MODEL)
+        dataset = run_dataset(ds_spec, img, n_ds, 4 if args.quick else 8, args.device,
+                              log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - t0
     with contextlib.suppress(OSError):
         info["load average at end (1/5/15 min)"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print()
     print("\n".join(_md_table(TABLE_COLUMNS, table_rows(results))))
-    targets = evaluate_targets(results)
+    targets = evaluate_targets(results, dataset)
     if targets:
         print()
         print("\n".join(_md_table(["target", "model", "measured", ""], targets)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = render_markdown(results, info, args, image_desc, wall)
+    report = render_markdown(results, info, args, image_desc, wall, dataset)
     if args.out.is_file():
         old = args.out.read_text(encoding="utf-8")
         if NOTES_MARKER in old:

@@ -3,9 +3,10 @@
 Every image under the folder (recursively; png, jpg/jpeg, webp, bmp, gif, tif/tiff) is decoded with
 :func:`vizapp.imageio.decode_image` (undecodable files are skipped and counted), preprocessed with the model's own
 transform and run through the model in batches from a torch DataLoader. Attention is captured with
-:class:`vizapp.capture.AttentionCapture` (fused attention stays on) and reduced to the mean attention distance of
-every head with :func:`vizapp.analysis.distance.head_distances` while the forward runs, one layer at a time, so only
-one layer's q and k are alive at once. The per-image distances are summed over all images and divided by their
+:class:`vizapp.capture.AttentionCapture`, which forms each layer's attention once, in place of SDPA, a few heads at
+a time, and reduced to the mean attention distance of every head while the chunk is hot, so nothing of a layer
+outlives it (models with ``fused_attn`` off: from q and k with :func:`vizapp.analysis.distance.head_distances`, one
+layer at a time). The per-image distances are summed over all images and divided by their
 count. Writes a CSV (layer, head, mean_distance_px, n_images) and an offline plotly HTML figure, and compares the
 throughput with a bare batched forward of the same model on the same batches.
 """
@@ -28,10 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vizapp.analysis.distance import head_distances, patch_distance_matrix, uniform_reference_distance
-from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.capture import AttentionCapture, attention_from_qk, attention_modules
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.models import VizModel
+from vizapp.pipeline import INLINE_CHUNK_BYTES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Attention of at most this many bytes is materialised at once (the batch is split into chunks to stay below it).
@@ -89,26 +91,53 @@ def collate(items: Sequence[tuple[torch.Tensor | None, str, str]]) -> Batch:
 
 
 class _DistanceCapture(AttentionCapture):
-    """AttentionCapture that turns each layer's q and k into summed head distances as soon as both are recorded.
+    """AttentionCapture that turns each layer's attention into summed head distances while the forward runs.
 
-    Only one layer's q/k (and one chunk of its attention) is alive at a time; a layer whose q/k were not consumed
-    during the forward (e.g. if the capture's internals change) is consumed afterwards by :meth:`flush`.
+    When every layer runs SDPA, the capture forms each layer's attention once, in cache-sized chunks, and the
+    distance is taken from the hot chunk (:meth:`chunk`); nothing of the layer is kept afterwards. Otherwise (a
+    layer with ``fused_attn`` off) each layer's q and k are turned into distances as soon as both are recorded;
+    a layer whose q/k were not consumed during the forward is consumed afterwards by :meth:`flush`.
     """
+
+    pack_qk = False  # each layer's q and k are consumed as soon as both exist
 
     def __init__(self, model: torch.nn.Module, dist: torch.Tensor, num_prefix_tokens: int, sums: torch.Tensor,
                  counts: torch.Tensor) -> None:
-        super().__init__(model)
+        inline = all(getattr(m, "fused_attn", False) for m in attention_modules(model))
+        super().__init__(model, on_attention=self if inline else None, chunk_bytes=INLINE_CHUNK_BYTES)
         self.dist = dist
         self.num_prefix_tokens = num_prefix_tokens
         self.sums = sums  # [L, H] float64, on the device
         self.counts = counts  # [L] images seen per layer (a consistency check)
-
-    pack_qk = False  # each layer's q and k are consumed as soon as both exist
+        self._product: torch.Tensor | None = None
+        self._images: dict[int, set[int]] = {}
 
     def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
+        if self.on_attention is not None:
+            store[layer] = t.detach()  # a reference until the layer's SDPA call: no copy
+            return
         super()._store(store, layer, t)
         if self.q[layer] is not None and self.k[layer] is not None:
             self._consume(layer)
+
+    # AttentionConsumer
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor) -> None:
+        c, n, _ = attn.shape
+        p = self.num_prefix_tokens
+        if n - p != self.dist.shape[-1]:
+            raise ValueError(f"attention has {n - p} patch tokens after {p} prefix tokens, but the grid has "
+                             f"{self.dist.shape[-1]}")
+        if self._product is None or self._product.shape[0] < c:
+            self._product = torch.empty((c, n - p, n - p), dtype=torch.float32, device=attn.device)
+        ap = attn[:, p:, p:]
+        num = torch.mul(ap, self.dist, out=self._product[:c]).sum(dim=-1)
+        den = ap.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        self.sums[layer, head : head + c] += (num / den).mean(dim=-1).double()
+        self._images.setdefault(layer, set()).add(batch)
+
+    def layer_done(self, layer: int) -> None:
+        self.counts[layer] += len(self._images.pop(layer, ()))
+        self.q[layer] = self.k[layer] = None
 
     def _consume(self, layer: int) -> None:
         q, k = self.q[layer], self.k[layer]
