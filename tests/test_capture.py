@@ -332,3 +332,23 @@ def test_inline_capture_mode_is_gone_when_a_layer_raises(monkeypatch):
             vm.model(x)
     assert rec.done == [0, 1]
     assert _get_current_function_mode_stack() == []
+
+
+def test_half_precision_forward_keeps_attention_maths_in_fp32():
+    """A bfloat16 model: the forward runs in bf16, the attention the analyses read is fp32 softmax of the bf16 q
+    and k, so it equals the fp32 reference on those same q and k to fp32 rounding, and the maps stay close to the
+    fp32 model's (bf16 weights and activations: about 1% apart)."""
+    from vizapp.analysis import mean_attention_distance
+
+    vm32 = small_model("vit_tiny_patch16_224", img_size=64, depth=3)
+    vm16 = small_model("vit_tiny_patch16_224", img_size=64, depth=3, dtype=torch.bfloat16)
+    assert next(vm16.model.parameters()).dtype == torch.bfloat16
+    img = random_image(5)
+    r16, r32 = vizapp.analyze(vm16, img), vizapp.analyze(vm32, img)
+    assert r16.mean_distance.dtype == np.float32 and r16.q[0].dtype == torch.float32
+    # the reference maths on the captured (bf16-valued) q and k
+    attn = torch.stack([attention_from_qk(q, k, s) for q, k, s in zip(r16.q, r16.k, r16.scales, strict=True)])
+    expected = mean_attention_distance(attn, r16.grid_size, r16.patch_size, r16.num_prefix_tokens)
+    np.testing.assert_allclose(r16.mean_distance, expected.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(r16.mean_distance, r32.mean_distance, rtol=0.03)
+    np.testing.assert_allclose(r16.rollout(), r32.rollout(), atol=0.03 * r32.rollout().max())
