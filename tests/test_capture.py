@@ -222,6 +222,10 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
         key = ("fused", fusion)
         assert (key in r._cache) == (path in ("inline", "recompute"))
         torch.testing.assert_close(r.fused(fusion), fuse_heads(attn, fusion).float(), atol=1e-5, rtol=0)
+    # a view's rollout with another fusion and discard ratio (from the cache, or layer by layer from q and k)
+    joint = rollout(attn, p, head_fusion="max", discard_ratio=0.5)
+    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    np.testing.assert_allclose(r.rollout("max", 0.5), expected.reshape(r.grid_size).numpy(), atol=1e-5)
 
 
 class _Recorder:

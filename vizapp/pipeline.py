@@ -33,6 +33,15 @@ METHODS = {
 # Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at
 # 384 px would need 32 MB per fusion, so big models recompute them from q and k when a view asks).
 FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
+ATTENTION_CHUNK_BYTES = 32 * 2**20  # at most this much of one layer's attention exists at once (recompute path, GPU)
+# Attention per chunk handed over during the forward on the CPU: with the distance product beside it, about 2x this
+# stays in the last-level cache (2 heads of ViT-L/16 at 384 px, all 12 of ViT-B/16 at 224 px; one head at 1,374
+# tokens). Per ViT-L/384 layer, distance and rollout statistics from q and k took 15.5 ms in chunks of 2 heads
+# against 21 ms for all 16 at once (median of 22 interleaved rounds, 2-vCPU AMD EPYC, 32 MiB shared L3).
+INLINE_CHUNK_BYTES = 3 * 2**20
+# Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as
+# the forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
+ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
 
 
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
@@ -188,10 +197,31 @@ class Analysis:
         key = ("fused", head_fusion)
         if key in self._cache:
             return self._cache[key]
-        fused = torch.stack([fuse_heads(self.attention_layer(i), head_fusion) for i in range(self.num_layers)])
+        fused = torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)])
         if fused.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
             self._cache[key] = fused
         return fused
+
+    def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
+        """One layer's head-fused attention [N, N] from q and k, a cache-sized chunk of heads at a time (the
+        softmax in place in one reused buffer), never the layer's whole [H, N, N]."""
+        q, k = self.q[layer], self.k[layer]
+        h, n, _ = q.shape
+        c = max(1, min(h, INLINE_CHUNK_BYTES // max(1, n * n * 4)))
+        work = torch.empty((c, n, n), dtype=torch.float32)
+        qs, kt = q.float() * self.scales[layer], k.float().transpose(-2, -1)
+        out: torch.Tensor | None = None
+        for h0 in range(0, h, c):
+            m = min(c, h - h0)
+            a = softmax_(torch.matmul(qs[h0 : h0 + m], kt[h0 : h0 + m], out=work[:m]))
+            if head_fusion == "mean":
+                part = a.sum(dim=0)
+                out = part if out is None else out.add_(part)
+            else:
+                part = fuse_heads(a, head_fusion)
+                out = part if out is None else (torch.maximum if head_fusion == "max" else torch.minimum)(out, part)
+        assert out is not None
+        return out.div_(h) if head_fusion == "mean" else out
 
     def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
         """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
@@ -207,7 +237,7 @@ class Analysis:
             cached = self._cache.get(("fused", head_fusion))
 
             def fused_layer(layer: int) -> torch.Tensor:
-                return cached[layer] if cached is not None else fuse_heads(self.attention_layer(layer), head_fusion)
+                return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
 
             row = rollout_row(fused_layer, self.num_layers, self.output_weights(), self.num_prefix_tokens,
                               float(discard_ratio), start_layer)
@@ -398,16 +428,8 @@ class Analysis:
         return out
 
 
-ATTENTION_CHUNK_BYTES = 32 * 2**20  # at most this much of one layer's attention exists at once
 
 
-# Attention per chunk handed over during the forward on the CPU: with the distance product beside it, about 2x this
-# stays in the last-level cache (2 heads of ViT-L/16 at 384 px, all 12 of ViT-B/16 at 224 px; one head at 1,374
-# tokens). Measured per ViT-L/384 layer: 15.5 ms for 2 heads a chunk against 21 ms for all 16 (docs/benchmarks.md).
-INLINE_CHUNK_BYTES = 3 * 2**20
-# Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as
-# the forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
-ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
 
 
 class _InlineStats:
