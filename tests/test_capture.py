@@ -188,14 +188,17 @@ ANALYZE_PATHS = ["inline", "inline_joint", "recompute", "recompute_chunked_no_ca
 @pytest.mark.parametrize("path", ANALYZE_PATHS)
 def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch, path):
     """Every way analyze can compute its statistics, against the plain functions of vizapp.analysis applied to
-    timm's own materialised attention: inline during the forward (all fusions kept; or one head per chunk with the
-    rollout multiplied up bottom-up and nothing cached, as for 1,374-token models), and recomputed from q and k
+    timm's own materialised attention: inline during the forward (all fusions kept; or one head and a few query
+    rows per chunk with the rollout multiplied up bottom-up and nothing cached, as for 1,374-token models), and recomputed from q and k
     after a forward whose attention stayed inside the model (fused_attn off), whole or one head per chunk."""
-    from vizapp import pipeline
+    from vizapp import capture, pipeline
     from vizapp.analysis import fuse_heads, mean_attention_distance, rollout
 
     fid, vm = family
     if path in ("inline_joint", "recompute_chunked_no_cache"):
+        # one head per chunk in blocks of 3 query rows (blocks straddle the prefix tokens / patches boundary)
+        monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 3)
+        monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
         monkeypatch.setattr(pipeline, "INLINE_CHUNK_BYTES", 1)
         monkeypatch.setattr(pipeline, "ATTENTION_CHUNK_BYTES", 1)
         monkeypatch.setattr(pipeline, "FUSED_CACHE_LIMIT_BYTES", 0)
@@ -233,8 +236,8 @@ class _Recorder:
         self.chunks = []
         self.done = []
 
-    def chunk(self, layer, batch, head, attn):
-        self.chunks.append((layer, batch, head, attn.clone()))
+    def chunk(self, layer, batch, head, attn, row):
+        self.chunks.append((layer, batch, head, row, attn.clone()))
 
     def layer_done(self, layer):
         self.done.append(layer)
@@ -256,9 +259,38 @@ def test_inline_capture_hands_over_timm_attention_and_keeps_the_output():
     _, maps = reference_attention(vm.model, x)
     heads = vm.model.blocks[0].attn.num_heads
     assert len(rec.chunks) == 3 * 2 * ((heads + 1) // 2)
-    for layer, b, h0, a in rec.chunks:
-        assert a.shape[0] <= 2
+    for layer, b, h0, row, a in rec.chunks:
+        assert a.shape[0] <= 2 and row == 0 and a.shape[1] == 17
         torch.testing.assert_close(a, maps[layer][b, h0 : h0 + a.shape[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_inline_capture_splits_one_head_into_row_blocks_when_it_does_not_fit(monkeypatch):
+    from vizapp import capture
+
+    assert capture.chunk_shape(16, 577, 3 * 2**20) == (2, 577)  # ViT-L/384 on the CPU
+    assert capture.chunk_shape(16, 1374, 3 * 2**20) == (1, 1374)  # one whole head: 7.5 MB
+    assert capture.chunk_shape(16, 4097, 3 * 2**20) == (1, 820)  # 67 MB a head: 5 equal blocks of rows
+    monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 17 * 17 * 4 - 1)
+    assert capture.chunk_shape(3, 17, 1) == (1, 9)  # 16 rows fit the row budget: 2 equal blocks, 9 and 8 rows
+    monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
+    assert capture.chunk_shape(3, 17, 1) == (1, 4)  # at least MIN_CHUNK_ROWS rows (5 blocks: 4, 4, 4, 4, 1)
+    assert capture.chunk_shape(3, 17, 2 * 17 * 17 * 4) == (2, 17)
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    x = vm.transform(random_image(6))[None]
+    rec = _Recorder()
+    with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec, chunk_bytes=1) as cap:
+        out = vm.model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, vm.model(x), atol=1e-5, rtol=1e-5)
+    assert cap.inline_layers == {0, 1}
+    _, maps = reference_attention(vm.model, x)
+    heads = vm.model.blocks[0].attn.num_heads
+    assert [(c[0], c[2], c[3]) for c in rec.chunks] == [
+        (layer, h, row) for layer in range(2) for h in range(heads) for row in (0, 4, 8, 12, 16)
+    ]
+    for layer, b, h0, row, a in rec.chunks:
+        torch.testing.assert_close(a, maps[layer][b, h0 : h0 + 1, row : row + 4], atol=1e-6, rtol=1e-5)
 
 
 def test_inline_capture_leaves_other_threads_and_other_calls_alone():

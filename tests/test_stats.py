@@ -117,13 +117,20 @@ def test_cli_limit_and_empty_folder(folder, tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", ["inline", "from_qk"])
+@pytest.mark.parametrize("path", ["inline", "inline_row_blocks", "from_qk"])
 def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypatch, path):
     """The dataset mean against vizapp.analysis.mean_attention_distance on timm's own materialised attention of the
-    same batch: with the attention formed inside the forward (default), and from q and k when fused_attn is off."""
+    same batch: with the attention formed inside the forward (default; or one head in blocks of 3 query rows, as
+    for 1,374-token models), and from q and k when fused_attn is off."""
     import copy
 
+    from vizapp import capture
     from vizapp.analysis import mean_attention_distance
+
+    if path == "inline_row_blocks":
+        monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 3)
+        monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
+        monkeypatch.setattr(stats, "INLINE_CHUNK_BYTES", 1)
 
     seen = []
     real_chunk = stats._DistanceCapture.chunk
@@ -134,7 +141,7 @@ def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypat
             monkeypatch.setattr(blk.attn, "fused_attn", False)
     paths = good_images(folder)
     got = stats.collect_stats(vm, paths, batch_size=3)
-    assert bool(seen) == (path == "inline")
+    assert bool(seen) == path.startswith("inline")
     x = torch.stack([vm.transform(vizapp.imageio.decode_image(p).image) for p in paths])
     ref = copy.deepcopy(model)
     maps = []

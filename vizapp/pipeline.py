@@ -439,7 +439,8 @@ class _InlineStats:
     Per chunk a [c, N, N]: the distance numerator Σ_j a_ij d_ij and denominator Σ_j a_ij over the patches, and the
     head sum (plus max and min when ``keep_fused``). Per layer: the mean distance per head, and the rollout: the
     mean-fused matrix is kept (``store_mean``) for a top-down vector pass after the forward, or else folded into
-    the joint attention R ← (M R + R) / 2 at once, bottom-up.
+    the joint attention R ← (M R + R) / 2 at once, bottom-up. Chunks may be blocks of query rows of one head
+    (models whose one head's N x N exceeds the chunk size).
     """
 
     def __init__(self, n_layers: int, n_heads: list[int], n_tokens: int, dist: torch.Tensor, p: int, keep_fused: bool,
@@ -457,28 +458,35 @@ class _InlineStats:
         self._product: torch.Tensor | None = None
         self._num = self._den = self._sum = self._hi = self._lo = None
 
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor) -> None:
-        c, n, _ = attn.shape
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        c, r, n = attn.shape
+        p = self.p
         if batch != 0 or n != self.n or not self.valid:
             self.valid = False
             return
-        if head == 0:
+        if head == 0 and row == 0:
             dev = attn.device
-            self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._sum = self._hi = self._lo = None
-        if self._product is None or self._product.shape[0] < c:
-            self._product = torch.empty((c, n - self.p, n - self.p), dtype=torch.float32, device=attn.device)
-        p = self.p
-        ap = attn[:, p:, p:]
-        torch.sum(torch.mul(ap, self.dist, out=self._product[:c]), dim=-1, out=self._num[head : head + c])
-        torch.sum(ap, dim=-1, out=self._den[head : head + c])
-        sm = attn.sum(dim=0)
-        self._sum = sm if self._sum is None else self._sum.add_(sm)
+            self._num = torch.empty(self.heads[layer], n - p, device=dev)
+            self._den = torch.empty(self.heads[layer], n - p, device=dev)
+            self._sum = torch.zeros(n, n, device=dev)
+            if self.keep_fused:
+                self._hi = torch.full((n, n), -torch.inf, device=dev)
+                self._lo = torch.full((n, n), torch.inf, device=dev)
+        if self._product is None or self._product.shape[0] < c or self._product.shape[1] < r:
+            shape = (c, r) if self._product is None else (max(c, self._product.shape[0]), max(r, self._product.shape[1]))
+            self._product = torch.empty((*shape, n - p), dtype=torch.float32, device=attn.device)
+        lo = max(row, p)  # the patch queries of this block
+        if lo < row + r:
+            ap = attn[:, lo - row :, p:]
+            q0, q1 = lo - p, row + r - p
+            prod = torch.mul(ap, self.dist[q0:q1], out=self._product[:c, : q1 - q0])
+            torch.sum(prod, dim=-1, out=self._num[head : head + c, q0:q1])
+            torch.sum(ap, dim=-1, out=self._den[head : head + c, q0:q1])
+        rows = slice(row, row + r)
+        self._sum[rows].add_(attn[0] if c == 1 else attn.sum(dim=0))
         if self.keep_fused:
-            mx, mn = attn.amax(dim=0), attn.amin(dim=0)
-            self._hi = mx if self._hi is None else torch.maximum(self._hi, mx, out=self._hi)
-            self._lo = mn if self._lo is None else torch.minimum(self._lo, mn, out=self._lo)
+            torch.maximum(self._hi[rows], attn.amax(dim=0), out=self._hi[rows])
+            torch.minimum(self._lo[rows], attn.amin(dim=0), out=self._lo[rows])
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or self._sum is None:

@@ -121,19 +121,25 @@ class _DistanceCapture(AttentionCapture):
             self._consume(layer)
 
     # AttentionConsumer
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor) -> None:
-        c, n, _ = attn.shape
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        c, r, n = attn.shape
         p = self.num_prefix_tokens
-        if n - p != self.dist.shape[-1]:
+        n_patches = self.dist.shape[-1]
+        if n - p != n_patches:
             raise ValueError(f"attention has {n - p} patch tokens after {p} prefix tokens, but the grid has "
-                             f"{self.dist.shape[-1]}")
-        if self._product is None or self._product.shape[0] < c:
-            self._product = torch.empty((c, n - p, n - p), dtype=torch.float32, device=attn.device)
-        ap = attn[:, p:, p:]
-        num = torch.mul(ap, self.dist, out=self._product[:c]).sum(dim=-1)
-        den = ap.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-        self.sums[layer, head : head + c] += (num / den).mean(dim=-1).double()
+                             f"{n_patches}")
         self._images.setdefault(layer, set()).add(batch)
+        lo = max(row, p)  # the patch queries of this block
+        if lo >= row + r:
+            return
+        q0, q1 = lo - p, row + r - p
+        if self._product is None or self._product.shape[0] < c or self._product.shape[1] < q1 - q0:
+            self._product = torch.empty((c, r, n_patches), dtype=torch.float32, device=attn.device)
+        ap = attn[:, lo - row :, p:]
+        num = torch.mul(ap, self.dist[q0:q1], out=self._product[:c, : q1 - q0]).sum(dim=-1)
+        den = ap.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        # this block's share of the mean over all query patches
+        self.sums[layer, head : head + c] += ((num / den).sum(dim=-1) / n_patches).double()
 
     def layer_done(self, layer: int) -> None:
         self.counts[layer] += len(self._images.pop(layer, ()))
