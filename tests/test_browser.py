@@ -109,3 +109,30 @@ def test_person_analyses_an_image_and_explores(page, photo):
     pos = _plot_data(page, "vizapp-pos-plot")
     assert pos["types"] == ["heatmap"]
     page.screenshot(path=str(ARTIFACTS / "06-position-embeddings.png"), full_page=True)
+
+    # A preview grid of 24x24 is drawn as one image (too many cells for numbers); a click on a tile still opens it.
+    slider = page.locator("input[type=number][aria-label*='Preview grid']")
+    slider.fill("24")
+    slider.press("Enter")
+    handle = page.wait_for_function(
+        """() => { const gd = document.querySelector('#vizapp-pos-plot .js-plotly-plot');
+                   return gd && gd.data.length && gd.data[0].type === 'image' ? gd : null; }""",
+        timeout=60_000,
+    )
+    page.wait_for_timeout(700)  # the page binds its click bridge every 0.7 s
+    # the centre of cell (2, 3) of tile (5, 17): pixel ((17 * 25 + 3), (5 * 25 + 2)) in the mosaic
+    target = page.evaluate(
+        """(gd) => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
+                     return {x: r.left + L.xaxis._offset + L.xaxis.l2p(17 * 25 + 3),
+                             y: r.top + L.yaxis._offset + L.yaxis.l2p(5 * 25 + 2)}; }""",
+        handle,
+    )
+    page.mouse.move(target["x"], target["y"])
+    page.wait_for_timeout(300)
+    page.mouse.click(target["x"], target["y"])
+    page.wait_for_function(
+        """() => { const gd = document.querySelector('#vizapp-tile-plot .js-plotly-plot');
+                   return gd && gd.layout.title && gd.layout.title.text.includes('Tile (5, 17)'); }""",
+        timeout=60_000,
+    )
+    page.screenshot(path=str(ARTIFACTS / "07-position-embeddings-24x24.png"), full_page=True)

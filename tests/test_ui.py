@@ -194,3 +194,5 @@ def test_big_pos_embed_grid_is_a_palette_png_with_exact_colours():
         np.testing.assert_array_equal(rgb[i * (g + 1) + k, j * (g + 1) + l_], lut[level])
     assert (rgb[g, :] == 255).all() and (rgb[:, g] == 255).all()  # the gap between tile rows / columns
     np.testing.assert_array_equal(lut[0], [68, 1, 84])  # Viridis' first stop, #440154
+    assert fig.layout.meta["tile_grid"] == [g, g]  # the page maps a clicked pixel to its tile with this
+    assert fig.data[0].hoverinfo == "none"  # "skip" would drop the click events too

@@ -190,7 +190,7 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
         for j in range(gw):
             z[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw] = sim[i, j]
     if height * width > MAX_HOVER_CELLS:
-        return _pos_embed_image(z, title)
+        return _pos_embed_image(z, title, (gh, gw))
     kwargs: dict = {"hovertemplate": "cosine %{z:.3f}<extra></extra>"}
     if height * width <= MAX_HOVER_CELLS:
         # uint8 (tile row, tile col, cell row, cell col) per mosaic cell: plotly ships it as a compact typed array.
@@ -227,7 +227,7 @@ def _colormap_lut(scale: str, n: int = 256) -> np.ndarray:
     return np.stack([np.interp(t, pos, stops[:, i]) for i in range(3)], axis=1).round().astype(np.uint8)
 
 
-def _pos_embed_image(z: np.ndarray, title: str) -> go.Figure:
+def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Figure:
     """The cosine mosaic as one palette PNG (1 byte per cell before compression) for grids too big to ship as
     numbers with hover data (37x37 patches: 1.97 M cells, 11 MB as a heatmap); a colour bar from an empty trace.
     Cosines are quantised to 255 levels (steps of 0.008); the gaps between tiles are white."""
@@ -239,7 +239,8 @@ def _pos_embed_image(z: np.ndarray, title: str) -> go.Figure:
     img.save(buf, format="PNG", optimize=False, compress_level=6)
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     height, width = z.shape
-    fig = go.Figure(go.Image(source=uri, hoverinfo="skip"))
+    # hoverinfo "none" (not "skip") keeps click events; the page maps a clicked pixel to its tile with layout.meta.
+    fig = go.Figure(go.Image(source=uri, hoverinfo="none"))
     fig.add_trace(go.Scatter(
         x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
         marker=dict(colorscale=SIM_SCALE, cmin=-1, cmax=1, color=[0], showscale=True,
@@ -249,8 +250,9 @@ def _pos_embed_image(z: np.ndarray, title: str) -> go.Figure:
                      title="input patch column")
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[height - 0.5, -0.5],
                      scaleanchor="x", title="input patch row")
-    fig.update_layout(title=(title or "Position embedding similarity") + " · pick a tile below for values",
-                      margin=dict(l=30, r=10, t=50, b=30), height=560, plot_bgcolor="white")
+    fig.update_layout(title=title or "Position embedding similarity",
+                      margin=dict(l=30, r=10, t=50, b=30), height=560, plot_bgcolor="white",
+                      meta={"tile_grid": [int(grid[0]), int(grid[1])]})
     return fig
 
 

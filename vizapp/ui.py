@@ -71,8 +71,17 @@ JS = """
       gd.on("plotly_click", (ev) => {
         const p = ev.points && ev.points[0];
         const box = document.querySelector(`#${boxId} textarea, #${boxId} input`);
-        if (!p || !box || p.customdata === undefined) return;
-        box.value = JSON.stringify({customdata: Array.from(p.customdata, Number), t: Date.now()});
+        if (!p || !box) return;
+        let data = p.customdata;
+        const grid = gd.layout && gd.layout.meta && gd.layout.meta.tile_grid;
+        if (data === undefined && grid && p.x !== undefined && p.y !== undefined) {
+          // the big-grid mosaic is an image: pixel (x, y) lies in tile (y / (gh + 1), x / (gw + 1)); 255 = a gap
+          const [gh, gw] = grid, x = Math.round(Number(p.x)), y = Math.round(Number(p.y));
+          const gap = (y % (gh + 1)) === gh || (x % (gw + 1)) === gw;
+          data = gap ? [255, 255] : [Math.floor(y / (gh + 1)), Math.floor(x / (gw + 1))];
+        }
+        if (data === undefined) return;
+        box.value = JSON.stringify({customdata: Array.from(data, Number), t: Date.now()});
         box.dispatchEvent(new Event("input", {bubbles: true}));
       });
     }
@@ -274,8 +283,13 @@ def pos_views(vm: models.VizModel, resolution: Any = None, tile: tuple[int, int]
     sim = vm.pos_similarity(grid)
     note = f"Learned position embeddings of `{vm.name}`: {vm.grid_size[0]}x{vm.grid_size[1]} grid"
     note += "" if tuple(grid) == tuple(vm.grid_size) else f", shown resampled to {grid[0]}x{grid[1]} (bicubic, timm)"
-    note += ". Hover a cell for tile, cell and cosine; click a tile to enlarge it."
-    return views.pos_view(sim), views.pos_tile_view(sim, tile), note
+    fig = views.pos_view(sim)
+    if fig is not None and fig.data and fig.data[0].type == "image":
+        note += (f". {grid[0] * grid[1]} tiles are drawn as one image, with cosines in steps of 1/127: click a tile to "
+                 "enlarge it, and hover the enlarged tile for values.")
+    else:
+        note += ". Hover a cell for tile, cell and cosine; click a tile to enlarge it."
+    return fig, views.pos_tile_view(sim, tile), note
 
 
 def _class_choices(r: Analysis) -> list[str]:
