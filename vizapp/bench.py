@@ -653,7 +653,7 @@ def run_model(
     shape = model_shape(vm)
     cost = cost_model(shape)
     if isinstance(repeats, tuple):
-        repeats = repeats[0] if cost["forward_macs"] <= LARGE_MACS else min(repeats)
+        repeats = repeats[0] if cost["forward_macs"] <= LARGE_MACS else repeats[1]
     res = ModelResult(spec=spec, shape=shape, repeats=repeats, cost=cost)
     log(f"{spec.label}: N={shape.tokens} tokens ({shape.prefix} prefix + {shape.patches} patches), "
         f"L={shape.layers}, H={shape.heads}, D={shape.width}; {repeats} repeats after {warmup} warm-up")
