@@ -124,13 +124,13 @@ def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypat
     for 1,374-token models), and from q and k when fused_attn is off."""
     import copy
 
-    from vizapp import capture
+    from vizapp import capture, pipeline
     from vizapp.analysis import mean_attention_distance
 
     if path == "inline_row_blocks":
         monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 3)
         monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
-        monkeypatch.setattr(stats, "INLINE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(pipeline, "INLINE_CHUNK_BYTES", 1)
 
     seen = []
     real_chunk = stats._DistanceCapture.chunk

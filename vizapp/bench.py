@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vizapp.capture import chunk_shape
 from vizapp.pipeline import FUSED_CACHE_LIMIT_BYTES, INLINE_CHUNK_BYTES, ROLLOUT_STORE_LIMIT_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,7 +328,7 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     gemm_extra = 0 if store_mean else batch * L * n**3  # bottom-up rollout
     elementwise = batch * L * ((3 + 1 + (2 if keep_fused else 0)) * h * n * n + 3 * h * p * p
                                + (n * n if store_mean else 0))
-    chunk = max(1, min(h, INLINE_CHUNK_BYTES // max(1, n * n * f32)))
+    chunk = chunk_shape(h, n, INLINE_CHUNK_BYTES)[0]
     qk = 2 * L * n * d * f32 * batch
     means = L * n * n * f32 if store_mean else 2 * n * n * f32
     fused = (2 * L * n * n * f32 if keep_fused else 0) * batch
@@ -620,9 +621,8 @@ class ModelResult:
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t0, out
+    wall, _cpu, out = _timed_cpu(fn, *args)
+    return wall, out
 
 
 def _timed_cpu(fn: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:

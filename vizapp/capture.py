@@ -84,6 +84,27 @@ def chunk_shape(heads: int, tokens: int, chunk_bytes: int) -> tuple[int, int]:
     return 1, -(-tokens // blocks)  # equal blocks
 
 
+def attention_chunks(
+    q: torch.Tensor, k: torch.Tensor, scale: float, heads: int, rows: int, work: torch.Tensor | None = None
+):
+    """softmax(q kᵀ · scale) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
+
+    Yields (first head, first row, attention [c, r, N]); every chunk is written into the one ``work`` buffer
+    ([heads, rows, N] or larger; allocated when None) with the softmax in place, so a chunk is valid only until
+    the next one.
+    """
+    h, n, _ = q.shape
+    if work is None:
+        work = torch.empty((heads, rows, n), dtype=torch.float32, device=q.device)
+    qs = q.float() * scale
+    kt = k.float().transpose(-2, -1)
+    for h0 in range(0, h, heads):
+        m = min(heads, h - h0)
+        for r0 in range(0, n, rows):
+            r = min(rows, n - r0)
+            yield h0, r0, softmax_(torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r]))
+
+
 class AttentionConsumer(Protocol):
     """What ``AttentionCapture(on_attention=...)`` feeds, layer by layer, in the forward's order."""
 
@@ -240,20 +261,14 @@ class AttentionCapture:
         work = torch.empty((c, rows, n), dtype=torch.float32, device=query.device)
         out = torch.empty((b, h, n, value.shape[-1]), dtype=value.dtype, device=value.device)
         for i in range(b):
-            qs = query[i].float() * s
-            kt = key[i].float().transpose(-2, -1)
             v32 = value[i].float()
-            for h0 in range(0, h, c):
-                m = min(c, h - h0)
-                for r0 in range(0, n, rows):
-                    r = min(rows, n - r0)
-                    a = torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r])
-                    a = softmax_(a)
-                    consumer.chunk(layer, i, h0, a, r0)
-                    if out.dtype == torch.float32:
-                        torch.matmul(a, v32[h0 : h0 + m], out=out[i, h0 : h0 + m, r0 : r0 + r])
-                    else:
-                        out[i, h0 : h0 + m, r0 : r0 + r] = torch.matmul(a, v32[h0 : h0 + m]).to(out.dtype)
+            for h0, r0, a in attention_chunks(query[i], key[i], s, c, rows, work):
+                heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
+                consumer.chunk(layer, i, h0, a, r0)
+                if out.dtype == torch.float32:
+                    torch.matmul(a, v32[heads], out=out[i, heads, block])
+                else:
+                    out[i, heads, block] = torch.matmul(a, v32[heads]).to(out.dtype)
         consumer.layer_done(layer)
         self.inline_layers.add(layer)
         return out

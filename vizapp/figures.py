@@ -22,9 +22,10 @@ _MARGIN = dict(l=10, r=10, t=40, b=10)
 MAX_HOVER_CELLS = 60_000
 
 
-def _png_data_uri(image: np.ndarray) -> str:
+def _png_data_uri(image: np.ndarray | Image.Image, compress_level: int = 1) -> str:
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False, compress_level=1)
+    img.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -235,9 +236,7 @@ def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Fig
     idx = np.where(np.isnan(z), 255, np.clip(np.round((np.nan_to_num(z) + 1.0) * 127.0), 0, 254)).astype(np.uint8)
     img = Image.fromarray(idx, mode="P")
     img.putpalette(np.concatenate([lut, [[255, 255, 255]]]).astype(np.uint8).reshape(-1).tolist())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    uri = _png_data_uri(img, compress_level=6)
     height, width = z.shape
     # hoverinfo "none" (not "skip") keeps click events; the page maps a clicked pixel to its tile with layout.meta.
     fig = go.Figure(go.Image(source=uri, hoverinfo="none"))

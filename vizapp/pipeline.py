@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp.analysis.distance import patch_distance_matrix
-from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk, softmax_
+from vizapp.analysis.distance import BlockDistanceTerms, patch_distance_matrix
+from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
+from vizapp.capture import AttentionCapture, attention_chunks, attention_from_qk, chunk_shape
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 
@@ -207,20 +207,15 @@ class Analysis:
         softmax in place in one reused buffer), never the layer's whole [H, N, N]."""
         q, k = self.q[layer], self.k[layer]
         h, n, _ = q.shape
-        c = max(1, min(h, INLINE_CHUNK_BYTES // max(1, n * n * 4)))
-        work = torch.empty((c, n, n), dtype=torch.float32)
-        qs, kt = q.float() * self.scales[layer], k.float().transpose(-2, -1)
-        out: torch.Tensor | None = None
-        for h0 in range(0, h, c):
-            m = min(c, h - h0)
-            a = softmax_(torch.matmul(qs[h0 : h0 + m], kt[h0 : h0 + m], out=work[:m]))
+        out = torch.full((n, n), {"mean": 0.0, "max": -torch.inf, "min": torch.inf}[head_fusion])
+        for _, r0, a in attention_chunks(q, k, self.scales[layer], *chunk_shape(h, n, INLINE_CHUNK_BYTES)):
+            rows = out[r0 : r0 + a.shape[1]]
             if head_fusion == "mean":
-                part = a.sum(dim=0)
-                out = part if out is None else out.add_(part)
+                rows.add_(a.sum(dim=0))
+            elif head_fusion == "max":
+                torch.maximum(rows, a.amax(dim=0), out=rows)
             else:
-                part = fuse_heads(a, head_fusion)
-                out = part if out is None else (torch.maximum if head_fusion == "max" else torch.minimum)(out, part)
-        assert out is not None
+                torch.minimum(rows, a.amin(dim=0), out=rows)
         return out.div_(h) if head_fusion == "mean" else out
 
     def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
@@ -428,8 +423,9 @@ class Analysis:
         return out
 
 
-
-
+def inline_chunk_bytes(device: torch.device) -> int:
+    """Attention per chunk formed during the forward: cache-sized on the CPU, larger on a GPU."""
+    return INLINE_CHUNK_BYTES if device.type == "cpu" else ATTENTION_CHUNK_BYTES
 
 
 class _InlineStats:
@@ -446,7 +442,7 @@ class _InlineStats:
     def __init__(self, n_layers: int, n_heads: list[int], n_tokens: int, dist: torch.Tensor, p: int, keep_fused: bool,
                  store_mean: bool) -> None:
         self.heads, self.n, self.p = n_heads, n_tokens, p
-        self.dist = dist
+        self.terms = BlockDistanceTerms(dist, p)
         self.keep_fused = keep_fused
         self.store_mean = store_mean or keep_fused
         self.distances: list[torch.Tensor | None] = [None] * n_layers
@@ -455,33 +451,26 @@ class _InlineStats:
         }
         self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
         self.valid = True
-        self._product: torch.Tensor | None = None
         self._num = self._den = self._sum = self._hi = self._lo = None
 
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
         c, r, n = attn.shape
-        p = self.p
         if batch != 0 or n != self.n or not self.valid:
             self.valid = False
             return
         if head == 0 and row == 0:
             dev = attn.device
-            self._num = torch.empty(self.heads[layer], n - p, device=dev)
-            self._den = torch.empty(self.heads[layer], n - p, device=dev)
+            self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
+            self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
             self._sum = torch.zeros(n, n, device=dev)
             if self.keep_fused:
                 self._hi = torch.full((n, n), -torch.inf, device=dev)
                 self._lo = torch.full((n, n), torch.inf, device=dev)
-        if self._product is None or self._product.shape[0] < c or self._product.shape[1] < r:
-            shape = (c, r) if self._product is None else (max(c, self._product.shape[0]), max(r, self._product.shape[1]))
-            self._product = torch.empty((*shape, n - p), dtype=torch.float32, device=attn.device)
-        lo = max(row, p)  # the patch queries of this block
-        if lo < row + r:
-            ap = attn[:, lo - row :, p:]
-            q0, q1 = lo - p, row + r - p
-            prod = torch.mul(ap, self.dist[q0:q1], out=self._product[:c, : q1 - q0])
-            torch.sum(prod, dim=-1, out=self._num[head : head + c, q0:q1])
-            torch.sum(ap, dim=-1, out=self._den[head : head + c, q0:q1])
+        terms = self.terms(attn, row)
+        if terms is not None:
+            q0, q1, num, den = terms
+            self._num[head : head + c, q0:q1] = num
+            self._den[head : head + c, q0:q1] = den
         rows = slice(row, row + r)
         self._sum[rows].add_(attn[0] if c == 1 else attn.sum(dim=0))
         if self.keep_fused:
@@ -543,17 +532,13 @@ def _layer_stats(
     needs ``row @ mean_h A_h``.
     """
     h, n, _ = q.shape
-    chunk = scores.shape[0]
-    qs = q.float() * scale
-    kt = k.float().transpose(-2, -1)
     row32 = row.to(torch.float32)
     row_out = torch.zeros(n, dtype=torch.float64, device=q.device)
     tiny = torch.finfo(torch.float32).tiny
     total = hi = lo = None
     dists = []
-    for s in range(0, h, chunk):
-        c = min(chunk, h - s)
-        a = softmax_(torch.matmul(qs[s : s + c], kt[s : s + c], out=scores[:c]))  # [c, N, N]
+    for _, _, a in attention_chunks(q, k, scale, scores.shape[0], n, scores):  # a: [c, N, N]
+        c = a.shape[0]
         row_out += torch.matmul(row32, a).sum(dim=0, dtype=torch.float64)
         ap = a[:, p:, p:]
         # Mean distance with each query's weights renormalised over the patches: Σ_j a_ij d_ij / Σ_j a_ij.
@@ -636,8 +621,7 @@ def analyze(
         heads = [int(getattr(b.attn, "num_heads", 1)) for b in vm.model.blocks]
         inline = _InlineStats(n_layers, heads, n, dist, p, keep_fused,
                               store_mean=n_layers * n * n * 4 <= ROLLOUT_STORE_LIMIT_BYTES)
-        chunk_bytes = INLINE_CHUNK_BYTES if x_dev.device.type == "cpu" else ATTENTION_CHUNK_BYTES
-        with AttentionCapture(vm.model, on_attention=inline, chunk_bytes=chunk_bytes) as cap:
+        with AttentionCapture(vm.model, on_attention=inline, chunk_bytes=inline_chunk_bytes(x_dev.device)) as cap:
             logits = vm.model(x_dev)
         if progress:
             progress(0.6, "attention analyses")

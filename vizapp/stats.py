@@ -28,12 +28,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vizapp.analysis.distance import head_distances, patch_distance_matrix, uniform_reference_distance
+from vizapp.analysis.distance import (
+    BlockDistanceTerms,
+    head_distances,
+    patch_distance_matrix,
+    uniform_reference_distance,
+)
 from vizapp.capture import AttentionCapture, attention_from_qk, attention_modules
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.models import VizModel
-from vizapp.pipeline import INLINE_CHUNK_BYTES
+from vizapp.pipeline import inline_chunk_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Attention of at most this many bytes is materialised at once (the batch is split into chunks to stay below it).
@@ -104,13 +109,12 @@ class _DistanceCapture(AttentionCapture):
     def __init__(self, model: torch.nn.Module, dist: torch.Tensor, num_prefix_tokens: int, sums: torch.Tensor,
                  counts: torch.Tensor) -> None:
         inline = all(getattr(m, "fused_attn", False) for m in attention_modules(model))
-        super().__init__(model, on_attention=self if inline else None, chunk_bytes=INLINE_CHUNK_BYTES)
+        super().__init__(model, on_attention=self if inline else None, chunk_bytes=inline_chunk_bytes(dist.device))
         self.dist = dist
         self.num_prefix_tokens = num_prefix_tokens
         self.sums = sums  # [L, H] float64, on the device
         self.counts = counts  # [L] images seen per layer (a consistency check)
-        self._product: torch.Tensor | None = None
-        self._images: dict[int, set[int]] = {}
+        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
 
     def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
         if self.on_attention is not None:
@@ -122,27 +126,20 @@ class _DistanceCapture(AttentionCapture):
 
     # AttentionConsumer
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        c, r, n = attn.shape
-        p = self.num_prefix_tokens
         n_patches = self.dist.shape[-1]
-        if n - p != n_patches:
-            raise ValueError(f"attention has {n - p} patch tokens after {p} prefix tokens, but the grid has "
-                             f"{n_patches}")
-        self._images.setdefault(layer, set()).add(batch)
-        lo = max(row, p)  # the patch queries of this block
-        if lo >= row + r:
+        if attn.shape[-1] - self.num_prefix_tokens != n_patches:
+            raise ValueError(f"attention has {attn.shape[-1] - self.num_prefix_tokens} patch tokens after "
+                             f"{self.num_prefix_tokens} prefix tokens, but the grid has {n_patches}")
+        terms = self.terms(attn, row)
+        if terms is None:
             return
-        q0, q1 = lo - p, row + r - p
-        if self._product is None or self._product.shape[0] < c or self._product.shape[1] < q1 - q0:
-            self._product = torch.empty((c, r, n_patches), dtype=torch.float32, device=attn.device)
-        ap = attn[:, lo - row :, p:]
-        num = torch.mul(ap, self.dist[q0:q1], out=self._product[:c, : q1 - q0]).sum(dim=-1)
-        den = ap.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        _, _, num, den = terms
         # this block's share of the mean over all query patches
-        self.sums[layer, head : head + c] += ((num / den).sum(dim=-1) / n_patches).double()
+        ratio = num / den.clamp_min(torch.finfo(torch.float32).tiny)
+        self.sums[layer, head : head + attn.shape[0]] += (ratio.sum(dim=-1) / n_patches).double()
 
     def layer_done(self, layer: int) -> None:
-        self.counts[layer] += len(self._images.pop(layer, ()))
+        self.counts[layer] += self.q[layer].shape[0]  # the batch size of this forward
         self.q[layer] = self.k[layer] = None
 
     def _consume(self, layer: int) -> None:

@@ -35,6 +35,36 @@ def patch_distance_matrix(
     return d.to(dtype)
 
 
+class BlockDistanceTerms:
+    """The two sums behind each patch query's mean distance, for attention that arrives in blocks.
+
+    For a block [c, r, N] holding query rows ``row .. row + r`` of c heads, :meth:`__call__` returns the block's
+    patch queries as patch indices q0..q1 and, for each, Σ_j a_ij·d_ij and Σ_j a_ij over the patch keys j (the
+    renormalised mean distance of query i is their ratio), or None when the block holds prefix queries only. The
+    product a·d goes through one buffer kept between calls.
+    """
+
+    def __init__(self, dist: torch.Tensor, num_prefix_tokens: int) -> None:
+        self.dist = dist  # [P, P]
+        self.p = num_prefix_tokens
+        self._product: torch.Tensor | None = None
+
+    def __call__(self, attn: torch.Tensor, row: int) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+        c, r, _ = attn.shape
+        p = self.p
+        lo = max(row, p)
+        if lo >= row + r:
+            return None
+        q0, q1 = lo - p, row + r - p
+        buf = self._product
+        if buf is None or buf.shape[0] < c or buf.shape[1] < q1 - q0:
+            shape = (c, q1 - q0) if buf is None else (max(c, buf.shape[0]), max(q1 - q0, buf.shape[1]))
+            buf = self._product = torch.empty((*shape, self.dist.shape[-1]), dtype=attn.dtype, device=attn.device)
+        ap = attn[:, lo - row :, p:]
+        num = torch.mul(ap, self.dist[q0:q1], out=buf[:c, : q1 - q0]).sum(dim=-1)
+        return q0, q1, num, ap.sum(dim=-1)
+
+
 def head_distances(
     attn: torch.Tensor, dist: torch.Tensor, num_prefix_tokens: int, renormalize: bool = True
 ) -> torch.Tensor:
