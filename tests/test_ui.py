@@ -59,7 +59,7 @@ def test_rerender_without_forward_pass(analysed, monkeypatch):
 def test_class_specific_methods_and_compare(analysed):
     state = analysed[0]
     label = state["analysis"].top_k[1][0]
-    for method in vizapp.pipeline.METHODS:
+    for method in vizapp.methods.METHODS:
         fig = ui.render_map(state, method, label, "mean", 0.0, 0, 0.6, progress=_noprogress)
         assert fig.data[1].z.shape == (7, 7)
     maps, deletion, insertion, table = ui.compare_methods(state, label, 8, True, progress=_noprogress)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp.pipeline import METHODS
+from vizapp.methods import METHODS
 
 
 def evaluate(num_images: int = 1000, steps: int | None = None, seed: int = 0, model: str = "bundled",
@@ -48,7 +48,7 @@ def evaluate(num_images: int = 1000, steps: int | None = None, seed: int = 0, mo
 
 
 def markdown(aucs: dict[str, dict[str, np.ndarray]], seconds: float, model_note: str, steps: int | None = 16) -> str:
-    names = {**METHODS, "random": "Random order (baseline)"}
+    names = {**{k: m.label for k, m in METHODS.items()}, "random": "Random order (baseline)"}
     rows = []
     for m, d in aucs.items():
         dl, ins = d["deletion"], d["insertion"]

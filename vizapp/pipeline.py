@@ -22,14 +22,6 @@ from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 
 Query = str | int | tuple[int, int]
-# Map methods by name: attention rollout, raw last-layer attention, attention flow, gradient rollout, Chefer relevance.
-METHODS = {
-    "rollout": "Attention rollout",
-    "attention": "Last-layer CLS attention",
-    "flow": "Attention flow",
-    "grad_rollout": "Gradient rollout",
-    "relevance": "Chefer relevance",
-}
 # Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at
 # 384 px would need 32 MB per fusion, so big models recompute them from q and k when a view asks).
 FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
@@ -332,18 +324,10 @@ class Analysis:
         return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)  # needs a CLS token
 
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
-        """Any method's map by name: one of :data:`METHODS`."""
-        if method not in METHODS:
-            raise BadParameterError(f"method must be one of {list(METHODS)}, got {str(method)[:40]!r}")
-        if method == "rollout":
-            return self.rollout(**kwargs)
-        if method == "attention":
-            return self.last_layer_attention()
-        if method == "flow":
-            return self.attention_flow(**kwargs)
-        if method == "grad_rollout":
-            return self.grad_rollout(class_idx, **kwargs)
-        return self.relevance(class_idx, **kwargs)
+        """Any registered method's map by name (see :data:`vizapp.methods.METHODS`)."""
+        from vizapp import methods
+
+        return methods.explain(self, method, class_idx, **kwargs)
 
     def faithfulness(
         self,

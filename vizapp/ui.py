@@ -25,7 +25,8 @@ from vizapp import models, views
 from vizapp.analysis.rollout import HEAD_FUSIONS
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
-from vizapp.pipeline import METHODS, Analysis, analyze
+from vizapp.methods import METHODS
+from vizapp.pipeline import Analysis, analyze
 
 log = logging.getLogger("vizapp")
 
@@ -374,11 +375,11 @@ def render_map(
         progress(0.1, desc="attention flow (one max-flow per patch)")
         heat = r.attention_flow(progress=lambda done, total: progress(done / max(total, 1), desc="attention flow"))
     else:
-        heat = r.explain(m, class_label if m in ("grad_rollout", "relevance") else None)
-    cls = f" for '{class_label}'" if m in ("grad_rollout", "relevance") and class_label else ""
+        heat = r.explain(m, class_label)
+    cls = f" for '{class_label}'" if METHODS[m].needs_class and class_label else ""
     from vizapp import figures
 
-    return figures.overlay_figure(r.image, heat, r.patch_size, alpha, title=f"{METHODS[m]}{cls}", value_name=m)
+    return figures.overlay_figure(r.image, heat, r.patch_size, alpha, title=f"{METHODS[m].label}{cls}", value_name=m)
 
 
 @_user_errors
@@ -463,10 +464,10 @@ def compare_methods(state: Any, class_label: Any, steps: Any, include_flow: Any,
     n_steps = _int(steps, "steps", 2, 256)
     cls = class_label if class_label else None
     maps: dict[str, np.ndarray] = {}
-    names = [m for m in METHODS if m != "flow" or bool(include_flow)]
+    names = [m for m in METHODS if not METHODS[m].slow or bool(include_flow)]
     for i, m in enumerate(names):
-        progress(0.6 * i / len(names), desc=f"computing {METHODS[m]}")
-        maps[METHODS[m]] = r.explain(m, cls if m in ("grad_rollout", "relevance") else None)
+        progress(0.6 * i / len(names), desc=f"computing {METHODS[m].label}")
+        maps[METHODS[m].label] = r.explain(m, cls)
     progress(0.6, desc="deletion / insertion curves")
     curves = r.faithfulness(maps, cls, steps=n_steps)
     scores = {n: f"deletion AUC {c['deletion'].auc:.3f} · insertion AUC {c['insertion'].auc:.3f}"
@@ -531,7 +532,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                             json_out = gr.File(label="summary (.json)")
                     with gr.Tab("Rollout", id="rollout"):
                         with gr.Row():
-                            method = gr.Dropdown([(v, k) for k, v in METHODS.items()], value="rollout", label="Method")
+                            method = gr.Dropdown([(v.label, k) for k, v in METHODS.items()], value="rollout", label="Method")
                             class_dd = gr.Dropdown([], label="Class to explain (gradient methods)",
                                                    allow_custom_value=False)
                             opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
