@@ -191,27 +191,24 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
     timm's own materialised attention: inline during the forward (all fusions kept; or one head and a few query
     rows per chunk with the rollout multiplied up bottom-up and nothing cached, as for 1,374-token models), and recomputed from q and k
     after a forward whose attention stayed inside the model (fused_attn off), whole or one head per chunk."""
-    from vizapp import capture, pipeline
+    from vizapp import limits
     from vizapp.analysis import fuse_heads, mean_attention_distance, rollout
 
     fid, vm = family
     if path in ("inline_joint", "recompute_chunked_no_cache"):
         # one head per chunk in blocks of 3 query rows (blocks straddle the prefix tokens / patches boundary)
-        monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 3)
-        monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
-        monkeypatch.setattr(pipeline, "INLINE_CHUNK_BYTES", 1)
-        monkeypatch.setattr(pipeline, "ATTENTION_CHUNK_BYTES", 1)
-        monkeypatch.setattr(pipeline, "FUSED_CACHE_LIMIT_BYTES", 0)
-        monkeypatch.setattr(pipeline, "ROLLOUT_STORE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(limits, "MIN_CHUNK_ROWS", 3)
+        monkeypatch.setattr(limits, "ROW_BLOCK_BYTES", 1)
+        monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(limits, "ATTENTION_CHUNK_BYTES", 1)
+        monkeypatch.setattr(limits, "FUSED_CACHE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES", 0)
     if path.startswith("recompute"):
         for blk in vm.model.blocks:
             monkeypatch.setattr(blk.attn, "fused_attn", False)
-    recomputed = []
-    real = pipeline._recompute_stats
-    monkeypatch.setattr(pipeline, "_recompute_stats", lambda *a: recomputed.append(1) or real(*a))
     img = random_image(7)
     r = vizapp.analyze(vm, img)
-    assert bool(recomputed) == path.startswith("recompute")
+    assert r.recomputed_layers == (tuple(range(r.num_layers)) if path.startswith("recompute") else ())
     _, maps = reference_attention(vm.model, r.input)
     attn = torch.stack([m[0] for m in maps])  # [L, H, N, N]
     p = r.num_prefix_tokens
@@ -265,17 +262,17 @@ def test_inline_capture_hands_over_timm_attention_and_keeps_the_output():
 
 
 def test_inline_capture_splits_one_head_into_row_blocks_when_it_does_not_fit(monkeypatch):
-    from vizapp import capture
+    from vizapp import limits
 
-    assert capture.chunk_shape(16, 577, 3 * 2**20) == (2, 577)  # ViT-L/384 on the CPU
-    assert capture.chunk_shape(16, 1374, 3 * 2**20) == (1, 1374)  # one whole head: 7.5 MB
-    assert capture.chunk_shape(16, 4097, 3 * 2**20) == (1, 820)  # 67 MB a head: 5 equal blocks of rows
-    monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 4)
-    monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 17 * 17 * 4 - 1)
-    assert capture.chunk_shape(3, 17, 1) == (1, 9)  # 16 rows fit the row budget: 2 equal blocks, 9 and 8 rows
-    monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
-    assert capture.chunk_shape(3, 17, 1) == (1, 4)  # at least MIN_CHUNK_ROWS rows (5 blocks: 4, 4, 4, 4, 1)
-    assert capture.chunk_shape(3, 17, 2 * 17 * 17 * 4) == (2, 17)
+    assert limits.chunk_shape(16, 577, 3 * 2**20) == (2, 577)  # ViT-L/384 on the CPU
+    assert limits.chunk_shape(16, 1374, 3 * 2**20) == (1, 1374)  # one whole head: 7.5 MB
+    assert limits.chunk_shape(16, 4097, 3 * 2**20) == (1, 820)  # 67 MB a head: 5 equal blocks of rows
+    monkeypatch.setattr(limits, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(limits, "ROW_BLOCK_BYTES", 17 * 17 * 4 - 1)
+    assert limits.chunk_shape(3, 17, 1) == (1, 9)  # 16 rows fit the row budget: 2 equal blocks, 9 and 8 rows
+    monkeypatch.setattr(limits, "ROW_BLOCK_BYTES", 1)
+    assert limits.chunk_shape(3, 17, 1) == (1, 4)  # at least MIN_CHUNK_ROWS rows (5 blocks: 4, 4, 4, 4, 1)
+    assert limits.chunk_shape(3, 17, 2 * 17 * 17 * 4) == (2, 17)
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     x = vm.transform(random_image(6))[None]
     rec = _Recorder()
@@ -318,35 +315,38 @@ def test_inline_capture_leaves_other_threads_and_other_calls_alone():
     # the mode is gone after the block: a call now goes straight to SDPA
     from torch.overrides import _get_current_function_mode_stack
 
-    assert not any(type(m).__name__ == "_InlineSDPA" for m in _get_current_function_mode_stack())
+    assert not any(type(m).__name__ == "_LayerMode" for m in _get_current_function_mode_stack())
 
 
-def test_inline_capture_lets_sdpa_run_what_it_cannot_reproduce():
-    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=1)
+def test_capture_lets_sdpa_run_what_it_cannot_reproduce_and_refuses_to_show_it():
+    """Dropout in training is left to SDPA (the output stays the model's own), and the layer's attention is then
+    refused with a clear message instead of shown."""
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2, attn_drop_rate=0.5)
+    x = vm.transform(random_image(2))[None]
     rec = _Recorder()
-    cap = AttentionCapture(vm.model, on_attention=rec)
-    cap._owner = threading.get_ident()
-    q = torch.randn(1, 3, 5, 4)
-    for kwargs in ({"attn_mask": torch.zeros(5, 5)}, {"dropout_p": 0.1}, {"is_causal": True}):
-        cap._pending = (0, q, q)
-        assert cap._attend(q, q, q, **kwargs) is None
-    cap._pending = (0, q, q.clone())  # not the recorded k
-    assert cap._attend(q, q, q) is None
-    assert rec.chunks == [] and cap.inline_layers == set()
+    vm.model.train()
+    try:
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec) as cap:
+            vm.model(x)
+    finally:
+        vm.model.eval()
+    assert cap.unexact_layers == {0: "dropout", 1: "dropout"}
+    assert rec.chunks == [] and cap.inline_layers == set() and cap.replayed_layers == set()
+    with pytest.raises(vizapp.UnsupportedModelError, match="dropout"):
+        cap.attention(0)
 
 
-def test_capture_packs_q_and_k_in_one_block_per_forward():
+def test_capture_keeps_copies_of_q_and_k_not_the_layer_qkv_buffer():
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     x = vm.transform(random_image(2))[None]
     with torch.no_grad(), AttentionCapture(vm.model) as cap:
         vm.model(x)
         first_q0 = cap.q[0].clone()
-        storages = {t.untyped_storage().data_ptr() for t in cap.q + cap.k}
-        assert len(storages) == 1
         held = cap.q[0]
-        vm.model(x.flip(-1))  # a second forward gets a new block: tensors from the first stay valid
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cap.q + cap.k)
+        vm.model(x.flip(-1))  # a second forward records new tensors: those from the first stay valid
     assert torch.equal(held, first_q0)
-    assert cap.q[0].untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+    assert not torch.equal(cap.q[0], held)
     assert all(t.is_contiguous() for t in cap.q + cap.k)
 
 
@@ -358,7 +358,7 @@ def test_inline_capture_mode_is_gone_when_a_layer_raises(monkeypatch):
     x = vm.transform(random_image(4))[None]
 
     def broken(_x):
-        assert any(type(m).__name__ == "_InlineSDPA" for m in _get_current_function_mode_stack())
+        assert any(type(m).__name__ == "_LayerMode" for m in _get_current_function_mode_stack())
         raise RuntimeError("proj failed")
 
     monkeypatch.setattr(vm.model.blocks[1].attn.proj, "forward", broken)

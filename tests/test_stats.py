@@ -124,17 +124,17 @@ def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypat
     for 1,374-token models), and from q and k when fused_attn is off."""
     import copy
 
-    from vizapp import capture, pipeline
+    from vizapp import capture, limits
     from vizapp.analysis import mean_attention_distance
 
     if path == "inline_row_blocks":
-        monkeypatch.setattr(capture, "MIN_CHUNK_ROWS", 3)
-        monkeypatch.setattr(capture, "ROW_BLOCK_BYTES", 1)
-        monkeypatch.setattr(pipeline, "INLINE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(limits, "MIN_CHUNK_ROWS", 3)
+        monkeypatch.setattr(limits, "ROW_BLOCK_BYTES", 1)
+        monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", 1)
 
     seen = []
-    real_chunk = stats._DistanceCapture.chunk
-    monkeypatch.setattr(stats._DistanceCapture, "chunk", lambda self, *a: seen.append(1) or real_chunk(self, *a))
+    real_inline = capture.AttentionCapture._inline
+    monkeypatch.setattr(capture.AttentionCapture, "_inline", lambda self, *a: seen.append(1) or real_inline(self, *a))
     model = vm.model
     if path == "from_qk":
         for blk in model.blocks:

@@ -1,20 +1,24 @@
-"""The only hook code in vizapp: exact per-head attention from timm ViTs, with fused attention left on.
+"""The only hook code in vizapp: the exact per-head attention of any supported ViT, with fused attention left on.
 
-timm's ``Attention`` runs ``F.scaled_dot_product_attention`` when ``fused_attn`` is set, so the attention matrix is
-never materialised and hooks on ``attn_drop`` or a softmax see nothing. Instead we record what SDPA receives:
-``q_norm``'s output (q) and ``k_norm``'s output (k), [B, H, N, head_dim] each, and compute
-``softmax(q kᵀ · scale)`` afterwards, one layer at a time, only where a view needs it.
+Every supported attention layer (timm's ``Attention``, ``EvaAttention`` with RoPE, BEiT's and the relpos ViTs'
+relative-position attention, Hugging Face transformers' sdpa attention, torch's ``nn.MultiheadAttention``) hands its
+q, k and v to ``F.scaled_dot_product_attention`` (torch's MHA to ``F.multi_head_attention_forward``, which we
+evaluate ourselves from its own weights). The attention the layer uses is softmax(q kᵀ · scale + bias) of exactly
+those arguments: q and k after RoPE and q/k-norm, the relative-position bias or mask passed as ``attn_mask``.
 
-For gradient methods we also record v (from ``qkv``) and the per-head attention output o (the input of
-``attn.norm``). Since o = A v, ∂score/∂A = (∂score/∂o) vᵀ exactly, without turning fused attention off.
+So the capture pushes a thread-local ``TorchFunctionMode`` from each attention module's forward pre-hook to the end
+of that module (an ``always_call`` forward hook pops it, also when the module raises) and, at that call:
 
-With ``on_attention`` set, the capture also takes over the attention product itself, so that each layer's attention
-is formed once instead of twice (once inside SDPA, once more afterwards from q and k). A thread-local
-``TorchFunctionMode`` catches the ``F.scaled_dot_product_attention`` call that follows the recorded q and k, computes
-softmax(q kᵀ · scale) in fp32 a few heads at a time (a working set sized to stay in the CPU's cache), hands each
-chunk to the consumer while it is hot, and returns chunk @ v as the layer's output. Calls it cannot reproduce
-exactly (a mask, dropout, causal attention, gradients) go to SDPA untouched, and the layer is left out of
-``inline_layers`` so the caller recomputes it from q and k.
+- records q and k (and the additive bias) of the layer, [B, H, N, d] each;
+- with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
+  hands each chunk to the consumer while it is hot, and returns chunk @ v as the layer's output, so the attention
+  is formed once instead of twice;
+- with ``with_grad``, computes the attention as a tensor in the autograd graph, so ∂score/∂A is exact.
+
+Calls it cannot reproduce exactly (dropout in training, causal attention, grouped-query attention) run untouched
+and the layer is listed in :attr:`AttentionCapture.unexact_layers` with the reason; views then refuse it clearly.
+timm's ``Attention`` with ``fused_attn`` off never calls SDPA; its q and k are read at ``q_norm``/``k_norm`` and a
+consumer is fed from them at the end of the layer (:attr:`AttentionCapture.replayed_layers`).
 
 Hooks and the mode live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
 analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises.
@@ -23,6 +27,8 @@ No model flag is changed.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
 from typing import Any, Protocol
 
@@ -30,32 +36,79 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from vizapp import limits
 from vizapp.errors import UnsupportedModelError
 
+SUPPORTED_FAMILIES = (
+    "timm ViT/DeiT/DINOv2/CLIP (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention), timm BEiT and relpos ViTs, "
+    "Hugging Face ViT/DeiT/DINOv2/CLIP/SigLIP vision encoders, torchvision vit_*"
+)
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ``attn`` module of each block, checked to be timm's standard Attention."""
+
+def _timm_attention_classes() -> tuple[type, ...]:
     from timm.layers import Attention
 
+    classes: list[type] = [Attention]
+    for module, name in (("timm.models.eva", "EvaAttention"), ("timm.models.beit", "Attention"),
+                         ("timm.models.vision_transformer_relpos", "RelPosAttention")):
+        with contextlib.suppress(ImportError, AttributeError):  # an older timm without that family
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+    return tuple(classes)
+
+
+def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The module of a transformers encoder layer that makes its self-attention call."""
+    for _, mod in layer.named_modules():
+        names = set(dict(mod.named_children()))
+        if {"query", "key", "value"} <= names or {"q_proj", "k_proj", "v_proj"} <= names:
+            return mod
+    return None
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of every encoder layer, in order: the one support check in vizapp.
+
+    Raises:
+        UnsupportedModelError: naming the supported families, for anything else (Swin's windows, an unknown tree).
+    """
     blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no transformer blocks vizapp can hook")
-    mods = []
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        if not isinstance(attn, Attention):
-            raise UnsupportedModelError(
-                f"block {i} uses {type(attn).__name__}, not timm's Attention; its attention cannot be captured exactly"
-            )
-        mods.append(attn)
-    return mods
+    if blocks is not None:  # timm
+        supported = _timm_attention_classes()
+        mods = []
+        for i, blk in enumerate(blocks):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(attn, supported):
+                raise UnsupportedModelError(
+                    f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "
+                    f"supported: {SUPPORTED_FAMILIES}"
+                )
+            mods.append(attn)
+        return mods
+    encoder = getattr(model, "encoder", None)
+    tv_layers = getattr(encoder, "layers", None)
+    if tv_layers is not None and all(isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention)
+                                     for b in tv_layers):  # torchvision
+        return [b.self_attention for b in tv_layers]
+    for root in (model, getattr(model, "vision_model", None), *(getattr(model, n, None) for n in ("vit", "deit", "dinov2"))):
+        enc = getattr(root, "encoder", None) if root is not None else None
+        layers = getattr(enc, "layer", None) if enc is not None else None
+        layers = layers if layers is not None else getattr(enc, "layers", None) if enc is not None else None
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            mods = [_hf_attention(layer) for layer in layers]
+            if all(m is not None for m in mods):
+                return mods
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no encoder layers whose attention vizapp can capture exactly; "
+        f"supported: {SUPPORTED_FAMILIES}"
+    )
 
 
-def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) in fp32: q, k [..., N, d] -> [..., N, N] (what SDPA computes internally)."""
-    q = q.float()
-    k = k.float()
-    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) in fp32: q, k [..., N, d], bias broadcastable to [..., N, N] -> [..., N, N]."""
+    s = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.float()
+    return torch.softmax(s, dim=-1)
 
 
 def softmax_(x: torch.Tensor) -> torch.Tensor:
@@ -65,33 +118,15 @@ def softmax_(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=-1)
 
 
-# One head is split into blocks of query rows only when its N x N exceeds this (N > 2,048): on the 2-vCPU EPYC,
-# 1,374-token heads took 77 ms for 16 heads whole, 79 ms in 2 blocks and 117 ms in 3 (SDPA: 63 ms).
-ROW_BLOCK_BYTES = 16 * 2**20
-MIN_CHUNK_ROWS = 128  # smaller blocks cost more in per-call overhead than they save
-
-
-def chunk_shape(heads: int, tokens: int, chunk_bytes: int) -> tuple[int, int]:
-    """(heads, query rows) per chunk: as many whole heads as fit ``chunk_bytes`` (at least one), and one head in
-    equal blocks of query rows (at least :data:`MIN_CHUNK_ROWS`) once its N x N exceeds :data:`ROW_BLOCK_BYTES`."""
-    per_head = tokens * tokens * 4
-    if per_head <= chunk_bytes:
-        return max(1, min(heads, chunk_bytes // per_head)), tokens
-    if per_head <= ROW_BLOCK_BYTES:
-        return 1, tokens
-    rows = max(MIN_CHUNK_ROWS, ROW_BLOCK_BYTES // (tokens * 4))
-    blocks = -(-tokens // rows)
-    return 1, -(-tokens // blocks)  # equal blocks
-
-
 def attention_chunks(
-    q: torch.Tensor, k: torch.Tensor, scale: float, heads: int, rows: int, work: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: float, heads: int, rows: int, work: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ):
-    """softmax(q kᵀ · scale) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
+    """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
 
-    Yields (first head, first row, attention [c, r, N]); every chunk is written into the one ``work`` buffer
-    ([heads, rows, N] or larger; allocated when None) with the softmax in place, so a chunk is valid only until
-    the next one.
+    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]); every chunk is
+    written into the one ``work`` buffer ([heads, rows, N] or larger; allocated when None) with the softmax in
+    place, so a chunk is valid only until the next one.
     """
     h, n, _ = q.shape
     if work is None:
@@ -102,7 +137,11 @@ def attention_chunks(
         m = min(heads, h - h0)
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
-            yield h0, r0, softmax_(torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r]))
+            s = torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r])
+            if bias is not None:
+                b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
+                s.add_(b[:, r0 : r0 + r])
+            yield h0, r0, softmax_(s)
 
 
 class AttentionConsumer(Protocol):
@@ -116,24 +155,56 @@ class AttentionConsumer(Protocol):
         """Every chunk of ``layer`` has been passed."""
 
 
-class _InlineSDPA(TorchFunctionMode):
-    """Routes this thread's SDPA calls of hooked layers to :meth:`AttentionCapture._attend`."""
+def feed(consumer: AttentionConsumer, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+         bias: torch.Tensor | None = None, budget: int | None = None) -> None:
+    """Hand the attention of recorded q, k [B, H, N, d] (bias [B or 1, H or 1, N, N]) to ``consumer`` chunk by
+    chunk, as the forward would have, then close the layer."""
+    b, h, n, _ = q.shape
+    c, rows = limits.chunk_shape(h, n, limits.chunk_bytes(q.device) if budget is None else budget)
+    work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for i in range(b):
+            bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
+            for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
+                consumer.chunk(layer, i, h0, a, r0)
+    consumer.layer_done(layer)
 
-    def __init__(self, capture: AttentionCapture) -> None:
+
+def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` as an additive fp32 bias [B or 1, H or 1, N, N] (boolean: False -> -inf)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.detach().float().expand(*mask.shape[:2], n, n)
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _LayerMode(TorchFunctionMode):
+    """On this thread's stack while one attention module runs: routes its SDPA (or MHA) call to the capture."""
+
+    def __init__(self, capture: AttentionCapture, layer: int) -> None:
         super().__init__()
-        self.capture = capture
+        self.capture, self.layer = capture, layer
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            out = self.capture._attend(*args, **kwargs)
+            call = dict(zip(_SDPA_PARAMS, args, strict=False), **kwargs)
+            return self.capture._attention_call(self.layer, call, lambda: func(*args, **kwargs))
+        if func is F.multi_head_attention_forward:
+            out = self.capture._mha_call(self.layer, args, kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
 
 
 class AttentionCapture:
-    """Context manager recording q and k (and optionally v and the attention output) of every layer.
+    """Context manager recording q and k (and, with ``with_grad``, the attention in the graph) of every layer.
 
     Example::
 
@@ -142,183 +213,194 @@ class AttentionCapture:
         attn = cap.attention(0)  # [B, H, N, N] float32
 
     Args:
-        model: a timm VisionTransformer whose blocks use timm's Attention.
-        with_grad: also record v and the attention outputs, keeping the autograd graph, so that
-            :meth:`attention_grads` can return ∂score/∂A for every layer.
+        model: a supported ViT (see :func:`attention_layers`).
+        with_grad: form each layer's attention as a tensor in the autograd graph, so that :meth:`attention_grads`
+            returns ∂score/∂A exactly; ``on_attention`` is then ignored.
         on_attention: a consumer (see :class:`AttentionConsumer`) that receives each layer's attention during the
-            forward, computed once and then used for the layer's output; ignored with ``with_grad``.
-        chunk_bytes: at most this much attention per chunk handed to ``on_attention`` (at least one head).
+            forward, computed once and then used for the layer's output.
+        chunk_bytes: at most this much attention per chunk handed to ``on_attention`` (at least one head); default
+            :func:`vizapp.limits.chunk_bytes` of the model's device.
+        keep_qk: keep every layer's q and k after the forward (False: each is dropped once consumed).
+        layers: the attention modules (default: :func:`attention_layers` of ``model``).
     """
-
-    #: store q and k of all layers in one [2, L, B, H, N, d] block (subclasses that consume each layer at once
-    #: set this False)
-    pack_qk = True
 
     def __init__(
         self,
         model: torch.nn.Module,
         with_grad: bool = False,
         on_attention: AttentionConsumer | None = None,
-        chunk_bytes: int = 4 * 2**20,
+        chunk_bytes: int | None = None,
+        keep_qk: bool = True,
+        layers: list[torch.nn.Module] | None = None,
     ) -> None:
-        self.modules = attention_modules(model)
+        self.modules = list(layers) if layers is not None else attention_layers(model)
         self.with_grad = with_grad
         self.on_attention = None if with_grad else on_attention
-        self.chunk_bytes = int(chunk_bytes)
-        #: layers whose attention went through ``on_attention`` in the last forward
-        self.inline_layers: set[int] = set()
-        self._mode: _InlineSDPA | None = None
-        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._raw_q: torch.Tensor | None = None
+        self.chunk_bytes = chunk_bytes
+        self.keep_qk = keep_qk
         n = len(self.modules)
         self.q: list[torch.Tensor | None] = [None] * n
         self.k: list[torch.Tensor | None] = [None] * n
-        self.v: list[torch.Tensor | None] = [None] * n
-        self.out: list[torch.Tensor | None] = [None] * n
-        self.scales = [float(m.scale) for m in self.modules]
-        self.num_heads = [int(m.num_heads) for m in self.modules]
-        self.head_dims = [int(m.head_dim) for m in self.modules]
+        self.bias: list[torch.Tensor | None] = [None] * n  # additive [B or 1, H or 1, N, N], or None
+        self.scales: list[float] = [0.0] * n
+        self.maps: list[torch.Tensor | None] = [None] * n  # with_grad: the attention in the graph
+        #: layers whose attention went through ``on_attention`` inside the forward
+        self.inline_layers: set[int] = set()
+        #: layers fed to ``on_attention`` from q and k at the end of the layer (timm Attention, fused_attn off)
+        self.replayed_layers: set[int] = set()
+        #: layer -> why its attention was left to SDPA and is not exact (dropout, causal, ...)
+        self.unexact_layers: dict[int, str] = {}
+        self._called: set[int] = set()
+        self._modes: list[_LayerMode] = []
         self._handles: list[Any] = []
         self._owner: int | None = None
-        self._packed: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
 
-    # -- hooks ---------------------------------------------------------------------------------------------------
     def _mine(self) -> bool:
         return threading.get_ident() == self._owner
 
-    def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
-        # Detach unless gradients are wanted, so nothing keeps the autograd graph alive. q and k are views into the
-        # layer's whole qkv buffer; a copy lets that buffer (1.5x their size) be freed after the layer.
+    def _budget(self, device: torch.device) -> int:
+        return limits.chunk_bytes(device) if self.chunk_bytes is None else int(self.chunk_bytes)
+
+    # -- the call ------------------------------------------------------------------------------------------------
+    def _record(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
+        self._called.add(layer)
         if self.with_grad:
-            store[layer] = t.contiguous()
-            return
-        t = t.detach()
-        which = 0 if store is self.q else 1
-        if self.pack_qk and which == 0 and layer == 0:
-            # A new forward begins: one block for every layer's q and k (the heads are uniform across blocks in
-            # timm ViTs). One large allocation instead of 2·L small ones interleaved with the forward's own
-            # activations keeps the allocator from fragmenting, and is returned whole when the analysis is freed.
-            self._packed = torch.empty((2, len(self), *t.shape), dtype=t.dtype, device=t.device)
-        packed = self._packed
-        if packed is not None and packed.shape[2:] == t.shape and packed.dtype == t.dtype and packed.device == t.device:
-            store[layer] = packed[which, layer].copy_(t)
+            self.q[layer], self.k[layer] = q, k
+        elif self.keep_qk:  # a copy lets the layer's qkv buffer (q and k are often views into it) be freed
+            self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()
         else:
-            store[layer] = t.contiguous()
+            self.q[layer], self.k[layer] = q.detach(), k.detach()
+        self.scales[layer], self.bias[layer] = scale, bias
 
-    def _q_hook(self, layer: int):
-        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            if self._mine():
-                if layer == 0:
-                    self.inline_layers.clear()  # a new forward
-                self._store(self.q, layer, out)
-                self._raw_q = out
+    def _attention_call(self, layer: int, call: dict[str, Any], run: Any) -> torch.Tensor:
+        q, k, v = call["query"], call["key"], call["value"]
+        if not self._mine() or layer in self._called or q.dim() != 4 or k.shape != q.shape:
+            return run()
+        d = q.shape[-1]
+        scale = d**-0.5 if call.get("scale") is None else float(call["scale"])
+        bias = _additive_bias(call.get("attn_mask"), q.shape[-2])
+        self._record(layer, q, k, scale, bias)
+        why = ("dropout" if call.get("dropout_p") else "causal attention" if call.get("is_causal")
+               else "grouped-query attention" if call.get("enable_gqa") or v.shape[:3] != k.shape[:3] else None)
+        if why is not None:
+            self.unexact_layers[layer] = why
+            return run()
+        if self.with_grad and torch.is_grad_enabled():
+            a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
+            self.maps[layer] = a
+            return (a @ v.float()).to(v.dtype)
+        if self.on_attention is None:
+            return run()
+        return self._inline(layer, q, k, v, scale, bias)
 
-        return hook
-
-    def _k_hook(self, layer: int):
-        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            if self._mine():
-                self._store(self.k, layer, out)
-                if self._raw_q is not None and self.on_attention is not None:
-                    self._pending = (layer, self._raw_q, out)  # the SDPA call that follows gets these
-                    self._push_mode()
-                self._raw_q = None
-
-        return hook
-
-    def _attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        **extra: Any,
-    ) -> torch.Tensor | None:
-        """SDPA for the layer whose q and k were just recorded, with its attention passed to the consumer; None
-        (let SDPA run) for any call this cannot reproduce exactly."""
-        pending, self._pending = self._pending, None
-        consumer = self.on_attention
-        if consumer is None or pending is None or not self._mine():
-            return None
-        layer, q_rec, k_rec = pending
-        if query is not q_rec or key is not k_rec:
-            return None
-        if attn_mask is not None or dropout_p or is_causal or any(extra.values()):
-            return None
-        if query.dim() != 4 or query.shape != key.shape or value.shape[:3] != key.shape[:3]:
-            return None
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            return None
-        b, h, n, d = query.shape
-        s = d**-0.5 if scale is None else float(scale)
-        c, rows = chunk_shape(h, n, self.chunk_bytes)
-        work = torch.empty((c, rows, n), dtype=torch.float32, device=query.device)
-        out = torch.empty((b, h, n, value.shape[-1]), dtype=value.dtype, device=value.device)
-        for i in range(b):
-            v32 = value[i].float()
-            for h0, r0, a in attention_chunks(query[i], key[i], s, c, rows, work):
-                heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
-                consumer.chunk(layer, i, h0, a, r0)
-                if out.dtype == torch.float32:
-                    torch.matmul(a, v32[heads], out=out[i, heads, block])
-                else:
-                    out[i, heads, block] = torch.matmul(a, v32[heads]).to(out.dtype)
-        consumer.layer_done(layer)
+    def _inline(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        b, h, n, _ = q.shape
+        c, rows = limits.chunk_shape(h, n, self._budget(q.device))
+        work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+        out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+        with torch.no_grad():
+            for i in range(b):
+                v32 = v[i].float()
+                bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
+                for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
+                    heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
+                    self.on_attention.chunk(layer, i, h0, a, r0)
+                    if out.dtype == torch.float32:
+                        torch.matmul(a, v32[heads], out=out[i, heads, block])
+                    else:
+                        out[i, heads, block] = torch.matmul(a, v32[heads]).to(out.dtype)
+        self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
         return out
 
-    def _v_hook(self, layer: int):
-        h, d = self.num_heads[layer], self.head_dims[layer]
+    def _mha_call(self, layer: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:
+        """torch's ``F.multi_head_attention_forward`` for plain self-attention, evaluated from the module's own
+        weights with the attention formed here; None (let torch run it) for anything else."""
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        plain = (a["query"] is a["key"] is a["value"] and a["use_separate_proj_weight"] is False
+                 and a["bias_k"] is None and a["bias_v"] is None and not a["add_zero_attn"]
+                 and a["key_padding_mask"] is None and a["attn_mask"] is None and not a["is_causal"]
+                 and not a["need_weights"] and a["static_k"] is None and a["static_v"] is None
+                 and not (a["training"] and a["dropout_p"]) and a["query"].dim() == 3)
+        if not plain or not self._mine():
+            return None
+        x = a["query"]  # [N, B, E] (MHA transposes batch_first inputs before this call)
+        n, b, e = x.shape
+        h = int(a["num_heads"])
+        qkv = F.linear(x, a["in_proj_weight"], a["in_proj_bias"])  # [N, B, 3E]
+        q, k, v = (t.reshape(n, b * h, e // h).transpose(0, 1).reshape(b, h, n, e // h) for t in qkv.chunk(3, dim=-1))
+        o = self._attention_call(layer, {"query": q, "key": k, "value": v},
+                                 lambda: F.scaled_dot_product_attention(q, k, v))  # [B, H, N, d]
+        o = o.permute(2, 0, 1, 3).reshape(n * b, e)
+        out = F.linear(o, a["out_proj_weight"], a["out_proj_bias"]).view(n, b, e)
+        return out, None
 
-        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _pre_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple) -> None:
             if self._mine():
-                b, n, _ = out.shape
-                self.v[layer] = out.reshape(b, n, 3, h, d)[:, :, 2].transpose(1, 2)  # [B, H, N, d]
+                if layer == 0:  # a new forward
+                    self.inline_layers.clear()
+                    self.replayed_layers.clear()
+                    self.unexact_layers.clear()
+                self._called.discard(layer)
+                self.q[layer] = self.k[layer] = self.maps[layer] = None
+                mode = _LayerMode(self, layer)
+                mode.__enter__()
+                self._modes.append(mode)
 
         return hook
 
-    def _out_hook(self, layer: int):
-        def hook(_mod: torch.nn.Module, args: tuple) -> None:
-            if self._mine():
-                self.out[layer] = args[0]  # [B, N, H*d], the heads' outputs before norm/proj
+    def _post_hook(self, layer: int):
+        def hook(mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
+            if not self._mine():
+                return
+            if self._modes:
+                self._modes.pop().__exit__(None, None, None)  # also when the module raised (always_call)
+            if layer not in self._called:
+                if self.q[layer] is None or self.k[layer] is None:
+                    raise UnsupportedModelError(
+                        f"layer {layer} ({type(mod).__name__}) computed its attention without "
+                        "scaled_dot_product_attention, so vizapp cannot capture it exactly (is fused attention off?)"
+                    )
+                self._called.add(layer)
+            if self.on_attention is not None and layer not in self.inline_layers and layer not in self.unexact_layers:
+                feed(self.on_attention, layer, self.q[layer], self.k[layer], self.scales[layer], self.bias[layer],
+                     self._budget(self.q[layer].device))
+                self.replayed_layers.add(layer)
+            if not self.keep_qk:
+                self.q[layer] = self.k[layer] = None
 
         return hook
 
-    # The mode is on this thread's stack only from a layer's k_norm to the end of that attention module, so the
-    # rest of the forward's calls do not pass through Python (that cost ViT-Ti/16 a third of its forward).
-    def _push_mode(self) -> None:
-        if self._mode is None:
-            self._mode = _InlineSDPA(self)
-            self._mode.__enter__()
+    def _norm_hook(self, layer: int, store: list):
+        def hook(mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if self._mine():
+                store[layer] = out if self.with_grad else out.detach()
+                self.scales[layer] = float(self.modules[layer].scale)
+                self.bias[layer] = None
 
-    def _pop_mode(self) -> None:
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-
-    def _attn_done_hook(self, _mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
-        if self._mine():
-            self._pop_mode()  # also when the module raised (always_call)
-            self._pending = None
+        return hook
 
     def __enter__(self) -> AttentionCapture:
+        from timm.layers import Attention
+
         self._owner = threading.get_ident()
-        self.inline_layers = set()
+        self.inline_layers, self.replayed_layers, self.unexact_layers = set(), set(), {}
         try:
             for i, m in enumerate(self.modules):
-                self._handles.append(m.q_norm.register_forward_hook(self._q_hook(i)))
-                self._handles.append(m.k_norm.register_forward_hook(self._k_hook(i)))
-                if self.with_grad:
-                    self._handles.append(m.qkv.register_forward_hook(self._v_hook(i)))
-                    self._handles.append(m.norm.register_forward_pre_hook(self._out_hook(i)))
-                if self.on_attention is not None:
-                    self._handles.append(m.register_forward_hook(self._attn_done_hook, always_call=True))
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook(i)))
+                self._handles.append(m.register_forward_hook(self._post_hook(i), always_call=True))
+                if type(m) is Attention and not getattr(m, "fused_attn", True):
+                    # no SDPA call to catch: q and k as timm's own explicit path uses them
+                    self._handles.append(m.q_norm.register_forward_hook(self._norm_hook(i, self.q)))
+                    self._handles.append(m.k_norm.register_forward_hook(self._norm_hook(i, self.k)))
         except BaseException:
             self.remove()
             raise
@@ -332,35 +414,30 @@ class AttentionCapture:
             h.remove()
         self._handles.clear()
         if threading.get_ident() == self._owner:
-            self._pop_mode()
-        self._pending = self._raw_q = None
+            while self._modes:
+                self._modes.pop().__exit__(None, None, None)
 
     # -- results -------------------------------------------------------------------------------------------------
     def _check(self, layer: int) -> None:
         if self.q[layer] is None or self.k[layer] is None:
             raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
+        if layer in self.unexact_layers:
+            raise UnsupportedModelError(
+                f"layer {layer} ran with {self.unexact_layers[layer]}, which vizapp does not reproduce; its attention "
+                "is not shown (put the model in eval mode)"
+            )
 
     def attention(self, layer: int) -> torch.Tensor:
         """Post-softmax attention of ``layer``, [B, H, N, N] float32, on the model's device."""
         self._check(layer)
         with torch.no_grad():
-            return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer])
-
-    def attention_with_graph(self, layer: int) -> torch.Tensor:
-        """Like :meth:`attention` but differentiable (needs ``with_grad=True``)."""
-        self._check(layer)
-        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer])
+            return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer], self.bias[layer])
 
     def attention_grads(self, score: torch.Tensor) -> list[torch.Tensor]:
         """∂score/∂A for every layer, [B, H, N, N] float32 each; ``score`` a scalar from the captured forward."""
         if not self.with_grad:
             raise RuntimeError("AttentionCapture(model, with_grad=True) is needed for gradients")
-        if any(o is None for o in self.out) or any(v is None for v in self.v):
-            raise RuntimeError("no attention outputs recorded; run the forward inside the `with` block")
-        grads_o = torch.autograd.grad(score, self.out)  # each [B, N, H*d]
-        result = []
-        for layer, g in enumerate(grads_o):
-            b, n, _ = g.shape
-            g = g.reshape(b, n, self.num_heads[layer], self.head_dims[layer]).transpose(1, 2).float()  # [B, H, N, d]
-            result.append(g @ self.v[layer].detach().float().transpose(-2, -1))  # [B, H, N, N]
-        return result
+        if any(a is None for a in self.maps):
+            raise RuntimeError("no attention recorded with its graph; run the forward inside the `with` block "
+                               "with gradients enabled")
+        return [g.float() for g in torch.autograd.grad(score, self.maps)]

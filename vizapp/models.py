@@ -166,23 +166,14 @@ def _pair(x: Any) -> tuple[int, int]:
 
 
 def check_supported(model: torch.nn.Module, name: str = "model") -> None:
-    """Raise UnsupportedModelError unless ``model`` is a timm VisionTransformer whose blocks use timm's Attention."""
-    from timm.layers import Attention
+    """Raise UnsupportedModelError unless vizapp can capture ``model``'s attention exactly and read its patch grid."""
+    from vizapp.capture import attention_layers
 
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or getattr(model, "patch_embed", None) is None or not hasattr(model, "num_prefix_tokens"):
+    if getattr(model, "patch_embed", None) is None or not hasattr(model, "num_prefix_tokens"):
         raise UnsupportedModelError(
-            f"{name} ({type(model).__name__}) is not a plain ViT; vizapp supports timm's VisionTransformer family "
-            "(vit_*, deit_*, deit3_*, *_reg4_*, *_dinov2, *_clip_*), not Swin, ConvNeXt, BEiT, EVA or hybrid models"
+            f"{name} ({type(model).__name__}) is not a ViT with a patch embedding and prefix tokens vizapp can read"
         )
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        if not isinstance(attn, Attention):
-            what = type(attn).__name__ if attn is not None else f"{type(blk).__name__} (no separate attention module)"
-            raise UnsupportedModelError(
-                f"{name}: block {i} uses {what}, not timm's standard Attention, so its attention "
-                "cannot be captured exactly; pick a ViT/DeiT/DINO/CLIP/register model"
-            )
+    attention_layers(model)
 
 
 def _model_metadata(model: torch.nn.Module) -> dict[str, Any]:

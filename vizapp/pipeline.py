@@ -15,27 +15,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp.analysis.distance import BlockDistanceTerms, patch_distance_matrix
+from vizapp import limits
+from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
-from vizapp.capture import AttentionCapture, attention_chunks, attention_from_qk, chunk_shape
+from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
+from vizapp.streaming import LayerStatistics, fused_layer
 
 Query = str | int | tuple[int, int]
-# Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at
-# 384 px would need 32 MB per fusion, so big models recompute them from q and k when a view asks).
-FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
-ATTENTION_CHUNK_BYTES = 32 * 2**20  # at most this much of one layer's attention exists at once (recompute path, GPU)
-# Attention per chunk handed over during the forward on the CPU: with the distance product beside it, about 2x this
-# stays in the last-level cache (2 heads of ViT-L/16 at 384 px, all 12 of ViT-B/16 at 224 px; one head at 1,374
-# tokens). Per ViT-L/384 layer, distance and rollout statistics from q and k took 15.5 ms in chunks of 2 heads
-# against 21 ms for all 16 at once (median of 22 interleaved rounds, 2-vCPU AMD EPYC, 32 MiB shared L3).
-INLINE_CHUNK_BYTES = 3 * 2**20
-# Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as
-# the forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
-ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
-
-
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
     from vizapp.imageio import DecodedImage, decode_image
 
@@ -80,6 +68,9 @@ class Analysis:
         input: the model's input tensor [1, C, H, W].
         q, k: per layer [H, N, head_dim] float32 (post q_norm / k_norm, before scaling).
         scales: per-layer softmax scale.
+        biases: per layer, the additive bias the layer adds before its softmax ([H or 1, N, N], e.g. BEiT's
+            relative-position bias), or None; empty when no layer has one.
+        recomputed_layers: layers whose attention stayed inside the model and was formed again from q and k.
         mean_distance: [L, H] mean attention distance in pixels.
         notes: remarks about the input (e.g. "animated GIF: first frame").
     """
@@ -100,6 +91,8 @@ class Analysis:
     mean_distance: np.ndarray
     notes: tuple[str, ...] = ()
     has_class_token: bool = True
+    biases: tuple[torch.Tensor | None, ...] = ()
+    recomputed_layers: tuple[int, ...] = ()
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -158,13 +151,19 @@ class Analysis:
     def attention_layer(self, layer: int) -> torch.Tensor:
         """Full attention of one layer, [H, N, N] float32 (recomputed from q and k)."""
         layer = self._layer(layer)
-        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer])
+        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer], self._bias(layer))
+
+    def _bias(self, layer: int) -> torch.Tensor | None:
+        """The layer's additive attention bias [H or 1, N, N] (relative position), or None."""
+        return self.biases[layer] if self.biases else None
 
     def attention_row(self, layer: int, query: Query = "cls") -> torch.Tensor:
         """Attention of one query token to every token, [H, N]."""
         layer = self._layer(layer)
         i = self.query_index(query)
-        return attention_from_qk(self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer])[:, 0]
+        bias = self._bias(layer)
+        return attention_from_qk(self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer],
+                                 None if bias is None else bias[:, i : i + 1])[:, 0]
 
     def attention(self, layer: int, head: int | None = None, query: Query = "cls") -> np.ndarray:
         """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
@@ -190,25 +189,12 @@ class Analysis:
         if key in self._cache:
             return self._cache[key]
         fused = torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)])
-        if fused.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
+        if fused.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
             self._cache[key] = fused
         return fused
 
     def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
-        """One layer's head-fused attention [N, N] from q and k, a cache-sized chunk of heads at a time (the
-        softmax in place in one reused buffer), never the layer's whole [H, N, N]."""
-        q, k = self.q[layer], self.k[layer]
-        h, n, _ = q.shape
-        out = torch.full((n, n), {"mean": 0.0, "max": -torch.inf, "min": torch.inf}[head_fusion])
-        for _, r0, a in attention_chunks(q, k, self.scales[layer], *chunk_shape(h, n, INLINE_CHUNK_BYTES)):
-            rows = out[r0 : r0 + a.shape[1]]
-            if head_fusion == "mean":
-                rows.add_(a.sum(dim=0))
-            elif head_fusion == "max":
-                torch.maximum(rows, a.amax(dim=0), out=rows)
-            else:
-                torch.minimum(rows, a.amin(dim=0), out=rows)
-        return out.div_(h) if head_fusion == "mean" else out
+        return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
 
     def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
         """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
@@ -268,7 +254,7 @@ class Analysis:
             logits = vm.model(x)
             grads = cap.attention_grads(logits[0, cls])
         out = torch.stack([g[0].detach().float().cpu() for g in grads])
-        if out.numel() * 4 <= FUSED_CACHE_LIMIT_BYTES:
+        if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
             self._cache[key] = out
         return out
 
@@ -387,7 +373,7 @@ class Analysis:
             "notes": list(self.notes),
         }
 
-    def arrays(self, max_bytes: int = 256 * 2**20) -> dict[str, np.ndarray]:
+    def arrays(self, max_bytes: int | None = None) -> dict[str, np.ndarray]:
         """Arrays for an .npz export: full attention [L, H, N, N] when it fits in ``max_bytes``, else CLS rows."""
         out: dict[str, np.ndarray] = {
             "mean_distance": self.mean_distance,
@@ -398,171 +384,13 @@ class Analysis:
             "patch_size": np.array(self.patch_size),
         }
         full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
-        if full <= max_bytes:
+        if full <= (limits.EXPORT_ATTENTION_BYTES if max_bytes is None else max_bytes):
             out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()
         else:
             out["cls_attention"] = torch.stack([self.attention_row(i) for i in range(self.num_layers)]).numpy()
         if self.probs is not None:
             out["probs"] = self.probs
         return out
-
-
-def inline_chunk_bytes(device: torch.device) -> int:
-    """Attention per chunk formed during the forward: cache-sized on the CPU, larger on a GPU."""
-    return INLINE_CHUNK_BYTES if device.type == "cpu" else ATTENTION_CHUNK_BYTES
-
-
-class _InlineStats:
-    """:class:`~vizapp.capture.AttentionConsumer` for :func:`analyze`: per-layer statistics from the attention the
-    forward itself computes, one cache-sized chunk of heads at a time.
-
-    Per chunk a [c, N, N]: the distance numerator Σ_j a_ij d_ij and denominator Σ_j a_ij over the patches, and the
-    head sum (plus max and min when ``keep_fused``). Per layer: the mean distance per head, and the rollout: the
-    mean-fused matrix is kept (``store_mean``) for a top-down vector pass after the forward, or else folded into
-    the joint attention R ← (M R + R) / 2 at once, bottom-up. Chunks may be blocks of query rows of one head
-    (models whose one head's N x N exceeds the chunk size).
-    """
-
-    def __init__(self, n_layers: int, n_heads: list[int], n_tokens: int, dist: torch.Tensor, p: int, keep_fused: bool,
-                 store_mean: bool) -> None:
-        self.heads, self.n, self.p = n_heads, n_tokens, p
-        self.terms = BlockDistanceTerms(dist, p)
-        self.keep_fused = keep_fused
-        self.store_mean = store_mean or keep_fused
-        self.distances: list[torch.Tensor | None] = [None] * n_layers
-        self.fused: dict[str, list[torch.Tensor | None]] = {
-            f: [None] * n_layers for f in (HEAD_FUSIONS if keep_fused else ("mean",) if self.store_mean else ())
-        }
-        self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
-        self.valid = True
-        self._num = self._den = self._sum = self._hi = self._lo = None
-
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        c, r, n = attn.shape
-        if batch != 0 or n != self.n or not self.valid:
-            self.valid = False
-            return
-        if head == 0 and row == 0:
-            dev = attn.device
-            self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._sum = torch.zeros(n, n, device=dev)
-            if self.keep_fused:
-                self._hi = torch.full((n, n), -torch.inf, device=dev)
-                self._lo = torch.full((n, n), torch.inf, device=dev)
-        terms = self.terms(attn, row)
-        if terms is not None:
-            q0, q1, num, den = terms
-            self._num[head : head + c, q0:q1] = num
-            self._den[head : head + c, q0:q1] = den
-        rows = slice(row, row + r)
-        self._sum[rows].add_(attn[0] if c == 1 else attn.sum(dim=0))
-        if self.keep_fused:
-            torch.maximum(self._hi[rows], attn.amax(dim=0), out=self._hi[rows])
-            torch.minimum(self._lo[rows], attn.amin(dim=0), out=self._lo[rows])
-
-    def layer_done(self, layer: int) -> None:
-        if not self.valid or self._sum is None:
-            return
-        tiny = torch.finfo(torch.float32).tiny
-        self.distances[layer] = (self._num / self._den.clamp_min(tiny)).mean(dim=-1)
-        mean = self._sum.div_(self.heads[layer])
-        if self.store_mean:
-            self.fused["mean"][layer] = mean
-        else:
-            # Â = (M + I) / 2 (softmax rows sum to one); the joint attention of layers 0..l is Â_l R.
-            if self.joint is None:
-                self.joint = 0.5 * (mean + torch.eye(self.n, dtype=mean.dtype, device=mean.device))
-            else:
-                self.joint = torch.addmm(self.joint, mean, self.joint, beta=0.5, alpha=0.5)
-        if self.keep_fused:
-            self.fused["max"][layer], self.fused["min"][layer] = self._hi, self._lo
-        self._sum = self._hi = self._lo = None
-
-    def rollout_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """The default rollout's row: ``weights`` [N] float64 through every layer, top-down."""
-        if self.store_mean:
-            for mean in reversed(self.fused["mean"]):
-                weights = 0.5 * (torch.matmul(weights.to(torch.float32), mean).to(torch.float64) + weights)
-            return weights
-        return torch.matmul(weights.to(torch.float32), self.joint).to(torch.float64)
-
-
-@dataclass
-class _LayerStats:
-    fused: dict[str, torch.Tensor]  # head fusion -> [N, N]; empty unless asked for
-    row_times_mean: torch.Tensor  # [N] float64: row @ mean_h A_h
-    distances: torch.Tensor  # [H] mean attention distance per head
-
-
-def _layer_stats(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    dist: torch.Tensor,
-    p: int,
-    row: torch.Tensor,
-    with_fused: bool,
-    scores: torch.Tensor,
-    product: torch.Tensor,
-) -> _LayerStats:
-    """Everything ``analyze`` needs from one layer, from its q and k [H, N, d].
-
-    Heads are processed in chunks of ``scores.shape[0]`` through two reused work buffers, ``scores`` [c, N, N] (the
-    attention, softmaxed in place) and ``product`` [c, P, P] (attention times pixel distance), so at most ~2 x 32 MB
-    of attention exists at once and nothing of that size is allocated per layer. Per chunk this is one GEMM for
-    q kᵀ and about five passes over c·N² floats: softmax, the rollout row as a batched vector-matrix product, and the
-    distance numerator and denominator. The mean fusion is never formed unless ``with_fused``: the rollout only
-    needs ``row @ mean_h A_h``.
-    """
-    h, n, _ = q.shape
-    row32 = row.to(torch.float32)
-    row_out = torch.zeros(n, dtype=torch.float64, device=q.device)
-    tiny = torch.finfo(torch.float32).tiny
-    total = hi = lo = None
-    dists = []
-    for _, _, a in attention_chunks(q, k, scale, scores.shape[0], n, scores):  # a: [c, N, N]
-        c = a.shape[0]
-        row_out += torch.matmul(row32, a).sum(dim=0, dtype=torch.float64)
-        ap = a[:, p:, p:]
-        # Mean distance with each query's weights renormalised over the patches: Σ_j a_ij d_ij / Σ_j a_ij.
-        num = torch.mul(ap, dist, out=product[:c]).sum(dim=-1)
-        dists.append((num / ap.sum(dim=-1).clamp_min(tiny)).mean(dim=-1))
-        if with_fused:
-            sm, mx, mn = a.sum(dim=0), a.amax(dim=0), a.amin(dim=0)
-            total = sm if total is None else total.add_(sm)
-            hi = mx if hi is None else torch.maximum(hi, mx)
-            lo = mn if lo is None else torch.minimum(lo, mn)
-    fused = {"mean": total / h, "max": hi, "min": lo} if with_fused else {}
-    return _LayerStats(fused, row_out / h, torch.cat(dists))
-
-
-def _recompute_stats(
-    cap: AttentionCapture, dist: torch.Tensor, p: int, weights: torch.Tensor, keep_fused: bool
-) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor]:
-    """Per-layer statistics from recorded q and k, in one pass from the top layer down (for forwards whose attention
-    ran inside SDPA). Returns the mean distances [H] per layer, the fusions per layer (when ``keep_fused``) and the
-    default rollout's row.
-
-    Softmax rows sum to one, so add_residual's Â = (A + I) / rowsum is (A + I) / 2 and row @ Â = (row @ A + row) / 2
-    (equal to rollout_row's result to float rounding; tested).
-    """
-    n_layers = len(cap)
-    h, n = cap.q[0].shape[1], cap.q[0].shape[2]
-    device = cap.q[0].device
-    fused: dict[str, list] = {f: [None] * n_layers for f in HEAD_FUSIONS if keep_fused}
-    distances: list = [None] * n_layers
-    chunk = max(1, min(h, ATTENTION_CHUNK_BYTES // max(1, n * n * 4)))
-    scores = torch.empty(chunk, n, n, dtype=torch.float32, device=device)
-    product = torch.empty(chunk, n - p, n - p, dtype=torch.float32, device=device)
-    for layer in range(n_layers - 1, -1, -1):
-        st = _layer_stats(cap.q[layer][0], cap.k[layer][0], cap.scales[layer], dist, p, weights, keep_fused,
-                          scores, product)
-        distances[layer] = st.distances
-        for f, store in fused.items():
-            store[layer] = st.fused[f]
-        weights = 0.5 * (st.row_times_mean + weights)  # [N]
-    return distances, fused, weights
 
 
 def analyze(
@@ -593,8 +421,8 @@ def analyze(
     grid = grid_for_input(vm.model, x.shape[-2], x.shape[-1])
     p = vm.num_prefix_tokens
     n = p + grid[0] * grid[1]
-    n_layers = len(vm.model.blocks)
-    keep_fused = n_layers * n * n * 4 <= FUSED_CACHE_LIMIT_BYTES
+    n_layers = vm.num_layers
+    keep_fused = n_layers * n * n * 4 <= limits.FUSED_CACHE_LIMIT_BYTES
     weights = torch.zeros(n, dtype=torch.float64, device=vm.device)  # the rows whose joint attention is the map
     if vm.has_class_token:
         weights[0] = 1.0
@@ -602,28 +430,25 @@ def analyze(
         weights[p:] = 1.0 / (n - p)
     with torch.no_grad():
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
-        heads = [int(getattr(b.attn, "num_heads", 1)) for b in vm.model.blocks]
-        inline = _InlineStats(n_layers, heads, n, dist, p, keep_fused,
-                              store_mean=n_layers * n * n * 4 <= ROLLOUT_STORE_LIMIT_BYTES)
-        with AttentionCapture(vm.model, on_attention=inline, chunk_bytes=inline_chunk_bytes(x_dev.device)) as cap:
+        stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, HEAD_FUSIONS if keep_fused else (),
+                                store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
+        with AttentionCapture(vm.model, on_attention=stats) as cap:
             logits = vm.model(x_dev)
         if progress:
             progress(0.6, "attention analyses")
         n_seen = cap.q[0].shape[-2]
         if n_seen != n:
             raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
-        if inline.valid and cap.inline_layers == set(range(n_layers)):
-            distances = inline.distances
-            fused = inline.fused if keep_fused else {}
-            weights = inline.rollout_weights(weights)
-        else:
-            # Some layer's attention ran inside SDPA (a mask, fused_attn off, ...): recompute from q and k.
-            distances, fused, weights = _recompute_stats(cap, dist, p, weights, keep_fused)
-        del inline
-        rollout_default = weights[p:].float().cpu()
+        if not stats.complete():
+            raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+        rollout_default = stats.rollout_row(weights)[p:].float().cpu()
         q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
+        biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
         scales = tuple(cap.scales)
+        fused = {f: torch.stack(stats.fused[f]).cpu() for f in HEAD_FUSIONS} if keep_fused else {}
+        distances = stats.distances
+        del stats
     probs = None
     top: list[tuple[str, float]] = []
     if vm.labels and logits.shape[-1] == len(vm.labels):
@@ -647,9 +472,11 @@ def analyze(
         mean_distance=torch.stack(distances).float().cpu().numpy(),
         notes=tuple(notes),
         has_class_token=vm.has_class_token,
+        biases=biases if any(b is not None for b in biases) else (),
+        recomputed_layers=tuple(sorted(cap.replayed_layers)),
     )
-    for f, store in fused.items():
-        result._cache[("fused", f)] = torch.stack(store).cpu()  # [L, N, N]
+    for f, stack in fused.items():
+        result._cache[("fused", f)] = stack  # [L, N, N]
     result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(rollout_default)
     if progress:
         progress(1.0, "done")

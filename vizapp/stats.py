@@ -28,21 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vizapp.analysis.distance import (
-    BlockDistanceTerms,
-    head_distances,
-    patch_distance_matrix,
-    uniform_reference_distance,
-)
-from vizapp.capture import AttentionCapture, attention_from_qk, attention_modules
+from vizapp.analysis.distance import patch_distance_matrix, uniform_reference_distance
+from vizapp.capture import AttentionCapture
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.models import VizModel
-from vizapp.pipeline import inline_chunk_bytes
+from vizapp.streaming import DatasetDistances
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Attention of at most this many bytes is materialised at once (the batch is split into chunks to stay below it).
-ATTENTION_CHUNK_BYTES = 64 * 2**20
 CSV_COLUMNS = ("layer", "head", "mean_distance_px", "n_images")
 
 
@@ -93,72 +86,6 @@ def collate(items: Sequence[tuple[torch.Tensor | None, str, str]]) -> Batch:
     tensors = [t for t, _, _ in items if t is not None]
     skipped = [(path, reason) for t, path, reason in items if t is None]
     return Batch(torch.stack(tensors) if tensors else None, skipped, len(items))
-
-
-class _DistanceCapture(AttentionCapture):
-    """AttentionCapture that turns each layer's attention into summed head distances while the forward runs.
-
-    When every layer runs SDPA, the capture forms each layer's attention once, in cache-sized chunks, and the
-    distance is taken from the hot chunk (:meth:`chunk`); nothing of the layer is kept afterwards. Otherwise (a
-    layer with ``fused_attn`` off) each layer's q and k are turned into distances as soon as both are recorded;
-    a layer whose q/k were not consumed during the forward is consumed afterwards by :meth:`flush`.
-    """
-
-    pack_qk = False  # each layer's q and k are consumed as soon as both exist
-
-    def __init__(self, model: torch.nn.Module, dist: torch.Tensor, num_prefix_tokens: int, sums: torch.Tensor,
-                 counts: torch.Tensor) -> None:
-        inline = all(getattr(m, "fused_attn", False) for m in attention_modules(model))
-        super().__init__(model, on_attention=self if inline else None, chunk_bytes=inline_chunk_bytes(dist.device))
-        self.dist = dist
-        self.num_prefix_tokens = num_prefix_tokens
-        self.sums = sums  # [L, H] float64, on the device
-        self.counts = counts  # [L] images seen per layer (a consistency check)
-        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
-
-    def _store(self, store: list, layer: int, t: torch.Tensor) -> None:
-        if self.on_attention is not None:
-            store[layer] = t.detach()  # a reference until the layer's SDPA call: no copy
-            return
-        super()._store(store, layer, t)
-        if self.q[layer] is not None and self.k[layer] is not None:
-            self._consume(layer)
-
-    # AttentionConsumer
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        n_patches = self.dist.shape[-1]
-        if attn.shape[-1] - self.num_prefix_tokens != n_patches:
-            raise ValueError(f"attention has {attn.shape[-1] - self.num_prefix_tokens} patch tokens after "
-                             f"{self.num_prefix_tokens} prefix tokens, but the grid has {n_patches}")
-        terms = self.terms(attn, row)
-        if terms is None:
-            return
-        _, _, num, den = terms
-        # this block's share of the mean over all query patches
-        ratio = num / den.clamp_min(torch.finfo(torch.float32).tiny)
-        self.sums[layer, head : head + attn.shape[0]] += (ratio.sum(dim=-1) / n_patches).double()
-
-    def layer_done(self, layer: int) -> None:
-        self.counts[layer] += self.q[layer].shape[0]  # the batch size of this forward
-        self.q[layer] = self.k[layer] = None
-
-    def _consume(self, layer: int) -> None:
-        q, k = self.q[layer], self.k[layer]
-        self.q[layer] = self.k[layer] = None
-        b, h, n, _ = q.shape
-        chunk = max(1, ATTENTION_CHUNK_BYTES // max(1, 2 * h * n * n * 4))
-        with torch.no_grad():
-            for s in range(0, b, chunk):
-                a = attention_from_qk(q[s : s + chunk], k[s : s + chunk], self.scales[layer])  # [c, H, N, N]
-                d = head_distances(a, self.dist, self.num_prefix_tokens)  # [c, H]
-                self.sums[layer] += d.double().sum(dim=0)
-                del a, d
-        self.counts[layer] += b
-
-    def flush(self) -> None:
-        for layer in range(len(self)):
-            if self.q[layer] is not None and self.k[layer] is not None:
-                self._consume(layer)
 
 
 @dataclass
@@ -241,8 +168,7 @@ def collect_stats(
     _, in_h, in_w = vm.input_size
     grid = grid_for_input(model, int(in_h), int(in_w))
     dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(device)
-    sums = torch.zeros(vm.num_layers, vm.num_heads, dtype=torch.float64, device=device)
-    counts = torch.zeros(vm.num_layers, dtype=torch.long)
+    reducer = DatasetDistances(vm.num_layers, vm.num_heads, dist, vm.num_prefix_tokens)
     loader = DataLoader(
         ImageFileDataset(paths, vm.transform), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate, pin_memory=device.type == "cuda",
@@ -266,9 +192,8 @@ def collect_stats(
                 if timed and i % 2 == 0:
                     t_bare = _bare_forward(model, x)
                 t0 = time.perf_counter()
-                with torch.no_grad(), _DistanceCapture(model, dist, vm.num_prefix_tokens, sums, counts) as cap:
+                with torch.no_grad(), AttentionCapture(model, on_attention=reducer, keep_qk=False):
                     model(x)
-                    cap.flush()
                 _sync(device)
                 t_ana = time.perf_counter() - t0
                 if timed and i % 2 == 1:
@@ -286,9 +211,9 @@ def collect_stats(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start
-    if n_images and not bool((counts == n_images).all()):
-        raise RuntimeError(f"layers saw {counts.tolist()} images, expected {n_images} each")
-    mean = (sums / n_images).cpu().numpy() if n_images else np.full((vm.num_layers, vm.num_heads), np.nan)
+    if n_images and not bool((reducer.counts == n_images).all()):
+        raise RuntimeError(f"layers saw {reducer.counts.tolist()} images, expected {n_images} each")
+    mean = (reducer.sums / n_images).cpu().numpy() if n_images else np.full((vm.num_layers, vm.num_heads), np.nan)
     return DatasetStats(
         mean_distance=mean, n_images=n_images, skipped=skipped, grid_size=grid,
         patch_size=(int(vm.patch_size[0]), int(vm.patch_size[1])), seconds=seconds, timed_images=timed_images,

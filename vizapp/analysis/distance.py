@@ -35,6 +35,16 @@ def patch_distance_matrix(
     return d.to(dtype)
 
 
+def distance_terms(
+    attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_j a_ij·d_ij and Σ_j a_ij over the patch keys j, for patch-to-patch attention ``attn`` [..., Q, P] and
+    distances ``dist`` [Q, P] -> ([..., Q], [..., Q]); their ratio is each query's renormalised mean distance.
+    ``out`` ([..., Q, P], optional) receives the product a·d so that no buffer is allocated per call."""
+    num = torch.mul(attn, dist, out=out).sum(dim=-1) if out is not None else (attn * dist).sum(dim=-1)
+    return num, attn.sum(dim=-1)
+
+
 class BlockDistanceTerms:
     """The two sums behind each patch query's mean distance, for attention that arrives in blocks.
 
@@ -60,9 +70,8 @@ class BlockDistanceTerms:
         if buf is None or buf.shape[0] < c or buf.shape[1] < q1 - q0:
             shape = (c, q1 - q0) if buf is None else (max(c, buf.shape[0]), max(q1 - q0, buf.shape[1]))
             buf = self._product = torch.empty((*shape, self.dist.shape[-1]), dtype=attn.dtype, device=attn.device)
-        ap = attn[:, lo - row :, p:]
-        num = torch.mul(ap, self.dist[q0:q1], out=buf[:c, : q1 - q0]).sum(dim=-1)
-        return q0, q1, num, ap.sum(dim=-1)
+        num, den = distance_terms(attn[:, lo - row :, p:], self.dist[q0:q1], out=buf[:c, : q1 - q0])
+        return q0, q1, num, den
 
 
 def head_distances(
@@ -75,9 +84,10 @@ def head_distances(
         raise ValueError(
             f"attention has {a.shape[-1]} patch tokens after {p} prefix tokens, but the grid has {dist.shape[-1]}"
         )
+    num, den = distance_terms(a, dist)
     if renormalize:
-        a = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    return (a * dist).sum(dim=-1).mean(dim=-1)
+        num = num / den.clamp_min(torch.finfo(a.dtype).tiny)
+    return num.mean(dim=-1)
 
 
 def mean_attention_distance(

@@ -13,15 +13,36 @@ import torch
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
+FUSION_START = {"mean": 0.0, "max": -float("inf"), "min": float("inf")}
+
+
+def fuse_heads_into(acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fold the heads of ``attn`` [..., c, r, N] into the running fusion ``acc`` [..., r, N], in place.
+
+    ``acc`` starts at :data:`FUSION_START` [head_fusion]; after every head has been folded in, "mean" still has to be
+    divided by the number of heads (:func:`finish_fusion`). Chunks of heads may arrive in any order.
+    """
+    if head_fusion == "mean":
+        return acc.add_(attn.sum(dim=-3))
+    if head_fusion == "max":
+        return torch.maximum(acc, attn.amax(dim=-3), out=acc)
+    if head_fusion == "min":
+        return torch.minimum(acc, attn.amin(dim=-3), out=acc)
+    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def finish_fusion(acc: torch.Tensor, num_heads: int, head_fusion: str) -> torch.Tensor:
+    """The fused attention from an accumulator that has seen all ``num_heads`` heads (in place)."""
+    return acc.div_(num_heads) if head_fusion == "mean" else acc
+
+
 def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     """Fuse the head axis (dim -3) of ``attn`` [..., H, N, N] into [..., N, N]."""
-    if head_fusion == "mean":
-        return attn.mean(dim=-3)
-    if head_fusion == "max":
-        return attn.amax(dim=-3)
-    if head_fusion == "min":
-        return attn.amin(dim=-3)
-    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    shape = attn.shape[:-3] + attn.shape[-2:]
+    acc = torch.full(shape, FUSION_START[head_fusion], dtype=attn.dtype, device=attn.device)
+    return finish_fusion(fuse_heads_into(acc, attn, head_fusion), attn.shape[-3], head_fusion)
 
 
 def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: float) -> torch.Tensor:
@@ -46,11 +67,25 @@ def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: f
     return out
 
 
+def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> torch.Tensor:
+    """One layer of the rollout with the residual path: ``x @ Â`` (side "left", x [..., N]) or ``Â @ x`` (side
+    "right", x [N, M]), where Â = (A + I) with each row renormalised to sum to 1, without forming Â.
+
+    With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s.
+    """
+    s = fused.sum(dim=-1) + 1.0  # [N]
+    if side == "left":
+        w = x / s
+        return w @ fused + w
+    if side == "right":
+        return (fused @ x + x) / s[:, None]
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
 def add_residual(fused: torch.Tensor) -> torch.Tensor:
-    """Â = (A + I) with each row renormalised to sum to 1 (the residual connection's share)."""
+    """Â = (A + I) with each row renormalised to sum to 1 (the residual connection's share), [N, N]."""
     n = fused.shape[-1]
-    a = fused + torch.eye(n, dtype=fused.dtype, device=fused.device)
-    return a / a.sum(dim=-1, keepdim=True)
+    return residual_step(fused, torch.eye(n, dtype=fused.dtype, device=fused.device), side="right")
 
 
 def rollout_fused(
@@ -70,7 +105,7 @@ def rollout_fused(
     joint = torch.eye(n, dtype=torch.float64, device=fused.device)
     for layer in range(start_layer, num_layers):
         a = discard_lowest(fused[layer].to(torch.float64), num_prefix_tokens, discard_ratio)
-        joint = add_residual(a) @ joint  # [N, N]
+        joint = residual_step(a, joint, side="right")  # [N, N]
     return joint.to(fused.dtype)
 
 
@@ -122,5 +157,5 @@ def rollout_row(
     v = weights.to(torch.float64)
     for layer in range(num_layers - 1, start_layer - 1, -1):
         a = discard_lowest(fused_layer(layer).to(torch.float64), num_prefix_tokens, discard_ratio)
-        v = v @ add_residual(a)  # [N]
+        v = residual_step(a, v)  # [N]
     return v.to(weights.dtype if weights.is_floating_point() else torch.float32)
