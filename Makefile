@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) -m vizapp.bench $(ARGS)
 
 report: $(STAMP) debs
-	$(PY) -m vizapp.report $(ARGS)
+	$(PY) -m vizapp.bundled.report $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests app.py

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vizapp.data import FASHION_MNIST_DIR, load_fashion_mnist
+from vizapp.bundled.data import FASHION_MNIST_DIR, load_fashion_mnist
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 CARD = MODELS / "fmnist_vit.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vizapp.data import CLASS_NAMES, FASHION_MNIST_DIR, dataset_checksums, load_fashion_mnist, resolve_folder
+from vizapp.bundled.data import CLASS_NAMES, FASHION_MNIST_DIR, dataset_checksums, load_fashion_mnist, resolve_folder
 
 HAVE_FMNIST = (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(
@@ -95,7 +95,7 @@ def test_real_dataset_shapes(split: str, n: int) -> None:
 def test_train_smoke_run_writes_loadable_card_and_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from vizapp.train import build_model, main
+    from vizapp.bundled.train import build_model, main
 
     card = main(
         [

@@ -24,7 +24,7 @@ def evaluate(num_images: int = 1000, steps: int | None = None, seed: int = 0, mo
              data_dir: str | None = None, progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """AUCs per method: {method: {"deletion": [n], "insertion": [n]}} over the first ``num_images`` test images."""
     import vizapp
-    from vizapp.data import load_fashion_mnist
+    from vizapp.bundled.data import load_fashion_mnist
 
     vm = vizapp.load_model(model)
     images, _labels = load_fashion_mnist("test", data_dir)

@@ -373,7 +373,7 @@ def load_card(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             card = json.load(f)
     except FileNotFoundError as e:
-        raise ModelLoadError(f"model card {path} is missing; run `python -m vizapp.train` to create it") from e
+        raise ModelLoadError(f"model card {path} is missing; run `python -m vizapp.bundled.train` to create it") from e
     for key in ("model_args", "input_size", "mean", "std", "class_names"):
         if key not in card:
             raise ModelLoadError(f"model card {path} lacks '{key}'")
@@ -386,7 +386,7 @@ def _build_from_card(card_path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     card = load_card(card_path)
     weights = card_path.with_suffix(".safetensors")
     if not weights.is_file():
-        raise ModelLoadError(f"weights {weights} are missing; run `python -m vizapp.train` to create them")
+        raise ModelLoadError(f"weights {weights} are missing; run `python -m vizapp.bundled.train` to create them")
     model = VisionTransformer(**card["model_args"])
     _load_safetensors_into(model, weights)
     return model, card

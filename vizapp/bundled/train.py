@@ -1,4 +1,4 @@
-"""Train the bundled offline model: a small ViT on Fashion-MNIST (``python -m vizapp.train``).
+"""Train the bundled offline model: a small ViT on Fashion-MNIST (``python -m vizapp.bundled.train``).
 
 The model is timm's ``VisionTransformer`` with a CLS token, learned absolute position embeddings and standard pre-norm
 blocks on a 7x7 grid of 4x4 patches, so every analysis the app offers (attention maps, rollout, position-embedding
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vizapp.data import CLASS_NAMES, dataset_checksums, load_fashion_mnist, resolve_folder
+from vizapp.bundled.data import CLASS_NAMES, dataset_checksums, load_fashion_mnist, resolve_folder
 
 AUGMENTATION = (
     "random crop 28x28 from the image padded by 2 px of background, horizontal flip p=0.5, random erasing p={erase_p}"
@@ -156,7 +156,7 @@ def _progress(epoch: int, epochs: int, done: int, total: int, loss: float, t0: f
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m vizapp.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vizapp.bundled.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="assets/models", help="output folder (default: assets/models)")
     p.add_argument("--name", default="fmnist_vit", help="file stem of the outputs (default: fmnist_vit)")
     p.add_argument("--epochs", type=int, default=15)
