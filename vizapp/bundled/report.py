@@ -21,8 +21,8 @@ import torch
 from scipy.stats import spearmanr
 
 from vizapp.analysis import mean_attention_distance, patch_pos_embed, pos_embed_similarity, uniform_reference_distance
-from vizapp.capture import AttentionCapture
 from vizapp.bundled.data import load_fashion_mnist
+from vizapp.capture import AttentionCapture
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = ROOT / "assets" / "models"
