@@ -111,7 +111,7 @@ def test_offline_and_uncached_fails_fast_with_a_useful_message(tmp_path, monkeyp
     msg = str(err.value)
     assert "vit_small_patch16_224.augreg_in21k_ft_in1k" in msg and ".safetensors" in msg and "bundled" in msg
     # The failure is not cached: a later successful source would still be tried.
-    assert not any(k[0] == "vit_small_patch16_224.augreg_in21k_ft_in1k" for k in models.MODEL_CACHE.keys())  # noqa: SIM118 - _ModelCache is not a dict
+    assert not any(k[0] == "vit_small_patch16_224.augreg_in21k_ft_in1k" for k in models.MODEL_CACHE.keys())  # noqa: SIM118 - ModelCache is not a dict
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_model_ids_are_validated_before_loading(bad, match):
 
 
 def test_cache_returns_the_same_object_and_is_bounded(monkeypatch):
-    monkeypatch.setattr(models, "MODEL_CACHE", models._ModelCache(2))
+    monkeypatch.setattr(models, "MODEL_CACHE", models.ModelCache(2))
     a = small_model("vit_tiny_patch16_224", img_size=32, depth=1)
     assert small_model("vit_tiny_patch16_224", img_size=32, depth=1) is a
     small_model("vit_tiny_patch16_224", img_size=48, depth=1)

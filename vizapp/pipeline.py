@@ -46,16 +46,6 @@ def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
     return (img[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def grid_for_input(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
-    """Patch grid the model uses for an input of this size (dynamic_img_size models resize on the fly)."""
-    pe = model.patch_embed
-    if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
-        gh, gw = pe.dynamic_feat_size((height, width))
-        return int(gh), int(gw)
-    g = pe.grid_size
-    return int(g[0]), int(g[1])
-
-
 @dataclass(frozen=True, eq=False)
 class Analysis:
     """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
@@ -251,7 +241,7 @@ class Analysis:
         vm = self._model()
         x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
         with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
-            logits = vm.model(x)
+            logits = vm.logits(x)
             grads = cap.attention_grads(logits[0, cls])
         out = torch.stack([g[0].detach().float().cpu() for g in grads])
         if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
@@ -344,7 +334,7 @@ class Analysis:
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.softmax(vm.model(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
 
         out: dict[str, dict[str, Any]] = {}
         for name, m in maps.items():
@@ -418,7 +408,7 @@ def analyze(
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
     if progress:
         progress(0.1, "forward pass")
-    grid = grid_for_input(vm.model, x.shape[-2], x.shape[-1])
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
     p = vm.num_prefix_tokens
     n = p + grid[0] * grid[1]
     n_layers = vm.num_layers
@@ -433,7 +423,7 @@ def analyze(
         stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, HEAD_FUSIONS if keep_fused else (),
                                 store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
         with AttentionCapture(vm.model, on_attention=stats) as cap:
-            logits = vm.model(x_dev)
+            logits = vm.logits(x_dev)
         if progress:
             progress(0.6, "attention analyses")
         n_seen = cap.q[0].shape[-2]

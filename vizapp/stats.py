@@ -162,11 +162,9 @@ def collect_stats(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from vizapp.pipeline import grid_for_input
-
     model, device = vm.model, vm.device
     _, in_h, in_w = vm.input_size
-    grid = grid_for_input(model, int(in_h), int(in_w))
+    grid = vm.grid_for(int(in_h), int(in_w))
     dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(device)
     reducer = DatasetDistances(vm.num_layers, vm.num_heads, dist, vm.num_prefix_tokens)
     loader = DataLoader(
@@ -190,14 +188,14 @@ def collect_stats(
                 timed = baseline_batches < 0 or i < baseline_batches
                 warmup = timed and i == 0 and (baseline_batches < 0 or baseline_batches > 1)
                 if timed and i % 2 == 0:
-                    t_bare = _bare_forward(model, x)
+                    t_bare = _bare_forward(vm, x)
                 t0 = time.perf_counter()
                 with torch.no_grad(), AttentionCapture(model, on_attention=reducer, keep_qk=False):
-                    model(x)
+                    vm.logits(x)
                 _sync(device)
                 t_ana = time.perf_counter() - t0
                 if timed and i % 2 == 1:
-                    t_bare = _bare_forward(model, x)
+                    t_bare = _bare_forward(vm, x)
                 if timed and not warmup:
                     timed_images += len(x)
                     analysis_s += t_ana
@@ -221,10 +219,10 @@ def collect_stats(
     )
 
 
-def _bare_forward(model: torch.nn.Module, x: torch.Tensor) -> float:
+def _bare_forward(vm: VizModel, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
-        model(x)
+        vm.logits(x)
     _sync(x.device)
     return time.perf_counter() - t0
 

@@ -205,7 +205,7 @@ def weights_available_offline(name: str) -> bool:
 
     cfg = timm.models.get_pretrained_cfg(name)
     repo = cfg.hf_hub_id if cfg is not None else None
-    return bool(repo and models._cached_hub_file(repo, ("model.safetensors", "open_clip_model.safetensors")))
+    return bool(repo and models.cached_hub_file(repo, ("model.safetensors", "open_clip_model.safetensors")))
 
 
 def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
