@@ -11,7 +11,7 @@ import torch
 
 from vizapp.bundled.data import FASHION_MNIST_DIR, load_fashion_mnist
 
-MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+MODELS = Path(__file__).resolve().parent.parent / "vizapp" / "bundled" / "weights"
 CARD = MODELS / "fmnist_vit.json"
 WEIGHTS = MODELS / "fmnist_vit.safetensors"
 

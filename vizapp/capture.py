@@ -40,15 +40,16 @@ from vizapp import limits
 from vizapp.errors import UnsupportedModelError
 
 SUPPORTED_FAMILIES = (
-    "timm ViT/DeiT/DINOv2/CLIP (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention), timm BEiT and relpos ViTs, "
+    "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
+    "timm BEiT and relpos ViTs, "
     "Hugging Face ViT/DeiT/DINOv2/CLIP/SigLIP vision encoders, torchvision vit_*"
 )
 
 
 def _timm_attention_classes() -> tuple[type, ...]:
-    from timm.layers import Attention
+    from timm.layers import Attention, AttentionRope
 
-    classes: list[type] = [Attention]
+    classes: list[type] = [Attention, AttentionRope]
     for module, name in (("timm.models.eva", "EvaAttention"), ("timm.models.beit", "Attention"),
                          ("timm.models.vision_transformer_relpos", "RelPosAttention")):
         with contextlib.suppress(ImportError, AttributeError):  # an older timm without that family
@@ -89,14 +90,16 @@ def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if tv_layers is not None and all(isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention)
                                      for b in tv_layers):  # torchvision
         return [b.self_attention for b in tv_layers]
-    for root in (model, getattr(model, "vision_model", None), *(getattr(model, n, None) for n in ("vit", "deit", "dinov2"))):
-        enc = getattr(root, "encoder", None) if root is not None else None
-        layers = getattr(enc, "layer", None) if enc is not None else None
-        layers = layers if layers is not None else getattr(enc, "layers", None) if enc is not None else None
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            mods = [_hf_attention(layer) for layer in layers]
-            if all(m is not None for m in mods):
-                return mods
+    for root in (model, *(getattr(model, n, None) for n in ("vision_model", "vit", "deit", "dinov2"))):
+        if not isinstance(root, torch.nn.Module):
+            continue
+        enc = getattr(root, "encoder", None)
+        for holder, attr in ((enc, "layer"), (enc, "layers"), (root, "layers"), (root, "layer")):
+            layers = getattr(holder, attr, None) if isinstance(holder, torch.nn.Module) else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):  # transformers
+                mods = [_hf_attention(layer) for layer in layers]
+                if all(m is not None for m in mods):
+                    return mods
     raise UnsupportedModelError(
         f"{type(model).__name__} has no encoder layers whose attention vizapp can capture exactly; "
         f"supported: {SUPPORTED_FAMILIES}"
@@ -222,6 +225,8 @@ class AttentionCapture:
             :func:`vizapp.limits.chunk_bytes` of the model's device.
         keep_qk: keep every layer's q and k after the forward (False: each is dropped once consumed).
         layers: the attention modules (default: :func:`attention_layers` of ``model``).
+        inline: form the attention in place of SDPA (default); False lets the model's own SDPA compute each layer's
+            output and feeds ``on_attention`` from q and k at the end of the layer (a second code path, for checks).
     """
 
     def __init__(
@@ -232,12 +237,14 @@ class AttentionCapture:
         chunk_bytes: int | None = None,
         keep_qk: bool = True,
         layers: list[torch.nn.Module] | None = None,
+        inline: bool = True,
     ) -> None:
         self.modules = list(layers) if layers is not None else attention_layers(model)
         self.with_grad = with_grad
         self.on_attention = None if with_grad else on_attention
         self.chunk_bytes = chunk_bytes
         self.keep_qk = keep_qk
+        self.inline = inline
         n = len(self.modules)
         self.q: list[torch.Tensor | None] = [None] * n
         self.k: list[torch.Tensor | None] = [None] * n
@@ -292,7 +299,7 @@ class AttentionCapture:
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
             return (a @ v.float()).to(v.dtype)
-        if self.on_attention is None:
+        if self.on_attention is None or not self.inline:
             return run()
         return self._inline(layer, q, k, v, scale, bias)
 

@@ -389,6 +389,7 @@ def analyze(
     *,
     top_k: int = 5,
     progress: Callable[[float, str], None] | None = None,
+    inline: bool = True,
 ) -> Analysis:
     """Run the model once on ``image`` with capture and compute every core analysis.
 
@@ -397,6 +398,9 @@ def analyze(
         image: a PIL image (or bytes / path / numpy array, decoded safely by :mod:`vizapp.imageio`).
         top_k: how many classes to report.
         progress: optional callback(fraction, message).
+        inline: form each layer's attention once, in place of the model's SDPA call (default); False lets the model
+            compute its own attention output and forms the attention again from the recorded q and k (the second
+            code path the tests compare against; slower).
 
     Returns:
         an :class:`Analysis`.
@@ -422,7 +426,7 @@ def analyze(
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
         stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, HEAD_FUSIONS if keep_fused else (),
                                 store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
-        with AttentionCapture(vm.model, on_attention=stats) as cap:
+        with AttentionCapture(vm.model, on_attention=stats, inline=inline) as cap:
             logits = vm.logits(x_dev)
         if progress:
             progress(0.6, "attention analyses")

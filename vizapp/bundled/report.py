@@ -25,7 +25,7 @@ from vizapp.bundled.data import load_fashion_mnist
 from vizapp.capture import AttentionCapture
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_DIR = ROOT / "assets" / "models"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_OUT = ROOT / "docs" / "bundled-model.md"
 
 # Decision thresholds, fixed before looking at the numbers and printed in the report.

@@ -157,7 +157,7 @@ def _progress(epoch: int, epochs: int, done: int, total: int, loss: float, t0: f
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m vizapp.bundled.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="assets/models", help="output folder (default: assets/models)")
+    p.add_argument("--out", default="vizapp/bundled/weights", help="output folder (default: vizapp/bundled/weights)")
     p.add_argument("--name", default="fmnist_vit", help="file stem of the outputs (default: fmnist_vit)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=256)

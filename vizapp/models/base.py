@@ -26,7 +26,7 @@ from PIL import Image
 from vizapp.errors import BadParameterError
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
-BUNDLED_CARD = ASSETS_DIR / "models" / "fmnist_vit.json"
+BUNDLED_CARD = Path(__file__).resolve().parents[1] / "bundled" / "weights" / "fmnist_vit.json"
 BUNDLED = "bundled"
 HUB_TIMEOUT_S = 3.0
 PREFIXES = ("timm:", "hf:", "torchvision:")

@@ -22,11 +22,14 @@ HOW = "Connect once to cache them, copy a cache (HF_HOME) from another machine, 
 
 def check_supported(model: torch.nn.Module, name: str = "model") -> None:
     """Raise UnsupportedModelError unless vizapp can capture ``model``'s attention exactly and read its patch grid."""
-    from vizapp.capture import attention_layers
+    from vizapp.capture import SUPPORTED_FAMILIES, attention_layers
 
-    if getattr(model, "patch_embed", None) is None or not hasattr(model, "num_prefix_tokens"):
+    if (getattr(model, "patch_embed", None) is None and getattr(model, "embeds", None) is None) or not hasattr(
+        model, "num_prefix_tokens"
+    ):
         raise UnsupportedModelError(
-            f"{name} ({type(model).__name__}) is not a ViT with a patch embedding and prefix tokens vizapp can read"
+            f"{name} ({type(model).__name__}) is not a ViT with a patch embedding and prefix tokens vizapp can read; "
+            f"supported: {SUPPORTED_FAMILIES}"
         )
     attention_layers(model)
 
@@ -60,30 +63,47 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def metadata(model: torch.nn.Module) -> dict[str, Any]:
-    """The token bookkeeping and callables of a timm ViT, for :class:`VizModel`."""
-    pe = model.patch_embed
+def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
+    """The token bookkeeping and callables of a timm ViT, for :class:`VizModel`; ``input_size`` is what the
+    transform produces (the grid of a NaFlexViT follows its input)."""
     p = int(model.num_prefix_tokens)
     no_embed_class = bool(getattr(model, "no_embed_class", False))
     position = position_scheme(model)
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None:
+        patch, grid, grid_fn = pair(pe.patch_size), pair(pe.grid_size), _grid_fn(model)
+    else:  # NaFlexViT: patches of any grid, a learned [1, gh, gw, D] table resampled to it
+        embeds = model.embeds
+        patch = pair(embeds.patch_size)
+        grid = (input_size[1] // patch[0], input_size[2] // patch[1])
+        no_embed_class = True
+
+        def grid_fn(height: int, width: int) -> tuple[int, int]:
+            return height // patch[0], width // patch[1]
 
     def pos_embed() -> torch.Tensor | None:
-        from vizapp.analysis import patch_pos_embed
+        from vizapp.analysis import patch_pos_embed, resample_patch_pos_embed
 
-        return patch_pos_embed(model.pos_embed.detach().float().cpu(), p, no_embed_class)
+        if pe is not None:
+            return patch_pos_embed(model.pos_embed.detach().float().cpu(), p, no_embed_class)
+        table = model.embeds.pos_embed.detach().float().cpu()[0]  # [gh, gw, D]
+        flat = table.reshape(-1, table.shape[-1])
+        stored = (int(table.shape[0]), int(table.shape[1]))
+        return flat if stored == grid else resample_patch_pos_embed(flat, stored, grid)
 
+    has_pos = position == "learned" or (pe is None and getattr(model.embeds, "pos_embed_type", "") == "learned")
     return {
         "num_prefix_tokens": p,
-        "grid_size": pair(pe.grid_size),
-        "patch_size": pair(pe.patch_size),
+        "grid_size": grid,
+        "patch_size": patch,
         "no_embed_class": no_embed_class,
-        "has_class_token": getattr(model, "cls_token", None) is not None,
+        "has_class_token": getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False)),
         "num_layers": len(model.blocks),
         "num_heads": int(model.blocks[0].attn.num_heads),
         "forward_fn": _forward,
-        "grid_fn": _grid_fn(model),
-        "position": position,
-        "pos_embed_fn": pos_embed if position == "learned" else None,
+        "grid_fn": grid_fn,
+        "position": "learned" if has_pos else position,
+        "pos_embed_fn": pos_embed if has_pos else None,
         "family": "timm",
     }
 
@@ -113,7 +133,9 @@ def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any]]:
 
     cfg = resolve_data_config(model=model)
     # The configured input size wins over the pretrained cfg's (e.g. img_size=(224, 320) for a non-square input).
-    cfg["input_size"] = (int(cfg["input_size"][0]), *pair(model.patch_embed.img_size))
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None:  # NaFlexViT has no fixed input size: its pretrained cfg's is used
+        cfg["input_size"] = (int(cfg["input_size"][0]), *pair(pe.img_size))
     tf = create_transform(**cfg, is_training=False)
     return tf, cfg
 
@@ -211,13 +233,13 @@ def wrap(model: torch.nn.Module, name: str, source: str, note: str, device: torc
     model.eval().to(device=device, dtype=dtype)
     if transform is None:
         transform, cfg = _timm_transform(model)
-        input_size, mean, std = tuple(cfg["input_size"]), cfg["mean"], cfg["std"]
+        input_size, mean, std = tuple(int(v) for v in cfg["input_size"]), cfg["mean"], cfg["std"]
     return VizModel(
         name=name, model=model, device=device, transform=transform,
         labels=_imagenet_labels(model) if labels is None else labels,
         input_size=input_size,  # type: ignore[arg-type]
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-        source=source, note=note, dtype=dtype, card=card or {}, **metadata(model),
+        source=source, note=note, dtype=dtype, card=card or {}, **metadata(model, input_size),
     )
 
 

@@ -1,0 +1,270 @@
+"""Every model family vizapp loads, against the library's own explicit attention (random weights, small configs).
+
+The reference per family is the library's second code path: timm with ``fused_attn=False`` (the softmax read at
+``attn_drop``'s input), transformers with ``attn_implementation="eager"`` and ``output_attentions=True``, torchvision's
+``nn.MultiheadAttention`` with ``need_weights=True, average_attn_weights=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+import vizapp
+from vizapp.analysis import mean_attention_distance, rollout
+from vizapp.capture import AttentionCapture
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+
+TIMM = [
+    ("dinov3_small", "vit_small_patch16_dinov3", dict(img_size=64, depth=2)),  # RoPE, CLS + 4 registers
+    ("eva02_tiny", "eva02_tiny_patch14_224", dict(img_size=56, depth=2)),
+    ("rope_reg1_gap", "vit_base_patch16_rope_reg1_gap_256", dict(img_size=48, depth=2, embed_dim=64, num_heads=4)),
+    ("rope_mixed", "vit_base_patch16_rope_mixed_224", dict(img_size=48, depth=2, embed_dim=64, num_heads=4)),
+    ("beit", "beit_base_patch16_224", dict(img_size=48, depth=2, embed_dim=64, num_heads=4)),  # relative bias
+    ("relpos", "vit_relpos_base_patch16_224", dict(img_size=(48, 64), depth=2, embed_dim=64, num_heads=4)),
+    ("naflex", "naflexvit_base_patch16_gap", dict(depth=2, embed_dim=64, num_heads=4,
+                                                   pretrained_cfg_overlay=dict(input_size=(3, 64, 48)))),
+]
+HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
+HF = [
+    ("hf_vit", "ViTConfig", "ViTForImageClassification", dict(image_size=32, num_labels=5)),
+    ("hf_vit_nonsquare", "ViTConfig", "ViTForImageClassification", dict(image_size=[24, 40], num_labels=3)),
+    ("hf_deit_teacher", "DeiTConfig", "DeiTForImageClassificationWithTeacher", dict(image_size=32, num_labels=3)),
+    ("hf_dinov2", "Dinov2Config", "Dinov2Model", dict(image_size=32)),
+    ("hf_dinov2_reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", dict(image_size=32, num_register_tokens=4)),
+    ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
+    ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
+]
+# (id, expected prefix tokens, has CLS, grid)
+EXPECTED = {
+    "dinov3_small": (5, True, (4, 4)), "eva02_tiny": (1, True, (4, 4)), "rope_reg1_gap": (1, False, (3, 3)),
+    "rope_mixed": (1, True, (3, 3)), "beit": (1, True, (3, 3)), "relpos": (0, False, (3, 4)),
+    "naflex": (4, False, (4, 3)), "hf_vit": (1, True, (4, 4)), "hf_vit_nonsquare": (1, True, (3, 5)),
+    "hf_deit_teacher": (2, True, (4, 4)), "hf_dinov2": (1, True, (4, 4)), "hf_dinov2_reg": (5, True, (4, 4)),
+    "hf_clip": (1, True, (4, 4)), "hf_siglip": (0, False, (4, 4)), "tv_vit_b_16": (1, True, (2, 2)),
+}
+IDS = [t[0] for t in TIMM] + [h[0] for h in HF] + ["tv_vit_b_16"]
+
+
+def save_hf(folder, config_cls: str, model_cls: str, extra: dict):
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**HF_COMMON, **extra)
+    model = getattr(transformers, model_cls)(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    return {fid: str(save_hf(tmp_path_factory.mktemp(fid), c, m, e)) for fid, c, m, e in HF}
+
+
+def load(fid: str, hf_folders) -> vizapp.VizModel:
+    torch.manual_seed(0)
+    for tid, name, kwargs in TIMM:
+        if tid == fid:
+            return vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)
+    if fid == "tv_vit_b_16":
+        return vizapp.load_model("torchvision:vit_b_16", pretrained=False, device="cpu", image_size=32)
+    return vizapp.load_model(hf_folders[fid], device="cpu")
+
+
+def reference(vm: vizapp.VizModel, fid: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-layer attention [B, H, N, N] and logits from the library's own explicit path."""
+    if vm.family == "timm":
+        ref = copy.deepcopy(vm.model)
+        maps: list[torch.Tensor] = []
+        for blk in ref.blocks:
+            blk.attn.fused_attn = False
+            blk.attn.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach().clone()))
+        with torch.no_grad():
+            logits = ref(x)
+        return maps, logits
+    if vm.family == "hf":
+        folder = vm.name
+        ref = type(vm.model).from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            out = ref(pixel_values=x, output_attentions=True)
+            return list(out.attentions), vm.forward_fn(ref, x)
+    model = vm.model  # torchvision: run the blocks by hand, asking each MHA for its per-head weights
+    maps = []
+    with torch.no_grad():
+        h = model._process_input(x)
+        h = torch.cat([model.class_token.expand(h.shape[0], -1, -1), h], dim=1) + model.encoder.pos_embedding
+        for blk in model.encoder.layers:
+            y = blk.ln_1(h)
+            maps.append(blk.self_attention(y, y, y, need_weights=True, average_attn_weights=False)[1])
+            h = blk(h)
+        logits = model(x)
+    return maps, logits
+
+
+def all_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_capture_equals_the_library_explicit_attention(fid, hf_folders):
+    vm = load(fid, hf_folders)
+    p, has_cls, grid = EXPECTED[fid]
+    assert (vm.num_prefix_tokens, vm.has_class_token, vm.grid_size) == (p, has_cls, grid)
+    x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
+    maps, ref_logits = reference(vm, fid, x)
+
+    class Sink:
+        def chunk(self, *a):
+            pass
+
+        def layer_done(self, layer):
+            pass
+
+    hooks = all_hooks(vm.model)
+    with torch.no_grad(), AttentionCapture(vm.model, on_attention=Sink()) as cap:
+        logits = vm.logits(x)
+    assert all_hooks(vm.model) == hooks
+    assert cap.inline_layers == set(range(vm.num_layers)) and not cap.unexact_layers
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert len(maps) == len(cap) == vm.num_layers
+    n = p + grid[0] * grid[1]
+    for layer, ref in enumerate(maps):
+        got = cap.attention(layer)
+        assert got.shape == (2, vm.num_heads, n, n)
+        torch.testing.assert_close(got, ref.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fid", IDS)
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "from_qk"])
+def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_folders):
+    vm = load(fid, hf_folders)
+    r = vizapp.analyze(vm, random_image(3), inline=inline)
+    assert r.recomputed_layers == (() if inline else tuple(range(vm.num_layers)))
+    maps, logits = reference(vm, fid, r.input)
+    attn = torch.stack([m[0] for m in maps]).float()  # [L, H, N, N]
+    p = r.num_prefix_tokens
+    expected = mean_attention_distance(attn, r.grid_size, r.patch_size, p)
+    np.testing.assert_allclose(r.mean_distance, expected.numpy(), rtol=1e-4, atol=1e-3)
+    joint = rollout(attn, p)
+    row = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    np.testing.assert_allclose(r.rollout(), row.reshape(r.grid_size).numpy(), atol=1e-5)
+    np.testing.assert_allclose(r.attention(1, query=(0, 1)), attn[1, :, p + 1, p:].reshape(-1, *r.grid_size).numpy(),
+                               atol=1e-5)
+    if vm.labels:
+        np.testing.assert_allclose(r.probs, torch.softmax(logits[0], -1).numpy(), atol=1e-5)
+    else:
+        assert r.probs is None
+
+
+@pytest.mark.parametrize("fid", ["beit", "hf_deit_teacher", "tv_vit_b_16", "dinov3_small"])
+def test_attention_gradients_equal_autograd_through_the_reference_attention(fid, hf_folders):
+    """∂logit/∂A from the capture (the attention formed in the graph) equals autograd through an explicit attention
+    tensor: the library's own (timm non-fused, transformers eager) or, for torch's MHA, written out here from the
+    module's weights (relative bias, RoPE, distillation token and MHA included)."""
+    if fid == "dinov3_small":  # with a classifier head
+        torch.manual_seed(0)
+        vm = vizapp.load_model("vit_small_patch16_dinov3", pretrained=False, device="cpu", img_size=64, depth=2,
+                               num_classes=5)
+    else:
+        vm = load(fid, hf_folders)
+    x = vm.transform(random_image(4))[None]
+    maps: list[torch.Tensor] = []
+    if vm.family == "timm":
+        ref = copy.deepcopy(vm.model)
+
+        def keep(m, args, out):
+            args[0].retain_grad()
+            maps.append(args[0])
+
+        for blk in ref.blocks:
+            blk.attn.fused_attn = False
+            blk.attn.attn_drop.register_forward_hook(keep)
+        score = ref(x)[0, 1]
+    elif vm.family == "hf":
+        ref = type(vm.model).from_pretrained(vm.name, attn_implementation="eager").eval()
+        out = ref(pixel_values=x, output_attentions=True)
+        for a in out.attentions:
+            a.retain_grad()
+            maps.append(a)
+        score = out.logits[0, 1]
+    else:
+        ref = copy.deepcopy(vm.model)
+        h = ref._process_input(x)
+        h = torch.cat([ref.class_token.expand(1, -1, -1), h], dim=1) + ref.encoder.pos_embedding
+        for blk in ref.encoder.layers:
+            mha = blk.self_attention
+            y = blk.ln_1(h)  # [B, N, E]
+            b, n, e = y.shape
+            hd = e // mha.num_heads
+            q, k, v = (t.reshape(b, n, mha.num_heads, hd).transpose(1, 2)
+                       for t in torch.nn.functional.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+            w = torch.softmax(q @ k.transpose(-2, -1) / hd**0.5, dim=-1)  # [B, H, N, N]
+            w.retain_grad()
+            maps.append(w)
+            o = mha.out_proj((w @ v).transpose(1, 2).reshape(b, n, e))
+            h = h + blk.dropout(o)
+            h = h + blk.mlp(blk.ln_2(h))
+        score = ref.heads(ref.encoder.ln(h)[:, 0])[0, 1]
+    score.backward()
+    r = vizapp.analyze(vm, random_image(4))
+    grads = r.attention_gradients(1)
+    for layer, a in enumerate(maps):
+        torch.testing.assert_close(grads[layer], a.grad[0].float(), atol=1e-5, rtol=1e-4)
+    assert r.relevance(1).shape == r.grid_size and r.grad_rollout(1).shape == r.grid_size
+
+
+def test_models_without_a_head_say_so_for_class_methods(hf_folders):
+    vm = load("hf_dinov2_reg", hf_folders)
+    r = vizapp.analyze(vm, random_image(5))
+    assert r.probs is None and r.top_k == []
+    with pytest.raises(vizapp.BadParameterError, match="no classifier head"):
+        r.relevance()
+    assert r.rollout().shape == r.grid_size  # label-free views still work
+
+
+def test_hf_folder_loads_offline_with_the_library_processor(hf_folders, tmp_path):
+    """A save_pretrained folder without preprocessor_config.json gets the model type's default processor at the
+    model's input size; with one, its values are used."""
+    vm = load("hf_vit_nonsquare", hf_folders)
+    assert vm.input_size == (3, 24, 40) and vm.transform(random_image(1)).shape == (3, 24, 40)
+    assert vm.mean == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+    folder = save_hf(tmp_path / "withproc", "ViTConfig", "ViTForImageClassification", dict(image_size=32))
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3],
+                                   image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    vm2 = vizapp.load_model(str(folder), device="cpu")
+    assert vm2.mean == pytest.approx((0.1, 0.2, 0.3))
+    assert vizapp.load_model("hf:" + str(folder), device="cpu").mean == vm2.mean
+
+
+def test_hf_hub_ids_resolve_through_the_cache_offline(hf_folders, tmp_path, monkeypatch):
+    """hf:owner/repo with files laid out as the hub cache loads with no network; absent, a clear error fast."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--owner--tiny-vit" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in Path(hf_folders["hf_vit"]).iterdir():
+        shutil.copy(f, snap / f.name)
+    (cache / "models--owner--tiny-vit" / "refs").mkdir()
+    (cache / "models--owner--tiny-vit" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(vizapp.models.hf, "hub_reachable", lambda *a, **k: False)
+    vm = vizapp.load_model("hf:owner/tiny-vit", device="cpu")
+    assert vm.family == "hf" and vm.num_prefix_tokens == 1
+    t0 = time.perf_counter()
+    with pytest.raises(vizapp.ModelLoadError, match="hf:owner/missing"):
+        vizapp.load_model("hf:owner/missing", device="cpu")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_unsupported_families_get_an_error_naming_the_supported_ones():
+    with pytest.raises(vizapp.UnsupportedModelError, match="supported: .*transformers|supported: .*Hugging Face"):
+        vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu")
