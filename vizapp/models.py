@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vizapp.budget import BudgetedModelCache, check_budget
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -320,6 +321,7 @@ def _offline_message(name: str, repo: str | None) -> str:
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.Module, str]:
     import timm
 
+    check_budget(name, **kwargs)  # allow-list and size limit, before any download or allocation
     if not pretrained:
         arch = name.split(".", 1)[0] if not name.startswith("hf-hub:") else name
         return timm.create_model(arch, pretrained=False, **kwargs), "random"
@@ -509,7 +511,7 @@ class _ModelCache:
             self._items.clear()
 
 
-MODEL_CACHE = _ModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))
+MODEL_CACHE = BudgetedModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))  # count and bytes
 
 
 def load_model(
