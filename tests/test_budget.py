@@ -196,6 +196,12 @@ def test_cache_is_bounded_by_count_too():
     assert c.keys() == [("b",), ("c",)]
 
 
+def test_cache_of_size_zero_keeps_nothing():
+    c = fake_cache(max_models=0)
+    assert c.get_or_load(("a",), lambda: Fake("a", 1)).name == "a"
+    assert c.keys() == [] and c.total_bytes() == 0
+
+
 def test_cache_refuses_a_model_bigger_than_the_whole_budget_and_keeps_the_rest():
     c = fake_cache(max_bytes=100)
     c.get_or_load(("a",), lambda: Fake("a", 60))

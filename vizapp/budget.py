@@ -237,7 +237,7 @@ class BudgetedModelCache(Generic[V]):
     refused (ModelTooLargeError) and not cached. An evicted model stays alive while a request still holds it.
 
     Args:
-        max_models: most entries kept.
+        max_models: most entries kept (0: nothing is kept, every call loads).
         max_bytes: most bytes kept (sum of ``size_of`` over entries); default :data:`BUDGET`'s ``cache_bytes``.
         size_of: value -> bytes; default the parameter + buffer bytes of ``value.model``.
     """
@@ -245,8 +245,8 @@ class BudgetedModelCache(Generic[V]):
     def __init__(
         self, max_models: int, max_bytes: int | None = None, size_of: Callable[[V], int] | None = None
     ) -> None:
-        if max_models < 1:
-            raise ValueError(f"max_models must be >= 1, got {max_models}")
+        if max_models < 0:
+            raise ValueError(f"max_models must be >= 0 (0 keeps nothing), got {max_models}")
         self.max_models = max_models
         self.max_bytes = BUDGET.cache_bytes if max_bytes is None else int(max_bytes)
         self._size_of = size_of or (lambda vm: module_nbytes(vm.model))  # type: ignore[attr-defined]

@@ -182,7 +182,14 @@ def _has_relative_bias(model: torch.nn.Module) -> bool:
 
 
 def position_info(model: torch.nn.Module) -> PositionInfo:
-    """Classify a timm ViT's position scheme and read its parameters; never raises for a model with ``blocks``."""
+    """Classify a timm ViT's position scheme and read its parameters.
+
+    Args:
+        model: a timm ViT-like model (``blocks`` and ``patch_embed.grid_size``).
+
+    Returns:
+        the :class:`PositionInfo`; RoPE is checked first, then a relative-position bias, then ``pos_embed``.
+    """
     grid = _grid_size(model)
     learned = _has_learned_pos_embed(model)
     also = " A learned absolute position embedding is added as well." if learned else ""
