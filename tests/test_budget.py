@@ -106,12 +106,27 @@ def test_unbuildable_architecture_fails_closed():
 
 def test_hub_id_counted_from_its_config_only(monkeypatch):
     cfg = {"architecture": "vit_giant_patch14_dinov2", "num_classes": 0, "model_args": {"img_size": 518}}
-    monkeypatch.setattr(B, "hub_config", lambda repo: cfg if repo == "someone/big" else pytest.fail(repo))
+    monkeypatch.setattr(B, "hub_config", lambda repo, probe=None: cfg if repo == "someone/big" else pytest.fail(repo))
     with pytest.raises(ModelTooLargeError, match="hf-hub:someone/big.*1.1"):
         B.check_budget("hf-hub:someone/big", B.Budget())
-    monkeypatch.setattr(B, "hub_config", lambda repo: {"architecture": "not_a_model"})
+    monkeypatch.setattr(B, "hub_config", lambda repo, probe=None: {"architecture": "not_a_model"})
     with pytest.raises(ModelLoadError, match="no timm architecture"):
         B.check_budget("hf-hub:someone/odd", B.Budget())
+
+
+def test_uncached_hub_id_offline_fails_fast(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadError, match="unreachable"):
+        B.check_budget("hf-hub:someone/uncached", B.Budget(), hub_reachable=lambda: False)
+    assert time.monotonic() - t0 < 2
+    monkeypatch.setattr(B, "BUDGET", B.Budget())
+    monkeypatch.setattr(vizapp.models, "hub_reachable", lambda *a, **k: False)  # what load_model's probe says offline
+    with pytest.raises(ModelLoadError, match="unreachable"):
+        vizapp.load_model("hf-hub:someone/uncached", device="cpu")
+    assert time.monotonic() - t0 < 4
 
 
 def test_hub_config_read_from_the_local_cache(tmp_path, monkeypatch):

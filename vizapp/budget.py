@@ -123,8 +123,13 @@ def module_nbytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def hub_config(repo_id: str) -> dict[str, Any]:
-    """The ``config.json`` of a timm hub repo (from the local cache, else downloaded: a few KB, never weights)."""
+def hub_config(repo_id: str, hub_reachable: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a timm hub repo (from the local cache, else downloaded: a few KB, never weights).
+
+    Args:
+        repo_id: "owner/repo".
+        hub_reachable: a quick probe asked before a download (huggingface_hub retries an unreachable host for ~30 s).
+    """
     import json
 
     try:
@@ -133,6 +138,11 @@ def hub_config(repo_id: str) -> dict[str, Any]:
         raise ModelLoadError("hf-hub ids need the huggingface_hub package") from e
     path = try_to_load_from_cache(repo_id, "config.json")
     if not (isinstance(path, str) and os.path.isfile(path)):
+        if hub_reachable is not None and not hub_reachable():
+            raise ModelLoadError(
+                f"cannot check the size of hf-hub:{repo_id}: the Hugging Face hub is unreachable and its config.json is "
+                "not in the local cache; the 'bundled' model works offline"
+            )
         try:
             path = hf_hub_download(repo_id, "config.json", etag_timeout=HUB_CONFIG_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - offline, missing repo, missing file: the size is unknown
@@ -150,13 +160,15 @@ def hub_config(repo_id: str) -> dict[str, Any]:
     return cfg
 
 
-def _architecture(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _architecture(
+    name: str, kwargs: dict[str, Any], hub_reachable: Callable[[], bool] | None = None
+) -> tuple[str, dict[str, Any]]:
     """timm architecture name and create_model kwargs for a timm name[.tag] or an ``hf-hub:`` id."""
     import timm
 
     if not name.startswith("hf-hub:"):
         return name.split(".", 1)[0], dict(kwargs)
-    cfg = hub_config(name[len("hf-hub:") :])
+    cfg = hub_config(name[len("hf-hub:") :], hub_reachable)
     arch = cfg.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch):
         raise ModelLoadError(f"{name}: its config.json names no timm architecture I know ({str(arch)[:80]!r})")
@@ -167,11 +179,12 @@ def _architecture(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any
     return arch, model_args
 
 
-def count_parameters(name: str, **kwargs: Any) -> int:
+def count_parameters(name: str, *, hub_reachable: Callable[[], bool] | None = None, **kwargs: Any) -> int:
     """Parameters + buffers of a timm model, counted on the meta device: nothing is downloaded or allocated.
 
     Args:
         name: a timm name or name.tag, or an ``hf-hub:owner/repo`` id (its config.json is read, not its weights).
+        hub_reachable: probe asked before downloading a hub config (see :func:`hub_config`).
         **kwargs: as for ``timm.create_model`` (img_size, num_classes, ...), which can change the count.
 
     Returns:
@@ -182,7 +195,7 @@ def count_parameters(name: str, **kwargs: Any) -> int:
     """
     import timm
 
-    arch, model_args = _architecture(name, kwargs)
+    arch, model_args = _architecture(name, kwargs, hub_reachable)
     try:
         # fork_rng: building must not move the global RNG, so a seeded load gets the same weights with or without it
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -193,7 +206,9 @@ def count_parameters(name: str, **kwargs: Any) -> int:
     return sum(t.numel() for t in tensors)
 
 
-def check_budget(name: str, budget: Budget | None = None, **kwargs: Any) -> int | None:
+def check_budget(
+    name: str, budget: Budget | None = None, *, hub_reachable: Callable[[], bool] | None = None, **kwargs: Any
+) -> int | None:
     """Refuse a timm or ``hf-hub:`` id that is not allow-listed or is over the parameter limit, before any download.
 
     Call this at the start of every path that turns an id into a download or a ``timm.create_model`` call.
@@ -201,6 +216,8 @@ def check_budget(name: str, budget: Budget | None = None, **kwargs: Any) -> int 
     Args:
         name: the id as validated (``validate_model_id``).
         budget: the limits; default :data:`BUDGET` (from the environment at import).
+        hub_reachable: a quick probe (``models.hub_reachable``) asked before an uncached hub config is downloaded,
+            so an offline server refuses within seconds.
         **kwargs: the create_model kwargs the model will be built with.
 
     Returns:
@@ -216,7 +233,7 @@ def check_budget(name: str, budget: Budget | None = None, **kwargs: Any) -> int 
         raise ModelTooLargeError(f"'{name[:80]}' is not one of the models this server offers; pick one of: {shown}")
     if b.max_params is None:
         return None
-    n = count_parameters(name, **kwargs)
+    n = count_parameters(name, hub_reachable=hub_reachable, **kwargs)
     if n > b.max_params:
         raise ModelTooLargeError(
             f"'{name[:80]}' has {_human_params(n)} parameters ({_human_bytes(4 * n)} in float32), over this server's "

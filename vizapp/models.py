@@ -321,7 +321,7 @@ def _offline_message(name: str, repo: str | None) -> str:
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.Module, str]:
     import timm
 
-    check_budget(name, **kwargs)  # allow-list and size limit, before any download or allocation
+    check_budget(name, hub_reachable=hub_reachable, **kwargs)  # allow-list and size, before any download
     if not pretrained:
         arch = name.split(".", 1)[0] if not name.startswith("hf-hub:") else name
         return timm.create_model(arch, pretrained=False, **kwargs), "random"
