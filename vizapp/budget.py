@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_PARAMS",
     "check_budget",
     "count_parameters",
+    "hub_config",
     "module_nbytes",
 ]
 
