@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import vizapp
 from tests.conftest import random_image, small_model
 from vizapp import models
+from vizapp.models import timm as _timm_adapter  # noqa: F401 - models.timm is patched below
 
 
 def _save_random(arch: str, path: Path, **kwargs) -> torch.nn.Module:
@@ -67,7 +68,7 @@ def test_pretrained_tag_loads_from_hub_cache_without_network(tmp_path, monkeypat
     ref = _save_random("vit_tiny_patch16_224", tmp_path / "model.safetensors")
     _fake_hub_cache(tmp_path / "hub", "timm/" + name, {"model.safetensors": tmp_path / "model.safetensors"})
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
+    monkeypatch.setattr(models.timm, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
     models.MODEL_CACHE.clear()
     vm = vizapp.load_model(name, device="cpu")
     assert vm.source == "pretrained"
@@ -91,7 +92,7 @@ def test_hf_hub_id_loads_from_hub_cache_without_network(tmp_path, monkeypatch):
     _fake_hub_cache(tmp_path / "hub", "someone/tiny-vit",
                     {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "config.json"})
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
+    monkeypatch.setattr(models.timm, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
     vm = vizapp.load_model("hf-hub:someone/tiny-vit", device="cpu")
     assert vm.labels == ("cat", "dog", "eel")
     assert vm.mean == pytest.approx((0.1, 0.2, 0.3))
@@ -111,7 +112,7 @@ def test_offline_and_uncached_fails_fast_with_a_useful_message(tmp_path, monkeyp
     msg = str(err.value)
     assert "vit_small_patch16_224.augreg_in21k_ft_in1k" in msg and ".safetensors" in msg and "bundled" in msg
     # The failure is not cached: a later successful source would still be tried.
-    assert not any(k[0] == "vit_small_patch16_224.augreg_in21k_ft_in1k" for k in models.MODEL_CACHE.keys())  # noqa: SIM118 - ModelCache is not a dict
+    assert not any(k[0] == "vit_small_patch16_224.augreg_in21k_ft_in1k" for k in models.MODEL_CACHE.keys())  # noqa: SIM118 - the cache is not a dict
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_model_ids_are_validated_before_loading(bad, match):
 
 
 def test_cache_returns_the_same_object_and_is_bounded(monkeypatch):
-    monkeypatch.setattr(models, "MODEL_CACHE", models.ModelCache(2))
+    monkeypatch.setattr(models, "MODEL_CACHE", models.BudgetedModelCache(2, 10**12))
     a = small_model("vit_tiny_patch16_224", img_size=32, depth=1)
     assert small_model("vit_tiny_patch16_224", img_size=32, depth=1) is a
     small_model("vit_tiny_patch16_224", img_size=48, depth=1)

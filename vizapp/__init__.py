@@ -8,7 +8,14 @@
 
 from vizapp import analysis
 from vizapp.capture import AttentionCapture
-from vizapp.errors import BadImageError, BadParameterError, ModelLoadError, UnsupportedModelError, VizappError
+from vizapp.errors import (
+    BadImageError,
+    BadParameterError,
+    ModelLoadError,
+    ModelTooLargeError,
+    UnsupportedModelError,
+    VizappError,
+)
 from vizapp.models import BUNDLED, VizModel, load_model
 from vizapp.pipeline import Analysis, analyze
 
@@ -21,6 +28,7 @@ __all__ = [
     "BadImageError",
     "BadParameterError",
     "ModelLoadError",
+    "ModelTooLargeError",
     "UnsupportedModelError",
     "VizModel",
     "VizappError",

@@ -8,7 +8,14 @@ reaches the server log.
 
 from __future__ import annotations
 
-__all__ = ["BadImageError", "BadParameterError", "ModelLoadError", "UnsupportedModelError", "VizappError"]
+__all__ = [
+    "BadImageError",
+    "BadParameterError",
+    "ModelLoadError",
+    "ModelTooLargeError",
+    "UnsupportedModelError",
+    "VizappError",
+]
 
 
 class VizappError(Exception):
@@ -25,6 +32,10 @@ class BadParameterError(VizappError):
 
 class ModelLoadError(VizappError):
     """A model could not be loaded: download failure, bad or unsafe weights file, out of memory."""
+
+
+class ModelTooLargeError(ModelLoadError):
+    """A model was refused before loading: over the operator's size budget, or not on the allow-list."""
 
 
 class UnsupportedModelError(VizappError):

@@ -3,7 +3,17 @@
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
 from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
 from vizapp.analysis.flow import attention_flow
-from vizapp.analysis.posembed import patch_pos_embed, pos_embed_similarity, resample_patch_pos_embed
+from vizapp.analysis.posembed import (
+    axial_rope_freqs,
+    grid_positions,
+    patch_pos_embed,
+    pos_embed_similarity,
+    relative_bias_matrix,
+    relative_bias_offset_map,
+    resample_patch_pos_embed,
+    rope_angle_similarity,
+    rope_similarity,
+)
 from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused, rollout_row
 
@@ -11,17 +21,23 @@ __all__ = [
     "HEAD_FUSIONS",
     "Curve",
     "attention_flow",
+    "axial_rope_freqs",
     "chefer_relevance",
     "cls_map",
     "grad_rollout",
     "perturbation_curve",
     "random_order_saliency",
     "fuse_heads",
+    "grid_positions",
     "mean_attention_distance",
     "patch_distance_matrix",
     "patch_pos_embed",
     "pos_embed_similarity",
+    "relative_bias_matrix",
+    "relative_bias_offset_map",
     "resample_patch_pos_embed",
+    "rope_angle_similarity",
+    "rope_similarity",
     "rollout",
     "rollout_fused",
     "rollout_row",

@@ -49,7 +49,17 @@ def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: f
     """Zero the lowest ``discard_ratio`` fraction of patch-to-patch entries of each [N, N] matrix.
 
     Entries in rows or columns of prefix tokens (CLS, distillation token, registers) are never discarded, so the
-    CLS row keeps its mass. Ties at the threshold are broken by position (exactly ``floor(ratio * P*P)`` go).
+    CLS row keeps its mass. Exactly ``k = floor(ratio * P*P)`` entries go: the k smallest values, ties broken by
+    position, lowest row-major (flat) index of the [P, P] patch block first. The order comes from a stable sort, so
+    the result is the same on every build and device (``topk`` returns tied entries in an unspecified order).
+
+    Args:
+        fused: head-fused attention [..., N, N].
+        num_prefix_tokens: leading tokens whose rows and columns are kept.
+        discard_ratio: fraction in [0, 1) of the [P, P] patch-to-patch entries to zero.
+
+    Returns:
+        a copy of ``fused`` [..., N, N] with those entries zeroed (``fused`` itself when the ratio is 0).
     """
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
@@ -61,7 +71,8 @@ def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: f
     flat = patch.reshape(*patch.shape[:-2], -1)
     k = int(flat.shape[-1] * discard_ratio)
     if k > 0:
-        idx = flat.topk(k, dim=-1, largest=False).indices
+        # stable ascending sort: equal values keep their flat order, so the lowest indices among ties go first
+        idx = torch.sort(flat, dim=-1, stable=True).indices[..., :k]  # [..., k]
         flat = flat.scatter(-1, idx, 0.0)
         out[..., p:, p:] = flat.reshape(patch.shape)
     return out

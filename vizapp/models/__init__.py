@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from vizapp.budget import BudgetedModelCache
 from vizapp.errors import ModelLoadError
 from vizapp.models.base import (
     ASSETS_DIR,
     BUNDLED,
     BUNDLED_CARD,
     POSITION_SCHEMES,
-    ModelCache,
     VizModel,
     cached_hub_file,
     default_device,
@@ -36,7 +36,6 @@ __all__ = [
     "BUNDLED_CARD",
     "MODEL_CACHE",
     "POSITION_SCHEMES",
-    "ModelCache",
     "VizModel",
     "available_libraries",
     "cached_hub_file",
@@ -47,7 +46,7 @@ __all__ = [
     "validate_model_id",
 ]
 
-MODEL_CACHE = ModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))
+MODEL_CACHE = BudgetedModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))  # by count and bytes
 
 
 def available_libraries() -> list[str]:

@@ -12,7 +12,6 @@ import os
 import re
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,45 +251,3 @@ def offline_message(name: str, where: str | None, how: str) -> str:
         f"cannot load '{name}'{where}: the network is unreachable and its weights are not in the local cache. {how} "
         "The 'bundled' model works offline."
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cache
-
-
-class ModelCache:
-    """Bounded LRU of loaded models; one lock per key so concurrent first loads of a model load it once."""
-
-    def __init__(self, max_models: int) -> None:
-        self.max_models = max_models
-        self._items: OrderedDict[tuple, VizModel] = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-
-    def get_or_load(self, key: tuple, loader: Callable[[], VizModel]) -> VizModel:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                if key in self._items:
-                    self._items.move_to_end(key)
-                    return self._items[key]
-            vm = loader()  # raises -> nothing cached
-            with self._lock:
-                self._items[key] = vm
-                self._items.move_to_end(key)
-                while len(self._items) > self.max_models:
-                    self._items.popitem(last=False)
-                self._key_locks.pop(key, None)
-            return vm
-
-    def keys(self) -> list[tuple]:
-        with self._lock:
-            return list(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()

@@ -174,6 +174,10 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             f"{sorted(MODEL_TYPES)}"
         )
     cls = _model_class(config)
+    from vizapp.budget import check_budget, meta_parameter_count
+
+    built = vision if config.model_type in VISION_CONFIGS else config
+    check_budget(name, counter=lambda: meta_parameter_count(lambda: cls._from_config(built)))  # before the weights
     try:
         if pretrained:
             model = cls.from_pretrained(src, attn_implementation="sdpa", local_files_only=local or None)

@@ -143,6 +143,10 @@ def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any]]:
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.Module, str]:
     import timm
 
+    from vizapp.budget import check_budget
+
+    check_budget(name, hub_reachable=hub_reachable, **kwargs)  # allow-list and size, before any download
+
     if not pretrained:
         arch = name.split(".", 1)[0] if not name.startswith("hf-hub:") else name
         return timm.create_model(arch, pretrained=False, **kwargs), "random"

@@ -55,9 +55,11 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     import torchvision
     from torchvision.transforms._presets import ImageClassification
 
+    from vizapp.budget import check_budget, meta_parameter_count
     from vizapp.capture import attention_layers
 
     arch = check_name(name.split(":", 1)[1])
+    check_budget(name, counter=lambda: meta_parameter_count(lambda: torchvision.models.get_model(arch, **kwargs)))
     weights = _weights(arch, pretrained)
     model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     attention_layers(model)  # the support check
