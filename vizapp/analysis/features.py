@@ -315,7 +315,7 @@ def logit_lens(
     per_layer_tokens: torch.Tensor,
     norm: Callable[[torch.Tensor], torch.Tensor],
     head: Callable[[torch.Tensor], torch.Tensor],
-    pool: Callable[[torch.Tensor], torch.Tensor] | int | str,
+    pool: Callable[[torch.Tensor], torch.Tensor] | int | str | None,
     num_prefix_tokens: int | None = None,
     return_logits: bool = False,
 ) -> torch.Tensor:
@@ -324,23 +324,30 @@ def logit_lens(
     Classification in Class Embedding Space").
 
     lens(l) = softmax(head(pool(norm(x_l)))). For the last block this is exactly the model's own output when
-    ``norm``, ``pool`` and ``head`` are the model's (for timm: ``model.norm``, ``model.pool`` and
-    ``fc_norm`` + ``head``; their composition is ``forward_head(norm(x))``), so the last row is the model's
-    prediction and the earlier rows show when it forms.
+    ``norm``, ``pool`` and ``head`` are the model's, so the last row is the model's prediction and the earlier rows
+    show when it forms. For a timm ViT pass ``norm=model.norm, head=model.forward_head, pool=None``:
+    ``forward_head`` pools by the model's own rule (CLS token, mean of the patches, attention pooling, DeiT's
+    CLS/distillation average) and applies ``fc_norm`` and the classifier.
 
     Args:
         per_layer_tokens: [L, N, D] (or [L, B, N, D]) each block's output tokens, before the final norm.
         norm: the model's final norm, [..., N, D] -> [..., N, D].
-        head: the classifier after pooling, [..., D] -> [..., K] (include any norm that follows pooling).
-        pool: how the model pools tokens: a callable [..., N, D] -> [..., D], a token index (0 for CLS), or "avg"
-            (mean over the patch tokens, needs ``num_prefix_tokens``).
+        head: the classifier after pooling, [..., D] -> [..., K] (include any norm that follows pooling), or
+            [..., N, D] -> [..., K] with ``pool=None``.
+        pool: how the model pools tokens: a callable [..., N, D] -> [..., D], a token index (0 for CLS), "avg"
+            (mean over the patch tokens, needs ``num_prefix_tokens``), or None when ``head`` pools by itself.
         num_prefix_tokens: tokens before the patches, for ``pool="avg"``.
         return_logits: return logits instead of probabilities.
 
     Returns:
         [L, K] (or [L, B, K]) probabilities (or logits), float32.
     """
-    if callable(pool):
+    if pool is None:
+
+        def pool_fn(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    elif callable(pool):
         pool_fn = pool
     elif isinstance(pool, int):
 
