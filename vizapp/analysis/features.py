@@ -329,6 +329,8 @@ def logit_lens(
     ``forward_head`` pools by the model's own rule (CLS token, mean of the patches, attention pooling, DeiT's
     CLS/distillation average) and applies ``fc_norm`` and the classifier.
 
+    The callables get batches [B, N, D] (B = 1 for an [L, N, D] input), as the model's own modules expect.
+
     Args:
         per_layer_tokens: [L, N, D] (or [L, B, N, D]) each block's output tokens, before the final norm.
         norm: the model's final norm, [..., N, D] -> [..., N, D].
@@ -363,6 +365,12 @@ def logit_lens(
 
     else:
         raise ValueError(f"pool must be a callable, a token index or 'avg', got {pool!r}")
+    if per_layer_tokens.dim() not in (3, 4):
+        raise ValueError(f"expected per-layer tokens [L, N, D] or [L, B, N, D], got {tuple(per_layer_tokens.shape)}")
+    single = per_layer_tokens.dim() == 3
+    tokens = per_layer_tokens.unsqueeze(1) if single else per_layer_tokens  # [L, B, N, D]
     with torch.no_grad():
-        logits = torch.stack([head(pool_fn(norm(x))) for x in per_layer_tokens]).float()  # [L, (B,) K]
+        logits = torch.stack([head(pool_fn(norm(x))) for x in tokens]).float()  # [L, B, K]
+    if single:
+        logits = logits[:, 0]
     return logits if return_logits else logits.softmax(dim=-1)
