@@ -23,20 +23,22 @@ import vizapp  # noqa: E402
 from vizapp.ablation import head_importance, rank_correlation  # noqa: E402
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median (wall-clock, process CPU) seconds of ``repeats`` calls after one warm-up call.
+def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> tuple[float, float, object]:
+    """Median (wall-clock, process CPU) seconds of ``repeats`` calls (after a warm-up call), and the last result.
 
     CPU time (all threads of this process) is much less sensitive than wall-clock time to other processes sharing
     the cores, so on a loaded machine its ratios are the ones to read.
     """
-    fn()
+    if warmup:
+        fn()
     wall, cpu = [], []
+    result = None
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
-        fn()
+        result = fn()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+    return statistics.median(wall), statistics.median(cpu), result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the forward and the gradient estimate")
-    parser.add_argument("--exact-repeats", type=int, default=3, help="repeats of the exact ablation")
+    parser.add_argument("--exact-repeats", type=int, default=1, help="repeats of the exact ablation")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -57,11 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             vm.model(x)
 
-    t_fwd = median_time(forward, args.repeats)
-    t_grad = median_time(lambda: head_importance(vm, x[0], method="gradient"), args.repeats)
-    t_exact = median_time(lambda: head_importance(vm, x[0], method="exact"), args.exact_repeats)
-    exact = head_importance(vm, x[0], method="exact").drop
-    grad = head_importance(vm, x[0], method="gradient").drop
+    *t_fwd, _ = median_time(forward, args.repeats)
+    *t_grad, grad = median_time(lambda: head_importance(vm, x[0], method="gradient").drop, args.repeats)
+    # the forwards above warmed the model up; the exact run is long enough not to need its own warm-up
+    *t_exact, exact = median_time(lambda: head_importance(vm, x[0], method="exact").drop, args.exact_repeats, False)
 
     print(f"model {args.model} (random weights), {num_layers} layers x {num_heads} heads = {num_layers * num_heads}")
     print(
