@@ -294,7 +294,8 @@ def dino_masks(cls_attention: torch.Tensor, threshold: float = 0.6) -> torch.Ten
     in the ascending order (and is dropped first).
 
     Args:
-        cls_attention: [H, P] (or [..., P]) the CLS query's attention to the patch tokens (prefix columns removed).
+        cls_attention: [H, P] (or [..., P]) the CLS query's attention to the patch tokens (prefix columns removed),
+            DINO uses the last layer's. A model without a CLS token (``cls_token is None``) has no such row.
         threshold: fraction of the mass to keep, in (0, 1].
 
     Returns:
