@@ -2,6 +2,17 @@
 
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
 from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
+from vizapp.analysis.features import (
+    FeaturePCA,
+    RegisterAttention,
+    artifact_tokens,
+    dino_masks,
+    feature_pca,
+    feature_similarity,
+    logit_lens,
+    register_attention,
+    token_norms,
+)
 from vizapp.analysis.flow import attention_flow
 from vizapp.analysis.posembed import (
     axial_rope_freqs,
@@ -20,6 +31,15 @@ from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_f
 __all__ = [
     "HEAD_FUSIONS",
     "Curve",
+    "FeaturePCA",
+    "RegisterAttention",
+    "artifact_tokens",
+    "dino_masks",
+    "feature_pca",
+    "feature_similarity",
+    "logit_lens",
+    "register_attention",
+    "token_norms",
     "attention_flow",
     "axial_rope_freqs",
     "chefer_relevance",
