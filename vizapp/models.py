@@ -308,6 +308,9 @@ def _cached_hub_file(repo_id: str, filenames: tuple[str, ...]) -> str | None:
     return None
 
 
+cached_hub_file = _cached_hub_file  # public: the first of ``filenames`` in the local hub cache, or None
+
+
 def _offline_message(name: str, repo: str | None) -> str:
     where = f" (hub repo {repo})" if repo else ""
     return (
