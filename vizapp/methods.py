@@ -28,6 +28,9 @@ class Method:
         needs_class: the map is for one class (takes ``class_idx``; needs a classifier head).
         slow: costs far more than the others (the app offers it as an opt-in).
         compute: ``compute(analysis, class_idx, **kwargs) -> [gh, gw]`` map.
+        controls: keyword arguments of ``compute`` that the app's view controls set (fields of
+            :class:`vizapp.views.Controls` with the same names).
+        reports_progress: ``compute`` accepts ``progress=callback(done, total)``, called between its steps.
     """
 
     name: str
@@ -35,14 +38,18 @@ class Method:
     needs_class: bool
     compute: Callable[..., np.ndarray]
     slow: bool = False
+    controls: tuple[str, ...] = ()
+    reports_progress: bool = False
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("rollout", "Attention rollout", False, lambda r, c, **kw: r.rollout(**kw)),
+        Method("rollout", "Attention rollout", False, lambda r, c, **kw: r.rollout(**kw),
+               controls=("head_fusion", "discard_ratio", "start_layer")),
         Method("attention", "Last-layer CLS attention", False, lambda r, c, **kw: r.last_layer_attention()),
-        Method("flow", "Attention flow", False, lambda r, c, **kw: r.attention_flow(**kw), slow=True),
+        Method("flow", "Attention flow", False, lambda r, c, **kw: r.attention_flow(**kw), slow=True,
+               reports_progress=True),
         Method("grad_rollout", "Gradient rollout", True, lambda r, c, **kw: r.grad_rollout(c, **kw)),
         Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw)),
     )
