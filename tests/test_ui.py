@@ -233,3 +233,89 @@ def test_layering_ui_talks_to_views_pipeline_and_methods_only():
             assert not any(n.startswith("plotly") for n in names), f"{path.relative_to(root)} imports plotly"
         if path.parent.name != "ui":
             assert not any(n.startswith("gradio") for n in names), f"{path.relative_to(root)} imports gradio"
+
+
+SLOW = [m.name for m in vizapp.methods.METHODS.values() if m.slow]
+
+
+def test_slow_operations_stop_at_the_deadline(analysed, card_model, photo, monkeypatch):
+    """VIZAPP_REQUEST_SECONDS=0 allows no slow work: the flow and the comparison refuse with the operator's setting
+    named, instead of running; with the default limit the same calls return figures."""
+    fresh = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model).state
+    label = fresh["analysis"].top_k[0][0]
+    monkeypatch.setenv("VIZAPP_REQUEST_SECONDS", "0")
+    for method in SLOW:
+        with pytest.raises(gr.Error, match=r"stopped after 0 s: .* 0 s limit set by VIZAPP_REQUEST_SECONDS"):
+            ui.render_map(fresh, method, label, "mean", 0.0, 0, 0.6, progress=_noprogress)
+    with pytest.raises(gr.Error, match=r"stopped after 0 s: .*limit set by VIZAPP_REQUEST_SECONDS"):
+        ui.compare_methods(fresh, label, 4, False, progress=_noprogress)
+    # A fast method is not a long operation: it still renders.
+    assert ui.render_map(fresh, "rollout", None, "mean", 0.0, 0, 0.6, progress=_noprogress).data[1].z.shape == (7, 7)
+    monkeypatch.delenv("VIZAPP_REQUEST_SECONDS")
+    for method in SLOW:
+        assert ui.render_map(fresh, method, label, "mean", 0.0, 0, 0.6, progress=_noprogress).data[1].z.shape == (7, 7)
+
+
+def test_deadline_trips_between_steps_on_its_clock():
+    from vizapp.ui.deadline import Deadline, RequestStopped
+
+    now = [100.0]
+    d = Deadline(5.0, clock=lambda: now[0])
+    step = d.progress("attention flow")
+    now[0] = 104.9
+    step(1, 10)  # within the limit
+    now[0] = 105.0
+    with pytest.raises(RequestStopped, match="stopped after 5 s: attention flow reached the 5 s limit"):
+        step(2, 10)
+
+
+def test_cancel_stops_a_running_flow_and_frees_the_worker(card_model, photo):
+    """Cancel from another request of the same session stops the flow at its next max-flow, with a clear message."""
+    import threading
+
+    fresh = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model).state
+    session = SimpleNamespace(session_hash="cancel-test")
+    started, cancelled, outcome, reports = threading.Event(), threading.Event(), {}, []
+
+    def progress(fraction, desc=""):
+        reports.append(desc)
+        if " of " in desc and not started.is_set():  # the first max-flow is done: let the test press Cancel
+            started.set()
+            cancelled.wait(30)
+
+    def run():
+        try:
+            outcome["figure"] = ui.render_map(fresh, SLOW[0], None, "mean", 0.0, 0, 0.6, progress=progress,
+                                              request=session)
+        except gr.Error as e:
+            outcome["error"] = str(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(60)
+    ui.handlers.cancel_running(SimpleNamespace(session_hash="another-person"))  # someone else's Cancel: no effect
+    ui.handlers.cancel_running(session)
+    cancelled.set()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert "figure" not in outcome and "cancelled during" in outcome["error"]
+    assert len([r for r in reports if " of " in r]) == 1  # stopped at the next step, not at the end
+    assert ui.deadline.running_sessions() == []  # nothing left registered
+
+
+def test_cancel_button_cancels_the_long_events(card_model):
+    demo = ui.build_demo(card_model)
+    deps = demo.config["dependencies"]
+    cancel_id = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "vizapp-cancel")
+    rollout_id = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "vizapp-rollout-plot")
+    on_cancel = [d for d in deps if [cancel_id, "click"] in [list(t) for t in d["targets"]]]
+    cancels = {i for d in on_cancel for i in d["cancels"]}
+    long_events = {d["id"] for d in deps if d["api_name"] in ("analyze", "compare") or rollout_id in d["outputs"]}
+    assert len(long_events) == 2 + 6 and long_events <= cancels
+    assert any(demo.fns[d["id"]].fn is ui.handlers.cancel_running for d in on_cancel)
+
+
+def test_cost_of_slow_operations_is_shown_before_they_run(analysed):
+    assert "49 max-flow problems on a graph of 3 x 50 nodes (5,000 edges)" in analysed.map_cost
+    assert "estimate" in analysed.map_cost and "VIZAPP_REQUEST_SECONDS" in analysed.map_cost
+    assert "**Compare** runs 170 images through the model at 16 curve steps" in analysed.compare_cost

@@ -24,6 +24,7 @@ from vizapp import methods, models, views
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import Analysis, analyze
+from vizapp.ui import deadline
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareOutputs,
@@ -41,6 +42,7 @@ log = logging.getLogger("vizapp")
 PATCH_QUERY = "Clicked patch"
 CLS_QUERY = "CLS token"
 MAX_CLICK_CHARS = 2000
+DEFAULT_COMPARE_STEPS = 16
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,6 +115,44 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
     return "\n\n".join(lines)
 
 
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def _seconds(s: float) -> str:
+    return "under 1 s" if s < 1 else f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min"
+
+
+def _limit_note() -> str:
+    limit = deadline.request_seconds()
+    return (
+        f"Long operations stop after {limit:g} s (the operator's `{deadline.REQUEST_SECONDS_ENV}`); "
+        "**Cancel** stops one sooner."
+    )
+
+
+def _slow_method_notes(r: Analysis) -> list[str]:
+    notes = []
+    for m in methods.METHODS.values():
+        c = methods.cost(r, m.name)
+        if c is not None:
+            notes.append(f"**{m.label}** on this model: {c.work}, {_seconds(c.seconds)} ({c.basis}).")
+    return notes
+
+
+def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, str]:
+    """What the slow operations will cost for this analysis: (Rollout tab note, Compare tab note), in markdown."""
+    slow = _slow_method_notes(r)
+    fast = [m for m in methods.METHODS.values() if not m.slow]
+    images = 2 * (len(fast) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
+    compare = (
+        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
+        f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
+        "included, 2 x (steps + 1) images more for each."
+    )
+    return "\n\n".join([*slow, _limit_note()]), "\n\n".join([compare, *slow, _limit_note()])
+
+
 def _query_slider(r: Analysis, query: Any, axis: int) -> Any:
     return gr.update(maximum=r.grid_size[axis] - 1, value=0 if isinstance(query, str) else query[axis])
 
@@ -163,6 +203,7 @@ def analyze_image(
     summary["active_model_note"] = vm.note
     classes = [lbl for lbl, _ in r.top_k]
     class_update = gr.update(choices=classes, value=classes[0] if classes else None)
+    map_cost, compare_cost = cost_notes(r)
     return AnalyzeOutputs(
         state=state,
         status=_status(vm, r, startup_note),
@@ -180,6 +221,8 @@ def analyze_image(
         query_row=_query_slider(r, state["query"], 0),
         query_col=_query_slider(r, state["query"], 1),
         compare_class=class_update,
+        map_cost=map_cost,
+        compare_cost=compare_cost,
     )
 
 
@@ -193,8 +236,12 @@ def render_map(
     start_layer: Any,
     opacity: Any,
     progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
 ) -> Any:
-    """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass)."""
+    """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass).
+
+    Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
+    """
     st = _state(state)
     r: Analysis = st["analysis"]
     m = methods.get(method)
@@ -205,13 +252,13 @@ def render_map(
         start_layer=as_int(start_layer, "start layer", 0, r.num_layers - 1),
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
     )
-    if m.reports_progress:
-        progress(0.1, desc=m.label)
-
-    def report(done: int, total: int) -> None:
-        progress(done / max(total, 1), desc=m.label)
-
-    return views.map_view(r, c, m.name, class_label, progress=report)
+    if not m.slow:
+        return views.map_view(r, c, m.name, class_label)
+    with deadline.running(_session(request)) as d:
+        d.check(m.label)
+        progress(0.0, desc=m.label)
+        report = d.progress(m.label, lambda fraction, desc: progress(fraction, desc=desc))
+        return views.map_view(r, c, m.name, class_label, progress=report)
 
 
 @user_errors
@@ -302,9 +349,18 @@ def render_pos(
 
 @user_errors
 def compare_methods(
-    state: Any, class_label: Any, steps: Any, include_slow: Any, progress: gr.Progress = gr.Progress()
+    state: Any,
+    class_label: Any,
+    steps: Any,
+    include_slow: Any,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
 ) -> CompareOutputs:
-    """Compare tab: every map for one class, with deletion/insertion AUCs (lower deletion, higher insertion = better)."""
+    """Compare tab: every map for one class, with deletion/insertion AUCs (lower deletion, higher insertion = better).
+
+    Runs under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked between methods, between each
+    map's curves, and at every step of a method that reports progress.
+    """
     st = _state(state)
     r: Analysis = st["analysis"]
     if r.probs is None:
@@ -313,11 +369,20 @@ def compare_methods(
     cls = class_label if class_label else None
     chosen = [m for m in methods.METHODS.values() if not m.slow or bool(include_slow)]
     maps: dict[str, np.ndarray] = {}
-    for i, m in enumerate(chosen):
-        progress(0.6 * i / len(chosen), desc=f"computing {m.label}")
-        maps[m.label] = methods.explain(r, m.name, cls)
-    progress(0.6, desc="deletion / insertion curves")
-    curves = r.faithfulness(maps, cls, steps=n_steps)
+    curves: dict[str, Any] = {}
+    with deadline.running(_session(request)) as d:
+        for i, m in enumerate(chosen):
+            d.check(f"computing {m.label}")
+            progress(0.6 * i / len(chosen), desc=f"computing {m.label}")
+            kwargs = {"progress": d.progress(m.label)} if m.reports_progress else {}
+            maps[m.label] = methods.explain(r, m.name, cls, **kwargs)
+        # One map at a time (the random order last, as faithfulness adds it), so the deadline is checked between.
+        for i, (label, heat) in enumerate(maps.items()):
+            d.check(f"the {label} deletion / insertion curves")
+            progress(0.6 + 0.4 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
+            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
+        d.check("the random-order curves")
+        curves.update(r.faithfulness({}, cls, steps=n_steps))
     v = views.faithfulness_views(r, maps, curves)
     return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
 
@@ -332,3 +397,9 @@ def export_files(state: Any) -> ExportOutputs:
     np.savez_compressed(npz, **r.arrays())
     js.write_text(json.dumps(r.summary(), indent=1))
     return ExportOutputs(str(npz), str(js))
+
+
+def cancel_running(request: gr.Request | None = None) -> None:
+    """The Cancel button: every long operation of this person's session stops at its next check."""
+    n = deadline.cancel(_session(request))
+    log.info("cancel: %d running operation(s) flagged", n)

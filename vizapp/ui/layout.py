@@ -7,6 +7,7 @@ structures in :mod:`vizapp.ui.outputs`, so every event's outputs come from :func
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
@@ -99,6 +100,7 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         info="[cached]/[offline] work without a network; any timm ViT name works",
     )
     ui.analyze_button = gr.Button("Analyze", variant="primary")
+    ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
     examples = _example_images()
     if examples:
         gr.Examples(examples=[[p] for p in examples], inputs=[ui.image], label="Examples", examples_per_page=12)
@@ -124,6 +126,7 @@ def _rollout_tab(ui: Components) -> None:
         ui.discard_ratio = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio")
         ui.start_layer = gr.Slider(0, 11, value=0, step=1, label="Start layer")
     ui.rollout = gr.Plot(label="Map over the image", elem_id="vizapp-rollout-plot")
+    ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
 
 
 def _heads_tab(ui: Components) -> None:
@@ -176,9 +179,10 @@ def _compare_tab(ui: Components) -> None:
     slow = ", ".join(m.label.lower() for m in methods.METHODS.values() if m.slow)
     with gr.Row():
         ui.compare_class = gr.Dropdown([], label="Class to explain")
-        ui.compare_steps = gr.Slider(4, 64, value=16, step=1, label="Curve steps")
+        ui.compare_steps = gr.Slider(4, 64, value=handlers.DEFAULT_COMPARE_STEPS, step=1, label="Curve steps")
         ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
         ui.compare_button = gr.Button("Compare methods", variant="primary")
+    ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
     ui.compare = gr.Plot(label="Maps")
     with gr.Row():
         ui.deletion = gr.Plot(label="Deletion")
@@ -209,7 +213,7 @@ def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) 
                         build(ui)
 
 
-def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> None:
+def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Any:
     def analyze(
         image, model_name, head_fusion, discard_ratio, start, lay, alpha, per_head_scale, progress=gr.Progress()
     ):
@@ -227,7 +231,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Non
             trusted_model=trusted,
         )
 
-    ui.analyze_button.click(
+    return ui.analyze_button.click(
         analyze,
         inputs=[
             ui.image,
@@ -244,10 +248,12 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Non
     )
 
 
-def _wire_rollout(ui: Components) -> None:
+def _wire_rollout(ui: Components) -> list[Any]:
     inputs = [ui.state, ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity]
-    for ctrl in (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity):
+    return [
         ctrl.change(handlers.render_map, inputs=inputs, outputs=[ui.rollout], **RERENDER)
+        for ctrl in (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity)
+    ]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -282,8 +288,8 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
     )
 
 
-def _wire_compare(ui: Components) -> None:
-    ui.compare_button.click(
+def _wire_compare(ui: Components) -> Any:
+    return ui.compare_button.click(
         handlers.compare_methods,
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
         outputs=components(CompareOutputs, ui),
@@ -297,6 +303,13 @@ def _wire_export(ui: Components) -> None:
     )
 
 
+def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
+    """Cancel: gradio stops waiting for the events, and the handlers' deadlines stop the work at their next check."""
+    ui.cancel_button.click(
+        handlers.cancel_running, inputs=None, outputs=None, cancels=long_events, queue=False, api_visibility="private"
+    )
+
+
 def build_demo(model: str | None = None) -> gr.Blocks:
     """The whole app. ``model`` (or VIZAPP_MODEL) picks the start-up model, which may be a local file."""
     startup, startup_note = choose_startup_model(model)
@@ -304,10 +317,11 @@ def build_demo(model: str | None = None) -> gr.Blocks:
     ui = Components()
     with gr.Blocks(title=TITLE) as demo:
         _page(ui, startup, startup_note, trusted)
-        _wire_analyze(ui, startup_note, trusted)
-        _wire_rollout(ui)
+        analyze = _wire_analyze(ui, startup_note, trusted)
+        map_events = _wire_rollout(ui)
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
-        _wire_compare(ui)
+        compare = _wire_compare(ui)
         _wire_export(ui)
+        _wire_cancel(ui, [analyze, *map_events, compare])
     return demo

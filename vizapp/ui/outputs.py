@@ -34,6 +34,8 @@ class AnalyzeOutputs(NamedTuple):
     query_row: Any
     query_col: Any
     compare_class: Any  # the Compare tab's class dropdown mirrors the Rollout tab's
+    map_cost: str  # markdown: what the slow methods will cost on this model, before they run
+    compare_cost: str  # markdown: the same for the Compare tab
 
 
 class HeadsOutputs(NamedTuple):
