@@ -102,7 +102,7 @@ def _flow_cost(r: Analysis) -> Cost:
         f"({edges:,} edges)",
         seconds=num_patches * edges * _flow_seconds_per_edge(),
         basis=f"estimate: {cal['flows']} max-flows timed on this server on a random {cal['layers']}-layer, "
-        f"{cal['tokens']}-token graph, scaled by edge count (real attention can be 2-3x faster or slower)",
+        f"{cal['tokens']}-token graph, scaled by edge count; real attention can be 2-3x faster or slower",
     )
 
 
