@@ -4,7 +4,8 @@
 
 Modules: ``layout`` (the page, one function per tab), ``handlers`` (the events), ``outputs`` (what each event
 returns, in gradio's output order), ``validation`` (checks on every value a client sends), ``startup`` (the model
-list and the start-up model), ``upload`` (the image input) and ``serving`` (launch arguments and the queue).
+list and the start-up model), ``upload`` (the image input), ``serving`` (launch arguments and the queue),
+``deadline`` (time limit and Cancel for long operations) and ``costs`` (what those will cost, said beforehand).
 """
 
 from __future__ import annotations

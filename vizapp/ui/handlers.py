@@ -25,6 +25,7 @@ from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import Analysis, analyze
 from vizapp.ui import deadline
+from vizapp.ui.costs import cost_notes
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareOutputs,
@@ -42,7 +43,6 @@ log = logging.getLogger("vizapp")
 PATCH_QUERY = "Clicked patch"
 CLS_QUERY = "CLS token"
 MAX_CLICK_CHARS = 2000
-DEFAULT_COMPARE_STEPS = 16
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,40 +117,6 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
 
 def _session(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
-
-
-def _seconds(s: float) -> str:
-    return "under 1 s" if s < 1 else f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min"
-
-
-def _limit_note() -> str:
-    limit = deadline.request_seconds()
-    return (
-        f"Long operations stop after {limit:g} s (the operator's `{deadline.REQUEST_SECONDS_ENV}`); "
-        "**Cancel** stops one sooner."
-    )
-
-
-def _slow_method_notes(r: Analysis) -> list[str]:
-    notes = []
-    for m in methods.METHODS.values():
-        c = methods.cost(r, m.name)
-        if c is not None:
-            notes.append(f"**{m.label}** on this model: {c.work}, {_seconds(c.seconds)} ({c.basis}).")
-    return notes
-
-
-def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, str]:
-    """What the slow operations will cost for this analysis: (Rollout tab note, Compare tab note), in markdown."""
-    slow = _slow_method_notes(r)
-    fast = [m for m in methods.METHODS.values() if not m.slow]
-    images = 2 * (len(fast) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
-    compare = (
-        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
-        f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
-        "included, 2 x (steps + 1) images more for each."
-    )
-    return "\n\n".join([*slow, _limit_note()]), "\n\n".join([compare, *slow, _limit_note()])
 
 
 def _query_slider(r: Analysis, query: Any, axis: int) -> Any:

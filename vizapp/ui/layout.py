@@ -13,6 +13,7 @@ import gradio as gr
 
 from vizapp import methods, models, views
 from vizapp.ui import handlers
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
@@ -179,7 +180,7 @@ def _compare_tab(ui: Components) -> None:
     slow = ", ".join(m.label.lower() for m in methods.METHODS.values() if m.slow)
     with gr.Row():
         ui.compare_class = gr.Dropdown([], label="Class to explain")
-        ui.compare_steps = gr.Slider(4, 64, value=handlers.DEFAULT_COMPARE_STEPS, step=1, label="Curve steps")
+        ui.compare_steps = gr.Slider(4, 64, value=DEFAULT_COMPARE_STEPS, step=1, label="Curve steps")
         ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
         ui.compare_button = gr.Button("Compare methods", variant="primary")
     ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
