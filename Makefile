@@ -43,7 +43,7 @@ report: $(STAMP) debs
 	$(PY) -m vizapp.bundled.report $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vizapp tests app.py
+	$(VENV)/bin/ruff check vizapp tests benchmarks app.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -79,11 +79,11 @@ def photo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def live_app(card_model):
     """The whole app on a free loopback port, started with the card model (module-scoped), yielding its URL."""
-    from vizapp import loadtest, ui
+    from vizapp import ui
 
     demo = ui.queue(ui.build_demo(card_model))
     kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=loadtest.free_port(), prevent_thread_lock=True, quiet=True)
+    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     yield demo.local_url
     demo.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vizapp import loadtest
+from benchmarks import loadtest
 
 
 def test_concurrent_clients_each_get_their_own_result(card_model):

@@ -192,22 +192,19 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
             z[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw] = sim[i, j]
     if height * width > MAX_HOVER_CELLS:
         return _pos_embed_image(z, title, (gh, gw))
-    kwargs: dict = {"hovertemplate": "cosine %{z:.3f}<extra></extra>"}
-    if height * width <= MAX_HOVER_CELLS:
-        # uint8 (tile row, tile col, cell row, cell col) per mosaic cell: plotly ships it as a compact typed array.
-        custom = np.full((height, width, 4), 255, dtype=np.uint8)
-        k, l_ = np.mgrid[0:gh, 0:gw]
-        for i in range(gh):
-            for j in range(gw):
-                tile = custom[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw]
-                tile[..., 0], tile[..., 1], tile[..., 2], tile[..., 3] = i, j, k, l_
-        kwargs = dict(
-            customdata=custom,
-            hovertemplate="tile (%{customdata[0]}, %{customdata[1]}) · cell (%{customdata[2]}, %{customdata[3]})"
-            "<br>cosine %{z:.3f}<extra></extra>",
-        )
-    fig = go.Figure(go.Heatmap(z=z, colorscale=SIM_SCALE, zmin=-1, zmax=1, hoverongaps=False,
-                               colorbar=dict(title="cosine", thickness=12), **kwargs))
+    # uint8 (tile row, tile col, cell row, cell col) per mosaic cell: plotly ships it as a compact typed array.
+    custom = np.full((height, width, 4), 255, dtype=np.uint8)
+    k, l_ = np.mgrid[0:gh, 0:gw]
+    for i in range(gh):
+        for j in range(gw):
+            tile = custom[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw]
+            tile[..., 0], tile[..., 1], tile[..., 2], tile[..., 3] = i, j, k, l_
+    fig = go.Figure(go.Heatmap(
+        z=z, colorscale=SIM_SCALE, zmin=-1, zmax=1, hoverongaps=False, colorbar=dict(title="cosine", thickness=12),
+        customdata=custom,
+        hovertemplate="tile (%{customdata[0]}, %{customdata[1]}) · cell (%{customdata[2]}, %{customdata[3]})"
+        "<br>cosine %{z:.3f}<extra></extra>",
+    ))
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5],
                      title="input patch column")
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",

@@ -1,20 +1,28 @@
 """Views: an :class:`~vizapp.pipeline.Analysis` plus the UI's control values -> plotly figures.
 
-The glue between analyses and figures that the UI and the benchmark share. Nothing here runs a forward pass:
-re-rendering after a control change uses the cached analysis only.
+Every figure the app shows is built here, from an analysis (or a model's position embeddings) and the control
+values; the UI passes values in and figures out, and the benchmark measures the same functions. Nothing here runs a
+forward pass: re-rendering after a control change uses the cached analysis only (class-specific maps run one
+backward pass).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import plotly.graph_objects as go
 
-from vizapp import figures
+from vizapp import figures, methods
 from vizapp.analysis.distance import uniform_reference_distance
+from vizapp.analysis.rollout import HEAD_FUSIONS as HEAD_FUSIONS  # re-exported: the app offers these
 from vizapp.pipeline import Analysis, Query
+
+if TYPE_CHECKING:  # type hints only: figures.py is the one module that imports plotly
+    import plotly.graph_objects as go
+
+    from vizapp.models import VizModel
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,48 @@ def default_query(r: Analysis) -> Query:
     return "cls" if r.has_class_token else (r.grid_size[0] // 2, r.grid_size[1] // 2)
 
 
+# How a map's title states the control values its method used (keys are fields of Controls).
+_CONTROL_TEXT: dict[str, Callable[[Any], str]] = {
+    "head_fusion": lambda v: f"fusion {v}",
+    "discard_ratio": lambda v: f"discard {v:.2f}",
+    "start_layer": lambda v: f"from layer {v}",
+}
+
+
+def map_view(
+    r: Analysis,
+    c: Controls,
+    method: str,
+    class_label: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> go.Figure:
+    """The map of any registered explanation method over the image.
+
+    Args:
+        r: the analysis.
+        c: view controls; the method reads the ones it lists in ``Method.controls``, and the opacity.
+        method: a key of :data:`vizapp.methods.METHODS`.
+        class_label: the class to explain, for methods that need one (None: the top-1 class).
+        progress: ``callback(done, total)`` for methods that report progress; it may raise to stop the method.
+    """
+    m = methods.get(method)
+    kwargs: dict[str, Any] = {name: getattr(c, name) for name in m.controls}
+    if progress is not None and m.reports_progress:
+        kwargs["progress"] = progress
+    heat = methods.explain(r, m.name, class_label, **kwargs)
+    title = m.label
+    if m.controls:
+        title += " (" + ", ".join(_CONTROL_TEXT[name](kwargs[name]) for name in m.controls) + ")"
+    if m.needs_class and class_label:
+        title += f" for '{class_label}'"
+    if m.controls and not r.has_class_token:
+        title += "; no CLS token: mean over patch outputs"
+    return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name)
+
+
 def rollout_view(r: Analysis, c: Controls) -> go.Figure:
-    heat = r.rollout(c.head_fusion, c.discard_ratio, c.start_layer)
-    return figures.overlay_figure(
-        r.image, heat, r.patch_size, c.opacity,
-        title=f"Attention rollout (fusion {c.head_fusion}, discard {c.discard_ratio:.2f}, from layer {c.start_layer})"
-        + ("" if r.has_class_token else "; no CLS token: mean over patch outputs"),
-        value_name="rollout",
-    )
+    """Attention rollout with the controls' head fusion, discard ratio and start layer."""
+    return map_view(r, c, "rollout")
 
 
 def heads_view(r: Analysis, c: Controls) -> go.Figure:
@@ -105,6 +147,53 @@ def pos_tile_view(sim: np.ndarray | None, tile: tuple[int, int]) -> go.Figure | 
     row = int(np.clip(tile[0], 0, sim.shape[0] - 1))
     col = int(np.clip(tile[1], 0, sim.shape[1] - 1))
     return figures.pos_tile_figure(sim, row, col)
+
+
+class PosEmbedViews(NamedTuple):
+    """The Position embeddings tab: the cosine grid, one tile enlarged, and a note (figures None without one)."""
+
+    figure: go.Figure | None
+    tile: go.Figure | None
+    note: str
+
+
+def pos_embed_views(vm: VizModel, grid: tuple[int, int] | None = None, tile: tuple[int, int] = (0, 0)) -> PosEmbedViews:
+    """A model's learned position embeddings as a cosine grid, at its own grid or resampled to ``grid``."""
+    if vm.pos_embed_status:
+        return PosEmbedViews(None, None, vm.pos_embed_status)
+    grid = tuple(grid or vm.grid_size)
+    sim = vm.pos_similarity(grid)
+    note = f"Learned position embeddings of `{vm.name}`: {vm.grid_size[0]}x{vm.grid_size[1]} grid"
+    note += "" if grid == tuple(vm.grid_size) else f", shown resampled to {grid[0]}x{grid[1]} (bicubic, timm)"
+    fig = pos_view(sim)
+    if fig is not None and fig.data and fig.data[0].type == "image":
+        note += (f". {grid[0] * grid[1]} tiles are drawn as one image, with cosines in steps of 1/127: click a tile to "
+                 "enlarge it, and hover the enlarged tile for values.")
+    else:
+        note += ". Hover a cell for tile, cell and cosine; click a tile to enlarge it."
+    return PosEmbedViews(fig, pos_tile_view(sim, tile), note)
+
+
+class FaithfulnessViews(NamedTuple):
+    """The Compare tab: the maps side by side, deletion and insertion curves, and an AUC table."""
+
+    maps: go.Figure
+    deletion: go.Figure
+    insertion: go.Figure
+    table: list[list[Any]]  # [[method, deletion AUC, insertion AUC], ...]
+
+
+def faithfulness_views(r: Analysis, maps: Mapping[str, np.ndarray], curves: Mapping[str, Any]) -> FaithfulnessViews:
+    """Figures for maps ``{label: [gh, gw]}`` and their curves ``{label: {"deletion": Curve, "insertion": Curve}}``
+    (from :meth:`~vizapp.pipeline.Analysis.faithfulness`; curves may have more entries, e.g. "random")."""
+    scores = {n: f"deletion AUC {c['deletion'].auc:.3f} · insertion AUC {c['insertion'].auc:.3f}"
+              for n, c in curves.items()}
+    table = [[n, round(c["deletion"].auc, 4), round(c["insertion"].auc, 4)] for n, c in curves.items()]
+    deletion, insertion = (
+        figures.curves_figure({n: (c[mode].fractions, c[mode].probs, c[mode].auc) for n, c in curves.items()}, mode)
+        for mode in ("deletion", "insertion")
+    )
+    return FaithfulnessViews(figures.compare_figure(r.image, maps, r.patch_size, scores), deletion, insertion, table)
 
 
 def render_all(r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Load test: many concurrent gradio_client users against a server on 127.0.0.1, checking for cross-talk.
 
-``python -m vizapp.loadtest [--requests 200] [--clients 8] [--model bundled]`` starts ``app.py`` in a subprocess on a
-free loopback port, computes each image's single-user result first, then sends the requests from concurrent clients
-(each with distinct images) and checks that every response equals the single-user result for its image. It reports
-errors, p50/p95 latency and the server's RSS after warm-up and at the end. Bounded in count and time; loopback only.
+``python -m benchmarks.loadtest [--requests 200] [--clients 8] [--model bundled]`` (from the repository root) starts
+``app.py`` in a subprocess on a free loopback port, computes each image's single-user result first, then sends the
+requests from concurrent clients (each with distinct images) and checks that every response equals the single-user
+result for its image. It reports errors, p50/p95 latency and the server's RSS after warm-up and at the end. Bounded
+in count and time; loopback only.
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vizapp.ui.outputs import AnalyzeOutputs, from_api
+from vizapp.ui.serving import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -57,7 +55,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
 
 
 def _key(result: tuple) -> dict:
-    summary = result[6]
+    summary = from_api(AnalyzeOutputs, result)["summary"]
     return {
         "top_k": [(d["label"], d["probability"]) for d in summary["top_k"]],
         "mean_distance": np.asarray(summary["mean_distance_px"], dtype=np.float64),
@@ -107,7 +105,10 @@ def start_server(model: str, port: int, concurrency: int = 2, log_path: str | No
     log = open(log_path or os.devnull, "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -122,8 +123,9 @@ def start_server(model: str, port: int, concurrency: int = 2, log_path: str | No
     raise RuntimeError("server did not start within 120 s")
 
 
-def run(model: str, requests: int = 200, clients: int = 8, images: int = 16, concurrency: int = 2,
-        timeout_s: float = 900.0) -> LoadReport:
+def run(
+    model: str, requests: int = 200, clients: int = 8, images: int = 16, concurrency: int = 2, timeout_s: float = 900.0
+) -> LoadReport:
     """Run the load test and return its report (raises nothing for request errors: they are counted)."""
     from gradio_client import Client, handle_file
 
@@ -200,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     growth = report.rss_end_mb - report.rss_warm_mb
     ok = not report.errors and report.mismatches == 0 and len(report.latencies) == args.requests
     ok = ok and growth <= args.max_rss_growth_mb
-    print(f"RSS growth after warm-up: {growth:.0f} MB (bound {args.max_rss_growth_mb:.0f} MB); {'PASS' if ok else 'FAIL'}")
+    print(
+        f"RSS growth after warm-up: {growth:.0f} MB (bound {args.max_rss_growth_mb:.0f} MB); {'PASS' if ok else 'FAIL'}"
+    )
     if args.out:
         Path(args.out).write_text(
-            f"# Load test\n\n`python -m vizapp.loadtest --model {args.model} --requests {args.requests} --clients "
+            f"# Load test\n\n`python -m benchmarks.loadtest --model {args.model} --requests {args.requests} --clients "
             f"{args.clients}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{table}\n\n"
             f"RSS growth after warm-up: {growth:.0f} MB (bound {args.max_rss_growth_mb:.0f} MB). "
             f"{'PASS' if ok else 'FAIL'}.\n"

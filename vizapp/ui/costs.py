@@ -1,0 +1,45 @@
+"""What the slow operations will cost for the current model, said before they run (markdown for the page)."""
+
+from __future__ import annotations
+
+from vizapp import methods
+from vizapp.pipeline import Analysis
+from vizapp.ui import deadline
+
+DEFAULT_COMPARE_STEPS = 16
+
+
+def _seconds(s: float) -> str:
+    return "under 1 s" if s < 1 else f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min"
+
+
+def limit_note() -> str:
+    """The operator's time limit, and that Cancel stops sooner."""
+    limit = deadline.request_seconds()
+    return (
+        f"Long operations stop after {limit:g} s (the operator's `{deadline.REQUEST_SECONDS_ENV}`); "
+        "**Cancel** stops one sooner."
+    )
+
+
+def slow_method_notes(r: Analysis) -> list[str]:
+    """One line per method that states its cost (the slow ones): its work and an estimate of the time."""
+    notes = []
+    for m in methods.METHODS.values():
+        c = methods.cost(r, m.name)
+        if c is not None:
+            notes.append(f"**{m.label}** on this model: {c.work}, {_seconds(c.seconds)} ({c.basis}).")
+    return notes
+
+
+def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, str]:
+    """What the slow operations will cost for this analysis: (Rollout tab note, Compare tab note), in markdown."""
+    slow = slow_method_notes(r)
+    fast = [m for m in methods.METHODS.values() if not m.slow]
+    images = 2 * (len(fast) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
+    compare = (
+        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
+        f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
+        "included, 2 x (steps + 1) images more for each."
+    )
+    return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
