@@ -37,13 +37,13 @@ test: $(STAMP) debs
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m vizapp.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 report: $(STAMP) debs
 	$(PY) -m vizapp.report $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vizapp tests app.py
+	$(VENV)/bin/ruff check vizapp benchmarks tests app.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache
