@@ -37,7 +37,7 @@ test: $(STAMP) debs
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m vizapp.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 report: $(STAMP) debs
 	$(PY) -m vizapp.bundled.report $(ARGS)

@@ -1,1 +1,1 @@
-"""Tools that measure vizapp from outside the library: run them from the repository root with ``python -m``."""
+"""Tools that measure vizapp from outside the library (``python -m benchmarks.bench``, the load test)."""

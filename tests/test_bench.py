@@ -1,10 +1,13 @@
-"""vizapp.bench: the --quick smoke run completes and writes the table (no timing assertions)."""
+"""benchmarks.bench: the --quick smoke run completes and writes the table (no timing assertions)."""
 
 from __future__ import annotations
 
 import re
 
-from vizapp import bench
+import pytest
+
+from benchmarks import bench
+from benchmarks.bench import profiling
 
 
 def table_rows(markdown: str, heading: str = "## Results") -> tuple[list[str], list[list[str]]]:
@@ -27,8 +30,14 @@ def test_quick_run_writes_every_column_and_a_row_per_model(tmp_path, capsys):
         assert len(row) == len(header)
         assert all(cell and cell != "nan" for cell in row), row
         assert int(row[1]) == 17  # 1 CLS + a 4x4 grid at 64 px
-    for section in ("## Machine", "## Cost model", "### Predicted vs measured", "### Memory decomposition",
-                    "### Where the time of (b) goes", "## Dataset mode"):
+    for section in (
+        "## Machine",
+        "## Cost model",
+        "### Predicted vs measured",
+        "### Memory decomposition",
+        "### Where the time of (b) goes",
+        "## Dataset mode",
+    ):
         assert section in text
     assert re.search(r"torch threads \| \d+", text)
     assert "| model | tokens N |" in capsys.readouterr().out  # the table is printed too
@@ -41,8 +50,12 @@ def test_quick_run_writes_every_column_and_a_row_per_model(tmp_path, capsys):
 def test_models_option_gives_one_row_each(tmp_path):
     out = tmp_path / "two.md"
     specs = ["vit_tiny_patch16_224@img_size=32,depth=1", "vit_small_patch14_reg4_dinov2@img_size=28,depth=1"]
-    assert bench.main(["--models", *specs, "--repeats", "1", "--warmup", "0", "--no-memory", "--no-profile",
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            ["--models", *specs, "--repeats", "1", "--warmup", "0", "--no-memory", "--no-profile", "--out", str(out)]
+        )
+        == 0
+    )
     _header, rows = table_rows(out.read_text(encoding="utf-8"))
     assert [r[0] for r in rows] == specs
     assert [int(r[1]) for r in rows] == [1 + 2 * 2, 5 + 2 * 2]  # register model: CLS + 4 registers + patches
@@ -53,3 +66,30 @@ def test_parse_spec():
     assert spec.name == "vit_large_patch14_reg4_dinov2"
     assert dict(spec.kwargs) == {"img_size": 518, "dynamic_img_size": True}
     assert bench.parse_spec(spec.label) == spec
+
+
+def test_every_profile_stage_resolves_to_a_public_library_function():
+    stages = profiling.resolve_stages()
+    assert len(stages) == len(profiling.STAGES)
+    assert all(st.keys for st in stages)
+
+
+def test_a_missing_profile_stage_name_raises_naming_it(monkeypatch):
+    from vizapp import streaming
+
+    monkeypatch.delattr(streaming.LayerStatistics, "rollout_row")
+    with pytest.raises(LookupError, match=r"vizapp\.streaming\.LayerStatistics\.rollout_row does not exist"):
+        profiling.resolve_stages()
+    with pytest.raises(LookupError, match="no_such_function"):
+        profiling.resolve("vizapp.capture:no_such_function")
+    with pytest.raises(ValueError, match="public"):
+        profiling.resolve("vizapp.capture:AttentionCapture._inline")
+
+
+def test_rewriting_the_report_keeps_the_notes_under_the_old_marker(tmp_path):
+    from benchmarks.bench import markdown
+
+    out = tmp_path / "b.md"
+    out.write_text("old table\n" + markdown.OLD_NOTES_MARKERS[0] + "\nmy notes\n", encoding="utf-8")
+    markdown.write_report(out, "new table\n")
+    assert out.read_text(encoding="utf-8") == "new table\n\n" + markdown.NOTES_MARKER + "\nmy notes\n"

@@ -1,0 +1,100 @@
+"""The machine a run measures on (for the report) and the input photo."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: benchmarks/bench/machine.py -> ../../
+# The library sources whose cost the benchmark measures; their hashes go into the report.
+SOURCES_MEASURED = (
+    "vizapp/pipeline.py",
+    "vizapp/capture.py",
+    "vizapp/streaming.py",
+    "vizapp/limits.py",
+    "vizapp/analysis/rollout.py",
+    "vizapp/analysis/distance.py",
+    "vizapp/views.py",
+    "vizapp/figures.py",
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "missing"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """Machine, library versions, load and the hashes of the source files measured."""
+    import plotly
+    import timm
+
+    try:
+        load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        load = "n/a"
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count() or 0
+    info = {
+        "date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "CPU": _cpu_model(),
+        "cores (os.cpu_count / usable)": f"{os.cpu_count()} / {affinity}",
+        "memory": _mem_total(),
+        "load average at start (1/5/15 min)": load,
+        "torch threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(0)})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "plotly": plotly.__version__,
+        "numpy": np.__version__,
+    }
+    info["sources measured (sha256/12)"] = ", ".join(
+        f"{f.split('/')[-1]} {_file_digest(ROOT / f)}" for f in SOURCES_MEASURED
+    )
+    return info
+
+
+def _mem_total() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) * 1024 / 1e9:.1f} GB"
+    except OSError:
+        pass
+    return "n/a"
+
+
+def photo() -> tuple[Image.Image, str]:
+    """skimage's astronaut (512x512 RGB) when scikit-image is installed, else a seeded random image."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "astronaut.png"
+        if path.is_file():
+            with Image.open(path) as img:
+                return img.convert("RGB"), "skimage astronaut.png (512x512 RGB)"
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)), "random 512x512 RGB image (seed 0)"

@@ -1,0 +1,65 @@
+"""Which models the benchmark measures, written ``name@key=value,...`` (timm ``create_model`` keyword arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_MODELS = (
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_large_patch16_384",
+    "vit_large_patch14_reg4_dinov2@img_size=518",
+)
+QUICK_MODELS = ("vit_tiny_patch16_224@img_size=64",)
+DATASET_MODEL = "vit_base_patch16_224"
+QUICK_DATASET_MODEL = "vit_tiny_patch16_224@img_size=64"
+# Models whose predicted forward exceeds this many multiply-accumulates get ``--large-repeats`` repeats.
+LARGE_MACS = 50e9
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model name plus ``create_model`` keyword arguments, written ``name@key=value,key=value``."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return self.name + "@" + ",".join(f"{k}={v}" for k, v in self.kwargs)
+
+    def load(self, device: str) -> Any:
+        """The model via :func:`vizapp.load_model` (random weights, seeded)."""
+        from vizapp.models import load_model
+
+        torch.manual_seed(0)
+        return load_model(self.name, pretrained=False, device=device, **dict(self.kwargs))
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """``"vit_large_patch14_reg4_dinov2@img_size=518"`` -> ModelSpec(name, (("img_size", 518),))."""
+    name, _, rest = text.strip().partition("@")
+    kwargs = []
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"bad model option {item!r} in {text!r}; expected key=value")
+        kwargs.append((key.strip(), _literal(value.strip())))
+    if not name:
+        raise argparse.ArgumentTypeError(f"empty model name in {text!r}")
+    return ModelSpec(name, tuple(kwargs))
