@@ -424,7 +424,9 @@ def analyze(
         weights[p:] = 1.0 / (n - p)
     with torch.no_grad():
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
-        stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, HEAD_FUSIONS if keep_fused else (),
+        # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
+        # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
+        stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, ("mean",) if keep_fused else (),
                                 store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
         with AttentionCapture(vm.model, on_attention=stats, inline=inline) as cap:
             logits = vm.logits(x_dev)
@@ -440,7 +442,7 @@ def analyze(
         k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
         biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
         scales = tuple(cap.scales)
-        fused = {f: torch.stack(stats.fused[f]).cpu() for f in HEAD_FUSIONS} if keep_fused else {}
+        fused = {"mean": torch.stack(stats.fused["mean"]).cpu()} if keep_fused else {}
         distances = stats.distances
         del stats
     probs = None
