@@ -17,7 +17,15 @@ from vizapp.errors import (
     VizappError,
 )
 from vizapp.models import BUNDLED, VizModel, load_model
-from vizapp.pipeline import Analysis, analyze
+from vizapp.pipeline import Analysis, analyze, feature_pca
+
+
+def head_importance(vm, image, class_idx=None, mode="zero", method="exact", **kwargs):  # noqa: ANN001, ANN201
+    """[L, H] drop in the class probability when each head is ablated (see :func:`vizapp.ablation.head_importance`,
+    which returns the full result with the clean score and how many layers were done)."""
+    from vizapp.ablation import head_importance as run
+
+    return run(vm, image, class_idx=class_idx, mode=mode, method=method, **kwargs).drop.numpy()
 
 __version__ = "0.1.0"
 
@@ -34,5 +42,7 @@ __all__ = [
     "VizappError",
     "analysis",
     "analyze",
+    "feature_pca",
+    "head_importance",
     "load_model",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -66,8 +67,10 @@ def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every encoder layer, in order: the one support check in vizapp.
+def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(the encoder blocks, the self-attention module of each), in order: the one support check in vizapp.
+
+    A block's output is the residual stream after it; its attention module makes the layer's one attention call.
 
     Raises:
         UnsupportedModelError: naming the supported families, for anything else (Swin's windows, an unknown tree).
@@ -75,7 +78,6 @@ def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     blocks = getattr(model, "blocks", None)
     if blocks is not None:  # timm
         supported = _timm_attention_classes()
-        mods = []
         for i, blk in enumerate(blocks):
             attn = getattr(blk, "attn", None)
             if not isinstance(attn, supported):
@@ -83,13 +85,12 @@ def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
                     f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "
                     f"supported: {SUPPORTED_FAMILIES}"
                 )
-            mods.append(attn)
-        return mods
+        return list(blocks), [blk.attn for blk in blocks]
     encoder = getattr(model, "encoder", None)
     tv_layers = getattr(encoder, "layers", None)
     if tv_layers is not None and all(isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention)
                                      for b in tv_layers):  # torchvision
-        return [b.self_attention for b in tv_layers]
+        return list(tv_layers), [b.self_attention for b in tv_layers]
     for root in (model, *(getattr(model, n, None) for n in ("vision_model", "vit", "deit", "dinov2"))):
         if not isinstance(root, torch.nn.Module):
             continue
@@ -99,11 +100,16 @@ def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             if isinstance(layers, torch.nn.ModuleList) and len(layers):  # transformers
                 mods = [_hf_attention(layer) for layer in layers]
                 if all(m is not None for m in mods):
-                    return mods
+                    return list(layers), mods
     raise UnsupportedModelError(
         f"{type(model).__name__} has no encoder layers whose attention vizapp can capture exactly; "
         f"supported: {SUPPORTED_FAMILIES}"
     )
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of every encoder layer, in order (see :func:`encoder_layers`)."""
+    return encoder_layers(model)[1]
 
 
 def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,6 +233,8 @@ class AttentionCapture:
         layers: the attention modules (default: :func:`attention_layers` of ``model``).
         inline: form the attention in place of SDPA (default); False lets the model's own SDPA compute each layer's
             output and feeds ``on_attention`` from q and k at the end of the layer (a second code path, for checks).
+        on_block: called as ``on_block(layer, output)`` with each encoder block's output (the residual stream after
+            it), [B, N, D] detached, during the forward: the feature views take what they need from it there.
     """
 
     def __init__(
@@ -238,8 +246,12 @@ class AttentionCapture:
         keep_qk: bool = True,
         layers: list[torch.nn.Module] | None = None,
         inline: bool = True,
+        on_block: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
-        self.modules = list(layers) if layers is not None else attention_layers(model)
+        blocks, found = encoder_layers(model) if layers is None or on_block is not None else ([], [])
+        self.modules = list(layers) if layers is not None else found
+        self.blocks = blocks if on_block is not None else []
+        self.on_block = on_block
         self.with_grad = with_grad
         self.on_attention = None if with_grad else on_attention
         self.chunk_bytes = chunk_bytes
@@ -386,6 +398,13 @@ class AttentionCapture:
 
         return hook
 
+    def _block_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
+            if self._mine():
+                self.on_block(layer, (out[0] if isinstance(out, (tuple, list)) else out).detach())  # [B, N, D]
+
+        return hook
+
     def _norm_hook(self, layer: int, store: list):
         def hook(mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
@@ -404,6 +423,8 @@ class AttentionCapture:
             for i, m in enumerate(self.modules):
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(i)))
                 self._handles.append(m.register_forward_hook(self._post_hook(i), always_call=True))
+                if i < len(self.blocks):
+                    self._handles.append(self.blocks[i].register_forward_hook(self._block_hook(i)))
                 if type(m) is Attention and not getattr(m, "fused_attn", True):
                     # no SDPA call to catch: q and k as timm's own explicit path uses them
                     self._handles.append(m.q_norm.register_forward_hook(self._norm_hook(i, self.q)))

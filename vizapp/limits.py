@@ -26,6 +26,9 @@ FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
 # Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as the
 # forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
 ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
+# Every block's output [L, N, D] is kept for the feature views (PCA, similarity) below this size; above it only the
+# last block's (ViT-B/16 at 224 px: 7.3 MB for all 12; ViT-L/16 at 384 px would need 57 MB).
+BLOCK_OUTPUT_BYTES = 32 * 2**20
 # Full attention [L, H, N, N] goes into an .npz export only below this size (CLS rows otherwise).
 EXPORT_ATTENTION_BYTES = 256 * 2**20
 

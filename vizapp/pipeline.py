@@ -21,7 +21,7 @@ from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
-from vizapp.streaming import LayerStatistics, fused_layer
+from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
 
 Query = str | int | tuple[int, int]
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
@@ -61,6 +61,12 @@ class Analysis:
         biases: per layer, the additive bias the layer adds before its softmax ([H or 1, N, N], e.g. BEiT's
             relative-position bias), or None; empty when no layer has one.
         recomputed_layers: layers whose attention stayed inside the model and was formed again from q and k.
+        block_norms: [L, N] L2 norm of every token's output after each block (prefix tokens first).
+        block_outputs: layer -> that block's output [N, D] (every layer for models up to about ViT-B size, else the
+            last), for the feature views.
+        lens_probs: [L, K] the logit lens: class probabilities from each block's output through the model's final
+            norm, pooling and head (None without a classifier head).
+        num_registers: register tokens among the prefix tokens.
         mean_distance: [L, H] mean attention distance in pixels.
         notes: remarks about the input (e.g. "animated GIF: first frame").
     """
@@ -83,6 +89,10 @@ class Analysis:
     has_class_token: bool = True
     biases: tuple[torch.Tensor | None, ...] = ()
     recomputed_layers: tuple[int, ...] = ()
+    block_norms: np.ndarray | None = None
+    block_outputs: dict = field(default_factory=dict)
+    lens_probs: np.ndarray | None = None
+    num_registers: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -346,6 +356,84 @@ class Analysis:
             }
         return out
 
+    # -- label-free views (issue: beyond class labels) -----------------------------------------------------
+    def _features(self, layer: int) -> torch.Tensor:
+        """The patch tokens' output features after block ``layer``, [P, D]."""
+        layer = self._layer(layer)
+        if layer not in self.block_outputs:
+            kept = sorted(self.block_outputs)
+            raise BadParameterError(f"layer {layer}'s features were not kept for this model (too large); "
+                                    f"layers with features: {kept}")
+        return self.block_outputs[layer][self.num_prefix_tokens :]
+
+    def feature_pca(self, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
+        """The patch features after block ``layer`` on their first 3 principal components as RGB [gh, gw, 3] in
+        [0, 1] (Oquab et al. 2023, DINOv2 Fig. 1); with ``foreground_threshold``, the PCA is refit on the patches
+        whose first component is above it (scaled to [0, 1]) and the background is black."""
+        from vizapp.analysis.features import feature_pca
+
+        res = feature_pca(self._features(layer), foreground_threshold=foreground_threshold, grid_size=self.grid_size)
+        return res.rgb.reshape(*self.grid_size, 3).numpy()
+
+    def feature_similarity(self, query: Query, layer: int = -1, other: Analysis | None = None) -> np.ndarray:
+        """Cosine similarity between the query patch's feature after block ``layer`` and every patch's feature, of
+        this image or of ``other`` (dense correspondence), [gh, gw] of the image compared with."""
+        from vizapp.analysis.features import feature_similarity
+
+        i = self.query_index(query) - self.num_prefix_tokens
+        if i < 0:
+            raise BadParameterError("the feature similarity is between patches: pick a patch (row, col)")
+        target = other if other is not None else self
+        sim = feature_similarity(self._features(layer), i, target._features(layer) if other is not None else None)
+        return sim.reshape(target.grid_size).numpy()
+
+    def token_norms(self) -> np.ndarray:
+        """[L, N] L2 norm of every token's output after each block, prefix tokens first, in the model's order."""
+        if self.block_norms is None:
+            raise BadParameterError("token norms were not recorded for this analysis")
+        return self.block_norms
+
+    def artifact_tokens(self, k: float = 10.0) -> np.ndarray:
+        """[L, N] bool: tokens whose norm is above median + k·MAD of their layer (Darcet et al. 2024's high-norm
+        artifact tokens; see :func:`vizapp.analysis.features.artifact_tokens`)."""
+        from vizapp.analysis.features import artifact_tokens
+
+        return artifact_tokens(torch.as_tensor(self.token_norms()), k=k).numpy()
+
+    def register_attention(self) -> dict[str, np.ndarray | None]:
+        """How much attention CLS and the patches give each register, per layer and head: {"from_cls": [L, H, R]
+        or None, "from_patches": [L, H, R]}; empty arrays for a model without registers."""
+        from vizapp.analysis.features import register_attention
+
+        rows = []
+        for layer in range(self.num_layers):
+            rows.append(register_attention(self.attention_layer(layer), self.num_prefix_tokens, self.num_registers,
+                                           self.has_class_token))
+        from_cls = None if rows[0].from_cls is None else torch.stack([r.from_cls for r in rows]).numpy()
+        return {"from_cls": from_cls, "from_patches": torch.stack([r.from_patches for r in rows]).numpy()}
+
+    def dino_masks(self, threshold: float = 0.6) -> np.ndarray:
+        """[H, gh, gw] bool: per head of the last layer, the patches holding the top ``threshold`` fraction of the
+        CLS attention mass (Caron et al. 2021)."""
+        from vizapp.analysis.features import dino_masks
+
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise BadParameterError(f"threshold must be a number in (0, 1], got {threshold!r}"[:200])
+        rows = torch.as_tensor(self.attention(self.num_layers - 1, None, "cls"))  # [H, gh, gw]
+        masks = dino_masks(rows.reshape(self.num_heads, -1), float(threshold))
+        return masks.reshape(self.num_heads, *self.grid_size).numpy()
+
+    def logit_lens(self, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per layer, the top-``k`` classes of the logit lens (nostalgebraist 2020): each block's output through the
+        model's final norm, pooling and head; the last layer's is the model's own prediction."""
+        if self.lens_probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no logit lens")
+        out = []
+        for row in self.lens_probs:
+            order = np.argsort(-row, kind="stable")[: max(0, int(k))]
+            out.append([(self.labels[i], float(row[i])) for i in order])
+        return out
+
     # -- export ------------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary of the analysis."""
@@ -428,7 +516,8 @@ def analyze(
         # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
         stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, ("mean",) if keep_fused else (),
                                 store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
-        with AttentionCapture(vm.model, on_attention=stats, inline=inline) as cap:
+        blocks = BlockFeatures(n_layers, vm.lens_fn)
+        with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks) as cap:
             logits = vm.logits(x_dev)
         if progress:
             progress(0.6, "attention analyses")
@@ -470,6 +559,10 @@ def analyze(
         has_class_token=vm.has_class_token,
         biases=biases if any(b is not None for b in biases) else (),
         recomputed_layers=tuple(sorted(cap.replayed_layers)),
+        block_norms=torch.stack(blocks.norms).cpu().numpy(),
+        block_outputs={layer: t.cpu() for layer, t in blocks.outputs.items()},
+        lens_probs=torch.stack(blocks.lens).cpu().numpy() if vm.lens_fn is not None and probs is not None else None,
+        num_registers=vm.num_registers,
     )
     for f, stack in fused.items():
         result._cache[("fused", f)] = stack  # [L, N, N]
@@ -477,3 +570,40 @@ def analyze(
     if progress:
         progress(1.0, "done")
     return result
+
+
+def feature_pca(
+    vm: VizModel, images: Any, layer: int = -1, foreground_threshold: float | None = None
+) -> np.ndarray:
+    """One PCA shared by several images, so that parts correspond by colour (Oquab et al. 2023, DINOv2 Fig. 1).
+
+    Args:
+        vm: a model from :func:`vizapp.load_model`.
+        images: a sequence of images (PIL, bytes, paths or arrays, decoded safely), all at the model's input size
+            after its transform.
+        layer: the block whose output features are used (default: the last).
+        foreground_threshold: as in :meth:`Analysis.feature_pca`.
+
+    Returns:
+        [B, gh, gw, 3] RGB in [0, 1].
+    """
+    from vizapp.analysis.features import feature_pca as pca
+
+    images = list(images)
+    if not images:
+        raise BadParameterError("feature_pca needs at least one image")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -vm.num_layers <= layer < vm.num_layers:
+        raise BadParameterError(f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200])
+    layer = int(layer) % vm.num_layers
+    x = torch.stack([vm.transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(i: int, out: torch.Tensor) -> None:
+        if i == layer:
+            kept[i] = out[:, vm.num_prefix_tokens :].float().cpu()  # [B, P, D]
+
+    with torch.no_grad(), AttentionCapture(vm.model, on_block=keep):
+        vm.logits(x)
+    res = pca(kept[layer], foreground_threshold=foreground_threshold, grid_size=grid)
+    return res.rgb.reshape(len(images), *grid, 3).numpy()

@@ -9,7 +9,7 @@ decides what to keep of each chunk. Byte budgets live in :mod:`vizapp.limits`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -143,3 +143,35 @@ def fused_layer(q: torch.Tensor, k: torch.Tensor, scale: float, head_fusion: str
     for _, r0, a in attention_chunks(q, k, scale, *shape, bias=bias):
         fuse_heads_into(out[r0 : r0 + a.shape[1]], a, head_fusion)
     return finish_fusion(out, h, head_fusion)
+
+
+class BlockFeatures:
+    """What :func:`vizapp.analyze` keeps of each encoder block's output (``AttentionCapture(on_block=...)``).
+
+    Per layer: the L2 norm of every token [N] (always, a few floats); the logit lens, the model's own final norm,
+    pooling and head applied to the block's output, as probabilities [K] (when the model has a head); and the output
+    itself [N, D] for the feature views, for every layer while L x N x D floats fit ``budget`` bytes, else for the
+    last layer only.
+
+    Args:
+        num_layers: L.
+        lens_fn: tokens [B, N, D] -> logits [B, K], or None.
+        budget: default :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`.
+    """
+
+    def __init__(self, num_layers: int, lens_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                 budget: int | None = None) -> None:
+        self.num_layers = num_layers
+        self.budget = limits.BLOCK_OUTPUT_BYTES if budget is None else budget
+        self.lens_fn = lens_fn
+        self.norms: list[torch.Tensor | None] = [None] * num_layers  # [N] per layer
+        self.lens: list[torch.Tensor | None] = [None] * num_layers  # [K] per layer
+        self.outputs: dict[int, torch.Tensor] = {}  # layer -> [N, D] float32
+
+    def __call__(self, layer: int, out: torch.Tensor) -> None:
+        x = out[0]  # image 0 of the batch: [N, D]
+        self.norms[layer] = torch.linalg.vector_norm(x.float(), dim=-1)
+        if self.num_layers * x.numel() * 4 <= self.budget or layer == self.num_layers - 1:
+            self.outputs[layer] = x.float()
+        if self.lens_fn is not None:
+            self.lens[layer] = torch.softmax(self.lens_fn(out[:1]).float()[0], dim=-1)

@@ -71,6 +71,9 @@ class VizModel:
         forward_fn: (model, x [B, C, H, W]) -> logits [B, K], or the pooled feature [B, D] without a head.
         grid_fn: (height, width) of an input -> the patch grid the model uses for it.
         pos_embed_fn: () -> the learned patch position embeddings [P, D] (prefix rows removed), or None.
+        lens_fn: tokens [B, N, D] (a block's output) -> logits [B, K] through the model's own final norm, pooling
+            and head (the logit lens; the last block's output gives the model's logits), or None without a head.
+        num_registers: register tokens among the prefix tokens (they come after CLS and a distillation token).
     """
 
     name: str
@@ -98,6 +101,8 @@ class VizModel:
     family: str = "timm"
     position: str = "learned"
     pos_embed_fn: Callable[[], torch.Tensor | None] | None = None
+    lens_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    num_registers: int = 0
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch [B, C, H, W]: logits [B, K] (or the pooled feature without a head)."""

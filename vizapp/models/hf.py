@@ -201,6 +201,12 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     has_head = any(h is not None and not isinstance(h, torch.nn.Identity) for h in heads)
     labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(len(id2label))) if has_head else ()
 
+    def lens(x: torch.Tensor) -> torch.Tensor:
+        h = base.layernorm(x)
+        if getattr(model, "cls_classifier", None) is not None:  # DeiT with teacher: the mean of its two heads
+            return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
+        return model.classifier(h[:, 0])
+
     def pos_embed() -> torch.Tensor:
         table = _pos_table(model_type, embeddings)[pos_prefix:]
         if table.shape[0] != grid[0] * grid[1]:
@@ -215,4 +221,6 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         dtype=dtype, num_layers=len(attention_layers(model)), num_heads=int(vision.num_attention_heads),
         forward_fn=_forward, grid_fn=lambda h, w: (h // ps[0], w // ps[1]), has_class_token=has_cls, family="hf",
         position="learned", pos_embed_fn=pos_embed,
+        lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
+        num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
     )

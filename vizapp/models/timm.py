@@ -91,6 +91,10 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         stored = (int(table.shape[0]), int(table.shape[1]))
         return flat if stored == grid else resample_patch_pos_embed(flat, stored, grid)
 
+    def lens(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(x))
+
+    has_head = int(getattr(model, "num_classes", 0) or 0) > 0
     has_pos = position == "learned" or (pe is None and getattr(model.embeds, "pos_embed_type", "") == "learned")
     return {
         "num_prefix_tokens": p,
@@ -104,6 +108,8 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "grid_fn": grid_fn,
         "position": "learned" if has_pos else position,
         "pos_embed_fn": pos_embed if has_pos else None,
+        "lens_fn": lens if has_head else None,
+        "num_registers": int(getattr(model, "num_reg_tokens", 0) or 0),
         "family": "timm",
     }
 

@@ -86,5 +86,5 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         note=note, dtype=dtype, num_layers=len(model.encoder.layers),
         num_heads=int(model.encoder.layers[0].self_attention.num_heads), forward_fn=_forward,
         grid_fn=lambda h, w: (h // ps, w // ps), has_class_token=True, family="torchvision", position="learned",
-        pos_embed_fn=pos_embed,
+        pos_embed_fn=pos_embed, lens_fn=lambda x: model.heads(model.encoder.ln(x)[:, 0]),
     )
