@@ -224,7 +224,7 @@ class AttentionCapture:
     Args:
         model: a supported ViT (see :func:`attention_layers`).
         with_grad: form each layer's attention as a tensor in the autograd graph, so that :meth:`attention_grads`
-            returns ∂score/∂A exactly; ``on_attention`` is then ignored.
+            returns ∂score/∂A exactly; ``on_attention`` then receives each layer's attention (detached) whole.
         on_attention: a consumer (see :class:`AttentionConsumer`) that receives each layer's attention during the
             forward, computed once and then used for the layer's output.
         chunk_bytes: at most this much attention per chunk handed to ``on_attention`` (at least one head); default
@@ -253,7 +253,7 @@ class AttentionCapture:
         self.blocks = blocks if on_block is not None else []
         self.on_block = on_block
         self.with_grad = with_grad
-        self.on_attention = None if with_grad else on_attention
+        self.on_attention = on_attention
         self.chunk_bytes = chunk_bytes
         self.keep_qk = keep_qk
         self.inline = inline
@@ -310,6 +310,11 @@ class AttentionCapture:
         if self.with_grad and torch.is_grad_enabled():
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
+            if self.on_attention is not None:
+                for i, ai in enumerate(a.detach()):
+                    self.on_attention.chunk(layer, i, 0, ai, 0)
+                self.on_attention.layer_done(layer)
+                self.inline_layers.add(layer)
             return (a @ v.float()).to(v.dtype)
         if self.on_attention is None or not self.inline:
             return run()

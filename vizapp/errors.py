@@ -40,3 +40,7 @@ class ModelTooLargeError(ModelLoadError):
 
 class UnsupportedModelError(VizappError):
     """The requested model exists but is not one the app can analyse, or its id is not acceptable."""
+
+
+class StaleResultError(VizappError):
+    """A result's model is gone from memory or its weights changed since the result was made."""

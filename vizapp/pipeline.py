@@ -7,6 +7,7 @@ layers' full attention at once.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from vizapp import limits
 from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
-from vizapp.errors import BadParameterError
+from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
 
@@ -46,6 +47,21 @@ def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
     return (img[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+class GradientGraph:
+    """The autograd graph of a gradient-enabled forward (``analyze(..., gradients=True)``): each layer's attention
+    in the graph and the logits, so that every further class costs one backward pass. Never copied or pickled (a
+    copy of the Analysis falls back to a new forward and backward)."""
+
+    def __init__(self, maps: list[torch.Tensor] | None = None, logits: torch.Tensor | None = None) -> None:
+        self.maps, self.logits = maps, logits
+
+    def __deepcopy__(self, memo: dict) -> GradientGraph:
+        return GradientGraph()
+
+    def __reduce__(self) -> tuple:
+        return (GradientGraph, ())
+
+
 @dataclass(frozen=True, eq=False)
 class Analysis:
     """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
@@ -67,6 +83,10 @@ class Analysis:
         lens_probs: [L, K] the logit lens: class probabilities from each block's output through the model's final
             norm, pooling and head (None without a classifier head).
         num_registers: register tokens among the prefix tokens.
+        model_ref: a weak reference to the model the result came from, and ``model_fingerprint`` a digest of its
+            weights then (:meth:`VizModel.fingerprint`): methods that run the model again use that very network or
+            refuse (:class:`~vizapp.errors.StaleResultError`), never another one.
+        graph: with ``analyze(..., gradients=True)``, the forward's autograd graph (see :class:`GradientGraph`).
         mean_distance: [L, H] mean attention distance in pixels.
         notes: remarks about the input (e.g. "animated GIF: first frame").
     """
@@ -93,6 +113,9 @@ class Analysis:
     block_outputs: dict = field(default_factory=dict)
     lens_probs: np.ndarray | None = None
     num_registers: int = 0
+    model_ref: Any = field(default=None, repr=False)
+    model_fingerprint: tuple[float, ...] = ()
+    graph: GradientGraph = field(default_factory=GradientGraph, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -235,12 +258,30 @@ class Analysis:
 
     def attention_stack(self) -> torch.Tensor:
         """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
+        if self.graph.maps is not None:
+            return torch.stack([m[0].detach().float().cpu() for m in self.graph.maps])
         return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
 
     def _model(self) -> VizModel:
+        """The network this result came from: the same object while it is alive, else the cache's copy when its
+        weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
         from vizapp.models import reload
 
-        return reload(self.load_args)
+        vm = self.model_ref() if self.model_ref is not None else None
+        where = "changed since"
+        if vm is None:
+            if self.model_ref is not None and not dict(self.load_args).get("pretrained", True):
+                raise StaleResultError(
+                    f"{self.model_name} (random weights) is no longer in memory, and a rebuilt copy would have other "
+                    "weights; analyze the image again"
+                )
+            vm = reload(self.load_args)
+            where = "reloaded, and its weights differ from those of"
+        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
+            raise StaleResultError(
+                f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
+            )
+        return vm
 
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
@@ -248,6 +289,12 @@ class Analysis:
         key = ("grads", cls)
         if key in self._cache:
             return self._cache[key]
+        if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
+            grads = torch.autograd.grad(self.graph.logits[0, cls], self.graph.maps, retain_graph=True)
+            out = torch.stack([g[0].float().cpu() for g in grads])
+            if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+                self._cache[key] = out
+            return out
         vm = self._model()
         x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
         with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
@@ -478,6 +525,7 @@ def analyze(
     top_k: int = 5,
     progress: Callable[[float, str], None] | None = None,
     inline: bool = True,
+    gradients: bool = False,
 ) -> Analysis:
     """Run the model once on ``image`` with capture and compute every core analysis.
 
@@ -489,6 +537,10 @@ def analyze(
         inline: form each layer's attention once, in place of the model's SDPA call (default); False lets the model
             compute its own attention output and forms the attention again from the recorded q and k (the second
             code path the tests compare against; slower).
+        gradients: run the forward with autograd, forming each layer's attention in the graph, and keep that graph
+            in the result, so the class-specific methods (gradient rollout, Chefer relevance) cost one backward pass
+            per class instead of a forward and a backward. Holds the forward's activations (about 150 MB for ViT-B/16)
+            for as long as the result lives.
 
     Returns:
         an :class:`Analysis`.
@@ -510,15 +562,17 @@ def analyze(
         weights[0] = 1.0
     else:
         weights[p:] = 1.0 / (n - p)
-    with torch.no_grad():
+    with torch.enable_grad() if gradients else torch.no_grad():
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
         # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
         # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
         stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, ("mean",) if keep_fused else (),
                                 store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
         blocks = BlockFeatures(n_layers, vm.lens_fn)
-        with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks) as cap:
+        with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks, with_grad=gradients) as cap:
             logits = vm.logits(x_dev)
+        graph = GradientGraph(list(cap.maps), logits) if gradients else GradientGraph()
+        logits = logits.detach()
         if progress:
             progress(0.6, "attention analyses")
         n_seen = cap.q[0].shape[-2]
@@ -527,8 +581,8 @@ def analyze(
         if not stats.complete():
             raise RuntimeError("the attention of some layer never reached vizapp's statistics")
         rollout_default = stats.rollout_row(weights)[p:].float().cpu()
-        q = tuple(t[0].float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
-        k = tuple(t[0].float().cpu().contiguous() for t in cap.k)
+        q = tuple(t[0].detach().float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
+        k = tuple(t[0].detach().float().cpu().contiguous() for t in cap.k)
         biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
         scales = tuple(cap.scales)
         fused = {"mean": torch.stack(stats.fused["mean"]).cpu()} if keep_fused else {}
@@ -563,6 +617,9 @@ def analyze(
         block_outputs={layer: t.cpu() for layer, t in blocks.outputs.items()},
         lens_probs=torch.stack(blocks.lens).cpu().numpy() if vm.lens_fn is not None and probs is not None else None,
         num_registers=vm.num_registers,
+        model_ref=weakref.ref(vm),
+        model_fingerprint=vm.fingerprint(),
+        graph=graph,
     )
     for f, stack in fused.items():
         result._cache[("fused", f)] = stack  # [L, N, N]

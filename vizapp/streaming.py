@@ -174,4 +174,5 @@ class BlockFeatures:
         if self.num_layers * x.numel() * 4 <= self.budget or layer == self.num_layers - 1:
             self.outputs[layer] = x.float()
         if self.lens_fn is not None:
-            self.lens[layer] = torch.softmax(self.lens_fn(out[:1]).float()[0], dim=-1)
+            with torch.no_grad():
+                self.lens[layer] = torch.softmax(self.lens_fn(out[:1]).float()[0], dim=-1)

@@ -103,6 +103,34 @@ class VizModel:
     pos_embed_fn: Callable[[], torch.Tensor | None] | None = None
     lens_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     num_registers: int = 0
+    _digest: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def weights_key(self) -> tuple:
+        """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter
+        (changes when a weight is replaced, reloaded or modified in place through torch, not through ``.data``)."""
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def fingerprint(self, fresh: bool = False) -> tuple[float, ...]:
+        """A digest of the weights: count, sum, sum of squares and a strided sample's sum, accumulated in float64.
+
+        Computed again only when :meth:`weights_key` changed, unless ``fresh`` (what a check before reuse asks
+        for: it also sees changes made through ``.data``).
+        """
+        key = self.weights_key()
+        if not fresh and self._digest.get("key") == key:
+            return self._digest["value"]
+        total = [0.0, 0.0, 0.0, 0.0]
+        with torch.no_grad():
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                f = t.detach().reshape(-1)
+                f = f if f.is_floating_point() else f.double()
+                total[0] += f.numel()
+                total[1] += float(f.sum(dtype=torch.float64))
+                total[2] += float((f.float() * f.float()).sum(dtype=torch.float64))
+                total[3] += float(f[::31].sum(dtype=torch.float64))
+        value = tuple(total)
+        self._digest.update(key=key, value=value)
+        return value
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch [B, C, H, W]: logits [B, K] (or the pooled feature without a head)."""
