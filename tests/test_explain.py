@@ -422,3 +422,16 @@ def test_perturbation_curve_rejects_bad_input() -> None:
         perturbation_curve(linear_predict, IMAGE, SALIENCY, 2, 2, 0, mode="blur")
     with pytest.raises(ValueError):
         perturbation_curve(linear_predict, IMAGE, torch.tensor([0.0, float("nan"), 1.0, 2.0]), 2, 2, 0)
+
+
+def test_relevance_row_equals_a_row_of_the_full_relevance_matrix() -> None:
+    from vizapp.analysis.relevance import grad_weighted_heads, relevance_row
+
+    g = torch.Generator().manual_seed(3)
+    attn = torch.softmax(torch.randn(4, 3, 6, 6, generator=g), dim=-1)
+    grad = torch.randn(4, 3, 6, 6, generator=g)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    for start in (0, 2):
+        full = chefer_relevance(attn, grad, start_layer=start).double()
+        torch.testing.assert_close(relevance_row(grad_weighted_heads(attn, grad), w, start), w @ full, rtol=1e-6,
+                                   atol=1e-6)

@@ -324,22 +324,41 @@ class Analysis:
     def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
         return flat.reshape(self.grid_size).float().numpy()
 
-    def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
-        """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention."""
-        from vizapp.analysis.relevance import grad_rollout
+    def grad_weighted_heads(self, class_idx: Any = None) -> torch.Tensor:
+        """Ā = mean over heads of max(∇A ⊙ A, 0) for a class, every layer, [L, N, N] float64 (the fusion both
+        gradient methods share; formed once per class)."""
+        from vizapp.analysis.relevance import grad_weighted_heads
 
+        cls = self._class(class_idx)
+        key = ("grad_heads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        fused = grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
+        if fused.numel() * 8 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+        """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention (the
+        rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down)."""
         start_layer = self._layer(start_layer)
-        joint = grad_rollout(self.attention_stack(), self.attention_gradients(class_idx), self.num_prefix_tokens,
-                             float(discard_ratio), start_layer)
-        return self._patch_map(self.output_row(joint))
+        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
+            0.0 <= float(discard_ratio) < 1.0
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        fused = self.grad_weighted_heads(class_idx)
+        row = rollout_row(lambda layer: fused[layer], self.num_layers, self.output_weights(), self.num_prefix_tokens,
+                          float(discard_ratio), start_layer)
+        return self._patch_map(row[self.num_prefix_tokens :])
 
     def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
-        """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw]."""
-        from vizapp.analysis.relevance import chefer_relevance
+        """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw] (the row of R read by the
+        output, carried from the top layer down)."""
+        from vizapp.analysis.relevance import relevance_row
 
         start_layer = self._layer(start_layer)
-        joint = chefer_relevance(self.attention_stack(), self.attention_gradients(class_idx), start_layer)
-        return self._patch_map(self.output_row(joint))
+        row = relevance_row(self.grad_weighted_heads(class_idx), self.output_weights(), start_layer)
+        return self._patch_map(row[self.num_prefix_tokens :])
 
     def attention_flow(self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
