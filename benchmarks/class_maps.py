@@ -71,7 +71,7 @@ def measure(name: str, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         times["a"].append(_timed(bare))
         holder: list[vizapp.Analysis] = []
-        times["b"].append(_timed(lambda: holder.append(fused_path())))
+        times["b"].append(_timed(lambda holder=holder: holder.append(fused_path())))
         r = holder[0]
         times["e"].append(_timed(lambda r=r: (r.relevance(2), r.grad_rollout(2))))
         times["b2"].append(_timed(two_pass))
