@@ -113,6 +113,8 @@ def test_capture_equals_the_library_explicit_attention(fid, hf_folders):
     vm = load(fid, hf_folders)
     p, has_cls, grid = EXPECTED[fid]
     assert (vm.num_prefix_tokens, vm.has_class_token, vm.grid_size) == (p, has_cls, grid)
+    registers = {"dinov3_small": 4, "rope_reg1_gap": 1, "naflex": 4, "hf_dinov2_reg": 4}.get(fid, 0)
+    assert vm.num_registers == registers
     x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
     maps, ref_logits = reference(vm, fid, x)
 

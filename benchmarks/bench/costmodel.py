@@ -30,10 +30,14 @@ class Shape:
 
 def model_shape(vm: Any) -> Shape:
     """Token and layer counts read from the loaded model."""
-    m = vm.model
+    from vizapp.capture import encoder_layers
+
     gh, gw = vm.grid_size
-    fc1 = getattr(m.blocks[0].mlp, "fc1", None)
-    width = int(m.embed_dim)
+    block = encoder_layers(vm.model)[0][0]
+    linears = [mod for mod in block.modules() if isinstance(mod, torch.nn.Linear)]
+    mha = [mod for mod in block.modules() if isinstance(mod, torch.nn.MultiheadAttention)]
+    width = int(mha[0].embed_dim) if mha else min(int(lin.in_features) for lin in linears)
+    hidden = max(int(lin.out_features) for lin in linears if int(lin.in_features) == width)
     return Shape(
         tokens=vm.num_prefix_tokens + gh * gw,
         prefix=vm.num_prefix_tokens,
@@ -41,10 +45,10 @@ def model_shape(vm: Any) -> Shape:
         layers=vm.num_layers,
         heads=vm.num_heads,
         width=width,
-        mlp_hidden=int(fc1.out_features) if fc1 is not None else 4 * width,
+        mlp_hidden=hidden if hidden != 3 * width else 4 * width,
         in_chans=int(vm.input_size[0]),
         patch_pixels=int(vm.patch_size[0] * vm.patch_size[1]),
-        num_classes=int(getattr(m, "num_classes", 0) or 0),
+        num_classes=len(vm.labels),
     )
 
 

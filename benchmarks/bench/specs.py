@@ -17,6 +17,26 @@ DEFAULT_MODELS = (
     "vit_large_patch14_reg4_dinov2@img_size=518",
 )
 QUICK_MODELS = ("vit_tiny_patch16_224@img_size=64",)
+# One row per model family at small and base size (issue 13): timm RoPE (DINOv3, EVA-02), relative position (BEiT),
+# torchvision, and transformers models built from a default config (``hf-random:TYPE``, random weights).
+FAMILY_MODELS = (
+    "vit_small_patch16_dinov3",
+    "vit_base_patch16_dinov3",
+    "eva02_small_patch14_224",
+    "eva02_base_patch14_224",
+    "beit_base_patch16_224",
+    "torchvision:vit_b_16",
+    "hf-random:vit@hidden_size=384,num_attention_heads=6,intermediate_size=1536",
+    "hf-random:vit",
+    "hf-random:dinov2@image_size=224",
+    "hf-random:clip_vision_model",
+)
+# transformers model types the benchmark builds from a default config: (config class, model class)
+HF_RANDOM = {
+    "vit": ("ViTConfig", "ViTForImageClassification"),
+    "dinov2": ("Dinov2Config", "Dinov2Model"),
+    "clip_vision_model": ("CLIPVisionConfig", "CLIPVisionModel"),
+}
 DATASET_MODEL = "vit_base_patch16_224"
 QUICK_DATASET_MODEL = "vit_tiny_patch16_224@img_size=64"
 # Models whose predicted forward exceeds this many multiply-accumulates get ``--large-repeats`` repeats.
@@ -37,10 +57,22 @@ class ModelSpec:
         return self.name + "@" + ",".join(f"{k}={v}" for k, v in self.kwargs)
 
     def load(self, device: str) -> Any:
-        """The model via :func:`vizapp.load_model` (random weights, seeded)."""
+        """The model via :func:`vizapp.load_model` (random weights, seeded). ``hf-random:TYPE`` builds a
+        transformers model of that type from its default config (the kwargs override fields), saved to a temporary
+        folder with ``save_pretrained`` and loaded from there as a user's folder would be."""
         from vizapp.models import load_model
 
         torch.manual_seed(0)
+        if self.name.startswith("hf-random:"):
+            import tempfile
+
+            import transformers
+
+            config_cls, model_cls = HF_RANDOM[self.name.split(":", 1)[1]]
+            config = getattr(transformers, config_cls)(**dict(self.kwargs))
+            folder = tempfile.mkdtemp(prefix="vizapp-bench-hf-")
+            getattr(transformers, model_cls)(config).save_pretrained(folder)
+            return load_model(folder, device=device)
         return load_model(self.name, pretrained=False, device=device, **dict(self.kwargs))
 
 

@@ -63,6 +63,15 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def _num_registers(model: torch.nn.Module) -> int:
+    """Register tokens: ``num_reg_tokens`` (VisionTransformer), else the ``reg_token`` parameter's length (Eva)."""
+    n = getattr(model, "num_reg_tokens", None)
+    if n is not None:
+        return int(n)
+    reg = getattr(model, "reg_token", None)
+    return int(reg.shape[1]) if isinstance(reg, torch.Tensor) else 0
+
+
 def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
     """The token bookkeeping and callables of a timm ViT, for :class:`VizModel`; ``input_size`` is what the
     transform produces (the grid of a NaFlexViT follows its input)."""
@@ -109,7 +118,7 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "position": "learned" if has_pos else position,
         "pos_embed_fn": pos_embed if has_pos else None,
         "lens_fn": lens if has_head else None,
-        "num_registers": int(getattr(model, "num_reg_tokens", 0) or 0),
+        "num_registers": _num_registers(model),
         "family": "timm",
     }
 
