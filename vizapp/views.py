@@ -285,14 +285,10 @@ def feature_pca_view(r: Analysis, layer: int = -1, foreground_threshold: float |
     return figures.pca_rgb_figure(r.image, rgb, r.patch_size, title=title + ("<br><sub>" + note + "</sub>" if note else ""))
 
 
-def pca_gallery_view(vm: VizModel, images: list[Any], names: list[str], layer: int = -1) -> go.Figure:
-    """One PCA shared by ``images`` (the uploaded one and the examples), so parts correspond by colour."""
-    from vizapp.pipeline import feature_pca
-
-    rgbs = feature_pca(vm, images, layer=layer)
-    lay = int(layer) % vm.num_layers
-    return figures.pca_gallery_figure(rgbs, vm.patch_size, names,
-                                      title=f"One PCA over {len(images)} images' patch features after block {lay}")
+def pca_gallery_view(rgbs: np.ndarray, patch_size: tuple[int, int], names: list[str], layer: int) -> go.Figure:
+    """One PCA shared by several images ([B, gh, gw, 3] from :func:`vizapp.pipeline.feature_pca`), side by side."""
+    return figures.pca_gallery_figure(rgbs, patch_size, names,
+                                      title=f"One PCA over {len(rgbs)} images' patch features after block {layer}")
 
 
 def feature_similarity_view(r: Analysis, query: tuple[int, int], layer: int = -1, other: Analysis | None = None,
@@ -489,3 +485,22 @@ def feature_arrays(r: Analysis, layer: int = -1, foreground_threshold: float | N
     for name, arr in (importance or {}).items():
         out[f"head_importance_{name}"] = np.asarray(arr)  # [L, H]
     return out
+
+
+def importance_support(vm: VizModel) -> dict[str, str]:
+    """For each head-importance method ("exact", "gradient"): "" when it runs on this model, else why it does not
+    (the exact method re-runs timm VisionTransformer blocks; the gradient estimate needs a classifier head)."""
+    from vizapp.ablation import head_projections
+
+    why = {"exact": "", "gradient": ""}
+    try:
+        head_projections(vm.model)
+    except Exception as e:  # noqa: BLE001  (any unsupported layout: say why, for both)
+        return {"exact": str(e), "gradient": str(e)}
+    if vm.family != "timm" or type(vm.model).__name__ != "VisionTransformer":
+        why["exact"] = (f"the exact ablation re-runs timm VisionTransformer blocks; `{vm.name}` is a "
+                        f"{vm.family} {type(vm.model).__name__}")
+    if not vm.labels:
+        why["gradient"] = ("the gradient estimate needs a classifier head (without one the score, 1 - cos to the clean "
+                           "feature, has zero gradient); this model has none")
+    return why
