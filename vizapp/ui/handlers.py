@@ -202,7 +202,7 @@ def analyze_image(
         feat_layer=gr.update(maximum=r.num_layers - 1, value=min(lay, r.num_layers - 1)),
         feat_row=gr.update(maximum=r.grid_size[0] - 1, value=state["feature_query"][0]),
         feat_col=gr.update(maximum=r.grid_size[1] - 1, value=state["feature_query"][1]),
-        norm_layer=gr.update(maximum=r.num_layers - 1, value=r.num_layers - 1),
+        norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
         lens_class=gr.update(choices=views.lens_classes(r) if r.lens_probs is not None else [],
                              value=classes[0] if classes and r.lens_probs is not None else None),
         imp_class=class_update,
@@ -315,6 +315,11 @@ def open_tile(state: Any, payload: Any) -> TileOutputs:
     return TileOutputs(ti, tj)
 
 
+def _selector(count: int) -> Any:
+    """A layer / head slider shown with ``count`` choices (hidden when there is at most one to choose from)."""
+    return gr.update(visible=True, maximum=count - 1) if count > 1 else gr.update(visible=False)
+
+
 @user_errors
 def render_pos(
     model_name: Any,
@@ -341,8 +346,8 @@ def render_pos(
         pos=v.figure,
         tile=v.tile,
         pos_note=v.note,
-        pos_layer=gr.update(visible=v.layers > 0, maximum=max(v.layers - 1, 0)),
-        pos_head=gr.update(visible=v.heads > 0, maximum=max(v.heads - 1, 0)),
+        pos_layer=_selector(v.layers),
+        pos_head=_selector(v.heads),
     )
 
 

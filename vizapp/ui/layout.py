@@ -216,7 +216,7 @@ def _features_tab(ui: Components) -> None:
             ui.pca_gallery = gr.Plot(label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot")
     gr.Markdown("### Token norms and registers")
     ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
-    ui.norm_layer = gr.Slider(0, 11, value=11, step=1, label="Norm layer")
+    ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
     with gr.Row():
         ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
         ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
