@@ -105,7 +105,7 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         value=startup,
         label="Model",
         allow_custom_value=True,
-        info="[cached]/[offline] work without a network; any timm ViT name works",
+        info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo or torchvision:vit_b_16 works",
     )
     ui.analyze_button = gr.Button("Analyze", variant="primary")
     ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
@@ -392,7 +392,7 @@ def _wire_features(ui: Components, analyze: Any) -> list[Any]:
     """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
     Cancel."""
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
-    analyze.then(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
+    analyze.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
     for ctrl in (ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.norm_layer, ui.dino_threshold,
                  ui.lens_class):
         ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
