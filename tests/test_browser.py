@@ -178,6 +178,18 @@ def test_person_opens_the_features_tab(page, photo):
     imp = _plot_data(page, "vizapp-importance-plot")
     assert imp["types"] == ["heatmap"] and len(imp["z"][0]) == 2 and len(imp["z"][0][0]) == 3
     page.screenshot(path=str(ARTIFACTS / "09-head-importance.png"), full_page=True)
+    # Clicking a cell (layer 1, head 2) opens that head in the Heads tab, through the page's click bridge.
+    page.wait_for_timeout(800)  # the page binds its click bridge every 0.7 s
+    target = page.evaluate(
+        """() => { const gd = document.querySelector('#vizapp-importance-plot .js-plotly-plot');
+                   const L = gd._fullLayout, r = gd.getBoundingClientRect();
+                   return {x: r.left + L.xaxis._offset + L.xaxis.l2p(2), y: r.top + L.yaxis._offset + L.yaxis.l2p(1)}; }"""
+    )
+    page.mouse.move(target["x"] - 3, target["y"] - 3)
+    page.mouse.move(target["x"], target["y"], steps=5)
+    page.wait_for_timeout(500)
+    page.mouse.click(target["x"], target["y"])
+    _wait_title(page, "vizapp-focus-plot", "Layer 1, head 2")
 
 
 @pytest.fixture(scope="module")
