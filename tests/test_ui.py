@@ -384,7 +384,8 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     st = dinov3.state
     r = st["analysis"]
     assert r.grid_size == (4, 4) and r.num_prefix_tokens == 5 and r.probs is None
-    assert dinov3.label is None and "4x4 patches" in dinov3.status
+    assert dinov3.label is None and "4x4 patches" in dinov3.status and "no classifier head" in dinov3.status
+    assert "Compare** needs class probabilities" in dinov3.compare_cost
     assert [t.type for t in dinov3.rollout.data] == ["image", "heatmap"] and dinov3.rollout.data[1].z.shape == (4, 4)
     assert dinov3.heads.data[0].type == "heatmap" and dinov3.distance.data[0].y.shape == (2 * r.num_heads,)
     # Class-specific methods and Compare say clearly that there are no classes, instead of failing.

@@ -199,13 +199,13 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
     info = posinfo.position_info(vm.model)
     head_line = f"**Position scheme of `{vm.name}`**: {info.sentence}"
     if vm.position == "relative":
-        maps = posinfo.relative_bias_maps(vm.model).numpy()  # [L, H, 2gh-1, 2gw-1]
+        maps = posinfo.relative_bias_maps(vm.model).detach().float().cpu().numpy()  # [L, H, 2gh-1, 2gw-1]
         lay = int(np.clip(layer, 0, maps.shape[0] - 1))
         fig = figures.relative_bias_figure(maps[lay], lay)
         note = head_line + (f" Layer {lay} of {maps.shape[0]} (layer selector); each tile is one head's bias over the "
                             "offset between query and key, the centre being the same patch.")
         return PosEmbedViews(fig, None, note, layers=maps.shape[0])
-    sim = posinfo.rope_position_similarity(vm.model).numpy()
+    sim = posinfo.rope_position_similarity(vm.model).detach().float().cpu().numpy()  # the model may be on a GPU
     gh, gw = info.grid_size
     layers = heads = 0
     where = ""

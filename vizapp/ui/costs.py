@@ -42,6 +42,8 @@ def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, st
         f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
         "included, 2 x (steps + 1) images more for each."
     )
+    if r.probs is None:
+        compare = "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
     return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
 
 

@@ -118,6 +118,12 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
         f"{r.num_layers} layers x {r.num_heads} heads; {r.num_tokens} tokens = {r.num_prefix_tokens} prefix "
         f"(CLS/distillation/registers) + {gh}x{gw} patches of {r.patch_size[0]}x{r.patch_size[1]} px."
     )
+    if r.probs is None:
+        lines.append(
+            "This model has **no classifier head**: there are no classes, so the class-specific maps (gradient "
+            "rollout, Chefer relevance), Compare and the logit lens are not available; attention, rollout and the "
+            "Features tab's label-free views are."
+        )
     lines += [f"Note: {n}" for n in r.notes]
     return "\n\n".join(lines)
 
