@@ -136,3 +136,91 @@ def test_person_analyses_an_image_and_explores(page, photo):
         timeout=60_000,
     )
     page.screenshot(path=str(ARTIFACTS / "07-position-embeddings-24x24.png"), full_page=True)
+
+
+def _analyze(pg, photo, patches: str) -> None:
+    pg.locator("input[type=file]").first.set_input_files(photo)
+    pg.wait_for_timeout(1500)
+    pg.get_by_role("button", name="Analyze").click()
+    pg.get_by_text(patches).first.wait_for(timeout=60_000)
+
+
+def _wait_title(pg, elem_id: str, text: str) -> None:
+    pg.wait_for_function(
+        """([id, text]) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
+                             return gd && gd.layout.title && (gd.layout.title.text || '').includes(text); }""",
+        arg=[elem_id, text], timeout=60_000,
+    )
+
+
+def test_person_opens_the_features_tab(page, photo):
+    _analyze(page, photo, "7x7 patches")
+    page.get_by_role("tab", name="Features").click()
+    _wait_title(page, "vizapp-pca-plot", "Feature PCA after block 1")
+    pca = _plot_data(page, "vizapp-pca-plot")
+    assert pca["types"] == ["image", "image"]
+    sim = _plot_data(page, "vizapp-similarity-plot")
+    assert sim["types"] == ["image", "heatmap"] and len(sim["z"][1]) == 7
+    norms = _plot_data(page, "vizapp-norm-grid-plot")
+    assert norms["types"][0] == "heatmap" and len(norms["z"][0]) == 7
+    assert _plot_data(page, "vizapp-norm-hist-plot")["types"][0] == "histogram"
+    assert _plot_data(page, "vizapp-mask-plot")["types"] == ["heatmap"]
+    assert _plot_data(page, "vizapp-lens-plot")["types"] == ["scatter"]  # the card model has classes
+    page.screenshot(path=str(ARTIFACTS / "08-features.png"), full_page=True)
+    # Clicking a patch of the feature image moves the similarity query there.
+    img = page.locator("#vizapp-feature-image img").first
+    box = img.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.1)
+    _wait_title(page, "vizapp-similarity-plot", "patch (0, 6)")
+    # Exact head ablation from the button: a heatmap of 2 layers x 3 heads.
+    page.get_by_role("button", name="Exact ablation").click()
+    _wait_title(page, "vizapp-importance-plot", "Head importance")
+    imp = _plot_data(page, "vizapp-importance-plot")
+    assert imp["types"] == ["heatmap"] and len(imp["z"][0]) == 2 and len(imp["z"][0][0]) == 3
+    page.screenshot(path=str(ARTIFACTS / "09-head-importance.png"), full_page=True)
+    # Clicking a cell (layer 1, head 2) opens that head in the Heads tab, through the page's click bridge.
+    page.wait_for_timeout(800)  # the page binds its click bridge every 0.7 s
+    target = page.evaluate(
+        """() => { const gd = document.querySelector('#vizapp-importance-plot .js-plotly-plot');
+                   const L = gd._fullLayout, r = gd.getBoundingClientRect();
+                   return {x: r.left + L.xaxis._offset + L.xaxis.l2p(2), y: r.top + L.yaxis._offset + L.yaxis.l2p(1)}; }"""
+    )
+    page.mouse.move(target["x"] - 3, target["y"] - 3)
+    page.mouse.move(target["x"], target["y"], steps=5)
+    page.wait_for_timeout(500)
+    page.mouse.click(target["x"], target["y"])
+    _wait_title(page, "vizapp-focus-plot", "Layer 1, head 2")
+
+
+@pytest.fixture(scope="module")
+def hf_app(tmp_path_factory):
+    """The live app started with a tiny random transformers ViT folder (the operator's --model)."""
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from test_families import save_hf
+
+    from vizapp import ui
+
+    folder = str(save_hf(tmp_path_factory.mktemp("hf_vit_live"), "ViTConfig", "ViTForImageClassification",
+                         dict(image_size=32, num_labels=5)))
+    demo = ui.queue(ui.build_demo(folder))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo.local_url
+    demo.close()
+
+
+def test_person_uses_a_transformers_model(page, hf_app, photo):
+    page.goto(hf_app)
+    page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    _analyze(page, photo, "4x4 patches")
+    page.get_by_role("tab", name="Rollout").click()
+    roll = _plot_data(page, "vizapp-rollout-plot")
+    assert roll["types"] == ["image", "heatmap"] and len(roll["z"][1]) == 4
+    page.get_by_role("tab", name="Position embeddings").click()
+    _wait_title(page, "vizapp-pos-plot", "Position embedding similarity (4x4)")
+    page.get_by_role("tab", name="Features").click()
+    _wait_title(page, "vizapp-pca-plot", "Feature PCA")
+    assert _plot_data(page, "vizapp-similarity-plot")["types"] == ["image", "heatmap"]
+    assert page.get_by_text("is not available").count() >= 1  # exact ablation: timm ViTs only, said before running
+    page.screenshot(path=str(ARTIFACTS / "10-transformers-features.png"), full_page=True)

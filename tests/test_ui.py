@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -319,3 +321,293 @@ def test_cost_of_slow_operations_is_shown_before_they_run(analysed):
     assert "49 max-flow problems on a graph of 3 x 50 nodes (5,000 edges)" in analysed.map_cost
     assert "estimate" in analysed.map_cost and "VIZAPP_REQUEST_SECONDS" in analysed.map_cost
     assert "**Compare** runs 170 images through the model at 16 curve steps" in analysed.compare_cost
+
+
+# -- other model families in the app, the Features tab, position views per scheme -----------------------------------
+
+DINOV3 = ("vit_small_patch16_dinov3", dict(img_size=64, depth=2))  # RoPE, CLS + 4 registers, no classifier
+
+
+@pytest.fixture(scope="module")
+def random_timm_in_app():
+    """The app's model loader, patched to hand out small random-weight timm models by name (no downloads)."""
+    from conftest import small_model
+
+    made = {}
+    kwargs = {DINOV3[0]: DINOV3[1], "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=3),
+              "beit_base_patch16_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
+              "vit_base_patch16_rope_mixed_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4)}
+
+    original = ui.handlers._load
+
+    def load(name, trusted=None):
+        if name not in kwargs:  # every other model loads as usual
+            return original(name, trusted)
+        if name not in made:
+            made[name] = small_model(name, **kwargs[name])
+        return made[name]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ui.handlers, "_load", load)
+        yield load
+
+
+@pytest.fixture(scope="module")
+def dinov3(random_timm_in_app, photo):
+    return ui.analyze_image(photo, DINOV3[0], progress=_noprogress)
+
+
+@pytest.fixture(scope="module")
+def reg4_state(random_timm_in_app, photo):
+    return ui.analyze_image(photo, "vit_small_patch14_reg4_dinov2", progress=_noprogress).state
+
+
+def _features(state, layer=-1, fg=0.0, row=1, col=2, norm_layer=-1, dino=0.6, lens_class=None):
+    return ui.render_features(state, layer, fg, row, col, norm_layer, dino, lens_class, 0.6)
+
+
+def _assert_feature_figures(f, grid):
+    gh, gw = grid
+    assert [t.type for t in f.feat_pca.data] == ["image", "image"] and "Feature PCA after block" in f.feat_pca.layout.title.text
+    assert [t.type for t in f.feat_sim.data] == ["image", "heatmap"] and f.feat_sim.data[1].z.shape == (gh, gw)
+    assert "cosine" in f.feat_sim.data[1].hovertemplate
+    assert f.norm_grid.data[0].type == "heatmap" and f.norm_grid.data[0].z.shape == (gh, gw)
+    assert [t.type for t in f.norm_hist.data][:1] == ["histogram"]
+    assert any("artifact threshold" in (a.text or "") for a in f.norm_hist.layout.annotations)
+    assert f.norm_depth.data[-1].name == "patch max" and f.norm_depth.layout.xaxis.title.text == "layer"
+    assert f.mask_heads.data[0].type == "heatmap" and "CLS attention" in f.mask_heads.layout.title.text
+    assert [t.type for t in f.mask_overlay.data] == ["image", "heatmap"]
+    assert f.norm_sentence.startswith(("On this image", "Patch tokens with a norm"))
+
+
+def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_timm_in_app):
+    st = dinov3.state
+    r = st["analysis"]
+    assert r.grid_size == (4, 4) and r.num_prefix_tokens == 5 and r.probs is None
+    assert dinov3.label is None and "4x4 patches" in dinov3.status and "no classifier head" in dinov3.status
+    assert "Compare** needs class probabilities" in dinov3.compare_cost
+    assert [t.type for t in dinov3.rollout.data] == ["image", "heatmap"] and dinov3.rollout.data[1].z.shape == (4, 4)
+    assert dinov3.heads.data[0].type == "heatmap" and dinov3.distance.data[0].y.shape == (2 * r.num_heads,)
+    # Class-specific methods and Compare say clearly that there are no classes, instead of failing.
+    for method in ("grad_rollout", "relevance"):
+        with pytest.raises(gr.Error, match="no classifier head"):
+            ui.render_map(st, method, None, "mean", 0.0, 0, 0.6, progress=_noprogress)
+    with pytest.raises(gr.Error, match="no classifier head"):
+        ui.compare_methods(st, None, 4, False, progress=_noprogress)
+    # Position tab: RoPE, drawn as the same tile mosaic as learned embeddings, with the scheme stated.
+    pos = ui.render_pos(DINOV3[0], 0, 1, 2, 0, 0)
+    assert "Rotary position embedding" in pos.pos_note and pos.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)
+    assert "Tile (1, 2)" in pos.tile.layout.title.text and pos.pos_layer["visible"] is False
+    # Features: every view; the logit lens is hidden with a note; exact ablation is refused with the reason.
+    f = _features(st)
+    _assert_feature_figures(f, (4, 4))
+    assert f.lens_table["visible"] is False and f.lens_plot["visible"] is False and "no classifier head" in f.lens_note
+    assert [t.name for t in f.norm_depth.data][:5] == ["CLS", "prefix token 1", "prefix token 2", "prefix token 3",
+                                                       "prefix token 4"]
+    assert "Exact ablation** is not available" in dinov3.importance_cost
+    assert "Gradient estimate** is not available" in dinov3.importance_cost
+    with pytest.raises(gr.Error, match="not available for this model"):
+        ui.run_importance(st, "exact", "zero", None, progress=_noprogress)
+
+
+def test_position_views_per_scheme(random_timm_in_app):
+    beit = ui.render_pos("beit_base_patch16_224", 0, 0, 0, 1, 0)
+    assert "relative-position bias" in beit.pos_note and beit.tile is None
+    assert beit.pos.data[0].z.shape == (2 * 6 - 1, 2 * 6 - 1)  # 4 heads of (2·3-1)x(2·3-1) offsets, 2x2 mosaic
+    assert "Layer 1" in beit.pos.layout.title.text and "Δrow" in beit.pos.data[0].hovertemplate
+    assert beit.pos_layer == {"visible": True, "maximum": 1, "__type__": "update"}
+    mixed = ui.render_pos("vit_base_patch16_rope_mixed_224", 0, 0, 0, 1, 3)
+    assert "Mixed rotary" in mixed.pos_note and "layer 1, head 3" in mixed.pos.layout.title.text
+    assert mixed.pos_head["visible"] and mixed.pos_head["maximum"] == 3
+    other = ui.render_pos("vit_base_patch16_rope_mixed_224", 0, 0, 0, 0, 0)
+    assert not np.array_equal(np.nan_to_num(other.pos.data[0].z), np.nan_to_num(mixed.pos.data[0].z))
+
+
+def test_features_rerender_without_forward_pass(reg4_state, monkeypatch):
+    r = reg4_state["analysis"]
+    monkeypatch.setattr(vizapp.VizModel, "model", property(lambda self: pytest.fail("no forward pass")), raising=False)
+    a = _features(reg4_state, layer=-1, row=1, col=2)
+    b = _features(a.state, layer=0, fg=0.3, row=3, col=0, norm_layer=1, dino=0.3)
+    _assert_feature_figures(a, r.grid_size)
+    assert a.state["feature_query"] == (1, 2) and b.state["feature_query"] == (3, 0)
+    assert a.feat_pca.layout.title.text != b.feat_pca.layout.title.text and "foreground" in b.feat_pca.layout.title.text
+    np.testing.assert_allclose(np.nan_to_num(a.feat_sim.data[1].customdata[..., 2]),
+                               r.feature_similarity((1, 2), -1), atol=1e-6)
+    assert a.feat_sim.data[1].customdata[1, 2, 2] == pytest.approx(1.0, abs=1e-5)  # the query patch with itself
+    masks = r.dino_masks(0.3)
+    assert np.nansum(b.mask_heads.data[0].z) == masks.sum() and "30%" in b.mask_heads.layout.title.text
+    assert b.register_plot["visible"] is True  # 4 registers
+    reg = b.register_plot["value"]
+    assert [t.type for t in reg.data] == ["heatmap", "heatmap"] and np.asarray(reg.data[0].z).shape == (3, 4)
+    np.testing.assert_allclose(np.asarray(reg.data[0].z), r.register_attention()["from_cls"].mean(1), atol=1e-6)
+    # The histogram's threshold is the artifact rule's: exactly the tokens above it are flagged.
+    norms = r.token_norms()[1]
+    thr = ui.views.artifact_threshold(norms)
+    np.testing.assert_array_equal(norms > thr, r.artifact_tokens()[1])
+    assert f"{thr:.3g}" in b.norm_hist.layout.annotations[0].text
+    # Clicking the feature image picks a patch, like the Heads tab.
+    s = ui.views.query_image_scale(r)
+    assert ui.select_feature_patch(reg4_state, SimpleNamespace(index=[15 * s, 30 * s])) == (2, 1)  # 14-px patches
+
+
+def test_artifact_sentence_follows_the_numbers(reg4_state):
+    import dataclasses
+
+    r = reg4_state["analysis"]
+    norms = r.token_norms().copy()
+    p = r.num_prefix_tokens
+    assert ui.views.artifact_sentence(r).startswith("On this image no patch token")
+    spiked = norms.copy()
+    spiked[2, p + 3] = 100 * norms[2].max()  # one huge patch token in the last layer
+    late = ui.views.artifact_sentence(dataclasses.replace(r, block_norms=spiked))
+    assert "layer 2: 1" in late and "do appear in the middle-to-late layers" in late
+    early = norms.copy()
+    early[0, p + 3] = 100 * norms[0].max()
+    assert "only in the early layers" in ui.views.artifact_sentence(dataclasses.replace(r, block_norms=early))
+
+
+def test_logit_lens_and_head_importance_in_the_app(analysed):
+    st = analysed.state
+    r = st["analysis"]
+    label = r.top_k[1][0]
+    f = _features(st, lens_class=label)
+    assert f.lens_table["visible"] and len(f.lens_table["value"]) == r.num_layers
+    assert f.lens_table["value"][-1][1] == f"{r.top_k[0][0]} ({r.top_k[0][1]:.3f})"
+    np.testing.assert_allclose(f.lens_plot["value"].data[0].y, r.lens_probs[:, r.labels.index(label)])
+    assert "H·(L+1)/2 = 4 forward passes" in analysed.importance_cost  # 3 heads x (2 + 1) / 2
+    exact = ui.run_importance(f.state, "exact", "zero", None, progress=_noprogress)
+    assert [t.type for t in exact.importance.data] == ["heatmap"] and "rank correlation" in exact.importance_note
+    both = ui.run_importance(exact.state, "gradient", "zero", None, progress=_noprogress)
+    assert [t.type for t in both.importance.data] == ["heatmap", "heatmap"]
+    expected = vizapp.ablation.head_importance(vizapp.models.reload(r.load_args), r.input, mode="zero").drop.numpy()
+    np.testing.assert_allclose(both.importance.data[0].z, expected, atol=1e-6)
+    rho = vizapp.ablation.rank_correlation(vizapp.ablation.torch.as_tensor(expected),
+                                           vizapp.ablation.torch.as_tensor(both.state["importance"]["gradient"]))
+    assert f"**{rho:.3f}**" in both.importance_note
+    # A cell's custom data (layer, head, value) opens that head in the Heads tab through the click bridge.
+    cd = both.importance.data[0].customdata[1][2]
+    opened = ui.open_head(st, json.dumps({"customdata": list(map(float, cd))}))
+    assert (opened.layer, opened.focus_head) == (1, 2)
+    # Another ablation mode starts a new pair: the old gradient result is not compared with it.
+    mean = ui.run_importance(both.state, "exact", "mean", None, progress=_noprogress)
+    assert len(mean.importance.data) == 1
+    # The export carries every array of the tab.
+    arrays = np.load(ui.export_features(both.state, -1, 0.0, 1, 2, 0.6).features_npz)
+    assert arrays["token_norms"].shape == (2, 50) and arrays["feature_pca_rgb"].shape == (7, 7, 3)
+    assert arrays["dino_masks"].shape == (3, 7, 7) and arrays["logit_lens_probs"].shape == (2, 10)
+    assert arrays["head_importance_exact"].shape == arrays["head_importance_gradient"].shape == (2, 3)
+    np.testing.assert_allclose(arrays["feature_similarity"], r.feature_similarity((1, 2)), atol=1e-6)
+
+
+def test_second_image_and_pca_across_examples(analysed, photo):
+    from conftest import random_image
+
+    st = analysed.state
+    r = st["analysis"]
+    path = Path(tempfile.mkdtemp()) / "second.png"
+    random_image(5, size=(64, 64)).save(path)
+    out = ui.analyze_second_image(st, str(path), 2, 3, -1, progress=_noprogress)
+    other = out.state["other"]
+    assert "second" in out.feat_sim.layout.title.text
+    np.testing.assert_allclose(out.feat_sim.data[1].customdata[..., 2], r.feature_similarity((2, 3), other=other),
+                               atol=1e-6)
+    assert not np.array_equal(out.feat_sim.data[0].source, analysed.rollout.data[0].source)  # drawn on the other
+    cleared = ui.analyze_second_image(out.state, None, 2, 3, -1, progress=_noprogress)
+    assert "other" not in cleared.state
+    gallery = ui.pca_across_examples(st, -1, progress=_noprogress).pca_gallery
+    n = 1 + len(ui.handlers.example_images())
+    assert [t.type for t in gallery.data] == ["image"] * n and f"One PCA over {n} images" in gallery.layout.title.text
+
+
+def test_head_importance_honours_the_deadline(analysed, monkeypatch):
+    monkeypatch.setenv("VIZAPP_REQUEST_SECONDS", "0")
+    for method in ("exact", "gradient"):
+        with pytest.raises(gr.Error, match=r"stopped after 0 s: .*head .*limit set by VIZAPP_REQUEST_SECONDS"):
+            ui.run_importance(analysed.state, method, "zero", None, progress=_noprogress)
+    with pytest.raises(gr.Error, match="limit set by VIZAPP_REQUEST_SECONDS"):
+        ui.pca_across_examples(analysed.state, -1, progress=_noprogress)
+
+
+def test_head_importance_stops_between_layers_on_cancel(analysed):
+    """Cancel during the exact ablation stops it before the next layer."""
+    session = SimpleNamespace(session_hash="importance-cancel")
+    seen = []
+
+    def progress(fraction, desc=""):
+        seen.append(desc)
+        if " of " in desc:  # the first layer is done: press Cancel
+            ui.handlers.cancel_running(session)
+
+    with pytest.raises(gr.Error, match="cancelled during exact head ablation"):
+        ui.run_importance(analysed.state, "exact", "zero", None, progress=progress, request=session)
+    assert [d for d in seen if " of " in d] == ["exact head ablation: 1 of 2"]
+    assert ui.deadline.running_sessions() == []
+
+
+def test_cancel_button_cancels_the_feature_events(card_model):
+    demo = ui.build_demo(card_model)
+    deps = demo.config["dependencies"]
+    cancel_id = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "vizapp-cancel")
+    cancels = {i for d in deps if [cancel_id, "click"] in [list(t) for t in d["targets"]] for i in d["cancels"]}
+    importance = {d["id"] for d in deps if str(d["api_name"]).startswith("head_importance_")}
+    assert len(importance) == 2 and importance <= cancels
+
+
+def test_weights_available_offline_per_family(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+    import torch
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torchhub"))
+    assert vizapp.models.weights_available_offline("bundled")
+    assert not vizapp.models.weights_available_offline("vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    assert not vizapp.models.weights_available_offline("hf:google/vit-base-patch16-224")
+    assert not vizapp.models.weights_available_offline("no_such_model_anywhere")
+    if "torchvision" in vizapp.models.available_libraries():
+        import torchvision
+
+        assert not vizapp.models.weights_available_offline("torchvision:vit_b_16")
+        url = torchvision.models.get_model_weights("vit_b_16").DEFAULT.url
+        (tmp_path / "torchhub" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "torchhub" / "checkpoints" / Path(url).name).write_bytes(b"x")
+        assert vizapp.models.weights_available_offline("torchvision:vit_b_16")
+    ids = [v for _, v in ui.model_choices()]
+    assert "vit_small_patch16_dinov3.lvd1689m" in ids
+    for lib, expected in (("transformers", "hf:facebook/dinov2-small"), ("torchvision", "torchvision:vit_b_16")):
+        assert (expected in ids) == (lib in vizapp.models.available_libraries())
+
+
+def test_startup_does_not_import_timm():
+    import ast
+
+    tree = ast.parse((Path(vizapp.__file__).parent / "ui" / "startup.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "timm" not in names
+
+
+@pytest.fixture(scope="module")
+def hf_vit_folder(tmp_path_factory):
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from test_families import save_hf
+
+    return str(save_hf(tmp_path_factory.mktemp("hf_vit"), "ViTConfig", "ViTForImageClassification",
+                       dict(image_size=32, num_labels=5)))
+
+
+def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
+    out = ui.analyze_image(photo, hf_vit_folder, progress=_noprogress, trusted_model=hf_vit_folder)
+    st = out.state
+    r = st["analysis"]
+    assert r.grid_size == (4, 4) and len(out.label) == 5 and "4x4 patches" in out.status
+    assert [t.type for t in out.rollout.data] == ["image", "heatmap"] and out.rollout.data[1].z.shape == (4, 4)
+    assert out.heads.data[0].type == "heatmap" and out.distance.data[0].y.shape == (2 * 4,)
+    label = r.top_k[0][0]
+    assert ui.render_map(st, "relevance", label, "mean", 0.0, 0, 0.6, progress=_noprogress).data[1].z.shape == (4, 4)
+    pos = ui.render_pos(hf_vit_folder, 0, 0, 1, 0, 0, trusted_model=hf_vit_folder)
+    assert "Learned position embeddings" in pos.pos_note and pos.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)
+    f = _features(st)
+    _assert_feature_figures(f, (4, 4))
+    assert f.lens_table["visible"] and len(f.lens_table["value"]) == 2
+    assert "Exact ablation** is not available" in out.importance_cost
+    with pytest.raises(gr.Error, match="not available for this model"):
+        ui.run_importance(st, "gradient", "zero", None, progress=_noprogress)

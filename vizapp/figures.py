@@ -333,3 +333,202 @@ def curves_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], mo
         yaxis_range=[0, 1.02],
     )
     return fig
+
+
+# -- label-free views (Features tab) -------------------------------------------------------------------------------
+
+
+def _upscale_rgb(rgb: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
+    """[gh, gw, 3] in [0, 1] -> uint8 [gh·ph, gw·pw, 3], each patch a flat block."""
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    img = (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return np.repeat(np.repeat(img, ph, axis=0), pw, axis=1)
+
+
+def pca_rgb_figure(image: np.ndarray, rgb: np.ndarray, patch_size: Sequence[int], opacity: float = 0.8,
+                   title: str = "") -> go.Figure:
+    """The first 3 principal components of the patch features as RGB [gh, gw, 3] over the model's view [H, W, 3]."""
+    h, w = image.shape[:2]
+    gh, gw = rgb.shape[:2]
+    big = np.zeros((h, w, 3), dtype=np.uint8)
+    up = _upscale_rgb(rgb, patch_size)[:h, :w]
+    big[: up.shape[0], : up.shape[1]] = up
+    fig = go.Figure()
+    fig.add_trace(go.Image(source=_png_data_uri(image), hoverinfo="skip", name="image"))
+    fig.add_trace(go.Image(source=_png_data_uri(big), opacity=float(opacity), hoverinfo="skip", name="pca"))
+    _image_axes(fig, h, w)
+    fig.update_layout(title=title or f"Feature PCA ({gh}x{gw} patches; RGB = components 1-3)", margin=_MARGIN,
+                      height=420)
+    return fig
+
+
+def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Sequence[str], title: str = "") -> go.Figure:
+    """One PCA shared by several images: [B, gh, gw, 3] side by side, so parts correspond by colour."""
+    from plotly.subplots import make_subplots
+
+    n = len(rgbs)
+    ncols = min(5, n)
+    nrows = math.ceil(n / ncols)
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=list(names), horizontal_spacing=0.01,
+                        vertical_spacing=0.06)
+    for i, rgb in enumerate(rgbs):
+        r, c = i // ncols + 1, i % ncols + 1
+        up = _upscale_rgb(rgb, patch_size)
+        fig.add_trace(go.Image(source=_png_data_uri(up), hoverinfo="skip", name=str(names[i])), row=r, col=c)
+        _image_axes(fig, up.shape[0], up.shape[1], row=r, col=c)
+    fig.update_layout(title=title or f"PCA shared by {n} images", margin=dict(l=10, r=10, t=60, b=10),
+                      height=200 * nrows + 60)
+    return fig
+
+
+def norm_grid_figure(norms: np.ndarray, flagged: np.ndarray, layer: int, title: str = "") -> go.Figure:
+    """Patch-token norms [gh, gw] after one block, artifact tokens (``flagged`` [gh, gw] bool) marked with a cross."""
+    gh, gw = norms.shape
+    fig = go.Figure(go.Heatmap(z=norms, colorscale=HEAT_SCALE, colorbar=dict(title="norm", thickness=12),
+                               hovertemplate=f"layer {layer}<br>patch (%{{y}}, %{{x}})<br>norm %{{z:.4g}}<extra></extra>"))
+    ys, xs = np.nonzero(flagged)
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="artifact (high norm)",
+                             marker=dict(symbol="x", color="#00e5ff", size=9), hoverinfo="skip"))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row", range=[gh - 0.5, -0.5])
+    fig.update_xaxes(title="patch column", range=[-0.5, gw - 0.5])
+    fig.update_layout(title=title or f"Token norms after block {layer}", margin=dict(l=10, r=10, t=50, b=40),
+                      height=420, showlegend=True, legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def norm_histogram_figure(patch_norms: np.ndarray, prefix_norms: np.ndarray, threshold: float, layer: int,
+                          title: str = "") -> go.Figure:
+    """Histogram of one layer's token norms (patches and prefix tokens as two traces) with the artifact threshold."""
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=patch_norms, name="patch tokens", nbinsx=40, marker_color="#4c78a8",
+                               hovertemplate="norm %{x}<br>%{y} patches<extra></extra>"))
+    if len(prefix_norms):
+        fig.add_trace(go.Histogram(x=prefix_norms, name="CLS / registers", nbinsx=40, marker_color="#f58518",
+                                   hovertemplate="norm %{x}<br>%{y} prefix tokens<extra></extra>"))
+    fig.add_vline(x=float(threshold), line=dict(color="red", dash="dash"),
+                  annotation_text=f"artifact threshold {threshold:.3g}", annotation_position="top right")
+    fig.update_layout(title=title or f"Token norms after block {layer}", barmode="overlay",
+                      xaxis_title="L2 norm of the token", yaxis_title="tokens", margin=dict(l=10, r=10, t=50, b=40),
+                      height=360)
+    fig.update_traces(opacity=0.75)
+    return fig
+
+
+def norms_by_depth_figure(lines: Mapping[str, np.ndarray], title: str = "Token norms across depth") -> go.Figure:
+    """Norm against layer for named tokens or statistics, ``{name: [L]}`` (CLS, registers, patch median and max)."""
+    fig = go.Figure()
+    for name, values in lines.items():
+        dash = "dot" if name.startswith("patch") else None
+        fig.add_trace(go.Scatter(x=np.arange(len(values)), y=values, mode="lines+markers", name=name,
+                                 line=dict(dash=dash), hovertemplate=name + ": layer %{x}, norm %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="L2 norm", margin=dict(l=10, r=10, t=50, b=40),
+                      height=360)
+    return fig
+
+
+def register_attention_figure(from_cls: np.ndarray | None, from_patches: np.ndarray,
+                              title: str = "Attention to each register (mean over heads)") -> go.Figure:
+    """[L, R] attention to each register from CLS (left, when there is one) and from the patches (right)."""
+    from plotly.subplots import make_subplots
+
+    panels = [("from CLS", from_cls)] if from_cls is not None else []
+    panels.append(("from patches (mean over patch queries)", from_patches))
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.12)
+    for i, (name, z) in enumerate(panels):
+        num_layers, num_regs = z.shape
+        fig.add_trace(go.Heatmap(z=z, x=[f"reg {j}" for j in range(num_regs)], y=list(range(num_layers)),
+                                 colorscale=HEAT_SCALE, zmin=0, coloraxis="coloraxis", name=name,
+                                 hovertemplate=name + "<br>layer %{y}, %{x}<br>attention %{z:.4f}<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
+    fig.update_layout(title=title, coloraxis=dict(colorscale=HEAT_SCALE, colorbar=dict(title="attention")),
+                      margin=dict(l=10, r=10, t=70, b=40), height=380)
+    return fig
+
+
+def _mosaic(maps: np.ndarray, cols: int | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """[H, a, b] maps -> one [rows·(a+1)-1, cols·(b+1)-1] image with NaN gaps, the per-cell (head, i, j, value)
+    custom data and a "head h" annotation per tile."""
+    num, a, b = maps.shape
+    nrows, ncols = _mosaic_layout(num, cols)
+    z = np.full((nrows * (a + 1) - 1, ncols * (b + 1) - 1), np.nan, dtype=np.float32)
+    custom = np.full((*z.shape, 4), np.nan, dtype=np.float32)
+    ii, jj = np.mgrid[0:a, 0:b]
+    notes = []
+    for h in range(num):
+        r0, c0 = (h // ncols) * (a + 1), (h % ncols) * (b + 1)
+        z[r0 : r0 + a, c0 : c0 + b] = maps[h]
+        custom[r0 : r0 + a, c0 : c0 + b] = np.stack([np.full_like(ii, h), ii, jj, maps[h]], -1)
+        notes.append(dict(x=c0 + (b - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom",
+                          font=dict(size=10)))
+    return z, custom, notes
+
+
+def _mosaic_axes(fig: go.Figure, shape: tuple[int, int]) -> None:
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, shape[1] - 0.5])
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[shape[0] - 0.5, -0.5],
+                     scaleanchor="x")
+
+
+def masks_figure(masks: np.ndarray, threshold: float, layer: int) -> go.Figure:
+    """DINO masks [H, gh, gw] (bool) of every head as one mosaic."""
+    z, custom, notes = _mosaic(masks.astype(np.float32))
+    fig = go.Figure(go.Heatmap(z=z, customdata=custom, colorscale=[[0, "#202020"], [1, "#fdd835"]], zmin=0, zmax=1,
+                               showscale=False, hoverongaps=False,
+                               hovertemplate="head %{customdata[0]:.0f}, patch (%{customdata[1]:.0f}, "
+                               "%{customdata[2]:.0f})<br>in mask: %{customdata[3]:.0f}<extra></extra>"))
+    _mosaic_axes(fig, z.shape)
+    fig.update_layout(title=f"Layer {layer}: per head, the patches holding {threshold:.0%} of the CLS attention",
+                      annotations=notes, margin=dict(l=10, r=10, t=60, b=10), height=480, plot_bgcolor="white")
+    return fig
+
+
+def relative_bias_figure(maps: np.ndarray, layer: int, title: str = "") -> go.Figure:
+    """Relative-position bias [H, 2gh-1, 2gw-1] of one layer over the offset (Δrow, Δcol), one tile per head."""
+    num, a, b = maps.shape
+    gh, gw = (a + 1) // 2, (b + 1) // 2
+    z, custom, notes = _mosaic(maps)
+    custom[..., 1] -= gh - 1  # cell (i, j) of a tile is the offset (i - gh + 1, j - gw + 1)
+    custom[..., 2] -= gw - 1
+    fig = go.Figure(go.Heatmap(z=z, customdata=custom, colorscale="RdBu", zmid=0, hoverongaps=False,
+                               colorbar=dict(title="bias", thickness=12),
+                               hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>Δrow %{{customdata[1]:.0f}}"
+                               ", Δcol %{customdata[2]:.0f}<br>bias %{customdata[3]:.4g}<extra></extra>"))
+    _mosaic_axes(fig, z.shape)
+    fig.update_layout(title=title or f"Layer {layer}: relative-position bias per head over (Δrow, Δcol); centre = 0",
+                      annotations=notes, margin=dict(l=10, r=10, t=60, b=10), height=520, plot_bgcolor="white")
+    return fig
+
+
+def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
+    """The logit lens' probability of one class [L] after each block."""
+    fig = go.Figure(go.Scatter(x=np.arange(len(probs)), y=probs, mode="lines+markers", name=label,
+                               hovertemplate="layer %{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Logit lens: probability of '{label}' after each block", xaxis_title="layer",
+                      yaxis_title="probability", yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=50, b=40),
+                      height=340)
+    return fig
+
+
+def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.Figure:
+    """Head importance [L, H] heatmaps side by side (e.g. exact ablation and gradient estimate); the custom data of
+    each cell is (layer, head, value), so a click can open that head."""
+    from plotly.subplots import make_subplots
+
+    names = list(panels)
+    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names, horizontal_spacing=0.1)
+    for i, name in enumerate(names):
+        z = np.asarray(panels[name], dtype=np.float32)
+        num_layers, num_heads = z.shape
+        layers, heads = np.mgrid[0:num_layers, 0:num_heads]
+        custom = np.stack([layers, heads, z], -1)
+        lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+        fig.add_trace(go.Heatmap(z=z, customdata=custom, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+                                 colorbar=dict(title="drop", thickness=10, x=(i + 1) / len(names) - 0.02),
+                                 hovertemplate=name + "<br>layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}"
+                                 "<br>drop %{customdata[2]:.4g}<extra></extra>", name=name),
+                      row=1, col=i + 1)
+        fig.update_xaxes(title="head", row=1, col=i + 1)
+        fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
+    fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=40), height=420)
+    return fig

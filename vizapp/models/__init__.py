@@ -44,6 +44,7 @@ __all__ = [
     "load_model",
     "reload",
     "validate_model_id",
+    "weights_available_offline",
 ]
 
 MODEL_CACHE = BudgetedModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))  # by count and bytes
@@ -54,6 +55,52 @@ def available_libraries() -> list[str]:
     import importlib.util
 
     return ["timm"] + [lib for lib in ("transformers", "torchvision") if importlib.util.find_spec(lib) is not None]
+
+
+TIMM_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")
+HF_FILES = ("config.json", "model.safetensors")
+
+
+def weights_available_offline(name: str) -> bool:
+    """Whether ``name``'s pretrained weights load without a network: bundled, or already in the local cache.
+
+    timm names look in the Hugging Face hub cache for the repo of their pretrained config; ``hf:owner/repo`` needs
+    both ``config.json`` and ``model.safetensors`` cached; ``torchvision:ARCH`` needs its file under
+    ``torch.hub.get_dir()/checkpoints``. A library that is not installed, or an unknown name, gives False.
+    """
+    if name == BUNDLED:
+        return BUNDLED_CARD.is_file()
+    try:
+        kind = _adapter(name)
+    except ModelLoadError:
+        return False
+    if kind == "hf":
+        repo = name.split(":", 1)[1] if name.startswith("hf:") else name
+        if os.path.isdir(repo):
+            return True
+        return all(cached_hub_file(repo, (f,)) for f in HF_FILES)
+    if kind == "torchvision":
+        if "torchvision" not in available_libraries():
+            return False
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name.split(":", 1)[1]).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            return False
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
+    if kind == "bundled":
+        return Path(name).is_file()
+    if name.startswith("hf-hub:"):
+        return bool(cached_hub_file(name[len("hf-hub:") :], TIMM_WEIGHT_FILES))
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(":", 1)[1] if name.startswith("timm:") else name)
+    except (RuntimeError, ValueError):
+        return False
+    repo = cfg.hf_hub_id if cfg is not None else None
+    return bool(repo and cached_hub_file(repo, TIMM_WEIGHT_FILES))
 
 
 def _adapter(name: str) -> str:

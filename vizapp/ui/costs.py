@@ -42,4 +42,29 @@ def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, st
         f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
         "included, 2 x (steps + 1) images more for each."
     )
+    if r.probs is None:
+        compare = "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
     return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
+
+
+def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str]) -> str:
+    """What head importance will cost, from this model's size and the timed forward pass of its analysis."""
+    heads, layers = r.num_heads, r.num_layers
+    passes = heads * (layers + 1) / 2
+    basis = f"estimate: the analysed forward pass took {forward_s:.2f} s here"
+    lines = []
+    if support.get("exact"):
+        lines.append(f"**Exact ablation** is not available: {support['exact']}.")
+    else:
+        score = "class probability" if r.probs is not None else "1 - cos(ablated, clean pooled feature) (no classifier)"
+        lines.append(
+            f"**Exact ablation**: each of the {layers} x {heads} heads ablated alone, scored by the {score}: about "
+            f"H·(L+1)/2 = {passes:.0f} forward passes, {_seconds(passes * forward_s)} ({basis}; the passes run "
+            f"{heads} at a time, often faster than this)."
+        )
+    if support.get("gradient"):
+        lines.append(f"**Gradient estimate** is not available: {support['gradient']}.")
+    else:
+        lines.append(f"**Gradient estimate** (attribution patching): one forward and one backward pass, about 3 "
+                     f"forward passes, {_seconds(3 * forward_s)} ({basis}).")
+    return "\n\n".join([*lines, limit_note()])

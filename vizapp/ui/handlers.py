@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,17 +24,23 @@ import torch
 from vizapp import methods, models, views
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
-from vizapp.pipeline import Analysis, analyze
+from vizapp.pipeline import Analysis, analyze, feature_pca
 from vizapp.ui import deadline
-from vizapp.ui.costs import cost_notes
+from vizapp.ui.costs import cost_notes, importance_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareOutputs,
     ExportOutputs,
+    FeatureExportOutputs,
+    FeaturePatchOutputs,
+    FeaturesOutputs,
+    GalleryOutputs,
     HeadsOutputs,
+    ImportanceOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
+    SecondImageOutputs,
     TileOutputs,
 )
 from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
@@ -111,6 +118,12 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
         f"{r.num_layers} layers x {r.num_heads} heads; {r.num_tokens} tokens = {r.num_prefix_tokens} prefix "
         f"(CLS/distillation/registers) + {gh}x{gw} patches of {r.patch_size[0]}x{r.patch_size[1]} px."
     )
+    if r.probs is None:
+        lines.append(
+            "This model has **no classifier head**: there are no classes, so the class-specific maps (gradient "
+            "rollout, Chefer relevance), Compare and the logit lens are not available; attention, rollout and the "
+            "Features tab's label-free views are."
+        )
     lines += [f"Note: {n}" for n in r.notes]
     return "\n\n".join(lines)
 
@@ -149,11 +162,14 @@ def analyze_image(
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model)
     progress(0.3, desc="forward pass and attention")
+    started = time.perf_counter()
     r = _analyze_on_gpu(vm, decoded)
+    forward_s = time.perf_counter() - started  # the basis of the head-importance estimate
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
     lay = min(as_int(layer, "layer", -r.num_layers, 63), r.num_layers - 1) % r.num_layers
-    state = {"analysis": r, "query": views.default_query(r), "tile": (0, 0), "model": name}
+    state = {"analysis": r, "query": views.default_query(r), "tile": (0, 0), "model": name, "forward_s": forward_s,
+             "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2)}
     progress(0.8, desc="drawing")
     c = _controls(
         state,
@@ -189,6 +205,14 @@ def analyze_image(
         compare_class=class_update,
         map_cost=map_cost,
         compare_cost=compare_cost,
+        feat_layer=gr.update(maximum=r.num_layers - 1, value=min(lay, r.num_layers - 1)),
+        feat_row=gr.update(maximum=r.grid_size[0] - 1, value=state["feature_query"][0]),
+        feat_col=gr.update(maximum=r.grid_size[1] - 1, value=state["feature_query"][1]),
+        norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
+        lens_class=gr.update(choices=views.lens_classes(r) if r.lens_probs is not None else [],
+                             value=classes[0] if classes and r.lens_probs is not None else None),
+        imp_class=class_update,
+        importance_cost=importance_cost_note(r, forward_s, views.importance_support(vm)),
     )
 
 
@@ -297,20 +321,40 @@ def open_tile(state: Any, payload: Any) -> TileOutputs:
     return TileOutputs(ti, tj)
 
 
+def _selector(count: int) -> Any:
+    """A layer / head slider shown with ``count`` choices (hidden when there is at most one to choose from)."""
+    return gr.update(visible=True, maximum=count - 1) if count > 1 else gr.update(visible=False)
+
+
 @user_errors
 def render_pos(
-    model_name: Any, resolution: Any, tile_row: Any, tile_col: Any, trusted_model: str | None = None
+    model_name: Any,
+    resolution: Any,
+    tile_row: Any,
+    tile_col: Any,
+    pos_layer: Any = 0,
+    pos_head: Any = 0,
+    trusted_model: str | None = None,
 ) -> PosOutputs:
-    """Position embeddings tab: the model's cosine grid, at its own grid or at ``resolution`` (0 = its own)."""
+    """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
+    at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
+    per-head maps of ``pos_layer``; none: a sentence."""
     vm = _load(_model_name(model_name, trusted_model), trusted_model)
     tile = (as_int(tile_row, "tile row", 0, 63), as_int(tile_col, "tile column", 0, 63))
+    layer, head = as_int(pos_layer, "layer", 0, 255), as_int(pos_head, "head", 0, 255)
     grid = None
     if resolution not in (None, "", 0) and not vm.pos_embed_status:
         side = as_int(resolution, "resolution", 2, 32)
         gh, gw = vm.grid_size
         grid = (side, side) if gh == gw else (side, max(1, round(side * gw / gh)))
-    v = views.pos_embed_views(vm, grid, tile)
-    return PosOutputs(pos=v.figure, tile=v.tile, pos_note=v.note)
+    v = views.pos_embed_views(vm, grid, tile, layer, head)
+    return PosOutputs(
+        pos=v.figure,
+        tile=v.tile,
+        pos_note=v.note,
+        pos_layer=_selector(v.layers),
+        pos_head=_selector(v.heads),
+    )
 
 
 @user_errors
@@ -369,3 +413,189 @@ def cancel_running(request: gr.Request | None = None) -> None:
     """The Cancel button: every long operation of this person's session stops at its next check."""
     n = deadline.cancel(_session(request))
     log.info("cancel: %d running operation(s) flagged", n)
+
+
+# -- the Features tab ------------------------------------------------------------------------------------------------
+
+NO_HEAD_NOTE = "This model has no classifier head, so there is no logit lens (no classes to read)."
+
+
+def _feature_query(r: Analysis, row: Any, col: Any) -> tuple[int, int]:
+    return (as_int(row, "patch row", 0, r.grid_size[0] - 1), as_int(col, "patch column", 0, r.grid_size[1] - 1))
+
+
+def _foreground(value: Any) -> float | None:
+    t = as_float(value, "foreground threshold", 0.0, 1.0, hi_inclusive=False)
+    return None if t == 0.0 else t
+
+
+@user_errors
+def render_features(
+    state: Any,
+    layer: Any,
+    foreground: Any,
+    row: Any,
+    col: Any,
+    norm_layer: Any,
+    dino_threshold: Any,
+    lens_class: Any,
+    opacity: Any = 0.6,
+) -> FeaturesOutputs:
+    """Features tab: every label-free view from the cached analysis (no forward pass)."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    fg = _foreground(foreground)
+    query = _feature_query(r, row, col)
+    nlay = as_int(norm_layer, "norm layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    thr = as_float(dino_threshold, "mask threshold", 0.01, 1.0)
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    st = {**st, "feature_query": query}
+    other = st.get("other")
+    norms = views.token_norm_views(r, nlay)
+    masks = views.dino_mask_views(r, thr, alpha)
+    if r.lens_probs is not None:
+        label = lens_class if isinstance(lens_class, str) and lens_class else None
+        lens = views.logit_lens_views(r, label)
+        lens_table, lens_plot, lens_note = gr.update(value=lens.table, visible=True), gr.update(
+            value=lens.depth, visible=True), ""
+    else:
+        lens_table, lens_plot, lens_note = gr.update(visible=False), gr.update(value=None, visible=False), NO_HEAD_NOTE
+    _, layer_note = views.feature_layer(r, lay)
+    return FeaturesOutputs(
+        state=st,
+        feat_pca=views.feature_pca_view(r, lay, fg),
+        feat_sim=views.feature_similarity_view(r, query, lay, other, alpha),
+        feat_query_image=views.query_image(r, views.Controls(query=query)),
+        norm_grid=norms.grid,
+        norm_hist=norms.histogram,
+        norm_depth=norms.depth,
+        register_plot=gr.update(value=norms.registers, visible=norms.registers is not None),
+        norm_sentence=norms.sentence,
+        mask_heads=masks.per_head,
+        mask_overlay=masks.overlay,
+        lens_table=lens_table,
+        lens_plot=lens_plot,
+        lens_note=lens_note,
+        features_note=layer_note,
+    )
+
+
+def select_feature_patch(state: Any, evt: gr.SelectData) -> FeaturePatchOutputs:
+    """Clicking the Features tab's image makes that patch the feature query (rendering follows)."""
+    _, row, col = select_patch(state, evt)
+    return FeaturePatchOutputs(row, col)
+
+
+@user_errors
+def analyze_second_image(state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6,
+                         progress: gr.Progress = gr.Progress()) -> SecondImageOutputs:
+    """A second image, analysed with the same network, for the feature similarity across images (click in the first,
+    map in the second). ``image`` None clears it."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    query = _feature_query(r, row, col)
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    if image is None:
+        st = {k: v for k, v in st.items() if k != "other"}
+        return SecondImageOutputs(st, views.feature_similarity_view(r, query, lay, None, alpha),
+                                  "No second image: the similarity is shown on the same image.")
+    decoded = decode_image(image)
+    progress(0.2, desc="forward pass on the second image")
+    other = _analyze_on_gpu(models.reload(r.load_args), decoded)
+    st = {**st, "other": other}
+    return SecondImageOutputs(st, views.feature_similarity_view(r, query, lay, other, alpha),
+                              "Second image analysed with the same model: click a patch in the first image, "
+                              "the map is drawn on the second.")
+
+
+def example_images() -> list[str]:
+    """The example gallery's image files."""
+    folder = models.ASSETS_DIR / "examples"
+    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+@user_errors
+def pca_across_examples(state: Any, layer: Any, progress: gr.Progress = gr.Progress(),
+                        request: gr.Request | None = None) -> GalleryOutputs:
+    """One PCA shared by the analysed image and the example images (one batched forward pass), so parts correspond
+    by colour across images."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    paths = example_images()
+    images = [r.image] + [decode_image(p) for p in paths]
+    names = ["your image"] + [Path(p).stem[:18] for p in paths]
+    with deadline.running(_session(request)) as d:
+        d.check("PCA across examples")
+        progress(0.1, desc=f"forward pass on {len(images)} images")
+        vm = models.reload(r.load_args)
+        rgbs = feature_pca(vm, images, layer=lay)
+    fig = views.pca_gallery_view(rgbs, vm.patch_size, names, lay)
+    return GalleryOutputs(fig)
+
+
+@user_errors
+def run_importance(
+    state: Any,
+    method: Any,
+    mode: Any,
+    class_label: Any,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
+) -> ImportanceOutputs:
+    """Head importance by ablation ("exact") or its first-order estimate ("gradient"), under the request deadline
+    (VIZAPP_REQUEST_SECONDS) and Cancel, checked before every layer of the exact method. The two results of the same
+    class and ablation mode are shown side by side with their Spearman rank correlation."""
+    from vizapp.ablation import IMPORTANCE_METHODS, head_importance
+
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    how = as_choice(method, "importance method", IMPORTANCE_METHODS)
+    ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
+    cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
+    if cls is not None and cls not in r.labels:
+        raise BadParameterError(f"unknown class {cls[:60]!r}; pick one of the top-5")
+    vm = models.reload(r.load_args)
+    why = views.importance_support(vm).get(how)
+    if why:
+        raise BadParameterError(f"{how} head importance is not available for this model: {why}")
+    key = (cls, ablation)
+    kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
+    kept = dict(kept) if kept.get("key") == key else {"key": key}
+    with deadline.running(_session(request)) as d:
+        doing = "exact head ablation" if how == "exact" else "gradient head importance"
+        d.check(doing)
+        progress(0.0, desc=doing)
+        report = d.progress(doing, lambda fraction, desc: progress(fraction, desc=desc))
+
+        def should_stop() -> bool:
+            d.check(doing)  # raises at the deadline or on Cancel
+            return False
+
+        res = head_importance(vm, r.input, class_idx=cls, mode=ablation, method=how, progress=report,
+                              should_stop=should_stop)
+    kept[how] = res.drop.numpy()
+    kept["score"] = res.score + ("" if res.class_idx is None else f" of '{r.labels[res.class_idx]}'")
+    st = {**st, "importance": kept}
+    fig, rho = views.importance_view(kept.get("exact"), kept.get("gradient"), kept["score"])
+    other = "gradient" if how == "exact" else "exact"
+    note = rho or f"Run the {other} method too (same class and mode) to see their rank correlation."
+    note += " Click a cell to open that head in the Heads tab."
+    return ImportanceOutputs(st, fig, note)
+
+
+@user_errors
+def export_features(state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
+                    ) -> FeatureExportOutputs:
+    """The Features tab's arrays as .npz, in a fresh private temp folder."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
+    arrays = views.feature_arrays(r, lay, _foreground(foreground), _feature_query(r, row, col),
+                                  as_float(dino_threshold, "mask threshold", 0.01, 1.0), imp)
+    out = Path(tempfile.mkdtemp(prefix="vizapp-export-")) / "vizapp_features.npz"
+    np.savez_compressed(out, **arrays)
+    return FeatureExportOutputs(str(out))

@@ -19,10 +19,16 @@ from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareOutputs,
     ExportOutputs,
+    FeatureExportOutputs,
+    FeaturePatchOutputs,
+    FeaturesOutputs,
+    GalleryOutputs,
     HeadsOutputs,
+    ImportanceOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
+    SecondImageOutputs,
     TileOutputs,
     components,
 )
@@ -34,8 +40,8 @@ TITLE = "vizapp: inside a Vision Transformer"
 INTRO = (
     "# vizapp — see inside a Vision Transformer\n"
     "Upload an image and press **Analyze**: per-head attention of every layer (for CLS or any patch you "
-    "click), attention rollout, mean attention distance, the learned position embeddings, class-specific "
-    "explanations and a faithfulness score for each map."
+    "click), attention rollout, mean attention distance, the position scheme (learned embeddings, RoPE or relative "
+    "bias), class-specific explanations with a faithfulness score for each map, and label-free feature views."
 )
 
 CSS = """
@@ -44,13 +50,14 @@ CSS = """
 """
 
 # Plotly click -> hidden textbox bridge: gr.Plot has no click event, so the page forwards plotly_click on the
-# distance and position-embedding plots into hidden textboxes whose `input` events reach Python.
+# distance, position-embedding and head-importance plots into hidden textboxes whose `input` events reach Python.
 JS = """
 () => {
   window.__vizappBridge = true;
   const bind = () => {
     for (const [plotId, boxId] of [["vizapp-distance-plot", "vizapp-distance-click"],
-                                   ["vizapp-pos-plot", "vizapp-pos-click"]]) {
+                                   ["vizapp-pos-plot", "vizapp-pos-click"],
+                                   ["vizapp-importance-plot", "vizapp-importance-click"]]) {
       const root = document.getElementById(plotId);
       const gd = root && root.querySelector(".js-plotly-plot");
       if (!gd || !gd.on || gd.__vizappBound) continue;
@@ -98,7 +105,7 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         value=startup,
         label="Model",
         allow_custom_value=True,
-        info="[cached]/[offline] work without a network; any timm ViT name works",
+        info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo or torchvision:vit_b_16 works",
     )
     ui.analyze_button = gr.Button("Analyze", variant="primary")
     ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
@@ -165,15 +172,81 @@ def _distance_tab(ui: Components) -> None:
 
 
 def _pos_tab(ui: Components) -> None:
-    ui.pos_note = gr.Markdown("")
+    ui.pos_note = gr.Markdown("", elem_id="vizapp-pos-note")
     with gr.Row():
         ui.resolution = gr.Slider(0, 32, value=0, step=1, label="Preview grid (0 = the model's own; else interpolated)")
         ui.tile_row = gr.Slider(0, 63, value=0, step=1, label="Tile row")
         ui.tile_col = gr.Slider(0, 63, value=0, step=1, label="Tile column")
     with gr.Row():
+        ui.pos_layer = gr.Slider(0, 63, value=0, step=1, label="Position layer", visible=False)
+        ui.pos_head = gr.Slider(0, 63, value=0, step=1, label="Position head (mixed RoPE)", visible=False)
+    with gr.Row():
         ui.pos = gr.Plot(label="Cosine similarity grid", elem_id="vizapp-pos-plot")
         ui.tile = gr.Plot(label="Enlarged tile", elem_id="vizapp-tile-plot")
     ui.pos_click = gr.Textbox(visible="hidden", elem_id="vizapp-pos-click")
+
+
+def _features_tab(ui: Components) -> None:
+    gr.Markdown(
+        "Views that need no class labels (DINOv2/v3, CLIP backbones and any model), all from the analysis you already "
+        "ran: change a control and they redraw without another forward pass."
+    )
+    ui.features_note = gr.Markdown("")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=240):
+            ui.feat_query_image = gr.Image(label="Click a patch: its feature is compared with every patch",
+                                           interactive=False, elem_id="vizapp-feature-image", height=300,
+                                           format="png", buttons=[])
+            ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
+            ui.feat_foreground = gr.Slider(0, 0.95, value=0.0, step=0.05,
+                                           label="PCA foreground threshold (0 = off; refit on patches above it)")
+            with gr.Row():
+                ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
+                ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
+            ui.second_image = gr.Image(label="Second image (optional): the similarity map is drawn on it",
+                                       type="filepath", sources=["upload", "clipboard"], height=160)
+            ui.second_button = gr.Button("Compare with the second image")
+            ui.second_note = gr.Markdown("")
+        with gr.Column(scale=2):
+            with gr.Row():
+                ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
+                ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
+            with gr.Row():
+                ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
+            ui.pca_gallery = gr.Plot(label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot")
+    gr.Markdown("### Token norms and registers")
+    ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
+    ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
+    with gr.Row():
+        ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
+        ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
+    with gr.Row():
+        ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
+        ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
+    gr.Markdown("### DINO masks (last layer, per head)")
+    ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
+    with gr.Row():
+        ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
+        ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
+    gr.Markdown("### Logit lens")
+    ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
+    ui.lens_class = gr.Dropdown([], label="Class to follow across depth")
+    with gr.Row():
+        ui.lens_table = gr.Dataframe(headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer")
+        ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
+    gr.Markdown("### Head importance by ablation")
+    ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
+    with gr.Row():
+        ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
+        ui.imp_class = gr.Dropdown([], label="Class scored (none: the top-1, or 1 - cos without a classifier)")
+        ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
+        ui.imp_gradient_button = gr.Button("Gradient estimate")
+    ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
+    ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
+    ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
+    with gr.Row():
+        ui.features_export_button = gr.Button("Export these arrays (.npz)")
+        ui.features_npz = gr.File(label="feature arrays (.npz)")
 
 
 def _compare_tab(ui: Components) -> None:
@@ -209,6 +282,7 @@ def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) 
                     ("distance", "Attention distance", _distance_tab),
                     ("pos", "Position embeddings", _pos_tab),
                     ("compare", "Compare", _compare_tab),
+                    ("features", "Features", _features_tab),
                 ]:
                     with gr.Tab(name, id=tab_id):
                         build(ui)
@@ -273,11 +347,13 @@ def _wire_heads(ui: Components) -> None:
 
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
-    def render_pos(model_name, resolution, tile_row, tile_col):
-        return handlers.render_pos(model_name, resolution, tile_row, tile_col, trusted_model=trusted)
+    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head):
+        return handlers.render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head,
+                                   trusted_model=trusted)
 
-    inputs, outputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col], components(PosOutputs, ui)
-    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col):
+    inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head]
+    outputs = components(PosOutputs, ui)
+    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head):
         ctrl.change(render_pos, inputs=inputs, outputs=outputs, **RERENDER)
     ui.model.change(render_pos, inputs=inputs, outputs=outputs, api_name="position_embeddings")
     demo.load(render_pos, inputs=inputs, outputs=outputs, api_visibility="private")
@@ -296,6 +372,56 @@ def _wire_compare(ui: Components) -> Any:
         outputs=components(CompareOutputs, ui),
         api_name="compare",
     )
+
+
+def _feature_inputs(ui: Components) -> list[Any]:
+    return [ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.norm_layer, ui.dino_threshold,
+            ui.lens_class, ui.opacity]
+
+
+def _importance_fn(method: str) -> Any:
+    def run(state: Any, mode: Any, class_label: Any, progress: gr.Progress = gr.Progress(),
+            request: gr.Request | None = None) -> Any:
+        return handlers.run_importance(state, method, mode, class_label, progress, request)
+
+    run.__name__ = f"head_importance_{method}"
+    return run
+
+
+def _wire_features(ui: Components, analyze: Any) -> list[Any]:
+    """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
+    Cancel."""
+    inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
+    analyze.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
+    for ctrl in (ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.norm_layer, ui.dino_threshold,
+                 ui.lens_class):
+        ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
+    ui.feat_query_image.select(handlers.select_feature_patch, inputs=[ui.state],
+                               outputs=components(FeaturePatchOutputs, ui), api_visibility="private")
+    second = ui.second_button.click(
+        handlers.analyze_second_image, inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer,
+                                               ui.opacity],
+        outputs=components(SecondImageOutputs, ui), api_visibility="private",
+    )
+    gallery = ui.pca_examples_button.click(handlers.pca_across_examples, inputs=[ui.state, ui.feat_layer],
+                                           outputs=components(GalleryOutputs, ui), api_visibility="private")
+    importance = [
+        button.click(
+            _importance_fn(method),
+            inputs=[ui.state, ui.imp_mode, ui.imp_class],
+            outputs=components(ImportanceOutputs, ui),
+            api_name=f"head_importance_{method}",
+        )
+        for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
+    ]
+    ui.importance_click.change(handlers.open_head, inputs=[ui.state, ui.importance_click],
+                               outputs=components(OpenHeadOutputs, ui), api_visibility="private")
+    ui.features_export_button.click(
+        handlers.export_features,
+        inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
+        outputs=components(FeatureExportOutputs, ui), api_visibility="undocumented",
+    )
+    return [second, gallery, *importance]
 
 
 def _wire_export(ui: Components) -> None:
@@ -323,6 +449,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
         compare = _wire_compare(ui)
+        feature_events = _wire_features(ui, analyze)
         _wire_export(ui)
-        _wire_cancel(ui, [analyze, *map_events, compare])
+        _wire_cancel(ui, [analyze, *map_events, compare, *feature_events])
     return demo

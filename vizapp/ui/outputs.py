@@ -36,6 +36,13 @@ class AnalyzeOutputs(NamedTuple):
     compare_class: Any  # the Compare tab's class dropdown mirrors the Rollout tab's
     map_cost: str  # markdown: what the slow methods will cost on this model, before they run
     compare_cost: str  # markdown: the same for the Compare tab
+    feat_layer: Any  # the Features tab's controls, set to this model's ranges
+    feat_row: Any
+    feat_col: Any
+    norm_layer: Any
+    lens_class: Any
+    imp_class: Any
+    importance_cost: str  # markdown: what head importance will cost on this model, before it runs
 
 
 class HeadsOutputs(NamedTuple):
@@ -71,11 +78,68 @@ class TileOutputs(NamedTuple):
 
 
 class PosOutputs(NamedTuple):
-    """The Position embeddings tab (API ``/position_embeddings``)."""
+    """The Position tab (API ``/position_embeddings``): the view that fits the model's position scheme."""
 
     pos: Any
     tile: Any
     pos_note: str
+    pos_layer: Any  # gr.update: shown with this model's layer range for per-layer schemes, else hidden
+    pos_head: Any
+
+
+class FeaturesOutputs(NamedTuple):
+    """The Features tab: label-free views, re-rendered from the cached analysis (no forward pass)."""
+
+    state: dict[str, Any]  # the feature query is kept in the state
+    feat_pca: Any  # go.Figure: feature PCA as RGB over the image
+    feat_sim: Any  # go.Figure: cosine similarity of the query patch's feature
+    feat_query_image: Any  # [H, W, 3] uint8, the clickable image
+    norm_grid: Any
+    norm_hist: Any
+    norm_depth: Any
+    register_plot: Any  # gr.update: hidden for a model without registers
+    norm_sentence: str
+    mask_heads: Any
+    mask_overlay: Any
+    lens_table: Any  # gr.update: hidden without a classifier head
+    lens_plot: Any
+    lens_note: str
+    features_note: str
+
+
+class FeaturePatchOutputs(NamedTuple):
+    """A click on the Features tab's image: that patch becomes the feature query."""
+
+    feat_row: int
+    feat_col: int
+
+
+class SecondImageOutputs(NamedTuple):
+    """The second image for the feature similarity: analysed with the same model, kept in the state."""
+
+    state: dict[str, Any]
+    feat_sim: Any
+    second_note: str
+
+
+class GalleryOutputs(NamedTuple):
+    """PCA across the examples: one PCA shared by the uploaded image and the example images."""
+
+    pca_gallery: Any
+
+
+class ImportanceOutputs(NamedTuple):
+    """Head importance by ablation: the heatmaps (exact and gradient side by side) and their rank correlation."""
+
+    state: dict[str, Any]
+    importance: Any
+    importance_note: str
+
+
+class FeatureExportOutputs(NamedTuple):
+    """The Features tab's export: path of the .npz."""
+
+    features_npz: str
 
 
 class CompareOutputs(NamedTuple):

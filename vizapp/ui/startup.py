@@ -23,27 +23,38 @@ CURATED: list[tuple[str, str]] = [
     ("vit_small_patch14_reg4_dinov2.lvd142m", "DINOv2 ViT-S/14 + 4 registers (no classifier)"),
     ("vit_base_patch16_clip_224.openai_ft_in1k", "CLIP ViT-B/16 fine-tuned on ImageNet"),
 ]
-WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")
+# Entries for the other libraries, offered when that library is installed (models.available_libraries()).
+CURATED_BY_LIBRARY: dict[str, list[tuple[str, str]]] = {
+    "timm": [("vit_small_patch16_dinov3.lvd1689m", "DINOv3 ViT-S/16 + 4 registers, RoPE (no classifier)")],
+    "transformers": [
+        ("hf:google/vit-base-patch16-224", "transformers: ViT-B/16 (ImageNet)"),
+        ("hf:facebook/dinov2-small", "transformers: DINOv2 ViT-S/14 (no classifier)"),
+    ],
+    "torchvision": [("torchvision:vit_b_16", "torchvision: ViT-B/16 (ImageNet)")],
+}
+
+
+def curated_models() -> list[tuple[str, str]]:
+    """The curated (id, label) list: the timm entries, then those of every other installed library."""
+    out = list(CURATED)
+    for lib in models.available_libraries():
+        out += CURATED_BY_LIBRARY.get(lib, [])
+    return out
 
 
 def weights_available_offline(name: str) -> bool:
-    """Whether ``name``'s pretrained weights can be loaded without a network (bundled, or in the hub cache)."""
-    if name == models.BUNDLED:
-        return models.BUNDLED_CARD.is_file()
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = cfg.hf_hub_id if cfg is not None else None
-    return bool(repo and models.cached_hub_file(repo, WEIGHT_FILES))
+    """Whether ``name``'s pretrained weights load without a network (see :func:`vizapp.models.weights_available_offline`)."""
+    return models.weights_available_offline(name)
 
 
 def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
     """The model dropdown's (label, id) pairs, each tagged offline / cached / download; ``extra`` is --model's."""
     out = []
-    for name, label in CURATED:
+    curated = curated_models()
+    for name, label in curated:
         tag = "offline" if name == models.BUNDLED else ("cached" if weights_available_offline(name) else "download")
         out.append((f"{label} [{tag}]", name))
-    if extra and extra not in dict(CURATED):
+    if extra and extra not in dict(curated):
         out.append((f"{extra} [from --model]", extra))
     return out
 
