@@ -402,8 +402,7 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     f = _features(st)
     _assert_feature_figures(f, (4, 4))
     assert f.lens_table["visible"] is False and f.lens_plot["visible"] is False and "no classifier head" in f.lens_note
-    assert [t.name for t in f.norm_depth.data][:5] == ["CLS", "prefix token 1", "prefix token 2", "prefix token 3",
-                                                       "prefix token 4"]
+    assert [t.name for t in f.norm_depth.data][:5] == ["CLS", "register 0", "register 1", "register 2", "register 3"]
     assert "Exact ablation** is not available" in dinov3.importance_cost
     assert "Gradient estimate** is not available" in dinov3.importance_cost
     with pytest.raises(gr.Error, match="not available for this model"):
