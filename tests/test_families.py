@@ -270,3 +270,15 @@ def test_hf_hub_ids_resolve_through_the_cache_offline(hf_folders, tmp_path, monk
 def test_unsupported_families_get_an_error_naming_the_supported_ones():
     with pytest.raises(vizapp.UnsupportedModelError, match="supported: .*transformers|supported: .*Hugging Face"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu")
+
+
+def test_a_transformers_folder_with_only_pickled_weights_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**HF_COMMON, image_size=32)
+    model = transformers.ViTModel(config)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # what older transformers wrote: a pickle
+    assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(vizapp.ModelLoadError):
+        vizapp.load_model(str(tmp_path), device="cpu")

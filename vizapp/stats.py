@@ -4,10 +4,10 @@ Every image under the folder (recursively; png, jpg/jpeg, webp, bmp, gif, tif/ti
 :func:`vizapp.imageio.decode_image` (undecodable files are skipped and counted), preprocessed with the model's own
 transform and run through the model in batches from a torch DataLoader. Attention is captured with
 :class:`vizapp.capture.AttentionCapture`, which forms each layer's attention once, in place of SDPA, a few heads at
-a time, and reduced to the mean attention distance of every head while the chunk is hot, so nothing of a layer
-outlives it (models with ``fused_attn`` off: from q and k with :func:`vizapp.analysis.distance.head_distances`, one
-layer at a time). The per-image distances are summed over all images and divided by their
-count. Writes a CSV (layer, head, mean_distance_px, n_images) and an offline plotly HTML figure, and compares the
+a time, and hands it to :class:`vizapp.streaming.DatasetDistances`, which reduces it to the mean attention distance of
+every head while the chunk is hot, so nothing of a layer outlives it (layers whose attention stays inside the model,
+``fused_attn`` off, are fed to the same reducer from q and k at the end of the layer). The per-image distances are
+summed over all images and divided by their count. Writes a CSV (layer, head, mean_distance_px, n_images) and an offline plotly HTML figure, and compares the
 throughput with a bare batched forward of the same model on the same batches.
 """
 

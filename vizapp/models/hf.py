@@ -180,7 +180,8 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     check_budget(name, counter=lambda: meta_parameter_count(lambda: cls._from_config(built)))  # before the weights
     try:
         if pretrained:
-            model = cls.from_pretrained(src, attn_implementation="sdpa", local_files_only=local or None)
+            model = cls.from_pretrained(src, attn_implementation="sdpa", local_files_only=local or None,
+                                        use_safetensors=True)  # never a pickled .bin
         else:
             model = cls._from_config(vision if config.model_type in VISION_CONFIGS else config,
                                      attn_implementation="sdpa")
