@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -87,3 +88,21 @@ def live_app(card_model):
     demo.launch(**kwargs)
     yield demo.local_url
     demo.close()
+
+
+def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """timm's own attention: a copy of the model with fused attention off, hooking attn_drop's input."""
+    ref = copy.deepcopy(model)
+    maps: list[torch.Tensor] = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach().clone()))
+    with torch.no_grad():
+        logits = ref(x)
+    return logits, maps
+
+
+def all_hooks(model: torch.nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )

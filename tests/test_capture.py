@@ -10,26 +10,8 @@ import pytest
 import torch
 
 import vizapp
-from tests.conftest import random_image, small_model
+from tests.conftest import all_hooks, random_image, reference_attention, small_model
 from vizapp.capture import AttentionCapture, attention_from_qk
-
-
-def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """timm's own attention: a copy of the model with fused attention off, hooking attn_drop's input."""
-    ref = copy.deepcopy(model)
-    maps: list[torch.Tensor] = []
-    for blk in ref.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach().clone()))
-    with torch.no_grad():
-        logits = ref(x)
-    return logits, maps
-
-
-def all_hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
 
 
 def test_fused_attention_is_on_by_default(family):

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import all_hooks, random_image, reference_attention
 
 import vizapp
 from vizapp.analysis import mean_attention_distance, rollout
@@ -77,13 +77,7 @@ def load(fid: str, hf_folders) -> vizapp.VizModel:
 def reference(vm: vizapp.VizModel, fid: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-layer attention [B, H, N, N] and logits from the library's own explicit path."""
     if vm.family == "timm":
-        ref = copy.deepcopy(vm.model)
-        maps: list[torch.Tensor] = []
-        for blk in ref.blocks:
-            blk.attn.fused_attn = False
-            blk.attn.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach().clone()))
-        with torch.no_grad():
-            logits = ref(x)
+        logits, maps = reference_attention(vm.model, x)
         return maps, logits
     if vm.family == "hf":
         folder = vm.name
@@ -102,10 +96,6 @@ def reference(vm: vizapp.VizModel, fid: str, x: torch.Tensor) -> tuple[list[torc
             h = blk(h)
         logits = model(x)
     return maps, logits
-
-
-def all_hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("fid", IDS)
