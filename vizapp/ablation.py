@@ -272,10 +272,17 @@ def _forward(vm: Any, x: torch.Tensor) -> torch.Tensor:
     return logits(x) if callable(logits) else vm.model(x)
 
 
-def _reuses_blocks(model: torch.nn.Module) -> bool:
+def reuses_blocks(model: torch.nn.Module) -> bool:
+    """True when :func:`head_importance` takes the reuse path by default (timm ``VisionTransformer``: its blocks are
+    re-run from a cached input, H·(L+1)/2 image-forwards); False: the capture path, L·H image-forwards."""
     from timm.models.vision_transformer import VisionTransformer
 
     return isinstance(model, VisionTransformer)
+
+
+def exact_forward_passes(num_layers: int, num_heads: int, reuse: bool) -> float:
+    """Image-forwards the exact method costs: H·(L+1)/2 on the reuse path, L·H on the capture path."""
+    return num_heads * (num_layers + 1) / 2 if reuse else float(num_layers * num_heads)
 
 
 def _resolve_class(vm: Any, logits: torch.Tensor, class_idx: int | str | None) -> int:
@@ -352,8 +359,8 @@ def head_importance(
         raise BadParameterError(f"path must be one of {IMPORTANCE_PATHS}, got {path!r}")
     model = vm.model
     if path == "auto":
-        path = "reuse" if _reuses_blocks(model) else "capture"
-    elif path == "reuse" and not _reuses_blocks(model):
+        path = "reuse" if reuses_blocks(model) else "capture"
+    elif path == "reuse" and not reuses_blocks(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a timm VisionTransformer, whose blocks vizapp can re-run from a cached "
             "input; use path='capture' (or 'auto')"
