@@ -581,3 +581,39 @@ def test_capture_refuses_a_layer_it_cannot_ablate():
     with pytest.raises(UnsupportedModelError, match="path='capture'"):
         head_importance(_dinov3_vm(), x, path="reuse")
     assert _capture_hook_count(vm.model) == 0
+
+
+class _Sink:
+    """An AttentionConsumer that takes every chunk and keeps nothing (it only makes the capture form attention)."""
+
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        pass
+
+    def layer_done(self, layer: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+@pytest.mark.parametrize("fid", ["dinov3", "hf_vit", "torchvision"])
+def test_ablation_is_the_same_on_every_capture_path(fid, mode, hf_vit_folder):
+    """The model's own SDPA, the inline path (a consumer), the with_grad path and inline=False agree."""
+    vm = _family_vm(fid, hf_vit_folder)
+    x = _family_input(vm, 4).expand(2, -1, -1, -1)
+    h = vm.num_heads
+    ablate = {0: torch.tensor([[True] + [False] * (h - 1), [False, True] + [False] * (h - 2)]),
+              1: torch.tensor([False] * (h - 1) + [True])}
+    paths = {"sdpa": dict(), "inline": dict(on_attention=_Sink()), "no_inline": dict(on_attention=_Sink(), inline=False),
+             "with_grad": dict(with_grad=True)}
+    out = {}
+    for name, kwargs in paths.items():
+        with torch.set_grad_enabled(name == "with_grad"), AttentionCapture(vm.model, ablate=ablate, ablate_mode=mode,
+                                                                           **kwargs) as cap:
+            out[name] = vm.logits(x).detach()
+        if name == "inline":
+            assert cap.inline_layers == {0, 1}  # the consumer's path formed the layers' outputs
+    with torch.no_grad():
+        clean = vm.logits(x)
+    effect = float((out["sdpa"] - clean).abs().max())
+    assert effect > 1e-5
+    for name in paths:  # the inline and with_grad paths form the attention in float32: agree to 1% of the effect
+        assert float((out[name] - out["sdpa"]).abs().max()) < 0.01 * effect, name
