@@ -11,6 +11,12 @@ ViTs). Ablating head h means replacing those columns:
   In :func:`head_importance` only one layer is ablated at a time and everything below it is clean, so this is the
   mean of the clean head output over this image's tokens.
 
+Every other family (timm Eva/DINOv3/EVA-02/RoPE ViTs, BEiT and relpos ViTs, Hugging Face and torchvision ViTs) is
+ablated at the same place by the capture, ``AttentionCapture(model, ablate={layer: mask}, ablate_mode=mode)``: the
+per-head output [B, H, N, d] its attention call returns, before the output projection, with the same two modes
+(:func:`vizapp.capture.ablate_head_output`). :func:`head_importance` takes that path (``path="capture"``) for every
+model that is not a timm ``VisionTransformer``.
+
 The importance of a head is the drop of a score when it alone is ablated: the chosen class's probability (or logit)
 for a model with a classifier head, and for a model without one (DINOv2, CLIP image towers) ``1 - cos`` between the
 ablated and the clean pooled feature (what ``forward_head`` returns), which is 0 for the clean run.
