@@ -508,6 +508,7 @@ def test_vit_b_16_first_layer_equals_one_head_per_forward():
 
     torch.manual_seed(0)
     vm = vizapp.load_model("torchvision:vit_b_16", pretrained=False, device="cpu", image_size=32, num_classes=5)
+    vm = dataclasses.replace(vm, model=copy.deepcopy(vm.model))  # not the cached one
     with torch.no_grad():  # torchvision zeroes the classifier at init: give it weights so heads can matter
         vm.model.heads.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     x = _family_input(vm).float()
@@ -617,3 +618,36 @@ def test_ablation_is_the_same_on_every_capture_path(fid, mode, hf_vit_folder):
     assert effect > 1e-5
     for name in paths:  # the inline and with_grad paths form the attention in float32: agree to 1% of the effect
         assert float((out[name] - out["sdpa"]).abs().max()) < 0.01 * effect, name
+
+
+MORE_FAMILIES = ["eva02_tiny", "beit", "relpos", "rope_mixed", "naflex", "hf_deit_teacher", "hf_dinov2_reg", "hf_clip",
+                 "hf_siglip", "tv_vit_b_16"]
+
+
+@pytest.mark.parametrize("fid", MORE_FAMILIES)
+def test_generic_exact_runs_on_every_family(fid, tmp_path_factory):
+    """Every other family vizapp loads: exact importance on the capture path equals one-head-per-forward (layer 0),
+    with the 1 - cos score for models without a classifier head."""
+    import test_families as fam
+
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    folders = {}
+    for hid, config, cls, extra in fam.HF:
+        if hid == fid:
+            folders[hid] = str(fam.save_hf(tmp_path_factory.mktemp(hid), config, cls, extra))
+    vm = fam.load(fid, folders)  # a copy out of the cache, redrawn so that heads matter (at init some do not)
+    vm = dataclasses.replace(vm, model=_strengthen(copy.deepcopy(vm.model)))
+    x = vm.transform(random_image(5)).unsqueeze(0)
+    done: list[int] = []
+    imp = head_importance(vm, x, should_stop=lambda: len(done) >= 1, progress=lambda d, t: done.append(d))
+    assert imp.drop.shape == (vm.num_layers, vm.num_heads) and imp.layers_done == 1
+    assert imp.score == ("1 - cos" if not vm.labels else "probability")
+    cls = imp.class_idx
+    with torch.no_grad():
+        clean = vm.logits(x)
+        base = _score(vm, clean, clean, cls)
+        for head in range(vm.num_heads):
+            with AttentionCapture(vm.model, ablate={0: _one_head(vm.num_heads, head)}):
+                ref = float((base - _score(vm, vm.logits(x), clean, cls))[0])
+            assert abs(float(imp.drop[0, head]) - ref) < 1e-5
+    assert bool(torch.isfinite(imp.drop[0]).all()) and float(imp.drop[0].abs().max()) > 0
