@@ -459,9 +459,8 @@ class AttentionCapture:
                 self._called.add(layer)
             if layer not in self._shaped and (layer in self.ablate or self.record_head_outputs):
                 raise UnsupportedModelError(
-                    f"layer {layer} ({type(mod).__name__}) never handed its heads' output to "
-                    "scaled_dot_product_attention's caller, so vizapp cannot ablate or record it (is fused attention "
-                    "off?)"
+                    f"layer {layer} ({type(mod).__name__}) formed its heads' output without "
+                    "scaled_dot_product_attention, so vizapp cannot ablate or record it (is fused attention off?)"
                 )
             if self.on_attention is not None and layer not in self.inline_layers and layer not in self.unexact_layers:
                 feed(self.on_attention, layer, self.q[layer], self.k[layer], self.scales[layer], self.bias[layer],
