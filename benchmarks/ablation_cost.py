@@ -1,6 +1,9 @@
 """What head importance costs, in bare forwards: one forward, exact ablation of every head, the gradient estimate.
 
-Usage: python benchmarks/ablation_cost.py [--model vit_base_patch16_224] [--threads 2] [--repeats 5]
+Usage: python benchmarks/ablation_cost.py [--model vit_base_patch16_224] [--threads 2] [--repeats 5] [--path auto]
+
+``--path capture`` times the generic path (L forwards of H copies, every family) on a timm ViT, ``reuse`` (the
+default there) the block re-run from cached inputs.
 
 Random weights (pretrained=False), CPU, no downloads. Prints median wall-clock times and their ratios to one bare
 forward; the targets are exact <= 80 forwards (H·(L+1)/2 = 78 for ViT-B/16) and gradient <= 4.
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vizapp  # noqa: E402
-from vizapp.ablation import head_importance, rank_correlation  # noqa: E402
+from vizapp.ablation import exact_forward_passes, head_importance, rank_correlation, reuses_blocks  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> tuple[float, float, object]:
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the forward and the gradient estimate")
+    parser.add_argument("--path", default="auto", choices=("auto", "reuse", "capture"), help="head_importance's path")
     parser.add_argument("--exact-repeats", type=int, default=1, help="repeats of the exact ablation")
     args = parser.parse_args(argv)
 
@@ -65,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
             vm.model(x)
 
     *t_fwd, _ = median_time(forward, args.repeats)
-    *t_grad, grad = median_time(lambda: head_importance(vm, x[0], method="gradient").drop, args.repeats)
+    *t_grad, grad = median_time(lambda: head_importance(vm, x[0], method="gradient", path=args.path).drop, args.repeats)
     # the forwards above warmed the model up; the exact run is long enough not to need its own warm-up
-    *t_exact, exact = median_time(lambda: head_importance(vm, x[0], method="exact").drop, args.exact_repeats, False)
+    *t_exact, exact = median_time(lambda: head_importance(vm, x[0], method="exact", path=args.path).drop, args.exact_repeats, False)
 
     print(f"model {args.model} (random weights), {num_layers} layers x {num_heads} heads = {num_layers * num_heads}")
     print(
@@ -80,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         ("gradient estimate", t_grad, "<= 4"),
     ]:
         print(f"{what:<28}{wall:>9.3f}{wall / t_fwd[0]:>10.1f}{cpu:>9.3f}{cpu / t_fwd[1]:>10.1f}{target:>8}")
-    print(f"predicted exact cost H(L+1)/2 = {num_heads * (num_layers + 1) / 2:.0f} forwards")
+    reuse = args.path == "reuse" or (args.path == "auto" and reuses_blocks(vm.model))
+    formula = "H(L+1)/2" if reuse else "L·H"
+    print(f"predicted exact cost ({'reuse' if reuse else 'capture'} path) {formula} = "
+          f"{exact_forward_passes(num_layers, num_heads, reuse):.0f} forwards")
     print(f"Spearman(exact, gradient) = {rank_correlation(exact, grad):.3f} (random weights: not a quality measure)")
 
 

@@ -222,5 +222,5 @@ def test_person_uses_a_transformers_model(page, hf_app, photo):
     page.get_by_role("tab", name="Features").click()
     _wait_title(page, "vizapp-pca-plot", "Feature PCA")
     assert _plot_data(page, "vizapp-similarity-plot")["types"] == ["image", "heatmap"]
-    assert page.get_by_text("is not available").count() >= 1  # exact ablation: timm ViTs only, said before running
+    assert page.get_by_text("L·H = 8 forward passes").count() >= 1  # exact ablation's cost, said before running
     page.screenshot(path=str(ARTIFACTS / "10-transformers-features.png"), full_page=True)

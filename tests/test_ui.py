@@ -398,15 +398,20 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     pos = ui.render_pos(DINOV3[0], 0, 1, 2, 0, 0)
     assert "Rotary position embedding" in pos.pos_note and pos.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)
     assert "Tile (1, 2)" in pos.tile.layout.title.text and pos.pos_layer["visible"] is False
-    # Features: every view; the logit lens is hidden with a note; exact ablation is refused with the reason.
+    # Features: every view; the logit lens is hidden with a note; the gradient estimate is refused with the reason,
+    # exact ablation runs (the whole model per layer, L·H passes) and scores 1 - cos.
     f = _features(st)
     _assert_feature_figures(f, (4, 4))
     assert f.lens_table["visible"] is False and f.lens_plot["visible"] is False and "no classifier head" in f.lens_note
     assert [t.name for t in f.norm_depth.data][:5] == ["CLS", "register 0", "register 1", "register 2", "register 3"]
-    assert "Exact ablation** is not available" in dinov3.importance_cost
+    assert "Exact ablation** is not available" not in dinov3.importance_cost
+    assert "L·H = 12 forward passes" in dinov3.importance_cost and "1 - cos" in dinov3.importance_cost  # 2 x 6 heads
     assert "Gradient estimate** is not available" in dinov3.importance_cost
     with pytest.raises(gr.Error, match="not available for this model"):
-        ui.run_importance(st, "exact", "zero", None, progress=_noprogress)
+        ui.run_importance(st, "gradient", "zero", None, progress=_noprogress)
+    exact = ui.run_importance(st, "exact", "zero", None, progress=_noprogress)
+    assert [t.type for t in exact.importance.data] == ["heatmap"] and exact.importance.data[0].z.shape == (2, 6)
+    assert exact.state["importance"]["score"] == "1 - cos"
 
 
 def test_position_views_per_scheme(random_timm_in_app):
@@ -607,6 +612,8 @@ def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
     f = _features(st)
     _assert_feature_figures(f, (4, 4))
     assert f.lens_table["visible"] and len(f.lens_table["value"]) == 2
-    assert "Exact ablation** is not available" in out.importance_cost
-    with pytest.raises(gr.Error, match="not available for this model"):
-        ui.run_importance(st, "gradient", "zero", None, progress=_noprogress)
+    assert "is not available" not in out.importance_cost and "L·H = 8 forward passes" in out.importance_cost
+    exact = ui.run_importance(st, "exact", "zero", label, progress=_noprogress)
+    both = ui.run_importance(exact.state, "gradient", "zero", label, progress=_noprogress)
+    assert [t.type for t in both.importance.data] == ["heatmap", "heatmap"] and "rank correlation" in both.importance_note
+    assert both.importance.data[0].z.shape == (2, 4)

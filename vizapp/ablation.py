@@ -11,6 +11,12 @@ ViTs). Ablating head h means replacing those columns:
   In :func:`head_importance` only one layer is ablated at a time and everything below it is clean, so this is the
   mean of the clean head output over this image's tokens.
 
+Every other family (timm Eva/DINOv3/EVA-02/RoPE ViTs, BEiT and relpos ViTs, Hugging Face and torchvision ViTs) is
+ablated at the same place by the capture, ``AttentionCapture(model, ablate={layer: mask}, ablate_mode=mode)``: the
+per-head output [B, H, N, d] its attention call returns, before the output projection, with the same two modes
+(:func:`vizapp.capture.ablate_head_output`). :func:`head_importance` takes that path (``path="capture"``) for every
+model that is not a timm ``VisionTransformer``.
+
 The importance of a head is the drop of a score when it alone is ablated: the chosen class's probability (or logit)
 for a model with a classifier head, and for a model without one (DINOv2, CLIP image towers) ``1 - cos`` between the
 ablated and the clean pooled feature (what ``forward_head`` returns), which is 0 for the clean run.
@@ -30,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vizapp import limits
+from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError, UnsupportedModelError
 
 ABLATION_MODES = ("zero", "mean")
@@ -257,10 +265,30 @@ def _input_tensor(vm: Any, image: Image.Image | torch.Tensor) -> torch.Tensor:
     return x.to(device=vm.device, dtype=vm.dtype)
 
 
-def _has_classifier(model: torch.nn.Module) -> bool:
-    return int(getattr(model, "num_classes", 0) or 0) > 0 and not isinstance(
-        getattr(model, "head", None), torch.nn.Identity
-    )
+def _has_classifier(vm: Any) -> bool:
+    model = vm.model
+    if hasattr(model, "num_classes"):  # timm
+        return int(model.num_classes or 0) > 0 and not isinstance(getattr(model, "head", None), torch.nn.Identity)
+    return bool(getattr(vm, "labels", ()))  # the other adapters name a label per output only with a head
+
+
+def _forward(vm: Any, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's forward (logits [B, K] or the pooled feature [B, D]); the bare module for a minimal ``vm``."""
+    logits = getattr(vm, "logits", None)
+    return logits(x) if callable(logits) else vm.model(x)
+
+
+def reuses_blocks(model: torch.nn.Module) -> bool:
+    """True when :func:`head_importance` takes the reuse path by default (timm ``VisionTransformer``: its blocks are
+    re-run from a cached input, H·(L+1)/2 image-forwards); False: the capture path, L·H image-forwards."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def exact_forward_passes(num_layers: int, num_heads: int, reuse: bool) -> float:
+    """Image-forwards the exact method costs: H·(L+1)/2 on the reuse path, L·H on the capture path."""
+    return num_heads * (num_layers + 1) / 2 if reuse else float(num_layers * num_heads)
 
 
 def _resolve_class(vm: Any, logits: torch.Tensor, class_idx: int | str | None) -> int:
@@ -276,6 +304,9 @@ def _resolve_class(vm: Any, logits: torch.Tensor, class_idx: int | str | None) -
     return int(class_idx)
 
 
+IMPORTANCE_PATHS = ("auto", "reuse", "capture")
+
+
 def head_importance(
     vm: Any,
     image: Image.Image | torch.Tensor,
@@ -285,20 +316,33 @@ def head_importance(
     score: str = "probability",
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    path: str = "auto",
 ) -> HeadImportance:
     """Drop of a score when each attention head alone is ablated, for every layer and head.
 
-    ``method="exact"`` runs the model once, keeping each block's input, then for each layer l runs ``blocks[l:]``,
-    the final norm and ``forward_head`` on a batch of H copies of block l's input, head i ablated in copy i: about
-    H·(L+1)/2 forward-equivalents. ``should_stop()`` is checked before each layer (then the remaining rows are NaN)
-    and ``progress(layers_done, L)`` is called after each.
+    ``method="exact"`` has two paths with the same result:
+
+    - ``path="reuse"`` (timm ``VisionTransformer``, the default there): runs the model once, keeping each block's
+      input, then for each layer l runs ``blocks[l:]``, the final norm and ``forward_head`` on a batch of H copies of
+      block l's input, head i ablated in copy i (hooks on ``attn.proj``): about H·(L+1)/2 image-forwards.
+    - ``path="capture"`` (every family vizapp loads, the default for all but timm ``VisionTransformer``): for each
+      layer l, ONE forward of the adapter (``vm.logits``) on a batch of H copies of the image inside
+      ``AttentionCapture(ablate={l: eye(H)})``, so head i is ablated in copy i where the layer's attention call
+      returns it. Nothing below layer l is reused, so this costs L forwards of batch H, L·H image-forwards (against
+      H·(L+1)/2 on the reuse path); the H copies run in sub-batches within :data:`vizapp.limits.ABLATION_BATCH_BYTES`.
+
+    ``should_stop()`` is checked before each layer (then the remaining rows are NaN) and ``progress(layers_done, L)``
+    is called after each.
 
     ``method="gradient"`` (attribution patching) runs one forward and one backward and returns the first-order
-    estimate of every drop (:func:`attribution_drops`). It needs a classifier head: ``1 - cos`` is minimal (0) at the
-    clean run, so its gradient is 0 and the first-order estimate says nothing; use ``method="exact"`` there.
+    estimate of every drop (:func:`attribution_drops`), with ∂score/∂(head outputs) read at ``attn.proj``'s input
+    (reuse path) or at the attention call's output (``AttentionCapture(record_head_outputs=True)``, capture path). It
+    needs a classifier head: ``1 - cos`` is minimal (0) at the clean run, so its gradient is 0 and the first-order
+    estimate says nothing; use ``method="exact"`` there.
 
     Args:
-        vm: a :class:`vizapp.models.VizModel` (uses ``model``, ``transform``, ``device``, ``dtype``, ``labels``).
+        vm: a :class:`vizapp.models.VizModel` (uses ``model``, ``logits``, ``transform``, ``device``, ``dtype``,
+            ``labels``).
         image: a PIL image, or the model's input tensor [C, H, W] / [1, C, H, W] (already transformed).
         class_idx: class to score (index or label); default the clean top-1. Ignored without a classifier head.
         mode: "zero" or "mean" ablation (see the module docstring).
@@ -306,6 +350,7 @@ def head_importance(
         score: "probability" (softmax of the class) or "logit", for models with a classifier head.
         progress: called as ``progress(done, total)``.
         should_stop: polled between layers; True ends the exact method early.
+        path: "auto" (reuse for timm ``VisionTransformer``, capture otherwise), "reuse" or "capture".
 
     Returns:
         :class:`HeadImportance` with ``drop`` [L, H].
@@ -316,19 +361,18 @@ def head_importance(
         raise BadParameterError(f"method must be one of {IMPORTANCE_METHODS}, got {method!r}")
     if score not in SCORES:
         raise BadParameterError(f"score must be one of {SCORES}, got {score!r}")
+    if path not in IMPORTANCE_PATHS:
+        raise BadParameterError(f"path must be one of {IMPORTANCE_PATHS}, got {path!r}")
     model = vm.model
-    projections = head_projections(model)
-    if method == "exact":
-        from timm.models.vision_transformer import VisionTransformer
-
-        if not isinstance(model, VisionTransformer):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is not a timm VisionTransformer, whose blocks vizapp can re-run from a cached "
-                "input; use method='gradient' or pick a timm ViT/DeiT/DINOv2/CLIP model"
-            )
-    num_layers, num_heads = len(projections), projections[0][1]
+    if path == "auto":
+        path = "reuse" if reuses_blocks(model) else "capture"
+    elif path == "reuse" and not reuses_blocks(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer, whose blocks vizapp can re-run from a cached "
+            "input; use path='capture' (or 'auto')"
+        )
     x = _input_tensor(vm, image)
-    classifier = _has_classifier(model)
+    classifier = _has_classifier(vm)
     if not classifier:
         score = "1 - cos"
         if method == "gradient":
@@ -341,41 +385,73 @@ def head_importance(
         out = out.float()
         return out.softmax(dim=-1)[:, cls] if score == "probability" else out[:, cls]
 
+    def drops(out: torch.Tensor, clean: torch.Tensor, cls: int | None, clean_score: float) -> torch.Tensor:
+        if cls is not None:
+            return (clean_score - class_score(out, cls)).cpu()
+        return (1.0 - F.cosine_similarity(out.float(), clean.float(), dim=-1)).cpu()
+
     if method == "gradient":
         xg = x.detach().clone().requires_grad_(True)  # so that every head output is in the graph, frozen or not
-        with torch.enable_grad(), record_head_outputs(model) as outputs:
-            logits = model(xg)
-            cls = _resolve_class(vm, logits, class_idx)
-            s = class_score(logits, cls)[0]
-            grads = torch.autograd.grad(s, outputs)
-        drop = attribution_drops(outputs, list(grads), num_heads, mode)
+        if path == "reuse":
+            num_heads = head_projections(model)[0][1]
+            with torch.enable_grad(), record_head_outputs(model) as outputs:
+                logits = model(xg)
+                cls = _resolve_class(vm, logits, class_idx)
+                s = class_score(logits, cls)[0]
+                grads = list(torch.autograd.grad(s, outputs))
+        else:
+            with torch.enable_grad(), AttentionCapture(model, keep_qk=False, record_head_outputs=True) as cap:
+                logits = _forward(vm, xg)
+                cls = _resolve_class(vm, logits, class_idx)
+                s = class_score(logits, cls)[0]
+                heads = list(cap.head_outputs)  # [1, H, N, d] each
+                grads = [g.transpose(1, 2).flatten(-2) for g in torch.autograd.grad(s, heads)]
+            num_heads = heads[0].shape[1]
+            outputs = [o.transpose(1, 2).flatten(-2) for o in heads]  # [1, N, H·d], heads concatenated
+        drop = attribution_drops(outputs, grads, num_heads, mode)
         if progress is not None:
-            progress(num_layers, num_layers)
-        return HeadImportance(drop, score, cls, float(s.detach()), method, mode, num_layers)
+            progress(len(outputs), len(outputs))
+        return HeadImportance(drop, score, cls, float(s.detach()), method, mode, len(outputs))
 
-    drop = torch.full((num_layers, num_heads), float("nan"))
     with torch.no_grad():
-        with _record_block_inputs(model) as block_inputs:
-            clean = model(x)  # [1, K] logits, or [1, D] pooled features
+        if path == "reuse":
+            with _record_block_inputs(model) as block_inputs:
+                clean = model(x)  # [1, K] logits, or [1, D] pooled features
+            num_layers, num_heads = len(model.blocks), head_projections(model)[0][1]
+        else:
+            with AttentionCapture(model, keep_qk=False, record_head_outputs=True) as cap:
+                clean = _forward(vm, x)
+            shapes = {tuple(o.shape[1:]) for o in cap.head_outputs}  # (H, N, d)
+            if len(shapes) != 1:
+                raise UnsupportedModelError(f"the layers' heads differ in shape {sorted(shapes)}; vizapp ablates "
+                                            "one head per copy of the image and needs the same H in every layer")
+            (num_heads, tokens, head_dim), num_layers = shapes.pop(), len(cap)
+            batch = limits.ablation_batch(num_heads, tokens, num_heads * head_dim, num_heads, x.element_size())
         if classifier:
             cls: int | None = _resolve_class(vm, clean, class_idx)
             clean_score = float(class_score(clean, cls)[0])
         else:
             cls, clean_score = None, 1.0
+        drop = torch.full((num_layers, num_heads), float("nan"))
         one_hot = torch.eye(num_heads, dtype=torch.bool, device=x.device)  # copy i ablates head i
         done = 0
         for layer in range(num_layers):
             if should_stop is not None and should_stop():
                 break
-            h = block_inputs[layer].expand(num_heads, -1, -1)  # [H, N, D]
-            with ablate_heads(model, {layer: one_hot}, mode=mode):
-                for blk in model.blocks[layer:]:
-                    h = blk(h)
-            out = model.forward_head(model.norm(h))  # [H, K] or [H, D]
-            if classifier:
-                drop[layer] = (clean_score - class_score(out, cls)).cpu()
+            if path == "reuse":
+                h = block_inputs[layer].expand(num_heads, -1, -1)  # [H, N, D]
+                with ablate_heads(model, {layer: one_hot}, mode=mode):
+                    for blk in model.blocks[layer:]:
+                        h = blk(h)
+                out = model.forward_head(model.norm(h))  # [H, K] or [H, D]
             else:
-                drop[layer] = (1.0 - F.cosine_similarity(out.float(), clean.float(), dim=-1)).cpu()
+                outs = []
+                for h0 in range(0, num_heads, batch):
+                    mask = one_hot[h0 : h0 + batch]  # [b, H]
+                    with AttentionCapture(model, keep_qk=False, ablate={layer: mask}, ablate_mode=mode):
+                        outs.append(_forward(vm, x.expand(mask.shape[0], -1, -1, -1).contiguous()))
+                out = torch.cat(outs)  # [H, K] or [H, D]
+            drop[layer] = drops(out, clean, cls, clean_score)
             done = layer + 1
             if progress is not None:
                 progress(done, num_layers)

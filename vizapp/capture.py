@@ -13,7 +13,10 @@ of that module (an ``always_call`` forward hook pops it, also when the module ra
 - with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
   hands each chunk to the consumer while it is hot, and returns chunk @ v as the layer's output, so the attention
   is formed once instead of twice;
-- with ``with_grad``, computes the attention as a tensor in the autograd graph, so ∂score/∂A is exact.
+- with ``with_grad``, computes the attention as a tensor in the autograd graph, so ∂score/∂A is exact;
+- with ``ablate``, replaces chosen heads' outputs (what the call returns, [B, H, N, d], before the output projection)
+  by 0 or by their mean over the tokens, whichever path formed them; with ``record_head_outputs``, keeps those
+  outputs (in the graph when gradients are on) as :attr:`AttentionCapture.head_outputs`.
 
 Calls it cannot reproduce exactly (dropout in training, causal attention, grouped-query attention) run untouched
 and the layer is listed in :attr:`AttentionCapture.unexact_layers` with the reason; views then refuse it clearly.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from vizapp import limits
-from vizapp.errors import UnsupportedModelError
+from vizapp.errors import BadParameterError, UnsupportedModelError
 
 SUPPORTED_FAMILIES = (
     "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
@@ -190,6 +193,29 @@ def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return mask.detach().float().expand(*mask.shape[:2], n, n)
 
 
+ABLATE_MODES = ("zero", "mean")
+
+
+def ablate_head_output(heads: torch.Tensor, mask: torch.Tensor, mode: str = "zero") -> torch.Tensor:
+    """Heads' outputs [B, H, N, d] with the heads in ``mask`` ([B, H] per image, or [H] for all) ablated.
+
+    ``mode="zero"`` multiplies them by 0; ``mode="mean"`` replaces each by its mean over the N tokens (prefix
+    tokens included) of the same image and head. Other heads are returned unchanged (the same values).
+    """
+    if mode not in ABLATE_MODES:
+        raise BadParameterError(f"ablation mode must be one of {ABLATE_MODES}, got {mode!r}")
+    b, h = heads.shape[:2]
+    m = mask.to(device=heads.device, dtype=torch.bool)
+    if m.dim() == 1:
+        m = m.unsqueeze(0)
+    if m.dim() != 2 or m.shape[1] != h or m.shape[0] not in (1, b):
+        raise BadParameterError(f"head mask {tuple(mask.shape)} does not fit [B={b}, H={h}] (or [H={h}])")
+    m = m[:, :, None, None]  # [B or 1, H, 1, 1]
+    if mode == "zero":
+        return heads * (~m).to(heads.dtype)
+    return torch.where(m, heads.mean(dim=-2, keepdim=True).expand_as(heads), heads)
+
+
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -235,6 +261,14 @@ class AttentionCapture:
             output and feeds ``on_attention`` from q and k at the end of the layer (a second code path, for checks).
         on_block: called as ``on_block(layer, output)`` with each encoder block's output (the residual stream after
             it), [B, N, D] detached, during the forward: the feature views take what they need from it there.
+        ablate: layer -> bool mask [B, H] (or [H] for every image): head h of image b is ablated in that layer's
+            output (what its attention call returns, [B, H, N, d], before the output projection), on whichever path
+            formed it (the model's SDPA, inline, ``with_grad``, torch's MHA). The layer must call SDPA (or MHA).
+        ablate_mode: "zero" (multiply by 0) or "mean" (each ablated head's mean over the N tokens of its image), see
+            :func:`ablate_head_output`.
+        record_head_outputs: keep every layer's heads' output [B, H, N, d] (after ``ablate``) as
+            :attr:`head_outputs`; with gradients on, these are the tensors the rest of the forward uses, so
+            ``torch.autograd.grad(score, cap.head_outputs)`` is ∂score/∂(head outputs).
     """
 
     def __init__(
@@ -247,6 +281,9 @@ class AttentionCapture:
         layers: list[torch.nn.Module] | None = None,
         inline: bool = True,
         on_block: Callable[[int, torch.Tensor], None] | None = None,
+        ablate: Mapping[int, torch.Tensor] | None = None,
+        ablate_mode: str = "zero",
+        record_head_outputs: bool = False,
     ) -> None:
         blocks, found = encoder_layers(model) if layers is None or on_block is not None else ([], [])
         self.modules = list(layers) if layers is not None else found
@@ -258,6 +295,17 @@ class AttentionCapture:
         self.keep_qk = keep_qk
         self.inline = inline
         n = len(self.modules)
+        if ablate_mode not in ABLATE_MODES:
+            raise BadParameterError(f"ablation mode must be one of {ABLATE_MODES}, got {ablate_mode!r}")
+        self.ablate = dict(ablate or {})
+        for layer in self.ablate:
+            if not 0 <= layer < n:
+                raise BadParameterError(f"ablated layer must be in [0, {n - 1}], got {layer}")
+        self.ablate_mode = ablate_mode
+        self.record_head_outputs = record_head_outputs
+        #: with ``record_head_outputs``: each layer's heads' output [B, H, N, d] (after ``ablate``), or None
+        self.head_outputs: list[torch.Tensor | None] = [None] * n
+        self._shaped: set[int] = set()  # layers whose output went through ``_head_output`` in this forward
         self.q: list[torch.Tensor | None] = [None] * n
         self.k: list[torch.Tensor | None] = [None] * n
         self.bias: list[torch.Tensor | None] = [None] * n  # additive [B or 1, H or 1, N, N], or None
@@ -294,10 +342,24 @@ class AttentionCapture:
             self.q[layer], self.k[layer] = q.detach(), k.detach()
         self.scales[layer], self.bias[layer] = scale, bias
 
+    def _head_output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The layer's heads' output [B, H, N, d] as the forward will use it: ablated, recorded."""
+        self._shaped.add(layer)
+        mask = self.ablate.get(layer)
+        if mask is not None:
+            out = ablate_head_output(out, mask, self.ablate_mode)
+        if self.record_head_outputs:
+            self.head_outputs[layer] = out if torch.is_grad_enabled() else out.detach()
+        return out
+
     def _attention_call(self, layer: int, call: dict[str, Any], run: Any) -> torch.Tensor:
-        q, k, v = call["query"], call["key"], call["value"]
+        q, k = call["query"], call["key"]
         if not self._mine() or layer in self._called or q.dim() != 4 or k.shape != q.shape:
             return run()
+        return self._head_output(layer, self._formed(layer, call, run))
+
+    def _formed(self, layer: int, call: dict[str, Any], run: Any) -> torch.Tensor:
+        q, k, v = call["query"], call["key"], call["value"]
         d = q.shape[-1]
         scale = d**-0.5 if call.get("scale") is None else float(call["scale"])
         bias = _additive_bias(call.get("attn_mask"), q.shape[-2])
@@ -374,7 +436,8 @@ class AttentionCapture:
                     self.replayed_layers.clear()
                     self.unexact_layers.clear()
                 self._called.discard(layer)
-                self.q[layer] = self.k[layer] = self.maps[layer] = None
+                self._shaped.discard(layer)
+                self.q[layer] = self.k[layer] = self.maps[layer] = self.head_outputs[layer] = None
                 mode = _LayerMode(self, layer)
                 mode.__enter__()
                 self._modes.append(mode)
@@ -394,6 +457,11 @@ class AttentionCapture:
                         "scaled_dot_product_attention, so vizapp cannot capture it exactly (is fused attention off?)"
                     )
                 self._called.add(layer)
+            if layer not in self._shaped and (layer in self.ablate or self.record_head_outputs):
+                raise UnsupportedModelError(
+                    f"layer {layer} ({type(mod).__name__}) formed its heads' output without "
+                    "scaled_dot_product_attention, so vizapp cannot ablate or record it (is fused attention off?)"
+                )
             if self.on_attention is not None and layer not in self.inline_layers and layer not in self.unexact_layers:
                 feed(self.on_attention, layer, self.q[layer], self.k[layer], self.scales[layer], self.bias[layer],
                      self._budget(self.q[layer].device))

@@ -29,6 +29,9 @@ ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
 # Every block's output [L, N, D] is kept for the feature views (PCA, similarity) below this size; above it only the
 # last block's (ViT-B/16 at 224 px: 7.3 MB for all 12; ViT-L/16 at 384 px would need 57 MB).
 BLOCK_OUTPUT_BYTES = 32 * 2**20
+# Exact head importance on the generic path runs H copies of the image through the model at once (one head ablated in
+# each); more copies than fit this estimate of activation memory (see :func:`ablation_batch`) run in sub-batches.
+ABLATION_BATCH_BYTES = 512 * 2**20
 # Full attention [L, H, N, N] goes into an .npz export only below this size (CLS rows otherwise).
 EXPORT_ATTENTION_BYTES = 256 * 2**20
 
@@ -49,3 +52,13 @@ def chunk_shape(heads: int, tokens: int, budget: int) -> tuple[int, int]:
     rows = max(MIN_CHUNK_ROWS, ROW_BLOCK_BYTES // (tokens * 4))
     blocks = -(-tokens // rows)
     return 1, -(-tokens // blocks)  # equal blocks
+
+
+def ablation_batch(copies: int, tokens: int, width: int, heads: int, element_bytes: int) -> int:
+    """How many ablated copies of one image go through the model together, within :data:`ABLATION_BATCH_BYTES`.
+
+    A copy's peak activations are estimated as a block's widest tensors, the MLP's 4·N·D and the input, q, k, v and
+    outputs (6·N·D), plus one layer's attention H·N·N if the attention is materialised.
+    """
+    per_copy = (10 * tokens * width + heads * tokens * tokens) * element_bytes
+    return max(1, min(copies, ABLATION_BATCH_BYTES // max(1, per_copy)))

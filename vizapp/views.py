@@ -489,18 +489,27 @@ def feature_arrays(r: Analysis, layer: int = -1, foreground_threshold: float | N
 
 def importance_support(vm: VizModel) -> dict[str, str]:
     """For each head-importance method ("exact", "gradient"): "" when it runs on this model, else why it does not
-    (the exact method re-runs timm VisionTransformer blocks; the gradient estimate needs a classifier head)."""
-    from vizapp.ablation import head_projections
+    (both run on every family the capture supports; the gradient estimate needs a classifier head)."""
+    from vizapp.ablation import head_projections, reuses_blocks
+    from vizapp.capture import encoder_layers
 
     why = {"exact": "", "gradient": ""}
     try:
-        head_projections(vm.model)
+        if reuses_blocks(vm.model):
+            head_projections(vm.model)  # the reuse path hooks attn.proj
+        else:
+            encoder_layers(vm.model)  # the capture path: any family the capture supports
     except Exception as e:  # noqa: BLE001  (any unsupported layout: say why, for both)
         return {"exact": str(e), "gradient": str(e)}
-    if vm.family != "timm" or type(vm.model).__name__ != "VisionTransformer":
-        why["exact"] = (f"the exact ablation re-runs timm VisionTransformer blocks; `{vm.name}` is a "
-                        f"{vm.family} {type(vm.model).__name__}")
     if not vm.labels:
         why["gradient"] = ("the gradient estimate needs a classifier head (without one the score, 1 - cos to the clean "
                            "feature, has zero gradient); this model has none")
     return why
+
+
+def importance_reuses_blocks(vm: VizModel) -> bool:
+    """Whether exact head importance re-runs the upper blocks only (timm ViT: H·(L+1)/2 image-forwards) or runs the
+    whole model per layer (every other family: L·H image-forwards)."""
+    from vizapp.ablation import reuses_blocks
+
+    return reuses_blocks(vm.model)

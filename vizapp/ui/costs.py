@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vizapp import methods
+from vizapp.ablation import exact_forward_passes
 from vizapp.pipeline import Analysis
 from vizapp.ui import deadline
 
@@ -47,10 +48,15 @@ def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, st
     return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
 
 
-def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str]) -> str:
-    """What head importance will cost, from this model's size and the timed forward pass of its analysis."""
+def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str], reuse: bool = True) -> str:
+    """What head importance will cost, from this model's size and the timed forward pass of its analysis.
+
+    ``reuse``: the exact method re-runs only the blocks above the ablated layer (timm ViTs, H·(L+1)/2 passes);
+    False: it runs the whole model for every layer (the other families, L·H passes).
+    """
     heads, layers = r.num_heads, r.num_layers
-    passes = heads * (layers + 1) / 2
+    passes = exact_forward_passes(layers, heads, reuse)
+    formula = "H·(L+1)/2" if reuse else "L·H"
     basis = f"estimate: the analysed forward pass took {forward_s:.2f} s here"
     lines = []
     if support.get("exact"):
@@ -59,7 +65,7 @@ def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str])
         score = "class probability" if r.probs is not None else "1 - cos(ablated, clean pooled feature) (no classifier)"
         lines.append(
             f"**Exact ablation**: each of the {layers} x {heads} heads ablated alone, scored by the {score}: about "
-            f"H·(L+1)/2 = {passes:.0f} forward passes, {_seconds(passes * forward_s)} ({basis}; the passes run "
+            f"{formula} = {passes:.0f} forward passes, {_seconds(passes * forward_s)} ({basis}; the passes run "
             f"{heads} at a time, often faster than this)."
         )
     if support.get("gradient"):

@@ -212,7 +212,8 @@ def analyze_image(
         lens_class=gr.update(choices=views.lens_classes(r) if r.lens_probs is not None else [],
                              value=classes[0] if classes and r.lens_probs is not None else None),
         imp_class=class_update,
-        importance_cost=importance_cost_note(r, forward_s, views.importance_support(vm)),
+        importance_cost=importance_cost_note(r, forward_s, views.importance_support(vm),
+                                             reuse=views.importance_reuses_blocks(vm)),
     )
 
 
