@@ -1,0 +1,251 @@
+"""Shards -> one table and a summary: ``results.csv``, ``summary.json``, ``summary.md`` and ``curves.html``.
+
+Everything here reads the shard files only, so a report can be rebuilt from a partial or resumed job.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS
+from vizapp.evaluate.engines import SHARD_DIR
+from vizapp.evaluate.worker import CLASS_KINDS, RANDOM
+
+BASE_COLUMNS = ("id", "source", "status", "message", "target", "target_label", "predicted", "predicted_label",
+                "correct", "prob_pred")
+
+REFERENCE = (
+    "Published ViT-B/16 ImageNet-val reference (predicted class; Chefer et al. 2021, Table 1, and the authors in "
+    "hila-chefer/Transformer-Explainability issue #31): Chefer relevance 54.16 negative / 17.03 positive; rollout "
+    "53.1 negative; Grad-CAM 41.52 negative."
+)
+
+
+def read_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows in item order, shard metadata without rows) from every shard file under ``out``."""
+    rows, meta = [], []
+    for p in sorted((out / SHARD_DIR).glob("shard-*.json")):
+        d = json.loads(p.read_text())
+        rows += d.pop("rows")
+        meta.append(d)
+    return rows, meta
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """The table's columns in a fixed order: base, per-head statistics, then per method its perturbation scores."""
+    keys = {k for r in rows for k in r}
+    stats = sorted((k for k in keys if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")),
+                   key=_natural)
+    per_method = []
+    for m in methods:
+        for kind in CLASS_KINDS:
+            for d in DIRECTIONS:
+                per_method += [f"{m}.{kind}.{d}.acc{k}" for k in range(1, len(CHEFER_FRACTIONS))]
+                per_method.append(f"{m}.{kind}.{d}.auc")
+        per_method += [f"{m}.deletion_auc", f"{m}.insertion_auc"]
+    cols = list(BASE_COLUMNS) + stats + [c for c in per_method if c in keys]
+    return cols + sorted(keys - set(cols))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+
+
+def _fmt(v: Any) -> Any:
+    return repr(v) if isinstance(v, float) else v  # repr: the shortest string that reads back to the same float
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN s.e. below two values)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def summarise(rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any]) -> dict[str, Any]:
+    """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    status: dict[str, int] = {}
+    for r in rows:
+        status[r["status"]] = status.get(r["status"], 0) + 1
+
+    def col(name: str) -> np.ndarray:
+        return np.array([r.get(name, np.nan) for r in ok], dtype=np.float64)
+
+    out: dict[str, Any] = {"job": job, "images": len(rows), "status": status, "evaluated": len(ok)}
+    if not ok:
+        return out
+    out["accuracy"] = mean_se(col("correct"))
+    per: dict[str, Any] = {}
+    for m in methods:
+        d: dict[str, Any] = {}
+        for kind in CLASS_KINDS:
+            for dr in DIRECTIONS:
+                pre = f"{m}.{kind}.{dr}"
+                if f"{pre}.auc" not in ok[0]:
+                    continue
+                curve = [float(col("correct").mean())] + [
+                    float(col(f"{pre}.acc{k}").mean()) for k in range(1, len(CHEFER_FRACTIONS))]
+                d[f"{kind}.{dr}"] = {"auc": mean_se(col(f"{pre}.auc")), "curve": curve}
+        for mode in ("deletion", "insertion"):
+            if f"{m}.{mode}_auc" in ok[0]:
+                d[mode] = mean_se(col(f"{m}.{mode}_auc"))
+        per[m] = d
+    out["methods"] = per
+
+    def grid(prefix: str) -> list[list[float]]:
+        layers: dict[int, dict[int, float]] = {}
+        for k in ok[0]:
+            mt = re.fullmatch(rf"{prefix}\.l(\d+)\.h(\d+)", k)
+            if mt:
+                layers.setdefault(int(mt[1]), {})[int(mt[2])] = float(np.nanmean(col(k)))
+        return [[layers[li][h] for h in sorted(layers[li])] for li in sorted(layers)]
+
+    out["mean_distance_px"] = grid("distance")
+    out["attention_entropy_nats"] = grid("entropy")
+    norms: dict[str, list[float]] = {}
+    for stat in ("patch_mean", "patch_max", "prefix_mean"):
+        ks = sorted((k for k in ok[0] if k.startswith(f"norm_{stat}.l")), key=_natural)
+        norms[stat] = [float(np.nanmean(col(k))) for k in ks]
+    out["token_norms"] = norms
+    return out
+
+
+def _pm(v: tuple[float, float], digits: int = 2) -> str:
+    m, se = v
+    return f"{m:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{m:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> str:
+    """The summary as Markdown: protocol, counts, the two tables, per-head statistics."""
+    job = summary["job"]
+    st = summary["status"]
+    lines = [
+        f"# Evaluation: {job['model']} on {job['data']}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Images: {summary['images']} listed, {summary['evaluated']} evaluated"
+        + "".join(f", {n} {s.replace('_', ' ')}" for s, n in sorted(st.items()) if s != "ok")
+        + "."
+        + (f" Top-1 accuracy {_pm(tuple(100 * x for x in summary['accuracy']))} %." if "accuracy" in summary else ""),
+        "",
+    ]
+    if "methods" not in summary:
+        return "\n".join(lines + ["No image could be evaluated.", ""])
+    lines += [
+        "## Perturbation test (Chefer et al. 2021)",
+        "",
+        "Area under top-1 accuracy (vs the target label) as 0, 10, ... 90 % of the patches are removed (set to black "
+        "before normalisation), × 100. **Positive** (most relevant removed first): lower is better. **Negative** "
+        "(least relevant first): higher is better. Explanations for the predicted class and for the target class. "
+        "Mean ± standard error over images.",
+        "",
+        "| method | negative, predicted ↑ | positive, predicted ↓ | negative, target ↑ | positive, target ↓ |",
+        "|---|---|---|---|---|",
+    ]
+    for m, d in summary["methods"].items():
+        cells = [_pm(tuple(d[k]["auc"])) if k in d else "–"
+                 for k in ("pred.negative", "pred.positive", "target.negative", "target.positive")]
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["", REFERENCE, ""]
+    if any("deletion" in d for d in summary["methods"].values()):
+        lines += [
+            "## Deletion / insertion (vizapp, Petsiuk et al. 2018)",
+            "",
+            f"Probability of the predicted class as patches are deleted (set to the dataset-mean colour) or inserted "
+            f"onto it, most important first, in {job['steps']} equal steps; trapezoid area over the fraction of "
+            "patches. Deletion: lower is better; insertion: higher is better.",
+            "",
+            "| method | deletion AUC ↓ | insertion AUC ↑ |",
+            "|---|---|---|",
+        ]
+        for m, d in summary["methods"].items():
+            if "deletion" in d:
+                lines.append(f"| {labels.get(m, m)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |")
+        lines.append("")
+    lines += ["## Per-head statistics (mean over images)", ""]
+    for title, key, digits in (("Mean attention distance (px)", "mean_distance_px", 2),
+                               ("Attention entropy (nats)", "attention_entropy_nats", 3)):
+        g = summary.get(key) or []
+        if g:
+            lines += [f"{title}:", "", "| layer | " + " | ".join(f"h{h}" for h in range(len(g[0]))) + " |",
+                      "|---" * (len(g[0]) + 1) + "|"]
+            lines += [f"| {li} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for li, row in enumerate(g)]
+            lines.append("")
+    norms = summary.get("token_norms") or {}
+    if norms.get("patch_mean"):
+        lines += ["Token L2 norm of each block's output:", "", "| layer | patch mean | patch max | prefix mean |",
+                  "|---|---|---|---|"]
+        for li, vals in enumerate(zip(norms["patch_mean"], norms["patch_max"], norms["prefix_mean"], strict=True)):
+            lines.append(f"| {li} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
+    """A self-contained HTML page (plotly.js inline, works offline) of the mean accuracy curves."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = [(k, t) for k, t in (("pred.positive", "positive, predicted class"),
+                                  ("pred.negative", "negative, predicted class"),
+                                  ("target.positive", "positive, target class"),
+                                  ("target.negative", "negative, target class"))]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
+    x = [100 * f for f in CHEFER_FRACTIONS]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, (m, d) in enumerate(summary.get("methods", {}).items()):
+        for j, (key, _) in enumerate(panels):
+            if key not in d:
+                continue
+            auc = d[key]["auc"][0]
+            fig.add_trace(go.Scatter(x=x, y=[100 * v for v in d[key]["curve"]], mode="lines+markers",
+                                     name=f"{labels.get(m, m)}", legendgroup=m, showlegend=j == 0,
+                                     line={"color": colours[i % len(colours)],
+                                           "dash": "dot" if m == RANDOM else "solid"},
+                                     hovertemplate=f"{html.escape(labels.get(m, m))}<br>%{{x:.0f}} % removed: "
+                                                   f"%{{y:.1f}} % accuracy<br>AUC {auc:.2f}<extra></extra>"),
+                          row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_xaxes(title_text="patches removed (%)")
+    fig.update_yaxes(title_text="top-1 accuracy (%)")
+    job = summary["job"]
+    fig.update_layout(title=f"Perturbation curves: {job['model']} on {job['data']} ({summary['evaluated']} images)",
+                      height=800, template="plotly_white")
+    return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
+def write_report(out: Path, methods: list[str], job: dict[str, Any], command: str, labels: dict[str, str],
+                 markdown_path: Path | None = None) -> dict[str, Any]:
+    """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
+    rows, _meta = read_rows(out)
+    write_csv(out / "results.csv", rows, columns(rows, methods))
+    summary = summarise(rows, methods, job)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary, command, labels)
+    (out / "summary.md").write_text(text)
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(text)
+    if "methods" in summary:
+        (out / "curves.html").write_text(curves_html(summary, labels))
+    return summary
