@@ -69,8 +69,10 @@ def list_items(data: str | os.PathLike[str], labels: tuple[str, ...], fmnist_dir
 
         _, targets = _fmnist_test(fmnist_dir)
         to_model = np.array([class_index(name, labels) for name in CLASS_NAMES])
-        return [{"id": f"{FMNIST_TEST}/{i:05d}", "source": f"{FMNIST_TEST}:{i}", "target": int(to_model[t])}
-                for i, t in enumerate(targets)]
+        return [
+            {"id": f"{FMNIST_TEST}/{i:05d}", "source": f"{FMNIST_TEST}:{i}", "target": int(to_model[t])}
+            for i, t in enumerate(targets)
+        ]
     root = Path(data)
     if not root.is_dir():
         raise DatasetError(f"{str(data)[:200]!r} is not a folder; pass an image folder or {FMNIST_TEST!r}")
@@ -92,8 +94,10 @@ def list_items(data: str | os.PathLike[str], labels: tuple[str, ...], fmnist_dir
         inside = sorted(p for p in d.rglob("*") if p.is_file() and _visible(p))
         if not inside:
             raise DatasetError(f"class folder {d.name!r} has no images; remove it or add its images")
-        items += [{"id": f"{d.name}/{p.relative_to(d).as_posix()}", "source": str(p.resolve()), "target": target}
-                  for p in inside]
+        items += [
+            {"id": f"{d.name}/{p.relative_to(d).as_posix()}", "source": str(p.resolve()), "target": target}
+            for p in inside
+        ]
     return items
 
 

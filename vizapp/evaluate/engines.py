@@ -179,8 +179,13 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     item = json.loads(row["item"])
     try:
         pixels = load_pixels(item, row["fmnist_dir"] or None)
-        return {"shard": row["shard"], "item": row["item"], "pixels": pixels.tobytes(),
-                "shape": json.dumps(list(pixels.shape)), "error": ""}
+        return {
+            "shard": row["shard"],
+            "item": row["item"],
+            "pixels": pixels.tobytes(),
+            "shape": json.dumps(list(pixels.shape)),
+            "error": "",
+        }
     except BadImageError as exc:
         return {"shard": row["shard"], "item": row["item"], "pixels": b"", "shape": "[]", "error": str(exc) or "bad"}
 
@@ -202,8 +207,9 @@ class RayAnalyser:
         import numpy as np
 
         rows = []
-        for item_json, data, shape, err in zip(batch["item"], batch["pixels"], batch["shape"], batch["error"],
-                                               strict=True):
+        for item_json, data, shape, err in zip(
+            batch["item"], batch["pixels"], batch["shape"], batch["error"], strict=True
+        ):
             item = json.loads(item_json)
             if self.crash_once:
                 marker, crash_id = self.crash_once.rsplit(":", 1) if ":" in self.crash_once else ("", "")
@@ -255,7 +261,9 @@ def run_ray(
         ctx.enable_progress_bars = False
         parts = shards(items, job.shard_size)
         todo = sorted(todo)
-        rows_in = [{"shard": k, "item": json.dumps(it), "fmnist_dir": fmnist_dir or ""} for k in todo for it in parts[k]]
+        rows_in = [
+            {"shard": k, "item": json.dumps(it), "fmnist_dir": fmnist_dir or ""} for k in todo for it in parts[k]
+        ]
         if not rows_in:
             return
         gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -263,8 +271,12 @@ def run_ray(
         ds = ds.map(_decode, num_cpus=0.25)
         ds = ds.map_batches(
             RayAnalyser,
-            fn_constructor_kwargs={"kwargs": job.evaluator_kwargs(), "threads": threads, "time_limit": time_limit,
-                                   "crash_once": crash_once},
+            fn_constructor_kwargs={
+                "kwargs": job.evaluator_kwargs(),
+                "threads": threads,
+                "time_limit": time_limit,
+                "crash_once": crash_once,
+            },
             batch_size=batch_size,
             concurrency=workers,
             num_cpus=0 if gpus else 1,

@@ -19,8 +19,18 @@ from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS
 from vizapp.evaluate.engines import SHARD_DIR
 from vizapp.evaluate.worker import CLASS_KINDS, RANDOM
 
-BASE_COLUMNS = ("id", "source", "status", "message", "target", "target_label", "predicted", "predicted_label",
-                "correct", "prob_pred")
+BASE_COLUMNS = (
+    "id",
+    "source",
+    "status",
+    "message",
+    "target",
+    "target_label",
+    "predicted",
+    "predicted_label",
+    "correct",
+    "prob_pred",
+)
 
 REFERENCE = (
     "Published ViT-B/16 ImageNet-val reference (predicted class; Chefer et al. 2021, Table 1, and the authors in "
@@ -46,8 +56,9 @@ def _natural(key: str) -> list[Any]:
 def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
     """The table's columns in a fixed order: base, per-head statistics, then per method its perturbation scores."""
     keys = {k for r in rows for k in r}
-    stats = sorted((k for k in keys if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")),
-                   key=_natural)
+    stats = sorted(
+        (k for k in keys if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")), key=_natural
+    )
     per_method = []
     for m in methods:
         for kind in CLASS_KINDS:
@@ -104,7 +115,8 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any
                 if f"{pre}.auc" not in ok[0]:
                     continue
                 curve = [float(col("correct").mean())] + [
-                    float(col(f"{pre}.acc{k}").mean()) for k in range(1, len(CHEFER_FRACTIONS))]
+                    float(col(f"{pre}.acc{k}").mean()) for k in range(1, len(CHEFER_FRACTIONS))
+                ]
                 d[f"{kind}.{dr}"] = {"auc": mean_se(col(f"{pre}.auc")), "curve": curve}
         for mode in ("deletion", "insertion"):
             if f"{m}.{mode}_auc" in ok[0]:
@@ -164,8 +176,10 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         "|---|---|---|---|---|",
     ]
     for m, d in summary["methods"].items():
-        cells = [_pm(tuple(d[k]["auc"])) if k in d else "–"
-                 for k in ("pred.negative", "pred.positive", "target.negative", "target.positive")]
+        cells = [
+            _pm(tuple(d[k]["auc"])) if k in d else "–"
+            for k in ("pred.negative", "pred.positive", "target.negative", "target.positive")
+        ]
         lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", REFERENCE, ""]
     if any("deletion" in d for d in summary["methods"].values()):
@@ -181,21 +195,33 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         ]
         for m, d in summary["methods"].items():
             if "deletion" in d:
-                lines.append(f"| {labels.get(m, m)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |")
+                lines.append(
+                    f"| {labels.get(m, m)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |"
+                )
         lines.append("")
     lines += ["## Per-head statistics (mean over images)", ""]
-    for title, key, digits in (("Mean attention distance (px)", "mean_distance_px", 2),
-                               ("Attention entropy (nats)", "attention_entropy_nats", 3)):
+    for title, key, digits in (
+        ("Mean attention distance (px)", "mean_distance_px", 2),
+        ("Attention entropy (nats)", "attention_entropy_nats", 3),
+    ):
         g = summary.get(key) or []
         if g:
-            lines += [f"{title}:", "", "| layer | " + " | ".join(f"h{h}" for h in range(len(g[0]))) + " |",
-                      "|---" * (len(g[0]) + 1) + "|"]
+            lines += [
+                f"{title}:",
+                "",
+                "| layer | " + " | ".join(f"h{h}" for h in range(len(g[0]))) + " |",
+                "|---" * (len(g[0]) + 1) + "|",
+            ]
             lines += [f"| {li} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for li, row in enumerate(g)]
             lines.append("")
     norms = summary.get("token_norms") or {}
     if norms.get("patch_mean"):
-        lines += ["Token L2 norm of each block's output:", "", "| layer | patch mean | patch max | prefix mean |",
-                  "|---|---|---|---|"]
+        lines += [
+            "Token L2 norm of each block's output:",
+            "",
+            "| layer | patch mean | patch max | prefix mean |",
+            "|---|---|---|---|",
+        ]
         for li, vals in enumerate(zip(norms["patch_mean"], norms["patch_max"], norms["prefix_mean"], strict=True)):
             lines.append(f"| {li} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
         lines.append("")
@@ -207,10 +233,15 @@ def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    panels = [(k, t) for k, t in (("pred.positive", "positive, predicted class"),
-                                  ("pred.negative", "negative, predicted class"),
-                                  ("target.positive", "positive, target class"),
-                                  ("target.negative", "negative, target class"))]
+    panels = [
+        (k, t)
+        for k, t in (
+            ("pred.positive", "positive, predicted class"),
+            ("pred.negative", "negative, predicted class"),
+            ("target.positive", "positive, target class"),
+            ("target.negative", "negative, target class"),
+        )
+    ]
     fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
     x = [100 * f for f in CHEFER_FRACTIONS]
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -219,23 +250,40 @@ def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
             if key not in d:
                 continue
             auc = d[key]["auc"][0]
-            fig.add_trace(go.Scatter(x=x, y=[100 * v for v in d[key]["curve"]], mode="lines+markers",
-                                     name=f"{labels.get(m, m)}", legendgroup=m, showlegend=j == 0,
-                                     line={"color": colours[i % len(colours)],
-                                           "dash": "dot" if m == RANDOM else "solid"},
-                                     hovertemplate=f"{html.escape(labels.get(m, m))}<br>%{{x:.0f}} % removed: "
-                                                   f"%{{y:.1f}} % accuracy<br>AUC {auc:.2f}<extra></extra>"),
-                          row=j // 2 + 1, col=j % 2 + 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[100 * v for v in d[key]["curve"]],
+                    mode="lines+markers",
+                    name=f"{labels.get(m, m)}",
+                    legendgroup=m,
+                    showlegend=j == 0,
+                    line={"color": colours[i % len(colours)], "dash": "dot" if m == RANDOM else "solid"},
+                    hovertemplate=f"{html.escape(labels.get(m, m))}<br>%{{x:.0f}} % removed: "
+                    f"%{{y:.1f}} % accuracy<br>AUC {auc:.2f}<extra></extra>",
+                ),
+                row=j // 2 + 1,
+                col=j % 2 + 1,
+            )
     fig.update_xaxes(title_text="patches removed (%)")
     fig.update_yaxes(title_text="top-1 accuracy (%)")
     job = summary["job"]
-    fig.update_layout(title=f"Perturbation curves: {job['model']} on {job['data']} ({summary['evaluated']} images)",
-                      height=800, template="plotly_white")
+    fig.update_layout(
+        title=f"Perturbation curves: {job['model']} on {job['data']} ({summary['evaluated']} images)",
+        height=800,
+        template="plotly_white",
+    )
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
 
-def write_report(out: Path, methods: list[str], job: dict[str, Any], command: str, labels: dict[str, str],
-                 markdown_path: Path | None = None) -> dict[str, Any]:
+def write_report(
+    out: Path,
+    methods: list[str],
+    job: dict[str, Any],
+    command: str,
+    labels: dict[str, str],
+    markdown_path: Path | None = None,
+) -> dict[str, Any]:
     """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
     rows, _meta = read_rows(out)
     write_csv(out / "results.csv", rows, columns(rows, methods))

@@ -74,7 +74,6 @@ def evaluate(
         crash_once: test hook for the Ray engine (see :class:`~vizapp.evaluate.engines.RayAnalyser`).
         report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop.
     """
-    import vizapp
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
     from vizapp.evaluate.report import write_report
@@ -95,8 +94,17 @@ def evaluate(
         items = items[: max(0, int(limit))]
     if not items:
         raise VizappError(f"{data}: nothing to evaluate")
-    job = Job(data=str(data), model=model, methods=tuple(names), steps=steps, seed=seed, shard_size=shard_size,
-              limit=limit, items_sha256=items_digest(items), num_items=len(items))
+    job = Job(
+        data=str(data),
+        model=model,
+        methods=tuple(names),
+        steps=steps,
+        seed=seed,
+        shard_size=shard_size,
+        limit=limit,
+        items_sha256=items_digest(items),
+        num_items=len(items),
+    )
     prepare(out, job, overwrite)
     parts = shards(items, shard_size)
     done = done_shards(out, len(parts))
@@ -115,14 +123,31 @@ def evaluate(
         run_local(job, items, out, todo, fmnist_dir=fmnist_dir, progress=bar, evaluator=ev)
     else:
         del ev
-        run_ray(job, items, out, todo, workers=workers, threads=threads, time_limit=time_limit,
-                fmnist_dir=fmnist_dir, address=address, progress=bar, crash_once=crash_once)
+        run_ray(
+            job,
+            items,
+            out,
+            todo,
+            workers=workers,
+            threads=threads,
+            time_limit=time_limit,
+            fmnist_dir=fmnist_dir,
+            address=address,
+            progress=bar,
+            crash_once=crash_once,
+        )
     seconds = time.perf_counter() - t0
     if bar:
         bar.update(0, force=True)
     labels = {k: m.label for k, m in registry.METHODS.items()} | {RANDOM: "Random order (baseline)"}
-    summary = write_report(out, names, {**job.__dict__, "extra": {}}, command or "python -m vizapp.evaluate ...",
-                           labels, Path(markdown_path) if markdown_path else None)
+    summary = write_report(
+        out,
+        names,
+        {**job.__dict__, "extra": {}},
+        command or "python -m vizapp.evaluate ...",
+        labels,
+        Path(markdown_path) if markdown_path else None,
+    )
     summary["seconds"] = seconds
     summary["images_run"] = 0 if report_only else len(items) - already
     return summary
@@ -132,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vizapp.evaluate", description=__doc__)
     parser.add_argument("data", help="ImageFolder tree, flat image folder, or 'fmnist-test'")
     parser.add_argument("--model", default="bundled")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated registry methods and 'random'; '' for statistics only")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated registry methods and 'random'; '' for statistics only",
+    )
     parser.add_argument("--out", default="eval-out")
     parser.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (0: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -152,18 +180,35 @@ def main(argv: list[str] | None = None) -> int:
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = "python -m vizapp.evaluate " + shlex.join(given)
     try:
-        summary = evaluate(args.data, args.out, args.model, args.methods, args.steps, args.seed, args.shard_size,
-                           args.limit, args.engine, args.workers, args.threads, args.time_limit, args.address,
-                           args.fmnist_dir, args.overwrite, args.markdown, command,
-                           report_only=args.report_only)
+        summary = evaluate(
+            args.data,
+            args.out,
+            args.model,
+            args.methods,
+            args.steps,
+            args.seed,
+            args.shard_size,
+            args.limit,
+            args.engine,
+            args.workers,
+            args.threads,
+            args.time_limit,
+            args.address,
+            args.fmnist_dir,
+            args.overwrite,
+            args.markdown,
+            command,
+            report_only=args.report_only,
+        )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: finished shards are kept in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
+        print(f"interrupted: finished shards are kept in {args.out}; rerun the same command to resume", file=sys.stderr)
         return 130
     st = summary["status"]
-    print(f"{summary['evaluated']}/{summary['images']} images evaluated ({st}); {summary['images_run']} this run in "
-          f"{summary['seconds']:.1f} s; results in {args.out}/results.csv, summary in {args.out}/summary.md")
+    print(
+        f"{summary['evaluated']}/{summary['images']} images evaluated ({st}); {summary['images_run']} this run in "
+        f"{summary['seconds']:.1f} s; results in {args.out}/results.csv, summary in {args.out}/summary.md"
+    )
     return 0

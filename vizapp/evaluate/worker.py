@@ -121,8 +121,13 @@ class Evaluator:
 
         Rows always carry id, source, target, status ("ok", "bad_file", "timeout", "error") and message.
         """
-        row: dict[str, Any] = {"id": item["id"], "source": item["source"], "target": int(item["target"]),
-                               "status": "ok", "message": ""}
+        row: dict[str, Any] = {
+            "id": item["id"],
+            "source": item["source"],
+            "target": int(item["target"]),
+            "status": "ok",
+            "message": "",
+        }
         if error is not None or pixels is None:
             return {**row, "status": "bad_file", "message": error or "no pixels"}
         try:
