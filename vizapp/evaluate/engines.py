@@ -221,6 +221,24 @@ class RayAnalyser:
         return {"shard": np.asarray(batch["shard"]), "row": np.asarray(rows, dtype=object)}
 
 
+def init_ray(address: str | None = None, num_cpus: int = 2) -> None:
+    """Join the cluster at ``address``, or start a local one with ``num_cpus`` CPUs; workers can import vizapp."""
+    import ray
+
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def local_cluster_cpus(workers: int) -> int:
+    """Logical CPUs of a local cluster: one per actor plus one slot for the decode tasks (without it the actors
+    hold every CPU and the decode tasks feeding them never get scheduled)."""
+    return workers + 1
+
+
 def run_ray(
     job: Job,
     items: Sequence[dict[str, Any]],
@@ -248,12 +266,7 @@ def run_ray(
 
     started = False
     if not ray.is_initialized():
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)}
-        if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        init_ray(address, local_cluster_cpus(workers))
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
@@ -267,7 +280,7 @@ def run_ray(
         if not rows_in:
             return
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        ds = ray.data.from_items(rows_in, override_num_blocks=max(1, min(len(rows_in) // batch_size, 4 * workers)))
+        ds = ray.data.from_items(rows_in, override_num_blocks=max(1, -(-len(rows_in) // batch_size)))  # a block a batch
         ds = ds.map(_decode, num_cpus=0.25)
         ds = ds.map_batches(
             RayAnalyser,
@@ -278,7 +291,7 @@ def run_ray(
                 "crash_once": crash_once,
             },
             batch_size=batch_size,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=0 if gpus else 1,
             num_gpus=1 if gpus >= workers else 0,
             max_restarts=-1,
