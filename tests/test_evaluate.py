@@ -188,7 +188,7 @@ def local_job(tmp_path_factory):
     """32 Fashion-MNIST test images, every method, the local engine."""
     if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian dataset-fashion-mnist is not installed (make test installs it)")
-    out = tmp_path_factory.mktemp("local64")
+    out = tmp_path_factory.mktemp("local32")
     methods = "rollout,grad_rollout,relevance,attention,flow,random"
     summary = evaluate("fmnist-test", out, methods=methods, steps=4, shard_size=8, limit=32, progress=False)
     return out, summary

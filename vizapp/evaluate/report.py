@@ -167,10 +167,19 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
     lines += [
         "## Perturbation test (Chefer et al. 2021)",
         "",
-        "Area under top-1 accuracy (vs the target label) as 0, 10, ... 90 % of the patches are removed (set to black "
-        "before normalisation), × 100. **Positive** (most relevant removed first): lower is better. **Negative** "
-        "(least relevant first): higher is better. Explanations for the predicted class and for the target class. "
-        "Mean ± standard error over images.",
+        "Protocol, as the authors describe it (Chefer, Gur & Wolf, CVPR 2021, Sec. 4; Transformer-Explainability "
+        "issue #31): each image is explained, once for the **predicted** class and once for the **target** "
+        "(ground-truth) class. Its patches are removed in the order of the map: **positive** perturbation removes the "
+        "most relevant first, **negative** the least relevant first. After removing 10 %, 20 %, ... 90 % of the "
+        "patches the model classifies the image again and top-1 accuracy against the target label is recorded; the "
+        "point x = 0 is the unperturbed accuracy. The score is the trapezoid area under accuracy over x (0 to 0.9), "
+        "× 100. Positive: lower is better. Negative: higher is better.",
+        "",
+        "Choices vizapp makes where the description leaves room: a removed patch is set to black (0 before "
+        "normalisation, as the authors' script zeroes pixels before normalising); x·P patches are removed, rounded "
+        "down (P = patches per image); ties in a map are broken by patch index; the random baseline ranks patches "
+        "by a permutation seeded from the job seed and the image id. Values are mean ± standard error over images "
+        "(the mean of per-image areas is the area of the mean curve).",
         "",
         "| method | negative, predicted ↑ | positive, predicted ↓ | negative, target ↑ | positive, target ↓ |",
         "|---|---|---|---|---|",
