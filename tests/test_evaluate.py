@@ -46,7 +46,7 @@ FMNIST_LABELS = (
     "Bag",
     "Ankle boot",
 )
-SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=24)
+SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=16)
 
 
 # -- pure maths, by hand -------------------------------------------------------------------------------------------
