@@ -3,19 +3,27 @@
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
 from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
 from vizapp.analysis.flow import attention_flow
+from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+from vizapp.analysis.perturbation import CHEFER_FRACTIONS, accuracy_auc, perturbed_images, removal_counts, removal_order
 from vizapp.analysis.posembed import patch_pos_embed, pos_embed_similarity, resample_patch_pos_embed
 from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused, rollout_row
 
 __all__ = [
+    "CHEFER_FRACTIONS",
     "HEAD_FUSIONS",
     "Curve",
+    "accuracy_auc",
+    "attention_entropy",
     "attention_flow",
     "chefer_relevance",
     "cls_map",
     "grad_rollout",
     "perturbation_curve",
+    "perturbed_images",
     "random_order_saliency",
+    "removal_counts",
+    "removal_order",
     "fuse_heads",
     "mean_attention_distance",
     "patch_distance_matrix",
@@ -25,5 +33,6 @@ __all__ = [
     "rollout",
     "rollout_fused",
     "rollout_row",
+    "token_norm_stats",
     "uniform_reference_distance",
 ]
