@@ -254,6 +254,20 @@ def test_resume_after_a_killed_run(local_job, tmp_path):
     assert read_table(copy) == before
 
 
+def test_report_only_on_a_partial_job_says_so(local_job, tmp_path):
+    out, _ = local_job
+    copy = tmp_path / "partial"
+    shutil.copytree(out, copy)
+    (copy / "shards" / "shard-00003.json").unlink()  # the run is still going (or was stopped)
+    methods = "rollout,grad_rollout,relevance,attention,flow,random"
+    summary = evaluate(
+        "fmnist-test", copy, methods=methods, steps=4, shard_size=8, limit=32, progress=False, report_only=True
+    )
+    assert summary["images_run"] == 0 and summary["evaluated"] == 24
+    assert "Partial result: 24 of the job's 32 images are done" in (copy / "summary.md").read_text()
+    assert len(read_rows(copy)) == 24
+
+
 def test_rerun_with_other_settings_is_refused(local_job, tmp_path):
     out, _ = local_job
     copy = tmp_path / "other"

@@ -162,6 +162,14 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         + (f" Top-1 accuracy {_pm(tuple(100 * x for x in summary['accuracy']))} %." if "accuracy" in summary else ""),
         "",
     ]
+    total = int(job.get("num_items") or 0)
+    if total > summary["images"]:
+        lines += [
+            f"**Partial result: {summary['images']} of the job's {total} images are done** (the first "
+            f"{summary['images']} in item order, every finished shard). Rerun the command above to finish: it skips "
+            "the finished shards.",
+            "",
+        ]
     if "methods" not in summary:
         return "\n".join(lines + ["No image could be evaluated.", ""])
     lines += [
