@@ -92,8 +92,23 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def summarise(rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any]) -> dict[str, Any]:
+def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
+    """The item index ranges the finished ``shards`` cover, e.g. "0–3455, 6656–9999" (0-based, inclusive)."""
+    spans: list[list[int]] = []
+    for k in sorted(shards):
+        lo, hi = k * shard_size, min((k + 1) * shard_size, num_items or (k + 1) * shard_size) - 1
+        if spans and spans[-1][1] + 1 == lo:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    return ", ".join(f"{a}–{b}" for a, b in spans) or "none"
+
+
+def summarise(
+    rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any], meta_shards: list[int] | None = None
+) -> dict[str, Any]:
     """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics."""
+    meta_shards = meta_shards or []
     ok = [r for r in rows if r["status"] == "ok"]
     status: dict[str, int] = {}
     for r in rows:
@@ -103,6 +118,7 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any
         return np.array([r.get(name, np.nan) for r in ok], dtype=np.float64)
 
     out: dict[str, Any] = {"job": job, "images": len(rows), "status": status, "evaluated": len(ok)}
+    out["item_ranges"] = item_ranges(meta_shards, int(job.get("shard_size") or 1), int(job.get("num_items") or 0))
     if not ok:
         return out
     out["accuracy"] = mean_se(col("correct"))
@@ -165,9 +181,9 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
     total = int(job.get("num_items") or 0)
     if total > summary["images"]:
         lines += [
-            f"**Partial result: {summary['images']} of the job's {total} images are done** (the first "
-            f"{summary['images']} in item order, every finished shard). Rerun the command above to finish: it skips "
-            "the finished shards.",
+            f"**Partial result: {summary['images']} of the job's {total} images are done** (every finished shard: "
+            f"items {summary.get('item_ranges', '?')} in item order). Rerun the command above to finish: it skips the "
+            "finished shards.",
             "",
         ]
     if "methods" not in summary:
@@ -302,9 +318,9 @@ def write_report(
     markdown_path: Path | None = None,
 ) -> dict[str, Any]:
     """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
-    rows, _meta = read_rows(out)
+    rows, meta = read_rows(out)
     write_csv(out / "results.csv", rows, columns(rows, methods))
-    summary = summarise(rows, methods, job)
+    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)
     (out / "summary.md").write_text(text)

@@ -51,6 +51,7 @@ def evaluate(
     progress: bool = True,
     crash_once: str = "",
     report_only: bool = False,
+    shard_range: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a job and write its report; returns the summary dict.
 
@@ -73,6 +74,8 @@ def evaluate(
         progress: print progress lines on stderr.
         crash_once: test hook for the Ray engine (see :class:`~vizapp.evaluate.engines.RayAnalyser`).
         report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop.
+        shard_range: (start, stop): run only shards start .. stop-1 of the job (to split one job between processes or
+            machines sharing ``out``; the report covers every finished shard).
     """
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
@@ -108,14 +111,15 @@ def evaluate(
     prepare(out, job, overwrite)
     parts = shards(items, shard_size)
     done = done_shards(out, len(parts))
-    todo = [k for k in range(len(parts)) if k not in done]
+    lo, hi = shard_range if shard_range is not None else (0, len(parts))
+    todo = [k for k in range(max(0, lo), min(hi, len(parts))) if k not in done]
     already = sum(len(parts[k]) for k in done)
     if progress:
         msg = f"[evaluate] {len(items)} images in {len(parts)} shards; model loaded in {load_s:.1f} s"
         if done:
             msg += f"; resuming: {len(done)} shards ({already} images) already done in {out}"
         print(msg, file=sys.stderr, flush=True)
-    bar = Progress(len(items), already) if progress else None
+    bar = Progress(already + sum(len(parts[k]) for k in todo), already) if progress else None
     t0 = time.perf_counter()
     if report_only:
         pass
@@ -149,7 +153,7 @@ def evaluate(
         Path(markdown_path) if markdown_path else None,
     )
     summary["seconds"] = seconds
-    summary["images_run"] = 0 if report_only else len(items) - already
+    summary["images_run"] = 0 if report_only else sum(len(parts[k]) for k in todo)
     return summary
 
 
@@ -176,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--markdown", default=None, help="also write the summary Markdown here")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished shards")
+    parser.add_argument("--shards", default=None, help="START:STOP: run only these shards of the job (share --out)")
     args = parser.parse_args(argv)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    if "--shards" in given:  # the recorded command is the whole job's
+        i = given.index("--shards")
+        given = given[:i] + given[i + 2 :]
     command = "python -m vizapp.evaluate " + shlex.join(given)
     try:
         summary = evaluate(
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown,
             command,
             report_only=args.report_only,
+            shard_range=tuple(int(v) for v in args.shards.split(":")) if args.shards else None,
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
