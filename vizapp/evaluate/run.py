@@ -158,7 +158,11 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vizapp.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m vizapp.evaluate",
+        description=sys.modules["vizapp.evaluate"].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("data", help="ImageFolder tree, flat image folder, or 'fmnist-test'")
     parser.add_argument("--model", default="bundled")
     parser.add_argument(
