@@ -292,8 +292,8 @@ def run_ray(
             },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=0 if gpus else 1,
-            num_gpus=1 if gpus >= workers else 0,
+            num_cpus=1,
+            num_gpus=min(1.0, gpus / workers) if gpus else 0,  # a GPU per actor, or a share when fewer GPUs
             max_restarts=-1,
             max_task_retries=-1,
         )
