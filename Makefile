@@ -10,7 +10,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.vizapp-apt-updated
 
-.PHONY: run test debs venv bench report lint clean
+.PHONY: run test debs venv bench report evaluate lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 
 report: $(STAMP) debs
 	$(PY) -m vizapp.bundled.report $(ARGS)
+
+# Every method and both perturbation protocols on the Fashion-MNIST test set; resumable, rewrites docs/faithfulness.md.
+evaluate: $(STAMP) debs
+	$(PY) -m vizapp.evaluate fmnist-test --model bundled --out eval-out/fmnist-test-bundled --markdown docs/faithfulness.md $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests benchmarks app.py

@@ -7,6 +7,7 @@ so a figure stays a few hundred kB of JSON and renders quickly.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -531,4 +532,45 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
         fig.update_xaxes(title="head", row=1, col=i + 1)
         fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
     fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=40), height=420)
+    return fig
+
+
+def perturbation_curves_figure(
+    curves: dict[str, dict[str, tuple[list[float], float]]],
+    panels: tuple[tuple[str, str], ...],
+    x: list[float],
+    dotted: set[str],
+    title: str,
+) -> go.Figure:
+    """Chefer et al.'s perturbation curves: one panel per (class kind, direction), one line per method.
+
+    Args:
+        curves: method label -> panel key -> (accuracy per step in [0, 1], AUC).
+        panels: (panel key, panel title), four of them, drawn in a 2 x 2 grid.
+        x: percent of patches removed at each step.
+        dotted: method labels drawn dotted (the random baseline).
+        title: figure title.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in panels])
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, (label, per_panel) in enumerate(curves.items()):
+        for j, (key, _) in enumerate(panels):
+            if key not in per_panel:
+                continue
+            ys, auc = per_panel[key]
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=[100 * v for v in ys], mode="lines+markers", name=label, legendgroup=label,
+                    showlegend=j == 0,
+                    line={"color": colours[i % len(colours)], "dash": "dot" if label in dotted else "solid"},
+                    hovertemplate=f"{html.escape(label)}<br>%{{x:.0f}} % removed: %{{y:.1f}} % accuracy<br>"
+                    f"AUC {auc:.2f}<extra></extra>",
+                ),
+                row=j // 2 + 1, col=j % 2 + 1,
+            )
+    fig.update_xaxes(title_text="patches removed (%)")
+    fig.update_yaxes(title_text="top-1 accuracy (%)")
+    fig.update_layout(title=title, height=800, template="plotly_white")
     return fig

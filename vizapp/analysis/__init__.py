@@ -14,6 +14,8 @@ from vizapp.analysis.features import (
     token_norms,
 )
 from vizapp.analysis.flow import attention_flow
+from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+from vizapp.analysis.perturbation import CHEFER_FRACTIONS, accuracy_auc, perturbed_images, removal_counts, removal_order
 from vizapp.analysis.posembed import (
     axial_rope_freqs,
     grid_positions,
@@ -29,6 +31,7 @@ from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
 from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused, rollout_row
 
 __all__ = [
+    "CHEFER_FRACTIONS",
     "HEAD_FUSIONS",
     "Curve",
     "FeaturePCA",
@@ -40,13 +43,18 @@ __all__ = [
     "logit_lens",
     "register_attention",
     "token_norms",
+    "accuracy_auc",
+    "attention_entropy",
     "attention_flow",
     "axial_rope_freqs",
     "chefer_relevance",
     "cls_map",
     "grad_rollout",
     "perturbation_curve",
+    "perturbed_images",
     "random_order_saliency",
+    "removal_counts",
+    "removal_order",
     "fuse_heads",
     "grid_positions",
     "mean_attention_distance",
@@ -61,5 +69,6 @@ __all__ = [
     "rollout",
     "rollout_fused",
     "rollout_row",
+    "token_norm_stats",
     "uniform_reference_distance",
 ]

@@ -1,0 +1,376 @@
+"""vizapp.evaluate: hand-computed perturbation and head-statistics maths, the local job, resumption, bad inputs, and
+the Ray engine giving exactly the local engine's table (also after a worker is killed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vizapp.analysis.faithfulness import random_order_saliency
+from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+from vizapp.analysis.perturbation import (
+    CHEFER_FRACTIONS,
+    accuracy_auc,
+    perturbed_images,
+    removal_counts,
+    removal_order,
+)
+from vizapp.bundled.data import FASHION_MNIST_DIR, load_fashion_mnist
+from vizapp.evaluate import evaluate, main
+from vizapp.evaluate.dataset import DatasetError, list_items
+from vizapp.evaluate.engines import JobError
+
+needs_fmnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Debian dataset-fashion-mnist is not installed (make test installs it)",
+)
+FMNIST_LABELS = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=16)
+
+
+# -- pure maths, by hand -------------------------------------------------------------------------------------------
+
+
+def test_removal_counts_by_hand():
+    assert removal_counts(10).tolist() == list(range(10))  # 0.3 * 10 must give 3, not 2
+    assert removal_counts(49).tolist() == [0, 4, 9, 14, 19, 24, 29, 34, 39, 44]
+    assert removal_counts(196).tolist() == [0, 19, 39, 58, 78, 98, 117, 137, 156, 176]
+    with pytest.raises(ValueError):
+        removal_counts(4, [0.5, 1.5])
+
+
+def test_removal_order_directions_and_ties():
+    s = torch.tensor([[0.2, 0.9], [0.2, 0.5]])
+    assert removal_order(s, "positive").tolist() == [1, 3, 0, 2]  # most relevant first, ties by index
+    assert removal_order(s, "negative").tolist() == [0, 2, 3, 1]  # least relevant first, ties by index
+    with pytest.raises(ValueError, match="direction"):
+        removal_order(s, "sideways")
+
+
+def test_four_patch_image_with_a_fake_predictor_by_hand():
+    # 2x2 grid of 1-pixel patches with values 4 3 / 2 1; saliency = the values. The fake model says class 1 when the
+    # remaining pixels sum to more than 5, else class 0; the target is class 1.
+    image = torch.tensor([[[4.0, 3.0], [2.0, 1.0]]])  # [1, 2, 2]
+    fractions = [0.25, 0.5, 0.75]
+
+    def accuracy(direction: str) -> list[int]:
+        imgs = perturbed_images(image, image[0], 2, 1, direction, 0.0, fractions)  # [3, 1, 2, 2]
+        assert imgs.shape == (3, 1, 2, 2)
+        sums = imgs.sum(dim=(1, 2, 3))
+        return [1] + [int(s > 5) for s in sums]  # x = 0: the whole image (sum 10) is correct
+
+    # positive: remove 4 (sum 6: right), then 3 (sum 3: wrong), then 2 (sum 1: wrong)
+    assert accuracy("positive") == [1, 1, 0, 0]
+    # negative: remove 1 (9: right), then 2 (7: right), then 3 (4: wrong)
+    assert accuracy("negative") == [1, 1, 1, 0]
+    x = [0.0, *fractions]
+    # trapezoids of width 0.25: (1+1)/2 + (1+0)/2 + 0 = 1.5 -> 0.375 -> 37.5; negative 1 + 1 + 0.5 -> 62.5
+    assert float(accuracy_auc(accuracy("positive"), x)) == pytest.approx(37.5)
+    assert float(accuracy_auc(accuracy("negative"), x)) == pytest.approx(62.5)
+
+
+def test_perturbed_pixels_take_the_fill_value():
+    image = torch.arange(16.0).reshape(1, 4, 4)  # 2x2 grid of 2x2 patches
+    fill = torch.tensor([-7.0])[:, None, None]
+    imgs = perturbed_images(image, torch.tensor([1.0, 4.0, 3.0, 2.0]), (2, 2), (2, 2), "positive", fill, [0.5])
+    # patches 1 (top right) and 2 (bottom left) are the two most relevant
+    expect = image.clone()
+    expect[:, 0:2, 2:4] = -7.0
+    expect[:, 2:4, 0:2] = -7.0
+    assert torch.equal(imgs[0], expect)
+
+
+def test_accuracy_auc_full_and_batched():
+    assert float(accuracy_auc(np.ones(10))) == pytest.approx(90.0)  # x runs 0 .. 0.9
+    assert float(accuracy_auc(np.zeros(10))) == 0.0
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(5, 10))
+    batched = accuracy_auc(y, CHEFER_FRACTIONS)
+    assert batched.shape == (5,)
+    np.testing.assert_allclose(batched, [float(accuracy_auc(r)) for r in y])
+    # linear in the accuracies: the mean of per-image areas is the area of the mean curve
+    assert batched.mean() == pytest.approx(float(accuracy_auc(y.mean(axis=0))))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50, 197])
+def test_entropy_of_uniform_attention_is_log_n(n):
+    attn = torch.full((3, n, n), 1.0 / n, dtype=torch.float64)
+    np.testing.assert_allclose(attention_entropy(attn).numpy(), [math.log(n)] * 3, rtol=1e-12)
+
+
+def test_entropy_one_hot_and_two_keys():
+    one_hot = torch.eye(4)[None]  # [1, 4, 4]: each query attends to itself only
+    assert attention_entropy(one_hot).tolist() == [0.0]
+    half = torch.tensor([[[0.5, 0.5, 0.0, 0.0]] * 4, [[0.25] * 4] * 4])  # [2, 4, 4]
+    np.testing.assert_allclose(attention_entropy(half).numpy(), [math.log(2), math.log(4)])
+
+
+def test_token_norm_stats_by_hand():
+    tokens = torch.tensor([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]])  # CLS norm 5; patches 0 and 10
+    st = token_norm_stats(torch.linalg.norm(tokens, dim=-1), num_prefix_tokens=1)
+    assert float(st["prefix_mean"]) == 5.0
+    assert float(st["patch_mean"]) == 5.0
+    assert float(st["patch_max"]) == 10.0
+    assert math.isnan(float(token_norm_stats(torch.linalg.norm(tokens, dim=-1), 0)["prefix_mean"]))
+
+
+def read_table(out: Path) -> str:
+    return (out / "results.csv").read_text()
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory):
+    """32 Fashion-MNIST test images, every method, the local engine."""
+    if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian dataset-fashion-mnist is not installed (make test installs it)")
+    out = tmp_path_factory.mktemp("local32")
+    methods = "rollout,grad_rollout,relevance,attention,flow,random"
+    summary = evaluate("fmnist-test", out, methods=methods, steps=4, shard_size=8, limit=32, progress=False)
+    return out, summary
+
+
+def test_local_job_table_and_summary(local_job):
+    out, summary = local_job
+    rows = read_rows(out)
+    assert len(rows) == 32 and summary["evaluated"] == 32 and summary["status"] == {"ok": 32}
+    assert [r["id"] for r in rows] == [f"fmnist-test/{i:05d}" for i in range(32)]
+    _, labels = load_fashion_mnist("test")
+    assert [int(r["target"]) for r in rows] == labels[:32].tolist()
+    for r in rows:
+        assert int(r["correct"]) == int(int(r["predicted"]) == int(r["target"]))
+        for m in ("rollout", "grad_rollout", "relevance", "attention", "flow", "random"):
+            for key in ("pred.positive", "pred.negative", "target.positive", "target.negative"):
+                accs = [int(r["correct"])] + [int(r[f"{m}.{key}.acc{k}"]) for k in range(1, 10)]
+                assert float(r[f"{m}.{key}.auc"]) == pytest.approx(float(accuracy_auc(accs)))
+            assert 0.0 <= float(r[f"{m}.deletion_auc"]) <= 1.0 and 0.0 <= float(r[f"{m}.insertion_auc"]) <= 1.0
+        # methods without a class, and correct predictions, give the same numbers for both class settings
+        assert r["rollout.pred.positive.auc"] == r["rollout.target.positive.auc"]
+        if r["correct"] == "1":
+            assert r["relevance.pred.negative.auc"] == r["relevance.target.negative.auc"]
+        # 50 tokens: entropy between 0 and log 50; mean distance positive and below the 7x7 grid's diagonal (4 px)
+        ent = [float(v) for k, v in r.items() if k.startswith("entropy.")]
+        dist = [float(v) for k, v in r.items() if k.startswith("distance.")]
+        assert len(ent) == len(dist) > 0 and all(0 <= e <= math.log(50) + 1e-9 for e in ent)
+        assert all(0 < d < 6 * 4 * math.sqrt(2) for d in dist)
+        assert float(r["norm_patch_max.l0"]) >= float(r["norm_patch_mean.l0"]) > 0
+    # summary: mean curves start at the accuracy, AUCs are the mean of per-image AUCs
+    acc = summary["accuracy"][0]
+    for m, d in summary["methods"].items():
+        assert d["pred.negative"]["curve"][0] == pytest.approx(acc)
+        mean = np.mean([float(r[f"{m}.pred.negative.auc"]) for r in rows])
+        assert d["pred.negative"]["auc"][0] == pytest.approx(mean)
+        assert float(accuracy_auc(d["pred.negative"]["curve"])) == pytest.approx(mean)
+        assert d["pred.negative"]["auc"][1] > 0  # a standard error
+    # A faithful map beats a random order on this model: removing the most relevant patches first hurts more.
+    assert (
+        summary["methods"]["relevance"]["pred.positive"]["auc"][0]
+        < summary["methods"]["random"]["pred.positive"]["auc"][0]
+    )
+    md = (out / "summary.md").read_text()
+    assert "54.16" in md and "Random order (baseline)" in md and "32 evaluated" in md
+    page = (out / "curves.html").read_text()
+    assert (
+        '<script src="https://cdn.plot.ly' not in page and "Plotly.newPlot" in page and len(page) > 1_000_000
+    )  # plotly.js inline
+    assert json.loads((out / "summary.json").read_text())["evaluated"] == 32
+
+
+def test_resume_after_a_killed_run(local_job, tmp_path):
+    out, _ = local_job
+    copy = tmp_path / "resume"
+    shutil.copytree(out, copy)
+    before = read_table(out)
+    (copy / "shards" / "shard-00002.json").unlink()  # never written: the run died during shard 2
+    (copy / "shards" / "shard-00002.json.123.tmp").write_text('{"shard": 2, "ro')  # its torn temporary file
+    (copy / "results.csv").unlink()
+    methods = "rollout,grad_rollout,relevance,attention,flow,random"
+    summary = evaluate("fmnist-test", copy, methods=methods, steps=4, shard_size=8, limit=32, progress=False)
+    assert summary["images_run"] == 8  # only the missing shard
+    assert read_table(copy) == before
+
+
+def test_report_only_on_a_partial_job_says_so(local_job, tmp_path):
+    out, _ = local_job
+    copy = tmp_path / "partial"
+    shutil.copytree(out, copy)
+    (copy / "shards" / "shard-00003.json").unlink()  # the run is still going (or was stopped)
+    methods = "rollout,grad_rollout,relevance,attention,flow,random"
+    summary = evaluate(
+        "fmnist-test", copy, methods=methods, steps=4, shard_size=8, limit=32, progress=False, report_only=True
+    )
+    assert summary["images_run"] == 0 and summary["evaluated"] == 24
+    md = (copy / "summary.md").read_text()
+    assert "Partial result: 24 of the job's 32 images are done" in md and "items 0–23 in item order" in md
+    assert len(read_rows(copy)) == 24
+
+
+def test_rerun_with_other_settings_is_refused(local_job, tmp_path):
+    out, _ = local_job
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    with pytest.raises(JobError, match="different job.*methods"):
+        evaluate("fmnist-test", copy, methods="rollout", steps=4, shard_size=8, limit=32, progress=False)
+
+
+# -- bad inputs ----------------------------------------------------------------------------------------------------
+
+
+def huge_png_header() -> bytes:
+    """A PNG that declares 100000 x 100000 pixels (no pixel data): must be refused before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "flat"
+    data.mkdir()
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(data / "a_good.png")
+    (data / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    (data / "c_notes.txt").write_text("not an image")
+    (data / "d_huge.png").write_bytes(huge_png_header())
+    out = tmp_path / "out"
+    assert main([str(data), "--out", str(out), "--methods", "rollout,random", "--steps", "2"]) == 0
+    assert "1/4 images evaluated" in capsys.readouterr().out
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert rows["a_good.png"]["status"] == "ok"
+    assert rows["a_good.png"]["target"] == rows["a_good.png"]["predicted"]  # flat folder: predicted class as target
+    assert [rows[k]["status"] for k in ("b_corrupt.png", "c_notes.txt", "d_huge.png")] == ["bad_file"] * 3
+    assert "pixels" in rows["d_huge.png"]["message"] or "large" in rows["d_huge.png"]["message"]
+    assert all(rows[k]["message"] for k in ("b_corrupt.png", "c_notes.txt"))
+    md = (out / "summary.md").read_text()
+    assert "4 listed, 1 evaluated, 3 bad file" in md
+
+
+@needs_fmnist
+def test_imagefolder_classes_map_to_the_model_labels(tmp_path):
+    images, labels = load_fashion_mnist("test")
+    for folder, cls in (("t-shirt_top", 0), ("Trouser", 1)):
+        (tmp_path / folder).mkdir()
+        i = int(np.flatnonzero(labels == cls)[0])
+        Image.fromarray(images[i]).save(tmp_path / folder / f"{i}.png")
+    items = list_items(tmp_path, FMNIST_LABELS)
+    assert [(it["id"].split("/")[0], it["target"]) for it in items] == [("Trouser", 1), ("t-shirt_top", 0)]
+    summary = evaluate(str(tmp_path), tmp_path / "out", methods="rollout", steps=0, progress=False)
+    assert summary["status"] == {"ok": 2}
+
+
+def test_dataset_errors_say_what_to_do(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        list_items(empty, FMNIST_LABELS)
+    tree = tmp_path / "tree"
+    (tree / "Trouser").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="'Trouser' has no images"):
+        list_items(tree, FMNIST_LABELS)
+    (tree / "Trouser" / "x.png").write_bytes(b"x")
+    (tree / "Giraffe").mkdir()
+    (tree / "Giraffe" / "y.png").write_bytes(b"y")
+    with pytest.raises(DatasetError, match="'Giraffe' is not one of the model's 10 classes"):
+        list_items(tree, FMNIST_LABELS)
+    (tree / "stray.png").write_bytes(b"z")
+    with pytest.raises(DatasetError, match="mixes"):
+        list_items(tree, FMNIST_LABELS)
+    with pytest.raises(DatasetError, match="not a folder"):
+        list_items(tmp_path / "missing", FMNIST_LABELS)
+
+
+def test_model_that_cannot_load_and_unknown_method(tmp_path, capsys):
+    assert main(["fmnist-test", "--out", str(tmp_path / "o"), "--model", "not_a_model_xyz"]) == 2
+    assert "unknown model 'not_a_model_xyz'" in capsys.readouterr().err
+    assert main(["fmnist-test", "--out", str(tmp_path / "o"), "--methods", "rollout,magic"]) == 2
+    assert "method must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+@needs_fmnist
+def test_per_image_time_limit(tmp_path):
+    summary = evaluate("fmnist-test", tmp_path, methods="rollout", steps=0, limit=3, time_limit=1e-9, progress=False)
+    assert summary["status"] == {"timeout": 3}
+    assert "timeout" in (tmp_path / "summary.md").read_text()
+
+
+def test_random_baseline_seed_depends_on_the_image_only():
+    from vizapp.evaluate.worker import image_seed
+
+    a = random_order_saliency(49, torch.Generator().manual_seed(image_seed(0, "fmnist-test/00007")))
+    b = random_order_saliency(49, torch.Generator().manual_seed(image_seed(0, "fmnist-test/00007")))
+    c = random_order_saliency(49, torch.Generator().manual_seed(image_seed(0, "fmnist-test/00008")))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -- Ray: the same table -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from vizapp.evaluate.engines import init_ray, local_cluster_cpus
+
+    init_ray(None, local_cluster_cpus(2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_local(tmp_path_factory):
+    if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian dataset-fashion-mnist is not installed (make test installs it)")
+    out = tmp_path_factory.mktemp("small-local")
+    evaluate("fmnist-test", out, **SMALL, progress=False)
+    return read_table(out)
+
+
+@pytest.mark.ray
+def test_ray_two_workers_equal_local_engine(ray_cluster, small_local, tmp_path):
+    summary = evaluate("fmnist-test", tmp_path, **SMALL, engine="ray", workers=2, progress=False)
+    assert summary["evaluated"] == SMALL["limit"]
+    assert read_table(tmp_path) == small_local  # same numbers, same order, byte for byte
+
+
+@pytest.mark.ray
+def test_ray_worker_killed_mid_job_gives_the_same_table(ray_cluster, small_local, tmp_path):
+    marker = tmp_path / "crashed"
+    evaluate(
+        "fmnist-test",
+        tmp_path / "out",
+        **SMALL,
+        engine="ray",
+        workers=2,
+        progress=False,
+        crash_once=f"{marker}:fmnist-test/00013",
+    )
+    assert marker.exists()  # an actor process did die mid-job
+    assert read_table(tmp_path / "out") == small_local
