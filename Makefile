@@ -33,7 +33,7 @@ debs:
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
 
-test: $(STAMP) debs
+test: $(STAMP) debs lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -48,6 +48,7 @@ evaluate: $(STAMP) debs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests benchmarks app.py
+	$(VENV)/bin/ruff format --check vizapp tests benchmarks app.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     *t_fwd, _ = median_time(forward, args.repeats)
     *t_grad, grad = median_time(lambda: head_importance(vm, x[0], method="gradient", path=args.path).drop, args.repeats)
     # the forwards above warmed the model up; the exact run is long enough not to need its own warm-up
-    *t_exact, exact = median_time(lambda: head_importance(vm, x[0], method="exact", path=args.path).drop, args.exact_repeats, False)
+    *t_exact, exact = median_time(
+        lambda: head_importance(vm, x[0], method="exact", path=args.path).drop, args.exact_repeats, False
+    )
 
     print(f"model {args.model} (random weights), {num_layers} layers x {num_heads} heads = {num_layers * num_heads}")
     print(
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{what:<28}{wall:>9.3f}{wall / t_fwd[0]:>10.1f}{cpu:>9.3f}{cpu / t_fwd[1]:>10.1f}{target:>8}")
     reuse = args.path == "reuse" or (args.path == "auto" and reuses_blocks(vm.model))
     formula = "H(L+1)/2" if reuse else "L·H"
-    print(f"predicted exact cost ({'reuse' if reuse else 'capture'} path) {formula} = "
-          f"{exact_forward_passes(num_layers, num_heads, reuse):.0f} forwards")
+    print(
+        f"predicted exact cost ({'reuse' if reuse else 'capture'} path) {formula} = "
+        f"{exact_forward_passes(num_layers, num_heads, reuse):.0f} forwards"
+    )
     print(f"Spearman(exact, gradient) = {rank_correlation(exact, grad):.3f} (random weights: not a quality measure)")
 
 

@@ -59,8 +59,17 @@ def write_card_model(folder, name: str = "tiny", depth: int = 2, embed_dim: int 
     torch.manual_seed(seed)
     model = VisionTransformer(**args)
     save_file(model.state_dict(), str(folder / f"{name}.safetensors"))
-    card = dict(name=name, architecture="VisionTransformer", model_args=args, input_size=[1, 28, 28], mean=[0.286],
-                std=[0.353], polarity="light_on_dark", class_names=[f"class{i}" for i in range(10)], test_accuracy=0.1)
+    card = dict(
+        name=name,
+        architecture="VisionTransformer",
+        model_args=args,
+        input_size=[1, 28, 28],
+        mean=[0.286],
+        std=[0.353],
+        polarity="light_on_dark",
+        class_names=[f"class{i}" for i in range(10)],
+        test_accuracy=0.1,
+    )
     (folder / f"{name}.json").write_text(json.dumps(card))
     return str(folder / f"{name}.safetensors")
 
@@ -103,6 +112,4 @@ def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
 
 
 def all_hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())

@@ -331,8 +331,9 @@ def _dinov3_vm():
     import vizapp
 
     torch.manual_seed(0)
-    vm = vizapp.load_model("vit_small_patch16_dinov3", pretrained=False, device="cpu", img_size=32, depth=2,
-                           num_classes=5)
+    vm = vizapp.load_model(
+        "vit_small_patch16_dinov3", pretrained=False, device="cpu", img_size=32, depth=2, num_classes=5
+    )
     return dataclasses.replace(vm, model=_strengthen(copy.deepcopy(vm.model).double()), dtype=torch.float64)
 
 
@@ -347,19 +348,34 @@ def _tv_small_vm():
     """torchvision's VisionTransformer (the class vit_b_16 builds, same nn.MultiheadAttention path), small."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                                                 hidden_dim=32, mlp_dim=64, num_classes=5)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
     model = _strengthen(model.eval().double())
-    return SimpleNamespace(model=model, logits=model, transform=None, device=torch.device("cpu"),
-                           dtype=torch.float64, labels=tuple(f"class {i}" for i in range(5)), num_heads=4)
+    return SimpleNamespace(
+        model=model,
+        logits=model,
+        transform=None,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        labels=tuple(f"class {i}" for i in range(5)),
+        num_heads=4,
+    )
 
 
 @pytest.fixture(scope="module")
 def hf_vit_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                    patch_size=8, image_size=32, num_labels=5)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        num_labels=5,
+    )
     folder = tmp_path_factory.mktemp("hf_vit")
     transformers.ViTForImageClassification(config).save_pretrained(folder)
     return folder
@@ -410,6 +426,7 @@ def _hf_dense_hook_drops(vm, x: torch.Tensor, mode: str, cls: int) -> torch.Tens
         drops = torch.zeros(len(layers), h, dtype=torch.float64)
         for layer, blk in enumerate(layers):
             for head in range(h):
+
                 def hook(_m, args, head=head):
                     o = args[0].unflatten(-1, (h, -1)).clone()  # [B, N, H, d]
                     o[:, :, head] = 0.0 if mode == "zero" else o[:, :, head].mean(dim=1, keepdim=True)
@@ -443,6 +460,7 @@ def test_generic_gradient_is_the_derivative_along_the_ablation_on_hf(mode, hf_vi
     with torch.no_grad():
         for layer, blk in enumerate(_hf_output_projections(model)):
             for head in range(h):
+
                 def prob(alpha: float, head=head, blk=blk) -> torch.Tensor:
                     def hook(_m, args):  # move head's columns alpha of the way to the ablated value
                         o = args[0].unflatten(-1, (h, -1)).clone()  # [B, N, H, d]
@@ -539,11 +557,15 @@ def test_capture_ablation_is_this_threads_and_leaves_nothing(fid, hf_vit_folder)
         with AttentionCapture(model):
             captured = vm.logits(x)  # torch's MHA is evaluated by the capture: equal to rounding only
         assert torch.allclose(captured, clean, atol=1e-12, rtol=0)
-        with AttentionCapture(model, ablate={0: torch.zeros(2, h, dtype=torch.bool),
-                                             1: torch.zeros(h, dtype=torch.bool)}, ablate_mode="mean"):
+        with AttentionCapture(
+            model,
+            ablate={0: torch.zeros(2, h, dtype=torch.bool), 1: torch.zeros(h, dtype=torch.bool)},
+            ablate_mode="mean",
+        ):
             assert torch.equal(vm.logits(x), captured)  # nothing ablated: exactly the captured forward's logits
         other: list[torch.Tensor] = []
         mask = torch.tensor([[True] * h, [False] * h])  # image 0: every head of layer 0; image 1: none
+
         def work() -> None:
             with torch.no_grad():  # as this thread (torch's MHA takes another kernel with gradients on)
                 other.append(vm.logits(x))
@@ -601,14 +623,22 @@ def test_ablation_is_the_same_on_every_capture_path(fid, mode, hf_vit_folder):
     vm = _family_vm(fid, hf_vit_folder)
     x = _family_input(vm, 4).expand(2, -1, -1, -1)
     h = vm.num_heads
-    ablate = {0: torch.tensor([[True] + [False] * (h - 1), [False, True] + [False] * (h - 2)]),
-              1: torch.tensor([False] * (h - 1) + [True])}
-    paths = {"sdpa": dict(), "inline": dict(on_attention=_Sink()), "no_inline": dict(on_attention=_Sink(), inline=False),
-             "with_grad": dict(with_grad=True)}
+    ablate = {
+        0: torch.tensor([[True] + [False] * (h - 1), [False, True] + [False] * (h - 2)]),
+        1: torch.tensor([False] * (h - 1) + [True]),
+    }
+    paths = {
+        "sdpa": dict(),
+        "inline": dict(on_attention=_Sink()),
+        "no_inline": dict(on_attention=_Sink(), inline=False),
+        "with_grad": dict(with_grad=True),
+    }
     out = {}
     for name, kwargs in paths.items():
-        with torch.set_grad_enabled(name == "with_grad"), AttentionCapture(vm.model, ablate=ablate, ablate_mode=mode,
-                                                                           **kwargs) as cap:
+        with (
+            torch.set_grad_enabled(name == "with_grad"),
+            AttentionCapture(vm.model, ablate=ablate, ablate_mode=mode, **kwargs) as cap,
+        ):
             out[name] = vm.logits(x).detach()
         if name == "inline":
             assert cap.inline_layers == {0, 1}  # the consumer's path formed the layers' outputs
@@ -620,8 +650,18 @@ def test_ablation_is_the_same_on_every_capture_path(fid, mode, hf_vit_folder):
         assert float((out[name] - out["sdpa"]).abs().max()) < 0.01 * effect, name
 
 
-MORE_FAMILIES = ["eva02_tiny", "beit", "relpos", "rope_mixed", "naflex", "hf_deit_teacher", "hf_dinov2_reg", "hf_clip",
-                 "hf_siglip", "tv_vit_b_16"]
+MORE_FAMILIES = [
+    "eva02_tiny",
+    "beit",
+    "relpos",
+    "rope_mixed",
+    "naflex",
+    "hf_deit_teacher",
+    "hf_dinov2_reg",
+    "hf_clip",
+    "hf_siglip",
+    "tv_vit_b_16",
+]
 
 
 @pytest.mark.parametrize("fid", MORE_FAMILIES)

@@ -11,9 +11,18 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)"
+)
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,17 @@ def _plot_data(page, elem_id: str) -> dict:
     handle = page.wait_for_function(
         """(id) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
                      return gd && gd._fullData && gd._fullData.length ? gd : null; }""",
-        arg=elem_id, timeout=60_000,
+        arg=elem_id,
+        timeout=60_000,
     )
-    return json.loads(page.evaluate(
-        """(gd) => JSON.stringify({n: gd.data.length, types: gd.data.map(t => t.type),
+    return json.loads(
+        page.evaluate(
+            """(gd) => JSON.stringify({n: gd.data.length, types: gd.data.map(t => t.type),
                                  z: gd._fullData.map(t => t.z ? Array.from(t.z).slice(0, 60).map(r => Array.from(r || []).map(v => (v === null || Number.isNaN(v)) ? null : v)) : null),
                                  title: gd.layout.title && gd.layout.title.text})""",
-        handle,
-    ))
+            handle,
+        )
+    )
 
 
 def test_person_analyses_an_image_and_explores(page, photo):
@@ -149,7 +161,8 @@ def _wait_title(pg, elem_id: str, text: str) -> None:
     pg.wait_for_function(
         """([id, text]) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
                              return gd && gd.layout.title && (gd.layout.title.text || '').includes(text); }""",
-        arg=[elem_id, text], timeout=60_000,
+        arg=[elem_id, text],
+        timeout=60_000,
     )
 
 
@@ -200,8 +213,14 @@ def hf_app(tmp_path_factory):
 
     from vizapp import ui
 
-    folder = str(save_hf(tmp_path_factory.mktemp("hf_vit_live"), "ViTConfig", "ViTForImageClassification",
-                         dict(image_size=32, num_labels=5)))
+    folder = str(
+        save_hf(
+            tmp_path_factory.mktemp("hf_vit_live"),
+            "ViTConfig",
+            "ViTForImageClassification",
+            dict(image_size=32, num_labels=5),
+        )
+    )
     demo = ui.queue(ui.build_demo(folder))
     kwargs = ui.launch_kwargs()
     kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)

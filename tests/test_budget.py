@@ -124,7 +124,9 @@ def test_uncached_hub_id_offline_fails_fast(tmp_path, monkeypatch):
         B.check_budget("hf-hub:someone/uncached", B.Budget(), hub_reachable=lambda: False)
     assert time.monotonic() - t0 < 2
     monkeypatch.setattr(B, "BUDGET", B.Budget())
-    monkeypatch.setattr(vizapp.models.timm, "hub_reachable", lambda *a, **k: False)  # what load_model's probe says offline
+    monkeypatch.setattr(
+        vizapp.models.timm, "hub_reachable", lambda *a, **k: False
+    )  # what load_model's probe says offline
     with pytest.raises(ModelLoadError, match="unreachable"):
         vizapp.load_model("hf-hub:someone/uncached", device="cpu")
     assert time.monotonic() - t0 < 4

@@ -49,6 +49,7 @@ def test_transform_matches_polarity_of_a_photo_on_white(bundled):
 def test_examples_are_classified(bundled):
     paths = sorted(EXAMPLES.glob("fmnist_*.png"))
     assert len(paths) == 10
-    correct = sum(vizapp.analyze(bundled, str(p)).top_k[0][0] == bundled.labels[int(p.name.split("_")[1])]
-                  for p in paths)
+    correct = sum(
+        vizapp.analyze(bundled, str(p)).top_k[0][0] == bundled.labels[int(p.name.split("_")[1])] for p in paths
+    )
     assert correct >= 8, f"{correct}/10 bundled examples classified correctly"

@@ -433,5 +433,6 @@ def test_relevance_row_equals_a_row_of_the_full_relevance_matrix() -> None:
     w = torch.rand(6, generator=g, dtype=torch.float64)
     for start in (0, 2):
         full = chefer_relevance(attn, grad, start_layer=start).double()
-        torch.testing.assert_close(relevance_row(grad_weighted_heads(attn, grad), w, start), w @ full, rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            relevance_row(grad_weighted_heads(attn, grad), w, start), w @ full, rtol=1e-6, atol=1e-6
+        )

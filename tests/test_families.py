@@ -27,8 +27,11 @@ TIMM = [
     ("rope_mixed", "vit_base_patch16_rope_mixed_224", dict(img_size=48, depth=2, embed_dim=64, num_heads=4)),
     ("beit", "beit_base_patch16_224", dict(img_size=48, depth=2, embed_dim=64, num_heads=4)),  # relative bias
     ("relpos", "vit_relpos_base_patch16_224", dict(img_size=(48, 64), depth=2, embed_dim=64, num_heads=4)),
-    ("naflex", "naflexvit_base_patch16_gap", dict(depth=2, embed_dim=64, num_heads=4,
-                                                   pretrained_cfg_overlay=dict(input_size=(3, 64, 48)))),
+    (
+        "naflex",
+        "naflexvit_base_patch16_gap",
+        dict(depth=2, embed_dim=64, num_heads=4, pretrained_cfg_overlay=dict(input_size=(3, 64, 48))),
+    ),
 ]
 HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
 HF = [
@@ -36,17 +39,32 @@ HF = [
     ("hf_vit_nonsquare", "ViTConfig", "ViTForImageClassification", dict(image_size=[24, 40], num_labels=3)),
     ("hf_deit_teacher", "DeiTConfig", "DeiTForImageClassificationWithTeacher", dict(image_size=32, num_labels=3)),
     ("hf_dinov2", "Dinov2Config", "Dinov2Model", dict(image_size=32)),
-    ("hf_dinov2_reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", dict(image_size=32, num_register_tokens=4)),
+    (
+        "hf_dinov2_reg",
+        "Dinov2WithRegistersConfig",
+        "Dinov2WithRegistersModel",
+        dict(image_size=32, num_register_tokens=4),
+    ),
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
 # (id, expected prefix tokens, has CLS, grid)
 EXPECTED = {
-    "dinov3_small": (5, True, (4, 4)), "eva02_tiny": (1, True, (4, 4)), "rope_reg1_gap": (1, False, (3, 3)),
-    "rope_mixed": (1, True, (3, 3)), "beit": (1, True, (3, 3)), "relpos": (0, False, (3, 4)),
-    "naflex": (4, False, (4, 3)), "hf_vit": (1, True, (4, 4)), "hf_vit_nonsquare": (1, True, (3, 5)),
-    "hf_deit_teacher": (2, True, (4, 4)), "hf_dinov2": (1, True, (4, 4)), "hf_dinov2_reg": (5, True, (4, 4)),
-    "hf_clip": (1, True, (4, 4)), "hf_siglip": (0, False, (4, 4)), "tv_vit_b_16": (1, True, (2, 2)),
+    "dinov3_small": (5, True, (4, 4)),
+    "eva02_tiny": (1, True, (4, 4)),
+    "rope_reg1_gap": (1, False, (3, 3)),
+    "rope_mixed": (1, True, (3, 3)),
+    "beit": (1, True, (3, 3)),
+    "relpos": (0, False, (3, 4)),
+    "naflex": (4, False, (4, 3)),
+    "hf_vit": (1, True, (4, 4)),
+    "hf_vit_nonsquare": (1, True, (3, 5)),
+    "hf_deit_teacher": (2, True, (4, 4)),
+    "hf_dinov2": (1, True, (4, 4)),
+    "hf_dinov2_reg": (5, True, (4, 4)),
+    "hf_clip": (1, True, (4, 4)),
+    "hf_siglip": (0, False, (4, 4)),
+    "tv_vit_b_16": (1, True, (2, 2)),
 }
 IDS = [t[0] for t in TIMM] + [h[0] for h in HF] + ["tv_vit_b_16"]
 
@@ -143,8 +161,9 @@ def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_fold
     joint = rollout(attn, p)
     row = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
     np.testing.assert_allclose(r.rollout(), row.reshape(r.grid_size).numpy(), atol=1e-5)
-    np.testing.assert_allclose(r.attention(1, query=(0, 1)), attn[1, :, p + 1, p:].reshape(-1, *r.grid_size).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        r.attention(1, query=(0, 1)), attn[1, :, p + 1, p:].reshape(-1, *r.grid_size).numpy(), atol=1e-5
+    )
     if vm.labels:
         np.testing.assert_allclose(r.probs, torch.softmax(logits[0], -1).numpy(), atol=1e-5)
     else:
@@ -158,8 +177,9 @@ def test_attention_gradients_equal_autograd_through_the_reference_attention(fid,
     module's weights (relative bias, RoPE, distillation token and MHA included)."""
     if fid == "dinov3_small":  # with a classifier head
         torch.manual_seed(0)
-        vm = vizapp.load_model("vit_small_patch16_dinov3", pretrained=False, device="cpu", img_size=64, depth=2,
-                               num_classes=5)
+        vm = vizapp.load_model(
+            "vit_small_patch16_dinov3", pretrained=False, device="cpu", img_size=64, depth=2, num_classes=5
+        )
     else:
         vm = load(fid, hf_folders)
     x = vm.transform(random_image(4))[None]
@@ -191,8 +211,10 @@ def test_attention_gradients_equal_autograd_through_the_reference_attention(fid,
             y = blk.ln_1(h)  # [B, N, E]
             b, n, e = y.shape
             hd = e // mha.num_heads
-            q, k, v = (t.reshape(b, n, mha.num_heads, hd).transpose(1, 2)
-                       for t in torch.nn.functional.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+            q, k, v = (
+                t.reshape(b, n, mha.num_heads, hd).transpose(1, 2)
+                for t in torch.nn.functional.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+            )
             w = torch.softmax(q @ k.transpose(-2, -1) / hd**0.5, dim=-1)  # [B, H, N, N]
             w.retain_grad()
             maps.append(w)
@@ -224,8 +246,9 @@ def test_hf_folder_loads_offline_with_the_library_processor(hf_folders, tmp_path
     assert vm.input_size == (3, 24, 40) and vm.transform(random_image(1)).shape == (3, 24, 40)
     assert vm.mean == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
     folder = save_hf(tmp_path / "withproc", "ViTConfig", "ViTForImageClassification", dict(image_size=32))
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3],
-                                   image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.5, 0.5]
+    ).save_pretrained(folder)
     vm2 = vizapp.load_model(str(folder), device="cpu")
     assert vm2.mean == pytest.approx((0.1, 0.2, 0.3))
     assert vizapp.load_model("hf:" + str(folder), device="cpu").mean == vm2.mean

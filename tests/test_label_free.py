@@ -20,8 +20,9 @@ def reg4():
 def test_token_norms_equal_timm_forward_intermediates(reg4):
     r = vizapp.analyze(reg4, random_image(1))
     with torch.no_grad():
-        inter = reg4.model.forward_intermediates(r.input, return_prefix_tokens=True, norm=False,
-                                                 intermediates_only=True, output_fmt="NLC")
+        inter = reg4.model.forward_intermediates(
+            r.input, return_prefix_tokens=True, norm=False, intermediates_only=True, output_fmt="NLC"
+        )
     for layer, (patches, prefix) in enumerate(inter):
         tokens = torch.cat([prefix, patches], dim=1)[0]  # [N, D], prefix first as the model orders them
         np.testing.assert_allclose(r.token_norms()[layer], torch.linalg.norm(tokens, dim=-1).numpy(), rtol=1e-5)
@@ -29,12 +30,15 @@ def test_token_norms_equal_timm_forward_intermediates(reg4):
     assert r.artifact_tokens().shape == r.token_norms().shape
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("vit_tiny_patch16_224", dict(img_size=64, depth=3)),
-    ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=2)),
-    ("vit_little_patch16_reg4_gap_256", dict(img_size=64, depth=2)),
-    ("torchvision:vit_b_16", dict(image_size=32, num_classes=7)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=64, depth=3)),
+        ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=2)),
+        ("vit_little_patch16_reg4_gap_256", dict(img_size=64, depth=2)),
+        ("torchvision:vit_b_16", dict(image_size=32, num_classes=7)),
+    ],
+)
 def test_logit_lens_last_layer_is_the_model_prediction(name, kwargs):
     torch.manual_seed(0)
     vm = vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)

@@ -85,12 +85,21 @@ def test_hf_hub_id_loads_from_hub_cache_without_network(tmp_path, monkeypatch):
     cfg = {
         "architecture": "vit_tiny_patch16_224",
         "num_classes": 3,
-        "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5],
-                           "label_names": ["cat", "dog", "eel"], "crop_pct": 1.0, "interpolation": "bicubic"},
+        "pretrained_cfg": {
+            "input_size": [3, 224, 224],
+            "mean": [0.1, 0.2, 0.3],
+            "std": [0.5, 0.5, 0.5],
+            "label_names": ["cat", "dog", "eel"],
+            "crop_pct": 1.0,
+            "interpolation": "bicubic",
+        },
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    _fake_hub_cache(tmp_path / "hub", "someone/tiny-vit",
-                    {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "config.json"})
+    _fake_hub_cache(
+        tmp_path / "hub",
+        "someone/tiny-vit",
+        {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "config.json"},
+    )
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(models.timm, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
     vm = vizapp.load_model("hf-hub:someone/tiny-vit", device="cpu")

@@ -78,10 +78,29 @@ def test_collect_stats_counts_skipped_and_times_the_baseline(vm, folder):
 
 def test_cli_writes_csv_and_offline_html(vm, folder, tmp_path, capsys):
     out_csv, out_html = tmp_path / "s.csv", tmp_path / "d.html"
-    rc = stats.main([
-        str(folder), "--model", MODEL, "--random", "--img-size", "64", "--model-arg", "depth=2", "--batch-size", "2",
-        "--workers", "0", "--device", "cpu", "--out-csv", str(out_csv), "--out-html", str(out_html), "--no-progress",
-    ])
+    rc = stats.main(
+        [
+            str(folder),
+            "--model",
+            MODEL,
+            "--random",
+            "--img-size",
+            "64",
+            "--model-arg",
+            "depth=2",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out-csv",
+            str(out_csv),
+            "--out-html",
+            str(out_html),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "skipped 1 undecodable" in captured.err and "broken.jpg" in captured.err
@@ -103,11 +122,29 @@ def test_cli_writes_csv_and_offline_html(vm, folder, tmp_path, capsys):
 
 def test_cli_limit_and_empty_folder(folder, tmp_path, capsys):
     out_csv = tmp_path / "lim.csv"
-    rc = stats.main([
-        str(folder), "--model", MODEL, "--random", "--img-size", "64", "--model-arg", "depth=2", "--limit", "2",
-        "--device", "cpu", "--out-csv", str(out_csv), "--out-html", str(tmp_path / "lim.html"), "--no-progress",
-        "--baseline-batches", "0",
-    ])
+    rc = stats.main(
+        [
+            str(folder),
+            "--model",
+            MODEL,
+            "--random",
+            "--img-size",
+            "64",
+            "--model-arg",
+            "depth=2",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--out-csv",
+            str(out_csv),
+            "--out-html",
+            str(tmp_path / "lim.html"),
+            "--no-progress",
+            "--baseline-batches",
+            "0",
+        ]
+    )
     assert rc == 0
     with open(out_csv, newline="") as f:
         assert {r["n_images"] for r in csv.DictReader(f)} <= {"1", "2"}

@@ -28,8 +28,11 @@ def test_evicted_random_weight_model_is_refused_not_rebuilt(monkeypatch):
 
     gc.collect()
     assert r.model_ref() is None
-    for call in (lambda: r.faithfulness({"m": r.rollout()}, steps=4, random_seed=None), lambda: r.relevance(c + 1),
-                 lambda: r.grad_rollout(c + 1)):
+    for call in (
+        lambda: r.faithfulness({"m": r.rollout()}, steps=4, random_seed=None),
+        lambda: r.relevance(c + 1),
+        lambda: r.grad_rollout(c + 1),
+    ):
         with pytest.raises(StaleResultError, match="random weights"):
             call()
     assert before.shape == r.grid_size

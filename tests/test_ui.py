@@ -70,8 +70,14 @@ def test_class_specific_methods_and_compare(analysed):
     out = ui.compare_methods(state, label, 8, True, progress=_noprogress)
     deletion, insertion, table = out.deletion, out.insertion, out.auc_table
     names = [row[0] for row in table]
-    assert names == ["Attention rollout", "Last-layer CLS attention", "Attention flow", "Gradient rollout",
-                     "Chefer relevance", "random"]
+    assert names == [
+        "Attention rollout",
+        "Last-layer CLS attention",
+        "Attention flow",
+        "Gradient rollout",
+        "Chefer relevance",
+        "random",
+    ]
     assert all(0.0 <= row[1] <= 1.0 and 0.0 <= row[2] <= 1.0 for row in table)
     assert len(deletion.data) == len(insertion.data) == 6
 
@@ -287,8 +293,9 @@ def test_cancel_stops_a_running_flow_and_frees_the_worker(card_model, photo):
 
     def run():
         try:
-            outcome["figure"] = ui.render_map(fresh, SLOW[0], None, "mean", 0.0, 0, 0.6, progress=progress,
-                                              request=session)
+            outcome["figure"] = ui.render_map(
+                fresh, SLOW[0], None, "mean", 0.0, 0, 0.6, progress=progress, request=session
+            )
         except gr.Error as e:
             outcome["error"] = str(e)
 
@@ -334,9 +341,12 @@ def random_timm_in_app():
     from conftest import small_model
 
     made = {}
-    kwargs = {DINOV3[0]: DINOV3[1], "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=3),
-              "beit_base_patch16_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
-              "vit_base_patch16_rope_mixed_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4)}
+    kwargs = {
+        DINOV3[0]: DINOV3[1],
+        "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=3),
+        "beit_base_patch16_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
+        "vit_base_patch16_rope_mixed_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
+    }
 
     original = ui.handlers._load
 
@@ -368,7 +378,10 @@ def _features(state, layer=-1, fg=0.0, row=1, col=2, norm_layer=-1, dino=0.6, le
 
 def _assert_feature_figures(f, grid):
     gh, gw = grid
-    assert [t.type for t in f.feat_pca.data] == ["image", "image"] and "Feature PCA after block" in f.feat_pca.layout.title.text
+    assert [t.type for t in f.feat_pca.data] == [
+        "image",
+        "image",
+    ] and "Feature PCA after block" in f.feat_pca.layout.title.text
     assert [t.type for t in f.feat_sim.data] == ["image", "heatmap"] and f.feat_sim.data[1].z.shape == (gh, gw)
     assert "cosine" in f.feat_sim.data[1].hovertemplate
     assert f.norm_grid.data[0].type == "heatmap" and f.norm_grid.data[0].z.shape == (gh, gw)
@@ -435,8 +448,9 @@ def test_features_rerender_without_forward_pass(reg4_state, monkeypatch):
     _assert_feature_figures(a, r.grid_size)
     assert a.state["feature_query"] == (1, 2) and b.state["feature_query"] == (3, 0)
     assert a.feat_pca.layout.title.text != b.feat_pca.layout.title.text and "foreground" in b.feat_pca.layout.title.text
-    np.testing.assert_allclose(np.nan_to_num(a.feat_sim.data[1].customdata[..., 2]),
-                               r.feature_similarity((1, 2), -1), atol=1e-6)
+    np.testing.assert_allclose(
+        np.nan_to_num(a.feat_sim.data[1].customdata[..., 2]), r.feature_similarity((1, 2), -1), atol=1e-6
+    )
     assert a.feat_sim.data[1].customdata[1, 2, 2] == pytest.approx(1.0, abs=1e-5)  # the query patch with itself
     masks = r.dino_masks(0.3)
     assert np.nansum(b.mask_heads.data[0].z) == masks.sum() and "30%" in b.mask_heads.layout.title.text
@@ -485,8 +499,9 @@ def test_logit_lens_and_head_importance_in_the_app(analysed):
     assert [t.type for t in both.importance.data] == ["heatmap", "heatmap"]
     expected = vizapp.ablation.head_importance(vizapp.models.reload(r.load_args), r.input, mode="zero").drop.numpy()
     np.testing.assert_allclose(both.importance.data[0].z, expected, atol=1e-6)
-    rho = vizapp.ablation.rank_correlation(vizapp.ablation.torch.as_tensor(expected),
-                                           vizapp.ablation.torch.as_tensor(both.state["importance"]["gradient"]))
+    rho = vizapp.ablation.rank_correlation(
+        vizapp.ablation.torch.as_tensor(expected), vizapp.ablation.torch.as_tensor(both.state["importance"]["gradient"])
+    )
     assert f"**{rho:.3f}**" in both.importance_note
     # A cell's custom data (layer, head, value) opens that head in the Heads tab through the click bridge.
     cd = both.importance.data[0].customdata[1][2]
@@ -513,8 +528,9 @@ def test_second_image_and_pca_across_examples(analysed, photo):
     out = ui.analyze_second_image(st, str(path), 2, 3, -1, progress=_noprogress)
     other = out.state["other"]
     assert "second" in out.feat_sim.layout.title.text
-    np.testing.assert_allclose(out.feat_sim.data[1].customdata[..., 2], r.feature_similarity((2, 3), other=other),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out.feat_sim.data[1].customdata[..., 2], r.feature_similarity((2, 3), other=other), atol=1e-6
+    )
     assert not np.array_equal(out.feat_sim.data[0].source, analysed.rollout.data[0].source)  # drawn on the other
     cleared = ui.analyze_second_image(out.state, None, 2, 3, -1, progress=_noprogress)
     assert "other" not in cleared.state
@@ -594,8 +610,14 @@ def hf_vit_folder(tmp_path_factory):
     pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
     from test_families import save_hf
 
-    return str(save_hf(tmp_path_factory.mktemp("hf_vit"), "ViTConfig", "ViTForImageClassification",
-                       dict(image_size=32, num_labels=5)))
+    return str(
+        save_hf(
+            tmp_path_factory.mktemp("hf_vit"),
+            "ViTConfig",
+            "ViTForImageClassification",
+            dict(image_size=32, num_labels=5),
+        )
+    )
 
 
 def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
@@ -615,5 +637,8 @@ def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
     assert "is not available" not in out.importance_cost and "L·H = 8 forward passes" in out.importance_cost
     exact = ui.run_importance(st, "exact", "zero", label, progress=_noprogress)
     both = ui.run_importance(exact.state, "gradient", "zero", label, progress=_noprogress)
-    assert [t.type for t in both.importance.data] == ["heatmap", "heatmap"] and "rank correlation" in both.importance_note
+    assert [t.type for t in both.importance.data] == [
+        "heatmap",
+        "heatmap",
+    ] and "rank correlation" in both.importance_note
     assert both.importance.data[0].z.shape == (2, 4)

@@ -1,9 +1,9 @@
 """vizapp: see inside a Vision Transformer.
 
-    import vizapp
-    vm = vizapp.load_model("vit_base_patch16_224.augreg2_in21k_ft_in1k")
-    r = vizapp.analyze(vm, pil_image)
-    r.top_k, r.attention(layer=11), r.rollout(), r.mean_distance, vm.pos_similarity()
+import vizapp
+vm = vizapp.load_model("vit_base_patch16_224.augreg2_in21k_ft_in1k")
+r = vizapp.analyze(vm, pil_image)
+r.top_k, r.attention(layer=11), r.rollout(), r.mean_distance, vm.pos_similarity()
 """
 
 from vizapp import analysis
@@ -26,6 +26,7 @@ def head_importance(vm, image, class_idx=None, mode="zero", method="exact", **kw
     from vizapp.ablation import head_importance as run
 
     return run(vm, image, class_idx=class_idx, mode=mode, method=method, **kwargs).drop.numpy()
+
 
 __version__ = "0.1.0"
 

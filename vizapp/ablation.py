@@ -423,8 +423,10 @@ def head_importance(
                 clean = _forward(vm, x)
             shapes = {tuple(o.shape[1:]) for o in cap.head_outputs}  # (H, N, d)
             if len(shapes) != 1:
-                raise UnsupportedModelError(f"the layers' heads differ in shape {sorted(shapes)}; vizapp ablates "
-                                            "one head per copy of the image and needs the same H in every layer")
+                raise UnsupportedModelError(
+                    f"the layers' heads differ in shape {sorted(shapes)}; vizapp ablates "
+                    "one head per copy of the image and needs the same H in every layer"
+                )
             (num_heads, tokens, head_dim), num_layers = shapes.pop(), len(cap)
             batch = limits.ablation_batch(num_heads, tokens, num_heads * head_dim, num_heads, x.element_size())
         if classifier:

@@ -54,8 +54,11 @@ def _timm_attention_classes() -> tuple[type, ...]:
     from timm.layers import Attention, AttentionRope
 
     classes: list[type] = [Attention, AttentionRope]
-    for module, name in (("timm.models.eva", "EvaAttention"), ("timm.models.beit", "Attention"),
-                         ("timm.models.vision_transformer_relpos", "RelPosAttention")):
+    for module, name in (
+        ("timm.models.eva", "EvaAttention"),
+        ("timm.models.beit", "Attention"),
+        ("timm.models.vision_transformer_relpos", "RelPosAttention"),
+    ):
         with contextlib.suppress(ImportError, AttributeError):  # an older timm without that family
             classes.append(getattr(__import__(module, fromlist=[name]), name))
     return tuple(classes)
@@ -91,8 +94,9 @@ def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[
         return list(blocks), [blk.attn for blk in blocks]
     encoder = getattr(model, "encoder", None)
     tv_layers = getattr(encoder, "layers", None)
-    if tv_layers is not None and all(isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention)
-                                     for b in tv_layers):  # torchvision
+    if tv_layers is not None and all(
+        isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention) for b in tv_layers
+    ):  # torchvision
         return list(tv_layers), [b.self_attention for b in tv_layers]
     for root in (model, *(getattr(model, n, None) for n in ("vision_model", "vit", "deit", "dinov2"))):
         if not isinstance(root, torch.nn.Module):
@@ -131,7 +135,12 @@ def softmax_(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_chunks(
-    q: torch.Tensor, k: torch.Tensor, scale: float, heads: int, rows: int, work: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    heads: int,
+    rows: int,
+    work: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ):
     """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
@@ -167,8 +176,15 @@ class AttentionConsumer(Protocol):
         """Every chunk of ``layer`` has been passed."""
 
 
-def feed(consumer: AttentionConsumer, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
-         bias: torch.Tensor | None = None, budget: int | None = None) -> None:
+def feed(
+    consumer: AttentionConsumer,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    budget: int | None = None,
+) -> None:
     """Hand the attention of recorded q, k [B, H, N, d] (bias [B or 1, H or 1, N, N]) to ``consumer`` chunk by
     chunk, as the forward would have, then close the layer."""
     b, h, n, _ = q.shape
@@ -364,8 +380,15 @@ class AttentionCapture:
         scale = d**-0.5 if call.get("scale") is None else float(call["scale"])
         bias = _additive_bias(call.get("attn_mask"), q.shape[-2])
         self._record(layer, q, k, scale, bias)
-        why = ("dropout" if call.get("dropout_p") else "causal attention" if call.get("is_causal")
-               else "grouped-query attention" if call.get("enable_gqa") or v.shape[:3] != k.shape[:3] else None)
+        why = (
+            "dropout"
+            if call.get("dropout_p")
+            else "causal attention"
+            if call.get("is_causal")
+            else "grouped-query attention"
+            if call.get("enable_gqa") or v.shape[:3] != k.shape[:3]
+            else None
+        )
         if why is not None:
             self.unexact_layers[layer] = why
             return run()
@@ -382,8 +405,9 @@ class AttentionCapture:
             return run()
         return self._inline(layer, q, k, v, scale, bias)
 
-    def _inline(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                bias: torch.Tensor | None) -> torch.Tensor:
+    def _inline(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         b, h, n, _ = q.shape
         c, rows = limits.chunk_shape(h, n, self._budget(q.device))
         work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
@@ -409,11 +433,21 @@ class AttentionCapture:
         bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        plain = (a["query"] is a["key"] is a["value"] and a["use_separate_proj_weight"] is False
-                 and a["bias_k"] is None and a["bias_v"] is None and not a["add_zero_attn"]
-                 and a["key_padding_mask"] is None and a["attn_mask"] is None and not a["is_causal"]
-                 and not a["need_weights"] and a["static_k"] is None and a["static_v"] is None
-                 and not (a["training"] and a["dropout_p"]) and a["query"].dim() == 3)
+        plain = (
+            a["query"] is a["key"] is a["value"]
+            and a["use_separate_proj_weight"] is False
+            and a["bias_k"] is None
+            and a["bias_v"] is None
+            and not a["add_zero_attn"]
+            and a["key_padding_mask"] is None
+            and a["attn_mask"] is None
+            and not a["is_causal"]
+            and not a["need_weights"]
+            and a["static_k"] is None
+            and a["static_v"] is None
+            and not (a["training"] and a["dropout_p"])
+            and a["query"].dim() == 3
+        )
         if not plain or not self._mine():
             return None
         x = a["query"]  # [N, B, E] (MHA transposes batch_first inputs before this call)
@@ -421,8 +455,9 @@ class AttentionCapture:
         h = int(a["num_heads"])
         qkv = F.linear(x, a["in_proj_weight"], a["in_proj_bias"])  # [N, B, 3E]
         q, k, v = (t.reshape(n, b * h, e // h).transpose(0, 1).reshape(b, h, n, e // h) for t in qkv.chunk(3, dim=-1))
-        o = self._attention_call(layer, {"query": q, "key": k, "value": v},
-                                 lambda: F.scaled_dot_product_attention(q, k, v))  # [B, H, N, d]
+        o = self._attention_call(
+            layer, {"query": q, "key": k, "value": v}, lambda: F.scaled_dot_product_attention(q, k, v)
+        )  # [B, H, N, d]
         o = o.permute(2, 0, 1, 3).reshape(n * b, e)
         out = F.linear(o, a["out_proj_weight"], a["out_proj_bias"]).view(n, b, e)
         return out, None
@@ -463,8 +498,15 @@ class AttentionCapture:
                     "scaled_dot_product_attention, so vizapp cannot ablate or record it (is fused attention off?)"
                 )
             if self.on_attention is not None and layer not in self.inline_layers and layer not in self.unexact_layers:
-                feed(self.on_attention, layer, self.q[layer], self.k[layer], self.scales[layer], self.bias[layer],
-                     self._budget(self.q[layer].device))
+                feed(
+                    self.on_attention,
+                    layer,
+                    self.q[layer],
+                    self.k[layer],
+                    self.scales[layer],
+                    self.bias[layer],
+                    self._budget(self.q[layer].device),
+                )
                 self.replayed_layers.add(layer)
             if not self.keep_qk:
                 self.q[layer] = self.k[layer] = None
@@ -539,6 +581,7 @@ class AttentionCapture:
         if not self.with_grad:
             raise RuntimeError("AttentionCapture(model, with_grad=True) is needed for gradients")
         if any(a is None for a in self.maps):
-            raise RuntimeError("no attention recorded with its graph; run the forward inside the `with` block "
-                               "with gradients enabled")
+            raise RuntimeError(
+                "no attention recorded with its graph; run the forward inside the `with` block with gradients enabled"
+            )
         return [g.float() for g in torch.autograd.grad(score, self.maps)]

@@ -24,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     except vizapp.VizappError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"model {vm.name}: {r.num_layers} layers, {r.num_heads} heads, grid {r.grid_size}, "
-          f"{r.num_prefix_tokens} prefix tokens")
+    print(
+        f"model {vm.name}: {r.num_layers} layers, {r.num_heads} heads, grid {r.grid_size}, "
+        f"{r.num_prefix_tokens} prefix tokens"
+    )
     for note in (vm.note, *r.notes):
         if note:
             print(f"note: {note}")

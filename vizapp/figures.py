@@ -39,7 +39,11 @@ def _image_axes(fig: go.Figure, height_px: int, width_px: int, row: int | None =
     kw = dict(row=row, col=col) if row is not None else {}
     fig.update_xaxes(range=[0, width_px], showticklabels=False, showgrid=False, zeroline=False, **kw)
     fig.update_yaxes(
-        range=[height_px, 0], showticklabels=False, showgrid=False, zeroline=False, scaleanchor="x" if not kw else None,
+        range=[height_px, 0],
+        showticklabels=False,
+        showgrid=False,
+        zeroline=False,
+        scaleanchor="x" if not kw else None,
         **kw,
     )
 
@@ -50,8 +54,13 @@ def topk_figure(top_k: Sequence[tuple[str, float]], title: str = "Top-5 predicti
     probs = [float(p) for _, p in top_k][::-1]
     fig = go.Figure(
         go.Bar(
-            x=probs, y=labels, orientation="h", text=[f"{100 * p:.1f}%" for p in probs], textposition="auto",
-            hovertemplate="%{y}: %{x:.4f}<extra></extra>", marker_color="#4c78a8",
+            x=probs,
+            y=labels,
+            orientation="h",
+            text=[f"{100 * p:.1f}%" for p in probs],
+            textposition="auto",
+            hovertemplate="%{y}: %{x:.4f}<extra></extra>",
+            marker_color="#4c78a8",
         )
     )
     fig.update_layout(
@@ -82,9 +91,19 @@ def overlay_figure(
     fig.add_trace(go.Image(source=_png_data_uri(image), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"))
     fig.add_trace(
         go.Heatmap(
-            z=_rescale(heat), x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, colorscale=colorscale, opacity=float(opacity),
-            zmin=0, zmax=1, customdata=custom, colorbar=dict(title="rescaled", thickness=12),
-            hovertemplate="patch (%{customdata[0]:.0f}, %{customdata[1]:.0f})<br>" + value_name
+            z=_rescale(heat),
+            x0=pw / 2,
+            dx=pw,
+            y0=ph / 2,
+            dy=ph,
+            colorscale=colorscale,
+            opacity=float(opacity),
+            zmin=0,
+            zmax=1,
+            customdata=custom,
+            colorbar=dict(title="rescaled", thickness=12),
+            hovertemplate="patch (%{customdata[0]:.0f}, %{customdata[1]:.0f})<br>"
+            + value_name
             + " %{customdata[2]:.4g}<extra></extra>",
         )
     )
@@ -130,14 +149,21 @@ def heads_figure(
         r0, c0 = (h // ncols) * (gh + 1), (h % ncols) * (gw + 1)
         z[r0 : r0 + gh, c0 : c0 + gw] = shown[h]
         custom[r0 : r0 + gh, c0 : c0 + gw] = np.stack([np.full_like(rows, h), rows, cols_, maps[h]], -1)
-        annotations.append(dict(x=c0 + (gw - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom",
-                                font=dict(size=10)))
+        annotations.append(
+            dict(
+                x=c0 + (gw - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom", font=dict(size=10)
+            )
+        )
         if query_patch is not None:
             my.append(r0 + query_patch[0])
             mx.append(c0 + query_patch[1])
     fig = go.Figure(
         go.Heatmap(
-            z=z, customdata=custom, colorscale=HEAT_SCALE, zmin=0, zmax=1 if per_head_scale else None,
+            z=z,
+            customdata=custom,
+            colorscale=HEAT_SCALE,
+            zmin=0,
+            zmax=1 if per_head_scale else None,
             colorbar=dict(title="per-head min-max" if per_head_scale else "weight", thickness=12),
             hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>key patch (%{{customdata[1]:.0f}}, "
             "%{customdata[2]:.0f})<br>weight %{customdata[3]:.4g}<extra></extra>",
@@ -145,13 +171,25 @@ def heads_figure(
         )
     )
     if mx:
-        fig.add_trace(go.Scatter(x=mx, y=my, mode="markers", marker=dict(symbol="x", color="#00e5ff", size=7),
-                                 hoverinfo="skip", showlegend=False, name="query"))
+        fig.add_trace(
+            go.Scatter(
+                x=mx,
+                y=my,
+                mode="markers",
+                marker=dict(symbol="x", color="#00e5ff", size=7),
+                hoverinfo="skip",
+                showlegend=False,
+                name="query",
+            )
+        )
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5])
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x")
     fig.update_layout(
-        title=f"Layer {layer}: attention of {query_label} to every patch, per head", annotations=annotations,
-        margin=dict(l=10, r=10, t=50, b=10), height=max(320, 130 * nrows + 60), plot_bgcolor="white",
+        title=f"Layer {layer}: attention of {query_label} to every patch, per head",
+        annotations=annotations,
+        margin=dict(l=10, r=10, t=50, b=10),
+        height=max(320, 130 * nrows + 60),
+        plot_bgcolor="white",
     )
     return fig
 
@@ -163,21 +201,36 @@ def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title
     jitter = (heads - (num_heads - 1) / 2) * (0.5 / max(num_heads, 1))
     fig = go.Figure(
         go.Scatter(
-            x=(layers + jitter).ravel(), y=mean_distance.ravel(), mode="markers",
+            x=(layers + jitter).ravel(),
+            y=mean_distance.ravel(),
+            mode="markers",
             customdata=np.stack([layers.ravel(), heads.ravel(), mean_distance.ravel()], -1),
-            marker=dict(color=heads.ravel(), colorscale="Turbo", size=9, line=dict(width=0.5, color="#333"),
-                        colorbar=dict(title="head", thickness=12)),
+            marker=dict(
+                color=heads.ravel(),
+                colorscale="Turbo",
+                size=9,
+                line=dict(width=0.5, color="#333"),
+                colorbar=dict(title="head", thickness=12),
+            ),
             hovertemplate="layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}<br>%{customdata[2]:.1f} px"
             "<extra></extra>",
             name="heads",
         )
     )
     if reference_px is not None:
-        fig.add_hline(y=reference_px, line_dash="dash", line_color="#888",
-                      annotation_text=f"uniform attention ({reference_px:.1f} px)", annotation_position="top left")
+        fig.add_hline(
+            y=reference_px,
+            line_dash="dash",
+            line_color="#888",
+            annotation_text=f"uniform attention ({reference_px:.1f} px)",
+            annotation_position="top left",
+        )
     fig.update_layout(
-        title=title or "Mean attention distance per head", xaxis_title="layer (network depth)",
-        yaxis_title="mean attention distance (pixels)", margin=dict(l=10, r=10, t=50, b=40), height=420,
+        title=title or "Mean attention distance per head",
+        xaxis_title="layer (network depth)",
+        yaxis_title="mean attention distance (pixels)",
+        margin=dict(l=10, r=10, t=50, b=40),
+        height=420,
     )
     fig.update_xaxes(tickmode="linear", dtick=1)
     return fig
@@ -200,18 +253,36 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
         for j in range(gw):
             tile = custom[i * (gh + 1) : i * (gh + 1) + gh, j * (gw + 1) : j * (gw + 1) + gw]
             tile[..., 0], tile[..., 1], tile[..., 2], tile[..., 3] = i, j, k, l_
-    fig = go.Figure(go.Heatmap(
-        z=z, colorscale=SIM_SCALE, zmin=-1, zmax=1, hoverongaps=False, colorbar=dict(title="cosine", thickness=12),
-        customdata=custom,
-        hovertemplate="tile (%{customdata[0]}, %{customdata[1]}) · cell (%{customdata[2]}, %{customdata[3]})"
-        "<br>cosine %{z:.3f}<extra></extra>",
-    ))
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5],
-                     title="input patch column")
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",
-                     title="input patch row")
-    fig.update_layout(title=title or "Position embedding similarity", margin=dict(l=30, r=10, t=50, b=30),
-                      height=560, plot_bgcolor="white")
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            colorscale=SIM_SCALE,
+            zmin=-1,
+            zmax=1,
+            hoverongaps=False,
+            colorbar=dict(title="cosine", thickness=12),
+            customdata=custom,
+            hovertemplate="tile (%{customdata[0]}, %{customdata[1]}) · cell (%{customdata[2]}, %{customdata[3]})"
+            "<br>cosine %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(
+        showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5], title="input patch column"
+    )
+    fig.update_yaxes(
+        showticklabels=False,
+        showgrid=False,
+        zeroline=False,
+        autorange="reversed",
+        scaleanchor="x",
+        title="input patch row",
+    )
+    fig.update_layout(
+        title=title or "Position embedding similarity",
+        margin=dict(l=30, r=10, t=50, b=30),
+        height=560,
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -238,18 +309,41 @@ def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Fig
     height, width = z.shape
     # hoverinfo "none" (not "skip") keeps click events; the page maps a clicked pixel to its tile with layout.meta.
     fig = go.Figure(go.Image(source=uri, hoverinfo="none"))
-    fig.add_trace(go.Scatter(
-        x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
-        marker=dict(colorscale=SIM_SCALE, cmin=-1, cmax=1, color=[0], showscale=True,
-                    colorbar=dict(title="cosine", thickness=12)),
-    ))
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5],
-                     title="input patch column")
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[height - 0.5, -0.5],
-                     scaleanchor="x", title="input patch row")
-    fig.update_layout(title=title or "Position embedding similarity",
-                      margin=dict(l=30, r=10, t=50, b=30), height=560, plot_bgcolor="white",
-                      meta={"tile_grid": [int(grid[0]), int(grid[1])]})
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            hoverinfo="skip",
+            showlegend=False,
+            marker=dict(
+                colorscale=SIM_SCALE,
+                cmin=-1,
+                cmax=1,
+                color=[0],
+                showscale=True,
+                colorbar=dict(title="cosine", thickness=12),
+            ),
+        )
+    )
+    fig.update_xaxes(
+        showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5], title="input patch column"
+    )
+    fig.update_yaxes(
+        showticklabels=False,
+        showgrid=False,
+        zeroline=False,
+        range=[height - 0.5, -0.5],
+        scaleanchor="x",
+        title="input patch row",
+    )
+    fig.update_layout(
+        title=title or "Position embedding similarity",
+        margin=dict(l=30, r=10, t=50, b=30),
+        height=560,
+        plot_bgcolor="white",
+        meta={"tile_grid": [int(grid[0]), int(grid[1])]},
+    )
     return fig
 
 
@@ -258,11 +352,25 @@ def pos_tile_figure(sim: np.ndarray, row: int, col: int) -> go.Figure:
     tile = sim[row, col]
     gh, gw = tile.shape
     fig = go.Figure(
-        go.Heatmap(z=tile, colorscale=SIM_SCALE, zmin=-1, zmax=1, colorbar=dict(title="cosine", thickness=12),
-                   hovertemplate=f"({row}, {col}) vs (%{{y}}, %{{x}})<br>cosine %{{z:.3f}}<extra></extra>")
+        go.Heatmap(
+            z=tile,
+            colorscale=SIM_SCALE,
+            zmin=-1,
+            zmax=1,
+            colorbar=dict(title="cosine", thickness=12),
+            hovertemplate=f"({row}, {col}) vs (%{{y}}, %{{x}})<br>cosine %{{z:.3f}}<extra></extra>",
+        )
     )
-    fig.add_trace(go.Scatter(x=[col], y=[row], mode="markers", marker=dict(symbol="x", color="red", size=10),
-                             hoverinfo="skip", showlegend=False))
+    fig.add_trace(
+        go.Scatter(
+            x=[col],
+            y=[row],
+            mode="markers",
+            marker=dict(symbol="x", color="red", size=10),
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", title="row", range=[gh - 0.5, -0.5])
     fig.update_xaxes(title="column", range=[-0.5, gw - 0.5])
     fig.update_layout(title=f"Tile ({row}, {col}) enlarged", margin=dict(l=10, r=10, t=50, b=40), height=420)
@@ -291,7 +399,10 @@ def annotate_query(image: np.ndarray, patch_size: Sequence[int], patch: tuple[in
 
 
 def compare_figure(
-    image: np.ndarray, maps: Mapping[str, np.ndarray], patch_size: Sequence[int], scores: Mapping[str, str] | None = None
+    image: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    patch_size: Sequence[int],
+    scores: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Several maps [gh, gw] side by side over the same image, each min-max rescaled, titled with its scores."""
     from plotly.subplots import make_subplots
@@ -300,8 +411,13 @@ def compare_figure(
     scores = scores or {}
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[f"{n}<br><sub>{scores.get(n, '')}</sub>" for n in names],
-                        horizontal_spacing=0.02, vertical_spacing=0.1)
+    fig = make_subplots(
+        rows=nrows,
+        cols=ncols,
+        subplot_titles=[f"{n}<br><sub>{scores.get(n, '')}</sub>" for n in names],
+        horizontal_spacing=0.02,
+        vertical_spacing=0.1,
+    )
     src = _png_data_uri(image)
     ph, pw = int(patch_size[0]), int(patch_size[1])
     h, w = image.shape[:2]
@@ -310,10 +426,23 @@ def compare_figure(
         fig.add_trace(go.Image(source=src, hoverinfo="skip"), row=r, col=c)
         heat = maps[name]
         fig.add_trace(
-            go.Heatmap(z=_rescale(heat), x0=pw / 2, dx=pw, y0=ph / 2, dy=ph, colorscale=HEAT_SCALE, opacity=0.6,
-                       zmin=0, zmax=1, showscale=idx == 0, colorbar=dict(title="rescaled", thickness=10),
-                       customdata=heat, hovertemplate=name + ": %{customdata:.4g}<extra></extra>"),
-            row=r, col=c,
+            go.Heatmap(
+                z=_rescale(heat),
+                x0=pw / 2,
+                dx=pw,
+                y0=ph / 2,
+                dy=ph,
+                colorscale=HEAT_SCALE,
+                opacity=0.6,
+                zmin=0,
+                zmax=1,
+                showscale=idx == 0,
+                colorbar=dict(title="rescaled", thickness=10),
+                customdata=heat,
+                hovertemplate=name + ": %{customdata:.4g}<extra></extra>",
+            ),
+            row=r,
+            col=c,
         )
         _image_axes(fig, h, w, row=r, col=c)
     fig.update_layout(margin=dict(l=10, r=10, t=60, b=10), height=330 * nrows + 40, title="Explanations compared")
@@ -324,13 +453,22 @@ def curves_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], mo
     """Deletion or insertion curves (fraction of patches changed vs class probability), AUC in the legend."""
     fig = go.Figure()
     for name, (fractions, probs, auc) in curves.items():
-        fig.add_trace(go.Scatter(x=fractions, y=probs, mode="lines", name=f"{name} (AUC {auc:.3f})",
-                                 hovertemplate=name + ": %{x:.2f} → %{y:.3f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=fractions,
+                y=probs,
+                mode="lines",
+                name=f"{name} (AUC {auc:.3f})",
+                hovertemplate=name + ": %{x:.2f} → %{y:.3f}<extra></extra>",
+            )
+        )
     better = "lower is more faithful" if mode == "deletion" else "higher is more faithful"
     fig.update_layout(
         title=f"{mode.capitalize()} curves ({better})",
         xaxis_title=f"fraction of patches {'deleted' if mode == 'deletion' else 'inserted'}",
-        yaxis_title="probability of the explained class", margin=dict(l=10, r=10, t=50, b=40), height=360,
+        yaxis_title="probability of the explained class",
+        margin=dict(l=10, r=10, t=50, b=40),
+        height=360,
         yaxis_range=[0, 1.02],
     )
     return fig
@@ -346,8 +484,9 @@ def _upscale_rgb(rgb: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
     return np.repeat(np.repeat(img, ph, axis=0), pw, axis=1)
 
 
-def pca_rgb_figure(image: np.ndarray, rgb: np.ndarray, patch_size: Sequence[int], opacity: float = 0.8,
-                   title: str = "") -> go.Figure:
+def pca_rgb_figure(
+    image: np.ndarray, rgb: np.ndarray, patch_size: Sequence[int], opacity: float = 0.8, title: str = ""
+) -> go.Figure:
     """The first 3 principal components of the patch features as RGB [gh, gw, 3] over the model's view [H, W, 3]."""
     h, w = image.shape[:2]
     gh, gw = rgb.shape[:2]
@@ -358,8 +497,9 @@ def pca_rgb_figure(image: np.ndarray, rgb: np.ndarray, patch_size: Sequence[int]
     fig.add_trace(go.Image(source=_png_data_uri(image), hoverinfo="skip", name="image"))
     fig.add_trace(go.Image(source=_png_data_uri(big), opacity=float(opacity), hoverinfo="skip", name="pca"))
     _image_axes(fig, h, w)
-    fig.update_layout(title=title or f"Feature PCA ({gh}x{gw} patches; RGB = components 1-3)", margin=_MARGIN,
-                      height=420)
+    fig.update_layout(
+        title=title or f"Feature PCA ({gh}x{gw} patches; RGB = components 1-3)", margin=_MARGIN, height=420
+    )
     return fig
 
 
@@ -370,47 +510,92 @@ def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Seque
     n = len(rgbs)
     ncols = min(5, n)
     nrows = math.ceil(n / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=list(names), horizontal_spacing=0.01,
-                        vertical_spacing=0.06)
+    fig = make_subplots(
+        rows=nrows, cols=ncols, subplot_titles=list(names), horizontal_spacing=0.01, vertical_spacing=0.06
+    )
     for i, rgb in enumerate(rgbs):
         r, c = i // ncols + 1, i % ncols + 1
         up = _upscale_rgb(rgb, patch_size)
         fig.add_trace(go.Image(source=_png_data_uri(up), hoverinfo="skip", name=str(names[i])), row=r, col=c)
         _image_axes(fig, up.shape[0], up.shape[1], row=r, col=c)
-    fig.update_layout(title=title or f"PCA shared by {n} images", margin=dict(l=10, r=10, t=60, b=10),
-                      height=200 * nrows + 60)
+    fig.update_layout(
+        title=title or f"PCA shared by {n} images", margin=dict(l=10, r=10, t=60, b=10), height=200 * nrows + 60
+    )
     return fig
 
 
 def norm_grid_figure(norms: np.ndarray, flagged: np.ndarray, layer: int, title: str = "") -> go.Figure:
     """Patch-token norms [gh, gw] after one block, artifact tokens (``flagged`` [gh, gw] bool) marked with a cross."""
     gh, gw = norms.shape
-    fig = go.Figure(go.Heatmap(z=norms, colorscale=HEAT_SCALE, colorbar=dict(title="norm", thickness=12),
-                               hovertemplate=f"layer {layer}<br>patch (%{{y}}, %{{x}})<br>norm %{{z:.4g}}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=norms,
+            colorscale=HEAT_SCALE,
+            colorbar=dict(title="norm", thickness=12),
+            hovertemplate=f"layer {layer}<br>patch (%{{y}}, %{{x}})<br>norm %{{z:.4g}}<extra></extra>",
+        )
+    )
     ys, xs = np.nonzero(flagged)
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="artifact (high norm)",
-                             marker=dict(symbol="x", color="#00e5ff", size=9), hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            name="artifact (high norm)",
+            marker=dict(symbol="x", color="#00e5ff", size=9),
+            hoverinfo="skip",
+        )
+    )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row", range=[gh - 0.5, -0.5])
     fig.update_xaxes(title="patch column", range=[-0.5, gw - 0.5])
-    fig.update_layout(title=title or f"Token norms after block {layer}", margin=dict(l=10, r=10, t=50, b=40),
-                      height=420, showlegend=True, legend=dict(orientation="h", y=-0.15))
+    fig.update_layout(
+        title=title or f"Token norms after block {layer}",
+        margin=dict(l=10, r=10, t=50, b=40),
+        height=420,
+        showlegend=True,
+        legend=dict(orientation="h", y=-0.15),
+    )
     return fig
 
 
-def norm_histogram_figure(patch_norms: np.ndarray, prefix_norms: np.ndarray, threshold: float, layer: int,
-                          title: str = "") -> go.Figure:
+def norm_histogram_figure(
+    patch_norms: np.ndarray, prefix_norms: np.ndarray, threshold: float, layer: int, title: str = ""
+) -> go.Figure:
     """Histogram of one layer's token norms (patches and prefix tokens as two traces) with the artifact threshold."""
     fig = go.Figure()
-    fig.add_trace(go.Histogram(x=patch_norms, name="patch tokens", nbinsx=40, marker_color="#4c78a8",
-                               hovertemplate="norm %{x}<br>%{y} patches<extra></extra>"))
+    fig.add_trace(
+        go.Histogram(
+            x=patch_norms,
+            name="patch tokens",
+            nbinsx=40,
+            marker_color="#4c78a8",
+            hovertemplate="norm %{x}<br>%{y} patches<extra></extra>",
+        )
+    )
     if len(prefix_norms):
-        fig.add_trace(go.Histogram(x=prefix_norms, name="CLS / registers", nbinsx=40, marker_color="#f58518",
-                                   hovertemplate="norm %{x}<br>%{y} prefix tokens<extra></extra>"))
-    fig.add_vline(x=float(threshold), line=dict(color="red", dash="dash"),
-                  annotation_text=f"artifact threshold {threshold:.3g}", annotation_position="top right")
-    fig.update_layout(title=title or f"Token norms after block {layer}", barmode="overlay",
-                      xaxis_title="L2 norm of the token", yaxis_title="tokens", margin=dict(l=10, r=10, t=50, b=40),
-                      height=360)
+        fig.add_trace(
+            go.Histogram(
+                x=prefix_norms,
+                name="CLS / registers",
+                nbinsx=40,
+                marker_color="#f58518",
+                hovertemplate="norm %{x}<br>%{y} prefix tokens<extra></extra>",
+            )
+        )
+    fig.add_vline(
+        x=float(threshold),
+        line=dict(color="red", dash="dash"),
+        annotation_text=f"artifact threshold {threshold:.3g}",
+        annotation_position="top right",
+    )
+    fig.update_layout(
+        title=title or f"Token norms after block {layer}",
+        barmode="overlay",
+        xaxis_title="L2 norm of the token",
+        yaxis_title="tokens",
+        margin=dict(l=10, r=10, t=50, b=40),
+        height=360,
+    )
     fig.update_traces(opacity=0.75)
     return fig
 
@@ -420,15 +605,25 @@ def norms_by_depth_figure(lines: Mapping[str, np.ndarray], title: str = "Token n
     fig = go.Figure()
     for name, values in lines.items():
         dash = "dot" if name.startswith("patch") else None
-        fig.add_trace(go.Scatter(x=np.arange(len(values)), y=values, mode="lines+markers", name=name,
-                                 line=dict(dash=dash), hovertemplate=name + ": layer %{x}, norm %{y:.4g}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="L2 norm", margin=dict(l=10, r=10, t=50, b=40),
-                      height=360)
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(len(values)),
+                y=values,
+                mode="lines+markers",
+                name=name,
+                line=dict(dash=dash),
+                hovertemplate=name + ": layer %{x}, norm %{y:.4g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title, xaxis_title="layer", yaxis_title="L2 norm", margin=dict(l=10, r=10, t=50, b=40), height=360
+    )
     return fig
 
 
-def register_attention_figure(from_cls: np.ndarray | None, from_patches: np.ndarray,
-                              title: str = "Attention to each register (mean over heads)") -> go.Figure:
+def register_attention_figure(
+    from_cls: np.ndarray | None, from_patches: np.ndarray, title: str = "Attention to each register (mean over heads)"
+) -> go.Figure:
     """[L, R] attention to each register from CLS (left, when there is one) and from the patches (right)."""
     from plotly.subplots import make_subplots
 
@@ -437,13 +632,27 @@ def register_attention_figure(from_cls: np.ndarray | None, from_patches: np.ndar
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.12)
     for i, (name, z) in enumerate(panels):
         num_layers, num_regs = z.shape
-        fig.add_trace(go.Heatmap(z=z, x=[f"reg {j}" for j in range(num_regs)], y=list(range(num_layers)),
-                                 colorscale=HEAT_SCALE, zmin=0, coloraxis="coloraxis", name=name,
-                                 hovertemplate=name + "<br>layer %{y}, %{x}<br>attention %{z:.4f}<extra></extra>"),
-                      row=1, col=i + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=[f"reg {j}" for j in range(num_regs)],
+                y=list(range(num_layers)),
+                colorscale=HEAT_SCALE,
+                zmin=0,
+                coloraxis="coloraxis",
+                name=name,
+                hovertemplate=name + "<br>layer %{y}, %{x}<br>attention %{z:.4f}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
         fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
-    fig.update_layout(title=title, coloraxis=dict(colorscale=HEAT_SCALE, colorbar=dict(title="attention")),
-                      margin=dict(l=10, r=10, t=70, b=40), height=380)
+    fig.update_layout(
+        title=title,
+        coloraxis=dict(colorscale=HEAT_SCALE, colorbar=dict(title="attention")),
+        margin=dict(l=10, r=10, t=70, b=40),
+        height=380,
+    )
     return fig
 
 
@@ -460,27 +669,45 @@ def _mosaic(maps: np.ndarray, cols: int | None = None) -> tuple[np.ndarray, np.n
         r0, c0 = (h // ncols) * (a + 1), (h % ncols) * (b + 1)
         z[r0 : r0 + a, c0 : c0 + b] = maps[h]
         custom[r0 : r0 + a, c0 : c0 + b] = np.stack([np.full_like(ii, h), ii, jj, maps[h]], -1)
-        notes.append(dict(x=c0 + (b - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom",
-                          font=dict(size=10)))
+        notes.append(
+            dict(
+                x=c0 + (b - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom", font=dict(size=10)
+            )
+        )
     return z, custom, notes
 
 
 def _mosaic_axes(fig: go.Figure, shape: tuple[int, int]) -> None:
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, shape[1] - 0.5])
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, range=[shape[0] - 0.5, -0.5],
-                     scaleanchor="x")
+    fig.update_yaxes(
+        showticklabels=False, showgrid=False, zeroline=False, range=[shape[0] - 0.5, -0.5], scaleanchor="x"
+    )
 
 
 def masks_figure(masks: np.ndarray, threshold: float, layer: int) -> go.Figure:
     """DINO masks [H, gh, gw] (bool) of every head as one mosaic."""
     z, custom, notes = _mosaic(masks.astype(np.float32))
-    fig = go.Figure(go.Heatmap(z=z, customdata=custom, colorscale=[[0, "#202020"], [1, "#fdd835"]], zmin=0, zmax=1,
-                               showscale=False, hoverongaps=False,
-                               hovertemplate="head %{customdata[0]:.0f}, patch (%{customdata[1]:.0f}, "
-                               "%{customdata[2]:.0f})<br>in mask: %{customdata[3]:.0f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            customdata=custom,
+            colorscale=[[0, "#202020"], [1, "#fdd835"]],
+            zmin=0,
+            zmax=1,
+            showscale=False,
+            hoverongaps=False,
+            hovertemplate="head %{customdata[0]:.0f}, patch (%{customdata[1]:.0f}, "
+            "%{customdata[2]:.0f})<br>in mask: %{customdata[3]:.0f}<extra></extra>",
+        )
+    )
     _mosaic_axes(fig, z.shape)
-    fig.update_layout(title=f"Layer {layer}: per head, the patches holding {threshold:.0%} of the CLS attention",
-                      annotations=notes, margin=dict(l=10, r=10, t=60, b=10), height=480, plot_bgcolor="white")
+    fig.update_layout(
+        title=f"Layer {layer}: per head, the patches holding {threshold:.0%} of the CLS attention",
+        annotations=notes,
+        margin=dict(l=10, r=10, t=60, b=10),
+        height=480,
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -491,23 +718,48 @@ def relative_bias_figure(maps: np.ndarray, layer: int, title: str = "") -> go.Fi
     z, custom, notes = _mosaic(maps)
     custom[..., 1] -= gh - 1  # cell (i, j) of a tile is the offset (i - gh + 1, j - gw + 1)
     custom[..., 2] -= gw - 1
-    fig = go.Figure(go.Heatmap(z=z, customdata=custom, colorscale="RdBu", zmid=0, hoverongaps=False,
-                               colorbar=dict(title="bias", thickness=12),
-                               hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>Δrow %{{customdata[1]:.0f}}"
-                               ", Δcol %{customdata[2]:.0f}<br>bias %{customdata[3]:.4g}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            customdata=custom,
+            colorscale="RdBu",
+            zmid=0,
+            hoverongaps=False,
+            colorbar=dict(title="bias", thickness=12),
+            hovertemplate=f"layer {layer}, head %{{customdata[0]:.0f}}<br>Δrow %{{customdata[1]:.0f}}"
+            ", Δcol %{customdata[2]:.0f}<br>bias %{customdata[3]:.4g}<extra></extra>",
+        )
+    )
     _mosaic_axes(fig, z.shape)
-    fig.update_layout(title=title or f"Layer {layer}: relative-position bias per head over (Δrow, Δcol); centre = 0",
-                      annotations=notes, margin=dict(l=10, r=10, t=60, b=10), height=520, plot_bgcolor="white")
+    fig.update_layout(
+        title=title or f"Layer {layer}: relative-position bias per head over (Δrow, Δcol); centre = 0",
+        annotations=notes,
+        margin=dict(l=10, r=10, t=60, b=10),
+        height=520,
+        plot_bgcolor="white",
+    )
     return fig
 
 
 def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
     """The logit lens' probability of one class [L] after each block."""
-    fig = go.Figure(go.Scatter(x=np.arange(len(probs)), y=probs, mode="lines+markers", name=label,
-                               hovertemplate="layer %{x}: %{y:.4f}<extra></extra>"))
-    fig.update_layout(title=f"Logit lens: probability of '{label}' after each block", xaxis_title="layer",
-                      yaxis_title="probability", yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=50, b=40),
-                      height=340)
+    fig = go.Figure(
+        go.Scatter(
+            x=np.arange(len(probs)),
+            y=probs,
+            mode="lines+markers",
+            name=label,
+            hovertemplate="layer %{x}: %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"Logit lens: probability of '{label}' after each block",
+        xaxis_title="layer",
+        yaxis_title="probability",
+        yaxis_range=[0, 1.02],
+        margin=dict(l=10, r=10, t=50, b=40),
+        height=340,
+    )
     return fig
 
 
@@ -524,11 +776,22 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
         layers, heads = np.mgrid[0:num_layers, 0:num_heads]
         custom = np.stack([layers, heads, z], -1)
         lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-        fig.add_trace(go.Heatmap(z=z, customdata=custom, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
-                                 colorbar=dict(title="drop", thickness=10, x=(i + 1) / len(names) - 0.02),
-                                 hovertemplate=name + "<br>layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}"
-                                 "<br>drop %{customdata[2]:.4g}<extra></extra>", name=name),
-                      row=1, col=i + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                customdata=custom,
+                colorscale="RdBu",
+                zmid=0,
+                zmin=-lim,
+                zmax=lim,
+                colorbar=dict(title="drop", thickness=10, x=(i + 1) / len(names) - 0.02),
+                hovertemplate=name + "<br>layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}"
+                "<br>drop %{customdata[2]:.4g}<extra></extra>",
+                name=name,
+            ),
+            row=1,
+            col=i + 1,
+        )
         fig.update_xaxes(title="head", row=1, col=i + 1)
         fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
     fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=40), height=420)
@@ -562,13 +825,18 @@ def perturbation_curves_figure(
             ys, auc = per_panel[key]
             fig.add_trace(
                 go.Scatter(
-                    x=x, y=[100 * v for v in ys], mode="lines+markers", name=label, legendgroup=label,
+                    x=x,
+                    y=[100 * v for v in ys],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=label,
                     showlegend=j == 0,
                     line={"color": colours[i % len(colours)], "dash": "dot" if label in dotted else "solid"},
                     hovertemplate=f"{html.escape(label)}<br>%{{x:.0f}} % removed: %{{y:.1f}} % accuracy<br>"
                     f"AUC {auc:.2f}<extra></extra>",
                 ),
-                row=j // 2 + 1, col=j % 2 + 1,
+                row=j // 2 + 1,
+                col=j % 2 + 1,
             )
     fig.update_xaxes(title_text="patches removed (%)")
     fig.update_yaxes(title_text="top-1 accuracy (%)")

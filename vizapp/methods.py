@@ -109,11 +109,23 @@ def _flow_cost(r: Analysis) -> Cost:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("rollout", "Attention rollout", False, lambda r, c, **kw: r.rollout(**kw),
-               controls=("head_fusion", "discard_ratio", "start_layer")),
+        Method(
+            "rollout",
+            "Attention rollout",
+            False,
+            lambda r, c, **kw: r.rollout(**kw),
+            controls=("head_fusion", "discard_ratio", "start_layer"),
+        ),
         Method("attention", "Last-layer CLS attention", False, lambda r, c, **kw: r.last_layer_attention()),
-        Method("flow", "Attention flow", False, lambda r, c, **kw: r.attention_flow(**kw), slow=True,
-               reports_progress=True, cost=_flow_cost),
+        Method(
+            "flow",
+            "Attention flow",
+            False,
+            lambda r, c, **kw: r.attention_flow(**kw),
+            slow=True,
+            reports_progress=True,
+            cost=_flow_cost,
+        ),
         Method("grad_rollout", "Gradient rollout", True, lambda r, c, **kw: r.grad_rollout(c, **kw)),
         Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw)),
     )

@@ -25,6 +25,8 @@ from vizapp.models import VizModel
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
 
 Query = str | int | tuple[int, int]
+
+
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
     from vizapp.imageio import DecodedImage, decode_image
 
@@ -161,8 +163,10 @@ class Analysis:
             if not 0 <= query < self.num_tokens:
                 raise BadParameterError(f"token {query} is out of range 0..{self.num_tokens - 1}")
             return int(query)
-        if isinstance(query, (tuple, list)) and len(query) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query
+        if (
+            isinstance(query, (tuple, list))
+            and len(query) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query)
         ):
             r, c = int(query[0]), int(query[1])
             if not (0 <= r < gh and 0 <= c < gw):
@@ -185,8 +189,9 @@ class Analysis:
         layer = self._layer(layer)
         i = self.query_index(query)
         bias = self._bias(layer)
-        return attention_from_qk(self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer],
-                                 None if bias is None else bias[:, i : i + 1])[:, 0]
+        return attention_from_qk(
+            self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer], None if bias is None else bias[:, i : i + 1]
+        )[:, 0]
 
     def attention(self, layer: int, head: int | None = None, query: Query = "cls") -> np.ndarray:
         """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
@@ -221,8 +226,10 @@ class Analysis:
 
     def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
         """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
-        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
-            0.0 <= float(discard_ratio) < 1.0
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
         ):
             raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
         start_layer = self._layer(start_layer)
@@ -235,8 +242,14 @@ class Analysis:
             def fused_layer(layer: int) -> torch.Tensor:
                 return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
 
-            row = rollout_row(fused_layer, self.num_layers, self.output_weights(), self.num_prefix_tokens,
-                              float(discard_ratio), start_layer)
+            row = rollout_row(
+                fused_layer,
+                self.num_layers,
+                self.output_weights(),
+                self.num_prefix_tokens,
+                float(discard_ratio),
+                start_layer,
+            )
             self._cache[key] = self._patch_map(row[self.num_prefix_tokens :])
         return self._cache[key]
 
@@ -342,13 +355,21 @@ class Analysis:
         """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention (the
         rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down)."""
         start_layer = self._layer(start_layer)
-        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
-            0.0 <= float(discard_ratio) < 1.0
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
         ):
             raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
         fused = self.grad_weighted_heads(class_idx)
-        row = rollout_row(lambda layer: fused[layer], self.num_layers, self.output_weights(), self.num_prefix_tokens,
-                          float(discard_ratio), start_layer)
+        row = rollout_row(
+            lambda layer: fused[layer],
+            self.num_layers,
+            self.output_weights(),
+            self.num_prefix_tokens,
+            float(discard_ratio),
+            start_layer,
+        )
         return self._patch_map(row[self.num_prefix_tokens :])
 
     def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
@@ -360,14 +381,21 @@ class Analysis:
         row = relevance_row(self.grad_weighted_heads(class_idx), self.output_weights(), start_layer)
         return self._patch_map(row[self.num_prefix_tokens :])
 
-    def attention_flow(self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def attention_flow(
+        self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
         """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
         from vizapp.analysis.flow import attention_flow
 
         key = ("flow", head_fusion)
         if key not in self._cache:
-            flat = attention_flow(self.attention_stack(), self.num_prefix_tokens, head_fusion=head_fusion,
-                                  query=self.query_index("cls"), progress=progress)
+            flat = attention_flow(
+                self.attention_stack(),
+                self.num_prefix_tokens,
+                head_fusion=head_fusion,
+                query=self.query_index("cls"),
+                progress=progress,
+            )
             self._cache[key] = self._patch_map(flat)
         return self._cache[key]
 
@@ -416,8 +444,18 @@ class Analysis:
         for name, m in maps.items():
             sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
             out[name] = {
-                mode: perturbation_curve(predict, self.input[0], sal, self.grid_size, self.patch_size, cls, mode=mode,
-                                         steps=steps, baseline=baseline, batch_size=batch_size)
+                mode: perturbation_curve(
+                    predict,
+                    self.input[0],
+                    sal,
+                    self.grid_size,
+                    self.patch_size,
+                    cls,
+                    mode=mode,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                )
                 for mode in ("deletion", "insertion")
             }
         return out
@@ -428,8 +466,9 @@ class Analysis:
         layer = self._layer(layer)
         if layer not in self.block_outputs:
             kept = sorted(self.block_outputs)
-            raise BadParameterError(f"layer {layer}'s features were not kept for this model (too large); "
-                                    f"layers with features: {kept}")
+            raise BadParameterError(
+                f"layer {layer}'s features were not kept for this model (too large); layers with features: {kept}"
+            )
         return self.block_outputs[layer][self.num_prefix_tokens :]
 
     def feature_pca(self, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
@@ -473,8 +512,11 @@ class Analysis:
 
         rows = []
         for layer in range(self.num_layers):
-            rows.append(register_attention(self.attention_layer(layer), self.num_prefix_tokens, self.num_registers,
-                                           self.has_class_token))
+            rows.append(
+                register_attention(
+                    self.attention_layer(layer), self.num_prefix_tokens, self.num_registers, self.has_class_token
+                )
+            )
         from_cls = None if rows[0].from_cls is None else torch.stack([r.from_cls for r in rows]).numpy()
         return {"from_cls": from_cls, "from_patches": torch.stack([r.from_patches for r in rows]).numpy()}
 
@@ -585,8 +627,14 @@ def analyze(
         dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
         # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
         # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
-        stats = LayerStatistics([vm.num_heads] * n_layers, n, dist, p, ("mean",) if keep_fused else (),
-                                store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES)
+        stats = LayerStatistics(
+            [vm.num_heads] * n_layers,
+            n,
+            dist,
+            p,
+            ("mean",) if keep_fused else (),
+            store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES,
+        )
         blocks = BlockFeatures(n_layers, vm.lens_fn)
         with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks, with_grad=gradients) as cap:
             logits = vm.logits(x_dev)
@@ -648,9 +696,7 @@ def analyze(
     return result
 
 
-def feature_pca(
-    vm: VizModel, images: Any, layer: int = -1, foreground_threshold: float | None = None
-) -> np.ndarray:
+def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
     """One PCA shared by several images, so that parts correspond by colour (Oquab et al. 2023, DINOv2 Fig. 1).
 
     Args:
@@ -668,8 +714,14 @@ def feature_pca(
     images = list(images)
     if not images:
         raise BadParameterError("feature_pca needs at least one image")
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -vm.num_layers <= layer < vm.num_layers:
-        raise BadParameterError(f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200])
+    if (
+        isinstance(layer, bool)
+        or not isinstance(layer, (int, np.integer))
+        or not -vm.num_layers <= layer < vm.num_layers
+    ):
+        raise BadParameterError(
+            f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200]
+        )
     layer = int(layer) % vm.num_layers
     x = torch.stack([vm.transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
     grid = vm.grid_for(x.shape[-2], x.shape[-1])

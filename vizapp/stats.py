@@ -168,8 +168,12 @@ def collect_stats(
     dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(device)
     reducer = DatasetDistances(vm.num_layers, vm.num_heads, dist, vm.num_prefix_tokens)
     loader = DataLoader(
-        ImageFileDataset(paths, vm.transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate, pin_memory=device.type == "cuda",
+        ImageFileDataset(paths, vm.transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
     )
     skipped: list[tuple[str, str]] = []
     n_images = timed_images = 0
@@ -213,9 +217,15 @@ def collect_stats(
         raise RuntimeError(f"layers saw {reducer.counts.tolist()} images, expected {n_images} each")
     mean = (reducer.sums / n_images).cpu().numpy() if n_images else np.full((vm.num_layers, vm.num_heads), np.nan)
     return DatasetStats(
-        mean_distance=mean, n_images=n_images, skipped=skipped, grid_size=grid,
-        patch_size=(int(vm.patch_size[0]), int(vm.patch_size[1])), seconds=seconds, timed_images=timed_images,
-        analysis_seconds=analysis_s, bare_seconds=bare_s,
+        mean_distance=mean,
+        n_images=n_images,
+        skipped=skipped,
+        grid_size=grid,
+        patch_size=(int(vm.patch_size[0]), int(vm.patch_size[1])),
+        seconds=seconds,
+        timed_images=timed_images,
+        analysis_seconds=analysis_s,
+        bare_seconds=bare_s,
     )
 
 
@@ -257,7 +267,8 @@ def write_html(path: str | Path, stats: DatasetStats, model_name: str) -> None:
 
     ref = uniform_reference_distance(stats.grid_size, stats.patch_size)
     fig = figures.distance_figure(
-        stats.mean_distance, ref,
+        stats.mean_distance,
+        ref,
         title=f"Mean attention distance of {model_name} over {stats.n_images} images "
         f"({stats.grid_size[0]}x{stats.grid_size[1]} patches of {stats.patch_size[0]} px)",
     )
@@ -279,8 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--model", required=True, help="timm name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k)")
     weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
-                         help="pretrained weights (default; needs the hub or a cached copy)")
+    weights.add_argument(
+        "--pretrained",
+        dest="pretrained",
+        action="store_true",
+        default=True,
+        help="pretrained weights (default; needs the hub or a cached copy)",
+    )
     weights.add_argument("--random", dest="pretrained", action="store_false", help="random weights (tests, timing)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -289,10 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--img-size", type=int, default=None, help="input size passed to timm.create_model")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="other timm.create_model keyword arguments (repeatable), e.g. depth=2")
-    p.add_argument("--baseline-batches", type=int, default=4,
-                   help="batches also run through a bare forward for the throughput comparison (-1: all, 0: none)")
+    p.add_argument(
+        "--model-arg",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other timm.create_model keyword arguments (repeatable), e.g. depth=2",
+    )
+    p.add_argument(
+        "--baseline-batches",
+        type=int,
+        default=4,
+        help="batches also run through a bare forward for the throughput comparison (-1: all, 0: none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -321,8 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VizappError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stats = collect_stats(vm, paths, args.batch_size, workers=args.workers, progress=not args.no_progress,
-                          baseline_batches=args.baseline_batches)
+    stats = collect_stats(
+        vm,
+        paths,
+        args.batch_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+        baseline_batches=args.baseline_batches,
+    )
     if stats.skipped:
         print(f"warning: skipped {len(stats.skipped)} undecodable file(s):", file=sys.stderr)
         for path, reason in stats.skipped[:5]:
@@ -334,12 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     write_csv(args.out_csv, stats.mean_distance, stats.n_images)
     write_html(args.out_html, stats, vm.name)
-    print(f"{vm.name} ({vm.source} weights): {stats.n_images} images analysed, {len(stats.skipped)} skipped, "
-          f"{vm.num_layers} layers x {vm.num_heads} heads")
+    print(
+        f"{vm.name} ({vm.source} weights): {stats.n_images} images analysed, {len(stats.skipped)} skipped, "
+        f"{vm.num_layers} layers x {vm.num_heads} heads"
+    )
     print(f"end to end (decoding included): {stats.throughput:.1f} images/s over {stats.seconds:.1f} s")
     if stats.timed_images:
-        print(f"same {stats.timed_images} images: analysis {stats.analysis_throughput:.1f} images/s, bare forward "
-              f"{stats.bare_throughput:.1f} images/s, ratio {stats.throughput_ratio:.2f} (target >= 0.8)")
+        print(
+            f"same {stats.timed_images} images: analysis {stats.analysis_throughput:.1f} images/s, bare forward "
+            f"{stats.bare_throughput:.1f} images/s, ratio {stats.throughput_ratio:.2f} (target >= 0.8)"
+        )
     print(f"wrote {args.out_csv} and {args.out_html}")
     return 0
 

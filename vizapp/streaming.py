@@ -38,8 +38,15 @@ class LayerStatistics:
         store_mean: keep each layer's mean fusion for :meth:`rollout_row` (implied by "mean" in ``fusions``).
     """
 
-    def __init__(self, heads: Sequence[int], num_tokens: int, dist: torch.Tensor, num_prefix_tokens: int,
-                 fusions: Sequence[str] = (), store_mean: bool = True) -> None:
+    def __init__(
+        self,
+        heads: Sequence[int],
+        num_tokens: int,
+        dist: torch.Tensor,
+        num_prefix_tokens: int,
+        fusions: Sequence[str] = (),
+        store_mean: bool = True,
+    ) -> None:
         self.heads, self.n, self.p = list(heads), num_tokens, num_prefix_tokens
         self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
         self.store_mean = store_mean or "mean" in fusions
@@ -118,8 +125,10 @@ class DatasetDistances:
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
         n_patches = self.dist.shape[-1]
         if attn.shape[-1] - self.p != n_patches:
-            raise ValueError(f"attention has {attn.shape[-1] - self.p} patch tokens after {self.p} prefix tokens, "
-                             f"but the grid has {n_patches}")
+            raise ValueError(
+                f"attention has {attn.shape[-1] - self.p} patch tokens after {self.p} prefix tokens, "
+                f"but the grid has {n_patches}"
+            )
         self._images = max(self._images, batch + 1)
         terms = self.terms(attn, row)
         if terms is None:
@@ -133,8 +142,14 @@ class DatasetDistances:
         self._images = 0
 
 
-def fused_layer(q: torch.Tensor, k: torch.Tensor, scale: float, head_fusion: str, budget: int | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def fused_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    head_fusion: str,
+    budget: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One layer's head-fused attention [N, N] from q, k [H, N, d], a cache-sized chunk of heads at a time (the
     softmax in place in one reused buffer), never the layer's whole [H, N, N]."""
     h, n, _ = q.shape
@@ -159,8 +174,9 @@ class BlockFeatures:
         budget: default :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`.
     """
 
-    def __init__(self, num_layers: int, lens_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-                 budget: int | None = None) -> None:
+    def __init__(
+        self, num_layers: int, lens_fn: Callable[[torch.Tensor], torch.Tensor] | None, budget: int | None = None
+    ) -> None:
         self.num_layers = num_layers
         self.budget = limits.BLOCK_OUTPUT_BYTES if budget is None else budget
         self.lens_fn = lens_fn

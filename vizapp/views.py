@@ -106,8 +106,15 @@ def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
     layer = c.layer % r.num_layers
     heat = r.attention(layer, c.focus_head, c.query)
     patch = None if isinstance(c.query, str) else (int(c.query[0]), int(c.query[1]))
-    return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, marker=patch, value_name="weight",
-                                  title=f"Layer {layer}, head {c.focus_head}: {query_label(c.query)}")
+    return figures.overlay_figure(
+        r.image,
+        heat,
+        r.patch_size,
+        c.opacity,
+        marker=patch,
+        value_name="weight",
+        title=f"Layer {layer}, head {c.focus_head}: {query_label(c.query)}",
+    )
 
 
 QUERY_IMAGE_MIN_SIDE = 320
@@ -129,7 +136,8 @@ def query_image(r: Analysis, c: Controls) -> np.ndarray:
 def distance_view(r: Analysis) -> go.Figure:
     ref = uniform_reference_distance(r.grid_size, r.patch_size)
     return figures.distance_figure(
-        r.mean_distance, ref,
+        r.mean_distance,
+        ref,
         title=f"Mean attention distance ({r.grid_size[0]}x{r.grid_size[1]} patches of {r.patch_size[0]} px)",
     )
 
@@ -162,13 +170,16 @@ class PosEmbedViews(NamedTuple):
 
 def _mosaic_note(fig: go.Figure | None, grid: tuple[int, int]) -> str:
     if fig is not None and fig.data and fig.data[0].type == "image":
-        return (f". {grid[0] * grid[1]} tiles are drawn as one image, with cosines in steps of 1/127: click a tile to "
-                "enlarge it, and hover the enlarged tile for values.")
+        return (
+            f". {grid[0] * grid[1]} tiles are drawn as one image, with cosines in steps of 1/127: click a tile to "
+            "enlarge it, and hover the enlarged tile for values."
+        )
     return ". Hover a cell for tile, cell and cosine; click a tile to enlarge it."
 
 
-def pos_embed_views(vm: VizModel, grid: tuple[int, int] | None = None, tile: tuple[int, int] = (0, 0),
-                    layer: int = 0, head: int = 0) -> PosEmbedViews:
+def pos_embed_views(
+    vm: VizModel, grid: tuple[int, int] | None = None, tile: tuple[int, int] = (0, 0), layer: int = 0, head: int = 0
+) -> PosEmbedViews:
     """The view that fits the model's position scheme (issue 13).
 
     - learned absolute embeddings: their cosine grid, at the model's grid or resampled to ``grid``;
@@ -192,8 +203,11 @@ def pos_embed_views(vm: VizModel, grid: tuple[int, int] | None = None, tile: tup
 def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) -> PosEmbedViews:
     """RoPE and relative-bias views; read from the timm model by :mod:`vizapp.posinfo`."""
     if vm.family != "timm":
-        return PosEmbedViews(None, None, vm.pos_embed_status + f". Its view is read from timm models only; "
-                             f"`{vm.name}` is a {vm.family} model.")
+        return PosEmbedViews(
+            None,
+            None,
+            vm.pos_embed_status + f". Its view is read from timm models only; `{vm.name}` is a {vm.family} model.",
+        )
     from vizapp import posinfo
 
     info = posinfo.position_info(vm.model)
@@ -202,8 +216,10 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
         maps = posinfo.relative_bias_maps(vm.model).detach().float().cpu().numpy()  # [L, H, 2gh-1, 2gw-1]
         lay = int(np.clip(layer, 0, maps.shape[0] - 1))
         fig = figures.relative_bias_figure(maps[lay], lay)
-        note = head_line + (f" Layer {lay} of {maps.shape[0]} (layer selector); each tile is one head's bias over the "
-                            "offset between query and key, the centre being the same patch.")
+        note = head_line + (
+            f" Layer {lay} of {maps.shape[0]} (layer selector); each tile is one head's bias over the "
+            "offset between query and key, the centre being the same patch."
+        )
         return PosEmbedViews(fig, None, note, layers=maps.shape[0])
     sim = posinfo.rope_position_similarity(vm.model).detach().float().cpu().numpy()  # the model may be on a GPU
     gh, gw = info.grid_size
@@ -216,8 +232,10 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
         where = f" Layer {lay}, head {hd} (selectors: each head of each layer has its own frequencies)."
     title = f"RoPE similarity between positions ({gh}x{gw})" + (where and f", layer {lay}, head {hd}")
     fig = pos_view(sim, note=title)
-    note = head_line + where + " Each tile: for a query at that position, the similarity the rotation alone gives to " \
+    note = (
+        head_line + where + " Each tile: for a query at that position, the similarity the rotation alone gives to "
         "a key at every position (mean over frequencies of cos(ω·Δp))" + _mosaic_note(fig, (gh, gw))
+    )
     return PosEmbedViews(fig, pos_tile_view(sim, tile), note, layers=layers, heads=heads)
 
 
@@ -233,8 +251,9 @@ class FaithfulnessViews(NamedTuple):
 def faithfulness_views(r: Analysis, maps: Mapping[str, np.ndarray], curves: Mapping[str, Any]) -> FaithfulnessViews:
     """Figures for maps ``{label: [gh, gw]}`` and their curves ``{label: {"deletion": Curve, "insertion": Curve}}``
     (from :meth:`~vizapp.pipeline.Analysis.faithfulness`; curves may have more entries, e.g. "random")."""
-    scores = {n: f"deletion AUC {c['deletion'].auc:.3f} · insertion AUC {c['insertion'].auc:.3f}"
-              for n, c in curves.items()}
+    scores = {
+        n: f"deletion AUC {c['deletion'].auc:.3f} · insertion AUC {c['insertion'].auc:.3f}" for n, c in curves.items()
+    }
     table = [[n, round(c["deletion"].auc, 4), round(c["insertion"].auc, 4)] for n, c in curves.items()]
     deletion, insertion = (
         figures.curves_figure({n: (c[mode].fractions, c[mode].probs, c[mode].auc) for n, c in curves.items()}, mode)
@@ -282,17 +301,21 @@ def feature_pca_view(r: Analysis, layer: int = -1, foreground_threshold: float |
     rgb = r.feature_pca(lay, foreground_threshold=foreground_threshold)
     fg = "" if foreground_threshold is None else f", foreground: 1st component > {foreground_threshold:.2f}"
     title = f"Feature PCA after block {lay} (RGB = components 1-3{fg})"
-    return figures.pca_rgb_figure(r.image, rgb, r.patch_size, title=title + ("<br><sub>" + note + "</sub>" if note else ""))
+    return figures.pca_rgb_figure(
+        r.image, rgb, r.patch_size, title=title + ("<br><sub>" + note + "</sub>" if note else "")
+    )
 
 
 def pca_gallery_view(rgbs: np.ndarray, patch_size: tuple[int, int], names: list[str], layer: int) -> go.Figure:
     """One PCA shared by several images ([B, gh, gw, 3] from :func:`vizapp.pipeline.feature_pca`), side by side."""
-    return figures.pca_gallery_figure(rgbs, patch_size, names,
-                                      title=f"One PCA over {len(rgbs)} images' patch features after block {layer}")
+    return figures.pca_gallery_figure(
+        rgbs, patch_size, names, title=f"One PCA over {len(rgbs)} images' patch features after block {layer}"
+    )
 
 
-def feature_similarity_view(r: Analysis, query: tuple[int, int], layer: int = -1, other: Analysis | None = None,
-                            opacity: float = 0.6) -> go.Figure:
+def feature_similarity_view(
+    r: Analysis, query: tuple[int, int], layer: int = -1, other: Analysis | None = None, opacity: float = 0.6
+) -> go.Figure:
     """Cosine similarity of the query patch's feature to every patch of this image, or of ``other``."""
     lay, note = feature_layer(r, layer)
     if other is not None:
@@ -306,8 +329,16 @@ def feature_similarity_view(r: Analysis, query: tuple[int, int], layer: int = -1
     marker = None if other is not None else (int(query[0]), int(query[1]))
     if note:
         title += "<br><sub>" + note + "</sub>"
-    return figures.overlay_figure(target.image, sim, target.patch_size, opacity, title=title, value_name="cosine",
-                                  colorscale=figures.SIM_SCALE, marker=marker)
+    return figures.overlay_figure(
+        target.image,
+        sim,
+        target.patch_size,
+        opacity,
+        title=title,
+        value_name="cosine",
+        colorscale=figures.SIM_SCALE,
+        marker=marker,
+    )
 
 
 def artifact_threshold(norms: np.ndarray, k: float = ARTIFACT_K) -> float:
@@ -333,16 +364,20 @@ def artifact_sentence(r: Analysis, k: float = ARTIFACT_K) -> str:
     mid = num_layers // 3
     rule = f"norm above its layer's median + {k:g}·MAD"
     if not layers:
-        return (f"On this image no patch token has a {rule} in any of the {num_layers} layers: no high-norm "
-                "artifact tokens are measured here (one image; others may differ).")
+        return (
+            f"On this image no patch token has a {rule} in any of the {num_layers} layers: no high-norm "
+            "artifact tokens are measured here (one image; others may differ)."
+        )
     worst = max(layers, key=lambda i: norms[i, p:].max() / max(np.median(norms[i, p:]), 1e-12))
     ratio = norms[worst, p:].max() / max(np.median(norms[worst, p:]), 1e-12)
     late = [i for i in layers if i >= mid]
     counts = ", ".join(f"layer {i}: {int(per_layer[i])}" for i in layers[:8]) + (" ..." if len(layers) > 8 else "")
     head = f"Patch tokens with a {rule} ({counts}; up to {ratio:.1f}x the median norm, layer {worst})."
     if late:
-        return (head + f" So on this image high-norm tokens do appear in the middle-to-late layers (layer {mid} on), "
-                f"in {len(late)} of the {num_layers - mid} layers there.")
+        return (
+            head + f" So on this image high-norm tokens do appear in the middle-to-late layers (layer {mid} on), "
+            f"in {len(late)} of the {num_layers - mid} layers there."
+        )
     return head + f" They appear only in the early layers (before layer {mid}), not in the middle-to-late ones."
 
 
@@ -373,12 +408,19 @@ def token_norm_views(r: Analysis, layer: int = -1, k: float = ARTIFACT_K) -> Tok
     row = norms[lay]
     thr = artifact_threshold(row, k)
     n_flag = int(flags[lay].sum())
-    grid = figures.norm_grid_figure(row[p:].reshape(r.grid_size), flags[lay, p:].reshape(r.grid_size), lay,
-                                    title=f"Patch-token norms after block {lay} (x: {int(flags[lay, p:].sum())} "
-                                    f"artifact tokens, norm > {thr:.3g})")
-    hist = figures.norm_histogram_figure(row[p:], row[:p], thr, lay,
-                                         title=f"Token norms after block {lay}: {n_flag} of {r.num_tokens} tokens "
-                                         f"above median + {k:g}·MAD")
+    grid = figures.norm_grid_figure(
+        row[p:].reshape(r.grid_size),
+        flags[lay, p:].reshape(r.grid_size),
+        lay,
+        title=f"Patch-token norms after block {lay} (x: {int(flags[lay, p:].sum())} artifact tokens, norm > {thr:.3g})",
+    )
+    hist = figures.norm_histogram_figure(
+        row[p:],
+        row[:p],
+        thr,
+        lay,
+        title=f"Token norms after block {lay}: {n_flag} of {r.num_tokens} tokens above median + {k:g}·MAD",
+    )
     lines = {name: norms[:, i] for i, name in enumerate(prefix_names(r))}
     lines["patch median"] = np.median(norms[:, p:], axis=1)
     lines["patch max"] = norms[:, p:].max(axis=1)
@@ -403,9 +445,14 @@ def dino_mask_views(r: Analysis, threshold: float = 0.6, opacity: float = 0.6) -
     masks = r.dino_masks(threshold)
     lay = r.num_layers - 1
     count = masks.sum(0).astype(np.float32)
-    overlay = figures.overlay_figure(r.image, count, r.patch_size, opacity, value_name="heads",
-                                     title=f"How many of the {r.num_heads} heads' masks cover each patch "
-                                     f"(threshold {threshold:.2f})")
+    overlay = figures.overlay_figure(
+        r.image,
+        count,
+        r.patch_size,
+        opacity,
+        value_name="heads",
+        title=f"How many of the {r.num_heads} heads' masks cover each patch (threshold {threshold:.2f})",
+    )
     return MaskViews(figures.masks_figure(masks, threshold, lay), overlay)
 
 
@@ -450,15 +497,24 @@ def importance_view(exact: np.ndarray | None, gradient: np.ndarray | None, score
         import torch
 
         both = np.isfinite(exact) & np.isfinite(gradient)
-        rho = rank_correlation(torch.as_tensor(exact[both]), torch.as_tensor(gradient[both])) if both.sum() > 1 else float("nan")
+        rho = (
+            rank_correlation(torch.as_tensor(exact[both]), torch.as_tensor(gradient[both]))
+            if both.sum() > 1
+            else float("nan")
+        )
         text = f"Spearman rank correlation between the two: **{rho:.3f}** over {int(both.sum())} heads."
     title = "Head importance: drop of the " + (score or "score") + " when each head alone is ablated"
     return figures.importance_figure(panels, title=title), text
 
 
-def feature_arrays(r: Analysis, layer: int = -1, foreground_threshold: float | None = None,
-                   query: tuple[int, int] | None = None, dino_threshold: float = 0.6,
-                   importance: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def feature_arrays(
+    r: Analysis,
+    layer: int = -1,
+    foreground_threshold: float | None = None,
+    query: tuple[int, int] | None = None,
+    dino_threshold: float = 0.6,
+    importance: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """The Features tab's arrays for an .npz export (names say the shapes' meaning)."""
     lay, _ = feature_layer(r, layer)
     out: dict[str, np.ndarray] = {
@@ -502,8 +558,10 @@ def importance_support(vm: VizModel) -> dict[str, str]:
     except Exception as e:  # noqa: BLE001  (any unsupported layout: say why, for both)
         return {"exact": str(e), "gradient": str(e)}
     if not vm.labels:
-        why["gradient"] = ("the gradient estimate needs a classifier head (without one the score, 1 - cos to the clean "
-                           "feature, has zero gradient); this model has none")
+        why["gradient"] = (
+            "the gradient estimate needs a classifier head (without one the score, 1 - cos to the clean "
+            "feature, has zero gradient); this model has none"
+        )
     return why
 
 

@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm names, optionally name@key=value,... (create_model kwargs); default: the issue's five",
     )
-    p.add_argument("--families", action="store_true",
-                   help="the model-family rows (DINOv3, EVA-02, BEiT, torchvision, transformers) instead of the default set")
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="the model-family rows (DINOv3, EVA-02, BEiT, torchvision, transformers) instead of the default set",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (default 7; 2 with --quick)")
     p.add_argument("--large-repeats", type=int, default=3, help=f"repeats for models over {LARGE_MACS / 1e9:.0f} GMAC")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the repeats")
@@ -119,7 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     dataset = None
     # default: with the default or quick model set (a --models run measures only what it names)
-    n_ds = args.dataset_images if args.dataset_images is not None else (0 if args.models or args.families else 8 if args.quick else 48)
+    n_ds = (
+        args.dataset_images
+        if args.dataset_images is not None
+        else (0 if args.models or args.families else 8 if args.quick else 48)
+    )
     if n_ds > 0:
         ds_spec = parse_spec(QUICK_DATASET_MODEL if args.quick else DATASET_MODEL)
         dataset = run_dataset(

@@ -37,7 +37,9 @@ def pos_embed_similarity(patch_pos_embed: torch.Tensor, grid_size: int | Sequenc
     """
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else (int(grid_size[0]), int(grid_size[1]))
     if patch_pos_embed.dim() != 2 or patch_pos_embed.shape[0] != gh * gw:
-        raise ValueError(f"expected [{gh * gw}, D] patch embeddings for a {gh}x{gw} grid, got {tuple(patch_pos_embed.shape)}")
+        raise ValueError(
+            f"expected [{gh * gw}, D] patch embeddings for a {gh}x{gw} grid, got {tuple(patch_pos_embed.shape)}"
+        )
     e = patch_pos_embed.to(torch.float64)
     e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = (e @ e.T).clamp(-1.0, 1.0)  # [P, P]

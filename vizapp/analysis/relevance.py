@@ -105,7 +105,9 @@ def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int =
     (:func:`grad_weighted_heads`) in O(L·N²): R = (I + Ā_{L-1}) ··· (I + Ā_start), so the row is carried from the
     top layer down, v <- v + v Ā_l, and R itself is never formed. Equal to ``weights @ chefer_relevance(...)``."""
     if fused.dim() != 3 or not 0 <= start_layer < fused.shape[0]:
-        raise ValueError(f"expected Ā shaped [L, N, N] and start_layer in range, got {tuple(fused.shape)}, {start_layer}")
+        raise ValueError(
+            f"expected Ā shaped [L, N, N] and start_layer in range, got {tuple(fused.shape)}, {start_layer}"
+        )
     v = weights.to(torch.float64)
     for layer in range(fused.shape[0] - 1, start_layer - 1, -1):
         v = v + v @ fused[layer].to(torch.float64)

@@ -117,8 +117,9 @@ def _adapter(name: str) -> str:
     return "timm"
 
 
-def _load_uncached(name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype,
-                   kwargs: dict[str, Any]) -> VizModel:
+def _load_uncached(
+    name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> VizModel:
     kind = _adapter(name)
     if kind == "bundled":
         from vizapp.models import bundled
@@ -170,7 +171,13 @@ def load_model(
     name = validate_model_id(name, allow_files=allow_files)
     dev = torch.device(device) if device is not None else default_device()
     key = (name, bool(pretrained), arch, str(dev), str(dtype), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-    load_args = (("name", name), ("pretrained", bool(pretrained)), ("arch", arch), ("device", str(dev)), ("dtype", dtype))
+    load_args = (
+        ("name", name),
+        ("pretrained", bool(pretrained)),
+        ("arch", arch),
+        ("device", str(dev)),
+        ("dtype", dtype),
+    )
     load_args += tuple(sorted(kwargs.items()))
 
     def loader() -> VizModel:

@@ -198,7 +198,9 @@ def validate_model_id(name: Any, allow_files: bool = True) -> str:
         if name.startswith("hf:") and allow_files and os.path.isdir(repo):
             return name
         raise BadParameterError(f"'{name[:80]}' is not a valid hub id; expected {name.split(':')[0]}:<owner>/<repo>")
-    if name.endswith((".safetensors", ".json")) or (os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))):
+    if name.endswith((".safetensors", ".json")) or (
+        os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))
+    ):
         if not allow_files:
             raise BadParameterError("loading local files is disabled here; pick a model from the list")
         return name

@@ -31,7 +31,9 @@ def bundled_transform(card: dict[str, Any]) -> Callable[[Image.Image], torch.Ten
     mean = torch.tensor(card["mean"], dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(card["std"], dtype=torch.float32).view(-1, 1, 1)
     polarity = card.get("polarity", "light_on_dark")
-    resample = Image.Resampling.BILINEAR if card.get("interpolation", "bilinear") == "bilinear" else Image.Resampling.BICUBIC
+    resample = (
+        Image.Resampling.BILINEAR if card.get("interpolation", "bilinear") == "bilinear" else Image.Resampling.BICUBIC
+    )
 
     def transform(img: Image.Image) -> torch.Tensor:
         g = img.convert("L")
@@ -80,7 +82,7 @@ def _build_from_card(card_path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def load(name: str, device: torch.device, dtype: torch.dtype) -> VizModel:
-    """"bundled", a model card .json, or a .safetensors file with a card beside it."""
+    """ "bundled", a model card .json, or a .safetensors file with a card beside it."""
     card_path = BUNDLED_CARD if name == BUNDLED else Path(name).with_suffix(".json")
     model, card = _build_from_card(card_path)
     if name == BUNDLED or name.endswith(".json"):
@@ -91,6 +93,17 @@ def load(name: str, device: torch.device, dtype: torch.dtype) -> VizModel:
         )
     else:
         source, note = "file", f"Weights from {Path(name).name}."
-    return wrap(model, name, source, note, device, dtype, transform=bundled_transform(card),
-                labels=tuple(card["class_names"]), input_size=tuple(int(v) for v in card["input_size"]),
-                mean=card["mean"], std=card["std"], card=card)
+    return wrap(
+        model,
+        name,
+        source,
+        note,
+        device,
+        dtype,
+        transform=bundled_transform(card),
+        labels=tuple(card["class_names"]),
+        input_size=tuple(int(v) for v in card["input_size"]),
+        mean=card["mean"],
+        std=card["std"],
+        card=card,
+    )

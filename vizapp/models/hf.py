@@ -63,10 +63,13 @@ def _config(src: str, local: bool) -> Any:
         if local:
             raise ModelLoadError(f"{src}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
     if not hub_reachable():
-        raise ModelLoadError(offline_message(
-            f"hf:{src}", "transformers model", "Connect once to cache it, copy a cache (HF_HOME), or pass a folder "
-            "written by save_pretrained.",
-        ))
+        raise ModelLoadError(
+            offline_message(
+                f"hf:{src}",
+                "transformers model",
+                "Connect once to cache it, copy a cache (HF_HOME), or pass a folder written by save_pretrained.",
+            )
+        )
     return transformers.AutoConfig.from_pretrained(src)
 
 
@@ -180,11 +183,13 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     check_budget(name, counter=lambda: meta_parameter_count(lambda: cls._from_config(built)))  # before the weights
     try:
         if pretrained:
-            model = cls.from_pretrained(src, attn_implementation="sdpa", local_files_only=local or None,
-                                        use_safetensors=True)  # never a pickled .bin
+            model = cls.from_pretrained(
+                src, attn_implementation="sdpa", local_files_only=local or None, use_safetensors=True
+            )  # never a pickled .bin
         else:
-            model = cls._from_config(vision if config.model_type in VISION_CONFIGS else config,
-                                     attn_implementation="sdpa")
+            model = cls._from_config(
+                vision if config.model_type in VISION_CONFIGS else config, attn_implementation="sdpa"
+            )
     except OSError as e:
         raise ModelLoadError(f"{name}: weights could not be read ({str(e).splitlines()[0][:200]})") from e
     attention_layers(model)  # the support check
@@ -215,13 +220,29 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         return table
 
     return VizModel(
-        name=name, model=model, device=device, transform=transform, labels=labels, num_prefix_tokens=p,
-        grid_size=grid, patch_size=ps, no_embed_class=pos_prefix == 0, input_size=(3, *size), mean=mean, std=std,
+        name=name,
+        model=model,
+        device=device,
+        transform=transform,
+        labels=labels,
+        num_prefix_tokens=p,
+        grid_size=grid,
+        patch_size=ps,
+        no_embed_class=pos_prefix == 0,
+        input_size=(3, *size),
+        mean=mean,
+        std=std,
         source="pretrained" if pretrained else "random",
         note="" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful.",
-        dtype=dtype, num_layers=len(attention_layers(model)), num_heads=int(vision.num_attention_heads),
-        forward_fn=_forward, grid_fn=lambda h, w: (h // ps[0], w // ps[1]), has_class_token=has_cls, family="hf",
-        position="learned", pos_embed_fn=pos_embed,
+        dtype=dtype,
+        num_layers=len(attention_layers(model)),
+        num_heads=int(vision.num_attention_heads),
+        forward_fn=_forward,
+        grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
+        has_class_token=has_cls,
+        family="hf",
+        position="learned",
+        pos_embed_fn=pos_embed,
         lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
         num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
     )

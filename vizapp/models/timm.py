@@ -35,11 +35,12 @@ def check_supported(model: torch.nn.Module, name: str = "model") -> None:
 
 
 def position_scheme(model: torch.nn.Module) -> str:
-    """"learned", "rope", "relative" or "none", read from the model's modules."""
+    """ "learned", "rope", "relative" or "none", read from the model's modules."""
     if getattr(model, "rope", None) is not None or any(getattr(b.attn, "rope", None) is not None for b in model.blocks):
         return "rope"
     if getattr(model, "rel_pos_bias", None) is not None or any(
-        getattr(b.attn, "relative_position_bias_table", None) is not None or getattr(b.attn, "rel_pos", None) is not None
+        getattr(b.attn, "relative_position_bias_table", None) is not None
+        or getattr(b.attn, "rel_pos", None) is not None
         for b in model.blocks
     ):
         return "relative"
@@ -110,7 +111,8 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "grid_size": grid,
         "patch_size": patch,
         "no_embed_class": no_embed_class,
-        "has_class_token": getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False)),
+        "has_class_token": getattr(model, "cls_token", None) is not None
+        or bool(getattr(model, "has_class_token", False)),
         "num_layers": len(model.blocks),
         "num_heads": int(model.blocks[0].attn.num_heads),
         "forward_fn": _forward,
@@ -195,7 +197,9 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.M
     if repo:
         weights = cached_hub_file(repo, (cfg.hf_hub_filename or "model.safetensors", "open_clip_model.safetensors"))
         if weights:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs), "pretrained"
+            return timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs
+            ), "pretrained"
     if not hub_reachable():
         raise ModelLoadError(offline_message(name, repo and f"hub repo {repo}", HOW))
     return timm.create_model(name, pretrained=True, **kwargs), "pretrained"
@@ -217,8 +221,6 @@ def load_safetensors_into(model: torch.nn.Module, path: Path) -> None:
         raise ModelLoadError(
             f"{path.name} does not match the architecture: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
-
-
 
 
 def load_safetensors_file(path: Path, arch: str | None, kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -243,10 +245,20 @@ def load_safetensors_file(path: Path, arch: str | None, kwargs: dict[str, Any]) 
     return model
 
 
-def wrap(model: torch.nn.Module, name: str, source: str, note: str, device: torch.device, dtype: torch.dtype,
-         transform: Callable | None = None, labels: tuple[str, ...] | None = None,
-         input_size: tuple[int, int, int] | None = None, mean: Any = None, std: Any = None,
-         card: dict[str, Any] | None = None) -> VizModel:
+def wrap(
+    model: torch.nn.Module,
+    name: str,
+    source: str,
+    note: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    transform: Callable | None = None,
+    labels: tuple[str, ...] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    mean: Any = None,
+    std: Any = None,
+    card: dict[str, Any] | None = None,
+) -> VizModel:
     """A :class:`VizModel` for a built timm ViT (preprocessing and labels from timm unless given)."""
     check_supported(model, name)
     model.eval().to(device=device, dtype=dtype)
@@ -254,16 +266,25 @@ def wrap(model: torch.nn.Module, name: str, source: str, note: str, device: torc
         transform, cfg = _timm_transform(model)
         input_size, mean, std = tuple(int(v) for v in cfg["input_size"]), cfg["mean"], cfg["std"]
     return VizModel(
-        name=name, model=model, device=device, transform=transform,
+        name=name,
+        model=model,
+        device=device,
+        transform=transform,
         labels=_imagenet_labels(model) if labels is None else labels,
         input_size=input_size,  # type: ignore[arg-type]
-        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-        source=source, note=note, dtype=dtype, card=card or {}, **metadata(model, input_size),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        source=source,
+        note=note,
+        dtype=dtype,
+        card=card or {},
+        **metadata(model, input_size),
     )
 
 
-def load(name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype,
-         kwargs: dict[str, Any]) -> VizModel:
+def load(
+    name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> VizModel:
     """A timm name/tag ("timm:" optional), an ``hf-hub:`` timm id, or a .safetensors path with ``arch``."""
     if name.endswith(".safetensors"):
         path = Path(name)

@@ -39,10 +39,13 @@ def _weights(arch: str, pretrained: bool) -> Any:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached) and not host_reachable(weights.url):
-        raise ModelLoadError(offline_message(
-            f"torchvision:{arch}", f"weights {os.path.basename(weights.url)}",
-            f"Connect once to cache them, or copy the file into {os.path.dirname(cached)}.",
-        ))
+        raise ModelLoadError(
+            offline_message(
+                f"torchvision:{arch}",
+                f"weights {os.path.basename(weights.url)}",
+                f"Connect once to cache them, or copy the file into {os.path.dirname(cached)}.",
+            )
+        )
     return weights
 
 
@@ -80,11 +83,28 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         return model.encoder.pos_embedding[0, 1:]  # [P, D]: the CLS row dropped
 
     return VizModel(
-        name=name, model=model, device=device, transform=transform, labels=labels,
-        num_prefix_tokens=1, grid_size=(size // ps, size // ps), patch_size=(ps, ps), no_embed_class=False,
-        input_size=(3, size, size), mean=mean, std=std, source="pretrained" if weights is not None else "random",
-        note=note, dtype=dtype, num_layers=len(model.encoder.layers),
-        num_heads=int(model.encoder.layers[0].self_attention.num_heads), forward_fn=_forward,
-        grid_fn=lambda h, w: (h // ps, w // ps), has_class_token=True, family="torchvision", position="learned",
-        pos_embed_fn=pos_embed, lens_fn=lambda x: model.heads(model.encoder.ln(x)[:, 0]),
+        name=name,
+        model=model,
+        device=device,
+        transform=transform,
+        labels=labels,
+        num_prefix_tokens=1,
+        grid_size=(size // ps, size // ps),
+        patch_size=(ps, ps),
+        no_embed_class=False,
+        input_size=(3, size, size),
+        mean=mean,
+        std=std,
+        source="pretrained" if weights is not None else "random",
+        note=note,
+        dtype=dtype,
+        num_layers=len(model.encoder.layers),
+        num_heads=int(model.encoder.layers[0].self_attention.num_heads),
+        forward_fn=_forward,
+        grid_fn=lambda h, w: (h // ps, w // ps),
+        has_class_token=True,
+        family="torchvision",
+        position="learned",
+        pos_embed_fn=pos_embed,
+        lens_fn=lambda x: model.heads(model.encoder.ln(x)[:, 0]),
     )

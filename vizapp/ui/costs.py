@@ -71,6 +71,8 @@ def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str],
     if support.get("gradient"):
         lines.append(f"**Gradient estimate** is not available: {support['gradient']}.")
     else:
-        lines.append(f"**Gradient estimate** (attribution patching): one forward and one backward pass, about 3 "
-                     f"forward passes, {_seconds(3 * forward_s)} ({basis}).")
+        lines.append(
+            f"**Gradient estimate** (attribution patching): one forward and one backward pass, about 3 "
+            f"forward passes, {_seconds(3 * forward_s)} ({basis})."
+        )
     return "\n\n".join([*lines, limit_note()])

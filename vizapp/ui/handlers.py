@@ -168,8 +168,14 @@ def analyze_image(
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
     lay = min(as_int(layer, "layer", -r.num_layers, 63), r.num_layers - 1) % r.num_layers
-    state = {"analysis": r, "query": views.default_query(r), "tile": (0, 0), "model": name, "forward_s": forward_s,
-             "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2)}
+    state = {
+        "analysis": r,
+        "query": views.default_query(r),
+        "tile": (0, 0),
+        "model": name,
+        "forward_s": forward_s,
+        "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2),
+    }
     progress(0.8, desc="drawing")
     c = _controls(
         state,
@@ -209,11 +215,14 @@ def analyze_image(
         feat_row=gr.update(maximum=r.grid_size[0] - 1, value=state["feature_query"][0]),
         feat_col=gr.update(maximum=r.grid_size[1] - 1, value=state["feature_query"][1]),
         norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
-        lens_class=gr.update(choices=views.lens_classes(r) if r.lens_probs is not None else [],
-                             value=classes[0] if classes and r.lens_probs is not None else None),
+        lens_class=gr.update(
+            choices=views.lens_classes(r) if r.lens_probs is not None else [],
+            value=classes[0] if classes and r.lens_probs is not None else None,
+        ),
         imp_class=class_update,
-        importance_cost=importance_cost_note(r, forward_s, views.importance_support(vm),
-                                             reuse=views.importance_reuses_blocks(vm)),
+        importance_cost=importance_cost_note(
+            r, forward_s, views.importance_support(vm), reuse=views.importance_reuses_blocks(vm)
+        ),
     )
 
 
@@ -458,8 +467,11 @@ def render_features(
     if r.lens_probs is not None:
         label = lens_class if isinstance(lens_class, str) and lens_class else None
         lens = views.logit_lens_views(r, label)
-        lens_table, lens_plot, lens_note = gr.update(value=lens.table, visible=True), gr.update(
-            value=lens.depth, visible=True), ""
+        lens_table, lens_plot, lens_note = (
+            gr.update(value=lens.table, visible=True),
+            gr.update(value=lens.depth, visible=True),
+            "",
+        )
     else:
         lens_table, lens_plot, lens_note = gr.update(visible=False), gr.update(value=None, visible=False), NO_HEAD_NOTE
     _, layer_note = views.feature_layer(r, lay)
@@ -489,8 +501,9 @@ def select_feature_patch(state: Any, evt: gr.SelectData) -> FeaturePatchOutputs:
 
 
 @user_errors
-def analyze_second_image(state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6,
-                         progress: gr.Progress = gr.Progress()) -> SecondImageOutputs:
+def analyze_second_image(
+    state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6, progress: gr.Progress = gr.Progress()
+) -> SecondImageOutputs:
     """A second image, analysed with the same network, for the feature similarity across images (click in the first,
     map in the second). ``image`` None clears it."""
     st = _state(state)
@@ -500,15 +513,20 @@ def analyze_second_image(state: Any, image: Any, row: Any, col: Any, layer: Any,
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
     if image is None:
         st = {k: v for k, v in st.items() if k != "other"}
-        return SecondImageOutputs(st, views.feature_similarity_view(r, query, lay, None, alpha),
-                                  "No second image: the similarity is shown on the same image.")
+        return SecondImageOutputs(
+            st,
+            views.feature_similarity_view(r, query, lay, None, alpha),
+            "No second image: the similarity is shown on the same image.",
+        )
     decoded = decode_image(image)
     progress(0.2, desc="forward pass on the second image")
     other = _analyze_on_gpu(models.reload(r.load_args), decoded)
     st = {**st, "other": other}
-    return SecondImageOutputs(st, views.feature_similarity_view(r, query, lay, other, alpha),
-                              "Second image analysed with the same model: click a patch in the first image, "
-                              "the map is drawn on the second.")
+    return SecondImageOutputs(
+        st,
+        views.feature_similarity_view(r, query, lay, other, alpha),
+        "Second image analysed with the same model: click a patch in the first image, the map is drawn on the second.",
+    )
 
 
 def example_images() -> list[str]:
@@ -518,8 +536,9 @@ def example_images() -> list[str]:
 
 
 @user_errors
-def pca_across_examples(state: Any, layer: Any, progress: gr.Progress = gr.Progress(),
-                        request: gr.Request | None = None) -> GalleryOutputs:
+def pca_across_examples(
+    state: Any, layer: Any, progress: gr.Progress = gr.Progress(), request: gr.Request | None = None
+) -> GalleryOutputs:
     """One PCA shared by the analysed image and the example images (one batched forward pass), so parts correspond
     by colour across images."""
     st = _state(state)
@@ -575,8 +594,9 @@ def run_importance(
             d.check(doing)  # raises at the deadline or on Cancel
             return False
 
-        res = head_importance(vm, r.input, class_idx=cls, mode=ablation, method=how, progress=report,
-                              should_stop=should_stop)
+        res = head_importance(
+            vm, r.input, class_idx=cls, mode=ablation, method=how, progress=report, should_stop=should_stop
+        )
     kept[how] = res.drop.numpy()
     kept["score"] = res.score + ("" if res.class_idx is None else f" of '{r.labels[res.class_idx]}'")
     st = {**st, "importance": kept}
@@ -588,15 +608,22 @@ def run_importance(
 
 
 @user_errors
-def export_features(state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
-                    ) -> FeatureExportOutputs:
+def export_features(
+    state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
+) -> FeatureExportOutputs:
     """The Features tab's arrays as .npz, in a fresh private temp folder."""
     st = _state(state)
     r: Analysis = st["analysis"]
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
-    arrays = views.feature_arrays(r, lay, _foreground(foreground), _feature_query(r, row, col),
-                                  as_float(dino_threshold, "mask threshold", 0.01, 1.0), imp)
+    arrays = views.feature_arrays(
+        r,
+        lay,
+        _foreground(foreground),
+        _feature_query(r, row, col),
+        as_float(dino_threshold, "mask threshold", 0.01, 1.0),
+        imp,
+    )
     out = Path(tempfile.mkdtemp(prefix="vizapp-export-")) / "vizapp_features.npz"
     np.savez_compressed(out, **arrays)
     return FeatureExportOutputs(str(out))

@@ -194,17 +194,27 @@ def _features_tab(ui: Components) -> None:
     ui.features_note = gr.Markdown("")
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
-            ui.feat_query_image = gr.Image(label="Click a patch: its feature is compared with every patch",
-                                           interactive=False, elem_id="vizapp-feature-image", height=300,
-                                           format="png", buttons=[])
+            ui.feat_query_image = gr.Image(
+                label="Click a patch: its feature is compared with every patch",
+                interactive=False,
+                elem_id="vizapp-feature-image",
+                height=300,
+                format="png",
+                buttons=[],
+            )
             ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
-            ui.feat_foreground = gr.Slider(0, 0.95, value=0.0, step=0.05,
-                                           label="PCA foreground threshold (0 = off; refit on patches above it)")
+            ui.feat_foreground = gr.Slider(
+                0, 0.95, value=0.0, step=0.05, label="PCA foreground threshold (0 = off; refit on patches above it)"
+            )
             with gr.Row():
                 ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
                 ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
-            ui.second_image = gr.Image(label="Second image (optional): the similarity map is drawn on it",
-                                       type="filepath", sources=["upload", "clipboard"], height=160)
+            ui.second_image = gr.Image(
+                label="Second image (optional): the similarity map is drawn on it",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                height=160,
+            )
             ui.second_button = gr.Button("Compare with the second image")
             ui.second_note = gr.Markdown("")
         with gr.Column(scale=2):
@@ -348,8 +358,9 @@ def _wire_heads(ui: Components) -> None:
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
     def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head):
-        return handlers.render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head,
-                                   trusted_model=trusted)
+        return handlers.render_pos(
+            model_name, resolution, tile_row, tile_col, pos_layer, pos_head, trusted_model=trusted
+        )
 
     inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head]
     outputs = components(PosOutputs, ui)
@@ -375,13 +386,27 @@ def _wire_compare(ui: Components) -> Any:
 
 
 def _feature_inputs(ui: Components) -> list[Any]:
-    return [ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.norm_layer, ui.dino_threshold,
-            ui.lens_class, ui.opacity]
+    return [
+        ui.state,
+        ui.feat_layer,
+        ui.feat_foreground,
+        ui.feat_row,
+        ui.feat_col,
+        ui.norm_layer,
+        ui.dino_threshold,
+        ui.lens_class,
+        ui.opacity,
+    ]
 
 
 def _importance_fn(method: str) -> Any:
-    def run(state: Any, mode: Any, class_label: Any, progress: gr.Progress = gr.Progress(),
-            request: gr.Request | None = None) -> Any:
+    def run(
+        state: Any,
+        mode: Any,
+        class_label: Any,
+        progress: gr.Progress = gr.Progress(),
+        request: gr.Request | None = None,
+    ) -> Any:
         return handlers.run_importance(state, method, mode, class_label, progress, request)
 
     run.__name__ = f"head_importance_{method}"
@@ -393,18 +418,34 @@ def _wire_features(ui: Components, analyze: Any) -> list[Any]:
     Cancel."""
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
     analyze.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
-    for ctrl in (ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.norm_layer, ui.dino_threshold,
-                 ui.lens_class):
+    for ctrl in (
+        ui.feat_layer,
+        ui.feat_foreground,
+        ui.feat_row,
+        ui.feat_col,
+        ui.norm_layer,
+        ui.dino_threshold,
+        ui.lens_class,
+    ):
         ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
-    ui.feat_query_image.select(handlers.select_feature_patch, inputs=[ui.state],
-                               outputs=components(FeaturePatchOutputs, ui), api_visibility="private")
-    second = ui.second_button.click(
-        handlers.analyze_second_image, inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer,
-                                               ui.opacity],
-        outputs=components(SecondImageOutputs, ui), api_visibility="private",
+    ui.feat_query_image.select(
+        handlers.select_feature_patch,
+        inputs=[ui.state],
+        outputs=components(FeaturePatchOutputs, ui),
+        api_visibility="private",
     )
-    gallery = ui.pca_examples_button.click(handlers.pca_across_examples, inputs=[ui.state, ui.feat_layer],
-                                           outputs=components(GalleryOutputs, ui), api_visibility="private")
+    second = ui.second_button.click(
+        handlers.analyze_second_image,
+        inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer, ui.opacity],
+        outputs=components(SecondImageOutputs, ui),
+        api_visibility="private",
+    )
+    gallery = ui.pca_examples_button.click(
+        handlers.pca_across_examples,
+        inputs=[ui.state, ui.feat_layer],
+        outputs=components(GalleryOutputs, ui),
+        api_visibility="private",
+    )
     importance = [
         button.click(
             _importance_fn(method),
@@ -414,12 +455,17 @@ def _wire_features(ui: Components, analyze: Any) -> list[Any]:
         )
         for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
     ]
-    ui.importance_click.change(handlers.open_head, inputs=[ui.state, ui.importance_click],
-                               outputs=components(OpenHeadOutputs, ui), api_visibility="private")
+    ui.importance_click.change(
+        handlers.open_head,
+        inputs=[ui.state, ui.importance_click],
+        outputs=components(OpenHeadOutputs, ui),
+        api_visibility="private",
+    )
     ui.features_export_button.click(
         handlers.export_features,
         inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
-        outputs=components(FeatureExportOutputs, ui), api_visibility="undocumented",
+        outputs=components(FeatureExportOutputs, ui),
+        api_visibility="undocumented",
     )
     return [second, gallery, *importance]
 
