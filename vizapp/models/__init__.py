@@ -181,7 +181,9 @@ def load_model(
     load_args += tuple(sorted(kwargs.items()))
 
     def loader() -> VizModel:
-        return replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs), load_args=load_args)
+        vm = replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs), load_args=load_args)
+        vm.fingerprint()  # digest the weights now, at load, rather than inside the first analysis
+        return vm
 
     return MODEL_CACHE.get_or_load(key, loader)
 

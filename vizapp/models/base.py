@@ -120,14 +120,16 @@ class VizModel:
         if not fresh and self._digest.get("key") == key:
             return self._digest["value"]
         total = [0.0, 0.0, 0.0, 0.0]
+        step = 1 << 20  # elements per chunk: the float64 sums never copy more than 8 MB at once
         with torch.no_grad():
             for t in (*self.model.parameters(), *self.model.buffers()):
-                f = t.detach().reshape(-1)
-                f = f if f.is_floating_point() else f.double()
-                total[0] += f.numel()
-                total[1] += float(f.sum(dtype=torch.float64))
-                total[2] += float((f.float() * f.float()).sum(dtype=torch.float64))
-                total[3] += float(f[::31].sum(dtype=torch.float64))
+                flat = t.detach().reshape(-1)
+                total[0] += flat.numel()
+                for lo in range(0, flat.numel(), step):
+                    c = flat[lo : lo + step].to(torch.float64)
+                    total[1] += float(c.sum())
+                    total[2] += float((c * c).sum())
+                    total[3] += float(c[(-lo) % 31 :: 31].sum())  # every 31st element of the whole tensor
         value = tuple(total)
         self._digest.update(key=key, value=value)
         return value

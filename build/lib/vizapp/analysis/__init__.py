@@ -1,0 +1,74 @@
+"""Pure tensor analyses: no hooks, no models, only attention tensors and token metadata."""
+
+from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
+from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
+from vizapp.analysis.features import (
+    FeaturePCA,
+    RegisterAttention,
+    artifact_tokens,
+    dino_masks,
+    feature_pca,
+    feature_similarity,
+    logit_lens,
+    register_attention,
+    token_norms,
+)
+from vizapp.analysis.flow import attention_flow
+from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+from vizapp.analysis.perturbation import CHEFER_FRACTIONS, accuracy_auc, perturbed_images, removal_counts, removal_order
+from vizapp.analysis.posembed import (
+    axial_rope_freqs,
+    grid_positions,
+    patch_pos_embed,
+    pos_embed_similarity,
+    relative_bias_matrix,
+    relative_bias_offset_map,
+    resample_patch_pos_embed,
+    rope_angle_similarity,
+    rope_similarity,
+)
+from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
+from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_fused, rollout_row
+
+__all__ = [
+    "CHEFER_FRACTIONS",
+    "HEAD_FUSIONS",
+    "Curve",
+    "FeaturePCA",
+    "RegisterAttention",
+    "artifact_tokens",
+    "dino_masks",
+    "feature_pca",
+    "feature_similarity",
+    "logit_lens",
+    "register_attention",
+    "token_norms",
+    "accuracy_auc",
+    "attention_entropy",
+    "attention_flow",
+    "axial_rope_freqs",
+    "chefer_relevance",
+    "cls_map",
+    "grad_rollout",
+    "perturbation_curve",
+    "perturbed_images",
+    "random_order_saliency",
+    "removal_counts",
+    "removal_order",
+    "fuse_heads",
+    "grid_positions",
+    "mean_attention_distance",
+    "patch_distance_matrix",
+    "patch_pos_embed",
+    "pos_embed_similarity",
+    "relative_bias_matrix",
+    "relative_bias_offset_map",
+    "resample_patch_pos_embed",
+    "rope_angle_similarity",
+    "rope_similarity",
+    "rollout",
+    "rollout_fused",
+    "rollout_row",
+    "token_norm_stats",
+    "uniform_reference_distance",
+]

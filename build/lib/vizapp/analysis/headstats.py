@@ -1,0 +1,43 @@
+"""Per-head attention entropy and per-layer token norms.
+
+Attention entropy per head is used by e.g. Zhai et al., "Stabilizing Transformer Training by Preventing Attention
+Entropy Collapse", ICML 2023; token norms by Darcet et al., "Vision Transformers Need Registers", ICLR 2024 (high-norm
+outlier tokens). Pure torch: attention and activations in, statistics out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each query's attention row, averaged over queries: [..., H, N, N] -> [..., H].
+
+    Uniform attention over n keys gives log n; attention to a single key gives 0. Zero weights contribute 0.
+    """
+    a = attn.detach().to(torch.float64)
+    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(torch.finfo(torch.float64).tiny)), torch.zeros_like(a))
+    return (-plogp.sum(dim=-1)).mean(dim=-1)
+
+
+def token_norm_stats(norms: torch.Tensor, num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+    """Summaries of the L2 norms of a block's output tokens, [..., N] (:func:`vizapp.analysis.features.token_norms`;
+    ``Analysis.token_norms()`` rows).
+
+    Args:
+        norms: one block's token norms, [..., N], prefix tokens first.
+        num_prefix_tokens: CLS + register/distillation tokens at the start of the sequence.
+
+    Returns:
+        {"patch_mean": [...] mean norm of the patch tokens, "patch_max": [...] their largest norm,
+        "prefix_mean": [...] mean norm of the prefix tokens (NaN without prefix tokens)}.
+    """
+    norms = torch.as_tensor(norms).detach().to(torch.float64)  # [..., N]
+    patches = norms[..., num_prefix_tokens:]
+    prefix = norms[..., :num_prefix_tokens]
+    nan = torch.full(norms.shape[:-1], float("nan"), dtype=torch.float64)
+    return {
+        "patch_mean": patches.mean(dim=-1),
+        "patch_max": patches.amax(dim=-1),
+        "prefix_mean": prefix.mean(dim=-1) if num_prefix_tokens else nan,
+    }

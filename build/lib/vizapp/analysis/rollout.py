@@ -1,0 +1,172 @@
+"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020).
+
+Each layer's head-fused attention gets the identity added for the residual path and its rows renormalised
+(keepdim: every row sums to 1), then the layers are multiplied from ``start_layer`` upward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+FUSION_START = {"mean": 0.0, "max": -float("inf"), "min": float("inf")}
+
+
+def fuse_heads_into(acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fold the heads of ``attn`` [..., c, r, N] into the running fusion ``acc`` [..., r, N], in place.
+
+    ``acc`` starts at :data:`FUSION_START` [head_fusion]; after every head has been folded in, "mean" still has to be
+    divided by the number of heads (:func:`finish_fusion`). Chunks of heads may arrive in any order.
+    """
+    if head_fusion == "mean":
+        return acc.add_(attn.sum(dim=-3))
+    if head_fusion == "max":
+        return torch.maximum(acc, attn.amax(dim=-3), out=acc)
+    if head_fusion == "min":
+        return torch.minimum(acc, attn.amin(dim=-3), out=acc)
+    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def finish_fusion(acc: torch.Tensor, num_heads: int, head_fusion: str) -> torch.Tensor:
+    """The fused attention from an accumulator that has seen all ``num_heads`` heads (in place)."""
+    return acc.div_(num_heads) if head_fusion == "mean" else acc
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fuse the head axis (dim -3) of ``attn`` [..., H, N, N] into [..., N, N]."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    shape = attn.shape[:-3] + attn.shape[-2:]
+    acc = torch.full(shape, FUSION_START[head_fusion], dtype=attn.dtype, device=attn.device)
+    return finish_fusion(fuse_heads_into(acc, attn, head_fusion), attn.shape[-3], head_fusion)
+
+
+def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: float) -> torch.Tensor:
+    """Zero the lowest ``discard_ratio`` fraction of patch-to-patch entries of each [N, N] matrix.
+
+    Entries in rows or columns of prefix tokens (CLS, distillation token, registers) are never discarded, so the
+    CLS row keeps its mass. Exactly ``k = floor(ratio * P*P)`` entries go: the k smallest values, ties broken by
+    position, lowest row-major (flat) index of the [P, P] patch block first. The order comes from a stable sort, so
+    the result is the same on every build and device (``topk`` returns tied entries in an unspecified order).
+
+    Args:
+        fused: head-fused attention [..., N, N].
+        num_prefix_tokens: leading tokens whose rows and columns are kept.
+        discard_ratio: fraction in [0, 1) of the [P, P] patch-to-patch entries to zero.
+
+    Returns:
+        a copy of ``fused`` [..., N, N] with those entries zeroed (``fused`` itself when the ratio is 0).
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    if discard_ratio == 0.0:
+        return fused
+    p = num_prefix_tokens
+    out = fused.clone()
+    patch = out[..., p:, p:]  # [..., P, P] view
+    flat = patch.reshape(*patch.shape[:-2], -1)
+    k = int(flat.shape[-1] * discard_ratio)
+    if k > 0:
+        # stable ascending sort: equal values keep their flat order, so the lowest indices among ties go first
+        idx = torch.sort(flat, dim=-1, stable=True).indices[..., :k]  # [..., k]
+        flat = flat.scatter(-1, idx, 0.0)
+        out[..., p:, p:] = flat.reshape(patch.shape)
+    return out
+
+
+def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> torch.Tensor:
+    """One layer of the rollout with the residual path: ``x @ Â`` (side "left", x [..., N]) or ``Â @ x`` (side
+    "right", x [N, M]), where Â = (A + I) with each row renormalised to sum to 1, without forming Â.
+
+    With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s.
+    """
+    s = fused.sum(dim=-1) + 1.0  # [N]
+    if side == "left":
+        w = x / s
+        return w @ fused + w
+    if side == "right":
+        return (fused @ x + x) / s[:, None]
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
+def add_residual(fused: torch.Tensor) -> torch.Tensor:
+    """Â = (A + I) with each row renormalised to sum to 1 (the residual connection's share), [N, N]."""
+    n = fused.shape[-1]
+    return residual_step(fused, torch.eye(n, dtype=fused.dtype, device=fused.device), side="right")
+
+
+def rollout_fused(
+    fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: float = 0.0, start_layer: int = 0
+) -> torch.Tensor:
+    """Rollout of already head-fused attention ``fused`` [L, N, N] -> joint attention [N, N].
+
+    joint = Â_{L-1} ··· Â_{start_layer}, with Â as in :func:`add_residual` after :func:`discard_lowest`.
+    """
+    if fused.dim() != 3 or fused.shape[-1] != fused.shape[-2]:
+        raise ValueError(f"expected fused attention shaped [L, N, N], got {tuple(fused.shape)}")
+    num_layers, n, _ = fused.shape
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(f"start_layer must be in [0, {num_layers - 1}], got {start_layer}")
+    if not 0 <= num_prefix_tokens < n:
+        raise ValueError(f"num_prefix_tokens must be in [0, {n - 1}], got {num_prefix_tokens}")
+    joint = torch.eye(n, dtype=torch.float64, device=fused.device)
+    for layer in range(start_layer, num_layers):
+        a = discard_lowest(fused[layer].to(torch.float64), num_prefix_tokens, discard_ratio)
+        joint = residual_step(a, joint, side="right")  # [N, N]
+    return joint.to(fused.dtype)
+
+
+def rollout(
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+) -> torch.Tensor:
+    """Attention rollout of per-head attention ``attn`` [L, H, N, N] -> joint attention [N, N].
+
+    Args:
+        attn: post-softmax attention of every layer and head, rows summing to 1.
+        num_prefix_tokens: CLS + distillation + register tokens at the front of the sequence.
+        head_fusion: "mean" (the paper), "max" or "min" (as offered by vit-explain).
+        discard_ratio: fraction of the fused patch-to-patch entries to zero per layer (0 keeps all).
+        start_layer: first layer included in the product.
+
+    Returns:
+        joint [N, N]; row 0 restricted to columns ``num_prefix_tokens:`` is the CLS rollout map over the patches.
+    """
+    if attn.dim() != 4:
+        raise ValueError(f"expected attention shaped [L, H, N, N], got {tuple(attn.shape)}")
+    return rollout_fused(fuse_heads(attn, head_fusion), num_prefix_tokens, discard_ratio, start_layer)
+
+
+def rollout_row(
+    fused_layer: Callable[[int], torch.Tensor],
+    num_layers: int,
+    weights: torch.Tensor,
+    num_prefix_tokens: int,
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+) -> torch.Tensor:
+    """One row of the rollout, ``weights`` [N] @ Â_{L-1} ··· Â_{start_layer}, in O(L·N²) instead of O(L·N³).
+
+    Equal to ``weights @ rollout_fused(...)`` but multiplies a vector through the layers from the top down, so the
+    [N, N] joint matrix is never formed and each layer's fused attention is needed only once.
+
+    Args:
+        fused_layer: layer index -> head-fused attention [N, N] of that layer (called from the top layer down).
+        num_layers: L.
+        weights: [N]; e.g. one-hot at the CLS token for the CLS row.
+        num_prefix_tokens, discard_ratio, start_layer: as in :func:`rollout_fused`.
+    """
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(f"start_layer must be in [0, {num_layers - 1}], got {start_layer}")
+    v = weights.to(torch.float64)
+    for layer in range(num_layers - 1, start_layer - 1, -1):
+        a = discard_lowest(fused_layer(layer).to(torch.float64), num_prefix_tokens, discard_ratio)
+        v = residual_step(a, v)  # [N]
+    return v.to(weights.dtype if weights.is_floating_point() else torch.float32)

@@ -1,0 +1,587 @@
+"""The only hook code in vizapp: the exact per-head attention of any supported ViT, with fused attention left on.
+
+Every supported attention layer (timm's ``Attention``, ``EvaAttention`` with RoPE, BEiT's and the relpos ViTs'
+relative-position attention, Hugging Face transformers' sdpa attention, torch's ``nn.MultiheadAttention``) hands its
+q, k and v to ``F.scaled_dot_product_attention`` (torch's MHA to ``F.multi_head_attention_forward``, which we
+evaluate ourselves from its own weights). The attention the layer uses is softmax(q kᵀ · scale + bias) of exactly
+those arguments: q and k after RoPE and q/k-norm, the relative-position bias or mask passed as ``attn_mask``.
+
+So the capture pushes a thread-local ``TorchFunctionMode`` from each attention module's forward pre-hook to the end
+of that module (an ``always_call`` forward hook pops it, also when the module raises) and, at that call:
+
+- records q and k (and the additive bias) of the layer, [B, H, N, d] each;
+- with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
+  hands each chunk to the consumer while it is hot, and returns chunk @ v as the layer's output, so the attention
+  is formed once instead of twice;
+- with ``with_grad``, computes the attention as a tensor in the autograd graph, so ∂score/∂A is exact;
+- with ``ablate``, replaces chosen heads' outputs (what the call returns, [B, H, N, d], before the output projection)
+  by 0 or by their mean over the tokens, whichever path formed them; with ``record_head_outputs``, keeps those
+  outputs (in the graph when gradients are on) as :attr:`AttentionCapture.head_outputs`.
+
+Calls it cannot reproduce exactly (dropout in training, causal attention, grouped-query attention) run untouched
+and the layer is listed in :attr:`AttentionCapture.unexact_layers` with the reason; views then refuse it clearly.
+timm's ``Attention`` with ``fused_attn`` off never calls SDPA; its q and k are read at ``q_norm``/``k_norm`` and a
+consumer is fed from them at the end of the layer (:attr:`AttentionCapture.replayed_layers`).
+
+Hooks and the mode live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
+analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises.
+No model flag is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from vizapp import limits
+from vizapp.errors import BadParameterError, UnsupportedModelError
+
+SUPPORTED_FAMILIES = (
+    "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
+    "timm BEiT and relpos ViTs, "
+    "Hugging Face ViT/DeiT/DINOv2/CLIP/SigLIP vision encoders, torchvision vit_*"
+)
+
+
+def _timm_attention_classes() -> tuple[type, ...]:
+    from timm.layers import Attention, AttentionRope
+
+    classes: list[type] = [Attention, AttentionRope]
+    for module, name in (
+        ("timm.models.eva", "EvaAttention"),
+        ("timm.models.beit", "Attention"),
+        ("timm.models.vision_transformer_relpos", "RelPosAttention"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):  # an older timm without that family
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+    return tuple(classes)
+
+
+def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The module of a transformers encoder layer that makes its self-attention call."""
+    for _, mod in layer.named_modules():
+        names = set(dict(mod.named_children()))
+        if {"query", "key", "value"} <= names or {"q_proj", "k_proj", "v_proj"} <= names:
+            return mod
+    return None
+
+
+def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(the encoder blocks, the self-attention module of each), in order: the one support check in vizapp.
+
+    A block's output is the residual stream after it; its attention module makes the layer's one attention call.
+
+    Raises:
+        UnsupportedModelError: naming the supported families, for anything else (Swin's windows, an unknown tree).
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:  # timm
+        supported = _timm_attention_classes()
+        for i, blk in enumerate(blocks):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(attn, supported):
+                raise UnsupportedModelError(
+                    f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "
+                    f"supported: {SUPPORTED_FAMILIES}"
+                )
+        return list(blocks), [blk.attn for blk in blocks]
+    encoder = getattr(model, "encoder", None)
+    tv_layers = getattr(encoder, "layers", None)
+    if tv_layers is not None and all(
+        isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention) for b in tv_layers
+    ):  # torchvision
+        return list(tv_layers), [b.self_attention for b in tv_layers]
+    for root in (model, *(getattr(model, n, None) for n in ("vision_model", "vit", "deit", "dinov2"))):
+        if not isinstance(root, torch.nn.Module):
+            continue
+        enc = getattr(root, "encoder", None)
+        for holder, attr in ((enc, "layer"), (enc, "layers"), (root, "layers"), (root, "layer")):
+            layers = getattr(holder, attr, None) if isinstance(holder, torch.nn.Module) else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):  # transformers
+                mods = [_hf_attention(layer) for layer in layers]
+                if all(m is not None for m in mods):
+                    return list(layers), mods
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no encoder layers whose attention vizapp can capture exactly; "
+        f"supported: {SUPPORTED_FAMILIES}"
+    )
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of every encoder layer, in order (see :func:`encoder_layers`)."""
+    return encoder_layers(model)[1]
+
+
+def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) in fp32: q, k [..., N, d], bias broadcastable to [..., N, N] -> [..., N, N]."""
+    s = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.float()
+    return torch.softmax(s, dim=-1)
+
+
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place on the CPU (no second [c, N, N] buffer to allocate and fault in)."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    return torch.softmax(x, dim=-1)
+
+
+def attention_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    heads: int,
+    rows: int,
+    work: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+):
+    """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
+
+    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]); every chunk is
+    written into the one ``work`` buffer ([heads, rows, N] or larger; allocated when None) with the softmax in
+    place, so a chunk is valid only until the next one.
+    """
+    h, n, _ = q.shape
+    if work is None:
+        work = torch.empty((heads, rows, n), dtype=torch.float32, device=q.device)
+    qs = q.float() * scale
+    kt = k.float().transpose(-2, -1)
+    for h0 in range(0, h, heads):
+        m = min(heads, h - h0)
+        for r0 in range(0, n, rows):
+            r = min(rows, n - r0)
+            s = torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r])
+            if bias is not None:
+                b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
+                s.add_(b[:, r0 : r0 + r])
+            yield h0, r0, softmax_(s)
+
+
+class AttentionConsumer(Protocol):
+    """What ``AttentionCapture(on_attention=...)`` feeds, layer by layer, in the forward's order."""
+
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        """Attention [c, r, N] fp32 of heads ``head .. head + c`` of image ``batch``, query rows ``row .. row + r``
+        (all N rows unless one head's N x N exceeds the chunk size); valid only during the call."""
+
+    def layer_done(self, layer: int) -> None:
+        """Every chunk of ``layer`` has been passed."""
+
+
+def feed(
+    consumer: AttentionConsumer,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    budget: int | None = None,
+) -> None:
+    """Hand the attention of recorded q, k [B, H, N, d] (bias [B or 1, H or 1, N, N]) to ``consumer`` chunk by
+    chunk, as the forward would have, then close the layer."""
+    b, h, n, _ = q.shape
+    c, rows = limits.chunk_shape(h, n, limits.chunk_bytes(q.device) if budget is None else budget)
+    work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for i in range(b):
+            bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
+            for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
+                consumer.chunk(layer, i, h0, a, r0)
+    consumer.layer_done(layer)
+
+
+def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` as an additive fp32 bias [B or 1, H or 1, N, N] (boolean: False -> -inf)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.detach().float().expand(*mask.shape[:2], n, n)
+
+
+ABLATE_MODES = ("zero", "mean")
+
+
+def ablate_head_output(heads: torch.Tensor, mask: torch.Tensor, mode: str = "zero") -> torch.Tensor:
+    """Heads' outputs [B, H, N, d] with the heads in ``mask`` ([B, H] per image, or [H] for all) ablated.
+
+    ``mode="zero"`` multiplies them by 0; ``mode="mean"`` replaces each by its mean over the N tokens (prefix
+    tokens included) of the same image and head. Other heads are returned unchanged (the same values).
+    """
+    if mode not in ABLATE_MODES:
+        raise BadParameterError(f"ablation mode must be one of {ABLATE_MODES}, got {mode!r}")
+    b, h = heads.shape[:2]
+    m = mask.to(device=heads.device, dtype=torch.bool)
+    if m.dim() == 1:
+        m = m.unsqueeze(0)
+    if m.dim() != 2 or m.shape[1] != h or m.shape[0] not in (1, b):
+        raise BadParameterError(f"head mask {tuple(mask.shape)} does not fit [B={b}, H={h}] (or [H={h}])")
+    m = m[:, :, None, None]  # [B or 1, H, 1, 1]
+    if mode == "zero":
+        return heads * (~m).to(heads.dtype)
+    return torch.where(m, heads.mean(dim=-2, keepdim=True).expand_as(heads), heads)
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _LayerMode(TorchFunctionMode):
+    """On this thread's stack while one attention module runs: routes its SDPA (or MHA) call to the capture."""
+
+    def __init__(self, capture: AttentionCapture, layer: int) -> None:
+        super().__init__()
+        self.capture, self.layer = capture, layer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            call = dict(zip(_SDPA_PARAMS, args, strict=False), **kwargs)
+            return self.capture._attention_call(self.layer, call, lambda: func(*args, **kwargs))
+        if func is F.multi_head_attention_forward:
+            out = self.capture._mha_call(self.layer, args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+class AttentionCapture:
+    """Context manager recording q and k (and, with ``with_grad``, the attention in the graph) of every layer.
+
+    Example::
+
+        with AttentionCapture(model) as cap:
+            logits = model(x)
+        attn = cap.attention(0)  # [B, H, N, N] float32
+
+    Args:
+        model: a supported ViT (see :func:`attention_layers`).
+        with_grad: form each layer's attention as a tensor in the autograd graph, so that :meth:`attention_grads`
+            returns ∂score/∂A exactly; ``on_attention`` then receives each layer's attention (detached) whole.
+        on_attention: a consumer (see :class:`AttentionConsumer`) that receives each layer's attention during the
+            forward, computed once and then used for the layer's output.
+        chunk_bytes: at most this much attention per chunk handed to ``on_attention`` (at least one head); default
+            :func:`vizapp.limits.chunk_bytes` of the model's device.
+        keep_qk: keep every layer's q and k after the forward (False: each is dropped once consumed).
+        layers: the attention modules (default: :func:`attention_layers` of ``model``).
+        inline: form the attention in place of SDPA (default); False lets the model's own SDPA compute each layer's
+            output and feeds ``on_attention`` from q and k at the end of the layer (a second code path, for checks).
+        on_block: called as ``on_block(layer, output)`` with each encoder block's output (the residual stream after
+            it), [B, N, D] detached, during the forward: the feature views take what they need from it there.
+        ablate: layer -> bool mask [B, H] (or [H] for every image): head h of image b is ablated in that layer's
+            output (what its attention call returns, [B, H, N, d], before the output projection), on whichever path
+            formed it (the model's SDPA, inline, ``with_grad``, torch's MHA). The layer must call SDPA (or MHA).
+        ablate_mode: "zero" (multiply by 0) or "mean" (each ablated head's mean over the N tokens of its image), see
+            :func:`ablate_head_output`.
+        record_head_outputs: keep every layer's heads' output [B, H, N, d] (after ``ablate``) as
+            :attr:`head_outputs`; with gradients on, these are the tensors the rest of the forward uses, so
+            ``torch.autograd.grad(score, cap.head_outputs)`` is ∂score/∂(head outputs).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        with_grad: bool = False,
+        on_attention: AttentionConsumer | None = None,
+        chunk_bytes: int | None = None,
+        keep_qk: bool = True,
+        layers: list[torch.nn.Module] | None = None,
+        inline: bool = True,
+        on_block: Callable[[int, torch.Tensor], None] | None = None,
+        ablate: Mapping[int, torch.Tensor] | None = None,
+        ablate_mode: str = "zero",
+        record_head_outputs: bool = False,
+    ) -> None:
+        blocks, found = encoder_layers(model) if layers is None or on_block is not None else ([], [])
+        self.modules = list(layers) if layers is not None else found
+        self.blocks = blocks if on_block is not None else []
+        self.on_block = on_block
+        self.with_grad = with_grad
+        self.on_attention = on_attention
+        self.chunk_bytes = chunk_bytes
+        self.keep_qk = keep_qk
+        self.inline = inline
+        n = len(self.modules)
+        if ablate_mode not in ABLATE_MODES:
+            raise BadParameterError(f"ablation mode must be one of {ABLATE_MODES}, got {ablate_mode!r}")
+        self.ablate = dict(ablate or {})
+        for layer in self.ablate:
+            if not 0 <= layer < n:
+                raise BadParameterError(f"ablated layer must be in [0, {n - 1}], got {layer}")
+        self.ablate_mode = ablate_mode
+        self.record_head_outputs = record_head_outputs
+        #: with ``record_head_outputs``: each layer's heads' output [B, H, N, d] (after ``ablate``), or None
+        self.head_outputs: list[torch.Tensor | None] = [None] * n
+        self._shaped: set[int] = set()  # layers whose output went through ``_head_output`` in this forward
+        self.q: list[torch.Tensor | None] = [None] * n
+        self.k: list[torch.Tensor | None] = [None] * n
+        self.bias: list[torch.Tensor | None] = [None] * n  # additive [B or 1, H or 1, N, N], or None
+        self.scales: list[float] = [0.0] * n
+        self.maps: list[torch.Tensor | None] = [None] * n  # with_grad: the attention in the graph
+        #: layers whose attention went through ``on_attention`` inside the forward
+        self.inline_layers: set[int] = set()
+        #: layers fed to ``on_attention`` from q and k at the end of the layer (timm Attention, fused_attn off)
+        self.replayed_layers: set[int] = set()
+        #: layer -> why its attention was left to SDPA and is not exact (dropout, causal, ...)
+        self.unexact_layers: dict[int, str] = {}
+        self._called: set[int] = set()
+        self._modes: list[_LayerMode] = []
+        self._handles: list[Any] = []
+        self._owner: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def _budget(self, device: torch.device) -> int:
+        return limits.chunk_bytes(device) if self.chunk_bytes is None else int(self.chunk_bytes)
+
+    # -- the call ------------------------------------------------------------------------------------------------
+    def _record(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
+        self._called.add(layer)
+        if self.with_grad:
+            self.q[layer], self.k[layer] = q, k
+        elif self.keep_qk:  # a copy lets the layer's qkv buffer (q and k are often views into it) be freed
+            self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()
+        else:
+            self.q[layer], self.k[layer] = q.detach(), k.detach()
+        self.scales[layer], self.bias[layer] = scale, bias
+
+    def _head_output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The layer's heads' output [B, H, N, d] as the forward will use it: ablated, recorded."""
+        self._shaped.add(layer)
+        mask = self.ablate.get(layer)
+        if mask is not None:
+            out = ablate_head_output(out, mask, self.ablate_mode)
+        if self.record_head_outputs:
+            self.head_outputs[layer] = out if torch.is_grad_enabled() else out.detach()
+        return out
+
+    def _attention_call(self, layer: int, call: dict[str, Any], run: Any) -> torch.Tensor:
+        q, k = call["query"], call["key"]
+        if not self._mine() or layer in self._called or q.dim() != 4 or k.shape != q.shape:
+            return run()
+        return self._head_output(layer, self._formed(layer, call, run))
+
+    def _formed(self, layer: int, call: dict[str, Any], run: Any) -> torch.Tensor:
+        q, k, v = call["query"], call["key"], call["value"]
+        d = q.shape[-1]
+        scale = d**-0.5 if call.get("scale") is None else float(call["scale"])
+        bias = _additive_bias(call.get("attn_mask"), q.shape[-2])
+        self._record(layer, q, k, scale, bias)
+        why = (
+            "dropout"
+            if call.get("dropout_p")
+            else "causal attention"
+            if call.get("is_causal")
+            else "grouped-query attention"
+            if call.get("enable_gqa") or v.shape[:3] != k.shape[:3]
+            else None
+        )
+        if why is not None:
+            self.unexact_layers[layer] = why
+            return run()
+        if self.with_grad and torch.is_grad_enabled():
+            a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
+            self.maps[layer] = a
+            if self.on_attention is not None:
+                for i, ai in enumerate(a.detach()):
+                    self.on_attention.chunk(layer, i, 0, ai, 0)
+                self.on_attention.layer_done(layer)
+                self.inline_layers.add(layer)
+            return (a @ v.float()).to(v.dtype)
+        if self.on_attention is None or not self.inline:
+            return run()
+        return self._inline(layer, q, k, v, scale, bias)
+
+    def _inline(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, h, n, _ = q.shape
+        c, rows = limits.chunk_shape(h, n, self._budget(q.device))
+        work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+        out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+        with torch.no_grad():
+            for i in range(b):
+                v32 = v[i].float()
+                bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
+                for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
+                    heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
+                    self.on_attention.chunk(layer, i, h0, a, r0)
+                    if out.dtype == torch.float32:
+                        torch.matmul(a, v32[heads], out=out[i, heads, block])
+                    else:
+                        out[i, heads, block] = torch.matmul(a, v32[heads]).to(out.dtype)
+        self.on_attention.layer_done(layer)
+        self.inline_layers.add(layer)
+        return out
+
+    def _mha_call(self, layer: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:
+        """torch's ``F.multi_head_attention_forward`` for plain self-attention, evaluated from the module's own
+        weights with the attention formed here; None (let torch run it) for anything else."""
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        plain = (
+            a["query"] is a["key"] is a["value"]
+            and a["use_separate_proj_weight"] is False
+            and a["bias_k"] is None
+            and a["bias_v"] is None
+            and not a["add_zero_attn"]
+            and a["key_padding_mask"] is None
+            and a["attn_mask"] is None
+            and not a["is_causal"]
+            and not a["need_weights"]
+            and a["static_k"] is None
+            and a["static_v"] is None
+            and not (a["training"] and a["dropout_p"])
+            and a["query"].dim() == 3
+        )
+        if not plain or not self._mine():
+            return None
+        x = a["query"]  # [N, B, E] (MHA transposes batch_first inputs before this call)
+        n, b, e = x.shape
+        h = int(a["num_heads"])
+        qkv = F.linear(x, a["in_proj_weight"], a["in_proj_bias"])  # [N, B, 3E]
+        q, k, v = (t.reshape(n, b * h, e // h).transpose(0, 1).reshape(b, h, n, e // h) for t in qkv.chunk(3, dim=-1))
+        o = self._attention_call(
+            layer, {"query": q, "key": k, "value": v}, lambda: F.scaled_dot_product_attention(q, k, v)
+        )  # [B, H, N, d]
+        o = o.permute(2, 0, 1, 3).reshape(n * b, e)
+        out = F.linear(o, a["out_proj_weight"], a["out_proj_bias"]).view(n, b, e)
+        return out, None
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _pre_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple) -> None:
+            if self._mine():
+                if layer == 0:  # a new forward
+                    self.inline_layers.clear()
+                    self.replayed_layers.clear()
+                    self.unexact_layers.clear()
+                self._called.discard(layer)
+                self._shaped.discard(layer)
+                self.q[layer] = self.k[layer] = self.maps[layer] = self.head_outputs[layer] = None
+                mode = _LayerMode(self, layer)
+                mode.__enter__()
+                self._modes.append(mode)
+
+        return hook
+
+    def _post_hook(self, layer: int):
+        def hook(mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
+            if not self._mine():
+                return
+            if self._modes:
+                self._modes.pop().__exit__(None, None, None)  # also when the module raised (always_call)
+            if layer not in self._called:
+                if self.q[layer] is None or self.k[layer] is None:
+                    raise UnsupportedModelError(
+                        f"layer {layer} ({type(mod).__name__}) computed its attention without "
+                        "scaled_dot_product_attention, so vizapp cannot capture it exactly (is fused attention off?)"
+                    )
+                self._called.add(layer)
+            if layer not in self._shaped and (layer in self.ablate or self.record_head_outputs):
+                raise UnsupportedModelError(
+                    f"layer {layer} ({type(mod).__name__}) formed its heads' output without "
+                    "scaled_dot_product_attention, so vizapp cannot ablate or record it (is fused attention off?)"
+                )
+            if self.on_attention is not None and layer not in self.inline_layers and layer not in self.unexact_layers:
+                feed(
+                    self.on_attention,
+                    layer,
+                    self.q[layer],
+                    self.k[layer],
+                    self.scales[layer],
+                    self.bias[layer],
+                    self._budget(self.q[layer].device),
+                )
+                self.replayed_layers.add(layer)
+            if not self.keep_qk:
+                self.q[layer] = self.k[layer] = None
+
+        return hook
+
+    def _block_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
+            if self._mine():
+                self.on_block(layer, (out[0] if isinstance(out, (tuple, list)) else out).detach())  # [B, N, D]
+
+        return hook
+
+    def _norm_hook(self, layer: int, store: list):
+        def hook(mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if self._mine():
+                store[layer] = out if self.with_grad else out.detach()
+                self.scales[layer] = float(self.modules[layer].scale)
+                self.bias[layer] = None
+
+        return hook
+
+    def __enter__(self) -> AttentionCapture:
+        from timm.layers import Attention
+
+        self._owner = threading.get_ident()
+        self.inline_layers, self.replayed_layers, self.unexact_layers = set(), set(), {}
+        try:
+            for i, m in enumerate(self.modules):
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook(i)))
+                self._handles.append(m.register_forward_hook(self._post_hook(i), always_call=True))
+                if i < len(self.blocks):
+                    self._handles.append(self.blocks[i].register_forward_hook(self._block_hook(i)))
+                if type(m) is Attention and not getattr(m, "fused_attn", True):
+                    # no SDPA call to catch: q and k as timm's own explicit path uses them
+                    self._handles.append(m.q_norm.register_forward_hook(self._norm_hook(i, self.q)))
+                    self._handles.append(m.k_norm.register_forward_hook(self._norm_hook(i, self.k)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if threading.get_ident() == self._owner:
+            while self._modes:
+                self._modes.pop().__exit__(None, None, None)
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def _check(self, layer: int) -> None:
+        if self.q[layer] is None or self.k[layer] is None:
+            raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
+        if layer in self.unexact_layers:
+            raise UnsupportedModelError(
+                f"layer {layer} ran with {self.unexact_layers[layer]}, which vizapp does not reproduce; its attention "
+                "is not shown (put the model in eval mode)"
+            )
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """Post-softmax attention of ``layer``, [B, H, N, N] float32, on the model's device."""
+        self._check(layer)
+        with torch.no_grad():
+            return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer], self.bias[layer])
+
+    def attention_grads(self, score: torch.Tensor) -> list[torch.Tensor]:
+        """∂score/∂A for every layer, [B, H, N, N] float32 each; ``score`` a scalar from the captured forward."""
+        if not self.with_grad:
+            raise RuntimeError("AttentionCapture(model, with_grad=True) is needed for gradients")
+        if any(a is None for a in self.maps):
+            raise RuntimeError(
+                "no attention recorded with its graph; run the forward inside the `with` block with gradients enabled"
+            )
+        return [g.float() for g in torch.autograd.grad(score, self.maps)]

@@ -1,0 +1,46 @@
+"""Exceptions whose messages are shown to the person using the app.
+
+Every message should say what went wrong and what to do about it, in plain words. Messages must not contain stack
+traces, server file paths or other internals, because the hosted app shows them verbatim to anonymous users. Code that
+catches a lower-level exception and raises one of these should chain it (``raise ... from exc``) so the cause still
+reaches the server log.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadImageError",
+    "BadParameterError",
+    "ModelLoadError",
+    "ModelTooLargeError",
+    "UnsupportedModelError",
+    "VizappError",
+]
+
+
+class VizappError(Exception):
+    """Base class for every error the app reports to a person rather than treating as a bug."""
+
+
+class BadImageError(VizappError):
+    """The given image could not be used: unreadable, corrupt, unsupported format, or over a size limit."""
+
+
+class BadParameterError(VizappError):
+    """A user-chosen setting (layer, head, ratio, ...) is out of range or inconsistent with the model."""
+
+
+class ModelLoadError(VizappError):
+    """A model could not be loaded: download failure, bad or unsafe weights file, out of memory."""
+
+
+class ModelTooLargeError(ModelLoadError):
+    """A model was refused before loading: over the operator's size budget, or not on the allow-list."""
+
+
+class UnsupportedModelError(VizappError):
+    """The requested model exists but is not one the app can analyse, or its id is not acceptable."""
+
+
+class StaleResultError(VizappError):
+    """A result's model is gone from memory or its weights changed since the result was made."""

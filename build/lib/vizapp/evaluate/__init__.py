@@ -1,0 +1,12 @@
+"""One evaluation command for a laptop or a Ray cluster, with identical results.
+
+``python -m vizapp.evaluate DATA --model NAME --methods rollout,grad_rollout,relevance,attention,flow,random``
+runs the perturbation test of Chefer et al. 2021, vizapp's deletion/insertion curves and per-head statistics (mean
+attention distance, attention entropy, token norms) in one pass over DATA, and writes ``results.csv`` (one row per
+image), ``summary.md``, ``summary.json`` and ``curves.html`` under ``--out``. See docs/faithfulness.md for the
+protocol and docs/scaling.md for the engines.
+"""
+
+from vizapp.evaluate.run import evaluate, main
+
+__all__ = ["evaluate", "main"]

@@ -1,0 +1,315 @@
+"""Run an evaluation job: split it into shards, evaluate each shard (locally or on Ray), keep each shard on disk.
+
+A job is the item list plus its settings. It is split into fixed shards of ``shard_size`` items in item order;
+shard ``k`` is written to ``OUT/shards/shard-00007.json`` atomically (temporary file + rename) once all its images
+are done, so a killed run loses at most the shards in flight, and a rerun with the same settings skips every shard
+already on disk. ``OUT/job.json`` records the settings; a rerun with different ones stops with a clear message
+instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vizapp.errors import VizappError
+
+JOB_FILE = "job.json"
+SHARD_DIR = "shards"
+
+
+class JobError(VizappError):
+    """The output folder holds a different job, or the job cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """The settings that determine every number of a job (engine, workers and threads do not)."""
+
+    data: str
+    model: str
+    methods: tuple[str, ...]
+    steps: int = 10
+    seed: int = 0
+    shard_size: int = 64
+    limit: int | None = None
+    items_sha256: str = ""
+    num_items: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def evaluator_kwargs(self) -> dict[str, Any]:
+        return {"model": self.model, "methods": list(self.methods), "steps": self.steps, "seed": self.seed}
+
+
+def items_digest(items: Sequence[dict[str, Any]]) -> str:
+    """SHA-256 of the item list, to refuse resuming a job over different data."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it["id"], it["source"], it["target"]]).encode())
+    return h.hexdigest()
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out / SHARD_DIR / f"shard-{k:05d}.json"
+
+
+def shards(items: Sequence[dict[str, Any]], shard_size: int) -> list[list[dict[str, Any]]]:
+    """Consecutive slices of ``shard_size`` items (the last may be shorter)."""
+    return [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
+    """Create ``out``, or check that it holds the same job (to resume it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SHARD_DIR).mkdir(exist_ok=True)
+    path = out / JOB_FILE
+    mine = asdict(job)
+    if path.exists() and not overwrite:
+        theirs = json.loads(path.read_text())
+        if theirs != json.loads(json.dumps(mine)):
+            diff = sorted(k for k in mine if json.dumps(mine[k]) != json.dumps(theirs.get(k)))
+            raise JobError(
+                f"{out} holds results of a different job (differs in: {', '.join(diff)}); pass another --out, or "
+                "--overwrite to discard them"
+            )
+        return
+    if overwrite:
+        for p in (out / SHARD_DIR).glob("shard-*.json"):
+            p.unlink()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mine, indent=1))
+    os.replace(tmp, path)
+
+
+def write_shard(out: Path, k: int, rows: list[dict[str, Any]], seconds: float, worker: str) -> None:
+    """Write shard ``k`` atomically: a reader sees the whole shard or none of it."""
+    path = shard_path(out, k)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"shard": k, "seconds": seconds, "worker": worker, "rows": rows}))
+    os.replace(tmp, path)
+
+
+def done_shards(out: Path, count: int) -> set[int]:
+    """Shards already on disk and readable (a torn or foreign file is redone)."""
+    done = set()
+    for k in range(count):
+        p = shard_path(out, k)
+        if p.exists():
+            try:
+                if json.loads(p.read_text()).get("shard") == k:
+                    done.add(k)
+            except (OSError, ValueError):
+                pass
+    return done
+
+
+class Progress:
+    """Plain stderr progress lines: images done, images/s and ETA (at most one line every ``every`` seconds)."""
+
+    def __init__(self, total: int, already: int = 0, every: float = 5.0, stream: Any = None) -> None:
+        self.total, self.done, self.start_done = total, already, already
+        self.every, self.stream = every, stream or sys.stderr
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int, force: bool = False) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        left = self.total - self.done
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        print(f"[evaluate] {self.done}/{self.total} images  {rate:.2f} img/s  ETA {eta}", file=self.stream, flush=True)
+
+
+def _evaluate_shard(ev: Any, shard: list[dict[str, Any]], fmnist_dir: str | None) -> list[dict[str, Any]]:
+    from vizapp.errors import BadImageError
+    from vizapp.evaluate.dataset import load_pixels
+
+    rows = []
+    for item in shard:
+        try:
+            pixels, err = load_pixels(item, fmnist_dir), None
+        except BadImageError as exc:
+            pixels, err = None, str(exc)
+        rows.append(ev.evaluate(item, pixels, err))
+    return rows
+
+
+def run_local(
+    job: Job,
+    items: Sequence[dict[str, Any]],
+    out: Path,
+    todo: Iterable[int],
+    threads: int = 1,
+    time_limit: float = 60.0,
+    fmnist_dir: str | None = None,
+    progress: Progress | None = None,
+    evaluator: Any = None,
+) -> None:
+    """Evaluate the shards ``todo`` in this process with one model, writing each shard as soon as it is done."""
+    from vizapp.evaluate.worker import Evaluator
+
+    ev = evaluator or Evaluator(**job.evaluator_kwargs(), threads=threads, time_limit=time_limit)
+    parts = shards(items, job.shard_size)
+    for k in todo:
+        t0 = time.perf_counter()
+        rows = _evaluate_shard(ev, parts[k], fmnist_dir)
+        write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}")
+        if progress:
+            progress.update(len(rows))
+
+
+# -- Ray --------------------------------------------------------------------------------------------------------------
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: decode one file (size-limited, safe) into RGB pixels, or record why it cannot be used."""
+    from vizapp.errors import BadImageError
+    from vizapp.evaluate.dataset import load_pixels
+
+    item = json.loads(row["item"])
+    try:
+        pixels = load_pixels(item, row["fmnist_dir"] or None)
+        return {
+            "shard": row["shard"],
+            "item": row["item"],
+            "pixels": pixels.tobytes(),
+            "shape": json.dumps(list(pixels.shape)),
+            "error": "",
+        }
+    except BadImageError as exc:
+        return {"shard": row["shard"], "item": row["item"], "pixels": b"", "shape": "[]", "error": str(exc) or "bad"}
+
+
+class RayAnalyser:
+    """Ray actor (``map_batches`` callable class): one model per actor, evaluates batches of decoded images.
+
+    ``crash_once`` (tests only) is ``"MARKER_PATH:ITEM_ID"``: the first actor to reach that item creates the marker
+    and kills its own process, as a lost worker would; Ray restarts the actor and retries the batch.
+    """
+
+    def __init__(self, kwargs: dict[str, Any], threads: int, time_limit: float, crash_once: str = "") -> None:
+        from vizapp.evaluate.worker import Evaluator
+
+        self.ev = Evaluator(**kwargs, threads=threads, time_limit=time_limit)
+        self.crash_once = crash_once
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        rows = []
+        for item_json, data, shape, err in zip(
+            batch["item"], batch["pixels"], batch["shape"], batch["error"], strict=True
+        ):
+            item = json.loads(item_json)
+            if self.crash_once:
+                marker, crash_id = self.crash_once.rsplit(":", 1) if ":" in self.crash_once else ("", "")
+                if item["id"] == crash_id and marker and not os.path.exists(marker):
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+            pixels = None if err else np.frombuffer(data, dtype=np.uint8).reshape(json.loads(shape)).copy()
+            rows.append(json.dumps(self.ev.evaluate(item, pixels, err or None)))
+        return {"shard": np.asarray(batch["shard"]), "row": np.asarray(rows, dtype=object)}
+
+
+def init_ray(address: str | None = None, num_cpus: int = 2) -> None:
+    """Join the cluster at ``address``, or start a local one with ``num_cpus`` CPUs; workers can import vizapp."""
+    import ray
+
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def local_cluster_cpus(workers: int) -> int:
+    """Logical CPUs of a local cluster: one per actor plus one slot for the decode tasks (without it the actors
+    hold every CPU and the decode tasks feeding them never get scheduled)."""
+    return workers + 1
+
+
+def run_ray(
+    job: Job,
+    items: Sequence[dict[str, Any]],
+    out: Path,
+    todo: Iterable[int],
+    workers: int = 2,
+    threads: int = 1,
+    time_limit: float = 60.0,
+    fmnist_dir: str | None = None,
+    address: str | None = None,
+    progress: Progress | None = None,
+    batch_size: int = 16,
+    crash_once: str = "",
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Evaluate the shards ``todo`` with Ray Data: item list -> decode tasks -> actor pool -> shard files.
+
+    Args:
+        workers: actors in the pool (each holds one model); a GPU each when the cluster has GPUs.
+        address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one with ``workers``
+            CPUs.
+        batch_size: images per actor call (a lost actor's batch is retried, so this is the work redone on failure).
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        init_ray(address, local_cluster_cpus(workers))
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        parts = shards(items, job.shard_size)
+        todo = sorted(todo)
+        rows_in = [
+            {"shard": k, "item": json.dumps(it), "fmnist_dir": fmnist_dir or ""} for k in todo for it in parts[k]
+        ]
+        if not rows_in:
+            return
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        ds = ray.data.from_items(rows_in, override_num_blocks=max(1, -(-len(rows_in) // batch_size)))  # a block a batch
+        ds = ds.map(_decode, num_cpus=0.25)
+        ds = ds.map_batches(
+            RayAnalyser,
+            fn_constructor_kwargs={
+                "kwargs": job.evaluator_kwargs(),
+                "threads": threads,
+                "time_limit": time_limit,
+                "crash_once": crash_once,
+            },
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1,
+            num_gpus=min(1.0, gpus / workers) if gpus else 0,  # a GPU per actor, or a share when fewer GPUs
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+        # Rows come back in item order; a shard is written once all of its rows are in.
+        need = {k: len(parts[k]) for k in todo}
+        got: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
+        t0: dict[int, float] = {}
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for k, row in zip(batch["shard"], batch["row"], strict=True):
+                k = int(k)
+                t0.setdefault(k, time.perf_counter())
+                got[k].append(json.loads(row))
+                if len(got[k]) == need[k]:
+                    write_shard(out, k, got.pop(k), time.perf_counter() - t0[k], "ray")
+                    if progress:
+                        progress.update(need[k])
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,305 @@
+"""Shards -> one table and a summary: ``results.csv``, ``summary.json``, ``summary.md`` and ``curves.html``.
+
+Everything here reads the shard files only, so a report can be rebuilt from a partial or resumed job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS
+from vizapp.evaluate.engines import SHARD_DIR
+from vizapp.evaluate.worker import CLASS_KINDS, RANDOM
+
+BASE_COLUMNS = (
+    "id",
+    "source",
+    "status",
+    "message",
+    "target",
+    "target_label",
+    "predicted",
+    "predicted_label",
+    "correct",
+    "prob_pred",
+)
+
+REFERENCE = (
+    "Published ViT-B/16 ImageNet-val reference (predicted class; Chefer et al. 2021, Table 1, and the authors in "
+    "hila-chefer/Transformer-Explainability issue #31): Chefer relevance 54.16 negative / 17.03 positive; rollout "
+    "53.1 negative; Grad-CAM 41.52 negative (independent reproductions reported 55.20 / 16.61 for Chefer). They give "
+    "the scale of the published protocol; a different model, data set and patch grid give different numbers."
+)
+
+
+def read_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows in item order, shard metadata without rows) from every shard file under ``out``."""
+    rows, meta = [], []
+    for p in sorted((out / SHARD_DIR).glob("shard-*.json")):
+        d = json.loads(p.read_text())
+        rows += d.pop("rows")
+        meta.append(d)
+    return rows, meta
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """The table's columns in a fixed order: base, per-head statistics, then per method its perturbation scores."""
+    keys = {k for r in rows for k in r}
+    stats = sorted(
+        (k for k in keys if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")), key=_natural
+    )
+    per_method = []
+    for m in methods:
+        for kind in CLASS_KINDS:
+            for d in DIRECTIONS:
+                per_method += [f"{m}.{kind}.{d}.acc{k}" for k in range(1, len(CHEFER_FRACTIONS))]
+                per_method.append(f"{m}.{kind}.{d}.auc")
+        per_method += [f"{m}.deletion_auc", f"{m}.insertion_auc"]
+    cols = list(BASE_COLUMNS) + stats + [c for c in per_method if c in keys]
+    return cols + sorted(keys - set(cols))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+
+
+def _fmt(v: Any) -> Any:
+    return repr(v) if isinstance(v, float) else v  # repr: the shortest string that reads back to the same float
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN s.e. below two values)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
+    """The item index ranges the finished ``shards`` cover, e.g. "0–3455, 6656–9999" (0-based, inclusive)."""
+    spans: list[list[int]] = []
+    for k in sorted(shards):
+        lo, hi = k * shard_size, min((k + 1) * shard_size, num_items or (k + 1) * shard_size) - 1
+        if spans and spans[-1][1] + 1 == lo:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    return ", ".join(f"{a}–{b}" for a, b in spans) or "none"
+
+
+def summarise(
+    rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any], meta_shards: list[int] | None = None
+) -> dict[str, Any]:
+    """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics."""
+    meta_shards = meta_shards or []
+    ok = [r for r in rows if r["status"] == "ok"]
+    status: dict[str, int] = {}
+    for r in rows:
+        status[r["status"]] = status.get(r["status"], 0) + 1
+
+    def col(name: str) -> np.ndarray:
+        return np.array([r.get(name, np.nan) for r in ok], dtype=np.float64)
+
+    out: dict[str, Any] = {"job": job, "images": len(rows), "status": status, "evaluated": len(ok)}
+    out["item_ranges"] = item_ranges(meta_shards, int(job.get("shard_size") or 1), int(job.get("num_items") or 0))
+    if not ok:
+        return out
+    out["accuracy"] = mean_se(col("correct"))
+    per: dict[str, Any] = {}
+    for m in methods:
+        d: dict[str, Any] = {}
+        for kind in CLASS_KINDS:
+            for dr in DIRECTIONS:
+                pre = f"{m}.{kind}.{dr}"
+                if f"{pre}.auc" not in ok[0]:
+                    continue
+                curve = [float(col("correct").mean())] + [
+                    float(col(f"{pre}.acc{k}").mean()) for k in range(1, len(CHEFER_FRACTIONS))
+                ]
+                d[f"{kind}.{dr}"] = {"auc": mean_se(col(f"{pre}.auc")), "curve": curve}
+        for mode in ("deletion", "insertion"):
+            if f"{m}.{mode}_auc" in ok[0]:
+                d[mode] = mean_se(col(f"{m}.{mode}_auc"))
+        per[m] = d
+    out["methods"] = per
+
+    def grid(prefix: str) -> list[list[float]]:
+        layers: dict[int, dict[int, float]] = {}
+        for k in ok[0]:
+            mt = re.fullmatch(rf"{prefix}\.l(\d+)\.h(\d+)", k)
+            if mt:
+                layers.setdefault(int(mt[1]), {})[int(mt[2])] = float(np.nanmean(col(k)))
+        return [[layers[li][h] for h in sorted(layers[li])] for li in sorted(layers)]
+
+    out["mean_distance_px"] = grid("distance")
+    out["attention_entropy_nats"] = grid("entropy")
+    norms: dict[str, list[float]] = {}
+    for stat in ("patch_mean", "patch_max", "prefix_mean"):
+        ks = sorted((k for k in ok[0] if k.startswith(f"norm_{stat}.l")), key=_natural)
+        norms[stat] = [float(np.nanmean(col(k))) for k in ks]
+    out["token_norms"] = norms
+    return out
+
+
+def _pm(v: tuple[float, float], digits: int = 2) -> str:
+    m, se = v
+    return f"{m:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{m:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> str:
+    """The summary as Markdown: protocol, counts, the two tables, per-head statistics."""
+    job = summary["job"]
+    st = summary["status"]
+    lines = [
+        f"# Evaluation: {job['model']} on {job['data']}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Images: {summary['images']} listed, {summary['evaluated']} evaluated"
+        + "".join(f", {n} {s.replace('_', ' ')}" for s, n in sorted(st.items()) if s != "ok")
+        + "."
+        + (f" Top-1 accuracy {_pm(tuple(100 * x for x in summary['accuracy']))} %." if "accuracy" in summary else ""),
+        "",
+    ]
+    total = int(job.get("num_items") or 0)
+    if total > summary["images"]:
+        lines += [
+            f"**Partial result: {summary['images']} of the job's {total} images are done** (every finished shard: "
+            f"items {summary.get('item_ranges', '?')} in item order). Rerun the command above to finish: it skips the "
+            "finished shards.",
+            "",
+        ]
+    if "methods" not in summary:
+        return "\n".join(lines + ["No image could be evaluated.", ""])
+    lines += [
+        "## Perturbation test (Chefer et al. 2021)",
+        "",
+        "Protocol, as the authors describe it (Chefer, Gur & Wolf, CVPR 2021, Sec. 4; Transformer-Explainability "
+        "issue #31): each image is explained, once for the **predicted** class and once for the **target** "
+        "(ground-truth) class. Its patches are removed in the order of the map: **positive** perturbation removes the "
+        "most relevant first, **negative** the least relevant first. After removing 10 %, 20 %, ... 90 % of the "
+        "patches the model classifies the image again and top-1 accuracy against the target label is recorded; the "
+        "point x = 0 is the unperturbed accuracy. The score is the trapezoid area under accuracy over x (0 to 0.9), "
+        "× 100. Positive: lower is better. Negative: higher is better.",
+        "",
+        "Choices vizapp makes where the description leaves room: a removed patch is set to black (0 before "
+        "normalisation, as the authors' script zeroes pixels before normalising); x·P patches are removed, rounded "
+        "down (P = patches per image); ties in a map are broken by patch index; the random baseline ranks patches "
+        "by a permutation seeded from the job seed and the image id. Values are mean ± standard error over images "
+        "(the mean of per-image areas is the area of the mean curve).",
+        "",
+        "| method | negative, predicted ↑ | positive, predicted ↓ | negative, target ↑ | positive, target ↓ |",
+        "|---|---|---|---|---|",
+    ]
+    for m, d in summary["methods"].items():
+        cells = [
+            _pm(tuple(d[k]["auc"])) if k in d else "–"
+            for k in ("pred.negative", "pred.positive", "target.negative", "target.positive")
+        ]
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["", REFERENCE, ""]
+    if any("deletion" in d for d in summary["methods"].values()):
+        lines += [
+            "## Deletion / insertion (vizapp, Petsiuk et al. 2018)",
+            "",
+            f"Probability of the predicted class as patches are deleted (set to the dataset-mean colour) or inserted "
+            f"onto it, most important first, in {job['steps']} equal steps; trapezoid area over the fraction of "
+            "patches. Deletion: lower is better; insertion: higher is better.",
+            "",
+            "| method | deletion AUC ↓ | insertion AUC ↑ |",
+            "|---|---|---|",
+        ]
+        for m, d in summary["methods"].items():
+            if "deletion" in d:
+                lines.append(
+                    f"| {labels.get(m, m)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |"
+                )
+        lines.append("")
+    lines += ["## Per-head statistics (mean over images)", ""]
+    for title, key, digits in (
+        ("Mean attention distance (px)", "mean_distance_px", 2),
+        ("Attention entropy (nats)", "attention_entropy_nats", 3),
+    ):
+        g = summary.get(key) or []
+        if g:
+            lines += [
+                f"{title}:",
+                "",
+                "| layer | " + " | ".join(f"h{h}" for h in range(len(g[0]))) + " |",
+                "|---" * (len(g[0]) + 1) + "|",
+            ]
+            lines += [f"| {li} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for li, row in enumerate(g)]
+            lines.append("")
+    norms = summary.get("token_norms") or {}
+    if norms.get("patch_mean"):
+        lines += [
+            "Token L2 norm of each block's output:",
+            "",
+            "| layer | patch mean | patch max | prefix mean |",
+            "|---|---|---|---|",
+        ]
+        for li, vals in enumerate(zip(norms["patch_mean"], norms["patch_max"], norms["prefix_mean"], strict=True)):
+            lines.append(f"| {li} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
+    """A self-contained HTML page (plotly.js inline, works offline) of the mean accuracy curves."""
+    from vizapp.figures import perturbation_curves_figure
+
+    panels = (
+        ("pred.positive", "positive, predicted class"),
+        ("pred.negative", "negative, predicted class"),
+        ("target.positive", "positive, target class"),
+        ("target.negative", "negative, target class"),
+    )
+    curves = {
+        labels.get(m, m): {key: (d[key]["curve"], d[key]["auc"][0]) for key, _ in panels if key in d}
+        for m, d in summary.get("methods", {}).items()
+    }
+    dotted = {labels.get(RANDOM, RANDOM)}
+    job = summary["job"]
+    title = f"Perturbation curves: {job['model']} on {job['data']} ({summary['evaluated']} images)"
+    fig = perturbation_curves_figure(curves, panels, [100 * f for f in CHEFER_FRACTIONS], dotted, title)
+    return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
+def write_report(
+    out: Path,
+    methods: list[str],
+    job: dict[str, Any],
+    command: str,
+    labels: dict[str, str],
+    markdown_path: Path | None = None,
+) -> dict[str, Any]:
+    """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
+    rows, meta = read_rows(out)
+    write_csv(out / "results.csv", rows, columns(rows, methods))
+    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary, command, labels)
+    (out / "summary.md").write_text(text)
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(text)
+    if "methods" in summary:
+        (out / "curves.html").write_text(curves_html(summary, labels))
+    return summary

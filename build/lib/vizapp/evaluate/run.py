@@ -1,0 +1,227 @@
+"""The evaluation job from arguments to report: list items, split into shards, run an engine, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vizapp.errors import VizappError
+from vizapp.evaluate.engines import Job, Progress, done_shards, items_digest, prepare, run_local, run_ray, shards
+from vizapp.evaluate.worker import RANDOM
+
+DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", RANDOM)
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Method names from "a,b,c" (registry names and "random"), checked; "" gives statistics only."""
+    from vizapp import methods as registry
+
+    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    for n in names:
+        if n != RANDOM:
+            registry.get(n)  # raises with the list of known names
+    if len(set(names)) != len(names):
+        raise VizappError(f"a method is listed twice in {names}")
+    return names
+
+
+def evaluate(
+    data: str,
+    out: str | Path,
+    model: str = "bundled",
+    methods: str | list[str] | tuple[str, ...] = DEFAULT_METHODS,
+    steps: int = 10,
+    seed: int = 0,
+    shard_size: int = 64,
+    limit: int | None = None,
+    engine: str = "local",
+    workers: int = 2,
+    threads: int = 1,
+    time_limit: float = 60.0,
+    address: str | None = None,
+    fmnist_dir: str | None = None,
+    overwrite: bool = False,
+    markdown_path: str | Path | None = None,
+    command: str = "",
+    progress: bool = True,
+    crash_once: str = "",
+    report_only: bool = False,
+    shard_range: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a job and write its report; returns the summary dict.
+
+    Args:
+        data: an ImageFolder tree, a flat image folder, or ``"fmnist-test"``.
+        out: output folder (shards, results.csv, summary.*); rerunning with the same settings resumes.
+        model: a name for :func:`vizapp.load_model`.
+        methods: registry method names plus ``"random"`` (comma-separated or a list); empty: statistics only.
+        steps: deletion/insertion curve steps (0 turns those curves off).
+        seed: seed of the random baseline (each image's order depends only on this and its id).
+        shard_size: images per shard file (the unit of resumption).
+        limit: evaluate only the first ``limit`` items.
+        engine: "local" (this process) or "ray".
+        workers: Ray actors (one model each). threads: torch threads per worker. time_limit: seconds per image.
+        address: Ray cluster to join; None starts a local one.
+        fmnist_dir: Fashion-MNIST folder for ``fmnist-test``.
+        overwrite: discard earlier results in ``out`` instead of resuming.
+        markdown_path: also write the Markdown summary there (e.g. docs/faithfulness.md).
+        command: the command line recorded in the summary.
+        progress: print progress lines on stderr.
+        crash_once: test hook for the Ray engine (see :class:`~vizapp.evaluate.engines.RayAnalyser`).
+        report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop.
+        shard_range: (start, stop): run only shards start .. stop-1 of the job (to split one job between processes or
+            machines sharing ``out``; the report covers every finished shard).
+    """
+    from vizapp import methods as registry
+    from vizapp.evaluate.dataset import list_items
+    from vizapp.evaluate.report import write_report
+
+    if engine not in ("local", "ray"):
+        raise VizappError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if shard_size < 1 or workers < 1 or threads < 1 or steps < 0 or time_limit <= 0:
+        raise VizappError("shard_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
+    names = parse_methods(methods)
+    out = Path(out)
+    t_load = time.perf_counter()
+    from vizapp.evaluate.worker import Evaluator
+
+    ev = Evaluator(model, names, steps=steps, seed=seed, time_limit=time_limit, threads=threads)  # fails early
+    load_s = time.perf_counter() - t_load
+    items = list_items(data, ev.labels, fmnist_dir)
+    if limit is not None:
+        items = items[: max(0, int(limit))]
+    if not items:
+        raise VizappError(f"{data}: nothing to evaluate")
+    job = Job(
+        data=str(data),
+        model=model,
+        methods=tuple(names),
+        steps=steps,
+        seed=seed,
+        shard_size=shard_size,
+        limit=limit,
+        items_sha256=items_digest(items),
+        num_items=len(items),
+    )
+    prepare(out, job, overwrite)
+    parts = shards(items, shard_size)
+    done = done_shards(out, len(parts))
+    lo, hi = shard_range if shard_range is not None else (0, len(parts))
+    todo = [k for k in range(max(0, lo), min(hi, len(parts))) if k not in done]
+    already = sum(len(parts[k]) for k in done)
+    if progress:
+        msg = f"[evaluate] {len(items)} images in {len(parts)} shards; model loaded in {load_s:.1f} s"
+        if done:
+            msg += f"; resuming: {len(done)} shards ({already} images) already done in {out}"
+        print(msg, file=sys.stderr, flush=True)
+    bar = Progress(already + sum(len(parts[k]) for k in todo), already) if progress else None
+    t0 = time.perf_counter()
+    if report_only:
+        pass
+    elif engine == "local":
+        run_local(job, items, out, todo, fmnist_dir=fmnist_dir, progress=bar, evaluator=ev)
+    else:
+        del ev
+        run_ray(
+            job,
+            items,
+            out,
+            todo,
+            workers=workers,
+            threads=threads,
+            time_limit=time_limit,
+            fmnist_dir=fmnist_dir,
+            address=address,
+            progress=bar,
+            crash_once=crash_once,
+        )
+    seconds = time.perf_counter() - t0
+    if bar:
+        bar.update(0, force=True)
+    labels = {k: m.label for k, m in registry.METHODS.items()} | {RANDOM: "Random order (baseline)"}
+    summary = write_report(
+        out,
+        names,
+        {**job.__dict__, "extra": {}},
+        command or "python -m vizapp.evaluate ...",
+        labels,
+        Path(markdown_path) if markdown_path else None,
+    )
+    summary["seconds"] = seconds
+    summary["images_run"] = 0 if report_only else sum(len(parts[k]) for k in todo)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vizapp.evaluate",
+        description=sys.modules["vizapp.evaluate"].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", help="ImageFolder tree, flat image folder, or 'fmnist-test'")
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated registry methods and 'random'; '' for statistics only",
+    )
+    parser.add_argument("--out", default="eval-out")
+    parser.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local")
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per image")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    parser.add_argument("--fmnist-dir", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--markdown", default=None, help="also write the summary Markdown here")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished shards")
+    parser.add_argument("--shards", default=None, help="START:STOP: run only these shards of the job (share --out)")
+    args = parser.parse_args(argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    if "--shards" in given:  # the recorded command is the whole job's
+        i = given.index("--shards")
+        given = given[:i] + given[i + 2 :]
+    command = "python -m vizapp.evaluate " + shlex.join(given)
+    try:
+        summary = evaluate(
+            args.data,
+            args.out,
+            args.model,
+            args.methods,
+            args.steps,
+            args.seed,
+            args.shard_size,
+            args.limit,
+            args.engine,
+            args.workers,
+            args.threads,
+            args.time_limit,
+            args.address,
+            args.fmnist_dir,
+            args.overwrite,
+            args.markdown,
+            command,
+            report_only=args.report_only,
+            shard_range=tuple(int(v) for v in args.shards.split(":")) if args.shards else None,
+        )
+    except (VizappError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shards are kept in {args.out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    st = summary["status"]
+    print(
+        f"{summary['evaluated']}/{summary['images']} images evaluated ({st}); {summary['images_run']} this run in "
+        f"{summary['seconds']:.1f} s; results in {args.out}/results.csv, summary in {args.out}/summary.md"
+    )
+    return 0

@@ -1,0 +1,64 @@
+"""Every byte budget vizapp works within, in one place (the model cache and upload limits aside).
+
+The figures were measured on the 2-vCPU AMD EPYC these machines have (32 MiB shared L3); docs/benchmarks.md has the
+runs. Each module reads these names at call time, so a test may lower one with ``monkeypatch.setattr(limits, ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Attention per chunk handed over during the forward on the CPU: with the distance product beside it, about 2x this
+# stays in the last-level cache (2 heads of ViT-L/16 at 384 px, all 12 of ViT-B/16 at 224 px; one head at 1,374
+# tokens). Per ViT-L/384 layer, distance and rollout statistics took 15.5 ms in chunks of 2 heads against 21 ms for
+# all 16 at once (median of 22 interleaved rounds).
+INLINE_CHUNK_BYTES = 3 * 2**20
+# At most this much of one layer's attention exists at once on a GPU, and on any device when a view recomputes a
+# layer from q and k.
+ATTENTION_CHUNK_BYTES = 32 * 2**20
+# One head is split into blocks of query rows only when its N x N exceeds this (N > 2,048): 1,374-token heads took
+# 77 ms for 16 heads whole, 79 ms in 2 blocks and 117 ms in 3 (SDPA: 63 ms).
+ROW_BLOCK_BYTES = 16 * 2**20
+MIN_CHUNK_ROWS = 128  # smaller row blocks cost more in per-call overhead than they save
+# Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at 384 px
+# would need 32 MB per fusion, so big models recompute them from q and k when a view asks).
+FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
+# Keep every layer's mean-fused attention for the rollout below this size; above it, multiply the rollout up as the
+# forward goes (one N x N x N product per layer) instead of holding L x N x N floats.
+ROLLOUT_STORE_LIMIT_BYTES = 64 * 2**20
+# Every block's output [L, N, D] is kept for the feature views (PCA, similarity) below this size; above it only the
+# last block's (ViT-B/16 at 224 px: 7.3 MB for all 12; ViT-L/16 at 384 px would need 57 MB).
+BLOCK_OUTPUT_BYTES = 32 * 2**20
+# Exact head importance on the generic path runs H copies of the image through the model at once (one head ablated in
+# each); more copies than fit this estimate of activation memory (see :func:`ablation_batch`) run in sub-batches.
+ABLATION_BATCH_BYTES = 512 * 2**20
+# Full attention [L, H, N, N] goes into an .npz export only below this size (CLS rows otherwise).
+EXPORT_ATTENTION_BYTES = 256 * 2**20
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Attention per chunk formed during the forward: cache-sized on the CPU, larger on a GPU."""
+    return INLINE_CHUNK_BYTES if device.type == "cpu" else ATTENTION_CHUNK_BYTES
+
+
+def chunk_shape(heads: int, tokens: int, budget: int) -> tuple[int, int]:
+    """(heads, query rows) per chunk: as many whole heads as fit ``budget`` bytes (at least one), and one head in
+    equal blocks of query rows (at least :data:`MIN_CHUNK_ROWS`) once its N x N exceeds :data:`ROW_BLOCK_BYTES`."""
+    per_head = tokens * tokens * 4
+    if per_head <= budget:
+        return max(1, min(heads, budget // per_head)), tokens
+    if per_head <= ROW_BLOCK_BYTES:
+        return 1, tokens
+    rows = max(MIN_CHUNK_ROWS, ROW_BLOCK_BYTES // (tokens * 4))
+    blocks = -(-tokens // rows)
+    return 1, -(-tokens // blocks)  # equal blocks
+
+
+def ablation_batch(copies: int, tokens: int, width: int, heads: int, element_bytes: int) -> int:
+    """How many ablated copies of one image go through the model together, within :data:`ABLATION_BATCH_BYTES`.
+
+    A copy's peak activations are estimated as a block's widest tensors, the MLP's 4·N·D and the input, q, k, v and
+    outputs (6·N·D), plus one layer's attention H·N·N if the attention is materialised.
+    """
+    per_copy = (10 * tokens * width + heads * tokens * tokens) * element_bytes
+    return max(1, min(copies, ABLATION_BATCH_BYTES // max(1, per_copy)))

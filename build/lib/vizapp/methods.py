@@ -1,0 +1,151 @@
+"""The registry of explanation methods: one entry per method, used by the API, the app, the evaluation and bench.
+
+Adding a method is one analysis function (in :mod:`vizapp.analysis`, or a method on
+:class:`~vizapp.pipeline.Analysis`) plus one :class:`Method` entry below. Nothing else lists method names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vizapp.errors import BadParameterError
+
+if TYPE_CHECKING:
+    from vizapp.pipeline import Analysis
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one run of a method costs on one analysis, said before it runs.
+
+    Attributes:
+        work: the work in the method's own terms, e.g. "196 max-flow problems on a graph of 13 x 197 nodes".
+        seconds: an estimate of the wall time on this server.
+        basis: how ``seconds`` was estimated, so nobody mistakes it for a measurement.
+    """
+
+    work: str
+    seconds: float
+    basis: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method.
+
+    Attributes:
+        name: the key used everywhere (API, app, CSV columns).
+        label: what a person reads.
+        needs_class: the map is for one class (takes ``class_idx``; needs a classifier head).
+        slow: costs far more than the others (the app offers it as an opt-in).
+        compute: ``compute(analysis, class_idx, **kwargs) -> [gh, gw]`` map.
+        controls: keyword arguments of ``compute`` that the app's view controls set (fields of
+            :class:`vizapp.views.Controls` with the same names).
+        reports_progress: ``compute`` accepts ``progress=callback(done, total)``, called between its steps.
+        cost: ``cost(analysis) -> Cost``, an estimate of what ``compute`` will cost (set for slow methods).
+    """
+
+    name: str
+    label: str
+    needs_class: bool
+    compute: Callable[..., np.ndarray]
+    slow: bool = False
+    controls: tuple[str, ...] = ()
+    reports_progress: bool = False
+    cost: Callable[[Analysis], Cost] | None = None
+
+
+# Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
+_FLOW_CALIBRATION = dict(layers=4, tokens=65, flows=8)
+
+
+@functools.cache
+def _flow_seconds_per_edge() -> float:
+    """Median seconds per max-flow per graph edge, measured once per process on random attention."""
+    import torch
+
+    from vizapp.analysis.flow import attention_flow
+
+    layers, tokens, flows = (_FLOW_CALIBRATION[k] for k in ("layers", "tokens", "flows"))
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(2.0 * torch.randn(layers, 1, tokens, tokens, generator=g), dim=-1)  # [L, 1, N, N]
+    stamps: list[float] = []
+
+    class _Enough(Exception):
+        pass
+
+    def tick(done: int, total: int) -> None:
+        stamps.append(time.perf_counter())
+        if done > flows:
+            raise _Enough
+
+    with contextlib.suppress(_Enough):
+        attention_flow(attn, 1, progress=tick)
+    per_flow = float(np.median(np.diff(stamps)))
+    return per_flow / (layers * tokens * tokens)
+
+
+def _flow_cost(r: Analysis) -> Cost:
+    """Attention flow: one max-flow per patch on the (L+1) x N graph; time scaled from a calibration run by edges."""
+    num_patches = r.grid_size[0] * r.grid_size[1]
+    edges = r.num_layers * r.num_tokens**2
+    cal = _FLOW_CALIBRATION
+    return Cost(
+        work=f"{num_patches} max-flow problems on a graph of {r.num_layers + 1} x {r.num_tokens} nodes "
+        f"({edges:,} edges)",
+        seconds=num_patches * edges * _flow_seconds_per_edge(),
+        basis=f"estimate: {cal['flows']} max-flows timed on this server on a random {cal['layers']}-layer, "
+        f"{cal['tokens']}-token graph, scaled by edge count; real attention can be 2-3x faster or slower",
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "rollout",
+            "Attention rollout",
+            False,
+            lambda r, c, **kw: r.rollout(**kw),
+            controls=("head_fusion", "discard_ratio", "start_layer"),
+        ),
+        Method("attention", "Last-layer CLS attention", False, lambda r, c, **kw: r.last_layer_attention()),
+        Method(
+            "flow",
+            "Attention flow",
+            False,
+            lambda r, c, **kw: r.attention_flow(**kw),
+            slow=True,
+            reports_progress=True,
+            cost=_flow_cost,
+        ),
+        Method("grad_rollout", "Gradient rollout", True, lambda r, c, **kw: r.grad_rollout(c, **kw)),
+        Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw)),
+    )
+}
+
+
+def get(name: Any) -> Method:
+    """The method called ``name``, or a clear error listing the known ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise BadParameterError(f"method must be one of {list(METHODS)}, got {str(name)[:40]!r}")
+    return METHODS[name]
+
+
+def explain(r: Analysis, name: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+    """The map of method ``name`` for ``r`` ([gh, gw]); ``class_idx`` is ignored by methods that need no class."""
+    m = get(name)
+    return m.compute(r, class_idx if m.needs_class else None, **kwargs)
+
+
+def cost(r: Analysis, name: str) -> Cost | None:
+    """What method ``name`` will cost on ``r``, for methods that say (the slow ones); else None."""
+    m = get(name)
+    return m.cost(r) if m.cost is not None else None

@@ -1,0 +1,192 @@
+"""Model loading: one adapter per library, one cache, one entry point (:func:`load_model`).
+
+Which adapter: "bundled" or a path with a model card -> :mod:`.bundled`; "hf:owner/repo" or a folder written by
+transformers' ``save_pretrained`` -> :mod:`.hf`; "torchvision:vit_b_16" -> :mod:`.torchvision`; anything else (a timm
+name or tag, "timm:NAME", "hf-hub:owner/repo", a .safetensors file with ``arch=``) -> :mod:`.timm`. Each returns a
+small frozen :class:`VizModel`; loaded models are kept in a bounded LRU cache, and a model that fails to load is
+never cached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vizapp.budget import BudgetedModelCache
+from vizapp.errors import ModelLoadError
+from vizapp.models.base import (
+    ASSETS_DIR,
+    BUNDLED,
+    BUNDLED_CARD,
+    POSITION_SCHEMES,
+    VizModel,
+    cached_hub_file,
+    default_device,
+    hub_reachable,
+    validate_model_id,
+)
+
+__all__ = [
+    "ASSETS_DIR",
+    "BUNDLED",
+    "BUNDLED_CARD",
+    "MODEL_CACHE",
+    "POSITION_SCHEMES",
+    "VizModel",
+    "available_libraries",
+    "cached_hub_file",
+    "default_device",
+    "hub_reachable",
+    "load_model",
+    "reload",
+    "validate_model_id",
+    "weights_available_offline",
+]
+
+MODEL_CACHE = BudgetedModelCache(int(os.environ.get("VIZAPP_MODEL_CACHE_SIZE", "3")))  # by count and bytes
+
+
+def available_libraries() -> list[str]:
+    """The model libraries vizapp can load from here: timm always; transformers when installed; torchvision."""
+    import importlib.util
+
+    return ["timm"] + [lib for lib in ("transformers", "torchvision") if importlib.util.find_spec(lib) is not None]
+
+
+TIMM_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")
+HF_FILES = ("config.json", "model.safetensors")
+
+
+def weights_available_offline(name: str) -> bool:
+    """Whether ``name``'s pretrained weights load without a network: bundled, or already in the local cache.
+
+    timm names look in the Hugging Face hub cache for the repo of their pretrained config; ``hf:owner/repo`` needs
+    both ``config.json`` and ``model.safetensors`` cached; ``torchvision:ARCH`` needs its file under
+    ``torch.hub.get_dir()/checkpoints``. A library that is not installed, or an unknown name, gives False.
+    """
+    if name == BUNDLED:
+        return BUNDLED_CARD.is_file()
+    try:
+        kind = _adapter(name)
+    except ModelLoadError:
+        return False
+    if kind == "hf":
+        repo = name.split(":", 1)[1] if name.startswith("hf:") else name
+        if os.path.isdir(repo):
+            return True
+        return all(cached_hub_file(repo, (f,)) for f in HF_FILES)
+    if kind == "torchvision":
+        if "torchvision" not in available_libraries():
+            return False
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name.split(":", 1)[1]).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            return False
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
+    if kind == "bundled":
+        return Path(name).is_file()
+    if name.startswith("hf-hub:"):
+        return bool(cached_hub_file(name[len("hf-hub:") :], TIMM_WEIGHT_FILES))
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(":", 1)[1] if name.startswith("timm:") else name)
+    except (RuntimeError, ValueError):
+        return False
+    repo = cfg.hf_hub_id if cfg is not None else None
+    return bool(repo and cached_hub_file(repo, TIMM_WEIGHT_FILES))
+
+
+def _adapter(name: str) -> str:
+    if name == BUNDLED or name.endswith(".json"):
+        return "bundled"
+    if name.endswith(".safetensors"):
+        return "bundled" if Path(name).with_suffix(".json").is_file() else "timm"
+    if name.startswith("hf:") or (os.path.isdir(name) and (Path(name) / "config.json").is_file()):
+        return "hf"
+    if name.startswith("torchvision:"):
+        return "torchvision"
+    if os.path.isdir(name):
+        raise ModelLoadError(f"{name} is a folder without config.json; expected one written by save_pretrained")
+    return "timm"
+
+
+def _load_uncached(
+    name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> VizModel:
+    kind = _adapter(name)
+    if kind == "bundled":
+        from vizapp.models import bundled
+
+        return bundled.load(name, device, dtype)
+    if kind == "hf":
+        from vizapp.models import hf
+
+        return hf.load(name, pretrained, device, dtype, kwargs)
+    if kind == "torchvision":
+        from vizapp.models import torchvision as tv
+
+        return tv.load(name, pretrained, device, dtype, kwargs)
+    from vizapp.models import timm as timm_adapter
+
+    return timm_adapter.load(name, pretrained, arch, device, dtype, kwargs)
+
+
+def load_model(
+    name: str = BUNDLED,
+    *,
+    pretrained: bool = True,
+    arch: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_files: bool = True,
+    **kwargs: Any,
+) -> VizModel:
+    """Load (or fetch from the cache) a ViT and its token bookkeeping.
+
+    Args:
+        name: a timm name or name.tag ("vit_base_patch16_224.augreg2_in21k_ft_in1k", optionally "timm:..."), an
+            "hf-hub:owner/repo" timm id, an "hf:owner/repo" transformers id, a folder written by transformers'
+            ``save_pretrained``, "torchvision:vit_b_16", a path to a .safetensors file (with ``arch=...``, or a model
+            card .json beside it), or "bundled".
+        pretrained: False builds the architecture with random weights (tests, timing).
+        arch: timm architecture of a .safetensors checkpoint.
+        device: default CUDA when available, else CPU.
+        dtype: torch.float16/bfloat16 for a half-precision forward (attention maths stay fp32).
+        allow_files: False refuses local paths (the hosted app).
+        **kwargs: passed to the library's constructor (timm.create_model, e.g. img_size=(224, 320); torchvision's
+            builder, e.g. image_size=224; for transformers, config overrides when ``pretrained=False``).
+
+    Raises:
+        BadParameterError: the id is malformed or unknown.
+        ModelLoadError: weights unreachable (offline and not cached) or unreadable.
+        UnsupportedModelError: the model's attention cannot be captured exactly (e.g. Swin).
+    """
+    name = validate_model_id(name, allow_files=allow_files)
+    dev = torch.device(device) if device is not None else default_device()
+    key = (name, bool(pretrained), arch, str(dev), str(dtype), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    load_args = (
+        ("name", name),
+        ("pretrained", bool(pretrained)),
+        ("arch", arch),
+        ("device", str(dev)),
+        ("dtype", dtype),
+    )
+    load_args += tuple(sorted(kwargs.items()))
+
+    def loader() -> VizModel:
+        return replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs), load_args=load_args)
+
+    return MODEL_CACHE.get_or_load(key, loader)
+
+
+def reload(load_args: tuple[tuple[str, Any], ...]) -> VizModel:
+    """The model an analysis was made with, from its ``load_args`` (a cache hit unless it was evicted)."""
+    args = dict(load_args)
+    return load_model(args.pop("name"), **args)

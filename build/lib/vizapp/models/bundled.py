@@ -1,0 +1,109 @@
+"""The bundled offline model (and any timm ViT saved the same way): a .safetensors file with a model card .json.
+
+The card holds the constructor arguments, the preprocessing (size, mean/std, polarity) and the class names, so the
+model loads with no network and without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vizapp.errors import ModelLoadError
+from vizapp.models.base import BUNDLED, BUNDLED_CARD, VizModel
+from vizapp.models.timm import load_safetensors_into, wrap
+
+
+def bundled_transform(card: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL.Image (any mode/size) -> tensor [C, H, W] as the bundled model was trained, driven by its card.
+
+    The image is made grayscale, its polarity matched to the card (Fashion-MNIST: light object on a dark
+    background; a photo on a white background is inverted), padded to a square with its own background colour
+    (so the object keeps its aspect ratio), resized, and normalised with the card's mean/std.
+    """
+    c, h, w = (int(v) for v in card["input_size"])
+    mean = torch.tensor(card["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(card["std"], dtype=torch.float32).view(-1, 1, 1)
+    polarity = card.get("polarity", "light_on_dark")
+    resample = (
+        Image.Resampling.BILINEAR if card.get("interpolation", "bilinear") == "bilinear" else Image.Resampling.BICUBIC
+    )
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        g = img.convert("L")
+        a = np.asarray(g, dtype=np.float32) / 255.0  # [H, W]
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        bg = float(np.median(border))
+        if (polarity == "light_on_dark" and bg > 0.5) or (polarity == "dark_on_light" and bg < 0.5):
+            a, bg = 1.0 - a, 1.0 - bg
+        ih, iw = a.shape
+        side = max(ih, iw)
+        if ih != iw:
+            sq = np.full((side, side), bg, dtype=np.float32)
+            top, left = (side - ih) // 2, (side - iw) // 2
+            sq[top : top + ih, left : left + iw] = a
+            a = sq
+        if a.shape != (h, w):
+            a = np.asarray(Image.fromarray(a, mode="F").resize((w, h), resample=resample, reducing_gap=None))
+        x = torch.from_numpy(np.array(a, dtype=np.float32)).float().clamp(0, 1)[None].expand(c, h, w)
+        return (x - mean) / std
+
+    return transform
+
+
+def load_card(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = json.load(f)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model card {path} is missing; run `python -m vizapp.bundled.train` to create it") from e
+    for key in ("model_args", "input_size", "mean", "std", "class_names"):
+        if key not in card:
+            raise ModelLoadError(f"model card {path} lacks '{key}'")
+    return card
+
+
+def _build_from_card(card_path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    card = load_card(card_path)
+    weights = card_path.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise ModelLoadError(f"weights {weights} are missing; run `python -m vizapp.bundled.train` to create them")
+    model = VisionTransformer(**card["model_args"])
+    load_safetensors_into(model, weights)
+    return model, card
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype) -> VizModel:
+    """ "bundled", a model card .json, or a .safetensors file with a card beside it."""
+    card_path = BUNDLED_CARD if name == BUNDLED else Path(name).with_suffix(".json")
+    model, card = _build_from_card(card_path)
+    if name == BUNDLED or name.endswith(".json"):
+        source = "bundled"
+        note = (
+            f"Bundled offline model: a small ViT trained here on Fashion-MNIST "
+            f"({100 * float(card.get('test_accuracy', float('nan'))):.1f}% test accuracy); it sees 28x28 grayscale."
+        )
+    else:
+        source, note = "file", f"Weights from {Path(name).name}."
+    return wrap(
+        model,
+        name,
+        source,
+        note,
+        device,
+        dtype,
+        transform=bundled_transform(card),
+        labels=tuple(card["class_names"]),
+        input_size=tuple(int(v) for v in card["input_size"]),
+        mean=card["mean"],
+        std=card["std"],
+        card=card,
+    )

@@ -1,0 +1,248 @@
+"""The Hugging Face transformers adapter: ``hf:owner/repo`` ids and folders written by ``save_pretrained``.
+
+Supported model types: ViT, DeiT (with the distillation token), DINOv2, DINOv2 with registers, CLIP and SigLIP vision
+towers, with or without a classification head. The model is always built with ``attn_implementation="sdpa"``, so every
+layer's attention goes through ``F.scaled_dot_product_attention`` where :mod:`vizapp.capture` reads it exactly.
+Token bookkeeping comes from the model: the embeddings' ``cls_token`` / ``distillation_token`` / ``register_tokens``
+(or ``config.num_register_tokens``), ``config.patch_size`` and ``config.image_size``. Preprocessing is the library's
+own image processor (``preprocessor_config.json`` when present, else the model type's default processor at the
+model's input size); class names come from ``config.id2label``.
+
+``transformers`` is an optional extra (``pip install vizapp[hf]``); the timm path never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
+from vizapp.models.base import VizModel, hub_reachable, offline_message, pair
+
+#: model_type -> (how many rows of the learned position table precede the patch rows, has a CLS token)
+MODEL_TYPES = {
+    "vit": (1, True),
+    "deit": (2, True),
+    "dinov2": (1, True),
+    "dinov2_with_registers": (1, True),
+    "clip_vision_model": (1, True),
+    "siglip_vision_model": (0, False),
+}
+#: model types whose config is nested inside a multimodal one (the vision tower is loaded on its own)
+VISION_CONFIGS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(
+            "loading a Hugging Face transformers model needs the optional extra: pip install 'vizapp[hf]'"
+        ) from e
+    return transformers
+
+
+def _source(name: str) -> tuple[str, bool]:
+    """(folder or repo id, is a local folder)."""
+    src = name[3:] if name.startswith("hf:") else name
+    if os.path.isdir(src):
+        return src, True
+    return src, False
+
+
+def _config(src: str, local: bool) -> Any:
+    transformers = _require_transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if local:
+            raise ModelLoadError(f"{src}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
+    if not hub_reachable():
+        raise ModelLoadError(
+            offline_message(
+                f"hf:{src}",
+                "transformers model",
+                "Connect once to cache it, copy a cache (HF_HOME), or pass a folder written by save_pretrained.",
+            )
+        )
+    return transformers.AutoConfig.from_pretrained(src)
+
+
+def _vision_config(config: Any) -> Any:
+    if config.model_type in VISION_CONFIGS:
+        return config.vision_config
+    return config
+
+
+def _model_class(config: Any) -> Any:
+    transformers = _require_transformers()
+    if config.model_type in VISION_CONFIGS:
+        return getattr(transformers, {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[config.model_type])
+    for arch in config.architectures or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The encoder-holding module: ``model.vit`` of ViTForImageClassification, ``vision_model`` of CLIP, ..."""
+    for attr in ("vit", "deit", "dinov2", "vision_model"):
+        sub = getattr(model, attr, None)
+        if isinstance(sub, torch.nn.Module):
+            return sub
+    return model
+
+
+def _num_prefix_tokens(model_type: str, embeddings: torch.nn.Module, config: Any) -> int:
+    p = 1 if getattr(embeddings, "cls_token", None) is not None or model_type == "clip_vision_model" else 0
+    if getattr(embeddings, "distillation_token", None) is not None:
+        p += 1
+    registers = getattr(embeddings, "register_tokens", None)
+    if registers is not None:
+        p += int(registers.shape[1])
+    elif int(getattr(config, "num_register_tokens", 0) or 0):
+        p += int(config.num_register_tokens)
+    return p
+
+
+def _pos_table(model_type: str, embeddings: torch.nn.Module) -> torch.Tensor:
+    """The learned position table [rows, D] (prefix rows first, as the model stores it)."""
+    if model_type in ("clip_vision_model", "siglip_vision_model"):
+        return embeddings.position_embedding.weight
+    return embeddings.position_embeddings[0]
+
+
+def _transform(src: str, local: bool, model_type: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple]:
+    """The library's own image processor: from preprocessor_config.json when present, else the model type's
+    default processor resized to the model's input size."""
+    transformers = _require_transformers()
+    has_cfg = (Path(src) / "preprocessor_config.json").is_file() if local else True
+    proc = None
+    if has_cfg:
+        try:
+            proc = transformers.AutoImageProcessor.from_pretrained(src, local_files_only=True)
+        except (OSError, ValueError):
+            proc = None
+    if proc is None:
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type.replace("_vision_model", ""))
+        names = names if names is not None else IMAGE_PROCESSOR_MAPPING_NAMES.get("vit")
+        if isinstance(names, dict):
+            names = tuple(names.values())
+        cls_name = next(n for n in ((names,) if isinstance(names, str) else names) if n)
+        proc = getattr(transformers, cls_name)()
+        h, w = size
+        proc.size = {"height": h, "width": w}
+        if getattr(proc, "crop_size", None) is not None:
+            proc.crop_size = {"height": h, "width": w}
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        return proc(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    return transform, tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=x)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]) -> VizModel:
+    """An ``hf:owner/repo`` id or a ``save_pretrained`` folder. With ``pretrained=False`` the architecture of the
+    config is built with random weights (``kwargs`` override config fields)."""
+    from vizapp.capture import attention_layers
+
+    src, local = _source(name)
+    config = _config(src, local)
+    for k, v in kwargs.items():
+        if not hasattr(config, k):
+            raise BadParameterError(f"{type(config).__name__} has no field {k!r}")
+        setattr(config, k, v)
+    vision = _vision_config(config)
+    model_type = vision.model_type
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{name}: transformers model type {model_type!r} is not one vizapp captures exactly; supported: "
+            f"{sorted(MODEL_TYPES)}"
+        )
+    cls = _model_class(config)
+    from vizapp.budget import check_budget, meta_parameter_count
+
+    built = vision if config.model_type in VISION_CONFIGS else config
+    check_budget(name, counter=lambda: meta_parameter_count(lambda: cls._from_config(built)))  # before the weights
+    try:
+        if pretrained:
+            model = cls.from_pretrained(
+                src, attn_implementation="sdpa", local_files_only=local or None, use_safetensors=True
+            )  # never a pickled .bin
+        else:
+            model = cls._from_config(
+                vision if config.model_type in VISION_CONFIGS else config, attn_implementation="sdpa"
+            )
+    except OSError as e:
+        raise ModelLoadError(f"{name}: weights could not be read ({str(e).splitlines()[0][:200]})") from e
+    attention_layers(model)  # the support check
+    model.eval().to(device=device, dtype=dtype)
+    base = _base(model)
+    embeddings = base.embeddings
+    p = _num_prefix_tokens(model_type, embeddings, vision)
+    ps = pair(vision.patch_size)
+    size = pair(vision.image_size)
+    grid = (size[0] // ps[0], size[1] // ps[1])
+    pos_prefix, has_cls = MODEL_TYPES[model_type]
+    transform, mean, std = _transform(src, local, model_type, size)
+    id2label = getattr(config, "id2label", None) or {}
+    heads = [getattr(model, n, None) for n in ("classifier", "cls_classifier")]
+    has_head = any(h is not None and not isinstance(h, torch.nn.Identity) for h in heads)
+    labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(len(id2label))) if has_head else ()
+
+    def lens(x: torch.Tensor) -> torch.Tensor:
+        h = base.layernorm(x)
+        if getattr(model, "cls_classifier", None) is not None:  # DeiT with teacher: the mean of its two heads
+            return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
+        return model.classifier(h[:, 0])
+
+    def pos_embed() -> torch.Tensor:
+        table = _pos_table(model_type, embeddings)[pos_prefix:]
+        if table.shape[0] != grid[0] * grid[1]:
+            raise UnsupportedModelError(f"{name}: {table.shape[0]} position rows for a {grid[0]}x{grid[1]} grid")
+        return table
+
+    return VizModel(
+        name=name,
+        model=model,
+        device=device,
+        transform=transform,
+        labels=labels,
+        num_prefix_tokens=p,
+        grid_size=grid,
+        patch_size=ps,
+        no_embed_class=pos_prefix == 0,
+        input_size=(3, *size),
+        mean=mean,
+        std=std,
+        source="pretrained" if pretrained else "random",
+        note="" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful.",
+        dtype=dtype,
+        num_layers=len(attention_layers(model)),
+        num_heads=int(vision.num_attention_heads),
+        forward_fn=_forward,
+        grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
+        has_class_token=has_cls,
+        family="hf",
+        position="learned",
+        pos_embed_fn=pos_embed,
+        lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
+        num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
+    )

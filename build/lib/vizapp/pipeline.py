@@ -1,0 +1,737 @@
+"""``analyze``: one forward pass with capture, then every analysis the views need, layer by layer.
+
+The result is a frozen :class:`Analysis` of CPU tensors and numpy arrays: it holds q and k of every layer (so any
+query's per-head map, and rollout with other settings, is recomputed without another forward pass) but never all
+layers' full attention at once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vizapp import limits
+from vizapp.analysis.distance import patch_distance_matrix
+from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
+from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.errors import BadParameterError, StaleResultError
+from vizapp.models import VizModel
+from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
+
+Query = str | int | tuple[int, int]
+
+
+def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+    from vizapp.imageio import DecodedImage, decode_image
+
+    if isinstance(image, DecodedImage):
+        return image.image, tuple(image.notes)
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image, ()
+
+    decoded = decode_image(image)
+    return decoded.image, decoded.notes
+
+
+def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """The model's input [C, H, W] de-normalised to a uint8 RGB image [H, W, 3] (what the model saw)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    img = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return (img[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class GradientGraph:
+    """The autograd graph of a gradient-enabled forward (``analyze(..., gradients=True)``): each layer's attention
+    in the graph and the logits, so that every further class costs one backward pass. Never copied or pickled (a
+    copy of the Analysis falls back to a new forward and backward)."""
+
+    def __init__(self, maps: list[torch.Tensor] | None = None, logits: torch.Tensor | None = None) -> None:
+        self.maps, self.logits = maps, logits
+
+    def __deepcopy__(self, memo: dict) -> GradientGraph:
+        return GradientGraph()
+
+    def __reduce__(self) -> tuple:
+        return (GradientGraph, ())
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
+
+    Attributes:
+        model_name: the model's id; ``load_args`` reload it (from the cache) for gradient methods.
+        labels: class names; ``probs`` [K] class probabilities (None without a classifier head).
+        top_k: [(label, probability)] best first.
+        image: the model's view of the input, uint8 [H, W, 3].
+        input: the model's input tensor [1, C, H, W].
+        q, k: per layer [H, N, head_dim] float32 (post q_norm / k_norm, before scaling).
+        scales: per-layer softmax scale.
+        biases: per layer, the additive bias the layer adds before its softmax ([H or 1, N, N], e.g. BEiT's
+            relative-position bias), or None; empty when no layer has one.
+        recomputed_layers: layers whose attention stayed inside the model and was formed again from q and k.
+        block_norms: [L, N] L2 norm of every token's output after each block (prefix tokens first).
+        block_outputs: layer -> that block's output [N, D] (every layer for models up to about ViT-B size, else the
+            last), for the feature views.
+        lens_probs: [L, K] the logit lens: class probabilities from each block's output through the model's final
+            norm, pooling and head (None without a classifier head).
+        num_registers: register tokens among the prefix tokens.
+        model_ref: a weak reference to the model the result came from, and ``model_fingerprint`` a digest of its
+            weights then (:meth:`VizModel.fingerprint`): methods that run the model again use that very network or
+            refuse (:class:`~vizapp.errors.StaleResultError`), never another one.
+        graph: with ``analyze(..., gradients=True)``, the forward's autograd graph (see :class:`GradientGraph`).
+        mean_distance: [L, H] mean attention distance in pixels.
+        notes: remarks about the input (e.g. "animated GIF: first frame").
+    """
+
+    model_name: str
+    load_args: tuple[tuple[str, Any], ...]
+    labels: tuple[str, ...]
+    probs: np.ndarray | None
+    top_k: list[tuple[str, float]]
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    image: np.ndarray
+    input: torch.Tensor
+    q: tuple[torch.Tensor, ...]
+    k: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+    mean_distance: np.ndarray
+    notes: tuple[str, ...] = ()
+    has_class_token: bool = True
+    biases: tuple[torch.Tensor | None, ...] = ()
+    recomputed_layers: tuple[int, ...] = ()
+    block_norms: np.ndarray | None = None
+    block_outputs: dict = field(default_factory=dict)
+    lens_probs: np.ndarray | None = None
+    num_registers: int = 0
+    model_ref: Any = field(default=None, repr=False)
+    model_fingerprint: tuple[float, ...] = ()
+    graph: GradientGraph = field(default_factory=GradientGraph, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.q)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.q[0].shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q[0].shape[1])
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def _layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
+        if not -self.num_layers <= layer < self.num_layers:
+            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
+        return int(layer) % self.num_layers
+
+    def _head(self, head: Any) -> int | None:
+        if head is None:
+            return None
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
+            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
+        if not 0 <= head < self.num_heads:
+            raise BadParameterError(f"head {head} is out of range; this model has heads 0..{self.num_heads - 1}")
+        return int(head)
+
+    def query_index(self, query: Query) -> int:
+        """Token index of a query: "cls" (token 0), a prefix token index, or a patch (row, col)."""
+        p = self.num_prefix_tokens
+        gh, gw = self.grid_size
+        if isinstance(query, str):
+            if query.lower() != "cls":
+                raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query[:40]!r}")
+            if not self.has_class_token:
+                raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
+            return 0
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            if not 0 <= query < self.num_tokens:
+                raise BadParameterError(f"token {query} is out of range 0..{self.num_tokens - 1}")
+            return int(query)
+        if (
+            isinstance(query, (tuple, list))
+            and len(query) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query)
+        ):
+            r, c = int(query[0]), int(query[1])
+            if not (0 <= r < gh and 0 <= c < gw):
+                raise BadParameterError(f"patch ({r}, {c}) is outside the {gh}x{gw} grid")
+            return p + r * gw + c
+        raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query!r}"[:200])
+
+    # -- per-head maps ---------------------------------------------------------------------------------------------
+    def attention_layer(self, layer: int) -> torch.Tensor:
+        """Full attention of one layer, [H, N, N] float32 (recomputed from q and k)."""
+        layer = self._layer(layer)
+        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer], self._bias(layer))
+
+    def _bias(self, layer: int) -> torch.Tensor | None:
+        """The layer's additive attention bias [H or 1, N, N] (relative position), or None."""
+        return self.biases[layer] if self.biases else None
+
+    def attention_row(self, layer: int, query: Query = "cls") -> torch.Tensor:
+        """Attention of one query token to every token, [H, N]."""
+        layer = self._layer(layer)
+        i = self.query_index(query)
+        bias = self._bias(layer)
+        return attention_from_qk(
+            self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer], None if bias is None else bias[:, i : i + 1]
+        )[:, 0]
+
+    def attention(self, layer: int, head: int | None = None, query: Query = "cls") -> np.ndarray:
+        """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
+        head = self._head(head)
+        row = self.attention_row(layer, query)[:, self.num_prefix_tokens :]  # [H, P]
+        maps = row.reshape(self.num_heads, *self.grid_size).numpy()
+        return maps if head is None else maps[head]
+
+    def attention_all_layers(self, query: Query = "cls") -> np.ndarray:
+        """[L, H, gh, gw] maps of one query for every layer."""
+        return np.stack([self.attention(layer, None, query) for layer in range(self.num_layers)])
+
+    def prefix_attention(self, layer: int, query: Query = "cls") -> np.ndarray:
+        """[H, num_prefix_tokens] weights the query sends to the prefix tokens (CLS/dist/registers)."""
+        return self.attention_row(layer, query)[:, : self.num_prefix_tokens].numpy()
+
+    # -- rollout ----------------------------------------------------------------------------------------------------
+    def fused(self, head_fusion: str = "mean") -> torch.Tensor:
+        """Head-fused attention of every layer [L, N, N]; cached while small."""
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        key = ("fused", head_fusion)
+        if key in self._cache:
+            return self._cache[key]
+        fused = torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)])
+        if fused.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
+        return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
+
+    def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+        """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        start_layer = self._layer(start_layer)
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        key = ("rollout", head_fusion, float(discard_ratio), start_layer)
+        if key not in self._cache:
+            cached = self._cache.get(("fused", head_fusion))
+
+            def fused_layer(layer: int) -> torch.Tensor:
+                return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
+
+            row = rollout_row(
+                fused_layer,
+                self.num_layers,
+                self.output_weights(),
+                self.num_prefix_tokens,
+                float(discard_ratio),
+                start_layer,
+            )
+            self._cache[key] = self._patch_map(row[self.num_prefix_tokens :])
+        return self._cache[key]
+
+    # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
+    def _class(self, class_idx: Any) -> int:
+        if self.probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no class to explain")
+        if class_idx is None:
+            return int(np.argmax(self.probs))
+        if isinstance(class_idx, str):
+            if class_idx not in self.labels:
+                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
+            return self.labels.index(class_idx)
+        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
+            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
+        if not 0 <= class_idx < len(self.probs):
+            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
+        return int(class_idx)
+
+    def attention_stack(self) -> torch.Tensor:
+        """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
+        if self.graph.maps is not None:
+            return torch.stack([m[0].detach().float().cpu() for m in self.graph.maps])
+        return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
+
+    def _model(self) -> VizModel:
+        """The network this result came from: the same object while it is alive, else the cache's copy when its
+        weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
+        from vizapp.models import reload
+
+        vm = self.model_ref() if self.model_ref is not None else None
+        where = "changed since"
+        if vm is None:
+            if self.model_ref is not None and not dict(self.load_args).get("pretrained", True):
+                raise StaleResultError(
+                    f"{self.model_name} (random weights) is no longer in memory, and a rebuilt copy would have other "
+                    "weights; analyze the image again"
+                )
+            vm = reload(self.load_args)
+            where = "reloaded, and its weights differ from those of"
+        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
+            raise StaleResultError(
+                f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
+            )
+        return vm
+
+    def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
+        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
+        cls = self._class(class_idx)
+        key = ("grads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
+            grads = torch.autograd.grad(self.graph.logits[0, cls], self.graph.maps, retain_graph=True)
+            out = torch.stack([g[0].float().cpu() for g in grads])
+            if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+                self._cache[key] = out
+            return out
+        vm = self._model()
+        x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
+        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+            logits = vm.logits(x)
+            grads = cap.attention_grads(logits[0, cls])
+        out = torch.stack([g[0].detach().float().cpu() for g in grads])
+        if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = out
+        return out
+
+    def output_weights(self) -> torch.Tensor:
+        """[N] weights over tokens whose joint-attention row is the map: one-hot at CLS, or uniform over the patches
+        for a model without a CLS token (see :meth:`output_row`)."""
+        w = torch.zeros(self.num_tokens, dtype=torch.float64)
+        if self.has_class_token:
+            w[0] = 1.0
+        else:
+            w[self.num_prefix_tokens :] = 1.0 / (self.num_tokens - self.num_prefix_tokens)
+        return w
+
+    def output_row(self, joint: torch.Tensor) -> torch.Tensor:
+        """The map over the patches from a joint [N, N]: the CLS row, or for models that pool their patch tokens
+        instead of reading a CLS token (e.g. ``global_pool="avg"``), the mean of the patch rows. -> [P]."""
+        p = self.num_prefix_tokens
+        return joint[0, p:] if self.has_class_token else joint[p:, p:].mean(dim=0)
+
+    def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
+        return flat.reshape(self.grid_size).float().numpy()
+
+    def grad_weighted_heads(self, class_idx: Any = None) -> torch.Tensor:
+        """Ā = mean over heads of max(∇A ⊙ A, 0) for a class, every layer, [L, N, N] float64 (the fusion both
+        gradient methods share; formed once per class)."""
+        from vizapp.analysis.relevance import grad_weighted_heads
+
+        cls = self._class(class_idx)
+        key = ("grad_heads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        fused = grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
+        if fused.numel() * 8 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+        """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention (the
+        rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down)."""
+        start_layer = self._layer(start_layer)
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        fused = self.grad_weighted_heads(class_idx)
+        row = rollout_row(
+            lambda layer: fused[layer],
+            self.num_layers,
+            self.output_weights(),
+            self.num_prefix_tokens,
+            float(discard_ratio),
+            start_layer,
+        )
+        return self._patch_map(row[self.num_prefix_tokens :])
+
+    def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
+        """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw] (the row of R read by the
+        output, carried from the top layer down)."""
+        from vizapp.analysis.relevance import relevance_row
+
+        start_layer = self._layer(start_layer)
+        row = relevance_row(self.grad_weighted_heads(class_idx), self.output_weights(), start_layer)
+        return self._patch_map(row[self.num_prefix_tokens :])
+
+    def attention_flow(
+        self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
+        """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
+        from vizapp.analysis.flow import attention_flow
+
+        key = ("flow", head_fusion)
+        if key not in self._cache:
+            flat = attention_flow(
+                self.attention_stack(),
+                self.num_prefix_tokens,
+                head_fusion=head_fusion,
+                query=self.query_index("cls"),
+                progress=progress,
+            )
+            self._cache[key] = self._patch_map(flat)
+        return self._cache[key]
+
+    def last_layer_attention(self) -> np.ndarray:
+        """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
+        return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)  # needs a CLS token
+
+    def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """Any registered method's map by name (see :data:`vizapp.methods.METHODS`)."""
+        from vizapp import methods
+
+        return methods.explain(self, method, class_idx, **kwargs)
+
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
+
+        Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
+        map's importance, and the class probability tracked. ``baseline`` is in the model's normalised input space,
+        so 0.0 is the dataset-mean colour. A random order is added as "random" unless ``random_seed`` is None.
+
+        Returns:
+            {name: {"deletion": Curve, "insertion": Curve}}
+        """
+        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        maps = dict(maps)
+        if random_seed is not None:
+            g = torch.Generator().manual_seed(int(random_seed))
+            maps["random"] = random_order_saliency(self.grid_size[0] * self.grid_size[1], g).numpy()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in maps.items():
+            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+            out[name] = {
+                mode: perturbation_curve(
+                    predict,
+                    self.input[0],
+                    sal,
+                    self.grid_size,
+                    self.patch_size,
+                    cls,
+                    mode=mode,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                )
+                for mode in ("deletion", "insertion")
+            }
+        return out
+
+    # -- label-free views (issue: beyond class labels) -----------------------------------------------------
+    def _features(self, layer: int) -> torch.Tensor:
+        """The patch tokens' output features after block ``layer``, [P, D]."""
+        layer = self._layer(layer)
+        if layer not in self.block_outputs:
+            kept = sorted(self.block_outputs)
+            raise BadParameterError(
+                f"layer {layer}'s features were not kept for this model (too large); layers with features: {kept}"
+            )
+        return self.block_outputs[layer][self.num_prefix_tokens :]
+
+    def feature_pca(self, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
+        """The patch features after block ``layer`` on their first 3 principal components as RGB [gh, gw, 3] in
+        [0, 1] (Oquab et al. 2023, DINOv2 Fig. 1); with ``foreground_threshold``, the PCA is refit on the patches
+        whose first component is above it (scaled to [0, 1]) and the background is black."""
+        from vizapp.analysis.features import feature_pca
+
+        res = feature_pca(self._features(layer), foreground_threshold=foreground_threshold, grid_size=self.grid_size)
+        return res.rgb.reshape(*self.grid_size, 3).numpy()
+
+    def feature_similarity(self, query: Query, layer: int = -1, other: Analysis | None = None) -> np.ndarray:
+        """Cosine similarity between the query patch's feature after block ``layer`` and every patch's feature, of
+        this image or of ``other`` (dense correspondence), [gh, gw] of the image compared with."""
+        from vizapp.analysis.features import feature_similarity
+
+        i = self.query_index(query) - self.num_prefix_tokens
+        if i < 0:
+            raise BadParameterError("the feature similarity is between patches: pick a patch (row, col)")
+        target = other if other is not None else self
+        sim = feature_similarity(self._features(layer), i, target._features(layer) if other is not None else None)
+        return sim.reshape(target.grid_size).numpy()
+
+    def token_norms(self) -> np.ndarray:
+        """[L, N] L2 norm of every token's output after each block, prefix tokens first, in the model's order."""
+        if self.block_norms is None:
+            raise BadParameterError("token norms were not recorded for this analysis")
+        return self.block_norms
+
+    def artifact_tokens(self, k: float = 10.0) -> np.ndarray:
+        """[L, N] bool: tokens whose norm is above median + k·MAD of their layer (Darcet et al. 2024's high-norm
+        artifact tokens; see :func:`vizapp.analysis.features.artifact_tokens`)."""
+        from vizapp.analysis.features import artifact_tokens
+
+        return artifact_tokens(torch.as_tensor(self.token_norms()), k=k).numpy()
+
+    def register_attention(self) -> dict[str, np.ndarray | None]:
+        """How much attention CLS and the patches give each register, per layer and head: {"from_cls": [L, H, R]
+        or None, "from_patches": [L, H, R]}; empty arrays for a model without registers."""
+        from vizapp.analysis.features import register_attention
+
+        rows = []
+        for layer in range(self.num_layers):
+            rows.append(
+                register_attention(
+                    self.attention_layer(layer), self.num_prefix_tokens, self.num_registers, self.has_class_token
+                )
+            )
+        from_cls = None if rows[0].from_cls is None else torch.stack([r.from_cls for r in rows]).numpy()
+        return {"from_cls": from_cls, "from_patches": torch.stack([r.from_patches for r in rows]).numpy()}
+
+    def dino_masks(self, threshold: float = 0.6) -> np.ndarray:
+        """[H, gh, gw] bool: per head of the last layer, the patches holding the top ``threshold`` fraction of the
+        CLS attention mass (Caron et al. 2021)."""
+        from vizapp.analysis.features import dino_masks
+
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise BadParameterError(f"threshold must be a number in (0, 1], got {threshold!r}"[:200])
+        rows = torch.as_tensor(self.attention(self.num_layers - 1, None, "cls"))  # [H, gh, gw]
+        masks = dino_masks(rows.reshape(self.num_heads, -1), float(threshold))
+        return masks.reshape(self.num_heads, *self.grid_size).numpy()
+
+    def logit_lens(self, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per layer, the top-``k`` classes of the logit lens (nostalgebraist 2020): each block's output through the
+        model's final norm, pooling and head; the last layer's is the model's own prediction."""
+        if self.lens_probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no logit lens")
+        out = []
+        for row in self.lens_probs:
+            order = np.argsort(-row, kind="stable")[: max(0, int(k))]
+            out.append([(self.labels[i], float(row[i])) for i in order])
+        return out
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary of the analysis."""
+        return {
+            "model": self.model_name,
+            "top_k": [{"label": lbl, "probability": float(p)} for lbl, p in self.top_k],
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_tokens": self.num_tokens,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "grid_size": list(self.grid_size),
+            "patch_size": list(self.patch_size),
+            "mean_distance_px": np.round(self.mean_distance, 3).tolist(),
+            "rollout_mean": np.round(self.rollout(), 6).tolist(),
+            "notes": list(self.notes),
+        }
+
+    def arrays(self, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+        """Arrays for an .npz export: full attention [L, H, N, N] when it fits in ``max_bytes``, else CLS rows."""
+        out: dict[str, np.ndarray] = {
+            "mean_distance": self.mean_distance,
+            "rollout": self.rollout(),
+            "image": self.image,
+            "num_prefix_tokens": np.array(self.num_prefix_tokens),
+            "grid_size": np.array(self.grid_size),
+            "patch_size": np.array(self.patch_size),
+        }
+        full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
+        if full <= (limits.EXPORT_ATTENTION_BYTES if max_bytes is None else max_bytes):
+            out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()
+        else:
+            out["cls_attention"] = torch.stack([self.attention_row(i) for i in range(self.num_layers)]).numpy()
+        if self.probs is not None:
+            out["probs"] = self.probs
+        return out
+
+
+def analyze(
+    vm: VizModel,
+    image: Any,
+    *,
+    top_k: int = 5,
+    progress: Callable[[float, str], None] | None = None,
+    inline: bool = True,
+    gradients: bool = False,
+) -> Analysis:
+    """Run the model once on ``image`` with capture and compute every core analysis.
+
+    Args:
+        vm: a model from :func:`vizapp.load_model`.
+        image: a PIL image (or bytes / path / numpy array, decoded safely by :mod:`vizapp.imageio`).
+        top_k: how many classes to report.
+        progress: optional callback(fraction, message).
+        inline: form each layer's attention once, in place of the model's SDPA call (default); False lets the model
+            compute its own attention output and forms the attention again from the recorded q and k (the second
+            code path the tests compare against; slower).
+        gradients: run the forward with autograd, forming each layer's attention in the graph, and keep that graph
+            in the result, so the class-specific methods (gradient rollout, Chefer relevance) cost one backward pass
+            per class instead of a forward and a backward. Holds the forward's activations (about 150 MB for ViT-B/16)
+            for as long as the result lives.
+
+    Returns:
+        an :class:`Analysis`.
+    """
+    pil, notes = _to_pil(image)
+    x = vm.transform(pil)
+    if x.dim() == 3:
+        x = x[None]
+    x_dev = x.to(device=vm.device, dtype=vm.dtype)
+    if progress:
+        progress(0.1, "forward pass")
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    p = vm.num_prefix_tokens
+    n = p + grid[0] * grid[1]
+    n_layers = vm.num_layers
+    keep_fused = n_layers * n * n * 4 <= limits.FUSED_CACHE_LIMIT_BYTES
+    weights = torch.zeros(n, dtype=torch.float64, device=vm.device)  # the rows whose joint attention is the map
+    if vm.has_class_token:
+        weights[0] = 1.0
+    else:
+        weights[p:] = 1.0 / (n - p)
+    with torch.enable_grad() if gradients else torch.no_grad():
+        dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
+        # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
+        # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
+        stats = LayerStatistics(
+            [vm.num_heads] * n_layers,
+            n,
+            dist,
+            p,
+            ("mean",) if keep_fused else (),
+            store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES,
+        )
+        blocks = BlockFeatures(n_layers, vm.lens_fn)
+        with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks, with_grad=gradients) as cap:
+            logits = vm.logits(x_dev)
+        graph = GradientGraph(list(cap.maps), logits) if gradients else GradientGraph()
+        logits = logits.detach()
+        if progress:
+            progress(0.6, "attention analyses")
+        n_seen = cap.q[0].shape[-2]
+        if n_seen != n:
+            raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
+        if not stats.complete():
+            raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+        rollout_default = stats.rollout_row(weights)[p:].float().cpu()
+        q = tuple(t[0].detach().float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
+        k = tuple(t[0].detach().float().cpu().contiguous() for t in cap.k)
+        biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
+        scales = tuple(cap.scales)
+        fused = {"mean": torch.stack(stats.fused["mean"]).cpu()} if keep_fused else {}
+        distances = stats.distances
+        del stats
+    probs = None
+    top: list[tuple[str, float]] = []
+    if vm.labels and logits.shape[-1] == len(vm.labels):
+        probs = torch.softmax(logits[0].float(), dim=-1).cpu().numpy()
+        order = np.argsort(-probs, kind="stable")[: max(0, int(top_k))]
+        top = [(vm.labels[i], float(probs[i])) for i in order]
+    result = Analysis(
+        model_name=vm.name,
+        load_args=vm.load_args,
+        labels=vm.labels,
+        probs=probs,
+        top_k=top,
+        num_prefix_tokens=p,
+        grid_size=grid,
+        patch_size=vm.patch_size,
+        image=model_view(x[0], vm.mean, vm.std),
+        input=x.cpu(),
+        q=q,
+        k=k,
+        scales=scales,
+        mean_distance=torch.stack(distances).float().cpu().numpy(),
+        notes=tuple(notes),
+        has_class_token=vm.has_class_token,
+        biases=biases if any(b is not None for b in biases) else (),
+        recomputed_layers=tuple(sorted(cap.replayed_layers)),
+        block_norms=torch.stack(blocks.norms).cpu().numpy(),
+        block_outputs={layer: t.cpu() for layer, t in blocks.outputs.items()},
+        lens_probs=torch.stack(blocks.lens).cpu().numpy() if vm.lens_fn is not None and probs is not None else None,
+        num_registers=vm.num_registers,
+        model_ref=weakref.ref(vm),
+        model_fingerprint=vm.fingerprint(),
+        graph=graph,
+    )
+    for f, stack in fused.items():
+        result._cache[("fused", f)] = stack  # [L, N, N]
+    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(rollout_default)
+    if progress:
+        progress(1.0, "done")
+    return result
+
+
+def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
+    """One PCA shared by several images, so that parts correspond by colour (Oquab et al. 2023, DINOv2 Fig. 1).
+
+    Args:
+        vm: a model from :func:`vizapp.load_model`.
+        images: a sequence of images (PIL, bytes, paths or arrays, decoded safely), all at the model's input size
+            after its transform.
+        layer: the block whose output features are used (default: the last).
+        foreground_threshold: as in :meth:`Analysis.feature_pca`.
+
+    Returns:
+        [B, gh, gw, 3] RGB in [0, 1].
+    """
+    from vizapp.analysis.features import feature_pca as pca
+
+    images = list(images)
+    if not images:
+        raise BadParameterError("feature_pca needs at least one image")
+    if (
+        isinstance(layer, bool)
+        or not isinstance(layer, (int, np.integer))
+        or not -vm.num_layers <= layer < vm.num_layers
+    ):
+        raise BadParameterError(
+            f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200]
+        )
+    layer = int(layer) % vm.num_layers
+    x = torch.stack([vm.transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(i: int, out: torch.Tensor) -> None:
+        if i == layer:
+            kept[i] = out[:, vm.num_prefix_tokens :].float().cpu()  # [B, P, D]
+
+    with torch.no_grad(), AttentionCapture(vm.model, on_block=keep):
+        vm.logits(x)
+    res = pca(kept[layer], foreground_threshold=foreground_threshold, grid_size=grid)
+    return res.rgb.reshape(len(images), *grid, 3).numpy()

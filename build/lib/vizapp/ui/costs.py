@@ -1,0 +1,78 @@
+"""What the slow operations will cost for the current model, said before they run (markdown for the page)."""
+
+from __future__ import annotations
+
+from vizapp import methods
+from vizapp.ablation import exact_forward_passes
+from vizapp.pipeline import Analysis
+from vizapp.ui import deadline
+
+DEFAULT_COMPARE_STEPS = 16
+
+
+def _seconds(s: float) -> str:
+    return "under 1 s" if s < 1 else f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min"
+
+
+def limit_note() -> str:
+    """The operator's time limit, and that Cancel stops sooner."""
+    limit = deadline.request_seconds()
+    return (
+        f"Long operations stop after {limit:g} s (the operator's `{deadline.REQUEST_SECONDS_ENV}`); "
+        "**Cancel** stops one sooner."
+    )
+
+
+def slow_method_notes(r: Analysis) -> list[str]:
+    """One line per method that states its cost (the slow ones): its work and an estimate of the time."""
+    notes = []
+    for m in methods.METHODS.values():
+        c = methods.cost(r, m.name)
+        if c is not None:
+            notes.append(f"**{m.label}** on this model: {c.work}, {_seconds(c.seconds)} ({c.basis}).")
+    return notes
+
+
+def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, str]:
+    """What the slow operations will cost for this analysis: (Rollout tab note, Compare tab note), in markdown."""
+    slow = slow_method_notes(r)
+    fast = [m for m in methods.METHODS.values() if not m.slow]
+    images = 2 * (len(fast) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
+    compare = (
+        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
+        f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
+        "included, 2 x (steps + 1) images more for each."
+    )
+    if r.probs is None:
+        compare = "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
+    return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
+
+
+def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str], reuse: bool = True) -> str:
+    """What head importance will cost, from this model's size and the timed forward pass of its analysis.
+
+    ``reuse``: the exact method re-runs only the blocks above the ablated layer (timm ViTs, H·(L+1)/2 passes);
+    False: it runs the whole model for every layer (the other families, L·H passes).
+    """
+    heads, layers = r.num_heads, r.num_layers
+    passes = exact_forward_passes(layers, heads, reuse)
+    formula = "H·(L+1)/2" if reuse else "L·H"
+    basis = f"estimate: the analysed forward pass took {forward_s:.2f} s here"
+    lines = []
+    if support.get("exact"):
+        lines.append(f"**Exact ablation** is not available: {support['exact']}.")
+    else:
+        score = "class probability" if r.probs is not None else "1 - cos(ablated, clean pooled feature) (no classifier)"
+        lines.append(
+            f"**Exact ablation**: each of the {layers} x {heads} heads ablated alone, scored by the {score}: about "
+            f"{formula} = {passes:.0f} forward passes, {_seconds(passes * forward_s)} ({basis}; the passes run "
+            f"{heads} at a time, often faster than this)."
+        )
+    if support.get("gradient"):
+        lines.append(f"**Gradient estimate** is not available: {support['gradient']}.")
+    else:
+        lines.append(
+            f"**Gradient estimate** (attribution patching): one forward and one backward pass, about 3 "
+            f"forward passes, {_seconds(3 * forward_s)} ({basis})."
+        )
+    return "\n\n".join([*lines, limit_note()])

@@ -1,0 +1,629 @@
+"""Event handlers: thin glue between gradio's values and :mod:`vizapp.pipeline`, :mod:`vizapp.views` and
+:mod:`vizapp.methods`.
+
+Each person's analysis lives in their own ``gr.State``; changing a view control re-renders from it without another
+forward pass. Every failure reaches the person as a ``gr.Error`` they can act on, and the server keeps serving.
+Handlers return the named structures of :mod:`vizapp.ui.outputs`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gradio as gr
+import numpy as np
+import torch
+
+from vizapp import methods, models, views
+from vizapp.errors import BadImageError, BadParameterError, VizappError
+from vizapp.imageio import decode_image
+from vizapp.pipeline import Analysis, analyze, feature_pca
+from vizapp.ui import deadline
+from vizapp.ui.costs import cost_notes, importance_cost_note
+from vizapp.ui.outputs import (
+    AnalyzeOutputs,
+    CompareOutputs,
+    ExportOutputs,
+    FeatureExportOutputs,
+    FeaturePatchOutputs,
+    FeaturesOutputs,
+    GalleryOutputs,
+    HeadsOutputs,
+    ImportanceOutputs,
+    OpenHeadOutputs,
+    PatchOutputs,
+    PosOutputs,
+    SecondImageOutputs,
+    TileOutputs,
+)
+from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
+
+log = logging.getLogger("vizapp")
+
+PATCH_QUERY = "Clicked patch"
+CLS_QUERY = "CLS token"
+MAX_CLICK_CHARS = 2000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn every failure into a gr.Error with a message a person can act on; the server keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except VizappError as e:
+            raise gr.Error(str(e)) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("out of memory for this model and image; pick a smaller model") from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(
+                "something went wrong on our side while doing this; the app is still running — try again, "
+                "or another image or model"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _gpu(fn: F) -> F:
+    """On Hugging Face ZeroGPU Spaces, run ``fn`` with a GPU attached; elsewhere unchanged."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+_analyze_on_gpu = _gpu(analyze)  # decorated once, at import, as ZeroGPU expects
+
+
+def _load(name: str, trusted: str | None = None) -> models.VizModel:
+    allow = trusted is not None and name == trusted
+    return models.load_model(name, allow_files=allow)
+
+
+def _model_name(value: Any, trusted: str | None) -> str:
+    """The operator's own model as given (it may be a local file); anything else checked as a visitor's id."""
+    return value if (trusted and value == trusted) else as_model_id(value)
+
+
+def _state(state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
+        raise BadParameterError("no analysis yet: upload an image (or pick an example) and press Analyze")
+    return state
+
+
+def _controls(state: dict[str, Any], **kw: Any) -> views.Controls:
+    return views.Controls(query=state.get("query", "cls"), tile=state.get("tile", (0, 0)), **kw)
+
+
+def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
+    lines = [startup_note] if startup_note and r.model_name in startup_note else [f"Active model: `{r.model_name}`."]
+    if vm.note:
+        lines.append(vm.note)
+    gh, gw = r.grid_size
+    lines.append(
+        f"{r.num_layers} layers x {r.num_heads} heads; {r.num_tokens} tokens = {r.num_prefix_tokens} prefix "
+        f"(CLS/distillation/registers) + {gh}x{gw} patches of {r.patch_size[0]}x{r.patch_size[1]} px."
+    )
+    if r.probs is None:
+        lines.append(
+            "This model has **no classifier head**: there are no classes, so the class-specific maps (gradient "
+            "rollout, Chefer relevance), Compare and the logit lens are not available; attention, rollout and the "
+            "Features tab's label-free views are."
+        )
+    lines += [f"Note: {n}" for n in r.notes]
+    return "\n\n".join(lines)
+
+
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def _query_slider(r: Analysis, query: Any, axis: int) -> Any:
+    return gr.update(maximum=r.grid_size[axis] - 1, value=0 if isinstance(query, str) else query[axis])
+
+
+@user_errors
+def analyze_image(
+    image: Any,
+    model_name: Any,
+    head_fusion: Any = "mean",
+    discard_ratio: Any = 0.0,
+    start_layer: Any = 0,
+    layer: Any = -1,
+    opacity: Any = 0.6,
+    per_head_scale: Any = True,
+    progress: gr.Progress = gr.Progress(),
+    *,
+    startup_note: str = "",
+    trusted_model: str | None = None,
+) -> AnalyzeOutputs:
+    """The Analyze button (API name ``/analyze``): one forward pass, every view."""
+    if image is None:
+        raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
+    name = _model_name(model_name, trusted_model)
+    fusion = as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS)
+    discard = as_float(discard_ratio, "discard ratio", 0.0, 1.0, hi_inclusive=False)
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    decoded = decode_image(image)  # a bad file is refused before any model work
+    progress(0.05, desc=f"loading {name}")
+    vm = _load(name, trusted_model)
+    progress(0.3, desc="forward pass and attention")
+    started = time.perf_counter()
+    r = _analyze_on_gpu(vm, decoded)
+    forward_s = time.perf_counter() - started  # the basis of the head-importance estimate
+    # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
+    start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
+    lay = min(as_int(layer, "layer", -r.num_layers, 63), r.num_layers - 1) % r.num_layers
+    state = {
+        "analysis": r,
+        "query": views.default_query(r),
+        "tile": (0, 0),
+        "model": name,
+        "forward_s": forward_s,
+        "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2),
+    }
+    progress(0.8, desc="drawing")
+    c = _controls(
+        state,
+        head_fusion=fusion,
+        discard_ratio=discard,
+        start_layer=start,
+        opacity=alpha,
+        layer=lay,
+        per_head_scale=bool(per_head_scale),
+    )
+    figs = views.render_all(r, None, c)
+    summary = r.summary()
+    summary["active_model_note"] = vm.note
+    classes = [lbl for lbl, _ in r.top_k]
+    class_update = gr.update(choices=classes, value=classes[0] if classes else None)
+    map_cost, compare_cost = cost_notes(r)
+    return AnalyzeOutputs(
+        state=state,
+        status=_status(vm, r, startup_note),
+        label={lbl: float(p) for lbl, p in r.top_k} if r.top_k else None,
+        rollout=figs["rollout"],
+        heads=figs["heads"],
+        query_image=figs["query_image"],
+        distance=figs["distance"],
+        summary=summary,
+        layer=gr.update(maximum=r.num_layers - 1, value=lay),
+        start_layer=gr.update(maximum=r.num_layers - 1, value=start),
+        focus_head=gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
+        class_choice=class_update,
+        query_mode=gr.update(value=CLS_QUERY if r.has_class_token else PATCH_QUERY),
+        query_row=_query_slider(r, state["query"], 0),
+        query_col=_query_slider(r, state["query"], 1),
+        compare_class=class_update,
+        map_cost=map_cost,
+        compare_cost=compare_cost,
+        feat_layer=gr.update(maximum=r.num_layers - 1, value=min(lay, r.num_layers - 1)),
+        feat_row=gr.update(maximum=r.grid_size[0] - 1, value=state["feature_query"][0]),
+        feat_col=gr.update(maximum=r.grid_size[1] - 1, value=state["feature_query"][1]),
+        norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
+        lens_class=gr.update(
+            choices=views.lens_classes(r) if r.lens_probs is not None else [],
+            value=classes[0] if classes and r.lens_probs is not None else None,
+        ),
+        imp_class=class_update,
+        importance_cost=importance_cost_note(
+            r, forward_s, views.importance_support(vm), reuse=views.importance_reuses_blocks(vm)
+        ),
+    )
+
+
+@user_errors
+def render_map(
+    state: Any,
+    method: Any,
+    class_label: Any,
+    head_fusion: Any,
+    discard_ratio: Any,
+    start_layer: Any,
+    opacity: Any,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
+) -> Any:
+    """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass).
+
+    Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
+    """
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    m = methods.get(method)
+    c = _controls(
+        st,
+        head_fusion=as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS),
+        discard_ratio=as_float(discard_ratio, "discard ratio", 0.0, 1.0, hi_inclusive=False),
+        start_layer=as_int(start_layer, "start layer", 0, r.num_layers - 1),
+        opacity=as_float(opacity, "opacity", 0.0, 1.0),
+    )
+    if not m.slow:
+        return views.map_view(r, c, m.name, class_label)
+    with deadline.running(_session(request)) as d:
+        d.check(m.label)
+        progress(0.0, desc=m.label)
+        report = d.progress(m.label, lambda fraction, desc: progress(fraction, desc=desc))
+        return views.map_view(r, c, m.name, class_label, progress=report)
+
+
+@user_errors
+def render_heads(
+    state: Any, layer: Any, query_mode: Any, row: Any, col: Any, per_head_scale: Any, focus_head: Any, opacity: Any
+) -> HeadsOutputs:
+    """Heads tab: every head of a layer for the chosen query; no forward pass."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    mode = as_choice(query_mode, "query", (CLS_QUERY, PATCH_QUERY))
+    if mode == CLS_QUERY and r.has_class_token:
+        st = {**st, "query": "cls"}
+    else:
+        st = {**st, "query": (as_int(row, "row", 0, r.grid_size[0] - 1), as_int(col, "column", 0, r.grid_size[1] - 1))}
+    focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    c = _controls(
+        st,
+        layer=lay,
+        per_head_scale=bool(per_head_scale),
+        focus_head=focus,
+        opacity=as_float(opacity, "opacity", 0.0, 1.0),
+    )
+    return HeadsOutputs(
+        state=st, heads=views.heads_view(r, c), focus=views.focus_view(r, c), query_image=views.query_image(r, c)
+    )
+
+
+def select_patch(state: Any, evt: gr.SelectData) -> PatchOutputs:
+    """Clicking the image makes that patch the query (returns the radio/row/col values; rendering follows)."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (0, 0))[:2]
+    s = views.query_image_scale(r)  # the clickable image is the model's view upscaled by s
+    row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))
+    col = int(np.clip(int(x) // (r.patch_size[1] * s), 0, r.grid_size[1] - 1))
+    return PatchOutputs(PATCH_QUERY, row, col)
+
+
+def _parse_click(payload: Any, n: int) -> list[int]:
+    try:
+        data = json.loads(payload) if isinstance(payload, str) and len(payload) < MAX_CLICK_CHARS else None
+        vals = [int(v) for v in data["customdata"][:n]]
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+        raise BadParameterError("could not read that click; use the selectors instead") from None
+    if len(vals) < n:
+        raise BadParameterError("could not read that click; use the selectors instead")
+    return vals
+
+
+@user_errors
+def open_head(state: Any, payload: Any) -> OpenHeadOutputs:
+    """A click on a dot of the distance plot: show that layer and head in the Heads tab."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    layer, head = _parse_click(payload, 2)
+    return OpenHeadOutputs(
+        tabs=gr.Tabs(selected="heads"),
+        layer=as_int(layer, "layer", 0, r.num_layers - 1),
+        focus_head=as_int(head, "head", 0, r.num_heads - 1),
+    )
+
+
+@user_errors
+def open_tile(state: Any, payload: Any) -> TileOutputs:
+    """A click on the position-embedding mosaic: enlarge that tile."""
+    ti, tj = _parse_click(payload, 2)
+    if ti == 255 or tj == 255:  # a gap between tiles
+        return TileOutputs(gr.update(), gr.update())
+    return TileOutputs(ti, tj)
+
+
+def _selector(count: int) -> Any:
+    """A layer / head slider shown with ``count`` choices (hidden when there is at most one to choose from)."""
+    return gr.update(visible=True, maximum=count - 1) if count > 1 else gr.update(visible=False)
+
+
+@user_errors
+def render_pos(
+    model_name: Any,
+    resolution: Any,
+    tile_row: Any,
+    tile_col: Any,
+    pos_layer: Any = 0,
+    pos_head: Any = 0,
+    trusted_model: str | None = None,
+) -> PosOutputs:
+    """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
+    at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
+    per-head maps of ``pos_layer``; none: a sentence."""
+    vm = _load(_model_name(model_name, trusted_model), trusted_model)
+    tile = (as_int(tile_row, "tile row", 0, 63), as_int(tile_col, "tile column", 0, 63))
+    layer, head = as_int(pos_layer, "layer", 0, 255), as_int(pos_head, "head", 0, 255)
+    grid = None
+    if resolution not in (None, "", 0) and not vm.pos_embed_status:
+        side = as_int(resolution, "resolution", 2, 32)
+        gh, gw = vm.grid_size
+        grid = (side, side) if gh == gw else (side, max(1, round(side * gw / gh)))
+    v = views.pos_embed_views(vm, grid, tile, layer, head)
+    return PosOutputs(
+        pos=v.figure,
+        tile=v.tile,
+        pos_note=v.note,
+        pos_layer=_selector(v.layers),
+        pos_head=_selector(v.heads),
+    )
+
+
+@user_errors
+def compare_methods(
+    state: Any,
+    class_label: Any,
+    steps: Any,
+    include_slow: Any,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
+) -> CompareOutputs:
+    """Compare tab: every map for one class, with deletion/insertion AUCs (lower deletion, higher insertion = better).
+
+    Runs under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked between methods, between each
+    map's curves, and at every step of a method that reports progress.
+    """
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    if r.probs is None:
+        raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
+    n_steps = as_int(steps, "steps", 2, 256)
+    cls = class_label if class_label else None
+    chosen = [m for m in methods.METHODS.values() if not m.slow or bool(include_slow)]
+    maps: dict[str, np.ndarray] = {}
+    curves: dict[str, Any] = {}
+    with deadline.running(_session(request)) as d:
+        for i, m in enumerate(chosen):
+            d.check(f"computing {m.label}")
+            progress(0.6 * i / len(chosen), desc=f"computing {m.label}")
+            kwargs = {"progress": d.progress(m.label)} if m.reports_progress else {}
+            maps[m.label] = methods.explain(r, m.name, cls, **kwargs)
+        # One map at a time (the random order last, as faithfulness adds it), so the deadline is checked between.
+        for i, (label, heat) in enumerate(maps.items()):
+            d.check(f"the {label} deletion / insertion curves")
+            progress(0.6 + 0.4 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
+            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
+        d.check("the random-order curves")
+        curves.update(r.faithfulness({}, cls, steps=n_steps))
+    v = views.faithfulness_views(r, maps, curves)
+    return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
+
+
+@user_errors
+def export_files(state: Any) -> ExportOutputs:
+    """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    out = Path(tempfile.mkdtemp(prefix="vizapp-export-"))
+    npz, js = out / "vizapp_attention.npz", out / "vizapp_summary.json"
+    np.savez_compressed(npz, **r.arrays())
+    js.write_text(json.dumps(r.summary(), indent=1))
+    return ExportOutputs(str(npz), str(js))
+
+
+def cancel_running(request: gr.Request | None = None) -> None:
+    """The Cancel button: every long operation of this person's session stops at its next check."""
+    n = deadline.cancel(_session(request))
+    log.info("cancel: %d running operation(s) flagged", n)
+
+
+# -- the Features tab ------------------------------------------------------------------------------------------------
+
+NO_HEAD_NOTE = "This model has no classifier head, so there is no logit lens (no classes to read)."
+
+
+def _feature_query(r: Analysis, row: Any, col: Any) -> tuple[int, int]:
+    return (as_int(row, "patch row", 0, r.grid_size[0] - 1), as_int(col, "patch column", 0, r.grid_size[1] - 1))
+
+
+def _foreground(value: Any) -> float | None:
+    t = as_float(value, "foreground threshold", 0.0, 1.0, hi_inclusive=False)
+    return None if t == 0.0 else t
+
+
+@user_errors
+def render_features(
+    state: Any,
+    layer: Any,
+    foreground: Any,
+    row: Any,
+    col: Any,
+    norm_layer: Any,
+    dino_threshold: Any,
+    lens_class: Any,
+    opacity: Any = 0.6,
+) -> FeaturesOutputs:
+    """Features tab: every label-free view from the cached analysis (no forward pass)."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    fg = _foreground(foreground)
+    query = _feature_query(r, row, col)
+    nlay = as_int(norm_layer, "norm layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    thr = as_float(dino_threshold, "mask threshold", 0.01, 1.0)
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    st = {**st, "feature_query": query}
+    other = st.get("other")
+    norms = views.token_norm_views(r, nlay)
+    masks = views.dino_mask_views(r, thr, alpha)
+    if r.lens_probs is not None:
+        label = lens_class if isinstance(lens_class, str) and lens_class else None
+        lens = views.logit_lens_views(r, label)
+        lens_table, lens_plot, lens_note = (
+            gr.update(value=lens.table, visible=True),
+            gr.update(value=lens.depth, visible=True),
+            "",
+        )
+    else:
+        lens_table, lens_plot, lens_note = gr.update(visible=False), gr.update(value=None, visible=False), NO_HEAD_NOTE
+    _, layer_note = views.feature_layer(r, lay)
+    return FeaturesOutputs(
+        state=st,
+        feat_pca=views.feature_pca_view(r, lay, fg),
+        feat_sim=views.feature_similarity_view(r, query, lay, other, alpha),
+        feat_query_image=views.query_image(r, views.Controls(query=query)),
+        norm_grid=norms.grid,
+        norm_hist=norms.histogram,
+        norm_depth=norms.depth,
+        register_plot=gr.update(value=norms.registers, visible=norms.registers is not None),
+        norm_sentence=norms.sentence,
+        mask_heads=masks.per_head,
+        mask_overlay=masks.overlay,
+        lens_table=lens_table,
+        lens_plot=lens_plot,
+        lens_note=lens_note,
+        features_note=layer_note,
+    )
+
+
+def select_feature_patch(state: Any, evt: gr.SelectData) -> FeaturePatchOutputs:
+    """Clicking the Features tab's image makes that patch the feature query (rendering follows)."""
+    _, row, col = select_patch(state, evt)
+    return FeaturePatchOutputs(row, col)
+
+
+@user_errors
+def analyze_second_image(
+    state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6, progress: gr.Progress = gr.Progress()
+) -> SecondImageOutputs:
+    """A second image, analysed with the same network, for the feature similarity across images (click in the first,
+    map in the second). ``image`` None clears it."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    query = _feature_query(r, row, col)
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    if image is None:
+        st = {k: v for k, v in st.items() if k != "other"}
+        return SecondImageOutputs(
+            st,
+            views.feature_similarity_view(r, query, lay, None, alpha),
+            "No second image: the similarity is shown on the same image.",
+        )
+    decoded = decode_image(image)
+    progress(0.2, desc="forward pass on the second image")
+    other = _analyze_on_gpu(models.reload(r.load_args), decoded)
+    st = {**st, "other": other}
+    return SecondImageOutputs(
+        st,
+        views.feature_similarity_view(r, query, lay, other, alpha),
+        "Second image analysed with the same model: click a patch in the first image, the map is drawn on the second.",
+    )
+
+
+def example_images() -> list[str]:
+    """The example gallery's image files."""
+    folder = models.ASSETS_DIR / "examples"
+    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+@user_errors
+def pca_across_examples(
+    state: Any, layer: Any, progress: gr.Progress = gr.Progress(), request: gr.Request | None = None
+) -> GalleryOutputs:
+    """One PCA shared by the analysed image and the example images (one batched forward pass), so parts correspond
+    by colour across images."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    paths = example_images()
+    images = [r.image] + [decode_image(p) for p in paths]
+    names = ["your image"] + [Path(p).stem[:18] for p in paths]
+    with deadline.running(_session(request)) as d:
+        d.check("PCA across examples")
+        progress(0.1, desc=f"forward pass on {len(images)} images")
+        vm = models.reload(r.load_args)
+        rgbs = feature_pca(vm, images, layer=lay)
+    fig = views.pca_gallery_view(rgbs, vm.patch_size, names, lay)
+    return GalleryOutputs(fig)
+
+
+@user_errors
+def run_importance(
+    state: Any,
+    method: Any,
+    mode: Any,
+    class_label: Any,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
+) -> ImportanceOutputs:
+    """Head importance by ablation ("exact") or its first-order estimate ("gradient"), under the request deadline
+    (VIZAPP_REQUEST_SECONDS) and Cancel, checked before every layer of the exact method. The two results of the same
+    class and ablation mode are shown side by side with their Spearman rank correlation."""
+    from vizapp.ablation import IMPORTANCE_METHODS, head_importance
+
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    how = as_choice(method, "importance method", IMPORTANCE_METHODS)
+    ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
+    cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
+    if cls is not None and cls not in r.labels:
+        raise BadParameterError(f"unknown class {cls[:60]!r}; pick one of the top-5")
+    vm = models.reload(r.load_args)
+    why = views.importance_support(vm).get(how)
+    if why:
+        raise BadParameterError(f"{how} head importance is not available for this model: {why}")
+    key = (cls, ablation)
+    kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
+    kept = dict(kept) if kept.get("key") == key else {"key": key}
+    with deadline.running(_session(request)) as d:
+        doing = "exact head ablation" if how == "exact" else "gradient head importance"
+        d.check(doing)
+        progress(0.0, desc=doing)
+        report = d.progress(doing, lambda fraction, desc: progress(fraction, desc=desc))
+
+        def should_stop() -> bool:
+            d.check(doing)  # raises at the deadline or on Cancel
+            return False
+
+        res = head_importance(
+            vm, r.input, class_idx=cls, mode=ablation, method=how, progress=report, should_stop=should_stop
+        )
+    kept[how] = res.drop.numpy()
+    kept["score"] = res.score + ("" if res.class_idx is None else f" of '{r.labels[res.class_idx]}'")
+    st = {**st, "importance": kept}
+    fig, rho = views.importance_view(kept.get("exact"), kept.get("gradient"), kept["score"])
+    other = "gradient" if how == "exact" else "exact"
+    note = rho or f"Run the {other} method too (same class and mode) to see their rank correlation."
+    note += " Click a cell to open that head in the Heads tab."
+    return ImportanceOutputs(st, fig, note)
+
+
+@user_errors
+def export_features(
+    state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
+) -> FeatureExportOutputs:
+    """The Features tab's arrays as .npz, in a fresh private temp folder."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
+    imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
+    arrays = views.feature_arrays(
+        r,
+        lay,
+        _foreground(foreground),
+        _feature_query(r, row, col),
+        as_float(dino_threshold, "mask threshold", 0.01, 1.0),
+        imp,
+    )
+    out = Path(tempfile.mkdtemp(prefix="vizapp-export-")) / "vizapp_features.npz"
+    np.savez_compressed(out, **arrays)
+    return FeatureExportOutputs(str(out))

@@ -1,0 +1,501 @@
+"""The page: one small function per tab builds its components, and one per tab wires its events.
+
+Components are kept as attributes of a :class:`Components` namespace, named like the fields of the output
+structures in :mod:`vizapp.ui.outputs`, so every event's outputs come from :func:`vizapp.ui.outputs.components`.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from vizapp import methods, models, views
+from vizapp.ui import handlers
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
+from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
+from vizapp.ui.outputs import (
+    AnalyzeOutputs,
+    CompareOutputs,
+    ExportOutputs,
+    FeatureExportOutputs,
+    FeaturePatchOutputs,
+    FeaturesOutputs,
+    GalleryOutputs,
+    HeadsOutputs,
+    ImportanceOutputs,
+    OpenHeadOutputs,
+    PatchOutputs,
+    PosOutputs,
+    SecondImageOutputs,
+    TileOutputs,
+    components,
+)
+from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
+from vizapp.ui.upload import UploadedImage
+
+EXAMPLES_DIR = models.ASSETS_DIR / "examples"
+TITLE = "vizapp: inside a Vision Transformer"
+INTRO = (
+    "# vizapp — see inside a Vision Transformer\n"
+    "Upload an image and press **Analyze**: per-head attention of every layer (for CLS or any patch you "
+    "click), attention rollout, mean attention distance, the position scheme (learned embeddings, RoPE or relative "
+    "bias), class-specific explanations with a faithfulness score for each map, and label-free feature views."
+)
+
+CSS = """
+.vizapp-hidden { display: none !important; }
+#vizapp-query-image img { image-rendering: pixelated; cursor: crosshair; }
+"""
+
+# Plotly click -> hidden textbox bridge: gr.Plot has no click event, so the page forwards plotly_click on the
+# distance, position-embedding and head-importance plots into hidden textboxes whose `input` events reach Python.
+JS = """
+() => {
+  window.__vizappBridge = true;
+  const bind = () => {
+    for (const [plotId, boxId] of [["vizapp-distance-plot", "vizapp-distance-click"],
+                                   ["vizapp-pos-plot", "vizapp-pos-click"],
+                                   ["vizapp-importance-plot", "vizapp-importance-click"]]) {
+      const root = document.getElementById(plotId);
+      const gd = root && root.querySelector(".js-plotly-plot");
+      if (!gd || !gd.on || gd.__vizappBound) continue;
+      gd.__vizappBound = true;
+      gd.on("plotly_click", (ev) => {
+        const p = ev.points && ev.points[0];
+        const box = document.querySelector(`#${boxId} textarea, #${boxId} input`);
+        if (!p || !box) return;
+        let data = p.customdata;
+        const grid = gd.layout && gd.layout.meta && gd.layout.meta.tile_grid;
+        if (data === undefined && grid && p.x !== undefined && p.y !== undefined) {
+          // the big-grid mosaic is an image: pixel (x, y) lies in tile (y / (gh + 1), x / (gw + 1)); 255 = a gap
+          const [gh, gw] = grid, x = Math.round(Number(p.x)), y = Math.round(Number(p.y));
+          const gap = (y % (gh + 1)) === gh || (x % (gw + 1)) === gw;
+          data = gap ? [255, 255] : [Math.floor(y / (gh + 1)), Math.floor(x / (gw + 1))];
+        }
+        if (data === undefined) return;
+        box.value = JSON.stringify({customdata: Array.from(data, Number), t: Date.now()});
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+      });
+    }
+  };
+  setInterval(bind, 700);
+}
+"""
+
+# Re-render events fire on every control change; only the last of a burst runs.
+RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
+
+
+class Components(SimpleNamespace):
+    """The page's components by name (names match the fields of :mod:`vizapp.ui.outputs`)."""
+
+
+def _example_images() -> list[str]:
+    return sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
+    ui.image = UploadedImage(
+        label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], height=300
+    )
+    ui.model = gr.Dropdown(
+        model_choices(trusted),
+        value=startup,
+        label="Model",
+        allow_custom_value=True,
+        info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo or torchvision:vit_b_16 works",
+    )
+    ui.analyze_button = gr.Button("Analyze", variant="primary")
+    ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
+    examples = _example_images()
+    if examples:
+        gr.Examples(examples=[[p] for p in examples], inputs=[ui.image], label="Examples", examples_per_page=12)
+
+
+def _prediction_tab(ui: Components) -> None:
+    ui.label = gr.Label(num_top_classes=5, label="Top-5")
+    ui.summary = gr.JSON(label="Summary", open=False)
+    with gr.Row():
+        ui.export_button = gr.Button("Export .npz + .json")
+        ui.npz_file = gr.File(label="attention tensors (.npz)")
+        ui.json_file = gr.File(label="summary (.json)")
+
+
+def _rollout_tab(ui: Components) -> None:
+    with gr.Row():
+        first = next(iter(methods.METHODS))
+        ui.method = gr.Dropdown([(m.label, m.name) for m in methods.METHODS.values()], value=first, label="Method")
+        ui.class_choice = gr.Dropdown([], label="Class to explain (gradient methods)", allow_custom_value=False)
+        ui.opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
+    with gr.Row():
+        ui.head_fusion = gr.Radio(list(views.HEAD_FUSIONS), value="mean", label="Head fusion")
+        ui.discard_ratio = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio")
+        ui.start_layer = gr.Slider(0, 11, value=0, step=1, label="Start layer")
+    ui.rollout = gr.Plot(label="Map over the image", elem_id="vizapp-rollout-plot")
+    ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
+
+
+def _heads_tab(ui: Components) -> None:
+    with gr.Row():
+        with gr.Column(scale=1, min_width=240):
+            ui.query_image = gr.Image(
+                label="Click a patch to make it the query",
+                interactive=False,
+                elem_id="vizapp-query-image",
+                height=340,
+                format="png",
+                buttons=[],
+            )
+            ui.query_mode = gr.Radio([CLS_QUERY, PATCH_QUERY], value=CLS_QUERY, label="Query")
+            with gr.Row():
+                ui.query_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
+                ui.query_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
+            ui.layer = gr.Slider(-1, 11, value=-1, step=1, label="Layer (-1 = last)")
+            ui.focus_head = gr.Dropdown([("all heads", -1)], value=-1, label="Enlarge head")
+            ui.per_head = gr.Checkbox(
+                value=True, label="Rescale each head to its own min-max (hover shows raw weights)"
+            )
+        with gr.Column(scale=2):
+            ui.heads = gr.Plot(label="Heads", elem_id="vizapp-heads-plot")
+            ui.focus = gr.Plot(label="Enlarged head", elem_id="vizapp-focus-plot")
+
+
+def _distance_tab(ui: Components) -> None:
+    ui.distance = gr.Plot(label="Mean attention distance", elem_id="vizapp-distance-plot")
+    gr.Markdown(
+        "Each dot is one head; the dashed line is uniform attention over the grid. "
+        "Click a dot to open that head in the Heads tab."
+    )
+    ui.distance_click = gr.Textbox(visible="hidden", elem_id="vizapp-distance-click")
+
+
+def _pos_tab(ui: Components) -> None:
+    ui.pos_note = gr.Markdown("", elem_id="vizapp-pos-note")
+    with gr.Row():
+        ui.resolution = gr.Slider(0, 32, value=0, step=1, label="Preview grid (0 = the model's own; else interpolated)")
+        ui.tile_row = gr.Slider(0, 63, value=0, step=1, label="Tile row")
+        ui.tile_col = gr.Slider(0, 63, value=0, step=1, label="Tile column")
+    with gr.Row():
+        ui.pos_layer = gr.Slider(0, 63, value=0, step=1, label="Position layer", visible=False)
+        ui.pos_head = gr.Slider(0, 63, value=0, step=1, label="Position head (mixed RoPE)", visible=False)
+    with gr.Row():
+        ui.pos = gr.Plot(label="Cosine similarity grid", elem_id="vizapp-pos-plot")
+        ui.tile = gr.Plot(label="Enlarged tile", elem_id="vizapp-tile-plot")
+    ui.pos_click = gr.Textbox(visible="hidden", elem_id="vizapp-pos-click")
+
+
+def _features_tab(ui: Components) -> None:
+    gr.Markdown(
+        "Views that need no class labels (DINOv2/v3, CLIP backbones and any model), all from the analysis you already "
+        "ran: change a control and they redraw without another forward pass."
+    )
+    ui.features_note = gr.Markdown("")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=240):
+            ui.feat_query_image = gr.Image(
+                label="Click a patch: its feature is compared with every patch",
+                interactive=False,
+                elem_id="vizapp-feature-image",
+                height=300,
+                format="png",
+                buttons=[],
+            )
+            ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
+            ui.feat_foreground = gr.Slider(
+                0, 0.95, value=0.0, step=0.05, label="PCA foreground threshold (0 = off; refit on patches above it)"
+            )
+            with gr.Row():
+                ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
+                ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
+            ui.second_image = gr.Image(
+                label="Second image (optional): the similarity map is drawn on it",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                height=160,
+            )
+            ui.second_button = gr.Button("Compare with the second image")
+            ui.second_note = gr.Markdown("")
+        with gr.Column(scale=2):
+            with gr.Row():
+                ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
+                ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
+            with gr.Row():
+                ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
+            ui.pca_gallery = gr.Plot(label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot")
+    gr.Markdown("### Token norms and registers")
+    ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
+    ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
+    with gr.Row():
+        ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
+        ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
+    with gr.Row():
+        ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
+        ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
+    gr.Markdown("### DINO masks (last layer, per head)")
+    ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
+    with gr.Row():
+        ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
+        ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
+    gr.Markdown("### Logit lens")
+    ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
+    ui.lens_class = gr.Dropdown([], label="Class to follow across depth")
+    with gr.Row():
+        ui.lens_table = gr.Dataframe(headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer")
+        ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
+    gr.Markdown("### Head importance by ablation")
+    ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
+    with gr.Row():
+        ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
+        ui.imp_class = gr.Dropdown([], label="Class scored (none: the top-1, or 1 - cos without a classifier)")
+        ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
+        ui.imp_gradient_button = gr.Button("Gradient estimate")
+    ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
+    ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
+    ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
+    with gr.Row():
+        ui.features_export_button = gr.Button("Export these arrays (.npz)")
+        ui.features_npz = gr.File(label="feature arrays (.npz)")
+
+
+def _compare_tab(ui: Components) -> None:
+    slow = ", ".join(m.label.lower() for m in methods.METHODS.values() if m.slow)
+    with gr.Row():
+        ui.compare_class = gr.Dropdown([], label="Class to explain")
+        ui.compare_steps = gr.Slider(4, 64, value=DEFAULT_COMPARE_STEPS, step=1, label="Curve steps")
+        ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
+        ui.compare_button = gr.Button("Compare methods", variant="primary")
+    ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
+    ui.compare = gr.Plot(label="Maps")
+    with gr.Row():
+        ui.deletion = gr.Plot(label="Deletion")
+        ui.insertion = gr.Plot(label="Insertion")
+    ui.auc_table = gr.Dataframe(
+        headers=["method", "deletion AUC (lower better)", "insertion AUC (higher better)"], label="Faithfulness"
+    )
+
+
+def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) -> None:
+    gr.Markdown(INTRO)
+    ui.state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            _input_column(ui, startup, trusted)
+        with gr.Column(scale=3):
+            ui.status = gr.Markdown(startup_note, elem_id="vizapp-status")
+            with gr.Tabs() as ui.tabs:
+                for tab_id, name, build in [
+                    ("prediction", "Prediction", _prediction_tab),
+                    ("rollout", "Rollout", _rollout_tab),
+                    ("heads", "Heads", _heads_tab),
+                    ("distance", "Attention distance", _distance_tab),
+                    ("pos", "Position embeddings", _pos_tab),
+                    ("compare", "Compare", _compare_tab),
+                    ("features", "Features", _features_tab),
+                ]:
+                    with gr.Tab(name, id=tab_id):
+                        build(ui)
+
+
+def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Any:
+    def analyze(
+        image, model_name, head_fusion, discard_ratio, start, lay, alpha, per_head_scale, progress=gr.Progress()
+    ):
+        return handlers.analyze_image(
+            image,
+            model_name,
+            head_fusion,
+            discard_ratio,
+            start,
+            lay,
+            alpha,
+            per_head_scale,
+            progress,
+            startup_note=startup_note,
+            trusted_model=trusted,
+        )
+
+    return ui.analyze_button.click(
+        analyze,
+        inputs=[
+            ui.image,
+            ui.model,
+            ui.head_fusion,
+            ui.discard_ratio,
+            ui.start_layer,
+            ui.layer,
+            ui.opacity,
+            ui.per_head,
+        ],
+        outputs=components(AnalyzeOutputs, ui),
+        api_name="analyze",
+    )
+
+
+def _wire_rollout(ui: Components) -> list[Any]:
+    inputs = [ui.state, ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity]
+    return [
+        ctrl.change(handlers.render_map, inputs=inputs, outputs=[ui.rollout], **RERENDER)
+        for ctrl in (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity)
+    ]
+
+
+def _wire_heads(ui: Components) -> None:
+    inputs = [ui.state, ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.opacity]
+    for ctrl in (ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head):
+        ctrl.change(handlers.render_heads, inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER)
+    ui.query_image.select(
+        handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
+    )
+    ui.distance_click.change(
+        handlers.open_head,
+        inputs=[ui.state, ui.distance_click],
+        outputs=components(OpenHeadOutputs, ui),
+        api_visibility="private",
+    )
+
+
+def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
+    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head):
+        return handlers.render_pos(
+            model_name, resolution, tile_row, tile_col, pos_layer, pos_head, trusted_model=trusted
+        )
+
+    inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head]
+    outputs = components(PosOutputs, ui)
+    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head):
+        ctrl.change(render_pos, inputs=inputs, outputs=outputs, **RERENDER)
+    ui.model.change(render_pos, inputs=inputs, outputs=outputs, api_name="position_embeddings")
+    demo.load(render_pos, inputs=inputs, outputs=outputs, api_visibility="private")
+    ui.pos_click.change(
+        handlers.open_tile,
+        inputs=[ui.state, ui.pos_click],
+        outputs=components(TileOutputs, ui),
+        api_visibility="private",
+    )
+
+
+def _wire_compare(ui: Components) -> Any:
+    return ui.compare_button.click(
+        handlers.compare_methods,
+        inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
+        outputs=components(CompareOutputs, ui),
+        api_name="compare",
+    )
+
+
+def _feature_inputs(ui: Components) -> list[Any]:
+    return [
+        ui.state,
+        ui.feat_layer,
+        ui.feat_foreground,
+        ui.feat_row,
+        ui.feat_col,
+        ui.norm_layer,
+        ui.dino_threshold,
+        ui.lens_class,
+        ui.opacity,
+    ]
+
+
+def _importance_fn(method: str) -> Any:
+    def run(
+        state: Any,
+        mode: Any,
+        class_label: Any,
+        progress: gr.Progress = gr.Progress(),
+        request: gr.Request | None = None,
+    ) -> Any:
+        return handlers.run_importance(state, method, mode, class_label, progress, request)
+
+    run.__name__ = f"head_importance_{method}"
+    return run
+
+
+def _wire_features(ui: Components, analyze: Any) -> list[Any]:
+    """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
+    Cancel."""
+    inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
+    analyze.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
+    for ctrl in (
+        ui.feat_layer,
+        ui.feat_foreground,
+        ui.feat_row,
+        ui.feat_col,
+        ui.norm_layer,
+        ui.dino_threshold,
+        ui.lens_class,
+    ):
+        ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
+    ui.feat_query_image.select(
+        handlers.select_feature_patch,
+        inputs=[ui.state],
+        outputs=components(FeaturePatchOutputs, ui),
+        api_visibility="private",
+    )
+    second = ui.second_button.click(
+        handlers.analyze_second_image,
+        inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer, ui.opacity],
+        outputs=components(SecondImageOutputs, ui),
+        api_visibility="private",
+    )
+    gallery = ui.pca_examples_button.click(
+        handlers.pca_across_examples,
+        inputs=[ui.state, ui.feat_layer],
+        outputs=components(GalleryOutputs, ui),
+        api_visibility="private",
+    )
+    importance = [
+        button.click(
+            _importance_fn(method),
+            inputs=[ui.state, ui.imp_mode, ui.imp_class],
+            outputs=components(ImportanceOutputs, ui),
+            api_name=f"head_importance_{method}",
+        )
+        for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
+    ]
+    ui.importance_click.change(
+        handlers.open_head,
+        inputs=[ui.state, ui.importance_click],
+        outputs=components(OpenHeadOutputs, ui),
+        api_visibility="private",
+    )
+    ui.features_export_button.click(
+        handlers.export_features,
+        inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
+        outputs=components(FeatureExportOutputs, ui),
+        api_visibility="undocumented",
+    )
+    return [second, gallery, *importance]
+
+
+def _wire_export(ui: Components) -> None:
+    ui.export_button.click(
+        handlers.export_files, inputs=[ui.state], outputs=components(ExportOutputs, ui), api_visibility="undocumented"
+    )
+
+
+def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
+    """Cancel: gradio stops waiting for the events, and the handlers' deadlines stop the work at their next check."""
+    ui.cancel_button.click(
+        handlers.cancel_running, inputs=None, outputs=None, cancels=long_events, queue=False, api_visibility="private"
+    )
+
+
+def build_demo(model: str | None = None) -> gr.Blocks:
+    """The whole app. ``model`` (or VIZAPP_MODEL) picks the start-up model, which may be a local file."""
+    startup, startup_note = choose_startup_model(model)
+    trusted = trusted_startup_model(startup, model)
+    ui = Components()
+    with gr.Blocks(title=TITLE) as demo:
+        _page(ui, startup, startup_note, trusted)
+        analyze = _wire_analyze(ui, startup_note, trusted)
+        map_events = _wire_rollout(ui)
+        _wire_heads(ui)
+        _wire_pos(ui, demo, trusted)
+        compare = _wire_compare(ui)
+        feature_events = _wire_features(ui, analyze)
+        _wire_export(ui)
+        _wire_cancel(ui, [analyze, *map_events, compare, *feature_events])
+    return demo
