@@ -1,5 +1,0 @@
-"""``python -m vizapp.evaluate``: see :mod:`vizapp.evaluate`."""
-
-from vizapp.evaluate.run import main
-
-raise SystemExit(main())
