@@ -24,7 +24,7 @@ from vizapp.analysis.perturbation import (
     removal_counts,
     removal_order,
 )
-from vizapp.bundled.data import FASHION_MNIST_DIR, load_fashion_mnist
+from vizapp.bundled.data import CLASS_NAMES, FASHION_MNIST_DIR, load_fashion_mnist
 from vizapp.evaluate import evaluate, main
 from vizapp.evaluate.dataset import DatasetError, list_items
 from vizapp.evaluate.engines import JobError
@@ -32,18 +32,6 @@ from vizapp.evaluate.engines import JobError
 needs_fmnist = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists(),
     reason="Debian dataset-fashion-mnist is not installed (make test installs it)",
-)
-FMNIST_LABELS = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
 )
 SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=16)
 
@@ -279,7 +267,7 @@ def test_imagefolder_classes_map_to_the_model_labels(tmp_path):
         (tmp_path / folder).mkdir()
         i = int(np.flatnonzero(labels == cls)[0])
         Image.fromarray(images[i]).save(tmp_path / folder / f"{i}.png")
-    items = list_items(tmp_path, FMNIST_LABELS)
+    items = list_items(tmp_path, CLASS_NAMES)
     assert [(it["id"].split("/")[0], it["target"]) for it in items] == [("Trouser", 1), ("t-shirt_top", 0)]
     summary = evaluate(str(tmp_path), tmp_path / "out", methods="rollout", steps=0, progress=False)
     assert summary["status"] == {"ok": 2}
@@ -289,21 +277,21 @@ def test_dataset_errors_say_what_to_do(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="empty"):
-        list_items(empty, FMNIST_LABELS)
+        list_items(empty, CLASS_NAMES)
     tree = tmp_path / "tree"
     (tree / "Trouser").mkdir(parents=True)
     with pytest.raises(DatasetError, match="'Trouser' has no images"):
-        list_items(tree, FMNIST_LABELS)
+        list_items(tree, CLASS_NAMES)
     (tree / "Trouser" / "x.png").write_bytes(b"x")
     (tree / "Giraffe").mkdir()
     (tree / "Giraffe" / "y.png").write_bytes(b"y")
     with pytest.raises(DatasetError, match="'Giraffe' is not one of the model's 10 classes"):
-        list_items(tree, FMNIST_LABELS)
+        list_items(tree, CLASS_NAMES)
     (tree / "stray.png").write_bytes(b"z")
     with pytest.raises(DatasetError, match="mixes"):
-        list_items(tree, FMNIST_LABELS)
+        list_items(tree, CLASS_NAMES)
     with pytest.raises(DatasetError, match="not a folder"):
-        list_items(tmp_path / "missing", FMNIST_LABELS)
+        list_items(tmp_path / "missing", CLASS_NAMES)
 
 
 def test_model_that_cannot_load_and_unknown_method(tmp_path, capsys):
