@@ -31,6 +31,11 @@ import vizapp  # noqa: E402
 from vizapp.ablation import exact_forward_passes, head_importance, rank_correlation, reuses_blocks  # noqa: E402
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> tuple[float, float, object]:
     """Median (wall-clock, process CPU) seconds of ``repeats`` calls (after a warm-up call), and the last result.
 
@@ -42,8 +47,10 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
     wall, cpu = [], []
     result = None
     for _ in range(repeats):
+        _sync()
         w0, c0 = time.perf_counter(), time.process_time()
         result = fn()
+        _sync()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     return statistics.median(wall), statistics.median(cpu), result
@@ -56,12 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the forward and the gradient estimate")
     parser.add_argument("--path", default="auto", choices=("auto", "reuse", "capture"), help="head_importance's path")
     parser.add_argument("--exact-repeats", type=int, default=1, help="repeats of the exact ablation")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vm = vizapp.load_model(args.model, pretrained=False, device="cpu")
-    x = vm.transform(_sample_image(vm)).unsqueeze(0)
+    vm = vizapp.load_model(args.model, pretrained=False, device=args.device)
+    x = vm.transform(_sample_image(vm)).unsqueeze(0).to(vm.device)
     num_layers, num_heads = vm.num_layers, vm.num_heads
 
     def forward() -> None:
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"model {args.model} (random weights), {num_layers} layers x {num_heads} heads = {num_layers * num_heads}")
     print(
-        f"CPU, {args.threads} threads, torch {torch.__version__}; medians of {args.repeats} ({args.exact_repeats} exact)"
+        f"{args.device}, {args.threads} CPU threads, torch {torch.__version__}; medians of {args.repeats} ({args.exact_repeats} exact)"
     )
     print(f"{'what':<28}{'wall s':>9}{'forwards':>10}{'CPU s':>9}{'forwards':>10}{'target':>8}")
     for what, (wall, cpu), target in [

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the repeats")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default docs/benchmarks.md)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="the model's forward precision (vizapp's attention maths stay fp32)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.measure_mem:
         stage, label = args.measure_mem
-        print(MEM_MARK + json.dumps(measure_memory_here(stage, parse_spec(label), args.device)), flush=True)
+        print(MEM_MARK + json.dumps(measure_memory_here(stage, parse_spec(label), args.device, args.dtype)), flush=True)
         return 0
     chosen = FAMILY_MODELS if args.families else QUICK_MODELS if args.quick else DEFAULT_MODELS
     specs = args.models or [parse_spec(s) for s in chosen]
@@ -114,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.warmup,
                 args.device,
                 args.threads,
+                dtype=args.dtype,
                 profile=not args.no_profile,
                 memory=not args.no_memory,
                 log=lambda s: print(s, flush=True),
@@ -130,14 +137,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n_ds > 0:
         ds_spec = parse_spec(QUICK_DATASET_MODEL if args.quick else DATASET_MODEL)
         dataset = run_dataset(
-            ds_spec, img, n_ds, 4 if args.quick else 8, args.device, log=lambda s: print(s, flush=True)
+            ds_spec,
+            img,
+            n_ds,
+            4 if args.quick else 8,
+            args.device,
+            log=lambda s: print(s, flush=True),
+            dtype=args.dtype,
         )
     wall = time.perf_counter() - t0
     with contextlib.suppress(OSError):
         info["load average at end (1/5/15 min)"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print()
     print("\n".join(md_table(TABLE_COLUMNS, table_rows(results))))
-    targets = evaluate_targets(results, dataset)
+    targets = evaluate_targets(results, dataset, args.device)
     if targets:
         print()
         print("\n".join(md_table(["target", "model", "measured", ""], targets)))

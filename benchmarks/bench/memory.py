@@ -61,13 +61,13 @@ def _storage_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
-def measure_memory_here(stage: str, spec: ModelSpec, device: str) -> dict[str, Any]:
+def measure_memory_here(stage: str, spec: ModelSpec, device: str, dtype: str = "float32") -> dict[str, Any]:
     """Peak memory of one stage ("a", "cap" or "b") above the memory right after the model was loaded."""
     from vizapp.capture import AttentionCapture
     from vizapp.pipeline import analyze  # noqa: F401 - import before the baseline so imports do not count
 
     img, _ = photo()
-    vm = spec.load(device)
+    vm = spec.load(device, dtype)
     dev = torch.device(device)
     x = vm.transform(img)  # only to size things; the stages transform again
     del x
@@ -123,9 +123,22 @@ def measure_memory_here(stage: str, spec: ModelSpec, device: str) -> dict[str, A
     }
 
 
-def measure_memory(spec: ModelSpec, stage: str, device: str, threads: int | None) -> dict[str, Any]:
+def measure_memory(
+    spec: ModelSpec, stage: str, device: str, threads: int | None, dtype: str = "float32"
+) -> dict[str, Any]:
     """Run :func:`measure_memory_here` in a fresh ``python -m benchmarks.bench --_measure-mem`` subprocess."""
-    cmd = [sys.executable, "-m", "benchmarks.bench", "--_measure-mem", stage, spec.label, "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench",
+        "--_measure-mem",
+        stage,
+        spec.label,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     env = dict(os.environ)

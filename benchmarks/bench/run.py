@@ -94,6 +94,7 @@ def run_model(
     memory: bool = True,
     log: Callable[[str], None] = print,
     mem_repeats: int = 3,
+    dtype: str = "float32",
 ) -> ModelResult:
     """Time stages (a)-(d) with interleaved repeats, then profile (b) and measure memory in subprocesses.
 
@@ -104,7 +105,7 @@ def run_model(
     """
     from vizapp.models import MODEL_CACHE
 
-    vm = spec.load(device)
+    vm = spec.load(device, dtype)
     shape = model_shape(vm)
     cost = cost_model(shape)
     if isinstance(repeats, tuple):
@@ -156,7 +157,7 @@ def run_model(
     if memory:
         for i in range(max(1, mem_repeats)):
             for stage in ("a", "b") if i else ("a", "cap", "b"):
-                res.mem.setdefault(stage, []).append(measure_memory(spec, stage, device, threads))
+                res.mem.setdefault(stage, []).append(measure_memory(spec, stage, device, threads, dtype))
         log(
             f"  peak memory above loaded model (median of {mem_repeats}): a {res.mem_mb('a'):.1f} MB "
             f"({res.mem_range('a')}), capture only {res.mem_mb('cap'):.1f} MB, b {res.mem_mb('b'):.1f} MB "
@@ -166,7 +167,13 @@ def run_model(
 
 
 def run_dataset(
-    spec: ModelSpec, img: Image.Image, n_images: int, batch_size: int, device: str, log: Callable[[str], None] = print
+    spec: ModelSpec,
+    img: Image.Image,
+    n_images: int,
+    batch_size: int,
+    device: str,
+    log: Callable[[str], None] = print,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """``vizapp.stats.collect_stats`` over ``n_images`` PNG files (the photo, flipped and rotated so that they
     differ), timing every batch's analysis beside a bare batched forward of the same batch (order alternating)."""
@@ -174,7 +181,7 @@ def run_dataset(
 
     from vizapp.stats import collect_stats
 
-    vm = spec.load(device)
+    vm = spec.load(device, dtype)
     variants = [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), img.rotate(90), img.rotate(270)]
     with tempfile.TemporaryDirectory(prefix="vizapp-bench-") as tmp:
         paths = []

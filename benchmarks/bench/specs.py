@@ -56,13 +56,15 @@ class ModelSpec:
             return self.name
         return self.name + "@" + ",".join(f"{k}={v}" for k, v in self.kwargs)
 
-    def load(self, device: str) -> Any:
+    def load(self, device: str, dtype: str = "float32") -> Any:
         """The model via :func:`vizapp.load_model` (random weights, seeded). ``hf-random:TYPE`` builds a
         transformers model of that type from its default config (the kwargs override fields), saved to a temporary
-        folder with ``save_pretrained`` and loaded from there as a user's folder would be."""
+        folder with ``save_pretrained`` and loaded from there as a user's folder would be. ``dtype``: a torch dtype's
+        name, the forward's precision (vizapp's attention maths stay fp32)."""
         from vizapp.models import load_model
 
         torch.manual_seed(0)
+        dt = getattr(torch, dtype)
         if self.name.startswith("hf-random:"):
             import tempfile
 
@@ -72,8 +74,8 @@ class ModelSpec:
             config = getattr(transformers, config_cls)(**dict(self.kwargs))
             folder = tempfile.mkdtemp(prefix="vizapp-bench-hf-")
             getattr(transformers, model_cls)(config).save_pretrained(folder)
-            return load_model(folder, device=device)
-        return load_model(self.name, pretrained=False, device=device, **dict(self.kwargs))
+            return load_model(folder, device=device, dtype=dt)
+        return load_model(self.name, pretrained=False, device=device, dtype=dt, **dict(self.kwargs))
 
 
 def _literal(text: str) -> Any:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU measurements in one prepared run: the benchmark (fp32 and fp16), the evaluation's throughput, the class maps and
+# head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
+# others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
+#
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp16 eval-bundled eval-vitb class-maps ablation families)
+#
+# Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
+# $VIZAPP_FMNIST_DIR (or the Debian package's folder).
+set -u
+OUT=${1:?usage: gpu.sh OUT [STEP ...]}
+shift
+mkdir -p "$OUT"
+STEPS=${*:-tests fp32 fp16 eval-bundled eval-vitb class-maps ablation families}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+step() { # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$OUT/log.txt"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+}
+
+vitb_job() { # a transformers ViT-B/16 (random weights, 1000 classes) saved as a user's folder, and 32 photos
+    local work=$1
+    $PY - "$work" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+import skimage.data as sd
+import transformers
+from PIL import Image
+
+work = Path(sys.argv[1])
+(work / "imgs").mkdir(parents=True, exist_ok=True)
+transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000)).save_pretrained(work / "vitb")
+photos = [sd.astronaut(), sd.chelsea(), sd.coffee(), sd.rocket()]
+for i in range(32):
+    im = Image.fromarray(np.asarray(photos[i % 4])).convert("RGB")
+    im = im.rotate(90 * (i // 4 % 4), expand=True)
+    if i // 16:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im.save(work / "imgs" / f"img{i:03d}.png")
+EOF
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/log.txt" 2>&1
+$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" \
+    | tee -a "$OUT/log.txt"
+
+step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step fp32 240 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --large-repeats 5 --mem-repeats 1 \
+    --no-profile --out "$OUT/benchmarks-cuda.md"
+step fp16 100 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 \
+    --mem-repeats 1 --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
+step eval-bundled 100 $PY -m vizapp.evaluate.throughput --images 512 --method-images 16
+case " $STEPS " in *" eval-vitb "*) vitb_job /tmp/vizapp-vitb >>"$OUT/log.txt" 2>&1 ;; esac
+step eval-vitb 60 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods "" --steps 0 \
+    --out /tmp/vizapp-vitb/stats --overwrite
+step eval-vitb 120 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb \
+    --methods rollout,grad_rollout,relevance,attention,random --limit 16 --out /tmp/vizapp-vitb/methods --overwrite
+step eval-vitb 60 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods flow --steps 0 \
+    --limit 4 --out /tmp/vizapp-vitb/flow --overwrite
+step class-maps 90 $PY -m benchmarks.class_maps --device cuda --threads 4 --out "$OUT/benchmarks-class-maps-cuda.md"
+step ablation 90 $PY -m benchmarks.ablation_cost --device cuda --threads 4 --repeats 5
+step families 180 $PY -m benchmarks.bench --families --device cuda --threads 4 --repeats 5 --no-memory --no-profile \
+    --out "$OUT/benchmarks-families-cuda.md"
+echo "done $(date +%T)" | tee -a "$OUT/steps.txt"
