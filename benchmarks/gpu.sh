@@ -3,7 +3,7 @@
 # head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
 # others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
 #
-#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp16 eval-bundled eval-vitb class-maps ablation families)
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp16 profile eval-bundled eval-vitb class-maps ablation families)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -11,7 +11,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests fp32 fp16 eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests fp32 fp16 profile eval-bundled eval-vitb class-maps ablation families}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -54,21 +54,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/log
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" \
     | tee -a "$OUT/log.txt"
 
-step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step fp32 240 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --large-repeats 5 --mem-repeats 1 \
-    --no-profile --out "$OUT/benchmarks-cuda.md"
-step fp16 100 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 \
-    --mem-repeats 1 --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
-step eval-bundled 100 $PY -m vizapp.evaluate.throughput --images 512 --method-images 16
+step tests 45 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# memory is measured in fresh subprocesses (GPU_MEMORY=1), about 15 s each on a GPU machine: off by default
+MEM=--no-memory
+[ "${GPU_MEMORY:-0}" = 1 ] && MEM="--mem-repeats 1"
+step fp32 150 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --large-repeats 5 $MEM \
+    --out "$OUT/benchmarks-cuda.md"
+step fp16 60 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 $MEM \
+    --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
+step profile 45 $PY -m benchmarks.gpu_profile --model vit_base_patch16_224
+step eval-bundled 60 $PY -m vizapp.evaluate.throughput --images 512 --method-images 8
 case " $STEPS " in *" eval-vitb "*) vitb_job /tmp/vizapp-vitb >>"$OUT/log.txt" 2>&1 ;; esac
-step eval-vitb 60 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods "" --steps 0 \
+step eval-vitb 30 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods "" --steps 0 \
     --out /tmp/vizapp-vitb/stats --overwrite
-step eval-vitb 120 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb \
-    --methods rollout,grad_rollout,relevance,attention,random --limit 16 --out /tmp/vizapp-vitb/methods --overwrite
-step eval-vitb 60 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods flow --steps 0 \
+step eval-vitb 60 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb \
+    --methods rollout,grad_rollout,relevance,attention,random --limit 8 --out /tmp/vizapp-vitb/methods --overwrite
+step eval-vitb 30 $PY -m vizapp.evaluate /tmp/vizapp-vitb/imgs --model /tmp/vizapp-vitb/vitb --methods flow --steps 0 \
     --limit 4 --out /tmp/vizapp-vitb/flow --overwrite
-step class-maps 90 $PY -m benchmarks.class_maps --device cuda --threads 4 --out "$OUT/benchmarks-class-maps-cuda.md"
-step ablation 90 $PY -m benchmarks.ablation_cost --device cuda --threads 4 --repeats 5
-step families 180 $PY -m benchmarks.bench --families --device cuda --threads 4 --repeats 5 --no-memory --no-profile \
+step class-maps 45 $PY -m benchmarks.class_maps --device cuda --threads 4 --repeats 3 --out "$OUT/benchmarks-class-maps-cuda.md"
+step ablation 40 $PY -m benchmarks.ablation_cost --device cuda --threads 4 --repeats 5
+step families 120 $PY -m benchmarks.bench --families --device cuda --threads 4 --repeats 5 --no-memory --no-profile \
     --out "$OUT/benchmarks-families-cuda.md"
 echo "done $(date +%T)" | tee -a "$OUT/steps.txt"

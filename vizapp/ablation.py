@@ -408,7 +408,7 @@ def head_importance(
                 grads = [g.transpose(1, 2).flatten(-2) for g in torch.autograd.grad(s, heads)]
             num_heads = heads[0].shape[1]
             outputs = [o.transpose(1, 2).flatten(-2) for o in heads]  # [1, N, H·d], heads concatenated
-        drop = attribution_drops(outputs, grads, num_heads, mode)
+        drop = attribution_drops(outputs, grads, num_heads, mode).cpu()  # [L, H] on the CPU, as the exact path
         if progress is not None:
             progress(len(outputs), len(outputs))
         return HeadImportance(drop, score, cls, float(s.detach()), method, mode, len(outputs))
