@@ -24,6 +24,11 @@ import torch
 ALL_METHODS = "rollout,grad_rollout,relevance,attention,flow,random"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_forward(n: int, batch_size: int, model: str = "bundled", repeats: int = 3) -> float:
     """Images/s of ``model`` on ``n`` preprocessed Fashion-MNIST images in batches of ``batch_size`` (best of
     ``repeats``)."""
@@ -34,14 +39,16 @@ def bare_forward(n: int, batch_size: int, model: str = "bundled", repeats: int =
 
     vm = vizapp.load_model(model)
     images, _ = load_fashion_mnist("test")
-    x = torch.stack([vm.transform(Image.fromarray(images[i]).convert("RGB")) for i in range(n)])
+    x = torch.stack([vm.transform(Image.fromarray(images[i]).convert("RGB")) for i in range(n)]).to(vm.device)
     best = 0.0
     with torch.no_grad():
         vm.logits(x[:batch_size])
         for _ in range(repeats):
+            _sync(vm.device)
             t0 = time.perf_counter()
             for lo in range(0, n, batch_size):
-                vm.logits(x[lo : lo + batch_size].to(vm.device))
+                vm.logits(x[lo : lo + batch_size])
+            _sync(vm.device)
             best = max(best, n / (time.perf_counter() - t0))
     return best
 
