@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 from conftest import random_image, small_model
 
 import vizapp
@@ -48,6 +49,19 @@ def test_weights_changed_in_memory_are_detected():
         r.relevance(2)
     vm.model.head.weight.data.copy_(original)  # the very weights again: accepted
     assert r.relevance(2).shape == r.grid_size
+
+
+def test_weights_key_sees_replaced_and_modified_weights_and_equals_the_parameter_walk():
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=7)
+    key = vm.weights_key()
+    walk = [(id(t), t.data_ptr(), t._version) for t in (*vm.model.parameters(), *vm.model.buffers())]
+    assert sorted(key) == sorted(walk) and vm.weights_key() == key
+    with torch.no_grad():
+        vm.model.head.bias.add_(1.0)  # in place through torch: the version counter moves
+    assert vm.weights_key() != key
+    key = vm.weights_key()
+    vm.model.blocks[1].mlp.fc1.weight = torch.nn.Parameter(vm.model.blocks[1].mlp.fc1.weight.detach().clone())
+    assert vm.weights_key() != key
 
 
 def test_a_reloaded_model_with_the_same_weights_is_accepted(card_model, monkeypatch):

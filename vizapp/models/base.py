@@ -108,7 +108,19 @@ class VizModel:
     def weights_key(self) -> tuple:
         """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter
         (changes when a weight is replaced, reloaded or modified in place through torch, not through ``.data``)."""
-        return tuple((id(t), t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+        # The module list is walked once per model (``Module.parameters()`` walks the tree again on every call: about
+        # 0.6-0.9 ms per analysis, 5 % of a ViT-Ti/16 forward); a replaced parameter or buffer still shows, since the
+        # modules' own dicts are read each time.
+        cached = self._digest.get("modules")
+        if cached is None or cached[0] is not self.model:
+            cached = self._digest["modules"] = (self.model, tuple(self.model.modules()))
+        return tuple(
+            (id(t), t.data_ptr(), t._version)
+            for m in cached[1]
+            for d in (m._parameters, m._buffers)
+            for t in d.values()
+            if t is not None
+        )
 
     def fingerprint(self, fresh: bool = False) -> tuple[float, ...]:
         """A digest of the weights: count, sum, sum of squares and a strided sample's sum, accumulated in float64.
