@@ -371,3 +371,30 @@ def test_half_precision_forward_keeps_attention_maths_in_fp32():
     np.testing.assert_allclose(r16.mean_distance, expected.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(r16.mean_distance, r32.mean_distance, rtol=0.03)
     np.testing.assert_allclose(r16.rollout(), r32.rollout(), atol=0.03 * r32.rollout().max())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_qk_on_cpu_gives_each_layers_q_and_k_of_one_image(batch):
+    """One host copy of the packed block (none on the CPU at batch 1) gives the same q and k as the per-layer views,
+    and a layer that was not packed falls back to per-layer copies with the same values."""
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=3)
+    x = torch.stack([vm.transform(random_image(i)) for i in range(batch)])
+    with torch.no_grad(), AttentionCapture(vm.model) as cap:
+        vm.model(x)
+    image = batch - 1
+    q, k = cap.qk_on_cpu(image)
+    assert len(q) == len(k) == 3
+    for layer in range(3):
+        assert q[layer].is_contiguous() and q[layer].shape == cap.q[layer][image].shape
+        torch.testing.assert_close(q[layer], cap.q[layer][image], atol=0, rtol=0)
+        torch.testing.assert_close(k[layer], cap.k[layer][image], atol=0, rtol=0)
+    if batch == 1:  # on the CPU in float32 the packed block is used as it is
+        assert q[0].untyped_storage().data_ptr() == cap.q[0].untyped_storage().data_ptr()
+    cap.q[1] = cap.q[1].clone()  # no longer in the packed block
+    q2, k2 = cap.qk_on_cpu(image)
+    for layer in range(3):
+        torch.testing.assert_close(q2[layer], q[layer], atol=0, rtol=0)
+        torch.testing.assert_close(k2[layer], k[layer], atol=0, rtol=0)
+    cap.k[2] = None
+    with pytest.raises(RuntimeError, match="no q and k"):
+        cap.qk_on_cpu()

@@ -581,6 +581,25 @@ class AttentionCapture:
                 "is not shown (put the model in eval mode)"
             )
 
+    def qk_on_cpu(self, image: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """q and k of every layer for one image of the batch, [H, N, d] float32 each, contiguous, on the CPU.
+
+        When the capture packed them into one block (``keep_qk``, every layer the same shape), that block is copied
+        to the host once: on a GPU each separate device-to-host copy waits for the device, and two per layer were
+        most of the ~70 copies an analysis made (measured on an H200, docs/gpu.md). On the CPU nothing is copied.
+        """
+        if any(t is None for t in (*self.q, *self.k)):
+            raise RuntimeError("some layer recorded no q and k; run the model's forward inside the `with` block")
+        packed = self._packed
+        if packed is not None and all(
+            t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr() for t in (*self.q, *self.k)
+        ):
+            host = packed[:, :, image].detach().float().cpu()  # [2, L, H, N, d]
+            return tuple(host[0].unbind(0)), tuple(host[1].unbind(0))
+        q = tuple(t[image].detach().float().cpu().contiguous() for t in self.q)
+        k = tuple(t[image].detach().float().cpu().contiguous() for t in self.k)
+        return q, k
+
     def attention(self, layer: int) -> torch.Tensor:
         """Post-softmax attention of ``layer``, [B, H, N, N] float32, on the model's device."""
         self._check(layer)

@@ -648,8 +648,7 @@ def analyze(
         if not stats.complete():
             raise RuntimeError("the attention of some layer never reached vizapp's statistics")
         rollout_default = stats.rollout_row(weights)[p:].float().cpu()
-        q = tuple(t[0].detach().float().cpu().contiguous() for t in cap.q)  # [H, N, d] each
-        k = tuple(t[0].detach().float().cpu().contiguous() for t in cap.k)
+        q, k = cap.qk_on_cpu()  # [H, N, d] each
         biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
         scales = tuple(cap.scales)
         fused = {"mean": torch.stack(stats.fused["mean"]).cpu()} if keep_fused else {}
@@ -681,7 +680,7 @@ def analyze(
         biases=biases if any(b is not None for b in biases) else (),
         recomputed_layers=tuple(sorted(cap.replayed_layers)),
         block_norms=torch.stack(blocks.norms).cpu().numpy(),
-        block_outputs={layer: t.cpu() for layer, t in blocks.outputs.items()},
+        block_outputs=blocks.outputs_on_cpu(),
         lens_probs=torch.stack(blocks.lens).cpu().numpy() if vm.lens_fn is not None and probs is not None else None,
         num_registers=vm.num_registers,
         model_ref=weakref.ref(vm),
