@@ -460,3 +460,21 @@ def test_ray_worker_killed_mid_job_gives_the_same_table(ray_cluster, small_local
     )
     assert marker.exists()  # an actor process did die mid-job
     assert read_table(tmp_path / "out") == small_local
+
+
+def test_throughput_table_on_a_folder(tmp_path, capsys):
+    from vizapp.evaluate import throughput
+
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    args = ["--images", "4", "--method-images", "2", "--steps", "2", "--repeats", "1", "--batch-size", "2"]
+    assert throughput.main([*args, "--data", str(tmp_path)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert [line.split(" | ")[0] for line in table] == [
+        "| bare forward, batch 64 (reference)",
+        "| bare forward, batch 1",
+        "| local engine, statistics only (batches of 2)",
+        "| local engine, every method + both protocols",
+    ]
+    assert [line.split(" | ")[1] for line in table] == ["4", "4", "3", "2"]  # the folder holds 3 images
+    assert table[0].endswith(" | 1.000× |")
