@@ -3,6 +3,8 @@ the Ray engine giving exactly the local engine's table (also after a worker is k
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import shutil
@@ -33,7 +35,8 @@ needs_fmnist = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists(),
     reason="Debian dataset-fashion-mnist is not installed (make test installs it)",
 )
-SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=16)
+# batches of 3 in shards of 8 (3 + 3 + 2): an engine that cut batches differently would round differently
+SMALL = dict(methods="rollout,relevance,random", steps=4, shard_size=8, limit=16, batch_size=3)
 
 
 # -- pure maths, by hand -------------------------------------------------------------------------------------------
@@ -225,6 +228,101 @@ def test_rerun_with_other_settings_is_refused(local_job, tmp_path):
     shutil.copytree(out, copy)
     with pytest.raises(JobError, match="different job.*methods"):
         evaluate("fmnist-test", copy, methods="rollout", steps=4, shard_size=8, limit=32, progress=False)
+    methods = "rollout,grad_rollout,relevance,attention,flow,random"
+    with pytest.raises(JobError, match="different job.*batch_size"):
+        evaluate("fmnist-test", copy, methods=methods, steps=4, shard_size=8, limit=32, progress=False, batch_size=4)
+    assert json.loads((copy / "job.json").read_text())["batch_size"] == 32
+
+
+# -- batches: one captured forward per batch, the same row as one image alone --------------------------------------
+
+
+def statistics_columns(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")}
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from vizapp.evaluate.worker import Evaluator
+
+    return Evaluator("bundled", [], steps=0)
+
+
+@needs_fmnist
+def test_evaluate_batch_matches_analyze_image_by_image(evaluator):
+    """Second code path: vizapp.analyze of each image alone, the statistics computed as the one-image evaluation
+    did before batching (entropy from the attention recomputed from q and k in float64)."""
+    import vizapp
+    from vizapp.evaluate.dataset import load_pixels
+
+    vm = evaluator.vm
+    items = list_items("fmnist-test", evaluator.labels)[:6]
+    pixels = [load_pixels(it) for it in items]
+    rows = evaluator.evaluate_batch(items, pixels)
+    assert [r["status"] for r in rows] == ["ok"] * 6
+    for item, px, row in zip(items, pixels, rows, strict=True):
+        r = vizapp.analyze(vm, px)
+        assert row["predicted"] == int(np.argmax(r.probs)) and row["target"] == item["target"]
+        assert row["prob_pred"] == pytest.approx(float(np.max(r.probs)), rel=1e-6)
+        expect = {}
+        for layer in range(vm.num_layers):
+            ent = attention_entropy(r.attention_layer(layer))
+            st = token_norm_stats(torch.from_numpy(r.token_norms()[layer]), r.num_prefix_tokens)
+            for h in range(vm.num_heads):
+                expect[f"distance.l{layer}.h{h}"] = float(r.mean_distance[layer, h])
+                expect[f"entropy.l{layer}.h{h}"] = float(ent[h])
+            for key, value in st.items():
+                expect[f"norm_{key}.l{layer}"] = float(value)
+        got = statistics_columns(row)
+        assert got.keys() == expect.keys() and len(got) == vm.num_layers * (2 * vm.num_heads + 3)
+        np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-6, atol=1e-6)
+
+
+@needs_fmnist
+def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, monkeypatch):
+    from vizapp.evaluate.dataset import load_pixels
+
+    items = list_items("fmnist-test", evaluator.labels)[:5]
+    pixels = [load_pixels(it) for it in items]
+    alone = {it["id"]: evaluator.evaluate(it, px) for it, px in zip(items, pixels, strict=True)}  # batches of one
+    real = evaluator._preprocess
+    # item 3's input gets 3 channels: a group of its own whose forward fails (the model takes 1 channel)
+    monkeypatch.setattr(
+        evaluator, "_preprocess", lambda px: real(px).expand(3, -1, -1) if px is pixels[3] else real(px)
+    )
+    errors = [None, None, "not an image", None, None]
+    rows = evaluator.evaluate_batch(items, [None if e else px for px, e in zip(pixels, errors, strict=True)], errors)
+    assert [r["status"] for r in rows] == ["ok", "ok", "bad_file", "error", "ok"]
+    assert rows[2]["message"] == "not an image" and "channels" in rows[3]["message"]
+    assert rows[2].keys() == rows[3].keys() == {"id", "source", "target", "status", "message"}
+    for i in (0, 1, 4):  # the same numbers as each image alone, to rounding
+        a, b = statistics_columns(rows[i]), statistics_columns(alone[items[i]["id"]])
+        assert rows[i]["predicted"] == alone[items[i]["id"]]["predicted"] and a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in b], list(b.values()), rtol=1e-6, atol=1e-6)
+
+
+def test_batches_are_fixed_slices_of_a_shard():
+    from vizapp.evaluate.engines import batches, shards
+
+    items = [{"id": str(i)} for i in range(19)]
+    parts = shards(items, 8)
+    assert [[len(b) for b in batches(p, 3)] for p in parts] == [[3, 3, 2], [3, 3, 2], [3]]
+    assert [it["id"] for p in parts for b in batches(p, 3) for it in b] == [str(i) for i in range(19)]
+
+
+@needs_fmnist
+def test_batch_size_changes_only_the_rounding(small_local, tmp_path):
+    evaluate("fmnist-test", tmp_path, **{**SMALL, "batch_size": 16}, progress=False)  # one batch per 8-image shard
+    other, ref = read_rows(tmp_path), list(csv.DictReader(io.StringIO(small_local)))
+    assert [r["id"] for r in other] == [r["id"] for r in ref] and other[0].keys() == ref[0].keys()
+    for a, b in zip(other, ref, strict=True):
+        for k in a:
+            try:
+                fa, fb = float(a[k]), float(b[k])
+            except ValueError:
+                assert a[k] == b[k]
+                continue
+            assert fa == pytest.approx(fb, rel=1e-5, abs=1e-6), k
 
 
 # -- bad inputs ----------------------------------------------------------------------------------------------------
@@ -362,3 +460,21 @@ def test_ray_worker_killed_mid_job_gives_the_same_table(ray_cluster, small_local
     )
     assert marker.exists()  # an actor process did die mid-job
     assert read_table(tmp_path / "out") == small_local
+
+
+def test_throughput_table_on_a_folder(tmp_path, capsys):
+    from vizapp.evaluate import throughput
+
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    args = ["--images", "4", "--method-images", "2", "--steps", "2", "--repeats", "1", "--batch-size", "2"]
+    assert throughput.main([*args, "--data", str(tmp_path)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert [line.split(" | ")[0] for line in table] == [
+        "| bare forward, batch 64 (reference)",
+        "| bare forward, batch 1",
+        "| local engine, statistics only (batches of 2)",
+        "| local engine, every method + both protocols",
+    ]
+    assert [line.split(" | ")[1] for line in table] == ["4", "4", "3", "2"]  # the folder holds 3 images
+    assert table[0].endswith(" | 1.000× |")

@@ -191,3 +191,104 @@ def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypat
     expected = mean_attention_distance(attn, vm.grid_size, vm.patch_size, vm.num_prefix_tokens)
     np.testing.assert_allclose(got.mean_distance, expected.numpy(), rtol=1e-5, atol=1e-4)
     assert got.n_images == 5
+
+
+# -- per-image statistics of a batch (vizapp.streaming.BatchStatistics, used by vizapp.evaluate) ---------------------
+
+
+def test_batch_statistics_by_hand():
+    """Two images, two heads, 1 CLS + a 2x2 grid of 1-pixel patches, fed in two row blocks as the capture would."""
+    import math
+
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.streaming import BatchStatistics
+
+    n = 5
+    uniform = torch.full((n, n), 1 / n)
+    neighbour = torch.zeros(n, n)  # half on CLS, half on the horizontal neighbour (patch 0 <-> 1, 2 <-> 3)
+    neighbour[:, 0] = 0.5
+    for q, k in ((0, 1), (1, 2), (2, 1), (3, 4), (4, 3)):  # token index; CLS (0) -> patch 0 (token 1)
+        neighbour[q, k] += 0.5
+    self_only = torch.eye(n)
+    patches = torch.zeros(n, n)
+    patches[:, 1:] = 0.25
+    attn = torch.stack([torch.stack([uniform, neighbour]), torch.stack([self_only, patches])])  # [B=2, H=2, N, N]
+    dist = patch_distance_matrix((2, 2), 1)
+    red = BatchStatistics(num_layers=1, num_heads=2, batch=2, num_tokens=n, dist=dist, num_prefix_tokens=1)
+    for b in range(2):
+        for lo, hi in ((0, 2), (2, 5)):  # rows 0-1 (CLS + patch 0), then rows 2-4
+            red.chunk(0, b, 0, attn[b, :, lo:hi].clone(), lo)
+    assert not red.complete()  # no block output yet
+    red.layer_done(0)
+    tokens = torch.tensor(
+        [
+            [[3.0, 4.0], [0.0, 0.0], [6.0, 8.0], [0.0, 1.0], [1.0, 0.0]],  # CLS 5; patches 0, 10, 1, 1
+            [[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, -2.0], [-2.0, 0.0]],  # CLS 0; patches 2, 2, 2, 2
+        ]
+    )
+    red.block(0, tokens)
+    assert red.complete()
+    every = (2 + math.sqrt(2)) / 4  # uniform over the 2x2 grid: distances 0, 1, 1, sqrt 2 from every patch
+    np.testing.assert_allclose(red.entropy[0].numpy(), [[math.log(5), math.log(2)], [0.0, math.log(4)]], atol=1e-6)
+    np.testing.assert_allclose(red.distance[0].numpy(), [[every, 1.0], [0.0, every]], atol=1e-6)
+    np.testing.assert_allclose(red.norms["patch_mean"][0].numpy(), [3.0, 2.0])
+    np.testing.assert_allclose(red.norms["patch_max"][0].numpy(), [10.0, 2.0])
+    np.testing.assert_allclose(red.norms["prefix_mean"][0].numpy(), [5.0, 0.0])
+
+
+def test_batch_statistics_refuse_missing_rows():
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.streaming import BatchStatistics
+
+    red = BatchStatistics(1, 1, 2, 5, patch_distance_matrix((2, 2), 1), 1)
+    red.chunk(0, 0, 0, torch.full((1, 5, 5), 0.2), 0)  # image 1 never arrives
+    with pytest.raises(RuntimeError, match="expected 10"):
+        red.layer_done(0)
+    with pytest.raises(ValueError, match="grid has 4 patches"):
+        BatchStatistics(1, 1, 2, 6, patch_distance_matrix((2, 2), 1), 1)
+
+
+@pytest.mark.parametrize("path", ["inline", "inline_row_blocks", "from_qk"])
+def test_batch_statistics_match_analyze_image_by_image(vm, folder, monkeypatch, path):
+    """Second code path: one captured forward of a 5-image batch against vizapp.analyze of each image alone (its
+    own capture, LayerStatistics for the distance, the attention recomputed from q and k in float64 for the entropy,
+    BlockFeatures for the token norms); with the attention formed inside the forward (whole heads, or one head in
+    blocks of 3 query rows), and replayed from q and k when fused_attn is off."""
+    from vizapp import limits
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+    from vizapp.capture import AttentionCapture
+    from vizapp.streaming import BatchStatistics
+
+    paths = good_images(folder)
+    expected = [vizapp.analyze(vm, p) for p in paths]  # before any monkeypatching
+    if path == "inline_row_blocks":
+        monkeypatch.setattr(limits, "MIN_CHUNK_ROWS", 3)
+        monkeypatch.setattr(limits, "ROW_BLOCK_BYTES", 1)
+    if path == "from_qk":
+        for blk in vm.model.blocks:
+            monkeypatch.setattr(blk.attn, "fused_attn", False)
+    x = torch.stack([vm.transform(vizapp.imageio.decode_image(p).image) for p in paths])
+    p = vm.num_prefix_tokens
+    red = BatchStatistics(
+        vm.num_layers, vm.num_heads, len(paths), p + 16, patch_distance_matrix(vm.grid_size, vm.patch_size), p
+    )
+    rows_seen = set()
+    real_chunk = red.chunk
+    monkeypatch.setattr(red, "chunk", lambda layer, b, h, a, row: rows_seen.add(row) or real_chunk(layer, b, h, a, row))
+    chunk_bytes = 1 if path == "inline_row_blocks" else None
+    with (
+        torch.no_grad(),
+        AttentionCapture(vm.model, on_attention=red, on_block=red.block, chunk_bytes=chunk_bytes) as cap,
+    ):
+        vm.model(x)
+    assert red.complete()
+    assert bool(cap.replayed_layers) == (path == "from_qk")
+    assert (rows_seen == {0}) == (path != "inline_row_blocks")  # 17 query rows in blocks of 3, or whole
+    for b, r in enumerate(expected):
+        np.testing.assert_allclose(red.distance[:, b].numpy(), r.mean_distance, rtol=1e-6, atol=1e-6)
+        ent = torch.stack([attention_entropy(r.attention_layer(layer)) for layer in range(vm.num_layers)])
+        np.testing.assert_allclose(red.entropy[:, b].numpy(), ent.numpy(), rtol=1e-6, atol=1e-6)
+        st = token_norm_stats(torch.from_numpy(r.token_norms()), p)  # [L] each
+        for key in BatchStatistics.NORM_KEYS:
+            np.testing.assert_allclose(red.norms[key][:, b].numpy(), st[key].numpy(), rtol=1e-6, atol=1e-6)

@@ -15,6 +15,7 @@ import torch
 
 from vizapp import limits
 from vizapp.analysis.distance import BlockDistanceTerms
+from vizapp.analysis.headstats import row_entropy, token_norm_stats
 from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step
 from vizapp.capture import attention_chunks
 
@@ -130,16 +131,103 @@ class DatasetDistances:
                 f"but the grid has {n_patches}"
             )
         self._images = max(self._images, batch + 1)
-        terms = self.terms(attn, row)
-        if terms is None:
+        found = self.terms.query_distances(attn, row)
+        if found is None:
             return
-        _, _, num, den = terms
         # this block's share of the mean over all query patches
-        self.sums[layer, head : head + attn.shape[0]] += ((num / den.clamp_min(TINY)).sum(dim=-1) / n_patches).double()
+        self.sums[layer, head : head + attn.shape[0]] += (found[2].sum(dim=-1) / n_patches).double()
 
     def layer_done(self, layer: int) -> None:
         self.counts[layer] += self._images
         self._images = 0
+
+
+class BatchStatistics:
+    """The evaluation's per-image statistics for a whole batch from one captured forward: the mean attention
+    distance and the attention entropy of every layer, image and head (an
+    :class:`~vizapp.capture.AttentionConsumer`), and summaries of every block's token norms (:meth:`block`, for
+    ``AttentionCapture(on_block=...)``).
+
+    Per chunk [c, r, N] (image ``batch``, heads ``head .. head + c``, query rows ``row .. row + r``) it keeps one
+    number per query row and head: the row's entropy and, for patch queries, its renormalised mean distance, in two
+    [B, H, N] buffers reused by every layer; at the end of a layer each is averaged over the queries. Nothing of a
+    layer's attention outlives its chunk, and no [B, L, H, N, N] is ever formed. The maths is
+    :func:`~vizapp.analysis.headstats.row_entropy`, :meth:`~vizapp.analysis.distance.BlockDistanceTerms.query_distances`
+    and :func:`~vizapp.analysis.headstats.token_norm_stats`, as on the one-image path.
+
+    Args:
+        num_layers, num_heads: L and H.
+        batch: B, images in the forward.
+        num_tokens: N.
+        dist: [P, P] patch distances in pixels, on the device the attention arrives on.
+        num_prefix_tokens: tokens before the patches.
+
+    Attributes (after the forward; float64 on ``dist``'s device):
+        distance: [L, B, H] mean attention distance in pixels.
+        entropy: [L, B, H] attention entropy in nats, averaged over the N queries.
+        norms: ``{"patch_mean", "patch_max", "prefix_mean"}`` -> [L, B] (see
+            :func:`~vizapp.analysis.headstats.token_norm_stats`).
+    """
+
+    NORM_KEYS = ("patch_mean", "patch_max", "prefix_mean")
+
+    def __init__(
+        self, num_layers: int, num_heads: int, batch: int, num_tokens: int, dist: torch.Tensor, num_prefix_tokens: int
+    ) -> None:
+        self.shape = (num_layers, batch, num_heads)
+        self.n, self.p = num_tokens, num_prefix_tokens
+        if dist.shape[-1] != num_tokens - num_prefix_tokens:
+            raise ValueError(
+                f"{num_tokens} tokens after {num_prefix_tokens} prefix tokens, but the grid has {dist.shape[-1]} patches"
+            )
+        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
+        dev = dist.device
+        nan = float("nan")
+        self.distance = torch.full(self.shape, nan, dtype=torch.float64, device=dev)
+        self.entropy = torch.full(self.shape, nan, dtype=torch.float64, device=dev)
+        self.norms = {k: torch.full(self.shape[:2], nan, dtype=torch.float64, device=dev) for k in self.NORM_KEYS}
+        self._ent_rows = torch.zeros((batch, num_heads, num_tokens), device=dev)  # [B, H, N] float32
+        self._dist_rows = torch.zeros((batch, num_heads, num_tokens - num_prefix_tokens), device=dev)  # [B, H, P]
+        self._work: torch.Tensor | None = None  # a · log a of a chunk
+        self._cells = [0] * num_layers  # (head, query row) cells seen per layer, over the batch
+        self._blocks = [False] * num_layers
+
+    # AttentionConsumer
+    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        c, r, n = attn.shape
+        if n != self.n:
+            raise ValueError(f"attention over {n} tokens, expected {self.n}")
+        work = self._work
+        if work is None or work.shape[0] < c or work.shape[1] < r:
+            work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
+        heads = slice(head, head + c)
+        row_entropy(attn, out=self._ent_rows[batch, heads, row : row + r], work=work[:c, :r])
+        q0, q1 = max(row, self.p) - self.p, row + r - self.p  # the chunk's patch queries
+        if q1 > q0:
+            self.terms.query_distances(attn, row, out=self._dist_rows[batch, heads, q0:q1])
+        self._cells[layer] += c * r
+
+    def layer_done(self, layer: int) -> None:
+        _, b, h = self.shape
+        if self._cells[layer] != b * h * self.n:
+            raise RuntimeError(
+                f"layer {layer}: attention of {self._cells[layer]} (head, query) pairs reached the statistics, "
+                f"expected {b * h * self.n} ({b} images x {h} heads x {self.n} queries)"
+            )
+        self.entropy[layer] = self._ent_rows.double().mean(dim=-1)
+        self.distance[layer] = self._dist_rows.double().mean(dim=-1)
+
+    def block(self, layer: int, out: torch.Tensor) -> None:
+        """``on_block``: the token norms of block ``layer``'s output [B, N, D], summarised per image."""
+        norms = torch.linalg.vector_norm(out.float(), dim=-1)  # [B, N]
+        for key, value in token_norm_stats(norms, self.p).items():
+            self.norms[key][layer] = value
+        self._blocks[layer] = True
+
+    def complete(self) -> bool:
+        """Every layer's attention and every block's output reached the statistics."""
+        _, b, h = self.shape
+        return all(c == b * h * self.n for c in self._cells) and all(self._blocks)
 
 
 def fused_layer(

@@ -14,7 +14,7 @@ from vizapp.analysis.features import (
     token_norms,
 )
 from vizapp.analysis.flow import attention_flow
-from vizapp.analysis.headstats import attention_entropy, token_norm_stats
+from vizapp.analysis.headstats import attention_entropy, row_entropy, token_norm_stats
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, accuracy_auc, perturbed_images, removal_counts, removal_order
 from vizapp.analysis.posembed import (
     axial_rope_freqs,
@@ -69,6 +69,7 @@ __all__ = [
     "rollout",
     "rollout_fused",
     "rollout_row",
+    "row_entropy",
     "token_norm_stats",
     "uniform_reference_distance",
 ]

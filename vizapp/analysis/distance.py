@@ -73,6 +73,18 @@ class BlockDistanceTerms:
         num, den = distance_terms(attn[:, lo - row :, p:], self.dist[q0:q1], out=buf[:c, : q1 - q0])
         return q0, q1, num, den
 
+    def query_distances(
+        self, attn: torch.Tensor, row: int, out: torch.Tensor | None = None
+    ) -> tuple[int, int, torch.Tensor] | None:
+        """The renormalised mean distance of each patch query of the block: (q0, q1, [c, q1 - q0]) (into ``out``
+        when given), or None when the block holds prefix queries only."""
+        terms = self(attn, row)
+        if terms is None:
+            return None
+        q0, q1, num, den = terms
+        den = den.clamp_min_(torch.finfo(den.dtype).tiny)  # a fresh tensor: clamped in place
+        return q0, q1, torch.div(num, den, out=out) if out is not None else num / den
+
 
 def head_distances(
     attn: torch.Tensor, dist: torch.Tensor, num_prefix_tokens: int, renormalize: bool = True

@@ -10,14 +10,27 @@ from __future__ import annotations
 import torch
 
 
+def row_entropy(attn: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Shannon entropy (nats) of each attention row, in ``attn``'s dtype: [..., Q, N] -> [..., Q].
+
+    Zero weights contribute 0: a · log max(a, tiny) is exactly 0 for a = 0 and a · log a otherwise (three
+    vectorised passes; ``torch.special.xlogy`` was 3-4x slower on CPU). ``work`` ([..., Q, N], optional) receives the
+    terms and ``out`` ([..., Q], optional) the result, so that a caller fed chunk after chunk allocates nothing.
+    """
+    tiny = torch.finfo(attn.dtype).tiny
+    plogp = torch.clamp_min(attn, tiny, out=work) if work is not None else attn.clamp_min(tiny)
+    plogp.log_().mul_(attn)
+    ent = torch.sum(plogp, dim=-1, out=out) if out is not None else plogp.sum(dim=-1)
+    return ent.neg_()
+
+
 def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each query's attention row, averaged over queries: [..., H, N, N] -> [..., H].
 
     Uniform attention over n keys gives log n; attention to a single key gives 0. Zero weights contribute 0.
+    Computed in float64 (:func:`row_entropy` of the whole map).
     """
-    a = attn.detach().to(torch.float64)
-    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(torch.finfo(torch.float64).tiny)), torch.zeros_like(a))
-    return (-plogp.sum(dim=-1)).mean(dim=-1)
+    return row_entropy(attn.detach().to(torch.float64)).mean(dim=-1)
 
 
 def token_norm_stats(norms: torch.Tensor, num_prefix_tokens: int) -> dict[str, torch.Tensor]:

@@ -39,13 +39,21 @@ class Job:
     steps: int = 10
     seed: int = 0
     shard_size: int = 64
+    batch_size: int = 32
+    pretrained: bool = True
     limit: int | None = None
     items_sha256: str = ""
     num_items: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def evaluator_kwargs(self) -> dict[str, Any]:
-        return {"model": self.model, "methods": list(self.methods), "steps": self.steps, "seed": self.seed}
+        return {
+            "model": self.model,
+            "methods": list(self.methods),
+            "steps": self.steps,
+            "seed": self.seed,
+            "pretrained": self.pretrained,
+        }
 
 
 def items_digest(items: Sequence[dict[str, Any]]) -> str:
@@ -63,6 +71,13 @@ def shard_path(out: Path, k: int) -> Path:
 def shards(items: Sequence[dict[str, Any]], shard_size: int) -> list[list[dict[str, Any]]]:
     """Consecutive slices of ``shard_size`` items (the last may be shorter)."""
     return [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def batches(shard: Sequence[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+    """A shard's batches, one captured forward each: consecutive slices of ``batch_size`` items (the last may be
+    shorter). Both engines cut every shard this way, so an image is forwarded with the same neighbours whatever the
+    engine, and its row is the same to the last bit."""
+    return [list(shard[i : i + batch_size]) for i in range(0, len(shard), batch_size)]
 
 
 def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
@@ -130,17 +145,24 @@ class Progress:
         print(f"[evaluate] {self.done}/{self.total} images  {rate:.2f} img/s  ETA {eta}", file=self.stream, flush=True)
 
 
-def _evaluate_shard(ev: Any, shard: list[dict[str, Any]], fmnist_dir: str | None) -> list[dict[str, Any]]:
+def _load(item: dict[str, Any], fmnist_dir: str | None) -> tuple[Any, str | None]:
+    """(RGB pixels, None), or (None, why the file cannot be used)."""
     from vizapp.errors import BadImageError
     from vizapp.evaluate.dataset import load_pixels
 
+    try:
+        return load_pixels(item, fmnist_dir), None
+    except BadImageError as exc:
+        return None, str(exc) or "bad image"
+
+
+def _evaluate_shard(
+    ev: Any, shard: list[dict[str, Any]], fmnist_dir: str | None, batch_size: int
+) -> list[dict[str, Any]]:
     rows = []
-    for item in shard:
-        try:
-            pixels, err = load_pixels(item, fmnist_dir), None
-        except BadImageError as exc:
-            pixels, err = None, str(exc)
-        rows.append(ev.evaluate(item, pixels, err))
+    for part in batches(shard, batch_size):
+        loaded = [_load(item, fmnist_dir) for item in part]
+        rows += ev.evaluate_batch(part, [px for px, _ in loaded], [err for _, err in loaded])
     return rows
 
 
@@ -162,7 +184,7 @@ def run_local(
     parts = shards(items, job.shard_size)
     for k in todo:
         t0 = time.perf_counter()
-        rows = _evaluate_shard(ev, parts[k], fmnist_dir)
+        rows = _evaluate_shard(ev, parts[k], fmnist_dir, job.batch_size)
         write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}")
         if progress:
             progress.update(len(rows))
@@ -172,26 +194,36 @@ def run_local(
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: decode one file (size-limited, safe) into RGB pixels, or record why it cannot be used."""
-    from vizapp.errors import BadImageError
-    from vizapp.evaluate.dataset import load_pixels
+    """Ray task: decode the files of one batch (size-limited, safe) into RGB pixels, one byte string for the whole
+    batch, and record why a file cannot be used."""
+    loaded = [_load(item, row["fmnist_dir"] or None) for item in json.loads(row["items"])]
+    return {
+        "shard": row["shard"],
+        "items": row["items"],
+        "pixels": b"".join(px.tobytes() for px, _ in loaded if px is not None),
+        "shapes": json.dumps([None if px is None else list(px.shape) for px, _ in loaded]),
+        "errors": json.dumps([err for _, err in loaded]),
+    }
 
-    item = json.loads(row["item"])
-    try:
-        pixels = load_pixels(item, row["fmnist_dir"] or None)
-        return {
-            "shard": row["shard"],
-            "item": row["item"],
-            "pixels": pixels.tobytes(),
-            "shape": json.dumps(list(pixels.shape)),
-            "error": "",
-        }
-    except BadImageError as exc:
-        return {"shard": row["shard"], "item": row["item"], "pixels": b"", "shape": "[]", "error": str(exc) or "bad"}
+
+def _unpack(data: bytes, shapes: list[list[int] | None]) -> list[Any]:
+    """The images :func:`_decode` packed into one byte string (None where a file was bad)."""
+    import numpy as np
+
+    out, lo = [], 0
+    for shape in shapes:
+        if shape is None:
+            out.append(None)
+            continue
+        n = int(np.prod(shape))
+        out.append(np.frombuffer(data, dtype=np.uint8, count=n, offset=lo).reshape(shape).copy())
+        lo += n
+    return out
 
 
 class RayAnalyser:
-    """Ray actor (``map_batches`` callable class): one model per actor, evaluates batches of decoded images.
+    """Ray actor (``map_batches`` callable class): one model per actor; each input row is one evaluation batch of
+    decoded images (see :func:`batches`), each output row one image's result.
 
     ``crash_once`` (tests only) is ``"MARKER_PATH:ITEM_ID"``: the first actor to reach that item creates the marker
     and kills its own process, as a lost worker would; Ray restarts the actor and retries the batch.
@@ -206,19 +238,21 @@ class RayAnalyser:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        rows = []
-        for item_json, data, shape, err in zip(
-            batch["item"], batch["pixels"], batch["shape"], batch["error"], strict=True
+        shards, rows = [], []
+        for k, items_json, data, shapes, errors in zip(
+            batch["shard"], batch["items"], batch["pixels"], batch["shapes"], batch["errors"], strict=True
         ):
-            item = json.loads(item_json)
+            items = json.loads(items_json)
             if self.crash_once:
                 marker, crash_id = self.crash_once.rsplit(":", 1) if ":" in self.crash_once else ("", "")
-                if item["id"] == crash_id and marker and not os.path.exists(marker):
+                if any(it["id"] == crash_id for it in items) and marker and not os.path.exists(marker):
                     Path(marker).write_text(str(os.getpid()))
                     os._exit(1)
-            pixels = None if err else np.frombuffer(data, dtype=np.uint8).reshape(json.loads(shape)).copy()
-            rows.append(json.dumps(self.ev.evaluate(item, pixels, err or None)))
-        return {"shard": np.asarray(batch["shard"]), "row": np.asarray(rows, dtype=object)}
+            pixels = _unpack(bytes(data), json.loads(shapes))
+            for row in self.ev.evaluate_batch(items, pixels, json.loads(errors)):
+                shards.append(int(k))
+                rows.append(json.dumps(row))
+        return {"shard": np.asarray(shards, dtype=np.int64), "row": np.asarray(rows, dtype=object)}
 
 
 def init_ray(address: str | None = None, num_cpus: int = 2) -> None:
@@ -250,7 +284,6 @@ def run_ray(
     fmnist_dir: str | None = None,
     address: str | None = None,
     progress: Progress | None = None,
-    batch_size: int = 16,
     crash_once: str = "",
     log: Callable[[str], None] | None = None,
 ) -> None:
@@ -260,7 +293,10 @@ def run_ray(
         workers: actors in the pool (each holds one model); a GPU each when the cluster has GPUs.
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local one with ``workers``
             CPUs.
-        batch_size: images per actor call (a lost actor's batch is retried, so this is the work redone on failure).
+
+    One Ray row per evaluation batch (:func:`batches` of each shard, ``job.batch_size`` items, as the local engine
+    cuts them): a decode task decodes the batch, an actor evaluates it in one call (a lost actor's batch is retried,
+    so that is the work redone on failure) and returns one row per image.
     """
     import ray
 
@@ -275,12 +311,14 @@ def run_ray(
         parts = shards(items, job.shard_size)
         todo = sorted(todo)
         rows_in = [
-            {"shard": k, "item": json.dumps(it), "fmnist_dir": fmnist_dir or ""} for k in todo for it in parts[k]
+            {"shard": k, "items": json.dumps(part), "fmnist_dir": fmnist_dir or ""}
+            for k in todo
+            for part in batches(parts[k], job.batch_size)
         ]
         if not rows_in:
             return
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        ds = ray.data.from_items(rows_in, override_num_blocks=max(1, -(-len(rows_in) // batch_size)))  # a block a batch
+        ds = ray.data.from_items(rows_in, override_num_blocks=len(rows_in))  # a block a batch
         ds = ds.map(_decode, num_cpus=0.25)
         ds = ds.map_batches(
             RayAnalyser,
@@ -290,7 +328,7 @@ def run_ray(
                 "time_limit": time_limit,
                 "crash_once": crash_once,
             },
-            batch_size=batch_size,
+            batch_size=1,  # one evaluation batch per call
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
             num_gpus=min(1.0, gpus / workers) if gpus else 0,  # a GPU per actor, or a share when fewer GPUs
@@ -301,7 +339,7 @@ def run_ray(
         need = {k: len(parts[k]) for k in todo}
         got: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
         t0: dict[int, float] = {}
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=job.batch_size, batch_format="numpy"):
             for k, row in zip(batch["shard"], batch["row"], strict=True):
                 k = int(k)
                 t0.setdefault(k, time.perf_counter())

@@ -52,6 +52,8 @@ def evaluate(
     crash_once: str = "",
     report_only: bool = False,
     shard_range: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    pretrained: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a job and write its report; returns the summary dict.
 
@@ -63,6 +65,8 @@ def evaluate(
         steps: deletion/insertion curve steps (0 turns those curves off).
         seed: seed of the random baseline (each image's order depends only on this and its id).
         shard_size: images per shard file (the unit of resumption).
+        batch_size: images per captured forward for the class scores and statistics (consecutive slices of each
+            shard; part of the job: a batched forward may round differently, so it fixes the numbers).
         limit: evaluate only the first ``limit`` items.
         engine: "local" (this process) or "ray".
         workers: Ray actors (one model each). threads: torch threads per worker. time_limit: seconds per image.
@@ -76,6 +80,7 @@ def evaluate(
         report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop.
         shard_range: (start, stop): run only shards start .. stop-1 of the job (to split one job between processes or
             machines sharing ``out``; the report covers every finished shard).
+        pretrained: False: the model with random weights (timing a large model offline; part of the job).
     """
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
@@ -83,14 +88,16 @@ def evaluate(
 
     if engine not in ("local", "ray"):
         raise VizappError(f"engine must be 'local' or 'ray', got {engine!r}")
-    if shard_size < 1 or workers < 1 or threads < 1 or steps < 0 or time_limit <= 0:
-        raise VizappError("shard_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
+    if shard_size < 1 or batch_size < 1 or workers < 1 or threads < 1 or steps < 0 or time_limit <= 0:
+        raise VizappError("shard_size, batch_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
     names = parse_methods(methods)
     out = Path(out)
     t_load = time.perf_counter()
     from vizapp.evaluate.worker import Evaluator
 
-    ev = Evaluator(model, names, steps=steps, seed=seed, time_limit=time_limit, threads=threads)  # fails early
+    ev = Evaluator(
+        model, names, steps=steps, seed=seed, time_limit=time_limit, threads=threads, pretrained=pretrained
+    )  # fails early
     load_s = time.perf_counter() - t_load
     items = list_items(data, ev.labels, fmnist_dir)
     if limit is not None:
@@ -104,6 +111,8 @@ def evaluate(
         steps=steps,
         seed=seed,
         shard_size=shard_size,
+        batch_size=batch_size,
+        pretrained=pretrained,
         limit=limit,
         items_sha256=items_digest(items),
         num_items=len(items),
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="deletion/insertion steps (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward for the statistics (slices of each shard)"
+    )
+    parser.add_argument("--random-weights", action="store_true", help="the model with random weights (timing)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--engine", choices=("local", "ray"), default="local")
     parser.add_argument("--workers", type=int, default=2, help="Ray actors")
@@ -212,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             command,
             report_only=args.report_only,
             shard_range=tuple(int(v) for v in args.shards.split(":")) if args.shards else None,
+            batch_size=args.batch_size,
+            pretrained=not args.random_weights,
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

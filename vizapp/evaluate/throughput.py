@@ -1,14 +1,18 @@
 """Throughput of the evaluation engines against a bare forward of the same model (prints a Markdown table).
 
-``python -m vizapp.evaluate.throughput [--images 200] [--method-images 24] [--ray]`` measures, on Fashion-MNIST test
-images and one torch thread per worker:
+``python -m vizapp.evaluate.throughput [--images 200] [--method-images 24] [--ray] [--model NAME --random-weights]
+[--data DATA]`` measures, on DATA (default the Fashion-MNIST test images; a folder's images are reused in turn when
+there are fewer than asked) and one torch thread per worker:
 
-- a bare batched forward (batch 64, no hooks, no analysis) and a bare batch-1 forward: the references;
-- the local engine with statistics only (mean distance, entropy, token norms; no methods, no curves);
-- the local engine with every method and both perturbation protocols;
+- a bare batched forward (batch 64, no hooks, no analysis) and a bare batch-1 forward: the references, on inputs
+  preprocessed beforehand (median of 3 passes);
+- the local engine with statistics only (mean distance, entropy, token norms; no methods, no curves), in batches of
+  ``--batch-size``;
+- the local engine with every method and both perturbation protocols (``--method-images 0`` skips it);
 - with ``--ray``: the Ray engine with 1 and 2 workers, both method sets, cluster start-up reported separately.
 
-Engine figures exclude model loading and count every image of the job (shard writes included).
+Engine figures exclude model loading and count every image of the job (decoding, preprocessing and shard writes
+included); the statistics-only row is the median of ``--repeats`` jobs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -24,23 +29,28 @@ import torch
 ALL_METHODS = "rollout,grad_rollout,relevance,attention,flow,random"
 
 
+def inputs(data: str, n: int, vm) -> tuple[torch.Tensor, list[dict]]:
+    """The first ``n`` items of ``data`` (repeated in turn when there are fewer) and their preprocessed inputs."""
+    from vizapp.evaluate.dataset import list_items, load_pixels
+    from vizapp.imageio import decode_image
+
+    items = list_items(data, tuple(vm.labels))
+    items = [items[i % len(items)] for i in range(n)]
+    x = torch.stack([vm.transform(decode_image(load_pixels(it)).image) for it in items])
+    return x, items
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def bare_forward(n: int, batch_size: int, model: str = "bundled", repeats: int = 3) -> float:
-    """Images/s of ``model`` on ``n`` preprocessed Fashion-MNIST images in batches of ``batch_size`` (best of
-    ``repeats``)."""
-    from PIL import Image
-
-    import vizapp
-    from vizapp.bundled.data import load_fashion_mnist
-
-    vm = vizapp.load_model(model)
-    images, _ = load_fashion_mnist("test")
-    x = torch.stack([vm.transform(Image.fromarray(images[i]).convert("RGB")) for i in range(n)]).to(vm.device)
-    best = 0.0
+def bare_forward(vm, x: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
+    """Images/s of a bare forward of ``vm`` on inputs ``x`` in batches of ``batch_size`` (median of ``repeats``
+    passes, after one warm-up batch)."""
+    rates = []
+    n = x.shape[0]
+    x = x.to(vm.device)
     with torch.no_grad():
         vm.logits(x[:batch_size])
         for _ in range(repeats):
@@ -49,17 +59,22 @@ def bare_forward(n: int, batch_size: int, model: str = "bundled", repeats: int =
             for lo in range(0, n, batch_size):
                 vm.logits(x[lo : lo + batch_size])
             _sync(vm.device)
-            best = max(best, n / (time.perf_counter() - t0))
-    return best
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
-def engine(n: int, methods: str, steps: int, **kwargs) -> float:
-    """Images/s of one evaluation job of ``n`` images (model loading excluded)."""
+def engine(data: str, n: int, methods: str, steps: int, repeats: int = 1, **kwargs) -> tuple[int, float]:
+    """(images, images/s) of an evaluation job of the first ``n`` images of ``data`` (fewer when it holds fewer; model
+    loading excluded; median of ``repeats`` jobs)."""
     from vizapp.evaluate import evaluate
 
-    with tempfile.TemporaryDirectory() as out:
-        s = evaluate("fmnist-test", out, methods=methods, steps=steps, limit=n, shard_size=16, progress=False, **kwargs)
-    return n / s["seconds"]
+    rates, images = [], 0
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            s = evaluate(data, out, methods=methods, steps=steps, limit=n, progress=False, **kwargs)
+        images = s["images_run"]
+        rates.append(images / s["seconds"])
+    return images, statistics.median(rates)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,20 +83,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method-images", type=int, default=24, help="images for the every-method rows")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--ray", action="store_true")
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--random-weights", action="store_true", help="the model with random weights (offline)")
+    parser.add_argument("--data", default="fmnist-test", help="an image folder, or fmnist-test (default)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the engines' statistics batch")
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="statistics-only jobs (the median is reported)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    import vizapp
+
+    pretrained = not args.random_weights
+    vm = vizapp.load_model(args.model, pretrained=pretrained)
+    x, _ = inputs(args.data, args.images, vm)
+    job = {
+        "model": args.model,
+        "pretrained": pretrained,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+    }
     rows: list[tuple[str, int, float]] = []
-    fwd = bare_forward(args.images, 64)
+    fwd = bare_forward(vm, x, 64)
     rows.append(("bare forward, batch 64 (reference)", args.images, fwd))
-    rows.append(("bare forward, batch 1", args.images, bare_forward(args.images, 1)))
-    rows.append(("local engine, statistics only", args.images, engine(args.images, "", 0)))
+    rows.append(("bare forward, batch 1", args.images, bare_forward(vm, x, 1)))
     rows.append(
         (
-            "local engine, every method + both protocols",
-            args.method_images,
-            engine(args.method_images, ALL_METHODS, args.steps),
+            f"local engine, statistics only (batches of {args.batch_size})",
+            *engine(args.data, args.images, "", 0, repeats=args.repeats, **job),
         )
     )
+    if args.method_images > 0:
+        rows.append(
+            (
+                "local engine, every method + both protocols",
+                *engine(args.data, args.method_images, ALL_METHODS, args.steps, **job),
+            )
+        )
     if args.ray:
         import ray
 
@@ -94,27 +131,30 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 (
                     f"Ray, {w} worker(s), statistics only (cluster start {start:.0f} s not counted)",
-                    args.images,
-                    engine(args.images, "", 0, engine="ray", workers=w),
+                    *engine(args.data, args.images, "", 0, engine="ray", workers=w, **job),
                 )
             )
             rows.append(
                 (
                     f"Ray, {w} worker(s), every method + both protocols",
-                    args.method_images,
-                    engine(args.method_images, ALL_METHODS, args.steps, engine="ray", workers=w),
+                    *engine(args.data, args.method_images, ALL_METHODS, args.steps, engine="ray", workers=w, **job),
                 )
             )
             ray.shutdown()
     load = os.getloadavg()
     print(
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, torch {torch.__version__}, 1 torch thread per worker.\n"
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, torch {torch.__version__}, 1 torch thread per worker; "
+        f"{args.model}{'' if pretrained else ' (random weights)'} on {args.data}.\n"
     )
     print("| run | images | images/s | vs bare batched forward |")
     print("|---|---|---|---|")
     for name, n, ips in rows:
-        print(f"| {name} | {n} | {ips:.1f} | {ips / fwd:.3f}× |")
+        print(
+            f"| {name} | {n} | {ips:.1f} | {ips / fwd:.3f}× |"
+            if ips >= 10
+            else f"| {name} | {n} | {ips:.2f} | {ips / fwd:.3f}× |"
+        )
     return 0
 
 

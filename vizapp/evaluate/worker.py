@@ -1,8 +1,9 @@
-"""One model, one image at a time: everything the evaluation records for an image, in a single row.
+"""One model, one batch at a time: everything the evaluation records for an image, in a single row.
 
-:class:`Evaluator` is what each engine runs: the local engine holds one, the Ray engine one per actor. A row depends
-only on the image, its target and the job's settings (never on which worker or shard ran it), so every engine
-produces the same rows.
+:class:`Evaluator` is what each engine runs: the local engine holds one, the Ray engine one per actor. The class
+scores and per-head statistics of a batch come from one captured forward; the methods run image by image. A row
+depends only on the image, its target, the job's settings and its batch (the engines cut every shard into the same
+fixed batches), never on which worker or shard ran it, so every engine produces the same rows.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.faithfulness import patch_order, random_order_saliency, step_counts, trapezoid_auc
-from vizapp.analysis.headstats import attention_entropy, token_norm_stats
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS, accuracy_auc, changed_masks, compose
 from vizapp.analysis.perturbation import perturbed_images as chefer_images
 
@@ -31,13 +32,20 @@ class ImageTimeout(Exception):
     """An image went over the per-image time limit."""
 
 
+def _failed(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """``row`` (its id, source and target only) marked as timed out or failed, saying why."""
+    if isinstance(exc, ImageTimeout):
+        return {**row, "status": "timeout", "message": str(exc)}
+    return {**row, "status": "error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def image_seed(seed: int, item_id: str) -> int:
     """The random baseline's seed for one image: depends on the job seed and the image id only (not the shard)."""
     return (zlib.crc32(item_id.encode("utf-8")) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
 class Evaluator:
-    """Loads the model once and evaluates images one by one.
+    """Loads the model once and evaluates batches of images (:meth:`evaluate_batch`).
 
     Args:
         model: a name for :func:`vizapp.load_model`.
@@ -48,6 +56,7 @@ class Evaluator:
         threads: torch CPU threads (fixed so that results do not depend on the machine's core count).
         batch_size: perturbed images per forward.
         device: passed to :func:`vizapp.load_model` (None: CUDA when available).
+        pretrained: False builds the model with random weights (timing a large model offline).
     """
 
     def __init__(
@@ -60,12 +69,16 @@ class Evaluator:
         threads: int = 1,
         batch_size: int = 256,
         device: str | None = None,
+        pretrained: bool = True,
     ) -> None:
         import vizapp
 
         torch.set_num_threads(max(1, int(threads)))
-        kwargs = {} if device is None else {"device": device}
+        kwargs: dict[str, Any] = {} if device is None else {"device": device}
+        if not pretrained:
+            kwargs["pretrained"] = False
         self.vm = vizapp.load_model(model, **kwargs)
+        self._dist: dict[tuple[int, int], torch.Tensor] = {}  # patch distances per grid
         self.methods = list(methods)
         self.steps = int(steps)
         self.seed = int(seed)
@@ -90,28 +103,131 @@ class Evaluator:
         return torch.cat(out)  # [B, K]
 
     def evaluate(self, item: dict[str, Any], pixels: np.ndarray | None, error: str | None = None) -> dict[str, Any]:
-        """The row for one image; ``error`` (a decode failure) gives a ``bad_file`` row instead.
+        """The row for one image (a batch of one, see :meth:`evaluate_batch`)."""
+        return self.evaluate_batch([item], [pixels], [error])[0]
 
+    def evaluate_batch(
+        self,
+        items: Sequence[dict[str, Any]],
+        pixels: Sequence[np.ndarray | None],
+        errors: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The rows of a batch of images, in order; ``errors[i]`` (a decode failure) gives a ``bad_file`` row.
+
+        The class scores and the per-head statistics of the whole batch come from one captured forward
+        (:class:`vizapp.streaming.BatchStatistics`); the methods, if any, then run image by image, each within the
+        per-image time limit. A row depends on the image, its target, the job's settings and which images share its
+        batch (a batched forward may round differently from a single one), so the engines form the same batches.
         Rows always carry id, source, target, status ("ok", "bad_file", "timeout", "error") and message.
         """
-        row: dict[str, Any] = {
-            "id": item["id"],
-            "source": item["source"],
-            "target": int(item["target"]),
-            "status": "ok",
-            "message": "",
-        }
-        if error is not None or pixels is None:
-            return {**row, "status": "bad_file", "message": error or "no pixels"}
-        try:
-            row.update(self._evaluate(item, pixels))
-        except ImageTimeout as exc:
-            return {**row, "status": "timeout", "message": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - one bad image must not end a 50,000-image job; the row says why
-            return {**row, "status": "error", "message": f"{type(exc).__name__}: {exc}"[:500]}
-        return row
+        errors = list(errors) if errors is not None else [None] * len(items)
+        if not len(items) == len(pixels) == len(errors):
+            raise ValueError(f"{len(items)} items, {len(pixels)} images and {len(errors)} errors")
+        rows: list[dict[str, Any]] = [
+            {"id": it["id"], "source": it["source"], "target": int(it["target"]), "status": "ok", "message": ""}
+            for it in items
+        ]
+        inputs: dict[int, torch.Tensor] = {}
+        for i, (px, err) in enumerate(zip(pixels, errors, strict=True)):
+            if err is not None or px is None:
+                rows[i] = {**rows[i], "status": "bad_file", "message": err or "no pixels"}
+                continue
+            try:
+                inputs[i] = self._preprocess(px)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not end a 50,000-image job; the row says why
+                rows[i] = _failed(rows[i], exc)
+        for i, result in self._statistics(inputs).items():
+            if isinstance(result, Exception):
+                rows[i] = _failed(rows[i], result)
+                continue
+            head = self._head(items[i], *result)
+            if self.methods:
+                try:
+                    head.update(self._methods(items[i], pixels[i], head))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    rows[i] = _failed(rows[i], exc)
+                    continue
+            rows[i].update(head)
+        return rows
 
-    def _evaluate(self, item: dict[str, Any], pixels: np.ndarray) -> dict[str, Any]:
+    def _preprocess(self, pixels: np.ndarray) -> torch.Tensor:
+        """The model's input [C, H, W] for RGB pixels, exactly as :func:`vizapp.analyze` forms it."""
+        from vizapp.imageio import decode_image
+
+        x = self.vm.transform(decode_image(pixels).image)
+        return x[0] if x.dim() == 4 else x
+
+    def _statistics(
+        self, inputs: dict[int, torch.Tensor]
+    ) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]] | Exception]:
+        """Class probabilities [K] and per-head statistics of each input, from one forward per input shape; when a
+        forward fails, its images are retried one by one so that one bad input costs only its own row."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in inputs.items():
+            groups.setdefault(tuple(x.shape), []).append(i)
+        out: dict[int, tuple[np.ndarray, dict[str, np.ndarray]] | Exception] = {}
+        for idx in groups.values():
+            try:
+                out.update(zip(idx, self.statistics(torch.stack([inputs[i] for i in idx])), strict=True))
+            except Exception as exc:  # noqa: BLE001 - retried image by image below
+                if len(idx) == 1:
+                    out[idx[0]] = exc
+                    continue
+                for i in idx:
+                    try:
+                        out[i] = self.statistics(inputs[i][None])[0]
+                    except Exception as exc_i:  # noqa: BLE001 - this image's row says why
+                        out[i] = exc_i
+        return dict(sorted(out.items()))
+
+    def statistics(self, x: torch.Tensor) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """One captured forward of a batch ``x`` [B, C, H, W]: per image, its class probabilities [K] (float32) and
+        {"distance": [L, H], "entropy": [L, H], "norm_patch_mean" / "norm_patch_max" / "norm_prefix_mean": [L]}."""
+        from vizapp import BadParameterError
+        from vizapp.capture import AttentionCapture
+        from vizapp.streaming import BatchStatistics
+
+        vm = self.vm
+        grid = vm.grid_for(x.shape[-2], x.shape[-1])
+        if grid not in self._dist:
+            self._dist[grid] = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
+        p = vm.num_prefix_tokens
+        red = BatchStatistics(vm.num_layers, vm.num_heads, x.shape[0], p + grid[0] * grid[1], self._dist[grid], p)
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=red, on_block=red.block, keep_qk=False):
+            logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
+        if not red.complete():
+            raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+        if not vm.labels or logits.shape[-1] != len(vm.labels):
+            raise BadParameterError("the model has no classifier head: perturbation tests need class scores")
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # [B, K]
+        per = {"distance": red.distance, "entropy": red.entropy} | {f"norm_{k}": v for k, v in red.norms.items()}
+        per = {k: v.transpose(0, 1).cpu().numpy() for k, v in per.items()}  # [B, L, H] or [B, L]
+        return [(probs[b], {k: v[b] for k, v in per.items()}) for b in range(x.shape[0])]
+
+    def _head(self, item: dict[str, Any], probs: np.ndarray, stats: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The row's class and statistics columns."""
+        labels = self.labels
+        pred = int(np.argmax(probs))
+        target = int(item["target"]) if int(item["target"]) >= 0 else pred
+        out: dict[str, Any] = {
+            "target": target,
+            "target_label": labels[target],
+            "predicted": pred,
+            "predicted_label": labels[pred],
+            "correct": int(pred == target),
+            "prob_pred": float(probs[pred]),
+        }
+        for layer, (row, ent) in enumerate(zip(stats["distance"], stats["entropy"], strict=True)):
+            for h, (d, e) in enumerate(zip(row, ent, strict=True)):
+                out[f"distance.l{layer}.h{h}"] = float(d)
+                out[f"entropy.l{layer}.h{h}"] = float(e)
+        for layer in range(len(stats["norm_patch_mean"])):
+            for key in ("norm_patch_mean", "norm_patch_max", "norm_prefix_mean"):
+                out[f"{key}.l{layer}"] = float(stats[key][layer])
+        return out
+
+    def _methods(self, item: dict[str, Any], pixels: np.ndarray, head: dict[str, Any]) -> dict[str, Any]:
+        """The methods' perturbation scores for one image whose class columns are ``head``."""
         import vizapp
         from vizapp import methods as registry
 
@@ -121,34 +237,10 @@ class Evaluator:
             if time.perf_counter() - t0 > self.time_limit:
                 raise ImageTimeout(f"over the {self.time_limit:g} s per-image limit after {stage}")
 
-        vm = self.vm
-        r = vizapp.analyze(vm, pixels)
-        if r.probs is None:
-            raise vizapp.BadParameterError("the model has no classifier head: perturbation tests need class scores")
-        pred = int(np.argmax(r.probs))
-        target = int(item["target"]) if int(item["target"]) >= 0 else pred
-        labels = r.labels
-        out: dict[str, Any] = {
-            "target": target,
-            "target_label": labels[target],
-            "predicted": pred,
-            "predicted_label": labels[pred],
-            "correct": int(pred == target),
-            "prob_pred": float(r.probs[pred]),
-        }
-        # Per-head statistics from the same forward.
-        p = r.num_prefix_tokens
-        for layer, row in enumerate(np.asarray(r.mean_distance)):
-            ent = attention_entropy(r.attention_layer(layer)).numpy()  # [H]
-            for h, (d, e) in enumerate(zip(row, ent, strict=True)):
-                out[f"distance.l{layer}.h{h}"] = float(d)
-                out[f"entropy.l{layer}.h{h}"] = float(e)
-        for layer, norms in enumerate(r.token_norms()):  # recorded during analyze's one forward
-            st = token_norm_stats(torch.from_numpy(norms), p)
-            out[f"norm_patch_mean.l{layer}"] = float(st["patch_mean"])
-            out[f"norm_patch_max.l{layer}"] = float(st["patch_max"])
-            out[f"norm_prefix_mean.l{layer}"] = float(st["prefix_mean"])
-        check("the forward pass")
+        r = vizapp.analyze(self.vm, pixels)  # q and k of every layer, for the maps
+        check("the analysis forward")
+        pred, target, labels = head["predicted"], head["target"], r.labels
+        out: dict[str, Any] = {}
 
         # Maps: one per (method, class kind); methods without a class, or pred == target, share one map.
         num_patches = r.grid_size[0] * r.grid_size[1]
@@ -205,7 +297,7 @@ class Evaluator:
             lo += n
             if kind_of_job == "chefer":
                 name, kind, direction = key
-                acc = np.concatenate([[out["correct"]], (top[sl] == target).astype(np.int64)])  # [10]
+                acc = np.concatenate([[head["correct"]], (top[sl] == target).astype(np.int64)])  # [10]
                 prefix = f"{name}.{kind}.{direction}"
                 for k, a in enumerate(acc[1:], start=1):
                     out[f"{prefix}.acc{k}"] = int(a)
@@ -215,7 +307,7 @@ class Evaluator:
             else:
                 name, mode = key
                 inner = probs[sl, pred].double().numpy()
-                p_img = float(r.probs[pred])
+                p_img = head["prob_pred"]  # the batched forward's, like the row's class columns
                 ends = (p_img, p_base) if mode == "deletion" else (p_base, p_img)
                 y = np.concatenate([[ends[0]], inner, [ends[1]]])  # [S+1]
                 out[f"{name}.{mode}_auc"] = trapezoid_auc(counts / num_patches, y)
