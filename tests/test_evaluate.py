@@ -444,6 +444,9 @@ def test_ray_two_workers_equal_local_engine(ray_cluster, small_local, tmp_path):
     summary = evaluate("fmnist-test", tmp_path, **SMALL, engine="ray", workers=2, progress=False)
     assert summary["evaluated"] == SMALL["limit"]
     assert read_table(tmp_path) == small_local  # same numbers, same order, byte for byte
+    timing = summary["engine_timing"]  # start-up up to the first rows; the actors' busy time, summed
+    assert 0 < timing["first_s"] <= timing["wall_s"] <= summary["seconds"]
+    assert 0 < timing["busy_s"] < 2 * timing["wall_s"]  # 2 actors
 
 
 @pytest.mark.ray

@@ -238,6 +238,7 @@ class RayAnalyser:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
+        t0 = time.perf_counter()
         shards, rows = [], []
         for k, items_json, data, shapes, errors in zip(
             batch["shard"], batch["items"], batch["pixels"], batch["shapes"], batch["errors"], strict=True
@@ -252,7 +253,12 @@ class RayAnalyser:
             for row in self.ev.evaluate_batch(items, pixels, json.loads(errors)):
                 shards.append(int(k))
                 rows.append(json.dumps(row))
-        return {"shard": np.asarray(shards, dtype=np.int64), "row": np.asarray(rows, dtype=object)}
+        busy = (time.perf_counter() - t0) / max(1, len(rows))  # this call's seconds, shared out over its rows
+        return {
+            "shard": np.asarray(shards, dtype=np.int64),
+            "row": np.asarray(rows, dtype=object),
+            "busy": np.full(len(rows), busy),
+        }
 
 
 def init_ray(address: str | None = None, num_cpus: int = 2) -> None:
@@ -286,7 +292,7 @@ def run_ray(
     progress: Progress | None = None,
     crash_once: str = "",
     log: Callable[[str], None] | None = None,
-) -> None:
+) -> dict[str, float] | None:
     """Evaluate the shards ``todo`` with Ray Data: item list -> decode tasks -> actor pool -> shard files.
 
     Args:
@@ -297,9 +303,15 @@ def run_ray(
     One Ray row per evaluation batch (:func:`batches` of each shard, ``job.batch_size`` items, as the local engine
     cuts them): a decode task decodes the batch, an actor evaluates it in one call (a lost actor's batch is retried,
     so that is the work redone on failure) and returns one row per image.
+
+    Returns the job's timing (None when there was nothing to do): ``wall_s``, the call's seconds; ``first_s``, from
+    the call to the first rows reaching the driver (cluster start when this call starts one, actor start-up and model
+    loading, the first batches' work); ``busy_s``, the seconds the actors spent evaluating, summed over actors (what
+    the local engine would spend; the rest of ``wall_s`` × workers is Ray's overhead and idle actors).
     """
     import ray
 
+    call_start = time.perf_counter()
     started = False
     if not ray.is_initialized():
         init_ray(address, local_cluster_cpus(workers))
@@ -316,7 +328,7 @@ def run_ray(
             for part in batches(parts[k], job.batch_size)
         ]
         if not rows_in:
-            return
+            return None
         gpus = float(ray.cluster_resources().get("GPU", 0))
         ds = ray.data.from_items(rows_in, override_num_blocks=len(rows_in))  # a block a batch
         ds = ds.map(_decode, num_cpus=0.25)
@@ -339,7 +351,12 @@ def run_ray(
         need = {k: len(parts[k]) for k in todo}
         got: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
         t0: dict[int, float] = {}
+        first = None
+        busy = 0.0
         for batch in ds.iter_batches(batch_size=job.batch_size, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter()
+            busy += float(batch["busy"].sum())
             for k, row in zip(batch["shard"], batch["row"], strict=True):
                 k = int(k)
                 t0.setdefault(k, time.perf_counter())
@@ -348,6 +365,9 @@ def run_ray(
                     write_shard(out, k, got.pop(k), time.perf_counter() - t0[k], "ray")
                     if progress:
                         progress.update(need[k])
+        if first is None:
+            return None
+        return {"wall_s": time.perf_counter() - call_start, "first_s": first - call_start, "busy_s": busy}
     finally:
         if started:
             ray.shutdown()

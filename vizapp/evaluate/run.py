@@ -130,13 +130,14 @@ def evaluate(
         print(msg, file=sys.stderr, flush=True)
     bar = Progress(already + sum(len(parts[k]) for k in todo), already) if progress else None
     t0 = time.perf_counter()
+    timing = None
     if report_only:
         pass
     elif engine == "local":
         run_local(job, items, out, todo, fmnist_dir=fmnist_dir, progress=bar, evaluator=ev)
     else:
         del ev
-        run_ray(
+        timing = run_ray(
             job,
             items,
             out,
@@ -162,6 +163,7 @@ def evaluate(
         Path(markdown_path) if markdown_path else None,
     )
     summary["seconds"] = seconds
+    summary["engine_timing"] = timing  # Ray: start-up and steady-state timing (see run_ray); None locally
     summary["images_run"] = 0 if report_only else sum(len(parts[k]) for k in todo)
     return summary
 

@@ -66,15 +66,23 @@ def bare_forward(vm, x: torch.Tensor, batch_size: int, repeats: int = 3) -> floa
 def engine(data: str, n: int, methods: str, steps: int, repeats: int = 1, **kwargs) -> tuple[int, float]:
     """(images, images/s) of an evaluation job of the first ``n`` images of ``data`` (fewer when it holds fewer; model
     loading excluded; median of ``repeats`` jobs)."""
+    images, rate, _ = engine_timed(data, n, methods, steps, repeats, **kwargs)
+    return images, rate
+
+
+def engine_timed(
+    data: str, n: int, methods: str, steps: int, repeats: int = 1, **kwargs
+) -> tuple[int, float, dict | None]:
+    """:func:`engine` plus the last job's engine timing (Ray: start-up and steady state, see ``run_ray``)."""
     from vizapp.evaluate import evaluate
 
-    rates, images = [], 0
+    rates, images, timing = [], 0, None
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out:
             s = evaluate(data, out, methods=methods, steps=steps, limit=n, progress=False, **kwargs)
-        images = s["images_run"]
+        images, timing = s["images_run"], s.get("engine_timing")
         rates.append(images / s["seconds"])
-    return images, statistics.median(rates)
+    return images, statistics.median(rates), timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     fwd = bare_forward(vm, x, 64)
     rows.append(("bare forward, batch 64 (reference)", args.images, fwd))
     rows.append(("bare forward, batch 1", args.images, bare_forward(vm, x, 1)))
-    rows.append(
-        (
-            f"local engine, statistics only (batches of {args.batch_size})",
-            *engine(args.data, args.images, "", 0, repeats=args.repeats, **job),
-        )
-    )
+    local_stats = engine(args.data, args.images, "", 0, repeats=args.repeats, **job)
+    rows.append((f"local engine, statistics only (batches of {args.batch_size})", *local_stats))
     if args.method_images > 0:
         rows.append(
             (
@@ -128,18 +132,23 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             init_ray(None, local_cluster_cpus(w))
             start = time.perf_counter() - t0
+            images, rate, timing = engine_timed(args.data, args.images, "", 0, engine="ray", workers=w, **job)
             rows.append(
-                (
-                    f"Ray, {w} worker(s), statistics only (cluster start {start:.0f} s not counted)",
-                    *engine(args.data, args.images, "", 0, engine="ray", workers=w, **job),
-                )
+                (f"Ray, {w} worker(s), statistics only (cluster start {start:.0f} s not counted)", images, rate)
             )
-            rows.append(
-                (
-                    f"Ray, {w} worker(s), every method + both protocols",
-                    *engine(args.data, args.method_images, ALL_METHODS, args.steps, engine="ray", workers=w, **job),
+            if timing:
+                print(
+                    f"Ray, {w} worker(s), statistics only: {timing['wall_s']:.1f} s in the job, "
+                    f"{timing['first_s']:.1f} s before the first rows arrived, actors busy {timing['busy_s']:.1f} s "
+                    f"(summed); the local engine took {images / local_stats[1]:.1f} s for the same images"
                 )
-            )
+            if args.method_images > 0:
+                rows.append(
+                    (
+                        f"Ray, {w} worker(s), every method + both protocols",
+                        *engine(args.data, args.method_images, ALL_METHODS, args.steps, engine="ray", workers=w, **job),
+                    )
+                )
             ray.shutdown()
     load = os.getloadavg()
     print(
