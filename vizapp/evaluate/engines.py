@@ -344,8 +344,8 @@ def run_ray(
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
             num_gpus=min(1.0, gpus / workers) if gpus else 0,  # a GPU per actor, or a share when fewer GPUs
-            max_restarts=-1,
-            max_task_retries=-1,
+            # A lost actor is restarted and its batch retried: Ray Data's actor pool defaults to max_restarts=-1 and
+            # max_task_retries=-1 (passing them here is deprecated since Ray 2.60; tests kill a worker to check).
         )
         # Rows come back in item order; a shard is written once all of its rows are in.
         need = {k: len(parts[k]) for k in todo}
