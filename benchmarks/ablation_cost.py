@@ -31,26 +31,24 @@ import vizapp  # noqa: E402
 from vizapp.ablation import exact_forward_passes, head_importance, rank_correlation, reuses_blocks  # noqa: E402
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> tuple[float, float, object]:
+def median_time(
+    fn: Callable[[], object], repeats: int, warmup: bool = True, sync: Callable[[], None] = lambda: None
+) -> tuple[float, float, object]:
     """Median (wall-clock, process CPU) seconds of ``repeats`` calls (after a warm-up call), and the last result.
 
     CPU time (all threads of this process) is much less sensitive than wall-clock time to other processes sharing
-    the cores, so on a loaded machine its ratios are the ones to read.
+    the cores, so on a loaded machine its ratios are the ones to read. ``sync`` waits for the device around each
+    call (``VizModel.synchronize``), so that GPU timings include the queued work.
     """
     if warmup:
         fn()
     wall, cpu = [], []
     result = None
     for _ in range(repeats):
-        _sync()
+        sync()
         w0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        _sync()
+        sync()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     return statistics.median(wall), statistics.median(cpu), result
@@ -76,11 +74,16 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             vm.model(x)
 
-    *t_fwd, _ = median_time(forward, args.repeats)
-    *t_grad, grad = median_time(lambda: head_importance(vm, x[0], method="gradient", path=args.path).drop, args.repeats)
+    *t_fwd, _ = median_time(forward, args.repeats, sync=vm.synchronize)
+    *t_grad, grad = median_time(
+        lambda: head_importance(vm, x[0], method="gradient", path=args.path).drop, args.repeats, sync=vm.synchronize
+    )
     # the forwards above warmed the model up; the exact run is long enough not to need its own warm-up
     *t_exact, exact = median_time(
-        lambda: head_importance(vm, x[0], method="exact", path=args.path).drop, args.exact_repeats, False
+        lambda: head_importance(vm, x[0], method="exact", path=args.path).drop,
+        args.exact_repeats,
+        False,
+        sync=vm.synchronize,
     )
 
     print(f"model {args.model} (random weights), {num_layers} layers x {num_heads} heads = {num_layers * num_heads}")

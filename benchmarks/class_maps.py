@@ -31,16 +31,11 @@ MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-class-maps.md"
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    _sync()
+def _timed(vm: vizapp.models.VizModel, fn: Callable[[], object]) -> tuple[float, float]:
+    vm.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    _sync()
+    vm.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -68,22 +63,22 @@ def measure(name: str, repeats: int, device: str = "cpu") -> dict[str, float]:
         x = vm.transform(img)[None].to(vm.device).requires_grad_(True)
         with torch.enable_grad():
             logit = vm.logits(x)[0, 1]
-            _sync()
+            vm.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
             torch.autograd.grad(logit, x)
-            _sync()
+            vm.synchronize()
         times["g"].append((time.perf_counter() - t0, time.process_time() - c0))
 
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in ("a", "b", "b2", "e", "g")}
     for f in (bare, fused_path, two_pass):  # warm-up
         f()
     for _ in range(repeats):
-        times["a"].append(_timed(bare))
+        times["a"].append(_timed(vm, bare))
         holder: list[vizapp.Analysis] = []
-        times["b"].append(_timed(lambda holder=holder: holder.append(fused_path())))
+        times["b"].append(_timed(vm, lambda holder=holder: holder.append(fused_path())))
         r = holder[0]
-        times["e"].append(_timed(lambda r=r: (r.relevance(2), r.grad_rollout(2))))
-        times["b2"].append(_timed(two_pass))
+        times["e"].append(_timed(vm, lambda r=r: (r.relevance(2), r.grad_rollout(2))))
+        times["b2"].append(_timed(vm, two_pass))
         backward()
     out = {}
     for k, v in times.items():

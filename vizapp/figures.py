@@ -11,6 +11,7 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -266,23 +267,27 @@ def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
             "<br>cosine %{z:.3f}<extra></extra>",
         )
     )
+    return _pos_mosaic_layout(fig, width, title, autorange="reversed")
+
+
+def _pos_mosaic_layout(fig: go.Figure, width: int, title: str, meta: dict | None = None, **y_range: Any) -> go.Figure:
+    """Axes and layout of the position mosaic (heatmap or image): no ticks, square cells, tile row 0 at the top;
+    ``y_range`` flips the y axis (``autorange="reversed"`` or an explicit ``range``)."""
     fig.update_xaxes(
         showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5], title="input patch column"
     )
     fig.update_yaxes(
-        showticklabels=False,
-        showgrid=False,
-        zeroline=False,
-        autorange="reversed",
-        scaleanchor="x",
-        title="input patch row",
+        showticklabels=False, showgrid=False, zeroline=False, scaleanchor="x", title="input patch row", **y_range
     )
-    fig.update_layout(
+    layout: dict[str, Any] = dict(
         title=title or "Position embedding similarity",
         margin=dict(l=30, r=10, t=50, b=30),
         height=560,
         plot_bgcolor="white",
     )
+    if meta is not None:
+        layout["meta"] = meta
+    fig.update_layout(**layout)
     return fig
 
 
@@ -326,25 +331,9 @@ def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Fig
             ),
         )
     )
-    fig.update_xaxes(
-        showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, width - 0.5], title="input patch column"
+    return _pos_mosaic_layout(
+        fig, width, title, meta={"tile_grid": [int(grid[0]), int(grid[1])]}, range=[height - 0.5, -0.5]
     )
-    fig.update_yaxes(
-        showticklabels=False,
-        showgrid=False,
-        zeroline=False,
-        range=[height - 0.5, -0.5],
-        scaleanchor="x",
-        title="input patch row",
-    )
-    fig.update_layout(
-        title=title or "Position embedding similarity",
-        margin=dict(l=30, r=10, t=50, b=30),
-        height=560,
-        plot_bgcolor="white",
-        meta={"tile_grid": [int(grid[0]), int(grid[1])]},
-    )
-    return fig
 
 
 def pos_tile_figure(sim: np.ndarray, row: int, col: int) -> go.Figure:

@@ -132,11 +132,6 @@ class DatasetStats:
         return self.bare_seconds / self.analysis_seconds if self.analysis_seconds > 0 else float("nan")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def collect_stats(
     vm: VizModel,
     paths: Sequence[str | Path],
@@ -196,7 +191,7 @@ def collect_stats(
                 t0 = time.perf_counter()
                 with torch.no_grad(), AttentionCapture(model, on_attention=reducer, keep_qk=False):
                     vm.logits(x)
-                _sync(device)
+                vm.synchronize()
                 t_ana = time.perf_counter() - t0
                 if timed and i % 2 == 1:
                     t_bare = _bare_forward(vm, x)
@@ -233,7 +228,7 @@ def _bare_forward(vm: VizModel, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         vm.logits(x)
-    _sync(x.device)
+    vm.synchronize()
     return time.perf_counter() - t0
 
 

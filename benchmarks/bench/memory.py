@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.bench.machine import ROOT, photo
 from benchmarks.bench.specs import ModelSpec
-from benchmarks.bench.stages import stage_a, stage_b, sync
+from benchmarks.bench.stages import stage_a, stage_b
 
 MEM_MARK = "VIZAPP_MEM "  # the line of the subprocess's stdout that carries its JSON result
 
@@ -89,7 +89,7 @@ def measure_memory_here(stage: str, spec: ModelSpec, device: str, dtype: str = "
         xin = vm.transform(img)[None].to(device=vm.device, dtype=vm.dtype)
         with torch.no_grad(), AttentionCapture(vm.model) as cap:
             vm.model(xin)
-        sync(dev)
+        vm.synchronize()
         extra["qk_storage_bytes"] = _storage_bytes(list(cap.q) + list(cap.k))
         extra["qk_tensor_bytes"] = sum(t.numel() * t.element_size() for t in list(cap.q) + list(cap.k) if t is not None)
         keep = cap

@@ -12,12 +12,6 @@ import torch
 from PIL import Image
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device, so that a timer read afterwards includes the queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def stage_a(vm: Any, img: Image.Image) -> torch.Tensor:
     """Preprocessing + bare forward (the model's own fused attention), no capture."""
     x = vm.transform(img)
@@ -25,7 +19,7 @@ def stage_a(vm: Any, img: Image.Image) -> torch.Tensor:
         x = x[None]
     with torch.no_grad():
         out = vm.model(x.to(device=vm.device, dtype=vm.dtype))
-    sync(vm.device)
+    vm.synchronize()
     return out
 
 
@@ -35,7 +29,7 @@ def stage_b(vm: Any, img: Image.Image) -> Any:
 
     r = analyze(vm, img)
     r.attention(r.num_layers - 1)
-    sync(vm.device)
+    vm.synchronize()
     return r
 
 

@@ -40,11 +40,6 @@ def inputs(data: str, n: int, vm) -> tuple[torch.Tensor, list[dict]]:
     return x, items
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bare_forward(vm, x: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
     """Images/s of a bare forward of ``vm`` on inputs ``x`` in batches of ``batch_size`` (median of ``repeats``
     passes, after one warm-up batch)."""
@@ -54,11 +49,11 @@ def bare_forward(vm, x: torch.Tensor, batch_size: int, repeats: int = 3) -> floa
     with torch.no_grad():
         vm.logits(x[:batch_size])
         for _ in range(repeats):
-            _sync(vm.device)
+            vm.synchronize()
             t0 = time.perf_counter()
             for lo in range(0, n, batch_size):
                 vm.logits(x[lo : lo + batch_size])
-            _sync(vm.device)
+            vm.synchronize()
             rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates)
 

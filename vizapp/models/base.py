@@ -122,6 +122,12 @@ class VizModel:
             if t is not None
         )
 
+    def synchronize(self) -> None:
+        """Wait for the model's device (nothing to wait for on the CPU), so that a timer read afterwards includes the
+        work queued on it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def fingerprint(self, fresh: bool = False) -> tuple[float, ...]:
         """A digest of the weights: count, sum, sum of squares and a strided sample's sum, accumulated in float64.
 

@@ -137,17 +137,15 @@ def _rollout_tab(ui: Components) -> None:
     ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
 
 
+def _patch_picker(label: str, elem_id: str, height: int) -> gr.Image:
+    """The image a user clicks to pick a query patch (a PNG the handlers draw the grid on; no download buttons)."""
+    return gr.Image(label=label, interactive=False, elem_id=elem_id, height=height, format="png", buttons=[])
+
+
 def _heads_tab(ui: Components) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
-            ui.query_image = gr.Image(
-                label="Click a patch to make it the query",
-                interactive=False,
-                elem_id="vizapp-query-image",
-                height=340,
-                format="png",
-                buttons=[],
-            )
+            ui.query_image = _patch_picker("Click a patch to make it the query", "vizapp-query-image", 340)
             ui.query_mode = gr.Radio([CLS_QUERY, PATCH_QUERY], value=CLS_QUERY, label="Query")
             with gr.Row():
                 ui.query_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
@@ -194,13 +192,8 @@ def _features_tab(ui: Components) -> None:
     ui.features_note = gr.Markdown("")
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
-            ui.feat_query_image = gr.Image(
-                label="Click a patch: its feature is compared with every patch",
-                interactive=False,
-                elem_id="vizapp-feature-image",
-                height=300,
-                format="png",
-                buttons=[],
+            ui.feat_query_image = _patch_picker(
+                "Click a patch: its feature is compared with every patch", "vizapp-feature-image", 300
             )
             ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
             ui.feat_foreground = gr.Slider(
