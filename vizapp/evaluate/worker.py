@@ -237,7 +237,10 @@ class Evaluator:
             if time.perf_counter() - t0 > self.time_limit:
                 raise ImageTimeout(f"over the {self.time_limit:g} s per-image limit after {stage}")
 
-        r = vizapp.analyze(self.vm, pixels)  # q and k of every layer, for the maps
+        # q and k of every layer, for the maps; with a class-specific method, the forward keeps its graph so that
+        # each class costs one backward instead of another forward and backward
+        class_specific = any(name != RANDOM and registry.get(name).needs_class for name in self.methods)
+        r = vizapp.analyze(self.vm, pixels, gradients=class_specific)
         check("the analysis forward")
         pred, target, labels = head["predicted"], head["target"], r.labels
         out: dict[str, Any] = {}
