@@ -111,5 +111,21 @@ def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
     return logits, maps
 
 
+def graph_reference(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A copy of a timm model with fused attention off whose attention maps, appended to the returned list by each
+    forward, stay in the autograd graph with their gradients retained (autograd's ∂score/∂A, the reference)."""
+    ref = copy.deepcopy(model)
+    maps: list[torch.Tensor] = []
+
+    def keep(m, args, out):
+        args[0].retain_grad()
+        maps.append(args[0])
+
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(keep)
+    return ref, maps
+
+
 def all_hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())

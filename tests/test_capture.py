@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import vizapp
-from tests.conftest import all_hooks, random_image, reference_attention, small_model
+from tests.conftest import all_hooks, graph_reference, random_image, reference_attention, small_model
 from vizapp.capture import AttentionCapture, attention_from_qk
 
 
@@ -140,16 +139,7 @@ def test_attention_gradients_equal_autograd_through_explicit_attention():
     vm = small_model("deit_tiny_distilled_patch16_224", img_size=64, depth=2)
     x = vm.transform(random_image(6))[None]
     # Reference: non-fused copy where A is a real tensor in the graph.
-    ref = copy.deepcopy(vm.model)
-    maps: list[torch.Tensor] = []
-
-    def keep(m, args, out):
-        args[0].retain_grad()
-        maps.append(args[0])
-
-    for blk in ref.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(keep)
+    ref, maps = graph_reference(vm.model)
     ref(x)[0, 3].backward()
     with AttentionCapture(vm.model, with_grad=True) as cap:
         score = vm.model(x)[0, 3]

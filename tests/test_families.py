@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import all_hooks, random_image, reference_attention
+from conftest import all_hooks, graph_reference, random_image, reference_attention
 
 import vizapp
 from vizapp.analysis import mean_attention_distance, rollout
@@ -185,15 +185,7 @@ def test_attention_gradients_equal_autograd_through_the_reference_attention(fid,
     x = vm.transform(random_image(4))[None]
     maps: list[torch.Tensor] = []
     if vm.family == "timm":
-        ref = copy.deepcopy(vm.model)
-
-        def keep(m, args, out):
-            args[0].retain_grad()
-            maps.append(args[0])
-
-        for blk in ref.blocks:
-            blk.attn.fused_attn = False
-            blk.attn.attn_drop.register_forward_hook(keep)
+        ref, maps = graph_reference(vm.model)
         score = ref(x)[0, 1]
     elif vm.family == "hf":
         ref = type(vm.model).from_pretrained(vm.name, attn_implementation="eager").eval()
