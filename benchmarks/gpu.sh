@@ -3,7 +3,7 @@
 # head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
 # others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
 #
-#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp16 profile eval-bundled eval-vitb class-maps ablation families)
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-eager memory fp16 profile eval-bundled eval-vitb class-maps ablation families)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -11,7 +11,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests fp32 fp16 profile eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests fp32 fp32-eager memory fp16 profile eval-bundled eval-vitb class-maps ablation families}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -54,12 +54,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/log
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" \
     | tee -a "$OUT/log.txt"
 
-step tests 45 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # memory is measured in fresh subprocesses (GPU_MEMORY=1), about 15 s each on a GPU machine: off by default
 MEM=--no-memory
 [ "${GPU_MEMORY:-0}" = 1 ] && MEM="--mem-repeats 1"
 step fp32 150 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --large-repeats 5 $MEM \
     --out "$OUT/benchmarks-cuda.md"
+# the same two models with CUDA graphs off (the eager path), in the same run, for the ratio graphs buy
+step fp32-eager 60 env VIZAPP_CUDA_GRAPHS=0 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 \
+    --large-repeats 5 --no-memory --no-profile --models vit_base_patch16_224 vit_large_patch16_384 \
+    --out "$OUT/benchmarks-cuda-eager.md"
+step memory 90 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 3 --large-repeats 3 --mem-repeats 1 \
+    --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-memory.md"
 step fp16 60 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 $MEM \
     --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
 step profile 45 $PY -m benchmarks.gpu_profile --model vit_base_patch16_224

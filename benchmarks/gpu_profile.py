@@ -8,6 +8,7 @@ synchronisations (each one stalls the Python thread until the GPU catches up).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 import vizapp
 from vizapp.capture import AttentionCapture
+from vizapp.cudagraph import GraphedPass
 
 
 class _Sink:
@@ -70,12 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     def transform() -> None:
         vm.transform(img)[None].to(vm.device)
 
+    def eager() -> None:
+        os.environ["VIZAPP_CUDA_GRAPHS"] = "0"
+        try:
+            vizapp.analyze(vm, img)
+        finally:
+            os.environ.pop("VIZAPP_CUDA_GRAPHS")
+
+    def bare_model(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vm.model(t)
+
+    bare_graph = GraphedPass(bare_model, x)  # the same forward with its launches recorded: the floor a graph reaches
+
+    def bare_graphed() -> None:
+        with bare_graph.run(x):
+            pass
+
     rows = [
         ("preprocessing + copy to GPU", _median_ms(transform, args.repeats)),
         ("bare forward", _median_ms(bare, args.repeats)),
         ("forward in capture, no-op consumer, no q/k kept", _median_ms(captured, args.repeats)),
         ("forward in capture, no-op consumer, q/k kept", _median_ms(captured_qk, args.repeats)),
         ("analyze (preprocessing included)", _median_ms(full, args.repeats)),
+        ("analyze, CUDA graphs off (preprocessing included)", _median_ms(eager, args.repeats)),
+        ("bare forward replayed as a CUDA graph", _median_ms(bare_graphed, args.repeats)),
     ]
     print(f"{args.model} on {torch.cuda.get_device_name(0)}, batch 1, medians of {args.repeats}")
     for name, t in rows:

@@ -90,3 +90,92 @@ def test_head_importance_on_cuda_equals_the_cpu():
     np.testing.assert_allclose(np.asarray(eb.drop), np.asarray(ea.drop), rtol=1e-2, atol=1e-3)
     ga, gb = head_importance(cpu, x, method="gradient"), head_importance(gpu, x, method="gradient")
     np.testing.assert_allclose(np.asarray(gb.drop), np.asarray(ga.drop), rtol=1e-2, atol=1e-3)
+
+
+def _same_analysis(b, a, tol: float = 1e-5) -> None:
+    """Every field an analysis computes in its forward, and the views built on them, agree to ``tol``."""
+    close = dict(rtol=tol, atol=tol)
+    np.testing.assert_allclose(b.probs, a.probs, **close)
+    np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=tol, atol=10 * tol)
+    for layer in range(a.num_layers):
+        np.testing.assert_allclose(b.q[layer].numpy(), a.q[layer].numpy(), **close)
+        np.testing.assert_allclose(b.k[layer].numpy(), a.k[layer].numpy(), **close)
+    assert len(b.biases) == len(a.biases)
+    for x, y in zip(b.biases, a.biases, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            np.testing.assert_allclose(x.numpy(), y.numpy(), **close)
+    np.testing.assert_allclose(b.block_norms, a.block_norms, rtol=tol, atol=10 * tol)
+    assert sorted(b.block_outputs) == sorted(a.block_outputs)
+    for layer, out in a.block_outputs.items():
+        np.testing.assert_allclose(b.block_outputs[layer].numpy(), out.numpy(), rtol=tol, atol=10 * tol)
+    if a.lens_probs is not None:
+        np.testing.assert_allclose(b.lens_probs, a.lens_probs, **close)
+    np.testing.assert_allclose(b.rollout(), a.rollout(), **close)
+    np.testing.assert_allclose(b.attention(a.num_layers - 1), a.attention(a.num_layers - 1), **close)
+    assert b.recomputed_layers == a.recomputed_layers
+
+
+@pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
+def test_cuda_graph_replay_equals_the_eager_pass(fid, name, kwargs, monkeypatch):
+    """The recorded graph is replayed on a second image (new input values, same shape) and gives what an eager pass
+    gives for that image: no value of the recording image is left in it."""
+    torch.manual_seed(0)
+    gpu = vizapp.load_model(name, pretrained=False, device="cuda", **kwargs)
+    first, second = random_image(5), random_image(6)
+    g1 = vizapp.analyze(gpu, first)  # records, then replays
+    g2 = vizapp.analyze(gpu, second)  # replays
+    assert len(gpu.graphs) == 1
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
+    e1, e2 = vizapp.analyze(gpu, first), vizapp.analyze(gpu, second)
+    _same_analysis(g1, e1)
+    _same_analysis(g2, e2)
+    assert not np.allclose(g1.mean_distance, g2.mean_distance)
+    # and the graph against the q/k replay path, the second code path
+    _same_analysis(g2, vizapp.analyze(gpu, second, inline=False), tol=1e-4)
+
+
+def test_cuda_graph_is_recorded_again_for_new_weights(monkeypatch):
+    torch.manual_seed(0)
+    gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=2)
+    img = random_image(7)
+    before = vizapp.analyze(gpu, img)
+    with torch.no_grad():  # a replaced parameter: the old graph would read freed memory
+        gpu.model.head.weight = torch.nn.Parameter(torch.randn_like(gpu.model.head.weight))
+    after = vizapp.analyze(gpu, img)
+    assert not np.allclose(after.probs, before.probs)
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
+    _same_analysis(after, vizapp.analyze(gpu, img))
+    monkeypatch.delenv("VIZAPP_CUDA_GRAPHS")
+    assert len(gpu.graphs) == 2  # the graph of the old weights is kept only until the cache's limit pushes it out
+
+
+def test_cuda_graph_failure_falls_back_to_eager():
+    from vizapp.cudagraph import GraphCache
+
+    cache = GraphCache()
+    x = torch.ones(3, device="cuda")
+
+    def syncs(t: torch.Tensor) -> torch.Tensor:
+        return t * float(t.sum())  # waits for the device: cannot be recorded
+
+    assert cache.get(("k",), syncs, x) is None
+    assert cache.failure(("k",))
+    assert cache.get(("k",), syncs, x) is None  # remembered, not tried again
+    ok = cache.get(("ok",), lambda t: t * 2, x)
+    with ok.run(torch.full((3,), 5.0, device="cuda")) as out:
+        assert out.tolist() == [10.0, 10.0, 10.0]
+    assert len(cache) == 1
+
+
+def test_concurrent_analyses_on_one_graphed_model_do_not_mix():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=3)
+    imgs = [random_image(10 + i) for i in range(4)]
+    alone = [vizapp.analyze(gpu, im) for im in imgs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda im: vizapp.analyze(gpu, im), imgs * 3))
+    for i, r in enumerate(together):
+        _same_analysis(r, alone[i % 4])

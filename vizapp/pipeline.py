@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp import limits
+from vizapp import cudagraph, limits
 from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.capture import AttentionCapture, attention_from_qk, qk_to_host
 from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
@@ -579,6 +579,174 @@ class Analysis:
         return out
 
 
+@dataclass(frozen=True)
+class _PassSetup:
+    """What one analysis forward needs besides its input, made before it (a CUDA graph must not copy from the host)."""
+
+    grid: tuple[int, int]
+    n: int  # tokens
+    keep_fused: bool  # keep every layer's mean fusion for the views
+    store_mean: bool  # the rollout from stored mean fusions (else multiplied up during the forward)
+    dist: torch.Tensor  # [P, P] patch distances in pixels, on the model's device
+    weights: torch.Tensor  # [N] float64: the rows whose joint attention is the default rollout map
+    inline: bool
+    gradients: bool
+
+    @classmethod
+    def of(cls, vm: VizModel, grid: tuple[int, int], inline: bool, gradients: bool) -> _PassSetup:
+        p = vm.num_prefix_tokens
+        n = p + grid[0] * grid[1]
+        weights = torch.zeros(n, dtype=torch.float64)
+        if vm.has_class_token:
+            weights[0] = 1.0
+        else:
+            weights[p:] = 1.0 / (n - p)
+        layer_bytes = vm.num_layers * n * n * 4
+        return cls(
+            grid=tuple(grid),
+            n=n,
+            keep_fused=layer_bytes <= limits.FUSED_CACHE_LIMIT_BYTES,
+            store_mean=layer_bytes <= limits.ROLLOUT_STORE_LIMIT_BYTES,
+            dist=patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device),
+            weights=weights.to(vm.device),
+            inline=inline,
+            gradients=gradients,
+        )
+
+    def graph_bytes(self, vm: VizModel) -> int:
+        """A high estimate of the memory a recorded graph keeps: q and k of every layer, the kept fusions and block
+        outputs, one chunk of attention, the forward's own activations."""
+        width = vm.num_heads * 64  # most ViTs' heads are 64 wide
+        kept = vm.num_layers * self.n * self.n * 4 * (self.keep_fused + self.store_mean)
+        return 2 * vm.num_layers * self.n * width * 4 + kept + limits.ATTENTION_CHUNK_BYTES + 12 * self.n * width * 4
+
+
+def _graphable(vm: VizModel, setup: _PassSetup) -> bool:
+    """The plain analysis forward on a GPU runs as a replayed CUDA graph (see :mod:`vizapp.cudagraph`); the q/k
+    replay path (``inline=False``) and gradient-enabled passes stay eager, the first as the second code path that
+    checks the graph."""
+    return (
+        vm.device.type == "cuda"
+        and setup.inline
+        and not setup.gradients
+        and cudagraph.enabled()
+        and setup.graph_bytes(vm) <= limits.GRAPH_MEMORY_BYTES
+    )
+
+
+@dataclass
+class _HostResult:
+    """A device pass's results on the CPU."""
+
+    logits: torch.Tensor  # [K]
+    rollout: torch.Tensor  # [P] the default rollout of the patches
+    distances: torch.Tensor  # [L, H]
+    norms: torch.Tensor  # [L, N]
+    lens: torch.Tensor | None  # [L, K]
+    fused_mean: torch.Tensor | None  # [L, N, N]
+    biases: tuple[torch.Tensor | None, ...]
+    outputs: dict[int, torch.Tensor]
+    q: tuple[torch.Tensor, ...]
+    k: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+    replayed: tuple[int, ...]
+
+
+@dataclass
+class _DeviceResult:
+    """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed)."""
+
+    logits: torch.Tensor  # [K] detached
+    rollout: torch.Tensor
+    distances: torch.Tensor
+    norms: torch.Tensor
+    lens: torch.Tensor | None
+    fused_mean: list[torch.Tensor] | None  # per layer [N, N]
+    biases: tuple[torch.Tensor | None, ...]
+    outputs: dict[int, torch.Tensor]
+    qk_block: torch.Tensor | None
+    q: tuple[torch.Tensor, ...]
+    k: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+    replayed: tuple[int, ...]
+    maps: list[torch.Tensor | None] = field(default_factory=list)  # with gradients: the attention in the graph
+    logits_graph: torch.Tensor | None = None
+
+    def to_host(self) -> _HostResult:
+        """Copy to the CPU: q and k in one copy, everything else in one more (on a GPU each copy waits for it)."""
+        layers = sorted(self.outputs)
+        parts: list[torch.Tensor] = [self.logits, self.rollout, self.distances, self.norms]
+        parts += [] if self.lens is None else [self.lens]
+        parts += [] if self.fused_mean is None else self.fused_mean
+        parts += [b for b in self.biases if b is not None]
+        parts += [self.outputs[i] for i in layers]
+        host = iter(to_host(parts))
+        logits, rollout, distances, norms = (next(host) for _ in range(4))
+        lens = None if self.lens is None else next(host)
+        fused = None if self.fused_mean is None else torch.stack([next(host) for _ in self.fused_mean])
+        biases = tuple(None if b is None else next(host) for b in self.biases)
+        outputs = {i: next(host) for i in layers}
+        q, k = qk_to_host(self.qk_block, self.q, self.k)
+        return _HostResult(
+            logits, rollout, distances, norms, lens, fused, biases, outputs, q, k, self.scales, self.replayed
+        )
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as float32 on the CPU, with one device-to-host copy for all of them when they are on a GPU (CPU
+    tensors are returned as they are, converted only when not float32)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.float() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceResult:
+    """One forward of ``x`` [1, C, H, W] with capture, and every statistic the analysis keeps, left on the device.
+
+    Nothing here waits for the device, so the pass can be recorded as a CUDA graph.
+    """
+    p, n, n_layers = vm.num_prefix_tokens, setup.n, vm.num_layers
+    # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
+    # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
+    stats = LayerStatistics(
+        [vm.num_heads] * n_layers,
+        n,
+        setup.dist,
+        p,
+        ("mean",) if setup.keep_fused else (),
+        store_mean=setup.store_mean,
+    )
+    blocks = BlockFeatures(n_layers, vm.lens_fn)
+    with AttentionCapture(
+        vm.model, on_attention=stats, inline=setup.inline, on_block=blocks, with_grad=setup.gradients
+    ) as cap:
+        logits = vm.logits(x)
+    n_seen = cap.q[0].shape[-2]
+    if n_seen != n:
+        raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")
+    if not stats.complete():
+        raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+    qk_block, q, k = cap.qk_on_device()
+    return _DeviceResult(
+        logits=logits.detach()[0],
+        rollout=stats.rollout_row(setup.weights)[p:].float(),
+        distances=torch.stack(stats.distances).float(),
+        norms=torch.stack(blocks.norms),
+        lens=torch.stack(blocks.lens) if vm.lens_fn is not None else None,
+        fused_mean=list(stats.fused["mean"]) if setup.keep_fused else None,
+        biases=tuple(None if b is None else b[0].float() for b in cap.bias),
+        outputs=blocks.outputs,
+        qk_block=qk_block,
+        q=q,
+        k=k,
+        scales=tuple(cap.scales),
+        replayed=tuple(sorted(cap.replayed_layers)),
+        maps=list(cap.maps),
+        logits_graph=logits if setup.gradients else None,
+    )
+
+
 def analyze(
     vm: VizModel,
     image: Any,
@@ -615,49 +783,28 @@ def analyze(
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     p = vm.num_prefix_tokens
-    n = p + grid[0] * grid[1]
-    n_layers = vm.num_layers
-    keep_fused = n_layers * n * n * 4 <= limits.FUSED_CACHE_LIMIT_BYTES
-    weights = torch.zeros(n, dtype=torch.float64, device=vm.device)  # the rows whose joint attention is the map
-    if vm.has_class_token:
-        weights[0] = 1.0
+    setup = _PassSetup.of(vm, grid, inline, gradients)
+    graph = GradientGraph()
+    graphed = None
+    if _graphable(vm, setup):
+        key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
+        graphed = vm.graphs.get(key, lambda xs: _device_pass(vm, xs, setup), x_dev)
+    if graphed is not None:  # one replay, then the results copied out before another thread replays
+        with graphed.run(x_dev) as out:
+            host = out.to_host()
     else:
-        weights[p:] = 1.0 / (n - p)
-    with torch.enable_grad() if gradients else torch.no_grad():
-        dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
-        # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
-        # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
-        stats = LayerStatistics(
-            [vm.num_heads] * n_layers,
-            n,
-            dist,
-            p,
-            ("mean",) if keep_fused else (),
-            store_mean=n_layers * n * n * 4 <= limits.ROLLOUT_STORE_LIMIT_BYTES,
-        )
-        blocks = BlockFeatures(n_layers, vm.lens_fn)
-        with AttentionCapture(vm.model, on_attention=stats, inline=inline, on_block=blocks, with_grad=gradients) as cap:
-            logits = vm.logits(x_dev)
-        graph = GradientGraph(list(cap.maps), logits) if gradients else GradientGraph()
-        logits = logits.detach()
-        if progress:
-            progress(0.6, "attention analyses")
-        n_seen = cap.q[0].shape[-2]
-        if n_seen != n:
-            raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid")
-        if not stats.complete():
-            raise RuntimeError("the attention of some layer never reached vizapp's statistics")
-        rollout_default = stats.rollout_row(weights)[p:].float().cpu()
-        q, k = cap.qk_on_cpu()  # [H, N, d] each
-        biases = tuple(None if b is None else b[0].float().cpu() for b in cap.bias)
-        scales = tuple(cap.scales)
-        fused = {"mean": torch.stack(stats.fused["mean"]).cpu()} if keep_fused else {}
-        distances = stats.distances
-        del stats
+        with torch.enable_grad() if gradients else torch.no_grad():
+            out = _device_pass(vm, x_dev, setup)
+        if gradients:
+            graph = GradientGraph(out.maps, out.logits_graph)
+        host = out.to_host()
+    if progress:
+        progress(0.6, "attention analyses")
+    logits = host.logits
     probs = None
     top: list[tuple[str, float]] = []
     if vm.labels and logits.shape[-1] == len(vm.labels):
-        probs = torch.softmax(logits[0].float(), dim=-1).cpu().numpy()
+        probs = torch.softmax(logits, dim=-1).numpy()
         order = np.argsort(-probs, kind="stable")[: max(0, int(top_k))]
         top = [(vm.labels[i], float(probs[i])) for i in order]
     result = Analysis(
@@ -671,25 +818,25 @@ def analyze(
         patch_size=vm.patch_size,
         image=model_view(x[0], vm.mean, vm.std),
         input=x.cpu(),
-        q=q,
-        k=k,
-        scales=scales,
-        mean_distance=torch.stack(distances).float().cpu().numpy(),
+        q=host.q,
+        k=host.k,
+        scales=host.scales,
+        mean_distance=host.distances.numpy(),
         notes=tuple(notes),
         has_class_token=vm.has_class_token,
-        biases=biases if any(b is not None for b in biases) else (),
-        recomputed_layers=tuple(sorted(cap.replayed_layers)),
-        block_norms=torch.stack(blocks.norms).cpu().numpy(),
-        block_outputs=blocks.outputs_on_cpu(),
-        lens_probs=torch.stack(blocks.lens).cpu().numpy() if vm.lens_fn is not None and probs is not None else None,
+        biases=host.biases if any(b is not None for b in host.biases) else (),
+        recomputed_layers=host.replayed,
+        block_norms=host.norms.numpy(),
+        block_outputs=host.outputs,
+        lens_probs=host.lens.numpy() if host.lens is not None and probs is not None else None,
         num_registers=vm.num_registers,
         model_ref=weakref.ref(vm),
         model_fingerprint=vm.fingerprint(),
         graph=graph,
     )
-    for f, stack in fused.items():
-        result._cache[("fused", f)] = stack  # [L, N, N]
-    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(rollout_default)
+    if host.fused_mean is not None:
+        result._cache[("fused", "mean")] = host.fused_mean  # [L, N, N]
+    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(host.rollout)
     if progress:
         progress(1.0, "done")
     return result

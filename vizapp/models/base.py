@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vizapp.cudagraph import GraphCache
 from vizapp.errors import BadParameterError
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
@@ -104,6 +105,8 @@ class VizModel:
     lens_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     num_registers: int = 0
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
+    graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
 
     def weights_key(self) -> tuple:
         """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter

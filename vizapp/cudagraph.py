@@ -1,0 +1,116 @@
+"""CUDA graphs of a fixed-shape device pass: one launch per analysis instead of hundreds.
+
+At batch 1 a ViT on a modern GPU is bound by kernel launches and Python, not by arithmetic (ViT-B/16 on an H200:
+3.5 ms of forward, 493 launches per analysis; docs/gpu.md). A CUDA graph records the kernels of one run of a function
+and replays them with a single launch, reading its input from, and writing its results to, the same device memory
+every time. So :class:`GraphedPass` runs the function eagerly once (lazy initialisation, cuBLAS workspaces), records
+it on a side stream, and thereafter copies each new input into its static input tensor and replays.
+
+What a graph cannot hold, and how this module keeps to it:
+- Python runs only while recording: the hooks, consumers and every shape decision are those of the recorded run. A
+  graph is therefore kept per input shape, dtype, weights and train/eval mode (:func:`graph_key`), and a change of any
+  of these records a new one.
+- Nothing may wait for the device while recording (no ``.item()``, no host copy). A function that does raises; the
+  failure is remembered for that key and the caller runs eagerly (:meth:`GraphCache.get` returns None).
+- Results live in the graph's memory and are overwritten by the next replay, so :meth:`GraphedPass.run` hands them
+  out under a lock, for the caller to copy to the host before another thread replays.
+
+The memory a graph records with stays reserved while the graph is cached (at most :data:`vizapp.limits.CUDA_GRAPHS`
+graphs per model, least recently used dropped first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from vizapp import limits
+
+
+def enabled() -> bool:
+    """Graphs are used unless ``VIZAPP_CUDA_GRAPHS=0`` (or :data:`vizapp.limits.CUDA_GRAPHS` is 0)."""
+    return os.environ.get("VIZAPP_CUDA_GRAPHS", "1") != "0" and limits.CUDA_GRAPHS > 0
+
+
+class GraphedPass:
+    """``fn(x)`` recorded as a CUDA graph for inputs shaped like ``example``.
+
+    Args:
+        fn: device work on x (on ``example``'s CUDA device); returns any structure of tensors, which the graph
+            rewrites in place on every replay.
+        example: an input of the shape, dtype and device every later input will have (its values are used for the
+            eager warm-up run).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], example: torch.Tensor) -> None:
+        device = example.device
+        self.input = example.detach().clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self._lock = threading.Lock()
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn(self.input)  # warm-up: lazy initialisation must not happen while recording
+        torch.cuda.current_stream(device).wait_stream(side)
+        # thread_local: another thread's CUDA work (another user's analysis) does not invalidate the recording
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = fn(self.input)
+
+    @contextlib.contextmanager
+    def run(self, x: torch.Tensor) -> Iterator[Any]:
+        """Replay on ``x`` and yield the recorded output structure; read it (copy to the host) inside the block."""
+        with self._lock:
+            self.input.copy_(x)
+            self.graph.replay()
+            yield self.output
+
+
+def graph_key(model: torch.nn.Module, weights_key: tuple, x: torch.Tensor, *extra: Any) -> tuple:
+    """What a recorded graph depends on besides the input's values."""
+    return (tuple(x.shape), x.dtype, str(x.device), model.training, weights_key, *extra)
+
+
+class GraphCache:
+    """A model's recorded graphs, by :func:`graph_key`; a key whose recording failed stays failed (eager)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._graphs: OrderedDict[tuple, GraphedPass | str] = OrderedDict()
+
+    def get(self, key: tuple, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> GraphedPass | None:
+        """The graph of ``fn`` for ``key``, recorded now from ``x`` if needed; None when it cannot be recorded."""
+        with self._lock:
+            found = self._graphs.get(key)
+            if found is None:
+                try:
+                    found = GraphedPass(fn, x)
+                except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync inside fn
+                    torch.cuda.synchronize(x.device)
+                    found = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                self._graphs[key] = found
+                while len(self._graphs) > max(1, limits.CUDA_GRAPHS):
+                    self._graphs.popitem(last=False)
+            self._graphs.move_to_end(key)
+            return found if isinstance(found, GraphedPass) else None
+
+    def failure(self, key: tuple) -> str | None:
+        """Why recording failed for ``key`` (None when it did not fail or was not tried)."""
+        found = self._graphs.get(key)
+        return found if isinstance(found, str) else None
+
+    def failures(self) -> list[str]:
+        """Why each failed recording failed."""
+        return [g for g in self._graphs.values() if isinstance(g, str)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._graphs.clear()
+
+    def __len__(self) -> int:
+        return sum(isinstance(g, GraphedPass) for g in self._graphs.values())
