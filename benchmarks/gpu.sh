@@ -64,8 +64,8 @@ step fp32 150 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --la
 step fp32-eager 60 env VIZAPP_CUDA_GRAPHS=0 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 \
     --large-repeats 5 --no-memory --no-profile --models vit_base_patch16_224 vit_large_patch16_384 \
     --out "$OUT/benchmarks-cuda-eager.md"
-step memory 90 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 3 --large-repeats 3 --mem-repeats 1 \
-    --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-memory.md"
+step memory 120 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 3 --large-repeats 3 --mem-repeats 1 \
+    --no-profile --models vit_large_patch16_384 --out "$OUT/benchmarks-cuda-memory.md"
 step fp16 60 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 $MEM \
     --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
 step profile 45 $PY -m benchmarks.gpu_profile --model vit_base_patch16_224

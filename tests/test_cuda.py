@@ -92,7 +92,7 @@ def test_head_importance_on_cuda_equals_the_cpu():
     np.testing.assert_allclose(np.asarray(gb.drop), np.asarray(ga.drop), rtol=1e-2, atol=1e-3)
 
 
-def _same_analysis(b, a, tol: float = 1e-5) -> None:
+def _same_analysis(b, a, tol: float = 1e-5, same_path: bool = True) -> None:
     """Every field an analysis computes in its forward, and the views built on them, agree to ``tol``."""
     close = dict(rtol=tol, atol=tol)
     np.testing.assert_allclose(b.probs, a.probs, **close)
@@ -113,7 +113,8 @@ def _same_analysis(b, a, tol: float = 1e-5) -> None:
         np.testing.assert_allclose(b.lens_probs, a.lens_probs, **close)
     np.testing.assert_allclose(b.rollout(), a.rollout(), **close)
     np.testing.assert_allclose(b.attention(a.num_layers - 1), a.attention(a.num_layers - 1), **close)
-    assert b.recomputed_layers == a.recomputed_layers
+    if same_path:
+        assert b.recomputed_layers == a.recomputed_layers
 
 
 @pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
@@ -125,14 +126,17 @@ def test_cuda_graph_replay_equals_the_eager_pass(fid, name, kwargs, monkeypatch)
     first, second = random_image(5), random_image(6)
     g1 = vizapp.analyze(gpu, first)  # records, then replays
     g2 = vizapp.analyze(gpu, second)  # replays
-    assert len(gpu.graphs) == 1
+    if fid == "dinov3":  # timm builds its dynamic-size RoPE table on the CPU each forward: not recordable, so eager
+        assert len(gpu.graphs) == 0 and gpu.graphs.failures()
+    else:
+        assert len(gpu.graphs) == 1, gpu.graphs.failures()
     monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
     e1, e2 = vizapp.analyze(gpu, first), vizapp.analyze(gpu, second)
     _same_analysis(g1, e1)
     _same_analysis(g2, e2)
     assert not np.allclose(g1.mean_distance, g2.mean_distance)
     # and the graph against the q/k replay path, the second code path
-    _same_analysis(g2, vizapp.analyze(gpu, second, inline=False), tol=1e-4)
+    _same_analysis(g2, vizapp.analyze(gpu, second, inline=False), tol=1e-4, same_path=False)
 
 
 def test_cuda_graph_is_recorded_again_for_new_weights(monkeypatch):
@@ -162,9 +166,14 @@ def test_cuda_graph_failure_falls_back_to_eager():
     assert cache.get(("k",), syncs, x) is None
     assert cache.failure(("k",))
     assert cache.get(("k",), syncs, x) is None  # remembered, not tried again
-    ok = cache.get(("ok",), lambda t: t * 2, x)
-    with ok.run(torch.full((3,), 5.0, device="cuda")) as out:
+    ok = cache.get(("ok",), lambda t: t * 2, x, stage=lambda out: [out, out.sum()])
+    with ok.run(torch.full((3,), 5.0, device="cuda")) as (out, host):
         assert out.tolist() == [10.0, 10.0, 10.0]
+        assert host[0].device.type == "cpu" and not host[0].is_pinned()
+        assert host[0].tolist() == [10.0, 10.0, 10.0] and host[1].item() == 30.0
+    with ok.run(torch.full((3,), 1.0, device="cuda")) as (_, again):
+        assert again[0].tolist() == [2.0, 2.0, 2.0]
+    assert host[0].tolist() == [10.0, 10.0, 10.0]  # a copy: the next replay does not rewrite it
     assert len(cache) == 1
 
 

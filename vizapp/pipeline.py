@@ -672,24 +672,37 @@ class _DeviceResult:
     maps: list[torch.Tensor | None] = field(default_factory=list)  # with gradients: the attention in the graph
     logits_graph: torch.Tensor | None = None
 
-    def to_host(self) -> _HostResult:
-        """Copy to the CPU: q and k in one copy, everything else in one more (on a GPU each copy waits for it)."""
-        layers = sorted(self.outputs)
+    def parts(self) -> list[torch.Tensor]:
+        """Every result but q and k, in the order :meth:`from_host` reads them back."""
         parts: list[torch.Tensor] = [self.logits, self.rollout, self.distances, self.norms]
         parts += [] if self.lens is None else [self.lens]
         parts += [] if self.fused_mean is None else self.fused_mean
         parts += [b for b in self.biases if b is not None]
-        parts += [self.outputs[i] for i in layers]
-        host = iter(to_host(parts))
+        return parts + [self.outputs[i] for i in sorted(self.outputs)]
+
+    def staged(self) -> list[torch.Tensor]:
+        """What a CUDA graph copies to its pinned host buffer: :meth:`parts`, then q and k of every layer."""
+        return [*self.parts(), *self.q, *self.k]
+
+    def from_host(self, parts: list[torch.Tensor], q: tuple, k: tuple) -> _HostResult:
+        host = iter(parts)
         logits, rollout, distances, norms = (next(host) for _ in range(4))
         lens = None if self.lens is None else next(host)
         fused = None if self.fused_mean is None else torch.stack([next(host) for _ in self.fused_mean])
         biases = tuple(None if b is None else next(host) for b in self.biases)
-        outputs = {i: next(host) for i in layers}
-        q, k = qk_to_host(self.qk_block, self.q, self.k)
+        outputs = {i: next(host) for i in sorted(self.outputs)}
         return _HostResult(
             logits, rollout, distances, norms, lens, fused, biases, outputs, q, k, self.scales, self.replayed
         )
+
+    def from_staged(self, host: list[torch.Tensor]) -> _HostResult:
+        """The result from :meth:`staged`'s tensors on the host."""
+        n, layers = len(host) - 2 * len(self.q), len(self.q)
+        return self.from_host(host[:n], tuple(host[n : n + layers]), tuple(host[n + layers :]))
+
+    def to_host(self) -> _HostResult:
+        """Copy to the CPU: q and k in one copy, everything else in one more (on a GPU each copy waits for it)."""
+        return self.from_host(to_host(self.parts()), *qk_to_host(self.qk_block, self.q, self.k))
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -788,10 +801,10 @@ def analyze(
     graphed = None
     if _graphable(vm, setup):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
-        graphed = vm.graphs.get(key, lambda xs: _device_pass(vm, xs, setup), x_dev)
-    if graphed is not None:  # one replay, then the results copied out before another thread replays
-        with graphed.run(x_dev) as out:
-            host = out.to_host()
+        graphed = vm.graphs.get(key, lambda xs: _device_pass(vm, xs, setup), x_dev, stage=_DeviceResult.staged)
+    if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
+        with graphed.run(x_dev) as (out, staged):
+            host = out.from_staged(staged)
     else:
         with torch.enable_grad() if gradients else torch.no_grad():
             out = _device_pass(vm, x_dev, setup)
