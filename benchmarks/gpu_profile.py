@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def bare_graphed() -> None:
         with bare_graph.run(x):
-            pass  # the replay waits for the device before it yields
+            pass  # the timer synchronises after the replay
 
     rows = [
         ("preprocessing + copy to GPU", _median_ms(transform, args.repeats)),

@@ -72,7 +72,7 @@ class GraphedPass:
         torch.cuda.current_stream(device).wait_stream(side)
         sizes = [s.numel() for s in shapes]
         # allocated before recording: page-locking memory is not allowed while a stream records
-        host = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=True)
+        host = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=stage is not None)
         self._slots = [h.view(s) for h, s in zip(host.split(sizes), shapes, strict=True)]
         # thread_local: another thread's CUDA work (another user's analysis) does not invalidate the recording
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
@@ -86,13 +86,28 @@ class GraphedPass:
 
     @contextlib.contextmanager
     def run(self, x: torch.Tensor) -> Iterator[tuple[Any, list[torch.Tensor]]]:
-        """Replay on ``x``; yield the recorded output structure and the staged tensors, copied to ordinary host
-        memory (one tensor each). Read the output structure inside the block: the next replay rewrites it."""
+        """Replay on ``x``; yield the recorded output structure and the staged tensors copied to ordinary host memory
+        (one tensor each; None without ``stage``). Read the output structure inside the block: the next replay
+        rewrites it."""
         with self._lock:
             self.input.copy_(x)
             self.graph.replay()
-            torch.cuda.current_stream(self.input.device).synchronize()
-            yield self.output, [slot.clone() for slot in self._slots]
+            if self._stage is None:
+                yield self.output, None
+            else:
+                torch.cuda.current_stream(self.input.device).synchronize()
+                yield self.output, [slot.clone() for slot in self._slots]
+
+
+def _record(
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, stage: Callable[[Any], list[torch.Tensor]] | None
+) -> GraphedPass | str:
+    """A :class:`GraphedPass`, or why it could not be recorded."""
+    try:
+        return GraphedPass(fn, x, stage)
+    except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync or a copy from pageable memory inside fn
+        torch.cuda.synchronize(x.device)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def graph_key(model: torch.nn.Module, weights_key: tuple, x: torch.Tensor, *extra: Any) -> tuple:
@@ -106,6 +121,7 @@ class GraphCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple, GraphedPass | str] = OrderedDict()
+        self.notes: list[str] = []  # recordings that fell back to something slower, and why
 
     def get(
         self,
@@ -119,11 +135,11 @@ class GraphCache:
         with self._lock:
             found = self._graphs.get(key)
             if found is None:
-                try:
-                    found = GraphedPass(fn, x, stage)
-                except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync inside fn
-                    torch.cuda.synchronize(x.device)
-                    found = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                found = _record(fn, x, stage)
+                if isinstance(found, str) and stage is not None:  # the staging copies failed: results copied after
+                    staged_failure = found
+                    found = _record(fn, x, None)
+                    self.notes.append(f"recorded without host staging ({staged_failure})")
                 self._graphs[key] = found
                 while len(self._graphs) > max(1, limits.CUDA_GRAPHS):
                     self._graphs.popitem(last=False)

@@ -804,7 +804,7 @@ def analyze(
         graphed = vm.graphs.get(key, lambda xs: _device_pass(vm, xs, setup), x_dev, stage=_DeviceResult.staged)
     if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
         with graphed.run(x_dev) as (out, staged):
-            host = out.from_staged(staged)
+            host = out.to_host() if staged is None else out.from_staged(staged)
     else:
         with torch.enable_grad() if gradients else torch.no_grad():
             out = _device_pass(vm, x_dev, setup)

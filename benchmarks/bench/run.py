@@ -151,7 +151,11 @@ def run_model(
         res.elem_rate = elementwise_rate(shape)
     else:
         failed = vm.graphs.failures()
-        log(f"  CUDA graphs: {len(vm.graphs)} recorded" + (f"; failed: {failed}" if failed else ""))
+        log(
+            f"  CUDA graphs: {len(vm.graphs)} recorded"
+            + (f"; failed: {failed}" if failed else "")
+            + (f"; {vm.graphs.notes}" if vm.graphs.notes else "")
+        )
     if profile:
         res.profile = profile_b(vm, img)
     del r, vm

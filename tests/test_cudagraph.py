@@ -1,0 +1,149 @@
+"""The CUDA-graph bookkeeping that does not need a GPU: which results a recorded pass stages to the host and in what
+order, how the analysis reads them back, and the per-model cache of recordings (LRU, failures remembered, the
+fallback without host staging). The recording and replay themselves are tested on a GPU in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import vizapp
+from tests.conftest import random_image, small_model
+from vizapp import cudagraph, limits, pipeline
+
+
+class _EagerGraph:
+    """Stands in for a recorded graph on the CPU: runs the pass eagerly and stages copies of its results, as a
+    replay hands them out."""
+
+    def __init__(self, fn, example, stage=None):
+        self.fn, self.stage = fn, stage
+
+    @contextlib.contextmanager
+    def run(self, x):
+        out = self.fn(x)
+        yield out, None if self.stage is None else [t.detach().float().clone() for t in self.stage(out)]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=32, depth=3)),
+        ("beit_base_patch16_224", dict(img_size=32, depth=2, num_classes=5)),  # per-layer biases staged too
+        ("deit_tiny_distilled_patch16_224", dict(img_size=(32, 48), depth=2)),
+    ],
+)
+def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwargs, monkeypatch):
+    vm = small_model(name, **kwargs)
+    img = random_image(3)
+    plain = vizapp.analyze(vm, img)
+    calls = []
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
+    monkeypatch.setattr(vm.graphs, "get", lambda key, fn, x, stage=None: calls.append(key) or _EagerGraph(fn, x, stage))
+    staged = vizapp.analyze(vm, img)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(staged.probs, plain.probs)
+    np.testing.assert_array_equal(staged.mean_distance, plain.mean_distance)
+    np.testing.assert_array_equal(staged.block_norms, plain.block_norms)
+    np.testing.assert_array_equal(staged.rollout(), plain.rollout())
+    for layer in range(plain.num_layers):
+        torch.testing.assert_close(staged.q[layer], plain.q[layer], atol=0, rtol=0)
+        torch.testing.assert_close(staged.k[layer], plain.k[layer], atol=0, rtol=0)
+        np.testing.assert_array_equal(staged.attention(layer), plain.attention(layer))
+    assert len(staged.biases) == len(plain.biases)
+    for b, a in zip(staged.biases, plain.biases, strict=True):
+        assert (b is None) == (a is None) and (a is None or torch.equal(a, b))
+    assert sorted(staged.block_outputs) == sorted(plain.block_outputs)
+    for layer, out in plain.block_outputs.items():
+        torch.testing.assert_close(staged.block_outputs[layer], out, atol=0, rtol=0)
+    if plain.lens_probs is not None:
+        np.testing.assert_array_equal(staged.lens_probs, plain.lens_probs)
+    fused = ("fused", "mean")
+    assert (fused in staged._cache) == (fused in plain._cache)
+    if fused in plain._cache:
+        torch.testing.assert_close(staged._cache[fused], plain._cache[fused], atol=0, rtol=0)
+
+
+def test_only_the_plain_gpu_pass_is_graphed():
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    setup = pipeline._PassSetup.of(vm, vm.grid_size, inline=True, gradients=False)
+    replay = pipeline._PassSetup.of(vm, vm.grid_size, inline=False, gradients=False)
+    assert not pipeline._graphable(vm, setup)  # on the CPU
+    vm = dataclasses.replace(vm, device=torch.device("cuda"))  # only the decision is asked here, nothing runs
+    assert pipeline._graphable(vm, setup)
+    assert not pipeline._graphable(vm, replay)
+    assert not pipeline._graphable(vm, dataclasses.replace(setup, gradients=True))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("VIZAPP_CUDA_GRAPHS", "0")
+        assert not pipeline._graphable(vm, setup)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(limits, "GRAPH_MEMORY_BYTES", setup.graph_bytes(vm) - 1)
+        assert not pipeline._graphable(vm, setup)
+
+
+class _FakePass:
+    """Records the arguments; fails to record when told to, as a pass with a host sync would."""
+
+    made: list = []
+    fail_staged = False
+    fail_all = False
+
+    def __init__(self, fn, example, stage=None):
+        if self.fail_all or (self.fail_staged and stage is not None):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        self.stage = stage
+        _FakePass.made.append(self)
+
+
+@pytest.fixture()
+def fake_pass(monkeypatch):
+    _FakePass.made, _FakePass.fail_staged, _FakePass.fail_all = [], False, False
+    monkeypatch.setattr(cudagraph, "GraphedPass", _FakePass)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return _FakePass
+
+
+def test_graph_cache_keeps_the_latest_recordings_and_remembers_failures(fake_pass, monkeypatch):
+    monkeypatch.setattr(limits, "CUDA_GRAPHS", 2)
+    cache = cudagraph.GraphCache()
+    x = torch.zeros(1)
+    a = cache.get(("a",), None, x)
+    assert cache.get(("a",), None, x) is a and len(fake_pass.made) == 1  # recorded once
+    cache.get(("b",), None, x)
+    cache.get(("a",), None, x)  # a is now the most recent
+    cache.get(("c",), None, x)  # pushes out b, the least recently used
+    assert len(cache) == 2 and len(fake_pass.made) == 3
+    cache.get(("b",), None, x)
+    assert len(fake_pass.made) == 4  # b was recorded again
+    fake_pass.fail_all = True
+    assert cache.get(("d",), None, x) is None
+    assert cache.failure(("d",)) == "RuntimeError: operation not permitted when stream is capturing"
+    fake_pass.fail_all = False
+    assert cache.get(("d",), None, x) is None  # the failure is remembered, not tried again
+    assert cache.failures() == [cache.failure(("d",))]
+
+
+def test_graph_cache_falls_back_to_recording_without_host_staging(fake_pass):
+    cache = cudagraph.GraphCache()
+    fake_pass.fail_staged = True
+    g = cache.get(("a",), None, torch.zeros(1), stage=lambda out: [out])
+    assert g is not None and g.stage is None
+    assert len(cache.notes) == 1 and "without host staging" in cache.notes[0]
+
+
+def test_graph_key_changes_with_what_a_recording_depends_on():
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    x = torch.zeros(1, 3, 32, 32)
+    key = cudagraph.graph_key(vm.model, vm.weights_key(), x, True)
+    assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True) == key
+    assert cudagraph.graph_key(vm.model, vm.weights_key(), torch.zeros(1, 3, 32, 48), True) != key
+    assert cudagraph.graph_key(vm.model, vm.weights_key(), x.half(), True) != key
+    with torch.no_grad():
+        vm.model.head.weight.add_(1.0)  # modified in place: its version counter moves
+    assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True) != key
+    vm.model.train()
+    assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True)[3] is True
