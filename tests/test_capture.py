@@ -365,8 +365,8 @@ def test_half_precision_forward_keeps_attention_maths_in_fp32():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_qk_on_cpu_gives_each_layers_q_and_k_of_one_image(batch):
-    """One host copy of the packed block (none on the CPU at batch 1) gives the same q and k as the per-layer views,
-    and a layer that was not packed falls back to per-layer copies with the same values."""
+    """The same q and k as the capture's per-layer tensors, contiguous, without a copy on the CPU (views of the
+    packed block), also for a layer that is no longer in the packed block."""
     vm = small_model("vit_tiny_patch16_224", img_size=32, depth=3)
     x = torch.stack([vm.transform(random_image(i)) for i in range(batch)])
     with torch.no_grad(), AttentionCapture(vm.model) as cap:

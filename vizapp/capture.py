@@ -198,17 +198,6 @@ def feed(
     consumer.layer_done(layer)
 
 
-def qk_to_host(
-    block: torch.Tensor | None, q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...]
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """:meth:`AttentionCapture.qk_on_device`'s result on the CPU, contiguous: one copy of ``block`` when there is
-    one, else one per tensor (none for CPU tensors that are contiguous already)."""
-    if block is not None:
-        host = block.cpu()
-        return tuple(host[0].unbind(0)), tuple(host[1].unbind(0))
-    return tuple(t.cpu().contiguous() for t in q), tuple(t.cpu().contiguous() for t in k)
-
-
 def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """SDPA's ``attn_mask`` as an additive fp32 bias [B or 1, H or 1, N, N] (boolean: False -> -inf)."""
     if mask is None:
@@ -592,32 +581,25 @@ class AttentionCapture:
                 "is not shown (put the model in eval mode)"
             )
 
-    def qk_on_device(
-        self, image: int = 0
-    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """q and k of every layer for one image of the batch, float32 [H, N, d] each, on the model's device, as
-        (block, q, k): ``block`` [2, L, H, N, d] holds them all when the capture packed them into one block
-        (``keep_qk``, every layer the same shape; q and k are then views of it), else None."""
+    def qk_on_device(self, image: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """q and k of every layer for one image of the batch, float32 [H, N, d] each, on the model's device (views of
+        the packed block when the capture packed them: contiguous, nothing copied in float32)."""
         if any(t is None for t in (*self.q, *self.k)):
             raise RuntimeError("some layer recorded no q and k; run the model's forward inside the `with` block")
-        packed = self._packed
-        if packed is not None and all(
-            t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr() for t in (*self.q, *self.k)
-        ):
-            block = packed[:, :, image].detach().float()  # [2, L, H, N, d]
-            return block, tuple(block[0].unbind(0)), tuple(block[1].unbind(0))
         q = tuple(t[image].detach().float() for t in self.q)
         k = tuple(t[image].detach().float() for t in self.k)
-        return None, q, k
+        return q, k
 
     def qk_on_cpu(self, image: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """q and k of every layer for one image of the batch, [H, N, d] float32 each, contiguous, on the CPU.
 
-        When the capture packed them into one block, that block is copied to the host once: on a GPU each separate
-        device-to-host copy waits for the device, and two per layer were most of the ~70 copies an analysis made
-        (measured on an H200, docs/gpu.md). On the CPU nothing is copied.
+        On the CPU nothing is copied. From a GPU each layer's q and k come over separately: one copy of the whole
+        packed block into fresh host memory was slower on the H200 machine (eager analyze of ViT-L/384 139.7 ms
+        against 53.8 ms with per-layer copies, and ViT-B/16 32.8 against 24.8 ms, in two sessions; docs/gpu.md).
+        The fast path on a GPU is a CUDA graph that stages its results in pinned memory (:mod:`vizapp.cudagraph`).
         """
-        return qk_to_host(*self.qk_on_device(image))
+        q, k = self.qk_on_device(image)
+        return tuple(t.cpu().contiguous() for t in q), tuple(t.cpu().contiguous() for t in k)
 
     def attention(self, layer: int) -> torch.Tensor:
         """Post-softmax attention of ``layer``, [B, H, N, N] float32, on the model's device."""

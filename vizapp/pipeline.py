@@ -19,7 +19,7 @@ from PIL import Image
 from vizapp import cudagraph, limits
 from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk, qk_to_host
+from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
@@ -664,7 +664,6 @@ class _DeviceResult:
     fused_mean: list[torch.Tensor] | None  # per layer [N, N]
     biases: tuple[torch.Tensor | None, ...]
     outputs: dict[int, torch.Tensor]
-    qk_block: torch.Tensor | None
     q: tuple[torch.Tensor, ...]
     k: tuple[torch.Tensor, ...]
     scales: tuple[float, ...]
@@ -701,8 +700,11 @@ class _DeviceResult:
         return self.from_host(host[:n], tuple(host[n : n + layers]), tuple(host[n + layers :]))
 
     def to_host(self) -> _HostResult:
-        """Copy to the CPU: q and k in one copy, everything else in one more (on a GPU each copy waits for it)."""
-        return self.from_host(to_host(self.parts()), *qk_to_host(self.qk_block, self.q, self.k))
+        """Copy to the CPU: everything but q and k in one copy (on a GPU each copy waits for it), q and k per layer
+        (see :meth:`AttentionCapture.qk_on_cpu`)."""
+        q = tuple(t.cpu().contiguous() for t in self.q)
+        k = tuple(t.cpu().contiguous() for t in self.k)
+        return self.from_host(to_host(self.parts()), q, k)
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -740,7 +742,7 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceRes
         raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")
     if not stats.complete():
         raise RuntimeError("the attention of some layer never reached vizapp's statistics")
-    qk_block, q, k = cap.qk_on_device()
+    q, k = cap.qk_on_device()
     return _DeviceResult(
         logits=logits.detach()[0],
         rollout=stats.rollout_row(setup.weights)[p:].float(),
@@ -750,7 +752,6 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceRes
         fused_mean=list(stats.fused["mean"]) if setup.keep_fused else None,
         biases=tuple(None if b is None else b[0].float() for b in cap.bias),
         outputs=blocks.outputs,
-        qk_block=qk_block,
         q=q,
         k=k,
         scales=tuple(cap.scales),

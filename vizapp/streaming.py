@@ -272,14 +272,6 @@ class BlockFeatures:
         self.lens: list[torch.Tensor | None] = [None] * num_layers  # [K] per layer
         self.outputs: dict[int, torch.Tensor] = {}  # layer -> [N, D] float32
 
-    def outputs_on_cpu(self) -> dict[int, torch.Tensor]:
-        """The kept block outputs on the CPU, with one device-to-host copy for all of them (not one per layer)."""
-        if not self.outputs or all(t.device.type == "cpu" for t in self.outputs.values()):
-            return dict(self.outputs)
-        layers = sorted(self.outputs)
-        host = torch.stack([self.outputs[i] for i in layers]).cpu()
-        return dict(zip(layers, host.unbind(0), strict=True))
-
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         x = out[0]  # image 0 of the batch: [N, D]
         self.norms[layer] = torch.linalg.vector_norm(x.float(), dim=-1)
