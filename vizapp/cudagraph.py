@@ -48,7 +48,7 @@ class GraphedPass:
             eager warm-up run).
         stage: output -> the tensors the caller wants on the host. The graph itself copies them, as float32, into
             one pinned host buffer (page-locked memory, which a device copies to at full speed, while an ordinary
-            copy to pageable memory ran at about 3.5 GB/s on the H200 machine); :meth:`run` hands out copies of
+            copy to pageable memory ran at about 3.3 GB/s on the H200 machine); :meth:`run` hands out copies of
             them in ordinary memory.
     """
 
