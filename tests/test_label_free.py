@@ -48,7 +48,10 @@ def test_logit_lens_last_layer_is_the_model_prediction(name, kwargs):
     assert r.lens_probs.shape == (r.num_layers, len(r.labels))
     np.testing.assert_allclose(r.lens_probs[-1], r.probs, atol=1e-6)
     lens = r.logit_lens(k=3)
-    assert len(lens) == r.num_layers and lens[-1] == r.top_k[:3]
+    assert len(lens) == r.num_layers
+    # every layer's lens is read in one batched call, so the last one equals the prediction to rounding, not bitwise
+    assert [name for name, _ in lens[-1]] == [name for name, _ in r.top_k[:3]]
+    np.testing.assert_allclose([p for _, p in lens[-1]], [p for _, p in r.top_k[:3]], atol=1e-6)
     assert not np.array_equal(r.lens_probs[0], r.lens_probs[-1])  # each layer is read on its own
 
 

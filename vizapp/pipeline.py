@@ -737,6 +737,7 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceRes
         vm.model, on_attention=stats, inline=setup.inline, on_block=blocks, with_grad=setup.gradients
     ) as cap:
         logits = vm.logits(x)
+    blocks.finish()
     n_seen = cap.q[0].shape[-2]
     if n_seen != n:
         raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")
