@@ -287,3 +287,38 @@ def test_a_transformers_folder_with_only_pickled_weights_is_refused(tmp_path):
     assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
     with pytest.raises(vizapp.ModelLoadError):
         vizapp.load_model(str(tmp_path), device="cpu")
+
+
+def test_naflex_keeps_each_images_aspect_ratio_within_its_patch_budget(tmp_path):
+    """One image goes through NaFlexViT at its own aspect ratio (timm's NaFlex resize, at most as many patches as the
+    configured input size has), captured exactly; batches (dataset mode) get the configured size."""
+    torch.manual_seed(0)
+    name, kwargs = next((n, k) for fid, n, k in TIMM if fid == "naflex")
+    vm = vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)
+    budget = vm.grid_size[0] * vm.grid_size[1]  # 4 x 3 at the configured 64 x 48
+    wide, tall = random_image(1, size=(60, 160)), random_image(2, size=(160, 60))  # PIL sizes are (W, H)
+    for img, landscape in ((wide, True), (tall, False)):
+        x = vm.transform(img)
+        gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+        assert (gw > gh) == landscape and gh * gw <= budget
+        assert vm.batch_transform(img).shape[-2:] == (64, 48)
+        r = vizapp.analyze(vm, img)
+        assert r.grid_size == (gh, gw) and r.num_tokens == vm.num_prefix_tokens + gh * gw
+        logits, maps = reference_attention(vm.model, x[None])
+        for layer, ref in enumerate(maps):
+            np.testing.assert_allclose(r.attention_layer(layer).numpy(), ref[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            r.mean_distance,
+            np.stack([mean_attention_distance(m, (gh, gw), vm.patch_size, vm.num_prefix_tokens)[0] for m in maps]),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+    paths = []
+    for i, img in enumerate((wide, tall, random_image(3))):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    from vizapp.stats import collect_stats
+
+    stats = collect_stats(vm, paths, batch_size=3)  # three aspect ratios in one batch, at one size
+    assert stats.n_images == 3 and not stats.skipped and stats.grid_size == vm.grid_size
+    assert stats.mean_distance.shape == (2, vm.num_heads) and np.isfinite(stats.mean_distance).all()

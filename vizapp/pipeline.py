@@ -884,7 +884,7 @@ def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold
             f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200]
         )
     layer = int(layer) % vm.num_layers
-    x = torch.stack([vm.transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
+    x = torch.stack([vm.batch_transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     kept: dict[int, torch.Tensor] = {}
 

@@ -53,7 +53,7 @@ class ImageFileDataset(Dataset):
 
     Args:
         paths: image files.
-        transform: PIL.Image -> tensor [C, H, W] (``vm.transform``).
+        transform: PIL.Image -> tensor [C, H, W] (``vm.batch_transform``).
     """
 
     def __init__(self, paths: Sequence[str | Path], transform: Any) -> None:
@@ -163,7 +163,7 @@ def collect_stats(
     dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(device)
     reducer = DatasetDistances(vm.num_layers, vm.num_heads, dist, vm.num_prefix_tokens)
     loader = DataLoader(
-        ImageFileDataset(paths, vm.transform),
+        ImageFileDataset(paths, vm.batch_transform),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

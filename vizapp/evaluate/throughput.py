@@ -36,7 +36,7 @@ def inputs(data: str, n: int, vm) -> tuple[torch.Tensor, list[dict]]:
 
     items = list_items(data, tuple(vm.labels))
     items = [items[i % len(items)] for i in range(n)]
-    x = torch.stack([vm.transform(decode_image(load_pixels(it)).image) for it in items])
+    x = torch.stack([vm.batch_transform(decode_image(load_pixels(it)).image) for it in items])
     return x, items
 
 

@@ -55,7 +55,8 @@ class VizModel:
     Attributes:
         name: the id it was loaded by.
         model: the nn.Module, in eval mode, on ``device``.
-        transform: PIL.Image -> input tensor [C, H, W], the library's own preprocessing for this model.
+        transform: PIL.Image -> input tensor [C, H, W], the library's own preprocessing for this model, for one
+            image (a NaFlexViT keeps the image's aspect ratio, so H and W vary; see :attr:`batch_transform`).
         labels: class names, one per output (empty when the model has no classifier head).
         num_prefix_tokens: tokens before the patches (CLS, distillation token, registers), in the model's order.
         grid_size: patch grid (gh, gw) at the configured input size.
@@ -75,6 +76,7 @@ class VizModel:
         lens_fn: tokens [B, N, D] (a block's output) -> logits [B, K] through the model's own final norm, pooling
             and head (the logit lens; the last block's output gives the model's logits), or None without a head.
         num_registers: register tokens among the prefix tokens (they come after CLS and a distillation token).
+        fixed_transform: a transform to the configured input size, when ``transform`` gives images of varying size.
     """
 
     name: str
@@ -104,6 +106,7 @@ class VizModel:
     pos_embed_fn: Callable[[], torch.Tensor | None] | None = None
     lens_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     num_registers: int = 0
+    fixed_transform: Callable[[Image.Image], torch.Tensor] | None = None
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
@@ -124,6 +127,12 @@ class VizModel:
             for t in d.values()
             if t is not None
         )
+
+    @property
+    def batch_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The transform for images that go through the model together: the same size for every image (the
+        configured input size; ``transform`` itself for every model whose ``transform`` already gives one size)."""
+        return self.fixed_transform or self.transform
 
     def synchronize(self) -> None:
         """Wait for the model's device (nothing to wait for on the CPU), so that a timer read afterwards includes the

@@ -145,16 +145,24 @@ def _imagenet_labels(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(num_classes))
 
 
-def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any]]:
+def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any], Callable | None]:
+    """(the transform for one image, the data config, a fixed-size transform for batches or None when the first one
+    already gives every image the same size)."""
     from timm.data import create_transform, resolve_data_config
 
     cfg = resolve_data_config(model=model)
     # The configured input size wins over the pretrained cfg's (e.g. img_size=(224, 320) for a non-square input).
     pe = getattr(model, "patch_embed", None)
-    if pe is not None:  # NaFlexViT has no fixed input size: its pretrained cfg's is used
+    if pe is not None:
         cfg["input_size"] = (int(cfg["input_size"][0]), *pair(pe.img_size))
-    tf = create_transform(**cfg, is_training=False)
-    return tf, cfg
+        return create_transform(**cfg, is_training=False), cfg, None
+    # NaFlexViT takes any grid: one image keeps its aspect ratio, within the patch budget of the configured input
+    # size (timm's own NaFlex resize: 384x384 at patch 16 -> at most 576 patches, e.g. 18x32 for a 9:16 photo).
+    # Batches need one size, so they get the configured square.
+    patch = pair(model.embeds.patch_size)
+    budget = (int(cfg["input_size"][1]) // patch[0]) * (int(cfg["input_size"][2]) // patch[1])
+    one = create_transform(**cfg, is_training=False, naflex=True, patch_size=patch, max_seq_len=budget)
+    return one, cfg, create_transform(**cfg, is_training=False)
 
 
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.Module, str]:
@@ -262,14 +270,16 @@ def wrap(
     """A :class:`VizModel` for a built timm ViT (preprocessing and labels from timm unless given)."""
     check_supported(model, name)
     model.eval().to(device=device, dtype=dtype)
+    fixed = None
     if transform is None:
-        transform, cfg = _timm_transform(model)
+        transform, cfg, fixed = _timm_transform(model)
         input_size, mean, std = tuple(int(v) for v in cfg["input_size"]), cfg["mean"], cfg["std"]
     return VizModel(
         name=name,
         model=model,
         device=device,
         transform=transform,
+        fixed_transform=fixed,
         labels=_imagenet_labels(model) if labels is None else labels,
         input_size=input_size,  # type: ignore[arg-type]
         mean=tuple(float(v) for v in mean),
