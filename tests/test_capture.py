@@ -323,15 +323,16 @@ def test_capture_keeps_copies_of_q_and_k_not_the_layer_qkv_buffer():
     assert all(t.is_contiguous() for t in cap.q + cap.k)
 
 
-def test_inline_capture_mode_is_gone_when_a_layer_raises(monkeypatch):
-    """The SDPA interception is pushed per layer; an exception inside an attention module still pops it."""
-    from torch.overrides import _get_current_function_mode_stack
+def test_inline_capture_mark_is_gone_when_a_layer_raises(monkeypatch):
+    """The SDPA route is marked per layer; an exception inside an attention module still unmarks it, and SDPA is
+    torch's own again on this thread."""
+    from vizapp import capture
 
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     x = vm.transform(random_image(4))[None]
 
     def broken(_x):
-        assert any(type(m).__name__ == "_LayerMode" for m in _get_current_function_mode_stack())
+        assert [layer for _, layer in capture._ROUTE.stack] == [1]
         raise RuntimeError("proj failed")
 
     monkeypatch.setattr(vm.model.blocks[1].attn.proj, "forward", broken)
@@ -340,6 +341,66 @@ def test_inline_capture_mode_is_gone_when_a_layer_raises(monkeypatch):
         with AttentionCapture(vm.model, on_attention=rec):
             vm.model(x)
     assert rec.done == [0, 1]
+    assert capture._ROUTE.stack == [] and capture._ROUTE.top is None
+    assert torch.nn.functional.scaled_dot_product_attention is capture._ORIGINAL_SDPA  # torch's own again
+
+
+def test_sdpa_route_is_open_while_any_capture_is_and_only_sees_its_own_thread():
+    """The replaced SDPA stays while a capture is open on any thread and is torch's own after the last one closes;
+    a call from a thread with no capture running a layer is torch's own function's result."""
+    import threading
+
+    from vizapp import capture
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    x = vm.transform(random_image(5))[None]
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    opened, release = threading.Event(), threading.Event()
+
+    def holder():
+        with AttentionCapture(vm.model):
+            opened.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    opened.wait(10)
+    try:
+        assert torch.nn.functional.scaled_dot_product_attention is not capture._ORIGINAL_SDPA
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=_Recorder()) as cap:
+            vm.model(x)
+        assert cap.inline_layers == {0, 1}
+        # still open: the other thread's capture holds it; a bare call here is torch's own result
+        assert torch.nn.functional.scaled_dot_product_attention is not capture._ORIGINAL_SDPA
+        torch.testing.assert_close(
+            torch.nn.functional.scaled_dot_product_attention(q, k, v), capture._ORIGINAL_SDPA(q, k, v), atol=0, rtol=0
+        )
+    finally:
+        release.set()
+        t.join(10)
+    assert torch.nn.functional.scaled_dot_product_attention is capture._ORIGINAL_SDPA
+
+
+def test_torchvision_mha_mode_is_gone_when_a_layer_raises(monkeypatch):
+    """torch's MultiheadAttention is marked with a TorchFunctionMode (it also turns off the fused MHA fast path);
+    an exception inside it still pops the mode."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    vm = vizapp.load_model("torchvision:vit_b_16", pretrained=False, device="cpu", image_size=32)
+    x = vm.transform(random_image(4))[None]
+    seen, real = [], AttentionCapture._mha_call
+
+    def broken(self, layer, args, kwargs):
+        seen.append(layer)
+        if layer == 1:
+            raise RuntimeError("layer 1 failed")
+        return real(self, layer, args, kwargs)
+
+    monkeypatch.setattr(AttentionCapture, "_mha_call", broken)
+    with pytest.raises(RuntimeError, match="layer 1 failed"), torch.no_grad():
+        with AttentionCapture(vm.model, on_attention=_Recorder()):
+            vm.model(x)
+    assert seen == [0, 1]
     assert _get_current_function_mode_stack() == []
 
 

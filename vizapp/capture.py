@@ -6,8 +6,13 @@ q, k and v to ``F.scaled_dot_product_attention`` (torch's MHA to ``F.multi_head_
 evaluate ourselves from its own weights). The attention the layer uses is softmax(q kᵀ · scale + bias) of exactly
 those arguments: q and k after RoPE and q/k-norm, the relative-position bias or mask passed as ``attn_mask``.
 
-So the capture pushes a thread-local ``TorchFunctionMode`` from each attention module's forward pre-hook to the end
-of that module (an ``always_call`` forward hook pops it, also when the module raises) and, at that call:
+So the capture marks each attention module as running, on the calling thread, from its forward pre-hook to its end
+(an ``always_call`` forward hook unmarks it, also when the module raises). While any capture is open,
+``F.scaled_dot_product_attention`` is replaced by a function that hands the call to the capture of the innermost
+marked module on this thread, and is torch's own function otherwise (one thread-local lookup); the last capture to
+close puts torch's function back. torch's ``nn.MultiheadAttention`` is marked
+with a thread-local ``TorchFunctionMode`` instead, which also turns off torch's fused MHA fast path. At that call
+the capture:
 
 - records q and k (and the additive bias) of the layer, [B, H, N, d] each;
 - with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
@@ -23,7 +28,7 @@ and the layer is listed in :attr:`AttentionCapture.unexact_layers` with the reas
 timm's ``Attention`` with ``fused_attn`` off never calls SDPA; its q and k are read at ``q_norm``/``k_norm`` and a
 consumer is fed from them at the end of the layer (:attr:`AttentionCapture.replayed_layers`).
 
-Hooks and the mode live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
+Hooks and marks live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
 analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises.
 No model flag is changed.
 """
@@ -31,6 +36,7 @@ No model flag is changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
@@ -235,8 +241,10 @@ def ablate_head_output(heads: torch.Tensor, mask: torch.Tensor, mode: str = "zer
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-class _LayerMode(TorchFunctionMode):
-    """On this thread's stack while one attention module runs: routes its SDPA (or MHA) call to the capture."""
+class _MHAMode(TorchFunctionMode):
+    """On this thread's stack while one ``nn.MultiheadAttention`` runs: routes its ``F.multi_head_attention_forward``
+    call to the capture. A mode (not the SDPA route below) because an active mode also turns off torch's fused MHA
+    fast path (``torch._native_multi_head_attention``), which would bypass that call in eval mode."""
 
     def __init__(self, capture: AttentionCapture, layer: int) -> None:
         super().__init__()
@@ -244,14 +252,76 @@ class _LayerMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = dict(zip(_SDPA_PARAMS, args, strict=False), **kwargs)
-            return self.capture._attention_call(self.layer, call, lambda: func(*args, **kwargs))
         if func is F.multi_head_attention_forward:
             out = self.capture._mha_call(self.layer, args, kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+
+class _Route(threading.local):
+    """Per thread: the (capture, layer) of every attention module running now, innermost last, and while one of them
+    handles a call, its level (calls made inside the handler go to the levels below it)."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[AttentionCapture, int]] = []
+        self.top: int | None = None
+
+
+_ROUTE = _Route()
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_INSTALL_LOCK = threading.Lock()
+
+
+def _route_sdpa(args: tuple, kwargs: dict, level: int | None = None) -> Any:
+    r = _ROUTE
+    if level is None:
+        level = (len(r.stack) if r.top is None else r.top) - 1
+    if level < 0:
+        return _ORIGINAL_SDPA(*args, **kwargs)
+    capture, layer = r.stack[level]
+    outer, r.top = r.top, level
+    try:
+        call = dict(zip(_SDPA_PARAMS, args, strict=False), **kwargs)
+        return capture._attention_call(layer, call, lambda: _route_sdpa(args, kwargs, level - 1))
+    finally:
+        r.top = outer
+
+
+@functools.wraps(_ORIGINAL_SDPA)
+def _scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+    # vizapp's capture point (see the module docstring): torch's own function whenever no capture runs an attention
+    # module on this thread, at the cost of one thread-local lookup
+    if not _ROUTE.stack:
+        return _ORIGINAL_SDPA(*args, **kwargs)
+    return _route_sdpa(args, kwargs)
+
+
+_users = 0  # captures open now, on any thread
+
+
+def _acquire() -> None:
+    """Route ``F.scaled_dot_product_attention`` through vizapp while any capture is open (any thread).
+
+    Every supported attention module calls it as ``F.scaled_dot_product_attention`` /
+    ``torch.nn.functional.scaled_dot_product_attention``, so replacing the module attribute reaches them all. Catching
+    the call this way costs nothing per other op, where a TorchFunctionMode held over the attention module's forward
+    sees every op in it (DINOv3-B on 2 CPU threads: 6.8 ms of a 266 ms forward, mostly its RoPE ops). Other threads'
+    calls meanwhile reach torch's function after one thread-local lookup; when the last capture closes, torch's own
+    function is put back.
+    """
+    global _users
+    with _INSTALL_LOCK:
+        _users += 1
+        F.scaled_dot_product_attention = _scaled_dot_product_attention
+
+
+def _release() -> None:
+    global _users
+    with _INSTALL_LOCK:
+        _users -= 1
+        if _users == 0:
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
 class AttentionCapture:
@@ -335,7 +405,8 @@ class AttentionCapture:
         self.unexact_layers: dict[int, str] = {}
         self._called: set[int] = set()
         self._packed: torch.Tensor | None = None
-        self._modes: list[_LayerMode] = []
+        self._modes: list[_MHAMode] = []
+        self._routing = False  # this capture holds the SDPA route open (see _acquire)
         self._handles: list[Any] = []
         self._owner: int | None = None
 
@@ -484,9 +555,12 @@ class AttentionCapture:
                 self._called.discard(layer)
                 self._shaped.discard(layer)
                 self.q[layer] = self.k[layer] = self.maps[layer] = self.head_outputs[layer] = None
-                mode = _LayerMode(self, layer)
-                mode.__enter__()
-                self._modes.append(mode)
+                if isinstance(_mod, torch.nn.MultiheadAttention):
+                    mode = _MHAMode(self, layer)
+                    mode.__enter__()
+                    self._modes.append(mode)
+                else:
+                    _ROUTE.stack.append((self, layer))
 
         return hook
 
@@ -494,8 +568,12 @@ class AttentionCapture:
         def hook(mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
             if not self._mine():
                 return
-            if self._modes:
-                self._modes.pop().__exit__(None, None, None)  # also when the module raised (always_call)
+            # also when the module raised (always_call)
+            if isinstance(mod, torch.nn.MultiheadAttention):
+                if self._modes:
+                    self._modes.pop().__exit__(None, None, None)
+            else:
+                self._unroute(layer)
             if layer not in self._called:
                 if self.q[layer] is None or self.k[layer] is None:
                     raise UnsupportedModelError(
@@ -524,6 +602,15 @@ class AttentionCapture:
 
         return hook
 
+    def _unroute(self, layer: int | None = None) -> None:
+        """Take this capture's entry for ``layer`` (every entry when None) off this thread's route stack."""
+        stack = _ROUTE.stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self and (layer is None or stack[i][1] == layer):
+                del stack[i]
+                if layer is not None:
+                    return
+
     def _block_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
             if self._mine():
@@ -544,6 +631,9 @@ class AttentionCapture:
         from timm.layers import Attention
 
         self._owner = threading.get_ident()
+        if not self._routing:
+            _acquire()
+            self._routing = True
         self.inline_layers, self.replayed_layers, self.unexact_layers = set(), set(), {}
         try:
             for i, m in enumerate(self.modules):
@@ -567,9 +657,13 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._routing:
+            self._routing = False
+            _release()
         if threading.get_ident() == self._owner:
             while self._modes:
                 self._modes.pop().__exit__(None, None, None)
+            self._unroute()
 
     # -- results -------------------------------------------------------------------------------------------------
     def _check(self, layer: int) -> None:
