@@ -18,7 +18,7 @@ from vizapp.analysis import (
     rollout,
     uniform_reference_distance,
 )
-from vizapp.analysis.rollout import discard_lowest
+from vizapp.analysis.rollout import discard_lowest, fuse_heads
 
 # ---------------------------------------------------------------------------------------------------- rollout
 
@@ -61,6 +61,38 @@ def test_head_fusions():
     assert m.shape == n.shape == (4, 4)
     with pytest.raises(ValueError, match="head_fusion"):
         rollout(a, 1, head_fusion="median")
+
+
+def test_head_fusion_in_chunks_by_hand():
+    """Two heads of a 1x2 attention, fused by hand; the first chunk of rows is written, later ones folded in, in either
+    order of heads, and the layer statistics' fusion equals the whole-head fusion whatever the chunking."""
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, start_fusion
+    from vizapp.streaming import LayerStatistics
+
+    a = torch.tensor([[[0.25, 0.75]], [[0.5, 0.5]]])  # [H=2, r=1, N=2]
+    expected = {"mean": [[0.375, 0.625]], "max": [[0.5, 0.75]], "min": [[0.25, 0.5]]}
+    for f, want in expected.items():
+        out = finish_fusion(start_fusion(torch.empty(1, 2), a, f), 2, f)
+        assert out.tolist() == want
+        folded = fuse_heads_into(torch.full((1, 2), FUSION_START[f]), a, f)
+        assert finish_fusion(folded, 2, f).tolist() == want
+        later_first = fuse_heads_into(start_fusion(torch.empty(1, 2), a[1:], f), a[:1], f)
+        assert finish_fusion(later_first, 2, f).tolist() == want
+    attn = random_attention(3, 1, 4, 5)[0]  # [H=4, N=5], 1 prefix token + a 2x2 grid
+    dist = patch_distance_matrix((2, 2), (16, 16))
+    whole = LayerStatistics([4], 5, dist, 1, ("mean", "max"))
+    whole.chunk(0, 0, 0, attn, 0)
+    whole.layer_done(0)
+    parts = LayerStatistics([4], 5, dist, 1, ("mean", "max"))
+    for h0 in (0, 2):  # heads in two chunks, rows in two blocks (as attention_chunks hands them over)
+        for r0 in (0, 3):
+            parts.chunk(0, 0, h0, attn[h0 : h0 + 2, r0 : r0 + 3], r0)
+    parts.layer_done(0)
+    for f in ("mean", "max"):
+        torch.testing.assert_close(parts.fused[f][0], whole.fused[f][0])
+        torch.testing.assert_close(whole.fused[f][0], fuse_heads(attn, f))
+    torch.testing.assert_close(parts.distances[0], whole.distances[0])
 
 
 def random_attention(seed: int, layers: int, heads: int, n: int, peak: float = 3.0) -> torch.Tensor:

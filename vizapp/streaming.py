@@ -16,7 +16,7 @@ import torch
 from vizapp import limits
 from vizapp.analysis.distance import BlockDistanceTerms
 from vizapp.analysis.headstats import row_entropy, token_norm_stats
-from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step
+from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step, start_fusion
 from vizapp.capture import attention_chunks
 
 TINY = torch.finfo(torch.float32).tiny
@@ -59,6 +59,7 @@ class LayerStatistics:
         self.valid = True  # False once a chunk could not be used (a batch of several images, a token mismatch)
         self._num = self._den = None
         self._acc: dict[str, torch.Tensor] = {}
+        self._started: set[int] = set()
 
     # AttentionConsumer
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
@@ -70,14 +71,17 @@ class LayerStatistics:
             dev = attn.device
             self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
             self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._acc = {f: torch.full((n, n), FUSION_START[f], device=dev) for f in (*self.kept, "mean")}
+            self._acc = {f: torch.empty((n, n), device=dev) for f in dict.fromkeys((*self.kept, "mean"))}
+            self._started = set()  # row blocks whose fusion holds some heads already
         terms = self.terms(attn, row)
         if terms is not None:
             q0, q1, num, den = terms
             self._num[head : head + c, q0:q1] = num
             self._den[head : head + c, q0:q1] = den
+        first = row not in self._started
+        self._started.add(row)
         for f, acc in self._acc.items():
-            fuse_heads_into(acc[row : row + r], attn, f)
+            (start_fusion if first else fuse_heads_into)(acc[row : row + r], attn, f)
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:

@@ -31,6 +31,19 @@ def fuse_heads_into(acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "m
     raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
 
 
+def start_fusion(out: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """The running fusion ``out`` [..., r, N] of the first heads of these rows, written (not folded) from ``attn``
+    [..., c, r, N]: what :func:`fuse_heads_into` gives from an accumulator at :data:`FUSION_START`, without filling it
+    first. Later chunks of the same rows are folded in with :func:`fuse_heads_into`."""
+    if head_fusion == "mean":
+        return torch.sum(attn, dim=-3, out=out)
+    if head_fusion == "max":
+        return torch.amax(attn, dim=-3, out=out)
+    if head_fusion == "min":
+        return torch.amin(attn, dim=-3, out=out)
+    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
 def finish_fusion(acc: torch.Tensor, num_heads: int, head_fusion: str) -> torch.Tensor:
     """The fused attention from an accumulator that has seen all ``num_heads`` heads (in place)."""
     return acc.div_(num_heads) if head_fusion == "mean" else acc
