@@ -43,9 +43,14 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     plain = vizapp.analyze(vm, img)
     calls = []
     monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
-    monkeypatch.setattr(vm.graphs, "get", lambda key, fn, x, stage=None: calls.append(key) or _EagerGraph(fn, x, stage))
+    monkeypatch.setattr(
+        vm.graphs,
+        "get",
+        lambda key, fn, x, stage=None, keep=None: calls.append(keep) or _EagerGraph(fn, x, stage),
+    )
     staged = vizapp.analyze(vm, img)
-    assert len(calls) == 1
+    # the graph keeps the pass's constants (distances, rollout weights) alive: it reads their memory on every replay
+    assert len(calls) == 1 and isinstance(calls[0], pipeline._PassSetup)
     np.testing.assert_array_equal(staged.probs, plain.probs)
     np.testing.assert_array_equal(staged.mean_distance, plain.mean_distance)
     np.testing.assert_array_equal(staged.block_norms, plain.block_norms)
@@ -66,6 +71,17 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     assert (fused in staged._cache) == (fused in plain._cache)
     if fused in plain._cache:
         torch.testing.assert_close(staged._cache[fused], plain._cache[fused], atol=0, rtol=0)
+
+
+def test_pass_constants_are_made_once_per_model_and_grid(monkeypatch):
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    a = pipeline._PassSetup.of(vm, (2, 2), True, False)
+    b = pipeline._PassSetup.of(vm, (2, 2), False, False)
+    assert b.dist is a.dist and b.weights is a.weights and not b.inline
+    assert pipeline._PassSetup.of(vm, (2, 3), True, False).dist.shape == (6, 6)
+    assert a.weights.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # the CLS row
+    monkeypatch.setattr(limits, "FUSED_CACHE_LIMIT_BYTES", 0)  # the byte budgets are read every time
+    assert a.keep_fused and not pipeline._PassSetup.of(vm, (2, 2), True, False).keep_fused
 
 
 def test_only_the_plain_gpu_pass_is_graphed():
@@ -92,7 +108,7 @@ class _FakePass:
     fail_staged = False
     fail_all = False
 
-    def __init__(self, fn, example, stage=None):
+    def __init__(self, fn, example, stage=None, keep=None):
         if self.fail_all or (self.fail_staged and stage is not None):
             raise RuntimeError("operation not permitted when stream is capturing\nmore")
         self.stage = stage

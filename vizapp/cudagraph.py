@@ -50,6 +50,8 @@ class GraphedPass:
             one pinned host buffer (page-locked memory, which a device copies to at full speed, while an ordinary
             copy to pageable memory ran at about 3.3 GB/s on the H200 machine); :meth:`run` hands out copies of
             them in ordinary memory.
+        keep: whatever holds the device tensors ``fn`` reads that were made outside it (constants prepared before
+            the recording): the graph reads their memory on every replay, so they are kept alive with it.
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class GraphedPass:
         fn: Callable[[torch.Tensor], Any],
         example: torch.Tensor,
         stage: Callable[[Any], list[torch.Tensor]] | None = None,
+        keep: Any = None,
     ) -> None:
         device = example.device
+        self._keep = keep
         self.input = example.detach().clone()
         self.graph = torch.cuda.CUDAGraph()
         self._lock = threading.Lock()
@@ -100,11 +104,11 @@ class GraphedPass:
 
 
 def _record(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, stage: Callable[[Any], list[torch.Tensor]] | None
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, stage: Callable[[Any], list[torch.Tensor]] | None, keep: Any
 ) -> GraphedPass | str:
     """A :class:`GraphedPass`, or why it could not be recorded."""
     try:
-        return GraphedPass(fn, x, stage)
+        return GraphedPass(fn, x, stage, keep)
     except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync or a copy from pageable memory inside fn
         torch.cuda.synchronize(x.device)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -129,16 +133,17 @@ class GraphCache:
         fn: Callable[[torch.Tensor], Any],
         x: torch.Tensor,
         stage: Callable[[Any], list[torch.Tensor]] | None = None,
+        keep: Any = None,
     ) -> GraphedPass | None:
         """The graph of ``fn`` for ``key`` (see :class:`GraphedPass`), recorded now from ``x`` if needed; None when it
         cannot be recorded."""
         with self._lock:
             found = self._graphs.get(key)
             if found is None:
-                found = _record(fn, x, stage)
+                found = _record(fn, x, stage, keep)
                 if isinstance(found, str) and stage is not None:  # the staging copies failed: results copied after
                     staged_failure = found
-                    found = _record(fn, x, None)
+                    found = _record(fn, x, None, keep)
                     self.notes.append(f"recorded without host staging ({staged_failure})")
                 self._graphs[key] = found
                 while len(self._graphs) > max(1, limits.CUDA_GRAPHS):
