@@ -41,8 +41,9 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     vm = small_model(name, **kwargs)
     img = random_image(3)
     plain = vizapp.analyze(vm, img)
-    calls = []
+    calls, grad, real = [], [], pipeline._device_pass
     monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
+    monkeypatch.setattr(pipeline, "_device_pass", lambda *a: grad.append(torch.is_grad_enabled()) or real(*a))
     monkeypatch.setattr(
         vm.graphs,
         "get",
@@ -51,6 +52,7 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     staged = vizapp.analyze(vm, img)
     # the graph keeps the pass's constants (distances, rollout weights) alive: it reads their memory on every replay
     assert len(calls) == 1 and isinstance(calls[0], pipeline._PassSetup)
+    assert grad == [False]  # the recorded pass keeps nothing for autograd
     np.testing.assert_array_equal(staged.probs, plain.probs)
     np.testing.assert_array_equal(staged.mean_distance, plain.mean_distance)
     np.testing.assert_array_equal(staged.block_norms, plain.block_norms)

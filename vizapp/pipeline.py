@@ -809,9 +809,12 @@ def analyze(
     graphed = None
     if _graphable(vm, setup):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
-        graphed = vm.graphs.get(
-            key, lambda xs: _device_pass(vm, xs, setup), x_dev, stage=_DeviceResult.staged, keep=setup
-        )
+
+        def plain_pass(xs: torch.Tensor) -> _DeviceResult:
+            with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
+                return _device_pass(vm, xs, setup)
+
+        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_DeviceResult.staged, keep=setup)
     if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
         with graphed.run(x_dev) as (out, staged):
             host = out.to_host() if staged is None else out.from_staged(staged)
