@@ -134,7 +134,8 @@ materialised, so the forward's activations are O(B·N·max(3D, M)) floats per la
 measured sources, see the hashes above):
 
 * the attention is formed once, inside the forward: `capture.AttentionCapture` catches this thread's SDPA call in
-  each attention module (a thread-local `TorchFunctionMode`, additive bias included) and computes softmax(q kᵀ·scale
+  each attention module (`F.scaled_dot_product_attention` routed per thread while a capture is open, additive bias
+  included) and computes softmax(q kᵀ·scale
   + bias) and A·v itself through `capture.attention_chunks`, c heads x r query rows at a time, sized by
   `vizapp.limits.chunk_shape` from `limits.chunk_bytes(device)` (on the CPU `INLINE_CHUNK_BYTES`, 3 MiB: all 12
   heads of ViT-B/224, 2 of ViT-L/384, 1 at 1,374 tokens; one head is split into row blocks only beyond 2,048
