@@ -296,7 +296,7 @@ def test_naflex_keeps_each_images_aspect_ratio_within_its_patch_budget(tmp_path)
     name, kwargs = next((n, k) for fid, n, k in TIMM if fid == "naflex")
     vm = vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)
     budget = vm.grid_size[0] * vm.grid_size[1]  # 4 x 3 at the configured 64 x 48
-    wide, tall = random_image(1, size=(60, 160)), random_image(2, size=(160, 60))  # PIL sizes are (W, H)
+    wide, tall = random_image(1, size=(60, 160)), random_image(2, size=(160, 60))  # (rows, columns)
     for img, landscape in ((wide, True), (tall, False)):
         x = vm.transform(img)
         gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])

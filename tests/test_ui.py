@@ -333,6 +333,11 @@ def test_cost_of_slow_operations_is_shown_before_they_run(analysed):
 # -- other model families in the app, the Features tab, position views per scheme -----------------------------------
 
 DINOV3 = ("vit_small_patch16_dinov3", dict(img_size=64, depth=2))  # RoPE, CLS + 4 registers, no classifier
+# NaFlexViT configured at 64 x 48 (12 patches of 16): one image keeps its own aspect ratio within those 12 patches
+NAFLEX = (
+    "naflexvit_base_patch16_gap",
+    dict(depth=2, embed_dim=64, num_heads=4, pretrained_cfg_overlay=dict(input_size=(3, 64, 48))),
+)
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +351,7 @@ def random_timm_in_app():
         "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=3),
         "beit_base_patch16_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
         "vit_base_patch16_rope_mixed_224": dict(img_size=48, depth=2, embed_dim=64, num_heads=4),
+        NAFLEX[0]: NAFLEX[1],
     }
 
     original = ui.handlers._load
@@ -425,6 +431,28 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     exact = ui.run_importance(st, "exact", "zero", None, progress=_noprogress)
     assert [t.type for t in exact.importance.data] == ["heatmap"] and exact.importance.data[0].z.shape == (2, 6)
     assert exact.state["importance"]["score"] == "1 - cos"
+
+
+def test_naflex_in_the_app_keeps_the_photo_aspect_ratio(random_timm_in_app, tmp_path):
+    from conftest import random_image
+
+    path = tmp_path / "wide.png"
+    random_image(8, size=(60, 160)).save(path)  # 60 rows, 160 columns: a wide photo
+    out = ui.analyze_image(str(path), NAFLEX[0], progress=_noprogress)
+    r = out.state["analysis"]
+    gh, gw = r.grid_size
+    assert gw > gh and gh * gw <= 12 and f"{gh}x{gw} patches" in out.status
+    assert out.rollout.data[1].z.shape == (gh, gw)
+    assert out.heads.data[0].type == "heatmap"
+    # a click on the right edge of the (wide) model view picks the last column
+    s = ui.views.query_image_scale(r)
+    click = SimpleNamespace(index=[gw * r.patch_size[1] * s - 1, 0])
+    picked = ui.select_patch(out.state, click)
+    assert (picked[1], picked[2]) == (0, gw - 1)
+    heads = ui.render_heads(out.state, 0, picked[0], picked[1], picked[2], True, 1, 0.5)
+    assert heads.state["query"] == (0, gw - 1)
+    a = r.attention(0, head=1, query=(0, gw - 1))  # [gh, gw], drawn scaled to [0, 1] per head
+    np.testing.assert_allclose(heads.focus.data[1].z, (a - a.min()) / (a.max() - a.min()), atol=1e-5)
 
 
 def test_position_views_per_scheme(random_timm_in_app):
