@@ -269,6 +269,7 @@ class _Route(threading.local):
 
 
 _ROUTE = _Route()
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)  # 72 us to build; built once, not per layer
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _INSTALL_LOCK = threading.Lock()
 
@@ -512,7 +513,7 @@ class AttentionCapture:
     def _mha_call(self, layer: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:
         """torch's ``F.multi_head_attention_forward`` for plain self-attention, evaluated from the module's own
         weights with the attention formed here; None (let torch run it) for anything else."""
-        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         plain = (
