@@ -641,32 +641,15 @@ def _graphable(vm: VizModel, setup: _PassSetup) -> bool:
 
 
 @dataclass
-class _HostResult:
-    """A device pass's results on the CPU."""
+class _PassResult:
+    """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed), or the same
+    on the CPU (:meth:`to_host`)."""
 
-    logits: torch.Tensor  # [K]
+    logits: torch.Tensor  # [K] detached
     rollout: torch.Tensor  # [P] the default rollout of the patches
     distances: torch.Tensor  # [L, H]
     norms: torch.Tensor  # [L, N]
     lens: torch.Tensor | None  # [L, K]
-    fused_mean: torch.Tensor | None  # [L, N, N]
-    biases: tuple[torch.Tensor | None, ...]
-    outputs: dict[int, torch.Tensor]
-    q: tuple[torch.Tensor, ...]
-    k: tuple[torch.Tensor, ...]
-    scales: tuple[float, ...]
-    replayed: tuple[int, ...]
-
-
-@dataclass
-class _DeviceResult:
-    """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed)."""
-
-    logits: torch.Tensor  # [K] detached
-    rollout: torch.Tensor
-    distances: torch.Tensor
-    norms: torch.Tensor
-    lens: torch.Tensor | None
     fused_mean: list[torch.Tensor] | None  # per layer [N, N]
     biases: tuple[torch.Tensor | None, ...]
     outputs: dict[int, torch.Tensor]
@@ -689,23 +672,31 @@ class _DeviceResult:
         """What a CUDA graph copies to its pinned host buffer: :meth:`parts`, then q and k of every layer."""
         return [*self.parts(), *self.q, *self.k]
 
-    def from_host(self, parts: list[torch.Tensor], q: tuple, k: tuple) -> _HostResult:
+    def from_host(self, parts: list[torch.Tensor], q: tuple, k: tuple) -> _PassResult:
+        """This result with :meth:`parts` and q, k replaced by their copies on the host."""
         host = iter(parts)
         logits, rollout, distances, norms = (next(host) for _ in range(4))
-        lens = None if self.lens is None else next(host)
-        fused = None if self.fused_mean is None else torch.stack([next(host) for _ in self.fused_mean])
-        biases = tuple(None if b is None else next(host) for b in self.biases)
-        outputs = {i: next(host) for i in sorted(self.outputs)}
-        return _HostResult(
-            logits, rollout, distances, norms, lens, fused, biases, outputs, q, k, self.scales, self.replayed
+        return _PassResult(
+            logits=logits,
+            rollout=rollout,
+            distances=distances,
+            norms=norms,
+            lens=None if self.lens is None else next(host),
+            fused_mean=None if self.fused_mean is None else [next(host) for _ in self.fused_mean],
+            biases=tuple(None if b is None else next(host) for b in self.biases),
+            outputs={i: next(host) for i in sorted(self.outputs)},
+            q=q,
+            k=k,
+            scales=self.scales,
+            replayed=self.replayed,
         )
 
-    def from_staged(self, host: list[torch.Tensor]) -> _HostResult:
+    def from_staged(self, host: list[torch.Tensor]) -> _PassResult:
         """The result from :meth:`staged`'s tensors on the host."""
         n, layers = len(host) - 2 * len(self.q), len(self.q)
         return self.from_host(host[:n], tuple(host[n : n + layers]), tuple(host[n + layers :]))
 
-    def to_host(self) -> _HostResult:
+    def to_host(self) -> _PassResult:
         """Copy to the CPU: everything but q and k in one copy (on a GPU each copy waits for it), q and k per layer
         (see :meth:`AttentionCapture.qk_on_cpu`)."""
         q = tuple(t.cpu().contiguous() for t in self.q)
@@ -722,7 +713,7 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
-def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceResult:
+def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _PassResult:
     """One forward of ``x`` [1, C, H, W] with capture, and every statistic the analysis keeps, left on the device.
 
     Nothing here waits for the device, so the pass can be recorded as a CUDA graph.
@@ -750,7 +741,7 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _DeviceRes
     if not stats.complete():
         raise RuntimeError("the attention of some layer never reached vizapp's statistics")
     q, k = cap.qk_on_device()
-    return _DeviceResult(
+    return _PassResult(
         logits=logits.detach()[0],
         rollout=stats.rollout_row(setup.weights)[p:].float(),
         distances=torch.stack(stats.distances).float(),
@@ -810,11 +801,11 @@ def analyze(
     if _graphable(vm, setup):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
 
-        def plain_pass(xs: torch.Tensor) -> _DeviceResult:
+        def plain_pass(xs: torch.Tensor) -> _PassResult:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
                 return _device_pass(vm, xs, setup)
 
-        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_DeviceResult.staged, keep=setup)
+        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_PassResult.staged, keep=setup)
     if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
         with graphed.run(x_dev) as (out, staged):
             host = out.to_host() if staged is None else out.from_staged(staged)
@@ -861,7 +852,7 @@ def analyze(
         graph=graph,
     )
     if host.fused_mean is not None:
-        result._cache[("fused", "mean")] = host.fused_mean  # [L, N, N]
+        result._cache[("fused", "mean")] = torch.stack(host.fused_mean)  # [L, N, N]
     result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(host.rollout)
     if progress:
         progress(1.0, "done")
