@@ -864,8 +864,8 @@ def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold
 
     Args:
         vm: a model from :func:`vizapp.load_model`.
-        images: a sequence of images (PIL, bytes, paths or arrays, decoded safely), all at the model's input size
-            after its transform.
+        images: a sequence of images (PIL, bytes, paths or arrays, decoded safely), each brought to the model's
+            configured input size by :attr:`VizModel.batch_transform` (a NaFlexViT's, too).
         layer: the block whose output features are used (default: the last).
         foreground_threshold: as in :meth:`Analysis.feature_pca`.
 
