@@ -481,3 +481,37 @@ def test_throughput_table_on_a_folder(tmp_path, capsys):
     ]
     assert [line.split(" | ")[1] for line in table] == ["4", "4", "3", "2"]  # the folder holds 3 images
     assert table[0].endswith(" | 1.000× |")
+
+
+def test_naflex_images_are_evaluated_at_their_own_aspect_ratio(evaluator, monkeypatch):
+    """A NaFlexViT's images keep their aspect ratios in the evaluation, as in vizapp.analyze: images of one shape share
+    a forward, and each row equals analyze of that image alone."""
+    from conftest import random_image
+
+    import vizapp
+
+    torch.manual_seed(0)
+    vm = vizapp.load_model(
+        "naflexvit_base_patch16_gap",
+        pretrained=False,
+        device="cpu",
+        depth=2,
+        embed_dim=64,
+        num_heads=4,
+        num_classes=3,
+        pretrained_cfg_overlay=dict(input_size=(3, 64, 48)),
+    )
+    monkeypatch.setattr(evaluator, "vm", vm)
+    sizes = [(60, 160), (160, 60), (60, 160)]  # wide, tall, wide: two shapes in one batch
+    pixels = [np.asarray(random_image(i, size=s)) for i, s in enumerate(sizes)]
+    items = [{"id": f"img{i}", "source": f"img{i}.png", "target": 0} for i in range(3)]
+    rows = evaluator.evaluate_batch(items, pixels)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    grids = set()
+    for px, row in zip(pixels, rows, strict=True):
+        r = vizapp.analyze(vm, px)
+        grids.add(r.grid_size)
+        assert row["prob_pred"] == pytest.approx(float(np.max(r.probs)), rel=1e-5)
+        got = [row[f"distance.l{layer}.h{h}"] for layer in range(2) for h in range(4)]
+        np.testing.assert_allclose(got, r.mean_distance.ravel(), rtol=1e-5, atol=1e-5)
+    assert len(grids) == 2  # a wide and a tall grid

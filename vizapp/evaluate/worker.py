@@ -154,7 +154,7 @@ class Evaluator:
         """The model's input [C, H, W] for RGB pixels, exactly as :func:`vizapp.analyze` forms it."""
         from vizapp.imageio import decode_image
 
-        x = self.vm.batch_transform(decode_image(pixels).image)
+        x = self.vm.transform(decode_image(pixels).image)
         return x[0] if x.dim() == 4 else x
 
     def _statistics(
