@@ -204,6 +204,12 @@ def feed(
     consumer.layer_done(layer)
 
 
+def host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Each tensor on the CPU, contiguous, one copy each (none for contiguous CPU tensors); see
+    :meth:`AttentionCapture.qk_on_cpu` for why q and k come from a GPU one layer at a time."""
+    return tuple(t.cpu().contiguous() for t in tensors)
+
+
 def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """SDPA's ``attn_mask`` as an additive fp32 bias [B or 1, H or 1, N, N] (boolean: False -> -inf)."""
     if mask is None:
@@ -693,8 +699,7 @@ class AttentionCapture:
         against 53.8 ms with per-layer copies, and ViT-B/16 32.8 against 24.8 ms, in two sessions; docs/gpu.md).
         The fast path on a GPU is a CUDA graph that stages its results in pinned memory (:mod:`vizapp.cudagraph`).
         """
-        q, k = self.qk_on_device(image)
-        return tuple(t.cpu().contiguous() for t in q), tuple(t.cpu().contiguous() for t in k)
+        return tuple(map(host_copies, self.qk_on_device(image)))
 
     def attention(self, layer: int) -> torch.Tensor:
         """Post-softmax attention of ``layer``, [B, H, N, N] float32, on the model's device."""

@@ -160,9 +160,5 @@ class GraphCache:
         """Why each failed recording failed."""
         return [g for g in self._graphs.values() if isinstance(g, str)]
 
-    def clear(self) -> None:
-        with self._lock:
-            self._graphs.clear()
-
     def __len__(self) -> int:
         return sum(isinstance(g, GraphedPass) for g in self._graphs.values())

@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 from vizapp import cudagraph, limits
-from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.capture import AttentionCapture, attention_from_qk, host_copies
 from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
@@ -597,24 +596,23 @@ class _PassSetup:
         """The setup for ``grid``; its two tensors are made once per model, grid and device (they are only read)."""
         p = vm.num_prefix_tokens
         n = p + grid[0] * grid[1]
-        key = ("pass constants", tuple(grid), str(vm.device))
-        consts = vm._digest.get(key)
-        if consts is None:
+        key = ("rollout row weights", tuple(grid), str(vm.device))
+        weights = vm._digest.get(key)
+        if weights is None:
             weights = torch.zeros(n, dtype=torch.float64)
             if vm.has_class_token:
                 weights[0] = 1.0
             else:
                 weights[p:] = 1.0 / (n - p)
-            dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32)
-            consts = vm._digest[key] = (dist.to(vm.device), weights.to(vm.device))
+            weights = vm._digest[key] = weights.to(vm.device)
         layer_bytes = vm.num_layers * n * n * 4
         return cls(
             grid=tuple(grid),
             n=n,
             keep_fused=layer_bytes <= limits.FUSED_CACHE_LIMIT_BYTES,
             store_mean=layer_bytes <= limits.ROLLOUT_STORE_LIMIT_BYTES,
-            dist=consts[0],
-            weights=consts[1],
+            dist=vm.patch_distances(grid),
+            weights=weights,
             inline=inline,
             gradients=gradients,
         )
@@ -699,9 +697,7 @@ class _PassResult:
     def to_host(self) -> _PassResult:
         """Copy to the CPU: everything but q and k in one copy (on a GPU each copy waits for it), q and k per layer
         (see :meth:`AttentionCapture.qk_on_cpu`)."""
-        q = tuple(t.cpu().contiguous() for t in self.q)
-        k = tuple(t.cpu().contiguous() for t in self.k)
-        return self.from_host(to_host(self.parts()), q, k)
+        return self.from_host(to_host(self.parts()), host_copies(self.q), host_copies(self.k))
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vizapp.analysis.distance import patch_distance_matrix, uniform_reference_distance
+from vizapp.analysis.distance import uniform_reference_distance
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
@@ -160,8 +160,7 @@ def collect_stats(
     model, device = vm.model, vm.device
     _, in_h, in_w = vm.input_size
     grid = vm.grid_for(int(in_h), int(in_w))
-    dist = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(device)
-    reducer = DatasetDistances(vm.num_layers, vm.num_heads, dist, vm.num_prefix_tokens)
+    reducer = DatasetDistances(vm.num_layers, vm.num_heads, vm.patch_distances(grid), vm.num_prefix_tokens)
     loader = DataLoader(
         ImageFileDataset(paths, vm.batch_transform),
         batch_size=batch_size,

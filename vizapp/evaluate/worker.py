@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.analysis.faithfulness import patch_order, random_order_saliency, step_counts, trapezoid_auc
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS, accuracy_auc, changed_masks, compose
 from vizapp.analysis.perturbation import perturbed_images as chefer_images
@@ -78,7 +77,6 @@ class Evaluator:
         if not pretrained:
             kwargs["pretrained"] = False
         self.vm = vizapp.load_model(model, **kwargs)
-        self._dist: dict[tuple[int, int], torch.Tensor] = {}  # patch distances per grid
         self.methods = list(methods)
         self.steps = int(steps)
         self.seed = int(seed)
@@ -189,10 +187,10 @@ class Evaluator:
 
         vm = self.vm
         grid = vm.grid_for(x.shape[-2], x.shape[-1])
-        if grid not in self._dist:
-            self._dist[grid] = patch_distance_matrix(grid, vm.patch_size, dtype=torch.float32).to(vm.device)
         p = vm.num_prefix_tokens
-        red = BatchStatistics(vm.num_layers, vm.num_heads, x.shape[0], p + grid[0] * grid[1], self._dist[grid], p)
+        red = BatchStatistics(
+            vm.num_layers, vm.num_heads, x.shape[0], p + grid[0] * grid[1], vm.patch_distances(grid), p
+        )
         with torch.no_grad(), AttentionCapture(vm.model, on_attention=red, on_block=red.block, keep_qk=False):
             logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
         if not red.complete():

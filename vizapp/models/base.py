@@ -128,6 +128,17 @@ class VizModel:
             if t is not None
         )
 
+    def patch_distances(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Distances in pixels between the patch centres of ``grid``, [P, P] float32 on the model's device, made once
+        per grid (callers only read it)."""
+        key = ("patch distances", tuple(grid), str(self.device))
+        dist = self._digest.get(key)
+        if dist is None:
+            from vizapp.analysis.distance import patch_distance_matrix
+
+            dist = self._digest[key] = patch_distance_matrix(grid, self.patch_size, dtype=torch.float32).to(self.device)
+        return dist
+
     @property
     def batch_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The transform for images that go through the model together: the same size for every image (the

@@ -157,7 +157,7 @@ def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any], C
         cfg["input_size"] = (int(cfg["input_size"][0]), *pair(pe.img_size))
         return create_transform(**cfg, is_training=False), cfg, None
     # NaFlexViT takes any grid: one image keeps its aspect ratio, within the patch budget of the configured input
-    # size (timm's own NaFlex resize: 384x384 at patch 16 -> at most 576 patches, e.g. 18x32 for a 9:16 photo).
+    # size (timm's own NaFlex resize: 384x384 at patch 16 -> at most 576 patches, e.g. 18x32 for a 16:9 photo).
     # Batches need one size, so they get the configured square.
     patch = pair(model.embeds.patch_size)
     budget = (int(cfg["input_size"][1]) // patch[0]) * (int(cfg["input_size"][2]) // patch[1])
