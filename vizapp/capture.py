@@ -158,13 +158,15 @@ def attention_chunks(
     h, n, _ = q.shape
     if work is None:
         work = torch.empty((heads, rows, n), dtype=torch.float32, device=q.device)
-    qs = q.float() * scale
+    qf = q.float()
     kt = k.float().transpose(-2, -1)
     for h0 in range(0, h, heads):
         m = min(heads, h - h0)
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
-            s = torch.matmul(qs[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], out=work[:m, :r])
+            # the scale inside the product (alpha) and beta=0, which ignores the buffer's old contents: no scaled
+            # copy of q per layer (ViT-Ti/16 on 2 CPU threads: 237 µs a layer, SDPA 228, q·scale then matmul 270)
+            s = work[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
             if bias is not None:
                 b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
                 s.add_(b[:, r0 : r0 + r])
@@ -412,6 +414,7 @@ class AttentionCapture:
         self.unexact_layers: dict[int, str] = {}
         self._called: set[int] = set()
         self._packed: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None  # the inline chunk buffer, shared by the layers
         self._modes: list[_MHAMode] = []
         self._routing = False  # this capture holds the SDPA route open (see _acquire)
         self._handles: list[Any] = []
@@ -499,7 +502,11 @@ class AttentionCapture:
     ) -> torch.Tensor:
         b, h, n, _ = q.shape
         c, rows = limits.chunk_shape(h, n, self._budget(q.device))
-        work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+        work = self._work
+        if work is None or work.shape != (c, rows, n) or work.device != q.device:
+            # one buffer for every layer of the forward (its layers' attention shapes are nearly always equal):
+            # a fresh one per layer is allocated and faulted in each time (ViT-Ti/16: 40 µs of a 280 µs layer)
+            work = self._work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
         out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
         with torch.no_grad():
             for i in range(b):
@@ -509,9 +516,9 @@ class AttentionCapture:
                     heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
                     self.on_attention.chunk(layer, i, h0, a, r0)
                     if out.dtype == torch.float32:
-                        torch.matmul(a, v32[heads], out=out[i, heads, block])
+                        torch.bmm(a, v32[heads], out=out[i, heads, block])
                     else:
-                        out[i, heads, block] = torch.matmul(a, v32[heads]).to(out.dtype)
+                        out[i, heads, block] = torch.bmm(a, v32[heads]).to(out.dtype)
         self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
         return out

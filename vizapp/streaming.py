@@ -52,12 +52,13 @@ class LayerStatistics:
         self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
         self.store_mean = store_mean or "mean" in fusions
         self.kept = tuple(dict.fromkeys((*fusions, "mean") if self.store_mean else fusions))
+        self._accumulated = tuple(dict.fromkeys((*self.kept, "mean")))  # the rollout needs the mean
         n_layers = len(self.heads)
         self.distances: list[torch.Tensor | None] = [None] * n_layers  # [H] per layer
         self.fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in self.kept}
         self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
         self.valid = True  # False once a chunk could not be used (a batch of several images, a token mismatch)
-        self._num = self._den = None
+        self._sums: torch.Tensor | None = None  # [2, H, P]: each patch query's distance numerator, denominator
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[int] = set()
 
@@ -69,15 +70,11 @@ class LayerStatistics:
             return
         if head == 0 and row == 0:
             dev = attn.device
-            self._num = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._den = torch.empty(self.heads[layer], n - self.p, device=dev)
-            self._acc = {f: torch.empty((n, n), device=dev) for f in dict.fromkeys((*self.kept, "mean"))}
+            self._sums = torch.empty((2, self.heads[layer], n - self.p), device=dev)
+            self._acc = {f: torch.empty((n, n), device=dev) for f in self._accumulated}
             self._started = set()  # row blocks whose fusion holds some heads already
-        terms = self.terms(attn, row)
-        if terms is not None:
-            q0, q1, num, den = terms
-            self._num[head : head + c, q0:q1] = num
-            self._den[head : head + c, q0:q1] = den
+        sums = self._sums[:, head : head + c]
+        self.terms(attn, row, into=(sums[0], sums[1]))
         first = row not in self._started
         self._started.add(row)
         for f, acc in self._acc.items():
@@ -86,7 +83,8 @@ class LayerStatistics:
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:
             return
-        self.distances[layer] = (self._num / self._den.clamp_min(TINY)).mean(dim=-1)
+        num, den = self._sums
+        self.distances[layer] = num.div_(den.clamp_min_(TINY)).mean(dim=-1)
         fused = {f: finish_fusion(acc, self.heads[layer], f) for f, acc in self._acc.items()}
         for f in self.kept:
             self.fused[f][layer] = fused[f]

@@ -36,13 +36,19 @@ def patch_distance_matrix(
 
 
 def distance_terms(
-    attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor | None = None
+    attn: torch.Tensor,
+    dist: torch.Tensor,
+    out: torch.Tensor | None = None,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_j a_ij·d_ij and Σ_j a_ij over the patch keys j, for patch-to-patch attention ``attn`` [..., Q, P] and
     distances ``dist`` [Q, P] -> ([..., Q], [..., Q]); their ratio is each query's renormalised mean distance.
-    ``out`` ([..., Q, P], optional) receives the product a·d so that no buffer is allocated per call."""
-    num = torch.mul(attn, dist, out=out).sum(dim=-1) if out is not None else (attn * dist).sum(dim=-1)
-    return num, attn.sum(dim=-1)
+    ``out`` ([..., Q, P], optional) receives the product a·d so that no buffer is allocated per call; the two sums
+    are written into ``into`` ([..., Q] each) when given."""
+    product = torch.mul(attn, dist, out=out) if out is not None else attn * dist
+    if into is None:
+        return product.sum(dim=-1), attn.sum(dim=-1)
+    return torch.sum(product, dim=-1, out=into[0]), torch.sum(attn, dim=-1, out=into[1])
 
 
 class BlockDistanceTerms:
@@ -59,7 +65,10 @@ class BlockDistanceTerms:
         self.p = num_prefix_tokens
         self._product: torch.Tensor | None = None
 
-    def __call__(self, attn: torch.Tensor, row: int) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+    def __call__(
+        self, attn: torch.Tensor, row: int, into: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+        """See the class; ``into`` ([c, P] each, optional): the sums go into their columns q0..q1."""
         c, r, _ = attn.shape
         p = self.p
         lo = max(row, p)
@@ -70,7 +79,8 @@ class BlockDistanceTerms:
         if buf is None or buf.shape[0] < c or buf.shape[1] < q1 - q0:
             shape = (c, q1 - q0) if buf is None else (max(c, buf.shape[0]), max(q1 - q0, buf.shape[1]))
             buf = self._product = torch.empty((*shape, self.dist.shape[-1]), dtype=attn.dtype, device=attn.device)
-        num, den = distance_terms(attn[:, lo - row :, p:], self.dist[q0:q1], out=buf[:c, : q1 - q0])
+        sums = None if into is None else (into[0][:, q0:q1], into[1][:, q0:q1])
+        num, den = distance_terms(attn[:, lo - row :, p:], self.dist[q0:q1], out=buf[:c, : q1 - q0], into=sums)
         return q0, q1, num, den
 
     def query_distances(
