@@ -160,13 +160,17 @@ def attention_chunks(
         work = torch.empty((heads, rows, n), dtype=torch.float32, device=q.device)
     qf = q.float()
     kt = k.float().transpose(-2, -1)
+    whole = heads >= h and rows >= n and work.shape[0] == h and work.shape[1] == n  # one chunk, no slicing
     for h0 in range(0, h, heads):
         m = min(heads, h - h0)
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
             # the scale inside the product (alpha) and beta=0, which ignores the buffer's old contents: no scaled
             # copy of q per layer (ViT-Ti/16 on 2 CPU threads: 237 µs a layer, SDPA 228, q·scale then matmul 270)
-            s = work[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
+            if whole:
+                s = work.baddbmm_(qf, kt, beta=0.0, alpha=scale)
+            else:
+                s = work[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
             if bias is not None:
                 b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
                 s.add_(b[:, r0 : r0 + r])
@@ -508,17 +512,20 @@ class AttentionCapture:
             # a fresh one per layer is allocated and faulted in each time (ViT-Ti/16: 40 µs of a 280 µs layer)
             work = self._work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
         out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+        fp32 = out.dtype == torch.float32
         with torch.no_grad():
             for i in range(b):
-                v32 = v[i].float()
+                v32, out_i = v[i].float(), out[i]
                 bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
                 for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                    heads, block = slice(h0, h0 + a.shape[0]), slice(r0, r0 + a.shape[1])
                     self.on_attention.chunk(layer, i, h0, a, r0)
-                    if out.dtype == torch.float32:
-                        torch.bmm(a, v32[heads], out=out[i, heads, block])
+                    m, r = a.shape[0], a.shape[1]
+                    vc = v32 if m == h else v32[h0 : h0 + m]
+                    target = out_i if m == h and r == n else out_i[h0 : h0 + m, r0 : r0 + r]
+                    if fp32:
+                        torch.bmm(a, vc, out=target)
                     else:
-                        out[i, heads, block] = torch.bmm(a, v32[heads]).to(out.dtype)
+                        target.copy_(torch.bmm(a, vc))
         self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
         return out

@@ -621,7 +621,7 @@ class _PassSetup:
         """A high estimate of the memory a recorded graph keeps: q and k of every layer, the kept fusions and block
         outputs, one chunk of attention, the forward's own activations."""
         width = vm.num_heads * 64  # most ViTs' heads are 64 wide
-        kept = vm.num_layers * self.n * self.n * 4 * (self.keep_fused + self.store_mean)
+        kept = vm.num_layers * self.n * self.n * 4 * self.store_mean  # the mean fusions (kept ones included)
         return 2 * vm.num_layers * self.n * width * 4 + kept + limits.ATTENTION_CHUNK_BYTES + 12 * self.n * width * 4
 
 
@@ -648,7 +648,7 @@ class _PassResult:
     distances: torch.Tensor  # [L, H]
     norms: torch.Tensor  # [L, N]
     lens: torch.Tensor | None  # [L, K]
-    fused_mean: list[torch.Tensor] | None  # per layer [N, N]
+    fused_mean: torch.Tensor | None  # [L, N, N]
     biases: tuple[torch.Tensor | None, ...]
     outputs: dict[int, torch.Tensor]
     q: tuple[torch.Tensor, ...]
@@ -662,7 +662,7 @@ class _PassResult:
         """Every result but q and k, in the order :meth:`from_host` reads them back."""
         parts: list[torch.Tensor] = [self.logits, self.rollout, self.distances, self.norms]
         parts += [] if self.lens is None else [self.lens]
-        parts += [] if self.fused_mean is None else self.fused_mean
+        parts += [] if self.fused_mean is None else [self.fused_mean]
         parts += [b for b in self.biases if b is not None]
         return parts + [self.outputs[i] for i in sorted(self.outputs)]
 
@@ -680,7 +680,7 @@ class _PassResult:
             distances=distances,
             norms=norms,
             lens=None if self.lens is None else next(host),
-            fused_mean=None if self.fused_mean is None else [next(host) for _ in self.fused_mean],
+            fused_mean=None if self.fused_mean is None else next(host),
             biases=tuple(None if b is None else next(host) for b in self.biases),
             outputs={i: next(host) for i in sorted(self.outputs)},
             q=q,
@@ -741,9 +741,9 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _PassResul
         logits=logits.detach()[0],
         rollout=stats.rollout_row(setup.weights)[p:].float(),
         distances=torch.stack(stats.distances).float(),
-        norms=torch.stack(blocks.norms),
-        lens=torch.stack(blocks.lens) if vm.lens_fn is not None else None,
-        fused_mean=list(stats.fused["mean"]) if setup.keep_fused else None,
+        norms=blocks.stacked("norms"),
+        lens=blocks.stacked("lens") if vm.lens_fn is not None else None,
+        fused_mean=stats.mean_store if setup.keep_fused else None,
         biases=tuple(None if b is None else b[0].float() for b in cap.bias),
         outputs=blocks.outputs,
         q=q,
@@ -848,7 +848,7 @@ def analyze(
         graph=graph,
     )
     if host.fused_mean is not None:
-        result._cache[("fused", "mean")] = torch.stack(host.fused_mean)  # [L, N, N]
+        result._cache[("fused", "mean")] = host.fused_mean  # [L, N, N]
     result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(host.rollout)
     if progress:
         progress(1.0, "done")

@@ -56,6 +56,9 @@ class LayerStatistics:
         n_layers = len(self.heads)
         self.distances: list[torch.Tensor | None] = [None] * n_layers  # [H] per layer
         self.fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in self.kept}
+        #: with ``store_mean``: every layer's mean fusion in one [L, N, N] block (``fused["mean"]`` holds its rows),
+        #: so that neither the rollout nor a caller has to stack them
+        self.mean_store: torch.Tensor | None = None
         self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
         self.valid = True  # False once a chunk could not be used (a batch of several images, a token mismatch)
         self._sums: torch.Tensor | None = None  # [2, H, P]: each patch query's distance numerator, denominator
@@ -71,7 +74,12 @@ class LayerStatistics:
         if head == 0 and row == 0:
             dev = attn.device
             self._sums = torch.empty((2, self.heads[layer], n - self.p), device=dev)
-            self._acc = {f: torch.empty((n, n), device=dev) for f in self._accumulated}
+            if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
+                self.mean_store = torch.empty((len(self.heads), n, n), device=dev)
+            self._acc = {
+                f: self.mean_store[layer] if f == "mean" and self.store_mean else torch.empty((n, n), device=dev)
+                for f in self._accumulated
+            }
             self._started = set()  # row blocks whose fusion holds some heads already
         sums = self._sums[:, head : head + c]
         self.terms(attn, row, into=(sums[0], sums[1]))
@@ -99,12 +107,19 @@ class LayerStatistics:
         return self.valid and all(d is not None for d in self.distances)
 
     def rollout_row(self, weights: torch.Tensor) -> torch.Tensor:
-        """The default rollout's row: ``weights`` [N] (float64) through every layer, top-down -> [N] float64."""
-        if self.store_mean:
-            for mean in reversed(self.fused["mean"]):
-                weights = residual_step(mean, weights.to(torch.float32)).to(torch.float64)
-            return weights
-        return torch.matmul(weights.to(torch.float32), self.joint).to(torch.float64)
+        """The default rollout's row: ``weights`` [N] (float64) through every layer, top-down -> [N] float64.
+
+        With the mean fusions stored, each layer is :func:`~vizapp.analysis.rollout.residual_step` written as two
+        operations, the row sums of every layer taken at once: w ← w / s_l, then w ← w + w·M_l (``addmv``).
+        """
+        w = weights.to(torch.float32)
+        if not self.store_mean:
+            return torch.matmul(w, self.joint).to(torch.float64)
+        sums = self.mean_store.sum(dim=-1).add_(1.0)  # [L, N]: row sums of M_l + I
+        for layer in range(len(self.heads) - 1, -1, -1):
+            w = w / sums[layer]
+            w = torch.addmv(w, self.mean_store[layer].t(), w)
+        return w.to(torch.float64)
 
 
 class DatasetDistances:
@@ -278,6 +293,7 @@ class BlockFeatures:
         self.lens: list[torch.Tensor | None] = [None] * num_layers  # [K] per layer
         self.outputs: dict[int, torch.Tensor] = {}  # layer -> [N, D] float32
         self._deferred: dict[int, torch.Tensor] = {}  # layer -> [N, D] in the model's dtype, until finish()
+        self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         x = out[0]  # image 0 of the batch: [N, D]
@@ -305,6 +321,15 @@ class BlockFeatures:
             with torch.no_grad():
                 lens = torch.softmax(self.lens_fn(stack).float(), dim=-1)
         for j, i in enumerate(layers):
+            self.outputs[i] = stack[j].float()  # a view of the stack: the block's own output is released
             self.norms[i] = norms[j]
             if lens is not None:
                 self.lens[i] = lens[j]
+        if layers == list(range(self.num_layers)):
+            self._stacked = {"norms": norms} if lens is None else {"norms": norms, "lens": lens}
+
+    def stacked(self, what: str) -> torch.Tensor:
+        """Every layer's ``"norms"`` [L, N] or ``"lens"`` [L, K] as one tensor (no copy when :meth:`finish` took all
+        layers at once)."""
+        found = self._stacked.get(what)
+        return found if found is not None else torch.stack(getattr(self, what))

@@ -119,14 +119,9 @@ class VizModel:
         # modules' own dicts are read each time.
         cached = self._digest.get("modules")
         if cached is None or cached[0] is not self.model:
-            cached = self._digest["modules"] = (self.model, tuple(self.model.modules()))
-        return tuple(
-            (id(t), t.data_ptr(), t._version)
-            for m in cached[1]
-            for d in (m._parameters, m._buffers)
-            for t in d.values()
-            if t is not None
-        )
+            dicts = tuple(d for m in self.model.modules() for d in (m._parameters, m._buffers))
+            cached = self._digest["modules"] = (self.model, dicts)
+        return tuple([(id(t), t.data_ptr(), t._version) for d in cached[1] for t in d.values() if t is not None])
 
     def patch_distances(self, grid: tuple[int, int]) -> torch.Tensor:
         """Distances in pixels between the patch centres of ``grid``, [P, P] float32 on the model's device, made once
