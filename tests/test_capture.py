@@ -449,3 +449,19 @@ def test_qk_on_cpu_gives_each_layers_q_and_k_of_one_image(batch):
     cap.k[2] = None
     with pytest.raises(RuntimeError, match="no q and k"):
         cap.qk_on_cpu()
+
+
+def test_a_torch_compiled_model_is_captured_exactly():
+    """A model wrapped by torch.compile (dynamo; the eager backend needs no compiler) still reaches vizapp's SDPA
+    route, through the graph break dynamo makes at the routed call, so its attention is the plain model's."""
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    compiled = torch.compile(vm.model, backend="eager")
+    x = vm.transform(random_image(3))[None]
+    with torch.no_grad(), AttentionCapture(vm.model) as plain:
+        expected = vm.model(x)
+    with torch.no_grad(), AttentionCapture(vm.model) as cap:
+        logits = compiled(x)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    for layer in range(2):
+        torch.testing.assert_close(cap.attention(layer), plain.attention(layer), atol=1e-6, rtol=0)
+    assert all_hooks(vm.model) == 0

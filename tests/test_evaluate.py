@@ -287,9 +287,11 @@ def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, m
     alone = {it["id"]: evaluator.evaluate(it, px) for it, px in zip(items, pixels, strict=True)}  # batches of one
     real = evaluator._preprocess
     # item 3's input gets 3 channels: a group of its own whose forward fails (the model takes 1 channel)
-    monkeypatch.setattr(
-        evaluator, "_preprocess", lambda px: real(px).expand(3, -1, -1) if px is pixels[3] else real(px)
-    )
+    def preprocess(image):
+        x = real(image)
+        return x.expand(3, -1, -1) if np.array_equal(np.asarray(image), pixels[3]) else x
+
+    monkeypatch.setattr(evaluator, "_preprocess", preprocess)
     errors = [None, None, "not an image", None, None]
     rows = evaluator.evaluate_batch(items, [None if e else px for px, e in zip(pixels, errors, strict=True)], errors)
     assert [r["status"] for r in rows] == ["ok", "ok", "bad_file", "error", "ok"]

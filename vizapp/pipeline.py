@@ -794,8 +794,10 @@ def analyze(
     setup = _PassSetup.of(vm, grid, inline, gradients)
     graph = GradientGraph()
     graphed = None
+    weights_key = None
     if _graphable(vm, setup):
-        key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
+        weights_key = vm.weights_key()  # also the fingerprint's, below
+        key = cudagraph.graph_key(vm.model, weights_key, x_dev, inline)
 
         def plain_pass(xs: torch.Tensor) -> _PassResult:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
@@ -844,7 +846,7 @@ def analyze(
         lens_probs=host.lens.numpy() if host.lens is not None and probs is not None else None,
         num_registers=vm.num_registers,
         model_ref=weakref.ref(vm),
-        model_fingerprint=vm.fingerprint(),
+        model_fingerprint=vm.fingerprint(key=weights_key),
         graph=graph,
     )
     if host.fused_mean is not None:

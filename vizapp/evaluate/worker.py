@@ -125,13 +125,17 @@ class Evaluator:
             {"id": it["id"], "source": it["source"], "target": int(it["target"]), "status": "ok", "message": ""}
             for it in items
         ]
+        from vizapp.imageio import decode_image
+
+        images: dict[int, Any] = {}  # decoded once, for the batched forward and for the methods' analysis
         inputs: dict[int, torch.Tensor] = {}
         for i, (px, err) in enumerate(zip(pixels, errors, strict=True)):
             if err is not None or px is None:
                 rows[i] = {**rows[i], "status": "bad_file", "message": err or "no pixels"}
                 continue
             try:
-                inputs[i] = self._preprocess(px)
+                images[i] = decode_image(px).image
+                inputs[i] = self._preprocess(images[i])
             except Exception as exc:  # noqa: BLE001 - one bad image must not end a 50,000-image job; the row says why
                 rows[i] = _failed(rows[i], exc)
         for i, result in self._statistics(inputs).items():
@@ -141,18 +145,16 @@ class Evaluator:
             head = self._head(items[i], *result)
             if self.methods:
                 try:
-                    head.update(self._methods(items[i], pixels[i], head))
+                    head.update(self._methods(items[i], images[i], head))
                 except Exception as exc:  # noqa: BLE001 - as above
                     rows[i] = _failed(rows[i], exc)
                     continue
             rows[i].update(head)
         return rows
 
-    def _preprocess(self, pixels: np.ndarray) -> torch.Tensor:
-        """The model's input [C, H, W] for RGB pixels, exactly as :func:`vizapp.analyze` forms it."""
-        from vizapp.imageio import decode_image
-
-        x = self.vm.transform(decode_image(pixels).image)
+    def _preprocess(self, image: Any) -> torch.Tensor:
+        """The model's input [C, H, W] for a decoded image, exactly as :func:`vizapp.analyze` forms it."""
+        x = self.vm.transform(image)
         return x[0] if x.dim() == 4 else x
 
     def _statistics(
@@ -224,7 +226,7 @@ class Evaluator:
                 out[f"{key}.l{layer}"] = float(stats[key][layer])
         return out
 
-    def _methods(self, item: dict[str, Any], pixels: np.ndarray, head: dict[str, Any]) -> dict[str, Any]:
+    def _methods(self, item: dict[str, Any], image: Any, head: dict[str, Any]) -> dict[str, Any]:
         """The methods' perturbation scores for one image whose class columns are ``head``."""
         import vizapp
         from vizapp import methods as registry
@@ -238,7 +240,7 @@ class Evaluator:
         # q and k of every layer, for the maps; with a class-specific method, the forward keeps its graph so that
         # each class costs one backward instead of another forward and backward
         class_specific = any(name != RANDOM and registry.get(name).needs_class for name in self.methods)
-        r = vizapp.analyze(self.vm, pixels, gradients=class_specific)
+        r = vizapp.analyze(self.vm, image, gradients=class_specific)
         check("the analysis forward")
         pred, target, labels = head["predicted"], head["target"], r.labels
         out: dict[str, Any] = {}

@@ -146,13 +146,13 @@ class VizModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def fingerprint(self, fresh: bool = False) -> tuple[float, ...]:
+    def fingerprint(self, fresh: bool = False, key: tuple | None = None) -> tuple[float, ...]:
         """A digest of the weights: count, sum, sum of squares and a strided sample's sum, accumulated in float64.
 
         Computed again only when :meth:`weights_key` changed, unless ``fresh`` (what a check before reuse asks
-        for: it also sees changes made through ``.data``).
+        for: it also sees changes made through ``.data``). ``key``: :meth:`weights_key` as the caller just took it.
         """
-        key = self.weights_key()
+        key = self.weights_key() if key is None else key
         if not fresh and self._digest.get("key") == key:
             return self._digest["value"]
         total = [0.0, 0.0, 0.0, 0.0]
