@@ -286,6 +286,7 @@ def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, m
     pixels = [load_pixels(it) for it in items]
     alone = {it["id"]: evaluator.evaluate(it, px) for it, px in zip(items, pixels, strict=True)}  # batches of one
     real = evaluator._preprocess
+
     # item 3's input gets 3 channels: a group of its own whose forward fails (the model takes 1 channel)
     def preprocess(image):
         x = real(image)
