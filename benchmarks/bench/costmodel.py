@@ -60,7 +60,7 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
 
     Analysis, per layer and image, on the CPU: the capture forms the attention in place of SDPA in chunks of c heads x
     r query rows (``limits.chunk_shape`` of ``limits.chunk_bytes``: INLINE_CHUNK_BYTES on the CPU; same MACs as
-    SDPA; the weights are written out, softmaxed in place and read back by A·v: ~3 passes over H·N² that SDPA's
+    SDPA; the scores are written out, softmaxed into a second buffer and read back by A·v: ~3 passes over H·N² that SDPA's
     blocked kernel keeps in registers), and ``streaming.LayerStatistics.chunk`` reduces each hot chunk: the
     distance numerator (attention x pixel distance, then a sum: 2 passes over H·P²), its denominator (1 pass over
     H·P²), the head sum (1 pass over H·N²) and, while the fused cache fits FUSED_CACHE_LIMIT_BYTES, max and min (2
@@ -140,7 +140,7 @@ measured sources, see the hashes above):
   `vizapp.limits.chunk_shape` from `limits.chunk_bytes(device)` (on the CPU `INLINE_CHUNK_BYTES`, 3 MiB: all 12
   heads of ViT-B/224, 2 of ViT-L/384, 1 at 1,374 tokens; one head is split into row blocks only beyond 2,048
   tokens), so a chunk and its distance product stay in the last-level cache. No extra MACs (SDPA does the same
-  products); the extra is that the weights are written out, softmaxed in place and read back, ~3 passes over H·N²
+  products); the extra is that the scores are written out, softmaxed into a second buffer and read back, ~3 passes over H·N²
   that SDPA's blocked kernel keeps in registers. Layers that never call SDPA (timm `Attention` with `fused_attn`
   off) are replayed from the recorded q and k at the end of the layer (`capture.feed`: N²·D more MACs and 2 more
   passes per layer; an earlier version that did this for every layer measured 1.19–1.25 b/a for ViT-L/384 against

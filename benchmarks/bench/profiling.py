@@ -65,8 +65,8 @@ STAGES = (
         nested=True,
     ),
     Stage(
-        "  of which: A·v of each chunk (torch.matmul from capture.py outside attention_chunks)",
-        builtins=(_function("matmul"),),
+        "  of which: A·v of each chunk (torch.bmm from capture.py outside attention_chunks)",
+        builtins=(_function("bmm"),),
         called_from="vizapp.capture",
         except_from=("vizapp.capture:attention_chunks",),
         nested=True,
