@@ -79,6 +79,10 @@ def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+#: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model
+HF_BASE_ATTRIBUTES = ("vision_model", "vit", "deit", "dinov2", "dinov2_with_registers")
+
+
 def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
     """(the encoder blocks, the self-attention module of each), in order: the one support check in vizapp.
 
@@ -104,7 +108,7 @@ def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[
         isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention) for b in tv_layers
     ):  # torchvision
         return list(tv_layers), [b.self_attention for b in tv_layers]
-    for root in (model, *(getattr(model, n, None) for n in ("vision_model", "vit", "deit", "dinov2"))):
+    for root in (model, *(getattr(model, n, None) for n in HF_BASE_ATTRIBUTES)):
         if not isinstance(root, torch.nn.Module):
             continue
         enc = getattr(root, "encoder", None)
@@ -144,16 +148,17 @@ def attention_chunks(
 ):
     """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
 
-    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]); every chunk's scores
-    are written into the one ``work`` buffer ([heads, rows, N] or larger; allocated when None), and a chunk is to be
-    used only until the next one (its memory is then reused).
+    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]). ``work`` ([2, heads,
+    rows, N] or larger; allocated when None) holds every chunk: its scores in ``work[0]``, the softmax of them in
+    ``work[1]``, so a chunk is valid only until the next one.
     """
     h, n, _ = q.shape
     if work is None:
-        work = torch.empty((heads, rows, n), dtype=torch.float32, device=q.device)
+        work = torch.empty((2, heads, rows, n), dtype=torch.float32, device=q.device)
+    scores, probs = work[0], work[1]
     qf = q.float()
     kt = k.float().transpose(-2, -1)
-    whole = heads >= h and rows >= n and work.shape[0] == h and work.shape[1] == n  # one chunk, no slicing
+    whole = heads >= h and rows >= n and scores.shape[0] == h and scores.shape[1] == n  # one chunk, no slicing
     for h0 in range(0, h, heads):
         m = min(heads, h - h0)
         for r0 in range(0, n, rows):
@@ -161,15 +166,17 @@ def attention_chunks(
             # the scale inside the product (alpha) and beta=0, which ignores the buffer's old contents: no scaled
             # copy of q per layer (ViT-Ti/16 on 2 CPU threads: 237 µs a layer, SDPA 228, q·scale then matmul 270)
             if whole:
-                s = work.baddbmm_(qf, kt, beta=0.0, alpha=scale)
+                s, a = scores.baddbmm_(qf, kt, beta=0.0, alpha=scale), probs
             else:
-                s = work[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
+                s = scores[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
+                a = probs[:m, :r]
             if bias is not None:
                 b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
                 s.add_(b[:, r0 : r0 + r])
-            # softmax into a new tensor: on the CPU torch's in-place form (``_softmax.out`` onto its input) takes
-            # longer (2 threads: 65 against 56 µs for [3, 197, 197]; 1 thread: 108 against 86)
-            yield h0, r0, torch.softmax(s, dim=-1)
+            # The softmax goes into a second buffer: onto its own input torch's kernel is slower (2 CPU threads:
+            # 53 against 45 µs for [3, 197, 197]), and a new tensor per chunk is memory the allocator may hand back
+            # and fault in again (1,374-token ViT-L: 7.5 MB per head, 384 times per forward).
+            yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=a)
 
 
 class AttentionConsumer(Protocol):
@@ -196,7 +203,7 @@ def feed(
     chunk, as the forward would have, then close the layer."""
     b, h, n, _ = q.shape
     c, rows = limits.chunk_shape(h, n, limits.chunk_bytes(q.device) if budget is None else budget)
-    work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+    work = torch.empty((2, c, rows, n), dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for i in range(b):
             bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
@@ -502,10 +509,10 @@ class AttentionCapture:
         b, h, n, _ = q.shape
         c, rows = limits.chunk_shape(h, n, self._budget(q.device))
         work = self._work
-        if work is None or work.shape != (c, rows, n) or work.device != q.device:
+        if work is None or work.shape != (2, c, rows, n) or work.device != q.device:
             # one buffer for every layer of the forward (its layers' attention shapes are nearly always equal):
             # a fresh one per layer is allocated and faulted in each time (ViT-Ti/16: 40 µs of a 280 µs layer)
-            work = self._work = torch.empty((c, rows, n), dtype=torch.float32, device=q.device)
+            work = self._work = torch.empty((2, c, rows, n), dtype=torch.float32, device=q.device)
         out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
         fp32 = out.dtype == torch.float32
         with torch.no_grad():

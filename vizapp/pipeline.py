@@ -619,10 +619,12 @@ class _PassSetup:
 
     def graph_bytes(self, vm: VizModel) -> int:
         """A high estimate of the memory a recorded graph keeps: q and k of every layer, the kept fusions and block
-        outputs, one chunk of attention, the forward's own activations."""
+        outputs, one chunk of attention and its scores, the forward's own activations."""
         width = vm.num_heads * 64  # most ViTs' heads are 64 wide
         kept = vm.num_layers * self.n * self.n * 4 * self.store_mean  # the mean fusions (kept ones included)
-        return 2 * vm.num_layers * self.n * width * 4 + kept + limits.ATTENTION_CHUNK_BYTES + 12 * self.n * width * 4
+        return (
+            2 * vm.num_layers * self.n * width * 4 + kept + 2 * limits.ATTENTION_CHUNK_BYTES + 12 * self.n * width * 4
+        )
 
 
 def _graphable(vm: VizModel, setup: _PassSetup) -> bool:

@@ -256,7 +256,7 @@ def fused_layer(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's head-fused attention [N, N] from q, k [H, N, d], a cache-sized chunk of heads at a time (the
-    softmax in place in one reused buffer), never the layer's whole [H, N, N]."""
+    scores and their softmax in two reused buffers), never the layer's whole [H, N, N]."""
     h, n, _ = q.shape
     out = torch.full((n, n), FUSION_START[head_fusion], device=q.device)
     shape = limits.chunk_shape(h, n, limits.INLINE_CHUNK_BYTES if budget is None else budget)
