@@ -45,6 +45,12 @@ HF = [
         "Dinov2WithRegistersModel",
         dict(image_size=32, num_register_tokens=4),
     ),
+    (
+        "hf_dinov2_reg_cls",  # its head reads the CLS token beside the patch tokens' mean
+        "Dinov2WithRegistersConfig",
+        "Dinov2WithRegistersForImageClassification",
+        dict(image_size=32, num_register_tokens=2, num_labels=3),
+    ),
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
@@ -62,6 +68,7 @@ EXPECTED = {
     "hf_deit_teacher": (2, True, (4, 4)),
     "hf_dinov2": (1, True, (4, 4)),
     "hf_dinov2_reg": (5, True, (4, 4)),
+    "hf_dinov2_reg_cls": (3, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
@@ -121,7 +128,9 @@ def test_capture_equals_the_library_explicit_attention(fid, hf_folders):
     vm = load(fid, hf_folders)
     p, has_cls, grid = EXPECTED[fid]
     assert (vm.num_prefix_tokens, vm.has_class_token, vm.grid_size) == (p, has_cls, grid)
-    registers = {"dinov3_small": 4, "rope_reg1_gap": 1, "naflex": 4, "hf_dinov2_reg": 4}.get(fid, 0)
+    registers = {"dinov3_small": 4, "rope_reg1_gap": 1, "naflex": 4, "hf_dinov2_reg": 4, "hf_dinov2_reg_cls": 2}.get(
+        fid, 0
+    )
     assert vm.num_registers == registers
     x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
     maps, ref_logits = reference(vm, fid, x)
@@ -166,6 +175,8 @@ def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_fold
     )
     if vm.labels:
         np.testing.assert_allclose(r.probs, torch.softmax(logits[0], -1).numpy(), atol=1e-5)
+        # the logit lens of the last block is the model's own prediction, through each head's own pooling
+        np.testing.assert_allclose(r.lens_probs[-1], r.probs, atol=1e-6)
     else:
         assert r.probs is None
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vizapp.capture import HF_BASE_ATTRIBUTES
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
 from vizapp.models.base import VizModel, hub_reachable, offline_message, pair
 
@@ -92,7 +93,7 @@ def _model_class(config: Any) -> Any:
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The encoder-holding module: ``model.vit`` of ViTForImageClassification, ``vision_model`` of CLIP, ..."""
-    for attr in ("vit", "deit", "dinov2", "vision_model"):
+    for attr in HF_BASE_ATTRIBUTES:
         sub = getattr(model, attr, None)
         if isinstance(sub, torch.nn.Module):
             return sub
@@ -207,10 +208,16 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     has_head = any(h is not None and not isinstance(h, torch.nn.Identity) for h in heads)
     labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(len(id2label))) if has_head else ()
 
+    # Each head's own pooling: DINOv2's classifiers read the CLS token beside the mean of the patch tokens (registers
+    # left out); the others the CLS token.
+    cls_and_patch_mean = model_type in ("dinov2", "dinov2_with_registers")
+
     def lens(x: torch.Tensor) -> torch.Tensor:
         h = base.layernorm(x)
         if getattr(model, "cls_classifier", None) is not None:  # DeiT with teacher: the mean of its two heads
             return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
+        if cls_and_patch_mean:
+            return model.classifier(torch.cat([h[:, 0], h[:, p:].mean(dim=1)], dim=-1))
         return model.classifier(h[:, 0])
 
     def pos_embed() -> torch.Tensor:
