@@ -51,6 +51,7 @@ HF = [
         "Dinov2WithRegistersForImageClassification",
         dict(image_size=32, num_register_tokens=2, num_labels=3),
     ),
+    ("hf_dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", dict(image_size=32, num_register_tokens=4)),  # RoPE
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
@@ -69,6 +70,7 @@ EXPECTED = {
     "hf_dinov2": (1, True, (4, 4)),
     "hf_dinov2_reg": (5, True, (4, 4)),
     "hf_dinov2_reg_cls": (3, True, (4, 4)),
+    "hf_dinov3": (5, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
@@ -128,10 +130,9 @@ def test_capture_equals_the_library_explicit_attention(fid, hf_folders):
     vm = load(fid, hf_folders)
     p, has_cls, grid = EXPECTED[fid]
     assert (vm.num_prefix_tokens, vm.has_class_token, vm.grid_size) == (p, has_cls, grid)
-    registers = {"dinov3_small": 4, "rope_reg1_gap": 1, "naflex": 4, "hf_dinov2_reg": 4, "hf_dinov2_reg_cls": 2}.get(
-        fid, 0
-    )
-    assert vm.num_registers == registers
+    registers = {"dinov3_small": 4, "rope_reg1_gap": 1, "naflex": 4, "hf_dinov2_reg": 4, "hf_dinov2_reg_cls": 2}
+    registers = registers | {"hf_dinov3": 4}
+    assert vm.num_registers == registers.get(fid, 0)
     x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
     maps, ref_logits = reference(vm, fid, x)
 
@@ -333,3 +334,30 @@ def test_naflex_keeps_each_images_aspect_ratio_within_its_patch_budget(tmp_path)
     stats = collect_stats(vm, paths, batch_size=3)  # three aspect ratios in one batch, at one size
     assert stats.n_images == 3 and not stats.skipped and stats.grid_size == vm.grid_size
     assert stats.mean_distance.shape == (2, vm.num_heads) and np.isfinite(stats.mean_distance).all()
+
+
+def test_hf_dinov3_position_view_equals_its_own_rotated_dot_products(hf_folders):
+    """The RoPE view of a transformers DINOv3 against the rotation the model itself applies: HF's
+    ``apply_rotary_pos_emb`` on an all-ones q = k (every frequency pair of equal norm) gives, between patches i and j,
+    q_i·k_j / |q|² = mean over pairs of cos(θ_i − θ_j), which is what the view shows."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+    from vizapp.analysis import rope_angle_similarity
+    from vizapp.views import pos_embed_views
+
+    vm = load("hf_dinov3", hf_folders)
+    assert vm.position == "rope" and vm.patch_pos_embed() is None
+    gh, gw = vm.grid_size
+    head_dim = vm.model.config.hidden_size // vm.model.config.num_attention_heads
+    with torch.no_grad():
+        cos, sin = vm.model.rope_embeddings(torch.zeros(1, 3, *vm.input_size[1:]))
+        ones = torch.ones(1, 1, gh * gw, head_dim, dtype=torch.float64)
+        q, k = apply_rotary_pos_emb(ones, ones, cos.double(), sin.double())
+    expected = (q[0, 0] @ k[0, 0].T / head_dim).reshape(gh, gw, gh, gw)
+    views = pos_embed_views(vm, tile=(1, 2))
+    assert views.figure is not None and "axial 2-D RoPE" in views.note
+    tile = np.asarray(views.tile.data[0].z, dtype=np.float64)  # the enlarged tile: query at row 1, column 2
+    np.testing.assert_allclose(tile, expected[1, 2].numpy(), atol=1e-6)
+    got = rope_angle_similarity(vm.rope_angles_fn(), vm.grid_size).double()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, torch.ones_like(got))  # positions differ

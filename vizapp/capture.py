@@ -52,7 +52,7 @@ from vizapp.errors import BadParameterError, UnsupportedModelError
 SUPPORTED_FAMILIES = (
     "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
     "timm BEiT and relpos ViTs, "
-    "Hugging Face ViT/DeiT/DINOv2/CLIP/SigLIP vision encoders, torchvision vit_*"
+    "Hugging Face ViT/DeiT/DINOv2/DINOv3/CLIP/SigLIP vision encoders, torchvision vit_*"
 )
 
 
@@ -79,8 +79,9 @@ def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-#: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model
-HF_BASE_ATTRIBUTES = ("vision_model", "vit", "deit", "dinov2", "dinov2_with_registers")
+#: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model; "model"
+#: is DINOv3's, which holds the layers themselves
+HF_BASE_ATTRIBUTES = ("vision_model", "vit", "deit", "dinov2", "dinov2_with_registers", "model")
 
 
 def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:

@@ -181,6 +181,12 @@ def _has_relative_bias(model: torch.nn.Module) -> bool:
     return True
 
 
+AXIAL_ROPE_SENTENCE = (
+    "Rotary position embedding (axial 2-D RoPE): each pair of query/key channels is rotated by an angle "
+    "proportional to the row or the column index, so attention depends on the offset between patches."
+)
+
+
 def position_info(model: torch.nn.Module) -> PositionInfo:
     """Classify a timm ViT's position scheme and read its parameters.
 
@@ -196,10 +202,7 @@ def position_info(model: torch.nn.Module) -> PositionInfo:
     if _rope_module(model) is not None:
         kind, freqs = rope_frequencies_from_timm(model)
         if kind == "rope-axial":
-            sentence = (
-                "Rotary position embedding (axial 2-D RoPE): each pair of query/key channels is rotated by an angle "
-                "proportional to the row or the column index, so attention depends on the offset between patches."
-            )
+            sentence = AXIAL_ROPE_SENTENCE
         else:
             sentence = (
                 "Mixed rotary position embedding (Heo et al. 2024): every head of every layer learns its own 2-D "

@@ -201,16 +201,24 @@ def pos_embed_views(
 
 
 def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) -> PosEmbedViews:
-    """RoPE and relative-bias views; read from the timm model by :mod:`vizapp.posinfo`."""
-    if vm.family != "timm":
-        return PosEmbedViews(
-            None,
-            None,
-            vm.pos_embed_status + f". Its view is read from timm models only; `{vm.name}` is a {vm.family} model.",
-        )
+    """RoPE and relative-bias views; read from the timm model by :mod:`vizapp.posinfo`, or, for another library's
+    axial-RoPE model, from the angles its adapter reads off the model's own rotary module."""
     from vizapp import posinfo
 
-    info = posinfo.position_info(vm.model)
+    if vm.family != "timm":
+        if vm.position != "rope" or vm.rope_angles_fn is None:
+            return PosEmbedViews(
+                None,
+                None,
+                vm.pos_embed_status + f". Its view is read from timm models only; `{vm.name}` is a {vm.family} model.",
+            )
+        from vizapp.analysis import rope_angle_similarity
+
+        info = posinfo.PositionInfo("rope-axial", tuple(vm.grid_size), None, False, posinfo.AXIAL_ROPE_SENTENCE)
+        sim = rope_angle_similarity(vm.rope_angles_fn(), vm.grid_size).float().numpy()
+    else:
+        info = posinfo.position_info(vm.model)
+        sim = None
     head_line = f"**Position scheme of `{vm.name}`**: {info.sentence}"
     if vm.position == "relative":
         maps = posinfo.relative_bias_maps(vm.model).detach().float().cpu().numpy()  # [L, H, 2gh-1, 2gw-1]
@@ -221,7 +229,8 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
             "offset between query and key, the centre being the same patch."
         )
         return PosEmbedViews(fig, None, note, layers=maps.shape[0])
-    sim = posinfo.rope_position_similarity(vm.model).detach().float().cpu().numpy()  # the model may be on a GPU
+    if sim is None:
+        sim = posinfo.rope_position_similarity(vm.model).detach().float().cpu().numpy()  # the model may be on a GPU
     gh, gw = info.grid_size
     layers = heads = 0
     where = ""

@@ -77,6 +77,9 @@ class VizModel:
             and head (the logit lens; the last block's output gives the model's logits), or None without a head.
         num_registers: register tokens among the prefix tokens (they come after CLS and a distillation token).
         fixed_transform: a transform to the configured input size, when ``transform`` gives images of varying size.
+        rope_angles_fn: for an axial-RoPE model whose position view is not read from timm: () -> the rotation angle
+            of every frequency pair at every patch of the configured grid, [P, F] radians, from the model's own
+            rotary module.
     """
 
     name: str
@@ -107,6 +110,7 @@ class VizModel:
     lens_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     num_registers: int = 0
     fixed_transform: Callable[[Image.Image], torch.Tensor] | None = None
+    rope_angles_fn: Callable[[], torch.Tensor] | None = None
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)

@@ -33,7 +33,10 @@ MODEL_TYPES = {
     "dinov2_with_registers": (1, True),
     "clip_vision_model": (1, True),
     "siglip_vision_model": (0, False),
+    "dinov3_vit": (0, True),  # rotary positions: no table
 }
+#: model types whose positions are rotary (RoPE) rather than a learned table
+ROPE_TYPES = {"dinov3_vit"}
 #: model types whose config is nested inside a multimodal one (the vision tower is loaded on its own)
 VISION_CONFIGS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
@@ -92,12 +95,24 @@ def _model_class(config: Any) -> Any:
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The encoder-holding module: ``model.vit`` of ViTForImageClassification, ``vision_model`` of CLIP, ..."""
+    """The module holding the embeddings and the encoder: ``model.vit`` of ViTForImageClassification,
+    ``vision_model`` of CLIP, the model itself for DINOv3 (whose ``model`` is the layers alone), ..."""
     for attr in HF_BASE_ATTRIBUTES:
         sub = getattr(model, attr, None)
-        if isinstance(sub, torch.nn.Module):
+        if isinstance(sub, torch.nn.Module) and hasattr(sub, "embeddings"):
             return sub
     return model
+
+
+def _rope_angles(base: torch.nn.Module, size: tuple[int, int], head_dim: int) -> torch.Tensor:
+    """DINOv3's rotation angle of every frequency pair at every patch of an input of ``size``, [P, F] (F =
+    head_dim / 2), from its own rotary module: it returns cos and sin of the angles [P, head_dim], the F pair angles
+    repeated twice (rotate-half layout)."""
+    x = torch.zeros(1, 3, *size, device=base.embeddings.cls_token.device)
+    with torch.no_grad():
+        cos, sin = base.rope_embeddings(x)
+    f = head_dim // 2
+    return torch.atan2(sin[:, :f].double(), cos[:, :f].double()).cpu()
 
 
 def _num_prefix_tokens(model_type: str, embeddings: torch.nn.Module, config: Any) -> int:
@@ -220,6 +235,9 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             return model.classifier(torch.cat([h[:, 0], h[:, p:].mean(dim=1)], dim=-1))
         return model.classifier(h[:, 0])
 
+    rope = model_type in ROPE_TYPES
+    head_dim = int(vision.hidden_size) // int(vision.num_attention_heads)
+
     def pos_embed() -> torch.Tensor:
         table = _pos_table(model_type, embeddings)[pos_prefix:]
         if table.shape[0] != grid[0] * grid[1]:
@@ -235,7 +253,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         num_prefix_tokens=p,
         grid_size=grid,
         patch_size=ps,
-        no_embed_class=pos_prefix == 0,
+        no_embed_class=pos_prefix == 0 and not rope,
         input_size=(3, *size),
         mean=mean,
         std=std,
@@ -248,8 +266,9 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
         has_class_token=has_cls,
         family="hf",
-        position="learned",
-        pos_embed_fn=pos_embed,
+        position="rope" if rope else "learned",
+        pos_embed_fn=None if rope else pos_embed,
+        rope_angles_fn=(lambda: _rope_angles(base, size, head_dim)) if rope else None,
         lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
         num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
     )
