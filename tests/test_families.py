@@ -52,6 +52,12 @@ HF = [
         dict(image_size=32, num_register_tokens=2, num_labels=3),
     ),
     ("hf_dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", dict(image_size=32, num_register_tokens=4)),  # RoPE
+    (
+        "hf_beit",  # relative position bias per layer, mean-pooled head
+        "BeitConfig",
+        "BeitForImageClassification",
+        dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
+    ),
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
@@ -71,6 +77,7 @@ EXPECTED = {
     "hf_dinov2_reg": (5, True, (4, 4)),
     "hf_dinov2_reg_cls": (3, True, (4, 4)),
     "hf_dinov3": (5, True, (4, 4)),
+    "hf_beit": (1, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
@@ -82,6 +89,9 @@ def save_hf(folder, config_cls: str, model_cls: str, extra: dict):
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**HF_COMMON, **extra)
     model = getattr(transformers, model_cls)(config)
+    for name, param in model.named_parameters():
+        if "relative_position_bias_table" in name:  # zeros at init: give the bias path something to carry
+            torch.nn.init.normal_(param)
     model.save_pretrained(folder)
     return folder
 
@@ -182,7 +192,7 @@ def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_fold
         assert r.probs is None
 
 
-@pytest.mark.parametrize("fid", ["beit", "hf_deit_teacher", "tv_vit_b_16", "dinov3_small"])
+@pytest.mark.parametrize("fid", ["beit", "hf_deit_teacher", "tv_vit_b_16", "dinov3_small", "hf_beit"])
 def test_attention_gradients_equal_autograd_through_the_reference_attention(fid, hf_folders):
     """∂logit/∂A from the capture (the attention formed in the graph) equals autograd through an explicit attention
     tensor: the library's own (timm non-fused, transformers eager) or, for torch's MHA, written out here from the
@@ -361,3 +371,30 @@ def test_hf_dinov3_position_view_equals_its_own_rotated_dot_products(hf_folders)
     got = rope_angle_similarity(vm.rope_angles_fn(), vm.grid_size).double()
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert not torch.allclose(got, torch.ones_like(got))  # positions differ
+
+
+def test_hf_beit_position_view_equals_the_bias_its_layers_add(hf_folders):
+    """Each layer's relative-bias map against the bias the layer itself computes for the attention logits
+    (transformers' BeitRelativePositionBias, [1, H, N, N]): the map's entry at offset p_query − p_key is the bias
+    between those two patches, for every pair."""
+    from vizapp.capture import encoder_layers
+    from vizapp.views import pos_embed_views
+
+    vm = load("hf_beit", hf_folders)
+    assert vm.position == "relative" and vm.patch_pos_embed() is None and vm.rope_angles_fn is None
+    gh, gw = vm.grid_size
+    n = vm.num_prefix_tokens + gh * gw
+    maps = vm.relative_bias_fn()  # [L, H, 2gh-1, 2gw-1]
+    assert maps.shape == (vm.num_layers, vm.num_heads, 2 * gh - 1, 2 * gw - 1)
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    d_row = (rows[:, None] - rows[None, :]) + gh - 1  # [P, P]
+    d_col = (cols[:, None] - cols[None, :]) + gw - 1
+    for layer, block in enumerate(encoder_layers(vm.model)[0]):
+        with torch.no_grad():
+            own = block.relative_position_bias((gh, gw), False, dim_size=n)[0]  # [H, N, N]
+        expected = own[:, vm.num_prefix_tokens :, vm.num_prefix_tokens :]
+        torch.testing.assert_close(maps[layer][:, d_row, d_col], expected, atol=1e-6, rtol=0)
+    assert maps.abs().max() > 0.1  # the tables were randomised before saving
+    views = pos_embed_views(vm, layer=1)
+    assert views.figure is not None and views.layers == vm.num_layers and "relative-position bias" in views.note

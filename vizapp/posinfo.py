@@ -126,6 +126,13 @@ def rope_frequencies_from_timm(model: torch.nn.Module) -> tuple[str, torch.Tenso
     return kind, _affine_frequencies(angles, _grid_size(model))
 
 
+def _holds_bias(module: torch.nn.Module | None) -> bool:
+    """A BEiT table or a timm RelPosMlp on this module itself (what :func:`_bias_map_of` reads)."""
+    return isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor) or (
+        getattr(module, "mlp", None) is not None and isinstance(getattr(module, "rel_coords_log", None), torch.Tensor)
+    )
+
+
 def _bias_map_of(module: torch.nn.Module, grid_size: tuple[int, int]) -> torch.Tensor | None:
     """[H, 2gh-1, 2gw-1] from a BEiT attention / shared bias, or a timm RelPosBias / RelPosMlp; None if it has none."""
     table = getattr(module, "relative_position_bias_table", None)
@@ -152,24 +159,39 @@ def relative_bias_maps(model: torch.nn.Module) -> torch.Tensor:
         [L, H, 2gh − 1, 2gw − 1]; [l, h, Δrow + gh − 1, Δcol + gw − 1] is added to the attention logit of a query at
         p_i and a key at p_j = p_i − (Δrow, Δcol) in layer l, head h (prefix tokens' entries are not included).
     """
-    grid = _grid_size(model)
-    shared = None
-    for name in ("rel_pos_bias", "shared_rel_pos"):  # BEiT, VisionTransformerRelPos
-        m = getattr(model, name, None)
-        if isinstance(m, torch.nn.Module):
-            shared = _bias_map_of(m, grid)
-    maps = []
+    shared = next(
+        (
+            m
+            for m in (getattr(model, n, None) for n in ("rel_pos_bias", "shared_rel_pos"))
+            if isinstance(m, torch.nn.Module)
+        ),
+        None,
+    )  # BEiT, VisionTransformerRelPos
+    own = []
     for blk in model.blocks:
         attn = getattr(blk, "attn", None)
-        own = None
-        if attn is not None:
-            own = _bias_map_of(attn, grid)
-            rel_pos = getattr(attn, "rel_pos", None)
-            if own is None and isinstance(rel_pos, torch.nn.Module):
-                own = _bias_map_of(rel_pos, grid)
-        if own is None and shared is None:
-            raise ValueError(f"{type(model).__name__} has no learned relative-position bias")
-        maps.append(own + shared if own is not None and shared is not None else own if own is not None else shared)
+        rel_pos = getattr(attn, "rel_pos", None)
+        own.append(attn if _holds_bias(attn) else rel_pos)
+    return layer_bias_maps(own, shared, _grid_size(model), type(model).__name__)
+
+
+@torch.no_grad()
+def layer_bias_maps(
+    layers: list[torch.nn.Module | None],
+    shared: torch.Tensor | torch.nn.Module | None,
+    grid: tuple[int, int],
+    what: str,
+) -> torch.Tensor:
+    """[L, H, 2gh − 1, 2gw − 1]: each layer's own bias module (a BEiT table, timm's RelPosBias / RelPosMlp; None for
+    none) plus the ``shared`` one, as the model adds them (see :func:`relative_bias_maps`). ``what`` names the model in
+    the error when no layer has a bias."""
+    common = _bias_map_of(shared, grid) if isinstance(shared, torch.nn.Module) else None
+    maps = []
+    for module in layers:
+        mine = _bias_map_of(module, grid) if isinstance(module, torch.nn.Module) else None
+        if mine is None and common is None:
+            raise ValueError(f"{what} has no learned relative-position bias")
+        maps.append(mine + common if mine is not None and common is not None else mine if mine is not None else common)
     return torch.stack(maps).float()  # [L, H, 2gh-1, 2gw-1]
 
 
@@ -181,6 +203,10 @@ def _has_relative_bias(model: torch.nn.Module) -> bool:
     return True
 
 
+RELATIVE_BIAS_SENTENCE = (
+    "Learned relative-position bias: each head adds a learned value to the attention logit that depends only "
+    "on the (row, column) offset between query and key."
+)
 AXIAL_ROPE_SENTENCE = (
     "Rotary position embedding (axial 2-D RoPE): each pair of query/key channels is rotated by an angle "
     "proportional to the row or the column index, so attention depends on the offset between patches."
@@ -212,11 +238,7 @@ def position_info(model: torch.nn.Module) -> PositionInfo:
             sentence += " Its angles are not on a regular grid here, so no frequencies are given."
         return PositionInfo(kind, grid, freqs, learned, sentence + also)
     if _has_relative_bias(model):
-        sentence = (
-            "Learned relative-position bias: each head adds a learned value to the attention logit that depends only "
-            "on the (row, column) offset between query and key."
-        )
-        return PositionInfo("relative-bias", grid, None, learned, sentence + also)
+        return PositionInfo("relative-bias", grid, None, learned, RELATIVE_BIAS_SENTENCE + also)
     if learned:
         return PositionInfo(
             "learned", grid, None, True, "Learned absolute position embedding: one learned vector per patch position."

@@ -202,26 +202,32 @@ def pos_embed_views(
 
 def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) -> PosEmbedViews:
     """RoPE and relative-bias views; read from the timm model by :mod:`vizapp.posinfo`, or, for another library's
-    axial-RoPE model, from the angles its adapter reads off the model's own rotary module."""
+    model, from what its adapter reads off the model's own rotary or bias modules (``rope_angles_fn``,
+    ``relative_bias_fn``)."""
     from vizapp import posinfo
 
-    if vm.family != "timm":
-        if vm.position != "rope" or vm.rope_angles_fn is None:
-            return PosEmbedViews(
-                None,
-                None,
-                vm.pos_embed_status + f". Its view is read from timm models only; `{vm.name}` is a {vm.family} model.",
-            )
+    sim = maps = None
+    grid = tuple(vm.grid_size)
+    if vm.family == "timm":
+        info = posinfo.position_info(vm.model)
+    elif vm.position == "rope" and vm.rope_angles_fn is not None:
         from vizapp.analysis import rope_angle_similarity
 
-        info = posinfo.PositionInfo("rope-axial", tuple(vm.grid_size), None, False, posinfo.AXIAL_ROPE_SENTENCE)
-        sim = rope_angle_similarity(vm.rope_angles_fn(), vm.grid_size).float().numpy()
+        info = posinfo.PositionInfo("rope-axial", grid, None, False, posinfo.AXIAL_ROPE_SENTENCE)
+        sim = rope_angle_similarity(vm.rope_angles_fn(), grid).float().numpy()
+    elif vm.position == "relative" and vm.relative_bias_fn is not None:
+        info = posinfo.PositionInfo("relative-bias", grid, None, False, posinfo.RELATIVE_BIAS_SENTENCE)
+        maps = vm.relative_bias_fn().detach().float().cpu().numpy()
     else:
-        info = posinfo.position_info(vm.model)
-        sim = None
+        return PosEmbedViews(
+            None,
+            None,
+            vm.pos_embed_status + f". Its view is read from timm models only; `{vm.name}` is a {vm.family} model.",
+        )
     head_line = f"**Position scheme of `{vm.name}`**: {info.sentence}"
     if vm.position == "relative":
-        maps = posinfo.relative_bias_maps(vm.model).detach().float().cpu().numpy()  # [L, H, 2gh-1, 2gw-1]
+        if maps is None:
+            maps = posinfo.relative_bias_maps(vm.model).detach().float().cpu().numpy()  # [L, H, 2gh-1, 2gw-1]
         lay = int(np.clip(layer, 0, maps.shape[0] - 1))
         fig = figures.relative_bias_figure(maps[lay], lay)
         note = head_line + (

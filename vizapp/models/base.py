@@ -80,6 +80,8 @@ class VizModel:
         rope_angles_fn: for an axial-RoPE model whose position view is not read from timm: () -> the rotation angle
             of every frequency pair at every patch of the configured grid, [P, F] radians, from the model's own
             rotary module.
+        relative_bias_fn: for a relative-position-bias model whose position view is not read from timm: () -> every
+            layer's learned bias as maps over the offset (Δrow, Δcol), [L, H, 2gh − 1, 2gw − 1].
     """
 
     name: str
@@ -111,6 +113,7 @@ class VizModel:
     num_registers: int = 0
     fixed_transform: Callable[[Image.Image], torch.Tensor] | None = None
     rope_angles_fn: Callable[[], torch.Tensor] | None = None
+    relative_bias_fn: Callable[[], torch.Tensor] | None = None
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)

@@ -34,6 +34,7 @@ MODEL_TYPES = {
     "clip_vision_model": (1, True),
     "siglip_vision_model": (0, False),
     "dinov3_vit": (0, True),  # rotary positions: no table
+    "beit": (1, True),  # a table only with use_absolute_position_embeddings; else a relative bias
 }
 #: model types whose positions are rotary (RoPE) rather than a learned table
 ROPE_TYPES = {"dinov3_vit"}
@@ -102,6 +103,20 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(sub, torch.nn.Module) and hasattr(sub, "embeddings"):
             return sub
     return model
+
+
+def _relative_bias_modules(
+    model: torch.nn.Module, base: torch.nn.Module
+) -> tuple[list[torch.nn.Module | None], torch.nn.Module | None]:
+    """BEiT's relative-position bias: each encoder layer's own module (None where it has none) and the shared one;
+    ([], None) for the other model types."""
+    from vizapp.capture import encoder_layers
+
+    shared = getattr(base, "shared_position_bias", None)
+    layers = [getattr(layer, "relative_position_bias", None) for layer in encoder_layers(model)[0]]
+    if shared is None and all(m is None for m in layers):
+        return [], None
+    return layers, shared
 
 
 def _rope_angles(base: torch.nn.Module, size: tuple[int, int], head_dim: int) -> torch.Tensor:
@@ -233,10 +248,21 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
         if cls_and_patch_mean:
             return model.classifier(torch.cat([h[:, 0], h[:, p:].mean(dim=1)], dim=-1))
+        if model_type == "beit":  # its pooler: the patch tokens' mean through a layer norm, or the CLS token
+            return model.classifier(base.pooler(h))
         return model.classifier(h[:, 0])
 
     rope = model_type in ROPE_TYPES
     head_dim = int(vision.hidden_size) // int(vision.num_attention_heads)
+    bias_layers, shared_bias = _relative_bias_modules(model, base)
+    relative = bool(bias_layers) and (shared_bias is not None or any(m is not None for m in bias_layers))
+    learned = not rope and (model_type != "beit" or getattr(embeddings, "position_embeddings", None) is not None)
+    position = "rope" if rope else "learned" if learned else "relative" if relative else "none"
+
+    def relative_bias() -> torch.Tensor:
+        from vizapp.posinfo import layer_bias_maps
+
+        return layer_bias_maps(bias_layers, shared_bias, grid, name)
 
     def pos_embed() -> torch.Tensor:
         table = _pos_table(model_type, embeddings)[pos_prefix:]
@@ -253,7 +279,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         num_prefix_tokens=p,
         grid_size=grid,
         patch_size=ps,
-        no_embed_class=pos_prefix == 0 and not rope,
+        no_embed_class=pos_prefix == 0 and position == "learned",
         input_size=(3, *size),
         mean=mean,
         std=std,
@@ -266,9 +292,10 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
         has_class_token=has_cls,
         family="hf",
-        position="rope" if rope else "learned",
-        pos_embed_fn=None if rope else pos_embed,
+        position=position,
+        pos_embed_fn=pos_embed if position == "learned" else None,
         rope_angles_fn=(lambda: _rope_angles(base, size, head_dim)) if rope else None,
+        relative_bias_fn=relative_bias if position == "relative" else None,
         lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
         num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
     )
