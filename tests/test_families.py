@@ -58,6 +58,7 @@ HF = [
         "BeitForImageClassification",
         dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
     ),
+    ("hf_ijepa", "IJepaConfig", "IJepaForImageClassification", dict(image_size=32, num_labels=3)),  # no CLS token
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
@@ -78,6 +79,7 @@ EXPECTED = {
     "hf_dinov2_reg_cls": (3, True, (4, 4)),
     "hf_dinov3": (5, True, (4, 4)),
     "hf_beit": (1, True, (4, 4)),
+    "hf_ijepa": (0, False, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),

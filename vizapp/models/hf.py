@@ -35,6 +35,7 @@ MODEL_TYPES = {
     "siglip_vision_model": (0, False),
     "dinov3_vit": (0, True),  # rotary positions: no table
     "beit": (1, True),  # a table only with use_absolute_position_embeddings; else a relative bias
+    "ijepa": (0, False),  # patch tokens only
 }
 #: model types whose positions are rotary (RoPE) rather than a learned table
 ROPE_TYPES = {"dinov3_vit"}
@@ -250,6 +251,8 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             return model.classifier(torch.cat([h[:, 0], h[:, p:].mean(dim=1)], dim=-1))
         if model_type == "beit":  # its pooler: the patch tokens' mean through a layer norm, or the CLS token
             return model.classifier(base.pooler(h))
+        if model_type == "ijepa":  # no CLS token: the mean of the patch tokens
+            return model.classifier(h.mean(dim=1))
         return model.classifier(h[:, 0])
 
     rope = model_type in ROPE_TYPES
