@@ -670,3 +670,23 @@ def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
         "heatmap",
     ] and "rank correlation" in both.importance_note
     assert both.importance.data[0].z.shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "fid, scheme", [("hf_dinov3", "axial 2-D RoPE"), ("hf_beit", "relative-position bias")], ids=["dinov3", "beit"]
+)
+def test_transformers_rope_and_bias_models_analyse_and_show_their_position_scheme(tmp_path_factory, photo, fid, scheme):
+    """transformers' DINOv3 (RoPE, registers, no head) and BEiT (relative bias, a head) through the app's handlers:
+    the analysis renders, and the Position tab shows the model's own scheme rather than 'read from timm models only'."""
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from test_families import HF, save_hf
+
+    _, config_cls, model_cls, extra = next(h for h in HF if h[0] == fid)
+    folder = str(save_hf(tmp_path_factory.mktemp(fid), config_cls, model_cls, extra))
+    out = ui.analyze_image(photo, folder, progress=_noprogress, trusted_model=folder)
+    r = out.state["analysis"]
+    assert r.grid_size == (4, 4) and out.rollout.data[1].z.shape == (4, 4)
+    assert r.num_registers == (4 if fid == "hf_dinov3" else 0)
+    pos = ui.render_pos(folder, 0, 1, 2, 1, 0, trusted_model=folder)
+    assert scheme in pos.pos_note and "timm models only" not in pos.pos_note
+    assert pos.pos is not None and pos.pos.data[0].type == "heatmap"
