@@ -178,7 +178,7 @@ def relative_bias_maps(model: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def layer_bias_maps(
     layers: list[torch.nn.Module | None],
-    shared: torch.Tensor | torch.nn.Module | None,
+    shared: torch.nn.Module | None,
     grid: tuple[int, int],
     what: str,
 ) -> torch.Tensor:
