@@ -37,6 +37,7 @@ HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, int
 HF = [
     ("hf_vit", "ViTConfig", "ViTForImageClassification", dict(image_size=32, num_labels=5)),
     ("hf_vit_nonsquare", "ViTConfig", "ViTForImageClassification", dict(image_size=[24, 40], num_labels=3)),
+    ("hf_vit_msn", "ViTMSNConfig", "ViTMSNForImageClassification", dict(image_size=32, num_labels=3)),
     ("hf_deit_teacher", "DeiTConfig", "DeiTForImageClassificationWithTeacher", dict(image_size=32, num_labels=3)),
     ("hf_dinov2", "Dinov2Config", "Dinov2Model", dict(image_size=32)),
     (
@@ -73,6 +74,7 @@ EXPECTED = {
     "naflex": (4, False, (4, 3)),
     "hf_vit": (1, True, (4, 4)),
     "hf_vit_nonsquare": (1, True, (3, 5)),
+    "hf_vit_msn": (1, True, (4, 4)),
     "hf_deit_teacher": (2, True, (4, 4)),
     "hf_dinov2": (1, True, (4, 4)),
     "hf_dinov2_reg": (5, True, (4, 4)),

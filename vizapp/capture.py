@@ -52,7 +52,7 @@ from vizapp.errors import BadParameterError, UnsupportedModelError
 SUPPORTED_FAMILIES = (
     "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
     "timm BEiT and relpos ViTs, "
-    "Hugging Face ViT/DeiT/BEiT/I-JEPA/DINOv2/DINOv3/CLIP/SigLIP vision encoders, torchvision vit_*"
+    "Hugging Face ViT/ViT-MSN/DeiT/BEiT/I-JEPA/DINOv2/DINOv3/CLIP/SigLIP vision encoders, torchvision vit_*"
 )
 
 

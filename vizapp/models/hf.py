@@ -28,6 +28,7 @@ from vizapp.models.base import VizModel, hub_reachable, offline_message, pair
 #: model_type -> (how many rows of the learned position table precede the patch rows, has a CLS token)
 MODEL_TYPES = {
     "vit": (1, True),
+    "vit_msn": (1, True),
     "deit": (2, True),
     "dinov2": (1, True),
     "dinov2_with_registers": (1, True),
