@@ -59,6 +59,12 @@ HF = [
         "BeitForImageClassification",
         dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
     ),
+    (
+        "hf_data2vec",  # BEiT's architecture, the bias inside the self-attention module
+        "Data2VecVisionConfig",
+        "Data2VecVisionForImageClassification",
+        dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
+    ),
     ("hf_ijepa", "IJepaConfig", "IJepaForImageClassification", dict(image_size=32, num_labels=3)),  # no CLS token
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
@@ -82,6 +88,7 @@ EXPECTED = {
     "hf_dinov3": (5, True, (4, 4)),
     "hf_beit": (1, True, (4, 4)),
     "hf_ijepa": (0, False, (4, 4)),
+    "hf_data2vec": (1, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
@@ -377,14 +384,16 @@ def test_hf_dinov3_position_view_equals_its_own_rotated_dot_products(hf_folders)
     assert not torch.allclose(got, torch.ones_like(got))  # positions differ
 
 
-def test_hf_beit_position_view_equals_the_bias_its_layers_add(hf_folders):
+@pytest.mark.parametrize("fid", ["hf_beit", "hf_data2vec"])
+def test_hf_beit_position_view_equals_the_bias_its_layers_add(fid, hf_folders):
     """Each layer's relative-bias map against the bias the layer itself computes for the attention logits
-    (transformers' BeitRelativePositionBias, [1, H, N, N]): the map's entry at offset p_query − p_key is the bias
-    between those two patches, for every pair."""
+    (transformers' BeitRelativePositionBias, [1, H, N, N], on the layer in BEiT and on its self-attention in
+    Data2VecVision): the map's entry at offset p_query − p_key is the bias between those two patches, for every
+    pair."""
     from vizapp.capture import encoder_layers
     from vizapp.views import pos_embed_views
 
-    vm = load("hf_beit", hf_folders)
+    vm = load(fid, hf_folders)
     assert vm.position == "relative" and vm.patch_pos_embed() is None and vm.rope_angles_fn is None
     gh, gw = vm.grid_size
     n = vm.num_prefix_tokens + gh * gw
@@ -394,9 +403,10 @@ def test_hf_beit_position_view_equals_the_bias_its_layers_add(hf_folders):
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     d_row = (rows[:, None] - rows[None, :]) + gh - 1  # [P, P]
     d_col = (cols[:, None] - cols[None, :]) + gw - 1
-    for layer, block in enumerate(encoder_layers(vm.model)[0]):
+    for layer, (block, attn) in enumerate(zip(*encoder_layers(vm.model), strict=True)):
+        module = getattr(block, "relative_position_bias", None) or attn.relative_position_bias
         with torch.no_grad():
-            own = block.relative_position_bias((gh, gw), False, dim_size=n)[0]  # [H, N, N]
+            own = module((gh, gw), False, dim_size=n)[0]  # [H, N, N]
         expected = own[:, vm.num_prefix_tokens :, vm.num_prefix_tokens :]
         torch.testing.assert_close(maps[layer][:, d_row, d_col], expected, atol=1e-6, rtol=0)
     assert maps.abs().max() > 0.1  # the tables were randomised before saving

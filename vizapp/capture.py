@@ -52,7 +52,8 @@ from vizapp.errors import BadParameterError, UnsupportedModelError
 SUPPORTED_FAMILIES = (
     "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
     "timm BEiT and relpos ViTs, "
-    "Hugging Face ViT/ViT-MSN/DeiT/BEiT/I-JEPA/DINOv2/DINOv3/CLIP/SigLIP vision encoders, torchvision vit_*"
+    "Hugging Face ViT/ViT-MSN/DeiT/BEiT/Data2Vec-vision/I-JEPA/DINOv2/DINOv3/CLIP/SigLIP vision encoders, "
+    "torchvision vit_*"
 )
 
 
@@ -81,7 +82,17 @@ def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
 
 #: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model; "model"
 #: is DINOv3's, which holds the layers themselves
-HF_BASE_ATTRIBUTES = ("vision_model", "vit", "deit", "beit", "ijepa", "dinov2", "dinov2_with_registers", "model")
+HF_BASE_ATTRIBUTES = (
+    "vision_model",
+    "vit",
+    "deit",
+    "beit",
+    "data2vec_vision",
+    "ijepa",
+    "dinov2",
+    "dinov2_with_registers",
+    "model",
+)
 
 
 def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:

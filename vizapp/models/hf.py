@@ -36,10 +36,13 @@ MODEL_TYPES = {
     "siglip_vision_model": (0, False),
     "dinov3_vit": (0, True),  # rotary positions: no table
     "beit": (1, True),  # a table only with use_absolute_position_embeddings; else a relative bias
+    "data2vec-vision": (1, True),  # BEiT's architecture
     "ijepa": (0, False),  # patch tokens only
 }
 #: model types whose positions are rotary (RoPE) rather than a learned table
 ROPE_TYPES = {"dinov3_vit"}
+#: BEiT-like model types: a learned table only when configured, else a relative-position bias; a mean-pooling head
+BEIT_TYPES = {"beit", "data2vec-vision"}
 #: model types whose config is nested inside a multimodal one (the vision tower is loaded on its own)
 VISION_CONFIGS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
@@ -110,12 +113,19 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 def _relative_bias_modules(
     model: torch.nn.Module, base: torch.nn.Module
 ) -> tuple[list[torch.nn.Module | None], torch.nn.Module | None]:
-    """BEiT's relative-position bias: each encoder layer's own module (None where it has none) and the shared one;
-    ([], None) for the other model types."""
+    """A BEiT-like model's relative-position bias: each encoder layer's own module (on the layer in BEiT, on its
+    self-attention in Data2VecVision; None where it has none) and the shared one; ([], None) for other models."""
     from vizapp.capture import encoder_layers
 
-    shared = getattr(base, "shared_position_bias", None)
-    layers = [getattr(layer, "relative_position_bias", None) for layer in encoder_layers(model)[0]]
+    def first(*found: Any) -> Any:
+        return next((m for m in found if isinstance(m, torch.nn.Module)), None)
+
+    encoder = getattr(base, "encoder", None)
+    shared = first(getattr(base, "shared_position_bias", None), getattr(encoder, "relative_position_bias", None))
+    layers = [
+        first(getattr(layer, "relative_position_bias", None), getattr(attn, "relative_position_bias", None))
+        for layer, attn in zip(*encoder_layers(model), strict=True)
+    ]
     if shared is None and all(m is None for m in layers):
         return [], None
     return layers, shared
@@ -250,7 +260,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
         if cls_and_patch_mean:
             return model.classifier(torch.cat([h[:, 0], h[:, p:].mean(dim=1)], dim=-1))
-        if model_type == "beit":  # its pooler: the patch tokens' mean through a layer norm, or the CLS token
+        if model_type in BEIT_TYPES:  # its pooler: the patch tokens' mean through a layer norm, or the CLS token
             return model.classifier(base.pooler(h))
         if model_type == "ijepa":  # no CLS token: the mean of the patch tokens
             return model.classifier(h.mean(dim=1))
@@ -260,7 +270,9 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     head_dim = int(vision.hidden_size) // int(vision.num_attention_heads)
     bias_layers, shared_bias = _relative_bias_modules(model, base)
     relative = bool(bias_layers) and (shared_bias is not None or any(m is not None for m in bias_layers))
-    learned = not rope and (model_type != "beit" or getattr(embeddings, "position_embeddings", None) is not None)
+    learned = not rope and (
+        model_type not in BEIT_TYPES or getattr(embeddings, "position_embeddings", None) is not None
+    )
     position = "rope" if rope else "learned" if learned else "relative" if relative else "none"
 
     def relative_bias() -> torch.Tensor:
