@@ -452,8 +452,9 @@ def test_qk_on_cpu_gives_each_layers_q_and_k_of_one_image(batch):
 
 
 def test_a_torch_compiled_model_is_captured_exactly():
-    """A model wrapped by torch.compile (dynamo; the eager backend needs no compiler) still reaches vizapp's SDPA
-    route, through the graph break dynamo makes at the routed call, so its attention is the plain model's."""
+    """A model wrapped by torch.compile (dynamo; the eager backend needs no compiler) is still captured: dynamo cannot
+    trace the capture's thread check (``threading.get_ident``, it warns so), breaks its graph there and runs the
+    hooks and the routed SDPA call eagerly, so the attention is the plain model's."""
     vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
     compiled = torch.compile(vm.model, backend="eager")
     x = vm.transform(random_image(3))[None]
