@@ -170,25 +170,20 @@ def attention_chunks(
     scores, probs = work[0], work[1]
     qf = q.float()
     kt = k.float().transpose(-2, -1)
-    whole = heads >= h and rows >= n and scores.shape[0] == h and scores.shape[1] == n  # one chunk, no slicing
     for h0 in range(0, h, heads):
         m = min(heads, h - h0)
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
             # the scale inside the product (alpha) and beta=0, which ignores the buffer's old contents: no scaled
             # copy of q per layer (ViT-Ti/16 on 2 CPU threads: 237 µs a layer, SDPA 228, q·scale then matmul 270)
-            if whole:
-                s, a = scores.baddbmm_(qf, kt, beta=0.0, alpha=scale), probs
-            else:
-                s = scores[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
-                a = probs[:m, :r]
+            s = scores[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
             if bias is not None:
                 b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
                 s.add_(b[:, r0 : r0 + r])
             # The softmax goes into a second buffer: onto its own input torch's kernel is slower (2 CPU threads:
             # 53 against 45 µs for [3, 197, 197]), and a new tensor per chunk is memory the allocator may hand back
             # and fault in again (1,374-token ViT-L: 7.5 MB per head, 384 times per forward).
-            yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=a)
+            yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=probs[:m, :r])
 
 
 class AttentionConsumer(Protocol):
@@ -534,8 +529,7 @@ class AttentionCapture:
                 for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
                     self.on_attention.chunk(layer, i, h0, a, r0)
                     m, r = a.shape[0], a.shape[1]
-                    vc = v32 if m == h else v32[h0 : h0 + m]
-                    target = out_i if m == h and r == n else out_i[h0 : h0 + m, r0 : r0 + r]
+                    vc, target = v32[h0 : h0 + m], out_i[h0 : h0 + m, r0 : r0 + r]
                     if fp32:
                         torch.bmm(a, vc, out=target)
                     else:

@@ -297,8 +297,7 @@ class BlockFeatures:
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         x = out[0]  # image 0 of the batch: [N, D]
-        if self.num_layers * x.numel() * 4 <= self.budget:
-            self.outputs[layer] = x.float()
+        if self.num_layers * x.numel() * 4 <= self.budget:  # kept, and reduced in finish()
             self._deferred[layer] = x
             return
         if layer == self.num_layers - 1:

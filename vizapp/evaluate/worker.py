@@ -19,6 +19,7 @@ import torch
 from vizapp.analysis.faithfulness import patch_order, random_order_saliency, step_counts, trapezoid_auc
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS, accuracy_auc, changed_masks, compose
 from vizapp.analysis.perturbation import perturbed_images as chefer_images
+from vizapp.imageio import decode_image
 
 RANDOM = "random"
 """The random-order baseline's method name (not in the registry: it is not an explanation)."""
@@ -125,8 +126,6 @@ class Evaluator:
             {"id": it["id"], "source": it["source"], "target": int(it["target"]), "status": "ok", "message": ""}
             for it in items
         ]
-        from vizapp.imageio import decode_image
-
         images: dict[int, Any] = {}  # decoded once, for the batched forward and for the methods' analysis
         inputs: dict[int, torch.Tensor] = {}
         for i, (px, err) in enumerate(zip(pixels, errors, strict=True)):
