@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,6 +105,21 @@ def test_export(analysed):
     np.testing.assert_allclose(arrays["attention"].sum(-1), 1.0, atol=1e-5)
     with open(js) as f:
         assert json.load(f)["grid_size"] == [7, 7]
+
+
+def test_export_folders_are_private_and_old_ones_are_removed():
+    import os
+    import time
+
+    from vizapp.ui import handlers
+
+    first, second = handlers.export_folder(), handlers.export_folder()
+    assert first != second and first.parent == second.parent and first.is_dir()
+    (first / "a.npz").write_bytes(b"x")
+    old = time.time() - handlers.EXPORT_MAX_AGE_S - 60
+    os.utime(first, (old, old))
+    third = handlers.export_folder()
+    assert not first.exists() and second.is_dir() and third.is_dir()
 
 
 def test_pos_views(card_model):
@@ -546,12 +560,12 @@ def test_logit_lens_and_head_importance_in_the_app(analysed):
     np.testing.assert_allclose(arrays["feature_similarity"], r.feature_similarity((1, 2)), atol=1e-6)
 
 
-def test_second_image_and_pca_across_examples(analysed, photo):
+def test_second_image_and_pca_across_examples(analysed, photo, tmp_path):
     from conftest import random_image
 
     st = analysed.state
     r = st["analysis"]
-    path = Path(tempfile.mkdtemp()) / "second.png"
+    path = tmp_path / "second.png"
     random_image(5, size=(64, 64)).save(path)
     out = ui.analyze_second_image(st, str(path), 2, 3, -1, progress=_noprogress)
     other = out.state["other"]

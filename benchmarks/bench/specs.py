@@ -59,8 +59,8 @@ class ModelSpec:
     def load(self, device: str, dtype: str = "float32") -> Any:
         """The model via :func:`vizapp.load_model` (random weights, seeded). ``hf-random:TYPE`` builds a
         transformers model of that type from its default config (the kwargs override fields), saved to a temporary
-        folder with ``save_pretrained`` and loaded from there as a user's folder would be. ``dtype``: a torch dtype's
-        name, the forward's precision (vizapp's attention maths stay fp32)."""
+        folder with ``save_pretrained`` and loaded from there as a user's folder would be (the folder is removed
+        once loaded). ``dtype``: a torch dtype's name, the forward's precision (vizapp's attention maths stay fp32)."""
         from vizapp.models import load_model
 
         torch.manual_seed(0)
@@ -72,9 +72,11 @@ class ModelSpec:
 
             config_cls, model_cls = HF_RANDOM[self.name.split(":", 1)[1]]
             config = getattr(transformers, config_cls)(**dict(self.kwargs))
-            folder = tempfile.mkdtemp(prefix="vizapp-bench-hf-")
-            getattr(transformers, model_cls)(config).save_pretrained(folder)
-            return load_model(folder, device=device, dtype=dt)
+            # The folder is needed only while load_model reads it (each load wrote ~330 MB for a base model and
+            # left it behind: 29 GB of /tmp after a few bench runs).
+            with tempfile.TemporaryDirectory(prefix="vizapp-bench-hf-") as folder:
+                getattr(transformers, model_cls)(config).save_pretrained(folder)
+                return load_model(folder, device=device, dtype=dt)
         return load_model(self.name, pretrained=False, device=device, dtype=dt, **dict(self.kwargs))
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +54,30 @@ CLS_QUERY = "CLS token"
 MAX_CLICK_CHARS = 2000
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Exported files: gradio copies what a handler returns into its own cache, so ours are only needed until then.
+EXPORT_MAX_AGE_S = 3600.0
+_export_root: tempfile.TemporaryDirectory | None = None
+_export_lock = threading.Lock()
+
+
+def export_folder(now: float | None = None) -> Path:
+    """A fresh private folder for one export. All live under one folder per process, removed when the process
+    exits; folders older than :data:`EXPORT_MAX_AGE_S` are removed here, so a server that runs for weeks does not
+    fill its disk."""
+    global _export_root
+    with _export_lock:
+        if _export_root is None:
+            _export_root = tempfile.TemporaryDirectory(prefix="vizapp-export-")
+        root = Path(_export_root.name)
+        cutoff = (time.time() if now is None else now) - EXPORT_MAX_AGE_S
+        for old in root.iterdir():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        return Path(tempfile.mkdtemp(dir=root))
 
 
 def user_errors(fn: F) -> F:
@@ -412,7 +438,7 @@ def export_files(state: Any) -> ExportOutputs:
     """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
     st = _state(state)
     r: Analysis = st["analysis"]
-    out = Path(tempfile.mkdtemp(prefix="vizapp-export-"))
+    out = export_folder()
     npz, js = out / "vizapp_attention.npz", out / "vizapp_summary.json"
     np.savez_compressed(npz, **r.arrays())
     js.write_text(json.dumps(r.summary(), indent=1))
@@ -624,6 +650,6 @@ def export_features(
         as_float(dino_threshold, "mask threshold", 0.01, 1.0),
         imp,
     )
-    out = Path(tempfile.mkdtemp(prefix="vizapp-export-")) / "vizapp_features.npz"
+    out = export_folder() / "vizapp_features.npz"
     np.savez_compressed(out, **arrays)
     return FeatureExportOutputs(str(out))

@@ -481,7 +481,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
     startup, startup_note = choose_startup_model(model)
     trusted = trusted_startup_model(startup, model)
     ui = Components()
-    with gr.Blocks(title=TITLE) as demo:
+    # Gradio's own cache (uploads, exported files): every hour, files older than a day go.
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         _page(ui, startup, startup_note, trusted)
         analyze = _wire_analyze(ui, startup_note, trusted)
         map_events = _wire_rollout(ui)
