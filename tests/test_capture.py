@@ -50,6 +50,8 @@ def test_analyze_token_bookkeeping(family):
     assert vm.num_prefix_tokens == expected_prefix
     assert vm.no_embed_class == (fid in ("reg4", "gap_reg4"))
     assert vm.has_class_token == (fid != "gap_reg4")
+    # DeiT's two heads read the class and distillation tokens; the avg-pooled model its patches.
+    assert vm.readout == {"deit_distilled": "cls+dist", "gap_reg4": "patches"}.get(fid, "cls")
     r = vizapp.analyze(vm, random_image(3))
     gh, gw = r.grid_size
     assert r.num_tokens == expected_prefix + gh * gw
@@ -60,10 +62,11 @@ def test_analyze_token_bookkeeping(family):
             r.attention(0)
     assert r.attention(1, head=0, query=(gh - 1, gw - 1)).shape == (gh, gw)
     assert r.rollout().shape == (gh, gw)
-    # The rollout map is the CLS row, or the mean of the patch rows for a model without a CLS token.
+    # The rollout map is the row of the token the output reads: CLS, the mean of the CLS and distillation rows, or
+    # the mean of the patch rows.
     joint = vizapp.analysis.rollout(r.attention_stack(), r.num_prefix_tokens)
     p = r.num_prefix_tokens
-    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    expected = {"cls": joint[0], "cls+dist": (joint[0] + joint[1]) / 2, "patches": joint[p:].mean(0)}[r.readout][p:]
     np.testing.assert_allclose(r.rollout(), expected.reshape(gh, gw).numpy(), atol=1e-5)
     assert r.mean_distance.shape == (len(vm.model.blocks), vm.num_heads)
     if fid == "nonsquare":
@@ -187,7 +190,7 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
     expected_dist = mean_attention_distance(attn, r.grid_size, r.patch_size, p)
     np.testing.assert_allclose(r.mean_distance, expected_dist.numpy(), rtol=1e-4, atol=1e-3)
     joint = rollout(attn, p)
-    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    expected = (r.output_weights().to(joint.dtype) @ joint)[p:]
     cached = r._cache[("rollout", "mean", 0.0, 0)]
     np.testing.assert_allclose(cached, expected.reshape(r.grid_size).numpy(), atol=1e-5)
     assert (("fused", "mean") in r._cache) == (path in ("inline", "recompute"))  # reduced during the forward
@@ -195,7 +198,7 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
         torch.testing.assert_close(r.fused(fusion), fuse_heads(attn, fusion).float(), atol=1e-5, rtol=0)
     # a view's rollout with another fusion and discard ratio (from the cache, or layer by layer from q and k)
     joint = rollout(attn, p, head_fusion="max", discard_ratio=0.5)
-    expected = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    expected = (r.output_weights().to(joint.dtype) @ joint)[p:]
     np.testing.assert_allclose(r.rollout("max", 0.5), expected.reshape(r.grid_size).numpy(), atol=1e-5)
 
 

@@ -140,9 +140,15 @@ def test_relevance_rejects_bad_input() -> None:
 # Attention flow
 # ---------------------------------------------------------------------------------------------------------------------
 def attention_flow_networkx(
-    attn: torch.Tensor, num_prefix_tokens: int, head_fusion: str = "mean", residual: bool = True, query: int = 0
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    head_fusion: str = "mean",
+    residual: bool = True,
+    query: int = 0,
+    readout: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Reference attention flow with float capacities and networkx (small graphs only): flat [P] float64."""
+    """Reference attention flow with float capacities and networkx (small graphs only): flat [P] float64. With
+    ``readout``, the sink is an extra "out" node fed by each top-layer token i with capacity readout[i]."""
     fused = fuse_heads(attn.to(torch.float64), head_fusion)  # [L, N, N]
     if residual:
         fused = add_residual(fused)
@@ -155,7 +161,12 @@ def attention_flow_networkx(
             for j in range(n):
                 if a[layer, i, j] > 0:
                     g.add_edge((layer, j), (layer + 1, i), capacity=float(a[layer, i, j]))
-    return np.array([nx.maximum_flow_value(g, (0, s), (num_layers, query)) for s in range(num_prefix_tokens, n)])
+    sink = (num_layers, query)
+    if readout is not None:
+        sink = "out"
+        for i in np.nonzero(readout)[0]:
+            g.add_edge((num_layers, int(i)), sink, capacity=float(readout[i]))
+    return np.array([nx.maximum_flow_value(g, (0, s), sink) for s in range(num_prefix_tokens, n)])
 
 
 def _random_attention(seed: int, num_layers: int, heads: int, n: int, sparsity: float = 0.0) -> torch.Tensor:
@@ -209,6 +220,58 @@ def test_flow_matches_networkx(seed: int) -> None:
     assert ours.shape == (n - prefix,)
     # each rounded edge is off by <= 0.5 / scale; a cut has at most L * N^2 edges
     np.testing.assert_allclose(ours.numpy(), ref, atol=0.5 * num_layers * n * n / scale + 1e-6)
+
+
+def test_flow_to_an_output_that_reads_several_tokens_by_hand() -> None:
+    # One layer, residual off, no prefix, the output reads tokens 0 and 1 half each: the paths from (0, s) are
+    # (0, s) -> (1, i) -> out for i in {0, 1}, each limited by its smaller edge, so flow(s) = sum_i min(A[i, s], w_i).
+    a = [[0.2, 0.5, 0.3], [0.1, 0.6, 0.3], [0.4, 0.1, 0.5]]
+    attn = torch.tensor([[a]], dtype=torch.float64)  # [1, 1, 3, 3]
+    w = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    # s = 0: min(.2, .5) + min(.1, .5) = .3;  s = 1: min(.5, .5) + min(.6, .5) = 1.0;  s = 2: .3 + .3 = .6
+    flow = attention_flow(attn, 0, residual=False, readout=w)
+    np.testing.assert_allclose(flow.numpy(), [0.3, 1.0, 0.6], atol=2e-6)
+    np.testing.assert_allclose(
+        attention_flow_networkx(attn, 0, residual=False, readout=w.numpy()), [0.3, 1.0, 0.6], atol=1e-12
+    )
+    # a one-hot readout is that token's query
+    onehot = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    np.testing.assert_array_equal(
+        attention_flow(attn, 0, residual=False, readout=onehot).numpy(),
+        attention_flow(attn, 0, residual=False, query=1).numpy(),
+    )
+    with pytest.raises(ValueError, match="summing to 1"):
+        attention_flow(attn, 0, readout=torch.tensor([0.5, 0.2, 0.0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flow_to_a_pooled_output_matches_networkx(seed: int) -> None:
+    from vizapp.models.base import readout_weights
+
+    rng = np.random.default_rng(100 + seed)
+    num_layers, n, prefix = int(rng.integers(2, 4)), int(rng.integers(4, 7)), int(rng.integers(1, 3))
+    attn = _random_attention(seed, num_layers, 3, n, sparsity=0.5 if seed % 2 else 0.0)
+    for readout in ("patches", "cls+patches", "tokens", "cls+dist"):
+        w = readout_weights(readout, n, prefix)
+        ours = attention_flow(attn, prefix, readout=w)
+        ref = attention_flow_networkx(attn, prefix, readout=w.numpy())
+        np.testing.assert_allclose(ours.numpy(), ref, atol=0.5 * (num_layers * n * n + n) / 1e6 + 1e-6)
+
+
+def test_readout_weights_by_hand() -> None:
+    from vizapp.models.base import readout_weights
+
+    # 2 prefix tokens (CLS, distillation) and 4 patches
+    rows = {name: readout_weights(name, 6, 2).tolist() for name in ("cls", "cls+dist", "patches", "cls+patches")}
+    assert rows == {
+        "cls": [1, 0, 0, 0, 0, 0],
+        "cls+dist": [0.5, 0.5, 0, 0, 0, 0],
+        "patches": [0, 0, 0.25, 0.25, 0.25, 0.25],
+        "cls+patches": [0.5, 0, 0.125, 0.125, 0.125, 0.125],
+    }
+    assert readout_weights("tokens", 4, 1).tolist() == [0.25] * 4
+    with pytest.raises(ValueError, match="readout must be one of"):
+        readout_weights("mean", 4, 1)
 
 
 def test_flow_coarse_scale_stays_within_the_bound() -> None:

@@ -17,6 +17,7 @@ from conftest import all_hooks, graph_reference, random_image, reference_attenti
 import vizapp
 from vizapp.analysis import mean_attention_distance, rollout
 from vizapp.capture import AttentionCapture
+from vizapp.models.base import readout_weights
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
 
@@ -66,6 +67,7 @@ HF = [
         dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
     ),
     ("hf_ijepa", "IJepaConfig", "IJepaForImageClassification", dict(image_size=32, num_labels=3)),  # no CLS token
+    ("hf_vit_mae", "ViTMAEConfig", "ViTMAEForPreTraining", dict(image_size=32)),  # shuffles and masks its patches
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
 ]
@@ -89,11 +91,21 @@ EXPECTED = {
     "hf_beit": (1, True, (4, 4)),
     "hf_ijepa": (0, False, (4, 4)),
     "hf_data2vec": (1, True, (4, 4)),
+    "hf_vit_mae": (1, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
 }
 IDS = [t[0] for t in TIMM] + [h[0] for h in HF] + ["tv_vit_b_16"]
+# What each output reads (checked against the model's own gradients below): BEiT, EVA-02, timm's DINOv3 backbone and
+# the gap models average their patches, DeiT's two heads read the CLS and distillation tokens, DINOv2's classifier
+# the CLS token beside the patch mean, SigLIP's attention-pooling head every token (it has no prefix tokens); the rest
+# read the CLS token (transformers' DINOv3 and DINOv2 backbones pool by it).
+READOUT = {"hf_deit_teacher": "cls+dist", "hf_dinov2_reg_cls": "cls+patches"} | dict.fromkeys(
+    ("dinov3_small", "eva02_tiny", "rope_reg1_gap", "beit", "relpos", "naflex", "hf_beit", "hf_data2vec"),
+    "patches",
+)
+READOUT |= {"hf_ijepa": "patches", "hf_siglip": "patches"}
 
 
 def save_hf(folder, config_cls: str, model_cls: str, extra: dict):
@@ -118,7 +130,10 @@ def load(fid: str, hf_folders) -> vizapp.VizModel:
         if tid == fid:
             return vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)
     if fid == "tv_vit_b_16":
-        return vizapp.load_model("torchvision:vit_b_16", pretrained=False, device="cpu", image_size=32)
+        vm = vizapp.load_model("torchvision:vit_b_16", pretrained=False, device="cpu", image_size=32)
+        # torchvision initialises the head to zeros: the logits would depend on nothing, and every gradient be 0
+        torch.nn.init.normal_(vm.model.heads.head.weight, std=0.02)
+        return vm
     return vizapp.load_model(hf_folders[fid], device="cpu")
 
 
@@ -129,9 +144,14 @@ def reference(vm: vizapp.VizModel, fid: str, x: torch.Tensor) -> tuple[list[torc
         return maps, logits
     if vm.family == "hf":
         folder = vm.name
-        ref = type(vm.model).from_pretrained(folder, attn_implementation="eager").eval()
+        if fid == "hf_vit_mae":  # its encoder with nothing masked, the patches in order (ascending noise)
+            ref = type(vm.model).from_pretrained(folder, attn_implementation="eager", mask_ratio=0.0).eval()
+            n = vm.grid_size[0] * vm.grid_size[1]
+            extra = {"noise": torch.arange(n, dtype=torch.float32).expand(x.shape[0], n)}
+        else:
+            ref, extra = type(vm.model).from_pretrained(folder, attn_implementation="eager").eval(), {}
         with torch.no_grad():
-            out = ref(pixel_values=x, output_attentions=True)
+            out = ref(pixel_values=x, output_attentions=True, **extra)
             return list(out.attentions), vm.forward_fn(ref, x)
     model = vm.model  # torchvision: run the blocks by hand, asking each MHA for its per-head weights
     maps = []
@@ -190,7 +210,7 @@ def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_fold
     expected = mean_attention_distance(attn, r.grid_size, r.patch_size, p)
     np.testing.assert_allclose(r.mean_distance, expected.numpy(), rtol=1e-4, atol=1e-3)
     joint = rollout(attn, p)
-    row = joint[0, p:] if r.has_class_token else joint[p:, p:].mean(0)
+    row = (readout_weights(READOUT.get(fid, "cls"), r.num_tokens, p) @ joint.double())[p:]
     np.testing.assert_allclose(r.rollout(), row.reshape(r.grid_size).numpy(), atol=1e-5)
     np.testing.assert_allclose(
         r.attention(1, query=(0, 1)), attn[1, :, p + 1, p:].reshape(-1, *r.grid_size).numpy(), atol=1e-5
@@ -201,6 +221,22 @@ def test_analyze_equals_analyses_of_the_reference_attention(fid, inline, hf_fold
         np.testing.assert_allclose(r.lens_probs[-1], r.probs, atol=1e-6)
     else:
         assert r.probs is None
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_the_readout_is_what_the_output_depends_on(fid, hf_folders):
+    """The tokens vizapp says the output reads are exactly the last layer's attention rows the output depends on:
+    ∂(output)/∂A_last is non-zero on those rows and exactly zero on every other (autograd through the model itself)."""
+    vm = load(fid, hf_folders)
+    assert vm.readout == READOUT.get(fid, "cls")
+    x = vm.transform(random_image(6))[None]
+    with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+        out = vm.logits(x)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        grads = cap.attention_grads((out * probe).sum())
+    read_rows = grads[-1][0].abs().sum(dim=(0, 2)) > 0  # [N]: rows of the last layer the output depends on
+    expected = readout_weights(vm.readout, read_rows.shape[0], vm.num_prefix_tokens) > 0
+    assert read_rows.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("fid", ["beit", "hf_deit_teacher", "tv_vit_b_16", "dinov3_small", "hf_beit"])
@@ -412,3 +448,27 @@ def test_hf_beit_position_view_equals_the_bias_its_layers_add(fid, hf_folders):
     assert maps.abs().max() > 0.1  # the tables were randomised before saving
     views = pos_embed_views(vm, layer=1)
     assert views.figure is not None and views.layers == vm.num_layers and "relative-position bias" in views.note
+
+
+def test_a_mean_pooled_model_maps_start_from_its_patches_and_say_so(hf_folders):
+    """BEiT has a CLS token its head never reads: rollout, flow and relevance start from the patch rows, and the map's
+    title says what the output reads."""
+    from vizapp import views
+    from vizapp.analysis.flow import attention_flow
+
+    vm = load("beit", hf_folders)
+    r = vizapp.analyze(vm, random_image(8))
+    p, n = r.num_prefix_tokens, r.num_tokens
+    attn = r.attention_stack().double()
+    joint = rollout(attn, p)
+    np.testing.assert_allclose(r.rollout(), joint[p:, p:].mean(0).reshape(r.grid_size).numpy(), atol=1e-5)
+    patches = torch.zeros(n, dtype=torch.float64)
+    patches[p:] = 1 / (n - p)
+    np.testing.assert_allclose(
+        r.attention_flow(), attention_flow(attn, p, readout=patches).reshape(r.grid_size).numpy(), atol=1e-6
+    )
+    assert (
+        "the output reads the mean of the patch tokens"
+        in views.map_view(r, views.Controls(), "rollout").layout.title.text
+    )
+    assert "output reads" not in views.map_view(r, views.Controls(), "attention").layout.title.text

@@ -104,7 +104,8 @@ def test_export(analysed):
     assert arrays["attention"].shape == (2, 3, 50, 50)
     np.testing.assert_allclose(arrays["attention"].sum(-1), 1.0, atol=1e-5)
     with open(js) as f:
-        assert json.load(f)["grid_size"] == [7, 7]
+        summary = json.load(f)
+    assert summary["grid_size"] == [7, 7] and summary["readout"] == "cls"
 
 
 def test_export_folders_are_private_and_old_ones_are_removed():

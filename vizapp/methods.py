@@ -50,6 +50,8 @@ class Method:
             :class:`vizapp.views.Controls` with the same names).
         reports_progress: ``compute`` accepts ``progress=callback(done, total)``, called between its steps.
         cost: ``cost(analysis) -> Cost``, an estimate of what ``compute`` will cost (set for slow methods).
+        from_output: the map is carried down from the tokens the output reads (``Analysis.output_weights``), not
+            from one fixed token.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Method:
     controls: tuple[str, ...] = ()
     reports_progress: bool = False
     cost: Callable[[Analysis], Cost] | None = None
+    from_output: bool = True
 
 
 # Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
@@ -116,7 +119,13 @@ METHODS: dict[str, Method] = {
             lambda r, c, **kw: r.rollout(**kw),
             controls=("head_fusion", "discard_ratio", "start_layer"),
         ),
-        Method("attention", "Last-layer CLS attention", False, lambda r, c, **kw: r.last_layer_attention()),
+        Method(
+            "attention",
+            "Last-layer CLS attention",
+            False,
+            lambda r, c, **kw: r.last_layer_attention(),
+            from_output=False,
+        ),
         Method(
             "flow",
             "Attention flow",

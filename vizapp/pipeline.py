@@ -21,6 +21,7 @@ from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk, host_copies
 from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
+from vizapp.models.base import READOUTS, readout_weights
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
 
 Query = str | int | tuple[int, int]
@@ -108,6 +109,7 @@ class Analysis:
     mean_distance: np.ndarray
     notes: tuple[str, ...] = ()
     has_class_token: bool = True
+    readout: str = "cls"
     biases: tuple[torch.Tensor | None, ...] = ()
     recomputed_layers: tuple[int, ...] = ()
     block_norms: np.ndarray | None = None
@@ -224,7 +226,8 @@ class Analysis:
         return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
 
     def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
-        """Attention rollout map: the CLS row of the joint attention over the patches, raw, [gh, gw]."""
+        """Attention rollout map: the output's row of the joint attention over the patches, raw, [gh, gw] (the CLS
+        row for a ViT that reads its class token; see :meth:`output_weights`)."""
         if (
             isinstance(discard_ratio, bool)
             or not isinstance(discard_ratio, (int, float))
@@ -318,20 +321,15 @@ class Analysis:
         return out
 
     def output_weights(self) -> torch.Tensor:
-        """[N] weights over tokens whose joint-attention row is the map: one-hot at CLS, or uniform over the patches
-        for a model without a CLS token (see :meth:`output_row`)."""
-        w = torch.zeros(self.num_tokens, dtype=torch.float64)
-        if self.has_class_token:
-            w[0] = 1.0
-        else:
-            w[self.num_prefix_tokens :] = 1.0 / (self.num_tokens - self.num_prefix_tokens)
-        return w
+        """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
+        model's output reads (:attr:`readout`; one-hot at CLS for a ViT that reads its class token, uniform over the
+        patches for one that averages them, as BEiT's head does though it has a CLS token)."""
+        return readout_weights(self.readout, self.num_tokens, self.num_prefix_tokens)
 
-    def output_row(self, joint: torch.Tensor) -> torch.Tensor:
-        """The map over the patches from a joint [N, N]: the CLS row, or for models that pool their patch tokens
-        instead of reading a CLS token (e.g. ``global_pool="avg"``), the mean of the patch rows. -> [P]."""
-        p = self.num_prefix_tokens
-        return joint[0, p:] if self.has_class_token else joint[p:, p:].mean(dim=0)
+    @property
+    def readout_text(self) -> str:
+        """What the output reads, in words (for titles and notes)."""
+        return READOUTS[self.readout]
 
     def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
         return flat.reshape(self.grid_size).float().numpy()
@@ -383,7 +381,8 @@ class Analysis:
     def attention_flow(
         self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None
     ) -> np.ndarray:
-        """Exact attention flow (max-flow) from each patch to the CLS output, [gh, gw]."""
+        """Exact attention flow (max-flow) from each patch to the output, [gh, gw]: to the CLS token for a ViT that
+        reads it, else to an output node fed by the tokens the output reads (see :attr:`readout`)."""
         from vizapp.analysis.flow import attention_flow
 
         key = ("flow", head_fusion)
@@ -392,8 +391,8 @@ class Analysis:
                 self.attention_stack(),
                 self.num_prefix_tokens,
                 head_fusion=head_fusion,
-                query=self.query_index("cls"),
                 progress=progress,
+                readout=self.output_weights(),
             )
             self._cache[key] = self._patch_map(flat)
         return self._cache[key]
@@ -551,6 +550,7 @@ class Analysis:
             "num_heads": self.num_heads,
             "num_tokens": self.num_tokens,
             "num_prefix_tokens": self.num_prefix_tokens,
+            "readout": self.readout,
             "grid_size": list(self.grid_size),
             "patch_size": list(self.patch_size),
             "mean_distance_px": np.round(self.mean_distance, 3).tolist(),
@@ -599,12 +599,7 @@ class _PassSetup:
         key = ("rollout row weights", tuple(grid), str(vm.device))
         weights = vm._digest.get(key)
         if weights is None:
-            weights = torch.zeros(n, dtype=torch.float64)
-            if vm.has_class_token:
-                weights[0] = 1.0
-            else:
-                weights[p:] = 1.0 / (n - p)
-            weights = vm._digest[key] = weights.to(vm.device)
+            weights = vm._digest[key] = readout_weights(vm.readout, n, p).to(vm.device)
         layer_bytes = vm.num_layers * n * n * 4
         return cls(
             grid=tuple(grid),
@@ -841,6 +836,7 @@ def analyze(
         mean_distance=host.distances.numpy(),
         notes=tuple(notes),
         has_class_token=vm.has_class_token,
+        readout=vm.readout,
         biases=host.biases if any(b is not None for b in host.biases) else (),
         recomputed_layers=host.replayed,
         block_norms=host.norms.numpy(),

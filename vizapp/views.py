@@ -83,8 +83,8 @@ def map_view(
         title += " (" + ", ".join(_CONTROL_TEXT[name](kwargs[name]) for name in m.controls) + ")"
     if m.needs_class and class_label:
         title += f" for '{class_label}'"
-    if m.controls and not r.has_class_token:
-        title += "; no CLS token: mean over patch outputs"
+    if m.from_output and r.readout != "cls":
+        title += f"; the output reads {r.readout_text}"
     return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name)
 
 

@@ -13,6 +13,10 @@ cut of the exact or of the rounded graph (k <= N when that cut is the sink's N i
 exceeds the edge count L * N^2). With the default scale 1e6 and 197 tokens that is 1e-4 in the worst case for a
 sink cut, and typically a few 1e-6 since the rounding errors have random signs.
 
+A model whose output reads several tokens (BEiT's mean over its patches, DeiT's two heads) gets one more node, the
+output, with an edge from each top-layer node i it reads of capacity w_i, the weight token i has in the output (the
+weights sum to 1, as a top-layer node's in-edges do); the map is then the max-flow from each patch to the output.
+
 The graph is built once and shared by the P max-flows (one per patch, each from its own layer-0 node). Before that,
 nodes that cannot reach the sink, or cannot be reached from a patch's layer-0 node, are removed with their edges:
 the layer-0 prefix-token nodes, and all top-layer nodes but the query, always go; more go when rounding zeroes
@@ -125,6 +129,7 @@ def attention_flow(
     scale: float = 1e6,
     query: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    readout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention flow map of token ``query`` over the patches (exact max-flow, up to the capacity rounding).
 
@@ -137,10 +142,14 @@ def attention_flow(
             within int32.
         query: output token whose flow is measured (0 = CLS).
         progress: called as ``progress(done, total)`` after each of the ``total = P`` max-flows.
+        readout: [N] non-negative weights summing to 1 of the tokens the output reads, instead of ``query``: the sink
+            is then an output node fed by each top-layer token i through an edge of capacity ``readout[i]`` (a
+            one-hot ``readout`` is the same as that token's ``query``).
 
     Returns:
         [P] float32 (P = N - num_prefix_tokens, row-major patches): max-flow value from each patch's layer-0 node to
-        node (L, query). Values are >= 0 and, with ``residual``, at most 1 (the sink's in-capacity) up to rounding.
+        node (L, query), or to the output node. Values are >= 0 and, with ``residual``, at most 1 (the sink's
+        in-capacity) up to rounding.
     """
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"expected attention shaped [L, H, N, N], got {tuple(attn.shape)}")
@@ -152,6 +161,22 @@ def attention_flow(
     if not 0 <= query < n:
         raise ValueError(f"query must be in [0, {n - 1}], got {query}")
     caps = flow_capacities(attn, head_fusion, residual, scale)  # [L, N, N]
+    if readout is not None:
+        w = readout.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if (
+            w.shape[0] != n
+            or not bool(torch.isfinite(w).all())
+            or bool((w < 0).any())
+            or abs(float(w.sum()) - 1) > 1e-6
+        ):
+            raise ValueError(f"readout must be {n} non-negative weights summing to 1")
+        read = torch.nonzero(w).flatten()
+        if read.numel() == 1:
+            query = int(read[0])
+        else:  # one more layer whose node 0 is the output, fed by the tokens it reads
+            out = np.zeros((1, n, n), dtype=np.int64)
+            out[0, 0] = np.rint(w.numpy() * scale).astype(np.int64)
+            caps, query = np.concatenate([caps, out]), 0
     graph, sources, sink = flow_graph(caps, num_prefix_tokens, query)
     total = sources.shape[0]
     values = np.zeros(total, dtype=np.float64)  # [P]

@@ -42,6 +42,38 @@ POSITION_SCHEMES = {
 }
 
 
+#: What the model's output reads from the last block's tokens. The output row of rollout, gradient rollout, Chefer
+#: relevance and attention flow is this mix of the tokens' rows (see :func:`readout_weights`).
+READOUTS = {
+    "cls": "the class token",
+    "cls+dist": "the class and distillation tokens (the mean of their two heads)",
+    "cls+patches": "the class token beside the mean of the patch tokens (half each)",
+    "patches": "the mean of the patch tokens",
+    "tokens": "every token, pooled together (an attention-pooling head)",
+}
+
+
+def readout_weights(readout: str, num_tokens: int, num_prefix_tokens: int) -> torch.Tensor:
+    """[N] float64 weights over the tokens whose rows the output reads, summing to 1: one-hot at the class token for
+    "cls", a half each on tokens 0 and 1 for "cls+dist", uniform over the patches for "patches", a half on the class
+    token and a half spread over the patches for "cls+patches", uniform over all tokens for "tokens"."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {list(READOUTS)}, got {readout!r}")
+    p, n = int(num_prefix_tokens), int(num_tokens)
+    w = torch.zeros(n, dtype=torch.float64)
+    if readout == "tokens":
+        w[:] = 1.0 / n
+        return w
+    patches = 1.0 if readout == "patches" else 0.5 if readout == "cls+patches" else 0.0
+    if patches:
+        w[p:] = patches / (n - p)
+    if readout == "cls+dist":
+        w[:2] = 0.5
+    elif readout != "patches":
+        w[0] = 1.0 - patches
+    return w
+
+
 def pair(x: Any) -> tuple[int, int]:
     if isinstance(x, (int, np.integer)):
         return (int(x), int(x))
@@ -68,7 +100,9 @@ class VizModel:
         note: a sentence for the UI about what this model is (e.g. random weights).
         family: the adapter: "timm", "hf" or "torchvision".
         num_layers, num_heads: encoder layers and heads per layer.
-        has_class_token: token 0 is a CLS token the head reads (False for models that pool their patches).
+        has_class_token: token 0 is a CLS token (False for models with none, which pool their patches).
+        readout: which tokens the output reads, a key of :data:`READOUTS` (e.g. "patches" for BEiT, whose CLS token
+            the mean-pooled head never reads).
         position: the position scheme, a key of :data:`POSITION_SCHEMES`.
         forward_fn: (model, x [B, C, H, W]) -> logits [B, K], or the pooled feature [B, D] without a head.
         grid_fn: (height, width) of an input -> the patch grid the model uses for it.
@@ -106,6 +140,7 @@ class VizModel:
     card: dict[str, Any] = field(default_factory=dict)
     load_args: tuple[tuple[str, Any], ...] = ()
     has_class_token: bool = True
+    readout: str = "cls"
     family: str = "timm"
     position: str = "learned"
     pos_embed_fn: Callable[[], torch.Tensor | None] | None = None
@@ -117,6 +152,12 @@ class VizModel:
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {list(READOUTS)}, got {self.readout!r}")
+        if self.readout.startswith("cls") and not self.has_class_token:
+            raise ValueError(f"readout {self.readout!r} needs a class token, and {self.name} has none")
 
     def weights_key(self) -> tuple:
         """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter

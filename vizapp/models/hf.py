@@ -1,10 +1,11 @@
 """The Hugging Face transformers adapter: ``hf:owner/repo`` ids and folders written by ``save_pretrained``.
 
-Supported model types: ViT, DeiT (with the distillation token), DINOv2, DINOv2 with registers, CLIP and SigLIP vision
-towers, with or without a classification head. The model is always built with ``attn_implementation="sdpa"``, so every
-layer's attention goes through ``F.scaled_dot_product_attention`` where :mod:`vizapp.capture` reads it exactly.
-Token bookkeeping comes from the model: the embeddings' ``cls_token`` / ``distillation_token`` / ``register_tokens``
-(or ``config.num_register_tokens``), ``config.patch_size`` and ``config.image_size``. Preprocessing is the library's
+Supported model types: ViT, ViT-MSN, ViT-MAE (its encoder), DeiT (with the distillation token), BEiT, Data2Vec-vision,
+I-JEPA, DINOv2, DINOv2 with registers, DINOv3, CLIP and SigLIP vision towers, with or without a classification head.
+The model is always built with ``attn_implementation="sdpa"``, so every layer's attention goes through
+``F.scaled_dot_product_attention`` where :mod:`vizapp.capture` reads it exactly. Token bookkeeping comes from the
+model: the embeddings' ``cls_token`` / ``distillation_token`` / ``register_tokens`` (or
+``config.num_register_tokens``), ``config.patch_size`` and ``config.image_size``. Preprocessing is the library's
 own image processor (``preprocessor_config.json`` when present, else the model type's default processor at the
 model's input size); class names come from ``config.id2label``.
 
@@ -38,11 +39,15 @@ MODEL_TYPES = {
     "beit": (1, True),  # a table only with use_absolute_position_embeddings; else a relative bias
     "data2vec-vision": (1, True),  # BEiT's architecture
     "ijepa": (0, False),  # patch tokens only
+    "vit_mae": (1, True),  # the encoder alone, every patch kept in order (see UNMASKED_TYPES)
 }
 #: model types whose positions are rotary (RoPE) rather than a learned table
 ROPE_TYPES = {"dinov3_vit"}
 #: BEiT-like model types: a learned table only when configured, else a relative-position bias; a mean-pooling head
 BEIT_TYPES = {"beit", "data2vec-vision"}
+#: model types that shuffle and mask their patch tokens (MAE pre-training): vizapp loads the encoder alone, with
+#: ``mask_ratio`` 0 and the order the model's own ``noise`` argument fixes, so every patch is kept where it was
+UNMASKED_TYPES = {"vit_mae"}
 #: model types whose config is nested inside a multimodal one (the vision tower is loaded on its own)
 VISION_CONFIGS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
@@ -93,6 +98,8 @@ def _model_class(config: Any) -> Any:
     transformers = _require_transformers()
     if config.model_type in VISION_CONFIGS:
         return getattr(transformers, {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[config.model_type])
+    if config.model_type in UNMASKED_TYPES:  # ViTMAEForPreTraining's decoder sees only masked sequences: left out
+        return transformers.ViTMAEModel
     for arch in config.architectures or ():
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -201,9 +208,18 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
 
+def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ViT-MAE's encoder on every patch in order: ascending ``noise`` makes its shuffle the identity, and with
+    ``mask_ratio`` 0 it keeps all patches. -> the CLS token's output [B, D] (the encoder has no pooler)."""
+    ps = pair(model.config.patch_size)
+    n = (x.shape[-2] // ps[0]) * (x.shape[-1] // ps[1])
+    noise = torch.arange(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n)
+    return model(pixel_values=x, noise=noise).last_hidden_state[:, 0]
+
+
 def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]) -> VizModel:
     """An ``hf:owner/repo`` id or a ``save_pretrained`` folder. With ``pretrained=False`` the architecture of the
-    config is built with random weights (``kwargs`` override config fields)."""
+    config is built with random weights. ``kwargs`` override config fields, for pretrained weights too."""
     from vizapp.capture import attention_layers
 
     src, local = _source(name)
@@ -219,6 +235,9 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             f"{name}: transformers model type {model_type!r} is not one vizapp captures exactly; supported: "
             f"{sorted(MODEL_TYPES)}"
         )
+    unmasked = model_type in UNMASKED_TYPES
+    if unmasked:
+        config.mask_ratio = 0.0
     cls = _model_class(config)
     from vizapp.budget import check_budget, meta_parameter_count
 
@@ -227,7 +246,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     try:
         if pretrained:
             model = cls.from_pretrained(
-                src, attn_implementation="sdpa", local_files_only=local or None, use_safetensors=True
+                src, config=built, attn_implementation="sdpa", local_files_only=local or None, use_safetensors=True
             )  # never a pickled .bin
         else:
             model = cls._from_config(
@@ -266,12 +285,29 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             return model.classifier(h.mean(dim=1))
         return model.classifier(h[:, 0])
 
+    # The tokens the output reads (the head's, or without one the pooled feature's): for the output row of rollout,
+    # relevance and flow.
+    if getattr(model, "cls_classifier", None) is not None:
+        readout = "cls+dist"
+    elif cls_and_patch_mean and has_head:
+        readout = "cls+patches"
+    elif not has_cls or (
+        model_type in BEIT_TYPES and getattr(base, "pooler", None) is not None and vision.use_mean_pooling
+    ):
+        readout = "patches"
+    else:
+        readout = "cls"
+
     rope = model_type in ROPE_TYPES
     head_dim = int(vision.hidden_size) // int(vision.num_attention_heads)
     bias_layers, shared_bias = _relative_bias_modules(model, base)
     relative = bool(bias_layers) and (shared_bias is not None or any(m is not None for m in bias_layers))
-    learned = not rope and (
-        model_type not in BEIT_TYPES or getattr(embeddings, "position_embeddings", None) is not None
+    learned = (
+        not rope
+        and not unmasked
+        and (  # MAE's table is a fixed sin-cos one
+            model_type not in BEIT_TYPES or getattr(embeddings, "position_embeddings", None) is not None
+        )
     )
     position = "rope" if rope else "learned" if learned else "relative" if relative else "none"
 
@@ -300,13 +336,22 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         mean=mean,
         std=std,
         source="pretrained" if pretrained else "random",
-        note="" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful.",
+        note=" ".join(
+            filter(
+                None,
+                (
+                    "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful.",
+                    "ViT-MAE: the encoder alone, on every patch in order (no masking)." if unmasked else "",
+                ),
+            )
+        ),
         dtype=dtype,
         num_layers=len(attention_layers(model)),
         num_heads=int(vision.num_attention_heads),
-        forward_fn=_forward,
+        forward_fn=_forward_unmasked if unmasked else _forward,
         grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
         has_class_token=has_cls,
+        readout=readout,
         family="hf",
         position=position,
         pos_embed_fn=pos_embed if position == "learned" else None,

@@ -113,6 +113,7 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
     def lens(x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm(x[:, : max(p, 1)] if token_pooled else x))
 
+    has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
     has_head = int(getattr(model, "num_classes", 0) or 0) > 0
     has_pos = position == "learned" or (pe is None and getattr(model.embeds, "pos_embed_type", "") == "learned")
     return {
@@ -120,8 +121,8 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "grid_size": grid,
         "patch_size": patch,
         "no_embed_class": no_embed_class,
-        "has_class_token": getattr(model, "cls_token", None) is not None
-        or bool(getattr(model, "has_class_token", False)),
+        "has_class_token": has_cls,
+        "readout": _readout(model, has_cls),
         "num_layers": len(model.blocks),
         "num_heads": int(model.blocks[0].attn.num_heads),
         "forward_fn": _forward,
@@ -132,6 +133,17 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "num_registers": _num_registers(model),
         "family": "timm",
     }
+
+
+def _readout(model: torch.nn.Module, has_cls: bool) -> str:
+    """Which tokens timm's head reads, from its pooling: ``global_pool="token"`` reads the class token (and a
+    distilled model's second head the distillation token, the two heads' outputs averaged in eval); any other pooling
+    (avg, max, an attention-pooling head) reads the patch tokens, or every token with ``pool_include_prefix``."""
+    pool = getattr(model, "global_pool", "token")
+    if getattr(model, "attn_pool", None) is None and (pool == "token" or not pool) and has_cls:
+        dist = getattr(model, "dist_token", None) is not None and getattr(model, "head_dist", None) is not None
+        return "cls+dist" if dist else "cls"
+    return "tokens" if getattr(model, "pool_include_prefix", False) else "patches"
 
 
 def _imagenet_labels(model: torch.nn.Module) -> tuple[str, ...]:
