@@ -67,6 +67,7 @@ HF = [
         dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3),
     ),
     ("hf_ijepa", "IJepaConfig", "IJepaForImageClassification", dict(image_size=32, num_labels=3)),  # no CLS token
+    ("hf_ijepa_backbone", "IJepaConfig", "IJepaModel", dict(image_size=32)),  # no CLS token, head or pooler
     ("hf_vit_mae", "ViTMAEConfig", "ViTMAEForPreTraining", dict(image_size=32)),  # shuffles and masks its patches
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
@@ -90,6 +91,7 @@ EXPECTED = {
     "hf_dinov3": (5, True, (4, 4)),
     "hf_beit": (1, True, (4, 4)),
     "hf_ijepa": (0, False, (4, 4)),
+    "hf_ijepa_backbone": (0, False, (4, 4)),
     "hf_data2vec": (1, True, (4, 4)),
     "hf_vit_mae": (1, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
@@ -105,7 +107,7 @@ READOUT = {"hf_deit_teacher": "cls+dist", "hf_dinov2_reg_cls": "cls+patches"} | 
     ("dinov3_small", "eva02_tiny", "rope_reg1_gap", "beit", "relpos", "naflex", "hf_beit", "hf_data2vec"),
     "patches",
 )
-READOUT |= {"hf_ijepa": "patches", "hf_siglip": "patches"}
+READOUT |= {"hf_ijepa": "patches", "hf_ijepa_backbone": "patches", "hf_siglip": "patches"}
 
 
 def save_hf(folder, config_cls: str, model_cls: str, extra: dict):

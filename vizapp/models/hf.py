@@ -200,12 +200,25 @@ def _transform(src: str, local: bool, model_type: str, size: tuple[int, int]) ->
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits, else the model's pooled output, else the CLS token's output (a model without CLS token and pooler,
+    such as I-JEPA's backbone, gets :func:`_forward_patch_mean`)."""
     out = model(pixel_values=x)
     logits = getattr(out, "logits", None)
     if logits is not None:
         return logits
     pooled = getattr(out, "pooler_output", None)
     return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def _forward_patch_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """As :func:`_forward`, but with neither head nor pooler the mean of the tokens (all patches: there is no CLS
+    token), as I-JEPA's own classifier pools them."""
+    out = model(pixel_values=x)
+    for name in ("logits", "pooler_output"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out.last_hidden_state.mean(dim=1)
 
 
 def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +361,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         dtype=dtype,
         num_layers=len(attention_layers(model)),
         num_heads=int(vision.num_attention_heads),
-        forward_fn=_forward_unmasked if unmasked else _forward,
+        forward_fn=_forward_unmasked if unmasked else _forward if has_cls else _forward_patch_mean,
         grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
         has_class_token=has_cls,
         readout=readout,
