@@ -30,7 +30,7 @@ def test_analyze_outputs(analysed, card_model, photo):
     roll, heads, dist = analysed.rollout, analysed.heads, analysed.distance
     r = state["analysis"]
     assert isinstance(r, vizapp.Analysis) and state["query"] == "cls"
-    assert "2 layers x 3 heads" in status and "7x7 patches" in status
+    assert "2 layers x 3 heads" in status and "7x7 patches" in status and "the output reads the class token" in status
     assert len(label) == 5 and abs(sum(label.values()) - sum(p for _, p in r.top_k)) < 1e-6
     for fig in (roll, heads, dist):
         assert isinstance(fig, go.Figure)

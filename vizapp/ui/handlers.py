@@ -142,7 +142,8 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
     gh, gw = r.grid_size
     lines.append(
         f"{r.num_layers} layers x {r.num_heads} heads; {r.num_tokens} tokens = {r.num_prefix_tokens} prefix "
-        f"(CLS/distillation/registers) + {gh}x{gw} patches of {r.patch_size[0]}x{r.patch_size[1]} px."
+        f"(CLS/distillation/registers) + {gh}x{gw} patches of {r.patch_size[0]}x{r.patch_size[1]} px; the output "
+        f"reads {r.readout_text}, where rollout, relevance and flow start."
     )
     if r.probs is None:
         lines.append(
