@@ -346,6 +346,11 @@ def test_hf_hub_ids_resolve_through_the_cache_offline(hf_folders, tmp_path, monk
 def test_unsupported_families_get_an_error_naming_the_supported_ones():
     with pytest.raises(vizapp.UnsupportedModelError, match="supported: .*transformers|supported: .*Hugging Face"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu")
+    # timm's parallel blocks (two attentions side by side) and CaiT's talking heads, which mix heads around the softmax
+    with pytest.raises(vizapp.UnsupportedModelError, match=r"block 0 \(ParallelThingsBlock\) has no single attention"):
+        vizapp.load_model("vit_small_patch16_18x2_224", pretrained=False, device="cpu", depth=1)
+    with pytest.raises(vizapp.UnsupportedModelError, match="TalkingHeadAttn.*supported: "):
+        vizapp.load_model("cait_xxs24_224", pretrained=False, device="cpu", depth=1)
 
 
 def test_a_transformers_folder_with_only_pickled_weights_is_refused(tmp_path):

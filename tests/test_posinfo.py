@@ -220,11 +220,19 @@ def test_relpos_bias_table_by_hand():
         ("vit_base_patch16_rope_mixed_224", dict(img_size=64, depth=1), "rope-mixed", False),
         ("beit_base_patch16_224", dict(img_size=48, depth=1), "relative-bias", False),
         ("vit_relpos_small_patch16_224", dict(img_size=48, depth=1), "relative-bias", False),
+        ("vit_srelpos_small_patch16_224", dict(img_size=48, depth=1), "relative-bias", False),  # one shared bias
         ("vit_tiny_patch16_224", dict(img_size=32, depth=1, pos_embed="none"), "none", False),
     ],
 )
 def test_position_info_kinds(name, kwargs, kind, learned):
-    info = position_info(build(name, **kwargs))
+    from vizapp.models.timm import position_scheme
+
+    model = build(name, **kwargs)
+    info = position_info(model)
+    # the adapter's scheme (what the app's Position tab shows) agrees with posinfo's reading
+    assert position_scheme(model) == {"rope-axial": "rope", "rope-mixed": "rope", "relative-bias": "relative"}.get(
+        info.kind, info.kind
+    )
     assert info.kind == kind and info.kind in POSITION_KINDS
     assert info.has_learned_pos_embed is learned
     assert info.sentence.endswith(".") and len(info.sentence) > 40

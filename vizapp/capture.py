@@ -108,6 +108,11 @@ def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[
         supported = _timm_attention_classes()
         for i, blk in enumerate(blocks):
             attn = getattr(blk, "attn", None)
+            if attn is None:  # e.g. timm's parallel blocks (several attentions, or one fused with the MLP)
+                raise UnsupportedModelError(
+                    f"block {i} ({type(blk).__name__}) has no single attention module (.attn) whose attention vizapp "
+                    f"can capture exactly; supported: {SUPPORTED_FAMILIES}"
+                )
             if not isinstance(attn, supported):
                 raise UnsupportedModelError(
                     f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "

@@ -38,7 +38,8 @@ def position_scheme(model: torch.nn.Module) -> str:
     """ "learned", "rope", "relative" or "none", read from the model's modules."""
     if getattr(model, "rope", None) is not None or any(getattr(b.attn, "rope", None) is not None for b in model.blocks):
         return "rope"
-    if getattr(model, "rel_pos_bias", None) is not None or any(
+    shared_bias = (getattr(model, n, None) for n in ("rel_pos_bias", "shared_rel_pos"))  # BEiT, vit_srelpos_*
+    if any(m is not None for m in shared_bias) or any(
         getattr(b.attn, "relative_position_bias_table", None) is not None
         or getattr(b.attn, "rel_pos", None) is not None
         for b in model.blocks
