@@ -479,3 +479,35 @@ def test_a_mean_pooled_model_maps_start_from_its_patches_and_say_so(hf_folders):
         in views.map_view(r, views.Controls(), "rollout").layout.title.text
     )
     assert "output reads" not in views.map_view(r, views.Controls(), "attention").layout.title.text
+
+
+def test_a_learned_table_beside_rope_or_a_bias_is_shown_too(hf_folders, tmp_path):
+    """EVA-02 adds a learned absolute table beside its RoPE, and a BEiT can add one beside its relative bias: the
+    Position tab offers both views, and the table's is the cosine grid of the model's own patch rows."""
+    from vizapp.views import POS_SHOWS, pos_embed_views
+
+    beit = save_hf(
+        tmp_path / "beit_abs",
+        "BeitConfig",
+        "BeitModel",
+        dict(image_size=32, use_relative_position_bias=True, use_absolute_position_embeddings=True),
+    )
+    for vm, scheme in ((load("eva02_tiny", hf_folders), "rope"), (vizapp.load_model(str(beit)), "relative")):
+        assert vm.position == scheme and not vm.pos_embed_status
+        if vm.family == "timm":
+            table = vm.model.pos_embed[0, vm.num_prefix_tokens :]
+        else:
+            table = vm.model.embeddings.position_embeddings[0, 1:]
+        torch.testing.assert_close(vm.patch_pos_embed(), table.detach().float())
+        unit = torch.nn.functional.normalize(table.detach().double(), dim=-1)
+        gh, gw = vm.grid_size
+        tile = pos_embed_views(vm, tile=(1, 2), show=POS_SHOWS[1])
+        assert tile.shows == POS_SHOWS and "learned position embeddings" in tile.note.lower()
+        z = np.asarray(tile.tile.data[0].z, dtype=np.float64)  # the enlarged tile: position (1, 2) against all
+        np.testing.assert_allclose(z, (unit @ unit[1 * gw + 2]).reshape(gh, gw).numpy(), atol=1e-6)
+        first = pos_embed_views(vm)
+        assert first.shows == POS_SHOWS and "“learned table” view" in first.note
+        assert ("RoPE" if scheme == "rope" else "relative-position bias") in first.note
+    assert pos_embed_views(load("hf_vit", hf_folders)).shows == ()  # one scheme, one view
+    with pytest.raises(vizapp.BadParameterError, match="show must be one of"):
+        pos_embed_views(load("hf_vit", hf_folders), show="both")

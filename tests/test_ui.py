@@ -129,6 +129,7 @@ def test_pos_views(card_model):
     assert fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1) and "Tile (2, 3)" in tile.layout.title.text
     note = ui.render_pos(card_model, 10, 0, 0, trusted_model=card_model).pos_note
     assert "resampled to 10x10" in note
+    assert out.pos_show == {"__type__": "update", "visible": False, "value": "position scheme"}  # one scheme only
 
 
 @pytest.mark.parametrize(
@@ -705,3 +706,22 @@ def test_transformers_rope_and_bias_models_analyse_and_show_their_position_schem
     pos = ui.render_pos(folder, 0, 1, 2, 1, 0, trusted_model=folder)
     assert scheme in pos.pos_note and "timm models only" not in pos.pos_note
     assert pos.pos is not None and pos.pos.data[0].type == "heatmap"
+
+
+def test_position_tab_offers_the_learned_table_beside_a_relative_bias(tmp_path, photo):
+    """A BEiT with a learned absolute table beside its relative bias: the Position tab's view choice is shown, and
+    picking the table draws its cosine grid; a model with one scheme hides the choice."""
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from test_families import save_hf
+
+    from vizapp.views import POS_SHOWS
+
+    extra = dict(image_size=32, use_relative_position_bias=True, use_absolute_position_embeddings=True)
+    folder = str(save_hf(tmp_path / "beit", "BeitConfig", "BeitModel", extra))
+    bias = ui.render_pos(folder, 0, 1, 2, 1, 0, POS_SHOWS[0], trusted_model=folder)
+    assert bias.pos_show["visible"] and "relative-position bias" in bias.pos_note
+    table = ui.render_pos(folder, 0, 1, 2, 1, 0, POS_SHOWS[1], trusted_model=folder)
+    assert table.pos_show["visible"] and "learned position embeddings" in table.pos_note.lower()
+    assert table.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)  # the 4x4 mosaic of 4x4 tiles
+    with pytest.raises(gr.Error, match="position view must be one of"):
+        ui.render_pos(folder, 0, 1, 2, 1, 0, "both", trusted_model=folder)

@@ -17,6 +17,7 @@ import numpy as np
 from vizapp import figures, methods
 from vizapp.analysis.distance import uniform_reference_distance
 from vizapp.analysis.rollout import HEAD_FUSIONS as HEAD_FUSIONS  # re-exported: the app offers these
+from vizapp.errors import BadParameterError
 from vizapp.pipeline import Analysis, Query
 
 if TYPE_CHECKING:  # type hints only: figures.py is the one module that imports plotly
@@ -166,6 +167,12 @@ class PosEmbedViews(NamedTuple):
     note: str
     layers: int = 0
     heads: int = 0
+    #: the views offered when the model has two (:data:`POS_SHOWS`), else empty
+    shows: tuple[str, ...] = ()
+
+
+#: The Position tab's two views of a model that adds a learned table beside RoPE or a relative bias (EVA-02, PE).
+POS_SHOWS = ("position scheme", "learned table")
 
 
 def _mosaic_note(fig: go.Figure | None, grid: tuple[int, int]) -> str:
@@ -178,7 +185,12 @@ def _mosaic_note(fig: go.Figure | None, grid: tuple[int, int]) -> str:
 
 
 def pos_embed_views(
-    vm: VizModel, grid: tuple[int, int] | None = None, tile: tuple[int, int] = (0, 0), layer: int = 0, head: int = 0
+    vm: VizModel,
+    grid: tuple[int, int] | None = None,
+    tile: tuple[int, int] = (0, 0),
+    layer: int = 0,
+    head: int = 0,
+    show: str = POS_SHOWS[0],
 ) -> PosEmbedViews:
     """The view that fits the model's position scheme (issue 13).
 
@@ -187,17 +199,31 @@ def pos_embed_views(
       rope_position_similarity`), as the same tile mosaic; mixed RoPE per ``layer`` and ``head``;
     - relative-position bias: per-head maps over the offset (Δrow, Δcol) of ``layer``;
     - none: a sentence saying so.
+
+    A model that adds a learned table beside RoPE or a relative bias (EVA-02, PE, a BEiT configured so) offers both
+    (``shows``): ``show`` picks the scheme's view or the table's cosine grid.
     """
-    if vm.position in ("rope", "relative"):
-        return _scheme_views(vm, tile, layer, head)
+    if show not in POS_SHOWS:
+        raise BadParameterError(f"show must be one of {list(POS_SHOWS)}, got {str(show)[:40]!r}")
+    both = vm.position in ("rope", "relative") and not vm.pos_embed_status
+    if vm.position in ("rope", "relative") and not (both and show == POS_SHOWS[1]):
+        v = _scheme_views(vm, tile, layer, head)
+        if not both:
+            return v
+        return v._replace(
+            note=v.note + " It also adds a learned absolute table: the “learned table” view.", shows=POS_SHOWS
+        )
     if vm.pos_embed_status:
         return PosEmbedViews(None, None, vm.pos_embed_status)
     grid = tuple(grid or vm.grid_size)
     sim = vm.pos_similarity(grid)
     note = f"Learned position embeddings of `{vm.name}`: {vm.grid_size[0]}x{vm.grid_size[1]} grid"
     note += "" if grid == tuple(vm.grid_size) else f", shown resampled to {grid[0]}x{grid[1]} (bicubic, timm)"
+    if both:
+        beside = {"rope": "rotary embedding (RoPE)", "relative": "relative-position bias"}[vm.position]
+        note += f", added beside its {beside} (the “position scheme” view)"
     fig = pos_view(sim)
-    return PosEmbedViews(fig, pos_tile_view(sim, tile), note + _mosaic_note(fig, grid))
+    return PosEmbedViews(fig, pos_tile_view(sim, tile), note + _mosaic_note(fig, grid), shows=POS_SHOWS if both else ())
 
 
 def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) -> PosEmbedViews:

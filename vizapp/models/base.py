@@ -106,7 +106,8 @@ class VizModel:
         position: the position scheme, a key of :data:`POSITION_SCHEMES`.
         forward_fn: (model, x [B, C, H, W]) -> logits [B, K], or the pooled feature [B, D] without a head.
         grid_fn: (height, width) of an input -> the patch grid the model uses for it.
-        pos_embed_fn: () -> the learned patch position embeddings [P, D] (prefix rows removed), or None.
+        pos_embed_fn: () -> the learned patch position embeddings [P, D] (prefix rows removed), or None; set
+            whenever the model adds such a table, also beside RoPE or a relative bias (then ``position`` names those).
         lens_fn: tokens [B, N, D] (a block's output) -> logits [B, K] through the model's own final norm, pooling
             and head (the logit lens; the last block's output gives the model's logits), or None without a head.
         num_registers: register tokens among the prefix tokens (they come after CLS and a distillation token).
@@ -228,8 +229,9 @@ class VizModel:
 
     @property
     def pos_embed_status(self) -> str:
-        """Empty when the model has a learned absolute position embedding, else the reason it has none."""
-        if self.position == "learned" and self.pos_embed_fn is not None:
+        """Empty when the model has a learned absolute position embedding (its scheme, or added beside RoPE or a
+        relative bias as in EVA-02), else the reason it has none."""
+        if self.pos_embed_fn is not None:
             return ""
         return f"{self.name} has no learned absolute position embedding: {POSITION_SCHEMES[self.position]}"
 

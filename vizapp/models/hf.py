@@ -322,7 +322,9 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
             model_type not in BEIT_TYPES or getattr(embeddings, "position_embeddings", None) is not None
         )
     )
-    position = "rope" if rope else "learned" if learned else "relative" if relative else "none"
+    # the scheme the view shows first, as for timm: rotary, else a relative bias, else the learned table (a BEiT may
+    # add a learned table beside its bias: both are shown)
+    position = "rope" if rope else "relative" if relative else "learned" if learned else "none"
 
     def relative_bias() -> torch.Tensor:
         from vizapp.posinfo import layer_bias_maps
@@ -344,7 +346,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         num_prefix_tokens=p,
         grid_size=grid,
         patch_size=ps,
-        no_embed_class=pos_prefix == 0 and position == "learned",
+        no_embed_class=pos_prefix == 0 and learned,
         input_size=(3, *size),
         mean=mean,
         std=std,
@@ -367,7 +369,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
         readout=readout,
         family="hf",
         position=position,
-        pos_embed_fn=pos_embed if position == "learned" else None,
+        pos_embed_fn=pos_embed if learned else None,
         rope_angles_fn=(lambda: _rope_angles(base, size, head_dim)) if rope else None,
         relative_bias_fn=relative_bias if position == "relative" else None,
         lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,

@@ -116,7 +116,12 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
 
     has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
     has_head = int(getattr(model, "num_classes", 0) or 0) > 0
-    has_pos = position == "learned" or (pe is None and getattr(model.embeds, "pos_embed_type", "") == "learned")
+    # a learned table: the scheme itself, or added beside RoPE / a relative bias (EVA-02, PE)
+    has_pos = (
+        isinstance(getattr(model, "pos_embed", None), torch.nn.Parameter)
+        if pe is not None
+        else (getattr(model.embeds, "pos_embed_type", "") == "learned")
+    )
     return {
         "num_prefix_tokens": p,
         "grid_size": grid,
@@ -128,7 +133,7 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "num_heads": int(model.blocks[0].attn.num_heads),
         "forward_fn": _forward,
         "grid_fn": grid_fn,
-        "position": "learned" if has_pos else position,
+        "position": "learned" if has_pos and position == "none" else position,
         "pos_embed_fn": pos_embed if has_pos else None,
         "lens_fn": lens if has_head else None,
         "num_registers": _num_registers(model),

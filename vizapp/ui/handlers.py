@@ -371,26 +371,30 @@ def render_pos(
     tile_col: Any,
     pos_layer: Any = 0,
     pos_head: Any = 0,
+    pos_show: Any = None,
     trusted_model: str | None = None,
 ) -> PosOutputs:
     """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
     at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
-    per-head maps of ``pos_layer``; none: a sentence."""
+    per-head maps of ``pos_layer``; none: a sentence. A model with a learned table beside RoPE or a bias offers both
+    (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`)."""
     vm = _load(_model_name(model_name, trusted_model), trusted_model)
     tile = (as_int(tile_row, "tile row", 0, 63), as_int(tile_col, "tile column", 0, 63))
     layer, head = as_int(pos_layer, "layer", 0, 255), as_int(pos_head, "head", 0, 255)
+    show = as_choice(pos_show or views.POS_SHOWS[0], "position view", views.POS_SHOWS)
     grid = None
     if resolution not in (None, "", 0) and not vm.pos_embed_status:
         side = as_int(resolution, "resolution", 2, 32)
         gh, gw = vm.grid_size
         grid = (side, side) if gh == gw else (side, max(1, round(side * gw / gh)))
-    v = views.pos_embed_views(vm, grid, tile, layer, head)
+    v = views.pos_embed_views(vm, grid, tile, layer, head, show)
     return PosOutputs(
         pos=v.figure,
         tile=v.tile,
         pos_note=v.note,
         pos_layer=_selector(v.layers),
         pos_head=_selector(v.heads),
+        pos_show=gr.update(visible=True) if v.shows else gr.update(visible=False, value=views.POS_SHOWS[0]),
     )
 
 

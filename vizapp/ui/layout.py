@@ -176,6 +176,9 @@ def _pos_tab(ui: Components) -> None:
         ui.tile_row = gr.Slider(0, 63, value=0, step=1, label="Tile row")
         ui.tile_col = gr.Slider(0, 63, value=0, step=1, label="Tile column")
     with gr.Row():
+        ui.pos_show = gr.Radio(
+            list(views.POS_SHOWS), value=views.POS_SHOWS[0], label="View (the model has both)", visible=False
+        )
         ui.pos_layer = gr.Slider(0, 63, value=0, step=1, label="Position layer", visible=False)
         ui.pos_head = gr.Slider(0, 63, value=0, step=1, label="Position head (mixed RoPE)", visible=False)
     with gr.Row():
@@ -350,14 +353,14 @@ def _wire_heads(ui: Components) -> None:
 
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
-    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head):
+    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show):
         return handlers.render_pos(
-            model_name, resolution, tile_row, tile_col, pos_layer, pos_head, trusted_model=trusted
+            model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, trusted_model=trusted
         )
 
-    inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head]
+    inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show]
     outputs = components(PosOutputs, ui)
-    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head):
+    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show):
         ctrl.change(render_pos, inputs=inputs, outputs=outputs, **RERENDER)
     ui.model.change(render_pos, inputs=inputs, outputs=outputs, api_name="position_embeddings")
     demo.load(render_pos, inputs=inputs, outputs=outputs, api_visibility="private")

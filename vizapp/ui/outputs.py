@@ -85,6 +85,7 @@ class PosOutputs(NamedTuple):
     pos_note: str
     pos_layer: Any  # gr.update: shown with this model's layer range for per-layer schemes, else hidden
     pos_head: Any
+    pos_show: Any  # gr.update: the scheme / learned-table choice, shown only for a model that has both
 
 
 class FeaturesOutputs(NamedTuple):
