@@ -71,6 +71,12 @@ HF = [
     ("hf_vit_mae", "ViTMAEConfig", "ViTMAEForPreTraining", dict(image_size=32)),  # shuffles and masks its patches
     ("hf_clip", "CLIPVisionConfig", "CLIPVisionModel", dict(image_size=32)),
     ("hf_siglip", "SiglipVisionConfig", "SiglipVisionModel", dict(image_size=32)),
+    ("hf_chinese_clip", "ChineseCLIPVisionConfig", "ChineseCLIPVisionModel", dict(image_size=32)),
+    ("hf_altclip", "AltCLIPVisionConfig", "AltCLIPVisionModel", dict(image_size=32)),
+    ("hf_metaclip2", "MetaClip2VisionConfig", "MetaClip2VisionModel", dict(image_size=32)),
+    ("hf_owlvit", "OwlViTVisionConfig", "OwlViTVisionModel", dict(image_size=32)),
+    ("hf_owlv2", "Owlv2VisionConfig", "Owlv2VisionModel", dict(image_size=32)),
+    ("hf_aimv2", "Aimv2VisionConfig", "Aimv2VisionModel", dict(image_size=32)),  # no CLS token, attention pooling
 ]
 # (id, expected prefix tokens, has CLS, grid)
 EXPECTED = {
@@ -96,6 +102,12 @@ EXPECTED = {
     "hf_vit_mae": (1, True, (4, 4)),
     "hf_clip": (1, True, (4, 4)),
     "hf_siglip": (0, False, (4, 4)),
+    "hf_chinese_clip": (1, True, (4, 4)),
+    "hf_altclip": (1, True, (4, 4)),
+    "hf_metaclip2": (1, True, (4, 4)),
+    "hf_owlvit": (1, True, (4, 4)),
+    "hf_owlv2": (1, True, (4, 4)),
+    "hf_aimv2": (0, False, (4, 4)),
     "tv_vit_b_16": (1, True, (2, 2)),
 }
 IDS = [t[0] for t in TIMM] + [h[0] for h in HF] + ["tv_vit_b_16"]
@@ -107,7 +119,7 @@ READOUT = {"hf_deit_teacher": "cls+dist", "hf_dinov2_reg_cls": "cls+patches"} | 
     ("dinov3_small", "eva02_tiny", "rope_reg1_gap", "beit", "relpos", "naflex", "hf_beit", "hf_data2vec"),
     "patches",
 )
-READOUT |= {"hf_ijepa": "patches", "hf_ijepa_backbone": "patches", "hf_siglip": "patches"}
+READOUT |= {"hf_ijepa": "patches", "hf_ijepa_backbone": "patches", "hf_siglip": "patches", "hf_aimv2": "patches"}
 
 
 def save_hf(folder, config_cls: str, model_cls: str, extra: dict):
@@ -511,3 +523,32 @@ def test_a_learned_table_beside_rope_or_a_bias_is_shown_too(hf_folders, tmp_path
     assert pos_embed_views(load("hf_vit", hf_folders)).shows == ()  # one scheme, one view
     with pytest.raises(vizapp.BadParameterError, match="show must be one of"):
         pos_embed_views(load("hf_vit", hf_folders), show="both")
+
+
+@pytest.mark.parametrize(
+    "config_cls, model_cls, tower",
+    [
+        ("CLIPConfig", "CLIPModel", "CLIPVisionModel"),
+        ("MetaClip2Config", "MetaClip2Model", "MetaClip2VisionModel"),
+        ("Owlv2Config", "Owlv2ForObjectDetection", "Owlv2VisionModel"),
+    ],
+    ids=["clip", "metaclip2", "owlv2"],
+)
+def test_an_image_text_or_detection_folder_loads_its_vision_tower(tmp_path, config_cls, model_cls, tower):
+    """A folder of the whole model (text tower or detection heads included) loads its vision encoder alone, with the
+    saved weights and the tower's bookkeeping."""
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = getattr(transformers, config_cls)(
+        text_config=dict(small, vocab_size=99), vision_config=dict(small, patch_size=8, image_size=32)
+    )
+    torch.manual_seed(0)
+    whole = getattr(transformers, model_cls)(config).eval()
+    whole.save_pretrained(tmp_path)
+    vm = vizapp.load_model(str(tmp_path), device="cpu")
+    assert type(vm.model).__name__ == tower and (vm.num_prefix_tokens, vm.grid_size, vm.readout) == (1, (4, 4), "cls")
+    vision = getattr(whole, "vision_model", None) or whole.owlv2.vision_model
+    x = vm.transform(random_image(2))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(vm.logits(x), vision(pixel_values=x).pooler_output)
+    r = vizapp.analyze(vm, random_image(2))
+    assert r.rollout().shape == (4, 4) and r.probs is None

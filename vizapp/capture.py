@@ -52,7 +52,8 @@ from vizapp.errors import BadParameterError, UnsupportedModelError
 SUPPORTED_FAMILIES = (
     "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
     "timm BEiT and relpos ViTs, "
-    "Hugging Face ViT/ViT-MSN/DeiT/BEiT/Data2Vec-vision/I-JEPA/DINOv2/DINOv3/CLIP/SigLIP vision encoders, "
+    "Hugging Face ViT/ViT-MSN/ViT-MAE/DeiT/BEiT/Data2Vec-vision/I-JEPA/DINOv2/DINOv3 and the vision encoders of "
+    "CLIP/SigLIP/Chinese-CLIP/AltCLIP/MetaCLIP 2/OWL-ViT/OWLv2/AIMv2, "
     "torchvision vit_*"
 )
 

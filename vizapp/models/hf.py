@@ -1,7 +1,8 @@
 """The Hugging Face transformers adapter: ``hf:owner/repo`` ids and folders written by ``save_pretrained``.
 
 Supported model types: ViT, ViT-MSN, ViT-MAE (its encoder), DeiT (with the distillation token), BEiT, Data2Vec-vision,
-I-JEPA, DINOv2, DINOv2 with registers, DINOv3, CLIP and SigLIP vision towers, with or without a classification head.
+I-JEPA, DINOv2, DINOv2 with registers, DINOv3, with or without a classification head, and the vision towers of CLIP,
+SigLIP, Chinese-CLIP, AltCLIP, MetaCLIP 2, OWL-ViT, OWLv2 and AIMv2 (:data:`VISION_TOWERS`).
 The model is always built with ``attn_implementation="sdpa"``, so every layer's attention goes through
 ``F.scaled_dot_product_attention`` where :mod:`vizapp.capture` reads it exactly. Token bookkeeping comes from the
 model: the embeddings' ``cls_token`` / ``distillation_token`` / ``register_tokens`` (or
@@ -35,6 +36,12 @@ MODEL_TYPES = {
     "dinov2_with_registers": (1, True),
     "clip_vision_model": (1, True),
     "siglip_vision_model": (0, False),
+    "chinese_clip_vision_model": (1, True),
+    "altclip_vision_model": (1, True),
+    "metaclip_2_vision_model": (1, True),
+    "owlvit_vision_model": (1, True),
+    "owlv2_vision_model": (1, True),
+    "aimv2_vision_model": (0, False),  # patch tokens only, an attention-pooling head
     "dinov3_vit": (0, True),  # rotary positions: no table
     "beit": (1, True),  # a table only with use_absolute_position_embeddings; else a relative bias
     "data2vec-vision": (1, True),  # BEiT's architecture
@@ -48,8 +55,21 @@ BEIT_TYPES = {"beit", "data2vec-vision"}
 #: model types that shuffle and mask their patch tokens (MAE pre-training): vizapp loads the encoder alone, with
 #: ``mask_ratio`` 0 and the order the model's own ``noise`` argument fixes, so every patch is kept where it was
 UNMASKED_TYPES = {"vit_mae"}
-#: model types whose config is nested inside a multimodal one (the vision tower is loaded on its own)
-VISION_CONFIGS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+#: vision towers of image-text and detection models, loaded on their own: the tower's model_type -> (the model_type
+#: of the multimodal config it is nested in, the transformers class of the tower alone). Their CLS token, where they
+#: have one, is the embeddings' ``class_embedding`` and their table ``position_embedding`` (an ``nn.Embedding``).
+VISION_TOWERS = {
+    "clip_vision_model": ("clip", "CLIPVisionModel"),
+    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
+    "chinese_clip_vision_model": ("chinese_clip", "ChineseCLIPVisionModel"),
+    "altclip_vision_model": ("altclip", "AltCLIPVisionModel"),
+    "metaclip_2_vision_model": ("metaclip_2", "MetaClip2VisionModel"),
+    "owlvit_vision_model": ("owlvit", "OwlViTVisionModel"),
+    "owlv2_vision_model": ("owlv2", "Owlv2VisionModel"),
+    "aimv2_vision_model": ("aimv2", "Aimv2VisionModel"),
+}
+#: multimodal model_type -> its vision tower's model_type
+VISION_CONFIGS = {outer: tower for tower, (outer, _) in VISION_TOWERS.items()}
 
 
 def _require_transformers() -> Any:
@@ -97,7 +117,7 @@ def _vision_config(config: Any) -> Any:
 def _model_class(config: Any) -> Any:
     transformers = _require_transformers()
     if config.model_type in VISION_CONFIGS:
-        return getattr(transformers, {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[config.model_type])
+        return getattr(transformers, VISION_TOWERS[VISION_CONFIGS[config.model_type]][1])
     if config.model_type in UNMASKED_TYPES:  # ViTMAEForPreTraining's decoder sees only masked sequences: left out
         return transformers.ViTMAEModel
     for arch in config.architectures or ():
@@ -150,7 +170,8 @@ def _rope_angles(base: torch.nn.Module, size: tuple[int, int], head_dim: int) ->
 
 
 def _num_prefix_tokens(model_type: str, embeddings: torch.nn.Module, config: Any) -> int:
-    p = 1 if getattr(embeddings, "cls_token", None) is not None or model_type == "clip_vision_model" else 0
+    cls = getattr(embeddings, "cls_token", getattr(embeddings, "class_embedding", None))  # CLIP-like: class_embedding
+    p = 1 if cls is not None else 0
     if getattr(embeddings, "distillation_token", None) is not None:
         p += 1
     registers = getattr(embeddings, "register_tokens", None)
@@ -163,7 +184,7 @@ def _num_prefix_tokens(model_type: str, embeddings: torch.nn.Module, config: Any
 
 def _pos_table(model_type: str, embeddings: torch.nn.Module) -> torch.Tensor:
     """The learned position table [rows, D] (prefix rows first, as the model stores it)."""
-    if model_type in ("clip_vision_model", "siglip_vision_model"):
+    if model_type in VISION_TOWERS:
         return embeddings.position_embedding.weight
     return embeddings.position_embeddings[0]
 
