@@ -59,6 +59,7 @@ def test_models_option_gives_one_row_each(tmp_path):
     _header, rows = table_rows(out.read_text(encoding="utf-8"))
     assert [r[0] for r in rows] == specs
     assert [int(r[1]) for r in rows] == [1 + 2 * 2, 5 + 2 * 2]  # register model: CLS + 4 registers + patches
+    assert [int(r[-1]) for r in rows] == [5, 5]  # models this small get 5 x --repeats: their medians are noisiest
 
 
 def test_parse_spec():

@@ -32,6 +32,7 @@ from benchmarks.bench.specs import (
     LARGE_MACS,
     QUICK_DATASET_MODEL,
     QUICK_MODELS,
+    SMALL_MACS,
     parse_spec,
 )
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (default 7; 2 with --quick)")
     p.add_argument("--large-repeats", type=int, default=3, help=f"repeats for models over {LARGE_MACS / 1e9:.0f} GMAC")
+    p.add_argument(
+        "--small-repeats",
+        type=int,
+        default=None,
+        help=f"repeats for models under {SMALL_MACS / 1e9:.0f} GMAC (default 5 x --repeats; --repeats with --quick)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the repeats")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default docs/benchmarks.md)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -106,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.repeats = 2 if args.quick else 7
     if args.mem_repeats is None:
         args.mem_repeats = 1 if args.quick else 3
+    if args.small_repeats is None:
+        args.small_repeats = args.repeats if args.quick else 5 * args.repeats
     info = machine_info(args.device)
     img, image_desc = photo()
     print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
@@ -116,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_model(
                 spec,
                 img,
-                (args.repeats, args.large_repeats),
+                (args.small_repeats, args.repeats, args.large_repeats),
                 args.warmup,
                 args.device,
                 args.threads,

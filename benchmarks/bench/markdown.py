@@ -11,7 +11,7 @@ from typing import Any
 from benchmarks.bench.costmodel import COST_MODEL_TEXT
 from benchmarks.bench.machine import ROOT
 from benchmarks.bench.run import MB, ModelResult
-from benchmarks.bench.specs import LARGE_MACS
+from benchmarks.bench.specs import LARGE_MACS, SMALL_MACS
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 # Everything from this line to the end of an existing report is kept when the benchmark rewrites it.
@@ -165,8 +165,9 @@ METHOD_TEXT = """\
   keeps the high-water mark of the forked parent across exec; CUDA:
   `torch.cuda.max_memory_allocated`). `added MB` = peak(b) − peak(a). 1 MB = 10⁶ bytes. The first forward in a
   fresh process also pays one-off allocations (library initialisation), which appear in both (a) and (b).
-* Repeats: {repeats} per model, {large_repeats} for models whose forward exceeds {large_gmac:.0f} GMAC (the ViT-L
-  models), to keep the run short on this machine.
+* Repeats: {repeats} per model, {small_repeats} for models whose forward is under {small_gmac:.0f} GMAC (their runs
+  are short and their medians noisiest), {large_repeats} for models whose forward exceeds {large_gmac:.0f} GMAC (the
+  ViT-L models), to keep the run short on this machine.
 """
 
 
@@ -198,6 +199,8 @@ def render_markdown(
             repeats=args.repeats,
             large_repeats=args.large_repeats,
             large_gmac=LARGE_MACS / 1e9,
+            small_repeats=getattr(args, "small_repeats", args.repeats),
+            small_gmac=SMALL_MACS / 1e9,
             mem_repeats=getattr(args, "mem_repeats", 1),
         )
     ]

@@ -15,7 +15,7 @@ from PIL import Image
 from benchmarks.bench.costmodel import Shape, cost_model, elementwise_rate, model_shape
 from benchmarks.bench.memory import measure_memory
 from benchmarks.bench.profiling import profile_b
-from benchmarks.bench.specs import LARGE_MACS, ModelSpec
+from benchmarks.bench.specs import LARGE_MACS, SMALL_MACS, ModelSpec
 from benchmarks.bench.stages import (
     cache_snapshot,
     control_changes,
@@ -99,7 +99,8 @@ def run_model(
     """Time stages (a)-(d) with interleaved repeats, then profile (b) and measure memory in subprocesses.
 
     Args:
-        repeats: timed repeats, or (repeats, repeats for models over :data:`LARGE_MACS`).
+        repeats: timed repeats, or (repeats for models under :data:`SMALL_MACS`, repeats, repeats for models over
+            :data:`LARGE_MACS`).
         mem_repeats: fresh subprocesses per memory measurement of (a) and (b) (the median is reported: the peak RSS
             of one run varies with the address-space layout); the capture-only diagnostic runs once.
     """
@@ -109,7 +110,8 @@ def run_model(
     shape = model_shape(vm)
     cost = cost_model(shape)
     if isinstance(repeats, tuple):
-        repeats = repeats[0] if cost["forward_macs"] <= LARGE_MACS else repeats[1]
+        macs = cost["forward_macs"]
+        repeats = repeats[0] if macs < SMALL_MACS else repeats[2] if macs > LARGE_MACS else repeats[1]
     res = ModelResult(spec=spec, shape=shape, repeats=repeats, cost=cost)
     log(
         f"{spec.label}: N={shape.tokens} tokens ({shape.prefix} prefix + {shape.patches} patches), "

@@ -41,6 +41,9 @@ DATASET_MODEL = "vit_base_patch16_224"
 QUICK_DATASET_MODEL = "vit_tiny_patch16_224@img_size=64"
 # Models whose predicted forward exceeds this many multiply-accumulates get ``--large-repeats`` repeats.
 LARGE_MACS = 50e9
+# Models whose forward is below this many get ``--small-repeats``: a ViT-Ti/16 pair of forwards takes ~50 ms on 2
+# cores, where a neighbour's load swings single runs by 10-30 %, so a median of 5 moved its b/a by 0.1 between runs.
+SMALL_MACS = 5e9
 
 
 @dataclass(frozen=True)
