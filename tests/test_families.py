@@ -127,7 +127,8 @@ def save_hf(folder, config_cls: str, model_cls: str, extra: dict):
     config = getattr(transformers, config_cls)(**HF_COMMON, **extra)
     model = getattr(transformers, model_cls)(config)
     for name, param in model.named_parameters():
-        if "relative_position_bias_table" in name:  # zeros at init: give the bias path something to carry
+        # zeros at init (the bias tables; BEiT's absolute table): give them something to carry
+        if "relative_position_bias_table" in name or ("position_embeddings" in name and not param.any()):
             torch.nn.init.normal_(param)
     model.save_pretrained(folder)
     return folder
@@ -511,6 +512,7 @@ def test_a_learned_table_beside_rope_or_a_bias_is_shown_too(hf_folders, tmp_path
         else:
             table = vm.model.embeddings.position_embeddings[0, 1:]
         torch.testing.assert_close(vm.patch_pos_embed(), table.detach().float())
+        assert table.abs().sum() > 0  # a table of zeros would make every cosine 0 on both sides
         unit = torch.nn.functional.normalize(table.detach().double(), dim=-1)
         gh, gw = vm.grid_size
         tile = pos_embed_views(vm, tile=(1, 2), show=POS_SHOWS[1])
