@@ -492,6 +492,10 @@ def test_a_mean_pooled_model_maps_start_from_its_patches_and_say_so(hf_folders):
         in views.map_view(r, views.Controls(), "rollout").layout.title.text
     )
     assert "output reads" not in views.map_view(r, views.Controls(), "attention").layout.title.text
+    # its flow's cost counts the output node and the 9 patch edges into it: 2 layers of 10 x 10 edges + 9
+    from vizapp import methods
+
+    assert "on a graph of 3 x 10 nodes and an output node (209 edges)" in methods.cost(r, "flow").work
 
 
 def test_a_learned_table_beside_rope_or_a_bias_is_shown_too(hf_folders, tmp_path):

@@ -98,11 +98,12 @@ def _flow_seconds_per_edge() -> float:
 def _flow_cost(r: Analysis) -> Cost:
     """Attention flow: one max-flow per patch on the (L+1) x N graph; time scaled from a calibration run by edges."""
     num_patches = r.grid_size[0] * r.grid_size[1]
-    edges = r.num_layers * r.num_tokens**2
+    read = int((r.output_weights() > 0).sum())  # tokens the output reads: more than one adds an output node
+    edges = r.num_layers * r.num_tokens**2 + (read if read > 1 else 0)
+    nodes = f"{r.num_layers + 1} x {r.num_tokens} nodes" + (" and an output node" if read > 1 else "")
     cal = _FLOW_CALIBRATION
     return Cost(
-        work=f"{num_patches} max-flow problems on a graph of {r.num_layers + 1} x {r.num_tokens} nodes "
-        f"({edges:,} edges)",
+        work=f"{num_patches} max-flow problems on a graph of {nodes} ({edges:,} edges)",
         seconds=num_patches * edges * _flow_seconds_per_edge(),
         basis=f"estimate: {cal['flows']} max-flows timed on this server on a random {cal['layers']}-layer, "
         f"{cal['tokens']}-token graph, scaled by edge count; real attention can be 2-3x faster or slower",
