@@ -558,3 +558,21 @@ def test_an_image_text_or_detection_folder_loads_its_vision_tower(tmp_path, conf
         torch.testing.assert_close(vm.logits(x), vision(pixel_values=x).pooler_output)
     r = vizapp.analyze(vm, random_image(2))
     assert r.rollout().shape == (4, 4) and r.probs is None
+
+
+@pytest.mark.parametrize("fid", ["hf_beit", "hf_deit_teacher", "hf_dinov2_reg_cls"])
+def test_class_maps_of_a_model_reading_several_tokens_mix_the_full_matrices(fid, hf_folders):
+    """Gradient rollout and Chefer relevance, carried down as one row, equal the readout's mix of the rows of the
+    full matrices formed the long way (vizapp.analysis.grad_rollout and chefer_relevance on every layer's attention
+    and gradient)."""
+    from vizapp.analysis import chefer_relevance, grad_rollout
+
+    vm = load(fid, hf_folders)
+    r = vizapp.analyze(vm, random_image(9))
+    p = r.num_prefix_tokens
+    w = readout_weights(READOUT[fid], r.num_tokens, p)
+    attn, grads = r.attention_stack(), r.attention_gradients(1)
+    relevance = w @ chefer_relevance(attn, grads).double()
+    np.testing.assert_allclose(r.relevance(1), relevance[p:].reshape(r.grid_size).numpy(), rtol=1e-5, atol=1e-6)
+    joint = w @ grad_rollout(attn, grads, p).double()
+    np.testing.assert_allclose(r.grad_rollout(1), joint[p:].reshape(r.grid_size).numpy(), rtol=1e-5, atol=1e-6)
