@@ -576,3 +576,30 @@ def test_class_maps_of_a_model_reading_several_tokens_mix_the_full_matrices(fid,
     np.testing.assert_allclose(r.relevance(1), relevance[p:].reshape(r.grid_size).numpy(), rtol=1e-5, atol=1e-6)
     joint = w @ grad_rollout(attn, grads, p).double()
     np.testing.assert_allclose(r.grad_rollout(1), joint[p:].reshape(r.grid_size).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pooled_models_maps_can_start_from_its_cls_token_instead(hf_folders):
+    """start_row="cls": rollout, relevance, gradient rollout and flow from BEiT's CLS row (the classic maps, though its
+    head never reads that token), against the full matrices' row 0; a model without a CLS token refuses it."""
+    from vizapp import views
+    from vizapp.analysis import chefer_relevance, grad_rollout
+    from vizapp.analysis.flow import attention_flow
+
+    r = vizapp.analyze(load("beit", hf_folders), random_image(10))
+    p, grid = r.num_prefix_tokens, r.grid_size
+    attn = r.attention_stack().double()
+    np.testing.assert_allclose(r.rollout(start_row="cls"), rollout(attn, p)[0, p:].reshape(grid).numpy(), atol=1e-5)
+    assert not np.allclose(r.rollout(start_row="cls"), r.rollout())  # the two rows differ
+    grads = r.attention_gradients(1)
+    relevance = chefer_relevance(attn.float(), grads)[0, p:]
+    np.testing.assert_allclose(r.relevance(1, start_row="cls"), relevance.reshape(grid).numpy(), rtol=1e-5, atol=1e-6)
+    joint = grad_rollout(attn.float(), grads, p)[0, p:]
+    np.testing.assert_allclose(r.grad_rollout(1, start_row="cls"), joint.reshape(grid).numpy(), rtol=1e-5, atol=1e-6)
+    flow = attention_flow(attn, p, query=0).reshape(grid).numpy()
+    np.testing.assert_allclose(r.attention_flow(start_row="cls"), flow, atol=1e-6)
+    title = views.map_view(r, views.Controls(start_row="cls"), "rollout").layout.title.text
+    assert "from the CLS row" in title and "output reads" not in title
+    with pytest.raises(vizapp.BadParameterError, match="no CLS token"):
+        vizapp.analyze(load("relpos", hf_folders), random_image(10)).rollout(start_row="cls")
+    with pytest.raises(vizapp.BadParameterError, match="start_row must be one of"):
+        r.rollout(start_row="registers")

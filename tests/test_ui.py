@@ -336,7 +336,7 @@ def test_cancel_button_cancels_the_long_events(card_model):
     on_cancel = [d for d in deps if [cancel_id, "click"] in [list(t) for t in d["targets"]]]
     cancels = {i for d in on_cancel for i in d["cancels"]}
     long_events = {d["id"] for d in deps if d["api_name"] in ("analyze", "compare") or rollout_id in d["outputs"]}
-    assert len(long_events) == 2 + 6 and long_events <= cancels
+    assert len(long_events) == 2 + 7 and long_events <= cancels  # analyze, compare, the 7 Rollout-tab controls
     assert any(demo.fns[d["id"]].fn is ui.handlers.cancel_running for d in on_cancel)
 
 
@@ -725,3 +725,25 @@ def test_position_tab_offers_the_learned_table_beside_a_relative_bias(tmp_path, 
     assert table.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)  # the 4x4 mosaic of 4x4 tiles
     with pytest.raises(gr.Error, match="position view must be one of"):
         ui.render_pos(folder, 0, 1, 2, 1, 0, "both", trusted_model=folder)
+
+
+def test_rollout_tab_offers_the_cls_row_for_a_model_whose_output_reads_its_patches(tmp_path, photo, analysed):
+    """A mean-pooled BEiT: the Rollout tab's start-row choice is shown, and "cls" draws the CLS row; a model that
+    reads its CLS token (the card model) hides the choice."""
+    pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from test_families import save_hf
+
+    extra = dict(image_size=32, use_relative_position_bias=True, use_mean_pooling=True, num_labels=3)
+    folder = str(save_hf(tmp_path / "beit", "BeitConfig", "BeitForImageClassification", extra))
+    out = ui.analyze_image(photo, folder, progress=_noprogress, trusted_model=folder)
+    assert out.start_row["visible"] and out.start_row["value"] == "output"
+    assert "the output reads the mean of the patch tokens" in out.rollout.layout.title.text
+    r = out.state["analysis"]
+    fig = ui.render_map(out.state, "rollout", None, "mean", 0.0, 0, 0.6, "cls", progress=_noprogress)
+    assert "from the CLS row" in fig.layout.title.text
+    cls_row = r.rollout(start_row="cls")
+    rescaled = (cls_row - cls_row.min()) / (cls_row.max() - cls_row.min())  # the overlay shows the map rescaled
+    np.testing.assert_allclose(fig.data[1].z, rescaled, atol=1e-6)
+    with pytest.raises(gr.Error, match="start row must be one of"):
+        ui.render_map(out.state, "rollout", None, "mean", 0.0, 0, 0.6, "middle", progress=_noprogress)
+    assert not analysed.start_row["visible"]

@@ -118,7 +118,7 @@ METHODS: dict[str, Method] = {
             "Attention rollout",
             False,
             lambda r, c, **kw: r.rollout(**kw),
-            controls=("head_fusion", "discard_ratio", "start_layer"),
+            controls=("head_fusion", "discard_ratio", "start_layer", "start_row"),
         ),
         Method(
             "attention",
@@ -132,12 +132,19 @@ METHODS: dict[str, Method] = {
             "Attention flow",
             False,
             lambda r, c, **kw: r.attention_flow(**kw),
+            controls=("start_row",),
             slow=True,
             reports_progress=True,
             cost=_flow_cost,
         ),
-        Method("grad_rollout", "Gradient rollout", True, lambda r, c, **kw: r.grad_rollout(c, **kw)),
-        Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw)),
+        Method(
+            "grad_rollout",
+            "Gradient rollout",
+            True,
+            lambda r, c, **kw: r.grad_rollout(c, **kw),
+            controls=("start_row",),
+        ),
+        Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw), controls=("start_row",)),
     )
 }
 

@@ -25,6 +25,8 @@ from vizapp.models.base import READOUTS, readout_weights
 from vizapp.streaming import BlockFeatures, LayerStatistics, fused_layer
 
 Query = str | int | tuple[int, int]
+#: Where the maps carried down from the output start: the tokens the output reads, or the CLS token whatever it reads.
+START_ROWS = ("output", "cls")
 
 
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
@@ -225,9 +227,12 @@ class Analysis:
     def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
         return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
 
-    def rollout(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+    def rollout(
+        self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
+    ) -> np.ndarray:
         """Attention rollout map: the output's row of the joint attention over the patches, raw, [gh, gw] (the CLS
-        row for a ViT that reads its class token; see :meth:`output_weights`)."""
+        row for a ViT that reads its class token; see :meth:`output_weights`). ``start_row="cls"``: the CLS row
+        whatever the output reads."""
         if (
             isinstance(discard_ratio, bool)
             or not isinstance(discard_ratio, (int, float))
@@ -237,7 +242,8 @@ class Analysis:
         start_layer = self._layer(start_layer)
         if head_fusion not in HEAD_FUSIONS:
             raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
-        key = ("rollout", head_fusion, float(discard_ratio), start_layer)
+        weights = self.output_weights(start_row)
+        key = ("rollout", head_fusion, float(discard_ratio), start_layer) + (() if start_row == "output" else ("cls",))
         if key not in self._cache:
             cached = self._cache.get(("fused", head_fusion))
 
@@ -247,7 +253,7 @@ class Analysis:
             row = rollout_row(
                 fused_layer,
                 self.num_layers,
-                self.output_weights(),
+                weights,
                 self.num_prefix_tokens,
                 float(discard_ratio),
                 start_layer,
@@ -320,10 +326,16 @@ class Analysis:
             self._cache[key] = out
         return out
 
-    def output_weights(self) -> torch.Tensor:
+    def output_weights(self, start_row: str = "output") -> torch.Tensor:
         """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
         model's output reads (:attr:`readout`; one-hot at CLS for a ViT that reads its class token, uniform over the
-        patches for one that averages them, as BEiT's head does though it has a CLS token)."""
+        patches for one that averages them, as BEiT's head does though it has a CLS token). ``start_row="cls"``:
+        one-hot at the CLS token instead (a model's class token, even where its head never reads it)."""
+        if start_row not in START_ROWS:
+            raise BadParameterError(f"start_row must be one of {list(START_ROWS)}, got {str(start_row)[:40]!r}")
+        if start_row == "cls":
+            self.query_index("cls")  # a clear error for a model without a class token
+            return readout_weights("cls", self.num_tokens, self.num_prefix_tokens)
         return readout_weights(self.readout, self.num_tokens, self.num_prefix_tokens)
 
     @property
@@ -348,9 +360,13 @@ class Analysis:
             self._cache[key] = fused
         return fused
 
-    def grad_rollout(self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0) -> np.ndarray:
+    def grad_rollout(
+        self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
+    ) -> np.ndarray:
         """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention (the
-        rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down)."""
+        rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down; ``start_row`` as in
+        :meth:`rollout`)."""
+        weights = self.output_weights(start_row)
         start_layer = self._layer(start_layer)
         if (
             isinstance(discard_ratio, bool)
@@ -362,37 +378,43 @@ class Analysis:
         row = rollout_row(
             lambda layer: fused[layer],
             self.num_layers,
-            self.output_weights(),
+            weights,
             self.num_prefix_tokens,
             float(discard_ratio),
             start_layer,
         )
         return self._patch_map(row[self.num_prefix_tokens :])
 
-    def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
+    def relevance(self, class_idx: Any = None, start_layer: int = 0, start_row: str = "output") -> np.ndarray:
         """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw] (the row of R read by the
-        output, carried from the top layer down)."""
+        output, carried from the top layer down; ``start_row`` as in :meth:`rollout`)."""
         from vizapp.analysis.relevance import relevance_row
 
         start_layer = self._layer(start_layer)
-        row = relevance_row(self.grad_weighted_heads(class_idx), self.output_weights(), start_layer)
+        weights = self.output_weights(start_row)
+        row = relevance_row(self.grad_weighted_heads(class_idx), weights, start_layer)
         return self._patch_map(row[self.num_prefix_tokens :])
 
     def attention_flow(
-        self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None
+        self,
+        head_fusion: str = "mean",
+        progress: Callable[[int, int], None] | None = None,
+        start_row: str = "output",
     ) -> np.ndarray:
         """Exact attention flow (max-flow) from each patch to the output, [gh, gw]: to the CLS token for a ViT that
-        reads it, else to an output node fed by the tokens the output reads (see :attr:`readout`)."""
+        reads it, else to an output node fed by the tokens the output reads (see :attr:`readout`); to the CLS token
+        with ``start_row="cls"``."""
         from vizapp.analysis.flow import attention_flow
 
-        key = ("flow", head_fusion)
+        weights = self.output_weights(start_row)
+        key = ("flow", head_fusion) + (() if start_row == "output" else ("cls",))
         if key not in self._cache:
             flat = attention_flow(
                 self.attention_stack(),
                 self.num_prefix_tokens,
                 head_fusion=head_fusion,
                 progress=progress,
-                readout=self.output_weights(),
+                readout=weights,
             )
             self._cache[key] = self._patch_map(flat)
         return self._cache[key]

@@ -39,6 +39,7 @@ class Controls:
     per_head_scale: bool = True
     focus_head: int | None = None
     tile: tuple[int, int] = (0, 0)
+    start_row: str = "output"  # where rollout, relevance and flow start: a key of pipeline.START_ROWS
 
 
 def query_label(query: Query) -> str:
@@ -55,6 +56,7 @@ _CONTROL_TEXT: dict[str, Callable[[Any], str]] = {
     "head_fusion": lambda v: f"fusion {v}",
     "discard_ratio": lambda v: f"discard {v:.2f}",
     "start_layer": lambda v: f"from layer {v}",
+    "start_row": lambda v: "from the CLS row" if v == "cls" else "",  # the output's row: said after the title
 }
 
 
@@ -80,11 +82,12 @@ def map_view(
         kwargs["progress"] = progress
     heat = methods.explain(r, m.name, class_label, **kwargs)
     title = m.label
-    if m.controls:
-        title += " (" + ", ".join(_CONTROL_TEXT[name](kwargs[name]) for name in m.controls) + ")"
+    said = [text for text in (_CONTROL_TEXT[name](kwargs[name]) for name in m.controls) if text]
+    if said:
+        title += " (" + ", ".join(said) + ")"
     if m.needs_class and class_label:
         title += f" for '{class_label}'"
-    if m.from_output and r.readout != "cls":
+    if m.from_output and r.readout != "cls" and kwargs.get("start_row", "output") == "output":
         title += f"; the output reads {r.readout_text}"
     return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name)
 

@@ -26,7 +26,7 @@ import torch
 from vizapp import methods, models, views
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
-from vizapp.pipeline import Analysis, analyze, feature_pca
+from vizapp.pipeline import START_ROWS, Analysis, analyze, feature_pca
 from vizapp.ui import deadline
 from vizapp.ui.costs import cost_notes, importance_cost_note
 from vizapp.ui.outputs import (
@@ -232,6 +232,7 @@ def analyze_image(
         start_layer=gr.update(maximum=r.num_layers - 1, value=start),
         focus_head=gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
         class_choice=class_update,
+        start_row=gr.update(visible=r.readout != "cls" and r.has_class_token, value="output"),
         query_mode=gr.update(value=CLS_QUERY if r.has_class_token else PATCH_QUERY),
         query_row=_query_slider(r, state["query"], 0),
         query_col=_query_slider(r, state["query"], 1),
@@ -262,10 +263,12 @@ def render_map(
     discard_ratio: Any,
     start_layer: Any,
     opacity: Any,
+    start_row: Any = "output",
     progress: gr.Progress = gr.Progress(),
     request: gr.Request | None = None,
 ) -> Any:
-    """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass).
+    """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass). ``start_row``:
+    start the maps carried down from the output at the tokens it reads ("output") or at the CLS token ("cls").
 
     Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
     """
@@ -278,6 +281,7 @@ def render_map(
         discard_ratio=as_float(discard_ratio, "discard ratio", 0.0, 1.0, hi_inclusive=False),
         start_layer=as_int(start_layer, "start layer", 0, r.num_layers - 1),
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
+        start_row=as_choice(start_row or "output", "start row", START_ROWS),
     )
     if not m.slow:
         return views.map_view(r, c, m.name, class_label)

@@ -133,6 +133,12 @@ def _rollout_tab(ui: Components) -> None:
         ui.head_fusion = gr.Radio(list(views.HEAD_FUSIONS), value="mean", label="Head fusion")
         ui.discard_ratio = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio")
         ui.start_layer = gr.Slider(0, 11, value=0, step=1, label="Start layer")
+        ui.start_row = gr.Radio(
+            [("the tokens the output reads", "output"), ("the CLS token", "cls")],
+            value="output",
+            label="Start from (rollout, relevance, flow)",
+            visible=False,
+        )
     ui.rollout = gr.Plot(label="Map over the image", elem_id="vizapp-rollout-plot")
     ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
 
@@ -330,11 +336,18 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Any
 
 
 def _wire_rollout(ui: Components) -> list[Any]:
-    inputs = [ui.state, ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity]
-    return [
-        ctrl.change(handlers.render_map, inputs=inputs, outputs=[ui.rollout], **RERENDER)
-        for ctrl in (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity)
+    inputs = [
+        ui.state,
+        ui.method,
+        ui.class_choice,
+        ui.head_fusion,
+        ui.discard_ratio,
+        ui.start_layer,
+        ui.opacity,
+        ui.start_row,
     ]
+    controls = (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity, ui.start_row)
+    return [ctrl.change(handlers.render_map, inputs=inputs, outputs=[ui.rollout], **RERENDER) for ctrl in controls]
 
 
 def _wire_heads(ui: Components) -> None:

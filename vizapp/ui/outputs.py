@@ -30,6 +30,7 @@ class AnalyzeOutputs(NamedTuple):
     start_layer: Any
     focus_head: Any
     class_choice: Any  # the Rollout tab's class dropdown
+    start_row: Any  # gr.update: the output's row / CLS row choice, shown when the output reads more than the CLS
     query_mode: Any
     query_row: Any
     query_col: Any
