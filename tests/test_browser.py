@@ -214,26 +214,45 @@ def test_person_opens_the_features_tab(page, photo):
     _wait_title(page, "vizapp-focus-plot", "Layer 1, head 2")
 
 
-@pytest.fixture(scope="module")
-def hf_app(tmp_path_factory):
-    """The live app started with a tiny random transformers ViT folder (the operator's --model)."""
+def _live_hf_app(folder_parent, config_cls: str, model_cls: str, extra: dict):
+    """The live app started with a tiny random transformers model folder (the operator's --model): (demo, url)."""
     pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
     from test_families import save_hf
 
     from vizapp import ui
 
-    folder = str(
-        save_hf(
-            tmp_path_factory.mktemp("hf_vit_live"),
-            "ViTConfig",
-            "ViTForImageClassification",
-            dict(image_size=32, num_labels=5),
-        )
-    )
+    folder = str(save_hf(folder_parent, config_cls, model_cls, extra))
     demo = ui.queue(ui.build_demo(folder))
     kwargs = ui.launch_kwargs()
     kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def hf_app(tmp_path_factory):
+    """The live app with a tiny random transformers ViT."""
+    demo = _live_hf_app(
+        tmp_path_factory.mktemp("hf_vit_live"),
+        "ViTConfig",
+        "ViTForImageClassification",
+        dict(image_size=32, num_labels=5),
+    )
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def beit_app(tmp_path_factory):
+    """The live app with a tiny random transformers BEiT: mean-pooled head, relative bias and a learned table."""
+    extra = dict(
+        image_size=32,
+        num_labels=3,
+        use_mean_pooling=True,
+        use_relative_position_bias=True,
+        use_absolute_position_embeddings=True,
+    )
+    demo = _live_hf_app(tmp_path_factory.mktemp("hf_beit_live"), "BeitConfig", "BeitForImageClassification", extra)
     yield demo.local_url
     demo.close()
 
@@ -252,3 +271,21 @@ def test_person_uses_a_transformers_model(page, hf_app, photo):
     assert _plot_data(page, "vizapp-similarity-plot")["types"] == ["image", "heatmap"]
     assert page.get_by_text("L·H = 8 forward passes").count() >= 1  # exact ablation's cost, said before running
     page.screenshot(path=str(ARTIFACTS / "10-transformers-features.png"), full_page=True)
+
+
+def test_person_picks_where_a_pooled_models_maps_start_and_which_position_view(page, beit_app, photo):
+    """BEiT's head averages its patches: the rollout starts there and says so, and the Start-from choice switches it
+    to the CLS row; its Position tab offers the relative bias and, by the View choice, its learned table."""
+    page.goto(beit_app)
+    page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    _analyze(page, photo, "4x4 patches")
+    page.get_by_role("tab", name="Rollout").click()
+    _wait_title(page, "vizapp-rollout-plot", "the output reads the mean of the patch tokens")
+    page.get_by_label("the CLS token").check()
+    _wait_title(page, "vizapp-rollout-plot", "from the CLS row")
+    page.screenshot(path=str(ARTIFACTS / "11-pooled-model-cls-row.png"), full_page=True)
+    page.get_by_role("tab", name="Position embeddings").click()
+    _wait_title(page, "vizapp-pos-plot", "relative-position bias per head")
+    page.get_by_label("learned table").check()
+    _wait_title(page, "vizapp-pos-plot", "Position embedding similarity (4x4)")
+    page.screenshot(path=str(ARTIFACTS / "12-learned-table-beside-bias.png"), full_page=True)
