@@ -29,6 +29,11 @@ Query = str | int | tuple[int, int]
 START_ROWS = ("output", "cls")
 
 
+def _row_key(start_row: str) -> tuple[str, ...]:
+    """The cache key's suffix for a map's start row (none for the output's, the key the forward fills)."""
+    return () if start_row == "output" else (start_row,)
+
+
 def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
     from vizapp.imageio import DecodedImage, decode_image
 
@@ -243,7 +248,7 @@ class Analysis:
         if head_fusion not in HEAD_FUSIONS:
             raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
         weights = self.output_weights(start_row)
-        key = ("rollout", head_fusion, float(discard_ratio), start_layer) + (() if start_row == "output" else ("cls",))
+        key = ("rollout", head_fusion, float(discard_ratio), start_layer) + _row_key(start_row)
         if key not in self._cache:
             cached = self._cache.get(("fused", head_fusion))
 
@@ -407,7 +412,7 @@ class Analysis:
         from vizapp.analysis.flow import attention_flow
 
         weights = self.output_weights(start_row)
-        key = ("flow", head_fusion) + (() if start_row == "output" else ("cls",))
+        key = ("flow", head_fusion) + _row_key(start_row)
         if key not in self._cache:
             flat = attention_flow(
                 self.attention_stack(),

@@ -159,6 +159,14 @@ def relative_bias_maps(model: torch.nn.Module) -> torch.Tensor:
         [L, H, 2gh − 1, 2gw − 1]; [l, h, Δrow + gh − 1, Δcol + gw − 1] is added to the attention logit of a query at
         p_i and a key at p_j = p_i − (Δrow, Δcol) in layer l, head h (prefix tokens' entries are not included).
     """
+    own, shared = relative_bias_modules(model)
+    return layer_bias_maps(own, shared, _grid_size(model), type(model).__name__)
+
+
+def relative_bias_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module | None], torch.nn.Module | None]:
+    """A timm model's relative-position bias modules: each block's own (its attention's BEiT table or RelPosMlp, or
+    its ``rel_pos``; None where it has none) and the one shared by all blocks (BEiT's ``rel_pos_bias``,
+    VisionTransformerRelPos's ``shared_rel_pos``), or None."""
     shared = next(
         (
             m
@@ -166,13 +174,13 @@ def relative_bias_maps(model: torch.nn.Module) -> torch.Tensor:
             if isinstance(m, torch.nn.Module)
         ),
         None,
-    )  # BEiT, VisionTransformerRelPos
+    )
     own = []
     for blk in model.blocks:
         attn = getattr(blk, "attn", None)
         rel_pos = getattr(attn, "rel_pos", None)
-        own.append(attn if _holds_bias(attn) else rel_pos)
-    return layer_bias_maps(own, shared, _grid_size(model), type(model).__name__)
+        own.append(attn if _holds_bias(attn) else rel_pos if isinstance(rel_pos, torch.nn.Module) else None)
+    return own, shared
 
 
 @torch.no_grad()

@@ -208,14 +208,12 @@ def pos_embed_views(
     """
     if show not in POS_SHOWS:
         raise BadParameterError(f"show must be one of {list(POS_SHOWS)}, got {str(show)[:40]!r}")
-    both = vm.position in ("rope", "relative") and not vm.pos_embed_status
-    if vm.position in ("rope", "relative") and not (both and show == POS_SHOWS[1]):
+    scheme = vm.position in ("rope", "relative")
+    both = scheme and not vm.pos_embed_status
+    if scheme and not (both and show == POS_SHOWS[1]):
         v = _scheme_views(vm, tile, layer, head)
-        if not both:
-            return v
-        return v._replace(
-            note=v.note + " It also adds a learned absolute table: the “learned table” view.", shows=POS_SHOWS
-        )
+        note = v.note + " It also adds a learned absolute table: the “learned table” view."
+        return v._replace(note=note, shows=POS_SHOWS) if both else v
     if vm.pos_embed_status:
         return PosEmbedViews(None, None, vm.pos_embed_status)
     grid = tuple(grid or vm.grid_size)

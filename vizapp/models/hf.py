@@ -220,26 +220,24 @@ def _transform(src: str, local: bool, model_type: str, size: tuple[int, int]) ->
     return transform, tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits, else the model's pooled output, else the CLS token's output (a model without CLS token and pooler,
-    such as I-JEPA's backbone, gets :func:`_forward_patch_mean`)."""
-    out = model(pixel_values=x)
-    logits = getattr(out, "logits", None)
-    if logits is not None:
-        return logits
-    pooled = getattr(out, "pooler_output", None)
-    return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-
-def _forward_patch_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """As :func:`_forward`, but with neither head nor pooler the mean of the tokens (all patches: there is no CLS
-    token), as I-JEPA's own classifier pools them."""
-    out = model(pixel_values=x)
+def _output(out: Any, cls_token: bool) -> torch.Tensor:
+    """What a forward gives back: the logits, else the pooled output, else the CLS token's output, or without a CLS
+    token the mean of the tokens (all patches), as I-JEPA's own classifier pools them."""
     for name in ("logits", "pooler_output"):
         value = getattr(out, name, None)
         if value is not None:
             return value
-    return out.last_hidden_state.mean(dim=1)
+    h = out.last_hidden_state
+    return h[:, 0] if cls_token else h.mean(dim=1)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _output(model(pixel_values=x), cls_token=True)
+
+
+def _forward_patch_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """For a model without a CLS token (I-JEPA's backbone has neither head nor pooler): see :func:`_output`."""
+    return _output(model(pixel_values=x), cls_token=False)
 
 
 def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +246,7 @@ def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ps = pair(model.config.patch_size)
     n = (x.shape[-2] // ps[0]) * (x.shape[-1] // ps[1])
     noise = torch.arange(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n)
-    return model(pixel_values=x, noise=noise).last_hidden_state[:, 0]
+    return _output(model(pixel_values=x, noise=noise), cls_token=True)
 
 
 def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]) -> VizModel:

@@ -38,12 +38,10 @@ def position_scheme(model: torch.nn.Module) -> str:
     """ "learned", "rope", "relative" or "none", read from the model's modules."""
     if getattr(model, "rope", None) is not None or any(getattr(b.attn, "rope", None) is not None for b in model.blocks):
         return "rope"
-    shared_bias = (getattr(model, n, None) for n in ("rel_pos_bias", "shared_rel_pos"))  # BEiT, vit_srelpos_*
-    if any(m is not None for m in shared_bias) or any(
-        getattr(b.attn, "relative_position_bias_table", None) is not None
-        or getattr(b.attn, "rel_pos", None) is not None
-        for b in model.blocks
-    ):
+    from vizapp.posinfo import relative_bias_modules
+
+    own, shared = relative_bias_modules(model)
+    if shared is not None or any(m is not None for m in own):
         return "relative"
     pe = getattr(model, "pos_embed", None)
     return "learned" if isinstance(pe, torch.nn.Parameter) else "none"
