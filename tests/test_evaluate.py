@@ -22,11 +22,16 @@ from vizapp.analysis.headstats import attention_entropy, token_norm_stats
 from vizapp.analysis.perturbation import (
     CHEFER_FRACTIONS,
     accuracy_auc,
-    perturbed_images,
+    patch_fractions,
+    patch_perturbed_images,
+    pixel_masks,
+    pixel_perturbed_images,
     removal_counts,
     removal_order,
+    upsample_map,
 )
 from vizapp.bundled.data import CLASS_NAMES, FASHION_MNIST_DIR, load_fashion_mnist
+from vizapp.errors import VizappError
 from vizapp.evaluate import evaluate, main
 from vizapp.evaluate.dataset import DatasetError, list_items
 from vizapp.evaluate.engines import JobError
@@ -65,7 +70,7 @@ def test_four_patch_image_with_a_fake_predictor_by_hand():
     fractions = [0.25, 0.5, 0.75]
 
     def accuracy(direction: str) -> list[int]:
-        imgs = perturbed_images(image, image[0], 2, 1, direction, 0.0, fractions)  # [3, 1, 2, 2]
+        imgs = patch_perturbed_images(image, image[0], 2, 1, direction, 0.0, fractions)  # [3, 1, 2, 2]
         assert imgs.shape == (3, 1, 2, 2)
         sums = imgs.sum(dim=(1, 2, 3))
         return [1] + [int(s > 5) for s in sums]  # x = 0: the whole image (sum 10) is correct
@@ -83,7 +88,7 @@ def test_four_patch_image_with_a_fake_predictor_by_hand():
 def test_perturbed_pixels_take_the_fill_value():
     image = torch.arange(16.0).reshape(1, 4, 4)  # 2x2 grid of 2x2 patches
     fill = torch.tensor([-7.0])[:, None, None]
-    imgs = perturbed_images(image, torch.tensor([1.0, 4.0, 3.0, 2.0]), (2, 2), (2, 2), "positive", fill, [0.5])
+    imgs = patch_perturbed_images(image, torch.tensor([1.0, 4.0, 3.0, 2.0]), (2, 2), (2, 2), "positive", fill, [0.5])
     # patches 1 (top right) and 2 (bottom left) are the two most relevant
     expect = image.clone()
     expect[:, 0:2, 2:4] = -7.0
@@ -101,6 +106,117 @@ def test_accuracy_auc_full_and_batched():
     np.testing.assert_allclose(batched, [float(accuracy_auc(r)) for r in y])
     # linear in the accuracies: the mean of per-image areas is the area of the mean curve
     assert batched.mean() == pytest.approx(float(accuracy_auc(y.mean(axis=0))))
+
+
+def bilinear_reference(m: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Bilinear upsampling written out (half-pixel centres, edges clamped: PyTorch's align_corners=False)."""
+
+    def axis(n_in: int, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_in * scale) + 0.5) / scale - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    r0, r1, wr = axis(m.shape[0], ph)
+    c0, c1, wc = axis(m.shape[1], pw)
+    top = m[r0][:, c0] * (1 - wc) + m[r0][:, c1] * wc
+    bottom = m[r1][:, c0] * (1 - wc) + m[r1][:, c1] * wc
+    return top * (1 - wr)[:, None] + bottom * wr[:, None]
+
+
+def test_upsample_map_by_hand_and_against_a_written_out_bilinear():
+    # 2x2 map 0 1 / 2 4, patch 2: output pixel i samples source row/column max(0, (i + 0.5) / 2 - 0.5), i.e. 0, 1/4,
+    # 3/4, 1 (edges clamped), so pixel (r, c) is c + 2r + rc at those coordinates; x16 below, then min-max (max 4)
+    up = upsample_map(torch.tensor([[0.0, 1.0], [2.0, 4.0]]), 2)
+    by_hand = torch.tensor([[0, 4, 12, 16], [8, 13, 23, 28], [24, 31, 45, 52], [32, 40, 56, 64]]) / 64.0
+    assert up.dtype == torch.float32 and torch.equal(up, by_hand)
+    g = torch.Generator().manual_seed(0)
+    for (gh, gw), (ph, pw) in (((7, 7), (4, 4)), ((3, 5), (2, 3)), ((14, 14), (16, 16))):
+        m = torch.rand(gh, gw, generator=g) * 10 - 3
+        ref = bilinear_reference(m.double().numpy(), ph, pw)
+        ref = (ref - ref.min()) / (ref.max() - ref.min())
+        got = upsample_map(m, (ph, pw))
+        assert got.shape == (gh * ph, gw * pw)
+        np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-6)
+        # and what the authors' line gives: F.interpolate(scale_factor=patch, mode="bilinear"), then min-max
+        theirs = torch.nn.functional.interpolate(m[None, None], scale_factor=(ph, pw), mode="bilinear")[0, 0]
+        assert torch.equal(got, (theirs - theirs.min()) / (theirs.max() - theirs.min()))
+    assert torch.equal(upsample_map(torch.full((2, 2), 3.0), 2), torch.zeros(4, 4))  # constant: all tie, no NaN
+
+
+# the 4x4 pixels of the map above, most relevant first (values x16: 64 56 52 45 40 32 31 28 24 23 16 13 12 8 4 0)
+HAND_ORDER = [
+    (3, 3), (3, 2), (2, 3), (2, 2), (3, 1), (3, 0), (2, 1), (1, 3),
+    (2, 0), (1, 2), (0, 3), (1, 1), (0, 2), (1, 0), (0, 1), (0, 0),
+]  # fmt: skip
+
+
+def test_pixel_masks_by_hand():
+    pix = upsample_map(torch.tensor([[0.0, 1.0], [2.0, 4.0]]), 2)  # 16 distinct values: no ties
+    counts = [int(16 * f) for f in CHEFER_FRACTIONS[1:]]
+    assert counts == [1, 3, 4, 6, 8, 9, 11, 12, 14]  # int(1.6), int(3.2), int(4.8), ...
+    for direction, order in (("positive", HAND_ORDER), ("negative", HAND_ORDER[::-1])):
+        masks = pixel_masks(pix, direction)
+        assert masks.shape == (9, 4, 4) and masks.dtype == torch.bool
+        for step, k in enumerate(counts):
+            expect = torch.zeros(4, 4, dtype=torch.bool)
+            for r, c in order[:k]:
+                expect[r, c] = True
+            assert torch.equal(masks[step], expect), (direction, step)
+    # step 0.5 (8 pixels) spelled out
+    assert pixel_masks(pix, "positive", [0.5])[0].int().tolist() == [
+        [0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]
+    ]  # fmt: skip
+    assert pixel_masks(pix, "negative", [0.5])[0].int().tolist() == [
+        [1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="direction"):
+        pixel_masks(pix, "sideways")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pixel_masks_with_ties_remove_a_top_set_of_the_right_size(seed):
+    # maps with many ties (few distinct values): whichever tied pixels topk picks, every removed pixel ranks at least
+    # as high as every kept one, and int(f * H * W) pixels go
+    g = torch.Generator().manual_seed(seed)
+    pix = upsample_map(torch.randint(0, 3, (3, 4), generator=g).float(), (2, 3))  # [6, 12]
+    for direction, sign in (("positive", 1.0), ("negative", -1.0)):
+        masks = pixel_masks(pix, direction)
+        for step, f in enumerate(CHEFER_FRACTIONS[1:]):
+            m = masks[step]
+            assert int(m.sum()) == int(72 * f)
+            if 0 < int(m.sum()) < 72:
+                assert float((sign * pix)[m].min()) >= float((sign * pix)[~m].max())
+            _, idx = torch.topk((sign * pix).reshape(1, -1), int(72 * f), dim=-1)  # torch.topk's own tie choice
+            assert sorted(idx[0].tolist()) == torch.nonzero(m.reshape(-1))[:, 0].tolist()
+
+
+def test_pixel_perturbed_images_zero_every_channel_with_the_fill():
+    image = torch.stack([torch.arange(16.0).reshape(4, 4), -torch.arange(16.0).reshape(4, 4)])  # [2, 4, 4]
+    fill = torch.tensor([-7.0, 9.0])[:, None, None]  # per channel: (0 - mean) / std
+    sal = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    imgs = pixel_perturbed_images(image, sal, 2, "positive", fill)
+    assert imgs.shape == (9, 2, 4, 4)
+    for step, k in enumerate([1, 3, 4, 6, 8, 9, 11, 12, 14]):
+        expect = image.clone()
+        for r, c in HAND_ORDER[:k]:
+            expect[:, r, c] = torch.tensor([-7.0, 9.0])
+        assert torch.equal(imgs[step], expect)
+    with pytest.raises(ValueError, match="patch size"):
+        pixel_perturbed_images(image, sal, 3, "positive", fill)  # 6x6 map on a 4x4 image
+
+
+def test_accuracy_auc_on_a_hand_made_curve():
+    acc = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]  # at x = 0, 0.1, ... 0.9
+    # trapezoids of width 0.1: (1+1)/2 + (1+1)/2 + (1+0)/2 + (0+1)/2 + (1+0)/2 = 3.5 -> 0.35 -> 35
+    assert float(accuracy_auc(acc)) == pytest.approx(35.0, abs=1e-12)
+    assert float(accuracy_auc(acc)) == pytest.approx(100 * np.trapezoid(acc, np.arange(10) / 10))
+    # the patch protocol's x on a 7x7 grid: 0, 4/49, 9/49, ... 44/49
+    x = patch_fractions(49)
+    np.testing.assert_array_equal(x, np.array([0, 4, 9, 14, 19, 24, 29, 34, 39, 44]) / 49)
+    assert float(accuracy_auc(np.ones(10), x)) == pytest.approx(100 * 44 / 49)  # not 90
+    # 1 at 0 and 4/49, 0 after: 4/49 * 1 + 5/49 * 1/2 = 6.5/49
+    assert float(accuracy_auc([1, 1] + [0] * 8, x)) == pytest.approx(100 * 6.5 / 49)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 50, 197])
@@ -184,8 +300,18 @@ def test_local_job_table_and_summary(local_job):
         summary["methods"]["relevance"]["pred.positive"]["auc"][0]
         < summary["methods"]["random"]["pred.positive"]["auc"][0]
     )
+    assert {r["protocol"] for r in rows} == {"chefer2021"} and summary["protocol"] == "chefer2021"
+    assert summary["perturbation_x"] == list(CHEFER_FRACTIONS)
+    assert json.loads((out / "job.json").read_text())["rollout_start_layer"] == 1  # the authors' rollout baseline
     md = (out / "summary.md").read_text()
     assert "54.16" in md and "Random order (baseline)" in md and "32 evaluated" in md
+    assert md.startswith("# Evaluation: bundled on fmnist-test, perturbation protocol `chefer2021`")
+    assert "## Perturbation test, protocol `chefer2021` (the authors' pixel procedure" in md
+    # the published numbers belong to Transformer Attribution (CVPR 2021); vizapp's relevance is GAE (ICCV 2021)
+    assert "**Transformer Attribution** (that paper's LRP-based method, which vizapp does not implement) 54.16" in md
+    assert "| GAE relevance (gradient × attention); Chefer, Gur & Wolf, ICCV 2021, “Generic Attention-model" in md
+    assert "| Attention rollout, from layer 1; Abnar & Zuidema, ACL 2020 |" in md
+    assert "Chefer relevance" not in md
     page = (out / "curves.html").read_text()
     assert (
         '<script src="https://cdn.plot.ly' not in page and "Plotly.newPlot" in page and len(page) > 1_000_000
@@ -278,6 +404,77 @@ def test_evaluate_batch_matches_analyze_image_by_image(evaluator):
         np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-6, atol=1e-6)
 
 
+def authors_accuracies(vm, x, sal, target, negative, black):
+    """Chefer et al.'s loop (``generate_visualizations.py``, ``pertubation_eval_from_hdf5.py``) for one image, written as
+    they write it: upsample, min-max, negate for negative, topk of int(base_size * step) pixels, scatter the removed
+    pixels on every channel (their 0 before normalising is ``black`` after it), classify, compare with the target."""
+    gh, gw = sal.shape
+    res = torch.nn.functional.interpolate(
+        sal.reshape(1, 1, gh, gw).float(), scale_factor=vm.patch_size, mode="bilinear"
+    )
+    res = (res - res.min()) / (res.max() - res.min())
+    vis = (-res if negative else res).reshape(1, -1)
+    org_shape = x.shape  # [1, C, H, W]
+    base_size = org_shape[-2] * org_shape[-1]
+    batch = []
+    for step in [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
+        _data = x.clone()
+        _, idx = torch.topk(vis, int(base_size * step), dim=-1)
+        _data = _data.reshape(org_shape[0], org_shape[1], -1)
+        for c in range(org_shape[1]):
+            _data[:, c].scatter_(-1, idx, float(black[c]))
+        batch.append(_data.reshape(*org_shape))
+    with torch.no_grad():
+        pred = vm.logits(torch.cat(batch)).argmax(dim=-1)
+    return (pred == target).long().tolist()
+
+
+@needs_fmnist
+def test_chefer2021_rows_equal_the_authors_loop():
+    """The evaluation's chefer2021 accuracies and AUCs against the authors' procedure written out above, for maps of
+    the predicted class: rollout from layer 1 (their baseline), GAE relevance, and the random baseline."""
+    import vizapp
+    from vizapp import methods as registry
+    from vizapp.evaluate.dataset import load_pixels
+    from vizapp.evaluate.worker import Evaluator, image_seed
+
+    ev = Evaluator("bundled", ["rollout", "relevance", "random"], steps=0)
+    assert ev.protocol == "chefer2021" and ev.rollout_start_layer == 1
+    items = list_items("fmnist-test", ev.labels)[:4]
+    for item in items:
+        px = load_pixels(item)
+        row = ev.evaluate(item, px)
+        assert row["status"] == "ok" and row["protocol"] == "chefer2021"
+        r = vizapp.analyze(ev.vm, px, gradients=True)
+        pred, target = row["predicted"], row["target"]
+        g = torch.Generator().manual_seed(image_seed(0, item["id"]))
+        maps = {
+            "rollout": torch.as_tensor(r.rollout(start_layer=1)),
+            "relevance": torch.as_tensor(registry.explain(r, "relevance", pred)),
+            "random": random_order_saliency(49, g).reshape(7, 7),
+        }
+        for name, sal in maps.items():
+            for direction in ("positive", "negative"):
+                accs = authors_accuracies(ev.vm, r.input, sal, target, direction == "negative", ev.black[:, 0, 0])
+                got = [row[f"{name}.pred.{direction}.acc{k}"] for k in range(1, 10)]
+                assert got == accs, (item["id"], name, direction)
+                auc = 100 * np.trapezoid([row["correct"], *accs], [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+                assert row[f"{name}.pred.{direction}.auc"] == pytest.approx(auc, abs=1e-9)
+        assert [row[f"perturbation_x{k}"] for k in range(1, 10)] == list(CHEFER_FRACTIONS[1:])
+
+
+@needs_fmnist
+def test_rollout_start_layer_follows_the_protocol(tmp_path):
+    from vizapp.evaluate.worker import Evaluator
+
+    assert Evaluator("bundled", ["rollout"], steps=0, protocol="patches").rollout_start_layer == 0
+    assert Evaluator("bundled", ["rollout"], steps=0, rollout_start_layer=0).rollout_start_layer == 0
+    with pytest.raises(VizappError, match="rollout start layer 6"):
+        Evaluator("bundled", ["rollout"], steps=0, rollout_start_layer=6)  # the bundled model has 6 layers
+    with pytest.raises(VizappError, match="protocol"):
+        Evaluator("bundled", ["rollout"], steps=0, protocol="pixels")
+
+
 @needs_fmnist
 def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, monkeypatch):
     from vizapp.evaluate.dataset import load_pixels
@@ -297,7 +494,7 @@ def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, m
     rows = evaluator.evaluate_batch(items, [None if e else px for px, e in zip(pixels, errors, strict=True)], errors)
     assert [r["status"] for r in rows] == ["ok", "ok", "bad_file", "error", "ok"]
     assert rows[2]["message"] == "not an image" and "channels" in rows[3]["message"]
-    assert rows[2].keys() == rows[3].keys() == {"id", "source", "target", "status", "message"}
+    assert rows[2].keys() == rows[3].keys() == {"id", "source", "target", "status", "message", "protocol"}
     for i in (0, 1, 4):  # the same numbers as each image alone, to rounding
         a, b = statistics_columns(rows[i]), statistics_columns(alone[items[i]["id"]])
         assert rows[i]["predicted"] == alone[items[i]["id"]]["predicted"] and a.keys() == b.keys()
@@ -352,7 +549,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
     assert main([str(data), "--out", str(out), "--methods", "rollout,random", "--steps", "2"]) == 0
     assert "1/4 images evaluated" in capsys.readouterr().out
     rows = {r["id"]: r for r in read_rows(out)}
-    assert rows["a_good.png"]["status"] == "ok"
+    assert rows["a_good.png"]["status"] == "ok" and rows["a_good.png"]["protocol"] == "chefer2021"  # the default
     assert rows["a_good.png"]["target"] == rows["a_good.png"]["predicted"]  # flat folder: predicted class as target
     assert [rows[k]["status"] for k in ("b_corrupt.png", "c_notes.txt", "d_huge.png")] == ["bad_file"] * 3
     assert "pixels" in rows["d_huge.png"]["message"] or "large" in rows["d_huge.png"]["message"]
@@ -404,6 +601,38 @@ def test_model_that_cannot_load_and_unknown_method(tmp_path, capsys):
 
 
 @needs_fmnist
+def test_patches_protocol_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "patches"
+    args = ["fmnist-test", "--out", str(out), "--methods", "rollout,random", "--steps", "0", "--limit", "4"]
+    assert main([*args, "--protocol", "patches"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["protocol"] == "patches" and job["rollout_start_layer"] == 0
+    x = patch_fractions(49)  # 7x7 grid: the fraction of the patches actually removed
+    rows = read_rows(out)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["protocol"] == "patches"
+        np.testing.assert_array_equal([float(r[f"perturbation_x{k}"]) for k in range(1, 10)], x[1:])
+        for key in ("pred.positive", "pred.negative"):
+            accs = [int(r["correct"])] + [int(r[f"rollout.{key}.acc{k}"]) for k in range(1, 10)]
+            assert float(r[f"rollout.{key}.auc"]) == pytest.approx(float(accuracy_auc(accs, x)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "patches" and summary["perturbation_x"] == pytest.approx(list(x))
+    md = (out / "summary.md").read_text()
+    assert "## Perturbation test, protocol `patches` (vizapp's patch variant" in md
+    assert (
+        "**not** the published protocol" in md and "measured with the `chefer2021` pixel protocol, not this one" in md
+    )
+    assert "| Attention rollout, from layer 0; Abnar" in md
+    # resuming with the other protocol is refused rather than mixing tables
+    assert main([*args, "--protocol", "chefer2021"]) == 2
+    assert "differs in: protocol, rollout_start_layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--protocol", "pixels"])  # argparse refuses an unknown protocol
+    assert "invalid choice: 'pixels'" in capsys.readouterr().err
+
+
+@needs_fmnist
 def test_per_image_time_limit(tmp_path):
     summary = evaluate("fmnist-test", tmp_path, methods="rollout", steps=0, limit=3, time_limit=1e-9, progress=False)
     assert summary["status"] == {"timeout": 3}
@@ -450,6 +679,17 @@ def test_ray_two_workers_equal_local_engine(ray_cluster, small_local, tmp_path):
     timing = summary["engine_timing"]  # start-up up to the first rows; the actors' busy time, summed
     assert 0 < timing["first_s"] <= timing["wall_s"] <= summary["seconds"]
     assert 0 < timing["busy_s"] < 2 * timing["wall_s"]  # 2 actors
+
+
+@pytest.mark.ray
+def test_ray_equals_local_engine_under_the_patches_protocol(ray_cluster, tmp_path):
+    if not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian dataset-fashion-mnist is not installed (make test installs it)")
+    small = {**SMALL, "limit": 8, "protocol": "patches"}
+    evaluate("fmnist-test", tmp_path / "local", **small, progress=False)
+    evaluate("fmnist-test", tmp_path / "ray", **small, engine="ray", workers=2, progress=False)
+    assert read_table(tmp_path / "ray") == read_table(tmp_path / "local")
+    assert read_rows(tmp_path / "ray")[0]["protocol"] == "patches"
 
 
 @pytest.mark.ray

@@ -15,7 +15,18 @@ from vizapp.analysis.features import (
 )
 from vizapp.analysis.flow import attention_flow
 from vizapp.analysis.headstats import attention_entropy, row_entropy, token_norm_stats
-from vizapp.analysis.perturbation import CHEFER_FRACTIONS, accuracy_auc, perturbed_images, removal_counts, removal_order
+from vizapp.analysis.perturbation import (
+    CHEFER_FRACTIONS,
+    PROTOCOLS,
+    accuracy_auc,
+    patch_fractions,
+    patch_perturbed_images,
+    pixel_masks,
+    pixel_perturbed_images,
+    removal_counts,
+    removal_order,
+    upsample_map,
+)
 from vizapp.analysis.posembed import (
     axial_rope_freqs,
     grid_positions,
@@ -33,6 +44,7 @@ from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout, rollout_f
 __all__ = [
     "CHEFER_FRACTIONS",
     "HEAD_FUSIONS",
+    "PROTOCOLS",
     "Curve",
     "FeaturePCA",
     "RegisterAttention",
@@ -51,7 +63,11 @@ __all__ = [
     "cls_map",
     "grad_rollout",
     "perturbation_curve",
-    "perturbed_images",
+    "patch_fractions",
+    "patch_perturbed_images",
+    "pixel_masks",
+    "pixel_perturbed_images",
+    "upsample_map",
     "random_order_saliency",
     "removal_counts",
     "removal_order",

@@ -1,13 +1,24 @@
-"""Positive and negative perturbation tests, with accuracy-AUC scores.
+"""Positive and negative perturbation tests, with accuracy-AUC scores, under two protocols.
 
 Paper: Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention Visualization", CVPR 2021 (Sec. 4, Table 1).
 
-Patches are removed in the order of a relevance map: *positive* perturbation removes the most relevant first (a
-faithful map makes accuracy fall fast: lower AUC is better), *negative* perturbation the least relevant first (a
-faithful map keeps accuracy up: higher AUC is better). Accuracy is measured after removing 10 %, 20 %, ... 90 % of the
-patches; the point x = 0 is the unperturbed accuracy, and the score is the trapezoid area under accuracy over x,
-times 100. Because the area is linear in the accuracies, the mean of per-image areas equals the area of the mean
-curve, so per-image areas give standard errors directly.
+*Positive* perturbation removes the most relevant input first (a faithful map makes accuracy fall fast: lower AUC is
+better), *negative* perturbation the least relevant first (a faithful map keeps accuracy up: higher AUC is better).
+Two protocols (:data:`PROTOCOLS`):
+
+- ``"chefer2021"``, the authors' own procedure (hila-chefer/Transformer-Explainability,
+  ``baselines/ViT/generate_visualizations.py`` and ``pertubation_eval_from_hdf5.py``): the [gh, gw] map is upsampled
+  bilinearly by the patch size and min-max scaled (:func:`upsample_map`); at each step fraction f = 0.1 ... 0.9 the top
+  ``int(H·W·f)`` **pixels** of the map (``torch.topk`` over the flattened pixels; negative ranks ``-map``) are set to 0
+  on every channel before the input normalisation (:func:`pixel_masks`, :func:`pixel_perturbed_images`). The AUC is
+  taken over the nominal x = 0, 0.1, ... 0.9, as the authors take it.
+- ``"patches"``, vizapp's patch variant: whole patches are removed in the order of the patch map, ``floor(f·P)`` of
+  them at step f (:func:`patch_perturbed_images`); the AUC is taken over the fraction actually removed,
+  ``floor(f·P) / P`` (:func:`patch_fractions`), e.g. 4/49, 9/49, ... 44/49 on a 7x7 grid.
+
+In both, x = 0 is the unperturbed accuracy and the score is the trapezoid area under accuracy over x, times 100.
+Because the area is linear in the accuracies, the mean of per-image areas equals the area of the mean curve (for a
+fixed x), so per-image areas give standard errors directly.
 
 Everything here is pure torch/numpy: no model, no hooks.
 """
@@ -18,13 +29,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vizapp.analysis.faithfulness import patch_order, trapezoid_auc
 
 CHEFER_FRACTIONS: tuple[float, ...] = tuple(k / 10 for k in range(10))
-"""x of the published curves: 0 (the unperturbed image), 0.1, ... 0.9 of the patches removed."""
+"""x of the published curves: 0 (the unperturbed image), 0.1, ... 0.9 of the image removed."""
 
 DIRECTIONS = ("positive", "negative")
+
+PROTOCOLS = ("chefer2021", "patches")
+"""``chefer2021``: the authors' pixel procedure; ``patches``: vizapp's whole-patch variant (see the module docstring)."""
 
 
 def removal_order(saliency: torch.Tensor, direction: str) -> torch.Tensor:
@@ -49,6 +64,14 @@ def removal_counts(num_patches: int, fractions: Sequence[float] = CHEFER_FRACTIO
     if f.ndim != 1 or (f < 0).any() or (f > 1).any():
         raise ValueError(f"fractions must be a 1-D sequence in [0, 1], got {fractions!r}")
     return np.floor(f * num_patches + 1e-9).astype(np.int64)
+
+
+def patch_fractions(num_patches: int, fractions: Sequence[float] = CHEFER_FRACTIONS) -> np.ndarray:
+    """The fraction of the patches the ``patches`` protocol actually removes at each step: floor(f·P) / P [S] float64.
+
+    These are its curves' x positions: on a 7x7 grid, 0, 4/49, 9/49, ... 44/49 rather than the nominal 0, 0.1, ... 0.9.
+    """
+    return removal_counts(num_patches, fractions) / float(num_patches)
 
 
 def changed_masks(order: torch.Tensor, counts: np.ndarray | Sequence[int]) -> torch.Tensor:
@@ -87,7 +110,7 @@ def compose(
     return torch.where(pix[:, None].to(unchanged.device), changed, unchanged)  # [S, C, H, W]
 
 
-def perturbed_images(
+def patch_perturbed_images(
     image: torch.Tensor,
     saliency: torch.Tensor,
     grid_size: int | Sequence[int],
@@ -96,7 +119,8 @@ def perturbed_images(
     fill: torch.Tensor | float,
     fractions: Sequence[float] = CHEFER_FRACTIONS[1:],
 ) -> torch.Tensor:
-    """The image with ``fractions`` of its patches removed (set to ``fill``) in ``direction`` order: [S, C, H, W].
+    """The ``patches`` protocol: the image with floor(f·P) of its patches removed (set to ``fill``) in ``direction``
+    order, for each f of ``fractions``: [S, C, H, W]. Ties in the map go by patch index (:func:`removal_order`).
 
     Args:
         image: [C, H, W] model input. fill: a float or a tensor broadcastable to [C, H, W] (e.g. per-channel [C, 1, 1]).
@@ -110,12 +134,100 @@ def perturbed_images(
     return compose(masks, fill_t, image, grid_size, patch_size)
 
 
+def upsample_map(saliency: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Tensor:
+    """A patch map as a pixel map, as Chefer et al.'s ``generate_visualizations.py`` forms it: [H, W] float32.
+
+    ``F.interpolate(map[None, None], scale_factor=patch, mode="bilinear")`` (align_corners=False, PyTorch's default and
+    the authors'), then min-max scaled to [0, 1] in float32. A constant map (max = min, where the authors' division
+    would give NaN everywhere) is returned as zeros: every pixel ties.
+
+    Args:
+        saliency: [gh, gw] patch map; higher means more relevant.
+        patch_size: ph or (ph, pw); H = gh·ph, W = gw·pw.
+    """
+    if saliency.dim() != 2:
+        raise ValueError(f"expected a [gh, gw] map, got {tuple(saliency.shape)}")
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    s = saliency.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("saliency contains non-finite values")
+    up = F.interpolate(s[None, None], scale_factor=(ph, pw), mode="bilinear")[0, 0]  # [H, W]
+    lo, hi = up.min(), up.max()
+    if not bool(hi > lo):
+        return torch.zeros_like(up)
+    return (up - lo) / (hi - lo)
+
+
+def pixel_masks(
+    pixel_map: torch.Tensor, direction: str, fractions: Sequence[float] = CHEFER_FRACTIONS[1:]
+) -> torch.Tensor:
+    """[S, H, W] bool: the pixels the ``chefer2021`` protocol removes at each step, as the authors'
+    ``pertubation_eval_from_hdf5.py`` picks them.
+
+    At step fraction f the removed pixels are ``torch.topk(map, int(H·W·f))`` over the flattened map (positive), or
+    over ``-map`` (negative). Each step is its own topk, as in the authors' loop. Ties are broken by ``torch.topk``
+    itself (which pixel of a tie it returns is its own, unspecified choice; bilinear upsampling makes ties at the
+    image border, where edge pixels copy the nearest patch value).
+
+    Args:
+        pixel_map: [H, W] pixel relevance (see :func:`upsample_map`).
+        direction: "positive" (most relevant first) or "negative" (least relevant first).
+        fractions: step fractions; the default 0.1 .. 0.9 leaves out x = 0, which is the image itself.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if pixel_map.dim() != 2:
+        raise ValueError(f"expected an [H, W] map, got {tuple(pixel_map.shape)}")
+    h, w = pixel_map.shape
+    vis = pixel_map.detach().reshape(1, h * w)  # [1, H·W], a batch of one as in the authors' loop
+    if direction == "negative":
+        vis = -vis
+    masks = torch.zeros(len(fractions), h * w, dtype=torch.bool)
+    for step, f in enumerate(fractions):
+        if not 0.0 <= float(f) <= 1.0:
+            raise ValueError(f"fractions must be in [0, 1], got {f!r}")
+        _, idx = torch.topk(vis, int(h * w * f), dim=-1)  # [1, k]
+        masks[step, idx[0].cpu()] = True
+    return masks.reshape(len(fractions), h, w)
+
+
+def pixel_perturbed_images(
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    patch_size: int | Sequence[int],
+    direction: str,
+    fill: torch.Tensor | float,
+    fractions: Sequence[float] = CHEFER_FRACTIONS[1:],
+) -> torch.Tensor:
+    """The ``chefer2021`` protocol: the image with the top ``int(H·W·f)`` pixels of the upsampled map set to ``fill``
+    on every channel, for each f of ``fractions``: [S, C, H, W].
+
+    Args:
+        image: [C, H, W] model input (normalised). saliency: [gh, gw] patch map. patch_size: ph or (ph, pw).
+        fill: the removed pixels' value, a float or a tensor broadcastable to [C, H, W]; the authors zero pixels
+            before normalising, i.e. ``(0 - mean) / std`` per channel [C, 1, 1] in the normalised input.
+    """
+    if image.dim() != 3:
+        raise ValueError(f"expected image [C, H, W], got {tuple(image.shape)}")
+    pix = upsample_map(saliency, patch_size)  # [H, W]
+    if tuple(pix.shape) != tuple(image.shape[-2:]):
+        raise ValueError(
+            f"the map upsampled by the patch size is {tuple(pix.shape)}, the image {tuple(image.shape[-2:])}: the "
+            "image must be the patch grid times the patch size"
+        )
+    masks = pixel_masks(pix, direction, fractions).to(image.device)  # [S, H, W]
+    fill_t = torch.as_tensor(fill, dtype=image.dtype, device=image.device).expand_as(image)  # [C, H, W]
+    return torch.where(masks[:, None], fill_t, image)  # [S, C, H, W]
+
+
 def accuracy_auc(correct: np.ndarray | Sequence[float], fractions: Sequence[float] = CHEFER_FRACTIONS) -> np.ndarray:
-    """Area under accuracy over the removed fraction, times 100 (the score of Chefer et al.'s Table 1).
+    """Area under accuracy over the removed fraction, times 100 (the score of Chefer et al.'s Table 1): the trapezoid
+    rule, as ``np.trapz(acc, x) * 100`` in the authors' issue #31.
 
     Args:
         correct: [..., S] accuracies (or 0/1 per image) at ``fractions``, x = 0 first.
-        fractions: [S] x values.
+        fractions: [S] x values: the nominal 0, 0.1, ... 0.9 for ``chefer2021``, :func:`patch_fractions` for
+            ``patches``.
 
     Returns:
         [...] areas, float64 (a 0-d array for one curve).

@@ -3,7 +3,11 @@
 ``python -m vizapp.evaluate DATA --model NAME --methods rollout,grad_rollout,relevance,attention,flow,random``
 runs the perturbation test of Chefer et al. 2021, vizapp's deletion/insertion curves and per-head statistics (mean
 attention distance, attention entropy, token norms) in one pass over DATA, and writes ``results.csv`` (one row per
-image), ``summary.md``, ``summary.json`` and ``curves.html`` under ``--out``. See docs/faithfulness.md for the
+image), ``summary.md``, ``summary.json`` and ``curves.html`` under ``--out``.
+
+``--protocol chefer2021`` (the default) is the authors' perturbation procedure: the map upsampled bilinearly to
+pixels, the top int(f*H*W) pixels zeroed at f = 0.1 .. 0.9. ``--protocol patches`` is vizapp's variant that removes
+whole patches. The protocol is recorded in every row and named in the summary. See docs/faithfulness.md for the
 protocol and docs/scaling.md for the engines.
 """
 

@@ -41,6 +41,8 @@ class Job:
     shard_size: int = 64
     batch_size: int = 32
     pretrained: bool = True
+    protocol: str = "chefer2021"
+    rollout_start_layer: int = 1
     limit: int | None = None
     items_sha256: str = ""
     num_items: int = 0
@@ -53,6 +55,8 @@ class Job:
             "steps": self.steps,
             "seed": self.seed,
             "pretrained": self.pretrained,
+            "protocol": self.protocol,
+            "rollout_start_layer": self.rollout_start_layer,
         }
 
 

@@ -29,14 +29,85 @@ BASE_COLUMNS = (
     "predicted_label",
     "correct",
     "prob_pred",
+    "protocol",
 )
 
+PAPERS = {
+    "rollout": "Abnar & Zuidema, ACL 2020",
+    "flow": "Abnar & Zuidema, ACL 2020",
+    "relevance": "Chefer, Gur & Wolf, ICCV 2021, “Generic Attention-model Explainability”",
+    "grad_rollout": "jacobgil/vit-explain's gradient rollout",
+}
+"""The paper (or tool) each method of the report comes from, shown beside its label."""
+
+REPORT_LABELS = {"relevance": "GAE relevance (gradient × attention)"}
+"""Report labels that differ from the registry's: vizapp's ``relevance`` is the ICCV 2021 rule (GAE), not the CVPR 2021
+Transformer Attribution whose published numbers the report quotes."""
+
 REFERENCE = (
-    "Published ViT-B/16 ImageNet-val reference (predicted class; Chefer et al. 2021, Table 1, and the authors in "
-    "hila-chefer/Transformer-Explainability issue #31): Chefer relevance 54.16 negative / 17.03 positive; rollout "
-    "53.1 negative; Grad-CAM 41.52 negative (independent reproductions reported 55.20 / 16.61 for Chefer). They give "
-    "the scale of the published protocol; a different model, data set and patch grid give different numbers."
+    "Published reference (ViT-B/16, ImageNet validation, predicted class, the `chefer2021` pixel protocol), from Chefer, "
+    "Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”, Table 1, and the "
+    "authors in hila-chefer/Transformer-Explainability issue #31: **Transformer Attribution** (that paper's LRP-based "
+    "method, which vizapp does not implement) 54.16 negative / 17.03 positive (independent reproductions: 55.20 / "
+    "16.61); the authors' rollout baseline (from layer 1) 53.1 negative; Grad-CAM 41.52 negative. None of these is "
+    "vizapp's `relevance` (GAE, Chefer et al.'s ICCV 2021 rule, not in that table). They give the scale of the "
+    "published protocol; a different model, data set and patch grid give different numbers."
 )
+
+PROTOCOL_TEXT = {
+    "chefer2021": (
+        "Protocol `chefer2021`: the authors' procedure step for step, as their code runs it (hila-chefer/"
+        "Transformer-Explainability, `baselines/ViT/generate_visualizations.py` and "
+        "`pertubation_eval_from_hdf5.py`; the AUC as the first author gives it in issue #31). Each image is "
+        "explained once for the **predicted** class and once for the **target** (ground-truth) class. The [gh, gw] "
+        'map is upsampled bilinearly by the patch size (`F.interpolate(map, scale_factor=patch, mode="bilinear")`) '
+        "and min-max scaled; at each step f = 0.1, 0.2, ... 0.9 the top `int(f·H·W)` **pixels** (`torch.topk` over "
+        "the flattened pixels; **positive** ranks the map, most relevant first, **negative** ranks `-map`, least "
+        "relevant first) are set to 0 on every channel before the input normalisation (black), and the model "
+        "classifies the image again; top-1 accuracy is counted against the target label. x = 0 is the unperturbed "
+        "accuracy; the score is the trapezoid area under accuracy over the nominal x = 0, 0.1, ... 0.9, × 100. "
+        "Positive: lower is better. Negative: higher is better."
+    ),
+    "patches": (
+        "Protocol `patches`: vizapp's patch variant, **not** the published protocol. Each image is explained once for the "
+        "**predicted** class and once for the **target** class; at each step f = 0.1, 0.2, ... 0.9 the "
+        "`floor(f·P)` patches (P per image) ranked first by the patch map (**positive**: most relevant first, "
+        "**negative**: least relevant first, ties by patch index) are set to black (0 before normalisation), and "
+        "top-1 accuracy is counted against the target label. x = 0 is the unperturbed accuracy; the score is the "
+        "trapezoid area under accuracy over the fraction of patches actually removed, `floor(f·P)/P` (4/49, 9/49, "
+        "... 44/49 on a 7×7 grid), × 100, so its maximum is 100·floor(0.9·P)/P rather than 90. Positive: lower is "
+        "better. Negative: higher is better."
+    ),
+}
+
+TIES_TEXT = {
+    "chefer2021": (
+        "Where the authors' code leaves room: ties among pixels are broken by `torch.topk` itself (bilinear "
+        "upsampling makes ties at the image border; which tied pixel topk returns is its own choice and may differ "
+        "between CPU and GPU); a constant map is scaled to zeros (the authors' min-max would divide by zero); the "
+        "random baseline is a random permutation of the patches, upsampled like any map; the steps remove "
+        "`int(f·H·W)` pixels, a pixel short of f·H·W when that is not whole, and the AUC is still taken over the "
+        "nominal f, as the authors take it."
+    ),
+    "patches": (
+        "Ties in a map are broken by patch index; the random baseline ranks patches by a permutation seeded from "
+        "the job seed and the image id."
+    ),
+}
+
+
+def method_labels(registry_labels: dict[str, str]) -> dict[str, str]:
+    """The report's label of each method: the registry's, :data:`REPORT_LABELS` where they differ, and the random
+    baseline's."""
+    return {**registry_labels, **REPORT_LABELS, RANDOM: "Random order (baseline)"}
+
+
+def cited(method: str, labels: dict[str, str], job: dict[str, Any]) -> str:
+    """A method's table label with its paper and, for rollout, its first layer."""
+    text = labels.get(method, method)
+    if method == "rollout":
+        text += f", from layer {int(job.get('rollout_start_layer') or 0)}"
+    return f"{text}; {PAPERS[method]}" if method in PAPERS else text
 
 
 def read_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -66,7 +137,8 @@ def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
                 per_method += [f"{m}.{kind}.{d}.acc{k}" for k in range(1, len(CHEFER_FRACTIONS))]
                 per_method.append(f"{m}.{kind}.{d}.auc")
         per_method += [f"{m}.deletion_auc", f"{m}.insertion_auc"]
-    cols = list(BASE_COLUMNS) + stats + [c for c in per_method if c in keys]
+    xs = [f"perturbation_x{k}" for k in range(1, len(CHEFER_FRACTIONS))]
+    cols = list(BASE_COLUMNS) + stats + [c for c in xs + per_method if c in keys]
     return cols + sorted(keys - set(cols))
 
 
@@ -117,11 +189,23 @@ def summarise(
     def col(name: str) -> np.ndarray:
         return np.array([r.get(name, np.nan) for r in ok], dtype=np.float64)
 
-    out: dict[str, Any] = {"job": job, "images": len(rows), "status": status, "evaluated": len(ok)}
+    out: dict[str, Any] = {
+        "job": job,
+        "protocol": job.get("protocol", "chefer2021"),
+        "images": len(rows),
+        "status": status,
+        "evaluated": len(ok),
+    }
     out["item_ranges"] = item_ranges(meta_shards, int(job.get("shard_size") or 1), int(job.get("num_items") or 0))
     if not ok:
         return out
     out["accuracy"] = mean_se(col("correct"))
+    if "perturbation_x1" in ok[0]:
+        # the curves' x: the nominal fractions (chefer2021), or the mean fraction of patches removed (patches; the
+        # same for every image of a fixed-size model)
+        out["perturbation_x"] = [0.0] + [
+            float(np.nanmean(col(f"perturbation_x{k}"))) for k in range(1, len(CHEFER_FRACTIONS))
+        ]
     per: dict[str, Any] = {}
     for m in methods:
         d: dict[str, Any] = {}
@@ -167,8 +251,9 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
     """The summary as Markdown: protocol, counts, the two tables, per-head statistics."""
     job = summary["job"]
     st = summary["status"]
+    protocol = summary.get("protocol", job.get("protocol", "chefer2021"))
     lines = [
-        f"# Evaluation: {job['model']} on {job['data']}",
+        f"# Evaluation: {job['model']} on {job['data']}, perturbation protocol `{protocol}`",
         "",
         f"Command: `{command}`",
         "",
@@ -188,24 +273,18 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         ]
     if "methods" not in summary:
         return "\n".join(lines + ["No image could be evaluated.", ""])
+    title = "the authors' pixel procedure" if protocol == "chefer2021" else "vizapp's patch variant"
     lines += [
-        "## Perturbation test (Chefer et al. 2021)",
+        f"## Perturbation test, protocol `{protocol}` ({title}; Chefer, Gur & Wolf, CVPR 2021)",
         "",
-        "Protocol, as the authors describe it (Chefer, Gur & Wolf, CVPR 2021, Sec. 4; Transformer-Explainability "
-        "issue #31): each image is explained, once for the **predicted** class and once for the **target** "
-        "(ground-truth) class. Its patches are removed in the order of the map: **positive** perturbation removes the "
-        "most relevant first, **negative** the least relevant first. After removing 10 %, 20 %, ... 90 % of the "
-        "patches the model classifies the image again and top-1 accuracy against the target label is recorded; the "
-        "point x = 0 is the unperturbed accuracy. The score is the trapezoid area under accuracy over x (0 to 0.9), "
-        "× 100. Positive: lower is better. Negative: higher is better.",
+        PROTOCOL_TEXT[protocol],
         "",
-        "Choices vizapp makes where the description leaves room: a removed patch is set to black (0 before "
-        "normalisation, as the authors' script zeroes pixels before normalising); x·P patches are removed, rounded "
-        "down (P = patches per image); ties in a map are broken by patch index; the random baseline ranks patches "
-        "by a permutation seeded from the job seed and the image id. Values are mean ± standard error over images "
-        "(the mean of per-image areas is the area of the mean curve).",
+        TIES_TEXT[protocol]
+        + " Values are mean ± standard error over images (the mean of per-image areas is the area of the mean "
+        "curve).",
         "",
-        "| method | negative, predicted ↑ | positive, predicted ↓ | negative, target ↑ | positive, target ↓ |",
+        f"| method (`{protocol}`) | negative, predicted ↑ | positive, predicted ↓ | negative, target ↑ | positive, "
+        "target ↓ |",
         "|---|---|---|---|---|",
     ]
     for m, d in summary["methods"].items():
@@ -213,15 +292,18 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
             _pm(tuple(d[k]["auc"])) if k in d else "–"
             for k in ("pred.negative", "pred.positive", "target.negative", "target.positive")
         ]
-        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cited(m, labels, job)} | " + " | ".join(cells) + " |")
     lines += ["", REFERENCE, ""]
+    if protocol != "chefer2021":
+        lines += ["The published numbers were measured with the `chefer2021` pixel protocol, not this one.", ""]
     if any("deletion" in d for d in summary["methods"].values()):
         lines += [
             "## Deletion / insertion (vizapp, Petsiuk et al. 2018)",
             "",
-            f"Probability of the predicted class as patches are deleted (set to the dataset-mean colour) or inserted "
-            f"onto it, most important first, in {job['steps']} equal steps; trapezoid area over the fraction of "
-            "patches. Deletion: lower is better; insertion: higher is better.",
+            f"vizapp's own curves, whatever the perturbation protocol: probability of the predicted class as patches "
+            f"are deleted (set to the dataset-mean colour) or inserted onto it, most important first, in {job['steps']} "
+            "equal steps; trapezoid area over the fraction of patches. Deletion: lower is better; insertion: higher "
+            "is better.",
             "",
             "| method | deletion AUC ↓ | insertion AUC ↑ |",
             "|---|---|---|",
@@ -229,7 +311,7 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         for m, d in summary["methods"].items():
             if "deletion" in d:
                 lines.append(
-                    f"| {labels.get(m, m)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |"
+                    f"| {cited(m, labels, job)} | {_pm(tuple(d['deletion']), 4)} | {_pm(tuple(d['insertion']), 4)} |"
                 )
         lines.append("")
     lines += ["## Per-head statistics (mean over images)", ""]
@@ -277,8 +359,10 @@ def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
     }
     dotted = {labels.get(RANDOM, RANDOM)}
     job = summary["job"]
-    title = f"Perturbation curves: {job['model']} on {job['data']} ({summary['evaluated']} images)"
-    fig = perturbation_curves_figure(curves, panels, [100 * f for f in CHEFER_FRACTIONS], dotted, title)
+    protocol = summary.get("protocol", job.get("protocol", "chefer2021"))
+    title = f"Perturbation curves, protocol {protocol}: {job['model']} on {job['data']} ({summary['evaluated']} images)"
+    x = summary.get("perturbation_x") or list(CHEFER_FRACTIONS)
+    fig = perturbation_curves_figure(curves, panels, [100 * f for f in x], dotted, title)
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
 

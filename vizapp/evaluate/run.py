@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.errors import VizappError
 from vizapp.evaluate.engines import Job, Progress, done_shards, items_digest, prepare, run_local, run_ray, shards
-from vizapp.evaluate.worker import RANDOM
+from vizapp.evaluate.worker import RANDOM, default_rollout_start_layer
 
 DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", RANDOM)
 
@@ -54,6 +55,8 @@ def evaluate(
     shard_range: tuple[int, int] | None = None,
     batch_size: int = 32,
     pretrained: bool = True,
+    protocol: str = "chefer2021",
+    rollout_start_layer: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a job and write its report; returns the summary dict.
 
@@ -81,13 +84,21 @@ def evaluate(
         shard_range: (start, stop): run only shards start .. stop-1 of the job (to split one job between processes or
             machines sharing ``out``; the report covers every finished shard).
         pretrained: False: the model with random weights (timing a large model offline; part of the job).
+        protocol: the perturbation test's protocol: "chefer2021" (the authors' pixel procedure, the default) or
+            "patches" (vizapp's whole-patch variant); part of the job, recorded in every row and the summary.
+        rollout_start_layer: the ``rollout`` method's first layer; None: 1 under "chefer2021" (the authors' rollout
+            baseline), 0 under "patches". Part of the job.
     """
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
-    from vizapp.evaluate.report import write_report
+    from vizapp.evaluate.report import method_labels, write_report
 
     if engine not in ("local", "ray"):
         raise VizappError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if protocol not in PROTOCOLS:
+        raise VizappError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if rollout_start_layer is None:
+        rollout_start_layer = default_rollout_start_layer(protocol)
     if shard_size < 1 or batch_size < 1 or workers < 1 or threads < 1 or steps < 0 or time_limit <= 0:
         raise VizappError("shard_size, batch_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
     names = parse_methods(methods)
@@ -96,7 +107,15 @@ def evaluate(
     from vizapp.evaluate.worker import Evaluator
 
     ev = Evaluator(
-        model, names, steps=steps, seed=seed, time_limit=time_limit, threads=threads, pretrained=pretrained
+        model,
+        names,
+        steps=steps,
+        seed=seed,
+        time_limit=time_limit,
+        threads=threads,
+        pretrained=pretrained,
+        protocol=protocol,
+        rollout_start_layer=rollout_start_layer,
     )  # fails early
     load_s = time.perf_counter() - t_load
     items = list_items(data, ev.labels, fmnist_dir)
@@ -113,6 +132,8 @@ def evaluate(
         shard_size=shard_size,
         batch_size=batch_size,
         pretrained=pretrained,
+        protocol=protocol,
+        rollout_start_layer=int(rollout_start_layer),
         limit=limit,
         items_sha256=items_digest(items),
         num_items=len(items),
@@ -153,7 +174,7 @@ def evaluate(
     seconds = time.perf_counter() - t0
     if bar:
         bar.update(0, force=True)
-    labels = {k: m.label for k, m in registry.METHODS.items()} | {RANDOM: "Random order (baseline)"}
+    labels = method_labels({k: m.label for k, m in registry.METHODS.items()})
     summary = write_report(
         out,
         names,
@@ -189,6 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=int, default=32, help="images per forward for the statistics (slices of each shard)"
     )
     parser.add_argument("--random-weights", action="store_true", help="the model with random weights (timing)")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="chefer2021",
+        help="perturbation test: 'chefer2021' (default) removes the top int(f*H*W) pixels of the bilinearly "
+        "upsampled map, as the authors' code does; 'patches' removes floor(f*P) whole patches (vizapp's variant)",
+    )
+    parser.add_argument(
+        "--rollout-start-layer",
+        type=int,
+        default=None,
+        help="first layer of the rollout maps (default: 1 under chefer2021, the authors' baseline; 0 under patches)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--engine", choices=("local", "ray"), default="local")
     parser.add_argument("--workers", type=int, default=2, help="Ray actors")
@@ -229,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             shard_range=tuple(int(v) for v in args.shards.split(":")) if args.shards else None,
             batch_size=args.batch_size,
             pretrained=not args.random_weights,
+            protocol=args.protocol,
+            rollout_start_layer=args.rollout_start_layer,
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

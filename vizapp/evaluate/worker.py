@@ -17,8 +17,17 @@ import numpy as np
 import torch
 
 from vizapp.analysis.faithfulness import patch_order, random_order_saliency, step_counts, trapezoid_auc
-from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS, accuracy_auc, changed_masks, compose
-from vizapp.analysis.perturbation import perturbed_images as chefer_images
+from vizapp.analysis.perturbation import (
+    CHEFER_FRACTIONS,
+    DIRECTIONS,
+    PROTOCOLS,
+    accuracy_auc,
+    changed_masks,
+    compose,
+    patch_fractions,
+    patch_perturbed_images,
+    pixel_perturbed_images,
+)
 from vizapp.imageio import decode_image
 
 RANDOM = "random"
@@ -26,6 +35,17 @@ RANDOM = "random"
 
 CLASS_KINDS = ("pred", "target")
 """Explanations are computed for the predicted class and for the target class (Chefer et al.'s two settings)."""
+
+AUTHORS_ROLLOUT_START_LAYER = 1
+"""Chefer et al.'s rollout baseline starts at block 1 (``generate_rollout(data, start_layer=1)`` in their
+``generate_visualizations.py``): the ``chefer2021`` protocol's default for ``rollout``."""
+
+
+def default_rollout_start_layer(protocol: str) -> int:
+    """The rollout's first layer under ``protocol``: the authors' 1 for ``chefer2021``, vizapp's 0 for ``patches``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return AUTHORS_ROLLOUT_START_LAYER if protocol == "chefer2021" else 0
 
 
 class ImageTimeout(Exception):
@@ -57,6 +77,10 @@ class Evaluator:
         batch_size: perturbed images per forward.
         device: passed to :func:`vizapp.load_model` (None: CUDA when available).
         pretrained: False builds the model with random weights (timing a large model offline).
+        protocol: the perturbation test's protocol, "chefer2021" (the authors' pixel procedure) or "patches"
+            (vizapp's whole-patch variant); see :mod:`vizapp.analysis.perturbation`.
+        rollout_start_layer: first layer of the ``rollout`` method's maps (used for every score of the row); None:
+            :func:`default_rollout_start_layer` of ``protocol``.
     """
 
     def __init__(
@@ -70,8 +94,14 @@ class Evaluator:
         batch_size: int = 256,
         device: str | None = None,
         pretrained: bool = True,
+        protocol: str = "chefer2021",
+        rollout_start_layer: int | None = None,
     ) -> None:
         import vizapp
+        from vizapp.errors import VizappError
+
+        if protocol not in PROTOCOLS:
+            raise VizappError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
 
         torch.set_num_threads(max(1, int(threads)))
         kwargs: dict[str, Any] = {} if device is None else {"device": device}
@@ -79,6 +109,14 @@ class Evaluator:
             kwargs["pretrained"] = False
         self.vm = vizapp.load_model(model, **kwargs)
         self.methods = list(methods)
+        self.protocol = protocol
+        start = default_rollout_start_layer(protocol) if rollout_start_layer is None else int(rollout_start_layer)
+        if "rollout" in self.methods and not 0 <= start < self.vm.num_layers:
+            raise VizappError(
+                f"rollout start layer {start} is outside the model's {self.vm.num_layers} layers; pass "
+                f"--rollout-start-layer between 0 and {self.vm.num_layers - 1}"
+            )
+        self.rollout_start_layer = start
         self.steps = int(steps)
         self.seed = int(seed)
         self.time_limit = float(time_limit)
@@ -123,7 +161,14 @@ class Evaluator:
         if not len(items) == len(pixels) == len(errors):
             raise ValueError(f"{len(items)} items, {len(pixels)} images and {len(errors)} errors")
         rows: list[dict[str, Any]] = [
-            {"id": it["id"], "source": it["source"], "target": int(it["target"]), "status": "ok", "message": ""}
+            {
+                "id": it["id"],
+                "source": it["source"],
+                "target": int(it["target"]),
+                "status": "ok",
+                "message": "",
+                "protocol": self.protocol,
+            }
             for it in items
         ]
         images: dict[int, Any] = {}  # decoded once, for the batched forward and for the methods' analysis
@@ -257,13 +302,18 @@ class Evaluator:
                     g = torch.Generator().manual_seed(image_seed(self.seed, str(item["id"])))
                     maps[(name, kind)] = random_order_saliency(num_patches, g)
                 else:
-                    m = registry.explain(r, name, cls)
+                    kw = {"start_layer": self.rollout_start_layer} if name == "rollout" else {}
+                    m = registry.explain(r, name, cls, **kw)
                     maps[(name, kind)] = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
                     check(f"method {name!r}")
 
         # Every perturbed image of this image in one list, one forward (the same batches whatever the engine).
         image = r.input[0].float()  # [C, H, W]
         grid, patch = r.grid_size, r.patch_size
+        # x: the nominal fractions, as the authors integrate (chefer2021); the fraction of the patches actually removed
+        x = np.asarray(CHEFER_FRACTIONS) if self.protocol == "chefer2021" else patch_fractions(num_patches)
+        for k in range(1, len(x)):
+            out[f"perturbation_x{k}"] = float(x[k])
         jobs: list[tuple[str, tuple, int]] = []
         parts: list[torch.Tensor] = []
         done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
@@ -273,7 +323,10 @@ class Evaluator:
                 if maps[(name, kind)] is maps[(name, "pred")] and kind == "target":
                     done[key] = (name, "pred", direction)
                     continue
-                imgs = chefer_images(image, sal, grid, patch, direction, self.black)  # [9, C, H, W]
+                if self.protocol == "chefer2021":
+                    imgs = pixel_perturbed_images(image, sal.reshape(grid), patch, direction, self.black)
+                else:
+                    imgs = patch_perturbed_images(image, sal, grid, patch, direction, self.black)  # [9, C, H, W]
                 jobs.append(("chefer", key, imgs.shape[0]))
                 parts.append(imgs)
         counts = step_counts(num_patches, self.steps) if self.steps > 0 else None
@@ -303,7 +356,7 @@ class Evaluator:
                 prefix = f"{name}.{kind}.{direction}"
                 for k, a in enumerate(acc[1:], start=1):
                     out[f"{prefix}.acc{k}"] = int(a)
-                out[f"{prefix}.auc"] = float(accuracy_auc(acc, CHEFER_FRACTIONS))
+                out[f"{prefix}.auc"] = float(accuracy_auc(acc, x))
             elif kind_of_job == "baseline":
                 p_base = float(probs[sl, pred][0])
             else:
