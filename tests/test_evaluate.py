@@ -305,6 +305,7 @@ def test_local_job_table_and_summary(local_job):
     assert json.loads((out / "job.json").read_text())["rollout_start_layer"] == 1  # the authors' rollout baseline
     md = (out / "summary.md").read_text()
     assert "54.16" in md and "Random order (baseline)" in md and "32 evaluated" in md
+    assert "**Subset:** the first 32 images of fmnist-test in item order (`--limit 32`)" in md
     assert md.startswith("# Evaluation: bundled on fmnist-test, perturbation protocol `chefer2021`")
     assert "## Perturbation test, protocol `chefer2021` (the authors' pixel procedure" in md
     # the published numbers belong to Transformer Attribution (CVPR 2021); vizapp's relevance is GAE (ICCV 2021)

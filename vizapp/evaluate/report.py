@@ -264,6 +264,12 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         "",
     ]
     total = int(job.get("num_items") or 0)
+    if job.get("limit") is not None:
+        lines += [
+            f"**Subset:** the first {total} images of {job['data']} in item order (`--limit {job['limit']}`), not the "
+            "whole data set.",
+            "",
+        ]
     if total > summary["images"]:
         lines += [
             f"**Partial result: {summary['images']} of the job's {total} images are done** (every finished shard: "
