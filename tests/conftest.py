@@ -48,14 +48,16 @@ def image():
     return random_image(0)
 
 
-def write_card_model(folder, name: str = "tiny", depth: int = 2, embed_dim: int = 48, seed: int = 0):
-    """A random-weight timm VisionTransformer saved as .safetensors + model card, like the bundled model."""
+def write_card_model(folder, name: str = "tiny", depth: int = 2, embed_dim: int = 48, seed: int = 0, **extra):
+    """A random-weight timm VisionTransformer saved as .safetensors + model card, like the bundled model (``extra``:
+    more constructor arguments, e.g. ``class_token=False, global_pool="avg"`` for a model without a CLS token)."""
     import json
 
     from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
 
     args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=embed_dim, depth=depth, num_heads=3)
+    args.update(extra)
     torch.manual_seed(seed)
     model = VisionTransformer(**args)
     save_file(model.state_dict(), str(folder / f"{name}.safetensors"))

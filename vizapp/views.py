@@ -92,6 +92,40 @@ def map_view(
     return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name)
 
 
+def method_unavailable(r: Analysis, name: str) -> str:
+    """Why method ``name`` cannot run on this analysis ("" when it can): a map of the CLS token's attention needs a
+    CLS token, a class-specific map needs a classifier head."""
+    m = methods.get(name)
+    if m.name == "attention" and not r.has_class_token:
+        return "it reads the CLS token's attention, and this model has no CLS token (it pools its patches)"
+    if m.needs_class and r.probs is None:
+        return "it explains a class, and this model has no classifier head"
+    return ""
+
+
+def available_methods(r: Analysis) -> list[str]:
+    """The names of the registered methods that run on this analysis, in registry order."""
+    return [name for name in methods.METHODS if not method_unavailable(r, name)]
+
+
+def methods_note(r: Analysis) -> str:
+    """One sentence naming the methods this model cannot offer and why ("" when all are offered)."""
+    missing = [(methods.METHODS[n].label, method_unavailable(r, n)) for n in methods.METHODS]
+    missing = [(label, why) for label, why in missing if why]
+    if not missing:
+        return ""
+    return "Not offered for this model: " + "; ".join(f"**{label}** ({why})" for label, why in missing) + "."
+
+
+def class_choices(r: Analysis) -> list[str]:
+    """Every class of the model, most probable first (empty without a classifier head), so that any class is
+    reachable from a searchable dropdown."""
+    if r.probs is None:
+        return []
+    order = np.argsort(-np.asarray(r.probs), kind="stable")
+    return [r.labels[i] for i in order]
+
+
 def rollout_view(r: Analysis, c: Controls) -> go.Figure:
     """Attention rollout with the controls' head fusion, discard ratio and start layer."""
     return map_view(r, c, "rollout")
@@ -172,6 +206,12 @@ class PosEmbedViews(NamedTuple):
     heads: int = 0
     #: the views offered when the model has two (:data:`POS_SHOWS`), else empty
     shows: tuple[str, ...] = ()
+    #: what the figure shows: "learned" (cosine grid), "rope" (mosaic), "relative" (bias maps) or "" (nothing)
+    kind: str = ""
+    #: the grid of the mosaic's tiles (learned table, possibly resampled, or RoPE), else None
+    grid: tuple[int, int] | None = None
+    #: a title for the figure's box
+    title: str = ""
 
 
 #: The Position tab's two views of a model that adds a learned table beside RoPE or a relative bias (EVA-02, PE).
@@ -224,7 +264,15 @@ def pos_embed_views(
         beside = {"rope": "rotary embedding (RoPE)", "relative": "relative-position bias"}[vm.position]
         note += f", added beside its {beside} (the “position scheme” view)"
     fig = pos_view(sim)
-    return PosEmbedViews(fig, pos_tile_view(sim, tile), note + _mosaic_note(fig, grid), shows=POS_SHOWS if both else ())
+    return PosEmbedViews(
+        fig,
+        pos_tile_view(sim, tile),
+        note + _mosaic_note(fig, grid),
+        shows=POS_SHOWS if both else (),
+        kind="learned",
+        grid=grid,
+        title="Cosine similarity of the learned position embeddings",
+    )
 
 
 def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) -> PosEmbedViews:
@@ -261,7 +309,9 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
             f" Layer {lay} of {maps.shape[0]} (layer selector); each tile is one head's bias over the "
             "offset between query and key, the centre being the same patch."
         )
-        return PosEmbedViews(fig, None, note, layers=maps.shape[0])
+        return PosEmbedViews(
+            fig, None, note, layers=maps.shape[0], kind="relative", title="Relative-position bias per head"
+        )
     if sim is None:
         sim = posinfo.rope_position_similarity(vm.model).detach().float().cpu().numpy()  # the model may be on a GPU
     gh, gw = info.grid_size
@@ -278,7 +328,16 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
         head_line + where + " Each tile: for a query at that position, the similarity the rotation alone gives to "
         "a key at every position (mean over frequencies of cos(ω·Δp))" + _mosaic_note(fig, (gh, gw))
     )
-    return PosEmbedViews(fig, pos_tile_view(sim, tile), note, layers=layers, heads=heads)
+    return PosEmbedViews(
+        fig,
+        pos_tile_view(sim, tile),
+        note,
+        layers=layers,
+        heads=heads,
+        kind="rope",
+        grid=(gh, gw),
+        title="Similarity the rotary embedding induces between positions",
+    )
 
 
 class FaithfulnessViews(NamedTuple):
@@ -319,6 +378,47 @@ def render_all(r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = Non
     }
 
 
+def seen_image(r: Analysis) -> np.ndarray:
+    """What the model actually saw: its preprocessed input, de-normalised and upscaled to at least
+    :data:`QUERY_IMAGE_MIN_SIDE` pixels by whole pixels (so a 28-px input stays sharp)."""
+    s = query_image_scale(r)
+    return np.repeat(np.repeat(r.image, s, axis=0), s, axis=1) if s > 1 else r.image
+
+
+def input_sentence(vm: VizModel, original: Any, r: Analysis) -> str:
+    """What the preprocessing did to the uploaded image, and whether the image is far from the model's training
+    data (a card model such as the bundled Fashion-MNIST ViT says so); markdown."""
+    w0, h0 = original.size
+    h1, w1 = r.image.shape[:2]
+    grey = vm.input_size[0] == 1
+    how = "upscaled" if max(w0, h0) < max(w1, h1) else "downscaled" if max(w0, h0) > max(w1, h1) else "kept at size"
+    line = (
+        f"The model saw your {w0}x{h0} image as {w1}x{h1} pixels{' in greyscale' if grey else ''} ({how} by its own "
+        "preprocessing"
+    )
+    if abs(w0 / h0 - w1 / h1) > 0.02:
+        line += f"; the aspect ratio went from {w0 / h0:.2f} to {w1 / h1:.2f}, so part was cropped or padded"
+    line += "): see **What the model saw** in the Prediction tab."
+    if vm.card and "polarity" in vm.card and "input_size" in vm.card:
+        from vizapp.models.bundled import input_distribution_note
+
+        far = input_distribution_note(vm.card, original)
+        if far:
+            line += " " + far
+    return line
+
+
+def rounded(value: Any, digits: int = 5) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits, through dicts and lists (the Summary)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 # -- label-free views (the Features tab) ---------------------------------------------------------------------------
 
 ARTIFACT_K = 10.0  # the default of Analysis.artifact_tokens: median + 10 MAD
@@ -340,7 +440,17 @@ def feature_layer(r: Analysis, layer: int) -> tuple[int, str]:
 def feature_pca_view(r: Analysis, layer: int = -1, foreground_threshold: float | None = None) -> go.Figure:
     """Feature PCA as RGB over the image (Oquab et al. 2023, DINOv2 Fig. 1)."""
     lay, note = feature_layer(r, layer)
-    rgb = r.feature_pca(lay, foreground_threshold=foreground_threshold)
+    try:
+        rgb = r.feature_pca(lay, foreground_threshold=foreground_threshold)
+    except ValueError as e:  # too few patches above the threshold: every threshold the control allows draws a map
+        if foreground_threshold is None or "foreground patch" not in str(e):
+            raise
+        note = (note + " " if note else "") + (
+            f"Threshold {foreground_threshold:.2f} leaves fewer than 2 foreground patches on this image, too few to "
+            "fit a PCA: shown without the threshold (lower it to mask the background)."
+        )
+        foreground_threshold = None
+        rgb = r.feature_pca(lay)
     fg = "" if foreground_threshold is None else f", foreground: 1st component > {foreground_threshold:.2f}"
     title = f"Feature PCA after block {lay} (RGB = components 1-3{fg})"
     return figures.pca_rgb_figure(
@@ -567,9 +677,10 @@ def feature_arrays(
         "num_prefix_tokens": np.array(r.num_prefix_tokens),
         "num_registers": np.array(r.num_registers),
         "grid_size": np.array(r.grid_size),
-        "dino_masks": r.dino_masks(dino_threshold),  # [H, gh, gw] bool, last layer
-        "dino_threshold": np.array(dino_threshold),
     }
+    if r.has_class_token:  # the masks are drawn from the CLS token's attention
+        out["dino_masks"] = r.dino_masks(dino_threshold)  # [H, gh, gw] bool, last layer
+        out["dino_threshold"] = np.array(dino_threshold)
     if query is not None:
         out["feature_similarity"] = r.feature_similarity(tuple(query), lay)  # [gh, gw]
         out["feature_similarity_query"] = np.array(query)

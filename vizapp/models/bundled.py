@@ -107,3 +107,36 @@ def load(name: str, device: torch.device, dtype: torch.dtype) -> VizModel:
         std=card["std"],
         card=card,
     )
+
+
+#: Thresholds of :func:`input_distribution_note`; measured on the Fashion-MNIST test set and scikit-image's photos
+#: (tests/test_ui_events.py checks both sides).
+MAX_SATURATION = 0.15
+MIN_PLAIN_BORDER = 0.5
+
+
+def input_distribution_note(card: dict[str, Any], img: Image.Image) -> str:
+    """A sentence when ``img`` is far from what a card model was trained on ("" when it looks alike).
+
+    The bundled model saw greyscale product photos on a plain background (Fashion-MNIST). Two measures of the
+    uploaded image say how far it is from that: its mean colour saturation ((max - min) / max over RGB, 0 for grey),
+    and the share of its border pixels within 0.1 of the border's median brightness (1 for a plain background).
+    """
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+    hi, lo = rgb.max(-1), rgb.min(-1)
+    saturation = float(np.mean(np.where(hi > 0.05, (hi - lo) / np.maximum(hi, 1e-6), 0.0)))
+    g = rgb.mean(-1)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    plain = float(np.mean(np.abs(border - np.median(border)) <= 0.1))
+    why = []
+    if saturation > MAX_SATURATION:
+        why.append(f"it is in colour (mean saturation {saturation:.2f}; the training images are grey)")
+    if plain < MIN_PLAIN_BORDER:
+        why.append(f"its background is not plain (only {100 * plain:.0f}% of the border is one shade)")
+    if not why:
+        return ""
+    c, h, w = (int(v) for v in card["input_size"])
+    return (
+        f"**This image is far from what the model was trained on**: {' and '.join(why)}. The model saw {h}x{w} "
+        "greyscale product photos on a plain background (Fashion-MNIST), so its prediction here means little."
+    )

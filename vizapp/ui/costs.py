@@ -33,19 +33,45 @@ def slow_method_notes(r: Analysis) -> list[str]:
     return notes
 
 
+def _offered(r: Analysis) -> list[methods.Method]:
+    from vizapp.views import available_methods
+
+    return [methods.METHODS[n] for n in available_methods(r)]
+
+
+def map_cost_note(r: Analysis, method: str) -> str:
+    """The Rollout tab's note for the chosen method: its cost when it is a slow one, else nothing."""
+    c = methods.cost(r, method)
+    if c is None:
+        return ""
+    return f"**{methods.get(method).label}** on this model: {c.work}, {_seconds(c.seconds)} ({c.basis}). {limit_note()}"
+
+
+def compare_cost_note(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS, include_slow: bool = False) -> str:
+    """The Compare tab's note for these controls: how many images the curves run, and the slow methods' cost when
+    they are included."""
+    if r.probs is None:
+        return "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
+    offered = _offered(r)
+    chosen = [m for m in offered if include_slow or not m.slow]
+    images = 2 * (len(chosen) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
+    lines = [
+        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
+        f"{steps + 1} images each, for {len(chosen)} maps and a random order)."
+    ]
+    left_out = [m.label.lower() for m in offered if m.slow and not include_slow]
+    if left_out:
+        lines.append(f"Not included: {', '.join(left_out)} (tick the box to add them).")
+    lines += [line for m in chosen if m.slow for line in [map_cost_note(r, m.name)] if line]
+    if not any(m.slow for m in chosen):
+        lines.append(limit_note())
+    return "\n\n".join(lines)
+
+
 def cost_notes(r: Analysis, steps: int = DEFAULT_COMPARE_STEPS) -> tuple[str, str]:
     """What the slow operations will cost for this analysis: (Rollout tab note, Compare tab note), in markdown."""
     slow = slow_method_notes(r)
-    fast = [m for m in methods.METHODS.values() if not m.slow]
-    images = 2 * (len(fast) + 1) * (steps + 1)  # deletion + insertion, S + 1 images each, for each map and random
-    compare = (
-        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
-        f"{steps + 1} images each, for {len(fast)} maps and a random order), plus the slow methods when "
-        "included, 2 x (steps + 1) images more for each."
-    )
-    if r.probs is None:
-        compare = "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
-    return "\n\n".join([*slow, limit_note()]), "\n\n".join([compare, *slow, limit_note()])
+    return "\n\n".join([*slow, limit_note()]), compare_cost_note(r, steps)
 
 
 def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str], reuse: bool = True) -> str:

@@ -28,9 +28,11 @@ from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis, analyze, feature_pca
 from vizapp.ui import deadline
-from vizapp.ui.costs import cost_notes, importance_cost_note
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, compare_cost_note, importance_cost_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
+    CancelOutputs,
+    CompareCostOutputs,
     CompareOutputs,
     ExportOutputs,
     FeatureExportOutputs,
@@ -39,6 +41,7 @@ from vizapp.ui.outputs import (
     GalleryOutputs,
     HeadsOutputs,
     ImportanceOutputs,
+    MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
@@ -115,9 +118,26 @@ def _gpu(fn: F) -> F:
 _analyze_on_gpu = _gpu(analyze)  # decorated once, at import, as ZeroGPU expects
 
 
-def _load(name: str, trusted: str | None = None) -> models.VizModel:
+RANDOM_WEIGHTS_NOTE = (
+    "**Architecture only, random weights**: the maps show structure, not learned behaviour (the classes, if any, "
+    "mean nothing)."
+)
+
+
+def _load(name: str, trusted: str | None = None, random_weights: bool = False) -> models.VizModel:
+    """The model, with its pretrained weights unless ``random_weights`` (the architecture only: no download)."""
     allow = trusted is not None and name == trusted
-    return models.load_model(name, allow_files=allow)
+    if random_weights and name != models.BUNDLED:
+        return models.load_model(name, pretrained=False, allow_files=allow)
+    try:
+        return models.load_model(name, allow_files=allow)
+    except models.ModelLoadError as e:
+        if name == models.BUNDLED or models.weights_available_offline(name):
+            raise
+        raise models.ModelLoadError(
+            f"{e} — its weights are not on this machine and could not be fetched; tick **Random weights** to "
+            "explore the architecture without them"
+        ) from None
 
 
 def _model_name(value: Any, trusted: str | None) -> str:
@@ -135,10 +155,14 @@ def _controls(state: dict[str, Any], **kw: Any) -> views.Controls:
     return views.Controls(query=state.get("query", "cls"), tile=state.get("tile", (0, 0)), **kw)
 
 
-def _status(vm: models.VizModel, r: Analysis, startup_note: str) -> str:
+def _status(vm: models.VizModel, r: Analysis, startup_note: str, seen: str = "") -> str:
     lines = [startup_note] if startup_note and r.model_name in startup_note else [f"Active model: `{r.model_name}`."]
-    if vm.note:
+    if vm.source == "random" and vm.name != models.BUNDLED:
+        lines.append(RANDOM_WEIGHTS_NOTE)
+    elif vm.note:
         lines.append(vm.note)
+    if seen:
+        lines.append(seen)
     gh, gw = r.grid_size
     lines.append(
         f"{r.num_layers} layers x {r.num_heads} heads; {r.num_tokens} tokens = {r.num_prefix_tokens} prefix "
@@ -164,6 +188,17 @@ def _query_slider(r: Analysis, query: Any, axis: int) -> Any:
 
 
 @user_errors
+def check_inputs(image: Any, model_name: Any, random_weights: Any = False, *, trusted_model: str | None = None) -> None:
+    """What Analyze checks before it runs: the image decodes and the model loads (then cached for the analysis). Wired
+    as its own event with no outputs, so a bad upload or an unknown model is said once, in one message, and every
+    figure keeps what it showed."""
+    if image is None:
+        raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
+    decode_image(image)
+    _load(_model_name(model_name, trusted_model), trusted_model, bool(random_weights))
+
+
+@user_errors
 def analyze_image(
     image: Any,
     model_name: Any,
@@ -175,10 +210,12 @@ def analyze_image(
     per_head_scale: Any = True,
     progress: gr.Progress = gr.Progress(),
     *,
+    random_weights: Any = False,
     startup_note: str = "",
     trusted_model: str | None = None,
 ) -> AnalyzeOutputs:
-    """The Analyze button (API name ``/analyze``): one forward pass, every view."""
+    """The Analyze button (API name ``/analyze``): one forward pass, every view. ``random_weights``: the
+    architecture with random weights (no download), said in the status line."""
     if image is None:
         raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
     name = _model_name(model_name, trusted_model)
@@ -187,7 +224,7 @@ def analyze_image(
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
     decoded = decode_image(image)  # a bad file is refused before any model work
     progress(0.05, desc=f"loading {name}")
-    vm = _load(name, trusted_model)
+    vm = _load(name, trusted_model, bool(random_weights))
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
     r = _analyze_on_gpu(vm, decoded)
@@ -214,14 +251,21 @@ def analyze_image(
         per_head_scale=bool(per_head_scale),
     )
     figs = views.render_all(r, None, c)
-    summary = r.summary()
+    summary = views.rounded(r.summary())
     summary["active_model_note"] = vm.note
-    classes = [lbl for lbl, _ in r.top_k]
-    class_update = gr.update(choices=classes, value=classes[0] if classes else None)
-    map_cost, compare_cost = cost_notes(r)
+    classes = views.class_choices(r)
+
+    def class_update() -> dict[str, Any]:  # one dict per dropdown: gradio takes "value" out of the dict it is given
+        return gr.update(choices=classes, value=classes[0] if classes else None)
+
+    offered = views.available_methods(r)
+    compare_cost = compare_cost_note(r, min(DEFAULT_COMPARE_STEPS, r.grid_size[0] * r.grid_size[1]))
+    support = views.importance_support(vm)
+    seen = views.input_sentence(vm, decoded.image, r)
+    steps_max = min(64, r.grid_size[0] * r.grid_size[1])
     return AnalyzeOutputs(
         state=state,
-        status=_status(vm, r, startup_note),
+        status=_status(vm, r, startup_note, seen),
         label={lbl: float(p) for lbl, p in r.top_k} if r.top_k else None,
         rollout=figs["rollout"],
         heads=figs["heads"],
@@ -231,13 +275,16 @@ def analyze_image(
         layer=gr.update(maximum=r.num_layers - 1, value=lay),
         start_layer=gr.update(maximum=r.num_layers - 1, value=start),
         focus_head=gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
-        class_choice=class_update,
+        class_choice=class_update(),
         start_row=gr.update(visible=r.readout != "cls" and r.has_class_token, value="output"),
-        query_mode=gr.update(value=CLS_QUERY if r.has_class_token else PATCH_QUERY),
+        query_mode=gr.update(
+            choices=[CLS_QUERY, PATCH_QUERY] if r.has_class_token else [PATCH_QUERY],
+            value=CLS_QUERY if r.has_class_token else PATCH_QUERY,
+        ),
         query_row=_query_slider(r, state["query"], 0),
         query_col=_query_slider(r, state["query"], 1),
-        compare_class=class_update,
-        map_cost=map_cost,
+        compare_class=class_update(),
+        map_cost=map_cost_note(r, "rollout"),
         compare_cost=compare_cost,
         feat_layer=gr.update(maximum=r.num_layers - 1, value=min(lay, r.num_layers - 1)),
         feat_row=gr.update(maximum=r.grid_size[0] - 1, value=state["feature_query"][0]),
@@ -247,10 +294,28 @@ def analyze_image(
             choices=views.lens_classes(r) if r.lens_probs is not None else [],
             value=classes[0] if classes and r.lens_probs is not None else None,
         ),
-        imp_class=class_update,
-        importance_cost=importance_cost_note(
-            r, forward_s, views.importance_support(vm), reuse=views.importance_reuses_blocks(vm)
+        imp_class=class_update(),
+        importance_cost=importance_cost_note(r, forward_s, support, reuse=views.importance_reuses_blocks(vm)),
+        seen=views.seen_image(r),
+        method=gr.update(
+            choices=[(methods.METHODS[n].label, n) for n in offered], value="rollout" if "rollout" in offered else None
         ),
+        methods_note=views.methods_note(r),
+        compare_steps=gr.update(maximum=steps_max, value=min(DEFAULT_COMPARE_STEPS, steps_max)),
+        imp_exact_button=gr.update(visible=not support.get("exact")),
+        imp_gradient_button=gr.update(visible=not support.get("gradient")),
+        focus=None,
+        compare=None,
+        deletion=None,
+        insertion=None,
+        auc_table=gr.update(value=None),
+        importance=None,
+        importance_note="",
+        npz_file=None,
+        json_file=None,
+        features_npz=None,
+        pca_gallery=None,
+        second_note="",
     )
 
 
@@ -266,15 +331,19 @@ def render_map(
     start_row: Any = "output",
     progress: gr.Progress = gr.Progress(),
     request: gr.Request | None = None,
-) -> Any:
+) -> MapOutputs:
     """Rollout tab: re-render from the cached analysis (class-specific methods run one backward pass). ``start_row``:
     start the maps carried down from the output at the tokens it reads ("output") or at the CLS token ("cls").
 
     Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
+    Returns the map and the method's cost note.
     """
     st = _state(state)
     r: Analysis = st["analysis"]
     m = methods.get(method)
+    why = views.method_unavailable(r, m.name)
+    if why:
+        raise BadParameterError(f"{m.label} is not available for this model: {why}")
     c = _controls(
         st,
         head_fusion=as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS),
@@ -283,13 +352,14 @@ def render_map(
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
         start_row=as_choice(start_row or "output", "start row", START_ROWS),
     )
+    cost = map_cost_note(r, m.name)
     if not m.slow:
-        return views.map_view(r, c, m.name, class_label)
+        return MapOutputs(views.map_view(r, c, m.name, class_label), cost)
     with deadline.running(_session(request)) as d:
         d.check(m.label)
         progress(0.0, desc=m.label)
         report = d.progress(m.label, lambda fraction, desc: progress(fraction, desc=desc))
-        return views.map_view(r, c, m.name, class_label, progress=report)
+        return MapOutputs(views.map_view(r, c, m.name, class_label, progress=report), cost)
 
 
 @user_errors
@@ -376,22 +446,26 @@ def render_pos(
     pos_layer: Any = 0,
     pos_head: Any = 0,
     pos_show: Any = None,
+    random_weights: Any = False,
     trusted_model: str | None = None,
 ) -> PosOutputs:
     """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
     at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
     per-head maps of ``pos_layer``; none: a sentence. A model with a learned table beside RoPE or a bias offers both
     (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`)."""
-    vm = _load(_model_name(model_name, trusted_model), trusted_model)
-    tile = (as_int(tile_row, "tile row", 0, 63), as_int(tile_col, "tile column", 0, 63))
+    vm = _load(_model_name(model_name, trusted_model), trusted_model, bool(random_weights))
+    tile = (as_int(tile_row, "tile row", 0, 255), as_int(tile_col, "tile column", 0, 255))
     layer, head = as_int(pos_layer, "layer", 0, 255), as_int(pos_head, "head", 0, 255)
     show = as_choice(pos_show or views.POS_SHOWS[0], "position view", views.POS_SHOWS)
     grid = None
-    if resolution not in (None, "", 0) and not vm.pos_embed_status:
-        side = as_int(resolution, "resolution", 2, 32)
+    if resolution not in (None, "", 0, "0") and not vm.pos_embed_status:
+        side = as_int(resolution, "preview grid", 2, 32)
         gh, gw = vm.grid_size
-        grid = (side, side) if gh == gw else (side, max(1, round(side * gw / gh)))
+        grid = (side, side) if gh == gw else (side, max(2, round(side * gw / gh)))
     v = views.pos_embed_views(vm, grid, tile, layer, head, show)
+    # The tile sliders span the grid the mosaic shows; the preview grid applies to a learned table's view only.
+    shown = tuple(v.grid) if v.grid else tuple(vm.grid_size)
+    table_view = v.figure is not None and v.kind == "learned"
     return PosOutputs(
         pos=v.figure,
         tile=v.tile,
@@ -399,7 +473,30 @@ def render_pos(
         pos_layer=_selector(v.layers),
         pos_head=_selector(v.heads),
         pos_show=gr.update(visible=True) if v.shows else gr.update(visible=False, value=views.POS_SHOWS[0]),
+        tile_row=gr.update(maximum=max(1, shown[0] - 1), value=min(tile[0], shown[0] - 1), visible=v.tile is not None),
+        tile_col=gr.update(maximum=max(1, shown[1] - 1), value=min(tile[1], shown[1] - 1), visible=v.tile is not None),
+        resolution=gr.update(visible=table_view),
     )
+
+
+def render_pos_quietly(*args: Any, **kwargs: Any) -> PosOutputs:
+    """:func:`render_pos` for picking a model: a model that cannot be loaded is said once, in the tab's note (the
+    Analyze button says it again only when pressed), and nothing is drawn."""
+    try:
+        return render_pos(*args, **kwargs)
+    except gr.Error as e:
+        hidden = gr.update(visible=False)
+        return PosOutputs(
+            pos=None,
+            tile=None,
+            pos_note=f"The position view of this model could not be shown: {e.message}",
+            pos_layer=hidden,
+            pos_head=hidden,
+            pos_show=gr.update(visible=False, value=views.POS_SHOWS[0]),
+            tile_row=gr.update(),
+            tile_col=gr.update(),
+            resolution=gr.update(),
+        )
 
 
 @user_errors
@@ -420,9 +517,10 @@ def compare_methods(
     r: Analysis = st["analysis"]
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
-    n_steps = as_int(steps, "steps", 2, 256)
+    n_steps = as_int(steps, "curve steps", 2, r.grid_size[0] * r.grid_size[1])  # at most one patch a step
     cls = class_label if class_label else None
-    chosen = [m for m in methods.METHODS.values() if not m.slow or bool(include_slow)]
+    offered = [methods.METHODS[n] for n in views.available_methods(r)]
+    chosen = [m for m in offered if not m.slow or bool(include_slow)]
     maps: dict[str, np.ndarray] = {}
     curves: dict[str, Any] = {}
     with deadline.running(_session(request)) as d:
@@ -454,15 +552,34 @@ def export_files(state: Any) -> ExportOutputs:
     return ExportOutputs(str(npz), str(js))
 
 
-def cancel_running(request: gr.Request | None = None) -> None:
-    """The Cancel button: every long operation of this person's session stops at its next check."""
+@user_errors
+def compare_cost(state: Any, steps: Any, include_slow: Any) -> CompareCostOutputs:
+    """The Compare tab's cost note, redrawn when its controls change (nothing runs)."""
+    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
+        return CompareCostOutputs("")
+    r: Analysis = state["analysis"]
+    n_steps = as_int(steps, "curve steps", 2, 256)
+    return CompareCostOutputs(compare_cost_note(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), bool(include_slow)))
+
+
+def cancel_running(request: gr.Request | None = None) -> CancelOutputs:
+    """The Cancel button: every long operation of this person's session stops at its next check, and the page says
+    so."""
     n = deadline.cancel(_session(request))
     log.info("cancel: %d running operation(s) flagged", n)
+    when = time.strftime("%H:%M:%S")
+    if n:
+        return CancelOutputs(f"{when}: cancelled {n} running operation(s); they stop at their next step.")
+    return CancelOutputs(f"{when}: nothing was running to cancel.")
 
 
 # -- the Features tab ------------------------------------------------------------------------------------------------
 
 NO_HEAD_NOTE = "This model has no classifier head, so there is no logit lens (no classes to read)."
+NO_CLS_MASK_NOTE = (
+    "DINO masks are drawn from the CLS token's attention in the last layer, and this model has no CLS token (it "
+    "pools its patches): there are none to show."
+)
 
 
 def _feature_query(r: Analysis, row: Any, col: Any) -> tuple[int, int]:
@@ -498,7 +615,11 @@ def render_features(
     st = {**st, "feature_query": query}
     other = st.get("other")
     norms = views.token_norm_views(r, nlay)
-    masks = views.dino_mask_views(r, thr, alpha)
+    if r.has_class_token:
+        masks = views.dino_mask_views(r, thr, alpha)
+        mask_heads, mask_overlay, mask_note = gr.update(value=masks.per_head, visible=True), masks.overlay, ""
+    else:
+        mask_heads, mask_overlay, mask_note = gr.update(value=None, visible=False), None, NO_CLS_MASK_NOTE
     if r.lens_probs is not None:
         label = lens_class if isinstance(lens_class, str) and lens_class else None
         lens = views.logit_lens_views(r, label)
@@ -520,8 +641,9 @@ def render_features(
         norm_depth=norms.depth,
         register_plot=gr.update(value=norms.registers, visible=norms.registers is not None),
         norm_sentence=norms.sentence,
-        mask_heads=masks.per_head,
-        mask_overlay=masks.overlay,
+        mask_heads=mask_heads,
+        mask_overlay=gr.update(value=mask_overlay, visible=mask_overlay is not None),
+        mask_note=mask_note,
         lens_table=lens_table,
         lens_plot=lens_plot,
         lens_note=lens_note,
@@ -611,7 +733,7 @@ def run_importance(
     ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
     cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
     if cls is not None and cls not in r.labels:
-        raise BadParameterError(f"unknown class {cls[:60]!r}; pick one of the top-5")
+        raise BadParameterError(f"unknown class {cls[:60]!r}; pick one from the list")
     vm = models.reload(r.load_args)
     why = views.importance_support(vm).get(how)
     if why:
@@ -637,7 +759,9 @@ def run_importance(
     st = {**st, "importance": kept}
     fig, rho = views.importance_view(kept.get("exact"), kept.get("gradient"), kept["score"])
     other = "gradient" if how == "exact" else "exact"
-    note = rho or f"Run the {other} method too (same class and mode) to see their rank correlation."
+    note = rho
+    if not note and not views.importance_support(vm).get(other):
+        note = f"Run the {other} method too (same class and mode) to see their rank correlation."
     note += " Click a cell to open that head in the Heads tab."
     return ImportanceOutputs(st, fig, note)
 

@@ -6,6 +6,7 @@ structures in :mod:`vizapp.ui.outputs`, so every event's outputs come from :func
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,8 @@ from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
+    CancelOutputs,
+    CompareCostOutputs,
     CompareOutputs,
     ExportOutputs,
     FeatureExportOutputs,
@@ -25,12 +28,14 @@ from vizapp.ui.outputs import (
     GalleryOutputs,
     HeadsOutputs,
     ImportanceOutputs,
+    MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
     SecondImageOutputs,
     TileOutputs,
     components,
+    for_gradio,
 )
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.upload import UploadedImage
@@ -92,6 +97,18 @@ class Components(SimpleNamespace):
     """The page's components by name (names match the fields of :mod:`vizapp.ui.outputs`)."""
 
 
+def _event(fn: Any) -> Any:
+    """``fn`` as gradio calls it: a one-field result handed over as its only value (see
+    :func:`vizapp.ui.outputs.for_gradio`). The signature is kept, so gradio still injects Progress, Request and
+    SelectData."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return for_gradio(fn(*args, **kwargs))
+
+    return run
+
+
 def _example_images() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
@@ -107,15 +124,34 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         allow_custom_value=True,
         info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo or torchvision:vit_b_16 works",
     )
+    ui.random_weights = gr.Checkbox(
+        value=False,
+        label="Random weights (architecture only: no download; the maps show structure, not learned behaviour)",
+    )
     ui.analyze_button = gr.Button("Analyze", variant="primary")
     ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
+    ui.cancel_note = gr.Markdown("", elem_id="vizapp-cancel-note")
     examples = _example_images()
+    ui.examples = None
     if examples:
-        gr.Examples(examples=[[p] for p in examples], inputs=[ui.image], label="Examples", examples_per_page=12)
+        ui.examples = gr.Examples(
+            examples=[[p] for p in examples],
+            inputs=[ui.image],
+            label="Examples (click one to analyse it)",
+            examples_per_page=12,
+        )
 
 
 def _prediction_tab(ui: Components) -> None:
-    ui.label = gr.Label(num_top_classes=5, label="Top-5")
+    with gr.Row():
+        ui.label = gr.Label(num_top_classes=5, label="Top-5")
+        ui.seen = gr.Image(
+            label="What the model saw (its preprocessed input)",
+            interactive=False,
+            height=260,
+            format="png",
+            elem_id="vizapp-seen-image",
+        )
     ui.summary = gr.JSON(label="Summary", open=False)
     with gr.Row():
         ui.export_button = gr.Button("Export .npz + .json")
@@ -127,7 +163,9 @@ def _rollout_tab(ui: Components) -> None:
     with gr.Row():
         first = next(iter(methods.METHODS))
         ui.method = gr.Dropdown([(m.label, m.name) for m in methods.METHODS.values()], value=first, label="Method")
-        ui.class_choice = gr.Dropdown([], label="Class to explain (gradient methods)", allow_custom_value=False)
+        ui.class_choice = gr.Dropdown(
+            [], label="Class to explain (gradient methods; type to search)", allow_custom_value=False, filterable=True
+        )
         ui.opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
     with gr.Row():
         ui.head_fusion = gr.Radio(list(views.HEAD_FUSIONS), value="mean", label="Head fusion")
@@ -139,6 +177,7 @@ def _rollout_tab(ui: Components) -> None:
             label="Start from (rollout, relevance, flow)",
             visible=False,
         )
+    ui.methods_note = gr.Markdown("", elem_id="vizapp-methods-note")
     ui.rollout = gr.Plot(label="Map over the image", elem_id="vizapp-rollout-plot")
     ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
 
@@ -178,9 +217,14 @@ def _distance_tab(ui: Components) -> None:
 def _pos_tab(ui: Components) -> None:
     ui.pos_note = gr.Markdown("", elem_id="vizapp-pos-note")
     with gr.Row():
-        ui.resolution = gr.Slider(0, 32, value=0, step=1, label="Preview grid (0 = the model's own; else interpolated)")
-        ui.tile_row = gr.Slider(0, 63, value=0, step=1, label="Tile row")
-        ui.tile_col = gr.Slider(0, 63, value=0, step=1, label="Tile column")
+        ui.resolution = gr.Dropdown(
+            [("the model's own", 0)] + [(f"{n} x {n} (interpolated)", n) for n in range(2, 33)],
+            value=0,
+            label="Preview grid (learned table)",
+            elem_id="vizapp-pos-resolution",
+        )
+        ui.tile_row = gr.Slider(0, 13, value=0, step=1, label="Tile row")
+        ui.tile_col = gr.Slider(0, 13, value=0, step=1, label="Tile column")
     with gr.Row():
         ui.pos_show = gr.Radio(
             list(views.POS_SHOWS), value=views.POS_SHOWS[0], label="View (the model has both)", visible=False
@@ -188,7 +232,7 @@ def _pos_tab(ui: Components) -> None:
         ui.pos_layer = gr.Slider(0, 63, value=0, step=1, label="Position layer", visible=False)
         ui.pos_head = gr.Slider(0, 63, value=0, step=1, label="Position head (mixed RoPE)", visible=False)
     with gr.Row():
-        ui.pos = gr.Plot(label="Cosine similarity grid", elem_id="vizapp-pos-plot")
+        ui.pos = gr.Plot(label="Position structure (the title says which view)", elem_id="vizapp-pos-plot")
         ui.tile = gr.Plot(label="Enlarged tile", elem_id="vizapp-tile-plot")
     ui.pos_click = gr.Textbox(visible="hidden", elem_id="vizapp-pos-click")
 
@@ -236,6 +280,7 @@ def _features_tab(ui: Components) -> None:
         ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
         ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
     gr.Markdown("### DINO masks (last layer, per head)")
+    ui.mask_note = gr.Markdown("", elem_id="vizapp-mask-note")
     ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
     with gr.Row():
         ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
@@ -243,14 +288,17 @@ def _features_tab(ui: Components) -> None:
     gr.Markdown("### Logit lens")
     ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
     ui.lens_class = gr.Dropdown([], label="Class to follow across depth")
-    with gr.Row():
-        ui.lens_table = gr.Dataframe(headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer")
-        ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
+    ui.lens_table = gr.Dataframe(
+        headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
+    )
+    ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
     gr.Markdown("### Head importance by ablation")
     ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
     with gr.Row():
         ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
-        ui.imp_class = gr.Dropdown([], label="Class scored (none: the top-1, or 1 - cos without a classifier)")
+        ui.imp_class = gr.Dropdown(
+            [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
+        )
         ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
         ui.imp_gradient_button = gr.Button("Gradient estimate")
     ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
@@ -264,17 +312,21 @@ def _features_tab(ui: Components) -> None:
 def _compare_tab(ui: Components) -> None:
     slow = ", ".join(m.label.lower() for m in methods.METHODS.values() if m.slow)
     with gr.Row():
-        ui.compare_class = gr.Dropdown([], label="Class to explain")
-        ui.compare_steps = gr.Slider(4, 64, value=DEFAULT_COMPARE_STEPS, step=1, label="Curve steps")
+        ui.compare_class = gr.Dropdown([], label="Class to explain (type to search)", filterable=True)
+        ui.compare_steps = gr.Slider(
+            2, 64, value=DEFAULT_COMPARE_STEPS, step=1, label="Curve steps (at most one patch a step)"
+        )
         ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
         ui.compare_button = gr.Button("Compare methods", variant="primary")
     ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
-    ui.compare = gr.Plot(label="Maps")
+    ui.compare = gr.Plot(label="Maps", elem_id="vizapp-compare-plot")
     with gr.Row():
-        ui.deletion = gr.Plot(label="Deletion")
-        ui.insertion = gr.Plot(label="Insertion")
+        ui.deletion = gr.Plot(label="Deletion", elem_id="vizapp-deletion-plot")
+        ui.insertion = gr.Plot(label="Insertion", elem_id="vizapp-insertion-plot")
     ui.auc_table = gr.Dataframe(
-        headers=["method", "deletion AUC (lower better)", "insertion AUC (higher better)"], label="Faithfulness"
+        headers=["method", "deletion AUC (lower better)", "insertion AUC (higher better)"],
+        label="Faithfulness",
+        elem_id="vizapp-auc-table",
     )
 
 
@@ -300,9 +352,24 @@ def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) 
                         build(ui)
 
 
-def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Any:
+def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> list[Any]:
+    """The Analyze button and a click on an example: a quick check of the image and the model (an event with no
+    outputs, so a failure there is said once and every figure keeps what it showed), then the analysis."""
+
+    def check(image, model_name, random_weights):
+        return handlers.check_inputs(image, model_name, random_weights, trusted_model=trusted)
+
     def analyze(
-        image, model_name, head_fusion, discard_ratio, start, lay, alpha, per_head_scale, progress=gr.Progress()
+        image,
+        model_name,
+        head_fusion,
+        discard_ratio,
+        start,
+        lay,
+        alpha,
+        per_head_scale,
+        random_weights,
+        progress=gr.Progress(),
     ):
         return handlers.analyze_image(
             image,
@@ -314,25 +381,33 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> Any
             alpha,
             per_head_scale,
             progress,
+            random_weights=random_weights,
             startup_note=startup_note,
             trusted_model=trusted,
         )
 
-    return ui.analyze_button.click(
-        analyze,
-        inputs=[
-            ui.image,
-            ui.model,
-            ui.head_fusion,
-            ui.discard_ratio,
-            ui.start_layer,
-            ui.layer,
-            ui.opacity,
-            ui.per_head,
-        ],
-        outputs=components(AnalyzeOutputs, ui),
-        api_name="analyze",
-    )
+    inputs = [
+        ui.image,
+        ui.model,
+        ui.head_fusion,
+        ui.discard_ratio,
+        ui.start_layer,
+        ui.layer,
+        ui.opacity,
+        ui.per_head,
+        ui.random_weights,
+    ]
+    outputs = components(AnalyzeOutputs, ui)
+    checked = [ui.analyze_button.click(check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private")]
+    if ui.examples is not None:  # a click on an example puts it in the image box, then analyses it
+        checked.append(
+            ui.examples.load_input_event.success(
+                check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private"
+            )
+        )
+    events = [checked[0].success(analyze, inputs=inputs, outputs=outputs, api_name="analyze")]
+    events += [c.success(analyze, inputs=inputs, outputs=outputs, api_visibility="private") for c in checked[1:]]
+    return events
 
 
 def _wire_rollout(ui: Components) -> list[Any]:
@@ -347,7 +422,8 @@ def _wire_rollout(ui: Components) -> list[Any]:
         ui.start_row,
     ]
     controls = (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity, ui.start_row)
-    return [ctrl.change(handlers.render_map, inputs=inputs, outputs=[ui.rollout], **RERENDER) for ctrl in controls]
+    outputs = components(MapOutputs, ui)
+    return [ctrl.change(handlers.render_map, inputs=inputs, outputs=outputs, **RERENDER) for ctrl in controls]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -366,17 +442,48 @@ def _wire_heads(ui: Components) -> None:
 
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
-    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show):
+    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, random_weights):
         return handlers.render_pos(
-            model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, trusted_model=trusted
+            model_name,
+            resolution,
+            tile_row,
+            tile_col,
+            pos_layer,
+            pos_head,
+            pos_show,
+            random_weights,
+            trusted_model=trusted,
         )
 
-    inputs = [ui.model, ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show]
+    def pick_model(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, random_weights):
+        return handlers.render_pos_quietly(
+            model_name,
+            resolution,
+            tile_row,
+            tile_col,
+            pos_layer,
+            pos_head,
+            pos_show,
+            random_weights,
+            trusted_model=trusted,
+        )
+
+    inputs = [
+        ui.model,
+        ui.resolution,
+        ui.tile_row,
+        ui.tile_col,
+        ui.pos_layer,
+        ui.pos_head,
+        ui.pos_show,
+        ui.random_weights,
+    ]
     outputs = components(PosOutputs, ui)
     for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show):
         ctrl.change(render_pos, inputs=inputs, outputs=outputs, **RERENDER)
-    ui.model.change(render_pos, inputs=inputs, outputs=outputs, api_name="position_embeddings")
-    demo.load(render_pos, inputs=inputs, outputs=outputs, api_visibility="private")
+    ui.model.change(pick_model, inputs=inputs, outputs=outputs, api_name="position_embeddings")
+    ui.random_weights.change(pick_model, inputs=inputs, outputs=outputs, **RERENDER)
+    demo.load(pick_model, inputs=inputs, outputs=outputs, api_visibility="private")
     ui.pos_click.change(
         handlers.open_tile,
         inputs=[ui.state, ui.pos_click],
@@ -386,6 +493,13 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
 
 
 def _wire_compare(ui: Components) -> Any:
+    for ctrl in (ui.compare_steps, ui.compare_slow):
+        ctrl.change(
+            _event(handlers.compare_cost),
+            inputs=[ui.state, ui.compare_steps, ui.compare_slow],
+            outputs=components(CompareCostOutputs, ui),
+            **RERENDER,
+        )
     return ui.compare_button.click(
         handlers.compare_methods,
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
@@ -422,11 +536,12 @@ def _importance_fn(method: str) -> Any:
     return run
 
 
-def _wire_features(ui: Components, analyze: Any) -> list[Any]:
+def _wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
     Cancel."""
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
-    analyze.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
+    for event in analyze:
+        event.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
     for ctrl in (
         ui.feat_layer,
         ui.feat_foreground,
@@ -450,7 +565,7 @@ def _wire_features(ui: Components, analyze: Any) -> list[Any]:
         api_visibility="private",
     )
     gallery = ui.pca_examples_button.click(
-        handlers.pca_across_examples,
+        _event(handlers.pca_across_examples),
         inputs=[ui.state, ui.feat_layer],
         outputs=components(GalleryOutputs, ui),
         api_visibility="private",
@@ -471,7 +586,7 @@ def _wire_features(ui: Components, analyze: Any) -> list[Any]:
         api_visibility="private",
     )
     ui.features_export_button.click(
-        handlers.export_features,
+        _event(handlers.export_features),
         inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
         outputs=components(FeatureExportOutputs, ui),
         api_visibility="undocumented",
@@ -488,7 +603,12 @@ def _wire_export(ui: Components) -> None:
 def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
     """Cancel: gradio stops waiting for the events, and the handlers' deadlines stop the work at their next check."""
     ui.cancel_button.click(
-        handlers.cancel_running, inputs=None, outputs=None, cancels=long_events, queue=False, api_visibility="private"
+        _event(handlers.cancel_running),
+        inputs=None,
+        outputs=components(CancelOutputs, ui),
+        cancels=long_events,
+        queue=False,
+        api_visibility="private",
     )
 
 
@@ -507,5 +627,5 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         compare = _wire_compare(ui)
         feature_events = _wire_features(ui, analyze)
         _wire_export(ui)
-        _wire_cancel(ui, [analyze, *map_events, compare, *feature_events])
+        _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
     return demo

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-# Outputs held in gr.State: the server keeps them per session and never sends them to API clients.
-STATE_FIELDS = frozenset({"state"})
+# Outputs held in gr.State (the server keeps them per session) and buttons (whose visibility an event may set): never
+# sent to API clients.
+STATE_FIELDS = frozenset({"state", "imp_exact_button", "imp_gradient_button"})
 
 
 class AnalyzeOutputs(NamedTuple):
@@ -44,6 +45,25 @@ class AnalyzeOutputs(NamedTuple):
     lens_class: Any
     imp_class: Any
     importance_cost: str  # markdown: what head importance will cost on this model, before it runs
+    seen: Any  # [H, W, 3] uint8: what the model actually saw (its preprocessed input, upscaled)
+    method: Any  # gr.update: only the methods this model offers
+    methods_note: str  # markdown: which methods are not offered, and why (once)
+    compare_steps: Any  # gr.update: at most one step per patch
+    imp_exact_button: Any  # gr.update: shown only where the method runs on this model
+    imp_gradient_button: Any
+    # Cleared: what the previous image's slow operations left must not stay up beside the new image's views.
+    focus: Any
+    compare: Any
+    deletion: Any
+    insertion: Any
+    auc_table: Any
+    importance: Any
+    importance_note: str
+    npz_file: Any
+    json_file: Any
+    features_npz: Any
+    pca_gallery: Any
+    second_note: str
 
 
 class HeadsOutputs(NamedTuple):
@@ -53,6 +73,25 @@ class HeadsOutputs(NamedTuple):
     heads: Any
     focus: Any
     query_image: Any
+
+
+class MapOutputs(NamedTuple):
+    """The Rollout tab's map, and what the chosen method costs (said only for the slow ones)."""
+
+    rollout: Any
+    map_cost: str
+
+
+class CompareCostOutputs(NamedTuple):
+    """The Compare tab's cost note, following its steps and slow-method controls."""
+
+    compare_cost: str
+
+
+class CancelOutputs(NamedTuple):
+    """The Cancel button: what it stopped."""
+
+    cancel_note: str
 
 
 class PatchOutputs(NamedTuple):
@@ -87,6 +126,9 @@ class PosOutputs(NamedTuple):
     pos_layer: Any  # gr.update: shown with this model's layer range for per-layer schemes, else hidden
     pos_head: Any
     pos_show: Any  # gr.update: the scheme / learned-table choice, shown only for a model that has both
+    tile_row: Any  # gr.update: the tile sliders span the grid shown
+    tile_col: Any
+    resolution: Any  # gr.update: the preview-grid choice, shown only for a learned absolute table
 
 
 class FeaturesOutputs(NamedTuple):
@@ -103,6 +145,7 @@ class FeaturesOutputs(NamedTuple):
     norm_sentence: str
     mask_heads: Any
     mask_overlay: Any
+    mask_note: str  # markdown: why there are no masks (no CLS token)
     lens_table: Any  # gr.update: hidden without a classifier head
     lens_plot: Any
     lens_note: str
@@ -158,6 +201,14 @@ class ExportOutputs(NamedTuple):
 
     npz_file: str
     json_file: str
+
+
+def for_gradio(result: Any) -> Any:
+    """What gradio expects back from a handler: the only value of a one-field structure (gradio does not unpack a
+    result for a single output, it would try to show the tuple itself), else the structure (a tuple, unpacked)."""
+    if isinstance(result, tuple) and hasattr(result, "_fields") and len(result) == 1:
+        return result[0]
+    return result
 
 
 def components(outputs: type[tuple], ui: Any) -> list[Any]:

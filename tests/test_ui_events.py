@@ -1,0 +1,224 @@
+"""Every event the app wires, through gradio's real server, queue and postprocessing (tests/appdriver.py plays the
+page): on the bundled model and on a model without a CLS token. An event fails the test by erring, by a warning, by a
+traceback or error in the server's log, or by leaving an output of the previous image up after a new one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from appdriver import AppDriver
+from conftest import write_card_model
+from PIL import Image
+
+from vizapp import models
+
+EXAMPLES = models.ASSETS_DIR / "examples"
+SNEAKER, TROUSER = EXAMPLES / "fmnist_7_sneaker.png", EXAMPLES / "fmnist_1_trouser.png"
+
+
+def _start(model: str):
+    from vizapp import ui
+
+    demo = ui.queue(ui.build_demo(model))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def bundled_app():
+    demo = _start(models.BUNDLED)
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def no_cls_app(tmp_path_factory):
+    """A small card model with no CLS token: 4 registers and a mean-pooled head (timm's reg/gap layout)."""
+    path = write_card_model(
+        tmp_path_factory.mktemp("nocls"), "nocls", depth=2, class_token=False, global_pool="avg", reg_tokens=4
+    )
+    demo = _start(path)
+    yield demo.local_url
+    demo.close()
+
+
+def _state_readers(d: AppDriver) -> list[int]:
+    state = [cid for cid in d.components if d.kind(cid) == "state"]
+    return [i for i in d.backend_events() if set(d.deps[i]["inputs"]) & set(state)]
+
+
+def _shown_per_image(d: AppDriver) -> set[int]:
+    """Components that show something computed from the analysis: outputs of events that read the state, which are
+    not themselves inputs of any event (controls) nor layout (tabs)."""
+    inputs = {cid for i in d.backend_events() for cid in d.deps[i]["inputs"]}
+    outs = {cid for i in _state_readers(d) for cid in d.deps[i]["outputs"]}
+    return {cid for cid in outs - inputs if d.kind(cid) not in ("state", "tabs")}
+
+
+def _analyze(d: AppDriver, image: Path) -> list:
+    d.set(d.by_label("Image", "image"), d.upload(image), fire_change=True)
+    d.reset_written()
+    return d.click(d.by_label("Analyze", "button"))
+
+
+def _assert_clean(fired: list, what: str) -> None:
+    bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
+    assert not bad, f"{what}: events failed or warned: {bad}"
+
+
+def _prepare(d: AppDriver, index: int, second: dict) -> object:
+    """Put in the page what a person would have done before event ``index`` fires; returns its event data."""
+    dep = d.deps[index]
+    target = dep["targets"][0][0]
+    elem = d.components.get(target, {}).get("props", {}).get("elem_id") if target is not None else None
+    payloads = {
+        "vizapp-distance-click": [1, 2, 30.0],
+        "vizapp-importance-click": [1, 0],
+        "vizapp-pos-click": [2, 3, 0, 0],
+    }
+    if elem in payloads:
+        d.values[target] = json.dumps({"customdata": payloads[elem], "t": index})
+    if target is not None and d.kind(target) == "dataset":
+        d.values[target] = 0
+    if d.by_label("Second image", "image") in dep["inputs"]:
+        d.values[d.by_label("Second image", "image")] = second
+    if dep["targets"][0][1] == "select":
+        return {"index": [40, 90], "value": None, "selected": True}
+    return None
+
+
+def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
+    fired = _analyze(d, photo)
+    _assert_clean(fired, "analyze")
+    second = d.upload(other)
+    for i in d.backend_events():
+        fired = d.fire(i, _prepare(d, i, second))
+        _assert_clean(fired, f"event {i} ({d.deps[i]['targets']}, {d.deps[i].get('api_name')})")
+    ran = {f.index for f in d.log}
+    assert set(d.backend_events()) <= ran  # enumerated from the served config, every one ran
+
+    # A new image: everything shown from the last one is redrawn or cleared by Analyze and what it sets off.
+    shown = _shown_per_image(d)
+    assert shown, "no per-image outputs found"
+    fired = _analyze(d, other)
+    _assert_clean(fired, "analyze a second image")
+    stale = sorted(d.components[cid]["props"].get("label") or cid for cid in shown - d.written)
+    assert not stale, f"left from the previous image: {stale}"
+    for i in _state_readers(d):  # every control still fits (a class of the old image would be refused here)
+        _assert_clean(d.fire(i, _prepare(d, i, second)), f"event {i} after a new image")
+
+
+@pytest.mark.timeout(900)
+def test_every_event_runs_through_the_server_on_the_bundled_model(bundled_app, capfd, caplog):
+    caplog.set_level(logging.WARNING)
+    d = AppDriver(bundled_app)
+    _assert_clean(d.load(), "page load")  # the page's own load event
+    _every_event(d, SNEAKER, TROUSER)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.timeout(900)
+def test_every_event_runs_through_the_server_on_a_model_without_cls(no_cls_app, capfd, caplog, tmp_path):
+    caplog.set_level(logging.WARNING)
+    d = AppDriver(no_cls_app)
+    photo, other = tmp_path / "a.png", tmp_path / "b.png"
+    Image.open(SNEAKER).save(photo)
+    Image.open(TROUSER).save(other)
+    fired = _analyze(d, photo)
+    _assert_clean(fired, "analyze")
+    method = d.by_label("Method", "dropdown")
+    offered = [c[1] for c in d.props[method]["choices"]]
+    assert "attention" not in offered and "rollout" in offered  # the CLS map is not offered
+    assert "no CLS token" in d.values[d.by_elem_id("vizapp-methods-note")]
+    _every_event(d, photo, other)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def _plot(d: AppDriver, elem_id: str) -> dict:
+    value = d.values[d.by_elem_id(elem_id)]
+    assert value and value.get("type") == "plotly", value
+    return json.loads(value["plot"])
+
+
+def test_the_items_that_always_failed(bundled_app, tmp_path):
+    """Issue 26's six: PCA across examples, the features export, the class of a new image in Compare, stale figures,
+    the PCA threshold at its maximum, and curve steps beyond the patches."""
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    # 1. PCA across examples draws one image per example plus the upload.
+    _assert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
+    gallery = _plot(d, "vizapp-gallery-plot")
+    assert len([t for t in gallery["data"] if t["type"] == "image"]) == 1 + len(list(EXAMPLES.glob("*.*[gG]")))
+    # 2. The features export gives an .npz with the arrays.
+    _assert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
+    npz = d.values[d.by_label("feature arrays", "file")]
+    assert npz["path"].endswith(".npz")
+    assert np.load(npz["path"])["token_norms"].shape[0] == 6
+    # 3. Compare the sneaker, analyse the trouser, Compare again: the class is the new image's.
+    compare = d.by_label("Compare methods", "button")
+    _assert_clean(d.click(compare), "compare")
+    first_class = d.values[d.by_label("Class to explain (type", "dropdown")]
+    _assert_clean(_analyze(d, TROUSER), "analyze the trouser")
+    for label in ("Class to explain (type", "Class to explain (gradient", "Class scored"):
+        cid = d.by_label(label, "dropdown")
+        assert d.values[cid] == d.props[cid]["choices"][0][1], label  # each dropdown got its own value
+    assert d.values[d.by_label("Class to explain (type", "dropdown")] != first_class
+    # 4. The previous image's Compare maps, curves and exports are gone until asked again.
+    for elem in ("vizapp-compare-plot", "vizapp-deletion-plot", "vizapp-insertion-plot", "vizapp-gallery-plot"):
+        assert d.values[d.by_elem_id(elem)] is None, elem
+    assert d.values[d.by_label("feature arrays", "file")] is None
+    _assert_clean(d.click(compare), "compare after a new image")
+    # 5. The PCA foreground threshold at its maximum gives a map and a sentence, not an error.
+    fired = d.set(d.by_label("PCA foreground threshold", "slider"), 0.95)
+    _assert_clean(fired, "PCA threshold 0.95")
+    title = _plot(d, "vizapp-pca-plot")["layout"]["title"]["text"]
+    assert "Feature PCA" in title
+    # 6. Curve steps stop at the number of patches (7 x 7), and the page offers no more.
+    steps = d.by_label("Curve steps", "slider")
+    assert d.props[steps]["maximum"] == 49
+    _assert_clean(d.set(steps, 49), "49 curve steps")
+    _assert_clean(d.click(compare), "compare at 49 steps")
+    assert "50 images each" in d.values[d.by_elem_id("vizapp-compare-cost")]
+
+
+def test_a_bad_upload_is_said_once_and_keeps_the_page(bundled_app, tmp_path):
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    before = {cid: v for cid, v in d.values.items() if d.kind(cid) in ("plot", "label", "markdown", "image", "json")}
+    before.pop(d.by_label("Image", "image"))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    fired = _analyze(d, bad)
+    # One event failed, the check, which has no outputs (so no output shows an error state); nothing else ran.
+    assert [(f.success, f.outputs) for f in fired] == [(False, [])]
+    assert "file" in fired[0].error.lower() and d.deps[fired[0].index]["outputs"] == []
+    assert {cid: d.values[cid] for cid in before} == before  # every figure, label and note kept what it showed
+    # The model-load error, too, is said once: picking an unknown model says it in the Position tab's note only.
+    model = d.by_label("Model", "dropdown")
+    fired = d.set(model, "no_such_model_at_all")
+    assert all(f.success for f in fired) and "could not be shown" in d.values[d.by_elem_id("vizapp-pos-note")]
+    d.set(d.by_label("Image", "image"), d.upload(SNEAKER))
+    fired = d.click(d.by_label("Analyze", "button"))
+    assert [f.success for f in fired] == [False] and "unknown model" in fired[0].error
+
+
+def test_model_choices_follow_the_model(no_cls_app, bundled_app):
+    """The Heads tab offers no CLS query without a CLS token; the Position tab's tile sliders span the grid."""
+    d = AppDriver(no_cls_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    query = d.by_label("Query", "radio")
+    assert [c[1] for c in d.props[query]["choices"]] == ["Clicked patch"]
+    d2 = AppDriver(bundled_app)
+    _assert_clean(d2.load(), "page load")
+    assert d2.props[d2.by_label("Tile row", "slider")]["maximum"] == 6  # a 7 x 7 grid
+    assert d2.props[d2.by_elem_id("vizapp-pos-resolution")]["visible"] is True  # a learned table: preview offered
