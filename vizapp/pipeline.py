@@ -8,7 +8,7 @@ layers' full attention at once.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,9 @@ def _row_key(start_row: str) -> tuple[str, ...]:
     return () if start_row == "output" else (start_row,)
 
 
-def _to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+def to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+    """An RGB image and notes on what decoding did, from anything :func:`vizapp.imageio.decode_image` takes (an RGB
+    PIL image as it is); BadImageError for what it refuses."""
     from vizapp.imageio import DecodedImage, decode_image
 
     if isinstance(image, DecodedImage):
@@ -59,10 +61,21 @@ def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 class GradientGraph:
     """The autograd graph of a gradient-enabled forward (``analyze(..., gradients=True)``): each layer's attention
     in the graph and the logits, so that every further class costs one backward pass. Never copied or pickled (a
-    copy of the Analysis falls back to a new forward and backward)."""
+    copy of the Analysis falls back to a new forward and backward).
 
-    def __init__(self, maps: list[torch.Tensor] | None = None, logits: torch.Tensor | None = None) -> None:
-        self.maps, self.logits = maps, logits
+    Attributes:
+        maps: each layer's attention in the graph, [B, H, N, N] for the forward's batch.
+        logits: [B, K] in the graph.
+        image: this analysis's image in the batch.
+        given: class -> ∂logit[class]/∂A of this image [L, H, N, N], already found by a backward of the whole batch
+            (:func:`class_gradients`), so that asking for that class costs nothing more.
+    """
+
+    def __init__(
+        self, maps: list[torch.Tensor] | None = None, logits: torch.Tensor | None = None, image: int = 0
+    ) -> None:
+        self.maps, self.logits, self.image = maps, logits, image
+        self.given: dict[int, torch.Tensor] = {}
 
     def __deepcopy__(self, memo: dict) -> GradientGraph:
         return GradientGraph()
@@ -285,7 +298,7 @@ class Analysis:
     def attention_stack(self) -> torch.Tensor:
         """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
         if self.graph.maps is not None:
-            return torch.stack([m[0].detach().float().cpu() for m in self.graph.maps])
+            return torch.stack([m[self.graph.image].detach().float().cpu() for m in self.graph.maps])
         return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
 
     def _model(self) -> VizModel:
@@ -315,9 +328,12 @@ class Analysis:
         key = ("grads", cls)
         if key in self._cache:
             return self._cache[key]
+        if cls in self.graph.given:  # found by the backward of a whole batch (class_gradients)
+            return self.graph.given[cls]
         if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
-            grads = torch.autograd.grad(self.graph.logits[0, cls], self.graph.maps, retain_graph=True)
-            out = torch.stack([g[0].float().cpu() for g in grads])
+            i = self.graph.image
+            grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
+            out = torch.stack([g[i].float().cpu() for g in grads])
             if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
                 self._cache[key] = out
             return out
@@ -733,12 +749,14 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
-def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _PassResult:
-    """One forward of ``x`` [1, C, H, W] with capture, and every statistic the analysis keeps, left on the device.
+def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_PassResult]:
+    """One forward of ``x`` [B, C, H, W] with capture, and every statistic the analysis keeps, left on the device: one
+    result per image, views into the batch's tensors (the images of a batch are reduced one by one, each as a batch
+    of one would be).
 
     Nothing here waits for the device, so the pass can be recorded as a CUDA graph.
     """
-    p, n, n_layers = vm.num_prefix_tokens, setup.n, vm.num_layers
+    p, n, n_layers, b = vm.num_prefix_tokens, setup.n, vm.num_layers, x.shape[0]
     # Only the mean fusion is reduced during the forward (the rollout needs it); a view that asks for max or min
     # forms it from q and k then (ViT-Ti/16: two fewer passes over every layer's attention in the forward).
     stats = LayerStatistics(
@@ -748,6 +766,7 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _PassResul
         p,
         ("mean",) if setup.keep_fused else (),
         store_mean=setup.store_mean,
+        batch=b,
     )
     blocks = BlockFeatures(n_layers, vm.lens_fn)
     with AttentionCapture(
@@ -760,23 +779,34 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> _PassResul
         raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")
     if not stats.complete():
         raise RuntimeError("the attention of some layer never reached vizapp's statistics")
-    q, k = cap.qk_on_device()
-    return _PassResult(
-        logits=logits.detach()[0],
-        rollout=stats.rollout_row(setup.weights)[p:].float(),
-        distances=torch.stack(stats.distances).float(),
-        norms=blocks.stacked("norms"),
-        lens=blocks.stacked("lens") if vm.lens_fn is not None else None,
-        fused_mean=stats.mean_store if setup.keep_fused else None,
-        biases=tuple(None if b is None else b[0].float() for b in cap.bias),
-        outputs=blocks.outputs,
-        q=q,
-        k=k,
-        scales=tuple(cap.scales),
-        replayed=tuple(sorted(cap.replayed_layers)),
-        maps=list(cap.maps),
-        logits_graph=logits if setup.gradients else None,
-    )
+    rollout = stats.rollout_row(setup.weights)[:, p:].float()  # [B, P]
+    distances = torch.stack(stats.distances).float()  # [L, B, H]
+    norms = blocks.stacked("norms")  # [L, B, N]
+    lens = blocks.stacked("lens") if vm.lens_fn is not None else None  # [L, B, K]
+    detached = logits.detach()
+    maps = list(cap.maps)
+    results = []
+    for i in range(b):
+        q, k = cap.qk_on_device(i)
+        results.append(
+            _PassResult(
+                logits=detached[i],
+                rollout=rollout[i],
+                distances=distances[:, i],
+                norms=norms[:, i],
+                lens=None if lens is None else lens[:, i],
+                fused_mean=stats.mean_store[i] if setup.keep_fused else None,
+                biases=tuple(None if t is None else t[i if t.shape[0] > 1 else 0].float() for t in cap.bias),
+                outputs={layer: out[i] for layer, out in blocks.outputs.items()},
+                q=q,
+                k=k,
+                scales=tuple(cap.scales),
+                replayed=tuple(sorted(cap.replayed_layers)),
+                maps=maps,
+                logits_graph=logits if setup.gradients else None,
+            )
+        )
+    return results
 
 
 def analyze(
@@ -787,12 +817,13 @@ def analyze(
     progress: Callable[[float, str], None] | None = None,
     inline: bool = True,
     gradients: bool = False,
-) -> Analysis:
+) -> Analysis | list[Analysis]:
     """Run the model once on ``image`` with capture and compute every core analysis.
 
     Args:
         vm: a model from :func:`vizapp.load_model`.
-        image: a PIL image (or bytes / path / numpy array, decoded safely by :mod:`vizapp.imageio`).
+        image: a PIL image (or bytes / path / numpy array, decoded safely by :mod:`vizapp.imageio`); or a list or
+            tuple of them, analysed together in one batched forward (see :func:`vizapp.batch.analyze_batch`).
         top_k: how many classes to report.
         progress: optional callback(fraction, message).
         inline: form each layer's attention once, in place of the model's SDPA call (default); False lets the model
@@ -804,41 +835,87 @@ def analyze(
             for as long as the result lives.
 
     Returns:
-        an :class:`Analysis`.
+        an :class:`Analysis`; for a list or tuple of images, a list of them, one per image in order, each equal to
+        that image's own analysis.
     """
-    pil, notes = _to_pil(image)
+    if isinstance(image, (list, tuple)):
+        from vizapp.batch import analyze_batch
+
+        return analyze_batch(vm, image, top_k=top_k, progress=progress, inline=inline, gradients=gradients)
+    pil, notes = to_pil(image)
     x = vm.transform(pil)
     if x.dim() == 3:
         x = x[None]
+    return analyze_inputs(vm, x, [notes], top_k=top_k, progress=progress, inline=inline, gradients=gradients)[0]
+
+
+def analyze_inputs(
+    vm: VizModel,
+    x: torch.Tensor,
+    notes: list[tuple[str, ...]] | None = None,
+    *,
+    top_k: int = 5,
+    progress: Callable[[float, str], None] | None = None,
+    inline: bool = True,
+    gradients: bool = False,
+) -> list[Analysis]:
+    """The analyses of preprocessed inputs ``x`` [B, C, H, W] (what :attr:`VizModel.transform` gives, on the host) from
+    one forward of the whole batch; ``notes`` per image. Arguments as in :func:`analyze`.
+
+    One image on a GPU may run as a replayed CUDA graph; a batch always runs eagerly. The analyses of a batch share
+    its tensors (q and k of each layer, block outputs, with ``gradients`` the autograd graph): that memory is freed
+    when the last of them is.
+    """
+    b = x.shape[0]
+    notes = [()] * b if notes is None else list(notes)
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
     if progress:
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
-    p = vm.num_prefix_tokens
     setup = _PassSetup.of(vm, grid, inline, gradients)
-    graph = GradientGraph()
     graphed = None
     weights_key = None
-    if _graphable(vm, setup):
+    if b == 1 and _graphable(vm, setup):
         weights_key = vm.weights_key()  # also the fingerprint's, below
         key = cudagraph.graph_key(vm.model, weights_key, x_dev, inline)
 
         def plain_pass(xs: torch.Tensor) -> _PassResult:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
-                return _device_pass(vm, xs, setup)
+                return _device_pass(vm, xs, setup)[0]
 
         graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_PassResult.staged, keep=setup)
+    graphs = [GradientGraph() for _ in range(b)]
     if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
         with graphed.run(x_dev) as (out, staged):
-            host = out.to_host() if staged is None else out.from_staged(staged)
+            hosts = [out.to_host() if staged is None else out.from_staged(staged)]
     else:
         with torch.enable_grad() if gradients else torch.no_grad():
-            out = _device_pass(vm, x_dev, setup)
+            outs = _device_pass(vm, x_dev, setup)
         if gradients:
-            graph = GradientGraph(out.maps, out.logits_graph)
-        host = out.to_host()
+            graphs = [GradientGraph(out.maps, out.logits_graph, image=i) for i, out in enumerate(outs)]
+        hosts = [out.to_host() for out in outs]
     if progress:
         progress(0.6, "attention analyses")
+    fingerprint = vm.fingerprint(key=weights_key)
+    results = [
+        _analysis(vm, x[i : i + 1], host, grid, notes[i], graphs[i], fingerprint, top_k) for i, host in enumerate(hosts)
+    ]
+    if progress:
+        progress(1.0, "done")
+    return results
+
+
+def _analysis(
+    vm: VizModel,
+    x: torch.Tensor,
+    host: _PassResult,
+    grid: tuple[int, int],
+    notes: tuple[str, ...],
+    graph: GradientGraph,
+    fingerprint: tuple[float, ...],
+    top_k: int,
+) -> Analysis:
+    """One image's :class:`Analysis` from its input ``x`` [1, C, H, W] and its pass's results on the host."""
     logits = host.logits
     probs = None
     top: list[tuple[str, float]] = []
@@ -852,7 +929,7 @@ def analyze(
         labels=vm.labels,
         probs=probs,
         top_k=top,
-        num_prefix_tokens=p,
+        num_prefix_tokens=vm.num_prefix_tokens,
         grid_size=grid,
         patch_size=vm.patch_size,
         image=model_view(x[0], vm.mean, vm.std),
@@ -871,15 +948,44 @@ def analyze(
         lens_probs=host.lens.numpy() if host.lens is not None and probs is not None else None,
         num_registers=vm.num_registers,
         model_ref=weakref.ref(vm),
-        model_fingerprint=vm.fingerprint(key=weights_key),
+        model_fingerprint=fingerprint,
         graph=graph,
     )
     if host.fused_mean is not None:
         result._cache[("fused", "mean")] = host.fused_mean  # [L, N, N]
     result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(host.rollout)
-    if progress:
-        progress(1.0, "done")
     return result
+
+
+def class_gradients(analyses: Sequence[Analysis], classes: Sequence[Any]) -> list[int]:
+    """∂logit_b[c_b]/∂A for every analysis b of one gradient-enabled batch (``analyze(images, gradients=True)``,
+    one forward) and its class c_b, from ONE backward of Σ_b logit_b[c_b]: the images of a ViT batch never mix, so
+    image b's share of that gradient is its own class's. Each analysis keeps its gradient (:class:`GradientGraph`),
+    so its class maps for c_b need no further backward.
+
+    Args:
+        analyses: analyses of one gradient-enabled forward.
+        classes: one per analysis: an index, a label, or None for its top-1 class.
+
+    Returns:
+        the class indices c_b.
+
+    Raises:
+        BadParameterError: the analyses do not come from one gradient-enabled forward.
+    """
+    if not analyses:
+        return []
+    graph = analyses[0].graph
+    if graph.maps is None or any(r.graph.logits is not graph.logits for r in analyses):
+        raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
+    cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]
+    rows = torch.tensor([r.graph.image for r in analyses], device=graph.logits.device)
+    score = graph.logits[rows, torch.tensor(cls, device=graph.logits.device)].sum()
+    # the graph is kept: a further class of one analysis is still one backward (Analysis.attention_gradients)
+    grads = torch.autograd.grad(score, graph.maps, retain_graph=True)  # [B, H, N, N] per layer
+    for r, c in zip(analyses, cls, strict=True):
+        r.graph.given[c] = torch.stack([g[r.graph.image].float().cpu() for g in grads])  # [L, H, N, N]
+    return cls
 
 
 def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold: float | None = None) -> np.ndarray:
@@ -909,7 +1015,7 @@ def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold
             f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200]
         )
     layer = int(layer) % vm.num_layers
-    x = torch.stack([vm.batch_transform(_to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
+    x = torch.stack([vm.batch_transform(to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     kept: dict[int, torch.Tensor] = {}
 

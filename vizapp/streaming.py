@@ -25,10 +25,12 @@ TINY = torch.finfo(torch.float32).tiny
 class LayerStatistics:
     """What :func:`vizapp.analyze` keeps of every layer: mean distance per head, head fusions, the default rollout.
 
-    Per chunk [c, r, N] (heads ``head .. head + c``, query rows ``row .. row + r``): the distance numerator and
-    denominator of each patch query, and the running head fusions. Per layer: the mean distance per head [H], and
-    for the rollout either the mean-fused matrix (``store_mean``: a top-down vector pass after the forward) or, for
-    models too big to hold L x N x N, the joint attention multiplied up bottom-up as the forward goes.
+    Per chunk [c, r, N] (image ``batch``, heads ``head .. head + c``, query rows ``row .. row + r``): the distance
+    numerator and denominator of each patch query, and the running head fusions. Per layer: the mean distance per
+    image and head [B, H], and for the rollout either the mean-fused matrices (``store_mean``: a top-down vector pass
+    after the forward) or, for models too big to hold L x N x N per image, the joint attention multiplied up
+    bottom-up as the forward goes. Every image of a batch is reduced on its own, with the same operations as a
+    batch of one.
 
     Args:
         heads: heads per layer.
@@ -37,6 +39,7 @@ class LayerStatistics:
         num_prefix_tokens: tokens before the patches.
         fusions: head fusions to keep per layer ("mean", "max", "min").
         store_mean: keep each layer's mean fusion for :meth:`rollout_row` (implied by "mean" in ``fusions``).
+        batch: B, images in the forward.
     """
 
     def __init__(
@@ -47,79 +50,89 @@ class LayerStatistics:
         num_prefix_tokens: int,
         fusions: Sequence[str] = (),
         store_mean: bool = True,
+        batch: int = 1,
     ) -> None:
-        self.heads, self.n, self.p = list(heads), num_tokens, num_prefix_tokens
+        self.heads, self.n, self.p, self.batch = list(heads), num_tokens, num_prefix_tokens, int(batch)
         self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
         self.store_mean = store_mean or "mean" in fusions
         self.kept = tuple(dict.fromkeys((*fusions, "mean") if self.store_mean else fusions))
         self._accumulated = tuple(dict.fromkeys((*self.kept, "mean")))  # the rollout needs the mean
         n_layers = len(self.heads)
-        self.distances: list[torch.Tensor | None] = [None] * n_layers  # [H] per layer
-        self.fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in self.kept}
-        #: with ``store_mean``: every layer's mean fusion in one [L, N, N] block (``fused["mean"]`` holds its rows),
-        #: so that neither the rollout nor a caller has to stack them
+        self.distances: list[torch.Tensor | None] = [None] * n_layers  # [B, H] per layer
+        self.fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in self.kept}  # [B, N, N]
+        #: with ``store_mean``: every layer's mean fusion in one [B, L, N, N] block (``fused["mean"]`` holds views of
+        #: it), so that neither the rollout nor a caller has to stack them; ``mean_store[b]`` is image b's [L, N, N]
         self.mean_store: torch.Tensor | None = None
-        self.joint: torch.Tensor | None = None  # bottom-up rollout when not store_mean
-        self.valid = True  # False once a chunk could not be used (a batch of several images, a token mismatch)
-        self._sums: torch.Tensor | None = None  # [2, H, P]: each patch query's distance numerator, denominator
+        self.joint: list[torch.Tensor] | None = None  # per image, the bottom-up rollout [N, N] when not store_mean
+        self.valid = True  # False once a chunk could not be used (an image outside the batch, a token mismatch)
+        self._sums: torch.Tensor | None = None  # [B, 2, H, P]: each patch query's distance numerator, denominator
         self._acc: dict[str, torch.Tensor] = {}
-        self._started: set[int] = set()
+        self._started: set[tuple[int, int]] = set()
 
     # AttentionConsumer
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
         c, r, n = attn.shape
-        if batch != 0 or n != self.n or not self.valid:
+        if not 0 <= batch < self.batch or n != self.n or not self.valid:
             self.valid = False
             return
-        if head == 0 and row == 0:
-            dev = attn.device
-            self._sums = torch.empty((2, self.heads[layer], n - self.p), device=dev)
+        if not self._acc:  # the layer's first chunk
+            dev, b = attn.device, self.batch
+            self._sums = torch.empty((b, 2, self.heads[layer], n - self.p), device=dev)
             if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
-                self.mean_store = torch.empty((len(self.heads), n, n), device=dev)
+                self.mean_store = torch.empty((b, len(self.heads), n, n), device=dev)
             self._acc = {
-                f: self.mean_store[layer] if f == "mean" and self.store_mean else torch.empty((n, n), device=dev)
+                f: self.mean_store[:, layer] if f == "mean" and self.store_mean else torch.empty((b, n, n), device=dev)
                 for f in self._accumulated
             }
-            self._started = set()  # row blocks whose fusion holds some heads already
-        sums = self._sums[:, head : head + c]
+            self._started = set()  # (image, row block) pairs whose fusion holds some heads already
+        sums = self._sums[batch, :, head : head + c]
         self.terms(attn, row, into=(sums[0], sums[1]))
-        first = row not in self._started
-        self._started.add(row)
+        first = (batch, row) not in self._started
+        self._started.add((batch, row))
         for f, acc in self._acc.items():
-            (start_fusion if first else fuse_heads_into)(acc[row : row + r], attn, f)
+            (start_fusion if first else fuse_heads_into)(acc[batch, row : row + r], attn, f)
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:
             return
-        num, den = self._sums
-        self.distances[layer] = num.div_(den.clamp_min_(TINY)).mean(dim=-1)
+        if {b for b, _ in self._started} != set(range(self.batch)):
+            self.valid = False  # some image of the batch sent no attention for this layer
+            return
+        num, den = self._sums[:, 0], self._sums[:, 1]
+        self.distances[layer] = num.div_(den.clamp_min_(TINY)).mean(dim=-1)  # [B, H]
         fused = {f: finish_fusion(acc, self.heads[layer], f) for f, acc in self._acc.items()}
         for f in self.kept:
             self.fused[f][layer] = fused[f]
         if not self.store_mean:
             mean = fused["mean"]
             eye = torch.eye(self.n, dtype=mean.dtype, device=mean.device)
-            self.joint = residual_step(mean, eye if self.joint is None else self.joint, side="right")
+            joint = self.joint or [eye] * self.batch
+            self.joint = [residual_step(mean[b], joint[b], side="right") for b in range(self.batch)]
         self._acc = {}
 
     def complete(self) -> bool:
-        """Every layer was reduced from one image's attention."""
+        """Every layer was reduced from the attention of every image."""
         return self.valid and all(d is not None for d in self.distances)
 
     def rollout_row(self, weights: torch.Tensor) -> torch.Tensor:
-        """The default rollout's row: ``weights`` [N] (float64) through every layer, top-down -> [N] float64.
+        """The default rollout's row of every image: ``weights`` [N] (float64) through every layer, top-down -> [B, N]
+        float64.
 
         With the mean fusions stored, each layer is :func:`~vizapp.analysis.rollout.residual_step` written as two
         operations, the row sums of every layer taken at once: w ← w / s_l, then w ← w + w·M_l (``addmv``).
         """
-        w = weights.to(torch.float32)
+        w0 = weights.to(torch.float32)
         if not self.store_mean:
-            return torch.matmul(w, self.joint).to(torch.float64)
-        sums = self.mean_store.sum(dim=-1).add_(1.0)  # [L, N]: row sums of M_l + I
-        for layer in range(len(self.heads) - 1, -1, -1):
-            w = w / sums[layer]
-            w = torch.addmv(w, self.mean_store[layer].t(), w)
-        return w.to(torch.float64)
+            return torch.stack([torch.matmul(w0, joint) for joint in self.joint]).to(torch.float64)
+        rows = []
+        for store in self.mean_store:  # [L, N, N] of one image
+            sums = store.sum(dim=-1).add_(1.0)  # [L, N]: row sums of M_l + I
+            w = w0
+            for layer in range(len(self.heads) - 1, -1, -1):
+                w = w / sums[layer]
+                w = torch.addmv(w, store[layer].t(), w)
+            rows.append(w)
+        return torch.stack(rows).to(torch.float64)
 
 
 class DatasetDistances:
@@ -266,12 +279,13 @@ def fused_layer(
 
 
 class BlockFeatures:
-    """What :func:`vizapp.analyze` keeps of each encoder block's output (``AttentionCapture(on_block=...)``).
+    """What :func:`vizapp.analyze` keeps of each encoder block's output (``AttentionCapture(on_block=...)``), for
+    every image of the batch.
 
-    Per layer: the L2 norm of every token [N] (always, a few floats); the logit lens, the model's own final norm,
-    pooling and head applied to the block's output, as probabilities [K] (when the model has a head); and the output
-    itself [N, D] for the feature views, for every layer while L x N x D floats fit ``budget`` bytes, else for the
-    last layer only.
+    Per layer and image: the L2 norm of every token [N] (always, a few floats); the logit lens, the model's own final
+    norm, pooling and head applied to the block's output, as probabilities [K] (when the model has a head); and the
+    output itself [N, D] for the feature views, for every layer while one image's L x N x D floats fit ``budget``
+    bytes, else for the last layer only.
 
     When every layer's output is kept, the norms and the lens are taken after the forward, all layers in one call
     (:meth:`finish`): the head's weights are then read once instead of once per layer (ViT-B/16 on 2 CPU threads: 1.1
@@ -280,7 +294,9 @@ class BlockFeatures:
     Args:
         num_layers: L.
         lens_fn: tokens [B, N, D] -> logits [B, K], or None.
-        budget: default :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`.
+        budget: default :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, per image.
+
+    Attributes (after :meth:`finish`): ``norms`` [B, N] and ``lens`` [B, K] per layer, ``outputs`` layer -> [B, N, D].
     """
 
     def __init__(
@@ -289,36 +305,36 @@ class BlockFeatures:
         self.num_layers = num_layers
         self.budget = limits.BLOCK_OUTPUT_BYTES if budget is None else budget
         self.lens_fn = lens_fn
-        self.norms: list[torch.Tensor | None] = [None] * num_layers  # [N] per layer
-        self.lens: list[torch.Tensor | None] = [None] * num_layers  # [K] per layer
-        self.outputs: dict[int, torch.Tensor] = {}  # layer -> [N, D] float32
-        self._deferred: dict[int, torch.Tensor] = {}  # layer -> [N, D] in the model's dtype, until finish()
+        self.norms: list[torch.Tensor | None] = [None] * num_layers  # [B, N] per layer
+        self.lens: list[torch.Tensor | None] = [None] * num_layers  # [B, K] per layer
+        self.outputs: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] float32
+        self._deferred: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] in the model's dtype, until finish()
         self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
-        x = out[0]  # image 0 of the batch: [N, D]
-        if self.num_layers * x.numel() * 4 <= self.budget:  # kept, and reduced in finish()
-            self._deferred[layer] = x
+        if self.num_layers * out[0].numel() * 4 <= self.budget:  # kept, and reduced in finish()
+            self._deferred[layer] = out  # [B, N, D]
             return
         if layer == self.num_layers - 1:
-            self.outputs[layer] = x.float()
-        self.norms[layer] = torch.linalg.vector_norm(x.float(), dim=-1)
+            self.outputs[layer] = out.float()
+        self.norms[layer] = torch.linalg.vector_norm(out.float(), dim=-1)
         if self.lens_fn is not None:
             with torch.no_grad():
-                self.lens[layer] = torch.softmax(self.lens_fn(out[:1]).float()[0], dim=-1)
+                self.lens[layer] = torch.softmax(self.lens_fn(out).float(), dim=-1)
 
     def finish(self) -> None:
         """Norms and lens of the layers whose outputs were kept, in one call each; call once after the forward."""
         if not self._deferred:
             return
         layers = sorted(self._deferred)
-        stack = torch.stack([self._deferred[i] for i in layers])  # [l, N, D]
+        stack = torch.stack([self._deferred[i] for i in layers])  # [l, B, N, D]
         self._deferred = {}
-        norms = torch.linalg.vector_norm(stack.float(), dim=-1)
+        norms = torch.linalg.vector_norm(stack.float(), dim=-1)  # [l, B, N]
         lens = None
         if self.lens_fn is not None:
             with torch.no_grad():
-                lens = torch.softmax(self.lens_fn(stack).float(), dim=-1)
+                flat = self.lens_fn(stack.flatten(0, 1)).float()  # [l·B, K]: every layer and image in one call
+                lens = torch.softmax(flat, dim=-1).unflatten(0, stack.shape[:2])  # [l, B, K]
         for j, i in enumerate(layers):
             self.outputs[i] = stack[j].float()  # a view of the stack: the block's own output is released
             self.norms[i] = norms[j]
@@ -328,7 +344,7 @@ class BlockFeatures:
             self._stacked = {"norms": norms} if lens is None else {"norms": norms, "lens": lens}
 
     def stacked(self, what: str) -> torch.Tensor:
-        """Every layer's ``"norms"`` [L, N] or ``"lens"`` [L, K] as one tensor (no copy when :meth:`finish` took all
-        layers at once)."""
+        """Every layer's ``"norms"`` [L, B, N] or ``"lens"`` [L, B, K] as one tensor (no copy when :meth:`finish`
+        took all layers at once)."""
         found = self._stacked.get(what)
         return found if found is not None else torch.stack(getattr(self, what))
