@@ -92,6 +92,24 @@ def test_head_importance_on_cuda_equals_the_cpu():
     np.testing.assert_allclose(np.asarray(gb.drop), np.asarray(ga.drop), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
+def test_a_batch_on_cuda_equals_the_cpu_batch_and_each_image_alone(fid, name, kwargs):
+    """The batch API on the GPU (eager: batches never run as a CUDA graph): each analysis equals the CPU's batch and
+    the GPU's own analysis of that image; the class maps of ``vizapp.explain`` equal the CPU's."""
+    cpu, gpu = pair(name, kwargs)
+    imgs = [random_image(i) for i in range(3)]
+    on_cpu, on_gpu = vizapp.analyze(cpu, imgs), vizapp.analyze(gpu, imgs)
+    for img, a, b in zip(imgs, on_cpu, on_gpu, strict=True):
+        np.testing.assert_allclose(b.probs, a.probs, **TOL)
+        np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)
+        np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=2e-3, atol=2e-2)
+        _same_analysis(b, vizapp.analyze(gpu, img), tol=2e-3, same_path=False)
+    names = ["relevance", "grad_rollout", "rollout"]
+    ma, mb = vizapp.explain(cpu, imgs, names, 1), vizapp.explain(gpu, imgs, names, 1)
+    for n in names:
+        np.testing.assert_allclose(mb[n], ma[n], rtol=1e-2, atol=1e-4)
+
+
 def _same_analysis(b, a, tol: float = 1e-5, same_path: bool = True) -> None:
     """Every field an analysis computes in its forward, and the views built on them, agree to ``tol``."""
     close = dict(rtol=tol, atol=tol)

@@ -4,9 +4,12 @@ import vizapp
 vm = vizapp.load_model("vit_base_patch16_224.augreg2_in21k_ft_in1k")
 r = vizapp.analyze(vm, pil_image)
 r.top_k, r.attention(layer=11), r.rollout(), r.mean_distance, vm.pos_similarity()
+rs = vizapp.analyze(vm, [img1, img2, img3])  # one batched forward, one Analysis per image
+maps = vizapp.explain(vm, [img1, img2, img3], ["relevance", "grad_rollout"])  # {name: [B, gh, gw]}
 """
 
 from vizapp import analysis
+from vizapp.batch import explain
 from vizapp.capture import AttentionCapture
 from vizapp.errors import (
     BadImageError,
@@ -43,6 +46,7 @@ __all__ = [
     "VizappError",
     "analysis",
     "analyze",
+    "explain",
     "feature_pca",
     "head_importance",
     "load_model",

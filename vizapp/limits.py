@@ -39,6 +39,14 @@ EXPORT_ATTENTION_BYTES = 256 * 2**20
 # GRAPH_MEMORY_BYTES run eagerly instead.
 CUDA_GRAPHS = 2
 GRAPH_MEMORY_BYTES = 512 * 2**20
+# A list of images given to ``vizapp.analyze`` or ``vizapp.explain`` goes through the model in forwards of at most this
+# estimate each (see :func:`analysis_bytes`; one image always runs, as it does alone): ViT-B/16 at 224 px, about 35 MB
+# an image (58 per forward), 240 MB with gradients (8 per forward).
+BATCH_FORWARD_BYTES = 2 * 2**30
+# What the analyses of one ``vizapp.analyze(vm, images)`` keep in all (q and k of every layer, block outputs, fusions;
+# with gradients, the autograd graphs): a list over this is refused before any forward. ``vizapp.explain`` keeps maps
+# only and is not bounded by it.
+BATCH_RECORD_BYTES = 4 * 2**30
 
 
 def chunk_bytes(device: torch.device) -> int:
@@ -67,3 +75,22 @@ def ablation_batch(copies: int, tokens: int, width: int, heads: int, element_byt
     """
     per_copy = (10 * tokens * width + heads * tokens * tokens) * element_bytes
     return max(1, min(copies, ABLATION_BATCH_BYTES // max(1, per_copy)))
+
+
+def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:
+    """High estimates, in bytes, of (what one image's analysis keeps, what its forward needs besides) in a batch.
+
+    Kept: q and k of every layer, the block outputs (:data:`BLOCK_OUTPUT_BYTES`), the mean fusions
+    (:data:`ROLLOUT_STORE_LIMIT_BYTES`) and, with gradients, the autograd graph (each layer's widest activations
+    14·N·D and its attention, softmax and their gradients' 3·H·N·N) and the image's attention gradients. Working: a
+    block's activations (10·N·D) and a copy of the block outputs. Widths are taken as 64 per head, as most ViTs have.
+    """
+    width = heads * 64
+    outputs = layers * tokens * width * 4
+    outputs = outputs if outputs <= BLOCK_OUTPUT_BYTES else tokens * width * 4
+    fused = layers * tokens * tokens * 4
+    fused = fused if fused <= ROLLOUT_STORE_LIMIT_BYTES else 2 * tokens * tokens * 4
+    kept = 2 * layers * tokens * width * 4 + outputs + fused
+    if gradients:
+        kept += layers * (14 * tokens * width + 3 * heads * tokens * tokens) * 4 + 2 * layers * heads * tokens**2 * 4
+    return kept, 10 * tokens * width * 4 + outputs

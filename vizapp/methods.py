@@ -52,6 +52,8 @@ class Method:
         cost: ``cost(analysis) -> Cost``, an estimate of what ``compute`` will cost (set for slow methods).
         from_output: the map is carried down from the tokens the output reads (``Analysis.output_weights``), not
             from one fixed token.
+        options: every keyword argument ``compute`` takes (``controls`` among them): what ``vizapp.explain`` passes
+            it of the options it is given.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Method:
     reports_progress: bool = False
     cost: Callable[[Analysis], Cost] | None = None
     from_output: bool = True
+    options: tuple[str, ...] = ()
 
 
 # Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
@@ -119,6 +122,7 @@ METHODS: dict[str, Method] = {
             False,
             lambda r, c, **kw: r.rollout(**kw),
             controls=("head_fusion", "discard_ratio", "start_layer", "start_row"),
+            options=("head_fusion", "discard_ratio", "start_layer", "start_row"),
         ),
         Method(
             "attention",
@@ -136,6 +140,7 @@ METHODS: dict[str, Method] = {
             slow=True,
             reports_progress=True,
             cost=_flow_cost,
+            options=("head_fusion", "progress", "start_row"),
         ),
         Method(
             "grad_rollout",
@@ -143,8 +148,16 @@ METHODS: dict[str, Method] = {
             True,
             lambda r, c, **kw: r.grad_rollout(c, **kw),
             controls=("start_row",),
+            options=("discard_ratio", "start_layer", "start_row"),
         ),
-        Method("relevance", "Chefer relevance", True, lambda r, c, **kw: r.relevance(c, **kw), controls=("start_row",)),
+        Method(
+            "relevance",
+            "Chefer relevance",
+            True,
+            lambda r, c, **kw: r.relevance(c, **kw),
+            controls=("start_row",),
+            options=("start_layer", "start_row"),
+        ),
     )
 }
 

@@ -1,0 +1,355 @@
+"""The batch API: ``vizapp.analyze`` of a list (one forward, one Analysis per image) and ``vizapp.explain`` (maps of a
+batch, the class-specific ones from one forward and ONE backward), against the one-image path image by image."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import vizapp
+from tests.conftest import FAMILIES, random_image, small_model
+from vizapp import limits
+from vizapp.errors import BadImageError, BadParameterError
+from vizapp.methods import METHODS
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+SIZES = [(96, 128), (64, 64), (120, 90), (50, 200)]  # each image brought to the model's size by its own transform
+FAMILY = {f[0]: f for f in FAMILIES}
+BEIT = ("beit", "beit_base_patch16_224", dict(img_size=48, depth=2, embed_dim=64, num_heads=4))  # relative bias
+
+
+def images(n: int = 4, seed: int = 0) -> list:
+    return [random_image(seed + i, size=SIZES[i % len(SIZES)]) for i in range(n)]
+
+
+def load(fid: str, card_model: str):
+    if fid == "card":
+        torch.manual_seed(0)
+        return vizapp.load_model(card_model)
+    _, name, kwargs = BEIT if fid == "beit" else FAMILY[fid]
+    vm = small_model(name, **kwargs)
+    with torch.no_grad():
+        for module in vm.model.modules():
+            if type(module).__name__ == "LayerScale":
+                # DINOv2's and the gap model's LayerScale starts at 1e-5: the attention would barely reach the
+                # logits (gradients ~1e-6) and every class map be flat to 1e-7, so no class test could fail
+                module.gamma.fill_(1.0)
+    return vm
+
+
+@contextlib.contextmanager
+def counted_forwards(vm):
+    """The batch size of every forward of ``vm``'s network inside the block."""
+    sizes: list[int] = []
+    handle = vm.model.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def counted_backwards(monkeypatch):
+    """Every backward pass run through torch.autograd.grad or torch.autograd.backward (Tensor.backward too)."""
+    calls: list[str] = []
+    grad, backward = torch.autograd.grad, torch.autograd.backward
+
+    def counting_grad(*args, **kwargs):
+        calls.append("grad")
+        return grad(*args, **kwargs)
+
+    def counting_backward(*args, **kwargs):
+        calls.append("backward")
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(torch.autograd, "backward", counting_backward)
+    yield calls
+
+
+def queries(r) -> list:
+    """CLS (where there is one), a prefix token, the first and the last patch."""
+    gh, gw = r.grid_size
+    found = [(0, 0), (gh - 1, gw - 1), r.num_prefix_tokens - 1 if r.num_prefix_tokens else 0]
+    return (["cls"] if r.has_class_token else []) + found
+
+
+def assert_same_analysis(batched, alone) -> None:
+    """Every public output of the two analyses agrees to 1e-5."""
+    assert batched.grid_size == alone.grid_size and batched.num_prefix_tokens == alone.num_prefix_tokens
+    assert [lbl for lbl, _ in batched.top_k] == [lbl for lbl, _ in alone.top_k]
+    np.testing.assert_allclose([p for _, p in batched.top_k], [p for _, p in alone.top_k], **TOL)
+    if alone.probs is not None:
+        np.testing.assert_allclose(batched.probs, alone.probs, **TOL)
+    torch.testing.assert_close(batched.input, alone.input, rtol=0, atol=0)
+    np.testing.assert_array_equal(batched.image, alone.image)
+    assert batched.notes == alone.notes
+    np.testing.assert_allclose(batched.mean_distance, alone.mean_distance, **TOL)
+    np.testing.assert_allclose(batched.token_norms(), alone.token_norms(), rtol=1e-5, atol=1e-4)
+    if alone.lens_probs is not None:
+        np.testing.assert_allclose(batched.lens_probs, alone.lens_probs, **TOL)
+        assert [[c for c, _ in row] for row in batched.logit_lens()] == [
+            [c for c, _ in row] for row in alone.logit_lens()
+        ]
+    for layer in range(alone.num_layers):
+        for query in queries(alone):
+            np.testing.assert_allclose(
+                batched.attention(layer, None, query), alone.attention(layer, None, query), **TOL
+            )
+        np.testing.assert_allclose(batched.attention(layer, 1, (0, 1)), alone.attention(layer, 1, (0, 1)), **TOL)
+    np.testing.assert_allclose(batched.rollout(), alone.rollout(), **TOL)
+    np.testing.assert_allclose(batched.rollout("max", 0.5, 1), alone.rollout("max", 0.5, 1), **TOL)
+    np.testing.assert_allclose(batched.feature_pca(), alone.feature_pca(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        batched.feature_similarity((0, 0)), alone.feature_similarity((0, 0)), rtol=1e-5, atol=1e-5
+    )
+    if alone.probs is not None:
+        for name in ("grad_rollout", "relevance"):
+            np.testing.assert_allclose(batched.explain(name, 1), alone.explain(name, 1), **TOL)
+
+
+@pytest.mark.parametrize("fid", ["card", *FAMILY, "beit"])
+def test_a_batch_analysis_equals_each_image_alone(fid, card_model):
+    vm = load(fid, card_model)
+    imgs = images(4)
+    with counted_forwards(vm) as forwards:
+        batch = vizapp.analyze(vm, imgs)
+    assert forwards == [4]  # one batched forward
+    assert isinstance(batch, list) and len(batch) == 4
+    for img, r in zip(imgs, batch, strict=True):
+        assert_same_analysis(r, vizapp.analyze(vm, img))
+    # the images really differ, so a batch that gave every image image 0's record would fail above
+    assert not np.allclose(batch[0].rollout(), batch[1].rollout())
+
+
+def test_a_batch_through_the_replay_path_equals_each_image_alone():
+    """inline=False: the model's own SDPA forms each layer's output and the statistics are fed from q and k."""
+    vm = small_model(FAMILY["deit_distilled"][1], **FAMILY["deit_distilled"][2])
+    imgs = images(3, seed=5)
+    for img, r in zip(imgs, vizapp.analyze(vm, imgs, inline=False), strict=True):
+        assert r.recomputed_layers == tuple(range(vm.num_layers))
+        assert_same_analysis(r, vizapp.analyze(vm, img))
+
+
+def test_a_tuple_is_a_batch_and_one_image_stays_one_analysis(image):
+    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
+    assert isinstance(vizapp.analyze(vm, image), vizapp.Analysis)
+    arr = np.asarray(image)
+    assert isinstance(vizapp.analyze(vm, arr), vizapp.Analysis)  # an array is one image, not a batch of rows
+    out = vizapp.analyze(vm, (image, arr))
+    assert isinstance(out, list) and len(out) == 2
+    np.testing.assert_allclose(out[0].probs, out[1].probs, **TOL)
+    with pytest.raises(BadParameterError, match="at least one image"):
+        vizapp.analyze(vm, [])
+
+
+def test_a_gradient_batch_gives_each_image_its_own_gradients(monkeypatch):
+    vm = small_model(FAMILY["deit_distilled"][1], **FAMILY["deit_distilled"][2])
+    imgs = images(3, seed=2)
+    batch = vizapp.analyze(vm, imgs, gradients=True)
+    for img, r in zip(imgs, batch, strict=True):
+        alone = vizapp.analyze(vm, img, gradients=True)
+        for c in (None, 3, 7):
+            torch.testing.assert_close(r.attention_gradients(c), alone.attention_gradients(c), **TOL)
+            np.testing.assert_allclose(r.relevance(c), alone.relevance(c), **TOL)
+    with counted_backwards(monkeypatch) as calls:
+        vizapp.pipeline.class_gradients(batch, [5, vm.labels[9], None])
+    assert calls == ["grad"]
+    with counted_backwards(monkeypatch) as calls:  # the classes found by that backward cost nothing more
+        batch[0].grad_rollout(5), batch[1].relevance(9), batch[2].relevance(None)
+    assert calls == []
+
+
+def expected_map(r, name: str, cls, **controls):
+    """The one-image path's map, or the error it raises."""
+    try:
+        return r.explain(name, cls, **{k: v for k, v in controls.items() if k in METHODS[name].options})
+    except BadParameterError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4"])
+@pytest.mark.parametrize("classes", [None, 3, "per image"])
+def test_explain_equals_each_images_own_map_for_every_method(fid, classes, card_model, monkeypatch):
+    vm = load(fid, card_model)
+    imgs = images(3, seed=7)
+    if classes == "per image":
+        classes = [2, vm.labels[5], np.int64(1)]  # an index, a label, a numpy integer
+    alone = [vizapp.analyze(vm, img) for img in imgs]
+    wanted = classes if isinstance(classes, list) else [classes] * len(imgs)
+    for name in METHODS:
+        expected = [expected_map(r, name, c) for r, c in zip(alone, wanted, strict=True)]
+        if isinstance(expected[0], Exception):  # e.g. the last layer's CLS attention of a model without CLS
+            with pytest.raises(type(expected[0]), match=re.escape(str(expected[0]))):
+                vizapp.explain(vm, imgs, name, classes)
+            continue
+        with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
+            maps = vizapp.explain(vm, imgs, name, classes)
+        assert forwards == [3]
+        assert backwards == (["grad"] if METHODS[name].needs_class else [])
+        assert maps.shape == (3, *alone[0].grid_size) and maps.dtype == np.float32
+        assert not np.allclose(maps[0], maps[1], **TOL)  # maps that differ by more than the tolerance
+        for b in range(3):
+            np.testing.assert_allclose(maps[b], expected[b], **TOL)
+
+
+@pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4"])
+def test_class_maps_of_a_batch_take_one_forward_and_one_backward(fid, card_model, monkeypatch):
+    vm = load(fid, card_model)
+    imgs = images(4, seed=3)
+    names = [n for n, m in METHODS.items() if m.needs_class]
+    classes = [0, 4, 2, 4]
+    with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
+        maps = vizapp.explain(vm, imgs, names, classes, start_layer=1)
+    assert forwards == [4] and backwards == ["grad"]
+    assert set(maps) == set(names)
+    for b, img in enumerate(imgs):
+        r = vizapp.analyze(vm, img)
+        for name in names:
+            np.testing.assert_allclose(maps[name][b], r.explain(name, classes[b], start_layer=1), **TOL)
+        # each image's own class: another class's map differs, so one class for all would have failed
+        assert not np.allclose(r.relevance(classes[b]), r.relevance(classes[b] + 1))
+
+
+def test_explain_passes_each_method_the_controls_it_takes(card_model):
+    vm = load("card", card_model)
+    imgs = images(2, seed=4)
+    controls = dict(head_fusion="max", discard_ratio=0.3, start_layer=1, start_row="cls")
+    maps = vizapp.explain(vm, imgs, list(METHODS), 1, **controls)
+    for b, img in enumerate(imgs):
+        r = vizapp.analyze(vm, img)
+        for name in METHODS:
+            np.testing.assert_allclose(maps[name][b], expected_map(r, name, 1, **controls), **TOL)
+    # the controls made a difference: without them the rollout is another map
+    assert not np.allclose(maps["rollout"][0], vizapp.explain(vm, imgs, "rollout")[0])
+    with pytest.raises(BadParameterError, match="head_fusion"):
+        vizapp.explain(vm, imgs, "relevance", head_fusion="max")
+    with pytest.raises(BadParameterError, match="method must be one of"):
+        vizapp.explain(vm, imgs, "saliency")
+
+
+def test_every_option_a_method_declares_is_one_its_compute_takes(image):
+    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
+    r = vizapp.analyze(vm, image)
+    defaults = dict(head_fusion="mean", discard_ratio=0.0, start_layer=0, start_row="output", progress=None)
+    for name, m in METHODS.items():
+        assert set(m.controls) <= set(m.options), name
+        plain = m.compute(r, 1)
+        for option in m.options:
+            np.testing.assert_allclose(m.compute(r, 1, **{option: defaults[option]}), plain, **TOL)
+
+
+def test_bad_classes_are_refused_before_any_forward(card_model):
+    vm = load("card", card_model)
+    imgs = images(3)
+    with counted_forwards(vm) as forwards:
+        for classes, message in (
+            ([1, 2], "2 classes given for 3 images"),
+            ([1, 2, "no such class"], "class of image 2: unknown label"),
+            ([1, 10, 2], "class of image 1 must be"),
+            ([1, True, 2], "class of image 1 must be"),
+            (2.5, "classes must be None"),
+        ):
+            with pytest.raises(BadParameterError, match=message):
+                vizapp.explain(vm, imgs, ["relevance", "rollout"], classes)
+    assert forwards == []
+
+
+def test_an_undecodable_image_is_named_by_its_index_before_any_forward(card_model):
+    vm = load("card", card_model)
+    buf = io.BytesIO()
+    random_image(1).save(buf, format="PNG")
+    batch = [random_image(0), buf.getvalue(), b"not an image", random_image(2)]
+    with counted_forwards(vm) as forwards:
+        with pytest.raises(BadImageError, match=r"^image 2: ") as exc:
+            vizapp.analyze(vm, batch)
+        with pytest.raises(BadImageError, match=r"^image 2: "):
+            vizapp.explain(vm, batch, "relevance")
+        with pytest.raises(BadImageError, match=r"^image 0: "):
+            vizapp.analyze(vm, [b"\x89PNG\r\n\x1a\n truncated", random_image(0)])
+    assert forwards == []
+    with pytest.raises(BadImageError) as alone:  # the same clear message as the image alone gets
+        vizapp.analyze(vm, b"not an image")
+    assert str(exc.value) == f"image 2: {alone.value}"
+
+
+def test_a_batch_over_the_forward_budget_is_split_and_still_exact(card_model, monkeypatch):
+    vm = load("card", card_model)
+    imgs = images(5, seed=9)
+    gh, gw = vm.grid_size
+    kept, working = limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES", 2 * (kept + working) + 1)  # two images per forward
+    with counted_forwards(vm) as forwards:
+        batch = vizapp.analyze(vm, imgs)
+    assert forwards == [2, 2, 1]
+    for img, r in zip(imgs, batch, strict=True):
+        assert_same_analysis(r, vizapp.analyze(vm, img))
+    # with gradients the estimate is larger: one image per forward, one backward each, maps still each image's own
+    kept_g, working_g = limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, True)
+    assert kept_g + working_g > 2 * (kept + working) + 1
+    with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
+        maps = vizapp.explain(vm, imgs, ["relevance", "rollout"], [1, 2, 3, 4, 5])
+    assert forwards == [1] * 5 and backwards == ["grad"] * 5
+    for b, img in enumerate(imgs):
+        np.testing.assert_allclose(maps["relevance"][b], vizapp.analyze(vm, img).relevance(b + 1), **TOL)
+
+
+def test_a_batch_whose_analyses_would_exceed_the_budget_is_refused_before_any_forward(card_model, monkeypatch):
+    vm = load("card", card_model)
+    gh, gw = vm.grid_size
+    kept, _ = limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
+    monkeypatch.setattr(limits, "BATCH_RECORD_BYTES", 3 * kept)
+    with counted_forwards(vm) as forwards:
+        assert len(vizapp.analyze(vm, images(3))) == 3
+        with pytest.raises(BadParameterError, match="analyse at most 3 images at once"):
+            vizapp.analyze(vm, images(4))
+    assert forwards == [3]
+    # vizapp.explain keeps maps only: the same four images run
+    assert vizapp.explain(vm, images(4), "rollout").shape == (4, gh, gw)
+
+
+def test_the_forward_budget_holds_a_real_model_within_its_limit():
+    """ViT-B/16 at 224 px: the estimate puts tens of images in one forward, and fewer with gradients."""
+    kept, working = limits.analysis_bytes(12, 197, 12)
+    kept_g, working_g = limits.analysis_bytes(12, 197, 12, gradients=True)
+    q_and_k = 2 * 12 * 197 * 768 * 4
+    assert q_and_k < kept < 3 * q_and_k
+    assert 16 <= limits.BATCH_FORWARD_BYTES // (kept + working) <= 128
+    assert 4 <= limits.BATCH_FORWARD_BYTES // (kept_g + working_g) < limits.BATCH_FORWARD_BYTES // (kept + working)
+
+
+def test_layer_statistics_of_a_batch_equal_each_image_alone():
+    """Chunks of two images arriving interleaved, heads and rows split, reduce as two batches of one."""
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.streaming import LayerStatistics
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(3 * torch.randn(2, 3, 4, 5, 5, generator=g), dim=-1)  # [B, L, H, N, N]: 1 prefix + 2x2
+    dist = patch_distance_matrix((2, 2), (16, 16))
+    weights = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
+    for store_mean in (True, False):
+        both = LayerStatistics([4] * 3, 5, dist, 1, store_mean=store_mean, batch=2)
+        alone = [LayerStatistics([4] * 3, 5, dist, 1, store_mean=store_mean) for _ in range(2)]
+        for layer in range(3):
+            for h0 in (0, 2):
+                for b in (1, 0):
+                    both.chunk(layer, b, h0, attn[b, layer, h0 : h0 + 2], 0)
+                    alone[b].chunk(layer, 0, h0, attn[b, layer, h0 : h0 + 2], 0)
+            both.layer_done(layer)
+            for s in alone:
+                s.layer_done(layer)
+        assert both.complete()
+        rows = both.rollout_row(weights)
+        for b in range(2):
+            torch.testing.assert_close(rows[b], alone[b].rollout_row(weights)[0])
+            for layer in range(3):
+                torch.testing.assert_close(both.distances[layer][b], alone[b].distances[layer][0])
+    missing = LayerStatistics([4], 5, dist, 1, batch=2)
+    missing.chunk(0, 0, 0, attn[0, 0], 0)  # image 1 never arrives
+    missing.layer_done(0)
+    assert not missing.complete()

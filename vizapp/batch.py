@@ -1,0 +1,191 @@
+"""Many images through the model together: :func:`analyze_batch` (``vizapp.analyze`` of a list) and :func:`explain`
+(the maps of registered methods for a batch of images, the class-specific ones from one forward and one backward).
+
+The images of a ViT batch never mix: every layer works on each image's tokens alone. So a batch's forward gives each
+image what its own forward would (to float rounding), and the gradient of Σ_b logit_b[c_b] with respect to image b's
+attention is ∂logit_b[c_b]/∂A_b, image b's own. Batches are cut to :data:`vizapp.limits.BATCH_FORWARD_BYTES` per
+forward before anything runs, and one call's analyses to :data:`vizapp.limits.BATCH_RECORD_BYTES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vizapp import limits
+from vizapp import methods as registry
+from vizapp.errors import BadImageError, BadParameterError
+from vizapp.models import VizModel
+from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, to_pil
+
+__all__ = ["analyze_batch", "explain", "forward_groups"]
+
+
+def _inputs(vm: VizModel, images: Any) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
+    """Every image decoded and preprocessed by the model's own transform, [1, C, H, W] each with its notes, before
+    anything runs; BadImageError naming the first image that cannot be used."""
+    if not isinstance(images, (list, tuple)):
+        raise BadParameterError(f"images must be a list or tuple of images, got {type(images).__name__}")
+    if not images:
+        raise BadParameterError("no images were given; pass a list of at least one image")
+    out = []
+    for i, image in enumerate(images):
+        try:
+            pil, notes = to_pil(image)
+        except BadImageError as exc:
+            raise BadImageError(f"image {i}: {exc}") from exc
+        x = vm.transform(pil)
+        out.append((x[None] if x.dim() == 3 else x, tuple(notes)))
+    return out
+
+
+def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, int]:
+    """:func:`vizapp.limits.analysis_bytes` of one input [1, C, H, W]."""
+    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients)
+
+
+def forward_groups(vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False) -> list[list[int]]:
+    """The images (indices into ``inputs``, each [1, C, H, W]) that go through each forward: those of one input size
+    together (a model whose transform keeps the aspect ratio gives several), at most as many as fit
+    :data:`vizapp.limits.BATCH_FORWARD_BYTES` by :func:`vizapp.limits.analysis_bytes`, and at least one."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    groups = []
+    for members in by_shape.values():
+        kept, working = _image_bytes(vm, inputs[members[0]], gradients)
+        size = max(1, limits.BATCH_FORWARD_BYTES // (kept + working))
+        groups += [members[j : j + size] for j in range(0, len(members), size)]
+    return groups
+
+
+def analyze_batch(
+    vm: VizModel,
+    images: Sequence[Any],
+    *,
+    top_k: int = 5,
+    progress: Callable[[float, str], None] | None = None,
+    inline: bool = True,
+    gradients: bool = False,
+) -> list[Analysis]:
+    """The :class:`Analysis` of each image, in order, from batched forwards (see :func:`forward_groups`): each equal to
+    ``vizapp.analyze(vm, image)`` of that image alone. Arguments as in :func:`vizapp.analyze`; with ``gradients``,
+    a further class of one analysis costs a backward of its whole forward's batch (:func:`explain` takes one class
+    per image from a single backward).
+
+    Raises:
+        BadImageError: an image cannot be used; the message starts with its index ("image 2: ..."). Nothing ran.
+        BadParameterError: the analyses together would keep more than :data:`vizapp.limits.BATCH_RECORD_BYTES`
+            (q and k of every layer...); nothing ran.
+    """
+    inputs = _inputs(vm, images)
+    kept = [_image_bytes(vm, x, gradients)[0] for x, _ in inputs]
+    if sum(kept) > limits.BATCH_RECORD_BYTES:
+        each = max(kept)
+        raise BadParameterError(
+            f"{len(inputs)} analyses of {vm.name} would keep about {sum(kept) / 2**30:.1f} GB (q and k of every "
+            f"layer{', the autograd graph' if gradients else ''}: up to {each / 2**20:.0f} MB an image), over the "
+            f"{limits.BATCH_RECORD_BYTES / 2**30:.1f} GB limit; analyse at most {max(1, limits.BATCH_RECORD_BYTES // each)} "
+            "images at once, or ask vizapp.explain for their maps only"
+        )
+    groups = forward_groups(vm, [x for x, _ in inputs], gradients)
+    results: list[Analysis | None] = [None] * len(inputs)
+    for g, members in enumerate(groups):
+        if progress:
+            progress(g / len(groups), f"forward {g + 1} of {len(groups)}")
+        x = torch.cat([inputs[i][0] for i in members])
+        found = analyze_inputs(vm, x, [inputs[i][1] for i in members], top_k=top_k, inline=inline, gradients=gradients)
+        for i, r in zip(members, found, strict=True):
+            results[i] = r
+    if progress:
+        progress(1.0, "done")
+    return results
+
+
+def _classes(vm: VizModel, classes: Any, count: int) -> list[int | None]:
+    """One class per image (an index into ``vm.labels``, or None for the image's top-1), checked before any forward."""
+    if not vm.labels:
+        raise BadParameterError(f"{vm.name} has no classifier head, so there is no class to explain")
+    if classes is None or isinstance(classes, (str, int, np.integer)):
+        classes = [classes] * count
+    if not isinstance(classes, (list, tuple, np.ndarray)):
+        raise BadParameterError(f"classes must be None, a class or one class per image, got {type(classes).__name__}")
+    if len(classes) != count:
+        raise BadParameterError(f"{len(classes)} classes given for {count} images; give one per image, or one for all")
+    out: list[int | None] = []
+    for i, c in enumerate(classes):
+        if c is None:
+            out.append(None)
+        elif isinstance(c, str):
+            if c not in vm.labels:
+                raise BadParameterError(f"class of image {i}: unknown label {c[:60]!r}")
+            out.append(vm.labels.index(c))
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < len(vm.labels):
+            out.append(int(c))
+        else:
+            raise BadParameterError(
+                f"class of image {i} must be a label or an index in 0..{len(vm.labels) - 1}, got {c!r}"[:200]
+            )
+    return out
+
+
+def _method_controls(asked: Sequence[registry.Method], controls: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each asked method's share of ``controls``: the options it takes; BadParameterError for a control none takes."""
+    unused = set(controls) - {o for m in asked for o in m.options}
+    if unused:
+        takes = {m.name: list(m.options) for m in asked}
+        raise BadParameterError(f"no method asked takes {sorted(unused)}; their options: {takes}"[:300])
+    return {m.name: {k: v for k, v in controls.items() if k in m.options} for m in asked}
+
+
+def explain(
+    vm: VizModel, images: Sequence[Any], methods: str | Sequence[str], classes: Any = None, **controls: Any
+) -> np.ndarray | dict[str, np.ndarray]:
+    """The maps of registered methods (:data:`vizapp.registry.METHODS`) for a batch of images.
+
+    Each map equals ``vizapp.analyze(vm, image).explain(name, class)`` of that image alone. The images go through the
+    model in batched forwards (:func:`forward_groups`; one for a batch that fits the budget); when a class-specific
+    method is asked (gradient rollout, relevance), that forward keeps its attention in the autograd graph and ONE
+    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked.
+
+    Args:
+        vm: a model from :func:`vizapp.load_model`.
+        images: a list or tuple of images (PIL, bytes, paths or arrays, decoded safely).
+        methods: one method name, or a sequence of them.
+        classes: for the class-specific methods: None (each image's top-1 class), one class for every image (an index
+            or a label), or a sequence with one class per image.
+        **controls: options passed to the methods that take them (``head_fusion``, ``discard_ratio``,
+            ``start_layer``, ``start_row``; see :attr:`vizapp.registry.Method.options`).
+
+    Returns:
+        for one name, the maps [B, gh, gw] float32; for a sequence of names, a dict name -> [B, gh, gw].
+
+    Raises:
+        BadImageError: an image cannot be used ("image 2: ..."); BadParameterError: an unknown method, class or
+            control. Both before any forward.
+    """
+    names = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
+    if not names:
+        raise BadParameterError(f"give at least one method of {list(registry.METHODS)}")
+    asked = [registry.get(name) for name in names]
+    per_method = _method_controls(asked, controls)
+    inputs = _inputs(vm, images)
+    gradients = any(m.needs_class for m in asked)
+    wanted = _classes(vm, classes, len(inputs)) if gradients else [None] * len(inputs)
+    maps: dict[str, list[np.ndarray | None]] = {name: [None] * len(inputs) for name in names}
+    for members in forward_groups(vm, [x for x, _ in inputs], gradients):
+        x = torch.cat([inputs[i][0] for i in members])
+        found = analyze_inputs(vm, x, [inputs[i][1] for i in members], gradients=gradients)
+        cls = [wanted[i] for i in members]
+        if gradients:
+            cls = class_gradients(found, cls)  # the one backward of this forward; None -> each image's top-1
+        for j, i in enumerate(members):
+            for m in asked:
+                maps[m.name][i] = registry.explain(found[j], m.name, cls[j], **per_method[m.name])
+        del found  # this forward's graph and analyses go before the next forward
+    stacked = {name: np.stack(found_maps).astype(np.float32, copy=False) for name, found_maps in maps.items()}
+    return stacked[names[0]] if isinstance(methods, str) else stacked
