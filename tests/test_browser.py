@@ -51,7 +51,7 @@ def _plot_data(page, elem_id: str) -> dict:
         page.evaluate(
             """(gd) => JSON.stringify({n: gd.data.length, types: gd.data.map(t => t.type),
                                  z: gd._fullData.map(t => t.z ? Array.from(t.z).slice(0, 60).map(r => Array.from(r || []).map(v => (v === null || Number.isNaN(v)) ? null : v)) : null),
-                                 title: gd.layout.title && gd.layout.title.text})""",
+                                 title: gd.layout.title && gd.layout.title.text.replace(/<br>/g, ' ')})""",
             handle,
         )
     )
@@ -88,7 +88,7 @@ def test_person_analyses_an_image_and_explores(page, photo):
         try:
             page.wait_for_function(
                 """() => { const gd = document.querySelector('#vizapp-heads-plot .js-plotly-plot');
-                           return gd && gd.layout.title && gd.layout.title.text.includes('attention of patch'); }""",
+                           return gd && gd.layout.title && gd.layout.title.text.replace(/<br>/g, ' ').includes('attention of patch'); }""",
                 timeout=30_000,
             )
             break
@@ -118,7 +118,7 @@ def test_person_analyses_an_image_and_explores(page, photo):
     page.mouse.click(target["x"], target["y"])
     page.wait_for_function(
         """() => { const gd = document.querySelector('#vizapp-focus-plot .js-plotly-plot');
-                   return gd && gd.layout.title && gd.layout.title.text.includes('head'); }""",
+                   return gd && gd.layout.title && gd.layout.title.text.replace(/<br>/g, ' ').includes('head'); }""",
         timeout=60_000,
     )
     focus = _plot_data(page, "vizapp-focus-plot")
@@ -132,9 +132,8 @@ def test_person_analyses_an_image_and_explores(page, photo):
     page.screenshot(path=str(ARTIFACTS / "06-position-embeddings.png"), full_page=True)
 
     # A preview grid of 24x24 is drawn as one image (too many cells for numbers); a click on a tile still opens it.
-    slider = page.locator("input[type=number][aria-label*='Preview grid']")
-    slider.fill("24")
-    slider.press("Enter")
+    page.locator("#vizapp-pos-resolution input").click()
+    page.get_by_role("option", name="24 x 24 (interpolated)").click()
     handle = page.wait_for_function(
         """() => { const gd = document.querySelector('#vizapp-pos-plot .js-plotly-plot');
                    return gd && gd.data.length && gd.data[0].type === 'image' ? gd : null; }""",
@@ -153,7 +152,7 @@ def test_person_analyses_an_image_and_explores(page, photo):
     page.mouse.click(target["x"], target["y"])
     page.wait_for_function(
         """() => { const gd = document.querySelector('#vizapp-tile-plot .js-plotly-plot');
-                   return gd && gd.layout.title && gd.layout.title.text.includes('Tile (5, 17)'); }""",
+                   return gd && gd.layout.title && gd.layout.title.text.replace(/<br>/g, ' ').includes('Tile (5, 17)'); }""",
         timeout=60_000,
     )
     page.screenshot(path=str(ARTIFACTS / "07-position-embeddings-24x24.png"), full_page=True)
@@ -169,7 +168,7 @@ def _analyze(pg, photo, patches: str) -> None:
 def _wait_title(pg, elem_id: str, text: str) -> None:
     pg.wait_for_function(
         """([id, text]) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
-                             return gd && gd.layout.title && (gd.layout.title.text || '').includes(text); }""",
+                             return gd && gd.layout.title && (gd.layout.title.text || '').replace(/<br>/g, ' ').includes(text); }""",
         arg=[elem_id, text],
         timeout=60_000,
     )
@@ -289,3 +288,66 @@ def test_person_picks_where_a_pooled_models_maps_start_and_which_position_view(p
     page.get_by_label("learned table").check()
     _wait_title(page, "vizapp-pos-plot", "Position embedding similarity (4x4)")
     page.screenshot(path=str(ARTIFACTS / "12-learned-table-beside-bias.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def bundled_app():
+    from vizapp import models, ui
+
+    demo = ui.queue(ui.build_demo(models.BUNDLED))
+    kwargs = ui.launch_kwargs()
+    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo.local_url
+    demo.close()
+
+
+def _no_error_toast(pg) -> None:
+    """No error or warning toast is on the page, and no output shows gradio's error state."""
+    pg.wait_for_timeout(300)
+    toasts = pg.locator(".toast-body").all_inner_texts()
+    assert not toasts, toasts
+    assert pg.locator(".error").count() == 0 or not any(pg.locator(".error").all_inner_texts())
+
+
+def test_person_uses_the_controls_that_always_failed(page, bundled_app):
+    """Issue 26's six, in Chromium on the bundled model: PCA across examples, the features export, Compare after a
+    new image (its class, its stale maps), the PCA threshold at its maximum, and curve steps that stop at the patches."""
+    from vizapp import models
+
+    examples = models.ASSETS_DIR / "examples"
+    page.goto(bundled_app)
+    page.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    _analyze(page, str(examples / "fmnist_7_sneaker.png"), "7x7 patches")
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Compare methods").click()
+    _wait_title(page, "vizapp-deletion-plot", "Deletion")
+    _no_error_toast(page)
+    # 6. Curve steps: the slider stops at the 49 patches.
+    steps = page.locator("input[type=number][aria-label*='Curve steps']")
+    assert steps.get_attribute("max") == "49"
+    # 3 and 4. A new image: the old Compare maps are gone, and Compare runs with the new image's class.
+    _analyze(page, str(examples / "fmnist_1_trouser.png"), "7x7 patches")
+    page.wait_for_timeout(1000)
+    assert page.locator("#vizapp-compare-plot .js-plotly-plot").count() == 0
+    page.get_by_role("button", name="Compare methods").click()
+    _wait_title(page, "vizapp-deletion-plot", "Deletion")
+    _no_error_toast(page)
+    page.screenshot(path=str(ARTIFACTS / "13-compare-after-a-new-image.png"), full_page=True)
+    # 1. PCA across examples: one image per example and the upload.
+    page.get_by_role("tab", name="Features").click()
+    page.get_by_role("button", name="PCA across examples").click()
+    _wait_title(page, "vizapp-gallery-plot", "One PCA over")
+    gallery = _plot_data(page, "vizapp-gallery-plot")
+    assert gallery["types"] == ["image"] * (1 + len(list(examples.glob("*.*[gG]"))))
+    # 2. Export these arrays: a file appears to download.
+    page.get_by_role("button", name="Export these arrays").click()
+    page.locator("#vizapp-features-npz a").first.wait_for(timeout=60_000)
+    assert "vizapp_features" in page.locator("#vizapp-features-npz").inner_text()
+    # 5. The PCA foreground threshold at its maximum: a map and a sentence, no error.
+    thr = page.locator("input[type=number][aria-label*='PCA foreground threshold']")
+    thr.fill("0.95")
+    thr.press("Enter")
+    _wait_title(page, "vizapp-pca-plot", "0.95")
+    _no_error_toast(page)
+    page.screenshot(path=str(ARTIFACTS / "14-features-after-fixes.png"), full_page=True)

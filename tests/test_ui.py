@@ -51,14 +51,14 @@ def test_rerender_without_forward_pass(analysed, monkeypatch):
     state = analysed.state
     monkeypatch.setattr(vizapp.VizModel, "model", property(lambda self: pytest.fail("no forward pass")), raising=False)
     fig = ui.render_map(state, "rollout", None, "max", 0.5, 1, 0.3, progress=_noprogress).rollout
-    assert "fusion max, discard 0.50, from layer 1" in fig.layout.title.text
+    assert "fusion max, discard 0.50, from layer 1" in fig.layout.title.text.replace("<br>", " ")
     cls_out = ui.render_heads(state, -1, ui.CLS_QUERY, 0, 0, True, -1, 0.5)
     patch_out = ui.render_heads(state, -1, ui.PATCH_QUERY, 3, 4, True, 2, 0.5)
     st2, heads_cls, focus, img = cls_out.state, cls_out.heads, cls_out.focus, cls_out.query_image
     st3, heads_patch, focus2, img2 = patch_out.state, patch_out.heads, patch_out.focus, patch_out.query_image
     assert st3["query"] == (3, 4) and st2["query"] == "cls"
     assert not np.allclose(np.nan_to_num(heads_cls.data[0].z), np.nan_to_num(heads_patch.data[0].z))
-    assert focus is None and isinstance(focus2, go.Figure) and "head 2" in focus2.layout.title.text
+    assert focus is None and isinstance(focus2, go.Figure) and "head 2" in focus2.layout.title.text.replace("<br>", " ")
     assert not np.array_equal(img, img2)  # the query patch is outlined
 
 
@@ -128,7 +128,9 @@ def test_export_folders_are_private_and_old_ones_are_removed():
 def test_pos_views(card_model):
     out = ui.render_pos(card_model, 0, 2, 3, trusted_model=card_model)
     fig, tile = out.pos, out.tile
-    assert fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1) and "Tile (2, 3)" in tile.layout.title.text
+    assert fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1) and "Tile (2, 3)" in tile.layout.title.text.replace(
+        "<br>", " "
+    )
     note = ui.render_pos(card_model, 10, 0, 0, trusted_model=card_model).pos_note
     assert "resampled to 10x10" in note
     assert out.pos_show == {"__type__": "update", "visible": False, "value": "position scheme"}  # one scheme only
@@ -416,7 +418,7 @@ def _assert_feature_figures(f, grid):
     assert [t.type for t in f.feat_pca.data] == [
         "image",
         "image",
-    ] and "Feature PCA after block" in f.feat_pca.layout.title.text
+    ] and "Feature PCA after block" in f.feat_pca.layout.title.text.replace("<br>", " ")
     assert [t.type for t in f.feat_sim.data] == ["image", "heatmap"] and f.feat_sim.data[1].z.shape == (gh, gw)
     assert "cosine" in f.feat_sim.data[1].hovertemplate
     assert f.norm_grid.data[0].type == "heatmap" and f.norm_grid.data[0].z.shape == (gh, gw)
@@ -425,7 +427,7 @@ def _assert_feature_figures(f, grid):
     assert f.norm_depth.data[-1].name == "patch max" and f.norm_depth.layout.xaxis.title.text == "layer"
     masks, overlay = f.mask_heads["value"], f.mask_overlay["value"]  # gr.update: hidden without a CLS token
     assert f.mask_heads["visible"] and f.mask_overlay["visible"] and f.mask_note == ""
-    assert masks.data[0].type == "heatmap" and "CLS attention" in masks.layout.title.text
+    assert masks.data[0].type == "heatmap" and "CLS attention" in masks.layout.title.text.replace("<br>", " ")
     assert [t.type for t in overlay.data] == ["image", "heatmap"]
     assert f.norm_sentence.startswith(("On this image", "Patch tokens with a norm"))
 
@@ -447,7 +449,7 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     # Position tab: RoPE, drawn as the same tile mosaic as learned embeddings, with the scheme stated.
     pos = ui.render_pos(DINOV3[0], 0, 1, 2, 0, 0)
     assert "Rotary position embedding" in pos.pos_note and pos.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)
-    assert "Tile (1, 2)" in pos.tile.layout.title.text and pos.pos_layer["visible"] is False
+    assert "Tile (1, 2)" in pos.tile.layout.title.text.replace("<br>", " ") and pos.pos_layer["visible"] is False
     # Features: every view; the logit lens is hidden with a note; the gradient estimate is refused with the reason,
     # exact ablation runs (the whole model per layer, L·H passes) and scores 1 - cos.
     f = _features(st)
@@ -490,10 +492,10 @@ def test_position_views_per_scheme(random_timm_in_app):
     beit = ui.render_pos("beit_base_patch16_224", 0, 0, 0, 1, 0)
     assert "relative-position bias" in beit.pos_note and beit.tile is None
     assert beit.pos.data[0].z.shape == (2 * 6 - 1, 2 * 6 - 1)  # 4 heads of (2·3-1)x(2·3-1) offsets, 2x2 mosaic
-    assert "Layer 1" in beit.pos.layout.title.text and "Δrow" in beit.pos.data[0].hovertemplate
+    assert "Layer 1" in beit.pos.layout.title.text.replace("<br>", " ") and "Δrow" in beit.pos.data[0].hovertemplate
     assert beit.pos_layer == {"visible": True, "maximum": 1, "__type__": "update"}
     mixed = ui.render_pos("vit_base_patch16_rope_mixed_224", 0, 0, 0, 1, 3)
-    assert "Mixed rotary" in mixed.pos_note and "layer 1, head 3" in mixed.pos.layout.title.text
+    assert "Mixed rotary" in mixed.pos_note and "layer 1, head 3" in mixed.pos.layout.title.text.replace("<br>", " ")
     assert mixed.pos_head["visible"] and mixed.pos_head["maximum"] == 3
     other = ui.render_pos("vit_base_patch16_rope_mixed_224", 0, 0, 0, 0, 0)
     assert not np.array_equal(np.nan_to_num(other.pos.data[0].z), np.nan_to_num(mixed.pos.data[0].z))
@@ -506,14 +508,16 @@ def test_features_rerender_without_forward_pass(reg4_state, monkeypatch):
     b = _features(a.state, layer=0, fg=0.3, row=3, col=0, norm_layer=1, dino=0.3)
     _assert_feature_figures(a, r.grid_size)
     assert a.state["feature_query"] == (1, 2) and b.state["feature_query"] == (3, 0)
-    assert a.feat_pca.layout.title.text != b.feat_pca.layout.title.text and "foreground" in b.feat_pca.layout.title.text
+    assert a.feat_pca.layout.title.text.replace("<br>", " ") != b.feat_pca.layout.title.text.replace(
+        "<br>", " "
+    ) and "foreground" in b.feat_pca.layout.title.text.replace("<br>", " ")
     np.testing.assert_allclose(
         np.nan_to_num(a.feat_sim.data[1].customdata[..., 2]), r.feature_similarity((1, 2), -1), atol=1e-6
     )
     assert a.feat_sim.data[1].customdata[1, 2, 2] == pytest.approx(1.0, abs=1e-5)  # the query patch with itself
     masks = r.dino_masks(0.3)
     per_head = b.mask_heads["value"]
-    assert np.nansum(per_head.data[0].z) == masks.sum() and "30%" in per_head.layout.title.text
+    assert np.nansum(per_head.data[0].z) == masks.sum() and "30%" in per_head.layout.title.text.replace("<br>", " ")
     assert b.register_plot["visible"] is True  # 4 registers
     reg = b.register_plot["value"]
     assert [t.type for t in reg.data] == ["heatmap", "heatmap"] and np.asarray(reg.data[0].z).shape == (3, 4)
@@ -587,7 +591,7 @@ def test_second_image_and_pca_across_examples(analysed, photo, tmp_path):
     random_image(5, size=(64, 64)).save(path)
     out = ui.analyze_second_image(st, str(path), 2, 3, -1, progress=_noprogress)
     other = out.state["other"]
-    assert "second" in out.feat_sim.layout.title.text
+    assert "second" in out.feat_sim.layout.title.text.replace("<br>", " ")
     np.testing.assert_allclose(
         out.feat_sim.data[1].customdata[..., 2], r.feature_similarity((2, 3), other=other), atol=1e-6
     )
@@ -596,7 +600,9 @@ def test_second_image_and_pca_across_examples(analysed, photo, tmp_path):
     assert "other" not in cleared.state
     gallery = ui.pca_across_examples(st, -1, progress=_noprogress).pca_gallery
     n = 1 + len(ui.handlers.example_images())
-    assert [t.type for t in gallery.data] == ["image"] * n and f"One PCA over {n} images" in gallery.layout.title.text
+    assert [t.type for t in gallery.data] == [
+        "image"
+    ] * n and f"One PCA over {n} images" in gallery.layout.title.text.replace("<br>", " ")
 
 
 def test_head_importance_honours_the_deadline(analysed, monkeypatch):
@@ -756,10 +762,10 @@ def test_rollout_tab_offers_the_cls_row_for_a_model_whose_output_reads_its_patch
     folder = str(save_hf(tmp_path / "beit", "BeitConfig", "BeitForImageClassification", extra))
     out = ui.analyze_image(photo, folder, progress=_noprogress, trusted_model=folder)
     assert out.start_row["visible"] and out.start_row["value"] == "output"
-    assert "the output reads the mean of the patch tokens" in out.rollout.layout.title.text
+    assert "the output reads the mean of the patch tokens" in out.rollout.layout.title.text.replace("<br>", " ")
     r = out.state["analysis"]
     fig = ui.render_map(out.state, "rollout", None, "mean", 0.0, 0, 0.6, "cls", progress=_noprogress).rollout
-    assert "from the CLS row" in fig.layout.title.text
+    assert "from the CLS row" in fig.layout.title.text.replace("<br>", " ")
     cls_row = r.rollout(start_row="cls")
     rescaled = (cls_row - cls_row.min()) / (cls_row.max() - cls_row.min())  # the overlay shows the map rescaled
     np.testing.assert_allclose(fig.data[1].z, rescaled, atol=1e-6)

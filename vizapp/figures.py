@@ -22,6 +22,54 @@ SIM_SCALE = "Viridis"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 # Hover data per cell is dropped above this many mosaic cells to keep the JSON small (e.g. ViT-L/16 at 384 px).
 MAX_HOVER_CELLS = 60_000
+# go.Image puts pixel i's centre at x0 + i: with x0 = 0.5 the image spans [0, W], as the patch heatmaps drawn over it
+# (first patch centre at pw / 2) do; with x0 = 0 it was half a pixel off, leaving a strip at the right and bottom.
+_PIXEL_EDGES = dict(x0=0.5, y0=0.5, dx=1, dy=1)
+# Titles are wrapped to this many characters a line: a figure is often half the page wide.
+TITLE_CHARS = 62
+
+
+def _wrap(text: str, width: int = TITLE_CHARS) -> str:
+    """``text`` with line breaks (<br>) at spaces so that no line is longer than ``width`` characters; a part that
+    holds markup (<sub>...) is left whole."""
+    import textwrap
+
+    lines = []
+    for part in str(text).split("<br>"):
+        lines += [part] if "<" in part or len(part) <= width else textwrap.wrap(part, width)
+    return "<br>".join(lines)
+
+
+def readable(fn: Any) -> Any:
+    """Makes every figure ``fn`` returns readable at the page's widths: the title wrapped (and the top margin made
+    room for it), subplot titles smaller, and numbers on axes and colour bars never in SI suffixes ("100n")."""
+    import functools
+
+    @functools.wraps(fn)
+    def make(*args: Any, **kwargs: Any) -> Any:
+        fig = fn(*args, **kwargs)
+        if not isinstance(fig, go.Figure):
+            return fig
+        text = fig.layout.title.text
+        if text:
+            wrapped = _wrap(text)
+            lines = wrapped.count("<br>") + 1
+            fig.update_layout(title=dict(text=wrapped, font=dict(size=15)))
+            top = fig.layout.margin.t if fig.layout.margin.t is not None else 40
+            fig.update_layout(margin=dict(t=max(top, 28 + 20 * lines)))
+        for note in fig.layout.annotations or ():
+            if note.font.size is None:
+                note.font.size = 12
+        fig.update_xaxes(exponentformat="e")
+        fig.update_yaxes(exponentformat="e")
+        for trace in fig.data:
+            if "colorbar" in trace:
+                trace.colorbar.exponentformat = "e"
+        if fig.layout.coloraxis.colorbar is not None:
+            fig.layout.coloraxis.colorbar.exponentformat = "e"
+        return fig
+
+    return make
 
 
 def _png_data_uri(image: np.ndarray | Image.Image, compress_level: int = 1) -> str:
@@ -49,6 +97,7 @@ def _image_axes(fig: go.Figure, height_px: int, width_px: int, row: int | None =
     )
 
 
+@readable
 def topk_figure(top_k: Sequence[tuple[str, float]], title: str = "Top-5 prediction") -> go.Figure:
     """Horizontal bars of (label, probability), best on top."""
     labels = [lbl for lbl, _ in top_k][::-1]
@@ -70,6 +119,7 @@ def topk_figure(top_k: Sequence[tuple[str, float]], title: str = "Top-5 predicti
     return fig
 
 
+@readable
 def overlay_figure(
     image: np.ndarray,
     heat: np.ndarray,
@@ -79,30 +129,32 @@ def overlay_figure(
     value_name: str = "value",
     colorscale: str = HEAT_SCALE,
     marker: tuple[int, int] | None = None,
+    rescale: bool = True,
 ) -> go.Figure:
     """A patch-level map [gh, gw] over the model's view of the image [H, W, 3].
 
-    Colours are min-max rescaled per map (the colour bar says so); hover shows the patch and the raw value.
+    Colours are min-max rescaled per map (the colour bar says so) unless ``rescale`` is False (a count, say: the
+    colour bar then reads the values, titled ``value_name``); hover shows the patch and the raw value.
     """
     gh, gw = heat.shape
     ph, pw = int(patch_size[0]), int(patch_size[1])
     rows, cols = np.mgrid[0:gh, 0:gw]
     custom = np.stack([rows, cols, heat], axis=-1).astype(np.float32)
     fig = go.Figure()
-    fig.add_trace(go.Image(source=_png_data_uri(image), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"))
+    fig.add_trace(go.Image(source=_png_data_uri(image), **_PIXEL_EDGES, hoverinfo="skip"))
     fig.add_trace(
         go.Heatmap(
-            z=_rescale(heat),
+            z=_rescale(heat) if rescale else heat.astype(np.float32),
             x0=pw / 2,
             dx=pw,
             y0=ph / 2,
             dy=ph,
             colorscale=colorscale,
             opacity=float(opacity),
-            zmin=0,
-            zmax=1,
+            zmin=0 if rescale else None,
+            zmax=1 if rescale else None,
             customdata=custom,
-            colorbar=dict(title="rescaled", thickness=12),
+            colorbar=dict(title="rescaled" if rescale else value_name, thickness=12),
             hovertemplate="patch (%{customdata[0]:.0f}, %{customdata[1]:.0f})<br>"
             + value_name
             + " %{customdata[2]:.4g}<extra></extra>",
@@ -119,11 +171,27 @@ def overlay_figure(
     return fig
 
 
+def _tile_label(c0: int, r0: int, text: str) -> dict[str, Any]:
+    """A tile's label in its own top-left corner (above the tile it would run into the tile above)."""
+    return dict(
+        x=c0 - 0.5,
+        y=r0 - 0.5,
+        text=text,
+        showarrow=False,
+        xanchor="left",
+        yanchor="top",
+        font=dict(size=9, color="white"),
+        bgcolor="rgba(0, 0, 0, 0.55)",
+        borderpad=1,
+    )
+
+
 def _mosaic_layout(n: int, cols: int | None = None) -> tuple[int, int]:
     cols = cols or max(1, math.ceil(math.sqrt(n)))
     return math.ceil(n / cols), cols
 
 
+@readable
 def heads_figure(
     maps: np.ndarray,
     layer: int,
@@ -150,11 +218,7 @@ def heads_figure(
         r0, c0 = (h // ncols) * (gh + 1), (h % ncols) * (gw + 1)
         z[r0 : r0 + gh, c0 : c0 + gw] = shown[h]
         custom[r0 : r0 + gh, c0 : c0 + gw] = np.stack([np.full_like(rows, h), rows, cols_, maps[h]], -1)
-        annotations.append(
-            dict(
-                x=c0 + (gw - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom", font=dict(size=10)
-            )
-        )
+        annotations.append(_tile_label(c0, r0, f"head {h}"))
         if query_patch is not None:
             my.append(r0 + query_patch[0])
             mx.append(c0 + query_patch[1])
@@ -195,6 +259,7 @@ def heads_figure(
     return fig
 
 
+@readable
 def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title: str = "") -> go.Figure:
     """Mean attention distance: one dot per head per layer (ViT paper Fig. 7 right), uniform reference line."""
     num_layers, num_heads = mean_distance.shape
@@ -237,6 +302,7 @@ def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title
     return fig
 
 
+@readable
 def pos_embed_figure(sim: np.ndarray, title: str = "") -> go.Figure:
     """The paper's tiled cosine grid: tile (i, j) holds cos(e_ij, e_kl) at cell (k, l); one colour scale."""
     gh, gw = sim.shape[:2]
@@ -336,6 +402,7 @@ def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Fig
     )
 
 
+@readable
 def pos_tile_figure(sim: np.ndarray, row: int, col: int) -> go.Figure:
     """One tile of the cosine grid, enlarged: similarity of position (row, col) to every position."""
     tile = sim[row, col]
@@ -387,6 +454,7 @@ def annotate_query(image: np.ndarray, patch_size: Sequence[int], patch: tuple[in
     return out
 
 
+@readable
 def compare_figure(
     image: np.ndarray,
     maps: Mapping[str, np.ndarray],
@@ -412,7 +480,7 @@ def compare_figure(
     h, w = image.shape[:2]
     for idx, name in enumerate(names):
         r, c = idx // ncols + 1, idx % ncols + 1
-        fig.add_trace(go.Image(source=src, hoverinfo="skip"), row=r, col=c)
+        fig.add_trace(go.Image(source=src, **_PIXEL_EDGES, hoverinfo="skip"), row=r, col=c)
         heat = maps[name]
         fig.add_trace(
             go.Heatmap(
@@ -438,6 +506,7 @@ def compare_figure(
     return fig
 
 
+@readable
 def curves_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], mode: str) -> go.Figure:
     """Deletion or insertion curves (fraction of patches changed vs class probability), AUC in the legend."""
     fig = go.Figure()
@@ -457,8 +526,9 @@ def curves_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], mo
         xaxis_title=f"fraction of patches {'deleted' if mode == 'deletion' else 'inserted'}",
         yaxis_title="probability of the explained class",
         margin=dict(l=10, r=10, t=50, b=40),
-        height=360,
+        height=480,
         yaxis_range=[0, 1.02],
+        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),  # below: the plot keeps its width
     )
     return fig
 
@@ -473,6 +543,7 @@ def _upscale_rgb(rgb: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
     return np.repeat(np.repeat(img, ph, axis=0), pw, axis=1)
 
 
+@readable
 def pca_rgb_figure(
     image: np.ndarray, rgb: np.ndarray, patch_size: Sequence[int], opacity: float = 0.8, title: str = ""
 ) -> go.Figure:
@@ -483,8 +554,10 @@ def pca_rgb_figure(
     up = _upscale_rgb(rgb, patch_size)[:h, :w]
     big[: up.shape[0], : up.shape[1]] = up
     fig = go.Figure()
-    fig.add_trace(go.Image(source=_png_data_uri(image), hoverinfo="skip", name="image"))
-    fig.add_trace(go.Image(source=_png_data_uri(big), opacity=float(opacity), hoverinfo="skip", name="pca"))
+    fig.add_trace(go.Image(source=_png_data_uri(image), **_PIXEL_EDGES, hoverinfo="skip", name="image"))
+    fig.add_trace(
+        go.Image(source=_png_data_uri(big), **_PIXEL_EDGES, opacity=float(opacity), hoverinfo="skip", name="pca")
+    )
     _image_axes(fig, h, w)
     fig.update_layout(
         title=title or f"Feature PCA ({gh}x{gw} patches; RGB = components 1-3)", margin=_MARGIN, height=420
@@ -492,6 +565,7 @@ def pca_rgb_figure(
     return fig
 
 
+@readable
 def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Sequence[str], title: str = "") -> go.Figure:
     """One PCA shared by several images: [B, gh, gw, 3] side by side, so parts correspond by colour."""
     from plotly.subplots import make_subplots
@@ -505,7 +579,9 @@ def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Seque
     for i, rgb in enumerate(rgbs):
         r, c = i // ncols + 1, i % ncols + 1
         up = _upscale_rgb(rgb, patch_size)
-        fig.add_trace(go.Image(source=_png_data_uri(up), hoverinfo="skip", name=str(names[i])), row=r, col=c)
+        fig.add_trace(
+            go.Image(source=_png_data_uri(up), **_PIXEL_EDGES, hoverinfo="skip", name=str(names[i])), row=r, col=c
+        )
         _image_axes(fig, up.shape[0], up.shape[1], row=r, col=c)
     fig.update_layout(
         title=title or f"PCA shared by {n} images", margin=dict(l=10, r=10, t=60, b=10), height=200 * nrows + 60
@@ -513,6 +589,7 @@ def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Seque
     return fig
 
 
+@readable
 def norm_grid_figure(norms: np.ndarray, flagged: np.ndarray, layer: int, title: str = "") -> go.Figure:
     """Patch-token norms [gh, gw] after one block, artifact tokens (``flagged`` [gh, gw] bool) marked with a cross."""
     gh, gw = norms.shape
@@ -547,6 +624,7 @@ def norm_grid_figure(norms: np.ndarray, flagged: np.ndarray, layer: int, title: 
     return fig
 
 
+@readable
 def norm_histogram_figure(
     patch_norms: np.ndarray, prefix_norms: np.ndarray, threshold: float, layer: int, title: str = ""
 ) -> go.Figure:
@@ -589,6 +667,7 @@ def norm_histogram_figure(
     return fig
 
 
+@readable
 def norms_by_depth_figure(lines: Mapping[str, np.ndarray], title: str = "Token norms across depth") -> go.Figure:
     """Norm against layer for named tokens or statistics, ``{name: [L]}`` (CLS, registers, patch median and max)."""
     fig = go.Figure()
@@ -610,6 +689,7 @@ def norms_by_depth_figure(lines: Mapping[str, np.ndarray], title: str = "Token n
     return fig
 
 
+@readable
 def register_attention_figure(
     from_cls: np.ndarray | None, from_patches: np.ndarray, title: str = "Attention to each register (mean over heads)"
 ) -> go.Figure:
@@ -617,8 +697,8 @@ def register_attention_figure(
     from plotly.subplots import make_subplots
 
     panels = [("from CLS", from_cls)] if from_cls is not None else []
-    panels.append(("from patches (mean over patch queries)", from_patches))
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.12)
+    panels.append(("from the patches (mean)", from_patches))
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.2)
     for i, (name, z) in enumerate(panels):
         num_layers, num_regs = z.shape
         fig.add_trace(
@@ -658,11 +738,7 @@ def _mosaic(maps: np.ndarray, cols: int | None = None) -> tuple[np.ndarray, np.n
         r0, c0 = (h // ncols) * (a + 1), (h % ncols) * (b + 1)
         z[r0 : r0 + a, c0 : c0 + b] = maps[h]
         custom[r0 : r0 + a, c0 : c0 + b] = np.stack([np.full_like(ii, h), ii, jj, maps[h]], -1)
-        notes.append(
-            dict(
-                x=c0 + (b - 1) / 2, y=r0 - 0.5, text=f"head {h}", showarrow=False, yanchor="bottom", font=dict(size=10)
-            )
-        )
+        notes.append(_tile_label(c0, r0, f"head {h}"))
     return z, custom, notes
 
 
@@ -673,6 +749,7 @@ def _mosaic_axes(fig: go.Figure, shape: tuple[int, int]) -> None:
     )
 
 
+@readable
 def masks_figure(masks: np.ndarray, threshold: float, layer: int) -> go.Figure:
     """DINO masks [H, gh, gw] (bool) of every head as one mosaic."""
     z, custom, notes = _mosaic(masks.astype(np.float32))
@@ -700,6 +777,7 @@ def masks_figure(masks: np.ndarray, threshold: float, layer: int) -> go.Figure:
     return fig
 
 
+@readable
 def relative_bias_figure(maps: np.ndarray, layer: int, title: str = "") -> go.Figure:
     """Relative-position bias [H, 2gh-1, 2gw-1] of one layer over the offset (Δrow, Δcol), one tile per head."""
     num, a, b = maps.shape
@@ -730,6 +808,7 @@ def relative_bias_figure(maps: np.ndarray, layer: int, title: str = "") -> go.Fi
     return fig
 
 
+@readable
 def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
     """The logit lens' probability of one class [L] after each block."""
     fig = go.Figure(
@@ -752,6 +831,7 @@ def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
     return fig
 
 
+@readable
 def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.Figure:
     """Head importance [L, H] heatmaps side by side (e.g. exact ablation and gradient estimate); the custom data of
     each cell is (layer, head, value), so a click can open that head."""
@@ -773,7 +853,15 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
                 zmid=0,
                 zmin=-lim,
                 zmax=lim,
-                colorbar=dict(title="drop", thickness=10, x=(i + 1) / len(names) - 0.02),
+                colorbar=dict(  # under its own panel, clear of the next panel's axis title
+                    title=dict(text="drop", side="right"),
+                    thickness=10,
+                    orientation="h",
+                    x=(i + 0.5) / len(names),
+                    xanchor="center",
+                    y=-0.22,
+                    len=0.8 / len(names),
+                ),
                 hovertemplate=name + "<br>layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}"
                 "<br>drop %{customdata[2]:.4g}<extra></extra>",
                 name=name,
@@ -783,10 +871,11 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
         )
         fig.update_xaxes(title="head", row=1, col=i + 1)
         fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
-    fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=40), height=420)
+    fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=90), height=480)
     return fig
 
 
+@readable
 def perturbation_curves_figure(
     curves: dict[str, dict[str, tuple[list[float], float]]],
     panels: tuple[tuple[str, str], ...],

@@ -604,6 +604,7 @@ def dino_mask_views(r: Analysis, threshold: float = 0.6, opacity: float = 0.6) -
         opacity,
         value_name="heads",
         title=f"How many of the {r.num_heads} heads' masks cover each patch (threshold {threshold:.2f})",
+        rescale=False,  # a count of heads: the colour bar reads it
     )
     return MaskViews(figures.masks_figure(masks, threshold, lay), overlay)
 

@@ -306,7 +306,7 @@ def _features_tab(ui: Components) -> None:
     ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
     with gr.Row():
         ui.features_export_button = gr.Button("Export these arrays (.npz)")
-        ui.features_npz = gr.File(label="feature arrays (.npz)")
+        ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz")
 
 
 def _compare_tab(ui: Components) -> None:

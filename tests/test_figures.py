@@ -1,0 +1,57 @@
+"""Figures a person can read: titles that fit, overlays on the pixels they describe, numbers without SI suffixes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vizapp import figures
+
+
+def test_long_titles_wrap_at_spaces_and_markup_stays_whole():
+    text = "Layer 11: attention of patch (3, 4) to every patch, per head, rescaled to each head's own min and max"
+    wrapped = figures._wrap(text, 40)
+    lines = wrapped.split("<br>")
+    assert len(lines) == 3 and all(len(line) <= 40 for line in lines)
+    assert " ".join(lines) == text  # only spaces became breaks
+    sub = "Feature PCA<br><sub>" + "x " * 50 + "</sub>"
+    assert figures._wrap(sub, 12) == sub
+
+
+def test_every_figure_comes_out_readable():
+    maps = np.random.default_rng(0).random((12, 4, 4)).astype(np.float32) * 1e-7  # tiny values: SI would say "100n"
+    fig = figures.heads_figure(maps, 3, "a patch with a long description " * 3, per_head_scale=False)
+    lines = fig.layout.title.text.split("<br>")
+    assert len(lines) > 1 and all(len(line) <= figures.TITLE_CHARS for line in lines)
+    assert fig.layout.margin.t >= 28 + 20 * len(lines)  # room for every line
+    assert fig.data[0].colorbar.exponentformat == "e"
+    # head labels sit inside their own tile (top-left corner), not above it in the tile above
+    first = fig.layout.annotations[0]
+    assert (first.x, first.y, first.xanchor, first.yanchor) == (-0.5, -0.5, "left", "top")
+    public = [n for n in dir(figures) if n.endswith("_figure") and not n.startswith("_")]
+    assert public and all(hasattr(getattr(figures, n), "__wrapped__") for n in public)
+
+
+def test_overlay_image_and_patches_cover_the_same_pixels():
+    image = np.zeros((28, 28, 3), dtype=np.uint8)
+    heat = np.arange(49, dtype=np.float32).reshape(7, 7)
+    fig = figures.overlay_figure(image, heat, (4, 4))
+    img, hm = fig.data
+    # go.Image centres pixel i at x0 + i, so it spans [x0 - 0.5, x0 + W - 0.5]; the heatmap's cells span [0, 7 * 4].
+    assert (img.x0 - 0.5, img.x0 - 0.5 + 28) == (hm.x0 - hm.dx / 2, hm.x0 - hm.dx / 2 + 7 * hm.dx) == (0.0, 28.0)
+    assert tuple(fig.layout.xaxis.range) == (0, 28)
+
+
+def test_a_count_is_drawn_as_a_count():
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    count = np.array([[0, 1], [2, 3]], dtype=np.float32)
+    fig = figures.overlay_figure(image, count, (4, 4), value_name="heads", rescale=False)
+    assert fig.data[1].colorbar.title.text == "heads"
+    np.testing.assert_array_equal(fig.data[1].z, count)
+    rescaled = figures.overlay_figure(image, count, (4, 4))
+    assert rescaled.data[1].colorbar.title.text == "rescaled" and float(np.max(rescaled.data[1].z)) == 1.0
+
+
+def test_curve_legends_sit_below_the_plot():
+    x = np.linspace(0, 1, 5)
+    fig = figures.curves_figure({f"method {i}": (x, x, 0.5) for i in range(5)}, "deletion")
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
