@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 # torch/torchvision pinned to the wheels these machines carry on local disk (CUDA build, runs on CPU too).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
@@ -12,9 +13,15 @@ APT_UPDATED := /tmp/.vizapp-apt-updated
 
 .PHONY: run test debs venv bench report evaluate lint clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# What the app needs (requirements.txt, as Spaces installs it): `make run`.
+$(RUN_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q $(TORCH_PINS)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+# The app plus the test, benchmark and cluster tools (requirements-dev.txt): `make test` and the other targets.
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
@@ -30,7 +37,7 @@ debs:
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
 	fi
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(PY) app.py $(ARGS)
 
 test: $(STAMP) debs lint
@@ -49,8 +56,8 @@ evaluate: $(STAMP) debs
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --protocol patches --steps 0 --out eval-out/fmnist-test-bundled-patches --markdown docs/faithfulness-patches.md $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vizapp tests benchmarks app.py
-	$(VENV)/bin/ruff format --check vizapp tests benchmarks app.py
+	$(VENV)/bin/ruff check vizapp tests benchmarks scripts app.py
+	$(VENV)/bin/ruff format --check vizapp tests benchmarks scripts app.py
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -22,7 +22,7 @@ def test_every_figure_comes_out_readable():
     fig = figures.heads_figure(maps, 3, "a patch with a long description " * 3, per_head_scale=False)
     lines = fig.layout.title.text.split("<br>")
     assert len(lines) > 1 and all(len(line) <= figures.TITLE_CHARS for line in lines)
-    assert fig.layout.margin.t >= 28 + 20 * len(lines)  # room for every line
+    assert fig.layout.margin.t >= 28 + 19 * len(lines)  # room for every line
     assert fig.data[0].colorbar.exponentformat == "e"
     # head labels sit inside their own tile (top-left corner), not above it in the tile above
     first = fig.layout.annotations[0]

@@ -25,8 +25,9 @@ MAX_HOVER_CELLS = 60_000
 # go.Image puts pixel i's centre at x0 + i: with x0 = 0.5 the image spans [0, W], as the patch heatmaps drawn over it
 # (first patch centre at pw / 2) do; with x0 = 0 it was half a pixel off, leaving a strip at the right and bottom.
 _PIXEL_EDGES = dict(x0=0.5, y0=0.5, dx=1, dy=1)
-# Titles are wrapped to this many characters a line: a figure is often half the page wide.
-TITLE_CHARS = 62
+# Titles are wrapped to this many characters a line: a figure is often a quarter of the page wide (about 260 px at
+# 1440 px, the Features tab's two plots side by side).
+TITLE_CHARS = 40
 
 
 def _wrap(text: str, width: int = TITLE_CHARS) -> str:
@@ -54,9 +55,9 @@ def readable(fn: Any) -> Any:
         if text:
             wrapped = _wrap(text)
             lines = wrapped.count("<br>") + 1
-            fig.update_layout(title=dict(text=wrapped, font=dict(size=15)))
+            fig.update_layout(title=dict(text=wrapped, font=dict(size=14)))
             top = fig.layout.margin.t if fig.layout.margin.t is not None else 40
-            fig.update_layout(margin=dict(t=max(top, 28 + 20 * lines)))
+            fig.update_layout(margin=dict(t=max(top, 28 + 19 * lines)))
         for note in fig.layout.annotations or ():
             if note.font.size is None:
                 note.font.size = 12
@@ -583,6 +584,7 @@ def pca_gallery_figure(rgbs: np.ndarray, patch_size: Sequence[int], names: Seque
             go.Image(source=_png_data_uri(up), **_PIXEL_EDGES, hoverinfo="skip", name=str(names[i])), row=r, col=c
         )
         _image_axes(fig, up.shape[0], up.shape[1], row=r, col=c)
+    fig.update_annotations(font_size=10)  # the images' names: five to a row
     fig.update_layout(
         title=title or f"PCA shared by {n} images", margin=dict(l=10, r=10, t=60, b=10), height=200 * nrows + 60
     )
@@ -859,7 +861,7 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
                     orientation="h",
                     x=(i + 0.5) / len(names),
                     xanchor="center",
-                    y=-0.22,
+                    y=-0.38,
                     len=0.8 / len(names),
                 ),
                 hovertemplate=name + "<br>layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}"
@@ -869,9 +871,9 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
             row=1,
             col=i + 1,
         )
-        fig.update_xaxes(title="head", row=1, col=i + 1)
-        fig.update_yaxes(title="layer", autorange="reversed", row=1, col=i + 1)
-    fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=90), height=480)
+        fig.update_xaxes(title="head", dtick=1, row=1, col=i + 1)
+        fig.update_yaxes(title="layer", dtick=1, autorange="reversed", row=1, col=i + 1)
+    fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=120), height=520)
     return fig
 
 

@@ -703,7 +703,7 @@ def pca_across_examples(
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     paths = example_images()
     images = [r.image] + [decode_image(p) for p in paths]
-    names = ["your image"] + [Path(p).stem[:18] for p in paths]
+    names = ["your image"] + [Path(p).stem[:14] for p in paths]
     with deadline.running(_session(request)) as d:
         d.check("PCA across examples")
         progress(0.1, desc=f"forward pass on {len(images)} images")
