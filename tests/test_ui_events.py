@@ -222,3 +222,31 @@ def test_model_choices_follow_the_model(no_cls_app, bundled_app):
     _assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_label("Tile row", "slider")]["maximum"] == 6  # a 7 x 7 grid
     assert d2.props[d2.by_elem_id("vizapp-pos-resolution")]["visible"] is True  # a learned table: preview offered
+
+
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FMNIST_TEST.exists(), reason="Debian's dataset-fashion-mnist is not installed (make test does)")
+def test_the_bundled_model_says_when_an_image_is_far_from_what_it_learned(bundled_app):
+    import gzip
+
+    from vizapp.models.bundled import input_distribution_note
+
+    card = models.load_model(models.BUNDLED).card
+    with gzip.open(FMNIST_TEST) as f:
+        test_images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:1000]
+    flagged = [i for i, a in enumerate(test_images) if input_distribution_note(card, Image.fromarray(a))]
+    assert flagged == []  # none of 1,000 Fashion-MNIST test images
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png"):
+        assert "far from what the model was trained on" in input_distribution_note(card, Image.open(EXAMPLES / name))
+    # In the app: the status line says it for a photo, not for a Fashion-MNIST image, and says how it was resized.
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, EXAMPLES / "astronaut.png"), "analyze a photo")
+    status = d.values[d.by_elem_id("vizapp-status")]
+    assert "far from what the model was trained on" in status and "as 28x28 pixels in greyscale" in status
+    assert "downscaled" in status
+    _assert_clean(_analyze(d, SNEAKER), "analyze a sneaker")
+    assert "far from" not in d.values[d.by_elem_id("vizapp-status")]
+    seen = d.values[d.by_label("What the model saw", "image")]
+    assert seen and seen.get("url")  # the preprocessed input is shown
