@@ -55,3 +55,12 @@ def test_curve_legends_sit_below_the_plot():
     x = np.linspace(0, 1, 5)
     fig = figures.curves_figure({f"method {i}": (x, x, 0.5) for i in range(5)}, "deletion")
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+
+
+def test_perturbation_curves_say_what_was_removed():
+    panels = (("pred.positive", "positive"),)
+    curves = {"rollout": {"pred.positive": ([1.0, 0.5], 50.0)}}
+    default = figures.perturbation_curves_figure(curves, panels, [0, 10], set(), "t")
+    pixels = figures.perturbation_curves_figure(curves, panels, [0, 10], set(), "t", "pixels removed (%)")
+    assert default.layout.xaxis.title.text == "patches removed (%)"
+    assert pixels.layout.xaxis.title.text == "pixels removed (%)"

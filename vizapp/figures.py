@@ -884,15 +884,17 @@ def perturbation_curves_figure(
     x: list[float],
     dotted: set[str],
     title: str,
+    x_title: str = "patches removed (%)",
 ) -> go.Figure:
     """Chefer et al.'s perturbation curves: one panel per (class kind, direction), one line per method.
 
     Args:
         curves: method label -> panel key -> (accuracy per step in [0, 1], AUC).
         panels: (panel key, panel title), four of them, drawn in a 2 x 2 grid.
-        x: percent of patches removed at each step.
+        x: percent of the image removed at each step.
         dotted: method labels drawn dotted (the random baseline).
         title: figure title.
+        x_title: what x counts: "pixels removed (%)" under the authors' protocol, patches under vizapp's variant.
     """
     from plotly.subplots import make_subplots
 
@@ -912,13 +914,13 @@ def perturbation_curves_figure(
                     legendgroup=label,
                     showlegend=j == 0,
                     line={"color": colours[i % len(colours)], "dash": "dot" if label in dotted else "solid"},
-                    hovertemplate=f"{html.escape(label)}<br>%{{x:.0f}} % removed: %{{y:.1f}} % accuracy<br>"
+                    hovertemplate=f"{html.escape(label)}<br>%{{x:.1f}} % removed: %{{y:.1f}} % accuracy<br>"
                     f"AUC {auc:.2f}<extra></extra>",
                 ),
                 row=j // 2 + 1,
                 col=j % 2 + 1,
             )
-    fig.update_xaxes(title_text="patches removed (%)")
+    fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text="top-1 accuracy (%)")
     fig.update_layout(title=title, height=800, template="plotly_white")
     return fig

@@ -368,7 +368,8 @@ def curves_html(summary: dict[str, Any], labels: dict[str, str]) -> str:
     protocol = summary.get("protocol", job.get("protocol", "chefer2021"))
     title = f"Perturbation curves, protocol {protocol}: {job['model']} on {job['data']} ({summary['evaluated']} images)"
     x = summary.get("perturbation_x") or list(CHEFER_FRACTIONS)
-    fig = perturbation_curves_figure(curves, panels, [100 * f for f in x], dotted, title)
+    unit = "pixels" if protocol == "chefer2021" else "patches"  # what each protocol removes
+    fig = perturbation_curves_figure(curves, panels, [100 * f for f in x], dotted, title, f"{unit} removed (%)")
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
 

@@ -318,6 +318,13 @@ def _compare_tab(ui: Components) -> None:
         )
         ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
         ui.compare_button = gr.Button("Compare methods", variant="primary")
+    gr.Markdown(
+        "The curves here are vizapp's own deletion / insertion on this one image: whole patches are removed (or "
+        "inserted) in the map's order and the class probability is followed; the AUC is over the fraction of "
+        "patches. They are not the published perturbation test (Chefer et al. 2021: pixels removed, top-1 accuracy "
+        "over a data set), which `python -m vizapp.evaluate --protocol chefer2021` runs; do not compare these AUCs "
+        "with its numbers."
+    )
     ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
     ui.compare = gr.Plot(label="Maps", elem_id="vizapp-compare-plot")
     with gr.Row():
