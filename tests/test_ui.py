@@ -345,8 +345,8 @@ def test_cancel_button_cancels_the_long_events(card_model):
     on_cancel = [d for d in deps if [cancel_id, "click"] in [list(t) for t in d["targets"]]]
     cancels = {i for d in on_cancel for i in d["cancels"]}
     long_events = {d["id"] for d in deps if d["api_name"] in ("analyze", "compare") or rollout_id in d["outputs"]}
-    # analyze (from the button and from an example), compare, the 7 Rollout-tab controls
-    assert len(long_events) == 3 + 7 and long_events <= cancels
+    # analyze (from the button and from an example), compare, the 8 Rollout-tab controls (colour map included)
+    assert len(long_events) == 3 + 8 and long_events <= cancels
     assert any(getattr(demo.fns[d["id"]].fn, "__wrapped__", None) is ui.handlers.cancel_running for d in on_cancel)
 
 

@@ -250,3 +250,24 @@ def test_the_bundled_model_says_when_an_image_is_far_from_what_it_learned(bundle
     assert "far from" not in d.values[d.by_elem_id("vizapp-status")]
     seen = d.values[d.by_label("What the model saw", "image")]
     assert seen and seen.get("url")  # the preprocessed input is shown
+
+
+def test_colour_map_and_every_figure_in_one_download(bundled_app):
+    import zipfile
+
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assert_clean(d.set(d.by_label("Colour map", "dropdown"), "Viridis"), "colour map")
+    rollout, heads = _plot(d, "vizapp-rollout-plot"), _plot(d, "vizapp-heads-plot")
+    for fig in (rollout, heads):
+        heat = [t for t in fig["data"] if t["type"] == "heatmap"][0]
+        assert heat["colorscale"][-1][1].lower() == "#fde725"  # Viridis' last colour (Inferno's is #fcffa4)
+    _assert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
+    path = d.values[d.by_label("figures (.zip)", "file")]["path"]
+    names = zipfile.ZipFile(path).namelist()
+    for tab in ("rollout-", "heads-", "distance-", "position-", "features-"):
+        assert any(n.startswith(tab) for n in names), (tab, names)
+    assert "plotly.min.js" in names and "rollout-attention.html" in names  # the CLS map, offered for this model
+    page = zipfile.ZipFile(path).read("rollout-rollout.html").decode()
+    assert 'src="plotly.min.js"' in page and "#fde725" in page.lower()  # offline, in the chosen colours
+    assert f"{len(names) - 1} figures" in d.values[d.by_elem_id("vizapp-figures-note")]

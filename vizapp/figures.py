@@ -18,6 +18,8 @@ import plotly.graph_objects as go
 from PIL import Image
 
 HEAT_SCALE = "Inferno"
+#: The colour maps a person may pick for attention and explanation maps (perceptually uniform ones first).
+COLOR_SCALES = ("Inferno", "Viridis", "Cividis", "Magma", "Plasma", "Greys", "Turbo")
 SIM_SCALE = "Viridis"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 # Hover data per cell is dropped above this many mosaic cells to keep the JSON small (e.g. ViT-L/16 at 384 px).
@@ -200,6 +202,7 @@ def heads_figure(
     per_head_scale: bool = True,
     query_patch: tuple[int, int] | None = None,
     cols: int | None = None,
+    colorscale: str = HEAT_SCALE,
 ) -> go.Figure:
     """Every head's map [H, gh, gw] as one mosaic heatmap; hover gives layer, head, patch and the raw weight."""
     num_heads, gh, gw = maps.shape
@@ -227,7 +230,7 @@ def heads_figure(
         go.Heatmap(
             z=z,
             customdata=custom,
-            colorscale=HEAT_SCALE,
+            colorscale=colorscale,
             zmin=0,
             zmax=1 if per_head_scale else None,
             colorbar=dict(title="per-head min-max" if per_head_scale else "weight", thickness=12),
@@ -924,3 +927,22 @@ def perturbation_curves_figure(
     fig.update_yaxes(title_text="top-1 accuracy (%)")
     fig.update_layout(title=title, height=800, template="plotly_white")
     return fig
+
+
+def figures_zip(figs: Mapping[str, go.Figure], path: str) -> list[str]:
+    """Every figure as an interactive HTML page in one .zip at ``path``, beside one copy of plotly.js (the pages load
+    it from the same folder, so they open offline once unzipped). ``figs`` maps a file stem to its figure; returns
+    the names written."""
+    import re
+    import zipfile
+
+    from plotly.offline import get_plotlyjs
+
+    names = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("plotly.min.js", get_plotlyjs())
+        for stem, fig in figs.items():
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") + ".html"
+            z.writestr(name, fig.to_html(include_plotlyjs="plotly.min.js", full_html=True))
+            names.append(name)
+    return names

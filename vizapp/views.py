@@ -40,6 +40,7 @@ class Controls:
     focus_head: int | None = None
     tile: tuple[int, int] = (0, 0)
     start_row: str = "output"  # where rollout, relevance and flow start: a key of pipeline.START_ROWS
+    colorscale: str = figures.HEAT_SCALE  # of attention and explanation maps: one of figures.COLOR_SCALES
 
 
 def query_label(query: Query) -> str:
@@ -89,7 +90,9 @@ def map_view(
         title += f" for '{class_label}'"
     if m.from_output and r.readout != "cls" and kwargs.get("start_row", "output") == "output":
         title += f"; the output reads {r.readout_text}"
-    return figures.overlay_figure(r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name)
+    return figures.overlay_figure(
+        r.image, heat, r.patch_size, c.opacity, title=title, value_name=m.name, colorscale=c.colorscale
+    )
 
 
 def method_unavailable(r: Analysis, name: str) -> str:
@@ -135,7 +138,7 @@ def heads_view(r: Analysis, c: Controls) -> go.Figure:
     layer = c.layer % r.num_layers
     maps = r.attention(layer, None, c.query)
     patch = None if isinstance(c.query, str) else (int(c.query[0]), int(c.query[1]))
-    return figures.heads_figure(maps, layer, query_label(c.query), c.per_head_scale, patch)
+    return figures.heads_figure(maps, layer, query_label(c.query), c.per_head_scale, patch, colorscale=c.colorscale)
 
 
 def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
@@ -152,6 +155,7 @@ def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
         marker=patch,
         value_name="weight",
         title=f"Layer {layer}, head {c.focus_head}: {query_label(c.query)}",
+        colorscale=c.colorscale,
     )
 
 
@@ -417,6 +421,53 @@ def rounded(value: Any, digits: int = 5) -> Any:
     if isinstance(value, (list, tuple)):
         return [rounded(v, digits) for v in value]
     return value
+
+
+#: The colour maps the app offers for attention and explanation maps.
+COLOR_SCALES = figures.COLOR_SCALES
+
+
+def figures_zip(figs: Mapping[str, Any], path: str) -> list[str]:
+    """The figures as HTML pages in one .zip (see :func:`vizapp.figures.figures_zip`)."""
+    return figures.figures_zip(figs, path)
+
+
+def tab_figures(r: Analysis, c: Controls, vm: VizModel | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """Every figure the tabs show for this analysis and these controls, named "tab-what" (for one download): the
+    Rollout tab's map for each method that needs no extra run (flow and the class maps do: they are added when
+    ``extra`` holds them), every head of the chosen layer and the enlarged head, the distances, the Position view
+    (when ``vm`` is given), and the Features tab's views. ``extra``: figures already drawn (e.g. Compare's)."""
+    out: dict[str, Any] = {}
+    for name in available_methods(r):
+        m = methods.METHODS[name]
+        if not m.slow and not m.needs_class:
+            out[f"rollout-{name}"] = map_view(r, c, name)
+    out["heads-all-heads"] = heads_view(r, c)
+    if c.focus_head is not None:
+        out["heads-enlarged-head"] = focus_view(r, c)
+    out["distance-mean-attention-distance"] = distance_view(r)
+    if vm is not None:
+        pos = pos_embed_views(vm, tile=c.tile)
+        if pos.figure is not None:
+            out["position-" + (pos.kind or "view")] = pos.figure
+        if pos.tile is not None:
+            out["position-tile"] = pos.tile
+    lay = c.layer % r.num_layers
+    out["features-pca"] = feature_pca_view(r, lay)
+    centre = (r.grid_size[0] // 2, r.grid_size[1] // 2)
+    out["features-similarity"] = feature_similarity_view(r, centre, lay, None, c.opacity)
+    norms = token_norm_views(r, lay)
+    out.update({"features-norm-grid": norms.grid, "features-norm-histogram": norms.histogram})
+    out["features-norms-by-depth"] = norms.depth
+    if norms.registers is not None:
+        out["features-register-attention"] = norms.registers
+    if r.has_class_token:
+        masks = dino_mask_views(r, 0.6, c.opacity)
+        out.update({"features-dino-masks": masks.per_head, "features-dino-mask-overlay": masks.overlay})
+    if r.lens_probs is not None and r.top_k:
+        out["features-logit-lens"] = logit_lens_views(r).depth
+    out.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return out
 
 
 # -- label-free views (the Features tab) ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from vizapp.ui.outputs import (
     FeatureExportOutputs,
     FeaturePatchOutputs,
     FeaturesOutputs,
+    FiguresExportOutputs,
     GalleryOutputs,
     HeadsOutputs,
     ImportanceOutputs,
@@ -151,6 +152,11 @@ def _state(state: Any) -> dict[str, Any]:
     return state
 
 
+def _colormap(value: Any) -> str:
+    """The colour map a person picked (None: the default)."""
+    return views.Controls().colorscale if value in (None, "") else as_choice(value, "colour map", views.COLOR_SCALES)
+
+
 def _controls(state: dict[str, Any], **kw: Any) -> views.Controls:
     return views.Controls(query=state.get("query", "cls"), tile=state.get("tile", (0, 0)), **kw)
 
@@ -211,6 +217,7 @@ def analyze_image(
     progress: gr.Progress = gr.Progress(),
     *,
     random_weights: Any = False,
+    colormap: Any = None,
     startup_note: str = "",
     trusted_model: str | None = None,
 ) -> AnalyzeOutputs:
@@ -249,6 +256,7 @@ def analyze_image(
         opacity=alpha,
         layer=lay,
         per_head_scale=bool(per_head_scale),
+        colorscale=_colormap(colormap),
     )
     figs = views.render_all(r, None, c)
     summary = views.rounded(r.summary())
@@ -316,6 +324,8 @@ def analyze_image(
         features_npz=None,
         pca_gallery=None,
         second_note="",
+        figures_zip=None,
+        figures_note="",
     )
 
 
@@ -329,6 +339,7 @@ def render_map(
     start_layer: Any,
     opacity: Any,
     start_row: Any = "output",
+    colormap: Any = None,
     progress: gr.Progress = gr.Progress(),
     request: gr.Request | None = None,
 ) -> MapOutputs:
@@ -351,6 +362,7 @@ def render_map(
         start_layer=as_int(start_layer, "start layer", 0, r.num_layers - 1),
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
         start_row=as_choice(start_row or "output", "start row", START_ROWS),
+        colorscale=_colormap(colormap),
     )
     cost = map_cost_note(r, m.name)
     if not m.slow:
@@ -364,7 +376,15 @@ def render_map(
 
 @user_errors
 def render_heads(
-    state: Any, layer: Any, query_mode: Any, row: Any, col: Any, per_head_scale: Any, focus_head: Any, opacity: Any
+    state: Any,
+    layer: Any,
+    query_mode: Any,
+    row: Any,
+    col: Any,
+    per_head_scale: Any,
+    focus_head: Any,
+    opacity: Any,
+    colormap: Any = None,
 ) -> HeadsOutputs:
     """Heads tab: every head of a layer for the chosen query; no forward pass."""
     st = _state(state)
@@ -382,6 +402,7 @@ def render_heads(
         per_head_scale=bool(per_head_scale),
         focus_head=focus,
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
+        colorscale=_colormap(colormap),
     )
     return HeadsOutputs(
         state=st, heads=views.heads_view(r, c), focus=views.focus_view(r, c), query_image=views.query_image(r, c)
@@ -560,6 +581,37 @@ def compare_cost(state: Any, steps: Any, include_slow: Any) -> CompareCostOutput
     r: Analysis = state["analysis"]
     n_steps = as_int(steps, "curve steps", 2, 256)
     return CompareCostOutputs(compare_cost_note(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), bool(include_slow)))
+
+
+@user_errors
+def export_figures(
+    state: Any, layer: Any, opacity: Any, colormap: Any, focus_head: Any = -1, request: gr.Request | None = None
+) -> FiguresExportOutputs:
+    """Every figure of every tab for this analysis, as interactive HTML pages in one .zip (names start with the
+    tab's: rollout-, heads-, distance-, position-, features-), plus head importance when it was run."""
+    st = _state(state)
+    r: Analysis = st["analysis"]
+    focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
+    c = _controls(
+        st,
+        layer=as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers,
+        opacity=as_float(opacity, "opacity", 0.0, 1.0),
+        colorscale=_colormap(colormap),
+        focus_head=focus,
+    )
+    extra = {}
+    kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
+    if kept.get("exact") is not None or kept.get("gradient") is not None:
+        extra["features-head-importance"] = views.importance_view(
+            kept.get("exact"), kept.get("gradient"), kept["score"]
+        )[0]
+    vm = models.reload(r.load_args)
+    figs = views.tab_figures(r, c, vm, extra)
+    out = export_folder() / "vizapp_figures.zip"
+    names = views.figures_zip(figs, str(out))
+    return FiguresExportOutputs(
+        str(out), f"{len(names)} figures, one HTML page each (open them offline once unzipped)."
+    )
 
 
 def cancel_running(request: gr.Request | None = None) -> CancelOutputs:

@@ -25,6 +25,7 @@ from vizapp.ui.outputs import (
     FeatureExportOutputs,
     FeaturePatchOutputs,
     FeaturesOutputs,
+    FiguresExportOutputs,
     GalleryOutputs,
     HeadsOutputs,
     ImportanceOutputs,
@@ -131,6 +132,12 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
     ui.analyze_button = gr.Button("Analyze", variant="primary")
     ui.cancel_button = gr.Button("Cancel", variant="stop", elem_id="vizapp-cancel")
     ui.cancel_note = gr.Markdown("", elem_id="vizapp-cancel-note")
+    ui.colormap = gr.Dropdown(
+        list(views.COLOR_SCALES), value=views.COLOR_SCALES[0], label="Colour map (attention and explanation maps)"
+    )
+    ui.figures_button = gr.Button("Download every figure (.zip of HTML pages)")
+    ui.figures_zip = gr.File(label="figures (.zip)", elem_id="vizapp-figures-zip")
+    ui.figures_note = gr.Markdown("", elem_id="vizapp-figures-note")
     examples = _example_images()
     ui.examples = None
     if examples:
@@ -196,7 +203,9 @@ def _heads_tab(ui: Components) -> None:
                 ui.query_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
                 ui.query_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
             ui.layer = gr.Slider(-1, 11, value=-1, step=1, label="Layer (-1 = last)")
-            ui.focus_head = gr.Dropdown([("all heads", -1)], value=-1, label="Enlarge head")
+            ui.focus_head = gr.Dropdown(
+                [("all heads", -1)], value=-1, label="Overlay one head on the image (below the mosaic)"
+            )
             ui.per_head = gr.Checkbox(
                 value=True, label="Rescale each head to its own min-max (hover shows raw weights)"
             )
@@ -376,6 +385,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> lis
         alpha,
         per_head_scale,
         random_weights,
+        colormap,
         progress=gr.Progress(),
     ):
         return handlers.analyze_image(
@@ -389,6 +399,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> lis
             per_head_scale,
             progress,
             random_weights=random_weights,
+            colormap=colormap,
             startup_note=startup_note,
             trusted_model=trusted,
         )
@@ -403,6 +414,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> lis
         ui.opacity,
         ui.per_head,
         ui.random_weights,
+        ui.colormap,
     ]
     outputs = components(AnalyzeOutputs, ui)
     checked = [ui.analyze_button.click(check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private")]
@@ -427,15 +439,35 @@ def _wire_rollout(ui: Components) -> list[Any]:
         ui.start_layer,
         ui.opacity,
         ui.start_row,
+        ui.colormap,
     ]
-    controls = (ui.method, ui.class_choice, ui.head_fusion, ui.discard_ratio, ui.start_layer, ui.opacity, ui.start_row)
+    controls = (
+        ui.method,
+        ui.class_choice,
+        ui.head_fusion,
+        ui.discard_ratio,
+        ui.start_layer,
+        ui.opacity,
+        ui.start_row,
+        ui.colormap,
+    )
     outputs = components(MapOutputs, ui)
     return [ctrl.change(handlers.render_map, inputs=inputs, outputs=outputs, **RERENDER) for ctrl in controls]
 
 
 def _wire_heads(ui: Components) -> None:
-    inputs = [ui.state, ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.opacity]
-    for ctrl in (ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head):
+    inputs = [
+        ui.state,
+        ui.layer,
+        ui.query_mode,
+        ui.query_row,
+        ui.query_col,
+        ui.per_head,
+        ui.focus_head,
+        ui.opacity,
+        ui.colormap,
+    ]
+    for ctrl in (ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.colormap):
         ctrl.change(handlers.render_heads, inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER)
     ui.query_image.select(
         handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
@@ -604,6 +636,12 @@ def _wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
 def _wire_export(ui: Components) -> None:
     ui.export_button.click(
         handlers.export_files, inputs=[ui.state], outputs=components(ExportOutputs, ui), api_visibility="undocumented"
+    )
+    ui.figures_button.click(
+        handlers.export_figures,
+        inputs=[ui.state, ui.layer, ui.opacity, ui.colormap, ui.focus_head],
+        outputs=components(FiguresExportOutputs, ui),
+        api_visibility="undocumented",
     )
 
 

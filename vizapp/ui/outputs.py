@@ -64,6 +64,8 @@ class AnalyzeOutputs(NamedTuple):
     features_npz: Any
     pca_gallery: Any
     second_note: str
+    figures_zip: Any
+    figures_note: str
 
 
 class HeadsOutputs(NamedTuple):
@@ -194,6 +196,13 @@ class CompareOutputs(NamedTuple):
     deletion: Any
     insertion: Any
     auc_table: list[list[Any]]
+
+
+class FiguresExportOutputs(NamedTuple):
+    """Download every figure: the .zip of HTML pages, and what is in it."""
+
+    figures_zip: str
+    figures_note: str
 
 
 class ExportOutputs(NamedTuple):
