@@ -76,7 +76,7 @@ def test_class_specific_methods_and_compare(analysed):
         "Last-layer CLS attention",
         "Attention flow",
         "Gradient rollout",
-        "Chefer relevance",
+        "GAE relevance (Chefer et al., ICCV 2021)",
         "random",
     ]
     assert all(0.0 <= row[1] <= 1.0 and 0.0 <= row[2] <= 1.0 for row in table)

@@ -152,7 +152,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "relevance",
-            "Chefer relevance",
+            "GAE relevance (Chefer et al., ICCV 2021)",
             True,
             lambda r, c, **kw: r.relevance(c, **kw),
             controls=("start_row",),

@@ -178,7 +178,7 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str, seen: str = "")
     if r.probs is None:
         lines.append(
             "This model has **no classifier head**: there are no classes, so the class-specific maps (gradient "
-            "rollout, Chefer relevance), Compare and the logit lens are not available; attention, rollout and the "
+            "rollout, GAE relevance), Compare and the logit lens are not available; attention, rollout and the "
             "Features tab's label-free views are."
         )
     lines += [f"Note: {n}" for n in r.notes]
