@@ -271,3 +271,25 @@ def test_colour_map_and_every_figure_in_one_download(bundled_app):
     page = zipfile.ZipFile(path).read("rollout-rollout.html").decode()
     assert 'src="plotly.min.js"' in page and "#fde725" in page.lower()  # offline, in the chosen colours
     assert f"{len(names) - 1} figures" in d.values[d.by_elem_id("vizapp-figures-note")]
+
+
+def test_random_weights_make_any_timm_entry_usable_offline(bundled_app, monkeypatch):
+    """Random weights build the architecture with no download, and the status line says the maps mean structure only;
+    a transformers entry says why it cannot (its config is on the hub)."""
+    from vizapp.ui import handlers
+
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
+    d = AppDriver(bundled_app)
+    d.set(d.by_label("Random weights", "checkbox"), True)
+    d.values[d.by_label("Model", "dropdown")] = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    _assert_clean(_analyze(d, SNEAKER), "analyze a random-weight ViT-Ti")
+    status = d.values[d.by_elem_id("vizapp-status")]
+    assert "random weights" in status and "structure, not learned behaviour" in status
+    assert "12 layers x 3 heads" in status and "14x14 patches of 16x16 px" in status
+
+    def offline(name, **kwargs):  # what load_model says for a transformers id with no network and no cached config
+        raise models.ModelLoadError(f"cannot load {name!r}: the network is unreachable")
+
+    monkeypatch.setattr(models, "load_model", offline)
+    with pytest.raises(models.ModelLoadError, match="config.json, which is on the hub too"):
+        handlers._load("hf:google/vit-base-patch16-224", None, True)

@@ -129,7 +129,15 @@ def _load(name: str, trusted: str | None = None, random_weights: bool = False) -
     """The model, with its pretrained weights unless ``random_weights`` (the architecture only: no download)."""
     allow = trusted is not None and name == trusted
     if random_weights and name != models.BUNDLED:
-        return models.load_model(name, pretrained=False, allow_files=allow)
+        try:
+            return models.load_model(name, pretrained=False, allow_files=allow)
+        except models.ModelLoadError as e:
+            if not name.startswith("hf:"):
+                raise
+            raise models.ModelLoadError(
+                f"{e} — a transformers model's architecture is its config.json, which is on the hub too, so random "
+                "weights need it as well; the timm and torchvision entries build offline"
+            ) from None
     try:
         return models.load_model(name, allow_files=allow)
     except models.ModelLoadError as e:
