@@ -293,3 +293,18 @@ def test_random_weights_make_any_timm_entry_usable_offline(bundled_app, monkeypa
     monkeypatch.setattr(models, "load_model", offline)
     with pytest.raises(models.ModelLoadError, match="config.json, which is on the hub too"):
         handlers._load("hf:google/vit-base-patch16-224", None, True)
+
+
+def test_clicking_an_example_analyses_it(bundled_app):
+    d = AppDriver(bundled_app)
+    dataset = next(cid for cid in d.components if d.kind(cid) == "dataset")
+    samples = d.props[dataset]["samples"]
+    index = next(i for i, s in enumerate(samples) if "fmnist_1_trouser" in json.dumps(s))
+    d.values[dataset] = index
+    fired = d.click(dataset)
+    _assert_clean(fired, "click an example")
+    analyzed = [
+        f for f in fired if d.deps[f.index]["outputs"] and d.by_elem_id("vizapp-status") in d.deps[f.index]["outputs"]
+    ]
+    assert analyzed, "the example was not analysed"
+    assert d.values[d.by_label("Top-5", "label")]["label"] == "Trouser"

@@ -280,7 +280,7 @@ def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title
                 colorscale="Turbo",
                 size=9,
                 line=dict(width=0.5, color="#333"),
-                colorbar=dict(title="head", thickness=12),
+                colorbar=dict(title="head", thickness=12, dtick=1),
             ),
             hovertemplate="layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}<br>%{customdata[2]:.1f} px"
             "<extra></extra>",
@@ -475,7 +475,7 @@ def compare_figure(
     fig = make_subplots(
         rows=nrows,
         cols=ncols,
-        subplot_titles=[f"{n}<br><sub>{scores.get(n, '')}</sub>" for n in names],
+        subplot_titles=[f"{_wrap(n, 30)}<br><sub>{scores.get(n, '')}</sub>" for n in names],
         horizontal_spacing=0.02,
         vertical_spacing=0.1,
     )
@@ -506,7 +506,7 @@ def compare_figure(
             col=c,
         )
         _image_axes(fig, h, w, row=r, col=c)
-    fig.update_layout(margin=dict(l=10, r=10, t=60, b=10), height=330 * nrows + 40, title="Explanations compared")
+    fig.update_layout(margin=dict(l=10, r=10, t=110, b=10), height=350 * nrows + 80, title="Explanations compared")
     return fig
 
 

@@ -136,7 +136,7 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         list(views.COLOR_SCALES), value=views.COLOR_SCALES[0], label="Colour map (attention and explanation maps)"
     )
     ui.figures_button = gr.Button("Download every figure (.zip of HTML pages)")
-    ui.figures_zip = gr.File(label="figures (.zip)", elem_id="vizapp-figures-zip")
+    ui.figures_zip = gr.File(label="figures (.zip)", elem_id="vizapp-figures-zip", height=90)
     ui.figures_note = gr.Markdown("", elem_id="vizapp-figures-note")
     examples = _example_images()
     ui.examples = None
@@ -162,8 +162,8 @@ def _prediction_tab(ui: Components) -> None:
     ui.summary = gr.JSON(label="Summary", open=False)
     with gr.Row():
         ui.export_button = gr.Button("Export .npz + .json")
-        ui.npz_file = gr.File(label="attention tensors (.npz)")
-        ui.json_file = gr.File(label="summary (.json)")
+        ui.npz_file = gr.File(label="attention tensors (.npz)", height=90)
+        ui.json_file = gr.File(label="summary (.json)", height=90)
 
 
 def _rollout_tab(ui: Components) -> None:
@@ -315,7 +315,7 @@ def _features_tab(ui: Components) -> None:
     ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
     with gr.Row():
         ui.features_export_button = gr.Button("Export these arrays (.npz)")
-        ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz")
+        ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz", height=90)
 
 
 def _compare_tab(ui: Components) -> None:
