@@ -8,26 +8,30 @@ Handlers return the named structures of :mod:`vizapp.ui.outputs`.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import gradio as gr
 import numpy as np
-import torch
 
 from vizapp import methods, models, views
-from vizapp.errors import BadImageError, BadParameterError, VizappError
+from vizapp.errors import BadImageError, BadParameterError
 from vizapp.imageio import decode_image
-from vizapp.pipeline import START_ROWS, Analysis, analyze, feature_pca
+from vizapp.pipeline import START_ROWS, Analysis
 from vizapp.ui import deadline
+from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-exported)
+    EXPORT_MAX_AGE_S,
+    analysis_state,
+    analyze_on_gpu,
+    colormap_choice,
+    export_folder,
+    patch_at,
+    session_id,
+    user_errors,
+    view_controls,
+)
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, compare_cost_note, importance_cost_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
@@ -35,18 +39,12 @@ from vizapp.ui.outputs import (
     CompareCostOutputs,
     CompareOutputs,
     ExportOutputs,
-    FeatureExportOutputs,
-    FeaturePatchOutputs,
-    FeaturesOutputs,
     FiguresExportOutputs,
-    GalleryOutputs,
     HeadsOutputs,
-    ImportanceOutputs,
     MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
-    SecondImageOutputs,
     TileOutputs,
 )
 from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
@@ -56,68 +54,6 @@ log = logging.getLogger("vizapp")
 PATCH_QUERY = "Clicked patch"
 CLS_QUERY = "CLS token"
 MAX_CLICK_CHARS = 2000
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Exported files: gradio copies what a handler returns into its own cache, so ours are only needed until then.
-EXPORT_MAX_AGE_S = 3600.0
-_export_root: tempfile.TemporaryDirectory | None = None
-_export_lock = threading.Lock()
-
-
-def export_folder(now: float | None = None) -> Path:
-    """A fresh private folder for one export. All live under one folder per process, removed when the process
-    exits; folders older than :data:`EXPORT_MAX_AGE_S` are removed here, so a server that runs for weeks does not
-    fill its disk."""
-    global _export_root
-    with _export_lock:
-        if _export_root is None:
-            _export_root = tempfile.TemporaryDirectory(prefix="vizapp-export-")
-        root = Path(_export_root.name)
-        cutoff = (time.time() if now is None else now) - EXPORT_MAX_AGE_S
-        for old in root.iterdir():
-            try:
-                if old.stat().st_mtime < cutoff:
-                    shutil.rmtree(old, ignore_errors=True)
-            except FileNotFoundError:
-                pass
-        return Path(tempfile.mkdtemp(dir=root))
-
-
-def user_errors(fn: F) -> F:
-    """Turn every failure into a gr.Error with a message a person can act on; the server keeps serving."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except VizappError as e:
-            raise gr.Error(str(e)) from None
-        except torch.OutOfMemoryError:
-            raise gr.Error("out of memory for this model and image; pick a smaller model") from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(
-                "something went wrong on our side while doing this; the app is still running — try again, "
-                "or another image or model"
-            ) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _gpu(fn: F) -> F:
-    """On Hugging Face ZeroGPU Spaces, run ``fn`` with a GPU attached; elsewhere unchanged."""
-    try:
-        import spaces  # type: ignore[import-not-found]
-    except ImportError:
-        return fn
-    return spaces.GPU(fn)
-
-
-_analyze_on_gpu = _gpu(analyze)  # decorated once, at import, as ZeroGPU expects
-
 
 RANDOM_WEIGHTS_NOTE = (
     "**Architecture only, random weights**: the maps show structure, not learned behaviour (the classes, if any, "
@@ -154,21 +90,6 @@ def _model_name(value: Any, trusted: str | None) -> str:
     return value if (trusted and value == trusted) else as_model_id(value)
 
 
-def _state(state: Any) -> dict[str, Any]:
-    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
-        raise BadParameterError("no analysis yet: upload an image (or pick an example) and press Analyze")
-    return state
-
-
-def _colormap(value: Any) -> str:
-    """The colour map a person picked (None: the default)."""
-    return views.Controls().colorscale if value in (None, "") else as_choice(value, "colour map", views.COLOR_SCALES)
-
-
-def _controls(state: dict[str, Any], **kw: Any) -> views.Controls:
-    return views.Controls(query=state.get("query", "cls"), tile=state.get("tile", (0, 0)), **kw)
-
-
 def _status(vm: models.VizModel, r: Analysis, startup_note: str, seen: str = "") -> str:
     lines = [startup_note] if startup_note and r.model_name in startup_note else [f"Active model: `{r.model_name}`."]
     if vm.source == "random" and vm.name != models.BUNDLED:
@@ -191,10 +112,6 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str, seen: str = "")
         )
     lines += [f"Note: {n}" for n in r.notes]
     return "\n\n".join(lines)
-
-
-def _session(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None)
 
 
 def _query_slider(r: Analysis, query: Any, axis: int) -> Any:
@@ -242,7 +159,7 @@ def analyze_image(
     vm = _load(name, trusted_model, bool(random_weights))
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
-    r = _analyze_on_gpu(vm, decoded)
+    r = analyze_on_gpu(vm, decoded)
     forward_s = time.perf_counter() - started  # the basis of the head-importance estimate
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
@@ -256,7 +173,7 @@ def analyze_image(
         "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2),
     }
     progress(0.8, desc="drawing")
-    c = _controls(
+    c = view_controls(
         state,
         head_fusion=fusion,
         discard_ratio=discard,
@@ -264,7 +181,7 @@ def analyze_image(
         opacity=alpha,
         layer=lay,
         per_head_scale=bool(per_head_scale),
-        colorscale=_colormap(colormap),
+        colorscale=colormap_choice(colormap),
     )
     figs = views.render_all(r, None, c)
     summary = views.rounded(r.summary())
@@ -357,25 +274,25 @@ def render_map(
     Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
     Returns the map and the method's cost note.
     """
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     m = methods.get(method)
     why = views.method_unavailable(r, m.name)
     if why:
         raise BadParameterError(f"{m.label} is not available for this model: {why}")
-    c = _controls(
+    c = view_controls(
         st,
         head_fusion=as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS),
         discard_ratio=as_float(discard_ratio, "discard ratio", 0.0, 1.0, hi_inclusive=False),
         start_layer=as_int(start_layer, "start layer", 0, r.num_layers - 1),
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
         start_row=as_choice(start_row or "output", "start row", START_ROWS),
-        colorscale=_colormap(colormap),
+        colorscale=colormap_choice(colormap),
     )
     cost = map_cost_note(r, m.name)
     if not m.slow:
         return MapOutputs(views.map_view(r, c, m.name, class_label), cost)
-    with deadline.running(_session(request)) as d:
+    with deadline.running(session_id(request)) as d:
         d.check(m.label)
         progress(0.0, desc=m.label)
         report = d.progress(m.label, lambda fraction, desc: progress(fraction, desc=desc))
@@ -395,7 +312,7 @@ def render_heads(
     colormap: Any = None,
 ) -> HeadsOutputs:
     """Heads tab: every head of a layer for the chosen query; no forward pass."""
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     mode = as_choice(query_mode, "query", (CLS_QUERY, PATCH_QUERY))
     if mode == CLS_QUERY and r.has_class_token:
@@ -404,13 +321,13 @@ def render_heads(
         st = {**st, "query": (as_int(row, "row", 0, r.grid_size[0] - 1), as_int(col, "column", 0, r.grid_size[1] - 1))}
     focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    c = _controls(
+    c = view_controls(
         st,
         layer=lay,
         per_head_scale=bool(per_head_scale),
         focus_head=focus,
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
-        colorscale=_colormap(colormap),
+        colorscale=colormap_choice(colormap),
     )
     return HeadsOutputs(
         state=st, heads=views.heads_view(r, c), focus=views.focus_view(r, c), query_image=views.query_image(r, c)
@@ -419,13 +336,7 @@ def render_heads(
 
 def select_patch(state: Any, evt: gr.SelectData) -> PatchOutputs:
     """Clicking the image makes that patch the query (returns the radio/row/col values; rendering follows)."""
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (0, 0))[:2]
-    s = views.query_image_scale(r)  # the clickable image is the model's view upscaled by s
-    row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))
-    col = int(np.clip(int(x) // (r.patch_size[1] * s), 0, r.grid_size[1] - 1))
-    return PatchOutputs(PATCH_QUERY, row, col)
+    return PatchOutputs(PATCH_QUERY, *patch_at(state, evt))
 
 
 def _parse_click(payload: Any, n: int) -> list[int]:
@@ -442,7 +353,7 @@ def _parse_click(payload: Any, n: int) -> list[int]:
 @user_errors
 def open_head(state: Any, payload: Any) -> OpenHeadOutputs:
     """A click on a dot of the distance plot: show that layer and head in the Heads tab."""
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     layer, head = _parse_click(payload, 2)
     return OpenHeadOutputs(
@@ -542,7 +453,7 @@ def compare_methods(
     Runs under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked between methods, between each
     map's curves, and at every step of a method that reports progress.
     """
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
@@ -552,7 +463,7 @@ def compare_methods(
     chosen = [m for m in offered if not m.slow or bool(include_slow)]
     maps: dict[str, np.ndarray] = {}
     curves: dict[str, Any] = {}
-    with deadline.running(_session(request)) as d:
+    with deadline.running(session_id(request)) as d:
         for i, m in enumerate(chosen):
             d.check(f"computing {m.label}")
             progress(0.6 * i / len(chosen), desc=f"computing {m.label}")
@@ -572,7 +483,7 @@ def compare_methods(
 @user_errors
 def export_files(state: Any) -> ExportOutputs:
     """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     out = export_folder()
     npz, js = out / "vizapp_attention.npz", out / "vizapp_summary.json"
@@ -597,14 +508,14 @@ def export_figures(
 ) -> FiguresExportOutputs:
     """Every figure of every tab for this analysis, as interactive HTML pages in one .zip (names start with the
     tab's: rollout-, heads-, distance-, position-, features-), plus head importance when it was run."""
-    st = _state(state)
+    st = analysis_state(state)
     r: Analysis = st["analysis"]
     focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
-    c = _controls(
+    c = view_controls(
         st,
         layer=as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers,
         opacity=as_float(opacity, "opacity", 0.0, 1.0),
-        colorscale=_colormap(colormap),
+        colorscale=colormap_choice(colormap),
         focus_head=focus,
     )
     extra = {}
@@ -625,7 +536,7 @@ def export_figures(
 def cancel_running(request: gr.Request | None = None) -> CancelOutputs:
     """The Cancel button: every long operation of this person's session stops at its next check, and the page says
     so."""
-    n = deadline.cancel(_session(request))
+    n = deadline.cancel(session_id(request))
     log.info("cancel: %d running operation(s) flagged", n)
     when = time.strftime("%H:%M:%S")
     if n:
@@ -633,216 +544,15 @@ def cancel_running(request: gr.Request | None = None) -> CancelOutputs:
     return CancelOutputs(f"{when}: nothing was running to cancel.")
 
 
-# -- the Features tab ------------------------------------------------------------------------------------------------
-
-NO_HEAD_NOTE = "This model has no classifier head, so there is no logit lens (no classes to read)."
-NO_CLS_MASK_NOTE = (
-    "DINO masks are drawn from the CLS token's attention in the last layer, and this model has no CLS token (it "
-    "pools its patches): there are none to show."
+# The Features tab's handlers live in their own module; named here too, where the layout and the API find them.
+from vizapp.ui.feature_handlers import (  # noqa: E402, F401
+    NO_CLS_MASK_NOTE,
+    NO_HEAD_NOTE,
+    analyze_second_image,
+    example_images,
+    export_features,
+    pca_across_examples,
+    render_features,
+    run_importance,
+    select_feature_patch,
 )
-
-
-def _feature_query(r: Analysis, row: Any, col: Any) -> tuple[int, int]:
-    return (as_int(row, "patch row", 0, r.grid_size[0] - 1), as_int(col, "patch column", 0, r.grid_size[1] - 1))
-
-
-def _foreground(value: Any) -> float | None:
-    t = as_float(value, "foreground threshold", 0.0, 1.0, hi_inclusive=False)
-    return None if t == 0.0 else t
-
-
-@user_errors
-def render_features(
-    state: Any,
-    layer: Any,
-    foreground: Any,
-    row: Any,
-    col: Any,
-    norm_layer: Any,
-    dino_threshold: Any,
-    lens_class: Any,
-    opacity: Any = 0.6,
-) -> FeaturesOutputs:
-    """Features tab: every label-free view from the cached analysis (no forward pass)."""
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    fg = _foreground(foreground)
-    query = _feature_query(r, row, col)
-    nlay = as_int(norm_layer, "norm layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    thr = as_float(dino_threshold, "mask threshold", 0.01, 1.0)
-    alpha = as_float(opacity, "opacity", 0.0, 1.0)
-    st = {**st, "feature_query": query}
-    other = st.get("other")
-    norms = views.token_norm_views(r, nlay)
-    if r.has_class_token:
-        masks = views.dino_mask_views(r, thr, alpha)
-        mask_heads, mask_overlay, mask_note = gr.update(value=masks.per_head, visible=True), masks.overlay, ""
-    else:
-        mask_heads, mask_overlay, mask_note = gr.update(value=None, visible=False), None, NO_CLS_MASK_NOTE
-    if r.lens_probs is not None:
-        label = lens_class if isinstance(lens_class, str) and lens_class else None
-        lens = views.logit_lens_views(r, label)
-        lens_table, lens_plot, lens_note = (
-            gr.update(value=lens.table, visible=True),
-            gr.update(value=lens.depth, visible=True),
-            "",
-        )
-    else:
-        lens_table, lens_plot, lens_note = gr.update(visible=False), gr.update(value=None, visible=False), NO_HEAD_NOTE
-    _, layer_note = views.feature_layer(r, lay)
-    return FeaturesOutputs(
-        state=st,
-        feat_pca=views.feature_pca_view(r, lay, fg),
-        feat_sim=views.feature_similarity_view(r, query, lay, other, alpha),
-        feat_query_image=views.query_image(r, views.Controls(query=query)),
-        norm_grid=norms.grid,
-        norm_hist=norms.histogram,
-        norm_depth=norms.depth,
-        register_plot=gr.update(value=norms.registers, visible=norms.registers is not None),
-        norm_sentence=norms.sentence,
-        mask_heads=mask_heads,
-        mask_overlay=gr.update(value=mask_overlay, visible=mask_overlay is not None),
-        mask_note=mask_note,
-        lens_table=lens_table,
-        lens_plot=lens_plot,
-        lens_note=lens_note,
-        features_note=layer_note,
-    )
-
-
-def select_feature_patch(state: Any, evt: gr.SelectData) -> FeaturePatchOutputs:
-    """Clicking the Features tab's image makes that patch the feature query (rendering follows)."""
-    _, row, col = select_patch(state, evt)
-    return FeaturePatchOutputs(row, col)
-
-
-@user_errors
-def analyze_second_image(
-    state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6, progress: gr.Progress = gr.Progress()
-) -> SecondImageOutputs:
-    """A second image, analysed with the same network, for the feature similarity across images (click in the first,
-    map in the second). ``image`` None clears it."""
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    query = _feature_query(r, row, col)
-    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    alpha = as_float(opacity, "opacity", 0.0, 1.0)
-    if image is None:
-        st = {k: v for k, v in st.items() if k != "other"}
-        return SecondImageOutputs(
-            st,
-            views.feature_similarity_view(r, query, lay, None, alpha),
-            "No second image: the similarity is shown on the same image.",
-        )
-    decoded = decode_image(image)
-    progress(0.2, desc="forward pass on the second image")
-    other = _analyze_on_gpu(models.reload(r.load_args), decoded)
-    st = {**st, "other": other}
-    return SecondImageOutputs(
-        st,
-        views.feature_similarity_view(r, query, lay, other, alpha),
-        "Second image analysed with the same model: click a patch in the first image, the map is drawn on the second.",
-    )
-
-
-def example_images() -> list[str]:
-    """The example gallery's image files."""
-    folder = models.ASSETS_DIR / "examples"
-    return sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-
-
-@user_errors
-def pca_across_examples(
-    state: Any, layer: Any, progress: gr.Progress = gr.Progress(), request: gr.Request | None = None
-) -> GalleryOutputs:
-    """One PCA shared by the analysed image and the example images (one batched forward pass), so parts correspond
-    by colour across images."""
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    paths = example_images()
-    images = [r.image] + [decode_image(p) for p in paths]
-    names = ["your image"] + [Path(p).stem[:14] for p in paths]
-    with deadline.running(_session(request)) as d:
-        d.check("PCA across examples")
-        progress(0.1, desc=f"forward pass on {len(images)} images")
-        vm = models.reload(r.load_args)
-        rgbs = feature_pca(vm, images, layer=lay)
-    fig = views.pca_gallery_view(rgbs, vm.patch_size, names, lay)
-    return GalleryOutputs(fig)
-
-
-@user_errors
-def run_importance(
-    state: Any,
-    method: Any,
-    mode: Any,
-    class_label: Any,
-    progress: gr.Progress = gr.Progress(),
-    request: gr.Request | None = None,
-) -> ImportanceOutputs:
-    """Head importance by ablation ("exact") or its first-order estimate ("gradient"), under the request deadline
-    (VIZAPP_REQUEST_SECONDS) and Cancel, checked before every layer of the exact method. The two results of the same
-    class and ablation mode are shown side by side with their Spearman rank correlation."""
-    from vizapp.ablation import IMPORTANCE_METHODS, head_importance
-
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    how = as_choice(method, "importance method", IMPORTANCE_METHODS)
-    ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
-    cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
-    if cls is not None and cls not in r.labels:
-        raise BadParameterError(f"unknown class {cls[:60]!r}; pick one from the list")
-    vm = models.reload(r.load_args)
-    why = views.importance_support(vm).get(how)
-    if why:
-        raise BadParameterError(f"{how} head importance is not available for this model: {why}")
-    key = (cls, ablation)
-    kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
-    kept = dict(kept) if kept.get("key") == key else {"key": key}
-    with deadline.running(_session(request)) as d:
-        doing = "exact head ablation" if how == "exact" else "gradient head importance"
-        d.check(doing)
-        progress(0.0, desc=doing)
-        report = d.progress(doing, lambda fraction, desc: progress(fraction, desc=desc))
-
-        def should_stop() -> bool:
-            d.check(doing)  # raises at the deadline or on Cancel
-            return False
-
-        res = head_importance(
-            vm, r.input, class_idx=cls, mode=ablation, method=how, progress=report, should_stop=should_stop
-        )
-    kept[how] = res.drop.numpy()
-    kept["score"] = res.score + ("" if res.class_idx is None else f" of '{r.labels[res.class_idx]}'")
-    st = {**st, "importance": kept}
-    fig, rho = views.importance_view(kept.get("exact"), kept.get("gradient"), kept["score"])
-    other = "gradient" if how == "exact" else "exact"
-    note = rho
-    if not note and not views.importance_support(vm).get(other):
-        note = f"Run the {other} method too (same class and mode) to see their rank correlation."
-    note += " Click a cell to open that head in the Heads tab."
-    return ImportanceOutputs(st, fig, note)
-
-
-@user_errors
-def export_features(
-    state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
-) -> FeatureExportOutputs:
-    """The Features tab's arrays as .npz, in a fresh private temp folder."""
-    st = _state(state)
-    r: Analysis = st["analysis"]
-    lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
-    imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
-    arrays = views.feature_arrays(
-        r,
-        lay,
-        _foreground(foreground),
-        _feature_query(r, row, col),
-        as_float(dino_threshold, "mask threshold", 0.01, 1.0),
-        imp,
-    )
-    out = export_folder() / "vizapp_features.npz"
-    np.savez_compressed(out, **arrays)
-    return FeatureExportOutputs(str(out))

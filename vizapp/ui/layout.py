@@ -6,8 +6,6 @@ structures in :mod:`vizapp.ui.outputs`, so every event's outputs come from :func
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -16,30 +14,25 @@ from vizapp import methods, models, views
 from vizapp.ui import handlers
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
+from vizapp.ui.layout_features import features_tab, wire_features
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CancelOutputs,
     CompareCostOutputs,
     CompareOutputs,
     ExportOutputs,
-    FeatureExportOutputs,
-    FeaturePatchOutputs,
-    FeaturesOutputs,
     FiguresExportOutputs,
-    GalleryOutputs,
     HeadsOutputs,
-    ImportanceOutputs,
     MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
-    SecondImageOutputs,
     TileOutputs,
     components,
-    for_gradio,
 )
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.upload import UploadedImage
+from vizapp.ui.wiring import RERENDER, Components, event, patch_picker
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -89,25 +82,6 @@ JS = """
   setInterval(bind, 700);
 }
 """
-
-# Re-render events fire on every control change; only the last of a burst runs.
-RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
-
-
-class Components(SimpleNamespace):
-    """The page's components by name (names match the fields of :mod:`vizapp.ui.outputs`)."""
-
-
-def _event(fn: Any) -> Any:
-    """``fn`` as gradio calls it: a one-field result handed over as its only value (see
-    :func:`vizapp.ui.outputs.for_gradio`). The signature is kept, so gradio still injects Progress, Request and
-    SelectData."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return for_gradio(fn(*args, **kwargs))
-
-    return run
 
 
 def _example_images() -> list[str]:
@@ -189,15 +163,10 @@ def _rollout_tab(ui: Components) -> None:
     ui.map_cost = gr.Markdown("", elem_id="vizapp-map-cost")
 
 
-def _patch_picker(label: str, elem_id: str, height: int) -> gr.Image:
-    """The image a user clicks to pick a query patch (a PNG the handlers draw the grid on; no download buttons)."""
-    return gr.Image(label=label, interactive=False, elem_id=elem_id, height=height, format="png", buttons=[])
-
-
 def _heads_tab(ui: Components) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
-            ui.query_image = _patch_picker("Click a patch to make it the query", "vizapp-query-image", 340)
+            ui.query_image = patch_picker("Click a patch to make it the query", "vizapp-query-image", 340)
             ui.query_mode = gr.Radio([CLS_QUERY, PATCH_QUERY], value=CLS_QUERY, label="Query")
             with gr.Row():
                 ui.query_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
@@ -246,78 +215,6 @@ def _pos_tab(ui: Components) -> None:
     ui.pos_click = gr.Textbox(visible="hidden", elem_id="vizapp-pos-click")
 
 
-def _features_tab(ui: Components) -> None:
-    gr.Markdown(
-        "Views that need no class labels (DINOv2/v3, CLIP backbones and any model), all from the analysis you already "
-        "ran: change a control and they redraw without another forward pass."
-    )
-    ui.features_note = gr.Markdown("")
-    with gr.Row():
-        with gr.Column(scale=1, min_width=240):
-            ui.feat_query_image = _patch_picker(
-                "Click a patch: its feature is compared with every patch", "vizapp-feature-image", 300
-            )
-            ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
-            ui.feat_foreground = gr.Slider(
-                0, 0.95, value=0.0, step=0.05, label="PCA foreground threshold (0 = off; refit on patches above it)"
-            )
-            with gr.Row():
-                ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
-                ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
-            ui.second_image = gr.Image(
-                label="Second image (optional): the similarity map is drawn on it",
-                type="filepath",
-                sources=["upload", "clipboard"],
-                height=160,
-            )
-            ui.second_button = gr.Button("Compare with the second image")
-            ui.second_note = gr.Markdown("")
-        with gr.Column(scale=2):
-            with gr.Row():
-                ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
-                ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
-            with gr.Row():
-                ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
-            ui.pca_gallery = gr.Plot(label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot")
-    gr.Markdown("### Token norms and registers")
-    ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
-    ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
-    with gr.Row():
-        ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
-        ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
-    with gr.Row():
-        ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
-        ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
-    gr.Markdown("### DINO masks (last layer, per head)")
-    ui.mask_note = gr.Markdown("", elem_id="vizapp-mask-note")
-    ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
-    with gr.Row():
-        ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
-        ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
-    gr.Markdown("### Logit lens")
-    ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
-    ui.lens_class = gr.Dropdown([], label="Class to follow across depth")
-    ui.lens_table = gr.Dataframe(
-        headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
-    )
-    ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
-    gr.Markdown("### Head importance by ablation")
-    ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
-    with gr.Row():
-        ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
-        ui.imp_class = gr.Dropdown(
-            [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
-        )
-        ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
-        ui.imp_gradient_button = gr.Button("Gradient estimate")
-    ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
-    ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
-    ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
-    with gr.Row():
-        ui.features_export_button = gr.Button("Export these arrays (.npz)")
-        ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz", height=90)
-
-
 def _compare_tab(ui: Components) -> None:
     slow = ", ".join(m.label.lower() for m in methods.METHODS.values() if m.slow)
     with gr.Row():
@@ -362,7 +259,7 @@ def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) 
                     ("distance", "Attention distance", _distance_tab),
                     ("pos", "Position embeddings", _pos_tab),
                     ("compare", "Compare", _compare_tab),
-                    ("features", "Features", _features_tab),
+                    ("features", "Features", features_tab),
                 ]:
                     with gr.Tab(name, id=tab_id):
                         build(ui)
@@ -534,7 +431,7 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
 def _wire_compare(ui: Components) -> Any:
     for ctrl in (ui.compare_steps, ui.compare_slow):
         ctrl.change(
-            _event(handlers.compare_cost),
+            event(handlers.compare_cost),
             inputs=[ui.state, ui.compare_steps, ui.compare_slow],
             outputs=components(CompareCostOutputs, ui),
             **RERENDER,
@@ -545,92 +442,6 @@ def _wire_compare(ui: Components) -> Any:
         outputs=components(CompareOutputs, ui),
         api_name="compare",
     )
-
-
-def _feature_inputs(ui: Components) -> list[Any]:
-    return [
-        ui.state,
-        ui.feat_layer,
-        ui.feat_foreground,
-        ui.feat_row,
-        ui.feat_col,
-        ui.norm_layer,
-        ui.dino_threshold,
-        ui.lens_class,
-        ui.opacity,
-    ]
-
-
-def _importance_fn(method: str) -> Any:
-    def run(
-        state: Any,
-        mode: Any,
-        class_label: Any,
-        progress: gr.Progress = gr.Progress(),
-        request: gr.Request | None = None,
-    ) -> Any:
-        return handlers.run_importance(state, method, mode, class_label, progress, request)
-
-    run.__name__ = f"head_importance_{method}"
-    return run
-
-
-def _wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
-    """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
-    Cancel."""
-    inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
-    for event in analyze:
-        event.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
-    for ctrl in (
-        ui.feat_layer,
-        ui.feat_foreground,
-        ui.feat_row,
-        ui.feat_col,
-        ui.norm_layer,
-        ui.dino_threshold,
-        ui.lens_class,
-    ):
-        ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
-    ui.feat_query_image.select(
-        handlers.select_feature_patch,
-        inputs=[ui.state],
-        outputs=components(FeaturePatchOutputs, ui),
-        api_visibility="private",
-    )
-    second = ui.second_button.click(
-        handlers.analyze_second_image,
-        inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer, ui.opacity],
-        outputs=components(SecondImageOutputs, ui),
-        api_visibility="private",
-    )
-    gallery = ui.pca_examples_button.click(
-        _event(handlers.pca_across_examples),
-        inputs=[ui.state, ui.feat_layer],
-        outputs=components(GalleryOutputs, ui),
-        api_visibility="private",
-    )
-    importance = [
-        button.click(
-            _importance_fn(method),
-            inputs=[ui.state, ui.imp_mode, ui.imp_class],
-            outputs=components(ImportanceOutputs, ui),
-            api_name=f"head_importance_{method}",
-        )
-        for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
-    ]
-    ui.importance_click.change(
-        handlers.open_head,
-        inputs=[ui.state, ui.importance_click],
-        outputs=components(OpenHeadOutputs, ui),
-        api_visibility="private",
-    )
-    ui.features_export_button.click(
-        _event(handlers.export_features),
-        inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
-        outputs=components(FeatureExportOutputs, ui),
-        api_visibility="undocumented",
-    )
-    return [second, gallery, *importance]
 
 
 def _wire_export(ui: Components) -> None:
@@ -648,7 +459,7 @@ def _wire_export(ui: Components) -> None:
 def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
     """Cancel: gradio stops waiting for the events, and the handlers' deadlines stop the work at their next check."""
     ui.cancel_button.click(
-        _event(handlers.cancel_running),
+        event(handlers.cancel_running),
         inputs=None,
         outputs=components(CancelOutputs, ui),
         cancels=long_events,
@@ -670,7 +481,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
         compare = _wire_compare(ui)
-        feature_events = _wire_features(ui, analyze)
+        feature_events = wire_features(ui, analyze)
         _wire_export(ui)
         _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
     return demo

@@ -1,0 +1,116 @@
+"""What the handlers share: the analysis kept in a person's state, the view controls, the session, the error
+wrapper that turns every failure into a message, the GPU decoration for ZeroGPU Spaces, and private export folders."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gradio as gr
+import numpy as np
+import torch
+
+from vizapp import views
+from vizapp.errors import BadParameterError, VizappError
+from vizapp.pipeline import Analysis, analyze
+from vizapp.ui.validation import as_choice
+
+log = logging.getLogger("vizapp")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exported files: gradio copies what a handler returns into its own cache, so ours are only needed until then.
+EXPORT_MAX_AGE_S = 3600.0
+_export_root: tempfile.TemporaryDirectory | None = None
+_export_lock = threading.Lock()
+
+
+def export_folder(now: float | None = None) -> Path:
+    """A fresh private folder for one export. All live under one folder per process, removed when the process
+    exits; folders older than :data:`EXPORT_MAX_AGE_S` are removed here, so a server that runs for weeks does not
+    fill its disk."""
+    global _export_root
+    with _export_lock:
+        if _export_root is None:
+            _export_root = tempfile.TemporaryDirectory(prefix="vizapp-export-")
+        root = Path(_export_root.name)
+        cutoff = (time.time() if now is None else now) - EXPORT_MAX_AGE_S
+        for old in root.iterdir():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        return Path(tempfile.mkdtemp(dir=root))
+
+
+def user_errors(fn: F) -> F:
+    """Turn every failure into a gr.Error with a message a person can act on; the server keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except VizappError as e:
+            raise gr.Error(str(e)) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("out of memory for this model and image; pick a smaller model") from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(
+                "something went wrong on our side while doing this; the app is still running — try again, "
+                "or another image or model"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def on_gpu(fn: F) -> F:
+    """On Hugging Face ZeroGPU Spaces, run ``fn`` with a GPU attached; elsewhere unchanged."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+analyze_on_gpu = on_gpu(analyze)  # decorated once, at import, as ZeroGPU expects
+
+
+def analysis_state(state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
+        raise BadParameterError("no analysis yet: upload an image (or pick an example) and press Analyze")
+    return state
+
+
+def colormap_choice(value: Any) -> str:
+    """The colour map a person picked (None: the default)."""
+    return views.Controls().colorscale if value in (None, "") else as_choice(value, "colour map", views.COLOR_SCALES)
+
+
+def view_controls(state: dict[str, Any], **kw: Any) -> views.Controls:
+    return views.Controls(query=state.get("query", "cls"), tile=state.get("tile", (0, 0)), **kw)
+
+
+def session_id(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def patch_at(state: Any, evt: gr.SelectData) -> tuple[int, int]:
+    """The patch (row, col) under a click on the clickable image (the model's view upscaled by
+    :func:`vizapp.views.query_image_scale`)."""
+    r: Analysis = analysis_state(state)["analysis"]
+    x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (0, 0))[:2]
+    s = views.query_image_scale(r)
+    row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))
+    col = int(np.clip(int(x) // (r.patch_size[1] * s), 0, r.grid_size[1] - 1))
+    return row, col

@@ -1,0 +1,36 @@
+"""What the page's modules share: the components by name, the re-render event settings, and how a handler's
+named result reaches gradio."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from vizapp.ui.outputs import for_gradio
+
+# Re-render events fire on every control change; only the last of a burst runs.
+RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
+
+
+class Components(SimpleNamespace):
+    """The page's components by name (names match the fields of :mod:`vizapp.ui.outputs`)."""
+
+
+def event(fn: Any) -> Any:
+    """``fn`` as gradio calls it: a one-field result handed over as its only value (see
+    :func:`vizapp.ui.outputs.for_gradio`). The signature is kept, so gradio still injects Progress, Request and
+    SelectData."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return for_gradio(fn(*args, **kwargs))
+
+    return run
+
+
+def patch_picker(label: str, elem_id: str, height: int) -> gr.Image:
+    """The image a user clicks to pick a query patch (a PNG the handlers draw the grid on; no download buttons)."""
+    return gr.Image(label=label, interactive=False, elem_id=elem_id, height=height, format="png", buttons=[])
