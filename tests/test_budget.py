@@ -275,3 +275,270 @@ def test_default_size_is_the_model_bytes():
 def test_module_nbytes_counts_buffers():
     m = torch.nn.BatchNorm1d(4)
     assert B.module_nbytes(m) == 4 * 8 + 4 * 8 + 8  # weight, bias, running mean/var (float32), num_batches (int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deep configs: refused from the config, never built layer by layer (issue 27, High 1)
+
+
+def _hf_config_folder(folder, **fields):
+    """A transformers ViT folder with a config.json only (no weights): what a hostile repo or folder may ship."""
+    import transformers
+
+    config = transformers.ViTConfig(**fields)
+    config.architectures = ["ViTForImageClassification"]
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def _refusal(load, budget, monkeypatch):
+    """(the error, seconds) of a load refused under ``budget``."""
+    monkeypatch.setattr(B, "BUDGET", budget)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelTooLargeError) as err:
+        load()
+    return str(err.value), time.perf_counter() - t0
+
+
+DEEP_REFUSALS = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import transformers
+    import vizapp
+    from vizapp import budget as B
+
+    folder = sys.argv[1]
+    config = transformers.ViTConfig(hidden_size=8, num_hidden_layers=200_000, num_attention_heads=2)
+    config.architectures = ["ViTForImageClassification"]
+    config.save_pretrained(folder)
+    loads = {
+        "hf": lambda: vizapp.load_model(folder, pretrained=False, device="cpu"),
+        "hf pretrained": lambda: vizapp.load_model(folder, device="cpu"),
+        "timm": lambda: vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cpu", depth=100_000),
+    }
+    rows = []
+    for budget in (B.Budget(), B.Budget(max_layers=None)):
+        B.BUDGET = budget
+        for what, load in loads.items():
+            t0 = time.perf_counter()
+            try:
+                load()
+                msg = "loaded"
+            except B.ModelTooLargeError as e:
+                msg = str(e)
+            rows.append((what, budget.max_layers, msg, time.perf_counter() - t0))
+    print(json.dumps([rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]))
+    """
+)
+
+
+def test_deep_configs_are_refused_in_seconds_without_building_their_layers(tmp_path):
+    """A transformers config with 200,000 layers of width 8 (hf folder, random or pretrained) and timm's ViT-Ti with
+    depth 100,000: refused by the layer limit, and with that limit off by a parameter count made from one and two
+    layers. In a fresh process under a timeout, so a regression (building every layer: minutes, GBs) cannot take
+    the suite down."""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VIZAPP_")}
+    cmd = [sys.executable, "-c", DEEP_REFUSALS, str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows, peak_mib = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 6
+    for what, max_layers, msg, seconds in rows:
+        assert seconds < 5, (what, seconds)
+        if max_layers is not None:
+            layers = "100,000" if what == "timm" else "200,000"
+            assert f"asks for {layers} layers" in msg and "VIZAPP_MAX_LAYERS" in msg, (what, msg)
+        else:  # hf: 200,000 x one layer's 52 k parameters (the MLP is 3072 wide); ViT-Ti: 100,000 x 445 k
+            assert " B parameters" in msg and "VIZAPP_MAX_PARAMS" in msg, (what, msg)
+    assert peak_mib < 2500  # imports ~1 GB; building the layers was 5.9 GB after 240 s
+
+
+def test_deep_timm_count_is_one_layer_times_the_depth():
+    one = B.count_parameters("vit_tiny_patch16_224", depth=1)
+    per_layer = B.count_parameters("vit_tiny_patch16_224", depth=2) - one
+    assert per_layer == 12 * 192**2 + 13 * 192  # qkv, proj, fc1, fc2 weights and biases, two norms
+    expected = one + 99_999 * per_layer
+    with pytest.raises(ModelTooLargeError, match=B._human_params(expected)):
+        B.check_budget("vit_tiny_patch16_224", B.Budget(max_layers=None), depth=100_000)
+
+
+def test_a_deep_hub_config_is_refused_from_its_model_args(monkeypatch):
+    cfg = {"architecture": "vit_tiny_patch16_224", "model_args": {"depth": 100_000}}
+    monkeypatch.setattr(B, "hub_config", lambda repo, probe=None: cfg)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelTooLargeError, match="100,000 layers"):
+        B.check_budget("hf-hub:someone/deep", B.Budget())
+    with pytest.raises(ModelTooLargeError, match="VIZAPP_MAX_PARAMS"):
+        B.check_budget("hf-hub:someone/deep", B.Budget(max_layers=None))
+    assert time.perf_counter() - t0 < 5
+    cfg["model_args"] = {"depths": [2, 2, 100_000, 2]}  # a stage model's depths add up
+    with pytest.raises(ModelTooLargeError, match="100,006 layers"):
+        B.check_budget("hf-hub:someone/deep", B.Budget())
+
+
+def test_layered_count_equals_a_whole_build():
+    """Counting one and two layers and multiplying gives what building every layer gives, for each family."""
+    import copy
+
+    import transformers
+
+    common = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, patch_size=8, image_size=32)
+    configs = [
+        (transformers.ViTConfig(**common), transformers.ViTForImageClassification),
+        (
+            transformers.Dinov2WithRegistersConfig(**common, num_register_tokens=4),
+            transformers.Dinov2WithRegistersModel,
+        ),
+        (transformers.BeitConfig(**common, use_relative_position_bias=True), transformers.BeitForImageClassification),
+        (transformers.CLIPVisionConfig(**common), transformers.CLIPVisionModel),
+    ]
+    for config, cls in configs:
+
+        def build(k, config=config, cls=cls):
+            c = copy.deepcopy(config)
+            if k is not None:
+                c.num_hidden_layers = k
+            return cls._from_config(c)
+
+        for layers in (3, 5):
+            whole = B.meta_parameter_count(lambda build=build, layers=layers: build(layers))
+            assert B.layered_parameter_count(build, layers) == whole, (cls.__name__, layers)
+    for name in ("vit_tiny_patch16_224", "eva02_tiny_patch14_224", "beit_base_patch16_224"):
+        whole = B.meta_parameter_count(lambda name=name: timm.create_model(name, depth=5))
+        assert B.count_parameters(name, depth=5) == whole, name
+
+
+def test_configured_layers_reads_every_depth():
+    assert B.configured_layers({"img_size": 32}) is None
+    assert B.configured_layers({"depth": 12, "embed_dim": 8}) == 12
+    assert B.configured_layers({"depth": 24, "depth_token_only": 2}) == 26
+    assert B.configured_layers({"depths": (2, 2, 6, 2), "use_depth": True}) == 12  # a bool is not a count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What one analysis holds: tokens, not only parameters (issue 27, High 2)
+
+
+def test_analysis_memory_by_hand(monkeypatch):
+    from vizapp import limits
+
+    monkeypatch.setattr(limits, "BLOCK_OUTPUT_BYTES", 32 * 2**20)
+    monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES", 64 * 2**20)
+    monkeypatch.setattr(limits, "ATTENTION_CHUNK_BYTES", 32 * 2**20)
+    # 2 layers, 5 tokens (4 patches), 1 head, width 4: everything kept, one chunk is the whole 5 x 5 head
+    assert B.analysis_memory(2, 5, 1, 4, 4) == {
+        "record": 2 * 2 * 5 * 4 * 4,  # q and k: 320
+        "block_outputs": 2 * 5 * 4 * 4,  # 160
+        "activations": 10 * 5 * 4 * 4,  # 800
+        "attention_chunk": 2 * 1 * 5 * 5 * 4,  # 200
+        "token_matrices": 4 * 25 * 4 + 2 * 25 * 4,  # 4 working N x N + both layers' fusions: 600
+        "patch_distances": 16 * 4,  # 64
+    }
+    # ViT-L-like at 1,000 tokens: the outputs (98 MB) and fusions (96 MB) are over their limits and not kept; a chunk
+    # holds 8 of 16 heads (4 MB each within 32 MiB)
+    terms = B.analysis_memory(24, 1000, 16, 1024, 999)
+    assert terms == {
+        "record": 196_608_000,
+        "block_outputs": 4_096_000,
+        "activations": 40_960_000,
+        "attention_chunk": 64_000_000,
+        "token_matrices": 16_000_000,
+        "patch_distances": 3_992_004,
+    }
+    assert B.check_analysis_budget("x", layers=24, tokens=1000, heads=16, width=1024, patches=999) == sum(
+        terms.values()
+    )
+
+
+def test_the_large_models_people_use_fit_the_default_analysis_budget():
+    b = B.Budget()
+    for layers, tokens, heads, width, patches in [
+        (12, 197, 12, 768, 196),  # ViT-B/16 at 224
+        (24, 577, 16, 1024, 576),  # ViT-L/16 at 384
+        (24, 1374, 16, 1024, 1369),  # DINOv2-L/14 with registers at 518
+    ]:
+        assert B.check_analysis_budget(
+            "m", layers=layers, tokens=tokens, heads=heads, width=width, patches=patches, budget=b
+        )
+    with pytest.raises(ModelTooLargeError, match=r"32,762 tokens per image .*VIZAPP_MAX_ANALYSIS_BYTES"):
+        B.check_analysis_budget("m", layers=2, tokens=32_762, heads=2, width=8, patches=32_761, budget=b)
+    assert B.check_analysis_budget(
+        "m", layers=2, tokens=32_762, heads=2, width=8, patches=32_761, budget=B.Budget(max_analysis_bytes=None)
+    )
+
+
+def test_budget_from_env_reads_the_layer_and_analysis_limits():
+    assert B.Budget.from_env({}).max_layers == B.DEFAULT_MAX_LAYERS == 64
+    assert B.Budget.from_env({}).max_analysis_bytes == B.DEFAULT_MAX_ANALYSIS_BYTES == 2**30
+    b = B.Budget.from_env({"VIZAPP_MAX_LAYERS": "off", "VIZAPP_MAX_ANALYSIS_BYTES": "2e9"})
+    assert b.max_layers is None and b.max_analysis_bytes == 2_000_000_000
+    with pytest.raises(ValueError, match="VIZAPP_MAX_ANALYSIS_BYTES"):
+        B.Budget.from_env({"VIZAPP_MAX_ANALYSIS_BYTES": "0"})
+
+
+def test_a_tiny_transformers_vit_at_1448_px_is_refused_at_load(tmp_path, monkeypatch):
+    import transformers  # noqa: F401 - imported before the clock starts
+
+    fields = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, patch_size=8)
+    folder = _hf_config_folder(tmp_path, image_size=1448, **fields)
+
+    def load():
+        return vizapp.load_model(folder, pretrained=False, device="cpu")
+
+    msg, seconds = _refusal(load, B.Budget(), monkeypatch)
+    assert "32,762 tokens per image at 1448x1448 px" in msg and "GiB" in msg and seconds < 5
+    cached = vizapp.models.MODEL_CACHE.keys()
+    assert folder not in [key[0] for key in cached]  # a refused model is not kept
+    monkeypatch.setattr(B, "BUDGET", B.Budget(max_analysis_bytes=None))  # the operator's override: it loads
+    assert vizapp.load_model(folder, pretrained=False, device="cpu").grid_size == (181, 181)
+
+
+def test_a_huge_image_processor_size_is_refused_before_any_image(tmp_path, monkeypatch):
+    import transformers
+
+    fields = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, patch_size=8)
+    folder = _hf_config_folder(tmp_path, image_size=32, **fields)
+    transformers.ViTImageProcessor(size=30_000).save_pretrained(folder)
+    msg, seconds = _refusal(lambda: vizapp.load_model(folder, pretrained=False, device="cpu"), B.Budget(), monkeypatch)
+    assert f"{1 + 3750**2:,} tokens per image at 30000x30000 px" in msg and seconds < 5
+    # a processor that crops to the model's size is what vizapp sees, whatever it resizes to first
+    transformers.ViTImageProcessor(size=30_000, do_center_crop=True, crop_size=32).save_pretrained(folder)
+    proc = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert vizapp.models.hf._processed_size(proc, (32, 32)) == (32, 32)
+
+
+def test_a_timm_model_at_2896_px_is_refused_and_vit_b_at_224_loads(monkeypatch):
+    def load():
+        return vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cpu", img_size=2896)
+
+    msg, seconds = _refusal(load, B.Budget(), monkeypatch)
+    assert "32,762 tokens per image at 2896x2896 px" in msg and seconds < 5
+    vm = vizapp.load_model("vit_base_patch16_224", pretrained=False, device="cpu")
+    assert vm.num_layers == 12 and vm.grid_size == (14, 14)
+
+
+def test_the_1374_token_geometry_loads(tmp_path, monkeypatch):
+    """DINOv2-L/14 with registers at 518 px (24 layers, 16 heads, 1,374 tokens), built narrow to stay small: load_model
+    counts its tokens from the grid and prefix tokens, and the estimate at ViT-L's width is within the default."""
+    import transformers
+
+    monkeypatch.setattr(B, "BUDGET", B.Budget())
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=64,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=518,
+        num_register_tokens=4,
+    )
+    transformers.Dinov2WithRegistersModel(config).save_pretrained(tmp_path)
+    calls = []
+    real = B.check_analysis_budget
+    monkeypatch.setattr(vizapp.models, "check_analysis_budget", lambda *a, **k: calls.append(k) or real(*a, **k))
+    vm = vizapp.load_model(str(tmp_path), device="cpu")
+    assert vm.num_prefix_tokens == 5 and vm.grid_size == (37, 37)
+    assert calls and {k: calls[-1][k] for k in ("tokens", "layers", "heads", "width", "patches")} == dict(
+        tokens=1374, layers=24, heads=16, width=64, patches=1369
+    )
+    assert real("dinov2-l", **{**calls[-1], "width": 1024}) < B.DEFAULT_MAX_ANALYSIS_BYTES

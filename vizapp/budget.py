@@ -9,15 +9,20 @@ but no storage, so summing their ``numel`` costs a fraction of a second and no m
 Operator settings (read once at import; an invalid value stops the app at start-up rather than silently changing a
 limit):
 
-========================  ===============  =======================================================================
-Variable                  Default          Meaning
-========================  ===============  =======================================================================
-``VIZAPP_MAX_PARAMS``     ``400000000``    Largest model (parameters + buffers) a timm/hub id may build; ``none``
-                                           turns the check off (a trusted local machine).
-``VIZAPP_MODELS``         unset            Comma-separated allow-list of timm/hub ids; when set, only those exact
-                                           ids load (``bundled`` and the operator's own files are not ids).
-``VIZAPP_CACHE_BYTES``    ``6442450944``   Total bytes (6 GiB) of parameters + buffers the model cache keeps.
-========================  ===============  =======================================================================
+=============================  ==============  ==================================================================
+Variable                       Default         Meaning
+=============================  ==============  ==================================================================
+``VIZAPP_MAX_PARAMS``          ``400000000``   Largest model (parameters + buffers) a timm/hub id may build;
+                                               ``none`` turns the check off (a trusted local machine).
+``VIZAPP_MODELS``              unset           Comma-separated allow-list of timm/hub ids; when set, only those
+                                               exact ids load (``bundled`` and the operator's own files are not
+                                               ids), checked before anything is read.
+``VIZAPP_CACHE_BYTES``         ``6442450944``  Total bytes (6 GiB) of parameters + buffers the model cache keeps.
+``VIZAPP_MAX_LAYERS``          ``64``          Most encoder layers a config may ask for; ``none``: no limit.
+``VIZAPP_MAX_ANALYSIS_BYTES``  ``1073741824``  Most bytes (1 GiB) one image's analysis may hold, estimated by
+                                               :func:`analysis_memory` from the model's tokens at its configured
+                                               input size, layers, heads and width; ``none``: no limit.
+=============================  ==============  ==================================================================
 
 Why 400 M parameters: the ViT-L family (ViT-L/16 304 M, CLIP ViT-L/14 304 M, DINOv2-L 304 M, EVA02-L 304 M) fits with
 room for a larger image size or head, while ViT-H/14 (631 M), every giant (1.0-1.1 B), gigantic (1.8 B) and the 7 B
@@ -26,6 +31,19 @@ ViT-L), and a free CPU Space has 16 GB and 2 vCPUs, on which a ViT-H forward pas
 many seconds. Why 6 GiB of cache: three ViT-L models in float32 (3.7 GB) or many smaller ones, leaving about 10 GB
 for the process itself (~1.5 GB), one load in flight (<= 3.2 GB at the parameter limit) and concurrent analyses
 (a ViT-L at 384 px captures 24x16x577x577 float32 attention = 0.5 GB per image).
+
+Why a layer limit: a config can ask for any depth (``num_hidden_layers`` 200,000 at width 8), and building such a
+model, even on the meta device, creates every layer one by one (minutes, gigabytes of Python objects). Every ViT in
+timm and transformers has at most 48 layers (ViT-22B; giants and the 7 B DINOv3 have 40), so 64 refuses only configs
+made to hurt, before anything is built; and the parameter count of a deep config is arithmetic (one and two layers
+built on the meta device, the difference multiplied), so it never builds the whole model either.
+
+Why 1 GiB per analysis: the parameter limit says nothing about the input. A 531 k-parameter ViT at 1448 px with 8 px
+patches has 32,762 tokens, and one N x N float32 matrix of it is 4.3 GB (the rollout and the patch distances each hold
+one or more). The estimate (:func:`analysis_memory`) of a 24-layer ViT-L/14 at 1,374 tokens (DINOv2 at 518 px) is
+0.40 GiB and of a ViT-L/16 at 384 px 0.21 GiB; 1 GiB passes both with room (ViT-B/16 at 1024 px, 4,097 tokens, is
+0.75 GiB) and refuses a ViT-B past about 5,300 tokens and any model past about 7,300, where the N x N terms alone
+pass it.
 """
 
 from __future__ import annotations
@@ -46,8 +64,15 @@ __all__ = [
     "BudgetedModelCache",
     "BUDGET",
     "DEFAULT_CACHE_BYTES",
+    "DEFAULT_MAX_ANALYSIS_BYTES",
+    "DEFAULT_MAX_LAYERS",
     "DEFAULT_MAX_PARAMS",
+    "analysis_memory",
+    "check_allowed",
+    "check_analysis_budget",
     "check_budget",
+    "configured_layers",
+    "layered_parameter_count",
     "count_parameters",
     "hub_config",
     "meta_parameter_count",
@@ -56,6 +81,8 @@ __all__ = [
 
 DEFAULT_MAX_PARAMS = 400_000_000
 DEFAULT_CACHE_BYTES = 6 * 1024**3
+DEFAULT_MAX_LAYERS = 64
+DEFAULT_MAX_ANALYSIS_BYTES = 1024**3
 HUB_CONFIG_TIMEOUT_S = 5.0
 
 V = TypeVar("V")
@@ -77,29 +104,42 @@ class Budget:
         max_params: largest parameter + buffer count a timm/hub id may build; None means no limit.
         allowed: when not None, the only timm/hub ids that may load (exact strings, tags included).
         cache_bytes: total bytes the model cache may hold.
+        max_layers: most encoder layers a config may ask for; None means no limit.
+        max_analysis_bytes: most bytes one image's analysis may hold (:func:`analysis_memory`); None: no limit.
     """
 
     max_params: int | None = DEFAULT_MAX_PARAMS
     allowed: frozenset[str] | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_layers: int | None = DEFAULT_MAX_LAYERS
+    max_analysis_bytes: int | None = DEFAULT_MAX_ANALYSIS_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Budget:
-        """Read ``VIZAPP_MAX_PARAMS``, ``VIZAPP_MODELS`` and ``VIZAPP_CACHE_BYTES``; ValueError on a bad value."""
+        """Read ``VIZAPP_MAX_PARAMS``, ``VIZAPP_MODELS``, ``VIZAPP_CACHE_BYTES``, ``VIZAPP_MAX_LAYERS`` and
+        ``VIZAPP_MAX_ANALYSIS_BYTES``; ValueError on a bad value."""
         env = os.environ if environ is None else environ
-        raw = env.get("VIZAPP_MAX_PARAMS", "").strip()
-        max_params: int | None = DEFAULT_MAX_PARAMS
-        if raw.lower() in ("none", "off", "unlimited"):
-            max_params = None
-        elif raw:
-            max_params = _positive_int("VIZAPP_MAX_PARAMS", raw)
         raw_models = env.get("VIZAPP_MODELS", "")
         allowed = None
         if raw_models.strip():
             allowed = frozenset(m.strip() for m in raw_models.split(",") if m.strip())
         raw_cache = env.get("VIZAPP_CACHE_BYTES", "").strip()
         cache_bytes = _positive_int("VIZAPP_CACHE_BYTES", raw_cache) if raw_cache else DEFAULT_CACHE_BYTES
-        return cls(max_params=max_params, allowed=allowed, cache_bytes=cache_bytes)
+        return cls(
+            max_params=_limit(env, "VIZAPP_MAX_PARAMS", DEFAULT_MAX_PARAMS),
+            allowed=allowed,
+            cache_bytes=cache_bytes,
+            max_layers=_limit(env, "VIZAPP_MAX_LAYERS", DEFAULT_MAX_LAYERS),
+            max_analysis_bytes=_limit(env, "VIZAPP_MAX_ANALYSIS_BYTES", DEFAULT_MAX_ANALYSIS_BYTES),
+        )
+
+
+def _limit(env: Mapping[str, str], var: str, default: int) -> int | None:
+    """A positive limit from ``env[var]``; "none", "off" or "unlimited" turn it off (None); unset: ``default``."""
+    raw = env.get(var, "").strip()
+    if raw.lower() in ("none", "off", "unlimited"):
+        return None
+    return _positive_int(var, raw) if raw else default
 
 
 def _positive_int(var: str, raw: str) -> int:
@@ -120,10 +160,44 @@ BUDGET = Budget.from_env()
 
 
 def meta_parameter_count(build: Callable[[], torch.nn.Module]) -> int:
-    """Parameters + buffers of the module ``build()`` makes, built on the meta device (nothing allocated)."""
-    with torch.device("meta"):
+    """Parameters + buffers of the module ``build()`` makes, built on the meta device (nothing allocated); building
+    does not move the global RNG, so a seeded load gets the same weights with or without the count."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         module = build()
     return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
+def layered_parameter_count(build: Callable[[int | None], torch.nn.Module], layers: int | None) -> int:
+    """Parameters + buffers of a model of ``layers`` identical encoder layers, never building more than two of them.
+
+    Args:
+        build: k -> the architecture with k encoder layers (None: as configured), called on the meta device.
+        layers: the configured layer count, or None when the config does not say (the model is then built whole).
+
+    Returns:
+        the count of a whole build up to two layers; deeper, c1 + (layers - 1) * (c2 - c1) from builds of one and two
+        layers (the layers of one ViT config are alike; tests check the sum against whole builds of every family).
+    """
+    if layers is None or layers <= 2:
+        return meta_parameter_count(lambda: build(layers))
+    one = meta_parameter_count(lambda: build(1))
+    two = meta_parameter_count(lambda: build(2))
+    return one + (layers - 1) * (two - one)
+
+
+def configured_layers(args: Mapping[str, Any]) -> int | None:
+    """The encoder layers timm constructor arguments ask for: the sum of every whole number under a key naming a
+    depth (``depth``, a stage model's ``depths``, CaiT's ``depth_token_only``), or None when none is given (the
+    architecture's own, bounded, default)."""
+    total, found = 0, False
+    for key, value in args.items():
+        if "depth" not in str(key):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool):
+                total, found = total + v, True
+    return total if found else None
 
 
 def module_nbytes(module: torch.nn.Module) -> int:
@@ -188,6 +262,21 @@ def _architecture(
     return arch, model_args
 
 
+def _timm_count(name: str, arch: str, model_args: dict[str, Any]) -> int:
+    import timm
+
+    depth = model_args.get("depth")
+    layers = depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+
+    def build(k: int | None) -> torch.nn.Module:
+        return timm.create_model(arch, pretrained=False, **(model_args if k is None else {**model_args, "depth": k}))
+
+    try:
+        return layered_parameter_count(build, layers)
+    except Exception as e:  # noqa: BLE001 - whatever the constructor raises, the size is unknown: refuse
+        raise ModelLoadError(f"cannot build '{name[:80]}' to check its size: {type(e).__name__}") from e
+
+
 def count_parameters(name: str, *, hub_reachable: Callable[[], bool] | None = None, **kwargs: Any) -> int:
     """Parameters + buffers of a timm model, counted on the meta device: nothing is downloaded or allocated.
 
@@ -197,22 +286,26 @@ def count_parameters(name: str, *, hub_reachable: Callable[[], bool] | None = No
         **kwargs: as for ``timm.create_model`` (img_size, num_classes, ...), which can change the count.
 
     Returns:
-        the element count; multiply by the dtype's size (4 for float32) for bytes.
+        the element count; multiply by the dtype's size (4 for float32) for bytes. A ``depth`` given in the kwargs or
+        the hub config is counted from builds of one and two layers (:func:`layered_parameter_count`).
 
     Raises:
         ModelLoadError: the architecture cannot be built (unknown name, bad kwargs, unreadable hub config).
     """
-    import timm
-
     arch, model_args = _architecture(name, kwargs, hub_reachable)
-    try:
-        # fork_rng: building must not move the global RNG, so a seeded load gets the same weights with or without it
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False, **model_args)
-    except Exception as e:  # noqa: BLE001 - whatever the constructor raises, the size is unknown: refuse
-        raise ModelLoadError(f"cannot build '{name[:80]}' to check its size: {type(e).__name__}") from e
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() for t in tensors)
+    return _timm_count(name, arch, model_args)
+
+
+def check_allowed(name: str, budget: Budget | None = None) -> None:
+    """Refuse an id that is not on ``VIZAPP_MODELS`` (when set); reads nothing, so call it before anything is read.
+
+    Raises:
+        ModelTooLargeError: naming the ids this server offers.
+    """
+    b = BUDGET if budget is None else budget
+    if b.allowed is not None and name not in b.allowed:
+        shown = ", ".join(sorted(b.allowed)[:10]) + (", ..." if len(b.allowed) > 10 else "")
+        raise ModelTooLargeError(f"'{name[:80]}' is not one of the models this server offers; pick one of: {shown}")
 
 
 def check_budget(
@@ -221,9 +314,11 @@ def check_budget(
     *,
     hub_reachable: Callable[[], bool] | None = None,
     counter: Callable[[], int] | None = None,
+    layers: int | None = None,
     **kwargs: Any,
 ) -> int | None:
-    """Refuse a timm or ``hf-hub:`` id that is not allow-listed or is over the parameter limit, before any download.
+    """Refuse a timm or ``hf-hub:`` id that is not allow-listed, asks for too many layers or is over the parameter
+    limit, before any download and without building more than two of its layers.
 
     Call this at the start of every path that turns an id into a download or a ``timm.create_model`` call.
 
@@ -233,29 +328,130 @@ def check_budget(
         hub_reachable: a quick probe (``models.hub_reachable``) asked before an uncached hub config is downloaded,
             so an offline server refuses within seconds.
         counter: counts the parameters of a model that is not a timm id (a transformers or torchvision adapter
-            builds it on the meta device); default :func:`count_parameters` of ``name``.
+            counts it on the meta device, see :func:`layered_parameter_count`); default :func:`count_parameters` of
+            ``name``.
+        layers: the encoder layers the config asks for, with ``counter`` (a timm id's are read from its arguments).
         **kwargs: the create_model kwargs the model will be built with.
 
     Returns:
         the parameter count (None when there is no limit and so nothing was counted).
 
     Raises:
-        ModelTooLargeError: not on ``VIZAPP_MODELS``, or more parameters than ``VIZAPP_MAX_PARAMS``.
+        ModelTooLargeError: not on ``VIZAPP_MODELS``, more layers than ``VIZAPP_MAX_LAYERS`` or more parameters than
+            ``VIZAPP_MAX_PARAMS``.
         ModelLoadError: the size could not be determined (fails closed).
     """
     b = BUDGET if budget is None else budget
-    if b.allowed is not None and name not in b.allowed:
-        shown = ", ".join(sorted(b.allowed)[:10]) + (", ..." if len(b.allowed) > 10 else "")
-        raise ModelTooLargeError(f"'{name[:80]}' is not one of the models this server offers; pick one of: {shown}")
+    check_allowed(name, b)
+    if counter is None:  # a timm id: its layers from the arguments it will be built with
+        if b.max_layers is None and b.max_params is None:
+            return None
+        arch, model_args = _architecture(name, kwargs, hub_reachable)
+        layers = configured_layers(model_args)
+
+        def counter() -> int:
+            return _timm_count(name, arch, model_args)
+
+    if layers is not None and b.max_layers is not None and layers > b.max_layers:
+        raise ModelTooLargeError(
+            f"'{name[:80]}' asks for {layers:,} layers, over this server's limit of {b.max_layers} (VIZAPP_MAX_LAYERS);"
+            " ViTs have at most 48: pick a model with its own depth"
+        )
     if b.max_params is None:
         return None
-    n = counter() if counter is not None else count_parameters(name, hub_reachable=hub_reachable, **kwargs)
+    n = counter()
     if n > b.max_params:
         raise ModelTooLargeError(
             f"'{name[:80]}' has {_human_params(n)} parameters ({_human_bytes(4 * n)} in float32), over this server's "
             f"limit of {_human_params(b.max_params)} (VIZAPP_MAX_PARAMS); pick a smaller model (ViT-L size or below)"
         )
     return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What one analysis holds
+
+
+def analysis_memory(layers: int, tokens: int, heads: int, width: int, patches: int) -> dict[str, int]:
+    """High estimate, in bytes (float32), of what one image's forward and analysis hold at once, term by term.
+
+    Every term is what a part of vizapp keeps or forms (see :mod:`vizapp.limits` for the thresholds):
+
+    - ``record``: q and k of every layer, 2·L·N·D (views recompute attention from them).
+    - ``block_outputs``: every block's output L·N·D while that fits ``limits.BLOCK_OUTPUT_BYTES``, else the last one.
+    - ``activations``: one block's widest activations in the forward, 10·N·D (input, q, k, v, output, the MLP's 4·N·D).
+    - ``attention_chunk``: one chunk of attention (``limits.chunk_shape`` at ``limits.ATTENTION_CHUNK_BYTES``) and
+      the product beside it, 2·heads·rows·N.
+    - ``token_matrices``: the N x N helpers: a fusion being accumulated, the rollout, and the two operands of its
+      residual step (4·N²), plus every layer's mean fusion L·N² while that fits ``limits.ROLLOUT_STORE_LIMIT_BYTES``.
+    - ``patch_distances``: the P x P matrix of distances between patch centres, P².
+
+    Args:
+        layers: encoder layers L.
+        tokens: tokens per image N (prefix tokens and patches).
+        heads: attention heads per layer H.
+        width: the model's width D (H times the head size).
+        patches: patch tokens P (the grid's cells).
+
+    Returns:
+        term -> bytes; their sum is the estimate.
+    """
+    from vizapp import limits
+
+    f32 = 4
+    L, N, H, D, P = (int(v) for v in (layers, tokens, heads, width, patches))
+    outputs = L * N * D * f32
+    fused = L * N * N * f32
+    chunk_heads, chunk_rows = limits.chunk_shape(H, N, limits.ATTENTION_CHUNK_BYTES)
+    return {
+        "record": 2 * L * N * D * f32,
+        "block_outputs": outputs if outputs <= limits.BLOCK_OUTPUT_BYTES else N * D * f32,
+        "activations": 10 * N * D * f32,
+        "attention_chunk": 2 * chunk_heads * chunk_rows * N * f32,
+        "token_matrices": 4 * N * N * f32 + (fused if fused <= limits.ROLLOUT_STORE_LIMIT_BYTES else 0),
+        "patch_distances": P * P * f32,
+    }
+
+
+def check_analysis_budget(
+    name: str,
+    *,
+    layers: int,
+    tokens: int,
+    heads: int,
+    width: int,
+    patches: int,
+    size: tuple[int, int] | None = None,
+    budget: Budget | None = None,
+) -> int:
+    """Refuse a model whose analysis of one image would hold more than ``VIZAPP_MAX_ANALYSIS_BYTES``, before any
+    forward (a tiny model at a huge input size passes the parameter limit).
+
+    Args:
+        name: the id, for the message.
+        layers, tokens, heads, width, patches: as for :func:`analysis_memory`, at the model's configured input size.
+        size: that input size (height, width) in pixels, for the message.
+        budget: the limits; default :data:`BUDGET`.
+
+    Returns:
+        the estimate in bytes.
+
+    Raises:
+        ModelTooLargeError: naming the token count, the estimate, its largest term and the limit.
+    """
+    b = BUDGET if budget is None else budget
+    terms = analysis_memory(layers, tokens, heads, width, patches)
+    total = sum(terms.values())
+    if b.max_analysis_bytes is not None and total > b.max_analysis_bytes:
+        biggest = max(terms, key=terms.__getitem__)
+        at = f" at {size[0]}x{size[1]} px" if size else ""
+        raise ModelTooLargeError(
+            f"'{name[:80]}' works on {tokens:,} tokens per image{at} ({layers} layers, {heads} heads, width {width}): "
+            f"one analysis would hold about {_human_bytes(total)} ({biggest.replace('_', ' ')}: "
+            f"{_human_bytes(terms[biggest])}), over this server's limit of {_human_bytes(b.max_analysis_bytes)} "
+            "(VIZAPP_MAX_ANALYSIS_BYTES); pick a smaller input size (image_size, img_size) or another model"
+        )
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vizapp.budget import BudgetedModelCache
+from vizapp.budget import BudgetedModelCache, check_allowed, check_analysis_budget
 from vizapp.errors import ModelLoadError
 from vizapp.models.base import (
     ASSETS_DIR,
@@ -119,6 +119,16 @@ def _adapter(name: str) -> str:
     return "timm"
 
 
+def _is_local(name: str, allow_files: bool) -> bool:
+    """Whether ``name`` is the operator's own model rather than an id: "bundled", or, where files are allowed, a
+    local checkpoint or folder (those are not on ``VIZAPP_MODELS``)."""
+    if name == BUNDLED:
+        return True
+    if not allow_files:
+        return False
+    return name.endswith((".safetensors", ".json")) or os.path.isdir(name[3:] if name.startswith("hf:") else name)
+
+
 def _load_uncached(
     name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
 ) -> VizModel:
@@ -138,6 +148,32 @@ def _load_uncached(
     from vizapp.models import timm as timm_adapter
 
     return timm_adapter.load(name, pretrained, arch, device, dtype, kwargs)
+
+
+def model_width(model: torch.nn.Module) -> int | None:
+    """The width D of a ViT's tokens: timm's ``embed_dim``, torchvision's ``hidden_dim``, transformers'
+    ``config.hidden_size``; None when it names none."""
+    for owner in (model, getattr(model, "config", None)):
+        for attr in ("embed_dim", "hidden_dim", "hidden_size"):
+            value = getattr(owner, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _check_analysis(vm: VizModel) -> None:
+    """Refuse a model whose analysis at its configured input size would hold more than VIZAPP_MAX_ANALYSIS_BYTES."""
+    gh, gw = vm.grid_size
+    patches = int(gh) * int(gw)
+    check_analysis_budget(
+        vm.name,
+        layers=vm.num_layers,
+        tokens=vm.num_prefix_tokens + patches,
+        heads=vm.num_heads,
+        width=model_width(vm.model) or 64 * vm.num_heads,  # 64 per head, as most ViTs have, when it says nothing
+        patches=patches,
+        size=(int(vm.input_size[1]), int(vm.input_size[2])),
+    )
 
 
 def load_model(
@@ -182,8 +218,12 @@ def load_model(
     )
     load_args += tuple(sorted(kwargs.items()))
 
+    if not _is_local(name, allow_files):
+        check_allowed(name)  # VIZAPP_MODELS, before anything is read
+
     def loader() -> VizModel:
         vm = replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs), load_args=load_args)
+        _check_analysis(vm)  # before the model is cached or runs
         vm.fingerprint()  # digest the weights now, at load, rather than inside the first analysis
         return vm
 

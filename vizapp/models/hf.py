@@ -189,9 +189,12 @@ def _pos_table(model_type: str, embeddings: torch.nn.Module) -> torch.Tensor:
     return embeddings.position_embeddings[0]
 
 
-def _transform(src: str, local: bool, model_type: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple]:
+def _transform(
+    src: str, local: bool, model_type: str, size: tuple[int, int]
+) -> tuple[Callable, tuple, tuple, tuple[int, int]]:
     """The library's own image processor: from preprocessor_config.json when present, else the model type's
-    default processor resized to the model's input size."""
+    default processor resized to the model's input size. -> (transform, mean, std, the size it makes of a square
+    image, see :func:`_processed_size`)."""
     transformers = _require_transformers()
     has_cfg = (Path(src) / "preprocessor_config.json").is_file() if local else True
     proc = None
@@ -217,7 +220,34 @@ def _transform(src: str, local: bool, model_type: str, size: tuple[int, int]) ->
     def transform(img: Image.Image) -> torch.Tensor:
         return proc(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
-    return transform, tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
+    mean, std = tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
+    return transform, mean, std, _processed_size(proc, size)
+
+
+def _processed_size(proc: Any, size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) an image processor makes of a square image: its crop when it crops, else its resize target
+    (a shortest edge for both sides, the longest edge for one when it has one), else, when it does not resize at all,
+    the largest image vizapp decodes; ``size`` when it names none of these."""
+
+    def get(d: Any, key: str) -> int | None:
+        v = d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+    crop = getattr(proc, "crop_size", None)
+    if getattr(proc, "do_center_crop", False) and get(crop, "height") and get(crop, "width"):
+        return get(crop, "height"), get(crop, "width")  # type: ignore[return-value]
+    if getattr(proc, "do_resize", True) is False:
+        from vizapp.imageio import DEFAULT_MAX_PIXELS
+
+        side = int(DEFAULT_MAX_PIXELS**0.5)
+        return side, side
+    target = getattr(proc, "size", None)
+    if get(target, "height") and get(target, "width"):
+        return get(target, "height"), get(target, "width")  # type: ignore[return-value]
+    edge = get(target, "shortest_edge")
+    if edge:
+        return edge, max(edge, get(target, "longest_edge") or edge)
+    return size
 
 
 def _output(out: Any, cls_token: bool) -> torch.Tensor:
@@ -249,6 +279,26 @@ def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _output(model(pixel_values=x, noise=noise), cls_token=True)
 
 
+def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
+    """The layer and parameter limits (:func:`vizapp.budget.check_budget`) from the config, building at most two
+    layers on the meta device, however many ``num_hidden_layers`` asks for."""
+    import copy
+
+    from vizapp.budget import check_budget, layered_parameter_count
+
+    layers = getattr(vision, "num_hidden_layers", None)
+    layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+    def build(k: int | None) -> torch.nn.Module:
+        config = built
+        if k is not None:
+            config = copy.deepcopy(built)
+            config.num_hidden_layers = k
+        return cls._from_config(config)
+
+    check_budget(name, layers=layers, counter=lambda: layered_parameter_count(build, layers))
+
+
 def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]) -> VizModel:
     """An ``hf:owner/repo`` id or a ``save_pretrained`` folder. With ``pretrained=False`` the architecture of the
     config is built with random weights. ``kwargs`` override config fields, for pretrained weights too."""
@@ -271,10 +321,8 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     if unmasked:
         config.mask_ratio = 0.0
     cls = _model_class(config)
-    from vizapp.budget import check_budget, meta_parameter_count
-
     built = vision if config.model_type in VISION_CONFIGS else config
-    check_budget(name, counter=lambda: meta_parameter_count(lambda: cls._from_config(built)))  # before the weights
+    _check_budget(name, cls, built, vision)  # before the weights
     try:
         if pretrained:
             model = cls.from_pretrained(
@@ -295,7 +343,21 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     size = pair(vision.image_size)
     grid = (size[0] // ps[0], size[1] // ps[1])
     pos_prefix, has_cls = MODEL_TYPES[model_type]
-    transform, mean, std = _transform(src, local, model_type, size)
+    transform, mean, std, processed = _transform(src, local, model_type, size)
+    if processed != size:  # the grid at the configured size is checked by load_model; the processor's here
+        from vizapp.budget import check_analysis_budget
+
+        cells = (processed[0] // ps[0]) * (processed[1] // ps[1])
+        heads, layers = int(vision.num_attention_heads), len(attention_layers(model))
+        check_analysis_budget(
+            name,
+            layers=layers,
+            tokens=p + cells,
+            heads=heads,
+            width=int(vision.hidden_size),
+            patches=cells,
+            size=processed,
+        )
     id2label = getattr(config, "id2label", None) or {}
     heads = [getattr(model, n, None) for n in ("classifier", "cls_classifier")]
     has_head = any(h is not None and not isinstance(h, torch.nn.Identity) for h in heads)
