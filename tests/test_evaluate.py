@@ -309,7 +309,7 @@ def test_local_job_table_and_summary(local_job):
     assert md.startswith("# Evaluation: bundled on fmnist-test, perturbation protocol `chefer2021`")
     assert "## Perturbation test, protocol `chefer2021` (the authors' pixel procedure" in md
     # the published numbers belong to Transformer Attribution (CVPR 2021); vizapp's relevance is GAE (ICCV 2021)
-    assert "**Transformer Attribution** (that paper's LRP-based method, which vizapp does not implement) 54.16" in md
+    assert "**Transformer Attribution** (that paper's LRP-based method, vizapp's `transformer_attribution`) 54.16" in md
     assert "| GAE relevance (gradient × attention); Chefer, Gur & Wolf, ICCV 2021, “Generic Attention-model" in md
     assert "| Attention rollout, from layer 1; Abnar & Zuidema, ACL 2020 |" in md
     assert "Chefer relevance" not in md

@@ -54,6 +54,8 @@ class Method:
             from one fixed token.
         options: every keyword argument ``compute`` takes (``controls`` among them): what ``vizapp.explain`` passes
             it of the options it is given.
+        unavailable: ``unavailable(analysis) -> str``, why the method is not defined for that analysis's model ("" when
+            it is), for a method whose rules hold for some architectures only; None: defined wherever its class is.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Method:
     cost: Callable[[Analysis], Cost] | None = None
     from_output: bool = True
     options: tuple[str, ...] = ()
+    unavailable: Callable[[Analysis], str] | None = None
 
 
 # Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
@@ -113,6 +116,15 @@ def _flow_cost(r: Analysis) -> Cost:
     )
 
 
+def _lrp_unavailable(r: Analysis) -> str:
+    """Transformer Attribution's LRP rules are written for timm ViTs that read their CLS token (see
+    :func:`vizapp.analysis.lrp.unsupported`); "" while the result's model is gone (computing it then says)."""
+    from vizapp.analysis.lrp import unsupported
+
+    vm = r.model_ref() if r.model_ref is not None else None
+    return unsupported(vm.model, r.num_prefix_tokens) if vm is not None else ""
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -158,6 +170,15 @@ METHODS: dict[str, Method] = {
             controls=("start_row",),
             options=("start_layer", "start_row"),
         ),
+        Method(
+            "transformer_attribution",
+            "Transformer Attribution (Chefer et al., CVPR 2021)",
+            True,
+            lambda r, c, **kw: r.transformer_attribution(c, **kw),
+            from_output=False,
+            options=("start_layer",),
+            unavailable=_lrp_unavailable,
+        ),
     )
 }
 
@@ -173,6 +194,12 @@ def explain(r: Analysis, name: str, class_idx: Any = None, **kwargs: Any) -> np.
     """The map of method ``name`` for ``r`` ([gh, gw]); ``class_idx`` is ignored by methods that need no class."""
     m = get(name)
     return m.compute(r, class_idx if m.needs_class else None, **kwargs)
+
+
+def unavailable(r: Analysis, name: str) -> str:
+    """Why method ``name`` is not defined for ``r``'s model, in a phrase ("" when it is; see ``Method.unavailable``)."""
+    m = get(name)
+    return m.unavailable(r) if m.unavailable is not None else ""
 
 
 def cost(r: Analysis, name: str) -> Cost | None:

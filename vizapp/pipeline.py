@@ -416,6 +416,30 @@ class Analysis:
         row = relevance_row(self.grad_weighted_heads(class_idx), weights, start_layer)
         return self._patch_map(row[self.num_prefix_tokens :])
 
+    def transformer_attribution(self, class_idx: Any = None, start_layer: int = 1) -> np.ndarray:
+        """Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021) for a class, [gh, gw]: LRP relevance of each
+        block's attention times this analysis's attention gradient, rolled out from ``start_layer`` (the authors' 1);
+        see :func:`vizapp.analysis.lrp.transformer_attribution`. Runs the model again, in float64."""
+        from vizapp.analysis.lrp import SUPPORTED, unsupported
+        from vizapp.analysis.lrp import transformer_attribution as run
+
+        cls, start_layer = self._class(class_idx), self._layer(start_layer)
+        key = ("transformer_attribution", cls, start_layer)
+        if key not in self._cache:
+            vm = self._model()
+            why = unsupported(vm.model, self.num_prefix_tokens)
+            if why:
+                raise BadParameterError(
+                    f"Transformer Attribution is not defined for {self.model_name}: {why}; {SUPPORTED}"
+                )
+            x = self.input.to(device=vm.device, dtype=vm.dtype)
+            grads = self.attention_gradients(cls)[None]  # [1, L, H, N, N], from this analysis's own backward
+            found = run(
+                vm.model, x, self.num_prefix_tokens, cls, self.grid_size, start_layer=start_layer, attn_grads=grads
+            )
+            self._cache[key] = found[0].cpu().numpy()
+        return self._cache[key]
+
     def attention_flow(
         self,
         head_fusion: str = "mean",

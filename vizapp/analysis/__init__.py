@@ -15,6 +15,7 @@ from vizapp.analysis.features import (
 )
 from vizapp.analysis.flow import attention_flow
 from vizapp.analysis.headstats import attention_entropy, row_entropy, token_norm_stats
+from vizapp.analysis.lrp import transformer_attribution
 from vizapp.analysis.perturbation import (
     CHEFER_FRACTIONS,
     PROTOCOLS,
@@ -55,6 +56,7 @@ __all__ = [
     "logit_lens",
     "register_attention",
     "token_norms",
+    "transformer_attribution",
     "accuracy_auc",
     "attention_entropy",
     "attention_flow",

@@ -37,18 +37,22 @@ PAPERS = {
     "flow": "Abnar & Zuidema, ACL 2020",
     "relevance": "Chefer, Gur & Wolf, ICCV 2021, “Generic Attention-model Explainability”",
     "grad_rollout": "jacobgil/vit-explain's gradient rollout",
+    "transformer_attribution": "Chefer, Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”",
 }
 """The paper (or tool) each method of the report comes from, shown beside its label."""
 
-REPORT_LABELS = {"relevance": "GAE relevance (gradient × attention)"}
+REPORT_LABELS = {
+    "relevance": "GAE relevance (gradient × attention)",
+    "transformer_attribution": "Transformer Attribution (LRP × gradient, rolled out from layer 1)",
+}
 """Report labels that differ from the registry's: vizapp's ``relevance`` is the ICCV 2021 rule (GAE), not the CVPR 2021
-Transformer Attribution whose published numbers the report quotes."""
+Transformer Attribution whose published numbers the report quotes (``transformer_attribution``, always from layer 1)."""
 
 REFERENCE = (
     "Published reference (ViT-B/16, ImageNet validation, predicted class, the `chefer2021` pixel protocol), from Chefer, "
     "Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”, Table 1, and the "
     "authors in hila-chefer/Transformer-Explainability issue #31: **Transformer Attribution** (that paper's LRP-based "
-    "method, which vizapp does not implement) 54.16 negative / 17.03 positive (independent reproductions: 55.20 / "
+    "method, vizapp's `transformer_attribution`) 54.16 negative / 17.03 positive (independent reproductions: 55.20 / "
     "16.61); the authors' rollout baseline (from layer 1) 53.1 negative; Grad-CAM 41.52 negative. None of these is "
     "vizapp's `relevance` (GAE, Chefer et al.'s ICCV 2021 rule, not in that table). They give the scale of the "
     "published protocol; a different model, data set and patch grid give different numbers."

@@ -1,0 +1,347 @@
+"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021, "Transformer Interpretability Beyond Attention Visualization").
+
+The map is computed as the authors' code computes it (hila-chefer/Transformer-Explainability: the LRP layers of
+``modules/layers_ours.py``, the ViT of ``baselines/ViT/ViT_LRP.py`` and ``generate_LRP(method="transformer_attribution",
+start_layer=1)`` of ``baselines/ViT/ViT_explanation_generator.py``):
+
+1. relevance starts as the one-hot of the explained class at the logits;
+2. it is propagated down with their rules: z⁺ on every linear layer (their ``Linear.relprop`` with alpha=1, beta=0:
+   only the positive contributions x_i w_ji, biases left out), identity through LayerNorm, GELU, softmax, dropout
+   (and timm's LayerScale, an elementwise scaling), the CLS pooling passes relevance to token 0, a residual add splits
+   relevance in proportion to each input's contribution and rescales each part so the total is conserved (their
+   ``Add.relprop``), the two branches of a residual fork are summed back (``Clone.relprop``), and each attention
+   matmul (q kᵀ and A v) splits relevance between its two operands, each part halved (``einsum.relprop``);
+3. each block's attention relevance R_A (the relevance at the attention probabilities) is multiplied by the
+   gradient of the class logit with respect to that attention, ReLU'd, averaged over heads:
+   Ā_l = E_h[(∂y_c/∂A_l ⊙ R_A_l)⁺];
+4. rollout from ``start_layer`` (their ``compute_rollout_attention`` of ViT_LRP.py: I + Ā_l, not renormalised,
+   multiplied upward); the map is the CLS row over the patches.
+
+Their divisions (``safe_divide``: a / (b + 1e-9), 0 where b == 0) by near-zero activations are ill-conditioned in
+float32, so the forward and the propagation run in float64 by default, on a copy of the weights (the model is not
+modified; about 700 MB for a ViT-B).
+Unlike their code this works on a batch (each image's sums are its own) and on any device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: The stabiliser of the authors' ``safe_divide``.
+EPS = 1e-9
+
+SUPPORTED = (
+    "its LRP rules are written for timm VisionTransformer models whose head reads the CLS token in front (global_pool='token': ViT and DeiT "
+    "without distillation, with or without register tokens) built of timm's standard Block, Attention "
+    "(no qk_norm, no gate) and Mlp"
+)
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """a / (b + eps), and 0 where b == 0 (the authors' ``safe_divide``: the stabiliser is added whatever b's sign)."""
+    den = b + eps
+    den = torch.where(den == 0, torch.full_like(den, eps), den)
+    return torch.where(b != 0, a / den, torch.zeros_like(den))
+
+
+def linear_relprop(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """z⁺ rule of a linear layer y = x Wᵀ + b (their ``Linear.relprop``, alpha=1, beta=0).
+
+    Z_j = Σ_i (x_i⁺ W_ji⁺ + x_i⁻ W_ji⁻) (the positive contributions, no bias); R_i = Σ_j x_i W_ji⁺⁻ R_j / Z_j over the
+    same positive terms. Relevance is conserved wherever Z_j ≠ 0.
+
+    Args:
+        x: the layer's input [..., in].
+        weight: [out, in].
+        relevance: [..., out].
+
+    Returns:
+        [..., in].
+    """
+    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
+    px, nx = x.clamp(min=0), x.clamp(max=0)
+    s = safe_divide(relevance, F.linear(px, pw) + F.linear(nx, nw), eps)  # [..., out]
+    return px * (s @ pw) + nx * (s @ nw)
+
+
+def add_relprop(
+    a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add z = a + b (their ``Add.relprop``), per image of the batch (dim 0).
+
+    R_a = a R / z, R_b = b R / z; then each part is rescaled so that its sum is |ΣR_a| / (|ΣR_a| + |ΣR_b|) · ΣR:
+    the two parts keep their proportions and together conserve the relevance.
+    """
+    s = safe_divide(relevance, a + b, eps)
+    ra, rb = a * s, b * s
+    dims = tuple(range(1, relevance.dim()))
+    total = relevance.sum(dim=dims, keepdim=True)
+    sa, sb = ra.sum(dim=dims, keepdim=True), rb.sum(dim=dims, keepdim=True)
+    fa = safe_divide(sa.abs(), sa.abs() + sb.abs(), eps) * total
+    fb = safe_divide(sb.abs(), sa.abs() + sb.abs(), eps) * total
+    return ra * safe_divide(fa, sa, eps), rb * safe_divide(fb, sb, eps)
+
+
+def clone_relprop(x: torch.Tensor, relevances: Sequence[torch.Tensor], eps: float = EPS) -> torch.Tensor:
+    """A tensor used twice (the residual fork; their ``Clone.relprop``): Σ_k x · R_k / x."""
+    return x * sum(safe_divide(r, x, eps) for r in relevances)
+
+
+def matmul_relprop(
+    a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = a @ b (their ``einsum.relprop``): R_a = a ⊙ ((R / z) bᵀ), R_b = b ⊙ (aᵀ (R / z)); each carries the whole
+    relevance (the caller halves them, as the authors' attention does)."""
+    s = safe_divide(relevance, a @ b, eps)
+    return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
+
+
+def _is_identity(m: torch.nn.Module | None) -> bool:
+    return m is None or isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
+
+
+def _identity_rule(m: torch.nn.Module | None) -> bool:
+    """Modules relevance passes through unchanged: identities, dropout, LayerNorm, LayerScale."""
+    return _is_identity(m) or isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "LayerScale"
+
+
+def unsupported(model: torch.nn.Module, num_prefix_tokens: int) -> str:
+    """Why the authors' rules are not defined for ``model`` ("" when they are): see :data:`SUPPORTED`."""
+    if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "head", "norm", "cls_token")):
+        return "it is not a timm VisionTransformer"
+    if model.cls_token is None:
+        return "it has no CLS token (its head pools the patches)"
+    if getattr(model, "dist_token", None) is not None or getattr(model, "head_dist", None) is not None:
+        return "its output averages the heads of a CLS and a distillation token"
+    if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
+        return f"its head does not read the CLS token (global_pool={getattr(model, 'global_pool', None)!r})"
+    if num_prefix_tokens != getattr(model, "num_prefix_tokens", None):
+        return f"num_prefix_tokens={num_prefix_tokens} but the model has {getattr(model, 'num_prefix_tokens', None)}"
+    if not isinstance(model.head, torch.nn.Linear):
+        return "its head is not one linear layer"
+    if not (_identity_rule(model.norm) and _identity_rule(getattr(model, "fc_norm", None))):
+        return "its final norm is not a LayerNorm"
+    for i, blk in enumerate(model.blocks):
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        if type(blk).__name__ != "Block" or type(attn).__name__ != "Attention" or type(mlp).__name__ != "Mlp":
+            return f"block {i} is {type(blk).__name__} of {type(attn).__name__} and {type(mlp).__name__}"
+        if not all(isinstance(getattr(blk, n, None), torch.nn.LayerNorm) for n in ("norm1", "norm2")):
+            return f"block {i} normalises with something other than LayerNorm"
+        if not all(_identity_rule(getattr(blk, n, None)) for n in ("ls1", "ls2")):
+            return f"block {i} scales its branches with something other than LayerScale"
+        if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm)):
+            return f"block {i} normalises q and k (qk_norm)"
+        if not _is_identity(getattr(attn, "norm", None)) or getattr(attn, "gate", None) is not None:
+            return f"block {i} normalises or gates its attention output"
+        if not (isinstance(mlp.fc1, torch.nn.Linear) and isinstance(mlp.fc2, torch.nn.Linear)):
+            return f"block {i}'s MLP is not two linear layers"
+        if not _is_identity(getattr(mlp, "norm", None)) or any(True for _ in mlp.act.parameters()):
+            return f"block {i}'s MLP has a norm or a learned activation"
+    return ""
+
+
+@dataclass
+class _BlockRecord:
+    """What one block's relevance pass reads from the forward (shapes for a batch of B, N tokens, H heads)."""
+
+    x: torch.Tensor  # block input [B, N, D]
+    n1: torch.Tensor  # norm1(x) [B, N, D]
+    q: torch.Tensor  # [B, H, N, d]
+    k: torch.Tensor  # [B, H, N, d]
+    v: torch.Tensor  # [B, H, N, d]
+    attn: torch.Tensor  # softmax(q kᵀ · scale) [B, H, N, N]
+    o: torch.Tensor  # heads merged, the proj's input [B, N, H·d]
+    branch1: torch.Tensor  # ls1(proj(o)) [B, N, D]
+    mid: torch.Tensor  # x + branch1 [B, N, D]
+    n2: torch.Tensor  # norm2(mid) [B, N, D]
+    h: torch.Tensor  # act(fc1(n2)), the fc2's input [B, N, hidden]
+    branch2: torch.Tensor  # ls2(mlp(n2)) [B, N, D]
+
+
+def _copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters and buffers are ``dtype`` (made from the originals once, without an
+    intermediate copy; shared when already ``dtype``) and need no gradient."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to(dtype) if b.is_floating_point() else b
+    return copy.deepcopy(model, memo).eval()
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, list, list]:
+    """The eval forward of ``model`` (a :func:`_copy_in` copy) through its own submodules, the attention written out
+    (dropout and drop-path are identities in eval); ``track``: the blocks in the autograd graph (for ∂y_c/∂A).
+
+    Returns:
+        (logits [B, K], one :class:`_BlockRecord` per block, [pooled input of the head [B, D], normed tokens [B, N, D]])
+    """
+    with torch.no_grad():  # the embeddings: timm's own code (position embedding, CLS and register tokens)
+        t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    t = t.requires_grad_(track)
+    records = []
+    for blk in model.blocks:
+        attn, mlp = blk.attn, blk.mlp
+        b, n, _ = t.shape
+        n1 = blk.norm1(t)
+        qkv = attn.qkv(n1).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, d]
+        a = torch.softmax((q @ k.transpose(-2, -1)) * attn.scale, dim=-1)  # [B, H, N, N]
+        o = (a @ v).transpose(1, 2).reshape(b, n, -1)  # [B, N, H·d]
+        branch1 = blk.ls1(attn.proj(o))
+        mid = t + branch1
+        n2 = blk.norm2(mid)
+        h = mlp.norm(mlp.act(mlp.fc1(n2))) if hasattr(mlp, "norm") else mlp.act(mlp.fc1(n2))
+        branch2 = blk.ls2(mlp.fc2(h))
+        records.append(_BlockRecord(t, n1, q, k, v, a, o, branch1, mid, n2, h, branch2))
+        t = mid + branch2
+    tokens = model.norm(t)
+    pooled = model.fc_norm(tokens[:, 0])  # [B, D]
+    return model.head(pooled), records, [pooled, tokens]
+
+
+def _block_relprop(
+    blk: torch.nn.Module, rec: _BlockRecord, relevance: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's relevance pass (their ``Block.relprop``): (relevance at its input, R_A [B, H, N, N])."""
+    b, h, n, d = rec.q.shape
+    r_mid, r_mlp = add_relprop(rec.mid, rec.branch2, relevance, eps)
+    r_h = linear_relprop(rec.h, blk.mlp.fc2.weight.detach().to(rec.h.dtype), r_mlp, eps)  # LayerScale: identity
+    r_n2 = linear_relprop(rec.n2, blk.mlp.fc1.weight.detach().to(rec.h.dtype), r_h, eps)  # GELU: identity
+    r_mid = clone_relprop(rec.mid, (r_mid, r_n2), eps)  # norm2: identity
+
+    r_x, r_attn = add_relprop(rec.x, rec.branch1, r_mid, eps)
+    r_o = linear_relprop(rec.o, blk.attn.proj.weight.detach().to(rec.o.dtype), r_attn, eps)
+    r_o = r_o.reshape(b, n, h, d).transpose(1, 2)  # [B, H, N, d]
+    r_a, r_v = matmul_relprop(rec.attn, rec.v, r_o, eps)
+    r_a, r_v = r_a / 2, r_v / 2  # the relevance of the attention map: the "cam" of the authors' code
+    # softmax and attention dropout: identity; q kᵀ is unscaled in their einsum (the relevance ratio ignores scale)
+    r_q, r_kt = matmul_relprop(rec.q, rec.k.transpose(-2, -1), r_a, eps)
+    r_qkv = torch.stack([r_q / 2, r_kt.transpose(-2, -1) / 2, r_v])  # [3, B, H, N, d]
+    r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
+    r_n1 = linear_relprop(rec.n1, blk.attn.qkv.weight.detach().to(rec.n1.dtype), r_qkv, eps)
+    return clone_relprop(rec.x, (r_x, r_n1), eps), r_a  # norm1: identity
+
+
+def _classes(class_idx: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    idx = torch.as_tensor(class_idx, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() == 1:
+        idx = idx.expand(batch)
+    if idx.numel() != batch:
+        raise ValueError(f"give one class for the batch or one per image ({batch}), got {idx.numel()}")
+    return idx
+
+
+def attention_relevance(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    class_idx: int | Sequence[int] | torch.Tensor,
+    start_layer: int = 0,
+    dtype: torch.dtype = torch.float64,
+    eps: float = EPS,
+    gradients: bool = False,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor] | None]:
+    """Each block's LRP relevance at its attention probabilities, R_A (steps 1-2 of the module docstring).
+
+    Args:
+        model: a timm VisionTransformer (see :func:`unsupported`); its eval forward is run again in ``dtype``, on a
+            copy of its weights.
+        x: the input [B, C, H, W], normalised as the model expects.
+        class_idx: the class explained, one for the batch or one per image.
+        start_layer: blocks below it are not propagated through (their entries are None).
+        dtype: the propagation's precision.
+        eps: the stabiliser of :func:`safe_divide`.
+        gradients: also return ∂y_c/∂A of every block (from a backward of the same ``dtype`` forward).
+
+    Returns:
+        ([R_A [B, H, N, N] per block, None below ``start_layer``], [∂y_c/∂A [B, H, N, N] per block] or None)
+    """
+    model = _copy_in(model, dtype)
+    with torch.enable_grad() if gradients else torch.no_grad():
+        logits, records, (pooled, tokens) = _forward(model, x.to(dtype), track=gradients)
+        cls = _classes(class_idx, x.shape[0], logits.device)
+        grads = None
+        if gradients:
+            score = logits.gather(1, cls[:, None]).sum()
+            grads = [g.detach() for g in torch.autograd.grad(score, [r.attn for r in records])]
+    with torch.no_grad():
+        one_hot = F.one_hot(cls, logits.shape[-1]).to(dtype)  # [B, K]
+        pooled, tokens = pooled.detach(), tokens.detach()
+        r_pooled = linear_relprop(pooled, model.head.weight.detach().to(dtype), one_hot, eps)  # fc_norm: identity
+        r = torch.zeros_like(tokens)  # the CLS pooling: relevance to token 0 (their IndexSelect.relprop)
+        r[:, 0] = tokens[:, 0] * safe_divide(r_pooled, tokens[:, 0], eps)  # final norm: identity
+        cams: list[torch.Tensor | None] = [None] * len(records)
+        for layer in range(len(records) - 1, start_layer - 1, -1):
+            rec = records[layer]
+            rec = _BlockRecord(*(t.detach() for t in vars(rec).values()))
+            r, cams[layer] = _block_relprop(model.blocks[layer], rec, r, eps)
+    return cams, grads
+
+
+def transformer_attribution(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    num_prefix_tokens: int,
+    class_idx: int | Sequence[int] | torch.Tensor,
+    grid_size: tuple[int, int],
+    *,
+    start_layer: int = 1,
+    attn_grads: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Transformer Attribution maps (Chefer, Gur & Wolf, CVPR 2021) of a batch, [B, gh, gw] float32.
+
+    Args:
+        model: a timm VisionTransformer reading its CLS token (see :data:`SUPPORTED`), in eval mode.
+        x: the input [B, C, H, W], normalised as the model expects, on the model's device.
+        num_prefix_tokens: tokens before the patches (CLS first, then any registers); the map skips them.
+        class_idx: the class explained: one for the batch, or one per image.
+        grid_size: (gh, gw) of the patch grid.
+        start_layer: the first block of the rollout (the authors run ``start_layer=1``).
+        attn_grads: ∂y_c/∂A of every block [B, L, H, N, N] for these classes, when already found (e.g. by the
+            analysis's own backward); None: found here from a backward of the ``dtype`` forward.
+        dtype: precision of the forward and the relevance pass (float64: their divisions are ill-conditioned in
+            float32).
+        eps: the stabiliser of the authors' ``safe_divide``.
+
+    Returns:
+        [B, gh, gw] float32, non-negative (their map is not normalised; ≥ 0 since Ā ≥ 0).
+
+    Raises:
+        ValueError: the model is not one the rules are written for (the message says which are), or bad arguments.
+
+    Cost: one forward in ``dtype`` without the model's fused kernels, one backward when ``attn_grads`` is None, and a
+    relevance pass of about four times a forward's linear-layer work (each z⁺ rule is four matmuls).
+    """
+    why = unsupported(model, num_prefix_tokens)
+    if why:
+        raise ValueError(f"Transformer Attribution is not defined for this model: {why}; {SUPPORTED}")
+    depth = len(model.blocks)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
+    if x.dim() != 4:
+        raise ValueError(f"expected x shaped [B, C, H, W], got {tuple(x.shape)}")
+    cams, grads = attention_relevance(model, x, class_idx, start_layer, dtype, eps, gradients=attn_grads is None)
+    if attn_grads is not None:
+        if attn_grads.shape[:2] != (x.shape[0], depth) or attn_grads.shape[2:] != cams[-1].shape[1:]:
+            raise ValueError(
+                f"attn_grads must be [B, L, H, N, N] = {(x.shape[0], depth, *cams[-1].shape[1:])}, "
+                f"got {tuple(attn_grads.shape)}"
+            )
+        grads = list(attn_grads.to(device=cams[-1].device, dtype=dtype).unbind(1))
+    b, n = x.shape[0], cams[-1].shape[-1]
+    gh, gw = grid_size
+    if gh * gw != n - num_prefix_tokens:
+        raise ValueError(f"a {gh}x{gw} grid does not match {n - num_prefix_tokens} patch tokens")
+    row = torch.zeros(b, n, dtype=dtype, device=cams[-1].device)
+    row[:, 0] = 1.0  # the CLS row of Π_l (I + Ā_l), carried from the top block down to start_layer
+    for layer in range(depth - 1, start_layer - 1, -1):
+        fused = (grads[layer] * cams[layer]).clamp(min=0).mean(dim=1)  # Ā_l [B, N, N]
+        row = row + (row[:, None, :] @ fused)[:, 0]  # row (I + Ā_l)
+    return row[:, num_prefix_tokens:].reshape(b, gh, gw).float()
