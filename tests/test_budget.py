@@ -542,3 +542,77 @@ def test_the_1374_token_geometry_loads(tmp_path, monkeypatch):
         tokens=1374, layers=24, heads=16, width=64, patches=1369
     )
     assert real("dinov2-l", **{**calls[-1], "width": 1024}) < B.DEFAULT_MAX_ANALYSIS_BYTES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A visitor's hf:A/B is a hub id, never a folder of the server's (issue 27, Medium 4)
+
+
+@pytest.fixture
+def server_folder(tmp_path, monkeypatch):
+    """A working directory holding private/vit, a complete transformers model, and an empty hub cache."""
+    import huggingface_hub.constants as hc
+    import transformers
+
+    config = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16, patch_size=8
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "cwd" / "private" / "vit")
+    (tmp_path / "hub").mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(B, "BUDGET", B.Budget())
+    return tmp_path
+
+
+def _visitor_error(name: str, **kwargs) -> str:
+    with pytest.raises(vizapp.VizappError) as err:
+        vizapp.load_model(name, device="cpu", allow_files=False, **kwargs)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_a_visitors_hf_id_never_loads_a_server_folder_and_says_nothing_about_it(server_folder, monkeypatch, reachable):
+    import huggingface_hub
+
+    from vizapp.models import hf
+
+    monkeypatch.setattr(hf, "hub_reachable", lambda *a, **k: reachable)
+
+    def not_on_the_hub(repo, filename, **kwargs):
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo} not found")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_on_the_hub)
+    for pretrained in (True, False):
+        there = _visitor_error("hf:private/vit", pretrained=pretrained)
+        absent = _visitor_error("hf:private/vix", pretrained=pretrained)
+        assert there.replace("private/vit", "ID") == absent.replace("private/vix", "ID")  # no file-existence oracle
+        assert "hf:private/vit" in there and str(server_folder) not in there
+    # a bare folder name is not an id either, with the same answer whether it exists or not
+    assert _visitor_error("private/vit").replace("private/vit", "ID") == _visitor_error("private/vix").replace(
+        "private/vix", "ID"
+    )
+    assert not vizapp.models.weights_available_offline("hf:private/vit")
+    # the operator's own --model may be that folder
+    vm = vizapp.load_model("hf:private/vit", device="cpu")
+    assert vm.source == "pretrained" and vm.family == "hf"
+    # ... and a visitor asking the same id afterwards still gets the hub's answer, not the cached folder
+    assert _visitor_error("hf:private/vit").replace("private/vit", "ID") == _visitor_error("hf:private/vix").replace(
+        "private/vix", "ID"
+    )
+
+
+def test_the_allow_list_is_checked_before_anything_is_read(server_folder, monkeypatch):
+    from vizapp.models import hf
+
+    monkeypatch.setattr(B, "BUDGET", B.Budget(allowed=frozenset({"hf:someone/offered"})))
+
+    def read(*args, **kwargs):
+        raise AssertionError("read before the allow-list was checked")
+
+    monkeypatch.setattr(hf, "_config", read)
+    monkeypatch.setattr(hf, "_hub_folder", read)
+    monkeypatch.setattr(hf, "cached_hub_file", read)
+    for name in ("hf:private/vit", "hf:private/vix", "hf-hub:someone/else", "vit_tiny_patch16_224"):
+        with pytest.raises(ModelTooLargeError, match="not one of the models this server offers.*hf:someone/offered"):
+            vizapp.load_model(name, device="cpu", allow_files=False)

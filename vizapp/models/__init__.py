@@ -77,10 +77,9 @@ def weights_available_offline(name: str) -> bool:
     except ModelLoadError:
         return False
     if kind == "hf":
-        repo = name.split(":", 1)[1] if name.startswith("hf:") else name
-        if os.path.isdir(repo):
-            return True
-        return all(cached_hub_file(repo, (f,)) for f in HF_FILES)
+        if not name.startswith("hf:"):
+            return os.path.isdir(name)  # the operator's folder
+        return all(cached_hub_file(name[3:], (f,)) for f in HF_FILES)  # a hub id, whatever the disk holds
     if kind == "torchvision":
         if "torchvision" not in available_libraries():
             return False
@@ -105,16 +104,20 @@ def weights_available_offline(name: str) -> bool:
     return bool(repo and cached_hub_file(repo, TIMM_WEIGHT_FILES))
 
 
-def _adapter(name: str) -> str:
+def _adapter(name: str, allow_files: bool = True) -> str:
+    """Which adapter loads ``name``; the disk is looked at only where files are allowed (a visitor's id is
+    answered the same whatever this machine holds)."""
     if name == BUNDLED or name.endswith(".json"):
         return "bundled"
     if name.endswith(".safetensors"):
         return "bundled" if Path(name).with_suffix(".json").is_file() else "timm"
-    if name.startswith("hf:") or (os.path.isdir(name) and (Path(name) / "config.json").is_file()):
+    if name.startswith("hf:"):
         return "hf"
     if name.startswith("torchvision:"):
         return "torchvision"
-    if os.path.isdir(name):
+    if allow_files and os.path.isdir(name):
+        if (Path(name) / "config.json").is_file():
+            return "hf"
         raise ModelLoadError(f"{name} is a folder without config.json; expected one written by save_pretrained")
     return "timm"
 
@@ -130,9 +133,15 @@ def _is_local(name: str, allow_files: bool) -> bool:
 
 
 def _load_uncached(
-    name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
+    name: str,
+    pretrained: bool,
+    arch: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    kwargs: dict[str, Any],
+    allow_files: bool = True,
 ) -> VizModel:
-    kind = _adapter(name)
+    kind = _adapter(name, allow_files)
     if kind == "bundled":
         from vizapp.models import bundled
 
@@ -140,7 +149,7 @@ def _load_uncached(
     if kind == "hf":
         from vizapp.models import hf
 
-        return hf.load(name, pretrained, device, dtype, kwargs)
+        return hf.load(name, pretrained, device, dtype, kwargs, hub_only=not allow_files)
     if kind == "torchvision":
         from vizapp.models import torchvision as tv
 
@@ -208,21 +217,32 @@ def load_model(
     """
     name = validate_model_id(name, allow_files=allow_files)
     dev = torch.device(device) if device is not None else default_device()
-    key = (name, bool(pretrained), arch, str(dev), str(dtype), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    local = _is_local(name, allow_files)
+    # ``local`` in the key: a visitor's hf:A/B (a hub id) is never the operator's folder A/B loaded before
+    key = (
+        name,
+        local,
+        bool(pretrained),
+        arch,
+        str(dev),
+        str(dtype),
+        tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
+    )
     load_args = (
         ("name", name),
         ("pretrained", bool(pretrained)),
         ("arch", arch),
         ("device", str(dev)),
         ("dtype", dtype),
+        ("allow_files", bool(allow_files)),
     )
     load_args += tuple(sorted(kwargs.items()))
 
-    if not _is_local(name, allow_files):
+    if not local:
         check_allowed(name)  # VIZAPP_MODELS, before anything is read
 
     def loader() -> VizModel:
-        vm = replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs), load_args=load_args)
+        vm = replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs, allow_files), load_args=load_args)
         _check_analysis(vm)  # before the model is cached or runs
         vm.fingerprint()  # digest the weights now, at load, rather than inside the first analysis
         return vm

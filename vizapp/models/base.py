@@ -287,8 +287,8 @@ def validate_model_id(name: Any, allow_files: bool = True) -> str:
             return name
         raise BadParameterError(f"'{name[:80]}' is not a valid hub id; expected {name.split(':')[0]}:<owner>/<repo>")
     if name.endswith((".safetensors", ".json")) or (
-        os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))
-    ):
+        allow_files and os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))
+    ):  # a visitor's id is never looked up on the disk: the answer must not depend on what the server holds
         if not allow_files:
             raise BadParameterError("loading local files is disabled here; pick a model from the list")
         return name

@@ -25,7 +25,7 @@ from PIL import Image
 
 from vizapp.capture import HF_BASE_ATTRIBUTES
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
-from vizapp.models.base import VizModel, hub_reachable, offline_message, pair
+from vizapp.models.base import HUB_TIMEOUT_S, VizModel, cached_hub_file, hub_reachable, offline_message, pair
 
 #: model_type -> (how many rows of the learned position table precede the patch rows, has a CLS token)
 MODEL_TYPES = {
@@ -82,30 +82,71 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def _source(name: str) -> tuple[str, bool]:
-    """(folder or repo id, is a local folder)."""
+#: what a pretrained hub model needs from its repository (the weights whole or in shards, never a pickle)
+HUB_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
+HOW = "Connect once to cache it, copy a cache (HF_HOME), or pass a folder written by save_pretrained."
+
+
+def _source(name: str, hub_only: bool = False) -> tuple[str, bool]:
+    """(folder or repo id, is a local folder). With ``hub_only`` (a visitor's id) ``hf:A/B`` is a hub id, whatever
+    this machine holds at A/B: the disk is not even asked, so no answer depends on it."""
     src = name[3:] if name.startswith("hf:") else name
-    if os.path.isdir(src):
-        return src, True
-    return src, False
+    return src, (not hub_only and os.path.isdir(src))
 
 
-def _config(src: str, local: bool) -> Any:
+def _hub_folder(repo: str) -> str:
+    """The hub cache's snapshot folder of ``repo`` holding its config.json (downloaded when not cached).
+
+    transformers is given this folder and never the id itself: its ``from_pretrained`` reads a folder of the id's
+    relative name on this machine first.
+    """
+    path = cached_hub_file(repo, ("config.json",))
+    if path is None:
+        if not hub_reachable():
+            raise ModelLoadError(offline_message(f"hf:{repo}", "transformers model", HOW))
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(repo, "config.json", etag_timeout=HUB_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - missing, private, gated or unreachable: the same answer
+            raise ModelLoadError(
+                f"hf:{repo}: no config.json could be read from the Hugging Face hub; check the id (private and gated "
+                "repositories cannot be read)"
+            ) from e
+    return os.path.dirname(path)
+
+
+def _hub_weights(repo: str, folder: str) -> str:
+    """A snapshot folder of ``repo`` with its safetensors weights: ``folder`` when they are cached in it, else the
+    same revision downloaded (:data:`HUB_FILES` only)."""
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        return folder
+    if not hub_reachable():
+        raise ModelLoadError(offline_message(f"hf:{repo}", "transformers model", HOW))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo, revision=os.path.basename(folder), allow_patterns=list(HUB_FILES), etag_timeout=HUB_TIMEOUT_S
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"hf:{repo}: its weights could not be downloaded from the Hugging Face hub") from e
+
+
+def _config(folder: str, name: str, local: bool) -> Any:
+    """The config in ``folder`` (a local folder, or a hub snapshot whose path a message must not show)."""
     transformers = _require_transformers()
     try:
-        return transformers.AutoConfig.from_pretrained(src, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
-        if local:
-            raise ModelLoadError(f"{src}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
-    if not hub_reachable():
-        raise ModelLoadError(
-            offline_message(
-                f"hf:{src}",
-                "transformers model",
-                "Connect once to cache it, copy a cache (HF_HOME), or pass a folder written by save_pretrained.",
-            )
-        )
-    return transformers.AutoConfig.from_pretrained(src)
+        detail = f" ({str(e).splitlines()[0][:200]})" if local else ""
+        raise ModelLoadError(f"{name}: not a transformers model config{detail}") from e
 
 
 def _vision_config(config: Any) -> Any:
@@ -189,18 +230,15 @@ def _pos_table(model_type: str, embeddings: torch.nn.Module) -> torch.Tensor:
     return embeddings.position_embeddings[0]
 
 
-def _transform(
-    src: str, local: bool, model_type: str, size: tuple[int, int]
-) -> tuple[Callable, tuple, tuple, tuple[int, int]]:
+def _transform(folder: str, model_type: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple, tuple[int, int]]:
     """The library's own image processor: from preprocessor_config.json when present, else the model type's
     default processor resized to the model's input size. -> (transform, mean, std, the size it makes of a square
     image, see :func:`_processed_size`)."""
     transformers = _require_transformers()
-    has_cfg = (Path(src) / "preprocessor_config.json").is_file() if local else True
     proc = None
-    if has_cfg:
+    if (Path(folder) / "preprocessor_config.json").is_file():
         try:
-            proc = transformers.AutoImageProcessor.from_pretrained(src, local_files_only=True)
+            proc = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):
             proc = None
     if proc is None:
@@ -299,13 +337,22 @@ def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
     check_budget(name, layers=layers, counter=lambda: layered_parameter_count(build, layers))
 
 
-def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]) -> VizModel:
+def load(
+    name: str,
+    pretrained: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    kwargs: dict[str, Any],
+    hub_only: bool = False,
+) -> VizModel:
     """An ``hf:owner/repo`` id or a ``save_pretrained`` folder. With ``pretrained=False`` the architecture of the
-    config is built with random weights. ``kwargs`` override config fields, for pretrained weights too."""
+    config is built with random weights. ``kwargs`` override config fields, for pretrained weights too.
+    ``hub_only``: ``hf:A/B`` is a hub id even where this machine has a folder A/B (a visitor's id)."""
     from vizapp.capture import attention_layers
 
-    src, local = _source(name)
-    config = _config(src, local)
+    src, local = _source(name, hub_only)
+    folder = src if local else _hub_folder(src)
+    config = _config(folder, name, local)
     for k, v in kwargs.items():
         if not hasattr(config, k):
             raise BadParameterError(f"{type(config).__name__} has no field {k!r}")
@@ -325,15 +372,17 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     _check_budget(name, cls, built, vision)  # before the weights
     try:
         if pretrained:
+            folder = folder if local else _hub_weights(src, folder)
             model = cls.from_pretrained(
-                src, config=built, attn_implementation="sdpa", local_files_only=local or None, use_safetensors=True
+                folder, config=built, attn_implementation="sdpa", local_files_only=True, use_safetensors=True
             )  # never a pickled .bin
         else:
             model = cls._from_config(
                 vision if config.model_type in VISION_CONFIGS else config, attn_implementation="sdpa"
             )
     except OSError as e:
-        raise ModelLoadError(f"{name}: weights could not be read ({str(e).splitlines()[0][:200]})") from e
+        detail = f" ({str(e).splitlines()[0][:200]})" if local else ""  # a hub snapshot's path is not shown
+        raise ModelLoadError(f"{name}: weights could not be read{detail}") from e
     attention_layers(model)  # the support check
     model.eval().to(device=device, dtype=dtype)
     base = _base(model)
@@ -343,7 +392,7 @@ def load(name: str, pretrained: bool, device: torch.device, dtype: torch.dtype, 
     size = pair(vision.image_size)
     grid = (size[0] // ps[0], size[1] // ps[1])
     pos_prefix, has_cls = MODEL_TYPES[model_type]
-    transform, mean, std, processed = _transform(src, local, model_type, size)
+    transform, mean, std, processed = _transform(folder, model_type, size)
     if processed != size:  # the grid at the configured size is checked by load_model; the processor's here
         from vizapp.budget import check_analysis_budget
 
