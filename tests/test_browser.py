@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from scripts.screenshots import FLAGS as SCREENSHOT_FLAGS
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)"
 )
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-]
+FLAGS = SCREENSHOT_FLAGS  # the launch flags Debian's chromium needs here, as the screenshot script uses
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ structures in :mod:`vizapp.ui.outputs`, so every event's outputs come from :func
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import gradio as gr
@@ -378,31 +379,9 @@ def _wire_heads(ui: Components) -> None:
 
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
-    def render_pos(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, random_weights):
-        return handlers.render_pos(
-            model_name,
-            resolution,
-            tile_row,
-            tile_col,
-            pos_layer,
-            pos_head,
-            pos_show,
-            random_weights,
-            trusted_model=trusted,
-        )
-
-    def pick_model(model_name, resolution, tile_row, tile_col, pos_layer, pos_head, pos_show, random_weights):
-        return handlers.render_pos_quietly(
-            model_name,
-            resolution,
-            tile_row,
-            tile_col,
-            pos_layer,
-            pos_head,
-            pos_show,
-            random_weights,
-            trusted_model=trusted,
-        )
+    # The operator's own model is trusted (it may be a local file): both events pass that on to the handler.
+    render_pos = functools.partial(handlers.render_pos, trusted_model=trusted)
+    pick_model = functools.partial(handlers.render_pos_quietly, trusted_model=trusted)
 
     inputs = [
         ui.model,
