@@ -308,3 +308,17 @@ def test_clicking_an_example_analyses_it(bundled_app):
     ]
     assert analyzed, "the example was not analysed"
     assert d.values[d.by_label("Top-5", "label")]["label"] == "Trouser"
+
+
+def test_every_class_is_reachable_from_the_class_dropdowns(bundled_app):
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    labels = set(models.load_model(models.BUNDLED).labels)
+    for label in ("Class to explain (type", "Class to explain (gradient", "Class scored", "Class to follow"):
+        cid = d.by_label(label, "dropdown")
+        assert {c[1] for c in d.props[cid]["choices"]} == labels, label  # all 10, not the top-5
+    # a class outside the top-5 explains fine through the server
+    probs = sorted(labels - {c[1] for c in d.props[d.by_label("Class to explain (type", "dropdown")]["choices"][:5]})
+    _assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    _assert_clean(d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5")
+    assert probs[0] in _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].replace("<br>", " ")

@@ -114,6 +114,12 @@ def _status(vm: models.VizModel, r: Analysis, startup_note: str, seen: str = "")
     return "\n\n".join(lines)
 
 
+def _lens_choices(r: Analysis, classes: list[str]) -> list[str]:
+    """The logit lens's classes: those worth following first (the top-5, each layer's top-1), then every other."""
+    first = views.lens_classes(r)
+    return first + [c for c in classes if c not in set(first)]
+
+
 def _query_slider(r: Analysis, query: Any, axis: int) -> Any:
     return gr.update(maximum=r.grid_size[axis] - 1, value=0 if isinstance(query, str) else query[axis])
 
@@ -224,7 +230,7 @@ def analyze_image(
         feat_col=gr.update(maximum=r.grid_size[1] - 1, value=state["feature_query"][1]),
         norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
         lens_class=gr.update(
-            choices=views.lens_classes(r) if r.lens_probs is not None else [],
+            choices=_lens_choices(r, classes) if r.lens_probs is not None else [],
             value=classes[0] if classes and r.lens_probs is not None else None,
         ),
         imp_class=class_update(),

@@ -71,7 +71,7 @@ def features_tab(ui: Components) -> None:
         ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
     gr.Markdown("### Logit lens")
     ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
-    ui.lens_class = gr.Dropdown([], label="Class to follow across depth")
+    ui.lens_class = gr.Dropdown([], label="Class to follow across depth (type to search)", filterable=True)
     ui.lens_table = gr.Dataframe(
         headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
     )
