@@ -1,4 +1,5 @@
-"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021, "Transformer Interpretability Beyond Attention Visualization").
+"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021: "Transformer Interpretability Beyond Attention
+Visualization").
 
 The map is computed as the authors' code computes it (hila-chefer/Transformer-Explainability: the LRP layers of
 ``modules/layers_ours.py``, the ViT of ``baselines/ViT/ViT_LRP.py`` and ``generate_LRP(method="transformer_attribution",
@@ -20,7 +21,9 @@ start_layer=1)`` of ``baselines/ViT/ViT_explanation_generator.py``):
 Their divisions (``safe_divide``: a / (b + 1e-9), 0 where b == 0) by near-zero activations are ill-conditioned in
 float32, so the forward and the propagation run in float64 by default, on a copy of the weights (the model is not
 modified; about 700 MB for a ViT-B).
-Unlike their code this works on a batch (each image's sums are its own) and on any device.
+Unlike their code this works on a batch (each image's sums are its own) and on any device. The registry's method
+(:meth:`vizapp.pipeline.Analysis.transformer_attribution`) pairs this float64 relevance with the analysis's own
+∂y_c/∂A (well conditioned in float32: no divisions), so that a batch still takes one backward.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ import torch.nn.functional as F
 EPS = 1e-9
 
 SUPPORTED = (
-    "its LRP rules are written for timm VisionTransformer models whose head reads the CLS token in front (global_pool='token': ViT and DeiT "
-    "without distillation, with or without register tokens) built of timm's standard Block, Attention "
-    "(no qk_norm, no gate) and Mlp"
+    "its LRP rules are written for timm VisionTransformer models whose head reads the CLS token in front "
+    "(global_pool='token': ViT and DeiT without distillation, with or without register tokens) built of timm's "
+    "standard Block, Attention (no qk_norm, no gate) and Mlp"
 )
+"""The models the rules cover, as the refusals say it."""
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:

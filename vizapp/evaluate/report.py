@@ -37,7 +37,9 @@ PAPERS = {
     "flow": "Abnar & Zuidema, ACL 2020",
     "relevance": "Chefer, Gur & Wolf, ICCV 2021, “Generic Attention-model Explainability”",
     "grad_rollout": "jacobgil/vit-explain's gradient rollout",
-    "transformer_attribution": "Chefer, Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”",
+    "transformer_attribution": (
+        "Chefer, Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”"
+    ),
 }
 """The paper (or tool) each method of the report comes from, shown beside its label."""
 
