@@ -616,3 +616,44 @@ def test_the_allow_list_is_checked_before_anything_is_read(server_folder, monkey
     for name in ("hf:private/vit", "hf:private/vix", "hf-hub:someone/else", "vit_tiny_patch16_224"):
         with pytest.raises(ModelTooLargeError, match="not one of the models this server offers.*hf:someone/offered"):
             vizapp.load_model(name, device="cpu", allow_files=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights that are what they claim (issue 27, Medium 5)
+
+
+def _tiny_vit_folder(folder, cls="ViTForImageClassification", **kwargs):
+    import transformers
+
+    config = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, image_size=16, patch_size=8
+    )
+    getattr(transformers, cls)(config, **kwargs).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_safetensors_file_missing_half_its_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _tiny_vit_folder(tmp_path / "half")
+    path = tmp_path / "half" / "model.safetensors"
+    state = load_file(str(path))
+    kept = sorted(state)[::2]
+    save_file({k: state[k] for k in kept}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as err:
+        vizapp.load_model(folder, device="cpu")
+    total = len(state)
+    assert f"lack {total - len(kept)} of the model's {total} tensors" in str(err.value)
+    assert sorted(state)[1] in str(err.value)  # the first one missing is named
+    assert vizapp.load_model(folder, device="cpu", pretrained=False).source == "random"  # random weights say so
+    # the complete file loads, as pretrained
+    vm = vizapp.load_model(_tiny_vit_folder(tmp_path / "whole"), device="cpu")
+    assert vm.source == "pretrained" and "pooler" not in vm.note
+
+
+def test_a_checkpoint_without_a_pooler_loads_and_says_so(tmp_path):
+    """DINO's ViTModel checkpoints ship no pooler (transformers builds one by default): the model loads, the rest of
+    its tensors all from the file, and its note says the pooled output is untrained."""
+    folder = _tiny_vit_folder(tmp_path, cls="ViTModel", add_pooling_layer=False)
+    vm = vizapp.load_model(folder, device="cpu")
+    assert vm.source == "pretrained" and "no pooler weights" in vm.note

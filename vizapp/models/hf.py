@@ -337,6 +337,29 @@ def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
     check_budget(name, layers=layers, counter=lambda: layered_parameter_count(build, layers))
 
 
+def _check_complete(name: str, model: torch.nn.Module, info: dict[str, Any]) -> bool:
+    """Refuse weights that leave tensors of the model at their random initialisation (transformers would fill them
+    in silently and the model would pass for pretrained). A pooler alone may be missing (DINO's ``ViTModel``
+    checkpoints ship none; transformers adds one by default): -> True when it is.
+
+    Raises:
+        ModelLoadError: naming how many of the model's tensors the weights lack, and a few of them.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    pooler = [k for k in missing if ".pooler." in f".{k}"]
+    missing = [k for k in missing if k not in pooler]
+    mismatched = list(info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        total = len(model.state_dict())
+        shown = ", ".join(str(k) for k in (missing or mismatched)[:3])
+        raise ModelLoadError(
+            f"{name}: its weights lack {len(missing)} of the model's {total} tensors"
+            + (f" and {len(mismatched)} have the wrong shape" if mismatched else "")
+            + f" (e.g. {shown}); they would be random, so it is refused. Use a complete model.safetensors"
+        )
+    return bool(pooler)
+
+
 def load(
     name: str,
     pretrained: bool,
@@ -373,16 +396,20 @@ def load(
     try:
         if pretrained:
             folder = folder if local else _hub_weights(src, folder)
-            model = cls.from_pretrained(
-                folder, config=built, attn_implementation="sdpa", local_files_only=True, use_safetensors=True
-            )  # never a pickled .bin
-        else:
-            model = cls._from_config(
-                vision if config.model_type in VISION_CONFIGS else config, attn_implementation="sdpa"
+            model, info = cls.from_pretrained(
+                folder,
+                config=built,
+                attn_implementation="sdpa",
+                local_files_only=True,
+                use_safetensors=True,  # never a pickled .bin
+                output_loading_info=True,
             )
+        else:
+            model, info = cls._from_config(built, attn_implementation="sdpa"), {}
     except OSError as e:
         detail = f" ({str(e).splitlines()[0][:200]})" if local else ""  # a hub snapshot's path is not shown
         raise ModelLoadError(f"{name}: weights could not be read{detail}") from e
+    untrained_pooler = _check_complete(name, model, info)  # outside the try: its ModelLoadError is the message
     attention_layers(model)  # the support check
     model.eval().to(device=device, dtype=dtype)
     base = _base(model)
@@ -487,6 +514,9 @@ def load(
                 (
                     "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful.",
                     "ViT-MAE: the encoder alone, on every patch in order (no masking)." if unmasked else "",
+                    "Its checkpoint has no pooler weights: the pooled output (not the attention) is untrained."
+                    if untrained_pooler
+                    else "",
                 ),
             )
         ),
