@@ -15,7 +15,7 @@ import vizapp
 from tests.conftest import FAMILIES, random_image, small_model
 from vizapp import limits
 from vizapp.errors import BadImageError, BadParameterError
-from vizapp.methods import METHODS
+from vizapp.methods import METHODS, unavailable
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SIZES = [(96, 128), (64, 64), (120, 90), (50, 200)]  # each image brought to the model's size by its own transform
@@ -202,7 +202,9 @@ def test_explain_equals_each_images_own_map_for_every_method(fid, classes, card_
 def test_class_maps_of_a_batch_take_one_forward_and_one_backward(fid, card_model, monkeypatch):
     vm = load(fid, card_model)
     imgs = images(4, seed=3)
-    names = [n for n, m in METHODS.items() if m.needs_class]
+    probe = vizapp.analyze(vm, imgs[0])
+    names = [n for n, m in METHODS.items() if m.needs_class and not unavailable(probe, n)]
+    assert {"relevance", "grad_rollout"} <= set(names)
     classes = [0, 4, 2, 4]
     with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
         maps = vizapp.explain(vm, imgs, names, classes, start_layer=1)
@@ -234,14 +236,15 @@ def test_explain_passes_each_method_the_controls_it_takes(card_model):
 
 
 def test_every_option_a_method_declares_is_one_its_compute_takes(image):
+    """vizapp.explain passes a method only the options it declares: each must be a keyword its compute accepts."""
     vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
     r = vizapp.analyze(vm, image)
-    defaults = dict(head_fusion="mean", discard_ratio=0.0, start_layer=0, start_row="output", progress=None)
+    values = dict(head_fusion="max", discard_ratio=0.1, start_layer=1, start_row="cls", progress=None)
     for name, m in METHODS.items():
         assert set(m.controls) <= set(m.options), name
-        plain = m.compute(r, 1)
         for option in m.options:
-            np.testing.assert_allclose(m.compute(r, 1, **{option: defaults[option]}), plain, **TOL)
+            found = m.compute(r, 1, **{option: values[option]})  # a TypeError for a keyword compute does not take
+            assert found.shape == r.grid_size and np.isfinite(found).all(), (name, option)
 
 
 def test_bad_classes_are_refused_before_any_forward(card_model):
@@ -353,3 +356,23 @@ def test_layer_statistics_of_a_batch_equal_each_image_alone():
     missing.chunk(0, 0, 0, attn[0, 0], 0)  # image 1 never arrives
     missing.layer_done(0)
     assert not missing.complete()
+
+
+def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
+    """benchmarks.batch on a tiny model, one round: a table per thread count, every cell filled where timed."""
+    from benchmarks import batch as bench
+
+    out = tmp_path / "batch.md"
+    spec = "vit_tiny_patch16_224@img_size=32,depth=1"
+    args = ["--models", spec, "--batches", "2", "3", "--class-batches", "2", "--repeats", "1", "--warmup", "0"]
+    assert bench.main([*args, "--threads", "1", "2", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    for threads in (1, 2):
+        table = text.split(f"## {threads} thread(s)", 1)[1].split("\n## ", 1)[0]
+        rows = [
+            [c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines() if ln.startswith(f"| {spec}")
+        ]
+        assert [r[1] for r in rows] == ["2", "3"]
+        assert all(r[8] in ("met", "missed") and float(r[5]) > 0 for r in rows)
+        assert rows[0][13] in ("met", "missed") and float(rows[0][10]) > 0  # class maps timed for B = 2
+        assert rows[1][9:] == [""] * 5  # and not for B = 3
