@@ -41,9 +41,12 @@ built on the meta device, the difference multiplied), so it never builds the who
 Why 1 GiB per analysis: the parameter limit says nothing about the input. A 531 k-parameter ViT at 1448 px with 8 px
 patches has 32,762 tokens, and one N x N float32 matrix of it is 4.3 GB (the rollout and the patch distances each hold
 one or more). The estimate (:func:`analysis_memory`) of a 24-layer ViT-L/14 at 1,374 tokens (DINOv2 at 518 px) is
-0.40 GiB and of a ViT-L/16 at 384 px 0.21 GiB; 1 GiB passes both with room (ViT-B/16 at 1024 px, 4,097 tokens, is
-0.75 GiB) and refuses a ViT-B past about 5,300 tokens and any model past about 7,300, where the N x N terms alone
-pass it.
+0.42 GiB and of a ViT-L/16 at 384 px 0.21 GiB; 1 GiB passes both with room (ViT-B/16 at 1024 px, 4,097 tokens, is
+0.94 GiB) and refuses a ViT-L past about 3,100 tokens, a ViT-B past 4,300 and any model past 5,700, where the N x N
+terms alone pass it. Measured against the peak RSS rise of one ``vizapp.analyze`` on the CPU (transformers ViTs,
+random weights): 477 MiB for an estimate of 540 at 4,097 tokens (2 layers, width 8), 140 for 184 at 2,305 tokens,
+346 for 347 at 3,137 tokens (6 layers, width 64); but 222 MiB for 146 at 1,025 tokens with 12 layers of width 256,
+where the allocator keeps freed per-layer temporaries: the estimate counts live tensors, not the allocator's slack.
 """
 
 from __future__ import annotations
@@ -382,8 +385,10 @@ def analysis_memory(layers: int, tokens: int, heads: int, width: int, patches: i
     - ``activations``: one block's widest activations in the forward, 10·N·D (input, q, k, v, output, the MLP's 4·N·D).
     - ``attention_chunk``: one chunk of attention (``limits.chunk_shape`` at ``limits.ATTENTION_CHUNK_BYTES``) and
       the product beside it, 2·heads·rows·N.
-    - ``token_matrices``: the N x N helpers: a fusion being accumulated, the rollout, and the two operands of its
-      residual step (4·N²), plus every layer's mean fusion L·N² while that fits ``limits.ROLLOUT_STORE_LIMIT_BYTES``.
+    - ``token_matrices``: the N x N helpers. While every layer's mean fusion fits ``limits.ROLLOUT_STORE_LIMIT_BYTES``,
+      those L·N² and 4·N² of working matrices; above it the rollout is multiplied up during the forward, 7·N² (the
+      fusion being accumulated, the identity, the running rollout, the fusion plus identity, its normalisation, the
+      product and the previous rollout: measured at 4,097 tokens, 7.8·N² with the patch distances and the chunk).
     - ``patch_distances``: the P x P matrix of distances between patch centres, P².
 
     Args:
@@ -408,7 +413,7 @@ def analysis_memory(layers: int, tokens: int, heads: int, width: int, patches: i
         "block_outputs": outputs if outputs <= limits.BLOCK_OUTPUT_BYTES else N * D * f32,
         "activations": 10 * N * D * f32,
         "attention_chunk": 2 * chunk_heads * chunk_rows * N * f32,
-        "token_matrices": 4 * N * N * f32 + (fused if fused <= limits.ROLLOUT_STORE_LIMIT_BYTES else 0),
+        "token_matrices": 4 * N * N * f32 + fused if fused <= limits.ROLLOUT_STORE_LIMIT_BYTES else 7 * N * N * f32,
         "patch_distances": P * P * f32,
     }
 
