@@ -101,6 +101,11 @@ def header(args: argparse.Namespace) -> list[str]:
         f'["relevance", "grad_rollout"])`, both maps of each image\'s top-1 class (target c/a <= {CLASS_MAP_TARGET}). '
         "Forwards: how many forwards the memory budget (`limits.BATCH_FORWARD_BYTES`) cut the call into. "
         "ms per image = wall time / B.",
+        "",
+        "b and c do their per-image work (each image's attention chunks and their statistics) as about ten small "
+        "parallel ops per image and layer, where the bare forward runs about ten large ones per layer for the whole "
+        "batch: when a neighbour holds a core, every small op waits for its second thread, so on a loaded machine the "
+        "2-thread ratios grow with B and with the load; the 1-thread table shows the work itself.",
     ]
 
 
