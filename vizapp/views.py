@@ -124,7 +124,7 @@ def method_unavailable(r: Analysis, name: str) -> str:
         return "it reads the CLS token's attention, and this model has no CLS token (it pools its patches)"
     if m.needs_class and r.probs is None:
         return "it explains a class, and this model has no classifier head"
-    return ""
+    return methods.unavailable(r, m.name)  # what the method itself says of this model ("" when it runs)
 
 
 def available_methods(r: Analysis) -> list[str]:
