@@ -505,6 +505,15 @@ def test_a_huge_image_processor_size_is_refused_before_any_image(tmp_path, monke
     transformers.ViTImageProcessor(size=30_000, do_center_crop=True, crop_size=32).save_pretrained(folder)
     proc = transformers.AutoImageProcessor.from_pretrained(folder)
     assert vizapp.models.hf._processed_size(proc, (32, 32)) == (32, 32)
+    # a shortest edge without a crop follows the upload's aspect ratio: bounded by its longest edge, else refused
+    transformers.ViTImageProcessor(size={"shortest_edge": 32, "longest_edge": 48}).save_pretrained(folder)
+    proc = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert vizapp.models.hf._processed_size(proc, (32, 32)) == (32, 48)
+    assert vizapp.load_model(folder, pretrained=False, device="cpu").grid_size == (4, 4)
+    unbounded = _hf_config_folder(tmp_path / "unbounded", image_size=32, **fields)  # a new folder: not cached
+    transformers.ViTImageProcessor(size={"shortest_edge": 32}).save_pretrained(unbounded)
+    msg, _ = _refusal(lambda: vizapp.load_model(unbounded, pretrained=False, device="cpu"), B.Budget(), monkeypatch)
+    assert "VIZAPP_MAX_ANALYSIS_BYTES" in msg
 
 
 def test_a_timm_model_at_2896_px_is_refused_and_vit_b_at_224_loads(monkeypatch):

@@ -263,9 +263,11 @@ def _transform(folder: str, model_type: str, size: tuple[int, int]) -> tuple[Cal
 
 
 def _processed_size(proc: Any, size: tuple[int, int]) -> tuple[int, int]:
-    """The (height, width) an image processor makes of a square image: its crop when it crops, else its resize target
-    (a shortest edge for both sides, the longest edge for one when it has one), else, when it does not resize at all,
-    the largest image vizapp decodes; ``size`` when it names none of these."""
+    """The largest (height, width) an image processor makes of an upload: its crop when it crops, else its resize
+    target; a shortest edge without a crop scales the other side with the image's aspect ratio (a 100:1 upload at
+    shortest edge 224 is 22,400 px long), so that side is its longest edge, or without one as many pixels as vizapp
+    decodes (the budget then refuses it); without resizing, the largest image vizapp decodes. ``size`` when it names
+    none of these."""
 
     def get(d: Any, key: str) -> int | None:
         v = d.get(key) if isinstance(d, dict) else getattr(d, key, None)
@@ -283,8 +285,10 @@ def _processed_size(proc: Any, size: tuple[int, int]) -> tuple[int, int]:
     if get(target, "height") and get(target, "width"):
         return get(target, "height"), get(target, "width")  # type: ignore[return-value]
     edge = get(target, "shortest_edge")
-    if edge:
-        return edge, max(edge, get(target, "longest_edge") or edge)
+    if edge:  # a long side follows the image's aspect ratio: bounded by longest_edge, or by nothing vizapp controls
+        from vizapp.imageio import DEFAULT_MAX_PIXELS
+
+        return edge, max(edge, get(target, "longest_edge") or DEFAULT_MAX_PIXELS)
     return size
 
 
