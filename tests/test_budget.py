@@ -307,7 +307,16 @@ DEEP_REFUSALS = textwrap.dedent(
     import vizapp
     from vizapp import budget as B
 
-    folder = sys.argv[1]
+    import huggingface_hub.constants as hc
+
+    folder, cache = sys.argv[1] + "/hf", sys.argv[1] + "/hub"
+    snapshot = cache + "/models--someone--deep/snapshots/" + "0" * 40
+    __import__("os").makedirs(snapshot)
+    __import__("os").makedirs(cache + "/models--someone--deep/refs")
+    open(cache + "/models--someone--deep/refs/main", "w").write("0" * 40)
+    cfg = {"architecture": "vit_tiny_patch16_224", "model_args": {"depth": 100_000}}
+    open(snapshot + "/config.json", "w").write(json.dumps(cfg))
+    hc.HF_HUB_CACHE = cache
     config = transformers.ViTConfig(hidden_size=8, num_hidden_layers=200_000, num_attention_heads=2)
     config.architectures = ["ViTForImageClassification"]
     config.save_pretrained(folder)
@@ -315,6 +324,7 @@ DEEP_REFUSALS = textwrap.dedent(
         "hf": lambda: vizapp.load_model(folder, pretrained=False, device="cpu"),
         "hf pretrained": lambda: vizapp.load_model(folder, device="cpu"),
         "timm": lambda: vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cpu", depth=100_000),
+        "timm hf-hub": lambda: vizapp.load_model("hf-hub:someone/deep", device="cpu"),
     }
     rows = []
     for budget in (B.Budget(), B.Budget(max_layers=None)):
@@ -334,7 +344,7 @@ DEEP_REFUSALS = textwrap.dedent(
 
 def test_deep_configs_are_refused_in_seconds_without_building_their_layers(tmp_path):
     """A transformers config with 200,000 layers of width 8 (hf folder, random or pretrained) and timm's ViT-Ti with
-    depth 100,000: refused by the layer limit, and with that limit off by a parameter count made from one and two
+    depth 100,000 (kwargs, or an hf-hub: config's model_args from the hub cache): refused by the layer limit, and with that limit off by a parameter count made from one and two
     layers. In a fresh process under a timeout, so a regression (building every layer: minutes, GBs) cannot take
     the suite down."""
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VIZAPP_")}
@@ -342,11 +352,11 @@ def test_deep_configs_are_refused_in_seconds_without_building_their_layers(tmp_p
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     rows, peak_mib = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6
+    assert len(rows) == 8
     for what, max_layers, msg, seconds in rows:
         assert seconds < 5, (what, seconds)
         if max_layers is not None:
-            layers = "100,000" if what == "timm" else "200,000"
+            layers = "100,000" if what.startswith("timm") else "200,000"
             assert f"asks for {layers} layers" in msg and "VIZAPP_MAX_LAYERS" in msg, (what, msg)
         else:  # hf: 200,000 x one layer's 52 k parameters (the MLP is 3072 wide); ViT-Ti: 100,000 x 445 k
             assert " B parameters" in msg and "VIZAPP_MAX_PARAMS" in msg, (what, msg)
