@@ -676,3 +676,38 @@ def test_a_checkpoint_without_a_pooler_loads_and_says_so(tmp_path):
     folder = _tiny_vit_folder(tmp_path, cls="ViTModel", add_pooling_layer=False)
     vm = vizapp.load_model(folder, device="cpu")
     assert vm.source == "pretrained" and "no pooler weights" in vm.note
+
+
+def test_an_uncached_hub_id_is_fetched_into_a_snapshot_and_read_from_there(server_folder, monkeypatch):
+    """The hub path end to end with the hub faked: config.json first (the budget is checked on it), then the weights
+    of the same revision; transformers reads the snapshot folder, and the server's private/vit is never looked at."""
+    import shutil
+
+    import huggingface_hub
+
+    from vizapp.models import hf
+
+    source = server_folder / "cwd" / "private" / "vit"  # the files the fake hub serves
+    snapshot = server_folder / "hub" / "models--owner--fresh" / "snapshots" / ("a" * 40)
+    calls = []
+
+    def hf_hub_download(repo, filename, **kwargs):
+        calls.append(("file", repo, filename))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    def snapshot_download(repo, revision=None, allow_patterns=None, **kwargs):
+        calls.append(("snapshot", repo, revision, tuple(allow_patterns)))
+        shutil.copy(source / "model.safetensors", snapshot / "model.safetensors")
+        return str(snapshot)
+
+    monkeypatch.setattr(hf, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    vm = vizapp.load_model("hf:owner/fresh", device="cpu", allow_files=False)
+    assert vm.source == "pretrained" and vm.family == "hf"
+    assert calls == [("file", "owner/fresh", "config.json"), ("snapshot", "owner/fresh", "a" * 40, hf.HUB_FILES)]
+    reference = vizapp.load_model("hf:private/vit", device="cpu")  # the operator's folder: the same files
+    for (name, a), b in zip(vm.model.state_dict().items(), reference.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
