@@ -18,13 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: benchmarks/bench/m
 # The library sources whose cost the benchmark measures; their hashes go into the report.
 SOURCES_MEASURED = (
     "vizapp/pipeline.py",
+    "vizapp/result.py",
     "vizapp/capture.py",
     "vizapp/streaming.py",
     "vizapp/limits.py",
     "vizapp/analysis/rollout.py",
     "vizapp/analysis/distance.py",
     "vizapp/views.py",
-    "vizapp/figures.py",
+    "vizapp/figures/maps.py",
+    "vizapp/figures/_base.py",
 )
 
 

@@ -1,0 +1,560 @@
+"""The result of one analysed image: :class:`Analysis`, the record of the forward pass (q and k of every layer, the
+statistics, block outputs and the logit lens) with every view's computation, and :class:`GradientGraph`, the
+forward's autograd graph kept for the class-specific maps. :mod:`vizapp.pipeline` makes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vizapp import limits
+from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
+from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.errors import BadParameterError, StaleResultError
+from vizapp.models import VizModel
+from vizapp.models.base import READOUTS, readout_weights
+from vizapp.result_features import LabelFreeViews
+from vizapp.streaming import fused_layer
+
+Query = str | int | tuple[int, int]
+#: Where the maps carried down from the output start: the tokens the output reads, or the CLS token whatever it reads.
+START_ROWS = ("output", "cls")
+
+
+def _row_key(start_row: str) -> tuple[str, ...]:
+    """The cache key's suffix for a map's start row (none for the output's, the key the forward fills)."""
+    return () if start_row == "output" else (start_row,)
+
+
+def to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
+    """An RGB image and notes on what decoding did, from anything :func:`vizapp.imageio.decode_image` takes (an RGB
+    PIL image as it is); BadImageError for what it refuses."""
+    from vizapp.imageio import DecodedImage, decode_image
+
+    if isinstance(image, DecodedImage):
+        return image.image, tuple(image.notes)
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image, ()
+
+    decoded = decode_image(image)
+    return decoded.image, decoded.notes
+
+
+def model_view(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """The model's input [C, H, W] de-normalised to a uint8 RGB image [H, W, 3] (what the model saw)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    img = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return (img[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class GradientGraph:
+    """The autograd graph of a gradient-enabled forward (``analyze(..., gradients=True)``): each layer's attention
+    in the graph and the logits, so that every further class costs one backward pass. Never copied or pickled (a
+    copy of the Analysis falls back to a new forward and backward).
+
+    Attributes:
+        maps: each layer's attention in the graph, [B, H, N, N] for the forward's batch.
+        logits: [B, K] in the graph.
+        image: this analysis's image in the batch.
+        given: class -> ∂logit[class]/∂A of this image [L, H, N, N], already found by a backward of the whole batch
+            (:func:`class_gradients`), so that asking for that class costs nothing more.
+    """
+
+    def __init__(
+        self, maps: list[torch.Tensor] | None = None, logits: torch.Tensor | None = None, image: int = 0
+    ) -> None:
+        self.maps, self.logits, self.image = maps, logits, image
+        self.given: dict[int, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> GradientGraph:
+        return GradientGraph()
+
+    def __reduce__(self) -> tuple:
+        return (GradientGraph, ())
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis(LabelFreeViews):
+    """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
+
+    Attributes:
+        model_name: the model's id; ``load_args`` reload it (from the cache) for gradient methods.
+        labels: class names; ``probs`` [K] class probabilities (None without a classifier head).
+        top_k: [(label, probability)] best first.
+        image: the model's view of the input, uint8 [H, W, 3].
+        input: the model's input tensor [1, C, H, W].
+        q, k: per layer [H, N, head_dim] float32 (post q_norm / k_norm, before scaling).
+        scales: per-layer softmax scale.
+        biases: per layer, the additive bias the layer adds before its softmax ([H or 1, N, N], e.g. BEiT's
+            relative-position bias), or None; empty when no layer has one.
+        recomputed_layers: layers whose attention stayed inside the model and was formed again from q and k.
+        block_norms: [L, N] L2 norm of every token's output after each block (prefix tokens first).
+        block_outputs: layer -> that block's output [N, D] (every layer for models up to about ViT-B size, else the
+            last), for the feature views.
+        lens_probs: [L, K] the logit lens: class probabilities from each block's output through the model's final
+            norm, pooling and head (None without a classifier head).
+        num_registers: register tokens among the prefix tokens.
+        model_ref: a weak reference to the model the result came from, and ``model_fingerprint`` a digest of its
+            weights then (:meth:`VizModel.fingerprint`): methods that run the model again use that very network or
+            refuse (:class:`~vizapp.errors.StaleResultError`), never another one.
+        graph: with ``analyze(..., gradients=True)``, the forward's autograd graph (see :class:`GradientGraph`).
+        mean_distance: [L, H] mean attention distance in pixels.
+        notes: remarks about the input (e.g. "animated GIF: first frame").
+    """
+
+    model_name: str
+    load_args: tuple[tuple[str, Any], ...]
+    labels: tuple[str, ...]
+    probs: np.ndarray | None
+    top_k: list[tuple[str, float]]
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    image: np.ndarray
+    input: torch.Tensor
+    q: tuple[torch.Tensor, ...]
+    k: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
+    mean_distance: np.ndarray
+    notes: tuple[str, ...] = ()
+    has_class_token: bool = True
+    readout: str = "cls"
+    biases: tuple[torch.Tensor | None, ...] = ()
+    recomputed_layers: tuple[int, ...] = ()
+    block_norms: np.ndarray | None = None
+    block_outputs: dict = field(default_factory=dict)
+    lens_probs: np.ndarray | None = None
+    num_registers: int = 0
+    model_ref: Any = field(default=None, repr=False)
+    model_fingerprint: tuple[float, ...] = ()
+    graph: GradientGraph = field(default_factory=GradientGraph, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.q)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.q[0].shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q[0].shape[1])
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def _layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
+        if not -self.num_layers <= layer < self.num_layers:
+            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
+        return int(layer) % self.num_layers
+
+    def _head(self, head: Any) -> int | None:
+        if head is None:
+            return None
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
+            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
+        if not 0 <= head < self.num_heads:
+            raise BadParameterError(f"head {head} is out of range; this model has heads 0..{self.num_heads - 1}")
+        return int(head)
+
+    def query_index(self, query: Query) -> int:
+        """Token index of a query: "cls" (token 0), a prefix token index, or a patch (row, col)."""
+        p = self.num_prefix_tokens
+        gh, gw = self.grid_size
+        if isinstance(query, str):
+            if query.lower() != "cls":
+                raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query[:40]!r}")
+            if not self.has_class_token:
+                raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
+            return 0
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            if not 0 <= query < self.num_tokens:
+                raise BadParameterError(f"token {query} is out of range 0..{self.num_tokens - 1}")
+            return int(query)
+        if (
+            isinstance(query, (tuple, list))
+            and len(query) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query)
+        ):
+            r, c = int(query[0]), int(query[1])
+            if not (0 <= r < gh and 0 <= c < gw):
+                raise BadParameterError(f"patch ({r}, {c}) is outside the {gh}x{gw} grid")
+            return p + r * gw + c
+        raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query!r}"[:200])
+
+    # -- per-head maps ---------------------------------------------------------------------------------------------
+    def attention_layer(self, layer: int) -> torch.Tensor:
+        """Full attention of one layer, [H, N, N] float32 (recomputed from q and k)."""
+        layer = self._layer(layer)
+        return attention_from_qk(self.q[layer], self.k[layer], self.scales[layer], self._bias(layer))
+
+    def _bias(self, layer: int) -> torch.Tensor | None:
+        """The layer's additive attention bias [H or 1, N, N] (relative position), or None."""
+        return self.biases[layer] if self.biases else None
+
+    def attention_row(self, layer: int, query: Query = "cls") -> torch.Tensor:
+        """Attention of one query token to every token, [H, N]."""
+        layer = self._layer(layer)
+        i = self.query_index(query)
+        bias = self._bias(layer)
+        return attention_from_qk(
+            self.q[layer][:, i : i + 1], self.k[layer], self.scales[layer], None if bias is None else bias[:, i : i + 1]
+        )[:, 0]
+
+    def attention(self, layer: int, head: int | None = None, query: Query = "cls") -> np.ndarray:
+        """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
+        head = self._head(head)
+        row = self.attention_row(layer, query)[:, self.num_prefix_tokens :]  # [H, P]
+        maps = row.reshape(self.num_heads, *self.grid_size).numpy()
+        return maps if head is None else maps[head]
+
+    def attention_all_layers(self, query: Query = "cls") -> np.ndarray:
+        """[L, H, gh, gw] maps of one query for every layer."""
+        return np.stack([self.attention(layer, None, query) for layer in range(self.num_layers)])
+
+    def prefix_attention(self, layer: int, query: Query = "cls") -> np.ndarray:
+        """[H, num_prefix_tokens] weights the query sends to the prefix tokens (CLS/dist/registers)."""
+        return self.attention_row(layer, query)[:, : self.num_prefix_tokens].numpy()
+
+    # -- rollout ----------------------------------------------------------------------------------------------------
+    def fused(self, head_fusion: str = "mean") -> torch.Tensor:
+        """Head-fused attention of every layer [L, N, N]; cached while small."""
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        key = ("fused", head_fusion)
+        if key in self._cache:
+            return self._cache[key]
+        fused = torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)])
+        if fused.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
+        return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
+
+    def rollout(
+        self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
+    ) -> np.ndarray:
+        """Attention rollout map: the output's row of the joint attention over the patches, raw, [gh, gw] (the CLS
+        row for a ViT that reads its class token; see :meth:`output_weights`). ``start_row="cls"``: the CLS row
+        whatever the output reads."""
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        start_layer = self._layer(start_layer)
+        if head_fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        weights = self.output_weights(start_row)
+        key = ("rollout", head_fusion, float(discard_ratio), start_layer) + _row_key(start_row)
+        if key not in self._cache:
+            cached = self._cache.get(("fused", head_fusion))
+
+            def fused_layer(layer: int) -> torch.Tensor:
+                return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
+
+            row = rollout_row(
+                fused_layer,
+                self.num_layers,
+                weights,
+                self.num_prefix_tokens,
+                float(discard_ratio),
+                start_layer,
+            )
+            self._cache[key] = self._patch_map(row[self.num_prefix_tokens :])
+        return self._cache[key]
+
+    # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
+    def _class(self, class_idx: Any) -> int:
+        if self.probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no class to explain")
+        if class_idx is None:
+            return int(np.argmax(self.probs))
+        if isinstance(class_idx, str):
+            if class_idx not in self.labels:
+                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
+            return self.labels.index(class_idx)
+        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
+            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
+        if not 0 <= class_idx < len(self.probs):
+            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
+        return int(class_idx)
+
+    def attention_stack(self) -> torch.Tensor:
+        """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
+        if self.graph.maps is not None:
+            return torch.stack([m[self.graph.image].detach().float().cpu() for m in self.graph.maps])
+        return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
+
+    def _model(self) -> VizModel:
+        """The network this result came from: the same object while it is alive, else the cache's copy when its
+        weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
+        from vizapp.models import reload
+
+        vm = self.model_ref() if self.model_ref is not None else None
+        where = "changed since"
+        if vm is None:
+            if self.model_ref is not None and not dict(self.load_args).get("pretrained", True):
+                raise StaleResultError(
+                    f"{self.model_name} (random weights) is no longer in memory, and a rebuilt copy would have other "
+                    "weights; analyze the image again"
+                )
+            vm = reload(self.load_args)
+            where = "reloaded, and its weights differ from those of"
+        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
+            raise StaleResultError(
+                f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
+            )
+        return vm
+
+    def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
+        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
+        cls = self._class(class_idx)
+        key = ("grads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        if cls in self.graph.given:  # found by the backward of a whole batch (class_gradients)
+            return self.graph.given[cls]
+        if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
+            i = self.graph.image
+            grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
+            out = torch.stack([g[i].float().cpu() for g in grads])
+            if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+                self._cache[key] = out
+            return out
+        vm = self._model()
+        x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
+        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+            logits = vm.logits(x)
+            grads = cap.attention_grads(logits[0, cls])
+        out = torch.stack([g[0].detach().float().cpu() for g in grads])
+        if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = out
+        return out
+
+    def output_weights(self, start_row: str = "output") -> torch.Tensor:
+        """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
+        model's output reads (:attr:`readout`; one-hot at CLS for a ViT that reads its class token, uniform over the
+        patches for one that averages them, as BEiT's head does though it has a CLS token). ``start_row="cls"``:
+        one-hot at the CLS token instead (a model's class token, even where its head never reads it)."""
+        if start_row not in START_ROWS:
+            raise BadParameterError(f"start_row must be one of {list(START_ROWS)}, got {str(start_row)[:40]!r}")
+        if start_row == "cls":
+            self.query_index("cls")  # a clear error for a model without a class token
+            return readout_weights("cls", self.num_tokens, self.num_prefix_tokens)
+        return readout_weights(self.readout, self.num_tokens, self.num_prefix_tokens)
+
+    @property
+    def readout_text(self) -> str:
+        """What the output reads, in words (for titles and notes)."""
+        return READOUTS[self.readout]
+
+    def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
+        return flat.reshape(self.grid_size).float().numpy()
+
+    def grad_weighted_heads(self, class_idx: Any = None) -> torch.Tensor:
+        """Ā = mean over heads of max(∇A ⊙ A, 0) for a class, every layer, [L, N, N] float64 (the fusion both
+        gradient methods share; formed once per class)."""
+        from vizapp.analysis.relevance import grad_weighted_heads
+
+        cls = self._class(class_idx)
+        key = ("grad_heads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        fused = grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
+        if fused.numel() * 8 <= limits.FUSED_CACHE_LIMIT_BYTES:
+            self._cache[key] = fused
+        return fused
+
+    def grad_rollout(
+        self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
+    ) -> np.ndarray:
+        """Gradient-weighted rollout for a class, [gh, gw]: each layer's gradient paired with its own attention (the
+        rollout of :meth:`grad_weighted_heads`, carried as one row from the top layer down; ``start_row`` as in
+        :meth:`rollout`)."""
+        weights = self.output_weights(start_row)
+        start_layer = self._layer(start_layer)
+        if (
+            isinstance(discard_ratio, bool)
+            or not isinstance(discard_ratio, (int, float))
+            or not (0.0 <= float(discard_ratio) < 1.0)
+        ):
+            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        fused = self.grad_weighted_heads(class_idx)
+        row = rollout_row(
+            lambda layer: fused[layer],
+            self.num_layers,
+            weights,
+            self.num_prefix_tokens,
+            float(discard_ratio),
+            start_layer,
+        )
+        return self._patch_map(row[self.num_prefix_tokens :])
+
+    def relevance(self, class_idx: Any = None, start_layer: int = 0, start_row: str = "output") -> np.ndarray:
+        """Chefer et al. (ICCV 2021) gradient x attention relevance for a class, [gh, gw] (the row of R read by the
+        output, carried from the top layer down; ``start_row`` as in :meth:`rollout`)."""
+        from vizapp.analysis.relevance import relevance_row
+
+        start_layer = self._layer(start_layer)
+        weights = self.output_weights(start_row)
+        row = relevance_row(self.grad_weighted_heads(class_idx), weights, start_layer)
+        return self._patch_map(row[self.num_prefix_tokens :])
+
+    def transformer_attribution(self, class_idx: Any = None, start_layer: int = 1) -> np.ndarray:
+        """Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021) for a class, [gh, gw]: LRP relevance of each
+        block's attention times this analysis's attention gradient, rolled out from ``start_layer`` (the authors' 1);
+        see :func:`vizapp.analysis.lrp.transformer_attribution`. Runs the model again, in float64."""
+        from vizapp.analysis.lrp import SUPPORTED, unsupported
+        from vizapp.analysis.lrp import transformer_attribution as run
+
+        cls, start_layer = self._class(class_idx), self._layer(start_layer)
+        key = ("transformer_attribution", cls, start_layer)
+        if key not in self._cache:
+            vm = self._model()
+            why = unsupported(vm.model, self.num_prefix_tokens)
+            if why:
+                raise BadParameterError(
+                    f"Transformer Attribution is not defined for {self.model_name}: {why}; {SUPPORTED}"
+                )
+            x = self.input.to(device=vm.device, dtype=vm.dtype)
+            grads = self.attention_gradients(cls)[None]  # [1, L, H, N, N], from this analysis's own backward
+            found = run(
+                vm.model, x, self.num_prefix_tokens, cls, self.grid_size, start_layer=start_layer, attn_grads=grads
+            )
+            self._cache[key] = found[0].cpu().numpy()
+        return self._cache[key]
+
+    def attention_flow(
+        self,
+        head_fusion: str = "mean",
+        progress: Callable[[int, int], None] | None = None,
+        start_row: str = "output",
+    ) -> np.ndarray:
+        """Exact attention flow (max-flow) from each patch to the output, [gh, gw]: to the CLS token for a ViT that
+        reads it, else to an output node fed by the tokens the output reads (see :attr:`readout`); to the CLS token
+        with ``start_row="cls"``."""
+        from vizapp.analysis.flow import attention_flow
+
+        weights = self.output_weights(start_row)
+        key = ("flow", head_fusion) + _row_key(start_row)
+        if key not in self._cache:
+            flat = attention_flow(
+                self.attention_stack(),
+                self.num_prefix_tokens,
+                head_fusion=head_fusion,
+                progress=progress,
+                readout=weights,
+            )
+            self._cache[key] = self._patch_map(flat)
+        return self._cache[key]
+
+    def last_layer_attention(self) -> np.ndarray:
+        """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
+        return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)  # needs a CLS token
+
+    def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """Any registered method's map by name (see :data:`vizapp.methods.METHODS`)."""
+        from vizapp import methods
+
+        return methods.explain(self, method, class_idx, **kwargs)
+
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
+
+        Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
+        map's importance, and the class probability tracked. ``baseline`` is in the model's normalised input space,
+        so 0.0 is the dataset-mean colour. A random order is added as "random" unless ``random_seed`` is None.
+
+        Returns:
+            {name: {"deletion": Curve, "insertion": Curve}}
+        """
+        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        maps = dict(maps)
+        if random_seed is not None:
+            g = torch.Generator().manual_seed(int(random_seed))
+            maps["random"] = random_order_saliency(self.grid_size[0] * self.grid_size[1], g).numpy()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in maps.items():
+            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+            out[name] = {
+                mode: perturbation_curve(
+                    predict,
+                    self.input[0],
+                    sal,
+                    self.grid_size,
+                    self.patch_size,
+                    cls,
+                    mode=mode,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                )
+                for mode in ("deletion", "insertion")
+            }
+        return out
+
+    # -- label-free views (issue: beyond class labels) -----------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary of the analysis."""
+        return {
+            "model": self.model_name,
+            "top_k": [{"label": lbl, "probability": float(p)} for lbl, p in self.top_k],
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_tokens": self.num_tokens,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "readout": self.readout,
+            "grid_size": list(self.grid_size),
+            "patch_size": list(self.patch_size),
+            "mean_distance_px": np.round(self.mean_distance, 3).tolist(),
+            "rollout_mean": np.round(self.rollout(), 6).tolist(),
+            "notes": list(self.notes),
+        }
+
+    def arrays(self, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+        """Arrays for an .npz export: full attention [L, H, N, N] when it fits in ``max_bytes``, else CLS rows."""
+        out: dict[str, np.ndarray] = {
+            "mean_distance": self.mean_distance,
+            "rollout": self.rollout(),
+            "image": self.image,
+            "num_prefix_tokens": np.array(self.num_prefix_tokens),
+            "grid_size": np.array(self.grid_size),
+            "patch_size": np.array(self.patch_size),
+        }
+        full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
+        if full <= (limits.EXPORT_ATTENTION_BYTES if max_bytes is None else max_bytes):
+            out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()
+        else:
+            out["cls_attention"] = torch.stack([self.attention_row(i) for i in range(self.num_layers)]).numpy()
+        if self.probs is not None:
+            out["probs"] = self.probs
+        return out
