@@ -35,235 +35,34 @@ No model flag is changed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from vizapp import limits
+from vizapp.attention import (  # noqa: F401  (named here too, where callers have found them)
+    ABLATE_MODES,
+    AttentionConsumer,
+    ablate_head_output,
+    additive_bias,
+    attention_chunks,
+    attention_from_qk,
+    feed,
+    host_copies,
+)
 from vizapp.errors import BadParameterError, UnsupportedModelError
-
-SUPPORTED_FAMILIES = (
-    "timm ViT/DeiT/DINOv2/CLIP/NaFlexViT (Attention), timm EVA-02/DINOv3/RoPE ViTs (EvaAttention, AttentionRope), "
-    "timm BEiT and relpos ViTs, "
-    "Hugging Face ViT/ViT-MSN/ViT-MAE/DeiT/BEiT/Data2Vec-vision/I-JEPA/DINOv2/DINOv3 and the vision encoders of "
-    "CLIP/SigLIP/Chinese-CLIP/AltCLIP/MetaCLIP 2/OWL-ViT/OWLv2/AIMv2, "
-    "torchvision vit_*"
+from vizapp.layers import (  # noqa: F401  (named here too, where callers have found them)
+    HF_BASE_ATTRIBUTES,
+    SUPPORTED_FAMILIES,
+    attention_layers,
+    encoder_layers,
 )
-
-
-def _timm_attention_classes() -> tuple[type, ...]:
-    from timm.layers import Attention, AttentionRope
-
-    classes: list[type] = [Attention, AttentionRope]
-    for module, name in (
-        ("timm.models.eva", "EvaAttention"),
-        ("timm.models.beit", "Attention"),
-        ("timm.models.vision_transformer_relpos", "RelPosAttention"),
-    ):
-        with contextlib.suppress(ImportError, AttributeError):  # an older timm without that family
-            classes.append(getattr(__import__(module, fromlist=[name]), name))
-    return tuple(classes)
-
-
-def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The module of a transformers encoder layer that makes its self-attention call."""
-    for _, mod in layer.named_modules():
-        names = set(dict(mod.named_children()))
-        if {"query", "key", "value"} <= names or {"q_proj", "k_proj", "v_proj"} <= names:
-            return mod
-    return None
-
-
-#: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model; "model"
-#: is DINOv3's, which holds the layers themselves
-HF_BASE_ATTRIBUTES = (
-    "vision_model",
-    "vit",
-    "deit",
-    "beit",
-    "data2vec_vision",
-    "ijepa",
-    "dinov2",
-    "dinov2_with_registers",
-    "model",
-)
-
-
-def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """(the encoder blocks, the self-attention module of each), in order: the one support check in vizapp.
-
-    A block's output is the residual stream after it; its attention module makes the layer's one attention call.
-
-    Raises:
-        UnsupportedModelError: naming the supported families, for anything else (Swin's windows, an unknown tree).
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None:  # timm
-        supported = _timm_attention_classes()
-        for i, blk in enumerate(blocks):
-            attn = getattr(blk, "attn", None)
-            if attn is None:  # e.g. timm's parallel blocks (several attentions, or one fused with the MLP)
-                raise UnsupportedModelError(
-                    f"block {i} ({type(blk).__name__}) has no single attention module (.attn) whose attention vizapp "
-                    f"can capture exactly; supported: {SUPPORTED_FAMILIES}"
-                )
-            if not isinstance(attn, supported):
-                raise UnsupportedModelError(
-                    f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "
-                    f"supported: {SUPPORTED_FAMILIES}"
-                )
-        return list(blocks), [blk.attn for blk in blocks]
-    encoder = getattr(model, "encoder", None)
-    tv_layers = getattr(encoder, "layers", None)
-    if tv_layers is not None and all(
-        isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention) for b in tv_layers
-    ):  # torchvision
-        return list(tv_layers), [b.self_attention for b in tv_layers]
-    for root in (model, *(getattr(model, n, None) for n in HF_BASE_ATTRIBUTES)):
-        if not isinstance(root, torch.nn.Module):
-            continue
-        enc = getattr(root, "encoder", None)
-        for holder, attr in ((enc, "layer"), (enc, "layers"), (root, "layers"), (root, "layer")):
-            layers = getattr(holder, attr, None) if isinstance(holder, torch.nn.Module) else None
-            if isinstance(layers, torch.nn.ModuleList) and len(layers):  # transformers
-                mods = [_hf_attention(layer) for layer in layers]
-                if all(m is not None for m in mods):
-                    return list(layers), mods
-    raise UnsupportedModelError(
-        f"{type(model).__name__} has no encoder layers whose attention vizapp can capture exactly; "
-        f"supported: {SUPPORTED_FAMILIES}"
-    )
-
-
-def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every encoder layer, in order (see :func:`encoder_layers`)."""
-    return encoder_layers(model)[1]
-
-
-def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale + bias) in fp32: q, k [..., N, d], bias broadcastable to [..., N, N] -> [..., N, N]."""
-    s = (q.float() * scale) @ k.float().transpose(-2, -1)
-    if bias is not None:
-        s = s + bias.float()
-    return torch.softmax(s, dim=-1)
-
-
-def attention_chunks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    heads: int,
-    rows: int,
-    work: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-):
-    """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
-
-    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]). ``work`` ([2, heads,
-    rows, N] or larger; allocated when None) holds every chunk: its scores in ``work[0]``, the softmax of them in
-    ``work[1]``, so a chunk is valid only until the next one.
-    """
-    h, n, _ = q.shape
-    if work is None:
-        work = torch.empty((2, heads, rows, n), dtype=torch.float32, device=q.device)
-    scores, probs = work[0], work[1]
-    qf = q.float()
-    kt = k.float().transpose(-2, -1)
-    for h0 in range(0, h, heads):
-        m = min(heads, h - h0)
-        for r0 in range(0, n, rows):
-            r = min(rows, n - r0)
-            # the scale inside the product (alpha) and beta=0, which ignores the buffer's old contents: no scaled
-            # copy of q per layer (ViT-Ti/16 on 2 CPU threads: 237 µs a layer, SDPA 228, q·scale then matmul 270)
-            s = scores[:m, :r].baddbmm_(qf[h0 : h0 + m, r0 : r0 + r], kt[h0 : h0 + m], beta=0.0, alpha=scale)
-            if bias is not None:
-                b = bias if bias.shape[0] == 1 else bias[h0 : h0 + m]
-                s.add_(b[:, r0 : r0 + r])
-            # The softmax goes into a second buffer: onto its own input torch's kernel is slower (2 CPU threads:
-            # 53 against 45 µs for [3, 197, 197]), and a new tensor per chunk is memory the allocator may hand back
-            # and fault in again (1,374-token ViT-L: 7.5 MB per head, 384 times per forward).
-            yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=probs[:m, :r])
-
-
-class AttentionConsumer(Protocol):
-    """What ``AttentionCapture(on_attention=...)`` feeds, layer by layer, in the forward's order."""
-
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        """Attention [c, r, N] fp32 of heads ``head .. head + c`` of image ``batch``, query rows ``row .. row + r``
-        (all N rows unless one head's N x N exceeds the chunk size); valid only during the call."""
-
-    def layer_done(self, layer: int) -> None:
-        """Every chunk of ``layer`` has been passed."""
-
-
-def feed(
-    consumer: AttentionConsumer,
-    layer: int,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    bias: torch.Tensor | None = None,
-    budget: int | None = None,
-) -> None:
-    """Hand the attention of recorded q, k [B, H, N, d] (bias [B or 1, H or 1, N, N]) to ``consumer`` chunk by
-    chunk, as the forward would have, then close the layer."""
-    b, h, n, _ = q.shape
-    c, rows = limits.chunk_shape(h, n, limits.chunk_bytes(q.device) if budget is None else budget)
-    work = torch.empty((2, c, rows, n), dtype=torch.float32, device=q.device)
-    with torch.no_grad():
-        for i in range(b):
-            bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
-            for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                consumer.chunk(layer, i, h0, a, r0)
-    consumer.layer_done(layer)
-
-
-def host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Each tensor on the CPU, contiguous, one copy each (none for contiguous CPU tensors); see
-    :meth:`AttentionCapture.qk_on_cpu` for why q and k come from a GPU one layer at a time."""
-    return tuple(t.cpu().contiguous() for t in tensors)
-
-
-def _additive_bias(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """SDPA's ``attn_mask`` as an additive fp32 bias [B or 1, H or 1, N, N] (boolean: False -> -inf)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask.detach().float().expand(*mask.shape[:2], n, n)
-
-
-ABLATE_MODES = ("zero", "mean")
-
-
-def ablate_head_output(heads: torch.Tensor, mask: torch.Tensor, mode: str = "zero") -> torch.Tensor:
-    """Heads' outputs [B, H, N, d] with the heads in ``mask`` ([B, H] per image, or [H] for all) ablated.
-
-    ``mode="zero"`` multiplies them by 0; ``mode="mean"`` replaces each by its mean over the N tokens (prefix
-    tokens included) of the same image and head. Other heads are returned unchanged (the same values).
-    """
-    if mode not in ABLATE_MODES:
-        raise BadParameterError(f"ablation mode must be one of {ABLATE_MODES}, got {mode!r}")
-    b, h = heads.shape[:2]
-    m = mask.to(device=heads.device, dtype=torch.bool)
-    if m.dim() == 1:
-        m = m.unsqueeze(0)
-    if m.dim() != 2 or m.shape[1] != h or m.shape[0] not in (1, b):
-        raise BadParameterError(f"head mask {tuple(mask.shape)} does not fit [B={b}, H={h}] (or [H={h}])")
-    m = m[:, :, None, None]  # [B or 1, H, 1, 1]
-    if mode == "zero":
-        return heads * (~m).to(heads.dtype)
-    return torch.where(m, heads.mean(dim=-2, keepdim=True).expand_as(heads), heads)
-
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -489,7 +288,7 @@ class AttentionCapture:
         q, k, v = call["query"], call["key"], call["value"]
         d = q.shape[-1]
         scale = d**-0.5 if call.get("scale") is None else float(call["scale"])
-        bias = _additive_bias(call.get("attn_mask"), q.shape[-2])
+        bias = additive_bias(call.get("attn_mask"), q.shape[-2])
         self._record(layer, q, k, scale, bias)
         why = (
             "dropout"
