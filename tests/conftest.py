@@ -88,15 +88,22 @@ def photo(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def live_app(card_model):
-    """The whole app on a free loopback port, started with the card model (module-scoped), yielding its URL."""
+def start_app(model: str):
+    """The whole app, started with ``model`` as the operator's own, on a free loopback port in this process (the
+    returned Blocks' ``local_url``; ``close()`` it)."""
     from vizapp import ui
 
-    demo = ui.queue(ui.build_demo(card_model))
+    demo = ui.queue(ui.build_demo(model))
     kwargs = ui.launch_kwargs()
     kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def live_app(card_model):
+    """The whole app on a free loopback port, started with the card model (module-scoped), yielding its URL."""
+    demo = start_app(card_model)
     yield demo.local_url
     demo.close()
 

@@ -210,16 +210,10 @@ def test_person_opens_the_features_tab(page, photo):
 def _live_hf_app(folder_parent, config_cls: str, model_cls: str, extra: dict):
     """The live app started with a tiny random transformers model folder (the operator's --model): (demo, url)."""
     pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    from conftest import start_app
     from test_families import save_hf
 
-    from vizapp import ui
-
-    folder = str(save_hf(folder_parent, config_cls, model_cls, extra))
-    demo = ui.queue(ui.build_demo(folder))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
-    return demo
+    return start_app(str(save_hf(folder_parent, config_cls, model_cls, extra)))
 
 
 @pytest.fixture(scope="module")
@@ -286,12 +280,11 @@ def test_person_picks_where_a_pooled_models_maps_start_and_which_position_view(p
 
 @pytest.fixture(scope="module")
 def bundled_app():
-    from vizapp import models, ui
+    from conftest import start_app
 
-    demo = ui.queue(ui.build_demo(models.BUNDLED))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
+    from vizapp import models
+
+    demo = start_app(models.BUNDLED)
     yield demo.local_url
     demo.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from appdriver import AppDriver
-from conftest import write_card_model
+from conftest import start_app, write_card_model
 from PIL import Image
 
 from vizapp import models
@@ -20,19 +20,9 @@ EXAMPLES = models.ASSETS_DIR / "examples"
 SNEAKER, TROUSER = EXAMPLES / "fmnist_7_sneaker.png", EXAMPLES / "fmnist_1_trouser.png"
 
 
-def _start(model: str):
-    from vizapp import ui
-
-    demo = ui.queue(ui.build_demo(model))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
-    return demo
-
-
 @pytest.fixture(scope="module")
 def bundled_app():
-    demo = _start(models.BUNDLED)
+    demo = start_app(models.BUNDLED)
     yield demo.local_url
     demo.close()
 
@@ -43,7 +33,7 @@ def no_cls_app(tmp_path_factory):
     path = write_card_model(
         tmp_path_factory.mktemp("nocls"), "nocls", depth=2, class_token=False, global_pool="avg", reg_tokens=4
     )
-    demo = _start(path)
+    demo = start_app(path)
     yield demo.local_url
     demo.close()
 

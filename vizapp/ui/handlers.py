@@ -145,10 +145,10 @@ def analyze_image(
     layer: Any = -1,
     opacity: Any = 0.6,
     per_head_scale: Any = True,
-    progress: gr.Progress = gr.Progress(),
-    *,
     random_weights: Any = False,
     colormap: Any = None,
+    progress: gr.Progress = gr.Progress(),
+    *,
     startup_note: str = "",
     trusted_model: str | None = None,
 ) -> AnalyzeOutputs:

@@ -270,37 +270,9 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> lis
     """The Analyze button and a click on an example: a quick check of the image and the model (an event with no
     outputs, so a failure there is said once and every figure keeps what it showed), then the analysis."""
 
-    def check(image, model_name, random_weights):
-        return handlers.check_inputs(image, model_name, random_weights, trusted_model=trusted)
-
-    def analyze(
-        image,
-        model_name,
-        head_fusion,
-        discard_ratio,
-        start,
-        lay,
-        alpha,
-        per_head_scale,
-        random_weights,
-        colormap,
-        progress=gr.Progress(),
-    ):
-        return handlers.analyze_image(
-            image,
-            model_name,
-            head_fusion,
-            discard_ratio,
-            start,
-            lay,
-            alpha,
-            per_head_scale,
-            progress,
-            random_weights=random_weights,
-            colormap=colormap,
-            startup_note=startup_note,
-            trusted_model=trusted,
-        )
+    # The operator's start-up note and own model (which may be a local file) are bound; the rest come from the page.
+    check = functools.partial(handlers.check_inputs, trusted_model=trusted)
+    analyze = functools.partial(handlers.analyze_image, startup_note=startup_note, trusted_model=trusted)
 
     inputs = [
         ui.image,
