@@ -312,3 +312,44 @@ def test_every_class_is_reachable_from_the_class_dropdowns(bundled_app):
     _assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
     _assert_clean(d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5")
     assert probs[0] in _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].replace("<br>", " ")
+
+
+def test_concurrency_bounds_the_model_work_of_all_events_together(monkeypatch):
+    """VIZAPP_CONCURRENCY=1: two different heavy events from two visitors never run at once (gradio's limit is per
+    event unless they share a concurrency group)."""
+    import threading
+    import time
+
+    from vizapp.ui import handlers
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow(name):
+        def run(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(1.0)
+            with lock:
+                running[0] -= 1
+            raise handlers.BadParameterError(f"{name} stopped by the test")
+
+        return run
+
+    monkeypatch.setenv("VIZAPP_CONCURRENCY", "1")
+    monkeypatch.setattr(handlers, "compare_methods", slow("compare"))
+    monkeypatch.setattr(handlers, "export_figures", slow("figures"))
+    demo = start_app(models.BUNDLED)
+    try:
+        a, b = AppDriver(demo.local_url), AppDriver(demo.local_url)
+        jobs = [
+            threading.Thread(target=a.click, args=(a.by_label("Compare methods", "button"),)),
+            threading.Thread(target=b.click, args=(b.by_label("Download every figure", "button"),)),
+        ]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(60)
+        assert [f.error for f in a.log + b.log] and most[0] == 1
+    finally:
+        demo.close()

@@ -33,7 +33,7 @@ from vizapp.ui.outputs import (
 )
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import RERENDER, Components, event, patch_picker
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -287,15 +287,21 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> lis
         ui.colormap,
     ]
     outputs = components(AnalyzeOutputs, ui)
-    checked = [ui.analyze_button.click(check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private")]
+    checked = [
+        ui.analyze_button.click(
+            check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private", **MODEL_WORK
+        )
+    ]
     if ui.examples is not None:  # a click on an example puts it in the image box, then analyses it
         checked.append(
             ui.examples.load_input_event.success(
-                check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private"
+                check, inputs=[ui.image, ui.model, ui.random_weights], api_visibility="private", **MODEL_WORK
             )
         )
-    events = [checked[0].success(analyze, inputs=inputs, outputs=outputs, api_name="analyze")]
-    events += [c.success(analyze, inputs=inputs, outputs=outputs, api_visibility="private") for c in checked[1:]]
+    events = [checked[0].success(analyze, inputs=inputs, outputs=outputs, api_name="analyze", **MODEL_WORK)]
+    events += [
+        c.success(analyze, inputs=inputs, outputs=outputs, api_visibility="private", **MODEL_WORK) for c in checked[1:]
+    ]
     return events
 
 
@@ -322,7 +328,10 @@ def _wire_rollout(ui: Components) -> list[Any]:
         ui.colormap,
     )
     outputs = components(MapOutputs, ui)
-    return [ctrl.change(handlers.render_map, inputs=inputs, outputs=outputs, **RERENDER) for ctrl in controls]
+    # a map may run a backward or max-flows: model work
+    return [
+        ctrl.change(handlers.render_map, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK) for ctrl in controls
+    ]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -392,6 +401,7 @@ def _wire_compare(ui: Components) -> Any:
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
         outputs=components(CompareOutputs, ui),
         api_name="compare",
+        **MODEL_WORK,
     )
 
 
@@ -404,6 +414,7 @@ def _wire_export(ui: Components) -> None:
         inputs=[ui.state, ui.layer, ui.opacity, ui.colormap, ui.focus_head],
         outputs=components(FiguresExportOutputs, ui),
         api_visibility="undocumented",
+        **MODEL_WORK,
     )
 
 

@@ -18,7 +18,7 @@ from vizapp.ui.outputs import (
     SecondImageOutputs,
     components,
 )
-from vizapp.ui.wiring import RERENDER, Components, event, patch_picker
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker
 
 
 def features_tab(ui: Components) -> None:
@@ -148,12 +148,14 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
         inputs=[ui.state, ui.second_image, ui.feat_row, ui.feat_col, ui.feat_layer, ui.opacity],
         outputs=components(SecondImageOutputs, ui),
         api_visibility="private",
+        **MODEL_WORK,
     )
     gallery = ui.pca_examples_button.click(
         event(handlers.pca_across_examples),
         inputs=[ui.state, ui.feat_layer],
         outputs=components(GalleryOutputs, ui),
         api_visibility="private",
+        **MODEL_WORK,
     )
     importance = [
         button.click(
@@ -161,6 +163,7 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
             inputs=[ui.state, ui.imp_mode, ui.imp_class],
             outputs=components(ImportanceOutputs, ui),
             api_name=f"head_importance_{method}",
+            **MODEL_WORK,
         )
         for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
     ]

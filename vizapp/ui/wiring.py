@@ -13,6 +13,10 @@ from vizapp.ui.outputs import for_gradio
 
 # Re-render events fire on every control change; only the last of a burst runs.
 RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
+#: Events that run the model (a forward, a backward, ablations, max-flows): one concurrency group, so that
+#: VIZAPP_CONCURRENCY bounds how many run at once in all (gradio's limit is per event otherwise: with a limit of 2,
+#: ten different heavy events could run together). Redraws from a kept analysis stay outside it.
+MODEL_WORK = dict(concurrency_id="vizapp-model-work")
 
 
 class Components(SimpleNamespace):
