@@ -759,3 +759,23 @@ def test_naflex_images_are_evaluated_at_their_own_aspect_ratio(evaluator, monkey
         got = [row[f"distance.l{layer}.h{h}"] for layer in range(2) for h in range(4)]
         np.testing.assert_allclose(got, r.mean_distance.ravel(), rtol=1e-5, atol=1e-5)
     assert len(grids) == 2  # a wide and a tall grid
+
+
+def test_a_file_name_that_is_not_utf8_is_reported(tmp_path):
+    """Issue 27 (medium 8): a file whose name has bytes that are not UTF-8 used to crash the report on every rerun
+    (UnicodeEncodeError), leaving a one-row CSV and no summary."""
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for raw in (b"ok.png", b"bad\xff\xfe.png"):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(
+            os.path.join(os.fsencode(data), raw).decode("utf-8", "surrogateescape")
+        )
+    out = tmp_path / "out"
+    main([str(data), "--model", "bundled", "--out", str(out), "--methods", "rollout", "--steps", "0"])
+    with open(out / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == ["bad\\xff\\xfe.png", "ok.png"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert "2 evaluated" in (out / "summary.md").read_text(encoding="utf-8")

@@ -157,7 +157,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 
 def _fmt(v: Any) -> Any:
+    if isinstance(v, str):
+        return printable(v)
     return repr(v) if isinstance(v, float) else v  # repr: the shortest string that reads back to the same float
+
+
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a file name's bytes that are not UTF-8 (which Python keeps as surrogates)
+    become backslash escapes (``b\\xff.png``), so the report can always be written."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -393,6 +401,7 @@ def write_report(
     summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)
+    text = printable(text)
     (out / "summary.md").write_text(text)
     if markdown_path is not None:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
