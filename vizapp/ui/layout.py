@@ -317,16 +317,7 @@ def _wire_rollout(ui: Components) -> list[Any]:
         ui.start_row,
         ui.colormap,
     ]
-    controls = (
-        ui.method,
-        ui.class_choice,
-        ui.head_fusion,
-        ui.discard_ratio,
-        ui.start_layer,
-        ui.opacity,
-        ui.start_row,
-        ui.colormap,
-    )
+    controls = inputs[1:]  # every input but the state redraws the map
     outputs = components(MapOutputs, ui)
     # a map may run a backward or max-flows: model work
     return [
