@@ -127,15 +127,7 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
     for done in analyze:
         done.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
-    for ctrl in (
-        ui.feat_layer,
-        ui.feat_foreground,
-        ui.feat_row,
-        ui.feat_col,
-        ui.norm_layer,
-        ui.dino_threshold,
-        ui.lens_class,
-    ):
+    for ctrl in inputs[1:-1]:  # every input but the state and the opacity (the Rollout tab's, which redraws there)
         ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
     ui.feat_query_image.select(
         handlers.select_feature_patch,
