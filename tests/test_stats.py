@@ -108,7 +108,16 @@ def test_cli_writes_csv_and_offline_html(vm, folder, tmp_path, capsys):
     assert "bare forward" in captured.out and "ratio" in captured.out
     with open(out_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["layer", "head", "mean_distance_px", "n_images"]
+    assert list(rows[0]) == [
+        "layer",
+        "head",
+        "mean_distance_px",
+        "entropy",
+        "norm_patch_mean",
+        "norm_patch_max",
+        "norm_prefix_mean",
+        "n_images",
+    ]
     assert len(rows) == vm.num_layers * vm.num_heads
     assert {(int(r["layer"]), int(r["head"])) for r in rows} == {(layer, h) for layer in range(2) for h in range(3)}
     assert {r["n_images"] for r in rows} == {"5"}
@@ -193,7 +202,7 @@ def test_both_capture_paths_match_timm_non_fused_attention(vm, folder, monkeypat
     assert got.n_images == 5
 
 
-# -- per-image statistics of a batch (vizapp.streaming.BatchStatistics, used by vizapp.evaluate) ---------------------
+# -- per-image statistics of a batch (vizapp.statistics.StatisticsReducer, used by every path) ---------------------
 
 
 def test_batch_statistics_by_hand():
@@ -201,7 +210,7 @@ def test_batch_statistics_by_hand():
     import math
 
     from vizapp.analysis.distance import patch_distance_matrix
-    from vizapp.streaming import BatchStatistics
+    from vizapp.statistics import Geometry, StatisticsReducer
 
     n = 5
     uniform = torch.full((n, n), 1 / n)
@@ -214,7 +223,7 @@ def test_batch_statistics_by_hand():
     patches[:, 1:] = 0.25
     attn = torch.stack([torch.stack([uniform, neighbour]), torch.stack([self_only, patches])])  # [B=2, H=2, N, N]
     dist = patch_distance_matrix((2, 2), 1)
-    red = BatchStatistics(num_layers=1, num_heads=2, batch=2, num_tokens=n, dist=dist, num_prefix_tokens=1)
+    red = StatisticsReducer([2], 2, Geometry(n, 1, dist))
     for b in range(2):
         for lo, hi in ((0, 2), (2, 5)):  # rows 0-1 (CLS + patch 0), then rows 2-4
             red.chunk(0, b, 0, attn[b, :, lo:hi].clone(), lo)
@@ -229,23 +238,24 @@ def test_batch_statistics_by_hand():
     red.block(0, tokens)
     assert red.complete()
     every = (2 + math.sqrt(2)) / 4  # uniform over the 2x2 grid: distances 0, 1, 1, sqrt 2 from every patch
-    np.testing.assert_allclose(red.entropy[0].numpy(), [[math.log(5), math.log(2)], [0.0, math.log(4)]], atol=1e-6)
-    np.testing.assert_allclose(red.distance[0].numpy(), [[every, 1.0], [0.0, every]], atol=1e-6)
-    np.testing.assert_allclose(red.norms["patch_mean"][0].numpy(), [3.0, 2.0])
-    np.testing.assert_allclose(red.norms["patch_max"][0].numpy(), [10.0, 2.0])
-    np.testing.assert_allclose(red.norms["prefix_mean"][0].numpy(), [5.0, 0.0])
+    v = red.values
+    np.testing.assert_allclose(v["entropy"][0].numpy(), [[math.log(5), math.log(2)], [0.0, math.log(4)]], atol=1e-6)
+    np.testing.assert_allclose(v["distance"][0].numpy(), [[every, 1.0], [0.0, every]], atol=1e-6)
+    np.testing.assert_allclose(v["norm_patch_mean"][0].numpy(), [3.0, 2.0])
+    np.testing.assert_allclose(v["norm_patch_max"][0].numpy(), [10.0, 2.0])
+    np.testing.assert_allclose(v["norm_prefix_mean"][0].numpy(), [5.0, 0.0])
 
 
 def test_batch_statistics_refuse_missing_rows():
     from vizapp.analysis.distance import patch_distance_matrix
-    from vizapp.streaming import BatchStatistics
+    from vizapp.statistics import Geometry, StatisticsReducer
 
-    red = BatchStatistics(1, 1, 2, 5, patch_distance_matrix((2, 2), 1), 1)
+    red = StatisticsReducer([1], 2, Geometry(5, 1, patch_distance_matrix((2, 2), 1)))
     red.chunk(0, 0, 0, torch.full((1, 5, 5), 0.2), 0)  # image 1 never arrives
     with pytest.raises(RuntimeError, match="expected 10"):
         red.layer_done(0)
     with pytest.raises(ValueError, match="grid has 4 patches"):
-        BatchStatistics(1, 1, 2, 6, patch_distance_matrix((2, 2), 1), 1)
+        StatisticsReducer([1], 2, Geometry(6, 1, patch_distance_matrix((2, 2), 1)))
 
 
 @pytest.mark.parametrize("path", ["inline", "inline_row_blocks", "from_qk"])
@@ -258,7 +268,7 @@ def test_batch_statistics_match_analyze_image_by_image(vm, folder, monkeypatch, 
     from vizapp.analysis.distance import patch_distance_matrix
     from vizapp.analysis.headstats import attention_entropy, token_norm_stats
     from vizapp.capture import AttentionCapture
-    from vizapp.streaming import BatchStatistics
+    from vizapp.statistics import Geometry, StatisticsReducer
 
     paths = good_images(folder)
     expected = [vizapp.analyze(vm, p) for p in paths]  # before any monkeypatching
@@ -270,9 +280,8 @@ def test_batch_statistics_match_analyze_image_by_image(vm, folder, monkeypatch, 
             monkeypatch.setattr(blk.attn, "fused_attn", False)
     x = torch.stack([vm.transform(vizapp.imageio.decode_image(p).image) for p in paths])
     p = vm.num_prefix_tokens
-    red = BatchStatistics(
-        vm.num_layers, vm.num_heads, len(paths), p + 16, patch_distance_matrix(vm.grid_size, vm.patch_size), p
-    )
+    geometry = Geometry(p + 16, p, patch_distance_matrix(vm.grid_size, vm.patch_size))
+    red = StatisticsReducer([vm.num_heads] * vm.num_layers, len(paths), geometry)
     rows_seen = set()
     real_chunk = red.chunk
     monkeypatch.setattr(red, "chunk", lambda layer, b, h, a, row: rows_seen.add(row) or real_chunk(layer, b, h, a, row))
@@ -286,9 +295,12 @@ def test_batch_statistics_match_analyze_image_by_image(vm, folder, monkeypatch, 
     assert bool(cap.replayed_layers) == (path == "from_qk")
     assert (rows_seen == {0}) == (path != "inline_row_blocks")  # 17 query rows in blocks of 3, or whole
     for b, r in enumerate(expected):
-        np.testing.assert_allclose(red.distance[:, b].numpy(), r.mean_distance, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(red.values["distance"][:, b].numpy(), r.mean_distance, rtol=1e-6, atol=1e-6)
         ent = torch.stack([attention_entropy(r.attention_layer(layer)) for layer in range(vm.num_layers)])
-        np.testing.assert_allclose(red.entropy[:, b].numpy(), ent.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(red.values["entropy"][:, b].numpy(), ent.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(r.statistics["entropy"], ent.numpy(), rtol=1e-5, atol=1e-6)  # analyze's own
         st = token_norm_stats(torch.from_numpy(r.token_norms()), p)  # [L] each
-        for key in BatchStatistics.NORM_KEYS:
-            np.testing.assert_allclose(red.norms[key][:, b].numpy(), st[key].numpy(), rtol=1e-6, atol=1e-6)
+        for key in ("patch_mean", "patch_max", "prefix_mean"):
+            got = red.values[f"norm_{key}"][:, b].numpy()
+            np.testing.assert_allclose(got, st[key].numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(r.statistics[f"norm_{key}"], st[key].numpy(), rtol=1e-5, atol=1e-5)

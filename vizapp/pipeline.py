@@ -95,7 +95,7 @@ class _PassResult:
 
     logits: torch.Tensor  # [K] detached
     rollout: torch.Tensor  # [P] the default rollout of the patches
-    distances: torch.Tensor  # [L, H]
+    statistics: dict[str, torch.Tensor]  # every registered statistic: name -> [L, H] or [L]
     norms: torch.Tensor  # [L, N]
     lens: torch.Tensor | None  # [L, K]
     fused_mean: torch.Tensor | None  # [L, N, N]
@@ -110,7 +110,7 @@ class _PassResult:
 
     def parts(self) -> list[torch.Tensor]:
         """Every result but q and k, in the order :meth:`from_host` reads them back."""
-        parts: list[torch.Tensor] = [self.logits, self.rollout, self.distances, self.norms]
+        parts: list[torch.Tensor] = [self.logits, self.rollout, self.norms, *self.statistics.values()]
         parts += [] if self.lens is None else [self.lens]
         parts += [] if self.fused_mean is None else [self.fused_mean]
         parts += [b for b in self.biases if b is not None]
@@ -123,11 +123,11 @@ class _PassResult:
     def from_host(self, parts: list[torch.Tensor], q: tuple, k: tuple) -> _PassResult:
         """This result with :meth:`parts` and q, k replaced by their copies on the host."""
         host = iter(parts)
-        logits, rollout, distances, norms = (next(host) for _ in range(4))
+        logits, rollout, norms = (next(host) for _ in range(3))
         return _PassResult(
             logits=logits,
             rollout=rollout,
-            distances=distances,
+            statistics={name: next(host) for name in self.statistics},
             norms=norms,
             lens=None if self.lens is None else next(host),
             fused_mean=None if self.fused_mean is None else next(host),
@@ -179,18 +179,23 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_Pass
         batch=b,
     )
     blocks = BlockFeatures(n_layers, vm.lens_fn)
+
+    def on_block(layer: int, out: torch.Tensor) -> None:
+        blocks(layer, out)
+        stats.block(layer, out.detach())
+
     with AttentionCapture(
-        vm.model, on_attention=stats, inline=setup.inline, on_block=blocks, with_grad=setup.gradients
+        vm.model, on_attention=stats, inline=setup.inline, on_block=on_block, with_grad=setup.gradients
     ) as cap:
         logits = vm.logits(x)
     blocks.finish()
     n_seen = cap.q[0].shape[-2]
     if n_seen != n:
         raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")
-    if not stats.complete():
+    if not stats.complete() or not stats.statistics.complete():
         raise RuntimeError("the attention of some layer never reached vizapp's statistics")
     rollout = stats.rollout_row(setup.weights)[:, p:].float()  # [B, P]
-    distances = torch.stack(stats.distances).float()  # [L, B, H]
+    statistics = {name: v.float() for name, v in stats.statistics.values.items()}  # [L, B, H] or [L, B]
     norms = blocks.stacked("norms")  # [L, B, N]
     lens = blocks.stacked("lens") if vm.lens_fn is not None else None  # [L, B, K]
     detached = logits.detach()
@@ -202,7 +207,7 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_Pass
             _PassResult(
                 logits=detached[i],
                 rollout=rollout[i],
-                distances=distances[:, i],
+                statistics={name: v[:, i] for name, v in statistics.items()},
                 norms=norms[:, i],
                 lens=None if lens is None else lens[:, i],
                 fused_mean=stats.mean_store[i] if setup.keep_fused else None,
@@ -347,7 +352,8 @@ def _analysis(
         q=host.q,
         k=host.k,
         scales=host.scales,
-        mean_distance=host.distances.numpy(),
+        mean_distance=host.statistics["distance"].numpy(),
+        statistics={name: v.numpy() for name, v in host.statistics.items()},
         notes=tuple(notes),
         has_class_token=vm.has_class_token,
         readout=vm.readout,

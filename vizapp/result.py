@@ -106,7 +106,9 @@ class Analysis(LabelFreeViews):
             weights then (:meth:`VizModel.fingerprint`): methods that run the model again use that very network or
             refuse (:class:`~vizapp.errors.StaleResultError`), never another one.
         graph: with ``analyze(..., gradients=True)``, the forward's autograd graph (see :class:`GradientGraph`).
-        mean_distance: [L, H] mean attention distance in pixels.
+        mean_distance: [L, H] mean attention distance in pixels (``statistics["distance"]``).
+        statistics: every registered statistic (:mod:`vizapp.statistics`) of this image: name -> [L, H] for a
+            per-head statistic (``"distance"``, ``"entropy"`` ...), [L] for a per-block one (``"norm_patch_mean"`` ...).
         notes: remarks about the input (e.g. "animated GIF: first frame").
     """
 
@@ -124,6 +126,7 @@ class Analysis(LabelFreeViews):
     k: tuple[torch.Tensor, ...]
     scales: tuple[float, ...]
     mean_distance: np.ndarray
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     has_class_token: bool = True
     readout: str = "cls"
@@ -536,6 +539,8 @@ class Analysis(LabelFreeViews):
             "grid_size": list(self.grid_size),
             "patch_size": list(self.patch_size),
             "mean_distance_px": np.round(self.mean_distance, 3).tolist(),
+            # NaN (a statistic a model does not have, e.g. prefix-token norms without prefix tokens) -> null in JSON
+            "statistics": {k: np.where(np.isnan(v), None, np.round(v, 6)).tolist() for k, v in self.statistics.items()},
             "rollout_mean": np.round(self.rollout(), 6).tolist(),
             "notes": list(self.notes),
         }
@@ -549,7 +554,7 @@ class Analysis(LabelFreeViews):
             "num_prefix_tokens": np.array(self.num_prefix_tokens),
             "grid_size": np.array(self.grid_size),
             "patch_size": np.array(self.patch_size),
-        }
+        } | {f"statistic_{k}": v for k, v in self.statistics.items()}
         full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
         if full <= (limits.EXPORT_ATTENTION_BYTES if max_bytes is None else max_bytes):
             out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()

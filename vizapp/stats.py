@@ -1,14 +1,16 @@
-"""Mean attention distance per layer and head over a folder of images (``python -m vizapp.stats FOLDER --model NAME``).
+"""Every registered statistic per layer and head over a folder of images (``python -m vizapp.stats FOLDER --model NAME``).
 
 Every image under the folder (recursively; png, jpg/jpeg, webp, bmp, gif, tif/tiff) is decoded with
 :func:`vizapp.imageio.decode_image` (undecodable files are skipped and counted), preprocessed with the model's own
 transform and run through the model in batches from a torch DataLoader. Attention is captured with
 :class:`vizapp.capture.AttentionCapture`, which forms each layer's attention once, in place of SDPA, a few heads at
-a time, and hands it to :class:`vizapp.streaming.DatasetDistances`, which reduces it to the mean attention distance of
-every head while the chunk is hot, so nothing of a layer outlives it (layers whose attention stays inside the model,
-``fused_attn`` off, are fed to the same reducer from q and k at the end of the layer). The per-image distances are
-summed over all images and divided by their count. Writes a CSV (layer, head, mean_distance_px, n_images) and an offline plotly HTML figure, and compares the
-throughput with a bare batched forward of the same model on the same batches.
+a time, and hands it to :class:`vizapp.statistics.StatisticsReducer`, which reduces it to every registered statistic
+(:mod:`vizapp.statistics`: mean attention distance, attention entropy, token norms, and any a user registers) while
+the chunk is hot, so nothing of a layer outlives it (layers whose attention stays inside the model, ``fused_attn``
+off, are fed to the same reducer from q and k at the end of the layer). Each image's statistics are summed over all
+images and divided by their count. Writes a CSV (layer, head, one column per statistic, n_images) and an offline
+plotly HTML figure of the mean distance, and compares the throughput with a bare batched forward of the same model on
+the same batches.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ from vizapp.capture import AttentionCapture
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.models import VizModel
-from vizapp.streaming import DatasetDistances
+from vizapp.statistics import STATISTICS, Geometry, HeadStatistic, StatisticsReducer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CSV_COLUMNS = ("layer", "head", "mean_distance_px", "n_images")
+
+
+def csv_columns() -> tuple[str, ...]:
+    """The CSV's columns: layer, head, one per registered statistic (:mod:`vizapp.statistics`), n_images."""
+    return ("layer", "head", *(s.column for s in STATISTICS.values()), "n_images")
 
 
 def find_images(folder: str | Path, limit: int | None = None) -> list[Path]:
@@ -94,6 +100,8 @@ class DatasetStats:
 
     Attributes:
         mean_distance: [L, H] mean attention distance in pixels over ``n_images`` images (NaN when none).
+        statistics: every registered statistic averaged over the images: name -> [L, H] (per head) or [L] (per
+            block); ``statistics["distance"]`` is ``mean_distance``.
         n_images: images that were decoded and analysed.
         skipped: (path, reason) of every file that could not be decoded.
         grid_size, patch_size: the patch grid and patch size (for the uniform-attention reference).
@@ -105,6 +113,7 @@ class DatasetStats:
 
     mean_distance: np.ndarray
     n_images: int
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     grid_size: tuple[int, int] = (0, 0)
     patch_size: tuple[int, int] = (0, 0)
@@ -141,7 +150,8 @@ def collect_stats(
     progress: bool = False,
     baseline_batches: int = 0,
 ) -> DatasetStats:
-    """Mean attention distance per layer and head over ``paths``, with throughput figures.
+    """Every registered statistic (:mod:`vizapp.statistics`: mean attention distance, entropy, token norms ...) per
+    layer (and head) over ``paths``, averaged over the images, with throughput figures.
 
     Args:
         vm: a model from :func:`vizapp.load_model`.
@@ -160,7 +170,9 @@ def collect_stats(
     model, device = vm.model, vm.device
     _, in_h, in_w = vm.input_size
     grid = vm.grid_for(int(in_h), int(in_w))
-    reducer = DatasetDistances(vm.num_layers, vm.num_heads, vm.patch_distances(grid), vm.num_prefix_tokens)
+    geometry = Geometry(vm.num_prefix_tokens + grid[0] * grid[1], vm.num_prefix_tokens, vm.patch_distances(grid))
+    heads = [vm.num_heads] * vm.num_layers
+    sums: dict[str, torch.Tensor] = {}  # name -> the sum over images, [L, H] or [L], float64
     loader = DataLoader(
         ImageFileDataset(paths, vm.batch_transform),
         batch_size=batch_size,
@@ -188,8 +200,17 @@ def collect_stats(
                 if timed and i % 2 == 0:
                     t_bare = _bare_forward(vm, x)
                 t0 = time.perf_counter()
-                with torch.no_grad(), AttentionCapture(model, on_attention=reducer, keep_qk=False):
+                reducer = StatisticsReducer(heads, len(x), geometry)
+                with (
+                    torch.no_grad(),
+                    AttentionCapture(model, on_attention=reducer, on_block=reducer.block, keep_qk=False),
+                ):
                     vm.logits(x)
+                if not reducer.complete():
+                    raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+                for name, v in reducer.values.items():  # [L, B, H] or [L, B]
+                    total = v.sum(dim=1)
+                    sums[name] = total if name not in sums else sums[name] + total
                 vm.synchronize()
                 t_ana = time.perf_counter() - t0
                 if timed and i % 2 == 1:
@@ -207,11 +228,13 @@ def collect_stats(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start
-    if n_images and not bool((reducer.counts == n_images).all()):
-        raise RuntimeError(f"layers saw {reducer.counts.tolist()} images, expected {n_images} each")
-    mean = (reducer.sums / n_images).cpu().numpy() if n_images else np.full((vm.num_layers, vm.num_heads), np.nan)
+    means: dict[str, np.ndarray] = {}
+    for name, stat in STATISTICS.items():
+        shape = (vm.num_layers, vm.num_heads) if isinstance(stat, HeadStatistic) else (vm.num_layers,)
+        means[name] = (sums[name] / n_images).cpu().numpy() if n_images else np.full(shape, np.nan)
     return DatasetStats(
-        mean_distance=mean,
+        mean_distance=means["distance"],
+        statistics=means,
         n_images=n_images,
         skipped=skipped,
         grid_size=grid,
@@ -245,14 +268,18 @@ def dataset_mean_distance(
     return stats.mean_distance, stats.n_images
 
 
-def write_csv(path: str | Path, mean_distance: np.ndarray, n_images: int) -> None:
-    """One row per (layer, head): layer, head, mean_distance_px, n_images."""
+def write_csv(path: str | Path, statistics: dict[str, np.ndarray], n_images: int) -> None:
+    """One row per (layer, head), the columns of :func:`csv_columns`: a per-head statistic is that head's, a
+    per-block statistic (token norms) is the layer's, the same on each of its heads' rows."""
+    stats = [(s, np.asarray(statistics[s.name])) for s in STATISTICS.values()]
+    num_layers, num_heads = np.asarray(statistics["distance"]).shape
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for layer in range(mean_distance.shape[0]):
-            for head in range(mean_distance.shape[1]):
-                w.writerow([layer, head, f"{float(mean_distance[layer, head]):.6f}", n_images])
+        w.writerow(csv_columns())
+        for layer in range(num_layers):
+            for head in range(num_heads):
+                values = [float(v[layer, head] if v.ndim == 2 else v[layer]) for _, v in stats]
+                w.writerow([layer, head, *(f"{v:.6f}" for v in values), n_images])
 
 
 def write_html(path: str | Path, stats: DatasetStats, model_name: str) -> None:
@@ -358,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stats.n_images == 0:
         print("error: none of the files could be decoded", file=sys.stderr)
         return 1
-    write_csv(args.out_csv, stats.mean_distance, stats.n_images)
+    write_csv(args.out_csv, stats.statistics, stats.n_images)
     write_html(args.out_html, stats, vm.name)
     print(
         f"{vm.name} ({vm.source} weights): {stats.n_images} images analysed, {len(stats.skipped)} skipped, "

@@ -1,8 +1,9 @@
 """Per-layer reducers: the statistics vizapp takes from each chunk of attention while it is still in cache.
 
-Every path that sees attention feeds one of these through the :class:`~vizapp.capture.AttentionConsumer` protocol:
-the attention formed inside the forward, the replay from recorded q and k (layers whose attention SDPA kept), and
-dataset mode. The maths is written once, in :mod:`vizapp.analysis` (:func:`~vizapp.analysis.rollout.fuse_heads_into`,
+:func:`vizapp.analyze` feeds :class:`LayerStatistics` through the :class:`~vizapp.capture.AttentionConsumer`
+protocol (the attention formed inside the forward, or replayed from recorded q and k for layers whose attention SDPA
+kept); its per-head statistics are the registry's (:mod:`vizapp.statistics`), reduced by the same
+:class:`~vizapp.statistics.StatisticsReducer` that dataset mode and the evaluation use. The maths is written once, in :mod:`vizapp.analysis` (:func:`~vizapp.analysis.rollout.fuse_heads_into`,
 :func:`~vizapp.analysis.rollout.residual_step`, :func:`~vizapp.analysis.distance.distance_terms`); this module only
 decides what to keep of each chunk. Byte budgets live in :mod:`vizapp.limits`.
 """
@@ -14,20 +15,20 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vizapp import limits
-from vizapp.analysis.distance import BlockDistanceTerms
-from vizapp.analysis.headstats import row_entropy, token_norm_stats
 from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step, start_fusion
 from vizapp.capture import attention_chunks
+from vizapp.statistics import Geometry, Statistic, StatisticsReducer
 
 TINY = torch.finfo(torch.float32).tiny
 
 
 class LayerStatistics:
-    """What :func:`vizapp.analyze` keeps of every layer: mean distance per head, head fusions, the default rollout.
+    """What :func:`vizapp.analyze` keeps of every layer: the registered statistics (:mod:`vizapp.statistics`: mean
+    distance, entropy ... per head), head fusions, the default rollout.
 
-    Per chunk [c, r, N] (image ``batch``, heads ``head .. head + c``, query rows ``row .. row + r``): the distance
-    numerator and denominator of each patch query, and the running head fusions. Per layer: the mean distance per
-    image and head [B, H], and for the rollout either the mean-fused matrices (``store_mean``: a top-down vector pass
+    Per chunk [c, r, N] (image ``batch``, heads ``head .. head + c``, query rows ``row .. row + r``): the chunk goes to
+    a :class:`~vizapp.statistics.StatisticsReducer` (:attr:`statistics`), and into the running head fusions. Per
+    layer: the statistics per image and head, and for the rollout either the mean-fused matrices (``store_mean``: a top-down vector pass
     after the forward) or, for models too big to hold L x N x N per image, the joint attention multiplied up
     bottom-up as the forward goes. Every image of a batch is reduced on its own, with the same operations as a
     batch of one.
@@ -40,6 +41,7 @@ class LayerStatistics:
         fusions: head fusions to keep per layer ("mean", "max", "min").
         store_mean: keep each layer's mean fusion for :meth:`rollout_row` (implied by "mean" in ``fusions``).
         batch: B, images in the forward.
+        statistics: the statistics to reduce; default every registered one (block statistics need :meth:`block`).
     """
 
     def __init__(
@@ -51,21 +53,23 @@ class LayerStatistics:
         fusions: Sequence[str] = (),
         store_mean: bool = True,
         batch: int = 1,
+        statistics: Sequence[Statistic] | None = None,
     ) -> None:
         self.heads, self.n, self.p, self.batch = list(heads), num_tokens, num_prefix_tokens, int(batch)
-        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
+        self.statistics = StatisticsReducer(
+            self.heads, self.batch, Geometry(num_tokens, num_prefix_tokens, dist), statistics
+        )
         self.store_mean = store_mean or "mean" in fusions
         self.kept = tuple(dict.fromkeys((*fusions, "mean") if self.store_mean else fusions))
         self._accumulated = tuple(dict.fromkeys((*self.kept, "mean")))  # the rollout needs the mean
         n_layers = len(self.heads)
-        self.distances: list[torch.Tensor | None] = [None] * n_layers  # [B, H] per layer
+        self._done = [False] * n_layers
         self.fused: dict[str, list[torch.Tensor | None]] = {f: [None] * n_layers for f in self.kept}  # [B, N, N]
         #: with ``store_mean``: every layer's mean fusion in one [B, L, N, N] block (``fused["mean"]`` holds views of
         #: it), so that neither the rollout nor a caller has to stack them; ``mean_store[b]`` is image b's [L, N, N]
         self.mean_store: torch.Tensor | None = None
         self.joint: list[torch.Tensor] | None = None  # per image, the bottom-up rollout [N, N] when not store_mean
         self.valid = True  # False once a chunk could not be used (an image outside the batch, a token mismatch)
-        self._sums: torch.Tensor | None = None  # [B, 2, H, P]: each patch query's distance numerator, denominator
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[tuple[int, int]] = set()
 
@@ -77,7 +81,6 @@ class LayerStatistics:
             return
         if not self._acc:  # the layer's first chunk
             dev, b = attn.device, self.batch
-            self._sums = torch.empty((b, 2, self.heads[layer], n - self.p), device=dev)
             if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
                 self.mean_store = torch.empty((b, len(self.heads), n, n), device=dev)
             self._acc = {
@@ -85,8 +88,7 @@ class LayerStatistics:
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        sums = self._sums[batch, :, head : head + c]
-        self.terms(attn, row, into=(sums[0], sums[1]))
+        self.statistics.chunk(layer, batch, head, attn, row)
         first = (batch, row) not in self._started
         self._started.add((batch, row))
         for f, acc in self._acc.items():
@@ -98,8 +100,8 @@ class LayerStatistics:
         if {b for b, _ in self._started} != set(range(self.batch)):
             self.valid = False  # some image of the batch sent no attention for this layer
             return
-        num, den = self._sums[:, 0], self._sums[:, 1]
-        self.distances[layer] = num.div_(den.clamp_min_(TINY)).mean(dim=-1)  # [B, H]
+        self.statistics.layer_done(layer)
+        self._done[layer] = True
         fused = {f: finish_fusion(acc, self.heads[layer], f) for f, acc in self._acc.items()}
         for f in self.kept:
             self.fused[f][layer] = fused[f]
@@ -110,9 +112,18 @@ class LayerStatistics:
             self.joint = [residual_step(mean[b], joint[b], side="right") for b in range(self.batch)]
         self._acc = {}
 
+    def block(self, layer: int, out: torch.Tensor) -> None:
+        """``on_block``: the block statistics of block ``layer``'s output [B, N, D]."""
+        self.statistics.block(layer, out)
+
+    @property
+    def distances(self) -> list[torch.Tensor]:
+        """Every layer's mean attention distance per image and head, [B, H] float64 each."""
+        return list(self.statistics.values["distance"].unbind(0))
+
     def complete(self) -> bool:
         """Every layer was reduced from the attention of every image."""
-        return self.valid and all(d is not None for d in self.distances)
+        return self.valid and all(self._done)
 
     def rollout_row(self, weights: torch.Tensor) -> torch.Tensor:
         """The default rollout's row of every image: ``weights`` [N] (float64) through every layer, top-down -> [B, N]
@@ -133,131 +144,6 @@ class LayerStatistics:
                 w = torch.addmv(w, store[layer].t(), w)
             rows.append(w)
         return torch.stack(rows).to(torch.float64)
-
-
-class DatasetDistances:
-    """Dataset mode's consumer: the mean attention distance per layer and head, summed over every image of every
-    batch; nothing of a layer outlives its chunks.
-
-    Args:
-        num_layers, num_heads: L and H.
-        dist: [P, P] patch distances in pixels, on the model's device.
-        num_prefix_tokens: tokens before the patches.
-    """
-
-    def __init__(self, num_layers: int, num_heads: int, dist: torch.Tensor, num_prefix_tokens: int) -> None:
-        self.dist = dist
-        self.p = num_prefix_tokens
-        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
-        self.sums = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=dist.device)  # [L, H]
-        self.counts = torch.zeros(num_layers, dtype=torch.long)  # images seen per layer (a consistency check)
-        self._images = 0
-
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        n_patches = self.dist.shape[-1]
-        if attn.shape[-1] - self.p != n_patches:
-            raise ValueError(
-                f"attention has {attn.shape[-1] - self.p} patch tokens after {self.p} prefix tokens, "
-                f"but the grid has {n_patches}"
-            )
-        self._images = max(self._images, batch + 1)
-        found = self.terms.query_distances(attn, row)
-        if found is None:
-            return
-        # this block's share of the mean over all query patches
-        self.sums[layer, head : head + attn.shape[0]] += (found[2].sum(dim=-1) / n_patches).double()
-
-    def layer_done(self, layer: int) -> None:
-        self.counts[layer] += self._images
-        self._images = 0
-
-
-class BatchStatistics:
-    """The evaluation's per-image statistics for a whole batch from one captured forward: the mean attention
-    distance and the attention entropy of every layer, image and head (an
-    :class:`~vizapp.capture.AttentionConsumer`), and summaries of every block's token norms (:meth:`block`, for
-    ``AttentionCapture(on_block=...)``).
-
-    Per chunk [c, r, N] (image ``batch``, heads ``head .. head + c``, query rows ``row .. row + r``) it keeps one
-    number per query row and head: the row's entropy and, for patch queries, its renormalised mean distance, in two
-    [B, H, N] buffers reused by every layer; at the end of a layer each is averaged over the queries. Nothing of a
-    layer's attention outlives its chunk, and no [B, L, H, N, N] is ever formed. The maths is
-    :func:`~vizapp.analysis.headstats.row_entropy`, :meth:`~vizapp.analysis.distance.BlockDistanceTerms.query_distances`
-    and :func:`~vizapp.analysis.headstats.token_norm_stats`, as on the one-image path.
-
-    Args:
-        num_layers, num_heads: L and H.
-        batch: B, images in the forward.
-        num_tokens: N.
-        dist: [P, P] patch distances in pixels, on the device the attention arrives on.
-        num_prefix_tokens: tokens before the patches.
-
-    Attributes (after the forward; float64 on ``dist``'s device):
-        distance: [L, B, H] mean attention distance in pixels.
-        entropy: [L, B, H] attention entropy in nats, averaged over the N queries.
-        norms: ``{"patch_mean", "patch_max", "prefix_mean"}`` -> [L, B] (see
-            :func:`~vizapp.analysis.headstats.token_norm_stats`).
-    """
-
-    NORM_KEYS = ("patch_mean", "patch_max", "prefix_mean")
-
-    def __init__(
-        self, num_layers: int, num_heads: int, batch: int, num_tokens: int, dist: torch.Tensor, num_prefix_tokens: int
-    ) -> None:
-        self.shape = (num_layers, batch, num_heads)
-        self.n, self.p = num_tokens, num_prefix_tokens
-        if dist.shape[-1] != num_tokens - num_prefix_tokens:
-            raise ValueError(
-                f"{num_tokens} tokens after {num_prefix_tokens} prefix tokens, but the grid has {dist.shape[-1]} patches"
-            )
-        self.terms = BlockDistanceTerms(dist, num_prefix_tokens)
-        dev = dist.device
-        nan = float("nan")
-        self.distance = torch.full(self.shape, nan, dtype=torch.float64, device=dev)
-        self.entropy = torch.full(self.shape, nan, dtype=torch.float64, device=dev)
-        self.norms = {k: torch.full(self.shape[:2], nan, dtype=torch.float64, device=dev) for k in self.NORM_KEYS}
-        self._ent_rows = torch.zeros((batch, num_heads, num_tokens), device=dev)  # [B, H, N] float32
-        self._dist_rows = torch.zeros((batch, num_heads, num_tokens - num_prefix_tokens), device=dev)  # [B, H, P]
-        self._work: torch.Tensor | None = None  # a · log a of a chunk
-        self._cells = [0] * num_layers  # (head, query row) cells seen per layer, over the batch
-        self._blocks = [False] * num_layers
-
-    # AttentionConsumer
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        c, r, n = attn.shape
-        if n != self.n:
-            raise ValueError(f"attention over {n} tokens, expected {self.n}")
-        work = self._work
-        if work is None or work.shape[0] < c or work.shape[1] < r:
-            work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
-        heads = slice(head, head + c)
-        row_entropy(attn, out=self._ent_rows[batch, heads, row : row + r], work=work[:c, :r])
-        q0, q1 = max(row, self.p) - self.p, row + r - self.p  # the chunk's patch queries
-        if q1 > q0:
-            self.terms.query_distances(attn, row, out=self._dist_rows[batch, heads, q0:q1])
-        self._cells[layer] += c * r
-
-    def layer_done(self, layer: int) -> None:
-        _, b, h = self.shape
-        if self._cells[layer] != b * h * self.n:
-            raise RuntimeError(
-                f"layer {layer}: attention of {self._cells[layer]} (head, query) pairs reached the statistics, "
-                f"expected {b * h * self.n} ({b} images x {h} heads x {self.n} queries)"
-            )
-        self.entropy[layer] = self._ent_rows.double().mean(dim=-1)
-        self.distance[layer] = self._dist_rows.double().mean(dim=-1)
-
-    def block(self, layer: int, out: torch.Tensor) -> None:
-        """``on_block``: the token norms of block ``layer``'s output [B, N, D], summarised per image."""
-        norms = torch.linalg.vector_norm(out.float(), dim=-1)  # [B, N]
-        for key, value in token_norm_stats(norms, self.p).items():
-            self.norms[key][layer] = value
-        self._blocks[layer] = True
-
-    def complete(self) -> bool:
-        """Every layer's attention and every block's output reached the statistics."""
-        _, b, h = self.shape
-        return all(c == b * h * self.n for c in self._cells) and all(self._blocks)
 
 
 def fused_layer(

@@ -1,0 +1,341 @@
+"""The methods' perturbation scores for a batch of images: the evaluation's hot path, batched.
+
+For the images of one engine batch (:meth:`Evaluator.evaluate_batch`):
+
+1. **Maps.** The images go through the model in batched forwards (:func:`vizapp.batch.forward_groups`, cut to the
+   memory budget); with a class-specific method, that forward keeps its attention in the autograd graph and ONE
+   backward of Σ_b logit_b[predicted_b] gives every image its predicted class's gradient, and one more backward
+   (of the images whose target differs) its target's (:func:`vizapp.pipeline.class_gradients`), whatever the number
+   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image.
+2. **Perturbed copies.** Every perturbed copy of every image (the protocol's 2 × 9 per map, vizapp's deletion and
+   insertion curves) is formed as it is needed and forwarded in batches of exactly ``batch_size`` copies, across
+   images: at most one batch and one image's copies are in memory at once.
+
+Each image has its own clock: its share of the shared forwards and backwards, its own maps, its share of the
+perturbation forwards. An image over the per-image limit gets a timeout row. A failure that is not one image's
+(a forward of the batch) makes every image of the batch run again alone, so that one bad image costs only its row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vizapp.analysis.faithfulness import patch_order, random_order_saliency, step_counts, trapezoid_auc
+from vizapp.analysis.perturbation import (
+    CHEFER_FRACTIONS,
+    DIRECTIONS,
+    accuracy_auc,
+    changed_masks,
+    compose,
+    patch_fractions,
+    patch_perturbed_images,
+    pixel_perturbed_images,
+)
+
+if TYPE_CHECKING:
+    from vizapp.evaluate.worker import Evaluator
+    from vizapp.pipeline import Analysis
+
+RANDOM = "random"
+"""The random-order baseline's method name (not in the registry: it is not an explanation)."""
+
+CLASS_KINDS = ("pred", "target")
+"""Explanations are computed for the predicted class and for the target class (Chefer et al.'s two settings)."""
+
+
+class ImageTimeout(Exception):
+    """An image went over the per-image time limit."""
+
+
+class Clocks:
+    """Seconds spent on each image of a batch, the shared stages split evenly; :meth:`check` raises ImageTimeout."""
+
+    def __init__(self, images: Sequence[int], limit: float) -> None:
+        self.spent = dict.fromkeys(images, 0.0)
+        self.limit = limit
+
+    def charge(self, images: Sequence[int], seconds: float, weights: Sequence[float] | None = None) -> None:
+        """Split ``seconds`` over ``images`` (evenly, or in proportion to ``weights``)."""
+        total = float(sum(weights)) if weights is not None else float(len(images))
+        for j, i in enumerate(images):
+            self.spent[i] += seconds * ((weights[j] if weights is not None else 1.0) / max(total, 1e-12))
+
+    def over(self, image: int, stage: str) -> ImageTimeout | None:
+        if self.spent[image] > self.limit:
+            return ImageTimeout(f"over the {self.limit:g} s per-image limit after {stage}")
+        return None
+
+
+@dataclass
+class _Job:
+    """Perturbed copies of one image to classify: what they are for, how many, and how to form them."""
+
+    image: int
+    kind: str  # "chefer", "baseline", "curve"
+    key: tuple
+    count: int
+    make: Callable[[], torch.Tensor]
+
+
+def image_seed(seed: int, item_id: str) -> int:
+    """The random baseline's seed for one image: depends on the job seed and the image id only (not the shard)."""
+    import zlib
+
+    return (zlib.crc32(item_id.encode("utf-8")) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+def method_scores(
+    ev: Evaluator,
+    images: Sequence[int],
+    items: Sequence[dict[str, Any]],
+    inputs: dict[int, torch.Tensor],
+    heads: dict[int, dict[str, Any]],
+) -> dict[int, dict[str, Any] | Exception]:
+    """The score columns of each image in ``images`` (indices into ``items``, ``inputs`` [C, H, W] preprocessed and
+    ``heads``, the class columns), or the exception that ended its row. See the module docstring."""
+    clocks = Clocks(images, ev.time_limit)
+    try:
+        maps = _maps(ev, images, items, inputs, heads, clocks)
+    except ImageTimeout as exc:  # the shared forward alone took every image over its limit
+        return dict.fromkeys(images, exc)
+    except Exception as exc:  # noqa: BLE001 - not one image's failure: each image runs alone, so only its row fails
+        if len(images) == 1:
+            return {images[0]: exc}
+        out: dict[int, dict[str, Any] | Exception] = {}
+        for i in images:
+            out.update(method_scores(ev, [i], items, inputs, heads))
+        return out
+    found: dict[int, dict[str, Any] | Exception] = {i: m for i, m in maps.items() if isinstance(m, Exception)}
+    ready = [i for i in images if i not in found]
+    if ready:
+        try:
+            found.update(_scores(ev, ready, inputs, heads, maps, clocks))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - as above
+            if len(ready) == 1:
+                return {**found, ready[0]: exc}
+            for i in ready:
+                found.update(method_scores(ev, [i], items, inputs, heads))
+    return {i: found[i] for i in images}
+
+
+def _maps(
+    ev: Evaluator,
+    images: Sequence[int],
+    items: Sequence[dict[str, Any]],
+    inputs: dict[int, torch.Tensor],
+    heads: dict[int, dict[str, Any]],
+    clocks: Clocks,
+) -> dict[int, dict[tuple[str, str], torch.Tensor] | Exception]:
+    """Every (method, class kind) map [P] of every image, from batched forwards (and backwards)."""
+    from vizapp import methods as registry
+    from vizapp.batch import forward_groups
+    from vizapp.pipeline import analyze_inputs, class_gradients
+
+    vm = ev.vm
+    class_specific = any(name != RANDOM and registry.get(name).needs_class for name in ev.methods)
+    out: dict[int, dict[tuple[str, str], torch.Tensor] | Exception] = {}
+    for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific):
+        group = [images[j] for j in members]
+        t0 = time.perf_counter()
+        found = analyze_inputs(vm, torch.stack([inputs[i] for i in group]), gradients=class_specific)
+        if class_specific:
+            class_gradients(found, [heads[i]["predicted"] for i in group])  # one backward for the group
+            differ = [k for k, i in enumerate(group) if heads[i]["target"] != heads[i]["predicted"]]
+            if differ:  # and one more for the targets that are not the prediction
+                class_gradients([found[k] for k in differ], [heads[group[k]]["target"] for k in differ])
+        clocks.charge(group, time.perf_counter() - t0)
+        if all(clocks.over(i, "the analysis forward") for i in group):
+            raise clocks.over(group[0], "the analysis forward")  # type: ignore[misc]
+        for r, i in zip(found, group, strict=True):
+            late = clocks.over(i, "the analysis forward")
+            if late is not None:
+                out[i] = late
+                continue
+            try:
+                out[i] = _image_maps(ev, r, items[i], heads[i], clocks, i)
+            except Exception as exc:  # noqa: BLE001 - this image's row says why
+                out[i] = exc
+        del found  # this forward's graph and analyses go before the next forward
+    return out
+
+
+def _image_maps(
+    ev: Evaluator, r: Analysis, item: dict[str, Any], head: dict[str, Any], clocks: Clocks, i: int
+) -> dict[tuple[str, str], torch.Tensor]:
+    """One image's maps [P]: one per (method, class kind); methods without a class, or pred == target, share one."""
+    from vizapp import methods as registry
+
+    pred, target = head["predicted"], head["target"]
+    num_patches = r.grid_size[0] * r.grid_size[1]
+    maps: dict[tuple[str, str], torch.Tensor] = {}
+    for name in ev.methods:
+        for kind in CLASS_KINDS:
+            cls = pred if kind == "pred" else target
+            same = kind == "target" and (name == RANDOM or not registry.get(name).needs_class or cls == pred)
+            if same:
+                maps[(name, kind)] = maps[(name, "pred")]
+            elif name == RANDOM:
+                g = torch.Generator().manual_seed(image_seed(ev.seed, str(item["id"])))
+                maps[(name, kind)] = random_order_saliency(num_patches, g)
+            else:
+                t0 = time.perf_counter()
+                kw = {"start_layer": ev.rollout_start_layer} if name == "rollout" else {}
+                m = registry.explain(r, name, cls, **kw)
+                maps[(name, kind)] = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+                clocks.charge([i], time.perf_counter() - t0)
+                late = clocks.over(i, f"method {name!r}")
+                if late is not None:
+                    raise late
+    return maps
+
+
+def _jobs(
+    ev: Evaluator, i: int, image: torch.Tensor, head: dict[str, Any], maps: dict[tuple[str, str], torch.Tensor]
+) -> tuple[list[_Job], dict[tuple[str, str, str], tuple[str, str, str]]]:
+    """Image ``i``'s perturbed copies, as jobs formed lazily, and the (method, kind, direction) scores that repeat
+    another's (a map shared by both class kinds)."""
+    grid = ev.vm.grid_for(image.shape[-2], image.shape[-1])
+    patch = ev.vm.patch_size
+    num_patches = grid[0] * grid[1]
+    jobs: list[_Job] = []
+    done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+    for (name, kind), sal in maps.items():
+        for direction in DIRECTIONS:
+            key = (name, kind, direction)
+            if kind == "target" and maps[(name, kind)] is maps[(name, "pred")]:
+                done[key] = (name, "pred", direction)
+                continue
+            if ev.protocol == "chefer2021":
+
+                def make(sal=sal, direction=direction) -> torch.Tensor:
+                    return pixel_perturbed_images(image, sal.reshape(grid), patch, direction, ev.black)
+
+            else:
+
+                def make(sal=sal, direction=direction) -> torch.Tensor:
+                    return patch_perturbed_images(image, sal, grid, patch, direction, ev.black)  # [9, C, H, W]
+
+            jobs.append(_Job(i, "chefer", key, len(CHEFER_FRACTIONS) - 1, make))
+    if ev.steps > 0:
+        # Inner steps only: step 0 of deletion and step S of insertion are the image (its probabilities come from
+        # the statistics forward); the all-baseline end is shared by every method and forwarded once.
+        counts = step_counts(num_patches, ev.steps)
+        base = torch.zeros_like(image)  # vizapp's deletion/insertion baseline: 0 = the dataset-mean colour
+        jobs.append(_Job(i, "baseline", (), 1, lambda: base[None]))
+        for name in ev.methods:
+            masks = changed_masks(patch_order(maps[(name, "pred")]), counts[1:-1])  # [S-1, P]
+            for mode, (changed, unchanged) in (("deletion", (base, image)), ("insertion", (image, base))):
+
+                def make(masks=masks, changed=changed, unchanged=unchanged) -> torch.Tensor:
+                    return compose(masks, changed, unchanged, grid, patch)
+
+                jobs.append(_Job(i, "curve", (name, mode), masks.shape[0], make))
+    return jobs, done
+
+
+def _classified(ev: Evaluator, jobs: Sequence[_Job]) -> list[tuple[_Job, torch.Tensor, float]]:
+    """Each job with the class probabilities of its copies [n, K] and its share (by copies) of the seconds of the
+    forwards they were in. Copies are formed job by job and forwarded in batches of exactly ``ev.batch_size``, across
+    jobs and images: only one batch and one job's copies are held at a time, and the forwards do not depend on how
+    the copies are split into jobs."""
+    parts: list[torch.Tensor] = []
+    held = 0
+    probs: list[torch.Tensor] = []
+    seconds: list[float] = []  # per copy: its share of its forward's time
+
+    def forward(x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        probs.append(ev.classify(x))
+        seconds.extend([(time.perf_counter() - t0) / len(x)] * len(x))
+
+    for job in jobs:
+        made = job.make()
+        if made.shape[0] != job.count:
+            raise RuntimeError(f"{made.shape[0]} perturbed copies formed for a job of {job.count}")
+        parts.append(made)
+        held += job.count
+        while held >= ev.batch_size:
+            x = torch.cat(parts)
+            forward(x[: ev.batch_size])
+            rest = x[ev.batch_size :]
+            parts, held = ([rest] if len(rest) else []), len(rest)
+    if held:
+        forward(torch.cat(parts))
+    every = torch.cat(probs) if probs else torch.zeros(0, len(ev.labels))
+    out, lo = [], 0
+    for job in jobs:
+        out.append((job, every[lo : lo + job.count], float(sum(seconds[lo : lo + job.count]))))
+        lo += job.count
+    return out
+
+
+def _scores(
+    ev: Evaluator,
+    images: Sequence[int],
+    inputs: dict[int, torch.Tensor],
+    heads: dict[int, dict[str, Any]],
+    maps: dict[int, dict[tuple[str, str], torch.Tensor]],
+    clocks: Clocks,
+) -> dict[int, dict[str, Any] | Exception]:
+    """The score columns of each image from its maps: every perturbed copy of every image classified in shared
+    batches (:func:`_classified`)."""
+    jobs: list[_Job] = []
+    repeats: dict[int, dict[tuple[str, str, str], tuple[str, str, str]]] = {}
+    x_nominal = np.asarray(CHEFER_FRACTIONS)
+    out: dict[int, dict[str, Any]] = {}
+    for i in images:
+        image = inputs[i].float()  # [C, H, W]
+        grid = ev.vm.grid_for(image.shape[-2], image.shape[-1])
+        num_patches = grid[0] * grid[1]
+        x = x_nominal if ev.protocol == "chefer2021" else patch_fractions(num_patches)
+        out[i] = {f"perturbation_x{k}": float(x[k]) for k in range(1, len(x))}
+        out[i]["_x"] = x
+        found, repeats[i] = _jobs(ev, i, image, heads[i], maps[i])
+        jobs += found
+    curves: dict[int, dict[tuple[str, str], np.ndarray]] = {i: {} for i in images}
+    base_prob: dict[int, float] = {}
+    for job, probs, seconds in _classified(ev, jobs):
+        i, head = job.image, heads[job.image]
+        clocks.charge([i], seconds)
+        if job.kind == "chefer":
+            name, kind, direction = job.key
+            top = probs.argmax(dim=-1).numpy()
+            acc = np.concatenate([[head["correct"]], (top == head["target"]).astype(np.int64)])  # [10]
+            prefix = f"{name}.{kind}.{direction}"
+            for k, a in enumerate(acc[1:], start=1):
+                out[i][f"{prefix}.acc{k}"] = int(a)
+            out[i][f"{prefix}.auc"] = float(accuracy_auc(acc, out[i]["_x"]))
+        elif job.kind == "baseline":
+            base_prob[i] = float(probs[0, head["predicted"]])
+        else:
+            curves[i][job.key] = probs[:, head["predicted"]].double().numpy()
+    result: dict[int, dict[str, Any] | Exception] = {}
+    for i in images:
+        late = clocks.over(i, "the perturbation forwards")
+        if late is not None:
+            result[i] = late
+            continue
+        row = out[i]
+        del row["_x"]
+        if curves[i]:
+            grid = ev.vm.grid_for(inputs[i].shape[-2], inputs[i].shape[-1])
+            num_patches = grid[0] * grid[1]
+            counts = step_counts(num_patches, ev.steps)
+            p_img = heads[i]["prob_pred"]  # the batched forward's, like the row's class columns
+            for (name, mode), inner in curves[i].items():
+                ends = (p_img, base_prob[i]) if mode == "deletion" else (base_prob[i], p_img)
+                y = np.concatenate([[ends[0]], inner, [ends[1]]])  # [S+1]
+                row[f"{name}.{mode}_auc"] = trapezoid_auc(counts / num_patches, y)
+        for key, src in repeats[i].items():
+            prefix, src_prefix = ".".join(key), ".".join(src)
+            for k in range(1, len(CHEFER_FRACTIONS)):
+                row[f"{prefix}.acc{k}"] = row[f"{src_prefix}.acc{k}"]
+            row[f"{prefix}.auc"] = row[f"{src_prefix}.auc"]
+        result[i] = row
+    return result
