@@ -132,10 +132,10 @@ def _natural(key: str) -> list[Any]:
 
 def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
     """The table's columns in a fixed order: base, per-head statistics, then per method its perturbation scores."""
+    from vizapp.statistics import STATISTICS
+
     keys = {k for r in rows for k in r}
-    stats = sorted(
-        (k for k in keys if k.split(".")[0] in ("distance", "entropy") or k.startswith("norm_")), key=_natural
-    )
+    stats = sorted((k for k in keys if k.split(".")[0] in STATISTICS), key=_natural)  # every registered statistic
     per_method = []
     for m in methods:
         for kind in CLASS_KINDS:
