@@ -61,6 +61,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from vizapp.errors import ModelLoadError, ModelTooLargeError
+from vizapp.limits import analysis_memory  # the one estimate, shared with the batch budgets
 
 __all__ = [
     "Budget",
@@ -373,49 +374,6 @@ def check_budget(
 
 # ----------------------------------------------------------------------------------------------------------------
 # What one analysis holds
-
-
-def analysis_memory(layers: int, tokens: int, heads: int, width: int, patches: int) -> dict[str, int]:
-    """High estimate, in bytes (float32), of what one image's forward and analysis hold at once, term by term.
-
-    Every term is what a part of vizapp keeps or forms (see :mod:`vizapp.limits` for the thresholds):
-
-    - ``record``: q and k of every layer, 2·L·N·D (views recompute attention from them).
-    - ``block_outputs``: every block's output L·N·D while that fits ``limits.BLOCK_OUTPUT_BYTES``, else the last one.
-    - ``activations``: one block's widest activations in the forward, 10·N·D (input, q, k, v, output, the MLP's 4·N·D).
-    - ``attention_chunk``: one chunk of attention (``limits.chunk_shape`` at ``limits.ATTENTION_CHUNK_BYTES``) and
-      the product beside it, 2·heads·rows·N.
-    - ``token_matrices``: the N x N helpers. While every layer's mean fusion fits ``limits.ROLLOUT_STORE_LIMIT_BYTES``,
-      those L·N² and 4·N² of working matrices; above it the rollout is multiplied up during the forward, 7·N² (the
-      fusion being accumulated, the identity, the running rollout, the fusion plus identity, its normalisation, the
-      product and the previous rollout: measured at 4,097 tokens, 7.8·N² with the patch distances and the chunk).
-    - ``patch_distances``: the P x P matrix of distances between patch centres, P².
-
-    Args:
-        layers: encoder layers L.
-        tokens: tokens per image N (prefix tokens and patches).
-        heads: attention heads per layer H.
-        width: the model's width D (H times the head size).
-        patches: patch tokens P (the grid's cells).
-
-    Returns:
-        term -> bytes; their sum is the estimate.
-    """
-    from vizapp import limits
-
-    f32 = 4
-    L, N, H, D, P = (int(v) for v in (layers, tokens, heads, width, patches))
-    outputs = L * N * D * f32
-    fused = L * N * N * f32
-    chunk_heads, chunk_rows = limits.chunk_shape(H, N, limits.ATTENTION_CHUNK_BYTES)
-    return {
-        "record": 2 * L * N * D * f32,
-        "block_outputs": outputs if outputs <= limits.BLOCK_OUTPUT_BYTES else N * D * f32,
-        "activations": 10 * N * D * f32,
-        "attention_chunk": 2 * chunk_heads * chunk_rows * N * f32,
-        "token_matrices": 4 * N * N * f32 + fused if fused <= limits.ROLLOUT_STORE_LIMIT_BYTES else 7 * N * N * f32,
-        "patch_distances": P * P * f32,
-    }
 
 
 def check_analysis_budget(

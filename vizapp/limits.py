@@ -77,20 +77,81 @@ def ablation_batch(copies: int, tokens: int, width: int, heads: int, element_byt
     return max(1, min(copies, ABLATION_BATCH_BYTES // max(1, per_copy)))
 
 
-def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:
-    """High estimates, in bytes, of (what one image's analysis keeps, what its forward needs besides) in a batch.
+KEPT_TERMS = ("record", "block_outputs", "fusions", "autograd_graph")
+"""The terms of :func:`analysis_memory` that an analysis keeps for as long as it lives; the others are working memory
+of its forward."""
 
-    Kept: q and k of every layer, the block outputs (:data:`BLOCK_OUTPUT_BYTES`), the mean fusions
-    (:data:`ROLLOUT_STORE_LIMIT_BYTES`) and, with gradients, the autograd graph (each layer's widest activations
-    14·N·D and its attention, softmax and their gradients' 3·H·N·N) and the image's attention gradients. Working: a
-    block's activations (10·N·D) and a copy of the block outputs. Widths are taken as 64 per head, as most ViTs have.
+
+def analysis_memory(
+    layers: int,
+    tokens: int,
+    heads: int,
+    width: int | None = None,
+    patches: int | None = None,
+    gradients: bool = False,
+) -> dict[str, int]:
+    """High estimate, in bytes (float32), of what one image's forward and analysis hold at once, term by term: the
+    one estimate behind the per-analysis budget (:func:`vizapp.budget.check_analysis_budget`) and the batch budgets
+    (:func:`analysis_bytes`).
+
+    Kept while the analysis lives (:data:`KEPT_TERMS`):
+
+    - ``record``: q and k of every layer, 2·L·N·D (views recompute attention from them).
+    - ``block_outputs``: every block's output L·N·D while that fits :data:`BLOCK_OUTPUT_BYTES`, else the last one.
+    - ``fusions``: every layer's mean fusion L·N² while that fits :data:`ROLLOUT_STORE_LIMIT_BYTES`, else 2·N² (the
+      running rollout and the fusion being accumulated, multiplied up during the forward).
+    - ``autograd_graph`` (with ``gradients``): each layer's widest activations 14·N·D and its attention, softmax and
+      their gradients 3·H·N², and the image's attention gradients 2·L·H·N².
+
+    Working memory of the forward:
+
+    - ``activations``: one block's widest activations, 10·N·D (input, q, k, v, output, the MLP's 4·N·D).
+    - ``output_stack``: the block outputs stacked once after the forward (:class:`vizapp.streaming.BlockFeatures`),
+      when every layer's is kept.
+    - ``attention_chunk``: one chunk of attention (:func:`chunk_shape` at :data:`ATTENTION_CHUNK_BYTES`) and the
+      product beside it, 2·heads·rows·N.
+    - ``token_matrices``: the N x N working matrices, 4·N² while the fusions are stored; above that 5·N² (the
+      identity, the fusion plus identity, its normalisation, the product and the previous rollout: measured at 4,097
+      tokens, 7.8·N² in all with the two kept, the patch distances and the chunk).
+    - ``patch_distances``: the P x P matrix of distances between patch centres, P².
+
+    Args:
+        layers: encoder layers L.
+        tokens: tokens per image N (prefix tokens and patches).
+        heads: attention heads per layer H.
+        width: the model's width D; None: 64 per head, as most ViTs have.
+        patches: patch tokens P; None: N - 1.
+        gradients: the forward keeps its autograd graph (class-specific maps).
+
+    Returns:
+        term -> bytes; their sum is the estimate.
     """
-    width = heads * 64
-    outputs = layers * tokens * width * 4
-    outputs = outputs if outputs <= BLOCK_OUTPUT_BYTES else tokens * width * 4
-    fused = layers * tokens * tokens * 4
-    fused = fused if fused <= ROLLOUT_STORE_LIMIT_BYTES else 2 * tokens * tokens * 4
-    kept = 2 * layers * tokens * width * 4 + outputs + fused
+    f32 = 4
+    L, N, H = int(layers), int(tokens), int(heads)
+    D = H * 64 if width is None else int(width)
+    P = N - 1 if patches is None else int(patches)
+    outputs = L * N * D * f32
+    kept_outputs = outputs <= BLOCK_OUTPUT_BYTES
+    stored = L * N * N * f32 <= ROLLOUT_STORE_LIMIT_BYTES
+    chunk_heads, chunk_rows = chunk_shape(H, N, ATTENTION_CHUNK_BYTES)
+    terms = {
+        "record": 2 * L * N * D * f32,
+        "block_outputs": outputs if kept_outputs else N * D * f32,
+        "fusions": L * N * N * f32 if stored else 2 * N * N * f32,
+        "activations": 10 * N * D * f32,
+        "output_stack": outputs if kept_outputs else 0,
+        "attention_chunk": 2 * chunk_heads * chunk_rows * N * f32,
+        "token_matrices": (4 if stored else 5) * N * N * f32,
+        "patch_distances": P * P * f32,
+    }
     if gradients:
-        kept += layers * (14 * tokens * width + 3 * heads * tokens * tokens) * 4 + 2 * layers * heads * tokens**2 * 4
-    return kept, 10 * tokens * width * 4 + outputs
+        terms["autograd_graph"] = L * (14 * N * D + 3 * H * N * N) * f32 + 2 * L * H * N * N * f32
+    return terms
+
+
+def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:
+    """(what one image's analysis keeps, what its forward needs besides) in a batch, in bytes: the sums of the kept
+    and the working terms of :func:`analysis_memory` (widths taken as 64 per head)."""
+    terms = analysis_memory(layers, tokens, heads, gradients=gradients)
+    kept = sum(v for k, v in terms.items() if k in KEPT_TERMS)
+    return kept, sum(terms.values()) - kept
