@@ -300,14 +300,21 @@ def count_parameters(name: str, *, hub_reachable: Callable[[], bool] | None = No
     return _timm_count(name, arch, model_args)
 
 
+def _timm_bare(name: str) -> str:
+    """A timm id without its optional ``timm:`` prefix: ``timm:X`` and ``X`` are one model (the timm adapter checks
+    the bare name, ``load_model`` the id as given)."""
+    return name[len("timm:") :] if name.startswith("timm:") else name
+
+
 def check_allowed(name: str, budget: Budget | None = None) -> None:
     """Refuse an id that is not on ``VIZAPP_MODELS`` (when set); reads nothing, so call it before anything is read.
+    An entry ``timm:X`` allows ``X`` and the other way round.
 
     Raises:
         ModelTooLargeError: naming the ids this server offers.
     """
     b = BUDGET if budget is None else budget
-    if b.allowed is not None and name not in b.allowed:
+    if b.allowed is not None and _timm_bare(name) not in {_timm_bare(a) for a in b.allowed}:
         shown = ", ".join(sorted(b.allowed)[:10]) + (", ..." if len(b.allowed) > 10 else "")
         raise ModelTooLargeError(f"'{name[:80]}' is not one of the models this server offers; pick one of: {shown}")
 

@@ -4,17 +4,21 @@ A job is the item list plus its settings. It is split into fixed shards of ``sha
 shard ``k`` is written to ``OUT/shards/shard-00007.json`` atomically (temporary file + rename) once all its images
 are done, so a killed run loses at most the shards in flight, and a rerun with the same settings skips every shard
 already on disk. ``OUT/job.json`` records the settings; a rerun with different ones stops with a clear message
-instead of mixing results.
+instead of mixing results. A run holds an advisory lock on ``OUT/.lock`` (:func:`lock_folder`): runs of one job may
+share a folder (``--shards`` splits), but a run with ``--overwrite`` needs it alone, so two runs can never mix their
+rows. Every file is written atomically, and a write that fails (a full disk) leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from vizapp.errors import VizappError
 
 JOB_FILE = "job.json"
 SHARD_DIR = "shards"
+LOCK_FILE = ".lock"
 
 
 class JobError(VizappError):
@@ -84,14 +89,84 @@ def batches(shard: Sequence[dict[str, Any]], batch_size: int) -> list[list[dict[
     return [list(shard[i : i + batch_size]) for i in range(0, len(shard), batch_size)]
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an output path that exists and is not a folder (a file, say), before anything is loaded."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out.name!r} is a file, not a folder; pass a folder (it is created if missing)")
+
+
+@contextmanager
+def lock_folder(out: Path, exclusive: bool) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on ``out`` for a ``with`` block: shared for a run that resumes or adds
+    shards of the folder's job (several may run at once, e.g. ``--shards`` splits), exclusive for ``--overwrite``,
+    which deletes the folder's shards. A run that cannot have its lock fails at once.
+
+    Raises:
+        JobError: another run holds the folder in a way that excludes this one.
+    """
+    import fcntl
+
+    check_out_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            why = "this run's --overwrite needs it alone" if exclusive else "that run has it alone (--overwrite)"
+            raise JobError(
+                f"another evaluation is running in --out {out.name!r} ({why}); wait for it to finish, or pass "
+                "another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the whole file or the old one,
+    and a failed write (a full disk) removes its temporary file.
+
+    Raises:
+        JobError: the file could not be written (the message says why, e.g. the disk is full, and what to do).
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            why = "the disk is full" if full else (exc.strerror or type(exc).__name__).lower()
+            raise JobError(
+                f"could not write {path.name}: {why}; free some space (or fix the folder) and rerun the same command: "
+                "finished shards are kept"
+            ) from exc
+        raise
+
+
 def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
     """Create ``out``, or check that it holds the same job (to resume it)."""
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(exist_ok=True)
     path = out / JOB_FILE
     mine = asdict(job)
     if path.exists() and not overwrite:
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise JobError(
+                f"{JOB_FILE} in --out {out.name!r} cannot be read (cut short or corrupt); rerun with --overwrite to "
+                "start this folder afresh, or pass another --out"
+            ) from exc
+        if not isinstance(theirs, dict):
+            raise JobError(
+                f"{JOB_FILE} in --out {out.name!r} is not a job's settings; rerun with --overwrite to start this "
+                "folder afresh, or pass another --out"
+            )
         if theirs != json.loads(json.dumps(mine)):
             diff = sorted(k for k in mine if json.dumps(mine[k]) != json.dumps(theirs.get(k)))
             raise JobError(
@@ -102,31 +177,29 @@ def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
     if overwrite:
         for p in (out / SHARD_DIR).glob("shard-*.json"):
             p.unlink()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(mine, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(mine, indent=1))
 
 
 def write_shard(out: Path, k: int, rows: list[dict[str, Any]], seconds: float, worker: str) -> None:
     """Write shard ``k`` atomically: a reader sees the whole shard or none of it."""
-    path = shard_path(out, k)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"shard": k, "seconds": seconds, "worker": worker, "rows": rows}))
-    os.replace(tmp, path)
+    write_atomic(shard_path(out, k), json.dumps({"shard": k, "seconds": seconds, "worker": worker, "rows": rows}))
+
+
+def read_shard(out: Path, k: int) -> dict[str, Any] | None:
+    """Shard ``k`` of ``out`` as written by :func:`write_shard`, or None when it is missing, torn or not shard ``k``
+    (a file copied or renamed into the folder)."""
+    try:
+        d = json.loads(shard_path(out, k).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("shard") != k or not isinstance(d.get("rows"), list):
+        return None
+    return d
 
 
 def done_shards(out: Path, count: int) -> set[int]:
     """Shards already on disk and readable (a torn or foreign file is redone)."""
-    done = set()
-    for k in range(count):
-        p = shard_path(out, k)
-        if p.exists():
-            try:
-                if json.loads(p.read_text()).get("shard") == k:
-                    done.add(k)
-            except (OSError, ValueError):
-                pass
-    return done
+    return {k for k in range(count) if read_shard(out, k) is not None}
 
 
 class Progress:

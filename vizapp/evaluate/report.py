@@ -1,11 +1,19 @@
 """Shards -> one table and a summary: ``results.csv``, ``summary.json``, ``summary.md`` and ``curves.html``.
 
-Everything here reads the shard files only, so a report can be rebuilt from a partial or resumed job.
+Everything here reads the shard files only, so a report can be rebuilt from a partial or resumed job: the job's own
+shards, ``shards/shard-00000.json`` up to its shard count, each holding its own number (a file copied or renamed
+into the folder is not read). Every file is written atomically (:func:`~vizapp.evaluate.engines.write_atomic`).
+
+Text cells of ``results.csv`` (file names, labels, messages) that a spreadsheet would read as a formula (starting
+with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) get a leading single quote, as OWASP recommends against
+CSV injection; numbers are written as numbers (``-0.5`` stays ``-0.5``). :func:`unescape_cell` undoes it. A carriage return inside
+a text cell is written as the two characters ``\r`` (a raw one would split the row).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -15,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS
-from vizapp.evaluate.engines import SHARD_DIR
+from vizapp.evaluate.engines import read_shard, write_atomic
 from vizapp.evaluate.worker import CLASS_KINDS, RANDOM
 
 BASE_COLUMNS = (
@@ -116,14 +124,23 @@ def cited(method: str, labels: dict[str, str], job: dict[str, Any]) -> str:
     return f"{text}; {PAPERS[method]}" if method in PAPERS else text
 
 
-def read_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows in item order, shard metadata without rows) from every shard file under ``out``."""
+def read_rows(out: Path, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows in item order, shard metadata without rows) from the job's ``count`` shard files under ``out``; a
+    missing or torn shard, and any other file in the shard folder, is not read."""
     rows, meta = [], []
-    for p in sorted((out / SHARD_DIR).glob("shard-*.json")):
-        d = json.loads(p.read_text())
+    for k in range(count):
+        d = read_shard(out, k)
+        if d is None:
+            continue
         rows += d.pop("rows")
         meta.append(d)
     return rows, meta
+
+
+def shard_count(job: dict[str, Any]) -> int:
+    """How many shards the job has: its items in shards of ``shard_size``."""
+    size = max(1, int(job.get("shard_size") or 1))
+    return -(-int(job.get("num_items") or 0) // size)
 
 
 def _natural(key: str) -> list[Any]:
@@ -148,18 +165,39 @@ def columns(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
     return cols + sorted(keys - set(cols))
 
 
+#: What a spreadsheet reads as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+    return f.getvalue()
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+    write_atomic(path, csv_text(rows, cols))
 
 
 def _fmt(v: Any) -> Any:
     if isinstance(v, str):
-        return printable(v)
+        # a raw carriage return would split the row (the writer quotes only "\n"): written as the two characters \r
+        return escape_cell(printable(v).replace("\r", "\\r"))
     return repr(v) if isinstance(v, float) else v  # repr: the shortest string that reads back to the same float
+
+
+def escape_cell(text: str) -> str:
+    """A text cell a spreadsheet cannot take for a formula: a single quote before a leading ``=``, ``+``, ``-``,
+    ``@``, tab or carriage return (numbers are not text cells and are never escaped)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The text :func:`escape_cell` was given (for a program reading ``results.csv`` back)."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
 
 
 def printable(text: str) -> str:
@@ -396,16 +434,16 @@ def write_report(
     markdown_path: Path | None = None,
 ) -> dict[str, Any]:
     """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
-    rows, meta = read_rows(out)
+    rows, meta = read_rows(out, shard_count(job))
     write_csv(out / "results.csv", rows, columns(rows, methods))
     summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)
     text = printable(text)
-    (out / "summary.md").write_text(text)
+    write_atomic(out / "summary.md", text)
     if markdown_path is not None:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(text)
+        write_atomic(markdown_path, text)
     if "methods" in summary:
-        (out / "curves.html").write_text(curves_html(summary, labels))
+        write_atomic(out / "curves.html", curves_html(summary, labels))
     return summary

@@ -6,12 +6,24 @@ import argparse
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.errors import VizappError
-from vizapp.evaluate.engines import Job, Progress, done_shards, items_digest, prepare, run_local, run_ray, shards
+from vizapp.evaluate.engines import (
+    Job,
+    Progress,
+    check_out_folder,
+    done_shards,
+    items_digest,
+    lock_folder,
+    prepare,
+    run_local,
+    run_ray,
+    shards,
+)
 from vizapp.evaluate.worker import RANDOM, default_rollout_start_layer
 
 DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", RANDOM)
@@ -75,12 +87,15 @@ def evaluate(
         workers: Ray actors (one model each). threads: torch threads per worker. time_limit: seconds per image.
         address: Ray cluster to join; None starts a local one.
         fmnist_dir: Fashion-MNIST folder for ``fmnist-test``.
-        overwrite: discard earlier results in ``out`` instead of resuming.
+        overwrite: discard earlier results in ``out`` instead of resuming. Such a run needs ``out`` alone: it fails at
+            once while another run uses the folder, and other runs fail while it goes on (see
+            :func:`~vizapp.evaluate.engines.lock_folder`).
         markdown_path: also write the Markdown summary there (e.g. docs/faithfulness.md).
         command: the command line recorded in the summary.
         progress: print progress lines on stderr.
         crash_once: test hook for the Ray engine (see :class:`~vizapp.evaluate.engines.RayAnalyser`).
-        report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop.
+        report_only: write the report from the shards already on disk (e.g. while a long run goes on) and stop; it
+            takes no lock (it only reads shards, and each report file is replaced atomically).
         shard_range: (start, stop): run only shards start .. stop-1 of the job (to split one job between processes or
             machines sharing ``out``; the report covers every finished shard).
         pretrained: False: the model with random weights (timing a large model offline; part of the job).
@@ -103,6 +118,7 @@ def evaluate(
         raise VizappError("shard_size, batch_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
     names = parse_methods(methods)
     out = Path(out)
+    check_out_folder(out)
     t_load = time.perf_counter()
     from vizapp.evaluate.worker import Evaluator
 
@@ -138,55 +154,57 @@ def evaluate(
         items_sha256=items_digest(items),
         num_items=len(items),
     )
-    prepare(out, job, overwrite)
-    parts = shards(items, shard_size)
-    done = done_shards(out, len(parts))
-    lo, hi = shard_range if shard_range is not None else (0, len(parts))
-    todo = [k for k in range(max(0, lo), min(hi, len(parts))) if k not in done]
-    already = sum(len(parts[k]) for k in done)
-    if progress:
-        msg = f"[evaluate] {len(items)} images in {len(parts)} shards; model loaded in {load_s:.1f} s"
-        if done:
-            msg += f"; resuming: {len(done)} shards ({already} images) already done in {out}"
-        print(msg, file=sys.stderr, flush=True)
-    bar = Progress(already + sum(len(parts[k]) for k in todo), already) if progress else None
-    t0 = time.perf_counter()
-    timing = None
-    if report_only:
-        pass
-    elif engine == "local":
-        run_local(job, items, out, todo, fmnist_dir=fmnist_dir, progress=bar, evaluator=ev)
-    else:
-        del ev
-        timing = run_ray(
-            job,
-            items,
+    # the lock before anything is written, so that a second run fails at once; a report alone only reads shards
+    with nullcontext() if report_only else lock_folder(out, exclusive=overwrite):
+        prepare(out, job, overwrite)
+        parts = shards(items, shard_size)
+        done = done_shards(out, len(parts))
+        lo, hi = shard_range if shard_range is not None else (0, len(parts))
+        todo = [k for k in range(max(0, lo), min(hi, len(parts))) if k not in done]
+        already = sum(len(parts[k]) for k in done)
+        if progress:
+            msg = f"[evaluate] {len(items)} images in {len(parts)} shards; model loaded in {load_s:.1f} s"
+            if done:
+                msg += f"; resuming: {len(done)} shards ({already} images) already done in {out}"
+            print(msg, file=sys.stderr, flush=True)
+        bar = Progress(already + sum(len(parts[k]) for k in todo), already) if progress else None
+        t0 = time.perf_counter()
+        timing = None
+        if report_only:
+            pass
+        elif engine == "local":
+            run_local(job, items, out, todo, fmnist_dir=fmnist_dir, progress=bar, evaluator=ev)
+        else:
+            del ev
+            timing = run_ray(
+                job,
+                items,
+                out,
+                todo,
+                workers=workers,
+                threads=threads,
+                time_limit=time_limit,
+                fmnist_dir=fmnist_dir,
+                address=address,
+                progress=bar,
+                crash_once=crash_once,
+            )
+        seconds = time.perf_counter() - t0
+        if bar:
+            bar.update(0, force=True)
+        labels = method_labels({k: m.label for k, m in registry.METHODS.items()})
+        summary = write_report(
             out,
-            todo,
-            workers=workers,
-            threads=threads,
-            time_limit=time_limit,
-            fmnist_dir=fmnist_dir,
-            address=address,
-            progress=bar,
-            crash_once=crash_once,
+            names,
+            {**job.__dict__, "extra": {}},
+            command or "python -m vizapp.evaluate ...",
+            labels,
+            Path(markdown_path) if markdown_path else None,
         )
-    seconds = time.perf_counter() - t0
-    if bar:
-        bar.update(0, force=True)
-    labels = method_labels({k: m.label for k, m in registry.METHODS.items()})
-    summary = write_report(
-        out,
-        names,
-        {**job.__dict__, "extra": {}},
-        command or "python -m vizapp.evaluate ...",
-        labels,
-        Path(markdown_path) if markdown_path else None,
-    )
-    summary["seconds"] = seconds
-    summary["engine_timing"] = timing  # Ray: start-up and steady-state timing (see run_ray); None locally
-    summary["images_run"] = 0 if report_only else sum(len(parts[k]) for k in todo)
-    return summary
+        summary["seconds"] = seconds
+        summary["engine_timing"] = timing  # Ray: start-up and steady-state timing (see run_ray); None locally
+        summary["images_run"] = 0 if report_only else sum(len(parts[k]) for k in todo)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the disk, the folder's permissions: said in a line, never as a traceback
+        print(f"error: {exc.strerror or exc}; check --out and the disk, then rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: finished shards are kept in {args.out}; rerun the same command to resume", file=sys.stderr)

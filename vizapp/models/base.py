@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from vizapp.cudagraph import GraphCache
-from vizapp.errors import BadParameterError
+from vizapp.errors import BadParameterError, ModelLoadError
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_CARD = Path(__file__).resolve().parents[1] / "bundled" / "weights" / "fmnist_vit.json"
@@ -374,3 +374,84 @@ def offline_message(name: str, where: str | None, how: str) -> str:
         f"cannot load '{name}'{where}: the network is unreachable and its weights are not in the local cache. {how} "
         "The 'bundled' model works offline."
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Malformed checkpoints and configs: messages, never tracebacks or server paths
+
+#: What a model's geometry must hold: whole numbers above zero (0 heads or a 0 px patch divide by zero when built).
+GEOMETRY_FIELDS = (
+    "num_heads",
+    "num_attention_heads",
+    "patch_size",
+    "embed_dim",
+    "hidden_size",
+    "depth",
+    "num_hidden_layers",
+    "img_size",
+    "image_size",
+    "in_chans",
+    "num_channels",
+)
+
+
+def check_geometry(name: str, values: dict[str, Any], fix: str) -> None:
+    """Refuse a config whose heads, patch size, width, depth or input size (those of :data:`GEOMETRY_FIELDS` that
+    ``values`` names) are not whole numbers above zero, or pairs of them.
+
+    Args:
+        name: the model, as the message names it.
+        values: config fields (others are ignored).
+        fix: what to do, e.g. "fix model_args in its model card".
+
+    Raises:
+        ModelLoadError: naming the first bad field and its value.
+    """
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and int(v) > 0
+
+    for key in GEOMETRY_FIELDS:
+        if key not in values or values[key] is None:
+            continue
+        v = values[key]
+        ok = positive(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2, 3) and all(positive(x) for x in v))
+        if not ok:
+            raise ModelLoadError(
+                f"{name}: {key} must be a whole number above zero, got {str(v)[:40]}; {fix}, or pick another model"
+            )
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not UTF-8 JSON holding an object is refused with a
+    :class:`ModelLoadError` naming ``what`` (never the folder) and ``fix``, what to do."""
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON, cut short
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ModelLoadError(f"{what} is not valid JSON{where}; {fix}") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{what} is not a JSON object; {fix}")
+    return value
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/~])/(?:[^\s'\"/]+/)+([^\s'\"/]*)")
+
+
+def without_paths(text: str, *folders: str | os.PathLike) -> str:
+    """``text`` (a library's message) with each of ``folders``, as given and absolute, and any other absolute path
+    replaced by its last part, so that a message shown to a person names no server path (URLs are kept)."""
+    for folder in folders:
+        for form in sorted({os.path.abspath(folder), os.fspath(folder).rstrip("/")}, key=len, reverse=True):
+            if form and form not in ("/", "."):
+                text = text.replace(form, os.path.basename(form) or form)
+    return _ABS_PATH.sub(lambda m: m.group(1) or "/", text)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), absolute paths cut to their
+    last part (:func:`without_paths`), at most ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return without_paths(lines[0] if lines else type(exc).__name__)[:limit]

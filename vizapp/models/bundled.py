@@ -6,7 +6,7 @@ model loads with no network and without unpickling anything.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vizapp.errors import ModelLoadError
-from vizapp.models.base import BUNDLED, BUNDLED_CARD, VizModel
+from vizapp.models.base import BUNDLED, BUNDLED_CARD, VizModel, check_geometry, first_line, read_json_object
 from vizapp.models.timm import load_safetensors_into, wrap
 
 
@@ -58,14 +58,37 @@ def bundled_transform(card: dict[str, Any]) -> Callable[[Image.Image], torch.Ten
 
 
 def load_card(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            card = json.load(f)
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"model card {path} is missing; run `python -m vizapp.bundled.train` to create it") from e
+    """The model card at ``path``, checked: a JSON object with the constructor arguments (a mapping), the input size
+    (C, H, W, whole numbers above zero), the normalisation (one mean and std per channel, std non-zero) and the
+    class names. Messages name the file, never its folder."""
+    fix = f"fix model card {path.name} (or write it again with `python -m vizapp.bundled.train`)"
+    if not path.is_file():
+        raise ModelLoadError(f"model card {path.name} is missing; run `python -m vizapp.bundled.train` to create it")
+    card = read_json_object(path, f"model card {path.name}", fix)
     for key in ("model_args", "input_size", "mean", "std", "class_names"):
         if key not in card:
-            raise ModelLoadError(f"model card {path} lacks '{key}'")
+            raise ModelLoadError(f"model card {path.name} lacks '{key}'; {fix}")
+    if not isinstance(card["model_args"], dict):
+        raise ModelLoadError(f"model card {path.name}: model_args must be an object of constructor arguments; {fix}")
+    check_geometry(f"model card {path.name}", card["model_args"], fix)
+    size = card["input_size"]
+    if not (isinstance(size, list) and len(size) == 3):
+        raise ModelLoadError(f"model card {path.name}: input_size must be [channels, height, width]; {fix}")
+    check_geometry(f"model card {path.name}", {"image_size": size}, fix)
+    for key in ("mean", "std"):
+        v = card[key]
+        if not (
+            isinstance(v, list)
+            and len(v) == size[0]
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ):
+            raise ModelLoadError(
+                f"model card {path.name}: {key} must be {size[0]} finite numbers, one a channel; {fix}"
+            )
+    if not all(x != 0 for x in card["std"]):
+        raise ModelLoadError(f"model card {path.name}: std must not be 0; {fix}")
+    if not (isinstance(card["class_names"], list) and all(isinstance(c, str) for c in card["class_names"])):
+        raise ModelLoadError(f"model card {path.name}: class_names must be a list of names; {fix}")
     return card
 
 
@@ -75,8 +98,14 @@ def _build_from_card(card_path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     card = load_card(card_path)
     weights = card_path.with_suffix(".safetensors")
     if not weights.is_file():
-        raise ModelLoadError(f"weights {weights} are missing; run `python -m vizapp.bundled.train` to create them")
-    model = VisionTransformer(**card["model_args"])
+        raise ModelLoadError(f"weights {weights.name} are missing; run `python -m vizapp.bundled.train` to create them")
+    try:
+        model = VisionTransformer(**card["model_args"])
+    except Exception as e:  # noqa: BLE001 - an unknown argument or values timm cannot build: the card's fault
+        raise ModelLoadError(
+            f"model card {card_path.name}: its model_args cannot build a ViT ({type(e).__name__}: {first_line(e)}); "
+            f"fix model_args in the card"
+        ) from e
     load_safetensors_into(model, weights)
     return model, card
 

@@ -24,8 +24,19 @@ import torch
 from PIL import Image
 
 from vizapp.capture import HF_BASE_ATTRIBUTES
-from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
-from vizapp.models.base import HUB_TIMEOUT_S, VizModel, cached_hub_file, hub_reachable, offline_message, pair
+from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError, VizappError
+from vizapp.models.base import (
+    HUB_TIMEOUT_S,
+    VizModel,
+    cached_hub_file,
+    check_geometry,
+    first_line,
+    hub_reachable,
+    offline_message,
+    pair,
+    read_json_object,
+    without_paths,
+)
 
 #: model_type -> (how many rows of the learned position table precede the patch rows, has a CLS token)
 MODEL_TYPES = {
@@ -139,14 +150,37 @@ def _hub_weights(repo: str, folder: str) -> str:
         raise ModelLoadError(f"hf:{repo}: its weights could not be downloaded from the Hugging Face hub") from e
 
 
+#: the files of a model folder that may name Python code shipped beside it (``auto_map``)
+CODE_FILES = ("config.json", "preprocessor_config.json")
+
+
+def _refuse_custom_code(folder: str, name: str) -> None:
+    """Refuse a folder whose config or image processor config names Python code shipped with the model
+    (``auto_map``), before transformers reads either: transformers would ask on the terminal whether to run that
+    code (and run it on "y"), or fail naming the folder's absolute path. vizapp never runs a model's own code."""
+    for fn in CODE_FILES:
+        if (Path(folder) / fn).is_file():
+            cfg = read_json_object(Path(folder) / fn, f"{name}: its {fn}", "write the model again with save_pretrained")
+            if cfg.get("auto_map"):
+                raise ModelLoadError(
+                    f"{name}: its {fn} asks to run Python code shipped with the model (auto_map); vizapp never runs a "
+                    "model's own code. Pick a model whose type transformers itself provides, e.g. "
+                    f"{', '.join(sorted(MODEL_TYPES)[:6])}, ..."
+                )
+
+
 def _config(folder: str, name: str, local: bool) -> Any:
-    """The config in ``folder`` (a local folder, or a hub snapshot whose path a message must not show)."""
+    """The config in ``folder`` (a local folder, or a hub snapshot whose path a message must not show), after
+    :func:`_refuse_custom_code`."""
     transformers = _require_transformers()
+    _refuse_custom_code(folder, name)
     try:
-        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        detail = f" ({str(e).splitlines()[0][:200]})" if local else ""
-        raise ModelLoadError(f"{name}: not a transformers model config{detail}") from e
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        detail = f" ({first_line(without_paths(str(e), folder))})" if local else ""
+        raise ModelLoadError(
+            f"{name}: not a transformers model config{detail}; write it again with save_pretrained"
+        ) from e
 
 
 def _vision_config(config: Any) -> Any:
@@ -238,7 +272,9 @@ def _transform(folder: str, model_type: str, size: tuple[int, int]) -> tuple[Cal
     proc = None
     if (Path(folder) / "preprocessor_config.json").is_file():
         try:
-            proc = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            proc = transformers.AutoImageProcessor.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False
+            )
         except (OSError, ValueError):
             proc = None
     if proc is None:
@@ -338,7 +374,16 @@ def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
             config.num_hidden_layers = k
         return cls._from_config(config)
 
-    check_budget(name, layers=layers, counter=lambda: layered_parameter_count(build, layers))
+    def count() -> int:
+        try:
+            return layered_parameter_count(build, layers)
+        except Exception as e:  # noqa: BLE001 - a config transformers cannot build: said in a line
+            raise ModelLoadError(
+                f"{name}: transformers cannot build its config ({type(e).__name__}: {first_line(e)}); fix config.json "
+                "or pick another model"
+            ) from e
+
+    check_budget(name, layers=layers, counter=count)
 
 
 def _check_complete(name: str, model: torch.nn.Module, info: dict[str, Any]) -> bool:
@@ -352,14 +397,17 @@ def _check_complete(name: str, model: torch.nn.Module, info: dict[str, Any]) -> 
     missing = sorted(info.get("missing_keys") or ())
     pooler = [k for k in missing if ".pooler." in f".{k}"]
     missing = [k for k in missing if k not in pooler]
-    mismatched = list(info.get("mismatched_keys") or ())
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]  # (key, shapes)
     if missing or mismatched:
         total = len(model.state_dict())
         shown = ", ".join(str(k) for k in (missing or mismatched)[:3])
+        what = [f"lack {len(missing)} of the model's {total} tensors"] if missing else []
+        what += [f"have {len(mismatched)} of its {total} tensors in another shape than config.json says"] * bool(
+            mismatched
+        )
         raise ModelLoadError(
-            f"{name}: its weights lack {len(missing)} of the model's {total} tensors"
-            + (f" and {len(mismatched)} have the wrong shape" if mismatched else "")
-            + f" (e.g. {shown}); they would be random, so it is refused. Use a complete model.safetensors"
+            f"{name}: its weights {' and '.join(what)} (e.g. {shown}); they would be random, so it is refused. Use a "
+            "complete model.safetensors saved with this config.json"
         )
     return bool(pooler)
 
@@ -379,12 +427,14 @@ def load(
 
     src, local = _source(name, hub_only)
     folder = src if local else _hub_folder(src)
-    config = _config(folder, name, local)
+    shown = os.path.basename(os.path.normpath(src)) if local else name  # messages name a folder, not its path
+    config = _config(folder, shown, local)
     for k, v in kwargs.items():
         if not hasattr(config, k):
             raise BadParameterError(f"{type(config).__name__} has no field {k!r}")
         setattr(config, k, v)
     vision = _vision_config(config)
+    check_geometry(shown, vision.to_dict(), "fix its config.json")
     model_type = vision.model_type
     if model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
@@ -407,13 +457,19 @@ def load(
                 local_files_only=True,
                 use_safetensors=True,  # never a pickled .bin
                 output_loading_info=True,
+                trust_remote_code=False,
+                ignore_mismatched_sizes=True,  # reported in ``info`` and refused by _check_complete, with a message
             )
         else:
             model, info = cls._from_config(built, attn_implementation="sdpa"), {}
-    except OSError as e:
-        detail = f" ({str(e).splitlines()[0][:200]})" if local else ""  # a hub snapshot's path is not shown
-        raise ModelLoadError(f"{name}: weights could not be read{detail}") from e
-    untrained_pooler = _check_complete(name, model, info)  # outside the try: its ModelLoadError is the message
+    except VizappError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad header, a truncated file, tensors transformers cannot place
+        detail = f" ({first_line(without_paths(str(e), folder))})" if local else ""  # a hub snapshot's path: never
+        raise ModelLoadError(
+            f"{shown}: weights could not be read{detail}; write model.safetensors again with save_pretrained"
+        ) from e
+    untrained_pooler = _check_complete(shown, model, info)  # outside the try: its ModelLoadError is the message
     attention_layers(model)  # the support check
     model.eval().to(device=device, dtype=dtype)
     base = _base(model)

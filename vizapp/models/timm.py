@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError
-from vizapp.models.base import VizModel, cached_hub_file, hub_reachable, offline_message, pair
+from vizapp.models.base import (
+    VizModel,
+    cached_hub_file,
+    check_geometry,
+    first_line,
+    hub_reachable,
+    offline_message,
+    pair,
+)
 
 HOW = "Connect once to cache them, copy a cache (HF_HOME) from another machine, or pass a local .safetensors file with arch=...."
 
@@ -244,16 +252,38 @@ def load_safetensors_into(model: torch.nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {e}") from e
+        raise ModelLoadError(
+            f"{path.name} is not a readable .safetensors file ({first_line(e)}); save the weights again with "
+            "safetensors.torch.save_file"
+        ) from e
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = str(e).split("\n\t")[1:2]
-        raise ModelLoadError(f"{path.name} does not match the architecture: {first[0] if first else e}") from e
+        raise ModelLoadError(
+            f"{path.name} does not match the architecture: {(first[0] if first else first_line(e)).rstrip('.')}; pass the "
+            "architecture (and settings) it was saved from"
+        ) from e
     if missing or unexpected:
         raise ModelLoadError(
-            f"{path.name} does not match the architecture: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+            f"{path.name} does not match the architecture: missing {list(missing)[:5]}, unexpected "
+            f"{list(unexpected)[:5]}; pass the architecture (and settings) it was saved from"
         )
+
+
+def create_or_refuse(name: str, create: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``create()``, with anything but a vizapp error (settings timm cannot build: an unknown argument, a width not
+    divisible by the heads, ...; weights that do not fit) turned into a :class:`ModelLoadError` that names the model
+    and what to change, and no server path."""
+    try:
+        return create()
+    except (BadParameterError, ModelLoadError, UnsupportedModelError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the settings' fault, said in a line
+        raise ModelLoadError(
+            f"{name} could not be built with its weights ({type(e).__name__}: {first_line(e)}); check its settings "
+            "and weights, or pick another model"
+        ) from e
 
 
 def load_safetensors_file(path: Path, arch: str | None, kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -263,7 +293,7 @@ def load_safetensors_file(path: Path, arch: str | None, kwargs: dict[str, Any]) 
     if not arch:
         raise BadParameterError(f"loading {path.name} needs arch=... (the timm architecture it was saved from)")
     if not path.is_file():
-        raise ModelLoadError(f"no such file: {path}")
+        raise ModelLoadError(f"no such file: {path.name}; check the path")
     import timm
     from safetensors import safe_open
 
@@ -272,8 +302,12 @@ def load_safetensors_file(path: Path, arch: str | None, kwargs: dict[str, Any]) 
             keys = set(f.keys())
             nc = f.get_slice("head.weight").get_shape()[0] if "head.weight" in keys else 0
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {e}") from e
-    model = timm.create_model(validate_model_id(arch).split(".", 1)[0], pretrained=False, num_classes=nc, **kwargs)
+        raise ModelLoadError(
+            f"{path.name} is not a readable .safetensors file ({first_line(e)}); save the weights again with "
+            "safetensors.torch.save_file"
+        ) from e
+    arch = validate_model_id(arch).split(".", 1)[0]
+    model = create_or_refuse(path.name, lambda: timm.create_model(arch, pretrained=False, num_classes=nc, **kwargs))
     load_safetensors_into(model, path)
     return model
 
@@ -321,11 +355,12 @@ def load(
     name: str, pretrained: bool, arch: str | None, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]
 ) -> VizModel:
     """A timm name/tag ("timm:" optional), an ``hf-hub:`` timm id, or a .safetensors path with ``arch``."""
+    check_geometry(Path(name).name if name.endswith(".safetensors") else name, kwargs, "change that setting")
     if name.endswith(".safetensors"):
         path = Path(name)
         model = load_safetensors_file(path, arch, kwargs)
         return wrap(model, name, "file", f"Weights from {path.name}.", device, dtype)
     bare = name.split(":", 1)[1] if name.startswith("timm:") else name
-    model, source = _create_timm(bare, pretrained, **kwargs)
+    model, source = create_or_refuse(name, lambda: _create_timm(bare, pretrained, **kwargs))
     note = "Random weights (pretrained=False): predictions and maps are not meaningful." if source == "random" else ""
     return wrap(model, name, source, note, device, dtype)

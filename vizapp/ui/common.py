@@ -3,8 +3,10 @@ wrapper that turns every failure into a message, the GPU decoration for ZeroGPU 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -49,6 +51,33 @@ def export_folder(now: float | None = None) -> Path:
             except FileNotFoundError:
                 pass
         return Path(tempfile.mkdtemp(dir=root))
+
+
+def write_export(name: str, write: Callable[[Path], None], folder: Path | None = None) -> Path:
+    """Write one download: ``write(path)`` writes a temporary file, renamed to ``name`` once whole, in ``folder`` (a
+    fresh :func:`export_folder` when None). When the write fails (a full disk), the folder goes too, so nothing
+    half-written stays behind, and the person gets a message without the server's paths.
+
+    Raises:
+        VizappError: the file could not be written.
+    """
+    try:
+        folder = export_folder() if folder is None else folder
+        tmp = folder / f".part-{name}"  # keeps the suffix: numpy's savez adds ".npz" to a name without it
+        write(tmp)
+        path = folder / name
+        os.replace(tmp, path)
+        return path
+    except OSError as e:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        log.warning("export %s failed: %r", name, e)
+        why = (
+            "the server's disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "the server could not store it"
+        )
+        raise VizappError(
+            f"the download could not be written: {why}; try again in a while (your analysis is kept)"
+        ) from None
 
 
 def user_errors(fn: F) -> F:

@@ -17,10 +17,10 @@ from vizapp.ui import deadline
 from vizapp.ui.common import (
     analysis_state,
     analyze_on_gpu,
-    export_folder,
     patch_at,
     session_id,
     user_errors,
+    write_export,
 )
 from vizapp.ui.outputs import (
     FeatureExportOutputs,
@@ -241,6 +241,5 @@ def export_features(
         as_float(dino_threshold, "mask threshold", 0.01, 1.0),
         imp,
     )
-    out = export_folder() / "vizapp_features.npz"
-    np.savez_compressed(out, **arrays)
+    out = write_export("vizapp_features.npz", lambda path: np.savez_compressed(path, **arrays))
     return FeatureExportOutputs(str(out))

@@ -31,6 +31,7 @@ from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-ex
     session_id,
     user_errors,
     view_controls,
+    write_export,
 )
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, compare_cost_note, importance_cost_note, map_cost_note
 from vizapp.ui.outputs import (
@@ -491,10 +492,9 @@ def export_files(state: Any) -> ExportOutputs:
     """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
     st = analysis_state(state)
     r: Analysis = st["analysis"]
-    out = export_folder()
-    npz, js = out / "vizapp_attention.npz", out / "vizapp_summary.json"
-    np.savez_compressed(npz, **r.arrays())
-    js.write_text(json.dumps(r.summary(), indent=1))
+    arrays, summary = r.arrays(), json.dumps(r.summary(), indent=1)
+    npz = write_export("vizapp_attention.npz", lambda path: np.savez_compressed(path, **arrays))
+    js = write_export("vizapp_summary.json", lambda path: path.write_text(summary), npz.parent)
     return ExportOutputs(str(npz), str(js))
 
 
@@ -532,8 +532,8 @@ def export_figures(
         )[0]
     vm = models.reload(r.load_args)
     figs = views.tab_figures(r, c, vm, extra)
-    out = export_folder() / "vizapp_figures.zip"
-    names = views.figures_zip(figs, str(out))
+    names: list[str] = []
+    out = write_export("vizapp_figures.zip", lambda path: names.extend(views.figures_zip(figs, str(path))))
     return FiguresExportOutputs(
         str(out), f"{len(names)} figures, one HTML page each (open them offline once unzipped)."
     )
