@@ -5,12 +5,20 @@
 requests from concurrent clients (each with distinct images) and checks that every response equals the single-user
 result for its image. It reports errors, p50/p95 latency and the server's RSS after warm-up and at the end. Bounded
 in count and time; loopback only.
+
+``python -m benchmarks.loadtest --retention [--visitors 25] [--model vit_tiny_patch16_384 --random-weights]`` is the
+retention run instead: one-shot visitors each analyse one image and leave (their client closes, so the page's
+heartbeat connection drops and gradio ends the session); it reports the server's RSS before the first visitor, just
+after the last left, and ``--settle`` (30) seconds later, and how many results the server freed when sessions ended
+(from its log). ``--results-bytes`` sets the server's VIZAPP_MAX_RESULTS_BYTES; ``--app-dir`` serves another checkout's
+``app.py`` (to measure a version before a change).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -100,12 +108,19 @@ class LoadReport:
         )
 
 
-def start_server(model: str, port: int, concurrency: int = 2, log_path: str | None = None) -> subprocess.Popen:
-    env = dict(os.environ, VIZAPP_CONCURRENCY=str(concurrency), GRADIO_ANALYTICS_ENABLED="False")
+def start_server(
+    model: str,
+    port: int,
+    concurrency: int = 2,
+    log_path: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    app_dir: Path = REPO,
+) -> subprocess.Popen:
+    env = dict(os.environ, VIZAPP_CONCURRENCY=str(concurrency), GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
     log = open(log_path or os.devnull, "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
+        [sys.executable, str(app_dir / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=app_dir,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -184,6 +199,78 @@ def run(
     return report
 
 
+@dataclass
+class RetentionReport:
+    visitors: int
+    model: str
+    results_bytes: str
+    rss_before_mb: float = float("nan")
+    rss_after_mb: float = float("nan")
+    rss_settled_mb: float = float("nan")
+    settle_s: float = 30.0
+    freed: int = 0  # results the server said it freed when a session ended
+    errors: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        return (
+            f"| visitors | model | results budget | RSS before MB | RSS after MB | RSS {self.settle_s:.0f} s later MB | "
+            "kept after settling MB | results freed at session end | errors |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            f"| {self.visitors} | {self.model} | {self.results_bytes} | {self.rss_before_mb:.0f} | "
+            f"{self.rss_after_mb:.0f} | {self.rss_settled_mb:.0f} | {self.rss_settled_mb - self.rss_before_mb:+.0f} | "
+            f"{self.freed} | {len(self.errors)} |"
+        )
+
+
+def retention(
+    model: str,
+    visitors: int = 25,
+    settle_s: float = 30.0,
+    random_weights: bool = False,
+    results_bytes: str | None = None,
+    app_dir: Path = REPO,
+) -> RetentionReport:
+    """One-shot visitors analyse one image each and leave; the server's RSS before, after and ``settle_s`` later."""
+    from gradio_client import Client, handle_file
+
+    report = RetentionReport(visitors, model, results_bytes or "default", settle_s=settle_s)
+    env = {"VIZAPP_MAX_RESULTS_BYTES": results_bytes} if results_bytes else {}
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="vizapp-retention-") as tmp:
+        paths = make_images(Path(tmp), visitors + 1)
+        log_path = Path(tmp) / "server.log"
+        server = start_server(model, port, 1, log_path=str(log_path), extra_env=env, app_dir=app_dir)
+        url = f"http://127.0.0.1:{port}/"
+
+        def visit(path: str) -> None:
+            client = Client(url, verbose=False)
+            try:
+                client.predict(handle_file(path), model, random_weights=random_weights, api_name="/analyze")
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                report.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+            finally:
+                client.close()  # the visitor leaves: the heartbeat stream ends within one heartbeat (15 s)
+
+        try:
+            visit(paths[-1])  # warm-up: the model loaded and one visitor come and gone
+            time.sleep(settle_s)
+            report.rss_before_mb = _rss_mb(server.pid)
+            for path in paths[:visitors]:
+                visit(path)
+            report.rss_after_mb = _rss_mb(server.pid)
+            time.sleep(settle_s)
+            report.rss_settled_mb = _rss_mb(server.pid)
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        freed = re.findall(r"session ended: (\d+) kept result", log_path.read_text(errors="replace"))
+        report.freed = sum(int(n) for n in freed)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled")
@@ -193,7 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="the server queue's concurrency limit")
     parser.add_argument("--max-rss-growth-mb", type=float, default=150.0)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    parser.add_argument("--retention", action="store_true", help="the one-shot visitors' retention run instead")
+    parser.add_argument("--visitors", type=int, default=25)
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds to wait before the last RSS reading")
+    parser.add_argument("--random-weights", action="store_true", help="analyse the architecture with random weights")
+    parser.add_argument("--results-bytes", default=None, help="the server's VIZAPP_MAX_RESULTS_BYTES")
+    parser.add_argument("--app-dir", default=str(REPO), help="the checkout whose app.py is served")
     args = parser.parse_args(argv)
+    if args.retention:
+        kept = retention(
+            args.model, args.visitors, args.settle, args.random_weights, args.results_bytes, Path(args.app_dir)
+        )
+        print(kept.table())
+        for e in kept.errors[:5]:
+            print("error:", e)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(
+                    f"\n`python -m benchmarks.loadtest --retention --model {args.model} --visitors {args.visitors}"
+                    f"{' --random-weights' if args.random_weights else ''}` on {os.cpu_count()} cores, "
+                    f"{time.strftime('%Y-%m-%d')}:\n\n{kept.table()}\n"
+                )
+        return 0 if not kept.errors else 1
     report = run(args.model, args.requests, args.clients, args.images, args.concurrency)
     table = report.table()
     print(table)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,33 @@ class AppDriver:
             for i, d in enumerate(self.deps)
             if d.get("backend_fn") and any(t[0] == cid and t[1] == event for t in d["targets"])
         ]
+
+    # -- the session's connection ----------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the page's heartbeat stream (``/heartbeat/<session>``), as the browser does on load: gradio ends the
+        session, and fires the app's ``unload``, when that connection closes (see :meth:`close`)."""
+        u = urllib.parse.urlsplit(self.api)
+        sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        request = (
+            f"GET {u.path}/heartbeat/{self.session} HTTP/1.1\r\nHost: {u.netloc}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        seen = b""
+        while b"ALIVE" not in seen:  # the server answers at once: the session's stream is open
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the heartbeat stream closed at once")
+            seen += chunk
+        self._heartbeat = sock
+
+    def close(self) -> None:
+        """The visitor closes the tab: the heartbeat connection drops (gradio then runs the app's unload)."""
+        sock = getattr(self, "_heartbeat", None)
+        if sock is not None:
+            sock.close()
+            self._heartbeat = None
+        self.http.close()
 
     def load(self) -> list[Fired]:
         """What the page runs when it opens: every backend event on the app's ``load``."""

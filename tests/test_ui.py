@@ -19,6 +19,11 @@ def _noprogress(*args, **kwargs):
     return None
 
 
+def _kept(state):
+    """A handler's state with its analyses fetched from the results store (the state holds only their key)."""
+    return ui.common.analysis_state(state)
+
+
 @pytest.fixture(scope="module")
 def analysed(card_model, photo):
     out = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model)
@@ -28,7 +33,7 @@ def analysed(card_model, photo):
 def test_analyze_outputs(analysed, card_model, photo):
     state, status, label, summary = analysed.state, analysed.status, analysed.label, analysed.summary
     roll, heads, dist = analysed.rollout, analysed.heads, analysed.distance
-    r = state["analysis"]
+    r = _kept(state)["analysis"]
     assert isinstance(r, vizapp.Analysis) and state["query"] == "cls"
     assert "2 layers x 3 heads" in status and "7x7 patches" in status and "the output reads the class token" in status
     assert len(label) == 5 and abs(sum(label.values()) - sum(p for _, p in r.top_k)) < 1e-6
@@ -64,7 +69,7 @@ def test_rerender_without_forward_pass(analysed, monkeypatch):
 
 def test_class_specific_methods_and_compare(analysed):
     state = analysed.state
-    label = state["analysis"].top_k[1][0]
+    label = _kept(state)["analysis"].top_k[1][0]
     for method in vizapp.methods.METHODS:
         fig = ui.render_map(state, method, label, "mean", 0.0, 0, 0.6, progress=_noprogress).rollout
         assert fig.data[1].z.shape == (7, 7)
@@ -86,7 +91,7 @@ def test_class_specific_methods_and_compare(analysed):
 
 def test_select_patch_and_click_bridges(analysed):
     state = analysed.state
-    s = ui.views.query_image_scale(state["analysis"])  # 28-px view shown 12x larger
+    s = ui.views.query_image_scale(_kept(state)["analysis"])  # 28-px view shown 12x larger
     assert s == 12 and analysed.query_image.shape == (28 * s, 28 * s, 3)
     evt = SimpleNamespace(index=[13 * s, 27 * s])  # x=13 px, y=27 px of the view on 4-px patches -> row 6, col 3
     assert ui.select_patch(state, evt) == (ui.PATCH_QUERY, 6, 3)
@@ -159,10 +164,10 @@ def test_pos_views(card_model):
 )
 def test_bad_parameters_get_clear_errors(analysed, card_model, call, message):
     state = analysed.state
-    before = state["analysis"].rollout().copy()
+    before = _kept(state)["analysis"].rollout().copy()
     with pytest.raises(gr.Error, match=message):
         call(state, card_model)
-    np.testing.assert_array_equal(state["analysis"].rollout(), before)  # nothing changed
+    np.testing.assert_array_equal(_kept(state)["analysis"].rollout(), before)  # nothing changed
 
 
 def test_api_end_to_end(live_app, card_model, photo, tmp_path):
@@ -271,7 +276,7 @@ def test_slow_operations_stop_at_the_deadline(analysed, card_model, photo, monke
     """VIZAPP_REQUEST_SECONDS=0 allows no slow work: the flow and the comparison refuse with the operator's setting
     named, instead of running; with the default limit the same calls return figures."""
     fresh = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model).state
-    label = fresh["analysis"].top_k[0][0]
+    label = _kept(fresh)["analysis"].top_k[0][0]
     monkeypatch.setenv("VIZAPP_REQUEST_SECONDS", "0")
     for method in SLOW:
         with pytest.raises(gr.Error, match=r"stopped after 0 s: .* 0 s limit set by VIZAPP_REQUEST_SECONDS"):
@@ -307,8 +312,8 @@ def test_cancel_stops_a_running_flow_and_frees_the_worker(card_model, photo):
     """Cancel from another request of the same session stops the flow at its next max-flow, with a clear message."""
     import threading
 
-    fresh = ui.analyze_image(photo, card_model, progress=_noprogress, trusted_model=card_model).state
     session = SimpleNamespace(session_hash="cancel-test")
+    fresh = ui.analyze_image(photo, card_model, progress=_noprogress, request=session, trusted_model=card_model).state
     started, cancelled, outcome, reports = threading.Event(), threading.Event(), {}, []
 
     def progress(fraction, desc=""):
@@ -436,7 +441,7 @@ def _assert_feature_figures(f, grid):
 
 def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_timm_in_app):
     st = dinov3.state
-    r = st["analysis"]
+    r = _kept(st)["analysis"]
     assert r.grid_size == (4, 4) and r.num_prefix_tokens == 5 and r.probs is None
     assert dinov3.label is None and "4x4 patches" in dinov3.status and "no classifier head" in dinov3.status
     assert "Compare** needs class probabilities" in dinov3.compare_cost
@@ -474,7 +479,7 @@ def test_naflex_in_the_app_keeps_the_photo_aspect_ratio(random_timm_in_app, tmp_
     path = tmp_path / "wide.png"
     random_image(8, size=(60, 160)).save(path)  # 60 rows, 160 columns: a wide photo
     out = ui.analyze_image(str(path), NAFLEX[0], progress=_noprogress)
-    r = out.state["analysis"]
+    r = _kept(out.state)["analysis"]
     gh, gw = r.grid_size
     assert gw > gh and gh * gw <= 12 and f"{gh}x{gw} patches" in out.status
     assert out.rollout.data[1].z.shape == (gh, gw)
@@ -504,7 +509,7 @@ def test_position_views_per_scheme(random_timm_in_app):
 
 
 def test_features_rerender_without_forward_pass(reg4_state, monkeypatch):
-    r = reg4_state["analysis"]
+    r = _kept(reg4_state)["analysis"]
     monkeypatch.setattr(vizapp.VizModel, "model", property(lambda self: pytest.fail("no forward pass")), raising=False)
     a = _features(reg4_state, layer=-1, row=1, col=2)
     b = _features(a.state, layer=0, fg=0.3, row=3, col=0, norm_layer=1, dino=0.3)
@@ -537,7 +542,7 @@ def test_features_rerender_without_forward_pass(reg4_state, monkeypatch):
 def test_artifact_sentence_follows_the_numbers(reg4_state):
     import dataclasses
 
-    r = reg4_state["analysis"]
+    r = _kept(reg4_state)["analysis"]
     norms = r.token_norms().copy()
     p = r.num_prefix_tokens
     assert ui.views.artifact_sentence(r).startswith("On this image no patch token")
@@ -552,7 +557,7 @@ def test_artifact_sentence_follows_the_numbers(reg4_state):
 
 def test_logit_lens_and_head_importance_in_the_app(analysed):
     st = analysed.state
-    r = st["analysis"]
+    r = _kept(st)["analysis"]
     label = r.top_k[1][0]
     f = _features(st, lens_class=label)
     assert f.lens_table["visible"] and len(f.lens_table["value"]) == r.num_layers
@@ -588,18 +593,18 @@ def test_second_image_and_pca_across_examples(analysed, photo, tmp_path):
     from conftest import random_image
 
     st = analysed.state
-    r = st["analysis"]
+    r = _kept(st)["analysis"]
     path = tmp_path / "second.png"
     random_image(5, size=(64, 64)).save(path)
     out = ui.analyze_second_image(st, str(path), 2, 3, -1, progress=_noprogress)
-    other = out.state["other"]
+    other = _kept(out.state)["other"]
     assert "second" in out.feat_sim.layout.title.text.replace("<br>", " ")
     np.testing.assert_allclose(
         out.feat_sim.data[1].customdata[..., 2], r.feature_similarity((2, 3), other=other), atol=1e-6
     )
     assert not np.array_equal(out.feat_sim.data[0].source, analysed.rollout.data[0].source)  # drawn on the other
     cleared = ui.analyze_second_image(out.state, None, 2, 3, -1, progress=_noprogress)
-    assert "other" not in cleared.state
+    assert "other" not in cleared.state and "other" not in _kept(cleared.state)
     gallery = ui.pca_across_examples(st, -1, progress=_noprogress).pca_gallery
     n = 1 + len(ui.handlers.example_images())
     assert [t.type for t in gallery.data] == [
@@ -616,7 +621,7 @@ def test_head_importance_honours_the_deadline(analysed, monkeypatch):
         ui.pca_across_examples(analysed.state, -1, progress=_noprogress)
 
 
-def test_head_importance_stops_between_layers_on_cancel(analysed):
+def test_head_importance_stops_between_layers_on_cancel(card_model, photo):
     """Cancel during the exact ablation stops it before the next layer."""
     session = SimpleNamespace(session_hash="importance-cancel")
     seen = []
@@ -626,8 +631,9 @@ def test_head_importance_stops_between_layers_on_cancel(analysed):
         if " of " in desc:  # the first layer is done: press Cancel
             ui.handlers.cancel_running(session)
 
+    state = ui.analyze_image(photo, card_model, progress=_noprogress, request=session, trusted_model=card_model).state
     with pytest.raises(gr.Error, match="cancelled during exact head ablation"):
-        ui.run_importance(analysed.state, "exact", "zero", None, progress=progress, request=session)
+        ui.run_importance(state, "exact", "zero", None, progress=progress, request=session)
     assert [d for d in seen if " of " in d] == ["exact head ablation: 1 of 2"]
     assert ui.deadline.running_sessions() == []
 
@@ -691,7 +697,7 @@ def hf_vit_folder(tmp_path_factory):
 def test_transformers_model_renders_every_tab(hf_vit_folder, photo):
     out = ui.analyze_image(photo, hf_vit_folder, progress=_noprogress, trusted_model=hf_vit_folder)
     st = out.state
-    r = st["analysis"]
+    r = _kept(st)["analysis"]
     assert r.grid_size == (4, 4) and len(out.label) == 5 and "4x4 patches" in out.status
     assert [t.type for t in out.rollout.data] == ["image", "heatmap"] and out.rollout.data[1].z.shape == (4, 4)
     assert out.heads.data[0].type == "heatmap" and out.distance.data[0].y.shape == (2 * 4,)
@@ -727,7 +733,7 @@ def test_transformers_rope_and_bias_models_analyse_and_show_their_position_schem
     _, config_cls, model_cls, extra = next(h for h in HF if h[0] == fid)
     folder = str(save_hf(tmp_path_factory.mktemp(fid), config_cls, model_cls, extra))
     out = ui.analyze_image(photo, folder, progress=_noprogress, trusted_model=folder)
-    r = out.state["analysis"]
+    r = _kept(out.state)["analysis"]
     assert r.grid_size == (4, 4) and out.rollout.data[1].z.shape == (4, 4)
     assert r.num_registers == (4 if fid == "hf_dinov3" else 0)
     pos = ui.render_pos(folder, 0, 1, 2, 1, 0, trusted_model=folder)
@@ -765,7 +771,7 @@ def test_rollout_tab_offers_the_cls_row_for_a_model_whose_output_reads_its_patch
     out = ui.analyze_image(photo, folder, progress=_noprogress, trusted_model=folder)
     assert out.start_row["visible"] and out.start_row["value"] == "output"
     assert "the output reads the mean of the patch tokens" in out.rollout.layout.title.text.replace("<br>", " ")
-    r = out.state["analysis"]
+    r = _kept(out.state)["analysis"]
     fig = ui.render_map(out.state, "rollout", None, "mean", 0.0, 0, 0.6, "cls", progress=_noprogress).rollout
     assert "from the CLS row" in fig.layout.title.text.replace("<br>", " ")
     cls_row = r.rollout(start_row="cls")

@@ -22,6 +22,9 @@ Variable                       Default         Meaning
 ``VIZAPP_MAX_ANALYSIS_BYTES``  ``1073741824``  Most bytes (1 GiB) one image's analysis may hold, estimated by
                                                :func:`analysis_memory` from the model's tokens at its configured
                                                input size, layers, heads and width; ``none``: no limit.
+``VIZAPP_MAX_RESULTS_BYTES``   ``1073741824``  Most bytes (1 GiB) the app keeps of its visitors' analyses, all
+                                               sessions together (:mod:`vizapp.ui.store`): least recently used
+                                               dropped first; ``none``: no limit (still freed per session).
 =============================  ==============  ==================================================================
 
 Why 400 M parameters: the ViT-L family (ViT-L/16 304 M, CLIP ViT-L/14 304 M, DINOv2-L 304 M, EVA02-L 304 M) fits with
@@ -71,6 +74,7 @@ __all__ = [
     "DEFAULT_MAX_ANALYSIS_BYTES",
     "DEFAULT_MAX_LAYERS",
     "DEFAULT_MAX_PARAMS",
+    "DEFAULT_MAX_RESULTS_BYTES",
     "analysis_memory",
     "check_allowed",
     "check_analysis_budget",
@@ -87,6 +91,9 @@ DEFAULT_MAX_PARAMS = 400_000_000
 DEFAULT_CACHE_BYTES = 6 * 1024**3
 DEFAULT_MAX_LAYERS = 64
 DEFAULT_MAX_ANALYSIS_BYTES = 1024**3
+# Kept analyses, every session together: about 12 ViT-B/16 at 384 px (82 MB each), 40 at 224 px, 9 ViT-L/16 at 384 px
+# (113 MiB), beside the 6 GiB model cache and two analyses in flight on a 16 GB Space.
+DEFAULT_MAX_RESULTS_BYTES = 1024**3
 HUB_CONFIG_TIMEOUT_S = 5.0
 
 V = TypeVar("V")
@@ -110,6 +117,8 @@ class Budget:
         cache_bytes: total bytes the model cache may hold.
         max_layers: most encoder layers a config may ask for; None means no limit.
         max_analysis_bytes: most bytes one image's analysis may hold (:func:`analysis_memory`); None: no limit.
+        max_results_bytes: most bytes the app keeps of its sessions' analyses in all (:mod:`vizapp.ui.store`);
+            None: no limit.
     """
 
     max_params: int | None = DEFAULT_MAX_PARAMS
@@ -117,11 +126,12 @@ class Budget:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_layers: int | None = DEFAULT_MAX_LAYERS
     max_analysis_bytes: int | None = DEFAULT_MAX_ANALYSIS_BYTES
+    max_results_bytes: int | None = DEFAULT_MAX_RESULTS_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Budget:
-        """Read ``VIZAPP_MAX_PARAMS``, ``VIZAPP_MODELS``, ``VIZAPP_CACHE_BYTES``, ``VIZAPP_MAX_LAYERS`` and
-        ``VIZAPP_MAX_ANALYSIS_BYTES``; ValueError on a bad value."""
+        """Read ``VIZAPP_MAX_PARAMS``, ``VIZAPP_MODELS``, ``VIZAPP_CACHE_BYTES``, ``VIZAPP_MAX_LAYERS``,
+        ``VIZAPP_MAX_ANALYSIS_BYTES`` and ``VIZAPP_MAX_RESULTS_BYTES``; ValueError on a bad value."""
         env = os.environ if environ is None else environ
         raw_models = env.get("VIZAPP_MODELS", "")
         allowed = None
@@ -135,6 +145,7 @@ class Budget:
             cache_bytes=cache_bytes,
             max_layers=_limit(env, "VIZAPP_MAX_LAYERS", DEFAULT_MAX_LAYERS),
             max_analysis_bytes=_limit(env, "VIZAPP_MAX_ANALYSIS_BYTES", DEFAULT_MAX_ANALYSIS_BYTES),
+            max_results_bytes=_limit(env, "VIZAPP_MAX_RESULTS_BYTES", DEFAULT_MAX_RESULTS_BYTES),
         )
 
 

@@ -289,10 +289,8 @@ def analyze_inputs(
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     setup = _PassSetup.of(vm, grid, inline, gradients)
     graphed = None
-    weights_key = None
     if b == 1 and _graphable(vm, setup):
-        weights_key = vm.weights_key()  # also the fingerprint's, below
-        key = cudagraph.graph_key(vm.model, weights_key, x_dev, inline)
+        key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
 
         def plain_pass(xs: torch.Tensor) -> _PassResult:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
@@ -311,7 +309,7 @@ def analyze_inputs(
         hosts = [out.to_host() for out in outs]
     if progress:
         progress(0.6, "attention analyses")
-    fingerprint = vm.fingerprint(key=weights_key)
+    fingerprint = vm.fingerprint()  # afresh: an edit through .data since the last analysis moves no counter
     results = [
         _analysis(vm, x[i : i + 1], host, grid, notes[i], graphs[i], fingerprint, top_k) for i, host in enumerate(hosts)
     ]
@@ -327,7 +325,7 @@ def _analysis(
     grid: tuple[int, int],
     notes: tuple[str, ...],
     graph: GradientGraph,
-    fingerprint: tuple[float, ...],
+    fingerprint: tuple[str, ...],
     top_k: int,
 ) -> Analysis:
     """One image's :class:`Analysis` from its input ``x`` [1, C, H, W] and its pass's results on the host."""

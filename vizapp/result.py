@@ -18,6 +18,7 @@ from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError, StaleResultError
 from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
+from vizapp.models.digest import WeightsDigest
 from vizapp.result_features import LabelFreeViews
 from vizapp.streaming import fused_layer
 
@@ -103,8 +104,9 @@ class Analysis(LabelFreeViews):
             norm, pooling and head (None without a classifier head).
         num_registers: register tokens among the prefix tokens.
         model_ref: a weak reference to the model the result came from, and ``model_fingerprint`` a digest of its
-            weights then (:meth:`VizModel.fingerprint`): methods that run the model again use that very network or
-            refuse (:class:`~vizapp.errors.StaleResultError`), never another one.
+            weights then (:meth:`VizModel.fingerprint`: names, dtypes, devices and contents by position): methods
+            that run the model again use that very network or refuse (:class:`~vizapp.errors.StaleResultError`),
+            never another one.
         graph: with ``analyze(..., gradients=True)``, the forward's autograd graph (see :class:`GradientGraph`).
         mean_distance: [L, H] mean attention distance in pixels (``statistics["distance"]``).
         statistics: every registered statistic (:mod:`vizapp.statistics`) of this image: name -> [L, H] for a
@@ -137,7 +139,7 @@ class Analysis(LabelFreeViews):
     lens_probs: np.ndarray | None = None
     num_registers: int = 0
     model_ref: Any = field(default=None, repr=False)
-    model_fingerprint: tuple[float, ...] = ()
+    model_fingerprint: WeightsDigest | tuple = ()
     graph: GradientGraph = field(default_factory=GradientGraph, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -316,10 +318,17 @@ class Analysis(LabelFreeViews):
                 )
             vm = reload(self.load_args)
             where = "reloaded, and its weights differ from those of"
-        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
-            raise StaleResultError(
-                f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
-            )
+        if self.model_fingerprint:
+            now = vm.fingerprint()
+            if now.layout != self.model_fingerprint.layout:
+                raise StaleResultError(
+                    f"the weights of {self.model_name} have been converted, moved or renamed (dtype, device or names "
+                    f"differ) since this result was made; analyze the image again to explain it"
+                )
+            if now.values != self.model_fingerprint.values:
+                raise StaleResultError(
+                    f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
+                )
         return vm
 
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:

@@ -244,7 +244,6 @@ def load_model(
     def loader() -> VizModel:
         vm = replace(_load_uncached(name, pretrained, arch, dev, dtype, kwargs, allow_files), load_args=load_args)
         _check_analysis(vm)  # before the model is cached or runs
-        vm.fingerprint()  # digest the weights now, at load, rather than inside the first analysis
         return vm
 
     return MODEL_CACHE.get_or_load(key, loader)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from vizapp.cudagraph import GraphCache
 from vizapp.errors import BadParameterError, ModelLoadError
+from vizapp.models.digest import WeightsDigest, weights_digest
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_CARD = Path(__file__).resolve().parents[1] / "bundled" / "weights" / "fmnist_vit.json"
@@ -162,15 +163,21 @@ class VizModel:
 
     def weights_key(self) -> tuple:
         """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter
-        (changes when a weight is replaced, reloaded or modified in place through torch, not through ``.data``)."""
+        (changes when a weight is replaced, reloaded, converted, moved, or modified in place through torch; not when
+        modified through ``.data``, which only :meth:`fingerprint` sees)."""
         # The module list is walked once per model (``Module.parameters()`` walks the tree again on every call: about
         # 0.6-0.9 ms per analysis, 5 % of a ViT-Ti/16 forward); a replaced parameter or buffer still shows, since the
-        # modules' own dicts are read each time.
+        # modules' own dicts are read each time, and so does a replaced or reordered submodule (two blocks swapped),
+        # since the submodule dicts are read each time too and a change there walks the tree again.
         cached = self._digest.get("modules")
-        if cached is None or cached[0] is not self.model:
-            dicts = tuple(d for m in self.model.modules() for d in (m._parameters, m._buffers))
-            cached = self._digest["modules"] = (self.model, dicts)
-        return tuple([(id(t), t.data_ptr(), t._version) for d in cached[1] for t in d.values() if t is not None])
+        structure = None if cached is None else tuple(id(m) for d in cached[2] for m in d.values())
+        if cached is None or cached[0] is not self.model or structure != cached[3]:
+            modules = list(self.model.modules())
+            dicts = tuple(d for m in modules for d in (m._parameters, m._buffers))
+            children = tuple(m._modules for m in modules)
+            structure = tuple(id(m) for d in children for m in d.values())
+            cached = self._digest["modules"] = (self.model, dicts, children, structure)
+        return (structure, *[(id(t), t.data_ptr(), t._version) for d in cached[1] for t in d.values() if t is not None])
 
     def patch_distances(self, grid: tuple[int, int]) -> torch.Tensor:
         """Distances in pixels between the patch centres of ``grid``, [P, P] float32 on the model's device, made once
@@ -195,29 +202,11 @@ class VizModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def fingerprint(self, fresh: bool = False, key: tuple | None = None) -> tuple[float, ...]:
-        """A digest of the weights: count, sum, sum of squares and a strided sample's sum, accumulated in float64.
-
-        Computed again only when :meth:`weights_key` changed, unless ``fresh`` (what a check before reuse asks
-        for: it also sees changes made through ``.data``). ``key``: :meth:`weights_key` as the caller just took it.
-        """
-        key = self.weights_key() if key is None else key
-        if not fresh and self._digest.get("key") == key:
-            return self._digest["value"]
-        total = [0.0, 0.0, 0.0, 0.0]
-        step = 1 << 20  # elements per chunk: the float64 sums never copy more than 8 MB at once
-        with torch.no_grad():
-            for t in (*self.model.parameters(), *self.model.buffers()):
-                flat = t.detach().reshape(-1)
-                total[0] += flat.numel()
-                for lo in range(0, flat.numel(), step):
-                    c = flat[lo : lo + step].to(torch.float64)
-                    total[1] += float(c.sum())
-                    total[2] += float((c * c).sum())
-                    total[3] += float(c[(-lo) % 31 :: 31].sum())  # every 31st element of the whole tensor
-        value = tuple(total)
-        self._digest.update(key=key, value=value)
-        return value
+    def fingerprint(self) -> WeightsDigest:
+        """A digest of the weights (:func:`vizapp.models.digest.weights_digest`): their names, dtypes, devices and
+        shapes, and their contents position by position. Computed afresh on every call: an edit through ``.data``
+        moves no version counter, so nothing cheaper can prove the weights unchanged."""
+        return weights_digest(self.model)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch [B, C, H, W]: logits [B, K] (or the pooled feature without a head)."""

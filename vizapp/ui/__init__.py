@@ -3,10 +3,11 @@
 :mod:`vizapp.ui.outputs`.
 
 Modules: ``layout`` (the page, one function per tab; ``layout_features`` the Features tab; ``wiring`` what they
-share), ``handlers`` (the events; ``feature_handlers`` the Features tab's, ``common`` what they share), ``outputs`` (what each event
-returns, in gradio's output order), ``validation`` (checks on every value a client sends), ``startup`` (the model
-list and the start-up model), ``upload`` (the image input), ``serving`` (launch arguments and the queue),
-``deadline`` (time limit and Cancel for long operations) and ``costs`` (what those will cost, said beforehand).
+share), ``handlers`` (the events; ``feature_handlers`` the Features tab's, ``common`` what they share), ``outputs``
+(what each event returns, in gradio's output order), ``validation`` (checks on every value a client sends),
+``startup`` (the model list and the start-up model), ``upload`` (the image input), ``serving`` (launch arguments and
+the queue), ``store`` (the sessions' analyses, kept by key within one byte budget), ``deadline`` (time limit and
+Cancel for long operations) and ``costs`` (what those will cost, said beforehand).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the handlers share: the analysis kept in a person's state, the view controls, the session, the error
+"""What the handlers share: the analysis kept for a person's state (in :mod:`vizapp.ui.store`), the view controls, the session, the error
 wrapper that turns every failure into a message, the GPU decoration for ZeroGPU Spaces, and private export folders."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from vizapp import views
 from vizapp.errors import BadParameterError, VizappError
 from vizapp.pipeline import Analysis, analyze
+from vizapp.ui.store import STORED, ResultKey
 from vizapp.ui.validation import as_choice
 
 log = logging.getLogger("vizapp")
@@ -115,10 +116,19 @@ def on_gpu(fn: F) -> F:
 analyze_on_gpu = on_gpu(analyze)  # decorated once, at import, as ZeroGPU expects
 
 
-def analysis_state(state: Any) -> dict[str, Any]:
-    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
+def analysis_state(state: Any, request: gr.Request | None = None) -> dict[str, Any]:
+    """A session's state with its kept analysis (and second image's, under "other") fetched from the results store
+    (:mod:`vizapp.ui.store`): what handlers work with. ResultDroppedError when the store no longer keeps it; what a
+    handler returns as the new state is :func:`kept_state` of it."""
+    key = state.get("result") if isinstance(state, dict) else None
+    if not isinstance(key, ResultKey):
         raise BadParameterError("no analysis yet: upload an image (or pick an example) and press Analyze")
-    return state
+    return {**state, **key.store.get(key, session_id(request))}
+
+
+def kept_state(st: dict[str, Any]) -> dict[str, Any]:
+    """What the ``gr.State`` keeps of a working state: everything but the analyses, which stay in the store."""
+    return {k: v for k, v in st.items() if k not in STORED}
 
 
 def colormap_choice(value: Any) -> str:
@@ -134,10 +144,10 @@ def session_id(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
 
 
-def patch_at(state: Any, evt: gr.SelectData) -> tuple[int, int]:
+def patch_at(state: Any, evt: gr.SelectData, request: gr.Request | None = None) -> tuple[int, int]:
     """The patch (row, col) under a click on the clickable image (the model's view upscaled by
     :func:`vizapp.views.query_image_scale`)."""
-    r: Analysis = analysis_state(state)["analysis"]
+    r: Analysis = analysis_state(state, request)["analysis"]
     x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (0, 0))[:2]
     s = views.query_image_scale(r)
     row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))

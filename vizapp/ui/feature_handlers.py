@@ -17,6 +17,7 @@ from vizapp.ui import deadline
 from vizapp.ui.common import (
     analysis_state,
     analyze_on_gpu,
+    kept_state,
     patch_at,
     session_id,
     user_errors,
@@ -61,9 +62,10 @@ def render_features(
     dino_threshold: Any,
     lens_class: Any,
     opacity: Any = 0.6,
+    request: gr.Request | None = None,
 ) -> FeaturesOutputs:
     """Features tab: every label-free view from the cached analysis (no forward pass)."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     fg = _foreground(foreground)
@@ -91,7 +93,7 @@ def render_features(
         lens_table, lens_plot, lens_note = gr.update(visible=False), gr.update(value=None, visible=False), NO_HEAD_NOTE
     _, layer_note = views.feature_layer(r, lay)
     return FeaturesOutputs(
-        state=st,
+        state=kept_state(st),
         feat_pca=views.feature_pca_view(r, lay, fg),
         feat_sim=views.feature_similarity_view(r, query, lay, other, alpha),
         feat_query_image=views.query_image(r, views.Controls(query=query)),
@@ -110,35 +112,44 @@ def render_features(
     )
 
 
-def select_feature_patch(state: Any, evt: gr.SelectData) -> FeaturePatchOutputs:
+@user_errors
+def select_feature_patch(state: Any, evt: gr.SelectData, request: gr.Request | None = None) -> FeaturePatchOutputs:
     """Clicking the Features tab's image makes that patch the feature query (rendering follows)."""
-    return FeaturePatchOutputs(*patch_at(state, evt))
+    return FeaturePatchOutputs(*patch_at(state, evt, request))
 
 
 @user_errors
 def analyze_second_image(
-    state: Any, image: Any, row: Any, col: Any, layer: Any, opacity: Any = 0.6, progress: gr.Progress = gr.Progress()
+    state: Any,
+    image: Any,
+    row: Any,
+    col: Any,
+    layer: Any,
+    opacity: Any = 0.6,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
 ) -> SecondImageOutputs:
     """A second image, analysed with the same network, for the feature similarity across images (click in the first,
-    map in the second). ``image`` None clears it."""
-    st = analysis_state(state)
+    map in the second). ``image`` None clears it. Kept in the results store beside the first, counted with it."""
+    st = analysis_state(state, request)
+    key = st["result"]
     r: Analysis = st["analysis"]
     query = _feature_query(r, row, col)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
     if image is None:
-        st = {k: v for k, v in st.items() if k != "other"}
+        key.store.attach(key, session_id(request), "other", None)
         return SecondImageOutputs(
-            st,
+            kept_state(st),
             views.feature_similarity_view(r, query, lay, None, alpha),
             "No second image: the similarity is shown on the same image.",
         )
     decoded = decode_image(image)
     progress(0.2, desc="forward pass on the second image")
     other = analyze_on_gpu(models.reload(r.load_args), decoded)
-    st = {**st, "other": other}
+    key.store.attach(key, session_id(request), "other", other)
     return SecondImageOutputs(
-        st,
+        kept_state(st),
         views.feature_similarity_view(r, query, lay, other, alpha),
         "Second image analysed with the same model: click a patch in the first image, the map is drawn on the second.",
     )
@@ -156,7 +167,7 @@ def pca_across_examples(
 ) -> GalleryOutputs:
     """One PCA shared by the analysed image and the example images (one batched forward pass), so parts correspond
     by colour across images."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     paths = example_images()
@@ -185,7 +196,7 @@ def run_importance(
     class and ablation mode are shown side by side with their Spearman rank correlation."""
     from vizapp.ablation import IMPORTANCE_METHODS, head_importance
 
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     how = as_choice(method, "importance method", IMPORTANCE_METHODS)
     ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
@@ -214,7 +225,7 @@ def run_importance(
         )
     kept[how] = res.drop.numpy()
     kept["score"] = res.score + ("" if res.class_idx is None else f" of '{r.labels[res.class_idx]}'")
-    st = {**st, "importance": kept}
+    st = kept_state({**st, "importance": kept})
     fig, rho = views.importance_view(kept.get("exact"), kept.get("gradient"), kept["score"])
     other = "gradient" if how == "exact" else "exact"
     note = rho
@@ -226,10 +237,16 @@ def run_importance(
 
 @user_errors
 def export_features(
-    state: Any, layer: Any, foreground: Any, row: Any, col: Any, dino_threshold: Any
+    state: Any,
+    layer: Any,
+    foreground: Any,
+    row: Any,
+    col: Any,
+    dino_threshold: Any,
+    request: gr.Request | None = None,
 ) -> FeatureExportOutputs:
     """The Features tab's arrays as .npz, in a fresh private temp folder."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}

@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 
 from vizapp import methods, models, views
-from vizapp.errors import BadImageError, BadParameterError
+from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis
 from vizapp.ui import deadline
@@ -27,6 +27,7 @@ from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-ex
     analyze_on_gpu,
     colormap_choice,
     export_folder,
+    kept_state,
     patch_at,
     session_id,
     user_errors,
@@ -48,6 +49,7 @@ from vizapp.ui.outputs import (
     PosOutputs,
     TileOutputs,
 )
+from vizapp.ui.store import ResultStore, default_store
 from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
 
 log = logging.getLogger("vizapp")
@@ -149,12 +151,15 @@ def analyze_image(
     random_weights: Any = False,
     colormap: Any = None,
     progress: gr.Progress = gr.Progress(),
+    request: gr.Request | None = None,
     *,
     startup_note: str = "",
     trusted_model: str | None = None,
+    store: ResultStore | None = None,
 ) -> AnalyzeOutputs:
     """The Analyze button (API name ``/analyze``): one forward pass, every view. ``random_weights``: the
-    architecture with random weights (no download), said in the status line."""
+    architecture with random weights (no download), said in the status line. The analysis is kept in ``store``
+    (the demo's; :func:`~vizapp.ui.store.default_store` otherwise) for the session, and the state holds its key."""
     if image is None:
         raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
     name = _model_name(model_name, trusted_model)
@@ -172,7 +177,7 @@ def analyze_image(
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
     lay = min(as_int(layer, "layer", -r.num_layers, 63), r.num_layers - 1) % r.num_layers
     state = {
-        "analysis": r,
+        "result": (default_store() if store is None else store).put(session_id(request), r),
         "query": views.default_query(r),
         "tile": (0, 0),
         "model": name,
@@ -281,7 +286,7 @@ def render_map(
     Slow methods run under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked at every step.
     Returns the map and the method's cost note.
     """
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     m = methods.get(method)
     why = views.method_unavailable(r, m.name)
@@ -317,9 +322,10 @@ def render_heads(
     focus_head: Any,
     opacity: Any,
     colormap: Any = None,
+    request: gr.Request | None = None,
 ) -> HeadsOutputs:
     """Heads tab: every head of a layer for the chosen query; no forward pass."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     mode = as_choice(query_mode, "query", (CLS_QUERY, PATCH_QUERY))
     if mode == CLS_QUERY and r.has_class_token:
@@ -337,13 +343,17 @@ def render_heads(
         colorscale=colormap_choice(colormap),
     )
     return HeadsOutputs(
-        state=st, heads=views.heads_view(r, c), focus=views.focus_view(r, c), query_image=views.query_image(r, c)
+        state=kept_state(st),
+        heads=views.heads_view(r, c),
+        focus=views.focus_view(r, c),
+        query_image=views.query_image(r, c),
     )
 
 
-def select_patch(state: Any, evt: gr.SelectData) -> PatchOutputs:
+@user_errors
+def select_patch(state: Any, evt: gr.SelectData, request: gr.Request | None = None) -> PatchOutputs:
     """Clicking the image makes that patch the query (returns the radio/row/col values; rendering follows)."""
-    return PatchOutputs(PATCH_QUERY, *patch_at(state, evt))
+    return PatchOutputs(PATCH_QUERY, *patch_at(state, evt, request))
 
 
 def _parse_click(payload: Any, n: int) -> list[int]:
@@ -358,9 +368,9 @@ def _parse_click(payload: Any, n: int) -> list[int]:
 
 
 @user_errors
-def open_head(state: Any, payload: Any) -> OpenHeadOutputs:
+def open_head(state: Any, payload: Any, request: gr.Request | None = None) -> OpenHeadOutputs:
     """A click on a dot of the distance plot: show that layer and head in the Heads tab."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     layer, head = _parse_click(payload, 2)
     return OpenHeadOutputs(
@@ -460,7 +470,7 @@ def compare_methods(
     Runs under a deadline (VIZAPP_REQUEST_SECONDS) that Cancel can also trip, checked between methods, between each
     map's curves, and at every step of a method that reports progress.
     """
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
@@ -488,9 +498,9 @@ def compare_methods(
 
 
 @user_errors
-def export_files(state: Any) -> ExportOutputs:
+def export_files(state: Any, request: gr.Request | None = None) -> ExportOutputs:
     """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     arrays, summary = r.arrays(), json.dumps(r.summary(), indent=1)
     npz = write_export("vizapp_attention.npz", lambda path: np.savez_compressed(path, **arrays))
@@ -499,11 +509,12 @@ def export_files(state: Any) -> ExportOutputs:
 
 
 @user_errors
-def compare_cost(state: Any, steps: Any, include_slow: Any) -> CompareCostOutputs:
-    """The Compare tab's cost note, redrawn when its controls change (nothing runs)."""
-    if not isinstance(state, dict) or not isinstance(state.get("analysis"), Analysis):
+def compare_cost(state: Any, steps: Any, include_slow: Any, request: gr.Request | None = None) -> CompareCostOutputs:
+    """The Compare tab's cost note, redrawn when its controls change (nothing runs; none without an analysis)."""
+    try:
+        r: Analysis = analysis_state(state, request)["analysis"]
+    except VizappError:
         return CompareCostOutputs("")
-    r: Analysis = state["analysis"]
     n_steps = as_int(steps, "curve steps", 2, 256)
     return CompareCostOutputs(compare_cost_note(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), bool(include_slow)))
 
@@ -514,7 +525,7 @@ def export_figures(
 ) -> FiguresExportOutputs:
     """Every figure of every tab for this analysis, as interactive HTML pages in one .zip (names start with the
     tab's: rollout-, heads-, distance-, position-, features-), plus head importance when it was run."""
-    st = analysis_state(state)
+    st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
     c = view_controls(
@@ -548,6 +559,12 @@ def cancel_running(request: gr.Request | None = None) -> CancelOutputs:
     if n:
         return CancelOutputs(f"{when}: cancelled {n} running operation(s); they stop at their next step.")
     return CancelOutputs(f"{when}: nothing was running to cancel.")
+
+
+def end_session(request: gr.Request | None = None, *, store: ResultStore | None = None) -> None:
+    """gradio's unload (the page's connection closed): the session's kept results go."""
+    n = (default_store() if store is None else store).drop_session(session_id(request))
+    log.info("session ended: %d kept result(s) freed", n)
 
 
 # The Features tab's handlers live in their own module; named here too, where the layout and the API find them.

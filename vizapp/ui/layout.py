@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from vizapp import methods, models, views
+from vizapp import budget, methods, models, views
 from vizapp.ui import handlers
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
@@ -32,8 +32,9 @@ from vizapp.ui.outputs import (
     components,
 )
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
+from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, patch_picker
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -244,9 +245,11 @@ def _compare_tab(ui: Components) -> None:
     )
 
 
-def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) -> None:
+def _page(ui: Components, startup: str, startup_note: str, trusted: str | None, store: ResultStore) -> None:
     gr.Markdown(INTRO)
-    ui.state = gr.State(None)
+    # The state holds a key into the results store, never an analysis; an expired state (gradio keeps a closed
+    # session's for an hour) releases its result, if the unload had not already.
+    ui.state = gr.State(None, delete_callback=lambda value: store.release((value or {}).get("result")))
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             _input_column(ui, startup, trusted)
@@ -266,13 +269,13 @@ def _page(ui: Components, startup: str, startup_note: str, trusted: str | None) 
                         build(ui)
 
 
-def _wire_analyze(ui: Components, startup_note: str, trusted: str | None) -> list[Any]:
+def _wire_analyze(ui: Components, startup_note: str, trusted: str | None, store: ResultStore) -> list[Any]:
     """The Analyze button and a click on an example: a quick check of the image and the model (an event with no
     outputs, so a failure there is said once and every figure keeps what it showed), then the analysis."""
 
     # The operator's start-up note and own model (which may be a local file) are bound; the rest come from the page.
     check = functools.partial(handlers.check_inputs, trusted_model=trusted)
-    analyze = functools.partial(handlers.analyze_image, startup_note=startup_note, trusted_model=trusted)
+    analyze = bind(handlers.analyze_image, startup_note=startup_note, trusted_model=trusted, store=store)
 
     inputs = [
         ui.image,
@@ -421,15 +424,17 @@ def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
     )
 
 
-def build_demo(model: str | None = None) -> gr.Blocks:
-    """The whole app. ``model`` (or VIZAPP_MODEL) picks the start-up model, which may be a local file."""
+def build_demo(model: str | None = None, results: ResultStore | None = None) -> gr.Blocks:
+    """The whole app. ``model`` (or VIZAPP_MODEL) picks the start-up model, which may be a local file. ``results``:
+    where the sessions' analyses are kept (default: a store of its own within VIZAPP_MAX_RESULTS_BYTES)."""
     startup, startup_note = choose_startup_model(model)
     trusted = trusted_startup_model(startup, model)
+    store = results if results is not None else ResultStore(budget.BUDGET.max_results_bytes)
     ui = Components()
     # Gradio's own cache (uploads, exported files): every hour, files older than a day go.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
-        _page(ui, startup, startup_note, trusted)
-        analyze = _wire_analyze(ui, startup_note, trusted)
+        _page(ui, startup, startup_note, trusted, store)
+        analyze = _wire_analyze(ui, startup_note, trusted, store)
         map_events = _wire_rollout(ui)
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
@@ -437,4 +442,6 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         feature_events = wire_features(ui, analyze)
         _wire_export(ui)
         _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
+        demo.unload(bind(handlers.end_session, store=store))  # the page closed: its results go
+    demo.results = store  # type: ignore[attr-defined]  (for the load test and tests)
     return demo

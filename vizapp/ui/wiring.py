@@ -35,6 +35,18 @@ def event(fn: Any) -> Any:
     return run
 
 
+def bind(fn: Any, **bound: Any) -> Any:
+    """``fn`` with keyword arguments ``bound``, keeping what gradio reads of it: its signature and its type hints,
+    by which gradio injects Request and SelectData (``functools.partial`` hides the type hints, so a bound handler
+    got no Request and no session)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **bound, **kwargs)
+
+    return run
+
+
 def patch_picker(label: str, elem_id: str, height: int) -> gr.Image:
     """The image a user clicks to pick a query patch (a PNG the handlers draw the grid on; no download buttons)."""
     return gr.Image(label=label, interactive=False, elem_id=elem_id, height=height, format="png", buttons=[])

@@ -1,0 +1,93 @@
+"""A digest of a network's weights that changes when any of them changes, moves or is permuted: what a result
+records so that methods which run the model again can prove they use the very network that made it.
+
+Two parts, so that a refusal can say which changed:
+
+- ``layout``: every parameter's and buffer's name (tied ones under each name), dtype, device and shape, in the
+  module tree's order. A ``.double()``, a move to another device (``meta`` included) or a rename changes it.
+- ``values``: the contents, position by position. On the CPU the raw bytes of each tensor go through SHA-256
+  (exact: any change of any bit, any swap of two elements, two tensors or two blocks). On another device (a GPU)
+  copying every weight to the host would cost more than the analysis, so each chunk of
+  :data:`CHUNK` elements is summed on the device in float64 against a fixed pseudo-random weight vector (a different
+  weight per position, so a permutation changes the sum), and only those sums are hashed; a change of one element
+  by more than about 1e-13 of its chunk's magnitude shows.
+
+It is computed afresh whenever asked: an edit through ``.data`` moves no version counter, so no cheaper test can
+prove that the weights are unchanged. ``python -m benchmarks.digest`` times it (ViT-B/16: see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import NamedTuple
+
+import torch
+
+#: Elements per device-side chunk (2 MB of float64 weights per device, made once).
+CHUNK = 1 << 18
+_SEED = 20261203
+_position_weights: dict[str, torch.Tensor] = {}
+_lock = threading.Lock()
+
+
+class WeightsDigest(NamedTuple):
+    """Hex digests of the tensors' names, dtypes, devices and shapes (``layout``) and of their contents (``values``)."""
+
+    layout: str
+    values: str
+
+
+def _weights_on(device: torch.device) -> torch.Tensor:
+    """The fixed position weights [CHUNK] float64 in [1, 2) on ``device`` (the same numbers on every device)."""
+    key = str(device)
+    with _lock:
+        w = _position_weights.get(key)
+        if w is None:
+            g = torch.Generator().manual_seed(_SEED)
+            w = _position_weights[key] = (torch.rand(CHUNK, dtype=torch.float64, generator=g) + 1.0).to(device)
+    return w
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements in order as bytes [numel * element size] uint8 (a copy only if not contiguous)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def device_sums(t: torch.Tensor) -> torch.Tensor:
+    """Position-weighted float64 sums of ``t``'s elements, one per chunk of :data:`CHUNK`, on ``t``'s device [C]
+    (complex tensors as their real and imaginary parts; integer and bool tensors as numbers)."""
+    flat = t.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    w = _weights_on(flat.device)
+    sums = [
+        torch.dot(flat[lo : lo + CHUNK].to(torch.float64), w[: min(CHUNK, flat.numel() - lo)])
+        for lo in range(0, flat.numel(), CHUNK)
+    ]
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=flat.device)
+
+
+def weights_digest(model: torch.nn.Module) -> WeightsDigest:
+    """The digest of every parameter and buffer of ``model`` (see the module's docstring)."""
+    layout, values = hashlib.sha256(), hashlib.sha256()
+    device_parts: list[torch.Tensor] = []
+    with torch.no_grad():
+        for kind, named in (
+            ("parameter", model.named_parameters(remove_duplicate=False)),
+            ("buffer", model.named_buffers(remove_duplicate=False)),
+        ):
+            for name, t in named:
+                layout.update(f"{kind} {name} {t.dtype} {t.device} {tuple(t.shape)}\n".encode())
+                if t.device.type == "meta":
+                    continue  # no contents; the layout says where it went
+                if t.device.type == "cpu":
+                    values.update(memoryview(_flat_bytes(t).numpy()))
+                else:
+                    device_parts.append(device_sums(t))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for part in device_parts:
+        by_device.setdefault(part.device, []).append(part)
+    for parts in by_device.values():  # one copy to the host per device
+        values.update(torch.cat(parts).cpu().numpy().tobytes())
+    return WeightsDigest(layout.hexdigest(), values.hexdigest())
