@@ -283,7 +283,11 @@ class Evaluator:
 
         # q and k of every layer, for the maps; with a class-specific method, the forward keeps its graph so that
         # each class costs one backward instead of another forward and backward
-        class_specific = any(name != RANDOM and registry.get(name).needs_class for name in self.methods)
+        # (a method that runs the model itself, Method.batch, needs no graph of this forward)
+        class_specific = any(
+            name != RANDOM and registry.get(name).needs_class and registry.get(name).batch is None
+            for name in self.methods
+        )
         r = vizapp.analyze(self.vm, image, gradients=class_specific)
         check("the analysis forward")
         pred, target, labels = head["predicted"], head["target"], r.labels
