@@ -172,8 +172,11 @@ def _timm_reference(model, x: torch.Tensor, cls: list[int]) -> torch.Tensor:
         h = h * (F.gelu(h) / (h + 1e-10)).detach()
         t = t + blk.ls2(blk.mlp.fc2(h))
     t = _ln(model.norm, t)
-    pooled = t[:, 0] if model.global_pool == "token" else t[:, model.num_prefix_tokens :].mean(dim=1)
-    y = model.head(_ln(model.fc_norm, pooled))
+    if getattr(model, "head_dist", None) is not None:  # DeiT distilled: the CLS and distillation heads averaged
+        y = (model.head(t[:, 0]) + model.head_dist(t[:, 1])) / 2
+    else:
+        pooled = t[:, 0] if model.global_pool == "token" else t[:, model.num_prefix_tokens :].mean(dim=1)
+        y = model.head(_ln(model.fc_norm, pooled))
     (g,) = torch.autograd.grad(y[torch.arange(x.shape[0]), torch.tensor(cls)].sum(), x)
     return (x * g).detach()
 
@@ -184,8 +187,9 @@ def _timm_reference(model, x: torch.Tensor, cls: list[int]) -> torch.Tensor:
         ("vit_tiny_patch16_224", dict(img_size=48, depth=2)),
         ("vit_small_patch14_reg4_dinov2", dict(img_size=42, depth=2, num_classes=7)),  # registers, layer scale
         ("vit_little_patch16_reg4_gap_256", dict(img_size=48, depth=2)),  # no CLS token: mean pooling
+        ("deit_tiny_distilled_patch16_224", dict(img_size=48, depth=2)),  # CLS + distillation token
     ],
-    ids=["vit", "reg4", "gap_reg4"],
+    ids=["vit", "reg4", "gap_reg4", "deit_distilled"],
 )
 def test_equals_the_rules_written_out_on_timm(name, kwargs):
     vm = small_model(name, **kwargs)

@@ -277,7 +277,7 @@ METHODS: dict[str, Method] = {
             "attnlrp",
             "AttnLRP (Achtibat et al., ICML 2024)",
             True,
-            lambda r, c, **kw: r.model_map("attnlrp", c, _attnlrp_batch, **kw),
+            lambda r, c, **kw: r.model_map("attnlrp", c, _attnlrp_batch),  # it takes no options
             from_output=False,
             cost=_forward_backward_cost("LRP rules on LayerNorm, the activation and the attention"),
             unavailable=_unavailable_by(_attnlrp_why),

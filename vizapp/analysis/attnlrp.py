@@ -37,7 +37,7 @@ EPS = 1e-10
 
 SUPPORTED = (
     "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
-    "module and softmax attention (timm ViT/DeiT/BEiT/relpos/EVA with a plain MLP, transformers ViT/DeiT/DINOv2/"
+    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA with a plain MLP, transformers ViT/DeiT/DINOv2/"
     "BEiT/CLIP, torchvision vit_*)"
 )
 """The models the rules cover, as the refusals say it."""
@@ -81,6 +81,7 @@ _ALLOWED = {
     ),
     "timm.layers.pos_embed_rel": ("RelPosMlp", "RelPosBias"),
     "timm.models.vision_transformer": ("VisionTransformer", "Block", "LayerScale"),
+    "timm.models.deit": ("VisionTransformerDistilled",),  # its two linear heads averaged
     "timm.models.vision_transformer_relpos": ("VisionTransformerRelPos", "RelPosBlock", "RelPosAttention"),
     "timm.models.beit": ("Beit", "Block", "Attention"),
     "timm.models.eva": ("Eva", "EvaBlock", "EvaAttention"),
