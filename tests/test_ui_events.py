@@ -362,3 +362,19 @@ def test_concurrency_bounds_the_model_work_of_all_events_together(monkeypatch):
         assert [f.error for f in a.log + b.log] and most[0] == 1
     finally:
         demo.close()
+
+
+def test_the_rollout_tab_draws_attnlrp_and_legrad_with_their_cost(bundled_app):
+    """Both run-the-model-again methods are offered in the Method dropdown, drawn through the server with their
+    label in the title, and the tab says what each costs; Compare draws them beside the others."""
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    method = d.by_label("Method", "dropdown")
+    assert {"attnlrp", "legrad"} <= {c[1] for c in d.props[method]["choices"]}
+    for name, label in (("attnlrp", "AttnLRP (Achtibat et al., ICML 2024)"), ("legrad", "LeGrad (Bousselham et al.")):
+        _assert_clean(d.set(method, name), f"method {name}")
+        assert _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
+        assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
+    _assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    titles = json.dumps(_plot(d, "vizapp-compare-plot")["layout"])
+    assert "AttnLRP" in titles and "LeGrad" in titles

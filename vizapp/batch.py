@@ -150,7 +150,9 @@ def explain(
     Each map equals ``vizapp.analyze(vm, image).explain(name, class)`` of that image alone. The images go through the
     model in batched forwards (:func:`forward_groups`; one for a batch that fits the budget); when a class-specific
     method is asked (gradient rollout, relevance), that forward keeps its attention in the autograd graph and ONE
-    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked.
+    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. A method
+    that runs the model itself (``Method.batch``: AttnLRP, LeGrad) takes each group in its own single forward and
+    backward, without the analysis forward when no other method is asked.
 
     Args:
         vm: a model from :func:`vizapp.load_model`.
@@ -174,17 +176,28 @@ def explain(
     asked = [registry.get(name) for name in names]
     per_method = _method_controls(asked, controls)
     inputs = _inputs(vm, images)
-    gradients = any(m.needs_class for m in asked)
-    wanted = _classes(vm, classes, len(inputs)) if gradients else [None] * len(inputs)
+    # methods that run the model themselves (Method.batch: their own forward and backward) take the whole group
+    own_run = [m for m in asked if m.batch is not None]
+    on_analysis = [m for m in asked if m.batch is None]
+    gradients = any(m.needs_class for m in on_analysis)
+    wanted = _classes(vm, classes, len(inputs)) if any(m.needs_class for m in asked) else [None] * len(inputs)
     maps: dict[str, list[np.ndarray | None]] = {name: [None] * len(inputs) for name in names}
-    for members in forward_groups(vm, [x for x, _ in inputs], gradients):
+    for members in forward_groups(vm, [x for x, _ in inputs], gradients or bool(own_run)):
         x = torch.cat([inputs[i][0] for i in members])
+        for m in own_run:  # None -> each image's top-1 class, from the method's own forward
+            found_maps = m.batch(
+                vm, x.to(device=vm.device, dtype=vm.dtype), [wanted[i] for i in members], **per_method[m.name]
+            )
+            for j, i in enumerate(members):
+                maps[m.name][i] = found_maps[j]
+        if not on_analysis:
+            continue
         found = analyze_inputs(vm, x, [inputs[i][1] for i in members], gradients=gradients)
         cls = [wanted[i] for i in members]
         if gradients:
             cls = class_gradients(found, cls)  # the one backward of this forward; None -> each image's top-1
         for j, i in enumerate(members):
-            for m in asked:
+            for m in on_analysis:
                 maps[m.name][i] = registry.explain(found[j], m.name, cls[j], **per_method[m.name])
         del found  # this forward's graph and analyses go before the next forward
     stacked = {name: np.stack(found_maps).astype(np.float32, copy=False) for name, found_maps in maps.items()}

@@ -18,6 +18,7 @@ import numpy as np
 from vizapp.errors import BadParameterError
 
 if TYPE_CHECKING:
+    from vizapp.models import VizModel
     from vizapp.pipeline import Analysis
 
 
@@ -56,6 +57,9 @@ class Method:
             it of the options it is given.
         unavailable: ``unavailable(analysis) -> str``, why the method is not defined for that analysis's model ("" when
             it is), for a method whose rules hold for some architectures only; None: defined wherever its class is.
+        batch: for a method that runs the model itself (its own forward and backward, not the analysis's):
+            ``batch(vm, x [B, C, H, W], classes, **options) -> [B, gh, gw]`` for a whole batch at once, each class an
+            index or None (the image's top-1); ``vizapp.explain`` calls it once per forward group.
     """
 
     name: str
@@ -69,6 +73,7 @@ class Method:
     from_output: bool = True
     options: tuple[str, ...] = ()
     unavailable: Callable[[Analysis], str] | None = None
+    batch: Callable[..., np.ndarray] | None = None
 
 
 # Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
@@ -125,6 +130,95 @@ def _lrp_unavailable(r: Analysis) -> str:
     return unsupported(vm.model, r.num_prefix_tokens) if vm is not None else ""
 
 
+def _model_of(r: Analysis) -> VizModel | None:
+    """The analysis's model while it is alive (None when it is gone: computing the map then says so)."""
+    return r.model_ref() if r.model_ref is not None else None
+
+
+def _attnlrp_why(vm: VizModel) -> str:
+    from vizapp.analysis.attnlrp import SUPPORTED, unsupported
+
+    why = unsupported(vm.model)
+    return f"{why}; {SUPPORTED}" if why else ""
+
+
+def _legrad_why(vm: VizModel) -> str:
+    if vm.lens_fn is None:
+        return (
+            "LeGrad reads the class score from every block's output through the model's own final norm, pooling and "
+            "head, and vizapp has no such readout (logit lens) for this model"
+        )
+    return ""
+
+
+def _attnlrp_batch(vm: VizModel, x: Any, classes: list[int | None]) -> np.ndarray:
+    """AttnLRP maps of a batch (:func:`vizapp.analysis.attnlrp.attnlrp`): one forward and one backward."""
+    from vizapp.analysis.attnlrp import attnlrp
+
+    why = _attnlrp_why(vm)
+    if why:
+        raise BadParameterError(f"AttnLRP is not defined for {vm.name}: {why}")
+    maps, _ = attnlrp(vm.model, vm.logits, x, classes, vm.grid_for(x.shape[-2], x.shape[-1]), vm.patch_size)
+    return maps.cpu().numpy()
+
+
+def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 0) -> np.ndarray:
+    """LeGrad maps of a batch (:func:`vizapp.analysis.legrad.legrad`): one forward and one backward."""
+    from vizapp.analysis.legrad import legrad
+
+    why = _legrad_why(vm)
+    if why:
+        raise BadParameterError(f"LeGrad is not available for {vm.name}: {why}")
+    if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
+        raise BadParameterError(f"start_layer must be an integer, got {start_layer!r}"[:200])
+    if not 0 <= start_layer < vm.num_layers:
+        raise BadParameterError(f"start_layer must be in [0, {vm.num_layers - 1}], got {start_layer}")
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    maps, _ = legrad(vm.model, vm.logits, vm.lens_fn, x, classes, vm.num_prefix_tokens, grid, int(start_layer))
+    return maps.cpu().numpy()
+
+
+def _unavailable_by(why: Callable[[VizModel], str]) -> Callable[[Analysis], str]:
+    def unavailable(r: Analysis) -> str:
+        vm = _model_of(r)
+        return why(vm) if vm is not None else ""
+
+    return unavailable
+
+
+@functools.cache
+def _multiply_adds_per_second() -> float:
+    """Median multiply-adds per second of a ViT-sized matrix product on this server, measured once per process."""
+    import torch
+
+    a, b = torch.randn(256, 384), torch.randn(384, 1536)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 256 * 384 * 1536 / float(np.median(times))
+
+
+def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
+    """The cost of one forward and one backward of the analysis's model, said in passes and estimated in seconds."""
+
+    def cost(r: Analysis) -> Cost:
+        vm = _model_of(r)
+        params = sum(p.numel() for p in vm.model.parameters()) if vm is not None else 0
+        n, d = r.num_tokens, r.q[0].shape[-1] * r.num_heads
+        # a forward's multiply-adds: every weight once per token, q kᵀ and A v per layer; a backward about twice that
+        forward = params * n + 2 * r.num_layers * n * n * d
+        return Cost(
+            work=f"one forward and one backward pass of the model ({what}), about 3 forward passes of work",
+            seconds=3 * forward / _multiply_adds_per_second(),
+            basis="estimate: the model's multiply-adds at this server's measured matrix-product rate; the real time "
+            "is often 2-3x more",
+        )
+
+    return cost
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -178,6 +272,27 @@ METHODS: dict[str, Method] = {
             from_output=False,
             options=("start_layer",),
             unavailable=_lrp_unavailable,
+        ),
+        Method(
+            "attnlrp",
+            "AttnLRP (Achtibat et al., ICML 2024)",
+            True,
+            lambda r, c, **kw: r.model_map("attnlrp", c, _attnlrp_batch),  # it takes no options
+            from_output=False,
+            cost=_forward_backward_cost("LRP rules on LayerNorm, the activation and the attention"),
+            unavailable=_unavailable_by(_attnlrp_why),
+            batch=_attnlrp_batch,
+        ),
+        Method(
+            "legrad",
+            "LeGrad (Bousselham et al., 2024)",
+            True,
+            lambda r, c, **kw: r.model_map("legrad", c, _legrad_batch, **kw),
+            from_output=False,
+            options=("start_layer",),
+            cost=_forward_backward_cost("each block's class score, one backward for all"),
+            unavailable=_unavailable_by(_legrad_why),
+            batch=_legrad_batch,
         ),
     )
 }

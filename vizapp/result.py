@@ -449,6 +449,17 @@ class Analysis(LabelFreeViews):
             self._cache[key] = found[0].cpu().numpy()
         return self._cache[key]
 
+    def model_map(self, name: str, class_idx: Any, run: Callable[..., Any], **options: Any) -> np.ndarray:
+        """The [gh, gw] map of a method that runs the model again on this analysis's input, for a class: ``run(vm, x
+        [1, C, H, W], [class], **options) -> [1, gh, gw]`` (its own forward and backward), cached by name, class and
+        options (see ``Method.batch`` in :mod:`vizapp.methods`)."""
+        cls = self._class(class_idx)
+        key = (name, cls, *sorted(options.items()))
+        if key not in self._cache:
+            vm = self._model()
+            self._cache[key] = np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
+        return self._cache[key]
+
     def attention_flow(
         self,
         head_fusion: str = "mean",

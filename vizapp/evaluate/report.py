@@ -48,12 +48,22 @@ PAPERS = {
     "transformer_attribution": (
         "Chefer, Gur & Wolf, CVPR 2021, “Transformer Interpretability Beyond Attention Visualization”"
     ),
+    "attnlrp": (
+        "Achtibat et al., ICML 2024, “AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers” "
+        "(the rules of its library lxt for ViTs)"
+    ),
+    "legrad": (
+        "Bousselham et al., 2024, “LeGrad: An Explainability Method for Vision Transformers via Feature Formation "
+        "Sensitivity”"
+    ),
 }
 """The paper (or tool) each method of the report comes from, shown beside its label."""
 
 REPORT_LABELS = {
     "relevance": "GAE relevance (gradient × attention)",
     "transformer_attribution": "Transformer Attribution (LRP × gradient, rolled out from layer 1)",
+    "attnlrp": "AttnLRP (input × LRP-modified gradient, signed)",
+    "legrad": "LeGrad (each layer's score gradient on its attention, all layers)",
 }
 """Report labels that differ from the registry's: vizapp's ``relevance`` is the ICCV 2021 rule (GAE), not the CVPR 2021
 Transformer Attribution whose published numbers the report quotes (``transformer_attribution``, always from layer 1)."""

@@ -138,12 +138,21 @@ def _maps(
     from vizapp.pipeline import analyze_inputs, class_gradients
 
     vm = ev.vm
-    class_specific = any(name != RANDOM and registry.get(name).needs_class for name in ev.methods)
+    asked = {name: registry.get(name) for name in ev.methods if name != RANDOM}
+    # methods that run the model themselves (Method.batch: AttnLRP, LeGrad) take each group in their own forward and
+    # backward, per class kind; the others read the analysis forward, which keeps its graph for the class-specific
+    own_run = [name for name, m in asked.items() if m.batch is not None]
+    class_specific = any(m.needs_class and m.batch is None for m in asked.values())
+    on_analysis = any(m.batch is None for m in asked.values())
     out: dict[int, dict[tuple[str, str], torch.Tensor] | Exception] = {}
-    for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific):
+    for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific or bool(own_run)):
         group = [images[j] for j in members]
         t0 = time.perf_counter()
-        found = analyze_inputs(vm, torch.stack([inputs[i] for i in group]), gradients=class_specific)
+        x = torch.stack([inputs[i] for i in group])
+        ready: dict[int, dict[tuple[str, str], torch.Tensor]] = {i: {} for i in group}
+        for name in own_run:
+            _own_run_maps(ev, asked[name], x, group, heads, ready)
+        found = analyze_inputs(vm, x, gradients=class_specific) if on_analysis else [None] * len(group)
         if class_specific:
             class_gradients(found, [heads[i]["predicted"] for i in group])  # one backward for the group
             differ = [k for k, i in enumerate(group) if heads[i]["target"] != heads[i]["predicted"]]
@@ -158,21 +167,53 @@ def _maps(
                 out[i] = late
                 continue
             try:
-                out[i] = _image_maps(ev, r, items[i], heads[i], clocks, i)
+                grid = vm.grid_for(x.shape[-2], x.shape[-1])
+                out[i] = _image_maps(ev, r, grid, items[i], heads[i], clocks, i, ready[i])
             except Exception as exc:  # noqa: BLE001 - this image's row says why
                 out[i] = exc
         del found  # this forward's graph and analyses go before the next forward
     return out
 
 
+def _own_run_maps(
+    ev: Evaluator,
+    method: Any,
+    x: torch.Tensor,
+    group: list[int],
+    heads: dict[int, dict[str, Any]],
+    ready: dict[int, dict[tuple[str, str], torch.Tensor]],
+) -> None:
+    """The maps of a method that runs the model itself (``Method.batch``) for a group ``x`` [B, C, H, W]: one call
+    for every image's predicted class, one more for the images whose target differs."""
+    vm = ev.vm
+    x = x.to(device=vm.device, dtype=vm.dtype)
+    for kind in CLASS_KINDS:
+        members = [k for k, i in enumerate(group) if kind == "pred" or heads[i]["target"] != heads[i]["predicted"]]
+        if not members:
+            continue
+        key = "predicted" if kind == "pred" else "target"
+        found = method.batch(vm, x[members], [heads[group[k]][key] for k in members])  # [b, gh, gw]
+        for j, k in enumerate(members):
+            ready[group[k]][(method.name, kind)] = torch.as_tensor(np.asarray(found[j], dtype=np.float32)).reshape(-1)
+
+
 def _image_maps(
-    ev: Evaluator, r: Analysis, item: dict[str, Any], head: dict[str, Any], clocks: Clocks, i: int
+    ev: Evaluator,
+    r: Analysis | None,
+    grid: tuple[int, int],
+    item: dict[str, Any],
+    head: dict[str, Any],
+    clocks: Clocks,
+    i: int,
+    ready: dict[tuple[str, str], torch.Tensor],
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """One image's maps [P]: one per (method, class kind); methods without a class, or pred == target, share one."""
+    """One image's maps [P]: one per (method, class kind); methods without a class, or pred == target, share one;
+    ``ready`` holds the maps already made for the group (``Method.batch``); ``r`` is None when no method asked reads
+    the analysis."""
     from vizapp import methods as registry
 
     pred, target = head["predicted"], head["target"]
-    num_patches = r.grid_size[0] * r.grid_size[1]
+    num_patches = grid[0] * grid[1]
     maps: dict[tuple[str, str], torch.Tensor] = {}
     for name in ev.methods:
         for kind in CLASS_KINDS:
@@ -180,6 +221,8 @@ def _image_maps(
             same = kind == "target" and (name == RANDOM or not registry.get(name).needs_class or cls == pred)
             if same:
                 maps[(name, kind)] = maps[(name, "pred")]
+            elif (name, kind) in ready:
+                maps[(name, kind)] = ready[(name, kind)]
             elif name == RANDOM:
                 g = torch.Generator().manual_seed(image_seed(ev.seed, str(item["id"])))
                 maps[(name, kind)] = random_order_saliency(num_patches, g)

@@ -1,0 +1,218 @@
+"""AttnLRP (Achtibat et al., ICML 2024: "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers")
+as its authors' library ``lxt`` (2.1) applies it to a Vision Transformer.
+
+lxt's ViT rules (``lxt/efficient/models/vit_torch.py``, the ``cp_LRP`` map it patches into torchvision's ViT) are all
+input × gradient with modified backward passes, the forward values unchanged:
+
+- LayerNorm: the identity rule, as lxt's ``layer_norm_forward``: y = (x − mean(x)) / sg(std(x)) · w + b, the
+  standard deviation detached (its gradient stopped) and the mean kept in the graph;
+- the MLP's element-wise activation (GELU): the identity rule, as lxt's ``identity_rule_implicit``: the backward
+  multiplies the incoming gradient by the detached ratio f(x) / (x + 1e-10);
+- attention: CP-LRP inside the attention mechanism, as lxt's ``cp_multi_head_attention_forward``: q and k are
+  detached, so no relevance flows through the softmax; the attention A is a constant and A·v passes the whole
+  gradient to v (lxt applies no uniform rule, no halving, on the ViT's value path);
+- linear layers, the patch embedding's convolution, residual adds, pooling and the head: the plain gradient (lxt's ViT
+  map patches none of them).
+
+The relevance of each input pixel is x · ∂̃y_c/∂x at the normalised input, ∂̃ being that modified gradient: one
+forward and one backward. The map sums it over the channels and over each patch's pixels (so the patch embedding's
+bias, which adds to every patch, gets none of it); it is signed, [gh, gw].
+
+Here the rules attach to the model for one forward: a forward hook on each LayerNorm and activation module returns its
+own output detached plus a term that is zero in value and carries the rule's gradient, and the attention is vizapp's
+capture in the graph (:class:`vizapp.capture.AttentionCapture` with ``with_grad``), whose gradient is stopped. So the
+forward is the model's own, bit for bit, for any family whose every non-linearity is one of those modules;
+:func:`unsupported` names the models with anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+#: lxt's ``identity_rule_implicit`` stabiliser: the backward of an activation f is f(x) / (x + EPS).
+EPS = 1e-10
+
+SUPPORTED = (
+    "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
+    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA with a plain MLP, transformers ViT/DeiT/DINOv2/"
+    "BEiT/CLIP, torchvision vit_*)"
+)
+"""The models the rules cover, as the refusals say it."""
+
+# Element-wise activation modules: the identity rule applies to each (called as modules, so a hook reaches them).
+_ACTIVATIONS = {
+    "torch.nn.modules.activation": ("GELU", "ReLU", "SiLU", "Tanh", "QuickGELU"),
+    "transformers.activations": (
+        "GELUActivation",
+        "QuickGELUActivation",
+        "NewGELUActivation",
+        "FastGELUActivation",
+        "PytorchGELUTanh",
+        "GELUTanh",
+        "SiLUActivation",
+    ),
+    "timm.layers.activations": ("GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"),
+}
+
+# Every other module a supported model may hold, whose forward is linear in its input apart from the attention's
+# softmax (detached), the modules above and LayerNorm (both given their rule), or depends on positions only.
+_ALLOWED = {
+    "torch.nn.modules.container": ("ModuleList", "Sequential", "ModuleDict"),
+    "torch.nn.modules.linear": ("Linear", "Identity", "NonDynamicallyQuantizableLinear"),
+    "torch.nn.modules.conv": ("Conv2d",),
+    "torch.nn.modules.dropout": ("Dropout",),
+    "torch.nn.modules.sparse": ("Embedding",),  # CLIP's position table, indexed by position
+    "torch.nn.modules.normalization": ("LayerNorm",),
+    "torch.nn.modules.activation": ("MultiheadAttention",),
+    "timm.layers.norm": ("LayerNorm",),
+    "timm.layers.patch_embed": ("PatchEmbed",),
+    "timm.layers.layer_scale": ("LayerScale",),
+    "timm.layers.mlp": ("Mlp",),
+    "timm.layers.drop": ("DropPath",),
+    "timm.layers.attention": ("Attention", "AttentionRope"),
+    "timm.layers.pos_embed_sincos": (
+        "RotaryEmbedding",
+        "RotaryEmbeddingCat",
+        "RotaryEmbeddingMixed",
+        "RotaryEmbeddingDinoV3",
+    ),
+    "timm.layers.pos_embed_rel": ("RelPosMlp", "RelPosBias"),
+    "timm.models.vision_transformer": ("VisionTransformer", "Block", "LayerScale"),
+    "timm.models.deit": ("VisionTransformerDistilled",),  # its two linear heads averaged
+    "timm.models.vision_transformer_relpos": ("VisionTransformerRelPos", "RelPosBlock", "RelPosAttention"),
+    "timm.models.beit": ("Beit", "Block", "Attention"),
+    "timm.models.eva": ("Eva", "EvaBlock", "EvaAttention"),
+    "torchvision.models.vision_transformer": ("VisionTransformer", "Encoder", "EncoderBlock", "MLPBlock"),
+}
+# transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2); a SwiGLU MLP is not.
+_HF_MODELS = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
+
+
+def _kind(m: torch.nn.Module) -> tuple[str, str]:
+    return type(m).__module__, type(m).__name__
+
+
+def is_activation(m: torch.nn.Module) -> bool:
+    """An element-wise activation module that AttnLRP's identity rule applies to."""
+    module, name = _kind(m)
+    return name in _ACTIVATIONS.get(module, ())
+
+
+def unsupported(model: torch.nn.Module) -> str:
+    """Why AttnLRP's rules are not defined for ``model`` ("" when they are): it holds a module whose forward is
+    non-linear in a way none of the rules covers (a gated MLP, an attention-pooling head, RMSNorm ...)."""
+    for name, m in model.named_modules():
+        module, cls = _kind(m)
+        if is_activation(m) or cls in _ALLOWED.get(module, ()):
+            continue
+        if module.startswith("transformers.models."):
+            family = module.split(".")[2]
+            if family in _HF_MODELS and "SwiGLU" not in cls:
+                continue
+        if "SwiGLU" in cls or "Glu" in cls:
+            return f"its MLP is gated ({name or 'model'} is {cls}), and lxt's ViT rules define no rule for the gate"
+        if "AttentionPool" in cls:
+            return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
+        if isinstance(m, torch.nn.LayerNorm) or "RmsNorm" in cls or "RMSNorm" in cls:
+            return f"{name} is a {cls}, not the LayerNorm the rules are written for"
+        return f"{name or 'the model'} is a {cls}, for which vizapp's AttnLRP has no rule"
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) != 1:
+            return f"{name} normalises over {len(m.normalized_shape)} dimensions"
+        if _kind(m)[1] == "Attention" and getattr(m, "gate", None) is not None:
+            return f"{name} gates its attention output"
+    return ""
+
+
+def _layer_norm_rule(m: torch.nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """lxt's ``layer_norm_forward``: the standard deviation detached; the same value as the module's own output."""
+    x = args[0]
+    mean = x.mean(dim=-1, keepdim=True)
+    std = ((x - mean) ** 2).mean(dim=-1, keepdim=True).add(m.eps).sqrt()
+    y = (x - mean) / std.detach()
+    if m.weight is not None:
+        y = y * m.weight
+    if m.bias is not None:
+        y = y + m.bias
+    return out.detach() + (y - y.detach())  # value: the module's output; gradient: the rule's
+
+
+def _activation_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """lxt's ``identity_rule_implicit``: the backward multiplies by the detached f(x) / (x + EPS)."""
+    x = args[0]
+    ratio = (out / (x + EPS)).detach()
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))  # x = -EPS exactly: no relevance
+    return out.detach() + ratio * (x - x.detach())
+
+
+@contextmanager
+def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
+    """AttnLRP's LayerNorm and activation rules on ``model`` for one ``with`` block (hooks removed on exit, also when
+    it raises; the forward's values are unchanged). The attention rule is the caller's (see :func:`attnlrp`)."""
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                handles.append(m.register_forward_hook(_layer_norm_rule))
+            elif is_activation(m):
+                handles.append(m.register_forward_hook(_activation_rule))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def patch_sums(relevance: torch.Tensor, grid_size: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel relevance [B, C, H, W] summed over the channels and over each patch's pixels: [B, gh, gw]."""
+    (gh, gw), (ph, pw) = grid_size, patch_size
+    b, c = relevance.shape[:2]
+    r = relevance[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
+    return r.sum(dim=(1, 3, 5))
+
+
+def attnlrp(
+    model: torch.nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    classes: Sequence[int | None],
+    grid_size: tuple[int, int],
+    patch_size: tuple[int, int],
+) -> tuple[torch.Tensor, list[int]]:
+    """AttnLRP maps of a batch from one forward and one backward, [B, gh, gw] float32, signed.
+
+    Args:
+        model: a ViT :func:`unsupported` accepts, in eval mode.
+        logits_fn: x -> logits [B, K] (the model's own forward).
+        x: the input [B, C, H, W], normalised as the model expects, on the model's device.
+        classes: one per image: the class explained, or None for the image's top-1 class (from this forward).
+        grid_size, patch_size: the patch grid (gh, gw) of ``x`` and the patch size in pixels.
+
+    Returns:
+        (the maps, the classes explained).
+
+    Raises:
+        ValueError: the model is not one the rules cover (the message says which are), or bad arguments.
+    """
+    from vizapp.capture import AttentionCapture
+
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"AttnLRP is not defined for this model: {why}; {SUPPORTED}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), relevance_rules(model), AttentionCapture(model, with_grad=True, keep_qk=False) as cap:
+        logits = logits_fn(x)
+    if any(a is None for a in cap.maps) or cap.unexact_layers:
+        raise ValueError("AttnLRP needs every layer's attention formed by vizapp's capture (is fused attention off?)")
+    for a in cap.maps:  # CP-LRP: no relevance through the softmax (q and k detached, as lxt does)
+        a.register_hook(torch.zeros_like)
+    top = logits.detach().argmax(dim=-1)
+    cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+    score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    maps = patch_sums((x * grad).detach(), grid_size, patch_size)
+    return maps.float(), cls

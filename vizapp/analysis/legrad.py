@@ -1,0 +1,122 @@
+"""LeGrad (Bousselham, Boggust, Chaybouti, Strobelt & Kuehne, 2024: "LeGrad: An Explainability Method for Vision
+Transformers via Feature Formation Sensitivity").
+
+For every block l, the class score s_l is read from that block's output z_l through the model's own final norm,
+pooling and head (the logit lens: what the output would be if the network stopped there). LeGrad takes the gradient
+of s_l with respect to block l's own attention (after the softmax), A_l [H, N, N], keeps its positive part, averages
+it over the heads and over the query rows, and keeps the patch columns:
+
+    E_l = mean_rows( mean_heads( ReLU(∂s_l/∂A_l) ) )[patches],   map = minmax( Σ_l E_l ).
+
+Every ∂s_l/∂A_l comes from ONE backward here: each block starts from its input detached (the forward's values are
+the model's own), so s_l reaches only block l's attention, and the gradient of Σ_l s_l with respect to A_l is
+∂s_l/∂A_l. The attention is vizapp's capture in the graph (:class:`vizapp.capture.AttentionCapture`, ``with_grad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [B, ...] scaled to [0, 1] by its own minimum and maximum; a constant map becomes all zeros."""
+    flat = maps.reshape(maps.shape[0], -1)
+    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    span = hi - lo
+    scaled = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return scaled.reshape(maps.shape)
+
+
+def layer_relevance(grads: Sequence[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
+    """E_l for every layer: ∂s_l/∂A_l [B, H, N, N] each -> [B, L, P] (ReLU, mean over heads and query rows, the
+    patch columns)."""
+    return torch.stack([g.clamp(min=0).mean(dim=1).mean(dim=1)[:, num_prefix_tokens:] for g in grads], dim=1)
+
+
+@contextmanager
+def isolated_blocks(blocks: Sequence[torch.nn.Module], outputs: list[Any]) -> Iterator[None]:
+    """For one ``with`` block: every block's input is detached (a fresh leaf, values unchanged), and its output, in
+    the graph, is put in ``outputs[l]``; hooks removed on exit, also when it raises."""
+
+    def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        key = next(iter(kwargs))  # transformers layers may be called with hidden_states=...
+        return args, {**kwargs, key: kwargs[key].detach().requires_grad_(True)}
+
+    def post(layer: int) -> Callable:
+        def hook(_m: torch.nn.Module, _args: tuple, out: Any) -> None:
+            outputs[layer] = out[0] if isinstance(out, (tuple, list)) else out
+
+        return hook
+
+    handles = []
+    try:
+        for i, blk in enumerate(blocks):
+            handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(blk.register_forward_hook(post(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def legrad(
+    model: torch.nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    lens_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    classes: Sequence[int | None],
+    num_prefix_tokens: int,
+    grid_size: tuple[int, int],
+    start_layer: int = 0,
+) -> tuple[torch.Tensor, list[int]]:
+    """LeGrad maps of a batch from one forward and one backward, [B, gh, gw] float32 in [0, 1].
+
+    Args:
+        model: a ViT vizapp captures (see :func:`vizapp.layers.encoder_layers`), in eval mode.
+        logits_fn: x -> logits [B, K] (the model's own forward).
+        lens_fn: a block's output [B, N, D] -> logits [B, K] through the model's final norm, pooling and head.
+        x: the input [B, C, H, W], normalised as the model expects, on the model's device.
+        classes: one per image: the class explained, or None for the image's top-1 class (from this forward).
+        num_prefix_tokens: tokens before the patches (CLS, distillation, registers); their columns are left out.
+        grid_size: (gh, gw) of ``x``'s patch grid.
+        start_layer: the first block summed (0: every block, as the paper defines it).
+
+    Returns:
+        (the maps, the classes explained).
+    """
+    from vizapp.capture import AttentionCapture
+    from vizapp.layers import encoder_layers
+
+    blocks, _ = encoder_layers(model)
+    depth = len(blocks)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    outputs: list[Any] = [None] * depth
+    with (
+        torch.enable_grad(),
+        isolated_blocks(blocks, outputs),
+        AttentionCapture(model, with_grad=True, keep_qk=False) as cap,
+    ):
+        logits = logits_fn(x.detach())
+        if any(a is None for a in cap.maps) or cap.unexact_layers or any(o is None for o in outputs):
+            raise ValueError(
+                "LeGrad needs every layer's attention formed by vizapp's capture (is fused attention off?)"
+            )
+        top = logits.detach().argmax(dim=-1)
+        cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+        idx = torch.tensor(cls, device=logits.device)[:, None]
+        score = sum(lens_fn(outputs[layer]).gather(1, idx).sum() for layer in range(start_layer, depth))
+    grads = torch.autograd.grad(score, cap.maps[start_layer:])  # ∂s_l/∂A_l, [B, H, N, N] each
+    per_layer = layer_relevance([g.detach().float() for g in grads], num_prefix_tokens)  # [B, L', P]
+    b, (gh, gw) = x.shape[0], grid_size
+    if per_layer.shape[-1] != gh * gw:
+        raise ValueError(f"a {gh}x{gw} grid does not match {per_layer.shape[-1]} patch tokens")
+    return min_max(per_layer.sum(dim=1)).reshape(b, gh, gw), cls
