@@ -85,6 +85,23 @@ def _load(name: str, trusted: str | None = None, random_weights: bool = False) -
         ) from None
 
 
+PROMPTS_NOTE = (
+    "Its classes are the {n} text prompts (Prediction ranks them; Rollout, Compare and the other class views explain "
+    "the prompt chosen as a class)."
+)
+
+
+def prompt_list(text: Any) -> tuple[str, ...]:
+    """The prompts box's text as prompts, one a line; the default set when it holds none."""
+    from vizapp.models.prompts import DEFAULT_PROMPTS, check_prompts
+
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return DEFAULT_PROMPTS
+    if not isinstance(text, str):
+        raise BadParameterError("prompts must be text, one prompt a line")
+    return check_prompts(text)
+
+
 def _model_name(value: Any, trusted: str | None) -> str:
     """The operator's own model as given (it may be a local file); anything else checked as a visitor's id."""
     return value if (trusted and value == trusted) else as_model_id(value)
@@ -147,13 +164,15 @@ def analyze_image(
     per_head_scale: Any = True,
     random_weights: Any = False,
     colormap: Any = None,
+    prompts: Any = None,
     progress: gr.Progress = gr.Progress(),
     *,
     startup_note: str = "",
     trusted_model: str | None = None,
 ) -> AnalyzeOutputs:
     """The Analyze button (API name ``/analyze``): one forward pass, every view. ``random_weights``: the
-    architecture with random weights (no download), said in the status line."""
+    architecture with random weights (no download), said in the status line. ``prompts``: for a model with a text
+    tower (CLIP-like), its classes, one a line (the default set when empty); ignored for other models."""
     if image is None:
         raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
     name = _model_name(model_name, trusted_model)
@@ -165,7 +184,8 @@ def analyze_image(
     vm = _load(name, trusted_model, bool(random_weights))
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
-    r = analyze_on_gpu(vm, decoded)
+    prompted = prompt_list(prompts) if vm.text_tower is not None else None
+    r = analyze_on_gpu(vm, decoded, prompts=prompted)
     forward_s = time.perf_counter() - started  # the basis of the head-importance estimate
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
@@ -201,6 +221,8 @@ def analyze_image(
     compare_cost = compare_cost_note(r, min(DEFAULT_COMPARE_STEPS, r.grid_size[0] * r.grid_size[1]))
     support = views.importance_support(vm)
     seen = views.input_sentence(vm, decoded.image, r)
+    if prompted is not None:
+        seen = " ".join(filter(None, (seen, PROMPTS_NOTE.format(n=len(r.labels)))))
     steps_max = min(64, r.grid_size[0] * r.grid_size[1])
     return AnalyzeOutputs(
         state=state,
@@ -422,6 +444,7 @@ def render_pos(
         tile_row=gr.update(maximum=max(1, shown[0] - 1), value=min(tile[0], shown[0] - 1), visible=v.tile is not None),
         tile_col=gr.update(maximum=max(1, shown[1] - 1), value=min(tile[1], shown[1] - 1), visible=v.tile is not None),
         resolution=gr.update(visible=table_view),
+        prompts=gr.update(visible=vm.text_tower is not None),
     )
 
 
@@ -442,6 +465,7 @@ def render_pos_quietly(*args: Any, **kwargs: Any) -> PosOutputs:
             tile_row=gr.update(),
             tile_col=gr.update(),
             resolution=gr.update(),
+            prompts=gr.update(),
         )
 
 
