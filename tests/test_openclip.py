@@ -250,3 +250,17 @@ def test_ids_are_checked_before_anything_loads(monkeypatch):
     with pytest.raises(ModelLoadError, match="network is unreachable"):
         vizapp.load_model("open_clip:ViT-B-32/laion2b_s34b_b79k", device="cpu")
     assert not vizapp.models.weights_available_offline("open_clip:ViT-B-32/laion2b_s34b_b79k")
+
+
+def test_dataset_mode_equals_the_mean_of_each_images_analysis(vm, tmp_path):
+    """collect_stats (dataset mode: batched, label-free) over OpenCLIP's tower: the mean of the per-image analyses."""
+    from vizapp.stats import collect_stats
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        random_image(20 + i, size=(64, 64)).save(paths[-1])
+    stats = collect_stats(vm, paths, batch_size=2)
+    assert stats.n_images == 3 and stats.mean_distance.shape == (2, 4)
+    each = np.mean([vizapp.analyze(vm, p).mean_distance for p in paths], axis=0)
+    np.testing.assert_allclose(stats.mean_distance, each, rtol=1e-4, atol=1e-3)

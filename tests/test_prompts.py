@@ -145,3 +145,38 @@ def test_a_result_explains_its_prompts_after_the_prompted_model_is_reloaded(save
     assert dict(r.load_args)["prompts"] == tuple(PROMPTS)
     again = vizapp.models.reload(r.load_args)
     assert again is r.model_ref() and again.labels == tuple(PROMPTS)
+
+
+def test_evaluation_scores_the_prompts_as_classes(saved, tmp_path):
+    """vizapp.evaluate with prompts: class folders named as the prompts, each image's predicted prompt and its
+    probability those of vizapp.analyze with the same prompts (softmax for CLIP, the sigmoid for SigLIP)."""
+    from vizapp.evaluate import evaluate
+    from vizapp.evaluate.report import read_rows
+
+    _, folder, _ = saved
+    prompts = ["a cat", "a red car"]
+    images = {}
+    for c, prompt in enumerate(prompts):
+        (tmp_path / "data" / prompt).mkdir(parents=True)
+        for i in range(2):
+            path = tmp_path / "data" / prompt / f"{i}.png"
+            random_image(10 * c + i, size=(40, 48)).save(path)
+            images[str(path)] = prompt
+    evaluate(
+        str(tmp_path / "data"),
+        tmp_path / "out",
+        model=folder,
+        methods=["relevance"],
+        steps=2,
+        progress=False,
+        prompts=prompts,
+    )
+    rows, _ = read_rows(tmp_path / "out")
+    assert len(rows) == 4
+    vm = vizapp.load_model(folder, device="cpu")
+    for row in rows:
+        path = row["source"]
+        assert row["status"] == "ok" and row["target_label"] == images[path]
+        r = vizapp.analyze(vm, path, prompts=prompts)
+        assert row["predicted_label"] == r.top_k[0][0]
+        assert row["prob_pred"] == pytest.approx(r.top_k[0][1], abs=1e-5)

@@ -29,6 +29,7 @@ from vizapp.analysis.perturbation import (
     pixel_perturbed_images,
 )
 from vizapp.imageio import decode_image
+from vizapp.models.prompts import probabilities
 
 RANDOM = "random"
 """The random-order baseline's method name (not in the registry: it is not an explanation)."""
@@ -96,6 +97,7 @@ class Evaluator:
         pretrained: bool = True,
         protocol: str = "chefer2021",
         rollout_start_layer: int | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> None:
         import vizapp
         from vizapp.errors import VizappError
@@ -108,6 +110,10 @@ class Evaluator:
         if not pretrained:
             kwargs["pretrained"] = False
         self.vm = vizapp.load_model(model, **kwargs)
+        if prompts:  # a CLIP-like model's classes: its text prompts (vizapp.models.prompts)
+            from vizapp.models.prompts import with_prompts
+
+            self.vm = with_prompts(self.vm, prompts)
         self.methods = list(methods)
         self.protocol = protocol
         start = default_rollout_start_layer(protocol) if rollout_start_layer is None else int(rollout_start_layer)
@@ -136,7 +142,7 @@ class Evaluator:
         with torch.no_grad():
             for lo in range(0, batch.shape[0], self.batch_size):
                 x = batch[lo : lo + self.batch_size].to(device=vm.device, dtype=vm.dtype)
-                out.append(torch.softmax(vm.logits(x).float(), dim=-1).cpu())
+                out.append(probabilities(vm.logits(x).float(), vm.activation).cpu())
         return torch.cat(out)  # [B, K]
 
     def evaluate(self, item: dict[str, Any], pixels: np.ndarray | None, error: str | None = None) -> dict[str, Any]:
@@ -243,7 +249,7 @@ class Evaluator:
             raise RuntimeError("the attention of some layer never reached vizapp's statistics")
         if not vm.labels or logits.shape[-1] != len(vm.labels):
             raise BadParameterError("the model has no classifier head: perturbation tests need class scores")
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # [B, K]
+        probs = probabilities(logits.float(), vm.activation).cpu().numpy()  # [B, K]
         per = {"distance": red.distance, "entropy": red.entropy} | {f"norm_{k}": v for k, v in red.norms.items()}
         per = {k: v.transpose(0, 1).cpu().numpy() for k, v in per.items()}  # [B, L, H] or [B, L]
         return [(probs[b], {k: v[b] for k, v in per.items()}) for b in range(x.shape[0])]
