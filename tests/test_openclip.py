@@ -191,6 +191,9 @@ def test_a_sigmoid_model_reports_each_prompts_sigmoid():
         expected = torch.sigmoid(clip.logit_scale.exp() * image @ text.T + clip.logit_bias)[0].numpy()
     np.testing.assert_allclose(r.probs, expected, atol=1e-5)
     assert r.lens_probs is None
+    # the faithfulness curves track the same probability: the unchanged image's is the prompt's sigmoid
+    curves = r.faithfulness({"relevance": r.relevance(class_idx=1)}, class_idx=1, steps=2, random_seed=None)
+    assert float(curves["relevance"]["deletion"].probs[0]) == pytest.approx(float(expected[1]), abs=1e-5)
 
 
 def test_prompts_are_checked(vm):
@@ -264,3 +267,25 @@ def test_dataset_mode_equals_the_mean_of_each_images_analysis(vm, tmp_path):
     assert stats.n_images == 3 and stats.mean_distance.shape == (2, 4)
     each = np.mean([vizapp.analyze(vm, p).mean_distance for p in paths], axis=0)
     np.testing.assert_allclose(stats.mean_distance, each, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bias", [None, -2.0], ids=["softmax", "sigmoid"])
+def test_head_importance_scores_the_chosen_prompt(bias):
+    """Exact head importance of a prompt: the drop of that prompt's probability (softmax, or SigLIP-style sigmoid)
+    when one head is ablated, checked by hand for one head with the capture's own ablation."""
+    from vizapp.ablation import head_importance
+
+    vm = small(2) if bias is None else small(2, init_logit_bias=bias)
+    r = vizapp.analyze(vm, random_image(11), prompts=PROMPTS)
+    prompted = r.model_ref()
+    res = head_importance(prompted, r.input, class_idx="a red car", method="exact")
+    assert res.class_idx == 2 and res.drop.shape == (2, 4)
+    probs = (lambda t: t.sigmoid()) if bias is not None else (lambda t: t.softmax(-1))
+    with torch.no_grad():
+        clean = probs(prompted.logits(r.input))[0, 2]
+        mask = torch.tensor([False, True, False, False])
+        with AttentionCapture(prompted.model, ablate={1: mask}):
+            ablated = probs(prompted.logits(r.input))[0, 2]
+    assert float(res.drop[1, 1]) == pytest.approx(float(clean - ablated), abs=1e-5)
+    grad = head_importance(prompted, r.input, class_idx=2, method="gradient")  # the estimate runs on prompts too
+    assert grad.drop.shape == (2, 4) and torch.isfinite(grad.drop).all()

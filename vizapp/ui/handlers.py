@@ -219,7 +219,8 @@ def analyze_image(
 
     offered = views.available_methods(r)
     compare_cost = compare_cost_note(r, min(DEFAULT_COMPARE_STEPS, r.grid_size[0] * r.grid_size[1]))
-    support = views.importance_support(vm)
+    used = r.model_ref() or vm  # the model with the prompts as its classes, when it has them
+    support = views.importance_support(used)
     seen = views.input_sentence(vm, decoded.image, r)
     if prompted is not None:
         seen = " ".join(filter(None, (seen, PROMPTS_NOTE.format(n=len(r.labels)))))
@@ -256,7 +257,7 @@ def analyze_image(
             value=classes[0] if classes and r.lens_probs is not None else None,
         ),
         imp_class=class_update(),
-        importance_cost=importance_cost_note(r, forward_s, support, reuse=views.importance_reuses_blocks(vm)),
+        importance_cost=importance_cost_note(r, forward_s, support, reuse=views.importance_reuses_blocks(used)),
         seen=views.seen_image(r),
         method=gr.update(
             choices=[(methods.METHODS[n].label, n) for n in offered], value="rollout" if "rollout" in offered else None
