@@ -4,6 +4,7 @@ traceback or error in the server's log, or by leaving an output of the previous 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from pathlib import Path
@@ -378,3 +379,65 @@ def test_the_rollout_tab_draws_attnlrp_and_legrad_with_their_cost(bundled_app):
     _assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
     titles = json.dumps(_plot(d, "vizapp-compare-plot")["layout"])
     assert "AttnLRP" in titles and "LeGrad" in titles
+
+
+@pytest.fixture(scope="module")
+def clip_app(tmp_path_factory):
+    """A small random-weight transformers CLIP folder saved with its tokenizer (a model with a text tower)."""
+    from test_prompts import save_whole
+
+    folder = tmp_path_factory.mktemp("clip")
+    save_whole(folder, "clip")
+    demo = start_app(str(folder))
+    yield demo.local_url, str(folder)
+    demo.close()
+
+
+@pytest.mark.timeout(900)
+def test_every_event_runs_through_the_server_on_a_clip_model_with_prompts(clip_app, capfd, caplog, tmp_path):
+    caplog.set_level(logging.WARNING)
+    d = AppDriver(clip_app[0])
+    _assert_clean(d.load(), "page load")
+    assert d.props[d.by_elem_id("vizapp-prompts")]["visible"] is True  # shown: the model has a text tower
+    photo, other = tmp_path / "a.png", tmp_path / "b.png"
+    Image.open(EXAMPLES / "chelsea.png").save(photo)
+    Image.open(EXAMPLES / "coffee.png").save(other)
+    _every_event(d, photo, other)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
+    """The prompts box's prompts are the Prediction tab's ranking (equal to vizapp.analyze with those prompts), and
+    Rollout explains the prompt chosen; a model without a text tower hides the box."""
+    import vizapp
+
+    url, folder = clip_app
+    d = AppDriver(url)
+    _assert_clean(d.load(), "page load")
+    prompts = ["a photo of a cat", "a cup of coffee", "a red car"]
+    d.set(d.by_elem_id("vizapp-prompts"), "\n".join(prompts) + "\n\n", fire_change=False)
+    _assert_clean(_analyze(d, EXAMPLES / "chelsea.png"), "analyze with prompts")
+    r = vizapp.analyze(vizapp.load_model(folder), Image.open(EXAMPLES / "chelsea.png"), prompts=prompts)
+    shown = d.values[d.by_label("Top-5", "label")]
+    assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
+    for c, (_, prob) in zip(shown["confidences"], r.top_k, strict=True):
+        assert c["confidence"] == pytest.approx(prob, abs=1e-6)
+    assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
+    choice = d.by_label("Class to explain (gradient", "dropdown")
+    assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
+    _assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    _assert_clean(d.set(choice, "a red car"), "explain a prompt")
+    fig = _plot(d, "vizapp-rollout-plot")
+    assert "a red car" in fig["layout"]["title"]["text"].replace("<br>", " ")
+    heat = next(t for t in fig["data"] if t["type"] == "heatmap")
+    z = heat["z"]  # plotly's binary array encoding
+    shape = tuple(int(v) for v in str(z["shape"]).split(","))
+    z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    m = r.relevance(class_idx=2)  # the view shows it scaled to [0, 1]
+    np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
+    assert not np.allclose(m, r.relevance(class_idx=0))  # another prompt would have drawn another map
+    d2 = AppDriver(bundled_app)
+    _assert_clean(d2.load(), "page load")
+    assert d2.props[d2.by_elem_id("vizapp-prompts")]["visible"] is False

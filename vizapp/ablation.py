@@ -383,7 +383,10 @@ def head_importance(
 
     def class_score(out: torch.Tensor, cls: int) -> torch.Tensor:  # out [B, K] -> [B]
         out = out.float()
-        return out.softmax(dim=-1)[:, cls] if score == "probability" else out[:, cls]
+        if score != "probability":
+            return out[:, cls]
+        # a SigLIP model's prompts: each one's sigmoid (vizapp.models.prompts); every other model: the softmax
+        return (out.sigmoid() if getattr(vm, "activation", "softmax") == "sigmoid" else out.softmax(dim=-1))[:, cls]
 
     def drops(out: torch.Tensor, clean: torch.Tensor, cls: int | None, clean_score: float) -> torch.Tensor:
         if cls is not None:

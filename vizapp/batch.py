@@ -19,7 +19,7 @@ from vizapp import limits
 from vizapp import methods as registry
 from vizapp.errors import BadImageError, BadParameterError
 from vizapp.models import VizModel
-from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, to_pil
+from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
 
@@ -71,9 +71,11 @@ def analyze_batch(
     progress: Callable[[float, str], None] | None = None,
     inline: bool = True,
     gradients: bool = False,
+    prompts: Any = None,
 ) -> list[Analysis]:
     """The :class:`Analysis` of each image, in order, from batched forwards (see :func:`forward_groups`): each equal to
-    ``vizapp.analyze(vm, image)`` of that image alone. Arguments as in :func:`vizapp.analyze`; with ``gradients``,
+    ``vizapp.analyze(vm, image)`` of that image alone. Arguments as in :func:`vizapp.analyze` (``prompts``: the
+    classes of a CLIP-like model, every one listed in ``top_k``); with ``gradients``,
     a further class of one analysis costs a backward of its whole forward's batch (:func:`explain` takes one class
     per image from a single backward).
 
@@ -82,6 +84,8 @@ def analyze_batch(
         BadParameterError: the analyses together would keep more than :data:`vizapp.limits.BATCH_RECORD_BYTES`
             (q and k of every layer...); nothing ran.
     """
+    if prompts is not None:
+        vm, top_k = prompted(vm, prompts)
     inputs = _inputs(vm, images)
     kept = [_image_bytes(vm, x, gradients)[0] for x, _ in inputs]
     if sum(kept) > limits.BATCH_RECORD_BYTES:
@@ -143,7 +147,12 @@ def _method_controls(asked: Sequence[registry.Method], controls: dict[str, Any])
 
 
 def explain(
-    vm: VizModel, images: Sequence[Any], methods: str | Sequence[str], classes: Any = None, **controls: Any
+    vm: VizModel,
+    images: Sequence[Any],
+    methods: str | Sequence[str],
+    classes: Any = None,
+    prompts: Any = None,
+    **controls: Any,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """The maps of registered methods (:data:`vizapp.registry.METHODS`) for a batch of images.
 
@@ -160,6 +169,7 @@ def explain(
         methods: one method name, or a sequence of them.
         classes: for the class-specific methods: None (each image's top-1 class), one class for every image (an index
             or a label), or a sequence with one class per image.
+        prompts: for a CLIP-like model, text prompts that are its classes (a class is then a prompt or its index).
         **controls: options passed to the methods that take them (``head_fusion``, ``discard_ratio``,
             ``start_layer``, ``start_row``; see :attr:`vizapp.registry.Method.options`).
 
@@ -175,6 +185,8 @@ def explain(
         raise BadParameterError(f"give at least one method of {list(registry.METHODS)}")
     asked = [registry.get(name) for name in names]
     per_method = _method_controls(asked, controls)
+    if prompts is not None:
+        vm = prompted(vm, prompts)[0]
     inputs = _inputs(vm, images)
     # methods that run the model themselves (Method.batch: their own forward and backward) take the whole group
     own_run = [m for m in asked if m.batch is not None]

@@ -14,7 +14,8 @@ SUPPORTED_FAMILIES = (
     "timm BEiT and relpos ViTs, "
     "Hugging Face ViT/ViT-MSN/ViT-MAE/DeiT/BEiT/Data2Vec-vision/I-JEPA/DINOv2/DINOv3 and the vision encoders of "
     "CLIP/SigLIP/Chinese-CLIP/AltCLIP/MetaCLIP 2/OWL-ViT/OWLv2/AIMv2, "
-    "torchvision vit_*"
+    "torchvision vit_*, "
+    "OpenCLIP ViTs (nn.MultiheadAttention, or its own Attention without scaled-cosine attention)"
 )
 
 
@@ -39,6 +40,26 @@ def _hf_attention(layer: torch.nn.Module) -> torch.nn.Module | None:
         if {"query", "key", "value"} <= names or {"q_proj", "k_proj", "v_proj"} <= names:
             return mod
     return None
+
+
+def _open_clip_attention(i: int, block: torch.nn.Module) -> torch.nn.Module:
+    """An OpenCLIP block's attention: torch's ``nn.MultiheadAttention`` (its ResidualAttentionBlock) or OpenCLIP's own
+    ``Attention`` (its CustomResidualAttentionBlock), which calls SDPA unless it uses scaled-cosine attention."""
+    attn = getattr(block, "attn", None)
+    if isinstance(attn, torch.nn.MultiheadAttention):
+        return attn
+    if type(attn).__name__ == "Attention" and type(attn).__module__.startswith("open_clip"):
+        if getattr(attn, "logit_scale", None) is None and getattr(attn, "use_fsdpa", False):
+            return attn
+        why = "scaled-cosine attention" if getattr(attn, "logit_scale", None) is not None else "no SDPA call"
+        raise UnsupportedModelError(
+            f"block {i}: OpenCLIP Attention with {why}, which vizapp cannot capture exactly; supported: "
+            f"{SUPPORTED_FAMILIES}"
+        )
+    raise UnsupportedModelError(
+        f"block {i} uses {type(attn).__name__}, whose attention vizapp cannot capture exactly; "
+        f"supported: {SUPPORTED_FAMILIES}"
+    )
 
 
 #: the attribute of a transformers model with a head (or of a CLIP/SigLIP tower) that holds its encoder model; "model"
@@ -86,6 +107,9 @@ def encoder_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[
         isinstance(getattr(b, "self_attention", None), torch.nn.MultiheadAttention) for b in tv_layers
     ):  # torchvision
         return list(tv_layers), [b.self_attention for b in tv_layers]
+    resblocks = getattr(getattr(model, "transformer", None), "resblocks", None)
+    if isinstance(resblocks, torch.nn.ModuleList) and len(resblocks):  # OpenCLIP's VisionTransformer
+        return list(resblocks), [_open_clip_attention(i, b) for i, b in enumerate(resblocks)]
     for root in (model, *(getattr(model, n, None) for n in HF_BASE_ATTRIBUTES)):
         if not isinstance(root, torch.nn.Module):
             continue

@@ -20,6 +20,7 @@ from vizapp.capture import AttentionCapture, host_copies
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.models.base import readout_weights
+from vizapp.models.prompts import probabilities
 from vizapp.result import (  # noqa: F401  (the result's names, where callers have always found them)
     START_ROWS,
     Analysis,
@@ -232,6 +233,7 @@ def analyze(
     progress: Callable[[float, str], None] | None = None,
     inline: bool = True,
     gradients: bool = False,
+    prompts: Any = None,
 ) -> Analysis | list[Analysis]:
     """Run the model once on ``image`` with capture and compute every core analysis.
 
@@ -248,11 +250,16 @@ def analyze(
             in the result, so the class-specific methods (gradient rollout, Chefer relevance) cost one backward pass
             per class instead of a forward and a backward. Holds the forward's activations (about 150 MB for ViT-B/16)
             for as long as the result lives.
+        prompts: for a CLIP-like model (a text tower): text prompts that become its classes, in the order given
+            (``class_idx=k`` is the k-th); ``top_k`` then lists every prompt, best first (see
+            :mod:`vizapp.models.prompts`).
 
     Returns:
         an :class:`Analysis`; for a list or tuple of images, a list of them, one per image in order, each equal to
         that image's own analysis.
     """
+    if prompts is not None:
+        vm, top_k = prompted(vm, prompts)
     if isinstance(image, (list, tuple)):
         from vizapp.batch import analyze_batch
 
@@ -262,6 +269,14 @@ def analyze(
     if x.dim() == 3:
         x = x[None]
     return analyze_inputs(vm, x, [notes], top_k=top_k, progress=progress, inline=inline, gradients=gradients)[0]
+
+
+def prompted(vm: VizModel, prompts: Any) -> tuple[VizModel, int]:
+    """(``vm`` with ``prompts`` as its classes, how many classes its ``top_k`` lists: all of them)."""
+    from vizapp.models.prompts import with_prompts
+
+    vm = with_prompts(vm, prompts)
+    return vm, len(vm.labels)
 
 
 def analyze_inputs(
@@ -333,7 +348,7 @@ def _analysis(
     probs = None
     top: list[tuple[str, float]] = []
     if vm.labels and logits.shape[-1] == len(vm.labels):
-        probs = torch.softmax(logits, dim=-1).numpy()
+        probs = probabilities(logits, vm.activation).numpy()
         order = np.argsort(-probs, kind="stable")[: max(0, int(top_k))]
         top = [(vm.labels[i], float(probs[i])) for i in order]
     result = Analysis(

@@ -523,7 +523,8 @@ class Analysis(LabelFreeViews):
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
+                return (logits.sigmoid() if vm.activation == "sigmoid" else logits.softmax(-1)).cpu()  # SigLIP prompts
 
         out: dict[str, dict[str, Any]] = {}
         for name, m in maps.items():

@@ -18,7 +18,7 @@ DEFAULT_MODELS = (
 )
 QUICK_MODELS = ("vit_tiny_patch16_224@img_size=64",)
 # One row per model family at small and base size (issue 13): timm RoPE (DINOv3, EVA-02), relative position (BEiT),
-# torchvision, and transformers models built from a default config (``hf-random:TYPE``, random weights).
+# torchvision, transformers models built from a default config (``hf-random:TYPE``, random weights), and OpenCLIP.
 FAMILY_MODELS = (
     "vit_small_patch16_dinov3",
     "vit_base_patch16_dinov3",
@@ -30,6 +30,7 @@ FAMILY_MODELS = (
     "hf-random:vit",
     "hf-random:dinov2@image_size=224",
     "hf-random:clip_vision_model",
+    "open_clip:ViT-B-32",  # OpenCLIP's own VisionTransformer (nn.MultiheadAttention), random weights
 )
 # transformers model types the benchmark builds from a default config: (config class, model class)
 HF_RANDOM = {

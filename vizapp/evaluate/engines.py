@@ -52,9 +52,12 @@ class Job:
     items_sha256: str = ""
     num_items: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: a CLIP-like model's text prompts as its classes (None: the model's own classes)
+    prompts: tuple[str, ...] | None = None
 
     def evaluator_kwargs(self) -> dict[str, Any]:
         return {
+            "prompts": self.prompts,
             "model": self.model,
             "methods": list(self.methods),
             "steps": self.steps,
@@ -154,6 +157,8 @@ def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
     (out / SHARD_DIR).mkdir(exist_ok=True)
     path = out / JOB_FILE
     mine = asdict(job)
+    if mine["prompts"] is None:  # a job without prompts is written as before prompts existed (and so resumes)
+        del mine["prompts"]
     if path.exists() and not overwrite:
         try:
             theirs = json.loads(path.read_text(encoding="utf-8"))

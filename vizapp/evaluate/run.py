@@ -69,6 +69,7 @@ def evaluate(
     pretrained: bool = True,
     protocol: str = "chefer2021",
     rollout_start_layer: int | None = None,
+    prompts: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) a job and write its report; returns the summary dict.
 
@@ -103,6 +104,8 @@ def evaluate(
             "patches" (vizapp's whole-patch variant); part of the job, recorded in every row and the summary.
         rollout_start_layer: the ``rollout`` method's first layer; None: 1 under "chefer2021" (the authors' rollout
             baseline), 0 under "patches". Part of the job.
+        prompts: for a CLIP-like model, text prompts that are its classes (class folders named as the prompts); part
+            of the job.
     """
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
@@ -117,6 +120,10 @@ def evaluate(
     if shard_size < 1 or batch_size < 1 or workers < 1 or threads < 1 or steps < 0 or time_limit <= 0:
         raise VizappError("shard_size, batch_size, workers and threads must be >= 1, steps >= 0 and time_limit > 0")
     names = parse_methods(methods)
+    if prompts is not None:
+        from vizapp.models.prompts import check_prompts
+
+        prompts = check_prompts(prompts)
     out = Path(out)
     check_out_folder(out)
     t_load = time.perf_counter()
@@ -132,6 +139,7 @@ def evaluate(
         pretrained=pretrained,
         protocol=protocol,
         rollout_start_layer=rollout_start_layer,
+        prompts=prompts,
     )  # fails early
     load_s = time.perf_counter() - t_load
     items = list_items(data, ev.labels, fmnist_dir)
@@ -153,6 +161,7 @@ def evaluate(
         limit=limit,
         items_sha256=items_digest(items),
         num_items=len(items),
+        prompts=prompts,
     )
     # the lock before anything is written, so that a second run fails at once; a report alone only reads shards
     with nullcontext() if report_only else lock_folder(out, exclusive=overwrite):
@@ -214,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("data", help="ImageFolder tree, flat image folder, or 'fmnist-test'")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        help="a text prompt as a class of a CLIP-like model (repeat it, one per class folder, named as the prompt)",
+    )
     parser.add_argument("--model", default="bundled")
     parser.add_argument(
         "--methods",
@@ -283,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             pretrained=not args.random_weights,
             protocol=args.protocol,
             rollout_start_layer=args.rollout_start_layer,
+            prompts=args.prompt or None,
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.evaluate.scores import CLASS_KINDS, RANDOM, ImageTimeout, image_seed, method_scores
 from vizapp.imageio import decode_image
+from vizapp.models.prompts import probabilities
 
 __all__ = ["CLASS_KINDS", "RANDOM", "Evaluator", "ImageTimeout", "default_rollout_start_layer", "image_seed"]
 
@@ -71,6 +72,7 @@ class Evaluator:
         pretrained: bool = True,
         protocol: str = "chefer2021",
         rollout_start_layer: int | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> None:
         import vizapp
         from vizapp.errors import VizappError
@@ -83,6 +85,10 @@ class Evaluator:
         if not pretrained:
             kwargs["pretrained"] = False
         self.vm = vizapp.load_model(model, **kwargs)
+        if prompts:  # a CLIP-like model's classes: its text prompts (vizapp.models.prompts)
+            from vizapp.models.prompts import with_prompts
+
+            self.vm = with_prompts(self.vm, prompts)
         self.methods = list(methods)
         self.protocol = protocol
         start = default_rollout_start_layer(protocol) if rollout_start_layer is None else int(rollout_start_layer)
@@ -110,7 +116,7 @@ class Evaluator:
         vm = self.vm
         with torch.no_grad():
             logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
-        return torch.softmax(logits.float(), dim=-1).cpu()
+        return probabilities(logits.float(), vm.activation).cpu()
 
     def evaluate(self, item: dict[str, Any], pixels: np.ndarray | None, error: str | None = None) -> dict[str, Any]:
         """The row for one image (a batch of one, see :meth:`evaluate_batch`)."""
@@ -219,7 +225,7 @@ class Evaluator:
             raise RuntimeError("the attention of some layer never reached vizapp's statistics")
         if not vm.labels or logits.shape[-1] != len(vm.labels):
             raise BadParameterError("the model has no classifier head: perturbation tests need class scores")
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # [B, K]
+        probs = probabilities(logits.float(), vm.activation).cpu().numpy()  # [B, K]
         per = {k: v.transpose(0, 1).cpu().numpy() for k, v in red.values.items()}  # [B, L, H] or [B, L]
         return [(probs[b], {k: v[b] for k, v in per.items()}) for b in range(x.shape[0])]
 

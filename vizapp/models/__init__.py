@@ -1,7 +1,7 @@
 """Model loading: one adapter per library, one cache, one entry point (:func:`load_model`).
 
 Which adapter: "bundled" or a path with a model card -> :mod:`.bundled`; "hf:owner/repo" or a folder written by
-transformers' ``save_pretrained`` -> :mod:`.hf`; "torchvision:vit_b_16" -> :mod:`.torchvision`; anything else (a timm
+transformers' ``save_pretrained`` -> :mod:`.hf`; "torchvision:vit_b_16" -> :mod:`.torchvision`; "open_clip:ViT-B-32[/tag]" -> :mod:`.openclip`; anything else (a timm
 name or tag, "timm:NAME", "hf-hub:owner/repo", a .safetensors file with ``arch=``) -> :mod:`.timm`. Each returns a
 small frozen :class:`VizModel`; loaded models are kept in a bounded LRU cache, and a model that fails to load is
 never cached.
@@ -56,7 +56,9 @@ def available_libraries() -> list[str]:
     """The model libraries vizapp can load from here: timm always; transformers when installed; torchvision."""
     import importlib.util
 
-    return ["timm"] + [lib for lib in ("transformers", "torchvision") if importlib.util.find_spec(lib) is not None]
+    return ["timm"] + [
+        lib for lib in ("transformers", "torchvision", "open_clip") if importlib.util.find_spec(lib) is not None
+    ]
 
 
 TIMM_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")
@@ -92,6 +94,10 @@ def weights_available_offline(name: str) -> bool:
         return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
     if kind == "bundled":
         return Path(name).is_file()
+    if kind == "open_clip":
+        from vizapp.models import openclip
+
+        return openclip.weights_cached(name)
     if name.startswith("hf-hub:"):
         return bool(cached_hub_file(name[len("hf-hub:") :], TIMM_WEIGHT_FILES))
     import timm
@@ -115,6 +121,8 @@ def _adapter(name: str, allow_files: bool = True) -> str:
         return "hf"
     if name.startswith("torchvision:"):
         return "torchvision"
+    if name.startswith("open_clip:"):
+        return "open_clip"
     if allow_files and os.path.isdir(name):
         if (Path(name) / "config.json").is_file():
             return "hf"
@@ -154,6 +162,10 @@ def _load_uncached(
         from vizapp.models import torchvision as tv
 
         return tv.load(name, pretrained, device, dtype, kwargs)
+    if kind == "open_clip":
+        from vizapp.models import openclip
+
+        return openclip.load(name, pretrained, device, dtype, kwargs, allow_files)
     from vizapp.models import timm as timm_adapter
 
     return timm_adapter.load(name, pretrained, arch, device, dtype, kwargs)
@@ -252,4 +264,10 @@ def load_model(
 def reload(load_args: tuple[tuple[str, Any], ...]) -> VizModel:
     """The model an analysis was made with, from its ``load_args`` (a cache hit unless it was evicted)."""
     args = dict(load_args)
-    return load_model(args.pop("name"), **args)
+    prompts = args.pop("prompts", None)
+    vm = load_model(args.pop("name"), **args)
+    if prompts:
+        from vizapp.models.prompts import with_prompts
+
+        vm = with_prompts(vm, prompts)
+    return vm

@@ -30,7 +30,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_CARD = Path(__file__).resolve().parents[1] / "bundled" / "weights" / "fmnist_vit.json"
 BUNDLED = "bundled"
 HUB_TIMEOUT_S = 3.0
-PREFIXES = ("timm:", "hf:", "torchvision:")
+PREFIXES = ("timm:", "hf:", "torchvision:", "open_clip:")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 
@@ -118,6 +118,8 @@ class VizModel:
             rotary module.
         relative_bias_fn: for a relative-position-bias model whose position view is not read from timm: () -> every
             layer's learned bias as maps over the offset (Δrow, Δcol), [L, H, 2gh − 1, 2gw − 1].
+        text_tower: a CLIP-like model's text side (:class:`vizapp.models.prompts.TextTower`), or None.
+        prompts: the prompts that are this model's classes (see :func:`vizapp.models.prompts.with_prompts`).
     """
 
     name: str
@@ -151,6 +153,8 @@ class VizModel:
     fixed_transform: Callable[[Image.Image], torch.Tensor] | None = None
     rope_angles_fn: Callable[[], torch.Tensor] | None = None
     relative_bias_fn: Callable[[], torch.Tensor] | None = None
+    text_tower: Any = None
+    prompts: tuple[str, ...] = ()
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)
@@ -160,6 +164,11 @@ class VizModel:
             raise ValueError(f"readout must be one of {list(READOUTS)}, got {self.readout!r}")
         if self.readout.startswith("cls") and not self.has_class_token:
             raise ValueError(f"readout {self.readout!r} needs a class token, and {self.name} has none")
+
+    @property
+    def activation(self) -> str:
+        """How logits become probabilities: "softmax", or "sigmoid" for prompts of a SigLIP model."""
+        return self.text_tower.activation if self.prompts else "softmax"
 
     def weights_key(self) -> tuple:
         """Cheap identity of the weights: each parameter and buffer's object, storage and in-place version counter
@@ -256,7 +265,7 @@ def validate_model_id(name: Any, allow_files: bool = True) -> str:
     """Check a model id before anything is loaded; return it stripped, or raise BadParameterError.
 
     Accepted: "bundled"; "timm:NAME" or a bare timm name/tag; "hf-hub:owner/repo" (a timm model on the hub);
-    "hf:owner/repo" (a transformers model); "torchvision:vit_b_16"; and, when ``allow_files``, a path to a
+    "hf:owner/repo" (a transformers model); "torchvision:vit_b_16"; "open_clip:ViT-B-32[/tag]"; and, when ``allow_files``, a path to a
     .safetensors file, a model card .json, or a folder written by transformers' ``save_pretrained``.
     """
     if not isinstance(name, str):
@@ -281,6 +290,10 @@ def validate_model_id(name: Any, allow_files: bool = True) -> str:
         if not allow_files:
             raise BadParameterError("loading local files is disabled here; pick a model from the list")
         return name
+    if name.startswith("open_clip:"):
+        from vizapp.models import openclip
+
+        return openclip.check_name(name)
     if name.startswith("torchvision:"):
         from vizapp.models import torchvision as tv
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from vizapp.capture import HF_BASE_ATTRIBUTES
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError, VizappError
+from vizapp.models import hf_text
 from vizapp.models.base import (
     HUB_TIMEOUT_S,
     VizModel,
@@ -100,6 +101,7 @@ HUB_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*-of-*.safetensors",
+    *hf_text.TOKENIZER_FILES,  # a CLIP/SigLIP model's tokenizer, for prompts
 )
 HOW = "Connect once to cache it, copy a cache (HF_HOME), or pass a folder written by save_pretrained."
 
@@ -447,12 +449,13 @@ def load(
     cls = _model_class(config)
     built = vision if config.model_type in VISION_CONFIGS else config
     _check_budget(name, cls, built, vision)  # before the weights
+    whole_cls = hf_text.whole_class(config)  # CLIP/SigLIP: loaded whole, for its text side (prompts)
     try:
         if pretrained:
             folder = folder if local else _hub_weights(src, folder)
-            model, info = cls.from_pretrained(
+            model, info = (whole_cls or cls).from_pretrained(
                 folder,
-                config=built,
+                config=config if whole_cls else built,
                 attn_implementation="sdpa",
                 local_files_only=True,
                 use_safetensors=True,  # never a pickled .bin
@@ -461,7 +464,10 @@ def load(
                 ignore_mismatched_sizes=True,  # reported in ``info`` and refused by _check_complete, with a message
             )
         else:
-            model, info = cls._from_config(built, attn_implementation="sdpa"), {}
+            model, info = (
+                (whole_cls or cls)._from_config(config if whole_cls else built, attn_implementation="sdpa"),
+                {},
+            )
     except VizappError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad header, a truncated file, tensors transformers cannot place
@@ -470,6 +476,10 @@ def load(
             f"{shown}: weights could not be read{detail}; write model.safetensors again with save_pretrained"
         ) from e
     untrained_pooler = _check_complete(shown, model, info)  # outside the try: its ModelLoadError is the message
+    whole = None
+    if whole_cls is not None:
+        whole = model.eval().to(device=device, dtype=dtype)
+        model = hf_text.vision_tower(cls, whole)
     attention_layers(model)  # the support check
     model.eval().to(device=device, dtype=dtype)
     base = _base(model)
@@ -594,4 +604,5 @@ def load(
         relative_bias_fn=relative_bias if position == "relative" else None,
         lens_fn=lens if has_head and getattr(base, "layernorm", None) is not None else None,
         num_registers=int(getattr(vision, "num_register_tokens", 0) or 0),
+        text_tower=hf_text.text_tower(whole, folder, name) if whole is not None else None,
     )

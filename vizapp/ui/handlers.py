@@ -88,6 +88,23 @@ def _load(name: str, trusted: str | None = None, random_weights: bool = False) -
         ) from None
 
 
+PROMPTS_NOTE = (
+    "Its classes are the {n} text prompts (Prediction ranks them; Rollout, Compare and the other class views explain "
+    "the prompt chosen as a class)."
+)
+
+
+def prompt_list(text: Any) -> tuple[str, ...]:
+    """The prompts box's text as prompts, one a line; the default set when it holds none."""
+    from vizapp.models.prompts import DEFAULT_PROMPTS, check_prompts
+
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return DEFAULT_PROMPTS
+    if not isinstance(text, str):
+        raise BadParameterError("prompts must be text, one prompt a line")
+    return check_prompts(text)
+
+
 def _model_name(value: Any, trusted: str | None) -> str:
     """The operator's own model as given (it may be a local file); anything else checked as a visitor's id."""
     return value if (trusted and value == trusted) else as_model_id(value)
@@ -150,6 +167,7 @@ def analyze_image(
     per_head_scale: Any = True,
     random_weights: Any = False,
     colormap: Any = None,
+    prompts: Any = None,
     progress: gr.Progress = gr.Progress(),
     request: gr.Request | None = None,
     *,
@@ -158,8 +176,10 @@ def analyze_image(
     store: ResultStore | None = None,
 ) -> AnalyzeOutputs:
     """The Analyze button (API name ``/analyze``): one forward pass, every view. ``random_weights``: the
-    architecture with random weights (no download), said in the status line. The analysis is kept in ``store``
-    (the demo's; :func:`~vizapp.ui.store.default_store` otherwise) for the session, and the state holds its key."""
+    architecture with random weights (no download), said in the status line. ``prompts``: for a model with a text
+    tower (CLIP-like), its classes, one a line (the default set when empty); ignored for other models. The analysis
+    is kept in ``store`` (the demo's; :func:`~vizapp.ui.store.default_store` otherwise) for the session, and the state
+    holds its key."""
     if image is None:
         raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
     name = _model_name(model_name, trusted_model)
@@ -171,7 +191,8 @@ def analyze_image(
     vm = _load(name, trusted_model, bool(random_weights))
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
-    r = analyze_on_gpu(vm, decoded)
+    prompted = prompt_list(prompts) if vm.text_tower is not None else None
+    r = analyze_on_gpu(vm, decoded, prompts=prompted)
     forward_s = time.perf_counter() - started  # the basis of the head-importance estimate
     # The layer sliders still have the previous model's range when a new model is analysed: clamp into this one.
     start = min(as_int(start_layer, "start layer", 0, 63), r.num_layers - 1)
@@ -205,8 +226,11 @@ def analyze_image(
 
     offered = views.available_methods(r)
     compare_cost = compare_cost_note(r, min(DEFAULT_COMPARE_STEPS, r.grid_size[0] * r.grid_size[1]))
-    support = views.importance_support(vm)
+    used = r.model_ref() or vm  # the model with the prompts as its classes, when it has them
+    support = views.importance_support(used)
     seen = views.input_sentence(vm, decoded.image, r)
+    if prompted is not None:
+        seen = " ".join(filter(None, (seen, PROMPTS_NOTE.format(n=len(r.labels)))))
     steps_max = min(64, r.grid_size[0] * r.grid_size[1])
     return AnalyzeOutputs(
         state=state,
@@ -240,7 +264,7 @@ def analyze_image(
             value=classes[0] if classes and r.lens_probs is not None else None,
         ),
         imp_class=class_update(),
-        importance_cost=importance_cost_note(r, forward_s, support, reuse=views.importance_reuses_blocks(vm)),
+        importance_cost=importance_cost_note(r, forward_s, support, reuse=views.importance_reuses_blocks(used)),
         seen=views.seen_image(r),
         method=gr.update(
             choices=[(methods.METHODS[n].label, n) for n in offered], value="rollout" if "rollout" in offered else None
@@ -433,6 +457,7 @@ def render_pos(
         tile_row=gr.update(maximum=max(1, shown[0] - 1), value=min(tile[0], shown[0] - 1), visible=v.tile is not None),
         tile_col=gr.update(maximum=max(1, shown[1] - 1), value=min(tile[1], shown[1] - 1), visible=v.tile is not None),
         resolution=gr.update(visible=table_view),
+        prompts=gr.update(visible=vm.text_tower is not None),
     )
 
 
@@ -453,6 +478,7 @@ def render_pos_quietly(*args: Any, **kwargs: Any) -> PosOutputs:
             tile_row=gr.update(),
             tile_col=gr.update(),
             resolution=gr.update(),
+            prompts=gr.update(),
         )
 
 

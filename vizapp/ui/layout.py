@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from vizapp import budget, methods, models, views
+from vizapp.models.prompts import DEFAULT_PROMPTS
 from vizapp.ui import handlers
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
@@ -99,7 +100,17 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
         value=startup,
         label="Model",
         allow_custom_value=True,
-        info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo or torchvision:vit_b_16 works",
+        info="[cached]/[offline] work without a network; any timm ViT name, hf:owner/repo, torchvision:vit_b_16 or "
+        "open_clip:ViT-B-32/laion2b_s34b_b79k works",
+    )
+    ui.prompts = gr.Textbox(
+        "\n".join(DEFAULT_PROMPTS),
+        lines=4,
+        max_lines=12,
+        label="Text prompts, one a line (the classes of a CLIP-like model)",
+        info="A model with a text tower (OpenCLIP, CLIP, SigLIP) ranks these prompts and explains the one you choose",
+        visible=False,
+        elem_id="vizapp-prompts",
     )
     ui.random_weights = gr.Checkbox(
         value=False,
@@ -127,7 +138,7 @@ def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
 
 def _prediction_tab(ui: Components) -> None:
     with gr.Row():
-        ui.label = gr.Label(num_top_classes=5, label="Top-5")
+        ui.label = gr.Label(label="Top-5 (or every text prompt, best first)")
         ui.seen = gr.Image(
             label="What the model saw (its preprocessed input)",
             interactive=False,
@@ -288,6 +299,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None, store:
         ui.per_head,
         ui.random_weights,
         ui.colormap,
+        ui.prompts,
     ]
     outputs = components(AnalyzeOutputs, ui)
     checked = [

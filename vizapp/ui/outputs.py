@@ -131,6 +131,7 @@ class PosOutputs(NamedTuple):
     tile_row: Any  # gr.update: the tile sliders span the grid shown
     tile_col: Any
     resolution: Any  # gr.update: the preview-grid choice, shown only for a learned absolute table
+    prompts: Any = None  # gr.update: the text prompts box, shown only for a model with a text tower (CLIP-like)
 
 
 class FeaturesOutputs(NamedTuple):

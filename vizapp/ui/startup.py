@@ -29,8 +29,10 @@ CURATED_BY_LIBRARY: dict[str, list[tuple[str, str]]] = {
     "transformers": [
         ("hf:google/vit-base-patch16-224", "transformers: ViT-B/16 (ImageNet)"),
         ("hf:facebook/dinov2-small", "transformers: DINOv2 ViT-S/14 (no classifier)"),
+        ("hf:openai/clip-vit-base-patch32", "transformers: CLIP ViT-B/32 (text prompts as classes)"),
     ],
     "torchvision": [("torchvision:vit_b_16", "torchvision: ViT-B/16 (ImageNet)")],
+    "open_clip": [("open_clip:ViT-B-32/laion2b_s34b_b79k", "OpenCLIP: ViT-B/32 LAION-2B (text prompts as classes)")],
 }
 
 
