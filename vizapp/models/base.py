@@ -117,6 +117,9 @@ class VizModel:
             rotary module.
         relative_bias_fn: for a relative-position-bias model whose position view is not read from timm: () -> every
             layer's learned bias as maps over the offset (Δrow, Δcol), [L, H, 2gh − 1, 2gw − 1].
+        windowed: the layers attend within (shifted) windows on per-stage grids (Swin, :mod:`vizapp.models.swin`):
+            ``grid_size`` is the first stage's, ``num_heads`` the most any layer has, and :func:`vizapp.analyze`
+            returns a :class:`vizapp.swin_result.WindowAnalysis`.
     """
 
     name: str
@@ -150,6 +153,7 @@ class VizModel:
     fixed_transform: Callable[[Image.Image], torch.Tensor] | None = None
     rope_angles_fn: Callable[[], torch.Tensor] | None = None
     relative_bias_fn: Callable[[], torch.Tensor] | None = None
+    windowed: bool = False
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU
     graphs: GraphCache = field(default_factory=GraphCache, repr=False, compare=False)

@@ -1,0 +1,257 @@
+"""Swin (windowed attention): exact capture against timm's explicit path, window/shift geometry by hand, per-layer
+query maps, mean distance in input pixels, rollout and class maps through windows and patch merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vizapp
+from tests.conftest import random_image
+from vizapp.analysis import windows as W
+from vizapp.swin_result import WindowAnalysis, analyze_image
+from vizapp.windows import WindowCapture
+
+# a 6x10 grid with window 4 (padded to 8x12; shifted blocks wrap), then 3x5 (window clamped to 3 rows)
+TINY = dict(img_size=(24, 40), embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
+
+
+def _timm_swin(**kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **{**TINY, **kw}).eval()
+
+
+@pytest.fixture(scope="module")
+def vm():
+    torch.manual_seed(0)
+    return vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
+
+
+def _explicit(model, x):
+    """timm's own explicit attention (fused_attn off): what its attn_drop receives, per layer."""
+    seen = []
+    hooks = [
+        b.attn.attn_drop.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach().clone()))
+        for s in model.layers
+        for b in s.blocks
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_capture_equals_timm_explicit_attention(fused):
+    model = _timm_swin()
+    x = torch.randn(2, 3, 24, 40)
+    ref = _explicit(model, x)
+    for s in model.layers:
+        for b in s.blocks:
+            b.attn.fused_attn = fused  # fused: timm calls SDPA with the bias + shift mask as attn_mask
+    with torch.no_grad(), WindowCapture(model) as cap:
+        out = model(x)
+    assert len(cap) == 4 == len(ref)
+    for i in range(4):
+        a = cap.attention(i)
+        assert a.shape[:3] == (2, cap.geometry[i].num_windows, (2, 2, 4, 4)[i])
+        torch.testing.assert_close(a.reshape(ref[i].shape), ref[i], atol=1e-5, rtol=0)
+    for s in model.layers:
+        for b in s.blocks:
+            b.attn.fused_attn = False
+    torch.testing.assert_close(out, model(x).detach(), atol=1e-5, rtol=0)  # the forward is unchanged
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_geometry_read_from_the_forward():
+    model = _timm_swin()
+    with torch.no_grad(), WindowCapture(model) as cap:
+        model(torch.randn(1, 3, 24, 40))
+    g = cap.geometry
+    assert [x.grid for x in g] == [(6, 10), (6, 10), (3, 5), (3, 5)]
+    assert [x.window for x in g] == [(4, 4), (4, 4), (3, 4), (3, 4)]  # timm clamps the window to a 3-row grid
+    assert [x.shift for x in g] == [(0, 0), (2, 2), (0, 0), (0, 2)]
+    assert [x.stage for x in g] == [0, 0, 1, 1]
+
+
+def test_window_index_by_hand_4x4_window2_shift1():
+    # roll by -1: canvas[i, j] = token ((i + 1) % 4, (j + 1) % 4); windows row-major over the canvas
+    idx = W.window_index((4, 4), (2, 2), (1, 1))
+    assert idx.tolist() == [[5, 6, 9, 10], [7, 4, 11, 8], [13, 14, 1, 2], [15, 12, 3, 0]]
+    assert W.window_index((4, 4), (2, 2), (0, 0)).tolist() == [
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+        [8, 9, 12, 13],
+        [10, 11, 14, 15],
+    ]
+    # a 3x3 grid, window 2: padded to 4x4; timm shifts then pads (canvas rows 4 5 3 / 7 8 6 / 1 2 0 / padding),
+    # transformers pads then shifts (canvas rows 4 5 - 3 / 7 8 - 6 / padding / 1 2 - 0)
+    assert W.window_index((3, 3), (2, 2), (1, 1), pad_first=False).tolist()[0] == [4, 5, 7, 8]
+    assert W.window_index((3, 3), (2, 2), (1, 1), pad_first=False).tolist()[3] == [0, -1, -1, -1]
+    assert W.window_index((3, 3), (2, 2), (1, 1), pad_first=True).tolist()[1] == [-1, 3, -1, 6]
+    assert W.window_index((3, 3), (2, 2), (1, 1), pad_first=True).tolist()[3] == [-1, -1, -1, 0]
+
+
+def test_shifted_window_corner_tokens_see_only_themselves():
+    """4x4 grid, window 2, shift 1: the last window holds tokens 15, 12, 3, 0, one from each corner; timm's shift
+    mask (-100) keeps every one of them apart, so each attends (almost) only to itself."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=16,
+        embed_dim=8,
+        depths=(2,),
+        num_heads=(2,),
+        window_size=2,
+        num_classes=3,
+    ).eval()
+    with torch.no_grad(), WindowCapture(model) as cap:
+        model(torch.randn(1, 3, 16, 16))
+    g = cap.geometry[1]
+    assert (g.grid, g.window, g.shift) == ((4, 4), (2, 2), (1, 1))
+    a = cap.attention(1)[0]  # [nW, H, 4, 4]
+    torch.testing.assert_close(a[3], torch.eye(4).expand(2, 4, 4), atol=1e-6, rtol=0)
+    # window 1 = tokens 7, 4, 11, 8: columns 3 and 0 of rows 1-2 -> two pairs
+    pairs = (a[1] > 1e-6).float()
+    assert pairs[0].tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+
+
+def test_query_map_by_hand():
+    idx = W.window_index((4, 4), (2, 2), (1, 1))
+    wins = torch.zeros(4, 1, 4, 4)
+    wins[3, 0, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4])  # token 0's row in window 3 (keys 15, 12, 3, 0)
+    m = W.query_map(wins, idx, (4, 4), 0)[0]
+    expect = torch.zeros(16)
+    expect[[15, 12, 3, 0]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.testing.assert_close(m.reshape(-1), expect)
+    assert sorted(W.window_cells(idx, 0).tolist()) == [0, 3, 12, 15]
+
+
+def test_full_attention_matches_dense_scatter():
+    idx = W.window_index((3, 5), (2, 2), (1, 1))
+    torch.manual_seed(1)
+    wins = torch.rand(idx.shape[0], 2, 4, 4)
+    full = W.full_attention(wins, idx, 15)
+    dense = torch.zeros(2, 15, 15)
+    for w in range(idx.shape[0]):
+        for i in range(4):
+            for j in range(4):
+                if idx[w, i] >= 0 and idx[w, j] >= 0:
+                    dense[:, idx[w, i], idx[w, j]] = wins[w, :, i, j]
+    torch.testing.assert_close(full, dense)
+    v = torch.rand(15, dtype=torch.float64)
+    torch.testing.assert_close(W.row_times_windows(v, wins[:, 0].double(), idx), v @ dense[0].double())
+
+
+def test_mean_distance_by_hand():
+    # one 2x2 window of 4-px tokens, uniform attention: distances 0, 4, 4, 4√2 from every query
+    idx = W.window_index((2, 2), (2, 2), (0, 0))
+    wins = torch.full((1, 1, 4, 4), 0.25)
+    d = W.mean_distance(wins, idx, (2, 2), (4, 4))
+    assert float(d[0]) == pytest.approx((0 + 4 + 4 + 4 * 2**0.5) / 4)
+    # attention to self: 0; at stage 1 (8-px spacing) the uniform value doubles
+    assert float(W.mean_distance(torch.eye(4)[None, None], idx, (2, 2), (4, 4))[0]) == 0.0
+    assert float(W.mean_distance(wins, idx, (2, 2), (8, 8))[0]) == pytest.approx(2 * (8 + 4 * 2**0.5) / 4)
+
+
+def test_merge_matrix_equal_shares():
+    m = W.merge_matrix((3, 3))  # padded to 4x4 -> 2x2; edge tokens merge 2 or 1 real sources
+    assert m.shape == (4, 9)
+    assert m[0].tolist() == [0.25, 0.25, 0, 0.25, 0.25, 0, 0, 0, 0]
+    assert m[1].tolist() == [0, 0, 0.5, 0, 0, 0.5, 0, 0, 0]
+    assert m[3].tolist() == [0] * 8 + [1.0]
+    torch.testing.assert_close(m.sum(1), torch.ones(4, dtype=torch.float64))
+
+
+def test_rollout_through_merge_by_hand():
+    """Two layers: a 2x2 grid (one window, attention A), a merge to 1x1, a 1x1 layer. The pooled output's row is
+    [1]; the 1x1 layer's Â = 1; the merge gives [¼, ¼, ¼, ¼]; then · (0.5·A + 0.5·I)."""
+    a = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.0, 0.5]])
+    idx0 = W.window_index((2, 2), (2, 2), (0, 0))
+    idx1 = W.window_index((1, 1), (1, 1), (0, 0))
+    fused = [a[None].double(), torch.ones(1, 1, 1, dtype=torch.float64)]
+    row = W.rollout_through(fused, [idx0, idx1], [(2, 2), (1, 1)], torch.ones(1, dtype=torch.float64))
+    expect = torch.full((4,), 0.25, dtype=torch.float64) @ (0.5 * a.double() + 0.5 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(row, expect)
+    assert expect.tolist() == pytest.approx([0.30625, 0.29375, 0.16875, 0.23125])
+    assert float(row.sum()) == pytest.approx(1.0)
+
+
+def test_rollout_equals_dense_product(vm):
+    """The windowed rollout equals the dense product w · Â_3 · Â_2 · M · Â_1 · Â_0 built from full [N, N] maps."""
+    r = analyze_image(vm, random_image(0))
+    mats = []
+    for layer in range(r.num_layers):
+        full = r.full_attention(layer).double().mean(0)
+        full = full / full.sum(-1, keepdim=True)
+        mats.append(0.5 * full + 0.5 * torch.eye(full.shape[0], dtype=torch.float64))
+    n_last = r.tokens_per_layer[-1]
+    v = torch.full((n_last,), 1.0 / n_last, dtype=torch.float64)
+    v = v @ mats[3] @ mats[2] @ W.merge_matrix((6, 10)) @ mats[1] @ mats[0]
+    np.testing.assert_allclose(r.rollout(), v.reshape(6, 10).numpy(), atol=1e-6)
+
+
+def test_analysis_views(vm):
+    r = vizapp.analyze(vm, random_image(0))
+    assert isinstance(r, WindowAnalysis)
+    assert r.layer_grids == ((6, 10), (6, 10), (3, 5), (3, 5))
+    assert r.heads_per_layer == (2, 2, 4, 4)
+    m = r.attention(2, query=(1, 3))
+    assert m.shape == (4, 3, 5)
+    mask = r.window_mask(2, (1, 3))
+    assert np.all(m[:, ~mask] == 0) and np.all(m[:, mask] > 0)
+    np.testing.assert_allclose(m.sum((1, 2)), 1.0, atol=1e-5)  # no padding in this window's real row mass
+    assert r.attention(2, 3, (1, 3)).shape == (3, 5)
+    assert r.mean_distance.shape == (4, 4)
+    assert np.isnan(r.mean_distance[:2, 2:]).all() and np.isfinite(r.mean_distance[2:]).all()
+    assert r.padded_layers == (0, 1, 2, 3)
+    with pytest.raises(vizapp.errors.BadParameterError, match="class token"):
+        r.attention(0, query="cls")
+    with pytest.raises(vizapp.errors.BadParameterError, match="out of range"):
+        r.attention(0, head=3)
+    with pytest.raises(vizapp.errors.BadParameterError, match="outside"):
+        r.attention(2, query=(5, 0))
+    with pytest.raises(vizapp.errors.BadParameterError, match="Attention flow"):
+        r.explain("flow")
+    assert r.relative_bias[0].shape == (2, 7, 7) and r.relative_bias[2].shape == (4, 5, 7)
+    s = r.summary()
+    assert s["layer_grids"] == [[6, 10], [6, 10], [3, 5], [3, 5]]
+
+
+def test_class_maps_graph_equals_rerun(vm):
+    img = random_image(3)
+    plain = analyze_image(vm, img)
+    kept = analyze_image(vm, img, gradients=True)
+    for c in (0, 2):
+        np.testing.assert_allclose(plain.relevance(c), kept.relevance(c), atol=1e-6)
+        np.testing.assert_allclose(plain.grad_rollout(c), kept.grad_rollout(c), atol=1e-6)
+        assert plain.grad_rollout(c).sum() == pytest.approx(1.0)
+        assert plain.relevance(c).shape == (6, 10)
+
+
+def test_weights_read_when_analysing():
+    """A model edited in place after loading: the analysis sees the new relative-position bias."""
+    torch.manual_seed(0)
+    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **{**TINY, "num_classes": 4})
+    img = random_image(1)
+    before = analyze_image(vm, img)
+    with torch.no_grad():
+        vm.model.layers[0].blocks[0].attn.relative_position_bias_table.add_(
+            3.0 * torch.randn_like(vm.model.layers[0].blocks[0].attn.relative_position_bias_table)
+        )
+    after = analyze_image(vm, img)
+    assert not torch.allclose(before.windows[0], after.windows[0])
+    assert not torch.allclose(before.relative_bias[0], after.relative_bias[0])
+    ref = _explicit(vm.model, after.input)
+    torch.testing.assert_close(after.windows[0], ref[0].reshape(after.windows[0].shape), atol=1e-5, rtol=0)
+    with pytest.raises(vizapp.errors.StaleResultError):
+        before.relevance(0)  # its model changed since: refused, not silently recomputed
