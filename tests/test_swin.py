@@ -255,3 +255,43 @@ def test_weights_read_when_analysing():
     torch.testing.assert_close(after.windows[0], ref[0].reshape(after.windows[0].shape), atol=1e-5, rtol=0)
     with pytest.raises(vizapp.errors.StaleResultError):
         before.relevance(0)  # its model changed since: refused, not silently recomputed
+
+
+@pytest.mark.parametrize("kind", ["swin", "swinv2"])
+def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
+    """A transformers Swin / Swinv2 folder (save_pretrained, random weights, a 9x9 grid padded to windows of 4):
+    vizapp's capture (SDPA for Swin, the explicit path's probabilities for Swinv2) equals the attention weights of the
+    library's eager implementation, layer by layer."""
+    import transformers as tf
+
+    cfg_cls, model_cls = {
+        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
+        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
+    }[kind]
+    torch.manual_seed(0)
+    cfg = cfg_cls(
+        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
+    )
+    model_cls(cfg).save_pretrained(tmp_path)
+    vm = vizapp.load_model(str(tmp_path), device="cpu")
+    r = vizapp.analyze(vm, random_image(0))
+    assert isinstance(r, WindowAnalysis) and vm.family == "hf"
+    assert r.layer_grids == ((9, 9), (9, 9), (5, 5), (5, 5)) and r.heads_per_layer == (2, 2, 4, 4)
+    assert r.padded_layers == (0, 1, 2, 3)
+    eager = model_cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    seen = []  # Swin's eager attention returns (output, weights) from every layer
+    blocks = [blk for stage in eager.swin.encoder.layers for blk in stage.blocks] if kind == "swin" else []
+    hooks = [b.attention.register_forward_hook(lambda _m, _a, o: seen.append(o[1].detach())) for b in blocks]
+    with torch.no_grad():
+        out = eager(pixel_values=r.input, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    if kind == "swin":  # every layer's eager weights
+        assert len(seen) == 4
+        for i in range(4):
+            torch.testing.assert_close(r.windows[i], seen[i].reshape(r.windows[i].shape), atol=1e-5, rtol=0)
+    # the attentions transformers returns (the last block of each stage)
+    for i, a in zip((1, 3), out.attentions, strict=True):
+        torch.testing.assert_close(r.windows[i], a.reshape(r.windows[i].shape), atol=1e-5, rtol=0)
+    assert r.rollout().shape == (9, 9) and r.rollout().sum() == pytest.approx(1.0)
+    assert r.relevance(1).shape == (9, 9)

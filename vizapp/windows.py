@@ -122,9 +122,12 @@ def window_sites(model: torch.nn.Module) -> list[WindowSite]:
         for s, stage in enumerate(stages):
             for blk in stage.blocks:
                 attn = blk.attention
-                attn = getattr(attn, "self", attn)  # Swinv2 wraps its self-attention
+                probs = None  # Swin: the attention interface (SDPA)
+                if type(base).__name__ == "Swinv2Model":  # cosine attention: softmax, then this dropout
+                    attn = attn.self
+                    probs = attn.dropout
                 heads = int(getattr(attn, "num_attention_heads", 0) or getattr(attn, "num_heads", 0))
-                sites.append(WindowSite(blk, attn, s, heads, True, None, "hf"))
+                sites.append(WindowSite(blk, attn, s, heads, True, probs, "hf"))
         return sites
     raise UnsupportedModelError(
         f"{type(model).__name__} is not a windowed-attention model vizapp can capture; supported: {WINDOWED_FAMILIES}"

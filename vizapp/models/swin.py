@@ -140,3 +140,86 @@ def wrap_timm(model: torch.nn.Module, name: str, source: str, note: str, device:
         cfg["std"],
         "timm",
     )
+
+
+#: transformers model types this adapter loads (from a folder written by ``save_pretrained``, or the hub cache)
+HF_TYPES = ("swin", "swinv2")
+
+
+def hf_model_type(folder: str) -> str | None:
+    """The ``model_type`` in ``folder``/config.json, or None when there is none to read."""
+    import json
+    import os
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _hf_transform(folder: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple]:
+    """Resize to the configured size, to tensor, normalise with the folder's processor statistics (ImageNet's when
+    it has none, as transformers' Swin processors default to)."""
+    import json
+    import os
+
+    from torchvision.transforms import v2 as T
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            proc = json.load(f)
+        mean, std = tuple(proc.get("image_mean", mean)), tuple(proc.get("image_std", std))
+    tf = T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
+
+    def transform(img: Any) -> torch.Tensor:
+        return tf(img.convert("RGB"))
+
+    return transform, mean, std
+
+
+def load_hf(name: str, folder: str, pretrained: bool, device: torch.device, dtype: torch.dtype) -> VizModel:
+    """A transformers Swin / Swinv2 from a local folder written by ``save_pretrained`` (safetensors only). Swin runs
+    with SDPA attention (what the capture catches; ``attn_implementation="eager"`` with ``output_attentions`` is the
+    second code path in the tests); Swinv2 has no SDPA path in transformers and runs its explicit one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    from vizapp.errors import ModelLoadError
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in HF_TYPES:
+        raise UnsupportedModelError(f"{name}: model type {config.model_type!r} is not a Swin")
+    has_head = bool(getattr(config, "architectures", None)) and any(
+        a.endswith("ForImageClassification") for a in config.architectures
+    )
+    cls = AutoModelForImageClassification if has_head else AutoModel
+    # Swin: SDPA (caught at the call); Swinv2 has only its explicit path (its probabilities are read at its dropout)
+    impl = "sdpa" if config.model_type == "swin" else "eager"
+    try:
+        if pretrained:
+            model = cls.from_pretrained(folder, attn_implementation=impl, local_files_only=True, use_safetensors=True)
+        else:
+            model = cls.from_config(config, attn_implementation=impl)
+    except OSError as e:
+        raise ModelLoadError(f"{name}: weights could not be read ({str(e).splitlines()[0][:200]})") from e
+    size = pair(config.image_size)
+    transform, mean, std = _hf_transform(folder, size)
+    labels: tuple[str, ...] = ()
+    if has_head:
+        id2label = getattr(config, "id2label", None) or {}
+        labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(int(config.num_labels)))
+    source = "file" if pretrained else "random"
+    note = "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful."
+    return wrap(model, name, source, note, device, dtype, transform, labels, (3, *size), mean, std, "hf")
