@@ -295,3 +295,21 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
         torch.testing.assert_close(r.windows[i], a.reshape(r.windows[i].shape), atol=1e-5, rtol=0)
     assert r.rollout().shape == (9, 9) and r.rollout().sum() == pytest.approx(1.0)
     assert r.relevance(1).shape == (9, 9)
+
+
+def test_app_refuses_a_swin_model_clearly(vm, monkeypatch):
+    """The app's Analyze handler says in one sentence that its tabs do not draw Swin yet (not a crash)."""
+    import gradio as gr
+
+    from vizapp import ui
+    from vizapp.ui import handlers
+
+    monkeypatch.setattr(handlers, "_load", lambda *a, **k: vm)  # the tiny Swin, not a 28M-parameter Swin-T
+    with pytest.raises(gr.Error, match="do not draw windowed-attention"):
+        ui.analyze_image(
+            random_image(0),
+            "swin_tiny_patch4_window7_224",
+            random_weights=True,
+            progress=lambda *a, **k: None,
+            trusted_model="swin_tiny_patch4_window7_224",
+        )

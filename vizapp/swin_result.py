@@ -42,6 +42,13 @@ UNDEFINED = {
 }
 
 
+#: what the app says for a windowed model until its tabs draw one
+APP_NOTE = (
+    "The app's tabs do not draw windowed-attention (Swin) models yet; analyse them with the Python API: "
+    "vizapp.analyze(model, image) gives per-layer maps on each stage's grid, mean distance, rollout and class maps."
+)
+
+
 def undefined(view: str) -> str:
     """The sentence saying why ``view`` is not defined for a windowed model."""
     return UNDEFINED[view]

@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 
 from vizapp import methods, models, views
-from vizapp.errors import BadImageError, BadParameterError
+from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis
 from vizapp.ui import deadline
@@ -163,6 +163,10 @@ def analyze_image(
     decoded = decode_image(image)  # a bad file is refused before any model work
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
+    if vm.windowed:  # the views below read a plain ViT's record
+        from vizapp.swin_result import APP_NOTE
+
+        raise UnsupportedModelError(APP_NOTE)
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
     r = analyze_on_gpu(vm, decoded)
