@@ -313,3 +313,34 @@ def test_app_refuses_a_swin_model_clearly(vm, monkeypatch):
             progress=lambda *a, **k: None,
             trusted_model="swin_tiny_patch4_window7_224",
         )
+
+
+def test_views_draw_each_layer_on_its_grid_with_the_window(vm):
+    import plotly.graph_objects as go
+
+    from vizapp import views_windows as V
+
+    r = vizapp.analyze(vm, random_image(2))
+    figs = V.render_all(r, layer=3, query=(1, 2), head=1)
+    assert {"topk", "rollout", "heads", "focus", "distance", "pos"} <= set(figs)
+    focus = figs["focus"]
+    heat = next(t for t in focus.data if isinstance(t, go.Heatmap))
+    assert np.asarray(heat.z).shape == (3, 5) and heat.dx == 8 and heat.dy == 8  # stage 1: 8-px tokens
+    outline = next(t for t in focus.data if isinstance(t, go.Scatter) and t.name == "window")
+    xs = [x for x in outline.x if x is not None]
+    ys = [y for y in outline.y if y is not None]
+    # query (1, 2) on layer 3 (window 3x4, shift (0, 2)): its window holds columns 2, 3, 4 and 0 (wrapped)
+    assert r.window_mask(3, (1, 2))[0].tolist() == [True, False, True, True, True]
+    assert min(xs) == 0 and max(xs) == 40 and min(ys) == 0 and max(ys) == 24
+    assert "padded tokens are not drawn" in focus.layout.title.text
+    assert np.asarray(next(t for t in figs["rollout"].data if isinstance(t, go.Heatmap)).z).shape == (6, 10)
+    dist = figs["distance"].data[0]
+    assert np.isnan(np.asarray(dist.y, dtype=float)).sum() == 4  # 2 heads missing on each of layers 0 and 1
+    pos = figs["pos"].data[0]
+    assert isinstance(pos, go.Heatmap) and "Δrow" in pos.hovertemplate
+    grad = V.map_view(r, "relevance", 1)
+    assert f"for '{r.labels[1]}'" in grad.layout.title.text
+    assert V.layer_query(r, 3, (5, 9)) == (2, 4) and V.layer_query(r, 0, (5, 9)) == (5, 9)
+    assert "padded" in V.padded_tokens_note(r)
+    with pytest.raises(vizapp.errors.BadParameterError, match="Attention flow"):
+        V.map_view(r, "flow")

@@ -120,16 +120,15 @@ def mean_distance(windows: torch.Tensor, index: torch.Tensor, grid: tuple[int, i
     Returns:
         [H] float64.
     """
-    centres = token_centres(grid, stride)
     real = index >= 0
-    safe = index.clamp(min=0)
-    pos = centres[safe]  # [nW, w², 2]
-    d = torch.cdist(pos, pos)  # [nW, w², w²]
-    a = windows.double() * (real[:, None, None, :]).double()  # drop padded keys
-    a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
-    per_query = (a * d[:, None]).sum(-1)  # [nW, H, w²]
-    q_real = real[:, None, :].expand_as(per_query)
-    return (per_query * q_real).sum((0, 2)) / real.sum()
+    pos = token_centres(grid, stride).to(windows.device)[index.clamp(min=0)]  # [nW, w², 2]
+    keep = real[:, None, :].to(windows.dtype)  # [nW, 1, w²]: padded keys count neither as mass nor distance
+    d = torch.cdist(pos, pos).to(windows.dtype) * keep  # [nW, w², w²]
+    # per query: Σ_k a·d / Σ_k a over real keys, formed window by window without a [nW, H, w², w²] temporary
+    weighted = torch.einsum("whqk,wqk->whq", windows, d).double()
+    mass = torch.einsum("whqk,wk->whq", windows, real.to(windows.dtype)).double().clamp_min(1e-300)
+    per_query = weighted / mass  # [nW, H, w²]
+    return (per_query * real[:, None, :]).sum((0, 2)) / real.sum()
 
 
 def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
