@@ -170,6 +170,10 @@ def test_merge_matrix_equal_shares():
     assert m[1].tolist() == [0, 0, 0.5, 0, 0, 0.5, 0, 0, 0]
     assert m[3].tolist() == [0] * 8 + [1.0]
     torch.testing.assert_close(m.sum(1), torch.ones(4, dtype=torch.float64))
+    v = torch.rand(4, dtype=torch.float64)
+    torch.testing.assert_close(W.through_merge(v, (3, 3)), v @ m)
+    v = torch.rand(15, dtype=torch.float64)
+    torch.testing.assert_close(W.through_merge(v, (6, 10)), v @ W.merge_matrix((6, 10)))
 
 
 def test_rollout_through_merge_by_hand():
@@ -344,3 +348,14 @@ def test_views_draw_each_layer_on_its_grid_with_the_window(vm):
     assert "padded" in V.padded_tokens_note(r)
     with pytest.raises(vizapp.errors.BadParameterError, match="Attention flow"):
         V.map_view(r, "flow")
+
+
+def test_faithfulness_over_the_first_grid(vm):
+    r = analyze_image(vm, random_image(4))
+    out = r.faithfulness({"rollout": r.rollout()}, class_idx=0, steps=4)
+    assert set(out) == {"rollout", "random"}
+    dele = out["rollout"]["deletion"]
+    assert len(dele.fractions) == 5 and dele.fractions[0] == 0 and dele.fractions[-1] == 1
+    with torch.no_grad():
+        p0 = torch.softmax(vm.logits(r.input), -1)[0, 0].item()
+    assert dele.probs[0] == pytest.approx(p0, abs=1e-5)  # nothing removed yet: the model's own probability

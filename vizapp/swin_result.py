@@ -327,6 +327,54 @@ class WindowAnalysis:
             raise BadParameterError(undefined(why[method]))
         raise BadParameterError(f"method {str(method)[:40]!r} is not offered for windowed models; use one of {METHODS}")
 
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of maps over the first stage's grid, as
+        :meth:`vizapp.result.Analysis.faithfulness` (patches of the first stage removed or revealed in the map's
+        order, the class probability tracked); a "random" order is added unless ``random_seed`` is None."""
+        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        grid = self.layer_grids[0]
+        maps = dict(maps)
+        if random_seed is not None:
+            g = torch.Generator().manual_seed(int(random_seed))
+            maps["random"] = random_order_saliency(grid[0] * grid[1], g).numpy()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in maps.items():
+            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+            if sal.numel() != grid[0] * grid[1]:
+                raise BadParameterError(f"map {name!r} has {sal.numel()} values for the {grid[0]}x{grid[1]} first grid")
+            out[name] = {
+                mode: perturbation_curve(
+                    predict,
+                    self.input[0],
+                    sal,
+                    grid,
+                    self.strides[0],
+                    cls,
+                    mode=mode,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                )
+                for mode in ("deletion", "insertion")
+            }
+        return out
+
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary of the analysis."""
         return {

@@ -143,6 +143,19 @@ def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
     return m / m.sum(1, keepdim=True)
 
 
+def through_merge(v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """v [N'] over the merged grid -> v @ :func:`merge_matrix` (``grid``) [N] over the source grid, without forming
+    the matrix: each source token gets its merged token's value divided by that token's real source count."""
+    gh, gw = grid
+    mw = (gw + 1) // 2
+    r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    parent = ((r // 2) * mw + c // 2).reshape(-1).to(v.device)  # [N]
+    count = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device).index_add_(
+        0, parent, torch.ones_like(parent, dtype=v.dtype)
+    )
+    return v[parent] / count[parent]
+
+
 def fuse_windows(windows: torch.Tensor, index: torch.Tensor, head_fusion: str = "mean", renorm: bool = True):
     """Head-fused window maps [nW, w², w²] float64 from [nW, H, w², w²]: padded keys zeroed and, with ``renorm``,
     each row renormalised over the real keys (attention rollout); without it (gradient-weighted maps) as they are."""
@@ -206,5 +219,5 @@ def rollout_through(
                 u = v / (token_row_sums(a, idx, v.shape[0]) + 1.0)
                 v = u + row_times_windows(u, a, idx)
         if layer > 0 and tuple(grids[layer - 1]) != tuple(grids[layer]):
-            v = v @ merge_matrix(grids[layer - 1]).to(v.device)
+            v = through_merge(v, grids[layer - 1])
     return v
