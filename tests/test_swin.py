@@ -299,6 +299,26 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
         torch.testing.assert_close(r.windows[i], a.reshape(r.windows[i].shape), atol=1e-5, rtol=0)
     assert r.rollout().shape == (9, 9) and r.rollout().sum() == pytest.approx(1.0)
     assert r.relevance(1).shape == (9, 9)
+    # the position view: Swin's table, Swin V2's continuous bias 16·sigmoid(MLP) (values in (0, 16))
+    bias = r.relative_bias[2]
+    assert bias.shape == (4, 7, 7)
+    if kind == "swinv2":
+        assert float(bias.min()) > 0 and float(bias.max()) < 16
+    else:  # the table itself: its (Δrow, Δcol) = (0, 0) entry is what every token adds for attending to itself
+        table = vm.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
+        torch.testing.assert_close(bias[:, 3, 3], table[3 * 7 + 3].detach())
+
+
+def test_analyze_a_batch_equals_each_image():
+    torch.manual_seed(0)
+    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **{**TINY, "num_classes": 3})
+    both = vizapp.analyze(vm, [random_image(0), random_image(1)])
+    one = vizapp.analyze(vm, random_image(1))
+    assert all(isinstance(r, WindowAnalysis) for r in both)
+    for a, b in zip(both[1].windows, one.windows, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(both[1].rollout(), one.rollout(), atol=1e-6)
+    np.testing.assert_allclose(both[1].mean_distance, one.mean_distance, atol=1e-5)
 
 
 def test_app_refuses_a_swin_model_clearly(vm, monkeypatch):
