@@ -379,3 +379,64 @@ def test_faithfulness_over_the_first_grid(vm):
     with torch.no_grad():
         p0 = torch.softmax(vm.logits(r.input), -1)[0, 0].item()
     assert dele.probs[0] == pytest.approx(p0, abs=1e-5)  # nothing removed yet: the model's own probability
+
+
+def _observed_window_index(site, block_in, attn_in, grid, post_norm):
+    """Which grid token the library put in each window slot, read from its own forward: the attention module's input
+    rows (image 0) matched against the block's tokens (normalised first, except in Swin V2's post-norm blocks); a
+    zero row is padding (-1)."""
+    norm = getattr(site.block, "norm1", None) or getattr(site.block, "layernorm_before", None)
+    with torch.no_grad():
+        tokens = (block_in if post_norm else norm(block_in)).reshape(-1, grid[0] * grid[1], block_in.shape[-1])[0]
+    nw = attn_in.shape[0] // block_in.shape[0]
+    rows = attn_in[:nw]  # [nW, w², C]
+    dist = torch.cdist(rows.reshape(-1, rows.shape[-1]), tokens, compute_mode="donot_use_mm_for_euclid_dist")
+    found = dist.argmin(-1)
+    found[rows.reshape(-1, rows.shape[-1]).abs().sum(-1) == 0] = -1
+    assert torch.all((dist.min(-1).values < 1e-4) | (found == -1))
+    return found.view(nw, -1)
+
+
+@pytest.mark.parametrize("family", ["timm_swin", "timm_swinv2", "hf_swin", "hf_swinv2"])
+def test_window_index_matches_the_library_forward(family, tmp_path):
+    """The geometry vizapp replays (window_index from the grid, window, shift and padding order it read) equals the
+    token in every window slot of the library's own forward, for timm (shift, then pad) and transformers (pad, then
+    shift), on grids that need padding."""
+    from vizapp.windows import window_sites
+
+    if family.startswith("timm"):
+        import timm
+
+        name = "swin_tiny_patch4_window7_224" if family == "timm_swin" else "swinv2_tiny_window8_256"
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **TINY).eval()
+        x = torch.randn(1, 3, 24, 40)
+        run = lambda: model(x)  # noqa: E731
+    else:
+        import transformers as tf
+
+        cfg_cls, model_cls = (tf.SwinConfig, tf.SwinModel) if family == "hf_swin" else (tf.Swinv2Config, tf.Swinv2Model)
+        torch.manual_seed(0)
+        model = model_cls(
+            cfg_cls(image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+        ).eval()
+        x = torch.randn(1, 3, 36, 36)
+        run = lambda: model(pixel_values=x)  # noqa: E731
+    sites = window_sites(model)
+    seen: dict[int, list] = {}
+    hooks = []
+    for i, site in enumerate(sites):
+        hooks.append(
+            site.block.register_forward_pre_hook(
+                lambda _m, a, i=i: seen.setdefault(i, []).append(a[0].detach()), with_kwargs=False
+            )
+        )
+        hooks.append(site.attn.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].detach())))
+    with torch.no_grad(), WindowCapture(model) as cap:
+        run()
+    for h in hooks:
+        h.remove()
+    for i, site in enumerate(sites):
+        g = cap.geometry[i]
+        observed = _observed_window_index(site, seen[i][0], seen[i][1], g.grid, family.endswith("v2"))
+        assert torch.equal(observed, W.window_index(g.grid, g.window, g.shift, g.pad_first)), (i, g)
