@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import plotly.graph_objects as go
-
 from vizapp import figures
 from vizapp.errors import BadParameterError
 from vizapp.figures.windows import add_cell_outline
-from vizapp.swin_result import METHODS, WindowAnalysis
+from vizapp.swin_result import APP_NOTE, METHODS, WindowAnalysis
 
 #: method -> title
 TITLES = {
@@ -75,7 +73,7 @@ def focus_view(
     query: Any,
     opacity: float = 0.6,
     colorscale: str = figures.HEAT_SCALE,
-) -> go.Figure:
+) -> Any:
     """One head's map over the image at ``layer``'s stage resolution, the query marked and its window outlined."""
     layer = r._layer(layer)
     heat = r.attention(layer, head, query)
@@ -101,7 +99,7 @@ def map_view(
     opacity: float = 0.6,
     colorscale: str = figures.HEAT_SCALE,
     **kwargs: Any,
-) -> go.Figure:
+) -> Any:
     """A map of :data:`vizapp.swin_result.METHODS` over the image: rollout and the class maps on the first stage's
     grid, "last_layer" on the last stage's."""
     if method not in METHODS:
@@ -118,7 +116,7 @@ def map_view(
     )
 
 
-def distance_view(r: WindowAnalysis) -> go.Figure:
+def distance_view(r: WindowAnalysis) -> Any:
     """Mean attention distance in input pixels, one dot per head a layer has (Swin's head count grows by stage)."""
     spacing = ", ".join(
         f"stage {s}: {r.strides[i][0]} px"
@@ -131,7 +129,7 @@ def distance_view(r: WindowAnalysis) -> go.Figure:
     )
 
 
-def bias_view(r: WindowAnalysis, layer: int) -> go.Figure | None:
+def bias_view(r: WindowAnalysis, layer: int) -> Any:
     """The learned relative-position bias of ``layer`` per head over (Δrow, Δcol) = query − key, read from the weights
     when the image was analysed; None when the model computes its bias otherwise (Swin V2's continuous bias)."""
     layer = r._layer(layer)
@@ -172,6 +170,7 @@ def padded_tokens_note(r: WindowAnalysis) -> str:
 
 
 __all__ = [
+    "APP_NOTE",
     "bias_view",
     "default_query",
     "distance_view",

@@ -164,7 +164,7 @@ def analyze_image(
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
     if vm.windowed:  # the views below read a plain ViT's record
-        from vizapp.swin_result import APP_NOTE
+        from vizapp.views_windows import APP_NOTE
 
         raise UnsupportedModelError(APP_NOTE)
     progress(0.3, desc="forward pass and attention")
