@@ -440,3 +440,11 @@ def test_window_index_matches_the_library_forward(family, tmp_path):
         g = cap.geometry[i]
         observed = _observed_window_index(site, seen[i][0], seen[i][1], g.grid, family.endswith("v2"))
         assert torch.equal(observed, W.window_index(g.grid, g.window, g.shift, g.pad_first)), (i, g)
+
+
+def test_dataset_evaluation_refuses_swin_in_one_sentence(vm, monkeypatch):
+    from vizapp.evaluate import worker
+
+    monkeypatch.setattr(vizapp, "load_model", lambda *a, **k: vm)
+    with pytest.raises(vizapp.errors.VizappError, match="does not run windowed-attention"):
+        worker.Evaluator("swin_tiny_patch4_window7_224", ["rollout"], pretrained=False)
