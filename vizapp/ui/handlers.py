@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 
 from vizapp import methods, models, views
-from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
+from vizapp.errors import BadImageError, BadParameterError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis
 from vizapp.ui import deadline
@@ -164,6 +164,7 @@ def analyze_image(
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
     if vm.windowed:  # the views below read a plain ViT's record
+        from vizapp.errors import UnsupportedModelError
         from vizapp.views_windows import APP_NOTE
 
         raise UnsupportedModelError(APP_NOTE)
