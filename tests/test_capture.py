@@ -153,8 +153,9 @@ def test_attention_gradients_equal_autograd_through_explicit_attention():
 
 
 def test_unsupported_model_gets_a_clear_error():
-    with pytest.raises(vizapp.UnsupportedModelError, match="Swin"):
-        vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False)
+    # timm's Swin V2 "cr" variant (its own block layout; plain Swin and Swin V2 are supported, tests/test_swin.py)
+    with pytest.raises(vizapp.UnsupportedModelError, match="SwinTransformerV2Cr"):
+        vizapp.load_model("swinv2_cr_tiny_224", pretrained=False, device="cpu", img_size=64, window_size=4)
 
 
 ANALYZE_PATHS = ["inline", "inline_joint", "recompute", "recompute_chunked_no_cache"]

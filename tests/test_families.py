@@ -358,7 +358,7 @@ def test_hf_hub_ids_resolve_through_the_cache_offline(hf_folders, tmp_path, monk
 
 def test_unsupported_families_get_an_error_naming_the_supported_ones():
     with pytest.raises(vizapp.UnsupportedModelError, match="supported: .*transformers|supported: .*Hugging Face"):
-        vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu")
+        vizapp.load_model("swinv2_cr_tiny_224", pretrained=False, device="cpu", img_size=64, window_size=4)
     # timm's parallel blocks (two attentions side by side) and CaiT's talking heads, which mix heads around the softmax
     with pytest.raises(vizapp.UnsupportedModelError, match=r"block 0 \(ParallelThingsBlock\) has no single attention"):
         vizapp.load_model("vit_small_patch16_18x2_224", pretrained=False, device="cpu", depth=1)

@@ -298,6 +298,10 @@ def analyze_inputs(
     """
     b = x.shape[0]
     notes = [()] * b if notes is None else list(notes)
+    if vm.windowed:  # Swin: per-layer windows and grids, its own record (vizapp.swin_result)
+        from vizapp.swin_result import analyze_windowed
+
+        return analyze_windowed(vm, x, notes, top_k=top_k, gradients=gradients)  # type: ignore[return-value]
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
     if progress:
         progress(0.1, "forward pass")

@@ -89,6 +89,11 @@ class Evaluator:
             from vizapp.models.prompts import with_prompts
 
             self.vm = with_prompts(self.vm, prompts)
+        if self.vm.windowed:  # its per-image statistics and maps are a plain ViT's record (vizapp.swin_result)
+            raise VizappError(
+                f"{model}: the dataset evaluation does not run windowed-attention (Swin) models yet; their maps and "
+                "deletion/insertion curves come from the Python API (vizapp.analyze(...).faithfulness(...))"
+            )
         self.methods = list(methods)
         self.protocol = protocol
         start = default_rollout_start_layer(protocol) if rollout_start_layer is None else int(rollout_start_layer)

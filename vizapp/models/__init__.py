@@ -155,7 +155,11 @@ def _load_uncached(
 
         return bundled.load(name, device, dtype)
     if kind == "hf":
-        from vizapp.models import hf
+        from vizapp.models import hf, swin
+
+        folder = name[3:] if name.startswith("hf:") else name
+        if allow_files and swin.hf_model_type(folder) in swin.HF_TYPES:  # a local Swin folder
+            return swin.load_hf(name, folder, pretrained, device, dtype)
 
         return hf.load(name, pretrained, device, dtype, kwargs, hub_only=not allow_files)
     if kind == "torchvision":

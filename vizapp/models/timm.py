@@ -178,6 +178,9 @@ def _imagenet_labels(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(num_classes))
 
 
+imagenet_labels = _imagenet_labels  # the Swin adapter's too
+
+
 def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any], Callable | None]:
     """(the transform for one image, the data config, a fixed-size transform for batches or None when the first one
     already gives every image the same size)."""
@@ -327,6 +330,10 @@ def wrap(
     card: dict[str, Any] | None = None,
 ) -> VizModel:
     """A :class:`VizModel` for a built timm ViT (preprocessing and labels from timm unless given)."""
+    from vizapp.models import swin
+
+    if swin.is_windowed(model) and transform is None:
+        return swin.wrap_timm(model, name, source, note, device, dtype)
     check_supported(model, name)
     model.eval().to(device=device, dtype=dtype)
     fixed = None

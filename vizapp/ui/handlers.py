@@ -189,6 +189,11 @@ def analyze_image(
     decoded = decode_image(image)  # a bad file is refused before any model work
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
+    if vm.windowed:  # the views below read a plain ViT's record
+        from vizapp.errors import UnsupportedModelError
+        from vizapp.views_windows import APP_NOTE
+
+        raise UnsupportedModelError(APP_NOTE)
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
     prompted = prompt_list(prompts) if vm.text_tower is not None else None

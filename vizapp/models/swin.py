@@ -1,0 +1,225 @@
+"""The Swin adapter: timm ``swin_*`` / ``swinv2_*`` (``SwinTransformer``, ``SwinTransformerV2``) and transformers
+Swin / Swinv2 folders. Windowed attention: per-stage token grids, head counts and windows (see :mod:`vizapp.windows`).
+
+What the analyses need is read from the model: the first stage's grid and patch size from its patch embedding; the
+layers, their stages and heads from :func:`vizapp.windows.window_sites`; each layer's window, shift and grid from
+the forward itself. Swin has no class token: its head averages the last stage's tokens (readout "patches"), and its
+position information is the learned relative-position bias inside each window ("relative").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vizapp.errors import UnsupportedModelError
+from vizapp.models.base import VizModel, pair
+
+TIMM_CLASSES = ("SwinTransformer", "SwinTransformerV2")
+
+
+def is_windowed(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a windowed-attention model this adapter takes."""
+    if type(model).__name__ in TIMM_CLASSES:
+        return True
+    base = next(
+        (getattr(model, a) for a in ("swin", "swinv2") if isinstance(getattr(model, a, None), torch.nn.Module)), model
+    )
+    return type(base).__name__ in ("SwinModel", "Swinv2Model")
+
+
+def stage_strides(vm: VizModel, stages: int) -> list[tuple[int, int]]:
+    """Token spacing in input pixels of each stage: the patch size times 2 per patch merging before it."""
+    ph, pw = vm.patch_size
+    return [(ph * 2**s, pw * 2**s) for s in range(stages)]
+
+
+def _timm_meta(model: torch.nn.Module) -> dict[str, Any]:
+    pe = model.patch_embed
+    grid = pair(pe.grid_size)
+
+    def grid_fn(height: int, width: int) -> tuple[int, int]:
+        return grid
+
+    return {"grid_size": grid, "patch_size": pair(pe.patch_size), "grid_fn": grid_fn}
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _hf_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=x)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.pooler_output
+
+
+def wrap(
+    model: torch.nn.Module,
+    name: str,
+    source: str,
+    note: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    transform: Callable,
+    labels: tuple[str, ...],
+    input_size: tuple[int, int, int],
+    mean: Any,
+    std: Any,
+    library: str,
+) -> VizModel:
+    """A :class:`VizModel` for a built Swin (timm or transformers)."""
+    from vizapp.windows import window_sites
+
+    sites = window_sites(model)  # raises for anything it cannot capture
+    model.eval().to(device=device, dtype=dtype)
+    if library == "timm":
+        meta = _timm_meta(model)
+        forward = _forward
+    else:
+        cfg = model.config
+        patch = pair(cfg.patch_size)
+        grid = (-(-input_size[1] // patch[0]), -(-input_size[2] // patch[1]))  # transformers pads the last patch
+
+        def grid_fn(height: int, width: int) -> tuple[int, int]:
+            return (-(-height // patch[0]), -(-width // patch[1]))
+
+        meta = {"grid_size": grid, "patch_size": patch, "grid_fn": grid_fn}
+        forward = _hf_forward
+    return VizModel(
+        name=name,
+        model=model,
+        device=device,
+        transform=transform,
+        labels=labels,
+        num_prefix_tokens=0,
+        no_embed_class=True,
+        input_size=input_size,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        source=source,
+        note=note,
+        dtype=dtype,
+        num_layers=len(sites),
+        num_heads=max(s.heads for s in sites),
+        forward_fn=forward,
+        has_class_token=False,
+        readout="patches",
+        family=library,
+        position="relative",
+        windowed=True,
+        **meta,
+    )
+
+
+def wrap_timm(model: torch.nn.Module, name: str, source: str, note: str, device: torch.device, dtype: torch.dtype):
+    """A timm Swin with timm's preprocessing and labels."""
+    from timm.data import create_transform, resolve_data_config
+
+    from vizapp.models.timm import imagenet_labels
+
+    if type(model).__name__ not in TIMM_CLASSES:
+        raise UnsupportedModelError(f"{name} ({type(model).__name__}) is not a timm Swin")
+    cfg = resolve_data_config(model=model)
+    cfg["input_size"] = (int(cfg["input_size"][0]), *pair(model.patch_embed.img_size))
+    transform = create_transform(**cfg, is_training=False)
+    return wrap(
+        model,
+        name,
+        source,
+        note,
+        device,
+        dtype,
+        transform,
+        imagenet_labels(model),
+        tuple(int(v) for v in cfg["input_size"]),
+        cfg["mean"],
+        cfg["std"],
+        "timm",
+    )
+
+
+#: transformers model types this adapter loads (from a folder written by ``save_pretrained``, or the hub cache)
+HF_TYPES = ("swin", "swinv2")
+
+
+def hf_model_type(folder: str) -> str | None:
+    """The ``model_type`` in ``folder``/config.json, or None when there is none to read."""
+    import json
+    import os
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _hf_transform(folder: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple]:
+    """Resize to the configured size, to tensor, normalise with the folder's processor statistics (ImageNet's when
+    it has none, as transformers' Swin processors default to)."""
+    import json
+    import os
+
+    from torchvision.transforms import v2 as T
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            proc = json.load(f)
+        mean, std = tuple(proc.get("image_mean", mean)), tuple(proc.get("image_std", std))
+    tf = T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
+
+    def transform(img: Any) -> torch.Tensor:
+        return tf(img.convert("RGB"))
+
+    return transform, mean, std
+
+
+def load_hf(name: str, folder: str, pretrained: bool, device: torch.device, dtype: torch.dtype) -> VizModel:
+    """A transformers Swin / Swinv2 from a local folder written by ``save_pretrained`` (safetensors only). Swin runs
+    with SDPA attention (what the capture catches; ``attn_implementation="eager"`` with ``output_attentions`` is the
+    second code path in the tests); Swinv2 has no SDPA path in transformers and runs its explicit one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    from vizapp.errors import ModelLoadError
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in HF_TYPES:
+        raise UnsupportedModelError(f"{name}: model type {config.model_type!r} is not a Swin")
+    has_head = bool(getattr(config, "architectures", None)) and any(
+        a.endswith("ForImageClassification") for a in config.architectures
+    )
+    cls = AutoModelForImageClassification if has_head else AutoModel
+    # Swin: SDPA (caught at the call); Swinv2 has only its explicit path (its probabilities are read at its dropout)
+    impl = "sdpa" if config.model_type == "swin" else "eager"
+    try:
+        if pretrained:
+            model = cls.from_pretrained(folder, attn_implementation=impl, local_files_only=True, use_safetensors=True)
+        else:
+            model = cls.from_config(config, attn_implementation=impl)
+    except OSError as e:
+        raise ModelLoadError(f"{name}: weights could not be read ({str(e).splitlines()[0][:200]})") from e
+    size = pair(config.image_size)
+    transform, mean, std = _hf_transform(folder, size)
+    labels: tuple[str, ...] = ()
+    if has_head:
+        id2label = getattr(config, "id2label", None) or {}
+        labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(int(config.num_labels)))
+    source = "file" if pretrained else "random"
+    note = "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful."
+    return wrap(model, name, source, note, device, dtype, transform, labels, (3, *size), mean, std, "hf")

@@ -1,0 +1,488 @@
+"""The analysis of one image by a windowed-attention model (Swin): :class:`WindowAnalysis`, and
+:func:`analyze_windowed`, which makes it from one forward with :class:`vizapp.windows.WindowCapture`.
+
+Layers differ in token grid, head count and window, so the record is per layer: the window attention as the forward
+used it ([nW, H_l, w², w²]) and its geometry. Maps are drawn on each layer's own grid; rollout and the
+class-specific maps are carried down to the first stage's grid through the patch mergings (equal shares, see
+:mod:`vizapp.analysis.windows`).
+
+What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view;
+it has no learned absolute position embedding; its layers have different token sets, so a view that stacks [L, H, N,
+N] (attention flow, Transformer Attribution's LRP rules, head ablation, the feature views of a token stream of fixed
+length) is not offered.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vizapp.analysis import windows as W
+from vizapp.errors import BadParameterError, StaleResultError
+from vizapp.models import VizModel
+from vizapp.result import to_pil
+from vizapp.windows import WindowCapture, WindowGeometry
+
+#: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
+METHODS = ("rollout", "grad_rollout", "relevance", "last_layer")
+#: view -> why it is not defined for a windowed model (one sentence each)
+UNDEFINED = {
+    "cls": "Swin has no class token (its head averages the last stage's tokens), so there is no CLS row to show.",
+    "pos_embed": "Swin has no learned absolute position embedding; its position information is the relative bias "
+    "inside each window (the position view shows it).",
+    "flow": "Attention flow needs one token set for every layer, and Swin's stages have different token sets.",
+    "transformer_attribution": "Transformer Attribution's LRP rules are written for a plain ViT block, not for "
+    "windowed attention and patch merging.",
+    "ablation": "Head ablation is offered for plain ViTs only; Swin's heads differ per stage.",
+    "features": "The feature views need one token stream of fixed length; Swin's changes at every patch merging.",
+}
+
+
+#: what the app says for a windowed model until its tabs draw one
+APP_NOTE = (
+    "The app's tabs do not draw windowed-attention (Swin) models yet; analyse them with the Python API: "
+    "vizapp.analyze(model, image) gives per-layer maps on each stage's grid, mean distance, rollout and class maps."
+)
+
+
+def undefined(view: str) -> str:
+    """The sentence saying why ``view`` is not defined for a windowed model."""
+    return UNDEFINED[view]
+
+
+@dataclass(frozen=True, eq=False)
+class WindowAnalysis:
+    """Everything vizapp computed for one image and one windowed model (CPU tensors / numpy).
+
+    Attributes:
+        model_name, load_args, labels, probs, top_k, image, input, notes, model_ref, model_fingerprint: as in
+            :class:`vizapp.result.Analysis`.
+        grid_size: the first stage's token grid; ``patch_size`` the patch size in pixels.
+        geometry: per layer, its :class:`~vizapp.windows.WindowGeometry` (grid, window, shift, stage).
+        windows: per layer, one image's window attention [nW, H_l, w², w²] float32 as the forward used it.
+        strides: per layer, its stage's token spacing in input pixels.
+        mean_distance: [L, max H] in input pixels, NaN for heads a layer does not have.
+        relative_bias: per layer, the learned bias over (Δrow, Δcol) = query − key, [H_l, 2wh − 1, 2ww − 1], read
+            from the weights when the image was analysed (None where the model computes it otherwise, Swin V2).
+        graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
+    """
+
+    model_name: str
+    load_args: tuple[tuple[str, Any], ...]
+    labels: tuple[str, ...]
+    probs: np.ndarray | None
+    top_k: list[tuple[str, float]]
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    image: np.ndarray
+    input: torch.Tensor
+    geometry: tuple[WindowGeometry, ...]
+    windows: tuple[torch.Tensor, ...]
+    strides: tuple[tuple[int, int], ...]
+    mean_distance: np.ndarray
+    relative_bias: tuple[torch.Tensor | None, ...] = ()
+    notes: tuple[str, ...] = ()
+    model_ref: Any = field(default=None, repr=False)
+    model_fingerprint: tuple[float, ...] = ()
+    graph_maps: Any = field(default=None, repr=False)
+    graph_logits: Any = field(default=None, repr=False)
+    graph_image: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    windowed = True
+    has_class_token = False
+    num_prefix_tokens = 0
+    readout = "patches"
+
+    # -- shape ------------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows)
+
+    @property
+    def heads_per_layer(self) -> tuple[int, ...]:
+        return tuple(int(w.shape[1]) for w in self.windows)
+
+    @property
+    def num_heads(self) -> int:
+        """The most heads any layer has (the width of :attr:`mean_distance`)."""
+        return max(self.heads_per_layer)
+
+    @property
+    def layer_grids(self) -> tuple[tuple[int, int], ...]:
+        """The (gh, gw) token grid of each attention layer, in order."""
+        return tuple(g.grid for g in self.geometry)
+
+    @property
+    def tokens_per_layer(self) -> tuple[int, ...]:
+        return tuple(g.grid[0] * g.grid[1] for g in self.geometry)
+
+    @property
+    def padded_layers(self) -> tuple[int, ...]:
+        """Layers whose grid is not a multiple of their window: the library pads it, and padded tokens are not drawn."""
+        return tuple(i for i, g in enumerate(self.geometry) if g.padded != g.grid)
+
+    def index(self, layer: int) -> torch.Tensor:
+        """[nW, w²] the grid token in each window slot of ``layer`` (-1: padding); see
+        :func:`vizapp.analysis.windows.window_index`."""
+        layer = self._layer(layer)
+        key = ("index", layer)
+        if key not in self._cache:
+            g = self.geometry[layer]
+            self._cache[key] = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+        return self._cache[key]
+
+    # -- validation -------------------------------------------------------------------------------------------------
+    def _layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
+        if not -self.num_layers <= layer < self.num_layers:
+            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
+        return int(layer) % self.num_layers
+
+    def _head(self, layer: int, head: Any) -> int | None:
+        if head is None:
+            return None
+        h = self.heads_per_layer[layer]
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
+            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
+        if not 0 <= head < h:
+            raise BadParameterError(f"head {head} is out of range; layer {layer} has heads 0..{h - 1}")
+        return int(head)
+
+    def query_token(self, layer: int, query: Any) -> int:
+        """The token id of a (row, col) query on ``layer``'s grid."""
+        if isinstance(query, str):
+            raise BadParameterError(undefined("cls") + " Pick a token (row, col) on the layer's grid.")
+        gh, gw = self.geometry[layer].grid
+        if (
+            isinstance(query, (tuple, list))
+            and len(query) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in query)
+        ):
+            r, c = int(query[0]), int(query[1])
+            if not (0 <= r < gh and 0 <= c < gw):
+                raise BadParameterError(f"token ({r}, {c}) is outside layer {layer}'s {gh}x{gw} grid")
+            return r * gw + c
+        raise BadParameterError(f"query must be a token (row, col) on the layer's grid, got {query!r}"[:200])
+
+    def _class(self, class_idx: Any) -> int:
+        if self.probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no class to explain")
+        if class_idx is None:
+            return int(np.argmax(self.probs))
+        if isinstance(class_idx, str):
+            if class_idx not in self.labels:
+                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
+            return self.labels.index(class_idx)
+        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
+            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
+        if not 0 <= class_idx < len(self.probs):
+            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
+        return int(class_idx)
+
+    # -- per-layer maps ---------------------------------------------------------------------------------------------
+    def attention(self, layer: int, head: int | None = None, query: Any = (0, 0)) -> np.ndarray:
+        """The query token's attention over ``layer``'s whole grid: [H_l, gh_l, gw_l] (``head`` None) or [gh_l, gw_l],
+        zero outside its (shifted) window; the mass on padded tokens is not drawn."""
+        layer = self._layer(layer)
+        head = self._head(layer, head)
+        token = self.query_token(layer, query)
+        m = W.query_map(self.windows[layer], self.index(layer), self.geometry[layer].grid, token)
+        return (m if head is None else m[head]).numpy()
+
+    def window_mask(self, layer: int, query: Any = (0, 0)) -> np.ndarray:
+        """bool [gh_l, gw_l]: the tokens in the query's window on ``layer`` (a shifted window may wrap around the
+        grid's edges: the roll brings tokens from the far side, which the shift mask keeps apart)."""
+        layer = self._layer(layer)
+        token = self.query_token(layer, query)
+        mask = torch.zeros(self.tokens_per_layer[layer], dtype=torch.bool)
+        mask[W.window_cells(self.index(layer), token)] = True
+        return mask.view(self.geometry[layer].grid).numpy()
+
+    def full_attention(self, layer: int) -> torch.Tensor:
+        """``layer``'s attention on its whole grid, [H_l, N_l, N_l] float32, zero outside the windows."""
+        layer = self._layer(layer)
+        return W.full_attention(self.windows[layer], self.index(layer), self.tokens_per_layer[layer])
+
+    # -- maps over the first stage's grid --------------------------------------------------------------------------
+    def _first_grid_map(self, flat: torch.Tensor) -> np.ndarray:
+        return flat.reshape(self.geometry[0].grid).float().numpy()
+
+    def _readout(self) -> torch.Tensor:
+        n = self.tokens_per_layer[-1]
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+    def rollout(self, head_fusion: str = "mean", start_layer: int = 0) -> np.ndarray:
+        """Attention rollout (Abnar & Zuidema 2020) through windows and patch merging, [gh_0, gw_0]: the average-pooled
+        output's row carried down to the first stage's tokens (see :func:`vizapp.analysis.windows.rollout_through`)."""
+        start_layer = self._layer(start_layer)
+        if head_fusion not in ("mean", "max", "min"):
+            raise BadParameterError(f"head_fusion must be 'mean', 'max' or 'min', got {str(head_fusion)[:40]!r}")
+        key = ("rollout", head_fusion, start_layer)
+        if key not in self._cache:
+            fused = [W.fuse_windows(w, self.index(i), head_fusion) for i, w in enumerate(self.windows)]
+            idx = [self.index(i) for i in range(self.num_layers)]
+            row = W.rollout_through(fused, idx, self.layer_grids, self._readout(), "rollout", start_layer)
+            self._cache[key] = self._first_grid_map(row)
+        return self._cache[key]
+
+    def _model(self) -> VizModel:
+        vm = self.model_ref() if self.model_ref is not None else None
+        if vm is None:
+            from vizapp.models import reload
+
+            if not dict(self.load_args).get("pretrained", True):
+                raise StaleResultError(
+                    f"{self.model_name} (random weights) is no longer in memory; analyze the image again"
+                )
+            vm = reload(self.load_args)
+        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
+            raise StaleResultError(f"the weights of {self.model_name} have changed; analyze the image again")
+        return vm
+
+    def attention_gradients(self, class_idx: Any = None) -> list[torch.Tensor]:
+        """∂logit[class]/∂A per layer, [nW, H_l, w², w²] each (the gradient-enabled forward's graph when kept, else
+        one forward and backward of the same network)."""
+        cls = self._class(class_idx)
+        key = ("grads", cls)
+        if key in self._cache:
+            return self._cache[key]
+        if self.graph_maps is not None:
+            i = self.graph_image
+            grads = torch.autograd.grad(self.graph_logits[i, cls], self.graph_maps, retain_graph=True)
+            nw = [g.num_windows for g in self.geometry]
+            out = [gr.reshape(-1, n, *gr.shape[1:])[i].detach().float().cpu() for gr, n in zip(grads, nw, strict=True)]
+        else:
+            vm = self._model()
+            x = self.input.to(device=vm.device, dtype=vm.dtype)
+            with torch.enable_grad(), WindowCapture(vm.model, with_grad=True) as cap:
+                logits = vm.logits(x)
+                grads = torch.autograd.grad(logits[0, cls], cap.graph_maps())
+            out = [g.detach().float().cpu() for g in grads]
+        self._cache[key] = out
+        return out
+
+    def _weighted(self, class_idx: Any) -> list[torch.Tensor]:
+        """Per layer Ā = mean_h max(∇A ⊙ A, 0) on its windows, [nW, w², w²] float64 (Chefer et al., ICCV 2021)."""
+        grads = self.attention_gradients(class_idx)
+        out = []
+        for i, (a, g) in enumerate(zip(self.windows, grads, strict=True)):
+            f = (g.double() * a.double()).clamp(min=0).mean(1)
+            out.append(f * (self.index(i) >= 0)[:, None, :].double())
+        return out
+
+    def grad_rollout(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
+        """Gradient-weighted rollout for a class, [gh_0, gw_0]: each layer's Ā + I with rows renormalised, carried
+        down from the pooled output through windows and merges."""
+        start_layer = self._layer(start_layer)
+        cls = self._class(class_idx)
+        key = ("grad_rollout", cls, start_layer)
+        if key not in self._cache:
+            fused = [
+                W.fuse_windows(f[:, None], self.index(i), "mean", renorm=False)
+                for i, f in enumerate(self._weighted(cls))
+            ]
+            idx = [self.index(i) for i in range(self.num_layers)]
+            row = W.rollout_through(fused, idx, self.layer_grids, self._readout(), "grad_rollout", start_layer)
+            self._cache[key] = self._first_grid_map(row)
+        return self._cache[key]
+
+    def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
+        """Chefer et al. (ICCV 2021) relevance R ← R + Ā·R for a class through windows and merges, [gh_0, gw_0]."""
+        start_layer = self._layer(start_layer)
+        cls = self._class(class_idx)
+        key = ("relevance", cls, start_layer)
+        if key not in self._cache:
+            idx = [self.index(i) for i in range(self.num_layers)]
+            row = W.rollout_through(
+                self._weighted(cls), idx, self.layer_grids, self._readout(), "relevance", start_layer
+            )
+            self._cache[key] = self._first_grid_map(row)
+        return self._cache[key]
+
+    def last_layer_attention(self) -> np.ndarray:
+        """How much attention each token of the last layer receives, averaged over its queries and heads,
+        [gh_L, gw_L] (Swin has no CLS row; this is the pooled output's row of the last layer)."""
+        full = self.full_attention(self.num_layers - 1).double().mean(0)  # [N, N]
+        return full.mean(0).reshape(self.layer_grids[-1]).float().numpy()
+
+    def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """A map by name: "rollout", "grad_rollout", "relevance" over the first stage's grid, "last_layer" over the
+        last stage's; any other method is refused with the reason."""
+        if method == "rollout":
+            return self.rollout(**kwargs)
+        if method == "grad_rollout":
+            return self.grad_rollout(class_idx, **kwargs)
+        if method == "relevance":
+            return self.relevance(class_idx, **kwargs)
+        if method == "last_layer":
+            return self.last_layer_attention()
+        why = {"flow": "flow", "attention_flow": "flow", "transformer_attribution": "transformer_attribution"}
+        if method in why:
+            raise BadParameterError(undefined(why[method]))
+        raise BadParameterError(f"method {str(method)[:40]!r} is not offered for windowed models; use one of {METHODS}")
+
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of maps over the first stage's grid, as
+        :meth:`vizapp.result.Analysis.faithfulness` (patches of the first stage removed or revealed in the map's
+        order, the class probability tracked); a "random" order is added unless ``random_seed`` is None."""
+        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        grid = self.layer_grids[0]
+        maps = dict(maps)
+        if random_seed is not None:
+            g = torch.Generator().manual_seed(int(random_seed))
+            maps["random"] = random_order_saliency(grid[0] * grid[1], g).numpy()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in maps.items():
+            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+            if sal.numel() != grid[0] * grid[1]:
+                raise BadParameterError(f"map {name!r} has {sal.numel()} values for the {grid[0]}x{grid[1]} first grid")
+            out[name] = {
+                mode: perturbation_curve(
+                    predict,
+                    self.input[0],
+                    sal,
+                    grid,
+                    self.strides[0],
+                    cls,
+                    mode=mode,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                )
+                for mode in ("deletion", "insertion")
+            }
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary of the analysis."""
+        return {
+            "model": self.model_name,
+            "top_k": [{"label": lbl, "probability": float(p)} for lbl, p in self.top_k],
+            "num_layers": self.num_layers,
+            "heads_per_layer": list(self.heads_per_layer),
+            "layer_grids": [list(g) for g in self.layer_grids],
+            "windows": [list(g.window) for g in self.geometry],
+            "shifts": [list(g.shift) for g in self.geometry],
+            "readout": self.readout,
+            "grid_size": list(self.grid_size),
+            "patch_size": list(self.patch_size),
+            "mean_distance_px": [
+                [None if np.isnan(v) else round(float(v), 3) for v in row] for row in self.mean_distance
+            ],
+            "rollout_mean": np.round(self.rollout(), 6).tolist(),
+            "notes": list(self.notes),
+        }
+
+
+def _relative_bias(site: Any) -> torch.Tensor | None:
+    """[H, 2wh − 1, 2ww − 1] a layer's learned bias over (Δrow, Δcol) = query − key, read from its weights now: Swin's
+    table, or Swin V2's continuous bias 16·sigmoid(MLP(log-spaced offsets)) evaluated from its MLP."""
+    attn = site.attn
+    holder = getattr(attn, "relative_position_bias", None)  # transformers Swin keeps its table in a submodule
+    table = getattr(attn, "relative_position_bias_table", None)
+    if table is None:
+        table = getattr(holder, "relative_position_bias_table", None)
+    mlp = getattr(attn, "cpb_mlp", None) or getattr(attn, "continuous_position_bias_mlp", None)
+    window = getattr(attn, "window_size", None) or getattr(holder, "window_size", None)
+    if window is None:
+        return None
+    wh, ww = (int(v) for v in (window if isinstance(window, (tuple, list)) else (window, window)))
+    if isinstance(table, torch.Tensor) and table.shape[0] == (2 * wh - 1) * (2 * ww - 1):
+        return table.detach().float().cpu().view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).contiguous()
+    coords = getattr(attn, "relative_coords_table", None)
+    if mlp is not None and isinstance(coords, torch.Tensor) and coords.shape[1:3] == (2 * wh - 1, 2 * ww - 1):
+        with torch.no_grad():
+            out = 16 * torch.sigmoid(mlp(coords).float())  # [1, 2wh − 1, 2ww − 1, H]
+        return out[0].cpu().permute(2, 0, 1).contiguous()
+    return None
+
+
+def analyze_windowed(
+    vm: VizModel, x: torch.Tensor, notes: list[tuple[str, ...]] | None = None, top_k: int = 5, gradients: bool = False
+) -> list[WindowAnalysis]:
+    """One forward of ``x`` [B, C, H, W] with :class:`WindowCapture` and every per-image analysis."""
+    from vizapp.models.swin import stage_strides
+    from vizapp.pipeline import model_view
+
+    b = x.shape[0]
+    notes = [()] * b if notes is None else list(notes)
+    x_dev = x.to(device=vm.device, dtype=vm.dtype)
+    with torch.enable_grad() if gradients else torch.no_grad(), WindowCapture(vm.model, with_grad=gradients) as cap:
+        logits = vm.logits(x_dev)
+    geometry = tuple(cap.geometry)
+    if any(g is None for g in geometry):
+        raise RuntimeError("some windowed layer never ran; its attention was not captured")
+    maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
+    strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
+    layer_strides = tuple(strides[g.stage] for g in geometry)
+    biases = tuple(_relative_bias(s) for s in cap.sites)
+    graph_maps = cap.graph_maps() if gradients else None
+    fingerprint = vm.fingerprint()
+    heads = max(m.shape[2] for m in maps)
+    out = []
+    for i in range(b):
+        wins = tuple(m[i] for m in maps)
+        dist = np.full((len(wins), heads), np.nan)
+        for layer, (w, g) in enumerate(zip(wins, geometry, strict=True)):
+            idx = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+            dist[layer, : w.shape[1]] = W.mean_distance(w, idx, g.grid, layer_strides[layer]).numpy()
+        lg = logits[i].detach().float().cpu()
+        probs, top = None, []
+        if vm.labels and lg.shape[-1] == len(vm.labels):
+            probs = torch.softmax(lg, -1).numpy()
+            order = np.argsort(-probs, kind="stable")[: max(0, int(top_k))]
+            top = [(vm.labels[j], float(probs[j])) for j in order]
+        out.append(
+            WindowAnalysis(
+                model_name=vm.name,
+                load_args=vm.load_args,
+                labels=vm.labels,
+                probs=probs,
+                top_k=top,
+                grid_size=tuple(vm.grid_size),
+                patch_size=tuple(vm.patch_size),
+                image=model_view(x[i].cpu(), vm.mean, vm.std),
+                input=x[i : i + 1].cpu(),
+                geometry=geometry,
+                windows=wins,
+                strides=layer_strides,
+                mean_distance=dist,
+                relative_bias=biases,
+                notes=tuple(notes[i]),
+                model_ref=weakref.ref(vm),
+                model_fingerprint=fingerprint,
+                graph_maps=graph_maps,
+                graph_logits=logits if gradients else None,
+                graph_image=i,
+            )
+        )
+    return out
+
+
+def analyze_image(vm: VizModel, image: Any, top_k: int = 5, gradients: bool = False) -> WindowAnalysis:
+    """One image (PIL, bytes, path or array, decoded safely) through :func:`analyze_windowed`."""
+    pil, notes = to_pil(image)
+    x = vm.transform(pil)
+    return analyze_windowed(vm, x[None] if x.dim() == 3 else x, [notes], top_k, gradients)[0]

@@ -1,0 +1,183 @@
+"""Every figure of a windowed-attention (Swin) analysis, from a :class:`vizapp.swin_result.WindowAnalysis`.
+
+Per-layer maps are drawn on that layer's own grid over the image, each token covering its stage's spacing in input
+pixels (patch size x 2 per patch merging), with the query's (shifted) window outlined; rollout and the class maps
+over the first stage's grid; mean distance with a dot only for the heads a layer has; the learned relative-position
+bias per layer and head over (Δrow, Δcol). Views that are not defined for Swin say why in one sentence
+(:data:`vizapp.swin_result.UNDEFINED`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vizapp import figures
+from vizapp.errors import BadParameterError
+from vizapp.figures.windows import add_cell_outline
+from vizapp.swin_result import APP_NOTE, METHODS, WindowAnalysis
+
+#: method -> title
+TITLES = {
+    "rollout": "Attention rollout through windows and patch merging",
+    "grad_rollout": "Gradient rollout through windows and patch merging",
+    "relevance": "Chefer et al. relevance through windows and patch merging",
+    "last_layer": "Attention each last-stage token receives (mean over queries and heads)",
+}
+MERGE_NOTE = "a merged token is carried to its 2x2 sources in equal shares"
+
+
+def default_query(r: WindowAnalysis, layer: int) -> tuple[int, int]:
+    """The centre token of ``layer``'s grid."""
+    gh, gw = r.layer_grids[layer]
+    return (gh // 2, gw // 2)
+
+
+def layer_query(r: WindowAnalysis, layer: int, query: Any) -> tuple[int, int]:
+    """A query given on the first stage's grid (what a click on the image gives) moved onto ``layer``'s grid: the
+    token whose pixels hold the clicked token's centre."""
+    (g0h, g0w), (gh, gw) = r.layer_grids[0], r.layer_grids[layer]
+    s0, s = r.strides[0], r.strides[layer]
+    row = min(int((int(query[0]) + 0.5) * s0[0] // s[0]), gh - 1)
+    col = min(int((int(query[1]) + 0.5) * s0[1] // s[1]), gw - 1)
+    if not (0 <= int(query[0]) < g0h and 0 <= int(query[1]) < g0w):
+        raise BadParameterError(f"token {tuple(query)} is outside the first stage's {g0h}x{g0w} grid")
+    return row, col
+
+
+def _padding_note(r: WindowAnalysis, layer: int) -> str:
+    g = r.geometry[layer]
+    if g.padded == g.grid:
+        return ""
+    return f"; grid {g.grid[0]}x{g.grid[1]} padded to {g.padded[0]}x{g.padded[1]} for its windows: padded tokens are not drawn"
+
+
+def heads_view(
+    r: WindowAnalysis, layer: int, query: Any, per_head_scale: bool = True, colorscale: str = figures.HEAT_SCALE
+):
+    """Every head of ``layer``: the query token's attention over the layer's grid (zero outside its window)."""
+    layer = r._layer(layer)
+    maps = r.attention(layer, None, query)
+    g = r.geometry[layer]
+    label = f"token {tuple(int(v) for v in query)} (window {g.window[0]}x{g.window[1]}, shift {g.shift})"
+    fig = figures.heads_figure(
+        maps, layer, label, per_head_scale, (int(query[0]), int(query[1])), colorscale=colorscale
+    )
+    fig.update_layout(title=fig.layout.title.text + _padding_note(r, layer))
+    return fig
+
+
+def focus_view(
+    r: WindowAnalysis,
+    layer: int,
+    head: int,
+    query: Any,
+    opacity: float = 0.6,
+    colorscale: str = figures.HEAT_SCALE,
+) -> Any:
+    """One head's map over the image at ``layer``'s stage resolution, the query marked and its window outlined."""
+    layer = r._layer(layer)
+    heat = r.attention(layer, head, query)
+    stride = r.strides[layer]
+    fig = figures.overlay_figure(
+        r.image,
+        heat,
+        stride,
+        opacity,
+        marker=(int(query[0]), int(query[1])),
+        value_name="weight",
+        title=f"Layer {layer} (stage {r.geometry[layer].stage}, tokens {stride[0]} px apart), head {head}: "
+        f"token {tuple(int(v) for v in query)}, its window outlined" + _padding_note(r, layer),
+        colorscale=colorscale,
+    )
+    return add_cell_outline(fig, r.window_mask(layer, query), stride)
+
+
+def map_view(
+    r: WindowAnalysis,
+    method: str = "rollout",
+    class_idx: Any = None,
+    opacity: float = 0.6,
+    colorscale: str = figures.HEAT_SCALE,
+    **kwargs: Any,
+) -> Any:
+    """A map of :data:`vizapp.swin_result.METHODS` over the image: rollout and the class maps on the first stage's
+    grid, "last_layer" on the last stage's."""
+    if method not in METHODS:
+        r.explain(method)  # raises with the reason
+    heat = r.explain(method, class_idx, **kwargs)
+    layer = 0 if method != "last_layer" else r.num_layers - 1
+    title = TITLES[method]
+    if method in ("grad_rollout", "relevance"):
+        title += f" for '{r.labels[r._class(class_idx)]}'" if r.labels else ""
+    if method != "last_layer":
+        title += f"; the output averages the last stage's tokens; {MERGE_NOTE}"
+    return figures.overlay_figure(
+        r.image, heat, r.strides[layer], opacity, title=title, value_name=method, colorscale=colorscale
+    )
+
+
+def distance_view(r: WindowAnalysis) -> Any:
+    """Mean attention distance in input pixels, one dot per head a layer has (Swin's head count grows by stage)."""
+    spacing = ", ".join(
+        f"stage {s}: {r.strides[i][0]} px"
+        for s, i in sorted({g.stage: i for i, g in reversed(list(enumerate(r.geometry)))}.items())
+    )
+    return figures.distance_figure(
+        r.mean_distance,
+        None,
+        title=f"Mean attention distance within windows, in input pixels (token spacing {spacing})",
+    )
+
+
+def bias_view(r: WindowAnalysis, layer: int) -> Any:
+    """The learned relative-position bias of ``layer`` per head over (Δrow, Δcol) = query − key, read from the weights
+    when the image was analysed; None when the model computes its bias otherwise (Swin V2's continuous bias)."""
+    layer = r._layer(layer)
+    bias = r.relative_bias[layer] if r.relative_bias else None
+    if bias is None:
+        return None
+    g = r.geometry[layer]
+    return figures.relative_bias_figure(
+        bias.numpy(),
+        layer,
+        title=f"Layer {layer} (stage {g.stage}, window {g.window[0]}x{g.window[1]}): learned relative-position bias "
+        "per head over (Δrow, Δcol); centre = 0",
+    )
+
+
+def render_all(r: WindowAnalysis, layer: int = -1, query: Any = None, head: int = 0) -> dict[str, Any]:
+    """Every figure for one windowed analysis: top-k, rollout, heads, focus, distance, position (bias)."""
+    layer = r._layer(layer)
+    q = default_query(r, layer) if query is None else tuple(query)
+    return {
+        "topk": figures.topk_figure(r.top_k) if r.top_k else None,
+        "rollout": map_view(r, "rollout"),
+        "heads": heads_view(r, layer, q),
+        "focus": focus_view(r, layer, head, q),
+        "distance": distance_view(r),
+        "pos": bias_view(r, layer),
+    }
+
+
+def padded_tokens_note(r: WindowAnalysis) -> str:
+    """One sentence for the views of a model whose grids are not multiples of its windows ("" otherwise)."""
+    if not r.padded_layers:
+        return ""
+    return (
+        f"Layers {list(r.padded_layers)} pad their token grid to whole windows, as the library does; the padded tokens "
+        "take part in the attention but have no place in the image, so they are not drawn."
+    )
+
+
+__all__ = [
+    "APP_NOTE",
+    "bias_view",
+    "default_query",
+    "distance_view",
+    "focus_view",
+    "heads_view",
+    "layer_query",
+    "map_view",
+    "padded_tokens_note",
+    "render_all",
+]

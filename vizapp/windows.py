@@ -1,0 +1,278 @@
+"""Capture for windowed attention (Swin): each block's attention inside its (shifted) windows, exactly, and the
+geometry the forward used (token grid, window, shift, padding).
+
+A Swin block attends within windows of w_h x w_w tokens: the block's token grid is cyclically shifted (every
+other block), padded to a multiple of the window, cut into windows, and each window attends to itself, with the
+learned relative-position bias and, in shifted blocks, a mask (-100) between tokens that the roll brought from
+different parts of the image. The library hands all of it to the attention call:
+
+- timm ``WindowAttention`` with ``fused_attn`` on, and transformers ``SwinAttention`` with SDPA, call
+  ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask)``: caught by :class:`vizapp.capture.AttentionCapture`
+  (its q, k and additive mask), so the probabilities are softmax(q kᵀ · scale + bias + mask), formed once, in fp32.
+- timm ``WindowAttention`` with ``fused_attn`` off (timm's default for Swin: its fused path is marked experimental),
+  and timm's Swin V2 (cosine attention, never fused), compute the probabilities with their ``softmax`` module: its
+  output is what the block multiplies with v, and is recorded as is (in the autograd graph with ``with_grad``).
+
+The geometry is read from each block as it runs (the grid from its input, the window and shift from its attributes
+after the library has clamped them to the grid), never assumed. Hooks live for one ``with`` block and see only the
+thread that opened it; nothing is kept on the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vizapp.capture import AttentionCapture
+from vizapp.errors import UnsupportedModelError
+
+#: the windowed families vizapp captures
+WINDOWED_FAMILIES = "timm swin_* and swinv2_* (not swinv2_cr_*); transformers Swin and Swinv2 folders"
+
+
+@dataclass(frozen=True)
+class WindowSite:
+    """One attention layer of a windowed model: its block, its attention module and how the block lays out windows.
+
+    Attributes:
+        block: the module whose forward partitions the grid (its input carries the grid, its attributes the window
+            and shift).
+        attn: the module that makes the attention call.
+        stage: the stage (resolution level) the layer belongs to; a patch merging sits between stages.
+        heads: attention heads of the layer.
+        pad_first: True when the block pads the grid to whole windows before the cyclic shift (transformers), False
+            when it shifts first and pads after (timm).
+        probs: the module whose output is the probabilities (timm's ``softmax`` without fused attention), or None
+            when the layer calls scaled_dot_product_attention.
+        library: "timm" or "hf".
+    """
+
+    block: torch.nn.Module
+    attn: torch.nn.Module
+    stage: int
+    heads: int
+    pad_first: bool
+    probs: torch.nn.Module | None
+    library: str
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How one layer's forward laid out its windows.
+
+    Attributes:
+        grid: (gh, gw) token grid of the layer (before padding).
+        window: (wh, ww) window size the block used (clamped to the grid by the library where the grid is smaller).
+        shift: (sh, sw) cyclic shift, (0, 0) in unshifted blocks.
+        pad_first: see :class:`WindowSite`.
+        stage: see :class:`WindowSite`.
+    """
+
+    grid: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    pad_first: bool
+    stage: int
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """(Hp, Wp): the grid padded to whole windows."""
+        (gh, gw), (wh, ww) = self.grid, self.window
+        return (-(-gh // wh) * wh, -(-gw // ww) * ww)
+
+    @property
+    def num_windows(self) -> int:
+        hp, wp = self.padded
+        return (hp // self.window[0]) * (wp // self.window[1])
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def window_sites(model: torch.nn.Module) -> list[WindowSite]:
+    """The attention layers of a timm Swin / Swin V2 or a transformers Swin / Swinv2 model, in forward order.
+
+    Raises:
+        UnsupportedModelError: for anything else (e.g. timm's swinv2_cr, whose blocks differ).
+    """
+    sites: list[WindowSite] = []
+    stages = getattr(model, "layers", None)
+    if isinstance(stages, torch.nn.Sequential) and type(model).__name__ in ("SwinTransformer", "SwinTransformerV2"):
+        for s, stage in enumerate(stages):
+            for blk in stage.blocks:
+                attn = blk.attn
+                fused = bool(getattr(attn, "fused_attn", False)) and type(model).__name__ == "SwinTransformer"
+                probs = None if fused else getattr(attn, "softmax", None)
+                if not fused and not isinstance(probs, torch.nn.Softmax):
+                    raise UnsupportedModelError(f"{type(attn).__name__} has no softmax module vizapp can read")
+                sites.append(WindowSite(blk, attn, s, int(attn.num_heads), False, probs, "timm"))
+        return sites
+    base = next(
+        (getattr(model, a) for a in ("swin", "swinv2") if isinstance(getattr(model, a, None), torch.nn.Module)), model
+    )
+    encoder = getattr(base, "encoder", None)
+    stages = getattr(encoder, "layers", None)
+    if isinstance(stages, torch.nn.ModuleList) and type(base).__name__ in ("SwinModel", "Swinv2Model"):
+        for s, stage in enumerate(stages):
+            for blk in stage.blocks:
+                attn = blk.attention
+                probs = None  # Swin: the attention interface (SDPA)
+                if type(base).__name__ == "Swinv2Model":  # cosine attention: softmax, then this dropout
+                    attn = attn.self
+                    probs = attn.dropout
+                heads = int(getattr(attn, "num_attention_heads", 0) or getattr(attn, "num_heads", 0))
+                sites.append(WindowSite(blk, attn, s, heads, True, probs, "hf"))
+        return sites
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a windowed-attention model vizapp can capture; supported: {WINDOWED_FAMILIES}"
+    )
+
+
+def _geometry(site: WindowSite, grid: tuple[int, int]) -> WindowGeometry:
+    return WindowGeometry(
+        grid=grid,
+        window=_pair(site.block.window_size),
+        shift=_pair(site.block.shift_size),
+        pad_first=site.pad_first,
+        stage=site.stage,
+    )
+
+
+class WindowCapture:
+    """Context manager recording every layer's window attention and geometry during one forward.
+
+    Example::
+
+        with WindowCapture(model) as cap:
+            logits = model(x)
+        a = cap.attention(0)  # [B, nW, H, wh*ww, wh*ww] float32
+        cap.geometry[0]  # WindowGeometry
+
+    Args:
+        model: a windowed model (see :func:`window_sites`).
+        with_grad: keep each layer's probabilities in the autograd graph (:meth:`attention_grads`).
+    """
+
+    def __init__(self, model: torch.nn.Module, with_grad: bool = False) -> None:
+        self.sites = window_sites(model)
+        self.model = model
+        self.with_grad = with_grad
+        n = len(self.sites)
+        self.geometry: list[WindowGeometry | None] = [None] * n
+        self.maps: list[torch.Tensor | None] = [None] * n  # [B*nW, H, w², w²] as the layer used it
+        self._grids: list[tuple[int, int] | None] = [None] * n
+        fused = [i for i, s in enumerate(self.sites) if s.probs is None]
+        self._fused = fused  # layer -> index in the inner capture: fused.index(layer)
+        self._inner = (
+            AttentionCapture(model, with_grad=with_grad, layers=[self.sites[i].attn for i in fused]) if fused else None
+        )
+        self._handles: list[Any] = []
+        self._owner: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def _block_hook(self, layer: int):
+        site = self.sites[layer]
+
+        def hook(_mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self._mine():
+                return
+            if site.library == "timm":
+                x = args[0] if args else kwargs["x"]  # [B, H, W, C]
+                self._grids[layer] = (int(x.shape[1]), int(x.shape[2]))
+            else:
+                dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+                self._grids[layer] = (int(dims[0]), int(dims[1]))
+            self.maps[layer] = None
+            self.geometry[layer] = None
+
+        return hook
+
+    def _attn_pre_hook(self, layer: int):
+        site = self.sites[layer]
+
+        def hook(_mod: torch.nn.Module, _args: tuple) -> None:
+            if self._mine() and self._grids[layer] is not None:
+                # the block has clamped its window and shift to the grid by now (transformers does it in its forward)
+                self.geometry[layer] = _geometry(site, self._grids[layer])
+
+        return hook
+
+    def _probs_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if self._mine():
+                self.maps[layer] = out if self.with_grad and torch.is_grad_enabled() else out.detach()
+
+        return hook
+
+    def __enter__(self) -> WindowCapture:
+        self._owner = threading.get_ident()
+        try:
+            for i, site in enumerate(self.sites):
+                self._handles.append(site.block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
+                self._handles.append(site.attn.register_forward_pre_hook(self._attn_pre_hook(i)))
+                if site.probs is not None:
+                    self._handles.append(site.probs.register_forward_hook(self._probs_hook(i)))
+            if self._inner is not None:
+                self._inner.__enter__()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._inner is not None:
+            self._inner.remove()
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def _layer_maps(self, layer: int) -> torch.Tensor:
+        """[B*nW, H, w², w²]: the probabilities of ``layer`` (in the graph when recorded with gradients)."""
+        if layer in self._fused:
+            j = self._fused.index(layer)
+            inner = self._inner
+            if inner.maps[j] is not None:
+                return inner.maps[j]
+            return inner.attention(j)
+        m = self.maps[layer]
+        if m is None:
+            raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
+        return m
+
+    def _check(self, layer: int) -> WindowGeometry:
+        g = self.geometry[layer]
+        if g is None:
+            raise RuntimeError(f"layer {layer} recorded no geometry; run the model's forward inside the `with` block")
+        return g
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """Window attention of ``layer``, [B, nW, H, wh·ww, wh·ww] float32 (detached), windows in the library's
+        order over the shifted, padded grid (see :func:`vizapp.analysis.windows.window_index`)."""
+        g = self._check(layer)
+        a = self._layer_maps(layer).detach().float()
+        return a.reshape(-1, g.num_windows, *a.shape[1:])
+
+    def graph_maps(self) -> list[torch.Tensor]:
+        """Every layer's probabilities as the forward used them (in the autograd graph with ``with_grad``), [B*nW, H,
+        w², w²] each: what :func:`torch.autograd.grad` differentiates against."""
+        if not self.with_grad:
+            raise RuntimeError("WindowCapture(model, with_grad=True) is needed for gradients")
+        maps = [self._layer_maps(i) for i in range(len(self))]
+        if any(not m.requires_grad for m in maps):
+            raise RuntimeError("no attention recorded with its graph; run the forward with gradients enabled")
+        return maps
