@@ -150,8 +150,9 @@ def test_a_result_explains_its_prompts_after_the_prompted_model_is_reloaded(save
 def test_evaluation_scores_the_prompts_as_classes(saved, tmp_path):
     """vizapp.evaluate with prompts: class folders named as the prompts, each image's predicted prompt and its
     probability those of vizapp.analyze with the same prompts (softmax for CLIP, the sigmoid for SigLIP)."""
+    import csv
+
     from vizapp.evaluate import evaluate
-    from vizapp.evaluate.report import read_rows
 
     _, folder, _ = saved
     prompts = ["a cat", "a red car"]
@@ -171,7 +172,8 @@ def test_evaluation_scores_the_prompts_as_classes(saved, tmp_path):
         progress=False,
         prompts=prompts,
     )
-    rows, _ = read_rows(tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 4
     vm = vizapp.load_model(folder, device="cpu")
     for row in rows:
@@ -179,4 +181,4 @@ def test_evaluation_scores_the_prompts_as_classes(saved, tmp_path):
         assert row["status"] == "ok" and row["target_label"] == images[path]
         r = vizapp.analyze(vm, path, prompts=prompts)
         assert row["predicted_label"] == r.top_k[0][0]
-        assert row["prob_pred"] == pytest.approx(r.top_k[0][1], abs=1e-5)
+        assert float(row["prob_pred"]) == pytest.approx(r.top_k[0][1], abs=1e-5)

@@ -200,6 +200,31 @@ def _multiply_adds_per_second() -> float:
     return 256 * 384 * 1536 / float(np.median(times))
 
 
+def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 1) -> np.ndarray:
+    """Transformer Attribution maps of a batch (:func:`vizapp.analysis.lrp.transformer_attribution`, float64): one
+    forward and one backward, and the relevance pass, for the whole batch; a None class is the image's top-1."""
+    import torch
+
+    from vizapp.analysis.lrp import SUPPORTED, transformer_attribution, unsupported
+
+    why = unsupported(vm.model, vm.num_prefix_tokens)
+    if why:
+        raise BadParameterError(f"Transformer Attribution is not defined for {vm.name}: {why}; {SUPPORTED}")
+    if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
+        raise BadParameterError(f"start_layer must be an integer, got {start_layer!r}"[:200])
+    if not 0 <= start_layer < vm.num_layers:
+        raise BadParameterError(f"start_layer must be in [0, {vm.num_layers - 1}], got {start_layer}")
+    if any(c is None for c in classes):
+        with torch.no_grad():
+            top = vm.logits(x).argmax(dim=-1).tolist()
+        classes = [top[b] if c is None else c for b, c in enumerate(classes)]
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    found = transformer_attribution(
+        vm.model, x, vm.num_prefix_tokens, list(classes), grid, start_layer=int(start_layer)
+    )
+    return found.cpu().numpy()
+
+
 def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
     """The cost of one forward and one backward of the analysis's model, said in passes and estimated in seconds."""
 
@@ -272,6 +297,7 @@ METHODS: dict[str, Method] = {
             from_output=False,
             options=("start_layer",),
             unavailable=_lrp_unavailable,
+            batch=transformer_attribution_batch,
         ),
         Method(
             "attnlrp",

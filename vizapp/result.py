@@ -15,7 +15,7 @@ from PIL import Image
 from vizapp import limits
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
-from vizapp.errors import BadParameterError, StaleResultError
+from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
 from vizapp.models.digest import WeightsDigest
@@ -306,30 +306,9 @@ class Analysis(LabelFreeViews):
     def _model(self) -> VizModel:
         """The network this result came from: the same object while it is alive, else the cache's copy when its
         weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
-        from vizapp.models import reload
+        from vizapp.models import pinned
 
-        vm = self.model_ref() if self.model_ref is not None else None
-        where = "changed since"
-        if vm is None:
-            if self.model_ref is not None and not dict(self.load_args).get("pretrained", True):
-                raise StaleResultError(
-                    f"{self.model_name} (random weights) is no longer in memory, and a rebuilt copy would have other "
-                    "weights; analyze the image again"
-                )
-            vm = reload(self.load_args)
-            where = "reloaded, and its weights differ from those of"
-        if self.model_fingerprint:
-            now = vm.fingerprint()
-            if now.layout != self.model_fingerprint.layout:
-                raise StaleResultError(
-                    f"the weights of {self.model_name} have been converted, moved or renamed (dtype, device or names "
-                    f"differ) since this result was made; analyze the image again to explain it"
-                )
-            if now.values != self.model_fingerprint.values:
-                raise StaleResultError(
-                    f"the weights of {self.model_name} have {where} this result; analyze the image again to explain it"
-                )
-        return vm
+        return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
@@ -427,27 +406,13 @@ class Analysis(LabelFreeViews):
 
     def transformer_attribution(self, class_idx: Any = None, start_layer: int = 1) -> np.ndarray:
         """Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021) for a class, [gh, gw]: LRP relevance of each
-        block's attention times this analysis's attention gradient, rolled out from ``start_layer`` (the authors' 1);
-        see :func:`vizapp.analysis.lrp.transformer_attribution`. Runs the model again, in float64."""
-        from vizapp.analysis.lrp import SUPPORTED, unsupported
-        from vizapp.analysis.lrp import transformer_attribution as run
+        block's attention times its attention gradient, rolled out from ``start_layer`` (the authors' 1); see
+        :func:`vizapp.analysis.lrp.transformer_attribution`. Runs the model again, forward and backward, in float64
+        (the same computation as ``vizapp.explain`` of a batch: :func:`vizapp.methods.transformer_attribution_batch`)."""
+        from vizapp.methods import transformer_attribution_batch
 
         cls, start_layer = self._class(class_idx), self._layer(start_layer)
-        key = ("transformer_attribution", cls, start_layer)
-        if key not in self._cache:
-            vm = self._model()
-            why = unsupported(vm.model, self.num_prefix_tokens)
-            if why:
-                raise BadParameterError(
-                    f"Transformer Attribution is not defined for {self.model_name}: {why}; {SUPPORTED}"
-                )
-            x = self.input.to(device=vm.device, dtype=vm.dtype)
-            grads = self.attention_gradients(cls)[None]  # [1, L, H, N, N], from this analysis's own backward
-            found = run(
-                vm.model, x, self.num_prefix_tokens, cls, self.grid_size, start_layer=start_layer, attn_grads=grads
-            )
-            self._cache[key] = found[0].cpu().numpy()
-        return self._cache[key]
+        return self.model_map("transformer_attribution", cls, transformer_attribution_batch, start_layer=start_layer)
 
     def model_map(self, name: str, class_idx: Any, run: Callable[..., Any], **options: Any) -> np.ndarray:
         """The [gh, gw] map of a method that runs the model again on this analysis's input, for a class: ``run(vm, x

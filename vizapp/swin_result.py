@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vizapp.analysis import windows as W
-from vizapp.errors import BadParameterError, StaleResultError
+from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.result import to_pil
 from vizapp.windows import WindowCapture, WindowGeometry
@@ -87,7 +87,7 @@ class WindowAnalysis:
     relative_bias: tuple[torch.Tensor | None, ...] = ()
     notes: tuple[str, ...] = ()
     model_ref: Any = field(default=None, repr=False)
-    model_fingerprint: tuple[float, ...] = ()
+    model_fingerprint: Any = None
     graph_maps: Any = field(default=None, repr=False)
     graph_logits: Any = field(default=None, repr=False)
     graph_image: int = 0
@@ -232,18 +232,9 @@ class WindowAnalysis:
         return self._cache[key]
 
     def _model(self) -> VizModel:
-        vm = self.model_ref() if self.model_ref is not None else None
-        if vm is None:
-            from vizapp.models import reload
+        from vizapp.models import pinned
 
-            if not dict(self.load_args).get("pretrained", True):
-                raise StaleResultError(
-                    f"{self.model_name} (random weights) is no longer in memory; analyze the image again"
-                )
-            vm = reload(self.load_args)
-        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
-            raise StaleResultError(f"the weights of {self.model_name} have changed; analyze the image again")
-        return vm
+        return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
     def attention_gradients(self, class_idx: Any = None) -> list[torch.Tensor]:
         """∂logit[class]/∂A per layer, [nW, H_l, w², w²] each (the gradient-enabled forward's graph when kept, else

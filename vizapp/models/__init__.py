@@ -275,3 +275,34 @@ def reload(load_args: tuple[tuple[str, Any], ...]) -> VizModel:
 
         vm = with_prompts(vm, prompts)
     return vm
+
+
+def pinned(model_ref: Any, load_args: tuple[tuple[str, Any], ...], model_name: str, fingerprint: Any) -> VizModel:
+    """The network a result came from, for a method that runs it again: the same object while it is alive, else the
+    cache's copy when its weights are the same; otherwise :class:`~vizapp.errors.StaleResultError` (a random-weight
+    model rebuilt, weights edited, converted or moved). ``fingerprint`` is :meth:`VizModel.fingerprint` as the result
+    recorded it (falsy: not pinned)."""
+    from vizapp.errors import StaleResultError
+
+    vm = model_ref() if model_ref is not None else None
+    where = "changed since"
+    if vm is None:
+        if model_ref is not None and not dict(load_args).get("pretrained", True):
+            raise StaleResultError(
+                f"{model_name} (random weights) is no longer in memory, and a rebuilt copy would have other "
+                "weights; analyze the image again"
+            )
+        vm = reload(load_args)
+        where = "reloaded, and its weights differ from those of"
+    if fingerprint:
+        now = vm.fingerprint()
+        if now.layout != fingerprint.layout:
+            raise StaleResultError(
+                f"the weights of {model_name} have been converted, moved or renamed (dtype, device or names "
+                f"differ) since this result was made; analyze the image again to explain it"
+            )
+        if now.values != fingerprint.values:
+            raise StaleResultError(
+                f"the weights of {model_name} have {where} this result; analyze the image again to explain it"
+            )
+    return vm
