@@ -29,6 +29,7 @@ from vizapp.result import (  # noqa: F401  (the result's names, where callers ha
     model_view,
     to_pil,
 )
+from vizapp.resultcache import Key
 from vizapp.streaming import BlockFeatures, LayerStatistics
 
 
@@ -385,8 +386,8 @@ def _analysis(
         graph=graph,
     )
     if host.fused_mean is not None:
-        result._cache[("fused", "mean")] = host.fused_mean  # [L, N, N]
-    result._cache[("rollout", "mean", 0.0, 0)] = result._patch_map(host.rollout)
+        result._cache.put(Key("fused", ("mean",)), host.fused_mean)  # [L, N, N]
+    result._cache.put(Key("rollout", ("mean", 0.0, 0)), result._patch_map(host.rollout))
     return result
 
 

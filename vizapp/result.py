@@ -20,6 +20,7 @@ from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
 from vizapp.models.digest import WeightsDigest
 from vizapp.result_features import LabelFreeViews
+from vizapp.resultcache import Key, ResultCache
 from vizapp.streaming import fused_layer
 
 Query = str | int | tuple[int, int]
@@ -141,7 +142,7 @@ class Analysis(LabelFreeViews):
     model_ref: Any = field(default=None, repr=False)
     model_fingerprint: WeightsDigest | tuple = ()
     graph: GradientGraph = field(default_factory=GradientGraph, repr=False)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: ResultCache = field(default_factory=ResultCache, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -236,13 +237,10 @@ class Analysis(LabelFreeViews):
         """Head-fused attention of every layer [L, N, N]; cached while small."""
         if head_fusion not in HEAD_FUSIONS:
             raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
-        key = ("fused", head_fusion)
-        if key in self._cache:
-            return self._cache[key]
-        fused = torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)])
-        if fused.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
-            self._cache[key] = fused
-        return fused
+        return self._cache.get(
+            Key("fused", (head_fusion,)),
+            lambda: torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)]),
+        )
 
     def _fused_layer(self, layer: int, head_fusion: str) -> torch.Tensor:
         return fused_layer(self.q[layer], self.k[layer], self.scales[layer], head_fusion, bias=self._bias(layer))
@@ -263,9 +261,10 @@ class Analysis(LabelFreeViews):
         if head_fusion not in HEAD_FUSIONS:
             raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
         weights = self.output_weights(start_row)
-        key = ("rollout", head_fusion, float(discard_ratio), start_layer) + _row_key(start_row)
-        if key not in self._cache:
-            cached = self._cache.get(("fused", head_fusion))
+        key = Key("rollout", (head_fusion, float(discard_ratio), start_layer, *_row_key(start_row)))
+
+        def make() -> np.ndarray:
+            cached = self._cache.peek(Key("fused", (head_fusion,)))
 
             def fused_layer(layer: int) -> torch.Tensor:
                 return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
@@ -278,8 +277,9 @@ class Analysis(LabelFreeViews):
                 float(discard_ratio),
                 start_layer,
             )
-            self._cache[key] = self._patch_map(row[self.num_prefix_tokens :])
-        return self._cache[key]
+            return self._patch_map(row[self.num_prefix_tokens :])
+
+        return self._cache.get(key, make)
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
     def _class(self, class_idx: Any) -> int:
@@ -313,27 +313,21 @@ class Analysis(LabelFreeViews):
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
         cls = self._class(class_idx)
-        key = ("grads", cls)
+        key = Key("grads", (cls,))
         if key in self._cache:
-            return self._cache[key]
+            return self._cache.peek(key)
         if cls in self.graph.given:  # found by the backward of a whole batch (class_gradients)
             return self.graph.given[cls]
         if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
             i = self.graph.image
             grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
-            out = torch.stack([g[i].float().cpu() for g in grads])
-            if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
-                self._cache[key] = out
-            return out
+            return self._cache.put(key, torch.stack([g[i].float().cpu() for g in grads]))
         vm = self._model()
         x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
         with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
             logits = vm.logits(x)
             grads = cap.attention_grads(logits[0, cls])
-        out = torch.stack([g[0].detach().float().cpu() for g in grads])
-        if out.numel() * 4 <= limits.FUSED_CACHE_LIMIT_BYTES:
-            self._cache[key] = out
-        return out
+        return self._cache.put(key, torch.stack([g[0].detach().float().cpu() for g in grads]))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:
         """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
@@ -361,13 +355,10 @@ class Analysis(LabelFreeViews):
         from vizapp.analysis.relevance import grad_weighted_heads
 
         cls = self._class(class_idx)
-        key = ("grad_heads", cls)
-        if key in self._cache:
-            return self._cache[key]
-        fused = grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
-        if fused.numel() * 8 <= limits.FUSED_CACHE_LIMIT_BYTES:
-            self._cache[key] = fused
-        return fused
+        return self._cache.get(
+            Key("grad_heads", (cls,)),
+            lambda: grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls)),
+        )
 
     def grad_rollout(
         self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
@@ -419,11 +410,12 @@ class Analysis(LabelFreeViews):
         [1, C, H, W], [class], **options) -> [1, gh, gw]`` (its own forward and backward), cached by name, class and
         options (see ``Method.batch`` in :mod:`vizapp.methods`)."""
         cls = self._class(class_idx)
-        key = (name, cls, *sorted(options.items()))
-        if key not in self._cache:
+
+        def make() -> np.ndarray:
             vm = self._model()
-            self._cache[key] = np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
-        return self._cache[key]
+            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
+
+        return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
 
     def attention_flow(
         self,
@@ -437,8 +429,9 @@ class Analysis(LabelFreeViews):
         from vizapp.analysis.flow import attention_flow
 
         weights = self.output_weights(start_row)
-        key = ("flow", head_fusion) + _row_key(start_row)
-        if key not in self._cache:
+        key = Key("flow", (head_fusion, *_row_key(start_row)))
+
+        def make() -> np.ndarray:
             flat = attention_flow(
                 self.attention_stack(),
                 self.num_prefix_tokens,
@@ -446,8 +439,9 @@ class Analysis(LabelFreeViews):
                 progress=progress,
                 readout=weights,
             )
-            self._cache[key] = self._patch_map(flat)
-        return self._cache[key]
+            return self._patch_map(flat)
+
+        return self._cache.get(key, make)
 
     def last_layer_attention(self) -> np.ndarray:
         """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
