@@ -241,7 +241,7 @@ class WindowAnalysis:
                     f"{self.model_name} (random weights) is no longer in memory; analyze the image again"
                 )
             vm = reload(self.load_args)
-        if self.model_fingerprint and vm.fingerprint(fresh=True) != self.model_fingerprint:
+        if self.model_fingerprint and vm.fingerprint() != self.model_fingerprint:
             raise StaleResultError(f"the weights of {self.model_name} have changed; analyze the image again")
         return vm
 
