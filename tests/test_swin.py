@@ -448,3 +448,20 @@ def test_dataset_evaluation_refuses_swin_in_one_sentence(vm, monkeypatch):
     monkeypatch.setattr(vizapp, "load_model", lambda *a, **k: vm)
     with pytest.raises(vizapp.errors.VizappError, match="does not run windowed-attention"):
         worker.Evaluator("swin_tiny_patch4_window7_224", ["rollout"], pretrained=False)
+
+
+def test_windowed_memory_budget(vm, monkeypatch):
+    """The windowed estimate's record term is the record an analysis keeps; a limit below the estimate refuses the
+    model at load (the plain ViT's N x N estimate refused Swin-B at 384 px, 2.8 GB, where this one says 0.24 GB)."""
+    from dataclasses import replace
+
+    from vizapp import budget
+    from vizapp.models import MODEL_CACHE, swin
+
+    r = vizapp.analyze(vm, random_image(0))
+    terms = swin.analysis_memory(vm)
+    assert terms["record"] == sum(w.numel() * 4 for w in r.windows)
+    monkeypatch.setattr(budget, "BUDGET", replace(budget.BUDGET, max_analysis_bytes=sum(terms.values()) - 1))
+    MODEL_CACHE.clear()
+    with pytest.raises(vizapp.errors.ModelTooLargeError, match="VIZAPP_MAX_ANALYSIS_BYTES"):
+        vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)

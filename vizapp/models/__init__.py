@@ -188,6 +188,11 @@ def model_width(model: torch.nn.Module) -> int | None:
 
 def _check_analysis(vm: VizModel) -> None:
     """Refuse a model whose analysis at its configured input size would hold more than VIZAPP_MAX_ANALYSIS_BYTES."""
+    if vm.windowed:  # Swin: per-layer windows, never N x N matrices (vizapp.models.swin.analysis_memory)
+        from vizapp.models import swin
+
+        swin.check_analysis_budget(vm)
+        return
     gh, gw = vm.grid_size
     patches = int(gh) * int(gw)
     check_analysis_budget(

@@ -223,3 +223,49 @@ def load_hf(name: str, folder: str, pretrained: bool, device: torch.device, dtyp
     source = "file" if pretrained else "random"
     note = "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful."
     return wrap(model, name, source, note, device, dtype, transform, labels, (3, *size), mean, std, "hf")
+
+
+def analysis_memory(vm: VizModel) -> dict[str, int]:
+    """High estimate, in bytes, of what one image's windowed analysis holds at once, term by term (the plain ViT's
+    :func:`vizapp.budget.analysis_memory` counts N x N matrices per layer that a windowed analysis never forms):
+
+    - ``record``: every layer's window attention [nW, H, w², w²] float32 (kept in the result);
+    - ``working``: the largest layer's attention again, for the mean distance and the rollout's fusion (float64);
+    - ``activations``: the first stage's widest activations, 10·N·C (input, q, k, v, output, the MLP's 4·N·C).
+    """
+    from vizapp.windows import window_sites
+
+    f32 = 4
+    gh, gw = vm.grid_size
+    width = int(getattr(vm.model, "embed_dim", 0) or getattr(getattr(vm.model, "config", None), "embed_dim", 0) or 96)
+    record, largest = 0, 0
+    for site in window_sites(vm.model):
+        h, w = -(-gh // 2**site.stage), -(-gw // 2**site.stage)
+        wh, ww = (min(a, b) for a, b in zip(_window(site.block.window_size), (h, w), strict=True))
+        layer = (-(-h // wh)) * (-(-w // ww)) * site.heads * (wh * ww) ** 2 * f32
+        record += layer
+        largest = max(largest, layer)
+    return {"record": record, "working": 2 * largest, "activations": 10 * gh * gw * width * f32}
+
+
+def _window(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def check_analysis_budget(vm: VizModel) -> int:
+    """Refuse a windowed model whose analysis at its configured size would hold more than VIZAPP_MAX_ANALYSIS_BYTES
+    (:func:`analysis_memory`); returns the estimate."""
+    from vizapp import budget
+    from vizapp.errors import ModelTooLargeError
+
+    terms = analysis_memory(vm)
+    total = sum(terms.values())
+    limit = budget.BUDGET.max_analysis_bytes
+    if limit is not None and total > limit:
+        biggest = max(terms, key=terms.__getitem__)
+        raise ModelTooLargeError(
+            f"'{vm.name[:80]}' would hold about {total / 2**20:.0f} MB for one analysis ({biggest}: "
+            f"{terms[biggest] / 2**20:.0f} MB), over this server's limit of {limit / 2**20:.0f} MB "
+            "(VIZAPP_MAX_ANALYSIS_BYTES); pick a smaller input size (img_size) or another model"
+        )
+    return total
