@@ -25,6 +25,7 @@ from vizapp.analysis import windows as W
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.result import to_pil
+from vizapp.resultcache import Key, ResultCache
 from vizapp.windows import WindowCapture, WindowGeometry
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
@@ -91,7 +92,7 @@ class WindowAnalysis:
     graph_maps: Any = field(default=None, repr=False)
     graph_logits: Any = field(default=None, repr=False)
     graph_image: int = 0
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: ResultCache = field(default_factory=ResultCache, repr=False)
 
     windowed = True
     has_class_token = False
@@ -130,11 +131,10 @@ class WindowAnalysis:
         """[nW, w²] the grid token in each window slot of ``layer`` (-1: padding); see
         :func:`vizapp.analysis.windows.window_index`."""
         layer = self._layer(layer)
-        key = ("index", layer)
-        if key not in self._cache:
-            g = self.geometry[layer]
-            self._cache[key] = W.window_index(g.grid, g.window, g.shift, g.pad_first)
-        return self._cache[key]
+        g = self.geometry[layer]
+        return self._cache.get(
+            Key("window_index", (layer,)), lambda: W.window_index(g.grid, g.window, g.shift, g.pad_first)
+        )
 
     # -- validation -------------------------------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:
@@ -223,13 +223,14 @@ class WindowAnalysis:
         start_layer = self._layer(start_layer)
         if head_fusion not in ("mean", "max", "min"):
             raise BadParameterError(f"head_fusion must be 'mean', 'max' or 'min', got {str(head_fusion)[:40]!r}")
-        key = ("rollout", head_fusion, start_layer)
-        if key not in self._cache:
+
+        def make() -> np.ndarray:
             fused = [W.fuse_windows(w, self.index(i), head_fusion) for i, w in enumerate(self.windows)]
             idx = [self.index(i) for i in range(self.num_layers)]
             row = W.rollout_through(fused, idx, self.layer_grids, self._readout(), "rollout", start_layer)
-            self._cache[key] = self._first_grid_map(row)
-        return self._cache[key]
+            return self._first_grid_map(row)
+
+        return self._cache.get(Key("rollout", (head_fusion, start_layer)), make)
 
     def _model(self) -> VizModel:
         from vizapp.models import pinned
@@ -240,9 +241,9 @@ class WindowAnalysis:
         """∂logit[class]/∂A per layer, [nW, H_l, w², w²] each (the gradient-enabled forward's graph when kept, else
         one forward and backward of the same network)."""
         cls = self._class(class_idx)
-        key = ("grads", cls)
+        key = Key("grads", (cls,))
         if key in self._cache:
-            return self._cache[key]
+            return self._cache.peek(key)
         if self.graph_maps is not None:
             i = self.graph_image
             grads = torch.autograd.grad(self.graph_logits[i, cls], self.graph_maps, retain_graph=True)
@@ -255,8 +256,7 @@ class WindowAnalysis:
                 logits = vm.logits(x)
                 grads = torch.autograd.grad(logits[0, cls], cap.graph_maps())
             out = [g.detach().float().cpu() for g in grads]
-        self._cache[key] = out
-        return out
+        return self._cache.put(key, out)
 
     def _weighted(self, class_idx: Any) -> list[torch.Tensor]:
         """Per layer Ā = mean_h max(∇A ⊙ A, 0) on its windows, [nW, w², w²] float64 (Chefer et al., ICCV 2021)."""
@@ -272,29 +272,31 @@ class WindowAnalysis:
         down from the pooled output through windows and merges."""
         start_layer = self._layer(start_layer)
         cls = self._class(class_idx)
-        key = ("grad_rollout", cls, start_layer)
-        if key not in self._cache:
+
+        def make() -> np.ndarray:
             fused = [
                 W.fuse_windows(f[:, None], self.index(i), "mean", renorm=False)
                 for i, f in enumerate(self._weighted(cls))
             ]
             idx = [self.index(i) for i in range(self.num_layers)]
             row = W.rollout_through(fused, idx, self.layer_grids, self._readout(), "grad_rollout", start_layer)
-            self._cache[key] = self._first_grid_map(row)
-        return self._cache[key]
+            return self._first_grid_map(row)
+
+        return self._cache.get(Key("map", ("grad_rollout", cls, start_layer)), make)
 
     def relevance(self, class_idx: Any = None, start_layer: int = 0) -> np.ndarray:
         """Chefer et al. (ICCV 2021) relevance R ← R + Ā·R for a class through windows and merges, [gh_0, gw_0]."""
         start_layer = self._layer(start_layer)
         cls = self._class(class_idx)
-        key = ("relevance", cls, start_layer)
-        if key not in self._cache:
+
+        def make() -> np.ndarray:
             idx = [self.index(i) for i in range(self.num_layers)]
             row = W.rollout_through(
                 self._weighted(cls), idx, self.layer_grids, self._readout(), "relevance", start_layer
             )
-            self._cache[key] = self._first_grid_map(row)
-        return self._cache[key]
+            return self._first_grid_map(row)
+
+        return self._cache.get(Key("map", ("relevance", cls, start_layer)), make)
 
     def last_layer_attention(self) -> np.ndarray:
         """How much attention each token of the last layer receives, averaged over its queries and heads,
