@@ -8,7 +8,7 @@ rs = vizapp.analyze(vm, [img1, img2, img3])  # one batched forward, one Analysis
 maps = vizapp.explain(vm, [img1, img2, img3], ["relevance", "grad_rollout"])  # {name: [B, gh, gw]}
 """
 
-from vizapp import analysis
+from vizapp import analysis, statistics
 from vizapp.batch import explain
 from vizapp.capture import AttentionCapture
 from vizapp.errors import (
@@ -46,6 +46,7 @@ __all__ = [
     "VizappError",
     "analysis",
     "analyze",
+    "statistics",
     "explain",
     "feature_pca",
     "head_importance",
