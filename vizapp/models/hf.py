@@ -462,12 +462,13 @@ def load(
             )
         else:
             model, info = cls._from_config(built, attn_implementation="sdpa"), {}
-    except VizappError:
+    except (VizappError, MemoryError, torch.OutOfMemoryError):  # out of memory keeps its own message
         raise
     except Exception as e:  # noqa: BLE001 - a bad header, a truncated file, tensors transformers cannot place
         detail = f" ({first_line(without_paths(str(e), folder))})" if local else ""  # a hub snapshot's path: never
         raise ModelLoadError(
-            f"{shown}: weights could not be read{detail}; write model.safetensors again with save_pretrained"
+            f"{shown}: weights could not be read{detail}; "
+            + ("write model.safetensors again with save_pretrained" if local else "pick another model")
         ) from e
     untrained_pooler = _check_complete(shown, model, info)  # outside the try: its ModelLoadError is the message
     attention_layers(model)  # the support check
