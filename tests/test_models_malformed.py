@@ -215,3 +215,12 @@ def test_the_cli_says_what_is_wrong_with_a_malformed_checkpoint(tmp_path, photo,
     assert cli.main([photo, "--model", path]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model card tiny.json: num_heads must be a whole number above zero, got 0; fix")
+
+
+def test_the_operators_own_folder_is_not_refused_by_the_allow_list(hf_folder, monkeypatch):
+    """SECURITY.md: the operator's own local files are not ids and the allow-list does not apply to them; the
+    transformers adapter's size check used to refuse the folder, naming its path."""
+    monkeypatch.setattr(B, "BUDGET", B.Budget(allowed=frozenset({"bundled"})))
+    assert vizapp.load_model(str(hf_folder), device="cpu", num_hidden_layers=1).source == "pretrained"
+    with pytest.raises(ModelTooLargeError, match="not one of the models this server offers"):
+        vizapp.load_model("hf:someone/vit", device="cpu", allow_files=False)  # an id still is

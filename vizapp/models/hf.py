@@ -359,12 +359,13 @@ def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _output(model(pixel_values=x, noise=noise), cls_token=True)
 
 
-def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
+def _check_budget(name: str, cls: Any, built: Any, vision: Any, local: bool = False) -> None:
     """The layer and parameter limits (:func:`vizapp.budget.check_budget`) from the config, building at most two
-    layers on the meta device, however many ``num_hidden_layers`` asks for."""
+    layers on the meta device, however many layers it asks for; not the allow-list for the operator's ``local`` folder."""
     import copy
+    from dataclasses import replace
 
-    from vizapp.budget import check_budget, layered_parameter_count
+    from vizapp import budget
 
     layers = getattr(vision, "num_hidden_layers", None)
     layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
@@ -378,14 +379,15 @@ def _check_budget(name: str, cls: Any, built: Any, vision: Any) -> None:
 
     def count() -> int:
         try:
-            return layered_parameter_count(build, layers)
+            return budget.layered_parameter_count(build, layers)
         except Exception as e:  # noqa: BLE001 - a config transformers cannot build: said in a line
             raise ModelLoadError(
                 f"{name}: transformers cannot build its config ({type(e).__name__}: {first_line(e)}); fix config.json "
                 "or pick another model"
             ) from e
 
-    check_budget(name, layers=layers, counter=count)
+    limits = replace(budget.BUDGET, allowed=None) if local else None
+    budget.check_budget(name, limits, layers=layers, counter=count)
 
 
 def _check_complete(name: str, model: torch.nn.Module, info: dict[str, Any]) -> bool:
@@ -448,7 +450,7 @@ def load(
         config.mask_ratio = 0.0
     cls = _model_class(config)
     built = vision if config.model_type in VISION_CONFIGS else config
-    _check_budget(name, cls, built, vision)  # before the weights
+    _check_budget(shown, cls, built, vision, local)  # before the weights
     whole_cls = hf_text.whole_class(config)  # CLIP/SigLIP: loaded whole, for its text side (prompts)
     try:
         if pretrained:
@@ -468,12 +470,13 @@ def load(
                 (whole_cls or cls)._from_config(config if whole_cls else built, attn_implementation="sdpa"),
                 {},
             )
-    except VizappError:
+    except (VizappError, MemoryError, torch.OutOfMemoryError):  # out of memory keeps its own message
         raise
     except Exception as e:  # noqa: BLE001 - a bad header, a truncated file, tensors transformers cannot place
         detail = f" ({first_line(without_paths(str(e), folder))})" if local else ""  # a hub snapshot's path: never
         raise ModelLoadError(
-            f"{shown}: weights could not be read{detail}; write model.safetensors again with save_pretrained"
+            f"{shown}: weights could not be read{detail}; "
+            + ("write model.safetensors again with save_pretrained" if local else "pick another model")
         ) from e
     untrained_pooler = _check_complete(shown, model, info)  # outside the try: its ModelLoadError is the message
     whole = None

@@ -280,7 +280,7 @@ def create_or_refuse(name: str, create: Callable[[], torch.nn.Module]) -> torch.
     and what to change, and no server path."""
     try:
         return create()
-    except (BadParameterError, ModelLoadError, UnsupportedModelError):
+    except (BadParameterError, ModelLoadError, UnsupportedModelError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - the settings' fault, said in a line
         raise ModelLoadError(

@@ -5,10 +5,17 @@ it returns. So the long handlers (attention flow, the Compare tab's faithfulness
 with :func:`running` and call :meth:`Deadline.check` between steps (after each max-flow, between methods and curve
 modes). A check raises a clear error once the time set by ``VIZAPP_REQUEST_SECONDS`` has passed, or once the person
 pressed Cancel (:func:`cancel` flags every deadline of their session), and the worker is free again.
+
+An API client cancels differently: gradio_client's ``job.cancel()`` asks gradio (``/cancel``) to cancel the event's
+asyncio task, and a handler gradio runs in a worker thread would not notice. Events wired through
+:func:`stops_when_cancelled` run their handler in a worker thread themselves; when gradio cancels the event, the
+deadlines the handler opened are flagged as by Cancel, so the work stops at its next check rather than at its
+deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -16,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 from vizapp.errors import VizappError
 
@@ -52,13 +61,19 @@ class Deadline:
     Args:
         limit_s: seconds allowed from construction.
         clock: a monotonic clock in seconds (tests pass a fake one).
+        cancelled: the flag to check, when it is shared (the request's own, see :func:`stops_when_cancelled`).
     """
 
-    def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        cancelled: threading.Event | None = None,
+    ) -> None:
         self.limit_s = float(limit_s)
         self._clock = clock
         self._started = clock()
-        self._cancelled = threading.Event()
+        self._cancelled = threading.Event() if cancelled is None else cancelled
 
     @property
     def elapsed(self) -> float:
@@ -92,6 +107,8 @@ class Deadline:
 
 _lock = threading.Lock()
 _running: dict[str, set[Deadline]] = {}
+#: the cancel flag of the event being handled, set by :func:`stops_when_cancelled` (None outside such an event)
+_event_cancelled: ContextVar[threading.Event | None] = ContextVar("vizapp_event_cancelled", default=None)
 
 
 @contextmanager
@@ -102,7 +119,7 @@ def running(session: str | None, limit_s: float | None = None) -> Iterator[Deadl
         session: gradio's session hash of the person, or None (direct calls; nothing can cancel them).
         limit_s: seconds allowed; default :func:`request_seconds`.
     """
-    deadline = Deadline(request_seconds() if limit_s is None else limit_s)
+    deadline = Deadline(request_seconds() if limit_s is None else limit_s, cancelled=_event_cancelled.get())
     if session:
         with _lock:
             _running.setdefault(session, set()).add(deadline)
@@ -132,3 +149,27 @@ def running_sessions() -> list[str]:
     """Sessions with a long operation under way (for tests and logs)."""
     with _lock:
         return sorted(_running)
+
+
+def stops_when_cancelled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as gradio should run it when it opens deadlines: in a worker thread, and when gradio cancels the event
+    (an API client's ``job.cancel()``; the Cancel button's ``cancels=``), every deadline ``fn`` opened with
+    :func:`running` is flagged and the work stops at its next check. The signature is kept (``functools.wraps``), so
+    gradio still injects Progress and Request; the context (gradio's request and progress) goes with the thread."""
+    import anyio
+
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        flag = threading.Event()
+        token = _event_cancelled.set(flag)  # copied into the worker thread's context
+        try:
+            # abandon_on_cancel: gradio's cancel reaches this await at once (by default it would wait for the thread)
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            flag.set()
+            log.info("%s: the event was cancelled; its work stops at its next check", fn.__name__)
+            raise
+        finally:
+            _event_cancelled.reset(token)
+
+    return run

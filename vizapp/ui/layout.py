@@ -15,6 +15,7 @@ from vizapp import budget, methods, models, views
 from vizapp.models.prompts import DEFAULT_PROMPTS
 from vizapp.ui import handlers
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS
+from vizapp.ui.deadline import stops_when_cancelled
 from vizapp.ui.handlers import CLS_QUERY, PATCH_QUERY
 from vizapp.ui.layout_features import features_tab, wire_features
 from vizapp.ui.outputs import (
@@ -334,10 +335,9 @@ def _wire_rollout(ui: Components) -> list[Any]:
     ]
     controls = inputs[1:]  # every input but the state redraws the map
     outputs = components(MapOutputs, ui)
-    # a map may run a backward or max-flows: model work
-    return [
-        ctrl.change(handlers.render_map, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK) for ctrl in controls
-    ]
+    # a map may run a backward or max-flows: model work, stopped when the event is cancelled
+    render = stops_when_cancelled(handlers.render_map)
+    return [ctrl.change(render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK) for ctrl in controls]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -403,7 +403,7 @@ def _wire_compare(ui: Components) -> Any:
             **RERENDER,
         )
     return ui.compare_button.click(
-        handlers.compare_methods,
+        stops_when_cancelled(handlers.compare_methods),
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
         outputs=components(CompareOutputs, ui),
         api_name="compare",

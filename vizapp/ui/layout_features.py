@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from vizapp.ui import handlers
+from vizapp.ui.deadline import stops_when_cancelled
 from vizapp.ui.outputs import (
     FeatureExportOutputs,
     FeaturePatchOutputs,
@@ -143,7 +144,7 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
         **MODEL_WORK,
     )
     gallery = ui.pca_examples_button.click(
-        event(handlers.pca_across_examples),
+        stops_when_cancelled(event(handlers.pca_across_examples)),
         inputs=[ui.state, ui.feat_layer],
         outputs=components(GalleryOutputs, ui),
         api_visibility="private",
@@ -151,7 +152,7 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     )
     importance = [
         button.click(
-            _importance_fn(method),
+            stops_when_cancelled(_importance_fn(method)),
             inputs=[ui.state, ui.imp_mode, ui.imp_class],
             outputs=components(ImportanceOutputs, ui),
             api_name=f"head_importance_{method}",
