@@ -42,6 +42,10 @@ def load(fid: str, card_model: str):
     return vm
 
 
+WRITTEN_OUT = {"transformer_attribution"}
+"""Methods whose forward does not call the model: their own float64 forward of a copy (vizapp.analysis.lrp)."""
+
+
 @contextlib.contextmanager
 def counted_forwards(vm):
     """The batch size of every forward of ``vm``'s network inside the block."""
@@ -190,7 +194,8 @@ def test_explain_equals_each_images_own_map_for_every_method(fid, classes, card_
             continue
         with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
             maps = vizapp.explain(vm, imgs, name, classes)
-        assert forwards == [3]
+        # Transformer Attribution's one forward is its own, written out in float64 on a copy of the network
+        assert forwards == ([] if name in WRITTEN_OUT else [3])
         assert backwards == (["grad"] if METHODS[name].needs_class else [])
         assert maps.shape == (3, *alone[0].grid_size) and maps.dtype == np.float32
         assert not np.allclose(maps[0], maps[1], **TOL)  # maps that differ by more than the tolerance
@@ -211,7 +216,10 @@ def test_class_maps_of_a_batch_take_one_forward_and_one_backward(fid, card_model
     classes = [0, 4, 2, 4]
     with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
         maps = vizapp.explain(vm, imgs, names, classes, start_layer=1)
-    assert forwards == [4] * (1 + len(own)) and backwards == ["grad"] * (1 + len(own))
+    # one forward of vm's network for the analysis and one for each own-run method but Transformer Attribution,
+    # whose forward is written out in float64 on a copy; one backward each
+    called = [n for n in own if n not in WRITTEN_OUT]
+    assert forwards == [4] * (1 + len(called)) and backwards == ["grad"] * (1 + len(own))
     assert set(maps) == set(names)
     for b, img in enumerate(imgs):
         r = vizapp.analyze(vm, img)

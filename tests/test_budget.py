@@ -532,11 +532,11 @@ def test_a_huge_image_processor_size_is_refused_before_any_image(tmp_path, monke
     # a processor that crops to the model's size is what vizapp sees, whatever it resizes to first
     transformers.ViTImageProcessor(size=30_000, do_center_crop=True, crop_size=32).save_pretrained(folder)
     proc = transformers.AutoImageProcessor.from_pretrained(folder)
-    assert vizapp.models.hf._processed_size(proc, (32, 32)) == (32, 32)
+    assert vizapp.models.hf_processor.processed_size(proc, (32, 32)) == (32, 32)
     # a shortest edge without a crop follows the upload's aspect ratio: bounded by its longest edge, else refused
     transformers.ViTImageProcessor(size={"shortest_edge": 32, "longest_edge": 48}).save_pretrained(folder)
     proc = transformers.AutoImageProcessor.from_pretrained(folder)
-    assert vizapp.models.hf._processed_size(proc, (32, 32)) == (32, 48)
+    assert vizapp.models.hf_processor.processed_size(proc, (32, 32)) == (32, 48)
     assert vizapp.load_model(folder, pretrained=False, device="cpu").grid_size == (4, 4)
     unbounded = _hf_config_folder(tmp_path / "unbounded", image_size=32, **fields)  # a new folder: not cached
     transformers.ViTImageProcessor(size={"shortest_edge": 32}).save_pretrained(unbounded)

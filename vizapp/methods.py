@@ -202,9 +202,8 @@ def _multiply_adds_per_second() -> float:
 
 def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 1) -> np.ndarray:
     """Transformer Attribution maps of a batch (:func:`vizapp.analysis.lrp.transformer_attribution`, float64): one
-    forward and one backward, and the relevance pass, for the whole batch; a None class is the image's top-1."""
-    import torch
-
+    forward and one backward, and the relevance pass, for the whole batch; a None class is the image's top-1 (from
+    that forward)."""
     from vizapp.analysis.lrp import SUPPORTED, transformer_attribution, unsupported
 
     why = unsupported(vm.model, vm.num_prefix_tokens)
@@ -214,10 +213,6 @@ def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None
         raise BadParameterError(f"start_layer must be an integer, got {start_layer!r}"[:200])
     if not 0 <= start_layer < vm.num_layers:
         raise BadParameterError(f"start_layer must be in [0, {vm.num_layers - 1}], got {start_layer}")
-    if any(c is None for c in classes):
-        with torch.no_grad():
-            top = vm.logits(x).argmax(dim=-1).tolist()
-        classes = [top[b] if c is None else c for b, c in enumerate(classes)]
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     found = transformer_attribution(
         vm.model, x, vm.num_prefix_tokens, list(classes), grid, start_layer=int(start_layer)

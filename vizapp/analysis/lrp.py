@@ -232,7 +232,15 @@ def _block_relprop(
     return clone_relprop(rec.x, (r_x, r_n1), eps), r_a  # norm1: identity
 
 
-def _classes(class_idx: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+def _classes(
+    class_idx: int | Sequence[int | None] | torch.Tensor, batch: int, device: torch.device, logits: torch.Tensor
+) -> torch.Tensor:
+    """One class per image; a None entry is that image's top-1 class of ``logits`` [B, K] (this forward's)."""
+    if isinstance(class_idx, (list, tuple)) and any(c is None for c in class_idx):
+        top = logits.argmax(dim=-1).tolist()
+        class_idx = [top[i] if c is None else c for i, c in enumerate(class_idx)] if len(class_idx) == batch else None
+        if class_idx is None:
+            raise ValueError(f"give one class per image ({batch}) when some are None")
     idx = torch.as_tensor(class_idx, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() == 1:
         idx = idx.expand(batch)
@@ -256,7 +264,7 @@ def attention_relevance(
         model: a timm VisionTransformer (see :func:`unsupported`); its eval forward is run again in ``dtype``, on a
             copy of its weights.
         x: the input [B, C, H, W], normalised as the model expects.
-        class_idx: the class explained, one for the batch or one per image.
+        class_idx: the class explained, one for the batch or one per image (None: the image's top-1 class).
         start_layer: blocks below it are not propagated through (their entries are None).
         dtype: the propagation's precision.
         eps: the stabiliser of :func:`safe_divide`.
@@ -268,7 +276,7 @@ def attention_relevance(
     model = _copy_in(model, dtype)
     with torch.enable_grad() if gradients else torch.no_grad():
         logits, records, (pooled, tokens) = _forward(model, x.to(dtype), track=gradients)
-        cls = _classes(class_idx, x.shape[0], logits.device)
+        cls = _classes(class_idx, x.shape[0], logits.device, logits)
         grads = None
         if gradients:
             score = logits.gather(1, cls[:, None]).sum()
@@ -305,7 +313,7 @@ def transformer_attribution(
         model: a timm VisionTransformer reading its CLS token (see :data:`SUPPORTED`), in eval mode.
         x: the input [B, C, H, W], normalised as the model expects, on the model's device.
         num_prefix_tokens: tokens before the patches (CLS first, then any registers); the map skips them.
-        class_idx: the class explained: one for the batch, or one per image.
+        class_idx: the class explained: one for the batch, or one per image (None: the image's top-1 class).
         grid_size: (gh, gw) of the patch grid.
         start_layer: the first block of the rollout (the authors run ``start_layer=1``).
         attn_grads: ∂y_c/∂A of every block [B, L, H, N, N] for these classes, when already found (e.g. by the
