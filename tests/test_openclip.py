@@ -324,3 +324,17 @@ def test_scaled_cosine_attention_is_refused_in_one_sentence():
     vision = dict(SMALL["vision_cfg"], scaled_cosine_attn=True)
     with pytest.raises(UnsupportedModelError, match="scaled-cosine attention"):
         vizapp.load_model("open_clip:ViT-B-32", pretrained=False, device="cpu", **dict(SMALL, vision_cfg=vision))
+
+
+def test_other_towers_and_oversized_models_are_refused_before_building(monkeypatch):
+    from vizapp import budget
+    from vizapp.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="a timm model"):
+        vizapp.load_model("open_clip:ViT-B-16-SigLIP", pretrained=False, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="a ResNet"):
+        vizapp.load_model("open_clip:RN50", pretrained=False, device="cpu")
+    monkeypatch.setattr(budget, "BUDGET", budget.Budget(max_params=1_000_000))
+    with pytest.raises(ModelLoadError, match="parameters"):  # the small tower and its 49408-token text embedding
+        # (an argument no other test uses: a cached model would be returned without loading)
+        vizapp.load_model("open_clip:ViT-B-32", pretrained=False, device="cpu", init_logit_scale=1.0, **SMALL)
