@@ -289,3 +289,52 @@ def test_head_importance_scores_the_chosen_prompt(bias):
     assert float(res.drop[1, 1]) == pytest.approx(float(clean - ablated), abs=1e-5)
     grad = head_importance(prompted, r.input, class_idx=2, method="gradient")  # the estimate runs on prompts too
     assert grad.drop.shape == (2, 4) and torch.isfinite(grad.drop).all()
+
+
+def test_open_clips_own_attention_class_is_captured_exactly():
+    """A tower of CustomResidualAttentionBlocks (OpenCLIP's own Attention, here with q/k layer norms): the capture
+    equals softmax(q kᵀ · scale) of the q and k its own ``ln_q``/``ln_k`` hand on (its ``use_fsdpa=False`` branch
+    cannot serve as the reference: it calls ``bmm`` on [B, H, N, d] tensors and raises)."""
+    torch.manual_seed(3)
+    vision = dict(SMALL["vision_cfg"], qk_norm=True)
+    vm = vizapp.load_model("open_clip:ViT-B-32", pretrained=False, device="cpu", **dict(SMALL, vision_cfg=vision))
+    assert type(vm.model.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+    x = vm.transform(random_image(12))[None]
+    ref = copy.deepcopy(vm.model)
+    qs, ks = [], []
+    for blk in ref.transformer.resblocks:
+        blk.attn.ln_q.register_forward_hook(lambda m, args, out: qs.append(out.detach().clone()))
+        blk.attn.ln_k.register_forward_hook(lambda m, args, out: ks.append(out.detach().clone()))
+    with torch.no_grad():
+        expected = ref(x)
+        with AttentionCapture(vm.model) as cap:
+            got = vm.logits(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert len(qs) == len(ks) == 2
+    for layer, (q, k) in enumerate(zip(qs, ks, strict=True)):
+        a = torch.softmax(q @ k.transpose(-2, -1) * ref.transformer.resblocks[layer].attn.scale, dim=-1)
+        torch.testing.assert_close(cap.attention(layer), a, atol=1e-5, rtol=0)
+    r = vizapp.analyze(vm, random_image(12), prompts=PROMPTS)
+    assert r.relevance(class_idx=1).shape == (4, 4)
+
+
+def test_scaled_cosine_attention_is_refused_in_one_sentence():
+    from vizapp.errors import UnsupportedModelError
+
+    vision = dict(SMALL["vision_cfg"], scaled_cosine_attn=True)
+    with pytest.raises(UnsupportedModelError, match="scaled-cosine attention"):
+        vizapp.load_model("open_clip:ViT-B-32", pretrained=False, device="cpu", **dict(SMALL, vision_cfg=vision))
+
+
+def test_other_towers_and_oversized_models_are_refused_before_building(monkeypatch):
+    from vizapp import budget
+    from vizapp.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="a timm model"):
+        vizapp.load_model("open_clip:ViT-B-16-SigLIP", pretrained=False, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="a ResNet"):
+        vizapp.load_model("open_clip:RN50", pretrained=False, device="cpu")
+    monkeypatch.setattr(budget, "BUDGET", budget.Budget(max_params=1_000_000))
+    with pytest.raises(ModelLoadError, match="parameters"):  # the small tower and its 49408-token text embedding
+        # (an argument no other test uses: a cached model would be returned without loading)
+        vizapp.load_model("open_clip:ViT-B-32", pretrained=False, device="cpu", init_logit_scale=1.0, **SMALL)

@@ -221,8 +221,9 @@ def load_model(
     Args:
         name: a timm name or name.tag ("vit_base_patch16_224.augreg2_in21k_ft_in1k", optionally "timm:..."), an
             "hf-hub:owner/repo" timm id, an "hf:owner/repo" transformers id, a folder written by transformers'
-            ``save_pretrained``, "torchvision:vit_b_16", a path to a .safetensors file (with ``arch=...``, or a model
-            card .json beside it), or "bundled".
+            ``save_pretrained``, "torchvision:vit_b_16", "open_clip:ViT-B-32/laion2b_s34b_b79k" (OpenCLIP, its tag
+            naming the weights; ``checkpoint=FILE`` loads a local weights file instead), a path to a .safetensors
+            file (with ``arch=...``, or a model card .json beside it), or "bundled".
         pretrained: False builds the architecture with random weights (tests, timing).
         arch: timm architecture of a .safetensors checkpoint.
         device: default CUDA when available, else CPU.

@@ -138,6 +138,34 @@ def _text_tower(clip: torch.nn.Module, arch: str) -> TextTower:
     )
 
 
+def _check_before_building(name: str, arch: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, before anything is built or downloaded, a model whose vision tower is not OpenCLIP's own ViT (a timm
+    model or a ResNet), and one over the parameter limits (counted on the meta device)."""
+    open_clip = require_open_clip()
+    from vizapp.budget import check_budget, meta_parameter_count
+
+    cfg = {**(open_clip.get_model_config(arch) or {}), **kwargs}
+    vision = cfg.get("vision_cfg") or {}
+    if "timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple)):
+        kind = "a timm model" if "timm_model_name" in vision else "a ResNet"
+        raise UnsupportedModelError(
+            f"{name}: its vision tower is {kind}, not OpenCLIP's VisionTransformer; vizapp analyses OpenCLIP's own "
+            "ViT towers (load a timm tower by its timm id)"
+        )
+    if cfg.get("custom_text") or "hf_model_name" in (cfg.get("text_cfg") or {}):
+        return  # a transformers text tower: built from the hub's config, not counted here
+
+    def build() -> torch.nn.Module:
+        import inspect
+
+        from open_clip.model import CLIP
+
+        takes = inspect.signature(CLIP).parameters  # create_model's own options (force_*, ...) are not CLIP's
+        return CLIP(**{k: v for k, v in cfg.items() if k in takes})
+
+    check_budget(name, counter=lambda: meta_parameter_count(build), layers=int(vision.get("layers") or 0) or None)
+
+
 def load(
     name: str,
     pretrained: bool,
@@ -154,6 +182,7 @@ def load(
     arch, tag = parse_name(name)
     kwargs = dict(kwargs)
     checkpoint = kwargs.pop("checkpoint", None)
+    _check_before_building(name, arch, kwargs)
     if checkpoint is not None:
         source: str | None = _checkpoint(checkpoint, allow_files)
     elif pretrained:
