@@ -232,7 +232,22 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
     return abs(total - float(y)), abs(float(y))
 
 
-@pytest.mark.parametrize("fid", ["vit", "beit", "relpos", "rope_mixed", "hf_vit", "hf_dinov2_reg_cls", "hf_beit", "tv"])
+@pytest.mark.parametrize(
+    "fid",
+    [
+        "vit",
+        "beit",
+        "relpos",
+        "rope_mixed",
+        "hf_vit",
+        "hf_vit_msn",
+        "hf_ijepa",
+        "hf_deit_teacher",
+        "hf_dinov2_reg_cls",
+        "hf_beit",
+        "tv",
+    ],
+)
 def test_relevance_is_conserved_on_every_family(fid, tmp_path):
     import test_families as fam
 

@@ -88,7 +88,7 @@ _ALLOWED = {
     "torchvision.models.vision_transformer": ("VisionTransformer", "Encoder", "EncoderBlock", "MLPBlock"),
 }
 # transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2); a SwiGLU MLP is not.
-_HF_MODELS = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
+_HF_MODELS = ("vit", "vit_msn", "ijepa", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
 
 
 def _kind(m: torch.nn.Module) -> tuple[str, str]:
@@ -113,12 +113,15 @@ def unsupported(model: torch.nn.Module) -> str:
             if family in _HF_MODELS and "SwiGLU" not in cls:
                 continue
         if "SwiGLU" in cls or "Glu" in cls:
-            return f"its MLP is gated ({name or 'model'} is {cls}), and lxt's ViT rules define no rule for the gate"
+            return (
+                f"its MLP is gated ({name or 'model'} is {cls}): lxt's ViT rules have no gate, and vizapp does not "
+                "carry over lxt's LLM rule for one (a uniform split of the gate's product)"
+            )
         if "AttentionPool" in cls:
             return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
         if isinstance(m, torch.nn.LayerNorm) or "RmsNorm" in cls or "RMSNorm" in cls:
             return f"{name} is a {cls}, not the LayerNorm the rules are written for"
-        return f"{name or 'the model'} is a {cls}, for which vizapp's AttnLRP has no rule"
+        return f"{name or 'the model'} is {cls}, for which vizapp's AttnLRP has no rule"
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) != 1:
             return f"{name} normalises over {len(m.normalized_shape)} dimensions"
