@@ -228,8 +228,8 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
     for a in cap.maps:
         a.register_hook(torch.zeros_like)
     grads = torch.autograd.grad(y, [x, *sources], allow_unused=True)
-    total = sum(float((s * g).sum()) for s, g in zip([x, *sources], grads, strict=True) if g is not None)
-    return abs(total - float(y)), abs(float(y))
+    total = sum(float((s * g).sum().detach()) for s, g in zip([x, *sources], grads, strict=True) if g is not None)
+    return abs(total - float(y.detach())), abs(float(y.detach()))
 
 
 @pytest.mark.parametrize(
