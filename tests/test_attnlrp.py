@@ -236,6 +236,7 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
     "fid",
     [
         "vit",
+        "eva02",
         "beit",
         "relpos",
         "rope_mixed",
@@ -259,7 +260,11 @@ def test_relevance_is_conserved_on_every_family(fid, tmp_path):
         model = _tv_model(torch.float64)
         logits_fn, x = model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)).double()
     else:
-        vm = small_model("vit_tiny_patch16_224", img_size=48, depth=2) if fid == "vit" else fam.load(fid, folders)
+        timm = {
+            "vit": ("vit_tiny_patch16_224", dict(img_size=48, depth=2)),
+            "eva02": ("eva02_tiny_patch14_224", dict(img_size=56, depth=2, num_classes=5)),  # RoPE, SwiGLU MLP
+        }
+        vm = small_model(timm[fid][0], **timm[fid][1]) if fid in timm else fam.load(fid, folders)
         model, logits_fn = vm.model.double(), vm.logits
         x = vm.transform(random_image(2))[None].double()
     try:
@@ -306,15 +311,22 @@ def test_registry_batch_and_cleanliness(card_model):
 
 
 def test_models_without_rules_are_refused_in_one_sentence():
-    vm = small_model("eva02_tiny_patch14_224", img_size=56, depth=2, num_classes=5)  # SwiGLU-style gated MLP
+    # an attention-pooling head (MAP, as SigLIP's): a softmax outside the encoder
+    vm = small_model("vit_base_patch16_siglip_224", img_size=32, depth=2, embed_dim=64, num_heads=4, num_classes=5)
     r = vizapp.analyze(vm, random_image(1))
     why = views.method_unavailable(r, "attnlrp")
-    assert "gated" in why and "attnlrp" not in views.available_methods(r)
-    with pytest.raises(BadParameterError, match="AttnLRP is not defined for .*gated"):
+    assert "pools by attention" in why and "attnlrp" not in views.available_methods(r)
+    with pytest.raises(BadParameterError, match="AttnLRP is not defined for .*pools by attention"):
         r.explain("attnlrp", 0)
-    with pytest.raises(BadParameterError, match="gated"):
+    with pytest.raises(BadParameterError, match="pools by attention"):
         vizapp.explain(vm, [random_image(1)], "attnlrp", classes=0)
-    assert not views.method_unavailable(r, "legrad")  # LeGrad needs no rule for the MLP
+    assert not views.method_unavailable(r, "legrad")  # LeGrad reads the score through the pooling
+    # transformers' SwiGLU MLP calls SiLU as a function: no module for the identity rule
+    transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8, use_swiglu_ffn=True
+    )
+    assert "gated" in unsupported(transformers.Dinov2Model(config))
 
 
 @pytest.mark.skipif(

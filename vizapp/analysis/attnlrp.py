@@ -12,7 +12,10 @@ input × gradient with modified backward passes, the forward values unchanged:
   detached, so no relevance flows through the softmax; the attention A is a constant and A·v passes the whole
   gradient to v (lxt applies no uniform rule, no halving, on the ViT's value path);
 - linear layers, the patch embedding's convolution, residual adds, pooling and the head: the plain gradient (lxt's ViT
-  map patches none of them).
+  map patches none of them);
+- a gated MLP (timm's SwiGLU / GluMlp, as in EVA-02), which torchvision's ViT has not: lxt's rule for gated MLPs
+  (``gated_mlp_forward``, written for its LLMs): the identity rule on the activation and the uniform rule on the
+  product act(x_g) · x_v, its gradient halved between the two factors.
 
 The relevance of each input pixel is x · ∂̃y_c/∂x at the normalised input, ∂̃ being that modified gradient: one
 forward and one backward. The map sums it over the channels and over each patch's pixels (so the patch embedding's
@@ -37,7 +40,7 @@ EPS = 1e-10
 
 SUPPORTED = (
     "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
-    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA with a plain MLP, transformers ViT/DeiT/DINOv2/"
+    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA/EVA-02, transformers ViT/DeiT/DINOv2/"
     "BEiT/CLIP, torchvision vit_*)"
 )
 """The models the rules cover, as the refusals say it."""
@@ -70,7 +73,7 @@ _ALLOWED = {
     "timm.layers.norm": ("LayerNorm",),
     "timm.layers.patch_embed": ("PatchEmbed",),
     "timm.layers.layer_scale": ("LayerScale",),
-    "timm.layers.mlp": ("Mlp",),
+    "timm.layers.mlp": ("Mlp", "GluMlp", "SwiGLU"),  # the gated two: their product gets lxt's uniform rule
     "timm.layers.drop": ("DropPath",),
     "timm.layers.attention": ("Attention", "AttentionRope"),
     "timm.layers.pos_embed_sincos": (
@@ -114,8 +117,8 @@ def unsupported(model: torch.nn.Module) -> str:
                 continue
         if "SwiGLU" in cls or "Glu" in cls:
             return (
-                f"its MLP is gated ({name or 'model'} is {cls}): lxt's ViT rules have no gate, and vizapp does not "
-                "carry over lxt's LLM rule for one (a uniform split of the gate's product)"
+                f"its MLP is gated ({name or 'model'} is {cls}) with an activation that is not a module, so the "
+                "identity rule cannot reach it"
             )
         if "AttentionPool" in cls:
             return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
@@ -127,7 +130,22 @@ def unsupported(model: torch.nn.Module) -> str:
             return f"{name} normalises over {len(m.normalized_shape)} dimensions"
         if _kind(m)[1] == "Attention" and getattr(m, "gate", None) is not None:
             return f"{name} gates its attention output"
+        if _is_gated_mlp(m) and not isinstance(getattr(m, "drop1", None), torch.nn.Dropout):
+            return f"{name} ({_kind(m)[1]}) has no dropout module after its gate's product to carry the uniform rule"
     return ""
+
+
+def _is_gated_mlp(m: torch.nn.Module) -> bool:
+    """timm's gated MLPs: act(x_g) · x_v (SwiGLU) or one half of fc1 gating the other (GluMlp)."""
+    return _kind(m) in (("timm.layers.mlp", "GluMlp"), ("timm.layers.mlp", "SwiGLU"))
+
+
+def _uniform_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """lxt's uniform rule on an element-wise product (``divide_gradient(product, 2)`` of its ``gated_mlp_forward``):
+    the gradient reaching the product is halved, so each factor gets half its relevance. Hooked on the module that
+    takes the product (timm's ``drop1``, an identity in eval); the same value as its output."""
+    x = args[0]
+    return out.detach() + 0.5 * (x - x.detach())
 
 
 def _layer_norm_rule(m: torch.nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -162,6 +180,8 @@ def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
                 handles.append(m.register_forward_hook(_layer_norm_rule))
             elif is_activation(m):
                 handles.append(m.register_forward_hook(_activation_rule))
+            if _is_gated_mlp(m):
+                handles.append(m.drop1.register_forward_hook(_uniform_rule))
         yield
     finally:
         for h in handles:
