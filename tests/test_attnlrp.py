@@ -345,3 +345,34 @@ def test_the_evaluation_runs_both_on_the_bundled_model(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| AttnLRP (input × LRP-modified gradient, signed); Achtibat et al., ICML 2024" in md
     assert "| LeGrad (each layer's score gradient on its attention, all layers); Bousselham et al., 2024" in md
+
+
+def test_the_rules_touch_only_the_thread_that_runs_them():
+    """A cached model serves several visitors: another thread's forward inside the rules' block keeps the model's true
+    gradient (and LeGrad's isolation does not cut its graph)."""
+    import threading
+
+    from vizapp.analysis.legrad import isolated_blocks
+
+    vm = small_model("vit_tiny_patch16_224", img_size=48, depth=2)
+    x = vm.transform(random_image(3))[None]
+
+    def input_gradient() -> torch.Tensor:
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(vm.logits(xg)[0, 1], xg)[0]
+
+    plain = input_gradient()
+    with relevance_rules(vm.model):
+        assert not torch.allclose(input_gradient(), plain)  # this thread: the rules apply
+        seen: list[torch.Tensor] = []
+        worker = threading.Thread(target=lambda: seen.append(input_gradient()))
+        worker.start()
+        worker.join()
+    assert torch.equal(seen[0], plain)
+    outputs: list = [None, None]
+    with isolated_blocks(list(vm.model.blocks), outputs):
+        worker = threading.Thread(target=lambda: seen.append(input_gradient()))
+        worker.start()
+        worker.join()
+    assert torch.equal(seen[1], plain) and outputs == [None, None]
+    assert all_hooks(vm.model) == 0

@@ -30,6 +30,7 @@ forward is the model's own, bit for bit, for any family whose every non-linearit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -171,17 +172,27 @@ def _activation_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> tor
 
 @contextmanager
 def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
-    """AttnLRP's LayerNorm and activation rules on ``model`` for one ``with`` block (hooks removed on exit, also when
-    it raises; the forward's values are unchanged). The attention rule is the caller's (see :func:`attnlrp`)."""
+    """AttnLRP's LayerNorm, activation and gate rules on ``model`` for one ``with`` block, for forwards run by the
+    thread that opened it only (another thread's forward of the same cached model keeps its true gradients); hooks
+    removed on exit, also when it raises; the forward's values are unchanged. The attention rule is the caller's (see
+    :func:`attnlrp`)."""
+    owner = threading.get_ident()
+
+    def mine(rule: Callable) -> Callable:
+        def hook(m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            return rule(m, args, out) if threading.get_ident() == owner else None
+
+        return hook
+
     handles = []
     try:
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
-                handles.append(m.register_forward_hook(_layer_norm_rule))
+                handles.append(m.register_forward_hook(mine(_layer_norm_rule)))
             elif is_activation(m):
-                handles.append(m.register_forward_hook(_activation_rule))
+                handles.append(m.register_forward_hook(mine(_activation_rule)))
             if _is_gated_mlp(m):
-                handles.append(m.drop1.register_forward_hook(_uniform_rule))
+                handles.append(m.drop1.register_forward_hook(mine(_uniform_rule)))
         yield
     finally:
         for h in handles:
