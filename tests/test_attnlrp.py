@@ -228,11 +228,27 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
     for a in cap.maps:
         a.register_hook(torch.zeros_like)
     grads = torch.autograd.grad(y, [x, *sources], allow_unused=True)
-    total = sum(float((s * g).sum()) for s, g in zip([x, *sources], grads, strict=True) if g is not None)
-    return abs(total - float(y)), abs(float(y))
+    total = sum(float((s * g).sum().detach()) for s, g in zip([x, *sources], grads, strict=True) if g is not None)
+    return abs(total - float(y.detach())), abs(float(y.detach()))
 
 
-@pytest.mark.parametrize("fid", ["vit", "beit", "relpos", "rope_mixed", "hf_vit", "hf_dinov2_reg_cls", "hf_beit", "tv"])
+@pytest.mark.parametrize(
+    "fid",
+    [
+        "vit",
+        "eva02",
+        "beit",
+        "relpos",
+        "rope_mixed",
+        "hf_vit",
+        "hf_vit_msn",
+        "hf_ijepa",
+        "hf_deit_teacher",
+        "hf_dinov2_reg_cls",
+        "hf_beit",
+        "tv",
+    ],
+)
 def test_relevance_is_conserved_on_every_family(fid, tmp_path):
     import test_families as fam
 
@@ -244,7 +260,11 @@ def test_relevance_is_conserved_on_every_family(fid, tmp_path):
         model = _tv_model(torch.float64)
         logits_fn, x = model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)).double()
     else:
-        vm = small_model("vit_tiny_patch16_224", img_size=48, depth=2) if fid == "vit" else fam.load(fid, folders)
+        timm = {
+            "vit": ("vit_tiny_patch16_224", dict(img_size=48, depth=2)),
+            "eva02": ("eva02_tiny_patch14_224", dict(img_size=56, depth=2, num_classes=5)),  # RoPE, SwiGLU MLP
+        }
+        vm = small_model(timm[fid][0], **timm[fid][1]) if fid in timm else fam.load(fid, folders)
         model, logits_fn = vm.model.double(), vm.logits
         x = vm.transform(random_image(2))[None].double()
     try:
@@ -257,8 +277,8 @@ def test_relevance_is_conserved_on_every_family(fid, tmp_path):
         srcs = [p for n, p in model.named_parameters() if n.endswith(_SOURCES)]
         y = logits_fn(xg)[0, 1]
         grads = torch.autograd.grad(y, [xg, *srcs], allow_unused=True)
-        plain = sum(float((s * g).sum()) for s, g in zip([xg, *srcs], grads, strict=True) if g is not None)
-        assert abs(plain - float(y)) > 1e3 * gap
+        plain = sum(float((s * g).sum().detach()) for s, g in zip([xg, *srcs], grads, strict=True) if g is not None)
+        assert abs(plain - float(y.detach())) > 1e3 * gap
     finally:
         model.float()
 
@@ -291,15 +311,22 @@ def test_registry_batch_and_cleanliness(card_model):
 
 
 def test_models_without_rules_are_refused_in_one_sentence():
-    vm = small_model("eva02_tiny_patch14_224", img_size=56, depth=2, num_classes=5)  # SwiGLU-style gated MLP
+    # an attention-pooling head (MAP, as SigLIP's): a softmax outside the encoder
+    vm = small_model("vit_base_patch16_siglip_224", img_size=32, depth=2, embed_dim=64, num_heads=4, num_classes=5)
     r = vizapp.analyze(vm, random_image(1))
     why = views.method_unavailable(r, "attnlrp")
-    assert "gated" in why and "attnlrp" not in views.available_methods(r)
-    with pytest.raises(BadParameterError, match="AttnLRP is not defined for .*gated"):
+    assert "pools by attention" in why and "attnlrp" not in views.available_methods(r)
+    with pytest.raises(BadParameterError, match="AttnLRP is not defined for .*pools by attention"):
         r.explain("attnlrp", 0)
-    with pytest.raises(BadParameterError, match="gated"):
+    with pytest.raises(BadParameterError, match="pools by attention"):
         vizapp.explain(vm, [random_image(1)], "attnlrp", classes=0)
-    assert not views.method_unavailable(r, "legrad")  # LeGrad needs no rule for the MLP
+    assert not views.method_unavailable(r, "legrad")  # LeGrad reads the score through the pooling
+    # transformers' SwiGLU MLP calls SiLU as a function: no module for the identity rule
+    transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8, use_swiglu_ffn=True
+    )
+    assert "gated" in unsupported(transformers.Dinov2Model(config))
 
 
 @pytest.mark.skipif(
@@ -318,3 +345,34 @@ def test_the_evaluation_runs_both_on_the_bundled_model(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| AttnLRP (input × LRP-modified gradient, signed); Achtibat et al., ICML 2024" in md
     assert "| LeGrad (each layer's score gradient on its attention, all layers); Bousselham et al., 2024" in md
+
+
+def test_the_rules_touch_only_the_thread_that_runs_them():
+    """A cached model serves several visitors: another thread's forward inside the rules' block keeps the model's true
+    gradient (and LeGrad's isolation does not cut its graph)."""
+    import threading
+
+    from vizapp.analysis.legrad import isolated_blocks
+
+    vm = small_model("vit_tiny_patch16_224", img_size=48, depth=2)
+    x = vm.transform(random_image(3))[None]
+
+    def input_gradient() -> torch.Tensor:
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(vm.logits(xg)[0, 1], xg)[0]
+
+    plain = input_gradient()
+    with relevance_rules(vm.model):
+        assert not torch.allclose(input_gradient(), plain)  # this thread: the rules apply
+        seen: list[torch.Tensor] = []
+        worker = threading.Thread(target=lambda: seen.append(input_gradient()))
+        worker.start()
+        worker.join()
+    assert torch.equal(seen[0], plain)
+    outputs: list = [None, None]
+    with isolated_blocks(list(vm.model.blocks), outputs):
+        worker = threading.Thread(target=lambda: seen.append(input_gradient()))
+        worker.start()
+        worker.join()
+    assert torch.equal(seen[1], plain) and outputs == [None, None]
+    assert all_hooks(vm.model) == 0

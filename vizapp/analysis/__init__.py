@@ -1,5 +1,6 @@
 """Pure tensor analyses: no hooks, no models, only attention tensors and token metadata."""
 
+from vizapp.analysis.attnlrp import attnlrp
 from vizapp.analysis.distance import mean_attention_distance, patch_distance_matrix, uniform_reference_distance
 from vizapp.analysis.faithfulness import Curve, perturbation_curve, random_order_saliency
 from vizapp.analysis.features import (
@@ -15,6 +16,7 @@ from vizapp.analysis.features import (
 )
 from vizapp.analysis.flow import attention_flow
 from vizapp.analysis.headstats import attention_entropy, row_entropy, token_norm_stats
+from vizapp.analysis.legrad import legrad
 from vizapp.analysis.lrp import transformer_attribution
 from vizapp.analysis.perturbation import (
     CHEFER_FRACTIONS,
@@ -58,6 +60,8 @@ __all__ = [
     "token_norms",
     "transformer_attribution",
     "accuracy_auc",
+    "attnlrp",
+    "legrad",
     "attention_entropy",
     "attention_flow",
     "axial_rope_freqs",

@@ -12,7 +12,10 @@ input × gradient with modified backward passes, the forward values unchanged:
   detached, so no relevance flows through the softmax; the attention A is a constant and A·v passes the whole
   gradient to v (lxt applies no uniform rule, no halving, on the ViT's value path);
 - linear layers, the patch embedding's convolution, residual adds, pooling and the head: the plain gradient (lxt's ViT
-  map patches none of them).
+  map patches none of them);
+- a gated MLP (timm's SwiGLU / GluMlp, as in EVA-02), which torchvision's ViT has not: lxt's rule for gated MLPs
+  (``gated_mlp_forward``, written for its LLMs): the identity rule on the activation and the uniform rule on the
+  product act(x_g) · x_v, its gradient halved between the two factors.
 
 The relevance of each input pixel is x · ∂̃y_c/∂x at the normalised input, ∂̃ being that modified gradient: one
 forward and one backward. The map sums it over the channels and over each patch's pixels (so the patch embedding's
@@ -27,6 +30,7 @@ forward is the model's own, bit for bit, for any family whose every non-linearit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -37,7 +41,7 @@ EPS = 1e-10
 
 SUPPORTED = (
     "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
-    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA with a plain MLP, transformers ViT/DeiT/DINOv2/"
+    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA/EVA-02, transformers ViT/DeiT/DINOv2/"
     "BEiT/CLIP, torchvision vit_*)"
 )
 """The models the rules cover, as the refusals say it."""
@@ -70,7 +74,7 @@ _ALLOWED = {
     "timm.layers.norm": ("LayerNorm",),
     "timm.layers.patch_embed": ("PatchEmbed",),
     "timm.layers.layer_scale": ("LayerScale",),
-    "timm.layers.mlp": ("Mlp",),
+    "timm.layers.mlp": ("Mlp", "GluMlp", "SwiGLU"),  # the gated two: their product gets lxt's uniform rule
     "timm.layers.drop": ("DropPath",),
     "timm.layers.attention": ("Attention", "AttentionRope"),
     "timm.layers.pos_embed_sincos": (
@@ -88,7 +92,7 @@ _ALLOWED = {
     "torchvision.models.vision_transformer": ("VisionTransformer", "Encoder", "EncoderBlock", "MLPBlock"),
 }
 # transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2); a SwiGLU MLP is not.
-_HF_MODELS = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
+_HF_MODELS = ("vit", "vit_msn", "ijepa", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
 
 
 def _kind(m: torch.nn.Module) -> tuple[str, str]:
@@ -113,18 +117,36 @@ def unsupported(model: torch.nn.Module) -> str:
             if family in _HF_MODELS and "SwiGLU" not in cls:
                 continue
         if "SwiGLU" in cls or "Glu" in cls:
-            return f"its MLP is gated ({name or 'model'} is {cls}), and lxt's ViT rules define no rule for the gate"
+            return (
+                f"its MLP is gated ({name or 'model'} is {cls}) with an activation that is not a module, so the "
+                "identity rule cannot reach it"
+            )
         if "AttentionPool" in cls:
             return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
         if isinstance(m, torch.nn.LayerNorm) or "RmsNorm" in cls or "RMSNorm" in cls:
             return f"{name} is a {cls}, not the LayerNorm the rules are written for"
-        return f"{name or 'the model'} is a {cls}, for which vizapp's AttnLRP has no rule"
+        return f"{name or 'the model'} is {cls}, for which vizapp's AttnLRP has no rule"
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) != 1:
             return f"{name} normalises over {len(m.normalized_shape)} dimensions"
         if _kind(m)[1] == "Attention" and getattr(m, "gate", None) is not None:
             return f"{name} gates its attention output"
+        if _is_gated_mlp(m) and not isinstance(getattr(m, "drop1", None), torch.nn.Dropout):
+            return f"{name} ({_kind(m)[1]}) has no dropout module after its gate's product to carry the uniform rule"
     return ""
+
+
+def _is_gated_mlp(m: torch.nn.Module) -> bool:
+    """timm's gated MLPs: act(x_g) · x_v (SwiGLU) or one half of fc1 gating the other (GluMlp)."""
+    return _kind(m) in (("timm.layers.mlp", "GluMlp"), ("timm.layers.mlp", "SwiGLU"))
+
+
+def _uniform_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """lxt's uniform rule on an element-wise product (``divide_gradient(product, 2)`` of its ``gated_mlp_forward``):
+    the gradient reaching the product is halved, so each factor gets half its relevance. Hooked on the module that
+    takes the product (timm's ``drop1``, an identity in eval); the same value as its output."""
+    x = args[0]
+    return out.detach() + 0.5 * (x - x.detach())
 
 
 def _layer_norm_rule(m: torch.nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -150,15 +172,27 @@ def _activation_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> tor
 
 @contextmanager
 def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
-    """AttnLRP's LayerNorm and activation rules on ``model`` for one ``with`` block (hooks removed on exit, also when
-    it raises; the forward's values are unchanged). The attention rule is the caller's (see :func:`attnlrp`)."""
+    """AttnLRP's LayerNorm, activation and gate rules on ``model`` for one ``with`` block, for forwards run by the
+    thread that opened it only (another thread's forward of the same cached model keeps its true gradients); hooks
+    removed on exit, also when it raises; the forward's values are unchanged. The attention rule is the caller's (see
+    :func:`attnlrp`)."""
+    owner = threading.get_ident()
+
+    def mine(rule: Callable) -> Callable:
+        def hook(m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            return rule(m, args, out) if threading.get_ident() == owner else None
+
+        return hook
+
     handles = []
     try:
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
-                handles.append(m.register_forward_hook(_layer_norm_rule))
+                handles.append(m.register_forward_hook(mine(_layer_norm_rule)))
             elif is_activation(m):
-                handles.append(m.register_forward_hook(_activation_rule))
+                handles.append(m.register_forward_hook(mine(_activation_rule)))
+            if _is_gated_mlp(m):
+                handles.append(m.drop1.register_forward_hook(mine(_uniform_rule)))
         yield
     finally:
         for h in handles:

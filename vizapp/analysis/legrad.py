@@ -15,6 +15,7 @@ the model's own), so s_l reaches only block l's attention, and the gradient of Î
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -39,10 +40,14 @@ def layer_relevance(grads: Sequence[torch.Tensor], num_prefix_tokens: int) -> to
 
 @contextmanager
 def isolated_blocks(blocks: Sequence[torch.nn.Module], outputs: list[Any]) -> Iterator[None]:
-    """For one ``with`` block: every block's input is detached (a fresh leaf, values unchanged), and its output, in
+    """For one ``with`` block and the forwards of the thread that opened it (another thread's forward of the same
+    cached model is left alone): every block's input is detached (a fresh leaf, values unchanged), and its output, in
     the graph, is put in ``outputs[l]``; hooks removed on exit, also when it raises."""
+    owner = threading.get_ident()
 
-    def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if threading.get_ident() != owner:
+            return None
         if args:
             return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
         key = next(iter(kwargs))  # transformers layers may be called with hidden_states=...
@@ -50,7 +55,8 @@ def isolated_blocks(blocks: Sequence[torch.nn.Module], outputs: list[Any]) -> It
 
     def post(layer: int) -> Callable:
         def hook(_m: torch.nn.Module, _args: tuple, out: Any) -> None:
-            outputs[layer] = out[0] if isinstance(out, (tuple, list)) else out
+            if threading.get_ident() == owner:
+                outputs[layer] = out[0] if isinstance(out, (tuple, list)) else out
 
         return hook
 
