@@ -83,10 +83,12 @@ def test_class_specific_methods_and_compare(analysed):
         "Gradient rollout",
         "GAE relevance (Chefer et al., ICCV 2021)",
         "Transformer Attribution (Chefer et al., CVPR 2021)",
+        "AttnLRP (Achtibat et al., ICML 2024)",
+        "LeGrad (Bousselham et al., 2024)",
         "random",
     ]
     assert all(0.0 <= row[1] <= 1.0 and 0.0 <= row[2] <= 1.0 for row in table)
-    assert len(deletion.data) == len(insertion.data) == 7
+    assert len(deletion.data) == len(insertion.data) == 9
 
 
 def test_select_patch_and_click_bridges(analysed):
