@@ -96,7 +96,8 @@ def test_toy_statistic_reaches_analyze_dataset_mode_and_the_evaluation(toy, tmp_
 
     # 2. dataset mode: one CSV column, the mean over the images
     out_csv = tmp_path / "stats.csv"
-    assert stats.main([str(folder), "--model", "bundled", "--out-csv", str(out_csv), "--no-progress"]) == 0
+    args = [str(folder), "--model", "bundled", "--out-csv", str(out_csv), "--out-html", str(tmp_path / "d.html")]
+    assert stats.main([*args, "--no-progress"]) == 0
     with open(out_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     assert "largest_weight" in rows[0] and "patch_share" in rows[0]
