@@ -6,7 +6,8 @@ Two parts, so that a refusal can say which changed:
 - ``layout``: every parameter's and buffer's name (tied ones under each name), dtype, device and shape, in the
   module tree's order. A ``.double()``, a move to another device (``meta`` included) or a rename changes it.
 - ``values``: the contents, position by position. On the CPU the raw bytes of each tensor go through SHA-256
-  (exact: any change of any bit, any swap of two elements, two tensors or two blocks). On another device (a GPU)
+  (exact: any change of any bit, any swap of two elements, two tensors or two blocks), the tensors hashed in parallel
+  and their digests, in order, hashed again. On another device (a GPU)
   copying every weight to the host would cost more than the analysis, so each chunk of
   :data:`CHUNK` elements is summed on the device in float64 against a fixed pseudo-random weight vector (a different
   weight per position, so a permutation changes the sum), and only those sums are hashed; a change of one element
@@ -21,7 +22,9 @@ replaces took 4-11 s there.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -70,10 +73,29 @@ def device_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=flat.device)
 
 
+def _sha256(t: torch.Tensor) -> bytes:
+    return hashlib.sha256(memoryview(_flat_bytes(t).numpy())).digest()
+
+
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for hashing, as many as torch's intra-op threads (made once per process: a forked child gets its own,
+    its parent's threads do not exist there)."""
+    global _executor
+    with _lock:
+        if _executor is None or _executor[0] != os.getpid():
+            workers = max(1, torch.get_num_threads())
+            _executor = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="digest"))
+    return _executor[1]
+
+
 def weights_digest(model: torch.nn.Module) -> WeightsDigest:
     """The digest of every parameter and buffer of ``model`` (see the module's docstring)."""
     layout, values = hashlib.sha256(), hashlib.sha256()
     device_parts: list[torch.Tensor] = []
+    cpu_parts: list[torch.Tensor] = []
     with torch.no_grad():
         for kind, named in (
             ("parameter", model.named_parameters(remove_duplicate=False)),
@@ -84,9 +106,13 @@ def weights_digest(model: torch.nn.Module) -> WeightsDigest:
                 if t.device.type == "meta":
                     continue  # no contents; the layout says where it went
                 if t.device.type == "cpu":
-                    values.update(memoryview(_flat_bytes(t).numpy()))
+                    cpu_parts.append(t)
                 else:
                     device_parts.append(device_sums(t))
+    # each CPU tensor's SHA-256 on its own (hashlib releases the GIL: the tensors are hashed on every core), then
+    # those digests, in order, into the values digest
+    for found in _pool().map(_sha256, cpu_parts):
+        values.update(found)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for part in device_parts:
         by_device.setdefault(part.device, []).append(part)
