@@ -11,6 +11,7 @@ import torch
 import vizapp
 from tests.conftest import all_hooks, graph_reference, random_image, reference_attention, small_model
 from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.resultcache import Key
 
 
 def test_fused_attention_is_on_by_default(family):
@@ -192,9 +193,9 @@ def test_analyze_equals_analyses_of_timm_non_fused_attention(family, monkeypatch
     np.testing.assert_allclose(r.mean_distance, expected_dist.numpy(), rtol=1e-4, atol=1e-3)
     joint = rollout(attn, p)
     expected = (r.output_weights().to(joint.dtype) @ joint)[p:]
-    cached = r._cache[("rollout", "mean", 0.0, 0)]
+    cached = r._cache.peek(Key("rollout", ("mean", 0.0, 0)))
     np.testing.assert_allclose(cached, expected.reshape(r.grid_size).numpy(), atol=1e-5)
-    assert (("fused", "mean") in r._cache) == (path in ("inline", "recompute"))  # reduced during the forward
+    assert (Key("fused", ("mean",)) in r._cache) == (path in ("inline", "recompute"))  # reduced during the forward
     for fusion in ("mean", "max", "min"):
         torch.testing.assert_close(r.fused(fusion), fuse_heads(attn, fusion).float(), atol=1e-5, rtol=0)
     # a view's rollout with another fusion and discard ratio (from the cache, or layer by layer from q and k)

@@ -84,6 +84,10 @@ class ResultCache:
         found = self._items.get(self._checked(key))
         return found if found is not None else self.put(key, make())
 
+    def clear(self) -> None:
+        """Forget every entry (each is made again when next asked)."""
+        self._items.clear()
+
     def nbytes(self) -> int:
         """Bytes of every entry (an entry sharing storage with the record is counted in full)."""
         return sum(nbytes(v) for v in self._items.values())
