@@ -363,11 +363,12 @@ def test_cost_of_slow_operations_is_shown_before_they_run(analysed):
     flow = ui.render_map(analysed.state, "flow", None, "mean", 0.0, 0, 0.6, progress=_noprogress).map_cost
     assert "49 max-flow problems on a graph of 3 x 50 nodes (5,000 edges)" in flow
     assert "estimate" in flow and "VIZAPP_REQUEST_SECONDS" in flow
-    # 5 maps (rollout, CLS attention, gradient rollout, GAE, Transformer Attribution) and random: 2 x 6 x 17
-    assert "**Compare** runs 204 images through the model at 16 curve steps" in analysed.compare_cost
+    # 7 maps (rollout, CLS attention, gradient rollout, GAE, Transformer Attribution, AttnLRP, LeGrad) and random:
+    # 2 x 8 x 17
+    assert "**Compare** runs 272 images through the model at 16 curve steps" in analysed.compare_cost
     # The Compare note follows its controls: 8 steps, slow methods included (flow: one map more).
     note = ui.handlers.compare_cost(analysed.state, 8, True).compare_cost
-    assert "runs 126 images through the model at 8 curve steps" in note and "max-flow" in note  # 2 x 7 maps x 9
+    assert "runs 162 images through the model at 8 curve steps" in note and "max-flow" in note  # 2 x 9 maps x 9
 
 
 # -- other model families in the app, the Features tab, position views per scheme -----------------------------------
