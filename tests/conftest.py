@@ -94,9 +94,16 @@ def start_app(model: str):
     from vizapp import ui
 
     demo = ui.queue(ui.build_demo(model))
-    kwargs = ui.launch_kwargs()
-    kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
+    for attempt in range(3):
+        kwargs = ui.launch_kwargs()
+        kwargs.update(server_port=ui.free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            demo.launch(**kwargs)
+            return demo
+        except ValueError as exc:  # gradio's own check of its URL timed out (seen at load average 10 on 2 cores)
+            if "localhost is not accessible" not in str(exc) or attempt == 2:
+                raise
+            demo.close()
     return demo
 
 
