@@ -50,10 +50,12 @@ report: $(STAMP) debs
 	$(PY) -m vizapp.bundled.report $(ARGS)
 
 # Every method on the Fashion-MNIST test set, resumable: the authors' perturbation protocol (chefer2021) with
-# vizapp's deletion/insertion curves -> docs/faithfulness.md; the whole-patch variant -> docs/faithfulness-patches.md.
+# vizapp's deletion/insertion curves -> docs/faithfulness.md; the whole-patch variant -> docs/faithfulness-patches.md;
+# the LRP-family and gradient methods (Transformer Attribution, AttnLRP, LeGrad) -> docs/faithfulness-lrp.md.
 evaluate: $(STAMP) debs
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --out eval-out/fmnist-test-bundled --markdown docs/faithfulness.md $(ARGS)
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --protocol patches --steps 0 --out eval-out/fmnist-test-bundled-patches --markdown docs/faithfulness-patches.md $(ARGS)
+	$(PY) -m vizapp.evaluate fmnist-test --model bundled --methods transformer_attribution,attnlrp,legrad,random --steps 0 --out eval-out/fmnist-test-bundled-lrp --markdown docs/faithfulness-lrp.md $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests benchmarks scripts app.py
