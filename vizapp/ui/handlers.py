@@ -315,11 +315,9 @@ def render_map(
     """
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
-    if window_handlers.is_windowed(r):
-        start = start_layer
-        return window_handlers.render_map(
-            r, method, class_label, head_fusion, start, opacity, colormap_choice(colormap)
-        )
+    if window_handlers.is_windowed(r):  # its own maps; the discard ratio and the CLS row do not apply
+        cs = colormap_choice(colormap)
+        return window_handlers.render_map(r, method, class_label, head_fusion, start_layer, opacity, cs)
     m = methods.get(method)
     why = views.method_unavailable(r, m.name)
     if why:
