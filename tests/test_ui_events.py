@@ -482,6 +482,7 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["Clicked patch"]
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]
     assert features_note, "the Features tab says why it draws nothing"
+    assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is False  # its views and buttons are hidden
     _every_event(d, photo, other)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
@@ -536,3 +537,22 @@ def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, 
     assert (min(xs), max(xs)) == (cc.min() * 8, (cc.max() + 1) * 8)  # the window's cells, 8 px each
     assert (min(ys), max(ys)) == (rr.min() * 8, (rr.max() + 1) * 8)
     assert "its window outlined" in focus["layout"]["title"]["text"].replace("<br>", " ")
+
+
+def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
+    """Analyse the Swin folder, then the bundled ViT in the same page: the Features tab, the CLS query and the CLS
+    map come back; and the Swin again hides them."""
+    d = AppDriver(swin_app[0])
+    photo, _ = _photos(tmp_path)
+    body, method = d.by_elem_id("vizapp-features-body"), d.by_label("Method", "dropdown")
+    _assert_clean(_analyze(d, photo), "analyze the Swin")
+    assert d.props[body]["visible"] is False
+    model = d.by_label("Model", "dropdown")
+    _assert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
+    _assert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
+    assert d.props[body]["visible"] is True
+    assert "attention" in [c[1] for c in d.props[method]["choices"]]
+    assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["CLS token", "Clicked patch"]
+    _assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
+    _assert_clean(_analyze(d, photo), "analyze the Swin again")
+    assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]

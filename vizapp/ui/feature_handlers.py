@@ -68,6 +68,7 @@ def _windowed_features(st: dict[str, Any]) -> FeaturesOutputs:
         lens_plot=hidden,
         lens_note="",
         features_note=f"**Not drawn for this model**: {UNDEFINED['features']} Head importance: {UNDEFINED['ablation']}",
+        features_body=gr.update(visible=False),
     )
 
 
@@ -140,6 +141,7 @@ def render_features(
         lens_plot=lens_plot,
         lens_note=lens_note,
         features_note=layer_note,
+        features_body=gr.update(visible=True),
     )
 
 
