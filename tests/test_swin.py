@@ -307,6 +307,14 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
     else:  # the table itself: its (Δrow, Δcol) = (0, 0) entry is what every token adds for attending to itself
         table = vm.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
         torch.testing.assert_close(bias[:, 3, 3], table[3 * 7 + 3].detach())
+    # the app's Position tab for the folder: layer 2's bias, the same values; Swin V2 says its bias is computed
+    from vizapp import ui
+
+    pos = ui.render_pos(str(tmp_path), 0, 0, 0, 2, 0, trusted_model=str(tmp_path))
+    shown = np.asarray(pos.pos.data[0].customdata, dtype=float)[..., 3]
+    assert np.nanmax(shown) == pytest.approx(float(bias.max()), abs=1e-6)
+    assert np.nanmin(shown) == pytest.approx(float(bias.min()), abs=1e-6)
+    assert ("Swin V2 computes it" in pos.pos_note) == (kind == "swinv2")
 
 
 def test_analyze_a_batch_equals_each_image():

@@ -224,6 +224,9 @@ def model_bias_views(vm: Any, layer: int = 0) -> Any:
         "(Δrow, Δcol); centre = 0"
     )
     fig = figures.relative_bias_figure(bias.numpy(), lay, title=title)
+    attn = sites[lay].attn
+    if getattr(attn, "cpb_mlp", None) is not None or getattr(attn, "continuous_position_bias_mlp", None) is not None:
+        head += " Swin V2 computes it from the offset with a small learned MLP, 16·sigmoid(MLP(log-spaced offset))."
     note = head + (
         f" Layer {lay} of {len(sites)} (layer selector); each tile is one of its {bias.shape[0]} heads, the centre "
         "being the same token. Read from the weights as they are now."
