@@ -307,6 +307,14 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
     else:  # the table itself: its (Δrow, Δcol) = (0, 0) entry is what every token adds for attending to itself
         table = vm.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
         torch.testing.assert_close(bias[:, 3, 3], table[3 * 7 + 3].detach())
+    # the app's Position tab for the folder: layer 2's bias, the same values; Swin V2 says its bias is computed
+    from vizapp import ui
+
+    pos = ui.render_pos(str(tmp_path), 0, 0, 0, 2, 0, trusted_model=str(tmp_path))
+    shown = np.asarray(pos.pos.data[0].customdata, dtype=float)[..., 3]
+    assert np.nanmax(shown) == pytest.approx(float(bias.max()), abs=1e-6)
+    assert np.nanmin(shown) == pytest.approx(float(bias.min()), abs=1e-6)
+    assert ("Swin V2 computes it" in pos.pos_note) == (kind == "swinv2")
 
 
 def test_analyze_a_batch_equals_each_image():
@@ -321,22 +329,64 @@ def test_analyze_a_batch_equals_each_image():
     np.testing.assert_allclose(both[1].mean_distance, one.mean_distance, atol=1e-5)
 
 
-def test_app_refuses_a_swin_model_clearly(vm, monkeypatch):
-    """The app's Analyze handler says in one sentence that its tabs do not draw Swin yet (not a crash)."""
-    import gradio as gr
+def write_swin_folder(folder, heads=(3, 6), seed=0) -> str:
+    """A tiny random-weight transformers Swin classifier saved as a user brings one (``save_pretrained``: config +
+    safetensors): 36 px, 4-px patches, a 9x9 first grid padded to windows of 4, then 5x5; ``heads`` per stage."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.SwinConfig(
+        image_size=36, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=list(heads), window_size=4, num_labels=5
+    )
+    tf.SwinForImageClassification(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_app_analyses_a_swin_model(vm, monkeypatch):
+    """The picker's Swin entry with random weights (the tiny Swin stands in for Swin-T): Analyze draws every tab
+    from the windowed record, the Heads tab at the chosen layer's grid with the query's window outlined, and the
+    Position tab reads each layer's bias from the weights."""
+    import plotly.graph_objects as go
 
     from vizapp import ui
-    from vizapp.ui import handlers
+    from vizapp.ui import handlers, startup
+    from vizapp.views_windows import layer_query
 
+    name = "swin_tiny_patch4_window7_224.ms_in1k"
+    assert name in dict(startup.CURATED)
     monkeypatch.setattr(handlers, "_load", lambda *a, **k: vm)  # the tiny Swin, not a 28M-parameter Swin-T
-    with pytest.raises(gr.Error, match="do not draw windowed-attention"):
-        ui.analyze_image(
-            random_image(0),
-            "swin_tiny_patch4_window7_224",
-            random_weights=True,
-            progress=lambda *a, **k: None,
-            trusted_model="swin_tiny_patch4_window7_224",
-        )
+    out = ui.analyze_image(random_image(0), name, random_weights=True, progress=lambda *a, **k: None)
+    assert "Windowed attention (Swin)" in out.status and "random weights" in out.status
+    assert [c[1] for c in out.method["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
+    assert "Attention flow" in out.methods_note and "no class token" in out.methods_note
+    assert out.query_mode["choices"] == ["Clicked patch"]
+    assert out.imp_exact_button["visible"] is False and out.imp_gradient_button["visible"] is False
+    r = vizapp.analyze(vm, random_image(0))
+    # the Heads tab: layer 3 (3x5 grid, 4 heads), first-grid token (5, 9) -> (2, 4) on layer 3
+    heads = ui.render_heads(out.state, 3, "Clicked patch", 5, 9, False, 1, 0.6)
+    assert heads.state["query"] == (5, 9)
+    z = np.asarray(heads.heads.data[0].z, dtype=float)
+    np.testing.assert_allclose(z[:3, :5], r.attention(3, 0, (2, 4)), atol=1e-6)  # head 0's tile, raw weights
+    focus = heads.focus
+    heat = next(t for t in focus.data if isinstance(t, go.Heatmap))
+    assert np.asarray(heat.z).shape == (3, 5) and heat.dx == 8
+    mask = r.window_mask(3, layer_query(r, 3, (5, 9)))
+    assert ((np.asarray(heat.z, dtype=float) > 0) <= mask).all()  # nothing outside the query's window
+    assert any(isinstance(t, go.Scatter) and t.name == "window" for t in focus.data)
+    # a head the layer does not have (layer 0 has 2): the mean of its heads, said in the title
+    low = ui.render_heads(out.state, 0, "Clicked patch", 1, 1, True, 3, 0.6).focus
+    assert "heads 0..1 only" in low.layout.title.text
+    # the Position tab: layer 2's table, read from the weights
+    pos = ui.render_pos(name, 0, 0, 0, 2, 0)
+    bias = next(t for t in pos.pos.data if isinstance(t, go.Heatmap))
+    assert "relative-position bias" in pos.pos.layout.title.text and pos.pos_layer["maximum"] == 3
+    table = vm.model.layers[1].blocks[0].attn.relative_position_bias_table.detach()  # [(2w-1)², H] for layer 2
+    custom = np.asarray(bias.customdata, dtype=float)
+    assert np.nanmax(custom[..., 3]) == pytest.approx(float(table.max()), abs=1e-6)
+    # the export holds each layer's window attention as the forward used it
+    npz = np.load(ui.export_files(out.state).npz_file)
+    for i, w in enumerate(r.windows):
+        np.testing.assert_allclose(npz[f"layer{i}_windows"], w.numpy(), atol=1e-6)
 
 
 def test_views_draw_each_layer_on_its_grid_with_the_window(vm):

@@ -441,3 +441,118 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     d2 = AppDriver(bundled_app)
     _assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_elem_id("vizapp-prompts")]["visible"] is False
+
+
+@pytest.fixture(scope="module")
+def swin_app(tmp_path_factory):
+    """A tiny random-weight transformers Swin folder written by save_pretrained (a windowed-attention model: a 9x9
+    first grid padded to windows of 4, then 5x5; 3 heads, then 6)."""
+    from test_swin import write_swin_folder
+
+    folder = write_swin_folder(tmp_path_factory.mktemp("swin"))
+    demo = start_app(folder)
+    yield demo.local_url, folder
+    demo.close()
+
+
+def _photos(tmp_path: Path) -> tuple[Path, Path]:
+    photo, other = tmp_path / "a.png", tmp_path / "b.png"
+    Image.open(EXAMPLES / "chelsea.png").save(photo)
+    Image.open(EXAMPLES / "coffee.png").save(other)
+    return photo, other
+
+
+@pytest.mark.timeout(900)
+def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, caplog, tmp_path):
+    """Every event on a windowed model runs clean; the Rollout tab offers only the maps Swin defines and says why
+    the others are not, the Heads tab offers the clicked token only, and the Features tab says why it draws nothing."""
+    from vizapp.swin_result import UNDEFINED
+
+    caplog.set_level(logging.WARNING)
+    d = AppDriver(swin_app[0])
+    _assert_clean(d.load(), "page load")
+    assert "relative-position bias" in _plot(d, "vizapp-pos-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    photo, other = _photos(tmp_path)
+    _assert_clean(_analyze(d, photo), "analyze")
+    assert "Windowed attention (Swin)" in d.values[d.by_elem_id("vizapp-status")]
+    method = d.by_label("Method", "dropdown")
+    assert [c[1] for c in d.props[method]["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
+    note = d.values[d.by_elem_id("vizapp-methods-note")]
+    assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
+    assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["Clicked patch"]
+    features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]
+    assert features_note, "the Features tab says why it draws nothing"
+    assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is False  # its views and buttons are hidden
+    _every_event(d, photo, other)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def _z(trace: dict) -> np.ndarray:
+    """A heatmap's values as plotly ships them (a binary array or nested lists)."""
+    z = trace["z"]
+    if isinstance(z, dict):
+        shape = tuple(int(v) for v in str(z["shape"]).split(","))
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    return np.asarray(z, dtype=float)
+
+
+def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, tmp_path):
+    """Through the server: layer 2 (the second stage, 5x5 tokens 8 px apart) for a clicked first-stage patch; the
+    heads mosaic has the layer's grid per head, the focus map is on that grid with the query's window outlined, and
+    both equal the Python API's maps for the same image and token."""
+    import vizapp
+    from vizapp.views_windows import layer_query
+
+    url, folder = swin_app
+    photo, _ = _photos(tmp_path)
+    d = AppDriver(url)
+    _assert_clean(_analyze(d, photo), "analyze")
+    rows = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch row"]
+    cols = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch column"]
+    heads_row, heads_col = rows[0], cols[0]  # the Heads tab's (built before the Features tab's)
+    _assert_clean(d.set(heads_row, 6), "query row")
+    _assert_clean(d.set(heads_col, 1), "query column")
+    _assert_clean(d.set(d.by_label("Layer (-1 = last)", "slider"), 2), "layer 2")
+    r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
+    q = layer_query(r, 2, (6, 1))
+    assert q == (3, 0)  # first-stage (6, 1): its centre at (26, 6) px lies in the 8-px token (3, 0)
+    heads = _plot(d, "vizapp-heads-plot")
+    z = _z(heads["data"][0])
+    assert z.shape == (2 * 5 + 1, 3 * 5 + 2)  # 6 heads of 5x5 tiles, 2 rows x 3 columns, 1-cell gaps
+    custom = heads["data"][0]["customdata"]
+    raw = _z({"z": custom}) if isinstance(custom, dict) else np.asarray(custom, dtype=float)
+    np.testing.assert_allclose(raw[:5, :5, 3], r.attention(2, 0, q), atol=1e-5)  # head 0's raw weights
+    focus = _plot(d, "vizapp-focus-plot")
+    heat = next(t for t in focus["data"] if t["type"] == "heatmap")
+    assert _z(heat).shape == (5, 5) and heat["dx"] == 8
+    m = r.attention(2, None, q).mean(0)  # the mean of the heads, shown scaled to [0, 1]
+    np.testing.assert_allclose(_z(heat), (m - m.min()) / (m.max() - m.min()), atol=1e-5)
+    outline = next(t for t in focus["data"] if t.get("name") == "window")
+    mask = r.window_mask(2, q)
+    rr, cc = np.nonzero(mask)
+    xs = [x for x in outline["x"] if x is not None]
+    ys = [y for y in outline["y"] if y is not None]
+    assert (min(xs), max(xs)) == (cc.min() * 8, (cc.max() + 1) * 8)  # the window's cells, 8 px each
+    assert (min(ys), max(ys)) == (rr.min() * 8, (rr.max() + 1) * 8)
+    assert "its window outlined" in focus["layout"]["title"]["text"].replace("<br>", " ")
+
+
+def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
+    """Analyse the Swin folder, then the bundled ViT in the same page: the Features tab, the CLS query and the CLS
+    map come back; and the Swin again hides them."""
+    d = AppDriver(swin_app[0])
+    photo, _ = _photos(tmp_path)
+    body, method = d.by_elem_id("vizapp-features-body"), d.by_label("Method", "dropdown")
+    _assert_clean(_analyze(d, photo), "analyze the Swin")
+    assert d.props[body]["visible"] is False
+    model = d.by_label("Model", "dropdown")
+    _assert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
+    _assert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
+    assert d.props[body]["visible"] is True
+    assert "attention" in [c[1] for c in d.props[method]["choices"]]
+    assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["CLS token", "Clicked patch"]
+    _assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
+    _assert_clean(_analyze(d, photo), "analyze the Swin again")
+    assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]

@@ -40,14 +40,12 @@ UNDEFINED = {
     "windowed attention and patch merging.",
     "ablation": "Head ablation is offered for plain ViTs only; Swin's heads differ per stage.",
     "features": "The feature views need one token stream of fixed length; Swin's changes at every patch merging.",
+    "attnlrp": "AttnLRP's rules are written for a plain ViT block, not for windowed attention and patch merging.",
+    "legrad": "LeGrad reads every block's class score from a token stream of fixed length, and Swin's changes at "
+    "every patch merging.",
+    "discard": "The discard ratio is not used for Swin: it drops the smallest entries of a dense N x N attention "
+    "matrix, which the windowed rollout never forms.",
 }
-
-
-#: what the app says for a windowed model until its tabs draw one
-APP_NOTE = (
-    "The app's tabs do not draw windowed-attention (Swin) models yet; analyse them with the Python API: "
-    "vizapp.analyze(model, image) gives per-layer maps on each stage's grid, mean distance, rollout and class maps."
-)
 
 
 def undefined(view: str) -> str:
@@ -368,6 +366,25 @@ class WindowAnalysis:
             }
         return out
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The record as named arrays (for an .npz export): each layer's window attention ``layer{i}_windows``
+        [nW, H_l, w², w²] and its slot-to-token index ``layer{i}_index`` [nW, w²] (-1 = padding), the grids,
+        windows, shifts and stages per layer, the mean distance [L, max H] (NaN: no such head), the rollout, and the
+        class probabilities when the model has a classifier."""
+        out: dict[str, np.ndarray] = {}
+        for i, w in enumerate(self.windows):
+            out[f"layer{i}_windows"] = w.numpy()
+            out[f"layer{i}_index"] = self.index(i).numpy()
+        out["layer_grids"] = np.array(self.layer_grids, dtype=np.int64)
+        out["layer_windows"] = np.array([g.window for g in self.geometry], dtype=np.int64)
+        out["layer_shifts"] = np.array([g.shift for g in self.geometry], dtype=np.int64)
+        out["layer_stages"] = np.array([g.stage for g in self.geometry], dtype=np.int64)
+        out["mean_distance_px"] = np.asarray(self.mean_distance, dtype=np.float64)
+        out["rollout"] = self.rollout()
+        if self.probs is not None:
+            out["probs"] = np.asarray(self.probs)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable summary of the analysis."""
         return {
@@ -389,7 +406,7 @@ class WindowAnalysis:
         }
 
 
-def _relative_bias(site: Any) -> torch.Tensor | None:
+def read_relative_bias(site: Any) -> torch.Tensor | None:
     """[H, 2wh − 1, 2ww − 1] a layer's learned bias over (Δrow, Δcol) = query − key, read from its weights now: Swin's
     table, or Swin V2's continuous bias 16·sigmoid(MLP(log-spaced offsets)) evaluated from its MLP."""
     attn = site.attn
@@ -430,7 +447,7 @@ def analyze_windowed(
     maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
     layer_strides = tuple(strides[g.stage] for g in geometry)
-    biases = tuple(_relative_bias(s) for s in cap.sites)
+    biases = tuple(read_relative_bias(s) for s in cap.sites)
     graph_maps = cap.graph_maps() if gradients else None
     fingerprint = vm.fingerprint()
     heads = max(m.shape[2] for m in maps)

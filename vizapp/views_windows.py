@@ -14,7 +14,7 @@ from typing import Any
 from vizapp import figures
 from vizapp.errors import BadParameterError
 from vizapp.figures.windows import add_cell_outline
-from vizapp.swin_result import APP_NOTE, METHODS, WindowAnalysis
+from vizapp.swin_result import METHODS, UNDEFINED, WindowAnalysis
 
 #: method -> title
 TITLES = {
@@ -24,6 +24,36 @@ TITLES = {
     "last_layer": "Attention each last-stage token receives (mean over queries and heads)",
 }
 MERGE_NOTE = "a merged token is carried to its 2x2 sources in equal shares"
+#: method -> the label the app's method choice shows
+LABELS = {
+    "rollout": "Attention rollout (through windows and merges)",
+    "grad_rollout": "Gradient rollout (through windows and merges)",
+    "relevance": "GAE relevance (Chefer et al., ICCV 2021; through windows and merges)",
+    "last_layer": "Attention each last-stage token receives",
+}
+#: the maps over the first stage's grid: the ones the deletion / insertion curves can follow
+COMPARE_METHODS = ("rollout", "grad_rollout", "relevance")
+#: the app's registry methods (vizapp.methods) that a windowed model does not offer -> the sentence saying why
+NOT_OFFERED = {
+    "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
+    "flow": ("Attention flow", UNDEFINED["flow"]),
+    "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
+    "attnlrp": ("AttnLRP", UNDEFINED["attnlrp"]),
+    "legrad": ("LeGrad", UNDEFINED["legrad"]),
+}
+
+
+def offered_methods(r: WindowAnalysis) -> list[str]:
+    """The maps this analysis draws (the class maps only with a classifier head), in :data:`METHODS` order."""
+    return [m for m in METHODS if r.probs is not None or m not in ("grad_rollout", "relevance")]
+
+
+def methods_note(r: WindowAnalysis) -> str:
+    """Markdown naming, once, the app's methods a windowed model does not offer and why, and the unused control."""
+    lines = [f"**{label}**: {why}" for label, why in NOT_OFFERED.values()]
+    if r.probs is None:
+        lines.append("**Gradient rollout, GAE relevance**: this model has no classifier head, so there is no class.")
+    return "Not offered for this windowed-attention (Swin) model: " + " ".join(lines) + " " + UNDEFINED["discard"]
 
 
 def default_query(r: WindowAnalysis, layer: int) -> tuple[int, int]:
@@ -58,7 +88,10 @@ def heads_view(
     layer = r._layer(layer)
     maps = r.attention(layer, None, query)
     g = r.geometry[layer]
-    label = f"token {tuple(int(v) for v in query)} (window {g.window[0]}x{g.window[1]}, shift {g.shift})"
+    label = (
+        f"token {tuple(int(v) for v in query)} of its {g.grid[0]}x{g.grid[1]} grid (window {g.window[0]}x"
+        f"{g.window[1]}, shift {g.shift})"
+    )
     fig = figures.heads_figure(
         maps, layer, label, per_head_scale, (int(query[0]), int(query[1])), colorscale=colorscale
     )
@@ -69,14 +102,20 @@ def heads_view(
 def focus_view(
     r: WindowAnalysis,
     layer: int,
-    head: int,
+    head: int | None,
     query: Any,
     opacity: float = 0.6,
     colorscale: str = figures.HEAT_SCALE,
 ) -> Any:
-    """One head's map over the image at ``layer``'s stage resolution, the query marked and its window outlined."""
+    """One head's map (``head`` None: the mean of the layer's heads) over the image at ``layer``'s stage resolution,
+    the query marked and its window outlined."""
     layer = r._layer(layer)
-    heat = r.attention(layer, head, query)
+    if head is None:
+        heat = r.attention(layer, None, query).mean(0)
+        head_text = f"mean of its {r.heads_per_layer[layer]} heads"
+    else:
+        heat = r.attention(layer, head, query)
+        head_text = f"head {head}"
     stride = r.strides[layer]
     fig = figures.overlay_figure(
         r.image,
@@ -85,7 +124,7 @@ def focus_view(
         opacity,
         marker=(int(query[0]), int(query[1])),
         value_name="weight",
-        title=f"Layer {layer} (stage {r.geometry[layer].stage}, tokens {stride[0]} px apart), head {head}: "
+        title=f"Layer {layer} (stage {r.geometry[layer].stage}, tokens {stride[0]} px apart), {head_text}: "
         f"token {tuple(int(v) for v in query)}, its window outlined" + _padding_note(r, layer),
         colorscale=colorscale,
     )
@@ -107,6 +146,9 @@ def map_view(
     heat = r.explain(method, class_idx, **kwargs)
     layer = 0 if method != "last_layer" else r.num_layers - 1
     title = TITLES[method]
+    said = [f"fusion {kwargs['head_fusion']}"] if "head_fusion" in kwargs else []
+    said += [f"from layer {kwargs['start_layer']}"] if kwargs.get("start_layer") else []
+    title += f" ({', '.join(said)})" if said else ""
     if method in ("grad_rollout", "relevance"):
         title += f" for '{r.labels[r._class(class_idx)]}'" if r.labels else ""
     if method != "last_layer":
@@ -159,6 +201,66 @@ def render_all(r: WindowAnalysis, layer: int = -1, query: Any = None, head: int 
     }
 
 
+def model_bias_views(vm: Any, layer: int = 0) -> Any:
+    """The Position tab for a windowed model, read from its weights (no image needed): ``layer``'s learned
+    relative-position bias per head over (Δrow, Δcol), one layer at a time (a layer selector over every attention
+    layer), as a :class:`vizapp.views.PosEmbedViews`."""
+    from vizapp.swin_result import read_relative_bias
+    from vizapp.views import PosEmbedViews
+    from vizapp.windows import window_sites
+
+    sites = window_sites(vm.model)
+    lay = min(max(int(layer), 0), len(sites) - 1)
+    bias = read_relative_bias(sites[lay])
+    head = (
+        f"**Position scheme of `{vm.name}`**: no learned absolute position embedding; each attention layer adds a "
+        "learned bias, per head, for the offset (Δrow, Δcol) between query and key inside a window."
+    )
+    if bias is None:
+        return PosEmbedViews(None, None, head + f" Layer {lay}'s bias could not be read from its weights.", len(sites))
+    wh, ww = (bias.shape[1] + 1) // 2, (bias.shape[2] + 1) // 2
+    title = (
+        f"Layer {lay} (stage {sites[lay].stage}, window {wh}x{ww}): learned relative-position bias per head over "
+        "(Δrow, Δcol); centre = 0"
+    )
+    fig = figures.relative_bias_figure(bias.numpy(), lay, title=title)
+    attn = sites[lay].attn
+    if getattr(attn, "cpb_mlp", None) is not None or getattr(attn, "continuous_position_bias_mlp", None) is not None:
+        head += " Swin V2 computes it from the offset with a small learned MLP, 16·sigmoid(MLP(log-spaced offset))."
+    note = head + (
+        f" Layer {lay} of {len(sites)} (layer selector); each tile is one of its {bias.shape[0]} heads, the centre "
+        "being the same token. Read from the weights as they are now."
+    )
+    return PosEmbedViews(fig, None, note, layers=len(sites), kind="relative", title="Relative-position bias per head")
+
+
+def tab_figures(
+    r: WindowAnalysis,
+    layer: int,
+    query: Any,
+    head: int | None = None,
+    opacity: float = 0.6,
+    colorscale: str = figures.HEAT_SCALE,
+    vm: Any = None,
+) -> dict[str, Any]:
+    """Every figure the app's tabs show for a windowed analysis, named "tab-what" (for one download): the maps that
+    need no class, the chosen layer's heads and its focus map for ``query`` (given on the first stage's grid), the
+    distances, and the chosen layer's relative bias."""
+    layer = r._layer(layer)
+    q = layer_query(r, layer, query)
+    out: dict[str, Any] = {
+        "rollout-rollout": map_view(r, "rollout", opacity=opacity, colorscale=colorscale),
+        "rollout-last-layer": map_view(r, "last_layer", opacity=opacity, colorscale=colorscale),
+        "heads-all-heads": heads_view(r, layer, q, colorscale=colorscale),
+        "heads-enlarged-head": focus_view(r, layer, head, q, opacity, colorscale),
+        "distance-mean-attention-distance": distance_view(r),
+    }
+    pos = bias_view(r, layer) if vm is None else model_bias_views(vm, layer).figure
+    if pos is not None:
+        out["position-relative"] = pos
+    return out
+
+
 def padded_tokens_note(r: WindowAnalysis) -> str:
     """One sentence for the views of a model whose grids are not multiples of its windows ("" otherwise)."""
     if not r.padded_layers:
@@ -170,7 +272,8 @@ def padded_tokens_note(r: WindowAnalysis) -> str:
 
 
 __all__ = [
-    "APP_NOTE",
+    "COMPARE_METHODS",
+    "LABELS",
     "bias_view",
     "default_query",
     "distance_view",
@@ -178,6 +281,10 @@ __all__ = [
     "heads_view",
     "layer_query",
     "map_view",
+    "methods_note",
+    "model_bias_views",
+    "offered_methods",
     "padded_tokens_note",
     "render_all",
+    "tab_figures",
 ]

@@ -3,7 +3,8 @@
 :mod:`vizapp.ui.outputs`.
 
 Modules: ``layout`` (the page, one function per tab; ``layout_features`` the Features tab; ``wiring`` what they
-share), ``handlers`` (the events; ``feature_handlers`` the Features tab's, ``common`` what they share), ``outputs``
+share), ``handlers`` (the events; ``feature_handlers`` the Features tab's, ``pos_handlers`` the Position tab's,
+``window_handlers`` those of a windowed-attention (Swin) analysis, ``common`` what they share), ``outputs``
 (what each event returns, in gradio's output order), ``validation`` (checks on every value a client sends),
 ``startup`` (the model list and the start-up model), ``upload`` (the image input), ``serving`` (launch arguments and
 the queue), ``store`` (the sessions' analyses, kept by key within one byte budget), ``deadline`` (time limit and

@@ -42,6 +42,36 @@ NO_CLS_MASK_NOTE = (
 )
 
 
+def _windowed(r: Any) -> bool:
+    return bool(getattr(r, "windowed", False))
+
+
+def _windowed_features(st: dict[str, Any]) -> FeaturesOutputs:
+    """The Features tab for a windowed (Swin) model: nothing to draw, and the sentence saying why."""
+    from vizapp.swin_result import UNDEFINED
+
+    hidden = gr.update(value=None, visible=False)
+    return FeaturesOutputs(
+        state=kept_state(st),
+        feat_pca=None,
+        feat_sim=None,
+        feat_query_image=None,
+        norm_grid=None,
+        norm_hist=None,
+        norm_depth=None,
+        register_plot=hidden,
+        norm_sentence="",
+        mask_heads=hidden,
+        mask_overlay=hidden,
+        mask_note="",
+        lens_table=gr.update(visible=False),
+        lens_plot=hidden,
+        lens_note="",
+        features_note=f"**Not drawn for this model**: {UNDEFINED['features']} Head importance: {UNDEFINED['ablation']}",
+        features_body=gr.update(visible=False),
+    )
+
+
 def _feature_query(r: Analysis, row: Any, col: Any) -> tuple[int, int]:
     return (as_int(row, "patch row", 0, r.grid_size[0] - 1), as_int(col, "patch column", 0, r.grid_size[1] - 1))
 
@@ -67,6 +97,8 @@ def render_features(
     """Features tab: every label-free view from the cached analysis (no forward pass)."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if _windowed(r):
+        return _windowed_features(st)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     fg = _foreground(foreground)
     query = _feature_query(r, row, col)
@@ -109,6 +141,7 @@ def render_features(
         lens_plot=lens_plot,
         lens_note=lens_note,
         features_note=layer_note,
+        features_body=gr.update(visible=True),
     )
 
 
@@ -134,6 +167,10 @@ def analyze_second_image(
     st = analysis_state(state, request)
     key = st["result"]
     r: Analysis = st["analysis"]
+    if _windowed(r):
+        from vizapp.swin_result import UNDEFINED
+
+        return SecondImageOutputs(kept_state(st), None, f"No second image for this model: {UNDEFINED['features']}")
     query = _feature_query(r, row, col)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
@@ -169,6 +206,8 @@ def pca_across_examples(
     by colour across images."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if _windowed(r):  # the tab's note says why (the feature views are not defined for it)
+        return GalleryOutputs(None)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     paths = example_images()
     images = [r.image] + [decode_image(p) for p in paths]
@@ -198,6 +237,10 @@ def run_importance(
 
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if _windowed(r):
+        from vizapp.swin_result import UNDEFINED
+
+        return ImportanceOutputs(kept_state(st), None, UNDEFINED["ablation"])
     how = as_choice(method, "importance method", IMPORTANCE_METHODS)
     ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
     cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
@@ -248,6 +291,8 @@ def export_features(
     """The Features tab's arrays as .npz, in a fresh private temp folder."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if _windowed(r):  # the tab's note says why (the feature views are not defined for it)
+        return FeatureExportOutputs(None)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
     arrays = views.feature_arrays(

@@ -20,7 +20,7 @@ from vizapp import methods, models, views
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis
-from vizapp.ui import deadline
+from vizapp.ui import deadline, window_handlers
 from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-exported)
     EXPORT_MAX_AGE_S,
     analysis_state,
@@ -46,8 +46,6 @@ from vizapp.ui.outputs import (
     MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
-    PosOutputs,
-    TileOutputs,
 )
 from vizapp.ui.store import ResultStore, default_store
 from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
@@ -189,11 +187,6 @@ def analyze_image(
     decoded = decode_image(image)  # a bad file is refused before any model work
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
-    if vm.windowed:  # the views below read a plain ViT's record
-        from vizapp.errors import UnsupportedModelError
-        from vizapp.views_windows import APP_NOTE
-
-        raise UnsupportedModelError(APP_NOTE)
     progress(0.3, desc="forward pass and attention")
     started = time.perf_counter()
     prompted = prompt_list(prompts) if vm.text_tower is not None else None
@@ -211,6 +204,11 @@ def analyze_image(
         "feature_query": (r.grid_size[0] // 2, r.grid_size[1] // 2),
     }
     progress(0.8, desc="drawing")
+    if window_handlers.is_windowed(r):  # Swin: per-layer grids and windows, its own views
+        seen = views.input_sentence(vm, decoded.image, r)
+        text = window_handlers.status(vm, r, startup_note, RANDOM_WEIGHTS_NOTE, seen)
+        kw = dict(fusion=fusion, start=start, layer=lay, opacity=alpha, colorscale=colormap_choice(colormap))
+        return window_handlers.analyze_outputs(vm, r, state, status_text=text, **kw)
     c = view_controls(
         state,
         head_fusion=fusion,
@@ -317,6 +315,9 @@ def render_map(
     """
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if window_handlers.is_windowed(r):  # its own maps; the discard ratio and the CLS row do not apply
+        cs = colormap_choice(colormap)
+        return window_handlers.render_map(r, method, class_label, head_fusion, start_layer, opacity, cs)
     m = methods.get(method)
     why = views.method_unavailable(r, m.name)
     if why:
@@ -357,6 +358,9 @@ def render_heads(
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     mode = as_choice(query_mode, "query", (CLS_QUERY, PATCH_QUERY))
+    if window_handlers.is_windowed(r):  # no class token: always the clicked token
+        cs = colormap_choice(colormap)
+        return window_handlers.render_heads(st, row, col, layer, per_head_scale, focus_head, opacity, cs)
     if mode == CLS_QUERY and r.has_class_token:
         st = {**st, "query": "cls"}
     else:
@@ -402,89 +406,13 @@ def open_head(state: Any, payload: Any, request: gr.Request | None = None) -> Op
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     layer, head = _parse_click(payload, 2)
+    if window_handlers.is_windowed(r):  # each stage has its own head count
+        return window_handlers.open_head(r, layer, head)
     return OpenHeadOutputs(
         tabs=gr.Tabs(selected="heads"),
         layer=as_int(layer, "layer", 0, r.num_layers - 1),
         focus_head=as_int(head, "head", 0, r.num_heads - 1),
     )
-
-
-@user_errors
-def open_tile(state: Any, payload: Any) -> TileOutputs:
-    """A click on the position-embedding mosaic: enlarge that tile."""
-    ti, tj = _parse_click(payload, 2)
-    if ti == 255 or tj == 255:  # a gap between tiles
-        return TileOutputs(gr.update(), gr.update())
-    return TileOutputs(ti, tj)
-
-
-def _selector(count: int) -> Any:
-    """A layer / head slider shown with ``count`` choices (hidden when there is at most one to choose from)."""
-    return gr.update(visible=True, maximum=count - 1) if count > 1 else gr.update(visible=False)
-
-
-@user_errors
-def render_pos(
-    model_name: Any,
-    resolution: Any,
-    tile_row: Any,
-    tile_col: Any,
-    pos_layer: Any = 0,
-    pos_head: Any = 0,
-    pos_show: Any = None,
-    random_weights: Any = False,
-    trusted_model: str | None = None,
-) -> PosOutputs:
-    """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
-    at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
-    per-head maps of ``pos_layer``; none: a sentence. A model with a learned table beside RoPE or a bias offers both
-    (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`)."""
-    vm = _load(_model_name(model_name, trusted_model), trusted_model, bool(random_weights))
-    tile = (as_int(tile_row, "tile row", 0, 255), as_int(tile_col, "tile column", 0, 255))
-    layer, head = as_int(pos_layer, "layer", 0, 255), as_int(pos_head, "head", 0, 255)
-    show = as_choice(pos_show or views.POS_SHOWS[0], "position view", views.POS_SHOWS)
-    grid = None
-    if resolution not in (None, "", 0, "0") and not vm.pos_embed_status:
-        side = as_int(resolution, "preview grid", 2, 32)
-        gh, gw = vm.grid_size
-        grid = (side, side) if gh == gw else (side, max(2, round(side * gw / gh)))
-    v = views.pos_embed_views(vm, grid, tile, layer, head, show)
-    # The tile sliders span the grid the mosaic shows; the preview grid applies to a learned table's view only.
-    shown = tuple(v.grid) if v.grid else tuple(vm.grid_size)
-    table_view = v.figure is not None and v.kind == "learned"
-    return PosOutputs(
-        pos=v.figure,
-        tile=v.tile,
-        pos_note=v.note,
-        pos_layer=_selector(v.layers),
-        pos_head=_selector(v.heads),
-        pos_show=gr.update(visible=True) if v.shows else gr.update(visible=False, value=views.POS_SHOWS[0]),
-        tile_row=gr.update(maximum=max(1, shown[0] - 1), value=min(tile[0], shown[0] - 1), visible=v.tile is not None),
-        tile_col=gr.update(maximum=max(1, shown[1] - 1), value=min(tile[1], shown[1] - 1), visible=v.tile is not None),
-        resolution=gr.update(visible=table_view),
-        prompts=gr.update(visible=vm.text_tower is not None),
-    )
-
-
-def render_pos_quietly(*args: Any, **kwargs: Any) -> PosOutputs:
-    """:func:`render_pos` for picking a model: a model that cannot be loaded is said once, in the tab's note (the
-    Analyze button says it again only when pressed), and nothing is drawn."""
-    try:
-        return render_pos(*args, **kwargs)
-    except gr.Error as e:
-        hidden = gr.update(visible=False)
-        return PosOutputs(
-            pos=None,
-            tile=None,
-            pos_note=f"The position view of this model could not be shown: {e.message}",
-            pos_layer=hidden,
-            pos_head=hidden,
-            pos_show=gr.update(visible=False, value=views.POS_SHOWS[0]),
-            tile_row=gr.update(),
-            tile_col=gr.update(),
-            resolution=gr.update(),
-            prompts=gr.update(),
-        )
 
 
 @user_errors
@@ -503,6 +431,8 @@ def compare_methods(
     """
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if window_handlers.is_windowed(r):
+        return window_handlers.compare_methods(r, class_label, steps, progress, request)
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
     n_steps = as_int(steps, "curve steps", 2, r.grid_size[0] * r.grid_size[1])  # at most one patch a step
@@ -533,6 +463,8 @@ def export_files(state: Any, request: gr.Request | None = None) -> ExportOutputs
     """The analysis as .npz (attention tensors) and .json (summary), in a fresh private temp folder."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if window_handlers.is_windowed(r):
+        return window_handlers.export_files(r)
     arrays, summary = r.arrays(), json.dumps(r.summary(), indent=1)
     npz = write_export("vizapp_attention.npz", lambda path: np.savez_compressed(path, **arrays))
     js = write_export("vizapp_summary.json", lambda path: path.write_text(summary), npz.parent)
@@ -546,6 +478,8 @@ def compare_cost(state: Any, steps: Any, include_slow: Any, request: gr.Request 
         r: Analysis = analysis_state(state, request)["analysis"]
     except VizappError:
         return CompareCostOutputs("")
+    if window_handlers.is_windowed(r):
+        return window_handlers.compare_cost(r, steps)
     n_steps = as_int(steps, "curve steps", 2, 256)
     return CompareCostOutputs(compare_cost_note(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), bool(include_slow)))
 
@@ -558,6 +492,8 @@ def export_figures(
     tab's: rollout-, heads-, distance-, position-, features-), plus head importance when it was run."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
+    if window_handlers.is_windowed(r):
+        return window_handlers.export_figures(st, layer, opacity, colormap_choice(colormap), focus_head)
     focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
     c = view_controls(
         st,
@@ -610,3 +546,6 @@ from vizapp.ui.feature_handlers import (  # noqa: E402, F401
     run_importance,
     select_feature_patch,
 )
+
+# The Position tab's handlers likewise (they load the model through this module's _load).
+from vizapp.ui.pos_handlers import open_tile, render_pos, render_pos_quietly  # noqa: E402, F401

@@ -28,70 +28,74 @@ def features_tab(ui: Components) -> None:
         "ran: change a control and they redraw without another forward pass."
     )
     ui.features_note = gr.Markdown("")
-    with gr.Row():
-        with gr.Column(scale=1, min_width=240):
-            ui.feat_query_image = patch_picker(
-                "Click a patch: its feature is compared with every patch", "vizapp-feature-image", 300
-            )
-            ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
-            ui.feat_foreground = gr.Slider(
-                0, 0.95, value=0.0, step=0.05, label="PCA foreground threshold (0 = off; refit on patches above it)"
-            )
-            with gr.Row():
-                ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
-                ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
-            ui.second_image = gr.Image(
-                label="Second image (optional): the similarity map is drawn on it",
-                type="filepath",
-                sources=["upload", "clipboard"],
-                height=160,
-            )
-            ui.second_button = gr.Button("Compare with the second image")
-            ui.second_note = gr.Markdown("")
-        with gr.Column(scale=2):
-            with gr.Row():
-                ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
-                ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
-            with gr.Row():
-                ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
-            ui.pca_gallery = gr.Plot(label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot")
-    gr.Markdown("### Token norms and registers")
-    ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
-    ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
-    with gr.Row():
-        ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
-        ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
-    with gr.Row():
-        ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
-        ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
-    gr.Markdown("### DINO masks (last layer, per head)")
-    ui.mask_note = gr.Markdown("", elem_id="vizapp-mask-note")
-    ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
-    with gr.Row():
-        ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
-        ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
-    gr.Markdown("### Logit lens")
-    ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
-    ui.lens_class = gr.Dropdown([], label="Class to follow across depth (type to search)", filterable=True)
-    ui.lens_table = gr.Dataframe(
-        headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
-    )
-    ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
-    gr.Markdown("### Head importance by ablation")
-    ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
-    with gr.Row():
-        ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
-        ui.imp_class = gr.Dropdown(
-            [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
+    # hidden, with the note above saying why, for a model whose feature views are not defined (Swin)
+    with gr.Column(elem_id="vizapp-features-body") as ui.features_body:
+        with gr.Row():
+            with gr.Column(scale=1, min_width=240):
+                ui.feat_query_image = patch_picker(
+                    "Click a patch: its feature is compared with every patch", "vizapp-feature-image", 300
+                )
+                ui.feat_layer = gr.Slider(-1, 11, value=-1, step=1, label="Feature layer (-1 = last)")
+                ui.feat_foreground = gr.Slider(
+                    0, 0.95, value=0.0, step=0.05, label="PCA foreground threshold (0 = off; refit on patches above it)"
+                )
+                with gr.Row():
+                    ui.feat_row = gr.Slider(0, 13, value=0, step=1, label="Patch row")
+                    ui.feat_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
+                ui.second_image = gr.Image(
+                    label="Second image (optional): the similarity map is drawn on it",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=160,
+                )
+                ui.second_button = gr.Button("Compare with the second image")
+                ui.second_note = gr.Markdown("")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
+                    ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
+                with gr.Row():
+                    ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
+                ui.pca_gallery = gr.Plot(
+                    label="One PCA over your image and the examples", elem_id="vizapp-gallery-plot"
+                )
+        gr.Markdown("### Token norms and registers")
+        ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
+        ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
+        with gr.Row():
+            ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
+            ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
+        with gr.Row():
+            ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
+            ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
+        gr.Markdown("### DINO masks (last layer, per head)")
+        ui.mask_note = gr.Markdown("", elem_id="vizapp-mask-note")
+        ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
+        with gr.Row():
+            ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
+            ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
+        gr.Markdown("### Logit lens")
+        ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
+        ui.lens_class = gr.Dropdown([], label="Class to follow across depth (type to search)", filterable=True)
+        ui.lens_table = gr.Dataframe(
+            headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
         )
-        ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
-        ui.imp_gradient_button = gr.Button("Gradient estimate")
-    ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
-    ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
-    ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
-    with gr.Row():
-        ui.features_export_button = gr.Button("Export these arrays (.npz)")
-        ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz", height=90)
+        ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
+        gr.Markdown("### Head importance by ablation")
+        ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
+        with gr.Row():
+            ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
+            ui.imp_class = gr.Dropdown(
+                [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
+            )
+            ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
+            ui.imp_gradient_button = gr.Button("Gradient estimate")
+        ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
+        ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
+        ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
+        with gr.Row():
+            ui.features_export_button = gr.Button("Export these arrays (.npz)")
+            ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz", height=90)
 
 
 def _feature_inputs(ui: Components) -> list[Any]:

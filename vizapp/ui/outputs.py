@@ -153,6 +153,7 @@ class FeaturesOutputs(NamedTuple):
     lens_plot: Any
     lens_note: str
     features_note: str
+    features_body: Any = None  # gr.update: the tab's views and controls, hidden where they are not defined (Swin)
 
 
 class FeaturePatchOutputs(NamedTuple):

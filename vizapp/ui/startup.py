@@ -22,6 +22,7 @@ CURATED: list[tuple[str, str]] = [
     ("vit_base_patch16_224.dino", "DINO ViT-B/16 (no classifier)"),
     ("vit_small_patch14_reg4_dinov2.lvd142m", "DINOv2 ViT-S/14 + 4 registers (no classifier)"),
     ("vit_base_patch16_clip_224.openai_ft_in1k", "CLIP ViT-B/16 fine-tuned on ImageNet"),
+    ("swin_tiny_patch4_window7_224.ms_in1k", "Swin-T window 7 (ImageNet; windowed attention, no CLS token)"),
 ]
 # Entries for the other libraries, offered when that library is installed (models.available_libraries()).
 CURATED_BY_LIBRARY: dict[str, list[tuple[str, str]]] = {

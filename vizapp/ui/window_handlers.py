@@ -1,0 +1,299 @@
+"""The app's events for a windowed-attention (Swin) analysis, a :class:`vizapp.swin_result.WindowAnalysis`.
+
+:mod:`vizapp.ui.handlers` hands an event here when the kept analysis is windowed; each function returns the same
+named outputs as the plain ViT's handler, drawn with :mod:`vizapp.views_windows`: per-layer maps at each stage's
+token spacing with the query's window outlined (a click on the image picks a token of the first stage's grid, which
+:func:`vizapp.views_windows.layer_query` moves onto the chosen layer's grid), rollout and the class maps over the
+first stage's grid, the distances with a dot only for the heads a layer has. What Swin does not define (CLS-row
+views, flow, the feature views, head ablation) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from vizapp import models, views
+from vizapp import views_windows as V
+from vizapp.errors import BadParameterError
+from vizapp.swin_result import UNDEFINED, WindowAnalysis
+from vizapp.ui import deadline
+from vizapp.ui.common import kept_state, session_id, write_export
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, limit_note
+from vizapp.ui.outputs import (
+    AnalyzeOutputs,
+    CompareCostOutputs,
+    CompareOutputs,
+    ExportOutputs,
+    FiguresExportOutputs,
+    HeadsOutputs,
+    MapOutputs,
+    OpenHeadOutputs,
+)
+from vizapp.ui.validation import as_choice, as_float, as_int
+
+PATCH_QUERY = "Clicked patch"  # the Heads tab's only query for a model without a class token (handlers' own)
+GRADIENT_NOTE = "one forward and one backward pass of the model (the analysis keeps no graph)"
+
+
+def is_windowed(r: Any) -> bool:
+    """Whether ``r`` is a windowed-attention analysis (these handlers draw it)."""
+    return bool(getattr(r, "windowed", False))
+
+
+def first_grid_query(r: WindowAnalysis, row: Any, col: Any) -> tuple[int, int]:
+    """The query as the page holds it: a token of the first stage's grid (the patches of the image)."""
+    gh, gw = r.grid_size
+    return as_int(row, "row", 0, gh - 1), as_int(col, "column", 0, gw - 1)
+
+
+def _layer(r: WindowAnalysis, value: Any, name: str = "layer") -> int:
+    return as_int(value, name, -r.num_layers, r.num_layers - 1) % r.num_layers
+
+
+def _focus_head(r: WindowAnalysis, value: Any) -> int | None:
+    """The head to overlay (None: the mean of the layer's heads)."""
+    return None if value in (None, -1, "-1") else as_int(value, "head", 0, r.num_heads - 1)
+
+
+def _focus(r: WindowAnalysis, layer: int, head: int | None, query: tuple[int, int], opacity: float, cs: str) -> Any:
+    """The focus map; a head the chosen layer does not have (its stage has fewer) draws the layer's mean, and the
+    title says so."""
+    if head is not None and head >= r.heads_per_layer[layer]:
+        fig = V.focus_view(r, layer, None, query, opacity, cs)
+        fig.update_layout(
+            title=f"Layer {layer} has heads 0..{r.heads_per_layer[layer] - 1} only: " + fig.layout.title.text
+        )
+        return fig
+    return V.focus_view(r, layer, head, query, opacity, cs)
+
+
+def status(vm: models.VizModel, r: WindowAnalysis, startup_note: str, random_note: str, seen: str) -> str:
+    """The status line: the model, its stages, grids, windows and heads, and what the tabs draw for it."""
+    lines = [startup_note] if startup_note and r.model_name in startup_note else [f"Active model: `{r.model_name}`."]
+    if vm.source == "random":
+        lines.append(random_note)
+    elif vm.note:
+        lines.append(vm.note)
+    if seen:
+        lines.append(seen)
+    stages: dict[int, list[int]] = {}
+    for i, g in enumerate(r.geometry):
+        stages.setdefault(g.stage, []).append(i)
+    parts = []
+    for s, layers in stages.items():
+        g = r.geometry[layers[0]]
+        parts.append(
+            f"stage {s}: layers {layers[0]}-{layers[-1]}, {g.grid[0]}x{g.grid[1]} tokens {r.strides[layers[0]][0]} px "
+            f"apart, {r.heads_per_layer[layers[0]]} heads, windows {g.window[0]}x{g.window[1]}"
+        )
+    lines.append(
+        f"**Windowed attention (Swin)**: {r.num_layers} layers in {len(stages)} stages ({'; '.join(parts)}); every "
+        "other layer shifts its windows. No class token: the output averages the last stage's tokens, where rollout "
+        "and relevance start. The Heads tab draws each layer at its stage's resolution with the query's window "
+        "outlined."
+    )
+    if r.probs is None:
+        lines.append("This model has **no classifier head**: the class maps and Compare are not available.")
+    padded = V.padded_tokens_note(r)
+    if padded:
+        lines.append(padded)
+    lines.append("Features tab: " + UNDEFINED["features"] + " Head importance: " + UNDEFINED["ablation"])
+    lines += [f"Note: {n}" for n in r.notes]
+    return "\n\n".join(lines)
+
+
+def compare_cost_text(r: WindowAnalysis, steps: int) -> str:
+    """The Compare tab's note: the maps it draws and how many images their curves run."""
+    if r.probs is None:
+        return "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
+    chosen = [m for m in V.COMPARE_METHODS if m in V.offered_methods(r)]
+    images = 2 * (len(chosen) + 1) * (steps + 1)
+    return (
+        f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
+        f"{steps + 1} images each, for {len(chosen)} maps over the first stage's grid and a random order); the "
+        f"class maps take {GRADIENT_NOTE}. {limit_note()}"
+    )
+
+
+def analyze_outputs(
+    vm: models.VizModel,
+    r: WindowAnalysis,
+    state: dict[str, Any],
+    *,
+    fusion: str,
+    start: int,
+    layer: int,
+    opacity: float,
+    colorscale: str,
+    status_text: str,
+) -> AnalyzeOutputs:
+    """Every view of a new windowed analysis, and the controls set to this model's layers, grids and methods."""
+    query = state["query"]
+    lq = V.layer_query(r, layer, query)
+    classes = views.class_choices(r)
+
+    def class_update() -> dict[str, Any]:
+        return gr.update(choices=classes, value=classes[0] if classes else None)
+
+    offered = V.offered_methods(r)
+    gh, gw = r.grid_size
+    steps_max = min(64, gh * gw)
+    summary = views.rounded(r.summary())
+    summary["active_model_note"] = vm.note
+    hidden = gr.update(visible=False)
+    return AnalyzeOutputs(
+        state=state,
+        status=status_text,
+        label={lbl: float(p) for lbl, p in r.top_k} if r.top_k else None,
+        rollout=V.map_view(r, "rollout", opacity=opacity, colorscale=colorscale, head_fusion=fusion, start_layer=start),
+        heads=V.heads_view(r, layer, lq, colorscale=colorscale),
+        query_image=views.query_image(r, views.Controls(query=query)),
+        distance=V.distance_view(r),
+        summary=summary,
+        layer=gr.update(maximum=r.num_layers - 1, value=layer),
+        start_layer=gr.update(maximum=r.num_layers - 1, value=start),
+        focus_head=gr.update(
+            choices=[("mean of the layer's heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1
+        ),
+        class_choice=class_update(),
+        start_row=gr.update(visible=False, value="output"),
+        query_mode=gr.update(choices=[PATCH_QUERY], value=PATCH_QUERY),
+        query_row=gr.update(maximum=gh - 1, value=query[0]),
+        query_col=gr.update(maximum=gw - 1, value=query[1]),
+        compare_class=class_update(),
+        map_cost="",
+        compare_cost=compare_cost_text(r, min(DEFAULT_COMPARE_STEPS, gh * gw)),
+        feat_layer=gr.update(maximum=r.num_layers - 1, value=layer),
+        feat_row=gr.update(maximum=gh - 1, value=gh // 2),
+        feat_col=gr.update(maximum=gw - 1, value=gw // 2),
+        norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
+        lens_class=gr.update(choices=[], value=None),
+        imp_class=class_update(),
+        importance_cost=UNDEFINED["ablation"],
+        seen=views.seen_image(r),
+        method=gr.update(choices=[(V.LABELS[m], m) for m in offered], value="rollout"),
+        methods_note=V.methods_note(r),
+        compare_steps=gr.update(maximum=steps_max, value=min(DEFAULT_COMPARE_STEPS, steps_max)),
+        imp_exact_button=hidden,
+        imp_gradient_button=hidden,
+        focus=_focus(r, layer, None, lq, opacity, colorscale),
+        compare=None,
+        deletion=None,
+        insertion=None,
+        auc_table=gr.update(value=None),
+        importance=None,
+        importance_note="",
+        npz_file=None,
+        json_file=None,
+        features_npz=None,
+        pca_gallery=None,
+        second_note="",
+        figures_zip=None,
+        figures_note="",
+    )
+
+
+def render_map(
+    r: WindowAnalysis, method: Any, class_label: Any, head_fusion: Any, start_layer: Any, opacity: Any, colorscale: str
+) -> MapOutputs:
+    """The Rollout tab's map; a method Swin does not define is refused with its reason."""
+    if method in V.NOT_OFFERED:
+        label, why = V.NOT_OFFERED[method]
+        raise BadParameterError(f"{label} is not available for this model: {why}")
+    name = as_choice(method, "method", V.offered_methods(r))
+    kwargs: dict[str, Any] = {}
+    if name in ("rollout", "grad_rollout", "relevance"):
+        kwargs["start_layer"] = as_int(start_layer, "start layer", 0, r.num_layers - 1)
+    if name == "rollout":
+        kwargs["head_fusion"] = as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS)
+    cls = class_label if isinstance(class_label, str) and class_label else None
+    fig = V.map_view(r, name, cls, as_float(opacity, "opacity", 0.0, 1.0), colorscale, **kwargs)
+    cost = f"**{V.LABELS[name]}**: {GRADIENT_NOTE}." if name in ("grad_rollout", "relevance") else ""
+    return MapOutputs(fig, cost)
+
+
+def render_heads(
+    st: dict[str, Any], row: Any, col: Any, layer: Any, per_head_scale: Any, focus_head: Any, opacity: Any, cs: str
+) -> HeadsOutputs:
+    """The Heads tab: every head of the layer for the clicked token moved onto the layer's grid, and the focus map
+    (one head, or the mean of the layer's heads) at the layer's stage resolution with the query's window outlined."""
+    r: WindowAnalysis = st["analysis"]
+    query = first_grid_query(r, row, col)
+    lay = _layer(r, layer)
+    lq = V.layer_query(r, lay, query)
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    st = {**st, "query": query}
+    return HeadsOutputs(
+        state=kept_state(st),
+        heads=V.heads_view(r, lay, lq, bool(per_head_scale), cs),
+        focus=_focus(r, lay, _focus_head(r, focus_head), lq, alpha, cs),
+        query_image=views.query_image(r, views.Controls(query=query)),
+    )
+
+
+def open_head(r: WindowAnalysis, layer: Any, head: Any) -> OpenHeadOutputs:
+    """A click on a dot of the distance plot: that layer, and that head of it (a stage's own head count)."""
+    lay = as_int(layer, "layer", 0, r.num_layers - 1)
+    hd = as_int(head, "head", 0, r.heads_per_layer[lay] - 1)
+    return OpenHeadOutputs(tabs=gr.Tabs(selected="heads"), layer=lay, focus_head=hd)
+
+
+def compare_methods(
+    r: WindowAnalysis, class_label: Any, steps: Any, progress: Any, request: gr.Request | None
+) -> CompareOutputs:
+    """The Compare tab: rollout, gradient rollout and relevance over the first stage's grid, with their deletion /
+    insertion curves (:meth:`WindowAnalysis.faithfulness`), under the request deadline and Cancel."""
+    if r.probs is None:
+        raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
+    gh, gw = r.grid_size
+    n_steps = as_int(steps, "curve steps", 2, gh * gw)
+    cls = class_label if isinstance(class_label, str) and class_label else None
+    chosen = [m for m in V.COMPARE_METHODS if m in V.offered_methods(r)]
+    maps: dict[str, np.ndarray] = {}
+    curves: dict[str, Any] = {}
+    with deadline.running(session_id(request)) as d:
+        for i, m in enumerate(chosen):
+            d.check(f"computing {V.LABELS[m]}")
+            progress(0.5 * i / len(chosen), desc=f"computing {V.LABELS[m]}")
+            maps[V.LABELS[m]] = r.explain(m, cls)
+        for i, (label, heat) in enumerate(maps.items()):
+            d.check(f"the {label} deletion / insertion curves")
+            progress(0.5 + 0.5 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
+            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
+        d.check("the random-order curves")
+        curves.update(r.faithfulness({}, cls, steps=n_steps))
+    v = views.faithfulness_views(r, maps, curves)
+    return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
+
+
+def compare_cost(r: WindowAnalysis, steps: Any) -> CompareCostOutputs:
+    n_steps = as_int(steps, "curve steps", 2, 256)
+    return CompareCostOutputs(compare_cost_text(r, min(n_steps, r.grid_size[0] * r.grid_size[1])))
+
+
+def export_files(r: WindowAnalysis) -> ExportOutputs:
+    """The record as .npz (every layer's window attention and its index, see :meth:`WindowAnalysis.arrays`) and the
+    summary as .json."""
+    arrays, summary = r.arrays(), json.dumps(r.summary(), indent=1)
+    npz = write_export("vizapp_attention.npz", lambda path: np.savez_compressed(path, **arrays))
+    js = write_export("vizapp_summary.json", lambda path: path.write_text(summary), npz.parent)
+    return ExportOutputs(str(npz), str(js))
+
+
+def export_figures(st: dict[str, Any], layer: Any, opacity: Any, cs: str, focus_head: Any) -> FiguresExportOutputs:
+    """Every figure of the tabs that draw Swin, as HTML pages in one .zip."""
+    r: WindowAnalysis = st["analysis"]
+    lay = _layer(r, layer)
+    head = _focus_head(r, focus_head)
+    head = head if head is None or head < r.heads_per_layer[lay] else None
+    query = st["query"] if isinstance(st.get("query"), (tuple, list)) else V.default_query(r, 0)
+    figs = V.tab_figures(r, lay, query, head, as_float(opacity, "opacity", 0.0, 1.0), cs, models.reload(r.load_args))
+    names: list[str] = []
+    out = write_export("vizapp_figures.zip", lambda path: names.extend(views.figures_zip(figs, str(path))))
+    return FiguresExportOutputs(
+        str(out), f"{len(names)} figures, one HTML page each (open them offline once unzipped)."
+    )
