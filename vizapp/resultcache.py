@@ -2,8 +2,9 @@
 
 A result (:class:`vizapp.result.Analysis`, :class:`vizapp.swin_result.WindowAnalysis`) caches what its methods
 derive from its record (head fusions, rollouts, attention gradients, explanation maps). Every entry goes through
-:meth:`ResultCache.put`, which keeps it only while it fits :data:`vizapp.limits.FUSED_CACHE_LIMIT_BYTES`: one check
-in one place, where each method wrote its own ``numel() * 4 <= LIMIT`` before. Keys are :class:`Key` (what is
+:meth:`ResultCache.put`, which keeps the per-layer N x N kinds (:data:`BUDGETED`) only while they fit
+:data:`vizapp.limits.FUSED_CACHE_LIMIT_BYTES`: one check in one place, where each method wrote its own
+``numel() * 4 <= LIMIT`` before; maps are always kept. Keys are :class:`Key` (what is
 cached, and its arguments), so that two methods cannot collide on a bare tuple.
 """
 
@@ -21,6 +22,10 @@ T = TypeVar("T")
 
 KINDS = ("fused", "rollout", "grads", "grad_heads", "map", "flow", "window_index", "window_fused", "window_map")
 """What a result may cache (:attr:`Key.kind`)."""
+
+BUDGETED = ("fused", "grads", "grad_heads", "window_fused")
+"""The kinds that hold per-layer N x N tensors and are kept only within the entry budget; the others are maps
+([gh, gw]) and indices, kept always (the forward's own rollout map among them)."""
 
 
 class Key(NamedTuple):
@@ -74,8 +79,8 @@ class ResultCache:
         return self._items.get(self._checked(key))
 
     def put(self, key: Key, value: T) -> T:
-        """Keep ``value`` under ``key`` if it fits the entry budget; return it either way."""
-        if nbytes(value) <= self.entry_budget:
+        """Keep ``value`` under ``key`` (a :data:`BUDGETED` kind only if it fits the entry budget); return it."""
+        if self._checked(key).kind not in BUDGETED or nbytes(value) <= self.entry_budget:
             self._items[self._checked(key)] = value
         return value
 
