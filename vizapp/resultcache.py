@@ -89,6 +89,12 @@ class ResultCache:
         found = self._items.get(self._checked(key))
         return found if found is not None else self.put(key, make())
 
+    def copy(self) -> ResultCache:
+        """A new cache with the same entries (the values shared, not copied) and the same budget."""
+        out = ResultCache(self._entry_budget)
+        out._items = dict(self._items)
+        return out
+
     def clear(self) -> None:
         """Forget every entry (each is made again when next asked)."""
         self._items.clear()

@@ -122,7 +122,7 @@ def run_model(
     res.pos_sim_s = time.perf_counter() - t0
     for key in ("a", "b", "c", "a_cpu", "b_cpu"):
         res.times[key] = []
-    r_cache: dict = {}
+    r_cache: Any = None
     r = None
     for i in range(warmup + repeats):
         order = ("a", "b") if i % 2 == 0 else ("b", "a")
