@@ -471,39 +471,33 @@ class Analysis(LabelFreeViews):
         Returns:
             {name: {"deletion": Curve, "insertion": Curve}}
         """
-        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+        from vizapp.analysis.faithfulness import deletion_insertion
+        from vizapp.models.prompts import probabilities
 
         cls = self._class(class_idx)
         vm = self._model()
-        maps = dict(maps)
-        if random_seed is not None:
-            g = torch.Generator().manual_seed(int(random_seed))
-            maps["random"] = random_order_saliency(self.grid_size[0] * self.grid_size[1], g).numpy()
 
-        def predict(batch: torch.Tensor) -> torch.Tensor:
+        def predict(batch: torch.Tensor) -> torch.Tensor:  # class probabilities (SigLIP prompts: their sigmoids)
             with torch.no_grad():
                 logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
-                return (logits.sigmoid() if vm.activation == "sigmoid" else logits.softmax(-1)).cpu()  # SigLIP prompts
+                return probabilities(logits, vm.activation).cpu()
 
-        out: dict[str, dict[str, Any]] = {}
-        for name, m in maps.items():
-            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
-            out[name] = {
-                mode: perturbation_curve(
-                    predict,
-                    self.input[0],
-                    sal,
-                    self.grid_size,
-                    self.patch_size,
-                    cls,
-                    mode=mode,
-                    steps=steps,
-                    baseline=baseline,
-                    batch_size=batch_size,
-                )
-                for mode in ("deletion", "insertion")
-            }
-        return out
+        try:
+            found = deletion_insertion(
+                predict,
+                self.input[0],
+                maps,
+                self.grid_size,
+                self.patch_size,
+                cls,
+                steps,
+                baseline,
+                random_seed,
+                batch_size,
+            )
+        except ValueError as exc:
+            raise BadParameterError(str(exc)) from exc
+        return found
 
     # -- label-free views (issue: beyond class labels) -----------------------------------------------------
     def summary(self) -> dict[str, Any]:

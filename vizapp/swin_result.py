@@ -330,41 +330,32 @@ class WindowAnalysis:
         """Deletion and insertion curves (Petsiuk et al. 2018) of maps over the first stage's grid, as
         :meth:`vizapp.result.Analysis.faithfulness` (patches of the first stage removed or revealed in the map's
         order, the class probability tracked); a "random" order is added unless ``random_seed`` is None."""
-        from vizapp.analysis.faithfulness import perturbation_curve, random_order_saliency
+        from vizapp.analysis.faithfulness import deletion_insertion
+        from vizapp.models.prompts import probabilities
 
         cls = self._class(class_idx)
         vm = self._model()
-        grid = self.layer_grids[0]
-        maps = dict(maps)
-        if random_seed is not None:
-            g = torch.Generator().manual_seed(int(random_seed))
-            maps["random"] = random_order_saliency(grid[0] * grid[1], g).numpy()
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.softmax(vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float(), -1).cpu()
+                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
+                return probabilities(logits, vm.activation).cpu()
 
-        out: dict[str, dict[str, Any]] = {}
-        for name, m in maps.items():
-            sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
-            if sal.numel() != grid[0] * grid[1]:
-                raise BadParameterError(f"map {name!r} has {sal.numel()} values for the {grid[0]}x{grid[1]} first grid")
-            out[name] = {
-                mode: perturbation_curve(
-                    predict,
-                    self.input[0],
-                    sal,
-                    grid,
-                    self.strides[0],
-                    cls,
-                    mode=mode,
-                    steps=steps,
-                    baseline=baseline,
-                    batch_size=batch_size,
-                )
-                for mode in ("deletion", "insertion")
-            }
-        return out
+        try:
+            return deletion_insertion(
+                predict,
+                self.input[0],
+                maps,
+                self.layer_grids[0],
+                self.strides[0],
+                cls,
+                steps,
+                baseline,
+                random_seed,
+                batch_size,
+            )
+        except ValueError as exc:
+            raise BadParameterError(f"{exc} (the first stage's)") from exc
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The record as named arrays (for an .npz export): each layer's window attention ``layer{i}_windows``

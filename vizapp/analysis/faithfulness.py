@@ -160,3 +160,48 @@ def perturbation_curve(
             probs[lo : lo + batch.shape[0]] = out[:, class_idx].detach().to("cpu", torch.float64).numpy()
     fractions = counts.astype(np.float64) / num_patches
     return Curve(fractions=fractions, probs=probs, auc=trapezoid_auc(fractions, probs))
+
+
+def deletion_insertion(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    maps: dict[str, np.ndarray],
+    grid_size: Sequence[int],
+    patch_size: int | Sequence[int],
+    class_idx: int,
+    steps: int | None = 20,
+    baseline: float = 0.0,
+    random_seed: int | None = 0,
+    batch_size: int = 64,
+) -> dict[str, dict[str, Curve]]:
+    """The deletion and insertion curves (:func:`perturbation_curve`) of every map [gh, gw] for one class, and of a
+    random order named "random" (seeded by ``random_seed``; None leaves it out).
+
+    Raises:
+        ValueError: a map whose size is not the grid's.
+    """
+    gh, gw = (int(v) for v in grid_size)
+    maps = dict(maps)
+    if random_seed is not None:
+        maps["random"] = random_order_saliency(gh * gw, torch.Generator().manual_seed(int(random_seed))).numpy()
+    out: dict[str, dict[str, Curve]] = {}
+    for name, m in maps.items():
+        sal = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
+        if sal.numel() != gh * gw:
+            raise ValueError(f"map {str(name)[:40]!r} has {sal.numel()} values for the {gh}x{gw} grid")
+        out[name] = {
+            mode: perturbation_curve(
+                predict,
+                image,
+                sal,
+                (gh, gw),
+                patch_size,
+                class_idx,
+                mode=mode,
+                steps=steps,
+                baseline=baseline,
+                batch_size=batch_size,
+            )
+            for mode in ("deletion", "insertion")
+        }
+    return out
