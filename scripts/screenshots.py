@@ -49,6 +49,11 @@ def main() -> None:
     ap.add_argument("--image", default=str(ROOT / "assets" / "examples" / "fmnist_7_sneaker.png"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     ap.add_argument("--width", type=int, default=1440)
+    ap.add_argument(
+        "--ready-text",
+        default="patches of",
+        help="text of the status line that says the analysis is shown (Swin: window)",
+    )
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -71,14 +76,14 @@ def main() -> None:
             page.locator("input[type=file]").first.set_input_files(args.image)
             page.wait_for_timeout(1500)
             page.get_by_role("button", name="Analyze").click()
-            page.get_by_text("patches of").first.wait_for(timeout=120_000)
+            page.get_by_text(args.ready_text).first.wait_for(timeout=120_000)
             for slug, name in TABS:
                 page.get_by_role("tab", name=name).click()
                 page.wait_for_timeout(800)
                 if slug == "compare" and page.get_by_role("button", name="Compare methods").is_visible():
                     page.get_by_role("button", name="Compare methods").click()
                     _wait_plot(page, "vizapp-deletion-plot")
-                if slug == "features":
+                if slug == "features" and page.get_by_role("button", name="PCA across examples").is_visible():
                     page.get_by_role("button", name="PCA across examples").click()
                     _wait_plot(page, "vizapp-gallery-plot")
                     if page.get_by_role("button", name="Exact ablation").is_visible():

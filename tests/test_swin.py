@@ -359,7 +359,7 @@ def test_the_app_analyses_a_swin_model(vm, monkeypatch):
     assert "Windowed attention (Swin)" in out.status and "random weights" in out.status
     assert [c[1] for c in out.method["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
     assert "Attention flow" in out.methods_note and "no class token" in out.methods_note
-    assert out.query_mode["choices"] == ["Clicked patch"]
+    assert out.query_mode["value"] == "Clicked patch" and out.query_mode["interactive"] is False
     assert out.imp_exact_button["visible"] is False and out.imp_gradient_button["visible"] is False
     r = vizapp.analyze(vm, random_image(0))
     # the Heads tab: layer 3 (3x5 grid, 4 heads), first-grid token (5, 9) -> (2, 4) on layer 3

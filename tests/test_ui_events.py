@@ -217,7 +217,7 @@ def test_model_choices_follow_the_model(no_cls_app, bundled_app):
     d = AppDriver(no_cls_app)
     _assert_clean(_analyze(d, SNEAKER), "analyze")
     query = d.by_label("Query", "radio")
-    assert [c[1] for c in d.props[query]["choices"]] == ["Clicked patch"]
+    assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False  # no CLS: fixed
     d2 = AppDriver(bundled_app)
     _assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_label("Tile row", "slider")]["maximum"] == 6  # a 7 x 7 grid
@@ -479,7 +479,8 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     assert [c[1] for c in d.props[method]["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
     note = d.values[d.by_elem_id("vizapp-methods-note")]
     assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
-    assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["Clicked patch"]
+    query = d.by_label("Query", "radio")
+    assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]
     assert features_note, "the Features tab says why it draws nothing"
     assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is False  # its views and buttons are hidden
@@ -552,7 +553,8 @@ def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
     _assert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
     assert d.props[body]["visible"] is True
     assert "attention" in [c[1] for c in d.props[method]["choices"]]
-    assert [c[1] for c in d.props[d.by_label("Query", "radio")]["choices"]] == ["CLS token", "Clicked patch"]
+    query = d.by_label("Query", "radio")
+    assert [c[1] for c in d.props[query]["choices"]] == ["CLS token", "Clicked patch"] and d.props[query]["interactive"]
     _assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
     _assert_clean(_analyze(d, photo), "analyze the Swin again")
     assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]

@@ -249,9 +249,10 @@ def analyze_image(
         focus_head=gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
         class_choice=class_update(),
         start_row=gr.update(visible=r.readout != "cls" and r.has_class_token, value="output"),
+        # the choices never change: a choice removed while an event in flight still carries it fails gradio's
+        # check of the value in the browser; without a class token the radio is fixed on the clicked patch
         query_mode=gr.update(
-            choices=[CLS_QUERY, PATCH_QUERY] if r.has_class_token else [PATCH_QUERY],
-            value=CLS_QUERY if r.has_class_token else PATCH_QUERY,
+            value=CLS_QUERY if r.has_class_token else PATCH_QUERY, interactive=bool(r.has_class_token)
         ),
         query_row=_query_slider(r, state["query"], 0),
         query_col=_query_slider(r, state["query"], 1),

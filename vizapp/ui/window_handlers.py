@@ -161,7 +161,7 @@ def analyze_outputs(
         ),
         class_choice=class_update(),
         start_row=gr.update(visible=False, value="output"),
-        query_mode=gr.update(choices=[PATCH_QUERY], value=PATCH_QUERY),
+        query_mode=gr.update(value=PATCH_QUERY, interactive=False),  # no class token; choices fixed (see handlers)
         query_row=gr.update(maximum=gh - 1, value=query[0]),
         query_col=gr.update(maximum=gw - 1, value=query[1]),
         compare_class=class_update(),
