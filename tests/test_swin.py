@@ -515,3 +515,12 @@ def test_windowed_memory_budget(vm, monkeypatch):
     MODEL_CACHE.clear()
     with pytest.raises(vizapp.errors.ModelTooLargeError, match="VIZAPP_MAX_ANALYSIS_BYTES"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
+
+
+def test_dataset_mode_refuses_a_swin_model_in_one_sentence(vm, tmp_path):
+    from vizapp import stats
+    from vizapp.errors import VizappError
+
+    random_image(0, size=(40, 24)).save(tmp_path / "a.png")
+    with pytest.raises(VizappError, match="dataset mode does not run windowed-attention"):
+        stats.collect_stats(vm, [tmp_path / "a.png"])

@@ -167,6 +167,11 @@ def collect_stats(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if vm.windowed:
+        raise VizappError(
+            f"{vm.name}: dataset mode does not run windowed-attention (Swin) models yet (their layers differ in grid "
+            "and heads); analyse their images with vizapp.analyze, which returns each one's mean distance per layer"
+        )
     model, device = vm.model, vm.device
     _, in_h, in_w = vm.input_size
     grid = vm.grid_for(int(in_h), int(in_w))
