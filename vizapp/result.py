@@ -33,6 +33,23 @@ def _row_key(start_row: str) -> tuple[str, ...]:
     return () if start_row == "output" else (start_row,)
 
 
+def class_index(probs: np.ndarray | None, labels: tuple[str, ...], class_idx: Any) -> int:
+    """A result's class: an index or a label checked against its classes, or None for the top-1 of ``probs``."""
+    if probs is None:
+        raise BadParameterError("this model has no classifier head, so there is no class to explain")
+    if class_idx is None:
+        return int(np.argmax(probs))
+    if isinstance(class_idx, str):
+        if class_idx not in labels:
+            raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
+        return labels.index(class_idx)
+    if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
+        raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
+    if not 0 <= class_idx < len(probs):
+        raise BadParameterError(f"class {class_idx} is out of range 0..{len(probs) - 1}")
+    return int(class_idx)
+
+
 def to_pil(image: Any) -> tuple[Image.Image, tuple[str, ...]]:
     """An RGB image and notes on what decoding did, from anything :func:`vizapp.imageio.decode_image` takes (an RGB
     PIL image as it is); BadImageError for what it refuses."""
@@ -283,19 +300,7 @@ class Analysis(LabelFreeViews):
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
     def _class(self, class_idx: Any) -> int:
-        if self.probs is None:
-            raise BadParameterError("this model has no classifier head, so there is no class to explain")
-        if class_idx is None:
-            return int(np.argmax(self.probs))
-        if isinstance(class_idx, str):
-            if class_idx not in self.labels:
-                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
-            return self.labels.index(class_idx)
-        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
-            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
-        if not 0 <= class_idx < len(self.probs):
-            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
-        return int(class_idx)
+        return class_index(self.probs, self.labels, class_idx)
 
     def attention_stack(self) -> torch.Tensor:
         """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""

@@ -24,7 +24,7 @@ import torch
 from vizapp.analysis import windows as W
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
-from vizapp.result import to_pil
+from vizapp.result import class_index, to_pil
 from vizapp.resultcache import Key, ResultCache
 from vizapp.windows import WindowCapture, WindowGeometry
 
@@ -169,19 +169,7 @@ class WindowAnalysis:
         raise BadParameterError(f"query must be a token (row, col) on the layer's grid, got {query!r}"[:200])
 
     def _class(self, class_idx: Any) -> int:
-        if self.probs is None:
-            raise BadParameterError("this model has no classifier head, so there is no class to explain")
-        if class_idx is None:
-            return int(np.argmax(self.probs))
-        if isinstance(class_idx, str):
-            if class_idx not in self.labels:
-                raise BadParameterError(f"unknown class {class_idx[:60]!r}; pick one of the top-5")
-            return self.labels.index(class_idx)
-        if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)):
-            raise BadParameterError(f"class must be an index or a label, got {class_idx!r}"[:200])
-        if not 0 <= class_idx < len(self.probs):
-            raise BadParameterError(f"class {class_idx} is out of range 0..{len(self.probs) - 1}")
-        return int(class_idx)
+        return class_index(self.probs, self.labels, class_idx)
 
     # -- per-layer maps ---------------------------------------------------------------------------------------------
     def attention(self, layer: int, head: int | None = None, query: Any = (0, 0)) -> np.ndarray:
