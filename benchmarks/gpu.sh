@@ -3,7 +3,8 @@
 # head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
 # others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
 #
-#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-eager memory fp16 profile eval-bundled eval-vitb class-maps ablation families)
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-eager memory fp16 bf16 profile batch batch-bf16
+#                                               eval-rate eval-bundled eval-vitb class-maps ablation families)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -11,7 +12,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests fp32 fp32-eager memory fp16 profile eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests fp32 fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -68,6 +69,16 @@ step memory 120 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 3 --
     --no-profile --models vit_large_patch16_384 --out "$OUT/benchmarks-cuda-memory.md"
 step fp16 60 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 $MEM \
     --no-profile --models vit_base_patch16_224 vit_large_patch16_384 --out "$OUT/benchmarks-cuda-fp16.md"
+step bf16 60 $PY -m benchmarks.bench --device cuda --dtype bfloat16 --threads 4 --repeats 7 --large-repeats 5 $MEM \
+    --no-profile --models vit_base_patch16_224 vit_large_patch16_384 vit_large_patch14_reg4_dinov2@img_size=518 \
+    --out "$OUT/benchmarks-cuda-bf16.md"
+# the batch API (issue 23): analyze of 16 and 64 images and the class maps of 16 against a bare batched forward
+step batch 90 $PY -m benchmarks.batch --device cuda --threads 4 --repeats 5 --out "$OUT/benchmarks-batch-cuda.md"
+step batch-bf16 90 $PY -m benchmarks.batch --device cuda --dtype bfloat16 --threads 4 --repeats 5 \
+    --out "$OUT/benchmarks-batch-cuda-bf16.md"
+# the evaluation's rate against the floor of the forwards its protocol needs (issue 23, item 5)
+step eval-rate 120 $PY -m benchmarks.evaluation --device cuda --threads 4 --models vit_base_patch16_224 --images 64 \
+    --repeats 3 --out "$OUT/benchmarks-evaluation-cuda.md"
 step profile 45 $PY -m benchmarks.gpu_profile --model vit_base_patch16_224
 step eval-bundled 60 $PY -m vizapp.evaluate.throughput --images 512 --method-images 8
 case " $STEPS " in *" eval-vitb "*) vitb_job /tmp/vizapp-vitb >>"$OUT/log.txt" 2>&1 ;; esac
