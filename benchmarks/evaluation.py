@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="perturbed copies per forward")
     p.add_argument("--methods", default=None, help="comma-separated; default every method but flow, and random")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--device", default=None, help="the model's device (default: vizapp's choice, a GPU when there is one)")
+    p.add_argument(
+        "--device", default=None, help="the model's device (default: vizapp's choice, a GPU when there is one)"
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     methods = args.methods.split(",") if args.methods else default_methods()
