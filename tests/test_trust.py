@@ -200,3 +200,20 @@ def test_the_digest_is_exact_on_the_cpu_and_position_weighted_on_a_device():
     swapped[[1, 2]] = t[[2, 1]]
     assert device_sums(swapped)[0] != s[0] and device_sums(swapped)[1] == s[1]
     assert torch.equal(device_sums(t.clone()), s)
+
+
+def test_device_sums_are_one_weighted_sum_per_chunk_whatever_the_grouping(monkeypatch):
+    """The grouped matrix-vector form equals the definition: chunk c's sum is Σ_i t[c·CHUNK + i] · w[i]."""
+    import vizapp.models.digest as digest
+
+    monkeypatch.setattr(digest, "GROUP", 2)  # 5 whole chunks: groups of 2, 2 and 1, then a partial chunk
+    t = torch.randn(5 * digest.CHUNK + 3, generator=torch.Generator().manual_seed(1))
+    w = digest._weights_on(t.device)
+    want = [
+        torch.dot(t[lo : lo + digest.CHUNK].double(), w[: min(digest.CHUNK, t.numel() - lo)])
+        for lo in range(0, t.numel(), digest.CHUNK)
+    ]
+    got = digest.device_sums(t)
+    assert got.shape == (6,)
+    assert torch.allclose(got, torch.stack(want), rtol=1e-12, atol=0)
+    assert digest.device_sums(torch.zeros(0)).shape == (0,)

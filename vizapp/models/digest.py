@@ -31,6 +31,8 @@ import torch
 
 #: Elements per device-side chunk (2 MB of float64 weights per device, made once).
 CHUNK = 1 << 18
+#: Whole chunks converted to float64 together (at most 128 MB of float64 at a time).
+GROUP = 64
 _SEED = 20261203
 _position_weights: dict[str, torch.Tensor] = {}
 _lock = threading.Lock()
@@ -61,16 +63,27 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def device_sums(t: torch.Tensor) -> torch.Tensor:
     """Position-weighted float64 sums of ``t``'s elements, one per chunk of :data:`CHUNK`, on ``t``'s device [C]
-    (complex tensors as their real and imaginary parts; integer and bool tensors as numbers)."""
+    (complex tensors as their real and imaginary parts; integer and bool tensors as numbers).
+
+    A few kernels per tensor, whatever its size: up to :data:`GROUP` whole chunks are converted to float64 at once
+    and summed by one matrix-vector product, the last partial chunk by one dot product (a ViT-B/16's weights, 86.6 M
+    values in about 150 tensors: about 400 kernels; one dot product per chunk was about 450 and one Python step each).
+    """
     flat = t.detach().reshape(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
     w = _weights_on(flat.device)
+    n = flat.numel()
+    full = n - n % CHUNK
     sums = [
-        torch.dot(flat[lo : lo + CHUNK].to(torch.float64), w[: min(CHUNK, flat.numel() - lo)])
-        for lo in range(0, flat.numel(), CHUNK)
+        flat[lo : min(full, lo + GROUP * CHUNK)].to(torch.float64).view(-1, CHUNK) @ w
+        for lo in range(0, full, GROUP * CHUNK)
     ]
-    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=flat.device)
+    if n > full:
+        sums.append((flat[full:].to(torch.float64) @ w[: n - full]).reshape(1))
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64, device=flat.device)
+    return sums[0] if len(sums) == 1 else torch.cat(sums)
 
 
 def _sha256(t: torch.Tensor) -> bytes:
