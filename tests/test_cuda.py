@@ -116,17 +116,17 @@ def _same_analysis(b, a, tol: float = 1e-5, same_path: bool = True) -> None:
     np.testing.assert_allclose(b.probs, a.probs, **close)
     np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=tol, atol=10 * tol)
     for layer in range(a.num_layers):
-        np.testing.assert_allclose(b.q[layer].numpy(), a.q[layer].numpy(), **close)
-        np.testing.assert_allclose(b.k[layer].numpy(), a.k[layer].numpy(), **close)
+        np.testing.assert_allclose(b.q[layer].cpu().numpy(), a.q[layer].cpu().numpy(), **close)
+        np.testing.assert_allclose(b.k[layer].cpu().numpy(), a.k[layer].cpu().numpy(), **close)
     assert len(b.biases) == len(a.biases)
     for x, y in zip(b.biases, a.biases, strict=True):
         assert (x is None) == (y is None)
         if x is not None:
-            np.testing.assert_allclose(x.numpy(), y.numpy(), **close)
+            np.testing.assert_allclose(x.cpu().numpy(), y.cpu().numpy(), **close)
     np.testing.assert_allclose(b.block_norms, a.block_norms, rtol=tol, atol=10 * tol)
     assert sorted(b.block_outputs) == sorted(a.block_outputs)
     for layer, out in a.block_outputs.items():
-        np.testing.assert_allclose(b.block_outputs[layer].numpy(), out.numpy(), rtol=tol, atol=10 * tol)
+        np.testing.assert_allclose(b.block_outputs[layer].cpu().numpy(), out.cpu().numpy(), rtol=tol, atol=10 * tol)
     if a.lens_probs is not None:
         np.testing.assert_allclose(b.lens_probs, a.lens_probs, **close)
     np.testing.assert_allclose(b.rollout(), a.rollout(), **close)

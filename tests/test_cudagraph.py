@@ -76,6 +76,52 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
         torch.testing.assert_close(staged._cache.peek(fused), plain._cache.peek(fused), atol=0, rtol=0)
 
 
+class _ReplayingGraph(_EagerGraph):
+    """Like a replayed graph, writes every run's results into the SAME tensors (its memory), which it hands out."""
+
+    @contextlib.contextmanager
+    def run(self, x):
+        out = self.fn(x)
+        if not hasattr(self, "memory"):
+            self.memory = out
+        else:
+            for mine, new in zip(self._tensors(self.memory), self._tensors(out), strict=True):
+                mine.copy_(new)
+        yield self.memory, [t.detach().float().clone() for t in self.stage(self.memory)]
+
+    @staticmethod
+    def _tensors(out):
+        return (
+            [*out.small(), *out.q, *out.k, *(b for b in out.biases if b is not None)]
+            + [out.outputs[i] for i in sorted(out.outputs)]
+            + ([] if out.fused_mean is None else [out.fused_mean])
+        )
+
+
+def test_an_analysis_from_a_replay_keeps_its_own_copy_of_the_graphs_memory(monkeypatch):
+    """The next replay rewrites the graph's memory: q, k, biases, block outputs and fusions of an earlier analysis
+    are copies (on the device), not views of it, so they still equal that image's own eager analysis."""
+    vm = small_model("beit_base_patch16_224", img_size=32, depth=2, num_classes=5)
+    imgs = [random_image(4), random_image(5)]
+    plain = [vizapp.analyze(vm, img) for img in imgs]
+    graph: list = []
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
+    monkeypatch.setattr(
+        vm.graphs,
+        "get",
+        lambda key, fn, x, stage=None, keep=None: (graph or graph.append(_ReplayingGraph(fn, x, stage)) or graph)[0],
+    )
+    first = vizapp.analyze(vm, imgs[0])
+    vizapp.analyze(vm, imgs[1])  # rewrites the graph's memory
+    for layer in range(first.num_layers):
+        torch.testing.assert_close(first.q[layer], plain[0].q[layer], atol=0, rtol=0)
+        torch.testing.assert_close(first.biases[layer], plain[0].biases[layer], atol=0, rtol=0)
+    for layer, out in plain[0].block_outputs.items():
+        torch.testing.assert_close(first.block_outputs[layer], out, atol=0, rtol=0)
+    np.testing.assert_array_equal(first.rollout("max"), plain[0].rollout("max"))
+    assert not np.array_equal(plain[0].rollout("max"), plain[1].rollout("max"))
+
+
 def test_pass_constants_are_made_once_per_model_and_grid(monkeypatch):
     vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
     a = pipeline._PassSetup.of(vm, (2, 2), True, False)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from vizapp import cudagraph, limits
-from vizapp.capture import AttentionCapture, host_copies
+from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.models.base import readout_weights
@@ -92,8 +92,8 @@ def _graphable(vm: VizModel, setup: _PassSetup) -> bool:
 
 @dataclass
 class _PassResult:
-    """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed), or the same
-    on the CPU (:meth:`to_host`)."""
+    """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed); :func:`settle`
+    brings the small part to the host."""
 
     logits: torch.Tensor  # [K] detached
     rollout: torch.Tensor  # [P] the default rollout of the patches
@@ -110,46 +110,40 @@ class _PassResult:
     maps: list[torch.Tensor | None] = field(default_factory=list)  # with gradients: the attention in the graph
     logits_graph: torch.Tensor | None = None
 
-    def parts(self) -> list[torch.Tensor]:
-        """Every result but q and k, in the order :meth:`from_host` reads them back."""
+    def small(self) -> list[torch.Tensor]:
+        """What the views draw as it is, a few kB an image: the logits, the default rollout, the token norms, every
+        statistic and the lens, in the order :meth:`with_small` reads them back."""
         parts: list[torch.Tensor] = [self.logits, self.rollout, self.norms, *self.statistics.values()]
-        parts += [] if self.lens is None else [self.lens]
-        parts += [] if self.fused_mean is None else [self.fused_mean]
-        parts += [b for b in self.biases if b is not None]
-        return parts + [self.outputs[i] for i in sorted(self.outputs)]
+        return parts + ([] if self.lens is None else [self.lens])
 
-    def staged(self) -> list[torch.Tensor]:
-        """What a CUDA graph copies to its pinned host buffer: :meth:`parts`, then q and k of every layer."""
-        return [*self.parts(), *self.q, *self.k]
+    def with_small(self, host: list[torch.Tensor]) -> _PassResult:
+        """This result with :meth:`small`'s tensors replaced by ``host`` (their copies on the host)."""
+        it = iter(host)
+        logits, rollout, norms = next(it), next(it), next(it)
+        statistics = {name: next(it) for name in self.statistics}
+        lens = None if self.lens is None else next(it)
+        return replace(self, logits=logits, rollout=rollout, norms=norms, statistics=statistics, lens=lens)
 
-    def from_host(self, parts: list[torch.Tensor], q: tuple, k: tuple) -> _PassResult:
-        """This result with :meth:`parts` and q, k replaced by their copies on the host."""
-        host = iter(parts)
-        logits, rollout, norms = (next(host) for _ in range(3))
-        return _PassResult(
-            logits=logits,
-            rollout=rollout,
-            statistics={name: next(host) for name in self.statistics},
-            norms=norms,
-            lens=None if self.lens is None else next(host),
-            fused_mean=None if self.fused_mean is None else next(host),
-            biases=tuple(None if b is None else next(host) for b in self.biases),
-            outputs={i: next(host) for i in sorted(self.outputs)},
-            q=q,
-            k=k,
-            scales=self.scales,
-            replayed=self.replayed,
+    def cloned(self) -> _PassResult:
+        """The large results (q, k, the kept fusions and biases, block outputs) copied into memory of their own on
+        the same device: a replayed CUDA graph rewrites its memory on the next replay."""
+        return replace(
+            self,
+            fused_mean=None if self.fused_mean is None else self.fused_mean.clone(),
+            biases=tuple(None if b is None else b.clone() for b in self.biases),
+            outputs={i: t.clone() for i, t in self.outputs.items()},
+            q=tuple(t.clone() for t in self.q),
+            k=tuple(t.clone() for t in self.k),
         )
 
-    def from_staged(self, host: list[torch.Tensor]) -> _PassResult:
-        """The result from :meth:`staged`'s tensors on the host."""
-        n, layers = len(host) - 2 * len(self.q), len(self.q)
-        return self.from_host(host[:n], tuple(host[n : n + layers]), tuple(host[n + layers :]))
 
-    def to_host(self) -> _PassResult:
-        """Copy to the CPU: everything but q and k in one copy (on a GPU each copy waits for it), q and k per layer
-        (see :meth:`AttentionCapture.qk_on_cpu`)."""
-        return self.from_host(to_host(self.parts()), host_copies(self.q), host_copies(self.k))
+def settle(outs: list[_PassResult]) -> list[_PassResult]:
+    """The results of one forward as an analysis keeps them: what the views draw as it is (:meth:`_PassResult.small`)
+    on the host, in ONE copy for the whole batch; q, k, the kept fusions, biases and block outputs left on the model's
+    device, where the views compute on them (they move only what they draw). On the CPU nothing is copied."""
+    small = [out.small() for out in outs]
+    host = iter(to_host([t for parts in small for t in parts]))
+    return [out.with_small([next(host) for _ in parts]) for out, parts in zip(outs, small, strict=True)]
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -316,17 +310,18 @@ def analyze_inputs(
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
                 return _device_pass(vm, xs, setup)[0]
 
-        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_PassResult.staged, keep=setup)
+        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_PassResult.small, keep=setup)
     graphs = [GradientGraph() for _ in range(b)]
-    if graphed is not None:  # one replay, its results staged in pinned memory and copied out under the graph's lock
+    if graphed is not None:  # one replay: the small results staged in pinned memory, the large ones copied on the
+        # device, both under the graph's lock (the next replay rewrites them)
         with graphed.run(x_dev) as (out, staged):
-            hosts = [out.to_host() if staged is None else out.from_staged(staged)]
+            hosts = [out.with_small(staged).cloned()]
     else:
         with torch.enable_grad() if gradients else torch.no_grad():
             outs = _device_pass(vm, x_dev, setup)
         if gradients:
             graphs = [GradientGraph(out.maps, out.logits_graph, image=i) for i, out in enumerate(outs)]
-        hosts = [out.to_host() for out in outs]
+        hosts = settle(outs)
     if progress:
         progress(0.6, "attention analyses")
     fingerprint = vm.fingerprint()  # afresh: an edit through .data since the last analysis moves no counter
@@ -418,7 +413,7 @@ def class_gradients(analyses: Sequence[Analysis], classes: Sequence[Any]) -> lis
     # the graph is kept: a further class of one analysis is still one backward (Analysis.attention_gradients)
     grads = torch.autograd.grad(score, graph.maps, retain_graph=True)  # [B, H, N, N] per layer
     for r, c in zip(analyses, cls, strict=True):
-        r.graph.given[c] = torch.stack([g[r.graph.image].float().cpu() for g in grads])  # [L, H, N, N]
+        r.graph.given[c] = torch.stack([g[r.graph.image].float() for g in grads])  # [L, H, N, N] on the device
     return cls
 
 

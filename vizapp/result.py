@@ -19,7 +19,7 @@ from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
 from vizapp.models.digest import WeightsDigest
-from vizapp.result_features import LabelFreeViews
+from vizapp.result_features import LabelFreeViews, to_numpy
 from vizapp.resultcache import Key, ResultCache
 from vizapp.streaming import fused_layer
 
@@ -238,7 +238,7 @@ class Analysis(LabelFreeViews):
         """The query's raw attention weights to the patch tokens: [H, gh, gw], or [gh, gw] for one head."""
         head = self._head(head)
         row = self.attention_row(layer, query)[:, self.num_prefix_tokens :]  # [H, P]
-        maps = row.reshape(self.num_heads, *self.grid_size).numpy()
+        maps = to_numpy(row.reshape(self.num_heads, *self.grid_size))
         return maps if head is None else maps[head]
 
     def attention_all_layers(self, query: Query = "cls") -> np.ndarray:
@@ -247,7 +247,7 @@ class Analysis(LabelFreeViews):
 
     def prefix_attention(self, layer: int, query: Query = "cls") -> np.ndarray:
         """[H, num_prefix_tokens] weights the query sends to the prefix tokens (CLS/dist/registers)."""
-        return self.attention_row(layer, query)[:, : self.num_prefix_tokens].numpy()
+        return to_numpy(self.attention_row(layer, query)[:, : self.num_prefix_tokens])
 
     # -- rollout ----------------------------------------------------------------------------------------------------
     def fused(self, head_fusion: str = "mean") -> torch.Tensor:
@@ -305,7 +305,7 @@ class Analysis(LabelFreeViews):
     def attention_stack(self) -> torch.Tensor:
         """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
         if self.graph.maps is not None:
-            return torch.stack([m[self.graph.image].detach().float().cpu() for m in self.graph.maps])
+            return torch.stack([m[self.graph.image].detach().float() for m in self.graph.maps])
         return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
 
     def _model(self) -> VizModel:
@@ -326,13 +326,13 @@ class Analysis(LabelFreeViews):
         if self.graph.maps is not None:  # the gradient-enabled forward of analyze: one backward per class
             i = self.graph.image
             grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
-            return self._cache.put(key, torch.stack([g[i].float().cpu() for g in grads]))
+            return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
         vm = self._model()
         x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
         with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
             logits = vm.logits(x)
             grads = cap.attention_grads(logits[0, cls])
-        return self._cache.put(key, torch.stack([g[0].detach().float().cpu() for g in grads]))
+        return self._cache.put(key, torch.stack([g[0].detach().float() for g in grads]))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:
         """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
@@ -352,7 +352,7 @@ class Analysis(LabelFreeViews):
         return READOUTS[self.readout]
 
     def _patch_map(self, flat: torch.Tensor) -> np.ndarray:
-        return flat.reshape(self.grid_size).float().numpy()
+        return to_numpy(flat.reshape(self.grid_size).float())
 
     def grad_weighted_heads(self, class_idx: Any = None) -> torch.Tensor:
         """Ā = mean over heads of max(∇A ⊙ A, 0) for a class, every layer, [L, N, N] float64 (the fusion both
@@ -536,9 +536,9 @@ class Analysis(LabelFreeViews):
         } | {f"statistic_{k}": v for k, v in self.statistics.items()}
         full = self.num_layers * self.num_heads * self.num_tokens**2 * 4
         if full <= (limits.EXPORT_ATTENTION_BYTES if max_bytes is None else max_bytes):
-            out["attention"] = torch.stack([self.attention_layer(i) for i in range(self.num_layers)]).numpy()
+            out["attention"] = to_numpy(torch.stack([self.attention_layer(i) for i in range(self.num_layers)]))
         else:
-            out["cls_attention"] = torch.stack([self.attention_row(i) for i in range(self.num_layers)]).numpy()
+            out["cls_attention"] = to_numpy(torch.stack([self.attention_row(i) for i in range(self.num_layers)]))
         if self.probs is not None:
             out["probs"] = self.probs
         return out

@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from vizapp.result import Analysis, Query
 
 
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """What a view draws, on the host: a result's tensors stay on the model's device (a GPU's included), and only the
+    finished map or table is copied out."""
+    return t.detach().cpu().numpy()
+
+
 class LabelFreeViews:
     """Methods of :class:`~vizapp.result.Analysis` that need no class: they read its block outputs, norms, lens and
     attention (the attributes and helpers the Analysis defines)."""
@@ -45,7 +51,7 @@ class LabelFreeViews:
         from vizapp.analysis.features import feature_pca
 
         res = feature_pca(self._features(layer), foreground_threshold=foreground_threshold, grid_size=self.grid_size)
-        return res.rgb.reshape(*self.grid_size, 3).numpy()
+        return to_numpy(res.rgb.reshape(*self.grid_size, 3))
 
     def feature_similarity(self, query: Query, layer: int = -1, other: Analysis | None = None) -> np.ndarray:
         """Cosine similarity between the query patch's feature after block ``layer`` and every patch's feature, of
@@ -57,7 +63,7 @@ class LabelFreeViews:
             raise BadParameterError("the feature similarity is between patches: pick a patch (row, col)")
         target = other if other is not None else self
         sim = feature_similarity(self._features(layer), i, target._features(layer) if other is not None else None)
-        return sim.reshape(target.grid_size).numpy()
+        return to_numpy(sim.reshape(target.grid_size))
 
     def token_norms(self) -> np.ndarray:
         """[L, N] L2 norm of every token's output after each block, prefix tokens first, in the model's order."""
@@ -84,8 +90,8 @@ class LabelFreeViews:
                     self.attention_layer(layer), self.num_prefix_tokens, self.num_registers, self.has_class_token
                 )
             )
-        from_cls = None if rows[0].from_cls is None else torch.stack([r.from_cls for r in rows]).numpy()
-        return {"from_cls": from_cls, "from_patches": torch.stack([r.from_patches for r in rows]).numpy()}
+        from_cls = None if rows[0].from_cls is None else to_numpy(torch.stack([r.from_cls for r in rows]))
+        return {"from_cls": from_cls, "from_patches": to_numpy(torch.stack([r.from_patches for r in rows]))}
 
     def dino_masks(self, threshold: float = 0.6) -> np.ndarray:
         """[H, gh, gw] bool: per head of the last layer, the patches holding the top ``threshold`` fraction of the

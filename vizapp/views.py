@@ -314,7 +314,7 @@ def _scheme_views(vm: VizModel, tile: tuple[int, int], layer: int, head: int) ->
         from vizapp.analysis import rope_angle_similarity
 
         info = posinfo.PositionInfo("rope-axial", grid, None, False, posinfo.AXIAL_ROPE_SENTENCE)
-        sim = rope_angle_similarity(vm.rope_angles_fn(), grid).float().numpy()
+        sim = rope_angle_similarity(vm.rope_angles_fn(), grid).float().cpu().numpy()
     elif vm.position == "relative" and vm.relative_bias_fn is not None:
         info = posinfo.PositionInfo("relative-bias", grid, None, False, posinfo.RELATIVE_BIAS_SENTENCE)
         maps = vm.relative_bias_fn().detach().float().cpu().numpy()

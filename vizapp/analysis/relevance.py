@@ -108,7 +108,7 @@ def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int =
         raise ValueError(
             f"expected Ā shaped [L, N, N] and start_layer in range, got {tuple(fused.shape)}, {start_layer}"
         )
-    v = weights.to(torch.float64)
+    v = weights.to(device=fused.device, dtype=torch.float64)  # the weights are made on the host
     for layer in range(fused.shape[0] - 1, start_layer - 1, -1):
         v = v + v @ fused[layer].to(torch.float64)
     return v

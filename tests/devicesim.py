@@ -1,0 +1,197 @@
+"""A GPU simulated on the CPU, so that CI (which has none) checks what code does with tensors on a device.
+
+On a real GPU two mistakes fail at once: ``.numpy()`` of a device tensor (a view must move what it draws to the host
+first), and an operation mixing a device tensor with one made on the host (a constant built without ``device=``, or a
+result already copied out). On the CPU both pass silently. Inside :func:`simulated_gpu`:
+
+- ``vm.device`` says ``cuda:0``; a tensor moved there (``.to(vm.device)``, ``device=vm.device``) becomes an
+  :class:`OnDevice` tensor: a CPU tensor that reports ``cuda:0``, refuses ``.numpy()`` and keeps its kind through
+  every operation; ``.cpu()`` (or ``.to("cpu")``) gives a plain tensor again;
+- a tensor made on the host (a factory call that names no device, ``from_numpy``, ``.cpu()``) is marked as such,
+  and so is what is computed from host tensors alone (a factory given a CPU device is not: in a model that is
+  usually a weight's device, which stays the CPU here);
+- an operation given both an :class:`OnDevice` tensor and a marked host tensor of one or more dimensions raises, as
+  CUDA would (0-d tensors, indexing with host indices and copies into a device tensor are allowed, as on CUDA).
+
+The models' weights become :class:`OnDevice` tensors for the block (the same memory), so the forward runs as it would
+on the device. CUDA graphs are turned off and ``torch.cuda.synchronize`` does nothing. It checks where tensors are, not speed or precision:
+``tests/test_cuda.py`` still runs the real thing where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+FAKE = torch.device("cuda", 0)
+_HOST = "_vizapp_on_host"
+_ALLOWED_MIXES = {"__getitem__", "__setitem__", "copy_", "index_put_", "index_put"}
+
+
+class DeviceMixError(RuntimeError):
+    """A device tensor met a host tensor in one operation (CUDA would raise here)."""
+
+
+def _is_device(spec: Any) -> bool | None:
+    """True for a CUDA device spec, False for a CPU one, None when ``spec`` names no device."""
+    if isinstance(spec, torch.device):
+        return spec.type == "cuda"
+    if isinstance(spec, str) and spec.split(":")[0] in ("cuda", "cpu"):
+        return spec.startswith("cuda")
+    if isinstance(spec, OnDevice):  # .to(other_tensor)
+        return True
+    if isinstance(spec, torch.Tensor):
+        return False
+    return None
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _mark_host(out: Any) -> Any:
+    for t in _tensors(out):
+        if not isinstance(t, OnDevice):
+            with contextlib.suppress(AttributeError, RuntimeError):
+                setattr(t, _HOST, True)
+    return out
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        out = t.as_subclass(torch.Tensor)
+    return _mark_host(out)
+
+
+def _on_device(out: Any) -> Any:
+    if isinstance(out, torch.Tensor) and not isinstance(out, OnDevice):
+        return out.as_subclass(OnDevice)
+    if isinstance(out, tuple):
+        return tuple(_on_device(o) for o in out)
+    if isinstance(out, list):
+        return [_on_device(o) for o in out]
+    return out
+
+
+def _target(func: Any, args: tuple, kwargs: dict) -> bool | None:
+    """For ``Tensor.to``: True (to the device), False (to the host) or None (a dtype change only)."""
+    if kwargs.get("device") is not None:
+        return _is_device(kwargs["device"])
+    for a in args[1:]:
+        found = _is_device(a)
+        if found is not None:
+            return found
+    return None
+
+
+class OnDevice(torch.Tensor):
+    """A CPU tensor standing for one on ``cuda:0`` (see the module's docstring)."""
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy (simulated GPU): call .cpu() first")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return FAKE
+        if func == torch.Tensor.is_cuda.__get__:
+            return True
+        if func == torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy (simulated GPU): call .cpu() first")
+        if func == torch.Tensor.cpu:
+            return _plain(args[0])
+        if func == torch.Tensor.to:
+            where = _target(func, args, kwargs)
+            rest = [a for a in args[1:] if _is_device(a) is None]
+            kw = {k: v for k, v in kwargs.items() if k != "device"}
+            if where is False:
+                with torch._C.DisableTorchFunctionSubclass():
+                    return _plain(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
+            with torch._C.DisableTorchFunctionSubclass():
+                return _on_device(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
+        name = getattr(func, "__name__", "")
+        if name not in _ALLOWED_MIXES:
+            for t in _tensors((args, kwargs)):
+                if not isinstance(t, OnDevice) and t.dim() > 0 and getattr(t, _HOST, False):
+                    raise DeviceMixError(
+                        f"{name or func}: a cuda:0 tensor and a host tensor {tuple(t.shape)} in one operation "
+                        "(simulated GPU)"
+                    )
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _Mode(TorchFunctionMode):
+    """Tensors made with ``device=cuda`` or moved there become :class:`OnDevice`; ones made on the host are marked."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        kwargs.pop("pin_memory", None)
+        inputs = list(_tensors((args, kwargs)))
+        if any(isinstance(t, OnDevice) for t in inputs):
+            return func(*args, **kwargs)  # OnDevice.__torch_function__ decides
+        if func == torch.Tensor.to and _target(func, args, kwargs):
+            rest = [a for a in args[1:] if _is_device(a) is None]
+            kw = {k: v for k, v in kwargs.items() if k != "device"}
+            return _on_device(func(args[0], *rest, **kw))
+        if func == torch.Tensor.cuda:
+            return _on_device(args[0].clone())
+        spec = kwargs.get("device")
+        if spec is not None and _is_device(spec):
+            kwargs["device"] = "cpu"
+            return _on_device(func(*args, **kwargs))
+        out = func(*args, **kwargs)
+        # made on the host: no device named (a device named as "cpu" is usually a weight's, which stays on the CPU
+        # here though it would be on the GPU), or computed from host tensors only
+        if (not inputs and spec is None) or any(getattr(t, _HOST, False) for t in inputs):
+            _mark_host(out)
+        return out
+
+
+@contextlib.contextmanager
+def simulated_gpu(*models: Any) -> Iterator[None]:
+    """Run the block as if ``models`` (VizModels) were on ``cuda:0`` (see the module's docstring)."""
+    from unittest import mock
+
+    saved = [vm.device for vm in models]
+    for vm in models:
+        object.__setattr__(vm, "device", FAKE)
+        vm._digest.clear()  # constants made for the CPU device
+        _convert(vm.model, OnDevice)
+    try:
+        with (
+            mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
+            mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "0"}),
+            _Mode(),
+        ):
+            yield
+    finally:
+        for vm, device in zip(models, saved, strict=True):
+            object.__setattr__(vm, "device", device)
+            vm._digest.clear()
+            _convert(vm.model, torch.Tensor)
+
+
+def _convert(model: torch.nn.Module, kind: type) -> None:
+    """Every parameter and buffer of ``model`` as ``kind`` (the same memory; parameters stay parameters)."""
+    before = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        if kind is OnDevice:
+            model._apply(lambda t: t.as_subclass(OnDevice))
+        else:
+            with torch._C.DisableTorchFunctionSubclass():  # else the subclass's own handling keeps its kind
+                model._apply(lambda t: t.as_subclass(kind))
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(before)

@@ -1,0 +1,115 @@
+"""An analysis keeps what its forward made on the model's device and moves to the host only what a view draws (issue
+23, item 2), checked on the CPU with a simulated GPU (:mod:`tests.devicesim`): a ``.numpy()`` of a device tensor or
+an operation mixing device and host tensors fails there as CUDA would. ``tests/test_cuda.py`` runs the same on a
+real GPU where one is lent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vizapp
+from tests.conftest import random_image
+from tests.devicesim import DeviceMixError, OnDevice, simulated_gpu
+
+MODELS = [
+    ("vit", "vit_tiny_patch16_224", dict(img_size=64, depth=3)),
+    ("reg4", "vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2, num_classes=7)),
+    ("dinov3", "vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=5)),
+    ("beit", "beit_base_patch16_224", dict(img_size=64, depth=2, num_classes=5)),
+    ("deit_distilled", "deit_tiny_distilled_patch16_224", dict(img_size=(48, 80), depth=2)),
+]
+
+
+def _load(name: str, kwargs: dict) -> vizapp.VizModel:
+    torch.manual_seed(0)
+    return vizapp.load_model(name, pretrained=False, device="cpu", **kwargs)
+
+
+def test_the_simulated_gpu_fails_where_cuda_would():
+    """The tool can fail: .numpy() of a device tensor, and a device tensor meeting a host-made one, both raise;
+    .cpu() brings a tensor back, and 0-d host tensors and host indices mix as on CUDA."""
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=1))
+    with simulated_gpu(vm):
+        y = vm.logits(vm.transform(random_image(0))[None].to(vm.device)).detach()
+        assert isinstance(y, OnDevice) and y.device.type == "cuda"
+        with pytest.raises(TypeError, match="numpy"):
+            y.numpy()
+        with pytest.raises(TypeError, match="numpy"):
+            np.asarray(y)
+        with pytest.raises(DeviceMixError):
+            y[0] + torch.ones(y.shape[-1])
+        assert torch.equal(y + torch.tensor(1.0), y + 1)  # a 0-d host tensor is allowed
+        assert y[0][torch.tensor([0, 1])].shape == (2,)  # host indices are allowed
+        assert torch.ones(3, device=vm.device).device.type == "cuda"
+        assert y.cpu().numpy().shape == tuple(y.shape)
+    assert vm.device.type == "cpu" and not isinstance(next(vm.model.parameters()), OnDevice)
+
+
+def _views(r: vizapp.Analysis) -> dict[str, object]:
+    """Every analysis and view of the API (numpy out), computed where the analysis is."""
+    from vizapp.views import render_all
+
+    out: dict[str, object] = {
+        "attention": r.attention(r.num_layers - 1),
+        "attention_patch": r.attention(0, 0, (1, 1)),
+        "prefix": r.prefix_attention(0),
+        "rollout": r.rollout(),
+        "rollout_max": r.rollout("max", 0.5),
+        "rollout_min_from_1": r.rollout("min", 0.0, 1),
+        "norms": r.token_norms(),
+        "relevance": r.relevance(1),
+        "grad_rollout": r.grad_rollout(1),
+        "flow": r.attention_flow(),
+        "last": r.last_layer_attention(),
+        "pca": r.feature_pca(),
+        "similarity": r.feature_similarity((1, 1)),
+        "artifacts": r.artifact_tokens(),
+        "attnlrp": r.explain("attnlrp", 1),
+        "legrad": r.explain("legrad", 1),
+    }
+    if r.has_class_token:
+        out["dino_masks"] = r.dino_masks()
+    if r.num_registers:
+        out["registers"] = r.register_attention()["from_patches"]
+    out |= {f"array_{k}": v for k, v in r.arrays().items()}
+    faith = r.faithfulness({"rollout": r.rollout()}, class_idx=1, steps=4, random_seed=None)
+    out["deletion"] = faith["rollout"]["deletion"].probs
+    assert all(v is not None for v in render_all(r, None).values() if v is not None)
+    return out
+
+
+@pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
+def test_the_record_stays_on_the_device_and_every_view_equals_the_cpus(fid, name, kwargs):
+    vm = _load(name, kwargs)
+    img = random_image(1)
+    on_cpu = vizapp.analyze(vm, img, gradients=True)
+    want = _views(on_cpu)
+    with simulated_gpu(vm):
+        r = vizapp.analyze(vm, img, gradients=True)
+        # what the forward kept is on the device; what the views draw as it is came over in one copy
+        assert all(isinstance(t, OnDevice) for t in (*r.q, *r.k, *r.block_outputs.values()))
+        assert all(isinstance(b, OnDevice) for b in r.biases if b is not None)
+        assert isinstance(r.mean_distance, np.ndarray) and isinstance(r.block_norms, np.ndarray)
+        got = _views(r)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(r.probs, on_cpu.probs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_and_its_class_maps_stay_on_the_device():
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2))
+    imgs = [random_image(i) for i in range(3)]
+    names = ["relevance", "grad_rollout", "rollout", "attnlrp", "legrad", "transformer_attribution"]
+    want, want_rows = vizapp.explain(vm, imgs, names, 1), [r.rollout("max") for r in vizapp.analyze(vm, imgs)]
+    with simulated_gpu(vm):
+        rs = vizapp.analyze(vm, imgs)
+        assert all(isinstance(r.q[0], OnDevice) for r in rs)
+        rows = [r.rollout("max") for r in rs]
+        got = vizapp.explain(vm, imgs, names, 1)
+    for a, b in zip(rows, want_rows, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for n in names:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=n)
