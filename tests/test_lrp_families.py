@@ -346,6 +346,18 @@ def test_timm_models_the_rules_do_not_cover_say_why(name, kwargs, why):
     assert why in lrp.unsupported(timm.create_model(name, pretrained=False, **kwargs))
 
 
+def test_an_openclip_tower_is_refused_as_a_tower():
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is installed by requirements.txt")
+    model = open_clip.create_model(
+        "ViT-B-32",
+        pretrained=None,
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+        text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
+    )
+    assert "vision tower: its classes are text prompts" in lrp.unsupported(model.visual)
+
+
 def test_a_torchvision_pre_logits_head_is_refused_and_a_loaded_refusal_reaches_explain(tmp_path):
     model = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=1, num_heads=4, hidden_dim=32, mlp_dim=64, representation_size=16

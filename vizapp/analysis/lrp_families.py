@@ -24,7 +24,8 @@ attention pooling: BEiT, EVA, SigLIP, I-JEPA, the gap models; DINOv2's classifie
 CLS token; DeiT's two averaged heads), RoPE models (EVA-02, DINOv3, timm's rope ViTs: q and k are rotated between
 the projection and q kᵀ), relative-position-bias models (BEiT, Data2Vec-vision, timm's relpos ViTs: a learned bias
 is added to q kᵀ), gated MLPs (DINOv2's SwiGLU), image-text vision towers (CLIP and its kin: their classes are text
-prompts scored by cosine similarity, not a linear head), and models without a classifier head.
+prompts scored by cosine similarity, not a linear head; OpenCLIP's towers too), and models without a classifier
+head.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ _HF_CLASSIFIERS = {
     "ViTMSNForImageClassification": ("vit", "ViTMSN"),
     "DeiTForImageClassification": ("deit", "DeiT"),
 }
-_TOWER = (
+TOWER = (
     "it is an image-text model's vision tower: its classes are text prompts scored by cosine similarity to a "
     "projection of its output, not by a linear head on the CLS token, which is where the authors' rules start"
 )
@@ -228,7 +229,7 @@ class HfViT:
         if model_type in _HF_UNDEFINED:
             return _HF_UNDEFINED[model_type]
         if str(model_type).endswith("_vision_model"):
-            return _TOWER
+            return TOWER
         if model_type in ("beit", "data2vec-vision"):
             if getattr(config, "use_relative_position_bias", 0) or getattr(
                 config, "use_shared_relative_position_bias", 0
@@ -354,7 +355,23 @@ class TorchvisionViT:
         return Net(embed, tuple(blocks), model.encoder.ln, torch.nn.Identity(), model.heads.head, 1)
 
 
-FAMILIES = (TimmViT, HfViT, TorchvisionViT)
+class OpenClipTower:
+    """OpenCLIP's vision tower, which the rules never cover (:data:`TOWER`)."""
+
+    @staticmethod
+    def matches(model: torch.nn.Module) -> bool:
+        return type(model).__module__.startswith("open_clip.")
+
+    @staticmethod
+    def unsupported(model: torch.nn.Module) -> str:
+        return TOWER
+
+    @staticmethod
+    def net(model: torch.nn.Module) -> Net:
+        raise ValueError(TOWER)
+
+
+FAMILIES = (TimmViT, HfViT, TorchvisionViT, OpenClipTower)
 
 
 def family_of(model: torch.nn.Module) -> type | None:
