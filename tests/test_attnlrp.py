@@ -76,9 +76,14 @@ def _tv_model(dtype: torch.dtype):
 
 
 def _lxt_vit_rules():
-    """lxt's ViT rule map (``lxt.efficient.models.vit_torch.cp_LRP``). lxt 2.1's package imports its transformers-LLM
-    patches on import, which need transformers 4 (``transformers.modeling_attn_mask_utils``); its ViT module and rules
-    need only torch and torchvision, so the two packages are entered without running their ``__init__``."""
+    """lxt's ViT rule map (``lxt.efficient.models.vit_torch.cp_LRP``)."""
+    return _lxt("lxt.efficient.models.vit_torch").cp_LRP
+
+
+def _lxt(name: str):
+    """A module of lxt's ``efficient`` package. lxt 2.1's package imports its transformers-LLM patches on import,
+    which need transformers 4 (``transformers.modeling_attn_mask_utils``); its ViT module, patches and rules need only
+    torch and torchvision, so the two packages are entered without running their ``__init__``."""
     import importlib
     import sys
     import types
@@ -89,15 +94,15 @@ def _lxt_vit_rules():
     root = Path(list(spec.submodule_search_locations)[0])
     saved = {n: sys.modules.get(n) for n in ("lxt.efficient", "lxt.efficient.models")}
     try:
-        for name, folder in (
+        for package, folder in (
             ("lxt.efficient", root / "efficient"),
             ("lxt.efficient.models", root / "efficient/models"),
         ):
-            if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
-                pkg = types.ModuleType(name)
+            if package not in sys.modules or not hasattr(sys.modules[package], "__path__"):
+                pkg = types.ModuleType(package)
                 pkg.__path__ = [str(folder)]
-                sys.modules[name] = pkg
-        return importlib.import_module("lxt.efficient.models.vit_torch").cp_LRP
+                sys.modules[package] = pkg
+        return importlib.import_module(name)
     finally:
         for n, m in saved.items():
             if m is None:
@@ -144,6 +149,66 @@ def test_equals_lxt_on_a_torchvision_vit(dtype):
     model(x2)[torch.arange(2), torch.tensor(cls)].sum().backward()
     plain = patch_sums((x2 * x2.grad).detach(), (4, 4), (8, 8)).float()
     assert float((plain - ref).abs().max()) > 100 * diff
+
+
+# -- against lxt on transformers' DINOv2 with a SwiGLU MLP ---------------------------------------------------------
+
+SWIGLU = ("Dinov2Config", "Dinov2ForImageClassification", dict(image_size=32, num_labels=3, use_swiglu_ffn=True))
+
+
+def _lxt_dinov2_relevance(model: torch.nn.Module, x: torch.Tensor, cls: list[int], uniform: bool = True):
+    """lxt's own patches on a copy of a transformers DINOv2 (class-wide and module-wide: put back after): LayerNorm's
+    ``layer_norm_forward``, the SwiGLU's ``gated_mlp_forward`` (its gate_proj / up_proj / down_proj / act_fn layout is
+    the one lxt's LLM MLPs have), and CP-LRP in the attention (``cp_wrap_attention_forward``: q and k detached) on the
+    eager attention; then x · gradient. ``uniform=False``: the product's gradient not halved (a check that can fail)."""
+    import copy
+
+    from transformers.models.dinov2 import modeling_dinov2
+
+    patches = _lxt("lxt.efficient.patches")
+    ref = copy.deepcopy(model)
+    ref.config._attn_implementation = "eager"
+    ffn = modeling_dinov2.Dinov2SwiGLUFFN
+    saved = (torch.nn.LayerNorm.forward, ffn.forward, modeling_dinov2.eager_attention_forward)
+
+    def without_uniform(self, h):
+        return self.down_proj(patches.identity_rule_implicit(self.act_fn, self.gate_proj(h)) * self.up_proj(h))
+
+    try:
+        assert patches.patch_method(patches.layer_norm_forward, torch.nn.LayerNorm)
+        assert patches.patch_method(patches.gated_mlp_forward if uniform else without_uniform, ffn)
+        modeling_dinov2.eager_attention_forward = patches.cp_wrap_attention_forward(saved[2])
+        x = x.clone().requires_grad_(True)
+        y = ref(pixel_values=x).logits
+        y[torch.arange(x.shape[0]), torch.tensor(cls)].sum().backward()
+        return (x * x.grad).detach()
+    finally:
+        torch.nn.LayerNorm.forward, ffn.forward, modeling_dinov2.eager_attention_forward = saved
+
+
+def test_equals_lxt_on_a_transformers_dinov2_with_a_swiglu_mlp(tmp_path):
+    import test_families as fam
+
+    vm = vizapp.load_model(str(fam.save_hf(tmp_path, *SWIGLU)), device="cpu")
+    assert type(vm.model.dinov2.encoder.layer[0].mlp).__name__ == "Dinov2SwiGLUFFN" and unsupported(vm.model) == ""
+    vm.model.double()
+    try:
+        x = torch.stack([vm.transform(random_image(s)) for s in (1, 2)]).double()
+        cls = [0, 2]
+        found, _ = attnlrp(vm.model, vm.logits, x, cls, vm.grid_size, vm.patch_size)
+        ref = patch_sums(_lxt_dinov2_relevance(vm.model, x, cls), vm.grid_size, vm.patch_size)
+        diff, scale = float((found.double() - ref).abs().max()), float(ref.abs().max())
+        print(f"attnlrp hf dinov2 swiglu: max abs diff vs lxt {diff:.2e} (map scale {scale:.2e})")
+        assert scale > 1e-3 and diff < 1e-5 * scale
+        # without lxt's uniform rule on the gate's product the map is another one: the comparison can fail
+        other = patch_sums(_lxt_dinov2_relevance(vm.model, x, cls, uniform=False), vm.grid_size, vm.patch_size)
+        assert float((other - ref).abs().max()) > 100 * diff
+        assert all_hooks(vm.model) == 0
+    finally:
+        vm.model.float()
+    r = vizapp.analyze(vm, random_image(3))
+    assert methods.unavailable(r, "attnlrp") == ""
+    assert np.isfinite(r.explain("attnlrp", 1)).all()
 
 
 # -- the rules written out for timm -------------------------------------------------------------------------------
@@ -246,6 +311,7 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
         "hf_deit_teacher",
         "hf_dinov2_reg_cls",
         "hf_beit",
+        "hf_dinov2_swiglu",
         "tv",
     ],
 )
@@ -253,7 +319,7 @@ def test_relevance_is_conserved_on_every_family(fid, tmp_path):
     import test_families as fam
 
     folders = {}
-    for hid, config, cls_name, extra in fam.HF:
+    for hid, config, cls_name, extra in [*fam.HF, ("hf_dinov2_swiglu", *SWIGLU)]:
         if hid == fid:
             folders[hid] = str(fam.save_hf(tmp_path, config, cls_name, extra))
     if fid == "tv":  # torchvision's VisionTransformer, small
@@ -321,12 +387,18 @@ def test_models_without_rules_are_refused_in_one_sentence():
     with pytest.raises(BadParameterError, match="pools by attention"):
         vizapp.explain(vm, [random_image(1)], "attnlrp", classes=0)
     assert not views.method_unavailable(r, "legrad")  # LeGrad reads the score through the pooling
-    # transformers' SwiGLU MLP calls SiLU as a function: no module for the identity rule
+    # transformers' DINOv2 SwiGLU MLP is covered (its SiLU is a module, its product gets the uniform rule at
+    # down_proj's input); with the activation a plain function no hook reaches it, and it is refused
     transformers = pytest.importorskip("transformers", reason="the hf extra is installed by requirements-dev.txt")
     config = transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8, use_swiglu_ffn=True
     )
-    assert "gated" in unsupported(transformers.Dinov2Model(config))
+    model = transformers.Dinov2Model(config)
+    assert unsupported(model) == ""
+    mlp = model.encoder.layer[0].mlp
+    del mlp.act_fn
+    mlp.act_fn = F.silu
+    assert "gated" in unsupported(model)
 
 
 @pytest.mark.skipif(

@@ -81,15 +81,15 @@ def test_matmul_and_clone_rules_by_hand():
 def test_relevance_is_conserved_through_every_block():
     vm = small_model(TINY[0], **TINY[1])
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    model = lrp._copy_in(vm.model, torch.float64)
-    _, records, (pooled, tokens) = lrp._forward(model, x.double())
-    one_hot = F.one_hot(torch.tensor([0, 3]), model.head.out_features).double()
-    r_pooled = lrp.linear_relprop(pooled, model.head.weight, one_hot)
+    net = lrp._net(lrp._copy_in(vm.model, torch.float64))
+    _, records, (pooled, tokens) = lrp._forward(net, x.double())
+    one_hot = F.one_hot(torch.tensor([0, 3]), net.head.out_features).double()
+    r_pooled = lrp.linear_relprop(pooled, net.head.weight, one_hot)
     np.testing.assert_allclose(r_pooled.sum(-1).numpy(), [1.0, 1.0], rtol=1e-7)
     r = torch.zeros_like(tokens)
     r[:, 0] = r_pooled
     for layer in (1, 0):
-        r, cam = lrp._block_relprop(model.blocks[layer], records[layer], r, lrp.EPS)
+        r, cam = lrp._block_relprop(net.blocks[layer], records[layer], r, lrp.EPS)
         np.testing.assert_allclose(r.sum(dim=(1, 2)).numpy(), [1.0, 1.0], rtol=1e-6)
         # the attention's share of the relevance reaching this block is halved at A v: R_A sums to half of it
         assert cam.shape == (2, 3, 17, 17)
@@ -272,9 +272,7 @@ def test_other_layouts_are_refused_saying_what_is_supported(image):
         r = vizapp.analyze(vm, image)
         why = vizapp.methods.unavailable(r, "transformer_attribution")
         assert why
-        with pytest.raises(
-            BadParameterError, match="written for timm VisionTransformer models whose head reads the CLS"
-        ):
+        with pytest.raises(BadParameterError, match="whose head is one linear layer on the CLS token: timm"):
             r.explain("transformer_attribution", 0)
         with pytest.raises(ValueError, match="not defined for this model"):
             lrp.transformer_attribution(vm.model, r.input, vm.num_prefix_tokens, 0, vm.grid_size)

@@ -122,8 +122,10 @@ def _flow_cost(r: Analysis) -> Cost:
 
 
 def _lrp_unavailable(r: Analysis) -> str:
-    """Transformer Attribution's LRP rules are written for timm ViTs that read their CLS token (see
-    :func:`vizapp.analysis.lrp.unsupported`); "" while the result's model is gone (computing it then says)."""
+    """Transformer Attribution's LRP rules are written for one ViT block layout with a linear head on the CLS token:
+    timm ``VisionTransformer`` (``global_pool='token'``), transformers ViT/ViT-MSN/DeiT ``ForImageClassification``
+    and torchvision ``vit_*`` (see :mod:`vizapp.analysis.lrp_families`); for any other model this says why, in a
+    phrase (:func:`vizapp.analysis.lrp.unsupported`). "" while the result's model is gone (computing it then says)."""
     from vizapp.analysis.lrp import unsupported
 
     vm = r.model_ref() if r.model_ref is not None else None
@@ -203,7 +205,8 @@ def _multiply_adds_per_second() -> float:
 def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 1) -> np.ndarray:
     """Transformer Attribution maps of a batch (:func:`vizapp.analysis.lrp.transformer_attribution`, float64): one
     forward and one backward, and the relevance pass, for the whole batch; a None class is the image's top-1 (from
-    that forward)."""
+    that forward). Defined for timm ViTs reading their CLS token, transformers ViT/ViT-MSN/DeiT classifiers and
+    torchvision ``vit_*``; any other model is refused with the reason (:func:`vizapp.analysis.lrp.unsupported`)."""
     from vizapp.analysis.lrp import SUPPORTED, transformer_attribution, unsupported
 
     why = unsupported(vm.model, vm.num_prefix_tokens)

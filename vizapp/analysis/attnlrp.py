@@ -13,9 +13,10 @@ input × gradient with modified backward passes, the forward values unchanged:
   gradient to v (lxt applies no uniform rule, no halving, on the ViT's value path);
 - linear layers, the patch embedding's convolution, residual adds, pooling and the head: the plain gradient (lxt's ViT
   map patches none of them);
-- a gated MLP (timm's SwiGLU / GluMlp, as in EVA-02), which torchvision's ViT has not: lxt's rule for gated MLPs
-  (``gated_mlp_forward``, written for its LLMs): the identity rule on the activation and the uniform rule on the
-  product act(x_g) · x_v, its gradient halved between the two factors.
+- a gated MLP (timm's SwiGLU / GluMlp, as in EVA-02; transformers' DINOv2 with ``use_swiglu_ffn``), which
+  torchvision's ViT has not: lxt's rule for gated MLPs (``gated_mlp_forward``, written for its LLMs, whose
+  ``gate_proj`` / ``up_proj`` / ``down_proj`` / ``act_fn`` layout DINOv2's SwiGLU shares): the identity rule on the
+  activation and the uniform rule on the product act(x_g) · x_v, its gradient halved between the two factors.
 
 The relevance of each input pixel is x · ∂̃y_c/∂x at the normalised input, ∂̃ being that modified gradient: one
 forward and one backward. The map sums it over the channels and over each patch's pixels (so the patch embedding's
@@ -41,8 +42,8 @@ EPS = 1e-10
 
 SUPPORTED = (
     "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
-    "module and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA/EVA-02, transformers ViT/DeiT/DINOv2/"
-    "BEiT/CLIP, torchvision vit_*)"
+    "module or a gated MLP, and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA/EVA-02, transformers "
+    "ViT/DeiT/DINOv2 (SwiGLU too)/BEiT/CLIP, torchvision vit_*)"
 )
 """The models the rules cover, as the refusals say it."""
 
@@ -91,8 +92,11 @@ _ALLOWED = {
     "timm.models.eva": ("Eva", "EvaBlock", "EvaAttention"),
     "torchvision.models.vision_transformer": ("VisionTransformer", "Encoder", "EncoderBlock", "MLPBlock"),
 }
-# transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2); a SwiGLU MLP is not.
+# transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2) or the gated MLPs below.
 _HF_MODELS = ("vit", "vit_msn", "ijepa", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
+#: transformers' gated MLPs, down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation is a module (it gets the
+#: identity rule from its hook); the product is not, so the uniform rule goes on down_proj's input.
+_HF_GATED = ("Dinov2SwiGLUFFN", "Dinov2WithRegistersSwiGLUFFN")
 
 
 def _kind(m: torch.nn.Module) -> tuple[str, str]:
@@ -110,7 +114,7 @@ def unsupported(model: torch.nn.Module) -> str:
     non-linear in a way none of the rules covers (a gated MLP, an attention-pooling head, RMSNorm ...)."""
     for name, m in model.named_modules():
         module, cls = _kind(m)
-        if is_activation(m) or cls in _ALLOWED.get(module, ()):
+        if is_activation(m) or cls in _ALLOWED.get(module, ()) or _is_hf_gated_mlp(m):
             continue
         if module.startswith("transformers.models."):
             family = module.split(".")[2]
@@ -118,8 +122,8 @@ def unsupported(model: torch.nn.Module) -> str:
                 continue
         if "SwiGLU" in cls or "Glu" in cls:
             return (
-                f"its MLP is gated ({name or 'model'} is {cls}) with an activation that is not a module, so the "
-                "identity rule cannot reach it"
+                f"its MLP is gated ({name or 'model'} is {cls}) in a layout vizapp's AttnLRP has no hook for (the "
+                "identity rule on its activation, lxt's uniform rule on its product)"
             )
         if "AttentionPool" in cls:
             return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
@@ -139,6 +143,24 @@ def unsupported(model: torch.nn.Module) -> str:
 def _is_gated_mlp(m: torch.nn.Module) -> bool:
     """timm's gated MLPs: act(x_g) · x_v (SwiGLU) or one half of fc1 gating the other (GluMlp)."""
     return _kind(m) in (("timm.layers.mlp", "GluMlp"), ("timm.layers.mlp", "SwiGLU"))
+
+
+def _is_hf_gated_mlp(m: torch.nn.Module) -> bool:
+    """transformers' gated MLPs (:data:`_HF_GATED`) whose pieces are the modules their forward calls."""
+    module, cls = _kind(m)
+    return (
+        module.startswith("transformers.models.")
+        and cls in _HF_GATED
+        and all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+        and is_activation(getattr(m, "act_fn", None))
+    )
+
+
+def _uniform_rule_on_input(_m: torch.nn.Module, args: tuple) -> tuple:
+    """The uniform rule on the product act(x_g) · x_v that a transformers gated MLP hands its ``down_proj`` (a forward
+    pre-hook there): the same value, its gradient halved (lxt's ``divide_gradient(weighted, 2)``)."""
+    x = args[0]
+    return (x.detach() + 0.5 * (x - x.detach()), *args[1:])
 
 
 def _uniform_rule(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -184,6 +206,12 @@ def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
 
         return hook
 
+    def mine_pre(rule: Callable) -> Callable:
+        def hook(m: torch.nn.Module, args: tuple) -> tuple | None:
+            return rule(m, args) if threading.get_ident() == owner else None
+
+        return hook
+
     handles = []
     try:
         for m in model.modules():
@@ -193,6 +221,8 @@ def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
                 handles.append(m.register_forward_hook(mine(_activation_rule)))
             if _is_gated_mlp(m):
                 handles.append(m.drop1.register_forward_hook(mine(_uniform_rule)))
+            elif _is_hf_gated_mlp(m):
+                handles.append(m.down_proj.register_forward_pre_hook(mine_pre(_uniform_rule_on_input)))
         yield
     finally:
         for h in handles:

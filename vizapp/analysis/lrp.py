@@ -22,8 +22,17 @@ Their divisions (``safe_divide``: a / (b + 1e-9), 0 where b == 0) by near-zero a
 float32, so the forward and the propagation run in float64 by default, on a copy of the weights (the model is not
 modified; about 700 MB for a ViT-B).
 Unlike their code this works on a batch (each image's sums are its own) and on any device. The registry's method
-(:meth:`vizapp.pipeline.Analysis.transformer_attribution`) pairs this float64 relevance with the analysis's own
-∂y_c/∂A (well conditioned in float32: no divisions), so that a batch still takes one backward.
+(:func:`vizapp.methods.transformer_attribution_batch`, behind ``r.explain`` and ``vizapp.explain``) takes ∂y_c/∂A
+from the same float64 forward: one forward and one backward for a batch.
+
+Models: the rules are written for one block layout, which timm, transformers and torchvision each build their own
+way; :mod:`vizapp.analysis.lrp_families` has one adapter per library that reads the pieces (embedding, each block's
+norms, q/k/v, output projection, MLP, the final norm and the head), and the forward and the propagation below are
+the same for all. Covered: timm ``VisionTransformer`` reading its CLS token, transformers ``ViTForImageClassification``,
+``ViTMSNForImageClassification`` and ``DeiTForImageClassification``, torchvision ``vit_*``. Every other model is
+refused with the reason in one sentence (:func:`unsupported`): no CLS-token readout (mean or attention pooling, the
+CLS token beside the patch mean, two averaged heads), RoPE, a relative-position bias, a gated MLP, an image-text
+vision tower, no classifier head.
 """
 
 from __future__ import annotations
@@ -35,15 +44,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vizapp.analysis.lrp_families import Block, Net, family_of
+
 #: The stabiliser of the authors' ``safe_divide``.
 EPS = 1e-9
 
 SUPPORTED = (
-    "its LRP rules are written for timm VisionTransformer models whose head reads the CLS token in front "
-    "(global_pool='token': ViT and DeiT without distillation, with or without register tokens) built of timm's "
-    "standard Block, Attention (no qk_norm, no gate) and Mlp"
+    "its LRP rules are written for a ViT block of LayerNorm, q/k/v attention and a two-layer MLP whose head is one "
+    "linear layer on the CLS token: timm VisionTransformer (global_pool='token', no distillation head; registers and "
+    "LayerScale allowed), transformers ViT/ViT-MSN/DeiT ForImageClassification and torchvision vit_*"
 )
-"""The models the rules cover, as the refusals say it."""
+"""The models the rules cover, as the refusals say it (one adapter per library: :mod:`vizapp.analysis.lrp_families`)."""
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -105,48 +116,27 @@ def matmul_relprop(
     return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
 
 
-def _is_identity(m: torch.nn.Module | None) -> bool:
-    return m is None or isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
+def unsupported(model: torch.nn.Module, num_prefix_tokens: int | None = None) -> str:
+    """Why the authors' rules are not defined for ``model`` ("" when they are), in a phrase: see :data:`SUPPORTED`
+    and, for each library, :mod:`vizapp.analysis.lrp_families`. ``num_prefix_tokens``: also check the caller's
+    count of prefix tokens against the model's."""
+    family = family_of(model)
+    if family is None:
+        return f"it is a {type(model).__name__}, not a ViT of timm, transformers or torchvision"
+    why = family.unsupported(model)
+    if why or num_prefix_tokens is None:
+        return why
+    found = family.net(model).num_prefix_tokens
+    return f"num_prefix_tokens={num_prefix_tokens} but the model has {found}" if num_prefix_tokens != found else ""
 
 
-def _identity_rule(m: torch.nn.Module | None) -> bool:
-    """Modules relevance passes through unchanged: identities, dropout, LayerNorm, LayerScale."""
-    return _is_identity(m) or isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "LayerScale"
-
-
-def unsupported(model: torch.nn.Module, num_prefix_tokens: int) -> str:
-    """Why the authors' rules are not defined for ``model`` ("" when they are): see :data:`SUPPORTED`."""
-    if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "head", "norm", "cls_token")):
-        return "it is not a timm VisionTransformer"
-    if model.cls_token is None:
-        return "it has no CLS token (its head pools the patches)"
-    if getattr(model, "dist_token", None) is not None or getattr(model, "head_dist", None) is not None:
-        return "its output averages the heads of a CLS and a distillation token"
-    if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
-        return f"its head does not read the CLS token (global_pool={getattr(model, 'global_pool', None)!r})"
-    if num_prefix_tokens != getattr(model, "num_prefix_tokens", None):
-        return f"num_prefix_tokens={num_prefix_tokens} but the model has {getattr(model, 'num_prefix_tokens', None)}"
-    if not isinstance(model.head, torch.nn.Linear):
-        return "its head is not one linear layer"
-    if not (_identity_rule(model.norm) and _identity_rule(getattr(model, "fc_norm", None))):
-        return "its final norm is not a LayerNorm"
-    for i, blk in enumerate(model.blocks):
-        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
-        if type(blk).__name__ != "Block" or type(attn).__name__ != "Attention" or type(mlp).__name__ != "Mlp":
-            return f"block {i} is {type(blk).__name__} of {type(attn).__name__} and {type(mlp).__name__}"
-        if not all(isinstance(getattr(blk, n, None), torch.nn.LayerNorm) for n in ("norm1", "norm2")):
-            return f"block {i} normalises with something other than LayerNorm"
-        if not all(_identity_rule(getattr(blk, n, None)) for n in ("ls1", "ls2")):
-            return f"block {i} scales its branches with something other than LayerScale"
-        if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm)):
-            return f"block {i} normalises q and k (qk_norm)"
-        if not _is_identity(getattr(attn, "norm", None)) or getattr(attn, "gate", None) is not None:
-            return f"block {i} normalises or gates its attention output"
-        if not (isinstance(mlp.fc1, torch.nn.Linear) and isinstance(mlp.fc2, torch.nn.Linear)):
-            return f"block {i}'s MLP is not two linear layers"
-        if not _is_identity(getattr(mlp, "norm", None)) or any(True for _ in mlp.act.parameters()):
-            return f"block {i}'s MLP has a norm or a learned activation"
-    return ""
+def _net(model: torch.nn.Module) -> Net:
+    """The pieces the rules read of ``model`` (:class:`~vizapp.analysis.lrp_families.Net`), or ValueError saying why
+    they are not defined for it."""
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"Transformer Attribution is not defined for this model: {why}; {SUPPORTED}")
+    return family_of(model).net(model)
 
 
 @dataclass
@@ -178,49 +168,62 @@ def _copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, list, list]:
-    """The eval forward of ``model`` (a :func:`_copy_in` copy) through its own submodules, the attention written out
-    (dropout and drop-path are identities in eval); ``track``: the blocks in the autograd graph (for ∂y_c/∂A).
+def _forward(net: Net, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, list, list]:
+    """The eval forward of ``net`` (read from a :func:`_copy_in` copy) through the model's own submodules, the
+    attention written out (dropout and drop-path are identities in eval); ``track``: the blocks in the autograd graph
+    (for ∂y_c/∂A).
 
     Returns:
         (logits [B, K], one :class:`_BlockRecord` per block, [pooled input of the head [B, D], normed tokens [B, N, D]])
     """
-    with torch.no_grad():  # the embeddings: timm's own code (position embedding, CLS and register tokens)
-        t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    with torch.no_grad():  # the embeddings: the library's own code (position embedding, prefix tokens)
+        t = net.embed(x)
     t = t.requires_grad_(track)
     records = []
-    for blk in model.blocks:
-        attn, mlp = blk.attn, blk.mlp
+    for blk in net.blocks:
         b, n, _ = t.shape
         n1 = blk.norm1(t)
-        qkv = attn.qkv(n1).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, N, d]
-        a = torch.softmax((q @ k.transpose(-2, -1)) * attn.scale, dim=-1)  # [B, H, N, N]
+        qkv = torch.cat([lin(n1) for lin in blk.qkv], dim=-1)  # [B, N, 3·H·d]: q, k, v, each head-major
+        q, k, v = qkv.reshape(b, n, 3, blk.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+        a = torch.softmax((q @ k.transpose(-2, -1)) * blk.scale, dim=-1)  # [B, H, N, N]
         o = (a @ v).transpose(1, 2).reshape(b, n, -1)  # [B, N, H·d]
-        branch1 = blk.ls1(attn.proj(o))
+        branch1 = blk.ls1(blk.proj(o))
         mid = t + branch1
         n2 = blk.norm2(mid)
-        h = mlp.norm(mlp.act(mlp.fc1(n2))) if hasattr(mlp, "norm") else mlp.act(mlp.fc1(n2))
-        branch2 = blk.ls2(mlp.fc2(h))
+        h = blk.act(blk.fc1(n2))
+        branch2 = blk.ls2(blk.fc2(h))
         records.append(_BlockRecord(t, n1, q, k, v, a, o, branch1, mid, n2, h, branch2))
         t = mid + branch2
-    tokens = model.norm(t)
-    pooled = model.fc_norm(tokens[:, 0])  # [B, D]
-    return model.head(pooled), records, [pooled, tokens]
+    tokens = net.norm(t)
+    pooled = net.pre_head(tokens[:, 0])  # [B, D]
+    return net.head(pooled), records, [pooled, tokens]
+
+
+def qkv_relprop(n1: torch.Tensor, qkv: Sequence, relevance: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """z⁺ rule of the q/k/v projection, given as one linear layer or as several whose outputs are concatenated
+    (transformers' q, k and v): the rule is per output unit, so its sum over the parts is the rule on the whole.
+
+    Args:
+        n1: the projection's input [B, N, D].
+        qkv: linear layers (``weight`` [out_i, D]); their outputs, concatenated, are ``relevance``'s last dimension.
+        relevance: [B, N, Σ out_i].
+    """
+    parts = relevance.split([lin.weight.shape[0] for lin in qkv], dim=-1)
+    return sum(linear_relprop(n1, lin.weight.detach().to(n1.dtype), r, eps) for lin, r in zip(qkv, parts, strict=True))
 
 
 def _block_relprop(
-    blk: torch.nn.Module, rec: _BlockRecord, relevance: torch.Tensor, eps: float
+    blk: Block, rec: _BlockRecord, relevance: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block's relevance pass (their ``Block.relprop``): (relevance at its input, R_A [B, H, N, N])."""
     b, h, n, d = rec.q.shape
     r_mid, r_mlp = add_relprop(rec.mid, rec.branch2, relevance, eps)
-    r_h = linear_relprop(rec.h, blk.mlp.fc2.weight.detach().to(rec.h.dtype), r_mlp, eps)  # LayerScale: identity
-    r_n2 = linear_relprop(rec.n2, blk.mlp.fc1.weight.detach().to(rec.h.dtype), r_h, eps)  # GELU: identity
+    r_h = linear_relprop(rec.h, blk.fc2.weight.detach().to(rec.h.dtype), r_mlp, eps)  # LayerScale: identity
+    r_n2 = linear_relprop(rec.n2, blk.fc1.weight.detach().to(rec.h.dtype), r_h, eps)  # GELU: identity
     r_mid = clone_relprop(rec.mid, (r_mid, r_n2), eps)  # norm2: identity
 
     r_x, r_attn = add_relprop(rec.x, rec.branch1, r_mid, eps)
-    r_o = linear_relprop(rec.o, blk.attn.proj.weight.detach().to(rec.o.dtype), r_attn, eps)
+    r_o = linear_relprop(rec.o, blk.proj.weight.detach().to(rec.o.dtype), r_attn, eps)
     r_o = r_o.reshape(b, n, h, d).transpose(1, 2)  # [B, H, N, d]
     r_a, r_v = matmul_relprop(rec.attn, rec.v, r_o, eps)
     r_a, r_v = r_a / 2, r_v / 2  # the relevance of the attention map: the "cam" of the authors' code
@@ -228,7 +231,7 @@ def _block_relprop(
     r_q, r_kt = matmul_relprop(rec.q, rec.k.transpose(-2, -1), r_a, eps)
     r_qkv = torch.stack([r_q / 2, r_kt.transpose(-2, -1) / 2, r_v])  # [3, B, H, N, d]
     r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
-    r_n1 = linear_relprop(rec.n1, blk.attn.qkv.weight.detach().to(rec.n1.dtype), r_qkv, eps)
+    r_n1 = qkv_relprop(rec.n1, blk.qkv, r_qkv, eps)
     return clone_relprop(rec.x, (r_x, r_n1), eps), r_a  # norm1: identity
 
 
@@ -261,8 +264,8 @@ def attention_relevance(
     """Each block's LRP relevance at its attention probabilities, R_A (steps 1-2 of the module docstring).
 
     Args:
-        model: a timm VisionTransformer (see :func:`unsupported`); its eval forward is run again in ``dtype``, on a
-            copy of its weights.
+        model: a ViT :func:`unsupported` accepts (timm, transformers or torchvision); its eval forward is run again
+            in ``dtype``, on a copy of its weights.
         x: the input [B, C, H, W], normalised as the model expects.
         class_idx: the class explained, one for the batch or one per image (None: the image's top-1 class).
         start_layer: blocks below it are not propagated through (their entries are None).
@@ -273,9 +276,10 @@ def attention_relevance(
     Returns:
         ([R_A [B, H, N, N] per block, None below ``start_layer``], [∂y_c/∂A [B, H, N, N] per block] or None)
     """
-    model = _copy_in(model, dtype)
+    _net(model)  # refused before the copy when not defined
+    net = _net(_copy_in(model, dtype))
     with torch.enable_grad() if gradients else torch.no_grad():
-        logits, records, (pooled, tokens) = _forward(model, x.to(dtype), track=gradients)
+        logits, records, (pooled, tokens) = _forward(net, x.to(dtype), track=gradients)
         cls = _classes(class_idx, x.shape[0], logits.device, logits)
         grads = None
         if gradients:
@@ -284,14 +288,14 @@ def attention_relevance(
     with torch.no_grad():
         one_hot = F.one_hot(cls, logits.shape[-1]).to(dtype)  # [B, K]
         pooled, tokens = pooled.detach(), tokens.detach()
-        r_pooled = linear_relprop(pooled, model.head.weight.detach().to(dtype), one_hot, eps)  # fc_norm: identity
+        r_pooled = linear_relprop(pooled, net.head.weight.detach().to(dtype), one_hot, eps)  # fc_norm: identity
         r = torch.zeros_like(tokens)  # the CLS pooling: relevance to token 0 (their IndexSelect.relprop)
         r[:, 0] = tokens[:, 0] * safe_divide(r_pooled, tokens[:, 0], eps)  # final norm: identity
         cams: list[torch.Tensor | None] = [None] * len(records)
         for layer in range(len(records) - 1, start_layer - 1, -1):
             rec = records[layer]
             rec = _BlockRecord(*(t.detach() for t in vars(rec).values()))
-            r, cams[layer] = _block_relprop(model.blocks[layer], rec, r, eps)
+            r, cams[layer] = _block_relprop(net.blocks[layer], rec, r, eps)
     return cams, grads
 
 
@@ -310,7 +314,8 @@ def transformer_attribution(
     """Transformer Attribution maps (Chefer, Gur & Wolf, CVPR 2021) of a batch, [B, gh, gw] float32.
 
     Args:
-        model: a timm VisionTransformer reading its CLS token (see :data:`SUPPORTED`), in eval mode.
+        model: a ViT reading its CLS token, of a layout :func:`unsupported` accepts (see :data:`SUPPORTED`), in eval
+            mode.
         x: the input [B, C, H, W], normalised as the model expects, on the model's device.
         num_prefix_tokens: tokens before the patches (CLS first, then any registers); the map skips them.
         class_idx: the class explained: one for the batch, or one per image (None: the image's top-1 class).
@@ -334,7 +339,7 @@ def transformer_attribution(
     why = unsupported(model, num_prefix_tokens)
     if why:
         raise ValueError(f"Transformer Attribution is not defined for this model: {why}; {SUPPORTED}")
-    depth = len(model.blocks)
+    depth = len(_net(model).blocks)
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
         raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
     if x.dim() != 4:
