@@ -581,3 +581,14 @@ def test_no_head_and_rule_refusals(tmp_path):
     assert "pools by 'max'" in WE.unsupported(model)
     with pytest.raises(ValueError, match="AttnLRP is not defined for this model: its head pools by 'max'"):
         WE.attnlrp(model, model, torch.randn(1, 3, 24, 40), [0], (4, 4))
+
+
+def test_the_cost_counts_swin_t_as_its_paper_does():
+    """Swin-T at 224 px: 4.5 G multiply-adds a forward (Liu et al. 2021, Table 1, "FLOPs" counted as multiply-adds);
+    the registry's estimate of AttnLRP and LeGrad counts it from the blocks and their windows."""
+    torch.manual_seed(0)
+    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu")
+    r = vizapp.analyze(vm, random_image(0))
+    forward = methods._windowed_forward(vm, r)
+    assert 4.3e9 < forward < 4.6e9
+    assert "one forward and one backward" in methods.cost(r, "attnlrp").work

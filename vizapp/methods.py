@@ -245,7 +245,8 @@ def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None
 
 def _windowed_forward(vm: VizModel, r: Any) -> int:
     """A windowed model's forward in multiply-adds: each block's weights once per token of its grid, q kᵀ and A v
-    within its windows; the rest (patch embedding, mergings, head) counted at the first stage's token count (high)."""
+    within its windows; the rest (patch embedding, mergings, head: a few percent of Swin-T's) counted at the last
+    stage's token count."""
     import torch
 
     from vizapp.windows import window_sites
@@ -257,7 +258,7 @@ def _windowed_forward(vm: VizModel, r: Any) -> int:
         total += p * n + 2 * g.num_windows * (g.window[0] * g.window[1]) ** 2 * width
         in_blocks += p
     rest = sum(w.numel() for w in vm.model.parameters()) - in_blocks
-    return total + rest * r.tokens_per_layer[0]
+    return total + rest * r.tokens_per_layer[-1]
 
 
 def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
