@@ -357,7 +357,14 @@ def test_the_app_analyses_a_swin_model(vm, monkeypatch):
     monkeypatch.setattr(handlers, "_load", lambda *a, **k: vm)  # the tiny Swin, not a 28M-parameter Swin-T
     out = ui.analyze_image(random_image(0), name, random_weights=True, progress=lambda *a, **k: None)
     assert "Windowed attention (Swin)" in out.status and "random weights" in out.status
-    assert [c[1] for c in out.method["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
+    assert [c[1] for c in out.method["choices"]] == [
+        "rollout",
+        "grad_rollout",
+        "relevance",
+        "attnlrp",
+        "legrad",
+        "last_layer",
+    ]
     assert "Attention flow" in out.methods_note and "no class token" in out.methods_note
     assert out.query_mode["value"] == "Clicked patch" and out.query_mode["interactive"] is False
     assert out.imp_exact_button["visible"] is False and out.imp_gradient_button["visible"] is False

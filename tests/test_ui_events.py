@@ -476,9 +476,19 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     _assert_clean(_analyze(d, photo), "analyze")
     assert "Windowed attention (Swin)" in d.values[d.by_elem_id("vizapp-status")]
     method = d.by_label("Method", "dropdown")
-    assert [c[1] for c in d.props[method]["choices"]] == ["rollout", "grad_rollout", "relevance", "last_layer"]
+    choices = [c[1] for c in d.props[method]["choices"]]
+    assert choices == ["rollout", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer"]
     note = d.values[d.by_elem_id("vizapp-methods-note")]
     assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
+    assert "LeGrad for Swin sums the last stage's blocks only" in note
+    for name, label in (("attnlrp", "AttnLRP (input × LRP"), ("legrad", "LeGrad over the last stage's blocks")):
+        _assert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
+        assert _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
+        assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
+    _assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    titles = json.dumps(_plot(d, "vizapp-compare-plot")["layout"])
+    assert "AttnLRP" in titles and "LeGrad" in titles
+    _assert_clean(d.set(method, "rollout"), "method rollout")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]

@@ -60,6 +60,8 @@ class Method:
         batch: for a method that runs the model itself (its own forward and backward, not the analysis's):
             ``batch(vm, x [B, C, H, W], classes, **options) -> [B, gh, gw]`` for a whole batch at once, each class an
             index or None (the image's top-1); ``vizapp.explain`` calls it once per forward group.
+        windowed: for a method a windowed-attention (Swin) model also offers, what it means there in one sentence
+            where that differs from the plain ViT's definition (the app says it); "" otherwise.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Method:
     options: tuple[str, ...] = ()
     unavailable: Callable[[Analysis], str] | None = None
     batch: Callable[..., np.ndarray] | None = None
+    windowed: str = ""
 
 
 # Calibration graph for the flow estimate: small enough to cost ~20 ms, big enough that per-edge time settles.
@@ -138,13 +141,22 @@ def _model_of(r: Analysis) -> VizModel | None:
 
 
 def _attnlrp_why(vm: VizModel) -> str:
-    from vizapp.analysis.attnlrp import SUPPORTED, unsupported
+    if vm.windowed:  # Swin: the same rules through windows and patch mergings
+        from vizapp.analysis.windows_explain import SUPPORTED, unsupported
+    else:
+        from vizapp.analysis.attnlrp import SUPPORTED, unsupported
 
     why = unsupported(vm.model)
     return f"{why}; {SUPPORTED}" if why else ""
 
 
 def _legrad_why(vm: VizModel) -> str:
+    if vm.windowed:
+        from vizapp.models.swin import head_lens
+
+        if head_lens(vm.model) is None:
+            return "LeGrad reads the class score through the model's own final norm, pooling and head, and it has none"
+        return ""
     if vm.lens_fn is None:
         return (
             "LeGrad reads the class score from every block's output through the model's own final norm, pooling and "
@@ -160,6 +172,11 @@ def _attnlrp_batch(vm: VizModel, x: Any, classes: list[int | None]) -> np.ndarra
     why = _attnlrp_why(vm)
     if why:
         raise BadParameterError(f"AttnLRP is not defined for {vm.name}: {why}")
+    if vm.windowed:  # over the first stage's grid (vizapp.analysis.windows_explain)
+        from vizapp.analysis import windows_explain
+
+        maps, _ = windows_explain.attnlrp(vm.model, vm.logits, x, classes, vm.patch_size)
+        return maps.cpu().numpy()
     maps, _ = attnlrp(vm.model, vm.logits, x, classes, vm.grid_for(x.shape[-2], x.shape[-1]), vm.patch_size)
     return maps.cpu().numpy()
 
@@ -175,6 +192,12 @@ def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: 
         raise BadParameterError(f"start_layer must be an integer, got {start_layer!r}"[:200])
     if not 0 <= start_layer < vm.num_layers:
         raise BadParameterError(f"start_layer must be in [0, {vm.num_layers - 1}], got {start_layer}")
+    if vm.windowed:  # the last stage's blocks, over the first stage's grid (vizapp.analysis.windows_explain)
+        from vizapp.analysis import windows_explain
+        from vizapp.models.swin import head_lens
+
+        maps, _ = windows_explain.legrad(vm.model, vm.logits, head_lens(vm.model), x, classes, int(start_layer))
+        return maps.cpu().numpy()
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     maps, _ = legrad(vm.model, vm.logits, vm.lens_fn, x, classes, vm.num_prefix_tokens, grid, int(start_layer))
     return maps.cpu().numpy()
@@ -223,15 +246,36 @@ def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None
     return found.cpu().numpy()
 
 
+def _windowed_forward(vm: VizModel, r: Any) -> int:
+    """A windowed model's forward in multiply-adds: each block's weights once per token of its grid, q kᵀ and A v
+    within its windows; the rest (patch embedding, mergings, head: a few percent of Swin-T's) counted at the last
+    stage's token count."""
+    import torch
+
+    from vizapp.windows import window_sites
+
+    total, in_blocks = 0, 0
+    for site, g, n in zip(window_sites(vm.model), r.geometry, r.tokens_per_layer, strict=True):
+        p = sum(w.numel() for w in site.block.parameters())
+        width = next(m for m in site.block.modules() if isinstance(m, torch.nn.LayerNorm)).normalized_shape[0]
+        total += p * n + 2 * g.num_windows * (g.window[0] * g.window[1]) ** 2 * width
+        in_blocks += p
+    rest = sum(w.numel() for w in vm.model.parameters()) - in_blocks
+    return total + rest * r.tokens_per_layer[-1]
+
+
 def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
     """The cost of one forward and one backward of the analysis's model, said in passes and estimated in seconds."""
 
     def cost(r: Analysis) -> Cost:
         vm = _model_of(r)
         params = sum(p.numel() for p in vm.model.parameters()) if vm is not None else 0
-        n, d = r.num_tokens, r.q[0].shape[-1] * r.num_heads
-        # a forward's multiply-adds: every weight once per token, q kᵀ and A v per layer; a backward about twice that
-        forward = params * n + 2 * r.num_layers * n * n * d
+        if getattr(r, "windowed", False):
+            forward = _windowed_forward(vm, r) if vm is not None else 0
+        else:
+            n, d = r.num_tokens, r.q[0].shape[-1] * r.num_heads
+            # a forward's multiply-adds: every weight once per token, q kᵀ and A v per layer; a backward about twice
+            forward = params * n + 2 * r.num_layers * n * n * d
         return Cost(
             work=f"one forward and one backward pass of the model ({what}), about 3 forward passes of work",
             seconds=3 * forward / _multiply_adds_per_second(),
@@ -241,6 +285,18 @@ def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
 
     return cost
 
+
+#: what AttnLRP and LeGrad mean on a windowed (Swin) model (vizapp.analysis.windows_explain), one sentence each
+ATTNLRP_WINDOWED = (
+    "AttnLRP for Swin applies the same rules through the windows, shifts and patch mergings (the identity rule on "
+    "every LayerNorm, the mergings' included; no relevance through the window softmax), summed over each first-stage "
+    "patch."
+)
+LEGRAD_WINDOWED = (
+    "LeGrad for Swin sums the last stage's blocks only: the head (final norm, average pooling, linear layer) reads "
+    "only the last stage's channel width, and each last-stage token is drawn over its 2^k x 2^k first-stage tokens "
+    "(k patch mergings)."
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -306,6 +362,7 @@ METHODS: dict[str, Method] = {
             cost=_forward_backward_cost("LRP rules on LayerNorm, the activation and the attention"),
             unavailable=_unavailable_by(_attnlrp_why),
             batch=_attnlrp_batch,
+            windowed=ATTNLRP_WINDOWED,
         ),
         Method(
             "legrad",
@@ -317,6 +374,7 @@ METHODS: dict[str, Method] = {
             cost=_forward_backward_cost("each block's class score, one backward for all"),
             unavailable=_unavailable_by(_legrad_why),
             batch=_legrad_batch,
+            windowed=LEGRAD_WINDOWED,
         ),
     )
 }

@@ -9,7 +9,8 @@ class-specific maps are carried down to the first stage's grid through the patch
 What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view;
 it has no learned absolute position embedding; its layers have different token sets, so a view that stacks [L, H, N,
 N] (attention flow, Transformer Attribution's LRP rules, head ablation, the feature views of a token stream of fixed
-length) is not offered.
+length) is not offered. AttnLRP and LeGrad run the model again with their own rules for windows
+(:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's blocks).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from vizapp.resultcache import Key, ResultCache
 from vizapp.windows import WindowCapture, WindowGeometry
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
-METHODS = ("rollout", "grad_rollout", "relevance", "last_layer")
+METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer")
+#: the maps that run the model again themselves (their own forward and backward; :meth:`WindowAnalysis.model_map`)
+MODEL_METHODS = ("attnlrp", "legrad")
 #: view -> why it is not defined for a windowed model (one sentence each)
 UNDEFINED = {
     "cls": "Swin has no class token (its head averages the last stage's tokens), so there is no CLS row to show.",
@@ -40,9 +43,6 @@ UNDEFINED = {
     "windowed attention and patch merging.",
     "ablation": "Head ablation is offered for plain ViTs only; Swin's heads differ per stage.",
     "features": "The feature views need one token stream of fixed length; Swin's changes at every patch merging.",
-    "attnlrp": "AttnLRP's rules are written for a plain ViT block, not for windowed attention and patch merging.",
-    "legrad": "LeGrad reads every block's class score from a token stream of fixed length, and Swin's changes at "
-    "every patch merging.",
     "discard": "The discard ratio is not used for Swin: it drops the smallest entries of a dense N x N attention "
     "matrix, which the windowed rollout never forms.",
 }
@@ -290,9 +290,25 @@ class WindowAnalysis:
         full = self.full_attention(self.num_layers - 1).double().mean(0)  # [N, N]
         return full.mean(0).reshape(self.layer_grids[-1]).float().numpy()
 
+    def model_map(self, name: str, class_idx: Any, run: Any, **options: Any) -> np.ndarray:
+        """The [gh_0, gw_0] map of a method that runs the model again on this analysis's input, for a class: ``run(vm,
+        x [1, C, H, W], [class], **options) -> [1, gh_0, gw_0]`` (its own forward and backward; ``Method.batch`` in
+        :mod:`vizapp.methods`), cached by name, class and options."""
+        cls = self._class(class_idx)
+
+        def make() -> np.ndarray:
+            vm = self._model()
+            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
+
+        return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
+
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
-        """A map by name: "rollout", "grad_rollout", "relevance" over the first stage's grid, "last_layer" over the
-        last stage's; any other method is refused with the reason."""
+        """A map by name: "rollout", "grad_rollout", "relevance", "attnlrp", "legrad" over the first stage's grid,
+        "last_layer" over the last stage's; any other method is refused with the reason."""
+        if method in MODEL_METHODS:  # the registry's entry: its own forward and backward (Method.batch)
+            from vizapp import methods
+
+            return methods.explain(self, method, class_idx, **kwargs)
         if method == "rollout":
             return self.rollout(**kwargs)
         if method == "grad_rollout":

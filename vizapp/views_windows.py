@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from vizapp import figures
+from vizapp import figures, methods
 from vizapp.errors import BadParameterError
 from vizapp.figures.windows import add_cell_outline
-from vizapp.swin_result import METHODS, UNDEFINED, WindowAnalysis
+from vizapp.swin_result import METHODS, MODEL_METHODS, UNDEFINED, WindowAnalysis
 
 #: method -> title
 TITLES = {
     "rollout": "Attention rollout through windows and patch merging",
     "grad_rollout": "Gradient rollout through windows and patch merging",
     "relevance": "Chefer et al. relevance through windows and patch merging",
+    "attnlrp": "AttnLRP (input × LRP-modified gradient, signed) over the first stage's patches",
+    "legrad": "LeGrad over the last stage's blocks",
     "last_layer": "Attention each last-stage token receives (mean over queries and heads)",
 }
 MERGE_NOTE = "a merged token is carried to its 2x2 sources in equal shares"
@@ -29,31 +31,47 @@ LABELS = {
     "rollout": "Attention rollout (through windows and merges)",
     "grad_rollout": "Gradient rollout (through windows and merges)",
     "relevance": "GAE relevance (Chefer et al., ICCV 2021; through windows and merges)",
+    "attnlrp": "AttnLRP (Achtibat et al., ICML 2024)",
+    "legrad": "LeGrad (Bousselham et al., 2024; the last stage's blocks)",
     "last_layer": "Attention each last-stage token receives",
 }
+#: the maps that need a class (a classifier head)
+CLASS_METHODS = ("grad_rollout", "relevance", "attnlrp", "legrad")
 #: the maps over the first stage's grid: the ones the deletion / insertion curves can follow
-COMPARE_METHODS = ("rollout", "grad_rollout", "relevance")
+COMPARE_METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad")
 #: the app's registry methods (vizapp.methods) that a windowed model does not offer -> the sentence saying why
 NOT_OFFERED = {
     "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
     "flow": ("Attention flow", UNDEFINED["flow"]),
     "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
-    "attnlrp": ("AttnLRP", UNDEFINED["attnlrp"]),
-    "legrad": ("LeGrad", UNDEFINED["legrad"]),
 }
 
 
+def _rules_missing(r: WindowAnalysis, method: str) -> str:
+    """Why a method that runs the model with its own rules is not defined for this model ("" when it is)."""
+    return methods.unavailable(r, method) if method in MODEL_METHODS else ""
+
+
 def offered_methods(r: WindowAnalysis) -> list[str]:
-    """The maps this analysis draws (the class maps only with a classifier head), in :data:`METHODS` order."""
-    return [m for m in METHODS if r.probs is not None or m not in ("grad_rollout", "relevance")]
+    """The maps this analysis draws (the class maps only with a classifier head, AttnLRP and LeGrad where their rules
+    hold for the model), in :data:`METHODS` order."""
+    return [m for m in METHODS if (r.probs is not None or m not in CLASS_METHODS) and not _rules_missing(r, m)]
 
 
 def methods_note(r: WindowAnalysis) -> str:
-    """Markdown naming, once, the app's methods a windowed model does not offer and why, and the unused control."""
+    """Markdown naming, once, the app's methods a windowed model does not offer and why, what AttnLRP and LeGrad mean
+    on it, and the unused control."""
     lines = [f"**{label}**: {why}" for label, why in NOT_OFFERED.values()]
     if r.probs is None:
-        lines.append("**Gradient rollout, GAE relevance**: this model has no classifier head, so there is no class.")
-    return "Not offered for this windowed-attention (Swin) model: " + " ".join(lines) + " " + UNDEFINED["discard"]
+        lines.append(
+            "**Gradient rollout, GAE relevance, AttnLRP, LeGrad**: this model has no classifier head, so there is no "
+            "class."
+        )
+    else:
+        lines += [f"**{LABELS[m]}**: {_rules_missing(r, m)}." for m in MODEL_METHODS if _rules_missing(r, m)]
+    note = "Not offered for this windowed-attention (Swin) model: " + " ".join(lines) + " " + UNDEFINED["discard"]
+    defined = [methods.get(m).windowed for m in MODEL_METHODS if m in offered_methods(r)]
+    return note + ("\n\n" + " ".join(defined) if defined else "")
 
 
 def default_query(r: WindowAnalysis, layer: int) -> tuple[int, int]:
@@ -149,9 +167,12 @@ def map_view(
     said = [f"fusion {kwargs['head_fusion']}"] if "head_fusion" in kwargs else []
     said += [f"from layer {kwargs['start_layer']}"] if kwargs.get("start_layer") else []
     title += f" ({', '.join(said)})" if said else ""
-    if method in ("grad_rollout", "relevance"):
+    if method in CLASS_METHODS:
         title += f" for '{r.labels[r._class(class_idx)]}'" if r.labels else ""
-    if method != "last_layer":
+    if method == "legrad":  # the registry's sentence is in the cost note; here the merge factor of this model
+        s = 2 ** r.geometry[-1].stage
+        title += f"; each last-stage token drawn over its {s}x{s} first-stage tokens"
+    elif method in ("rollout", "grad_rollout", "relevance"):
         title += f"; the output averages the last stage's tokens; {MERGE_NOTE}"
     return figures.overlay_figure(
         r.image, heat, r.strides[layer], opacity, title=title, value_name=method, colorscale=colorscale
@@ -272,6 +293,7 @@ def padded_tokens_note(r: WindowAnalysis) -> str:
 
 
 __all__ = [
+    "CLASS_METHODS",
     "COMPARE_METHODS",
     "LABELS",
     "bias_view",

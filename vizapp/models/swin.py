@@ -57,6 +57,23 @@ def _hf_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits if logits is not None else out.pooler_output
 
 
+def head_lens(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A last-stage block's output -> logits [B, K] through the model's own final norm, average pooling and linear
+    head (LeGrad's class score); None without a classifier head. timm: ``forward_head(norm(z))`` on [B, H, W, C];
+    transformers: ``classifier(pooler(layernorm(z)ᵀ))`` on [B, N, C]. Only the last stage's width fits the head."""
+    if type(model).__name__ in TIMM_CLASSES:
+        if not int(getattr(model, "num_classes", 0) or 0):
+            return None
+        return lambda z: model.forward_head(model.norm(z))
+    base = next(
+        (getattr(model, a) for a in ("swin", "swinv2") if isinstance(getattr(model, a, None), torch.nn.Module)), None
+    )
+    head = getattr(model, "classifier", None)
+    if base is None or not isinstance(head, torch.nn.Linear) or getattr(base, "pooler", None) is None:
+        return None
+    return lambda z: head(base.pooler(base.layernorm(z).transpose(1, 2)).flatten(1))
+
+
 def wrap(
     model: torch.nn.Module,
     name: str,

@@ -16,13 +16,13 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from vizapp import models, views
+from vizapp import methods, models, views
 from vizapp import views_windows as V
 from vizapp.errors import BadParameterError
 from vizapp.swin_result import UNDEFINED, WindowAnalysis
 from vizapp.ui import deadline
 from vizapp.ui.common import kept_state, session_id, write_export
-from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, limit_note
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, limit_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareCostOutputs,
@@ -37,6 +37,7 @@ from vizapp.ui.validation import as_choice, as_float, as_int
 
 PATCH_QUERY = "Clicked patch"  # the Heads tab's only query for a model without a class token (handlers' own)
 GRADIENT_NOTE = "one forward and one backward pass of the model (the analysis keeps no graph)"
+OWN_PASS_NOTE = "its own forward and backward pass of the model, with its rules"
 
 
 def is_windowed(r: Any) -> bool:
@@ -112,10 +113,13 @@ def compare_cost_text(r: WindowAnalysis, steps: int) -> str:
         return "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
     chosen = [m for m in V.COMPARE_METHODS if m in V.offered_methods(r)]
     images = 2 * (len(chosen) + 1) * (steps + 1)
+    own = [V.LABELS[m] for m in chosen if m in V.MODEL_METHODS]
     return (
         f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
-        f"{steps + 1} images each, for {len(chosen)} maps over the first stage's grid and a random order); the "
-        f"class maps take {GRADIENT_NOTE}. {limit_note()}"
+        f"{steps + 1} images each, for {len(chosen)} maps over the first stage's grid and a random order); gradient "
+        f"rollout and relevance take {GRADIENT_NOTE}"
+        + (f", and {' and '.join(own)} each take {OWN_PASS_NOTE}" if own else "")
+        + f". {limit_note()}"
     )
 
 
@@ -213,6 +217,8 @@ def render_map(
     cls = class_label if isinstance(class_label, str) and class_label else None
     fig = V.map_view(r, name, cls, as_float(opacity, "opacity", 0.0, 1.0), colorscale, **kwargs)
     cost = f"**{V.LABELS[name]}**: {GRADIENT_NOTE}." if name in ("grad_rollout", "relevance") else ""
+    if name in V.MODEL_METHODS:  # its own forward and backward, estimated by the registry; what it means on Swin
+        cost = f"{map_cost_note(r, name)}\n\n{methods.get(name).windowed}"
     return MapOutputs(fig, cost)
 
 
