@@ -387,3 +387,38 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
         assert all(r[8] in ("met", "missed") and float(r[5]) > 0 for r in rows)
         assert rows[0][13] in ("met", "missed") and float(rows[0][10]) > 0  # class maps timed for B = 2
         assert rows[1][9:] == [""] * 5  # and not for B = 3
+
+
+@pytest.mark.parametrize("fid", ["vit", "beit", "reg4", "gap_reg4"])
+def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeypatch):
+    """Where whole images fit the chunk size, a batch's attention is formed and reduced several images at a time
+    ([g, H, N, N] chunks, relative bias included); every statistic, fusion and rollout equals the path that hands
+    over one image at a time (the chunk size of one image)."""
+    from vizapp import attention, streaming
+
+    vm = load(fid, "")
+    imgs = images(5)
+    seen: list[int] = []
+    real = streaming.LayerStatistics.chunk
+
+    def spy(self, layer, batch, head, attn, row):
+        seen.append(attn.shape[0] if attn.dim() == 4 else 1)
+        return real(self, layer, batch, head, attn, row)
+
+    monkeypatch.setattr(streaming.LayerStatistics, "chunk", spy)
+    grouped = vizapp.analyze(vm, imgs)
+    assert max(seen) == 5  # the whole batch in one chunk per layer
+    seen.clear()
+    per_image = vm.num_heads * grouped[0].num_tokens ** 2 * 4
+    monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", per_image)  # exactly one image fits
+    assert attention.image_group(streaming.LayerStatistics, 5, vm.num_heads, grouped[0].num_tokens, per_image) == 1
+    alone = vizapp.analyze(vm, imgs)
+    assert max(seen) == 1
+    for a, b in zip(grouped, alone, strict=True):
+        for name in a.statistics:
+            np.testing.assert_allclose(a.statistics[name], b.statistics[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(a.rollout(), b.rollout(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a.rollout("max"), b.rollout("max"), rtol=1e-6, atol=1e-7)
+        if a.probs is not None:
+            np.testing.assert_allclose(a.probs, b.probs, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a.block_norms, b.block_norms, rtol=1e-6, atol=1e-6)

@@ -4,7 +4,7 @@ additive bias from a mask, and head ablation."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -62,10 +62,25 @@ class AttentionConsumer(Protocol):
 
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
         """Attention [c, r, N] fp32 of heads ``head .. head + c`` of image ``batch``, query rows ``row .. row + r``
-        (all N rows unless one head's N x N exceeds the chunk size); valid only during the call."""
+        (all N rows unless one head's N x N exceeds the chunk size); valid only during the call.
+
+        A consumer whose ``image_groups`` attribute is true may also receive [g, H, N, N]: every head and row of the
+        g images ``batch .. batch + g`` at once (``head`` and ``row`` 0), when whole images fit the chunk size
+        (:func:`image_group`)."""
 
     def layer_done(self, layer: int) -> None:
         """Every chunk of ``layer`` has been passed."""
+
+
+def image_group(consumer: Any, batch: int, heads: int, tokens: int, budget: int) -> int:
+    """How many whole images go into one chunk for ``consumer``: 1 unless it takes image groups (see
+    :meth:`AttentionConsumer.chunk`) and one image's attention, every head, fits ``budget`` bytes; then as many as fit.
+    A batch analysed on a GPU thus forms and reduces its attention in a few large operations per layer, not about ten
+    small ones per image."""
+    if not getattr(consumer, "image_groups", False) or batch < 2:
+        return 1
+    per_image = heads * tokens * tokens * 4
+    return max(1, min(batch, budget // per_image))
 
 
 def feed(

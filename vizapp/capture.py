@@ -55,6 +55,7 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     attention_from_qk,
     feed,
     host_copies,
+    image_group,
 )
 from vizapp.errors import BadParameterError, UnsupportedModelError
 from vizapp.layers import (  # noqa: F401  (named here too, where callers have found them)
@@ -306,8 +307,11 @@ class AttentionCapture:
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
             if self.on_attention is not None:
-                for i, ai in enumerate(a.detach()):
-                    self.on_attention.chunk(layer, i, 0, ai, 0)
+                if getattr(self.on_attention, "image_groups", False):
+                    self.on_attention.chunk(layer, 0, 0, a.detach(), 0)  # every image at once
+                else:
+                    for i, ai in enumerate(a.detach()):
+                        self.on_attention.chunk(layer, i, 0, ai, 0)
                 self.on_attention.layer_done(layer)
                 self.inline_layers.add(layer)
             return (a @ v.float()).to(v.dtype)
@@ -319,7 +323,11 @@ class AttentionCapture:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
     ) -> torch.Tensor:
         b, h, n, _ = q.shape
-        c, rows = limits.chunk_shape(h, n, self._budget(q.device))
+        budget = self._budget(q.device)
+        c, rows = limits.chunk_shape(h, n, budget)
+        group = image_group(self.on_attention, b, h, n, budget) if (c, rows) == (h, n) else 1
+        if group > 1:
+            return self._inline_images(layer, q, k, v, scale, bias, group)
         work = self._work
         if work is None or work.shape != (2, c, rows, n) or work.device != q.device:
             # one buffer for every layer of the forward (its layers' attention shapes are nearly always equal):
@@ -339,6 +347,44 @@ class AttentionCapture:
                         torch.bmm(a, vc, out=target)
                     else:
                         target.copy_(torch.bmm(a, vc))
+        self.on_attention.layer_done(layer)
+        self.inline_layers.add(layer)
+        return out
+
+    def _inline_images(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None,
+        group: int,
+    ) -> torch.Tensor:
+        """:meth:`_inline` with ``group`` whole images per chunk: each chunk's heads of all its images are formed,
+        handed over as [g, H, N, N] and multiplied by v as one batch of g·H matrices."""
+        b, h, n, d = q.shape
+        work = self._work
+        if work is None or work.shape != (2, group * h, n, n) or work.device != q.device:
+            work = self._work = torch.empty((2, group * h, n, n), dtype=torch.float32, device=q.device)
+        out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+        with torch.no_grad():
+            for i0 in range(0, b, group):
+                g = min(group, b - i0)
+                flat = slice(i0, i0 + g)
+                gb = None
+                if bias is not None:  # [B or 1, H or 1, N, N] -> one [g·H or 1, N, N] for the chunk's matrices
+                    one = bias[flat] if bias.shape[0] > 1 else bias[:1]
+                    gb = (
+                        one.expand(g, h, n, n).reshape(g * h, n, n)
+                        if (bias.shape[0] > 1 or bias.shape[1] > 1)
+                        else one[0]
+                    )
+                qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
+                ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
+                self.on_attention.chunk(layer, i0, 0, a.view(g, h, n, n), 0)
+                product = torch.bmm(a, v[flat].float().reshape(g * h, n, -1)).view(g, h, n, -1)
+                out[flat].copy_(product)
         self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
         return out

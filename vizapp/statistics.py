@@ -256,6 +256,11 @@ class StatisticsReducer:
                 s.rows(attn, row, g, self._rows[s.name][batch, heads, row : row + r], work[:c, :r])
         self._cells[layer] += c * r
 
+    def chunk_images(self, layer: int, batch: int, attn: torch.Tensor) -> None:
+        """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N]."""
+        for j, one in enumerate(attn):
+            self.chunk(layer, batch + j, 0, one, 0)
+
     def layer_done(self, layer: int) -> None:
         h = self.heads[layer]
         expected = self.batch * h * self.geometry.num_tokens

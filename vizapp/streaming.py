@@ -73,10 +73,16 @@ class LayerStatistics:
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[tuple[int, int]] = set()
 
+    #: takes chunks of several whole images (:meth:`AttentionConsumer.chunk`)
+    image_groups = True
+
     # AttentionConsumer
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
-        c, r, n = attn.shape
-        if not 0 <= batch < self.batch or n != self.n or not self.valid:
+        images = attn.shape[0] if attn.dim() == 4 else 1  # [g, H, N, N]: images batch .. batch + g, whole
+        if attn.dim() == 4 and images == 1:
+            attn = attn[0]
+        c, r, n = attn.shape[-3:]
+        if not (batch >= 0 and batch + images <= self.batch) or n != self.n or not self.valid:
             self.valid = False
             return
         if not self._acc:  # the layer's first chunk
@@ -88,6 +94,12 @@ class LayerStatistics:
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
+        if images > 1:  # every head of these images: their statistics, and their fusions written whole
+            self.statistics.chunk_images(layer, batch, attn)
+            self._started.update((b, row) for b in range(batch, batch + images))
+            for f, acc in self._acc.items():
+                start_fusion(acc[batch : batch + images, row : row + r], attn, f)
+            return
         self.statistics.chunk(layer, batch, head, attn, row)
         first = (batch, row) not in self._started
         self._started.add((batch, row))
