@@ -142,20 +142,19 @@ class LayerStatistics:
         float64.
 
         With the mean fusions stored, each layer is :func:`~vizapp.analysis.rollout.residual_step` written as two
-        operations, the row sums of every layer taken at once: w ← w / s_l, then w ← w + w·M_l (``addmv``).
+        operations, the row sums of every layer taken at once: w ← w / s_l, then w ← w + w·M_l (``baddbmm``, every
+        image of the batch in one operation).
         """
         w0 = weights.to(torch.float32)
         if not self.store_mean:
             return torch.stack([torch.matmul(w0, joint) for joint in self.joint]).to(torch.float64)
-        rows = []
-        for store in self.mean_store:  # [L, N, N] of one image
-            sums = store.sum(dim=-1).add_(1.0)  # [L, N]: row sums of M_l + I
-            w = w0
-            for layer in range(len(self.heads) - 1, -1, -1):
-                w = w / sums[layer]
-                w = torch.addmv(w, store[layer].t(), w)
-            rows.append(w)
-        return torch.stack(rows).to(torch.float64)
+        store = self.mean_store  # [B, L, N, N]
+        sums = store.sum(dim=-1).add_(1.0)  # [B, L, N]: row sums of M_l + I
+        w = w0.expand(store.shape[0], 1, -1)  # [B, 1, N]: every image of the batch at once
+        for layer in range(len(self.heads) - 1, -1, -1):
+            w = w / sums[:, layer, None]
+            w = torch.baddbmm(w, w, store[:, layer])  # w + w·M_l
+        return w[:, 0].to(torch.float64)
 
 
 def fused_layer(
