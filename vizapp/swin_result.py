@@ -64,7 +64,11 @@ class WindowAnalysis:
         geometry: per layer, its :class:`~vizapp.windows.WindowGeometry` (grid, window, shift, stage).
         windows: per layer, one image's window attention [nW, H_l, w², w²] float32 as the forward used it.
         strides: per layer, its stage's token spacing in input pixels.
-        mean_distance: [L, max H] in input pixels, NaN for heads a layer does not have.
+        mean_distance: [L, max H] in input pixels, NaN for heads a layer does not have (``statistics["distance"]``).
+        statistics: every registered statistic (:mod:`vizapp.statistics`) of this image, name -> [L, max H] per head
+            (NaN for heads a layer does not have) or [L] per block, each layer's token rows taken over their windows
+            (:mod:`vizapp.statistics_pass`); NaN for a statistic not defined for windowed models (:attr:`notes`
+            says why).
         relative_bias: per layer, the learned bias over (Δrow, Δcol) = query − key, [H_l, 2wh − 1, 2ww − 1], read
             from the weights when the image was analysed (None where the model computes it otherwise, Swin V2).
         graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
@@ -83,6 +87,7 @@ class WindowAnalysis:
     windows: tuple[torch.Tensor, ...]
     strides: tuple[tuple[int, int], ...]
     mean_distance: np.ndarray
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
     relative_bias: tuple[torch.Tensor | None, ...] = ()
     notes: tuple[str, ...] = ()
     model_ref: Any = field(default=None, repr=False)
@@ -170,6 +175,13 @@ class WindowAnalysis:
 
     def _class(self, class_idx: Any) -> int:
         return class_index(self.probs, self.labels, class_idx)
+
+    @property
+    def undefined_statistics(self) -> dict[str, str]:
+        """name -> why, for each registered statistic that is NaN in :attr:`statistics` (not defined for Swin)."""
+        from vizapp.statistics import undefined_statistics
+
+        return undefined_statistics(self.num_prefix_tokens, True)
 
     # -- per-layer maps ---------------------------------------------------------------------------------------------
     def attention(self, layer: int, head: int | None = None, query: Any = (0, 0)) -> np.ndarray:
@@ -380,6 +392,8 @@ class WindowAnalysis:
             "mean_distance_px": [
                 [None if np.isnan(v) else round(float(v), 3) for v in row] for row in self.mean_distance
             ],
+            "statistics": {k: np.where(np.isnan(v), None, np.round(v, 6)).tolist() for k, v in self.statistics.items()},
+            "statistics_undefined": self.undefined_statistics,
             "rollout_mean": np.round(self.rollout(), 6).tolist(),
             "notes": list(self.notes),
         }
@@ -414,14 +428,20 @@ def analyze_windowed(
     """One forward of ``x`` [B, C, H, W] with :class:`WindowCapture` and every per-image analysis."""
     from vizapp.models.swin import stage_strides
     from vizapp.pipeline import model_view
+    from vizapp.statistics_pass import every_statistic, window_reducer
 
     b = x.shape[0]
     notes = [()] * b if notes is None else list(notes)
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
-    with torch.enable_grad() if gradients else torch.no_grad(), WindowCapture(vm.model, with_grad=gradients) as cap:
+    # the registered statistics, from each layer's attention as the forward goes (the reducer dataset mode uses)
+    reducer, on_layer = window_reducer(vm, b)
+    with (
+        torch.enable_grad() if gradients else torch.no_grad(),
+        WindowCapture(vm.model, with_grad=gradients, on_layer=on_layer, on_block=reducer.block) as cap,
+    ):
         logits = vm.logits(x_dev)
     geometry = tuple(cap.geometry)
-    if any(g is None for g in geometry):
+    if any(g is None for g in geometry) or not reducer.complete():
         raise RuntimeError("some windowed layer never ran; its attention was not captured")
     maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
@@ -429,14 +449,12 @@ def analyze_windowed(
     biases = tuple(read_relative_bias(s) for s in cap.sites)
     graph_maps = cap.graph_maps() if gradients else None
     fingerprint = vm.fingerprint()
-    heads = max(m.shape[2] for m in maps)
+    heads = [m.shape[2] for m in maps]
+    values = {k: v.cpu().numpy() for k, v in every_statistic(reducer.values, heads, b).items()}
     out = []
     for i in range(b):
         wins = tuple(m[i] for m in maps)
-        dist = np.full((len(wins), heads), np.nan)
-        for layer, (w, g) in enumerate(zip(wins, geometry, strict=True)):
-            idx = W.window_index(g.grid, g.window, g.shift, g.pad_first)
-            dist[layer, : w.shape[1]] = W.mean_distance(w, idx, g.grid, layer_strides[layer]).numpy()
+        stats = {k: v[:, i] for k, v in values.items()}  # [L, max H] or [L]
         lg = logits[i].detach().float().cpu()
         probs, top = None, []
         if vm.labels and lg.shape[-1] == len(vm.labels):
@@ -457,7 +475,8 @@ def analyze_windowed(
                 geometry=geometry,
                 windows=wins,
                 strides=layer_strides,
-                mean_distance=dist,
+                mean_distance=stats["distance"],
+                statistics=stats,
                 relative_bias=biases,
                 notes=tuple(notes[i]),
                 model_ref=weakref.ref(vm),

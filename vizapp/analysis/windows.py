@@ -131,6 +131,47 @@ def mean_distance(windows: torch.Tensor, index: torch.Tensor, grid: tuple[int, i
     return (per_query * real[:, None, :]).sum((0, 2)) / real.sum()
 
 
+def token_slots(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[N] long: where each grid token sits in the layer's windows, as a flat slot id w·w² + slot (see
+    :func:`window_index`). ValueError unless every token is in exactly one window."""
+    m = index.shape[1]
+    real = index >= 0
+    tokens = index[real]
+    if tokens.numel() != num_tokens or torch.unique(tokens).numel() != num_tokens:
+        raise ValueError(f"the windows hold {tokens.numel()} token slots for a grid of {num_tokens} tokens")
+    flat = torch.arange(index.numel(), device=index.device).view(-1, m)[real]
+    out = torch.empty(num_tokens, dtype=torch.long, device=index.device)
+    out[tokens] = flat
+    return out
+
+
+def token_rows(windows: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each real token's attention row over the slots of its window, [..., nW, H, w², w²] -> [..., H, N, w²] (tokens
+    row-major on the grid): padded slots zeroed and the row renormalised over the real keys, as :func:`mean_distance`
+    takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's window."""
+    *lead, nw, h, m, _ = windows.shape
+    where = token_slots(index, num_tokens).to(windows.device)  # [N]
+    by_slot = windows.movedim(-3, -2).reshape(*lead, nw * m, h, m)  # [..., nW·w², H, w²]
+    rows = by_slot.index_select(len(lead), where)  # [..., N, H, w²]
+    keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
+    rows = rows * keys[:, None, :].to(rows.dtype)
+    rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    return rows.movedim(-2, -3)  # [..., H, N, w²]
+
+
+def token_key_distances(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float]) -> torch.Tensor:
+    """[N, w²] float64: the distance in input pixels from each grid token to each slot of its window (0 for a
+    padded slot, which carries no weight in :func:`token_rows`); the keys of :func:`token_rows`' rows."""
+    m = index.shape[1]
+    n = grid[0] * grid[1]
+    where = token_slots(index, n)
+    pos = token_centres(grid, stride)[index.clamp(min=0)]  # [nW, w², 2]
+    query = pos.reshape(-1, 2)[where]  # [N, 2]
+    keys = pos[where // m]  # [N, w², 2]
+    d = torch.linalg.vector_norm(keys - query[:, None, :], dim=-1)
+    return d * (index >= 0)[where // m].double()
+
+
 def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
     """[N', N] float64 equal-share patch merging from a (gh, gw) grid to ((gh+1)//2, (gw+1)//2): row j has 1/k at
     each of its k real source tokens (see the module docstring)."""
