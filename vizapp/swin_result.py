@@ -15,6 +15,7 @@ length) is not offered.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,29 @@ UNDEFINED = {
 }
 
 
+#: the maps of :data:`METHODS` that are for one class
+CLASS_METHODS = ("grad_rollout", "relevance")
+#: the registry's methods (vizapp.methods) that a windowed model does not offer -> (label, the sentence saying why)
+NOT_OFFERED = {
+    "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
+    "flow": ("Attention flow", UNDEFINED["flow"]),
+    "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
+    "attnlrp": ("AttnLRP", UNDEFINED["attnlrp"]),
+    "legrad": ("LeGrad", UNDEFINED["legrad"]),
+}
+
+
 def undefined(view: str) -> str:
     """The sentence saying why ``view`` is not defined for a windowed model."""
     return UNDEFINED[view]
+
+
+def refusal(method: str) -> str:
+    """Why a windowed model does not offer ``method`` (a registry name or anything else), in one sentence."""
+    if method in NOT_OFFERED:
+        label, why = NOT_OFFERED[method]
+        return f"{label} ({method!r}) is not offered for windowed models: {why}"
+    return f"{str(method)[:40]!r} is not a map of windowed models; they offer {', '.join(METHODS)}."
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,6 +339,16 @@ class WindowAnalysis:
             raise BadParameterError(undefined(why[method]))
         raise BadParameterError(f"method {str(method)[:40]!r} is not offered for windowed models; use one of {METHODS}")
 
+    def first_grid_map(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """A map of :meth:`explain` on the first stage's grid [gh_0, gw_0], the grid the perturbation tests remove
+        from: rollout and the class maps are there already; "last_layer" (on the last stage's grid) is brought there
+        by repetition, each first-stage token taking the value of the last-stage token it was merged into
+        (:func:`vizapp.analysis.windows.repeat_to_grid`)."""
+        found = self.explain(method, class_idx, **kwargs)
+        if method != "last_layer":
+            return found
+        return W.repeat_to_grid(found, self.layer_grids[0], self.geometry[-1].stage)
+
     def faithfulness(
         self,
         maps: dict[str, np.ndarray],
@@ -397,6 +428,29 @@ class WindowAnalysis:
             "rollout_mean": np.round(self.rollout(), 6).tolist(),
             "notes": list(self.notes),
         }
+
+
+def class_gradients(analyses: Sequence[WindowAnalysis], classes: Sequence[Any]) -> list[int]:
+    """∂logit_b[c_b]/∂A for every analysis b of one gradient-enabled windowed batch (``analyze(images,
+    gradients=True)``) and its class c_b, from ONE backward of Σ_b logit_b[c_b]: a Swin batch's windows never mix
+    images, so image b's share of that gradient is its own class's (as :func:`vizapp.pipeline.class_gradients` for a
+    plain ViT). Each analysis keeps its gradient; returns the class indices c_b."""
+    if not analyses:
+        return []
+    logits, maps = analyses[0].graph_logits, analyses[0].graph_maps
+    if maps is None or any(r.graph_logits is not logits for r in analyses):
+        raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
+    cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]
+    rows = torch.tensor([r.graph_image for r in analyses], device=logits.device)
+    score = logits[rows, torch.tensor(cls, device=logits.device)].sum()
+    grads = torch.autograd.grad(score, maps, retain_graph=True)  # [B·nW, H, w², w²] per layer
+    nw = [g.num_windows for g in analyses[0].geometry]
+    for r, c in zip(analyses, cls, strict=True):
+        mine = [
+            g.reshape(-1, n, *g.shape[1:])[r.graph_image].detach().float().cpu() for g, n in zip(grads, nw, strict=True)
+        ]
+        r._cache.put(Key("grads", (c,)), mine)
+    return cls
 
 
 def read_relative_bias(site: Any) -> torch.Tensor | None:

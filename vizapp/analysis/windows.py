@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -170,6 +171,19 @@ def token_key_distances(index: torch.Tensor, grid: tuple[int, int], stride: tupl
     keys = pos[where // m]  # [N, w², 2]
     d = torch.linalg.vector_norm(keys - query[:, None, :], dim=-1)
     return d * (index >= 0)[where // m].double()
+
+
+def repeat_to_grid(values: np.ndarray, grid: tuple[int, int], merges: int) -> np.ndarray:
+    """A map on the grid of a stage ``merges`` patch mergings down, [⌈gh/2^m⌉, ⌈gw/2^m⌉], on the first stage's
+    ``grid`` [gh, gw]: each first-stage token (r, c) takes the value of the token it was merged into, (r >> m, c >> m)
+    (merging pads odd grids at the bottom and right, so the last row or column merges fewer tokens)."""
+    values = np.asarray(values)
+    f = 2 ** int(merges)
+    want = (-(-grid[0] // f), -(-grid[1] // f))
+    if values.shape != want:
+        raise ValueError(f"a map {values.shape} is not the {want} grid {merges} merges below {tuple(grid)}")
+    rows, cols = np.arange(grid[0]) >> merges, np.arange(grid[1]) >> merges
+    return values[np.ix_(rows, cols)]
 
 
 def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
