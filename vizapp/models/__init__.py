@@ -155,12 +155,9 @@ def _load_uncached(
 
         return bundled.load(name, device, dtype)
     if kind == "hf":
-        from vizapp.models import hf, swin
+        from vizapp.models import hf
 
-        folder = name[3:] if name.startswith("hf:") else name
-        if allow_files and swin.hf_model_type(folder) in swin.HF_TYPES:  # a local Swin folder
-            return swin.load_hf(name, folder, pretrained, device, dtype)
-
+        # a folder or a hub id, whatever its model type (a Swin's config sends it on to vizapp.models.swin)
         return hf.load(name, pretrained, device, dtype, kwargs, hub_only=not allow_files)
     if kind == "torchvision":
         from vizapp.models import torchvision as tv
