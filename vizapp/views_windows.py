@@ -13,8 +13,8 @@ from typing import Any
 
 from vizapp import figures
 from vizapp.errors import BadParameterError
-from vizapp.figures.windows import add_cell_outline
-from vizapp.swin_result import METHODS, UNDEFINED, WindowAnalysis
+from vizapp.figures.windows import add_cell_outline, window_heads_figure
+from vizapp.swin_result import METHODS, NOT_OFFERED, UNDEFINED, WindowAnalysis
 
 #: method -> title
 TITLES = {
@@ -33,14 +33,6 @@ LABELS = {
 }
 #: the maps over the first stage's grid: the ones the deletion / insertion curves can follow
 COMPARE_METHODS = ("rollout", "grad_rollout", "relevance")
-#: the app's registry methods (vizapp.methods) that a windowed model does not offer -> the sentence saying why
-NOT_OFFERED = {
-    "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
-    "flow": ("Attention flow", UNDEFINED["flow"]),
-    "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
-    "attnlrp": ("AttnLRP", UNDEFINED["attnlrp"]),
-    "legrad": ("LeGrad", UNDEFINED["legrad"]),
-}
 
 
 def offered_methods(r: WindowAnalysis) -> list[str]:
@@ -92,11 +84,9 @@ def heads_view(
         f"token {tuple(int(v) for v in query)} of its {g.grid[0]}x{g.grid[1]} grid (window {g.window[0]}x"
         f"{g.window[1]}, shift {g.shift})"
     )
-    fig = figures.heads_figure(
-        maps, layer, label, per_head_scale, (int(query[0]), int(query[1])), colorscale=colorscale
+    return window_heads_figure(
+        maps, layer, label, _padding_note(r, layer), per_head_scale, (int(query[0]), int(query[1])), colorscale
     )
-    fig.update_layout(title=fig.layout.title.text + _padding_note(r, layer))
-    return fig
 
 
 def focus_view(
