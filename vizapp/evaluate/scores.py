@@ -6,7 +6,8 @@ For the images of one engine batch (:meth:`Evaluator.evaluate_batch`):
    memory budget); with a class-specific method, that forward keeps its attention in the autograd graph and ONE
    backward of Σ_b logit_b[predicted_b] gives every image its predicted class's gradient, and one more backward
    (of the images whose target differs) its target's (:func:`vizapp.pipeline.class_gradients`), whatever the number
-   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image.
+   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image (a
+   windowed model's from its own analysis, on its first stage's grid: :meth:`Evaluator.explain`).
 2. **Perturbed copies.** Every perturbed copy of every image (the protocol's 2 × 9 per map, vizapp's deletion and
    insertion curves) is formed as it is needed and forwarded in batches of exactly ``batch_size`` copies, across
    images: at most one batch and one image's copies are in memory at once.
