@@ -16,6 +16,7 @@ layers (``Statistic.windowed``) is NaN, with the sentence :func:`vizapp.statisti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,11 +49,22 @@ def computed_statistics(vm: VizModel) -> list[Statistic]:
     return [s for s in STATISTICS.values() if s.windowed or not vm.windowed]
 
 
+@functools.lru_cache(maxsize=256)
+def _window_layout(
+    g: WindowGeometry, stride: tuple[int, int], device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(window index [nW, w²], token slots [N], distances [N, w²] float32 on ``device``) of a windowed layer: pure
+    geometry, the same for every forward of a model at one size, so made once (read-only tensors)."""
+    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+    slots = W.token_slots(index, g.grid[0] * g.grid[1])
+    dist = W.token_key_distances(index, g.grid, stride).to(device=device, dtype=torch.float32)
+    return index, slots, dist
+
+
 def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:
     """The reducer's :class:`~vizapp.statistics.Geometry` of a windowed layer: its N real tokens as queries, each
     over the w² slots of its window, ``stride`` pixels between the layer's tokens (see the module docstring)."""
-    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
-    dist = W.token_key_distances(index, g.grid, stride).to(device=device, dtype=torch.float32)  # [N, w²]
+    dist = _window_layout(g, tuple(stride), str(device))[2]  # [N, w²]
     return Geometry(g.grid[0] * g.grid[1], 0, dist)
 
 
@@ -61,9 +73,9 @@ def feed_window_layer(
 ) -> None:
     """Reduce one windowed layer: ``attn`` [B, nW, H, w², w²] (its window attention as the forward used it) goes to
     ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done."""
-    reducer.set_geometry(layer, window_layer_geometry(g, stride, attn.device))
-    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
-    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1])  # [B, H, N, w²]
+    index, slots, dist = _window_layout(g, tuple(stride), str(attn.device))
+    reducer.set_geometry(layer, Geometry(g.grid[0] * g.grid[1], 0, dist))
+    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots)  # [B, H, N, w²]
     for b in range(rows.shape[0]):
         reducer.chunk(layer, b, 0, rows[b], 0)
     reducer.layer_done(layer)

@@ -146,17 +146,21 @@ def token_slots(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return out
 
 
-def token_rows(windows: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def token_rows(
+    windows: torch.Tensor, index: torch.Tensor, num_tokens: int, slots: torch.Tensor | None = None
+) -> torch.Tensor:
     """Each real token's attention row over the slots of its window, [..., nW, H, w², w²] -> [..., H, N, w²] (tokens
     row-major on the grid): padded slots zeroed and the row renormalised over the real keys, as :func:`mean_distance`
-    takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's window."""
+    takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's window. ``slots``:
+    :func:`token_slots` of ``index`` when the caller has it."""
     *lead, nw, h, m, _ = windows.shape
-    where = token_slots(index, num_tokens).to(windows.device)  # [N]
+    where = (token_slots(index, num_tokens) if slots is None else slots).to(windows.device)  # [N]
     by_slot = windows.movedim(-3, -2).reshape(*lead, nw * m, h, m)  # [..., nW·w², H, w²]
     rows = by_slot.index_select(len(lead), where)  # [..., N, H, w²]
-    keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
-    rows = rows * keys[:, None, :].to(rows.dtype)
-    rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    if bool((index < 0).any()):  # padding: its slots out, each row renormalised over its real keys
+        keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
+        rows = rows * keys[:, None, :].to(rows.dtype)
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
     return rows.movedim(-2, -3)  # [..., H, N, w²]
 
 
