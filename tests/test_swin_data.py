@@ -176,6 +176,9 @@ def test_window_statistics_equal_a_dense_computation(timm_swin, hf_swin):
     for vm in (timm_swin, hf_swin):
         r = vizapp.analyze(vm, random_image(5))
         seen = block_outputs(vm, r.input)
+        exported = r.arrays()  # the .npz export and the JSON summary carry them, NaN where undefined
+        np.testing.assert_array_equal(exported["statistic_entropy"], r.statistics["entropy"])
+        assert "norm_prefix_mean" in r.summary()["statistics_undefined"]
         for layer, g in enumerate(r.geometry):
             h = r.heads_per_layer[layer]
             index = W.window_index(g.grid, g.window, g.shift, g.pad_first)

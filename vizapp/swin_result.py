@@ -391,8 +391,8 @@ class WindowAnalysis:
     def arrays(self) -> dict[str, np.ndarray]:
         """The record as named arrays (for an .npz export): each layer's window attention ``layer{i}_windows``
         [nW, H_l, w², w²] and its slot-to-token index ``layer{i}_index`` [nW, w²] (-1 = padding), the grids,
-        windows, shifts and stages per layer, the mean distance [L, max H] (NaN: no such head), the rollout, and the
-        class probabilities when the model has a classifier."""
+        windows, shifts and stages per layer, the mean distance [L, max H] (NaN: no such head), every registered statistic
+        (``statistic_{name}``), the rollout, and the class probabilities when the model has a classifier."""
         out: dict[str, np.ndarray] = {}
         for i, w in enumerate(self.windows):
             out[f"layer{i}_windows"] = w.numpy()
@@ -402,6 +402,7 @@ class WindowAnalysis:
         out["layer_shifts"] = np.array([g.shift for g in self.geometry], dtype=np.int64)
         out["layer_stages"] = np.array([g.stage for g in self.geometry], dtype=np.int64)
         out["mean_distance_px"] = np.asarray(self.mean_distance, dtype=np.float64)
+        out |= {f"statistic_{k}": np.asarray(v, dtype=np.float64) for k, v in self.statistics.items()}
         out["rollout"] = self.rollout()
         if self.probs is not None:
             out["probs"] = np.asarray(self.probs)
