@@ -709,6 +709,27 @@ def test_ray_worker_killed_mid_job_gives_the_same_table(ray_cluster, small_local
     assert read_table(tmp_path / "out") == small_local
 
 
+@pytest.mark.ray
+def test_ray_equals_local_engine_on_a_swin(ray_cluster, tmp_path):
+    """A windowed model (a transformers Swin folder): its maps over the first stage's grid, both class kinds and
+    per-head columns of different widths per stage give the same table from both engines, byte for byte."""
+    from conftest import random_image
+    from test_swin import write_swin_folder
+
+    folder = write_swin_folder(tmp_path / "swin", heads=(3, 6))
+    data = tmp_path / "data"
+    for i in range(6):
+        (data / f"LABEL_{i % 5}").mkdir(parents=True, exist_ok=True)
+        random_image(i, size=(36 + 2 * i, 40)).save(data / f"LABEL_{i % 5}" / f"{i}.png")
+    job = dict(model=folder, methods="rollout,grad_rollout,relevance,last_layer,random", steps=3, shard_size=4)
+    evaluate(str(data), tmp_path / "local", **job, batch_size=3, progress=False)
+    evaluate(str(data), tmp_path / "ray", **job, batch_size=3, engine="ray", workers=2, progress=False)
+    table = read_table(tmp_path / "local")
+    assert read_table(tmp_path / "ray") == table
+    assert "last_layer.target.negative.auc" in table and "distance.l3.h5" in table and "distance.l0.h3" not in table
+    assert [r["status"] for r in read_rows(tmp_path / "ray")] == ["ok"] * 6
+
+
 def test_throughput_table_on_a_folder(tmp_path, capsys):
     from vizapp.evaluate import throughput
 

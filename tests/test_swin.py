@@ -499,14 +499,6 @@ def test_window_index_matches_the_library_forward(family, tmp_path):
         assert torch.equal(observed, W.window_index(g.grid, g.window, g.shift, g.pad_first)), (i, g)
 
 
-def test_dataset_evaluation_refuses_swin_in_one_sentence(vm, monkeypatch):
-    from vizapp.evaluate import worker
-
-    monkeypatch.setattr(vizapp, "load_model", lambda *a, **k: vm)
-    with pytest.raises(vizapp.errors.VizappError, match="does not run windowed-attention"):
-        worker.Evaluator("swin_tiny_patch4_window7_224", ["rollout"], pretrained=False)
-
-
 def test_windowed_memory_budget(vm, monkeypatch):
     """The windowed estimate's record term is the record an analysis keeps; a limit below the estimate refuses the
     model at load (the plain ViT's N x N estimate refused Swin-B at 384 px, 2.8 GB, where this one says 0.24 GB)."""
@@ -522,12 +514,3 @@ def test_windowed_memory_budget(vm, monkeypatch):
     MODEL_CACHE.clear()
     with pytest.raises(vizapp.errors.ModelTooLargeError, match="VIZAPP_MAX_ANALYSIS_BYTES"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
-
-
-def test_dataset_mode_refuses_a_swin_model_in_one_sentence(vm, tmp_path):
-    from vizapp import stats
-    from vizapp.errors import VizappError
-
-    random_image(0, size=(40, 24)).save(tmp_path / "a.png")
-    with pytest.raises(VizappError, match="dataset mode does not run windowed-attention"):
-        stats.collect_stats(vm, [tmp_path / "a.png"])

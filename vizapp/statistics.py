@@ -35,17 +35,32 @@ from vizapp.analysis.headstats import row_entropy, token_norm_stats
 
 @dataclass(frozen=True)
 class Geometry:
-    """What a statistic may need of one forward's tokens, from the model.
+    """What a statistic may need of one layer's tokens, from the model.
 
     Attributes:
-        num_tokens: N, every token of a layer.
-        num_prefix_tokens: tokens before the patches (CLS, registers, distillation token).
-        dist: [P, P] distances between patch centres in input pixels, on the device the attention arrives on.
+        num_tokens: N, the layer's query rows (every token of the layer, prefix tokens first).
+        num_prefix_tokens: tokens before the patches (CLS, registers, distillation token), first among the queries and
+            among the keys.
+        dist: [P, K] distances in input pixels from each patch query (P = N - prefix tokens) to each patch key of its
+            row, on the device the attention arrives on. A plain ViT's row is over every token, so K = P (the patch
+            distance matrix); a windowed layer's (Swin) is over the slots of the query's window
+            (:mod:`vizapp.statistics_pass`).
     """
 
     num_tokens: int
     num_prefix_tokens: int
     dist: torch.Tensor
+
+    @property
+    def num_keys(self) -> int:
+        """The keys of each attention row: the prefix tokens and the K patch keys of :attr:`dist`."""
+        return self.num_prefix_tokens + int(self.dist.shape[-1])
+
+    def check(self) -> None:
+        """ValueError unless :attr:`dist` has one row per patch query."""
+        n, p = self.num_tokens, self.num_prefix_tokens
+        if self.dist.dim() != 2 or self.dist.shape[0] != n - p:
+            raise ValueError(f"{n} tokens after {p} prefix tokens, but the grid has {self.dist.shape[0]} patches")
 
     @cached_property
     def distance_terms(self) -> BlockDistanceTerms:
@@ -55,15 +70,33 @@ class Geometry:
 
 class Statistic:
     """Base of every registered statistic. ``name`` keys it everywhere (``Analysis.statistics``, the evaluation's
-    columns ``{name}.l{layer}.h{head}``); ``column`` names it in dataset mode's CSV (default: ``name``)."""
+    columns ``{name}.l{layer}.h{head}``); ``column`` names it in dataset mode's CSV (default: ``name``).
+
+    ``windowed`` (class attribute): the statistic is defined for a windowed-attention layer (Swin). A head statistic
+    then reads each query's row as a distribution over whichever keys it has (a windowed layer's row is over the real
+    slots of the query's window, :mod:`vizapp.statistics_pass`); a block statistic reads the block's tokens whatever
+    their number. Left False, a statistic is not computed for windowed models (NaN, with :meth:`undefined`'s reason):
+    one that reads key k as token k would be silently wrong there.
+    """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     unit: ClassVar[str] = ""
+    windowed: ClassVar[bool] = False
 
     @property
     def column(self) -> str:
         return self.name
+
+    def undefined(self, num_prefix_tokens: int, windowed: bool) -> str:
+        """Why the statistic is not defined for a model with ``num_prefix_tokens`` prefix tokens and (``windowed``)
+        windowed attention, in one sentence; "" when it is defined."""
+        if windowed and not self.windowed:
+            return (
+                f"{self.name} is not computed for windowed-attention (Swin) models: it does not declare that it is "
+                "defined on a windowed layer's rows (windowed = True)."
+            )
+        return ""
 
 
 class HeadStatistic(Statistic):
@@ -114,6 +147,7 @@ class MeanDistance(HeadStatistic):
 
     name, label, unit = "distance", "mean attention distance", "px"
     patch_queries = True
+    windowed = True  # over a window's real keys: vizapp.analysis.windows.mean_distance
     column = "mean_distance_px"  # type: ignore[assignment]  # dataset mode's column since its first version
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
@@ -125,6 +159,7 @@ class AttentionEntropy(HeadStatistic):
     Zhai et al., ICML 2023, to watch attention collapse)."""
 
     name, label, unit = "entropy", "attention entropy", "nats"
+    windowed = True  # of each row over its keys: a windowed row's real window slots, renormalised
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
         row_entropy(attn, out=out, work=work)
@@ -132,6 +167,8 @@ class AttentionEntropy(HeadStatistic):
 
 class TokenNorm(BlockStatistic):
     """A summary of the L2 norms of a block's output tokens (Darcet et al., ICLR 2024: high-norm outlier tokens)."""
+
+    windowed = True  # a windowed block's output tokens are its stage's grid
 
     def __init__(self, which: str, label: str) -> None:
         self.which = which
@@ -141,6 +178,14 @@ class TokenNorm(BlockStatistic):
 
     def of_block(self, tokens: BlockTokens) -> torch.Tensor:
         return tokens.norm_summaries[self.which]
+
+    def undefined(self, num_prefix_tokens: int, windowed: bool) -> str:
+        if self.which == "prefix_mean" and num_prefix_tokens == 0:
+            return (
+                f"{self.name} is NaN: the model has no prefix tokens (no class, register or distillation token) "
+                "whose norm it would average."
+            )
+        return super().undefined(num_prefix_tokens, windowed)
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -176,6 +221,13 @@ def block_statistics() -> list[BlockStatistic]:
     return [s for s in STATISTICS.values() if isinstance(s, BlockStatistic)]
 
 
+def undefined_statistics(num_prefix_tokens: int, windowed: bool) -> dict[str, str]:
+    """name -> the sentence saying why, for every registered statistic not defined for such a model (see
+    :meth:`Statistic.undefined`); what every output prints beside its NaN."""
+    found = {name: s.undefined(num_prefix_tokens, windowed) for name, s in STATISTICS.items()}
+    return {name: why for name, why in found.items() if why}
+
+
 for _stat in (
     MeanDistance(),
     AttentionEntropy(),
@@ -193,13 +245,16 @@ class StatisticsReducer:
 
     Per layer it keeps one float32 per (image, head, query row) for each head statistic, in buffers reused by every
     layer, and averages them over the query rows when the layer is done; nothing of a layer's attention outlives its
-    chunk. Layers may differ in head count: a layer's missing heads stay NaN.
+    chunk. Layers may differ in head count (a layer's missing heads stay NaN) and in tokens: each layer has its own
+    :class:`Geometry` (a windowed model's layers differ in grid and window), given here or by :meth:`set_geometry`
+    before the layer's first chunk.
 
     Args:
         heads: heads of each layer (its length is L).
         batch: B, images in the forward.
-        geometry: the forward's tokens (:class:`Geometry`).
+        geometry: the tokens of every layer (one :class:`Geometry`), or one per layer (None: set later).
         statistics: which ones; default every registered statistic.
+        device: where the values live; default the device of the first geometry's distances.
 
     Attributes (after the forward; float64 on the attention's device):
         values: name -> [L, B, max H] for head statistics, [L, B] for block statistics (NaN where never computed).
@@ -209,51 +264,81 @@ class StatisticsReducer:
         self,
         heads: Sequence[int],
         batch: int,
-        geometry: Geometry,
+        geometry: Geometry | Sequence[Geometry | None] | None,
         statistics: Sequence[Statistic] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         chosen = list(STATISTICS.values()) if statistics is None else list(statistics)
         self.head_stats = [s for s in chosen if isinstance(s, HeadStatistic)]
         self.block_stats = [s for s in chosen if isinstance(s, BlockStatistic)]
-        self.heads, self.batch, self.geometry = list(heads), int(batch), geometry
-        n_layers, h_max, dev = len(self.heads), max(self.heads, default=0), geometry.dist.device
+        self.heads, self.batch = list(heads), int(batch)
+        n_layers, h_max = len(self.heads), max(self.heads, default=0)
+        if geometry is None or isinstance(geometry, Geometry):
+            self.geometry: list[Geometry | None] = [geometry] * n_layers
+        else:
+            self.geometry = list(geometry)
+            if len(self.geometry) != n_layers:
+                raise ValueError(f"{len(self.geometry)} geometries for {n_layers} layers")
+        for g in self.geometry:
+            if g is not None:
+                g.check()
+        if device is None:
+            given = [g for g in self.geometry if g is not None]
+            if not given:
+                raise ValueError("without a geometry, say the device the attention arrives on")
+            device = given[0].dist.device
+        dev = torch.device(device)
         nan = float("nan")
         self.values: dict[str, torch.Tensor] = {
             s.name: torch.full((n_layers, self.batch, h_max), nan, dtype=torch.float64, device=dev)
             for s in self.head_stats
         } | {s.name: torch.full((n_layers, self.batch), nan, dtype=torch.float64, device=dev) for s in self.block_stats}
-        n, p = geometry.num_tokens, geometry.num_prefix_tokens
-        if geometry.dist.shape[-1] != n - p:
-            raise ValueError(f"{n} tokens after {p} prefix tokens, but the grid has {geometry.dist.shape[-1]} patches")
-        # [B, H, Q] per head statistic: Q = the patch queries or every query
-        self._rows = {
-            s.name: torch.zeros((self.batch, h_max, n - p if s.patch_queries else n), device=dev)
-            for s in self.head_stats
-        }
+        self._h_max, self._device = h_max, dev
+        # [B, H, Q] per head statistic, Q = the layer's patch queries or every query; grown for a layer with more
+        self._rows: dict[str, torch.Tensor] = {}
         self._work: torch.Tensor | None = None
         self._cells = [0] * n_layers  # (image, head, query row) cells seen per layer
         self._blocks = [False] * n_layers
 
+    def set_geometry(self, layer: int, geometry: Geometry) -> None:
+        """The tokens of ``layer`` (before its first chunk), for a forward whose layers are known only as it runs."""
+        geometry.check()
+        self.geometry[layer] = geometry
+
+    def _layer_geometry(self, layer: int) -> Geometry:
+        g = self.geometry[layer]
+        if g is None:
+            raise ValueError(f"layer {layer} has no geometry; call set_geometry before its attention")
+        return g
+
+    def _row_buffer(self, s: HeadStatistic, g: Geometry) -> torch.Tensor:
+        """[B, max H, Q] for statistic ``s`` on a layer of geometry ``g`` (a view of a buffer shared by the layers)."""
+        q = g.num_tokens - g.num_prefix_tokens if s.patch_queries else g.num_tokens
+        buf = self._rows.get(s.name)
+        if buf is None or buf.shape[-1] < q:
+            buf = self._rows[s.name] = torch.zeros((self.batch, self._h_max, q), device=self._device)
+        return buf[..., :q]
+
     # AttentionConsumer
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
         c, r, n = attn.shape
-        g = self.geometry
-        if n != g.num_tokens:
-            raise ValueError(f"attention over {n} tokens, expected {g.num_tokens}")
+        g = self._layer_geometry(layer)
+        if n != g.num_keys:
+            raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
         if not 0 <= batch < self.batch:
             raise ValueError(f"attention of image {batch}, but the forward has {self.batch} images")
         work = self._work
-        if work is None or work.shape[0] < c or work.shape[1] < r or work.dtype != attn.dtype:
+        if work is None or work.shape[0] < c or work.shape[1] < r or work.shape[2] != n or work.dtype != attn.dtype:
             work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
         heads, p = slice(head, head + c), g.num_prefix_tokens
         lo = max(row, p)  # the chunk's first patch query
         for s in self.head_stats:
+            rows = self._row_buffer(s, g)
             if s.patch_queries:
                 if lo < row + r:
-                    out = self._rows[s.name][batch, heads, lo - p : row + r - p]
-                    s.rows(attn, row, g, out, work[:c, : row + r - lo])
+                    s.rows(attn, row, g, rows[batch, heads, lo - p : row + r - p], work[:c, : row + r - lo])
             else:
-                s.rows(attn, row, g, self._rows[s.name][batch, heads, row : row + r], work[:c, :r])
+                s.rows(attn, row, g, rows[batch, heads, row : row + r], work[:c, :r])
         self._cells[layer] += c * r
 
     def chunk_images(self, layer: int, batch: int, attn: torch.Tensor) -> None:
@@ -262,26 +347,29 @@ class StatisticsReducer:
             self.chunk(layer, batch + j, 0, one, 0)
 
     def layer_done(self, layer: int) -> None:
-        h = self.heads[layer]
-        expected = self.batch * h * self.geometry.num_tokens
+        h, g = self.heads[layer], self._layer_geometry(layer)
+        expected = self.batch * h * g.num_tokens
         if self._cells[layer] != expected:
             raise RuntimeError(
                 f"layer {layer}: attention of {self._cells[layer]} (head, query) pairs reached the statistics, "
-                f"expected {expected} ({self.batch} images x {h} heads x {self.geometry.num_tokens} queries)"
+                f"expected {expected} ({self.batch} images x {h} heads x {g.num_tokens} queries)"
             )
         for s in self.head_stats:
-            self.values[s.name][layer, :, :h] = self._rows[s.name][:, :h].double().mean(dim=-1)
+            self.values[s.name][layer, :, :h] = self._row_buffer(s, g)[:, :h].double().mean(dim=-1)
 
     def block(self, layer: int, out: torch.Tensor) -> None:
         """``on_block``: the block statistics of block ``layer``'s output [B, N, D]."""
-        tokens = BlockTokens(out, self.geometry.num_prefix_tokens)
+        tokens = BlockTokens(out, self._layer_geometry(layer).num_prefix_tokens)
         for s in self.block_stats:
             self.values[s.name][layer] = s.of_block(tokens).to(torch.float64)
         self._blocks[layer] = True
 
     def complete(self) -> bool:
         """Every layer's attention (and, with block statistics, every block's output) reached the reducer."""
-        full = all(c == self.batch * h * self.geometry.num_tokens for c, h in zip(self._cells, self.heads, strict=True))
+        full = all(
+            g is not None and c == self.batch * h * g.num_tokens
+            for c, h, g in zip(self._cells, self.heads, self.geometry, strict=True)
+        )
         return full and (not self.block_stats or all(self._blocks))
 
     def per_image(self, image: int) -> dict[str, torch.Tensor]:

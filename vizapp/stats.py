@@ -2,15 +2,16 @@
 
 Every image under the folder (recursively; png, jpg/jpeg, webp, bmp, gif, tif/tiff) is decoded with
 :func:`vizapp.imageio.decode_image` (undecodable files are skipped and counted), preprocessed with the model's own
-transform and run through the model in batches from a torch DataLoader. Attention is captured with
-:class:`vizapp.capture.AttentionCapture`, which forms each layer's attention once, in place of SDPA, a few heads at
-a time, and hands it to :class:`vizapp.statistics.StatisticsReducer`, which reduces it to every registered statistic
-(:mod:`vizapp.statistics`: mean attention distance, attention entropy, token norms, and any a user registers) while
-the chunk is hot, so nothing of a layer outlives it (layers whose attention stays inside the model, ``fused_attn``
-off, are fed to the same reducer from q and k at the end of the layer). Each image's statistics are summed over all
-images and divided by their count. Writes a CSV (layer, head, one column per statistic, n_images) and an offline
-plotly HTML figure of the mean distance, and compares the throughput with a bare batched forward of the same model on
-the same batches.
+transform and run through the model in batches from a torch DataLoader. Each batch is one captured forward
+(:func:`vizapp.statistics_pass.forward_statistics`): a plain ViT's attention is formed once, in place of SDPA, a few
+heads at a time (:class:`vizapp.capture.AttentionCapture`), a windowed model's (Swin) layer by layer as its blocks run
+(:class:`vizapp.windows.WindowCapture`), and either goes to :class:`vizapp.statistics.StatisticsReducer`, which
+reduces it to every registered statistic (:mod:`vizapp.statistics`: mean attention distance, attention entropy,
+token norms, and any a user registers) while it is hot, so nothing of a layer outlives it. Each image's statistics
+are summed over all images and divided by their count: the mean of what :func:`vizapp.analyze` gives each image.
+Writes a CSV (layer, head, one column per statistic, n_images; a windowed model's rows are the heads each layer has)
+and an offline plotly HTML figure of the mean distance, prints why a statistic is NaN where it is not defined for the
+model, and compares the throughput with a bare batched forward of the same model on the same batches.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vizapp.analysis.distance import uniform_reference_distance
-from vizapp.capture import AttentionCapture
 from vizapp.errors import BadImageError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.models import VizModel
-from vizapp.statistics import STATISTICS, Geometry, HeadStatistic, StatisticsReducer
+from vizapp.statistics import STATISTICS, HeadStatistic, undefined_statistics
+from vizapp.statistics_pass import forward_statistics, layer_heads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -99,12 +100,16 @@ class DatasetStats:
     """Result of :func:`collect_stats`.
 
     Attributes:
-        mean_distance: [L, H] mean attention distance in pixels over ``n_images`` images (NaN when none).
+        mean_distance: [L, H] mean attention distance in pixels over ``n_images`` images (NaN when none; a windowed
+            model's is [L, max H], NaN for the heads a layer does not have).
         statistics: every registered statistic averaged over the images: name -> [L, H] (per head) or [L] (per
             block); ``statistics["distance"]`` is ``mean_distance``.
         n_images: images that were decoded and analysed.
         skipped: (path, reason) of every file that could not be decoded.
-        grid_size, patch_size: the patch grid and patch size (for the uniform-attention reference).
+        grid_size, patch_size: the patch grid and patch size (a windowed model's first stage).
+        heads: the heads of each layer.
+        undefined: name -> the sentence saying why that statistic is NaN for this model.
+        windowed: the model attends within windows (Swin): its distances have no uniform-attention reference.
         seconds: wall time of the whole loop (decoding, forward and analysis).
         timed_images: images in the batches used for the throughput comparison.
         analysis_seconds: time of forward-with-capture + distances on those batches.
@@ -117,6 +122,9 @@ class DatasetStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     grid_size: tuple[int, int] = (0, 0)
     patch_size: tuple[int, int] = (0, 0)
+    heads: list[int] = field(default_factory=list)
+    undefined: dict[str, str] = field(default_factory=dict)
+    windowed: bool = False
     seconds: float = 0.0
     timed_images: int = 0
     analysis_seconds: float = 0.0
@@ -167,17 +175,12 @@ def collect_stats(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if vm.windowed:
-        raise VizappError(
-            f"{vm.name}: dataset mode does not run windowed-attention (Swin) models yet (their layers differ in grid "
-            "and heads); analyse their images with vizapp.analyze, which returns each one's mean distance per layer"
-        )
-    model, device = vm.model, vm.device
+    device = vm.device
     _, in_h, in_w = vm.input_size
     grid = vm.grid_for(int(in_h), int(in_w))
-    geometry = Geometry(vm.num_prefix_tokens + grid[0] * grid[1], vm.num_prefix_tokens, vm.patch_distances(grid))
-    heads = [vm.num_heads] * vm.num_layers
+    heads = layer_heads(vm)
     sums: dict[str, torch.Tensor] = {}  # name -> the sum over images, [L, H] or [L], float64
+    undefined = undefined_statistics(vm.num_prefix_tokens, vm.windowed)
     loader = DataLoader(
         ImageFileDataset(paths, vm.batch_transform),
         batch_size=batch_size,
@@ -205,15 +208,8 @@ def collect_stats(
                 if timed and i % 2 == 0:
                     t_bare = _bare_forward(vm, x)
                 t0 = time.perf_counter()
-                reducer = StatisticsReducer(heads, len(x), geometry)
-                with (
-                    torch.no_grad(),
-                    AttentionCapture(model, on_attention=reducer, on_block=reducer.block, keep_qk=False),
-                ):
-                    vm.logits(x)
-                if not reducer.complete():
-                    raise RuntimeError("the attention of some layer never reached vizapp's statistics")
-                for name, v in reducer.values.items():  # [L, B, H] or [L, B]
+                found = forward_statistics(vm, x)
+                for name, v in found.values.items():  # [L, B, H] or [L, B]
                     total = v.sum(dim=1)
                     sums[name] = total if name not in sums else sums[name] + total
                 vm.synchronize()
@@ -235,7 +231,7 @@ def collect_stats(
     seconds = time.perf_counter() - t_start
     means: dict[str, np.ndarray] = {}
     for name, stat in STATISTICS.items():
-        shape = (vm.num_layers, vm.num_heads) if isinstance(stat, HeadStatistic) else (vm.num_layers,)
+        shape = (len(heads), max(heads)) if isinstance(stat, HeadStatistic) else (len(heads),)
         means[name] = (sums[name] / n_images).cpu().numpy() if n_images else np.full(shape, np.nan)
     return DatasetStats(
         mean_distance=means["distance"],
@@ -244,6 +240,9 @@ def collect_stats(
         skipped=skipped,
         grid_size=grid,
         patch_size=(int(vm.patch_size[0]), int(vm.patch_size[1])),
+        heads=heads,
+        undefined=undefined,
+        windowed=vm.windowed,
         seconds=seconds,
         timed_images=timed_images,
         analysis_seconds=analysis_s,
@@ -273,16 +272,21 @@ def dataset_mean_distance(
     return stats.mean_distance, stats.n_images
 
 
-def write_csv(path: str | Path, statistics: dict[str, np.ndarray], n_images: int) -> None:
+def write_csv(
+    path: str | Path, statistics: dict[str, np.ndarray], n_images: int, heads: Sequence[int] | None = None
+) -> None:
     """One row per (layer, head), the columns of :func:`csv_columns`: a per-head statistic is that head's, a
-    per-block statistic (token norms) is the layer's, the same on each of its heads' rows."""
+    per-block statistic (token norms) is the layer's, the same on each of its heads' rows. ``heads``: the heads of each
+    layer (a windowed model's differ by stage: a layer's rows are the heads it has); default every column of
+    ``statistics["distance"]``."""
     stats = [(s, np.asarray(statistics[s.name])) for s in STATISTICS.values()]
     num_layers, num_heads = np.asarray(statistics["distance"]).shape
+    heads = [num_heads] * num_layers if heads is None else list(heads)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(csv_columns())
         for layer in range(num_layers):
-            for head in range(num_heads):
+            for head in range(heads[layer]):
                 values = [float(v[layer, head] if v.ndim == 2 else v[layer]) for _, v in stats]
                 w.writerow([layer, head, *(f"{v:.6f}" for v in values), n_images])
 
@@ -291,12 +295,17 @@ def write_html(path: str | Path, stats: DatasetStats, model_name: str) -> None:
     """The ViT paper's distance plot as a self-contained HTML file (plotly.js inlined: works offline)."""
     from vizapp import figures
 
-    ref = uniform_reference_distance(stats.grid_size, stats.patch_size)
+    if stats.windowed:  # attention within windows: no whole-grid uniform reference
+        ref = None
+        what = (
+            f"within windows, in input pixels (first stage {stats.grid_size[0]}x{stats.grid_size[1]} tokens "
+            f"{stats.patch_size[0]} px apart, twice that per patch merging)"
+        )
+    else:
+        ref = uniform_reference_distance(stats.grid_size, stats.patch_size)
+        what = f"({stats.grid_size[0]}x{stats.grid_size[1]} patches of {stats.patch_size[0]} px)"
     fig = figures.distance_figure(
-        stats.mean_distance,
-        ref,
-        title=f"Mean attention distance of {model_name} over {stats.n_images} images "
-        f"({stats.grid_size[0]}x{stats.grid_size[1]} patches of {stats.patch_size[0]} px)",
+        stats.mean_distance, ref, title=f"Mean attention distance of {model_name} over {stats.n_images} images {what}"
     )
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
 
@@ -390,12 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stats.n_images == 0:
         print("error: none of the files could be decoded", file=sys.stderr)
         return 1
-    write_csv(args.out_csv, stats.statistics, stats.n_images)
+    write_csv(args.out_csv, stats.statistics, stats.n_images, stats.heads)
     write_html(args.out_html, stats, vm.name)
-    print(
-        f"{vm.name} ({vm.source} weights): {stats.n_images} images analysed, {len(stats.skipped)} skipped, "
-        f"{vm.num_layers} layers x {vm.num_heads} heads"
+    shape = (
+        f"{len(stats.heads)} layers x {vm.num_heads} heads"
+        if len(set(stats.heads)) == 1
+        else f"{len(stats.heads)} layers with {', '.join(map(str, stats.heads))} heads"
     )
+    print(f"{vm.name} ({vm.source} weights): {stats.n_images} images analysed, {len(stats.skipped)} skipped, {shape}")
+    for why in stats.undefined.values():
+        print(f"note: {why}")
     print(f"end to end (decoding included): {stats.throughput:.1f} images/s over {stats.seconds:.1f} s")
     if stats.timed_images:
         print(

@@ -16,6 +16,7 @@ length) is not offered. AttnLRP and LeGrad run the model again with their own ru
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,27 @@ UNDEFINED = {
 }
 
 
+#: the maps of :data:`METHODS` that are for one class
+CLASS_METHODS = ("grad_rollout", "relevance", *MODEL_METHODS)
+#: the registry's methods (vizapp.methods) that a windowed model does not offer -> (label, the sentence saying why)
+NOT_OFFERED = {
+    "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
+    "flow": ("Attention flow", UNDEFINED["flow"]),
+    "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
+}
+
+
 def undefined(view: str) -> str:
     """The sentence saying why ``view`` is not defined for a windowed model."""
     return UNDEFINED[view]
+
+
+def refusal(method: str) -> str:
+    """Why a windowed model does not offer ``method`` (a registry name or anything else), in one sentence."""
+    if method in NOT_OFFERED:
+        label, why = NOT_OFFERED[method]
+        return f"{label} ({method!r}) is not offered for windowed models: {why}"
+    return f"{str(method)[:40]!r} is not a map of windowed models; they offer {', '.join(METHODS)}."
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +83,11 @@ class WindowAnalysis:
         geometry: per layer, its :class:`~vizapp.windows.WindowGeometry` (grid, window, shift, stage).
         windows: per layer, one image's window attention [nW, H_l, w², w²] float32 as the forward used it.
         strides: per layer, its stage's token spacing in input pixels.
-        mean_distance: [L, max H] in input pixels, NaN for heads a layer does not have.
+        mean_distance: [L, max H] in input pixels, NaN for heads a layer does not have (``statistics["distance"]``).
+        statistics: every registered statistic (:mod:`vizapp.statistics`) of this image, name -> [L, max H] per head
+            (NaN for heads a layer does not have) or [L] per block, each layer's token rows taken over their windows
+            (:mod:`vizapp.statistics_pass`); NaN for a statistic not defined for windowed models (:attr:`notes`
+            says why).
         relative_bias: per layer, the learned bias over (Δrow, Δcol) = query − key, [H_l, 2wh − 1, 2ww − 1], read
             from the weights when the image was analysed (None where the model computes it otherwise, Swin V2).
         graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
@@ -83,6 +106,7 @@ class WindowAnalysis:
     windows: tuple[torch.Tensor, ...]
     strides: tuple[tuple[int, int], ...]
     mean_distance: np.ndarray
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
     relative_bias: tuple[torch.Tensor | None, ...] = ()
     notes: tuple[str, ...] = ()
     model_ref: Any = field(default=None, repr=False)
@@ -170,6 +194,13 @@ class WindowAnalysis:
 
     def _class(self, class_idx: Any) -> int:
         return class_index(self.probs, self.labels, class_idx)
+
+    @property
+    def undefined_statistics(self) -> dict[str, str]:
+        """name -> why, for each registered statistic that is NaN in :attr:`statistics` (not defined for Swin)."""
+        from vizapp.statistics import undefined_statistics
+
+        return undefined_statistics(self.num_prefix_tokens, True)
 
     # -- per-layer maps ---------------------------------------------------------------------------------------------
     def attention(self, layer: int, head: int | None = None, query: Any = (0, 0)) -> np.ndarray:
@@ -322,6 +353,16 @@ class WindowAnalysis:
             raise BadParameterError(undefined(why[method]))
         raise BadParameterError(f"method {str(method)[:40]!r} is not offered for windowed models; use one of {METHODS}")
 
+    def first_grid_map(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
+        """A map of :meth:`explain` on the first stage's grid [gh_0, gw_0], the grid the perturbation tests remove
+        from: rollout and the class maps are there already; "last_layer" (on the last stage's grid) is brought there
+        by repetition, each first-stage token taking the value of the last-stage token it was merged into
+        (:func:`vizapp.analysis.windows.repeat_to_grid`)."""
+        found = self.explain(method, class_idx, **kwargs)
+        if method != "last_layer":
+            return found
+        return W.repeat_to_grid(found, self.layer_grids[0], self.geometry[-1].stage)
+
     def faithfulness(
         self,
         maps: dict[str, np.ndarray],
@@ -364,8 +405,8 @@ class WindowAnalysis:
     def arrays(self) -> dict[str, np.ndarray]:
         """The record as named arrays (for an .npz export): each layer's window attention ``layer{i}_windows``
         [nW, H_l, w², w²] and its slot-to-token index ``layer{i}_index`` [nW, w²] (-1 = padding), the grids,
-        windows, shifts and stages per layer, the mean distance [L, max H] (NaN: no such head), the rollout, and the
-        class probabilities when the model has a classifier."""
+        windows, shifts and stages per layer, the mean distance [L, max H] (NaN: no such head), every registered statistic
+        (``statistic_{name}``), the rollout, and the class probabilities when the model has a classifier."""
         out: dict[str, np.ndarray] = {}
         for i, w in enumerate(self.windows):
             out[f"layer{i}_windows"] = w.numpy()
@@ -375,6 +416,7 @@ class WindowAnalysis:
         out["layer_shifts"] = np.array([g.shift for g in self.geometry], dtype=np.int64)
         out["layer_stages"] = np.array([g.stage for g in self.geometry], dtype=np.int64)
         out["mean_distance_px"] = np.asarray(self.mean_distance, dtype=np.float64)
+        out |= {f"statistic_{k}": np.asarray(v, dtype=np.float64) for k, v in self.statistics.items()}
         out["rollout"] = self.rollout()
         if self.probs is not None:
             out["probs"] = np.asarray(self.probs)
@@ -396,9 +438,34 @@ class WindowAnalysis:
             "mean_distance_px": [
                 [None if np.isnan(v) else round(float(v), 3) for v in row] for row in self.mean_distance
             ],
+            "statistics": {k: np.where(np.isnan(v), None, np.round(v, 6)).tolist() for k, v in self.statistics.items()},
+            "statistics_undefined": self.undefined_statistics,
             "rollout_mean": np.round(self.rollout(), 6).tolist(),
             "notes": list(self.notes),
         }
+
+
+def class_gradients(analyses: Sequence[WindowAnalysis], classes: Sequence[Any]) -> list[int]:
+    """∂logit_b[c_b]/∂A for every analysis b of one gradient-enabled windowed batch (``analyze(images,
+    gradients=True)``) and its class c_b, from ONE backward of Σ_b logit_b[c_b]: a Swin batch's windows never mix
+    images, so image b's share of that gradient is its own class's (as :func:`vizapp.pipeline.class_gradients` for a
+    plain ViT). Each analysis keeps its gradient; returns the class indices c_b."""
+    if not analyses:
+        return []
+    logits, maps = analyses[0].graph_logits, analyses[0].graph_maps
+    if maps is None or any(r.graph_logits is not logits for r in analyses):
+        raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
+    cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]
+    rows = torch.tensor([r.graph_image for r in analyses], device=logits.device)
+    score = logits[rows, torch.tensor(cls, device=logits.device)].sum()
+    grads = torch.autograd.grad(score, maps, retain_graph=True)  # [B·nW, H, w², w²] per layer
+    nw = [g.num_windows for g in analyses[0].geometry]
+    for r, c in zip(analyses, cls, strict=True):
+        mine = [
+            g.reshape(-1, n, *g.shape[1:])[r.graph_image].detach().float().cpu() for g, n in zip(grads, nw, strict=True)
+        ]
+        r._cache.put(Key("grads", (c,)), mine)
+    return cls
 
 
 def read_relative_bias(site: Any) -> torch.Tensor | None:
@@ -430,14 +497,20 @@ def analyze_windowed(
     """One forward of ``x`` [B, C, H, W] with :class:`WindowCapture` and every per-image analysis."""
     from vizapp.models.swin import stage_strides
     from vizapp.pipeline import model_view
+    from vizapp.statistics_pass import every_statistic, window_reducer
 
     b = x.shape[0]
     notes = [()] * b if notes is None else list(notes)
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
-    with torch.enable_grad() if gradients else torch.no_grad(), WindowCapture(vm.model, with_grad=gradients) as cap:
+    # the registered statistics, from each layer's attention as the forward goes (the reducer dataset mode uses)
+    reducer, on_layer = window_reducer(vm, b)
+    with (
+        torch.enable_grad() if gradients else torch.no_grad(),
+        WindowCapture(vm.model, with_grad=gradients, on_layer=on_layer, on_block=reducer.block) as cap,
+    ):
         logits = vm.logits(x_dev)
     geometry = tuple(cap.geometry)
-    if any(g is None for g in geometry):
+    if any(g is None for g in geometry) or not reducer.complete():
         raise RuntimeError("some windowed layer never ran; its attention was not captured")
     maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
@@ -445,14 +518,12 @@ def analyze_windowed(
     biases = tuple(read_relative_bias(s) for s in cap.sites)
     graph_maps = cap.graph_maps() if gradients else None
     fingerprint = vm.fingerprint()
-    heads = max(m.shape[2] for m in maps)
+    heads = [m.shape[2] for m in maps]
+    values = {k: v.cpu().numpy() for k, v in every_statistic(reducer.values, heads, b).items()}
     out = []
     for i in range(b):
         wins = tuple(m[i] for m in maps)
-        dist = np.full((len(wins), heads), np.nan)
-        for layer, (w, g) in enumerate(zip(wins, geometry, strict=True)):
-            idx = W.window_index(g.grid, g.window, g.shift, g.pad_first)
-            dist[layer, : w.shape[1]] = W.mean_distance(w, idx, g.grid, layer_strides[layer]).numpy()
+        stats = {k: v[:, i] for k, v in values.items()}  # [L, max H] or [L]
         lg = logits[i].detach().float().cpu()
         probs, top = None, []
         if vm.labels and lg.shape[-1] == len(vm.labels):
@@ -473,7 +544,8 @@ def analyze_windowed(
                 geometry=geometry,
                 windows=wins,
                 strides=layer_strides,
-                mean_distance=dist,
+                mean_distance=stats["distance"],
+                statistics=stats,
                 relative_bias=biases,
                 notes=tuple(notes[i]),
                 model_ref=weakref.ref(vm),

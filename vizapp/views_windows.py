@@ -13,8 +13,8 @@ from typing import Any
 
 from vizapp import figures, methods
 from vizapp.errors import BadParameterError
-from vizapp.figures.windows import add_cell_outline
-from vizapp.swin_result import METHODS, MODEL_METHODS, UNDEFINED, WindowAnalysis
+from vizapp.figures.windows import add_cell_outline, window_heads_figure
+from vizapp.swin_result import CLASS_METHODS, METHODS, MODEL_METHODS, NOT_OFFERED, UNDEFINED, WindowAnalysis
 
 #: method -> title
 TITLES = {
@@ -35,16 +35,8 @@ LABELS = {
     "legrad": "LeGrad (Bousselham et al., 2024; the last stage's blocks)",
     "last_layer": "Attention each last-stage token receives",
 }
-#: the maps that need a class (a classifier head)
-CLASS_METHODS = ("grad_rollout", "relevance", "attnlrp", "legrad")
 #: the maps over the first stage's grid: the ones the deletion / insertion curves can follow
 COMPARE_METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad")
-#: the app's registry methods (vizapp.methods) that a windowed model does not offer -> the sentence saying why
-NOT_OFFERED = {
-    "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
-    "flow": ("Attention flow", UNDEFINED["flow"]),
-    "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
-}
 
 
 def _rules_missing(r: WindowAnalysis, method: str) -> str:
@@ -110,11 +102,9 @@ def heads_view(
         f"token {tuple(int(v) for v in query)} of its {g.grid[0]}x{g.grid[1]} grid (window {g.window[0]}x"
         f"{g.window[1]}, shift {g.shift})"
     )
-    fig = figures.heads_figure(
-        maps, layer, label, per_head_scale, (int(query[0]), int(query[1])), colorscale=colorscale
+    return window_heads_figure(
+        maps, layer, label, _padding_note(r, layer), per_head_scale, (int(query[0]), int(query[1])), colorscale
     )
-    fig.update_layout(title=fig.layout.title.text + _padding_note(r, layer))
-    return fig
 
 
 def focus_view(

@@ -21,6 +21,7 @@ thread that opened it; nothing is kept on the model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,20 +158,40 @@ class WindowCapture:
     Args:
         model: a windowed model (see :func:`window_sites`).
         with_grad: keep each layer's probabilities in the autograd graph (:meth:`attention_grads`).
+        on_layer: called as ``on_layer(layer, attention, geometry)`` when each block is done, with its window attention
+            [B, nW, H, w², w²] float32 (detached) and :class:`WindowGeometry`, during the forward.
+        on_block: called as ``on_block(layer, output)`` with each block's output tokens [B, N, C] (detached).
+        keep: keep every layer's attention after the forward (False: each is dropped once handed to ``on_layer``, so
+            that a forward holds one layer's attention at a time).
     """
 
-    def __init__(self, model: torch.nn.Module, with_grad: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        with_grad: bool = False,
+        on_layer: Callable[[int, torch.Tensor, WindowGeometry], None] | None = None,
+        on_block: Callable[[int, torch.Tensor], None] | None = None,
+        keep: bool = True,
+    ) -> None:
         self.sites = window_sites(model)
         self.model = model
         self.with_grad = with_grad
+        self.on_layer, self.on_block, self.keep = on_layer, on_block, keep
+        if not keep and on_layer is None:
+            raise ValueError("keep=False drops each layer's attention once on_layer has it; pass on_layer")
         n = len(self.sites)
         self.geometry: list[WindowGeometry | None] = [None] * n
         self.maps: list[torch.Tensor | None] = [None] * n  # [B*nW, H, w², w²] as the layer used it
         self._grids: list[tuple[int, int] | None] = [None] * n
         fused = [i for i, s in enumerate(self.sites) if s.probs is None]
-        self._fused = fused  # layer -> index in the inner capture: fused.index(layer)
+        self._fused = fused  # the inner capture's layer j is this capture's layer fused[j]
+        # With gradients the inner capture keeps each layer's attention in the graph. Without, each layer's attention
+        # is formed from its q and k when the attention module is done (_attn_done_hook, which runs before the inner
+        # capture's own hook), and the inner capture then drops them: no layer's q and k outlive it.
         self._inner = (
-            AttentionCapture(model, with_grad=with_grad, layers=[self.sites[i].attn for i in fused]) if fused else None
+            AttentionCapture(model, with_grad=with_grad, layers=[self.sites[i].attn for i in fused], keep_qk=with_grad)
+            if fused
+            else None
         )
         self._handles: list[Any] = []
         self._owner: int | None = None
@@ -208,6 +229,29 @@ class WindowCapture:
 
         return hook
 
+    def _attn_done_hook(self, layer: int):
+        j = self._fused.index(layer)
+
+        def hook(_mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
+            if self._mine() and self.geometry[layer] is not None:
+                self.maps[layer] = self._inner.attention(j)  # [B*nW, H, w², w²], from the call's own q, k and mask
+
+        return hook
+
+    def _block_done_hook(self, layer: int):
+        def hook(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
+            if not self._mine():
+                return
+            if self.on_layer is not None:
+                self.on_layer(layer, self.attention(layer), self._check(layer))
+            if self.on_block is not None:
+                tokens = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                self.on_block(layer, tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]))  # [B, N, C]
+            if not self.keep:
+                self.maps[layer] = None
+
+        return hook
+
     def _probs_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
@@ -221,6 +265,10 @@ class WindowCapture:
             for i, site in enumerate(self.sites):
                 self._handles.append(site.block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
                 self._handles.append(site.attn.register_forward_pre_hook(self._attn_pre_hook(i)))
+                if site.probs is None and not self.with_grad:  # registered before the inner capture's hooks
+                    self._handles.append(site.attn.register_forward_hook(self._attn_done_hook(i)))
+                if self.on_layer is not None or self.on_block is not None:
+                    self._handles.append(site.block.register_forward_hook(self._block_done_hook(i)))
                 if site.probs is not None:
                     self._handles.append(site.probs.register_forward_hook(self._probs_hook(i)))
             if self._inner is not None:
@@ -243,16 +291,16 @@ class WindowCapture:
     # -- results -------------------------------------------------------------------------------------------------
     def _layer_maps(self, layer: int) -> torch.Tensor:
         """[B*nW, H, w², w²]: the probabilities of ``layer`` (in the graph when recorded with gradients)."""
-        if layer in self._fused:
+        m = self.maps[layer]
+        if m is not None:
+            return m
+        if layer in self._fused and self.with_grad:
             j = self._fused.index(layer)
             inner = self._inner
             if inner.maps[j] is not None:
                 return inner.maps[j]
-            return inner.attention(j)
-        m = self.maps[layer]
-        if m is None:
-            raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
-        return m
+            return inner.attention(j)  # the forward ran without gradients: from its q and k
+        raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
 
     def _check(self, layer: int) -> WindowGeometry:
         g = self.geometry[layer]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -129,6 +130,64 @@ def mean_distance(windows: torch.Tensor, index: torch.Tensor, grid: tuple[int, i
     mass = torch.einsum("whqk,wk->whq", windows, real.to(windows.dtype)).double().clamp_min(1e-300)
     per_query = weighted / mass  # [nW, H, w²]
     return (per_query * real[:, None, :]).sum((0, 2)) / real.sum()
+
+
+def token_slots(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[N] long: where each grid token sits in the layer's windows, as a flat slot id w·w² + slot (see
+    :func:`window_index`). ValueError unless every token is in exactly one window."""
+    m = index.shape[1]
+    real = index >= 0
+    tokens = index[real]
+    if tokens.numel() != num_tokens or torch.unique(tokens).numel() != num_tokens:
+        raise ValueError(f"the windows hold {tokens.numel()} token slots for a grid of {num_tokens} tokens")
+    flat = torch.arange(index.numel(), device=index.device).view(-1, m)[real]
+    out = torch.empty(num_tokens, dtype=torch.long, device=index.device)
+    out[tokens] = flat
+    return out
+
+
+def token_rows(
+    windows: torch.Tensor, index: torch.Tensor, num_tokens: int, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each real token's attention row over the slots of its window, [..., nW, H, w², w²] -> [..., H, N, w²] (tokens
+    row-major on the grid): padded slots zeroed and the row renormalised over the real keys, as :func:`mean_distance`
+    takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's window. ``slots``:
+    :func:`token_slots` of ``index`` when the caller has it."""
+    *lead, nw, h, m, _ = windows.shape
+    where = (token_slots(index, num_tokens) if slots is None else slots).to(windows.device)  # [N]
+    by_slot = windows.movedim(-3, -2).reshape(*lead, nw * m, h, m)  # [..., nW·w², H, w²]
+    rows = by_slot.index_select(len(lead), where)  # [..., N, H, w²]
+    if bool((index < 0).any()):  # padding: its slots out, each row renormalised over its real keys
+        keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
+        rows = rows * keys[:, None, :].to(rows.dtype)
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    return rows.movedim(-2, -3)  # [..., H, N, w²]
+
+
+def token_key_distances(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float]) -> torch.Tensor:
+    """[N, w²] float64: the distance in input pixels from each grid token to each slot of its window (0 for a
+    padded slot, which carries no weight in :func:`token_rows`); the keys of :func:`token_rows`' rows."""
+    m = index.shape[1]
+    n = grid[0] * grid[1]
+    where = token_slots(index, n)
+    pos = token_centres(grid, stride)[index.clamp(min=0)]  # [nW, w², 2]
+    query = pos.reshape(-1, 2)[where]  # [N, 2]
+    keys = pos[where // m]  # [N, w², 2]
+    d = torch.linalg.vector_norm(keys - query[:, None, :], dim=-1)
+    return d * (index >= 0)[where // m].double()
+
+
+def repeat_to_grid(values: np.ndarray, grid: tuple[int, int], merges: int) -> np.ndarray:
+    """A map on the grid of a stage ``merges`` patch mergings down, [⌈gh/2^m⌉, ⌈gw/2^m⌉], on the first stage's
+    ``grid`` [gh, gw]: each first-stage token (r, c) takes the value of the token it was merged into, (r >> m, c >> m)
+    (merging pads odd grids at the bottom and right, so the last row or column merges fewer tokens)."""
+    values = np.asarray(values)
+    f = 2 ** int(merges)
+    want = (-(-grid[0] // f), -(-grid[1] // f))
+    if values.shape != want:
+        raise ValueError(f"a map {values.shape} is not the {want} grid {merges} merges below {tuple(grid)}")
+    rows, cols = np.arange(grid[0]) >> merges, np.arange(grid[1]) >> merges
+    return values[np.ix_(rows, cols)]
 
 
 def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:

@@ -9,6 +9,10 @@ image), ``summary.md``, ``summary.json`` and ``curves.html`` under ``--out``.
 pixels, the top int(f*H*W) pixels zeroed at f = 0.1 .. 0.9. ``--protocol patches`` is vizapp's variant that removes
 whole patches. The protocol is recorded in every row and named in the summary. See docs/faithfulness.md for the
 protocol and docs/scaling.md for the engines.
+
+A windowed-attention model (Swin) offers its own maps, ``rollout``, ``grad_rollout``, ``relevance`` and
+``last_layer`` (and ``random``), on its first stage's token grid: the ``chefer2021`` protocol upsamples them by that
+stage's token spacing, and ``patches`` removes its tokens' pixels; its per-head columns are the heads each layer has.
 """
 
 from vizapp.evaluate.run import evaluate, main

@@ -64,6 +64,7 @@ REPORT_LABELS = {
     "transformer_attribution": "Transformer Attribution (LRP × gradient, rolled out from layer 1)",
     "attnlrp": "AttnLRP (input × LRP-modified gradient, signed)",
     "legrad": "LeGrad (each layer's score gradient on its attention, all layers)",
+    "last_layer": "Attention each last-stage token receives (windowed models; mean over queries and heads)",
 }
 """Report labels that differ from the registry's: vizapp's ``relevance`` is the ICCV 2021 rule (GAE), not the CVPR 2021
 Transformer Attribution whose published numbers the report quotes (``transformer_attribution``, always from layer 1)."""
@@ -226,6 +227,13 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+def _finite_mean(x: np.ndarray) -> float:
+    """The mean of the finite values of ``x``; NaN (without numpy's empty-slice warning) when there is none, e.g. a
+    statistic not defined for the model."""
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
 def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
     """The item index ranges the finished ``shards`` cover, e.g. "0–3455, 6656–9999" (0-based, inclusive)."""
     spans: list[list[int]] = []
@@ -291,7 +299,7 @@ def summarise(
         for k in ok[0]:
             mt = re.fullmatch(rf"{prefix}\.l(\d+)\.h(\d+)", k)
             if mt:
-                layers.setdefault(int(mt[1]), {})[int(mt[2])] = float(np.nanmean(col(k)))
+                layers.setdefault(int(mt[1]), {})[int(mt[2])] = _finite_mean(col(k))
         return [[layers[li][h] for h in sorted(layers[li])] for li in sorted(layers)]
 
     out["mean_distance_px"] = grid("distance")
@@ -299,7 +307,7 @@ def summarise(
     norms: dict[str, list[float]] = {}
     for stat in ("patch_mean", "patch_max", "prefix_mean"):
         ks = sorted((k for k in ok[0] if k.startswith(f"norm_{stat}.l")), key=_natural)
-        norms[stat] = [float(np.nanmean(col(k))) for k in ks]
+        norms[stat] = [_finite_mean(col(k)) for k in ks]
     out["token_norms"] = norms
     return out
 
@@ -310,7 +318,7 @@ def _pm(v: tuple[float, float], digits: int = 2) -> str:
 
 
 def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> str:
-    """The summary as Markdown: protocol, counts, the two tables, per-head statistics."""
+    """The summary as Markdown: protocol, counts, the model's notes, the two tables, per-head statistics."""
     job = summary["job"]
     st = summary["status"]
     protocol = summary.get("protocol", job.get("protocol", "chefer2021"))
@@ -339,6 +347,8 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
             "finished shards.",
             "",
         ]
+    for note in summary.get("notes") or ():
+        lines += [note, ""]
     if "methods" not in summary:
         return "\n".join(lines + ["No image could be evaluated.", ""])
     title = "the authors' pixel procedure" if protocol == "chefer2021" else "vizapp's patch variant"
@@ -389,13 +399,17 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
     ):
         g = summary.get(key) or []
         if g:
+            width = max(len(row) for row in g)  # a windowed model's layers have more heads at each stage
             lines += [
                 f"{title}:",
                 "",
-                "| layer | " + " | ".join(f"h{h}" for h in range(len(g[0]))) + " |",
-                "|---" * (len(g[0]) + 1) + "|",
+                "| layer | " + " | ".join(f"h{h}" for h in range(width)) + " |",
+                "|---" * (width + 1) + "|",
             ]
-            lines += [f"| {li} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for li, row in enumerate(g)]
+            lines += [
+                f"| {li} | " + " | ".join([f"{v:.{digits}f}" for v in row] + [""] * (width - len(row))) + " |"
+                for li, row in enumerate(g)
+            ]
             lines.append("")
     norms = summary.get("token_norms") or {}
     if norms.get("patch_mean"):
@@ -442,11 +456,14 @@ def write_report(
     command: str,
     labels: dict[str, str],
     markdown_path: Path | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary."""
+    """Write results.csv, summary.json, summary.md and curves.html under ``out``; return the summary. ``notes``:
+    sentences about the model that the summary repeats (where its maps lie, statistics not defined for it)."""
     rows, meta = read_rows(out, shard_count(job))
     write_csv(out / "results.csv", rows, columns(rows, methods))
     summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
+    summary["notes"] = list(notes or ())
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)
     text = printable(text)

@@ -30,13 +30,15 @@ DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", 
 
 
 def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Method names from "a,b,c" (registry names and "random"), checked; "" gives statistics only."""
+    """Method names from "a,b,c" (registry names, a windowed model's maps and "random"), checked; "" gives
+    statistics only. Which of them the model offers is checked when it is loaded (:class:`Evaluator`)."""
     from vizapp import methods as registry
+    from vizapp.swin_result import METHODS as WINDOW_METHODS
 
     names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     for n in names:
-        if n != RANDOM:
+        if n != RANDOM and n not in WINDOW_METHODS:
             registry.get(n)  # raises with the list of known names
     if len(set(names)) != len(names):
         raise VizappError(f"a method is listed twice in {names}")
@@ -77,7 +79,10 @@ def evaluate(
         data: an ImageFolder tree, a flat image folder, or ``"fmnist-test"``.
         out: output folder (shards, results.csv, summary.*); rerunning with the same settings resumes.
         model: a name for :func:`vizapp.load_model`.
-        methods: registry method names plus ``"random"`` (comma-separated or a list); empty: statistics only.
+        methods: registry method names plus ``"random"`` (comma-separated or a list); empty: statistics only. A
+            windowed model (Swin) offers its own maps, ``rollout``, ``grad_rollout``, ``relevance`` and
+            ``last_layer`` (:data:`vizapp.swin_result.METHODS`), over its first stage's grid; any other is refused
+            with the reason.
         steps: deletion/insertion curve steps (0 turns those curves off).
         seed: seed of the random baseline (each image's order depends only on this and its id).
         shard_size: images per shard file (the unit of resumption).
@@ -142,6 +147,7 @@ def evaluate(
         prompts=prompts,
     )  # fails early
     load_s = time.perf_counter() - t_load
+    notes = ev.notes()
     items = list_items(data, ev.labels, fmnist_dir)
     if limit is not None:
         items = items[: max(0, int(limit))]
@@ -209,6 +215,7 @@ def evaluate(
             command or "python -m vizapp.evaluate ...",
             labels,
             Path(markdown_path) if markdown_path else None,
+            notes,
         )
         summary["seconds"] = seconds
         summary["engine_timing"] = timing  # Ray: start-up and steady-state timing (see run_ray); None locally

@@ -6,7 +6,8 @@ For the images of one engine batch (:meth:`Evaluator.evaluate_batch`):
    memory budget); with a class-specific method, that forward keeps its attention in the autograd graph and ONE
    backward of Σ_b logit_b[predicted_b] gives every image its predicted class's gradient, and one more backward
    (of the images whose target differs) its target's (:func:`vizapp.pipeline.class_gradients`), whatever the number
-   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image.
+   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image (a
+   windowed model's from its own analysis, on its first stage's grid: :meth:`Evaluator.explain`).
 2. **Perturbed copies.** Every perturbed copy of every image (the protocol's 2 × 9 per map, vizapp's deletion and
    insertion curves) is formed as it is needed and forwarded in batches of exactly ``batch_size`` copies, across
    images: at most one batch and one image's copies are in memory at once.
@@ -138,12 +139,25 @@ def _maps(
     from vizapp.pipeline import analyze_inputs, class_gradients
 
     vm = ev.vm
-    asked = {name: registry.get(name) for name in ev.methods if name != RANDOM}
-    # methods that run the model themselves (Method.batch: AttnLRP, LeGrad) take each group in their own forward and
-    # backward, per class kind; the others read the analysis forward, which keeps its graph for the class-specific
-    own_run = [name for name, m in asked.items() if m.batch is not None]
-    class_specific = any(m.needs_class and m.batch is None for m in asked.values())
-    on_analysis = any(m.batch is None for m in asked.values())
+    names = [name for name in ev.methods if name != RANDOM]
+    if vm.windowed:  # a windowed model's maps read its analysis (vizapp.swin_result), but AttnLRP and LeGrad,
+        # which run the model themselves (Method.batch) as for a plain ViT
+        from vizapp.swin_result import MODEL_METHODS
+        from vizapp.swin_result import class_gradients as gradients_of
+
+        asked: dict[str, Any] = {name: registry.get(name) for name in names if name in MODEL_METHODS}
+        own_run = list(asked)
+        class_specific = any(ev.needs_class(name) for name in names if name not in asked)
+        on_analysis = any(name not in asked for name in names)
+    else:
+        gradients_of = class_gradients
+        asked = {name: registry.get(name) for name in names}
+        # methods that run the model themselves (Method.batch: AttnLRP, LeGrad) take each group in their own forward
+        # and backward, per class kind; the others read the analysis forward, which keeps its graph for the
+        # class-specific
+        own_run = [name for name, m in asked.items() if m.batch is not None]
+        class_specific = any(m.needs_class and m.batch is None for m in asked.values())
+        on_analysis = any(m.batch is None for m in asked.values())
     out: dict[int, dict[tuple[str, str], torch.Tensor] | Exception] = {}
     for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific or bool(own_run)):
         group = [images[j] for j in members]
@@ -154,10 +168,10 @@ def _maps(
             _own_run_maps(ev, asked[name], x, group, heads, ready)
         found = analyze_inputs(vm, x, gradients=class_specific) if on_analysis else [None] * len(group)
         if class_specific:
-            class_gradients(found, [heads[i]["predicted"] for i in group])  # one backward for the group
+            gradients_of(found, [heads[i]["predicted"] for i in group])  # one backward for the group
             differ = [k for k, i in enumerate(group) if heads[i]["target"] != heads[i]["predicted"]]
             if differ:  # and one more for the targets that are not the prediction
-                class_gradients([found[k] for k in differ], [heads[group[k]]["target"] for k in differ])
+                gradients_of([found[k] for k in differ], [heads[group[k]]["target"] for k in differ])
         clocks.charge(group, time.perf_counter() - t0)
         if all(clocks.over(i, "the analysis forward") for i in group):
             raise clocks.over(group[0], "the analysis forward")  # type: ignore[misc]
@@ -167,7 +181,7 @@ def _maps(
                 out[i] = late
                 continue
             try:
-                grid = vm.grid_for(x.shape[-2], x.shape[-1])
+                grid, _ = ev.map_grid(x)
                 out[i] = _image_maps(ev, r, grid, items[i], heads[i], clocks, i, ready[i])
             except Exception as exc:  # noqa: BLE001 - this image's row says why
                 out[i] = exc
@@ -210,15 +224,13 @@ def _image_maps(
     """One image's maps [P]: one per (method, class kind); methods without a class, or pred == target, share one;
     ``ready`` holds the maps already made for the group (``Method.batch``); ``r`` is None when no method asked reads
     the analysis."""
-    from vizapp import methods as registry
-
     pred, target = head["predicted"], head["target"]
     num_patches = grid[0] * grid[1]
     maps: dict[tuple[str, str], torch.Tensor] = {}
     for name in ev.methods:
         for kind in CLASS_KINDS:
             cls = pred if kind == "pred" else target
-            same = kind == "target" and (name == RANDOM or not registry.get(name).needs_class or cls == pred)
+            same = kind == "target" and (not ev.needs_class(name) or cls == pred)
             if same:
                 maps[(name, kind)] = maps[(name, "pred")]
             elif (name, kind) in ready:
@@ -229,7 +241,7 @@ def _image_maps(
             else:
                 t0 = time.perf_counter()
                 kw = {"start_layer": ev.rollout_start_layer} if name == "rollout" else {}
-                m = registry.explain(r, name, cls, **kw)
+                m = ev.explain(r, name, cls, **kw)
                 maps[(name, kind)] = torch.as_tensor(np.asarray(m, dtype=np.float32)).reshape(-1)
                 clocks.charge([i], time.perf_counter() - t0)
                 late = clocks.over(i, f"method {name!r}")
@@ -243,8 +255,7 @@ def _jobs(
 ) -> tuple[list[_Job], dict[tuple[str, str, str], tuple[str, str, str]]]:
     """Image ``i``'s perturbed copies, as jobs formed lazily, and the (method, kind, direction) scores that repeat
     another's (a map shared by both class kinds)."""
-    grid = ev.vm.grid_for(image.shape[-2], image.shape[-1])
-    patch = ev.vm.patch_size
+    grid, patch = ev.map_grid(image)  # the maps' grid and the pixels of one of its cells, from the model
     num_patches = grid[0] * grid[1]
     jobs: list[_Job] = []
     done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
@@ -334,7 +345,7 @@ def _scores(
     out: dict[int, dict[str, Any]] = {}
     for i in images:
         image = inputs[i].float()  # [C, H, W]
-        grid = ev.vm.grid_for(image.shape[-2], image.shape[-1])
+        grid, _ = ev.map_grid(image)
         num_patches = grid[0] * grid[1]
         x = x_nominal if ev.protocol == "chefer2021" else patch_fractions(num_patches)
         out[i] = {f"perturbation_x{k}": float(x[k]) for k in range(1, len(x))}
@@ -367,7 +378,7 @@ def _scores(
         row = out[i]
         del row["_x"]
         if curves[i]:
-            grid = ev.vm.grid_for(inputs[i].shape[-2], inputs[i].shape[-1])
+            grid, _ = ev.map_grid(inputs[i])
             num_patches = grid[0] * grid[1]
             counts = step_counts(num_patches, ev.steps)
             p_img = heads[i]["prob_pred"]  # the batched forward's, like the row's class columns

@@ -89,11 +89,7 @@ class Evaluator:
             from vizapp.models.prompts import with_prompts
 
             self.vm = with_prompts(self.vm, prompts)
-        if self.vm.windowed:  # its per-image statistics and maps are a plain ViT's record (vizapp.swin_result)
-            raise VizappError(
-                f"{model}: the dataset evaluation does not run windowed-attention (Swin) models yet; their maps and "
-                "deletion/insertion curves come from the Python API (vizapp.analyze(...).faithfulness(...))"
-            )
+        _check_methods(self.vm, methods)
         self.methods = list(methods)
         self.protocol = protocol
         start = default_rollout_start_layer(protocol) if rollout_start_layer is None else int(rollout_start_layer)
@@ -115,6 +111,69 @@ class Evaluator:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.vm.labels)
+
+    @property
+    def heads(self) -> list[int]:
+        """The heads of each layer (a windowed model's differ by stage)."""
+        from vizapp.statistics_pass import layer_heads
+
+        return layer_heads(self.vm)
+
+    @property
+    def undefined(self) -> dict[str, str]:
+        """Statistic -> why it is NaN in every row (not defined for this model)."""
+        from vizapp.statistics import undefined_statistics
+
+        return undefined_statistics(self.vm.num_prefix_tokens, self.vm.windowed)
+
+    def map_grid(self, image: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The grid the methods' maps of ``image`` [..., H, W] lie on, and the size in input pixels of one of its
+        cells (the ``chefer2021`` protocol's upsampling factor, the ``patches`` protocol's patch): a plain ViT's patch
+        grid and patch size; a windowed model's first stage, its tokens as far apart as its patch embedding's
+        patches (:func:`vizapp.models.swin.stage_strides`)."""
+        vm = self.vm
+        grid = vm.grid_for(image.shape[-2], image.shape[-1])
+        if vm.windowed:
+            from vizapp.models.swin import stage_strides
+
+            return grid, stage_strides(vm, 1)[0]
+        return grid, (int(vm.patch_size[0]), int(vm.patch_size[1]))
+
+    def notes(self) -> list[str]:
+        """Sentences the report repeats about this model: where a windowed model's maps lie, and why a statistic is
+        NaN in every row."""
+        out = []
+        if self.vm.windowed:
+            (gh, gw), (sh, sw) = self.map_grid(torch.zeros(self.vm.input_size))
+            out.append(
+                f"{self.vm.name} attends within windows (Swin): its maps lie on its first stage's {gh}x{gw} grid of "
+                f"tokens {sh}x{sw} px apart (the `chefer2021` protocol upsamples them by that), rollout and the class "
+                "maps carried down through windows and patch merging (a merged token to its 2x2 sources in equal "
+                "shares), `last_layer` brought there from the last stage by repetition; its per-head statistics are "
+                "each token's attention over its window, and a layer's columns are the heads it has."
+            )
+        return out + list(self.undefined.values())
+
+    def needs_class(self, method: str) -> bool:
+        """Whether ``method``'s map is for one class (computed for the prediction and, where it differs, the target)."""
+        if method == RANDOM:
+            return False
+        if self.vm.windowed:
+            from vizapp.swin_result import CLASS_METHODS
+
+            return method in CLASS_METHODS
+        from vizapp import methods as registry
+
+        return registry.get(method).needs_class
+
+    def explain(self, r: Any, method: str, class_idx: int, **kwargs: Any) -> np.ndarray:
+        """``method``'s map of analysis ``r`` on :meth:`map_grid`'s grid: the registry's for a plain ViT, the
+        windowed analysis's own on its first stage's grid (:meth:`vizapp.swin_result.WindowAnalysis.first_grid_map`)."""
+        if self.vm.windowed:
+            return r.first_grid_map(method, class_idx if self.needs_class(method) else None, **kwargs)
+        from vizapp import methods as registry
+
+        return registry.explain(r, method, class_idx, **kwargs)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, K] (float32, on the host) of inputs ``x`` [B, C, H, W], in one forward."""
@@ -214,25 +273,17 @@ class Evaluator:
 
     def statistics(self, x: torch.Tensor) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """One captured forward of a batch ``x`` [B, C, H, W]: per image, its class probabilities [K] (float32) and
-        every registered statistic (:mod:`vizapp.statistics`), name -> [L, H] (per head) or [L] (per block)."""
+        every registered statistic (:mod:`vizapp.statistics`), name -> [L, H] (per head) or [L] (per block)
+        (:func:`vizapp.statistics_pass.forward_statistics`)."""
         from vizapp import BadParameterError
-        from vizapp.capture import AttentionCapture
-        from vizapp.statistics import Geometry, StatisticsReducer
+        from vizapp.statistics_pass import forward_statistics
 
         vm = self.vm
-        grid = vm.grid_for(x.shape[-2], x.shape[-1])
-        p = vm.num_prefix_tokens
-        geometry = Geometry(p + grid[0] * grid[1], p, vm.patch_distances(grid))
-        red = StatisticsReducer([vm.num_heads] * vm.num_layers, x.shape[0], geometry)
-        with torch.no_grad(), AttentionCapture(vm.model, on_attention=red, on_block=red.block, keep_qk=False):
-            logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
-        if not red.complete():
-            raise RuntimeError("the attention of some layer never reached vizapp's statistics")
-        if not vm.labels or logits.shape[-1] != len(vm.labels):
+        found = forward_statistics(vm, x)
+        if not vm.labels or found.logits.shape[-1] != len(vm.labels):
             raise BadParameterError("the model has no classifier head: perturbation tests need class scores")
-        probs = probabilities(logits.float(), vm.activation).cpu().numpy()  # [B, K]
-        per = {k: v.transpose(0, 1).cpu().numpy() for k, v in red.values.items()}  # [B, L, H] or [B, L]
-        return [(probs[b], {k: v[b] for k, v in per.items()}) for b in range(x.shape[0])]
+        probs = probabilities(found.logits.float(), vm.activation).cpu().numpy()  # [B, K]
+        return list(zip(probs, found.per_image(), strict=True))
 
     def _head(self, item: dict[str, Any], probs: np.ndarray, stats: dict[str, np.ndarray]) -> dict[str, Any]:
         """The row's class and statistics columns."""
@@ -247,11 +298,32 @@ class Evaluator:
             "correct": int(pred == target),
             "prob_pred": float(probs[pred]),
         }
+        heads = self.heads
         for name, values in stats.items():  # every registered statistic: [L, H] per head, [L] per block
             for layer, row in enumerate(values):
                 if np.ndim(row) == 0:
                     out[f"{name}.l{layer}"] = float(row)
                 else:
-                    for h, v in enumerate(row):
+                    for h, v in enumerate(row[: heads[layer]]):  # the heads the layer has
                         out[f"{name}.l{layer}.h{h}"] = float(v)
         return out
+
+
+def _check_methods(vm: Any, methods: Sequence[str]) -> None:
+    """Refuse, one sentence each, the methods ``vm``'s family does not offer: a windowed model (Swin) has its own
+    maps (:data:`vizapp.swin_result.METHODS`), a plain ViT the registry's."""
+    from vizapp.errors import VizappError
+    from vizapp.swin_result import METHODS, refusal
+
+    if vm.windowed:
+        refused = [refusal(m) for m in methods if m != RANDOM and m not in METHODS]
+    else:
+        from vizapp import methods as registry
+
+        refused = [
+            f"{m!r} is a windowed (Swin) model's map; for {vm.name} the last layer's class-token attention is 'attention'."
+            for m in methods
+            if m not in registry.METHODS and m in METHODS
+        ]
+    if refused:
+        raise VizappError(f"{vm.name}: " + " ".join(refused))

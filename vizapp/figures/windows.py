@@ -1,4 +1,5 @@
-"""Figures for windowed-attention models (Swin): the outline of a query's (shifted) window over the image."""
+"""Figures for windowed-attention models (Swin): a layer's heads for one query, the outline of a query's (shifted)
+window over the image."""
 
 from __future__ import annotations
 
@@ -6,6 +7,27 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+
+from vizapp.figures._base import HEAT_SCALE, readable
+from vizapp.figures.maps import heads_figure
+
+
+@readable
+def window_heads_figure(
+    maps: np.ndarray,
+    layer: int,
+    query_label: str,
+    note: str = "",
+    per_head_scale: bool = True,
+    query_patch: tuple[int, int] | None = None,
+    colorscale: str = HEAT_SCALE,
+) -> go.Figure:
+    """Every head of a windowed layer, the query's attention over the layer's grid [H, gh, gw] (zero outside its
+    window), as :func:`vizapp.figures.heads_figure`'s mosaic; the title says what the tiles hold and carries ``note``
+    (e.g. the layer's padding), wrapped with the rest to fit the plot."""
+    fig = heads_figure(maps, layer, query_label, per_head_scale, query_patch, colorscale=colorscale)
+    fig.update_layout(title=f"Layer {layer}: attention of {query_label} over its window, per head{note}")
+    return fig
 
 
 def add_cell_outline(

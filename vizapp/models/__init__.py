@@ -1,7 +1,7 @@
 """Model loading: one adapter per library, one cache, one entry point (:func:`load_model`).
 
 Which adapter: "bundled" or a path with a model card -> :mod:`.bundled`; "hf:owner/repo" or a folder written by
-transformers' ``save_pretrained`` -> :mod:`.hf`; "torchvision:vit_b_16" -> :mod:`.torchvision`; "open_clip:ViT-B-32[/tag]" -> :mod:`.openclip`; anything else (a timm
+transformers' ``save_pretrained`` -> :mod:`.hf` (which hands a Swin / Swinv2 config on to :mod:`.swin`); "torchvision:vit_b_16" -> :mod:`.torchvision`; "open_clip:ViT-B-32[/tag]" -> :mod:`.openclip`; anything else (a timm
 name or tag, "timm:NAME", "hf-hub:owner/repo", a .safetensors file with ``arch=``) -> :mod:`.timm`. Each returns a
 small frozen :class:`VizModel`; loaded models are kept in a bounded LRU cache, and a model that fails to load is
 never cached.
@@ -155,12 +155,9 @@ def _load_uncached(
 
         return bundled.load(name, device, dtype)
     if kind == "hf":
-        from vizapp.models import hf, swin
+        from vizapp.models import hf
 
-        folder = name[3:] if name.startswith("hf:") else name
-        if allow_files and swin.hf_model_type(folder) in swin.HF_TYPES:  # a local Swin folder
-            return swin.load_hf(name, folder, pretrained, device, dtype)
-
+        # a folder or a hub id, whatever its model type (a Swin's config sends it on to vizapp.models.swin)
         return hf.load(name, pretrained, device, dtype, kwargs, hub_only=not allow_files)
     if kind == "torchvision":
         from vizapp.models import torchvision as tv

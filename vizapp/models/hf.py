@@ -23,7 +23,7 @@ import torch
 
 from vizapp.capture import HF_BASE_ATTRIBUTES
 from vizapp.errors import BadParameterError, ModelLoadError, UnsupportedModelError, VizappError
-from vizapp.models import hf_text
+from vizapp.models import hf_text, swin
 from vizapp.models.base import (
     HUB_TIMEOUT_S,
     VizModel,
@@ -294,16 +294,20 @@ def _forward_unmasked(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _output(model(pixel_values=x, noise=noise), cls_token=True)
 
 
-def _check_budget(name: str, cls: Any, built: Any, vision: Any, local: bool = False) -> None:
+def _check_budget(name: str, cls: Any, built: Any, vision: Any, local: bool = False, layers: int | None = None) -> None:
     """The layer and parameter limits (:func:`vizapp.budget.check_budget`) from the config, building at most two
-    layers on the meta device, however many layers it asks for; not the allow-list for the operator's ``local`` folder."""
+    layers on the meta device, however many layers it asks for; not the allow-list for the operator's ``local`` folder.
+    ``layers``: the attention layers when the caller counts them (a staged model, Swin, whose layers are not alike:
+    it is then built whole, on the meta device)."""
     import copy
     from dataclasses import replace
 
     from vizapp import budget
 
-    layers = getattr(vision, "num_hidden_layers", None)
-    layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+    whole = layers is not None
+    if not whole:
+        layers = getattr(vision, "num_hidden_layers", None)
+        layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
 
     def build(k: int | None) -> torch.nn.Module:
         config = built
@@ -314,6 +318,8 @@ def _check_budget(name: str, cls: Any, built: Any, vision: Any, local: bool = Fa
 
     def count() -> int:
         try:
+            if whole:
+                return budget.meta_parameter_count(lambda: build(None))
             return budget.layered_parameter_count(build, layers)
         except Exception as e:  # noqa: BLE001 - a config transformers cannot build: said in a line
             raise ModelLoadError(
@@ -372,6 +378,12 @@ def load(
         if not hasattr(config, k):
             raise BadParameterError(f"{type(config).__name__} has no field {k!r}")
         setattr(config, k, v)
+    if config.model_type in swin.HF_TYPES:  # windowed attention: the Swin adapter, from this folder or hub snapshot
+        cls = swin.hf_model_class(config)
+        _check_budget(shown, cls, config, config, local, layers=sum(int(d) for d in config.depths))
+        if pretrained and not local:
+            folder = _hub_weights(src, folder)
+        return swin.load_hf(name, folder, pretrained, device, dtype, config=config, local=local)
     vision = _vision_config(config)
     check_geometry(shown, vision.to_dict(), "fix its config.json")
     model_type = vision.model_type

@@ -163,21 +163,6 @@ def wrap_timm(model: torch.nn.Module, name: str, source: str, note: str, device:
 HF_TYPES = ("swin", "swinv2")
 
 
-def hf_model_type(folder: str) -> str | None:
-    """The ``model_type`` in ``folder``/config.json, or None when there is none to read."""
-    import json
-    import os
-
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 def _hf_transform(folder: str, size: tuple[int, int]) -> tuple[Callable, tuple, tuple]:
     """Resize to the configured size, to tensor, normalise with the folder's processor statistics (ImageNet's when
     it has none, as transformers' Swin processors default to)."""
@@ -207,26 +192,49 @@ def _hf_transform(folder: str, size: tuple[int, int]) -> tuple[Callable, tuple, 
     return transform, mean, std
 
 
-def load_hf(name: str, folder: str, pretrained: bool, device: torch.device, dtype: torch.dtype) -> VizModel:
-    """A transformers Swin / Swinv2 from a local folder written by ``save_pretrained`` (safetensors only). Swin runs
-    with SDPA attention (what the capture catches; ``attn_implementation="eager"`` with ``output_attentions`` is the
-    second code path in the tests); Swinv2 has no SDPA path in transformers and runs its explicit one."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+def hf_model_class(config: Any) -> Any:
+    """The transformers class of a Swin / Swinv2 config: its image classifier when the config names one, else the
+    bare model."""
+    import transformers
 
-    from vizapp.errors import ModelLoadError
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in HF_TYPES:
-        raise UnsupportedModelError(f"{name}: model type {config.model_type!r} is not a Swin")
     has_head = bool(getattr(config, "architectures", None)) and any(
         a.endswith("ForImageClassification") for a in config.architectures
     )
-    cls = AutoModelForImageClassification if has_head else AutoModel
+    prefix = {"swin": "Swin", "swinv2": "Swinv2"}[config.model_type]
+    return getattr(transformers, prefix + ("ForImageClassification" if has_head else "Model"))
+
+
+def load_hf(
+    name: str,
+    folder: str,
+    pretrained: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: Any = None,
+    local: bool = True,
+) -> VizModel:
+    """A transformers Swin / Swinv2 from a folder (safetensors only): one written by ``save_pretrained``, or the hub
+    cache's snapshot of an ``hf:owner/repo`` id (:func:`vizapp.models.hf.load` resolves both and passes the config it
+    read, with any overrides). Swin runs with SDPA attention (what the capture catches; ``attn_implementation="eager"``
+    with ``output_attentions`` is the second code path in the tests); Swinv2 has no SDPA path in transformers and runs
+    its explicit one. ``local``: ``folder`` is the user's own (its weights are a "file"), not a hub snapshot."""
+    from transformers import AutoConfig
+
+    from vizapp.errors import ModelLoadError
+
+    if config is None:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type not in HF_TYPES:
+        raise UnsupportedModelError(f"{name}: model type {config.model_type!r} is not a Swin")
+    cls = hf_model_class(config)
+    has_head = cls.__name__.endswith("ForImageClassification")
     # Swin: SDPA (caught at the call); Swinv2 has only its explicit path (its probabilities are read at its dropout)
     impl = "sdpa" if config.model_type == "swin" else "eager"
     try:
         if pretrained:
-            model = cls.from_pretrained(folder, attn_implementation=impl, local_files_only=True, use_safetensors=True)
+            model = cls.from_pretrained(
+                folder, config=config, attn_implementation=impl, local_files_only=True, use_safetensors=True
+            )
         else:
             model = cls.from_config(config, attn_implementation=impl)
     except OSError as e:
@@ -237,7 +245,7 @@ def load_hf(name: str, folder: str, pretrained: bool, device: torch.device, dtyp
     if has_head:
         id2label = getattr(config, "id2label", None) or {}
         labels = tuple(str(id2label.get(i, f"class {i}")) for i in range(int(config.num_labels)))
-    source = "file" if pretrained else "random"
+    source = ("file" if local else "pretrained") if pretrained else "random"
     note = "" if pretrained else "Random weights (pretrained=False): predictions and maps are not meaningful."
     return wrap(model, name, source, note, device, dtype, transform, labels, (3, *size), mean, std, "hf")
 

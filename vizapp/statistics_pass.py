@@ -1,0 +1,167 @@
+"""One captured forward -> every registered statistic of every layer and image, for every family: what dataset mode
+(``python -m vizapp.stats``) and the evaluation (``python -m vizapp.evaluate``) run per batch, and how a windowed
+model's layers (Swin) reach the one :class:`~vizapp.statistics.StatisticsReducer` that every path uses.
+
+Windowed layers. A Swin layer's query token attends to the w_h·w_w slots of its (shifted) window, some of them padding
+where the grid is not a multiple of the window. The reducer is handed, for every real token t of the layer (row-major
+on the layer's grid), t's row over the slots of its window, with the padded slots zeroed and the row renormalised
+over the real keys (padded slots take part in the library's attention but have no place in the image), and a
+:class:`~vizapp.statistics.Geometry` whose distances [N_l, w²] run from t to each slot, in input pixels at the
+layer's stage spacing (patch size x 2 per patch merging). So a head statistic is its plain-ViT definition applied to
+each token's row over its window: the mean attention distance is that of
+:func:`vizapp.analysis.windows.mean_distance`, the entropy is that of the row over the window's real keys. Block
+statistics read each block's output tokens [B, N_l, C]. A statistic that does not declare itself defined for windowed
+layers (``Statistic.windowed``) is NaN, with the sentence :func:`vizapp.statistics.undefined_statistics` gives.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vizapp.analysis import windows as W
+from vizapp.models import VizModel
+from vizapp.statistics import (
+    STATISTICS,
+    BlockStatistic,
+    Geometry,
+    Statistic,
+    StatisticsReducer,
+    undefined_statistics,
+)
+from vizapp.windows import WindowCapture, WindowGeometry, window_sites
+
+
+def layer_heads(vm: VizModel) -> list[int]:
+    """The heads of each attention layer of ``vm`` (a windowed model's differ by stage)."""
+    if vm.windowed:
+        return [s.heads for s in window_sites(vm.model)]
+    return [vm.num_heads] * vm.num_layers
+
+
+def computed_statistics(vm: VizModel) -> list[Statistic]:
+    """The registered statistics computed for ``vm``: all of them, or for a windowed model those defined for
+    windowed layers (``Statistic.windowed``)."""
+    return [s for s in STATISTICS.values() if s.windowed or not vm.windowed]
+
+
+@functools.lru_cache(maxsize=256)
+def _window_layout(
+    g: WindowGeometry, stride: tuple[int, int], device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(window index [nW, w²], token slots [N], distances [N, w²] float32 on ``device``) of a windowed layer: pure
+    geometry, the same for every forward of a model at one size, so made once (read-only tensors)."""
+    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+    slots = W.token_slots(index, g.grid[0] * g.grid[1])
+    dist = W.token_key_distances(index, g.grid, stride).to(device=device, dtype=torch.float32)
+    return index, slots, dist
+
+
+def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:
+    """The reducer's :class:`~vizapp.statistics.Geometry` of a windowed layer: its N real tokens as queries, each
+    over the w² slots of its window, ``stride`` pixels between the layer's tokens (see the module docstring)."""
+    dist = _window_layout(g, tuple(stride), str(device))[2]  # [N, w²]
+    return Geometry(g.grid[0] * g.grid[1], 0, dist)
+
+
+def feed_window_layer(
+    reducer: StatisticsReducer, layer: int, attn: torch.Tensor, g: WindowGeometry, stride: tuple[int, int]
+) -> None:
+    """Reduce one windowed layer: ``attn`` [B, nW, H, w², w²] (its window attention as the forward used it) goes to
+    ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done."""
+    index, slots, dist = _window_layout(g, tuple(stride), str(attn.device))
+    reducer.set_geometry(layer, Geometry(g.grid[0] * g.grid[1], 0, dist))
+    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots)  # [B, H, N, w²]
+    for b in range(rows.shape[0]):
+        reducer.chunk(layer, b, 0, rows[b], 0)
+    reducer.layer_done(layer)
+
+
+def window_reducer(
+    vm: VizModel, batch: int
+) -> tuple[StatisticsReducer, Callable[[int, torch.Tensor, WindowGeometry], None]]:
+    """A reducer for one forward of ``batch`` images through the windowed ``vm``, and the ``on_layer`` callback of
+    :class:`~vizapp.windows.WindowCapture` that feeds it (its ``on_block`` is the reducer's ``block``)."""
+    from vizapp.models.swin import stage_strides
+
+    sites = window_sites(vm.model)
+    strides = stage_strides(vm, max(s.stage for s in sites) + 1)
+    reducer = StatisticsReducer([s.heads for s in sites], batch, None, computed_statistics(vm), device=vm.device)
+
+    def on_layer(layer: int, attn: torch.Tensor, g: WindowGeometry) -> None:
+        feed_window_layer(reducer, layer, attn, g, strides[g.stage])
+
+    return reducer, on_layer
+
+
+def every_statistic(values: dict[str, torch.Tensor], heads: Sequence[int], batch: int) -> dict[str, torch.Tensor]:
+    """``values`` (a reducer's) with a NaN entry for each registered statistic it lacks (one not computed for the
+    model), in registration order: name -> [L, B, max H] or [L, B] float64."""
+    shape_h, shape_b = (len(heads), batch, max(heads, default=0)), (len(heads), batch)
+    device = next(iter(values.values())).device if values else torch.device("cpu")
+    out = {}
+    for name, s in STATISTICS.items():
+        if name in values:
+            out[name] = values[name]
+        else:
+            shape = shape_b if isinstance(s, BlockStatistic) else shape_h
+            out[name] = torch.full(shape, float("nan"), dtype=torch.float64, device=device)
+    return out
+
+
+@dataclass
+class StatisticsPass:
+    """What :func:`forward_statistics` gives for a batch.
+
+    Attributes:
+        logits: [B, K] the model's output.
+        values: every registered statistic, name -> [L, B, max H] (per head; NaN for a head a layer does not have) or
+            [L, B] (per block), float64 on the model's device; NaN for a statistic not defined for the model.
+        heads: the heads of each layer.
+        undefined: name -> the sentence saying why that statistic is NaN for this model.
+    """
+
+    logits: torch.Tensor
+    values: dict[str, torch.Tensor]
+    heads: list[int]
+    undefined: dict[str, str]
+
+    def per_image(self) -> list[dict[str, np.ndarray]]:
+        """Each image's statistics on the host: name -> [L, max H] or [L]."""
+        host = {k: v.transpose(0, 1).cpu().numpy() for k, v in self.values.items()}  # [B, L, H] or [B, L]
+        return [{k: v[b] for k, v in host.items()} for b in range(self.logits.shape[0])]
+
+
+def forward_statistics(vm: VizModel, x: torch.Tensor) -> StatisticsPass:
+    """One captured forward of ``x`` [B, C, H, W] (the model's preprocessed inputs) through ``vm``: its logits and
+    every registered statistic of every layer and image, reduced while each layer's attention is at hand (nothing of a
+    layer outlives it). A plain ViT's attention goes to the reducer from :class:`~vizapp.capture.AttentionCapture`,
+    chunk by chunk; a windowed model's from :class:`~vizapp.windows.WindowCapture`, layer by layer."""
+    from vizapp.capture import AttentionCapture
+
+    b = x.shape[0]
+    x = x.to(device=vm.device, dtype=vm.dtype)
+    heads = layer_heads(vm)
+    if vm.windowed:
+        reducer, on_layer = window_reducer(vm, b)
+        with torch.no_grad(), WindowCapture(vm.model, on_layer=on_layer, on_block=reducer.block, keep=False):
+            logits = vm.logits(x)
+    else:
+        grid = vm.grid_for(x.shape[-2], x.shape[-1])
+        p = vm.num_prefix_tokens
+        geometry = Geometry(p + grid[0] * grid[1], p, vm.patch_distances(grid))
+        reducer = StatisticsReducer(heads, b, geometry)
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=reducer, on_block=reducer.block, keep_qk=False):
+            logits = vm.logits(x)
+    if not reducer.complete():
+        raise RuntimeError("the attention of some layer never reached vizapp's statistics")
+    return StatisticsPass(
+        logits=logits,
+        values=every_statistic(reducer.values, heads, b),
+        heads=heads,
+        undefined=undefined_statistics(vm.num_prefix_tokens, vm.windowed),
+    )
