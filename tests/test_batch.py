@@ -405,15 +405,25 @@ def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeyp
         seen.append(attn.shape[0] if attn.dim() == 4 else 1)
         return real(self, layer, batch, head, attn, row)
 
+    from vizapp.statistics import STATISTICS
+
+    reduced: list[int] = []
+    for stat in STATISTICS.values():
+        if hasattr(stat, "rows"):
+            monkeypatch.setattr(
+                stat, "rows", lambda attn, *a, _f=stat.rows: reduced.append(attn.shape[0]) or _f(attn, *a)
+            )
     monkeypatch.setattr(streaming.LayerStatistics, "chunk", spy)
     grouped = vizapp.analyze(vm, imgs)
     assert max(seen) == 5  # the whole batch in one chunk per layer
+    assert max(reduced) == 5 * vm.num_heads  # and each statistic reduced the 5 images' heads at once
     seen.clear()
     per_image = vm.num_heads * grouped[0].num_tokens ** 2 * 4
     monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", per_image)  # exactly one image fits
     assert attention.image_group(streaming.LayerStatistics, 5, vm.num_heads, grouped[0].num_tokens, per_image) == 1
+    reduced.clear()
     alone = vizapp.analyze(vm, imgs)
-    assert max(seen) == 1
+    assert max(seen) == 1 and max(reduced) == vm.num_heads
     for a, b in zip(grouped, alone, strict=True):
         for name in a.statistics:
             np.testing.assert_allclose(a.statistics[name], b.statistics[name], rtol=1e-6, atol=1e-7, err_msg=name)

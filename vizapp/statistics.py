@@ -320,7 +320,13 @@ class StatisticsReducer:
         return buf[..., :q]
 
     # AttentionConsumer
+    #: takes chunks of several whole images (:meth:`vizapp.attention.AttentionConsumer.chunk`)
+    image_groups = True
+
     def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+        if attn.dim() == 4:  # [g, H, N, N]: every head and row of images batch .. batch + g
+            self.chunk_images(layer, batch, attn)
+            return
         c, r, n = attn.shape
         g = self._layer_geometry(layer)
         if n != g.num_keys:
@@ -342,9 +348,40 @@ class StatisticsReducer:
         self._cells[layer] += c * r
 
     def chunk_images(self, layer: int, batch: int, attn: torch.Tensor) -> None:
-        """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N]."""
-        for j, one in enumerate(attn):
-            self.chunk(layer, batch + j, 0, one, 0)
+        """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N]. Where the layer has
+        every head the buffers hold, the g images' heads are reduced as one chunk of g·H heads (each statistic is per
+        head and row), else image by image."""
+        images, h, r, n = attn.shape
+        g = self._layer_geometry(layer)
+        if batch < 0 or batch + images > self.batch:
+            raise ValueError(f"attention of images {batch}..{batch + images - 1}, but the forward has {self.batch}")
+        buffers = [self._row_buffer(s, g) for s in self.head_stats]
+        whole = all(b.shape[1] == h and b.is_contiguous() for b in buffers)  # the images' rows are one block
+        if images == 1 or r != g.num_tokens or not whole or not attn.is_contiguous():
+            for j, one in enumerate(attn):
+                self.chunk(layer, batch + j, 0, one, 0)
+            return
+        if n != g.num_keys:
+            raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
+        flat = attn.view(images * h, r, n)
+        work = self._work
+        if (
+            work is None
+            or work.shape[0] < images * h
+            or work.shape[1] < r
+            or work.shape[2] != n
+            or work.dtype != attn.dtype
+        ):
+            work = self._work = torch.empty((images * h, r, n), dtype=attn.dtype, device=attn.device)
+        p = g.num_prefix_tokens
+        for s, rows in zip(self.head_stats, buffers, strict=True):
+            out = rows[batch : batch + images].view(images * h, -1)  # [g·H, queries]: a view of the buffer
+            if s.patch_queries:
+                if p < r:
+                    s.rows(flat, 0, g, out[:, : r - p], work[: images * h, : r - p])
+            else:
+                s.rows(flat, 0, g, out[:, :r], work[: images * h, :r])
+        self._cells[layer] += images * h * r
 
     def layer_done(self, layer: int) -> None:
         h, g = self.heads[layer], self._layer_geometry(layer)
