@@ -212,3 +212,27 @@ def test_concurrent_analyses_on_one_graphed_model_do_not_mix():
         together = list(pool.map(lambda im: vizapp.analyze(gpu, im), imgs * 3))
     for i, r in enumerate(together):
         _same_analysis(r, alone[i % 4])
+
+
+def test_a_swin_on_cuda_equals_the_cpu():
+    """Windowed attention (issue 25) on the GPU: statistics, each layer's window maps, rollout, the class maps, AttnLRP
+    and LeGrad of one image and of a batch (``vizapp.explain``) equal the CPU's."""
+    from vizapp import views_windows
+
+    kwargs = dict(img_size=(24, 40), embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
+    cpu, gpu = pair("swin_tiny_patch4_window7_224", kwargs)
+    imgs = [random_image(i) for i in range(3)]
+    a, b = vizapp.analyze(cpu, imgs[0], gradients=True), vizapp.analyze(gpu, imgs[0], gradients=True)
+    np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=2e-3, atol=2e-2)
+    for name in a.statistics:
+        np.testing.assert_allclose(b.statistics[name], a.statistics[name], rtol=2e-3, atol=2e-2, err_msg=name)
+    for layer in range(len(a.layer_grids)):
+        np.testing.assert_allclose(b.attention(layer, None, (1, 1)), a.attention(layer, None, (1, 1)), **TOL)
+    np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)
+    for m in ("grad_rollout", "relevance", "attnlrp", "legrad"):
+        np.testing.assert_allclose(b.explain(m, 1), a.explain(m, 1), rtol=1e-2, atol=1e-4, err_msg=m)
+    assert views_windows.render_all(b, 0)
+    names = ["rollout", "grad_rollout", "relevance", "attnlrp", "legrad"]
+    ma, mb = vizapp.explain(cpu, imgs, names, 1), vizapp.explain(gpu, imgs, names, 1)
+    for n in names:
+        np.testing.assert_allclose(mb[n], ma[n], rtol=1e-2, atol=1e-4, err_msg=n)

@@ -113,3 +113,33 @@ def test_a_batch_and_its_class_maps_stay_on_the_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for n in names:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_a_swin_analysis_and_its_views_run_on_the_device():
+    """A windowed model's analysis, window maps, class maps, AttnLRP, LeGrad, figures and batch maps under the
+    simulated GPU equal the CPU's."""
+    from vizapp import views_windows
+
+    kwargs = dict(img_size=(24, 40), embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
+    vm = _load("swin_tiny_patch4_window7_224", kwargs)
+    imgs = [random_image(i) for i in range(3)]
+    names = ["rollout", "grad_rollout", "relevance", "attnlrp", "legrad"]
+
+    def views(r):
+        out = {m: r.explain(m, None if m == "rollout" else 1) for m in names}
+        out |= {f"layer{i}": r.attention(i, None, (1, 1)) for i in range(len(r.layer_grids))}
+        out["deletion"] = r.faithfulness({"r": r.rollout()}, class_idx=1, steps=3, random_seed=None)["r"][
+            "deletion"
+        ].probs
+        return out
+
+    want, want_batch = views(vizapp.analyze(vm, imgs[0], gradients=True)), vizapp.explain(vm, imgs, names, 1)
+    with simulated_gpu(vm):
+        r = vizapp.analyze(vm, imgs[0], gradients=True)
+        got = views(r)
+        assert views_windows.render_all(r, 0)
+        got_batch = vizapp.explain(vm, imgs, names, 1)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    for n in names:
+        np.testing.assert_allclose(got_batch[n], want_batch[n], rtol=1e-5, atol=1e-6, err_msg=n)

@@ -514,3 +514,17 @@ def test_windowed_memory_budget(vm, monkeypatch):
     MODEL_CACHE.clear()
     with pytest.raises(vizapp.errors.ModelTooLargeError, match="VIZAPP_MAX_ANALYSIS_BYTES"):
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
+
+
+def test_the_batch_api_gives_each_images_own_class_maps(vm):
+    """``vizapp.explain`` of a Swin batch: the class maps come from one forward and one backward of the batch (a
+    Swin batch's windows never mix images) and equal each image's own analysis, for one class per image."""
+    imgs = [random_image(40 + i) for i in range(3)]
+    names = ["grad_rollout", "relevance", "rollout"]
+    maps = vizapp.explain(vm, imgs, names, classes=[1, 3, 0])
+    for i, (img, c) in enumerate(zip(imgs, [1, 3, 0], strict=True)):
+        r = vizapp.analyze(vm, img)
+        for name in names:
+            want = r.explain(name, None if name == "rollout" else c)
+            np.testing.assert_allclose(maps[name][i], want, rtol=1e-5, atol=1e-7, err_msg=f"{name} {i}")
+    assert not np.allclose(maps["relevance"][0], vizapp.analyze(vm, imgs[0]).explain("relevance", 3))

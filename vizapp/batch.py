@@ -20,6 +20,7 @@ from vizapp import methods as registry
 from vizapp.errors import BadImageError, BadParameterError
 from vizapp.models import VizModel
 from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
+from vizapp.swin_result import class_gradients as windowed_gradients
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
 
@@ -215,8 +216,8 @@ def explain(
             continue
         found = analyze_inputs(vm, x, [inputs[i][1] for i in members], gradients=gradients)
         cls = [wanted[i] for i in members]
-        if gradients:
-            cls = class_gradients(found, cls)  # the one backward of this forward; None -> each image's top-1
+        if gradients:  # the one backward of this forward; None -> each image's top-1
+            cls = (windowed_gradients if vm.windowed else class_gradients)(found, cls)
         for j, i in enumerate(members):
             for m in on_analysis:
                 maps[m.name][i] = registry.explain(found[j], m.name, cls[j], **per_method[m.name])
