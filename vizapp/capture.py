@@ -307,8 +307,10 @@ class AttentionCapture:
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
             if self.on_attention is not None:
-                if getattr(self.on_attention, "image_groups", False):
-                    self.on_attention.chunk(layer, 0, 0, a.detach(), 0)  # every image at once
+                step = image_group(self.on_attention, a.shape[0], a.shape[1], a.shape[-1], self._budget(a.device))
+                if step > 1:  # as many whole images at once as fit the chunk size (cache-sized on the CPU)
+                    for i0 in range(0, a.shape[0], step):
+                        self.on_attention.chunk(layer, i0, 0, a[i0 : i0 + step].detach(), 0)
                 else:
                     for i, ai in enumerate(a.detach()):
                         self.on_attention.chunk(layer, i, 0, ai, 0)
