@@ -64,3 +64,18 @@ def test_perturbation_curves_say_what_was_removed():
     pixels = figures.perturbation_curves_figure(curves, panels, [0, 10], set(), "t", "pixels removed (%)")
     assert default.layout.xaxis.title.text == "patches removed (%)"
     assert pixels.layout.xaxis.title.text == "pixels removed (%)"
+
+
+def test_compare_figure_leaves_room_above_for_wrapped_method_names():
+    """A method name wrapped over two lines, its scores line and the figure's title all fit above the first row
+    (seen overlapping in the app for Swin's long names): the top margin grows with the title lines."""
+    from vizapp.figures.maps import compare_figure
+
+    img = np.zeros((16, 16, 3), dtype=np.uint8)
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    short = compare_figure(img, {"rollout": heat}, (4, 4), {"rollout": "AUC 0.1"})
+    long_name = "GAE relevance (Chefer et al., ICCV 2021; through windows and merges)"
+    long = compare_figure(img, {long_name: heat}, (4, 4), {long_name: "AUC 0.1"})
+    assert long.layout.margin.t >= short.layout.margin.t + 2 * 18  # two more lines of subplot title
+    title_lines = 4  # three lines of name and one of scores
+    assert long.layout.margin.t >= 34 + 20 + title_lines * 18  # the figure title below the label chip, then them

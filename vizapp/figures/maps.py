@@ -406,7 +406,14 @@ def compare_figure(
             col=c,
         )
         _image_axes(fig, h, w, row=r, col=c)
-    fig.update_layout(margin=dict(l=10, r=10, t=110, b=10), height=350 * nrows + 80, title="Explanations compared")
+    # room above the first row for its subplot titles (a wrapped name and the scores line) and the figure's title
+    lines = max(_wrap(n, 30).count("<br>") + 2 for n in names)
+    top = 80 + 18 * lines
+    fig.update_layout(
+        margin=dict(l=10, r=10, t=top, b=10),
+        height=350 * nrows + top - 30,
+        title=dict(text="Explanations compared", y=1.0, yanchor="top", pad=dict(t=34)),  # below the label chip
+    )
     return fig
 
 
