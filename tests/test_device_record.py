@@ -12,14 +12,9 @@ import torch
 import vizapp
 from tests.conftest import random_image
 from tests.devicesim import DeviceMixError, OnDevice, simulated_gpu
+from tests.test_cuda import MODELS as CUDA_MODELS
 
-MODELS = [
-    ("vit", "vit_tiny_patch16_224", dict(img_size=64, depth=3)),
-    ("reg4", "vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2, num_classes=7)),
-    ("dinov3", "vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=5)),
-    ("beit", "beit_base_patch16_224", dict(img_size=64, depth=2, num_classes=5)),
-    ("deit_distilled", "deit_tiny_distilled_patch16_224", dict(img_size=(48, 80), depth=2)),
-]
+MODELS = CUDA_MODELS  # the families tests/test_cuda.py runs on a real GPU
 
 
 def _load(name: str, kwargs: dict) -> vizapp.VizModel:

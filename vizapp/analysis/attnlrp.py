@@ -230,11 +230,44 @@ def relevance_rules(model: torch.nn.Module) -> Iterator[None]:
 
 
 def patch_sums(relevance: torch.Tensor, grid_size: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
-    """Pixel relevance [B, C, H, W] summed over the channels and over each patch's pixels: [B, gh, gw]."""
+    """Pixel relevance [B, C, H, W] summed over the channels and over each patch's pixels: [B, gh, gw]; an image the
+    library pads to whole patches (transformers) is padded with zeros here too (the padding is no input)."""
     (gh, gw), (ph, pw) = grid_size, patch_size
-    b, c = relevance.shape[:2]
-    r = relevance[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
+    b, c, h, w = relevance.shape
+    r = torch.nn.functional.pad(relevance, (0, max(0, gw * pw - w), 0, max(0, gh * ph - h)))
+    r = r[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
     return r.sum(dim=(1, 3, 5))
+
+
+def explained_input(why: str, supported: str, classes: Sequence[int | None], x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the leaf whose gradient AttnLRP takes, once the model (``why``: :func:`unsupported`'s answer, or the
+    windowed one's; ``supported``: what the rules cover) and the classes are checked."""
+    if why:
+        raise ValueError(f"AttnLRP is not defined for this model: {why}; {supported}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    return x.detach().requires_grad_(True)
+
+
+def input_times_gradient(
+    logits: torch.Tensor,
+    maps: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    classes: Sequence[int | None],
+    grid_size: tuple[int, int],
+    patch_size: tuple[int, int],
+) -> tuple[torch.Tensor, list[int]]:
+    """AttnLRP's last steps, after a forward under :func:`relevance_rules`: no relevance through any softmax (the
+    gradient into every attention map in ``maps`` is zeroed: q and k detached, as lxt does), each image's class
+    (None: its top-1), one backward of their summed scores, and x · ∂score/∂x summed per patch -> ([B, gh, gw] float32,
+    the classes)."""
+    for a in maps:
+        a.register_hook(torch.zeros_like)
+    top = logits.detach().argmax(dim=-1)
+    cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+    score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    return patch_sums((x * grad).detach(), grid_size, patch_size).float(), cls
 
 
 def attnlrp(
@@ -262,21 +295,9 @@ def attnlrp(
     """
     from vizapp.capture import AttentionCapture
 
-    why = unsupported(model)
-    if why:
-        raise ValueError(f"AttnLRP is not defined for this model: {why}; {SUPPORTED}")
-    if len(classes) != x.shape[0]:
-        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
-    x = x.detach().requires_grad_(True)
+    x = explained_input(unsupported(model), SUPPORTED, classes, x)
     with torch.enable_grad(), relevance_rules(model), AttentionCapture(model, with_grad=True, keep_qk=False) as cap:
         logits = logits_fn(x)
     if any(a is None for a in cap.maps) or cap.unexact_layers:
         raise ValueError("AttnLRP needs every layer's attention formed by vizapp's capture (is fused attention off?)")
-    for a in cap.maps:  # CP-LRP: no relevance through the softmax (q and k detached, as lxt does)
-        a.register_hook(torch.zeros_like)
-    top = logits.detach().argmax(dim=-1)
-    cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
-    score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
-    (grad,) = torch.autograd.grad(score, x)
-    maps = patch_sums((x * grad).detach(), grid_size, patch_size)
-    return maps.float(), cls
+    return input_times_gradient(logits, cap.maps, x, classes, grid_size, patch_size)

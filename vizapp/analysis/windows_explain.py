@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 
-from vizapp.analysis.attnlrp import is_activation, relevance_rules
+from vizapp.analysis.attnlrp import (  # noqa: F401  (patch_sums: named here too, where the tests find it)
+    explained_input,
+    input_times_gradient,
+    is_activation,
+    patch_sums,
+    relevance_rules,
+)
 from vizapp.analysis.legrad import isolated_blocks, min_max
 
 SUPPORTED = (
@@ -102,16 +108,6 @@ def _classes(logits: torch.Tensor, classes: Sequence[int | None]) -> list[int]:
     return [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
 
 
-def patch_sums(relevance: torch.Tensor, grid_size: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
-    """Pixel relevance [B, C, H, W] summed over the channels and over each patch's pixels: [B, gh, gw]; an image the
-    library pads to whole patches (transformers) is padded with zeros here too (the padding is no input)."""
-    (gh, gw), (ph, pw) = grid_size, patch_size
-    b, c, h, w = relevance.shape
-    r = torch.nn.functional.pad(relevance, (0, max(0, gw * pw - w), 0, max(0, gh * ph - h)))
-    r = r[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
-    return r.sum(dim=(1, 3, 5))
-
-
 def attnlrp(
     model: torch.nn.Module,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -137,21 +133,11 @@ def attnlrp(
     """
     from vizapp.windows import WindowCapture
 
-    why = unsupported(model)
-    if why:
-        raise ValueError(f"AttnLRP is not defined for this model: {why}; {SUPPORTED}")
-    if len(classes) != x.shape[0]:
-        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
-    x = x.detach().requires_grad_(True)
+    x = explained_input(unsupported(model), SUPPORTED, classes, x)
     with torch.enable_grad(), relevance_rules(model), WindowCapture(model, with_grad=True) as cap:
         logits = logits_fn(x)
-    for a in cap.graph_maps():  # CP-LRP: no relevance through the window softmax (q and k detached, as lxt does)
-        a.register_hook(torch.zeros_like)
-    cls = _classes(logits, classes)
-    score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
-    (grad,) = torch.autograd.grad(score, x)
-    maps = patch_sums((x * grad).detach(), cap.geometry[0].grid, patch_size)
-    return maps.float(), cls
+    # no relevance through the window softmax either
+    return input_times_gradient(logits, cap.graph_maps(), x, classes, cap.geometry[0].grid, patch_size)
 
 
 def window_columns(grads: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
