@@ -138,3 +138,32 @@ def test_a_swin_analysis_and_its_views_run_on_the_device():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     for n in names:
         np.testing.assert_allclose(got_batch[n], want_batch[n], rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_the_evaluation_on_the_device_gives_the_cpus_rows():
+    """The dataset evaluation with its model on the (simulated) GPU: maps, the perturbed copies formed on the device
+    from masks made on the host, curves and statistics give the CPU's rows (the protocol's removals are exact
+    selections, so the accuracies are equal, not close)."""
+    from vizapp.evaluate.worker import Evaluator
+
+    ev = Evaluator("vit_tiny_patch16_224", ["rollout", "relevance", "attnlrp", "random"], steps=2, pretrained=False)
+    items = [{"id": f"img{i}", "source": "x", "target": (-1, 3)[i]} for i in range(2)]
+    pixels = [np.asarray(random_image(50 + i, size=(224, 224))) for i in range(2)]
+    want = ev.evaluate_batch(items, pixels)
+    copies: list[bool] = []
+    classify = ev.classify
+    ev.classify = lambda x: copies.append(isinstance(x, OnDevice)) or classify(x)  # type: ignore[method-assign]
+    with simulated_gpu(ev.vm):
+        got = ev.evaluate_batch(items, pixels)
+    assert copies and all(copies)  # every batch of perturbed copies was formed on the device
+    for a, b in zip(want, got, strict=True):
+        assert a["status"] == b["status"] == "ok", (a.get("message"), b.get("message"))
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if "seconds" in key:
+                continue
+            if isinstance(value, float):
+                assert np.isclose(b[key], value, rtol=1e-5, atol=1e-7, equal_nan=True), key
+            else:
+                assert b[key] == value, key
+        assert any(k.endswith(".acc5") for k in a)

@@ -344,7 +344,9 @@ def _scores(
     x_nominal = np.asarray(CHEFER_FRACTIONS)
     out: dict[int, dict[str, Any]] = {}
     for i in images:
-        image = inputs[i].float()  # [C, H, W]
+        # [C, H, W] on the model's device: the perturbed copies are formed there from masks made on the host (each
+        # mask, bool [S, H, W], is a 12th of the copies it selects between)
+        image = inputs[i].to(device=ev.vm.device, dtype=torch.float32)
         grid, _ = ev.map_grid(image)
         num_patches = grid[0] * grid[1]
         x = x_nominal if ev.protocol == "chefer2021" else patch_fractions(num_patches)
