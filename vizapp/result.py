@@ -102,7 +102,9 @@ class GradientGraph:
 
 @dataclass(frozen=True, eq=False)
 class Analysis(LabelFreeViews):
-    """Everything vizapp computed for one image and one model (CPU tensors / numpy; deep-copyable).
+    """Everything vizapp computed for one image and one model (deep-copyable): what its forward made, q, k, biases,
+    block outputs and the kept fusions, as tensors on the model's device; what the views draw as it is (probabilities,
+    statistics, norms, the lens) as numpy on the host. Every view returns numpy.
 
     Attributes:
         model_name: the model's id; ``load_args`` reload it (from the cache) for gradient methods.
