@@ -17,6 +17,11 @@ per-head output [B, H, N, d] its attention call returns, before the output proje
 (:func:`vizapp.capture.ablate_head_output`). :func:`head_importance` takes that path (``path="capture"``) for every
 model that is not a timm ``VisionTransformer``.
 
+Windowed models (timm and transformers Swin) are ablated by :class:`vizapp.windows.WindowCapture` where each layer
+hands its heads to the output projection, with the same two modes; "mean" is the head's mean over the image's real
+(unpadded) tokens of that layer, every window together (see :mod:`vizapp.windows`). Their head count differs per stage
+(Swin-T: 3, 6, 12, 24), so ``drop`` is [L, max H] with NaN for the heads a layer does not have.
+
 The importance of a head is the drop of a score when it alone is ablated: the chosen class's probability (or logit)
 for a model with a classifier head, and for a model without one (DINOv2, CLIP image towers) ``1 - cos`` between the
 ablated and the clean pooled feature (what ``forward_head`` returns), which is 0 for the clean run.
@@ -37,8 +42,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vizapp import limits
+from vizapp.analysis.windows import window_index
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.windows import WindowCapture, window_sites
 
 ABLATION_MODES = ("zero", "mean")
 IMPORTANCE_METHODS = ("exact", "gradient")
@@ -286,6 +293,21 @@ def reuses_blocks(model: torch.nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
+def is_windowed(model: torch.nn.Module) -> bool:
+    """True for the windowed models :class:`vizapp.windows.WindowCapture` captures (timm and transformers Swin)."""
+    try:
+        window_sites(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _real_slots(capture: WindowCapture, layer: int) -> torch.Tensor:
+    """[nW·w²] bool: the slots of ``layer``'s windows that hold a token of the image (not padding)."""
+    g = capture.geometry[layer]
+    return (window_index(g.grid, g.window, g.shift, g.pad_first) >= 0).reshape(-1)
+
+
 def exact_forward_passes(num_layers: int, num_heads: int, reuse: bool) -> float:
     """Image-forwards the exact method costs: H·(L+1)/2 on the reuse path, L·H on the capture path."""
     return num_heads * (num_layers + 1) / 2 if reuse else float(num_layers * num_heads)
@@ -330,6 +352,8 @@ def head_importance(
       ``AttentionCapture(ablate={l: eye(H)})``, so head i is ablated in copy i where the layer's attention call
       returns it. Nothing below layer l is reused, so this costs L forwards of batch H, L·H image-forwards (against
       H·(L+1)/2 on the reuse path); the H copies run in sub-batches within :data:`vizapp.limits.ABLATION_BATCH_BYTES`.
+      Windowed models (Swin) take this path with :class:`vizapp.windows.WindowCapture` (``ablate={l: eye(H_l)}``,
+      H_l copies for layer l); their ``drop`` is [L, max H], NaN where a layer has fewer heads.
 
     ``should_stop()`` is checked before each layer (then the remaining rows are NaN) and ``progress(layers_done, L)``
     is called after each.
@@ -402,6 +426,20 @@ def head_importance(
                 cls = _resolve_class(vm, logits, class_idx)
                 s = class_score(logits, cls)[0]
                 grads = list(torch.autograd.grad(s, outputs))
+        elif is_windowed(model):
+            with torch.enable_grad(), WindowCapture(model, record_head_outputs=True, maps=False) as wc:
+                logits = _forward(vm, xg)
+                cls = _resolve_class(vm, logits, class_idx)
+                s = class_score(logits, cls)[0]
+                grads = torch.autograd.grad(s, wc.head_outputs)  # [1, nW·w², H_l·d] each
+            drop = torch.full((len(wc), max(site.heads for site in wc.sites)), float("nan"))
+            for layer, (o, g) in enumerate(zip(wc.head_outputs, grads, strict=True)):
+                real = _real_slots(wc, layer).to(o.device)  # padded slots are cropped: zero gradient, not averaged
+                heads = wc.sites[layer].heads
+                drop[layer, :heads] = attribution_drops([o[:, real]], [g[:, real]], heads, mode)[0].cpu()
+            if progress is not None:
+                progress(len(wc), len(wc))
+            return HeadImportance(drop, score, cls, float(s.detach()), method, mode, len(wc))
         else:
             with torch.enable_grad(), AttentionCapture(model, keep_qk=False, record_head_outputs=True) as cap:
                 logits = _forward(vm, xg)
@@ -416,11 +454,27 @@ def head_importance(
             progress(len(outputs), len(outputs))
         return HeadImportance(drop, score, cls, float(s.detach()), method, mode, len(outputs))
 
+    windowed = path == "capture" and is_windowed(model)
     with torch.no_grad():
         if path == "reuse":
             with _record_block_inputs(model) as block_inputs:
                 clean = model(x)  # [1, K] logits, or [1, D] pooled features
-            num_layers, num_heads = len(model.blocks), head_projections(model)[0][1]
+            layer_heads = [head_projections(model)[0][1]] * len(model.blocks)
+        elif windowed:
+            with WindowCapture(model, record_head_outputs=True, maps=False) as wc:
+                clean = _forward(vm, x)
+            layer_heads = [site.heads for site in wc.sites]
+            batch = min(  # the copies' peak is at the layer with the most activations, whichever layer is ablated
+                limits.ablation_batch(
+                    max(layer_heads),
+                    o.shape[1],
+                    o.shape[2],
+                    site.heads,
+                    x.element_size(),
+                    keys=g.window[0] * g.window[1],
+                )
+                for o, site, g in zip(wc.head_outputs, wc.sites, wc.geometry, strict=True)
+            )
         else:
             with AttentionCapture(model, keep_qk=False, record_head_outputs=True) as cap:
                 clean = _forward(vm, x)
@@ -430,19 +484,22 @@ def head_importance(
                     f"the layers' heads differ in shape {sorted(shapes)}; vizapp ablates "
                     "one head per copy of the image and needs the same H in every layer"
                 )
-            (num_heads, tokens, head_dim), num_layers = shapes.pop(), len(cap)
+            (num_heads, tokens, head_dim) = shapes.pop()
+            layer_heads = [num_heads] * len(cap)
             batch = limits.ablation_batch(num_heads, tokens, num_heads * head_dim, num_heads, x.element_size())
         if classifier:
             cls: int | None = _resolve_class(vm, clean, class_idx)
             clean_score = float(class_score(clean, cls)[0])
         else:
             cls, clean_score = None, 1.0
-        drop = torch.full((num_layers, num_heads), float("nan"))
-        one_hot = torch.eye(num_heads, dtype=torch.bool, device=x.device)  # copy i ablates head i
+        num_layers = len(layer_heads)
+        drop = torch.full((num_layers, max(layer_heads)), float("nan"))
         done = 0
         for layer in range(num_layers):
             if should_stop is not None and should_stop():
                 break
+            num_heads = layer_heads[layer]
+            one_hot = torch.eye(num_heads, dtype=torch.bool, device=x.device)  # copy i ablates head i
             if path == "reuse":
                 h = block_inputs[layer].expand(num_heads, -1, -1)  # [H, N, D]
                 with ablate_heads(model, {layer: one_hot}, mode=mode):
@@ -453,10 +510,15 @@ def head_importance(
                 outs = []
                 for h0 in range(0, num_heads, batch):
                     mask = one_hot[h0 : h0 + batch]  # [b, H]
-                    with AttentionCapture(model, keep_qk=False, ablate={layer: mask}, ablate_mode=mode):
+                    ablating = (
+                        WindowCapture(model, ablate={layer: mask}, ablate_mode=mode, maps=False)
+                        if windowed
+                        else AttentionCapture(model, keep_qk=False, ablate={layer: mask}, ablate_mode=mode)
+                    )
+                    with ablating:
                         outs.append(_forward(vm, x.expand(mask.shape[0], -1, -1, -1).contiguous()))
                 out = torch.cat(outs)  # [H, K] or [H, D]
-            drop[layer] = drops(out, clean, cls, clean_score)
+            drop[layer, :num_heads] = drops(out, clean, cls, clean_score)
             done = layer + 1
             if progress is not None:
                 progress(done, num_layers)

@@ -67,13 +67,16 @@ def chunk_shape(heads: int, tokens: int, budget: int) -> tuple[int, int]:
     return 1, -(-tokens // blocks)  # equal blocks
 
 
-def ablation_batch(copies: int, tokens: int, width: int, heads: int, element_bytes: int) -> int:
+def ablation_batch(
+    copies: int, tokens: int, width: int, heads: int, element_bytes: int, keys: int | None = None
+) -> int:
     """How many ablated copies of one image go through the model together, within :data:`ABLATION_BATCH_BYTES`.
 
     A copy's peak activations are estimated as a block's widest tensors, the MLP's 4·N·D and the input, q, k, v and
-    outputs (6·N·D), plus one layer's attention H·N·N if the attention is materialised.
+    outputs (6·N·D), plus one layer's attention H·N·N if the attention is materialised (H·N·w² for windowed
+    attention: ``keys`` = w², the keys each query sees).
     """
-    per_copy = (10 * tokens * width + heads * tokens * tokens) * element_bytes
+    per_copy = (10 * tokens * width + heads * tokens * (tokens if keys is None else keys)) * element_bytes
     return max(1, min(copies, ABLATION_BATCH_BYTES // max(1, per_copy)))
 
 

@@ -16,19 +16,31 @@ different parts of the image. The library hands all of it to the attention call:
 The geometry is read from each block as it runs (the grid from its input, the window and shift from its attributes
 after the library has clamped them to the grid), never assumed. Hooks live for one ``with`` block and see only the
 thread that opened it; nothing is kept on the model.
+
+With ``ablate``, chosen heads' outputs are replaced where the layer hands them to its output projection (timm's
+``attn.proj``, transformers' ``o_proj`` / ``output.dense``), whose input is [B·nW, w², H·d] with head h in columns
+h·d:(h+1)·d:
+
+- ``ablate_mode="zero"``: by 0;
+- ``ablate_mode="mean"``: by the head's mean over the image's real tokens of that layer: every window of the image,
+  the padding slots left out (a padded slot is cropped after the block, so it is neither averaged nor kept). A
+  window's own mean would differ from window to window and would keep the head's local content, which is not an
+  ablation of the head; the image-wide mean is the windowed counterpart of the plain ViT's mean over the N tokens
+  (:mod:`vizapp.ablation`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vizapp.analysis.windows import window_index
 from vizapp.capture import AttentionCapture
-from vizapp.errors import UnsupportedModelError
+from vizapp.errors import BadParameterError, UnsupportedModelError
 
 #: the windowed families vizapp captures
 WINDOWED_FAMILIES = "timm swin_* and swinv2_* (not swinv2_cr_*); transformers Swin and Swinv2 folders"
@@ -135,6 +147,19 @@ def window_sites(model: torch.nn.Module) -> list[WindowSite]:
     )
 
 
+def output_projection(site: WindowSite) -> torch.nn.Linear:
+    """The linear layer fed with the site's concatenated heads, [B·nW, w², H·d] (head h in columns h·d:(h+1)·d)."""
+    if site.library == "timm":
+        proj = getattr(site.attn, "proj", None)
+    else:  # transformers Swin: the attention's o_proj; Swinv2: the attention's output.dense
+        proj = getattr(site.attn, "o_proj", None) or getattr(
+            getattr(site.block.attention, "output", None), "dense", None
+        )
+    if not isinstance(proj, torch.nn.Linear) or proj.in_features % site.heads:
+        raise UnsupportedModelError(f"{type(site.attn).__name__} has no per-head output projection vizapp can ablate")
+    return proj
+
+
 def _geometry(site: WindowSite, grid: tuple[int, int]) -> WindowGeometry:
     return WindowGeometry(
         grid=grid,
@@ -163,6 +188,13 @@ class WindowCapture:
         on_block: called as ``on_block(layer, output)`` with each block's output tokens [B, N, C] (detached).
         keep: keep every layer's attention after the forward (False: each is dropped once handed to ``on_layer``, so
             that a forward holds one layer's attention at a time).
+        ablate: layer -> bool mask [B, H_l] (or [H_l] for every image): head h of image b is ablated in that layer
+            (see the module docstring).
+        ablate_mode: "zero" or "mean".
+        record_head_outputs: keep each layer's concatenated heads [B, nW·w², H·d] (after ``ablate``, windows in the
+            library's order, in the autograd graph) in ``head_outputs``.
+        maps: record the attention (False: only the geometry, and ``ablate`` / ``record_head_outputs``; what head
+            ablation needs, without forming any attention map).
     """
 
     def __init__(
@@ -172,8 +204,20 @@ class WindowCapture:
         on_layer: Callable[[int, torch.Tensor, WindowGeometry], None] | None = None,
         on_block: Callable[[int, torch.Tensor], None] | None = None,
         keep: bool = True,
+        ablate: Mapping[int, torch.Tensor] | None = None,
+        ablate_mode: str = "zero",
+        record_head_outputs: bool = False,
+        maps: bool = True,
     ) -> None:
         self.sites = window_sites(model)
+        if ablate_mode not in ("zero", "mean"):
+            raise BadParameterError(f"ablation mode must be one of ('zero', 'mean'), got {ablate_mode!r}")
+        self.ablate, self.ablate_mode = dict(ablate or {}), ablate_mode
+        for layer in self.ablate:
+            if not 0 <= layer < len(self.sites):
+                raise BadParameterError(f"ablated layer must be in [0, {len(self.sites) - 1}], got {layer}")
+        self.record_head_outputs = record_head_outputs
+        self.head_outputs: list[torch.Tensor | None] = [None] * len(self.sites)
         self.model = model
         self.with_grad = with_grad
         self.on_layer, self.on_block, self.keep = on_layer, on_block, keep
@@ -183,7 +227,8 @@ class WindowCapture:
         self.geometry: list[WindowGeometry | None] = [None] * n
         self.maps: list[torch.Tensor | None] = [None] * n  # [B*nW, H, w², w²] as the layer used it
         self._grids: list[tuple[int, int] | None] = [None] * n
-        fused = [i for i, s in enumerate(self.sites) if s.probs is None]
+        self.record_maps = maps
+        fused = [i for i, s in enumerate(self.sites) if s.probs is None and maps]
         self._fused = fused  # the inner capture's layer j is this capture's layer fused[j]
         # With gradients the inner capture keeps each layer's attention in the graph. Without, each layer's attention
         # is formed from its q and k when the attention module is done (_attn_done_hook, which runs before the inner
@@ -252,6 +297,38 @@ class WindowCapture:
 
         return hook
 
+    def _proj_hook(self, layer: int):
+        site = self.sites[layer]
+        mask = self.ablate.get(layer)
+
+        def hook(_mod: torch.nn.Module, args: tuple) -> Any:
+            if not self._mine():
+                return None
+            x = args[0]  # [B*nW, w², H*d]
+            g = self._check(layer)
+            b = x.shape[0] // g.num_windows
+            xh = x.reshape(b, -1, site.heads, x.shape[-1] // site.heads)  # [B, nW*w², H, d]
+            if mask is not None:
+                m = mask.to(device=x.device, dtype=torch.bool)
+                if m.shape[-1] != site.heads or m.dim() > 2 or (m.dim() == 2 and m.shape[0] != b):
+                    raise BadParameterError(
+                        f"layer {layer}: head mask {tuple(m.shape)} does not fit [B={b}, H={site.heads}]"
+                    )
+                if self.ablate_mode == "zero":
+                    new = torch.zeros_like(xh)
+                else:  # the mean over the image's real (unpadded) tokens of this layer
+                    real = (window_index(g.grid, g.window, g.shift, g.pad_first) >= 0).reshape(-1).to(x.device)
+                    new = xh[:, real].mean(dim=1, keepdim=True).expand_as(xh)
+                xh = torch.where(m.reshape(-1, 1, site.heads, 1), new, xh)
+            if mask is None and not self.record_head_outputs:
+                return None
+            out = xh.flatten(-2)  # [B, nW*w², H*d]: what the projection is given, so that gradients reach it
+            if self.record_head_outputs:
+                self.head_outputs[layer] = out
+            return (out.reshape(x.shape),) + tuple(args[1:])
+
+        return hook
+
     def _probs_hook(self, layer: int):
         def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
             if self._mine():
@@ -265,12 +342,16 @@ class WindowCapture:
             for i, site in enumerate(self.sites):
                 self._handles.append(site.block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
                 self._handles.append(site.attn.register_forward_pre_hook(self._attn_pre_hook(i)))
-                if site.probs is None and not self.with_grad:  # registered before the inner capture's hooks
+                if (
+                    site.probs is None and not self.with_grad and self.record_maps
+                ):  # registered before the inner capture's hooks
                     self._handles.append(site.attn.register_forward_hook(self._attn_done_hook(i)))
                 if self.on_layer is not None or self.on_block is not None:
                     self._handles.append(site.block.register_forward_hook(self._block_done_hook(i)))
-                if site.probs is not None:
+                if site.probs is not None and self.record_maps:
                     self._handles.append(site.probs.register_forward_hook(self._probs_hook(i)))
+                if i in self.ablate or self.record_head_outputs:
+                    self._handles.append(output_projection(site).register_forward_pre_hook(self._proj_hook(i)))
             if self._inner is not None:
                 self._inner.__enter__()
         except BaseException:

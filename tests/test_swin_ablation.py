@@ -1,0 +1,183 @@
+"""Head importance for windowed models (Swin): each head ablated where its layer hands the heads to the output
+projection, against a second path that edits the weights instead (a head whose value projection is zero outputs 0;
+one whose value projection is the constant m outputs m, since each attention row sums to 1)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vizapp
+from tests.test_swin import TINY
+from vizapp import limits
+from vizapp.ablation import head_importance
+from vizapp.analysis.windows import window_index
+from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.windows import WindowCapture, window_sites
+
+
+@pytest.fixture(scope="module")
+def timm_vm():
+    torch.manual_seed(0)
+    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
+    with torch.no_grad():  # weights far from timm's small init, so that every head changes the logits visibly
+        for m in vm.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.3)
+    return vm
+
+
+def _hf_vm(folder, kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls = {
+        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
+        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
+    }[kind]
+    cfg = cfg_cls(
+        image_size=36,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=5,
+        initializer_range=0.3,
+    )
+    model_cls(cfg).save_pretrained(folder)
+    return vizapp.load_model(str(folder), device="cpu")
+
+
+def _value_rows(site, head: int) -> tuple[torch.nn.Linear, slice]:
+    """The linear layer making v and the rows of head ``head``'s values in it."""
+    d = site.attn.proj.in_features // site.heads if site.library == "timm" else None
+    if site.library == "timm":  # qkv: rows [q; k; v], each C wide
+        c = site.attn.qkv.out_features // 3
+        return site.attn.qkv, slice(2 * c + head * d, 2 * c + (head + 1) * d)
+    lin = getattr(site.attn, "v_proj", None) or site.attn.value  # transformers Swin / Swinv2
+    d = lin.out_features // site.heads
+    return lin, slice(head * d, (head + 1) * d)
+
+
+def _logits(vm, model, x):
+    out = model(x) if vm.family != "hf" else model(pixel_values=x)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def _edited_logit(vm, x, layer, head, value):
+    """The class logit of a copy of the model whose head ``head`` of ``layer`` gets values ``value`` ([d] or 0)."""
+    model = copy.deepcopy(vm.model)
+    site = window_sites(model)[layer]
+    lin, rows = _value_rows(site, head)
+    with torch.no_grad():
+        lin.weight[rows] = 0
+        lin.bias[rows] = value
+        return _logits(vm, model, x)
+
+
+def _clean_head_means(vm, x):
+    """Per layer, each head's clean output averaged over the image's real tokens [H, d] (padding slots left out, as
+    :func:`window_index` says, which is checked against the library's forward in tests/test_swin.py)."""
+    seen = {}
+    sites = window_sites(vm.model)
+    projs = [s.attn.proj if s.library == "timm" else None for s in sites]
+    with WindowCapture(vm.model) as cap, torch.no_grad():
+        hooks = []
+        for i, s in enumerate(sites):
+            proj = projs[i] or getattr(s.attn, "o_proj", None) or s.block.attention.output.dense
+            hooks.append(proj.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0].clone())))
+        try:
+            _logits(vm, vm.model, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        means, all_slots = [], []
+        for i, s in enumerate(sites):
+            g = cap.geometry[i]
+            real = window_index(g.grid, g.window, g.shift, g.pad_first).reshape(-1) >= 0
+            o = seen[i].reshape(real.numel(), s.heads, -1)  # one image: [nW*w², H, d]
+            means.append(o[real].mean(0))
+            all_slots.append(o.mean(0))
+    return means, all_slots
+
+
+@pytest.mark.parametrize("family", ["timm", "swin", "swinv2"])
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_exact_drop_equals_the_model_with_edited_value_weights(timm_vm, tmp_path, family, mode):
+    """Every head of every layer: the drop of the class logit when the head is ablated by the capture equals the drop
+    when, in a copy of the model, that head's value projection is set to give 0 ("zero") or the head's clean mean
+    over the image's real tokens ("mean"); drop is [L, max H] = [4, 4] with NaN for the first stage's missing heads."""
+    vm = timm_vm if family == "timm" else _hf_vm(tmp_path, family)
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, *vm.input_size[-2:])
+    res = head_importance(vm, x, class_idx=2, mode=mode, score="logit")
+    assert res.drop.shape == (4, 4) and res.layers_done == 4 and res.score == "logit"
+    heads = [s.heads for s in window_sites(vm.model)]
+    assert heads == [2, 2, 4, 4]
+    assert torch.isnan(res.drop[:2, 2:]).all() and not torch.isnan(res.drop[:2, :2]).any()
+    assert not torch.isnan(res.drop[2:]).any()
+    with torch.no_grad():
+        clean = _logits(vm, vm.model, x)[0, 2]
+    assert res.clean_score == pytest.approx(float(clean), abs=1e-5)
+    means, all_slots = _clean_head_means(vm, x) if mode == "mean" else (None, None)
+    for layer, n in enumerate(heads):
+        for h in range(n):
+            value = 0.0 if mode == "zero" else means[layer][h]
+            want = clean - _edited_logit(vm, x, layer, h, value)[0, 2]
+            assert float(res.drop[layer, h]) == pytest.approx(float(want), rel=1e-4, abs=1e-5), (layer, h)
+    assert res.drop[~torch.isnan(res.drop)].abs().min() > 1e-3  # the heads matter: the check above can fail
+    if mode == "mean":  # every layer is padded here: the mean over all slots, padding included, is another value
+        assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(means, all_slots, strict=True))
+
+
+def test_sub_batches_and_probability_score(timm_vm, monkeypatch):
+    """Copies run one at a time (a tiny batch budget) give the same drops as all at once; the probability score is
+    the softmax's drop."""
+    x = torch.randn(1, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    whole = head_importance(timm_vm, x, mode="mean")
+    monkeypatch.setattr(limits, "ABLATION_BATCH_BYTES", 1)
+    one = head_importance(timm_vm, x, mode="mean")
+    torch.testing.assert_close(one.drop, whole.drop, atol=1e-6, rtol=0, equal_nan=True)
+    assert whole.score == "probability" and whole.class_idx == int(timm_vm.model(x).argmax())
+
+
+def test_gradient_estimate_is_the_derivative_along_the_ablation(timm_vm):
+    """Attribution patching on a Swin: the estimate for head h is the derivative of the score along the path from
+    the clean head output to zero, checked by a central difference on a copy whose head values are scaled by
+    1 - t (float64); NaN where the exact result has it."""
+    x = torch.randn(1, 3, 24, 40, generator=torch.Generator().manual_seed(3))
+    est = head_importance(timm_vm, x, class_idx=1, method="gradient", score="logit")
+    assert est.method == "gradient" and torch.isnan(est.drop[:2, 2:]).all() and not torch.isnan(est.drop[2:]).any()
+    model = copy.deepcopy(timm_vm.model).double()
+    xd = x.double()
+    eps = 1e-4
+    for layer, h in [(0, 1), (1, 0), (2, 3), (3, 2)]:
+        site = window_sites(model)[layer]
+        lin, rows = _value_rows(site, h)
+        w, b = lin.weight[rows].clone(), lin.bias[rows].clone()
+        scores = []
+        with torch.no_grad():
+            for t in (-eps, eps):
+                lin.weight[rows], lin.bias[rows] = w * (1 - t), b * (1 - t)
+                scores.append(float(model(xd)[0, 1]))
+            lin.weight[rows], lin.bias[rows] = w, b
+        derivative = (scores[1] - scores[0]) / (2 * eps)  # d score / dt; the estimated drop is its negative
+        assert float(est.drop[layer, h]) == pytest.approx(-derivative, rel=1e-3, abs=1e-6), (layer, h)
+
+
+def test_refusals(timm_vm):
+    x = torch.randn(1, 3, 24, 40)
+    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+        head_importance(timm_vm, x, path="reuse")
+    with pytest.raises(BadParameterError, match="ablation mode"):
+        head_importance(timm_vm, x, mode="resample")
+    with pytest.raises(BadParameterError, match="ablated layer must be in"):
+        WindowCapture(timm_vm.model, ablate={4: torch.ones(2, dtype=torch.bool)})
+    with (
+        pytest.raises(BadParameterError, match="does not fit"),
+        WindowCapture(timm_vm.model, ablate={2: torch.ones(2, dtype=torch.bool)}, maps=False),
+    ):
+        timm_vm.model(x)  # layer 2 has 4 heads, not 2
