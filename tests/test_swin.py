@@ -367,8 +367,15 @@ def test_the_app_analyses_a_swin_model(vm, monkeypatch):
     ]
     assert "Attention flow" in out.methods_note and "no class token" in out.methods_note
     assert out.query_mode["value"] == "Clicked patch" and out.query_mode["interactive"] is False
-    assert out.imp_exact_button["visible"] is False and out.imp_gradient_button["visible"] is False
+    assert out.imp_exact_button["visible"] is True and out.imp_gradient_button["visible"] is True
+    assert "12 heads (2, 2, 4, 4 in its 4 layers)" in out.importance_cost
     r = vizapp.analyze(vm, random_image(0))
+    # head importance: the gradient estimate, [L, max H] with NaN where the first stage has 2 heads, as the API's
+    imp = ui.run_importance(out.state, "gradient", "mean", None, progress=lambda *a, **k: None)
+    z = np.asarray(imp.importance.data[0].z, dtype=float)
+    want = vizapp.ablation.head_importance(vm, r.input, mode="mean", method="gradient").drop.numpy()
+    assert z.shape == (4, 4) and np.isnan(z[:2, 2:]).all() and np.isfinite(z[2:]).all()
+    np.testing.assert_allclose(z, want, atol=1e-6)
     # the Heads tab: layer 3 (3x5 grid, 4 heads), first-grid token (5, 9) -> (2, 4) on layer 3
     heads = ui.render_heads(out.state, 3, "Clicked patch", 5, 9, False, 1, 0.6)
     assert heads.state["query"] == (5, 9)

@@ -465,7 +465,8 @@ def _photos(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.timeout(900)
 def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, caplog, tmp_path):
     """Every event on a windowed model runs clean; the Rollout tab offers only the maps Swin defines and says why
-    the others are not, the Heads tab offers the clicked token only, and the Features tab says why it draws nothing."""
+    the others are not, the Heads tab offers the clicked token only, the Features tab says why it does not draw its
+    feature views, and its head importance runs (exact ablation, [L, max H] with empty cells)."""
     from vizapp.swin_result import UNDEFINED
 
     caplog.set_level(logging.WARNING)
@@ -494,10 +495,33 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]
     assert features_note, "the Features tab says why it draws nothing"
     assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is False  # its views and buttons are hidden
+    _swin_head_importance(d, swin_app[1], photo)
     _every_event(d, photo, other)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def _swin_head_importance(d: AppDriver, folder: str, photo: Path) -> None:
+    """The Features tab's exact ablation on the Swin folder (3 heads in the first stage's two layers, 6 in the
+    second's): its [4, 6] grid through the server, empty (NaN) where a layer has fewer heads, equals the Python API's
+    head_importance for the same image and class."""
+    import vizapp
+    from vizapp.ablation import head_importance
+
+    cost = d.values[d.by_elem_id("vizapp-importance-cost")]
+    assert "18 heads (3, 3, 6, 6 in its 4 layers)" in cost and "ΣH_l = 18 forward passes" in cost
+    assert d.props[d.by_label("Exact ablation", "button")].get("visible", True) is not False
+    label = d.values[d.by_label("Class scored (none: the top-1, or 1 - cos without a classifier)", "dropdown")]
+    _assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
+    z = _z(_plot(d, "vizapp-importance-plot")["data"][0])
+    assert z.shape == (4, 6)
+    assert np.isnan(z[:2, 3:]).all() and np.isfinite(z[:2, :3]).all() and np.isfinite(z[2:]).all()
+    vm = vizapp.load_model(folder)
+    r = vizapp.analyze(vm, Image.open(photo))
+    want = head_importance(vm, r.input, class_idx=label).drop.numpy()
+    np.testing.assert_allclose(z, want, atol=1e-6)
+    assert "Empty cells: heads a layer does not have" in d.values[d.by_elem_id("vizapp-importance-note")]
 
 
 def _z(trace: dict) -> np.ndarray:

@@ -42,7 +42,6 @@ UNDEFINED = {
     "flow": "Attention flow needs one token set for every layer, and Swin's stages have different token sets.",
     "transformer_attribution": "Transformer Attribution's LRP rules are written for a plain ViT block, not for "
     "windowed attention and patch merging.",
-    "ablation": "Head ablation is offered for plain ViTs only; Swin's heads differ per stage.",
     "features": "The feature views need one token stream of fixed length; Swin's changes at every patch merging.",
     "discard": "The discard ratio is not used for Swin: it drops the smallest entries of a dense N x N attention "
     "matrix, which the windowed rollout never forms.",

@@ -78,11 +78,17 @@ def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str],
     """What head importance will cost, from this model's size and the timed forward pass of its analysis.
 
     ``reuse``: the exact method re-runs only the blocks above the ablated layer (timm ViTs, H·(L+1)/2 passes);
-    False: it runs the whole model for every layer (the other families, L·H passes).
+    False: it runs the whole model for every layer (the other families, L·H passes; a windowed model, whose head
+    count differs per stage, the sum of the layers' head counts).
     """
     heads, layers = r.num_heads, r.num_layers
     passes = exact_forward_passes(layers, heads, reuse)
     formula = "H·(L+1)/2" if reuse else "L·H"
+    count = f"{layers} x {heads} heads"
+    per_layer = getattr(r, "heads_per_layer", None)  # a windowed analysis
+    if per_layer is not None and not reuse:
+        passes, formula = float(sum(per_layer)), "ΣH_l"
+        count = f"{sum(per_layer)} heads ({', '.join(str(h) for h in per_layer)} in its {layers} layers)"
     basis = f"estimate: the analysed forward pass took {forward_s:.2f} s here"
     lines = []
     if support.get("exact"):
@@ -90,7 +96,7 @@ def importance_cost_note(r: Analysis, forward_s: float, support: dict[str, str],
     else:
         score = "class probability" if r.probs is not None else "1 - cos(ablated, clean pooled feature) (no classifier)"
         lines.append(
-            f"**Exact ablation**: each of the {layers} x {heads} heads ablated alone, scored by the {score}: about "
+            f"**Exact ablation**: each of the {count} ablated alone, scored by the {score}: about "
             f"{formula} = {passes:.0f} forward passes, {_seconds(passes * forward_s)} ({basis}; the passes run "
             f"{heads} at a time, often faster than this)."
         )

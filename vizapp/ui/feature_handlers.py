@@ -67,7 +67,8 @@ def _windowed_features(st: dict[str, Any]) -> FeaturesOutputs:
         lens_table=gr.update(visible=False),
         lens_plot=hidden,
         lens_note="",
-        features_note=f"**Not drawn for this model**: {UNDEFINED['features']} Head importance: {UNDEFINED['ablation']}",
+        features_note=f"**Not drawn for this model**: {UNDEFINED['features']} Head importance (below) is: its grid "
+        "has a row per layer and a column per head, empty where a stage has fewer heads.",
         features_body=gr.update(visible=False),
     )
 
@@ -237,10 +238,6 @@ def run_importance(
 
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
-    if _windowed(r):
-        from vizapp.swin_result import UNDEFINED
-
-        return ImportanceOutputs(kept_state(st), None, UNDEFINED["ablation"])
     how = as_choice(method, "importance method", IMPORTANCE_METHODS)
     ablation = as_choice(mode, "ablation mode", ("zero", "mean"))
     cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
@@ -274,6 +271,8 @@ def run_importance(
     note = rho
     if not note and not views.importance_support(vm).get(other):
         note = f"Run the {other} method too (same class and mode) to see their rank correlation."
+    if _windowed(r):
+        note += " Empty cells: heads a layer does not have (each stage has its own head count)."
     note += " Click a cell to open that head in the Heads tab."
     return ImportanceOutputs(st, fig, note)
 

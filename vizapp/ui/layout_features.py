@@ -81,21 +81,22 @@ def features_tab(ui: Components) -> None:
             headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
         )
         ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
-        gr.Markdown("### Head importance by ablation")
-        ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
-        with gr.Row():
-            ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
-            ui.imp_class = gr.Dropdown(
-                [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
-            )
-            ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
-            ui.imp_gradient_button = gr.Button("Gradient estimate")
-        ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
-        ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
-        ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
         with gr.Row():
             ui.features_export_button = gr.Button("Export these arrays (.npz)")
             ui.features_npz = gr.File(label="feature arrays (.npz)", elem_id="vizapp-features-npz", height=90)
+    # outside the body: head importance is defined for every family, Swin included
+    gr.Markdown("### Head importance by ablation")
+    ui.importance_cost = gr.Markdown("", elem_id="vizapp-importance-cost")
+    with gr.Row():
+        ui.imp_mode = gr.Radio(["zero", "mean"], value="zero", label="Ablate a head's output to")
+        ui.imp_class = gr.Dropdown(
+            [], label="Class scored (none: the top-1, or 1 - cos without a classifier)", filterable=True
+        )
+        ui.imp_exact_button = gr.Button("Exact ablation", variant="primary")
+        ui.imp_gradient_button = gr.Button("Gradient estimate")
+    ui.importance = gr.Plot(label="Head importance", elem_id="vizapp-importance-plot")
+    ui.importance_note = gr.Markdown("", elem_id="vizapp-importance-note")
+    ui.importance_click = gr.Textbox(visible="hidden", elem_id="vizapp-importance-click")
 
 
 def _feature_inputs(ui: Components) -> list[Any]:

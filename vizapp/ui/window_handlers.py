@@ -22,7 +22,7 @@ from vizapp.errors import BadParameterError
 from vizapp.swin_result import UNDEFINED, WindowAnalysis
 from vizapp.ui import deadline
 from vizapp.ui.common import kept_state, session_id, write_export
-from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, limit_note, map_cost_note
+from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, importance_cost_note, limit_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
     CompareCostOutputs,
@@ -102,7 +102,11 @@ def status(vm: models.VizModel, r: WindowAnalysis, startup_note: str, random_not
     padded = V.padded_tokens_note(r)
     if padded:
         lines.append(padded)
-    lines.append("Features tab: " + UNDEFINED["features"] + " Head importance: " + UNDEFINED["ablation"])
+    lines.append(
+        "Features tab: "
+        + UNDEFINED["features"]
+        + " Head importance by ablation is there: one row per layer, as many heads as its stage has."
+    )
     lines += [f"Note: {n}" for n in r.notes]
     return "\n\n".join(lines)
 
@@ -148,7 +152,7 @@ def analyze_outputs(
     steps_max = min(64, gh * gw)
     summary = views.rounded(r.summary())
     summary["active_model_note"] = vm.note
-    hidden = gr.update(visible=False)
+    support = views.importance_support(vm)
     return AnalyzeOutputs(
         state=state,
         status=status_text,
@@ -177,13 +181,13 @@ def analyze_outputs(
         norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
         lens_class=gr.update(choices=[], value=None),
         imp_class=class_update(),
-        importance_cost=UNDEFINED["ablation"],
+        importance_cost=importance_cost_note(r, state["forward_s"], support, reuse=False),
         seen=views.seen_image(r),
         method=gr.update(choices=[(V.LABELS[m], m) for m in offered], value="rollout"),
         methods_note=V.methods_note(r),
         compare_steps=gr.update(maximum=steps_max, value=min(DEFAULT_COMPARE_STEPS, steps_max)),
-        imp_exact_button=hidden,
-        imp_gradient_button=hidden,
+        imp_exact_button=gr.update(visible=not support.get("exact")),
+        imp_gradient_button=gr.update(visible=not support.get("gradient")),
         focus=_focus(r, layer, None, lq, opacity, colorscale),
         compare=None,
         deletion=None,
