@@ -8,9 +8,10 @@ class-specific maps are carried down to the first stage's grid through the patch
 
 What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view;
 it has no learned absolute position embedding; its layers have different token sets, so a view that stacks [L, H, N,
-N] (attention flow, Transformer Attribution's LRP rules, head ablation, the feature views of a token stream of fixed
-length) is not offered. AttnLRP and LeGrad run the model again with their own rules for windows
-(:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's blocks).
+N] (attention flow, Transformer Attribution's LRP rules, the feature views of a token stream of fixed length) is not
+offered. AttnLRP and LeGrad run the model again with their own rules for windows
+(:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's blocks); head importance ablates each layer's
+own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN for the heads a layer lacks).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 named outputs as the plain ViT's handler, drawn with :mod:`vizapp.views_windows`: per-layer maps at each stage's
 token spacing with the query's window outlined (a click on the image picks a token of the first stage's grid, which
 :func:`vizapp.views_windows.layer_query` moves onto the chosen layer's grid), rollout and the class maps over the
-first stage's grid, the distances with a dot only for the heads a layer has. What Swin does not define (CLS-row
-views, flow, the feature views, head ablation) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
+first stage's grid, the distances with a dot only for the heads a layer has, head importance with an empty cell for
+each head a layer lacks (:mod:`vizapp.ui.feature_handlers` runs it). What Swin does not define (CLS-row views,
+flow, the feature views) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
 """
 
 from __future__ import annotations
