@@ -18,15 +18,21 @@ from vizapp.errors import BadParameterError, UnsupportedModelError
 from vizapp.windows import WindowCapture, window_sites
 
 
-@pytest.fixture(scope="module")
-def timm_vm():
+def _timm_vm(name="swin_tiny_patch4_window7_224"):
     torch.manual_seed(0)
-    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **TINY)
+    vm = vizapp.load_model(name, pretrained=False, device="cpu", **TINY)
     with torch.no_grad():  # weights far from timm's small init, so that every head changes the logits visibly
         for m in vm.model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.normal_(0, 0.3)
+            elif isinstance(m, torch.nn.LayerNorm):  # Swin V2 starts its post-norms at 0, silencing every branch
+                m.weight.fill_(1.0)
     return vm
+
+
+@pytest.fixture(scope="module")
+def timm_vm():
+    return _timm_vm()
 
 
 def _hf_vm(folder, kind):
@@ -51,15 +57,18 @@ def _hf_vm(folder, kind):
     return vizapp.load_model(str(folder), device="cpu")
 
 
-def _value_rows(site, head: int) -> tuple[torch.nn.Linear, slice]:
-    """The linear layer making v and the rows of head ``head``'s values in it."""
-    d = site.attn.proj.in_features // site.heads if site.library == "timm" else None
-    if site.library == "timm":  # qkv: rows [q; k; v], each C wide
+def _value_rows(site, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the weight rows [d, C] and the bias [d] that make head ``head``'s values."""
+    if site.library == "timm":  # qkv: rows [q; k; v], each C wide; Swin V2 keeps the v bias apart
         c = site.attn.qkv.out_features // 3
-        return site.attn.qkv, slice(2 * c + head * d, 2 * c + (head + 1) * d)
+        d = c // site.heads
+        weight = site.attn.qkv.weight[2 * c + head * d : 2 * c + (head + 1) * d]
+        v2 = getattr(site.attn, "v_bias", None)
+        bias = v2[head * d : (head + 1) * d] if v2 is not None else site.attn.qkv.bias[2 * c + head * d :][:d]
+        return weight, bias
     lin = getattr(site.attn, "v_proj", None) or site.attn.value  # transformers Swin / Swinv2
     d = lin.out_features // site.heads
-    return lin, slice(head * d, (head + 1) * d)
+    return lin.weight[head * d : (head + 1) * d], lin.bias[head * d : (head + 1) * d]
 
 
 def _logits(vm, model, x):
@@ -71,10 +80,10 @@ def _edited_logit(vm, x, layer, head, value):
     """The class logit of a copy of the model whose head ``head`` of ``layer`` gets values ``value`` ([d] or 0)."""
     model = copy.deepcopy(vm.model)
     site = window_sites(model)[layer]
-    lin, rows = _value_rows(site, head)
+    weight, bias = _value_rows(site, head)
     with torch.no_grad():
-        lin.weight[rows] = 0
-        lin.bias[rows] = value
+        weight.zero_()
+        bias.copy_(torch.as_tensor(value).expand_as(bias))
         return _logits(vm, model, x)
 
 
@@ -104,13 +113,15 @@ def _clean_head_means(vm, x):
     return means, all_slots
 
 
-@pytest.mark.parametrize("family", ["timm", "swin", "swinv2"])
+@pytest.mark.parametrize("family", ["timm", "timm_v2", "swin", "swinv2"])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_exact_drop_equals_the_model_with_edited_value_weights(timm_vm, tmp_path, family, mode):
     """Every head of every layer: the drop of the class logit when the head is ablated by the capture equals the drop
     when, in a copy of the model, that head's value projection is set to give 0 ("zero") or the head's clean mean
     over the image's real tokens ("mean"); drop is [L, max H] = [4, 4] with NaN for the first stage's missing heads."""
-    vm = timm_vm if family == "timm" else _hf_vm(tmp_path, family)
+    vm = {"timm": lambda: timm_vm, "timm_v2": lambda: _timm_vm("swinv2_tiny_window8_256")}.get(
+        family, lambda: _hf_vm(tmp_path, family)
+    )()
     torch.manual_seed(1)
     x = torch.randn(1, 3, *vm.input_size[-2:])
     res = head_importance(vm, x, class_idx=2, mode=mode, score="logit")
@@ -156,14 +167,16 @@ def test_gradient_estimate_is_the_derivative_along_the_ablation(timm_vm):
     eps = 1e-4
     for layer, h in [(0, 1), (1, 0), (2, 3), (3, 2)]:
         site = window_sites(model)[layer]
-        lin, rows = _value_rows(site, h)
-        w, b = lin.weight[rows].clone(), lin.bias[rows].clone()
+        weight, bias = _value_rows(site, h)
+        w, b = weight.clone(), bias.clone()
         scores = []
         with torch.no_grad():
             for t in (-eps, eps):
-                lin.weight[rows], lin.bias[rows] = w * (1 - t), b * (1 - t)
+                weight.copy_(w * (1 - t))
+                bias.copy_(b * (1 - t))
                 scores.append(float(model(xd)[0, 1]))
-            lin.weight[rows], lin.bias[rows] = w, b
+            weight.copy_(w)
+            bias.copy_(b)
         derivative = (scores[1] - scores[0]) / (2 * eps)  # d score / dt; the estimated drop is its negative
         assert float(est.drop[layer, h]) == pytest.approx(-derivative, rel=1e-3, abs=1e-6), (layer, h)
 
