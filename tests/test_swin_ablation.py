@@ -194,3 +194,27 @@ def test_refusals(timm_vm):
         WindowCapture(timm_vm.model, ablate={2: torch.ones(2, dtype=torch.bool)}, maps=False),
     ):
         timm_vm.model(x)  # layer 2 has 4 heads, not 2
+
+
+def test_without_a_classifier_the_score_is_one_minus_cos_of_the_pooled_feature():
+    """A Swin without a head (num_classes=0): the exact drop is 1 - cos(ablated, clean pooled feature), equal to the
+    edited-weights copy's for every head of layer 2; the gradient estimate is refused (its gradient is 0 there)."""
+    torch.manual_seed(0)
+    vm = vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", **{**TINY, "num_classes": 0})
+    x = torch.randn(1, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    res = head_importance(vm, x, mode="zero")
+    assert res.score == "1 - cos" and res.class_idx is None and res.drop.shape == (4, 4)
+    assert torch.isnan(res.drop[:2, 2:]).all() and not torch.isnan(res.drop[2:]).any()
+    with torch.no_grad():
+        clean = vm.model(x)
+    for h in range(4):
+        model = copy.deepcopy(vm.model)
+        weight, bias = _value_rows(window_sites(model)[2], h)
+        with torch.no_grad():
+            weight.zero_()
+            bias.zero_()
+            want = 1 - torch.nn.functional.cosine_similarity(model(x), clean, dim=-1)[0]
+        assert float(res.drop[2, h]) == pytest.approx(float(want), abs=1e-6)
+    assert float(res.drop[2].min()) > 5e-5  # every head of layer 2 moves the feature: the check above can fail
+    with pytest.raises(BadParameterError, match="no classifier head"):
+        head_importance(vm, x, method="gradient")

@@ -24,8 +24,9 @@ from vizapp.pipeline import Analysis, analyze, feature_pca
 
 
 def head_importance(vm, image, class_idx=None, mode="zero", method="exact", **kwargs):  # noqa: ANN001, ANN201
-    """[L, H] drop in the class probability when each head is ablated (see :func:`vizapp.ablation.head_importance`,
-    which returns the full result with the clean score and how many layers were done)."""
+    """[L, H] drop in the class probability when each head is ablated ([L, max H] with NaN for the heads a layer lacks
+    on Swin; see :func:`vizapp.ablation.head_importance`, which returns the full result with the clean score and how
+    many layers were done)."""
     from vizapp.ablation import head_importance as run
 
     return run(vm, image, class_idx=class_idx, mode=mode, method=method, **kwargs).drop.numpy()
