@@ -195,6 +195,7 @@ def test_person_opens_the_features_tab(page, photo):
     page.screenshot(path=str(ARTIFACTS / "09-head-importance.png"), full_page=True)
     # Clicking a cell (layer 1, head 2) opens that head in the Heads tab, through the page's click bridge.
     page.wait_for_timeout(800)  # the page binds its click bridge every 0.7 s
+    page.locator("#vizapp-importance-plot").scroll_into_view_if_needed()  # the tab's last section: maybe below view
     target = page.evaluate(
         """() => { const gd = document.querySelector('#vizapp-importance-plot .js-plotly-plot');
                    const L = gd._fullLayout, r = gd.getBoundingClientRect();
