@@ -218,3 +218,19 @@ def test_without_a_classifier_the_score_is_one_minus_cos_of_the_pooled_feature()
     assert float(res.drop[2].min()) > 5e-5  # every head of layer 2 moves the feature: the check above can fail
     with pytest.raises(BadParameterError, match="no classifier head"):
         head_importance(vm, x, method="gradient")
+
+
+def test_swin_head_importance_on_the_simulated_gpu_equals_the_cpu(timm_vm):
+    """Exact ("mean": its real-token mask is made on the host and moved to the device) and gradient head importance
+    of a Swin under the simulated GPU (tests/devicesim.py: a device tensor meeting a host one raises, as CUDA does)
+    equal the CPU's, NaN cells included."""
+    from tests.devicesim import simulated_gpu
+
+    x = torch.randn(1, 3, 24, 40, generator=torch.Generator().manual_seed(5))
+    runs = [("exact", "mean"), ("exact", "zero"), ("gradient", "mean")]
+    want = [head_importance(timm_vm, x, mode=mode, method=method).drop for method, mode in runs]
+    with simulated_gpu(timm_vm):
+        got = [head_importance(timm_vm, x, mode=mode, method=method).drop for method, mode in runs]
+    for (method, mode), a, b in zip(runs, got, want, strict=True):
+        assert a.device.type == "cpu", (method, mode)  # returned on the host, as the plain ViT's
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{method} {mode}")
