@@ -592,3 +592,25 @@ def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
     _assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
     _assert_clean(_analyze(d, photo), "analyze the Swin again")
     assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]
+
+
+def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
+    """Head importance, PCA across examples and the figures download run the very network the analysis came from:
+    after its weights change in memory (through ``.data``, which no version counter sees) each says so through the
+    server instead of scoring another network; with the weights restored they run again."""
+    import vizapp
+
+    d = AppDriver(bundled_app)
+    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    vm = vizapp.load_model("bundled")  # the cache's object, the one the app analysed with
+    head = vm.model.head.weight
+    original = head.detach().clone()
+    head.data.mul_(1.5)
+    try:
+        for label in ("Exact ablation", "PCA across examples", "Download every figure"):
+            fired = d.click(d.by_label(label, "button"))
+            assert [f.success for f in fired] == [False], label
+            assert "changed since" in fired[0].error, (label, fired[0].error)
+    finally:
+        head.data.copy_(original)
+    _assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")

@@ -184,7 +184,7 @@ def analyze_second_image(
         )
     decoded = decode_image(image)
     progress(0.2, desc="forward pass on the second image")
-    other = analyze_on_gpu(models.reload(r.load_args), decoded)
+    other = analyze_on_gpu(r._model(), decoded)  # the very network the first image went through
     key.store.attach(key, session_id(request), "other", other)
     return SecondImageOutputs(
         kept_state(st),
@@ -216,7 +216,7 @@ def pca_across_examples(
     with deadline.running(session_id(request)) as d:
         d.check("PCA across examples")
         progress(0.1, desc=f"forward pass on {len(images)} images")
-        vm = models.reload(r.load_args)
+        vm = r._model()  # the very network the analysis came from (StaleResultError if rebuilt or edited)
         rgbs = feature_pca(vm, images, layer=lay)
     fig = views.pca_gallery_view(rgbs, vm.patch_size, names, lay)
     return GalleryOutputs(fig)
@@ -243,7 +243,7 @@ def run_importance(
     cls = class_label if isinstance(class_label, str) and class_label and r.probs is not None else None
     if cls is not None and cls not in r.labels:
         raise BadParameterError(f"unknown class {cls[:60]!r}; pick one from the list")
-    vm = models.reload(r.load_args)
+    vm = r._model()  # the very network the analysis came from, or StaleResultError (rebuilt, edited, evicted)
     why = views.importance_support(vm).get(how)
     if why:
         raise BadParameterError(f"{how} head importance is not available for this model: {why}")

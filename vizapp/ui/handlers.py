@@ -509,7 +509,7 @@ def export_figures(
         extra["features-head-importance"] = views.importance_view(
             kept.get("exact"), kept.get("gradient"), kept["score"]
         )[0]
-    vm = models.reload(r.load_args)
+    vm = r._model()  # the network the analysis came from (its position figures), or StaleResultError
     figs = views.tab_figures(r, c, vm, extra)
     names: list[str] = []
     out = write_export("vizapp_figures.zip", lambda path: names.extend(views.figures_zip(figs, str(path))))

@@ -302,7 +302,7 @@ def export_figures(st: dict[str, Any], layer: Any, opacity: Any, cs: str, focus_
     head = _focus_head(r, focus_head)
     head = head if head is None or head < r.heads_per_layer[lay] else None
     query = st["query"] if isinstance(st.get("query"), (tuple, list)) else V.default_query(r, 0)
-    figs = V.tab_figures(r, lay, query, head, as_float(opacity, "opacity", 0.0, 1.0), cs, models.reload(r.load_args))
+    figs = V.tab_figures(r, lay, query, head, as_float(opacity, "opacity", 0.0, 1.0), cs, r._model())
     names: list[str] = []
     out = write_export("vizapp_figures.zip", lambda path: names.extend(views.figures_zip(figs, str(path))))
     return FiguresExportOutputs(
