@@ -295,8 +295,9 @@ def importance_figure(panels: Mapping[str, np.ndarray], title: str = "") -> go.F
             row=1,
             col=i + 1,
         )
-        fig.update_xaxes(title="head", dtick=1, row=1, col=i + 1)
-        fig.update_yaxes(title="layer", dtick=1, autorange="reversed", row=1, col=i + 1)
+        # no grid lines: they would show through the empty cells of heads a layer does not have (Swin)
+        fig.update_xaxes(title="head", dtick=1, showgrid=False, zeroline=False, row=1, col=i + 1)
+        fig.update_yaxes(title="layer", dtick=1, autorange="reversed", showgrid=False, zeroline=False, row=1, col=i + 1)
     fig.update_layout(title=title or "Head importance", margin=dict(l=10, r=10, t=70, b=120), height=520)
     return fig
 
