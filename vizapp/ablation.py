@@ -45,7 +45,7 @@ from vizapp import limits
 from vizapp.analysis.windows import window_index
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError, UnsupportedModelError
-from vizapp.windows import WindowCapture, window_sites
+from vizapp.windows import WindowCapture
 
 ABLATION_MODES = ("zero", "mean")
 IMPORTANCE_METHODS = ("exact", "gradient")
@@ -293,15 +293,6 @@ def reuses_blocks(model: torch.nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def is_windowed(model: torch.nn.Module) -> bool:
-    """True for the windowed models :class:`vizapp.windows.WindowCapture` captures (timm and transformers Swin)."""
-    try:
-        window_sites(model)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
 def _real_slots(capture: WindowCapture, layer: int) -> torch.Tensor:
     """[nW·w²] bool: the slots of ``layer``'s windows that hold a token of the image (not padding)."""
     g = capture.geometry[layer]
@@ -366,7 +357,7 @@ def head_importance(
 
     Args:
         vm: a :class:`vizapp.models.VizModel` (uses ``model``, ``logits``, ``transform``, ``device``, ``dtype``,
-            ``labels``).
+            ``labels``; ``windowed`` when it is a Swin).
         image: a PIL image, or the model's input tensor [C, H, W] / [1, C, H, W] (already transformed).
         class_idx: class to score (index or label); default the clean top-1. Ignored without a classifier head.
         mode: "zero" or "mean" ablation (see the module docstring).
@@ -426,7 +417,7 @@ def head_importance(
                 cls = _resolve_class(vm, logits, class_idx)
                 s = class_score(logits, cls)[0]
                 grads = list(torch.autograd.grad(s, outputs))
-        elif is_windowed(model):
+        elif getattr(vm, "windowed", False):
             with torch.enable_grad(), WindowCapture(model, record_head_outputs=True, maps=False) as wc:
                 logits = _forward(vm, xg)
                 cls = _resolve_class(vm, logits, class_idx)
@@ -454,7 +445,7 @@ def head_importance(
             progress(len(outputs), len(outputs))
         return HeadImportance(drop, score, cls, float(s.detach()), method, mode, len(outputs))
 
-    windowed = path == "capture" and is_windowed(model)
+    windowed = path == "capture" and getattr(vm, "windowed", False)
     with torch.no_grad():
         if path == "reuse":
             with _record_block_inputs(model) as block_inputs:

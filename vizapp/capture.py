@@ -307,13 +307,10 @@ class AttentionCapture:
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
             if self.on_attention is not None:
+                # as many whole images at once as fit the chunk size (cache-sized on the CPU), else image by image
                 step = image_group(self.on_attention, a.shape[0], a.shape[1], a.shape[-1], self._budget(a.device))
-                if step > 1:  # as many whole images at once as fit the chunk size (cache-sized on the CPU)
-                    for i0 in range(0, a.shape[0], step):
-                        self.on_attention.chunk(layer, i0, 0, a[i0 : i0 + step].detach(), 0)
-                else:
-                    for i, ai in enumerate(a.detach()):
-                        self.on_attention.chunk(layer, i, 0, ai, 0)
+                for i0 in range(0, a.shape[0], step):
+                    self.on_attention.chunk(layer, i0, 0, (a[i0 : i0 + step] if step > 1 else a[i0]).detach(), 0)
                 self.on_attention.layer_done(layer)
                 self.inline_layers.add(layer)
             return (a @ v.float()).to(v.dtype)
@@ -375,13 +372,9 @@ class AttentionCapture:
                 g = min(group, b - i0)
                 flat = slice(i0, i0 + g)
                 gb = None
-                if bias is not None:  # [B or 1, H or 1, N, N] -> one [g·H or 1, N, N] for the chunk's matrices
+                if bias is not None:  # [B or 1, H or 1, N, N] -> [g·H, N, N], or [1, N, N] where one bias serves all
                     one = bias[flat] if bias.shape[0] > 1 else bias[:1]
-                    gb = (
-                        one.expand(g, h, n, n).reshape(g * h, n, n)
-                        if (bias.shape[0] > 1 or bias.shape[1] > 1)
-                        else one[0]
-                    )
+                    gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
                 self.on_attention.chunk(layer, i0, 0, a.view(g, h, n, n), 0)

@@ -297,7 +297,7 @@ def feature_arrays(
 def importance_support(vm: VizModel) -> dict[str, str]:
     """For each head-importance method ("exact", "gradient"): "" when it runs on this model, else why it does not
     (both run on every family the capture supports; the gradient estimate needs a classifier head)."""
-    from vizapp.ablation import head_projections, is_windowed, reuses_blocks
+    from vizapp.ablation import head_projections, reuses_blocks
     from vizapp.capture import encoder_layers
     from vizapp.windows import output_projection, window_sites
 
@@ -305,7 +305,7 @@ def importance_support(vm: VizModel) -> dict[str, str]:
     try:
         if reuses_blocks(vm.model):
             head_projections(vm.model)  # the reuse path hooks attn.proj
-        elif is_windowed(vm.model):
+        elif vm.windowed:
             for site in window_sites(vm.model):  # a windowed model: each layer's output projection is hooked
                 output_projection(site)
         else:

@@ -100,8 +100,37 @@ class GradientGraph:
         return (GradientGraph, ())
 
 
+class ModelRuns:
+    """What a result that runs its model again shares (:class:`Analysis`, ``WindowAnalysis``): its classes by index or
+    label, the very network it came from, and the maps of the methods that run that network themselves. Reads the
+    result's ``probs``, ``labels``, ``model_ref``, ``load_args``, ``model_name``, ``model_fingerprint``, ``input`` and
+    ``_cache``."""
+
+    def _class(self, class_idx: Any) -> int:
+        return class_index(self.probs, self.labels, class_idx)
+
+    def _model(self) -> VizModel:
+        """The network this result came from: the same object while it is alive, else the cache's copy when its
+        weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
+        from vizapp.models import pinned
+
+        return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
+
+    def model_map(self, name: str, class_idx: Any, run: Callable[..., Any], **options: Any) -> np.ndarray:
+        """The map of a method that runs the model again on this result's input, for a class: ``run(vm, x [1, C, H,
+        W], [class], **options) -> [1, gh, gw]`` (its own forward and backward; the first stage's grid for a windowed
+        model), cached by name, class and options (see ``Method.batch`` in :mod:`vizapp.methods`)."""
+        cls = self._class(class_idx)
+
+        def make() -> np.ndarray:
+            vm = self._model()
+            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
+
+        return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
+
+
 @dataclass(frozen=True, eq=False)
-class Analysis(LabelFreeViews):
+class Analysis(LabelFreeViews, ModelRuns):
     """Everything vizapp computed for one image and one model (deep-copyable): what its forward made, q, k, biases,
     block outputs and the kept fusions, as tensors on the model's device; what the views draw as it is (probabilities,
     statistics, norms, the lens) as numpy on the host. Every view returns numpy.
@@ -301,21 +330,11 @@ class Analysis(LabelFreeViews):
         return self._cache.get(key, make)
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
-    def _class(self, class_idx: Any) -> int:
-        return class_index(self.probs, self.labels, class_idx)
-
     def attention_stack(self) -> torch.Tensor:
         """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
         if self.graph.maps is not None:
             return torch.stack([m[self.graph.image].detach().float() for m in self.graph.maps])
         return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
-
-    def _model(self) -> VizModel:
-        """The network this result came from: the same object while it is alive, else the cache's copy when its
-        weights are the same; otherwise StaleResultError (a random-weight model rebuilt, weights changed)."""
-        from vizapp.models import pinned
-
-        return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
@@ -411,18 +430,6 @@ class Analysis(LabelFreeViews):
 
         cls, start_layer = self._class(class_idx), self._layer(start_layer)
         return self.model_map("transformer_attribution", cls, transformer_attribution_batch, start_layer=start_layer)
-
-    def model_map(self, name: str, class_idx: Any, run: Callable[..., Any], **options: Any) -> np.ndarray:
-        """The [gh, gw] map of a method that runs the model again on this analysis's input, for a class: ``run(vm, x
-        [1, C, H, W], [class], **options) -> [1, gh, gw]`` (its own forward and backward), cached by name, class and
-        options (see ``Method.batch`` in :mod:`vizapp.methods`)."""
-        cls = self._class(class_idx)
-
-        def make() -> np.ndarray:
-            vm = self._model()
-            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
-
-        return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
 
     def attention_flow(
         self,

@@ -94,13 +94,12 @@ class LayerStatistics:
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        if images > 1:  # every head of these images: their statistics, and their fusions written whole
-            self.statistics.chunk_images(layer, batch, attn)
+        self.statistics.chunk(layer, batch, head, attn, row)
+        if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
             for f, acc in self._acc.items():
                 start_fusion(acc[batch : batch + images, row : row + r], attn, f)
             return
-        self.statistics.chunk(layer, batch, head, attn, row)
         first = (batch, row) not in self._started
         self._started.add((batch, row))
         for f, acc in self._acc.items():

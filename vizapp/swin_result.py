@@ -27,7 +27,7 @@ import torch
 from vizapp.analysis import windows as W
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
-from vizapp.result import class_index, to_pil
+from vizapp.result import ModelRuns, to_pil
 from vizapp.resultcache import Key, ResultCache
 from vizapp.windows import WindowCapture, WindowGeometry
 
@@ -73,7 +73,7 @@ def refusal(method: str) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class WindowAnalysis:
+class WindowAnalysis(ModelRuns):
     """Everything vizapp computed for one image and one windowed model (CPU tensors / numpy).
 
     Attributes:
@@ -192,9 +192,6 @@ class WindowAnalysis:
             return r * gw + c
         raise BadParameterError(f"query must be a token (row, col) on the layer's grid, got {query!r}"[:200])
 
-    def _class(self, class_idx: Any) -> int:
-        return class_index(self.probs, self.labels, class_idx)
-
     @property
     def undefined_statistics(self) -> dict[str, str]:
         """name -> why, for each registered statistic that is NaN in :attr:`statistics` (not defined for Swin)."""
@@ -248,11 +245,6 @@ class WindowAnalysis:
             return self._first_grid_map(row)
 
         return self._cache.get(Key("rollout", (head_fusion, start_layer)), make)
-
-    def _model(self) -> VizModel:
-        from vizapp.models import pinned
-
-        return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
     def attention_gradients(self, class_idx: Any = None) -> list[torch.Tensor]:
         """∂logit[class]/∂A per layer, [nW, H_l, w², w²] each (the gradient-enabled forward's graph when kept, else
@@ -320,18 +312,6 @@ class WindowAnalysis:
         [gh_L, gw_L] (Swin has no CLS row; this is the pooled output's row of the last layer)."""
         full = self.full_attention(self.num_layers - 1).double().mean(0)  # [N, N]
         return full.mean(0).reshape(self.layer_grids[-1]).float().numpy()
-
-    def model_map(self, name: str, class_idx: Any, run: Any, **options: Any) -> np.ndarray:
-        """The [gh_0, gw_0] map of a method that runs the model again on this analysis's input, for a class: ``run(vm,
-        x [1, C, H, W], [class], **options) -> [1, gh_0, gw_0]`` (its own forward and backward; ``Method.batch`` in
-        :mod:`vizapp.methods`), cached by name, class and options."""
-        cls = self._class(class_idx)
-
-        def make() -> np.ndarray:
-            vm = self._model()
-            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
-
-        return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
 
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
         """A map by name: "rollout", "grad_rollout", "relevance", "attnlrp", "legrad" over the first stage's grid,

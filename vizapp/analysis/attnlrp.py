@@ -37,6 +37,8 @@ from contextlib import contextmanager
 
 import torch
 
+from vizapp.analysis.legrad import explained_classes
+
 #: lxt's ``identity_rule_implicit`` stabiliser: the backward of an activation f is f(x) / (x + EPS).
 EPS = 1e-10
 
@@ -263,8 +265,7 @@ def input_times_gradient(
     the classes)."""
     for a in maps:
         a.register_hook(torch.zeros_like)
-    top = logits.detach().argmax(dim=-1)
-    cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+    cls = explained_classes(logits, classes)
     score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
     (grad,) = torch.autograd.grad(score, x)
     return patch_sums((x * grad).detach(), grid_size, patch_size).float(), cls

@@ -71,6 +71,12 @@ def isolated_blocks(blocks: Sequence[torch.nn.Module], outputs: list[Any]) -> It
             h.remove()
 
 
+def explained_classes(logits: torch.Tensor, classes: Sequence[int | None]) -> list[int]:
+    """The class each image of a batch is explained for: the one given, or (None) its top-1 class in ``logits``."""
+    top = logits.detach().argmax(dim=-1)
+    return [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+
+
 def legrad(
     model: torch.nn.Module,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -116,8 +122,7 @@ def legrad(
             raise ValueError(
                 "LeGrad needs every layer's attention formed by vizapp's capture (is fused attention off?)"
             )
-        top = logits.detach().argmax(dim=-1)
-        cls = [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
+        cls = explained_classes(logits, classes)
         idx = torch.tensor(cls, device=logits.device)[:, None]
         score = sum(lens_fn(outputs[layer]).gather(1, idx).sum() for layer in range(start_layer, depth))
     grads = torch.autograd.grad(score, cap.maps[start_layer:])  # ∂s_l/∂A_l, [B, H, N, N] each

@@ -40,7 +40,7 @@ from vizapp.analysis.attnlrp import (  # noqa: F401  (patch_sums: named here too
     patch_sums,
     relevance_rules,
 )
-from vizapp.analysis.legrad import isolated_blocks, min_max
+from vizapp.analysis.legrad import explained_classes, isolated_blocks, min_max
 
 SUPPORTED = (
     "the windowed rules cover timm swin_* / swinv2_* and transformers Swin / Swinv2 models built of linear layers, "
@@ -101,11 +101,6 @@ def unsupported(model: torch.nn.Module) -> str:
             continue
         return f"{name or 'the model'} is {cls}, for which vizapp's windowed AttnLRP has no rule"
     return ""
-
-
-def _classes(logits: torch.Tensor, classes: Sequence[int | None]) -> list[int]:
-    top = logits.detach().argmax(dim=-1)
-    return [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
 
 
 def attnlrp(
@@ -206,7 +201,7 @@ def legrad(
         logits = logits_fn(x.detach())
         if any(outputs[i] is None for i in layers):
             raise ValueError("some last-stage block never ran")
-        cls = _classes(logits, classes)
+        cls = explained_classes(logits, classes)
         idx = torch.tensor(cls, device=logits.device)[:, None]
         score = sum(lens_fn(outputs[i]).gather(1, idx).sum() for i in layers)
     maps = cap.graph_maps()
