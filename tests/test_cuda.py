@@ -236,3 +236,31 @@ def test_a_swin_on_cuda_equals_the_cpu():
     ma, mb = vizapp.explain(cpu, imgs, names, 1), vizapp.explain(gpu, imgs, names, 1)
     for n in names:
         np.testing.assert_allclose(mb[n], ma[n], rtol=1e-2, atol=1e-4, err_msg=n)
+
+
+def test_the_graphed_weights_digest_equals_the_eager_one_and_sees_every_edit(monkeypatch):
+    """The device digest replayed as a CUDA graph gives the eager digest's bytes, reads the weights' current contents
+    (an edit through .data, which moves no version counter, changes it), and records again for a replaced tensor."""
+    from vizapp.cudagraph import GraphCache
+    from vizapp.models.digest import weights_digest
+
+    torch.manual_seed(0)
+    gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=3)
+    graphs = GraphCache()
+    eager = weights_digest(gpu.model)
+    assert weights_digest(gpu.model, graphs) == eager and len(graphs) == 1
+    assert weights_digest(gpu.model, graphs) == eager and len(graphs) == 1  # replayed, not recorded again
+    w = gpu.model.blocks[1].attn.qkv.weight
+    w.data[3, 5] += 1e-3  # no version counter moves
+    edited = weights_digest(gpu.model, graphs)
+    assert edited.values != eager.values and edited == weights_digest(gpu.model) and len(graphs) == 1
+    w.data[3, 5] -= 1e-3
+    with torch.no_grad():
+        w.data = w.data.clone()  # the same values at another address: a new graph, the same digest
+    assert weights_digest(gpu.model, graphs) == weights_digest(gpu.model) and len(graphs) == 2
+    # the model's own fingerprint uses its graphs, and an analysis pinned to it still runs its class maps
+    r = vizapp.analyze(gpu, random_image(2))
+    assert r.model_fingerprint == gpu.fingerprint() == weights_digest(gpu.model)
+    assert r.relevance(1).shape == r.rollout().shape
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")  # graphs off: the eager sums, the same digest
+    assert gpu.fingerprint() == r.model_fingerprint

@@ -218,8 +218,14 @@ class VizModel:
     def fingerprint(self) -> WeightsDigest:
         """A digest of the weights (:func:`vizapp.models.digest.weights_digest`): their names, dtypes, devices and
         shapes, and their contents position by position. Computed afresh on every call: an edit through ``.data``
-        moves no version counter, so nothing cheaper can prove the weights unchanged."""
-        return weights_digest(self.model)
+        moves no version counter, so nothing cheaper can prove the weights unchanged. On a CUDA device the sums are
+        a CUDA graph kept with the model (:func:`vizapp.models.digest.graphed_sums`)."""
+        graphs = self._digest.get("digest graphs")
+        if graphs is None and self.device.type == "cuda":
+            from vizapp.cudagraph import GraphCache
+
+            graphs = self._digest.setdefault("digest graphs", GraphCache())
+        return weights_digest(self.model, graphs)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch [B, C, H, W]: logits [B, K] (or the pooled feature without a head)."""

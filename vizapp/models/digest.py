@@ -11,7 +11,10 @@ Two parts, so that a refusal can say which changed:
   copying every weight to the host would cost more than the analysis, so each chunk of
   :data:`CHUNK` elements is summed on the device in float64 against a fixed pseudo-random weight vector (a different
   weight per position, so a permutation changes the sum), and only those sums are hashed; a change of one element
-  by more than about 1e-13 of its chunk's magnitude shows.
+  by more than about 1e-13 of its chunk's magnitude shows. On a CUDA device those kernels (a few hundred for a
+  ViT-B) are recorded once as a CUDA graph and replayed with one launch (:func:`graphed_sums`), keyed by every
+  tensor's address, shape, stride and dtype: a replay reads the weights' current contents, and a replaced or
+  reshaped tensor records a new graph.
 
 It is computed afresh whenever asked: an edit through ``.data`` moves no version counter, so no cheaper test can
 prove that the weights are unchanged. ``python -m benchmarks.digest`` times it: ViT-B/16 (86.6 M values) on the 2-core
@@ -25,7 +28,7 @@ import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -104,10 +107,43 @@ def _pool() -> ThreadPoolExecutor:
     return _executor[1]
 
 
-def weights_digest(model: torch.nn.Module) -> WeightsDigest:
-    """The digest of every parameter and buffer of ``model`` (see the module's docstring)."""
+def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`device_sums` of every tensor, in order, in one tensor [C] float64 on their device."""
+    return torch.cat([device_sums(t) for t in tensors])
+
+
+def graphed_sums(tensors: list[torch.Tensor], graphs: Any) -> torch.Tensor | None:
+    """:func:`_sums` of tensors on one CUDA device by a replayed CUDA graph (:class:`vizapp.cudagraph.GraphCache`
+    ``graphs``), on the host [C] float64; None where graphs are off or the recording failed (the caller sums eagerly).
+
+    The graph reads the weights where they are when it replays, so its key is what it read them as: each tensor's
+    address, shape, stride and dtype. The same kernels run as in :func:`_sums`, so the sums are the same numbers; they
+    come to the host as float32 pairs (the staging copy's type) with their bits unchanged."""
+    from vizapp import cudagraph
+
+    if not cudagraph.enabled():
+        return None
+    device = tensors[0].device
+    key = ("weights digest", str(device)) + tuple(
+        (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for t in tensors
+    )
+    # the graph's input is unused: what it reads are the weights, at the addresses in the key
+    graph = graphs.get(
+        key, lambda _: _sums(tensors).view(torch.float32), torch.zeros(1, device=device), stage=lambda out: [out]
+    )
+    if graph is None:
+        return None
+    with graph.run(graph.input) as (_, staged):
+        if staged is None:  # recorded without host staging
+            return None
+        return staged[0].view(torch.float64)
+
+
+def weights_digest(model: torch.nn.Module, graphs: Any = None) -> WeightsDigest:
+    """The digest of every parameter and buffer of ``model`` (see the module's docstring); ``graphs``, a
+    :class:`vizapp.cudagraph.GraphCache`, replays the device sums as a CUDA graph (:func:`graphed_sums`)."""
     layout, values = hashlib.sha256(), hashlib.sha256()
-    device_parts: list[torch.Tensor] = []
+    device_tensors: dict[torch.device, list[torch.Tensor]] = {}
     cpu_parts: list[torch.Tensor] = []
     with torch.no_grad():
         for kind, named in (
@@ -121,14 +157,15 @@ def weights_digest(model: torch.nn.Module) -> WeightsDigest:
                 if t.device.type == "cpu":
                     cpu_parts.append(t)
                 else:
-                    device_parts.append(device_sums(t))
+                    device_tensors.setdefault(t.device, []).append(t)
     # each CPU tensor's SHA-256 on its own (hashlib releases the GIL: the tensors are hashed on every core), then
     # those digests, in order, into the values digest
     for found in _pool().map(_sha256, cpu_parts):
         values.update(found)
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for part in device_parts:
-        by_device.setdefault(part.device, []).append(part)
-    for parts in by_device.values():  # one copy to the host per device
-        values.update(torch.cat(parts).cpu().numpy().tobytes())
+    for device, tensors in device_tensors.items():  # one copy to the host per device
+        sums = graphed_sums(tensors, graphs) if graphs is not None and device.type == "cuda" else None
+        if sums is None:
+            with torch.no_grad():
+                sums = _sums(tensors).cpu()
+        values.update(sums.numpy().tobytes())
     return WeightsDigest(layout.hexdigest(), values.hexdigest())
