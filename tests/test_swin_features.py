@@ -150,13 +150,19 @@ def test_budget_keeps_all_layers_or_the_last_and_forms_the_others_again(vm, monk
     the kept one), the view says so, and after the weights change it is refused, not formed by another network."""
     from vizapp import feature_views_windows as FV
     from vizapp import limits
+    from vizapp.models.swin import analysis_memory
+
+    def held(r: WindowAnalysis) -> int:  # what the record holds of the block outputs and norms, in bytes
+        return sum(o.numel() * 4 for o in r.block_outputs.values()) + sum(n.size * 4 for n in r.token_norms())
 
     monkeypatch.setattr(limits, "BLOCK_OUTPUT_BYTES", 11520)
     full = vizapp.analyze(vm, random_image(4))
     assert sorted(full.block_outputs) == [0, 1, 2, 3]
+    assert analysis_memory(vm)["block_outputs"] == held(full) == 11520 + 150 * 4  # the load-time estimate
     monkeypatch.setattr(limits, "BLOCK_OUTPUT_BYTES", 11519)
     r = vizapp.analyze(vm, random_image(4))
     assert sorted(r.block_outputs) == [3] and len(r.token_norms()) == 4  # the norms of every layer, always
+    assert analysis_memory(vm)["block_outputs"] == held(r) == 15 * 32 * 4 + 150 * 4
     torch.testing.assert_close(r.block_outputs[3], full.block_outputs[3], atol=0, rtol=0)
     assert not r.feature_kept(0) and FV.kept_note(r, 0)
     np.testing.assert_allclose(r.feature_pca(0), full.feature_pca(0), atol=1e-5)
