@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,6 +276,12 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     np.testing.assert_allclose(npz["feature_pca_rgb"], r.feature_pca(2), atol=1e-5)
     _clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
     assert "after layer 2" in _plot(d, "vizapp-gallery-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    _clean(d.click(d.by_label("Download every figure", "button")), "every figure")
+    import zipfile
+
+    with zipfile.ZipFile(d.values[d.by_elem_id("vizapp-figures-zip")]["path"]) as z:
+        names = {Path(n).stem for n in z.namelist()}
+    assert {"features-pca", "features-similarity", "features-norm-grid", "features-norms-by-depth"} <= names, names
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     assert not [x for x in caplog.records if x.levelno >= logging.ERROR], [x.getMessage() for x in caplog.records]
