@@ -147,8 +147,9 @@ def test_transformers_block_outputs_equal_its_reshaped_hidden_states(tmp_path, k
 
 def test_budget_keeps_all_layers_or_the_last_and_forms_the_others_again(vm, monkeypatch):
     """The tiny Swin's outputs take 2·60·16·4 + 2·15·32·4 = 11520 bytes per image: at that budget every layer is
-    kept, one byte less only the last; another layer is then formed by one more forward of the same network (equal to
-    the kept one), the view says so, and after the weights change it is refused, not formed by another network."""
+    kept, one byte less only the last; the app's views then draw the last layer and say so, the API forms another layer
+    by one more forward of the same network (equal to the kept one), and after the weights change it is refused, not
+    formed by another network."""
     from vizapp import feature_views_windows as FV
     from vizapp import limits
     from vizapp.models.swin import analysis_memory
@@ -165,11 +166,15 @@ def test_budget_keeps_all_layers_or_the_last_and_forms_the_others_again(vm, monk
     assert sorted(r.block_outputs) == [3] and len(r.token_norms()) == 4  # the norms of every layer, always
     assert analysis_memory(vm)["block_outputs"] == held(r) == 15 * 32 * 4 + 150 * 4
     torch.testing.assert_close(r.block_outputs[3], full.block_outputs[3], atol=0, rtol=0)
-    assert not r.feature_kept(0) and FV.kept_note(r, 0)
+    assert not r.feature_kept(0) and FV.feature_layer(full, 0) == (0, "")
+    # the app's views, redrawn on every control change, run no forward: they draw the kept layer and say so
+    shown, note = FV.feature_layer(r, 1)
+    assert shown == 3 and "Layer 1's tokens were not kept" in note and "showing layer 3" in note
+    assert "showing layer 3" in FV.feature_pca_view(r, 1).layout.title.text.replace("<br>", " ")
+    assert np.asarray(FV.feature_similarity_view(r, (5, 9), 1).data[1].z).shape == (3, 5)  # layer 3's grid
+    # the API forms the layer again by one forward of the same network
     np.testing.assert_allclose(r.feature_pca(0), full.feature_pca(0), atol=1e-5)
     np.testing.assert_allclose(r.feature_similarity((2, 3), 1), full.feature_similarity((2, 3), 1), atol=1e-5)
-    assert "formed again" in FV.feature_pca_view(r, 1).layout.title.text
-    assert "formed again" not in FV.feature_pca_view(full, 1).layout.title.text
     stale = vizapp.analyze(vm, random_image(5))
     w = vm.model.head.fc.weight
     saved = w.detach().clone()

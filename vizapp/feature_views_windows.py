@@ -1,7 +1,7 @@
 """The Features tab's views for a windowed (Swin) analysis, a :class:`vizapp.swin_result.WindowAnalysis`: feature PCA,
 the similarity to a token and the token norms of one layer, each on that layer's own grid and drawn over the image at
-its stage's token spacing (:mod:`vizapp.swin_features`). Nothing here runs a forward pass except where a layer's
-block output was not kept (the analysis forms it again, and the title says so)."""
+its stage's token spacing (:mod:`vizapp.swin_features`). Nothing here runs a forward pass: where a large model kept
+only the last layer's block output, the views draw the nearest kept layer and say so."""
 
 from __future__ import annotations
 
@@ -23,20 +23,26 @@ def _where(r: WindowAnalysis, layer: int) -> str:
     return f"layer {layer} (stage {r.geometry[layer].stage}, {g[0]}x{g[1]} tokens {stride[0]} px apart)"
 
 
-def kept_note(r: WindowAnalysis, layer: int) -> str:
-    """ "" when ``layer``'s block output was kept by the analysis, else the sentence saying it was formed again."""
-    if r.feature_kept(layer):
-        return ""
-    return (
-        f"Layer {layer}'s tokens were not kept (all layers' would pass the feature budget): formed again by one more "
-        "forward of the same network."
+def feature_layer(r: WindowAnalysis, layer: int) -> tuple[int, str]:
+    """The layer whose features a view draws for a requested ``layer`` (-1 = last), and a note when it differs: a
+    large Swin keeps only the last layer's block output (see ``WindowAnalysis.block_outputs``), and a view, redrawn on
+    every control change, runs no forward; the Python API forms any layer again."""
+    want = r._layer(layer)
+    if r.feature_kept(want):
+        return want, ""
+    kept = sorted(r.block_outputs)
+    if not kept:
+        raise ValueError("this analysis kept no block outputs")
+    got = min(kept, key=lambda k: (abs(k - want), -k))
+    return got, (
+        f"Layer {want}'s tokens were not kept for this model (all layers' would pass the feature budget); showing "
+        f"layer {got}. The Python API forms any layer again (r.feature_pca({want}))."
     )
 
 
 def feature_pca_view(r: WindowAnalysis, layer: int = -1, foreground_threshold: float | None = None) -> go.Figure:
     """Feature PCA of one layer's tokens as RGB over the image at the layer's token spacing (Oquab et al. 2023)."""
-    layer = r._layer(layer)
-    note = kept_note(r, layer)
+    layer, note = feature_layer(r, layer)
     try:
         rgb = r.feature_pca(layer, foreground_threshold=foreground_threshold)
     except ValueError as e:  # too few tokens above the threshold: every threshold the control allows draws a map
@@ -71,13 +77,14 @@ def feature_similarity_view(
     """Cosine similarity of one token of ``layer`` to every token of that layer, of this image or of ``other``.
     ``query`` is a token of the first stage's grid (what a click on the image gives), moved onto the layer's grid
     (:func:`vizapp.views_windows.layer_query`)."""
-    layer = r._layer(layer)
+    layer, note = feature_layer(r, layer)
+    if other is not None and not other.feature_kept(layer):
+        raise ValueError(f"the second image kept no features at layer {layer}")
     lq = layer_query(r, layer, query)
     sim = r.feature_similarity(lq, layer, other=other)
     target = other if other is not None else r
     where = "the second image" if other is not None else "this image"
     title = f"Cosine similarity of token {lq}'s feature after {_where(r, layer)} to {where}"
-    note = kept_note(r, layer)
     if note:
         title += "<br><sub>" + note + "</sub>"
     return figures.overlay_figure(
@@ -157,7 +164,7 @@ def feature_arrays(
 ) -> dict[str, np.ndarray]:
     """The Features tab's arrays of a windowed analysis for an .npz export: the chosen layer's PCA and similarity on
     its grid, every layer's token norms and flags ``token_norms_layer{i}`` [gh_l, gw_l], the grids and strides."""
-    layer = r._layer(layer)
+    layer, _ = feature_layer(r, layer)
     out: dict[str, Any] = {
         "feature_layer": np.array(layer),
         "feature_pca_rgb": r.feature_pca(layer, foreground_threshold=foreground_threshold),  # [gh_l, gw_l, 3]

@@ -11,7 +11,9 @@ stack as in a plain ViT; but each layer's block output is a well-defined set of 
 
 :class:`WindowBlockOutputs` keeps the block outputs during the analysis forward, within the plain ViT's budget
 (:data:`vizapp.limits.BLOCK_OUTPUT_BYTES` per image): every layer's while their sum fits, else the last layer's only;
-a layer not kept is formed again by one forward of the very network the analysis came from when a view asks for it.
+a layer not kept is formed again by one forward of the very network the analysis came from when a method asks for it
+(the app's views, redrawn on every control change, draw the kept layer instead and say so:
+:func:`vizapp.feature_views_windows.feature_layer`).
 The grid each output is drawn on is the one the forward used (:attr:`WindowAnalysis.layer_grids`), never assumed.
 """
 

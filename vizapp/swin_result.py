@@ -108,7 +108,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             from the weights when the image was analysed (None where the model computes it otherwise, Swin V2).
         block_outputs: layer -> that layer's block output [N_l, C_l] float32, row-major over its grid: every layer
             while one image's Σ_l N_l·C_l floats fit :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, else the last layer's
-            (a feature view forms another layer's again, :mod:`vizapp.swin_features`).
+            (a feature method forms another layer's again, :mod:`vizapp.swin_features`).
         block_norms: per layer, the L2 norm of every token of its block output, [N_l] float32.
         graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
     """
