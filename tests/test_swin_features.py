@@ -290,3 +290,15 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     assert not [x for x in caplog.records if x.levelno >= logging.ERROR], [x.getMessage() for x in caplog.records]
+
+
+def test_a_batch_keeps_each_images_own_block_outputs(vm):
+    """A batch of two (with the gradient-enabled forward) keeps, for each image, the block outputs and norms of that
+    image analysed alone, outside the autograd graph."""
+    both = vizapp.analyze(vm, [random_image(7), random_image(8)], gradients=True)
+    alone = vizapp.analyze(vm, random_image(8))
+    for layer in range(4):
+        assert not both[1].block_outputs[layer].requires_grad
+        torch.testing.assert_close(both[1].block_outputs[layer], alone.block_outputs[layer], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(both[1].token_norms()[layer], alone.token_norms()[layer], atol=1e-6)
+    assert not torch.equal(both[0].block_outputs[0], both[1].block_outputs[0])
