@@ -465,9 +465,10 @@ def _photos(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.timeout(900)
 def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, caplog, tmp_path):
     """Every event on a windowed model runs clean; the Rollout tab offers only the maps Swin defines and says why
-    the others are not, the Heads tab offers the clicked token only, the Features tab says why it does not draw its
-    feature views, and its head importance runs (exact ablation, [L, max H] with empty cells)."""
-    from vizapp.swin_result import UNDEFINED
+    the others are not, the Heads tab offers the clicked token only, the Features tab draws its feature views per
+    layer and says why it does not draw DINO masks and the logit lens, and its head importance runs (exact ablation,
+    [L, max H] with empty cells)."""
+    from vizapp.swin_result import FEATURES, UNDEFINED
 
     caplog.set_level(logging.WARNING)
     d = AppDriver(swin_app[0])
@@ -492,9 +493,11 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     _assert_clean(d.set(method, "rollout"), "method rollout")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False
-    features_note = [v for cid, v in d.values.items() if isinstance(v, str) and UNDEFINED["features"] in v]
-    assert features_note, "the Features tab says why it draws nothing"
-    assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is False  # its views and buttons are hidden
+    features_note = [v for cid, v in d.values.items() if isinstance(v, str) and FEATURES in v]
+    assert features_note, "the Features tab says what it draws for Swin"
+    assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is True  # per layer, on its own grid
+    assert d.values[d.by_elem_id("vizapp-mask-note")] == UNDEFINED["dino_masks"]
+    assert d.values[d.by_elem_id("vizapp-lens-note")] == UNDEFINED["logit_lens"]
     _swin_head_importance(d, swin_app[1], photo)
     _every_event(d, photo, other)
     out, err = capfd.readouterr()
@@ -575,11 +578,11 @@ def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, 
 
 
 def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
-    """Analyse the Swin folder, then the bundled ViT in the same page: the Features tab, the CLS query and the CLS
+    """Analyse the Swin folder, then the bundled ViT in the same page: the DINO masks, the CLS query and the CLS
     map come back; and the Swin again hides them."""
     d = AppDriver(swin_app[0])
     photo, _ = _photos(tmp_path)
-    body, method = d.by_elem_id("vizapp-features-body"), d.by_label("Method", "dropdown")
+    body, method = d.by_elem_id("vizapp-mask-plot"), d.by_label("Method", "dropdown")
     _assert_clean(_analyze(d, photo), "analyze the Swin")
     assert d.props[body]["visible"] is False
     model = d.by_label("Model", "dropdown")

@@ -46,13 +46,14 @@ def _inputs(vm: VizModel, images: Any) -> list[tuple[torch.Tensor, tuple[str, ..
 def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, int]:
     """(what one input [1, C, H, W]'s analysis keeps, what its forward needs besides) in bytes:
     :func:`vizapp.limits.analysis_bytes`, or for a windowed model (Swin, at its configured size) the terms of
-    :func:`vizapp.models.swin.analysis_memory`: its window record kept (twice with gradients: the graph's copy), its
-    working set and its activations (with gradients, every layer's: the graph holds them for the backward)."""
+    :func:`vizapp.models.swin.analysis_memory`: its window record kept (twice with gradients: the graph's copy) with
+    its block outputs, its working set and its activations (with gradients, every layer's: the graph holds them for
+    the backward)."""
     if vm.windowed:
         from vizapp.models.swin import analysis_memory
 
         t = analysis_memory(vm)
-        kept = t["record"] * (2 if gradients else 1)
+        kept = t["record"] * (2 if gradients else 1) + t["block_outputs"]
         return kept, t["working"] + t["activations"] * (vm.num_layers if gradients else 1)
     gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
     return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients)

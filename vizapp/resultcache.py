@@ -20,12 +20,24 @@ from vizapp import limits
 
 T = TypeVar("T")
 
-KINDS = ("fused", "rollout", "grads", "grad_heads", "map", "flow", "window_index", "window_fused", "window_map")
+KINDS = (
+    "fused",
+    "rollout",
+    "grads",
+    "grad_heads",
+    "map",
+    "flow",
+    "window_index",
+    "window_fused",
+    "window_map",
+    "block_output",
+)
 """What a result may cache (:attr:`Key.kind`)."""
 
-BUDGETED = ("fused", "grads", "grad_heads", "window_fused")
-"""The kinds that hold per-layer N x N tensors and are kept only within the entry budget; the others are maps
-([gh, gw]) and indices, kept always (the forward's own rollout map among them)."""
+BUDGETED = ("fused", "grads", "grad_heads", "window_fused", "block_output")
+"""The kinds that hold per-layer N x N tensors (or a windowed layer's block output [N_l, C_l], formed again when the
+analysis did not keep it) and are kept only within the entry budget; the others are maps ([gh, gw]) and indices, kept
+always (the forward's own rollout map among them)."""
 
 
 class Key(NamedTuple):

@@ -6,12 +6,16 @@ used it ([nW, H_l, w², w²]) and its geometry. Maps are drawn on each layer's o
 class-specific maps are carried down to the first stage's grid through the patch mergings (equal shares, see
 :mod:`vizapp.analysis.windows`).
 
-What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view;
-it has no learned absolute position embedding; its layers have different token sets, so a view that stacks [L, H, N,
-N] (attention flow, Transformer Attribution's LRP rules, the feature views of a token stream of fixed length) is not
-offered. AttnLRP and LeGrad run the model again with their own rules for windows
-(:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's blocks); head importance ablates each layer's
-own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN for the heads a layer lacks).
+The label-free feature views are per layer on that layer's own grid (:mod:`vizapp.swin_features`, :data:`FEATURES`):
+feature PCA, the cosine similarity to a token, token norms and the high-norm tokens among them.
+
+What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view
+and no DINO masks; it has no learned absolute position embedding; no registers or other prefix tokens; its head reads
+the last stage's width only, so no logit lens across depth; its layers have different token sets, so a view that
+stacks [L, H, N, N] (attention flow, Transformer Attribution's LRP rules) is not offered. AttnLRP and LeGrad run the
+model again with their own rules for windows (:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's
+blocks); head importance ablates each layer's own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN
+for the heads a layer lacks).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.result import ModelRuns, to_pil
 from vizapp.resultcache import Key, ResultCache
+from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews
 from vizapp.windows import WindowCapture, WindowGeometry
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
@@ -43,11 +48,22 @@ UNDEFINED = {
     "flow": "Attention flow needs one token set for every layer, and Swin's stages have different token sets.",
     "transformer_attribution": "Transformer Attribution's LRP rules are written for a plain ViT block, not for "
     "windowed attention and patch merging.",
-    "features": "The feature views need one token stream of fixed length; Swin's changes at every patch merging.",
+    "dino_masks": "DINO masks are drawn from the class token's attention in the last layer, and Swin has no class "
+    "token (its head averages the last stage's tokens).",
+    "logit_lens": "The logit lens reads every block's output through the model's final norm and head, and Swin's head "
+    "takes the last stage's width only: the earlier stages' tokens are of other widths.",
+    "registers": "Swin has no prefix tokens (no class token, no registers): every token is a patch of its stage's "
+    "grid.",
     "discard": "The discard ratio is not used for Swin: it drops the smallest entries of a dense N x N attention "
     "matrix, which the windowed rollout never forms.",
 }
 
+#: what the Features tab and the API offer a windowed model, in one sentence
+FEATURES = (
+    "Feature PCA, the cosine similarity to a chosen token and the token norms (with their high-norm tokens) are drawn "
+    "per layer on that layer's own grid, tokens 2^stage patches apart, since Swin's token set changes at every patch "
+    "merging."
+)
 
 #: the maps of :data:`METHODS` that are for one class
 CLASS_METHODS = ("grad_rollout", "relevance", *MODEL_METHODS)
@@ -73,7 +89,7 @@ def refusal(method: str) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class WindowAnalysis(ModelRuns):
+class WindowAnalysis(WindowFeatureViews, ModelRuns):
     """Everything vizapp computed for one image and one windowed model (CPU tensors / numpy).
 
     Attributes:
@@ -90,6 +106,10 @@ class WindowAnalysis(ModelRuns):
             says why).
         relative_bias: per layer, the learned bias over (Δrow, Δcol) = query − key, [H_l, 2wh − 1, 2ww − 1], read
             from the weights when the image was analysed (None where the model computes it otherwise, Swin V2).
+        block_outputs: layer -> that layer's block output [N_l, C_l] float32, row-major over its grid: every layer
+            while one image's Σ_l N_l·C_l floats fit :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, else the last layer's
+            (a feature method forms another layer's again, :mod:`vizapp.swin_features`).
+        block_norms: per layer, the L2 norm of every token of its block output, [N_l] float32.
         graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
     """
 
@@ -108,6 +128,8 @@ class WindowAnalysis(ModelRuns):
     mean_distance: np.ndarray
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
     relative_bias: tuple[torch.Tensor | None, ...] = ()
+    block_outputs: dict = field(default_factory=dict)
+    block_norms: tuple[np.ndarray, ...] = ()
     notes: tuple[str, ...] = ()
     model_ref: Any = field(default=None, repr=False)
     model_fingerprint: Any = None
@@ -484,14 +506,23 @@ def analyze_windowed(
     x_dev = x.to(device=vm.device, dtype=vm.dtype)
     # the registered statistics, from each layer's attention as the forward goes (the reducer dataset mode uses)
     reducer, on_layer = window_reducer(vm, b)
+    blocks = WindowBlockOutputs(vm.num_layers)  # each block's output for the feature views, within a byte budget
+
+    def on_block(layer: int, out: torch.Tensor) -> None:
+        reducer.block(layer, out)
+        blocks(layer, out)
+
     with (
         torch.enable_grad() if gradients else torch.no_grad(),
-        WindowCapture(vm.model, with_grad=gradients, on_layer=on_layer, on_block=reducer.block) as cap,
+        WindowCapture(vm.model, with_grad=gradients, on_layer=on_layer, on_block=on_block) as cap,
     ):
         logits = vm.logits(x_dev)
     geometry = tuple(cap.geometry)
     if any(g is None for g in geometry) or not reducer.complete():
         raise RuntimeError("some windowed layer never ran; its attention was not captured")
+    blocks.check(geometry)
+    outputs = {i: o.cpu() for i, o in blocks.outputs.items()}  # [B, N_l, C_l] each
+    norms = [n.cpu().numpy() for n in blocks.norms]  # [B, N_l] each
     maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
     layer_strides = tuple(strides[g.stage] for g in geometry)
@@ -527,6 +558,8 @@ def analyze_windowed(
                 mean_distance=stats["distance"],
                 statistics=stats,
                 relative_bias=biases,
+                block_outputs={j: o[i] for j, o in outputs.items()},
+                block_norms=tuple(n[i] for n in norms),
                 notes=tuple(notes[i]),
                 model_ref=weakref.ref(vm),
                 model_fingerprint=fingerprint,

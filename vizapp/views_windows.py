@@ -256,7 +256,9 @@ def tab_figures(
 ) -> dict[str, Any]:
     """Every figure the app's tabs show for a windowed analysis, named "tab-what" (for one download): the maps that
     need no class, the chosen layer's heads and its focus map for ``query`` (given on the first stage's grid), the
-    distances, and the chosen layer's relative bias."""
+    distances, the chosen layer's relative bias, and its feature PCA, similarity to ``query`` and token norms."""
+    from vizapp import feature_views_windows as FV
+
     layer = r._layer(layer)
     q = layer_query(r, layer, query)
     out: dict[str, Any] = {
@@ -269,6 +271,11 @@ def tab_figures(
     pos = bias_view(r, layer) if vm is None else model_bias_views(vm, layer).figure
     if pos is not None:
         out["position-relative"] = pos
+    norms = FV.token_norm_views(r, layer)
+    out["features-pca"] = FV.feature_pca_view(r, layer)
+    out["features-similarity"] = FV.feature_similarity_view(r, query, layer, None, opacity)
+    out.update({"features-norm-grid": norms.grid, "features-norm-histogram": norms.histogram})
+    out["features-norms-by-depth"] = norms.depth
     return out
 
 

@@ -256,21 +256,33 @@ def analysis_memory(vm: VizModel) -> dict[str, int]:
 
     - ``record``: every layer's window attention [nW, H, w², w²] float32 (kept in the result);
     - ``working``: the largest layer's attention again, for the mean distance and the rollout's fusion (float64);
-    - ``activations``: the first stage's widest activations, 10·N·C (input, q, k, v, output, the MLP's 4·N·C).
+    - ``activations``: the first stage's widest activations, 10·N·C (input, q, k, v, output, the MLP's 4·N·C);
+    - ``block_outputs``: every layer's block output N_l·C_l for the feature views while their sum fits
+      :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, else the last layer's (:class:`vizapp.swin_features.WindowBlockOutputs`),
+      and every token's norm.
     """
-    from vizapp.windows import window_sites
+    from vizapp import limits
+    from vizapp.windows import output_projection, window_sites
 
     f32 = 4
     gh, gw = vm.grid_size
     width = int(getattr(vm.model, "embed_dim", 0) or getattr(getattr(vm.model, "config", None), "embed_dim", 0) or 96)
-    record, largest = 0, 0
+    record, largest, outputs, tokens = 0, 0, [], 0
     for site in window_sites(vm.model):
         h, w = -(-gh // 2**site.stage), -(-gw // 2**site.stage)
         wh, ww = (min(a, b) for a, b in zip(_window(site.block.window_size), (h, w), strict=True))
         layer = (-(-h // wh)) * (-(-w // ww)) * site.heads * (wh * ww) ** 2 * f32
         record += layer
         largest = max(largest, layer)
-    return {"record": record, "working": 2 * largest, "activations": 10 * gh * gw * width * f32}
+        outputs.append(h * w * output_projection(site).in_features * f32)  # [N_l, C_l]
+        tokens += h * w
+    kept = sum(outputs) if sum(outputs) <= limits.BLOCK_OUTPUT_BYTES else outputs[-1]
+    return {
+        "record": record,
+        "working": 2 * largest,
+        "activations": 10 * gh * gw * width * f32,
+        "block_outputs": kept + tokens * f32,
+    }
 
 
 def _window(v: Any) -> tuple[int, int]:

@@ -46,30 +46,37 @@ def _windowed(r: Any) -> bool:
     return bool(getattr(r, "windowed", False))
 
 
-def _windowed_features(st: dict[str, Any]) -> FeaturesOutputs:
-    """The Features tab for a windowed (Swin) model: nothing to draw, and the sentence saying why."""
-    from vizapp.swin_result import UNDEFINED
+def _windowed_features(
+    st: dict[str, Any], layer: int, fg: float | None, query: tuple[int, int], norm_layer: int, opacity: float
+) -> FeaturesOutputs:
+    """The Features tab for a windowed (Swin) model: feature PCA, similarity and token norms of the chosen layer on
+    its own grid (the query, a token of the first stage's grid, moved onto it); DINO masks and the logit lens are not
+    defined for it, each said in one sentence."""
+    from vizapp import feature_views_windows as FV
+    from vizapp.swin_result import FEATURES, UNDEFINED
 
+    r = st["analysis"]
+    norms = FV.token_norm_views(r, norm_layer)
     hidden = gr.update(value=None, visible=False)
     return FeaturesOutputs(
         state=kept_state(st),
-        feat_pca=None,
-        feat_sim=None,
-        feat_query_image=None,
-        norm_grid=None,
-        norm_hist=None,
-        norm_depth=None,
+        feat_pca=FV.feature_pca_view(r, layer, fg),
+        feat_sim=FV.feature_similarity_view(r, query, layer, st.get("other"), opacity),
+        feat_query_image=views.query_image(r, views.Controls(query=query)),
+        norm_grid=norms.grid,
+        norm_hist=norms.histogram,
+        norm_depth=norms.depth,
         register_plot=hidden,
-        norm_sentence="",
+        norm_sentence=norms.sentence,
         mask_heads=hidden,
         mask_overlay=hidden,
-        mask_note="",
+        mask_note=UNDEFINED["dino_masks"],
         lens_table=gr.update(visible=False),
         lens_plot=hidden,
-        lens_note="",
-        features_note=f"**Not drawn for this model**: {UNDEFINED['features']} Head importance (below) is: its grid "
-        "has a row per layer and a column per head, empty where a stage has fewer heads.",
-        features_body=gr.update(visible=False),
+        lens_note=UNDEFINED["logit_lens"],
+        features_note=f"**Windowed attention (Swin)**: {FEATURES} Click a patch: the token of the chosen layer that "
+        "holds it is compared.",
+        features_body=gr.update(visible=True),
     )
 
 
@@ -98,8 +105,6 @@ def render_features(
     """Features tab: every label-free view from the cached analysis (no forward pass)."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
-    if _windowed(r):
-        return _windowed_features(st)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     fg = _foreground(foreground)
     query = _feature_query(r, row, col)
@@ -107,6 +112,8 @@ def render_features(
     thr = as_float(dino_threshold, "mask threshold", 0.01, 1.0)
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
     st = {**st, "feature_query": query}
+    if _windowed(r):
+        return _windowed_features(st, lay, fg, query, nlay, alpha)
     other = st.get("other")
     norms = views.token_norm_views(r, nlay)
     if r.has_class_token:
@@ -168,18 +175,18 @@ def analyze_second_image(
     st = analysis_state(state, request)
     key = st["result"]
     r: Analysis = st["analysis"]
-    if _windowed(r):
-        from vizapp.swin_result import UNDEFINED
-
-        return SecondImageOutputs(kept_state(st), None, f"No second image for this model: {UNDEFINED['features']}")
     query = _feature_query(r, row, col)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    if _windowed(r):  # the query is a token of the first stage's grid, moved onto the layer's
+        from vizapp.feature_views_windows import feature_similarity_view
+    else:
+        feature_similarity_view = views.feature_similarity_view
     if image is None:
         key.store.attach(key, session_id(request), "other", None)
         return SecondImageOutputs(
             kept_state(st),
-            views.feature_similarity_view(r, query, lay, None, alpha),
+            feature_similarity_view(r, query, lay, None, alpha),
             "No second image: the similarity is shown on the same image.",
         )
     decoded = decode_image(image)
@@ -188,7 +195,7 @@ def analyze_second_image(
     key.store.attach(key, session_id(request), "other", other)
     return SecondImageOutputs(
         kept_state(st),
-        views.feature_similarity_view(r, query, lay, other, alpha),
+        feature_similarity_view(r, query, lay, other, alpha),
         "Second image analysed with the same model: click a patch in the first image, the map is drawn on the second.",
     )
 
@@ -207,8 +214,6 @@ def pca_across_examples(
     by colour across images."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
-    if _windowed(r):  # the tab's note says why (the feature views are not defined for it)
-        return GalleryOutputs(None)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     paths = example_images()
     images = [r.image] + [decode_image(p) for p in paths]
@@ -217,6 +222,12 @@ def pca_across_examples(
         d.check("PCA across examples")
         progress(0.1, desc=f"forward pass on {len(images)} images")
         vm = r._model()  # the very network the analysis came from (StaleResultError if rebuilt or edited)
+        if _windowed(r):  # one layer's tokens on its own grid, drawn at its stage's token spacing
+            from vizapp.feature_views_windows import pca_gallery_view
+            from vizapp.swin_features import feature_pca_images
+
+            rgbs, stride = feature_pca_images(vm, images, layer=lay)
+            return GalleryOutputs(pca_gallery_view(rgbs, stride, names, lay))
         rgbs = feature_pca(vm, images, layer=lay)
     fig = views.pca_gallery_view(rgbs, vm.patch_size, names, lay)
     return GalleryOutputs(fig)
@@ -290,10 +301,14 @@ def export_features(
     """The Features tab's arrays as .npz, in a fresh private temp folder."""
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
-    if _windowed(r):  # the tab's note says why (the feature views are not defined for it)
-        return FeatureExportOutputs(None)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     imp = {k: v for k, v in (st.get("importance") or {}).items() if k in ("exact", "gradient")}
+    if _windowed(r):
+        from vizapp.feature_views_windows import feature_arrays
+
+        arrays = feature_arrays(r, lay, _foreground(foreground), _feature_query(r, row, col), imp)
+        out = write_export("vizapp_features.npz", lambda path: np.savez_compressed(path, **arrays))
+        return FeatureExportOutputs(str(out))
     arrays = views.feature_arrays(
         r,
         lay,

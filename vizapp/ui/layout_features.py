@@ -28,7 +28,7 @@ def features_tab(ui: Components) -> None:
         "ran: change a control and they redraw without another forward pass."
     )
     ui.features_note = gr.Markdown("")
-    # hidden, with the note above saying why, for a model whose feature views are not defined (Swin)
+    # shown for every family (a Swin's views are per layer on that layer's grid; the note above says so)
     with gr.Column(elem_id="vizapp-features-body") as ui.features_body:
         with gr.Row():
             with gr.Column(scale=1, min_width=240):

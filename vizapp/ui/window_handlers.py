@@ -5,8 +5,9 @@ named outputs as the plain ViT's handler, drawn with :mod:`vizapp.views_windows`
 token spacing with the query's window outlined (a click on the image picks a token of the first stage's grid, which
 :func:`vizapp.views_windows.layer_query` moves onto the chosen layer's grid), rollout and the class maps over the
 first stage's grid, the distances with a dot only for the heads a layer has, head importance with an empty cell for
-each head a layer lacks (:mod:`vizapp.ui.feature_handlers` runs it). What Swin does not define (CLS-row views,
-flow, the feature views) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
+each head a layer lacks (:mod:`vizapp.ui.feature_handlers` runs it, and draws the feature views per layer on its own
+grid). What Swin does not define (CLS-row views, flow, DINO masks, the logit lens) is said in one sentence
+(:data:`vizapp.swin_result.UNDEFINED`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from vizapp import methods, models, views
 from vizapp import views_windows as V
 from vizapp.errors import BadParameterError
-from vizapp.swin_result import UNDEFINED, WindowAnalysis
+from vizapp.swin_result import FEATURES, WindowAnalysis
 from vizapp.ui import deadline
 from vizapp.ui.common import kept_state, session_id, write_export
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, importance_cost_note, limit_note, map_cost_note
@@ -105,7 +106,7 @@ def status(vm: models.VizModel, r: WindowAnalysis, startup_note: str, random_not
         lines.append(padded)
     lines.append(
         "Features tab: "
-        + UNDEFINED["features"]
+        + FEATURES
         + " Head importance by ablation is there: one row per layer, as many heads as its stage has."
     )
     lines += [f"Note: {n}" for n in r.notes]

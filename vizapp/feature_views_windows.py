@@ -1,0 +1,184 @@
+"""The Features tab's views for a windowed (Swin) analysis, a :class:`vizapp.swin_result.WindowAnalysis`: feature PCA,
+the similarity to a token and the token norms of one layer, each on that layer's own grid and drawn over the image at
+its stage's token spacing (:mod:`vizapp.swin_features`). Nothing here runs a forward pass: where a large model kept
+only the last layer's block output, the views draw the nearest kept layer and say so."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vizapp import figures
+from vizapp.feature_views import ARTIFACT_K, TokenNormViews, artifact_threshold
+from vizapp.swin_result import UNDEFINED, WindowAnalysis
+from vizapp.views_windows import layer_query
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+
+def _where(r: WindowAnalysis, layer: int) -> str:
+    g, stride = r.layer_grids[layer], r.strides[layer]
+    return f"layer {layer} (stage {r.geometry[layer].stage}, {g[0]}x{g[1]} tokens {stride[0]} px apart)"
+
+
+def feature_layer(r: WindowAnalysis, layer: int) -> tuple[int, str]:
+    """The layer whose features a view draws for a requested ``layer`` (-1 = last), and a note when it differs: a
+    large Swin keeps only the last layer's block output (see ``WindowAnalysis.block_outputs``), and a view, redrawn on
+    every control change, runs no forward; the Python API forms any layer again."""
+    want = r._layer(layer)
+    if r.feature_kept(want):
+        return want, ""
+    kept = sorted(r.block_outputs)
+    if not kept:
+        raise ValueError("this analysis kept no block outputs")
+    got = min(kept, key=lambda k: (abs(k - want), -k))
+    return got, (
+        f"Layer {want}'s tokens were not kept for this model (all layers' would pass the feature budget); showing "
+        f"layer {got}. The Python API forms any layer again (r.feature_pca({want}))."
+    )
+
+
+def feature_pca_view(r: WindowAnalysis, layer: int = -1, foreground_threshold: float | None = None) -> go.Figure:
+    """Feature PCA of one layer's tokens as RGB over the image at the layer's token spacing (Oquab et al. 2023)."""
+    layer, note = feature_layer(r, layer)
+    try:
+        rgb = r.feature_pca(layer, foreground_threshold=foreground_threshold)
+    except ValueError as e:  # too few tokens above the threshold: every threshold the control allows draws a map
+        if foreground_threshold is None or "foreground patch" not in str(e):
+            raise
+        note = " ".join(
+            filter(
+                None,
+                (
+                    note,
+                    f"Threshold {foreground_threshold:.2f} leaves fewer than 2 foreground tokens on this layer, too "
+                    "few to fit a PCA: shown without the threshold (lower it to mask the background).",
+                ),
+            )
+        )
+        foreground_threshold = None
+        rgb = r.feature_pca(layer)
+    fg = "" if foreground_threshold is None else f", foreground: 1st component > {foreground_threshold:.2f}"
+    title = f"Feature PCA after {_where(r, layer)} (RGB = components 1-3{fg})"
+    return figures.pca_rgb_figure(
+        r.image, rgb, r.strides[layer], title=title + ("<br><sub>" + note + "</sub>" if note else "")
+    )
+
+
+def feature_similarity_view(
+    r: WindowAnalysis,
+    query: tuple[int, int],
+    layer: int = -1,
+    other: WindowAnalysis | None = None,
+    opacity: float = 0.6,
+) -> go.Figure:
+    """Cosine similarity of one token of ``layer`` to every token of that layer, of this image or of ``other``.
+    ``query`` is a token of the first stage's grid (what a click on the image gives), moved onto the layer's grid
+    (:func:`vizapp.views_windows.layer_query`)."""
+    layer, note = feature_layer(r, layer)
+    if other is not None and not other.feature_kept(layer):
+        raise ValueError(f"the second image kept no features at layer {layer}")
+    lq = layer_query(r, layer, query)
+    sim = r.feature_similarity(lq, layer, other=other)
+    target = other if other is not None else r
+    where = "the second image" if other is not None else "this image"
+    title = f"Cosine similarity of token {lq}'s feature after {_where(r, layer)} to {where}"
+    if note:
+        title += "<br><sub>" + note + "</sub>"
+    return figures.overlay_figure(
+        target.image,
+        sim,
+        r.strides[layer],
+        opacity,
+        title=title,
+        value_name="cosine",
+        colorscale=figures.SIM_SCALE,
+        marker=None if other is not None else lq,
+    )
+
+
+def artifact_sentence(r: WindowAnalysis, k: float = ARTIFACT_K) -> str:
+    """What the measured norms say about high-norm tokens (Darcet et al. 2024) on this image: which layers have tokens
+    above their layer's median + k·MAD; a Swin has no prefix tokens, so every token is a patch of its stage's grid."""
+    norms, flags = r.token_norms(), r.artifact_tokens(k)
+    per_layer = [int(f.sum()) for f in flags]
+    layers = [i for i, c in enumerate(per_layer) if c]
+    rule = f"norm above its layer's median + {k:g}·MAD"
+    head = UNDEFINED["registers"]
+    if not layers:
+        return (
+            f"{head} On this image no token has a {rule} in any of the {r.num_layers} layers: no high-norm tokens "
+            "are measured here (one image; others may differ)."
+        )
+    ratio = {i: float(norms[i].max() / max(np.median(norms[i]), 1e-12)) for i in layers}
+    worst = max(layers, key=ratio.__getitem__)
+    counts = ", ".join(f"layer {i}: {per_layer[i]}" for i in layers[:8]) + (" ..." if len(layers) > 8 else "")
+    return f"{head} Tokens with a {rule}: {counts}; up to {ratio[worst]:.1f}x the median norm (layer {worst})."
+
+
+def token_norm_views(r: WindowAnalysis, layer: int = -1, k: float = ARTIFACT_K) -> TokenNormViews:
+    """One layer's token norms on its grid and as a histogram, the median and largest norm of each layer across depth,
+    and the measured sentence (no registers panel: Swin has none)."""
+    layer = r._layer(layer)
+    norms, flags = r.token_norms(), r.artifact_tokens(k)
+    row, grid = norms[layer], r.layer_grids[layer]
+    thr = artifact_threshold(row, k)
+    n_flag = int(flags[layer].sum())
+    grid_fig = figures.norm_grid_figure(
+        row.reshape(grid),
+        flags[layer].reshape(grid),
+        layer,
+        title=f"Token norms after {_where(r, layer)} (x: {n_flag} artifact tokens, norm > {thr:.3g})",
+    )
+    hist = figures.norm_histogram_figure(
+        row,
+        np.zeros(0, dtype=row.dtype),
+        thr,
+        layer,
+        title=f"Token norms after layer {layer}: {n_flag} of {row.size} tokens above median + {k:g}·MAD",
+    )
+    lines = {
+        "patch median": np.array([np.median(n) for n in norms]),
+        "patch max": np.array([n.max() for n in norms]),
+    }
+    depth = figures.norms_by_depth_figure(lines, title="Median and largest token norm of each layer (no prefix tokens)")
+    return TokenNormViews(grid_fig, hist, depth, None, artifact_sentence(r, k))
+
+
+def pca_gallery_view(rgbs: np.ndarray, stride: tuple[int, int], names: list[str], layer: int) -> go.Figure:
+    """One PCA shared by several images at one layer ([B, gh_l, gw_l, 3] from
+    :func:`vizapp.swin_features.feature_pca_images`), side by side, each token ``stride`` pixels wide."""
+    return figures.pca_gallery_figure(
+        rgbs, stride, names, title=f"One PCA over {len(rgbs)} images' tokens after layer {layer}"
+    )
+
+
+def feature_arrays(
+    r: WindowAnalysis,
+    layer: int = -1,
+    foreground_threshold: float | None = None,
+    query: tuple[int, int] | None = None,
+    importance: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The Features tab's arrays of a windowed analysis for an .npz export: the chosen layer's PCA and similarity on
+    its grid, every layer's token norms and flags ``token_norms_layer{i}`` [gh_l, gw_l], the grids and strides."""
+    layer, _ = feature_layer(r, layer)
+    out: dict[str, Any] = {
+        "feature_layer": np.array(layer),
+        "feature_pca_rgb": r.feature_pca(layer, foreground_threshold=foreground_threshold),  # [gh_l, gw_l, 3]
+        "layer_grids": np.array(r.layer_grids, dtype=np.int64),
+        "layer_strides_px": np.array(r.strides, dtype=np.int64),
+        "num_prefix_tokens": np.array(0),
+    }
+    for i, (n, f) in enumerate(zip(r.token_norms(), r.artifact_tokens(ARTIFACT_K), strict=True)):
+        out[f"token_norms_layer{i}"] = n.reshape(r.layer_grids[i])
+        out[f"artifact_tokens_layer{i}"] = f.reshape(r.layer_grids[i])
+    if query is not None:
+        lq = layer_query(r, layer, query)
+        out["feature_similarity"] = r.feature_similarity(lq, layer)  # [gh_l, gw_l]
+        out["feature_similarity_query"] = np.array(lq)  # on the layer's grid
+    for name, arr in (importance or {}).items():
+        out[f"head_importance_{name}"] = np.asarray(arr)  # [L, max H], NaN for absent heads
+    return out
