@@ -184,6 +184,7 @@ def _attnlrp_batch(vm: VizModel, x: Any, classes: list[int | None]) -> np.ndarra
 def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 0) -> np.ndarray:
     """LeGrad maps of a batch (:func:`vizapp.analysis.legrad.legrad`): one forward and one backward."""
     from vizapp.analysis.legrad import legrad
+    from vizapp.models.pooling import PooledReadout
 
     why = _legrad_why(vm)
     if why:
@@ -199,6 +200,11 @@ def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: 
         maps, _ = windows_explain.legrad(vm.model, vm.logits, head_lens(vm.model), x, classes, int(start_layer))
         return maps.cpu().numpy()
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    if isinstance(vm.lens_fn, PooledReadout):  # an attention-pooling head (SigLIP): the gradient on its attention
+        from vizapp.analysis.legrad import legrad_pooled
+
+        maps, _ = legrad_pooled(vm.model, vm.logits, vm.lens_fn, x, classes, grid, int(start_layer))
+        return maps.cpu().numpy()
     maps, _ = legrad(vm.model, vm.logits, vm.lens_fn, x, classes, vm.num_prefix_tokens, grid, int(start_layer))
     return maps.cpu().numpy()
 

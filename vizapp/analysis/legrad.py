@@ -131,3 +131,67 @@ def legrad(
     if per_layer.shape[-1] != gh * gw:
         raise ValueError(f"a {gh}x{gw} grid does not match {per_layer.shape[-1]} patch tokens")
     return min_max(per_layer.sum(dim=1)).reshape(b, gh, gw), cls
+
+
+def legrad_pooled(
+    model: torch.nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    readout: Any,
+    x: torch.Tensor,
+    classes: Sequence[int | None],
+    grid_size: tuple[int, int],
+    start_layer: int = 0,
+) -> tuple[torch.Tensor, list[int]]:
+    """LeGrad of a model pooled by an attention-pooling head (MAP: SigLIP), as the authors' code defines it for such
+    models (``compute_legrad_siglip`` in WalBouss/LeGrad ``legrad/wrapper.py``): for every block l the pooling head
+    is applied to that block's output and s_l is the class score read through it; the gradient is taken on the pooling
+    head's own attention over block l's tokens, A^pool_l [H, Q, M] (Q learned queries, one for SigLIP), not on the
+    block's self-attention:
+
+        E_l = mean_rows( mean_heads( ReLU(∂s_l/∂A^pool_l) ) )[patches],   map = minmax( Σ_l E_l ).
+
+    Unlike the authors' code, block l's output goes through the model's final norm before the head, as the model's own
+    forward does (the last block then reads the model's output); and s_l is the logit (for prompts exp(t)·cos + b,
+    a positive multiple of their cosine plus a constant, so the map is the same). Their optional correction with the
+    empty prompt "a photo of a" is not applied.
+
+    Every layer's readout runs in one batched call on the block outputs (detached: s_l reaches only A^pool_l), and
+    one backward gives every ∂s_l/∂A^pool_l.
+
+    Args:
+        model: a ViT vizapp captures (see :func:`vizapp.layers.encoder_layers`), in eval mode.
+        logits_fn: x -> logits [B, K] (the model's own forward).
+        readout: a :class:`vizapp.models.pooling.PooledReadout` (tokens -> logits, and the head's attention).
+        x: the input [B, C, H, W], normalised as the model expects, on the model's device.
+        classes: one per image: the class explained, or None for the image's top-1 class (from this forward).
+        grid_size: (gh, gw) of ``x``'s patch grid.
+        start_layer: the first block summed (0: every block).
+
+    Returns:
+        (the maps [B, gh, gw] float32 in [0, 1], the classes explained).
+    """
+    from vizapp.layers import encoder_layers
+
+    blocks, _ = encoder_layers(model)
+    depth = len(blocks)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    outputs: list[Any] = [None] * depth
+    with torch.no_grad(), isolated_blocks(blocks, outputs):
+        logits = logits_fn(x.detach())
+    if any(o is None for o in outputs):
+        raise ValueError("LeGrad needs every block's output, and a block gave none")
+    cls = explained_classes(logits, classes)
+    b, used = x.shape[0], depth - start_layer
+    tokens = torch.cat([outputs[layer].detach() for layer in range(start_layer, depth)])  # [l·B, N, D]
+    with torch.enable_grad():
+        scores, attn = readout.with_attention(tokens.requires_grad_(True))  # [l·B, K], [l·B, H, Q, M]
+        idx = torch.tensor(cls, device=scores.device).repeat(used)[:, None]
+        (grad,) = torch.autograd.grad(scores.gather(1, idx).sum(), attn)
+    per_layer = grad.detach().float().clamp(min=0).mean(dim=1).mean(dim=1)[:, readout.key_prefix :]  # [l·B, P]
+    gh, gw = grid_size
+    if per_layer.shape[-1] != gh * gw:
+        raise ValueError(f"a {gh}x{gw} grid does not match {per_layer.shape[-1]} patch tokens")
+    return min_max(per_layer.unflatten(0, (used, b)).sum(dim=0)).reshape(b, gh, gw), cls
