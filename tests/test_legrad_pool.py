@@ -19,16 +19,20 @@ from vizapp.errors import BadParameterError
 from vizapp.models.pooling import PooledReadout
 from vizapp.models.prompts import with_prompts
 
+SIGLIP = "vit_base_patch16_siglip_224"
 MAP = dict(img_size=64, depth=3, embed_dim=64, num_heads=4, num_classes=5)
 TIMM = {
-    "siglip": {},  # no prefix token, the head reads the patches
-    "cls_in_pool": dict(class_token=True, pool_include_prefix=True),  # the head reads the CLS token too
-    "cls_reg_out": dict(class_token=True, reg_tokens=2),  # prefix tokens left out of the pooling
+    "siglip": (SIGLIP, MAP),  # no prefix token, the head reads the patches
+    "cls_in_pool": (SIGLIP, dict(MAP, class_token=True, pool_include_prefix=True)),  # the CLS token read too
+    "cls_reg_out": (SIGLIP, dict(MAP, class_token=True, reg_tokens=2)),  # prefix tokens left out of the pooling
+    "naflex": ("naflexvit_base_patch16_map", dict(MAP, depth=2)),  # NaFlexVit's own pooling path
+    "pe_core": ("vit_pe_core_tiny_patch16_384", dict(img_size=64, depth=2, num_classes=5)),  # Eva: RoPE, CLS read
 }
 
 
 def timm_map(fid: str):
-    return small_model("vit_base_patch16_siglip_224", **MAP, **TIMM[fid])
+    name, kwargs = TIMM[fid]
+    return small_model(name, **kwargs)
 
 
 def block_outputs(blocks, run) -> list[torch.Tensor]:
@@ -75,9 +79,10 @@ def test_timm_readout_of_the_last_block_is_the_models_output(fid):
         logits, attn = vm.lens_fn.with_attention(outs[-1])
         own = vm.model(x)
     assert float((logits - own).abs().max()) < 1e-5
-    p = vm.num_prefix_tokens if TIMM[fid].get("pool_include_prefix") else 0  # the tokens the head reads
-    assert attn.shape == (2, 4, 1, p + 16) and vm.lens_fn.key_prefix == p
-    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 4, 1))
+    p = vm.num_prefix_tokens if getattr(vm.model, "pool_include_prefix", True) else 0  # the tokens the head reads
+    gh, gw = vm.grid_for(*x.shape[-2:])
+    assert attn.shape == (2, vm.model.attn_pool.num_heads, 1, p + gh * gw) and vm.lens_fn.key_prefix == p
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(attn.shape[:3]))
     r = vizapp.analyze(vm, random_image(1))
     np.testing.assert_allclose(r.lens_probs[-1], r.probs, atol=1e-6)  # the logit lens view's last layer
 
@@ -98,7 +103,7 @@ def timm_reference(vm, x: torch.Tensor, cls: list[int]) -> torch.Tensor:
         v = seen["kv"].chunk(2, dim=-1)[1]  # [B, M, C]: kv's output is k then v, each over all heads
         (g,) = torch.autograd.grad(score, seen["mixed"])
         grads.append(attention_gradient(g, v, pool.num_heads))
-    return finish(grads, vm.lens_fn.key_prefix, vm.grid_size)
+    return finish(grads, vm.lens_fn.key_prefix, vm.grid_for(*x.shape[-2:]))
 
 
 @pytest.mark.parametrize("fid", list(TIMM))
@@ -106,7 +111,7 @@ def test_timm_legrad_equals_the_authors_definition(fid):
     vm = timm_map(fid)
     x = torch.stack([vm.transform(random_image(s)) for s in (1, 2)])
     cls = [3, 1]
-    found, used = legrad_pooled(vm.model, vm.logits, vm.lens_fn, x, cls, vm.grid_size)
+    found, used = legrad_pooled(vm.model, vm.logits, vm.lens_fn, x, cls, vm.grid_for(*x.shape[-2:]))
     ref = timm_reference(vm, x, cls)
     diff = float((found - ref).abs().max())
     print(f"legrad_pooled {fid}: max abs diff vs the hooked reference {diff:.2e}")
