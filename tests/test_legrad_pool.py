@@ -221,6 +221,9 @@ def test_siglip_readout_of_the_last_block_is_the_models_output(siglip):
     r = vizapp.analyze(vm, random_image(1), prompts=PROMPTS)
     np.testing.assert_allclose(r.lens_probs[-1], r.probs, atol=1e-6)
     assert r.lens_probs.shape == (2, 3) and abs(r.lens_probs[0].sum() - 1) > 1e-3  # sigmoids, not a softmax
+    lens = views.logit_lens_views(r, PROMPTS[1])  # the app's view: top prompts per layer, one prompt across depth
+    assert len(lens.table) == 2 and f"({r.lens_probs[0].max():.3f})" in lens.table[0][1]
+    np.testing.assert_allclose(lens.depth.data[0].y, r.lens_probs[:, 1])
 
 
 def test_siglip_prompt_legrad_equals_the_authors_definition(siglip):

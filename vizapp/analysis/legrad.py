@@ -11,6 +11,9 @@ it over the heads and over the query rows, and keeps the patch columns:
 Every ∂s_l/∂A_l comes from ONE backward here: each block starts from its input detached (the forward's values are
 the model's own), so s_l reaches only block l's attention, and the gradient of Σ_l s_l with respect to A_l is
 ∂s_l/∂A_l. The attention is vizapp's capture in the graph (:class:`vizapp.capture.AttentionCapture`, ``with_grad``).
+
+A model pooled by an attention-pooling head (SigLIP) is explained as the authors' code explains it
+(:func:`legrad_pooled`): the gradient is taken on the pooling head's own attention, applied to each block's output.
 """
 
 from __future__ import annotations
