@@ -192,10 +192,10 @@ def siglip(tmp_path_factory):
 PROMPTS = ["a photo of a dog", "a cat", "a red car"]
 
 
-def text_embeddings(folder: str, whole) -> torch.Tensor:
+def text_embeddings(folder: str, whole, prompts: list[str]) -> torch.Tensor:
     """The prompts' unit text embeddings by the folder's own tokenizer and transformers' text tower."""
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    inputs = tok(PROMPTS, return_tensors="pt", padding="max_length", max_length=64, truncation=True)
+    inputs = tok(prompts, return_tensors="pt", padding="max_length", max_length=64, truncation=True)
     with torch.no_grad():
         t = whole.get_text_features(**inputs)
     t = getattr(t, "pooler_output", t)
@@ -226,14 +226,11 @@ def test_siglip_readout_of_the_last_block_is_the_models_output(siglip):
     np.testing.assert_allclose(lens.depth.data[0].y, r.lens_probs[:, 1])
 
 
-def test_siglip_prompt_legrad_equals_the_authors_definition(siglip):
-    """Per layer: the whole model's hidden state through its own post_layernorm and pooling head, the prompt score
-    exp(t)·cos + b; ∂s_l/∂A^pool_l from autograd's gradient on the head's attention output (a hook on the
+def siglip_reference(whole, x: torch.Tensor, text: torch.Tensor, cls: list[int], cosine: bool = False) -> torch.Tensor:
+    """Σ_l E_l [B, P] as the authors define it for SigLIP. Per layer: the whole model's hidden state through its own
+    post_layernorm and pooling head, the prompt score exp(t)·cos + b (``cosine``: the cosine alone, as the authors'
+    code scores it); ∂s_l/∂A^pool_l from autograd's gradient on the head's attention output (a hook on the
     nn.MultiheadAttention) mapped back through out_proj, and the values from the head's own weights."""
-    folder, whole = siglip
-    vm = vizapp.load_model(folder, device="cpu")
-    x = torch.stack([vm.transform(random_image(s)) for s in (1, 2)])
-    text = text_embeddings(folder, whole)
     vision = whole.vision_model
     mha = vision.head.attention
     seen: dict[str, torch.Tensor] = {}
@@ -241,25 +238,60 @@ def test_siglip_prompt_legrad_equals_the_authors_definition(siglip):
     try:
         with torch.no_grad():
             hidden = vision(pixel_values=x, output_hidden_states=True).hidden_states[1:]
-        cls = [2, 0]
-        grads = []
+        total = 0
         for z in hidden:
             e = vision.head(vision.post_layernorm(z))
-            s = whole.logit_scale.exp() * (e / e.norm(dim=-1, keepdim=True)) @ text.T + whole.logit_bias
-            score = s[torch.arange(2), torch.tensor(cls)].sum()
+            s = (e / e.norm(dim=-1, keepdim=True)) @ text.T
+            if not cosine:
+                s = whole.logit_scale.exp() * s + whole.logit_bias
+            score = s[torch.arange(x.shape[0]), torch.tensor(cls)].sum()
             (gy,) = torch.autograd.grad(score, seen["y"])  # [B, 1, D]: the MHA's output
             g = gy @ mha.out_proj.weight  # y = o Wᵀ + b -> ∂s/∂o
             v = seen["kv"] @ mha.in_proj_weight.chunk(3)[2].T + mha.in_proj_bias.chunk(3)[2]
-            grads.append(attention_gradient(g, v, mha.num_heads))
+            total = total + torch.relu(attention_gradient(g, v, mha.num_heads)).mean(dim=1).mean(dim=1)
     finally:
         handle.remove()
-    ref = finish(grads, 0, vm.grid_size)
-    found = vizapp.explain(vm, [random_image(1), random_image(2)], "legrad", classes=cls, prompts=PROMPTS)
+    return total.detach()
+
+
+def scaled(e: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(row - row.min()) / (row.max() - row.min()) for row in e])
+
+
+def test_siglip_prompt_legrad_equals_the_authors_definition(siglip):
+    folder, whole = siglip
+    vm = vizapp.load_model(folder, device="cpu")
+    images = [random_image(1), random_image(2)]
+    x = torch.stack([vm.transform(i) for i in images])
+    cls = [2, 0]
+    total = siglip_reference(whole, x, text_embeddings(folder, whole, PROMPTS), cls)
+    ref = scaled(total).reshape(2, *vm.grid_size)
+    found = vizapp.explain(vm, images, "legrad", classes=cls, prompts=PROMPTS, empty_prompt_correction=False)
     diff = float(np.abs(np.asarray(found) - ref.numpy()).max())
     print(f"legrad_pooled siglip prompts: max abs diff vs the hooked reference {diff:.2e}")
     assert diff < 1e-5 and float(ref.std()) > 0.05
-    r = vizapp.analyze(vm, random_image(1), prompts=PROMPTS)  # one image, a prompt by its text
-    np.testing.assert_allclose(r.explain("legrad", PROMPTS[2]), ref[0].numpy(), atol=1e-5)
+    r = vizapp.analyze(vm, images[0], prompts=PROMPTS)  # one image, a prompt by its text
+    np.testing.assert_allclose(r.explain("legrad", PROMPTS[2], empty_prompt_correction=False), ref[0], atol=1e-5)
+
+    # the authors' correction, on by default for SigLIP: the patches where the empty prompt's scaled map (its cosine
+    # alone, as they score it) exceeds 0.8 are set to zero before the final scaling
+    background = scaled(siglip_reference(whole, x, text_embeddings(folder, whole, ["a photo of a"]), [0, 0], True))
+    corrected = scaled(torch.where(background > 0.8, 0.0, total)).reshape(2, *vm.grid_size)
+    assert 0 < int((background > 0.8).sum()) < background.numel() // 2  # some patches, not most
+    found = vizapp.explain(vm, images, "legrad", classes=cls, prompts=PROMPTS)
+    np.testing.assert_allclose(np.asarray(found), corrected.numpy(), atol=1e-5)
+    assert float(np.abs(np.asarray(found) - ref.numpy()).max()) > 0.05  # it changed the maps
+    np.testing.assert_allclose(r.explain("legrad", PROMPTS[2]), corrected[0], atol=1e-5)
+
+
+def test_the_correction_is_refused_where_it_is_undefined():
+    vm = timm_map("siglip")
+    r = vizapp.analyze(vm, random_image(1))
+    with pytest.raises(BadParameterError, match="empty-prompt correction is defined for SigLIP prompts only"):
+        r.explain("legrad", 0, empty_prompt_correction=True)
+    with pytest.raises(BadParameterError, match="must be True, False or None"):
+        r.explain("legrad", 0, empty_prompt_correction="yes")
+    np.testing.assert_array_equal(r.explain("legrad", 0, empty_prompt_correction=False), r.explain("legrad", 0))
 
 
 def test_siglip_tower_without_prompts_is_refused_in_one_sentence(siglip):

@@ -144,6 +144,8 @@ def legrad_pooled(
     classes: Sequence[int | None],
     grid_size: tuple[int, int],
     start_layer: int = 0,
+    empty: Any = None,
+    threshold: float = 0.8,
 ) -> tuple[torch.Tensor, list[int]]:
     """LeGrad of a model pooled by an attention-pooling head (MAP: SigLIP), as the authors' code defines it for such
     models (``compute_legrad_siglip`` in WalBouss/LeGrad ``legrad/wrapper.py``): for every block l the pooling head
@@ -155,8 +157,11 @@ def legrad_pooled(
 
     Unlike the authors' code, block l's output goes through the model's final norm before the head, as the model's own
     forward does (the last block then reads the model's output); and s_l is the logit (for prompts exp(t)·cos + b,
-    a positive multiple of their cosine plus a constant, so the map is the same). Their optional correction with the
-    empty prompt "a photo of a" is not applied.
+    a positive multiple of their cosine plus a constant, so the map is the same).
+
+    With ``empty`` (their SigLIP correction, on by default in their code): the same map for the score of an "empty"
+    prompt ("a photo of a"), min-max scaled; the patches where it exceeds ``threshold`` are set to zero before the
+    final scaling (they mark the tokens every prompt's map weighs, whatever the prompt).
 
     Every layer's readout runs in one batched call on the block outputs (detached: s_l reaches only A^pool_l), and
     one backward gives every ∂s_l/∂A^pool_l.
@@ -169,6 +174,8 @@ def legrad_pooled(
         classes: one per image: the class explained, or None for the image's top-1 class (from this forward).
         grid_size: (gh, gw) of ``x``'s patch grid.
         start_layer: the first block summed (0: every block).
+        empty: a readout like ``readout`` whose one logit is the empty prompt's score, or None (no correction).
+        threshold: the correction's threshold on the empty prompt's scaled map.
 
     Returns:
         (the maps [B, gh, gw] float32 in [0, 1], the classes explained).
@@ -188,13 +195,23 @@ def legrad_pooled(
         raise ValueError("LeGrad needs every block's output, and a block gave none")
     cls = explained_classes(logits, classes)
     b, used = x.shape[0], depth - start_layer
-    tokens = torch.cat([outputs[layer].detach() for layer in range(start_layer, depth)])  # [l·B, N, D]
+    tokens = torch.cat([outputs[layer].detach() for layer in range(start_layer, depth)]).requires_grad_(True)
+    idx = torch.tensor(cls, device=tokens.device).repeat(used)[:, None]  # [l·B, 1]: layer-major, as ``tokens``
+    total = _pooled_relevance(readout, tokens, idx, (used, b))
+    gh, gw = grid_size
+    if total.shape[-1] != gh * gw:
+        raise ValueError(f"a {gh}x{gw} grid does not match {total.shape[-1]} patch tokens")
+    if empty is not None:
+        background = min_max(_pooled_relevance(empty, tokens, torch.zeros_like(idx), (used, b)))
+        total = torch.where(background > threshold, 0.0, total)
+    return min_max(total).reshape(b, gh, gw), cls
+
+
+def _pooled_relevance(readout: Any, tokens: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Σ_l E_l [B, P] from every layer's tokens [l·B, N, D] (``shape`` = (l, B)), the score of class ``idx`` [l·B, 1]
+    read through ``readout``, and one backward on the pooling head's attention."""
     with torch.enable_grad():
-        scores, attn = readout.with_attention(tokens.requires_grad_(True))  # [l·B, K], [l·B, H, Q, M]
-        idx = torch.tensor(cls, device=scores.device).repeat(used)[:, None]
+        scores, attn = readout.with_attention(tokens)  # [l·B, K], [l·B, H, Q, M]
         (grad,) = torch.autograd.grad(scores.gather(1, idx).sum(), attn)
     per_layer = grad.detach().float().clamp(min=0).mean(dim=1).mean(dim=1)[:, readout.key_prefix :]  # [l·B, P]
-    gh, gw = grid_size
-    if per_layer.shape[-1] != gh * gw:
-        raise ValueError(f"a {gh}x{gw} grid does not match {per_layer.shape[-1]} patch tokens")
-    return min_max(per_layer.unflatten(0, (used, b)).sum(dim=0)).reshape(b, gh, gw), cls
+    return per_layer.unflatten(0, shape).sum(dim=0)
