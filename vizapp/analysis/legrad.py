@@ -157,7 +157,9 @@ def legrad_pooled(
 
     Unlike the authors' code, block l's output goes through the model's final norm before the head, as the model's own
     forward does (the last block then reads the model's output); and s_l is the logit (for prompts exp(t)·cos + b,
-    a positive multiple of their cosine plus a constant, so the map is the same).
+    a positive multiple of their cosine plus a constant, so the map is the same). They keep the first query's row,
+    the mean over the rows here (the same for SigLIP's one query); their wrapper's default ``layer_index=-2`` sums the
+    last two blocks, ``start_layer`` chooses here (0: every block, the paper's sum).
 
     With ``empty`` (their SigLIP correction, on by default in their code): the same map for the score of an "empty"
     prompt ("a photo of a"), min-max scaled; the patches where it exceeds ``threshold`` are set to zero before the
