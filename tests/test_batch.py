@@ -250,7 +250,14 @@ def test_every_option_a_method_declares_is_one_its_compute_takes(image):
     """vizapp.explain passes a method only the options it declares: each must be a keyword its compute accepts."""
     vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
     r = vizapp.analyze(vm, image)
-    values = dict(head_fusion="max", discard_ratio=0.1, start_layer=1, start_row="cls", progress=None)
+    values = dict(
+        head_fusion="max",
+        discard_ratio=0.1,
+        start_layer=1,
+        start_row="cls",
+        progress=None,
+        empty_prompt_correction=False,
+    )
     for name, m in METHODS.items():
         assert set(m.controls) <= set(m.options), name
         for option in m.options:

@@ -180,7 +180,8 @@ def test_explain_of_a_batch_with_prompts_equals_each_images_analysis(vm):
 
 def test_a_sigmoid_model_reports_each_prompts_sigmoid():
     """With a logit bias (OpenCLIP's SigLIP-style models) the probabilities are sigmoid(scale·cos + bias), as its
-    loss defines them; the logit lens is left out (vizapp's lens is a softmax over classes)."""
+    loss defines them; the logit lens gives the same sigmoids from each block's output (the last block's equal to
+    the model's)."""
     vm = small(1, init_logit_bias=-2.0)
     clip = clip_of(vm)
     img = random_image(8)
@@ -190,7 +191,8 @@ def test_a_sigmoid_model_reports_each_prompts_sigmoid():
         text = clip.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=16)(PROMPTS), normalize=True)
         expected = torch.sigmoid(clip.logit_scale.exp() * image @ text.T + clip.logit_bias)[0].numpy()
     np.testing.assert_allclose(r.probs, expected, atol=1e-5)
-    assert r.lens_probs is None
+    np.testing.assert_allclose(r.lens_probs[-1], expected, atol=1e-5)
+    assert abs(r.lens_probs[0].sum() - 1) > 1e-3  # sigmoids, not a softmax
     # the faithfulness curves track the same probability: the unchanged image's is the prompt's sigmoid
     curves = r.faithfulness({"relevance": r.relevance(class_idx=1)}, class_idx=1, steps=2, random_seed=None)
     assert float(curves["relevance"]["deletion"].probs[0]) == pytest.approx(float(expected[1]), abs=1e-5)

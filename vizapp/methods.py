@@ -181,13 +181,48 @@ def _attnlrp_batch(vm: VizModel, x: Any, classes: list[int | None]) -> np.ndarra
     return maps.cpu().numpy()
 
 
-def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 0) -> np.ndarray:
-    """LeGrad maps of a batch (:func:`vizapp.analysis.legrad.legrad`): one forward and one backward."""
+#: the "empty" prompt of the LeGrad authors' SigLIP correction (WalBouss/LeGrad, legrad/wrapper.py)
+EMPTY_PROMPT = "a photo of a"
+
+
+def _empty_prompt_readout(vm: VizModel) -> Any:
+    """For SigLIP prompts (a sigmoid model read through an attention-pooling head): the readout of the empty prompt's
+    score, its text embedding computed once per prompted model; None for any other model."""
+    from vizapp.models.pooling import PooledReadout
+    from vizapp.models.prompts import prompt_logits, text_embeddings
+
+    tower = vm.text_tower
+    embed = getattr(tower, "embed_from_tokens", None)
+    if not vm.prompts or vm.activation != "sigmoid" or not isinstance(embed, PooledReadout):
+        return None
+    empty = vm._digest.get("legrad_empty")
+    if empty is None:
+        empty = vm._digest["legrad_empty"] = text_embeddings(tower, [EMPTY_PROMPT]).to(vm.device)
+    return embed.then(lambda e: prompt_logits(tower, e, empty))
+
+
+def _legrad_batch(
+    vm: VizModel, x: Any, classes: list[int | None], start_layer: int = 0, empty_prompt_correction: Any = None
+) -> np.ndarray:
+    """LeGrad maps of a batch (:func:`vizapp.analysis.legrad.legrad`, or :func:`~vizapp.analysis.legrad.legrad_pooled`
+    for an attention-pooling head): one forward and one backward (two with the empty-prompt correction, which is
+    on by default for SigLIP prompts, as in the authors' code, and defined for them only)."""
     from vizapp.analysis.legrad import legrad
+    from vizapp.models.pooling import PooledReadout
 
     why = _legrad_why(vm)
     if why:
         raise BadParameterError(f"LeGrad is not available for {vm.name}: {why}")
+    if empty_prompt_correction not in (None, True, False):
+        raise BadParameterError(
+            f"empty_prompt_correction must be True, False or None, got {empty_prompt_correction!r}"[:200]
+        )
+    empty = _empty_prompt_readout(vm) if empty_prompt_correction is not False else None
+    if empty_prompt_correction and empty is None:
+        raise BadParameterError(
+            f"LeGrad's empty-prompt correction is defined for SigLIP prompts only (a sigmoid model read through an "
+            f"attention-pooling head), not for {vm.name}"
+        )
     if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
         raise BadParameterError(f"start_layer must be an integer, got {start_layer!r}"[:200])
     if not 0 <= start_layer < vm.num_layers:
@@ -199,6 +234,11 @@ def _legrad_batch(vm: VizModel, x: Any, classes: list[int | None], start_layer: 
         maps, _ = windows_explain.legrad(vm.model, vm.logits, head_lens(vm.model), x, classes, int(start_layer))
         return maps.cpu().numpy()
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    if isinstance(vm.lens_fn, PooledReadout):  # an attention-pooling head (SigLIP): the gradient on its attention
+        from vizapp.analysis.legrad import legrad_pooled
+
+        maps, _ = legrad_pooled(vm.model, vm.logits, vm.lens_fn, x, classes, grid, int(start_layer), empty)
+        return maps.cpu().numpy()
     maps, _ = legrad(vm.model, vm.logits, vm.lens_fn, x, classes, vm.num_prefix_tokens, grid, int(start_layer))
     return maps.cpu().numpy()
 
@@ -370,7 +410,7 @@ METHODS: dict[str, Method] = {
             True,
             lambda r, c, **kw: r.model_map("legrad", c, _legrad_batch, **kw),
             from_output=False,
-            options=("start_layer",),
+            options=("start_layer", "empty_prompt_correction"),
             cost=_forward_backward_cost("each block's class score, one backward for all"),
             unavailable=_unavailable_by(_legrad_why),
             batch=_legrad_batch,

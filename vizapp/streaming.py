@@ -189,7 +189,8 @@ class BlockFeatures:
 
     Args:
         num_layers: L.
-        lens_fn: tokens [B, N, D] -> logits [B, K], or None.
+        lens_fn: tokens [B, N, D] -> logits [B, K], or None; its probabilities are the softmax, or the sigmoid where
+            ``lens_fn.activation`` is "sigmoid".
         budget: default :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, per image.
 
     Attributes (after :meth:`finish`): ``norms`` [B, N] and ``lens`` [B, K] per layer, ``outputs`` layer -> [B, N, D].
@@ -216,7 +217,14 @@ class BlockFeatures:
         self.norms[layer] = torch.linalg.vector_norm(out.float(), dim=-1)
         if self.lens_fn is not None:
             with torch.no_grad():
-                self.lens[layer] = torch.softmax(self.lens_fn(out).float(), dim=-1)
+                self.lens[layer] = self._probabilities(self.lens_fn(out).float())
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The lens's logits as the model's own probabilities: the softmax, or each one's sigmoid where the lens says
+        its model is a sigmoid one (``lens_fn.activation``, SigLIP's prompts)."""
+        from vizapp.models.prompts import probabilities
+
+        return probabilities(logits, getattr(self.lens_fn, "activation", "softmax"))
 
     def finish(self) -> None:
         """Norms and lens of the layers whose outputs were kept, in one call each; call once after the forward."""
@@ -230,7 +238,7 @@ class BlockFeatures:
         if self.lens_fn is not None:
             with torch.no_grad():
                 flat = self.lens_fn(stack.flatten(0, 1)).float()  # [l·B, K]: every layer and image in one call
-                lens = torch.softmax(flat, dim=-1).unflatten(0, stack.shape[:2])  # [l, B, K]
+                lens = self._probabilities(flat).unflatten(0, stack.shape[:2])  # [l, B, K]
         for j, i in enumerate(layers):
             self.outputs[i] = stack[j].float()  # a view of the stack: the block's own output is released
             self.norms[i] = norms[j]

@@ -11,6 +11,9 @@ it over the heads and over the query rows, and keeps the patch columns:
 Every ∂s_l/∂A_l comes from ONE backward here: each block starts from its input detached (the forward's values are
 the model's own), so s_l reaches only block l's attention, and the gradient of Σ_l s_l with respect to A_l is
 ∂s_l/∂A_l. The attention is vizapp's capture in the graph (:class:`vizapp.capture.AttentionCapture`, ``with_grad``).
+
+A model pooled by an attention-pooling head (SigLIP) is explained as the authors' code explains it
+(:func:`legrad_pooled`): the gradient is taken on the pooling head's own attention, applied to each block's output.
 """
 
 from __future__ import annotations
@@ -131,3 +134,86 @@ def legrad(
     if per_layer.shape[-1] != gh * gw:
         raise ValueError(f"a {gh}x{gw} grid does not match {per_layer.shape[-1]} patch tokens")
     return min_max(per_layer.sum(dim=1)).reshape(b, gh, gw), cls
+
+
+def legrad_pooled(
+    model: torch.nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    readout: Any,
+    x: torch.Tensor,
+    classes: Sequence[int | None],
+    grid_size: tuple[int, int],
+    start_layer: int = 0,
+    empty: Any = None,
+    threshold: float = 0.8,
+) -> tuple[torch.Tensor, list[int]]:
+    """LeGrad of a model pooled by an attention-pooling head (MAP: SigLIP), as the authors' code defines it for such
+    models (``compute_legrad_siglip`` in WalBouss/LeGrad ``legrad/wrapper.py``): for every block l the pooling head
+    is applied to that block's output and s_l is the class score read through it; the gradient is taken on the pooling
+    head's own attention over block l's tokens, A^pool_l [H, Q, M] (Q learned queries, one for SigLIP), not on the
+    block's self-attention:
+
+        E_l = mean_rows( mean_heads( ReLU(∂s_l/∂A^pool_l) ) )[patches],   map = minmax( Σ_l E_l ).
+
+    Unlike the authors' code, block l's output goes through the model's final norm before the head, as the model's own
+    forward does (the last block then reads the model's output); and s_l is the logit (for prompts exp(t)·cos + b,
+    a positive multiple of their cosine plus a constant, so the map is the same). They keep the first query's row,
+    the mean over the rows here (the same for SigLIP's one query); their wrapper's default ``layer_index=-2`` sums the
+    last two blocks, ``start_layer`` chooses here (0: every block, the paper's sum).
+
+    With ``empty`` (their SigLIP correction, on by default in their code): the same map for the score of an "empty"
+    prompt ("a photo of a"), min-max scaled; the patches where it exceeds ``threshold`` are set to zero before the
+    final scaling (they mark the tokens every prompt's map weighs, whatever the prompt).
+
+    Every layer's readout runs in one batched call on the block outputs (detached: s_l reaches only A^pool_l), and
+    one backward gives every ∂s_l/∂A^pool_l.
+
+    Args:
+        model: a ViT vizapp captures (see :func:`vizapp.layers.encoder_layers`), in eval mode.
+        logits_fn: x -> logits [B, K] (the model's own forward).
+        readout: a :class:`vizapp.models.pooling.PooledReadout` (tokens -> logits, and the head's attention).
+        x: the input [B, C, H, W], normalised as the model expects, on the model's device.
+        classes: one per image: the class explained, or None for the image's top-1 class (from this forward).
+        grid_size: (gh, gw) of ``x``'s patch grid.
+        start_layer: the first block summed (0: every block).
+        empty: a readout like ``readout`` whose one logit is the empty prompt's score, or None (no correction).
+        threshold: the correction's threshold on the empty prompt's scaled map.
+
+    Returns:
+        (the maps [B, gh, gw] float32 in [0, 1], the classes explained).
+    """
+    from vizapp.layers import encoder_layers
+
+    blocks, _ = encoder_layers(model)
+    depth = len(blocks)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    outputs: list[Any] = [None] * depth
+    with torch.no_grad(), isolated_blocks(blocks, outputs):
+        logits = logits_fn(x.detach())
+    if any(o is None for o in outputs):
+        raise ValueError("LeGrad needs every block's output, and a block gave none")
+    cls = explained_classes(logits, classes)
+    b, used = x.shape[0], depth - start_layer
+    tokens = torch.cat([outputs[layer].detach() for layer in range(start_layer, depth)]).requires_grad_(True)
+    idx = torch.tensor(cls, device=tokens.device).repeat(used)[:, None]  # [l·B, 1]: layer-major, as ``tokens``
+    total = _pooled_relevance(readout, tokens, idx, (used, b))
+    gh, gw = grid_size
+    if total.shape[-1] != gh * gw:
+        raise ValueError(f"a {gh}x{gw} grid does not match {total.shape[-1]} patch tokens")
+    if empty is not None:
+        background = min_max(_pooled_relevance(empty, tokens, torch.zeros_like(idx), (used, b)))
+        total = torch.where(background > threshold, 0.0, total)
+    return min_max(total).reshape(b, gh, gw), cls
+
+
+def _pooled_relevance(readout: Any, tokens: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Σ_l E_l [B, P] from every layer's tokens [l·B, N, D] (``shape`` = (l, B)), the score of class ``idx`` [l·B, 1]
+    read through ``readout``, and one backward on the pooling head's attention."""
+    with torch.enable_grad():
+        scores, attn = readout.with_attention(tokens)  # [l·B, K], [l·B, H, Q, M]
+        (grad,) = torch.autograd.grad(scores.gather(1, idx).sum(), attn)
+    per_layer = grad.detach().float().clamp(min=0).mean(dim=1).mean(dim=1)[:, readout.key_prefix :]  # [l·B, P]
+    return per_layer.unflatten(0, shape).sum(dim=0)

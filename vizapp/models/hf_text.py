@@ -93,10 +93,14 @@ def text_tower(whole: torch.nn.Module, folder: str, name: str) -> TextTower:
     def embed_from_tokens(tokens: torch.Tensor) -> torch.Tensor:  # CLIP's pooling: the CLS token, post-LN
         return project(vision.post_layernorm(tokens[:, 0]))
 
+    if siglip:  # SigLIP's pooling: post-LN on every token, then its attention-pooling head (no projection)
+        from vizapp.models.pooling import siglip_readout
+
+        readout = siglip_readout(vision) if projection is None else None
     return TextTower(
         encode_text=encode,
         image_embed=image_embed,
-        embed_from_tokens=None if siglip else embed_from_tokens,
+        embed_from_tokens=readout if siglip else embed_from_tokens,
         logit_scale=lambda: whole.logit_scale.exp().reshape(()),
         logit_bias=(lambda: whole.logit_bias.reshape(())) if siglip else None,
         modules=(whole,),

@@ -143,12 +143,18 @@ def with_prompts(vm: Any, prompts: Any) -> Any:
     def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return prompt_logits(tower, image_embed(model, x), text)
 
-    lens = None
-    if tower.embed_from_tokens is not None and tower.logit_bias is None:
-        embed = tower.embed_from_tokens
+    from vizapp.models.pooling import PooledReadout
+
+    embed = tower.embed_from_tokens
+    lens: Any = None
+    if isinstance(embed, PooledReadout):  # an attention-pooling head (SigLIP): its attention kept for LeGrad
+        lens = embed.then(lambda e: prompt_logits(tower, e, text), activation=tower.activation)
+    elif embed is not None:
 
         def lens(tokens: torch.Tensor) -> torch.Tensor:
             return prompt_logits(tower, embed(tokens), text)
+
+        lens.activation = tower.activation  # the logit lens's probabilities (vizapp.streaming.BlockFeatures)
 
     prompted = replace(
         vm,

@@ -120,6 +120,12 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
     def lens(x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm(x[:, : max(p, 1)] if token_pooled else x))
 
+    # Pooled by an attention-pooling head (MAP, as SigLIP): the same readout with the head's attention written out,
+    # for LeGrad's gradient on it (vizapp.models.pooling)
+    from vizapp.models.pooling import timm_readout
+
+    pooled = timm_readout(model)
+
     has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
     has_head = int(getattr(model, "num_classes", 0) or 0) > 0
     # a learned table: the scheme itself, or added beside RoPE / a relative bias (EVA-02, PE)
@@ -141,7 +147,7 @@ def metadata(model: torch.nn.Module, input_size: tuple[int, int, int]) -> dict[s
         "grid_fn": grid_fn,
         "position": "learned" if has_pos and position == "none" else position,
         "pos_embed_fn": pos_embed if has_pos else None,
-        "lens_fn": lens if has_head else None,
+        "lens_fn": (pooled or lens) if has_head else None,
         "num_registers": _num_registers(model),
         "family": "timm",
     }
