@@ -194,6 +194,7 @@ def test_pca_across_images_is_one_pca_at_the_layers_grid(vm):
     rgbs, stride = feature_pca_images(vm, [img], layer=2)
     assert rgbs.shape == (1, 3, 5, 3) and stride == (8, 8)
     np.testing.assert_allclose(rgbs[0], vizapp.analyze(vm, img).feature_pca(2), atol=1e-5)
+    np.testing.assert_array_equal(vizapp.feature_pca(vm, [img], layer=2), rgbs)  # the public API goes there too
     with pytest.raises(BadParameterError, match="layer must be an integer"):
         feature_pca_images(vm, [img], layer=4)
 

@@ -428,10 +428,14 @@ def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold
         foreground_threshold: as in :meth:`Analysis.feature_pca`.
 
     Returns:
-        [B, gh, gw, 3] RGB in [0, 1].
+        [B, gh, gw, 3] RGB in [0, 1]; for a windowed model (Swin), on that layer's own token grid.
     """
     from vizapp.analysis.features import feature_pca as pca
 
+    if vm.windowed:
+        from vizapp.swin_features import feature_pca_images
+
+        return feature_pca_images(vm, images, layer, foreground_threshold)[0]
     images = list(images)
     if not images:
         raise BadParameterError("feature_pca needs at least one image")
