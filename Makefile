@@ -51,11 +51,15 @@ report: $(STAMP) debs
 
 # Every method on the Fashion-MNIST test set, resumable: the authors' perturbation protocol (chefer2021) with
 # vizapp's deletion/insertion curves -> docs/faithfulness.md; the whole-patch variant -> docs/faithfulness-patches.md;
-# the LRP-family and gradient methods (Transformer Attribution, AttnLRP, LeGrad) -> docs/faithfulness-lrp.md.
+# the LRP-family and gradient methods (Transformer Attribution, AttnLRP, LeGrad) -> docs/faithfulness-lrp.md;
+# rollout from layer 0 -> docs/faithfulness-rollout0.md; the chefer2021 jobs in one table -> docs/faithfulness-all.md.
+# On a machine with many cores, benchmarks/eval_parallel.sh runs each job over many processes (same numbers).
 evaluate: $(STAMP) debs
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --out eval-out/fmnist-test-bundled --markdown docs/faithfulness.md $(ARGS)
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --protocol patches --steps 0 --out eval-out/fmnist-test-bundled-patches --markdown docs/faithfulness-patches.md $(ARGS)
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --methods transformer_attribution,attnlrp,legrad,random --steps 0 --out eval-out/fmnist-test-bundled-lrp --markdown docs/faithfulness-lrp.md $(ARGS)
+	$(PY) -m vizapp.evaluate fmnist-test --model bundled --methods rollout --rollout-start-layer 0 --steps 0 --out eval-out/fmnist-test-bundled-rollout0 --markdown docs/faithfulness-rollout0.md $(ARGS)
+	$(PY) -m vizapp.evaluate.combine eval-out/fmnist-test-bundled eval-out/fmnist-test-bundled-lrp eval-out/fmnist-test-bundled-rollout0 --markdown docs/faithfulness-all.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests benchmarks scripts app.py
