@@ -94,6 +94,29 @@ def test_the_record_stays_on_the_device_and_every_view_equals_the_cpus(fid, name
     np.testing.assert_allclose(r.probs, on_cpu.probs, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fid,name,kwargs", [MODELS[0], MODELS[3]], ids=[MODELS[0][0], MODELS[3][0]])
+def test_an_analysis_moved_to_the_host_computes_every_view_there(fid, name, kwargs):
+    """``r.to("cpu")`` of a GPU analysis: the record comes over, the original stays, and every view of the copy
+    equals the CPU analysis's while computed on the host; its class maps run the model (still on the device) again
+    and bring the gradients over (a view that mixed the two would fail here)."""
+    vm = _load(name, kwargs)
+    img = random_image(3)
+    want = _views(vizapp.analyze(vm, img, gradients=True))
+    with simulated_gpu(vm):
+        r = vizapp.analyze(vm, img, gradients=True)
+        moved = r.to("cpu")
+        assert moved is not r and r.to(r.device) is r and moved.to("cpu") is moved
+        assert moved.device.type == "cpu" and moved.graph.maps is None and r.graph.maps is not None
+        kept = (*moved.q, *moved.k, *moved.block_outputs.values(), *(b for b in moved.biases if b is not None))
+        assert kept and not any(isinstance(t, OnDevice) for t in kept)
+        assert all(isinstance(t, OnDevice) for t in r.q)  # the original keeps its record on the device
+        got = _views(moved)
+        assert moved.attention_gradients(1).device.type == "cpu"
+    assert set(got) == set(want)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_a_batch_and_its_class_maps_stay_on_the_device():
     vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2))
     imgs = [random_image(i) for i in range(3)]

@@ -5,7 +5,7 @@ forward's autograd graph kept for the class-specific maps. :mod:`vizapp.pipeline
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -204,6 +204,37 @@ class Analysis(LabelFreeViews, ModelRuns):
     def num_tokens(self) -> int:
         return int(self.q[0].shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the record is (q, k, biases, block outputs): the model's device, unless moved by :meth:`to`."""
+        return self.q[0].device
+
+    def to(self, device: torch.device | str) -> Analysis:
+        """This analysis with its record on ``device``, e.g. ``r.to("cpu")`` to keep many results of a GPU model
+        without holding GPU memory; every view then computes there. The same object when it is already there.
+
+        The copy does not carry the gradient-enabled forward's autograd graph (``analyze(..., gradients=True)``),
+        which lives with the model: a class-specific map of the copy runs the model again (one forward and one
+        backward per class) and brings its gradients to ``device``. What the original had cached is formed again."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            q=tuple(move(t) for t in self.q),
+            k=tuple(move(t) for t in self.k),
+            biases=tuple(move(b) for b in self.biases),
+            block_outputs={i: move(t) for i, t in self.block_outputs.items()},
+            graph=GradientGraph(),
+            _cache=ResultCache(),
+        )
+
     # -- validation -----------------------------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
@@ -353,7 +384,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
             logits = vm.logits(x)
             grads = cap.attention_grads(logits[0, cls])
-        return self._cache.put(key, torch.stack([g[0].detach().float() for g in grads]))
+        return self._cache.put(key, torch.stack([g[0].detach().float() for g in grads]).to(self.device))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:
         """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the
