@@ -80,6 +80,19 @@ def explained_classes(logits: torch.Tensor, classes: Sequence[int | None]) -> li
     return [int(top[i]) if c is None else int(c) for i, c in enumerate(classes)]
 
 
+def _blocks_checked(model: torch.nn.Module, x: torch.Tensor, classes: list[Any], start_layer: Any) -> tuple[list, int]:
+    """The model's encoder blocks and their number, once ``start_layer`` and one class per image are checked."""
+    from vizapp.layers import encoder_layers
+
+    blocks, _ = encoder_layers(model)
+    depth = len(blocks)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
+    if len(classes) != x.shape[0]:
+        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    return blocks, depth
+
+
 def legrad(
     model: torch.nn.Module,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -106,14 +119,8 @@ def legrad(
         (the maps, the classes explained).
     """
     from vizapp.capture import AttentionCapture
-    from vizapp.layers import encoder_layers
 
-    blocks, _ = encoder_layers(model)
-    depth = len(blocks)
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
-        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
-    if len(classes) != x.shape[0]:
-        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    blocks, depth = _blocks_checked(model, x, classes, start_layer)
     outputs: list[Any] = [None] * depth
     with (
         torch.enable_grad(),
@@ -182,14 +189,7 @@ def legrad_pooled(
     Returns:
         (the maps [B, gh, gw] float32 in [0, 1], the classes explained).
     """
-    from vizapp.layers import encoder_layers
-
-    blocks, _ = encoder_layers(model)
-    depth = len(blocks)
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
-        raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
-    if len(classes) != x.shape[0]:
-        raise ValueError(f"give one class per image ({x.shape[0]}), got {len(classes)}")
+    blocks, depth = _blocks_checked(model, x, classes, start_layer)
     outputs: list[Any] = [None] * depth
     with torch.no_grad(), isolated_blocks(blocks, outputs):
         logits = logits_fn(x.detach())
