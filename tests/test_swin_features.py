@@ -78,7 +78,8 @@ def test_feature_views_are_on_each_layers_grid(vm):
         np.testing.assert_allclose(r.token_norms()[layer], torch.linalg.vector_norm(feats, dim=-1).numpy(), rtol=1e-6)
         assert r.artifact_tokens()[layer].shape == (grid[0] * grid[1],)
     assert [n.shape for n in r.token_norms()] == [(60,), (60,), (15,), (15,)]
-    for call, key in ((r.dino_masks, "dino_masks"), (r.logit_lens, "logit_lens"), (r.register_attention, "registers")):
+    assert r.lens_layers == (2, 3) and r.logit_lens()[:2] == [[], []]  # the lens: the last stage only (test_swin_lens)
+    for call, key in ((r.dino_masks, "dino_masks"), (r.register_attention, "registers")):
         with pytest.raises(BadParameterError) as e:
             call()
         assert str(e.value) == UNDEFINED[key]
@@ -238,8 +239,8 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     """The transformers Swin folder (9x9 tokens 4 px apart, then 5x5 at 8 px): the Features tab is shown; at layer 2
     and the clicked first-stage patch (6, 1), which lies in layer 2's token (3, 0), the similarity map is that token's
     cosine to every token of the 5x5 grid, drawn 8 px apart, equal to the Python API's; the PCA and the token norms of
-    layer 2 are on the same grid; DINO masks and the logit lens each say why they are not drawn; the export holds the
-    same arrays."""
+    layer 2 are on the same grid; DINO masks say why they are not drawn, the logit lens why it is drawn for the last
+    stage only; the export holds the same arrays."""
     from vizapp.swin_result import FEATURES
 
     caplog.set_level(logging.WARNING)
@@ -274,7 +275,7 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     np.testing.assert_allclose(_z(norm), r.token_norms()[2].reshape(5, 5), rtol=1e-5)
     assert UNDEFINED["registers"] in d.values[d.by_elem_id("vizapp-norm-sentence")]
     assert d.values[d.by_elem_id("vizapp-mask-note")] == UNDEFINED["dino_masks"]
-    assert d.values[d.by_elem_id("vizapp-lens-note")] == UNDEFINED["logit_lens"]
+    assert d.values[d.by_elem_id("vizapp-lens-note")].startswith(UNDEFINED["logit_lens"])  # the last stage's only
     assert d.props[d.by_elem_id("vizapp-mask-plot")]["visible"] is False
     _clean(d.click(d.by_label("Export these arrays", "button")), "export")
     npz = np.load(d.values[d.by_elem_id("vizapp-features-npz")]["path"])

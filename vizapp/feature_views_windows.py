@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vizapp import figures
-from vizapp.feature_views import ARTIFACT_K, TokenNormViews, artifact_threshold
+from vizapp.feature_views import ARTIFACT_K, LensViews, TokenNormViews, artifact_threshold
 from vizapp.swin_result import UNDEFINED, WindowAnalysis
 from vizapp.views_windows import layer_query
 
@@ -147,6 +147,34 @@ def token_norm_views(r: WindowAnalysis, layer: int = -1, k: float = ARTIFACT_K) 
     return TokenNormViews(grid_fig, hist, depth, None, artifact_sentence(r, k))
 
 
+def lens_note(r: WindowAnalysis) -> str:
+    """Which layers the lens view covers for this analysis (the last stage's), and why not the earlier ones, in one
+    sentence each; "" without a classifier head (the caller says there is no lens)."""
+    layers = r.lens_layers
+    if not layers:
+        return ""
+    g = r.layer_grids[layers[0]]
+    here = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    here = f"Shown for {here}: stage {r.geometry[layers[0]].stage}, {g[0]}x{g[1]} tokens."
+    return here if layers[0] == 0 else f"{UNDEFINED['logit_lens']} {here}"
+
+
+def logit_lens_views(r: WindowAnalysis, label: str | None = None, k: int = 5) -> LensViews:
+    """The logit lens (nostalgebraist 2020) of the last stage's layers: top-``k`` per layer and one class's
+    probability at each of those layers (the earlier layers have none, :data:`vizapp.swin_result.UNDEFINED`). Raises
+    BadParameterError for a model without a classifier head or for an unknown class."""
+    from vizapp.errors import BadParameterError
+
+    lens, layers = r.logit_lens(k), r.lens_layers
+    table = [[i] + [f"{lbl} ({p:.3f})" for lbl, p in lens[i]] for i in layers]
+    label = label or (r.top_k[0][0] if r.top_k else r.labels[0])
+    if label not in r.labels:
+        raise BadParameterError(f"unknown class {str(label)[:60]!r}; pick one from the list")
+    probs = r.lens_probs[list(layers), r.labels.index(label)]
+    title = f"Logit lens: probability of '{label}' after each block of the last stage"
+    return LensViews(table, figures.class_depth_figure(probs, label, layers, title))
+
+
 def pca_gallery_view(rgbs: np.ndarray, stride: tuple[int, int], names: list[str], layer: int) -> go.Figure:
     """One PCA shared by several images at one layer ([B, gh_l, gw_l, 3] from
     :func:`vizapp.swin_features.feature_pca_images`), side by side, each token ``stride`` pixels wide."""
@@ -163,7 +191,8 @@ def feature_arrays(
     importance: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The Features tab's arrays of a windowed analysis for an .npz export: the chosen layer's PCA and similarity on
-    its grid, every layer's token norms and flags ``token_norms_layer{i}`` [gh_l, gw_l], the grids and strides."""
+    its grid, every layer's token norms and flags ``token_norms_layer{i}`` [gh_l, gw_l], the grids and strides, the
+    logit lens [L, K] (NaN rows before the last stage) and the head importance [L, max H] that was run."""
     layer, _ = feature_layer(r, layer)
     out: dict[str, Any] = {
         "feature_layer": np.array(layer),
@@ -179,6 +208,9 @@ def feature_arrays(
         lq = layer_query(r, layer, query)
         out["feature_similarity"] = r.feature_similarity(lq, layer)  # [gh_l, gw_l]
         out["feature_similarity_query"] = np.array(lq)  # on the layer's grid
+    if r.lens_probs is not None:
+        out["logit_lens_probs"] = r.lens_probs  # [L, K], NaN rows before the last stage
+        out["logit_lens_layers"] = np.array(r.lens_layers, dtype=np.int64)
     for name, arr in (importance or {}).items():
         out[f"head_importance_{name}"] = np.asarray(arr)  # [L, max H], NaN for absent heads
     return out

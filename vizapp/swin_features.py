@@ -7,7 +7,10 @@ stack as in a plain ViT; but each layer's block output is a well-defined set of 
 - feature PCA (Oquab et al. 2023, DINOv2 Fig. 1): the first 3 principal components of one layer's tokens as RGB;
 - feature similarity (DINO's demos): the cosine of every token of one layer to one token of the same layer;
 - token norms (Darcet et al. 2024): the L2 norm of every token after each block, [N_l] per layer. Swin has no prefix
-  tokens (no class token, no registers): every token is a patch of its stage's grid.
+  tokens (no class token, no registers): every token is a patch of its stage's grid;
+- the logit lens (nostalgebraist 2020) of the last stage's layers (:class:`WindowLens`): each block's output through
+  the model's own final norm, average pooling and head; the earlier stages' tokens are of other widths than the head
+  takes, so they have none.
 
 :class:`WindowBlockOutputs` keeps the block outputs during the analysis forward, within the plain ViT's budget
 (:data:`vizapp.limits.BLOCK_OUTPUT_BYTES` per image): every layer's while their sum fits, else the last layer's only;
@@ -119,6 +122,47 @@ def feature_pca_images(
     return res.rgb.reshape(len(images), *grids[layer], 3).numpy(), stage_strides(vm, stage + 1)[stage]
 
 
+class WindowLens:
+    """The logit lens of a windowed model's last stage, read during the analysis forward (``WindowCapture(on_block=
+    ...)``): each last-stage block's output [B, N, C] through the model's own final norm, average pooling and linear
+    head (:func:`vizapp.models.swin.token_lens`, the function LeGrad scores with), logits [B, K] per such layer. The
+    last layer's is the model's own output. No layer has a lens when the model has no classifier head.
+
+    Args:
+        model: the windowed model (:func:`vizapp.windows.window_sites` reads its layers and stages).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from vizapp.models.swin import token_lens
+        from vizapp.windows import window_sites
+
+        stages = [s.stage for s in window_sites(model)]
+        self.num_layers = len(stages)
+        self.fn = token_lens(model)
+        self.layers = () if self.fn is None else tuple(i for i, s in enumerate(stages) if s == max(stages))
+        self.logits: dict[int, torch.Tensor] = {}  # layer -> [B, K] float32
+
+    def __call__(self, layer: int, out: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Block ``layer``'s output tokens [B, N, C] row-major over ``grid``: its lens logits when it is of the last
+        stage (under no_grad: the lens is a view of the forward, never part of its graph)."""
+        if layer in self.layers:
+            with torch.no_grad():
+                self.logits[layer] = self.fn(out, grid).float()
+
+    def probabilities(self) -> torch.Tensor | None:
+        """[B, L, K] the softmax of each layer's lens logits, NaN rows for the layers before the last stage; None
+        without a classifier head."""
+        if self.fn is None:
+            return None
+        if set(self.logits) != set(self.layers):
+            raise RuntimeError(f"last-stage layers {sorted(set(self.layers) - set(self.logits))} never ran")
+        first = self.logits[self.layers[0]]
+        out = torch.full((first.shape[0], self.num_layers, first.shape[1]), float("nan"))
+        for i, lg in self.logits.items():
+            out[:, i] = torch.softmax(lg, -1).cpu()
+        return out
+
+
 class WindowFeatureViews:
     """Methods of :class:`~vizapp.swin_result.WindowAnalysis` that need no class, on each layer's own grid: they read
     its block outputs and norms (the attributes and helpers the WindowAnalysis defines)."""
@@ -127,10 +171,11 @@ class WindowFeatureViews:
     block_outputs: dict[int, torch.Tensor]
     block_norms: tuple[np.ndarray, ...]
     input: torch.Tensor
+    labels: tuple[str, ...]
+    lens_probs: np.ndarray | None  # [L, K], NaN rows before the last stage
     _cache: ResultCache
 
-    #: Swin's views that the plain ViT's Analysis has and that read no class token or head (for the app's checks)
-    lens_probs = None
+    #: Swin's views that the plain ViT's Analysis has and that read no class token (for the app's checks)
     num_registers = 0
 
     def _features(self, layer: int) -> torch.Tensor:
@@ -204,7 +249,22 @@ class WindowFeatureViews:
 
         raise BadParameterError(undefined("dino_masks"))
 
-    def logit_lens(self, k: int = 5) -> list[list[tuple[str, float]]]:
-        from vizapp.swin_result import undefined
+    @property
+    def lens_layers(self) -> tuple[int, ...]:
+        """The layers that have a logit lens: those of the last stage (none without a classifier head)."""
+        if self.lens_probs is None:
+            return ()
+        return tuple(i for i, row in enumerate(self.lens_probs) if not np.isnan(row).all())
 
-        raise BadParameterError(undefined("logit_lens"))
+    def logit_lens(self, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per layer, the top-``k`` classes of the logit lens (nostalgebraist 2020) for the layers of the last stage
+        (:attr:`lens_layers`): each block's output through the model's own final norm, average pooling and head, then
+        a softmax; the last layer's is the model's own prediction. The rows of the earlier stages' layers are empty
+        (:data:`vizapp.swin_result.UNDEFINED` says why in one sentence)."""
+        if self.lens_probs is None:
+            raise BadParameterError("this model has no classifier head, so there is no logit lens")
+        out: list[list[tuple[str, float]]] = []
+        for row in self.lens_probs:
+            order = [] if np.isnan(row).all() else np.argsort(-row, kind="stable")[: max(0, int(k))]
+            out.append([(self.labels[i], float(row[i])) for i in order])
+        return out

@@ -11,7 +11,7 @@ feature PCA, the cosine similarity to a token, token norms and the high-norm tok
 
 What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view
 and no DINO masks; it has no learned absolute position embedding; no registers or other prefix tokens; its head reads
-the last stage's width only, so no logit lens across depth; its layers have different token sets, so a view that
+the last stage's width only, so the logit lens is read for the last stage's layers only; its layers have different token sets, so a view that
 stacks [L, H, N, N] (attention flow, Transformer Attribution's LRP rules) is not offered. AttnLRP and LeGrad run the
 model again with their own rules for windows (:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's
 blocks); head importance ablates each layer's own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN
@@ -33,7 +33,7 @@ from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.result import ModelRuns, to_pil
 from vizapp.resultcache import Key, ResultCache
-from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews
+from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews, WindowLens
 from vizapp.windows import WindowCapture, WindowGeometry
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
@@ -50,8 +50,8 @@ UNDEFINED = {
     "windowed attention and patch merging.",
     "dino_masks": "DINO masks are drawn from the class token's attention in the last layer, and Swin has no class "
     "token (its head averages the last stage's tokens).",
-    "logit_lens": "The logit lens reads every block's output through the model's final norm and head, and Swin's head "
-    "takes the last stage's width only: the earlier stages' tokens are of other widths.",
+    "logit_lens": "The logit lens is read for the last stage's layers only: the model's final norm and head take the "
+    "last stage's width, and the earlier stages' tokens are of other widths (each patch merging doubles it).",
     "registers": "Swin has no prefix tokens (no class token, no registers): every token is a patch of its stage's "
     "grid.",
     "discard": "The discard ratio is not used for Swin: it drops the smallest entries of a dense N x N attention "
@@ -110,6 +110,8 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             while one image's Σ_l N_l·C_l floats fit :data:`vizapp.limits.BLOCK_OUTPUT_BYTES`, else the last layer's
             (a feature method forms another layer's again, :mod:`vizapp.swin_features`).
         block_norms: per layer, the L2 norm of every token of its block output, [N_l] float32.
+        lens_probs: [L, K] the logit lens of the last stage's layers (:class:`~vizapp.swin_features.WindowLens`), NaN
+            rows for the earlier layers; None without a classifier head.
         graph_maps, graph_logits: with ``gradients=True``, the forward's probabilities and logits in the graph.
     """
 
@@ -130,6 +132,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
     relative_bias: tuple[torch.Tensor | None, ...] = ()
     block_outputs: dict = field(default_factory=dict)
     block_norms: tuple[np.ndarray, ...] = ()
+    lens_probs: np.ndarray | None = None
     notes: tuple[str, ...] = ()
     model_ref: Any = field(default=None, repr=False)
     model_fingerprint: Any = None
@@ -507,10 +510,12 @@ def analyze_windowed(
     # the registered statistics, from each layer's attention as the forward goes (the reducer dataset mode uses)
     reducer, on_layer = window_reducer(vm, b)
     blocks = WindowBlockOutputs(vm.num_layers)  # each block's output for the feature views, within a byte budget
+    lens = WindowLens(vm.model)  # the last stage's logit lens
 
     def on_block(layer: int, out: torch.Tensor) -> None:
         reducer.block(layer, out)
         blocks(layer, out)
+        lens(layer, out, cap.geometry[layer].grid)  # cap: bound by the time the forward calls this
 
     with (
         torch.enable_grad() if gradients else torch.no_grad(),
@@ -523,6 +528,7 @@ def analyze_windowed(
     blocks.check(geometry)
     outputs = {i: o.cpu() for i, o in blocks.outputs.items()}  # [B, N_l, C_l] each
     norms = [n.cpu().numpy() for n in blocks.norms]  # [B, N_l] each
+    lens_probs = lens.probabilities()  # [B, L, K] or None
     maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
     layer_strides = tuple(strides[g.stage] for g in geometry)
@@ -560,6 +566,7 @@ def analyze_windowed(
                 relative_bias=biases,
                 block_outputs={j: o[i] for j, o in outputs.items()},
                 block_norms=tuple(n[i] for n in norms),
+                lens_probs=None if probs is None or lens_probs is None else lens_probs[i].numpy(),
                 notes=tuple(notes[i]),
                 model_ref=weakref.ref(vm),
                 model_fingerprint=fingerprint,

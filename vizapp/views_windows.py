@@ -9,6 +9,7 @@ bias per layer and head over (Δrow, Δcol). Views that are not defined for Swin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from vizapp import figures, methods
@@ -253,10 +254,12 @@ def tab_figures(
     opacity: float = 0.6,
     colorscale: str = figures.HEAT_SCALE,
     vm: Any = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every figure the app's tabs show for a windowed analysis, named "tab-what" (for one download): the maps that
     need no class, the chosen layer's heads and its focus map for ``query`` (given on the first stage's grid), the
-    distances, the chosen layer's relative bias, and its feature PCA, similarity to ``query`` and token norms."""
+    distances, the chosen layer's relative bias, its feature PCA, similarity to ``query`` and token norms, and the
+    last stage's logit lens. ``extra``: figures already drawn (e.g. head importance)."""
     from vizapp import feature_views_windows as FV
 
     layer = r._layer(layer)
@@ -276,6 +279,9 @@ def tab_figures(
     out["features-similarity"] = FV.feature_similarity_view(r, query, layer, None, opacity)
     out.update({"features-norm-grid": norms.grid, "features-norm-histogram": norms.histogram})
     out["features-norms-by-depth"] = norms.depth
+    if r.lens_probs is not None and r.top_k:
+        out["features-logit-lens"] = FV.logit_lens_views(r).depth
+    out.update({k: v for k, v in (extra or {}).items() if v is not None})
     return out
 
 

@@ -235,11 +235,14 @@ def masks_figure(masks: np.ndarray, threshold: float, layer: int) -> go.Figure:
 
 
 @readable
-def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
-    """The logit lens' probability of one class [L] after each block."""
+def class_depth_figure(
+    probs: np.ndarray, label: str, layers: Sequence[int] | None = None, title: str | None = None
+) -> go.Figure:
+    """The logit lens' probability of one class after each block: ``probs`` [L], at ``layers`` (default 0..L-1; a
+    windowed model's lens covers its last stage's layers only)."""
     fig = go.Figure(
         go.Scatter(
-            x=np.arange(len(probs)),
+            x=np.arange(len(probs)) if layers is None else np.asarray(layers),
             y=probs,
             mode="lines+markers",
             name=label,
@@ -247,7 +250,7 @@ def class_depth_figure(probs: np.ndarray, label: str) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=f"Logit lens: probability of '{label}' after each block",
+        title=title or f"Logit lens: probability of '{label}' after each block",
         xaxis_title="layer",
         yaxis_title="probability",
         yaxis_range=[0, 1.02],

@@ -74,6 +74,18 @@ def head_lens(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] 
     return lambda z: head(base.pooler(base.layernorm(z).transpose(1, 2)).flatten(1))
 
 
+def token_lens(model: torch.nn.Module) -> Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None:
+    """:func:`head_lens` for tokens as the capture gives them: (a last-stage block's output [B, N, C] row-major over
+    its grid, the grid (gh, gw)) -> logits [B, K]; None without a classifier head. timm's head reads [B, gh, gw, C],
+    so the tokens are put back on their grid; transformers' reads [B, N, C] as it is."""
+    lens = head_lens(model)
+    if lens is None:
+        return None
+    if type(model).__name__ in TIMM_CLASSES:
+        return lambda z, grid: lens(z.reshape(z.shape[0], int(grid[0]), int(grid[1]), z.shape[-1]))
+    return lambda z, grid: lens(z)
+
+
 def wrap(
     model: torch.nn.Module,
     name: str,

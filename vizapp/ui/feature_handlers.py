@@ -47,17 +47,30 @@ def _windowed(r: Any) -> bool:
 
 
 def _windowed_features(
-    st: dict[str, Any], layer: int, fg: float | None, query: tuple[int, int], norm_layer: int, opacity: float
+    st: dict[str, Any],
+    layer: int,
+    fg: float | None,
+    query: tuple[int, int],
+    norm_layer: int,
+    opacity: float,
+    lens_class: Any,
 ) -> FeaturesOutputs:
     """The Features tab for a windowed (Swin) model: feature PCA, similarity and token norms of the chosen layer on
-    its own grid (the query, a token of the first stage's grid, moved onto it); DINO masks and the logit lens are not
-    defined for it, each said in one sentence."""
+    its own grid (the query, a token of the first stage's grid, moved onto it), and the logit lens of the last
+    stage's layers; DINO masks are not defined for it, and the lens not for the earlier stages, each said in one
+    sentence."""
     from vizapp import feature_views_windows as FV
     from vizapp.swin_result import FEATURES, UNDEFINED
 
     r = st["analysis"]
     norms = FV.token_norm_views(r, norm_layer)
     hidden = gr.update(value=None, visible=False)
+    if r.lens_probs is not None:
+        lens = FV.logit_lens_views(r, lens_class if isinstance(lens_class, str) and lens_class else None)
+        lens_table, lens_plot = gr.update(value=lens.table, visible=True), gr.update(value=lens.depth, visible=True)
+        lens_note = FV.lens_note(r)
+    else:
+        lens_table, lens_plot, lens_note = gr.update(visible=False), hidden, NO_HEAD_NOTE
     return FeaturesOutputs(
         state=kept_state(st),
         feat_pca=FV.feature_pca_view(r, layer, fg),
@@ -71,9 +84,9 @@ def _windowed_features(
         mask_heads=hidden,
         mask_overlay=hidden,
         mask_note=UNDEFINED["dino_masks"],
-        lens_table=gr.update(visible=False),
-        lens_plot=hidden,
-        lens_note=UNDEFINED["logit_lens"],
+        lens_table=lens_table,
+        lens_plot=lens_plot,
+        lens_note=lens_note,
         features_note=f"**Windowed attention (Swin)**: {FEATURES} Click a patch: the token of the chosen layer that "
         "holds it is compared.",
         features_body=gr.update(visible=True),
@@ -113,7 +126,7 @@ def render_features(
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
     st = {**st, "feature_query": query}
     if _windowed(r):
-        return _windowed_features(st, lay, fg, query, nlay, alpha)
+        return _windowed_features(st, lay, fg, query, nlay, alpha, lens_class)
     other = st.get("other")
     norms = views.token_norm_views(r, nlay)
     if r.has_class_token:

@@ -6,8 +6,8 @@ token spacing with the query's window outlined (a click on the image picks a tok
 :func:`vizapp.views_windows.layer_query` moves onto the chosen layer's grid), rollout and the class maps over the
 first stage's grid, the distances with a dot only for the heads a layer has, head importance with an empty cell for
 each head a layer lacks (:mod:`vizapp.ui.feature_handlers` runs it, and draws the feature views per layer on its own
-grid). What Swin does not define (CLS-row views, flow, DINO masks, the logit lens) is said in one sentence
-(:data:`vizapp.swin_result.UNDEFINED`).
+grid, and the logit lens of the last stage). What Swin does not define (CLS-row views, flow, DINO masks, the lens of
+the earlier stages) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def analyze_outputs(
         feat_row=gr.update(maximum=gh - 1, value=gh // 2),
         feat_col=gr.update(maximum=gw - 1, value=gw // 2),
         norm_layer=gr.update(maximum=r.num_layers - 1, value=-1),
-        lens_class=gr.update(choices=[], value=None),
+        lens_class=lens_class_update(r, classes),
         imp_class=class_update(),
         importance_cost=importance_cost_note(r, state["forward_s"], support, reuse=False),
         seen=views.seen_image(r),
@@ -205,6 +205,14 @@ def analyze_outputs(
         figures_zip=None,
         figures_note="",
     )
+
+
+def lens_class_update(r: WindowAnalysis, classes: list[str]) -> dict[str, Any]:
+    """The logit lens's classes (those worth following first, then every other), or none without a lens."""
+    if r.lens_probs is None:
+        return gr.update(choices=[], value=None)
+    first = views.lens_classes(r)
+    return gr.update(choices=first + [c for c in classes if c not in set(first)], value=classes[0] if classes else None)
 
 
 def render_map(
@@ -297,13 +305,20 @@ def export_files(r: WindowAnalysis) -> ExportOutputs:
 
 
 def export_figures(st: dict[str, Any], layer: Any, opacity: Any, cs: str, focus_head: Any) -> FiguresExportOutputs:
-    """Every figure of the tabs that draw Swin, as HTML pages in one .zip."""
+    """Every figure of the tabs that draw Swin, as HTML pages in one .zip, plus head importance when it was run."""
     r: WindowAnalysis = st["analysis"]
     lay = _layer(r, layer)
     head = _focus_head(r, focus_head)
     head = head if head is None or head < r.heads_per_layer[lay] else None
     query = st["query"] if isinstance(st.get("query"), (tuple, list)) else V.default_query(r, 0)
-    figs = V.tab_figures(r, lay, query, head, as_float(opacity, "opacity", 0.0, 1.0), cs, r._model())
+    kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
+    extra = {}
+    if kept.get("exact") is not None or kept.get("gradient") is not None:  # [L, max H], NaN: heads a layer lacks
+        extra["features-head-importance"] = views.importance_view(
+            kept.get("exact"), kept.get("gradient"), kept["score"]
+        )[0]
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    figs = V.tab_figures(r, lay, query, head, alpha, cs, r._model(), extra)
     names: list[str] = []
     out = write_export("vizapp_figures.zip", lambda path: names.extend(views.figures_zip(figs, str(path))))
     return FiguresExportOutputs(
