@@ -134,9 +134,10 @@ def test_a_batch_and_its_class_maps_stay_on_the_device():
 
 
 def test_a_swin_analysis_and_its_views_run_on_the_device():
-    """A windowed model's analysis, window maps, class maps, AttnLRP, LeGrad, figures and batch maps under the
-    simulated GPU equal the CPU's."""
-    from vizapp import views_windows
+    """A windowed model's record stays on the (simulated) GPU, and its window maps, class maps, AttnLRP, LeGrad,
+    feature views, lens, export, figures and batch maps there equal the CPU's; ``r.to("cpu")`` brings the record
+    over and its views, computed on the host (class maps by a run of the model on the device), equal them too."""
+    from vizapp import feature_views_windows, views_windows
 
     kwargs = dict(img_size=(24, 40), embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
     vm = _load("swin_tiny_patch4_window7_224", kwargs)
@@ -149,16 +150,31 @@ def test_a_swin_analysis_and_its_views_run_on_the_device():
         out["deletion"] = r.faithfulness({"r": r.rollout()}, class_idx=1, steps=3, random_seed=None)["r"][
             "deletion"
         ].probs
+        out |= {f"mask{i}": r.window_mask(i, (0, 1)) for i in range(len(r.layer_grids))}
+        out["last"] = r.last_layer_attention()
+        out |= {f"pca{i}": r.feature_pca(i) for i in range(len(r.layer_grids))}
+        out["similarity"] = r.feature_similarity((1, 1), 0)
+        out["norms"] = np.concatenate(r.token_norms())
+        out["lens"] = r.lens_probs
+        out |= {f"array_{k}": v for k, v in r.arrays().items()}
+        out["pca_images"] = vizapp.feature_pca(vm, imgs[:2], layer=1)
         return out
 
     want, want_batch = views(vizapp.analyze(vm, imgs[0], gradients=True)), vizapp.explain(vm, imgs, names, 1)
     with simulated_gpu(vm):
         r = vizapp.analyze(vm, imgs[0], gradients=True)
+        assert all(isinstance(t, OnDevice) for t in (*r.windows, *r.block_outputs.values()))
         got = views(r)
-        assert views_windows.render_all(r, 0)
+        assert views_windows.render_all(r, 0) and feature_views_windows.token_norm_views(r, 1)
         got_batch = vizapp.explain(vm, imgs, names, 1)
+        moved = r.to("cpu")
+        assert moved.to("cpu") is moved and moved.graph_maps is None and r.graph_maps is not None
+        assert not any(isinstance(t, OnDevice) for t in (*moved.windows, *moved.block_outputs.values()))
+        got_moved = views(moved)
+        assert moved.attention_gradients(1)[0].device.type == "cpu"
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(got_moved[key], value, rtol=1e-5, atol=1e-6, err_msg=f"moved {key}")
     for n in names:
         np.testing.assert_allclose(got_batch[n], want_batch[n], rtol=1e-5, atol=1e-6, err_msg=n)
 

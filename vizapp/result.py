@@ -116,6 +116,11 @@ class ModelRuns:
 
         return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
+    def _moved(self, move: Callable[[Any], Any]) -> dict[str, Any]:
+        """The record's fields, each tensor passed through ``move``, and the fields a moved copy starts afresh (each
+        result type's own; its ``device`` property says where the record is)."""
+        raise NotImplementedError
+
     def model_map(self, name: str, class_idx: Any, run: Callable[..., Any], **options: Any) -> np.ndarray:
         """The map of a method that runs the model again on this result's input, for a class: ``run(vm, x [1, C, H,
         W], [class], **options) -> [1, gh, gw]`` (its own forward and backward; the first stage's grid for a windowed
@@ -127,6 +132,20 @@ class ModelRuns:
             return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
 
         return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
+
+    def to(self, device: torch.device | str) -> Any:
+        """This result with its record on ``device``, e.g. ``r.to("cpu")`` to keep many results of a GPU model
+        without holding GPU memory; every view then computes there. The same object when it is already there.
+
+        The copy does not carry the gradient-enabled forward's autograd graph (``analyze(..., gradients=True)``),
+        which lives with the model: a class-specific map of the copy runs the model again (one forward and one
+        backward per class) and brings its gradients to ``device``. What the original had cached is formed again."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.device == device:
+            return self
+        return replace(self, **self._moved(lambda t: None if t is None else t.to(device)), _cache=ResultCache())
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,31 +228,14 @@ class Analysis(LabelFreeViews, ModelRuns):
         """Where the record is (q, k, biases, block outputs): the model's device, unless moved by :meth:`to`."""
         return self.q[0].device
 
-    def to(self, device: torch.device | str) -> Analysis:
-        """This analysis with its record on ``device``, e.g. ``r.to("cpu")`` to keep many results of a GPU model
-        without holding GPU memory; every view then computes there. The same object when it is already there.
-
-        The copy does not carry the gradient-enabled forward's autograd graph (``analyze(..., gradients=True)``),
-        which lives with the model: a class-specific map of the copy runs the model again (one forward and one
-        backward per class) and brings its gradients to ``device``. What the original had cached is formed again."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if self.device == device:
-            return self
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return replace(
-            self,
-            q=tuple(move(t) for t in self.q),
-            k=tuple(move(t) for t in self.k),
-            biases=tuple(move(b) for b in self.biases),
-            block_outputs={i: move(t) for i, t in self.block_outputs.items()},
-            graph=GradientGraph(),
-            _cache=ResultCache(),
-        )
+    def _moved(self, move: Callable[[Any], Any]) -> dict[str, Any]:
+        return {
+            "q": tuple(move(t) for t in self.q),
+            "k": tuple(move(t) for t in self.k),
+            "biases": tuple(move(b) for b in self.biases),
+            "block_outputs": {i: move(t) for i, t in self.block_outputs.items()},
+            "graph": GradientGraph(),
+        }
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:

@@ -29,6 +29,7 @@ import torch
 
 from vizapp import limits
 from vizapp.errors import BadParameterError
+from vizapp.result_features import to_numpy
 from vizapp.resultcache import Key, ResultCache
 
 if TYPE_CHECKING:
@@ -81,14 +82,14 @@ def layer_outputs(
     vm: VizModel, x: torch.Tensor, layers: set[int]
 ) -> tuple[dict[int, torch.Tensor], tuple[tuple[int, int], ...]]:
     """The block outputs of ``layers`` for a batch ``x`` [B, C, H, W] by one forward of ``vm`` that forms no attention
-    map: layer -> [B, N_l, C_l] float32 on the host, and every layer's grid as that forward used it."""
+    map: layer -> [B, N_l, C_l] float32 on the model's device, and every layer's grid as that forward used it."""
     from vizapp.windows import WindowCapture
 
     kept: dict[int, torch.Tensor] = {}
 
     def keep(i: int, out: torch.Tensor) -> None:
         if i in layers:
-            kept[i] = out.float().cpu()
+            kept[i] = out.float()
 
     with torch.no_grad(), WindowCapture(vm.model, on_block=keep, maps=False) as cap:
         vm.logits(x.to(device=vm.device, dtype=vm.dtype))
@@ -119,7 +120,7 @@ def feature_pca_images(
     kept, grids = layer_outputs(vm, x, {layer})
     res = feature_pca(kept[layer], foreground_threshold=foreground_threshold, grid_size=grids[layer])
     stage = window_sites(vm.model)[layer].stage
-    return res.rgb.reshape(len(images), *grids[layer], 3).numpy(), stage_strides(vm, stage + 1)[stage]
+    return to_numpy(res.rgb.reshape(len(images), *grids[layer], 3)), stage_strides(vm, stage + 1)[stage]
 
 
 class WindowLens:
@@ -187,7 +188,7 @@ class WindowFeatureViews:
 
         def make() -> torch.Tensor:
             vm = self._model()  # the very network (StaleResultError when it changed)
-            out = layer_outputs(vm, self.input, {layer})[0][layer][0]
+            out = layer_outputs(vm, self.input, {layer})[0][layer][0].to(self.device)
             if out.shape[0] != self.tokens_per_layer[layer]:
                 raise RuntimeError(f"layer {layer} gave {out.shape[0]} tokens, not {self.tokens_per_layer[layer]}")
             return out
@@ -207,7 +208,7 @@ class WindowFeatureViews:
         layer = self._layer(layer)
         grid = self.layer_grids[layer]
         res = feature_pca(self._features(layer), foreground_threshold=foreground_threshold, grid_size=grid)
-        return res.rgb.reshape(*grid, 3).numpy()
+        return to_numpy(res.rgb.reshape(*grid, 3))
 
     def feature_similarity(self, query: Any, layer: int = -1, other: Any = None) -> np.ndarray:
         """Cosine similarity between the token ``query`` (row, col) of ``layer``'s grid and every token of that layer,
@@ -223,7 +224,7 @@ class WindowFeatureViews:
         if keys is not None and keys.shape[-1] != self._features(layer).shape[-1]:
             raise BadParameterError("the second image's features have another width: analyse it with the same model")
         sim = feature_similarity(self._features(layer), token, keys)
-        return sim.reshape(target.layer_grids[layer]).numpy()
+        return to_numpy(sim.reshape(target.layer_grids[layer]))
 
     def token_norms(self) -> tuple[np.ndarray, ...]:
         """Per layer, the L2 norm of every token of its block output, [N_l] float32 row-major over its grid (the

@@ -32,9 +32,10 @@ from vizapp.analysis import windows as W
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
 from vizapp.result import ModelRuns, to_pil
+from vizapp.result_features import to_numpy
 from vizapp.resultcache import Key, ResultCache
 from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews, WindowLens
-from vizapp.windows import WindowCapture, WindowGeometry
+from vizapp.windows import WindowCapture, WindowGeometry, read_relative_bias
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
 METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer")
@@ -161,6 +162,19 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         return max(self.heads_per_layer)
 
     @property
+    def device(self) -> torch.device:
+        """Where the record is (window attention, block outputs): the model's device, unless moved by :meth:`to`."""
+        return self.windows[0].device
+
+    def _moved(self, move: Any) -> dict[str, Any]:
+        return {
+            "windows": tuple(move(w) for w in self.windows),
+            "block_outputs": {i: move(t) for i, t in self.block_outputs.items()},
+            "graph_maps": None,
+            "graph_logits": None,
+        }
+
+    @property
     def layer_grids(self) -> tuple[tuple[int, int], ...]:
         """The (gh, gw) token grid of each attention layer, in order."""
         return tuple(g.grid for g in self.geometry)
@@ -180,7 +194,8 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         layer = self._layer(layer)
         g = self.geometry[layer]
         return self._cache.get(
-            Key("window_index", (layer,)), lambda: W.window_index(g.grid, g.window, g.shift, g.pad_first)
+            Key("window_index", (layer,)),
+            lambda: W.window_index(g.grid, g.window, g.shift, g.pad_first).to(self.device),
         )
 
     # -- validation -------------------------------------------------------------------------------------------------
@@ -232,16 +247,16 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         head = self._head(layer, head)
         token = self.query_token(layer, query)
         m = W.query_map(self.windows[layer], self.index(layer), self.geometry[layer].grid, token)
-        return (m if head is None else m[head]).numpy()
+        return to_numpy(m if head is None else m[head])
 
     def window_mask(self, layer: int, query: Any = (0, 0)) -> np.ndarray:
         """bool [gh_l, gw_l]: the tokens in the query's window on ``layer`` (a shifted window may wrap around the
         grid's edges: the roll brings tokens from the far side, which the shift mask keeps apart)."""
         layer = self._layer(layer)
         token = self.query_token(layer, query)
-        mask = torch.zeros(self.tokens_per_layer[layer], dtype=torch.bool)
+        mask = torch.zeros(self.tokens_per_layer[layer], dtype=torch.bool, device=self.device)
         mask[W.window_cells(self.index(layer), token)] = True
-        return mask.view(self.geometry[layer].grid).numpy()
+        return to_numpy(mask.view(self.geometry[layer].grid))
 
     def full_attention(self, layer: int) -> torch.Tensor:
         """``layer``'s attention on its whole grid, [H_l, N_l, N_l] float32, zero outside the windows."""
@@ -250,11 +265,11 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
 
     # -- maps over the first stage's grid --------------------------------------------------------------------------
     def _first_grid_map(self, flat: torch.Tensor) -> np.ndarray:
-        return flat.reshape(self.geometry[0].grid).float().numpy()
+        return to_numpy(flat.reshape(self.geometry[0].grid).float())
 
     def _readout(self) -> torch.Tensor:
         n = self.tokens_per_layer[-1]
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=self.device)
 
     def rollout(self, head_fusion: str = "mean", start_layer: int = 0) -> np.ndarray:
         """Attention rollout (Abnar & Zuidema 2020) through windows and patch merging, [gh_0, gw_0]: the average-pooled
@@ -282,14 +297,14 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             i = self.graph_image
             grads = torch.autograd.grad(self.graph_logits[i, cls], self.graph_maps, retain_graph=True)
             nw = [g.num_windows for g in self.geometry]
-            out = [gr.reshape(-1, n, *gr.shape[1:])[i].detach().float().cpu() for gr, n in zip(grads, nw, strict=True)]
+            out = [gr.reshape(-1, n, *gr.shape[1:])[i].detach().float() for gr, n in zip(grads, nw, strict=True)]
         else:
             vm = self._model()
             x = self.input.to(device=vm.device, dtype=vm.dtype)
             with torch.enable_grad(), WindowCapture(vm.model, with_grad=True) as cap:
                 logits = vm.logits(x)
                 grads = torch.autograd.grad(logits[0, cls], cap.graph_maps())
-            out = [g.detach().float().cpu() for g in grads]
+            out = [g.detach().float().to(self.device) for g in grads]
         return self._cache.put(key, out)
 
     def _weighted(self, class_idx: Any) -> list[torch.Tensor]:
@@ -336,7 +351,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         """How much attention each token of the last layer receives, averaged over its queries and heads,
         [gh_L, gw_L] (Swin has no CLS row; this is the pooled output's row of the last layer)."""
         full = self.full_attention(self.num_layers - 1).double().mean(0)  # [N, N]
-        return full.mean(0).reshape(self.layer_grids[-1]).float().numpy()
+        return to_numpy(full.mean(0).reshape(self.layer_grids[-1]).float())
 
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
         """A map by name: "rollout", "grad_rollout", "relevance", "attnlrp", "legrad" over the first stage's grid,
@@ -414,8 +429,8 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         (``statistic_{name}``), the rollout, and the class probabilities when the model has a classifier."""
         out: dict[str, np.ndarray] = {}
         for i, w in enumerate(self.windows):
-            out[f"layer{i}_windows"] = w.numpy()
-            out[f"layer{i}_index"] = self.index(i).numpy()
+            out[f"layer{i}_windows"] = to_numpy(w)
+            out[f"layer{i}_index"] = to_numpy(self.index(i))
         out["layer_grids"] = np.array(self.layer_grids, dtype=np.int64)
         out["layer_windows"] = np.array([g.window for g in self.geometry], dtype=np.int64)
         out["layer_shifts"] = np.array([g.shift for g in self.geometry], dtype=np.int64)
@@ -467,33 +482,11 @@ def class_gradients(analyses: Sequence[WindowAnalysis], classes: Sequence[Any]) 
     nw = [g.num_windows for g in analyses[0].geometry]
     for r, c in zip(analyses, cls, strict=True):
         mine = [
-            g.reshape(-1, n, *g.shape[1:])[r.graph_image].detach().float().cpu() for g, n in zip(grads, nw, strict=True)
+            g.reshape(-1, n, *g.shape[1:])[r.graph_image].detach().float().to(r.device)
+            for g, n in zip(grads, nw, strict=True)
         ]
         r._cache.put(Key("grads", (c,)), mine)
     return cls
-
-
-def read_relative_bias(site: Any) -> torch.Tensor | None:
-    """[H, 2wh − 1, 2ww − 1] a layer's learned bias over (Δrow, Δcol) = query − key, read from its weights now: Swin's
-    table, or Swin V2's continuous bias 16·sigmoid(MLP(log-spaced offsets)) evaluated from its MLP."""
-    attn = site.attn
-    holder = getattr(attn, "relative_position_bias", None)  # transformers Swin keeps its table in a submodule
-    table = getattr(attn, "relative_position_bias_table", None)
-    if table is None:
-        table = getattr(holder, "relative_position_bias_table", None)
-    mlp = getattr(attn, "cpb_mlp", None) or getattr(attn, "continuous_position_bias_mlp", None)
-    window = getattr(attn, "window_size", None) or getattr(holder, "window_size", None)
-    if window is None:
-        return None
-    wh, ww = (int(v) for v in (window if isinstance(window, (tuple, list)) else (window, window)))
-    if isinstance(table, torch.Tensor) and table.shape[0] == (2 * wh - 1) * (2 * ww - 1):
-        return table.detach().float().cpu().view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).contiguous()
-    coords = getattr(attn, "relative_coords_table", None)
-    if mlp is not None and isinstance(coords, torch.Tensor) and coords.shape[1:3] == (2 * wh - 1, 2 * ww - 1):
-        with torch.no_grad():
-            out = 16 * torch.sigmoid(mlp(coords).float())  # [1, 2wh − 1, 2ww − 1, H]
-        return out[0].cpu().permute(2, 0, 1).contiguous()
-    return None
 
 
 def analyze_windowed(
@@ -526,10 +519,10 @@ def analyze_windowed(
     if any(g is None for g in geometry) or not reducer.complete():
         raise RuntimeError("some windowed layer never ran; its attention was not captured")
     blocks.check(geometry)
-    outputs = {i: o.cpu() for i, o in blocks.outputs.items()}  # [B, N_l, C_l] each
+    outputs = blocks.outputs  # [B, N_l, C_l] each, on the model's device
     norms = [n.cpu().numpy() for n in blocks.norms]  # [B, N_l] each
     lens_probs = lens.probabilities()  # [B, L, K] or None
-    maps = [cap.attention(i).cpu() for i in range(len(cap))]  # [B, nW, H, w², w²]
+    maps = [cap.attention(i) for i in range(len(cap))]  # [B, nW, H, w², w²], on the model's device
     strides = stage_strides(vm, max(g.stage for g in geometry) + 1)
     layer_strides = tuple(strides[g.stage] for g in geometry)
     biases = tuple(read_relative_bias(s) for s in cap.sites)
@@ -537,11 +530,12 @@ def analyze_windowed(
     fingerprint = vm.fingerprint()
     heads = [m.shape[2] for m in maps]
     values = {k: v.cpu().numpy() for k, v in every_statistic(reducer.values, heads, b).items()}
+    host_logits = logits.detach().float().cpu()  # one copy for the batch
     out = []
     for i in range(b):
         wins = tuple(m[i] for m in maps)
         stats = {k: v[:, i] for k, v in values.items()}  # [L, max H] or [L]
-        lg = logits[i].detach().float().cpu()
+        lg = host_logits[i]
         probs, top = None, []
         if vm.labels and lg.shape[-1] == len(vm.labels):
             probs = torch.softmax(lg, -1).numpy()

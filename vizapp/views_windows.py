@@ -217,9 +217,8 @@ def model_bias_views(vm: Any, layer: int = 0) -> Any:
     """The Position tab for a windowed model, read from its weights (no image needed): ``layer``'s learned
     relative-position bias per head over (Δrow, Δcol), one layer at a time (a layer selector over every attention
     layer), as a :class:`vizapp.views.PosEmbedViews`."""
-    from vizapp.swin_result import read_relative_bias
     from vizapp.views import PosEmbedViews
-    from vizapp.windows import window_sites
+    from vizapp.windows import read_relative_bias, window_sites
 
     sites = window_sites(vm.model)
     lay = min(max(int(layer), 0), len(sites) - 1)

@@ -405,3 +405,26 @@ class WindowCapture:
         if any(not m.requires_grad for m in maps):
             raise RuntimeError("no attention recorded with its graph; run the forward with gradients enabled")
         return maps
+
+
+def read_relative_bias(site: Any) -> torch.Tensor | None:
+    """[H, 2wh − 1, 2ww − 1] a layer's learned bias over (Δrow, Δcol) = query − key, read from its weights now: Swin's
+    table, or Swin V2's continuous bias 16·sigmoid(MLP(log-spaced offsets)) evaluated from its MLP."""
+    attn = site.attn
+    holder = getattr(attn, "relative_position_bias", None)  # transformers Swin keeps its table in a submodule
+    table = getattr(attn, "relative_position_bias_table", None)
+    if table is None:
+        table = getattr(holder, "relative_position_bias_table", None)
+    mlp = getattr(attn, "cpb_mlp", None) or getattr(attn, "continuous_position_bias_mlp", None)
+    window = getattr(attn, "window_size", None) or getattr(holder, "window_size", None)
+    if window is None:
+        return None
+    wh, ww = (int(v) for v in (window if isinstance(window, (tuple, list)) else (window, window)))
+    if isinstance(table, torch.Tensor) and table.shape[0] == (2 * wh - 1) * (2 * ww - 1):
+        return table.detach().float().cpu().view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).contiguous()
+    coords = getattr(attn, "relative_coords_table", None)
+    if mlp is not None and isinstance(coords, torch.Tensor) and coords.shape[1:3] == (2 * wh - 1, 2 * ww - 1):
+        with torch.no_grad():
+            out = 16 * torch.sigmoid(mlp(coords).float())  # [1, 2wh − 1, 2ww − 1, H]
+        return out[0].cpu().permute(2, 0, 1).contiguous()
+    return None

@@ -170,7 +170,7 @@ def token_key_distances(index: torch.Tensor, grid: tuple[int, int], stride: tupl
     m = index.shape[1]
     n = grid[0] * grid[1]
     where = token_slots(index, n)
-    pos = token_centres(grid, stride)[index.clamp(min=0)]  # [nW, w², 2]
+    pos = token_centres(grid, stride).to(index.device)[index.clamp(min=0)]  # [nW, w², 2]
     query = pos.reshape(-1, 2)[where]  # [N, 2]
     keys = pos[where // m]  # [N, w², 2]
     d = torch.linalg.vector_norm(keys - query[:, None, :], dim=-1)
@@ -238,7 +238,7 @@ def token_row_sums(windows: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     """[N] float64: each query token's row sum of head-fused window maps [nW, w², w²] over its real keys."""
     real = index >= 0
     sums = (windows.double() * real[:, None, :].double()).sum(-1)  # [nW, w²]
-    return torch.zeros(num_tokens, dtype=torch.float64).index_add_(0, index[real], sums[real])
+    return torch.zeros(num_tokens, dtype=torch.float64, device=sums.device).index_add_(0, index[real], sums[real])
 
 
 def rollout_through(
