@@ -91,7 +91,9 @@ def refusal(method: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class WindowAnalysis(WindowFeatureViews, ModelRuns):
-    """Everything vizapp computed for one image and one windowed model (CPU tensors / numpy).
+    """Everything vizapp computed for one image and one windowed model: the record of its forward (window attention,
+    block outputs) as tensors on the model's device (:meth:`to` moves it); what the views draw as it is
+    (probabilities, statistics, norms, the lens, the relative bias) as numpy or tensors on the host.
 
     Attributes:
         model_name, load_args, labels, probs, top_k, image, input, notes, model_ref, model_fingerprint: as in
