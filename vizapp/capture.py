@@ -54,6 +54,7 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     attention_chunks,
     attention_from_qk,
     feed,
+    hand_over,
     host_copies,
     image_group,
 )
@@ -345,16 +346,23 @@ class AttentionCapture:
                 v32, out_i = v[i].float(), out[i]
                 bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
                 for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                    self.on_attention.chunk(layer, i, h0, a, r0)
                     m, r = a.shape[0], a.shape[1]
+                    hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r])  # the spent scores: scratch
                     vc, target = v32[h0 : h0 + m], out_i[h0 : h0 + m, r0 : r0 + r]
                     if fp32:
                         torch.bmm(a, vc, out=target)
                     else:
                         target.copy_(torch.bmm(a, vc))
+        self._layer_formed(layer)
+        return out
+
+    def _layer_formed(self, layer: int) -> None:
+        """Close a layer formed inline; after the model's last one the chunk buffer goes, before that layer's MLP (a
+        new forward makes it again): ViT-L/384's peak is there, with every layer's q, k and fusion kept."""
         self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
-        return out
+        if layer == len(self) - 1:
+            self._work = None
 
     def _inline_images(
         self,
@@ -383,11 +391,10 @@ class AttentionCapture:
                     gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
-                self.on_attention.chunk(layer, i0, 0, a.view(g, h, n, n), 0)
+                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, work[0, : g * h].view(g, h, n, n))
                 product = torch.bmm(a, v[flat].float().reshape(g * h, n, -1)).view(g, h, n, -1)
                 out[flat].copy_(product)
-        self.on_attention.layer_done(layer)
-        self.inline_layers.add(layer)
+        self._layer_formed(layer)
         return out
 
     def _mha_call(self, layer: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:

@@ -74,11 +74,14 @@ class LayerStatistics:
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[tuple[int, int]] = set()
 
-    #: takes chunks of several whole images (:meth:`AttentionConsumer.chunk`)
+    #: takes chunks of several whole images, and a scratch buffer with each (:meth:`AttentionConsumer.chunk`)
     image_groups = True
+    takes_scratch = True
 
     # AttentionConsumer
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+    def chunk(
+        self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None = None
+    ) -> None:
         images = attn.shape[0] if attn.dim() == 4 else 1  # [g, H, N, N]: images batch .. batch + g, whole
         if attn.dim() == 4 and images == 1:
             attn = attn[0]
@@ -98,7 +101,7 @@ class LayerStatistics:
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        self.statistics.chunk(layer, batch, head, attn, row)
+        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch)
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
             for f, acc in self._acc.items():
@@ -106,8 +109,13 @@ class LayerStatistics:
             return
         first = (batch, row) not in self._started
         self._started.add((batch, row))
+        # the statistics are done with the scratch: it takes the heads' sum (or max, min) folded into each fusion
+        work = scratch[0] if scratch is not None and scratch.shape == attn.shape else None
         for f, acc in self._acc.items():
-            (start_fusion if first else fuse_heads_into)(acc[batch, row : row + r], attn, f)
+            if first:
+                start_fusion(acc[batch, row : row + r], attn, f)
+            else:
+                fuse_heads_into(acc[batch, row : row + r], attn, f, work=work)
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:
