@@ -376,6 +376,44 @@ def test_layer_statistics_of_a_batch_equal_each_image_alone():
     assert not missing.complete()
 
 
+def test_layer_statistics_with_a_scratch_buffer_equal_those_without():
+    """A scratch buffer handed with each chunk (what the capture's spent scores give) may hold anything: every
+    statistic, fusion and the rollout are bitwise those reduced without one, and it is used (overwritten). By hand:
+    uniform attention over 5 tokens has entropy log 5 in every row."""
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.streaming import LayerStatistics
+
+    g = torch.Generator().manual_seed(1)
+    attn = torch.softmax(3 * torch.randn(2, 3, 4, 5, 5, generator=g), dim=-1)  # [B, L, H, N, N]
+    attn[1, 2] = 0.2  # image 1's last layer: uniform
+    dist = patch_distance_matrix((2, 2), (16, 16))
+    weights = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
+    plain = LayerStatistics([4] * 3, 5, dist, 1, ("mean", "max", "min"), batch=2)
+    given = LayerStatistics([4] * 3, 5, dist, 1, ("mean", "max", "min"), batch=2)
+    assert given.takes_scratch
+    used = []
+    for layer in range(3):
+        for b in range(2):
+            for h0 in (0, 2):  # two chunks of two heads: the second is folded into the fusions through the scratch
+                chunk = attn[b, layer, h0 : h0 + 2].clone()
+                scratch = torch.full_like(chunk, float("nan"))
+                plain.chunk(layer, b, h0, chunk, 0)
+                given.chunk(layer, b, h0, chunk, 0, scratch=scratch)
+                used.append(not scratch.isnan().all())
+        plain.layer_done(layer)
+        given.layer_done(layer)
+    assert given.complete() and all(used)
+    for name, v in plain.statistics.values.items():  # block statistics stay NaN here (no block outputs)
+        torch.testing.assert_close(given.statistics.values[name], v, rtol=0, atol=0, equal_nan=True)
+    assert not plain.statistics.values["distance"].isnan().any()
+    for f in ("mean", "max", "min"):
+        for layer in range(3):
+            assert torch.equal(given.fused[f][layer], plain.fused[f][layer])
+    assert torch.equal(given.rollout_row(weights), plain.rollout_row(weights))
+    entropy = given.statistics.values["entropy"][2, 1]  # [H] of image 1's uniform layer
+    torch.testing.assert_close(entropy, torch.full((4,), np.log(5), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
     """benchmarks.batch on a tiny model, one round: a table per thread count, every cell filled where timed."""
     from benchmarks import batch as bench
@@ -408,9 +446,9 @@ def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeyp
     seen: list[int] = []
     real = streaming.LayerStatistics.chunk
 
-    def spy(self, layer, batch, head, attn, row):
+    def spy(self, layer, batch, head, attn, row, **kw):
         seen.append(attn.shape[0] if attn.dim() == 4 else 1)
-        return real(self, layer, batch, head, attn, row)
+        return real(self, layer, batch, head, attn, row, **kw)
 
     from vizapp.statistics import STATISTICS
 

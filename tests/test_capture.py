@@ -237,6 +237,40 @@ def test_inline_capture_hands_over_timm_attention_and_keeps_the_output():
         torch.testing.assert_close(a, maps[layer][b, h0 : h0 + a.shape[0]], atol=1e-6, rtol=1e-5)
 
 
+class _ScratchRecorder(_Recorder):
+    takes_scratch = True
+
+    def chunk(self, layer, batch, head, attn, row, scratch=None):
+        assert scratch is not None and scratch.shape == attn.shape and scratch.dtype == attn.dtype
+        assert scratch.data_ptr() != attn.data_ptr()
+        super().chunk(layer, batch, head, attn, row)
+        scratch.fill_(float("nan"))  # the consumer may overwrite it: the attention and the output stay exact
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_consumer_that_takes_scratch_may_overwrite_it_and_the_chunk_buffer_goes_after_the_forward(inline):
+    """A consumer with ``takes_scratch`` gets a buffer beside each chunk (inline and replayed from q and k) and may
+    overwrite it: its chunks and the forward's output are bitwise those a plain consumer sees. The inline chunk buffer
+    is dropped after the last layer (a second forward makes it again and gives the same)."""
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=3)
+    if not inline:
+        for blk in vm.model.blocks:
+            blk.attn.fused_attn = False  # no SDPA call: the consumer is fed from q and k at the end of each layer
+    x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
+    outs = []
+    for rec in (_Recorder(), _ScratchRecorder(), _ScratchRecorder()):
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec, chunk_bytes=2 * 17 * 17 * 4) as cap:
+            outs.append((vm.model(x), rec))
+            assert cap._work is None
+            assert (cap.inline_layers if inline else cap.replayed_layers) == {0, 1, 2}
+    (plain, a), (given, b), (again, c) = outs
+    assert torch.equal(given, plain) and torch.equal(again, plain)
+    assert len(a.chunks) == len(b.chunks) == len(c.chunks) == 3 * 2 * 2
+    for one, two, three in zip(a.chunks, b.chunks, c.chunks, strict=True):
+        assert one[:4] == two[:4] == three[:4]
+        assert torch.equal(one[4], two[4]) and torch.equal(one[4], three[4])
+
+
 def test_inline_capture_splits_one_head_into_row_blocks_when_it_does_not_fit(monkeypatch):
     from vizapp import limits
 

@@ -55,6 +55,43 @@ def test_logit_lens_last_layer_is_the_model_prediction(name, kwargs):
     assert not np.array_equal(r.lens_probs[0], r.lens_probs[-1])  # each layer is read on its own
 
 
+def test_norms_and_lens_taken_as_blocks_arrive_equal_those_of_kept_outputs(monkeypatch):
+    """Over BLOCK_OUTPUT_BYTES only the last block's output is kept and each layer's token norms and lens are taken
+    as its output arrives (written into one block for all layers): the values of the other path, which keeps every
+    output and reads them after the forward, and the norms computed by hand from the kept last output."""
+    from vizapp import limits
+
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=3)
+    kept = vizapp.analyze(vm, random_image(4))
+    monkeypatch.setattr(limits, "BLOCK_OUTPUT_BYTES", 0)
+    streamed = vizapp.analyze(vm, random_image(4))
+    assert sorted(kept.block_outputs) == [0, 1, 2] and sorted(streamed.block_outputs) == [2]
+    assert streamed.block_norms.shape == (3, streamed.num_tokens) and streamed.lens_probs.shape == (3, 1000)
+    np.testing.assert_allclose(streamed.block_norms, kept.block_norms, rtol=1e-6)
+    np.testing.assert_allclose(streamed.lens_probs, kept.lens_probs, atol=1e-7)
+    last = streamed.block_outputs[2].numpy().astype(np.float64)
+    np.testing.assert_allclose(streamed.block_norms[2], np.sqrt((last**2).sum(-1)), rtol=1e-6)
+    np.testing.assert_allclose(streamed.lens_probs[2], streamed.probs, atol=1e-7)
+    assert not np.allclose(streamed.block_norms[0], streamed.block_norms[1])  # each row is its own layer's
+
+
+def test_block_features_second_forward_leaves_the_first_ones_norms():
+    from vizapp.streaming import BlockFeatures
+
+    bf = BlockFeatures(2, None, budget=0)  # no output kept: norms written as each block's output arrives
+    bf(0, torch.tensor([[[3.0, 4.0], [0.0, 1.0]]]))
+    bf(1, torch.tensor([[[6.0, 8.0], [0.0, 2.0]]]))
+    bf.finish()
+    first = bf.stacked("norms")
+    assert torch.equal(first, torch.tensor([[[5.0, 1.0]], [[10.0, 2.0]]]))  # [L, B, N]
+    assert torch.equal(bf.norms[1], torch.tensor([[10.0, 2.0]]))
+    bf(0, torch.tensor([[[0.0, 0.0], [5.0, 12.0]]]))  # a second forward
+    bf(1, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+    bf.finish()
+    assert torch.equal(bf.stacked("norms"), torch.tensor([[[0.0, 13.0]], [[1.0, 0.0]]]))
+    assert torch.equal(first, torch.tensor([[[5.0, 1.0]], [[10.0, 2.0]]]))  # a new block: the first is unchanged
+
+
 def test_feature_pca_and_similarity(reg4):
     r = vizapp.analyze(reg4, random_image(3))
     rgb = r.feature_pca()

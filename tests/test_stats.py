@@ -284,7 +284,9 @@ def test_batch_statistics_match_analyze_image_by_image(vm, folder, monkeypatch, 
     red = StatisticsReducer([vm.num_heads] * vm.num_layers, len(paths), geometry)
     rows_seen = set()
     real_chunk = red.chunk
-    monkeypatch.setattr(red, "chunk", lambda layer, b, h, a, row: rows_seen.add(row) or real_chunk(layer, b, h, a, row))
+    monkeypatch.setattr(
+        red, "chunk", lambda layer, b, h, a, row, **kw: rows_seen.add(row) or real_chunk(layer, b, h, a, row, **kw)
+    )
     chunk_bytes = 1 if path == "inline_row_blocks" else None
     with (
         torch.no_grad(),

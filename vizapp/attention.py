@@ -66,10 +66,31 @@ class AttentionConsumer(Protocol):
 
         A consumer whose ``image_groups`` attribute is true may also receive [g, H, N, N]: every head and row of the
         g images ``batch .. batch + g`` at once (``head`` and ``row`` 0), when whole images fit the chunk size
-        (:func:`image_group`)."""
+        (:func:`image_group`).
+
+        A consumer whose ``takes_scratch`` attribute is true is also passed ``scratch=``: a buffer of ``attn``'s shape
+        and dtype (the chunk's scores, spent once their softmax is formed) that it may overwrite during the call, so
+        that it needs no working memory of its own; or None where there is none (see :func:`hand_over`)."""
 
     def layer_done(self, layer: int) -> None:
         """Every chunk of ``layer`` has been passed."""
+
+
+def hand_over(
+    consumer: AttentionConsumer,
+    layer: int,
+    batch: int,
+    head: int,
+    attn: torch.Tensor,
+    row: int,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    """``consumer.chunk(layer, batch, head, attn, row)``, with ``scratch`` (a buffer of ``attn``'s shape and dtype it
+    may overwrite) for a consumer that takes one (see :meth:`AttentionConsumer.chunk`)."""
+    if getattr(consumer, "takes_scratch", False):
+        consumer.chunk(layer, batch, head, attn, row, scratch=scratch)  # type: ignore[call-arg]
+    else:
+        consumer.chunk(layer, batch, head, attn, row)
 
 
 def image_group(consumer: Any, batch: int, heads: int, tokens: int, budget: int) -> int:
@@ -101,7 +122,7 @@ def feed(
         for i in range(b):
             bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
             for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                consumer.chunk(layer, i, h0, a, r0)
+                hand_over(consumer, layer, i, h0, a, r0, work[0, : a.shape[0], : a.shape[1]])
     consumer.layer_done(layer)
 
 

@@ -54,6 +54,7 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     attention_chunks,
     attention_from_qk,
     feed,
+    hand_over,
     host_copies,
     image_group,
 )
@@ -233,6 +234,7 @@ class AttentionCapture:
         self.unexact_layers: dict[int, str] = {}
         self._called: set[int] = set()
         self._packed: torch.Tensor | None = None
+        self._slots: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ())  # q, k views of _packed
         self._work: torch.Tensor | None = None  # the inline chunk buffer, shared by the layers
         self._modes: list[_MHAMode] = []
         self._routing = False  # this capture holds the SDPA route open (see _acquire)
@@ -261,8 +263,13 @@ class AttentionCapture:
             packed = self._packed
             if layer == 0 or packed is None:
                 packed = self._packed = torch.empty((2, len(self), *q.shape), dtype=q.dtype, device=q.device)
+                # every layer's view made now, together: a view made in each layer would be a small allocation that
+                # outlives the layer among its freed activations, splitting the holes the next layer's activations
+                # would reuse (ViT-L/384: the heap grew by about 100 MB over the forward with such small objects)
+                self._slots = (packed[0].unbind(0), packed[1].unbind(0))
             if packed.shape[2:] == q.shape == k.shape and packed.dtype == q.dtype and packed.device == q.device:
-                self.q[layer], self.k[layer] = packed[0, layer].copy_(q), packed[1, layer].copy_(k)
+                qs, ks = self._slots
+                self.q[layer], self.k[layer] = qs[layer].copy_(q), ks[layer].copy_(k)
             else:  # layers of different shapes: one copy each
                 self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()
         else:
@@ -339,16 +346,23 @@ class AttentionCapture:
                 v32, out_i = v[i].float(), out[i]
                 bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
                 for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                    self.on_attention.chunk(layer, i, h0, a, r0)
                     m, r = a.shape[0], a.shape[1]
+                    hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r])  # the spent scores: scratch
                     vc, target = v32[h0 : h0 + m], out_i[h0 : h0 + m, r0 : r0 + r]
                     if fp32:
                         torch.bmm(a, vc, out=target)
                     else:
                         target.copy_(torch.bmm(a, vc))
+        self._layer_formed(layer)
+        return out
+
+    def _layer_formed(self, layer: int) -> None:
+        """Close a layer formed inline; after the model's last one the chunk buffer goes, before that layer's MLP (a
+        new forward makes it again): ViT-L/384's peak is there, with every layer's q, k and fusion kept."""
         self.on_attention.layer_done(layer)
         self.inline_layers.add(layer)
-        return out
+        if layer == len(self) - 1:
+            self._work = None
 
     def _inline_images(
         self,
@@ -377,11 +391,10 @@ class AttentionCapture:
                     gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
-                self.on_attention.chunk(layer, i0, 0, a.view(g, h, n, n), 0)
+                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, work[0, : g * h].view(g, h, n, n))
                 product = torch.bmm(a, v[flat].float().reshape(g * h, n, -1)).view(g, h, n, -1)
                 out[flat].copy_(product)
-        self.on_attention.layer_done(layer)
-        self.inline_layers.add(layer)
+        self._layer_formed(layer)
         return out
 
     def _mha_call(self, layer: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:

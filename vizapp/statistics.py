@@ -151,7 +151,8 @@ class MeanDistance(HeadStatistic):
     column = "mean_distance_px"  # type: ignore[assignment]  # dataset mode's column since its first version
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
-        geometry.distance_terms.query_distances(attn, row, out=out)
+        # the product a·d in the statistic's working buffer: [c, q, P] of its [c, q, N]
+        geometry.distance_terms.query_distances(attn, row, out=out, product=work[..., : geometry.dist.shape[-1]])
 
 
 class AttentionEntropy(HeadStatistic):
@@ -320,12 +321,16 @@ class StatisticsReducer:
         return buf[..., :q]
 
     # AttentionConsumer
-    #: takes chunks of several whole images (:meth:`vizapp.attention.AttentionConsumer.chunk`)
+    #: takes chunks of several whole images, and a scratch buffer with each
+    #: (:meth:`vizapp.attention.AttentionConsumer.chunk`)
     image_groups = True
+    takes_scratch = True
 
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+    def chunk(
+        self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None = None
+    ) -> None:
         if attn.dim() == 4:  # [g, H, N, N]: every head and row of images batch .. batch + g
-            self.chunk_images(layer, batch, attn)
+            self.chunk_images(layer, batch, attn, scratch)
             return
         c, r, n = attn.shape
         g = self._layer_geometry(layer)
@@ -333,7 +338,9 @@ class StatisticsReducer:
             raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
         if not 0 <= batch < self.batch:
             raise ValueError(f"attention of image {batch}, but the forward has {self.batch} images")
-        work = self._work
+        work = scratch if scratch is not None and scratch.shape == attn.shape and scratch.dtype == attn.dtype else None
+        if work is None:
+            work = self._work
         if work is None or work.shape[0] < c or work.shape[1] < r or work.shape[2] != n or work.dtype != attn.dtype:
             work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
         heads, p = slice(head, head + c), g.num_prefix_tokens
@@ -347,10 +354,12 @@ class StatisticsReducer:
                 s.rows(attn, row, g, rows[batch, heads, row : row + r], work[:c, :r])
         self._cells[layer] += c * r
 
-    def chunk_images(self, layer: int, batch: int, attn: torch.Tensor) -> None:
-        """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N]. Where the layer has
-        every head the buffers hold, the g images' heads are reduced as one chunk of g·H heads (each statistic is per
-        head and row), else image by image."""
+    def chunk_images(self, layer: int, batch: int, attn: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N] (``scratch``, optional:
+        a buffer like it that may be overwritten). Where the layer has every head the buffers hold, the g images'
+        heads are reduced as one chunk of g·H heads (each statistic is per head and row), else image by image."""
+        if scratch is not None and (scratch.shape != attn.shape or scratch.dtype != attn.dtype):
+            scratch = None
         images, h, r, n = attn.shape
         g = self._layer_geometry(layer)
         if batch < 0 or batch + images > self.batch:
@@ -359,12 +368,12 @@ class StatisticsReducer:
         whole = all(b.shape[1] == h and b.is_contiguous() for b in buffers)  # the images' rows are one block
         if images == 1 or r != g.num_tokens or not whole or not attn.is_contiguous():
             for j, one in enumerate(attn):
-                self.chunk(layer, batch + j, 0, one, 0)
+                self.chunk(layer, batch + j, 0, one, 0, scratch=None if scratch is None else scratch[j])
             return
         if n != g.num_keys:
             raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
         flat = attn.view(images * h, r, n)
-        work = self._work
+        work = scratch.view(images * h, r, n) if scratch is not None and scratch.is_contiguous() else self._work
         if (
             work is None
             or work.shape[0] < images * h

@@ -68,16 +68,20 @@ class LayerStatistics:
         #: with ``store_mean``: every layer's mean fusion in one [B, L, N, N] block (``fused["mean"]`` holds views of
         #: it), so that neither the rollout nor a caller has to stack them; ``mean_store[b]`` is image b's [L, N, N]
         self.mean_store: torch.Tensor | None = None
+        self._mean_layers: tuple[torch.Tensor, ...] = ()  # mean_store[:, l] for every layer l
         self.joint: list[torch.Tensor] | None = None  # per image, the bottom-up rollout [N, N] when not store_mean
         self.valid = True  # False once a chunk could not be used (an image outside the batch, a token mismatch)
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[tuple[int, int]] = set()
 
-    #: takes chunks of several whole images (:meth:`AttentionConsumer.chunk`)
+    #: takes chunks of several whole images, and a scratch buffer with each (:meth:`AttentionConsumer.chunk`)
     image_groups = True
+    takes_scratch = True
 
     # AttentionConsumer
-    def chunk(self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int) -> None:
+    def chunk(
+        self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None = None
+    ) -> None:
         images = attn.shape[0] if attn.dim() == 4 else 1  # [g, H, N, N]: images batch .. batch + g, whole
         if attn.dim() == 4 and images == 1:
             attn = attn[0]
@@ -89,12 +93,15 @@ class LayerStatistics:
             dev, b = attn.device, self.batch
             if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
                 self.mean_store = torch.empty((b, len(self.heads), n, n), device=dev)
+                # every layer's view at once: one made per layer would outlive it among the layer's freed
+                # activations and fragment the heap (see AttentionCapture._record)
+                self._mean_layers = self.mean_store.unbind(1)
             self._acc = {
-                f: self.mean_store[:, layer] if f == "mean" and self.store_mean else torch.empty((b, n, n), device=dev)
+                f: self._mean_layers[layer] if f == "mean" and self.store_mean else torch.empty((b, n, n), device=dev)
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        self.statistics.chunk(layer, batch, head, attn, row)
+        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch)
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
             for f, acc in self._acc.items():
@@ -102,8 +109,13 @@ class LayerStatistics:
             return
         first = (batch, row) not in self._started
         self._started.add((batch, row))
+        # the statistics are done with the scratch: it takes the heads' sum (or max, min) folded into each fusion
+        work = scratch[0] if scratch is not None and scratch.shape == attn.shape else None
         for f, acc in self._acc.items():
-            (start_fusion if first else fuse_heads_into)(acc[batch, row : row + r], attn, f)
+            if first:
+                start_fusion(acc[batch, row : row + r], attn, f)
+            else:
+                fuse_heads_into(acc[batch, row : row + r], attn, f, work=work)
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:
@@ -185,7 +197,8 @@ class BlockFeatures:
 
     When every layer's output is kept, the norms and the lens are taken after the forward, all layers in one call
     (:meth:`finish`): the head's weights are then read once instead of once per layer (ViT-B/16 on 2 CPU threads: 1.1
-    against 3.2 ms for 12 layers). Otherwise they are taken as each block's output arrives.
+    against 3.2 ms for 12 layers). Otherwise they are taken as each block's output arrives, into one block for all
+    layers (see :meth:`_write`).
 
     Args:
         num_layers: L.
@@ -207,6 +220,8 @@ class BlockFeatures:
         self.outputs: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] float32
         self._deferred: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] in the model's dtype, until finish()
         self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
+        self._blocks: dict[str, torch.Tensor] = {}  # "norms" [L, B, N], "lens" [L, B, K]: written during the forward
+        self._written: dict[str, set[int]] = {}  # the layers written into each of _blocks
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         if self.num_layers * out[0].numel() * 4 <= self.budget:  # kept, and reduced in finish()
@@ -214,10 +229,10 @@ class BlockFeatures:
             return
         if layer == self.num_layers - 1:
             self.outputs[layer] = out.float()
-        self.norms[layer] = torch.linalg.vector_norm(out.float(), dim=-1)
+        self._write("norms", layer, torch.linalg.vector_norm(out.float(), dim=-1))
         if self.lens_fn is not None:
             with torch.no_grad():
-                self.lens[layer] = self._probabilities(self.lens_fn(out).float())
+                self._write("lens", layer, self._probabilities(self.lens_fn(out).float()))
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The lens's logits as the model's own probabilities: the softmax, or each one's sigmoid where the lens says
@@ -226,8 +241,28 @@ class BlockFeatures:
 
         return probabilities(logits, getattr(self.lens_fn, "activation", "softmax"))
 
+    def _write(self, what: str, layer: int, value: torch.Tensor) -> None:
+        """Layer ``layer``'s ``value`` ([B, N] norms or [B, K] lens) copied into one block for every layer, made at
+        the forward's first layer: a tensor kept per layer would be a small allocation outliving the layer among its
+        freed activations, which fragments the heap (see :meth:`vizapp.capture.AttentionCapture._record`)."""
+        block = self._blocks.get(what)
+        if layer == 0 or block is None or block.shape[1:] != value.shape or block.dtype != value.dtype:
+            block = self._blocks[what] = torch.empty(
+                (self.num_layers, *value.shape), dtype=value.dtype, device=value.device
+            )
+            self._written[what] = set()
+        block[layer].copy_(value)
+        self._written[what].add(layer)
+
     def finish(self) -> None:
-        """Norms and lens of the layers whose outputs were kept, in one call each; call once after the forward."""
+        """Norms and lens of the layers whose outputs were kept, in one call each, and every layer's view of the
+        blocks the others were written into; call once after the forward."""
+        for what, block in self._blocks.items():
+            for i in self._written[what]:
+                getattr(self, what)[i] = block[i]
+            if len(self._written[what]) == self.num_layers:
+                self._stacked[what] = block
+        self._blocks, self._written = {}, {}
         if not self._deferred:
             return
         layers = sorted(self._deferred)
@@ -249,6 +284,6 @@ class BlockFeatures:
 
     def stacked(self, what: str) -> torch.Tensor:
         """Every layer's ``"norms"`` [L, B, N] or ``"lens"`` [L, B, K] as one tensor (no copy when :meth:`finish`
-        took all layers at once)."""
+        took all layers at once or every layer was written into one block during the forward)."""
         found = self._stacked.get(what)
         return found if found is not None else torch.stack(getattr(self, what))

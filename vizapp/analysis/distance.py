@@ -66,9 +66,14 @@ class BlockDistanceTerms:
         self._product: torch.Tensor | None = None
 
     def __call__(
-        self, attn: torch.Tensor, row: int, into: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        attn: torch.Tensor,
+        row: int,
+        into: tuple[torch.Tensor, torch.Tensor] | None = None,
+        product: torch.Tensor | None = None,
     ) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
-        """See the class; ``into`` ([c, P] each, optional): the sums go into their columns q0..q1."""
+        """See the class; ``into`` ([c, P] each, optional): the sums go into their columns q0..q1; ``product`` ([c,
+        q1 - q0, P], optional): the buffer for a·d instead of the one kept here."""
         c, r, _ = attn.shape
         p = self.p
         lo = max(row, p)
@@ -76,7 +81,9 @@ class BlockDistanceTerms:
             return None
         q0, q1 = lo - p, row + r - p
         buf = self._product
-        if buf is None or buf.shape[0] < c or buf.shape[1] < q1 - q0:
+        if product is not None and product.shape == (c, q1 - q0, self.dist.shape[-1]) and product.dtype == attn.dtype:
+            buf = product
+        elif buf is None or buf.shape[0] < c or buf.shape[1] < q1 - q0:
             shape = (c, q1 - q0) if buf is None else (max(c, buf.shape[0]), max(q1 - q0, buf.shape[1]))
             buf = self._product = torch.empty((*shape, self.dist.shape[-1]), dtype=attn.dtype, device=attn.device)
         sums = None if into is None else (into[0][:, q0:q1], into[1][:, q0:q1])
@@ -84,11 +91,11 @@ class BlockDistanceTerms:
         return q0, q1, num, den
 
     def query_distances(
-        self, attn: torch.Tensor, row: int, out: torch.Tensor | None = None
+        self, attn: torch.Tensor, row: int, out: torch.Tensor | None = None, product: torch.Tensor | None = None
     ) -> tuple[int, int, torch.Tensor] | None:
         """The renormalised mean distance of each patch query of the block: (q0, q1, [c, q1 - q0]) (into ``out``
-        when given), or None when the block holds prefix queries only."""
-        terms = self(attn, row)
+        when given), or None when the block holds prefix queries only; ``product`` as in :meth:`__call__`."""
+        terms = self(attn, row, product=product)
         if terms is None:
             return None
         q0, q1, num, den = terms

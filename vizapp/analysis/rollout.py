@@ -16,18 +16,25 @@ HEAD_FUSIONS = ("mean", "max", "min")
 FUSION_START = {"mean": 0.0, "max": -float("inf"), "min": float("inf")}
 
 
-def fuse_heads_into(acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+def fuse_heads_into(
+    acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean", work: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fold the heads of ``attn`` [..., c, r, N] into the running fusion ``acc`` [..., r, N], in place.
 
     ``acc`` starts at :data:`FUSION_START` [head_fusion]; after every head has been folded in, "mean" still has to be
-    divided by the number of heads (:func:`finish_fusion`). Chunks of heads may arrive in any order.
+    divided by the number of heads (:func:`finish_fusion`). Chunks of heads may arrive in any order. ``work`` (shaped
+    like ``acc``, optional) receives the heads' sum, max or min on the way, instead of a new tensor.
     """
     if head_fusion == "mean":
-        return acc.add_(attn.sum(dim=-3))
+        return acc.add_(torch.sum(attn, dim=-3, out=work) if work is not None else attn.sum(dim=-3))
     if head_fusion == "max":
-        return torch.maximum(acc, attn.amax(dim=-3), out=acc)
+        return torch.maximum(
+            acc, torch.amax(attn, dim=-3, out=work) if work is not None else attn.amax(dim=-3), out=acc
+        )
     if head_fusion == "min":
-        return torch.minimum(acc, attn.amin(dim=-3), out=acc)
+        return torch.minimum(
+            acc, torch.amin(attn, dim=-3, out=work) if work is not None else attn.amin(dim=-3), out=acc
+        )
     raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
 
 
