@@ -103,14 +103,18 @@ def chefer_relevance(attn: torch.Tensor, grad: torch.Tensor, start_layer: int = 
 def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
     """One row of Chefer et al.'s relevance, ``weights`` [N] @ R, from the gradient-weighted fusions Ā [L, N, N]
     (:func:`grad_weighted_heads`) in O(L·N²): R = (I + Ā_{L-1}) ··· (I + Ā_start), so the row is carried from the
-    top layer down, v <- v + v Ā_l, and R itself is never formed. Equal to ``weights @ chefer_relevance(...)``."""
-    if fused.dim() != 3 or not 0 <= start_layer < fused.shape[0]:
+    top layer down, v <- v + v Ā_l, and R itself is never formed. Equal to ``weights @ chefer_relevance(...)``.
+
+    For a batch, Ā is [B, L, N, N] and ``weights`` [N] or [B, N]: each image's row through its own Ā, [B, N]."""
+    if fused.dim() not in (3, 4) or not 0 <= start_layer < fused.shape[-3]:
         raise ValueError(
-            f"expected Ā shaped [L, N, N] and start_layer in range, got {tuple(fused.shape)}, {start_layer}"
+            f"expected Ā shaped [L, N, N] or [B, L, N, N] and start_layer in range, got {tuple(fused.shape)}, "
+            f"{start_layer}"
         )
     v = weights.to(device=fused.device, dtype=torch.float64)  # the weights are made on the host
-    for layer in range(fused.shape[0] - 1, start_layer - 1, -1):
-        v = v + v @ fused[layer].to(torch.float64)
+    for layer in range(fused.shape[-3] - 1, start_layer - 1, -1):
+        a = fused[..., layer, :, :].to(torch.float64)
+        v = v + (v @ a if a.dim() == 2 else torch.matmul(v.unsqueeze(-2), a).squeeze(-2))
     return v
 
 
