@@ -212,7 +212,7 @@ def _class_maps(
     gradient-weighted fusion and map rows are then computed for the whole batch at once, each equal to that image's
     :meth:`Analysis.grad_rollout` / :meth:`Analysis.relevance`.
     """
-    from vizapp.analysis.relevance import grad_weighted_heads, relevance_row
+    from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
     from vizapp.analysis.rollout import rollout_row
 
     b, p = x.shape[0], vm.num_prefix_tokens
@@ -245,8 +245,11 @@ def _class_maps(
     grads = list(torch.autograd.grad(score, cap.maps))  # [B, H, N, N] per layer; the graph is freed
     fused = torch.empty((len(grads), b, n, n), dtype=torch.float64, device=logits.device)  # Ā: [L, B, N, N]
     for layer, a in enumerate(cap.maps):
-        fused[layer] = grad_weighted_heads(a, grads[layer])
-        grads[layer] = None  # each layer's gradient goes once it is fused
+        grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
+        if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
+            grad_weighted_heads_into(fused[layer], a, grad)  # the product in the gradient's memory
+        else:
+            fused[layer] = grad_weighted_heads(a, grad)
     out = {}
     for name, (start_layer, start_row, ratio) in options.items():
         weights = readout_weights("cls" if start_row == "cls" else vm.readout, n, p)

@@ -45,6 +45,17 @@ def grad_weighted_heads(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.mul(g, a).clamp_(min=0.0).mean(dim=-3, dtype=torch.float64)
 
 
+def grad_weighted_heads_into(out: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """:func:`grad_weighted_heads` of float32 ``attn`` and ``grad`` [..., H, N, N] written into ``out`` [..., N, N]
+    float64, with the product formed in ``grad``'s own memory: ``grad`` is overwritten, so it must be a gradient
+    nobody reads again. The same operations as :func:`grad_weighted_heads` (whose head mean on the CPU is this sum
+    divided by H), without allocating the product or the fusion. Returns ``out``."""
+    if attn.dtype != torch.float32 or grad.dtype != torch.float32 or grad.shape != attn.shape:
+        raise ValueError(f"expected float32 attention and gradient of one shape, got {attn.dtype}, {grad.dtype}")
+    product = grad.mul_(attn.detach()).clamp_(min=0.0)
+    return torch.sum(product, dim=-3, dtype=torch.float64, out=out).div_(attn.shape[-3])
+
+
 def grad_rollout(
     attn: torch.Tensor,
     grad: torch.Tensor,
