@@ -274,7 +274,9 @@ def explain(
     Each map equals ``vizapp.analyze(vm, image).explain(name, class)`` of that image alone. The images go through the
     model in batched forwards (:func:`forward_groups`; one for a batch that fits the budget); when a class-specific
     method is asked (gradient rollout, relevance), that forward keeps its attention in the autograd graph and ONE
-    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. A method
+    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. When
+    gradient rollout and relevance are the only such methods (a ViT, not a windowed model), no analysis of any image
+    is formed: their maps come straight from that graph, the whole batch at once (:func:`_class_maps`). A method
     that runs the model itself (``Method.batch``: AttnLRP, LeGrad) takes each group in its own single forward and
     backward, without the analysis forward when no other method is asked.
 
@@ -293,7 +295,10 @@ def explain(
 
     Raises:
         BadImageError: an image cannot be used ("image 2: ..."); BadParameterError: an unknown method, class or
-            control. Both before any forward.
+            control (a bad value of gradient rollout's or relevance's controls too, when they are the only methods
+            on the analysis forward). All before any forward.
+        UnsupportedModelError: a layer's attention cannot be taken in the graph (it never calls SDPA, or runs
+            dropout).
     """
     names = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
     if not names:
