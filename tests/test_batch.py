@@ -14,7 +14,7 @@ import torch
 import vizapp
 from tests.conftest import FAMILIES, random_image, small_model
 from vizapp import limits
-from vizapp.errors import BadImageError, BadParameterError
+from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
 from vizapp.methods import METHODS, unavailable
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -477,3 +477,99 @@ def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeyp
         if a.probs is not None:
             np.testing.assert_allclose(a.probs, b.probs, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(a.block_norms, b.block_norms, rtol=1e-6, atol=1e-6)
+
+
+GRADIENT_MAPS = ["grad_rollout", "relevance"]
+
+
+@pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4"])
+def test_gradient_maps_alone_skip_the_analyses_and_equal_them(fid, card_model, monkeypatch):
+    """Gradient rollout and relevance alone come straight from one forward's graph and one backward (no analysis of
+    any image): each map equal to its own analysis's, with every control, and to the analysis path of the same
+    batch (a rollout asked beside them) to 1e-6."""
+    import vizapp.batch
+
+    vm = load(fid, card_model)
+    imgs = images(3, seed=5)
+    alone = [vizapp.analyze(vm, img) for img in imgs]
+    classes = [1, None, 4]
+    settings = [{}, dict(start_layer=1, discard_ratio=0.3), dict(start_row="cls", start_layer=-1)]
+    through_analyses = [vizapp.explain(vm, imgs, [*GRADIENT_MAPS, "rollout"], classes, **c) for c in settings[:2]]
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("the maps went through per-image analyses")
+
+    monkeypatch.setattr(vizapp.batch, "analyze_inputs", no_analysis)
+    for i, controls in enumerate(settings):
+        expected = {
+            n: [expected_map(r, n, c, **controls) for r, c in zip(alone, classes, strict=True)] for n in GRADIENT_MAPS
+        }
+        error = next((e for found in expected.values() for e in found if isinstance(e, Exception)), None)
+        if error is not None:  # start_row="cls" on a model without a CLS token: the one-image path's message
+            with counted_forwards(vm) as forwards, pytest.raises(type(error), match=re.escape(str(error))):
+                vizapp.explain(vm, imgs, GRADIENT_MAPS, classes, **controls)
+            assert forwards == [] and not vm.has_class_token
+            continue
+        with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
+            maps = vizapp.explain(vm, imgs, GRADIENT_MAPS, classes, **controls)
+        assert forwards == [3] and backwards == ["grad"]
+        for name in GRADIENT_MAPS:
+            assert maps[name].shape == (3, *alone[0].grid_size) and maps[name].dtype == np.float32
+            assert not np.allclose(maps[name][0], maps[name][1], **TOL)
+            for b in range(3):
+                np.testing.assert_allclose(maps[name][b], expected[name][b], **TOL)
+            if i < len(through_analyses):
+                np.testing.assert_allclose(maps[name], through_analyses[i][name], rtol=0, atol=1e-6)
+
+
+def test_bad_gradient_map_controls_are_refused_before_any_forward(card_model):
+    """With the one-image path's message (which came after the forward before)."""
+    vm = load("card", card_model)
+    imgs = images(2)
+    r = vizapp.analyze(vm, imgs[0])
+    for name, controls in (
+        ("relevance", dict(start_layer=99)),
+        ("grad_rollout", dict(start_layer=True)),
+        ("grad_rollout", dict(discard_ratio=1.0)),
+        ("relevance", dict(start_row="middle")),
+        ("grad_rollout", dict(start_row=["cls"], start_layer="1")),  # the start row is checked first
+        ("relevance", dict(start_row=["cls"], start_layer="1")),  # the layer is checked first
+    ):
+        expected = expected_map(r, name, 1, **controls)
+        assert isinstance(expected, BadParameterError), (name, controls)
+        with counted_forwards(vm) as forwards, pytest.raises(BadParameterError, match=re.escape(str(expected))):
+            vizapp.explain(vm, imgs, [name], 1, **controls)
+        assert forwards == []
+
+
+def test_batched_class_maps_equal_autograds_gradient_through_timms_own_attention():
+    """The second code path: timm's explicit attention (fused_attn off, a copy of the model) in the graph,
+    ∂Σ_b logit_b[c_b]/∂A from autograd, and the full matrices of chefer_relevance and grad_rollout per image."""
+    from tests.conftest import graph_reference
+    from vizapp.analysis.relevance import chefer_relevance, cls_map, grad_rollout
+
+    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
+    imgs = images(3, seed=9)
+    classes = [0, 5, 2]
+    maps = vizapp.explain(vm, imgs, GRADIENT_MAPS, classes)
+    ref, attn = graph_reference(vm.model)
+    logits = ref(torch.cat([vm.transform(img)[None] for img in imgs]))
+    logits[torch.arange(3), torch.tensor(classes)].sum().backward()
+    a = torch.stack([m.detach() for m in attn], dim=1)  # [B, L, H, N, N]
+    g = torch.stack([m.grad for m in attn], dim=1)
+    for b in range(3):
+        relevance = cls_map(chefer_relevance(a[b], g[b]), vm.num_prefix_tokens).reshape(maps["relevance"][b].shape)
+        rolled = cls_map(grad_rollout(a[b], g[b], vm.num_prefix_tokens), vm.num_prefix_tokens)
+        np.testing.assert_allclose(maps["relevance"][b], relevance.numpy(), **TOL)
+        np.testing.assert_allclose(maps["grad_rollout"][b], rolled.reshape(maps["grad_rollout"][b].shape), **TOL)
+    assert not np.allclose(maps["relevance"][0], maps["relevance"][1], **TOL)
+
+
+def test_gradient_maps_of_a_model_whose_attention_skips_sdpa_are_refused_clearly():
+    """timm's explicit attention (fused_attn off) forms no attention vizapp can take a gradient of (this was a
+    RuntimeError from autograd about NoneType)."""
+    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
+    for blk in vm.model.blocks:
+        blk.attn.fused_attn = False
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 .*is fused attention off"):
+        vizapp.explain(vm, images(2), "relevance")

@@ -499,3 +499,61 @@ def test_relevance_row_equals_a_row_of_the_full_relevance_matrix() -> None:
         torch.testing.assert_close(
             relevance_row(grad_weighted_heads(attn, grad), w, start), w @ full, rtol=1e-6, atol=1e-6
         )
+
+
+def test_rows_of_a_batch_by_hand() -> None:
+    """Two images, one layer, three tokens, the row of token 0: each image's row goes through its own Ā only."""
+    from vizapp.analysis.relevance import relevance_row
+    from vizapp.analysis.rollout import rollout_row
+
+    fused = torch.tensor(
+        [[[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]],
+        dtype=torch.float64,
+    )  # [B=2, N, N]
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    # relevance: v + v Ā, image 0: [1, 0, 0] + [0.5, 0.5, 0]; image 1: [1, 0, 0] + [0, 1, 0]
+    expected = torch.tensor([[1.5, 0.5, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(relevance_row(fused[:, None], w, 0), expected, rtol=0, atol=1e-12)
+    # rollout: row sums of Ā + I are [2, 1, 1] for both, so w / s = [0.5, 0, 0] and the row is w/s Ā + w/s
+    expected = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(rollout_row(lambda layer: fused, 1, w, 1), expected, rtol=0, atol=1e-12)
+    # one row per image given: image 1 starts from token 1, whose row of Ā_1 is empty (only the residual stays)
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(relevance_row(fused[:, None], rows, 0)[1], rows[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+@pytest.mark.parametrize("discard", [0.0, 0.4])
+def test_rows_of_a_batch_equal_each_images_own_row(start: int, discard: float) -> None:
+    from vizapp.analysis.relevance import grad_weighted_heads, relevance_row
+    from vizapp.analysis.rollout import rollout_row
+
+    g = torch.Generator().manual_seed(5)
+    attn = torch.softmax(torch.randn(3, 4, 2, 7, 7, generator=g), dim=-1)  # [B, L, H, N, N]
+    grad = torch.randn(3, 4, 2, 7, 7, generator=g)
+    fused = grad_weighted_heads(attn, grad)  # [B, L, N, N]
+    w = torch.rand(7, generator=g, dtype=torch.float64)
+    batched = relevance_row(fused, w, start)
+    rolled = rollout_row(lambda layer: fused[:, layer], 4, w, 1, discard, start)
+    assert batched.shape == rolled.shape == (3, 7)
+    for b in range(3):
+        torch.testing.assert_close(batched[b], relevance_row(fused[b], w, start), rtol=1e-12, atol=1e-12)
+        alone = rollout_row(lambda layer, b=b: fused[b, layer], 4, w, 1, discard, start)
+        torch.testing.assert_close(rolled[b], alone, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_grad_weighted_heads_into_equals_grad_weighted_heads_and_spends_the_gradient() -> None:
+    from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into
+
+    g = torch.Generator().manual_seed(6)
+    attn = torch.softmax(torch.randn(2, 3, 4, 9, 9, generator=g), dim=-1)
+    grad = torch.randn(2, 3, 4, 9, 9, generator=g)
+    expected = grad_weighted_heads(attn, grad)
+    out = torch.full((2, 3, 9, 9), float("nan"), dtype=torch.float64)
+    spent = grad.clone()
+    assert grad_weighted_heads_into(out, attn, spent) is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same operations, bit for bit
+    torch.testing.assert_close(spent, (grad * attn).clamp(min=0.0), rtol=0, atol=0)  # the product, in place
+    with pytest.raises(ValueError, match="float32"):
+        grad_weighted_heads_into(out, attn.double(), grad.double())

@@ -17,9 +17,13 @@ import torch
 
 from vizapp import limits
 from vizapp import methods as registry
-from vizapp.errors import BadImageError, BadParameterError
+from vizapp.capture import AttentionCapture
+from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
 from vizapp.models import VizModel
+from vizapp.models.base import readout_weights
+from vizapp.models.prompts import probabilities
 from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
+from vizapp.result import START_ROWS, class_index
 from vizapp.swin_result import class_gradients as windowed_gradients
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
@@ -157,6 +161,106 @@ def _method_controls(asked: Sequence[registry.Method], controls: dict[str, Any])
     return {m.name: {k: v for k, v in controls.items() if k in m.options} for m in asked}
 
 
+#: the class maps :func:`explain` forms straight from one forward's autograd graph, with no Analysis of each image
+GRADIENT_METHODS = ("grad_rollout", "relevance")
+
+
+def _gradient_options(
+    vm: VizModel, name: str, start_layer: Any = 0, start_row: Any = "output", discard_ratio: Any = 0.0
+) -> tuple[int, str, float]:
+    """(start layer, start row, discard ratio) of gradient rollout or relevance, checked before any forward with the
+    messages, and in the order, of :meth:`Analysis.grad_rollout` and :meth:`Analysis.relevance`."""
+
+    def layer() -> int:
+        if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
+            raise BadParameterError(f"layer must be an integer, got {start_layer!r}"[:200])
+        if not -vm.num_layers <= start_layer < vm.num_layers:
+            raise BadParameterError(
+                f"layer {start_layer} is out of range; this model has layers 0..{vm.num_layers - 1}"
+            )
+        return int(start_layer) % vm.num_layers
+
+    def row() -> str:
+        if not isinstance(start_row, str) or start_row not in START_ROWS:
+            raise BadParameterError(f"start_row must be one of {list(START_ROWS)}, got {str(start_row)[:40]!r}")
+        if start_row == "cls" and not vm.has_class_token:
+            raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
+        return start_row
+
+    if name == "relevance":
+        first = layer()
+        return first, row(), 0.0
+    first_row, first_layer = row(), layer()
+    if (
+        isinstance(discard_ratio, bool)
+        or not isinstance(discard_ratio, (int, float))
+        or not (0.0 <= float(discard_ratio) < 1.0)
+    ):
+        raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+    return first_layer, first_row, float(discard_ratio)
+
+
+def _class_maps(
+    vm: VizModel, x: torch.Tensor, classes: list[int | None], options: dict[str, tuple[int, str, float]]
+) -> dict[str, np.ndarray]:
+    """Gradient rollout and relevance maps, [B, gh, gw] float32 each, of the inputs ``x`` [B, C, H, W] for one class
+    per image (None: its top-1), ``options`` per method from :func:`_gradient_options`.
+
+    One forward keeps every layer's attention in the autograd graph (:class:`AttentionCapture` with gradients, as the
+    gradient-enabled analysis does) and ONE backward of Σ_b logit_b[c_b] goes to those attention maps only; nothing
+    else of an analysis is formed (no statistics, q and k copies, block outputs or per-image stacks). Every image's
+    gradient-weighted fusion and map rows are then computed for the whole batch at once, each equal to that image's
+    :meth:`Analysis.grad_rollout` / :meth:`Analysis.relevance`.
+    """
+    from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
+    from vizapp.analysis.rollout import rollout_row
+
+    b, p = x.shape[0], vm.num_prefix_tokens
+    grid = vm.grid_for(x.shape[-2], x.shape[-1])
+    n = p + grid[0] * grid[1]
+    with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+        logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
+    for layer, a in enumerate(cap.maps):
+        if layer in cap.unexact_layers:
+            raise UnsupportedModelError(
+                f"layer {layer} ran with {cap.unexact_layers[layer]}, which vizapp does not reproduce; its attention "
+                "is not shown (put the model in eval mode)"
+            )
+        if a is None:
+            raise UnsupportedModelError(
+                f"layer {layer} formed its attention without scaled_dot_product_attention, so vizapp cannot take its "
+                "gradient (is fused attention off?)"
+            )
+    if cap.maps[0].shape[-1] != n:
+        raise RuntimeError(
+            f"{cap.maps[0].shape[-1]} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid"
+        )
+    host = logits.detach().float().cpu()  # [B, K]
+    head = bool(vm.labels) and host.shape[-1] == len(vm.labels)
+    cls = [
+        class_index(probabilities(host[i], vm.activation).numpy() if head else None, vm.labels, c)
+        for i, c in enumerate(classes)
+    ]
+    score = logits[torch.arange(b, device=logits.device), torch.tensor(cls, device=logits.device)].sum()
+    grads = list(torch.autograd.grad(score, cap.maps))  # [B, H, N, N] per layer; the graph is freed
+    fused = torch.empty((len(grads), b, n, n), dtype=torch.float64, device=logits.device)  # Ā: [L, B, N, N]
+    for layer, a in enumerate(cap.maps):
+        grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
+        if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
+            grad_weighted_heads_into(fused[layer], a, grad)  # the product in the gradient's memory
+        else:
+            fused[layer] = grad_weighted_heads(a, grad)
+    out = {}
+    for name, (start_layer, start_row, ratio) in options.items():
+        weights = readout_weights("cls" if start_row == "cls" else vm.readout, n, p)
+        if name == "relevance":
+            rows = relevance_row(fused.transpose(0, 1), weights, start_layer)
+        else:
+            rows = rollout_row(lambda layer: fused[layer], len(fused), weights, p, ratio, start_layer)
+        out[name] = rows[:, p:].reshape(b, *grid).float().cpu().numpy()
+    return out
+
+
 def explain(
     vm: VizModel,
     images: Sequence[Any],
@@ -170,7 +274,9 @@ def explain(
     Each map equals ``vizapp.analyze(vm, image).explain(name, class)`` of that image alone. The images go through the
     model in batched forwards (:func:`forward_groups`; one for a batch that fits the budget); when a class-specific
     method is asked (gradient rollout, relevance), that forward keeps its attention in the autograd graph and ONE
-    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. A method
+    backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. When
+    gradient rollout and relevance are the only such methods (a ViT, not a windowed model), no analysis of any image
+    is formed: their maps come straight from that graph, the whole batch at once (:func:`_class_maps`). A method
     that runs the model itself (``Method.batch``: AttnLRP, LeGrad) takes each group in its own single forward and
     backward, without the analysis forward when no other method is asked.
 
@@ -189,7 +295,10 @@ def explain(
 
     Raises:
         BadImageError: an image cannot be used ("image 2: ..."); BadParameterError: an unknown method, class or
-            control. Both before any forward.
+            control (a bad value of gradient rollout's or relevance's controls too, when they are the only methods
+            on the analysis forward). All before any forward.
+        UnsupportedModelError: a layer's attention cannot be taken in the graph (it never calls SDPA, or runs
+            dropout).
     """
     names = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
     if not names:
@@ -204,6 +313,11 @@ def explain(
     on_analysis = [m for m in asked if m.batch is None]
     gradients = any(m.needs_class for m in on_analysis)
     wanted = _classes(vm, classes, len(inputs)) if any(m.needs_class for m in asked) else [None] * len(inputs)
+    # gradient rollout and relevance alone need no analysis: their maps straight from the forward's graph
+    direct = bool(on_analysis) and not vm.windowed and {m.name for m in on_analysis} <= set(GRADIENT_METHODS)
+    checked = {}
+    if direct:
+        checked = {m.name: _gradient_options(vm, m.name, **per_method[m.name]) for m in on_analysis}
     maps: dict[str, list[np.ndarray | None]] = {name: [None] * len(inputs) for name in names}
     for members in forward_groups(vm, [x for x, _ in inputs], gradients or bool(own_run)):
         x = torch.cat([inputs[i][0] for i in members])
@@ -214,6 +328,12 @@ def explain(
             for j, i in enumerate(members):
                 maps[m.name][i] = found_maps[j]
         if not on_analysis:
+            continue
+        if direct:  # one forward and one backward, every image's maps at once
+            found_maps = _class_maps(vm, x, [wanted[i] for i in members], checked)
+            for name, group_maps in found_maps.items():
+                for j, i in enumerate(members):
+                    maps[name][i] = group_maps[j]
             continue
         found = analyze_inputs(vm, x, [inputs[i][1] for i in members], gradients=gradients)
         cls = [wanted[i] for i in members]

@@ -45,6 +45,17 @@ def grad_weighted_heads(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.mul(g, a).clamp_(min=0.0).mean(dim=-3, dtype=torch.float64)
 
 
+def grad_weighted_heads_into(out: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """:func:`grad_weighted_heads` of float32 ``attn`` and ``grad`` [..., H, N, N] written into ``out`` [..., N, N]
+    float64, with the product formed in ``grad``'s own memory: ``grad`` is overwritten, so it must be a gradient
+    nobody reads again. The same operations as :func:`grad_weighted_heads` (whose head mean on the CPU is this sum
+    divided by H), without allocating the product or the fusion. Returns ``out``."""
+    if attn.dtype != torch.float32 or grad.dtype != torch.float32 or grad.shape != attn.shape:
+        raise ValueError(f"expected float32 attention and gradient of one shape, got {attn.dtype}, {grad.dtype}")
+    product = grad.mul_(attn.detach()).clamp_(min=0.0)
+    return torch.sum(product, dim=-3, dtype=torch.float64, out=out).div_(attn.shape[-3])
+
+
 def grad_rollout(
     attn: torch.Tensor,
     grad: torch.Tensor,
@@ -103,14 +114,18 @@ def chefer_relevance(attn: torch.Tensor, grad: torch.Tensor, start_layer: int = 
 def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
     """One row of Chefer et al.'s relevance, ``weights`` [N] @ R, from the gradient-weighted fusions Ā [L, N, N]
     (:func:`grad_weighted_heads`) in O(L·N²): R = (I + Ā_{L-1}) ··· (I + Ā_start), so the row is carried from the
-    top layer down, v <- v + v Ā_l, and R itself is never formed. Equal to ``weights @ chefer_relevance(...)``."""
-    if fused.dim() != 3 or not 0 <= start_layer < fused.shape[0]:
+    top layer down, v <- v + v Ā_l, and R itself is never formed. Equal to ``weights @ chefer_relevance(...)``.
+
+    For a batch, Ā is [B, L, N, N] and ``weights`` [N] or [B, N]: each image's row through its own Ā, [B, N]."""
+    if fused.dim() not in (3, 4) or not 0 <= start_layer < fused.shape[-3]:
         raise ValueError(
-            f"expected Ā shaped [L, N, N] and start_layer in range, got {tuple(fused.shape)}, {start_layer}"
+            f"expected Ā shaped [L, N, N] or [B, L, N, N] and start_layer in range, got {tuple(fused.shape)}, "
+            f"{start_layer}"
         )
     v = weights.to(device=fused.device, dtype=torch.float64)  # the weights are made on the host
-    for layer in range(fused.shape[0] - 1, start_layer - 1, -1):
-        v = v + v @ fused[layer].to(torch.float64)
+    for layer in range(fused.shape[-3] - 1, start_layer - 1, -1):
+        a = fused[..., layer, :, :].to(torch.float64)
+        v = v + (v @ a if a.dim() == 2 else torch.matmul(v.unsqueeze(-2), a).squeeze(-2))
     return v
 
 

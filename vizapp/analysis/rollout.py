@@ -102,12 +102,15 @@ def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> t
     """One layer of the rollout with the residual path: ``x @ Â`` (side "left", x [..., N]) or ``Â @ x`` (side
     "right", x [N, M]), where Â = (A + I) with each row renormalised to sum to 1, without forming Â.
 
-    With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s.
+    With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s. On the left, ``fused``
+    may be a batch [B, N, N] with ``x`` [B, N] (or [N], the same row for every matrix): one row through each matrix.
     """
-    s = fused.sum(dim=-1) + 1.0  # [N]
+    s = fused.sum(dim=-1) + 1.0  # [N], or [B, N]
     if side == "left":
         w = x / s
-        return w @ fused + w
+        if fused.dim() == 2:
+            return w @ fused + w
+        return torch.matmul(w.unsqueeze(-2), fused).squeeze(-2) + w  # [B, N]
     if side == "right":
         return (fused @ x + x) / s[:, None]
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -178,9 +181,10 @@ def rollout_row(
     [N, N] joint matrix is never formed and each layer's fused attention is needed only once.
 
     Args:
-        fused_layer: layer index -> head-fused attention [N, N] of that layer (called from the top layer down).
+        fused_layer: layer index -> head-fused attention [N, N] of that layer (called from the top layer down), or
+            [B, N, N] for a batch of B images (each image's row through its own matrices; the result is then [B, N]).
         num_layers: L.
-        weights: [N]; e.g. one-hot at the CLS token for the CLS row.
+        weights: [N]; e.g. one-hot at the CLS token for the CLS row (or [B, N], one row per image of a batch).
         num_prefix_tokens, discard_ratio, start_layer: as in :func:`rollout_fused`.
     """
     if not 0 <= start_layer < num_layers:
