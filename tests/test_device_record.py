@@ -127,10 +127,15 @@ def test_a_batch_and_its_class_maps_stay_on_the_device():
         assert all(isinstance(r.q[0], OnDevice) for r in rs)
         rows = [r.rollout("max") for r in rs]
         got = vizapp.explain(vm, imgs, names, 1)
+        # the two gradient maps alone take the direct path (one forward and one backward, no analysis per image)
+        direct = vizapp.explain(vm, imgs, ["relevance", "grad_rollout"], [1, None, 2])
     for a, b in zip(rows, want_rows, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for n in names:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=n)
+    want_direct = vizapp.explain(vm, imgs, ["relevance", "grad_rollout"], [1, None, 2])
+    for n, m in want_direct.items():
+        np.testing.assert_allclose(direct[n], m, rtol=1e-5, atol=1e-6, err_msg=n)
 
 
 def test_a_swin_analysis_and_its_views_run_on_the_device():
