@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 UPDATE = "update"
 
@@ -225,3 +226,27 @@ class AppDriver:
                 changed.append(cid)
             self.values[cid] = copy.deepcopy(val)
         return changed
+
+
+def plot_of(d: AppDriver, elem_id: str) -> dict:
+    """The plotly figure a component of the app shows, as the page receives it (its JSON)."""
+    value = d.values[d.by_elem_id(elem_id)]
+    assert value and value.get("type") == "plotly", value
+    return json.loads(value["plot"])
+
+
+def heatmap_z(trace: dict) -> np.ndarray:
+    """A heatmap's values as plotly ships them (a binary array or nested lists)."""
+    import base64
+
+    z = trace["z"]
+    if isinstance(z, dict):
+        shape = tuple(int(v) for v in str(z["shape"]).split(","))
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    return np.asarray(z, dtype=float)
+
+
+def assert_clean(fired: list[Fired], what: str) -> None:
+    """Every fired event succeeded without a warning."""
+    bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
+    assert not bad, f"{what}: events failed or warned: {bad}"

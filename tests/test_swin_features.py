@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from appdriver import AppDriver
+from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
 from conftest import random_image, start_app
 from PIL import Image
 from test_swin import TINY, write_swin_folder
@@ -211,29 +211,6 @@ def swin_app(tmp_path_factory):
     demo.close()
 
 
-def _plot(d: AppDriver, elem_id: str) -> dict:
-    import json
-
-    value = d.values[d.by_elem_id(elem_id)]
-    assert value and value.get("type") == "plotly", value
-    return json.loads(value["plot"])
-
-
-def _z(trace: dict) -> np.ndarray:
-    import base64
-
-    z = trace["z"]
-    if isinstance(z, dict):
-        shape = tuple(int(v) for v in str(z["shape"]).split(","))
-        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
-    return np.asarray(z, dtype=float)
-
-
-def _clean(fired: list, what: str) -> None:
-    bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
-    assert not bad, f"{what}: events failed or warned: {bad}"
-
-
 @pytest.mark.timeout(600)
 def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_path, caplog, capfd):
     """The transformers Swin folder (9x9 tokens 4 px apart, then 5x5 at 8 px): the Features tab is shown; at layer 2
@@ -249,41 +226,41 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     Image.open(EXAMPLES / "chelsea.png").save(photo)
     d = AppDriver(url)
     d.set(d.by_label("Image", "image"), d.upload(photo), fire_change=True)
-    _clean(d.click(d.by_label("Analyze", "button")), "analyze")
+    assert_clean(d.click(d.by_label("Analyze", "button")), "analyze")
     assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is True
     assert FEATURES in d.values[d.by_elem_id("vizapp-status")]
     rows = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch row"]
     cols = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch column"]
     feat_row, feat_col = rows[-1], cols[-1]  # the Features tab's (built after the Heads tab's)
-    _clean(d.set(d.by_label("Feature layer", "slider"), 2), "feature layer 2")
-    _clean(d.set(d.by_label("Norm layer", "slider"), 2), "norm layer 2")
-    _clean(d.set(feat_row, 6), "feature row")
-    _clean(d.set(feat_col, 1), "feature column")
+    assert_clean(d.set(d.by_label("Feature layer", "slider"), 2), "feature layer 2")
+    assert_clean(d.set(d.by_label("Norm layer", "slider"), 2), "norm layer 2")
+    assert_clean(d.set(feat_row, 6), "feature row")
+    assert_clean(d.set(feat_col, 1), "feature column")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
-    sim = _plot(d, "vizapp-similarity-plot")
+    sim = plot_of(d, "vizapp-similarity-plot")
     heat = next(t for t in sim["data"] if t["type"] == "heatmap")
     assert heat["dx"] == 8 and "token (3, 0)" in sim["layout"]["title"]["text"]
     want = r.feature_similarity((3, 0), 2)
     assert want.shape == (5, 5) and want[3, 0] == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(_z(heat), (want - want.min()) / (want.max() - want.min()), atol=1e-5)
+    np.testing.assert_allclose(heatmap_z(heat), (want - want.min()) / (want.max() - want.min()), atol=1e-5)
     raw = heat["customdata"]
-    raw = _z({"z": raw}) if isinstance(raw, dict) else np.asarray(raw, dtype=float)
+    raw = heatmap_z({"z": raw}) if isinstance(raw, dict) else np.asarray(raw, dtype=float)
     np.testing.assert_allclose(raw[..., 2], want, atol=1e-5)  # the cosines themselves, in the hover
-    pca_title = _plot(d, "vizapp-pca-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    pca_title = plot_of(d, "vizapp-pca-plot")["layout"]["title"]["text"].replace("<br>", " ")
     assert "Feature PCA after layer 2 (stage 1, 5x5 tokens 8 px apart)" in pca_title
-    norm = next(t for t in _plot(d, "vizapp-norm-grid-plot")["data"] if t["type"] == "heatmap")
-    np.testing.assert_allclose(_z(norm), r.token_norms()[2].reshape(5, 5), rtol=1e-5)
+    norm = next(t for t in plot_of(d, "vizapp-norm-grid-plot")["data"] if t["type"] == "heatmap")
+    np.testing.assert_allclose(heatmap_z(norm), r.token_norms()[2].reshape(5, 5), rtol=1e-5)
     assert UNDEFINED["registers"] in d.values[d.by_elem_id("vizapp-norm-sentence")]
     assert d.values[d.by_elem_id("vizapp-mask-note")] == UNDEFINED["dino_masks"]
     assert d.values[d.by_elem_id("vizapp-lens-note")].startswith(UNDEFINED["logit_lens"])  # the last stage's only
     assert d.props[d.by_elem_id("vizapp-mask-plot")]["visible"] is False
-    _clean(d.click(d.by_label("Export these arrays", "button")), "export")
+    assert_clean(d.click(d.by_label("Export these arrays", "button")), "export")
     npz = np.load(d.values[d.by_elem_id("vizapp-features-npz")]["path"])
     np.testing.assert_allclose(npz["feature_similarity"], want, atol=1e-5)
     np.testing.assert_allclose(npz["feature_pca_rgb"], r.feature_pca(2), atol=1e-5)
-    _clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
-    assert "after layer 2" in _plot(d, "vizapp-gallery-plot")["layout"]["title"]["text"].replace("<br>", " ")
-    _clean(d.click(d.by_label("Download every figure", "button")), "every figure")
+    assert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
+    assert "after layer 2" in plot_of(d, "vizapp-gallery-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    assert_clean(d.click(d.by_label("Download every figure", "button")), "every figure")
     import zipfile
 
     with zipfile.ZipFile(d.values[d.by_elem_id("vizapp-figures-zip")]["path"]) as z:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from appdriver import AppDriver
+from appdriver import AppDriver, assert_clean, plot_of
 from conftest import random_image, start_app
 from PIL import Image
 from test_swin import TINY, write_swin_folder
@@ -230,17 +230,6 @@ def swin_app(tmp_path_factory):
     demo.close()
 
 
-def _plot(d: AppDriver, elem_id: str) -> dict:
-    value = d.values[d.by_elem_id(elem_id)]
-    assert value and value.get("type") == "plotly", value
-    return json.loads(value["plot"])
-
-
-def _clean(fired: list, what: str) -> None:
-    bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
-    assert not bad, f"{what}: events failed or warned: {bad}"
-
-
 def _numbers(values) -> np.ndarray:
     import base64
 
@@ -262,7 +251,7 @@ def test_the_lens_and_head_importance_exports_through_the_server(swin_app, tmp_p
     Image.open(EXAMPLES / "chelsea.png").save(photo)
     d = AppDriver(url)
     d.set(d.by_label("Image", "image"), d.upload(photo), fire_change=True)
-    _clean(d.click(d.by_label("Analyze", "button")), "analyze")
+    assert_clean(d.click(d.by_label("Analyze", "button")), "analyze")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
     note = d.values[d.by_elem_id("vizapp-lens-note")]
     assert note == UNDEFINED["logit_lens"] + " Shown for layers 2-3: stage 1, 5x5 tokens."
@@ -273,13 +262,13 @@ def test_the_lens_and_head_importance_exports_through_the_server(swin_app, tmp_p
     assert [list(row[1:]) for row in rows] == [[f"{lbl} ({p:.3f})" for lbl, p in top[i]] for i in (2, 3)]
     lens_class = d.by_label("Class to follow across depth (type to search)", "dropdown")
     for label in (r.top_k[0][0], r.top_k[-1][0]):
-        _clean(d.set(lens_class, label), f"lens class {label}")
-        curve = _plot(d, "vizapp-lens-plot")["data"][0]
+        assert_clean(d.set(lens_class, label), f"lens class {label}")
+        curve = plot_of(d, "vizapp-lens-plot")["data"][0]
         assert list(_numbers(curve["x"])) == [2, 3]
         np.testing.assert_allclose(_numbers(curve["y"]), r.lens_probs[[2, 3], r.labels.index(label)], atol=1e-6)
-    _clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
-    plotted = _plot(d, "vizapp-importance-plot")["data"][0]["z"]
-    _clean(d.click(d.by_label("Export these arrays", "button")), "features export")
+    assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
+    plotted = plot_of(d, "vizapp-importance-plot")["data"][0]["z"]
+    assert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
     npz = np.load(d.values[d.by_elem_id("vizapp-features-npz")]["path"])
     imp = npz["head_importance_exact"]
     assert imp.shape == (4, 6) and np.isnan(imp[:2, 3:]).all() and np.isfinite(imp[2:]).all()
@@ -287,7 +276,7 @@ def test_the_lens_and_head_importance_exports_through_the_server(swin_app, tmp_p
         plotted = _numbers(plotted).reshape(4, 6)
     np.testing.assert_allclose(imp, np.asarray(plotted, dtype=float), atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(npz["logit_lens_probs"], r.lens_probs, atol=1e-6, equal_nan=True)
-    _clean(d.click(d.by_label("Download every figure", "button")), "every figure")
+    assert_clean(d.click(d.by_label("Download every figure", "button")), "every figure")
     with zipfile.ZipFile(d.values[d.by_elem_id("vizapp-figures-zip")]["path"]) as z:
         names = {Path(n).stem for n in z.namelist()}
         page = z.read(next(n for n in z.namelist() if Path(n).stem == "features-head-importance")).decode()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appdriver import AppDriver
+from appdriver import AppDriver, heatmap_z, plot_of
 from conftest import start_app, write_card_model
 from PIL import Image
 
@@ -58,7 +58,7 @@ def _analyze(d: AppDriver, image: Path) -> list:
     return d.click(d.by_label("Analyze", "button"))
 
 
-def _assert_clean(fired: list, what: str) -> None:
+def _assertassert_clean(fired: list, what: str) -> None:
     bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
     assert not bad, f"{what}: events failed or warned: {bad}"
 
@@ -86,7 +86,7 @@ def _prepare(d: AppDriver, index: int, second: dict) -> object:
 
 def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
     fired = _analyze(d, photo)
-    _assert_clean(fired, "analyze")
+    _assertassert_clean(fired, "analyze")
     second = d.upload(other)
     unload = [i for i in d.backend_events() if any(t[1] == "unload" for t in d.deps[i]["targets"])]
     assert unload, "the app frees a session's results on unload"
@@ -94,22 +94,22 @@ def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
         if i in unload:
             continue  # the session's end: last, below
         fired = d.fire(i, _prepare(d, i, second))
-        _assert_clean(fired, f"event {i} ({d.deps[i]['targets']}, {d.deps[i].get('api_name')})")
+        _assertassert_clean(fired, f"event {i} ({d.deps[i]['targets']}, {d.deps[i].get('api_name')})")
 
     # A new image: everything shown from the last one is redrawn or cleared by Analyze and what it sets off.
     shown = _shown_per_image(d)
     assert shown, "no per-image outputs found"
     fired = _analyze(d, other)
-    _assert_clean(fired, "analyze a second image")
+    _assertassert_clean(fired, "analyze a second image")
     stale = sorted(d.components[cid]["props"].get("label") or cid for cid in shown - d.written)
     assert not stale, f"left from the previous image: {stale}"
     for i in _state_readers(d):  # every control still fits (a class of the old image would be refused here)
-        _assert_clean(d.fire(i, _prepare(d, i, second)), f"event {i} after a new image")
+        _assertassert_clean(d.fire(i, _prepare(d, i, second)), f"event {i} after a new image")
 
     # The session's end (gradio fires unload when the page's connection drops; tests/test_store.py checks what it
     # frees and what the page says afterwards).
     for i in unload:
-        _assert_clean(d.fire(i), "unload")
+        _assertassert_clean(d.fire(i), "unload")
     ran = {f.index for f in d.log}
     assert set(d.backend_events()) <= ran  # enumerated from the served config, every one ran
 
@@ -118,7 +118,7 @@ def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
 def test_every_event_runs_through_the_server_on_the_bundled_model(bundled_app, capfd, caplog):
     caplog.set_level(logging.WARNING)
     d = AppDriver(bundled_app)
-    _assert_clean(d.load(), "page load")  # the page's own load event
+    _assertassert_clean(d.load(), "page load")  # the page's own load event
     _every_event(d, SNEAKER, TROUSER)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
@@ -133,7 +133,7 @@ def test_every_event_runs_through_the_server_on_a_model_without_cls(no_cls_app, 
     Image.open(SNEAKER).save(photo)
     Image.open(TROUSER).save(other)
     fired = _analyze(d, photo)
-    _assert_clean(fired, "analyze")
+    _assertassert_clean(fired, "analyze")
     method = d.by_label("Method", "dropdown")
     offered = [c[1] for c in d.props[method]["choices"]]
     assert "attention" not in offered and "rollout" in offered  # the CLS map is not offered
@@ -144,31 +144,25 @@ def test_every_event_runs_through_the_server_on_a_model_without_cls(no_cls_app, 
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
-def _plot(d: AppDriver, elem_id: str) -> dict:
-    value = d.values[d.by_elem_id(elem_id)]
-    assert value and value.get("type") == "plotly", value
-    return json.loads(value["plot"])
-
-
 def test_the_items_that_always_failed(bundled_app, tmp_path):
     """Issue 26's six: PCA across examples, the features export, the class of a new image in Compare, stale figures,
     the PCA threshold at its maximum, and curve steps beyond the patches."""
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     # 1. PCA across examples draws one image per example plus the upload.
-    _assert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
-    gallery = _plot(d, "vizapp-gallery-plot")
+    _assertassert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
+    gallery = plot_of(d, "vizapp-gallery-plot")
     assert len([t for t in gallery["data"] if t["type"] == "image"]) == 1 + len(list(EXAMPLES.glob("*.*[gG]")))
     # 2. The features export gives an .npz with the arrays.
-    _assert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
+    _assertassert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
     npz = d.values[d.by_label("feature arrays", "file")]
     assert npz["path"].endswith(".npz")
     assert np.load(npz["path"])["token_norms"].shape[0] == 6
     # 3. Compare the sneaker, analyse the trouser, Compare again: the class is the new image's.
     compare = d.by_label("Compare methods", "button")
-    _assert_clean(d.click(compare), "compare")
+    _assertassert_clean(d.click(compare), "compare")
     first_class = d.values[d.by_label("Class to explain (type", "dropdown")]
-    _assert_clean(_analyze(d, TROUSER), "analyze the trouser")
+    _assertassert_clean(_analyze(d, TROUSER), "analyze the trouser")
     for label in ("Class to explain (type", "Class to explain (gradient", "Class scored"):
         cid = d.by_label(label, "dropdown")
         assert d.values[cid] == d.props[cid]["choices"][0][1], label  # each dropdown got its own value
@@ -177,23 +171,23 @@ def test_the_items_that_always_failed(bundled_app, tmp_path):
     for elem in ("vizapp-compare-plot", "vizapp-deletion-plot", "vizapp-insertion-plot", "vizapp-gallery-plot"):
         assert d.values[d.by_elem_id(elem)] is None, elem
     assert d.values[d.by_label("feature arrays", "file")] is None
-    _assert_clean(d.click(compare), "compare after a new image")
+    _assertassert_clean(d.click(compare), "compare after a new image")
     # 5. The PCA foreground threshold at its maximum gives a map and a sentence, not an error.
     fired = d.set(d.by_label("PCA foreground threshold", "slider"), 0.95)
-    _assert_clean(fired, "PCA threshold 0.95")
-    title = _plot(d, "vizapp-pca-plot")["layout"]["title"]["text"]
+    _assertassert_clean(fired, "PCA threshold 0.95")
+    title = plot_of(d, "vizapp-pca-plot")["layout"]["title"]["text"]
     assert "Feature PCA" in title
     # 6. Curve steps stop at the number of patches (7 x 7), and the page offers no more.
     steps = d.by_label("Curve steps", "slider")
     assert d.props[steps]["maximum"] == 49
-    _assert_clean(d.set(steps, 49), "49 curve steps")
-    _assert_clean(d.click(compare), "compare at 49 steps")
+    _assertassert_clean(d.set(steps, 49), "49 curve steps")
+    _assertassert_clean(d.click(compare), "compare at 49 steps")
     assert "50 images each" in d.values[d.by_elem_id("vizapp-compare-cost")]
 
 
 def test_a_bad_upload_is_said_once_and_keeps_the_page(bundled_app, tmp_path):
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     before = {cid: v for cid, v in d.values.items() if d.kind(cid) in ("plot", "label", "markdown", "image", "json")}
     before.pop(d.by_label("Image", "image"))
     bad = tmp_path / "broken.png"
@@ -215,11 +209,11 @@ def test_a_bad_upload_is_said_once_and_keeps_the_page(bundled_app, tmp_path):
 def test_model_choices_follow_the_model(no_cls_app, bundled_app):
     """The Heads tab offers no CLS query without a CLS token; the Position tab's tile sliders span the grid."""
     d = AppDriver(no_cls_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False  # no CLS: fixed
     d2 = AppDriver(bundled_app)
-    _assert_clean(d2.load(), "page load")
+    _assertassert_clean(d2.load(), "page load")
     assert d2.props[d2.by_label("Tile row", "slider")]["maximum"] == 6  # a 7 x 7 grid
     assert d2.props[d2.by_elem_id("vizapp-pos-resolution")]["visible"] is True  # a learned table: preview offered
 
@@ -242,11 +236,11 @@ def test_the_bundled_model_says_when_an_image_is_far_from_what_it_learned(bundle
         assert "far from what the model was trained on" in input_distribution_note(card, Image.open(EXAMPLES / name))
     # In the app: the status line says it for a photo, not for a Fashion-MNIST image, and says how it was resized.
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, EXAMPLES / "astronaut.png"), "analyze a photo")
+    _assertassert_clean(_analyze(d, EXAMPLES / "astronaut.png"), "analyze a photo")
     status = d.values[d.by_elem_id("vizapp-status")]
     assert "far from what the model was trained on" in status and "as 28x28 pixels in greyscale" in status
     assert "downscaled" in status
-    _assert_clean(_analyze(d, SNEAKER), "analyze a sneaker")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze a sneaker")
     assert "far from" not in d.values[d.by_elem_id("vizapp-status")]
     seen = d.values[d.by_label("What the model saw", "image")]
     assert seen and seen.get("url")  # the preprocessed input is shown
@@ -256,13 +250,13 @@ def test_colour_map_and_every_figure_in_one_download(bundled_app):
     import zipfile
 
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
-    _assert_clean(d.set(d.by_label("Colour map", "dropdown"), "Viridis"), "colour map")
-    rollout, heads = _plot(d, "vizapp-rollout-plot"), _plot(d, "vizapp-heads-plot")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(d.set(d.by_label("Colour map", "dropdown"), "Viridis"), "colour map")
+    rollout, heads = plot_of(d, "vizapp-rollout-plot"), plot_of(d, "vizapp-heads-plot")
     for fig in (rollout, heads):
         heat = [t for t in fig["data"] if t["type"] == "heatmap"][0]
         assert heat["colorscale"][-1][1].lower() == "#fde725"  # Viridis' last colour (Inferno's is #fcffa4)
-    _assert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
+    _assertassert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
     path = d.values[d.by_label("figures (.zip)", "file")]["path"]
     names = zipfile.ZipFile(path).namelist()
     for tab in ("rollout-", "heads-", "distance-", "position-", "features-"):
@@ -282,7 +276,7 @@ def test_random_weights_make_any_timm_entry_usable_offline(bundled_app, monkeypa
     d = AppDriver(bundled_app)
     d.set(d.by_label("Random weights", "checkbox"), True)
     d.values[d.by_label("Model", "dropdown")] = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    _assert_clean(_analyze(d, SNEAKER), "analyze a random-weight ViT-Ti")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze a random-weight ViT-Ti")
     status = d.values[d.by_elem_id("vizapp-status")]
     assert "random weights" in status and "structure, not learned behaviour" in status
     assert "12 layers x 3 heads" in status and "14x14 patches of 16x16 px" in status
@@ -302,7 +296,7 @@ def test_clicking_an_example_analyses_it(bundled_app):
     index = next(i for i, s in enumerate(samples) if "fmnist_1_trouser" in json.dumps(s))
     d.values[dataset] = index
     fired = d.click(dataset)
-    _assert_clean(fired, "click an example")
+    _assertassert_clean(fired, "click an example")
     analyzed = [
         f for f in fired if d.deps[f.index]["outputs"] and d.by_elem_id("vizapp-status") in d.deps[f.index]["outputs"]
     ]
@@ -312,16 +306,18 @@ def test_clicking_an_example_analyses_it(bundled_app):
 
 def test_every_class_is_reachable_from_the_class_dropdowns(bundled_app):
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     labels = set(models.load_model(models.BUNDLED).labels)
     for label in ("Class to explain (type", "Class to explain (gradient", "Class scored", "Class to follow"):
         cid = d.by_label(label, "dropdown")
         assert {c[1] for c in d.props[cid]["choices"]} == labels, label  # all 10, not the top-5
     # a class outside the top-5 explains fine through the server
     probs = sorted(labels - {c[1] for c in d.props[d.by_label("Class to explain (type", "dropdown")]["choices"][:5]})
-    _assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
-    _assert_clean(d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5")
-    assert probs[0] in _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    _assertassert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    _assertassert_clean(
+        d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5"
+    )
+    assert probs[0] in plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].replace("<br>", " ")
 
 
 def test_concurrency_bounds_the_model_work_of_all_events_together(monkeypatch):
@@ -369,15 +365,15 @@ def test_the_rollout_tab_draws_attnlrp_and_legrad_with_their_cost(bundled_app):
     """Both run-the-model-again methods are offered in the Method dropdown, drawn through the server with their
     label in the title, and the tab says what each costs; Compare draws them beside the others."""
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     method = d.by_label("Method", "dropdown")
     assert {"attnlrp", "legrad"} <= {c[1] for c in d.props[method]["choices"]}
     for name, label in (("attnlrp", "AttnLRP (Achtibat et al., ICML 2024)"), ("legrad", "LeGrad (Bousselham et al.")):
-        _assert_clean(d.set(method, name), f"method {name}")
-        assert _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
+        _assertassert_clean(d.set(method, name), f"method {name}")
+        assert plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
         assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
-    _assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
-    titles = json.dumps(_plot(d, "vizapp-compare-plot")["layout"])
+    _assertassert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    titles = json.dumps(plot_of(d, "vizapp-compare-plot")["layout"])
     assert "AttnLRP" in titles and "LeGrad" in titles
 
 
@@ -397,7 +393,7 @@ def clip_app(tmp_path_factory):
 def test_every_event_runs_through_the_server_on_a_clip_model_with_prompts(clip_app, capfd, caplog, tmp_path):
     caplog.set_level(logging.WARNING)
     d = AppDriver(clip_app[0])
-    _assert_clean(d.load(), "page load")
+    _assertassert_clean(d.load(), "page load")
     assert d.props[d.by_elem_id("vizapp-prompts")]["visible"] is True  # shown: the model has a text tower
     photo, other = tmp_path / "a.png", tmp_path / "b.png"
     Image.open(EXAMPLES / "chelsea.png").save(photo)
@@ -415,10 +411,10 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
 
     url, folder = clip_app
     d = AppDriver(url)
-    _assert_clean(d.load(), "page load")
+    _assertassert_clean(d.load(), "page load")
     prompts = ["a photo of a cat", "a cup of coffee", "a red car"]
     d.set(d.by_elem_id("vizapp-prompts"), "\n".join(prompts) + "\n\n", fire_change=False)
-    _assert_clean(_analyze(d, EXAMPLES / "chelsea.png"), "analyze with prompts")
+    _assertassert_clean(_analyze(d, EXAMPLES / "chelsea.png"), "analyze with prompts")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(EXAMPLES / "chelsea.png"), prompts=prompts)
     shown = d.values[d.by_label("Top-5", "label")]
     assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
@@ -427,9 +423,9 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
     choice = d.by_label("Class to explain (gradient", "dropdown")
     assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
-    _assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
-    _assert_clean(d.set(choice, "a red car"), "explain a prompt")
-    fig = _plot(d, "vizapp-rollout-plot")
+    _assertassert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    _assertassert_clean(d.set(choice, "a red car"), "explain a prompt")
+    fig = plot_of(d, "vizapp-rollout-plot")
     assert "a red car" in fig["layout"]["title"]["text"].replace("<br>", " ")
     heat = next(t for t in fig["data"] if t["type"] == "heatmap")
     z = heat["z"]  # plotly's binary array encoding
@@ -439,7 +435,7 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     assert not np.allclose(m, r.relevance(class_idx=0))  # another prompt would have drawn another map
     d2 = AppDriver(bundled_app)
-    _assert_clean(d2.load(), "page load")
+    _assertassert_clean(d2.load(), "page load")
     assert d2.props[d2.by_elem_id("vizapp-prompts")]["visible"] is False
 
 
@@ -472,10 +468,10 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
 
     caplog.set_level(logging.WARNING)
     d = AppDriver(swin_app[0])
-    _assert_clean(d.load(), "page load")
-    assert "relative-position bias" in _plot(d, "vizapp-pos-plot")["layout"]["title"]["text"].replace("<br>", " ")
+    _assertassert_clean(d.load(), "page load")
+    assert "relative-position bias" in plot_of(d, "vizapp-pos-plot")["layout"]["title"]["text"].replace("<br>", " ")
     photo, other = _photos(tmp_path)
-    _assert_clean(_analyze(d, photo), "analyze")
+    _assertassert_clean(_analyze(d, photo), "analyze")
     assert "Windowed attention (Swin)" in d.values[d.by_elem_id("vizapp-status")]
     method = d.by_label("Method", "dropdown")
     choices = [c[1] for c in d.props[method]["choices"]]
@@ -484,13 +480,13 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
     assert "LeGrad for Swin sums the last stage's blocks only" in note
     for name, label in (("attnlrp", "AttnLRP (input × LRP"), ("legrad", "LeGrad over the last stage's blocks")):
-        _assert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
-        assert _plot(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
+        _assertassert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
+        assert plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
         assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
-    _assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
-    titles = json.dumps(_plot(d, "vizapp-compare-plot")["layout"])
+    _assertassert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    titles = json.dumps(plot_of(d, "vizapp-compare-plot")["layout"])
     assert "AttnLRP" in titles and "LeGrad" in titles
-    _assert_clean(d.set(method, "rollout"), "method rollout")
+    _assertassert_clean(d.set(method, "rollout"), "method rollout")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and FEATURES in v]
@@ -516,8 +512,8 @@ def _swin_head_importance(d: AppDriver, folder: str, photo: Path) -> None:
     assert "18 heads (3, 3, 6, 6 in its 4 layers)" in cost and "ΣH_l = 18 forward passes" in cost
     assert d.props[d.by_label("Exact ablation", "button")].get("visible", True) is not False
     label = d.values[d.by_label("Class scored (none: the top-1, or 1 - cos without a classifier)", "dropdown")]
-    _assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
-    z = _z(_plot(d, "vizapp-importance-plot")["data"][0])
+    _assertassert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
+    z = heatmap_z(plot_of(d, "vizapp-importance-plot")["data"][0])
     assert z.shape == (4, 6)
     assert np.isnan(z[:2, 3:]).all() and np.isfinite(z[:2, :3]).all() and np.isfinite(z[2:]).all()
     vm = vizapp.load_model(folder)
@@ -525,15 +521,6 @@ def _swin_head_importance(d: AppDriver, folder: str, photo: Path) -> None:
     want = head_importance(vm, r.input, class_idx=label).drop.numpy()
     np.testing.assert_allclose(z, want, atol=1e-6)
     assert "Empty cells: heads a layer does not have" in d.values[d.by_elem_id("vizapp-importance-note")]
-
-
-def _z(trace: dict) -> np.ndarray:
-    """A heatmap's values as plotly ships them (a binary array or nested lists)."""
-    z = trace["z"]
-    if isinstance(z, dict):
-        shape = tuple(int(v) for v in str(z["shape"]).split(","))
-        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
-    return np.asarray(z, dtype=float)
 
 
 def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, tmp_path):
@@ -546,27 +533,27 @@ def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, 
     url, folder = swin_app
     photo, _ = _photos(tmp_path)
     d = AppDriver(url)
-    _assert_clean(_analyze(d, photo), "analyze")
+    _assertassert_clean(_analyze(d, photo), "analyze")
     rows = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch row"]
     cols = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch column"]
     heads_row, heads_col = rows[0], cols[0]  # the Heads tab's (built before the Features tab's)
-    _assert_clean(d.set(heads_row, 6), "query row")
-    _assert_clean(d.set(heads_col, 1), "query column")
-    _assert_clean(d.set(d.by_label("Layer (-1 = last)", "slider"), 2), "layer 2")
+    _assertassert_clean(d.set(heads_row, 6), "query row")
+    _assertassert_clean(d.set(heads_col, 1), "query column")
+    _assertassert_clean(d.set(d.by_label("Layer (-1 = last)", "slider"), 2), "layer 2")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
     q = layer_query(r, 2, (6, 1))
     assert q == (3, 0)  # first-stage (6, 1): its centre at (26, 6) px lies in the 8-px token (3, 0)
-    heads = _plot(d, "vizapp-heads-plot")
-    z = _z(heads["data"][0])
+    heads = plot_of(d, "vizapp-heads-plot")
+    z = heatmap_z(heads["data"][0])
     assert z.shape == (2 * 5 + 1, 3 * 5 + 2)  # 6 heads of 5x5 tiles, 2 rows x 3 columns, 1-cell gaps
     custom = heads["data"][0]["customdata"]
-    raw = _z({"z": custom}) if isinstance(custom, dict) else np.asarray(custom, dtype=float)
+    raw = heatmap_z({"z": custom}) if isinstance(custom, dict) else np.asarray(custom, dtype=float)
     np.testing.assert_allclose(raw[:5, :5, 3], r.attention(2, 0, q), atol=1e-5)  # head 0's raw weights
-    focus = _plot(d, "vizapp-focus-plot")
+    focus = plot_of(d, "vizapp-focus-plot")
     heat = next(t for t in focus["data"] if t["type"] == "heatmap")
-    assert _z(heat).shape == (5, 5) and heat["dx"] == 8
+    assert heatmap_z(heat).shape == (5, 5) and heat["dx"] == 8
     m = r.attention(2, None, q).mean(0)  # the mean of the heads, shown scaled to [0, 1]
-    np.testing.assert_allclose(_z(heat), (m - m.min()) / (m.max() - m.min()), atol=1e-5)
+    np.testing.assert_allclose(heatmap_z(heat), (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     outline = next(t for t in focus["data"] if t.get("name") == "window")
     mask = r.window_mask(2, q)
     rr, cc = np.nonzero(mask)
@@ -583,17 +570,17 @@ def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
     d = AppDriver(swin_app[0])
     photo, _ = _photos(tmp_path)
     body, method = d.by_elem_id("vizapp-mask-plot"), d.by_label("Method", "dropdown")
-    _assert_clean(_analyze(d, photo), "analyze the Swin")
+    _assertassert_clean(_analyze(d, photo), "analyze the Swin")
     assert d.props[body]["visible"] is False
     model = d.by_label("Model", "dropdown")
-    _assert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
-    _assert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
+    _assertassert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
     assert d.props[body]["visible"] is True
     assert "attention" in [c[1] for c in d.props[method]["choices"]]
     query = d.by_label("Query", "radio")
     assert [c[1] for c in d.props[query]["choices"]] == ["CLS token", "Clicked patch"] and d.props[query]["interactive"]
-    _assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
-    _assert_clean(_analyze(d, photo), "analyze the Swin again")
+    _assertassert_clean(d.set(model, swin_app[1]), "pick the Swin again")
+    _assertassert_clean(_analyze(d, photo), "analyze the Swin again")
     assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]
 
 
@@ -604,7 +591,7 @@ def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
     import vizapp
 
     d = AppDriver(bundled_app)
-    _assert_clean(_analyze(d, SNEAKER), "analyze")
+    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
     vm = vizapp.load_model("bundled")  # the cache's object, the one the app analysed with
     head = vm.model.head.weight
     original = head.detach().clone()
@@ -616,4 +603,4 @@ def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
             assert "changed since" in fired[0].error, (label, fired[0].error)
     finally:
         head.data.copy_(original)
-    _assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")
+    _assertassert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")
