@@ -269,7 +269,8 @@ class AttentionCapture:
                 self._slots = (packed[0].unbind(0), packed[1].unbind(0))
             if packed.shape[2:] == q.shape == k.shape and packed.dtype == q.dtype and packed.device == q.device:
                 qs, ks = self._slots
-                self.q[layer], self.k[layer] = qs[layer].copy_(q), ks[layer].copy_(k)
+                with torch.no_grad():  # a record, never in a graph (unbind's views refuse in-place copies with grad)
+                    self.q[layer], self.k[layer] = qs[layer].copy_(q), ks[layer].copy_(k)
             else:  # layers of different shapes: one copy each
                 self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()
         else:
