@@ -266,16 +266,8 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
     """A transformers Swin / Swinv2 folder (save_pretrained, random weights, a 9x9 grid padded to windows of 4):
     vizapp's capture (SDPA for Swin, the explicit path's probabilities for Swinv2) equals the attention weights of the
     library's eager implementation, layer by layer."""
-    import transformers as tf
 
-    cfg_cls, model_cls = {
-        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
-        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
-    }[kind]
-    torch.manual_seed(0)
-    cfg = cfg_cls(
-        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
-    )
+    model_cls, cfg = hf_swin(kind)
     model_cls(cfg).save_pretrained(tmp_path)
     vm = vizapp.load_model(str(tmp_path), device="cpu")
     r = vizapp.analyze(vm, random_image(0))
@@ -327,6 +319,22 @@ def test_analyze_a_batch_equals_each_image():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     np.testing.assert_allclose(both[1].rollout(), one.rollout(), atol=1e-6)
     np.testing.assert_allclose(both[1].mean_distance, one.mean_distance, atol=1e-5)
+
+
+def hf_swin(kind: str) -> tuple:
+    """(model class, config) of a tiny transformers Swin ("swin") or Swinv2 ("swinv2") classifier: 36 px, 4-px
+    patches, a 9x9 first grid padded to windows of 4, then 5x5; the torch seed set for its random weights."""
+    import transformers as tf
+
+    cfg_cls, model_cls = {
+        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
+        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
+    }[kind]
+    torch.manual_seed(0)
+    cfg = cfg_cls(
+        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
+    )
+    return model_cls, cfg
 
 
 def write_swin_folder(folder, heads=(3, 6), seed=0) -> str:

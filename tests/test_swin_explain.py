@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import all_hooks, random_image
+from test_swin import hf_swin
 
 import vizapp
 from vizapp import methods
@@ -38,16 +39,8 @@ def _timm(name: str, **kw):
 
 
 def _hf(kind: str):
-    import transformers as tf
 
-    cfg_cls, model_cls = {
-        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
-        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
-    }[kind]
-    torch.manual_seed(0)
-    cfg = cfg_cls(
-        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
-    )
+    model_cls, cfg = hf_swin(kind)
     return model_cls._from_config(cfg, attn_implementation="sdpa" if kind == "swin" else "eager").eval()
 
 

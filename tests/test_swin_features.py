@@ -15,7 +15,7 @@ import torch
 from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
 from conftest import random_image, start_app
 from PIL import Image
-from test_swin import TINY, write_swin_folder
+from test_swin import TINY, hf_swin, write_swin_folder
 
 import vizapp
 from vizapp.errors import BadParameterError, StaleResultError
@@ -120,16 +120,8 @@ def test_timm_block_outputs_equal_the_models_own_stages(vm):
 def test_transformers_block_outputs_equal_its_reshaped_hidden_states(tmp_path, kind):
     """A transformers Swin / Swinv2 folder (a 9x9 grid padded to windows of 4, then 5x5): each stage's last block
     output equals the encoder's reshaped_hidden_states before downsampling ([B, C, H, W], the library's own), to 1e-5."""
-    import transformers as tf
 
-    cfg_cls, model_cls = {
-        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
-        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
-    }[kind]
-    torch.manual_seed(0)
-    cfg = cfg_cls(
-        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
-    )
+    model_cls, cfg = hf_swin(kind)
     model_cls(cfg).save_pretrained(tmp_path)
     vm = vizapp.load_model(str(tmp_path), device="cpu")
     r = vizapp.analyze(vm, random_image(3))
