@@ -1,0 +1,104 @@
+"""The CPU form of the weights digest (vizapp.models.digest): exact int8 checksums, by hand and against int64
+arithmetic, the guarantees its docstring states, and the SHA-256 form it falls back to."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vizapp.models.digest as digest
+from vizapp.models.digest import COLUMNS, ROW, checksum_matrix, cpu_checksums, weights_digest
+
+
+def _reference(t: torch.Tensor) -> torch.Tensor:
+    """The definition in int64: the tensor's bytes as signed rows of ROW bytes, zero-padded, times the matrix."""
+    raw = t.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)
+    raw = torch.where(raw > 127, raw - 256, raw)
+    padded = torch.zeros(-(-raw.numel() // ROW) * ROW, dtype=torch.int64)
+    padded[: raw.numel()] = raw
+    return padded.view(-1, ROW) @ checksum_matrix().to(torch.int64)
+
+
+def test_checksums_by_hand():
+    w = checksum_matrix().to(torch.int64)
+    t = torch.tensor([1, 2, 200], dtype=torch.uint8)  # 200 is -56 as a signed byte
+    got = cpu_checksums(t)
+    assert got.shape == (1, COLUMNS) and got.dtype == torch.int32
+    assert torch.equal(got[0].to(torch.int64), 1 * w[0] + 2 * w[1] - 56 * w[2])
+    assert cpu_checksums(torch.zeros(0)).shape == (0, COLUMNS)
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.randn(3 * ROW // 4, generator=torch.Generator().manual_seed(0)),  # whole rows only
+        torch.randn(5, 1000, generator=torch.Generator().manual_seed(1)),  # rows and a partial row
+        torch.randn(64, 48, generator=torch.Generator().manual_seed(2)).t(),  # not contiguous
+        torch.randn(7, dtype=torch.float64),
+        torch.arange(-50, 50, dtype=torch.int64),
+        torch.randn(300).to(torch.bfloat16),
+        torch.tensor([True, False, True]),
+    ],
+)
+def test_checksums_equal_int64_arithmetic(t):
+    assert torch.equal(cpu_checksums(t).to(torch.int64), _reference(t))
+
+
+def test_packed_small_tensors_equal_one_product_each():
+    assert digest._gemm_available()  # the form every other test here checks
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g) for n in (1, 1023, 1024, 1025, 5000)] + [torch.arange(9)]
+    assert torch.equal(digest._packed_checksums(tensors), torch.cat([cpu_checksums(t) for t in tensors]))
+
+
+def test_the_matrix_keeps_every_single_element_change_and_every_float32_swap():
+    w = checksum_matrix()
+    assert w.shape == (ROW, COLUMNS) and w.dtype == torch.int8 and bool((w != 0).all())
+    blocks = w.double().view(ROW // 8, 8, COLUMNS)
+    assert bool((torch.linalg.matrix_rank(blocks) == 8).all())  # no change of one 8-byte element maps to zero
+    # two float32 elements of one row trade places: the change is d at block i and -d at block j, lost only if
+    # d is in the null space of (W_i - W_j); every such 4 x COLUMNS difference has rank 4
+    quads = w.double().view(ROW // 4, 4, COLUMNS)
+    i, j = torch.triu_indices(ROW // 4, ROW // 4, 1)
+    smallest = min(
+        torch.linalg.svdvals(quads[i[lo : lo + (1 << 17)]] - quads[j[lo : lo + (1 << 17)]])[:, -1].min().item()
+        for lo in range(0, i.numel(), 1 << 17)
+    )
+    assert smallest > 1.0
+
+
+def test_a_swap_and_a_one_bit_change_show_in_the_digest():
+    g = torch.Generator().manual_seed(4)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    d = weights_digest(m)
+    assert weights_digest(copy.deepcopy(m)) == d
+    seen = {d.values}
+    for a, b in ((0, 1), (5, 4000), (17, 17 + ROW // 4)):  # neighbours, far apart in one row, in two rows
+        edited = copy.deepcopy(m)
+        flat = edited[0].weight.data.view(-1)
+        flat[[a, b]] = flat[[b, a]]
+        seen.add(weights_digest(edited).values)
+    for bit in (0, 13, 31):  # one bit of one float32
+        edited = copy.deepcopy(m)
+        bits = edited[1].bias.data.view(torch.int32)
+        bits[1] ^= (
+            torch.tensor(1 << bit, dtype=torch.int32) if bit < 31 else torch.tensor(-(1 << 31), dtype=torch.int32)
+        )
+        seen.add(weights_digest(edited).values)
+    assert len(seen) == 7
+
+
+def test_without_the_int8_product_the_raw_bytes_are_hashed(monkeypatch):
+    m = torch.nn.Linear(8, 8)
+    fast = weights_digest(m)
+    monkeypatch.setattr(digest, "_gemm_ok", False)
+    slow = weights_digest(m)
+    assert slow.layout == fast.layout and slow.values != fast.values  # another form of the values
+    with torch.no_grad():
+        m.weight.view(-1)[3] += 1e-3
+    assert weights_digest(m).values != slow.values
