@@ -568,8 +568,12 @@ def test_batched_class_maps_equal_autograds_gradient_through_timms_own_attention
 def test_gradient_maps_of_a_model_whose_attention_skips_sdpa_are_refused_clearly():
     """timm's explicit attention (fused_attn off) forms no attention vizapp can take a gradient of (this was a
     RuntimeError from autograd about NoneType)."""
-    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])
+    vm = small_model(FAMILY["vit"][1], **FAMILY["vit"][2])  # shared with other tests: its attention is restored
     for blk in vm.model.blocks:
         blk.attn.fused_attn = False
-    with pytest.raises(UnsupportedModelError, match=r"layer 0 .*is fused attention off"):
-        vizapp.explain(vm, images(2), "relevance")
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"layer 0 .*is fused attention off"):
+            vizapp.explain(vm, images(2), "relevance")
+    finally:
+        for blk in vm.model.blocks:
+            blk.attn.fused_attn = True

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp import limits
+from vizapp import checks, limits
 from vizapp import methods as registry
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
@@ -23,7 +23,7 @@ from vizapp.models import VizModel
 from vizapp.models.base import readout_weights
 from vizapp.models.prompts import probabilities
 from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
-from vizapp.result import START_ROWS, class_index
+from vizapp.result import class_index
 from vizapp.swin_result import class_gradients as windowed_gradients
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
@@ -172,32 +172,16 @@ def _gradient_options(
     messages, and in the order, of :meth:`Analysis.grad_rollout` and :meth:`Analysis.relevance`."""
 
     def layer() -> int:
-        if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
-            raise BadParameterError(f"layer must be an integer, got {start_layer!r}"[:200])
-        if not -vm.num_layers <= start_layer < vm.num_layers:
-            raise BadParameterError(
-                f"layer {start_layer} is out of range; this model has layers 0..{vm.num_layers - 1}"
-            )
-        return int(start_layer) % vm.num_layers
+        return checks.layer_index(start_layer, vm.num_layers)
 
     def row() -> str:
-        if not isinstance(start_row, str) or start_row not in START_ROWS:
-            raise BadParameterError(f"start_row must be one of {list(START_ROWS)}, got {str(start_row)[:40]!r}")
-        if start_row == "cls" and not vm.has_class_token:
-            raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
-        return start_row
+        return checks.start_row(start_row, vm.has_class_token)
 
     if name == "relevance":
         first = layer()
         return first, row(), 0.0
     first_row, first_layer = row(), layer()
-    if (
-        isinstance(discard_ratio, bool)
-        or not isinstance(discard_ratio, (int, float))
-        or not (0.0 <= float(discard_ratio) < 1.0)
-    ):
-        raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
-    return first_layer, first_row, float(discard_ratio)
+    return first_layer, first_row, checks.discard_ratio(discard_ratio)
 
 
 def _class_maps(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp import limits
+from vizapp import checks, limits
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
 from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.errors import BadParameterError
@@ -25,7 +25,7 @@ from vizapp.streaming import fused_layer
 
 Query = str | int | tuple[int, int]
 #: Where the maps carried down from the output start: the tokens the output reads, or the CLS token whatever it reads.
-START_ROWS = ("output", "cls")
+START_ROWS = checks.START_ROWS
 
 
 def _row_key(start_row: str) -> tuple[str, ...]:
@@ -239,20 +239,10 @@ class Analysis(LabelFreeViews, ModelRuns):
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
-        if not -self.num_layers <= layer < self.num_layers:
-            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
-        return int(layer) % self.num_layers
+        return checks.layer_index(layer, self.num_layers)
 
     def _head(self, head: Any) -> int | None:
-        if head is None:
-            return None
-        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
-            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
-        if not 0 <= head < self.num_heads:
-            raise BadParameterError(f"head {head} is out of range; this model has heads 0..{self.num_heads - 1}")
-        return int(head)
+        return checks.head_index(head, self.num_heads)
 
     def query_index(self, query: Query) -> int:
         """Token index of a query: "cls" (token 0), a prefix token index, or a patch (row, col)."""
@@ -262,7 +252,7 @@ class Analysis(LabelFreeViews, ModelRuns):
             if query.lower() != "cls":
                 raise BadParameterError(f"query must be 'cls' or a patch (row, col), got {query[:40]!r}")
             if not self.has_class_token:
-                raise BadParameterError("this model has no CLS token (it pools its patches); click a patch to use it")
+                raise BadParameterError(checks.NO_CLS)
             return 0
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             if not 0 <= query < self.num_tokens:
@@ -332,12 +322,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         """Attention rollout map: the output's row of the joint attention over the patches, raw, [gh, gw] (the CLS
         row for a ViT that reads its class token; see :meth:`output_weights`). ``start_row="cls"``: the CLS row
         whatever the output reads."""
-        if (
-            isinstance(discard_ratio, bool)
-            or not isinstance(discard_ratio, (int, float))
-            or not (0.0 <= float(discard_ratio) < 1.0)
-        ):
-            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        checks.discard_ratio(discard_ratio)
         start_layer = self._layer(start_layer)
         if head_fusion not in HEAD_FUSIONS:
             raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
@@ -393,10 +378,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         model's output reads (:attr:`readout`; one-hot at CLS for a ViT that reads its class token, uniform over the
         patches for one that averages them, as BEiT's head does though it has a CLS token). ``start_row="cls"``:
         one-hot at the CLS token instead (a model's class token, even where its head never reads it)."""
-        if start_row not in START_ROWS:
-            raise BadParameterError(f"start_row must be one of {list(START_ROWS)}, got {str(start_row)[:40]!r}")
-        if start_row == "cls":
-            self.query_index("cls")  # a clear error for a model without a class token
+        if checks.start_row(start_row, self.has_class_token) == "cls":
             return readout_weights("cls", self.num_tokens, self.num_prefix_tokens)
         return readout_weights(self.readout, self.num_tokens, self.num_prefix_tokens)
 
@@ -427,12 +409,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         :meth:`rollout`)."""
         weights = self.output_weights(start_row)
         start_layer = self._layer(start_layer)
-        if (
-            isinstance(discard_ratio, bool)
-            or not isinstance(discard_ratio, (int, float))
-            or not (0.0 <= float(discard_ratio) < 1.0)
-        ):
-            raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}"[:200])
+        checks.discard_ratio(discard_ratio)
         fused = self.grad_weighted_heads(class_idx)
         row = rollout_row(
             lambda layer: fused[layer],
