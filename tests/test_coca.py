@@ -289,3 +289,28 @@ def test_the_parameter_count_includes_the_text_decoder(monkeypatch):
         coca(0, **cfg)
     monkeypatch.setattr(budget, "BUDGET", budget.Budget(max_params=n))
     assert coca(0, **cfg).num_layers == 2
+
+
+def test_head_importance_and_dataset_mode_run_on_coca(vm, tmp_path):
+    """Exact head importance of a prompt (one head checked by hand with the capture's own ablation), the
+    faithfulness curves' unchanged image, and dataset mode (the mean of each image's analysis)."""
+    from vizapp.ablation import head_importance
+    from vizapp.stats import collect_stats
+
+    r = vizapp.analyze(vm, random_image(14), prompts=PROMPTS)
+    prompted = r.model_ref()
+    res = head_importance(prompted, r.input, class_idx="a red car", method="exact")
+    with torch.no_grad():
+        clean = prompted.logits(r.input).softmax(-1)[0, 2]
+        with AttentionCapture(prompted.model, ablate={0: torch.tensor([False, False, True, False])}):
+            ablated = prompted.logits(r.input).softmax(-1)[0, 2]
+    assert res.drop.shape == (2, 4) and float(res.drop[0, 2]) == pytest.approx(float(clean - ablated), abs=1e-5)
+    curves = r.faithfulness({"legrad": r.explain("legrad", 2)}, class_idx=2, steps=2, random_seed=None)
+    assert float(curves["legrad"]["deletion"].probs[0]) == pytest.approx(float(r.probs[2]), abs=1e-5)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        random_image(30 + i, size=(64, 64)).save(paths[-1])
+    stats = collect_stats(vm, paths, batch_size=2)
+    each = np.mean([vizapp.analyze(vm, p).mean_distance for p in paths], axis=0)
+    np.testing.assert_allclose(stats.mean_distance, each, rtol=1e-4, atol=1e-3)
