@@ -2,7 +2,8 @@
 attention probabilities kept.
 
 SigLIP's vision tower pools this way (transformers ``SiglipMultiheadAttentionPoolingHead``; timm ViTs with
-``global_pool="map"``, :class:`timm.layers.AttentionPoolLatent`). Their logit lens reads a block's output through the
+``global_pool="map"``, :class:`timm.layers.AttentionPoolLatent`), and so does OpenCLIP's CoCa (its
+``AttentionalPooler``, :func:`openclip_coca_readout`). Their logit lens reads a block's output through the
 model's final norm, this pooling head and what follows it (a classifier, or the prompt score), exactly as the model's
 forward ends; LeGrad on such a model takes its gradient on the pooling head's own attention (see
 :func:`vizapp.analysis.legrad.legrad_pooled`), so the readout here writes the head's attention out explicitly (the
