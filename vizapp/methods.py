@@ -234,7 +234,7 @@ def _legrad_batch(
         maps, _ = windows_explain.legrad(vm.model, vm.logits, head_lens(vm.model), x, classes, int(start_layer))
         return maps.cpu().numpy()
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
-    if isinstance(vm.lens_fn, PooledReadout):  # an attention-pooling head (SigLIP): the gradient on its attention
+    if isinstance(vm.lens_fn, PooledReadout):  # an attention-pooling head (SigLIP, CoCa): the gradient on its attention
         from vizapp.analysis.legrad import legrad_pooled
 
         maps, _ = legrad_pooled(vm.model, vm.logits, vm.lens_fn, x, classes, grid, int(start_layer), empty)

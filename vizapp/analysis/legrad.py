@@ -12,7 +12,7 @@ Every ∂s_l/∂A_l comes from ONE backward here: each block starts from its inp
 the model's own), so s_l reaches only block l's attention, and the gradient of Σ_l s_l with respect to A_l is
 ∂s_l/∂A_l. The attention is vizapp's capture in the graph (:class:`vizapp.capture.AttentionCapture`, ``with_grad``).
 
-A model pooled by an attention-pooling head (SigLIP) is explained as the authors' code explains it
+A model pooled by an attention-pooling head (SigLIP, OpenCLIP's CoCa) is explained as the authors' code explains it
 (:func:`legrad_pooled`): the gradient is taken on the pooling head's own attention, applied to each block's output.
 """
 
@@ -167,6 +167,16 @@ def legrad_pooled(
     a positive multiple of their cosine plus a constant, so the map is the same). They keep the first query's row,
     the mean over the rows here (the same for SigLIP's one query); their wrapper's default ``layer_index=-2`` sums the
     last two blocks, ``start_layer`` chooses here (0: every block, the paper's sum).
+
+    OpenCLIP's CoCa (their ``compute_legrad_coca``; ``readout`` from
+    :func:`vizapp.models.pooling.openclip_coca_readout`): the head is CoCa's attentional pooler, whose first query's
+    output, projected, is the contrastive image embedding; its attention row over block l's tokens (the CLS column
+    left out) is differentiated, as theirs. Unlike their code, the pooler's output goes through ``ln_post`` before the
+    projection, as the model's own forward does (they skip it, so their last block does not read the model's
+    embedding), and s_l is the prompt's logit exp(t)·cos(image, text), the model's own score, where they take the
+    dot product of the text embedding with the unnormalised image embedding (the normalisation depends on the
+    attention, so these maps differ in general). Only the first query is computed (the captioning queries do not
+    reach the embedding); they keep its row of the whole pooler's attention, the same numbers.
 
     With ``empty`` (their SigLIP correction, on by default in their code): the same map for the score of an "empty"
     prompt ("a photo of a"), min-max scaled; the patches where it exceeds ``threshold`` are set to zero before the

@@ -8,6 +8,10 @@ torch's ``nn.MultiheadAttention`` (captured through ``F.multi_head_attention_for
 ``Attention`` (captured at its SDPA call). The tower's output is the projected image embedding; with prompts
 (:mod:`vizapp.models.prompts`) it becomes OpenCLIP's own logits over the prompts.
 
+CoCa (``open_clip:coca_ViT-B-32``, ...) is read the same way: its tower pools through an attentional pooler, whose
+first query's output is the contrastive image embedding (the tower also returns the captioning tokens, set aside
+here); its logit lens and LeGrad go through that pooler (:func:`vizapp.models.pooling.openclip_coca_readout`).
+
 OpenCLIP models whose vision tower is a timm model or a ResNet are refused (load the timm model itself instead).
 ``open_clip_torch`` is optional: it is imported only when an ``open_clip:`` id is loaded.
 """
@@ -111,12 +115,24 @@ def _checkpoint(path: Any, allow_files: bool) -> str:
     return path
 
 
+def image_embedding(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The vision tower's image embedding [B, E]: its forward's output, or the first of the pair a CoCa tower returns
+    (the embedding and the captioning tokens, ``output_tokens``); OpenCLIP's "parallel" pooler gives [B, 1, E]."""
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    return out[:, 0] if out.dim() == 3 else out
+
+
 def _text_tower(clip: torch.nn.Module, arch: str) -> TextTower:
-    """OpenCLIP's text side: its tokenizer (the BPE vocabulary it ships, at the model's context length) and
-    ``encode_text``, and the image side's pooling and projection from a block's tokens (for the logit lens)."""
+    """OpenCLIP's text side: its tokenizer (the BPE vocabulary it ships, at the text tower's context length) and
+    ``encode_text``, and the image side's pooling and projection from a block's tokens (for the logit lens; with an
+    attentional pooler, CoCa's, a :class:`~vizapp.models.pooling.PooledReadout` that keeps the pooler's attention)."""
     open_clip = require_open_clip()
+    from vizapp.models.pooling import openclip_coca_readout
+
     visual = clip.visual
-    context = getattr(clip, "context_length", None)
+    # CoCa's text tower appends its CLS token to the tokens: its own context_length is what the tokenizer gives
+    context = getattr(getattr(clip, "text", None), "context_length", None) or getattr(clip, "context_length", None)
     tokenizer = open_clip.get_tokenizer(arch, context_length=context) if context else open_clip.get_tokenizer(arch)
 
     def encode(prompts: list[str]) -> torch.Tensor:
@@ -127,11 +143,12 @@ def _text_tower(clip: torch.nn.Module, arch: str) -> TextTower:
         pooled, _ = visual._pool(tokens)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
+    pooled_readout = openclip_coca_readout(visual) if visual.attn_pool is not None else None
     bias = getattr(clip, "logit_bias", None)
     return TextTower(
         encode_text=encode,
-        image_embed=lambda model, x: model(x),
-        embed_from_tokens=embed_from_tokens,
+        image_embed=image_embedding,
+        embed_from_tokens=pooled_readout or embed_from_tokens,
         logit_scale=lambda: clip.logit_scale.exp().reshape(()),
         logit_bias=(lambda: bias.reshape(())) if bias is not None else None,
         modules=(clip,),
@@ -152,18 +169,48 @@ def _check_before_building(name: str, arch: str, kwargs: dict[str, Any]) -> None
             f"{name}: its vision tower is {kind}, not OpenCLIP's VisionTransformer; vizapp analyses OpenCLIP's own "
             "ViT towers (load a timm tower by its timm id)"
         )
-    if cfg.get("custom_text") or "hf_model_name" in (cfg.get("text_cfg") or {}):
+    if "hf_model_name" in (cfg.get("text_cfg") or {}):
         return  # a transformers text tower: built from the hub's config, not counted here
 
     def build() -> torch.nn.Module:
         import inspect
 
-        from open_clip.model import CLIP
+        from open_clip.coca_model import CoCa
+        from open_clip.model import CLIP, CustomTextCLIP
 
-        takes = inspect.signature(CLIP).parameters  # create_model's own options (force_*, ...) are not CLIP's
-        return CLIP(**{k: v for k, v in cfg.items() if k in takes})
+        # the class create_model picks: CoCa (its text decoder counted too), CustomTextCLIP, or CLIP
+        custom = cfg.get("custom_text")
+        cls = (CoCa if "multimodal_cfg" in cfg else CustomTextCLIP) if custom else CLIP
+        takes = inspect.signature(cls).parameters  # create_model's own options (force_*, ...) are not the model's
+        return cls(**{k: v for k, v in cfg.items() if k in takes})
 
     check_budget(name, counter=lambda: meta_parameter_count(build), layers=int(vision.get("layers") or 0) or None)
+
+
+def _check_pooler(name: str, visual: torch.nn.Module) -> None:
+    """Refuse an attentional pooler (CoCa's) whose image embedding vizapp cannot read from a block's tokens."""
+    from vizapp.models.pooling import openclip_coca_readout
+
+    if visual.attn_pool is None:
+        return
+    kind = getattr(visual, "attn_pool_type", "")
+    if kind == "cascade":
+        raise UnsupportedModelError(
+            f"{name}: OpenCLIP's 'cascade' attentional pooling makes the image embedding from the captioning pooler's "
+            "outputs, not from the tokens, so vizapp cannot read it from a block (the original CoCa pooling, "
+            "attentional_pool=True, and 'parallel' are supported)"
+        )
+    if kind == "parallel" and visual.transformer.width != visual.output_dim:
+        raise UnsupportedModelError(
+            f"{name}: OpenCLIP's 'parallel' attentional pooling needs the tower's width equal to its embedding width "
+            f"(its ln_post is built for the one and applied to the other), here {visual.transformer.width} and "
+            f"{visual.output_dim}"
+        )
+    if openclip_coca_readout(visual) is None:
+        raise UnsupportedModelError(
+            f"{name}: its attentional pooler is not laid out as OpenCLIP's AttentionalPooler (learned queries, one "
+            "batch-first nn.MultiheadAttention without extra key/value bias), so vizapp cannot write it out"
+        )
 
 
 def load(
@@ -221,6 +268,7 @@ def load(
     from vizapp.capture import attention_layers
 
     layers = attention_layers(visual)  # the support check
+    _check_pooler(name, visual)
     clip.eval().to(device=device, dtype=dtype)
     size, ps = pair(visual.image_size), pair(visual.patch_size)
     grid = (size[0] // ps[0], size[1] // ps[1])
@@ -250,7 +298,7 @@ def load(
         dtype=dtype,
         num_layers=len(layers),
         num_heads=heads,
-        forward_fn=lambda model, x: model(x),
+        forward_fn=image_embedding,
         grid_fn=lambda h, w: (h // ps[0], w // ps[1]),
         has_class_token=True,
         readout=readout,

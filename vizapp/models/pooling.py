@@ -2,7 +2,8 @@
 attention probabilities kept.
 
 SigLIP's vision tower pools this way (transformers ``SiglipMultiheadAttentionPoolingHead``; timm ViTs with
-``global_pool="map"``, :class:`timm.layers.AttentionPoolLatent`). Their logit lens reads a block's output through the
+``global_pool="map"``, :class:`timm.layers.AttentionPoolLatent`), and so does OpenCLIP's CoCa (its
+``AttentionalPooler``, :func:`openclip_coca_readout`). Their logit lens reads a block's output through the
 model's final norm, this pooling head and what follows it (a classifier, or the prompt score), exactly as the model's
 forward ends; LeGrad on such a model takes its gradient on the pooling head's own attention (see
 :func:`vizapp.analysis.legrad.legrad_pooled`), so the readout here writes the head's attention out explicitly (the
@@ -114,33 +115,52 @@ def timm_readout(model: torch.nn.Module) -> PooledReadout | None:
     )
 
 
+def mha_supported(mha: object) -> bool:
+    """Whether ``mha`` is a batch-first ``nn.MultiheadAttention`` that :func:`mha_attention` writes out exactly (no
+    extra key/value bias, no zero attention; in eval mode, its dropout off)."""
+    return (
+        isinstance(mha, torch.nn.MultiheadAttention)
+        and mha.batch_first
+        and mha.bias_k is None
+        and not mha.add_zero_attn
+    )
+
+
+def mha_attention(
+    mha: torch.nn.MultiheadAttention, queries: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch-first ``nn.MultiheadAttention`` without a mask, written out from its own weights (packed, or separate
+    when the keys' width differs, ``kdim``): queries [B, Q, E] attend over x [B, M, kdim] -> (its output [B, Q, E]
+    after ``out_proj``, its attention [B, H, Q, M])."""
+    b, n, _ = x.shape
+    e, h = mha.embed_dim, mha.num_heads
+    d = e // h
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(queries, w_q, b_q).reshape(b, -1, h, d).transpose(1, 2)
+    k = F.linear(x, w_k, b_k).reshape(b, n, h, d).transpose(1, 2)
+    v = F.linear(x, w_v, b_v).reshape(b, n, h, d).transpose(1, 2)
+    mixed, attn = _softmax_attention(q, k, v)
+    return mha.out_proj(mixed.transpose(1, 2).reshape(b, -1, e)), attn
+
+
 def siglip_head_pool(head: torch.nn.Module) -> PoolFn | None:
     """transformers' ``SiglipMultiheadAttentionPoolingHead`` written out: the probe attends over the tokens through
     its ``nn.MultiheadAttention`` (packed in-projection, no extra key/value bias), then the residual MLP; None when
     the head is laid out otherwise."""
     mha = getattr(head, "attention", None)
     if (
-        not isinstance(mha, torch.nn.MultiheadAttention)
-        or not isinstance(getattr(head, "probe", None), torch.Tensor)
-        or not mha.batch_first
+        not mha_supported(mha)
         or not mha._qkv_same_embed_dim
-        or mha.bias_k is not None
-        or mha.add_zero_attn
+        or not isinstance(getattr(head, "probe", None), torch.Tensor)
     ):
         return None
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, dim = x.shape
-        h = mha.num_heads
-        d = dim // h
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-        probe = head.probe.expand(b, -1, -1)
-        q = F.linear(probe, w_q, b_q).reshape(b, -1, h, d).transpose(1, 2)
-        k = F.linear(x, w_k, b_k).reshape(b, n, h, d).transpose(1, 2)
-        v = F.linear(x, w_v, b_v).reshape(b, n, h, d).transpose(1, 2)
-        mixed, attn = _softmax_attention(q, k, v)
-        out = mha.out_proj(mixed.transpose(1, 2).reshape(b, -1, dim))
+        out, attn = mha_attention(mha, head.probe.expand(x.shape[0], -1, -1), x)
         out = out + head.mlp(head.layernorm(out))
         return out[:, 0], attn
 
@@ -156,3 +176,51 @@ def siglip_readout(vision: torch.nn.Module) -> PooledReadout | None:
     if pool is None or not isinstance(norm, torch.nn.Module):
         return None
     return PooledReadout(norm=norm, pool=pool, after=lambda f: f)
+
+
+def _openclip_pooler(pool: torch.nn.Module, first: int | None) -> PoolFn | None:
+    """OpenCLIP's ``AttentionalPooler`` written out: ``ln_k`` on the tokens, ``ln_q`` on its learned queries (only the
+    first ``first`` of them, or all), one ``nn.MultiheadAttention`` -> (its output [B, Q, E], attention [B, H, Q, M]);
+    None when ``pool`` is laid out otherwise."""
+    mha = getattr(pool, "attn", None)
+    if not mha_supported(mha) or not isinstance(getattr(pool, "query", None), torch.Tensor):
+        return None
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = pool.ln_q(pool.query[:first])  # a norm per query: the first ones alone are the same rows
+        return mha_attention(mha, queries.unsqueeze(0).expand(x.shape[0], -1, -1), pool.ln_k(x))
+
+    return run
+
+
+def openclip_coca_readout(visual: torch.nn.Module) -> PooledReadout | None:
+    """OpenCLIP's CoCa vision tower (its ``VisionTransformer`` with an attentional pooler): a block's tokens -> the
+    contrastive image embedding, as ``VisionTransformer._pool`` and ``proj`` make it, with the pooler's attention.
+
+    The original OpenCLIP CoCa pooling (``attentional_pool=True``, every released CoCa): no norm before the pooler;
+    the pooler's learned queries attend over every token (the CLS token too), then ``ln_post``, and the first query's
+    output is the embedding (the contrastive loss trains it; the other queries' outputs are the captioning tokens).
+    Only that first query is computed here: ``ln_post`` normalises each query's output alone, so the others never
+    reach the embedding. OpenCLIP's "parallel" pooling (a one-query contrastive pooler beside the captioning one, both
+    after ``ln_post``) is read the same way through the contrastive pooler. None for any other tower, and for the
+    "cascade" pooling, whose contrastive pooler reads the captioning pooler's outputs, not the tokens.
+    """
+    pool = getattr(visual, "attn_pool", None)
+    kind = getattr(visual, "attn_pool_type", "")
+    contrastive = getattr(visual, "attn_pool_contrastive", None)
+    if pool is None or kind not in ("", "parallel") or (kind == "parallel") != (contrastive is not None):
+        return None
+    run = _openclip_pooler(pool if kind == "" else contrastive, 1)
+    if run is None:
+        return None
+
+    def pooled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, attn = run(x)  # [B, 1, E], [B, H, 1, N]
+        return (visual.ln_post(out) if kind == "" else out)[:, 0], attn
+
+    return PooledReadout(
+        norm=(lambda t: t) if kind == "" else visual.ln_post,
+        pool=pooled,
+        after=lambda f: f @ visual.proj if visual.proj is not None else f,
+        key_prefix=1,
+    )
