@@ -314,3 +314,13 @@ def test_head_importance_and_dataset_mode_run_on_coca(vm, tmp_path):
     stats = collect_stats(vm, paths, batch_size=2)
     each = np.mean([vizapp.analyze(vm, p).mean_distance for p in paths], axis=0)
     np.testing.assert_allclose(stats.mean_distance, each, rtol=1e-4, atol=1e-3)
+
+
+def test_the_app_offers_coca_by_a_valid_open_clip_id_and_tag():
+    from vizapp.models.openclip import check_name, parse_name
+    from vizapp.ui.startup import CURATED_BY_LIBRARY
+
+    ids = [name for name, _ in CURATED_BY_LIBRARY["open_clip"]]
+    assert any(parse_name(name)[0].startswith("coca_") for name in ids)
+    for name in ids:
+        check_name(name)  # an unknown architecture or tag raises

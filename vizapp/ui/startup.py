@@ -33,7 +33,10 @@ CURATED_BY_LIBRARY: dict[str, list[tuple[str, str]]] = {
         ("hf:openai/clip-vit-base-patch32", "transformers: CLIP ViT-B/32 (text prompts as classes)"),
     ],
     "torchvision": [("torchvision:vit_b_16", "torchvision: ViT-B/16 (ImageNet)")],
-    "open_clip": [("open_clip:ViT-B-32/laion2b_s34b_b79k", "OpenCLIP: ViT-B/32 LAION-2B (text prompts as classes)")],
+    "open_clip": [
+        ("open_clip:ViT-B-32/laion2b_s34b_b79k", "OpenCLIP: ViT-B/32 LAION-2B (text prompts as classes)"),
+        ("open_clip:coca_ViT-B-32/laion2b_s13b_b90k", "OpenCLIP: CoCa ViT-B/32 LAION-2B (text prompts as classes)"),
+    ],
 }
 
 
