@@ -83,6 +83,39 @@ def test_window_statistics_by_hand_with_a_padded_window():
     assert float(W.mean_distance(attn[0], index, g.grid, (4, 4))[0]) == pytest.approx(4 / 3)  # the direct formula
 
 
+def test_token_row_gather_by_hand():
+    """A 2x2 grid in windows of 1x2 (windows {0, 1} and {2, 3}), 2 heads: the window rows are (window, head, slot),
+    so head 0's tokens 0..3 are rows 0, 1, 4, 5 and head 1's are rows 2, 3, 6, 7."""
+    index = W.window_index((2, 2), (1, 2), (0, 0))
+    assert index.tolist() == [[0, 1], [2, 3]]
+    slots = W.token_slots(index, 4)
+    assert W.token_row_gather(slots, 2, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
+@pytest.mark.parametrize("pad_first", [False, True])
+def test_token_rows_equal_each_row_read_from_its_window(pad_first):
+    """token_rows (one gather of every head's rows) equals each (image, head, token) row read from the token's own
+    window slot one by one, renormalised over the real keys, on a shifted layer padded at the edge (5x7 grid, windows
+    of 3, shift 1), with and without the precomputed gather."""
+    torch.manual_seed(0)
+    g = WindowGeometry(grid=(5, 7), window=(3, 3), shift=(1, 1), pad_first=pad_first, stage=0)
+    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+    n, h = 35, 3
+    attn = torch.softmax(torch.randn(2, g.num_windows, h, 9, 9), -1)  # [B, nW, H, w², w²]
+    rows = W.token_rows(attn, index, n)
+    slots = W.token_slots(index, n)
+    assert torch.equal(W.token_rows(attn, index, n, slots, W.token_row_gather(slots, h, 9)), rows)
+    assert rows.shape == (2, h, n, 9) and rows.is_contiguous()
+    for t in range(n):
+        w, s = divmod(int(slots[t]), 9)
+        assert int(index[w, s]) == t
+        real = (index[w] >= 0).float()
+        for b in range(2):
+            for head in range(h):
+                expect = attn[b, w, head, s] * real
+                torch.testing.assert_close(rows[b, head, t], expect / expect.sum(), rtol=1e-6, atol=0)
+
+
 def test_dataset_mode_on_uniform_windows_by_hand(tmp_path):
     """A Swin whose q, k and relative bias are zero attends uniformly within each window (4x4 grid of 4-px tokens,
     windows 2x2). Layer 0 (no shift): every token's window is a full 2x2 block, distance (0 + 4 + 4 + 4√2) / 4 =

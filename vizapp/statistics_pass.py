@@ -61,6 +61,14 @@ def _window_layout(
     return index, slots, dist
 
 
+@functools.lru_cache(maxsize=256)
+def _row_gather(g: WindowGeometry, heads: int, device: str) -> torch.Tensor:
+    """:func:`~vizapp.analysis.windows.token_row_gather` of a windowed layer with ``heads`` heads, on ``device``: where
+    each (head, token) row sits among the layer's window rows (pure geometry, made once, read-only)."""
+    slots = W.token_slots(W.window_index(g.grid, g.window, g.shift, g.pad_first), g.grid[0] * g.grid[1])
+    return W.token_row_gather(slots, heads, g.window[0] * g.window[1]).to(device)
+
+
 def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:
     """The reducer's :class:`~vizapp.statistics.Geometry` of a windowed layer: its N real tokens as queries, each
     over the w² slots of its window, ``stride`` pixels between the layer's tokens (see the module docstring)."""
@@ -75,7 +83,8 @@ def feed_window_layer(
     ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done."""
     index, slots, dist = _window_layout(g, tuple(stride), str(attn.device))
     reducer.set_geometry(layer, Geometry(g.grid[0] * g.grid[1], 0, dist))
-    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots)  # [B, H, N, w²]
+    gather = _row_gather(g, int(attn.shape[2]), str(attn.device))
+    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots, gather)  # [B, H, N, w²]
     for b in range(rows.shape[0]):
         reducer.chunk(layer, b, 0, rows[b], 0)
     reducer.layer_done(layer)
