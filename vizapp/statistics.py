@@ -124,16 +124,20 @@ class BlockStatistic(Statistic):
 
 
 class BlockTokens:
-    """One block's output [B, N, D] as the block statistics read it; its token norms are computed once for all."""
+    """One block's output [B, N, D] as the block statistics read it; its token norms are computed once for all
+    (``norms``: the caller's own [B, N] L2 norms of ``out.float()``'s tokens, when it has them already)."""
 
-    def __init__(self, out: torch.Tensor, num_prefix_tokens: int) -> None:
+    def __init__(self, out: torch.Tensor, num_prefix_tokens: int, norms: torch.Tensor | None = None) -> None:
         self.out = out
         self.num_prefix_tokens = num_prefix_tokens
+        self._norms = norms
 
-    @cached_property
+    @property
     def norms(self) -> torch.Tensor:
         """[B, N] the L2 norm of every token, float32."""
-        return torch.linalg.vector_norm(self.out.float(), dim=-1)
+        if self._norms is None:
+            self._norms = torch.linalg.vector_norm(self.out.float(), dim=-1)
+        return self._norms
 
     @cached_property
     def norm_summaries(self) -> dict[str, torch.Tensor]:
@@ -403,9 +407,10 @@ class StatisticsReducer:
         for s in self.head_stats:
             self.values[s.name][layer, :, :h] = self._row_buffer(s, g)[:, :h].double().mean(dim=-1)
 
-    def block(self, layer: int, out: torch.Tensor) -> None:
-        """``on_block``: the block statistics of block ``layer``'s output [B, N, D]."""
-        tokens = BlockTokens(out, self._layer_geometry(layer).num_prefix_tokens)
+    def block(self, layer: int, out: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """``on_block``: the block statistics of block ``layer``'s output [B, N, D] (``norms``: its tokens' L2 norms
+        [B, N] float32 when the caller has them, see :class:`BlockTokens`)."""
+        tokens = BlockTokens(out, self._layer_geometry(layer).num_prefix_tokens, norms)
         for s in self.block_stats:
             self.values[s.name][layer] = s.of_block(tokens).to(torch.float64)
         self._blocks[layer] = True
