@@ -96,7 +96,7 @@ def test_token_row_gather_by_hand():
 def test_token_rows_equal_each_row_read_from_its_window(pad_first):
     """token_rows (one gather of every head's rows) equals each (image, head, token) row read from the token's own
     window slot one by one, renormalised over the real keys, on a shifted layer padded at the edge (5x7 grid, windows
-    of 3, shift 1), with and without the precomputed gather."""
+    of 3, shift 1), with and without the precomputed gather, and written into a caller's buffer."""
     torch.manual_seed(0)
     g = WindowGeometry(grid=(5, 7), window=(3, 3), shift=(1, 1), pad_first=pad_first, stage=0)
     index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
@@ -104,7 +104,13 @@ def test_token_rows_equal_each_row_read_from_its_window(pad_first):
     attn = torch.softmax(torch.randn(2, g.num_windows, h, 9, 9), -1)  # [B, nW, H, w², w²]
     rows = W.token_rows(attn, index, n)
     slots = W.token_slots(index, n)
-    assert torch.equal(W.token_rows(attn, index, n, slots, W.token_row_gather(slots, h, 9)), rows)
+    gather = W.token_row_gather(slots, h, 9)
+    assert torch.equal(W.token_rows(attn, index, n, slots, gather), rows)
+    buffer = torch.full((attn.numel(),), float("nan"))  # the caller's buffer: the rows are written into it
+    into = W.token_rows(attn, index, n, slots, gather, buffer)
+    assert torch.equal(into, rows) and into.data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="buffer"):
+        W.token_rows(attn, index, n, slots, gather, torch.empty(rows.numel() - 1))
     assert rows.shape == (2, h, n, 9) and rows.is_contiguous()
     for t in range(n):
         w, s = divmod(int(slots[t]), 9)
