@@ -86,19 +86,21 @@ def feed_window_layer(
 ) -> None:
     """Reduce one windowed layer: ``attn`` [B, nW, H, w², w²] (its window attention as the forward used it) goes to
     ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done.
-    ``scratch``: a list holding (or left to hold) one float32 buffer that the rows are gathered into, kept by the
-    caller from layer to layer so that a forward allocates it once (the first stage's layers are the largest)."""
+    ``scratch``: a list holding (or left to hold) two float32 buffers, one the rows are gathered into and one for the
+    statistics' working values, kept by the caller from layer to layer so that a forward allocates them once (the
+    first stage's layers are the largest)."""
     index, slots, dist = _window_layout(g, tuple(stride), str(attn.device))
     reducer.set_geometry(layer, Geometry(g.grid[0] * g.grid[1], 0, dist))
     gather = _row_gather(g, int(attn.shape[2]), str(attn.device))
-    out = None
+    out = work = None
     if scratch is not None:  # B·H·N·w² floats at most B·nW·H·w⁴, the attention's own size
         if not scratch or scratch[0].numel() < attn.numel() or scratch[0].device != attn.device:
-            scratch[:] = [torch.empty(attn.numel(), dtype=torch.float32, device=attn.device)]
-        out = scratch[0]
+            scratch[:] = [torch.empty(attn.numel(), dtype=torch.float32, device=attn.device) for _ in range(2)]
+        out, work = scratch
     rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots, gather, out)  # [B, H, N, w²]
     for b in range(rows.shape[0]):
-        reducer.chunk(layer, b, 0, rows[b], 0)
+        one = rows[b]  # [H, N, w²]
+        reducer.chunk(layer, b, 0, one, 0, scratch=None if work is None else work[: one.numel()].view(one.shape))
     reducer.layer_done(layer)
 
 
@@ -112,7 +114,7 @@ def window_reducer(
     sites = window_sites(vm.model)
     strides = stage_strides(vm, max(s.stage for s in sites) + 1)
     reducer = StatisticsReducer([s.heads for s in sites], batch, None, computed_statistics(vm), device=vm.device)
-    scratch: list[torch.Tensor] = []  # the token rows' buffer, shared by the layers of the forward
+    scratch: list[torch.Tensor] = []  # the token rows' and the statistics' buffers, shared by the forward's layers
 
     def on_layer(layer: int, attn: torch.Tensor, g: WindowGeometry) -> None:
         feed_window_layer(reducer, layer, attn, g, strides[g.stage], scratch)
