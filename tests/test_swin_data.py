@@ -122,6 +122,62 @@ def test_token_rows_equal_each_row_read_from_its_window(pad_first):
                 torch.testing.assert_close(rows[b, head, t], expect / expect.sum(), rtol=1e-6, atol=0)
 
 
+def _reduce_one_layer(attn, g, chosen, window_layout=True, monkeypatch=None):
+    """The reducer's values for one windowed layer fed by feed_window_layer (with its scratch), and how many images
+    went through the library's window layout (StatisticsReducer.put_rows)."""
+    from vizapp import statistics_pass
+    from vizapp.statistics import StatisticsReducer
+
+    red = StatisticsReducer([attn.shape[2]], attn.shape[0], None, chosen, device="cpu")
+    put = []
+    real_put = red.put_rows
+    red.put_rows = lambda *a: put.append(a[1]) or real_put(*a)
+    if not window_layout:
+        monkeypatch.setattr(statistics_pass, "_in_window_layout", lambda *a: False)
+    statistics_pass.feed_window_layer(red, 0, attn, g, (4, 4), [])
+    assert red.complete()
+    return red.values, len(put)
+
+
+def test_window_layout_statistics_equal_the_token_rows(monkeypatch):
+    """Second code path: an unpadded shifted layer (6x6 grid, windows of 3, shift 1, 3 heads, 2 images) reduced where
+    the library left its rows (MeanDistance and AttentionEntropy's window_rows) gives exactly the values of the rows
+    gathered in token order; a windowed statistic without window_rows makes the layer take the gathered rows."""
+    from vizapp import statistics
+
+    torch.manual_seed(1)
+    g = WindowGeometry(grid=(6, 6), window=(3, 3), shift=(1, 1), pad_first=False, stage=0)
+    attn = torch.softmax(3 * torch.randn(2, g.num_windows, 3, 9, 9), -1)
+    chosen = [statistics.STATISTICS["distance"], statistics.STATISTICS["entropy"]]
+    fast, put = _reduce_one_layer(attn, g, chosen)
+    assert put == 2  # both images through the window layout
+    with monkeypatch.context() as m:
+        slow, put = _reduce_one_layer(attn, g, chosen, window_layout=False, monkeypatch=m)
+    assert put == 0
+    for name in ("distance", "entropy"):
+        assert torch.equal(fast[name], slow[name]), name
+
+    class Largest(statistics.HeadStatistic):  # a user's windowed statistic with rows only
+        name, label, unit, windowed = "largest_rows_only", "largest weight", "", True
+
+        def rows(self, attn, row, geometry, out, work):
+            torch.amax(attn, dim=-1, out=out)
+
+    mixed, put = _reduce_one_layer(attn, g, [*chosen, Largest()])
+    assert put == 0 and torch.equal(mixed["distance"], slow["distance"])
+    torch.testing.assert_close(mixed["largest_rows_only"][0], attn.amax(-1).mean((1, 3)).double())
+
+
+def test_put_rows_refuses_values_of_another_shape():
+    from vizapp import statistics
+
+    red = statistics.StatisticsReducer(
+        [2], 1, statistics.Geometry(4, 0, torch.zeros(4, 4)), statistics.head_statistics()
+    )
+    with pytest.raises(ValueError, match="2 heads x 4 rows"):
+        red.put_rows(0, 0, {s.name: torch.zeros(2, 3) for s in statistics.head_statistics()})
+
+
 def test_dataset_mode_on_uniform_windows_by_hand(tmp_path):
     """A Swin whose q, k and relative bias are zero attends uniformly within each window (4x4 grid of 4-px tokens,
     windows 2x2). Layer 0 (no shift): every token's window is a full 2x2 block, distance (0 + 4 + 4 + 4√2) / 4 =
