@@ -119,3 +119,17 @@ def test_toy_statistic_reaches_analyze_dataset_mode_and_the_evaluation(toy, tmp_
         )
         np.testing.assert_allclose(table, r.statistics["largest_weight"], atol=1e-5)  # a batched forward: rounding
         assert float(row[f"patch_share.l{vm.num_layers - 1}"]) == pytest.approx(share)
+
+
+def test_block_statistics_take_the_callers_token_norms():
+    """By hand: a block of two tokens (3, 4) and (0, 5) has norms 5 and 5; the reducer computes them itself, or takes
+    the norms the caller passes (a windowed analysis keeps them for its views) and then reads those: (1, 2) give a
+    mean of 1.5 and a max of 2 though the tokens say otherwise."""
+    geometry = statistics.Geometry(2, 0, torch.zeros(2, 2))
+    out = torch.tensor([[[3.0, 4.0], [0.0, 5.0]]])  # [B, N, D]
+    own = statistics.StatisticsReducer([1], 1, geometry, statistics.block_statistics())
+    own.block(0, out)
+    assert own.values["norm_patch_mean"][0].tolist() == [5.0] and own.values["norm_patch_max"][0].tolist() == [5.0]
+    given = statistics.StatisticsReducer([1], 1, geometry, statistics.block_statistics())
+    given.block(0, out, torch.tensor([[1.0, 2.0]]))
+    assert given.values["norm_patch_mean"][0].tolist() == [1.5] and given.values["norm_patch_max"][0].tolist() == [2.0]

@@ -83,6 +83,101 @@ def test_window_statistics_by_hand_with_a_padded_window():
     assert float(W.mean_distance(attn[0], index, g.grid, (4, 4))[0]) == pytest.approx(4 / 3)  # the direct formula
 
 
+def test_token_row_gather_by_hand():
+    """A 2x2 grid in windows of 1x2 (windows {0, 1} and {2, 3}), 2 heads: the window rows are (window, head, slot),
+    so head 0's tokens 0..3 are rows 0, 1, 4, 5 and head 1's are rows 2, 3, 6, 7."""
+    index = W.window_index((2, 2), (1, 2), (0, 0))
+    assert index.tolist() == [[0, 1], [2, 3]]
+    slots = W.token_slots(index, 4)
+    assert W.token_row_gather(slots, 2, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
+@pytest.mark.parametrize("pad_first", [False, True])
+def test_token_rows_equal_each_row_read_from_its_window(pad_first):
+    """token_rows (one gather of every head's rows) equals each (image, head, token) row read from the token's own
+    window slot one by one, renormalised over the real keys, on a shifted layer padded at the edge (5x7 grid, windows
+    of 3, shift 1), with and without the precomputed gather, and written into a caller's buffer."""
+    torch.manual_seed(0)
+    g = WindowGeometry(grid=(5, 7), window=(3, 3), shift=(1, 1), pad_first=pad_first, stage=0)
+    index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
+    n, h = 35, 3
+    attn = torch.softmax(torch.randn(2, g.num_windows, h, 9, 9), -1)  # [B, nW, H, w², w²]
+    rows = W.token_rows(attn, index, n)
+    slots = W.token_slots(index, n)
+    gather = W.token_row_gather(slots, h, 9)
+    assert torch.equal(W.token_rows(attn, index, n, slots, gather), rows)
+    buffer = torch.full((attn.numel(),), float("nan"))  # the caller's buffer: the rows are written into it
+    into = W.token_rows(attn, index, n, slots, gather, buffer)
+    assert torch.equal(into, rows) and into.data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="buffer"):
+        W.token_rows(attn, index, n, slots, gather, torch.empty(rows.numel() - 1))
+    assert rows.shape == (2, h, n, 9) and rows.is_contiguous()
+    for t in range(n):
+        w, s = divmod(int(slots[t]), 9)
+        assert int(index[w, s]) == t
+        real = (index[w] >= 0).float()
+        for b in range(2):
+            for head in range(h):
+                expect = attn[b, w, head, s] * real
+                torch.testing.assert_close(rows[b, head, t], expect / expect.sum(), rtol=1e-6, atol=0)
+
+
+def _reduce_one_layer(attn, g, chosen, window_layout=True, monkeypatch=None):
+    """The reducer's values for one windowed layer fed by feed_window_layer (with its scratch), and how many images
+    went through the library's window layout (StatisticsReducer.put_rows)."""
+    from vizapp import statistics_pass
+    from vizapp.statistics import StatisticsReducer
+
+    red = StatisticsReducer([attn.shape[2]], attn.shape[0], None, chosen, device="cpu")
+    put = []
+    real_put = red.put_rows
+    red.put_rows = lambda *a: put.append(a[1]) or real_put(*a)
+    if not window_layout:
+        monkeypatch.setattr(statistics_pass, "_in_window_layout", lambda *a: False)
+    statistics_pass.feed_window_layer(red, 0, attn, g, (4, 4), [])
+    assert red.complete()
+    return red.values, len(put)
+
+
+def test_window_layout_statistics_equal_the_token_rows(monkeypatch):
+    """Second code path: an unpadded shifted layer (6x6 grid, windows of 3, shift 1, 3 heads, 2 images) reduced where
+    the library left its rows (MeanDistance and AttentionEntropy's window_rows) gives exactly the values of the rows
+    gathered in token order; a windowed statistic without window_rows makes the layer take the gathered rows."""
+    from vizapp import statistics
+
+    torch.manual_seed(1)
+    g = WindowGeometry(grid=(6, 6), window=(3, 3), shift=(1, 1), pad_first=False, stage=0)
+    attn = torch.softmax(3 * torch.randn(2, g.num_windows, 3, 9, 9), -1)
+    chosen = [statistics.STATISTICS["distance"], statistics.STATISTICS["entropy"]]
+    fast, put = _reduce_one_layer(attn, g, chosen)
+    assert put == 2  # both images through the window layout
+    with monkeypatch.context() as m:
+        slow, put = _reduce_one_layer(attn, g, chosen, window_layout=False, monkeypatch=m)
+    assert put == 0
+    for name in ("distance", "entropy"):
+        assert torch.equal(fast[name], slow[name]), name
+
+    class Largest(statistics.HeadStatistic):  # a user's windowed statistic with rows only
+        name, label, unit, windowed = "largest_rows_only", "largest weight", "", True
+
+        def rows(self, attn, row, geometry, out, work):
+            torch.amax(attn, dim=-1, out=out)
+
+    mixed, put = _reduce_one_layer(attn, g, [*chosen, Largest()])
+    assert put == 0 and torch.equal(mixed["distance"], slow["distance"])
+    torch.testing.assert_close(mixed["largest_rows_only"][0], attn.amax(-1).mean((1, 3)).double())
+
+
+def test_put_rows_refuses_values_of_another_shape():
+    from vizapp import statistics
+
+    red = statistics.StatisticsReducer(
+        [2], 1, statistics.Geometry(4, 0, torch.zeros(4, 4)), statistics.head_statistics()
+    )
+    with pytest.raises(ValueError, match="2 heads x 4 rows"):
+        red.put_rows(0, 0, {s.name: torch.zeros(2, 3) for s in statistics.head_statistics()})
+
+
 def test_dataset_mode_on_uniform_windows_by_hand(tmp_path):
     """A Swin whose q, k and relative bias are zero attends uniformly within each window (4x4 grid of 4-px tokens,
     windows 2x2). Layer 0 (no shift): every token's window is a full 2x2 block, distance (0 + 4 + 4 + 4√2) / 4 =

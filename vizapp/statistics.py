@@ -114,6 +114,15 @@ class HeadStatistic(Statistic):
         [c, r, N] buffer of ``attn``'s dtype the statistic may overwrite."""
         raise NotImplementedError
 
+    def window_rows(self, attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> bool:
+        """Optional, for a windowed layer without padding: write the value of every row of one image's window
+        attention as the library lays it out, ``attn`` [nW, H, w², w²] (window, head, query slot, key slot), into
+        ``out`` [nW, H, w²], exactly as :meth:`rows` would write it for that row; ``dist`` [nW, w², w²] holds the
+        distances from each window's query slots to its key slots, ``work`` is like ``attn`` and may be overwritten.
+        Returns False (the default) when the statistic has no such form: the rows are then gathered in token order
+        for :meth:`rows` (:mod:`vizapp.statistics_pass`)."""
+        return False
+
 
 class BlockStatistic(Statistic):
     """One number per layer and image, from the block's output."""
@@ -124,16 +133,20 @@ class BlockStatistic(Statistic):
 
 
 class BlockTokens:
-    """One block's output [B, N, D] as the block statistics read it; its token norms are computed once for all."""
+    """One block's output [B, N, D] as the block statistics read it; its token norms are computed once for all
+    (``norms``: the caller's own [B, N] L2 norms of ``out.float()``'s tokens, when it has them already)."""
 
-    def __init__(self, out: torch.Tensor, num_prefix_tokens: int) -> None:
+    def __init__(self, out: torch.Tensor, num_prefix_tokens: int, norms: torch.Tensor | None = None) -> None:
         self.out = out
         self.num_prefix_tokens = num_prefix_tokens
+        self._norms = norms
 
-    @cached_property
+    @property
     def norms(self) -> torch.Tensor:
         """[B, N] the L2 norm of every token, float32."""
-        return torch.linalg.vector_norm(self.out.float(), dim=-1)
+        if self._norms is None:
+            self._norms = torch.linalg.vector_norm(self.out.float(), dim=-1)
+        return self._norms
 
     @cached_property
     def norm_summaries(self) -> dict[str, torch.Tensor]:
@@ -154,6 +167,13 @@ class MeanDistance(HeadStatistic):
         # the product a·d in the statistic's working buffer: [c, q, P] of its [c, q, N]
         geometry.distance_terms.query_distances(attn, row, out=out, product=work[..., : geometry.dist.shape[-1]])
 
+    def window_rows(self, attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> bool:
+        # the operations of query_distances, row by row the same: Σ a·d / max(Σ a, tiny)
+        num = torch.mul(attn, dist[:, None], out=work).sum(dim=-1)
+        den = attn.sum(dim=-1).clamp_min_(torch.finfo(attn.dtype).tiny)
+        torch.div(num, den, out=out)
+        return True
+
 
 class AttentionEntropy(HeadStatistic):
     """Shannon entropy of each query's attention row, in nats (:func:`~vizapp.analysis.headstats.row_entropy`; used by
@@ -164,6 +184,10 @@ class AttentionEntropy(HeadStatistic):
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
         row_entropy(attn, out=out, work=work)
+
+    def window_rows(self, attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> bool:
+        row_entropy(attn, out=out, work=work)  # of each row alone, in whatever layout
+        return True
 
 
 class TokenNorm(BlockStatistic):
@@ -392,6 +416,23 @@ class StatisticsReducer:
                 s.rows(flat, 0, g, out[:, :r], work[: images * h, :r])
         self._cells[layer] += images * h * r
 
+    def put_rows(self, layer: int, batch: int, values: dict[str, torch.Tensor]) -> None:
+        """Every query row of image ``batch`` in ``layer`` at once, reduced elsewhere: ``values`` maps each head
+        statistic's name to its value per head and query row, [H, Q] (Q the layer's patch queries or every query, as
+        for :meth:`chunk`); a windowed layer's rows reduced in the library's layout (:meth:`HeadStatistic.window_rows`)."""
+        g = self._layer_geometry(layer)
+        h = self.heads[layer]
+        if not 0 <= batch < self.batch:
+            raise ValueError(f"rows of image {batch}, but the forward has {self.batch} images")
+        for s in self.head_stats:
+            rows = self._row_buffer(s, g)
+            if values[s.name].shape != (h, rows.shape[-1]):
+                raise ValueError(
+                    f"{s.name}: {tuple(values[s.name].shape)} values for {h} heads x {rows.shape[-1]} rows"
+                )
+            rows[batch, :h] = values[s.name]
+        self._cells[layer] += h * g.num_tokens
+
     def layer_done(self, layer: int) -> None:
         h, g = self.heads[layer], self._layer_geometry(layer)
         expected = self.batch * h * g.num_tokens
@@ -403,9 +444,10 @@ class StatisticsReducer:
         for s in self.head_stats:
             self.values[s.name][layer, :, :h] = self._row_buffer(s, g)[:, :h].double().mean(dim=-1)
 
-    def block(self, layer: int, out: torch.Tensor) -> None:
-        """``on_block``: the block statistics of block ``layer``'s output [B, N, D]."""
-        tokens = BlockTokens(out, self._layer_geometry(layer).num_prefix_tokens)
+    def block(self, layer: int, out: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """``on_block``: the block statistics of block ``layer``'s output [B, N, D] (``norms``: its tokens' L2 norms
+        [B, N] float32 when the caller has them, see :class:`BlockTokens`)."""
+        tokens = BlockTokens(out, self._layer_geometry(layer).num_prefix_tokens, norms)
         for s in self.block_stats:
             self.values[s.name][layer] = s.of_block(tokens).to(torch.float64)
         self._blocks[layer] = True

@@ -7,7 +7,9 @@ where the grid is not a multiple of the window. The reducer is handed, for every
 on the layer's grid), t's row over the slots of its window, with the padded slots zeroed and the row renormalised
 over the real keys (padded slots take part in the library's attention but have no place in the image), and a
 :class:`~vizapp.statistics.Geometry` whose distances [N_l, w²] run from t to each slot, in input pixels at the
-layer's stage spacing (patch size x 2 per patch merging). So a head statistic is its plain-ViT definition applied to
+layer's stage spacing (patch size x 2 per patch merging); a layer without padding may instead be reduced in the
+library's own layout of its rows (:meth:`~vizapp.statistics.HeadStatistic.window_rows`), each row giving the same
+value, with no copy of its attention. So a head statistic is its plain-ViT definition applied to
 each token's row over its window: the mean attention distance is that of
 :func:`vizapp.analysis.windows.mean_distance`, the entropy is that of the row over the window's real keys. Block
 statistics read each block's output tokens [B, N_l, C]. A statistic that does not declare itself defined for windowed
@@ -61,6 +63,22 @@ def _window_layout(
     return index, slots, dist
 
 
+@functools.lru_cache(maxsize=256)
+def _row_gather(g: WindowGeometry, heads: int, device: str) -> torch.Tensor:
+    """:func:`~vizapp.analysis.windows.token_row_gather` of a windowed layer with ``heads`` heads, on ``device``: where
+    each (head, token) row sits among the layer's window rows (pure geometry, made once, read-only)."""
+    slots = W.token_slots(W.window_index(g.grid, g.window, g.shift, g.pad_first), g.grid[0] * g.grid[1])
+    return W.token_row_gather(slots, heads, g.window[0] * g.window[1]).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_distances(g: WindowGeometry, stride: tuple[int, int], device: str) -> torch.Tensor:
+    """[nW, w², w²] float32 on ``device``: the distances of :func:`_window_layout` (the very values) from each window's
+    query slots to its key slots, for a layer without padding (every slot holds a token)."""
+    index, _, dist = _window_layout(g, stride, device)
+    return dist[index.to(dist.device)]  # slot s of window w is token index[w, s], whose row of distances it takes
+
+
 def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:
     """The reducer's :class:`~vizapp.statistics.Geometry` of a windowed layer: its N real tokens as queries, each
     over the w² slots of its window, ``stride`` pixels between the layer's tokens (see the module docstring)."""
@@ -69,16 +87,71 @@ def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: to
 
 
 def feed_window_layer(
-    reducer: StatisticsReducer, layer: int, attn: torch.Tensor, g: WindowGeometry, stride: tuple[int, int]
+    reducer: StatisticsReducer,
+    layer: int,
+    attn: torch.Tensor,
+    g: WindowGeometry,
+    stride: tuple[int, int],
+    scratch: list[torch.Tensor] | None = None,
 ) -> None:
     """Reduce one windowed layer: ``attn`` [B, nW, H, w², w²] (its window attention as the forward used it) goes to
-    ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done."""
+    ``reducer`` as each real token's row over its window (see the module docstring), and the layer is done.
+    ``scratch``: a list holding (or left to hold) float32 buffers for the statistics' working values and the gathered
+    rows, kept by the caller from layer to layer so that a forward allocates them once (the first stage's layers are
+    the largest). A layer without padding is reduced where the library left its rows when every statistic can be
+    (:func:`_in_window_layout`), with the very values the gathered rows would give."""
     index, slots, dist = _window_layout(g, tuple(stride), str(attn.device))
     reducer.set_geometry(layer, Geometry(g.grid[0] * g.grid[1], 0, dist))
-    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots)  # [B, H, N, w²]
+    gather = _row_gather(g, int(attn.shape[2]), str(attn.device))
+    work = None if scratch is None else _scratch(scratch, 0, attn)
+    if g.padded == g.grid and _in_window_layout(reducer, layer, attn.float(), g, stride, gather, work):
+        reducer.layer_done(layer)
+        return
+    out = None if scratch is None else _scratch(scratch, 1, attn)
+    rows = W.token_rows(attn.float(), index, g.grid[0] * g.grid[1], slots, gather, out)  # [B, H, N, w²]
     for b in range(rows.shape[0]):
-        reducer.chunk(layer, b, 0, rows[b], 0)
+        one = rows[b]  # [H, N, w²]
+        reducer.chunk(layer, b, 0, one, 0, scratch=None if work is None else work[: one.numel()].view(one.shape))
     reducer.layer_done(layer)
+
+
+def _scratch(scratch: list[torch.Tensor], i: int, attn: torch.Tensor) -> torch.Tensor:
+    """Buffer ``i`` of a forward's ``scratch`` list, float32 with room for ``attn.numel()`` elements on its device
+    (the token rows, B·H·N·w² floats, are at most B·nW·H·w⁴, the attention's own size): made when missing or small."""
+    scratch.extend([torch.empty(0)] * (i + 1 - len(scratch)))
+    buf = scratch[i]
+    if buf.numel() < attn.numel() or buf.device != attn.device:
+        buf = scratch[i] = torch.empty(attn.numel(), dtype=torch.float32, device=attn.device)
+    return buf
+
+
+def _in_window_layout(
+    reducer: StatisticsReducer,
+    layer: int,
+    attn: torch.Tensor,
+    g: WindowGeometry,
+    stride: tuple[int, int],
+    gather: torch.Tensor,
+    work: torch.Tensor | None,
+) -> bool:
+    """Reduce an unpadded windowed layer's rows where the library left them, [B, nW, H, w², w²], when every head
+    statistic has that form (:meth:`~vizapp.statistics.HeadStatistic.window_rows`): each row's value is the one it
+    would have among the token rows, so only the values, [H, N], are put in token order (no copy of the attention).
+    False, with nothing reduced, when some statistic has no such form."""
+    b, nw, h, m, _ = attn.shape
+    dist = _window_distances(g, tuple(stride), str(attn.device))  # [nW, w², w²]
+    if work is None or work.numel() < attn[0].numel():
+        work = torch.empty(attn[0].numel(), dtype=attn.dtype, device=attn.device)
+    work = work[: attn[0].numel()].view(attn.shape[1:])
+    for i in range(b):
+        values = {}
+        for s in reducer.head_stats:
+            out = torch.empty((nw, h, m), dtype=torch.float32, device=attn.device)
+            if not s.window_rows(attn[i], dist, out, work):
+                return False
+            values[s.name] = out.reshape(-1)[gather].view(h, -1)  # [H, N]: head h's value for each grid token
+        reducer.put_rows(layer, i, values)
+    return True
 
 
 def window_reducer(
@@ -91,9 +164,10 @@ def window_reducer(
     sites = window_sites(vm.model)
     strides = stage_strides(vm, max(s.stage for s in sites) + 1)
     reducer = StatisticsReducer([s.heads for s in sites], batch, None, computed_statistics(vm), device=vm.device)
+    scratch: list[torch.Tensor] = []  # the token rows' and the statistics' buffers, shared by the forward's layers
 
     def on_layer(layer: int, attn: torch.Tensor, g: WindowGeometry) -> None:
-        feed_window_layer(reducer, layer, attn, g, strides[g.stage])
+        feed_window_layer(reducer, layer, attn, g, strides[g.stage], scratch)
 
     return reducer, on_layer
 

@@ -508,8 +508,8 @@ def analyze_windowed(
     lens = WindowLens(vm.model)  # the last stage's logit lens
 
     def on_block(layer: int, out: torch.Tensor) -> None:
-        reducer.block(layer, out)
         blocks(layer, out)
+        reducer.block(layer, out, blocks.norms[layer])  # the token norms once, for the views and the statistics
         lens(layer, out, cap.geometry[layer].grid)  # cap: bound by the time the forward calls this
 
     with (

@@ -21,6 +21,7 @@ over its real keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -146,22 +147,47 @@ def token_slots(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return out
 
 
+def token_row_gather(slots: torch.Tensor, heads: int, window_slots: int) -> torch.Tensor:
+    """[H·N] long: where head h of grid token t finds its attention row among a layer's window rows as the windows
+    hold them, [nW·H·w², w²] (window, head, slot): row (window(t)·H + h)·w² + slot(t), heads first, tokens row-major.
+    ``slots``: :func:`token_slots` [N]; ``window_slots``: w²."""
+    window, slot = slots // window_slots, slots % window_slots
+    h = torch.arange(heads, device=slots.device)[:, None]  # [H, 1]
+    return ((window[None, :] * heads + h) * window_slots + slot[None, :]).reshape(-1)
+
+
 def token_rows(
-    windows: torch.Tensor, index: torch.Tensor, num_tokens: int, slots: torch.Tensor | None = None
+    windows: torch.Tensor,
+    index: torch.Tensor,
+    num_tokens: int,
+    slots: torch.Tensor | None = None,
+    gather: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each real token's attention row over the slots of its window, [..., nW, H, w², w²] -> [..., H, N, w²] (tokens
-    row-major on the grid): padded slots zeroed and the row renormalised over the real keys, as :func:`mean_distance`
-    takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's window. ``slots``:
-    :func:`token_slots` of ``index`` when the caller has it."""
+    row-major on the grid, contiguous): padded slots zeroed and the row renormalised over the real keys, as
+    :func:`mean_distance` takes it (padded slots have no place in the image). Key k of token t's row is slot k of t's
+    window. ``slots``: :func:`token_slots` of ``index``, and ``gather``: :func:`token_row_gather` of them, when the
+    caller has them (the rows are taken in one gather, with no other copy); ``out``: a flat buffer of ``windows``'
+    dtype and device with room for the rows (``windows.numel()`` elements always suffice), which they are a view of."""
     *lead, nw, h, m, _ = windows.shape
     where = (token_slots(index, num_tokens) if slots is None else slots).to(windows.device)  # [N]
-    by_slot = windows.movedim(-3, -2).reshape(*lead, nw * m, h, m)  # [..., nW·w², H, w²]
-    rows = by_slot.index_select(len(lead), where)  # [..., N, H, w²]
+    if gather is None:
+        gather = token_row_gather(where, h, m)
+    src, gather = windows.reshape(*lead, nw * h * m, m), gather.to(windows.device)
+    if out is None:
+        rows = src.index_select(len(lead), gather)
+    else:
+        count = math.prod(lead) * gather.numel() * m
+        if out.numel() < count or out.dtype != windows.dtype or out.device != windows.device:
+            raise ValueError(f"a buffer of {out.numel()} {out.dtype} for {count} {windows.dtype} on {windows.device}")
+        rows = torch.index_select(src, len(lead), gather, out=out[:count].view(*lead, -1, m))
+    rows = rows.view(*lead, h, num_tokens, m)  # a tensor of its own (or the caller's buffer): changed in place below
     if bool((index < 0).any()):  # padding: its slots out, each row renormalised over its real keys
         keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
-        rows = rows * keys[:, None, :].to(rows.dtype)
-        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
-    return rows.movedim(-2, -3)  # [..., H, N, w²]
+        rows.mul_(keys.to(rows.dtype))
+        rows.div_(rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny))
+    return rows
 
 
 def token_key_distances(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float]) -> torch.Tensor:
