@@ -24,14 +24,15 @@ def layer_index(layer: Any, num_layers: int) -> int:
     return int(layer) % num_layers
 
 
-def head_index(head: Any, num_heads: int) -> int | None:
-    """``head`` as an index in 0..num_heads-1, or None (every head)."""
+def head_index(head: Any, num_heads: int, owner: str = "this model") -> int | None:
+    """``head`` as an index in 0..num_heads-1, or None (every head); ``owner`` names what has those heads (a layer,
+    where layers differ in head count)."""
     if head is None:
         return None
     if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
         raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
     if not 0 <= head < num_heads:
-        raise BadParameterError(f"head {head} is out of range; this model has heads 0..{num_heads - 1}")
+        raise BadParameterError(f"head {head} is out of range; {owner} has heads 0..{num_heads - 1}")
     return int(head)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vizapp import checks
 from vizapp.analysis import windows as W
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
@@ -202,21 +203,10 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
 
     # -- validation -------------------------------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise BadParameterError(f"layer must be an integer, got {layer!r}"[:200])
-        if not -self.num_layers <= layer < self.num_layers:
-            raise BadParameterError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1}")
-        return int(layer) % self.num_layers
+        return checks.layer_index(layer, self.num_layers)
 
     def _head(self, layer: int, head: Any) -> int | None:
-        if head is None:
-            return None
-        h = self.heads_per_layer[layer]
-        if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
-            raise BadParameterError(f"head must be an integer or None, got {head!r}"[:200])
-        if not 0 <= head < h:
-            raise BadParameterError(f"head {head} is out of range; layer {layer} has heads 0..{h - 1}")
-        return int(head)
+        return checks.head_index(head, self.heads_per_layer[layer], owner=f"layer {layer}")
 
     def query_token(self, layer: int, query: Any) -> int:
         """The token id of a (row, col) query on ``layer``'s grid."""

@@ -20,11 +20,11 @@ Two parts, so that a refusal can say which changed:
     2^-100 for an edit a user makes, but not a cryptographic guarantee (a deliberate collision is easy to build; the
     digest guards results against the user's own edits, not against an adversary who can already write the weights).
 
-  It reads the weights at about 9 GB/s on two cores (SHA-256 of the raw bytes, which it replaces, ran at 1.8 GB/s per
-  core), so an analysis of a small model is no longer dominated by it. Where the int8 matrix product is not available
-  the raw bytes go through SHA-256 (decided once per process, so digests within a process are always comparable).
-  On another device (a GPU)
-  copying every weight to the host would cost more than the analysis, so each chunk of
+  It reads the weights at 5–8 GB/s on two cores (SHA-256 of the raw bytes, which it replaces, ran at 1.8 GB/s per
+  core); like every OpenMP kernel it slows down when the cores are shared with other work. Where the int8 matrix
+  product is not available the raw bytes go through SHA-256 (decided once per process, so digests within a process
+  are always comparable). On another device (a GPU) copying every weight to the host would cost more than the
+  analysis, so each chunk of
   :data:`CHUNK` elements is summed on the device in float64 against a fixed pseudo-random weight vector (a different
   weight per position, so a permutation changes the sum), and only those sums are hashed; a change of one element
   by more than about 1e-13 of its chunk's magnitude shows. On a CUDA device those kernels (a few hundred for a
@@ -33,9 +33,9 @@ Two parts, so that a refusal can say which changed:
   reshaped tensor records a new graph.
 
 It is computed afresh whenever asked: an edit through ``.data`` moves no version counter, so no cheaper test can
-prove that the weights are unchanged. ``python -m benchmarks.digest`` times it: ViT-B/16 (86.6 M values) on the 2-core
-CPU, 481 ms median of 7 (467-493) beside a 4.4 s forward on the same loaded machine; the sum-based digest it
-replaces took 4-11 s there.
+prove that the weights are unchanged. ``python -m benchmarks.digest`` times it (docs/benchmarks-digest.md): on the
+quiet 2-core CPU, ViT-B/16 (86.6 M values, 346 MB) 41 ms, median of 9, against 112 ms for SHA-256 of the bytes in
+the same run, beside a 262 ms forward; Swin-T (114 MB) 21 ms against 44 ms.
 """
 
 from __future__ import annotations
