@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_image
 from test_legrad_pool import attention_gradient, block_outputs
+from test_openclip import explicit_attention
 
 import vizapp
 from vizapp import views
@@ -115,13 +116,7 @@ def test_capture_equals_the_attention_of_open_clips_own_modules(vm):
     nn.MultiheadAttention left alone (two layers captured, not three)."""
     x = torch.stack([vm.transform(random_image(s)) for s in (3, 4)])
     with torch.no_grad():
-        visual = vm.model
-        h = visual._embeds(x)
-        ref = []
-        for blk in visual.transformer.resblocks:
-            y = blk.ln_1(h)
-            ref.append(blk.attn(y, y, y, need_weights=True, average_attn_weights=False)[1])
-            h = blk(h)
+        ref = explicit_attention(vm.model, x)
         plain = vm.logits(x)
         with AttentionCapture(vm.model, on_attention=Sink()) as cap:
             captured = vm.logits(x)

@@ -80,17 +80,22 @@ def test_bookkeeping_and_preprocessing_are_open_clips_own(vm):
     torch.testing.assert_close(vm.patch_pos_embed(), visual.positional_embedding[1:].detach())
 
 
+def explicit_attention(visual: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """torch's own explicit path: each block's nn.MultiheadAttention asked for its per-head weights, [B, H, N, N]
+    per block, through an OpenCLIP vision tower."""
+    h = visual._embeds(x)
+    ref = []
+    for blk in visual.transformer.resblocks:
+        y = blk.ln_1(h)
+        ref.append(blk.attn(y, y, y, need_weights=True, average_attn_weights=False)[1])
+        h = blk(h)
+    return ref
+
+
 def test_capture_equals_the_explicit_attention_of_its_multihead_attention(vm):
     x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
     with torch.no_grad():
-        # torch's own explicit path: each MHA asked for its per-head weights
-        visual = vm.model
-        h = visual._embeds(x)
-        ref = []
-        for blk in visual.transformer.resblocks:
-            y = blk.ln_1(h)
-            ref.append(blk.attn(y, y, y, need_weights=True, average_attn_weights=False)[1])
-            h = blk(h)
+        ref = explicit_attention(vm.model, x)
         plain = vm.logits(x)
 
     class Sink:
