@@ -150,6 +150,13 @@ class AppDriver:
     def reset_written(self) -> None:
         self.written = set()
 
+    def analyze(self, image: str | Path) -> list[Fired]:
+        """A person uploads ``image`` and presses Analyze; returns the Analyze click's events (what the upload fired
+        is left out, and so are the components it wrote: :attr:`written` starts afresh)."""
+        self.set(self.by_label("Image", "image"), self.upload(image), fire_change=True)
+        self.reset_written()
+        return self.click(self.by_label("Analyze", "button"))
+
     # -- firing ----------------------------------------------------------------------------------------------------
 
     def fire(self, index: int, event_data: Any = None, _budget: list[int] | None = None) -> list[Fired]:

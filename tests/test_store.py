@@ -143,19 +143,14 @@ def one_result_app(card_model):
     demo.close()
 
 
-def _analyze(d: AppDriver, image: str) -> list:
-    d.set(d.by_label("Image", "image"), d.upload(image), fire_change=True)
-    return d.click(d.by_label("Analyze", "button"))
-
-
 @pytest.mark.timeout(300)
 def test_two_sessions_through_the_server_with_room_for_one_result(one_result_app, photo):
     url, store = one_result_app
     alice, bob = AppDriver(url), AppDriver(url)
     alice.connect()
     bob.connect()
-    assert all(f.success for f in _analyze(alice, photo))
-    assert all(f.success for f in _analyze(bob, photo))  # bob's result pushes alice's out
+    assert all(f.success for f in alice.analyze(photo))
+    assert all(f.success for f in bob.analyze(photo))  # bob's result pushes alice's out
     assert len(store) == 1 and store.dropped == 1
     layer = alice.by_label("Layer (-1 = last)", "slider")
     fired = alice.set(layer, 0)
@@ -164,7 +159,7 @@ def test_two_sessions_through_the_server_with_room_for_one_result(one_result_app
     assert all("press Analyze again" in f.error for f in fired)
     fired = bob.set(bob.by_label("Layer (-1 = last)", "slider"), 0)
     assert fired and all(f.success for f in fired)
-    assert all(f.success for f in _analyze(alice, photo))  # analysing again works (and now bob's is dropped)
+    assert all(f.success for f in alice.analyze(photo))  # analysing again works (and now bob's is dropped)
     assert all(f.success for f in alice.set(layer, 1))
     alice.close()  # the tab closes: gradio's unload frees alice's result
     deadline = time.monotonic() + 20

@@ -321,9 +321,10 @@ def test_analyze_a_batch_equals_each_image():
     np.testing.assert_allclose(both[1].mean_distance, one.mean_distance, atol=1e-5)
 
 
-def hf_swin(kind: str) -> tuple:
+def hf_swin(kind: str, **overrides) -> tuple:
     """(model class, config) of a tiny transformers Swin ("swin") or Swinv2 ("swinv2") classifier: 36 px, 4-px
-    patches, a 9x9 first grid padded to windows of 4, then 5x5; the torch seed set for its random weights."""
+    patches, a 9x9 first grid padded to windows of 4, then 5x5 (``overrides``: more config fields); the torch seed
+    set for its random weights."""
     import transformers as tf
 
     cfg_cls, model_cls = {
@@ -332,7 +333,14 @@ def hf_swin(kind: str) -> tuple:
     }[kind]
     torch.manual_seed(0)
     cfg = cfg_cls(
-        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
+        image_size=36,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=5,
+        **overrides,
     )
     return model_cls, cfg
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vizapp
-from tests.test_swin import TINY
+from tests.test_swin import TINY, hf_swin
 from vizapp import limits
 from vizapp.ablation import head_importance
 from vizapp.analysis.windows import window_index
@@ -36,23 +36,7 @@ def timm_vm():
 
 
 def _hf_vm(folder, kind):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg_cls, model_cls = {
-        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
-        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
-    }[kind]
-    cfg = cfg_cls(
-        image_size=36,
-        patch_size=4,
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 4],
-        window_size=4,
-        num_labels=5,
-        initializer_range=0.3,
-    )
+    model_cls, cfg = hf_swin(kind, initializer_range=0.3)
     model_cls(cfg).save_pretrained(folder)
     return vizapp.load_model(str(folder), device="cpu")
 

@@ -217,8 +217,7 @@ def test_the_features_tab_draws_a_swin_layer_through_the_server(swin_app, tmp_pa
     photo = tmp_path / "a.png"
     Image.open(EXAMPLES / "chelsea.png").save(photo)
     d = AppDriver(url)
-    d.set(d.by_label("Image", "image"), d.upload(photo), fire_change=True)
-    assert_clean(d.click(d.by_label("Analyze", "button")), "analyze")
+    assert_clean(d.analyze(photo), "analyze")
     assert d.props[d.by_elem_id("vizapp-features-body")]["visible"] is True
     assert FEATURES in d.values[d.by_elem_id("vizapp-status")]
     rows = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch row"]

@@ -17,7 +17,7 @@ import torch
 from appdriver import AppDriver, assert_clean, plot_of
 from conftest import random_image, start_app
 from PIL import Image
-from test_swin import TINY, write_swin_folder
+from test_swin import TINY, hf_swin, write_swin_folder
 
 import vizapp
 from vizapp.errors import BadParameterError
@@ -47,16 +47,7 @@ def _timm_vm(name: str = "swin_tiny_patch4_window7_224", **kw):
 
 
 def _hf_vm(folder: Path, kind: str):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg_cls, model_cls = {
-        "swin": (tf.SwinConfig, tf.SwinForImageClassification),
-        "swinv2": (tf.Swinv2Config, tf.Swinv2ForImageClassification),
-    }[kind]
-    cfg = cfg_cls(
-        image_size=36, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
-    )
+    model_cls, cfg = hf_swin(kind)
     model = model_cls(cfg)
     _spread(model)
     model.save_pretrained(folder)
@@ -250,8 +241,7 @@ def test_the_lens_and_head_importance_exports_through_the_server(swin_app, tmp_p
     photo = tmp_path / "a.png"
     Image.open(EXAMPLES / "chelsea.png").save(photo)
     d = AppDriver(url)
-    d.set(d.by_label("Image", "image"), d.upload(photo), fire_change=True)
-    assert_clean(d.click(d.by_label("Analyze", "button")), "analyze")
+    assert_clean(d.analyze(photo), "analyze")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
     note = d.values[d.by_elem_id("vizapp-lens-note")]
     assert note == UNDEFINED["logit_lens"] + " Shown for layers 2-3: stage 1, 5x5 tokens."

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appdriver import AppDriver, heatmap_z, plot_of
+from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
 from conftest import start_app, write_card_model
 from PIL import Image
 
@@ -52,17 +52,6 @@ def _shown_per_image(d: AppDriver) -> set[int]:
     return {cid for cid in outs - inputs if d.kind(cid) not in ("state", "tabs")}
 
 
-def _analyze(d: AppDriver, image: Path) -> list:
-    d.set(d.by_label("Image", "image"), d.upload(image), fire_change=True)
-    d.reset_written()
-    return d.click(d.by_label("Analyze", "button"))
-
-
-def _assertassert_clean(fired: list, what: str) -> None:
-    bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]
-    assert not bad, f"{what}: events failed or warned: {bad}"
-
-
 def _prepare(d: AppDriver, index: int, second: dict) -> object:
     """Put in the page what a person would have done before event ``index`` fires; returns its event data."""
     dep = d.deps[index]
@@ -85,8 +74,8 @@ def _prepare(d: AppDriver, index: int, second: dict) -> object:
 
 
 def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
-    fired = _analyze(d, photo)
-    _assertassert_clean(fired, "analyze")
+    fired = d.analyze(photo)
+    assert_clean(fired, "analyze")
     second = d.upload(other)
     unload = [i for i in d.backend_events() if any(t[1] == "unload" for t in d.deps[i]["targets"])]
     assert unload, "the app frees a session's results on unload"
@@ -94,22 +83,22 @@ def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
         if i in unload:
             continue  # the session's end: last, below
         fired = d.fire(i, _prepare(d, i, second))
-        _assertassert_clean(fired, f"event {i} ({d.deps[i]['targets']}, {d.deps[i].get('api_name')})")
+        assert_clean(fired, f"event {i} ({d.deps[i]['targets']}, {d.deps[i].get('api_name')})")
 
     # A new image: everything shown from the last one is redrawn or cleared by Analyze and what it sets off.
     shown = _shown_per_image(d)
     assert shown, "no per-image outputs found"
-    fired = _analyze(d, other)
-    _assertassert_clean(fired, "analyze a second image")
+    fired = d.analyze(other)
+    assert_clean(fired, "analyze a second image")
     stale = sorted(d.components[cid]["props"].get("label") or cid for cid in shown - d.written)
     assert not stale, f"left from the previous image: {stale}"
     for i in _state_readers(d):  # every control still fits (a class of the old image would be refused here)
-        _assertassert_clean(d.fire(i, _prepare(d, i, second)), f"event {i} after a new image")
+        assert_clean(d.fire(i, _prepare(d, i, second)), f"event {i} after a new image")
 
     # The session's end (gradio fires unload when the page's connection drops; tests/test_store.py checks what it
     # frees and what the page says afterwards).
     for i in unload:
-        _assertassert_clean(d.fire(i), "unload")
+        assert_clean(d.fire(i), "unload")
     ran = {f.index for f in d.log}
     assert set(d.backend_events()) <= ran  # enumerated from the served config, every one ran
 
@@ -118,7 +107,7 @@ def _every_event(d: AppDriver, photo: Path, other: Path) -> None:
 def test_every_event_runs_through_the_server_on_the_bundled_model(bundled_app, capfd, caplog):
     caplog.set_level(logging.WARNING)
     d = AppDriver(bundled_app)
-    _assertassert_clean(d.load(), "page load")  # the page's own load event
+    assert_clean(d.load(), "page load")  # the page's own load event
     _every_event(d, SNEAKER, TROUSER)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
@@ -132,8 +121,8 @@ def test_every_event_runs_through_the_server_on_a_model_without_cls(no_cls_app, 
     photo, other = tmp_path / "a.png", tmp_path / "b.png"
     Image.open(SNEAKER).save(photo)
     Image.open(TROUSER).save(other)
-    fired = _analyze(d, photo)
-    _assertassert_clean(fired, "analyze")
+    fired = d.analyze(photo)
+    assert_clean(fired, "analyze")
     method = d.by_label("Method", "dropdown")
     offered = [c[1] for c in d.props[method]["choices"]]
     assert "attention" not in offered and "rollout" in offered  # the CLS map is not offered
@@ -148,21 +137,21 @@ def test_the_items_that_always_failed(bundled_app, tmp_path):
     """Issue 26's six: PCA across examples, the features export, the class of a new image in Compare, stale figures,
     the PCA threshold at its maximum, and curve steps beyond the patches."""
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     # 1. PCA across examples draws one image per example plus the upload.
-    _assertassert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
+    assert_clean(d.click(d.by_label("PCA across examples", "button")), "PCA across examples")
     gallery = plot_of(d, "vizapp-gallery-plot")
     assert len([t for t in gallery["data"] if t["type"] == "image"]) == 1 + len(list(EXAMPLES.glob("*.*[gG]")))
     # 2. The features export gives an .npz with the arrays.
-    _assertassert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
+    assert_clean(d.click(d.by_label("Export these arrays", "button")), "features export")
     npz = d.values[d.by_label("feature arrays", "file")]
     assert npz["path"].endswith(".npz")
     assert np.load(npz["path"])["token_norms"].shape[0] == 6
     # 3. Compare the sneaker, analyse the trouser, Compare again: the class is the new image's.
     compare = d.by_label("Compare methods", "button")
-    _assertassert_clean(d.click(compare), "compare")
+    assert_clean(d.click(compare), "compare")
     first_class = d.values[d.by_label("Class to explain (type", "dropdown")]
-    _assertassert_clean(_analyze(d, TROUSER), "analyze the trouser")
+    assert_clean(d.analyze(TROUSER), "analyze the trouser")
     for label in ("Class to explain (type", "Class to explain (gradient", "Class scored"):
         cid = d.by_label(label, "dropdown")
         assert d.values[cid] == d.props[cid]["choices"][0][1], label  # each dropdown got its own value
@@ -171,28 +160,28 @@ def test_the_items_that_always_failed(bundled_app, tmp_path):
     for elem in ("vizapp-compare-plot", "vizapp-deletion-plot", "vizapp-insertion-plot", "vizapp-gallery-plot"):
         assert d.values[d.by_elem_id(elem)] is None, elem
     assert d.values[d.by_label("feature arrays", "file")] is None
-    _assertassert_clean(d.click(compare), "compare after a new image")
+    assert_clean(d.click(compare), "compare after a new image")
     # 5. The PCA foreground threshold at its maximum gives a map and a sentence, not an error.
     fired = d.set(d.by_label("PCA foreground threshold", "slider"), 0.95)
-    _assertassert_clean(fired, "PCA threshold 0.95")
+    assert_clean(fired, "PCA threshold 0.95")
     title = plot_of(d, "vizapp-pca-plot")["layout"]["title"]["text"]
     assert "Feature PCA" in title
     # 6. Curve steps stop at the number of patches (7 x 7), and the page offers no more.
     steps = d.by_label("Curve steps", "slider")
     assert d.props[steps]["maximum"] == 49
-    _assertassert_clean(d.set(steps, 49), "49 curve steps")
-    _assertassert_clean(d.click(compare), "compare at 49 steps")
+    assert_clean(d.set(steps, 49), "49 curve steps")
+    assert_clean(d.click(compare), "compare at 49 steps")
     assert "50 images each" in d.values[d.by_elem_id("vizapp-compare-cost")]
 
 
 def test_a_bad_upload_is_said_once_and_keeps_the_page(bundled_app, tmp_path):
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     before = {cid: v for cid, v in d.values.items() if d.kind(cid) in ("plot", "label", "markdown", "image", "json")}
     before.pop(d.by_label("Image", "image"))
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    fired = _analyze(d, bad)
+    fired = d.analyze(bad)
     # One event failed, the check, which has no outputs (so no output shows an error state); nothing else ran.
     assert [(f.success, f.outputs) for f in fired] == [(False, [])]
     assert "file" in fired[0].error.lower() and d.deps[fired[0].index]["outputs"] == []
@@ -209,11 +198,11 @@ def test_a_bad_upload_is_said_once_and_keeps_the_page(bundled_app, tmp_path):
 def test_model_choices_follow_the_model(no_cls_app, bundled_app):
     """The Heads tab offers no CLS query without a CLS token; the Position tab's tile sliders span the grid."""
     d = AppDriver(no_cls_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False  # no CLS: fixed
     d2 = AppDriver(bundled_app)
-    _assertassert_clean(d2.load(), "page load")
+    assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_label("Tile row", "slider")]["maximum"] == 6  # a 7 x 7 grid
     assert d2.props[d2.by_elem_id("vizapp-pos-resolution")]["visible"] is True  # a learned table: preview offered
 
@@ -236,11 +225,11 @@ def test_the_bundled_model_says_when_an_image_is_far_from_what_it_learned(bundle
         assert "far from what the model was trained on" in input_distribution_note(card, Image.open(EXAMPLES / name))
     # In the app: the status line says it for a photo, not for a Fashion-MNIST image, and says how it was resized.
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, EXAMPLES / "astronaut.png"), "analyze a photo")
+    assert_clean(d.analyze(EXAMPLES / "astronaut.png"), "analyze a photo")
     status = d.values[d.by_elem_id("vizapp-status")]
     assert "far from what the model was trained on" in status and "as 28x28 pixels in greyscale" in status
     assert "downscaled" in status
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze a sneaker")
+    assert_clean(d.analyze(SNEAKER), "analyze a sneaker")
     assert "far from" not in d.values[d.by_elem_id("vizapp-status")]
     seen = d.values[d.by_label("What the model saw", "image")]
     assert seen and seen.get("url")  # the preprocessed input is shown
@@ -250,13 +239,13 @@ def test_colour_map_and_every_figure_in_one_download(bundled_app):
     import zipfile
 
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
-    _assertassert_clean(d.set(d.by_label("Colour map", "dropdown"), "Viridis"), "colour map")
+    assert_clean(d.analyze(SNEAKER), "analyze")
+    assert_clean(d.set(d.by_label("Colour map", "dropdown"), "Viridis"), "colour map")
     rollout, heads = plot_of(d, "vizapp-rollout-plot"), plot_of(d, "vizapp-heads-plot")
     for fig in (rollout, heads):
         heat = [t for t in fig["data"] if t["type"] == "heatmap"][0]
         assert heat["colorscale"][-1][1].lower() == "#fde725"  # Viridis' last colour (Inferno's is #fcffa4)
-    _assertassert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
+    assert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
     path = d.values[d.by_label("figures (.zip)", "file")]["path"]
     names = zipfile.ZipFile(path).namelist()
     for tab in ("rollout-", "heads-", "distance-", "position-", "features-"):
@@ -276,7 +265,7 @@ def test_random_weights_make_any_timm_entry_usable_offline(bundled_app, monkeypa
     d = AppDriver(bundled_app)
     d.set(d.by_label("Random weights", "checkbox"), True)
     d.values[d.by_label("Model", "dropdown")] = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze a random-weight ViT-Ti")
+    assert_clean(d.analyze(SNEAKER), "analyze a random-weight ViT-Ti")
     status = d.values[d.by_elem_id("vizapp-status")]
     assert "random weights" in status and "structure, not learned behaviour" in status
     assert "12 layers x 3 heads" in status and "14x14 patches of 16x16 px" in status
@@ -296,7 +285,7 @@ def test_clicking_an_example_analyses_it(bundled_app):
     index = next(i for i, s in enumerate(samples) if "fmnist_1_trouser" in json.dumps(s))
     d.values[dataset] = index
     fired = d.click(dataset)
-    _assertassert_clean(fired, "click an example")
+    assert_clean(fired, "click an example")
     analyzed = [
         f for f in fired if d.deps[f.index]["outputs"] and d.by_elem_id("vizapp-status") in d.deps[f.index]["outputs"]
     ]
@@ -306,17 +295,15 @@ def test_clicking_an_example_analyses_it(bundled_app):
 
 def test_every_class_is_reachable_from_the_class_dropdowns(bundled_app):
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     labels = set(models.load_model(models.BUNDLED).labels)
     for label in ("Class to explain (type", "Class to explain (gradient", "Class scored", "Class to follow"):
         cid = d.by_label(label, "dropdown")
         assert {c[1] for c in d.props[cid]["choices"]} == labels, label  # all 10, not the top-5
     # a class outside the top-5 explains fine through the server
     probs = sorted(labels - {c[1] for c in d.props[d.by_label("Class to explain (type", "dropdown")]["choices"][:5]})
-    _assertassert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
-    _assertassert_clean(
-        d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5"
-    )
+    assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    assert_clean(d.set(d.by_label("Class to explain (gradient", "dropdown"), probs[0]), "a class outside the top-5")
     assert probs[0] in plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].replace("<br>", " ")
 
 
@@ -365,14 +352,14 @@ def test_the_rollout_tab_draws_attnlrp_and_legrad_with_their_cost(bundled_app):
     """Both run-the-model-again methods are offered in the Method dropdown, drawn through the server with their
     label in the title, and the tab says what each costs; Compare draws them beside the others."""
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     method = d.by_label("Method", "dropdown")
     assert {"attnlrp", "legrad"} <= {c[1] for c in d.props[method]["choices"]}
     for name, label in (("attnlrp", "AttnLRP (Achtibat et al., ICML 2024)"), ("legrad", "LeGrad (Bousselham et al.")):
-        _assertassert_clean(d.set(method, name), f"method {name}")
+        assert_clean(d.set(method, name), f"method {name}")
         assert plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
         assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
-    _assertassert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
     titles = json.dumps(plot_of(d, "vizapp-compare-plot")["layout"])
     assert "AttnLRP" in titles and "LeGrad" in titles
 
@@ -393,7 +380,7 @@ def clip_app(tmp_path_factory):
 def test_every_event_runs_through_the_server_on_a_clip_model_with_prompts(clip_app, capfd, caplog, tmp_path):
     caplog.set_level(logging.WARNING)
     d = AppDriver(clip_app[0])
-    _assertassert_clean(d.load(), "page load")
+    assert_clean(d.load(), "page load")
     assert d.props[d.by_elem_id("vizapp-prompts")]["visible"] is True  # shown: the model has a text tower
     photo, other = tmp_path / "a.png", tmp_path / "b.png"
     Image.open(EXAMPLES / "chelsea.png").save(photo)
@@ -411,10 +398,10 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
 
     url, folder = clip_app
     d = AppDriver(url)
-    _assertassert_clean(d.load(), "page load")
+    assert_clean(d.load(), "page load")
     prompts = ["a photo of a cat", "a cup of coffee", "a red car"]
     d.set(d.by_elem_id("vizapp-prompts"), "\n".join(prompts) + "\n\n", fire_change=False)
-    _assertassert_clean(_analyze(d, EXAMPLES / "chelsea.png"), "analyze with prompts")
+    assert_clean(d.analyze(EXAMPLES / "chelsea.png"), "analyze with prompts")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(EXAMPLES / "chelsea.png"), prompts=prompts)
     shown = d.values[d.by_label("Top-5", "label")]
     assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
@@ -423,8 +410,8 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
     choice = d.by_label("Class to explain (gradient", "dropdown")
     assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
-    _assertassert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
-    _assertassert_clean(d.set(choice, "a red car"), "explain a prompt")
+    assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
+    assert_clean(d.set(choice, "a red car"), "explain a prompt")
     fig = plot_of(d, "vizapp-rollout-plot")
     assert "a red car" in fig["layout"]["title"]["text"].replace("<br>", " ")
     heat = next(t for t in fig["data"] if t["type"] == "heatmap")
@@ -435,7 +422,7 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     assert not np.allclose(m, r.relevance(class_idx=0))  # another prompt would have drawn another map
     d2 = AppDriver(bundled_app)
-    _assertassert_clean(d2.load(), "page load")
+    assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_elem_id("vizapp-prompts")]["visible"] is False
 
 
@@ -468,10 +455,10 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
 
     caplog.set_level(logging.WARNING)
     d = AppDriver(swin_app[0])
-    _assertassert_clean(d.load(), "page load")
+    assert_clean(d.load(), "page load")
     assert "relative-position bias" in plot_of(d, "vizapp-pos-plot")["layout"]["title"]["text"].replace("<br>", " ")
     photo, other = _photos(tmp_path)
-    _assertassert_clean(_analyze(d, photo), "analyze")
+    assert_clean(d.analyze(photo), "analyze")
     assert "Windowed attention (Swin)" in d.values[d.by_elem_id("vizapp-status")]
     method = d.by_label("Method", "dropdown")
     choices = [c[1] for c in d.props[method]["choices"]]
@@ -480,13 +467,13 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
     assert "LeGrad for Swin sums the last stage's blocks only" in note
     for name, label in (("attnlrp", "AttnLRP (input × LRP"), ("legrad", "LeGrad over the last stage's blocks")):
-        _assertassert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
+        assert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
         assert plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
         assert "one forward and one backward pass" in d.values[d.by_elem_id("vizapp-map-cost")]
-    _assertassert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
+    assert_clean(d.click(d.by_label("Compare methods", "button")), "compare")
     titles = json.dumps(plot_of(d, "vizapp-compare-plot")["layout"])
     assert "AttnLRP" in titles and "LeGrad" in titles
-    _assertassert_clean(d.set(method, "rollout"), "method rollout")
+    assert_clean(d.set(method, "rollout"), "method rollout")
     query = d.by_label("Query", "radio")
     assert d.values[query] == "Clicked patch" and d.props[query]["interactive"] is False
     features_note = [v for cid, v in d.values.items() if isinstance(v, str) and FEATURES in v]
@@ -512,7 +499,7 @@ def _swin_head_importance(d: AppDriver, folder: str, photo: Path) -> None:
     assert "18 heads (3, 3, 6, 6 in its 4 layers)" in cost and "ΣH_l = 18 forward passes" in cost
     assert d.props[d.by_label("Exact ablation", "button")].get("visible", True) is not False
     label = d.values[d.by_label("Class scored (none: the top-1, or 1 - cos without a classifier)", "dropdown")]
-    _assertassert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
+    assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact head ablation")
     z = heatmap_z(plot_of(d, "vizapp-importance-plot")["data"][0])
     assert z.shape == (4, 6)
     assert np.isnan(z[:2, 3:]).all() and np.isfinite(z[:2, :3]).all() and np.isfinite(z[2:]).all()
@@ -533,13 +520,13 @@ def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, 
     url, folder = swin_app
     photo, _ = _photos(tmp_path)
     d = AppDriver(url)
-    _assertassert_clean(_analyze(d, photo), "analyze")
+    assert_clean(d.analyze(photo), "analyze")
     rows = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch row"]
     cols = [cid for cid in d.components if d.kind(cid) == "slider" and d.props[cid].get("label") == "Patch column"]
     heads_row, heads_col = rows[0], cols[0]  # the Heads tab's (built before the Features tab's)
-    _assertassert_clean(d.set(heads_row, 6), "query row")
-    _assertassert_clean(d.set(heads_col, 1), "query column")
-    _assertassert_clean(d.set(d.by_label("Layer (-1 = last)", "slider"), 2), "layer 2")
+    assert_clean(d.set(heads_row, 6), "query row")
+    assert_clean(d.set(heads_col, 1), "query column")
+    assert_clean(d.set(d.by_label("Layer (-1 = last)", "slider"), 2), "layer 2")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
     q = layer_query(r, 2, (6, 1))
     assert q == (3, 0)  # first-stage (6, 1): its centre at (26, 6) px lies in the 8-px token (3, 0)
@@ -570,17 +557,17 @@ def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
     d = AppDriver(swin_app[0])
     photo, _ = _photos(tmp_path)
     body, method = d.by_elem_id("vizapp-mask-plot"), d.by_label("Method", "dropdown")
-    _assertassert_clean(_analyze(d, photo), "analyze the Swin")
+    assert_clean(d.analyze(photo), "analyze the Swin")
     assert d.props[body]["visible"] is False
     model = d.by_label("Model", "dropdown")
-    _assertassert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze with the bundled ViT")
+    assert_clean(d.set(model, models.BUNDLED), "pick the bundled model")
+    assert_clean(d.analyze(SNEAKER), "analyze with the bundled ViT")
     assert d.props[body]["visible"] is True
     assert "attention" in [c[1] for c in d.props[method]["choices"]]
     query = d.by_label("Query", "radio")
     assert [c[1] for c in d.props[query]["choices"]] == ["CLS token", "Clicked patch"] and d.props[query]["interactive"]
-    _assertassert_clean(d.set(model, swin_app[1]), "pick the Swin again")
-    _assertassert_clean(_analyze(d, photo), "analyze the Swin again")
+    assert_clean(d.set(model, swin_app[1]), "pick the Swin again")
+    assert_clean(d.analyze(photo), "analyze the Swin again")
     assert d.props[body]["visible"] is False and "last_layer" in [c[1] for c in d.props[method]["choices"]]
 
 
@@ -591,7 +578,7 @@ def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
     import vizapp
 
     d = AppDriver(bundled_app)
-    _assertassert_clean(_analyze(d, SNEAKER), "analyze")
+    assert_clean(d.analyze(SNEAKER), "analyze")
     vm = vizapp.load_model("bundled")  # the cache's object, the one the app analysed with
     head = vm.model.head.weight
     original = head.detach().clone()
@@ -603,4 +590,4 @@ def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
             assert "changed since" in fired[0].error, (label, fired[0].error)
     finally:
         head.data.copy_(original)
-    _assertassert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")
+    assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")

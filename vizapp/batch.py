@@ -170,18 +170,12 @@ def _gradient_options(
 ) -> tuple[int, str, float]:
     """(start layer, start row, discard ratio) of gradient rollout or relevance, checked before any forward with the
     messages, and in the order, of :meth:`Analysis.grad_rollout` and :meth:`Analysis.relevance`."""
-
-    def layer() -> int:
-        return checks.layer_index(start_layer, vm.num_layers)
-
-    def row() -> str:
-        return checks.start_row(start_row, vm.has_class_token)
-
     if name == "relevance":
-        first = layer()
-        return first, row(), 0.0
-    first_row, first_layer = row(), layer()
-    return first_layer, first_row, checks.discard_ratio(discard_ratio)
+        first = checks.layer_index(start_layer, vm.num_layers)
+        return first, checks.start_row(start_row, vm.has_class_token), 0.0
+    row = checks.start_row(start_row, vm.has_class_token)
+    first = checks.layer_index(start_layer, vm.num_layers)
+    return first, row, checks.discard_ratio(discard_ratio)
 
 
 def _class_maps(

@@ -4,7 +4,7 @@ runs a forward pass. :mod:`vizapp.views` names them too."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -25,29 +25,42 @@ def feature_layer(r: Analysis, layer: int) -> tuple[int, str]:
     """The layer whose features are shown for a requested ``layer`` (-1 = last), and a note when it differs: large
     models keep only some blocks' outputs (see ``Analysis.block_outputs``)."""
     want = int(layer) % r.num_layers
-    kept = sorted(r.block_outputs)
+    if want in r.block_outputs:
+        return want, ""
+    got = nearest_kept(r.block_outputs, want)
+    return got, f"Layer {want}'s features were not kept for this model (too large); showing layer {got}."
+
+
+def nearest_kept(kept: Iterable[int], want: int) -> int:
+    """The kept layer nearest to ``want`` (the deeper one of two as near): what a view draws in its place."""
+    kept = sorted(kept)
     if not kept:
         raise ValueError("this analysis kept no block outputs")
-    if want in kept:
-        return want, ""
-    got = min(kept, key=lambda k: (abs(k - want), -k))
-    return got, f"Layer {want}'s features were not kept for this model (too large); showing layer {got}."
+    return min(kept, key=lambda k: (abs(k - want), -k))
+
+
+def pca_or_unthresholded(
+    r: Any, layer: int, foreground_threshold: float | None, note: str, tokens: str
+) -> tuple[np.ndarray, float | None, str]:
+    """``r.feature_pca(layer, foreground_threshold)``, or without the threshold where it leaves too few ``tokens``
+    ("patches on this image") to fit a PCA, so that every threshold the control allows draws a map: (rgb, the
+    threshold used, ``note`` with a sentence added when it was dropped)."""
+    try:
+        return r.feature_pca(layer, foreground_threshold=foreground_threshold), foreground_threshold, note
+    except ValueError as e:
+        if foreground_threshold is None or "foreground patch" not in str(e):
+            raise
+    dropped = (
+        f"Threshold {foreground_threshold:.2f} leaves fewer than 2 foreground {tokens}, too few to fit a PCA: shown "
+        "without the threshold (lower it to mask the background)."
+    )
+    return r.feature_pca(layer), None, " ".join(filter(None, (note, dropped)))
 
 
 def feature_pca_view(r: Analysis, layer: int = -1, foreground_threshold: float | None = None) -> go.Figure:
     """Feature PCA as RGB over the image (Oquab et al. 2023, DINOv2 Fig. 1)."""
     lay, note = feature_layer(r, layer)
-    try:
-        rgb = r.feature_pca(lay, foreground_threshold=foreground_threshold)
-    except ValueError as e:  # too few patches above the threshold: every threshold the control allows draws a map
-        if foreground_threshold is None or "foreground patch" not in str(e):
-            raise
-        note = (note + " " if note else "") + (
-            f"Threshold {foreground_threshold:.2f} leaves fewer than 2 foreground patches on this image, too few to "
-            "fit a PCA: shown without the threshold (lower it to mask the background)."
-        )
-        foreground_threshold = None
-        rgb = r.feature_pca(lay)
+    rgb, foreground_threshold, note = pca_or_unthresholded(r, lay, foreground_threshold, note, "patches on this image")
     fg = "" if foreground_threshold is None else f", foreground: 1st component > {foreground_threshold:.2f}"
     title = f"Feature PCA after block {lay} (RGB = components 1-3{fg})"
     return figures.pca_rgb_figure(

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vizapp import figures
-from vizapp.feature_views import ARTIFACT_K, LensViews, TokenNormViews, artifact_threshold
+from vizapp.feature_views import (
+    ARTIFACT_K,
+    LensViews,
+    TokenNormViews,
+    artifact_threshold,
+    nearest_kept,
+    pca_or_unthresholded,
+)
 from vizapp.swin_result import UNDEFINED, WindowAnalysis
 from vizapp.views_windows import layer_query
 
@@ -30,10 +37,7 @@ def feature_layer(r: WindowAnalysis, layer: int) -> tuple[int, str]:
     want = r._layer(layer)
     if r.feature_kept(want):
         return want, ""
-    kept = sorted(r.block_outputs)
-    if not kept:
-        raise ValueError("this analysis kept no block outputs")
-    got = min(kept, key=lambda k: (abs(k - want), -k))
+    got = nearest_kept(r.block_outputs, want)
     return got, (
         f"Layer {want}'s tokens were not kept for this model (all layers' would pass the feature budget); showing "
         f"layer {got}. The Python API forms any layer again (r.feature_pca({want}))."
@@ -43,23 +47,7 @@ def feature_layer(r: WindowAnalysis, layer: int) -> tuple[int, str]:
 def feature_pca_view(r: WindowAnalysis, layer: int = -1, foreground_threshold: float | None = None) -> go.Figure:
     """Feature PCA of one layer's tokens as RGB over the image at the layer's token spacing (Oquab et al. 2023)."""
     layer, note = feature_layer(r, layer)
-    try:
-        rgb = r.feature_pca(layer, foreground_threshold=foreground_threshold)
-    except ValueError as e:  # too few tokens above the threshold: every threshold the control allows draws a map
-        if foreground_threshold is None or "foreground patch" not in str(e):
-            raise
-        note = " ".join(
-            filter(
-                None,
-                (
-                    note,
-                    f"Threshold {foreground_threshold:.2f} leaves fewer than 2 foreground tokens on this layer, too "
-                    "few to fit a PCA: shown without the threshold (lower it to mask the background).",
-                ),
-            )
-        )
-        foreground_threshold = None
-        rgb = r.feature_pca(layer)
+    rgb, foreground_threshold, note = pca_or_unthresholded(r, layer, foreground_threshold, note, "tokens on this layer")
     fg = "" if foreground_threshold is None else f", foreground: 1st component > {foreground_threshold:.2f}"
     title = f"Feature PCA after {_where(r, layer)} (RGB = components 1-3{fg})"
     return figures.pca_rgb_figure(
