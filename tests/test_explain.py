@@ -149,10 +149,10 @@ def attention_flow_networkx(
 ) -> np.ndarray:
     """Reference attention flow with float capacities and networkx (small graphs only): flat [P] float64. With
     ``readout``, the sink is an extra "out" node fed by each top-layer token i with capacity readout[i]."""
-    fused = fuse_heads(attn.to(torch.float64), head_fusion)  # [L, N, N]
-    if residual:
-        fused = add_residual(fused)
-    a = fused.numpy()
+    a = fuse_heads(attn.to(torch.float64), head_fusion).numpy()  # [L, N, N]
+    if residual:  # written out here, not vizapp's add_residual: rows of A + I renormalised, layer by layer
+        a = a + np.eye(a.shape[-1])
+        a = a / a.sum(axis=-1, keepdims=True)
     num_layers, n, _ = a.shape
     g = nx.DiGraph()
     g.add_nodes_from((layer, i) for layer in range(num_layers + 1) for i in range(n))

@@ -100,7 +100,8 @@ def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: f
 
 def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> torch.Tensor:
     """One layer of the rollout with the residual path: ``x @ Â`` (side "left", x [..., N]) or ``Â @ x`` (side
-    "right", x [N, M]), where Â = (A + I) with each row renormalised to sum to 1, without forming Â.
+    "right", x [N, M], ``fused`` [N, N] or a stack [L, N, N]), where Â = (A + I) with each row renormalised to sum to
+    1, without forming Â.
 
     With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s. On the left, ``fused``
     may be a batch [B, N, N] with ``x`` [B, N] (or [N], the same row for every matrix): one row through each matrix.
@@ -112,7 +113,7 @@ def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> t
             return w @ fused + w
         return torch.matmul(w.unsqueeze(-2), fused).squeeze(-2) + w  # [B, N]
     if side == "right":
-        return (fused @ x + x) / s[:, None]
+        return (fused @ x + x) / s.unsqueeze(-1)  # row i of each matrix by its own sum (a stack [L, N, N] too)
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
 
 
