@@ -224,8 +224,8 @@ def test_analysis_views(vm):
         r.attention(0, head=3)
     with pytest.raises(vizapp.errors.BadParameterError, match="outside"):
         r.attention(2, query=(5, 0))
-    with pytest.raises(vizapp.errors.BadParameterError, match="Attention flow"):
-        r.explain("flow")
+    with pytest.raises(vizapp.errors.BadParameterError, match="Transformer Attribution"):
+        r.explain("transformer_attribution")
     assert r.relative_bias[0].shape == (2, 7, 7) and r.relative_bias[2].shape == (4, 5, 7)
     s = r.summary()
     assert s["layer_grids"] == [[6, 10], [6, 10], [3, 5], [3, 5]]
@@ -375,13 +375,15 @@ def test_the_app_analyses_a_swin_model(vm, monkeypatch):
     assert "Windowed attention (Swin)" in out.status and "random weights" in out.status
     assert [c[1] for c in out.method["choices"]] == [
         "rollout",
+        "flow",
         "grad_rollout",
         "relevance",
         "attnlrp",
         "legrad",
         "last_layer",
     ]
-    assert "Attention flow" in out.methods_note and "no class token" in out.methods_note
+    assert "Transformer Attribution" in out.methods_note and "no class token" in out.methods_note
+    assert "Attention flow for Swin runs on the graph its rollout multiplies along" in out.methods_note
     assert out.query_mode["value"] == "Clicked patch" and out.query_mode["interactive"] is False
     assert out.imp_exact_button["visible"] is True and out.imp_gradient_button["visible"] is True
     assert "12 heads (2, 2, 4, 4 in its 4 layers)" in out.importance_cost
@@ -447,8 +449,12 @@ def test_views_draw_each_layer_on_its_grid_with_the_window(vm):
     assert f"for '{r.labels[1]}'" in grad.layout.title.text
     assert V.layer_query(r, 3, (5, 9)) == (2, 4) and V.layer_query(r, 0, (5, 9)) == (5, 9)
     assert "padded" in V.padded_tokens_note(r)
-    with pytest.raises(vizapp.errors.BadParameterError, match="Attention flow"):
-        V.map_view(r, "flow")
+    flow = V.map_view(r, "flow")  # over the first stage's grid, drawn 4 px apart
+    heat = next(t for t in flow.data if isinstance(t, go.Heatmap))
+    assert flow.layout.title.text.replace("<br>", " ").startswith("Attention flow through windows and patch merging")
+    np.testing.assert_allclose(np.asarray(heat.customdata, dtype=float)[..., 2], r.attention_flow(), atol=1e-6)
+    with pytest.raises(vizapp.errors.BadParameterError, match="Transformer Attribution"):
+        V.map_view(r, "transformer_attribution")
 
 
 def test_faithfulness_over_the_first_grid(vm):

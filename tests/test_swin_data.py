@@ -447,8 +447,9 @@ def test_swin_evaluation_refuses_what_it_does_not_offer_in_one_sentence_each(hf_
         Evaluator(hf_folder, ["rollout", "flow", "transformer_attribution", "attnlrp", "legrad", "attention"])
     msg = str(err.value)
     assert "attnlrp" not in msg and "legrad" not in msg  # offered (vizapp.analysis.windows_explain)
-    for key in ("flow", "transformer_attribution", "cls"):
+    for key in ("transformer_attribution", "cls"):
         assert UNDEFINED[key] in msg
+    assert "flow" not in msg  # offered (vizapp.analysis.windows_flow)
     assert "'rollout'" not in msg
     with pytest.raises(VizappError, match="windowed \\(Swin\\) model's map"):
         Evaluator("bundled", ["last_layer"], steps=0)

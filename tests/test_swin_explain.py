@@ -520,6 +520,7 @@ def test_the_app_draws_both_for_a_swin(vm, monkeypatch):
     out = ui.analyze_image(random_image(0), name, random_weights=True, progress=lambda *a, **k: None)
     assert [c[1] for c in out.method["choices"]] == [
         "rollout",
+        "flow",
         "grad_rollout",
         "relevance",
         "attnlrp",

@@ -462,10 +462,12 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     assert "Windowed attention (Swin)" in d.values[d.by_elem_id("vizapp-status")]
     method = d.by_label("Method", "dropdown")
     choices = [c[1] for c in d.props[method]["choices"]]
-    assert choices == ["rollout", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer"]
+    assert choices == ["rollout", "flow", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer"]
     note = d.values[d.by_elem_id("vizapp-methods-note")]
-    assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["flow"], UNDEFINED["discard"]))
+    assert all(why in note for why in (UNDEFINED["cls"], UNDEFINED["transformer_attribution"], UNDEFINED["discard"]))
     assert "LeGrad for Swin sums the last stage's blocks only" in note
+    assert "Attention flow for Swin runs on the graph its rollout multiplies along" in note
+    _swin_flow(d, swin_app[1], photo)
     for name, label in (("attnlrp", "AttnLRP (input × LRP"), ("legrad", "LeGrad over the last stage's blocks")):
         assert_clean(d.set(method, name), f"method {name}")  # drawn through the server, its cost said
         assert plot_of(d, "vizapp-rollout-plot")["layout"]["title"]["text"].startswith(label)
@@ -486,6 +488,33 @@ def test_every_event_runs_through_the_server_on_a_swin_model(swin_app, capfd, ca
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def _swin_flow(d: AppDriver, folder: str, photo: Path) -> None:
+    """Attention flow on the Swin folder through the server: the Rollout tab draws it over the first stage's 9x9 grid,
+    equal to the Python API's, with its cost (81 max-flows) said; Compare includes it when asked, and its cost note
+    says so before it runs."""
+    import vizapp
+
+    method = d.by_label("Method", "dropdown")
+    assert_clean(d.set(method, "flow"), "method flow")
+    plot = plot_of(d, "vizapp-rollout-plot")
+    title = plot["layout"]["title"]["text"].replace("<br>", " ")
+    assert title.startswith("Attention flow through windows and patch merging")
+    heat = next(t for t in plot["data"] if t["type"] == "heatmap")
+    raw = heat["customdata"]
+    raw = heatmap_z({"z": raw}) if isinstance(raw, dict) else np.asarray(raw, dtype=float)
+    r = vizapp.analyze(vizapp.load_model(folder), Image.open(photo))
+    np.testing.assert_allclose(raw[..., 2], r.attention_flow(), atol=1e-6)
+    cost = d.values[d.by_elem_id("vizapp-map-cost")]
+    assert "81 max-flow problems" in cost and "Attention flow for Swin" in cost
+    slow = d.by_label("Include attention flow (slow on big models)", "checkbox")
+    assert "Left out unless included: Attention flow" in d.values[d.by_elem_id("vizapp-compare-cost")]
+    assert_clean(d.set(slow, True), "include attention flow")
+    assert "81 max-flow problems" in d.values[d.by_elem_id("vizapp-compare-cost")]
+    assert_clean(d.click(d.by_label("Compare methods", "button")), "compare with flow")
+    assert "Attention flow" in json.dumps(plot_of(d, "vizapp-compare-plot")["layout"])
+    assert_clean(d.set(slow, False), "leave attention flow out")
 
 
 def _swin_head_importance(d: AppDriver, folder: str, photo: Path) -> None:

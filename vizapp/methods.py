@@ -109,18 +109,66 @@ def _flow_seconds_per_edge() -> float:
     return per_flow / (layers * tokens * tokens)
 
 
+#: Calibration graph for a windowed model's flow: a 32x32 grid in windows of 8 (2 layers, the second shifted), a
+#: merge, 2 layers on 16x16 (~40 ms); its sparse layers cost less per edge than the dense graph's.
+_WINDOWED_CALIBRATION = dict(grid=32, window=8, flows=8)
+
+
+@functools.cache
+def _windowed_flow_seconds_per_edge() -> float:
+    """Median seconds per max-flow per graph edge of a windowed model's flow, measured once per process on random
+    window attention (:data:`_WINDOWED_CALIBRATION`)."""
+    import torch
+
+    from vizapp.analysis import windows as W
+    from vizapp.analysis.windows_flow import edge_count, windowed_flow
+
+    n, w, flows = (_WINDOWED_CALIBRATION[k] for k in ("grid", "window", "flows"))
+    grids = [(n, n)] * 2 + [(n // 2, n // 2)] * 2
+    idx = [W.window_index(g, (w, w), (w // 2, w // 2) if i % 2 else (0, 0)) for i, g in enumerate(grids)]
+    g = torch.Generator().manual_seed(0)
+    wins = [torch.softmax(2.0 * torch.randn(i.shape[0], 1, w * w, w * w, generator=g), dim=-1) for i in idx]
+    readout = torch.full(((n // 2) ** 2,), 1.0 / (n // 2) ** 2, dtype=torch.float64)
+    stamps: list[float] = []
+
+    class _Enough(Exception):
+        pass
+
+    def tick(done: int, total: int) -> None:
+        stamps.append(time.perf_counter())
+        if done > flows:
+            raise _Enough
+
+    with contextlib.suppress(_Enough):
+        windowed_flow(wins, idx, grids, readout, progress=tick)
+    return float(np.median(np.diff(stamps))) / edge_count(idx, grids)
+
+
 def _flow_cost(r: Analysis) -> Cost:
-    """Attention flow: one max-flow per patch on the (L+1) x N graph; time scaled from a calibration run by edges."""
+    """Attention flow: one max-flow per patch on the (L+1) x N graph (a windowed model's: each layer's window pairs,
+    the mergings and the output node); time scaled from a calibration run by edges."""
     num_patches = r.grid_size[0] * r.grid_size[1]
-    read = int((r.output_weights() > 0).sum())  # tokens the output reads: more than one adds an output node
-    edges = r.num_layers * r.num_tokens**2 + (read if read > 1 else 0)
-    nodes = f"{r.num_layers + 1} x {r.num_tokens} nodes" + (" and an output node" if read > 1 else "")
-    cal = _FLOW_CALIBRATION
+    if getattr(r, "windows", None) is not None:  # a windowed analysis (vizapp.swin_result)
+        from vizapp.analysis.windows_flow import edge_count
+
+        edges = edge_count([r.index(i) for i in range(r.num_layers)], r.layer_grids)
+        merges = len(set(r.layer_grids)) - 1
+        nodes = f"{r.num_layers} window-attention layers, {merges} patch mergings and an output node"
+        per_edge = _windowed_flow_seconds_per_edge()
+        cal = _WINDOWED_CALIBRATION
+        graph = f"random {cal['grid']}x{cal['grid']}-token graph in windows of {cal['window']} with a merge"
+    else:
+        read = int((r.output_weights() > 0).sum())  # tokens the output reads: more than one adds an output node
+        edges = r.num_layers * r.num_tokens**2 + (read if read > 1 else 0)
+        nodes = f"{r.num_layers + 1} x {r.num_tokens} nodes" + (" and an output node" if read > 1 else "")
+        per_edge = _flow_seconds_per_edge()
+        cal = _FLOW_CALIBRATION
+        graph = f"random {cal['layers']}-layer, {cal['tokens']}-token graph"
     return Cost(
         work=f"{num_patches} max-flow problems on a graph of {nodes} ({edges:,} edges)",
-        seconds=num_patches * edges * _flow_seconds_per_edge(),
-        basis=f"estimate: {cal['flows']} max-flows timed on this server on a random {cal['layers']}-layer, "
-        f"{cal['tokens']}-token graph, scaled by edge count; real attention can be 2-3x faster or slower",
+        seconds=num_patches * edges * per_edge,
+        basis=f"estimate: {cal['flows']} max-flows timed on this server on a {graph}, scaled by edge count; real "
+        "attention can be 2-3x faster or slower",
     )
 
 
@@ -327,6 +375,11 @@ def _forward_backward_cost(what: str) -> Callable[[Analysis], Cost]:
 
 
 #: what AttnLRP and LeGrad mean on a windowed (Swin) model (vizapp.analysis.windows_explain), one sentence each
+FLOW_WINDOWED = (
+    "Attention flow for Swin runs on the graph its rollout multiplies along: each layer's window attention with the "
+    "residual, each patch merging as edges of equal shares from a merged token's sources, and the average-pooled "
+    "output as the sink; one max-flow from every first-stage patch."
+)
 ATTNLRP_WINDOWED = (
     "AttnLRP for Swin applies the same rules through the windows, shifts and patch mergings (the identity rule on "
     "every LayerNorm, the mergings' included; no relevance through the window softmax), summed over each first-stage "
@@ -366,6 +419,7 @@ METHODS: dict[str, Method] = {
             reports_progress=True,
             cost=_flow_cost,
             options=("head_fusion", "progress", "start_row"),
+            windowed=FLOW_WINDOWED,
         ),
         Method(
             "grad_rollout",

@@ -11,9 +11,10 @@ feature PCA, the cosine similarity to a token, token norms and the high-norm tok
 
 What is not defined for Swin, in one sentence each (:data:`UNDEFINED`): it has no class token, so no CLS-row view
 and no DINO masks; it has no learned absolute position embedding; no registers or other prefix tokens; its head reads
-the last stage's width only, so the logit lens is read for the last stage's layers only; its layers have different token sets, so a view that
-stacks [L, H, N, N] (attention flow, Transformer Attribution's LRP rules) is not offered. AttnLRP and LeGrad run the
-model again with their own rules for windows (:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's
+the last stage's width only, so the logit lens is read for the last stage's layers only; Transformer Attribution's LRP
+rules are written for a plain ViT block. Attention flow runs on the graph the rollout multiplies along
+(:mod:`vizapp.analysis.windows_flow`: window attention with the residual, each merging as equal-share edges, the pooled
+output as the sink). AttnLRP and LeGrad run the model again with their own rules for windows (:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's
 blocks); head importance ablates each layer's own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN
 for the heads a layer lacks).
 """
@@ -21,7 +22,7 @@ for the heads a layer lacks).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews, WindowL
 from vizapp.windows import WindowCapture, WindowGeometry, read_relative_bias
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
-METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer")
+METHODS = ("rollout", "flow", "grad_rollout", "relevance", "attnlrp", "legrad", "last_layer")
 #: the maps that run the model again themselves (their own forward and backward; :meth:`WindowAnalysis.model_map`)
 MODEL_METHODS = ("attnlrp", "legrad")
 #: view -> why it is not defined for a windowed model (one sentence each)
@@ -47,7 +48,6 @@ UNDEFINED = {
     "cls": "Swin has no class token (its head averages the last stage's tokens), so there is no CLS row to show.",
     "pos_embed": "Swin has no learned absolute position embedding; its position information is the relative bias "
     "inside each window (the position view shows it).",
-    "flow": "Attention flow needs one token set for every layer, and Swin's stages have different token sets.",
     "transformer_attribution": "Transformer Attribution's LRP rules are written for a plain ViT block, not for "
     "windowed attention and patch merging.",
     "dino_masks": "DINO masks are drawn from the class token's attention in the last layer, and Swin has no class "
@@ -72,7 +72,6 @@ CLASS_METHODS = ("grad_rollout", "relevance", *MODEL_METHODS)
 #: the registry's methods (vizapp.methods) that a windowed model does not offer -> (label, the sentence saying why)
 NOT_OFFERED = {
     "attention": ("Last-layer CLS attention", UNDEFINED["cls"]),
-    "flow": ("Attention flow", UNDEFINED["flow"]),
     "transformer_attribution": ("Transformer Attribution", UNDEFINED["transformer_attribution"]),
 }
 
@@ -278,6 +277,25 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
 
         return self._cache.get(Key("rollout", (head_fusion, start_layer)), make)
 
+    def attention_flow(
+        self, head_fusion: str = "mean", progress: Callable[[int, int], None] | None = None, start_row: str = "output"
+    ) -> np.ndarray:
+        """Attention flow (Abnar & Zuidema 2020) from each first-stage token to the average-pooled output, [gh_0, gw_0]:
+        exact max-flows on the graph rollout multiplies along (:mod:`vizapp.analysis.windows_flow`)."""
+        from vizapp.analysis.windows_flow import windowed_flow
+
+        if start_row != "output":
+            raise BadParameterError(undefined("cls"))
+        if head_fusion not in ("mean", "max", "min"):
+            raise BadParameterError(f"head_fusion must be 'mean', 'max' or 'min', got {str(head_fusion)[:40]!r}")
+
+        def make() -> np.ndarray:
+            idx = [self.index(i) for i in range(self.num_layers)]
+            flat = windowed_flow(self.windows, idx, self.layer_grids, self._readout(), head_fusion, progress=progress)
+            return self._first_grid_map(flat)
+
+        return self._cache.get(Key("flow", (head_fusion,)), make)
+
     def attention_gradients(self, class_idx: Any = None) -> list[torch.Tensor]:
         """∂logit[class]/∂A per layer, [nW, H_l, w², w²] each (the gradient-enabled forward's graph when kept, else
         one forward and backward of the same network)."""
@@ -346,7 +364,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         return to_numpy(full.mean(0).reshape(self.layer_grids[-1]).float())
 
     def explain(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:
-        """A map by name: "rollout", "grad_rollout", "relevance", "attnlrp", "legrad" over the first stage's grid,
+        """A map by name: "rollout", "flow", "grad_rollout", "relevance", "attnlrp", "legrad" over the first stage's grid,
         "last_layer" over the last stage's; any other method is refused with the reason."""
         if method in MODEL_METHODS:  # the registry's entry: its own forward and backward (Method.batch)
             from vizapp import methods
@@ -360,9 +378,10 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             return self.relevance(class_idx, **kwargs)
         if method == "last_layer":
             return self.last_layer_attention()
-        why = {"flow": "flow", "attention_flow": "flow", "transformer_attribution": "transformer_attribution"}
-        if method in why:
-            raise BadParameterError(undefined(why[method]))
+        if method in ("flow", "attention_flow"):
+            return self.attention_flow(**kwargs)
+        if method == "transformer_attribution":
+            raise BadParameterError(undefined(method))
         raise BadParameterError(f"method {str(method)[:40]!r} is not offered for windowed models; use one of {METHODS}")
 
     def first_grid_map(self, method: str, class_idx: Any = None, **kwargs: Any) -> np.ndarray:

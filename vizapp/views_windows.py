@@ -20,6 +20,7 @@ from vizapp.swin_result import CLASS_METHODS, METHODS, MODEL_METHODS, NOT_OFFERE
 #: method -> title
 TITLES = {
     "rollout": "Attention rollout through windows and patch merging",
+    "flow": "Attention flow through windows and patch merging",
     "grad_rollout": "Gradient rollout through windows and patch merging",
     "relevance": "Chefer et al. relevance through windows and patch merging",
     "attnlrp": "AttnLRP (input × LRP-modified gradient, signed) over the first stage's patches",
@@ -30,6 +31,7 @@ MERGE_NOTE = "a merged token is carried to its 2x2 sources in equal shares"
 #: method -> the label the app's method choice shows
 LABELS = {
     "rollout": "Attention rollout (through windows and merges)",
+    "flow": "Attention flow (through windows and merges; slow)",
     "grad_rollout": "Gradient rollout (through windows and merges)",
     "relevance": "GAE relevance (Chefer et al., ICCV 2021; through windows and merges)",
     "attnlrp": "AttnLRP (Achtibat et al., ICML 2024)",
@@ -37,7 +39,9 @@ LABELS = {
     "last_layer": "Attention each last-stage token receives",
 }
 #: the maps over the first stage's grid: the ones the deletion / insertion curves can follow
-COMPARE_METHODS = ("rollout", "grad_rollout", "relevance", "attnlrp", "legrad")
+COMPARE_METHODS = ("rollout", "flow", "grad_rollout", "relevance", "attnlrp", "legrad")
+#: the maps that cost far more than the others (Compare includes them only when asked; the Rollout tab's cost says)
+SLOW_METHODS = ("flow",)
 
 
 def _rules_missing(r: WindowAnalysis, method: str) -> str:
@@ -52,8 +56,8 @@ def offered_methods(r: WindowAnalysis) -> list[str]:
 
 
 def methods_note(r: WindowAnalysis) -> str:
-    """Markdown naming, once, the app's methods a windowed model does not offer and why, what AttnLRP and LeGrad mean
-    on it, and the unused control."""
+    """Markdown naming, once, the app's methods a windowed model does not offer and why, what attention flow, AttnLRP
+    and LeGrad mean on it, and the unused control."""
     lines = [f"**{label}**: {why}" for label, why in NOT_OFFERED.values()]
     if r.probs is None:
         lines.append(
@@ -63,7 +67,7 @@ def methods_note(r: WindowAnalysis) -> str:
     else:
         lines += [f"**{LABELS[m]}**: {_rules_missing(r, m)}." for m in MODEL_METHODS if _rules_missing(r, m)]
     note = "Not offered for this windowed-attention (Swin) model: " + " ".join(lines) + " " + UNDEFINED["discard"]
-    defined = [methods.get(m).windowed for m in MODEL_METHODS if m in offered_methods(r)]
+    defined = [methods.get(m).windowed for m in ("flow", *MODEL_METHODS) if m in offered_methods(r)]
     return note + ("\n\n" + " ".join(defined) if defined else "")
 
 
@@ -163,7 +167,7 @@ def map_view(
     if method == "legrad":  # the registry's sentence is in the cost note; here the merge factor of this model
         s = 2 ** r.geometry[-1].stage
         title += f"; each last-stage token drawn over its {s}x{s} first-stage tokens"
-    elif method in ("rollout", "grad_rollout", "relevance"):
+    elif method in ("rollout", "flow", "grad_rollout", "relevance"):
         title += f"; the output averages the last stage's tokens; {MERGE_NOTE}"
     return figures.overlay_figure(
         r.image, heat, r.strides[layer], opacity, title=title, value_name=method, colorscale=colorscale
@@ -297,6 +301,7 @@ def padded_tokens_note(r: WindowAnalysis) -> str:
 __all__ = [
     "CLASS_METHODS",
     "COMPARE_METHODS",
+    "SLOW_METHODS",
     "LABELS",
     "bias_view",
     "default_query",

@@ -178,6 +178,19 @@ def attention_flow(
             out[0, 0] = np.rint(w.numpy() * scale).astype(np.int64)
             caps, query = np.concatenate([caps, out]), 0
     graph, sources, sink = flow_graph(caps, num_prefix_tokens, query)
+    return max_flows(graph, sources, sink, scale, progress)
+
+
+def max_flows(
+    graph: scipy.sparse.csr_array,
+    sources: np.ndarray,
+    sink: int,
+    scale: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """[P] float32: the max-flow value from each of ``sources`` to ``sink`` on ``graph`` (integer capacities, see
+    :func:`flow_graph`), divided by ``scale``; 0 where a source or the sink was pruned (index -1). ``progress(done,
+    total)`` is called after each."""
     total = sources.shape[0]
     values = np.zeros(total, dtype=np.float64)  # [P]
     for k, source in enumerate(sources.tolist()):

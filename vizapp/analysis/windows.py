@@ -15,8 +15,8 @@ Zuidema 2020 treat the residual the same way: equal mixing of identity and atten
 
 Padding. Padded slots are keys of every window that holds them (the library attends to them: their features are the
 zero-padded input, passed through the attention's linear maps). They have no place in the image, so the maps here
-leave them out: the drawn query map omits their mass; the mean distance and rollout renormalise each query's row
-over its real keys.
+leave them out: the drawn query map omits their mass; the mean distance renormalises each query's row over its real
+keys, and rollout and flow spread a row's padded mass over its real keys in proportion (:func:`fuse_windows`).
 """
 
 from __future__ import annotations
@@ -242,8 +242,11 @@ def through_merge(v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def fuse_windows(windows: torch.Tensor, index: torch.Tensor, head_fusion: str = "mean", renorm: bool = True):
-    """Head-fused window maps [nW, w², w²] float64 from [nW, H, w², w²]: padded keys zeroed and, with ``renorm``,
-    each row renormalised over the real keys (attention rollout); without it (gradient-weighted maps) as they are."""
+    """Head-fused window maps [nW, w², w²] float64 from [nW, H, w², w²]: padded keys zeroed and, with ``renorm``
+    (attention rollout and flow), each row's mass on padded keys spread over its real keys in proportion, so the row
+    keeps its total: 1 for "mean", the fused heads' own sum for "max" and "min", whose rows the residual step then
+    renormalises with the identity as a plain ViT's (:func:`vizapp.analysis.rollout.add_residual`); a window without
+    padding is left exactly as fused. Without ``renorm`` (gradient-weighted maps) as they are."""
     a = windows.double()
     if head_fusion == "mean":
         f = a.mean(1)
@@ -253,10 +256,11 @@ def fuse_windows(windows: torch.Tensor, index: torch.Tensor, head_fusion: str = 
         f = a.amin(1)
     else:
         raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+    total = f.sum(-1, keepdim=True)
     f = f * (index >= 0)[:, None, :].double()
     if renorm:
         s = f.sum(-1, keepdim=True)
-        f = torch.where(s > 0, f / s.clamp_min(1e-300), f)
+        f = torch.where((s > 0) & (s != total), f * (total / s.clamp_min(1e-300)), f)
     return f
 
 
@@ -284,7 +288,8 @@ def rollout_through(
         grids: per layer, its token grid; where it changes from one layer to the next, a :func:`merge_matrix` sits
             between them.
         weights: the output's readout row over the last layer's tokens (uniform for Swin's average pooling).
-        step: "rollout": Â = 0.5·A + 0.5·I (Abnar & Zuidema 2020, rows of A renormalised over real keys);
+        step: "rollout": Â = (A + I) with rows renormalised (Abnar & Zuidema 2020; 0.5·A + 0.5·I for "mean" fusion),
+            A's padded mass spread over the real keys (:func:`fuse_windows`);
             "grad_rollout": Â = (Ā + I) with rows renormalised (vizapp's gradient rollout, Ā the gradient-weighted
             heads); "relevance": Â = I + Ā (Chefer et al. ICCV 2021's R ← R + Ā·R).
         start_layer: layers below it are left out (their Â is the identity; merges are still applied).

@@ -10,8 +10,8 @@ pixels, the top int(f*H*W) pixels zeroed at f = 0.1 .. 0.9. ``--protocol patches
 whole patches. The protocol is recorded in every row and named in the summary. See docs/faithfulness.md for the
 protocol and docs/scaling.md for the engines.
 
-A windowed-attention model (Swin) offers its own maps, ``rollout``, ``grad_rollout``, ``relevance`` and
-``last_layer`` (and ``random``), on its first stage's token grid: the ``chefer2021`` protocol upsamples them by that
+A windowed-attention model (Swin) offers its own maps, ``rollout``, ``flow``, ``grad_rollout``, ``relevance``,
+``attnlrp``, ``legrad`` and ``last_layer`` (and ``random``), on its first stage's token grid: the ``chefer2021`` protocol upsamples them by that
 stage's token spacing, and ``patches`` removes its tokens' pixels; its per-head columns are the heads each layer has.
 """
 

@@ -80,8 +80,8 @@ def evaluate(
         out: output folder (shards, results.csv, summary.*); rerunning with the same settings resumes.
         model: a name for :func:`vizapp.load_model`.
         methods: registry method names plus ``"random"`` (comma-separated or a list); empty: statistics only. A
-            windowed model (Swin) offers its own maps, ``rollout``, ``grad_rollout``, ``relevance`` and
-            ``last_layer`` (:data:`vizapp.swin_result.METHODS`), over its first stage's grid; any other is refused
+            windowed model (Swin) offers its own maps, ``rollout``, ``flow``, ``grad_rollout``, ``relevance``,
+            ``attnlrp``, ``legrad`` and ``last_layer`` (:data:`vizapp.swin_result.METHODS`), over its first stage's grid; any other is refused
             with the reason.
         steps: deletion/insertion curve steps (0 turns those curves off).
         seed: seed of the random baseline (each image's order depends only on this and its id).

@@ -149,7 +149,7 @@ class Evaluator:
                 f"{self.vm.name} attends within windows (Swin): its maps lie on its first stage's {gh}x{gw} grid of "
                 f"tokens {sh}x{sw} px apart (the `chefer2021` protocol upsamples them by that), rollout and the class "
                 "maps carried down through windows and patch merging (a merged token to its 2x2 sources in equal "
-                "shares), `last_layer` brought there from the last stage by repetition; its per-head statistics are "
+                "shares), attention flow as max-flows on that graph, `last_layer` brought there from the last stage by repetition; its per-head statistics are "
                 "each token's attention over its window, and a layer's columns are the heads it has."
             )
         return out + list(self.undefined.values())

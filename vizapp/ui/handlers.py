@@ -318,7 +318,9 @@ def render_map(
     r: Analysis = st["analysis"]
     if window_handlers.is_windowed(r):  # its own maps; the discard ratio and the CLS row do not apply
         cs = colormap_choice(colormap)
-        return window_handlers.render_map(r, method, class_label, head_fusion, start_layer, opacity, cs)
+        return window_handlers.render_map(
+            r, method, class_label, head_fusion, start_layer, opacity, cs, progress, request
+        )
     m = methods.get(method)
     why = views.method_unavailable(r, m.name)
     if why:
@@ -433,7 +435,7 @@ def compare_methods(
     st = analysis_state(state, request)
     r: Analysis = st["analysis"]
     if window_handlers.is_windowed(r):
-        return window_handlers.compare_methods(r, class_label, steps, progress, request)
+        return window_handlers.compare_methods(r, class_label, steps, include_slow, progress, request)
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
     n_steps = as_int(steps, "curve steps", 2, r.grid_size[0] * r.grid_size[1])  # at most one patch a step
@@ -480,7 +482,7 @@ def compare_cost(state: Any, steps: Any, include_slow: Any, request: gr.Request 
     except VizappError:
         return CompareCostOutputs("")
     if window_handlers.is_windowed(r):
-        return window_handlers.compare_cost(r, steps)
+        return window_handlers.compare_cost(r, steps, include_slow)
     n_steps = as_int(steps, "curve steps", 2, 256)
     return CompareCostOutputs(compare_cost_note(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), bool(include_slow)))
 

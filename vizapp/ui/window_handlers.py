@@ -6,8 +6,9 @@ token spacing with the query's window outlined (a click on the image picks a tok
 :func:`vizapp.views_windows.layer_query` moves onto the chosen layer's grid), rollout and the class maps over the
 first stage's grid, the distances with a dot only for the heads a layer has, head importance with an empty cell for
 each head a layer lacks (:mod:`vizapp.ui.feature_handlers` runs it, and draws the feature views per layer on its own
-grid, and the logit lens of the last stage). What Swin does not define (CLS-row views, flow, DINO masks, the lens of
-the earlier stages) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
+grid, and the logit lens of the last stage). Attention flow runs under the request deadline with its progress, as for
+a plain ViT. What Swin does not define (CLS-row views, Transformer Attribution, DINO masks, the lens of the earlier
+stages) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
 """
 
 from __future__ import annotations
@@ -113,20 +114,35 @@ def status(vm: models.VizModel, r: WindowAnalysis, startup_note: str, random_not
     return "\n\n".join(lines)
 
 
-def compare_cost_text(r: WindowAnalysis, steps: int) -> str:
-    """The Compare tab's note: the maps it draws and how many images their curves run."""
+def compare_chosen(r: WindowAnalysis, include_slow: Any) -> list[str]:
+    """The maps Compare draws: those over the first stage's grid this model offers, the slow ones when asked."""
+    return [
+        m for m in V.COMPARE_METHODS if m in V.offered_methods(r) and (bool(include_slow) or m not in V.SLOW_METHODS)
+    ]
+
+
+def compare_cost_text(r: WindowAnalysis, steps: int, include_slow: Any = False) -> str:
+    """The Compare tab's note: the maps it draws, how many images their curves run, and the slow maps' cost."""
     if r.probs is None:
         return "**Compare** needs class probabilities, and this model has no classifier head: it is not available."
-    chosen = [m for m in V.COMPARE_METHODS if m in V.offered_methods(r)]
+    chosen = compare_chosen(r, include_slow)
     images = 2 * (len(chosen) + 1) * (steps + 1)
     own = [V.LABELS[m] for m in chosen if m in V.MODEL_METHODS]
-    return (
+    text = (
         f"**Compare** runs {images} images through the model at {steps} curve steps (deletion and insertion, "
         f"{steps + 1} images each, for {len(chosen)} maps over the first stage's grid and a random order); gradient "
         f"rollout and relevance take {GRADIENT_NOTE}"
         + (f", and {' and '.join(own)} each take {OWN_PASS_NOTE}" if own else "")
-        + f". {limit_note()}"
+        + "."
     )
+    slow = [m for m in chosen if m in V.SLOW_METHODS]
+    left_out = [V.LABELS[m] for m in V.SLOW_METHODS if m in V.offered_methods(r) and m not in chosen]
+    lines = [text, *(map_cost_note(r, m) for m in slow)]
+    if left_out:
+        lines.append(f"Left out unless included: {', '.join(left_out)}.")
+    if not slow:
+        lines.append(limit_note())
+    return "\n\n".join(lines)
 
 
 def analyze_outputs(
@@ -216,9 +232,18 @@ def lens_class_update(r: WindowAnalysis, classes: list[str]) -> dict[str, Any]:
 
 
 def render_map(
-    r: WindowAnalysis, method: Any, class_label: Any, head_fusion: Any, start_layer: Any, opacity: Any, colorscale: str
+    r: WindowAnalysis,
+    method: Any,
+    class_label: Any,
+    head_fusion: Any,
+    start_layer: Any,
+    opacity: Any,
+    colorscale: str,
+    progress: Any = None,
+    request: gr.Request | None = None,
 ) -> MapOutputs:
-    """The Rollout tab's map; a method Swin does not define is refused with its reason."""
+    """The Rollout tab's map; a method Swin does not define is refused with its reason. Attention flow runs under
+    the request deadline (which Cancel also trips), checked after every max-flow, and reports its progress."""
     if method in V.NOT_OFFERED:
         label, why = V.NOT_OFFERED[method]
         raise BadParameterError(f"{label} is not available for this model: {why}")
@@ -226,14 +251,22 @@ def render_map(
     kwargs: dict[str, Any] = {}
     if name in ("rollout", "grad_rollout", "relevance"):
         kwargs["start_layer"] = as_int(start_layer, "start layer", 0, r.num_layers - 1)
-    if name == "rollout":
+    if name == "rollout":  # flow takes the paper's mean over heads, as for a plain ViT (its registry controls)
         kwargs["head_fusion"] = as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS)
     cls = class_label if isinstance(class_label, str) and class_label else None
-    fig = V.map_view(r, name, cls, as_float(opacity, "opacity", 0.0, 1.0), colorscale, **kwargs)
+    alpha = as_float(opacity, "opacity", 0.0, 1.0)
     cost = f"**{V.LABELS[name]}**: {GRADIENT_NOTE}." if name in ("grad_rollout", "relevance") else ""
-    if name in V.MODEL_METHODS:  # its own forward and backward, estimated by the registry; what it means on Swin
+    if name in (*V.SLOW_METHODS, *V.MODEL_METHODS):  # estimated by the registry; what it means on Swin
         cost = f"{map_cost_note(r, name)}\n\n{methods.get(name).windowed}"
-    return MapOutputs(fig, cost)
+    if name not in V.SLOW_METHODS:
+        return MapOutputs(V.map_view(r, name, cls, alpha, colorscale, **kwargs), cost)
+    label = methods.get(name).label
+    with deadline.running(session_id(request)) as d:
+        d.check(label)
+        if progress is not None:
+            progress(0.0, desc=label)
+        report = d.progress(label, (lambda f, desc: progress(f, desc=desc)) if progress is not None else None)
+        return MapOutputs(V.map_view(r, name, cls, alpha, colorscale, progress=report, **kwargs), cost)
 
 
 def render_heads(
@@ -263,23 +296,25 @@ def open_head(r: WindowAnalysis, layer: Any, head: Any) -> OpenHeadOutputs:
 
 
 def compare_methods(
-    r: WindowAnalysis, class_label: Any, steps: Any, progress: Any, request: gr.Request | None
+    r: WindowAnalysis, class_label: Any, steps: Any, include_slow: Any, progress: Any, request: gr.Request | None
 ) -> CompareOutputs:
-    """The Compare tab: rollout, gradient rollout and relevance over the first stage's grid, with their deletion /
-    insertion curves (:meth:`WindowAnalysis.faithfulness`), under the request deadline and Cancel."""
+    """The Compare tab: the maps over the first stage's grid (attention flow when asked), with their deletion /
+    insertion curves (:meth:`WindowAnalysis.faithfulness`), under the request deadline and Cancel (checked after each
+    max-flow too)."""
     if r.probs is None:
         raise BadParameterError("this model has no classifier head; faithfulness needs a class probability")
     gh, gw = r.grid_size
     n_steps = as_int(steps, "curve steps", 2, gh * gw)
     cls = class_label if isinstance(class_label, str) and class_label else None
-    chosen = [m for m in V.COMPARE_METHODS if m in V.offered_methods(r)]
+    chosen = compare_chosen(r, include_slow)
     maps: dict[str, np.ndarray] = {}
     curves: dict[str, Any] = {}
     with deadline.running(session_id(request)) as d:
         for i, m in enumerate(chosen):
             d.check(f"computing {V.LABELS[m]}")
             progress(0.5 * i / len(chosen), desc=f"computing {V.LABELS[m]}")
-            maps[V.LABELS[m]] = r.explain(m, cls)
+            kwargs = {"progress": d.progress(V.LABELS[m])} if m in V.SLOW_METHODS else {}
+            maps[V.LABELS[m]] = r.explain(m, cls, **kwargs)
         for i, (label, heat) in enumerate(maps.items()):
             d.check(f"the {label} deletion / insertion curves")
             progress(0.5 + 0.5 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
@@ -290,9 +325,9 @@ def compare_methods(
     return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
 
 
-def compare_cost(r: WindowAnalysis, steps: Any) -> CompareCostOutputs:
+def compare_cost(r: WindowAnalysis, steps: Any, include_slow: Any = False) -> CompareCostOutputs:
     n_steps = as_int(steps, "curve steps", 2, 256)
-    return CompareCostOutputs(compare_cost_text(r, min(n_steps, r.grid_size[0] * r.grid_size[1])))
+    return CompareCostOutputs(compare_cost_text(r, min(n_steps, r.grid_size[0] * r.grid_size[1]), include_slow))
 
 
 def export_files(r: WindowAnalysis) -> ExportOutputs:
