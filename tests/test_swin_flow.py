@@ -217,3 +217,20 @@ def test_the_evaluation_scores_flow_as_the_analysis_draws_it(tmp_path):
                 ev.vm, r.input, sal, r.strides[0], row["target"], direction == "negative", ev.black[:, 0, 0]
             )
             assert [row[f"flow.pred.{direction}.acc{k}"] for k in range(1, 10)] == want, direction
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_windowed_rollout_of_one_whole_grid_window_is_the_plain_rollout(fusion):
+    """The same graph for rollout: one stage whose window is the whole 3x3 grid gives the plain ViT's rollout
+    (rows of fused A + I renormalised) read from the uniform readout, for every head fusion (max and min rows do not
+    sum to 1, so the residual's share differs by row)."""
+    from vizapp.analysis.rollout import rollout
+
+    g = torch.Generator().manual_seed(4)
+    attn = torch.softmax(3 * torch.randn(3, 2, 9, 9, generator=g), dim=-1).double()
+    idx = W.window_index((3, 3), (3, 3), (0, 0))
+    fused = [W.fuse_windows(a[None], idx, fusion) for a in attn]
+    uniform = torch.full((9,), 1 / 9, dtype=torch.float64)
+    got = W.rollout_through(fused, [idx] * 3, [(3, 3)] * 3, uniform)
+    want = uniform @ rollout(attn, 0, head_fusion=fusion)
+    torch.testing.assert_close(got, want)
