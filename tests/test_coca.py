@@ -10,17 +10,22 @@ the whole config, so CoCa's pooler options are given again); the BPE vocabulary 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image
+from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
+from conftest import random_image, start_app
+from PIL import Image
 from test_legrad_pool import attention_gradient, block_outputs
 from test_openclip import explicit_attention
+from test_ui_events import EXAMPLES, _every_event
 
 import vizapp
-from vizapp import views
+from vizapp import models, views
 from vizapp.capture import AttentionCapture
 from vizapp.errors import UnsupportedModelError
 from vizapp.models.pooling import PooledReadout
@@ -319,3 +324,115 @@ def test_the_app_offers_coca_by_a_valid_open_clip_id_and_tag():
     assert any(parse_name(name)[0].startswith("coca_") for name in ids)
     for name in ids:
         check_name(name)  # an unknown architecture or tag raises
+
+
+# -- through the app's server ---------------------------------------------------------------------------------------
+
+#: coca_ViT-B-32's config as OpenCLIP ships it (model_configs/coca_ViT-B-32.json), every tower made tiny and its
+#: layout kept: the attentional pooler, the text tower's CLS token, the multimodal decoder and custom_text (CoCa).
+#: 4 heads of width 16: the every-event test's click on the distance plot opens head 2 of layer 1
+TINY = "coca_tiny_test"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": dict(
+        image_size=32,
+        layers=2,
+        width=64,
+        head_width=16,
+        patch_size=8,
+        attentional_pool=True,
+        attn_pooler_heads=2,
+        attn_pooler_queries=8,
+        output_tokens=True,
+    ),
+    "text_cfg": dict(
+        context_length=16, vocab_size=49408, width=32, heads=2, layers=1, embed_cls=True, output_tokens=True
+    ),
+    "multimodal_cfg": dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1, attn_pooler_heads=2),
+    "custom_text": True,
+}
+TINY_ID = f"open_clip:{TINY}"
+
+
+@pytest.fixture(scope="module")
+def tiny_coca_app(tmp_path_factory):
+    """The whole app (started on the bundled model) with a tiny CoCa registered in OpenCLIP as its own configs are
+    (a config file through ``open_clip.add_model_config``), and a model cache of this module's own; both undone
+    afterwards, so no other test sees the name or the model."""
+    from open_clip import factory
+
+    path = tmp_path_factory.mktemp("coca") / f"{TINY}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "MODEL_CACHE", models.BudgetedModelCache(3))
+        open_clip.add_model_config(path)
+        demo = start_app(models.BUNDLED)
+        try:
+            yield demo.local_url
+        finally:
+            demo.close()
+            factory._MODEL_CONFIG_PATHS.remove(path)
+            factory._MODEL_CONFIGS.pop(TINY)
+    assert TINY not in open_clip.list_models()
+
+
+def pick_tiny_coca(d: AppDriver) -> None:
+    """What a person does: tick Random weights (the architecture names no pretrained tag) and type the id in the
+    Model box; the model loads for the Position tab and shows the prompts box."""
+    assert_clean(d.load(), "page load")
+    assert d.props[d.by_elem_id("vizapp-prompts")]["visible"] is False  # the bundled model has no text tower
+    assert_clean(d.set(d.by_label("Random weights", "checkbox"), True), "random weights")
+    assert_clean(d.set(d.by_label("Model", "dropdown"), TINY_ID), "type the CoCa id")
+    assert d.props[d.by_elem_id("vizapp-prompts")]["visible"] is True
+    assert "could not be shown" not in d.values[d.by_elem_id("vizapp-pos-note")]
+
+
+@pytest.mark.timeout(900)
+def test_every_event_runs_through_the_server_on_a_tiny_coca_typed_in_the_model_box(
+    tiny_coca_app, capfd, caplog, tmp_path
+):
+    caplog.set_level(logging.WARNING)
+    d = AppDriver(tiny_coca_app)
+    pick_tiny_coca(d)
+    d.set(d.by_elem_id("vizapp-prompts"), "\n".join(PROMPTS), fire_change=False)
+    photo, other = tmp_path / "a.png", tmp_path / "b.png"
+    Image.open(EXAMPLES / "chelsea.png").save(photo)
+    Image.open(EXAMPLES / "coffee.png").save(other)
+    _every_event(d, photo, other)
+    assert "open_clip:coca_tiny_test" in d.values[d.by_elem_id("vizapp-status")]  # the CoCa ran, not the bundled
+    assert {c["label"] for c in d.values[d.by_label("Top-5", "label")]["confidences"]} == set(PROMPTS)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_coca_prompts_are_ranked_and_the_chosen_one_explained_through_the_server(tiny_coca_app):
+    """The prompts box's prompts are the Prediction tab's ranking, equal to vizapp.analyze with those prompts on the
+    same (cached) model; Rollout's LeGrad (through the pooler) and relevance maps of a chosen prompt equal the API's."""
+    d = AppDriver(tiny_coca_app)
+    pick_tiny_coca(d)
+    d.set(d.by_elem_id("vizapp-prompts"), "\n".join(PROMPTS) + "\n\n", fire_change=False)
+    image = EXAMPLES / "chelsea.png"
+    assert_clean(d.analyze(image), "analyze with prompts")
+    vm = vizapp.load_model(TINY_ID, pretrained=False)  # the app's own: the cache's object, its random weights
+    assert type(whole(vm)).__name__ == "CoCa" and vm.model.attn_pool is not None
+    assert (vm.grid_size, vm.num_layers, vm.num_heads) == ((4, 4), 2, 4)
+    r = vizapp.analyze(vm, Image.open(image), prompts=PROMPTS)
+    shown = d.values[d.by_label("Top-5", "label")]
+    assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
+    for c, (_, prob) in zip(shown["confidences"], r.top_k, strict=True):
+        assert c["confidence"] == pytest.approx(prob, abs=1e-6)
+    assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
+    choice = d.by_label("Class to explain (gradient", "dropdown")
+    assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
+    chosen = r.top_k[-1][0]  # the least probable: not the default choice
+    k = PROMPTS.index(chosen)
+    assert_clean(d.set(choice, chosen), "choose a prompt")
+    for method in ("legrad", "relevance"):
+        assert_clean(d.set(d.by_label("Method", "dropdown"), method), method)
+        fig = plot_of(d, "vizapp-rollout-plot")
+        assert chosen in fig["layout"]["title"]["text"].replace("<br>", " ")
+        z = heatmap_z(next(t for t in fig["data"] if t["type"] == "heatmap"))
+        m = r.explain(method, class_idx=k)  # the view shows it scaled to [0, 1]
+        np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5, err_msg=method)
+        assert not np.allclose(m, r.explain(method, class_idx=(k + 1) % 3))  # another prompt: another map
