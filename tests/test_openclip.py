@@ -251,8 +251,9 @@ def test_ids_are_checked_before_anything_loads(monkeypatch):
         vizapp.load_model("open_clip:ViT-B-33", pretrained=False)
     with pytest.raises(BadParameterError, match="not a pretrained tag"):
         vizapp.load_model("open_clip:ViT-B-32/nope")
-    with pytest.raises(BadParameterError, match="names no pretrained weights"):
+    with pytest.raises(BadParameterError, match="names no pretrained weights") as err:
         vizapp.load_model("open_clip:ViT-B-32")
+    assert "the Random weights box in the app" in str(err.value)  # the page's way, beside the API's
     from vizapp.models import openclip
 
     monkeypatch.setattr(openclip, "hub_reachable", lambda *a, **k: False)

@@ -236,8 +236,8 @@ def load(
         if tag is None:
             tags = open_clip.list_pretrained_tags_by_model(arch)
             raise BadParameterError(
-                f"{name} names no pretrained weights; add a tag (open_clip:{arch}/<tag>, one of {tags}) or pass "
-                "pretrained=False for random weights"
+                f"{name} names no pretrained weights; add a tag (open_clip:{arch}/<tag>, one of {tags}), or ask "
+                "for random weights (pretrained=False in Python, the Random weights box in the app)"
             )
         _check_reachable(name, arch, tag)
         source = tag
