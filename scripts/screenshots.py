@@ -1,6 +1,7 @@
 """Screenshots of every tab of the app at 1440 px wide, into docs/screenshots/ (Debian's Chromium through Playwright).
 
     python scripts/screenshots.py [--model bundled] [--image assets/examples/fmnist_7_sneaker.png] [--out docs/screenshots]
+                                  [--method "Attention flow (through windows and merges; slow)"]
 
 It starts the app in this process on a free port, analyses the image, runs the slow buttons (Compare, PCA across
 examples, exact head ablation) so that every tab shows what it can, and saves one full-page PNG per tab.
@@ -54,6 +55,11 @@ def main() -> None:
         default="patches of",
         help="text of the status line that says the analysis is shown (Swin: window)",
     )
+    ap.add_argument(
+        "--method",
+        default=None,
+        help="the Rollout tab's method to draw, by the label its dropdown shows (default: the tab's own default)",
+    )
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -80,6 +86,14 @@ def main() -> None:
             for slug, name in TABS:
                 page.get_by_role("tab", name=name).click()
                 page.wait_for_timeout(800)
+                if slug == "rollout" and args.method:
+                    page.get_by_role("combobox", name="Method", exact=True).click()
+                    page.get_by_role("option", name=args.method).click()
+                    page.wait_for_function(
+                        "(t) => document.querySelector('#vizapp-rollout-plot')?.innerText.includes(t)",
+                        arg=args.method.split(" (")[0],
+                        timeout=120_000,
+                    )
                 if slug == "compare" and page.get_by_role("button", name="Compare methods").is_visible():
                     page.get_by_role("button", name="Compare methods").click()
                     _wait_plot(page, "vizapp-deletion-plot")

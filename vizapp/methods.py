@@ -153,7 +153,7 @@ def _flow_cost(r: Analysis) -> Cost:
 
         edges = edge_count([r.index(i) for i in range(r.num_layers)], r.layer_grids)
         merges = len(set(r.layer_grids)) - 1
-        nodes = f"{r.num_layers} window-attention layers, {merges} patch mergings and an output node"
+        nodes = f"{r.num_layers} window-attention layers, {merges} patch merging{'s' if merges != 1 else ''} and an output node"
         per_edge = _windowed_flow_seconds_per_edge()
         cal = _WINDOWED_CALIBRATION
         graph = f"random {cal['grid']}x{cal['grid']}-token graph in windows of {cal['window']} with a merge"
