@@ -141,9 +141,13 @@ def _ref_clone(x, relevances):
     return x.detach() * c
 
 
-def reference_map(model: torch.nn.Module, x: torch.Tensor, cls: int, start_layer: int = 1) -> torch.Tensor:
+def reference_map(
+    model: torch.nn.Module, x: torch.Tensor, cls: int, start_layer: int = 1, prompt: tuple | None = None
+) -> torch.Tensor:
     """One image's map computed the authors' way, written out: a float64 copy of the model run through timm's own
-    submodules, explicit per-layer loops, autograd for every rule, and the rollout as a product of full matrices."""
+    submodules, explicit per-layer loops, autograd for every rule, and the rollout as a product of full matrices.
+    ``prompt`` = (P [E, D], T [K, E] unit rows, scale): the head is the prompt score scale · cos(cls Pᵀ, T_k) in
+    place of the model's own, and relevance crosses its dot product with T, then P, by their Linear rule."""
     m = copy.deepcopy(model).double().eval()
     h = m.blocks[0].attn.num_heads
     with torch.enable_grad():
@@ -166,8 +170,13 @@ def reference_map(model: torch.nn.Module, x: torch.Tensor, cls: int, start_layer
             attns.append(a)
             t = mid + br2
         tokens = m.norm(t)
-        logits = m.head(tokens[:, 0])
-        torch.testing.assert_close(logits.float(), model(x), rtol=1e-4, atol=1e-5)  # the copy is the model
+        if prompt is None:
+            logits = m.head(tokens[:, 0])
+            torch.testing.assert_close(logits.float(), model(x), rtol=1e-4, atol=1e-5)  # the copy is the model
+        else:
+            p_, t_, scale = (prompt[0].double(), prompt[1].double(), prompt[2])
+            emb = tokens[:, 0] @ p_.T
+            logits = scale * (emb / emb.norm(dim=-1, keepdim=True)) @ t_.T
         logits[0, cls].backward()
     grads = [a.grad for a in attns]
     saved = [{k_: v_.detach() for k_, v_ in s.items()} for s in saved]
@@ -175,7 +184,11 @@ def reference_map(model: torch.nn.Module, x: torch.Tensor, cls: int, start_layer
 
     one_hot = torch.zeros(1, logits.shape[-1], dtype=torch.float64)
     one_hot[0, cls] = 1.0
-    r = _ref_linear(tokens[:, 0], m.head.weight.detach(), one_hot)
+    if prompt is None:
+        r = _ref_linear(tokens[:, 0], m.head.weight.detach(), one_hot)
+    else:
+        r = _ref_linear(tokens[:, 0] @ p_.T, t_, one_hot)  # the dot product with each prompt's text embedding
+        r = _ref_linear(tokens[:, 0], p_, r)  # the projection
     r = _gradprop(lambda z: z[:, 0], [tokens], r)[0]  # their IndexSelect
     cams = {}
     for layer in range(len(m.blocks) - 1, -1, -1):

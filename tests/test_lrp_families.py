@@ -312,7 +312,7 @@ REFUSED_HF = [
     ("BeitConfig", "BeitForImageClassification", dict(use_relative_position_bias=True), "relative-position bias"),
     ("BeitConfig", "BeitForImageClassification", dict(use_mean_pooling=True), "the mean of the patch tokens"),
     ("Data2VecVisionConfig", "Data2VecVisionForImageClassification", dict(use_relative_position_bias=True), "bias"),
-    ("CLIPVisionConfig", "CLIPVisionModel", {}, "vision tower: its classes are text prompts"),
+    ("CLIPVisionConfig", "CLIPVisionModel", {}, "vision tower given no text prompts, so it has no classes"),
     ("SiglipVisionConfig", "SiglipVisionModel", {}, "no CLS token: its head pools every token by attention"),
     ("IJepaConfig", "IJepaForImageClassification", {}, "no CLS token: its output is the mean of the patch tokens"),
     ("DINOv3ViTConfig", "DINOv3ViTModel", {}, "rotary position embedding (RoPE)"),

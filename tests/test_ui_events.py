@@ -421,6 +421,13 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     m = r.relevance(class_idx=2)  # the view shows it scaled to [0, 1]
     np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     assert not np.allclose(m, r.relevance(class_idx=0))  # another prompt would have drawn another map
+    # Transformer Attribution explains the prompt too (its head read as the prompt score: vizapp.analysis.lrp)
+    method = d.by_label("Method", "dropdown")
+    assert "transformer_attribution" in [c[1] for c in d.props[method]["choices"]]
+    assert_clean(d.set(method, "transformer_attribution"), "transformer attribution of a prompt")
+    heat = next(t for t in plot_of(d, "vizapp-rollout-plot")["data"] if t["type"] == "heatmap")
+    ta = r.explain("transformer_attribution", 2)
+    np.testing.assert_allclose(heatmap_z(heat), (ta - ta.min()) / (ta.max() - ta.min()), atol=1e-5)
     d2 = AppDriver(bundled_app)
     assert_clean(d2.load(), "page load")
     assert d2.props[d2.by_elem_id("vizapp-prompts")]["visible"] is False

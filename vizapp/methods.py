@@ -180,7 +180,30 @@ def _lrp_unavailable(r: Analysis) -> str:
     from vizapp.analysis.lrp import unsupported
 
     vm = r.model_ref() if r.model_ref is not None else None
-    return unsupported(vm.model, r.num_prefix_tokens) if vm is not None else ""
+    return unsupported(vm.model, r.num_prefix_tokens, _prompted(vm)) if vm is not None else ""
+
+
+def _prompted(vm: VizModel) -> bool:
+    """Whether ``vm``'s classes are text prompts read through an image projection (what Transformer Attribution's
+    prompt score needs: :class:`vizapp.analysis.lrp_families.PromptScore`)."""
+    tower = vm.text_tower
+    return bool(vm.prompts) and tower is not None and tower.projection is not None
+
+
+def _prompt_score(vm: VizModel) -> Any:
+    """The prompt score of a prompted image-text model (None for a classifier): its image projection, the prompts'
+    unit text embeddings (encoded again: the same function as the prompted model's) and exp(logit_scale)."""
+    if not _prompted(vm):
+        return None
+    from vizapp.analysis.lrp_families import PromptScore
+    from vizapp.models.prompts import text_embeddings
+
+    tower = vm.text_tower
+    projection = tower.projection()
+    if projection is None:
+        return None
+    text = text_embeddings(tower, vm.prompts).to(projection.device)
+    return PromptScore(projection.detach(), text, float(tower.logit_scale().detach()))
 
 
 def _model_of(r: Analysis) -> VizModel | None:
@@ -320,7 +343,7 @@ def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None
     torchvision ``vit_*``; any other model is refused with the reason (:func:`vizapp.analysis.lrp.unsupported`)."""
     from vizapp.analysis.lrp import SUPPORTED, transformer_attribution, unsupported
 
-    why = unsupported(vm.model, vm.num_prefix_tokens)
+    why = unsupported(vm.model, vm.num_prefix_tokens, _prompted(vm))
     if why:
         raise BadParameterError(f"Transformer Attribution is not defined for {vm.name}: {why}; {SUPPORTED}")
     if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)):
@@ -329,7 +352,7 @@ def transformer_attribution_batch(vm: VizModel, x: Any, classes: list[int | None
         raise BadParameterError(f"start_layer must be in [0, {vm.num_layers - 1}], got {start_layer}")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     found = transformer_attribution(
-        vm.model, x, vm.num_prefix_tokens, list(classes), grid, start_layer=int(start_layer)
+        vm.model, x, vm.num_prefix_tokens, list(classes), grid, start_layer=int(start_layer), prompt=_prompt_score(vm)
     )
     return found.cpu().numpy()
 

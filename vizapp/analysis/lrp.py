@@ -29,22 +29,24 @@ Models: the rules are written for one block layout, which timm, transformers and
 way; :mod:`vizapp.analysis.lrp_families` has one adapter per library that reads the pieces (embedding, each block's
 norms, q/k/v, output projection, MLP, the final norm and the head), and the forward and the propagation below are
 the same for all. Covered: timm ``VisionTransformer`` reading its CLS token, transformers ``ViTForImageClassification``,
-``ViTMSNForImageClassification`` and ``DeiTForImageClassification``, torchvision ``vit_*``. Every other model is
-refused with the reason in one sentence (:func:`unsupported`): no CLS-token readout (mean or attention pooling, the
-CLS token beside the patch mean, two averaged heads), RoPE, a relative-position bias, a gated MLP, an image-text
-vision tower, no classifier head.
+``ViTMSNForImageClassification`` and ``DeiTForImageClassification``, torchvision ``vit_*``, and transformers CLIP
+vision towers given text prompts, whose head is the prompts' score read as two linear maps (vizapp's reading, the
+authors define none: :class:`~vizapp.analysis.lrp_families.PromptScore`). Every other model is refused with the
+reason in one sentence (:func:`unsupported`): no CLS-token readout (mean or attention pooling, the CLS token beside
+the patch mean, two averaged heads), RoPE, a relative-position bias, a gated MLP, another image-text vision tower
+(OpenCLIP's), a tower given no prompts, no classifier head.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from vizapp.analysis.lrp_families import Block, Net, family_of
+from vizapp.analysis.lrp_families import Block, Net, PromptScore, family_of
 
 #: The stabiliser of the authors' ``safe_divide``.
 EPS = 1e-9
@@ -52,7 +54,8 @@ EPS = 1e-9
 SUPPORTED = (
     "its LRP rules are written for a ViT block of LayerNorm, q/k/v attention and a two-layer MLP whose head is one "
     "linear layer on the CLS token: timm VisionTransformer (global_pool='token', no distillation head; registers and "
-    "LayerScale allowed), transformers ViT/ViT-MSN/DeiT ForImageClassification and torchvision vit_*"
+    "LayerScale allowed), transformers ViT/ViT-MSN/DeiT ForImageClassification and torchvision vit_*; transformers "
+    "CLIP vision towers given text prompts"
 )
 """The models the rules cover, as the refusals say it (one adapter per library: :mod:`vizapp.analysis.lrp_families`)."""
 
@@ -116,27 +119,29 @@ def matmul_relprop(
     return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
 
 
-def unsupported(model: torch.nn.Module, num_prefix_tokens: int | None = None) -> str:
+def unsupported(model: torch.nn.Module, num_prefix_tokens: int | None = None, prompted: bool = False) -> str:
     """Why the authors' rules are not defined for ``model`` ("" when they are), in a phrase: see :data:`SUPPORTED`
     and, for each library, :mod:`vizapp.analysis.lrp_families`. ``num_prefix_tokens``: also check the caller's
-    count of prefix tokens against the model's."""
+    count of prefix tokens against the model's. ``prompted``: the model's classes are text prompts (an image-text
+    tower's; :class:`~vizapp.analysis.lrp_families.PromptScore`)."""
     family = family_of(model)
     if family is None:
         return f"it is a {type(model).__name__}, not a ViT of timm, transformers or torchvision"
-    why = family.unsupported(model)
+    why = family.unsupported(model, prompted)
     if why or num_prefix_tokens is None:
         return why
     found = family.net(model).num_prefix_tokens
     return f"num_prefix_tokens={num_prefix_tokens} but the model has {found}" if num_prefix_tokens != found else ""
 
 
-def _net(model: torch.nn.Module) -> Net:
-    """The pieces the rules read of ``model`` (:class:`~vizapp.analysis.lrp_families.Net`), or ValueError saying why
-    they are not defined for it."""
-    why = unsupported(model)
+def _net(model: torch.nn.Module, prompt: PromptScore | None = None) -> Net:
+    """The pieces the rules read of ``model`` (:class:`~vizapp.analysis.lrp_families.Net`), its head the prompts'
+    score when ``prompt`` is given, or ValueError saying why they are not defined for it."""
+    why = unsupported(model, prompted=prompt is not None)
     if why:
         raise ValueError(f"Transformer Attribution is not defined for this model: {why}; {SUPPORTED}")
-    return family_of(model).net(model)
+    net = family_of(model).net(model)
+    return replace(net, head=prompt, readout=prompt.readout) if prompt is not None else net
 
 
 @dataclass
@@ -235,6 +240,11 @@ def _block_relprop(
     return clone_relprop(rec.x, (r_x, r_n1), eps), r_a  # norm1: identity
 
 
+def _bias(lin: object, dtype: torch.dtype) -> torch.Tensor | None:
+    b = getattr(lin, "bias", None)
+    return None if b is None else b.detach().to(dtype)
+
+
 def _classes(
     class_idx: int | Sequence[int | None] | torch.Tensor, batch: int, device: torch.device, logits: torch.Tensor
 ) -> torch.Tensor:
@@ -260,6 +270,7 @@ def attention_relevance(
     dtype: torch.dtype = torch.float64,
     eps: float = EPS,
     gradients: bool = False,
+    prompt: PromptScore | None = None,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor] | None]:
     """Each block's LRP relevance at its attention probabilities, R_A (steps 1-2 of the module docstring).
 
@@ -272,12 +283,13 @@ def attention_relevance(
         dtype: the propagation's precision.
         eps: the stabiliser of :func:`safe_divide`.
         gradients: also return ∂y_c/∂A of every block (from a backward of the same ``dtype`` forward).
+        prompt: an image-text tower's prompt score, its head (:class:`~vizapp.analysis.lrp_families.PromptScore`).
 
     Returns:
         ([R_A [B, H, N, N] per block, None below ``start_layer``], [∂y_c/∂A [B, H, N, N] per block] or None)
     """
-    _net(model)  # refused before the copy when not defined
-    net = _net(_copy_in(model, dtype))
+    _net(model, prompt)  # refused before the copy when not defined
+    net = _net(_copy_in(model, dtype), prompt)
     with torch.enable_grad() if gradients else torch.no_grad():
         logits, records, (pooled, tokens) = _forward(net, x.to(dtype), track=gradients)
         cls = _classes(class_idx, x.shape[0], logits.device, logits)
@@ -288,7 +300,13 @@ def attention_relevance(
     with torch.no_grad():
         one_hot = F.one_hot(cls, logits.shape[-1]).to(dtype)  # [B, K]
         pooled, tokens = pooled.detach(), tokens.detach()
-        r_pooled = linear_relprop(pooled, net.head.weight.detach().to(dtype), one_hot, eps)  # fc_norm: identity
+        chain = net.readout or (net.head,)  # the linear maps from the pooled token to the logits
+        inputs = [pooled]
+        for lin in chain[:-1]:
+            inputs.append(F.linear(inputs[-1], lin.weight.detach().to(dtype), _bias(lin, dtype)))
+        r_pooled = one_hot
+        for lin, seen in zip(reversed(chain), reversed(inputs), strict=True):
+            r_pooled = linear_relprop(seen, lin.weight.detach().to(dtype), r_pooled, eps)  # fc_norm: identity
         r = torch.zeros_like(tokens)  # the CLS pooling: relevance to token 0 (their IndexSelect.relprop)
         r[:, 0] = tokens[:, 0] * safe_divide(r_pooled, tokens[:, 0], eps)  # final norm: identity
         cams: list[torch.Tensor | None] = [None] * len(records)
@@ -310,6 +328,7 @@ def transformer_attribution(
     attn_grads: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     eps: float = EPS,
+    prompt: PromptScore | None = None,
 ) -> torch.Tensor:
     """Transformer Attribution maps (Chefer, Gur & Wolf, CVPR 2021) of a batch, [B, gh, gw] float32.
 
@@ -326,6 +345,8 @@ def transformer_attribution(
         dtype: precision of the forward and the relevance pass (float64: their divisions are ill-conditioned in
             float32).
         eps: the stabiliser of the authors' ``safe_divide``.
+        prompt: for an image-text tower (transformers CLIP), its classes as text prompts
+            (:class:`~vizapp.analysis.lrp_families.PromptScore`): the head the rules start from.
 
     Returns:
         [B, gh, gw] float32, non-negative (their map is not normalised; ≥ 0 since Ā ≥ 0).
@@ -336,15 +357,17 @@ def transformer_attribution(
     Cost: one forward in ``dtype`` without the model's fused kernels, one backward when ``attn_grads`` is None, and a
     relevance pass of about four times a forward's linear-layer work (each z⁺ rule is four matmuls).
     """
-    why = unsupported(model, num_prefix_tokens)
+    why = unsupported(model, num_prefix_tokens, prompted=prompt is not None)
     if why:
         raise ValueError(f"Transformer Attribution is not defined for this model: {why}; {SUPPORTED}")
-    depth = len(_net(model).blocks)
+    depth = len(_net(model, prompt).blocks)
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
         raise ValueError(f"start_layer must be an integer in [0, {depth - 1}], got {start_layer!r}")
     if x.dim() != 4:
         raise ValueError(f"expected x shaped [B, C, H, W], got {tuple(x.shape)}")
-    cams, grads = attention_relevance(model, x, class_idx, start_layer, dtype, eps, gradients=attn_grads is None)
+    cams, grads = attention_relevance(
+        model, x, class_idx, start_layer, dtype, eps, gradients=attn_grads is None, prompt=prompt
+    )
     if attn_grads is not None:
         if attn_grads.shape[:2] != (x.shape[0], depth) or attn_grads.shape[2:] != cams[-1].shape[1:]:
             raise ValueError(

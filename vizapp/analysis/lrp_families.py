@@ -17,15 +17,17 @@ Covered:
   positive sum Z_j is its own), so the rule on the three apart sums to the rule on their concatenation, timm's fused
   ``qkv``;
 - torchvision ``VisionTransformer`` (``vit_b_16`` ...) without the tanh pre-logits layer: ``nn.MultiheadAttention``'s
-  ``in_proj_weight`` is the fused q/k/v projection.
+  ``in_proj_weight`` is the fused q/k/v projection;
+- transformers ``CLIPVisionModel`` given text prompts (CLIP's layers are the authors' block; its norm before the
+  blocks is part of the embedding): the head is the prompts' score, read as two linear maps (:class:`PromptScore`).
 
 Not defined, each said in one sentence by :func:`unsupported`: models without a CLS-token readout (mean or
 attention pooling: BEiT, EVA, SigLIP, I-JEPA, the gap models; DINOv2's classifier, which adds the patch mean to the
 CLS token; DeiT's two averaged heads), RoPE models (EVA-02, DINOv3, timm's rope ViTs: q and k are rotated between
 the projection and q kᵀ), relative-position-bias models (BEiT, Data2Vec-vision, timm's relpos ViTs: a learned bias
-is added to q kᵀ), gated MLPs (DINOv2's SwiGLU), image-text vision towers (CLIP and its kin: their classes are text
-prompts scored by cosine similarity, not a linear head; OpenCLIP's towers too), and models without a classifier
-head.
+is added to q kᵀ), gated MLPs (DINOv2's SwiGLU), the other image-text vision towers (CLIP's kin and OpenCLIP's: their
+classes are text prompts scored by cosine similarity, not a linear head), a CLIP tower given no prompts (no classes),
+and models without a classifier head.
 """
 
 from __future__ import annotations
@@ -82,15 +84,45 @@ class Net:
     Attributes:
         embed: x [B, C, H, W] -> tokens [B, N, D] (prefix tokens first), the library's own embedding.
         pre_head: between the CLS token and the head (timm's ``fc_norm``); an identity elsewhere.
+        head: the pooled token [B, D] -> logits [B, K]: a linear layer, or a :class:`PromptScore`.
         num_prefix_tokens: tokens before the patches (CLS first).
+        readout: the linear maps relevance crosses from the logits down to the pooled token, first applied first
+            (each with ``weight`` [out, in]); empty: the head alone.
     """
 
     embed: Layer
     blocks: tuple[Block, ...]
     norm: Layer
     pre_head: Layer
-    head: torch.nn.Linear
+    head: Layer | None
     num_prefix_tokens: int
+    readout: tuple = ()
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """An image-text tower's classes as text prompts: logit_k = scale · cos(pooled Pᵀ, t_k), P the image
+    projection [E, D], t_k the unit text embeddings [K, E] (CLIP, Radford et al. 2021).
+
+    The authors' rules start from a linear head on the CLS token; here that head is two linear maps, the projection
+    and then the dot product with each prompt's text embedding, and relevance crosses both by their z⁺ rule
+    (:attr:`readout`). The L2 normalisation of the embedding and the logit scale multiply every weight of the second
+    map by one positive number, which the z⁺ rule's ratios cancel: they pass relevance as their LayerNorm rule does.
+    This reading of the prompt score is vizapp's (the authors define no rule for it); the attention gradients
+    ∂y_c/∂A are those of the model's own logit.
+    """
+
+    projection: torch.Tensor  # [E, D]
+    text: torch.Tensor  # [K, E], unit rows
+    scale: float
+
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
+        e = F.linear(pooled, self.projection.to(pooled.dtype))
+        return self.scale * F.linear(F.normalize(e, dim=-1), self.text.to(pooled.dtype))
+
+    @property
+    def readout(self) -> tuple[Affine, Affine]:
+        return Affine(self.projection, None), Affine(self.text, None)
 
 
 def _is_identity(m: object) -> bool:
@@ -126,7 +158,7 @@ class TimmViT:
         return type(model).__module__.startswith("timm.")
 
     @staticmethod
-    def unsupported(model: torch.nn.Module) -> str:
+    def unsupported(model: torch.nn.Module, prompted: bool = False) -> str:
         if getattr(model, "rope", None) is not None:
             return ROPE
         attns = [getattr(b, "attn", None) for b in getattr(model, "blocks", ())]
@@ -145,7 +177,7 @@ class TimmViT:
             return "its output averages the heads of a CLS and a distillation token"
         if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
             return NO_CLS_READOUT.format(f"global_pool={getattr(model, 'global_pool', None)!r}")
-        if not isinstance(model.head, torch.nn.Linear):
+        if not prompted and not isinstance(model.head, torch.nn.Linear):  # prompts: the head is their score
             return "its head is not one linear layer"
         if not (_identity_rule(model.norm) and _identity_rule(getattr(model, "fc_norm", None))):
             return "its final norm is not a LayerNorm"
@@ -200,7 +232,12 @@ _HF_CLASSIFIERS = {
 }
 TOWER = (
     "it is an image-text model's vision tower: its classes are text prompts scored by cosine similarity to a "
-    "projection of its output, not by a linear head on the CLS token, which is where the authors' rules start"
+    "projection of its output, not by a linear head on the CLS token, which is where the authors' rules start "
+    "(vizapp reads that score as two linear maps for transformers CLIP towers given prompts only)"
+)
+NO_PROMPTS = (
+    "it is an image-text model's vision tower given no text prompts, so it has no classes: analyse it with prompts "
+    "(prompts=[...], or the app's prompts box) and each prompt is a class"
 )
 #: transformers model types the rules are not defined for, and why (see :meth:`HfViT.unsupported` for those whose
 #: reason depends on the config)
@@ -223,11 +260,13 @@ class HfViT:
         return type(model).__module__.startswith("transformers.")
 
     @staticmethod
-    def unsupported(model: torch.nn.Module) -> str:
+    def unsupported(model: torch.nn.Module, prompted: bool = False) -> str:
         config = getattr(model, "config", None)
         model_type, cls = getattr(config, "model_type", None), type(model).__name__
         if model_type in _HF_UNDEFINED:
             return _HF_UNDEFINED[model_type]
+        if model_type == "clip_vision_model":
+            return _clip_layout(model) if prompted else NO_PROMPTS
         if str(model_type).endswith("_vision_model"):
             return TOWER
         if model_type in ("beit", "data2vec-vision"):
@@ -267,6 +306,8 @@ class HfViT:
 
     @staticmethod
     def net(model: torch.nn.Module) -> Net:
+        if getattr(getattr(model, "config", None), "model_type", None) == "clip_vision_model":
+            return _clip_net(model)
         attr, _ = _HF_CLASSIFIERS[type(model).__name__]
         base = getattr(model, attr)
         emb = base.embeddings
@@ -290,6 +331,50 @@ class HfViT:
         return Net(emb, blocks, base.layernorm, torch.nn.Identity(), model.classifier, prefix)
 
 
+def _clip_layout(model: torch.nn.Module) -> str:
+    """Why a transformers CLIP vision tower is not the authors' block layout ("" when it is)."""
+    if type(model).__name__ != "CLIPVisionModel":
+        return f"vizapp's adapter covers transformers' CLIPVisionModel, and this is {type(model).__name__}"
+    if not all(isinstance(getattr(model, n, None), torch.nn.LayerNorm) for n in ("pre_layrnorm", "post_layernorm")):
+        return "its norms before the blocks and after the pooling are not LayerNorms"
+    for i, layer in enumerate(model.encoder.layers):
+        kinds = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__)
+        if kinds != ("CLIPEncoderLayer", "CLIPAttention", "CLIPMLP"):
+            return f"layer {i} is {kinds[0]} of {kinds[1]} and {kinds[2]}"
+        if not all(isinstance(n, torch.nn.LayerNorm) for n in (layer.layer_norm1, layer.layer_norm2)):
+            return f"layer {i} normalises with something other than LayerNorm"
+        if not _elementwise(layer.mlp.activation_fn):
+            return f"layer {i}'s MLP activation is not element-wise"
+    return ""
+
+
+def _clip_net(model: torch.nn.Module) -> Net:
+    """A transformers CLIP vision tower: its embedding and ``pre_layrnorm``, CLIP's layers, ``post_layernorm`` (on the
+    CLS token in CLIP's forward; a per-token norm, so the same on it here); the head is the prompts'
+    (:class:`PromptScore`, attached by :func:`vizapp.analysis.lrp.transformer_attribution`)."""
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model.pre_layrnorm(model.embeddings(x))
+
+    blocks = tuple(
+        Block(
+            layer.layer_norm1,
+            (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+            layer.self_attn.num_heads,
+            layer.self_attn.scale,
+            layer.self_attn.out_proj,
+            torch.nn.Identity(),
+            layer.layer_norm2,
+            layer.mlp.fc1,
+            layer.mlp.activation_fn,
+            layer.mlp.fc2,
+            torch.nn.Identity(),
+        )
+        for layer in model.encoder.layers
+    )
+    return Net(embed, blocks, model.post_layernorm, torch.nn.Identity(), None, 1)
+
+
 class TorchvisionViT:
     """torchvision ``VisionTransformer`` (``vit_b_16``, ``vit_l_32``, ...)."""
 
@@ -298,7 +383,7 @@ class TorchvisionViT:
         return type(model).__module__.startswith("torchvision.")
 
     @staticmethod
-    def unsupported(model: torch.nn.Module) -> str:
+    def unsupported(model: torch.nn.Module, prompted: bool = False) -> str:
         if type(model).__name__ != "VisionTransformer":
             return f"it is a torchvision {type(model).__name__}, not a VisionTransformer"
         heads = model.heads
@@ -363,7 +448,7 @@ class OpenClipTower:
         return type(model).__module__.startswith("open_clip.")
 
     @staticmethod
-    def unsupported(model: torch.nn.Module) -> str:
+    def unsupported(model: torch.nn.Module, prompted: bool = False) -> str:
         return TOWER
 
     @staticmethod

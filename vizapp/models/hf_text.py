@@ -104,4 +104,5 @@ def text_tower(whole: torch.nn.Module, folder: str, name: str) -> TextTower:
         logit_scale=lambda: whole.logit_scale.exp().reshape(()),
         logit_bias=(lambda: whole.logit_bias.reshape(())) if siglip else None,
         modules=(whole,),
+        projection=(lambda: projection.weight) if projection is not None and not siglip else None,
     )

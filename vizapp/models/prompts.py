@@ -52,6 +52,9 @@ class TextTower:
         logit_scale: () -> exp(logit_scale), a scalar tensor.
         logit_bias: () -> the logit bias (a scalar tensor) of a sigmoid model (SigLIP), or None (softmax, CLIP).
         modules: the modules holding the text side (kept alive with the model).
+        projection: () -> the image projection's matrix [E, D] (the embedding is ``pooled @ P.T`` from the tower's
+            pooled, normed CLS token), or None where the tower has none or pools otherwise; read by Transformer
+            Attribution (:class:`vizapp.analysis.lrp_families.PromptScore`).
     """
 
     encode_text: Callable[[list[str]], torch.Tensor]
@@ -60,6 +63,7 @@ class TextTower:
     embed_from_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     logit_bias: Callable[[], torch.Tensor] | None = None
     modules: tuple[torch.nn.Module, ...] = ()
+    projection: Callable[[], torch.Tensor | None] | None = None
 
     @property
     def activation(self) -> str:
