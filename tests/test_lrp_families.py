@@ -346,7 +346,7 @@ def test_timm_models_the_rules_do_not_cover_say_why(name, kwargs, why):
     assert why in lrp.unsupported(timm.create_model(name, pretrained=False, **kwargs))
 
 
-def test_an_openclip_tower_is_refused_as_a_tower():
+def test_an_openclip_tower_without_prompts_has_no_classes():
     open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is installed by requirements.txt")
     model = open_clip.create_model(
         "ViT-B-32",
@@ -355,7 +355,8 @@ def test_an_openclip_tower_is_refused_as_a_tower():
         vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
         text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
     )
-    assert "vision tower: its classes are text prompts" in lrp.unsupported(model.visual)
+    assert "vision tower given no text prompts, so it has no classes" in lrp.unsupported(model.visual)
+    assert lrp.unsupported(model.visual, prompted=True) == ""  # given prompts: tests/test_lrp_prompts.py
 
 
 def test_a_torchvision_pre_logits_head_is_refused_and_a_loaded_refusal_reaches_explain(tmp_path):

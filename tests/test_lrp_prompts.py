@@ -16,7 +16,7 @@ from tests.conftest import random_image, small_model
 from tests.test_lrp import reference_map
 from tests.test_prompts import PROMPTS, save_whole
 from vizapp.analysis import lrp
-from vizapp.analysis.lrp_families import NO_PROMPTS, TOWER, PromptScore
+from vizapp.analysis.lrp_families import NO_PROMPTS, PromptScore
 from vizapp.errors import BadParameterError
 
 
@@ -122,7 +122,76 @@ def test_a_clip_tower_with_prompts_gives_the_map_of_the_timm_vit_with_its_weight
     np.testing.assert_allclose(batch[0], want, rtol=1e-4, atol=1e-7)
 
 
+def _openclip_to_timm(visual: torch.nn.Module) -> torch.nn.Module:
+    """A timm ViT holding an OpenCLIP VisionTransformer's weights (pre-norm, GELU, LayerNorm eps 1e-5)."""
+    import timm
+
+    width = visual.transformer.width
+    blocks = visual.transformer.resblocks
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=visual.image_size,
+        patch_size=visual.patch_size,
+        embed_dim=width,
+        depth=len(blocks),
+        num_heads=blocks[0].attn.num_heads,
+        mlp_ratio=blocks[0].mlp.c_fc.out_features / width,
+        pre_norm=True,
+        num_classes=0,
+    ).eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.eps = visual.ln_pre.eps
+    with torch.no_grad():
+        m.patch_embed.proj.weight.copy_(visual.conv1.weight)
+        if m.patch_embed.proj.bias is not None:
+            m.patch_embed.proj.bias.zero_()
+        m.cls_token.copy_(visual.class_embedding.reshape(1, 1, -1))
+        m.pos_embed.copy_(visual.positional_embedding[None])
+        m.norm_pre.load_state_dict(visual.ln_pre.state_dict())
+        m.norm.load_state_dict(visual.ln_post.state_dict())
+        for blk, rb in zip(m.blocks, blocks, strict=True):
+            blk.norm1.load_state_dict(rb.ln_1.state_dict())
+            blk.norm2.load_state_dict(rb.ln_2.state_dict())
+            blk.attn.qkv.weight.copy_(rb.attn.in_proj_weight)
+            blk.attn.qkv.bias.copy_(rb.attn.in_proj_bias)
+            blk.attn.proj.load_state_dict(rb.attn.out_proj.state_dict())
+            blk.mlp.fc1.load_state_dict(rb.mlp.c_fc.state_dict())
+            blk.mlp.fc2.load_state_dict(rb.mlp.c_proj.state_dict())
+    return m
+
+
+def test_an_openclip_tower_with_prompts_gives_the_map_of_the_timm_vit_with_its_weights():
+    """OpenCLIP's ViT given prompts: the map equals a timm ViT's holding its weights, with the prompt score built
+    from OpenCLIP's own ``encode_text`` and logit scale, and ``r.explain`` of the prompted analysis is that map."""
+    import open_clip
+
+    from tests.test_openclip import SMALL, small
+
+    vm = small()
+    visual = vm.model.eval()
+    timm_vit = _openclip_to_timm(visual)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    clip = vm.text_tower.modules[0]
+    with torch.no_grad():
+        torch.testing.assert_close(timm_vit.forward_features(x)[:, 0] @ visual.proj, visual(x), rtol=1e-4, atol=1e-5)
+        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=SMALL["text_cfg"]["context_length"])
+        text = F.normalize(clip.encode_text(tokenizer(PROMPTS)), dim=-1)
+    ps = PromptScore(visual.proj.detach().T, text, float(clip.logit_scale.exp()))
+    ours = lrp.transformer_attribution(visual, x, 1, [2, 0], (4, 4), prompt=ps)
+    ref = lrp.transformer_attribution(timm_vit, x, 1, [2, 0], (4, 4), prompt=ps)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
+    assert float(ours.std()) > 0
+    img = random_image(5)
+    r = vizapp.analyze(vm, img, prompts=PROMPTS)
+    want = lrp.transformer_attribution(visual, r.input.float(), 1, [2], (4, 4), prompt=ps)[0].numpy()
+    np.testing.assert_allclose(r.explain("transformer_attribution", 2), want, rtol=1e-4, atol=1e-7)
+
+
 def test_towers_without_prompts_or_of_other_layouts_say_why(clip_folder):
+    from tests.test_openclip import small
+
     folder, _ = clip_folder
     vm = vizapp.load_model(folder, device="cpu")
     r = vizapp.analyze(vm, random_image(1))  # no prompts: no classes
@@ -130,9 +199,11 @@ def test_towers_without_prompts_or_of_other_layouts_say_why(clip_folder):
     assert lrp.unsupported(vm.model, 1, prompted=True) == ""
     with pytest.raises(BadParameterError):
         r.explain("transformer_attribution", 0)
-    from tests.test_openclip import small
+    assert lrp.unsupported(small().model, 1) == NO_PROMPTS
+    import open_clip
 
-    oc = vizapp.analyze(small(), random_image(1), prompts=PROMPTS)
-    assert lrp.unsupported(small().model, 1, prompted=True) == TOWER
-    with pytest.raises(BadParameterError, match="vision tower"):
-        oc.explain("transformer_attribution", 0)
+    from tests.test_openclip import SMALL
+
+    vision = dict(SMALL["vision_cfg"], attentional_pool=True)  # CoCa's attentional pooler
+    pooled = open_clip.create_model("ViT-B-32", pretrained=None, **dict(SMALL, vision_cfg=vision)).visual
+    assert "attentional pooler" in lrp.unsupported(pooled, 1, prompted=True)

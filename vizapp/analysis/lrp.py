@@ -29,12 +29,12 @@ Models: the rules are written for one block layout, which timm, transformers and
 way; :mod:`vizapp.analysis.lrp_families` has one adapter per library that reads the pieces (embedding, each block's
 norms, q/k/v, output projection, MLP, the final norm and the head), and the forward and the propagation below are
 the same for all. Covered: timm ``VisionTransformer`` reading its CLS token, transformers ``ViTForImageClassification``,
-``ViTMSNForImageClassification`` and ``DeiTForImageClassification``, torchvision ``vit_*``, and transformers CLIP
-vision towers given text prompts, whose head is the prompts' score read as two linear maps (vizapp's reading, the
-authors define none: :class:`~vizapp.analysis.lrp_families.PromptScore`). Every other model is refused with the
-reason in one sentence (:func:`unsupported`): no CLS-token readout (mean or attention pooling, the CLS token beside
-the patch mean, two averaged heads), RoPE, a relative-position bias, a gated MLP, another image-text vision tower
-(OpenCLIP's), a tower given no prompts, no classifier head.
+``ViTMSNForImageClassification`` and ``DeiTForImageClassification``, torchvision ``vit_*``, and the CLIP vision
+towers of transformers and OpenCLIP given text prompts, whose head is the prompts' score read as two linear maps
+(vizapp's reading, the authors define none: :class:`~vizapp.analysis.lrp_families.PromptScore`). Every other model is
+refused with the reason in one sentence (:func:`unsupported`): no CLS-token readout (mean or attention pooling, the
+CLS token beside the patch mean, two averaged heads, CoCa's attentional pooler), RoPE, a relative-position bias, a
+gated MLP, another image-text vision tower, a tower given no prompts, no classifier head.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ EPS = 1e-9
 SUPPORTED = (
     "its LRP rules are written for a ViT block of LayerNorm, q/k/v attention and a two-layer MLP whose head is one "
     "linear layer on the CLS token: timm VisionTransformer (global_pool='token', no distillation head; registers and "
-    "LayerScale allowed), transformers ViT/ViT-MSN/DeiT ForImageClassification and torchvision vit_*; transformers "
-    "CLIP vision towers given text prompts"
+    "LayerScale allowed), transformers ViT/ViT-MSN/DeiT ForImageClassification and torchvision vit_*; the CLIP vision "
+    "towers of transformers and OpenCLIP given text prompts"
 )
 """The models the rules cover, as the refusals say it (one adapter per library: :mod:`vizapp.analysis.lrp_families`)."""
 

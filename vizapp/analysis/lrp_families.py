@@ -18,16 +18,17 @@ Covered:
   ``qkv``;
 - torchvision ``VisionTransformer`` (``vit_b_16`` ...) without the tanh pre-logits layer: ``nn.MultiheadAttention``'s
   ``in_proj_weight`` is the fused q/k/v projection;
-- transformers ``CLIPVisionModel`` given text prompts (CLIP's layers are the authors' block; its norm before the
-  blocks is part of the embedding): the head is the prompts' score, read as two linear maps (:class:`PromptScore`).
+- transformers ``CLIPVisionModel`` and OpenCLIP's ``VisionTransformer`` given text prompts (their layers are the
+  authors' block; the norm before the blocks is part of the embedding): the head is the prompts' score, read as two
+  linear maps (:class:`PromptScore`).
 
 Not defined, each said in one sentence by :func:`unsupported`: models without a CLS-token readout (mean or
 attention pooling: BEiT, EVA, SigLIP, I-JEPA, the gap models; DINOv2's classifier, which adds the patch mean to the
 CLS token; DeiT's two averaged heads), RoPE models (EVA-02, DINOv3, timm's rope ViTs: q and k are rotated between
 the projection and q kᵀ), relative-position-bias models (BEiT, Data2Vec-vision, timm's relpos ViTs: a learned bias
-is added to q kᵀ), gated MLPs (DINOv2's SwiGLU), the other image-text vision towers (CLIP's kin and OpenCLIP's: their
-classes are text prompts scored by cosine similarity, not a linear head), a CLIP tower given no prompts (no classes),
-and models without a classifier head.
+is added to q kᵀ), gated MLPs (DINOv2's SwiGLU), the other image-text vision towers (CLIP's kin in transformers:
+their classes are text prompts scored by cosine similarity, not a linear head), OpenCLIP's CoCa (an attentional
+pooler), a CLIP tower given no prompts (no classes), and models without a classifier head.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ _HF_CLASSIFIERS = {
 TOWER = (
     "it is an image-text model's vision tower: its classes are text prompts scored by cosine similarity to a "
     "projection of its output, not by a linear head on the CLS token, which is where the authors' rules start "
-    "(vizapp reads that score as two linear maps for transformers CLIP towers given prompts only)"
+    "(vizapp reads that score as two linear maps for CLIP towers of transformers and OpenCLIP given prompts only)"
 )
 NO_PROMPTS = (
     "it is an image-text model's vision tower given no text prompts, so it has no classes: analyse it with prompts "
@@ -441,7 +442,9 @@ class TorchvisionViT:
 
 
 class OpenClipTower:
-    """OpenCLIP's vision tower, which the rules never cover (:data:`TOWER`)."""
+    """OpenCLIP's ``VisionTransformer`` given text prompts: ``ResidualAttentionBlock`` of ``nn.MultiheadAttention``
+    (its ``in_proj_weight`` the fused q/k/v projection, as torchvision's), the CLS token pooled, ``ln_post``, and the
+    prompts' score as the head (:class:`PromptScore`, its projection ``proj``ᵀ)."""
 
     @staticmethod
     def matches(model: torch.nn.Module) -> bool:
@@ -449,11 +452,56 @@ class OpenClipTower:
 
     @staticmethod
     def unsupported(model: torch.nn.Module, prompted: bool = False) -> str:
-        return TOWER
+        if type(model).__name__ != "VisionTransformer":
+            return f"it is OpenCLIP's {type(model).__name__}, not its VisionTransformer"
+        if getattr(model, "attn_pool", None) is not None:
+            return "its attentional pooler (CoCa) reads the tokens by attention, for which the authors have no rule"
+        if getattr(model, "pool_type", None) != "tok":
+            return NO_CLS_READOUT.format(f"pool_type={getattr(model, 'pool_type', None)!r}")
+        if not prompted:
+            return NO_PROMPTS
+        if getattr(model, "proj", None) is None:
+            return "it has no image projection, which the prompt score reads"
+        if not all(isinstance(getattr(model, n, None), torch.nn.LayerNorm) for n in ("ln_pre", "ln_post")):
+            return "its norms before the blocks and after them are not LayerNorms"
+        for i, blk in enumerate(model.transformer.resblocks):
+            if type(blk).__name__ != "ResidualAttentionBlock" or not isinstance(blk.attn, torch.nn.MultiheadAttention):
+                return f"block {i} is {type(blk).__name__}, not a ResidualAttentionBlock of nn.MultiheadAttention"
+            mha = blk.attn
+            if not mha._qkv_same_embed_dim or mha.bias_k is not None:
+                return f"block {i}'s attention is not one q/k/v projection without added key biases"
+            if not all(isinstance(getattr(blk, n, None), torch.nn.LayerNorm) for n in ("ln_1", "ln_2")):
+                return f"block {i} normalises with something other than LayerNorm"
+            if not all(_identity_rule(getattr(blk, n, None)) for n in ("ls_1", "ls_2")):
+                return f"block {i} scales its branches with something other than LayerScale"
+            mlp = blk.mlp
+            if list(mlp._modules) != ["c_fc", "gelu", "c_proj"] or not _elementwise(mlp.gelu):
+                return f"block {i}'s MLP is not a linear layer, an element-wise activation and a linear layer"
+        return ""
 
     @staticmethod
     def net(model: torch.nn.Module) -> Net:
-        raise ValueError(TOWER)
+        blocks = []
+        for blk in model.transformer.resblocks:
+            mha = blk.attn
+            blocks.append(
+                Block(
+                    blk.ln_1,
+                    (Affine(mha.in_proj_weight, mha.in_proj_bias),),
+                    mha.num_heads,
+                    (mha.embed_dim // mha.num_heads) ** -0.5,
+                    mha.out_proj,
+                    blk.ls_1,
+                    blk.ln_2,
+                    blk.mlp.c_fc,
+                    blk.mlp.gelu,
+                    blk.mlp.c_proj,
+                    blk.ls_2,
+                )
+            )
+        # OpenCLIP's own embedding (patches, CLS token, position embedding, ln_pre); ln_post is per token, so the
+        # same on the CLS token whether applied before or after the pooling (final_ln_after_pool)
+        return Net(model._embeds, tuple(blocks), model.ln_post, torch.nn.Identity(), None, 1)
 
 
 FAMILIES = (TimmViT, HfViT, TorchvisionViT, OpenClipTower)

@@ -152,6 +152,7 @@ def _text_tower(clip: torch.nn.Module, arch: str) -> TextTower:
         logit_scale=lambda: clip.logit_scale.exp().reshape(()),
         logit_bias=(lambda: bias.reshape(())) if bias is not None else None,
         modules=(clip,),
+        projection=lambda: visual.proj.T if getattr(visual, "proj", None) is not None else None,
     )
 
 
