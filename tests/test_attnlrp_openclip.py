@@ -197,8 +197,11 @@ def test_equals_attnlrp_on_a_timm_vit_with_the_same_weights(flavour):
     """The prompt score exp(logit_scale) · cos(embedding, text_k) of the same text embeddings on both models: the
     OpenCLIP tower through vizapp's prompted model, the timm copy through the same readout."""
     vm = tower(flavour)
-    kind = type(vm.model.transformer.resblocks[0].attn).__name__
-    assert kind == ("MultiheadAttention" if flavour == "mha" else "Attention")
+    block = vm.model.transformer.resblocks[0]
+    kinds = (type(block.attn).__name__, type(block.mlp.gelu).__name__, type(block.ls_1).__name__)
+    assert kinds == (
+        ("MultiheadAttention", "GELU", "Identity") if flavour == "mha" else ("Attention", "QuickGELU", "LayerScale")
+    )
     prompted = with_prompts(vm, PROMPTS)
     text = text_embeddings(vm.text_tower, PROMPTS)
     ref = timm_copy(vm.model)
