@@ -18,6 +18,18 @@ input × gradient with modified backward passes, the forward values unchanged:
   ``gate_proj`` / ``up_proj`` / ``down_proj`` / ``act_fn`` layout DINOv2's SwiGLU shares): the identity rule on the
   activation and the uniform rule on the product act(x_g) · x_v, its gradient halved between the two factors.
 
+OpenCLIP's ViT towers (``open_clip:ARCH``) are torchvision's layout in OpenCLIP's modules: ``ln_pre``, blocks of
+``ln_1``, attention (torch's ``nn.MultiheadAttention``, or OpenCLIP's own ``Attention`` in its custom blocks, which
+calls SDPA), ``ls_1``, ``ln_2``, the MLP ``c_fc``, activation (GELU or QuickGELU: the identity rule), ``c_proj``,
+``ls_2``, then ``ln_post`` and CLS (or mean) pooling; both attentions get CP-LRP through vizapp's capture, and their
+LayerNorms (OpenCLIP's subclasses of torch's, the custom blocks' extra ones included) the identity rule. Two parts have
+no counterpart in torchvision's ViT, and each gets what the same part of a transformers CLIP tower's prompt readout
+gets here: the projection ``proj``, a parameter in a matmul (CLIP's ``visual_projection``, an ``nn.Linear`` without
+bias), the plain gradient as every linear layer; and a prompt's score, exp(logit_scale) · cos(image embedding, text
+embedding) (:func:`vizapp.models.prompts.prompt_logits`), the plain gradient through the L2 normalisation of the image
+embedding, the text embeddings constants. CoCa's attentional pooler is a softmax outside the encoder, as SigLIP's
+attention-pooling head, and is refused like it.
+
 The relevance of each input pixel is x · ∂̃y_c/∂x at the normalised input, ∂̃ being that modified gradient: one
 forward and one backward. The map sums it over the channels and over each patch's pixels (so the patch embedding's
 bias, which adds to every patch, gets none of it); it is signed, [gh, gw].
@@ -45,7 +57,7 @@ EPS = 1e-10
 SUPPORTED = (
     "its rules (lxt's AttnLRP for ViTs) cover ViTs built of linear layers, LayerNorm, an element-wise activation "
     "module or a gated MLP, and softmax attention (timm ViT/DeiT (distilled too)/BEiT/relpos/EVA/EVA-02, transformers "
-    "ViT/DeiT/DINOv2 (SwiGLU too)/BEiT/CLIP, torchvision vit_*)"
+    "ViT/DeiT/DINOv2 (SwiGLU too)/BEiT/CLIP, torchvision vit_*, OpenCLIP ViT towers without an attentional pooler)"
 )
 """The models the rules cover, as the refusals say it."""
 
@@ -62,6 +74,7 @@ _ACTIVATIONS = {
         "SiLUActivation",
     ),
     "timm.layers.activations": ("GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"),
+    "open_clip.transformer": ("QuickGELU",),
 }
 
 # Every other module a supported model may hold, whose forward is linear in its input apart from the attention's
@@ -93,6 +106,20 @@ _ALLOWED = {
     "timm.models.beit": ("Beit", "Block", "Attention"),
     "timm.models.eva": ("Eva", "EvaBlock", "EvaAttention"),
     "torchvision.models.vision_transformer": ("VisionTransformer", "Encoder", "EncoderBlock", "MLPBlock"),
+    # OpenCLIP's tower: its LayerNorms subclass torch's (they cast dtypes only); PatchDropout is the identity in eval;
+    # the custom blocks' Attention scales heads by parameters and its q/k norms act on q and k only (detached)
+    "open_clip.transformer": (
+        "VisionTransformer",
+        "Transformer",
+        "CustomTransformer",
+        "ResidualAttentionBlock",
+        "CustomResidualAttentionBlock",
+        "Attention",
+        "LayerScale",
+        "LayerNorm",
+        "LayerNormFp32",
+        "PatchDropout",
+    ),
 }
 # transformers models whose modules are all plain (their MLPs: fc1, activation module, fc2) or the gated MLPs below.
 _HF_MODELS = ("vit", "vit_msn", "ijepa", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec", "clip")
@@ -127,7 +154,7 @@ def unsupported(model: torch.nn.Module) -> str:
                 f"its MLP is gated ({name or 'model'} is {cls}) in a layout vizapp's AttnLRP has no hook for (the "
                 "identity rule on its activation, lxt's uniform rule on its product)"
             )
-        if "AttentionPool" in cls:
+        if "AttentionPool" in cls or "AttentionalPool" in cls:  # SigLIP's MAP head, CoCa's AttentionalPooler
             return f"its head pools by attention ({cls}), a softmax outside the encoder that the rules do not cover"
         if isinstance(m, torch.nn.LayerNorm) or "RmsNorm" in cls or "RMSNorm" in cls:
             return f"{name} is a {cls}, not the LayerNorm the rules are written for"
