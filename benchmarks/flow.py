@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from benchmarks.swin import _image
+from benchmarks.swin import _image, emit
 
 DEFAULT_MODELS = ("swin_tiny_patch4_window7_224", "vit_base_patch16_224")
 
@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['estimate']:.1f} | {m['estimate'] / m['seconds']:.2f} | {m['spread']:.3f} |"
         )
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    emit(lines, a.out)
     return 0
 
 

@@ -102,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['e'] * 1e3:.1f} | {m['without_digest']:.3f} | {m['c'] * 1e3:.1f} |"
         )
         print(lines[-1], flush=True)
+    emit(lines, a.out)
+    return 0
+
+
+def emit(lines: list[str], out: str | None) -> None:
+    """Print the table, and write it to ``out`` when given."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
             f.write(text)
-    return 0
 
 
 if __name__ == "__main__":

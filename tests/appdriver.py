@@ -253,6 +253,19 @@ def heatmap_z(trace: dict) -> np.ndarray:
     return np.asarray(z, dtype=float)
 
 
+def assert_prompts_ranked(d: AppDriver, r: Any) -> int:
+    """The Prediction tab ranks every prompt as ``r.top_k`` does (labels in order, probabilities to 1e-6), the status
+    says how many prompts, and the class choice lists them in that order; returns that choice's component id."""
+    shown = d.values[d.by_label("Top-5", "label")]
+    assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
+    for c, (_, prob) in zip(shown["confidences"], r.top_k, strict=True):
+        assert abs(c["confidence"] - prob) <= 1e-6, (c, prob)
+    assert f"{len(r.top_k)} text prompts" in d.values[d.by_elem_id("vizapp-status")]
+    choice = d.by_label("Class to explain (gradient", "dropdown")
+    assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
+    return choice
+
+
 def assert_clean(fired: list[Fired], what: str) -> None:
     """Every fired event succeeded without a warning."""
     bad = [(f.index, f.error or f.warnings) for f in fired if not f.success or f.warnings]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
+from appdriver import AppDriver, assert_clean, assert_prompts_ranked, heatmap_z, plot_of
 from conftest import random_image, start_app
 from PIL import Image
 from test_legrad_pool import attention_gradient, block_outputs
@@ -418,13 +418,7 @@ def test_coca_prompts_are_ranked_and_the_chosen_one_explained_through_the_server
     assert type(whole(vm)).__name__ == "CoCa" and vm.model.attn_pool is not None
     assert (vm.grid_size, vm.num_layers, vm.num_heads) == ((4, 4), 2, 4)
     r = vizapp.analyze(vm, Image.open(image), prompts=PROMPTS)
-    shown = d.values[d.by_label("Top-5", "label")]
-    assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
-    for c, (_, prob) in zip(shown["confidences"], r.top_k, strict=True):
-        assert c["confidence"] == pytest.approx(prob, abs=1e-6)
-    assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
-    choice = d.by_label("Class to explain (gradient", "dropdown")
-    assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
+    choice = assert_prompts_ranked(d, r)
     chosen = r.top_k[-1][0]  # the least probable: not the default choice
     k = PROMPTS.index(chosen)
     assert_clean(d.set(choice, chosen), "choose a prompt")

@@ -4,14 +4,13 @@ traceback or error in the server's log, or by leaving an output of the previous 
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
+from appdriver import AppDriver, assert_clean, assert_prompts_ranked, heatmap_z, plot_of
 from conftest import start_app, write_card_model
 from PIL import Image
 
@@ -403,21 +402,12 @@ def test_prompts_are_ranked_and_the_chosen_one_explained(clip_app, bundled_app):
     d.set(d.by_elem_id("vizapp-prompts"), "\n".join(prompts) + "\n\n", fire_change=False)
     assert_clean(d.analyze(EXAMPLES / "chelsea.png"), "analyze with prompts")
     r = vizapp.analyze(vizapp.load_model(folder), Image.open(EXAMPLES / "chelsea.png"), prompts=prompts)
-    shown = d.values[d.by_label("Top-5", "label")]
-    assert [c["label"] for c in shown["confidences"]] == [p for p, _ in r.top_k]  # every prompt, best first
-    for c, (_, prob) in zip(shown["confidences"], r.top_k, strict=True):
-        assert c["confidence"] == pytest.approx(prob, abs=1e-6)
-    assert "3 text prompts" in d.values[d.by_elem_id("vizapp-status")]
-    choice = d.by_label("Class to explain (gradient", "dropdown")
-    assert [c[1] for c in d.props[choice]["choices"]] == [p for p, _ in r.top_k]
+    choice = assert_prompts_ranked(d, r)
     assert_clean(d.set(d.by_label("Method", "dropdown"), "relevance"), "relevance")
     assert_clean(d.set(choice, "a red car"), "explain a prompt")
     fig = plot_of(d, "vizapp-rollout-plot")
     assert "a red car" in fig["layout"]["title"]["text"].replace("<br>", " ")
-    heat = next(t for t in fig["data"] if t["type"] == "heatmap")
-    z = heat["z"]  # plotly's binary array encoding
-    shape = tuple(int(v) for v in str(z["shape"]).split(","))
-    z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    z = heatmap_z(next(t for t in fig["data"] if t["type"] == "heatmap"))
     m = r.relevance(class_idx=2)  # the view shows it scaled to [0, 1]
     np.testing.assert_allclose(z, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     assert not np.allclose(m, r.relevance(class_idx=0))  # another prompt would have drawn another map

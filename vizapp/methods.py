@@ -93,6 +93,12 @@ def _flow_seconds_per_edge() -> float:
     layers, tokens, flows = (_FLOW_CALIBRATION[k] for k in ("layers", "tokens", "flows"))
     g = torch.Generator().manual_seed(0)
     attn = torch.softmax(2.0 * torch.randn(layers, 1, tokens, tokens, generator=g), dim=-1)  # [L, 1, N, N]
+    per_flow = _median_flow_seconds(lambda tick: attention_flow(attn, 1, progress=tick), flows)
+    return per_flow / (layers * tokens * tokens)
+
+
+def _median_flow_seconds(run: Callable[[Callable[[int, int], None]], Any], flows: int) -> float:
+    """The median seconds between the progress calls of ``run(progress)``, stopped after ``flows`` max-flows."""
     stamps: list[float] = []
 
     class _Enough(Exception):
@@ -104,9 +110,8 @@ def _flow_seconds_per_edge() -> float:
             raise _Enough
 
     with contextlib.suppress(_Enough):
-        attention_flow(attn, 1, progress=tick)
-    per_flow = float(np.median(np.diff(stamps)))
-    return per_flow / (layers * tokens * tokens)
+        run(tick)
+    return float(np.median(np.diff(stamps)))
 
 
 #: Calibration graph for a windowed model's flow: a 32x32 grid in windows of 8 (2 layers, the second shifted), a
@@ -129,19 +134,8 @@ def _windowed_flow_seconds_per_edge() -> float:
     g = torch.Generator().manual_seed(0)
     wins = [torch.softmax(2.0 * torch.randn(i.shape[0], 1, w * w, w * w, generator=g), dim=-1) for i in idx]
     readout = torch.full(((n // 2) ** 2,), 1.0 / (n // 2) ** 2, dtype=torch.float64)
-    stamps: list[float] = []
-
-    class _Enough(Exception):
-        pass
-
-    def tick(done: int, total: int) -> None:
-        stamps.append(time.perf_counter())
-        if done > flows:
-            raise _Enough
-
-    with contextlib.suppress(_Enough):
-        windowed_flow(wins, idx, grids, readout, progress=tick)
-    return float(np.median(np.diff(stamps))) / edge_count(idx, grids)
+    per_flow = _median_flow_seconds(lambda tick: windowed_flow(wins, idx, grids, readout, progress=tick), flows)
+    return per_flow / edge_count(idx, grids)
 
 
 def _flow_cost(r: Analysis) -> Cost:
