@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         "scipy); the per-flow time is the median gap between progress calls; the estimate is the one the app shows "
         "before the map runs (`vizapp.methods.cost`).",
         "",
-        "| model | work | max-flows | whole map s | per max-flow ms | estimate s | estimate / measured | map max - min |",
+        "| model | work | max-flows | whole map s | per max-flow ms | estimate s | estimate / measured "
+        "| map max - min |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in a.models:

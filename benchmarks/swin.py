@@ -4,8 +4,9 @@
 [--out FILE]``
 
 Per model (random weights, batch 1, skimage's astronaut, CPU): (a) the model's own preprocessing of the photo and the
-bare forward under ``torch.no_grad`` (``benchmarks.bench``'s (a); the preprocessing is 3 ms of Swin-T's ~85 ms); (b) ``vizapp.analyze`` (forward with window capture, per-layer records, mean distance); (c) the
-rollout through windows and patch merging from the record; (e) ``vm.fingerprint()`` alone, the digest of every
+bare forward under ``torch.no_grad`` (``benchmarks.bench``'s (a); the preprocessing is 3 ms of Swin-T's ~85 ms);
+(b) ``vizapp.analyze`` (forward with window capture, per-layer records, mean distance); (c) the rollout through
+windows and patch merging from the record; (e) ``vm.fingerprint()`` alone, the digest of every
 weight that (b) takes afresh (issue 27: an edit through ``.data`` moves no version counter), so that (b − e) / a is
 the analysis's cost without it. (a), (b) and (e) rotate their order between repeats; medians over the repeats after
 one warm-up round. Any model id works (``open_clip:ViT-B-32`` too: its (c) is the plain rollout). Prints a markdown
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{load}. Random weights; medians of {a.repeats} repeats after one warm-up, (a), (b) and (e) rotating. "
         "(e) is the weights digest every analysis takes afresh (issue 27); (b − e) / a is the rest of the analysis.",
         "",
-        "| model | layers | (a) preprocessing + bare forward ms | (b) analyze ms | b / a | (e) digest ms | (b − e) / a | (c) rollout ms |",
+        "| model | layers | (a) preprocessing + bare forward ms | (b) analyze ms | b / a | (e) digest ms "
+        "| (b − e) / a | (c) rollout ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in a.models:

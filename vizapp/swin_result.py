@@ -14,9 +14,9 @@ and no DINO masks; it has no learned absolute position embedding; no registers o
 the last stage's width only, so the logit lens is read for the last stage's layers only; Transformer Attribution's LRP
 rules are written for a plain ViT block. Attention flow runs on the graph the rollout multiplies along
 (:mod:`vizapp.analysis.windows_flow`: window attention with the residual, each merging as equal-share edges, the pooled
-output as the sink). AttnLRP and LeGrad run the model again with their own rules for windows (:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's
-blocks); head importance ablates each layer's own heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN
-for the heads a layer lacks).
+output as the sink). AttnLRP and LeGrad run the model again with their own rules for windows
+(:mod:`vizapp.analysis.windows_explain`; LeGrad over the last stage's blocks); head importance ablates each layer's own
+heads (:func:`vizapp.ablation.head_importance`, [L, max H] with NaN for the heads a layer lacks).
 """
 
 from __future__ import annotations
