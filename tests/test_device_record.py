@@ -139,7 +139,7 @@ def test_a_batch_and_its_class_maps_stay_on_the_device():
 
 
 def test_a_swin_analysis_and_its_views_run_on_the_device():
-    """A windowed model's record stays on the (simulated) GPU, and its window maps, class maps, AttnLRP, LeGrad,
+    """A windowed model's record stays on the (simulated) GPU, and its window maps, flow, class maps, AttnLRP, LeGrad,
     feature views, lens, export, figures and batch maps there equal the CPU's; ``r.to("cpu")`` brings the record
     over and its views, computed on the host (class maps by a run of the model on the device), equal them too."""
     from vizapp import feature_views_windows, views_windows
@@ -147,10 +147,10 @@ def test_a_swin_analysis_and_its_views_run_on_the_device():
     kwargs = dict(img_size=(24, 40), embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
     vm = _load("swin_tiny_patch4_window7_224", kwargs)
     imgs = [random_image(i) for i in range(3)]
-    names = ["rollout", "grad_rollout", "relevance", "attnlrp", "legrad"]
+    names = ["rollout", "flow", "grad_rollout", "relevance", "attnlrp", "legrad"]
 
     def views(r):
-        out = {m: r.explain(m, None if m == "rollout" else 1) for m in names}
+        out = {m: r.explain(m, None if m in ("rollout", "flow") else 1) for m in names}
         out |= {f"layer{i}": r.attention(i, None, (1, 1)) for i in range(len(r.layer_grids))}
         out["deletion"] = r.faithfulness({"r": r.rollout()}, class_idx=1, steps=3, random_seed=None)["r"][
             "deletion"

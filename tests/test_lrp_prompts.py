@@ -207,3 +207,26 @@ def test_towers_without_prompts_or_of_other_layouts_say_why(clip_folder):
     vision = dict(SMALL["vision_cfg"], attentional_pool=True)  # CoCa's attentional pooler
     pooled = open_clip.create_model("ViT-B-32", pretrained=None, **dict(SMALL, vision_cfg=vision)).visual
     assert "attentional pooler" in lrp.unsupported(pooled, 1, prompted=True)
+
+
+def test_prompt_maps_on_the_device_equal_the_cpus(clip_folder):
+    """A CLIP folder with prompts on the (simulated) GPU: relevance, Transformer Attribution, AttnLRP and LeGrad of a
+    prompt, one image and a batch, equal the CPU's."""
+    from tests.devicesim import simulated_gpu
+
+    folder, _ = clip_folder
+    vm = vizapp.load_model(folder, device="cpu")
+    imgs = [random_image(7), random_image(8)]
+    names = ["relevance", "transformer_attribution", "attnlrp", "legrad"]
+
+    def maps() -> dict[str, np.ndarray]:
+        r = vizapp.analyze(vm, imgs[0], prompts=PROMPTS)
+        out = {m: r.explain(m, 2) for m in names}
+        out |= {f"batch_{m}": v for m, v in vizapp.explain(vm, imgs, names, classes=2, prompts=PROMPTS).items()}
+        return out
+
+    want = maps()
+    with simulated_gpu(vm):
+        got = maps()
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

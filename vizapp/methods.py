@@ -196,8 +196,8 @@ def _prompt_score(vm: VizModel) -> Any:
     projection = tower.projection()
     if projection is None:
         return None
-    text = text_embeddings(tower, vm.prompts).to(projection.device)
-    return PromptScore(projection.detach(), text, float(tower.logit_scale().detach()))
+    text = text_embeddings(tower, vm.prompts).to(vm.device)
+    return PromptScore(projection.detach().to(vm.device), text, float(tower.logit_scale().detach()))
 
 
 def _model_of(r: Analysis) -> VizModel | None:
