@@ -209,13 +209,14 @@ def test_towers_without_prompts_or_of_other_layouts_say_why(clip_folder):
     assert "attentional pooler" in lrp.unsupported(pooled, 1, prompted=True)
 
 
-def test_prompt_maps_on_the_device_equal_the_cpus(clip_folder):
-    """A CLIP folder with prompts on the (simulated) GPU: relevance, Transformer Attribution, AttnLRP and LeGrad of a
-    prompt, one image and a batch, equal the CPU's."""
+@pytest.mark.parametrize("family", ["transformers", "open_clip"])
+def test_prompt_maps_on_the_device_equal_the_cpus(clip_folder, family):
+    """A CLIP model (a transformers folder, an OpenCLIP ViT) with prompts on the (simulated) GPU: relevance,
+    Transformer Attribution, AttnLRP and LeGrad of a prompt, one image and a batch, equal the CPU's."""
     from tests.devicesim import simulated_gpu
+    from tests.test_openclip import small
 
-    folder, _ = clip_folder
-    vm = vizapp.load_model(folder, device="cpu")
+    vm = vizapp.load_model(clip_folder[0], device="cpu") if family == "transformers" else small()
     imgs = [random_image(7), random_image(8)]
     names = ["relevance", "transformer_attribution", "attnlrp", "legrad"]
 
