@@ -8,8 +8,6 @@ checksums every analysis uses, and SHA-256 of the raw bytes (the form used where
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from datetime import datetime, timezone
@@ -18,6 +16,7 @@ import timm
 import torch
 
 import vizapp.models.digest as digest
+from benchmarks.tables import load_average, parser
 from vizapp.models.digest import weights_digest
 
 
@@ -33,15 +32,12 @@ def _median_ms(fn, runs: int, sync=lambda: None) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["vit_base_patch16_224"])
+    p = parser(__doc__, ["vit_base_patch16_224"])
     p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     lines = [
         "# vizapp benchmark: the weights digest every analysis records",
         "",
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(lines[-1], flush=True)
     if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
+        with open(a.out, "w", encoding="utf-8") as f:  # the table was printed line by line as it was made
             f.write("\n".join(lines) + "\n")
 
 

@@ -12,8 +12,6 @@ Prints a markdown table (and writes it with ``--out``).
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from datetime import datetime, timezone
@@ -21,7 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from benchmarks.swin import _image, emit
+from benchmarks.tables import emit, load_average, parser, photo
 
 DEFAULT_MODELS = ("swin_tiny_patch4_window7_224", "vit_base_patch16_224")
 
@@ -32,7 +30,7 @@ def measure(name: str) -> dict[str, float | str]:
 
     torch.manual_seed(0)
     vm = vizapp.load_model(name, pretrained=False, device="cpu")
-    r = vizapp.analyze(vm, _image())
+    r = vizapp.analyze(vm, photo())
     cost = methods.cost(r, "flow")
     stamps: list[float] = []
     t = time.perf_counter()
@@ -49,13 +47,9 @@ def measure(name: str) -> dict[str, float | str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+    a = parser(__doc__, DEFAULT_MODELS).parse_args(argv)
     torch.set_num_threads(a.threads)
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     lines = [
         "# vizapp benchmark: attention flow against its estimate",
         "",

@@ -15,26 +15,15 @@ table (and writes it with ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from datetime import datetime, timezone
 
-import numpy as np
 import torch
 
+from benchmarks.tables import emit, load_average, parser, photo
+
 DEFAULT_MODELS = ("swin_tiny_patch4_window7_224",)
-
-
-def _image():
-    from PIL import Image
-
-    try:
-        from skimage import data
-
-        return Image.fromarray(data.astronaut())
-    except ImportError:  # noise of the same size, when scikit-image is missing
-        return Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
 
 
 def measure(name: str, repeats: int) -> dict[str, float]:
@@ -42,7 +31,7 @@ def measure(name: str, repeats: int) -> dict[str, float]:
 
     torch.manual_seed(0)
     vm = vizapp.load_model(name, pretrained=False, device="cpu")
-    img = _image()
+    img = photo()
 
     def bare() -> None:
         with torch.no_grad():
@@ -74,16 +63,11 @@ def measure(name: str, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p = parser(__doc__, DEFAULT_MODELS)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    import os
-
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     lines = [
         "# vizapp benchmark: windowed-attention (Swin) analysis against the bare forward",
         "",
@@ -106,15 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print(lines[-1], flush=True)
     emit(lines, a.out)
     return 0
-
-
-def emit(lines: list[str], out: str | None) -> None:
-    """Print the table, and write it to ``out`` when given."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

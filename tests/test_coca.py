@@ -334,21 +334,9 @@ def test_the_app_offers_coca_by_a_valid_open_clip_id_and_tag():
 TINY = "coca_tiny_test"
 TINY_CONFIG = {
     "embed_dim": 32,
-    "vision_cfg": dict(
-        image_size=32,
-        layers=2,
-        width=64,
-        head_width=16,
-        patch_size=8,
-        attentional_pool=True,
-        attn_pooler_heads=2,
-        attn_pooler_queries=8,
-        output_tokens=True,
-    ),
-    "text_cfg": dict(
-        context_length=16, vocab_size=49408, width=32, heads=2, layers=1, embed_cls=True, output_tokens=True
-    ),
-    "multimodal_cfg": dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1, attn_pooler_heads=2),
+    "vision_cfg": dict(VISION, image_size=32, patch_size=8, attn_pooler_heads=2),
+    "text_cfg": TEXT,
+    "multimodal_cfg": MULTIMODAL,
     "custom_text": True,
 }
 TINY_ID = f"open_clip:{TINY}"

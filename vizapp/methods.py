@@ -186,17 +186,16 @@ def _prompted(vm: VizModel) -> bool:
 
 def _prompt_score(vm: VizModel) -> Any:
     """The prompt score of a prompted image-text model (None for a classifier): its image projection, the prompts'
-    unit text embeddings (encoded again: the same function as the prompted model's) and exp(logit_scale)."""
+    unit text embeddings (the ones its logits read) and exp(logit_scale)."""
     if not _prompted(vm):
         return None
     from vizapp.analysis.lrp_families import PromptScore
-    from vizapp.models.prompts import text_embeddings
 
     tower = vm.text_tower
     projection = tower.projection()
     if projection is None:
         return None
-    text = text_embeddings(tower, vm.prompts).to(vm.device)
+    text = vm.prompt_embeddings.to(vm.device)
     return PromptScore(projection.detach().to(vm.device), text, float(tower.logit_scale().detach()))
 
 

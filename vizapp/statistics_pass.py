@@ -31,6 +31,7 @@ from vizapp.statistics import (
     STATISTICS,
     BlockStatistic,
     Geometry,
+    HeadStatistic,
     Statistic,
     StatisticsReducer,
     undefined_statistics,
@@ -138,6 +139,8 @@ def _in_window_layout(
     statistic has that form (:meth:`~vizapp.statistics.HeadStatistic.window_rows`): each row's value is the one it
     would have among the token rows, so only the values, [H, N], are put in token order (no copy of the attention).
     False, with nothing reduced, when some statistic has no such form."""
+    if any(type(s).window_rows is HeadStatistic.window_rows for s in reducer.head_stats):
+        return False  # known before any work: some statistic reads only the gathered token rows
     b, nw, h, m, _ = attn.shape
     dist = _window_distances(g, tuple(stride), str(attn.device))  # [nW, w², w²]
     if work is None or work.numel() < attn[0].numel():

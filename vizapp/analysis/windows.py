@@ -228,13 +228,23 @@ def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
     return m / m.sum(1, keepdim=True)
 
 
+def merge_parents(grid: tuple[int, int]) -> torch.Tensor:
+    """[N] long: the token of the merged grid ((gh+1)//2, (gw+1)//2) that each token of the (gh, gw) grid is merged
+    into, row-major on both grids (a token's real source count is how often it appears here)."""
+    gh, gw = grid
+    r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    return ((r // 2) * ((gw + 1) // 2) + c // 2).reshape(-1)
+
+
+def merges_after(grids: Sequence[tuple[int, int]], layer: int) -> bool:
+    """Whether a patch merging sits between ``layer`` and the next one (their grids differ)."""
+    return layer + 1 < len(grids) and tuple(grids[layer + 1]) != tuple(grids[layer])
+
+
 def through_merge(v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """v [N'] over the merged grid -> v @ :func:`merge_matrix` (``grid``) [N] over the source grid, without forming
     the matrix: each source token gets its merged token's value divided by that token's real source count."""
-    gh, gw = grid
-    mw = (gw + 1) // 2
-    r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    parent = ((r // 2) * mw + c // 2).reshape(-1).to(v.device)  # [N]
+    parent = merge_parents(grid).to(v.device)  # [N]
     count = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device).index_add_(
         0, parent, torch.ones_like(parent, dtype=v.dtype)
     )
@@ -308,6 +318,6 @@ def rollout_through(
             else:  # rows of (A + I) / (row sum + 1); the row sums are 1 for renormalised attention
                 u = v / (token_row_sums(a, idx, v.shape[0]) + 1.0)
                 v = u + row_times_windows(u, a, idx)
-        if layer > 0 and tuple(grids[layer - 1]) != tuple(grids[layer]):
+        if layer > 0 and merges_after(grids, layer - 1):
             v = through_merge(v, grids[layer - 1])
     return v

@@ -31,7 +31,7 @@ import scipy.sparse
 import torch
 
 from vizapp.analysis.flow import max_flows
-from vizapp.analysis.windows import fuse_windows, token_row_sums
+from vizapp.analysis.windows import fuse_windows, merge_parents, merges_after, token_row_sums
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -78,12 +78,9 @@ def layer_capacities(fused: torch.Tensor, index: torch.Tensor, num_tokens: int, 
 def merge_capacities(grid: tuple[int, int], scale: float) -> scipy.sparse.csr_array:
     """A patch merging's integer capacities [N', N] from a (gh, gw) grid to ((gh+1)//2, (gw+1)//2): each source token
     feeds the token it is merged into with ``rint(scale / k)``, k that token's real source count (equal shares)."""
-    gh, gw = grid
-    mw = (gw + 1) // 2
-    r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    parent = ((r // 2) * mw + c // 2).reshape(-1)  # [N]
+    parent = merge_parents(grid).numpy()  # [N]
     count = np.bincount(parent)
-    m = scipy.sparse.coo_array((1.0 / count[parent], (parent, np.arange(gh * gw))), shape=(count.size, gh * gw))
+    m = scipy.sparse.coo_array((1.0 / count[parent], (parent, np.arange(parent.size))), shape=(count.size, parent.size))
     return _rounded(m, scale)
 
 
@@ -173,7 +170,7 @@ def windowed_flow(
     for i, (win, idx) in enumerate(zip(windows, indices, strict=True)):
         n = grids[i][0] * grids[i][1]
         layers.append(layer_capacities(fuse_windows(win.detach().cpu(), idx.cpu(), head_fusion), idx, n, scale))
-        if i + 1 < len(grids) and tuple(grids[i + 1]) != tuple(grids[i]):
+        if merges_after(grids, i):
             layers.append(merge_capacities(grids[i], scale))
     layers.append(readout_capacities(w, scale))
     graph, sources, sink = layered_graph(layers)
@@ -187,6 +184,6 @@ def edge_count(indices: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
     for i, idx in enumerate(indices):
         real = (idx >= 0).sum(-1).long()
         total += int((real * real).sum())
-        if i + 1 < len(grids) and tuple(grids[i + 1]) != tuple(grids[i]):
+        if merges_after(grids, i):
             total += grids[i][0] * grids[i][1]
     return total + grids[-1][0] * grids[-1][1]

@@ -120,6 +120,8 @@ class VizModel:
             layer's learned bias as maps over the offset (Δrow, Δcol), [L, H, 2gh − 1, 2gw − 1].
         text_tower: a CLIP-like model's text side (:class:`vizapp.models.prompts.TextTower`), or None.
         prompts: the prompts that are this model's classes (see :func:`vizapp.models.prompts.with_prompts`).
+        prompt_embeddings: their unit text embeddings [K, E] on the model's device, which its logits read (None
+            without prompts).
         windowed: the layers attend within (shifted) windows on per-stage grids (Swin, :mod:`vizapp.models.swin`):
             ``grid_size`` is the first stage's, ``num_heads`` the most any layer has, and :func:`vizapp.analyze`
             returns a :class:`vizapp.swin_result.WindowAnalysis`.
@@ -158,6 +160,7 @@ class VizModel:
     relative_bias_fn: Callable[[], torch.Tensor] | None = None
     text_tower: Any = None
     prompts: tuple[str, ...] = ()
+    prompt_embeddings: Any = None
     windowed: bool = False
     _digest: dict = field(default_factory=dict, repr=False, compare=False)
     #: the analysis forward's recorded CUDA graphs (see :mod:`vizapp.cudagraph`); empty on the CPU

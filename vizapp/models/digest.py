@@ -151,17 +151,11 @@ def cpu_checksums(t: torch.Tensor) -> torch.Tensor:
     :func:`checksum_matrix`: [ceil(bytes / ROW), COLUMNS] int32, exact (the layout, hashed beside it, fixes the
     length, so the padding is unambiguous)."""
     flat = _flat_bytes(t).view(torch.int8)
-    n = flat.numel()
-    full = n - n % ROW
-    w = checksum_matrix()
-    parts = [torch._int_mm(flat[:full].view(-1, ROW), w)] if full else []
-    if n > full:
-        tail = torch.zeros(1, ROW, dtype=torch.int8)
-        tail[0, : n - full] = flat[full:]
-        parts.append(torch._int_mm(tail, w))
-    if not parts:
-        return torch.zeros(0, COLUMNS, dtype=torch.int32)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    full = flat.numel() - flat.numel() % ROW
+    if not full:  # under one row: padded, as a packed tensor is
+        return _packed_checksums([flat])
+    whole = torch._int_mm(flat[:full].view(-1, ROW), checksum_matrix())  # the rows in place, no copy
+    return whole if full == flat.numel() else torch.cat([whole, _packed_checksums([flat[full:]])])
 
 
 def _packed_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:

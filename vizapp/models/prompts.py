@@ -166,6 +166,7 @@ def with_prompts(vm: Any, prompts: Any) -> Any:
         forward_fn=forward,
         lens_fn=lens,
         prompts=prompts,
+        prompt_embeddings=text,
         load_args=vm.load_args + (("prompts", prompts),),
         _digest={},
         graphs=GraphCache(),

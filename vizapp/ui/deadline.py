@@ -24,9 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 from vizapp.errors import VizappError
+
+T = TypeVar("T")
 
 log = logging.getLogger("vizapp")
 
@@ -132,6 +134,19 @@ def running(session: str | None, limit_s: float | None = None) -> Iterator[Deadl
                 left.discard(deadline)
                 if not left:
                     _running.pop(session, None)
+
+
+def reporting(
+    session: str | None, label: str, work: Callable[[Callable[[int, int], None]], T], progress: Any = None
+) -> T:
+    """``work(report)`` for a method that reports its steps (attention flow's max-flows), under a deadline for
+    ``session``: checked before it starts and at every ``report(done, total)``, each step also shown on gradio's
+    ``progress`` bar when one is given."""
+    with running(session) as d:
+        d.check(label)
+        if progress is not None:
+            progress(0.0, desc=label)
+        return work(d.progress(label, (lambda f, desc: progress(f, desc=desc)) if progress is not None else None))
 
 
 def cancel(session: str | None) -> int:

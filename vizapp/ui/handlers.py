@@ -337,11 +337,13 @@ def render_map(
     cost = map_cost_note(r, m.name)
     if not m.slow:
         return MapOutputs(views.map_view(r, c, m.name, class_label), cost)
-    with deadline.running(session_id(request)) as d:
-        d.check(m.label)
-        progress(0.0, desc=m.label)
-        report = d.progress(m.label, lambda fraction, desc: progress(fraction, desc=desc))
-        return MapOutputs(views.map_view(r, c, m.name, class_label, progress=report), cost)
+    figure = deadline.reporting(
+        session_id(request),
+        m.label,
+        lambda report: views.map_view(r, c, m.name, class_label, progress=report),
+        progress,
+    )
+    return MapOutputs(figure, cost)
 
 
 @user_errors

@@ -260,13 +260,13 @@ def render_map(
         cost = f"{map_cost_note(r, name)}\n\n{methods.get(name).windowed}"
     if name not in V.SLOW_METHODS:
         return MapOutputs(V.map_view(r, name, cls, alpha, colorscale, **kwargs), cost)
-    label = methods.get(name).label
-    with deadline.running(session_id(request)) as d:
-        d.check(label)
-        if progress is not None:
-            progress(0.0, desc=label)
-        report = d.progress(label, (lambda f, desc: progress(f, desc=desc)) if progress is not None else None)
-        return MapOutputs(V.map_view(r, name, cls, alpha, colorscale, progress=report, **kwargs), cost)
+    figure = deadline.reporting(
+        session_id(request),
+        methods.get(name).label,
+        lambda report: V.map_view(r, name, cls, alpha, colorscale, progress=report, **kwargs),
+        progress,
+    )
+    return MapOutputs(figure, cost)
 
 
 def render_heads(
