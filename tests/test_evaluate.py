@@ -191,6 +191,33 @@ def test_pixel_masks_with_ties_remove_a_top_set_of_the_right_size(seed):
             assert sorted(idx[0].tolist()) == torch.nonzero(m.reshape(-1))[:, 0].tolist()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_stack_of_maps_gives_each_maps_own_masks_as_the_authors_sorted_topk_picks_them(seed):
+    # the evaluator makes an image's masks together (one topk per step over the stack, sorted=False); each map's masks
+    # must be exactly the pixels the authors' per-map call torch.topk(vis, k) returns, ties included: tie-heavy maps
+    # (three values) on the 224 x 224 grid of a ViT-B/16 and on a non-square one, mixed directions
+    g = torch.Generator().manual_seed(seed)
+    grid, patch = ((14, 14), 16) if seed % 2 == 0 else ((3, 5), (4, 6))
+    sal = torch.randint(0, 3, (5, *grid), generator=g).float() if seed < 4 else torch.rand(5, *grid, generator=g)
+    sal[4] = 1.0  # a constant map: every pixel ties
+    directions = ["positive", "negative", "negative", "positive", "negative"]
+    pix = upsample_map(sal, patch)
+    masks = pixel_masks(pix, directions)
+    h, w = pix.shape[-2:]
+    assert masks.shape == (5, 9, h, w)
+    for m in range(5):
+        assert torch.equal(pix[m], upsample_map(sal[m], patch))  # the stack's scaling is per map
+        vis = pix[m].reshape(1, -1) * (1.0 if directions[m] == "positive" else -1.0)
+        for step, f in enumerate(CHEFER_FRACTIONS[1:]):
+            _, idx = torch.topk(vis, int(h * w * f), dim=-1)  # the authors' call (sorted)
+            expect = torch.zeros(h * w, dtype=torch.bool)
+            expect[idx[0]] = True
+            assert torch.equal(masks[m, step].reshape(-1), expect), (m, step)
+    assert torch.equal(pixel_masks(pix[1], "negative"), masks[1])  # one map alone: the same masks
+    with pytest.raises(ValueError, match="2 directions for 5 maps"):
+        pixel_masks(pix, ["positive", "negative"])
+
+
 def test_pixel_perturbed_images_zero_every_channel_with_the_fill():
     image = torch.stack([torch.arange(16.0).reshape(4, 4), -torch.arange(16.0).reshape(4, 4)])  # [2, 4, 4]
     fill = torch.tensor([-7.0, 9.0])[:, None, None]  # per channel: (0 - mean) / std

@@ -34,9 +34,11 @@ from vizapp.analysis.perturbation import (
     accuracy_auc,
     changed_masks,
     compose,
+    masked_copies,
     patch_fractions,
     patch_perturbed_images,
-    pixel_perturbed_images,
+    pixel_masks,
+    upsample_map,
 )
 
 if TYPE_CHECKING:
@@ -259,16 +261,17 @@ def _jobs(
     num_patches = grid[0] * grid[1]
     jobs: list[_Job] = []
     done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+    pixel = _PixelMasks(grid, patch) if ev.protocol == "chefer2021" else None
     for (name, kind), sal in maps.items():
         for direction in DIRECTIONS:
             key = (name, kind, direction)
             if kind == "target" and maps[(name, kind)] is maps[(name, "pred")]:
                 done[key] = (name, "pred", direction)
                 continue
-            if ev.protocol == "chefer2021":
+            if pixel is not None:
 
-                def make(sal=sal, direction=direction) -> torch.Tensor:
-                    return pixel_perturbed_images(image, sal.reshape(grid), patch, direction, ev.black)
+                def make(j=pixel.add(sal, direction)) -> torch.Tensor:
+                    return masked_copies(image, pixel.take(j), ev.black)  # [9, C, H, W]
 
             else:
 
@@ -291,6 +294,38 @@ def _jobs(
 
                 jobs.append(_Job(i, "curve", (name, mode), masks.shape[0], make))
     return jobs, done
+
+
+class _PixelMasks:
+    """One image's ``chefer2021`` masks, made together on the host when its first job forms its copies (one bilinear
+    upsampling and one topk per step for all of the image's maps: :func:`pixel_masks`), and let go when its last job
+    has taken them, so that the masks of one image at a time are held."""
+
+    def __init__(self, grid: tuple[int, int], patch: int | Sequence[int]) -> None:
+        self.grid, self.patch = grid, patch
+        self.maps: list[torch.Tensor] = []
+        self.directions: list[str] = []
+        self.masks: torch.Tensor | None = None  # [J, S, H, W] bool
+        self.left = 0
+
+    def add(self, saliency: torch.Tensor, direction: str) -> int:
+        """Registers a map [P] and a direction; returns the index its job takes."""
+        self.maps.append(saliency.reshape(self.grid))
+        self.directions.append(direction)
+        self.left += 1
+        return len(self.maps) - 1
+
+    def take(self, j: int) -> torch.Tensor:
+        """Job ``j``'s masks [S, H, W]."""
+        if self.masks is None:
+            pix = upsample_map(torch.stack(self.maps), self.patch)  # [J, H, W]
+            self.masks = pixel_masks(pix, self.directions)
+        out = self.masks[j]
+        self.left -= 1
+        if self.left == 0:
+            self.masks = None
+            self.maps.clear()
+        return out
 
 
 def _classified(ev: Evaluator, jobs: Sequence[_Job]) -> list[tuple[_Job, torch.Tensor, float]]:
