@@ -86,7 +86,49 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
             ev.vm.synchronize()
             times[name].append(time.perf_counter() - t0)
     out = {k: statistics.median(v) for k, v in times.items()}
-    return out | {"copies": float(classified[0]), "needed": float(needed)}
+    return out | {"copies": float(classified[0]), "needed": float(needed)} | phases(ev, items, pixels)
+
+
+PHASES = ("statistics", "maps", "forming", "classifying")
+"""Where one batched evaluation's time goes: the statistics forward, every method's maps (their forwards, backwards
+and relevance passes), forming the perturbed copies (masks and copies), and classifying them."""
+
+
+def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[str, float]:
+    """Seconds of each of :data:`PHASES` in one more batched evaluation (each timer waits for the device), and
+    ``rest``: what none of them covers (decoding, preprocessing, rows)."""
+    from vizapp.evaluate import scores
+
+    spent = dict.fromkeys(PHASES, 0.0)
+    saved = {"_statistics": ev._statistics, "classify": ev.classify}
+    saved_scores = {"_maps": scores._maps, "_classified": scores._classified}
+
+    def timed(name: str, fn):  # noqa: ANN202 - a wrapper of any signature
+        def run(*args, **kwargs):  # noqa: ANN202
+            ev.vm.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ev.vm.synchronize()
+                spent[name] += time.perf_counter() - t0
+
+        return run
+
+    ev._statistics = timed("statistics", saved["_statistics"])  # type: ignore[method-assign]
+    ev.classify = timed("classifying", saved["classify"])  # type: ignore[method-assign]
+    scores._maps = timed("maps", saved_scores["_maps"])
+    scores._classified = timed("forming", saved_scores["_classified"])  # classifying is taken out below
+    try:
+        t0 = time.perf_counter()
+        ev.evaluate_batch(items, pixels)
+        ev.vm.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        ev._statistics, ev.classify = saved["_statistics"], saved["classify"]  # type: ignore[method-assign]
+        scores._maps, scores._classified = saved_scores["_maps"], saved_scores["_classified"]
+    spent["forming"] -= spent["classifying"]
+    return {f"phase_{k}": v for k, v in spent.items()} | {"phase_rest": total - sum(spent.values())}
 
 
 def _decoded(pixels: list[np.ndarray]) -> list:
@@ -124,6 +166,19 @@ def markdown(rows: list[tuple[str, int, str, dict[str, float]]], args: argparse.
             f"| {model} ({data}) | {b} | {int(m['copies'])} | {floor:.1f} | {batched:.2f} | {batched / floor:.2f} "
             f"| {single:.2f} | {batched / single:.2f} | {verdict} |"
         )
+    lines += [
+        "",
+        "Where one more batched evaluation's time went, in milliseconds per image (one run; each timer waits for the "
+        "device): the statistics forward; the methods' maps (their forwards, backwards and relevance passes); forming "
+        "the perturbed copies (masks on the host, copies on the model's device); classifying them; the rest "
+        "(decoding, preprocessing, rows).",
+        "",
+        "| model | B | statistics | maps | forming copies | classifying copies | rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, b, data, m in rows:
+        cells = " | ".join(f"{1e3 * m[f'phase_{k}'] / b:.1f}" for k in (*PHASES, "rest"))
+        lines.append(f"| {model} ({data}) | {b} | {cells} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([*lines, "", f"Load average (1 min) at the end: {load:.1f} ({os.cpu_count()} CPUs).", ""])
 

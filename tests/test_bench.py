@@ -94,3 +94,22 @@ def test_rewriting_the_report_keeps_the_notes_under_the_old_marker(tmp_path):
     out.write_text("old table\n" + markdown.OLD_NOTES_MARKERS[0] + "\nmy notes\n", encoding="utf-8")
     markdown.write_report(out, "new table\n")
     assert out.read_text(encoding="utf-8") == "new table\n\n" + markdown.NOTES_MARKER + "\nmy notes\n"
+
+
+def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_path):
+    # benchmarks.evaluation on the bundled model, two images: its table, and the phase table whose parts (the
+    # statistics forward, maps, forming and classifying copies, the rest) each took time and were restored after
+    from benchmarks import evaluation
+    from vizapp.evaluate import scores
+
+    out = tmp_path / "e.md"
+    before = (scores._maps, scores._classified)
+    argv = ["--models", "bundled", "--images", "2", "--repeats", "1", "--methods", "rollout,relevance,random"]
+    assert evaluation.main([*argv, "--out", str(out)]) == 0
+    assert (scores._maps, scores._classified) == before
+    text = out.read_text(encoding="utf-8")
+    header, rows = table_rows(text, "# The evaluation's rate against its floor")
+    assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 3 * 2 * 9)]  # 2 images x 3 maps x 2 directions x 9
+    header, rows = table_rows(text, "Where one more batched evaluation's time went")
+    assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
+    assert all(float(c) > 0 for c in rows[0][2:6]), rows
