@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from benchmarks import bench
 from benchmarks.bench import profiling
@@ -113,3 +114,46 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     header, rows = table_rows(text, "Where one more batched evaluation's time went")
     assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
     assert all(float(c) > 0 for c in rows[0][2:6]), rows
+
+
+def test_the_operator_counter_counts_computing_operators_and_their_sources_by_hand():
+    from benchmarks.launches import Counter, source
+    from tests.devicesim import OnDevice
+
+    for x, on_device in ((torch.randn(4, 4), False), (torch.randn(4, 4).as_subclass(OnDevice), True)):
+        c = Counter()
+        with c:
+            y = x + 1  # computes: a kernel on the device, a host op on the host
+            z = y.view(16)  # a view
+            z.sum()  # computes
+            torch.empty(3)  # an allocation
+        assert (c.kernels, c.host, c.other) == ((2, 0, 2) if on_device else (0, 2, 2))
+        assert c.by_source == ({"other": 2} if on_device else {})  # kernels called from no vizapp file
+        assert (c.digest, c.device_pass) == (0, 0)
+    leaf = torch.randn(3, requires_grad=True)
+    c = Counter()
+    with c:
+        torch.autograd.grad((leaf * 2).sum(), leaf)  # the backward's kernels count as the device's
+    # on host tensors: the forward's mul and sum, and the seed gradient autograd makes before the backward runs
+    assert c.kernels >= 1 and c.host == 3
+    import traceback
+
+    frame = traceback.FrameSummary("/somewhere/vizapp/analysis/rollout.py", 3, "rollout")
+    assert source([frame]) == "analysis/rollout.py"
+
+
+def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
+    # vit_tiny, batch 2: the bare forward's kernels are the model's own; an analysis adds the digest and its device
+    # pass, and what a GPU would still launch outside its two graphs is a small remainder
+    from benchmarks import launches
+
+    out = tmp_path / "l.md"
+    assert launches.main(["--models", "vit_tiny_patch16_224", "--batch", "2", "--out", str(out)]) == 0
+    header, rows = table_rows(out.read_text(encoding="utf-8"), "# Operators per call")
+    got = {r[1]: r for r in rows}
+    assert list(got) == ["bare", "analyze", "class maps", "bare, 2 images", "batch class maps, 2 images"]
+    bare, analyze, maps = (int(got[k][2]) for k in ("bare", "analyze", "class maps"))
+    assert 0 < bare < analyze < maps
+    assert int(got["bare"][4]) == bare  # nothing of a bare forward is graphed
+    assert 0 < int(got["analyze"][4]) < bare  # outside the graphs: a remainder
+    assert bare < int(got["class maps"][4]) < maps  # the digest alone is graphed there
