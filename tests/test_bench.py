@@ -149,7 +149,7 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
 
     out = tmp_path / "l.md"
     assert launches.main(["--models", "vit_tiny_patch16_224", "--batch", "2", "--out", str(out)]) == 0
-    header, rows = table_rows(out.read_text(encoding="utf-8"), "# Operators per call")
+    header, rows = table_rows(out.read_text(encoding="utf-8"), "# Kernel launches per call")
     got = {r[1]: r for r in rows}
     assert list(got) == ["bare", "analyze", "class maps", "bare, 2 images", "batch class maps, 2 images"]
     bare, analyze, maps = (int(got[k][2]) for k in ("bare", "analyze", "class maps"))
