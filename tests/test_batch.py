@@ -344,6 +344,45 @@ def test_the_forward_budget_holds_a_real_model_within_its_limit():
     assert 4 <= limits.BATCH_FORWARD_BYTES // (kept_g + working_g) < limits.BATCH_FORWARD_BYTES // (kept + working)
 
 
+def test_a_gpu_takes_a_larger_forward_budget_fixed_by_its_size(monkeypatch):
+    """ViT-B/16 with gradients: 8 images per forward on the CPU; on a GPU a quarter of its memory up to 8 GiB (33 on
+    an H200), never less than the CPU's; a device this torch cannot query (the tests' simulated GPU) takes 8 GiB."""
+    import types
+
+    kept_g, working_g = limits.analysis_bytes(12, 197, 12, gradients=True)
+    per_forward = {}
+    for name, total in (("small", 4 * 2**30), ("mid", 16 * 2**30), ("h200", 143_771 * 2**20)):
+        props = types.SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        per_forward[name] = limits.batch_forward_bytes(torch.device("cuda", 0))
+    assert per_forward == {"small": 2 * 2**30, "mid": 4 * 2**30, "h200": 8 * 2**30}
+    assert limits.batch_forward_bytes(torch.device("cpu")) == limits.BATCH_FORWARD_BYTES == 2 * 2**30
+    assert limits.BATCH_FORWARD_BYTES // (kept_g + working_g) == 8
+    assert per_forward["h200"] // (kept_g + working_g) == 33
+    monkeypatch.undo()
+
+    def unavailable(device):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", unavailable)
+    assert limits.batch_forward_bytes(torch.device("cuda", 0)) == 8 * 2**30
+
+
+def test_on_the_simulated_gpu_a_batch_takes_the_gpus_budget(card_model, monkeypatch):
+    from tests.devicesim import simulated_gpu
+    from vizapp.batch import forward_groups
+
+    vm = load("card", card_model)
+    gh, gw = vm.grid_size
+    kept, working = limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES", 2 * (kept + working) + 1)  # two images per forward on the CPU
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES_GPU", 4 * (kept + working) + 1)  # four on a GPU
+    inputs = [torch.zeros(1, 3, 8, 8)] * 5
+    assert forward_groups(vm, inputs) == [[0, 1], [2, 3], [4]]
+    with simulated_gpu(vm):
+        assert forward_groups(vm, inputs) == [[0, 1, 2, 3], [4]]
+
+
 def test_layer_statistics_of_a_batch_equal_each_image_alone():
     """Chunks of two images arriving interleaved, heads and rows split, reduce as two batches of one."""
     from vizapp.analysis.distance import patch_distance_matrix

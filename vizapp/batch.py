@@ -3,8 +3,9 @@
 
 The images of a ViT batch never mix: every layer works on each image's tokens alone. So a batch's forward gives each
 image what its own forward would (to float rounding), and the gradient of Σ_b logit_b[c_b] with respect to image b's
-attention is ∂logit_b[c_b]/∂A_b, image b's own. Batches are cut to :data:`vizapp.limits.BATCH_FORWARD_BYTES` per
-forward before anything runs, and one call's analyses to :data:`vizapp.limits.BATCH_RECORD_BYTES`.
+attention is ∂logit_b[c_b]/∂A_b, image b's own. Batches are cut to :func:`vizapp.limits.batch_forward_bytes` per
+forward (2 GiB on the CPU, up to 8 GiB on a GPU) before anything runs, and one call's analyses to
+:data:`vizapp.limits.BATCH_RECORD_BYTES`.
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, i
 def forward_groups(vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False) -> list[list[int]]:
     """The images (indices into ``inputs``, each [1, C, H, W]) that go through each forward: those of one input size
     together (a model whose transform keeps the aspect ratio gives several), at most as many as fit
-    :data:`vizapp.limits.BATCH_FORWARD_BYTES` by :func:`vizapp.limits.analysis_bytes`, and at least one."""
+    :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`, and at least
+    one."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(tuple(x.shape), []).append(i)
     groups = []
     for members in by_shape.values():
         kept, working = _image_bytes(vm, inputs[members[0]], gradients)
-        size = max(1, limits.BATCH_FORWARD_BYTES // (kept + working))
+        size = max(1, limits.batch_forward_bytes(torch.device(vm.device)) // (kept + working))
         groups += [members[j : j + size] for j in range(0, len(members), size)]
     return groups
 

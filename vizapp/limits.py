@@ -43,10 +43,28 @@ GRAPH_MEMORY_BYTES = 512 * 2**20
 # estimate each (see :func:`analysis_bytes`; one image always runs, as it does alone): ViT-B/16 at 224 px, about 35 MB
 # an image (58 per forward), 240 MB with gradients (8 per forward).
 BATCH_FORWARD_BYTES = 2 * 2**30
+# On a CUDA device the same estimate may take a quarter of the device's memory, up to this (never less than
+# BATCH_FORWARD_BYTES): more images share one forward and one backward, whose kernels are launched once instead of once
+# per 8 images (ViT-B/16 with gradients: 33 images per forward in 8 GiB). At batch sizes like these a GPU is bound by
+# X
+# (docs/benchmarks-launches.md).
+BATCH_FORWARD_BYTES_GPU = 8 * 2**30
 # What the analyses of one ``vizapp.analyze(vm, images)`` keep in all (q and k of every layer, block outputs, fusions;
 # with gradients, the autograd graphs): a list over this is refused before any forward. ``vizapp.explain`` keeps maps
 # only and is not bounded by it.
 BATCH_RECORD_BYTES = 4 * 2**30
+
+
+def batch_forward_bytes(device: torch.device) -> int:
+    """The estimate one forward of a list of images may take on ``device`` (:data:`BATCH_FORWARD_BYTES`,
+    :data:`BATCH_FORWARD_BYTES_GPU`); fixed for a device type and size, so that a job's batches are the same on every run."""
+    if device.type != "cuda":
+        return BATCH_FORWARD_BYTES
+    try:
+        total = torch.cuda.get_device_properties(device).total_memory
+    except (AssertionError, RuntimeError):  # no CUDA in this torch: a device simulated in the tests
+        return max(BATCH_FORWARD_BYTES, BATCH_FORWARD_BYTES_GPU)
+    return max(BATCH_FORWARD_BYTES, min(BATCH_FORWARD_BYTES_GPU, total // 4))
 
 
 def chunk_bytes(device: torch.device) -> int:
