@@ -43,8 +43,9 @@ GRAPH_MEMORY_BYTES = 512 * 2**20
 # estimate each (see :func:`analysis_bytes`; one image always runs, as it does alone): ViT-B/16 at 224 px, about 35 MB
 # an image (58 per forward), 240 MB with gradients (8 per forward).
 BATCH_FORWARD_BYTES = 2 * 2**30
-# On a CUDA device the same estimate may take a quarter of the device's memory, up to this (never less than
-# BATCH_FORWARD_BYTES): more images share one forward and one backward, whose kernels are launched once instead of once
+# On a CUDA device the same estimate may take an eighth of the device's memory, up to this (never less than
+# BATCH_FORWARD_BYTES; an eighth, so that the evaluation's Ray actors can share one GPU: its default two take a
+# quarter of it at most): more images share one forward and one backward, whose kernels are launched once instead of once
 # per 8 images (ViT-B/16 with gradients: 33 images per forward in 8 GiB). At batch sizes like these a GPU is bound by
 # launches, and 16 ViT-B images' class maps launch 946 kernels in two forwards against 473 in one
 # (docs/benchmarks-launches.md).
@@ -64,7 +65,7 @@ def batch_forward_bytes(device: torch.device) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
     except (AssertionError, RuntimeError):  # no CUDA in this torch: a device simulated in the tests
         return max(BATCH_FORWARD_BYTES, BATCH_FORWARD_BYTES_GPU)
-    return max(BATCH_FORWARD_BYTES, min(BATCH_FORWARD_BYTES_GPU, total // 4))
+    return max(BATCH_FORWARD_BYTES, min(BATCH_FORWARD_BYTES_GPU, total // 8))
 
 
 def chunk_bytes(device: torch.device) -> int:
