@@ -68,9 +68,40 @@ def _mark_host(out: Any) -> Any:
     return out
 
 
+class HostCopies:
+    """Device-to-host copies seen inside :func:`host_copies`: how many, and their bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+
+
+_RECORDERS: list[HostCopies] = []
+
+
+@contextlib.contextmanager
+def host_copies() -> Iterator[HostCopies]:
+    """Count the copies from the simulated device to the host in the block (``.cpu()``, ``.to("cpu")``, and
+    ``copy_`` of a device tensor into a host one, as into pinned staging memory): each one a transfer, and on a real
+    GPU a wait for the device unless it is asynchronous."""
+    rec = HostCopies()
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
+
+
+def _copied(t: torch.Tensor) -> None:
+    for rec in _RECORDERS:
+        rec.count += 1
+        rec.bytes += t.numel() * t.element_size()
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():
         out = t.as_subclass(torch.Tensor)
+    _copied(out)
     return _mark_host(out)
 
 
@@ -122,6 +153,8 @@ class OnDevice(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return _on_device(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
         name = getattr(func, "__name__", "")
+        if name == "copy_" and len(args) > 1 and not isinstance(args[0], OnDevice) and isinstance(args[1], OnDevice):
+            _copied(args[0])  # into a host tensor
         if name not in _ALLOWED_MIXES:
             for t in _tensors((args, kwargs)):
                 if not isinstance(t, OnDevice) and t.dim() > 0 and getattr(t, _HOST, False):

@@ -11,7 +11,7 @@ import torch
 
 import vizapp
 from tests.conftest import random_image
-from tests.devicesim import DeviceMixError, OnDevice, simulated_gpu
+from tests.devicesim import DeviceMixError, OnDevice, host_copies, simulated_gpu
 from tests.test_cuda import MODELS as CUDA_MODELS
 
 MODELS = CUDA_MODELS  # the families tests/test_cuda.py runs on a real GPU
@@ -92,6 +92,30 @@ def test_the_record_stays_on_the_device_and_every_view_equals_the_cpus(fid, name
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     np.testing.assert_allclose(r.probs, on_cpu.probs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_default_analysis_on_the_device_copies_a_few_hundred_kilobytes_to_the_host_whatever_the_model_size():
+    """Issue 23, item 2: what the forward keeps stays on the device; an analysis copies its small results to the host
+    in one copy (and the weights digest in one more), and a view copies only what it draws. ViT-S/16 at 224 px (q and
+    k of every layer: 7 MB) and ViT-B/16 at 384 px (85 MB)."""
+    from benchmarks.tables import photo
+
+    found = {}
+    for name in ("vit_small_patch16_224", "vit_base_patch16_384"):
+        vm = vizapp.load_model(name, pretrained=False)
+        with simulated_gpu(vm):
+            vizapp.analyze(vm, photo())  # the digest's constants and the patch distances, made once per model
+            with host_copies() as analysis:
+                r = vizapp.analyze(vm, photo())
+            with host_copies() as view:
+                heat = r.attention(-1)  # the last layer's CLS row, every head: [H, gh, gw]
+            assert all(isinstance(t, OnDevice) for t in (*r.q, *r.k))
+        found[name] = (analysis.count, analysis.bytes, view.count, view.bytes, heat.size * 4)
+    for name, (count, nbytes, view_count, view_bytes, drawn) in found.items():
+        assert count == 2, name  # the small results, and the digest
+        assert nbytes < 400_000, (name, nbytes)
+        assert view_count == 1 and view_bytes == drawn, name  # the view's own map, nothing else
+    assert found["vit_base_patch16_384"][1] < 3 * found["vit_small_patch16_224"][1]
 
 
 @pytest.mark.parametrize("fid,name,kwargs", [MODELS[0], MODELS[3]], ids=[MODELS[0][0], MODELS[3][0]])
