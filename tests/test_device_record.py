@@ -96,7 +96,8 @@ def test_the_record_stays_on_the_device_and_every_view_equals_the_cpus(fid, name
 
 def test_a_default_analysis_on_the_device_copies_a_few_hundred_kilobytes_to_the_host_whatever_the_model_size():
     """Issue 23, item 2: what the forward keeps stays on the device; an analysis copies its small results to the host
-    in one copy (and the weights digest in one more), and a view copies only what it draws. ViT-S/16 at 224 px (q and
+    in one copy (and the weights digest in one more), a batch's in one copy too, and a view copies only what it
+    draws. ViT-S/16 at 224 px (q and
     k of every layer: 7 MB) and ViT-B/16 at 384 px (85 MB)."""
     from benchmarks.tables import photo
 
@@ -109,6 +110,9 @@ def test_a_default_analysis_on_the_device_copies_a_few_hundred_kilobytes_to_the_
                 r = vizapp.analyze(vm, photo())
             with host_copies() as view:
                 heat = r.attention(-1)  # the last layer's CLS row, every head: [H, gh, gw]
+            with host_copies() as batch:
+                vizapp.analyze(vm, [photo().rotate(15 * i) for i in range(4)])
+            assert batch.count == 2 and 3.5 * analysis.bytes < batch.bytes < 4.5 * analysis.bytes  # per batch
             assert all(isinstance(t, OnDevice) for t in (*r.q, *r.k))
         found[name] = (analysis.count, analysis.bytes, view.count, view.bytes, heat.size * 4)
     for name, (count, nbytes, view_count, view_bytes, drawn) in found.items():
