@@ -67,8 +67,8 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, i
 def forward_groups(vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False) -> list[list[int]]:
     """The images (indices into ``inputs``, each [1, C, H, W]) that go through each forward: those of one input size
     together (a model whose transform keeps the aspect ratio gives several), at most as many as fit
-    :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`, and at least
-    one."""
+    :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`, and at
+    least one."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(tuple(x.shape), []).append(i)

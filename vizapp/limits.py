@@ -45,9 +45,9 @@ GRAPH_MEMORY_BYTES = 512 * 2**20
 BATCH_FORWARD_BYTES = 2 * 2**30
 # On a CUDA device the same estimate may take an eighth of the device's memory, up to this (never less than
 # BATCH_FORWARD_BYTES; an eighth, so that the evaluation's Ray actors can share one GPU: its default two take a
-# quarter of it at most): more images share one forward and one backward, whose kernels are launched once instead of once
-# per 8 images (ViT-B/16 with gradients: 33 images per forward in 8 GiB). At batch sizes like these a GPU is bound by
-# launches, and 16 ViT-B images' class maps launch 946 kernels in two forwards against 473 in one
+# quarter of it at most): more images share one forward and one backward, whose kernels are launched once instead
+# of once per 8 images (ViT-B/16 with gradients: 33 images per forward in 8 GiB). At batch sizes like these a GPU is
+# bound by launches, and 16 ViT-B images' class maps launch 946 kernels in two forwards against 473 in one
 # (docs/benchmarks-launches.md).
 BATCH_FORWARD_BYTES_GPU = 8 * 2**30
 # What the analyses of one ``vizapp.analyze(vm, images)`` keep in all (q and k of every layer, block outputs, fusions;
@@ -58,7 +58,8 @@ BATCH_RECORD_BYTES = 4 * 2**30
 
 def batch_forward_bytes(device: torch.device) -> int:
     """The estimate one forward of a list of images may take on ``device`` (:data:`BATCH_FORWARD_BYTES`,
-    :data:`BATCH_FORWARD_BYTES_GPU`); fixed for a device type and size, so that a job's batches are the same on every run."""
+    :data:`BATCH_FORWARD_BYTES_GPU`); fixed for a device type and size, so that a job's batches are the same on every
+    run."""
     if device.type != "cuda":
         return BATCH_FORWARD_BYTES
     try:
