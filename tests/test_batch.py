@@ -344,6 +344,48 @@ def test_the_forward_budget_holds_a_real_model_within_its_limit():
     assert 4 <= limits.BATCH_FORWARD_BYTES // (kept_g + working_g) < limits.BATCH_FORWARD_BYTES // (kept + working)
 
 
+def test_a_lists_images_are_preprocessed_on_threads_each_as_alone_and_the_first_bad_one_is_named(card_model):
+    from vizapp.batch import _inputs
+
+    vm = load("card", card_model)
+    imgs = images(6, seed=3)
+    found = _inputs(vm, imgs)
+    for img, (x, notes) in zip(imgs, found, strict=True):
+        (alone, alone_notes) = _inputs(vm, [img])[0]
+        assert torch.equal(x, alone) and notes == alone_notes
+    bad = [imgs[0], b"not an image", imgs[2], b"\x89PNG\r\n\x1a\n truncated", imgs[4]]
+    with pytest.raises(BadImageError, match=r"^image 1: "):
+        _inputs(vm, bad)
+
+
+def test_a_forked_child_preprocesses_a_list_with_its_own_threads(card_model):
+    # the parent's pool exists; a child forked afterwards must not wait on threads it does not have
+    import multiprocessing
+
+    from vizapp.batch import _inputs
+
+    vm = load("card", card_model)
+    imgs = images(3, seed=4)
+    want = [x for x, _ in _inputs(vm, imgs)]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        queue.put([x.numpy() for x, _ in _inputs(vm, imgs)])
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    try:
+        got = queue.get(timeout=60)
+        proc.join(timeout=60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
 def test_a_gpu_takes_a_larger_forward_budget_fixed_by_its_size(monkeypatch):
     """ViT-B/16 with gradients: 8 images per forward on the CPU; on a GPU an eighth of its memory up to 8 GiB (33 on
     an H200), never less than the CPU's; a device this torch cannot query (the tests' simulated GPU) takes 8 GiB."""
