@@ -324,7 +324,7 @@ class AttentionCapture:
             return (a @ v.float()).to(v.dtype)
         if self.on_attention is None or not self.inline:
             return run()
-        return self._inline(layer, q, k, v, scale, bias)
+        return self._inline(layer, self.q[layer], self.k[layer], v, scale, bias)  # kept ones: contiguous, view freely
 
     def _inline(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
