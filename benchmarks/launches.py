@@ -178,7 +178,9 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "weights digest is one CUDA graph replay in every call, and so is an analysis's device pass "
         "(`pipeline._device_pass`: the forward with the capture and its statistics) in analyze, one image without "
         "gradients. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
-        "where `autograd.grad` was called).",
+        "where `autograd.grad` was called). Only the calling thread is seen: the batch API preprocesses a list's "
+        "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
+        "thread).",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
         "| top sources (kernels) |",
