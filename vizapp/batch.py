@@ -10,8 +10,8 @@ forward (2 GiB on the CPU, up to 8 GiB on a GPU) before anything runs, and one c
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,26 +34,16 @@ __all__ = ["analyze_batch", "explain", "forward_groups"]
 
 
 _PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
-_preprocess_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
+@functools.cache
 def _pool() -> ThreadPoolExecutor:
-    """The threads that decode and preprocess the images of a list, made once per process."""
-    global _preprocess_pool
-    with _pool_lock:
-        if _preprocess_pool is None:
-            _preprocess_pool = ThreadPoolExecutor(_PREPROCESS_THREADS, thread_name_prefix="vizapp-preprocess")
-        return _preprocess_pool
+    """The threads that decode and preprocess the images of a list, made once per process (again in a forked child,
+    where the parent's threads do not exist)."""
+    return ThreadPoolExecutor(_PREPROCESS_THREADS, thread_name_prefix="vizapp-preprocess")
 
 
-def _forget_pool() -> None:
-    """In a forked child: the parent's threads do not exist there, so the child makes its own pool when it needs one."""
-    global _preprocess_pool, _pool_lock
-    _preprocess_pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _inputs(vm: VizModel, images: Any) -> list[tuple[torch.Tensor, tuple[str, ...]]]:

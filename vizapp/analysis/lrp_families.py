@@ -33,7 +33,7 @@ pooler), a CLIP tower given no prompts (no classes), and models without a classi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +138,23 @@ def _identity_rule(m: object) -> bool:
 def _elementwise(m: object) -> bool:
     """An activation module without parameters (GELU, QuickGELU, ReLU ...): the rules pass relevance through it."""
     return isinstance(m, torch.nn.Module) and not any(True for _ in m.parameters()) and not list(m.children())
+
+
+def _layers_layout(
+    layers: Sequence[torch.nn.Module], attention: str, norms: tuple[str, str], kinds: tuple[str, str, str]
+) -> str:
+    """Why transformers encoder ``layers`` are not the authors' block layout ("" when they are): each layer, its
+    ``attention`` submodule and its ``mlp`` of the classes ``kinds``, its two ``norms`` LayerNorms, and its MLP
+    activation element-wise."""
+    for i, layer in enumerate(layers):
+        found = (type(layer).__name__, type(getattr(layer, attention)).__name__, type(layer.mlp).__name__)
+        if found != kinds:
+            return f"layer {i} is {found[0]} of {found[1]} and {found[2]}"
+        if not all(isinstance(getattr(layer, n), torch.nn.LayerNorm) for n in norms):
+            return f"layer {i} normalises with something other than LayerNorm"
+        if not _elementwise(layer.mlp.activation_fn):
+            return f"layer {i}'s MLP activation is not element-wise"
+    return ""
 
 
 ROPE = (
@@ -295,15 +312,8 @@ class HfViT:
         base = getattr(model, attr)
         if not isinstance(base.layernorm, torch.nn.LayerNorm) or getattr(base, "pooler", None) is not None:
             return "its final norm is not a LayerNorm, or it has a pooler"
-        for i, layer in enumerate(base.layers):
-            kinds = (type(layer).__name__, type(layer.attention).__name__, type(layer.mlp).__name__)
-            if kinds != (f"{prefix}Layer", f"{prefix}Attention", f"{prefix}MLP"):
-                return f"layer {i} is {kinds[0]} of {kinds[1]} and {kinds[2]}"
-            if not all(isinstance(n, torch.nn.LayerNorm) for n in (layer.layernorm_before, layer.layernorm_after)):
-                return f"layer {i} normalises with something other than LayerNorm"
-            if not _elementwise(layer.mlp.activation_fn):
-                return f"layer {i}'s MLP activation is not element-wise"
-        return ""
+        kinds = (f"{prefix}Layer", f"{prefix}Attention", f"{prefix}MLP")
+        return _layers_layout(base.layers, "attention", ("layernorm_before", "layernorm_after"), kinds)
 
     @staticmethod
     def net(model: torch.nn.Module) -> Net:
@@ -338,15 +348,8 @@ def _clip_layout(model: torch.nn.Module) -> str:
         return f"vizapp's adapter covers transformers' CLIPVisionModel, and this is {type(model).__name__}"
     if not all(isinstance(getattr(model, n, None), torch.nn.LayerNorm) for n in ("pre_layrnorm", "post_layernorm")):
         return "its norms before the blocks and after the pooling are not LayerNorms"
-    for i, layer in enumerate(model.encoder.layers):
-        kinds = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__)
-        if kinds != ("CLIPEncoderLayer", "CLIPAttention", "CLIPMLP"):
-            return f"layer {i} is {kinds[0]} of {kinds[1]} and {kinds[2]}"
-        if not all(isinstance(n, torch.nn.LayerNorm) for n in (layer.layer_norm1, layer.layer_norm2)):
-            return f"layer {i} normalises with something other than LayerNorm"
-        if not _elementwise(layer.mlp.activation_fn):
-            return f"layer {i}'s MLP activation is not element-wise"
-    return ""
+    kinds = ("CLIPEncoderLayer", "CLIPAttention", "CLIPMLP")
+    return _layers_layout(model.encoder.layers, "self_attn", ("layer_norm1", "layer_norm2"), kinds)
 
 
 def _clip_net(model: torch.nn.Module) -> Net:
