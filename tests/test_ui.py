@@ -63,7 +63,8 @@ def test_rerender_without_forward_pass(analysed, monkeypatch):
     st3, heads_patch, focus2, img2 = patch_out.state, patch_out.heads, patch_out.focus, patch_out.query_image
     assert st3["query"] == (3, 4) and st2["query"] == "cls"
     assert not np.allclose(np.nan_to_num(heads_cls.data[0].z), np.nan_to_num(heads_patch.data[0].z))
-    assert focus is None and isinstance(focus2, go.Figure) and "head 2" in focus2.layout.title.text.replace("<br>", " ")
+    assert "mean of its 3 heads" in focus.layout.title.text.replace("<br>", " ")  # "all heads": their mean
+    assert isinstance(focus2, go.Figure) and "head 2" in focus2.layout.title.text.replace("<br>", " ")
     assert not np.array_equal(img, img2)  # the query patch is outlined
 
 

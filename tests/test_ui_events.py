@@ -577,6 +577,39 @@ def test_the_heads_tab_draws_a_swin_layer_on_its_grid_with_the_window(swin_app, 
     assert "its window outlined" in focus["layout"]["title"]["text"].replace("<br>", " ")
 
 
+def test_the_enlarged_head_shows_the_mean_of_the_heads_until_one_is_chosen(bundled_app):
+    """Through the server, on the bundled ViT: after Analyze the panel below the mosaic draws the mean of the last
+    layer's heads for the CLS query (it was empty before a head was picked); choosing a head draws that head, and
+    "mean of the layer's heads" brings the mean back. Every map equals the Python API's for the same image."""
+    import vizapp
+
+    d = AppDriver(bundled_app)
+    assert_clean(d.analyze(SNEAKER), "analyze")
+    r = vizapp.analyze(vizapp.load_model(models.BUNDLED), Image.open(SNEAKER))
+    last = r.num_layers - 1
+
+    def shown() -> tuple[np.ndarray, str]:
+        focus = plot_of(d, "vizapp-focus-plot")
+        heat = next(t for t in focus["data"] if t["type"] == "heatmap")
+        return heatmap_z(heat), focus["layout"]["title"]["text"].replace("<br>", " ")
+
+    def scaled(m: np.ndarray) -> np.ndarray:
+        return (m - m.min()) / (m.max() - m.min())
+
+    z, title = shown()
+    assert f"Layer {last}, mean of its {r.num_heads} heads" in title
+    np.testing.assert_allclose(z, scaled(r.attention(last, None, "cls").mean(0)), atol=1e-5)
+    head = d.by_label("Overlay on the image (below the mosaic)", "dropdown")
+    assert d.props[head]["choices"][0] == ["mean of the layer's heads", -1]
+    assert_clean(d.set(head, 1), "head 1")
+    z, title = shown()
+    assert f"Layer {last}, head 1" in title
+    np.testing.assert_allclose(z, scaled(r.attention(last, 1, "cls")), atol=1e-5)
+    assert_clean(d.set(head, -1), "the mean again")
+    z, title = shown()
+    np.testing.assert_allclose(z, scaled(r.attention(last, None, "cls").mean(0)), atol=1e-5)
+
+
 def test_a_plain_vit_after_a_swin_model_gets_its_views_back(swin_app, tmp_path):
     """Analyse the Swin folder, then the bundled ViT in the same page: the DINO masks, the CLS query and the CLS
     map come back; and the Swin again hides them."""

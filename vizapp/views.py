@@ -162,11 +162,15 @@ def heads_view(r: Analysis, c: Controls) -> go.Figure:
     return figures.heads_figure(maps, layer, query_label(c.query), c.per_head_scale, patch, colorscale=c.colorscale)
 
 
-def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
-    if c.focus_head is None:
-        return None
+def focus_view(r: Analysis, c: Controls) -> go.Figure:
+    """The chosen head's map over the image, or (``focus_head`` None) the mean of the layer's heads."""
     layer = c.layer % r.num_layers
-    heat = r.attention(layer, c.focus_head, c.query)
+    if c.focus_head is None:
+        heat = r.attention(layer, None, c.query).mean(0)
+        head_text = f"mean of its {r.num_heads} heads"
+    else:
+        heat = r.attention(layer, c.focus_head, c.query)
+        head_text = f"head {c.focus_head}"
     patch = None if isinstance(c.query, str) else (int(c.query[0]), int(c.query[1]))
     return figures.overlay_figure(
         r.image,
@@ -175,7 +179,7 @@ def focus_view(r: Analysis, c: Controls) -> go.Figure | None:
         c.opacity,
         marker=patch,
         value_name="weight",
-        title=f"Layer {layer}, head {c.focus_head}: {query_label(c.query)}",
+        title=f"Layer {layer}, {head_text}: {query_label(c.query)}",
         colorscale=c.colorscale,
     )
 
@@ -464,8 +468,7 @@ def tab_figures(r: Analysis, c: Controls, vm: VizModel | None = None, extra: Map
         if not m.slow and not m.needs_class:
             out[f"rollout-{name}"] = map_view(r, c, name)
     out["heads-all-heads"] = heads_view(r, c)
-    if c.focus_head is not None:
-        out["heads-enlarged-head"] = focus_view(r, c)
+    out["heads-enlarged-head"] = focus_view(r, c)
     out["distance-mean-attention-distance"] = distance_view(r)
     if vm is not None:
         pos = pos_embed_views(vm, tile=c.tile)

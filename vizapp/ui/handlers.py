@@ -246,7 +246,9 @@ def analyze_image(
         summary=summary,
         layer=gr.update(maximum=r.num_layers - 1, value=lay),
         start_layer=gr.update(maximum=r.num_layers - 1, value=start),
-        focus_head=gr.update(choices=[("all heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1),
+        focus_head=gr.update(
+            choices=[("mean of the layer's heads", -1)] + [(f"head {h}", h) for h in range(r.num_heads)], value=-1
+        ),
         class_choice=class_update(),
         start_row=gr.update(visible=r.readout != "cls" and r.has_class_token, value="output"),
         # the choices never change: a choice removed while an event in flight still carries it fails gradio's
@@ -277,7 +279,7 @@ def analyze_image(
         compare_steps=gr.update(maximum=steps_max, value=min(DEFAULT_COMPARE_STEPS, steps_max)),
         imp_exact_button=gr.update(visible=not support.get("exact")),
         imp_gradient_button=gr.update(visible=not support.get("gradient")),
-        focus=None,
+        focus=figs["focus"],
         compare=None,
         deletion=None,
         insertion=None,

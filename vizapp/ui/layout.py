@@ -187,7 +187,7 @@ def _heads_tab(ui: Components) -> None:
                 ui.query_col = gr.Slider(0, 13, value=0, step=1, label="Patch column")
             ui.layer = gr.Slider(-1, 11, value=-1, step=1, label="Layer (-1 = last)")
             ui.focus_head = gr.Dropdown(
-                [("all heads", -1)], value=-1, label="Overlay one head on the image (below the mosaic)"
+                [("mean of the layer's heads", -1)], value=-1, label="Overlay on the image (below the mosaic)"
             )
             ui.per_head = gr.Checkbox(
                 value=True, label="Rescale each head to its own min-max (hover shows raw weights)"
