@@ -92,6 +92,29 @@ def test_block_features_second_forward_leaves_the_first_ones_norms():
     assert torch.equal(first, torch.tensor([[[5.0, 1.0]], [[10.0, 2.0]]]))  # a new block: the first is unchanged
 
 
+def test_kept_block_outputs_are_copied_into_one_block_during_the_forward():
+    """Every layer's output kept (budget large): each is copied into one [L, B, N, D] block as it arrives, so the
+    model's own tensor is not held (a later write to it changes nothing kept); the norms are taken from the block
+    after the forward, by hand here; a second forward gets a new block."""
+    from vizapp.streaming import BlockFeatures
+
+    bf = BlockFeatures(2, None, budget=2**20)
+    x0, x1 = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]]), torch.tensor([[[6.0, 8.0], [0.0, 2.0]]])
+    bf(0, x0)
+    bf(1, x1)
+    x0.zero_()  # the model reuses its buffer: the kept output is a copy
+    bf.finish()
+    assert torch.equal(bf.outputs[0], torch.tensor([[[3.0, 4.0], [0.0, 1.0]]]))
+    assert torch.equal(bf.outputs[1], x1)
+    assert bf.outputs[1].data_ptr() == bf.outputs[0].data_ptr() + 4 * 4  # views of one block, layer after layer
+    assert torch.equal(bf.stacked("norms"), torch.tensor([[[5.0, 1.0]], [[10.0, 2.0]]]))  # [L, B, N]
+    first = bf.outputs[0]
+    bf(0, torch.ones(1, 2, 2))
+    bf(1, torch.ones(1, 2, 2))
+    bf.finish()
+    assert torch.equal(first, torch.tensor([[[3.0, 4.0], [0.0, 1.0]]]))  # a new block: the first is unchanged
+
+
 def test_feature_pca_and_similarity(reg4):
     r = vizapp.analyze(reg4, random_image(3))
     rgb = r.feature_pca()

@@ -129,8 +129,9 @@ def analysis_memory(
     Working memory of the forward:
 
     - ``activations``: one block's widest activations, 10·N·D (input, q, k, v, output, the MLP's 4·N·D).
-    - ``output_stack``: the block outputs stacked once after the forward (:class:`vizapp.streaming.BlockFeatures`),
-      when every layer's is kept.
+    - ``output_stack``: the block outputs' block [L, N, D] in the model's dtype, written during the forward
+      (:class:`vizapp.streaming.BlockFeatures`), when every layer's is kept: in float32 the kept outputs are views of
+      it and this term is an upper bound; in a half-precision forward their float32 copies are made from it after.
     - ``attention_chunk``: one chunk of attention (:func:`chunk_shape` at :data:`ATTENTION_CHUNK_BYTES`) and the
       product beside it, 2·heads·rows·N.
     - ``token_matrices``: the N x N working matrices, 4·N² while the fusions are stored; above that 5·N² (the

@@ -219,13 +219,15 @@ class BlockFeatures:
         self.lens: list[torch.Tensor | None] = [None] * num_layers  # [B, K] per layer
         self.outputs: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] float32
         self._deferred: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] in the model's dtype, until finish()
+        self._output_block: torch.Tensor | None = None  # [L, B, N, D]: the deferred outputs' copies (_defer)
+        self._output_slots: tuple[torch.Tensor, ...] = ()
         self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
         self._blocks: dict[str, torch.Tensor] = {}  # "norms" [L, B, N], "lens" [L, B, K]: written during the forward
         self._written: dict[str, set[int]] = {}  # the layers written into each of _blocks
 
     def __call__(self, layer: int, out: torch.Tensor) -> None:
         if self.num_layers * out[0].numel() * 4 <= self.budget:  # kept, and reduced in finish()
-            self._deferred[layer] = out  # [B, N, D]
+            self._defer(layer, out)
             return
         if layer == self.num_layers - 1:
             self.outputs[layer] = out.float()
@@ -233,6 +235,22 @@ class BlockFeatures:
         if self.lens_fn is not None:
             with torch.no_grad():
                 self._write("lens", layer, self._probabilities(self.lens_fn(out).float()))
+
+    def _defer(self, layer: int, out: torch.Tensor) -> None:
+        """Keep block ``layer``'s output [B, N, D] for :meth:`finish`, copied into one [L, B, N, D] block made at the
+        forward's first layer, which finish() then uses as the stack of the outputs. Holding each block's own output
+        until finish() stacked them held the outputs twice at its end (ViT-S/16, 16 images: 58 MB each); with the
+        copies the model's residual-stream tensors are freed as it goes. A layer unlike the first (dtype, device)
+        keeps its own output, stacked in finish()."""
+        block = self._output_block
+        if layer == 0 or block is None:
+            block = self._output_block = torch.empty((self.num_layers, *out.shape), dtype=out.dtype, device=out.device)
+            self._output_slots = block.unbind(0)  # every layer's view made now (see _write)
+        if block.shape[1:] == out.shape and block.dtype == out.dtype and block.device == out.device:
+            with torch.no_grad():
+                self._deferred[layer] = self._output_slots[layer].copy_(out)
+        else:
+            self._deferred[layer] = out
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The lens's logits as the model's own probabilities: the softmax, or each one's sigmoid where the lens says
@@ -266,7 +284,15 @@ class BlockFeatures:
         if not self._deferred:
             return
         layers = sorted(self._deferred)
-        stack = torch.stack([self._deferred[i] for i in layers])  # [l, B, N, D]
+        block, self._output_block, self._output_slots = self._output_block, None, ()
+        if (
+            block is not None
+            and layers == list(range(self.num_layers))
+            and all(self._deferred[i].data_ptr() == block[i].data_ptr() for i in layers)
+        ):
+            stack = block  # [L, B, N, D]: every layer was copied into it during the forward
+        else:
+            stack = torch.stack([self._deferred[i] for i in layers])  # [l, B, N, D]
         self._deferred = {}
         norms = torch.linalg.vector_norm(stack.float(), dim=-1)  # [l, B, N]
         lens = None
