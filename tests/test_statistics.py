@@ -133,3 +133,30 @@ def test_block_statistics_take_the_callers_token_norms():
     given = statistics.StatisticsReducer([1], 1, geometry, statistics.block_statistics())
     given.block(0, out, torch.tensor([[1.0, 2.0]]))
     assert given.values["norm_patch_mean"][0].tolist() == [1.5] and given.values["norm_patch_max"][0].tolist() == [2.0]
+
+
+def test_every_layers_block_statistics_at_once_equal_layer_by_layer(toy):
+    """StatisticsReducer.blocks: two layers x two images of 1 CLS + 2 patches, by hand (norms 5, 0 | 10, 5, ...),
+    and equal to block() layer by layer for every registered block statistic, the toy one (which reads the outputs'
+    shape) included; a stack of the wrong size is refused."""
+    geometry = statistics.Geometry(3, 1, torch.zeros(2, 2))
+    outputs = torch.tensor(
+        [
+            [[[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]], [[0.0, 1.0], [0.0, 2.0], [0.0, 4.0]]],
+            [[[1.0, 0.0], [3.0, 4.0], [5.0, 12.0]], [[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]],
+        ]
+    )  # [L=2, B=2, N=3, D=2]
+    at_once = statistics.StatisticsReducer([1, 1], 2, geometry, statistics.block_statistics())
+    at_once.blocks(outputs)
+    by_layer = statistics.StatisticsReducer([1, 1], 2, geometry, statistics.block_statistics())
+    for layer in range(2):
+        by_layer.block(layer, outputs[layer])
+    # patch tokens' norms: layer 0 (0, 10) and (2, 4); layer 1 (5, 13) and (0, 0); prefix: 5, 1 | 1, 2
+    assert at_once.values["norm_patch_mean"].tolist() == [[5.0, 3.0], [9.0, 0.0]]
+    assert at_once.values["norm_patch_max"].tolist() == [[10.0, 4.0], [13.0, 0.0]]
+    assert at_once.values["norm_prefix_mean"].tolist() == [[5.0, 1.0], [1.0, 2.0]]
+    assert at_once.values["patch_share"].tolist() == [[2 / 3] * 2] * 2
+    for name, v in by_layer.values.items():
+        assert torch.equal(at_once.values[name], v), name
+    with pytest.raises(ValueError, match="outputs of 1 layers x 2 images"):
+        at_once.blocks(outputs[:1])

@@ -177,14 +177,16 @@ def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_Pass
     blocks = BlockFeatures(n_layers, vm.lens_fn)
 
     def on_block(layer: int, out: torch.Tensor) -> None:
-        blocks(layer, out)
-        stats.block(layer, out.detach())
+        if not blocks(layer, out):  # kept: its statistics are taken with every layer's after the forward
+            stats.block(layer, out.detach())
 
     with AttentionCapture(
         vm.model, on_attention=stats, inline=setup.inline, on_block=on_block, with_grad=setup.gradients
     ) as cap:
         logits = vm.logits(x)
     blocks.finish()
+    if blocks.output_stack is not None:  # every layer's block statistics at once (see StatisticsReducer.blocks)
+        stats.statistics.blocks(blocks.output_stack, blocks.stacked("norms"))
     n_seen = cap.q[0].shape[-2]
     if n_seen != n:
         raise RuntimeError(f"{n_seen} tokens do not match {p} prefix tokens + a {setup.grid[0]}x{setup.grid[1]} grid")

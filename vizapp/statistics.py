@@ -442,7 +442,10 @@ class StatisticsReducer:
                 f"expected {expected} ({self.batch} images x {h} heads x {g.num_tokens} queries)"
             )
         for s in self.head_stats:
-            self.values[s.name][layer, :, :h] = self._row_buffer(s, g)[:, :h].double().mean(dim=-1)
+            # the mean in float64 straight into the values (one kernel on a GPU, not a copy, a mean and a copy back)
+            torch.mean(
+                self._row_buffer(s, g)[:, :h], dim=-1, dtype=torch.float64, out=self.values[s.name][layer, :, :h]
+            )
 
     def block(self, layer: int, out: torch.Tensor, norms: torch.Tensor | None = None) -> None:
         """``on_block``: the block statistics of block ``layer``'s output [B, N, D] (``norms``: its tokens' L2 norms
@@ -451,6 +454,23 @@ class StatisticsReducer:
         for s in self.block_stats:
             self.values[s.name][layer] = s.of_block(tokens).to(torch.float64)
         self._blocks[layer] = True
+
+    def blocks(self, outputs: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """The block statistics of every layer at once, from the block outputs stacked [L, B, N, D] after the forward
+        (``norms``: their [L, B, N] token norms when the caller has them): each statistic reads the L·B outputs as one
+        block of L·B images, so it runs once instead of once per layer (a GPU launches its kernels once). The layers
+        must share one geometry's prefix tokens."""
+        n_layers, b = outputs.shape[:2]
+        if n_layers != len(self.heads) or b != self.batch:
+            raise ValueError(f"outputs of {n_layers} layers x {b} images, expected {len(self.heads)} x {self.batch}")
+        prefix = {self._layer_geometry(i).num_prefix_tokens for i in range(n_layers)}
+        if len(prefix) != 1:
+            raise ValueError("the layers differ in prefix tokens: give each block to block()")
+        flat_norms = None if norms is None else norms.flatten(0, 1)
+        tokens = BlockTokens(outputs.flatten(0, 1), prefix.pop(), flat_norms)
+        for s in self.block_stats:
+            self.values[s.name].copy_(s.of_block(tokens).view(n_layers, b))
+        self._blocks = [True] * n_layers
 
     def complete(self) -> bool:
         """Every layer's attention (and, with block statistics, every block's output) reached the reducer."""

@@ -221,20 +221,25 @@ class BlockFeatures:
         self._deferred: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] in the model's dtype, until finish()
         self._output_block: torch.Tensor | None = None  # [L, B, N, D]: the deferred outputs' copies (_defer)
         self._output_slots: tuple[torch.Tensor, ...] = ()
+        #: after :meth:`finish`, when every layer's output was kept: all of them, [L, B, N, D] in the model's dtype
+        self.output_stack: torch.Tensor | None = None
         self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
         self._blocks: dict[str, torch.Tensor] = {}  # "norms" [L, B, N], "lens" [L, B, K]: written during the forward
         self._written: dict[str, set[int]] = {}  # the layers written into each of _blocks
 
-    def __call__(self, layer: int, out: torch.Tensor) -> None:
+    def __call__(self, layer: int, out: torch.Tensor) -> bool:
+        """Take block ``layer``'s output; True when it is kept until :meth:`finish` (every layer's output is then
+        there as :attr:`output_stack`), False when it was reduced now."""
         if self.num_layers * out[0].numel() * 4 <= self.budget:  # kept, and reduced in finish()
             self._defer(layer, out)
-            return
+            return True
         if layer == self.num_layers - 1:
             self.outputs[layer] = out.float()
         self._write("norms", layer, torch.linalg.vector_norm(out.float(), dim=-1))
         if self.lens_fn is not None:
             with torch.no_grad():
                 self._write("lens", layer, self._probabilities(self.lens_fn(out).float()))
+        return False
 
     def _defer(self, layer: int, out: torch.Tensor) -> None:
         """Keep block ``layer``'s output [B, N, D] for :meth:`finish`, copied into one [L, B, N, D] block made at the
@@ -275,6 +280,7 @@ class BlockFeatures:
     def finish(self) -> None:
         """Norms and lens of the layers whose outputs were kept, in one call each, and every layer's view of the
         blocks the others were written into; call once after the forward."""
+        self.output_stack = None
         for what, block in self._blocks.items():
             for i in self._written[what]:
                 getattr(self, what)[i] = block[i]
@@ -294,6 +300,8 @@ class BlockFeatures:
         else:
             stack = torch.stack([self._deferred[i] for i in layers])  # [l, B, N, D]
         self._deferred = {}
+        if layers == list(range(self.num_layers)):
+            self.output_stack = stack
         norms = torch.linalg.vector_norm(stack.float(), dim=-1)  # [l, B, N]
         lens = None
         if self.lens_fn is not None:
