@@ -461,6 +461,15 @@ def test_half_precision_forward_keeps_attention_maths_in_fp32():
     np.testing.assert_allclose(r16.mean_distance, expected.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(r16.mean_distance, r32.mean_distance, rtol=0.03)
     np.testing.assert_allclose(r16.rollout(), r32.rollout(), atol=0.03 * r32.rollout().max())
+    # three images in one forward, formed several at a time (capture._inline_images: fp32 products written into the
+    # bf16 output): each image's probabilities as the model's own bf16 forward gives them, in the images' order
+    imgs = [random_image(i) for i in (5, 6, 7)]
+    batch = vizapp.analyze(vm16, imgs)
+    with torch.no_grad():
+        own = torch.log_softmax(vm16.logits(torch.stack([vm16.transform(im) for im in imgs]).bfloat16()).float(), -1)
+    for i, r in enumerate(batch):  # about 0.01 apart (bf16 rounding); another image's are about 1 apart
+        np.testing.assert_allclose(np.log(r.probs), own[i].numpy(), atol=0.05)
+    np.testing.assert_allclose(batch[0].mean_distance, r16.mean_distance, rtol=0.01)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

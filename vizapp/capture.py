@@ -10,9 +10,8 @@ So the capture marks each attention module as running, on the calling thread, fr
 (an ``always_call`` forward hook unmarks it, also when the module raises). While any capture is open,
 ``F.scaled_dot_product_attention`` is replaced by a function that hands the call to the capture of the innermost
 marked module on this thread, and is torch's own function otherwise (one thread-local lookup); the last capture to
-close puts torch's function back. torch's ``nn.MultiheadAttention`` is marked
-with a thread-local ``TorchFunctionMode`` instead, which also turns off torch's fused MHA fast path. At that call
-the capture:
+close puts torch's function back. torch's ``nn.MultiheadAttention`` is marked with a thread-local
+``TorchFunctionMode`` instead, which also turns off torch's fused MHA fast path. At that call the capture:
 
 - records q and k (and the additive bias) of the layer, [B, H, N, d] each;
 - with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
@@ -29,8 +28,8 @@ timm's ``Attention`` with ``fused_attn`` off never calls SDPA; its q and k are r
 consumer is fed from them at the end of the layer (:attr:`AttentionCapture.replayed_layers`).
 
 Hooks and marks live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
-analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises.
-No model flag is changed.
+analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises;
+no model flag is changed.
 """
 
 from __future__ import annotations
@@ -88,16 +87,15 @@ class _MHAMode(TorchFunctionMode):
 
 
 class _Route(threading.local):
-    """Per thread: the (capture, layer) of every attention module running now, innermost last, and while one of them
-    handles a call, its level (calls made inside the handler go to the levels below it)."""
+    """Per thread: (capture, layer) of each attention module running, innermost last; ``top``: the level handling a
+    call now (calls made inside the handler go to the levels below it)."""
 
     def __init__(self) -> None:
         self.stack: list[tuple[AttentionCapture, int]] = []
         self.top: int | None = None
 
 
-_ROUTE = _Route()
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)  # 72 us to build; built once, not per layer
+_ROUTE, _MHA_SIGNATURE = _Route(), inspect.signature(F.multi_head_attention_forward)  # the signature: built once
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _INSTALL_LOCK = threading.Lock()
 
@@ -119,8 +117,7 @@ def _route_sdpa(args: tuple, kwargs: dict, level: int | None = None) -> Any:
 
 @functools.wraps(_ORIGINAL_SDPA)
 def _scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
-    # vizapp's capture point (see the module docstring): torch's own function whenever no capture runs an attention
-    # module on this thread, at the cost of one thread-local lookup
+    # the capture point (module docstring): torch's own function when no capture runs a module on this thread
     if not _ROUTE.stack:
         return _ORIGINAL_SDPA(*args, **kwargs)
     return _route_sdpa(args, kwargs)
@@ -376,7 +373,7 @@ class AttentionCapture:
         group: int,
     ) -> torch.Tensor:
         """:meth:`_inline` with ``group`` whole images per chunk: each chunk's heads of all its images are formed,
-        handed over as [g, H, N, N] and multiplied by v as one batch of g·H matrices."""
+        handed over as [g, H, N, N] and multiplied by v as one batch of g·H matrices, into the output (contiguous)."""
         b, h, n, d = q.shape
         work = self._work
         if work is None or work.shape != (2, group * h, n, n) or work.device != q.device:
@@ -393,8 +390,11 @@ class AttentionCapture:
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
                 hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, work[0, : g * h].view(g, h, n, n))
-                product = torch.bmm(a, v[flat].float().reshape(g * h, n, -1)).view(g, h, n, -1)
-                out[flat].copy_(product)
+                vs, target = v[flat].float().reshape(g * h, n, -1), out[flat].view(g * h, n, -1)
+                if target.dtype == torch.float32:
+                    torch.bmm(a, vs, out=target)
+                else:
+                    target.copy_(torch.bmm(a, vs))
         self._layer_formed(layer)
         return out
 
