@@ -1,8 +1,12 @@
-"""Where ``analyze`` spends its time on a GPU at batch 1: wall time of the forward alone, inside the capture with a
-no-op consumer, and the full analysis; then torch.profiler's top operators by self CPU time and the host-device
-synchronisations (each one stalls the Python thread until the GPU catches up).
+"""Where ``analyze`` and the class maps spend their time on a GPU at batch 1: wall time of the forward alone, inside
+the capture with a no-op consumer, and the full analysis; then the class maps split into their parts (the gradient
+analysis, one further class's backward and maps, the batch API's path); for each of the two paths torch.profiler's
+top operators by self CPU time, the host-device synchronisations (each one stalls the Python thread until the GPU
+catches up) and the kernel launches.
 
-    python -m benchmarks.gpu_profile [--model vit_base_patch16_224] [--repeats 20]
+    python -m benchmarks.gpu_profile [--model vit_base_patch16_224] [--repeats 20] [--device cuda]
+
+``--device cpu`` runs the same script on the CPU (no graph rows, no CUDA events): a check that it runs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,28 +36,51 @@ class _Sink:
         pass
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(vm: vizapp.VizModel, fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        vm.synchronize()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        vm.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _profiled(vm: vizapp.VizModel, what: str, fn: Callable[[], object], runs: int = 5) -> None:
+    """torch.profiler over ``runs`` calls of ``fn``: the top operators, the synchronisations and launches per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if vm.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        vm.synchronize()
+    events = prof.key_averages()
+    print(f"\n{what}: torch.profiler over {runs} calls")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30))
+    sync_names = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaMemcpyAsync", "aten::to")
+    for e in events:
+        if e.key in sync_names or "Synchronize" in e.key:
+            print(f"  per call: {e.key:<32} {e.count / runs:7.1f} calls, {e.cpu_time_total / runs / 1e3:7.2f} ms CPU")
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"  kernel launches per call: {launches / runs:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    vm = vizapp.load_model(args.model, pretrained=False, device="cuda")
+    vm = vizapp.load_model(args.model, pretrained=False, device=args.device)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
     x = vm.transform(img)[None].to(vm.device)
+    n_classes = len(vm.labels) or 1
+    classes = iter(range(10**9))
 
     def bare() -> None:
         with torch.no_grad():
@@ -79,42 +107,57 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.environ.pop("VIZAPP_CUDA_GRAPHS")
 
-    def bare_model(t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return vm.model(t)
+    def class_maps() -> None:  # what benchmarks.class_maps times
+        r = vizapp.analyze(vm, img, gradients=True)
+        r.relevance(1 % n_classes)
+        r.grad_rollout(1 % n_classes)
 
-    bare_graph = GraphedPass(bare_model, x)  # the same forward with its launches recorded: the floor a graph reaches
+    def gradient_analysis() -> vizapp.Analysis:
+        return vizapp.analyze(vm, img, gradients=True)
 
-    def bare_graphed() -> None:
-        with bare_graph.run(x):
-            pass  # the timer synchronises after the replay
+    kept = gradient_analysis()
+
+    def another_class() -> None:  # one backward and the two maps, for a class not asked before
+        c = next(classes) % n_classes
+        kept.relevance(c)
+        kept.grad_rollout(c)
+
+    def batch_path() -> None:
+        vizapp.explain(vm, [img], ["relevance", "grad_rollout"], classes=1 % n_classes)
 
     rows = [
-        ("preprocessing + copy to GPU", _median_ms(transform, args.repeats)),
-        ("bare forward", _median_ms(bare, args.repeats)),
-        ("forward in capture, no-op consumer, no q/k kept", _median_ms(captured, args.repeats)),
-        ("forward in capture, no-op consumer, q/k kept", _median_ms(captured_qk, args.repeats)),
-        ("analyze (preprocessing included)", _median_ms(full, args.repeats)),
-        ("analyze, CUDA graphs off (preprocessing included)", _median_ms(eager, args.repeats)),
-        ("bare forward replayed as a CUDA graph", _median_ms(bare_graphed, args.repeats)),
+        ("preprocessing + copy to the device", _median_ms(vm, transform, args.repeats)),
+        ("bare forward", _median_ms(vm, bare, args.repeats)),
+        ("forward in capture, no-op consumer, no q/k kept", _median_ms(vm, captured, args.repeats)),
+        ("forward in capture, no-op consumer, q/k kept", _median_ms(vm, captured_qk, args.repeats)),
+        ("analyze (preprocessing included)", _median_ms(vm, full, args.repeats)),
     ]
-    print(f"{args.model} on {torch.cuda.get_device_name(0)}, batch 1, medians of {args.repeats}")
-    for name, t in rows:
-        print(f"  {name:<52}{t:8.2f} ms")
-    from torch.profiler import ProfilerActivity, profile
+    if vm.device.type == "cuda":
+        rows.append(("analyze, CUDA graphs off (preprocessing included)", _median_ms(vm, eager, args.repeats)))
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            full()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    print(events.table(sort_by="self_cpu_time_total", row_limit=30))
-    sync_names = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaMemcpyAsync", "aten::to")
-    for e in events:
-        if e.key in sync_names or "Synchronize" in e.key:
-            print(f"  per analyze: {e.key:<32} {e.count / 5:7.1f} calls, {e.cpu_time_total / 5 / 1e3:7.2f} ms CPU")
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print(f"  kernel launches per analyze: {launches / 5:.0f}")
+        def bare_model(t: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return vm.model(t)
+
+        bare_graph = GraphedPass(bare_model, x)  # the same forward with its launches recorded: the floor of a graph
+
+        def bare_graphed() -> None:
+            with bare_graph.run(x):
+                pass  # the timer synchronises after the replay
+
+        rows.append(("bare forward replayed as a CUDA graph", _median_ms(vm, bare_graphed, args.repeats)))
+    rows += [
+        ("class maps: analyze(gradients) + relevance + grad rollout", _median_ms(vm, class_maps, args.repeats)),
+        ("  of which analyze(gradients=True)", _median_ms(vm, gradient_analysis, args.repeats)),
+        ("  a further class: one backward + both maps", _median_ms(vm, another_class, args.repeats)),
+        ("class maps by vizapp.explain, one image", _median_ms(vm, batch_path, args.repeats)),
+    ]
+    where = torch.cuda.get_device_name(0) if vm.device.type == "cuda" else "the CPU"
+    print(f"{args.model} on {where}, batch 1, medians of {args.repeats}")
+    for name, t in rows:
+        print(f"  {name:<60}{t:8.2f} ms")
+    _profiled(vm, "analyze", full)
+    _profiled(vm, "class maps (analyze with gradients, relevance, gradient rollout)", class_maps)
     return 0
 
 

@@ -157,3 +157,27 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert int(got["bare"][4]) == bare  # nothing of a bare forward is graphed
     assert 0 < int(got["analyze"][4]) < bare  # outside the graphs: a remainder
     assert bare < int(got["class maps"][4]) < maps  # the digest alone is graphed there
+
+
+def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
+    """benchmarks.gpu_profile (run on the GPU machine by gpu.sh) is device-agnostic: on the CPU it prints every timed
+    part, class maps included, each a positive time, and a profile of each path (no CUDA rows or events here)."""
+    import re
+
+    from benchmarks import gpu_profile
+
+    assert gpu_profile.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224 on the CPU, batch 1, medians of 1" in out
+    for part in (
+        "bare forward",
+        "analyze (preprocessing included)",
+        "class maps: analyze(gradients) + relevance + grad rollout",
+        "of which analyze(gradients=True)",
+        "a further class: one backward + both maps",
+        "class maps by vizapp.explain, one image",
+    ):
+        found = re.search(re.escape(part) + r"\s+([0-9.]+) ms", out)
+        assert found and float(found.group(1)) > 0, part
+    assert "CUDA graph" not in out
+    assert out.count("torch.profiler over 5 calls") == 2 and out.count("kernel launches per call: 0") == 2
