@@ -16,6 +16,8 @@ Calls, each for the astronaut photo and random weights:
   replay instead of their launches (:mod:`vizapp.cudagraph`); the "outside graphs" column counts what remains;
 - class maps: ``analyze(gradients=True)`` then ``relevance`` and ``grad_rollout`` of one class (the class-map
   benchmark's path; never graphed: it runs autograd);
+- batch analyze: ``vizapp.analyze(vm, 16 images)`` (no graph: a list is analysed eagerly) against the same bare
+  forward;
 - batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16.
 
 Writes docs/benchmarks-launches.md.
@@ -154,6 +156,7 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
         "analyze": lambda: vizapp.analyze(vm, img),
         "class maps": class_maps,
         f"bare, {batch} images": bare_batch,
+        f"batch analyze, {batch} images": lambda: vizapp.analyze(vm, images),
         f"batch class maps, {batch} images": lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1),
     }
 

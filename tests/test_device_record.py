@@ -239,3 +239,29 @@ def test_the_evaluation_on_the_device_gives_the_cpus_rows():
             else:
                 assert b[key] == value, key
         assert any(k.endswith(".acc5") for k in a)
+
+
+def test_to_host_copies_views_covering_a_batch_tensor_as_that_tensor():
+    """pipeline.to_host on the simulated GPU: each image's slices of a batch tensor (strided, float64 or float32) come
+    back equal to the tensors they are, from one copy with no kernel per slice; a slice covering part of its tensor
+    and a tensor of its own are copied as themselves; one device-to-host copy in all."""
+    from benchmarks.launches import Counter
+    from vizapp.pipeline import to_host
+
+    vm = _load("vit_tiny_patch16_224", dict(img_size=32, depth=1))
+    with simulated_gpu(vm):
+        stats = torch.arange(24, dtype=torch.float64, device=vm.device).view(3, 4, 2)  # [L, B, H]
+        logits = torch.arange(20, dtype=torch.float32, device=vm.device).view(4, 5)  # [B, K]
+        part = torch.arange(10.0, device=vm.device)
+        own = torch.full((2, 3), 7.0, device=vm.device)
+        tensors = [*(stats[:, i] for i in range(4)), *(logits[i] for i in range(4)), part[2:5], own]
+        counter = Counter()
+        with host_copies() as copies, counter:
+            got = to_host(tensors)
+        assert copies.count == 1
+        slice_kernels = counter.kernels
+        for t, h in zip(tensors, got, strict=True):
+            assert not isinstance(h, OnDevice) and h.dtype == torch.float32 and h.shape == t.shape
+            assert torch.equal(h, t.float().cpu())
+        # the per-slice path would flatten each of the 4 strided statistic slices on the device
+        assert slice_kernels <= 4, slice_kernels

@@ -148,11 +148,38 @@ def settle(outs: list[_PassResult]) -> list[_PassResult]:
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors as float32 on the CPU, with one device-to-host copy for all of them when they are on a GPU (CPU
-    tensors are returned as they are, converted only when not float32)."""
+    tensors are returned as they are, converted only when not float32).
+
+    Views that together take up most of one storage (each image's slice of a batch's statistics, norms, logits) are
+    copied as that storage, once, and read back on the host where they lie in it: flattening a strided slice on the
+    device is a kernel per slice (a batch of 16 ViT-S images: 65 of the analysis's 484 launches outside the digest's
+    graph)."""
     if all(t.device.type == "cpu" for t in tensors):
         return [t.float() for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).cpu()
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+    def key(t: torch.Tensor) -> tuple[int, torch.dtype]:
+        return t.untyped_storage().data_ptr(), t.dtype
+
+    wanted: dict[tuple[int, torch.dtype], int] = {}
+    for t in tensors:
+        wanted[key(t)] = wanted.get(key(t), 0) + t.numel()
+    roots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    for t in tensors:
+        size = t.untyped_storage().nbytes() // t.element_size()
+        if key(t) not in roots and size <= 2 * wanted[key(t)]:  # the storage is mostly these views: copied whole
+            roots[key(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (size,))
+    sources = [*roots.values(), *(t for t in tensors if key(t) not in roots)]
+    flat = torch.cat([t.detach().reshape(-1).float() for t in sources]).cpu()
+    pieces = flat.split([t.numel() for t in sources])
+    copies = dict(zip([*roots, *(id(t) for t in tensors if key(t) not in roots)], pieces, strict=True))
+    out = []
+    for t in tensors:
+        if key(t) in roots:  # as the view lies in its storage, read from the storage's copy (a piece of ``flat``)
+            copy = copies[key(t)]
+            out.append(copy.as_strided(t.shape, t.stride(), copy.storage_offset() + t.storage_offset()))
+        else:
+            out.append(copies[id(t)].view(t.shape))
+    return out
 
 
 def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_PassResult]:
