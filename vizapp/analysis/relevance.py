@@ -125,7 +125,10 @@ def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int =
     v = weights.to(device=fused.device, dtype=torch.float64)  # the weights are made on the host
     for layer in range(fused.shape[-3] - 1, start_layer - 1, -1):
         a = fused[..., layer, :, :].to(torch.float64)
-        v = v + (v @ a if a.dim() == 2 else torch.matmul(v.unsqueeze(-2), a).squeeze(-2))
+        if a.dim() == 2 and v.dim() == 1:
+            v = torch.addmv(v, a.mT, v)  # v + v @ a in one operation (one kernel on a GPU)
+        else:
+            v = v + (v @ a if a.dim() == 2 else torch.matmul(v.unsqueeze(-2), a).squeeze(-2))
     return v
 
 

@@ -109,6 +109,8 @@ def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> t
     s = fused.sum(dim=-1) + 1.0  # [N], or [B, N]
     if side == "left":
         w = x / s
+        if fused.dim() == 2 and w.dim() == 1:
+            return torch.addmv(w, fused.mT, w)  # w + w @ A in one operation (one kernel on a GPU)
         if fused.dim() == 2:
             return w @ fused + w
         return torch.matmul(w.unsqueeze(-2), fused).squeeze(-2) + w  # [B, N]
