@@ -152,7 +152,7 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
     Views that together take up most of one storage (each image's slice of a batch's statistics, norms, logits) are
     copied as that storage, once, and read back on the host where they lie in it: flattening a strided slice on the
-    device is a kernel per slice (a batch of 16 ViT-S images: 65 of the analysis's 484 launches outside the digest's
+    device is a kernel per slice (a batch of 16 ViT-S images: 64 of the analysis's 484 launches outside the digest's
     graph)."""
     if all(t.device.type == "cpu" for t in tensors):
         return [t.float() for t in tensors]
