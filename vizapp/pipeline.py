@@ -157,29 +157,27 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if all(t.device.type == "cpu" for t in tensors):
         return [t.float() for t in tensors]
 
-    def key(t: torch.Tensor) -> tuple[int, torch.dtype]:
-        return t.untyped_storage().data_ptr(), t.dtype
-
+    keys = [(t.untyped_storage().data_ptr(), t.dtype) for t in tensors]
     wanted: dict[tuple[int, torch.dtype], int] = {}
-    for t in tensors:
-        wanted[key(t)] = wanted.get(key(t), 0) + t.numel()
-    roots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-    for t in tensors:
+    for key, t in zip(keys, tensors, strict=True):
+        wanted[key] = wanted.get(key, 0) + t.numel()
+    roots: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # storages copied whole, each as a 1-D tensor
+    for key, t in zip(keys, tensors, strict=True):
         size = t.untyped_storage().nbytes() // t.element_size()
-        if key(t) not in roots and size <= 2 * wanted[key(t)]:  # the storage is mostly these views: copied whole
-            roots[key(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (size,))
-    sources = [*roots.values(), *(t for t in tensors if key(t) not in roots)]
-    flat = torch.cat([t.detach().reshape(-1).float() for t in sources]).cpu()
-    pieces = flat.split([t.numel() for t in sources])
-    copies = dict(zip([*roots, *(id(t) for t in tensors if key(t) not in roots)], pieces, strict=True))
-    out = []
-    for t in tensors:
-        if key(t) in roots:  # as the view lies in its storage, read from the storage's copy (a piece of ``flat``)
-            copy = copies[key(t)]
-            out.append(copy.as_strided(t.shape, t.stride(), copy.storage_offset() + t.storage_offset()))
-        else:
-            out.append(copies[id(t)].view(t.shape))
-    return out
+        if key not in roots and size <= 2 * wanted[key]:  # the storage is mostly these views
+            roots[key] = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (size,))
+    loose = [t for key, t in zip(keys, tensors, strict=True) if key not in roots]
+    sources = [*roots.values(), *loose]
+    pieces = iter(
+        torch.cat([t.detach().reshape(-1).float() for t in sources]).cpu().split([t.numel() for t in sources])
+    )
+    copies = {key: next(pieces) for key in roots}  # pieces of one host tensor: as_strided counts from its start
+    return [
+        copies[key].as_strided(t.shape, t.stride(), copies[key].storage_offset() + t.storage_offset())
+        if key in roots
+        else next(pieces).view(t.shape)  # the loose tensors' pieces follow, in the same order
+        for key, t in zip(keys, tensors, strict=True)
+    ]
 
 
 def _device_pass(vm: VizModel, x: torch.Tensor, setup: _PassSetup) -> list[_PassResult]:

@@ -219,12 +219,12 @@ class BlockFeatures:
         self.lens: list[torch.Tensor | None] = [None] * num_layers  # [B, K] per layer
         self.outputs: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] float32
         self._deferred: dict[int, torch.Tensor] = {}  # layer -> [B, N, D] in the model's dtype, until finish()
-        self._output_block: torch.Tensor | None = None  # [L, B, N, D]: the deferred outputs' copies (_defer)
-        self._output_slots: tuple[torch.Tensor, ...] = ()
         #: after :meth:`finish`, when every layer's output was kept: all of them, [L, B, N, D] in the model's dtype
         self.output_stack: torch.Tensor | None = None
         self._stacked: dict[str, torch.Tensor] = {}  # "norms", "lens": every layer's, as finish() computed them
-        self._blocks: dict[str, torch.Tensor] = {}  # "norms" [L, B, N], "lens" [L, B, K]: written during the forward
+        # "norms" [L, B, N], "lens" [L, B, K], "outputs" [L, B, N, D]: written during the forward (_write)
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._slots: dict[str, tuple[torch.Tensor, ...]] = {}  # every layer's view of each block
         self._written: dict[str, set[int]] = {}  # the layers written into each of _blocks
 
     def __call__(self, layer: int, out: torch.Tensor) -> bool:
@@ -242,20 +242,11 @@ class BlockFeatures:
         return False
 
     def _defer(self, layer: int, out: torch.Tensor) -> None:
-        """Keep block ``layer``'s output [B, N, D] for :meth:`finish`, copied into one [L, B, N, D] block made at the
-        forward's first layer, which finish() then uses as the stack of the outputs. Holding each block's own output
-        until finish() stacked them held the outputs twice at its end (ViT-S/16, 16 images: 58 MB each); with the
-        copies the model's residual-stream tensors are freed as it goes. A layer unlike the first (dtype, device)
-        keeps its own output, stacked in finish()."""
-        block = self._output_block
-        if layer == 0 or block is None:
-            block = self._output_block = torch.empty((self.num_layers, *out.shape), dtype=out.dtype, device=out.device)
-            self._output_slots = block.unbind(0)  # every layer's view made now (see _write)
-        if block.shape[1:] == out.shape and block.dtype == out.dtype and block.device == out.device:
-            with torch.no_grad():
-                self._deferred[layer] = self._output_slots[layer].copy_(out)
-        else:
-            self._deferred[layer] = out
+        """Keep block ``layer``'s output [B, N, D] for :meth:`finish`, copied into the forward's "outputs" block
+        (:meth:`_write`), which finish() then uses as the stack of the outputs. Holding each block's own output until
+        finish() stacked them held the outputs twice at its end (ViT-S/16, 16 images: 58 MB each); with the copies the
+        model's residual-stream tensors are freed as it goes."""
+        self._deferred[layer] = self._write("outputs", layer, out)
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The lens's logits as the model's own probabilities: the softmax, or each one's sigmoid where the lens says
@@ -264,41 +255,40 @@ class BlockFeatures:
 
         return probabilities(logits, getattr(self.lens_fn, "activation", "softmax"))
 
-    def _write(self, what: str, layer: int, value: torch.Tensor) -> None:
-        """Layer ``layer``'s ``value`` ([B, N] norms or [B, K] lens) copied into one block for every layer, made at
-        the forward's first layer: a tensor kept per layer would be a small allocation outliving the layer among its
-        freed activations, which fragments the heap (see :meth:`vizapp.capture.AttentionCapture._record`)."""
+    def _write(self, what: str, layer: int, value: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s ``value`` ([B, N] norms, [B, K] lens or [B, N, D] output) copied into one block for every
+        layer, made at the forward's first layer (again for a layer unlike the block) with every layer's view: a
+        tensor kept per layer would be a small allocation outliving the layer among its freed activations, which
+        fragments the heap (see :meth:`vizapp.capture.AttentionCapture._record`). Returns the layer's view."""
         block = self._blocks.get(what)
         if layer == 0 or block is None or block.shape[1:] != value.shape or block.dtype != value.dtype:
             block = self._blocks[what] = torch.empty(
                 (self.num_layers, *value.shape), dtype=value.dtype, device=value.device
             )
-            self._written[what] = set()
-        block[layer].copy_(value)
+            self._slots[what], self._written[what] = block.unbind(0), set()
+        with torch.no_grad():  # a record, never in a graph
+            view = self._slots[what][layer].copy_(value)
         self._written[what].add(layer)
+        return view
 
     def finish(self) -> None:
         """Norms and lens of the layers whose outputs were kept, in one call each, and every layer's view of the
         blocks the others were written into; call once after the forward."""
         self.output_stack = None
+        whole = {what for what, written in self._written.items() if len(written) == self.num_layers}
+        outputs = self._blocks.pop("outputs", None)
         for what, block in self._blocks.items():
             for i in self._written[what]:
                 getattr(self, what)[i] = block[i]
-            if len(self._written[what]) == self.num_layers:
+            if what in whole:
                 self._stacked[what] = block
-        self._blocks, self._written = {}, {}
+        self._blocks, self._written, self._slots = {}, {}, {}
         if not self._deferred:
             return
         layers = sorted(self._deferred)
-        block, self._output_block, self._output_slots = self._output_block, None, ()
-        if (
-            block is not None
-            and layers == list(range(self.num_layers))
-            and all(self._deferred[i].data_ptr() == block[i].data_ptr() for i in layers)
-        ):
-            stack = block  # [L, B, N, D]: every layer was copied into it during the forward
-        else:
-            stack = torch.stack([self._deferred[i] for i in layers])  # [l, B, N, D]
+        # [L, B, N, D]: every layer was copied into the block during the forward, unless a layer unlike the first
+        # started a new one (the earlier layers' copies are then in the old one)
+        stack = outputs if "outputs" in whole else torch.stack([self._deferred[i] for i in layers])
         self._deferred = {}
         if layers == list(range(self.num_layers)):
             self.output_stack = stack
