@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vizapp import limits
+from vizapp import kept, limits
 from vizapp.attention import (  # noqa: F401  (named here too, where callers have found them)
     ABLATE_MODES,
     AttentionConsumer,
@@ -259,7 +259,7 @@ class AttentionCapture:
             # capture with per-layer copies, against the 113 MB of q and k).
             packed = self._packed
             if layer == 0 or packed is None:
-                packed = self._packed = torch.empty((2, len(self), *q.shape), dtype=q.dtype, device=q.device)
+                packed = self._packed = kept.empty((2, len(self), *q.shape), q.dtype, q.device)
                 # every layer's view made now, together: a view made in each layer would be a small allocation that
                 # outlives the layer among its freed activations, splitting the holes the next layer's activations
                 # would reuse (ViT-L/384: the heap grew by about 100 MB over the forward with such small objects)

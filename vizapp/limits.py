@@ -54,6 +54,13 @@ BATCH_FORWARD_BYTES_GPU = 8 * 2**30
 # with gradients, the autograd graphs): a list over this is refused before any forward. ``vizapp.explain`` keeps maps
 # only and is not bounded by it.
 BATCH_RECORD_BYTES = 4 * 2**30
+# Blocks an analysis keeps on the CPU (q and k, fusions, block outputs) of at least KEPT_POOL_MIN_BYTES come from
+# vizapp.kept, which hands them out again once the analysis holding them is gone: a fresh block is faulted in page by
+# page (16 ViT-S/16 images keep about 200 MB, some 50,000 faults a forward; 64 keep 816 MB). The pool holds at most
+# KEPT_POOL_BYTES, in use and free together, so that much may stay held once every analysis is gone
+# (vizapp.kept.release() gives it back); a block beyond that is an ordinary allocation.
+KEPT_POOL_MIN_BYTES = 1 * 2**20
+KEPT_POOL_BYTES = 1 * 2**30
 
 
 def batch_forward_bytes(device: torch.device) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vizapp import limits
+from vizapp import kept, limits
 from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step, start_fusion
 from vizapp.capture import attention_chunks
 from vizapp.statistics import Geometry, Statistic, StatisticsReducer
@@ -92,7 +92,7 @@ class LayerStatistics:
         if not self._acc:  # the layer's first chunk
             dev, b = attn.device, self.batch
             if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
-                self.mean_store = torch.empty((b, len(self.heads), n, n), device=dev)
+                self.mean_store = kept.empty((b, len(self.heads), n, n), torch.float32, dev)
                 # every layer's view at once: one made per layer would outlive it among the layer's freed
                 # activations and fragment the heap (see AttentionCapture._record)
                 self._mean_layers = self.mean_store.unbind(1)
@@ -262,9 +262,7 @@ class BlockFeatures:
         fragments the heap (see :meth:`vizapp.capture.AttentionCapture._record`). Returns the layer's view."""
         block = self._blocks.get(what)
         if layer == 0 or block is None or block.shape[1:] != value.shape or block.dtype != value.dtype:
-            block = self._blocks[what] = torch.empty(
-                (self.num_layers, *value.shape), dtype=value.dtype, device=value.device
-            )
+            block = self._blocks[what] = kept.empty((self.num_layers, *value.shape), value.dtype, value.device)
             self._slots[what], self._written[what] = block.unbind(0), set()
         with torch.no_grad():  # a record, never in a graph
             view = self._slots[what][layer].copy_(value)
