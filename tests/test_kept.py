@@ -90,6 +90,21 @@ def test_pool_holds_at_most_its_budget():
     assert kept.release() == 7 * UNIT and kept.held() == (0, 0)
 
 
+def test_free_block_no_recent_request_took_is_dropped(monkeypatch):
+    monkeypatch.setattr(limits, "KEPT_POOL_RECENT", 4)
+    monkeypatch.setattr(limits, "KEPT_POOL_BYTES", 64 * UNIT)
+    a = block(1)
+    del a
+    others = [block(0.25)]  # too small for the free block: a new one
+    assert kept.held() == (UNIT // 4, UNIT)
+    others += [block(0.25) for _ in range(2)]  # 3 requests since a's: still held
+    assert kept.held() == (3 * UNIT // 4, UNIT)
+    others.append(block(0.25))  # the 4th: a was not handed out by any of the last 4
+    assert kept.held() == (UNIT, 0)
+    del others
+    assert kept.held() == (0, UNIT)  # free, and each taken by one of the last 4 requests
+
+
 def test_small_blocks_and_other_devices_are_not_pooled(monkeypatch):
     monkeypatch.setattr(limits, "KEPT_POOL_MIN_BYTES", 2 * UNIT)
     a = block(1)

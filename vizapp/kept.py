@@ -15,8 +15,10 @@ read, since every caller writes all of a block before reading it, as it must wit
 tests check with it that an analysis in reused blocks is the same).
 
 The pool holds at most :data:`vizapp.limits.KEPT_POOL_BYTES`, in use and free together: to make room for a new block
-it drops free ones, the oldest first; a block that still does not fit is an ordinary allocation, not remembered. So
-at most that much stays held once every analysis is gone; :func:`release` gives it back. CUDA memory is left to
+it drops free ones, the least recently handed out first; a block that still does not fit is an ordinary allocation,
+not remembered. A free block that none of the last :data:`vizapp.limits.KEPT_POOL_RECENT` requests took is dropped
+too (an analysis asks for about three), so blocks of sizes no longer asked for do not stay. At most the budget stays
+held once every analysis is gone; :func:`release` gives it back. CUDA memory is left to
 torch's caching allocator, which reuses its blocks already.
 """
 
@@ -47,6 +49,7 @@ del _probe
 
 
 def _is_free(i: int) -> bool:
+    """Nothing but :data:`_pool` refers to block ``i`` (a caller must hold no other name for it while asking)."""
     return _use_count is not None and _use_count(_pool[i]._cdata) == 1 and _refs(_pool[i]) == _FREE_REFS
 
 
@@ -71,6 +74,7 @@ def empty(
                 return torch.empty(shape, dtype=dtype, device=device)
             block = torch.UntypedStorage(nbytes)
         _pool.append(block)
+        _drop_stale()
         out = torch.empty(0, dtype=dtype).set_(block, 0, shape)
     if torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory:
         _fill_uninitialized(out)  # as torch.empty does in that mode
@@ -100,6 +104,15 @@ def _drop_free(room: int) -> int:
     dropped = sum(_pool[i].nbytes() for i in drop)
     _pool[:] = [b for i, b in enumerate(_pool) if i not in drop]
     return dropped
+
+
+def _drop_stale() -> None:
+    """Drop the free blocks not handed out by the last :data:`vizapp.limits.KEPT_POOL_RECENT` requests (those
+    before the last that many in :data:`_pool`): analyses of another size or model left them. Call with the lock
+    held."""
+    stale = {i for i in range(len(_pool) - limits.KEPT_POOL_RECENT) if _is_free(i)}  # no other name for a block
+    if stale:
+        _pool[:] = [b for i, b in enumerate(_pool) if i not in stale]
 
 
 def release() -> int:

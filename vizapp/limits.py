@@ -61,6 +61,8 @@ BATCH_RECORD_BYTES = 4 * 2**30
 # (vizapp.kept.release() gives it back); a block beyond that is an ordinary allocation.
 KEPT_POOL_MIN_BYTES = 1 * 2**20
 KEPT_POOL_BYTES = 1 * 2**30
+# A free block none of the pool's last KEPT_POOL_RECENT requests took is given back (an analysis asks for about 3).
+KEPT_POOL_RECENT = 16
 
 
 def batch_forward_bytes(device: torch.device) -> int:
