@@ -40,12 +40,21 @@ CLASS_METHODS = ["relevance", "grad_rollout"]
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-batch.md"
 
 
-def _timed(vm: vizapp.VizModel, fn: Callable[[], object]) -> tuple[float, float]:
+def _faults() -> int:
+    """Minor page faults of this process so far (every thread), or 0 where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(vm: vizapp.VizModel, fn: Callable[[], object]) -> tuple[float, float, int]:
     vm.synchronize()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, f0 = time.perf_counter(), time.process_time(), _faults()
     fn()
     vm.synchronize()
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, _faults() - f0
 
 
 def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, warmup: int) -> dict[str, float]:
@@ -68,7 +77,7 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
     for _ in range(warmup):
         for fn in runs.values():
             fn()
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+    times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():
             times[k].append(_timed(vm, fn))
@@ -76,6 +85,7 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
     for k, v in times.items():
         out[f"{k}_wall"] = statistics.median(t[0] for t in v)
         out[f"{k}_cpu"] = statistics.median(t[1] for t in v)
+        out[f"{k}_faults"] = statistics.median(t[2] for t in v)
     inputs = [t[None] for t in x.cpu()]
     out["b_forwards"] = len(forward_groups(vm, inputs))
     out["c_forwards"] = len(forward_groups(vm, inputs, gradients=True)) if class_maps else float("nan")
@@ -100,7 +110,10 @@ def header(args: argparse.Namespace) -> list[str]:
         f"preprocessing included (target b/a <= {ANALYZE_TARGET:.2f}). c: `vizapp.explain(vm, images, "
         f'["relevance", "grad_rollout"])`, both maps of each image\'s top-1 class (target c/a <= {CLASS_MAP_TARGET}). '
         "Forwards: how many forwards the memory budget (`limits.BATCH_FORWARD_BYTES`) cut the call into. "
-        "ms per image = wall time / B.",
+        "ms per image = wall time / B. Page faults: the median minor page faults of the process during one call, in "
+        "thousands (each is a fresh 4 KiB page the kernel zeroes and maps, roughly 2 µs: glibc gives large blocks "
+        "back when they are freed, and whether a call's activations find their memory still mapped depends on what "
+        "the process did before, so a bare forward's own count moves between runs).",
         "",
         "b and c do their per-image work (each image's attention chunks and their statistics) as about ten small "
         "parallel ops per image and layer, where the bare forward runs about ten large ones per layer for the whole "
@@ -117,9 +130,9 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], threads: int, load: 
         f"Load average of the machine (1 min) at the start and end of this table: {load[0]:.1f}, {load[1]:.1f} "
         f"({os.cpu_count()} CPUs).",
         "",
-        "| model | B | a ms | a ms/image | b ms | b/a | b/a CPU | b forwards | b target | c ms | c/a | c/a CPU "
-        "| c forwards | c target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | B | a ms | a ms/image | b ms | b/a | b/a CPU | page faults a, b (k) | b forwards | b target | c ms "
+        "| c/a | c/a CPU | c forwards | c target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, batch, m in rows:
         a, b = m["a_wall"], m["b_wall"]
@@ -132,6 +145,7 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], threads: int, load: 
             f"{1e3 * b:.0f}",
             f"{ba:.3f}",
             f"{m['b_cpu'] / m['a_cpu']:.3f}",
+            f"{m['a_faults'] / 1e3:.1f}, {m['b_faults'] / 1e3:.1f}",
             f"{m['b_forwards']:.0f}",
             _verdict(ba, ANALYZE_TARGET),
         ]
