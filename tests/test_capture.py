@@ -271,6 +271,41 @@ def test_a_consumer_that_takes_scratch_may_overwrite_it_and_the_chunk_buffer_goe
         assert torch.equal(one[4], two[4]) and torch.equal(one[4], three[4])
 
 
+class _ScoresRecorder(_Recorder):
+    takes_scratch = takes_scores = True
+    image_groups = True
+
+    def __init__(self):
+        super().__init__()
+        self.told = []
+
+    def chunk(self, layer, batch, head, attn, row, scratch=None, scores_in_scratch=False):
+        self.told.append(scores_in_scratch)
+        if scores_in_scratch:  # the scratch holds the scores whose softmax the chunk is
+            torch.testing.assert_close(torch.softmax(scratch, dim=-1), attn, rtol=1e-6, atol=1e-7)
+        super().chunk(layer, batch, head, attn, row)
+
+
+@pytest.mark.parametrize(("inline", "biased"), [(True, False), (False, False), (True, True)])
+def test_a_consumer_that_takes_scores_is_told_when_the_scratch_holds_them(inline, biased):
+    """Inline (image groups and chunks of heads) and replayed from q and k: without an additive bias the scratch holds
+    each chunk's scores, and the consumer is told; with one (BEiT's relative position bias, inline: timm's BEiT has no
+    SDPA call to replay from with fused attention off) it is not told."""
+    if biased:
+        vm = small_model("beit_base_patch16_224", img_size=48, depth=2, embed_dim=64, num_heads=4)
+    else:
+        vm = small_model("vit_tiny_patch16_224", img_size=48, depth=2)  # a model of its own: fused attention goes off
+    if not inline:
+        for blk in vm.model.blocks:
+            blk.attn.fused_attn = False
+    x = torch.stack([vm.transform(random_image(i)) for i in (1, 2, 3)])
+    for chunk_bytes in (2 * 10 * 10 * 4, 10**6):  # chunks of heads of one image; whole images grouped (inline)
+        rec = _ScoresRecorder()
+        with torch.no_grad(), AttentionCapture(vm.model, on_attention=rec, chunk_bytes=chunk_bytes):
+            vm.model(x)
+        assert rec.chunks and rec.told == [not biased] * len(rec.chunks)
+
+
 def test_inline_capture_splits_one_head_into_row_blocks_when_it_does_not_fit(monkeypatch):
     from vizapp import limits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -160,3 +161,80 @@ def test_every_layers_block_statistics_at_once_equal_layer_by_layer(toy):
         assert torch.equal(at_once.values[name], v), name
     with pytest.raises(ValueError, match="outputs of 1 layers x 2 images"):
         at_once.blocks(outputs[:1])
+
+
+def test_entropy_from_scores_by_hand():
+    """H = Σ a (m - s) - log a_m of softmax rows, with no log per weight: rows worked out by hand."""
+    from vizapp.analysis.headstats import row_entropy_from_scores
+
+    scores = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0],  # uniform over 4: log 4
+            [math.log(1.0), math.log(3.0), -1e4, -1e4],  # weights 1/4, 3/4, 0, 0
+            [5.0, -200.0, -200.0, -200.0],  # one weight 1, the rest underflow to 0: 0
+        ]
+    )
+    attn = torch.softmax(scores, dim=-1)
+    got = row_entropy_from_scores(attn, scores.clone())
+    want = [math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), 0.0]
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-7)
+
+
+def test_entropy_from_scores_equals_the_log_per_weight():
+    """Against row_entropy (a log per weight, the other path) and float64, on spread scores (weights down to 0)."""
+    from vizapp.analysis.headstats import row_entropy, row_entropy_from_scores
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50, 197, generator=g) * torch.tensor([0.1, 1, 5, 20, 60, 100])[:, None, None]
+    attn = torch.softmax(scores, dim=-1)
+    spent = scores.clone()
+    out = torch.empty(6, 50)
+    got = row_entropy_from_scores(attn, spent, out=out)
+    assert got.data_ptr() == out.data_ptr() and not torch.equal(spent, scores)  # the scores are overwritten
+    a64 = torch.softmax(scores.double(), dim=-1)
+    exact = -(a64 * a64.clamp_min(1e-300).log()).sum(-1)
+    np.testing.assert_allclose(got.double().numpy(), exact.numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(got.numpy(), row_entropy(attn).numpy(), rtol=1e-5, atol=2e-6)
+
+
+class ScoreTop(statistics.HeadStatistic):
+    """A toy statistic read from the scores when it gets them (their row maximum), else 0 from the attention."""
+
+    name, label, unit = "score_top", "largest score", ""
+
+    def rows(self, attn, row, geometry, out, work):
+        out.zero_()
+
+    def rows_from_scores(self, attn, scores, row, geometry, out):
+        torch.amax(scores, dim=-1, out=out)
+        scores.fill_(float("nan"))  # it may overwrite them: no other statistic reads them after it
+        return True
+
+
+def _reduced(chosen, attn, scores, given):
+    red = statistics.StatisticsReducer([3], 2, statistics.Geometry(5, 1, patch_distance_matrix((2, 2), 16)), chosen)
+    red.chunk(0, 0, 0, attn, 0, scratch=scores.clone(), scores_in_scratch=given)
+    red.layer_done(0)
+    return red.values
+
+
+def test_reducer_offers_the_scores_first_and_once():
+    """Chunks [images, heads, N, N] whose scratch holds the scores: the first statistic taking them reads them intact
+    (the distance, listed before it, overwrites its working buffer: the scratch), a later one falls back to the
+    attention; the entropy from the scores equals the entropy from the attention and float64."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 5, 5, generator=g) * 4
+    attn = torch.softmax(scores, dim=-1)
+    first, second = ScoreTop(), ScoreTop()
+    second.name = "score_top_2"
+    distance, entropy = statistics.STATISTICS["distance"], statistics.STATISTICS["entropy"]
+    got = _reduced([distance, first, second], attn, scores, True)
+    torch.testing.assert_close(got["score_top"][0], scores.amax(-1).mean(-1).double())
+    assert (got["score_top_2"][0] == 0).all()
+    assert (_reduced([distance, first], attn, scores, False)["score_top"][0] == 0).all()  # not told: no scores
+    with_scores, without = (_reduced([distance, entropy, first], attn, scores, given) for given in (True, False))
+    assert (with_scores["score_top"][0] == 0).all()  # the entropy took them
+    for name in ("distance", "entropy"):
+        torch.testing.assert_close(with_scores[name], without[name], rtol=1e-6, atol=1e-6)
+    a64 = attn.double()
+    torch.testing.assert_close(with_scores["entropy"][0], -(a64 * a64.log()).sum(-1).mean(-1), rtol=1e-6, atol=1e-6)

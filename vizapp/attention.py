@@ -70,7 +70,10 @@ class AttentionConsumer(Protocol):
 
         A consumer whose ``takes_scratch`` attribute is true is also passed ``scratch=``: a buffer of ``attn``'s shape
         and dtype (the chunk's scores, spent once their softmax is formed) that it may overwrite during the call, so
-        that it needs no working memory of its own; or None where there is none (see :func:`hand_over`)."""
+        that it needs no working memory of its own; or None where there is none (see :func:`hand_over`). One whose
+        ``takes_scores`` attribute is true as well is also passed ``scores_in_scratch=``: True when the scratch holds,
+        on entry, the finite scores whose softmax ``attn`` is (a statistic may read them before anything overwrites
+        them: :meth:`vizapp.statistics.HeadStatistic.rows_from_scores`)."""
 
     def layer_done(self, layer: int) -> None:
         """Every chunk of ``layer`` has been passed."""
@@ -84,10 +87,15 @@ def hand_over(
     attn: torch.Tensor,
     row: int,
     scratch: torch.Tensor | None = None,
+    scores: bool = False,
 ) -> None:
     """``consumer.chunk(layer, batch, head, attn, row)``, with ``scratch`` (a buffer of ``attn``'s shape and dtype it
-    may overwrite) for a consumer that takes one (see :meth:`AttentionConsumer.chunk`)."""
-    if getattr(consumer, "takes_scratch", False):
+    may overwrite; ``scores``: it holds the finite scores ``attn`` is the softmax of) for a consumer that takes one
+    (see :meth:`AttentionConsumer.chunk`)."""
+    if getattr(consumer, "takes_scratch", False) and getattr(consumer, "takes_scores", False):
+        kept = scores and scratch is not None
+        consumer.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=kept)  # type: ignore[call-arg]
+    elif getattr(consumer, "takes_scratch", False):
         consumer.chunk(layer, batch, head, attn, row, scratch=scratch)  # type: ignore[call-arg]
     else:
         consumer.chunk(layer, batch, head, attn, row)
@@ -122,7 +130,7 @@ def feed(
         for i in range(b):
             bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
             for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                hand_over(consumer, layer, i, h0, a, r0, work[0, : a.shape[0], : a.shape[1]])
+                hand_over(consumer, layer, i, h0, a, r0, work[0, : a.shape[0], : a.shape[1]], scores=bi is None)
     consumer.layer_done(layer)
 
 

@@ -345,7 +345,7 @@ class AttentionCapture:
                 bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
                 for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
                     m, r = a.shape[0], a.shape[1]
-                    hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r])  # the spent scores: scratch
+                    hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r], scores=bi is None)  # scratch
                     vc, target = v32[h0 : h0 + m], out_i[h0 : h0 + m, r0 : r0 + r]
                     if fp32:
                         torch.bmm(a, vc, out=target)
@@ -389,7 +389,8 @@ class AttentionCapture:
                     gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
-                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, work[0, : g * h].view(g, h, n, n))
+                scores = work[0, : g * h].view(g, h, n, n)  # the scratch: spent once their softmax is formed
+                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, scores, scores=gb is None)
                 vs, target = v[flat].float().reshape(g * h, n, -1), out[flat].view(g * h, n, -1)
                 if target.dtype == torch.float32:
                     torch.bmm(a, vs, out=target)
@@ -454,10 +455,9 @@ class AttentionCapture:
         return hook
 
     def _post_hook(self, layer: int):
-        def hook(mod: torch.nn.Module, _args: tuple, _out: Any) -> None:
+        def hook(mod: torch.nn.Module, _args: tuple, _out: Any) -> None:  # also when the module raised (always_call)
             if not self._mine():
                 return
-            # also when the module raised (always_call)
             if isinstance(mod, torch.nn.MultiheadAttention):
                 if self._modes:
                     self._modes.pop().__exit__(None, None, None)

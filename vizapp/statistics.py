@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from vizapp.analysis.distance import BlockDistanceTerms
-from vizapp.analysis.headstats import row_entropy, token_norm_stats
+from vizapp.analysis.headstats import row_entropy, row_entropy_from_scores, token_norm_stats
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,15 @@ class HeadStatistic(Statistic):
         [c, r, N] buffer of ``attn``'s dtype the statistic may overwrite."""
         raise NotImplementedError
 
+    def rows_from_scores(
+        self, attn: torch.Tensor, scores: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor
+    ) -> bool:
+        """Optional: :meth:`rows`, given also the finite scores [c, r, N] whose softmax ``attn`` is (it may overwrite
+        them), where the forward has them. Returns False (the default) when the statistic has no such form. The
+        reducer offers a chunk's scores to its statistics in order, before any of them runs, and the first that
+        takes them is the only one to see them; it calls :meth:`rows` for the others."""
+        return False
+
     def window_rows(self, attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> bool:
         """Optional, for a windowed layer without padding: write the value of every row of one image's window
         attention as the library lays it out, ``attn`` [nW, H, w², w²] (window, head, query slot, key slot), into
@@ -184,6 +193,16 @@ class AttentionEntropy(HeadStatistic):
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
         row_entropy(attn, out=out, work=work)
+
+    def rows_from_scores(
+        self, attn: torch.Tensor, scores: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor
+    ) -> bool:
+        # On the CPU a log per weight is most of the statistic's time (2.5x this form's); on a GPU it costs no more
+        # than any other pass, and this form launches two kernels more
+        if attn.device.type != "cpu":
+            return False
+        row_entropy_from_scores(attn, scores, out=out)
+        return True
 
     def window_rows(self, attn: torch.Tensor, dist: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> bool:
         row_entropy(attn, out=out, work=work)  # of each row alone, in whatever layout
@@ -349,12 +368,20 @@ class StatisticsReducer:
     #: (:meth:`vizapp.attention.AttentionConsumer.chunk`)
     image_groups = True
     takes_scratch = True
+    takes_scores = True  # and is told when the scratch holds the chunk's scores
 
     def chunk(
-        self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None = None
+        self,
+        layer: int,
+        batch: int,
+        head: int,
+        attn: torch.Tensor,
+        row: int,
+        scratch: torch.Tensor | None = None,
+        scores_in_scratch: bool = False,
     ) -> None:
         if attn.dim() == 4:  # [g, H, N, N]: every head and row of images batch .. batch + g
-            self.chunk_images(layer, batch, attn, scratch)
+            self.chunk_images(layer, batch, attn, scratch, scores_in_scratch)
             return
         c, r, n = attn.shape
         g = self._layer_geometry(layer)
@@ -363,25 +390,55 @@ class StatisticsReducer:
         if not 0 <= batch < self.batch:
             raise ValueError(f"attention of image {batch}, but the forward has {self.batch} images")
         work = scratch if scratch is not None and scratch.shape == attn.shape and scratch.dtype == attn.dtype else None
+        scores = work if scores_in_scratch else None
         if work is None:
             work = self._work
         if work is None or work.shape[0] < c or work.shape[1] < r or work.shape[2] != n or work.dtype != attn.dtype:
             work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
         heads, p = slice(head, head + c), g.num_prefix_tokens
         lo = max(row, p)  # the chunk's first patch query
+        jobs = []
         for s in self.head_stats:
             rows = self._row_buffer(s, g)
             if s.patch_queries:
                 if lo < row + r:
-                    s.rows(attn, row, g, rows[batch, heads, lo - p : row + r - p], work[:c, : row + r - lo])
+                    jobs.append((s, rows[batch, heads, lo - p : row + r - p], work[:c, : row + r - lo]))
             else:
-                s.rows(attn, row, g, rows[batch, heads, row : row + r], work[:c, :r])
+                jobs.append((s, rows[batch, heads, row : row + r], work[:c, :r]))
+        self._reduce(jobs, attn, row, g, scores)
         self._cells[layer] += c * r
 
-    def chunk_images(self, layer: int, batch: int, attn: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    @staticmethod
+    def _reduce(
+        jobs: list[tuple[HeadStatistic, torch.Tensor, torch.Tensor]],
+        attn: torch.Tensor,
+        row: int,
+        g: Geometry,
+        scores: torch.Tensor | None,
+    ) -> None:
+        """Each (statistic, its output rows, a working buffer) of ``jobs`` on one chunk. With the chunk's ``scores``,
+        the first statistic that takes them (:meth:`HeadStatistic.rows_from_scores`) runs first, before any working
+        buffer (which may be the scores' own) is written; the others from the attention alone."""
+        if scores is not None:
+            for i, (s, out, _) in enumerate(jobs):
+                if s.rows_from_scores(attn, scores, row, g, out):
+                    jobs = jobs[:i] + jobs[i + 1 :]
+                    break
+        for s, out, work in jobs:
+            s.rows(attn, row, g, out, work)
+
+    def chunk_images(
+        self,
+        layer: int,
+        batch: int,
+        attn: torch.Tensor,
+        scratch: torch.Tensor | None = None,
+        scores_in_scratch: bool = False,
+    ) -> None:
         """Every head and query row of the images ``batch .. batch + g``: attention [g, H, N, N] (``scratch``, optional:
-        a buffer like it that may be overwritten). Where the layer has every head the buffers hold, the g images'
-        heads are reduced as one chunk of g·H heads (each statistic is per head and row), else image by image."""
+        a buffer like it that may be overwritten, holding the attention's scores with ``scores_in_scratch``). Where
+        the layer has every head the buffers hold, the g images' heads are reduced as one chunk of g·H heads (each
+        statistic is per head and row), else image by image."""
         if scratch is not None and (scratch.shape != attn.shape or scratch.dtype != attn.dtype):
             scratch = None
         images, h, r, n = attn.shape
@@ -392,12 +449,15 @@ class StatisticsReducer:
         whole = all(b.shape[1] == h and b.is_contiguous() for b in buffers)  # the images' rows are one block
         if images == 1 or r != g.num_tokens or not whole or not attn.is_contiguous():
             for j, one in enumerate(attn):
-                self.chunk(layer, batch + j, 0, one, 0, scratch=None if scratch is None else scratch[j])
+                one_scratch = None if scratch is None else scratch[j]
+                self.chunk(layer, batch + j, 0, one, 0, scratch=one_scratch, scores_in_scratch=scores_in_scratch)
             return
         if n != g.num_keys:
             raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
         flat = attn.view(images * h, r, n)
-        work = scratch.view(images * h, r, n) if scratch is not None and scratch.is_contiguous() else self._work
+        scratch_ok = scratch is not None and scratch.is_contiguous()
+        work = scratch.view(images * h, r, n) if scratch_ok else self._work
+        scores = work if scratch_ok and scores_in_scratch else None
         if (
             work is None
             or work.shape[0] < images * h
@@ -407,13 +467,15 @@ class StatisticsReducer:
         ):
             work = self._work = torch.empty((images * h, r, n), dtype=attn.dtype, device=attn.device)
         p = g.num_prefix_tokens
+        jobs = []
         for s, rows in zip(self.head_stats, buffers, strict=True):
             out = rows[batch : batch + images].view(images * h, -1)  # [g·H, queries]: a view of the buffer
             if s.patch_queries:
                 if p < r:
-                    s.rows(flat, 0, g, out[:, : r - p], work[: images * h, : r - p])
+                    jobs.append((s, out[:, : r - p], work[: images * h, : r - p]))
             else:
-                s.rows(flat, 0, g, out[:, :r], work[: images * h, :r])
+                jobs.append((s, out[:, :r], work[: images * h, :r]))
+        self._reduce(jobs, flat, 0, g, scores)
         self._cells[layer] += images * h * r
 
     def put_rows(self, layer: int, batch: int, values: dict[str, torch.Tensor]) -> None:

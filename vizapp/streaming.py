@@ -77,14 +77,22 @@ class LayerStatistics:
     #: takes chunks of several whole images, and a scratch buffer with each (:meth:`AttentionConsumer.chunk`)
     image_groups = True
     takes_scratch = True
+    takes_scores = True  # and is told when the scratch holds the chunk's scores
 
     # AttentionConsumer
     def chunk(
-        self, layer: int, batch: int, head: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None = None
+        self,
+        layer: int,
+        batch: int,
+        head: int,
+        attn: torch.Tensor,
+        row: int,
+        scratch: torch.Tensor | None = None,
+        scores_in_scratch: bool = False,
     ) -> None:
         images = attn.shape[0] if attn.dim() == 4 else 1  # [g, H, N, N]: images batch .. batch + g, whole
         if attn.dim() == 4 and images == 1:
-            attn = attn[0]
+            attn, scratch = attn[0], None if scratch is None else scratch[0]
         c, r, n = attn.shape[-3:]
         if not (batch >= 0 and batch + images <= self.batch) or n != self.n or not self.valid:
             self.valid = False
@@ -101,7 +109,7 @@ class LayerStatistics:
                 for f in self._accumulated
             }
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch)
+        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=scores_in_scratch)
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
             for f, acc in self._acc.items():
