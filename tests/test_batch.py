@@ -546,7 +546,8 @@ def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeyp
     assert max(reduced) == 5 * vm.num_heads  # and each statistic reduced the 5 images' heads at once
     seen.clear()
     per_image = vm.num_heads * grouped[0].num_tokens ** 2 * 4
-    monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", per_image)  # exactly one image fits
+    monkeypatch.setattr(limits, "INLINE_CHUNK_BYTES", per_image)  # exactly one image fits a chunk
+    monkeypatch.setattr(limits, "IMAGE_GROUP_BYTES", per_image)  # and a group
     assert attention.image_group(streaming.LayerStatistics, 5, vm.num_heads, grouped[0].num_tokens, per_image) == 1
     reduced.clear()
     alone = vizapp.analyze(vm, imgs)

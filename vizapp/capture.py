@@ -244,8 +244,8 @@ class AttentionCapture:
     def _mine(self) -> bool:
         return threading.get_ident() == self._owner
 
-    def _budget(self, device: torch.device) -> int:
-        return limits.chunk_bytes(device) if self.chunk_bytes is None else int(self.chunk_bytes)
+    def _budget(self, device: torch.device, group: bool = False) -> int:
+        return limits.chunk_bytes(device, group) if self.chunk_bytes is None else int(self.chunk_bytes)
 
     # -- the call ------------------------------------------------------------------------------------------------
     def _record(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
@@ -313,7 +313,7 @@ class AttentionCapture:
             self.maps[layer] = a
             if self.on_attention is not None:
                 # as many whole images at once as fit the chunk size (cache-sized on the CPU), else image by image
-                step = image_group(self.on_attention, a.shape[0], a.shape[1], a.shape[-1], self._budget(a.device))
+                step = image_group(self.on_attention, a.shape[0], a.shape[1], a.shape[-1], self._budget(a.device, True))
                 for i0 in range(0, a.shape[0], step):
                     self.on_attention.chunk(layer, i0, 0, (a[i0 : i0 + step] if step > 1 else a[i0]).detach(), 0)
                 self.on_attention.layer_done(layer)
@@ -329,7 +329,7 @@ class AttentionCapture:
         b, h, n, _ = q.shape
         budget = self._budget(q.device)
         c, rows = limits.chunk_shape(h, n, budget)
-        group = image_group(self.on_attention, b, h, n, budget) if (c, rows) == (h, n) else 1
+        group = image_group(self.on_attention, b, h, n, self._budget(q.device, True)) if (c, rows) == (h, n) else 1
         if group > 1:
             return self._inline_images(layer, q, k, v, scale, bias, group)
         work = self._work

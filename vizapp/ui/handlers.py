@@ -48,7 +48,7 @@ from vizapp.ui.outputs import (
     PatchOutputs,
 )
 from vizapp.ui.store import ResultStore, default_store
-from vizapp.ui.validation import as_choice, as_float, as_int, as_model_id
+from vizapp.ui.validation import as_choice, as_float, as_head_or_mean, as_int, as_model_id
 
 log = logging.getLogger("vizapp")
 
@@ -372,7 +372,7 @@ def render_heads(
         st = {**st, "query": "cls"}
     else:
         st = {**st, "query": (as_int(row, "row", 0, r.grid_size[0] - 1), as_int(col, "column", 0, r.grid_size[1] - 1))}
-    focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
+    focus = as_head_or_mean(focus_head, r.num_heads)
     lay = as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers
     c = view_controls(
         st,
@@ -501,7 +501,7 @@ def export_figures(
     r: Analysis = st["analysis"]
     if window_handlers.is_windowed(r):
         return window_handlers.export_figures(st, layer, opacity, colormap_choice(colormap), focus_head)
-    focus = None if focus_head in (None, -1, "-1") else as_int(focus_head, "head", 0, r.num_heads - 1)
+    focus = as_head_or_mean(focus_head, r.num_heads)
     c = view_controls(
         st,
         layer=as_int(layer, "layer", -r.num_layers, r.num_layers - 1) % r.num_layers,

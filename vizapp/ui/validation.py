@@ -29,6 +29,11 @@ def as_int(value: Any, name: str, lo: int, hi: int) -> int:
     return int(f)
 
 
+def as_head_or_mean(value: Any, num_heads: int) -> int | None:
+    """The head the head dropdown chose, or None for "mean of the layer's heads" (its value -1, or nothing chosen)."""
+    return None if value in (None, -1, "-1") else as_int(value, "head", 0, num_heads - 1)
+
+
 def as_float(value: Any, name: str, lo: float, hi: float, hi_inclusive: bool = True) -> float:
     """``value`` as a finite float in ``[lo, hi]`` (or ``[lo, hi)`` when ``hi_inclusive`` is False)."""
     try:

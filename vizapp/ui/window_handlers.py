@@ -36,7 +36,7 @@ from vizapp.ui.outputs import (
     MapOutputs,
     OpenHeadOutputs,
 )
-from vizapp.ui.validation import as_choice, as_float, as_int
+from vizapp.ui.validation import as_choice, as_float, as_head_or_mean, as_int
 
 PATCH_QUERY = "Clicked patch"  # the Heads tab's only query for a model without a class token (handlers' own)
 GRADIENT_NOTE = "one forward and one backward pass of the model (the analysis keeps no graph)"
@@ -56,11 +56,6 @@ def first_grid_query(r: WindowAnalysis, row: Any, col: Any) -> tuple[int, int]:
 
 def _layer(r: WindowAnalysis, value: Any, name: str = "layer") -> int:
     return as_int(value, name, -r.num_layers, r.num_layers - 1) % r.num_layers
-
-
-def _focus_head(r: WindowAnalysis, value: Any) -> int | None:
-    """The head to overlay (None: the mean of the layer's heads)."""
-    return None if value in (None, -1, "-1") else as_int(value, "head", 0, r.num_heads - 1)
 
 
 def _focus(r: WindowAnalysis, layer: int, head: int | None, query: tuple[int, int], opacity: float, cs: str) -> Any:
@@ -283,7 +278,7 @@ def render_heads(
     return HeadsOutputs(
         state=kept_state(st),
         heads=V.heads_view(r, lay, lq, bool(per_head_scale), cs),
-        focus=_focus(r, lay, _focus_head(r, focus_head), lq, alpha, cs),
+        focus=_focus(r, lay, as_head_or_mean(focus_head, r.num_heads), lq, alpha, cs),
         query_image=views.query_image(r, views.Controls(query=query)),
     )
 
@@ -343,7 +338,7 @@ def export_figures(st: dict[str, Any], layer: Any, opacity: Any, cs: str, focus_
     """Every figure of the tabs that draw Swin, as HTML pages in one .zip, plus head importance when it was run."""
     r: WindowAnalysis = st["analysis"]
     lay = _layer(r, layer)
-    head = _focus_head(r, focus_head)
+    head = as_head_or_mean(focus_head, r.num_heads)
     head = head if head is None or head < r.heads_per_layer[lay] else None
     query = st["query"] if isinstance(st.get("query"), (tuple, list)) else V.default_query(r, 0)
     kept = st.get("importance") if isinstance(st.get("importance"), dict) else {}
