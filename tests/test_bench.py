@@ -188,3 +188,44 @@ def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
         assert found and float(found.group(1)) > 0, part
     assert "CUDA graph" not in out
     assert out.count("torch.profiler over 5 calls") == 2 and out.count("kernel launches per call: 0") == 2
+
+
+def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
+    """benchmarks.batch_parts: each mechanism is really off inside its configuration and on again after it, and the
+    run writes a row per configuration for each case."""
+    from benchmarks import batch_parts
+    from vizapp import kept, limits
+    from vizapp import statistics as vstats
+
+    entropy = vstats.STATISTICS["entropy"]
+    a = torch.softmax(torch.randn(2, 3, 4), dim=-1)
+
+    def takes_scores() -> bool:
+        return entropy.rows_from_scores(a, torch.randn(2, 3, 4), 0, None, torch.empty(2, 3))
+
+    def pooled() -> bool:
+        before = kept.held()
+        t = kept.empty((2**19,))  # 2 MiB
+        return kept.held() != before and t.numel() == 2**19
+
+    on = (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled())
+    assert on == (True, 6 * 2**20, True)
+    with batch_parts._off("kept pool"):
+        assert not pooled() and takes_scores()
+    with batch_parts._off("entropy from scores"):
+        assert not takes_scores() and pooled()
+    with batch_parts._off("image groups"):
+        assert limits.IMAGE_GROUP_BYTES == limits.INLINE_CHUNK_BYTES and takes_scores()
+    assert (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled()) == on
+    out = tmp_path / "parts.md"
+    spec = "vit_tiny_patch16_224@img_size=32,depth=1"
+    assert batch_parts.main(["--cases", f"{spec}:2", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    header, rows = table_rows(out.read_text(encoding="utf-8"), f"## {spec}, 2 images")
+    assert [r[0] for r in rows] == [
+        "bare forward",
+        "every mechanism on",
+        "kept pool off",
+        "entropy from scores off",
+        "image groups off",
+    ]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows) and rows[1][3] == "1.000"
