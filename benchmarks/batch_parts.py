@@ -12,14 +12,21 @@ mechanism on and then with each one off in turn, beside a bare batched forward o
   groups; off: groups as large as the 3 MiB chunk of heads (``limits.INLINE_CHUNK_BYTES``).
 
 Medians of wall time; "paired" is the median over rounds of (this configuration / every mechanism on) taken within a
-round, which the machine's drift moves least. Minor page faults per call as in ``benchmarks.batch``. Writes
-docs/benchmarks-batch-parts.md.
+round, which the machine's drift moves least. Minor page faults per call as in ``benchmarks.batch``.
+
+The pool is switched off in a process of its own, for the whole process, beside a bare forward there: without it,
+each analysis gives hundreds of MB back to the kernel, and glibc's heap then serves the other configurations' (and
+the bare forward's) activations from fresh pages too (a first version interleaved it with the rest: 680k faults per
+bare forward of 64 images). Writes docs/benchmarks-batch-parts.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,10 +65,12 @@ def _off(part: str) -> Iterator[None]:
             entropy.rows_from_scores = saved[2]
 
 
-PARTS = ("", "kept pool", "entropy from scores", "image groups")
+PARTS = ("", "entropy from scores", "image groups")  # switched off in this process ("" : none)
 
 
-def measure(vm: vizapp.VizModel, batch: int, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+def measure(
+    vm: vizapp.VizModel, batch: int, repeats: int, warmup: int, parts: tuple[str, ...] = PARTS
+) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(batch)
     images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
     x = torch.stack([vm.transform(im) for im in images]).to(device=vm.device, dtype=vm.dtype)
@@ -77,7 +86,7 @@ def measure(vm: vizapp.VizModel, batch: int, repeats: int, warmup: int) -> dict[
 
         return run
 
-    runs = {"bare forward": bare} | {part: analysis(part) for part in PARTS}
+    runs = {"bare forward": bare} | {part: analysis(part) for part in parts}
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -110,9 +119,12 @@ def markdown(args: argparse.Namespace, tables: list[tuple[str, int, dict[str, di
         f"{args.warmup} warm-up, medians, one process); edit the code, not this file. See the module docstring of "
         "benchmarks/batch_parts.py for what each mechanism is and how it is switched off.",
         "",
-        "ratio: the configuration's median over the bare forward's (the issue's target for every mechanism on: "
-        "<= 1.20). paired: the median over rounds of this configuration's time over every mechanism on, within the "
-        "round. Page faults: minor page faults per call, median, in thousands.",
+        "ratio: the configuration's median over the bare forward's of the same process (the issue's target for "
+        "every mechanism on: <= 1.20). paired: the median over rounds of this configuration's time over every "
+        "mechanism on, within the round. Page faults: minor page faults per call, median, in thousands. The last two "
+        "rows come from a process of its own with the pool off throughout (see the module docstring). Page faults "
+        "move with each process's history (glibc serves a block above its mmap threshold, at most 32 MB, from "
+        "fresh pages, and a bare forward of 64 images has activations that large), so compare them within a table.",
     ]
     for label, batch, rows in tables:
         lines += [
@@ -123,9 +135,20 @@ def markdown(args: argparse.Namespace, tables: list[tuple[str, int, dict[str, di
             "|---|---|---|---|---|",
         ]
         for k, m in rows.items():
-            name = "every mechanism on" if k == "" else (k if k == "bare forward" else f"{k} off")
-            lines.append(f"| {name} | {m['ms']:.0f} | {m['ratio']:.3f} | {m['paired']:.3f} | {m['faults'] / 1e3:.1f} |")
+            name = "every mechanism on" if k == "" else (k if "forward" in k else f"{k} off")
+            paired = "" if m["paired"] != m["paired"] else f"{m['paired']:.3f}"  # NaN: not in the same rounds
+            lines.append(f"| {name} | {m['ms']:.0f} | {m['ratio']:.3f} | {paired} | {m['faults'] / 1e3:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _without_pool(case: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The bare forward and the analysis with the pool off, measured in a process of its own (see the module)."""
+    cmd = [sys.executable, "-m", "benchmarks.batch_parts", "--without-pool", "--cases", case]
+    cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    unpaired = {"paired": float("nan")}  # paired with the rows of another process: left blank
+    return {"bare forward (own process)": rows["bare forward"] | unpaired, "kept pool": rows[""] | unpaired}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,21 +158,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--without-pool", action="store_true", help="(internal) the pool off throughout; JSON out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.without_pool:
+        limits.KEPT_POOL_MIN_BYTES = 1 << 62
     tables = []
     for case in args.cases:
         spec_text, _, batch = case.rpartition(":")
         spec: ModelSpec = parse_spec(spec_text)
         vm = spec.load("cpu")
-        rows = measure(vm, int(batch), args.repeats, args.warmup)
+        rows = measure(vm, int(batch), args.repeats, args.warmup, ("",) if args.without_pool else PARTS)
+        del vm
+        if args.without_pool:
+            print(json.dumps(rows))
+            return 0
+        rows |= _without_pool(case, args)
         for k, m in rows.items():
             print(
                 f"{spec.label} B={batch} {k or 'every mechanism on'}: "
                 + ", ".join(f"{a} {b:.3f}" for a, b in m.items())
             )
         tables.append((spec.label, int(batch), rows))
-        del vm
     text = markdown(args, tables)
     args.out.write_text(text, encoding="utf-8")
     print(text, flush=True)

@@ -224,8 +224,10 @@ def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
     assert [r[0] for r in rows] == [
         "bare forward",
         "every mechanism on",
-        "kept pool off",
         "entropy from scores off",
         "image groups off",
+        "bare forward (own process)",
+        "kept pool off",
     ]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows) and rows[1][3] == "1.000"
+    assert rows[-1][3] == ""  # not paired: another process
