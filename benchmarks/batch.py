@@ -57,8 +57,9 @@ def _timed(vm: vizapp.VizModel, fn: Callable[[], object]) -> tuple[float, float,
     return time.perf_counter() - t0, time.process_time() - c0, _faults() - f0
 
 
-def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, warmup: int) -> dict[str, float]:
-    """Medians of a, b (and c) for ``batch`` random 224 x 224 images, in ``repeats`` interleaved rounds."""
+def random_batch(vm: vizapp.VizModel, batch: int) -> tuple[list[Image.Image], Callable[[], None]]:
+    """``batch`` random 224 x 224 images (seeded by ``batch``) and a bare forward of them: their preprocessed batch
+    [B, C, H, W] on the model's device, through the model without autograd."""
     rng = np.random.default_rng(batch)
     images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
     x = torch.stack([vm.transform(im) for im in images]).to(device=vm.device, dtype=vm.dtype)
@@ -66,6 +67,13 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
     def bare() -> None:
         with torch.no_grad():
             vm.logits(x)
+
+    return images, bare
+
+
+def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, warmup: int) -> dict[str, float]:
+    """Medians of a, b (and c) for ``batch`` random 224 x 224 images, in ``repeats`` interleaved rounds."""
+    images, bare = random_batch(vm, batch)
 
     def batch_analysis() -> None:
         vizapp.analyze(vm, images)
@@ -86,7 +94,7 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
         out[f"{k}_wall"] = statistics.median(t[0] for t in v)
         out[f"{k}_cpu"] = statistics.median(t[1] for t in v)
         out[f"{k}_faults"] = statistics.median(t[2] for t in v)
-    inputs = [t[None] for t in x.cpu()]
+    inputs = [vm.transform(im)[None] for im in images]
     out["b_forwards"] = len(forward_groups(vm, inputs))
     out["c_forwards"] = len(forward_groups(vm, inputs, gradients=True)) if class_maps else float("nan")
     return out

@@ -32,12 +32,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import vizapp
-from benchmarks.batch import _faults
+from benchmarks.batch import _faults, random_batch
 from benchmarks.bench.specs import ModelSpec, parse_spec
 from vizapp import limits
 from vizapp import statistics as vstats
@@ -71,13 +69,7 @@ PARTS = ("", "entropy from scores", "image groups")  # switched off in this proc
 def measure(
     vm: vizapp.VizModel, batch: int, repeats: int, warmup: int, parts: tuple[str, ...] = PARTS
 ) -> dict[str, dict[str, float]]:
-    rng = np.random.default_rng(batch)
-    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
-    x = torch.stack([vm.transform(im) for im in images]).to(device=vm.device, dtype=vm.dtype)
-
-    def bare() -> None:
-        with torch.no_grad():
-            vm.logits(x)
+    images, bare = random_batch(vm, batch)
 
     def analysis(part: str) -> Callable[[], None]:
         def run() -> None:
