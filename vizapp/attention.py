@@ -92,13 +92,13 @@ def hand_over(
     """``consumer.chunk(layer, batch, head, attn, row)``, with ``scratch`` (a buffer of ``attn``'s shape and dtype it
     may overwrite; ``scores``: it holds the finite scores ``attn`` is the softmax of) for a consumer that takes one
     (see :meth:`AttentionConsumer.chunk`)."""
-    if getattr(consumer, "takes_scratch", False) and getattr(consumer, "takes_scores", False):
-        kept = scores and scratch is not None
-        consumer.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=kept)  # type: ignore[call-arg]
-    elif getattr(consumer, "takes_scratch", False):
-        consumer.chunk(layer, batch, head, attn, row, scratch=scratch)  # type: ignore[call-arg]
-    else:
+    if not getattr(consumer, "takes_scratch", False):
         consumer.chunk(layer, batch, head, attn, row)
+    elif getattr(consumer, "takes_scores", False):
+        told = scores and scratch is not None
+        consumer.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=told)  # type: ignore[call-arg]
+    else:
+        consumer.chunk(layer, batch, head, attn, row, scratch=scratch)  # type: ignore[call-arg]
 
 
 def image_group(consumer: Any, batch: int, heads: int, tokens: int, budget: int) -> int:

@@ -389,8 +389,8 @@ class AttentionCapture:
                     gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
                 ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
-                scores = work[0, : g * h].view(g, h, n, n)  # the scratch: spent once their softmax is formed
-                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, scores, scores=gb is None)
+                spent = work[0, : g * h].view(g, h, n, n)  # the scores, the scratch once their softmax is formed
+                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, spent, scores=gb is None)
                 vs, target = v[flat].float().reshape(g * h, n, -1), out[flat].view(g * h, n, -1)
                 if target.dtype == torch.float32:
                     torch.bmm(a, vs, out=target)
