@@ -478,6 +478,18 @@ def test_analysis_memory_by_hand(monkeypatch):
     )
 
 
+def test_fusions_the_views_do_not_keep_are_not_held_through_the_forward():
+    """Storing every layer's mean fusion only spares the rollout's products; where the views keep no fusions (over
+    FUSED_CACHE_LIMIT_BYTES), the rollout is multiplied up during the forward. ViT-L/16 at 384 px: 2 N x N, not the
+    30.5 MiB of 24 layers' fusions (issue 23's extra-peak row)."""
+    from vizapp import limits
+
+    assert limits.ROLLOUT_STORE_LIMIT_BYTES <= limits.FUSED_CACHE_LIMIT_BYTES
+    assert limits.FUSED_CACHE_LIMIT_BYTES < 24 * 577 * 577 * 4
+    assert B.analysis_memory(24, 577, 16)["fusions"] == 2 * 577 * 577 * 4
+    assert B.analysis_memory(12, 197, 12)["fusions"] == 12 * 197 * 197 * 4  # ViT-B/16 at 224 px keeps them
+
+
 def test_the_large_models_people_use_fit_the_default_analysis_budget():
     b = B.Budget()
     for layers, tokens, heads, width, patches in [

@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vizapp import kept, limits
-from vizapp.analysis.rollout import FUSION_START, finish_fusion, fuse_heads_into, residual_step, start_fusion
+from vizapp.analysis.rollout import (
+    FUSION_START,
+    add_residual,
+    finish_fusion,
+    fuse_heads_into,
+    residual_step,
+    start_fusion,
+)
 from vizapp.capture import attention_chunks
 from vizapp.statistics import Geometry, Statistic, StatisticsReducer
 
@@ -69,7 +76,7 @@ class LayerStatistics:
         #: it), so that neither the rollout nor a caller has to stack them; ``mean_store[b]`` is image b's [L, N, N]
         self.mean_store: torch.Tensor | None = None
         self._mean_layers: tuple[torch.Tensor, ...] = ()  # mean_store[:, l] for every layer l
-        self.joint: list[torch.Tensor] | None = None  # per image, the bottom-up rollout [N, N] when not store_mean
+        self.joint: torch.Tensor | None = None  # [B, N, N]: the bottom-up rollout so far, when not store_mean
         self.valid = True  # False once a chunk could not be used (an image outside the batch, a token mismatch)
         self._acc: dict[str, torch.Tensor] = {}
         self._started: set[tuple[int, int]] = set()
@@ -138,9 +145,7 @@ class LayerStatistics:
             self.fused[f][layer] = fused[f]
         if not self.store_mean:
             mean = fused["mean"]
-            eye = torch.eye(self.n, dtype=mean.dtype, device=mean.device)
-            joint = self.joint or [eye] * self.batch
-            self.joint = [residual_step(mean[b], joint[b], side="right") for b in range(self.batch)]
+            self.joint = add_residual(mean) if self.joint is None else residual_step(mean, self.joint, side="right")
         self._acc = {}
 
     def block(self, layer: int, out: torch.Tensor) -> None:
@@ -166,7 +171,7 @@ class LayerStatistics:
         """
         w0 = weights.to(torch.float32)
         if not self.store_mean:
-            return torch.stack([torch.matmul(w0, joint) for joint in self.joint]).to(torch.float64)
+            return torch.matmul(w0, self.joint).to(torch.float64)
         store = self.mean_store  # [B, L, N, N]
         sums = store.sum(dim=-1).add_(1.0)  # [B, L, N]: row sums of M_l + I
         w = w0.expand(store.shape[0], 1, -1)  # [B, 1, N]: every image of the batch at once

@@ -114,15 +114,21 @@ def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> t
         if fused.dim() == 2:
             return w @ fused + w
         return torch.matmul(w.unsqueeze(-2), fused).squeeze(-2) + w  # [B, N]
-    if side == "right":
-        return (fused @ x + x) / s.unsqueeze(-1)  # row i of each matrix by its own sum (a stack [L, N, N] too)
+    if side == "right":  # row i of each matrix by its own sum (a stack [L, N, N] too)
+        if fused.dim() == x.dim() == 2:
+            return torch.addmm(x, fused, x).div_(s.unsqueeze(-1))  # x + A @ x in one operation
+        if fused.dim() == x.dim() == 3:
+            return torch.baddbmm(x, fused, x).div_(s.unsqueeze(-1))  # a batch of matrices, each with its own x
+        return (fused @ x + x) / s.unsqueeze(-1)
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
 
 
 def add_residual(fused: torch.Tensor) -> torch.Tensor:
     """Â = (A + I) with each row renormalised to sum to 1 (the residual connection's share), [N, N]."""
-    n = fused.shape[-1]
-    return residual_step(fused, torch.eye(n, dtype=fused.dtype, device=fused.device), side="right")
+    sums = fused.sum(dim=-1, keepdim=True).add_(1.0)  # the row sums of A + I, as residual_step takes them
+    out = fused.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(1.0)  # A + I, without a product with the identity
+    return out.div_(sums)
 
 
 def rollout_fused(
