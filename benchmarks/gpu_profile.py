@@ -2,9 +2,10 @@
 the capture with a no-op consumer, and the full analysis; then the class maps split into their parts (the gradient
 analysis, one further class's backward and maps, the batch API's path); for each of the two paths torch.profiler's
 top operators by self CPU time, the host-device synchronisations (each one stalls the Python thread until the GPU
-catches up) and the kernel launches.
+catches up) and the kernel launches. Then the same for ``vizapp.analyze`` of a list of ``--batch`` images, split into
+preprocessing, the device pass, its copy to the host and the rest, with cProfile's Python functions.
 
-    python -m benchmarks.gpu_profile [--model vit_base_patch16_224] [--repeats 20] [--device cuda]
+    python -m benchmarks.gpu_profile [--model vit_base_patch16_224] [--repeats 20] [--device cuda] [--batch 16]
 
 ``--device cpu`` runs the same script on the CPU (no graph rows, no CUDA events): a check that it runs.
 """
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--batch", type=int, default=16, help="images of the batch section (0: none)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     vm = vizapp.load_model(args.model, pretrained=False, device=args.device)
@@ -158,7 +160,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<60}{t:8.2f} ms")
     _profiled(vm, "analyze", full)
     _profiled(vm, "class maps (analyze with gradients, relevance, gradient rollout)", class_maps)
+    if args.batch > 1:
+        _batch_rows(vm, args.batch, args.repeats)
     return 0
+
+
+def _batch_rows(vm: vizapp.VizModel, b: int, repeats: int) -> None:
+    """Where ``vizapp.analyze(vm, images)`` of ``b`` images spends its time (issue 23's batch row, never graphed):
+    preprocessing the list, the device pass alone (the forward with the capture and every statistic, left on the
+    device), the same with its one copy to the host, and the whole call, against a bare batched forward; then
+    torch.profiler's operators and cProfile's Python functions of the whole call."""
+    import cProfile
+    import pstats
+
+    from vizapp import batch, pipeline
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(b)]
+    x = torch.cat([t for t, _ in batch._inputs(vm, images)]).to(device=vm.device, dtype=vm.dtype)
+    setup = pipeline._PassSetup.of(vm, vm.grid_for(x.shape[-2], x.shape[-1]), inline=True, gradients=False)
+
+    def bare() -> None:
+        with torch.no_grad():
+            vm.logits(x)
+
+    def device_pass() -> list:
+        with torch.no_grad():
+            return pipeline._device_pass(vm, x, setup)
+
+    def analyze() -> None:
+        vizapp.analyze(vm, images)
+
+    rows = [
+        ("preprocessing the list (decode, transform, threads)", lambda: batch._inputs(vm, images)),
+        ("bare forward of the preprocessed batch", bare),
+        ("device pass: forward in capture + statistics", device_pass),
+        ("device pass + settle (the one copy to the host)", lambda: pipeline.settle(device_pass())),
+        ("weights fingerprint (the digest)", vm.fingerprint),
+        ("analyze (preprocessing included)", analyze),
+        ("class maps by vizapp.explain", lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1)),
+    ]
+    print(f"\nbatch of {b} images (224 x 224, random), medians of {repeats}")
+    for name, fn in rows:
+        print(f"  {name:<60}{_median_ms(vm, fn, repeats):8.2f} ms")
+    _profiled(vm, f"analyze of {b} images", analyze)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(5):
+        analyze()
+    vm.synchronize()
+    prof.disable()
+    print(f"\nanalyze of {b} images: cProfile over 5 calls, Python functions by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

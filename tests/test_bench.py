@@ -173,7 +173,8 @@ def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
 
     from benchmarks import gpu_profile
 
-    assert gpu_profile.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--repeats", "1"]) == 0
+    argv = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--repeats", "1", "--batch", "3"]
+    assert gpu_profile.main(argv) == 0
     out = capsys.readouterr().out
     assert "vit_tiny_patch16_224 on the CPU, batch 1, medians of 1" in out
     for part in (
@@ -186,8 +187,21 @@ def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
     ):
         found = re.search(re.escape(part) + r"\s+([0-9.]+) ms", out)
         assert found and float(found.group(1)) > 0, part
+    batch = out[out.index("batch of 3 images") :]
+    for part in (
+        "preprocessing the list (decode, transform, threads)",
+        "bare forward of the preprocessed batch",
+        "device pass: forward in capture + statistics",
+        "device pass + settle (the one copy to the host)",
+        "weights fingerprint (the digest)",
+        "analyze (preprocessing included)",
+        "class maps by vizapp.explain",
+    ):
+        found = re.search(re.escape(part) + r"\s+([0-9.]+) ms", batch)
+        assert found and float(found.group(1)) > 0, part
+    assert "analyze of 3 images: cProfile over 5 calls" in batch and "ncalls  tottime" in batch
     assert "CUDA graph" not in out
-    assert out.count("torch.profiler over 5 calls") == 2 and out.count("kernel launches per call: 0") == 2
+    assert out.count("torch.profiler over 5 calls") == 3 and out.count("kernel launches per call: 0") == 3
 
 
 def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
