@@ -166,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _batch_rows(vm: vizapp.VizModel, b: int, repeats: int) -> None:
-    """Where ``vizapp.analyze(vm, images)`` of ``b`` images spends its time (issue 23's batch row, never graphed):
-    preprocessing the list, the device pass alone (the forward with the capture and every statistic, left on the
-    device), the same with its one copy to the host, and the whole call, against a bare batched forward; then
-    torch.profiler's operators and cProfile's Python functions of the whole call."""
+    """Where ``vizapp.analyze(vm, images)`` of ``b`` images spends its time (issue 23's batch row): preprocessing the
+    list, the device pass alone, eager (the forward with the capture and every statistic, left on the device), the
+    same with its one copy to the host, and the whole call (on a GPU a replayed graph from the second call of the
+    shape, and with graphs off), against a bare batched forward; then torch.profiler's operators and cProfile's
+    Python functions of the whole call."""
     import cProfile
     import pstats
 
@@ -200,6 +201,16 @@ def _batch_rows(vm: vizapp.VizModel, b: int, repeats: int) -> None:
         ("analyze (preprocessing included)", analyze),
         ("class maps by vizapp.explain", lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1)),
     ]
+    if vm.device.type == "cuda":
+
+        def eager() -> None:
+            os.environ["VIZAPP_CUDA_GRAPHS"] = "0"
+            try:
+                analyze()
+            finally:
+                os.environ.pop("VIZAPP_CUDA_GRAPHS")
+
+        rows.insert(-1, ("analyze, CUDA graphs off (preprocessing included)", eager))
     print(f"\nbatch of {b} images (224 x 224, random), medians of {repeats}")
     for name, fn in rows:
         print(f"  {name:<60}{_median_ms(vm, fn, repeats):8.2f} ms")

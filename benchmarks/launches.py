@@ -16,8 +16,8 @@ Calls, each for the astronaut photo and random weights:
   replay instead of their launches (:mod:`vizapp.cudagraph`); the "outside graphs" column counts what remains;
 - class maps: ``analyze(gradients=True)`` then ``relevance`` and ``grad_rollout`` of one class (the class-map
   benchmark's path; never graphed: it runs autograd);
-- batch analyze: ``vizapp.analyze(vm, 16 images)`` (no graph: a list is analysed eagerly) against the same bare
-  forward;
+- batch analyze: ``vizapp.analyze(vm, 16 images)`` against the same bare forward (on a GPU its device pass is a CUDA
+  graph from the second call of a batch shape, while the batch's record fits ``limits.GRAPH_MEMORY_BYTES``);
 - batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16.
 
 Writes docs/benchmarks-launches.md.
@@ -100,6 +100,7 @@ class Counter(TorchDispatchMode):
         self.by_source: collections.Counter[str] = collections.Counter()
         self.digest = 0
         self.device_pass = 0
+        self.graphed = False  # a GPU replays the device pass as one CUDA graph (set by measure)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
@@ -162,10 +163,21 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
 
 
 def measure(model: str, batch: int) -> list[tuple[str, Counter]]:
-    """Each call's counts, the model on the simulated GPU."""
+    """Each call's counts, the model on the simulated GPU; ``graphed`` says whether a GPU replays the call's device
+    pass as a CUDA graph (analyze of one image, and of a batch whose record fits ``limits.GRAPH_MEMORY_BYTES``: the
+    counted call is the second of its shape)."""
+    from vizapp import limits, pipeline
+
     vm = vizapp.load_model(model, pretrained=False)
+    setup = pipeline._PassSetup.of(vm, vm.grid_size, inline=True, gradients=False)
     with simulated_gpu(vm):
-        return [(name, count(fn)) for name, fn in calls(vm, batch).items()]
+        rows = [(name, count(fn)) for name, fn in calls(vm, batch).items()]
+    for name, c in rows:
+        images = batch if name.startswith("batch analyze") else 1
+        c.graphed = name in ("analyze", f"batch analyze, {batch} images") and (
+            setup.graph_bytes(vm, images) <= limits.GRAPH_MEMORY_BYTES
+        )
+    return rows
 
 
 def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> list[str]:
@@ -179,8 +191,10 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "one; host ops: those on host tensors alone (CPU work there); views and allocations are left out. x bare: "
         "against the bare forward of the same batch. Outside graphs: what a GPU still launches one by one, where the "
         "weights digest is one CUDA graph replay in every call, and so is an analysis's device pass "
-        "(`pipeline._device_pass`: the forward with the capture and its statistics) in analyze, one image without "
-        "gradients. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
+        "(`pipeline._device_pass`: the forward with the capture and its statistics) in analyze without gradients, of "
+        "one image and of a batch whose shape came before (the counted call is the second) and whose record fits "
+        "`limits.GRAPH_MEMORY_BYTES`; copying the large results out of a graph's memory (one copy per block) is not "
+        "counted. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
         "where `autograd.grad` was called). Only the calling thread is seen: the batch API preprocesses a list's "
         "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
         "thread).",
@@ -195,7 +209,7 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
             if name.startswith("bare, "):
                 bare[2] = c.kernels
             base = bare.get(2, bare[1]) if ", " in name else bare[1]
-            outside = c.kernels - c.digest - (c.device_pass if name == "analyze" else 0)
+            outside = c.kernels - c.digest - (c.device_pass if c.graphed else 0)
             top = ", ".join(f"{k} {v}" for k, v in c.by_source.most_common(5))
             cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")

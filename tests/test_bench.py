@@ -164,6 +164,8 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert int(got["bare"][4]) == bare  # nothing of a bare forward is graphed
     assert 0 < int(got["analyze"][4]) < bare  # outside the graphs: a remainder
     assert bare < int(got["class maps"][4]) < maps  # the digest alone is graphed there
+    batch = int(got["batch analyze, 2 images"][2])
+    assert 0 < int(got["batch analyze, 2 images"][4]) < int(got["bare, 2 images"][2]) < batch  # 2 images: graphed
 
 
 def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):

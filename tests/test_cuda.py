@@ -94,8 +94,8 @@ def test_head_importance_on_cuda_equals_the_cpu():
 
 @pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
 def test_a_batch_on_cuda_equals_the_cpu_batch_and_each_image_alone(fid, name, kwargs):
-    """The batch API on the GPU (eager: batches never run as a CUDA graph): each analysis equals the CPU's batch and
-    the GPU's own analysis of that image; the class maps of ``vizapp.explain`` equal the CPU's."""
+    """The batch API on the GPU (eager: a batch shape met once runs without a CUDA graph): each analysis equals the
+    CPU's batch and the GPU's own analysis of that image; the class maps of ``vizapp.explain`` equal the CPU's."""
     cpu, gpu = pair(name, kwargs)
     imgs = [random_image(i) for i in range(3)]
     on_cpu, on_gpu = vizapp.analyze(cpu, imgs), vizapp.analyze(gpu, imgs)
@@ -161,6 +161,27 @@ def test_cuda_graph_replay_equals_the_eager_pass(fid, name, kwargs, monkeypatch)
     assert not np.allclose(g1.mean_distance, g2.mean_distance)
     # and the graph against the q/k replay path, the second code path
     _same_analysis(g2, vizapp.analyze(gpu, second, inline=False), tol=1e-4, same_path=False)
+
+
+@pytest.mark.parametrize("fid,name,kwargs", MODELS[:2], ids=[m[0] for m in MODELS[:2]])
+def test_cuda_graph_of_a_batch_replays_what_the_eager_batch_gives(fid, name, kwargs, monkeypatch):
+    """A batch's shape is recorded the second time it comes, and a replay on another batch of that shape gives each
+    image what the eager batch gives (q and k of every image copied out of the graph's memory as one block)."""
+    torch.manual_seed(0)
+    gpu = vizapp.load_model(name, pretrained=False, device="cuda", **kwargs)
+    first, second = [random_image(i) for i in (1, 2, 3)], [random_image(i) for i in (4, 5, 6)]
+    vizapp.analyze(gpu, first)
+    assert len(gpu.graphs) == 0  # a shape met once runs eagerly
+    g1 = vizapp.analyze(gpu, first)  # records, then replays
+    assert len(gpu.graphs) == 1, gpu.graphs.failures()
+    junk = [torch.full((n,), float("nan"), device="cuda") for n in (2**8, 2**12, 2**16, 2**20) for _ in range(4)]
+    del junk
+    g2 = vizapp.analyze(gpu, second)  # replays
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
+    for graphed, images in ((g1, first), (g2, second)):
+        for g, e in zip(graphed, vizapp.analyze(gpu, images), strict=True):
+            _same_analysis(g, e)
+    assert len({t.untyped_storage().data_ptr() for g in g1 for t in (*g.q, *g.k)}) == 1
 
 
 def test_cuda_graph_is_recorded_again_for_new_weights(monkeypatch):

@@ -43,7 +43,7 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     img = random_image(3)
     plain = vizapp.analyze(vm, img)
     calls, grad, real = [], [], pipeline._device_pass
-    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup, batch=1: True)
     monkeypatch.setattr(pipeline, "_device_pass", lambda *a: grad.append(torch.is_grad_enabled()) or real(*a))
     monkeypatch.setattr(
         vm.graphs,
@@ -90,12 +90,8 @@ class _ReplayingGraph(_EagerGraph):
         yield self.memory, [t.detach().float().clone() for t in self.stage(self.memory)]
 
     @staticmethod
-    def _tensors(out):
-        return (
-            [*out.small(), *out.q, *out.k, *(b for b in out.biases if b is not None)]
-            + [out.outputs[i] for i in sorted(out.outputs)]
-            + ([] if out.fused_mean is None else [out.fused_mean])
-        )
+    def _tensors(outs):
+        return [t for out in outs for t in (*out.small(), *out.large())]
 
 
 def test_an_analysis_from_a_replay_keeps_its_own_copy_of_the_graphs_memory(monkeypatch):
@@ -105,7 +101,7 @@ def test_an_analysis_from_a_replay_keeps_its_own_copy_of_the_graphs_memory(monke
     imgs = [random_image(4), random_image(5)]
     plain = [vizapp.analyze(vm, img) for img in imgs]
     graph: list = []
-    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup: True)
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup, batch=1: True)
     monkeypatch.setattr(
         vm.graphs,
         "get",
@@ -120,6 +116,73 @@ def test_an_analysis_from_a_replay_keeps_its_own_copy_of_the_graphs_memory(monke
         torch.testing.assert_close(first.block_outputs[layer], out, atol=0, rtol=0)
     np.testing.assert_array_equal(first.rollout("max"), plain[0].rollout("max"))
     assert not np.array_equal(plain[0].rollout("max"), plain[1].rollout("max"))
+
+
+def test_a_batch_is_graphed_from_its_second_call_and_keeps_its_own_copy(monkeypatch):
+    """A batch's shape is recorded the second time it comes; each analysis read back from the replay equals the eager
+    batch's, and keeps it after the next replay rewrites the graph's memory (one copy per shared block: q and k of
+    every layer and image are views of one)."""
+    vm = small_model("beit_base_patch16_224", img_size=32, depth=2, num_classes=5)
+    first, second = [random_image(i) for i in (4, 5, 6)], [random_image(i) for i in (7, 8, 9)]
+    plain = vizapp.analyze(vm, first)
+    graph: list = []
+    made = []
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup, batch=1: True)
+
+    def get(key, fn, x, stage=None, keep=None):
+        made.append(key)
+        return (graph or graph.append(_ReplayingGraph(fn, x, stage)) or graph)[0]
+
+    monkeypatch.setattr(vm.graphs, "get", get)
+    vizapp.analyze(vm, first)
+    assert made == []  # a shape met once runs eagerly
+    copied, real = [], pipeline.copies
+    monkeypatch.setattr(pipeline, "copies", lambda ts: copied.append(len(ts)) or real(ts))
+    graphed = vizapp.analyze(vm, first)
+    assert len(made) == 1 and made[0][0] == (3, 3, 32, 32) and len(copied) == 1
+    vizapp.analyze(vm, second)  # rewrites the graph's memory
+    assert len(made) == 2 and len(graph) == 1
+    for a, g in zip(plain, graphed, strict=True):
+        np.testing.assert_array_equal(g.probs, a.probs)
+        np.testing.assert_array_equal(g.mean_distance, a.mean_distance)
+        np.testing.assert_array_equal(g.block_norms, a.block_norms)
+        np.testing.assert_array_equal(g.rollout(), a.rollout())
+        np.testing.assert_array_equal(g.rollout("max"), a.rollout("max"))  # from the copied q and k
+        for layer in range(a.num_layers):
+            torch.testing.assert_close(g.q[layer], a.q[layer], atol=0, rtol=0)
+            torch.testing.assert_close(g.k[layer], a.k[layer], atol=0, rtol=0)
+            torch.testing.assert_close(g.biases[layer], a.biases[layer], atol=0, rtol=0)
+        for layer, out in a.block_outputs.items():
+            torch.testing.assert_close(g.block_outputs[layer], out, atol=0, rtol=0)
+    q_blocks = {t.untyped_storage().data_ptr() for g in graphed for t in (*g.q, *g.k)}
+    assert len(q_blocks) == 1  # one copy of the batch's packed q and k
+    assert q_blocks.isdisjoint(t.untyped_storage().data_ptr() for out in graph[0].memory for t in out.q)
+
+
+def test_copies_copy_each_shared_block_once_and_lone_tensors_alone():
+    block = torch.arange(24.0).reshape(2, 3, 4)
+    big = torch.arange(100.0)
+    views = [block[0], block[1, :, 1:], block[1], big[:10]]
+    out = pipeline.copies(views)
+    for v, c in zip(views, out, strict=True):
+        torch.testing.assert_close(c, v, atol=0, rtol=0)
+        assert c.stride() == v.stride() and c.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+    assert (
+        out[0].untyped_storage().data_ptr()
+        == out[1].untyped_storage().data_ptr()
+        == out[2].untyped_storage().data_ptr()
+    )
+    assert out[3].untyped_storage().nbytes() == 10 * 4  # a tenth of its storage: cloned alone, not the whole 100
+    block.zero_()
+    assert out[2].sum().item() == sum(range(12, 24))  # the copies are their own memory
+
+
+def test_a_key_is_asked_before_only_after_a_first_ask():
+    cache = cudagraph.GraphCache()
+    assert not cache.asked_before(("a",)) and cache.asked_before(("a",))
+    for i in range(cudagraph.ASKED):
+        cache.asked_before((i,))
+    assert not cache.asked_before(("a",))  # forgotten after ASKED other keys
 
 
 def test_pass_constants_are_made_once_per_model_and_grid(monkeypatch):
@@ -148,6 +211,10 @@ def test_only_the_plain_gpu_pass_is_graphed():
     with pytest.MonkeyPatch.context() as m:
         m.setattr(limits, "GRAPH_MEMORY_BYTES", setup.graph_bytes(vm) - 1)
         assert not pipeline._graphable(vm, setup)
+    with pytest.MonkeyPatch.context() as m:  # a batch's graph holds each image's record
+        m.setattr(limits, "GRAPH_MEMORY_BYTES", setup.graph_bytes(vm, 3))
+        assert pipeline._graphable(vm, setup, 3) and not pipeline._graphable(vm, setup, 4)
+    assert setup.graph_bytes(vm, 4) - setup.graph_bytes(vm, 3) == setup.graph_bytes(vm, 2) - setup.graph_bytes(vm)
 
 
 class _FakePass:

@@ -119,12 +119,17 @@ def graph_key(model: torch.nn.Module, weights_key: tuple, x: torch.Tensor, *extr
     return (tuple(x.shape), x.dtype, str(x.device), model.training, weights_key, *extra)
 
 
+ASKED = 16
+"""Keys :meth:`GraphCache.asked_before` remembers."""
+
+
 class GraphCache:
     """A model's recorded graphs, by :func:`graph_key`; a key whose recording failed stays failed (eager)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple, GraphedPass | str] = OrderedDict()
+        self._asked: OrderedDict[tuple, None] = OrderedDict()  # keys asked about (see asked_before)
         self.notes: list[str] = []  # recordings that fell back to something slower, and why
 
     def get(
@@ -150,6 +155,19 @@ class GraphCache:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
             return found if isinstance(found, GraphedPass) else None
+
+    def asked_before(self, key: tuple) -> bool:
+        """Whether ``key`` has a graph or was asked about before (this call counts as asking; the last
+        :data:`ASKED` keys are remembered)."""
+        with self._lock:
+            if key in self._graphs:
+                return True
+            seen = key in self._asked
+            self._asked[key] = None
+            self._asked.move_to_end(key)
+            while len(self._asked) > ASKED:
+                self._asked.popitem(last=False)
+            return seen
 
     def failure(self, key: tuple) -> str | None:
         """Why recording failed for ``key`` (None when it did not fail or was not tried)."""

@@ -67,26 +67,27 @@ class _PassSetup:
             gradients=gradients,
         )
 
-    def graph_bytes(self, vm: VizModel) -> int:
-        """A high estimate of the memory a recorded graph keeps: q and k of every layer, the kept fusions and block
-        outputs, one chunk of attention and its scores, the forward's own activations."""
+    def graph_bytes(self, vm: VizModel, batch: int = 1) -> int:
+        """A high estimate of the memory a recorded graph of ``batch`` images keeps: q and k of every layer, the kept
+        fusions and block outputs and the forward's own activations of each image, and one chunk of attention and its
+        scores."""
         width = vm.num_heads * 64  # most ViTs' heads are 64 wide
         kept = vm.num_layers * self.n * self.n * 4 * self.store_mean  # the mean fusions (kept ones included)
-        return (
-            2 * vm.num_layers * self.n * width * 4 + kept + 2 * limits.ATTENTION_CHUNK_BYTES + 12 * self.n * width * 4
-        )
+        per_image = 2 * vm.num_layers * self.n * width * 4 + kept + 12 * self.n * width * 4
+        return batch * per_image + 2 * limits.ATTENTION_CHUNK_BYTES
 
 
-def _graphable(vm: VizModel, setup: _PassSetup) -> bool:
-    """The plain analysis forward on a GPU runs as a replayed CUDA graph (see :mod:`vizapp.cudagraph`); the q/k
-    replay path (``inline=False``) and gradient-enabled passes stay eager, the first as the second code path that
-    checks the graph."""
+def _graphable(vm: VizModel, setup: _PassSetup, batch: int = 1) -> bool:
+    """The plain analysis forward of ``batch`` images on a GPU runs as a replayed CUDA graph (see
+    :mod:`vizapp.cudagraph`) while its memory fits :data:`~vizapp.limits.GRAPH_MEMORY_BYTES`; the q/k replay path
+    (``inline=False``) and gradient-enabled passes stay eager, the first as the second code path that checks the
+    graph."""
     return (
         vm.device.type == "cuda"
         and setup.inline
         and not setup.gradients
         and cudagraph.enabled()
-        and setup.graph_bytes(vm) <= limits.GRAPH_MEMORY_BYTES
+        and setup.graph_bytes(vm, batch) <= limits.GRAPH_MEMORY_BYTES
     )
 
 
@@ -124,17 +125,54 @@ class _PassResult:
         lens = None if self.lens is None else next(it)
         return replace(self, logits=logits, rollout=rollout, norms=norms, statistics=statistics, lens=lens)
 
-    def cloned(self) -> _PassResult:
-        """The large results (q, k, the kept fusions and biases, block outputs) copied into memory of their own on
-        the same device: a replayed CUDA graph rewrites its memory on the next replay."""
-        return replace(
-            self,
-            fused_mean=None if self.fused_mean is None else self.fused_mean.clone(),
-            biases=tuple(None if b is None else b.clone() for b in self.biases),
-            outputs={i: t.clone() for i, t in self.outputs.items()},
-            q=tuple(t.clone() for t in self.q),
-            k=tuple(t.clone() for t in self.k),
+    def large(self) -> list[torch.Tensor]:
+        """What stays on the model's device (q, k, the kept biases, block outputs and fusions), in the order
+        :meth:`with_large` reads them back."""
+        biases = [t for t in self.biases if t is not None]
+        outputs = [self.outputs[i] for i in sorted(self.outputs)]
+        return [*self.q, *self.k, *biases, *outputs] + ([] if self.fused_mean is None else [self.fused_mean])
+
+    def with_large(self, tensors: list[torch.Tensor]) -> _PassResult:
+        """This result with :meth:`large`'s tensors replaced by ``tensors``."""
+        it = iter(tensors)
+        q, k = tuple(next(it) for _ in self.q), tuple(next(it) for _ in self.k)
+        biases = tuple(None if t is None else next(it) for t in self.biases)
+        outputs = {i: next(it) for i in sorted(self.outputs)}
+        fused_mean = None if self.fused_mean is None else next(it)
+        return replace(self, q=q, k=k, biases=biases, outputs=outputs, fused_mean=fused_mean)
+
+
+def cloned(outs: list[_PassResult]) -> list[_PassResult]:
+    """The large results of one forward (:meth:`_PassResult.large`) copied into memory of their own on the same
+    device, as a replayed CUDA graph's results must be before its next replay rewrites them: one copy per block of
+    memory they share (:func:`copies`), so a batch's q and k of every layer, views of one block, are one copy."""
+    large = [out.large() for out in outs]
+    fresh = iter(copies([t for parts in large for t in parts]))
+    return [out.with_large([next(fresh) for _ in parts]) for out, parts in zip(outs, large, strict=True)]
+
+
+def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor in memory of its own, on its device. Tensors that view one storage, and together use at least
+    half of it, are copied as that storage, once, and view the copy where they viewed the original (a CUDA device
+    copies it in one operation); any other tensor is cloned alone."""
+    used: dict[int, int] = {}
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        used[key] = used.get(key, 0) + t.numel() * t.element_size()
+    fresh: dict[int, torch.UntypedStorage] = {}
+    out = []
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if storage.nbytes() > 2 * used[key]:
+            out.append(t.clone())
+            continue
+        if key not in fresh:
+            fresh[key] = storage.clone()
+        out.append(
+            torch.empty(0, dtype=t.dtype, device=t.device).set_(fresh[key], t.storage_offset(), t.shape, t.stride())
         )
+    return out
 
 
 def settle(outs: list[_PassResult]) -> list[_PassResult]:
@@ -144,6 +182,11 @@ def settle(outs: list[_PassResult]) -> list[_PassResult]:
     small = [out.small() for out in outs]
     host = iter(to_host([t for parts in small for t in parts]))
     return [out.with_small([next(host) for _ in parts]) for out, parts in zip(outs, small, strict=True)]
+
+
+def _small_of_all(outs: list[_PassResult]) -> list[torch.Tensor]:
+    """What a recorded pass stages to the host: every image's :meth:`_PassResult.small`, image after image."""
+    return [t for out in outs for t in out.small()]
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -314,7 +357,8 @@ def analyze_inputs(
     """The analyses of preprocessed inputs ``x`` [B, C, H, W] (what :attr:`VizModel.transform` gives, on the host) from
     one forward of the whole batch; ``notes`` per image. Arguments as in :func:`analyze`.
 
-    One image on a GPU may run as a replayed CUDA graph; a batch always runs eagerly. The analyses of a batch share
+    On a GPU the forward may run as a replayed CUDA graph: one image at once, a batch from the second time its shape
+    comes, while its memory fits (:func:`_graphable`). The analyses of a batch share
     its tensors (q and k of each layer, block outputs, with ``gradients`` the autograd graph): that memory is freed
     when the last of them is.
     """
@@ -330,19 +374,23 @@ def analyze_inputs(
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     setup = _PassSetup.of(vm, grid, inline, gradients)
     graphed = None
-    if b == 1 and _graphable(vm, setup):
+    if _graphable(vm, setup, b):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
 
-        def plain_pass(xs: torch.Tensor) -> _PassResult:
+        def plain_pass(xs: torch.Tensor) -> list[_PassResult]:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory
-                return _device_pass(vm, xs, setup)[0]
+                return _device_pass(vm, xs, setup)
 
-        graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_PassResult.small, keep=setup)
+        # one image is recorded at once (the app analyses image after image); a batch's shape when it comes again,
+        # so that a size met once does not pay for a recording
+        if b == 1 or vm.graphs.asked_before(key):
+            graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_small_of_all, keep=setup)
     graphs = [GradientGraph() for _ in range(b)]
     if graphed is not None:  # one replay: the small results staged in pinned memory, the large ones copied on the
         # device, both under the graph's lock (the next replay rewrites them)
-        with graphed.run(x_dev) as (out, staged):
-            hosts = [out.with_small(staged).cloned()]
+        with graphed.run(x_dev) as (outs, staged):
+            it = iter(staged)
+            hosts = cloned([out.with_small([next(it) for _ in out.small()]) for out in outs])
     else:
         with torch.enable_grad() if gradients else torch.no_grad():
             outs = _device_pass(vm, x_dev, setup)
