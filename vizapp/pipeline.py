@@ -358,9 +358,8 @@ def analyze_inputs(
     one forward of the whole batch; ``notes`` per image. Arguments as in :func:`analyze`.
 
     On a GPU the forward may run as a replayed CUDA graph: one image at once, a batch from the second time its shape
-    comes, while its memory fits (:func:`_graphable`). The analyses of a batch share
-    its tensors (q and k of each layer, block outputs, with ``gradients`` the autograd graph): that memory is freed
-    when the last of them is.
+    comes, while its memory fits (:func:`_graphable`). The analyses of a batch share its tensors (q and k of each
+    layer, block outputs, with ``gradients`` the autograd graph): that memory is freed when the last of them is.
     """
     b = x.shape[0]
     notes = [()] * b if notes is None else list(notes)
