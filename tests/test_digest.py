@@ -53,6 +53,20 @@ def test_packed_small_tensors_equal_one_product_each():
     assert torch.equal(digest._packed_checksums(tensors), torch.cat([cpu_checksums(t) for t in tensors]))
 
 
+def test_the_digest_does_not_depend_on_how_small_tensors_are_packed(monkeypatch):
+    """Small tensors go into products of at most about PACK bytes; the rows are the same however they are grouped,
+    so a packing of one tensor per product, of several, or of all at once gives the same digest."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(40, 30) for _ in range(7)], torch.nn.LayerNorm(30))
+    digests = []
+    for pack in (1, 6_000, 10**9):  # each tensor alone; a few at a time; every one in one product
+        monkeypatch.setattr(digest, "PACK", pack)
+        digests.append(weights_digest(model))
+    assert digests[0] == digests[1] == digests[2]
+    with torch.no_grad():
+        model[3].bias[7] += 1.0
+    assert weights_digest(model).values != digests[0].values
+
+
 def test_the_matrix_keeps_every_single_element_change_and_every_float32_swap():
     w = checksum_matrix()
     assert w.shape == (ROW, COLUMNS) and w.dtype == torch.int8 and bool((w != 0).all())

@@ -59,6 +59,9 @@ ROW = 4096
 COLUMNS = 16
 #: Tensors under this many bytes are packed together into one product.
 SMALL = 1 << 20
+#: At most about this many bytes of small tensors go into one packed product (the rows are the same however the tensors
+#: are grouped, so the digest is too): ViT-Ti, whose tensors are all small, packed its whole 22 MB into one buffer.
+PACK = 4 << 20
 _SEED = 20261203
 _matrix: torch.Tensor | None = None
 _gemm_ok: bool | None = None
@@ -242,14 +245,19 @@ def weights_digest(model: torch.nn.Module, graphs: Any = None) -> WeightsDigest:
                 else:
                     device_tensors.setdefault(t.device, []).append(t)
     if _gemm_available():  # each tensor's checksums, in order (the products run on torch's threads)
-        run: list[torch.Tensor] = []  # consecutive small tensors, packed into one product
+        run: list[torch.Tensor] = []  # consecutive small tensors, packed into one product of at most about PACK bytes
+        packed = 0
         for t in cpu_parts + [None]:
-            if t is not None and t.numel() * t.element_size() < SMALL:
+            size = 0 if t is None else t.numel() * t.element_size()
+            if t is not None and size < SMALL:
                 run.append(t)
-                continue
+                packed += size
+                if packed < PACK:
+                    continue
+                t = None  # the run is full: its product now, the next small tensor starts another
             if run:
                 values.update(_packed_checksums(run).numpy().tobytes())
-                run = []
+                run, packed = [], 0
             if t is not None:
                 values.update(cpu_checksums(t).numpy().tobytes())
     else:  # each CPU tensor's SHA-256 on its own (hashlib releases the GIL: the tensors are hashed on every core)
