@@ -14,6 +14,7 @@ import timm
 import torch
 
 import vizapp
+from benchmarks.bench.memory import _reset_peak_rss, _status_kb
 from vizapp import budget as B
 from vizapp.errors import ModelLoadError, ModelTooLargeError, VizappError
 from vizapp.models import timm as _timm_adapter  # noqa: F401 - models.timm is patched below
@@ -31,23 +32,9 @@ SLOW = 60
 and speed is the benchmarks' business, so the tests bound time loosely and memory tightly."""
 
 
-def _status_mib(field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` of /proc/self/status in MiB. Not ``ru_maxrss``: a process started by fork (or vfork) and
-    exec keeps the high-water mark of its parent's address space in it, so a test's child reported pytest's peak
-    (2.5 GB after a 2.5 GB array in the parent, against a VmHWM of 9 MB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Set this process's VmHWM to its current RSS (Linux ``clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
+# Peaks are VmHWM (benchmarks.bench.memory's readers in this process, PEAK_MIB in a child), never ``ru_maxrss``: a
+# process started by fork (or vfork) and exec keeps the high-water mark of its parent's address space in it, so a
+# test's child reported pytest's peak (2.5 GB after a 2.5 GB array in the parent, against a VmHWM of 9 MB).
 PEAK_MIB = textwrap.dedent(
     """
     def peak_mib():
@@ -62,14 +49,14 @@ PEAK_MIB = textwrap.dedent(
 def test_giants_are_refused_quickly_with_size_and_limit(name, expected):
     if not timm.is_model(name):
         pytest.skip(f"timm {timm.__version__} has no {name}")
-    rss0 = _status_mib("VmRSS")
-    _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    assert _reset_peak_rss()
     t0 = time.monotonic()
     with pytest.raises(ModelTooLargeError) as err:
         B.check_budget(name, B.Budget())
     # loose on purpose: building the model took minutes and GBs; a busy machine must not fail a 1 s refusal
     assert time.monotonic() - t0 < SLOW
-    assert _status_mib("VmHWM") - rss0 < 500  # a float32 giant would be >= 4.5 GB
+    assert (_status_kb("VmHWM") - rss0) / 1024 < 500  # MiB; a float32 giant would be >= 4.5 GB
     msg = str(err.value)
     assert name in msg and "400.0 M" in msg and "VIZAPP_MAX_PARAMS" in msg and " B parameters" in msg
     if expected is not None:
@@ -177,12 +164,12 @@ def test_hub_config_read_from_the_local_cache(tmp_path, monkeypatch):
 
 def test_load_model_refuses_a_giant_before_allocating(monkeypatch):
     monkeypatch.setattr(B, "BUDGET", B.Budget())  # the defaults, whatever this machine's environment says
-    rss0 = _status_mib("VmRSS")
-    _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    assert _reset_peak_rss()
     t0 = time.monotonic()
     with pytest.raises(ModelTooLargeError, match="vit_giant_patch14_dinov2"):
         vizapp.load_model("vit_giant_patch14_dinov2", pretrained=False, device="cpu")
-    assert time.monotonic() - t0 < SLOW and _status_mib("VmHWM") - rss0 < 500
+    assert time.monotonic() - t0 < SLOW and (_status_kb("VmHWM") - rss0) / 1024 < 500
     with pytest.raises(ModelTooLargeError):  # the pretrained path is refused before the hub is consulted
         vizapp.load_model("vit_giant_patch14_dinov2.lvd142m", device="cpu")
     monkeypatch.setattr(B, "BUDGET", B.Budget(allowed=frozenset({"vit_tiny_patch16_224"})))

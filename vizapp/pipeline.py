@@ -152,27 +152,37 @@ def cloned(outs: list[_PassResult]) -> list[_PassResult]:
 
 
 def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor in memory of its own, on its device. Tensors that view one storage, and together use at least
-    half of it, are copied as that storage, once, and view the copy where they viewed the original (a CUDA device
-    copies it in one operation); any other tensor is cloned alone."""
-    used: dict[int, int] = {}
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        used[key] = used.get(key, 0) + t.numel() * t.element_size()
-    fresh: dict[int, torch.UntypedStorage] = {}
+    """Each tensor in memory of its own, on its device. Tensors that together view most of one storage
+    (:func:`_whole_storages`) are copied as that storage, once, and view the copy where they viewed the original (a
+    CUDA device copies it in one operation); any other tensor is cloned alone."""
+    whole = _whole_storages(tensors)
+    fresh: dict[tuple[int, torch.dtype], torch.UntypedStorage] = {}
     out = []
     for t in tensors:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if storage.nbytes() > 2 * used[key]:
+        key = _storage_key(t)
+        if key not in whole:
             out.append(t.clone())
             continue
         if key not in fresh:
-            fresh[key] = storage.clone()
+            fresh[key] = t.untyped_storage().clone()
         out.append(
             torch.empty(0, dtype=t.dtype, device=t.device).set_(fresh[key], t.storage_offset(), t.shape, t.stride())
         )
     return out
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, torch.dtype]:
+    return t.untyped_storage().data_ptr(), t.dtype
+
+
+def _whole_storages(tensors: list[torch.Tensor]) -> set[tuple[int, torch.dtype]]:
+    """The storages (address, dtype) that ``tensors`` view for at least half of their bytes together: worth copying
+    whole, once, and reading back where each tensor lies in them (:func:`to_host`, :func:`copies`)."""
+    used: dict[tuple[int, torch.dtype], int] = {}
+    for t in tensors:
+        key = _storage_key(t)
+        used[key] = used.get(key, 0) + t.numel() * t.element_size()
+    return {_storage_key(t) for t in tensors if t.untyped_storage().nbytes() <= 2 * used[_storage_key(t)]}
 
 
 def settle(outs: list[_PassResult]) -> list[_PassResult]:
@@ -200,23 +210,21 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if all(t.device.type == "cpu" for t in tensors):
         return [t.float() for t in tensors]
 
-    keys = [(t.untyped_storage().data_ptr(), t.dtype) for t in tensors]
-    wanted: dict[tuple[int, torch.dtype], int] = {}
-    for key, t in zip(keys, tensors, strict=True):
-        wanted[key] = wanted.get(key, 0) + t.numel()
+    keys = [_storage_key(t) for t in tensors]
+    whole = _whole_storages(tensors)
     roots: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # storages copied whole, each as a 1-D tensor
     for key, t in zip(keys, tensors, strict=True):
-        size = t.untyped_storage().nbytes() // t.element_size()
-        if key not in roots and size <= 2 * wanted[key]:  # the storage is mostly these views
+        if key in whole and key not in roots:
+            size = t.untyped_storage().nbytes() // t.element_size()
             roots[key] = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (size,))
     loose = [t for key, t in zip(keys, tensors, strict=True) if key not in roots]
     sources = [*roots.values(), *loose]
     pieces = iter(
         torch.cat([t.detach().reshape(-1).float() for t in sources]).cpu().split([t.numel() for t in sources])
     )
-    copies = {key: next(pieces) for key in roots}  # pieces of one host tensor: as_strided counts from its start
+    host = {key: next(pieces) for key in roots}  # pieces of one host tensor: as_strided counts from its start
     return [
-        copies[key].as_strided(t.shape, t.stride(), copies[key].storage_offset() + t.storage_offset())
+        host[key].as_strided(t.shape, t.stride(), host[key].storage_offset() + t.storage_offset())
         if key in roots
         else next(pieces).view(t.shape)  # the loose tensors' pieces follow, in the same order
         for key, t in zip(keys, tensors, strict=True)

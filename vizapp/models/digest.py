@@ -247,19 +247,25 @@ def weights_digest(model: torch.nn.Module, graphs: Any = None) -> WeightsDigest:
     if _gemm_available():  # each tensor's checksums, in order (the products run on torch's threads)
         run: list[torch.Tensor] = []  # consecutive small tensors, packed into one product of at most about PACK bytes
         packed = 0
-        for t in cpu_parts + [None]:
-            size = 0 if t is None else t.numel() * t.element_size()
-            if t is not None and size < SMALL:
-                run.append(t)
-                packed += size
-                if packed < PACK:
-                    continue
-                t = None  # the run is full: its product now, the next small tensor starts another
+
+        def flush() -> None:
+            nonlocal packed
             if run:
                 values.update(_packed_checksums(run).numpy().tobytes())
-                run, packed = [], 0
-            if t is not None:
+                run.clear()
+                packed = 0
+
+        for t in cpu_parts:
+            size = t.numel() * t.element_size()
+            if size >= SMALL:
+                flush()
                 values.update(cpu_checksums(t).numpy().tobytes())
+                continue
+            run.append(t)
+            packed += size
+            if packed >= PACK:
+                flush()
+        flush()
     else:  # each CPU tensor's SHA-256 on its own (hashlib releases the GIL: the tensors are hashed on every core)
         for found in _pool().map(_sha256, cpu_parts):
             values.update(found)
