@@ -21,6 +21,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,9 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
     from vizapp.evaluate import scores
 
     spent = dict.fromkeys(PHASES, 0.0)
-    saved = {"_statistics": ev._statistics, "classify": ev.classify}
-    saved_scores = {"_maps": scores._maps, "_classified": scores._classified}
+    by_method: dict[str, float] = {}  # the maps phase's time in each method's own calls
+    saved = {"_statistics": ev._statistics, "classify": ev.classify, "explain": ev.explain}
+    saved_scores = {"_maps": scores._maps, "_classified": scores._classified, "_own_run_maps": scores._own_run_maps}
 
     def timed(name: str, fn):  # noqa: ANN202 - a wrapper of any signature
         def run(*args, **kwargs):  # noqa: ANN202
@@ -115,20 +117,61 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
 
         return run
 
+    def method_timed(name_of: Callable[..., str], fn):  # noqa: ANN202 - as timed, into by_method
+        def run(*args, **kwargs):  # noqa: ANN202
+            ev.vm.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ev.vm.synchronize()
+                name = name_of(*args, **kwargs)
+                by_method[name] = by_method.get(name, 0.0) + time.perf_counter() - t0
+
+        return run
+
     ev._statistics = timed("statistics", saved["_statistics"])  # type: ignore[method-assign]
     ev.classify = timed("classifying", saved["classify"])  # type: ignore[method-assign]
+    ev.explain = method_timed(lambda r, name, *a, **k: name, saved["explain"])  # type: ignore[method-assign]
     scores._maps = timed("maps", saved_scores["_maps"])
     scores._classified = timed("forming", saved_scores["_classified"])  # classifying is taken out below
+    scores._own_run_maps = method_timed(lambda ev_, method, *a, **k: method.name, saved_scores["_own_run_maps"])
     try:
         t0 = time.perf_counter()
         ev.evaluate_batch(items, pixels)
         ev.vm.synchronize()
         total = time.perf_counter() - t0
     finally:
-        ev._statistics, ev.classify = saved["_statistics"], saved["classify"]  # type: ignore[method-assign]
-        scores._maps, scores._classified = saved_scores["_maps"], saved_scores["_classified"]
+        for name, fn in saved.items():
+            setattr(ev, name, fn)
+        for name, fn in saved_scores.items():
+            setattr(scores, name, fn)
     spent["forming"] -= spent["classifying"]
-    return {f"phase_{k}": v for k, v in spent.items()} | {"phase_rest": total - sum(spent.values())}
+    by_method["the analysis forward and its backwards"] = spent["maps"] - sum(by_method.values())
+    return (
+        {f"phase_{k}": v for k, v in spent.items()}
+        | {"phase_rest": total - sum(spent.values())}
+        | {f"method_{k}": v for k, v in by_method.items()}
+    )
+
+
+def profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], rows: int) -> str:
+    """One more batched evaluation under cProfile: its ``rows`` functions of most own time, as text (for a run on
+    a machine that is lent for minutes, such as the GPU's, where the phases alone do not say which call to change)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        ev.evaluate_batch(items, pixels)
+        ev.vm.synchronize()
+    finally:
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
 
 
 def _decoded(pixels: list[np.ndarray]) -> list:
@@ -179,6 +222,19 @@ def markdown(rows: list[tuple[str, int, str, dict[str, float]]], args: argparse.
     for model, b, data, m in rows:
         cells = " | ".join(f"{1e3 * m[f'phase_{k}'] / b:.1f}" for k in (*PHASES, "rest"))
         lines.append(f"| {model} ({data}) | {b} | {cells} |")
+    names = list(dict.fromkeys(k[7:] for _, _, _, m in rows for k in m if k.startswith("method_")))
+    lines += [
+        "",
+        "The maps phase of that run by method, in milliseconds per image: each method's own calls (a method that runs "
+        "the model itself: its forward, backward and relevance pass for the batch; the others: their maps read from "
+        "each image's analysis), and the analysis forward with its backwards (one per class kind) and the rest.",
+        "",
+        "| model | B | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for model, b, data, m in rows:
+        cells = " | ".join(f"{1e3 * m[f'method_{k}'] / b:.1f}" if f"method_{k}" in m else "" for k in names)
+        lines.append(f"| {model} ({data}) | {b} | {cells} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([*lines, "", f"Load average (1 min) at the end: {load:.1f} ({os.cpu_count()} CPUs).", ""])
 
@@ -194,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="perturbed copies per forward")
     p.add_argument("--methods", default=None, help="comma-separated; default every method but flow, and random")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--profile", type=int, default=0, help="also print cProfile's N functions of most own time in one more run"
+    )
     p.add_argument(
         "--device", default=None, help="the model's device (default: vizapp's choice, a GPU when there is one)"
     )
@@ -216,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(ev, items, pixels, args.repeats)
         rows.append((model, len(items), "fmnist-test" if bundled else "random", m))
         print(f"{model}: {m}", flush=True)
+        if args.profile > 0:
+            print(f"{model}, one batched evaluation under cProfile:\n{profiled(ev, items, pixels, args.profile)}")
     text = markdown(rows, args, methods)
     print(text)
     args.out.write_text(text)

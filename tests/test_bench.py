@@ -97,23 +97,29 @@ def test_rewriting_the_report_keeps_the_notes_under_the_old_marker(tmp_path):
     assert out.read_text(encoding="utf-8") == "new table\n\n" + markdown.NOTES_MARKER + "\nmy notes\n"
 
 
-def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_path):
+def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_path, capsys):
     # benchmarks.evaluation on the bundled model, two images: its table, and the phase table whose parts (the
-    # statistics forward, maps, forming and classifying copies, the rest) each took time and were restored after
+    # statistics forward, maps, forming and classifying copies, the rest) each took time and were restored after;
+    # the maps phase split by method; and with --profile, cProfile's table
     from benchmarks import evaluation
     from vizapp.evaluate import scores
 
     out = tmp_path / "e.md"
-    before = (scores._maps, scores._classified)
+    before = (scores._maps, scores._classified, scores._own_run_maps)
     argv = ["--models", "bundled", "--images", "2", "--repeats", "1", "--methods", "rollout,relevance,random"]
-    assert evaluation.main([*argv, "--out", str(out)]) == 0
-    assert (scores._maps, scores._classified) == before
+    assert evaluation.main([*argv, "--out", str(out), "--profile", "5"]) == 0
+    assert (scores._maps, scores._classified, scores._own_run_maps) == before
     text = out.read_text(encoding="utf-8")
     header, rows = table_rows(text, "# The evaluation's rate against its floor")
     assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 3 * 2 * 9)]  # 2 images x 3 maps x 2 directions x 9
     header, rows = table_rows(text, "Where one more batched evaluation's time went")
     assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
     assert all(float(c) > 0 for c in rows[0][2:6]), rows
+    header, rows = table_rows(text, "The maps phase of that run by method")
+    assert header == ["model", "B", "rollout", "relevance", "the analysis forward and its backwards"]
+    # the last part is the phase less the methods' own calls: negative if a call were counted twice
+    assert all(float(c) >= 0 for c in rows[0][2:]) and float(rows[0][-1]) > 0, rows
+    assert "Ordered by: internal time" in capsys.readouterr().out  # --profile: cProfile's table of one more run
 
 
 def test_the_operator_counter_counts_computing_operators_and_their_sources_by_hand():
