@@ -15,7 +15,10 @@ Calls, each for the astronaut photo and random weights:
 - analyze: ``vizapp.analyze(vm, image)``. On a GPU its forward and the weights digest each run as a CUDA graph, one
   replay instead of their launches (:mod:`vizapp.cudagraph`); the "outside graphs" column counts what remains;
 - class maps: ``analyze(gradients=True)`` then ``relevance`` and ``grad_rollout`` of one class (the class-map
-  benchmark's path; never graphed: it runs autograd);
+  benchmark's path; only the digest is graphed: the analysis keeps its autograd graph);
+- class maps, analyze() first: ``analyze(vm, image)`` then the same two maps, the app's path: the analysis keeps no
+  autograd graph, so the maps run a forward and a backward (:mod:`vizapp.gradient_pass`), which a GPU replays as one
+  CUDA graph while its estimate fits ``limits.GRAPH_MEMORY_BYTES``, as it does the analysis's device pass;
 - batch analyze: ``vizapp.analyze(vm, 16 images)`` against the same bare forward (on a GPU its device pass is a CUDA
   graph from the second call of a batch shape, while the batch's record fits ``limits.GRAPH_MEMORY_BYTES``);
 - batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16.
@@ -67,6 +70,9 @@ a GPU analysis of one image without gradients replays as one CUDA graph."""
 DIGEST = "models/digest.py"
 """The weights digest, which a GPU replays as a CUDA graph in every analysis."""
 
+GRADIENT_PASSES = ("gradient_pass.py", "_passes")
+"""The forward and backward a class map of ``analyze()``'s result runs, which a GPU replays as one CUDA graph."""
+
 
 def _vizapp_file(frame: traceback.FrameSummary) -> str | None:
     name = frame.filename.replace("\\", "/")
@@ -100,7 +106,9 @@ class Counter(TorchDispatchMode):
         self.by_source: collections.Counter[str] = collections.Counter()
         self.digest = 0
         self.device_pass = 0
+        self.gradient_passes = 0
         self.graphed = False  # a GPU replays the device pass as one CUDA graph (set by measure)
+        self.gradients_graphed = False  # and the gradient passes (set by measure)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
@@ -118,6 +126,7 @@ class Counter(TorchDispatchMode):
             in_digest = within(stack, DIGEST)
             self.digest += in_digest
             self.device_pass += not in_digest and within(stack, *DEVICE_PASS)
+            self.gradient_passes += within(stack, *GRADIENT_PASSES)
         return out
 
 
@@ -147,15 +156,16 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
         with torch.no_grad():
             vm.logits(inputs(images))
 
-    def class_maps() -> None:
-        r = vizapp.analyze(vm, img, gradients=True)
+    def class_maps(gradients: bool) -> None:
+        r = vizapp.analyze(vm, img, gradients=gradients)
         r.relevance(1)
         r.grad_rollout(1)
 
     return {
         "bare": bare,
         "analyze": lambda: vizapp.analyze(vm, img),
-        "class maps": class_maps,
+        "class maps": lambda: class_maps(True),
+        "class maps, analyze() first": lambda: class_maps(False),
         f"bare, {batch} images": bare_batch,
         f"batch analyze, {batch} images": lambda: vizapp.analyze(vm, images),
         f"batch class maps, {batch} images": lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1),
@@ -166,17 +176,19 @@ def measure(model: str, batch: int) -> list[tuple[str, Counter]]:
     """Each call's counts, the model on the simulated GPU; ``graphed`` says whether a GPU replays the call's device
     pass as a CUDA graph (analyze of one image, and of a batch whose record fits ``limits.GRAPH_MEMORY_BYTES``: the
     counted call is the second of its shape)."""
-    from vizapp import limits, pipeline
+    from vizapp import gradient_pass, limits, pipeline
 
     vm = vizapp.load_model(model, pretrained=False)
     setup = pipeline._PassSetup.of(vm, vm.grid_size, inline=True, gradients=False)
     with simulated_gpu(vm):
         rows = [(name, count(fn)) for name, fn in calls(vm, batch).items()]
+    x = torch.zeros(1, 3, *vm.input_size[-2:])
     for name, c in rows:
         images = batch if name.startswith("batch analyze") else 1
-        c.graphed = name in ("analyze", f"batch analyze, {batch} images") and (
+        c.graphed = name in ("analyze", "class maps, analyze() first", f"batch analyze, {batch} images") and (
             setup.graph_bytes(vm, images) <= limits.GRAPH_MEMORY_BYTES
         )
+        c.gradients_graphed = gradient_pass.graph_memory(vm, x) <= limits.GRAPH_MEMORY_BYTES
     return rows
 
 
@@ -193,7 +205,8 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "weights digest is one CUDA graph replay in every call, and so is an analysis's device pass "
         "(`pipeline._device_pass`: the forward with the capture and its statistics) in analyze without gradients, of "
         "one image and of a batch whose shape came before (the counted call is the second) and whose record fits "
-        "`limits.GRAPH_MEMORY_BYTES`; copying the large results out of a graph's memory (one copy per block) is not "
+        "`limits.GRAPH_MEMORY_BYTES`, and so are the forward and backward of a class map of `analyze()`'s result "
+        "(`gradient_pass._passes`); copying the large results out of a graph's memory (one copy per block) is not "
         "counted. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
         "where `autograd.grad` was called). Only the calling thread is seen: the batch API preprocesses a list's "
         "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
@@ -210,6 +223,7 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
                 bare[2] = c.kernels
             base = bare.get(2, bare[1]) if ", " in name else bare[1]
             outside = c.kernels - c.digest - (c.device_pass if c.graphed else 0)
+            outside -= c.gradient_passes if c.gradients_graphed else 0
             top = ", ".join(f"{k} {v}" for k, v in c.by_source.most_common(5))
             cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")

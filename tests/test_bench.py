@@ -150,7 +150,8 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
 
 def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     # vit_tiny, batch 2: the bare forward's kernels are the model's own; an analysis adds the digest and its device
-    # pass, and what a GPU would still launch outside its two graphs is a small remainder
+    # pass, and what a GPU would still launch outside its two graphs is a small remainder; so is what the class maps
+    # of analyze()'s result launch outside its three
     from benchmarks import launches
 
     out = tmp_path / "l.md"
@@ -161,6 +162,7 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
         "bare",
         "analyze",
         "class maps",
+        "class maps, analyze() first",
         "bare, 2 images",
         "batch analyze, 2 images",
         "batch class maps, 2 images",
@@ -170,6 +172,9 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert int(got["bare"][4]) == bare  # nothing of a bare forward is graphed
     assert 0 < int(got["analyze"][4]) < bare  # outside the graphs: a remainder
     assert bare < int(got["class maps"][4]) < maps  # the digest alone is graphed there
+    # the app's path: the analysis's device pass and the maps' forward and backward are graphs too
+    first = got["class maps, analyze() first"]
+    assert int(first[2]) > maps and 0 < int(first[4]) < bare, first
     batch = int(got["batch analyze, 2 images"][2])
     assert 0 < int(got["batch analyze, 2 images"][4]) < int(got["bare, 2 images"][2]) < batch  # 2 images: graphed
 
@@ -191,6 +196,7 @@ def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
         "class maps: analyze(gradients) + relevance + grad rollout",
         "of which analyze(gradients=True)",
         "a further class: one backward + both maps",
+        "a class of analyze()'s result: forward + backward + both maps",
         "class maps by vizapp.explain, one image",
     )
     batch = out[out.index("batch of 3 images") :]

@@ -184,6 +184,31 @@ def test_cuda_graph_of_a_batch_replays_what_the_eager_batch_gives(fid, name, kwa
     assert len({t.untyped_storage().data_ptr() for g in g1 for t in (*g.q, *g.k)}) == 1
 
 
+@pytest.mark.parametrize("fid,name,kwargs", [MODELS[0], MODELS[3]], ids=[MODELS[0][0], MODELS[3][0]])
+def test_the_gradient_passes_replayed_as_a_cuda_graph_give_the_eager_class_maps(fid, name, kwargs, monkeypatch):
+    """analyze() keeps no gradient-enabled forward, so a class map runs a forward and a backward: on a GPU one recorded
+    graph (vizapp.gradient_pass) whose inputs are the image and the class's one-hot row. Two classes and a second
+    image replay the one recording; each map equals the eager passes' (graphs off) within GPU rounding."""
+    torch.manual_seed(0)
+    gpu = vizapp.load_model(name, pretrained=False, device="cuda", **kwargs)
+    images = [random_image(11), random_image(12)]
+    found = {}
+    for i, img in enumerate(images):
+        r = vizapp.analyze(gpu, img)
+        before = len(gpu.graphs)
+        for c in (0, 2):
+            found[i, c] = (r.relevance(c), r.grad_rollout(c), r.attention_gradients(c).clone())
+        assert r.attention_gradients(0).device.type == "cuda"
+        assert len(gpu.graphs) - before == (1 if i == 0 else 0), gpu.graphs.failures()
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
+    for (i, c), (rel, roll, grads) in found.items():
+        e = vizapp.analyze(gpu, images[i])
+        np.testing.assert_allclose(rel, e.relevance(c), **TOL)
+        np.testing.assert_allclose(roll, e.grad_rollout(c), **TOL)
+        torch.testing.assert_close(grads, e.attention_gradients(c), **TOL)
+    assert not np.allclose(found[0, 0][0], found[0, 2][0])
+
+
 def test_cuda_graph_is_recorded_again_for_new_weights(monkeypatch):
     torch.manual_seed(0)
     gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=2)

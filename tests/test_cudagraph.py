@@ -279,3 +279,95 @@ def test_graph_key_changes_with_what_a_recording_depends_on():
     assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True) != key
     vm.model.train()
     assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True)[3] is True
+
+
+class _TensorReplay:
+    """A replayed graph of a pass that returns one tensor: every run writes into the same memory, which it hands out."""
+
+    def __init__(self, fn, example):
+        self.fn, self.inputs, self.memory = fn, [], None
+
+    @contextlib.contextmanager
+    def run(self, x):
+        self.inputs.append(x)
+        out = self.fn(x)
+        if self.memory is None:
+            self.memory = out
+        else:
+            self.memory.copy_(out)
+        yield self.memory, None
+
+
+def test_class_maps_from_the_replayed_gradient_passes_equal_the_eager_ones(monkeypatch):
+    """Without a kept gradient-enabled forward (``analyze()``, the app's path), a class map runs a forward and a backward
+    (vizapp.gradient_pass); on a GPU those are one graph whose input is the image and a one-hot row of the class, so one
+    recording serves every class. Stood in for on the CPU: the maps equal the eager passes' exactly, both classes use
+    the one recording, and the first class's gradients survive the second replay (a copy, not the graph's memory)."""
+    from vizapp import gradient_pass
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=5)
+    img = random_image(7)
+    eager = vizapp.analyze(vm, img)
+    plain = {c: (eager.relevance(c), eager.grad_rollout(c), eager.attention_gradients(c).clone()) for c in (1, 3)}
+    assert not np.array_equal(plain[1][0], plain[3][0])
+    graphs, keys = [], []
+    monkeypatch.setattr(gradient_pass, "graphable", lambda vm, x: True)
+
+    def get(key, fn, x, stage=None, keep=None):
+        keys.append(key)
+        if not graphs:
+            graphs.append(_TensorReplay(fn, x))
+        return graphs[0]
+
+    monkeypatch.setattr(vm.graphs, "get", get)
+    r = vizapp.analyze(vm, img)
+    first = r.attention_gradients(1)
+    for c in (1, 3):
+        np.testing.assert_array_equal(r.relevance(c), plain[c][0])
+        np.testing.assert_array_equal(r.grad_rollout(c), plain[c][1])
+    assert len(keys) == 2 and keys[0] == keys[1] and "attention gradients" in keys[0]
+    (x1, hot1), (x3, hot3) = graphs[0].inputs
+    assert torch.equal(x1, x3) and torch.equal(x1, r.input)
+    assert hot1.tolist() == [[0, 1, 0, 0, 0]] and hot3.tolist() == [[0, 0, 0, 1, 0]]
+    torch.testing.assert_close(first, plain[1][2], atol=0, rtol=0)  # not rewritten by the replay for class 3
+    assert not torch.equal(graphs[0].memory, first)
+
+
+def test_the_recorded_gradient_passes_copy_nothing_to_the_host():
+    """A CUDA graph cannot hold a copy to the host (it waits for the device): the passes it records, the image and a
+    one-hot row in, the gradients out, copy nothing there (simulated GPU), and give the eager passes' gradients."""
+    from tests.devicesim import OnDevice, host_copies, simulated_gpu
+    from vizapp import gradient_pass
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4)
+    x = vm.transform(random_image(2))
+    x = x if x.dim() == 4 else x[None]
+    want = gradient_pass._passes(vm, x, 2)
+    with simulated_gpu(vm):
+        xs = x.to(vm.device)
+        hot = torch.tensor([[0.0, 0.0, 1.0, 0.0]]).to(vm.device)
+        with host_copies() as copies:
+            got = gradient_pass._passes(vm, xs, hot)
+        assert isinstance(got, OnDevice) and copies.count == 0
+        got = got.cpu()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert want.shape == (2, vm.num_heads, 5, 5)
+
+
+def test_the_gradient_passes_are_graphed_on_a_gpu_within_the_memory_budget():
+    from vizapp import gradient_pass
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    x = torch.zeros(1, 3, 32, 32)
+    assert not gradient_pass.graphable(vm, x)  # on the CPU
+    vm = dataclasses.replace(vm, device=torch.device("cuda"))  # only the decision is asked here, nothing runs
+    assert gradient_pass.graphable(vm, x)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("VIZAPP_CUDA_GRAPHS", "0")
+        assert not gradient_pass.graphable(vm, x)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(limits, "GRAPH_MEMORY_BYTES", gradient_pass.graph_memory(vm, x) - 1)
+        assert not gradient_pass.graphable(vm, x)
+    # ViT-B/16 fits (about 243 MB estimated), ViT-L/16 at 384 px (about 3.3 GB) runs eagerly
+    b, large = (limits.analysis_bytes(*shape, gradients=True) for shape in ((12, 197, 12), (24, 577, 16)))
+    assert sum(b) <= limits.GRAPH_MEMORY_BYTES < sum(large)

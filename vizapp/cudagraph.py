@@ -38,6 +38,23 @@ def enabled() -> bool:
     return os.environ.get("VIZAPP_CUDA_GRAPHS", "1") != "0" and limits.CUDA_GRAPHS > 0
 
 
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+"""A graph's input: one tensor, or a tuple of them."""
+
+
+def _tensors(x: Inputs) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _first(x: Inputs) -> torch.Tensor:
+    return _tensors(x)[0]
+
+
+def _cloned(x: Inputs) -> Inputs:
+    copies = tuple(t.detach().clone() for t in _tensors(x))
+    return copies if isinstance(x, tuple) else copies[0]
+
+
 class GraphedPass:
     """``fn(x)`` recorded as a CUDA graph for inputs shaped like ``example``.
 
@@ -45,7 +62,7 @@ class GraphedPass:
         fn: device work on x (on ``example``'s CUDA device); returns any structure of tensors, which the graph
             rewrites in place on every replay.
         example: an input of the shape, dtype and device every later input will have (its values are used for the
-            eager warm-up run).
+            eager warm-up run), or a tuple of such tensors (``fn`` then takes the tuple, and :meth:`run` one alike).
         stage: output -> the tensors the caller wants on the host. The graph itself copies them, as float32, into
             one pinned host buffer (page-locked memory, which a device copies to at full speed, while an ordinary
             copy to pageable memory ran at about 3.3 GB/s on the H200 machine); :meth:`run` hands out copies of
@@ -56,14 +73,14 @@ class GraphedPass:
 
     def __init__(
         self,
-        fn: Callable[[torch.Tensor], Any],
-        example: torch.Tensor,
+        fn: Callable[[Any], Any],
+        example: Inputs,
         stage: Callable[[Any], list[torch.Tensor]] | None = None,
         keep: Any = None,
     ) -> None:
-        device = example.device
+        device = _first(example).device
         self._keep = keep
-        self.input = example.detach().clone()
+        self.input = _cloned(example)
         self.graph = torch.cuda.CUDAGraph()
         self._lock = threading.Lock()
         self._stage = stage
@@ -89,28 +106,29 @@ class GraphedPass:
                     slot.copy_(t.detach(), non_blocking=True)
 
     @contextlib.contextmanager
-    def run(self, x: torch.Tensor) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+    def run(self, x: Inputs) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         """Replay on ``x``; yield the recorded output structure and the staged tensors copied to ordinary host memory
         (one tensor each; None without ``stage``). Read the output structure inside the block: the next replay
         rewrites it."""
         with self._lock:
-            self.input.copy_(x)
+            for static, given in zip(_tensors(self.input), _tensors(x), strict=True):
+                static.copy_(given)
             self.graph.replay()
             if self._stage is None:
                 yield self.output, None
             else:
-                torch.cuda.current_stream(self.input.device).synchronize()
+                torch.cuda.current_stream(_first(self.input).device).synchronize()
                 yield self.output, [slot.clone() for slot in self._slots]
 
 
 def _record(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, stage: Callable[[Any], list[torch.Tensor]] | None, keep: Any
+    fn: Callable[[Any], Any], x: Inputs, stage: Callable[[Any], list[torch.Tensor]] | None, keep: Any
 ) -> GraphedPass | str:
     """A :class:`GraphedPass`, or why it could not be recorded."""
     try:
         return GraphedPass(fn, x, stage, keep)
     except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync or a copy from pageable memory inside fn
-        torch.cuda.synchronize(x.device)
+        torch.cuda.synchronize(_first(x).device)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
@@ -135,8 +153,8 @@ class GraphCache:
     def get(
         self,
         key: tuple,
-        fn: Callable[[torch.Tensor], Any],
-        x: torch.Tensor,
+        fn: Callable[[Any], Any],
+        x: Inputs,
         stage: Callable[[Any], list[torch.Tensor]] | None = None,
         keep: Any = None,
     ) -> GraphedPass | None:

@@ -42,10 +42,12 @@ BLOCK_OUTPUT_BYTES = 32 * 2**20
 ABLATION_BATCH_BYTES = 512 * 2**20
 # Full attention [L, H, N, N] goes into an .npz export only below this size (CLS rows otherwise).
 EXPORT_ATTENTION_BYTES = 256 * 2**20
-# CUDA graphs of the analysis forward (vizapp.cudagraph) kept per model, one per input shape (a batch's size is part of
-# its shape); each keeps the memory it was recorded with reserved (ViT-B/16, one image: about 70 MB). Passes whose
-# estimate (pipeline._PassSetup.graph_bytes: 16 ViT-B/16 images about 445 MB) exceeds GRAPH_MEMORY_BYTES run eagerly.
-CUDA_GRAPHS = 2
+# CUDA graphs (vizapp.cudagraph) kept per model: of the analysis forward, one per input shape (a batch's size is part
+# of its shape), and of a class map's forward and backward (vizapp.gradient_pass), so that an image's analysis, its class
+# maps and one batch shape stay recorded together. Each keeps the memory it was recorded with reserved (ViT-B/16, one
+# image's analysis: about 70 MB). Passes whose estimate (pipeline._PassSetup.graph_bytes: 16 ViT-B/16 images about
+# 445 MB; gradient_pass.graph_memory: ViT-B/16 about 243 MB) exceeds GRAPH_MEMORY_BYTES run eagerly.
+CUDA_GRAPHS = 3
 GRAPH_MEMORY_BYTES = 512 * 2**20
 # A list of images given to ``vizapp.analyze`` or ``vizapp.explain`` goes through the model in forwards of at most this
 # estimate each (see :func:`analysis_bytes`; one image always runs, as it does alone): ViT-B/16 at 224 px, about 35 MB

@@ -14,8 +14,9 @@ from PIL import Image
 
 from vizapp import checks, limits
 from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
-from vizapp.capture import AttentionCapture, attention_from_qk
+from vizapp.capture import attention_from_qk
 from vizapp.errors import BadParameterError
+from vizapp.gradient_pass import attention_gradients
 from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
 from vizapp.models.digest import WeightsDigest
@@ -366,12 +367,9 @@ class Analysis(LabelFreeViews, ModelRuns):
             i = self.graph.image
             grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
             return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
-        vm = self._model()
-        x = self.input.to(device=vm.device, dtype=vm.dtype).requires_grad_(True)
-        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
-            logits = vm.logits(x)
-            grads = cap.attention_grads(logits[0, cls])
-        return self._cache.put(key, torch.stack([g[0].detach().float() for g in grads]).to(self.device))
+        # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape)
+        grads = attention_gradients(self._model(), self.input, cls, len(self.probs))
+        return self._cache.put(key, grads.to(self.device))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:
         """[N] float64 weights over the tokens whose joint-attention rows make the output's map: the tokens the

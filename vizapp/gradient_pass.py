@@ -1,0 +1,63 @@
+"""One image's attention gradients from a forward and a backward of its model: what a result's class-specific maps
+run when it keeps no gradient-enabled forward (``analyze()`` without ``gradients=True``, as the app analyses, or a
+result moved to another device).
+
+On a GPU the two passes are a few hundred kernel launches, each with its Python, for about a millisecond of
+arithmetic (ViT-B/16 on an H200: docs/gpu.md). They are therefore recorded as one CUDA graph (:mod:`vizapp.cudagraph`)
+and replayed: the class explained is an input of the graph, a one-hot row over the logits, so one recording serves
+every class of every image of that shape. The gradient of Σ_k onehot_k · logit_k is the gradient of the one logit
+(the backward starts from the same one-hot row either way), so the graph gives what the eager passes give.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vizapp import cudagraph, limits
+from vizapp.capture import AttentionCapture
+from vizapp.models import VizModel
+
+
+def graph_memory(vm: VizModel, x: torch.Tensor) -> int:
+    """A high estimate of what the recorded passes of one input ``x`` [1, C, H, W] keep in the graph's memory: an
+    analysis with gradients (:func:`vizapp.limits.analysis_bytes`), whose autograd graph is what they hold."""
+    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    return sum(limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients=True))
+
+
+def graphable(vm: VizModel, x: torch.Tensor) -> bool:
+    """The passes run as a replayed CUDA graph: on a GPU, graphs on, a plain ViT (a windowed model's gradients are
+    its own, :mod:`vizapp.swin_result`), and the estimate within :data:`vizapp.limits.GRAPH_MEMORY_BYTES`."""
+    return (
+        vm.device.type == "cuda"
+        and cudagraph.enabled()
+        and not vm.windowed
+        and graph_memory(vm, x) <= limits.GRAPH_MEMORY_BYTES
+    )
+
+
+def _passes(vm: VizModel, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+    """∂score/∂A of every layer, [L, H, N, N] float32 on the model's device: score = logit[target] for a class index,
+    Σ_k target_k · logit_k for a one-hot row [1, K] (the graph's input)."""
+    with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+        # the input in the graph: the attention must depend on something that needs a gradient even when no weight does
+        logits = vm.logits(x.detach().requires_grad_(True))
+        score = logits[0, target] if isinstance(target, int) else (logits.float() * target).sum()
+        grads = cap.attention_grads(score)
+    return torch.stack([g[0].detach().float() for g in grads])
+
+
+def attention_gradients(vm: VizModel, x: torch.Tensor, cls: int, num_classes: int) -> torch.Tensor:
+    """∂logit[cls]/∂A of every layer and head of input ``x`` [1, C, H, W], [L, H, N, N] float32 on ``vm.device``;
+    ``num_classes``: the logits' length. A replay of the recorded passes where :func:`graphable` (recorded the first
+    time an input shape, dtype and weights come), else the passes run eagerly."""
+    x = x.to(device=vm.device, dtype=vm.dtype)
+    if graphable(vm, x):
+        onehot = F.one_hot(torch.tensor([int(cls)]), int(num_classes)).to(device=vm.device, dtype=torch.float32)
+        key = cudagraph.graph_key(vm.model, vm.weights_key(), x, "attention gradients", int(num_classes))
+        graphed = vm.graphs.get(key, lambda inputs: _passes(vm, *inputs), (x, onehot))
+        if graphed is not None:
+            with graphed.run((x, onehot)) as (out, _):
+                return out.clone()  # out of the graph's memory, which the next replay rewrites
+    return _passes(vm, x, int(cls))
