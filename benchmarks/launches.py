@@ -12,16 +12,21 @@ without a GPU. Counts are exact and repeatable; time is not measured.
 Calls, each for the astronaut photo and random weights:
 
 - bare: preprocessing and a forward under ``no_grad`` (the model's own fused attention);
-- analyze: ``vizapp.analyze(vm, image)``. On a GPU its forward and the weights digest each run as a CUDA graph, one
-  replay instead of their launches (:mod:`vizapp.cudagraph`); the "outside graphs" column counts what remains;
+- analyze: ``vizapp.analyze(vm, image)``;
 - class maps: ``analyze(gradients=True)`` then ``relevance`` and ``grad_rollout`` of one class (the class-map
-  benchmark's path; only the digest is graphed: the analysis keeps its autograd graph);
+  benchmark's path);
 - class maps, analyze() first: ``analyze(vm, image)`` then the same two maps, the app's path: the analysis keeps no
-  autograd graph, so the maps run a forward and a backward (:mod:`vizapp.gradient_pass`), which a GPU replays as one
-  CUDA graph while its estimate fits ``limits.GRAPH_MEMORY_BYTES``, as it does the analysis's device pass;
-- batch analyze: ``vizapp.analyze(vm, 16 images)`` against the same bare forward (on a GPU its device pass is a CUDA
-  graph from the second call of a batch shape, while the batch's record fits ``limits.GRAPH_MEMORY_BYTES``);
+  autograd graph, so the maps run a forward and a backward (:mod:`vizapp.gradient_pass`);
+- batch analyze: ``vizapp.analyze(vm, 16 images)`` against the same bare forward;
 - batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16.
+
+On a GPU, vizapp replays some of this work as CUDA graphs (:mod:`vizapp.cudagraph`): the weights digest, an analysis's
+device pass (one image, or a batch shape met before, within ``limits.GRAPH_MEMORY_BYTES``), one image's gradient passes.
+The simulated GPU takes the same route: vizapp decides what to record as it would on a GPU, and :class:`StandInGraph`,
+in place of :class:`~vizapp.cudagraph.GraphedPass`, runs a "replay" eagerly, counting its kernels as the graph's (one
+launch on a GPU). The "outside graphs" column counts the rest: what a GPU still launches one by one (but for the
+copies out of a graph's memory after a replay: one storage copy per block, which the counter does not see). Each call is counted the second time it runs, after one that warms the
+caches (and records the graphs).
 
 Writes docs/benchmarks-launches.md.
 """
@@ -29,11 +34,13 @@ Writes docs/benchmarks-launches.md.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -63,15 +70,27 @@ NO_KERNEL = {
 }
 """Operators that allocate or describe memory but launch no kernel (besides every view operator)."""
 
-DEVICE_PASS = ("pipeline.py", "_device_pass")
-"""The device pass of an analysis (the model's forward with the capture, its statistics and the kept results), which
-a GPU analysis of one image without gradients replays as one CUDA graph."""
+_replaying = [0]
+"""Depth of :meth:`StandInGraph.run` calls: their kernels are a graph's."""
 
-DIGEST = "models/digest.py"
-"""The weights digest, which a GPU replays as a CUDA graph in every analysis."""
 
-GRADIENT_PASSES = ("gradient_pass.py", "_passes")
-"""The forward and backward a class map of ``analyze()``'s result runs, which a GPU replays as one CUDA graph."""
+class StandInGraph:
+    """Stands in for :class:`vizapp.cudagraph.GraphedPass` on the simulated GPU: recording does nothing; a replay runs
+    ``fn`` on the input it is given, and stages what ``stage`` picks to the host, both counted as the graph's."""
+
+    def __init__(self, fn: Callable[[Any], Any], example: Any, stage: Any = None, keep: Any = None) -> None:
+        self.fn, self.stage = fn, stage
+        self.input = example
+
+    @contextlib.contextmanager
+    def run(self, x: Any) -> Iterator[tuple[Any, list[torch.Tensor] | None]]:
+        _replaying[0] += 1
+        try:
+            out = self.fn(x)
+            staged = None if self.stage is None else [t.detach().float().cpu() for t in self.stage(out)]
+        finally:
+            _replaying[0] -= 1
+        yield out, staged
 
 
 def _vizapp_file(frame: traceback.FrameSummary) -> str | None:
@@ -88,11 +107,6 @@ def source(stack: list[traceback.FrameSummary]) -> str:
     return "other"
 
 
-def within(stack: list[traceback.FrameSummary], file: str, function: str | None = None) -> bool:
-    """Whether some frame of ``stack`` runs in vizapp's ``file`` (and in ``function``, when given)."""
-    return any(_vizapp_file(f) == file and function in (None, f.name) for f in stack)
-
-
 class Counter(TorchDispatchMode):
     """Counts the computing operators dispatched inside it: on the device (``kernels``: a tensor of theirs is on the
     simulated GPU, :class:`OnDevice`; outside :func:`simulated_gpu` none is) and on the host (``host``), the views and
@@ -104,11 +118,7 @@ class Counter(TorchDispatchMode):
         self.host = 0
         self.other = 0
         self.by_source: collections.Counter[str] = collections.Counter()
-        self.digest = 0
-        self.device_pass = 0
-        self.gradient_passes = 0
-        self.graphed = False  # a GPU replays the device pass as one CUDA graph (set by measure)
-        self.gradients_graphed = False  # and the gradient passes (set by measure)
+        self.in_graphs = 0  # kernels of a replayed graph (:class:`StandInGraph`)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
@@ -121,12 +131,8 @@ class Counter(TorchDispatchMode):
             self.host += 1
         else:
             self.kernels += 1
-            stack = traceback.extract_stack()
-            self.by_source[source(stack)] += 1
-            in_digest = within(stack, DIGEST)
-            self.digest += in_digest
-            self.device_pass += not in_digest and within(stack, *DEVICE_PASS)
-            self.gradient_passes += within(stack, *GRADIENT_PASSES)
+            self.by_source[source(traceback.extract_stack())] += 1
+            self.in_graphs += _replaying[0] > 0
         return out
 
 
@@ -173,23 +179,13 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
 
 
 def measure(model: str, batch: int) -> list[tuple[str, Counter]]:
-    """Each call's counts, the model on the simulated GPU; ``graphed`` says whether a GPU replays the call's device
-    pass as a CUDA graph (analyze of one image, and of a batch whose record fits ``limits.GRAPH_MEMORY_BYTES``: the
-    counted call is the second of its shape)."""
-    from vizapp import gradient_pass, limits, pipeline
+    """Each call's counts, the model on the simulated GPU, its CUDA graphs stood in for (see the module docstring)."""
+    from vizapp import cudagraph
 
     vm = vizapp.load_model(model, pretrained=False)
-    setup = pipeline._PassSetup.of(vm, vm.grid_size, inline=True, gradients=False)
-    with simulated_gpu(vm):
-        rows = [(name, count(fn)) for name, fn in calls(vm, batch).items()]
-    x = torch.zeros(1, 3, *vm.input_size[-2:])
-    for name, c in rows:
-        images = batch if name.startswith("batch analyze") else 1
-        c.graphed = name in ("analyze", "class maps, analyze() first", f"batch analyze, {batch} images") and (
-            setup.graph_bytes(vm, images) <= limits.GRAPH_MEMORY_BYTES
-        )
-        c.gradients_graphed = gradient_pass.graph_memory(vm, x) <= limits.GRAPH_MEMORY_BYTES
-    return rows
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+        with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):  # the simulated GPU turns them off
+            return [(name, count(fn)) for name, fn in calls(vm, batch).items()]
 
 
 def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> list[str]:
@@ -201,12 +197,11 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "",
         "Kernels: ATen operators that compute on the (simulated) GPU, each one or more kernel launches on a real "
         "one; host ops: those on host tensors alone (CPU work there); views and allocations are left out. x bare: "
-        "against the bare forward of the same batch. Outside graphs: what a GPU still launches one by one, where the "
-        "weights digest is one CUDA graph replay in every call, and so is an analysis's device pass "
-        "(`pipeline._device_pass`: the forward with the capture and its statistics) in analyze without gradients, of "
-        "one image and of a batch whose shape came before (the counted call is the second) and whose record fits "
-        "`limits.GRAPH_MEMORY_BYTES`, and so are the forward and backward of a class map of `analyze()`'s result "
-        "(`gradient_pass._passes`); copying the large results out of a graph's memory (one copy per block) is not "
+        "against the bare forward of the same batch. Outside graphs: what a GPU still launches one by one, vizapp's "
+        "CUDA graphs each one replay (the weights digest; an analysis's device pass, of one image or of a batch shape "
+        "met before, within `limits.GRAPH_MEMORY_BYTES`; one image's gradient passes, `gradient_pass._passes`), "
+        "counted here as the simulated GPU takes vizapp's own route with a stand-in for each graph; the copies out of "
+        "a graph's memory after a replay (one storage copy per block, which the counter does not see) are not "
         "counted. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
         "where `autograd.grad` was called). Only the calling thread is seen: the batch API preprocesses a list's "
         "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
@@ -222,8 +217,7 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
             if name.startswith("bare, "):
                 bare[2] = c.kernels
             base = bare.get(2, bare[1]) if ", " in name else bare[1]
-            outside = c.kernels - c.digest - (c.device_pass if c.graphed else 0)
-            outside -= c.gradient_passes if c.gradients_graphed else 0
+            outside = c.kernels - c.in_graphs
             top = ", ".join(f"{k} {v}" for k, v in c.by_source.most_common(5))
             cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")

@@ -209,6 +209,32 @@ def test_the_gradient_passes_replayed_as_a_cuda_graph_give_the_eager_class_maps(
     assert not np.allclose(found[0, 0][0], found[0, 2][0])
 
 
+def test_one_gradient_analysis_on_cuda_replays_and_gives_the_kept_graphs_class_maps(monkeypatch):
+    """analyze(image, gradients=True) of one image: its pass and each class's gradients replayed as CUDA graphs (no
+    autograd graph kept); its class maps, and class_gradients for another class, equal the eager gradient-enabled
+    analysis's (graphs off: the forward keeps its graph)."""
+    from vizapp import pipeline
+
+    torch.manual_seed(0)
+    gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=3)
+    img = random_image(13)
+    r = vizapp.analyze(gpu, img, gradients=True)
+    assert r.graph.replays and r.graph.maps is None, gpu.graphs.failures()
+    top = int(np.argmax(r.probs))
+    other = (top + 1) % len(r.probs)
+    replayed = {c: (r.relevance(c), r.grad_rollout(c)) for c in (top, other)}
+    fresh = vizapp.analyze(gpu, img, gradients=True)
+    assert pipeline.class_gradients([fresh], [other]) == [other]
+    assert len(gpu.graphs) == 2 and not gpu.graphs.failures()  # the pass, and the gradient passes for both classes
+    monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")
+    e = vizapp.analyze(gpu, img, gradients=True)
+    assert e.graph.maps is not None and not e.graph.replays
+    for c, (rel, roll) in replayed.items():
+        np.testing.assert_allclose(rel, e.relevance(c), **TOL)
+        np.testing.assert_allclose(roll, e.grad_rollout(c), **TOL)
+    torch.testing.assert_close(fresh.graph.given[other], e.attention_gradients(other), **TOL)
+
+
 def test_cuda_graph_is_recorded_again_for_new_weights(monkeypatch):
     torch.manual_seed(0)
     gpu = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cuda", img_size=64, depth=2)

@@ -371,3 +371,41 @@ def test_the_gradient_passes_are_graphed_on_a_gpu_within_the_memory_budget():
     # ViT-B/16 fits (about 243 MB estimated), ViT-L/16 at 384 px (about 3.3 GB) runs eagerly
     b, large = (limits.analysis_bytes(*shape, gradients=True) for shape in ((12, 197, 12), (24, 577, 16)))
     assert sum(b) <= limits.GRAPH_MEMORY_BYTES < sum(large)
+
+
+def test_one_gradient_analysis_on_a_gpu_replays_its_pass_and_its_top_classs_gradients(monkeypatch):
+    """``analyze(image, gradients=True)`` of one image on a GPU: the plain pass replayed, no autograd graph kept, and
+    each class's gradients from one replay of the gradient passes when asked; every class map and ``class_gradients``
+    equal those of the eager gradient-enabled analysis. Where the pass cannot be recorded, the eager forward keeps its
+    graph as before. Stood in for on the CPU."""
+    from vizapp import gradient_pass
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=5)
+    img = random_image(8)
+    eager = vizapp.analyze(vm, img, gradients=True)
+    top = int(np.argmax(eager.probs))
+    other = (top + 2) % 5
+    assert eager.graph.maps is not None and not eager.graph.replays
+    asked = []
+    monkeypatch.setattr(pipeline, "_graphable", lambda vm, setup, batch=1: not setup.gradients)
+    monkeypatch.setattr(gradient_pass, "graphable", lambda vm, x: True)
+
+    def get(key, fn, x, stage=None, keep=None):
+        asked.append("attention gradients" in key)
+        return _TensorReplay(fn, x) if asked[-1] else _EagerGraph(fn, x, stage)
+
+    monkeypatch.setattr(vm.graphs, "get", get)
+    r = vizapp.analyze(vm, img, gradients=True)
+    assert asked == [False]  # the pass; no gradients before a class is asked
+    assert r.graph.maps is None and r.graph.replays and not r.graph.given
+    for c in (top, other):
+        np.testing.assert_array_equal(r.relevance(c), eager.relevance(c))
+        np.testing.assert_array_equal(r.grad_rollout(c), eager.grad_rollout(c))
+    assert asked == [False, True, True]  # one replay per class
+    fresh = vizapp.analyze(vm, img, gradients=True)
+    assert pipeline.class_gradients([fresh], [other]) == [other]
+    torch.testing.assert_close(fresh.graph.given[other], eager.attention_gradients(other), atol=0, rtol=0)
+    monkeypatch.setattr(vm.graphs, "get", lambda key, fn, x, stage=None, keep=None: None)  # the recording failed
+    kept = vizapp.analyze(vm, img, gradients=True)
+    assert kept.graph.maps is not None and not kept.graph.replays
+    np.testing.assert_array_equal(kept.relevance(other), eager.relevance(other))

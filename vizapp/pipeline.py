@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp import cudagraph, limits
+from vizapp import cudagraph, gradient_pass, limits
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
@@ -322,7 +322,9 @@ def analyze(
         gradients: run the forward with autograd, forming each layer's attention in the graph, and keep that graph
             in the result, so the class-specific methods (gradient rollout, Chefer relevance) cost one backward pass
             per class instead of a forward and a backward. Holds the forward's activations (about 150 MB for ViT-B/16)
-            for as long as the result lives.
+            for as long as the result lives. On a GPU, one image whose passes run as CUDA graphs keeps no autograd
+            graph: each class's gradients come from one replay of a recorded forward and backward
+            (:mod:`vizapp.gradient_pass`), which costs less there than an eager backward.
         prompts: for a CLIP-like model (a text tower): text prompts that become its classes, in the order given
             (``class_idx=k`` is the k-th); ``top_k`` then lists every prompt, best first (see
             :mod:`vizapp.models.prompts`).
@@ -380,6 +382,12 @@ def analyze_inputs(
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     setup = _PassSetup.of(vm, grid, inline, gradients)
+    # one image's gradients on a GPU: its plain pass replayed, and each class's gradients from the recorded forward and
+    # backward of vizapp.gradient_pass, instead of an eager forward that keeps its autograd graph
+    replay_gradients = gradients and b == 1 and gradient_pass.graphable(vm, x_dev)
+    if replay_gradients and _graphable(vm, replace(setup, gradients=False)):
+        setup = replace(setup, gradients=False)
+    replay_gradients = replay_gradients and not setup.gradients
     graphed = None
     if _graphable(vm, setup, b):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
@@ -399,6 +407,8 @@ def analyze_inputs(
             it = iter(staged)
             hosts = cloned([out.with_small([next(it) for _ in out.small()]) for out in outs])
     else:
+        if replay_gradients:  # the pass could not be recorded: the eager forward keeps its autograd graph after all
+            setup, replay_gradients = replace(setup, gradients=True), False
         with torch.enable_grad() if gradients else torch.no_grad():
             outs = _device_pass(vm, x_dev, setup)
         if gradients:
@@ -410,6 +420,8 @@ def analyze_inputs(
     results = [
         _analysis(vm, x[i : i + 1], host, grid, notes[i], graphs[i], fingerprint, top_k) for i, host in enumerate(hosts)
     ]
+    if replay_gradients:  # each class's gradients, when asked, from one replay of the recorded passes
+        results[0].graph.replays = True
     if progress:
         progress(1.0, "done")
     return results
@@ -487,6 +499,10 @@ def class_gradients(analyses: Sequence[Analysis], classes: Sequence[Any]) -> lis
     if not analyses:
         return []
     graph = analyses[0].graph
+    if len(analyses) == 1 and graph.replays:  # one image's gradients from replayed passes: one more replay
+        cls = [analyses[0]._class(classes[0])]
+        graph.given[cls[0]] = analyses[0].attention_gradients(cls[0])
+        return cls
     if graph.maps is None or any(r.graph.logits is not graph.logits for r in analyses):
         raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
     cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]

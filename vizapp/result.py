@@ -86,6 +86,8 @@ class GradientGraph:
         image: this analysis's image in the batch.
         given: class -> ∂logit[class]/∂A of this image [L, H, N, N], already found by a backward of the whole batch
             (:func:`class_gradients`), so that asking for that class costs nothing more.
+        replays: a gradient-enabled analysis whose gradients come from replayed passes (one image on a GPU:
+            :func:`vizapp.pipeline.analyze_inputs`) instead of a kept graph (``maps`` and ``logits`` are None).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class GradientGraph:
     ) -> None:
         self.maps, self.logits, self.image = maps, logits, image
         self.given: dict[int, torch.Tensor] = {}
+        self.replays = False
 
     def __deepcopy__(self, memo: dict) -> GradientGraph:
         return GradientGraph()
