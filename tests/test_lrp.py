@@ -232,6 +232,20 @@ def test_the_map_equals_the_authors_way_written_out(start_layer):
         torch.testing.assert_close(got[b].double(), ref[1:].reshape(4, 4), rtol=1e-5, atol=1e-12)
 
 
+def test_the_blocks_below_the_start_layer_are_neither_propagated_nor_differentiated():
+    # from start_layer 2 of 4: R_A and ∂y/∂A of blocks 2 and 3 are those of the whole pass, exactly; below, None
+    # (the backward stops at block 2's attention, the relevance pass at its R_A, and blocks 0-1 keep no graph)
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=4)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    whole_cams, whole_grads = lrp.attention_relevance(vm.model, x, [1, 4], 0, gradients=True)
+    cams, grads = lrp.attention_relevance(vm.model, x, [1, 4], 2, gradients=True)
+    assert cams[:2] == [None, None] and grads[:2] == [None, None]
+    for layer in (2, 3):
+        torch.testing.assert_close(cams[layer], whole_cams[layer], rtol=0, atol=0)
+        torch.testing.assert_close(grads[layer], whole_grads[layer], rtol=0, atol=0)
+        assert grads[layer].abs().sum() > 0 and cams[layer].abs().sum() > 0
+
+
 def test_registers_and_layer_scale_follow_the_same_rules():
     # CLS + 4 registers, LayerScale, no class-token position row; the patches start after the registers
     vm = small_model("vit_small_patch14_reg4_dinov2", img_size=56, depth=2, num_classes=10)

@@ -173,19 +173,20 @@ def _copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _forward(net: Net, x: torch.Tensor, track: bool = False) -> tuple[torch.Tensor, list, list]:
+def _forward(net: Net, x: torch.Tensor, track: bool = False, track_from: int = 0) -> tuple[torch.Tensor, list, list]:
     """The eval forward of ``net`` (read from a :func:`_copy_in` copy) through the model's own submodules, the
-    attention written out (dropout and drop-path are identities in eval); ``track``: the blocks in the autograd graph
-    (for ∂y_c/∂A).
+    attention written out (dropout and drop-path are identities in eval); ``track``: the blocks from ``track_from`` on
+    in the autograd graph (for ∂y_c/∂A of those blocks; the ones below keep no graph).
 
     Returns:
         (logits [B, K], one :class:`_BlockRecord` per block, [pooled input of the head [B, D], normed tokens [B, N, D]])
     """
     with torch.no_grad():  # the embeddings: the library's own code (position embedding, prefix tokens)
         t = net.embed(x)
-    t = t.requires_grad_(track)
     records = []
-    for blk in net.blocks:
+    for i, blk in enumerate(net.blocks):
+        if i == track_from:
+            t = t.detach().requires_grad_(track)
         b, n, _ = t.shape
         n1 = blk.norm1(t)
         qkv = torch.cat([lin(n1) for lin in blk.qkv], dim=-1)  # [B, N, 3·H·d]: q, k, v, each head-major
@@ -218,9 +219,10 @@ def qkv_relprop(n1: torch.Tensor, qkv: Sequence, relevance: torch.Tensor, eps: f
 
 
 def _block_relprop(
-    blk: Block, rec: _BlockRecord, relevance: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block's relevance pass (their ``Block.relprop``): (relevance at its input, R_A [B, H, N, N])."""
+    blk: Block, rec: _BlockRecord, relevance: torch.Tensor, eps: float, below: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One block's relevance pass (their ``Block.relprop``): (relevance at its input, R_A [B, H, N, N]); ``below``
+    False: the pass stops at R_A (the lowest block asked for: nothing reads the relevance at its input, None)."""
     b, h, n, d = rec.q.shape
     r_mid, r_mlp = add_relprop(rec.mid, rec.branch2, relevance, eps)
     r_h = linear_relprop(rec.h, blk.fc2.weight.detach().to(rec.h.dtype), r_mlp, eps)  # LayerScale: identity
@@ -232,6 +234,8 @@ def _block_relprop(
     r_o = r_o.reshape(b, n, h, d).transpose(1, 2)  # [B, H, N, d]
     r_a, r_v = matmul_relprop(rec.attn, rec.v, r_o, eps)
     r_a, r_v = r_a / 2, r_v / 2  # the relevance of the attention map: the "cam" of the authors' code
+    if not below:
+        return None, r_a
     # softmax and attention dropout: identity; q kᵀ is unscaled in their einsum (the relevance ratio ignores scale)
     r_q, r_kt = matmul_relprop(rec.q, rec.k.transpose(-2, -1), r_a, eps)
     r_qkv = torch.stack([r_q / 2, r_kt.transpose(-2, -1) / 2, r_v])  # [3, B, H, N, d]
@@ -286,17 +290,19 @@ def attention_relevance(
         prompt: an image-text tower's prompt score, its head (:class:`~vizapp.analysis.lrp_families.PromptScore`).
 
     Returns:
-        ([R_A [B, H, N, N] per block, None below ``start_layer``], [∂y_c/∂A [B, H, N, N] per block] or None)
+        ([R_A [B, H, N, N] per block, None below ``start_layer``], [∂y_c/∂A [B, H, N, N] per block, None below
+        ``start_layer``] or None)
     """
     _net(model, prompt)  # refused before the copy when not defined
     net = _net(_copy_in(model, dtype), prompt)
     with torch.enable_grad() if gradients else torch.no_grad():
-        logits, records, (pooled, tokens) = _forward(net, x.to(dtype), track=gradients)
+        logits, records, (pooled, tokens) = _forward(net, x.to(dtype), track=gradients, track_from=start_layer)
         cls = _classes(class_idx, x.shape[0], logits.device, logits)
         grads = None
-        if gradients:
+        if gradients:  # the backward stops at start_layer's attention: the blocks below it are not read
             score = logits.gather(1, cls[:, None]).sum()
-            grads = [g.detach() for g in torch.autograd.grad(score, [r.attn for r in records])]
+            asked = torch.autograd.grad(score, [r.attn for r in records[start_layer:]])
+            grads = [None] * start_layer + [g.detach() for g in asked]
     with torch.no_grad():
         one_hot = F.one_hot(cls, logits.shape[-1]).to(dtype)  # [B, K]
         pooled, tokens = pooled.detach(), tokens.detach()
@@ -313,7 +319,7 @@ def attention_relevance(
         for layer in range(len(records) - 1, start_layer - 1, -1):
             rec = records[layer]
             rec = _BlockRecord(*(t.detach() for t in vars(rec).values()))
-            r, cams[layer] = _block_relprop(net.blocks[layer], rec, r, eps)
+            r, cams[layer] = _block_relprop(net.blocks[layer], rec, r, eps, below=layer > start_layer)
     return cams, grads
 
 
