@@ -223,17 +223,18 @@ class _FakePass:
     made: list = []
     fail_staged = False
     fail_all = False
+    error: type = RuntimeError
 
     def __init__(self, fn, example, stage=None, keep=None):
         if self.fail_all or (self.fail_staged and stage is not None):
-            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            raise self.error("operation not permitted when stream is capturing\nmore")
         self.stage = stage
         _FakePass.made.append(self)
 
 
 @pytest.fixture()
 def fake_pass(monkeypatch):
-    _FakePass.made, _FakePass.fail_staged, _FakePass.fail_all = [], False, False
+    _FakePass.made, _FakePass.fail_staged, _FakePass.fail_all, _FakePass.error = [], False, False, RuntimeError
     monkeypatch.setattr(cudagraph, "GraphedPass", _FakePass)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     return _FakePass
@@ -257,6 +258,15 @@ def test_graph_cache_keeps_the_latest_recordings_and_remembers_failures(fake_pas
     fake_pass.fail_all = False
     assert cache.get(("d",), None, x) is None  # the failure is remembered, not tried again
     assert cache.failures() == [cache.failure(("d",))]
+
+
+def test_any_failure_to_record_leaves_the_pass_to_run_eagerly(fake_pass):
+    # not only CUDA's capture errors: whatever a recording raises (here an AssertionError, as torch raises for some
+    # misuse) is remembered as that key's failure, and the caller runs the pass eagerly
+    fake_pass.fail_all, fake_pass.error = True, AssertionError
+    cache = cudagraph.GraphCache()
+    assert cache.get(("a",), None, torch.zeros(1)) is None
+    assert cache.failures() == ["AssertionError: operation not permitted when stream is capturing"]
 
 
 def test_graph_cache_falls_back_to_recording_without_host_staging(fake_pass):

@@ -127,7 +127,9 @@ def _record(
     """A :class:`GraphedPass`, or why it could not be recorded."""
     try:
         return GraphedPass(fn, x, stage, keep)
-    except (RuntimeError, torch.cuda.CudaError) as e:  # e.g. a host sync or a copy from pageable memory inside fn
+    # e.g. a host sync or a copy from pageable memory inside fn; any other failure too: the caller then runs fn
+    # eagerly, which raises again whatever is wrong with the model or the input itself
+    except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize(_first(x).device)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
