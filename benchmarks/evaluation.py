@@ -105,19 +105,9 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
     saved = {"_statistics": ev._statistics, "classify": ev.classify, "explain": ev.explain}
     saved_scores = {"_maps": scores._maps, "_classified": scores._classified, "_own_run_maps": scores._own_run_maps}
 
-    def timed(name: str, fn):  # noqa: ANN202 - a wrapper of any signature
-        def run(*args, **kwargs):  # noqa: ANN202
-            ev.vm.synchronize()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                ev.vm.synchronize()
-                spent[name] += time.perf_counter() - t0
+    def timed(table: dict[str, float], name_of: Callable[..., str], fn):  # noqa: ANN202 - a wrapper of any signature
+        """``fn`` timed (waiting for the device before and after) into ``table[name_of(*its arguments)]``."""
 
-        return run
-
-    def method_timed(name_of: Callable[..., str], fn):  # noqa: ANN202 - as timed, into by_method
         def run(*args, **kwargs):  # noqa: ANN202
             ev.vm.synchronize()
             t0 = time.perf_counter()
@@ -126,16 +116,19 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
             finally:
                 ev.vm.synchronize()
                 name = name_of(*args, **kwargs)
-                by_method[name] = by_method.get(name, 0.0) + time.perf_counter() - t0
+                table[name] = table.get(name, 0.0) + time.perf_counter() - t0
 
         return run
 
-    ev._statistics = timed("statistics", saved["_statistics"])  # type: ignore[method-assign]
-    ev.classify = timed("classifying", saved["classify"])  # type: ignore[method-assign]
-    ev.explain = method_timed(lambda r, name, *a, **k: name, saved["explain"])  # type: ignore[method-assign]
-    scores._maps = timed("maps", saved_scores["_maps"])
-    scores._classified = timed("forming", saved_scores["_classified"])  # classifying is taken out below
-    scores._own_run_maps = method_timed(lambda ev_, method, *a, **k: method.name, saved_scores["_own_run_maps"])
+    def phase(name: str) -> Callable[..., str]:
+        return lambda *a, **k: name
+
+    ev._statistics = timed(spent, phase("statistics"), saved["_statistics"])  # type: ignore[method-assign]
+    ev.classify = timed(spent, phase("classifying"), saved["classify"])  # type: ignore[method-assign]
+    ev.explain = timed(by_method, lambda r, name, *a, **k: name, saved["explain"])  # type: ignore[method-assign]
+    scores._maps = timed(spent, phase("maps"), saved_scores["_maps"])
+    scores._classified = timed(spent, phase("forming"), saved_scores["_classified"])  # less classifying, below
+    scores._own_run_maps = timed(by_method, lambda ev_, m, *a, **k: m.name, saved_scores["_own_run_maps"])
     try:
         t0 = time.perf_counter()
         ev.evaluate_batch(items, pixels)
