@@ -324,7 +324,7 @@ def analyze(
             per class instead of a forward and a backward. Holds the forward's activations (about 150 MB for ViT-B/16)
             for as long as the result lives. On a GPU, one image whose passes run as CUDA graphs keeps no autograd
             graph: each class's gradients come from one replay of a recorded forward and backward
-            (:mod:`vizapp.gradient_pass`), which costs less there than an eager backward.
+            (:mod:`vizapp.gradient_pass`): one launch in place of a forward's and a backward's hundreds.
         prompts: for a CLIP-like model (a text tower): text prompts that become its classes, in the order given
             (``class_idx=k`` is the k-th); ``top_k`` then lists every prompt, best first (see
             :mod:`vizapp.models.prompts`).
