@@ -166,6 +166,34 @@ def test_a_batch_and_its_class_maps_stay_on_the_device():
         np.testing.assert_allclose(direct[n], m, rtol=1e-5, atol=1e-6, err_msg=n)
 
 
+def test_one_images_graphed_route_stays_on_the_device_and_gives_the_cpus_class_maps():
+    """The route a GPU takes for one image when its graphs are recorded (the analysis pass replayed, the class maps'
+    forward and backward replayed, ``analyze(gradients=True)`` keeping no autograd graph), taken on the simulated GPU
+    with each graph stood in for by its eager run (benchmarks.launches.StandInGraph): no tensor of the device meets
+    one of the host, the record stays on the device, and every class map equals the CPU's."""
+    from unittest import mock
+
+    from benchmarks.launches import StandInGraph
+    from vizapp import cudagraph
+
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2, num_classes=5))
+    img = random_image(21)
+    cpu = vizapp.analyze(vm, img, gradients=True)
+    want = {c: (cpu.relevance(c), cpu.grad_rollout(c), cpu.rollout()) for c in (1, 3)}
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+        with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):
+            kept = vizapp.analyze(vm, img, gradients=True)
+            plain = vizapp.analyze(vm, img)
+            got = {r: {c: (r.relevance(c), r.grad_rollout(c), r.rollout()) for c in (1, 3)} for r in (kept, plain)}
+            assert kept.graph.replays and kept.graph.maps is None and isinstance(kept.q[0], OnDevice)
+            assert isinstance(plain.attention_gradients(1), OnDevice)
+            assert len(vm.graphs) == 2 and not vm.graphs.failures()  # the analysis pass, the gradient passes
+    for maps in got.values():
+        for c, values in want.items():
+            for a, b in zip(maps[c], values, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_swin_analysis_and_its_views_run_on_the_device():
     """A windowed model's record stays on the (simulated) GPU, and its window maps, flow, class maps, AttnLRP, LeGrad,
     feature views, lens, export, figures and batch maps there equal the CPU's; ``r.to("cpu")`` brings the record
