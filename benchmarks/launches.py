@@ -25,8 +25,8 @@ device pass (one image, or a batch shape met before, within ``limits.GRAPH_MEMOR
 The simulated GPU takes the same route: vizapp decides what to record as it would on a GPU, and :class:`StandInGraph`,
 in place of :class:`~vizapp.cudagraph.GraphedPass`, runs a "replay" eagerly, counting its kernels as the graph's (one
 launch on a GPU). The "outside graphs" column counts the rest: what a GPU still launches one by one (but for the
-copies out of a graph's memory after a replay: one storage copy per block, which the counter does not see). Each call is counted the second time it runs, after one that warms the
-caches (and records the graphs).
+copies out of a graph's memory after a replay: one storage copy per block, which the counter does not see). Each call
+is counted the second time it runs, after one that warms the caches (and records the graphs).
 
 Writes docs/benchmarks-launches.md.
 """
@@ -75,8 +75,9 @@ _replaying = [0]
 
 
 class StandInGraph:
-    """Stands in for :class:`vizapp.cudagraph.GraphedPass` on the simulated GPU: recording does nothing; a replay runs
-    ``fn`` on the input it is given, and stages what ``stage`` picks to the host, both counted as the graph's."""
+    """Stands in for :class:`vizapp.cudagraph.GraphedPass` on the simulated GPU (or the CPU): recording does nothing; a
+    replay runs ``fn`` on the input it is given, both counted as the graph's, and hands out copies on the host of what
+    ``stage`` picks, as a replay does."""
 
     def __init__(self, fn: Callable[[Any], Any], example: Any, stage: Any = None, keep: Any = None) -> None:
         self.fn, self.stage = fn, stage
@@ -87,7 +88,7 @@ class StandInGraph:
         _replaying[0] += 1
         try:
             out = self.fn(x)
-            staged = None if self.stage is None else [t.detach().float().cpu() for t in self.stage(out)]
+            staged = None if self.stage is None else [t.detach().float().cpu().clone() for t in self.stage(out)]
         finally:
             _replaying[0] -= 1
         yield out, staged

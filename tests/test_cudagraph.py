@@ -12,22 +12,10 @@ import pytest
 import torch
 
 import vizapp
+from benchmarks.launches import StandInGraph
 from tests.conftest import random_image, small_model
 from vizapp import cudagraph, limits, pipeline
 from vizapp.resultcache import Key
-
-
-class _EagerGraph:
-    """Stands in for a recorded graph on the CPU: runs the pass eagerly and stages copies of its results, as a
-    replay hands them out."""
-
-    def __init__(self, fn, example, stage=None):
-        self.fn, self.stage = fn, stage
-
-    @contextlib.contextmanager
-    def run(self, x):
-        out = self.fn(x)
-        yield out, None if self.stage is None else [t.detach().float().clone() for t in self.stage(out)]
 
 
 @pytest.mark.parametrize(
@@ -48,7 +36,7 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
     monkeypatch.setattr(
         vm.graphs,
         "get",
-        lambda key, fn, x, stage=None, keep=None: calls.append(keep) or _EagerGraph(fn, x, stage),
+        lambda key, fn, x, stage=None, keep=None: calls.append(keep) or StandInGraph(fn, x, stage),
     )
     staged = vizapp.analyze(vm, img)
     # the graph keeps the pass's constants (distances, rollout weights) alive: it reads their memory on every replay
@@ -76,7 +64,7 @@ def test_analysis_read_back_from_staged_results_equals_the_plain_path(name, kwar
         torch.testing.assert_close(staged._cache.peek(fused), plain._cache.peek(fused), atol=0, rtol=0)
 
 
-class _ReplayingGraph(_EagerGraph):
+class _ReplayingGraph(StandInGraph):
     """Like a replayed graph, writes every run's results into the SAME tensors (its memory), which it hands out."""
 
     @contextlib.contextmanager
@@ -291,11 +279,12 @@ def test_graph_key_changes_with_what_a_recording_depends_on():
     assert cudagraph.graph_key(vm.model, vm.weights_key(), x, True)[3] is True
 
 
-class _TensorReplay:
+class _TensorReplay(StandInGraph):
     """A replayed graph of a pass that returns one tensor: every run writes into the same memory, which it hands out."""
 
     def __init__(self, fn, example):
-        self.fn, self.inputs, self.memory = fn, [], None
+        super().__init__(fn, example)
+        self.inputs, self.memory = [], None
 
     @contextlib.contextmanager
     def run(self, x):
@@ -402,7 +391,7 @@ def test_one_gradient_analysis_on_a_gpu_replays_its_pass_and_its_top_classs_grad
 
     def get(key, fn, x, stage=None, keep=None):
         asked.append("attention gradients" in key)
-        return _TensorReplay(fn, x) if asked[-1] else _EagerGraph(fn, x, stage)
+        return _TensorReplay(fn, x) if asked[-1] else StandInGraph(fn, x, stage)
 
     monkeypatch.setattr(vm.graphs, "get", get)
     r = vizapp.analyze(vm, img, gradients=True)

@@ -21,20 +21,16 @@ from vizapp.models import VizModel
 
 def graph_memory(vm: VizModel, x: torch.Tensor) -> int:
     """A high estimate of what the recorded passes of one input ``x`` [1, C, H, W] keep in the graph's memory: an
-    analysis with gradients (:func:`vizapp.limits.analysis_bytes`), whose autograd graph is what they hold."""
-    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
-    return sum(limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients=True))
+    analysis with gradients (:func:`vizapp.batch.forward_groups`'s estimate), whose autograd graph is what they hold."""
+    from vizapp.batch import _image_bytes  # vizapp.batch imports the pipeline, which imports this module
+
+    return sum(_image_bytes(vm, x, gradients=True))
 
 
 def graphable(vm: VizModel, x: torch.Tensor) -> bool:
-    """The passes run as a replayed CUDA graph: on a GPU, graphs on, a plain ViT (a windowed model's gradients are
-    its own, :mod:`vizapp.swin_result`), and the estimate within :data:`vizapp.limits.GRAPH_MEMORY_BYTES`."""
-    return (
-        vm.device.type == "cuda"
-        and cudagraph.enabled()
-        and not vm.windowed
-        and graph_memory(vm, x) <= limits.GRAPH_MEMORY_BYTES
-    )
+    """The passes run as a replayed CUDA graph: on a GPU, graphs on, and the estimate within
+    :data:`vizapp.limits.GRAPH_MEMORY_BYTES`."""
+    return vm.device.type == "cuda" and cudagraph.enabled() and graph_memory(vm, x) <= limits.GRAPH_MEMORY_BYTES
 
 
 def _passes(vm: VizModel, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:

@@ -384,10 +384,11 @@ def analyze_inputs(
     setup = _PassSetup.of(vm, grid, inline, gradients)
     # one image's gradients on a GPU: its plain pass replayed, and each class's gradients from the recorded forward and
     # backward of vizapp.gradient_pass, instead of an eager forward that keeps its autograd graph
-    replay_gradients = gradients and b == 1 and gradient_pass.graphable(vm, x_dev)
-    if replay_gradients and _graphable(vm, replace(setup, gradients=False)):
+    replay_gradients = (
+        gradients and b == 1 and gradient_pass.graphable(vm, x_dev) and _graphable(vm, replace(setup, gradients=False))
+    )
+    if replay_gradients:
         setup = replace(setup, gradients=False)
-    replay_gradients = replay_gradients and not setup.gradients
     graphed = None
     if _graphable(vm, setup, b):
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
