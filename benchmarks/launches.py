@@ -4,7 +4,9 @@ On a GPU at batch 1, a ViT's bare forward and vizapp's additions are bound by ke
 arithmetic (docs/gpu.md: 493 kernel launches per ViT-B analysis in run 2, each costing host time). The GPU rows of
 issue 23 (analyze, class maps) are therefore mostly a count of launches, and that count does not need a GPU: the
 model runs on the simulated GPU of ``tests/devicesim.py`` (CPU tensors that say ``cuda:0``), and every ATen operator
-that computes (not a view, not an allocation) on such a tensor is one or more kernels on a real one. Operators on
+that computes (not a view, not an allocation) on such a tensor is one or more kernels on a real one: an operator
+counts as the device's when the torch function that dispatched it was called on the device, since the tensors a
+composite operator makes inside C++ (a 3-D matmul's reshapes) no longer carry the simulated device. Operators on
 host tensors alone are counted apart (CPU work on a GPU machine, no launch). This script counts them per call with
 ``TorchDispatchMode`` and says where in vizapp the kernels come from, so that a change that cuts launches shows here
 without a GPU. Counts are exact and repeatable; time is not measured.
@@ -18,7 +20,9 @@ Calls, each for the astronaut photo and random weights:
 - class maps, analyze() first: ``analyze(vm, image)`` then the same two maps, the app's path: the analysis keeps no
   autograd graph, so the maps run a forward and a backward (:mod:`vizapp.gradient_pass`);
 - batch analyze: ``vizapp.analyze(vm, 16 images)`` against the same bare forward;
-- batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16.
+- batch class maps: ``vizapp.explain(vm, 16 images, ["relevance", "grad_rollout"])`` against a bare forward of the 16;
+- with ``--evaluation``, evaluation: ``Evaluator.evaluate_batch`` of the 16 images as ``benchmarks.evaluation`` runs
+  it (every method but flow, the authors' protocol, no curves): its maps, and the forwards of its perturbed copies.
 
 On a GPU, vizapp replays some of this work as CUDA graphs (:mod:`vizapp.cudagraph`): the weights digest, an analysis's
 device pass (one image, or a batch shape met before, within ``limits.GRAPH_MEMORY_BYTES``), one image's gradient passes.
@@ -42,13 +46,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import vizapp
 from benchmarks import tables
-from tests.devicesim import OnDevice, simulated_gpu
+from tests.devicesim import OnDevice, is_device_call, simulated_gpu
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-launches.md"
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
@@ -108,33 +114,75 @@ def source(stack: list[traceback.FrameSummary]) -> str:
     return "other"
 
 
+class _DeviceCalls(TorchFunctionMode):
+    """Says, while a torch function runs, whether it runs on the simulated GPU (:func:`tests.devicesim.is_device_call`):
+    an operator it dispatches is then the device's even when none of its tensors is an :class:`OnDevice` there, as
+    for the tensors a composite operator makes inside C++ (a 3-D matmul's reshapes and ``mm``) or a dtype cast on the
+    device, which :class:`OnDevice` only wraps once it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_device = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        outer, self.on_device = self.on_device, is_device_call(func, args, kwargs)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.on_device = outer
+
+
 class Counter(TorchDispatchMode):
-    """Counts the computing operators dispatched inside it: on the device (``kernels``: a tensor of theirs is on the
-    simulated GPU, :class:`OnDevice`; outside :func:`simulated_gpu` none is) and on the host (``host``), the views and
+    """Counts the computing operators dispatched inside it: on the device (``kernels``: called by a torch function on
+    the simulated GPU, one of whose tensors is an :class:`OnDevice` or which names the device, or run by a backward;
+    outside :func:`simulated_gpu` no tensor is an :class:`OnDevice`) and on the host (``host``), the views and
     allocations (``other``), and the kernels per vizapp source file (``by_source``)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self._calls = _DeviceCalls()
         self.kernels = 0
         self.host = 0
         self.other = 0
         self.by_source: collections.Counter[str] = collections.Counter()
         self.in_graphs = 0  # kernels of a replayed graph (:class:`StandInGraph`)
+        self.outside: collections.Counter[str] = collections.Counter()  # by source, the kernels outside graphs
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
         out = func(*args, **(kwargs or {}))
         if getattr(func, "is_view", False) or name in NO_KERNEL:
             self.other += 1
-        elif torch._C._current_autograd_node() is None and not any(
-            isinstance(t, OnDevice) for t in tree_flatten((args, kwargs, out))[0]
+        elif (
+            not self._calls.on_device
+            and torch._C._current_autograd_node() is None
+            and not any(isinstance(t, OnDevice) for t in tree_flatten((args, kwargs, out))[0])
         ):  # a backward's kernels (its gradients are plain tensors here) run where its forward ran: on the device
             self.host += 1
         else:
             self.kernels += 1
-            self.by_source[source(traceback.extract_stack())] += 1
-            self.in_graphs += _replaying[0] > 0
+            where = source(traceback.extract_stack())
+            self.by_source[where] += 1
+            if _replaying[0] > 0:
+                self.in_graphs += 1
+            else:
+                self.outside[where] += 1
         return out
+
+    def __enter__(self) -> Counter:
+        self._calls.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._calls.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._calls.__exit__(*exc)
 
 
 def count(fn: Callable[[], object]) -> Counter:
@@ -146,8 +194,9 @@ def count(fn: Callable[[], object]) -> Counter:
     return c
 
 
-def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
-    """The measured calls (see the module docstring)."""
+def calls(vm: Any, batch: int, evaluator: Any = None) -> dict[str, Callable[[], object]]:
+    """The measured calls (see the module docstring); with ``evaluator`` (an :class:`Evaluator` of ``vm``), also its
+    batch of the ``batch`` images."""
     img = tables.photo()
     images = [img.rotate(15 * i) for i in range(batch)]
 
@@ -168,7 +217,7 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
         r.relevance(1)
         r.grad_rollout(1)
 
-    return {
+    found = {
         "bare": bare,
         "analyze": lambda: vizapp.analyze(vm, img),
         "class maps": lambda: class_maps(True),
@@ -177,16 +226,31 @@ def calls(vm: Any, batch: int) -> dict[str, Callable[[], object]]:
         f"batch analyze, {batch} images": lambda: vizapp.analyze(vm, images),
         f"batch class maps, {batch} images": lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1),
     }
+    if evaluator is not None:
+        items = [{"id": f"astronaut/{i}", "source": "astronaut", "target": -1} for i in range(batch)]
+        pixels = [np.asarray(i.convert("RGB")) for i in images]
+        found[f"evaluation, {batch} images"] = lambda: evaluator.evaluate_batch(items, pixels)
+    return found
 
 
-def measure(model: str, batch: int) -> list[tuple[str, Counter]]:
-    """Each call's counts, the model on the simulated GPU, its CUDA graphs stood in for (see the module docstring)."""
+def measure(model: str, batch: int, evaluation: bool = False) -> list[tuple[str, Counter]]:
+    """Each call's counts, the model on the simulated GPU, its CUDA graphs stood in for (see the module docstring);
+    ``evaluation`` adds the evaluation's batch."""
+    from benchmarks.evaluation import default_methods
     from vizapp import cudagraph
+    from vizapp.evaluate.worker import Evaluator
 
-    vm = vizapp.load_model(model, pretrained=False)
+    ev = None
+    if evaluation:  # as the evaluation's benchmark runs it: every method but flow, the authors' protocol, no curves
+        ev = Evaluator(
+            model, default_methods(), steps=0, pretrained=False, device="cpu", threads=torch.get_num_threads()
+        )
+        vm = ev.vm
+    else:
+        vm = vizapp.load_model(model, pretrained=False)
     with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
         with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):  # the simulated GPU turns them off
-            return [(name, count(fn)) for name, fn in calls(vm, batch).items()]
+            return [(name, count(fn)) for name, fn in calls(vm, batch, ev).items()]
 
 
 def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> list[str]:
@@ -197,7 +261,9 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "astronaut); edit the code, not this file.",
         "",
         "Kernels: ATen operators that compute on the (simulated) GPU, each one or more kernel launches on a real "
-        "one; host ops: those on host tensors alone (CPU work there); views and allocations are left out. x bare: "
+        "one (those of a torch function called on the device, including the operators a composite one such as a "
+        "3-D matmul dispatches inside, and copies to and from the device); host ops: those on host tensors alone "
+        "(CPU work there); views and allocations are left out. x bare: "
         "against the bare forward of the same batch. Outside graphs: what a GPU still launches one by one, vizapp's "
         "CUDA graphs each one replay (the weights digest; an analysis's device pass, of one image or of a batch shape "
         "met before, within `limits.GRAPH_MEMORY_BYTES`; one image's gradient passes, `gradient_pass._passes`), "
@@ -209,8 +275,8 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "thread).",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
-        "| top sources (kernels) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| top sources (kernels) | top sources outside graphs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in results.items():
         bare = {1: rows[0][1].kernels}
@@ -219,8 +285,8 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
                 bare[2] = c.kernels
             base = bare.get(2, bare[1]) if ", " in name else bare[1]
             outside = c.kernels - c.in_graphs
-            top = ", ".join(f"{k} {v}" for k, v in c.by_source.most_common(5))
-            cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top]
+            top, top_out = (", ".join(f"{k} {v}" for k, v in n.most_common(5)) for n in (c.by_source, c.outside))
+            cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top, top_out]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     return lines
 
@@ -228,9 +294,10 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     p = tables.parser(__doc__, list(MODELS))
     p.add_argument("--batch", type=int, default=16, help="images of the batch rows")
+    p.add_argument("--evaluation", action="store_true", help="also the evaluation's batch (minutes a model on the CPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {model: measure(model, args.batch) for model in args.models}
+    results = {model: measure(model, args.batch, args.evaluation) for model in args.models}
     given = list(sys.argv[1:] if argv is None else argv)
     tables.emit(markdown(results, [a for a in given if not a.startswith("--out") and a != args.out]), args.out)
     return 0

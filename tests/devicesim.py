@@ -126,6 +126,16 @@ def _target(func: Any, args: tuple, kwargs: dict) -> bool | None:
     return None
 
 
+def is_device_call(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a torch function call runs on the simulated GPU: one of its tensors is an :class:`OnDevice`, it makes a
+    tensor there (``device=`` naming CUDA), or it moves one there (``Tensor.to``, ``Tensor.cuda``)."""
+    if any(isinstance(t, OnDevice) for t in _tensors((args, kwargs))):
+        return True
+    if func in (torch.Tensor.to, torch.Tensor.cuda):
+        return func is torch.Tensor.cuda or bool(_target(func, args, kwargs))
+    return bool(_is_device(kwargs.get("device")))
+
+
 class OnDevice(torch.Tensor):
     """A CPU tensor standing for one on ``cuda:0`` (see the module's docstring)."""
 

@@ -136,6 +136,19 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
         assert (c.kernels, c.host, c.other) == ((2, 0, 2) if on_device else (0, 2, 2))
         assert c.by_source == ({"other": 2} if on_device else {})  # kernels called from no vizapp file
         assert c.in_graphs == 0
+    # a composite operator: a 3-D matmul reshapes its input inside C++ and dispatches mm on tensors that no longer
+    # carry the simulated device (3 computing operators here: mm, and the copies of the reshape and of the result);
+    # a dtype cast is dispatched before the simulated device wraps its result
+    for x, w, on_device in (
+        (torch.randn(2, 3, 4), torch.randn(4, 5), False),
+        (torch.randn(2, 3, 4).as_subclass(OnDevice), torch.randn(4, 5).as_subclass(OnDevice), True),
+    ):
+        c = Counter()
+        with c:
+            x.transpose(0, 1) @ w
+            x.double()
+        assert c.kernels + c.host >= 2
+        assert (c.kernels if on_device else c.host) == c.kernels + c.host, (on_device, c.kernels, c.host)
     leaf = torch.randn(3, requires_grad=True)
     c = Counter()
     with c:
@@ -154,7 +167,8 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     from benchmarks import launches
 
     out = tmp_path / "l.md"
-    assert launches.main(["--models", "vit_tiny_patch16_224", "--batch", "2", "--out", str(out)]) == 0
+    args = ["--models", "vit_tiny_patch16_224", "--batch", "2", "--evaluation", "--out", str(out)]
+    assert launches.main(args) == 0
     header, rows = table_rows(out.read_text(encoding="utf-8"), "# Kernel launches per call")
     got = {r[1]: r for r in rows}
     assert list(got) == [
@@ -165,7 +179,13 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
         "bare, 2 images",
         "batch analyze, 2 images",
         "batch class maps, 2 images",
+        "evaluation, 2 images",
     ]
+    # the evaluation: its statistics forward, the maps of every method, and the forwards of its perturbed copies
+    # (8 methods x 2 directions x 9 steps for each image, in batches of 256); the masks are made on the host
+    evaluation = got["evaluation, 2 images"]
+    assert int(evaluation[2]) > int(got["batch class maps, 2 images"][2]) + 2 * int(got["bare, 2 images"][2])
+    assert int(evaluation[5]) > 0
     bare, analyze, maps = (int(got[k][2]) for k in ("bare", "analyze", "class maps"))
     assert 0 < bare < analyze < maps
     assert int(got["bare"][4]) == bare  # nothing of a bare forward is graphed
