@@ -272,7 +272,9 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "counted. Sources: the innermost vizapp file of each kernel's call stack (the backward's kernels count "
         "where `autograd.grad` was called). Only the calling thread is seen: the batch API preprocesses a list's "
         "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
-        "thread).",
+        "thread). Evaluation (`--evaluation`): `Evaluator.evaluate_batch` of the same images, every method but flow, "
+        "the authors' protocol, no curves; its x bare is against one bare forward of the batch, while it classifies "
+        "every perturbed copy too (2 directions x 9 steps of each map, in forwards of 256).",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
         "| top sources (kernels) | top sources outside graphs |",
