@@ -549,3 +549,31 @@ def test_a_torch_compiled_model_is_captured_exactly():
     for layer in range(2):
         torch.testing.assert_close(cap.attention(layer), plain.attention(layer), atol=1e-6, rtol=0)
     assert all_hooks(vm.model) == 0
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_the_attention_stack_formed_layers_at_a_time_equals_each_layers_own(monkeypatch, biased):
+    """``Analysis.attention_stack`` forms as many layers at once as fit ``limits.chunk_bytes`` (a product and a softmax
+    for them all): whatever the grouping (every layer alone, groups of 2 of 3 layers, all at once), it equals the
+    layers' own ``attention_layer`` bitwise, with BEiT's relative position bias too; and at once it dispatches a
+    handful of operators where layer by layer it dispatches three a layer."""
+    from benchmarks.launches import Counter
+    from vizapp import limits
+
+    if biased:
+        vm = small_model("beit_base_patch16_224", img_size=48, depth=3, embed_dim=64, num_heads=4)
+    else:
+        vm = small_model("vit_tiny_patch16_224", img_size=48, depth=3)
+    r = vizapp.analyze(vm, random_image(4))
+    assert bool(r.biases) == biased
+    each = torch.stack([r.attention_layer(i) for i in range(r.num_layers)])  # [L, H, N, N]
+    layer_bytes = each[0].numel() * 4
+    computed = {}
+    for layers in (1, 2, 3):
+        monkeypatch.setattr(limits, "chunk_bytes", lambda device, group=False, n=layers: n * layer_bytes)
+        counter = Counter()
+        with counter:
+            got = r.attention_stack()
+        assert torch.equal(got, each), layers
+        computed[layers] = counter.host  # the CPU's operators
+    assert computed[3] <= 7 < 3 * r.num_layers <= computed[1], computed

@@ -353,10 +353,25 @@ class Analysis(LabelFreeViews, ModelRuns):
 
     # -- class-specific explanations (issue: beyond attention maps) -------------------------------------------
     def attention_stack(self) -> torch.Tensor:
-        """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it)."""
+        """Every layer's attention [L, H, N, N] (materialised on demand for the methods that need all of it): as many
+        layers at a time as fit :func:`vizapp.limits.chunk_bytes` on the record's device (on a GPU a ViT-B's twelve
+        in one product and one softmax, not twelve of each), where the layers share their shapes, scale and bias
+        shape; else layer by layer."""
         if self.graph.maps is not None:
             return torch.stack([m[self.graph.image].detach().float() for m in self.graph.maps])
-        return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
+        h, n, _ = self.q[0].shape
+        per = limits.chunk_bytes(self.device) // (h * n * n * 4)
+        same = {(tuple(q.shape), tuple(k.shape), s) for q, k, s in zip(self.q, self.k, self.scales, strict=True)}
+        biased = {None if b is None else tuple(b.shape) for b in self.biases}
+        if per < 2 or len(same) > 1 or len(biased) > 1:
+            return torch.stack([self.attention_layer(i) for i in range(self.num_layers)])
+        parts = []
+        for lo in range(0, self.num_layers, per):
+            layers = slice(lo, min(self.num_layers, lo + per))
+            bias = torch.stack(self.biases[layers]) if biased - {None} else None  # [g, H or 1, N, N]
+            q, k = torch.stack(self.q[layers]), torch.stack(self.k[layers])  # [g, H, N, d]
+            parts.append(attention_from_qk(q, k, self.scales[0], bias))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
