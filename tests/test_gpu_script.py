@@ -35,7 +35,18 @@ class _Parsed(Exception):
     """Raised by the patched parser once the arguments parse: the command stops there."""
 
 
-def test_every_command_of_the_gpu_script_parses_with_its_modules_own_parser(monkeypatch, tmp_path):
+@pytest.fixture
+def parse_only(monkeypatch):
+    """Every argument parser raises :class:`_Parsed` once its arguments parse (it still exits on bad ones)."""
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
+        raise _Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+
+
+def test_every_command_of_the_gpu_script_parses_with_its_modules_own_parser(parse_only, tmp_path):
     found = commands(str(tmp_path))
     modules = {m for m, _ in found}
     # the script's measurements: a change that dropped one of them from the script would show here
@@ -46,12 +57,6 @@ def test_every_command_of_the_gpu_script_parses_with_its_modules_own_parser(monk
         "benchmarks.evaluation",
         "benchmarks.gpu_profile",
     } <= modules
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
-        raise _Parsed(real(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     for module, args in found:
         if module == "pytest":
             tests = [a for a in args if a.endswith(".py")]
@@ -62,14 +67,8 @@ def test_every_command_of_the_gpu_script_parses_with_its_modules_own_parser(monk
             main(args)
 
 
-def test_a_misspelt_option_fails_the_parse_check(monkeypatch):
+def test_a_misspelt_option_fails_the_parse_check(parse_only):
     # the check above can fail: an option the evaluation's benchmark does not have ends in argparse's exit
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202
-        raise _Parsed(real(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     main = importlib.import_module("benchmarks.evaluation").main
     with pytest.raises(SystemExit):
         main(["--device", "cuda", "--imagess", "16"])
