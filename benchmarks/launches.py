@@ -172,11 +172,7 @@ class Counter(TorchDispatchMode):
 
     def __enter__(self) -> Counter:
         self._calls.__enter__()
-        try:
-            return super().__enter__()
-        except BaseException:
-            self._calls.__exit__(None, None, None)
-            raise
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         try:
