@@ -10,6 +10,7 @@ import torch
 import vizapp
 from tests.conftest import random_image
 from vizapp.analysis import windows as W
+from vizapp.errors import BadParameterError
 from vizapp.swin_result import WindowAnalysis, analyze_image
 from vizapp.windows import WindowCapture
 
@@ -466,6 +467,9 @@ def test_faithfulness_over_the_first_grid(vm):
     with torch.no_grad():
         p0 = torch.softmax(vm.logits(r.input), -1)[0, 0].item()
     assert dele.probs[0] == pytest.approx(p0, abs=1e-5)  # nothing removed yet: the model's own probability
+    # a map on the last stage's grid is refused, and the message says which grid the maps must be on
+    with pytest.raises(BadParameterError, match=r"\(the first stage's\)$"):
+        r.faithfulness({"last": r.last_layer_attention()}, class_idx=0, steps=4)
 
 
 def _observed_window_index(site, block_in, attn_in, grid, post_norm):

@@ -137,6 +137,49 @@ class ModelRuns:
 
         return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
 
+    def _perturbation_grid(self) -> tuple[tuple[int, int], Any, str]:
+        """The grid the perturbation tests remove patches from, one cell's pixels, and what a refusal adds to say so
+        (each result type's own)."""
+        raise NotImplementedError
+
+    def faithfulness(
+        self,
+        maps: dict[str, np.ndarray],
+        class_idx: Any = None,
+        steps: int | None = 20,
+        baseline: float = 0.0,
+        random_seed: int | None = 0,
+        batch_size: int = 64,
+    ) -> dict[str, dict[str, Any]]:
+        """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
+
+        Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
+        map's importance, and the class probability tracked; a windowed model's maps are over its first stage's grid
+        and so are the patches. ``baseline`` is in the model's normalised input space, so 0.0 is the dataset-mean
+        colour. A random order is added as "random" unless ``random_seed`` is None.
+
+        Returns:
+            {name: {"deletion": Curve, "insertion": Curve}}
+        """
+        from vizapp.analysis.faithfulness import deletion_insertion
+        from vizapp.models.prompts import probabilities
+
+        cls = self._class(class_idx)
+        vm = self._model()
+        grid, patch, where = self._perturbation_grid()
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:  # class probabilities (SigLIP prompts: their sigmoids)
+            with torch.no_grad():
+                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
+                return probabilities(logits, vm.activation).cpu()
+
+        try:
+            return deletion_insertion(
+                predict, self.input[0], maps, grid, patch, cls, steps, baseline, random_seed, batch_size
+            )
+        except ValueError as exc:
+            raise BadParameterError(f"{exc}{where}") from exc
+
     def to(self, device: torch.device | str) -> Any:
         """This result with its record on ``device``, e.g. ``r.to("cpu")`` to keep many results of a GPU model
         without holding GPU memory; every view then computes there. The same object when it is already there.
@@ -483,6 +526,9 @@ class Analysis(LabelFreeViews, ModelRuns):
 
         return self._cache.get(key, make)
 
+    def _perturbation_grid(self) -> tuple[tuple[int, int], Any, str]:
+        return self.grid_size, self.patch_size, ""
+
     def last_layer_attention(self) -> np.ndarray:
         """CLS attention of the last layer, averaged over heads, [gh, gw] (DINO-style baseline map)."""
         return self.attention(self.num_layers - 1, None, "cls").mean(axis=0)  # needs a CLS token
@@ -492,52 +538,6 @@ class Analysis(LabelFreeViews, ModelRuns):
         from vizapp import methods
 
         return methods.explain(self, method, class_idx, **kwargs)
-
-    def faithfulness(
-        self,
-        maps: dict[str, np.ndarray],
-        class_idx: Any = None,
-        steps: int | None = 20,
-        baseline: float = 0.0,
-        random_seed: int | None = 0,
-        batch_size: int = 64,
-    ) -> dict[str, dict[str, Any]]:
-        """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
-
-        Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
-        map's importance, and the class probability tracked. ``baseline`` is in the model's normalised input space,
-        so 0.0 is the dataset-mean colour. A random order is added as "random" unless ``random_seed`` is None.
-
-        Returns:
-            {name: {"deletion": Curve, "insertion": Curve}}
-        """
-        from vizapp.analysis.faithfulness import deletion_insertion
-        from vizapp.models.prompts import probabilities
-
-        cls = self._class(class_idx)
-        vm = self._model()
-
-        def predict(batch: torch.Tensor) -> torch.Tensor:  # class probabilities (SigLIP prompts: their sigmoids)
-            with torch.no_grad():
-                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
-                return probabilities(logits, vm.activation).cpu()
-
-        try:
-            found = deletion_insertion(
-                predict,
-                self.input[0],
-                maps,
-                self.grid_size,
-                self.patch_size,
-                cls,
-                steps,
-                baseline,
-                random_seed,
-                batch_size,
-            )
-        except ValueError as exc:
-            raise BadParameterError(str(exc)) from exc
-        return found
 
     # -- label-free views (issue: beyond class labels) -----------------------------------------------------
     def summary(self) -> dict[str, Any]:

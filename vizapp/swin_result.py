@@ -394,44 +394,9 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             return found
         return W.repeat_to_grid(found, self.layer_grids[0], self.geometry[-1].stage)
 
-    def faithfulness(
-        self,
-        maps: dict[str, np.ndarray],
-        class_idx: Any = None,
-        steps: int | None = 20,
-        baseline: float = 0.0,
-        random_seed: int | None = 0,
-        batch_size: int = 64,
-    ) -> dict[str, dict[str, Any]]:
-        """Deletion and insertion curves (Petsiuk et al. 2018) of maps over the first stage's grid, as
-        :meth:`vizapp.result.Analysis.faithfulness` (patches of the first stage removed or revealed in the map's
-        order, the class probability tracked); a "random" order is added unless ``random_seed`` is None."""
-        from vizapp.analysis.faithfulness import deletion_insertion
-        from vizapp.models.prompts import probabilities
-
-        cls = self._class(class_idx)
-        vm = self._model()
-
-        def predict(batch: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
-                return probabilities(logits, vm.activation).cpu()
-
-        try:
-            return deletion_insertion(
-                predict,
-                self.input[0],
-                maps,
-                self.layer_grids[0],
-                self.strides[0],
-                cls,
-                steps,
-                baseline,
-                random_seed,
-                batch_size,
-            )
-        except ValueError as exc:
-            raise BadParameterError(f"{exc} (the first stage's)") from exc
+    def _perturbation_grid(self) -> tuple[tuple[int, int], Any, str]:
+        """Patches of the first stage, the grid every map of :meth:`first_grid_map` is on."""
+        return self.layer_grids[0], self.strides[0], " (the first stage's)"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The record as named arrays (for an .npz export): each layer's window attention ``layer{i}_windows``
