@@ -29,6 +29,27 @@ log = logging.getLogger("vizapp")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def cleared_outputs() -> dict[str, Any]:
+    """The outputs a new analysis empties (the "Cleared" fields of :class:`vizapp.ui.outputs.AnalyzeOutputs`): what the
+    previous image's slow operations and exports left must not stay up beside the new image's views."""
+    return dict(
+        compare=None,
+        deletion=None,
+        insertion=None,
+        auc_table=gr.update(value=None),
+        importance=None,
+        importance_note="",
+        npz_file=None,
+        json_file=None,
+        features_npz=None,
+        pca_gallery=None,
+        second_note="",
+        figures_zip=None,
+        figures_note="",
+    )
+
+
 # Exported files: gradio copies what a handler returns into its own cache, so ours are only needed until then.
 EXPORT_MAX_AGE_S = 3600.0
 _export_root: tempfile.TemporaryDirectory | None = None

@@ -25,6 +25,7 @@ from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-ex
     EXPORT_MAX_AGE_S,
     analysis_state,
     analyze_on_gpu,
+    cleared_outputs,
     colormap_choice,
     export_folder,
     kept_state,
@@ -280,19 +281,7 @@ def analyze_image(
         imp_exact_button=gr.update(visible=not support.get("exact")),
         imp_gradient_button=gr.update(visible=not support.get("gradient")),
         focus=figs["focus"],
-        compare=None,
-        deletion=None,
-        insertion=None,
-        auc_table=gr.update(value=None),
-        importance=None,
-        importance_note="",
-        npz_file=None,
-        json_file=None,
-        features_npz=None,
-        pca_gallery=None,
-        second_note="",
-        figures_zip=None,
-        figures_note="",
+        **cleared_outputs(),
     )
 
 

@@ -51,8 +51,9 @@ class AnalyzeOutputs(NamedTuple):
     compare_steps: Any  # gr.update: at most one step per patch
     imp_exact_button: Any  # gr.update: shown only where the method runs on this model
     imp_gradient_button: Any
-    # Cleared: what the previous image's slow operations left must not stay up beside the new image's views.
-    focus: Any
+    focus: Any  # the enlarged head, drawn
+    # Cleared (vizapp.ui.common.cleared_outputs): what the previous image's slow operations left must not stay up
+    # beside the new image's views.
     compare: Any
     deletion: Any
     insertion: Any

@@ -24,7 +24,7 @@ from vizapp import views_windows as V
 from vizapp.errors import BadParameterError
 from vizapp.swin_result import FEATURES, WindowAnalysis
 from vizapp.ui import deadline
-from vizapp.ui.common import kept_state, session_id, write_export
+from vizapp.ui.common import cleared_outputs, kept_state, session_id, write_export
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, importance_cost_note, limit_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
@@ -202,19 +202,7 @@ def analyze_outputs(
         imp_exact_button=gr.update(visible=not support.get("exact")),
         imp_gradient_button=gr.update(visible=not support.get("gradient")),
         focus=_focus(r, layer, None, lq, opacity, colorscale),
-        compare=None,
-        deletion=None,
-        insertion=None,
-        auc_table=gr.update(value=None),
-        importance=None,
-        importance_note="",
-        npz_file=None,
-        json_file=None,
-        features_npz=None,
-        pca_gallery=None,
-        second_note="",
-        figures_zip=None,
-        figures_note="",
+        **cleared_outputs(),
     )
 
 
