@@ -89,3 +89,20 @@ def test_cli_refuses_a_bad_method_or_class_before_printing_and_fails_when_no_ima
     bad.write_bytes(b"")
     assert cli.main([str(bad), str(bad), "--model", card_model]) == 2
     assert capsys.readouterr().err.count("error:") == 2
+
+
+def test_cli_on_a_windowed_model_prints_each_layers_own_heads(tmp_path, capsys):
+    """A transformers Swin folder (3 heads in the first stage, 6 in the second): the header gives the range of heads,
+    and each layer's distances are over its own heads, not the NaN cells the [L, max H] table has for the others."""
+    from tests.test_swin import write_swin_folder
+
+    folder = write_swin_folder(tmp_path / "swin", heads=(3, 6))
+    paths = _images(tmp_path, 2)
+    assert cli.main([*paths, "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("layers, 3-6 heads,") == 2
+    r = vizapp.analyze(vizapp.load_model(str(folder)), paths[0])
+    rows = [line for line in out.split("== ")[1].splitlines() if line.startswith("  layer ")]
+    assert len(rows) == r.num_layers and "nan" not in out
+    first = r.mean_distance[0][np.isfinite(r.mean_distance[0])]
+    assert len(first) == 3 and f"{first.mean():7.1f}" in rows[0]

@@ -36,9 +36,10 @@ def _readable(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 def _print_analysis(vm: Any, r: Any, path: str, several: bool) -> None:
     if several:
         print(f"== {path}")
+    heads = sorted(set(getattr(r, "heads_per_layer", (r.num_heads,))))  # a windowed model's stages differ
+    span = str(heads[0]) if len(heads) == 1 else f"{heads[0]}-{heads[-1]}"
     print(
-        f"model {vm.name}: {r.num_layers} layers, {r.num_heads} heads, grid {r.grid_size}, "
-        f"{r.num_prefix_tokens} prefix tokens"
+        f"model {vm.name}: {r.num_layers} layers, {span} heads, grid {r.grid_size}, {r.num_prefix_tokens} prefix tokens"
     )
     for note in (vm.note, *r.notes):
         if note:
@@ -49,6 +50,7 @@ def _print_analysis(vm: Any, r: Any, path: str, several: bool) -> None:
             print(f"  {p:7.2%}  {label}")
     print("mean attention distance (px), per layer: mean over heads [min, max]")
     for layer, row in enumerate(r.mean_distance):
+        row = row[np.isfinite(row)]  # a windowed model's table is [L, max H]: NaN for heads a stage lacks
         print(f"  layer {layer:2d}: {np.mean(row):7.1f}  [{np.min(row):6.1f}, {np.max(row):6.1f}]")
 
 
