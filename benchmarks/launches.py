@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_flatten
 
 import vizapp
 from benchmarks import tables
+from tests import devicesim
 from tests.devicesim import OnDevice, is_device_call, simulated_gpu
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-launches.md"
@@ -94,7 +95,10 @@ class StandInGraph:
         _replaying[0] += 1
         try:
             out = self.fn(x)
-            staged = None if self.stage is None else [t.detach().float().cpu().clone() for t in self.stage(out)]
+            staged = None
+            if self.stage is not None:  # the graph's own copies into pinned memory (no wait), then one synchronisation
+                staged = [t.detach().float().to("cpu", non_blocking=True).clone() for t in self.stage(out)]
+                devicesim.waited("a replayed graph's synchronisation")
         finally:
             _replaying[0] -= 1
         yield out, staged
@@ -148,6 +152,17 @@ class Counter(TorchDispatchMode):
         self.by_source: collections.Counter[str] = collections.Counter()
         self.in_graphs = 0  # kernels of a replayed graph (:class:`StandInGraph`)
         self.outside: collections.Counter[str] = collections.Counter()  # by source, the kernels outside graphs
+        self.waits: collections.Counter[str] = collections.Counter()  # waits for the device, by source
+        self.why: collections.Counter[str] = collections.Counter()  # and by kind (:data:`tests.devicesim.WAITS`)
+        self._recording = devicesim.recording(self)
+
+    def copied(self, t: torch.Tensor) -> None:
+        """A copy to the host (:func:`tests.devicesim.recording`): a kernel already counted as the device's."""
+
+    def waited(self, why: str) -> None:
+        """The host waited for the device (:func:`tests.devicesim.recording`)."""
+        self.waits[source(traceback.extract_stack())] += 1
+        self.why[why] += 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
@@ -171,6 +186,7 @@ class Counter(TorchDispatchMode):
         return out
 
     def __enter__(self) -> Counter:
+        self._recording.__enter__()
         self._calls.__enter__()
         return super().__enter__()
 
@@ -178,7 +194,10 @@ class Counter(TorchDispatchMode):
         try:
             super().__exit__(*exc)
         finally:
-            self._calls.__exit__(*exc)
+            try:
+                self._calls.__exit__(*exc)
+            finally:
+                self._recording.__exit__(*exc)
 
 
 def count(fn: Callable[[], object]) -> Counter:
@@ -270,11 +289,15 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "images on a thread pool, so its host ops leave them out (the bare batch rows preprocess on the caller's "
         "thread). Evaluation (`--evaluation`): `Evaluator.evaluate_batch` of the same images, every method but flow, "
         "the authors' protocol, no curves; its x bare is against one bare forward of the batch, while it classifies "
-        "every perturbed copy too (2 directions x 9 steps of each map, in forwards of 256).",
+        "every perturbed copy too (2 directions x 9 steps of each map, in forwards of 256). Waits: the times the host "
+        "waits for the device (a blocking copy to the host, a scalar read such as `.item()` or `bool()`, an operation "
+        "whose output shape depends on the values, such as `nonzero` or a boolean mask; a replayed graph that stages "
+        "results on the host, once), each a point where a GPU's queue drains and the device idles until the host "
+        "launches again; by source, with the kinds over all sources.",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
-        "| top sources (kernels) | top sources outside graphs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| top sources (kernels) | top sources outside graphs | waits | top sources of waits (kinds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in results.items():
         bare = {1: rows[0][1].kernels}
@@ -283,8 +306,13 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
                 bare[2] = c.kernels
             base = bare.get(2, bare[1]) if ", " in name else bare[1]
             outside = c.kernels - c.in_graphs
-            top, top_out = (", ".join(f"{k} {v}" for k, v in n.most_common(5)) for n in (c.by_source, c.outside))
+            top, top_out, top_waits = (
+                ", ".join(f"{k} {v}" for k, v in n.most_common(5)) for n in (c.by_source, c.outside, c.waits)
+            )
+            kinds = ", ".join(f"{k} {v}" for k, v in c.why.most_common())
+            waits = f"{top_waits} ({kinds})" if kinds else ""
             cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top, top_out]
+            cells += [sum(c.waits.values()), waits]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     return lines
 

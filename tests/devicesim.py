@@ -68,15 +68,44 @@ def _mark_host(out: Any) -> Any:
     return out
 
 
+WAITS = {
+    "item": "a scalar read",
+    "tolist": "a scalar read",
+    "__bool__": "a scalar read",
+    "__float__": "a scalar read",
+    "__int__": "a scalar read",
+    "__index__": "a scalar read",
+    "equal": "a scalar read",
+    "nonzero": "a data-dependent shape",
+    "argwhere": "a data-dependent shape",
+    "masked_select": "a data-dependent shape",
+    "unique": "a data-dependent shape",
+    "unique_consecutive": "a data-dependent shape",
+}
+"""Torch functions of a device tensor after which the host must wait for the device (a real GPU copies the answer
+back before the call returns), by name, and why."""
+
+
 class HostCopies:
-    """Device-to-host copies seen inside :func:`host_copies`: how many, and their bytes."""
+    """Device-to-host copies seen inside :func:`host_copies`: how many, and their bytes; and how many times the host
+    waited for the device (``waits``: a blocking copy to the host, a scalar read such as ``.item()`` or ``bool()``, an
+    operation whose output shape depends on the values, such as ``nonzero`` or indexing with a boolean mask), each
+    a point where a GPU's queue of kernels drains before the host goes on."""
 
     def __init__(self) -> None:
         self.count = 0
         self.bytes = 0
+        self.waits = 0
+
+    def copied(self, t: torch.Tensor) -> None:
+        self.count += 1
+        self.bytes += t.numel() * t.element_size()
+
+    def waited(self, why: str) -> None:
+        self.waits += 1
 
 
-_RECORDERS: list[HostCopies] = []
+_RECORDERS: list[Any] = []
 
 
 @contextlib.contextmanager
@@ -84,24 +113,38 @@ def host_copies() -> Iterator[HostCopies]:
     """Count the copies from the simulated device to the host in the block (``.cpu()``, ``.to("cpu")``, and
     ``copy_`` of a device tensor into a host one, as into pinned staging memory): each one a transfer, and on a real
     GPU a wait for the device unless it is asynchronous."""
-    rec = HostCopies()
-    _RECORDERS.append(rec)
-    try:
+    with recording(HostCopies()) as rec:
         yield rec
+
+
+@contextlib.contextmanager
+def recording(recorder: Any) -> Iterator[Any]:
+    """Tell ``recorder`` of each copy to the host (``recorder.copied(tensor)``) and each wait for the device
+    (``recorder.waited(why)``) in the block, as :func:`host_copies` does for its :class:`HostCopies`."""
+    _RECORDERS.append(recorder)
+    try:
+        yield recorder
     finally:
-        _RECORDERS.remove(rec)
+        _RECORDERS.remove(recorder)
 
 
-def _copied(t: torch.Tensor) -> None:
+def _copied(t: torch.Tensor, blocking: bool = True) -> None:
     for rec in _RECORDERS:
-        rec.count += 1
-        rec.bytes += t.numel() * t.element_size()
+        rec.copied(t)
+        if blocking:
+            rec.waited("a copy to the host")
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def waited(why: str) -> None:
+    """Record one wait for the device (e.g. a replayed graph's synchronisation, which a stand-in does not make)."""
+    for rec in _RECORDERS:
+        rec.waited(why)
+
+
+def _plain(t: torch.Tensor, blocking: bool = True) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():
         out = t.as_subclass(torch.Tensor)
-    _copied(out)
+    _copied(out, blocking)
     return _mark_host(out)
 
 
@@ -159,12 +202,19 @@ class OnDevice(torch.Tensor):
             kw = {k: v for k, v in kwargs.items() if k != "device"}
             if where is False:
                 with torch._C.DisableTorchFunctionSubclass():
-                    return _plain(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
+                    moved = args[0].as_subclass(torch.Tensor).to(*rest, **kw)
+                return _plain(moved, blocking=not kwargs.get("non_blocking", False))
             with torch._C.DisableTorchFunctionSubclass():
                 return _on_device(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
         name = getattr(func, "__name__", "")
         if name == "copy_" and len(args) > 1 and not isinstance(args[0], OnDevice) and isinstance(args[1], OnDevice):
-            _copied(args[0])  # into a host tensor
+            _copied(args[0], blocking=not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])))  # to the host
+        if name in WAITS:
+            waited(WAITS[name])
+        elif name == "__getitem__" and any(
+            t.dtype == torch.bool and t.dim() > 0 for t in _tensors(args[1:])
+        ):  # a boolean mask: how many elements it selects is read back
+            waited("a data-dependent shape")
         if name not in _ALLOWED_MIXES:
             for t in _tensors((args, kwargs)):
                 if not isinstance(t, OnDevice) and t.dim() > 0 and getattr(t, _HOST, False):

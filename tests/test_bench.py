@@ -155,6 +155,21 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
         torch.autograd.grad((leaf * 2).sum(), leaf)  # the backward's kernels count as the device's
     # on host tensors: the forward's mul and sum, and the seed gradient autograd makes before the backward runs
     assert c.kernels >= 1 and c.host == 3
+    # waits for the device: a blocking copy to the host, a scalar read, a boolean mask and nonzero wait; an
+    # asynchronous copy, a view and arithmetic do not; nothing on host tensors waits
+    for x, on_device in ((torch.randn(4), False), (torch.randn(4).as_subclass(OnDevice), True)):
+        c = Counter()
+        with c:
+            x.cpu()  # 1
+            x.to("cpu", non_blocking=True)
+            float(x.sum())  # 1
+            x[x > 0]  # 1
+            torch.nonzero(x)  # 1
+            (x * 2).view(2, 2)
+        assert sum(c.waits.values()) == (4 if on_device else 0), c.waits
+        assert c.why == (
+            {"a copy to the host": 1, "a scalar read": 1, "a data-dependent shape": 2} if on_device else {}
+        )
     import traceback
 
     frame = traceback.FrameSummary("/somewhere/vizapp/analysis/rollout.py", 3, "rollout")
@@ -197,6 +212,13 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert int(batch[4]) < 10 and int(got["bare, 2 images"][2]) < int(batch[2])  # its shape came before: graphed
     maps = got["batch class maps, 2 images"]
     assert int(maps[4]) == int(maps[2])  # the batch's gradient pass is not graphed
+    # waits for the device: none in a bare forward; an analysis waits once for its graph's staged results and once for
+    # the digest's; the evaluation a few times an image (its maps and class scores to the host)
+    waits = {k: int(r[9]) for k, r in got.items()}
+    assert waits["bare"] == waits["bare, 2 images"] == 0
+    assert 0 < waits["analyze"] <= 2 and 0 < waits["batch analyze, 2 images"] <= 2, waits
+    assert 0 < waits["evaluation, 2 images"] < 40, waits
+    assert "a copy to the host" in got["evaluation, 2 images"][10]
 
 
 def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
