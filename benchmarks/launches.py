@@ -32,6 +32,10 @@ launch on a GPU). The "outside graphs" column counts the rest: what a GPU still 
 copies out of a graph's memory after a replay: one storage copy per block, which the counter does not see). Each call
 is counted the second time it runs, after one that warms the caches (and records the graphs).
 
+It also sums, per call, the device's work (the FLOPs of its matrix products and attention, with their float64 share,
+and the bytes its operators read and write) and counts the host's waits for the device, which with the launches
+bound a GPU's time from below without a GPU.
+
 Writes docs/benchmarks-launches.md.
 """
 
@@ -51,6 +55,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 import vizapp
 from benchmarks import tables
@@ -152,6 +157,9 @@ class Counter(TorchDispatchMode):
         self.by_source: collections.Counter[str] = collections.Counter()
         self.in_graphs = 0  # kernels of a replayed graph (:class:`StandInGraph`)
         self.outside: collections.Counter[str] = collections.Counter()  # by source, the kernels outside graphs
+        self.flops = 0  # of the device's matrix products, convolutions and attention (torch's FLOP counter's rules)
+        self.flops64 = 0  # the part of them in float64
+        self.bytes = 0  # read and written by the device's computing operators (inputs and outputs, once each)
         self.waits: collections.Counter[str] = collections.Counter()  # waits for the device, by source
         self.why: collections.Counter[str] = collections.Counter()  # and by kind (:data:`tests.devicesim.WAITS`)
         self._recording = devicesim.recording(self)
@@ -177,6 +185,13 @@ class Counter(TorchDispatchMode):
             self.host += 1
         else:
             self.kernels += 1
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            rule = flop_registry.get(func.overloadpacket)
+            if rule is not None:
+                n = int(rule(*args, **(kwargs or {}), out_val=out))
+                self.flops += n
+                self.flops64 += n if any(t.dtype == torch.float64 for t in tensors) else 0
             where = source(traceback.extract_stack())
             self.by_source[where] += 1
             if _replaying[0] > 0:
@@ -293,11 +308,16 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "waits for the device (a blocking copy to the host, a scalar read such as `.item()` or `bool()`, an operation "
         "whose output shape depends on the values, such as `nonzero` or a boolean mask; a replayed graph that stages "
         "results on the host, once), each a point where a GPU's queue drains and the device idles until the host "
-        "launches again; by source, with the kinds over all sources.",
+        "launches again; by source, with the kinds over all sources. Device work: the FLOPs of the device's matrix "
+        "products, convolutions and attention (torch's FLOP counter's rules; elementwise work is not counted), with "
+        "the float64 share, and the bytes its computing operators read and write (each input and output once, so "
+        "an upper bound on the memory traffic of fused kernels), which bound the device's time from below at a "
+        "GPU's rates.",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
-        "| top sources (kernels) | top sources outside graphs | waits | top sources of waits (kinds) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| top sources (kernels) | top sources outside graphs | waits | top sources of waits (kinds) "
+        "| device GFLOP (float64) | device GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in results.items():
         bare = {1: rows[0][1].kernels}
@@ -312,7 +332,12 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
             kinds = ", ".join(f"{k} {v}" for k, v in c.why.most_common())
             waits = f"{top_waits} ({kinds})" if kinds else ""
             cells = [model, name, c.kernels, f"{c.kernels / base:.1f}", outside, c.host, c.other, top, top_out]
-            cells += [sum(c.waits.values()), waits]
+            cells += [
+                sum(c.waits.values()),
+                waits,
+                f"{c.flops / 1e9:.1f} ({c.flops64 / 1e9:.1f})",
+                f"{c.bytes / 1e9:.2f}",
+            ]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     return lines
 

@@ -170,6 +170,16 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
         assert c.why == (
             {"a copy to the host": 1, "a scalar read": 1, "a data-dependent shape": 2} if on_device else {}
         )
+    # device work by hand: [2, 3] @ [3, 4] is 2·3·4 multiply-adds, 48 FLOPs, reading 6 + 12 and writing 8 elements;
+    # the same product in float64 counts as float64 and moves twice the bytes; nothing on the host counts
+    for dtype, size in ((torch.float32, 4), (torch.float64, 8)):
+        a, b = torch.ones(2, 3, dtype=dtype), torch.ones(3, 4, dtype=dtype)
+        for on_device in (False, True):
+            c = Counter()
+            with c:
+                (a.as_subclass(OnDevice) @ b.as_subclass(OnDevice)) if on_device else a @ b
+            assert (c.flops, c.bytes) == ((48, 26 * size) if on_device else (0, 0))
+            assert c.flops64 == (48 if on_device and dtype == torch.float64 else 0)
     import traceback
 
     frame = traceback.FrameSummary("/somewhere/vizapp/analysis/rollout.py", 3, "rollout")
@@ -219,6 +229,12 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert 0 < waits["analyze"] <= 2 and 0 < waits["batch analyze, 2 images"] <= 2, waits
     assert 0 < waits["evaluation, 2 images"] < 40, waits
     assert "a copy to the host" in got["evaluation, 2 images"][10]
+    # device work: the evaluation classifies 8 maps x 2 directions x 9 steps = 144 copies of each image, so more than
+    # 100 times a bare forward of the two; Transformer Attribution's part runs in float64
+    flops = {k: [float(v) for v in r[11].replace("(", "").replace(")", "").split()] for k, r in got.items()}
+    assert flops["evaluation, 2 images"][0] > 100 * flops["bare, 2 images"][0] > 0
+    assert flops["evaluation, 2 images"][1] > 0 == flops["bare, 2 images"][1]
+    assert float(got["evaluation, 2 images"][12]) > float(got["bare, 2 images"][12]) > 0
 
 
 def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
