@@ -9,7 +9,7 @@ counts as the device's when the torch function that dispatched it was called on 
 composite operator makes inside C++ (a 3-D matmul's reshapes) no longer carry the simulated device. Operators on
 host tensors alone are counted apart (CPU work on a GPU machine, no launch). This script counts them per call with
 ``TorchDispatchMode`` and says where in vizapp the kernels come from, so that a change that cuts launches shows here
-without a GPU. Counts are exact and repeatable; time is not measured.
+without a GPU. Counts are exact and repeatable; time is not measured (but for the host ops' own time, below).
 
 Calls, each for the astronaut photo and random weights:
 
@@ -34,7 +34,7 @@ is counted the second time it runs, after one that warms the caches (and records
 
 It also sums, per call, the device's work (the FLOPs of its matrix products and attention, with their float64 share,
 and the bytes its operators read and write) and counts the host's waits for the device, which with the launches
-bound a GPU's time from below without a GPU.
+bound a GPU's time from below without a GPU; the host ops' own time is the one thing timed.
 
 Writes docs/benchmarks-launches.md.
 """
@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,6 +158,7 @@ class Counter(TorchDispatchMode):
         self.by_source: collections.Counter[str] = collections.Counter()
         self.in_graphs = 0  # kernels of a replayed graph (:class:`StandInGraph`)
         self.outside: collections.Counter[str] = collections.Counter()  # by source, the kernels outside graphs
+        self.host_seconds = 0.0  # the host ops' own time on this CPU (CPU work on a GPU machine too)
         self.flops = 0  # of the device's matrix products, convolutions and attention (torch's FLOP counter's rules)
         self.flops64 = 0  # the part of them in float64
         self.bytes = 0  # read and written by the device's computing operators (inputs and outputs, once each)
@@ -174,7 +176,9 @@ class Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
+        start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
+        took = time.perf_counter() - start
         if getattr(func, "is_view", False) or name in NO_KERNEL:
             self.other += 1
         elif (
@@ -183,6 +187,7 @@ class Counter(TorchDispatchMode):
             and not any(isinstance(t, OnDevice) for t in tree_flatten((args, kwargs, out))[0])
         ):  # a backward's kernels (its gradients are plain tensors here) run where its forward ran: on the device
             self.host += 1
+            self.host_seconds += took
         else:
             self.kernels += 1
             tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -312,12 +317,13 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         "products, convolutions and attention (torch's FLOP counter's rules; elementwise work is not counted), with "
         "the float64 share, and the bytes its computing operators read and write (each input and output once, so "
         "an upper bound on the memory traffic of fused kernels), which bound the device's time from below at a "
-        "GPU's rates.",
+        "GPU's rates. Host ops ms: the host ops' own time in this one run on this CPU (the only timing here; on a GPU "
+        "machine they are CPU work too, while the device may idle).",
         "",
         "| model | call | kernels | x bare | outside graphs | host ops | views and allocations "
         "| top sources (kernels) | top sources outside graphs | waits | top sources of waits (kinds) "
-        "| device GFLOP (float64) | device GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| device GFLOP (float64) | device GB | host ops ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in results.items():
         bare = {1: rows[0][1].kernels}
@@ -337,6 +343,7 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
                 waits,
                 f"{c.flops / 1e9:.1f} ({c.flops64 / 1e9:.1f})",
                 f"{c.bytes / 1e9:.2f}",
+                f"{1e3 * c.host_seconds:.0f}",
             ]
             lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     return lines

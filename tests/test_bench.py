@@ -135,6 +135,7 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
             torch.empty(3)  # an allocation
         assert (c.kernels, c.host, c.other) == ((2, 0, 2) if on_device else (0, 2, 2))
         assert c.by_source == ({"other": 2} if on_device else {})  # kernels called from no vizapp file
+        assert (c.host_seconds > 0) == (not on_device)  # only host ops are timed
         assert c.in_graphs == 0
     # a composite operator: a 3-D matmul reshapes its input inside C++ and dispatches mm on tensors that no longer
     # carry the simulated device (3 computing operators here: mm, and the copies of the reshape and of the result);
@@ -235,6 +236,7 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert flops["evaluation, 2 images"][0] > 100 * flops["bare, 2 images"][0] > 0
     assert flops["evaluation, 2 images"][1] > 0 == flops["bare, 2 images"][1]
     assert float(got["evaluation, 2 images"][12]) > float(got["bare, 2 images"][12]) > 0
+    assert float(got["evaluation, 2 images"][13]) > 0  # the host's own work: the authors' masks, made on the host
 
 
 def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
