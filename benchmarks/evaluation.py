@@ -167,6 +167,32 @@ def profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], rows: i
     return out.getvalue()
 
 
+def device_profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], rows: int) -> str:
+    """One more batched evaluation under torch.profiler: its wall time against the time the device was busy (the
+    sum of its kernels' own times, on a GPU) and the host's own time in operators, then the ``rows`` operators of
+    most device time (most host time on the CPU). Where the device was busy for a small part of the wall time, the
+    evaluation is bound by the host (cProfile's table says where); where most, by its kernels (this table says
+    which)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ev.vm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        ev.evaluate_batch(items, pixels)
+        ev.vm.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0
+    host_us = sum(e.self_cpu_time_total for e in events)
+    head = (
+        f"wall {wall:.2f} s; device busy {device_us / 1e6:.2f} s (its kernels' own time, summed); "
+        f"host in operators {host_us / 1e6:.2f} s (profiled, so slower than the timed runs)"
+    )
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return head + "\n" + events.table(sort_by=key, row_limit=rows)
+
+
 def _decoded(pixels: list[np.ndarray]) -> list:
     from vizapp.imageio import decode_image
 
@@ -247,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=int, default=0, help="also print cProfile's N functions of most own time in one more run"
     )
     p.add_argument(
+        "--torch-profile",
+        type=int,
+        default=0,
+        help="also print the device's busy time against the wall time and torch.profiler's N operators of most "
+        "device time in one more run",
+    )
+    p.add_argument(
         "--device", default=None, help="the model's device (default: vizapp's choice, a GPU when there is one)"
     )
     args = p.parse_args(argv)
@@ -270,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: {m}", flush=True)
         if args.profile > 0:
             print(f"{model}, one batched evaluation under cProfile:\n{profiled(ev, items, pixels, args.profile)}")
+        if args.torch_profile > 0:
+            found = device_profiled(ev, items, pixels, args.torch_profile)
+            print(f"{model}, one batched evaluation under torch.profiler: {found}")
     text = markdown(rows, args, methods)
     print(text)
     args.out.write_text(text)

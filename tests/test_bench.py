@@ -107,7 +107,7 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     out = tmp_path / "e.md"
     before = (scores._maps, scores._classified, scores._own_run_maps)
     argv = ["--models", "bundled", "--images", "2", "--repeats", "1", "--methods", "rollout,relevance,random"]
-    assert evaluation.main([*argv, "--out", str(out), "--profile", "5"]) == 0
+    assert evaluation.main([*argv, "--out", str(out), "--profile", "5", "--torch-profile", "5"]) == 0
     assert (scores._maps, scores._classified, scores._own_run_maps) == before
     text = out.read_text(encoding="utf-8")
     header, rows = table_rows(text, "# The evaluation's rate against its floor")
@@ -119,7 +119,11 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert header == ["model", "B", "rollout", "relevance", "the analysis forward and its backwards"]
     # the last part is the phase less the methods' own calls: negative if a call were counted twice
     assert all(float(c) >= 0 for c in rows[0][2:]) and float(rows[0][-1]) > 0, rows
-    assert "Ordered by: internal time" in capsys.readouterr().out  # --profile: cProfile's table of one more run
+    printed = capsys.readouterr().out
+    assert "Ordered by: internal time" in printed  # --profile: cProfile's table of one more run
+    # --torch-profile: the wall time against the device's busy time (none on the CPU) and torch.profiler's table
+    found = re.search(r"under torch.profiler: wall ([0-9.]+) s; device busy ([0-9.]+) s", printed)
+    assert found and float(found[1]) > 0 and float(found[2]) == 0 and "Self CPU time total" in printed
 
 
 def test_the_operator_counter_counts_computing_operators_and_their_sources_by_hand():
