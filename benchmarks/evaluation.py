@@ -167,6 +167,16 @@ def profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], rows: i
     return out.getvalue()
 
 
+def device_microseconds(events: list) -> float:
+    """The time the device was busy in torch.profiler's ``events``: the kernels' own events summed, as torch's table
+    sums its "Self CUDA time total" (an operator's row repeats the time of the kernels it launched)."""
+    from torch.autograd import DeviceType
+
+    return sum(
+        e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
+
+
 def device_profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], rows: int) -> str:
     """One more batched evaluation under torch.profiler: its wall time against the time the device was busy (the
     sum of its kernels' own times, on a GPU) and the host's own time in operators, then the ``rows`` operators of
@@ -183,7 +193,7 @@ def device_profiled(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], 
         ev.vm.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0
+    device_us = device_microseconds(events)
     host_us = sum(e.self_cpu_time_total for e in events)
     head = (
         f"wall {wall:.2f} s; device busy {device_us / 1e6:.2f} s (its kernels' own time, summed); "

@@ -126,6 +126,27 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert found and float(found[1]) > 0 and float(found[2]) == 0 and "Self CPU time total" in printed
 
 
+def test_the_devices_busy_time_sums_the_kernels_not_the_operators_that_launched_them():
+    """torch.profiler gives a kernel's time on its own row and again on the row of the operator that launched it:
+    two kernels of 1 ms and 2 ms under one operator are 3 ms of device time, not 6; a user annotation is left out."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.evaluation import device_microseconds
+
+    def event(kind, us, annotation=False):
+        return SimpleNamespace(device_type=kind, self_device_time_total=us, is_user_annotation=annotation)
+
+    events = [
+        event(DeviceType.CPU, 3000),
+        event(DeviceType.CUDA, 1000),
+        event(DeviceType.CUDA, 2000),
+        event(DeviceType.CUDA, 500, annotation=True),
+    ]
+    assert device_microseconds(events) == 3000
+
+
 def test_the_operator_counter_counts_computing_operators_and_their_sources_by_hand():
     from benchmarks.launches import Counter, source
     from tests.devicesim import OnDevice
