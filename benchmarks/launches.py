@@ -181,16 +181,17 @@ class Counter(TorchDispatchMode):
         took = time.perf_counter() - start
         if getattr(func, "is_view", False) or name in NO_KERNEL:
             self.other += 1
-        elif (
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if (
             not self._calls.on_device
             and torch._C._current_autograd_node() is None
-            and not any(isinstance(t, OnDevice) for t in tree_flatten((args, kwargs, out))[0])
+            and not any(isinstance(t, OnDevice) for t in tensors)
         ):  # a backward's kernels (its gradients are plain tensors here) run where its forward ran: on the device
             self.host += 1
             self.host_seconds += took
         else:
             self.kernels += 1
-            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
             rule = flop_registry.get(func.overloadpacket)
             if rule is not None:

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def _readable(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The paths that decode as images, and (path, reason) for those that do not (read safely, never unpickled)."""
+def _groups(paths: list[str], size: int, bad: list[str]) -> Iterator[list[tuple[str, Any]]]:
+    """The images that decode, as (path, decoded image) in groups of ``size``, each decoded once (read safely, never
+    unpickled) and held only while its group is analysed; a path that does not decode is reported on stderr and
+    added to ``bad``."""
     from vizapp.errors import BadImageError
     from vizapp.imageio import decode_image
 
-    good, bad = [], []
+    group: list[tuple[str, Any]] = []
     for path in paths:
         try:
-            decode_image(path)
+            group.append((path, decode_image(path)))
         except BadImageError as e:
-            bad.append((path, str(e)))
-        else:
-            good.append(path)
-    return good, bad
+            print(f"error: {path}: {e}", file=sys.stderr)
+            bad.append(path)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _print_analysis(vm: Any, r: Any, path: str, several: bool) -> None:
@@ -89,24 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (args.explain is not None and not methods):
         parser.error(f"--explain takes methods among {', '.join(METHODS)}; got {args.explain!r}")
     out = None if args.out is None else args.out.with_name(args.out.name.removesuffix(".npz") + ".npz")
-    good, bad = _readable(args.images)
-    for path, reason in bad:
-        print(f"error: {path}: {reason}", file=sys.stderr)
-    if not good:
-        return 2
+    good: list[str] = []
+    bad: list[str] = []
     try:
         vm = vizapp.load_model(args.model, pretrained=not args.random, arch=args.arch)
         maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-        for lo in range(0, len(good), args.batch_size):
-            group = good[lo : lo + args.batch_size]
+        for group in _groups(args.images, args.batch_size, bad):
+            images = [decoded for _, decoded in group]  # the batch API takes them as decoded, notes included
             if methods:  # first: a class the model lacks is refused before anything is printed
-                found = vizapp.explain(vm, group, methods, classes=_class_arg(args.cls))
+                found = vizapp.explain(vm, images, methods, classes=_class_arg(args.cls))
                 for m in methods:
                     maps[m].append(found[m])
-            for path, r in zip(group, vizapp.analyze(vm, group), strict=True):
+            for (path, _), r in zip(group, vizapp.analyze(vm, images), strict=True):
                 _print_analysis(vm, r, path, several=len(args.images) > 1)
+            good += [path for path, _ in group]
     except vizapp.VizappError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not good:
         return 2
     if methods:
         arrays = {m: np.concatenate(v) for m, v in maps.items()}
