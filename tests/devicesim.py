@@ -85,12 +85,33 @@ WAITS = {
 """Torch functions of a device tensor after which the host must wait for the device (a real GPU copies the answer
 back before the call returns), by name, and why."""
 
+TO_DEVICE = "a copy to the device"
+"""Why the host waits on a blocking copy from the host to the device: torch synchronises the stream after every copy
+to a CUDA tensor not made with ``non_blocking=True`` (``at::cuda::memcpy_and_sync``: ``cudaMemcpyAsync``, then
+``cudaStreamSynchronize``), so the queue of kernels drains first. That covers ``.to(device)`` and ``.cuda()`` of a host
+tensor, ``torch.tensor``/``as_tensor`` of host data with a CUDA ``device=``, ``copy_`` of a host tensor into a device
+one, and indexing a device tensor with host indices (a list or a host tensor), which torch moves to the device
+first."""
+
+_FROM_DATA = {"tensor", "as_tensor", "asarray"}
+"""Factories that copy host data (a tensor, an array, a list or a number) to the device they are given."""
+
+
+def _host_index(obj: Any) -> bool:
+    """Whether an index holds host indices that torch copies to the device: a list, or a host tensor of one or more
+    dimensions (a 0-d one is read as a number)."""
+    if isinstance(obj, list):
+        return True
+    if isinstance(obj, tuple):
+        return any(_host_index(o) for o in obj)
+    return isinstance(obj, torch.Tensor) and not isinstance(obj, OnDevice) and obj.dim() > 0
+
 
 class HostCopies:
     """Device-to-host copies seen inside :func:`host_copies`: how many, and their bytes; and how many times the host
-    waited for the device (``waits``: a blocking copy to the host, a scalar read such as ``.item()`` or ``bool()``, an
-    operation whose output shape depends on the values, such as ``nonzero`` or indexing with a boolean mask), each
-    a point where a GPU's queue of kernels drains before the host goes on."""
+    waited for the device (``waits``: a blocking copy to the host or from it (:data:`TO_DEVICE`), a scalar read such
+    as ``.item()`` or ``bool()``, an operation whose output shape depends on the values, such as ``nonzero`` or
+    indexing with a boolean mask), each a point where a GPU's queue of kernels drains before the host goes on."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -207,14 +228,23 @@ class OnDevice(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return _on_device(args[0].as_subclass(torch.Tensor).to(*rest, **kw))
         name = getattr(func, "__name__", "")
-        if name == "copy_" and len(args) > 1 and not isinstance(args[0], OnDevice) and isinstance(args[1], OnDevice):
-            _copied(args[0], blocking=not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])))  # to the host
+        if name == "copy_" and len(args) > 1:
+            blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+            into, source = (isinstance(a, OnDevice) for a in args[:2])
+            if source and not into:  # to the host
+                _copied(args[0], blocking=blocking)
+            elif into and not source and blocking:  # from the host
+                waited(TO_DEVICE)
         if name in WAITS:
             waited(WAITS[name])
         elif name == "__getitem__" and any(
             t.dtype == torch.bool and t.dim() > 0 for t in _tensors(args[1:])
         ):  # a boolean mask: how many elements it selects is read back
             waited("a data-dependent shape")
+        elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and _host_index(args[1:2]):
+            waited(TO_DEVICE)
+        if name == "__setitem__" and len(args) > 2 and _host_index(args[2:3]) and not isinstance(args[2], list):
+            waited(TO_DEVICE)  # a host tensor's values copied in
         if name not in _ALLOWED_MIXES:
             for t in _tensors((args, kwargs)):
                 if not isinstance(t, OnDevice) and t.dim() > 0 and getattr(t, _HOST, False):
@@ -233,16 +263,28 @@ class _Mode(TorchFunctionMode):
         kwargs.pop("pin_memory", None)
         inputs = list(_tensors((args, kwargs)))
         if any(isinstance(t, OnDevice) for t in inputs):
+            if getattr(func, "__name__", "") in _FROM_DATA and _is_device(kwargs.get("device")):
+                # as_tensor(a device tensor, device=cuda): no copy
+                kwargs["device"] = "cpu"
+                return _on_device(func(*args, **kwargs))
             return func(*args, **kwargs)  # OnDevice.__torch_function__ decides
         if func == torch.Tensor.to and _target(func, args, kwargs):
             rest = [a for a in args[1:] if _is_device(a) is None]
             kw = {k: v for k, v in kwargs.items() if k != "device"}
+            if not kw.get("non_blocking"):
+                waited(TO_DEVICE)
             return _on_device(func(args[0], *rest, **kw))
+        if func == torch.Tensor.pin_memory:  # page-locked staging memory: a host copy here (no CUDA to lock it)
+            return _mark_host(args[0].clone())
         if func == torch.Tensor.cuda:
+            if not kwargs.get("non_blocking"):
+                waited(TO_DEVICE)
             return _on_device(args[0].clone())
         spec = kwargs.get("device")
         if spec is not None and _is_device(spec):
             kwargs["device"] = "cpu"
+            if getattr(func, "__name__", "") in _FROM_DATA:
+                waited(TO_DEVICE)
             return _on_device(func(*args, **kwargs))
         out = func(*args, **kwargs)
         # made on the host: no device named (a device named as "cpu" is usually a weight's, which stays on the CPU

@@ -196,6 +196,31 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
         assert c.why == (
             {"a copy to the host": 1, "a scalar read": 1, "a data-dependent shape": 2} if on_device else {}
         )
+    # a blocking copy from the host to the device waits too (torch synchronises the stream after it): .to(device),
+    # .cuda(), torch.tensor with a CUDA device, copy_ from a host tensor, indexing with a list or a host index
+    # tensor, and setting from a host tensor; a non_blocking copy, a factory that copies nothing (zeros, arange), an
+    # index on the device, a 0-d host index and a number set in do not
+    from tests.devicesim import FAKE, simulated_gpu
+
+    with simulated_gpu():
+        host = torch.arange(4.0)
+        c = Counter()
+        with c:
+            dev = torch.zeros(4, device=FAKE)
+            host.to(FAKE)  # 1
+            host.cuda()  # 1
+            torch.tensor([1.0, 2.0], device=FAKE)  # 1
+            dev.copy_(host)  # 1
+            dev[[0, 2]]  # 1
+            dev[torch.tensor([1, 3])]  # 1
+            dev[1:3] = host[:2]  # 1
+            host.to(FAKE, non_blocking=True)
+            where = torch.arange(2, device=FAKE)
+            dev[where]
+            dev[torch.tensor(2)]
+            dev[0] = 5.0
+            dev.copy_(host, non_blocking=True)
+        assert c.why == {"a copy to the device": 7}, c.why
     # device work by hand: [2, 3] @ [3, 4] is 2·3·4 multiply-adds, 48 FLOPs, reading 6 + 12 and writing 8 elements;
     # the same product in float64 counts as float64 and moves twice the bytes; nothing on the host counts
     for dtype, size in ((torch.float32, 4), (torch.float64, 8)):
@@ -248,10 +273,13 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     assert int(batch[4]) < 10 and int(got["bare, 2 images"][2]) < int(batch[2])  # its shape came before: graphed
     maps = got["batch class maps, 2 images"]
     assert int(maps[4]) == int(maps[2])  # the batch's gradient pass is not graphed
-    # waits for the device: none in a bare forward; an analysis waits once for its graph's staged results and once for
-    # the digest's; the evaluation a few times an image (its maps and class scores to the host)
+    # waits for the device: a bare forward's one is its input's blocking copy (``x.to(device)``, as a user writes
+    # it); an analysis waits once for its graph's staged results and once for the digest's; the evaluation a few
+    # times an image (its maps and class scores to the host); none of vizapp's calls waits on a copy to the device
     waits = {k: int(r[9]) for k, r in got.items()}
-    assert waits["bare"] == waits["bare, 2 images"] == 0
+    assert waits["bare"] == waits["bare, 2 images"] == 1
+    assert got["bare"][10] == "other 1 (a copy to the device 1)", got["bare"][10]
+    assert not [k for k, r in got.items() if "a copy to the device" in r[10] and not k.startswith("bare")], got
     assert 0 < waits["analyze"] <= 2 and 0 < waits["batch analyze, 2 images"] <= 2, waits
     assert 0 < waits["evaluation, 2 images"] < 40, waits
     assert "a copy to the host" in got["evaluation, 2 images"][10]

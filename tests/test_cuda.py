@@ -336,3 +336,38 @@ def test_the_graphed_weights_digest_equals_the_eager_one_and_sees_every_edit(mon
     assert r.relevance(1).shape == r.rollout().shape
     monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", "0")  # graphs off: the eager sums, the same digest
     assert gpu.fingerprint() == r.model_fingerprint
+
+
+def test_copies_to_the_gpu_through_pinned_memory_arrive_whole_and_from_their_own_block():
+    """vizapp.transfer.to_device on a real GPU: an asynchronous copy through a fresh pinned block, so the values
+    arrive whole even when the caller changes its tensor at once, and in the asked dtype."""
+    from vizapp.transfer import tensor_on, to_device
+
+    host = torch.randn(64, 3, 224, 224)
+    want = host.clone()
+    dev = to_device(host, "cuda")
+    half = to_device(host, "cuda", torch.bfloat16)
+    host.zero_()  # at once, before the copies need have run
+    assert dev.is_cuda and torch.equal(dev.cpu(), want)
+    assert half.dtype == torch.bfloat16 and torch.equal(half.cpu(), want.to(torch.bfloat16))
+    assert tensor_on([3, 1], "cuda").cpu().tolist() == [3, 1]
+    assert to_device(dev, "cuda").data_ptr() == dev.data_ptr()
+
+
+def test_the_evaluation_on_cuda_gives_the_cpus_predictions_and_every_row():
+    """One batch of the evaluation (every method but flow, the authors' protocol) with the model on the GPU: every
+    row is complete and predicts the CPU's classes (the scores themselves may differ where GPU rounding reorders a
+    map's ties)."""
+    from benchmarks.evaluation import default_methods
+    from vizapp.evaluate.worker import Evaluator
+
+    rows = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        ev = Evaluator("vit_tiny_patch16_224", default_methods(), steps=0, pretrained=False, device=device)
+        pixels = [np.asarray(random_image(s).resize((224, 224))) for s in range(3)]
+        items = [{"id": f"random/{s}", "source": "random", "target": -1} for s in range(3)]
+        rows[device] = ev.evaluate_batch(items, pixels)
+    assert [r["status"] for r in rows["cuda"]] == ["ok"] * 3, [r.get("message") for r in rows["cuda"]]
+    assert [r["predicted"] for r in rows["cuda"]] == [r["predicted"] for r in rows["cpu"]]
+    assert set(rows["cuda"][0]) == set(rows["cpu"][0])

@@ -29,6 +29,7 @@ from vizapp.models.prompts import probabilities
 from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
 from vizapp.result import class_index
 from vizapp.swin_result import class_gradients as windowed_gradients
+from vizapp.transfer import tensor_on, to_device
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
 
@@ -222,7 +223,7 @@ def _class_maps(
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     n = p + grid[0] * grid[1]
     with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
-        logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
+        logits = vm.logits(to_device(x, vm.device, vm.dtype))
     for layer, a in enumerate(cap.maps):
         if layer in cap.unexact_layers:
             raise UnsupportedModelError(
@@ -244,7 +245,7 @@ def _class_maps(
         class_index(probabilities(host[i], vm.activation).numpy() if head else None, vm.labels, c)
         for i, c in enumerate(classes)
     ]
-    score = logits[torch.arange(b, device=logits.device), torch.tensor(cls, device=logits.device)].sum()
+    score = logits[torch.arange(b, device=logits.device), tensor_on(cls, logits.device)].sum()
     grads = list(torch.autograd.grad(score, cap.maps))  # [B, H, N, N] per layer; the graph is freed
     fused = torch.empty((len(grads), b, n, n), dtype=torch.float64, device=logits.device)  # Ā: [L, B, N, N]
     for layer, a in enumerate(cap.maps):
@@ -326,7 +327,7 @@ def explain(
         x = torch.cat([inputs[i][0] for i in members])
         for m in own_run:  # None -> each image's top-1 class, from the method's own forward
             found_maps = m.batch(
-                vm, x.to(device=vm.device, dtype=vm.dtype), [wanted[i] for i in members], **per_method[m.name]
+                vm, to_device(x, vm.device, vm.dtype), [wanted[i] for i in members], **per_method[m.name]
             )
             for j, i in enumerate(members):
                 maps[m.name][i] = found_maps[j]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from vizapp import cudagraph, limits
 from vizapp.capture import AttentionCapture
 from vizapp.models import VizModel
+from vizapp.transfer import to_device
 
 
 def graph_memory(vm: VizModel, x: torch.Tensor) -> int:
@@ -48,9 +49,9 @@ def attention_gradients(vm: VizModel, x: torch.Tensor, cls: int, num_classes: in
     """∂logit[cls]/∂A of every layer and head of input ``x`` [1, C, H, W], [L, H, N, N] float32 on ``vm.device``;
     ``num_classes``: the logits' length. A replay of the recorded passes where :func:`graphable` (recorded the first
     time an input shape, dtype and weights come), else the passes run eagerly."""
-    x = x.to(device=vm.device, dtype=vm.dtype)
+    x = to_device(x, vm.device, vm.dtype)
     if graphable(vm, x):
-        onehot = F.one_hot(torch.tensor([int(cls)]), int(num_classes)).to(device=vm.device, dtype=torch.float32)
+        onehot = to_device(F.one_hot(torch.tensor([int(cls)]), int(num_classes)), vm.device, torch.float32)
         key = cudagraph.graph_key(vm.model, vm.weights_key(), x, "attention gradients", int(num_classes))
         graphed = vm.graphs.get(key, lambda inputs: _passes(vm, *inputs), (x, onehot))
         if graphed is not None:

@@ -31,6 +31,7 @@ from vizapp.result import (  # noqa: F401  (the result's names, where callers ha
 )
 from vizapp.resultcache import Key
 from vizapp.streaming import BlockFeatures, LayerStatistics
+from vizapp.transfer import tensor_on, to_device
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ def analyze_inputs(
         from vizapp.swin_result import analyze_windowed
 
         return analyze_windowed(vm, x, notes, top_k=top_k, gradients=gradients)  # type: ignore[return-value]
-    x_dev = x.to(device=vm.device, dtype=vm.dtype)
+    x_dev = to_device(x, vm.device, vm.dtype)
     if progress:
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
@@ -507,8 +508,8 @@ def class_gradients(analyses: Sequence[Analysis], classes: Sequence[Any]) -> lis
     if graph.maps is None or any(r.graph.logits is not graph.logits for r in analyses):
         raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
     cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]
-    rows = torch.tensor([r.graph.image for r in analyses], device=graph.logits.device)
-    score = graph.logits[rows, torch.tensor(cls, device=graph.logits.device)].sum()
+    rows = tensor_on([r.graph.image for r in analyses], graph.logits.device)
+    score = graph.logits[rows, tensor_on(cls, graph.logits.device)].sum()
     # the graph is kept: a further class of one analysis is still one backward (Analysis.attention_gradients)
     grads = torch.autograd.grad(score, graph.maps, retain_graph=True)  # [B, H, N, N] per layer
     for r, c in zip(analyses, cls, strict=True):
@@ -547,7 +548,7 @@ def feature_pca(vm: VizModel, images: Any, layer: int = -1, foreground_threshold
             f"layer must be an integer in {-vm.num_layers}..{vm.num_layers - 1}, got {layer!r}"[:200]
         )
     layer = int(layer) % vm.num_layers
-    x = torch.stack([vm.batch_transform(to_pil(im)[0]) for im in images]).to(device=vm.device, dtype=vm.dtype)
+    x = to_device(torch.stack([vm.batch_transform(to_pil(im)[0]) for im in images]), vm.device, vm.dtype)
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
     kept: dict[int, torch.Tensor] = {}
 

@@ -23,6 +23,7 @@ from vizapp.models.digest import WeightsDigest
 from vizapp.result_features import LabelFreeViews, to_numpy
 from vizapp.resultcache import Key, ResultCache
 from vizapp.streaming import fused_layer
+from vizapp.transfer import to_device
 
 Query = str | int | tuple[int, int]
 #: Where the maps carried down from the output start: the tokens the output reads, or the CLS token whatever it reads.
@@ -133,7 +134,7 @@ class ModelRuns:
 
         def make() -> np.ndarray:
             vm = self._model()
-            return np.asarray(run(vm, self.input.to(device=vm.device, dtype=vm.dtype), [cls], **options))[0]
+            return np.asarray(run(vm, to_device(self.input, vm.device, vm.dtype), [cls], **options))[0]
 
         return self._cache.get(Key("map", (name, cls, *sorted(options.items()))), make)
 
@@ -170,7 +171,7 @@ class ModelRuns:
 
         def predict(batch: torch.Tensor) -> torch.Tensor:  # class probabilities (SigLIP prompts: their sigmoids)
             with torch.no_grad():
-                logits = vm.logits(batch.to(device=vm.device, dtype=vm.dtype)).float()
+                logits = vm.logits(to_device(batch, vm.device, vm.dtype)).float()
                 return probabilities(logits, vm.activation).cpu()
 
         try:

@@ -36,6 +36,7 @@ from vizapp.statistics import (
     StatisticsReducer,
     undefined_statistics,
 )
+from vizapp.transfer import to_device
 from vizapp.windows import WindowCapture, WindowGeometry, window_sites
 
 
@@ -221,7 +222,7 @@ def forward_statistics(vm: VizModel, x: torch.Tensor) -> StatisticsPass:
     from vizapp.capture import AttentionCapture
 
     b = x.shape[0]
-    x = x.to(device=vm.device, dtype=vm.dtype)
+    x = to_device(x, vm.device, vm.dtype)
     heads = layer_heads(vm)
     if vm.windowed:
         reducer, on_layer = window_reducer(vm, b)

@@ -50,6 +50,7 @@ from contextlib import contextmanager
 import torch
 
 from vizapp.analysis.legrad import explained_classes
+from vizapp.transfer import tensor_on
 
 #: lxt's ``identity_rule_implicit`` stabiliser: the backward of an activation f is f(x) / (x + EPS).
 EPS = 1e-10
@@ -293,7 +294,7 @@ def input_times_gradient(
     for a in maps:
         a.register_hook(torch.zeros_like)
     cls = explained_classes(logits, classes)
-    score = logits.gather(1, torch.tensor(cls, device=logits.device)[:, None]).sum()
+    score = logits.gather(1, tensor_on(cls, logits.device)[:, None]).sum()
     (grad,) = torch.autograd.grad(score, x)
     return patch_sums((x * grad).detach(), grid_size, patch_size).float(), cls
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from vizapp.transfer import tensor_on
+
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
     """Each map [B, ...] scaled to [0, 1] by its own minimum and maximum; a constant map becomes all zeros."""
@@ -133,7 +135,7 @@ def legrad(
                 "LeGrad needs every layer's attention formed by vizapp's capture (is fused attention off?)"
             )
         cls = explained_classes(logits, classes)
-        idx = torch.tensor(cls, device=logits.device)[:, None]
+        idx = tensor_on(cls, logits.device)[:, None]
         score = sum(lens_fn(outputs[layer]).gather(1, idx).sum() for layer in range(start_layer, depth))
     grads = torch.autograd.grad(score, cap.maps[start_layer:])  # ∂s_l/∂A_l, [B, H, N, N] each
     per_layer = layer_relevance([g.detach().float() for g in grads], num_prefix_tokens)  # [B, L', P]

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from vizapp.analysis.lrp_families import Block, Net, PromptScore, family_of
+from vizapp.transfer import to_device
 
 #: The stabiliser of the authors' ``safe_divide``.
 EPS = 1e-9
@@ -258,7 +259,7 @@ def _classes(
         class_idx = [top[i] if c is None else c for i, c in enumerate(class_idx)] if len(class_idx) == batch else None
         if class_idx is None:
             raise ValueError(f"give one class per image ({batch}) when some are None")
-    idx = torch.as_tensor(class_idx, dtype=torch.long, device=device).reshape(-1)
+    idx = to_device(torch.as_tensor(class_idx, dtype=torch.long), device).reshape(-1)
     if idx.numel() == 1:
         idx = idx.expand(batch)
     if idx.numel() != batch:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from vizapp.analysis.rollout import rollout_fused
+from vizapp.transfer import to_device
 
 
 def _check_pair(attn: torch.Tensor, grad: torch.Tensor, start_layer: int) -> None:
@@ -122,7 +123,7 @@ def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int =
             f"expected Ā shaped [L, N, N] or [B, L, N, N] and start_layer in range, got {tuple(fused.shape)}, "
             f"{start_layer}"
         )
-    v = weights.to(device=fused.device, dtype=torch.float64)  # the weights are made on the host
+    v = to_device(weights, fused.device, torch.float64)  # the weights are made on the host
     for layer in range(fused.shape[-3] - 1, start_layer - 1, -1):
         a = fused[..., layer, :, :].to(torch.float64)
         if a.dim() == 2 and v.dim() == 1:

@@ -40,6 +40,7 @@ from vizapp.analysis.perturbation import (
     pixel_masks,
     upsample_map,
 )
+from vizapp.transfer import tensor_on, to_device
 
 if TYPE_CHECKING:
     from vizapp.evaluate.worker import Evaluator
@@ -202,13 +203,14 @@ def _own_run_maps(
     """The maps of a method that runs the model itself (``Method.batch``) for a group ``x`` [B, C, H, W]: one call
     for every image's predicted class, one more for the images whose target differs."""
     vm = ev.vm
-    x = x.to(device=vm.device, dtype=vm.dtype)
+    x = to_device(x, vm.device, vm.dtype)
     for kind in CLASS_KINDS:
         members = [k for k, i in enumerate(group) if kind == "pred" or heads[i]["target"] != heads[i]["predicted"]]
         if not members:
             continue
         key = "predicted" if kind == "pred" else "target"
-        found = method.batch(vm, x[members], [heads[group[k]][key] for k in members])  # [b, gh, gw]
+        part = x if len(members) == len(group) else x[tensor_on(members, x.device)]
+        found = method.batch(vm, part, [heads[group[k]][key] for k in members])  # [b, gh, gw]
         for j, k in enumerate(members):
             ready[group[k]][(method.name, kind)] = torch.as_tensor(np.asarray(found[j], dtype=np.float32)).reshape(-1)
 
@@ -261,7 +263,8 @@ def _jobs(
     num_patches = grid[0] * grid[1]
     jobs: list[_Job] = []
     done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
-    pixel = _PixelMasks(grid, patch) if ev.protocol == "chefer2021" else None
+    pixel = _PixelMasks(grid, patch, image.device) if ev.protocol == "chefer2021" else None
+    black = to_device(ev.black, image.device)  # where the evaluator's model is (no copy)
     for (name, kind), sal in maps.items():
         for direction in DIRECTIONS:
             key = (name, kind, direction)
@@ -271,12 +274,12 @@ def _jobs(
             if pixel is not None:
 
                 def make(j=pixel.add(sal, direction)) -> torch.Tensor:
-                    return masked_copies(image, pixel.take(j), ev.black)  # [9, C, H, W]
+                    return masked_copies(image, pixel.take(j), black)  # [9, C, H, W]
 
             else:
 
                 def make(sal=sal, direction=direction) -> torch.Tensor:
-                    return patch_perturbed_images(image, sal, grid, patch, direction, ev.black)  # [9, C, H, W]
+                    return patch_perturbed_images(image, sal, grid, patch, direction, black)  # [9, C, H, W]
 
             jobs.append(_Job(i, "chefer", key, len(CHEFER_FRACTIONS) - 1, make))
     if ev.steps > 0:
@@ -298,11 +301,12 @@ def _jobs(
 
 class _PixelMasks:
     """One image's ``chefer2021`` masks, made together on the host when its first job forms its copies (one bilinear
-    upsampling and one topk per step for all of the image's maps: :func:`pixel_masks`), and let go when its last job
-    has taken them, so that the masks of one image at a time are held."""
+    upsampling and one topk per step for all of the image's maps: :func:`pixel_masks`), moved to ``device`` in one
+    copy that does not wait for it (:func:`vizapp.transfer.to_device`), and let go when its last job has taken them,
+    so that the masks of one image at a time are held."""
 
-    def __init__(self, grid: tuple[int, int], patch: int | Sequence[int]) -> None:
-        self.grid, self.patch = grid, patch
+    def __init__(self, grid: tuple[int, int], patch: int | Sequence[int], device: torch.device) -> None:
+        self.grid, self.patch, self.device = grid, patch, device
         self.maps: list[torch.Tensor] = []
         self.directions: list[str] = []
         self.masks: torch.Tensor | None = None  # [J, S, H, W] bool
@@ -319,7 +323,7 @@ class _PixelMasks:
         """Job ``j``'s masks [S, H, W]."""
         if self.masks is None:
             pix = upsample_map(torch.stack(self.maps), self.patch)  # [J, H, W]
-            self.masks = pixel_masks(pix, self.directions)
+            self.masks = to_device(pixel_masks(pix, self.directions), self.device)
         out = self.masks[j]
         self.left -= 1
         if self.left == 0:
@@ -381,7 +385,7 @@ def _scores(
     for i in images:
         # [C, H, W] on the model's device: the perturbed copies are formed there from masks made on the host (each
         # mask, bool [S, H, W], is a 12th of the copies it selects between)
-        image = inputs[i].to(device=ev.vm.device, dtype=torch.float32)
+        image = to_device(inputs[i], ev.vm.device, torch.float32)
         grid, _ = ev.map_grid(image)
         num_patches = grid[0] * grid[1]
         x = x_nominal if ev.protocol == "chefer2021" else patch_fractions(num_patches)
