@@ -83,3 +83,20 @@ def test_the_gpu_scripts_steps_are_its_default_list_and_its_usage():
     # the steps run in the script's order whatever the order asked: the lists need only name the same ones, once
     for listed in (default.group(1).split(), [w for w in usage.group(1).split() if w != "#"]):
         assert sorted(listed) == sorted(used), listed
+
+
+def test_the_lease_runs_gpu_script_steps_whose_files_all_come_back():
+    """benchmarks/gpu_lease.sh's default steps are gpu.sh's, and the files they write into OUT (log.txt, steps.txt
+    and each step's ``--out "$OUT/..."`` table) are at most the 8 the device tool brings back from one call."""
+    lease = (ROOT / "benchmarks" / "gpu_lease.sh").read_text(encoding="utf-8")
+    steps = re.search(r"\$\{LEASE_STEPS:-([^}]*)\}", lease)
+    assert steps
+    text = SCRIPT.read_text(encoding="utf-8").replace("\\\n", " ")
+    tables = {}
+    for name, rest in re.findall(r"^step ([\w-]+) \d+ (.*)$", text, flags=re.M):
+        tables.setdefault(name, set()).update(re.findall(r'--out "\$OUT/([^"]+)"', rest))
+    asked = steps.group(1).split()
+    assert set(asked) <= set(tables), set(asked) - set(tables)
+    files = {"log.txt", "steps.txt"}.union(*(tables[s] for s in asked))
+    assert len(files) <= 8, sorted(files)
+    assert all(tables[s] for s in asked if s not in ("tests", "profile")), tables  # every other step keeps a table
