@@ -20,6 +20,7 @@ on the device. CUDA graphs are turned off and ``torch.cuda.synchronize`` does no
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -104,7 +105,13 @@ def _host_index(obj: Any) -> bool:
         return True
     if isinstance(obj, tuple):
         return any(_host_index(o) for o in obj)
-    return isinstance(obj, torch.Tensor) and not isinstance(obj, OnDevice) and obj.dim() > 0
+    return _on_host(obj) and obj.dim() > 0
+
+
+def _on_host(t: Any) -> bool:
+    """Whether ``t`` is a tensor made on the host (marked so, see the module's docstring). A plain tensor that is not
+    marked is a device tensor whose kind an operator inside C++ dropped (e.g. a Swin block's output): no copy."""
+    return isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) and getattr(t, _HOST, False)
 
 
 class HostCopies:
@@ -117,6 +124,7 @@ class HostCopies:
         self.count = 0
         self.bytes = 0
         self.waits = 0
+        self.why: collections.Counter[str] = collections.Counter()  # the waits by kind
 
     def copied(self, t: torch.Tensor) -> None:
         self.count += 1
@@ -124,6 +132,7 @@ class HostCopies:
 
     def waited(self, why: str) -> None:
         self.waits += 1
+        self.why[why] += 1
 
 
 _RECORDERS: list[Any] = []
@@ -233,7 +242,7 @@ class OnDevice(torch.Tensor):
             into, source = (isinstance(a, OnDevice) for a in args[:2])
             if source and not into:  # to the host
                 _copied(args[0], blocking=blocking)
-            elif into and not source and blocking:  # from the host
+            elif into and _on_host(args[1]) and blocking:  # from the host
                 waited(TO_DEVICE)
         if name in WAITS:
             waited(WAITS[name])
@@ -271,13 +280,13 @@ class _Mode(TorchFunctionMode):
         if func == torch.Tensor.to and _target(func, args, kwargs):
             rest = [a for a in args[1:] if _is_device(a) is None]
             kw = {k: v for k, v in kwargs.items() if k != "device"}
-            if not kw.get("non_blocking"):
+            if not kw.get("non_blocking") and _on_host(args[0]):
                 waited(TO_DEVICE)
             return _on_device(func(args[0], *rest, **kw))
         if func == torch.Tensor.pin_memory:  # page-locked staging memory: a host copy here (no CUDA to lock it)
             return _mark_host(args[0].clone())
         if func == torch.Tensor.cuda:
-            if not kwargs.get("non_blocking"):
+            if not kwargs.get("non_blocking") and _on_host(args[0]):
                 waited(TO_DEVICE)
             return _on_device(args[0].clone())
         spec = kwargs.get("device")
@@ -305,7 +314,9 @@ def simulated_gpu(*models: Any) -> Iterator[None]:
         vm._digest.clear()  # constants made for the CPU device
         _convert(vm.model, OnDevice)
     try:
+        real_from_numpy = torch.from_numpy  # torch functions' overrides never see it: marked here
         with (
+            mock.patch.object(torch, "from_numpy", lambda a: _mark_host(real_from_numpy(a))),
             mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
             mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "0"}),
             _Mode(),

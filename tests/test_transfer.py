@@ -5,33 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from tests.devicesim import FAKE, OnDevice, recording, simulated_gpu
+from tests.devicesim import FAKE, OnDevice, host_copies, simulated_gpu
 from vizapp.transfer import tensor_on, to_device
 
 
-class Waits:
-    def __init__(self) -> None:
-        self.why: list[str] = []
-
-    def copied(self, t: torch.Tensor) -> None:
-        pass
-
-    def waited(self, why: str) -> None:
-        self.why.append(why)
-
-
 def test_to_device_copies_a_host_tensor_to_the_gpu_without_a_wait_and_from_a_copy_of_its_own():
-    host = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     with simulated_gpu():
-        with recording(Waits()) as plain:
+        host = torch.arange(6, dtype=torch.float32).reshape(2, 3)  # made on the host, as the simulator marks it
+        with host_copies() as plain:
             host.to(FAKE)
-        assert plain.why == ["a copy to the device"]  # what a plain .to(device) costs, for contrast
-        with recording(Waits()) as rec:
+        assert plain.why == {"a copy to the device": 1}  # what a plain .to(device) costs, for contrast
+        with host_copies() as rec:
             dev = to_device(host, FAKE)
             half = to_device(host, FAKE, torch.float16)
             idx = tensor_on([2, 0], FAKE)
             again = to_device(dev, FAKE)  # already there: no copy
-        assert rec.why == []
+        assert rec.waits == 0
         assert isinstance(dev, OnDevice) and isinstance(half, OnDevice) and isinstance(idx, OnDevice)
         assert again.data_ptr() == dev.data_ptr()
         host[0, 0] = 100.0  # the caller's tensor may change at once: the copy was staged from a block of its own

@@ -45,6 +45,7 @@ from vizapp import limits
 from vizapp.analysis.windows import window_index
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.transfer import to_device
 from vizapp.windows import WindowCapture
 
 ABLATION_MODES = ("zero", "mean")
@@ -269,7 +270,7 @@ def _input_tensor(vm: Any, image: Image.Image | torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[0] != 1:
         raise BadParameterError(f"expected one image (PIL, or a [C, H, W] input tensor), got {tuple(x.shape)}")
-    return x.to(device=vm.device, dtype=vm.dtype)
+    return to_device(x, vm.device, vm.dtype)
 
 
 def _has_classifier(vm: Any) -> bool:

@@ -61,7 +61,7 @@ def _window_layout(
     geometry, the same for every forward of a model at one size, so made once (read-only tensors)."""
     index = W.window_index(g.grid, g.window, g.shift, g.pad_first)
     slots = W.token_slots(index, g.grid[0] * g.grid[1])
-    dist = W.token_key_distances(index, g.grid, stride).to(device=device, dtype=torch.float32)
+    dist = to_device(W.token_key_distances(index, g.grid, stride), device, torch.float32)
     return index, slots, dist
 
 
@@ -70,7 +70,7 @@ def _row_gather(g: WindowGeometry, heads: int, device: str) -> torch.Tensor:
     """:func:`~vizapp.analysis.windows.token_row_gather` of a windowed layer with ``heads`` heads, on ``device``: where
     each (head, token) row sits among the layer's window rows (pure geometry, made once, read-only)."""
     slots = W.token_slots(W.window_index(g.grid, g.window, g.shift, g.pad_first), g.grid[0] * g.grid[1])
-    return W.token_row_gather(slots, heads, g.window[0] * g.window[1]).to(device)
+    return to_device(W.token_row_gather(slots, heads, g.window[0] * g.window[1]), device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +78,9 @@ def _window_distances(g: WindowGeometry, stride: tuple[int, int], device: str) -
     """[nW, w², w²] float32 on ``device``: the distances of :func:`_window_layout` (the very values) from each window's
     query slots to its key slots, for a layer without padding (every slot holds a token)."""
     index, _, dist = _window_layout(g, stride, device)
-    return dist[index.to(dist.device)]  # slot s of window w is token index[w, s], whose row of distances it takes
+    return dist[
+        to_device(index, dist.device)
+    ]  # slot s of window w is token index[w, s], whose row of distances it takes
 
 
 def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:

@@ -37,6 +37,7 @@ from vizapp.result import ModelRuns, to_pil
 from vizapp.result_features import to_numpy
 from vizapp.resultcache import Key, ResultCache
 from vizapp.swin_features import WindowBlockOutputs, WindowFeatureViews, WindowLens
+from vizapp.transfer import tensor_on, to_device
 from vizapp.windows import WindowCapture, WindowGeometry, read_relative_bias
 
 #: the maps a windowed model's analysis gives by name (:meth:`WindowAnalysis.explain`)
@@ -197,7 +198,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
         g = self.geometry[layer]
         return self._cache.get(
             Key("window_index", (layer,)),
-            lambda: W.window_index(g.grid, g.window, g.shift, g.pad_first).to(self.device),
+            lambda: to_device(W.window_index(g.grid, g.window, g.shift, g.pad_first), self.device),
         )
 
     # -- validation -------------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ class WindowAnalysis(WindowFeatureViews, ModelRuns):
             out = [gr.reshape(-1, n, *gr.shape[1:])[i].detach().float() for gr, n in zip(grads, nw, strict=True)]
         else:
             vm = self._model()
-            x = self.input.to(device=vm.device, dtype=vm.dtype)
+            x = to_device(self.input, vm.device, vm.dtype)
             with torch.enable_grad(), WindowCapture(vm.model, with_grad=True) as cap:
                 logits = vm.logits(x)
                 grads = torch.autograd.grad(logits[0, cls], cap.graph_maps())
@@ -452,8 +453,8 @@ def class_gradients(analyses: Sequence[WindowAnalysis], classes: Sequence[Any]) 
     if maps is None or any(r.graph_logits is not logits for r in analyses):
         raise BadParameterError("class_gradients needs the analyses of one analyze(images, gradients=True) call")
     cls = [r._class(c) for r, c in zip(analyses, classes, strict=True)]
-    rows = torch.tensor([r.graph_image for r in analyses], device=logits.device)
-    score = logits[rows, torch.tensor(cls, device=logits.device)].sum()
+    rows = tensor_on([r.graph_image for r in analyses], logits.device)
+    score = logits[rows, tensor_on(cls, logits.device)].sum()
     grads = torch.autograd.grad(score, maps, retain_graph=True)  # [B·nW, H, w², w²] per layer
     nw = [g.num_windows for g in analyses[0].geometry]
     for r, c in zip(analyses, cls, strict=True):
@@ -475,7 +476,7 @@ def analyze_windowed(
 
     b = x.shape[0]
     notes = [()] * b if notes is None else list(notes)
-    x_dev = x.to(device=vm.device, dtype=vm.dtype)
+    x_dev = to_device(x, vm.device, vm.dtype)
     # the registered statistics, from each layer's attention as the forward goes (the reducer dataset mode uses)
     reducer, on_layer = window_reducer(vm, b)
     blocks = WindowBlockOutputs(vm.num_layers)  # each block's output for the feature views, within a byte budget

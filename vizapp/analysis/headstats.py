@@ -63,9 +63,10 @@ def token_norm_stats(norms: torch.Tensor, num_prefix_tokens: int) -> dict[str, t
     norms = torch.as_tensor(norms).detach().to(torch.float64)  # [..., N]
     patches = norms[..., num_prefix_tokens:]
     prefix = norms[..., :num_prefix_tokens]
-    nan = torch.full(norms.shape[:-1], float("nan"), dtype=torch.float64)
     return {
         "patch_mean": patches.mean(dim=-1),
         "patch_max": patches.amax(dim=-1),
-        "prefix_mean": prefix.mean(dim=-1) if num_prefix_tokens else nan,
+        "prefix_mean": prefix.mean(dim=-1)
+        if num_prefix_tokens
+        else torch.full(norms.shape[:-1], float("nan"), dtype=torch.float64, device=norms.device),
     }

@@ -210,7 +210,7 @@ def legrad_pooled(
     cls = explained_classes(logits, classes)
     b, used = x.shape[0], depth - start_layer
     tokens = torch.cat([outputs[layer].detach() for layer in range(start_layer, depth)]).requires_grad_(True)
-    idx = torch.tensor(cls, device=tokens.device).repeat(used)[:, None]  # [l·B, 1]: layer-major, as ``tokens``
+    idx = tensor_on(cls, tokens.device).repeat(used)[:, None]  # [l·B, 1]: layer-major, as ``tokens``
     total = _pooled_relevance(readout, tokens, idx, (used, b))
     gh, gw = grid_size
     if total.shape[-1] != gh * gw:

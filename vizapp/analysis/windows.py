@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from vizapp.transfer import to_device
+
 
 def window_index(
     grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], pad_first: bool = False
@@ -184,7 +186,7 @@ def token_rows(
         rows = torch.index_select(src, len(lead), gather, out=out[:count].view(*lead, -1, m))
     rows = rows.view(*lead, h, num_tokens, m)  # a tensor of its own (or the caller's buffer): changed in place below
     if bool((index < 0).any()):  # padding: its slots out, each row renormalised over its real keys
-        keys = (index >= 0).to(windows.device)[where // m]  # [N, w²]: the real slots of each token's window
+        keys = to_device(index >= 0, windows.device)[where // m]  # [N, w²]: the real slots of each token's window
         rows.mul_(keys.to(rows.dtype))
         rows.div_(rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny))
     return rows
@@ -244,7 +246,7 @@ def merges_after(grids: Sequence[tuple[int, int]], layer: int) -> bool:
 def through_merge(v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """v [N'] over the merged grid -> v @ :func:`merge_matrix` (``grid``) [N] over the source grid, without forming
     the matrix: each source token gets its merged token's value divided by that token's real source count."""
-    parent = merge_parents(grid).to(v.device)  # [N]
+    parent = to_device(merge_parents(grid), v.device)  # [N], made on the host
     count = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device).index_add_(
         0, parent, torch.ones_like(parent, dtype=v.dtype)
     )
@@ -278,7 +280,11 @@ def token_row_sums(windows: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     """[N] float64: each query token's row sum of head-fused window maps [nW, w², w²] over its real keys."""
     real = index >= 0
     sums = (windows.double() * real[:, None, :].double()).sum(-1)  # [nW, w²]
-    return torch.zeros(num_tokens, dtype=torch.float64, device=sums.device).index_add_(0, index[real], sums[real])
+    # every slot added, a padding slot's as 0 at token 0 (x + 0.0 is x): selecting the real slots with a mask would
+    # make the host wait for the device to learn how many there are
+    sums = torch.where(real, sums, 0.0).reshape(-1)
+    out = torch.zeros(num_tokens, dtype=torch.float64, device=sums.device)
+    return out.index_add_(0, index.clamp(min=0).reshape(-1), sums)
 
 
 def rollout_through(

@@ -41,6 +41,7 @@ from vizapp.analysis.attnlrp import (  # noqa: F401  (patch_sums: named here too
     relevance_rules,
 )
 from vizapp.analysis.legrad import explained_classes, isolated_blocks, min_max
+from vizapp.transfer import tensor_on, to_device
 
 SUPPORTED = (
     "the windowed rules cover timm swin_* / swinv2_* and transformers Swin / Swinv2 models built of linear layers, "
@@ -139,13 +140,16 @@ def window_columns(grads: torch.Tensor, index: torch.Tensor, num_tokens: int) ->
     """One layer's LeGrad map on its grid: ∂s/∂A [B, nW, H, w², w²] -> [B, N] float32: ReLU, the mean over the heads
     and over each window's real query rows, each key column added at its token (``index`` [nW, w²], a layer's
     :func:`vizapp.analysis.windows.window_index`, -1 for padding: those columns are dropped)."""
-    index = index.to(grads.device)
-    real = index >= 0  # [nW, w²]
+    host = index.cpu()  # the real slots are picked on the host: a mask on the device would make the host wait
+    real_h = host >= 0  # [nW, w²]
+    real = to_device(real_h, grads.device)
+    slots = to_device(real_h.reshape(-1).nonzero().squeeze(1), grads.device)  # the real slots, row-major
+    tokens = to_device(host[real_h], grads.device)  # their grid tokens, in that order
     e = grads.float().clamp(min=0).mean(dim=2) * real[None, :, :, None]  # [B, nW, w² queries, w² keys]
     rows = real.sum(dim=1).clamp(min=1).float()  # real queries per window
     cols = e.sum(dim=2) / rows[None, :, None]  # [B, nW, w²]
     out = torch.zeros(grads.shape[0], num_tokens, dtype=torch.float32, device=grads.device)
-    return out.index_add_(1, index[real], cols[:, real])
+    return out.index_add_(1, tokens, cols.reshape(grads.shape[0], -1)[:, slots])
 
 
 def to_first_grid(maps: torch.Tensor, first_grid: tuple[int, int], merges: int) -> torch.Tensor:
@@ -202,7 +206,7 @@ def legrad(
         if any(outputs[i] is None for i in layers):
             raise ValueError("some last-stage block never ran")
         cls = explained_classes(logits, classes)
-        idx = torch.tensor(cls, device=logits.device)[:, None]
+        idx = tensor_on(cls, logits.device)[:, None]
         score = sum(lens_fn(outputs[i]).gather(1, idx).sum() for i in layers)
     maps = cap.graph_maps()
     grads = torch.autograd.grad(score, [maps[i] for i in layers])  # ∂s_l/∂A_l, [B*nW, H, w², w²] each

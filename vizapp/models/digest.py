@@ -48,6 +48,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vizapp.transfer import to_device
+
 #: Elements per device-side chunk (2 MB of float64 weights per device, made once).
 CHUNK = 1 << 18
 #: Whole chunks converted to float64 together (at most 128 MB of float64 at a time).
@@ -83,7 +85,7 @@ def _weights_on(device: torch.device) -> torch.Tensor:
         w = _position_weights.get(key)
         if w is None:
             g = torch.Generator().manual_seed(_SEED)
-            w = _position_weights[key] = (torch.rand(CHUNK, dtype=torch.float64, generator=g) + 1.0).to(device)
+            w = _position_weights[key] = to_device(torch.rand(CHUNK, dtype=torch.float64, generator=g) + 1.0, device)
     return w
 
 
