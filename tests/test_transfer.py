@@ -34,3 +34,16 @@ def test_to_device_on_the_cpu_is_a_plain_to():
     assert to_device(t, "cpu") is t  # nothing moved, nothing copied
     assert to_device(t, torch.device("cpu"), torch.float64).dtype == torch.float64
     assert tensor_on([1, 2], "cpu").tolist() == [1, 2]
+
+
+def test_to_device_falls_back_to_the_plain_copy_where_no_memory_can_be_pinned(monkeypatch):
+    def refuse(self):  # noqa: ANN001, ANN202
+        raise RuntimeError("cudaHostAlloc failed")
+
+    with simulated_gpu():
+        host = torch.arange(3.0)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+        with host_copies() as rec:
+            dev = to_device(host, FAKE)
+        assert isinstance(dev, OnDevice) and dev.cpu().tolist() == [0.0, 1.0, 2.0]
+        assert rec.why == {"a copy to the device": 1}  # the plain copy's wait

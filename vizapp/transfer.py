@@ -27,7 +27,11 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
         return t.to(device=device, dtype=dtype)
     if dtype is not None:
         t = t.to(dtype)
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        staged = t.pin_memory()
+    except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits
+        return t.to(device)
+    return staged.to(device, non_blocking=True)
 
 
 def tensor_on(data: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
