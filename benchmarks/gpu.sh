@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/log
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" \
     | tee -a "$OUT/log.txt"
 
-step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # memory is measured in fresh subprocesses (GPU_MEMORY=1), about 15 s each on a GPU machine: off by default
 MEM=--no-memory
 [ "${GPU_MEMORY:-0}" = 1 ] && MEM="--mem-repeats 1"
