@@ -167,8 +167,9 @@ def _maps(
         t0 = time.perf_counter()
         x = torch.stack([inputs[i] for i in group])
         ready: dict[int, dict[tuple[str, str], torch.Tensor]] = {i: {} for i in group}
+        x_dev = to_device(x, vm.device, vm.dtype) if own_run else x  # one copy for the methods that run the model
         for name in own_run:
-            _own_run_maps(ev, asked[name], x, group, heads, ready)
+            _own_run_maps(ev, asked[name], x_dev, group, heads, ready)
         found = analyze_inputs(vm, x, gradients=class_specific) if on_analysis else [None] * len(group)
         if class_specific:
             gradients_of(found, [heads[i]["predicted"] for i in group])  # one backward for the group
