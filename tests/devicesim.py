@@ -252,7 +252,7 @@ class OnDevice(torch.Tensor):
             waited("a data-dependent shape")
         elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and _host_index(args[1:2]):
             waited(TO_DEVICE)
-        if name == "__setitem__" and len(args) > 2 and _host_index(args[2:3]) and not isinstance(args[2], list):
+        if name == "__setitem__" and len(args) > 2 and _on_host(args[2]) and args[2].dim() > 0:
             waited(TO_DEVICE)  # a host tensor's values copied in
         if name not in _ALLOWED_MIXES:
             for t in _tensors((args, kwargs)):

@@ -78,9 +78,8 @@ def _window_distances(g: WindowGeometry, stride: tuple[int, int], device: str) -
     """[nW, w², w²] float32 on ``device``: the distances of :func:`_window_layout` (the very values) from each window's
     query slots to its key slots, for a layer without padding (every slot holds a token)."""
     index, _, dist = _window_layout(g, stride, device)
-    return dist[
-        to_device(index, dist.device)
-    ]  # slot s of window w is token index[w, s], whose row of distances it takes
+    # slot s of window w is token index[w, s], whose row of distances it takes
+    return dist[to_device(index, dist.device)]
 
 
 def window_layer_geometry(g: WindowGeometry, stride: tuple[int, int], device: torch.device) -> Geometry:

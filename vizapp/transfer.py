@@ -34,7 +34,7 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     return staged.to(device, non_blocking=True)
 
 
-def tensor_on(data: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.tensor(data, dtype=dtype)`` on ``device``: host data (a list, a number) copied there without a wait
+def tensor_on(data: Any, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(data)`` on ``device``: host data (a list, a number) copied there without a wait
     (:func:`to_device`)."""
-    return to_device(torch.tensor(data, dtype=dtype), device)
+    return to_device(torch.tensor(data), device)

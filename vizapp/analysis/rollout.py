@@ -203,7 +203,6 @@ def rollout_row(
     v = weights.to(torch.float64)
     for layer in range(num_layers - 1, start_layer - 1, -1):
         a = discard_lowest(fused_layer(layer).to(torch.float64), num_prefix_tokens, discard_ratio)
-        v = residual_step(
-            a, to_device(v, a.device)
-        )  # [N], on the attention's device (the weights are made on the host)
+        # [N], on the attention's device (the weights are made on the host)
+        v = residual_step(a, to_device(v, a.device))
     return v.to(weights.dtype if weights.is_floating_point() else torch.float32)

@@ -201,10 +201,9 @@ def _own_run_maps(
     heads: dict[int, dict[str, Any]],
     ready: dict[int, dict[tuple[str, str], torch.Tensor]],
 ) -> None:
-    """The maps of a method that runs the model itself (``Method.batch``) for a group ``x`` [B, C, H, W]: one call
-    for every image's predicted class, one more for the images whose target differs."""
+    """The maps of a method that runs the model itself (``Method.batch``) for a group ``x`` [B, C, H, W] on the model's
+    device: one call for every image's predicted class, one more for the images whose target differs."""
     vm = ev.vm
-    x = to_device(x, vm.device, vm.dtype)
     for kind in CLASS_KINDS:
         members = [k for k, i in enumerate(group) if kind == "pred" or heads[i]["target"] != heads[i]["predicted"]]
         if not members:
@@ -265,7 +264,7 @@ def _jobs(
     jobs: list[_Job] = []
     done: dict[tuple[str, str, str], tuple[str, str, str]] = {}
     pixel = _PixelMasks(grid, patch, image.device) if ev.protocol == "chefer2021" else None
-    black = to_device(ev.black, image.device)  # where the evaluator's model is (no copy)
+    black = to_device(ev.black, image.device)  # the fill colour where the copies are formed, without a wait
     for (name, kind), sal in maps.items():
         for direction in DIRECTIONS:
             key = (name, kind, direction)

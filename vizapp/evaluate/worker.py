@@ -76,7 +76,6 @@ class Evaluator:
     ) -> None:
         import vizapp
         from vizapp.errors import VizappError
-        from vizapp.transfer import to_device
 
         if protocol not in PROTOCOLS:
             raise VizappError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -106,9 +105,8 @@ class Evaluator:
         self.batch_size = int(batch_size)
         mean = torch.as_tensor(self.vm.mean, dtype=torch.float32)
         std = torch.as_tensor(self.vm.std, dtype=torch.float32)
-        #: Chefer et al. zero the removed pixels before normalising: black, in the model's input space, [C, 1, 1], on
-        #: the model's device, where the perturbed copies are formed
-        self.black = to_device(((0.0 - mean) / std)[:, None, None], self.vm.device)
+        #: Chefer et al. zero the removed pixels before normalising: black, in the model's input space, [C, 1, 1]
+        self.black = ((0.0 - mean) / std)[:, None, None]
 
     @property
     def labels(self) -> tuple[str, ...]:
