@@ -90,6 +90,16 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
     return out | {"copies": float(classified[0]), "needed": float(needed)} | phases(ev, items, pixels)
 
 
+def fallbacks(ev: Evaluator) -> str:
+    """What the evaluator's batched path did, in a sentence: never ran a batch's images again one at a time, or where
+    and why it did (:attr:`Evaluator.fallbacks`; every timed row above is then partly one image at a time)."""
+    if not ev.fallbacks:
+        return "never fell back to one image at a time"
+    said = "; ".join(f"{n}x after {why}" for why, n in ev.fallbacks.most_common())
+    n = sum(ev.fallbacks.values())
+    return f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {said}"
+
+
 PHASES = ("statistics", "maps", "forming", "classifying")
 """Where one batched evaluation's time goes: the statistics forward, every method's maps (their forwards, backwards
 and relevance passes), forming the perturbed copies (masks and copies), and classifying them."""
@@ -213,7 +223,12 @@ def ev_device(args: argparse.Namespace) -> str:
     return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).upper()
 
 
-def markdown(rows: list[tuple[str, int, str, dict[str, float]]], args: argparse.Namespace, methods: list[str]) -> str:
+def markdown(
+    rows: list[tuple[str, int, str, dict[str, float]]],
+    args: argparse.Namespace,
+    methods: list[str],
+    fell_back: dict[str, str] | None = None,
+) -> str:
     lines = [
         "# The evaluation's rate against its floor",
         "",
@@ -238,6 +253,12 @@ def markdown(rows: list[tuple[str, int, str, dict[str, float]]], args: argparse.
             f"| {model} ({data}) | {b} | {int(m['copies'])} | {floor:.1f} | {batched:.2f} | {batched / floor:.2f} "
             f"| {single:.2f} | {batched / single:.2f} | {verdict} |"
         )
+    lines += [
+        "",
+        "The batched path in these runs (a batch whose shared work fails runs again one image at a time):",
+        "",
+    ]
+    lines += [f"- {model}: {said}" for model, said in (fell_back or {}).items()]
     lines += [
         "",
         "Where one more batched evaluation's time went, in milliseconds per image (one run; each timer waits for the "
@@ -296,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     methods = args.methods.split(",") if args.methods else default_methods()
     rows = []
+    fell_back: dict[str, str] = {}
     for model in args.models:
         bundled = model == "bundled"
         ev = Evaluator(
@@ -316,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.torch_profile > 0:
             found = device_profiled(ev, items, pixels, args.torch_profile)
             print(f"{model}, one batched evaluation under torch.profiler: {found}")
-    text = markdown(rows, args, methods)
+        fell_back[model] = fallbacks(ev)
+        print(f"{model}: the batched path {fell_back[model]}", flush=True)
+    text = markdown(rows, args, methods, fell_back)
     print(text)
     args.out.write_text(text)
     return 0

@@ -119,6 +119,7 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert header == ["model", "B", "rollout", "relevance", "the analysis forward and its backwards"]
     # the last part is the phase less the methods' own calls: negative if a call were counted twice
     assert all(float(c) >= 0 for c in rows[0][2:]) and float(rows[0][-1]) > 0, rows
+    assert "- bundled: never fell back to one image at a time" in text  # the batched path ran in every timed row
     printed = capsys.readouterr().out
     assert "Ordered by: internal time" in printed  # --profile: cProfile's table of one more run
     # --torch-profile: the wall time against the device's busy time (none on the CPU) and torch.profiler's table

@@ -368,6 +368,7 @@ def test_the_evaluation_on_cuda_gives_the_cpus_predictions_and_every_row():
         pixels = [np.asarray(random_image(s).resize((224, 224))) for s in range(2)]
         items = [{"id": f"random/{s}", "source": "random", "target": -1} for s in range(2)]
         rows[device] = ev.evaluate_batch(items, pixels)
+        assert not ev.fallbacks, (device, ev.fallbacks)  # the batched path ran; no batch ran again image by image
     assert [r["status"] for r in rows["cuda"]] == ["ok"] * 2, [r.get("message") for r in rows["cuda"]]
     assert [r["predicted"] for r in rows["cuda"]] == [r["predicted"] for r in rows["cpu"]]
     assert set(rows["cuda"][0]) == set(rows["cpu"][0])

@@ -265,6 +265,7 @@ def test_the_evaluation_on_the_device_gives_the_cpus_rows():
     with simulated_gpu(ev.vm):
         got = ev.evaluate_batch(items, pixels)
     assert copies and all(copies)  # every batch of perturbed copies was formed on the device
+    assert not ev.fallbacks  # the batched path itself ran on the device: no batch ran again one image at a time
     for a, b in zip(want, got, strict=True):
         assert a["status"] == b["status"] == "ok", (a.get("message"), b.get("message"))
         assert set(a) == set(b)

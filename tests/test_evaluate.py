@@ -529,6 +529,53 @@ def test_bad_and_failing_images_inside_a_batch_cost_only_their_rows(evaluator, m
         np.testing.assert_allclose([a[k] for k in b], list(b.values()), rtol=1e-6, atol=1e-6)
 
 
+@needs_fmnist
+@pytest.mark.parametrize("stage", ["the statistics forward", "the maps", "the perturbation scores"])
+def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, caplog, stage):
+    """A failure of a batch's shared work (here one that happens only for batches of more than one image, as a bug of
+    the batched path would) costs no row: the images run again one at a time, each row what that image gives alone;
+    but it is recorded (``Evaluator.fallbacks``, which the evaluation benchmark prints) and logged, not silent."""
+    import vizapp.pipeline
+    from vizapp.evaluate import scores
+    from vizapp.evaluate.dataset import load_pixels
+    from vizapp.evaluate.worker import Evaluator
+
+    ev = Evaluator("bundled", ["rollout", "relevance", "random"], steps=2)
+    items = list_items("fmnist-test", ev.labels)[:3]
+    pixels = [load_pixels(it) for it in items]
+    alone = [ev.evaluate(it, px) for it, px in zip(items, pixels, strict=True)]
+    assert not ev.fallbacks  # batches of one never fall back
+
+    def batch_only(real, batch_size):
+        def run(*args, **kwargs):
+            if batch_size(*args) > 1:
+                raise RuntimeError("a batched-path bug")
+            return real(*args, **kwargs)
+
+        return run
+
+    if stage == "the statistics forward":
+        monkeypatch.setattr(ev, "statistics", batch_only(ev.statistics, lambda x: x.shape[0]))
+    elif stage == "the maps":
+        real = vizapp.pipeline.analyze_inputs
+        monkeypatch.setattr(vizapp.pipeline, "analyze_inputs", batch_only(real, lambda vm, x: x.shape[0]))
+    else:
+        monkeypatch.setattr(scores, "_scores", batch_only(scores._scores, lambda ev_, images, *a: len(images)))
+    with caplog.at_level("WARNING", logger="vizapp.evaluate.worker"):
+        rows = ev.evaluate_batch(items, pixels)
+    assert ev.fallbacks == {f"{stage}: RuntimeError: a batched-path bug": 1}
+    assert f"a batch of 3 images ran again one at a time after {stage}" in caplog.text
+    for a, b in zip(alone, rows, strict=True):
+        assert b["status"] == "ok" and a.keys() == b.keys()
+        if stage != "the statistics forward":  # the maps and scores ran as each image alone: the same accuracies
+            assert {k: v for k, v in b.items() if ".acc" in k} == {k: v for k, v in a.items() if ".acc" in k}
+    from benchmarks.evaluation import fallbacks
+
+    assert fallbacks(ev) == f"FELL BACK to one image at a time once: 1x after {stage}: RuntimeError: a batched-path bug"
+    ev.fallbacks.clear()
+    assert fallbacks(ev) == "never fell back to one image at a time"
+
+
 def test_batches_are_fixed_slices_of_a_shard():
     from vizapp.evaluate.engines import batches, shards
 

@@ -111,6 +111,7 @@ def method_scores(
     except Exception as exc:  # noqa: BLE001 - not one image's failure: each image runs alone, so only its row fails
         if len(images) == 1:
             return {images[0]: exc}
+        ev.fell_back("the maps", exc, len(images))
         out: dict[int, dict[str, Any] | Exception] = {}
         for i in images:
             out.update(method_scores(ev, [i], items, inputs, heads))
@@ -123,6 +124,7 @@ def method_scores(
         except Exception as exc:  # noqa: BLE001 - as above
             if len(ready) == 1:
                 return {**found, ready[0]: exc}
+            ev.fell_back("the perturbation scores", exc, len(ready))
             for i in ready:
                 found.update(method_scores(ev, [i], items, inputs, heads))
     return {i: found[i] for i in images}

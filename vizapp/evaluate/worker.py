@@ -8,6 +8,8 @@ fixed batches), never on which worker or shard ran it, so every engine produces 
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,8 @@ from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.evaluate.scores import CLASS_KINDS, RANDOM, ImageTimeout, image_seed, method_scores
 from vizapp.imageio import decode_image
 from vizapp.models.prompts import probabilities
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CLASS_KINDS", "RANDOM", "Evaluator", "ImageTimeout", "default_rollout_start_layer", "image_seed"]
 
@@ -107,6 +111,17 @@ class Evaluator:
         std = torch.as_tensor(self.vm.std, dtype=torch.float32)
         #: Chefer et al. zero the removed pixels before normalising: black, in the model's input space, [C, 1, 1]
         self.black = ((0.0 - mean) / std)[:, None, None]
+        #: "stage: error" -> how many times a batch's shared work failed there and its images ran again one at a time
+        #: (:meth:`fell_back`): the rows are still right, but each image then costs what it costs alone
+        self.fallbacks: collections.Counter[str] = collections.Counter()
+
+    def fell_back(self, stage: str, exc: BaseException, images: int) -> None:
+        """Records (:attr:`fallbacks`) and logs that the shared work of a batch of ``images`` failed at ``stage``, so
+        that its images run again one at a time: a failure that is one image's costs only that image's row, and a
+        failure of the batched path itself is not silent (it would make every batch as slow as its images alone)."""
+        why = f"{stage}: {type(exc).__name__}: {exc}"[:300]
+        self.fallbacks[why] += 1
+        log.warning("a batch of %d images ran again one at a time after %s", images, why)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -264,6 +279,7 @@ class Evaluator:
                 if len(idx) == 1:
                     out[idx[0]] = exc
                     continue
+                self.fell_back("the statistics forward", exc, len(idx))
                 for i in idx:
                     try:
                         out[i] = self.statistics(inputs[i][None])[0]
