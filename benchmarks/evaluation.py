@@ -92,12 +92,15 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
 
 def fallbacks(ev: Evaluator) -> str:
     """What the evaluator's batched path did, in a sentence: never ran a batch's images again one at a time, or where
-    and why it did (:attr:`Evaluator.fallbacks`; every timed row above is then partly one image at a time)."""
+    and why it did (:attr:`Evaluator.fallbacks`; every timed row above is then partly one image at a time); and
+    on a GPU, which CUDA graphs could not be recorded and ran eagerly (:meth:`vizapp.cudagraph.GraphCache.failures`)."""
+    failed = ev.vm.graphs.failures() + ev.vm.graphs.notes  # a CUDA graph that could not be recorded runs eagerly
+    graphs = f"; CUDA graphs that fell back to eager passes: {'; '.join(failed)}" if failed else ""
     if not ev.fallbacks:
-        return "never fell back to one image at a time"
+        return "never fell back to one image at a time" + graphs
     said = "; ".join(f"{n}x after {why}" for why, n in ev.fallbacks.most_common())
     n = sum(ev.fallbacks.values())
-    return f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {said}"
+    return f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {said}" + graphs
 
 
 PHASES = ("statistics", "maps", "forming", "classifying")

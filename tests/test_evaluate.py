@@ -574,6 +574,8 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     assert fallbacks(ev) == f"FELL BACK to one image at a time once: 1x after {stage}: RuntimeError: a batched-path bug"
     ev.fallbacks.clear()
     assert fallbacks(ev) == "never fell back to one image at a time"
+    ev.vm.graphs._graphs[("a shape",)] = "RuntimeError: capture failed"  # a recording that failed (eager from then on)
+    assert fallbacks(ev).endswith("; CUDA graphs that fell back to eager passes: RuntimeError: capture failed")
 
 
 def test_batches_are_fixed_slices_of_a_shard():
