@@ -574,7 +574,8 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     assert fallbacks(ev) == f"FELL BACK to one image at a time once: 1x after {stage}: RuntimeError: a batched-path bug"
     ev.fallbacks.clear()
     assert fallbacks(ev) == "never fell back to one image at a time"
-    ev.vm.graphs._graphs[("a shape",)] = "RuntimeError: capture failed"  # a recording that failed (eager from then on)
+    # a recording that failed (eager from then on); undone after the test, as the loaded model is shared
+    monkeypatch.setitem(ev.vm.graphs._graphs, ("a shape",), "RuntimeError: capture failed")
     assert fallbacks(ev).endswith("; CUDA graphs that fell back to eager passes: RuntimeError: capture failed")
 
 
