@@ -5,6 +5,8 @@ real GPU where one is lent."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -249,22 +251,42 @@ def test_a_swin_analysis_and_its_views_run_on_the_device():
         np.testing.assert_allclose(found, want[m], rtol=1e-5, atol=1e-6, err_msg=m)
 
 
-def test_the_evaluation_on_the_device_gives_the_cpus_rows():
+@pytest.mark.parametrize("protocol", ["chefer2021", "patches"])
+def test_the_evaluation_on_the_device_gives_the_cpus_rows(protocol):
     """The dataset evaluation with its model on the (simulated) GPU: maps, the perturbed copies formed on the device
-    from masks made on the host, curves and statistics give the CPU's rows (the protocol's removals are exact
+    from masks made on the host (either protocol), curves and statistics give the CPU's rows (the removals are exact
     selections, so the accuracies are equal, not close)."""
+    from vizapp.evaluate import scores
     from vizapp.evaluate.worker import Evaluator
 
-    ev = Evaluator("vit_tiny_patch16_224", ["rollout", "relevance", "attnlrp", "random"], steps=2, pretrained=False)
+    # forwards of 32 perturbed copies: several of them, whose class scores come to the host in one copy
+    ev = Evaluator(
+        "vit_tiny_patch16_224",
+        ["rollout", "relevance", "attnlrp", "random"],
+        steps=2,
+        pretrained=False,
+        batch_size=32,
+        protocol=protocol,
+    )
     items = [{"id": f"img{i}", "source": "x", "target": (-1, 3)[i]} for i in range(2)]
     pixels = [np.asarray(random_image(50 + i, size=(224, 224))) for i in range(2)]
     want = ev.evaluate_batch(items, pixels)
     copies: list[bool] = []
-    classify = ev.classify
+    classify, classified = ev.classify, scores._classified
     ev.classify = lambda x: copies.append(isinstance(x, OnDevice)) or classify(x)  # type: ignore[method-assign]
-    with simulated_gpu(ev.vm):
+    waits: list[int] = []
+
+    def counted(*args):
+        with host_copies() as rec:
+            try:
+                return classified(*args)
+            finally:
+                waits.append(rec.waits)
+
+    with simulated_gpu(ev.vm), mock.patch.object(scores, "_classified", counted):
         got = ev.evaluate_batch(items, pixels)
-    assert copies and all(copies)  # every batch of perturbed copies was formed on the device
+    assert len(copies) > 2 and all(copies)  # every batch of perturbed copies was formed on the device
+    assert waits == [1]  # forming and classifying them waited once: the class scores of every forward to the host
     assert not ev.fallbacks  # the batched path itself ran on the device: no batch ran again one image at a time
     for a, b in zip(want, got, strict=True):
         assert a["status"] == b["status"] == "ok", (a.get("message"), b.get("message"))

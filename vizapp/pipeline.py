@@ -55,7 +55,7 @@ class _PassSetup:
         key = ("rollout row weights", tuple(grid), str(vm.device))
         weights = vm._digest.get(key)
         if weights is None:
-            weights = vm._digest[key] = readout_weights(vm.readout, n, p).to(vm.device)
+            weights = vm._digest[key] = to_device(readout_weights(vm.readout, n, p), vm.device)  # once per grid
         layer_bytes = vm.num_layers * n * n * 4
         return cls(
             grid=tuple(grid),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vizapp.analysis.faithfulness import patch_order, trapezoid_auc
+from vizapp.transfer import to_device
 
 CHEFER_FRACTIONS: tuple[float, ...] = tuple(k / 10 for k in range(10))
 """x of the published curves: 0 (the unperturbed image), 0.1, ... 0.9 of the image removed."""
@@ -106,8 +107,10 @@ def compose(
     s = masks.shape[0]
     if masks.shape[1] != gh * gw:
         raise ValueError(f"masks have {masks.shape[1]} patches for a {gh}x{gw} grid")
-    pix = masks.reshape(s, gh, gw).repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2)  # [S, H, W]
-    return torch.where(pix[:, None].to(unchanged.device), changed, unchanged)  # [S, C, H, W]
+    # the patch masks (not their pixels) move to where the images are, without a wait (vizapp.transfer)
+    pix = to_device(masks, unchanged.device).reshape(s, gh, gw).repeat_interleave(ph, dim=1)
+    pix = pix.repeat_interleave(pw, dim=2)  # [S, H, W]
+    return torch.where(pix[:, None], changed, unchanged)  # [S, C, H, W]
 
 
 def patch_perturbed_images(

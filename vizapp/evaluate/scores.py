@@ -335,10 +335,13 @@ class _PixelMasks:
 
 
 def _classified(ev: Evaluator, jobs: Sequence[_Job]) -> list[tuple[_Job, torch.Tensor, float]]:
-    """Each job with the class probabilities of its copies [n, K] and its share (by copies) of the seconds of the
-    forwards they were in. Copies are formed job by job and forwarded in batches of exactly ``ev.batch_size``, across
-    jobs and images: only one batch and one job's copies are held at a time, and the forwards do not depend on how
-    the copies are split into jobs."""
+    """Each job with the class probabilities of its copies [n, K] (on the host) and its share (by copies) of the
+    seconds of the forwards they were in. Copies are formed job by job and forwarded in batches of exactly
+    ``ev.batch_size``, across jobs and images: only one batch and one job's copies are held at a time, and the
+    forwards do not depend on how the copies are split into jobs. The probabilities stay on the model's device until
+    the last forward and come to the host in one copy: on a GPU the host forms the next batch's copies (their masks
+    are made on the host) while the device classifies the last, instead of waiting for each forward; the time of that
+    one wait is shared by every copy."""
     parts: list[torch.Tensor] = []
     held = 0
     probs: list[torch.Tensor] = []
@@ -362,7 +365,11 @@ def _classified(ev: Evaluator, jobs: Sequence[_Job]) -> list[tuple[_Job, torch.T
             parts, held = ([rest] if len(rest) else []), len(rest)
     if held:
         forward(torch.cat(parts))
-    every = torch.cat(probs) if probs else torch.zeros(0, len(ev.labels))
+    t0 = time.perf_counter()
+    every = torch.cat(probs).cpu() if probs else torch.zeros(0, len(ev.labels))  # the one wait for the forwards
+    if seconds:
+        waited = (time.perf_counter() - t0) / len(seconds)
+        seconds = [s + waited for s in seconds]
     out, lo = [], 0
     for job in jobs:
         out.append((job, every[lo : lo + job.count], float(sum(seconds[lo : lo + job.count]))))

@@ -191,11 +191,13 @@ class Evaluator:
         return registry.explain(r, method, class_idx, **kwargs)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities [B, K] (float32, on the host) of inputs ``x`` [B, C, H, W], in one forward."""
+        """Class probabilities [B, K] (float32, on the model's device: the caller copies them to the host when it
+        needs them, so that on a GPU the host does not wait for each forward) of inputs ``x`` [B, C, H, W], in one
+        forward."""
         vm = self.vm
         with torch.no_grad():
             logits = vm.logits(x.to(device=vm.device, dtype=vm.dtype))
-        return probabilities(logits.float(), vm.activation).cpu()
+        return probabilities(logits.float(), vm.activation)
 
     def evaluate(self, item: dict[str, Any], pixels: np.ndarray | None, error: str | None = None) -> dict[str, Any]:
         """The row for one image (a batch of one, see :meth:`evaluate_batch`)."""

@@ -202,8 +202,10 @@ class VizModel:
         dist = self._digest.get(key)
         if dist is None:
             from vizapp.analysis.distance import patch_distance_matrix
+            from vizapp.transfer import to_device
 
-            dist = self._digest[key] = patch_distance_matrix(grid, self.patch_size, dtype=torch.float32).to(self.device)
+            dist = patch_distance_matrix(grid, self.patch_size, dtype=torch.float32)
+            dist = self._digest[key] = to_device(dist, self.device)  # once per grid; no wait (vizapp.transfer)
         return dist
 
     @property
