@@ -62,11 +62,8 @@ def token_norm_stats(norms: torch.Tensor, num_prefix_tokens: int) -> dict[str, t
     """
     norms = torch.as_tensor(norms).detach().to(torch.float64)  # [..., N]
     patches = norms[..., num_prefix_tokens:]
-    prefix = norms[..., :num_prefix_tokens]
-    return {
-        "patch_mean": patches.mean(dim=-1),
-        "patch_max": patches.amax(dim=-1),
-        "prefix_mean": prefix.mean(dim=-1)
-        if num_prefix_tokens
-        else torch.full(norms.shape[:-1], float("nan"), dtype=torch.float64, device=norms.device),
-    }
+    if num_prefix_tokens:
+        prefix_mean = norms[..., :num_prefix_tokens].mean(dim=-1)
+    else:  # made where the norms are: a host NaN would be copied to the device at every layer
+        prefix_mean = torch.full(norms.shape[:-1], float("nan"), dtype=torch.float64, device=norms.device)
+    return {"patch_mean": patches.mean(dim=-1), "patch_max": patches.amax(dim=-1), "prefix_mean": prefix_mean}

@@ -25,6 +25,7 @@ from PIL import Image
 from vizapp.cudagraph import GraphCache
 from vizapp.errors import BadParameterError, ModelLoadError
 from vizapp.models.digest import WeightsDigest, weights_digest
+from vizapp.transfer import to_device
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_CARD = Path(__file__).resolve().parents[1] / "bundled" / "weights" / "fmnist_vit.json"
@@ -202,7 +203,6 @@ class VizModel:
         dist = self._digest.get(key)
         if dist is None:
             from vizapp.analysis.distance import patch_distance_matrix
-            from vizapp.transfer import to_device
 
             dist = patch_distance_matrix(grid, self.patch_size, dtype=torch.float32)
             dist = self._digest[key] = to_device(dist, self.device)  # once per grid; no wait (vizapp.transfer)
