@@ -579,6 +579,67 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     assert fallbacks(ev).endswith("; CUDA graphs that fell back to eager passes: RuntimeError: capture failed")
 
 
+def _batches_fail(monkeypatch) -> str:
+    """Makes the perturbation scores fail for batches of more than one image (a bug of the batched path); returns the
+    fallback record's key."""
+    from vizapp.evaluate import scores
+
+    real = scores._scores
+
+    def run(ev_, images, *args, **kwargs):
+        if len(images) > 1:
+            raise RuntimeError("a batched-path bug")
+        return real(ev_, images, *args, **kwargs)
+
+    monkeypatch.setattr(scores, "_scores", run)
+    return "the perturbation scores: RuntimeError: a batched-path bug"
+
+
+@needs_fmnist
+def test_the_job_report_says_which_batches_ran_one_image_at_a_time(monkeypatch, tmp_path, capsys):
+    """A job's fallbacks reach its shard files, summary.json, summary.md and the command's exit lines, and survive a
+    resumed run's report; a job without any says nothing (its shard files carry no such key)."""
+    from vizapp.evaluate.engines import read_shard
+
+    job = dict(methods="rollout,random", steps=0, shard_size=4, limit=8, batch_size=3)
+    clean = evaluate("fmnist-test", tmp_path / "clean", **job, progress=False)
+    assert clean["fallbacks"] == {}
+    assert "one image at a time" not in (tmp_path / "clean" / "summary.md").read_text()
+    assert "fallbacks" not in read_shard(tmp_path / "clean", 0)
+
+    why = _batches_fail(monkeypatch)
+    out = tmp_path / "fell"
+    # shards of 4 in batches of 3: each shard has a batch of 3 (falls back) and one of 1 (cannot)
+    argv = ["fmnist-test", "--out", str(out), "--methods", "rollout,random", "--steps", "0", "--shard-size", "4"]
+    argv += ["--limit", "8", "--batch-size", "3"]
+    assert main(argv) == 0
+    assert "warning: 2 batch(es) ran again one image at a time" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fallbacks"] == {why: 2}
+    assert [read_shard(out, k)["fallbacks"] for k in (0, 1)] == [{why: 1}, {why: 1}]
+    text = (out / "summary.md").read_text()
+    assert "**Batches run again one image at a time: 2.**" in text and f"2x after {why}." in text
+    assert read_table(out) == read_table(tmp_path / "clean")  # the rows are each image's alone: here the same
+    monkeypatch.undo()
+    again = evaluate("fmnist-test", out, **job, progress=False)  # resumes: nothing to run, the record is kept
+    assert again["images_run"] == 0 and again["fallbacks"] == {why: 2}
+
+
+@needs_fmnist
+def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch):
+    """The Ray actor's output carries each evaluation batch's fallbacks on its first row (the driver sums them into
+    the shard file); called here in this process, where its evaluator can be made to fail."""
+    from vizapp.evaluate.engines import RayAnalyser, _decode
+
+    why = _batches_fail(monkeypatch)
+    items = list_items("fmnist-test", tuple(CLASS_NAMES))[:5]
+    actor = RayAnalyser({"model": "bundled", "methods": ("rollout", "random"), "steps": 0}, 1, 60.0)
+    parts = [_decode({"shard": 0, "items": json.dumps(part), "fmnist_dir": ""}) for part in (items[:3], items[3:])]
+    out = actor({k: [p[k] for p in parts] for k in parts[0]})
+    assert [json.loads(f) if f else "" for f in out["fell_back"]] == [{why: 1}, "", "", {why: 1}, ""]
+    assert len(out["row"]) == 5
+
+
 def test_batches_are_fixed_slices_of_a_shard():
     from vizapp.evaluate.engines import batches, shards
 
@@ -754,6 +815,7 @@ def test_ray_two_workers_equal_local_engine(ray_cluster, small_local, tmp_path):
     summary = evaluate("fmnist-test", tmp_path, **SMALL, engine="ray", workers=2, progress=False)
     assert summary["evaluated"] == SMALL["limit"]
     assert read_table(tmp_path) == small_local  # same numbers, same order, byte for byte
+    assert summary["fallbacks"] == {}  # every batch ran batched
     timing = summary["engine_timing"]  # start-up up to the first rows; the actors' busy time, summed
     assert 0 < timing["first_s"] <= timing["wall_s"] <= summary["seconds"]
     assert 0 < timing["busy_s"] < 2 * timing["wall_s"]  # 2 actors

@@ -11,6 +11,7 @@ rows. Every file is written atomically, and a write that fails (a full disk) lea
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -185,9 +186,26 @@ def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
     write_atomic(path, json.dumps(mine, indent=1))
 
 
-def write_shard(out: Path, k: int, rows: list[dict[str, Any]], seconds: float, worker: str) -> None:
-    """Write shard ``k`` atomically: a reader sees the whole shard or none of it."""
-    write_atomic(shard_path(out, k), json.dumps({"shard": k, "seconds": seconds, "worker": worker, "rows": rows}))
+def write_shard(
+    out: Path,
+    k: int,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    worker: str,
+    fallbacks: dict[str, int] | None = None,
+) -> None:
+    """Write shard ``k`` atomically: a reader sees the whole shard or none of it. ``fallbacks``: how many of its
+    batches ran again one image at a time, by stage and error (:meth:`~vizapp.evaluate.worker.Evaluator.fell_back`),
+    kept only when there were any."""
+    d: dict[str, Any] = {"shard": k, "seconds": seconds, "worker": worker}
+    if fallbacks:
+        d["fallbacks"] = dict(sorted(fallbacks.items()))
+    write_atomic(shard_path(out, k), json.dumps(d | {"rows": rows}))
+
+
+def fallbacks_since(ev: Any, before: collections.Counter[str]) -> dict[str, int]:
+    """The fallbacks ``ev`` recorded since its counter was ``before`` (a copy of :attr:`Evaluator.fallbacks`)."""
+    return dict(ev.fallbacks - before)
 
 
 def read_shard(out: Path, k: int) -> dict[str, Any] | None:
@@ -266,8 +284,9 @@ def run_local(
     parts = shards(items, job.shard_size)
     for k in todo:
         t0 = time.perf_counter()
+        before = collections.Counter(ev.fallbacks)
         rows = _evaluate_shard(ev, parts[k], fmnist_dir, job.batch_size)
-        write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}")
+        write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}", fallbacks_since(ev, before))
         if progress:
             progress.update(len(rows))
 
@@ -305,7 +324,8 @@ def _unpack(data: bytes, shapes: list[list[int] | None]) -> list[Any]:
 
 class RayAnalyser:
     """Ray actor (``map_batches`` callable class): one model per actor; each input row is one evaluation batch of
-    decoded images (see :func:`batches`), each output row one image's result.
+    decoded images (see :func:`batches`), each output row one image's result; the first row of each evaluation batch
+    also carries the batch's fallbacks (JSON, see :func:`write_shard`), the others "".
 
     ``crash_once`` (tests only) is ``"MARKER_PATH:ITEM_ID"``: the first actor to reach that item creates the marker
     and kills its own process, as a lost worker would; Ray restarts the actor and retries the batch.
@@ -321,7 +341,7 @@ class RayAnalyser:
         import numpy as np
 
         t0 = time.perf_counter()
-        shards, rows = [], []
+        shards, rows, fell = [], [], []
         for k, items_json, data, shapes, errors in zip(
             batch["shard"], batch["items"], batch["pixels"], batch["shapes"], batch["errors"], strict=True
         ):
@@ -332,13 +352,16 @@ class RayAnalyser:
                     Path(marker).write_text(str(os.getpid()))
                     os._exit(1)
             pixels = _unpack(bytes(data), json.loads(shapes))
-            for row in self.ev.evaluate_batch(items, pixels, json.loads(errors)):
+            before = collections.Counter(self.ev.fallbacks)
+            for i, row in enumerate(self.ev.evaluate_batch(items, pixels, json.loads(errors))):
                 shards.append(int(k))
                 rows.append(json.dumps(row))
+                fell.append(json.dumps(fallbacks_since(self.ev, before)) if i == 0 else "")
         busy = (time.perf_counter() - t0) / max(1, len(rows))  # this call's seconds, shared out over its rows
         return {
             "shard": np.asarray(shards, dtype=np.int64),
             "row": np.asarray(rows, dtype=object),
+            "fell_back": np.asarray(fell, dtype=object),
             "busy": np.full(len(rows), busy),
         }
 
@@ -432,6 +455,7 @@ def run_ray(
         # Rows come back in item order; a shard is written once all of its rows are in.
         need = {k: len(parts[k]) for k in todo}
         got: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
+        fell: dict[int, collections.Counter[str]] = {k: collections.Counter() for k in todo}
         t0: dict[int, float] = {}
         first = None
         busy = 0.0
@@ -439,12 +463,13 @@ def run_ray(
             if first is None:
                 first = time.perf_counter()
             busy += float(batch["busy"].sum())
-            for k, row in zip(batch["shard"], batch["row"], strict=True):
+            for k, row, fb in zip(batch["shard"], batch["row"], batch["fell_back"], strict=True):
                 k = int(k)
                 t0.setdefault(k, time.perf_counter())
                 got[k].append(json.loads(row))
+                fell[k].update(json.loads(fb) if fb else {})
                 if len(got[k]) == need[k]:
-                    write_shard(out, k, got.pop(k), time.perf_counter() - t0[k], "ray")
+                    write_shard(out, k, got.pop(k), time.perf_counter() - t0[k], "ray", dict(fell.pop(k)))
                     if progress:
                         progress.update(need[k])
         if first is None:

@@ -246,10 +246,25 @@ def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
     return ", ".join(f"{a}–{b}" for a, b in spans) or "none"
 
 
+def fallbacks(meta: list[dict[str, Any]]) -> dict[str, int]:
+    """The batches of the shards read (their metadata, :func:`read_rows`) that ran again one image at a time, summed
+    by stage and error (:func:`~vizapp.evaluate.engines.write_shard`)."""
+    total: dict[str, int] = {}
+    for m in meta:
+        for why, n in (m.get("fallbacks") or {}).items():
+            total[why] = total.get(why, 0) + int(n)
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def summarise(
-    rows: list[dict[str, Any]], methods: list[str], job: dict[str, Any], meta_shards: list[int] | None = None
+    rows: list[dict[str, Any]],
+    methods: list[str],
+    job: dict[str, Any],
+    meta_shards: list[int] | None = None,
+    fell_back: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics."""
+    """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics;
+    ``fell_back``: the batches that ran again one image at a time, by stage and error (:func:`fallbacks`)."""
     meta_shards = meta_shards or []
     ok = [r for r in rows if r["status"] == "ok"]
     status: dict[str, int] = {}
@@ -267,6 +282,7 @@ def summarise(
         "evaluated": len(ok),
     }
     out["item_ranges"] = item_ranges(meta_shards, int(job.get("shard_size") or 1), int(job.get("num_items") or 0))
+    out["fallbacks"] = dict(fell_back or {})
     if not ok:
         return out
     out["accuracy"] = mean_se(col("correct"))
@@ -349,6 +365,16 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         ]
     for note in summary.get("notes") or ():
         lines += [note, ""]
+    fell = summary.get("fallbacks") or {}
+    if fell:
+        n = sum(fell.values())
+        lines += [
+            f"**Batches run again one image at a time: {n}.** A batch's shared work failed, so its images ran alone: "
+            "their rows are what each image gives alone, but each cost what it costs alone. "
+            + "; ".join(f"{k}x after {why}" for why, k in fell.items())
+            + ".",
+            "",
+        ]
     if "methods" not in summary:
         return "\n".join(lines + ["No image could be evaluated.", ""])
     title = "the authors' pixel procedure" if protocol == "chefer2021" else "vizapp's patch variant"
@@ -462,7 +488,7 @@ def write_report(
     sentences about the model that the summary repeats (where its maps lie, statistics not defined for it)."""
     rows, meta = read_rows(out, shard_count(job))
     write_csv(out / "results.csv", rows, columns(rows, methods))
-    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta])
+    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta], fallbacks(meta))
     summary["notes"] = list(notes or ())
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)

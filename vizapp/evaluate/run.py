@@ -320,4 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['evaluated']}/{summary['images']} images evaluated ({st}); {summary['images_run']} this run in "
         f"{summary['seconds']:.1f} s; results in {args.out}/results.csv, summary in {args.out}/summary.md"
     )
+    fell = summary.get("fallbacks") or {}
+    if fell:
+        print(
+            f"warning: {sum(fell.values())} batch(es) ran again one image at a time (right rows, at the one-image "
+            f"rate); see {args.out}/summary.md",
+            file=sys.stderr,
+        )
     return 0
