@@ -626,10 +626,10 @@ def test_the_job_report_says_which_batches_ran_one_image_at_a_time(monkeypatch, 
 
 
 @needs_fmnist
-def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch):
-    """The Ray actor's output carries each evaluation batch's fallbacks on its first row (the driver sums them into
-    the shard file); called here in this process, where its evaluator can be made to fail."""
-    from vizapp.evaluate.engines import RayAnalyser, _decode
+def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch, tmp_path):
+    """The Ray actor's output carries each evaluation batch's fallbacks on its first row, and the driver's writer
+    sums them into the shard file; both called here in this process, where the evaluator can be made to fail."""
+    from vizapp.evaluate.engines import RayAnalyser, ShardWriter, _decode, read_shard
 
     why = _batches_fail(monkeypatch)
     items = list_items("fmnist-test", tuple(CLASS_NAMES))[:5]
@@ -638,6 +638,13 @@ def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch):
     out = actor({k: [p[k] for p in parts] for k in parts[0]})
     assert [json.loads(f) if f else "" for f in out["fell_back"]] == [{why: 1}, "", "", {why: 1}, ""]
     assert len(out["row"]) == 5
+    (tmp_path / "shards").mkdir()  # as prepare() makes it
+    writer = ShardWriter(tmp_path, {0: 5})
+    writer.add({k: v[:2] for k, v in out.items()})  # the driver takes rows in batches of any size
+    assert read_shard(tmp_path, 0) is None  # not all of its rows are in yet
+    writer.add({k: v[2:] for k, v in out.items()})
+    shard = read_shard(tmp_path, 0)
+    assert shard["fallbacks"] == {why: 2} and [r["id"] for r in shard["rows"]] == [it["id"] for it in items]
 
 
 def test_batches_are_fixed_slices_of_a_shard():

@@ -384,6 +384,30 @@ def local_cluster_cpus(workers: int) -> int:
     return workers + 1
 
 
+class ShardWriter:
+    """The Ray driver's side of the actors' output (:class:`RayAnalyser`): rows come back in item order, and shard
+    ``k`` is written (with its batches' fallbacks summed) once all of its ``need[k]`` rows are in."""
+
+    def __init__(self, out: Path, need: dict[int, int], progress: Progress | None = None) -> None:
+        self.out, self.need, self.progress = out, need, progress
+        self.rows: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
+        self.fell: dict[int, collections.Counter[str]] = {k: collections.Counter() for k in need}
+        self.t0: dict[int, float] = {}
+
+    def add(self, batch: dict[str, Any]) -> None:
+        """Takes a batch of the actors' output rows (columns ``shard``, ``row``, ``fell_back``)."""
+        for k, row, fell in zip(batch["shard"], batch["row"], batch["fell_back"], strict=True):
+            k = int(k)
+            self.t0.setdefault(k, time.perf_counter())
+            self.rows[k].append(json.loads(row))
+            self.fell[k].update(json.loads(fell) if fell else {})
+            if len(self.rows[k]) == self.need[k]:
+                seconds = time.perf_counter() - self.t0[k]
+                write_shard(self.out, k, self.rows.pop(k), seconds, "ray", dict(self.fell.pop(k)))
+                if self.progress:
+                    self.progress.update(self.need[k])
+
+
 def run_ray(
     job: Job,
     items: Sequence[dict[str, Any]],
@@ -452,26 +476,14 @@ def run_ray(
             # A lost actor is restarted and its batch retried: Ray Data's actor pool defaults to max_restarts=-1 and
             # max_task_retries=-1 (passing them here is deprecated since Ray 2.60; tests kill a worker to check).
         )
-        # Rows come back in item order; a shard is written once all of its rows are in.
-        need = {k: len(parts[k]) for k in todo}
-        got: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
-        fell: dict[int, collections.Counter[str]] = {k: collections.Counter() for k in todo}
-        t0: dict[int, float] = {}
+        shards_out = ShardWriter(out, {k: len(parts[k]) for k in todo}, progress)
         first = None
         busy = 0.0
         for batch in ds.iter_batches(batch_size=job.batch_size, batch_format="numpy"):
             if first is None:
                 first = time.perf_counter()
             busy += float(batch["busy"].sum())
-            for k, row, fb in zip(batch["shard"], batch["row"], batch["fell_back"], strict=True):
-                k = int(k)
-                t0.setdefault(k, time.perf_counter())
-                got[k].append(json.loads(row))
-                fell[k].update(json.loads(fb) if fb else {})
-                if len(got[k]) == need[k]:
-                    write_shard(out, k, got.pop(k), time.perf_counter() - t0[k], "ray", dict(fell.pop(k)))
-                    if progress:
-                        progress.update(need[k])
+            shards_out.add(batch)
         if first is None:
             return None
         return {"wall_s": time.perf_counter() - call_start, "first_s": first - call_start, "busy_s": busy}
