@@ -613,12 +613,12 @@ def test_the_job_report_says_which_batches_ran_one_image_at_a_time(monkeypatch, 
     argv = ["fmnist-test", "--out", str(out), "--methods", "rollout,random", "--steps", "0", "--shard-size", "4"]
     argv += ["--limit", "8", "--batch-size", "3"]
     assert main(argv) == 0
-    assert "warning: 2 batch(es) ran again one image at a time" in capsys.readouterr().err
+    assert "warning: a batch ran again one image at a time 2 time(s)" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fallbacks"] == {why: 2}
     assert [read_shard(out, k)["fallbacks"] for k in (0, 1)] == [{why: 1}, {why: 1}]
     text = (out / "summary.md").read_text()
-    assert "**Batches run again one image at a time: 2.**" in text and f"2x after {why}." in text
+    assert "**A batch ran again one image at a time 2 times.**" in text and f"2x after {why}." in text
     assert read_table(out) == read_table(tmp_path / "clean")  # the rows are each image's alone: here the same
     monkeypatch.undo()
     again = evaluate("fmnist-test", out, **job, progress=False)  # resumes: nothing to run, the record is kept

@@ -369,10 +369,9 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
     if fell:
         n = sum(fell.values())
         lines += [
-            f"**Batches run again one image at a time: {n}.** A batch's shared work failed, so its images ran alone: "
-            "their rows are what each image gives alone, but each cost what it costs alone. "
-            + "; ".join(f"{k}x after {why}" for why, k in fell.items())
-            + ".",
+            f"**A batch ran again one image at a time {'once' if n == 1 else f'{n} times'}.** Its shared work (one "
+            "stage of it) failed, so its images ran alone: their rows are what each image gives alone, but each cost "
+            "what it costs alone. " + "; ".join(f"{k}x after {why}" for why, k in fell.items()) + ".",
             "",
         ]
     if "methods" not in summary:

@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     fell = summary.get("fallbacks") or {}
     if fell:
         print(
-            f"warning: {sum(fell.values())} batch(es) ran again one image at a time (right rows, at the one-image "
-            f"rate); see {args.out}/summary.md",
+            f"warning: a batch ran again one image at a time {sum(fell.values())} time(s) (right rows, at the "
+            f"one-image rate); see {args.out}/summary.md",
             file=sys.stderr,
         )
     return 0
