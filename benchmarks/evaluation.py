@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench.specs import parse_spec
 from vizapp.evaluate.worker import RANDOM, Evaluator
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-evaluation.md"
@@ -243,7 +244,11 @@ def markdown(
         "batching. Floor: a bare batched forward of every input the protocol classifies (each image once, and every "
         "perturbed copy the evaluator formed), in batches of the evaluator's batch size. Target: batched rate >= "
         f"{TARGET} x floor rate. Weights: the bundled model's own (Fashion-MNIST test images); timm models random "
-        "(random images, the predicted class as target).",
+        "(random images, the predicted class as target). A model written `name@key=value,...` is that architecture "
+        "built with those `create_model` arguments: `vit_base_patch16_224@embed_dim=48,img_size=32` keeps ViT-B's "
+        "depth, heads and operators (so its launches and waits) with 5 tokens of width 48, almost no arithmetic, so "
+        "its rates say what the host's work, the dispatch and the waits cost the evaluation on this machine, and "
+        "its target row means nothing.",
         "",
         "| model | B | copies classified | floor img/s | batched img/s | batched / floor | one by one img/s "
         "| batched / one by one | target |",
@@ -323,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     fell_back: dict[str, str] = {}
     for model in args.models:
         bundled = model == "bundled"
+        spec = parse_spec(model)
         ev = Evaluator(
-            model,
+            # name@key=value: the architecture with those create_model arguments, random weights (see markdown)
+            spec.load(ev_device(args).lower()) if spec.kwargs else model,
             methods,
             steps=0,
             threads=args.threads,

@@ -78,7 +78,8 @@ step batch-bf16 90 $PY -m benchmarks.batch --device cuda --dtype bfloat16 --thre
     --out "$OUT/benchmarks-batch-cuda-bf16.md"
 # the evaluation's rate against the floor of the forwards its protocol needs (issue 23, item 5)
 # (--torch-profile: the device's busy time against the wall time of one more run, and its kernels of most time)
-step eval-rate 150 $PY -m benchmarks.evaluation --device cuda --threads 4 --models vit_base_patch16_224 --images 16 \
+step eval-rate 200 $PY -m benchmarks.evaluation --device cuda --threads 4 --images 16 \
+    --models vit_base_patch16_224 vit_base_patch16_224@embed_dim=48,img_size=32 \
     --repeats 2 --profile 30 --torch-profile 25 --out "$OUT/benchmarks-evaluation-cuda.md"
 step profile 90 $PY -m benchmarks.gpu_profile --model vit_base_patch16_224
 step eval-bundled 60 $PY -m vizapp.evaluate.throughput --images 512 --method-images 8

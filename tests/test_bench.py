@@ -127,6 +127,30 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert found and float(found[1]) > 0 and float(found[2]) == 0 and "Self CPU time total" in printed
 
 
+def test_the_evaluation_benchmark_takes_an_architecture_with_create_model_arguments(tmp_path, monkeypatch):
+    # name@key=value (gpu.sh's shape-only ViT-B row): that architecture built with those arguments, evaluated as
+    # loaded (the Evaluator takes a loaded model), its row labelled as written
+    from benchmarks import evaluation
+    from vizapp.evaluate.worker import Evaluator
+
+    seen = []
+    real = Evaluator.__init__
+
+    def init(self, model, *args, **kwargs):
+        real(self, model, *args, **kwargs)
+        seen.append(model if isinstance(model, str) else (model is self.vm, self.vm.num_layers, self.vm.grid_size))
+
+    monkeypatch.setattr(Evaluator, "__init__", init)
+    spec = "vit_tiny_patch16_224@img_size=32,depth=2"
+    out = tmp_path / "e.md"
+    argv = ["--models", "bundled", spec, "--images", "2", "--repeats", "1", "--methods", "rollout,random"]
+    assert evaluation.main([*argv, "--out", str(out)]) == 0
+    assert seen == ["bundled", (True, 2, (2, 2))]  # depth 2; 32 px in patches of 16
+    _, rows = table_rows(out.read_text(encoding="utf-8"), "# The evaluation's rate against its floor")
+    # 2 images x 2 maps (rollout's of the top-1 class, which is the target; the random order) x 2 directions x 9
+    assert [r[:3] for r in rows] == [["bundled (fmnist-test)", "2", "72"], [f"{spec} (random)", "2", "72"]]
+
+
 def test_the_devices_busy_time_sums_the_kernels_not_the_operators_that_launched_them():
     """torch.profiler gives a kernel's time on its own row and again on the row of the operator that launched it:
     two kernels of 1 ms and 2 ms under one operator are 3 ms of device time, not 6; a user annotation is left out."""

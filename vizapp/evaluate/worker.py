@@ -19,6 +19,7 @@ import torch
 from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.evaluate.scores import CLASS_KINDS, RANDOM, ImageTimeout, image_seed, method_scores
 from vizapp.imageio import decode_image
+from vizapp.models.base import VizModel
 from vizapp.models.prompts import probabilities
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class Evaluator:
     """Loads the model once and evaluates batches of images (:meth:`evaluate_batch`).
 
     Args:
-        model: a name for :func:`vizapp.load_model`.
+        model: a name for :func:`vizapp.load_model`, or a model it loaded (:class:`vizapp.models.base.VizModel`; then
+            ``device`` and ``pretrained`` are not read).
         methods: names from :data:`vizapp.methods.METHODS` and/or ``"random"``.
         steps: steps of vizapp's deletion/insertion curves (Petsiuk et al.); 0 skips them.
         seed: job seed for the random baseline.
@@ -65,7 +67,7 @@ class Evaluator:
 
     def __init__(
         self,
-        model: str,
+        model: str | VizModel,
         methods: Sequence[str],
         steps: int = 10,
         seed: int = 0,
@@ -88,7 +90,7 @@ class Evaluator:
         kwargs: dict[str, Any] = {} if device is None else {"device": device}
         if not pretrained:
             kwargs["pretrained"] = False
-        self.vm = vizapp.load_model(model, **kwargs)
+        self.vm = model if isinstance(model, VizModel) else vizapp.load_model(model, **kwargs)
         if prompts:  # a CLIP-like model's classes: its text prompts (vizapp.models.prompts)
             from vizapp.models.prompts import with_prompts
 
