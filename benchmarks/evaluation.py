@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench.specs import parse_spec
+from vizapp.evaluate.report import fallback_causes
 from vizapp.evaluate.worker import RANDOM, Evaluator
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-evaluation.md"
@@ -99,9 +100,11 @@ def fallbacks(ev: Evaluator) -> str:
     graphs = f"; CUDA graphs that fell back to eager passes: {'; '.join(failed)}" if failed else ""
     if not ev.fallbacks:
         return "never fell back to one image at a time" + graphs
-    said = "; ".join(f"{n}x after {why}" for why, n in ev.fallbacks.most_common())
     n = sum(ev.fallbacks.values())
-    return f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {said}" + graphs
+    return (
+        f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {fallback_causes(ev.fallbacks)}"
+        + graphs
+    )
 
 
 PHASES = ("statistics", "maps", "forming", "classifying")

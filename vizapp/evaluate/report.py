@@ -12,6 +12,7 @@ a text cell is written as the two characters ``\r`` (a raw one would split the r
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -249,11 +250,16 @@ def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
 def fallbacks(meta: list[dict[str, Any]]) -> dict[str, int]:
     """The batches of the shards read (their metadata, :func:`read_rows`) that ran again one image at a time, summed
     by stage and error (:func:`~vizapp.evaluate.engines.write_shard`)."""
-    total: dict[str, int] = {}
+    total: collections.Counter[str] = collections.Counter()
     for m in meta:
-        for why, n in (m.get("fallbacks") or {}).items():
-            total[why] = total.get(why, 0) + int(n)
-    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+        total.update(m.get("fallbacks") or {})
+    return dict(sorted(total.items()))
+
+
+def fallback_causes(counts: dict[str, int]) -> str:
+    """Fallbacks counted by cause (:attr:`~vizapp.evaluate.worker.Evaluator.fallbacks`, or :func:`fallbacks`) in
+    words, the most frequent first: "2x after the maps: RuntimeError: ...; 1x after ..."."""
+    return "; ".join(f"{n}x after {why}" for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def summarise(
@@ -371,7 +377,7 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         lines += [
             f"**A batch ran again one image at a time {'once' if n == 1 else f'{n} times'}.** Its shared work (one "
             "stage of it) failed, so its images ran alone: their rows are what each image gives alone, but each cost "
-            "what it costs alone. " + "; ".join(f"{k}x after {why}" for why, k in fell.items()) + ".",
+            "what it costs alone. " + fallback_causes(fell) + ".",
             "",
         ]
     if "methods" not in summary:
