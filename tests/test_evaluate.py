@@ -656,6 +656,24 @@ def test_batches_are_fixed_slices_of_a_shard():
     assert [it["id"] for p in parts for b in batches(p, 3) for it in b] == [str(i) for i in range(19)]
 
 
+def test_progress_lines_are_throttled_and_never_repeat_a_count():
+    from vizapp.evaluate.engines import Progress
+
+    out = io.StringIO()
+    bar = Progress(10, already=2, every=3600.0, stream=out)
+    bar.update(3)  # within the hour: throttled
+    assert out.getvalue() == ""
+    bar.update(0, force=True)  # the end of a job: the count the throttle hid
+    bar.update(0, force=True)  # again: nothing new to say
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[evaluate] 5/10 images ") and " img/s  ETA " in lines[0]
+    bar.every = 0.0
+    bar.update(5)  # unthrottled: the new count, then the forced line at the end says it no more
+    bar.update(0, force=True)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["5/10", "10/10"] and lines[1].endswith("ETA 0 s")
+
+
 @needs_fmnist
 def test_batch_size_changes_only_the_rounding(small_local, tmp_path):
     evaluate("fmnist-test", tmp_path, **{**SMALL, "batch_size": 16}, progress=False)  # one batch per 8-image shard

@@ -226,19 +226,21 @@ def done_shards(out: Path, count: int) -> set[int]:
 
 
 class Progress:
-    """Plain stderr progress lines: images done, images/s and ETA (at most one line every ``every`` seconds)."""
+    """Plain stderr progress lines: images done, images/s and ETA (at most one line every ``every`` seconds, and
+    never the same count twice: a forced line after the last shard's says nothing new)."""
 
     def __init__(self, total: int, already: int = 0, every: float = 5.0, stream: Any = None) -> None:
         self.total, self.done, self.start_done = total, already, already
         self.every, self.stream = every, stream or sys.stderr
         self.t0 = self.last = time.perf_counter()
+        self.shown: int | None = None  # the count of the last line printed
 
     def update(self, n: int, force: bool = False) -> None:
         self.done += n
         now = time.perf_counter()
-        if not force and now - self.last < self.every:
+        if (not force and now - self.last < self.every) or self.done == self.shown:
             return
-        self.last = now
+        self.last, self.shown = now, self.done
         rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         left = self.total - self.done
         eta = f"{left / rate:.0f} s" if rate > 0 else "?"
