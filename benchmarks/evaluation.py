@@ -94,7 +94,8 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
 
 def fallbacks(ev: Evaluator) -> str:
     """What the evaluator's batched path did, in a sentence: never ran a batch's images again one at a time, or where
-    and why it did (:attr:`Evaluator.fallbacks`; every timed row above is then partly one image at a time); and
+    and why it did (:attr:`Evaluator.fallbacks`, with the code each cause was raised in; every timed row above is then
+    partly one image at a time, and the log above has each cause's traceback); and
     on a GPU, which CUDA graphs could not be recorded and ran eagerly (:meth:`vizapp.cudagraph.GraphCache.failures`)."""
     failed = ev.vm.graphs.failures() + ev.vm.graphs.notes  # a CUDA graph that could not be recorded runs eagerly
     graphs = f"; CUDA graphs that fell back to eager passes: {'; '.join(failed)}" if failed else ""
@@ -102,7 +103,8 @@ def fallbacks(ev: Evaluator) -> str:
         return "never fell back to one image at a time" + graphs
     n = sum(ev.fallbacks.values())
     return (
-        f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: {fallback_causes(ev.fallbacks)}"
+        f"FELL BACK to one image at a time {'once' if n == 1 else f'{n} times'}: "
+        + fallback_causes(ev.fallbacks, ev.fallback_sites)
         + graphs
     )
 

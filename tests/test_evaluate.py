@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 import struct
 import zlib
@@ -563,20 +564,54 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
         monkeypatch.setattr(scores, "_scores", batch_only(scores._scores, lambda ev_, images, *a: len(images)))
     with caplog.at_level("WARNING", logger="vizapp.evaluate.worker"):
         rows = ev.evaluate_batch(items, pixels)
-    assert ev.fallbacks == {f"{stage}: RuntimeError: a batched-path bug": 1}
-    assert f"a batch of 3 images ran again one at a time after {stage}" in caplog.text
+    why = f"{stage}: RuntimeError: a batched-path bug"
+    assert ev.fallbacks == {why: 1}
+    # where vizapp met it: the call into the failing function, the innermost frame in the package
+    site = {"the statistics forward": "_statistics", "the maps": "_maps", "the perturbation scores": "method_scores"}
+    module = "worker" if stage == "the statistics forward" else "scores"
+    assert re.fullmatch(rf"vizapp/evaluate/{module}\.py:\d+ \({site[stage]}\)", ev.fallback_sites[why]), (
+        ev.fallback_sites
+    )
+    assert (
+        f"a batch of 3 images ran again one at a time after {why} (raised at {ev.fallback_sites[why]})" in caplog.text
+    )
+    assert "Traceback (most recent call last)" in caplog.text and caplog.text.count("Traceback") == 1
     for a, b in zip(alone, rows, strict=True):
         assert b["status"] == "ok" and a.keys() == b.keys()
         if stage != "the statistics forward":  # the maps and scores ran as each image alone: the same accuracies
             assert {k: v for k, v in b.items() if ".acc" in k} == {k: v for k, v in a.items() if ".acc" in k}
     from benchmarks.evaluation import fallbacks
 
-    assert fallbacks(ev) == f"FELL BACK to one image at a time once: 1x after {stage}: RuntimeError: a batched-path bug"
+    assert (
+        fallbacks(ev) == f"FELL BACK to one image at a time once: 1x after {why} (raised at {ev.fallback_sites[why]})"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vizapp.evaluate.worker"):
+        ev.evaluate_batch(items, pixels)  # the same cause again: counted and logged in a line, without its traceback
+    assert ev.fallbacks == {why: 2} and "(raised at" in caplog.text and "Traceback" not in caplog.text
     ev.fallbacks.clear()
     assert fallbacks(ev) == "never fell back to one image at a time"
     # a recording that failed (eager from then on); undone after the test, as the loaded model is shared
     monkeypatch.setitem(ev.vm.graphs._graphs, ("a shape",), "RuntimeError: capture failed")
     assert fallbacks(ev).endswith("; CUDA graphs that fell back to eager passes: RuntimeError: capture failed")
+
+
+def test_raised_at_names_the_innermost_frame_in_vizapp_or_else_the_innermost():
+    from vizapp.evaluate.worker import raised_at
+    from vizapp.models import load_model
+
+    def here():
+        raise RuntimeError("outside vizapp")
+
+    try:
+        here()
+    except RuntimeError as exc:
+        line = exc.__traceback__.tb_next.tb_frame.f_lineno  # here()'s raise
+        assert raised_at(exc) == f"test_evaluate.py:{line} (here)"
+    with pytest.raises(VizappError) as info:
+        load_model("no-such-model-name", pretrained=False)  # raised inside vizapp (and maybe deeper, in timm)
+    assert re.fullmatch(r"vizapp/[\w/]+\.py:\d+ \(\w+\)", raised_at(info.value)), raised_at(info.value)
+    assert raised_at(RuntimeError("never raised")) == "an unknown place (no traceback)"
 
 
 def _batches_fail(monkeypatch) -> str:

@@ -256,10 +256,15 @@ def fallbacks(meta: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def fallback_causes(counts: dict[str, int]) -> str:
+def fallback_causes(counts: dict[str, int], sites: dict[str, str] | None = None) -> str:
     """Fallbacks counted by cause (:attr:`~vizapp.evaluate.worker.Evaluator.fallbacks`, or :func:`fallbacks`) in
-    words, the most frequent first: "2x after the maps: RuntimeError: ...; 1x after ..."."""
-    return "; ".join(f"{n}x after {why}" for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    words, the most frequent first: "2x after the maps: RuntimeError: ...; 1x after ..."; with ``sites``
+    (:attr:`~vizapp.evaluate.worker.Evaluator.fallback_sites`), each cause's " (raised at path:line (function))"."""
+    sites = sites or {}
+    return "; ".join(
+        f"{n}x after {why}" + (f" (raised at {sites[why]})" if why in sites else "")
+        for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
 
 
 def summarise(

@@ -24,6 +24,24 @@ from vizapp.models.prompts import probabilities
 
 log = logging.getLogger(__name__)
 
+
+def raised_at(exc: BaseException) -> str:
+    """Where ``exc`` left vizapp's own code, as ``path:line (function)``: its traceback's innermost frame in the
+    ``vizapp`` package (the call into torch or a model that failed, or the raise itself), else its innermost frame."""
+    import traceback
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]  # the vizapp package
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "an unknown place (no traceback)"
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(root)]
+    frame = (ours or frames)[-1]
+    where = Path(frame.filename).resolve()
+    name = where.relative_to(root.parent).as_posix() if ours else where.name
+    return f"{name}:{frame.lineno} ({frame.name})"
+
+
 __all__ = ["CLASS_KINDS", "RANDOM", "Evaluator", "ImageTimeout", "default_rollout_start_layer", "image_seed"]
 
 AUTHORS_ROLLOUT_START_LAYER = 1
@@ -116,14 +134,27 @@ class Evaluator:
         #: "stage: error" -> how many times a batch's shared work failed there and its images ran again one at a time
         #: (:meth:`fell_back`): the rows are still right, but each image then costs what it costs alone
         self.fallbacks: collections.Counter[str] = collections.Counter()
+        #: each cause of :attr:`fallbacks` -> where vizapp's code met it the first time (:func:`raised_at`)
+        self.fallback_sites: dict[str, str] = {}
 
     def fell_back(self, stage: str, exc: BaseException, images: int) -> None:
         """Records (:attr:`fallbacks`) and logs that the shared work of a batch of ``images`` failed at ``stage``, so
         that its images run again one at a time: a failure that is one image's costs only that image's row, and a
-        failure of the batched path itself is not silent (it would make every batch as slow as its images alone)."""
+        failure of the batched path itself is not silent (it would make every batch as slow as its images alone).
+        The first time a cause comes, its site is kept (:attr:`fallback_sites`) and the log has its traceback, so
+        that one run (on a lent GPU, say) is enough to find the bug; later times log one line."""
         why = f"{stage}: {type(exc).__name__}: {exc}"[:300]
         self.fallbacks[why] += 1
-        log.warning("a batch of %d images ran again one at a time after %s", images, why)
+        first = why not in self.fallback_sites
+        if first:
+            self.fallback_sites[why] = raised_at(exc)
+        log.warning(
+            "a batch of %d images ran again one at a time after %s (raised at %s)",
+            images,
+            why,
+            self.fallback_sites[why],
+            exc_info=exc if first else None,
+        )
 
     @property
     def labels(self) -> tuple[str, ...]:
