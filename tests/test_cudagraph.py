@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -242,19 +243,29 @@ def test_graph_cache_keeps_the_latest_recordings_and_remembers_failures(fake_pas
     assert len(fake_pass.made) == 4  # b was recorded again
     fake_pass.fail_all = True
     assert cache.get(("d",), None, x) is None
-    assert cache.failure(("d",)) == "RuntimeError: operation not permitted when stream is capturing"
+    # the error's first line, and where vizapp met it (here the recording's call: the stand-in raises in this file)
+    assert re.fullmatch(
+        r"RuntimeError: operation not permitted when stream is capturing \(raised at vizapp/cudagraph\.py:\d+ \(_record\)\)",
+        cache.failure(("d",)),
+    ), cache.failure(("d",))
     fake_pass.fail_all = False
     assert cache.get(("d",), None, x) is None  # the failure is remembered, not tried again
     assert cache.failures() == [cache.failure(("d",))]
 
 
-def test_any_failure_to_record_leaves_the_pass_to_run_eagerly(fake_pass):
+def test_any_failure_to_record_leaves_the_pass_to_run_eagerly(fake_pass, caplog):
     # not only CUDA's capture errors: whatever a recording raises (here an AssertionError, as torch raises for some
-    # misuse) is remembered as that key's failure, and the caller runs the pass eagerly
+    # misuse) is remembered as that key's failure, and the caller runs the pass eagerly; the log has its traceback,
+    # once per key
     fake_pass.fail_all, fake_pass.error = True, AssertionError
     cache = cudagraph.GraphCache()
-    assert cache.get(("a",), None, torch.zeros(1)) is None
-    assert cache.failures() == ["AssertionError: operation not permitted when stream is capturing"]
+    with caplog.at_level("WARNING", logger="vizapp.cudagraph"):
+        assert cache.get(("a",), None, torch.zeros(1)) is None
+        assert cache.get(("a",), None, torch.zeros(1)) is None
+    [why] = cache.failures()
+    assert why.startswith("AssertionError: operation not permitted when stream is capturing (raised at vizapp/")
+    assert f"could not be recorded; the pass runs eagerly: {why}" in caplog.text
+    assert caplog.text.count("Traceback (most recent call last)") == 1 and "in __init__" in caplog.text
 
 
 def test_graph_cache_falls_back_to_recording_without_host_staging(fake_pass):

@@ -22,6 +22,7 @@ graphs per model, least recently used dropped first).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -31,6 +32,9 @@ from typing import Any
 import torch
 
 from vizapp import limits
+from vizapp.errors import raised_at
+
+log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -131,7 +135,10 @@ def _record(
     # eagerly, which raises again whatever is wrong with the model or the input itself
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize(_first(x).device)
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300] + f" (raised at {raised_at(e)})"
+        # once per key (the cache remembers the failure): the traceback, so that one run is enough to find the cause
+        log.warning("a CUDA graph could not be recorded; the pass runs eagerly: %s", why, exc_info=e)
+        return why
 
 
 def graph_key(model: torch.nn.Module, weights_key: tuple, x: torch.Tensor, *extra: Any) -> tuple:

@@ -17,29 +17,13 @@ import numpy as np
 import torch
 
 from vizapp.analysis.perturbation import PROTOCOLS
+from vizapp.errors import raised_at
 from vizapp.evaluate.scores import CLASS_KINDS, RANDOM, ImageTimeout, image_seed, method_scores
 from vizapp.imageio import decode_image
 from vizapp.models.base import VizModel
 from vizapp.models.prompts import probabilities
 
 log = logging.getLogger(__name__)
-
-
-def raised_at(exc: BaseException) -> str:
-    """Where ``exc`` left vizapp's own code, as ``path:line (function)``: its traceback's innermost frame in the
-    ``vizapp`` package (the call into torch or a model that failed, or the raise itself), else its innermost frame."""
-    import traceback
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]  # the vizapp package
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "an unknown place (no traceback)"
-    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(root)]
-    frame = (ours or frames)[-1]
-    where = Path(frame.filename).resolve()
-    name = where.relative_to(root.parent).as_posix() if ours else where.name
-    return f"{name}:{frame.lineno} ({frame.name})"
 
 
 __all__ = ["CLASS_KINDS", "RANDOM", "Evaluator", "ImageTimeout", "default_rollout_start_layer", "image_seed"]
