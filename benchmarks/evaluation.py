@@ -89,7 +89,16 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
             ev.vm.synchronize()
             times[name].append(time.perf_counter() - t0)
     out = {k: statistics.median(v) for k, v in times.items()}
-    return out | {"copies": float(classified[0]), "needed": float(needed)} | phases(ev, items, pixels)
+    alone: dict[str, float] = {}  # the same phases with each image evaluated alone, summed over the images
+    for it, px in zip(items, pixels, strict=True):
+        for k, v in phases(ev, [it], [px]).items():
+            alone[k] = alone.get(k, 0.0) + v
+    return (
+        out
+        | {"copies": float(classified[0]), "needed": float(needed)}
+        | phases(ev, items, pixels)
+        | {f"alone_{k}": v for k, v in alone.items()}
+    )
 
 
 def fallbacks(ev: Evaluator) -> str:
@@ -277,27 +286,37 @@ def markdown(
         "Where one more batched evaluation's time went, in milliseconds per image (one run; each timer waits for the "
         "device): the statistics forward; the methods' maps (their forwards, backwards and relevance passes); forming "
         "the perturbed copies (masks on the host, copies on the model's device); classifying them; the rest "
-        "(decoding, preprocessing, rows).",
+        "(decoding, preprocessing, rows). Below each model's batch, the same images evaluated one at a time (B = 1, "
+        "the phases summed over the images): a phase whose time per image is about the same either way does not "
+        "gain from batching.",
         "",
         "| model | B | statistics | maps | forming copies | classifying copies | rest |",
         "|---|---|---|---|---|---|---|",
     ]
     for model, b, data, m in rows:
-        cells = " | ".join(f"{1e3 * m[f'phase_{k}'] / b:.1f}" for k in (*PHASES, "rest"))
-        lines.append(f"| {model} ({data}) | {b} | {cells} |")
+        for prefix, size, label in (("", b, ""), ("alone_", 1, ", one at a time")):
+            if f"{prefix}phase_rest" in m:
+                cells = " | ".join(f"{1e3 * m[f'{prefix}phase_{k}'] / b:.1f}" for k in (*PHASES, "rest"))
+                lines.append(f"| {model} ({data}){label} | {size} | {cells} |")
     names = list(dict.fromkeys(k[7:] for _, _, _, m in rows for k in m if k.startswith("method_")))
     lines += [
         "",
         "The maps phase of that run by method, in milliseconds per image: each method's own calls (a method that runs "
         "the model itself: its forward, backward and relevance pass for the batch; the others: their maps read from "
-        "each image's analysis), and the analysis forward with its backwards (one per class kind) and the rest.",
+        "each image's analysis), and the analysis forward with its backwards (one per class kind) and the rest; "
+        "below each batch, its images one at a time, as above.",
         "",
         "| model | B | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for model, b, data, m in rows:
-        cells = " | ".join(f"{1e3 * m[f'method_{k}'] / b:.1f}" if f"method_{k}" in m else "" for k in names)
-        lines.append(f"| {model} ({data}) | {b} | {cells} |")
+        for prefix, size, label in (("", b, ""), ("alone_", 1, ", one at a time")):
+            if not any(k.startswith(f"{prefix}method_") for k in m):
+                continue
+            cells = " | ".join(
+                f"{1e3 * m[f'{prefix}method_{k}'] / b:.1f}" if f"{prefix}method_{k}" in m else "" for k in names
+            )
+            lines.append(f"| {model} ({data}){label} | {size} | {cells} |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([*lines, "", f"Load average (1 min) at the end: {load:.1f} ({os.cpu_count()} CPUs).", ""])
 

@@ -114,11 +114,14 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 3 * 2 * 9)]  # 2 images x 3 maps x 2 directions x 9
     header, rows = table_rows(text, "Where one more batched evaluation's time went")
     assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
-    assert all(float(c) > 0 for c in rows[0][2:6]), rows
+    # the batch, then its images one at a time (the phases summed over them, per image)
+    assert [r[:2] for r in rows] == [["bundled (fmnist-test)", "2"], ["bundled (fmnist-test), one at a time", "1"]]
+    assert all(float(c) > 0 for r in rows for c in r[2:6]), rows
     header, rows = table_rows(text, "The maps phase of that run by method")
     assert header == ["model", "B", "rollout", "relevance", "the analysis forward and its backwards"]
+    assert [r[1] for r in rows] == ["2", "1"]
     # the last part is the phase less the methods' own calls: negative if a call were counted twice
-    assert all(float(c) >= 0 for c in rows[0][2:]) and float(rows[0][-1]) > 0, rows
+    assert all(float(c) >= 0 for r in rows for c in r[2:]) and all(float(r[-1]) > 0 for r in rows), rows
     assert "- bundled: never fell back to one image at a time" in text  # the batched path ran in every timed row
     printed = capsys.readouterr().out
     assert "Ordered by: internal time" in printed  # --profile: cProfile's table of one more run
