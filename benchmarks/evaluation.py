@@ -95,7 +95,7 @@ def measure(ev: Evaluator, items: list[dict], pixels: list[np.ndarray], repeats:
             alone[k] = alone.get(k, 0.0) + v
     return (
         out
-        | {"copies": float(classified[0]), "needed": float(needed)}
+        | {"copies": float(classified[0]), "needed": float(needed), "per_forward": float(ev.batch_size)}
         | phases(ev, items, pixels)
         | {f"alone_{k}": v for k, v in alone.items()}
     )
@@ -256,7 +256,8 @@ def markdown(
         f"Methods: {', '.join(methods)}; protocol `chefer2021` (the authors' pixel procedure), curves off. Batched: "
         "`Evaluator.evaluate_batch` of the B images at once. One by one: the same images evaluated alone, as before "
         "batching. Floor: a bare batched forward of every input the protocol classifies (each image once, and every "
-        "perturbed copy the evaluator formed), in batches of the evaluator's batch size. Target: batched rate >= "
+        "perturbed copy the evaluator formed), in batches of the evaluator's batch size (the table's copies per "
+        "forward, which the evaluation's own forwards take too). Target: batched rate >= "
         f"{TARGET} x floor rate. Weights: the bundled model's own (Fashion-MNIST test images); timm models random "
         "(random images, the predicted class as target). A model written `name@key=value,...` is that architecture "
         "built with those `create_model` arguments: `vit_base_patch16_224@embed_dim=48,img_size=32` keeps ViT-B's "
@@ -265,15 +266,15 @@ def markdown(
         "its target row means nothing.",
         "",
         "| model | B | copies classified | floor img/s | batched img/s | batched / floor | one by one img/s "
-        "| batched / one by one | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batched / one by one | target | copies per forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, b, data, m in rows:
         floor, batched, single = (b / m[k] for k in ("floor", "batched", "one_by_one"))
         verdict = "met" if batched / floor >= TARGET else "missed"
         lines.append(
             f"| {model} ({data}) | {b} | {int(m['copies'])} | {floor:.1f} | {batched:.2f} | {batched / floor:.2f} "
-            f"| {single:.2f} | {batched / single:.2f} | {verdict} |"
+            f"| {single:.2f} | {batched / single:.2f} | {verdict} | {int(m['per_forward'])} |"
         )
     lines += [
         "",
@@ -329,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16, help="B, images per evaluated batch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256, help="perturbed copies per forward")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="perturbed copies per forward (default: the evaluator's, vizapp.limits.perturbation_batch of the device)",
+    )
     p.add_argument("--methods", default=None, help="comma-separated; default every method but flow, and random")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument(

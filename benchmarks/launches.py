@@ -273,13 +273,19 @@ def measure(model: str, batch: int, evaluation: bool = False) -> list[tuple[str,
     """Each call's counts, the model on the simulated GPU, its CUDA graphs stood in for (see the module docstring);
     ``evaluation`` adds the evaluation's batch."""
     from benchmarks.evaluation import default_methods
-    from vizapp import cudagraph
+    from vizapp import cudagraph, limits
     from vizapp.evaluate.worker import Evaluator
 
     ev = None
     if evaluation:  # as the evaluation's benchmark runs it: every method but flow, the authors' protocol, no curves
-        ev = Evaluator(
-            model, default_methods(), steps=0, pretrained=False, device="cpu", threads=torch.get_num_threads()
+        ev = Evaluator(  # built on the CPU, run on the simulated GPU: a GPU's copies per forward
+            model,
+            default_methods(),
+            steps=0,
+            pretrained=False,
+            device="cpu",
+            threads=torch.get_num_threads(),
+            batch_size=limits.PERTURBATION_BATCH_GPU,
         )
         vm = ev.vm
     else:

@@ -112,6 +112,7 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     text = out.read_text(encoding="utf-8")
     header, rows = table_rows(text, "# The evaluation's rate against its floor")
     assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 3 * 2 * 9)]  # 2 images x 3 maps x 2 directions x 9
+    assert rows[0][-1] == "16"  # copies per forward: the CPU's (vizapp.limits.perturbation_batch)
     header, rows = table_rows(text, "Where one more batched evaluation's time went")
     assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
     # the batch, then its images one at a time (the phases summed over them, per image)
@@ -152,6 +153,27 @@ def test_the_evaluation_benchmark_takes_an_architecture_with_create_model_argume
     _, rows = table_rows(out.read_text(encoding="utf-8"), "# The evaluation's rate against its floor")
     # 2 images x 2 maps (rollout's of the top-1 class, which is the target; the random order) x 2 directions x 9
     assert [r[:3] for r in rows] == [["bundled (fmnist-test)", "2", "72"], [f"{spec} (random)", "2", "72"]]
+
+
+def test_the_copies_benchmark_times_each_batch_size_per_copy(tmp_path, monkeypatch):
+    # benchmarks.copies_batch: every size forwards every input once a round, and the table gives ms per copy with the
+    # speed against the largest size
+    from benchmarks import copies_batch
+
+    batches: list[int] = []
+    real = copies_batch.per_copy_ms
+
+    def spy(forward, x, sizes, rounds):
+        return real(lambda b: batches.append(len(b)) or forward(b), x, sizes, rounds)
+
+    monkeypatch.setattr(copies_batch, "per_copy_ms", spy)
+    out = tmp_path / "c.md"
+    copies_batch.main(["--models", "bundled", "--sizes", "2", "4", "--copies", "6", "--rounds", "1", "--out", str(out)])
+    assert batches == [2, 4, 2, 2, 2, 2]  # a warm-up of the smallest size, then 6 inputs in batches of 4, then of 2
+    header, rows = table_rows(out.read_text(encoding="utf-8"), "# Perturbed copies per forward")
+    assert header == ["model", "4", "2"] and rows[0][0] == "bundled" and rows[0][1].endswith("(1.00x)")
+    ms, speed = rows[0][2].split()
+    assert float(ms) > 0 and speed.startswith("(") and speed.endswith("x)")
 
 
 def test_the_devices_busy_time_sums_the_kernels_not_the_operators_that_launched_them():

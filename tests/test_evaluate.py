@@ -493,6 +493,17 @@ def test_chefer2021_rows_equal_the_authors_loop():
 
 
 @needs_fmnist
+def test_the_perturbed_copies_per_forward_follow_the_device():
+    from vizapp import limits
+    from vizapp.evaluate.worker import Evaluator
+
+    # the CPU's (smaller forwards are faster per copy there: docs/benchmarks-copies-batch.md), a GPU's, or as given
+    assert Evaluator("bundled", ["rollout"], steps=0).batch_size == limits.PERTURBATION_BATCH_CPU == 16
+    assert limits.perturbation_batch(torch.device("cuda")) == limits.PERTURBATION_BATCH_GPU == 256
+    assert limits.perturbation_batch("cpu") == 16
+    assert Evaluator("bundled", ["rollout"], steps=0, batch_size=5).batch_size == 5
+
+
 def test_rollout_start_layer_follows_the_protocol(tmp_path):
     from vizapp.evaluate.worker import Evaluator
 

@@ -60,6 +60,13 @@ BATCH_FORWARD_BYTES = 2 * 2**30
 # bound by launches, and 16 ViT-B images' class maps launch 946 kernels in two forwards against 473 in one
 # (docs/benchmarks-launches.md).
 BATCH_FORWARD_BYTES_GPU = 8 * 2**30
+# Perturbed copies per forward in the evaluation (vizapp.evaluate; see :func:`perturbation_batch`). A GPU is filled by
+# large batches. On the CPU a forward of many copies costs more per copy: its activations outgrow the caches, and
+# blocks over glibc's mmap threshold come back as fresh pages every forward. On 2 threads, bare forwards of 16 copies
+# cost 0.91, 0.63, 0.76 and 0.96 of what batches of 256 cost per copy for the bundled model, ViT-Ti, ViT-S and ViT-B
+# (docs/benchmarks-copies-batch.md), and the evaluation of 16 ViT-Ti images ran 1.34 times as fast with them.
+PERTURBATION_BATCH_CPU = 16
+PERTURBATION_BATCH_GPU = 256
 # What the analyses of one ``vizapp.analyze(vm, images)`` keep in all (q and k of every layer, block outputs, fusions;
 # with gradients, the autograd graphs): a list over this is refused before any forward. ``vizapp.explain`` keeps maps
 # only and is not bounded by it.
@@ -86,6 +93,12 @@ def batch_forward_bytes(device: torch.device) -> int:
     except (AssertionError, RuntimeError):  # no CUDA in this torch: a device simulated in the tests
         return max(BATCH_FORWARD_BYTES, BATCH_FORWARD_BYTES_GPU)
     return max(BATCH_FORWARD_BYTES, min(BATCH_FORWARD_BYTES_GPU, total // 8))
+
+
+def perturbation_batch(device: torch.device) -> int:
+    """Perturbed copies per forward of the evaluation on ``device`` (:data:`PERTURBATION_BATCH_CPU`,
+    :data:`PERTURBATION_BATCH_GPU`): fixed for a device type, so that the engines batch alike on it."""
+    return PERTURBATION_BATCH_CPU if torch.device(device).type == "cpu" else PERTURBATION_BATCH_GPU
 
 
 def chunk_bytes(device: torch.device, group: bool = False) -> int:

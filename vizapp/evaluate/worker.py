@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vizapp import limits
 from vizapp.analysis.perturbation import PROTOCOLS
 from vizapp.errors import raised_at
 from vizapp.evaluate.scores import CLASS_KINDS, RANDOM, ImageTimeout, image_seed, method_scores
@@ -58,7 +59,8 @@ class Evaluator:
         seed: job seed for the random baseline.
         time_limit: seconds per image, checked between stages (a stage already running is not interrupted).
         threads: torch CPU threads (fixed so that results do not depend on the machine's core count).
-        batch_size: perturbed images per forward.
+        batch_size: perturbed images per forward (None: :func:`vizapp.limits.perturbation_batch` of the model's
+            device, 16 on the CPU and 256 on a GPU).
         device: passed to :func:`vizapp.load_model` (None: CUDA when available).
         pretrained: False builds the model with random weights (timing a large model offline).
         protocol: the perturbation test's protocol, "chefer2021" (the authors' pixel procedure) or "patches"
@@ -75,7 +77,7 @@ class Evaluator:
         seed: int = 0,
         time_limit: float = 60.0,
         threads: int = 1,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         device: str | None = None,
         pretrained: bool = True,
         protocol: str = "chefer2021",
@@ -110,7 +112,7 @@ class Evaluator:
         self.steps = int(steps)
         self.seed = int(seed)
         self.time_limit = float(time_limit)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if batch_size is not None else limits.perturbation_batch(self.vm.device)
         mean = torch.as_tensor(self.vm.mean, dtype=torch.float32)
         std = torch.as_tensor(self.vm.std, dtype=torch.float32)
         #: Chefer et al. zero the removed pixels before normalising: black, in the model's input space, [C, 1, 1]
