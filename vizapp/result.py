@@ -150,14 +150,15 @@ class ModelRuns:
         steps: int | None = 20,
         baseline: float = 0.0,
         random_seed: int | None = 0,
-        batch_size: int = 64,
+        batch_size: int | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Deletion and insertion curves (Petsiuk et al. 2018) of each map for a class.
 
         Patches are removed from the image (deletion) or revealed on the baseline (insertion) in the order of the
         map's importance, and the class probability tracked; a windowed model's maps are over its first stage's grid
         and so are the patches. ``baseline`` is in the model's normalised input space, so 0.0 is the dataset-mean
-        colour. A random order is added as "random" unless ``random_seed`` is None.
+        colour. A random order is added as "random" unless ``random_seed`` is None. ``batch_size``: perturbed images
+        per forward (None: :func:`vizapp.limits.perturbation_batch` of the model's device, as the evaluation's).
 
         Returns:
             {name: {"deletion": Curve, "insertion": Curve}}
@@ -168,6 +169,8 @@ class ModelRuns:
         cls = self._class(class_idx)
         vm = self._model()
         grid, patch, where = self._perturbation_grid()
+        if batch_size is None:
+            batch_size = limits.perturbation_batch(vm.device)
 
         def predict(batch: torch.Tensor) -> torch.Tensor:  # class probabilities (SigLIP prompts: their sigmoids)
             with torch.no_grad():
