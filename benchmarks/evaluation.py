@@ -241,6 +241,12 @@ def ev_device(args: argparse.Namespace) -> str:
     return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).upper()
 
 
+def _runs(b: int) -> tuple[tuple[str, int, str], ...]:
+    """The two runs the phase tables show for a batch of ``b`` images, as (key prefix of :func:`measure`, images per
+    evaluated batch, label after the model's name): the batch, then its images one at a time."""
+    return ("", b, ""), ("alone_", 1, ", one at a time")
+
+
 def markdown(
     rows: list[tuple[str, int, str, dict[str, float]]],
     args: argparse.Namespace,
@@ -295,7 +301,7 @@ def markdown(
         "|---|---|---|---|---|---|---|",
     ]
     for model, b, data, m in rows:
-        for prefix, size, label in (("", b, ""), ("alone_", 1, ", one at a time")):
+        for prefix, size, label in _runs(b):
             if f"{prefix}phase_rest" in m:
                 cells = " | ".join(f"{1e3 * m[f'{prefix}phase_{k}'] / b:.1f}" for k in (*PHASES, "rest"))
                 lines.append(f"| {model} ({data}){label} | {size} | {cells} |")
@@ -311,7 +317,7 @@ def markdown(
         "|---|---|" + "---|" * len(names),
     ]
     for model, b, data, m in rows:
-        for prefix, size, label in (("", b, ""), ("alone_", 1, ", one at a time")):
+        for prefix, size, label in _runs(b):
             if not any(k.startswith(f"{prefix}method_") for k in m):
                 continue
             cells = " | ".join(

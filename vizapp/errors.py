@@ -8,6 +8,9 @@ reaches the server log.
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 __all__ = [
     "BadImageError",
     "BadParameterError",
@@ -47,20 +50,19 @@ class StaleResultError(VizappError):
     """A result's model is gone from memory or its weights changed since the result was made."""
 
 
+_PACKAGE = Path(__file__).resolve().parent  # the vizapp package, for raised_at
+
+
 def raised_at(exc: BaseException) -> str:
     """Where ``exc`` left vizapp's own code, as ``path:line (function)``: its traceback's innermost frame in the
     ``vizapp`` package (the call into torch or a model that failed, or the raise itself), else its innermost frame.
     For logs and benchmark output, where it lets one run find a bug; never for a message a user of the app sees (it
     names the server's files)."""
-    import traceback
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent  # the vizapp package
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return "an unknown place (no traceback)"
-    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(root)]
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_PACKAGE)]
     frame = (ours or frames)[-1]
     where = Path(frame.filename).resolve()
-    name = where.relative_to(root.parent).as_posix() if ours else where.name
+    name = where.relative_to(_PACKAGE.parent).as_posix() if ours else where.name
     return f"{name}:{frame.lineno} ({frame.name})"

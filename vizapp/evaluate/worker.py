@@ -26,7 +26,6 @@ from vizapp.models.prompts import probabilities
 
 log = logging.getLogger(__name__)
 
-
 __all__ = ["CLASS_KINDS", "RANDOM", "Evaluator", "ImageTimeout", "default_rollout_start_layer", "image_seed"]
 
 AUTHORS_ROLLOUT_START_LAYER = 1
