@@ -105,8 +105,8 @@ def fallbacks(ev: Evaluator) -> str:
     """What the evaluator's batched path did, in a sentence: never ran a batch's images again one at a time, or where
     and why it did (:attr:`Evaluator.fallbacks`, with the code each cause was raised in; every timed row above is then
     partly one image at a time, and the log above has each cause's traceback); and
-    on a GPU, which CUDA graphs could not be recorded and ran eagerly (:meth:`vizapp.cudagraph.GraphCache.failures`)."""
-    failed = ev.vm.graphs.failures() + ev.vm.graphs.notes  # a CUDA graph that could not be recorded runs eagerly
+    on a GPU, which CUDA graphs could not be recorded and ran eagerly (:meth:`vizapp.models.VizModel.graph_failures`)."""
+    failed = ev.vm.graph_failures()  # a CUDA graph that could not be recorded runs eagerly
     graphs = f"; CUDA graphs that fell back to eager passes: {'; '.join(failed)}" if failed else ""
     if not ev.fallbacks:
         return "never fell back to one image at a time" + graphs

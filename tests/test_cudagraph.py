@@ -419,3 +419,22 @@ def test_one_gradient_analysis_on_a_gpu_replays_its_pass_and_its_top_classs_grad
     kept = vizapp.analyze(vm, img, gradients=True)
     assert kept.graph.maps is not None and not kept.graph.replays
     np.testing.assert_array_equal(kept.relevance(other), eager.relevance(other))
+
+
+def test_a_models_graph_failures_name_the_digests_and_the_slower_recordings(monkeypatch):
+    """``VizModel.graph_failures`` lists the analysis graphs' failed recordings and their notes, and the weights
+    digest's, named as the digest's; empty when every recording worked (on the CPU, none is tried)."""
+    from vizapp.cudagraph import GraphCache
+
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    assert vm.graph_failures() == []
+    monkeypatch.setitem(vm.graphs._graphs, ("a shape",), "RuntimeError: capture failed (raised at x.py:1 (f))")
+    monkeypatch.setattr(vm.graphs, "notes", ["recorded without host staging (RuntimeError: y)"])
+    digest = GraphCache()
+    digest._graphs[("weights",)] = "RuntimeError: z (raised at vizapp/models/digest.py:9 (graphed_sums))"
+    monkeypatch.setitem(vm._digest, "digest graphs", digest)
+    assert vm.graph_failures() == [
+        "RuntimeError: capture failed (raised at x.py:1 (f))",
+        "recorded without host staging (RuntimeError: y)",
+        "the weights digest: RuntimeError: z (raised at vizapp/models/digest.py:9 (graphed_sums))",
+    ]

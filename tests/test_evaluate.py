@@ -643,38 +643,79 @@ def _batches_fail(monkeypatch) -> str:
 
 @needs_fmnist
 def test_the_job_report_says_which_batches_ran_one_image_at_a_time(monkeypatch, tmp_path, capsys):
-    """A job's fallbacks reach its shard files, summary.json, summary.md and the command's exit lines, and survive a
-    resumed run's report; a job without any says nothing (its shard files carry no such key)."""
+    """A job's fallbacks, with where each cause was raised, and its CUDA graphs that could not be recorded reach its
+    shard files, summary.json, summary.md and the command's exit lines, and survive a resumed run's report; a job
+    without any says nothing (its shard files carry no such key)."""
     from vizapp.evaluate.engines import read_shard
+    from vizapp.models import load_model
 
     job = dict(methods="rollout,random", steps=0, shard_size=4, limit=8, batch_size=3)
     clean = evaluate("fmnist-test", tmp_path / "clean", **job, progress=False)
-    assert clean["fallbacks"] == {}
-    assert "one image at a time" not in (tmp_path / "clean" / "summary.md").read_text()
-    assert "fallbacks" not in read_shard(tmp_path / "clean", 0)
+    assert (clean["fallbacks"], clean["fallback_sites"], clean["graph_failures"]) == ({}, {}, [])
+    text = (tmp_path / "clean" / "summary.md").read_text()
+    assert "one image at a time" not in text and "CUDA graph" not in text
+    assert not {"fallbacks", "fallback_sites", "graph_failures"} & set(read_shard(tmp_path / "clean", 0))
 
     why = _batches_fail(monkeypatch)
+    # a recording that failed, as a GPU would keep it (the loaded model is shared: undone after the test)
+    failed = "RuntimeError: capture failed (raised at vizapp/cudagraph.py:1 (_record))"
+    monkeypatch.setitem(load_model("bundled").graphs._graphs, ("a shape",), failed)
     out = tmp_path / "fell"
     # shards of 4 in batches of 3: each shard has a batch of 3 (falls back) and one of 1 (cannot)
     argv = ["fmnist-test", "--out", str(out), "--methods", "rollout,random", "--steps", "0", "--shard-size", "4"]
     argv += ["--limit", "8", "--batch-size", "3"]
     assert main(argv) == 0
-    assert "warning: a batch ran again one image at a time 2 time(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: a batch ran again one image at a time 2 time(s)" in err
+    assert "warning: 1 CUDA graph(s) could not be recorded and ran eagerly" in err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["fallbacks"] == {why: 2}
-    assert [read_shard(out, k)["fallbacks"] for k in (0, 1)] == [{why: 1}, {why: 1}]
+    assert summary["fallbacks"] == {why: 2} and summary["graph_failures"] == [failed]
+    site = summary["fallback_sites"][why]
+    assert re.fullmatch(r"vizapp/evaluate/scores\.py:\d+ \(method_scores\)", site), site  # where _scores is called
+    for k in (0, 1):
+        shard = read_shard(out, k)
+        assert (shard["fallbacks"], shard["fallback_sites"], shard["graph_failures"]) == (
+            {why: 1},
+            {why: site},
+            [failed],
+        )
     text = (out / "summary.md").read_text()
-    assert "**A batch ran again one image at a time 2 times.**" in text and f"2x after {why}." in text
+    assert (
+        "**A batch ran again one image at a time 2 times.**" in text and f"2x after {why} (raised at {site})." in text
+    )
+    assert (
+        f"**1 CUDA graph could not be recorded**, so that pass ran eagerly: the same rows, at the eager pass's speed. {failed}."
+        in text
+    )
     assert read_table(out) == read_table(tmp_path / "clean")  # the rows are each image's alone: here the same
     monkeypatch.undo()
     again = evaluate("fmnist-test", out, **job, progress=False)  # resumes: nothing to run, the record is kept
-    assert again["images_run"] == 0 and again["fallbacks"] == {why: 2}
+    assert again["images_run"] == 0 and again["fallbacks"] == {why: 2} and again["graph_failures"] == [failed]
+
+
+def test_records_of_slow_paths_merge_by_hand():
+    """Shard records merge as the report reads them: counts summed, each cause's first site, each graph once."""
+    from vizapp.evaluate.engines import merge_records
+
+    a = {"fallbacks": {"x": 1}, "fallback_sites": {"x": "here:1 (f)"}, "graph_failures": ["g1"]}
+    b = {
+        "fallbacks": {"x": 2, "y": 1},
+        "fallback_sites": {"x": "there:2 (g)", "y": "y:3 (h)"},
+        "graph_failures": ["g1", "g2"],
+    }
+    assert merge_records([a, None, {}, b]) == {
+        "fallbacks": {"x": 3, "y": 1},
+        "fallback_sites": {"x": "here:1 (f)", "y": "y:3 (h)"},
+        "graph_failures": ["g1", "g2"],
+    }
+    assert merge_records([]) == {"fallbacks": {}, "fallback_sites": {}, "graph_failures": []}
 
 
 @needs_fmnist
 def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch, tmp_path):
-    """The Ray actor's output carries each evaluation batch's fallbacks on its first row, and the driver's writer
-    sums them into the shard file; both called here in this process, where the evaluator can be made to fail."""
+    """The Ray actor's output carries each evaluation batch's fallbacks (with their sites) on its first row, and the
+    driver's writer merges them into the shard file; both called here in this process, where the evaluator can be
+    made to fail."""
     from vizapp.evaluate.engines import RayAnalyser, ShardWriter, _decode, read_shard
 
     why = _batches_fail(monkeypatch)
@@ -682,7 +723,10 @@ def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch, tmp_path):
     actor = RayAnalyser({"model": "bundled", "methods": ("rollout", "random"), "steps": 0}, 1, 60.0)
     parts = [_decode({"shard": 0, "items": json.dumps(part), "fmnist_dir": ""}) for part in (items[:3], items[3:])]
     out = actor({k: [p[k] for p in parts] for k in parts[0]})
-    assert [json.loads(f) if f else "" for f in out["fell_back"]] == [{why: 1}, "", "", {why: 1}, ""]
+    records = [json.loads(f) if f else "" for f in out["fell_back"]]
+    site = actor.ev.fallback_sites[why]
+    first = {"fallbacks": {why: 1}, "fallback_sites": {why: site}, "graph_failures": []}
+    assert records == [first, "", "", first, ""]
     assert len(out["row"]) == 5
     (tmp_path / "shards").mkdir()  # as prepare() makes it
     writer = ShardWriter(tmp_path, {0: 5})
@@ -690,7 +734,9 @@ def test_a_ray_actor_hands_on_its_batches_fallbacks(monkeypatch, tmp_path):
     assert read_shard(tmp_path, 0) is None  # not all of its rows are in yet
     writer.add({k: v[2:] for k, v in out.items()})
     shard = read_shard(tmp_path, 0)
-    assert shard["fallbacks"] == {why: 2} and [r["id"] for r in shard["rows"]] == [it["id"] for it in items]
+    assert shard["fallbacks"] == {why: 2} and shard["fallback_sites"] == {why: site}
+    assert "graph_failures" not in shard  # none failed: the key is left out
+    assert [r["id"] for r in shard["rows"]] == [it["id"] for it in items]
 
 
 def test_batches_are_fixed_slices_of_a_shard():

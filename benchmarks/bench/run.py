@@ -152,12 +152,8 @@ def run_model(
     if device == "cpu":
         res.elem_rate = elementwise_rate(shape)
     else:
-        failed = vm.graphs.failures()
-        log(
-            f"  CUDA graphs: {len(vm.graphs)} recorded"
-            + (f"; failed: {failed}" if failed else "")
-            + (f"; {vm.graphs.notes}" if vm.graphs.notes else "")
-        )
+        failed = vm.graph_failures()
+        log(f"  CUDA graphs: {len(vm.graphs)} recorded" + (f"; failed or slower: {failed}" if failed else ""))
     if profile:
         res.profile = profile_b(vm, img)
     del r, vm

@@ -192,20 +192,51 @@ def write_shard(
     rows: list[dict[str, Any]],
     seconds: float,
     worker: str,
-    fallbacks: dict[str, int] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> None:
-    """Write shard ``k`` atomically: a reader sees the whole shard or none of it. ``fallbacks``: how many of its
-    batches ran again one image at a time, by stage and error (:meth:`~vizapp.evaluate.worker.Evaluator.fell_back`),
-    kept only when there were any."""
+    """Write shard ``k`` atomically: a reader sees the whole shard or none of it. ``record``: what went slower than
+    it should while its rows were made (:func:`batch_record`; kept only when there was any)."""
+    record = record or {}
     d: dict[str, Any] = {"shard": k, "seconds": seconds, "worker": worker}
-    if fallbacks:
-        d["fallbacks"] = dict(sorted(fallbacks.items()))
+    d |= {key: record[key] for key in RECORD_KEYS if record.get(key)}
     write_atomic(shard_path(out, k), json.dumps(d | {"rows": rows}))
 
 
-def fallbacks_since(ev: Any, before: collections.Counter[str]) -> dict[str, int]:
-    """The fallbacks ``ev`` recorded since its counter was ``before`` (a copy of :attr:`Evaluator.fallbacks`)."""
-    return dict(ev.fallbacks - before)
+RECORD_KEYS = ("fallbacks", "fallback_sites", "graph_failures")
+"""What a shard file (and summary.json) keeps of the slow paths its rows took: the batches that ran again one image at
+a time, by stage and error (:meth:`~vizapp.evaluate.worker.Evaluator.fell_back`); where vizapp met each of those
+errors (:func:`vizapp.errors.raised_at`); and the CUDA graphs that could not be recorded, whose passes ran eagerly
+(:meth:`vizapp.models.VizModel.graph_failures`). Each is right in its rows, only slower."""
+
+
+def batch_record(ev: Any, before: collections.Counter[str]) -> dict[str, Any]:
+    """What ``ev`` recorded (see :data:`RECORD_KEYS`) since its fallback counter was ``before`` (a copy of
+    :attr:`Evaluator.fallbacks`): the new fallbacks with their sites, and the model's failed graphs so far."""
+    fell = dict(ev.fallbacks - before)
+    return {
+        "fallbacks": dict(sorted(fell.items())),
+        "fallback_sites": {why: ev.fallback_sites[why] for why in sorted(fell) if why in ev.fallback_sites},
+        "graph_failures": ev.vm.graph_failures(),
+    }
+
+
+def merge_records(records: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Records (:func:`batch_record`, or shard files) as one: fallbacks summed, each cause's first site, each failed
+    graph once, in the order first met."""
+    fell: collections.Counter[str] = collections.Counter()
+    sites: dict[str, str] = {}
+    graphs: dict[str, None] = {}
+    for r in records:
+        r = r or {}
+        fell.update(r.get("fallbacks") or {})
+        for why, site in (r.get("fallback_sites") or {}).items():
+            sites.setdefault(why, site)
+        graphs.update(dict.fromkeys(r.get("graph_failures") or ()))
+    return {
+        "fallbacks": dict(sorted(fell.items())),
+        "fallback_sites": dict(sorted(sites.items())),
+        "graph_failures": list(graphs),
+    }
 
 
 def read_shard(out: Path, k: int) -> dict[str, Any] | None:
@@ -288,7 +319,7 @@ def run_local(
         t0 = time.perf_counter()
         before = collections.Counter(ev.fallbacks)
         rows = _evaluate_shard(ev, parts[k], fmnist_dir, job.batch_size)
-        write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}", fallbacks_since(ev, before))
+        write_shard(out, k, rows, time.perf_counter() - t0, f"local:{os.getpid()}", batch_record(ev, before))
         if progress:
             progress.update(len(rows))
 
@@ -327,7 +358,7 @@ def _unpack(data: bytes, shapes: list[list[int] | None]) -> list[Any]:
 class RayAnalyser:
     """Ray actor (``map_batches`` callable class): one model per actor; each input row is one evaluation batch of
     decoded images (see :func:`batches`), each output row one image's result; the first row of each evaluation batch
-    also carries the batch's fallbacks (JSON, see :func:`write_shard`), the others "".
+    also carries the batch's record of slow paths (JSON, :func:`batch_record`), the others "".
 
     ``crash_once`` (tests only) is ``"MARKER_PATH:ITEM_ID"``: the first actor to reach that item creates the marker
     and kills its own process, as a lost worker would; Ray restarts the actor and retries the batch.
@@ -358,7 +389,7 @@ class RayAnalyser:
             for i, row in enumerate(self.ev.evaluate_batch(items, pixels, json.loads(errors))):
                 shards.append(int(k))
                 rows.append(json.dumps(row))
-                fell.append(json.dumps(fallbacks_since(self.ev, before)) if i == 0 else "")
+                fell.append(json.dumps(batch_record(self.ev, before)) if i == 0 else "")
         busy = (time.perf_counter() - t0) / max(1, len(rows))  # this call's seconds, shared out over its rows
         return {
             "shard": np.asarray(shards, dtype=np.int64),
@@ -388,12 +419,13 @@ def local_cluster_cpus(workers: int) -> int:
 
 class ShardWriter:
     """The Ray driver's side of the actors' output (:class:`RayAnalyser`): rows come back in item order, and shard
-    ``k`` is written (with its batches' fallbacks summed) once all of its ``need[k]`` rows are in."""
+    ``k`` is written (with its batches' records merged, :func:`merge_records`) once all of its ``need[k]`` rows are
+    in."""
 
     def __init__(self, out: Path, need: dict[int, int], progress: Progress | None = None) -> None:
         self.out, self.need, self.progress = out, need, progress
         self.rows: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
-        self.fell: dict[int, collections.Counter[str]] = {k: collections.Counter() for k in need}
+        self.fell: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
         self.t0: dict[int, float] = {}
 
     def add(self, batch: dict[str, Any]) -> None:
@@ -402,10 +434,11 @@ class ShardWriter:
             k = int(k)
             self.t0.setdefault(k, time.perf_counter())
             self.rows[k].append(json.loads(row))
-            self.fell[k].update(json.loads(fell) if fell else {})
+            if fell:
+                self.fell[k].append(json.loads(fell))
             if len(self.rows[k]) == self.need[k]:
                 seconds = time.perf_counter() - self.t0[k]
-                write_shard(self.out, k, self.rows.pop(k), seconds, "ray", dict(self.fell.pop(k)))
+                write_shard(self.out, k, self.rows.pop(k), seconds, "ray", merge_records(self.fell.pop(k)))
                 if self.progress:
                     self.progress.update(self.need[k])
 

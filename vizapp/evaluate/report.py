@@ -12,7 +12,6 @@ a text cell is written as the two characters ``\r`` (a raw one would split the r
 
 from __future__ import annotations
 
-import collections
 import csv
 import io
 import json
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vizapp.analysis.perturbation import CHEFER_FRACTIONS, DIRECTIONS
-from vizapp.evaluate.engines import read_shard, write_atomic
+from vizapp.evaluate.engines import merge_records, read_shard, write_atomic
 from vizapp.evaluate.worker import CLASS_KINDS, RANDOM
 
 BASE_COLUMNS = (
@@ -247,15 +246,6 @@ def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
     return ", ".join(f"{a}–{b}" for a, b in spans) or "none"
 
 
-def fallbacks(meta: list[dict[str, Any]]) -> dict[str, int]:
-    """The batches of the shards read (their metadata, :func:`read_rows`) that ran again one image at a time, summed
-    by stage and error (:func:`~vizapp.evaluate.engines.write_shard`)."""
-    total: collections.Counter[str] = collections.Counter()
-    for m in meta:
-        total.update(m.get("fallbacks") or {})
-    return dict(sorted(total.items()))
-
-
 def fallback_causes(counts: dict[str, int], sites: dict[str, str] | None = None) -> str:
     """Fallbacks counted by cause (:attr:`~vizapp.evaluate.worker.Evaluator.fallbacks`, or :func:`fallbacks`) in
     words, the most frequent first: "2x after the maps: RuntimeError: ...; 1x after ..."; with ``sites``
@@ -272,10 +262,11 @@ def summarise(
     methods: list[str],
     job: dict[str, Any],
     meta_shards: list[int] | None = None,
-    fell_back: dict[str, int] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Counts, accuracy, Chefer AUCs (mean ± s.e.), mean curves, deletion/insertion AUCs and per-head statistics;
-    ``fell_back``: the batches that ran again one image at a time, by stage and error (:func:`fallbacks`)."""
+    ``record``: the slow paths the rows took (:func:`~vizapp.evaluate.engines.merge_records` of the shards': the
+    batches that ran again one image at a time, where their errors were raised, the CUDA graphs that ran eagerly)."""
     meta_shards = meta_shards or []
     ok = [r for r in rows if r["status"] == "ok"]
     status: dict[str, int] = {}
@@ -293,7 +284,7 @@ def summarise(
         "evaluated": len(ok),
     }
     out["item_ranges"] = item_ranges(meta_shards, int(job.get("shard_size") or 1), int(job.get("num_items") or 0))
-    out["fallbacks"] = dict(fell_back or {})
+    out |= merge_records([record])  # each of RECORD_KEYS, empty when the rows took no slow path
     if not ok:
         return out
     out["accuracy"] = mean_se(col("correct"))
@@ -382,7 +373,17 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         lines += [
             f"**A batch ran again one image at a time {'once' if n == 1 else f'{n} times'}.** Its shared work (one "
             "stage of it) failed, so its images ran alone: their rows are what each image gives alone, but each cost "
-            "what it costs alone. " + fallback_causes(fell) + ".",
+            "what it costs alone. " + fallback_causes(fell, summary.get("fallback_sites")) + ".",
+            "",
+        ]
+    graphs = summary.get("graph_failures") or []
+    if graphs:
+        many = len(graphs) > 1
+        lines += [
+            f"**{len(graphs)} CUDA graph{'s' if many else ''} could not be recorded**, so "
+            f"{'those passes' if many else 'that pass'} ran eagerly: the same rows, at the eager pass's speed. "
+            + "; ".join(graphs)
+            + ".",
             "",
         ]
     if "methods" not in summary:
@@ -498,7 +499,7 @@ def write_report(
     sentences about the model that the summary repeats (where its maps lie, statistics not defined for it)."""
     rows, meta = read_rows(out, shard_count(job))
     write_csv(out / "results.csv", rows, columns(rows, methods))
-    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta], fallbacks(meta))
+    summary = summarise(rows, methods, job, [int(m["shard"]) for m in meta], merge_records(meta))
     summary["notes"] = list(notes or ())
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     text = markdown(summary, command, labels)

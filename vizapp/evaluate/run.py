@@ -327,4 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             f"one-image rate); see {args.out}/summary.md",
             file=sys.stderr,
         )
+    graphs = summary.get("graph_failures") or []
+    if graphs:
+        print(
+            f"warning: {len(graphs)} CUDA graph(s) could not be recorded and ran eagerly (right rows, slower); see "
+            f"{args.out}/summary.md",
+            file=sys.stderr,
+        )
     return 0

@@ -232,6 +232,16 @@ class VizModel:
             graphs = self._digest.setdefault("digest graphs", GraphCache())
         return weights_digest(self.model, graphs)
 
+    def graph_failures(self) -> list[str]:
+        """Why each of this model's CUDA graphs that could not be recorded (the analysis and class-map passes, the
+        weights digest) failed, and the recordings that fell back to something slower: those passes run eagerly, with
+        the same results, at the eager pass's speed. Empty on the CPU and when every recording worked."""
+        out = [*self.graphs.failures(), *self.graphs.notes]
+        digest = self._digest.get("digest graphs")
+        if digest is not None:
+            out += [f"the weights digest: {why}" for why in (*digest.failures(), *digest.notes)]
+        return out
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch [B, C, H, W]: logits [B, K] (or the pooled feature without a head)."""
         return self.forward_fn(self.model, x)
