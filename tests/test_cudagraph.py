@@ -251,6 +251,27 @@ def test_graph_cache_keeps_the_latest_recordings_and_remembers_failures(fake_pas
     fake_pass.fail_all = False
     assert cache.get(("d",), None, x) is None  # the failure is remembered, not tried again
     assert cache.failures() == [cache.failure(("d",))]
+    # and it took no recorded graph's place: c and b are still replayed, not recorded again
+    made = len(fake_pass.made)
+    assert cache.get(("c",), None, x) is not None and cache.get(("b",), None, x) is not None
+    assert len(fake_pass.made) == made and len(cache) == 2
+    # nor is it forgotten when more graphs are recorded than the cache keeps
+    for key in ("e", "f", "g"):
+        cache.get((key,), None, x)
+    assert cache.get(("d",), None, x) is None and len(fake_pass.made) == made + 3 and cache.asked_before(("d",))
+
+
+def test_graph_cache_remembers_the_last_failures_only(fake_pass):
+    """Failures hold no memory but are not kept forever: the last ``ASKED`` of them, the least recently asked going
+    first; a key forgotten so is tried again."""
+    fake_pass.fail_all = True
+    cache = cudagraph.GraphCache()
+    x = torch.zeros(1)
+    for i in range(cudagraph.ASKED + 1):
+        assert cache.get((i,), None, x) is None
+    assert len(cache.failures()) == cudagraph.ASKED and cache.failure((0,)) is None and cache.failure((1,)) is not None
+    fake_pass.fail_all = False
+    assert cache.get((0,), None, x) is not None and cache.get((1,), None, x) is None
 
 
 def test_any_failure_to_record_leaves_the_pass_to_run_eagerly(fake_pass, caplog):
@@ -428,10 +449,10 @@ def test_a_models_graph_failures_name_the_digests_and_the_slower_recordings(monk
 
     vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
     assert vm.graph_failures() == []
-    monkeypatch.setitem(vm.graphs._graphs, ("a shape",), "RuntimeError: capture failed (raised at x.py:1 (f))")
+    monkeypatch.setitem(vm.graphs._failed, ("a shape",), "RuntimeError: capture failed (raised at x.py:1 (f))")
     monkeypatch.setattr(vm.graphs, "notes", ["recorded without host staging (RuntimeError: y)"])
     digest = GraphCache()
-    digest._graphs[("weights",)] = "RuntimeError: z (raised at vizapp/models/digest.py:9 (graphed_sums))"
+    digest._failed[("weights",)] = "RuntimeError: z (raised at vizapp/models/digest.py:9 (graphed_sums))"
     monkeypatch.setitem(vm._digest, "digest graphs", digest)
     assert vm.graph_failures() == [
         "RuntimeError: capture failed (raised at x.py:1 (f))",

@@ -603,7 +603,7 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     ev.fallbacks.clear()
     assert fallbacks(ev) == "never fell back to one image at a time"
     # a recording that failed (eager from then on); undone after the test, as the loaded model is shared
-    monkeypatch.setitem(ev.vm.graphs._graphs, ("a shape",), "RuntimeError: capture failed")
+    monkeypatch.setitem(ev.vm.graphs._failed, ("a shape",), "RuntimeError: capture failed")
     assert fallbacks(ev).endswith("; CUDA graphs that fell back to eager passes: RuntimeError: capture failed")
 
 
@@ -659,7 +659,7 @@ def test_the_job_report_says_which_batches_ran_one_image_at_a_time(monkeypatch, 
     why = _batches_fail(monkeypatch)
     # a recording that failed, as a GPU would keep it (the loaded model is shared: undone after the test)
     failed = "RuntimeError: capture failed (raised at vizapp/cudagraph.py:1 (_record))"
-    monkeypatch.setitem(load_model("bundled").graphs._graphs, ("a shape",), failed)
+    monkeypatch.setitem(load_model("bundled").graphs._failed, ("a shape",), failed)
     out = tmp_path / "fell"
     # shards of 4 in batches of 3: each shard has a batch of 3 (falls back) and one of 1 (cannot)
     argv = ["fmnist-test", "--out", str(out), "--methods", "rollout,random", "--steps", "0", "--shard-size", "4"]

@@ -151,13 +151,16 @@ ASKED = 16
 
 
 class GraphCache:
-    """A model's recorded graphs, by :func:`graph_key`; a key whose recording failed stays failed (eager)."""
+    """A model's recorded graphs, by :func:`graph_key`: the :data:`vizapp.limits.CUDA_GRAPHS` most recently used; a
+    key whose recording failed stays failed (eager) and takes no graph's place (the last :data:`ASKED` failures are
+    remembered, each a line of text)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._graphs: OrderedDict[tuple, GraphedPass | str] = OrderedDict()
+        self._graphs: OrderedDict[tuple, GraphedPass] = OrderedDict()
+        self._failed: OrderedDict[tuple, str] = OrderedDict()  # keys whose recording failed -> why
         self._asked: OrderedDict[tuple, None] = OrderedDict()  # keys asked about (see asked_before)
-        self.notes: list[str] = []  # recordings that fell back to something slower, and why
+        self.notes: list[str] = []  # recordings that fell back to something slower, and why (each once)
 
     def get(
         self,
@@ -170,24 +173,34 @@ class GraphCache:
         """The graph of ``fn`` for ``key`` (see :class:`GraphedPass`), recorded now from ``x`` if needed; None when it
         cannot be recorded."""
         with self._lock:
+            if key in self._failed:
+                self._failed.move_to_end(key)
+                return None
             found = self._graphs.get(key)
             if found is None:
-                found = _record(fn, x, stage, keep)
-                if isinstance(found, str) and stage is not None:  # the staging copies failed: results copied after
-                    staged_failure = found
-                    found = _record(fn, x, None, keep)
-                    self.notes.append(f"recorded without host staging ({staged_failure})")
-                self._graphs[key] = found
+                made = _record(fn, x, stage, keep)
+                if isinstance(made, str) and stage is not None:  # the staging copies failed: results copied after
+                    staged_failure = made
+                    made = _record(fn, x, None, keep)
+                    note = f"recorded without host staging ({staged_failure})"
+                    if note not in self.notes:
+                        self.notes.append(note)
+                if isinstance(made, str):
+                    self._failed[key] = made
+                    while len(self._failed) > ASKED:
+                        self._failed.popitem(last=False)
+                    return None
+                found = self._graphs[key] = made
                 while len(self._graphs) > max(1, limits.CUDA_GRAPHS):
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
-            return found if isinstance(found, GraphedPass) else None
+            return found
 
     def asked_before(self, key: tuple) -> bool:
-        """Whether ``key`` has a graph or was asked about before (this call counts as asking; the last
-        :data:`ASKED` keys are remembered)."""
+        """Whether ``key`` has a graph, failed to record, or was asked about before (this call counts as asking; the
+        last :data:`ASKED` keys are remembered)."""
         with self._lock:
-            if key in self._graphs:
+            if key in self._graphs or key in self._failed:
                 return True
             seen = key in self._asked
             self._asked[key] = None
@@ -198,12 +211,11 @@ class GraphCache:
 
     def failure(self, key: tuple) -> str | None:
         """Why recording failed for ``key`` (None when it did not fail or was not tried)."""
-        found = self._graphs.get(key)
-        return found if isinstance(found, str) else None
+        return self._failed.get(key)
 
     def failures(self) -> list[str]:
-        """Why each failed recording failed."""
-        return [g for g in self._graphs.values() if isinstance(g, str)]
+        """Why each failed recording failed (the last :data:`ASKED`)."""
+        return list(self._failed.values())
 
     def __len__(self) -> int:
-        return sum(isinstance(g, GraphedPass) for g in self._graphs.values())
+        return len(self._graphs)
