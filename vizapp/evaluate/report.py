@@ -378,12 +378,10 @@ def markdown(summary: dict[str, Any], command: str, labels: dict[str, str]) -> s
         ]
     graphs = summary.get("graph_failures") or []
     if graphs:
-        many = len(graphs) > 1
         lines += [
-            f"**{len(graphs)} CUDA graph{'s' if many else ''} could not be recorded**, so "
-            f"{'those passes' if many else 'that pass'} ran eagerly: the same rows, at the eager pass's speed. "
-            + "; ".join(graphs)
-            + ".",
+            f"**CUDA graphs: {len(graphs)} recording{'s' if len(graphs) > 1 else ''} failed or fell back.** The rows "
+            "are the same; a pass that could not be recorded ran eagerly, and one recorded without host staging "
+            "copied its results after each replay, both slower. " + "; ".join(graphs) + ".",
             "",
         ]
     if "methods" not in summary:

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     graphs = summary.get("graph_failures") or []
     if graphs:
         print(
-            f"warning: {len(graphs)} CUDA graph(s) could not be recorded and ran eagerly (right rows, slower); see "
+            f"warning: {len(graphs)} CUDA graph recording(s) failed or fell back (right rows, slower); see "
             f"{args.out}/summary.md",
             file=sys.stderr,
         )
