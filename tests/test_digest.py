@@ -116,3 +116,36 @@ def test_without_the_int8_product_the_raw_bytes_are_hashed(monkeypatch):
     with torch.no_grad():
         m.weight.view(-1)[3] += 1e-3
     assert weights_digest(m).values != slow.values
+
+
+def test_the_digests_walk_lists_what_torchs_named_parameters_and_buffers_list():
+    """named_tensors: the same (name, tensor) pairs in the same order as torch's own walks with remove_duplicate=False:
+    a module reached twice (tied) listed twice, empty slots (a Linear without bias) skipped, non-persistent buffers
+    kept, and a timm ViT's tree."""
+    import timm
+
+    from tests.conftest import small_model
+    from vizapp.models.digest import named_tensors
+
+    shared = torch.nn.Linear(3, 3, bias=False)
+    tied = torch.nn.Sequential(
+        shared,
+        torch.nn.BatchNorm1d(3),
+        torch.nn.Sequential(torch.nn.Identity(), shared, torch.nn.LayerNorm(3)),
+    )
+    tied.register_buffer("scratch", torch.zeros(2), persistent=False)
+    tied.add_module("missing", None)
+    models = [
+        tied,
+        timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2),
+        small_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2).model,
+    ]
+    for model in models:
+        params, buffers = named_tensors(model)
+        want_p = list(model.named_parameters(remove_duplicate=False))
+        want_b = list(model.named_buffers(remove_duplicate=False))
+        assert [n for n, _ in params] == [n for n, _ in want_p] and [n for n, _ in buffers] == [n for n, _ in want_b]
+        assert all(a is b for (_, a), (_, b) in zip(params + buffers, want_p + want_b, strict=True))
+    params, buffers = named_tensors(tied)
+    assert [n for n, _ in params].count("0.weight") == 1 and "2.1.weight" in dict(params)  # the tied weight twice
+    assert [n for n, _ in buffers] == ["scratch", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
