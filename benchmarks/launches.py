@@ -97,10 +97,18 @@ class StandInGraph:
         self.input = example
 
     @contextlib.contextmanager
-    def run(self, x: Any) -> Iterator[tuple[Any, list[torch.Tensor] | None]]:
+    def run(
+        self, x: Any, meanwhile: Callable[[], Any] | None = None
+    ) -> Iterator[tuple[Any, list[torch.Tensor] | None]]:
         _replaying[0] += 1
         try:
             out = self.fn(x)
+        finally:
+            _replaying[0] -= 1
+        if meanwhile is not None:  # host work between the replay and its synchronisation, as GraphedPass.run
+            meanwhile()
+        _replaying[0] += 1
+        try:
             staged = None
             if self.stage is not None:  # the graph's own copies into pinned memory (no wait), then one synchronisation
                 staged = [t.detach().float().to("cpu", non_blocking=True).clone() for t in self.stage(out)]

@@ -325,3 +325,43 @@ def test_to_host_copies_views_covering_a_batch_tensor_as_that_tensor():
             assert torch.equal(h, t.float().cpu())
         # the per-slice path would flatten each of the 4 strided statistic slices on the device
         assert slice_kernels <= 4, slice_kernels
+
+
+@pytest.mark.parametrize("graphed", [True, False], ids=["replayed", "eager"])
+def test_the_weights_digest_is_taken_before_the_host_first_waits_for_the_pass(graphed):
+    """On the simulated GPU, ``analyze`` takes the weights' digest after its pass is queued and before the host's
+    first wait for the device (the replay's synchronisation, or the eager pass's first copy to the host), so that on a
+    GPU the digest's walk of the weights runs while the device computes, and its own wait covers the pass."""
+    from unittest import mock
+
+    from benchmarks.launches import StandInGraph
+    from tests import devicesim
+    from vizapp import cudagraph
+    from vizapp.models import VizModel
+
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2, num_classes=5))
+    img = random_image(22)
+    events: list[str] = []
+
+    class Order:
+        def copied(self, t):
+            pass
+
+        def waited(self, why):
+            events.append(f"wait: {why}")
+
+    real = VizModel.fingerprint
+
+    def fingerprint(self):
+        events.append("digest starts")
+        return real(self)
+
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+        with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1" if graphed else "0"}):
+            vizapp.analyze(vm, img)  # records the pass (and the digest's sums) when graphed
+            with mock.patch.object(VizModel, "fingerprint", fingerprint), devicesim.recording(Order()):
+                r = vizapp.analyze(vm, img)
+            want = real(vm)
+    assert events[0] == "digest starts" and events.count("digest starts") == 1, events
+    assert "wait: a replayed graph's synchronisation" in events if graphed else "wait: a copy to the host" in events
+    assert r.model_fingerprint == want  # the digest recorded is the model's, on its device

@@ -110,14 +110,17 @@ class GraphedPass:
                     slot.copy_(t.detach(), non_blocking=True)
 
     @contextlib.contextmanager
-    def run(self, x: Inputs) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+    def run(self, x: Inputs, meanwhile: Callable[[], Any] | None = None) -> Iterator[tuple[Any, list[torch.Tensor]]]:
         """Replay on ``x``; yield the recorded output structure and the staged tensors copied to ordinary host memory
         (one tensor each; None without ``stage``). Read the output structure inside the block: the next replay
-        rewrites it."""
+        rewrites it. ``meanwhile``: host work called once the replay is queued and before the host waits for it, so
+        that it runs while the device replays (work it queues on the device runs after the replay)."""
         with self._lock:
             for static, given in zip(_tensors(self.input), _tensors(x), strict=True):
                 static.copy_(given)
             self.graph.replay()
+            if meanwhile is not None:
+                meanwhile()
             if self._stage is None:
                 yield self.output, None
             else:

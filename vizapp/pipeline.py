@@ -403,9 +403,13 @@ def analyze_inputs(
         if b == 1 or vm.graphs.asked_before(key):
             graphed = vm.graphs.get(key, plain_pass, x_dev, stage=_small_of_all, keep=setup)
     graphs = [GradientGraph() for _ in range(b)]
+    # The weights' digest is taken afresh (an edit through .data since the last analysis moves no counter), once the
+    # pass is queued and before the host waits for it: on a GPU its walk of the weights runs while the device
+    # computes, and its own wait covers the pass too (see vizapp.models.digest).
+    digest: list[tuple[str, ...]] = []
     if graphed is not None:  # one replay: the small results staged in pinned memory, the large ones copied on the
         # device, both under the graph's lock (the next replay rewrites them)
-        with graphed.run(x_dev) as (outs, staged):
+        with graphed.run(x_dev, meanwhile=lambda: digest.append(vm.fingerprint())) as (outs, staged):
             it = iter(staged)
             hosts = cloned([out.with_small([next(it) for _ in out.small()]) for out in outs])
     else:
@@ -415,10 +419,11 @@ def analyze_inputs(
             outs = _device_pass(vm, x_dev, setup)
         if gradients:
             graphs = [GradientGraph(out.maps, out.logits_graph, image=i) for i, out in enumerate(outs)]
+        digest.append(vm.fingerprint())
         hosts = settle(outs)
     if progress:
         progress(0.6, "attention analyses")
-    fingerprint = vm.fingerprint()  # afresh: an edit through .data since the last analysis moves no counter
+    [fingerprint] = digest
     results = [
         _analysis(vm, x[i : i + 1], host, grid, notes[i], graphs[i], fingerprint, top_k) for i, host in enumerate(hosts)
     ]
