@@ -321,9 +321,11 @@ class _TensorReplay(StandInGraph):
         self.inputs, self.memory = [], None
 
     @contextlib.contextmanager
-    def run(self, x):
+    def run(self, x, meanwhile=None):
         self.inputs.append(x)
         out = self.fn(x)
+        if meanwhile is not None:
+            meanwhile()
         if self.memory is None:
             self.memory = out
         else:

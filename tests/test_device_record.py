@@ -365,3 +365,48 @@ def test_the_weights_digest_is_taken_before_the_host_first_waits_for_the_pass(gr
     assert events[0] == "digest starts" and events.count("digest starts") == 1, events
     assert "wait: a replayed graph's synchronisation" in events if graphed else "wait: a copy to the host" in events
     assert r.model_fingerprint == want  # the digest recorded is the model's, on its device
+
+
+def test_a_class_maps_weight_check_runs_while_its_replayed_passes_run_and_still_refuses_an_edit():
+    """A class map of ``analyze()``'s result replays the recorded forward and backward, then checks that the model's
+    weights are still the result's (the digest) before it takes the gradients: on a GPU the check's walk runs while
+    the device computes. An edit of the weights is still refused, with nothing handed out."""
+    from unittest import mock
+
+    from benchmarks.launches import StandInGraph
+    from vizapp import cudagraph, gradient_pass
+    from vizapp.errors import StaleResultError
+    from vizapp.models import VizModel
+
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2, num_classes=5))
+    img = random_image(23)
+    events: list[str] = []
+    real_passes, real_fingerprint = gradient_pass._passes, VizModel.fingerprint
+
+    def passes(*args):
+        events.append("passes")
+        return real_passes(*args)
+
+    def fingerprint(self):
+        events.append("digest")
+        return real_fingerprint(self)
+
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+        with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):
+            r = vizapp.analyze(vm, img)
+            with (
+                mock.patch.object(gradient_pass, "_passes", passes),
+                mock.patch.object(VizModel, "fingerprint", fingerprint),
+            ):
+                r.relevance(1)
+                assert events == ["passes", "digest"]  # replayed (a stand-in records nothing), then checked
+                assert r.graph.maps is None and len(vm.graphs) == 2  # the analysis pass and the gradient passes
+                with torch.no_grad():
+                    weight = vm.model.blocks[0].attn.qkv.weight
+                    weight.data[0, 0] += 1.0
+                try:
+                    with pytest.raises(StaleResultError, match="changed since this result"):
+                        r.grad_rollout(2)
+                finally:
+                    with torch.no_grad():
+                        weight.data[0, 0] -= 1.0

@@ -11,6 +11,8 @@ every class of every image of that shape. The gradient of Σ_k onehot_k · logit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,16 +47,34 @@ def _passes(vm: VizModel, x: torch.Tensor, target: int | torch.Tensor) -> torch.
     return torch.stack([g[0].detach().float() for g in grads])
 
 
-def attention_gradients(vm: VizModel, x: torch.Tensor, cls: int, num_classes: int) -> torch.Tensor:
+def attention_gradients(
+    vm: VizModel, x: torch.Tensor, cls: int, num_classes: int, meanwhile: Callable[[], None] | None = None
+) -> torch.Tensor:
     """∂logit[cls]/∂A of every layer and head of input ``x`` [1, C, H, W], [L, H, N, N] float32 on ``vm.device``;
     ``num_classes``: the logits' length. A replay of the recorded passes where :func:`graphable` (recorded the first
-    time an input shape, dtype and weights come), else the passes run eagerly."""
-    x = to_device(x, vm.device, vm.dtype)
-    if graphable(vm, x):
-        onehot = to_device(F.one_hot(torch.tensor([int(cls)]), int(num_classes)), vm.device, torch.float32)
-        key = cudagraph.graph_key(vm.model, vm.weights_key(), x, "attention gradients", int(num_classes))
-        graphed = vm.graphs.get(key, lambda inputs: _passes(vm, *inputs), (x, onehot))
-        if graphed is not None:
-            with graphed.run((x, onehot)) as (out, _):
-                return out.clone()  # out of the graph's memory, which the next replay rewrites
-    return _passes(vm, x, int(cls))
+    time an input shape, dtype and weights come), else the passes run eagerly. ``meanwhile`` (e.g. the check that
+    the weights are the result's, :func:`vizapp.models.pinned_later`) is called once the passes are queued and before
+    their gradients are handed out: on a GPU it runs while the device computes; if it raises, nothing is returned."""
+    checked = []
+
+    def check() -> None:
+        checked.append(True)
+        if meanwhile is not None:
+            meanwhile()
+
+    try:
+        x = to_device(x, vm.device, vm.dtype)
+        if graphable(vm, x):
+            onehot = to_device(F.one_hot(torch.tensor([int(cls)]), int(num_classes)), vm.device, torch.float32)
+            key = cudagraph.graph_key(vm.model, vm.weights_key(), x, "attention gradients", int(num_classes))
+            graphed = vm.graphs.get(key, lambda inputs: _passes(vm, *inputs), (x, onehot))
+            if graphed is not None:
+                with graphed.run((x, onehot), meanwhile=check) as (out, _):
+                    return out.clone()  # out of the graph's memory, which the next replay rewrites
+        grads = _passes(vm, x, int(cls))
+    except Exception:
+        if not checked:  # a model that is no longer the result's (converted, moved) says so, not how its pass failed
+            check()
+        raise
+    check()
+    return grads

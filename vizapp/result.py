@@ -432,8 +432,12 @@ class Analysis(LabelFreeViews, ModelRuns):
             i = self.graph.image
             grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
             return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
-        # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape)
-        grads = attention_gradients(self._model(), self.input, cls, len(self.probs))
+        # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape); the
+        # model's weights are checked against the result's once that work is queued, before its gradients are taken
+        from vizapp.models import pinned_later
+
+        vm, check = pinned_later(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
+        grads = attention_gradients(vm, self.input, cls, len(self.probs), meanwhile=check)
         return self._cache.put(key, grads.to(self.device))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:

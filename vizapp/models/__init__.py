@@ -10,6 +10,7 @@ never cached.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,18 @@ def pinned(model_ref: Any, load_args: tuple[tuple[str, Any], ...], model_name: s
     cache's copy when its weights are the same; otherwise :class:`~vizapp.errors.StaleResultError` (a random-weight
     model rebuilt, weights edited, converted or moved). ``fingerprint`` is :meth:`VizModel.fingerprint` as the result
     recorded it (falsy: not pinned)."""
+    vm, check = pinned_later(model_ref, load_args, model_name, fingerprint)
+    check()
+    return vm
+
+
+def pinned_later(
+    model_ref: Any, load_args: tuple[tuple[str, Any], ...], model_name: str, fingerprint: Any
+) -> tuple[VizModel, Callable[[], None]]:
+    """:func:`pinned` in two steps: the network (alive, or reloaded), and the check of its weights against
+    ``fingerprint``, which raises what :func:`pinned` raises. A caller that runs the network on a GPU calls the check
+    once that work is queued and before it takes any result, so that the check's walk of the weights runs while the
+    device computes (see :func:`vizapp.gradient_pass.attention_gradients`)."""
     from vizapp.errors import StaleResultError
 
     vm = model_ref() if model_ref is not None else None
@@ -297,7 +310,10 @@ def pinned(model_ref: Any, load_args: tuple[tuple[str, Any], ...], model_name: s
             )
         vm = reload(load_args)
         where = "reloaded, and its weights differ from those of"
-    if fingerprint:
+
+    def check() -> None:
+        if not fingerprint:
+            return
         now = vm.fingerprint()
         if now.layout != fingerprint.layout:
             raise StaleResultError(
@@ -308,4 +324,5 @@ def pinned(model_ref: Any, load_args: tuple[tuple[str, Any], ...], model_name: s
             raise StaleResultError(
                 f"the weights of {model_name} have {where} this result; analyze the image again to explain it"
             )
-    return vm
+
+    return vm, check
