@@ -400,7 +400,8 @@ def test_a_class_maps_weight_check_runs_while_its_replayed_passes_run_and_still_
             ):
                 r.relevance(1)
                 assert events == ["passes", "digest"]  # replayed (a stand-in records nothing), then checked
-                assert r.graph.maps is None and len(vm.graphs) == 2  # the analysis pass and the gradient passes
+                assert r.graph.maps is None  # the passes ran as the stand-in graph of the gradient passes:
+                assert any("attention gradients" in key for key in vm.graphs._graphs)
                 with torch.no_grad():
                     weight = vm.model.blocks[0].attn.qkv.weight
                     weight.data[0, 0] += 1.0
