@@ -186,7 +186,7 @@ class GraphCache:
                     staged_failure = made
                     made = _record(fn, x, None, keep)
                     note = f"recorded without host staging ({staged_failure})"
-                    if note not in self.notes:
+                    if not isinstance(made, str) and note not in self.notes:
                         self.notes.append(note)
                 if isinstance(made, str):
                     self._failed[key] = made
