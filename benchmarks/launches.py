@@ -107,14 +107,14 @@ class StandInGraph:
             _replaying[0] -= 1
         if meanwhile is not None:  # host work between the replay and its synchronisation, as GraphedPass.run
             meanwhile()
-        _replaying[0] += 1
-        try:
-            staged = None
-            if self.stage is not None:  # the graph's own copies into pinned memory (no wait), then one synchronisation
+        staged = None
+        if self.stage is not None:  # the graph's own copies into pinned memory (no wait), then one synchronisation
+            _replaying[0] += 1
+            try:
                 staged = [t.detach().float().to("cpu", non_blocking=True).clone() for t in self.stage(out)]
-                devicesim.waited("a replayed graph's synchronisation")
-        finally:
-            _replaying[0] -= 1
+            finally:
+                _replaying[0] -= 1
+            devicesim.waited("a replayed graph's synchronisation")
         yield out, staged
 
 

@@ -121,6 +121,13 @@ class ModelRuns:
 
         return pinned(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
 
+    def _model_later(self) -> tuple[VizModel, Callable[[], None]]:
+        """:meth:`_model` in two steps: the network, and the check of its weights, to call once the work given to it
+        is queued and before its results are taken (:func:`vizapp.models.pinned_later`)."""
+        from vizapp.models import pinned_later
+
+        return pinned_later(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
+
     def _moved(self, move: Callable[[Any], Any]) -> dict[str, Any]:
         """The record's fields, each tensor passed through ``move``, and the fields a moved copy starts afresh (each
         result type's own; its ``device`` property says where the record is)."""
@@ -434,9 +441,7 @@ class Analysis(LabelFreeViews, ModelRuns):
             return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
         # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape); the
         # model's weights are checked against the result's once that work is queued, before its gradients are taken
-        from vizapp.models import pinned_later
-
-        vm, check = pinned_later(self.model_ref, self.load_args, self.model_name, self.model_fingerprint)
+        vm, check = self._model_later()
         grads = attention_gradients(vm, self.input, cls, len(self.probs), meanwhile=check)
         return self._cache.put(key, grads.to(self.device))
 

@@ -247,7 +247,8 @@ def item_ranges(shards: list[int], shard_size: int, num_items: int) -> str:
 
 
 def fallback_causes(counts: dict[str, int], sites: dict[str, str] | None = None) -> str:
-    """Fallbacks counted by cause (:attr:`~vizapp.evaluate.worker.Evaluator.fallbacks`, or :func:`fallbacks`) in
+    """Fallbacks counted by cause (:attr:`~vizapp.evaluate.worker.Evaluator.fallbacks`, or a job's, merged by
+    :func:`~vizapp.evaluate.engines.merge_records`) in
     words, the most frequent first: "2x after the maps: RuntimeError: ...; 1x after ..."; with ``sites``
     (:attr:`~vizapp.evaluate.worker.Evaluator.fallback_sites`), each cause's " (raised at path:line (function))"."""
     sites = sites or {}
