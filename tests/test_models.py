@@ -78,6 +78,35 @@ def test_pretrained_tag_loads_from_hub_cache_without_network(tmp_path, monkeypat
         torch.testing.assert_close(vm.model(x), ref(x))
 
 
+def test_a_cached_hub_file_is_read_as_a_state_dict_whatever_the_timm_version(tmp_path, monkeypatch):
+    """The AugReg tags say custom_load=True (their first weights were JAX .npz files). timm 1.0.31 drops that when an
+    overlay names a file; timm 1.0.30 and earlier keep it and hand the hub's model.safetensors to the .npz reader
+    (timm 1.0.29 refuses it, so the test above fails there without this). So the overlay says which reader."""
+    import huggingface_hub.constants as hc
+    import timm
+
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert timm.models.get_pretrained_cfg(name).custom_load is True  # the case this is about
+    _save_random("vit_tiny_patch16_224", tmp_path / "model.safetensors")
+    _fake_hub_cache(tmp_path / "hub", "timm/" + name, {"model.safetensors": tmp_path / "model.safetensors"})
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models.timm, "hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
+    overlays = []
+    real = timm.create_model
+
+    def create_model(*args, **kwargs):
+        overlays.append(kwargs.get("pretrained_cfg_overlay"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    models.MODEL_CACHE.clear()
+    vizapp.load_model(name, device="cpu")
+    (overlay,) = [o for o in overlays if o]
+    assert overlay["file"].endswith("model.safetensors") and overlay["custom_load"] is False
+    assert models.timm._from_file("/x/weights.npz")["custom_load"] is True  # an original .npz: the model's reader
+    models.MODEL_CACHE.clear()
+
+
 def test_hf_hub_id_loads_from_hub_cache_without_network(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 

@@ -207,6 +207,15 @@ def _timm_transform(model: torch.nn.Module) -> tuple[Callable, dict[str, Any], C
     return one, cfg, create_transform(**cfg, is_training=False)
 
 
+def _from_file(weights: str) -> dict[str, Any]:
+    """The pretrained-config overlay that loads a hub file found in the local cache. A state dict (safetensors, or a
+    torch file, which timm reads with ``weights_only``) goes through timm's generic loader; only a JAX ``.npz`` file
+    goes through the model's own reader (``custom_load``). The AugReg tags say ``custom_load=True`` (their weights
+    were first published as ``.npz``); timm 1.0.31 drops that for an overlay that names a file, but timm 1.0.30 and
+    earlier keep it and send the hub's ``model.safetensors`` to the ``.npz`` reader (which timm 1.0.29 refuses)."""
+    return {"file": weights, "custom_load": str(weights).endswith(".npz")}
+
+
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.Module, str]:
     import timm
 
@@ -228,7 +237,7 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.M
             if not isinstance(arch, str) or not timm.is_model(arch):
                 raise ModelLoadError(f"{name}: its config.json names no timm architecture I know ({arch!r})")
             pcfg = {k: v for k, v in (hub_cfg.get("pretrained_cfg") or {}).items() if k not in ("hf_hub_id", "source")}
-            pcfg["file"] = weights
+            pcfg.update(_from_file(weights))
             model_args = dict(hub_cfg.get("model_args") or {})
             if "num_classes" in hub_cfg:
                 model_args.setdefault("num_classes", hub_cfg["num_classes"])
@@ -248,7 +257,7 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> tuple[torch.nn.M
         weights = cached_hub_file(repo, (cfg.hf_hub_filename or "model.safetensors", "open_clip_model.safetensors"))
         if weights:
             return timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs
+                name, pretrained=True, pretrained_cfg_overlay=_from_file(weights), **kwargs
             ), "pretrained"
     if not hub_reachable():
         raise ModelLoadError(offline_message(name, repo and f"hub repo {repo}", HOW))
