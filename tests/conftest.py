@@ -13,6 +13,26 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.manual_seed(0)
 
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
+def timm_version() -> tuple[int, ...]:
+    import timm
+
+    return _version(timm.__version__)
+
+
+needs_timm_1_0_31 = pytest.mark.skipif(
+    timm_version() < (1, 0, 31),
+    reason="the test's tiny model needs timm 1.0.31 (earlier versions cannot build a Swin V2 whose grid needs "
+    "padding or a Swin that pools by max, nor run a RoPE-mixed ViT in float64)",
+)
+"""For tests whose tiny test model an older timm cannot build or run (the suite is also run at the floors of
+requirements.txt: README, Versions)."""
+
+
 # (id, timm name, create_model kwargs): CLS only, CLS + distillation token, CLS + 4 registers with
 # no_embed_class, a non-square grid, dynamic image size, and 4 registers with no CLS token (average pooling).
 FAMILIES = [

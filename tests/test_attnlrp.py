@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import all_hooks, random_image, small_model
+from conftest import all_hooks, needs_timm_1_0_31, random_image, small_model
 
 import vizapp
 from vizapp import methods, views
@@ -304,7 +304,7 @@ def _conservation_gap(model, logits_fn, x: torch.Tensor, cls: int) -> tuple[floa
         "eva02",
         "beit",
         "relpos",
-        "rope_mixed",
+        pytest.param("rope_mixed", marks=needs_timm_1_0_31),
         "hf_vit",
         "hf_vit_msn",
         "hf_ijepa",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import all_hooks, random_image
+from conftest import all_hooks, needs_timm_1_0_31, random_image
 from test_swin import hf_swin
 
 import vizapp
@@ -77,7 +77,8 @@ def _model(fid: str):
     return model, _logits(model), (4, 4), x
 
 
-FAMILIES = ["timm", "timm_fused", "timm_v2", "hf_swin", "hf_swinv2"]
+TIMM_V2 = pytest.param("timm_v2", marks=needs_timm_1_0_31)
+FAMILIES = ["timm", "timm_fused", TIMM_V2, "hf_swin", "hf_swinv2"]
 
 
 # -- AttnLRP by hand --------------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def _legrad_reference(fid: str, model, x: torch.Tensor, cls: list[int]) -> torch
     return total
 
 
-@pytest.mark.parametrize("fid", ["timm", "timm_v2", "hf_swin", "hf_swinv2"])
+@pytest.mark.parametrize("fid", ["timm", TIMM_V2, "hf_swin", "hf_swinv2"])
 def test_legrad_equals_per_block_autograd(fid):
     model, logits_fn, _, x = _model(fid)
     cls = [1, 4]
@@ -570,7 +571,11 @@ def test_no_head_and_rule_refusals(tmp_path):
     assert head_lens(vm.model) is None and "has none" in methods.unavailable(r, "legrad")
     with pytest.raises(vizapp.errors.BadParameterError, match="no classifier head"):
         vizapp.explain(vm, [random_image(0)], "attnlrp")
-    # a head that pools by max: not the average pooling the rules are written for
+
+
+@needs_timm_1_0_31
+def test_a_head_that_pools_by_max_is_refused():
+    """Not the average pooling the rules are written for."""
     model = _timm("swin_tiny_patch4_window7_224", **{**TINY, "global_pool": "max"})
     assert "pools by 'max'" in WE.unsupported(model)
     with pytest.raises(ValueError, match="AttnLRP is not defined for this model: its head pools by 'max'"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from appdriver import AppDriver, assert_clean, plot_of
-from conftest import random_image, start_app
+from conftest import needs_timm_1_0_31, random_image, start_app
 from PIL import Image
 from test_swin import TINY, hf_swin, write_swin_folder
 
@@ -81,7 +81,7 @@ def _by_hand(model: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
     return z.mean(1) @ model.classifier.weight.T + model.classifier.bias
 
 
-@pytest.mark.parametrize("family", ["timm", "timm_v2", "swin", "swinv2"])
+@pytest.mark.parametrize("family", ["timm", pytest.param("timm_v2", marks=needs_timm_1_0_31), "swin", "swinv2"])
 def test_the_lens_is_the_last_stages_blocks_through_the_models_own_head(tmp_path, family):
     """The last layer's lens equals the model's own probabilities (to 1e-5), and every last-stage layer's equals its
     block's output, caught by a hook on the library's block, through the norm, mean and head written out by hand;

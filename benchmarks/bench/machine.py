@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import os
 import platform
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def machine_info(device: str) -> dict[str, Any]:
     except AttributeError:
         affinity = os.cpu_count() or 0
     info = {
-        "date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "CPU": _cpu_model(),
         "cores (os.cpu_count / usable)": f"{os.cpu_count()} / {affinity}",
         "memory": _mem_total(),
