@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "hardware": _hardware(device),
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
-        "created": _dt.datetime.now(_dt.UTC).date().isoformat(),
+        "created": _dt.datetime.now(_dt.timezone.utc).date().isoformat(),
     }
     (out / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     print(
