@@ -11,7 +11,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.vizapp-apt-updated
 
-.PHONY: run test debs venv bench report evaluate lint clean
+.PHONY: run test test-floors debs venv bench report evaluate lint clean
 
 # What the app needs (requirements.txt, as Spaces installs it): `make run`.
 $(RUN_STAMP): requirements.txt
@@ -60,6 +60,14 @@ evaluate: $(STAMP) debs
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --methods transformer_attribution,attnlrp,legrad,random --steps 0 --out eval-out/fmnist-test-bundled-lrp --markdown docs/faithfulness-lrp.md $(ARGS)
 	$(PY) -m vizapp.evaluate fmnist-test --model bundled --methods rollout --rollout-start-layer 0 --steps 0 --out eval-out/fmnist-test-bundled-rollout0 --markdown docs/faithfulness-rollout0.md $(ARGS)
 	$(PY) -m vizapp.evaluate.combine eval-out/fmnist-test-bundled eval-out/fmnist-test-bundled-lrp eval-out/fmnist-test-bundled-rollout0 --markdown docs/faithfulness-all.md
+
+# The suite at the lowest versions the requirements allow (requirements-floors.txt), in its own environment; not run by
+# CI: `PYTHON=python3.10 make test-floors` (README, Versions).
+FLOORS_VENV ?= .venv-floors
+test-floors: debs
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-floors.txt
+	$(FLOORS_VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vizapp tests benchmarks scripts app.py
