@@ -14,14 +14,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.manual_seed(0)
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
-
-
 def timm_version() -> tuple[int, ...]:
+    """timm's version as numbers (major, minor, patch)."""
     import timm
 
-    return _version(timm.__version__)
+    return tuple(int(p) for p in timm.__version__.split(".")[:3] if p.isdigit())
 
 
 needs_timm_1_0_31 = pytest.mark.skipif(

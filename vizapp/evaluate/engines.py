@@ -374,7 +374,7 @@ class RayAnalyser:
         import numpy as np
 
         t0 = time.perf_counter()
-        shards, rows, fell = [], [], []
+        shards, rows, records = [], [], []
         for k, items_json, data, shapes, errors in zip(
             batch["shard"], batch["items"], batch["pixels"], batch["shapes"], batch["errors"], strict=True
         ):
@@ -389,12 +389,12 @@ class RayAnalyser:
             for i, row in enumerate(self.ev.evaluate_batch(items, pixels, json.loads(errors))):
                 shards.append(int(k))
                 rows.append(json.dumps(row))
-                fell.append(json.dumps(batch_record(self.ev, before)) if i == 0 else "")
+                records.append(json.dumps(batch_record(self.ev, before)) if i == 0 else "")
         busy = (time.perf_counter() - t0) / max(1, len(rows))  # this call's seconds, shared out over its rows
         return {
             "shard": np.asarray(shards, dtype=np.int64),
             "row": np.asarray(rows, dtype=object),
-            "fell_back": np.asarray(fell, dtype=object),
+            "fell_back": np.asarray(records, dtype=object),
             "busy": np.full(len(rows), busy),
         }
 
@@ -425,20 +425,20 @@ class ShardWriter:
     def __init__(self, out: Path, need: dict[int, int], progress: Progress | None = None) -> None:
         self.out, self.need, self.progress = out, need, progress
         self.rows: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
-        self.fell: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
+        self.records: dict[int, list[dict[str, Any]]] = {k: [] for k in need}
         self.t0: dict[int, float] = {}
 
     def add(self, batch: dict[str, Any]) -> None:
         """Takes a batch of the actors' output rows (columns ``shard``, ``row``, ``fell_back``)."""
-        for k, row, fell in zip(batch["shard"], batch["row"], batch["fell_back"], strict=True):
+        for k, row, record in zip(batch["shard"], batch["row"], batch["fell_back"], strict=True):
             k = int(k)
             self.t0.setdefault(k, time.perf_counter())
             self.rows[k].append(json.loads(row))
-            if fell:
-                self.fell[k].append(json.loads(fell))
+            if record:
+                self.records[k].append(json.loads(record))
             if len(self.rows[k]) == self.need[k]:
                 seconds = time.perf_counter() - self.t0[k]
-                write_shard(self.out, k, self.rows.pop(k), seconds, "ray", merge_records(self.fell.pop(k)))
+                write_shard(self.out, k, self.rows.pop(k), seconds, "ray", merge_records(self.records.pop(k)))
                 if self.progress:
                     self.progress.update(self.need[k])
 
