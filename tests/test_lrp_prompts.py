@@ -105,7 +105,7 @@ def test_a_clip_tower_with_prompts_gives_the_map_of_the_timm_vit_with_its_weight
         tok = transformers.AutoTokenizer.from_pretrained(folder)
         feats = whole.get_text_features(**tok(PROMPTS, return_tensors="pt", padding=True))
         text = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
-    ps = PromptScore(whole.visual_projection.weight.detach(), text, float(whole.logit_scale.exp()))
+    ps = PromptScore(whole.visual_projection.weight.detach(), text, float(whole.logit_scale.detach().exp()))
     classes = [2, 0]
     ours = lrp.transformer_attribution(vision, x, 1, classes, (4, 4), prompt=ps)
     ref = lrp.transformer_attribution(timm_vit, x, 1, classes, (4, 4), prompt=ps)
