@@ -178,7 +178,7 @@ def test_an_openclip_tower_with_prompts_gives_the_map_of_the_timm_vit_with_its_w
         torch.testing.assert_close(timm_vit.forward_features(x)[:, 0] @ visual.proj, visual(x), rtol=1e-4, atol=1e-5)
         tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=SMALL["text_cfg"]["context_length"])
         text = F.normalize(clip.encode_text(tokenizer(PROMPTS)), dim=-1)
-    ps = PromptScore(visual.proj.detach().T, text, float(clip.logit_scale.exp()))
+    ps = PromptScore(visual.proj.detach().T, text, float(clip.logit_scale.detach().exp()))
     ours = lrp.transformer_attribution(visual, x, 1, [2, 0], (4, 4), prompt=ps)
     ref = lrp.transformer_attribution(timm_vit, x, 1, [2, 0], (4, 4), prompt=ps)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)

@@ -278,7 +278,7 @@ def _pos_embed_image(z: np.ndarray, title: str, grid: tuple[int, int]) -> go.Fig
     Cosines are quantised to 255 levels (steps of 0.008); the gaps between tiles are white."""
     lut = _colormap_lut(SIM_SCALE, 255)
     idx = np.where(np.isnan(z), 255, np.clip(np.round((np.nan_to_num(z) + 1.0) * 127.0), 0, 254)).astype(np.uint8)
-    img = Image.fromarray(idx, mode="P")
+    img = Image.fromarray(idx)  # "L"; putpalette makes it "P" (fromarray's mode= is deprecated in Pillow 11.3)
     img.putpalette(np.concatenate([lut, [[255, 255, 255]]]).astype(np.uint8).reshape(-1).tolist())
     uri = _png_data_uri(img, compress_level=6)
     height, width = z.shape

@@ -50,7 +50,7 @@ def bundled_transform(card: dict[str, Any]) -> Callable[[Image.Image], torch.Ten
             sq[top : top + ih, left : left + iw] = a
             a = sq
         if a.shape != (h, w):
-            a = np.asarray(Image.fromarray(a, mode="F").resize((w, h), resample=resample, reducing_gap=None))
+            a = np.asarray(Image.fromarray(a).resize((w, h), resample=resample, reducing_gap=None))
         x = torch.from_numpy(np.array(a, dtype=np.float32)).float().clamp(0, 1)[None].expand(c, h, w)
         return (x - mean) / std
 
