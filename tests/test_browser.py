@@ -269,12 +269,12 @@ def test_person_picks_where_a_pooled_models_maps_start_and_which_position_view(p
     _analyze(page, photo, "4x4 patches")
     page.get_by_role("tab", name="Rollout").click()
     _wait_title(page, "vizapp-rollout-plot", "the output reads the mean of the patch tokens")
-    page.get_by_label("the CLS token").check()
+    page.get_by_role("radio", name="the CLS token").check()
     _wait_title(page, "vizapp-rollout-plot", "from the CLS row")
     page.screenshot(path=str(ARTIFACTS / "11-pooled-model-cls-row.png"), full_page=True)
     page.get_by_role("tab", name="Position embeddings").click()
     _wait_title(page, "vizapp-pos-plot", "relative-position bias per head")
-    page.get_by_label("learned table").check()
+    page.get_by_role("radio", name="learned table").check()  # not the Preview grid menu, whose label names it
     _wait_title(page, "vizapp-pos-plot", "Position embedding similarity (4x4)")
     page.screenshot(path=str(ARTIFACTS / "12-learned-table-beside-bias.png"), full_page=True)
 
