@@ -422,3 +422,19 @@ def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
     ]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows) and rows[1][3] == "1.000"
     assert rows[-1][3] == ""  # not paired: another process
+
+
+def test_the_host_share_benchmark_times_each_part_where_analyze_calls_it(tmp_path):
+    """benchmarks.host_share's timers sit where analyze calls its parts: each part of one image's analysis took time
+    (a timer that missed its call would read 0), the digest's walk is inside the digest, and the rest is b less the
+    parts; the table has a row per model."""
+    from benchmarks import host_share
+
+    m = host_share.measure("vit_tiny_patch16_224@img_size=32,depth=2", rounds=2, warmup=1)
+    assert all(m[k] > 0 for k in host_share.PARTS), m
+    assert m["walk"] < m["digest"] and m["pass"] + m["digest"] < m["b"], m
+    assert m["rest"] == pytest.approx(m["b"] - m["preprocessing"] - m["pass"] - m["digest"])
+    out = tmp_path / "t.md"
+    host_share.main(["--models", "vit_tiny_patch16_224@img_size=32,depth=1", "--rounds", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| vit_tiny")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 11

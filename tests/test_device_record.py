@@ -251,6 +251,48 @@ def test_a_swin_analysis_and_its_views_run_on_the_device():
         np.testing.assert_allclose(found, want[m], rtol=1e-5, atol=1e-6, err_msg=m)
 
 
+@pytest.mark.parametrize("cache", [None, 1])
+def test_the_evaluation_records_each_cuda_graph_once(cache):
+    """On a GPU, an evaluation replays the CUDA graphs it recorded the first time round and records none again (each
+    recording costs passes of work): the graphs it asks for (one image's analysis pass and gradient passes, the
+    weights digest) fit the model's cache (:data:`vizapp.limits.CUDA_GRAPHS`), so none pushes another out, whether a
+    batch is evaluated at once or image by image. A cache of one graph does push them out (the test can fail). Taken
+    on the simulated GPU with each graph stood in for by its eager run."""
+    from benchmarks.launches import StandInGraph
+    from vizapp import cudagraph, limits
+    from vizapp.evaluate.worker import Evaluator
+
+    recorded: list[str] = []
+
+    class Counted(StandInGraph):
+        def __init__(self, fn, example, stage=None, keep=None):
+            recorded.append("graph")
+            super().__init__(fn, example, stage, keep)
+
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2, num_classes=5))
+    ev = Evaluator(vm, ["rollout", "relevance", "transformer_attribution", "attnlrp", "random"], steps=0, batch_size=8)
+    items = [{"id": f"img{i}", "source": "x", "target": (-1, 3)[i]} for i in range(2)]
+    pixels = [np.asarray(random_image(60 + i, size=(64, 64))) for i in range(2)]
+    rounds = []
+    with (
+        simulated_gpu(vm),
+        mock.patch.object(cudagraph, "GraphedPass", Counted),
+        mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}),
+        mock.patch.object(limits, "CUDA_GRAPHS", cache or limits.CUDA_GRAPHS),
+    ):
+        for _ in range(2):
+            recorded.clear()
+            rows = ev.evaluate_batch(items, pixels)
+            rows += [row for i in range(2) for row in ev.evaluate_batch(items[i : i + 1], pixels[i : i + 1])]
+            assert [row["status"] for row in rows] == ["ok"] * 4, [row.get("message") for row in rows]
+            rounds.append(len(recorded))
+    assert not vm.graph_failures() and not ev.fallbacks
+    if cache is None:
+        assert rounds[0] >= 3 and rounds[1] == 0, rounds  # the digest's, one image's pass and its gradient passes
+    else:
+        assert rounds[1] > 0, rounds
+
+
 @pytest.mark.parametrize("protocol", ["chefer2021", "patches"])
 def test_the_evaluation_on_the_device_gives_the_cpus_rows(protocol):
     """The dataset evaluation with its model on the (simulated) GPU: maps, the perturbed copies formed on the device
