@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ("forward in capture, no-op consumer, no q/k kept", _median_ms(vm, captured, args.repeats)),
         ("forward in capture, no-op consumer, q/k kept", _median_ms(vm, captured_qk, args.repeats)),
         ("analyze (preprocessing included)", _median_ms(vm, full, args.repeats)),
+        ("  of which the weights fingerprint (the digest)", _median_ms(vm, vm.fingerprint, args.repeats)),
     ]
     if vm.device.type == "cuda":
         rows.append(("analyze, CUDA graphs off (preprocessing included)", _median_ms(vm, eager, args.repeats)))

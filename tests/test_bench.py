@@ -356,6 +356,7 @@ def test_the_gpu_profile_runs_on_the_cpu_and_names_every_part(capsys):
     single = (
         "bare forward",
         "analyze (preprocessing included)",
+        "of which the weights fingerprint (the digest)",
         "class maps: analyze(gradients) + relevance + grad rollout",
         "of which analyze(gradients=True)",
         "a further class: one backward + both maps",
