@@ -170,6 +170,15 @@ def _wait_title(pg, elem_id: str, text: str) -> None:
 
 def test_person_opens_the_features_tab(page, photo):
     _analyze(page, photo, "7x7 patches")
+    # the upload fills its box (a small image is not left at its own size): drawn by object-fit "contain" (not
+    # gradio's "scale-down", which never enlarges), at the largest scale its box allows, here more than twice its size
+    shown = page.evaluate(
+        """() => { const img = document.querySelector('#vizapp-image img'), r = img.getBoundingClientRect();
+                   return {w: r.width, h: r.height, nw: img.naturalWidth, nh: img.naturalHeight,
+                           fit: getComputedStyle(img).objectFit}; }"""
+    )
+    assert (shown["nw"], shown["nh"]) == (90, 120) and shown["fit"] == "contain", shown
+    assert min(shown["w"] / shown["nw"], shown["h"] / shown["nh"]) > 2, shown
     page.get_by_role("tab", name="Features").click()
     _wait_title(page, "vizapp-pca-plot", "Feature PCA after block 1")
     pca = _plot_data(page, "vizapp-pca-plot")

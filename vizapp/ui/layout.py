@@ -50,6 +50,8 @@ INTRO = (
 CSS = """
 .vizapp-hidden { display: none !important; }
 #vizapp-query-image img { image-rendering: pixelated; cursor: crosshair; }
+/* the upload fills its box: a 28x28 image would show at 28 px; pixelated applies to upscaling only */
+#vizapp-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 # Plotly click -> hidden textbox bridge: gr.Plot has no click event, so the page forwards plotly_click on the
@@ -94,7 +96,12 @@ def _example_images() -> list[str]:
 
 def _input_column(ui: Components, startup: str, trusted: str | None) -> None:
     ui.image = UploadedImage(
-        label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], height=300
+        label="Image",
+        type="filepath",
+        image_mode=None,
+        sources=["upload", "clipboard", "webcam"],
+        height=300,
+        elem_id="vizapp-image",
     )
     ui.model = gr.Dropdown(
         model_choices(trusted),
