@@ -103,6 +103,17 @@ def test_zero_heads_or_patch_size_are_refused_by_name(tmp_path, kwargs):
         vizapp.load_model(str(path), arch="vit_tiny_patch16_224", device="cpu", depth=1, **{"img_size": 32, **kwargs})
 
 
+def test_an_argument_the_architecture_does_not_take_is_named():
+    """A constructor argument the architecture lacks (Swin takes ``depths``, not ``depth``): the message gives the
+    constructor's own words, which name the argument, not only the exception's type (it said "...: TypeError")."""
+    with pytest.raises(ModelLoadError) as err:
+        vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", depth=2)
+    msg = str(err.value)
+    assert msg.startswith("cannot build 'swin_tiny_patch4_window7_224' to check its size: TypeError: ")
+    assert "unexpected keyword argument 'depth'" in msg
+    assert "\n" not in msg and len(msg) < 320
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
