@@ -69,6 +69,27 @@ def _profiled(vm: vizapp.VizModel, what: str, fn: Callable[[], object], runs: in
     print(f"  kernel launches per call: {launches / runs:.0f}")
 
 
+def _digest_forms(vm: vizapp.VizModel, repeats: int) -> list[tuple[str, float]]:
+    """The device part of the digest in each of its two forms, replayed as CUDA graphs of their own: the exact int8
+    checksums (the form a device that passes its check uses) and the float64 sums (the fallback), so that one run
+    says what the exact form saves; and whether this device passed the check."""
+    from vizapp.cudagraph import GraphCache
+    from vizapp.models import digest
+
+    params, buffers = digest.named_tensors(vm.model)
+    tensors = [t for _, t in params + buffers if t.device.type == "cuda"]
+    exact = digest._device_exact_ok(vm.device)
+    rows = [(f"  device checksums, exact int8 form (this GPU passed its check: {exact})", float("nan"))]
+    if exact:
+        graphs = GraphCache()
+        rows[0] = (rows[0][0], _median_ms(vm, lambda: digest.graphed_sums(tensors, graphs, exact=True), repeats))
+    graphs64 = GraphCache()
+    rows.append(
+        ("  device sums, float64 form", _median_ms(vm, lambda: digest.graphed_sums(tensors, graphs64, False), repeats))
+    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -156,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass  # the timer synchronises after the replay
 
         rows.append(("bare forward replayed as a CUDA graph", _median_ms(vm, bare_graphed, args.repeats)))
+        rows += _digest_forms(vm, args.repeats)
     rows += [
         ("class maps: analyze(gradients) + relevance + grad rollout", _median_ms(vm, class_maps, args.repeats)),
         ("  of which analyze(gradients=True)", _median_ms(vm, gradient_analysis, args.repeats)),

@@ -309,6 +309,7 @@ def simulated_gpu(*models: Any) -> Iterator[None]:
     from unittest import mock
 
     saved = [vm.device for vm in models]
+    _forget_digest_constants()  # made for a real device of that name, or left by an earlier simulation
     for vm in models:
         object.__setattr__(vm, "device", FAKE)
         vm._digest.clear()  # constants made for the CPU device
@@ -327,6 +328,15 @@ def simulated_gpu(*models: Any) -> Iterator[None]:
             object.__setattr__(vm, "device", device)
             vm._digest.clear()
             _convert(vm.model, torch.Tensor)
+        _forget_digest_constants()  # host tensors posing as the device's: never for a real GPU in this process
+
+
+def _forget_digest_constants() -> None:
+    """Drop the weights digest's per-device constants and decisions kept for :data:`FAKE` (module-level caches)."""
+    from vizapp.models import digest
+
+    for cache in (digest._position_weights, digest._device_constants, digest._row_weights, digest._device_exact):
+        cache.pop(str(FAKE), None)
 
 
 def _convert(model: torch.nn.Module, kind: type) -> None:

@@ -439,3 +439,27 @@ def test_the_host_share_benchmark_times_each_part_where_analyze_calls_it(tmp_pat
     host_share.main(["--models", "vit_tiny_patch16_224@img_size=32,depth=1", "--rounds", "1", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| vit_tiny")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 11
+
+
+def test_the_gpu_profile_times_both_forms_of_the_device_digest_on_the_simulated_gpu():
+    """gpu_profile's CUDA-only rows for the digest's two device forms (the exact int8 checksums and the float64
+    sums), run here on the simulated GPU with a stand-in for each CUDA graph: both timed, the check's outcome named."""
+    from unittest import mock
+
+    from devicesim import simulated_gpu
+
+    import vizapp
+    from benchmarks import gpu_profile
+    from benchmarks.launches import StandInGraph
+    from vizapp import cudagraph
+
+    vm = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cpu", img_size=32, depth=2)
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+        with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):
+            rows = gpu_profile._digest_forms(vm, 2)
+    names = [name for name, _ in rows]
+    assert names == [
+        "  device checksums, exact int8 form (this GPU passed its check: True)",
+        "  device sums, float64 form",
+    ]
+    assert all(t > 0 for _, t in rows)

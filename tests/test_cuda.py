@@ -338,6 +338,29 @@ def test_the_graphed_weights_digest_equals_the_eager_one_and_sees_every_edit(mon
     assert gpu.fingerprint() == r.model_fingerprint
 
 
+def test_the_gpus_exact_checksums_equal_the_hosts_and_the_graph_replays_them():
+    """On the GPU the digest takes the exact form: the int8 products and their int64 fold (vizapp.models.digest.
+    device_checksums) pass the device's check, and give, eagerly and replayed as a CUDA graph, the very integers the
+    same function gives on the host for the same bytes (a ViT-B's shapes: about 60 kernels in place of 400)."""
+    from vizapp.cudagraph import GraphCache
+    from vizapp.models import digest
+
+    torch.manual_seed(0)
+    gpu = vizapp.load_model("vit_base_patch16_224", pretrained=False, device="cuda", depth=2)
+    assert digest._device_exact_ok(torch.device("cuda", torch.cuda.current_device())), (
+        "the int8 product or the int64 fold failed the check on this GPU: its digests use the float64 sums"
+    )
+    params, buffers = digest.named_tensors(gpu.model)
+    tensors = [t.detach() for _, t in params + buffers]
+    host = digest.device_checksums([t.cpu() for t in tensors])
+    assert torch.equal(digest.device_checksums(tensors).cpu(), host)
+    graphs = GraphCache()
+    assert torch.equal(digest.graphed_sums(tensors, graphs, exact=True), host) and len(graphs) == 1
+    assert torch.equal(digest.graphed_sums(tensors, graphs, exact=True), host) and len(graphs) == 1  # replayed
+    tensors[3].view(-1)[0] += 1  # an edit in place: the replay reads it
+    assert not torch.equal(digest.graphed_sums(tensors, graphs, exact=True), host)
+
+
 def test_copies_to_the_gpu_through_pinned_memory_arrive_whole_and_from_their_own_block():
     """vizapp.transfer.to_device on a real GPU: an asynchronous copy through a fresh pinned block, so the values
     arrive whole even when the caller changes its tensor at once, and in the asked dtype."""

@@ -149,3 +149,122 @@ def test_the_digests_walk_lists_what_torchs_named_parameters_and_buffers_list():
     params, buffers = named_tensors(tied)
     assert [n for n, _ in params].count("0.weight") == 1 and "2.1.weight" in dict(params)  # the tied weight twice
     assert [n for n, _ in buffers] == ["scratch", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+# The device form (device_checksums: the same rows and matrix, folded on the device), run here on the CPU.
+
+
+def _signed_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as signed int64 [n] (the reference's own conversion, not the module's)."""
+    raw = t.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)
+    return torch.where(raw > 127, raw - 256, raw)
+
+
+def _device_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """device_checksums' definition in int64 on the host: the large tensors' whole rows in order, then one buffer of
+    everything else, each piece padded to whole rows; P = rows @ matrix; Σ_r (2r + 1) · P[r] (no wrap at these sizes)."""
+    big, rest = [], []
+    for t in tensors:
+        b = _signed_rows(t)
+        full = b.numel() - b.numel() % ROW if b.numel() >= digest.SMALL else 0
+        if full:
+            big.append(b[:full].view(-1, ROW))
+        if b.numel() > full:
+            tail = torch.zeros(-(-(b.numel() - full) // ROW) * ROW, dtype=torch.int64)
+            tail[: b.numel() - full] = b[full:]
+            rest.append(tail)
+    rows = torch.cat(big + ([torch.cat(rest).view(-1, ROW)] if rest else []))
+    p = rows @ checksum_matrix().to(torch.int64)
+    return (p * (torch.arange(len(p), dtype=torch.int64) * 2 + 1)[:, None]).sum(0)
+
+
+def test_device_checksums_by_hand(monkeypatch):
+    monkeypatch.setattr(digest, "SMALL", 2 * ROW)  # a tensor of 2 rows or more gives its whole rows in place
+    w = checksum_matrix().to(torch.int64)
+    small = torch.tensor([1, -1, 0, 0, 0, 0, 0, 2], dtype=torch.int8)  # packed: row 2, weight 5
+    large = torch.zeros(2 * ROW + 3, dtype=torch.int8)  # rows 0 and 1 in place (weights 1, 3), its tail packed
+    large[0], large[ROW + 5], large[2 * ROW + 1] = 3, -4, 7
+    got = digest.device_checksums([small, large])
+    want = 1 * (3 * w[0]) + 3 * (-4 * w[5]) + 5 * (w[0] - w[1] + 2 * w[7]) + 7 * (7 * w[1])  # tail: row 3, weight 7
+    assert got.dtype == torch.int64 and got.shape == (COLUMNS,)
+    assert torch.equal(got, want)
+    assert torch.equal(digest.device_checksums([]), torch.zeros(COLUMNS, dtype=torch.int64))
+
+
+def test_device_checksums_equal_int64_arithmetic_in_their_row_order():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2 * digest.SMALL // 4 + 9, generator=g)
+    tensors = [
+        torch.randn(digest.SMALL // 4, generator=g),  # whole rows only, in place
+        torch.randn(7, 1000, generator=g),  # small
+        base[1:],  # large, its data 4 bytes past an aligned address (copied before the product), a partial row
+        torch.randn(digest.SMALL // 2, generator=g).to(torch.bfloat16).view(512, -1).t(),  # large, not contiguous
+        torch.arange(-50, 50, dtype=torch.int64),
+        torch.zeros(0),
+        torch.tensor([True, False, True]),
+    ]
+    assert tensors[2].data_ptr() % 16
+    assert torch.equal(digest.device_checksums(tensors), _device_reference(tensors))
+
+
+def test_device_checksums_see_a_change_a_swap_and_tensors_that_trade_places():
+    g = torch.Generator().manual_seed(6)
+    large = torch.randn(digest.SMALL // 4 + 100, generator=g)
+    a, b = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    d = digest.device_checksums([large, a, b])
+    seen = {tuple(d.tolist())}
+    ulp = large.clone()
+    ulp[12345] = torch.nextafter(ulp[12345], torch.tensor(9.0))  # one ulp of one element
+    seen.add(tuple(digest.device_checksums([ulp, a, b]).tolist()))
+    for i, j in ((0, 1), (3, 900), (10, 10 + 5 * ROW // 4), (7, large.numel() - 1)):  # in a row, rows apart, the tail
+        s = large.clone()
+        s[[i, j]] = large[[j, i]]
+        seen.add(tuple(digest.device_checksums([s, a, b]).tolist()))
+    rows = large.clone()  # two whole rows trade places
+    rows[: ROW // 4], rows[ROW // 4 : ROW // 2] = large[ROW // 4 : ROW // 2].clone(), large[: ROW // 4].clone()
+    seen.add(tuple(digest.device_checksums([rows, a, b]).tolist()))
+    seen.add(tuple(digest.device_checksums([large, b, a]).tolist()))  # two small tensors trade places
+    assert len(seen) == 8
+    assert torch.equal(digest.device_checksums([large.clone(), a.clone(), b.clone()]), d)
+
+
+def test_a_device_that_fails_the_check_digests_by_float64_sums(monkeypatch):
+    """The exact form is decided once per device by a check against int64 arithmetic on the host: a device whose int8
+    product is wrong (simulated: off by one) uses the float64 sums for the whole process."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(digest, "_device_exact", {})
+    assert digest._device_exact_ok(cpu)
+    real = torch._int_mm
+
+    def off_by_one(a, b, out=None):
+        got = real(a, b) + 1
+        if out is None:
+            return got
+        out.copy_(got)
+        return out
+
+    monkeypatch.setattr(digest, "_device_exact", {})
+    monkeypatch.setattr(torch, "_int_mm", off_by_one)
+    assert not digest._device_exact_ok(cpu)
+    monkeypatch.setattr(torch, "_int_mm", real)
+    assert not digest._device_exact_ok(cpu)  # decided once: the process keeps one form
+
+
+def test_a_simulated_gpu_digests_by_the_exact_form_and_sees_an_edit(monkeypatch):
+    from devicesim import simulated_gpu
+
+    import vizapp
+
+    vm = vizapp.load_model("vit_tiny_patch16_224", pretrained=False, device="cpu", img_size=32, depth=2)
+    asked: list[int] = []
+    real = digest.device_checksums
+    monkeypatch.setattr(digest, "device_checksums", lambda ts: asked.append(len(ts)) or real(ts))
+    with simulated_gpu(vm):
+        before = vm.fingerprint()
+        with torch.no_grad():
+            vm.model.blocks[1].mlp.fc2.weight.data.view(-1)[7] *= 1.5  # through .data: no version counter moves
+        after = vm.fingerprint()
+    n = sum(1 for _ in vm.model.parameters()) + sum(1 for _ in vm.model.buffers())
+    assert asked[-2:] == [n, n]  # every weight, by the exact form (after the device's one check)
+    assert before.layout == after.layout and before.values != after.values
+    assert before.layout != weights_digest(vm.model).layout  # "cuda:0" in the layout; the CPU's differs

@@ -24,13 +24,18 @@ Two parts, so that a refusal can say which changed:
   core); like every OpenMP kernel it slows down when the cores are shared with other work. Where the int8 matrix
   product is not available the raw bytes go through SHA-256 (decided once per process, so digests within a process
   are always comparable). On another device (a GPU) copying every weight to the host would cost more than the
-  analysis, so each chunk of
-  :data:`CHUNK` elements is summed on the device in float64 against a fixed pseudo-random weight vector (a different
-  weight per position, so a permutation changes the sum), and only those sums are hashed; a change of one element
-  by more than about 1e-13 of its chunk's magnitude shows. On a CUDA device those kernels (a few hundred for a
-  ViT-B) are recorded once as a CUDA graph and replayed with one launch (:func:`graphed_sums`), keyed by every
-  tensor's address, shape, stride and dtype: a replay reads the weights' current contents, and a replaced or
-  reshaped tensor records a new graph.
+  analysis, so the same rows and matrix are multiplied there (:func:`device_checksums`: one int8 product per large
+  tensor, one for the small ones packed) and folded on the device into :data:`COLUMNS` int64 sums, Σ_r (2r + 1) ·
+  P[r] modulo 2^64, which keep the guarantees above exactly (the odd weights keep a changed row's change, and the
+  powers of two in a difference of two weights are too few to hide two rows trading places); only those 128 bytes
+  come to the host. A device uses that form once it has passed a check against int64 arithmetic on the host (decided
+  once per device, :func:`_device_exact_ok`); one that fails it, or lacks torch's int8 product, sums each chunk of
+  :data:`CHUNK` elements in float64 against a fixed pseudo-random weight vector instead (:func:`device_sums`: a
+  different weight per position, so a permutation changes the sum; a change of one element by more than about
+  1e-13 of its chunk's magnitude shows). On a CUDA device either form's kernels (about 60 for a ViT-B in the exact
+  form, 400 in the float64 one) are recorded once as a CUDA graph and replayed with one launch
+  (:func:`graphed_sums`), keyed by every tensor's address, shape, stride and dtype: a replay reads the weights'
+  current contents, and a replaced or reshaped tensor records a new graph.
 
 It is computed afresh whenever asked: an edit through ``.data`` moves no version counter, so no cheaper test can
 prove that the weights are unchanged. ``python -m benchmarks.digest`` times it (docs/benchmarks-digest.md): on the
@@ -64,10 +69,15 @@ SMALL = 1 << 20
 #: At most about this many bytes of small tensors go into one packed product (the rows are the same however the tensors
 #: are grouped, so the digest is too): ViT-Ti, whose tensors are all small, packed its whole 22 MB into one buffer.
 PACK = 4 << 20
+#: Rows of the device's int8 product at the least (cuBLAS's needs more than 16): a shorter packed buffer gets zero rows.
+MIN_ROWS = 32
 _SEED = 20261203
 _matrix: torch.Tensor | None = None
 _gemm_ok: bool | None = None
 _position_weights: dict[str, torch.Tensor] = {}
+_device_constants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (checksum matrix, MIN_ROWS zero rows)
+_row_weights: dict[str, torch.Tensor] = {}  # device -> 2r + 1 for r = 0, 1, ... [n] int64
+_device_exact: dict[str, bool] = {}  # device -> whether its int8 product and int64 fold passed the check
 _lock = threading.Lock()
 
 
@@ -177,6 +187,110 @@ def _packed_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch._int_mm(torch.cat(pieces).view(-1, ROW), checksum_matrix())
 
 
+def _constants_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`checksum_matrix` on ``device``, and :data:`MIN_ROWS` zero rows of it [MIN_ROWS · ROW] int8 (made once per
+    device, then only read: a CUDA graph may read them on every replay). The matrix is stored column by column: the
+    layout of a linear layer's transposed weight, which is how int8 products on GPUs are usually called."""
+    key = str(device)
+    with _lock:
+        found = _device_constants.get(key)
+    if found is None:
+        m = to_device(checksum_matrix().t().contiguous(), device).t()
+        zeros = torch.zeros(MIN_ROWS * ROW, dtype=torch.int8, device=device)
+        with _lock:
+            found = _device_constants.setdefault(key, (m, zeros))
+    return found
+
+
+def _weights_for_rows(device: torch.device, n: int) -> torch.Tensor:
+    """The fold's row weights 2r + 1, r < ``n``, [n] int64 on ``device`` (a view of one tensor per device, which grows
+    to the longest asked for and is then only read)."""
+    key = str(device)
+    with _lock:
+        w = _row_weights.get(key)
+        if w is None or w.numel() < n:
+            w = _row_weights[key] = torch.arange(max(n, 1 << 16), dtype=torch.int64, device=device) * 2 + 1
+    return w[:n]
+
+
+def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The exact checksum of tensors on one device, folded there: [COLUMNS] int64 on their device.
+
+    Every tensor's bytes are cut into rows of :data:`ROW` signed bytes, as :func:`cpu_checksums` cuts them: a tensor
+    of :data:`SMALL` bytes or more gives its whole rows in place, in order; everything else (the small tensors, and
+    each large one's last partial row), each padded with zeros to whole rows, follows in one packed buffer, in order.
+    Row r of all of them, times :func:`checksum_matrix`, is P[r] (int32, exact: one int8 matrix product per large
+    tensor and one for the buffer), and the result is Σ_r (2r + 1) · P[r] in int64, modulo 2^64 (exact, and the same
+    in any order of summation). A change of one element of up to 8 bytes, or a swap of two float32 elements in a row,
+    changes its row's P by a non-zero vector of entries under 2^18 in size, and an odd weight keeps it non-zero modulo
+    2^64: it always shows. Two rows that trade places change it by (2r - 2s) · (P[s] - P[r]), in which the power of
+    two is at most 2^(1 + log2 rows) · 2^31 < 2^64: it always shows unless their P agree (as on the CPU, which hashes
+    every P). Any other change escapes only if it vanishes modulo 2^64 in all :data:`COLUMNS` columns. About 60
+    kernels for a ViT-B/16, reading each weight once as bytes (the float64 sums, :func:`device_sums`, made a float64
+    copy of every weight and read it again: about 400 kernels and five times the bytes)."""
+    if not tensors:
+        return torch.zeros(COLUMNS, dtype=torch.int64)
+    device = tensors[0].device
+    matrix, zeros = _constants_on(device)
+    blocks: list[torch.Tensor] = []  # [m, ROW] int8 each, in place
+    packed: list[torch.Tensor] = []  # what goes into the packed buffer, with its padding
+    for t in tensors:
+        flat = _flat_bytes(t).view(torch.int8)
+        full = flat.numel() - flat.numel() % ROW if flat.numel() >= SMALL else 0
+        if full:
+            if flat.data_ptr() % 16:  # an unaligned view: copied, as the int8 product may need aligned rows
+                flat = flat.clone()
+            blocks.append(flat[:full].view(-1, ROW))
+        rest = flat[full:]
+        if rest.numel():
+            packed.append(rest)
+            if rest.numel() % ROW:
+                packed.append(zeros[: ROW - rest.numel() % ROW])
+    packed_rows = sum(p.numel() for p in packed) // ROW
+    if packed_rows:  # the packed buffer has at least MIN_ROWS rows: zero rows add zero to the fold
+        packed.append(zeros[: max(0, MIN_ROWS - packed_rows) * ROW])
+        blocks.append(torch.cat(packed).view(-1, ROW))
+    rows = sum(b.shape[0] for b in blocks)
+    products = torch.empty(rows, COLUMNS, dtype=torch.int32, device=device)
+    lo = 0
+    for b in blocks:  # each product written in place into its rows of one buffer
+        torch._int_mm(b, matrix, out=products[lo : lo + b.shape[0]])
+        lo += b.shape[0]
+    return (products.to(torch.int64) * _weights_for_rows(device, rows)[:, None]).sum(0)
+
+
+def _device_exact_ok(device: torch.device) -> bool:
+    """Whether :func:`device_checksums` runs on ``device`` and gives there what int64 arithmetic on the host gives
+    (the int8 product, written into rows of a larger buffer, and the fold's wrap-around modulo 2^64), decided once
+    per device: a device that fails (or lacks the product) digests by :func:`device_sums` for the whole process, so
+    that digests within a process are always comparable. Waits for the device: call it outside a CUDA graph."""
+    key = str(device)
+    with _lock:
+        found = _device_exact.get(key)
+    if found is not None:
+        return found
+    g = torch.Generator().manual_seed(_SEED + 1)
+    big = torch.randint(-128, 128, (SMALL + 3 * ROW + 5,), generator=g, dtype=torch.int16).to(torch.int8)
+    big[:16] = torch.tensor([-128, 127] * 8, dtype=torch.int8)  # the extremes of a byte
+    small = torch.randint(-128, 128, (ROW + 7,), generator=g, dtype=torch.int16).to(torch.int8)
+    pieces = [big, small]
+    rows = [big[: SMALL + 3 * ROW].view(-1, ROW)]
+    rows += [torch.cat([big[SMALL + 3 * ROW :], torch.zeros(ROW - 5, dtype=torch.int8)]).view(1, ROW)]
+    rows += [torch.cat([small, torch.zeros(ROW - 7, dtype=torch.int8)]).view(2, ROW)]
+    p = torch.cat(rows).to(torch.int64) @ checksum_matrix().to(torch.int64)
+    r = torch.arange(p.shape[0], dtype=torch.int64)[:, None] * 2 + 1
+    want = (p * r * (1 << 40)).sum(0)  # scaled so that the sum wraps around 2^64, as the check's fold must
+    try:
+        with torch.no_grad():
+            got = device_checksums([to_device(t, device) for t in pieces])
+            got = (got * (1 << 40)).cpu()
+        ok = torch.equal(got, want)
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError):
+        ok = False
+    with _lock:
+        return _device_exact.setdefault(key, ok)
+
+
 def _sha256(t: torch.Tensor) -> bytes:
     return hashlib.sha256(memoryview(_flat_bytes(t).numpy())).digest()
 
@@ -200,31 +314,35 @@ def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([device_sums(t) for t in tensors])
 
 
-def graphed_sums(tensors: list[torch.Tensor], graphs: Any) -> torch.Tensor | None:
-    """:func:`_sums` of tensors on one CUDA device by a replayed CUDA graph (:class:`vizapp.cudagraph.GraphCache`
-    ``graphs``), on the host [C] float64; None where graphs are off or the recording failed (the caller sums eagerly).
+def graphed_sums(tensors: list[torch.Tensor], graphs: Any, exact: bool = False) -> torch.Tensor | None:
+    """The device part of the digest of tensors on one CUDA device, by a replayed CUDA graph
+    (:class:`vizapp.cudagraph.GraphCache` ``graphs``), on the host: :func:`device_checksums` [COLUMNS] int64 where
+    ``exact``, else :func:`_sums` [C] float64; None where graphs are off or the recording failed (the caller computes
+    it eagerly).
 
     The graph reads the weights where they are when it replays, so its key is what it read them as: each tensor's
-    address, shape, stride and dtype. The same kernels run as in :func:`_sums`, so the sums are the same numbers; they
-    come to the host as float32 pairs (the staging copy's type) with their bits unchanged."""
+    address, shape, stride and dtype. The same kernels run as eagerly, so the numbers are the same; they come to the
+    host as float32 pairs (the staging copy's type) with their bits unchanged."""
     from vizapp import cudagraph
 
     if not cudagraph.enabled():
         return None
     device = tensors[0].device
-    key = ("weights digest", str(device)) + tuple(
+    key = ("weights digest", str(device), exact) + tuple(
         (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for t in tensors
     )
+
+    def fn(_: torch.Tensor) -> torch.Tensor:
+        return (device_checksums(tensors) if exact else _sums(tensors)).view(torch.float32)
+
     # the graph's input is unused: what it reads are the weights, at the addresses in the key
-    graph = graphs.get(
-        key, lambda _: _sums(tensors).view(torch.float32), torch.zeros(1, device=device), stage=lambda out: [out]
-    )
+    graph = graphs.get(key, fn, torch.zeros(1, device=device), stage=lambda out: [out])
     if graph is None:
         return None
     with graph.run(graph.input) as (_, staged):
         if staged is None:  # recorded without host staging
             return None
-        return staged[0].view(torch.float64)
+        return staged[0].view(torch.int64 if exact else torch.float64)
 
 
 def named_tensors(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
@@ -285,9 +403,10 @@ def weights_digest(model: torch.nn.Module, graphs: Any = None) -> WeightsDigest:
         for found in _pool().map(_sha256, cpu_parts):
             values.update(found)
     for device, tensors in device_tensors.items():  # one copy to the host per device
-        sums = graphed_sums(tensors, graphs) if graphs is not None and device.type == "cuda" else None
+        exact = _device_exact_ok(device)
+        sums = graphed_sums(tensors, graphs, exact) if graphs is not None and device.type == "cuda" else None
         if sums is None:
             with torch.no_grad():
-                sums = _sums(tensors).cpu()
+                sums = (device_checksums(tensors) if exact else _sums(tensors)).cpu()
         values.update(sums.numpy().tobytes())
     return WeightsDigest(layout.hexdigest(), values.hexdigest())
