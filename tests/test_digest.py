@@ -162,7 +162,8 @@ def _signed_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _device_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
     """device_checksums' definition in int64 on the host: the large tensors' whole rows in order, then one buffer of
-    everything else, each piece padded to whole rows; P = rows @ matrix; Σ_r (2r + 1) · P[r] (no wrap at these sizes)."""
+    everything else, each piece padded to whole rows; P = rows @ matrix; Σ_r P[r] and Σ_r (2r + 1) · P[r] (no wrap
+    at these sizes)."""
     big, rest = [], []
     for t in tensors:
         b = _signed_rows(t)
@@ -175,7 +176,7 @@ def _device_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
             rest.append(tail)
     rows = torch.cat(big + ([torch.cat(rest).view(-1, ROW)] if rest else []))
     p = rows @ checksum_matrix().to(torch.int64)
-    return (p * (torch.arange(len(p), dtype=torch.int64) * 2 + 1)[:, None]).sum(0)
+    return torch.stack([p.sum(0), (p * (torch.arange(len(p), dtype=torch.int64) * 2 + 1)[:, None]).sum(0)])
 
 
 def test_device_checksums_by_hand(monkeypatch):
@@ -185,10 +186,11 @@ def test_device_checksums_by_hand(monkeypatch):
     large = torch.zeros(2 * ROW + 3, dtype=torch.int8)  # rows 0 and 1 in place (weights 1, 3), its tail packed
     large[0], large[ROW + 5], large[2 * ROW + 1] = 3, -4, 7
     got = digest.device_checksums([small, large])
-    want = 1 * (3 * w[0]) + 3 * (-4 * w[5]) + 5 * (w[0] - w[1] + 2 * w[7]) + 7 * (7 * w[1])  # tail: row 3, weight 7
-    assert got.dtype == torch.int64 and got.shape == (COLUMNS,)
-    assert torch.equal(got, want)
-    assert torch.equal(digest.device_checksums([]), torch.zeros(COLUMNS, dtype=torch.int64))
+    p = [3 * w[0], -4 * w[5], w[0] - w[1] + 2 * w[7], 7 * w[1]]  # rows 0 and 1 of large, small, large's tail
+    assert got.dtype == torch.int64 and got.shape == (2, COLUMNS)
+    assert torch.equal(got[0], p[0] + p[1] + p[2] + p[3])
+    assert torch.equal(got[1], 1 * p[0] + 3 * p[1] + 5 * p[2] + 7 * p[3])
+    assert torch.equal(digest.device_checksums([]), torch.zeros(2, COLUMNS, dtype=torch.int64))
 
 
 def test_device_checksums_equal_int64_arithmetic_in_their_row_order():
@@ -212,18 +214,18 @@ def test_device_checksums_see_a_change_a_swap_and_tensors_that_trade_places():
     large = torch.randn(digest.SMALL // 4 + 100, generator=g)
     a, b = torch.randn(300, generator=g), torch.randn(300, generator=g)
     d = digest.device_checksums([large, a, b])
-    seen = {tuple(d.tolist())}
+    seen = {tuple(d.reshape(-1).tolist())}
     ulp = large.clone()
     ulp[12345] = torch.nextafter(ulp[12345], torch.tensor(9.0))  # one ulp of one element
-    seen.add(tuple(digest.device_checksums([ulp, a, b]).tolist()))
+    seen.add(tuple(digest.device_checksums([ulp, a, b]).reshape(-1).tolist()))
     for i, j in ((0, 1), (3, 900), (10, 10 + 5 * ROW // 4), (7, large.numel() - 1)):  # in a row, rows apart, the tail
         s = large.clone()
         s[[i, j]] = large[[j, i]]
-        seen.add(tuple(digest.device_checksums([s, a, b]).tolist()))
+        seen.add(tuple(digest.device_checksums([s, a, b]).reshape(-1).tolist()))
     rows = large.clone()  # two whole rows trade places
     rows[: ROW // 4], rows[ROW // 4 : ROW // 2] = large[ROW // 4 : ROW // 2].clone(), large[: ROW // 4].clone()
-    seen.add(tuple(digest.device_checksums([rows, a, b]).tolist()))
-    seen.add(tuple(digest.device_checksums([large, b, a]).tolist()))  # two small tensors trade places
+    seen.add(tuple(digest.device_checksums([rows, a, b]).reshape(-1).tolist()))
+    seen.add(tuple(digest.device_checksums([large, b, a]).reshape(-1).tolist()))  # two small tensors trade places
     assert len(seen) == 8
     assert torch.equal(digest.device_checksums([large.clone(), a.clone(), b.clone()]), d)
 
@@ -268,3 +270,19 @@ def test_a_simulated_gpu_digests_by_the_exact_form_and_sees_an_edit(monkeypatch)
     assert asked[-2:] == [n, n]  # every weight, by the exact form (after the device's one check)
     assert before.layout == after.layout and before.values != after.values
     assert before.layout != weights_digest(vm.model).layout  # "cuda:0" in the layout; the CPU's differs
+
+
+def test_each_fold_catches_a_two_row_change_the_other_misses():
+    """Why two folds: +3 on byte 0 of row 0 and -1 on byte 0 of row 1 change P by 3·M[0] and -M[0], which the weighted
+    fold (weights 1 and 3) misses and the plain sum sees; two whole rows that trade places are the other way round."""
+    t = torch.randint(-100, 100, (digest.SMALL,), generator=torch.Generator().manual_seed(8), dtype=torch.int8)
+    d = digest.device_checksums([t])
+    edited = t.clone()
+    edited[0] += 3
+    edited[ROW] -= 1
+    e = digest.device_checksums([edited])
+    assert not torch.equal(e[0], d[0]) and torch.equal(e[1], d[1])
+    swapped = t.clone()
+    swapped[:ROW], swapped[ROW : 2 * ROW] = t[ROW : 2 * ROW], t[:ROW]
+    e = digest.device_checksums([swapped])
+    assert torch.equal(e[0], d[0]) and not torch.equal(e[1], d[1])

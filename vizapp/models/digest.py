@@ -25,10 +25,9 @@ Two parts, so that a refusal can say which changed:
   product is not available the raw bytes go through SHA-256 (decided once per process, so digests within a process
   are always comparable). On another device (a GPU) copying every weight to the host would cost more than the
   analysis, so the same rows and matrix are multiplied there (:func:`device_checksums`: one int8 product per large
-  tensor, one for the small ones packed) and folded on the device into :data:`COLUMNS` int64 sums, Σ_r (2r + 1) ·
-  P[r] modulo 2^64, which keep the guarantees above exactly (the odd weights keep a changed row's change, and the
-  powers of two in a difference of two weights are too few to hide two rows trading places); only those 128 bytes
-  come to the host. A device uses that form once it has passed a check against int64 arithmetic on the host (decided
+  tensor, one for the small ones packed) and folded on the device into two rows of :data:`COLUMNS` int64 sums,
+  Σ_r P[r] and Σ_r (2r + 1) · P[r], which keep the guarantees above exactly (any change confined to two rows shows,
+  swaps across rows included); only those 256 bytes come to the host. A device uses that form once it has passed a check against int64 arithmetic on the host (decided
   once per device, :func:`_device_exact_ok`); one that fails it, or lacks torch's int8 product, sums each chunk of
   :data:`CHUNK` elements in float64 against a fixed pseudo-random weight vector instead (:func:`device_sums`: a
   different weight per position, so a permutation changes the sum; a change of one element by more than about
@@ -214,22 +213,26 @@ def _weights_for_rows(device: torch.device, n: int) -> torch.Tensor:
 
 
 def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The exact checksum of tensors on one device, folded there: [COLUMNS] int64 on their device.
+    """The exact checksum of tensors on one device, folded there: [2, COLUMNS] int64 on their device.
 
     Every tensor's bytes are cut into rows of :data:`ROW` signed bytes, as :func:`cpu_checksums` cuts them: a tensor
     of :data:`SMALL` bytes or more gives its whole rows in place, in order; everything else (the small tensors, and
     each large one's last partial row), each padded with zeros to whole rows, follows in one packed buffer, in order.
     Row r of all of them, times :func:`checksum_matrix`, is P[r] (int32, exact: one int8 matrix product per large
-    tensor and one for the buffer), and the result is Σ_r (2r + 1) · P[r] in int64, modulo 2^64 (exact, and the same
-    in any order of summation). A change of one element of up to 8 bytes, or a swap of two float32 elements in a row,
-    changes its row's P by a non-zero vector of entries under 2^18 in size, and an odd weight keeps it non-zero modulo
-    2^64: it always shows. Two rows that trade places change it by (2r - 2s) · (P[s] - P[r]), in which the power of
-    two is at most 2^(1 + log2 rows) · 2^31 < 2^64: it always shows unless their P agree (as on the CPU, which hashes
-    every P). Any other change escapes only if it vanishes modulo 2^64 in all :data:`COLUMNS` columns. About 60
-    kernels for a ViT-B/16, reading each weight once as bytes (the float64 sums, :func:`device_sums`, made a float64
-    copy of every weight and read it again: about 400 kernels and five times the bytes)."""
+    tensor and one for the buffer), and the result is two folds of the rows, Σ_r P[r] and Σ_r (2r + 1) · P[r], in
+    int64 modulo 2^64 (exact, and the same in any order of summation).
+
+    Any change confined to one or two rows, each of which changes, always shows, as no such change reaches 2^63:
+    if a row r alone changes (by d ≠ 0, for one element of up to 8 bytes a vector of entries under 2^18 in size, by
+    the matrix's rank), the first fold changes by d; if rows r and s change by d and e, both folds stay put only if
+    e = -d and (2r + 1) · d + (2s + 1) · e = 2 (r - s) · d = 0, that is only if d = 0. So a change of one element,
+    a swap of two elements anywhere (in one row as on the CPU; in two rows, one element each), and two whole rows
+    that trade places (unless their P agree, as on the CPU, which hashes every P) always show. A change in three
+    rows or more escapes only if it vanishes in both folds in all :data:`COLUMNS` columns. About 60 kernels for a
+    ViT-B/16, reading each weight once as bytes (the float64 sums, :func:`device_sums`, made a float64 copy of every
+    weight and read it again: about 400 kernels and five times the bytes)."""
     if not tensors:
-        return torch.zeros(COLUMNS, dtype=torch.int64)
+        return torch.zeros(2, COLUMNS, dtype=torch.int64)
     device = tensors[0].device
     matrix, zeros = _constants_on(device)
     blocks: list[torch.Tensor] = []  # [m, ROW] int8 each, in place
@@ -256,7 +259,8 @@ def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     for b in blocks:  # each product written in place into its rows of one buffer
         torch._int_mm(b, matrix, out=products[lo : lo + b.shape[0]])
         lo += b.shape[0]
-    return (products.to(torch.int64) * _weights_for_rows(device, rows)[:, None]).sum(0)
+    wide = products.to(torch.int64)
+    return torch.stack([wide.sum(0), (wide * _weights_for_rows(device, rows)[:, None]).sum(0)])
 
 
 def _device_exact_ok(device: torch.device) -> bool:
@@ -279,7 +283,7 @@ def _device_exact_ok(device: torch.device) -> bool:
     rows += [torch.cat([small, torch.zeros(ROW - 7, dtype=torch.int8)]).view(2, ROW)]
     p = torch.cat(rows).to(torch.int64) @ checksum_matrix().to(torch.int64)
     r = torch.arange(p.shape[0], dtype=torch.int64)[:, None] * 2 + 1
-    want = (p * r * (1 << 40)).sum(0)  # scaled so that the sum wraps around 2^64, as the check's fold must
+    want = torch.stack([p.sum(0), (p * r).sum(0)]) * (1 << 40)  # scaled until it wraps around 2^64, as the device must
     try:
         with torch.no_grad():
             got = device_checksums([to_device(t, device) for t in pieces])
@@ -316,7 +320,7 @@ def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def graphed_sums(tensors: list[torch.Tensor], graphs: Any, exact: bool = False) -> torch.Tensor | None:
     """The device part of the digest of tensors on one CUDA device, by a replayed CUDA graph
-    (:class:`vizapp.cudagraph.GraphCache` ``graphs``), on the host: :func:`device_checksums` [COLUMNS] int64 where
+    (:class:`vizapp.cudagraph.GraphCache` ``graphs``), on the host: :func:`device_checksums` [2, COLUMNS] int64 where
     ``exact``, else :func:`_sums` [C] float64; None where graphs are off or the recording failed (the caller computes
     it eagerly).
 
