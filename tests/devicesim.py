@@ -335,7 +335,7 @@ def _forget_digest_constants() -> None:
     """Drop the weights digest's per-device constants and decisions kept for :data:`FAKE` (module-level caches)."""
     from vizapp.models import digest
 
-    for cache in (digest._position_weights, digest._device_constants, digest._row_weights, digest._device_exact):
+    for cache in (digest._position_weights, digest._device_constants, digest._device_exact):
         cache.pop(str(FAKE), None)
 
 

@@ -75,7 +75,6 @@ _matrix: torch.Tensor | None = None
 _gemm_ok: bool | None = None
 _position_weights: dict[str, torch.Tensor] = {}
 _device_constants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (checksum matrix, MIN_ROWS zero rows)
-_row_weights: dict[str, torch.Tensor] = {}  # device -> 2r + 1 for r = 0, 1, ... [n] int64
 _device_exact: dict[str, bool] = {}  # device -> whether its int8 product and int64 fold passed the check
 _lock = threading.Lock()
 
@@ -201,17 +200,6 @@ def _constants_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return found
 
 
-def _weights_for_rows(device: torch.device, n: int) -> torch.Tensor:
-    """The fold's row weights 2r + 1, r < ``n``, [n] int64 on ``device`` (a view of one tensor per device, which grows
-    to the longest asked for and is then only read)."""
-    key = str(device)
-    with _lock:
-        w = _row_weights.get(key)
-        if w is None or w.numel() < n:
-            w = _row_weights[key] = torch.arange(max(n, 1 << 16), dtype=torch.int64, device=device) * 2 + 1
-    return w[:n]
-
-
 def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The exact checksum of tensors on one device, folded there: [2, COLUMNS] int64 on their device.
 
@@ -260,7 +248,10 @@ def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
         torch._int_mm(b, matrix, out=products[lo : lo + b.shape[0]])
         lo += b.shape[0]
     wide = products.to(torch.int64)
-    return torch.stack([wide.sum(0), (wide * _weights_for_rows(device, rows)[:, None]).sum(0)])
+    # the weights 2r + 1 made here, not kept between calls: a CUDA graph must not read a constant that a later,
+    # longer call would replace (and free)
+    odd = torch.arange(1, 2 * rows, 2, dtype=torch.int64, device=device)
+    return torch.stack([wide.sum(0), (wide * odd[:, None]).sum(0)])
 
 
 def _device_exact_ok(device: torch.device) -> bool:
