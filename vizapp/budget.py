@@ -291,7 +291,7 @@ def _timm_count(name: str, arch: str, model_args: dict[str, Any]) -> int:
     except Exception as e:  # noqa: BLE001 - whatever the constructor raises, the size is unknown: refuse
         # the constructor's own first line (e.g. an argument this architecture does not take): it names no file, as
         # nothing is read here, and it is what the caller needs to fix their call
-        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        said = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelLoadError(
             f"cannot build '{name[:80]}' to check its size: {type(e).__name__}" + (f": {said}" if said else "")
         ) from e

@@ -27,8 +27,9 @@ Two parts, so that a refusal can say which changed:
   analysis, so the same rows and matrix are multiplied there (:func:`device_checksums`: one int8 product per large
   tensor, one for the small ones packed) and folded on the device into two rows of :data:`COLUMNS` int64 sums,
   Σ_r P[r] and Σ_r (2r + 1) · P[r], which keep the guarantees above exactly (any change confined to two rows shows,
-  swaps across rows included); only those 256 bytes come to the host. A device uses that form once it has passed a check against int64 arithmetic on the host (decided
-  once per device, :func:`_device_exact_ok`); one that fails it, or lacks torch's int8 product, sums each chunk of
+  swaps across rows included); only those 256 bytes come to the host. A device uses that form once it has passed a
+  check against int64 arithmetic on the host (decided once per device, :func:`_device_exact_ok`); one that fails
+  it, or lacks torch's int8 product, sums each chunk of
   :data:`CHUNK` elements in float64 against a fixed pseudo-random weight vector instead (:func:`device_sums`: a
   different weight per position, so a permutation changes the sum; a change of one element by more than about
   1e-13 of its chunk's magnitude shows). On a CUDA device either form's kernels (about 60 for a ViT-B in the exact
@@ -309,6 +310,12 @@ def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([device_sums(t) for t in tensors])
 
 
+def _device_values(tensors: list[torch.Tensor], exact: bool) -> torch.Tensor:
+    """The device part of the digest, on the tensors' device: :func:`device_checksums` where ``exact``, else
+    :func:`_sums`."""
+    return device_checksums(tensors) if exact else _sums(tensors)
+
+
 def graphed_sums(tensors: list[torch.Tensor], graphs: Any, exact: bool = False) -> torch.Tensor | None:
     """The device part of the digest of tensors on one CUDA device, by a replayed CUDA graph
     (:class:`vizapp.cudagraph.GraphCache` ``graphs``), on the host: :func:`device_checksums` [2, COLUMNS] int64 where
@@ -327,11 +334,13 @@ def graphed_sums(tensors: list[torch.Tensor], graphs: Any, exact: bool = False) 
         (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for t in tensors
     )
 
-    def fn(_: torch.Tensor) -> torch.Tensor:
-        return (device_checksums(tensors) if exact else _sums(tensors)).view(torch.float32)
-
     # the graph's input is unused: what it reads are the weights, at the addresses in the key
-    graph = graphs.get(key, fn, torch.zeros(1, device=device), stage=lambda out: [out])
+    graph = graphs.get(
+        key,
+        lambda _: _device_values(tensors, exact).view(torch.float32),
+        torch.zeros(1, device=device),
+        stage=lambda out: [out],
+    )
     if graph is None:
         return None
     with graph.run(graph.input) as (_, staged):
@@ -402,6 +411,6 @@ def weights_digest(model: torch.nn.Module, graphs: Any = None) -> WeightsDigest:
         sums = graphed_sums(tensors, graphs, exact) if graphs is not None and device.type == "cuda" else None
         if sums is None:
             with torch.no_grad():
-                sums = (device_checksums(tensors) if exact else _sums(tensors)).cpu()
+                sums = _device_values(tensors, exact).cpu()
         values.update(sums.numpy().tobytes())
     return WeightsDigest(layout.hexdigest(), values.hexdigest())
