@@ -543,6 +543,58 @@ def test_rows_of_a_batch_equal_each_images_own_row(start: int, discard: float) -
     assert not torch.allclose(batched[0], batched[1])
 
 
+def test_a_stack_of_layers_gives_each_row_of_the_per_layer_rollout() -> None:
+    """Every layer's fused attention given at once (layer first) gives the row the per-layer calls give: one image
+    ([L, N, N]) or a batch ([L, B, N, N]) with one row for all or one per image, from any start layer, discarding or
+    not; and by hand, one layer of two images."""
+    from vizapp.analysis.rollout import rollout_row
+
+    g = torch.Generator().manual_seed(8)
+    stack = torch.rand(4, 3, 7, 7, generator=g, dtype=torch.float64)  # [L, B, N, N], non-negative like Ā
+    w, rows = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(3, 7, generator=g, dtype=torch.float64)
+    for start in (0, 2):
+        for discard in (0.0, 0.4):
+            for fused, weights in ((stack[:, 0], w), (stack, w), (stack, rows), (stack[:, 1], rows)):
+                expected = rollout_row(lambda layer, f=fused: f[layer], 4, weights, 1, discard, start)
+                got = rollout_row(fused, 4, weights, 1, discard, start)
+                assert got.shape == expected.shape
+                torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    hand = torch.tensor(
+        [[[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]],
+        dtype=torch.float64,
+    )[None]  # [L=1, B=2, N, N]: row sums of Ā + I are [2, 1, 1], so w / s = [0.5, 0, 0], then w/s Ā + w/s
+    one_hot = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    expected = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(rollout_row(hand, 1, one_hot, 1), expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="a stack of 1 layers"):
+        rollout_row(hand, 2, one_hot, 1)
+
+
+def test_rows_through_a_stack_cost_two_operations_a_layer() -> None:
+    """What a GPU launches for the gradient methods' rows after their replayed passes (eager, one launch each):
+    without discarding, a stack's row sums are one pass for every layer and each layer is a division and one fused
+    product-and-add, where the per-layer form took four; relevance is one operation a layer for a batch too."""
+    from benchmarks.launches import Counter
+    from vizapp.analysis.relevance import relevance_row
+    from vizapp.analysis.rollout import rollout_row
+
+    g = torch.Generator().manual_seed(9)
+    layers = 12
+    for stack, w in (
+        (torch.rand(layers, 9, 9, generator=g, dtype=torch.float64), torch.rand(9, dtype=torch.float64)),
+        (torch.rand(layers, 2, 9, 9, generator=g, dtype=torch.float64), torch.rand(9, dtype=torch.float64)),
+    ):
+        with Counter() as stacked:
+            rollout_row(stack, layers, w, 1)
+        with Counter() as per_layer:
+            rollout_row(lambda layer, s=stack: s[layer], layers, w, 1)
+        assert stacked.host == 2 + 2 * layers, stacked.host  # the sums and their +1, then w / s and w + w A a layer
+        assert per_layer.host >= 4 * layers, per_layer.host
+        with Counter() as relevance:
+            relevance_row(stack if stack.dim() == 3 else stack.transpose(0, 1), w, 0)
+        assert relevance.host <= layers + 1, relevance.host  # v + v Ā a layer (a shared row expanded once, a view)
+
+
 def test_grad_weighted_heads_into_equals_grad_weighted_heads_and_spends_the_gradient() -> None:
     from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into
 

@@ -260,7 +260,7 @@ def _class_maps(
         if name == "relevance":
             rows = relevance_row(fused.transpose(0, 1), weights, start_layer)
         else:
-            rows = rollout_row(lambda layer: fused[layer], len(fused), weights, p, ratio, start_layer)
+            rows = rollout_row(fused, len(fused), weights, p, ratio, start_layer)
         out[name] = rows[:, p:].reshape(b, *grid).float().cpu().numpy()
     return out
 

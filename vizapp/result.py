@@ -390,11 +390,8 @@ class Analysis(LabelFreeViews, ModelRuns):
         def make() -> np.ndarray:
             cached = self._cache.peek(Key("fused", (head_fusion,)))
 
-            def fused_layer(layer: int) -> torch.Tensor:
-                return cached[layer] if cached is not None else self._fused_layer(layer, head_fusion)
-
             row = rollout_row(
-                fused_layer,
+                cached if cached is not None else lambda layer: self._fused_layer(layer, head_fusion),
                 self.num_layers,
                 weights,
                 self.num_prefix_tokens,
@@ -484,7 +481,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         checks.discard_ratio(discard_ratio)
         fused = self.grad_weighted_heads(class_idx)
         row = rollout_row(
-            lambda layer: fused[layer],
+            fused,  # [L, N, N]: without discarding, every layer's row sums in one pass
             self.num_layers,
             weights,
             self.num_prefix_tokens,

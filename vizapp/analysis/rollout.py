@@ -179,7 +179,7 @@ def rollout(
 
 
 def rollout_row(
-    fused_layer: Callable[[int], torch.Tensor],
+    fused_layer: Callable[[int], torch.Tensor] | torch.Tensor,
     num_layers: int,
     weights: torch.Tensor,
     num_prefix_tokens: int,
@@ -193,7 +193,9 @@ def rollout_row(
 
     Args:
         fused_layer: layer index -> head-fused attention [N, N] of that layer (called from the top layer down), or
-            [B, N, N] for a batch of B images (each image's row through its own matrices; the result is then [B, N]).
+            [B, N, N] for a batch of B images (each image's row through its own matrices; the result is then [B, N]);
+            or every layer's at once, stacked layer first ([L, N, N] or [L, B, N, N]): without discarding, their row
+            sums are then taken in one pass and each layer costs two operations (a GPU's kernel launches), not four.
         num_layers: L.
         weights: [N]; e.g. one-hot at the CLS token for the CLS row (or [B, N], one row per image of a batch).
         num_prefix_tokens, discard_ratio, start_layer: as in :func:`rollout_fused`.
@@ -201,8 +203,35 @@ def rollout_row(
     if not 0 <= start_layer < num_layers:
         raise ValueError(f"start_layer must be in [0, {num_layers - 1}], got {start_layer}")
     v = weights.to(torch.float64)
+    if isinstance(fused_layer, torch.Tensor):
+        stack = fused_layer
+        if stack.shape[0] != num_layers:
+            raise ValueError(f"a stack of {stack.shape[0]} layers' fused attention, expected {num_layers}")
+        if discard_ratio == 0.0:
+            v = _stacked_row(stack[start_layer:], to_device(v, stack.device))
+            return v.to(weights.dtype if weights.is_floating_point() else torch.float32)
+
+        def fused_layer(layer: int) -> torch.Tensor:
+            return stack[layer]
+
     for layer in range(num_layers - 1, start_layer - 1, -1):
         a = discard_lowest(fused_layer(layer).to(torch.float64), num_prefix_tokens, discard_ratio)
         # [N], on the attention's device (the weights are made on the host)
         v = residual_step(a, to_device(v, a.device))
     return v.to(weights.dtype if weights.is_floating_point() else torch.float32)
+
+
+def _stacked_row(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`residual_step` of ``v`` ([N] or [B, N], float64) through the layers of ``stack`` ([L, N, N] or [L, B,
+    N, N]) from the top one down, with every layer's row sums of A + I taken at once: w = v / s_l, then v = w + w A_l
+    in one operation (``addmv``, or ``baddbmm`` for a batch)."""
+    sums = stack.sum(dim=-1, dtype=torch.float64).add_(1.0)  # [L, N] or [L, B, N]
+    for layer in range(stack.shape[0] - 1, -1, -1):
+        a = stack[layer].to(torch.float64)
+        w = v / sums[layer]  # [N], or [B, N] for a batch (a row shared by the batch becomes one per image here)
+        if a.dim() == 2:
+            v = torch.addmv(w, a.mT, w) if w.dim() == 1 else torch.addmm(w, w, a)
+        else:
+            row = w.unsqueeze(-2)  # [B, 1, N]
+            v = torch.baddbmm(row, row, a).squeeze(-2)
+    return v
