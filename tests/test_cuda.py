@@ -42,6 +42,10 @@ def test_every_analysis_on_cuda_equals_the_cpu(fid, name, kwargs):
     a, b = vizapp.analyze(cpu, img, gradients=True), vizapp.analyze(gpu, img, gradients=True)
     np.testing.assert_allclose(b.probs, a.probs, **TOL)
     np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=2e-3, atol=2e-2)
+    # every registered statistic (the GPU's entropy is torch.special.entr and a sum, the CPU's three passes)
+    assert set(b.statistics) == set(a.statistics)
+    for name, values in a.statistics.items():
+        np.testing.assert_allclose(b.statistics[name], values, rtol=2e-3, atol=2e-2, err_msg=name)
     for layer in range(a.num_layers):
         np.testing.assert_allclose(b.attention(layer), a.attention(layer), **TOL)
     np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)

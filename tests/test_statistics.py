@@ -197,6 +197,36 @@ def test_entropy_from_scores_equals_the_log_per_weight():
     np.testing.assert_allclose(got.numpy(), row_entropy(attn).numpy(), rtol=1e-5, atol=2e-6)
 
 
+def test_entropy_on_a_device_is_two_operations_with_the_hosts_values():
+    """On a GPU the terms are one elementwise pass (torch.special.entr) and the sum a second, not five passes; the
+    values are the host form's (rows by hand: uniform, a zero weight, one-hot; spread rows against float64), into
+    the caller's buffers."""
+    from benchmarks.launches import Counter
+    from tests.devicesim import OnDevice
+    from vizapp.analysis.headstats import row_entropy
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(6, 50, 197, generator=g) * torch.tensor([0.1, 1, 5, 20, 60, 100])[:, None, None]
+    host = torch.softmax(scores, dim=-1)
+    host[0, 0] = torch.tensor([0.25, 0.75] + [0.0] * 195)
+    host[0, 1] = 1.0 / 197
+    host[0, 2] = torch.nn.functional.one_hot(torch.tensor(3), 197).float()
+    device = host.as_subclass(OnDevice)  # reports cuda:0: the device form, computed here
+    work, out = torch.empty_like(host).as_subclass(OnDevice), torch.empty(6, 50).as_subclass(OnDevice)
+    with Counter() as c:
+        got = row_entropy(device, out=out, work=work)
+    assert c.kernels == 2, c.kernels
+    assert got.data_ptr() == out.data_ptr() and got.device.type == "cuda"
+    got = got.cpu()
+    by_hand = [-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(197), 0.0]
+    np.testing.assert_allclose(got[0, :3].numpy(), by_hand, rtol=1e-6, atol=1e-6)
+    a64 = host.double()
+    exact = -(a64 * a64.clamp_min(1e-300).log()).sum(-1)
+    np.testing.assert_allclose(got.double().numpy(), exact.numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(got.numpy(), row_entropy(host).numpy(), rtol=1e-6, atol=1e-6)  # the host's form
+    assert row_entropy(device).cpu().shape == (6, 50)  # without buffers too
+
+
 class ScoreTop(statistics.HeadStatistic):
     """A toy statistic read from the scores when it gets them (their row maximum), else 0 from the attention."""
 
