@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vizapp.analysis.rollout import rollout_fused
+from vizapp.analysis.rollout import add_row_product, rollout_fused
 from vizapp.transfer import to_device
 
 
@@ -126,11 +126,7 @@ def relevance_row(fused: torch.Tensor, weights: torch.Tensor, start_layer: int =
     v = to_device(weights, fused.device, torch.float64)  # the weights are made on the host
     for layer in range(fused.shape[-3] - 1, start_layer - 1, -1):
         a = fused[..., layer, :, :].to(torch.float64)
-        if a.dim() == 2:  # v + v @ a in one operation (one kernel on a GPU)
-            v = torch.addmv(v, a.mT, v) if v.dim() == 1 else torch.addmm(v, v, a)
-        else:  # a batch: each image's row through its own Ā_l, also in one operation
-            row = v.expand(a.shape[0], -1).unsqueeze(-2)  # [B, 1, N] (a row shared by the batch, one per image)
-            v = torch.baddbmm(row, row, a).squeeze(-2)
+        v = add_row_product(v, a)  # v + v Ā_l in one operation (a batch: each image's row through its own)
     return v
 
 

@@ -100,22 +100,31 @@ def discard_lowest(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio: f
     return out
 
 
-def residual_step(fused: torch.Tensor, x: torch.Tensor, side: str = "left") -> torch.Tensor:
+def add_row_product(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``v + v @ a`` in one operation (one kernel on a GPU): ``v`` [N] or [B, N]; ``a`` [N, N], or [B, N, N] for a
+    batch whose images each take their own matrix (a row [N] shared by the batch then becomes one per image)."""
+    if a.dim() == 2:
+        return torch.addmv(v, a.mT, v) if v.dim() == 1 else torch.addmm(v, v, a)
+    if a.dim() == 3:
+        row = v.expand(a.shape[0], -1).unsqueeze(-2)  # [B, 1, N]
+        return torch.baddbmm(row, row, a).squeeze(-2)
+    return torch.matmul(v.unsqueeze(-2), a).squeeze(-2) + v
+
+
+def residual_step(
+    fused: torch.Tensor, x: torch.Tensor, side: str = "left", sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """One layer of the rollout with the residual path: ``x @ Â`` (side "left", x [..., N]) or ``Â @ x`` (side
     "right", x [N, M], ``fused`` [N, N] or a stack [L, N, N]), where Â = (A + I) with each row renormalised to sum to
     1, without forming Â.
 
     With s the row sums of A + I: x @ Â = (x / s) @ A + x / s, and Â @ x = (A @ x + x) / s. On the left, ``fused``
     may be a batch [B, N, N] with ``x`` [B, N] (or [N], the same row for every matrix): one row through each matrix.
+    ``sums``: s when the caller has it already (e.g. taken for every layer at once), else it is taken here.
     """
-    s = fused.sum(dim=-1) + 1.0  # [N], or [B, N]
+    s = fused.sum(dim=-1) + 1.0 if sums is None else sums  # [N], or [B, N]
     if side == "left":
-        w = x / s
-        if fused.dim() == 2 and w.dim() == 1:
-            return torch.addmv(w, fused.mT, w)  # w + w @ A in one operation (one kernel on a GPU)
-        if fused.dim() == 2:
-            return w @ fused + w
-        return torch.matmul(w.unsqueeze(-2), fused).squeeze(-2) + w  # [B, N]
+        return add_row_product(x / s, fused)
     if side == "right":  # row i of each matrix by its own sum (a stack [L, N, N] too)
         if fused.dim() == x.dim() == 2:
             return torch.addmm(x, fused, x).div_(s.unsqueeze(-1))  # x + A @ x in one operation
@@ -203,35 +212,16 @@ def rollout_row(
     if not 0 <= start_layer < num_layers:
         raise ValueError(f"start_layer must be in [0, {num_layers - 1}], got {start_layer}")
     v = weights.to(torch.float64)
+    sums = None
     if isinstance(fused_layer, torch.Tensor):
         stack = fused_layer
         if stack.shape[0] != num_layers:
             raise ValueError(f"a stack of {stack.shape[0]} layers' fused attention, expected {num_layers}")
-        if discard_ratio == 0.0:
-            v = _stacked_row(stack[start_layer:], to_device(v, stack.device))
-            return v.to(weights.dtype if weights.is_floating_point() else torch.float32)
-
-        def fused_layer(layer: int) -> torch.Tensor:
-            return stack[layer]
-
+        if discard_ratio == 0.0:  # the row sums of A + I of every layer used, in one pass
+            sums = stack[start_layer:].sum(dim=-1, dtype=torch.float64).add_(1.0)
+        fused_layer = stack.__getitem__
     for layer in range(num_layers - 1, start_layer - 1, -1):
         a = discard_lowest(fused_layer(layer).to(torch.float64), num_prefix_tokens, discard_ratio)
         # [N], on the attention's device (the weights are made on the host)
-        v = residual_step(a, to_device(v, a.device))
+        v = residual_step(a, to_device(v, a.device), sums=None if sums is None else sums[layer - start_layer])
     return v.to(weights.dtype if weights.is_floating_point() else torch.float32)
-
-
-def _stacked_row(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:func:`residual_step` of ``v`` ([N] or [B, N], float64) through the layers of ``stack`` ([L, N, N] or [L, B,
-    N, N]) from the top one down, with every layer's row sums of A + I taken at once: w = v / s_l, then v = w + w A_l
-    in one operation (``addmv``, or ``baddbmm`` for a batch)."""
-    sums = stack.sum(dim=-1, dtype=torch.float64).add_(1.0)  # [L, N] or [L, B, N]
-    for layer in range(stack.shape[0] - 1, -1, -1):
-        a = stack[layer].to(torch.float64)
-        w = v / sums[layer]  # [N], or [B, N] for a batch (a row shared by the batch becomes one per image here)
-        if a.dim() == 2:
-            v = torch.addmv(w, a.mT, w) if w.dim() == 1 else torch.addmm(w, w, a)
-        else:
-            row = w.unsqueeze(-2)  # [B, 1, N]
-            v = torch.baddbmm(row, row, a).squeeze(-2)
-    return v
