@@ -95,6 +95,39 @@ def test_head_fusion_in_chunks_by_hand():
     torch.testing.assert_close(parts.distances[0], whole.distances[0])
 
 
+def test_stored_mean_fusions_are_divided_once_for_every_layer():
+    """The stored mean fusions hold the heads' sums until the last layer is done, then one division makes every
+    layer's mean (one operator for 3 layers, not 3), bitwise each layer's own ``finish_fusion``; layers that differ in
+    heads are divided each by its own count. By hand: two heads of uniform rows over 5 tokens sum to 0.4, mean 0.2."""
+    from tests.opcount import Ops
+    from vizapp.analysis.distance import patch_distance_matrix
+    from vizapp.analysis.rollout import finish_fusion, start_fusion
+    from vizapp.streaming import LayerStatistics
+
+    dist = patch_distance_matrix((2, 2), (16, 16))
+    for heads in ([4, 4, 4], [4, 2, 4]):
+        attn = [random_attention(7 + i, 1, h, 5)[0] for i, h in enumerate(heads)]  # [H, N, N] per layer
+        if heads[1] == 2:
+            attn[1] = torch.full((2, 5, 5), 0.2)
+        stats = LayerStatistics(heads, 5, dist, 1, ("mean",))
+        with Ops() as ops:
+            for layer, a in enumerate(attn):
+                stats.chunk(layer, 0, 0, a, 0)
+                stats.layer_done(layer)
+                if layer < 2:  # not yet divided: the heads' sum
+                    assert torch.equal(stats.fused["mean"][layer][0], start_fusion(torch.empty(5, 5), a, "mean"))
+        for layer, a in enumerate(attn):
+            want = finish_fusion(start_fusion(torch.empty(5, 5), a, "mean"), heads[layer], "mean")
+            assert torch.equal(stats.mean_store[0, layer], want), (heads, layer)
+            assert stats.fused["mean"][layer].data_ptr() == stats.mean_store[:, layer].data_ptr()  # views of it
+        store = stats.mean_store.untyped_storage().data_ptr()
+        divisions = ops.written.count(("aten.div_", store))
+        if heads[1] == 2:
+            assert torch.equal(stats.mean_store[0, 1], torch.full((5, 5), 0.2)) and divisions == 3
+        else:
+            assert divisions == 1, divisions
+
+
 def random_attention(seed: int, layers: int, heads: int, n: int, peak: float = 3.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.softmax(torch.randn(layers, heads, n, n, generator=g) * peak, dim=-1)

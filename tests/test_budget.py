@@ -465,6 +465,7 @@ def test_analysis_memory_by_hand(monkeypatch):
         "attention_chunk": 2 * 1 * 5 * 5 * 4,  # 200
         "token_matrices": 4 * 25 * 4,  # 4 working N x N: 400
         "patch_distances": 16 * 4,  # 64
+        "statistic_rows": 2 * 2 * 5 * 4,  # distance and entropy, of both layers' 5 queries: 80
     }
     # ViT-L-like at 1,000 tokens: the outputs (98 MB) and fusions (96 MB) are over their limits and not kept, so the
     # rollout is multiplied up during the forward; a chunk holds 8 of 16 heads (4 MB each within 32 MiB)
@@ -478,6 +479,7 @@ def test_analysis_memory_by_hand(monkeypatch):
         "attention_chunk": 64_000_000,
         "token_matrices": 20_000_000,  # ... with 5 N x N of working matrices
         "patch_distances": 3_992_004,
+        "statistic_rows": 2 * 24 * 16 * 1000 * 4,  # every layer's 3.1 MB fit STATISTIC_ROWS_BYTES (4 MiB)
     }
     # the batch budgets take the same estimate (widths of 64 per head, P = N - 1): kept + working = the whole
     kept, working = limits.analysis_bytes(24, 1000, 16)
@@ -501,6 +503,9 @@ def test_fusions_the_views_do_not_keep_are_not_held_through_the_forward():
     assert limits.FUSED_CACHE_LIMIT_BYTES < 24 * 577 * 577 * 4
     assert B.analysis_memory(24, 577, 16)["fusions"] == 2 * 577 * 577 * 4
     assert B.analysis_memory(12, 197, 12)["fusions"] == 12 * 197 * 197 * 4  # ViT-B/16 at 224 px keeps them
+    # the statistics' rows: every layer's while they fit (ViT-B/16, 227 KB), one layer's above (ViT-L/14 at 518 px)
+    assert B.analysis_memory(12, 197, 12)["statistic_rows"] == 2 * 12 * 12 * 197 * 4
+    assert B.analysis_memory(24, 1374, 16)["statistic_rows"] == 2 * 16 * 1374 * 4
 
 
 def test_the_large_models_people_use_fit_the_default_analysis_budget():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import vizapp
 from tests.conftest import all_hooks, graph_reference, random_image, reference_attention, small_model
+from tests.opcount import Ops
 from vizapp.capture import AttentionCapture, attention_from_qk
 from vizapp.resultcache import Key
 
@@ -577,3 +579,32 @@ def test_the_attention_stack_formed_layers_at_a_time_equals_each_layers_own(monk
         assert torch.equal(got, each), layers
         computed[layers] = counter.host  # the CPU's operators
     assert computed[3] <= 7 < 3 * r.num_layers <= computed[1], computed
+
+
+def test_q_and_k_of_one_projection_are_kept_in_one_copy_a_layer():
+    """Where q and k are unbound from one qkv projection (timm), the capture keeps both with one copy a layer (one
+    kernel on a GPU, not two); where they are separate tensors (as transformers' projections give) it copies each.
+    Either way the kept q and k are bitwise the ones the layer hands over."""
+    vm = small_model("vit_tiny_patch16_224", img_size=32, depth=3)
+    x = vm.transform(random_image(4))[None]
+    real = AttentionCapture._record
+
+    def shared(self, layer, q, k, *rest):
+        handed[layer] = (q.clone(), k.clone())
+        return real(self, layer, q, k, *rest)
+
+    def apart(self, layer, q, k, *rest):
+        handed[layer] = (q.clone(), k.clone())
+        return real(self, layer, q.clone(), k.clone(), *rest)
+
+    for record, per_layer in ((shared, 1), (apart, 2)):
+        handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with mock.patch.object(AttentionCapture, "_record", record), torch.no_grad():
+            with Ops() as ops, AttentionCapture(vm.model) as cap:
+                vm.model(x)
+        block = cap.q[0].untyped_storage().data_ptr()
+        copies = ops.written.count(("aten.copy_", block))
+        assert copies == 3 * per_layer, (record.__name__, copies)
+        for layer in range(3):
+            assert cap.q[layer].untyped_storage().data_ptr() == block == cap.k[layer].untyped_storage().data_ptr()
+            assert torch.equal(cap.q[layer], handed[layer][0]) and torch.equal(cap.k[layer], handed[layer][1])

@@ -193,3 +193,22 @@ def test_concurrent_analyses_get_their_own_blocks(monkeypatch):
     for t in range(4):
         for want, have in zip(alone[t], got[t], strict=True):
             np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-7)
+
+
+def test_as_pair_views_q_and_k_unbound_from_one_projection_and_nothing_else():
+    """q and k unbound from one qkv tensor (timm's layout [B, N, 3, H, d] permuted to [3, B, H, N, d]) are one view
+    [2, B, H, N, d] of its storage: writing through it is writing q and k. Tensors in separate storages, with other
+    strides or shapes, or k before q, give None."""
+    qkv = torch.arange(2 * 5 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 5, 3, 4, 6).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    pair = kept.as_pair(q, k)
+    assert pair is not None and pair.shape == (2, *q.shape)
+    assert torch.equal(pair[0], q) and torch.equal(pair[1], k)
+    assert pair.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()  # a view, not a copy
+    by_hand = kept.as_pair(q, v)  # v lies further on at twice the step: a pair too
+    assert by_hand is not None and torch.equal(by_hand[1], v)
+    assert kept.as_pair(k, q) is None  # k before q
+    assert kept.as_pair(q, k.clone()) is None  # separate storages (transformers' q and k projections)
+    assert kept.as_pair(q, k.contiguous()) is None  # another storage and strides
+    assert kept.as_pair(q, k[:, :, :3]) is None  # another shape
+    assert kept.as_pair(q, k.double()) is None

@@ -268,3 +268,47 @@ def test_reducer_offers_the_scores_first_and_once():
         torch.testing.assert_close(with_scores[name], without[name], rtol=1e-6, atol=1e-6)
     a64 = attn.double()
     torch.testing.assert_close(with_scores["entropy"][0], -(a64 * a64.log()).sum(-1).mean(-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("images", [1, 3])
+def test_every_layers_means_at_once_equal_layer_by_layer(monkeypatch, images):
+    """Where every layer's rows fit ``STATISTIC_ROWS_BYTES`` each layer keeps its own, and the means over the queries
+    are taken after the last layer, one operation a statistic for all (a GPU's kernels: 2 for 3 layers, not 6);
+    bitwise the values of one layer's rows at a time (the limit at 0). Until the last layer, nothing is averaged. By
+    hand: uniform attention over 5 tokens has entropy log 5 in every row. And a layer given another geometry later
+    (a windowed model's) turns the rows back to one layer's, averaging the layers done so far."""
+    from tests.opcount import Ops
+
+    g = torch.Generator().manual_seed(3)
+    attn = torch.softmax(3 * torch.randn(3, images, 4, 5, 5, generator=g), dim=-1)  # [L, B, H, N, N]
+    attn[1, -1] = 0.2  # the last image's layer 1: uniform
+    geometry = statistics.Geometry(5, 1, patch_distance_matrix((2, 2), (16, 16)))
+
+    def reduce(limit: int) -> tuple[statistics.StatisticsReducer, Ops]:
+        monkeypatch.setattr(statistics.limits, "STATISTIC_ROWS_BYTES", limit)
+        red = statistics.StatisticsReducer([4] * 3, images, geometry)
+        with Ops() as ops:
+            for layer in range(3):
+                red.chunk(layer, 0, 0, attn[layer], 0)  # every image's heads at once
+                red.layer_done(layer)
+                if limit and layer < 2:
+                    assert red.values["distance"].isnan().all()
+        return red, ops
+
+    by_layer, ops = reduce(2**20)
+    one_layer, ops_one = reduce(0)
+    for name, v in one_layer.values.items():  # block statistics stay NaN here (no block outputs)
+        torch.testing.assert_close(by_layer.values[name], v, rtol=0, atol=0, equal_nan=True)
+    assert not by_layer.values["entropy"].isnan().any()
+    torch.testing.assert_close(by_layer.values["entropy"][1, -1], torch.full((4,), math.log(5), dtype=torch.float64))
+    assert (ops.names["aten.mean"], ops_one.names["aten.mean"]) == (2, 6)
+
+    monkeypatch.setattr(statistics.limits, "STATISTIC_ROWS_BYTES", 2**20)
+    mixed = statistics.StatisticsReducer([4] * 3, images, geometry)
+    for layer in range(3):
+        if layer == 2:  # an equal geometry, but another object: as a windowed forward gives each layer's
+            mixed.set_geometry(2, statistics.Geometry(5, 1, geometry.dist))
+        mixed.chunk(layer, 0, 0, attn[layer], 0)
+        mixed.layer_done(layer)
+    for name, v in one_layer.values.items():
+        torch.testing.assert_close(mixed.values[name], v, rtol=0, atol=0, equal_nan=True)

@@ -27,9 +27,8 @@ and the layer is listed in :attr:`AttentionCapture.unexact_layers` with the reas
 timm's ``Attention`` with ``fused_attn`` off never calls SDPA; its q and k are read at ``q_norm``/``k_norm`` and a
 consumer is fed from them at the end of the layer (:attr:`AttentionCapture.replayed_layers`).
 
-Hooks and marks live for one ``with`` block, see only calls made by the thread that opened it (so concurrent
-analyses of one cached model never see each other's tensors), and are removed on exit even when the block raises;
-no model flag is changed.
+Hooks and marks live for one ``with`` block, see only the calls of the thread that opened it (so concurrent analyses of
+one cached model never see each other's tensors), and go on exit even when the block raises; no model flag changes.
 """
 
 from __future__ import annotations
@@ -218,20 +217,19 @@ class AttentionCapture:
         #: with ``record_head_outputs``: each layer's heads' output [B, H, N, d] (after ``ablate``), or None
         self.head_outputs: list[torch.Tensor | None] = [None] * n
         self._shaped: set[int] = set()  # layers whose output went through ``_head_output`` in this forward
-        self.q: list[torch.Tensor | None] = [None] * n
+        self.q: list[torch.Tensor | None] = [None] * n  # and k: [B, H, N, d] each
         self.k: list[torch.Tensor | None] = [None] * n
         self.bias: list[torch.Tensor | None] = [None] * n  # additive [B or 1, H or 1, N, N], or None
         self.scales: list[float] = [0.0] * n
         self.maps: list[torch.Tensor | None] = [None] * n  # with_grad: the attention in the graph
-        #: layers whose attention went through ``on_attention`` inside the forward
-        self.inline_layers: set[int] = set()
+        self.inline_layers: set[int] = set()  #: layers whose attention reached ``on_attention`` inside the forward
         #: layers fed to ``on_attention`` from q and k at the end of the layer (timm Attention, fused_attn off)
         self.replayed_layers: set[int] = set()
         #: layer -> why its attention was left to SDPA and is not exact (dropout, causal, ...)
         self.unexact_layers: dict[int, str] = {}
         self._called: set[int] = set()
-        self._packed: torch.Tensor | None = None
-        self._slots: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ())  # q, k views of _packed
+        self._packed: torch.Tensor | None = None  # every layer's q and k, [2, L, B, H, N, d]
+        self._slots: tuple[tuple[torch.Tensor, ...], ...] = ((), (), ())  # its q, k and (q, k) views of each layer
         self._work: torch.Tensor | None = None  # the inline chunk buffer, shared by the layers
         self._modes: list[_MHAMode] = []
         self._routing = False  # this capture holds the SDPA route open (see _acquire)
@@ -253,21 +251,23 @@ class AttentionCapture:
         if self.with_grad:
             self.q[layer], self.k[layer] = q, k
         elif self.keep_qk:
-            # A copy lets the layer's qkv buffer (q and k are often views into it) be freed. All layers' copies go
-            # into one block allocated when a forward begins: one large allocation instead of 2·L small ones among
-            # the forward's own activations keeps the allocator from fragmenting (ViT-L/384: 178 MB added by the
-            # capture with per-layer copies, against the 113 MB of q and k).
+            # A copy lets the layer's qkv buffer (q and k are often views into it) be freed. Every layer's copies go
+            # into one block made when a forward begins, with every layer's views: small allocations made layer by
+            # layer among the forward's own activations fragment the heap (ViT-L/384: the capture added 178 MB with
+            # per-layer copies, against the 113 MB of q and k, and the heap grew by 100 MB with per-layer views).
             packed = self._packed
             if layer == 0 or packed is None:
                 packed = self._packed = kept.empty((2, len(self), *q.shape), q.dtype, q.device)
-                # every layer's view made now, together: a view made in each layer would be a small allocation that
-                # outlives the layer among its freed activations, splitting the holes the next layer's activations
-                # would reuse (ViT-L/384: the heap grew by about 100 MB over the forward with such small objects)
-                self._slots = (packed[0].unbind(0), packed[1].unbind(0))
+                self._slots = (packed[0].unbind(0), packed[1].unbind(0), packed.unbind(1))
             if packed.shape[2:] == q.shape == k.shape and packed.dtype == q.dtype and packed.device == q.device:
-                qs, ks = self._slots
+                qs, ks, pairs = self._slots
                 with torch.no_grad():  # a record, never in a graph (unbind's views refuse in-place copies with grad)
-                    self.q[layer], self.k[layer] = qs[layer].copy_(q), ks[layer].copy_(k)
+                    pair = kept.as_pair(q, k)  # q and k in one copy where they share the qkv projection's storage
+                    if pair is not None:
+                        pairs[layer].copy_(pair)
+                    else:
+                        qs[layer].copy_(q), ks[layer].copy_(k)
+                self.q[layer], self.k[layer] = qs[layer], ks[layer]
             else:  # layers of different shapes: one copy each
                 self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()
         else:

@@ -128,3 +128,18 @@ def held() -> tuple[int, int]:
         free = [i for i in range(len(_pool)) if _is_free(i)]
         idle = sum(_pool[i].nbytes() for i in free)
         return sum(b.nbytes() for b in _pool) - idle, idle
+
+
+def as_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``a`` and ``b`` as one tensor [2, *a.shape] that views both (index 0 is ``a``, 1 is ``b``), when ``b`` lies in
+    ``a``'s storage at a fixed distance after it with the same shape and strides (q and k unbound from one qkv
+    projection, as timm's and torchvision's attention make them): one copy then keeps both (one kernel on a GPU, not
+    two). None otherwise (transformers' q and k come from separate projections)."""
+    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
+        return None
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return None
+    step = b.storage_offset() - a.storage_offset()
+    if step <= 0:
+        return None
+    return a.as_strided((2, *a.shape), (step, *a.stride()), a.storage_offset())

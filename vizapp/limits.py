@@ -34,6 +34,11 @@ FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
 # forward. ViT-L/16 at 384 px (30.5 MiB of fusions), 2 threads: analyze's peak above a bare forward's, 114 MB streamed
 # against 161 MB stored (3 fresh processes each); analyze 2,540 against 2,494 ms (medians of 6 interleaved rounds).
 ROLLOUT_STORE_LIMIT_BYTES = 16 * 2**20
+# The attention statistics' rows (a float32 per layer, image, head and query, for each statistic over heads) are kept
+# for every layer of a forward while they fit this, so that their means over the queries are one operation for all
+# layers (a GPU's kernel), not one a layer (ViT-B/16: 226 KB an image for distance and entropy); above it, one
+# layer's rows at a time.
+STATISTIC_ROWS_BYTES = 4 * 2**20
 # Every block's output [L, N, D] is kept for the feature views (PCA, similarity) below this size; above it only the
 # last block's (ViT-B/16 at 224 px: 7.3 MB for all 12; ViT-L/16 at 384 px would need 57 MB).
 BLOCK_OUTPUT_BYTES = 32 * 2**20
@@ -173,6 +178,8 @@ def analysis_memory(
       identity, the fusion plus identity, its normalisation, the product and the previous rollout: measured at 4,097
       tokens, 7.8·N² in all with the two kept, the patch distances and the chunk).
     - ``patch_distances``: the P x P matrix of distances between patch centres, P².
+    - ``statistic_rows``: a float32 per head and query for each registered statistic over heads, for every layer
+      while that fits :data:`STATISTIC_ROWS_BYTES` (:class:`vizapp.statistics.StatisticsReducer`), else for one.
 
     Args:
         layers: encoder layers L.
@@ -202,10 +209,18 @@ def analysis_memory(
         "attention_chunk": 2 * chunk_heads * chunk_rows * N * f32,
         "token_matrices": (4 if stored else 5) * N * N * f32,
         "patch_distances": P * P * f32,
+        "statistic_rows": _statistic_rows(L, N, H),
     }
     if gradients:
         terms["autograd_graph"] = L * (14 * N * D + 3 * H * N * N) * f32 + 2 * L * H * N * N * f32
     return terms
+
+
+def _statistic_rows(layers: int, tokens: int, heads: int) -> int:
+    from vizapp.statistics import STATISTICS, HeadStatistic  # which imports this module
+
+    per_layer = sum(isinstance(s, HeadStatistic) for s in STATISTICS.values()) * heads * tokens * 4
+    return per_layer * (layers if layers * per_layer <= STATISTIC_ROWS_BYTES else 1)
 
 
 def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:

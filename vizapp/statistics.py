@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import torch
 
+from vizapp import limits
 from vizapp.analysis.distance import BlockDistanceTerms
 from vizapp.analysis.headstats import row_entropy, row_entropy_from_scores, token_norm_stats
 
@@ -288,8 +289,9 @@ class StatisticsReducer:
     (:meth:`block`).
 
     Per layer it keeps one float32 per (image, head, query row) for each head statistic, in buffers reused by every
-    layer, and averages them over the query rows when the layer is done; nothing of a layer's attention outlives its
-    chunk. Layers may differ in head count (a layer's missing heads stay NaN) and in tokens: each layer has its own
+    layer, and averages them over the query rows when the layer is done; where every layer's rows fit
+    :data:`vizapp.limits.STATISTIC_ROWS_BYTES` (layers of one geometry and head count), each layer keeps its own and
+    the averages are taken for all at once after the last. Nothing of a layer's attention outlives its chunk. Layers may differ in head count (a layer's missing heads stay NaN) and in tokens: each layer has its own
     :class:`Geometry` (a windowed model's layers differ in grid and window), given here or by :meth:`set_geometry`
     before the layer's first chunk.
 
@@ -338,8 +340,14 @@ class StatisticsReducer:
             for s in self.head_stats
         } | {s.name: torch.full((n_layers, self.batch), nan, dtype=torch.float64, device=dev) for s in self.block_stats}
         self._h_max, self._device = h_max, dev
-        # [B, H, Q] per head statistic, Q = the layer's patch queries or every query; grown for a layer with more
+        # Each head statistic's rows, a float32 per (image, head, query row): [B, max H, Q] shared by the layers (Q
+        # the layer's patch queries or every query; grown for a layer with more) and averaged over the queries as
+        # each layer is done; or, where the layers share one geometry and head count and all their rows fit
+        # limits.STATISTIC_ROWS_BYTES, [L, B, H, Q], a slice per layer, averaged for every layer at once when the
+        # last is done: one operation a statistic instead of one a layer (a GPU's kernels).
         self._rows: dict[str, torch.Tensor] = {}
+        self._by_layer = self._rows_fit_by_layer()
+        self._waiting: set[int] = set()  # with _by_layer: the layers done, whose means wait for the last
         self._work: torch.Tensor | None = None
         self._cells = [0] * n_layers  # (image, head, query row) cells seen per layer
         self._blocks = [False] * n_layers
@@ -347,7 +355,22 @@ class StatisticsReducer:
     def set_geometry(self, layer: int, geometry: Geometry) -> None:
         """The tokens of ``layer`` (before its first chunk), for a forward whose layers are known only as it runs."""
         geometry.check()
+        if self._by_layer and geometry is not self.geometry[layer]:  # rows shared by the layers from now on
+            for done in sorted(self._waiting):
+                self._layer_means(done)
+            self._by_layer, self._rows = False, {}
         self.geometry[layer] = geometry
+
+    def _rows_fit_by_layer(self) -> bool:
+        g = self.geometry[0] if self.geometry else None
+        if g is None or any(other is not g for other in self.geometry) or len(set(self.heads)) != 1:
+            return False
+        rows = sum(self._queries(s, g) for s in self.head_stats) * self.batch * self._h_max
+        return len(self.heads) * rows * 4 <= limits.STATISTIC_ROWS_BYTES
+
+    @staticmethod
+    def _queries(s: HeadStatistic, g: Geometry) -> int:
+        return g.num_tokens - g.num_prefix_tokens if s.patch_queries else g.num_tokens
 
     def _layer_geometry(self, layer: int) -> Geometry:
         g = self.geometry[layer]
@@ -355,10 +378,16 @@ class StatisticsReducer:
             raise ValueError(f"layer {layer} has no geometry; call set_geometry before its attention")
         return g
 
-    def _row_buffer(self, s: HeadStatistic, g: Geometry) -> torch.Tensor:
-        """[B, max H, Q] for statistic ``s`` on a layer of geometry ``g`` (a view of a buffer shared by the layers)."""
-        q = g.num_tokens - g.num_prefix_tokens if s.patch_queries else g.num_tokens
+    def _row_buffer(self, s: HeadStatistic, g: Geometry, layer: int) -> torch.Tensor:
+        """[B, max H, Q] for statistic ``s`` on ``layer``, of geometry ``g``: a view of a buffer shared by the layers,
+        or of the layer's own slice (see ``_rows`` in ``__init__``)."""
+        q = self._queries(s, g)
         buf = self._rows.get(s.name)
+        if self._by_layer:
+            if buf is None:
+                shape = (len(self.heads), self.batch, self._h_max, q)
+                buf = self._rows[s.name] = torch.zeros(shape, device=self._device)
+            return buf[layer]
         if buf is None or buf.shape[-1] < q:
             buf = self._rows[s.name] = torch.zeros((self.batch, self._h_max, q), device=self._device)
         return buf[..., :q]
@@ -399,7 +428,7 @@ class StatisticsReducer:
         lo = max(row, p)  # the chunk's first patch query
         jobs = []
         for s in self.head_stats:
-            rows = self._row_buffer(s, g)
+            rows = self._row_buffer(s, g, layer)
             if s.patch_queries:
                 if lo < row + r:
                     jobs.append((s, rows[batch, heads, lo - p : row + r - p], work[:c, : row + r - lo]))
@@ -445,7 +474,7 @@ class StatisticsReducer:
         g = self._layer_geometry(layer)
         if batch < 0 or batch + images > self.batch:
             raise ValueError(f"attention of images {batch}..{batch + images - 1}, but the forward has {self.batch}")
-        buffers = [self._row_buffer(s, g) for s in self.head_stats]
+        buffers = [self._row_buffer(s, g, layer) for s in self.head_stats]
         whole = all(b.shape[1] == h and b.is_contiguous() for b in buffers)  # the images' rows are one block
         if images == 1 or r != g.num_tokens or not whole or not attn.is_contiguous():
             for j, one in enumerate(attn):
@@ -487,7 +516,7 @@ class StatisticsReducer:
         if not 0 <= batch < self.batch:
             raise ValueError(f"rows of image {batch}, but the forward has {self.batch} images")
         for s in self.head_stats:
-            rows = self._row_buffer(s, g)
+            rows = self._row_buffer(s, g, layer)
             if values[s.name].shape != (h, rows.shape[-1]):
                 raise ValueError(
                     f"{s.name}: {tuple(values[s.name].shape)} values for {h} heads x {rows.shape[-1]} rows"
@@ -503,11 +532,21 @@ class StatisticsReducer:
                 f"layer {layer}: attention of {self._cells[layer]} (head, query) pairs reached the statistics, "
                 f"expected {expected} ({self.batch} images x {h} heads x {g.num_tokens} queries)"
             )
+        if not self._by_layer:
+            self._layer_means(layer)
+            return
+        self._waiting.add(layer)
+        if len(self._waiting) == len(self.heads):  # every layer's means in one operation a statistic
+            for s in self.head_stats:
+                torch.mean(self._rows[s.name], dim=-1, dtype=torch.float64, out=self.values[s.name])
+
+    def _layer_means(self, layer: int) -> None:
+        """Layer ``layer``'s rows averaged over the queries into :attr:`values`."""
+        h, g = self.heads[layer], self._layer_geometry(layer)
         for s in self.head_stats:
             # the mean in float64 straight into the values (one kernel on a GPU, not a copy, a mean and a copy back)
-            torch.mean(
-                self._row_buffer(s, g)[:, :h], dim=-1, dtype=torch.float64, out=self.values[s.name][layer, :, :h]
-            )
+            rows = self._row_buffer(s, g, layer)[:, :h]
+            torch.mean(rows, dim=-1, dtype=torch.float64, out=self.values[s.name][layer, :, :h])
 
     def block(self, layer: int, out: torch.Tensor, norms: torch.Tensor | None = None) -> None:
         """``on_block``: the block statistics of block ``layer``'s output [B, N, D] (``norms``: its tokens' L2 norms

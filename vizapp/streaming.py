@@ -46,7 +46,8 @@ class LayerStatistics:
         dist: [P, P] patch distances in pixels, on the device the attention arrives on.
         num_prefix_tokens: tokens before the patches.
         fusions: head fusions to keep per layer ("mean", "max", "min").
-        store_mean: keep each layer's mean fusion for :meth:`rollout_row` (implied by "mean" in ``fusions``).
+        store_mean: keep each layer's mean fusion for :meth:`rollout_row` (implied by "mean" in ``fusions``); the
+            stored fusions (``mean_store``, ``fused["mean"]``) hold the heads' sums until every layer is done.
         batch: B, images in the forward.
         statistics: the statistics to reduce; default every registered one (block statistics need :meth:`block`).
     """
@@ -140,13 +141,29 @@ class LayerStatistics:
             return
         self.statistics.layer_done(layer)
         self._done[layer] = True
-        fused = {f: finish_fusion(acc, self.heads[layer], f) for f, acc in self._acc.items()}
+        # the stored mean fusions (head sums until then) are divided once every layer is in: one operation for all
+        fused = {
+            f: acc if f == "mean" and self.store_mean else finish_fusion(acc, self.heads[layer], f)
+            for f, acc in self._acc.items()
+        }
         for f in self.kept:
             self.fused[f][layer] = fused[f]
         if not self.store_mean:
             mean = fused["mean"]
             self.joint = add_residual(mean) if self.joint is None else residual_step(mean, self.joint, side="right")
+        elif all(self._done):
+            self._divide_store()
         self._acc = {}
+
+    def _divide_store(self) -> None:
+        """Every layer's head sum in :attr:`mean_store` into its mean: one in-place division of the block where the
+        layers' head counts agree (one kernel on a GPU, not one a layer), else layer by layer; bitwise the division
+        :func:`~vizapp.analysis.rollout.finish_fusion` makes of one layer."""
+        if len(set(self.heads)) == 1:
+            finish_fusion(self.mean_store, self.heads[0], "mean")
+        else:
+            for layer, view in enumerate(self._mean_layers):
+                finish_fusion(view, self.heads[layer], "mean")
 
     def block(self, layer: int, out: torch.Tensor) -> None:
         """``on_block``: the block statistics of block ``layer``'s output [B, N, D]."""
