@@ -262,11 +262,7 @@ class AttentionCapture:
             if packed.shape[2:] == q.shape == k.shape and packed.dtype == q.dtype and packed.device == q.device:
                 qs, ks, pairs = self._slots
                 with torch.no_grad():  # a record, never in a graph (unbind's views refuse in-place copies with grad)
-                    pair = kept.as_pair(q, k)  # q and k in one copy where they share the qkv projection's storage
-                    if pair is not None:
-                        pairs[layer].copy_(pair)
-                    else:
-                        qs[layer].copy_(q), ks[layer].copy_(k)
+                    kept.copy_pair(q, k, pairs[layer], qs[layer], ks[layer])  # one copy if one qkv made both
                 self.q[layer], self.k[layer] = qs[layer], ks[layer]
             else:  # layers of different shapes: one copy each
                 self.q[layer], self.k[layer] = q.detach().contiguous(), k.detach().contiguous()

@@ -143,3 +143,14 @@ def as_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     if step <= 0:
         return None
     return a.as_strided((2, *a.shape), (step, *a.stride()), a.storage_offset())
+
+
+def copy_pair(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor, a_into: torch.Tensor, b_into: torch.Tensor) -> None:
+    """``a`` into ``a_into`` and ``b`` into ``b_into``, the two halves of ``into`` [2, ...] (views the caller made
+    once, so none is made per call): one copy where :func:`as_pair` views both, else one each."""
+    pair = as_pair(a, b)
+    if pair is not None:
+        into.copy_(pair)
+    else:
+        a_into.copy_(a)
+        b_into.copy_(b)

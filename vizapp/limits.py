@@ -216,11 +216,17 @@ def analysis_memory(
     return terms
 
 
+def statistic_rows_by_layer(layers: int, layer_bytes: int) -> bool:
+    """Whether the statistics' rows of a forward are kept for every layer (``layer_bytes`` each), within
+    :data:`STATISTIC_ROWS_BYTES`, rather than for one layer at a time."""
+    return layers * layer_bytes <= STATISTIC_ROWS_BYTES
+
+
 def _statistic_rows(layers: int, tokens: int, heads: int) -> int:
     from vizapp.statistics import STATISTICS, HeadStatistic  # which imports this module
 
     per_layer = sum(isinstance(s, HeadStatistic) for s in STATISTICS.values()) * heads * tokens * 4
-    return per_layer * (layers if layers * per_layer <= STATISTIC_ROWS_BYTES else 1)
+    return per_layer * (layers if statistic_rows_by_layer(layers, per_layer) else 1)
 
 
 def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:

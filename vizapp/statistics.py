@@ -290,10 +290,11 @@ class StatisticsReducer:
 
     Per layer it keeps one float32 per (image, head, query row) for each head statistic, in buffers reused by every
     layer, and averages them over the query rows when the layer is done; where every layer's rows fit
-    :data:`vizapp.limits.STATISTIC_ROWS_BYTES` (layers of one geometry and head count), each layer keeps its own and
-    the averages are taken for all at once after the last. Nothing of a layer's attention outlives its chunk. Layers may differ in head count (a layer's missing heads stay NaN) and in tokens: each layer has its own
-    :class:`Geometry` (a windowed model's layers differ in grid and window), given here or by :meth:`set_geometry`
-    before the layer's first chunk.
+    :data:`vizapp.limits.STATISTIC_ROWS_BYTES` (layers of one geometry and head count), each layer keeps its own and the
+    averages are taken for all at once after the last. Nothing of a layer's attention outlives its chunk. Layers may
+    differ in head count (a layer's missing heads stay NaN) and in tokens: each layer has its own :class:`Geometry` (a
+    windowed model's layers differ in grid and window), given here or by :meth:`set_geometry` before the layer's first
+    chunk.
 
     Args:
         heads: heads of each layer (its length is L).
@@ -366,7 +367,7 @@ class StatisticsReducer:
         if g is None or any(other is not g for other in self.geometry) or len(set(self.heads)) != 1:
             return False
         rows = sum(self._queries(s, g) for s in self.head_stats) * self.batch * self._h_max
-        return len(self.heads) * rows * 4 <= limits.STATISTIC_ROWS_BYTES
+        return limits.statistic_rows_by_layer(len(self.heads), rows * 4)
 
     @staticmethod
     def _queries(s: HeadStatistic, g: Geometry) -> int:
