@@ -123,6 +123,15 @@ PHASES = ("statistics", "maps", "forming", "classifying")
 and relevance passes), forming the perturbed copies (masks and copies), and classifying them."""
 
 
+GRAPH_MAPS = "the attention graph's maps"
+"""The by-method table's column of :mod:`vizapp.graph_maps`' route: one forward with the attention in the graph, its
+backwards (one per class kind) and the maps it gives (rollout, the CLS attention, gradient rollout, relevance), for
+the group at once."""
+REST_OF_MAPS = "the analysis forward, its backwards and the rest"
+"""The maps phase less every column before it: on the analysis route its forward and backwards, and the Python of
+the phase."""
+
+
 def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[str, float]:
     """Seconds of each of :data:`PHASES` in one more batched evaluation (each timer waits for the device), and
     ``rest``: what none of them covers (decoding, preprocessing, rows)."""
@@ -131,7 +140,12 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
     spent = dict.fromkeys(PHASES, 0.0)
     by_method: dict[str, float] = {}  # the maps phase's time in each method's own calls
     saved = {"_statistics": ev._statistics, "classify": ev.classify, "explain": ev.explain}
-    saved_scores = {"_maps": scores._maps, "_classified": scores._classified, "_own_run_maps": scores._own_run_maps}
+    saved_scores = {
+        "_maps": scores._maps,
+        "_classified": scores._classified,
+        "_own_run_maps": scores._own_run_maps,
+        "_graph_maps": scores._graph_maps,
+    }
 
     def timed(table: dict[str, float], name_of: Callable[..., str], fn):  # noqa: ANN202 - a wrapper of any signature
         """``fn`` timed (waiting for the device before and after) into ``table[name_of(*its arguments)]``."""
@@ -157,6 +171,7 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
     scores._maps = timed(spent, phase("maps"), saved_scores["_maps"])
     scores._classified = timed(spent, phase("forming"), saved_scores["_classified"])  # less classifying, below
     scores._own_run_maps = timed(by_method, lambda ev_, m, *a, **k: m.name, saved_scores["_own_run_maps"])
+    scores._graph_maps = timed(by_method, phase(GRAPH_MAPS), saved_scores["_graph_maps"])
     try:
         t0 = time.perf_counter()
         ev.evaluate_batch(items, pixels)
@@ -168,7 +183,7 @@ def phases(ev: Evaluator, items: list[dict], pixels: list[np.ndarray]) -> dict[s
         for name, fn in saved_scores.items():
             setattr(scores, name, fn)
     spent["forming"] -= spent["classifying"]
-    by_method["the analysis forward and its backwards"] = spent["maps"] - sum(by_method.values())
+    by_method[REST_OF_MAPS] = spent["maps"] - sum(by_method.values())
     return (
         {f"phase_{k}": v for k, v in spent.items()}
         | {"phase_rest": total - sum(spent.values())}
@@ -309,9 +324,12 @@ def markdown(
     lines += [
         "",
         "The maps phase of that run by method, in milliseconds per image: each method's own calls (a method that runs "
-        "the model itself: its forward, backward and relevance pass for the batch; the others: their maps read from "
-        "each image's analysis), and the analysis forward with its backwards (one per class kind) and the rest; "
-        "below each batch, its images one at a time, as above.",
+        "the model itself: its forward, backward and relevance pass for the batch; on the analysis route, the others' "
+        "maps read from each image's analysis); the attention graph's maps (vizapp.graph_maps: one forward with the "
+        "attention in the autograd graph, one backward per class kind, and the maps of rollout, the CLS attention, "
+        "gradient rollout and relevance for the whole group, which then need no analysis; one image on a GPU takes "
+        "the analysis route); and the rest of the phase (on the analysis route its forward and backwards); below "
+        "each batch, its images one at a time, as above.",
         "",
         "| model | B | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),

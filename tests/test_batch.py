@@ -586,43 +586,64 @@ GRADIENT_MAPS = ["grad_rollout", "relevance"]
 
 
 @pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4"])
-def test_gradient_maps_alone_skip_the_analyses_and_equal_them(fid, card_model, monkeypatch):
-    """Gradient rollout and relevance alone come straight from one forward's graph and one backward (no analysis of
-    any image): each map equal to its own analysis's, with every control, and to the analysis path of the same
-    batch (a rollout asked beside them) to 1e-6."""
+def test_the_maps_of_the_attention_graph_skip_the_analyses_and_equal_them(fid, card_model, monkeypatch):
+    """Gradient rollout and relevance, with attention rollout and the last layer's CLS attention beside them, come
+    straight from one forward's graph and one backward (no analysis of any image, vizapp.graph_maps): each map equal
+    to its own analysis's, with every control, and to the analysis path of the same batch to 1e-6."""
     import vizapp.batch
+    from vizapp import graph_maps
 
     vm = load(fid, card_model)
     imgs = images(3, seed=5)
     alone = [vizapp.analyze(vm, img) for img in imgs]
     classes = [1, None, 4]
-    settings = [{}, dict(start_layer=1, discard_ratio=0.3), dict(start_row="cls", start_layer=-1)]
-    through_analyses = [vizapp.explain(vm, imgs, [*GRADIENT_MAPS, "rollout"], classes, **c) for c in settings[:2]]
+    # the CLS attention only where there is a CLS token (else the analysis path says why there is none)
+    names = [*GRADIENT_MAPS, "rollout", *(["attention"] if vm.has_class_token else [])]
+    settings = [
+        {},
+        dict(start_layer=1, discard_ratio=0.3, head_fusion="max"),
+        dict(start_row="cls", start_layer=-1, head_fusion="min"),
+    ]
+    with monkeypatch.context() as m:  # the analysis path of the same batches
+        m.setattr(graph_maps, "takes", lambda *args: False)
+        through_analyses = [vizapp.explain(vm, imgs, names, classes, **c) for c in settings[:2]]
 
     def no_analysis(*args, **kwargs):
         raise AssertionError("the maps went through per-image analyses")
 
     monkeypatch.setattr(vizapp.batch, "analyze_inputs", no_analysis)
     for i, controls in enumerate(settings):
-        expected = {
-            n: [expected_map(r, n, c, **controls) for r, c in zip(alone, classes, strict=True)] for n in GRADIENT_MAPS
-        }
+        expected = {n: [expected_map(r, n, c, **controls) for r, c in zip(alone, classes, strict=True)] for n in names}
         error = next((e for found in expected.values() for e in found if isinstance(e, Exception)), None)
         if error is not None:  # start_row="cls" on a model without a CLS token: the one-image path's message
             with counted_forwards(vm) as forwards, pytest.raises(type(error), match=re.escape(str(error))):
-                vizapp.explain(vm, imgs, GRADIENT_MAPS, classes, **controls)
+                vizapp.explain(vm, imgs, names, classes, **controls)
             assert forwards == [] and not vm.has_class_token
             continue
         with counted_forwards(vm) as forwards, counted_backwards(monkeypatch) as backwards:
-            maps = vizapp.explain(vm, imgs, GRADIENT_MAPS, classes, **controls)
+            maps = vizapp.explain(vm, imgs, names, classes, **controls)
         assert forwards == [3] and backwards == ["grad"]
-        for name in GRADIENT_MAPS:
+        for name in names:
             assert maps[name].shape == (3, *alone[0].grid_size) and maps[name].dtype == np.float32
             assert maps_differ(maps[name][0], maps[name][1])
             for b in range(3):
                 assert_same_map(maps[name][b], expected[name][b])
             if i < len(through_analyses):
                 np.testing.assert_allclose(maps[name], through_analyses[i][name], rtol=0, atol=1e-6)
+
+
+def test_one_image_of_the_attention_graph_takes_the_one_image_operations(card_model):
+    """A batch of one image forms its rows as its Analysis does (a matrix-vector product a layer, not a batched one),
+    so its maps are the analysis's bit for bit where both see the same attention: the gradient-enabled analysis of
+    that image, whose attention is the graph's."""
+    vm = load("card", card_model)
+    img = images(1, seed=2)[0]
+    r = vizapp.analyze(vm, img, gradients=True)
+    maps = vizapp.explain(vm, [img], ["rollout", "attention", *GRADIENT_MAPS], 3, start_layer=1)
+    np.testing.assert_array_equal(maps["relevance"][0], r.relevance(3, start_layer=1))
+    np.testing.assert_array_equal(maps["grad_rollout"][0], r.grad_rollout(3, start_layer=1))
+    assert_same_map(maps["rollout"][0], r.rollout(start_layer=1))
+    assert_same_map(maps["attention"][0], r.last_layer_attention())
 
 
 def test_bad_gradient_map_controls_are_refused_before_any_forward(card_model):

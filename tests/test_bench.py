@@ -105,13 +105,13 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     from vizapp.evaluate import scores
 
     out = tmp_path / "e.md"
-    before = (scores._maps, scores._classified, scores._own_run_maps)
-    argv = ["--models", "bundled", "--images", "2", "--repeats", "1", "--methods", "rollout,relevance,random"]
+    before = (scores._maps, scores._classified, scores._own_run_maps, scores._graph_maps)
+    argv = ["--models", "bundled", "--images", "2", "--repeats", "1", "--methods", "rollout,relevance,attnlrp,random"]
     assert evaluation.main([*argv, "--out", str(out), "--profile", "5", "--torch-profile", "5"]) == 0
-    assert (scores._maps, scores._classified, scores._own_run_maps) == before
+    assert (scores._maps, scores._classified, scores._own_run_maps, scores._graph_maps) == before
     text = out.read_text(encoding="utf-8")
     header, rows = table_rows(text, "# The evaluation's rate against its floor")
-    assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 3 * 2 * 9)]  # 2 images x 3 maps x 2 directions x 9
+    assert rows[0][:3] == ["bundled (fmnist-test)", "2", str(2 * 4 * 2 * 9)]  # 2 images x 4 maps x 2 directions x 9
     assert rows[0][-1] == "16"  # copies per forward: the CPU's (vizapp.limits.perturbation_batch)
     header, rows = table_rows(text, "Where one more batched evaluation's time went")
     assert header == ["model", "B", "statistics", "maps", "forming copies", "classifying copies", "rest"]
@@ -119,10 +119,11 @@ def test_the_evaluation_benchmark_splits_its_time_into_phases_that_add_up(tmp_pa
     assert [r[:2] for r in rows] == [["bundled (fmnist-test)", "2"], ["bundled (fmnist-test), one at a time", "1"]]
     assert all(float(c) > 0 for r in rows for c in r[2:6]), rows
     header, rows = table_rows(text, "The maps phase of that run by method")
-    assert header == ["model", "B", "rollout", "relevance", "the analysis forward and its backwards"]
+    # AttnLRP's own forward and backward; rollout and relevance from one forward's attention graph, no analysis
+    assert header == ["model", "B", "attnlrp", evaluation.GRAPH_MAPS, evaluation.REST_OF_MAPS]
     assert [r[1] for r in rows] == ["2", "1"]
-    # the last part is the phase less the methods' own calls: negative if a call were counted twice
-    assert all(float(c) >= 0 for r in rows for c in r[2:]) and all(float(r[-1]) > 0 for r in rows), rows
+    # the last part is the phase less the others: negative if a call were counted twice
+    assert all(float(c) >= 0 for r in rows for c in r[2:]) and all(float(c) > 0 for r in rows for c in r[2:4]), rows
     assert "- bundled: never fell back to one image at a time" in text  # the batched path ran in every timed row
     printed = capsys.readouterr().out
     assert "Ordered by: internal time" in printed  # --profile: cProfile's table of one more run

@@ -493,6 +493,48 @@ def test_chefer2021_rows_equal_the_authors_loop():
 
 
 @needs_fmnist
+def test_the_evaluations_maps_of_a_group_equal_each_images_own(monkeypatch):
+    """Rollout, the CLS attention, gradient rollout and relevance of a batch come from one forward's graph
+    (vizapp.graph_maps), with no analysis of any image: each map equal to that image's own analysis's, for its
+    predicted class and, where the target differs, for its target (one more backward, of those images only)."""
+    import vizapp
+    import vizapp.pipeline
+    from vizapp import methods as registry
+    from vizapp.evaluate import scores
+    from vizapp.evaluate.dataset import load_pixels
+    from vizapp.evaluate.worker import Evaluator
+    from vizapp.imageio import decode_image
+
+    names = ["rollout", "attention", "grad_rollout", "relevance"]
+    ev = Evaluator("bundled", names, steps=0)
+    items = list_items("fmnist-test", ev.labels)[:5]
+    pixels = [load_pixels(it) for it in items]
+    inputs = {i: ev._preprocess(decode_image(px).image) for i, px in enumerate(pixels)}
+    heads = {i: ev._head(items[i], *found) for i, found in ev._statistics(inputs).items()}
+    for i in (1, 3):  # a target that is not the prediction
+        heads[i]["target"] = (heads[i]["predicted"] + 1 + i) % len(ev.labels)
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("the maps went through per-image analyses")
+
+    monkeypatch.setattr(vizapp.pipeline, "analyze_inputs", no_analysis)
+    maps = scores._maps(ev, list(range(5)), items, inputs, heads, scores.Clocks(range(5), 60.0))
+    monkeypatch.undo()
+    for i, px in enumerate(pixels):
+        r = vizapp.analyze(ev.vm, px)
+        for kind in scores.CLASS_KINDS:
+            cls = heads[i]["predicted"] if kind == "pred" else heads[i]["target"]
+            for name in names:
+                kw = {"start_layer": ev.rollout_start_layer} if name == "rollout" else {}
+                want = registry.explain(r, name, cls, **kw).reshape(-1)
+                got = maps[i][(name, kind)].numpy()
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=(i, name))
+        # the target's class maps are the target's, not the prediction's
+        if i in (1, 3):
+            assert not np.allclose(maps[i][("relevance", "target")], maps[i][("relevance", "pred")])
+
+
+@needs_fmnist
 def test_the_perturbed_copies_per_forward_follow_the_device():
     from vizapp import limits
     from vizapp.evaluate.worker import Evaluator
@@ -547,7 +589,7 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     """A failure of a batch's shared work (here one that happens only for batches of more than one image, as a bug of
     the batched path would) costs no row: the images run again one at a time, each row what that image gives alone;
     but it is recorded (``Evaluator.fallbacks``, which the evaluation benchmark prints) and logged, not silent."""
-    import vizapp.pipeline
+    import vizapp.graph_maps
     from vizapp.evaluate import scores
     from vizapp.evaluate.dataset import load_pixels
     from vizapp.evaluate.worker import Evaluator
@@ -568,9 +610,9 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
 
     if stage == "the statistics forward":
         monkeypatch.setattr(ev, "statistics", batch_only(ev.statistics, lambda x: x.shape[0]))
-    elif stage == "the maps":
-        real = vizapp.pipeline.analyze_inputs
-        monkeypatch.setattr(vizapp.pipeline, "analyze_inputs", batch_only(real, lambda vm, x: x.shape[0]))
+    elif stage == "the maps":  # rollout and relevance come from one forward's graph (vizapp.graph_maps)
+        real = vizapp.graph_maps.AttentionGraph
+        monkeypatch.setattr(vizapp.graph_maps, "AttentionGraph", batch_only(real, lambda vm, x: x.shape[0]))
     else:
         monkeypatch.setattr(scores, "_scores", batch_only(scores._scores, lambda ev_, images, *a: len(images)))
     with caplog.at_level("WARNING", logger="vizapp.evaluate.worker"):
@@ -578,7 +620,11 @@ def test_a_batch_that_fails_runs_again_image_by_image_and_says_so(monkeypatch, c
     why = f"{stage}: RuntimeError: a batched-path bug"
     assert ev.fallbacks == {why: 1}
     # where vizapp met it: the call into the failing function, the innermost frame in the package
-    site = {"the statistics forward": "_statistics", "the maps": "_maps", "the perturbation scores": "method_scores"}
+    site = {
+        "the statistics forward": "_statistics",
+        "the maps": "_graph_maps",
+        "the perturbation scores": "method_scores",
+    }
     module = "worker" if stage == "the statistics forward" else "scores"
     assert re.fullmatch(rf"vizapp/evaluate/{module}\.py:\d+ \({site[stage]}\)", ev.fallback_sites[why]), (
         ev.fallback_sites

@@ -19,17 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp import checks, limits
+from vizapp import graph_maps, limits
 from vizapp import methods as registry
-from vizapp.capture import AttentionCapture
-from vizapp.errors import BadImageError, BadParameterError, UnsupportedModelError
+from vizapp.errors import BadImageError, BadParameterError
 from vizapp.models import VizModel
-from vizapp.models.base import readout_weights
-from vizapp.models.prompts import probabilities
 from vizapp.pipeline import Analysis, analyze_inputs, class_gradients, prompted, to_pil
-from vizapp.result import class_index
 from vizapp.swin_result import class_gradients as windowed_gradients
-from vizapp.transfer import tensor_on, to_device
+from vizapp.transfer import to_device
 
 __all__ = ["analyze_batch", "explain", "forward_groups"]
 
@@ -187,84 +183,6 @@ def _method_controls(asked: Sequence[registry.Method], controls: dict[str, Any])
     return {m.name: {k: v for k, v in controls.items() if k in m.options} for m in asked}
 
 
-#: the class maps :func:`explain` forms straight from one forward's autograd graph, with no Analysis of each image
-GRADIENT_METHODS = ("grad_rollout", "relevance")
-
-
-def _gradient_options(
-    vm: VizModel, name: str, start_layer: Any = 0, start_row: Any = "output", discard_ratio: Any = 0.0
-) -> tuple[int, str, float]:
-    """(start layer, start row, discard ratio) of gradient rollout or relevance, checked before any forward with the
-    messages, and in the order, of :meth:`Analysis.grad_rollout` and :meth:`Analysis.relevance`."""
-    if name == "relevance":
-        first = checks.layer_index(start_layer, vm.num_layers)
-        return first, checks.start_row(start_row, vm.has_class_token), 0.0
-    row = checks.start_row(start_row, vm.has_class_token)
-    first = checks.layer_index(start_layer, vm.num_layers)
-    return first, row, checks.discard_ratio(discard_ratio)
-
-
-def _class_maps(
-    vm: VizModel, x: torch.Tensor, classes: list[int | None], options: dict[str, tuple[int, str, float]]
-) -> dict[str, np.ndarray]:
-    """Gradient rollout and relevance maps, [B, gh, gw] float32 each, of the inputs ``x`` [B, C, H, W] for one class
-    per image (None: its top-1), ``options`` per method from :func:`_gradient_options`.
-
-    One forward keeps every layer's attention in the autograd graph (:class:`AttentionCapture` with gradients, as the
-    gradient-enabled analysis does) and ONE backward of Σ_b logit_b[c_b] goes to those attention maps only; nothing
-    else of an analysis is formed (no statistics, q and k copies, block outputs or per-image stacks). Every image's
-    gradient-weighted fusion and map rows are then computed for the whole batch at once, each equal to that image's
-    :meth:`Analysis.grad_rollout` / :meth:`Analysis.relevance`.
-    """
-    from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
-    from vizapp.analysis.rollout import rollout_row
-
-    b, p = x.shape[0], vm.num_prefix_tokens
-    grid = vm.grid_for(x.shape[-2], x.shape[-1])
-    n = p + grid[0] * grid[1]
-    with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
-        logits = vm.logits(to_device(x, vm.device, vm.dtype))
-    for layer, a in enumerate(cap.maps):
-        if layer in cap.unexact_layers:
-            raise UnsupportedModelError(
-                f"layer {layer} ran with {cap.unexact_layers[layer]}, which vizapp does not reproduce; its attention "
-                "is not shown (put the model in eval mode)"
-            )
-        if a is None:
-            raise UnsupportedModelError(
-                f"layer {layer} formed its attention without scaled_dot_product_attention, so vizapp cannot take its "
-                "gradient (is fused attention off?)"
-            )
-    if cap.maps[0].shape[-1] != n:
-        raise RuntimeError(
-            f"{cap.maps[0].shape[-1]} tokens do not match {p} prefix tokens + a {grid[0]}x{grid[1]} grid"
-        )
-    host = logits.detach().float().cpu()  # [B, K]
-    head = bool(vm.labels) and host.shape[-1] == len(vm.labels)
-    cls = [
-        class_index(probabilities(host[i], vm.activation).numpy() if head else None, vm.labels, c)
-        for i, c in enumerate(classes)
-    ]
-    score = logits[torch.arange(b, device=logits.device), tensor_on(cls, logits.device)].sum()
-    grads = list(torch.autograd.grad(score, cap.maps))  # [B, H, N, N] per layer; the graph is freed
-    fused = torch.empty((len(grads), b, n, n), dtype=torch.float64, device=logits.device)  # Ā: [L, B, N, N]
-    for layer, a in enumerate(cap.maps):
-        grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
-        if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
-            grad_weighted_heads_into(fused[layer], a, grad)  # the product in the gradient's memory
-        else:
-            fused[layer] = grad_weighted_heads(a, grad)
-    out = {}
-    for name, (start_layer, start_row, ratio) in options.items():
-        weights = readout_weights("cls" if start_row == "cls" else vm.readout, n, p)
-        if name == "relevance":
-            rows = relevance_row(fused.transpose(0, 1), weights, start_layer)
-        else:
-            rows = rollout_row(fused, len(fused), weights, p, ratio, start_layer)
-        out[name] = rows[:, p:].reshape(b, *grid).float().cpu().numpy()
-    return out
-
-
 def explain(
     vm: VizModel,
     images: Sequence[Any],
@@ -279,8 +197,9 @@ def explain(
     model in batched forwards (:func:`forward_groups`; one for a batch that fits the budget); when a class-specific
     method is asked (gradient rollout, relevance), that forward keeps its attention in the autograd graph and ONE
     backward of Σ_b logit_b[c_b] gives every image its own class's gradient, however many methods are asked. When
-    gradient rollout and relevance are the only such methods (a ViT, not a windowed model), no analysis of any image
-    is formed: their maps come straight from that graph, the whole batch at once (:func:`_class_maps`). A method
+    the methods on that forward are gradient rollout or relevance, with attention rollout and the last layer's CLS
+    attention beside them if asked (a ViT, not a windowed model), no analysis of any image is formed: their maps come
+    straight from that graph, the whole batch at once, and to the host in one copy (:mod:`vizapp.graph_maps`). A method
     that runs the model itself (``Method.batch``: AttnLRP, LeGrad) takes each group in its own single forward and
     backward, without the analysis forward when no other method is asked.
 
@@ -317,11 +236,11 @@ def explain(
     on_analysis = [m for m in asked if m.batch is None]
     gradients = any(m.needs_class for m in on_analysis)
     wanted = _classes(vm, classes, len(inputs)) if any(m.needs_class for m in asked) else [None] * len(inputs)
-    # gradient rollout and relevance alone need no analysis: their maps straight from the forward's graph
-    direct = bool(on_analysis) and not vm.windowed and {m.name for m in on_analysis} <= set(GRADIENT_METHODS)
+    # the gradient maps (with rollout and the CLS attention beside them) need no analysis: straight from the graph
+    direct = graph_maps.takes(vm, [m.name for m in on_analysis])
     checked = {}
     if direct:
-        checked = {m.name: _gradient_options(vm, m.name, **per_method[m.name]) for m in on_analysis}
+        checked = {m.name: graph_maps.options(vm, m.name, **per_method[m.name]) for m in on_analysis}
     maps: dict[str, list[np.ndarray | None]] = {name: [None] * len(inputs) for name in names}
     for members in forward_groups(vm, [x for x, _ in inputs], gradients or bool(own_run)):
         x = torch.cat([inputs[i][0] for i in members])
@@ -333,9 +252,10 @@ def explain(
                 maps[m.name][i] = found_maps[j]
         if not on_analysis:
             continue
-        if direct:  # one forward and one backward, every image's maps at once
-            found_maps = _class_maps(vm, x, [wanted[i] for i in members], checked)
-            for name, group_maps in found_maps.items():
+        if direct and not graph_maps.replayed(vm, x):  # one forward and one backward, every image's maps at once
+            graph = graph_maps.AttentionGraph(vm, x)
+            found = graph.plain_maps(checked) | graph.class_maps(checked, graph.classes([wanted[i] for i in members]))
+            for name, group_maps in graph_maps.to_host(found, graph.grid).items():
                 for j, i in enumerate(members):
                     maps[name][i] = group_maps[j]
             continue

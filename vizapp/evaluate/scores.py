@@ -6,8 +6,11 @@ For the images of one engine batch (:meth:`Evaluator.evaluate_batch`):
    memory budget); with a class-specific method, that forward keeps its attention in the autograd graph and ONE
    backward of Σ_b logit_b[predicted_b] gives every image its predicted class's gradient, and one more backward
    (of the images whose target differs) its target's (:func:`vizapp.pipeline.class_gradients`), whatever the number
-   of methods. Each method's maps then come from the registry (:func:`vizapp.methods.explain`), image by image (a
-   windowed model's from its own analysis, on its first stage's grid: :meth:`Evaluator.explain`).
+   of methods. Where the methods on that forward are gradient rollout and relevance, with attention rollout and the
+   last layer's CLS attention beside them (the defaults, on a ViT), their maps come straight from that forward's
+   graph for the whole group at once, with no analysis of any image, and reach the host in one copy
+   (:mod:`vizapp.graph_maps`); otherwise each method's maps come from the registry (:func:`vizapp.methods.explain`),
+   image by image (a windowed model's from its own analysis, on its first stage's grid: :meth:`Evaluator.explain`).
 2. **Perturbed copies.** Every perturbed copy of every image (the protocol's 2 × 9 per map, vizapp's deletion and
    insertion curves) is formed as it is needed and forwarded in batches of exactly ``batch_size`` copies, across
    images: at most one batch and one image's copies are in memory at once.
@@ -139,6 +142,7 @@ def _maps(
     clocks: Clocks,
 ) -> dict[int, dict[tuple[str, str], torch.Tensor] | Exception]:
     """Every (method, class kind) map [P] of every image, from batched forwards (and backwards)."""
+    from vizapp import graph_maps
     from vizapp import methods as registry
     from vizapp.batch import forward_groups
     from vizapp.pipeline import analyze_inputs, class_gradients
@@ -163,6 +167,10 @@ def _maps(
         own_run = [name for name, m in asked.items() if m.batch is not None]
         class_specific = any(m.needs_class and m.batch is None for m in asked.values())
         on_analysis = any(m.batch is None for m in asked.values())
+    # the gradient maps, with rollout and the CLS attention beside them, straight from the forward's graph
+    direct = [name for name in names if name not in own_run]
+    if not graph_maps.takes(vm, direct):
+        direct = []
     out: dict[int, dict[tuple[str, str], torch.Tensor] | Exception] = {}
     for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific or bool(own_run)):
         group = [images[j] for j in members]
@@ -172,8 +180,13 @@ def _maps(
         x_dev = to_device(x, vm.device, vm.dtype) if own_run else x  # one copy for the methods that run the model
         for name in own_run:
             _own_run_maps(ev, asked[name], x_dev, group, heads, ready)
-        found = analyze_inputs(vm, x, gradients=class_specific) if on_analysis else [None] * len(group)
-        if class_specific:
+        from_graph = bool(direct) and not graph_maps.replayed(vm, x)
+        if from_graph:
+            _graph_maps(ev, direct, x, group, heads, ready)
+        found = (
+            analyze_inputs(vm, x, gradients=class_specific) if on_analysis and not from_graph else [None] * len(group)
+        )
+        if class_specific and not from_graph:
             gradients_of(found, [heads[i]["predicted"] for i in group])  # one backward for the group
             differ = [k for k, i in enumerate(group) if heads[i]["target"] != heads[i]["predicted"]]
             if differ:  # and one more for the targets that are not the prediction
@@ -193,6 +206,38 @@ def _maps(
                 out[i] = exc
         del found  # this forward's graph and analyses go before the next forward
     return out
+
+
+def _graph_maps(
+    ev: Evaluator,
+    names: Sequence[str],
+    x: torch.Tensor,
+    group: list[int],
+    heads: dict[int, dict[str, Any]],
+    ready: dict[int, dict[tuple[str, str], torch.Tensor]],
+) -> None:
+    """The maps of ``names`` (:func:`vizapp.graph_maps.takes`) for a group ``x`` [B, C, H, W] from one forward with
+    its attention in the graph: the class maps of every image's predicted class from one backward, of the images
+    whose target differs from one more; all of them to the host in one copy."""
+    from vizapp import graph_maps
+
+    vm = ev.vm
+    asked = {
+        name: graph_maps.options(vm, name, **({"start_layer": ev.rollout_start_layer} if name == "rollout" else {}))
+        for name in names
+    }
+    graph = graph_maps.AttentionGraph(vm, x)
+    differ = [k for k, i in enumerate(group) if heads[i]["target"] != heads[i]["predicted"]]
+    predicted = graph.plain_maps(asked) | graph.class_maps(
+        asked, [heads[i]["predicted"] for i in group], retain=bool(differ)
+    )
+    found = {(name, "pred"): m for name, m in predicted.items()}
+    if differ:
+        targets = graph.class_maps(asked, [heads[group[k]]["target"] for k in differ], members=differ)
+        found |= {(name, "target"): m for name, m in targets.items()}
+    for (name, kind), maps in graph_maps.to_host(found, graph.grid).items():
+        for j, k in enumerate(range(len(group)) if kind == "pred" else differ):
+            ready[group[k]][(name, kind)] = torch.from_numpy(maps[j].reshape(-1))
 
 
 def _own_run_maps(

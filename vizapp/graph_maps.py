@@ -1,0 +1,214 @@
+"""The maps of a batch straight from one forward's attention, with no :class:`~vizapp.Analysis` of any image:
+attention rollout, the last layer's CLS attention, gradient rollout and relevance.
+
+A forward that forms every layer's attention in the autograd graph (:class:`~vizapp.capture.AttentionCapture` with
+``with_grad``, as the gradient-enabled analysis runs) holds what the four need: the attention of every layer and head
+of every image, and, after one backward of Σ_b logit_b[c_b], each image's gradient for its own class (the images of a
+ViT batch never mix). Their maps are then formed for the whole batch at once, a layer's fusion and a layer's row
+product for every image in one operation each (on a GPU one kernel launch, not one per image), and they stay on the
+model's device until the caller copies all of them to the host together. Each equals that image's
+:meth:`Analysis.rollout`, :meth:`Analysis.last_layer_attention`, :meth:`Analysis.grad_rollout` and
+:meth:`Analysis.relevance` to float rounding; a batch of one image takes the one-image operations.
+
+Used by :func:`vizapp.explain` and by the evaluation (:mod:`vizapp.evaluate.scores`) when a gradient method is asked
+(the forward keeps every layer's attention for it anyway); rollout alone keeps taking the analysis's streaming pass,
+which keeps q and k, not every layer's attention, and so does one image on a GPU (:func:`replayed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vizapp import checks, gradient_pass
+from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
+from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
+from vizapp.capture import AttentionCapture
+from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.models import VizModel
+from vizapp.models.base import readout_weights
+from vizapp.models.prompts import probabilities
+from vizapp.result import class_index
+from vizapp.transfer import tensor_on, to_device
+
+#: the class maps formed from the graph's gradients
+GRADIENT_METHODS = ("grad_rollout", "relevance")
+#: every method this module forms
+DIRECT_METHODS = ("rollout", "attention", *GRADIENT_METHODS)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One method's checked controls (:func:`options`)."""
+
+    start_layer: int = 0
+    start_row: str = "output"
+    discard_ratio: float = 0.0
+    head_fusion: str = "mean"
+
+
+def options(vm: VizModel, name: str, **controls: Any) -> Options:
+    """``name``'s controls checked before any forward, with the messages, and in the order, of the
+    :class:`Analysis` method it stands for (BadParameterError)."""
+    if name == "attention":
+        return Options()  # it takes none
+    if name == "relevance":
+        first = checks.layer_index(controls.get("start_layer", 0), vm.num_layers)
+        return Options(first, checks.start_row(controls.get("start_row", "output"), vm.has_class_token))
+    if name == "grad_rollout":
+        row = checks.start_row(controls.get("start_row", "output"), vm.has_class_token)
+        first = checks.layer_index(controls.get("start_layer", 0), vm.num_layers)
+        return Options(first, row, checks.discard_ratio(controls.get("discard_ratio", 0.0)))
+    if name == "rollout":
+        ratio = checks.discard_ratio(controls.get("discard_ratio", 0.0))
+        first = checks.layer_index(controls.get("start_layer", 0), vm.num_layers)
+        fusion = controls.get("head_fusion", "mean")
+        if fusion not in HEAD_FUSIONS:
+            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(fusion)[:40]!r}")
+        return Options(first, checks.start_row(controls.get("start_row", "output"), vm.has_class_token), ratio, fusion)
+    raise BadParameterError(f"{name!r} is not formed from the attention graph; these are: {list(DIRECT_METHODS)}")
+
+
+def takes(vm: VizModel, names: Sequence[str]) -> bool:
+    """These methods' maps come from one :class:`AttentionGraph`: a ViT (not a windowed model), every name one of
+    :data:`DIRECT_METHODS` with at least one gradient method among them, and the last layer's CLS attention only
+    from a model with a class token (else the analysis's message says why it has none)."""
+    names = set(names)
+    return (
+        not vm.windowed
+        and bool(names)
+        and names <= set(DIRECT_METHODS)
+        and bool(names & set(GRADIENT_METHODS))
+        and ("attention" not in names or vm.has_class_token)
+    )
+
+
+def replayed(vm: VizModel, x: torch.Tensor) -> bool:
+    """Whether one image's gradient-enabled analysis replays recorded CUDA graphs (:func:`vizapp.gradient_pass.graphable`:
+    a batch of one on a GPU, graphs on): its analysis pass and its gradient passes, a few launches in all, where this
+    module's forward and backward run eagerly, several hundred launches. Such an input takes the analysis route."""
+    return x.shape[0] == 1 and gradient_pass.graphable(vm, x[:1])
+
+
+class AttentionGraph:
+    """One forward of inputs ``x`` [B, C, H, W] with every layer's attention in the autograd graph (its check that
+    every layer's attention is vizapp's exact one raises UnsupportedModelError), and the maps it gives."""
+
+    def __init__(self, vm: VizModel, x: torch.Tensor) -> None:
+        self.vm = vm
+        self.size, self.p = x.shape[0], vm.num_prefix_tokens
+        self.grid = vm.grid_for(x.shape[-2], x.shape[-1])
+        n = self.p + self.grid[0] * self.grid[1]
+        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
+            self.logits = vm.logits(to_device(x, vm.device, vm.dtype))
+        for layer, a in enumerate(cap.maps):
+            if layer in cap.unexact_layers:
+                raise UnsupportedModelError(
+                    f"layer {layer} ran with {cap.unexact_layers[layer]}, which vizapp does not reproduce; its "
+                    "attention is not shown (put the model in eval mode)"
+                )
+            if a is None:
+                raise UnsupportedModelError(
+                    f"layer {layer} formed its attention without scaled_dot_product_attention, so vizapp cannot take "
+                    "its gradient (is fused attention off?)"
+                )
+        if cap.maps[0].shape[-1] != n:
+            raise RuntimeError(
+                f"{cap.maps[0].shape[-1]} tokens do not match {self.p} prefix tokens + a {self.grid[0]}x{self.grid[1]} "
+                "grid"
+            )
+        self.maps: list[torch.Tensor] = list(cap.maps)  # [B, H, N, N] per layer, in the graph
+        self.n = n
+
+    def classes(self, wanted: Sequence[int | None]) -> list[int]:
+        """One class per image, None -> its top-1 (one copy of the logits to the host, only when one is asked)."""
+        if all(c is not None for c in wanted):
+            return [int(c) for c in wanted]  # type: ignore[arg-type]
+        host = self.logits.detach().float().cpu()  # [B, K]
+        vm = self.vm
+        head = bool(vm.labels) and host.shape[-1] == len(vm.labels)
+        return [
+            class_index(probabilities(host[i], vm.activation).numpy() if head else None, vm.labels, c)
+            for i, c in enumerate(wanted)
+        ]
+
+    def _weights(self, opt: Options) -> torch.Tensor:
+        return readout_weights("cls" if opt.start_row == "cls" else self.vm.readout, self.n, self.p)
+
+    def _rows(self, fused: torch.Tensor, name: str, opt: Options) -> torch.Tensor:
+        """The map rows [b, N] of fusions ``fused`` [L, b, N, N] (gradient-weighted for the class maps)."""
+        weights = self._weights(opt)
+        if fused.shape[1] == 1:  # one image: the one-image operations, as its Analysis takes them
+            one = fused[:, 0]
+            if name == "relevance":
+                return relevance_row(one, weights, opt.start_layer)[None]
+            return rollout_row(one, len(one), weights, self.p, opt.discard_ratio, opt.start_layer)[None]
+        if name == "relevance":
+            return relevance_row(fused.transpose(0, 1), weights, opt.start_layer)
+        return rollout_row(fused, len(fused), weights, self.p, opt.discard_ratio, opt.start_layer)
+
+    def plain_maps(self, asked: Mapping[str, Options]) -> dict[str, torch.Tensor]:
+        """Attention rollout and the last layer's CLS attention (those of ``asked``), [B, P] float32 on the model's
+        device each."""
+        out = {}
+        for name, opt in asked.items():
+            if name == "attention":  # the CLS query's weights to the patches, averaged over the heads
+                out[name] = self.maps[-1].detach()[:, :, 0, self.p :].float().mean(dim=1)
+            elif name == "rollout":
+                fused = torch.stack(
+                    [fuse_heads(a.detach().float(), opt.head_fusion) for a in self.maps]
+                )  # [L, B, N, N]
+                out[name] = self._rows(fused, name, opt)[:, self.p :].float()
+        return out
+
+    def class_maps(
+        self,
+        asked: Mapping[str, Options],
+        classes: Sequence[int],
+        members: Sequence[int] | None = None,
+        retain: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Gradient rollout and relevance (those of ``asked``) of images ``members`` (all by default), each for its
+        class ``classes[j]``, [b, P] float32 on the model's device each, from ONE backward of Σ_j logit[c_j] to the
+        attention maps; ``retain`` keeps the graph for a further call (e.g. another class for some images)."""
+        rows = list(range(self.size)) if members is None else list(members)
+        if len(classes) != len(rows):
+            raise ValueError(f"{len(classes)} classes for {len(rows)} images")
+        dev = self.logits.device
+        picked = tensor_on(rows, dev)
+        score = self.logits[picked, tensor_on(list(classes), dev)].sum()
+        grads = list(torch.autograd.grad(score, self.maps, retain_graph=retain))  # [B, H, N, N] per layer
+        b = len(rows)
+        fused = torch.empty((len(grads), b, self.n, self.n), dtype=torch.float64, device=dev)  # Ā: [L, b, N, N]
+        whole = b == self.size
+        for layer, a in enumerate(self.maps):
+            grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
+            if not whole:
+                a, grad = a.detach()[picked], grad[picked]
+            if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
+                grad_weighted_heads_into(fused[layer], a, grad)  # the product in the gradient's memory
+            else:
+                fused[layer] = grad_weighted_heads(a, grad)
+        return {
+            name: self._rows(fused, name, opt)[:, self.p :].float()
+            for name, opt in asked.items()
+            if name in GRADIENT_METHODS
+        }
+
+
+def to_host(found: Mapping[Any, torch.Tensor], grid: tuple[int, int]) -> dict[Any, np.ndarray]:
+    """Maps [b, P] of one graph (b may differ between them) to the host in one copy, each [b, gh, gw] float32."""
+    if not found:
+        return {}
+    keys = list(found)
+    host = torch.cat([found[key] for key in keys]).cpu().numpy()  # [Σb, P]
+    out, lo = {}, 0
+    for key in keys:
+        b = found[key].shape[0]
+        out[key] = host[lo : lo + b].reshape(b, *grid)
+        lo += b
+    return out
