@@ -31,6 +31,15 @@ def test_safe_divide_is_the_authors():
     # a / (b + 1e-9) whatever b's sign; 0 where b == 0; b == -eps divides by eps instead of 0
     expected = [1 / (2 + 1e-9), 0.0, 0.0 + 1 / 1e-9, 1 / (-4 + 1e-9)]
     np.testing.assert_allclose(lrp.safe_divide(a, b).numpy(), expected, rtol=1e-15)
+    # broadcast against a larger a, in a's precision, bit for bit the authors' three lines
+    a2 = torch.tensor([[1.0, -3.0, 2.0, 5.0], [0.5, 7.0, -1.0, 0.0]], dtype=torch.float32)
+    b32 = b.float()[None]
+    den = b32.clamp(min=1e-9) + b32.clamp(max=1e-9)
+    den = den + den.eq(0).type(den.type()) * 1e-9
+    authors = a2 / den * b32.ne(0).type(b32.type())
+    found = lrp.safe_divide(a2, b32)
+    assert found.dtype == torch.float32 and found.shape == (2, 4)
+    np.testing.assert_array_equal(found.numpy(), authors.numpy())
 
 
 def test_linear_zplus_2x2_by_hand_conserves():
