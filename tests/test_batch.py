@@ -585,7 +585,7 @@ def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeyp
 GRADIENT_MAPS = ["grad_rollout", "relevance"]
 
 
-@pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4"])
+@pytest.mark.parametrize("fid", ["card", "deit_distilled", "gap_reg4", "beit"])  # BEiT: a relative bias, a mean head
 def test_the_maps_of_the_attention_graph_skip_the_analyses_and_equal_them(fid, card_model, monkeypatch):
     """Gradient rollout and relevance, with attention rollout and the last layer's CLS attention beside them, come
     straight from one forward's graph and one backward (no analysis of any image, vizapp.graph_maps): each map equal
@@ -625,7 +625,8 @@ def test_the_maps_of_the_attention_graph_skip_the_analyses_and_equal_them(fid, c
         assert forwards == [3] and backwards == ["grad"]
         for name in names:
             assert maps[name].shape == (3, *alone[0].grid_size) and maps[name].dtype == np.float32
-            assert maps_differ(maps[name][0], maps[name][1])
+            # (this BEiT's class gradients are ~0, so its gradient maps are the uniform readout for every image)
+            assert maps_differ(maps[name][0], maps[name][1]) or (fid == "beit" and name in GRADIENT_MAPS)
             for b in range(3):
                 assert_same_map(maps[name][b], expected[name][b])
             if i < len(through_analyses):

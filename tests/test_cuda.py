@@ -108,10 +108,13 @@ def test_a_batch_on_cuda_equals_the_cpu_batch_and_each_image_alone(fid, name, kw
         np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)
         np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=2e-3, atol=2e-2)
         _same_analysis(b, vizapp.analyze(gpu, img), tol=2e-3, same_path=False)
-    names = ["relevance", "grad_rollout", "rollout"]
+    # straight from one forward's attention graph (vizapp.graph_maps), no analysis of any image, on either device
+    names = ["relevance", "grad_rollout", "rollout", *(["attention"] if gpu.has_class_token else [])]
     ma, mb = vizapp.explain(cpu, imgs, names, 1), vizapp.explain(gpu, imgs, names, 1)
+    alone = vizapp.explain(gpu, imgs[2:], names, 1)  # one image on the GPU: its analysis, graphs replayed
     for n in names:
-        np.testing.assert_allclose(mb[n], ma[n], rtol=1e-2, atol=1e-4)
+        np.testing.assert_allclose(mb[n], ma[n], rtol=1e-2, atol=1e-4, err_msg=n)
+        np.testing.assert_allclose(alone[n][0], mb[n][2], rtol=1e-2, atol=1e-4, err_msg=n)
 
 
 def _same_analysis(b, a, tol: float = 1e-5, same_path: bool = True) -> None:
