@@ -191,11 +191,14 @@ class Counter(TorchDispatchMode):
             self.other += 1
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        if (
+        wrapped = name == "aten.scalar_tensor" and not isinstance(out, OnDevice)
+        if wrapped or (
             not self._calls.on_device
             and torch._C._current_autograd_node() is None
             and not any(isinstance(t, OnDevice) for t in tensors)
-        ):  # a backward's kernels (its gradients are plain tensors here) run where its forward ran: on the device
+        ):  # a backward's kernels (its gradients are plain tensors here) run where its forward ran: on the device;
+            # a Python number torch wraps as a 0-d host tensor (torch.where(c, x, 0.0)) is an argument of the
+            # device's kernel, not a launch
             self.host += 1
             self.host_seconds += took
         else:

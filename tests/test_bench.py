@@ -226,6 +226,14 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
             x.double()
         assert c.kernels + c.host >= 2
         assert (c.kernels if on_device else c.host) == c.kernels + c.host, (on_device, c.kernels, c.host)
+    # a Python number in a device operator is wrapped as a 0-d host tensor and handed to the kernel as an argument:
+    # one launch; a filled tensor to select from is a launch of its own
+    x = torch.randn(4).as_subclass(OnDevice)
+    for select, launches in ((lambda: torch.where(x > 0, x, 0.0), 2), (lambda: torch.where(x > 0, x, x * 0), 3)):
+        c = Counter()
+        with c:
+            select()
+        assert (c.kernels, c.host) == (launches, 1 if launches == 2 else 0), (c.kernels, c.host)
     leaf = torch.randn(3, requires_grad=True)
     c = Counter()
     with c:
