@@ -198,25 +198,34 @@ def test_one_images_graphed_route_stays_on_the_device_and_gives_the_cpus_class_m
 
 def test_the_attention_graphs_maps_reach_the_host_in_one_copy_and_one_image_replays_its_graphs_instead():
     """On the (simulated) GPU, the maps vizapp.graph_maps forms for a batch (rollout, the CLS attention, gradient
-    rollout, relevance; explicit classes, so the logits stay on the device) come to the host in ONE copy and equal
-    the CPU's; a batch of one image, whose analysis replays recorded CUDA graphs there (stood in for by their eager
-    run), takes that route instead (its graphs are recorded, and no graph is asked for a batch of two)."""
+    rollout, relevance; explicit classes, so the logits stay on the device) come to the host in ONE copy, replay no
+    CUDA graph and equal the CPU's; a batch of one image, whose analysis replays recorded CUDA graphs there (stood
+    in for by their eager run), takes that route instead: its analysis pass and its gradient passes, replayed."""
     from unittest import mock
 
     from benchmarks.launches import StandInGraph
     from vizapp import cudagraph
 
+    replays: list[str] = []
+
+    class Counted(StandInGraph):
+        def run(self, x, meanwhile=None):
+            replays.append("replay")
+            return super().run(x, meanwhile)
+
     vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=2, num_classes=5))
     imgs = [random_image(30 + i) for i in range(2)]
     names = ["rollout", "attention", "grad_rollout", "relevance"]
     want = vizapp.explain(vm, imgs, names, [1, 3], start_layer=1)
-    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
+    with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", Counted):
         with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):
             with host_copies() as copies:
                 got = vizapp.explain(vm, imgs, names, [1, 3], start_layer=1)
-            assert copies.count == 1 and len(vm.graphs) == 0, (copies.count, len(vm.graphs))
+            assert copies.count == 1 and replays == [], (copies.count, replays)
             one = vizapp.explain(vm, imgs[1:], names, 3, start_layer=1)
-            assert len(vm.graphs) == 2 and not vm.graphs.failures()  # the analysis pass, the gradient passes
+            # the analysis pass and the weights digest; the gradient passes and the digest again (the check that the
+            # weights are still the result's)
+            assert len(replays) == 4 and not vm.graphs.failures(), replays
     for n in names:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=n)
         np.testing.assert_allclose(one[n][0], want[n][1], rtol=1e-5, atol=1e-6, err_msg=n)
