@@ -39,3 +39,10 @@ def test_discard_ratio_and_start_row():
         checks.start_row("cls", False)
     with pytest.raises(BadParameterError, match="start_row must be one of"):
         checks.start_row("first", True)
+
+
+def test_head_fusion():
+    assert [checks.head_fusion(f) for f in ("mean", "max", "min")] == ["mean", "max", "min"]
+    for bad in ("avg", None, 1, ["mean"]):
+        with pytest.raises(BadParameterError, match=r"head_fusion must be one of \['mean', 'max', 'min'\]"):
+            checks.head_fusion(bad)

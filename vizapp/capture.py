@@ -56,7 +56,7 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     host_copies,
     image_group,
 )
-from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_layer
 from vizapp.layers import (  # noqa: F401  (named here too, where callers have found them)
     HF_BASE_ATTRIBUTES,
     SUPPORTED_FAMILIES,
@@ -555,10 +555,7 @@ class AttentionCapture:
         if self.q[layer] is None or self.k[layer] is None:
             raise RuntimeError(f"layer {layer} recorded nothing; run the model's forward inside the `with` block")
         if layer in self.unexact_layers:
-            raise UnsupportedModelError(
-                f"layer {layer} ran with {self.unexact_layers[layer]}, which vizapp does not reproduce; its attention "
-                "is not shown (put the model in eval mode)"
-            )
+            raise unexact_layer(layer, self.unexact_layers[layer])
 
     def qk_on_device(self, image: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """q and k of every layer for one image of the batch, float32 [H, N, d] each, on the model's device (views of

@@ -1,5 +1,5 @@
 """The checks of the controls that several result types and the batch API take (layer, head, start row, discard
-ratio), with one message each, so that a value refused before a batched forward is refused the same way by
+ratio, head fusion), with one message each, so that a value refused before a batched forward is refused the same way by
 ``r.explain`` afterwards."""
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def discard_ratio(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
         raise BadParameterError(f"discard_ratio must be a number in [0, 1), got {value!r}"[:200])
     return float(value)
+
+
+def head_fusion(value: Any) -> str:
+    """One of :data:`vizapp.analysis.rollout.HEAD_FUSIONS` ("mean", "max", "min")."""
+    from vizapp.analysis.rollout import HEAD_FUSIONS
+
+    if not isinstance(value, str) or value not in HEAD_FUSIONS:
+        raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(value)[:40]!r}")
+    return value
 
 
 def start_row(value: Any, has_class_token: bool) -> str:

@@ -50,6 +50,14 @@ class StaleResultError(VizappError):
     """A result's model is gone from memory or its weights changed since the result was made."""
 
 
+def unexact_layer(layer: int, why: str) -> UnsupportedModelError:
+    """The refusal of a layer whose attention ran where vizapp does not reproduce it (``why``: dropout, causal, ...)."""
+    return UnsupportedModelError(
+        f"layer {layer} ran with {why}, which vizapp does not reproduce; its attention is not shown (put the model in "
+        "eval mode)"
+    )
+
+
 _PACKAGE = Path(__file__).resolve().parent  # the vizapp package, for raised_at
 
 

@@ -26,9 +26,9 @@ import torch
 
 from vizapp import checks, gradient_pass
 from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
-from vizapp.analysis.rollout import HEAD_FUSIONS, fuse_heads, rollout_row
+from vizapp.analysis.rollout import fuse_heads, rollout_row
 from vizapp.capture import AttentionCapture
-from vizapp.errors import BadParameterError, UnsupportedModelError
+from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_layer
 from vizapp.models import VizModel
 from vizapp.models.base import readout_weights
 from vizapp.models.prompts import probabilities
@@ -66,9 +66,7 @@ def options(vm: VizModel, name: str, **controls: Any) -> Options:
     if name == "rollout":
         ratio = checks.discard_ratio(controls.get("discard_ratio", 0.0))
         first = checks.layer_index(controls.get("start_layer", 0), vm.num_layers)
-        fusion = controls.get("head_fusion", "mean")
-        if fusion not in HEAD_FUSIONS:
-            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(fusion)[:40]!r}")
+        fusion = checks.head_fusion(controls.get("head_fusion", "mean"))
         return Options(first, checks.start_row(controls.get("start_row", "output"), vm.has_class_token), ratio, fusion)
     raise BadParameterError(f"{name!r} is not formed from the attention graph; these are: {list(DIRECT_METHODS)}")
 
@@ -107,10 +105,7 @@ class AttentionGraph:
             self.logits = vm.logits(to_device(x, vm.device, vm.dtype))
         for layer, a in enumerate(cap.maps):
             if layer in cap.unexact_layers:
-                raise UnsupportedModelError(
-                    f"layer {layer} ran with {cap.unexact_layers[layer]}, which vizapp does not reproduce; its "
-                    "attention is not shown (put the model in eval mode)"
-                )
+                raise unexact_layer(layer, cap.unexact_layers[layer])
             if a is None:
                 raise UnsupportedModelError(
                     f"layer {layer} formed its attention without scaled_dot_product_attention, so vizapp cannot take "
@@ -141,15 +136,13 @@ class AttentionGraph:
 
     def _rows(self, fused: torch.Tensor, name: str, opt: Options) -> torch.Tensor:
         """The map rows [b, N] of fusions ``fused`` [L, b, N, N] (gradient-weighted for the class maps)."""
-        weights = self._weights(opt)
-        if fused.shape[1] == 1:  # one image: the one-image operations, as its Analysis takes them
-            one = fused[:, 0]
-            if name == "relevance":
-                return relevance_row(one, weights, opt.start_layer)[None]
-            return rollout_row(one, len(one), weights, self.p, opt.discard_ratio, opt.start_layer)[None]
-        if name == "relevance":
-            return relevance_row(fused.transpose(0, 1), weights, opt.start_layer)
-        return rollout_row(fused, len(fused), weights, self.p, opt.discard_ratio, opt.start_layer)
+        weights, b = self._weights(opt), fused.shape[1]
+        stack = fused[:, 0] if b == 1 else fused  # one image: the one-image operations, as its Analysis takes them
+        if name == "relevance":  # relevance_row takes a batch image first
+            rows = relevance_row(stack if b == 1 else stack.transpose(0, 1), weights, opt.start_layer)
+        else:
+            rows = rollout_row(stack, len(stack), weights, self.p, opt.discard_ratio, opt.start_layer)
+        return rows.reshape(b, -1)
 
     def plain_maps(self, asked: Mapping[str, Options]) -> dict[str, torch.Tensor]:
         """Attention rollout and the last layer's CLS attention (those of ``asked``), [B, P] float32 on the model's

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vizapp import checks, limits
-from vizapp.analysis.rollout import HEAD_FUSIONS, rollout_row
+from vizapp.analysis.rollout import rollout_row
 from vizapp.capture import attention_from_qk
 from vizapp.errors import BadParameterError
 from vizapp.gradient_pass import attention_gradients
@@ -364,8 +364,7 @@ class Analysis(LabelFreeViews, ModelRuns):
     # -- rollout ----------------------------------------------------------------------------------------------------
     def fused(self, head_fusion: str = "mean") -> torch.Tensor:
         """Head-fused attention of every layer [L, N, N]; cached while small."""
-        if head_fusion not in HEAD_FUSIONS:
-            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        checks.head_fusion(head_fusion)
         return self._cache.get(
             Key("fused", (head_fusion,)),
             lambda: torch.stack([self._fused_layer(i, head_fusion) for i in range(self.num_layers)]),
@@ -382,8 +381,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         whatever the output reads."""
         checks.discard_ratio(discard_ratio)
         start_layer = self._layer(start_layer)
-        if head_fusion not in HEAD_FUSIONS:
-            raise BadParameterError(f"head_fusion must be one of {list(HEAD_FUSIONS)}, got {str(head_fusion)[:40]!r}")
+        checks.head_fusion(head_fusion)
         weights = self.output_weights(start_row)
         key = Key("rollout", (head_fusion, float(discard_ratio), start_layer, *_row_key(start_row)))
 
