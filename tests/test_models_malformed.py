@@ -106,6 +106,16 @@ def test_zero_heads_or_patch_size_are_refused_by_name(tmp_path, kwargs):
 def test_an_argument_the_architecture_does_not_take_is_named():
     """A constructor argument the architecture lacks (Swin takes ``depths``, not ``depth``): the message gives the
     constructor's own words, which name the argument, not only the exception's type (it said "...: TypeError")."""
+    import inspect
+
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    takes_any = inspect.Parameter.VAR_KEYWORD in {
+        p.kind for p in inspect.signature(SwinTransformer).parameters.values()
+    }
+    if takes_any:  # timm before 1.0.31: Swin's constructor takes **kwargs and ignores an argument it does not know
+        pytest.skip(f"timm {timm.__version__}'s SwinTransformer accepts any keyword argument and ignores `depth`")
     with pytest.raises(ModelLoadError) as err:
         vizapp.load_model("swin_tiny_patch4_window7_224", pretrained=False, device="cpu", depth=2)
     msg = str(err.value)
