@@ -22,6 +22,8 @@ import torch
 from vizapp import views
 from vizapp.errors import BadParameterError, VizappError
 from vizapp.pipeline import Analysis, analyze
+from vizapp.ui import deadline
+from vizapp.ui.outputs import CompareOutputs
 from vizapp.ui.store import STORED, ResultKey
 from vizapp.ui.validation import as_choice
 
@@ -174,3 +176,32 @@ def patch_at(state: Any, evt: gr.SelectData, request: gr.Request | None = None) 
     row = int(np.clip(int(y) // (r.patch_size[0] * s), 0, r.grid_size[0] - 1))
     col = int(np.clip(int(x) // (r.patch_size[1] * s), 0, r.grid_size[1] - 1))
     return row, col
+
+
+def compared(
+    r: Any,
+    chosen: list[tuple[str, Callable[[deadline.Deadline], np.ndarray]]],
+    cls: Any,
+    n_steps: int,
+    progress: Any,
+    request: gr.Request | None,
+) -> CompareOutputs:
+    """The Compare tab's outputs for an analysis ``r`` (a plain or a windowed one): each map of ``chosen`` (its label,
+    and what computes it given the request's deadline), then each map's deletion and insertion curves one map at a
+    time, then the random order's (last, as ``faithfulness`` adds it). The deadline (VIZAPP_REQUEST_SECONDS, tripped
+    by Cancel too) is checked before each map and each map's curves."""
+    maps: dict[str, np.ndarray] = {}
+    curves: dict[str, Any] = {}
+    with deadline.running(session_id(request)) as d:
+        for i, (label, compute) in enumerate(chosen):
+            d.check(f"computing {label}")
+            progress(0.6 * i / len(chosen), desc=f"computing {label}")
+            maps[label] = compute(d)
+        for i, (label, heat) in enumerate(maps.items()):
+            d.check(f"the {label} deletion / insertion curves")
+            progress(0.6 + 0.4 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
+            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
+        d.check("the random-order curves")
+        curves.update(r.faithfulness({}, cls, steps=n_steps))
+    v = views.faithfulness_views(r, maps, curves)
+    return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)

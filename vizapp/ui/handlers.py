@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -27,6 +28,7 @@ from vizapp.ui.common import (  # noqa: F401  (export_folder, user_errors: re-ex
     analyze_on_gpu,
     cleared_outputs,
     colormap_choice,
+    compared,
     export_folder,
     kept_state,
     patch_at,
@@ -435,23 +437,13 @@ def compare_methods(
     cls = class_label if class_label else None
     offered = [methods.METHODS[n] for n in views.available_methods(r)]
     chosen = [m for m in offered if not m.slow or bool(include_slow)]
-    maps: dict[str, np.ndarray] = {}
-    curves: dict[str, Any] = {}
-    with deadline.running(session_id(request)) as d:
-        for i, m in enumerate(chosen):
-            d.check(f"computing {m.label}")
-            progress(0.6 * i / len(chosen), desc=f"computing {m.label}")
-            kwargs = {"progress": d.progress(m.label)} if m.reports_progress else {}
-            maps[m.label] = methods.explain(r, m.name, cls, **kwargs)
-        # One map at a time (the random order last, as faithfulness adds it), so the deadline is checked between.
-        for i, (label, heat) in enumerate(maps.items()):
-            d.check(f"the {label} deletion / insertion curves")
-            progress(0.6 + 0.4 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
-            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
-        d.check("the random-order curves")
-        curves.update(r.faithfulness({}, cls, steps=n_steps))
-    v = views.faithfulness_views(r, maps, curves)
-    return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
+
+    def compute(m: methods.Method) -> Callable[[deadline.Deadline], np.ndarray]:
+        return lambda d: methods.explain(
+            r, m.name, cls, **({"progress": d.progress(m.label)} if m.reports_progress else {})
+        )
+
+    return compared(r, [(m.label, compute(m)) for m in chosen], cls, n_steps, progress, request)
 
 
 @user_errors

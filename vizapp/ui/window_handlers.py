@@ -14,6 +14,7 @@ stages) is said in one sentence (:data:`vizapp.swin_result.UNDEFINED`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -24,7 +25,7 @@ from vizapp import views_windows as V
 from vizapp.errors import BadParameterError
 from vizapp.swin_result import FEATURES, WindowAnalysis
 from vizapp.ui import deadline
-from vizapp.ui.common import cleared_outputs, kept_state, session_id, write_export
+from vizapp.ui.common import cleared_outputs, compared, kept_state, session_id, write_export
 from vizapp.ui.costs import DEFAULT_COMPARE_STEPS, importance_cost_note, limit_note, map_cost_note
 from vizapp.ui.outputs import (
     AnalyzeOutputs,
@@ -290,22 +291,11 @@ def compare_methods(
     n_steps = as_int(steps, "curve steps", 2, gh * gw)
     cls = class_label if isinstance(class_label, str) and class_label else None
     chosen = compare_chosen(r, include_slow)
-    maps: dict[str, np.ndarray] = {}
-    curves: dict[str, Any] = {}
-    with deadline.running(session_id(request)) as d:
-        for i, m in enumerate(chosen):
-            d.check(f"computing {V.LABELS[m]}")
-            progress(0.5 * i / len(chosen), desc=f"computing {V.LABELS[m]}")
-            kwargs = {"progress": d.progress(V.LABELS[m])} if m in V.SLOW_METHODS else {}
-            maps[V.LABELS[m]] = r.explain(m, cls, **kwargs)
-        for i, (label, heat) in enumerate(maps.items()):
-            d.check(f"the {label} deletion / insertion curves")
-            progress(0.5 + 0.5 * i / (len(maps) + 1), desc=f"deletion / insertion curves: {label}")
-            curves.update(r.faithfulness({label: heat}, cls, steps=n_steps, random_seed=None))
-        d.check("the random-order curves")
-        curves.update(r.faithfulness({}, cls, steps=n_steps))
-    v = views.faithfulness_views(r, maps, curves)
-    return CompareOutputs(compare=v.maps, deletion=v.deletion, insertion=v.insertion, auc_table=v.table)
+
+    def compute(m: str) -> Callable[[deadline.Deadline], np.ndarray]:
+        return lambda d: r.explain(m, cls, **({"progress": d.progress(V.LABELS[m])} if m in V.SLOW_METHODS else {}))
+
+    return compared(r, [(V.LABELS[m], compute(m)) for m in chosen], cls, n_steps, progress, request)
 
 
 def compare_cost(r: WindowAnalysis, steps: Any, include_slow: Any = False) -> CompareCostOutputs:
