@@ -46,7 +46,7 @@ import contextlib
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -60,6 +60,7 @@ from torch.utils.flop_counter import flop_registry
 
 import vizapp
 from benchmarks import tables
+from benchmarks.bench.specs import parse_spec
 from tests import devicesim
 from tests.devicesim import OnDevice, is_device_call, simulated_gpu
 
@@ -280,9 +281,12 @@ def calls(vm: Any, batch: int, evaluator: Any = None) -> dict[str, Callable[[], 
     return found
 
 
-def measure(model: str, batch: int, evaluation: bool = False) -> list[tuple[str, Counter]]:
+def measure(
+    model: str, batch: int, evaluation: bool = False, only: Sequence[str] | None = None
+) -> list[tuple[str, Counter]]:
     """Each call's counts, the model on the simulated GPU, its CUDA graphs stood in for (see the module docstring);
-    ``evaluation`` adds the evaluation's batch."""
+    ``evaluation`` adds the evaluation's batch; ``only``: those calls alone (the first of them is the rows' "bare").
+    ``model`` may be a ``name@key=value,...`` spec (:func:`benchmarks.bench.specs.parse_spec`)."""
     from benchmarks.evaluation import default_methods
     from vizapp import cudagraph, limits
     from vizapp.evaluate.worker import Evaluator
@@ -300,10 +304,14 @@ def measure(model: str, batch: int, evaluation: bool = False) -> list[tuple[str,
         )
         vm = ev.vm
     else:
-        vm = vizapp.load_model(model, pretrained=False)
+        vm = parse_spec(model).load("cpu")
     with simulated_gpu(vm), mock.patch.object(cudagraph, "GraphedPass", StandInGraph):
         with mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):  # the simulated GPU turns them off
-            return [(name, count(fn)) for name, fn in calls(vm, batch, ev).items()]
+            found = calls(vm, batch, ev)
+            unknown = [name for name in only or () if name not in found]
+            if unknown:
+                raise SystemExit(f"no call named {unknown}; the calls: {list(found)}")
+            return [(name, count(found[name])) for name in (only or found)]
 
 
 def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> list[str]:
@@ -373,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     p = tables.parser(__doc__, list(MODELS))
     p.add_argument("--batch", type=int, default=16, help="images of the batch rows")
     p.add_argument("--evaluation", action="store_true", help="also the evaluation's batch (minutes a model on the CPU)")
+    p.add_argument("--calls", nargs="+", help="only these calls, by name (the first is the rows' bare forward)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {model: measure(model, args.batch, args.evaluation) for model in args.models}
+    results = {model: measure(model, args.batch, args.evaluation, args.calls) for model in args.models}
     given = list(sys.argv[1:] if argv is None else argv)
     tables.emit(markdown(results, [a for a in given if not a.startswith("--out") and a != args.out]), args.out)
     return 0

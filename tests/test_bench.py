@@ -296,6 +296,21 @@ def test_the_operator_counter_counts_computing_operators_and_their_sources_by_ha
     assert source([frame]) == "analysis/rollout.py"
 
 
+def test_the_operator_count_takes_a_model_spec_and_a_subset_of_the_calls(tmp_path):
+    """``--calls`` keeps the named calls, in that order (the first is the rows' bare forward: "x bare" is 1.0 there),
+    a ``name@key=value`` model is built with those arguments, and a call it does not have is named in the refusal."""
+    from benchmarks import launches
+
+    out = tmp_path / "l.md"
+    args = ["--models", "vit_tiny_patch16_224@img_size=32,depth=2", "--calls", "bare", "analyze", "--out", str(out)]
+    assert launches.main(args) == 0
+    _, rows = table_rows(out.read_text(encoding="utf-8"), "# Kernel launches per call")
+    assert [r[:2] for r in rows] == [["vit_tiny_patch16_224@img_size=32,depth=2", c] for c in ("bare", "analyze")]
+    assert rows[0][3] == "1.0" and float(rows[1][3]) > 1.0
+    with pytest.raises(SystemExit, match=r"no call named \['anlyze'\]"):
+        launches.main([*args[:3], "anlyze", "--out", str(out)])
+
+
 def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     # vit_tiny, batch 2, vizapp's graphs stood in for: the bare forward's kernels are the model's own; an analysis adds
     # the digest and its device pass, and what a GPU would still launch outside their graphs is a remainder at most

@@ -508,6 +508,27 @@ def test_fusions_the_views_do_not_keep_are_not_held_through_the_forward():
     assert B.analysis_memory(24, 1374, 16)["statistic_rows"] == 2 * 16 * 1374 * 4
 
 
+def test_a_gpu_stores_the_fusions_of_a_1374_token_model_and_still_records_its_pass_as_a_graph():
+    """On a GPU the mean fusions are stored up to limits.ROLLOUT_STORE_LIMIT_BYTES_GPU, which spares the rollout's
+    N x N x N products during the forward: DINOv2-L/14 at 518 px (24 layers, 1,374 tokens) stores its 181 MB, a
+    4,097-token model does not. The pass's graph estimate with them must stay within GRAPH_MEMORY_BYTES, or the GPU
+    would run the pass eagerly (its kernels launched one by one)."""
+    from types import SimpleNamespace
+
+    from vizapp import limits
+    from vizapp.pipeline import _PassSetup
+
+    assert limits.rollout_store_bytes(None) == limits.rollout_store_bytes("cpu") == limits.ROLLOUT_STORE_LIMIT_BYTES
+    assert limits.rollout_store_bytes(torch.device("cuda", 0)) == limits.ROLLOUT_STORE_LIMIT_BYTES_GPU
+    assert B.analysis_memory(24, 1374, 16, device="cuda")["fusions"] == 24 * 1374 * 1374 * 4
+    assert B.analysis_memory(24, 1374, 16)["fusions"] == 2 * 1374 * 1374 * 4  # the CPU's
+    assert B.analysis_memory(24, 4097, 16, device="cuda")["fusions"] == 2 * 4097 * 4097 * 4
+    assert B.analysis_memory(24, 577, 16, device="cuda")["token_matrices"] == 4 * 577 * 577 * 4
+    vm = SimpleNamespace(num_heads=16, num_layers=24)
+    setup = _PassSetup((37, 37), 1374, False, True, torch.zeros(0), torch.zeros(0), True, False)
+    assert setup.graph_bytes(vm) <= limits.GRAPH_MEMORY_BYTES
+
+
 def test_the_large_models_people_use_fit_the_default_analysis_budget():
     b = B.Budget()
     for layers, tokens, heads, width, patches in [

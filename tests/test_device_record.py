@@ -488,3 +488,78 @@ def test_a_class_maps_weight_check_runs_while_its_replayed_passes_run_and_still_
                 finally:
                     with torch.no_grad():
                         weight.data[0, 0] -= 1.0
+
+
+def test_a_gpu_stores_the_fusions_the_cpu_multiplies_up_and_their_rollouts_agree(monkeypatch):
+    """The default rollout of a model whose every layer's mean fusion is over the CPU's store limit: the CPU multiplies
+    the joint attention up during the forward (an N x N x N product a layer), a GPU stores the fusions (its limit,
+    limits.rollout_store_bytes, is larger) and carries the row down after it. Both give the rollout of timm's own
+    attention (the second code path), and the simulated GPU's matrix products shrink by the joint's."""
+    from benchmarks.launches import Counter
+    from tests.conftest import reference_attention
+    from vizapp import limits, pipeline
+    from vizapp.analysis.rollout import rollout
+    from vizapp.resultcache import Key
+
+    monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES", 0)  # the CPU stores no fusion, as for a large model
+    monkeypatch.setattr(limits, "FUSED_CACHE_LIMIT_BYTES", 0)  # and the views keep none
+    vm = _load("vit_tiny_patch16_224", dict(img_size=64, depth=3))
+    img = random_image(5)
+    on_cpu = vizapp.analyze(vm, img)
+    n, grid, p = vm.num_prefix_tokens + 16, vm.grid_size, vm.num_prefix_tokens
+    assert not pipeline._PassSetup.of(vm, grid, True, False).store_mean
+    _, maps = reference_attention(vm.model, on_cpu.input)
+    joint = rollout(torch.stack([m[0] for m in maps]), p)
+    expected = (on_cpu.output_weights().to(joint.dtype) @ joint)[p:].reshape(grid).numpy()
+    default = Key("rollout", ("mean", 0.0, 0))
+    np.testing.assert_allclose(on_cpu._cache.peek(default), expected, atol=1e-5)
+    flops = {}
+    with simulated_gpu(vm):
+        assert pipeline._PassSetup.of(vm, grid, True, False).store_mean
+        assert limits.analysis_memory(3, n, 3, device=vm.device)["fusions"] == 3 * n * n * 4
+        for store in (limits.ROLLOUT_STORE_LIMIT_BYTES_GPU, 0):
+            monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES_GPU", store)
+            with Counter() as c:
+                r = vizapp.analyze(vm, img)
+            flops[store > 0] = c.flops
+            np.testing.assert_allclose(r._cache.peek(default), expected, atol=1e-5)
+    assert limits.analysis_memory(3, n, 3)["fusions"] == 2 * n * n * 4  # the CPU's estimate
+    # multiplied up: 2 products of N x N x N (the first layer's fusion plus I starts the joint); stored: 3 rows through
+    # the layers, a [1, N] x [N, N] product each (the joint's last row is a matrix-vector product, which torch's FLOP
+    # counter leaves out)
+    assert flops[False] - flops[True] == 2 * 2 * n**3 - 3 * 2 * n**2
+
+
+def test_the_distance_sums_on_a_device_are_one_matrix_product_equal_to_the_cpus_passes():
+    """On a GPU each query's Σ_j a_ij·d_ij and Σ_j a_ij come from one batched product with [d_i | 1] (one read of the
+    block, one kernel); they equal the CPU's product and sums, for a block of whole heads, one that starts in the
+    prefix rows, one of prefix rows only, and with the sums written into given buffers."""
+    from benchmarks.launches import Counter
+    from vizapp.analysis.distance import BlockDistanceTerms, patch_distance_matrix
+
+    g = torch.Generator().manual_seed(3)
+    p, grid = 2, (3, 4)
+    n = p + 12
+    dist = patch_distance_matrix(grid, (16, 8))
+    attn = torch.softmax(torch.randn(5, n, n, generator=g), dim=-1)  # [heads, rows, keys]
+    blocks = [(attn, 0), (attn[:, 1:6], 1), (attn[:, 5:], 5), (attn[:, :2], 0)]
+    want = [BlockDistanceTerms(dist, p)(a, row) for a, row in blocks]
+    vm = _load("vit_tiny_patch16_224", dict(img_size=32, depth=1))
+    with simulated_gpu(vm):
+        terms = BlockDistanceTerms(dist.to(vm.device), p)
+        first = True
+        for (a, row), expect in zip(blocks, want, strict=True):
+            a = a.to(vm.device)
+            with Counter() as c:
+                got = terms(a, row)
+            if expect is None:
+                assert got is None and c.kernels == 0
+                continue
+            assert got[:2] == expect[:2] and c.kernels == (3 if first else 1)  # [d | 1] once, then one product
+            first = False
+            for x, y in zip(got[2:], expect[2:], strict=True):
+                np.testing.assert_allclose(x.cpu().numpy(), y.numpy(), rtol=1e-6, atol=1e-6)
+        into = (torch.zeros(5, 12).to(vm.device), torch.zeros(5, 12).to(vm.device))
+        terms(attn.to(vm.device), 0, into=into)
+        np.testing.assert_allclose(into[0].cpu().numpy(), want[0][2].numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(into[1].cpu().numpy(), want[0][3].numpy(), rtol=1e-6, atol=1e-6)

@@ -81,7 +81,7 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, i
         kept = t["record"] * (2 if gradients else 1) + t["block_outputs"]
         return kept, t["working"] + t["activations"] * (vm.num_layers if gradients else 1)
     gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
-    return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients)
+    return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients, vm.device)
 
 
 def forward_groups(vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False) -> list[list[int]]:

@@ -409,6 +409,7 @@ def check_analysis_budget(
     patches: int,
     size: tuple[int, int] | None = None,
     budget: Budget | None = None,
+    device: torch.device | str | None = None,
 ) -> int:
     """Refuse a model whose analysis of one image would hold more than ``VIZAPP_MAX_ANALYSIS_BYTES``, before any
     forward (a tiny model at a huge input size passes the parameter limit).
@@ -418,6 +419,7 @@ def check_analysis_budget(
         layers, tokens, heads, width, patches: as for :func:`analysis_memory`, at the model's configured input size.
         size: that input size (height, width) in pixels, for the message.
         budget: the limits; default :data:`BUDGET`.
+        device: where the model runs (None: the CPU; a GPU stores larger fusions, :func:`limits.rollout_store_bytes`).
 
     Returns:
         the estimate in bytes.
@@ -426,7 +428,7 @@ def check_analysis_budget(
         ModelTooLargeError: naming the token count, the estimate, its largest term and the limit.
     """
     b = BUDGET if budget is None else budget
-    terms = analysis_memory(layers, tokens, heads, width, patches)
+    terms = analysis_memory(layers, tokens, heads, width, patches, device=device)
     total = sum(terms.values())
     if b.max_analysis_bytes is not None and total > b.max_analysis_bytes:
         biggest = max(terms, key=terms.__getitem__)

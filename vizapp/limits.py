@@ -34,6 +34,11 @@ FUSED_CACHE_LIMIT_BYTES = 16 * 2**20
 # forward. ViT-L/16 at 384 px (30.5 MiB of fusions), 2 threads: analyze's peak above a bare forward's, 114 MB streamed
 # against 161 MB stored (3 fresh processes each); analyze 2,540 against 2,494 ms (medians of 6 interleaved rounds).
 ROLLOUT_STORE_LIMIT_BYTES = 16 * 2**20
+# On a GPU the mean fusions are stored up to this instead (:func:`rollout_store_bytes`): there the products cost
+# device time that memory does not, since the fusions are formed in the pass's own (graph) memory and dropped after it.
+# A 24-layer, 1,374-token model (DINOv2-L/14 at 518 px) stores 181 MB and spares 23 products of 1,374^3 (60 GMAC,
+# about 2 ms of an H100's float32 rate: issue 23's goal of 1.15 leaves about 5 ms beyond the bare forward).
+ROLLOUT_STORE_LIMIT_BYTES_GPU = 256 * 2**20
 # The attention statistics' rows (a float32 per layer, image, head and query, for each statistic over heads) are kept
 # for every layer of a forward while they fit this, so that their means over the queries are one operation for all
 # layers (a GPU's kernel), not one a layer (ViT-B/16: 226 KB an image for distance and entropy); above it, one
@@ -51,9 +56,10 @@ EXPORT_ATTENTION_BYTES = 256 * 2**20
 # of its shape), and of a class map's forward and backward (vizapp.gradient_pass), so that an image's analysis, its class
 # maps and one batch shape stay recorded together. Each keeps the memory it was recorded with reserved (ViT-B/16, one
 # image's analysis: about 70 MB). Passes whose estimate (pipeline._PassSetup.graph_bytes: 16 ViT-B/16 images about
-# 445 MB; gradient_pass.graph_memory: ViT-B/16 about 243 MB) exceeds GRAPH_MEMORY_BYTES run eagerly.
+# 445 MB, one image of DINOv2-L/14 at 518 px 586 MB with its stored fusions; gradient_pass.graph_memory: ViT-B/16 about
+# 243 MB) exceeds GRAPH_MEMORY_BYTES run eagerly.
 CUDA_GRAPHS = 3
-GRAPH_MEMORY_BYTES = 512 * 2**20
+GRAPH_MEMORY_BYTES = 640 * 2**20
 # A list of images given to ``vizapp.analyze`` or ``vizapp.explain`` goes through the model in forwards of at most this
 # estimate each (see :func:`analysis_bytes`; one image always runs, as it does alone): ViT-B/16 at 224 px, about 35 MB
 # an image (58 per forward), 240 MB with gradients (8 per forward).
@@ -114,6 +120,15 @@ def chunk_bytes(device: torch.device, group: bool = False) -> int:
     return IMAGE_GROUP_BYTES if group else INLINE_CHUNK_BYTES
 
 
+def rollout_store_bytes(device: torch.device | str | None = None) -> int:
+    """The most every layer's mean fusion may take for the default rollout to be carried down from them after the
+    forward; above it the rollout is multiplied up during the forward, an N x N x N product a layer:
+    :data:`ROLLOUT_STORE_LIMIT_BYTES` on the CPU (None), :data:`ROLLOUT_STORE_LIMIT_BYTES_GPU` on any other device."""
+    if device is None or torch.device(device).type == "cpu":
+        return ROLLOUT_STORE_LIMIT_BYTES
+    return ROLLOUT_STORE_LIMIT_BYTES_GPU
+
+
 def chunk_shape(heads: int, tokens: int, budget: int) -> tuple[int, int]:
     """(heads, query rows) per chunk: as many whole heads as fit ``budget`` bytes (at least one), and one head in
     equal blocks of query rows (at least :data:`MIN_CHUNK_ROWS`) once its N x N exceeds :data:`ROW_BLOCK_BYTES`."""
@@ -152,6 +167,7 @@ def analysis_memory(
     width: int | None = None,
     patches: int | None = None,
     gradients: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, int]:
     """High estimate, in bytes (float32), of what one image's forward and analysis hold at once, term by term: the
     one estimate behind the per-analysis budget (:func:`vizapp.budget.check_analysis_budget`) and the batch budgets
@@ -161,8 +177,8 @@ def analysis_memory(
 
     - ``record``: q and k of every layer, 2·L·N·D (views recompute attention from them).
     - ``block_outputs``: every block's output L·N·D while that fits :data:`BLOCK_OUTPUT_BYTES`, else the last one.
-    - ``fusions``: every layer's mean fusion L·N² while that fits :data:`ROLLOUT_STORE_LIMIT_BYTES`, else 2·N² (the
-      running rollout and the fusion being accumulated, multiplied up during the forward).
+    - ``fusions``: every layer's mean fusion L·N² while that fits :func:`rollout_store_bytes` of ``device``, else 2·N²
+      (the running rollout and the fusion being accumulated, multiplied up during the forward).
     - ``autograd_graph`` (with ``gradients``): each layer's widest activations 14·N·D and its attention, softmax and
       their gradients 3·H·N², and the image's attention gradients 2·L·H·N².
 
@@ -188,6 +204,7 @@ def analysis_memory(
         width: the model's width D; None: 64 per head, as most ViTs have.
         patches: patch tokens P; None: N - 1.
         gradients: the forward keeps its autograd graph (class-specific maps).
+        device: where the analysis runs (None: the CPU), for the fusions' limit.
 
     Returns:
         term -> bytes; their sum is the estimate.
@@ -198,7 +215,7 @@ def analysis_memory(
     P = N - 1 if patches is None else int(patches)
     outputs = L * N * D * f32
     kept_outputs = outputs <= BLOCK_OUTPUT_BYTES
-    stored = L * N * N * f32 <= ROLLOUT_STORE_LIMIT_BYTES
+    stored = L * N * N * f32 <= rollout_store_bytes(device)
     chunk_heads, chunk_rows = chunk_shape(H, N, ATTENTION_CHUNK_BYTES)
     terms = {
         "record": 2 * L * N * D * f32,
@@ -229,9 +246,11 @@ def _statistic_rows(layers: int, tokens: int, heads: int) -> int:
     return per_layer * (layers if statistic_rows_by_layer(layers, per_layer) else 1)
 
 
-def analysis_bytes(layers: int, tokens: int, heads: int, gradients: bool = False) -> tuple[int, int]:
+def analysis_bytes(
+    layers: int, tokens: int, heads: int, gradients: bool = False, device: torch.device | str | None = None
+) -> tuple[int, int]:
     """(what one image's analysis keeps, what its forward needs besides) in a batch, in bytes: the sums of the kept
-    and the working terms of :func:`analysis_memory` (widths taken as 64 per head)."""
-    terms = analysis_memory(layers, tokens, heads, gradients=gradients)
+    and the working terms of :func:`analysis_memory` (widths taken as 64 per head) on ``device`` (None: the CPU)."""
+    terms = analysis_memory(layers, tokens, heads, gradients=gradients, device=device)
     kept = sum(v for k, v in terms.items() if k in KEPT_TERMS)
     return kept, sum(terms.values()) - kept

@@ -61,7 +61,7 @@ class _PassSetup:
             grid=tuple(grid),
             n=n,
             keep_fused=layer_bytes <= limits.FUSED_CACHE_LIMIT_BYTES,
-            store_mean=layer_bytes <= limits.ROLLOUT_STORE_LIMIT_BYTES,
+            store_mean=layer_bytes <= limits.rollout_store_bytes(vm.device),
             dist=vm.patch_distances(grid),
             weights=weights,
             inline=inline,

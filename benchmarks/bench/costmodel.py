@@ -149,11 +149,13 @@ measured sources, see the hashes above):
   renormalisation over the patches): ~3 passes over H·P²; the head sum for the mean fusion (1 pass over H·N²); max
   and min (2 more) only while the fused matrices of all layers fit `FUSED_CACHE_LIMIT_BYTES` (16 MiB: ViT-S/B at
   224 px yes, the ViT-L models no);
-* default rollout: while L·N² floats fit `ROLLOUT_STORE_LIMIT_BYTES` (16 MiB, as the fused cache), the mean-fused
+* default rollout: while L·N² floats fit `limits.rollout_store_bytes(device)` (on the CPU `ROLLOUT_STORE_LIMIT_BYTES`,
+  16 MiB, as the fused cache; on a GPU `ROLLOUT_STORE_LIMIT_BYTES_GPU`, 256 MiB), the mean-fused
   matrices are kept and `LayerStatistics.rollout_row` carries the CLS row from the top layer down after the forward,
-  row ← (row·M_l + row)/2: L vector-matrix products. Above it (ViT-L/384: 32 MB; 1,374 tokens: 181 MB)
+  row ← (row·M_l + row)/2: L vector-matrix products. Above it (on the CPU ViT-L/384: 32 MB; 1,374 tokens: 181 MB)
   `layer_done` multiplies the joint attention up during the forward, R ← (M_l·R + R)/2: N³ MACs per layer (0.19
   GMAC at N = 577, 2.6 at 1,374), which trades time for L·N² − 2·N² floats (29 MB at 577 tokens, 166 MB at 1,374);
+  this table's predictions take the CPU's limits;
 * memory: q and k of every layer, 2·L·N·D floats, one contiguous copy per layer by the capture (kept: the per-head
   views of any layer and query are recomputed from them); one chunk and its distance product, c·(N² + P²) floats
   for whole heads; the kept means L·N² (or the joint, 2·N²); the max/min cache 2·L·N² while small, briefly twice

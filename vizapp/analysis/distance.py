@@ -56,14 +56,27 @@ class BlockDistanceTerms:
 
     For a block [c, r, N] holding query rows ``row .. row + r`` of c heads, :meth:`__call__` returns the block's
     patch queries as patch indices q0..q1 and, for each, Σ_j a_ij·d_ij and Σ_j a_ij over the patch keys j (the
-    renormalised mean distance of query i is their ratio), or None when the block holds prefix queries only. The
-    product a·d goes through one buffer kept between calls.
+    renormalised mean distance of query i is their ratio), or None when the block holds prefix queries only.
+
+    On the CPU the product a·d goes through one buffer kept between calls, then two sums: vectorised passes over a
+    cache-sized block. On a GPU, where each pass over a layer's attention costs its memory traffic, both sums of
+    every query are one batched matrix product of its row of each head with [d_i | 1] (its distances and a column of
+    ones): one read of the block instead of a read, a write and two more reads (a 1,374-token layer's attention is
+    121 MB), in one kernel instead of three.
     """
 
     def __init__(self, dist: torch.Tensor, num_prefix_tokens: int) -> None:
         self.dist = dist  # [P, P]
         self.p = num_prefix_tokens
         self._product: torch.Tensor | None = None
+        self._with_ones: torch.Tensor | None = None  # [P, P, 2]: each query's distances beside a column of ones
+
+    def _sums_by_product(self, a: torch.Tensor, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ_j a_ij·d_ij and Σ_j a_ij of the block ``a`` [c, q1 - q0, P] as [c, q1 - q0] views of one product."""
+        if self._with_ones is None:
+            self._with_ones = torch.stack([self.dist, torch.ones_like(self.dist)], dim=-1)
+        both = torch.bmm(a.transpose(0, 1), self._with_ones[q0:q1])  # [q, c, 2]: query i's rows @ [d_i | 1]
+        return both[..., 0].mT, both[..., 1].mT
 
     def __call__(
         self,
@@ -80,6 +93,12 @@ class BlockDistanceTerms:
         if lo >= row + r:
             return None
         q0, q1 = lo - p, row + r - p
+        if attn.device.type != "cpu":
+            num, den = self._sums_by_product(attn[:, lo - row :, p:], q0, q1)
+            if into is not None:
+                into[0][:, q0:q1].copy_(num)
+                into[1][:, q0:q1].copy_(den)
+            return q0, q1, num, den
         buf = self._product
         if product is not None and product.shape == (c, q1 - q0, self.dist.shape[-1]) and product.dtype == attn.dtype:
             buf = product

@@ -201,6 +201,7 @@ def _check_analysis(vm: VizModel) -> None:
         width=model_width(vm.model) or 64 * vm.num_heads,  # 64 per head, as most ViTs have, when it says nothing
         patches=patches,
         size=(int(vm.input_size[1]), int(vm.input_size[2])),
+        device=vm.device,
     )
 
 

@@ -453,6 +453,7 @@ def load(
             width=int(vision.hidden_size),
             patches=cells,
             size=processed,
+            device=device,
         )
     id2label = getattr(config, "id2label", None) or {}
     heads = [getattr(model, n, None) for n in ("classifier", "cls_classifier")]
