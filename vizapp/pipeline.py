@@ -92,6 +92,21 @@ def _graphable(vm: VizModel, setup: _PassSetup, batch: int = 1) -> bool:
     )
 
 
+def _pass_setup(vm: VizModel, grid: tuple[int, int], inline: bool, gradients: bool, batch: int) -> _PassSetup:
+    """:meth:`_PassSetup.of`, with one rule for a GPU: a replayed graph is worth more than the rollout's products, so
+    the mean fusions are not stored (the rollout is multiplied up during the forward instead) where storing them
+    alone would keep the plain pass of ``batch`` images out of its graph (:data:`~vizapp.limits.GRAPH_MEMORY_BYTES`)."""
+    setup = _PassSetup.of(vm, grid, inline, gradients)
+    plain = replace(setup, gradients=False)
+    if (
+        setup.store_mean
+        and not _graphable(vm, plain, batch)
+        and _graphable(vm, replace(plain, store_mean=False), batch)
+    ):
+        return replace(setup, store_mean=False)
+    return setup
+
+
 @dataclass
 class _PassResult:
     """What one analysis forward leaves on the model's device (in a CUDA graph's memory when replayed); :func:`settle`
@@ -382,7 +397,7 @@ def analyze_inputs(
     if progress:
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
-    setup = _PassSetup.of(vm, grid, inline, gradients)
+    setup = _pass_setup(vm, grid, inline, gradients, b)
     # one image's gradients on a GPU: its plain pass replayed, and each class's gradients from the recorded forward and
     # backward of vizapp.gradient_pass, instead of an eager forward that keeps its autograd graph
     replay_gradients = (
