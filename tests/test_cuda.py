@@ -170,6 +170,28 @@ def test_cuda_graph_replay_equals_the_eager_pass(fid, name, kwargs, monkeypatch)
     _same_analysis(g2, vizapp.analyze(gpu, second, inline=False), tol=1e-4, same_path=False)
 
 
+def test_the_gpus_stored_fusions_give_the_rollout_the_cpu_multiplies_up(monkeypatch):
+    """Above the CPU's store limit the CPU multiplies the default rollout up during the forward; a GPU stores the
+    fusions (limits.rollout_store_bytes) and carries the row down after it: the same maps, recorded and replayed as a
+    graph, eager, and for a batch; the mean distances (one batched product a chunk on a GPU) agree too."""
+    from vizapp import limits, pipeline
+
+    monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES", 0)  # the CPU stores no fusion, as for a large model
+    monkeypatch.setattr(limits, "FUSED_CACHE_LIMIT_BYTES", 0)  # and the views keep none
+    cpu, gpu = pair("vit_tiny_patch16_224", dict(img_size=64, depth=3))
+    assert pipeline._pass_setup(gpu, gpu.grid_size, True, False, 1).store_mean
+    assert not pipeline._pass_setup(cpu, cpu.grid_size, True, False, 1).store_mean
+    images = [random_image(4), random_image(8)]
+    want = [vizapp.analyze(cpu, img) for img in images]
+    for graphs in ("1", "1", "0"):  # records, replays, eager
+        monkeypatch.setenv("VIZAPP_CUDA_GRAPHS", graphs)
+        for a, b in zip(want, [vizapp.analyze(gpu, img) for img in images], strict=True):
+            np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)
+            np.testing.assert_allclose(b.mean_distance, a.mean_distance, rtol=2e-3, atol=2e-2)
+    for a, b in zip(want, vizapp.analyze(gpu, images), strict=True):
+        np.testing.assert_allclose(b.rollout(), a.rollout(), **TOL)
+
+
 @pytest.mark.parametrize("fid,name,kwargs", MODELS[:2], ids=[m[0] for m in MODELS[:2]])
 def test_cuda_graph_of_a_batch_replays_what_the_eager_batch_gives(fid, name, kwargs, monkeypatch):
     """A batch's shape is recorded the second time it comes, and a replay on another batch of that shape gives each
