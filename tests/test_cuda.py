@@ -179,8 +179,8 @@ def test_the_gpus_stored_fusions_give_the_rollout_the_cpu_multiplies_up(monkeypa
     monkeypatch.setattr(limits, "ROLLOUT_STORE_LIMIT_BYTES", 0)  # the CPU stores no fusion, as for a large model
     monkeypatch.setattr(limits, "FUSED_CACHE_LIMIT_BYTES", 0)  # and the views keep none
     cpu, gpu = pair("vit_tiny_patch16_224", dict(img_size=64, depth=3))
-    assert pipeline._pass_setup(gpu, gpu.grid_size, True, False, 1).store_mean
-    assert not pipeline._pass_setup(cpu, cpu.grid_size, True, False, 1).store_mean
+    assert pipeline._PassSetup.of(gpu, gpu.grid_size, True, False, 1).store_mean
+    assert not pipeline._PassSetup.of(cpu, cpu.grid_size, True, False, 1).store_mean
     images = [random_image(4), random_image(8)]
     want = [vizapp.analyze(cpu, img) for img in images]
     for graphs in ("1", "1", "0"):  # records, replays, eager

@@ -216,23 +216,23 @@ def test_a_gpu_stores_the_rollouts_fusions_only_where_the_pass_stays_a_graph():
 
     vm = small_model("vit_tiny_patch16_224", img_size=32, depth=2)
     grid = vm.grid_size
-    assert pipeline._pass_setup(vm, grid, True, False, 1).store_mean  # the CPU: within its own limit
+    assert pipeline._PassSetup.of(vm, grid, True, False, 1).store_mean  # the CPU: within its own limit
     # the simulated GPU turns graphs off; only decisions are asked here
     with simulated_gpu(vm), mock.patch.dict("os.environ", {"VIZAPP_CUDA_GRAPHS": "1"}):
-        stored = pipeline._pass_setup(vm, grid, True, False, 1)
+        stored = pipeline._PassSetup.of(vm, grid, True, False, 1)
         assert stored.store_mean and pipeline._graphable(vm, stored)
         streamed = dataclasses.replace(stored, store_mean=False)
         assert streamed.graph_bytes(vm) < stored.graph_bytes(vm)
         with pytest.MonkeyPatch.context() as m:
             m.setattr(limits, "GRAPH_MEMORY_BYTES", streamed.graph_bytes(vm))  # the fusions alone do not fit
-            assert pipeline._pass_setup(vm, grid, True, False, 1) == streamed
-            assert pipeline._pass_setup(vm, grid, True, True, 1) == dataclasses.replace(streamed, gradients=True)
+            assert pipeline._PassSetup.of(vm, grid, True, False, 1) == streamed
+            assert pipeline._PassSetup.of(vm, grid, True, True, 1) == dataclasses.replace(streamed, gradients=True)
             m.setattr(limits, "GRAPH_MEMORY_BYTES", streamed.graph_bytes(vm) - 1)  # no graph either way: stored
-            assert pipeline._pass_setup(vm, grid, True, False, 1).store_mean
+            assert pipeline._PassSetup.of(vm, grid, True, False, 1).store_mean
         with pytest.MonkeyPatch.context() as m:  # a batch's graph holds each image's fusions
             m.setattr(limits, "GRAPH_MEMORY_BYTES", streamed.graph_bytes(vm, 3))
-            assert pipeline._pass_setup(vm, grid, True, False, 2).store_mean  # 2 images fit with their fusions
-            assert pipeline._pass_setup(vm, grid, True, False, 3) == streamed  # 3 only without
+            assert pipeline._PassSetup.of(vm, grid, True, False, 2).store_mean  # 2 images fit with their fusions
+            assert pipeline._PassSetup.of(vm, grid, True, False, 3) == streamed  # 3 only without
 
 
 class _FakePass:

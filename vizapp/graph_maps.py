@@ -32,6 +32,7 @@ from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_laye
 from vizapp.models import VizModel
 from vizapp.models.base import readout_weights
 from vizapp.models.prompts import probabilities
+from vizapp.pipeline import to_host as pipeline_to_host
 from vizapp.result import class_index
 from vizapp.transfer import tensor_on, to_device
 
@@ -194,14 +195,10 @@ class AttentionGraph:
 
 
 def to_host(found: Mapping[Any, torch.Tensor], grid: tuple[int, int]) -> dict[Any, np.ndarray]:
-    """Maps [b, P] of one graph (b may differ between them) to the host in one copy, each [b, gh, gw] float32."""
-    if not found:
-        return {}
+    """Maps [b, P] of one graph (b may differ between them) to the host in one copy
+    (:func:`vizapp.pipeline.to_host`), each [b, gh, gw] float32."""
     keys = list(found)
-    host = torch.cat([found[key] for key in keys]).cpu().numpy()  # [Σb, P]
-    out, lo = {}, 0
-    for key in keys:
-        b = found[key].shape[0]
-        out[key] = host[lo : lo + b].reshape(b, *grid)
-        lo += b
-    return out
+    return {
+        key: t.numpy().reshape(t.shape[0], *grid)
+        for key, t in zip(keys, pipeline_to_host([found[key] for key in keys]), strict=True)
+    }

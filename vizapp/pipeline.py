@@ -48,8 +48,13 @@ class _PassSetup:
     gradients: bool
 
     @classmethod
-    def of(cls, vm: VizModel, grid: tuple[int, int], inline: bool, gradients: bool) -> _PassSetup:
-        """The setup for ``grid``; its two tensors are made once per model, grid and device (they are only read)."""
+    def of(cls, vm: VizModel, grid: tuple[int, int], inline: bool, gradients: bool, batch: int = 1) -> _PassSetup:
+        """The setup for ``grid``; its two tensors are made once per model, grid and device (they are only read).
+
+        The mean fusions are stored within :func:`~vizapp.limits.rollout_store_bytes` of the device, but for one rule
+        on a GPU: a replayed graph is worth more than the rollout's products, so they are not stored (the rollout is
+        multiplied up during the forward instead) where storing them alone would keep the plain pass of ``batch``
+        images out of its graph (:data:`~vizapp.limits.GRAPH_MEMORY_BYTES`)."""
         p = vm.num_prefix_tokens
         n = p + grid[0] * grid[1]
         key = ("rollout row weights", tuple(grid), str(vm.device))
@@ -57,7 +62,7 @@ class _PassSetup:
         if weights is None:
             weights = vm._digest[key] = to_device(readout_weights(vm.readout, n, p), vm.device)  # once per grid
         layer_bytes = vm.num_layers * n * n * 4
-        return cls(
+        setup = cls(
             grid=tuple(grid),
             n=n,
             keep_fused=layer_bytes <= limits.FUSED_CACHE_LIMIT_BYTES,
@@ -67,6 +72,14 @@ class _PassSetup:
             inline=inline,
             gradients=gradients,
         )
+        plain = replace(setup, gradients=False)
+        if (
+            setup.store_mean
+            and not _graphable(vm, plain, batch)
+            and _graphable(vm, replace(plain, store_mean=False), batch)
+        ):
+            return replace(setup, store_mean=False)
+        return setup
 
     def graph_bytes(self, vm: VizModel, batch: int = 1) -> int:
         """A high estimate of the memory a recorded graph of ``batch`` images keeps: q and k of every layer, the kept
@@ -90,21 +103,6 @@ def _graphable(vm: VizModel, setup: _PassSetup, batch: int = 1) -> bool:
         and cudagraph.enabled()
         and setup.graph_bytes(vm, batch) <= limits.GRAPH_MEMORY_BYTES
     )
-
-
-def _pass_setup(vm: VizModel, grid: tuple[int, int], inline: bool, gradients: bool, batch: int) -> _PassSetup:
-    """:meth:`_PassSetup.of`, with one rule for a GPU: a replayed graph is worth more than the rollout's products, so
-    the mean fusions are not stored (the rollout is multiplied up during the forward instead) where storing them
-    alone would keep the plain pass of ``batch`` images out of its graph (:data:`~vizapp.limits.GRAPH_MEMORY_BYTES`)."""
-    setup = _PassSetup.of(vm, grid, inline, gradients)
-    plain = replace(setup, gradients=False)
-    if (
-        setup.store_mean
-        and not _graphable(vm, plain, batch)
-        and _graphable(vm, replace(plain, store_mean=False), batch)
-    ):
-        return replace(setup, store_mean=False)
-    return setup
 
 
 @dataclass
@@ -397,7 +395,7 @@ def analyze_inputs(
     if progress:
         progress(0.1, "forward pass")
     grid = vm.grid_for(x.shape[-2], x.shape[-1])
-    setup = _pass_setup(vm, grid, inline, gradients, b)
+    setup = _PassSetup.of(vm, grid, inline, gradients, b)
     # one image's gradients on a GPU: its plain pass replayed, and each class's gradients from the recorded forward and
     # backward of vizapp.gradient_pass, instead of an eager forward that keeps its autograd graph
     replay_gradients = (
