@@ -11,6 +11,10 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+if not torch.cuda.is_available():
+    # Triton reads this when first imported (importing vizapp or timm does): its kernels then run on the CPU through
+    # its interpreter, for tests/test_fused_attention.py. Only CUDA kernels of torch's own use Triton otherwise.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 

@@ -78,6 +78,27 @@ class AttentionConsumer(Protocol):
     def layer_done(self, layer: int) -> None:
         """Every chunk of ``layer`` has been passed."""
 
+    # Optional: ``attend(layer, q, k, v, scale, bias) -> output | None``. A consumer with this method is offered each
+    # layer the capture would form inline before any chunk of it, with q, k, v [B, H, N, d] of the whole batch and
+    # the additive bias (or None). It returns the layer's output softmax(q kᵀ·scale + bias)·v [B, H, N, d] in v's
+    # dtype, having taken what it keeps of the layer without the capture forming the attention (vizapp's fused
+    # kernels, :mod:`vizapp.fused_attention`); the capture then calls only :meth:`layer_done`. Or None: the capture
+    # forms the attention and hands it over in chunks as usual.
+
+
+def offer(
+    consumer: AttentionConsumer,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``consumer.attend(...)`` where the consumer has it (see :class:`AttentionConsumer`), else None."""
+    attend = getattr(consumer, "attend", None)
+    return None if attend is None else attend(layer, q, k, v, scale, bias)
+
 
 def hand_over(
     consumer: AttentionConsumer,

@@ -55,6 +55,7 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     hand_over,
     host_copies,
     image_group,
+    offer,
 )
 from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_layer
 from vizapp.layers import (  # noqa: F401  (named here too, where callers have found them)
@@ -322,6 +323,11 @@ class AttentionCapture:
     def _inline(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        with torch.no_grad():
+            fused = offer(self.on_attention, layer, q, k, v, scale, bias)  # the statistics without the attention
+        if fused is not None:
+            self._layer_formed(layer)
+            return fused
         b, h, n, _ = q.shape
         budget = self._budget(q.device)
         c, rows = limits.chunk_shape(h, n, budget)

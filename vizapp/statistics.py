@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from vizapp import limits
+from vizapp import fused_attention, limits
 from vizapp.analysis.distance import BlockDistanceTerms
 from vizapp.analysis.headstats import row_entropy, row_entropy_from_scores, token_norm_stats
 
@@ -108,6 +108,9 @@ class HeadStatistic(Statistic):
     """
 
     patch_queries: ClassVar[bool] = False
+    #: the fused kernel's row quantity equal to :meth:`rows` (:data:`vizapp.fused_attention.ROW_QUANTITIES`), or None:
+    #: the attention is then formed for every layer (as it is for a bias, or a head fusion but the mean)
+    fused_row: ClassVar[str | None] = None
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
         """Write one value per head and query row of ``attn`` [c, r, N] (query rows ``row .. row + r``; with
@@ -170,6 +173,7 @@ class MeanDistance(HeadStatistic):
 
     name, label, unit = "distance", "mean attention distance", "px"
     patch_queries = True
+    fused_row = "distance"
     windowed = True  # over a window's real keys: vizapp.analysis.windows.mean_distance
     column = "mean_distance_px"  # type: ignore[assignment]  # dataset mode's column since its first version
 
@@ -190,6 +194,7 @@ class AttentionEntropy(HeadStatistic):
     Zhai et al., ICML 2023, to watch attention collapse)."""
 
     name, label, unit = "entropy", "attention entropy", "nats"
+    fused_row = "entropy"
     windowed = True  # of each row over its keys: a windowed row's real window slots, renormalised
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
@@ -341,11 +346,9 @@ class StatisticsReducer:
             for s in self.head_stats
         } | {s.name: torch.full((n_layers, self.batch), nan, dtype=torch.float64, device=dev) for s in self.block_stats}
         self._h_max, self._device = h_max, dev
-        # Each head statistic's rows, a float32 per (image, head, query row): [B, max H, Q] shared by the layers (Q
-        # the layer's patch queries or every query; grown for a layer with more) and averaged over the queries as
-        # each layer is done; or, where the layers share one geometry and head count and all their rows fit
-        # limits.STATISTIC_ROWS_BYTES, [L, B, H, Q], a slice per layer, averaged for every layer at once when the
-        # last is done: one operation a statistic instead of one a layer (a GPU's kernels).
+        # Each head statistic's rows (see the class's docstring): [B, max H, Q] shared by the layers (Q: the layer's
+        # patch queries or every query; grown for a layer with more), or [L, B, H, Q] with _by_layer, a slice a layer
+        # averaged for all at once after the last: one operation a statistic instead of one a layer (a GPU's kernels).
         self._rows: dict[str, torch.Tensor] = {}
         self._by_layer = self._rows_fit_by_layer()
         self._waiting: set[int] = set()  # with _by_layer: the layers done, whose means wait for the last
@@ -512,18 +515,28 @@ class StatisticsReducer:
         """Every query row of image ``batch`` in ``layer`` at once, reduced elsewhere: ``values`` maps each head
         statistic's name to its value per head and query row, [H, Q] (Q the layer's patch queries or every query, as
         for :meth:`chunk`); a windowed layer's rows reduced in the library's layout (:meth:`HeadStatistic.window_rows`)."""
-        g = self._layer_geometry(layer)
-        h = self.heads[layer]
         if not 0 <= batch < self.batch:
             raise ValueError(f"rows of image {batch}, but the forward has {self.batch} images")
-        for s in self.head_stats:
-            rows = self._row_buffer(s, g, layer)
-            if values[s.name].shape != (h, rows.shape[-1]):
-                raise ValueError(
-                    f"{s.name}: {tuple(values[s.name].shape)} values for {h} heads x {rows.shape[-1]} rows"
-                )
-            rows[batch, :h] = values[s.name]
-        self._cells[layer] += h * g.num_tokens
+        for name, rows in self.row_buffers(layer, self.heads[layer]).items():
+            if values[name].shape != rows.shape[1:]:
+                h, q = rows.shape[1:]
+                raise ValueError(f"{name}: {tuple(values[name].shape)} values for {h} heads x {q} rows")
+            rows[batch] = values[name]
+        self.rows_filled(layer, 1)
+
+    def row_buffers(self, layer: int, heads: int) -> dict[str, torch.Tensor]:
+        """Each head statistic's rows of ``layer``'s first ``heads`` heads, name -> [B, heads, Q], for a caller that
+        computes them itself (:meth:`put_rows`, the fused kernel); :meth:`rows_filled` then counts them."""
+        g = self._layer_geometry(layer)
+        return {s.name: self._row_buffer(s, g, layer)[:, :heads] for s in self.head_stats}
+
+    def rows_filled(self, layer: int, images: int | None = None) -> None:
+        """The rows of ``layer`` of ``images`` images (default: every image) were written into :meth:`row_buffers`."""
+        images = self.batch if images is None else images
+        self._cells[layer] += images * self.heads[layer] * self._layer_geometry(layer).num_tokens
+
+    #: ``attend(layer, q, k, v, scale, bias)``: the output, its rows from the fused kernel, or None (AttentionConsumer)
+    attend = fused_attention.reduce_layer
 
     def layer_done(self, layer: int) -> None:
         h, g = self.heads[layer], self._layer_geometry(layer)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vizapp import kept, limits
+from vizapp import fused_attention, kept, limits
 from vizapp.analysis.rollout import (
     FUSION_START,
     add_residual,
@@ -106,16 +106,7 @@ class LayerStatistics:
             self.valid = False
             return
         if not self._acc:  # the layer's first chunk
-            dev, b = attn.device, self.batch
-            if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
-                self.mean_store = kept.empty((b, len(self.heads), n, n), torch.float32, dev)
-                # every layer's view at once: one made per layer would outlive it among the layer's freed
-                # activations and fragment the heap (see AttentionCapture._record)
-                self._mean_layers = self.mean_store.unbind(1)
-            self._acc = {
-                f: self._mean_layers[layer] if f == "mean" and self.store_mean else torch.empty((b, n, n), device=dev)
-                for f in self._accumulated
-            }
+            self._acc = self._accumulators(layer, attn.device)
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
         self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=scores_in_scratch)
         if images > 1:  # every head of these images: their fusions are written whole
@@ -132,6 +123,44 @@ class LayerStatistics:
                 start_fusion(acc[batch, row : row + r], attn, f)
             else:
                 fuse_heads_into(acc[batch, row : row + r], attn, f, work=work)
+
+    def _accumulators(self, layer: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        """The layer's fusions [B, N, N] to accumulate into: the stored mean's view, new tensors for the others."""
+        b, n = self.batch, self.n
+        if self.store_mean and (layer == 0 or self.mean_store is None):  # a new forward: a new block
+            self.mean_store = kept.empty((b, len(self.heads), n, n), torch.float32, dev)
+            # every layer's view at once: one made per layer would outlive it among the layer's freed
+            # activations and fragment the heap (see AttentionCapture._record)
+            self._mean_layers = self.mean_store.unbind(1)
+        return {
+            f: self._mean_layers[layer] if f == "mean" and self.store_mean else torch.empty((b, n, n), device=dev)
+            for f in self._accumulated
+        }
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The layer's output with its statistics and the heads' sum taken by vizapp's fused kernels, without the
+        attention formed (:func:`vizapp.fused_attention.reduce_layer`: on a GPU, for plain self-attention); None to
+        have it formed and handed over in chunks. Only the mean fusion has a kernel; max and min need the chunks."""
+        if not self.valid or self._acc or self._accumulated != ("mean",) or q.shape[-2] != self.n:
+            return None
+        made: dict[str, torch.Tensor] = {}
+
+        def head_sum() -> torch.Tensor:
+            made.update(self._accumulators(layer, q.device))
+            return made["mean"]
+
+        out = fused_attention.reduce_layer(self.statistics, layer, q, k, v, scale, bias, head_sum)
+        if out is not None:
+            self._acc, self._started = made, {(i, 0) for i in range(self.batch)}
+        return out
 
     def layer_done(self, layer: int) -> None:
         if not self.valid or not self._acc:

@@ -1,0 +1,230 @@
+"""vizapp's fused attention kernels (:mod:`vizapp.fused_attention`): one layer's output, the statistics' rows and the
+heads' sum without the attention formed. On a GPU they are the default; here they run through Triton's interpreter
+(``TRITON_INTERPRET=1`` is set by conftest.py before anything imports Triton, when no GPU is present), the same kernel
+code, checked against the formed attention, a hand-computed case, and every analysis route that uses them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, random_image, small_model
+
+import vizapp
+from vizapp import fused_attention, statistics
+from vizapp.analysis.distance import patch_distance_matrix
+from vizapp.statistics import HeadStatistic
+from vizapp.statistics_pass import forward_statistics
+
+interpreted = pytest.mark.skipif(
+    not fused_attention.interpreted(), reason="Triton's interpreter is off in this process (a GPU is present)"
+)
+pytestmark = interpreted
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The kernels on for CPU tensors (through the interpreter), and a fresh process state for each test."""
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
+    monkeypatch.setattr(fused_attention, "_failure", None)
+    return fused_attention
+
+
+def reference(q, k, v, scale, dist, p):
+    """What the formed route computes, in float64: the output, entropy and mean-distance rows, and the heads' sum."""
+    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)  # [B, H, N, N]
+    out = a @ v.double()
+    entropy = -(a * torch.log(a)).sum(-1)
+    patches = a[:, :, p:, p:]
+    distance = (patches * dist.double()).sum(-1) / patches.sum(-1)
+    return out, entropy, distance, a.sum(1)
+
+
+def run(q, k, v, scale, dist, p, head_sum=True):
+    b, h, n, _ = q.shape
+    rows = {"entropy": torch.full((b, h, n), math.nan), "distance": torch.full((b, h, n - p), math.nan)}
+    hs = torch.full((b, n, n), math.nan) if head_sum else None
+    out = fused_attention.attention(q, k, v, scale, rows, dist, p, hs)
+    return out, rows["entropy"], rows["distance"], hs
+
+
+@pytest.mark.parametrize(
+    "b, h, grid, p, d",
+    [
+        (2, 3, (10, 10), 1, 16),  # 101 tokens: two query and two key tiles, the second mostly empty
+        (1, 2, (5, 7), 5, 24),  # a non-square grid after CLS and 4 registers; a head width not a power of two
+        (1, 4, (8, 8), 0, 32),  # no prefix token: exactly one tile of 64
+        (3, 1, (9, 9), 4, 64),  # prefix tokens only in the first tile's rows, 85 tokens
+    ],
+)
+def test_the_kernels_equal_the_formed_attention(fused, b, h, grid, p, d):
+    torch.manual_seed(1)
+    n = p + grid[0] * grid[1]
+    # q, k, v as a qkv projection lays them out (strided views), scores of a few units as in a trained model
+    q, k, v = (torch.randn(b, n, 3, h, d) * 1.5).permute(2, 0, 3, 1, 4)
+    dist = patch_distance_matrix(grid, 16)
+    scale = d**-0.5
+    out, ent, dst, hs = run(q, k, v, scale, dist, p)
+    want = reference(q, k, v, scale, dist, p)
+    assert fused.failure() is None
+    torch.testing.assert_close(out.double(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dst.double(), want[2], rtol=1e-5, atol=1e-4)  # distances of up to 180 px
+    torch.testing.assert_close(hs.double(), want[3], rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_attention_by_hand(fused):
+    """q = 0: every weight is 1/N. Then each row's entropy is log N, the heads' sum H/N everywhere, the output the
+    tokens' mean value, and the mean distance over the queries the ViT paper's 116.5 px for 14 x 14 patches of 16 px
+    (the mean of the distance matrix; test_analysis checks the same figure on the formed route)."""
+    b, h, p, d = 1, 2, 1, 16
+    n = p + 14 * 14
+    q = torch.zeros(b, h, n, d)
+    k = torch.randn(b, h, n, d)
+    v = torch.randn(b, h, n, d)
+    out, ent, dst, hs = run(q, k, v, 0.125, patch_distance_matrix(14, 16), p)
+    torch.testing.assert_close(ent, torch.full_like(ent, math.log(n)))
+    torch.testing.assert_close(hs, torch.full_like(hs, h / n))
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(out))
+    assert abs(dst.mean().item() - 116.5) < 0.05
+
+
+def test_a_bfloat16_layer_computes_in_float32_and_returns_the_values_dtype(fused):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 101, 3, 2, 32) * 2).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
+    dist = patch_distance_matrix(10, 16)
+    out, ent, dst, hs = run(q, k, v, 32**-0.5, dist, 1)
+    want = reference(q, k, v, 32**-0.5, dist, 1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want[0], rtol=1e-2, atol=1e-2)  # one bfloat16 rounding of the output
+    torch.testing.assert_close(ent.double(), want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hs.double(), want[3], rtol=1e-5, atol=1e-6)
+
+
+def test_the_setting_parses_and_the_default_leaves_the_cpu_alone(monkeypatch):
+    for value, want in (("0", "0"), ("interpret", "interpret"), (" Interpret ", "interpret"), ("1", "1"), ("x", "1")):
+        monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", value)
+        assert fused_attention.mode() == want
+    monkeypatch.delenv("VIZAPP_FUSED_ATTENTION")
+    assert not fused_attention.usable(torch.device("cpu"))
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
+    assert fused_attention.usable(torch.device("cpu"))
+    with pytest.raises(ValueError, match="computes"):
+        fused_attention.attention(*torch.zeros(3, 1, 1, 4, 16), 1.0, {"max_weight": torch.zeros(1, 1, 4)})
+
+
+def count_calls(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    kernel = fused_attention.attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(fused_attention, "attention", counted)
+    return calls
+
+
+def analyses(vm, images, monkeypatch, setting):
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", setting)
+    return vizapp.analyze(vm, images)
+
+
+def assert_same_analysis(formed, fused_one):
+    assert formed.statistics.keys() == fused_one.statistics.keys()
+    for name, value in formed.statistics.items():
+        np.testing.assert_allclose(fused_one.statistics[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(fused_one.rollout(), formed.rollout(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fused_one.token_norms(), formed.token_norms(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fused_one.attention(1, 0, query=(1, 1)), formed.attention(1, 0, query=(1, 1)), rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("fid, name, kwargs", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_an_analysis_through_the_kernels_equals_the_formed_one_for_every_token_layout(
+    fused, monkeypatch, fid, name, kwargs
+):
+    vm = small_model(name, **kwargs)
+    images = [random_image(3), random_image(4, size=(70, 50))]
+    formed = analyses(vm, images, monkeypatch, "0")
+    calls = count_calls(monkeypatch)
+    through = analyses(vm, images, monkeypatch, "interpret")
+    assert len(calls) == vm.num_layers and calls[0][0] == 2  # every layer, the batch in one call
+    assert fused.failure() is None
+    for a, b in zip(formed, through, strict=True):
+        assert_same_analysis(a, b)
+
+
+def test_a_model_too_large_to_store_its_fusions_multiplies_the_kernels_head_sums_up(fused, monkeypatch):
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=3)
+    images = [random_image(5)]
+    formed = analyses(vm, images, monkeypatch, "0")
+    monkeypatch.setattr(vizapp.limits, "ROLLOUT_STORE_LIMIT_BYTES", 0)
+    calls = count_calls(monkeypatch)
+    through = analyses(vm, images, monkeypatch, "interpret")
+    assert len(calls) == 3
+    assert_same_analysis(formed[0], through[0])
+
+
+def test_dataset_mode_takes_its_statistics_from_the_kernels(fused, monkeypatch):
+    vm = small_model("vit_small_patch14_reg4_dinov2", img_size=56, depth=2)
+    x = torch.stack([vm.batch_transform(random_image(6)), vm.batch_transform(random_image(7))])
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "0")
+    formed = forward_statistics(vm, x)
+    calls = count_calls(monkeypatch)
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
+    through = forward_statistics(vm, x)
+    assert len(calls) == 2
+    for name, value in formed.values.items():
+        torch.testing.assert_close(through.values[name], value, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+
+
+class MaxWeight(HeadStatistic):
+    name, label, unit = "max_weight_fused_test", "largest weight", ""
+
+    def rows(self, attn, row, geometry, out, work):
+        torch.amax(attn, dim=-1, out=out)
+
+
+def test_a_statistic_without_a_kernel_form_has_the_attention_formed(fused, monkeypatch):
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    statistics.register(MaxWeight())
+    try:
+        calls = count_calls(monkeypatch)
+        through = analyses(vm, [random_image(8)], monkeypatch, "interpret")[0]
+    finally:
+        statistics.unregister("max_weight_fused_test")
+    assert calls == []  # offered, declined: nothing computed twice
+    assert np.all(np.isfinite(through.statistics["max_weight_fused_test"]))
+
+
+def test_a_biased_layer_has_its_attention_formed(fused, monkeypatch):
+    """BEiT's relative-position bias goes to SDPA as ``attn_mask``: the kernels take no bias, so the layer is formed
+    as before (and the analysis equals the formed one)."""
+    vm = small_model("beit_base_patch16_224", img_size=32, depth=2, embed_dim=48, num_heads=2)
+    images = [random_image(9)]
+    formed = analyses(vm, images, monkeypatch, "0")
+    calls = count_calls(monkeypatch)
+    through = analyses(vm, images, monkeypatch, "interpret")
+    assert calls == []
+    assert_same_analysis(formed[0], through[0])
+
+
+def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fused, monkeypatch, caplog):
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    images = [random_image(10)]
+    formed = analyses(vm, images, monkeypatch, "0")
+
+    def broken():
+        raise RuntimeError("PTX assembly failed (simulated)")
+
+    monkeypatch.setattr(fused_attention, "_compiled", broken)
+    with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
+        through = analyses(vm, images, monkeypatch, "interpret")
+    assert "PTX assembly failed" in (fused_attention.failure() or "")
+    assert "forming the attention from now on" in caplog.text
+    assert not fused_attention.usable(torch.device("cpu"))
+    assert_same_analysis(formed[0], through[0])

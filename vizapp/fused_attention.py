@@ -1,0 +1,333 @@
+"""One layer's attention output and the statistics vizapp takes of it, in two fused kernels that never write the
+attention out (Triton; used on a GPU).
+
+On a GPU, an analysis that forms each layer's attention [B, H, N, N] to reduce it passes over it about nine times (the
+scores written, the softmax read and written, A·v, the distance, the entropy, the head sum): at 1,374 tokens and 16
+heads that is 121 MB a layer, and an analysis moved about 50 GB where its bare forward moves 7 (simulated GPU,
+docs/benchmarks-launches-large.md). Here, as in FlashAttention (Dao et al., NeurIPS 2022), the scores of a block of
+queries are formed tile by tile in registers with a running maximum, and beside the output the kernel keeps per query
+row the moments the registered statistics are made of:
+
+- ``_rows_kernel``, one program per (image·head, block of queries): the output softmax(q kᵀ·scale)·v, each row's
+  maximum m and normaliser l = Σ_j exp(s_j - m), the entropy -Σ_j a_j log a_j = T/l + log l with
+  T = Σ_j exp(s_j - m)·(m - s_j) (all its terms are ≥ 0: no cancellation), and the mean distance
+  Σ_j a_j·d_ij / Σ_j a_j over the patch keys (the l cancels, as in :func:`vizapp.analysis.distance.distance_terms`).
+  When the running maximum grows from m to m', every sum so far is rescaled by exp(m - m'), T besides gaining
+  l·(m' - m).
+- ``_head_sum_kernel``, one program per (image, block of queries, block of keys): Σ_h exp(s_h - m_h) / l_h, the sum of
+  the heads' attention that the rollout's mean fusion is made of, written once ([B, N, N], 1/H of the heads' bytes).
+
+Everything is fp32 (``input_precision="ieee"``: no TF32), so the results equal the formed attention's to rounding.
+Only plain self-attention is taken (no additive bias or mask); a caller falls back to forming the attention for
+anything else, and for any statistic whose row value is not one of :data:`ROW_QUANTITIES`.
+
+``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
+``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
+``TRITON_INTERPRET=1``). A kernel that fails to compile or launch
+is reported once (:func:`failure`) and the process forms the attention from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+try:
+    import triton.language as tl
+except ImportError:  # the kernels are then never used (usable() is False)
+    tl = None
+
+if TYPE_CHECKING:
+    from vizapp.statistics import StatisticsReducer
+
+log = logging.getLogger(__name__)
+
+#: the per-row quantities the kernel computes: a head statistic whose rows equal one of them (its ``fused_row``) can be
+#: taken without forming the attention
+ROW_QUANTITIES = ("entropy", "distance")
+
+BLOCK_M, BLOCK_N = 64, 64  # query and key rows of a tile
+
+_lock = threading.Lock()
+_kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
+_failure: str | None = None
+
+
+def mode() -> str:
+    """``VIZAPP_FUSED_ATTENTION``'s setting: "0", "1" (the default) or "interpret"."""
+    value = os.environ.get("VIZAPP_FUSED_ATTENTION", "1").strip().lower()
+    return value if value in ("0", "interpret") else "1"
+
+
+def failure() -> str | None:
+    """Why the kernels were turned off in this process (a compile or launch error), or None."""
+    return _failure
+
+
+def interpreted() -> bool:
+    """Triton was imported with ``TRITON_INTERPRET=1``: its kernels run on the CPU, through its interpreter."""
+    if tl is None:
+        return False
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def usable(device: torch.device) -> bool:
+    """The fused kernels run for tensors on ``device``: a CUDA device with Triton (unless turned off), or the CPU with
+    ``VIZAPP_FUSED_ATTENTION=interpret`` in a process started with ``TRITON_INTERPRET=1`` (Triton reads it when it is
+    first imported: its own helpers are then interpreted too)."""
+    setting = mode()
+    if setting == "0" or _failure is not None or tl is None:
+        return False
+    on_cpu = interpreted()
+    return (device.type == "cuda" and not on_cpu) or (setting == "interpret" and on_cpu)
+
+
+def _rows_kernel(
+    Q, K, V, OUT, M, L, ENT, DIST, D,  # noqa: N803  (Triton's pointer arguments)
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_on, s_od,
+    s_eb, s_eh, s_en,
+    s_db, s_dh, s_dn,
+    s_dm,
+    H, N, HEAD_DIM, PREFIX, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
+    ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,  # noqa: N803
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        Q + b * s_qb + h * s_qh + rows[:, None] * s_qn + dims[None, :] * s_qd,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    t_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(s - m)·(m - s), the entropy's
+    dn = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(s - m)·d over the patch keys
+    dd = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(s - m) over the patch keys
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    patch_row = row_ok & (rows >= PREFIX)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        kt = tl.load(
+            K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None] * s_kd,
+            mask=col_ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a key
+        alpha = tl.exp(m_i - m_new)  # 0 on the first tile
+        p = tl.exp(s - m_new[:, None])  # 0 off the keys
+        if ENTROPY:
+            grown = l_i * tl.where(l_i > 0, m_new - m_i, 0.0)  # no inf·0 on the first tile
+            gap = p * tl.where(col_ok[None, :], m_new[:, None] - s, 0.0)
+            t_i = alpha * (t_i + grown) + tl.sum(gap, 1)
+        if DISTANCE:
+            patch_col = col_ok & (cols >= PREFIX)
+            d = tl.load(
+                D + (rows - PREFIX)[:, None] * s_dm + (cols - PREFIX)[None, :],
+                mask=patch_row[:, None] & patch_col[None, :],
+                other=0.0,
+            )
+            pp = tl.where(patch_col[None, :], p, 0.0)
+            dn = dn * alpha + tl.sum(pp * d, 1)
+            dd = dd * alpha + tl.sum(pp, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :] * s_vd,
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        OUT + b * s_ob + h * s_oh + rows[:, None] * s_on + dims[None, :] * s_od,
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+    stat = bh * N + rows  # M and L are [B, H, N], contiguous
+    tl.store(M + stat, m_i, mask=row_ok)
+    tl.store(L + stat, l_i, mask=row_ok)
+    if ENTROPY:
+        tl.store(ENT + b * s_eb + h * s_eh + rows * s_en, t_i / l_i + tl.log(l_i), mask=row_ok)
+    if DISTANCE:
+        tiny = 1.1754943508222875e-38  # float32's smallest normal, the clamp of the formed path
+        tl.store(DIST + b * s_db + h * s_dh + (rows - PREFIX) * s_dn, dn / tl.maximum(dd, tiny), mask=patch_row)
+
+
+def _head_sum_kernel(
+    Q, K, M, L, F,  # noqa: N803
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_fb, s_fn,
+    H, N, HEAD_DIM, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < N
+    dim_ok = dims < HEAD_DIM
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for h in range(0, H):
+        q = tl.load(
+            Q + b * s_qb + h * s_qh + rows[:, None] * s_qn + dims[None, :] * s_qd,
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        kt = tl.load(
+            K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None] * s_kd,
+            mask=col_ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        stat = (b * H + h) * N + rows
+        m = tl.load(M + stat, mask=row_ok, other=0.0)
+        l_h = tl.load(L + stat, mask=row_ok, other=1.0)
+        acc += tl.exp(s - m[:, None]) / l_h[:, None]
+    tl.store(F + b * s_fb + rows[:, None] * s_fn + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _compiled() -> tuple:
+    """The two kernels, jitted once per process (interpreted under ``TRITON_INTERPRET=1``)."""
+    global _kernels
+    with _lock:
+        if _kernels is None:
+            import triton
+
+            _kernels = (triton.jit(_rows_kernel), triton.jit(_head_sum_kernel))
+        return _kernels
+
+
+def _turn_off(error: BaseException) -> None:
+    global _failure
+    _failure = f"{type(error).__name__}: {error}"
+    log.warning("vizapp's fused attention kernels failed (%s); forming the attention from now on", _failure)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rows: dict[str, torch.Tensor],
+    dist: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    head_sum: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """softmax(q kᵀ·scale)·v for q, k, v [B, H, N, d], and the statistics' rows of every query, without forming the
+    attention.
+
+    Args:
+        rows: quantity (of :data:`ROW_QUANTITIES`) -> where its rows go: "entropy" [B, H, N], "distance" [B, H, P]
+            (the patch queries' rows, P = N - ``num_prefix_tokens``); any strides, float32.
+        dist: [P, P] patch distances (contiguous rows), needed for "distance".
+        num_prefix_tokens: tokens before the patches, first among queries and keys.
+        head_sum: [B, N, N] float32 with a unit last stride, optional: receives Σ_h of the heads' attention.
+
+    Returns:
+        the output [B, H, N, d] in v's dtype, or None when the kernels could not run (see :func:`failure`): the caller
+        then forms the attention itself.
+    """
+    unknown = set(rows) - set(ROW_QUANTITIES)
+    if unknown:
+        raise ValueError(f"the fused kernel computes {ROW_QUANTITIES}, not {sorted(unknown)}")
+    b, h, n, d = q.shape
+    dev = q.device
+    ent, dst = rows.get("entropy"), rows.get("distance")
+    if dst is not None and (dist is None or dist.stride(-1) != 1):
+        raise ValueError("the mean distance needs the patch distances [P, P], contiguous rows")
+    if head_sum is not None and head_sum.stride(-1) != 1:
+        raise ValueError("the head sum needs a unit last stride")
+    out = torch.empty((b, h, n, d), dtype=v.dtype, device=dev)
+    m = torch.empty((b, h, n), dtype=torch.float32, device=dev)
+    l_ = torch.empty_like(m)
+    dummy = m  # an unused pointer argument (its flag is off)
+    e_t, d_t = (ent if ent is not None else dummy), (dst if dst is not None else dummy)
+    dmat = dist if dist is not None else dummy
+    block_d = max(16, 1 << (d - 1).bit_length())
+    try:
+        rows_kernel, sum_kernel = _compiled()
+        grid = ((n + BLOCK_M - 1) // BLOCK_M, b * h)
+        rows_kernel[grid](
+            q, k, v, out, m, l_, e_t, d_t, dmat,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *(e_t.stride() if ent is not None else (0, 0, 0)),
+            *(d_t.stride() if dst is not None else (0, 0, 0)),
+            dmat.stride(0) if dist is not None else 0,
+            h, n, d, num_prefix_tokens, float(scale),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            ENTROPY=ent is not None, DISTANCE=dst is not None,
+        )  # fmt: skip
+        if head_sum is not None:
+            grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, b)
+            sum_kernel[grid](
+                q, k, m, l_, head_sum,
+                *q.stride(), *k.stride(), head_sum.stride(0), head_sum.stride(1),
+                h, n, d, float(scale),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            )  # fmt: skip
+    except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise  # a graph being recorded must fail whole (the caller then runs eagerly), not change route midway
+        log.debug("fused kernel", exc_info=True)
+        _turn_off(error)
+        return None
+    return out
+
+
+def reduce_layer(
+    reducer: StatisticsReducer,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    head_sum: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """One layer's output from :func:`attention`, its rows written into ``reducer``'s buffers
+    (and, with ``head_sum``, a function giving the [B, N, N] tensor for the heads' sum, that sum): None where the
+    kernel does not serve (the device, a bias, a statistic without a kernel form, the shapes) or failed; nothing
+    of the layer has then been counted."""
+    b, h, n, _ = q.shape
+    if bias is not None or k.shape != q.shape or v.shape[:3] != q.shape[:3] or b != reducer.batch:
+        return None
+    if not usable(q.device):
+        return None
+    g = reducer.geometry[layer]
+    if g is None or g.num_tokens != n or g.num_keys != n or h != reducer.heads[layer]:
+        return None  # a windowed layer's keys are its window's, not its tokens
+    quantities = {s.name: s.fused_row for s in reducer.head_stats}
+    if None in quantities.values() or len(set(quantities.values())) != len(quantities):
+        return None  # a statistic the kernel does not compute
+    if "distance" in quantities.values() and (g.dist.dim() != 2 or g.dist.stride(-1) != 1):
+        return None
+    rows = {quantities[name]: buffer for name, buffer in reducer.row_buffers(layer, h).items()}  # type: ignore[misc]
+    target = None if head_sum is None else head_sum()
+    out = attention(q, k, v, scale, rows, g.dist, g.num_prefix_tokens, target)
+    if out is not None:
+        reducer.rows_filled(layer)
+    return out
