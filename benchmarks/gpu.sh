@@ -3,8 +3,8 @@
 # head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
 # others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
 #
-#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-eager memory fp16 bf16 profile batch batch-bf16
-#                                               eval-rate eval-bundled eval-vitb class-maps ablation families)
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch
+#                                               batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -12,7 +12,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests fp32 fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -65,6 +65,11 @@ step fp32 150 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 --la
 step fp32-eager 60 env VIZAPP_CUDA_GRAPHS=0 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 \
     --large-repeats 5 --no-memory --no-profile --models vit_base_patch16_224 vit_large_patch16_384 \
     --out "$OUT/benchmarks-cuda-eager.md"
+# the three largest default models with the attention formed instead of the fused kernels (vizapp.fused_attention),
+# in the same run: what the kernels change of analyze / bare (the fp32 step's table says whether they ran)
+step fp32-formed 120 env VIZAPP_FUSED_ATTENTION=0 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 7 \
+    --large-repeats 5 --no-memory --no-profile --models vit_base_patch16_224 vit_large_patch16_384 \
+    vit_large_patch14_reg4_dinov2@img_size=518 --out "$OUT/benchmarks-cuda-formed.md"
 step memory 120 $PY -m benchmarks.bench --device cuda --threads 4 --repeats 3 --large-repeats 3 --mem-repeats 1 \
     --no-profile --models vit_large_patch16_384 --out "$OUT/benchmarks-cuda-memory.md"
 step fp16 60 $PY -m benchmarks.bench --device cuda --dtype float16 --threads 4 --repeats 7 --large-repeats 5 $MEM \

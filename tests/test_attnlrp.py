@@ -337,7 +337,10 @@ def test_relevance_is_conserved_on_every_family(fid, tmp_path):
         assert unsupported(model) == ""
         gap, scale = _conservation_gap(model, logits_fn, x, 1)
         print(f"attnlrp {fid}: conservation gap {gap:.2e} of |y| = {scale:.2e}")
-        assert gap < 1e-6 * max(scale, 1e-3)
+        # The capture forms the attention and A·v in fp32 whatever the model's dtype (vizapp.attention), so the sum
+        # is exact only to fp32 rounding there, which depends on the CPU's matrix kernels: torchvision's model gave
+        # 3.0e-7 of |y| = 0.149 on one Xeon, under 1.5e-7 where CI ran before; a rule left out misses by orders of |y|.
+        assert gap < 1e-5 * max(scale, 1e-3)
         # without the rules the same sum misses the score: the check can fail
         xg = x.clone().requires_grad_(True)
         srcs = [p for n, p in model.named_parameters() if n.endswith(_SOURCES)]

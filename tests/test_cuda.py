@@ -424,3 +424,72 @@ def test_the_evaluation_on_cuda_gives_the_cpus_predictions_and_every_row():
     assert [r["status"] for r in rows["cuda"]] == ["ok"] * 2, [r.get("message") for r in rows["cuda"]]
     assert [r["predicted"] for r in rows["cuda"]] == [r["predicted"] for r in rows["cpu"]]
     assert set(rows["cuda"][0]) == set(rows["cpu"][0])
+
+
+def count_fused(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of q each call of the fused kernels had (vizapp.fused_attention)."""
+    from vizapp import fused_attention
+
+    calls: list[tuple[int, ...]] = []
+    kernel = fused_attention.attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(fused_attention, "attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
+def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name, kwargs, monkeypatch):
+    """The default route on a GPU (Triton's compiled kernels, vizapp.fused_attention) against the attention formed on
+    the same GPU: a batch (eager) and one image (recorded as a CUDA graph with the kernels in it). BEiT's relative
+    bias keeps its layers formed."""
+    from vizapp import fused_attention
+
+    torch.manual_seed(0)
+    gpu = vizapp.load_model(name, pretrained=False, device="cuda", **kwargs)
+    images = [random_image(1), random_image(2)]
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "0")
+    formed = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "1")
+    calls = count_fused(monkeypatch)
+    fused = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
+    assert fused_attention.failure() is None
+    assert (len(calls) == 0) if fid == "beit" else (len(calls) >= 2 * gpu.num_layers and calls[0][0] == 2)
+    for a, b in zip(formed, fused, strict=True):
+        np.testing.assert_allclose(b.probs, a.probs, rtol=1e-4, atol=1e-5)
+        for stat, values in a.statistics.items():
+            np.testing.assert_allclose(b.statistics[stat], values, rtol=1e-4, atol=1e-4, err_msg=stat)
+        np.testing.assert_allclose(b.rollout(), a.rollout(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.token_norms(), a.token_norms(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fused_kernels_on_cuda_equal_float64_at_1374_tokens(dtype):
+    """DINOv2-L/14 at 518 px's layout (CLS + 4 registers + 37 x 37 patches of 14 px), 22 tiles of queries and keys."""
+    from vizapp import fused_attention
+    from vizapp.analysis.distance import patch_distance_matrix
+
+    torch.manual_seed(0)
+    b, h, p, d = 2, 4, 5, 64
+    n = p + 37 * 37
+    q, k, v = (torch.randn(b, n, 3, h, d, device="cuda") * 1.5).to(dtype).permute(2, 0, 3, 1, 4)
+    dist = patch_distance_matrix(37, 14).cuda()
+    nan = float("nan")
+    rows = {
+        "entropy": torch.full((b, h, n), nan, device="cuda"),
+        "distance": torch.full((b, h, n - p), nan, device="cuda"),
+    }
+    head_sum = torch.full((b, n, n), nan, device="cuda")
+    out = fused_attention.attention(q, k, v, d**-0.5, rows, dist, p, head_sum)
+    assert out is not None, fused_attention.failure()
+    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * d**-0.5, dim=-1)
+    patches = a[:, :, p:, p:]
+    out_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), a @ v.double(), **out_tol)
+    torch.testing.assert_close(rows["entropy"].double(), -(a * a.log()).sum(-1), rtol=1e-4, atol=1e-4)
+    want = (patches * dist.double()).sum(-1) / patches.sum(-1)
+    torch.testing.assert_close(rows["distance"].double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(head_sum.double(), a.sum(1), rtol=1e-4, atol=1e-6)

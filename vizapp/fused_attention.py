@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 ROW_QUANTITIES = ("entropy", "distance")
 
 BLOCK_M, BLOCK_N = 64, 64  # query and key rows of a tile
+NUM_WARPS = 8  # a 64 x 64 fp32 tile is 16 registers a thread at 8 warps; about six are live in the rows kernel
 
 _lock = threading.Lock()
 _kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
@@ -73,8 +74,10 @@ def interpreted() -> bool:
     """Triton was imported with ``TRITON_INTERPRET=1``: its kernels run on the CPU, through its interpreter."""
     if tl is None:
         return False
-    from triton import knobs
-
+    try:
+        from triton import knobs  # Triton 3.4 and later
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
 
 
@@ -279,7 +282,7 @@ def attention(
             dmat.stride(0) if dist is not None else 0,
             h, n, d, num_prefix_tokens, float(scale),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-            ENTROPY=ent is not None, DISTANCE=dst is not None,
+            ENTROPY=ent is not None, DISTANCE=dst is not None, num_warps=NUM_WARPS,
         )  # fmt: skip
         if head_sum is not None:
             grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, b)
@@ -287,7 +290,7 @@ def attention(
                 q, k, m, l_, head_sum,
                 *q.stride(), *k.stride(), head_sum.stride(0), head_sum.stride(1),
                 h, n, d, float(scale),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=NUM_WARPS,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

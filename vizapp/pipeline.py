@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp import cudagraph, gradient_pass, limits
+from vizapp import cudagraph, fused_attention, gradient_pass, limits
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError
 from vizapp.models import VizModel
@@ -405,7 +405,8 @@ def analyze_inputs(
         setup = replace(setup, gradients=False)
     graphed = None
     if _graphable(vm, setup, b):
-        key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline)
+        # the kernels' route is recorded too: a graph of the formed attention must not answer for the fused one
+        key = cudagraph.graph_key(vm.model, vm.weights_key(), x_dev, inline, fused_attention.usable(vm.device))
 
         def plain_pass(xs: torch.Tensor) -> list[_PassResult]:
             with torch.no_grad():  # nothing of autograd's is recorded or kept in the graph's memory

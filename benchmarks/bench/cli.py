@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench.machine import machine_info, photo
+from benchmarks.bench.machine import fused_route, machine_info, photo
 from benchmarks.bench.markdown import (
     DEFAULT_OUT,
     TABLE_COLUMNS,
@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     with contextlib.suppress(OSError):
         info["load average at end (1/5/15 min)"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    info.update(fused_route(args.device, after=True))  # a kernel that failed during the run says so in the table
     print()
     print("\n".join(md_table(TABLE_COLUMNS, table_rows(results))))
     targets = evaluate_targets(results, dataset, args.device)

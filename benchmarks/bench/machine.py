@@ -47,6 +47,24 @@ def _file_digest(path: Path) -> str:
         return "missing"
 
 
+def fused_route(device: str, after: bool = False) -> dict[str, str]:
+    """Whether an analysis on ``device`` takes its statistics from the fused kernels (:mod:`vizapp.fused_attention`),
+    at the start or (``after``) at the end of a run, when a kernel that failed during it is reported with its error."""
+    from vizapp import fused_attention
+
+    try:
+        import triton
+
+        version = f"Triton {triton.__version__}"
+    except ImportError:
+        version = "no Triton"
+    failed = fused_attention.failure()
+    used = fused_attention.usable(torch.device(device))
+    route = f"failed, formed instead: {failed[:200]}" if failed else "on" if used else "off"
+    key = "fused attention kernels" + (" at end" if after else "")
+    return {key: f"{route} ({version}, VIZAPP_FUSED_ATTENTION={fused_attention.mode()})"}
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """Machine, library versions, load and the hashes of the source files measured."""
     import plotly
@@ -73,7 +91,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "timm": timm.__version__,
         "plotly": plotly.__version__,
         "numpy": np.__version__,
-    }
+    } | fused_route(device)
     info["sources measured (sha256/12)"] = ", ".join(
         f"{f.split('/')[-1]} {_file_digest(ROOT / f)}" for f in SOURCES_MEASURED
     )
