@@ -228,3 +228,13 @@ def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fuse
     assert "forming the attention from now on" in caplog.text
     assert not fused_attention.usable(torch.device("cpu"))
     assert_same_analysis(formed[0], through[0])
+
+
+def test_a_layer_beyond_32_bit_offsets_is_left_to_the_formed_route(fused):
+    """The kernels index with 32-bit offsets: a [B, H, N, d] view whose last element lies 2^31 floats past its first
+    (on the meta device: a stride without the memory) is declined before any launch, not computed wrongly."""
+    q = torch.empty_strided((2, 1, 8, 16), (2**31, 16, 16, 1), device="meta")
+    small = torch.zeros(2, 1, 8, 16)
+    assert fused_attention.attention(q, small, small, 1.0, {}) is None
+    assert fused_attention.failure() is None  # declined, not failed
+    assert fused_attention.attention(small, small, small, 1.0, {}) is not None

@@ -230,6 +230,11 @@ def _turn_off(error: BaseException) -> None:
     log.warning("vizapp's fused attention kernels failed (%s); forming the attention from now on", _failure)
 
 
+def _offsets_fit(*tensors: torch.Tensor | None) -> bool:
+    """Every element of each tensor lies within a 32-bit offset of its first (the kernels' index arithmetic)."""
+    return all(t is None or sum((n - 1) * st for n, st in zip(t.shape, t.stride())) < 2**31 for t in tensors)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -251,14 +256,16 @@ def attention(
         head_sum: [B, N, N] float32 with a unit last stride, optional: receives Σ_h of the heads' attention.
 
     Returns:
-        the output [B, H, N, d] in v's dtype, or None when the kernels could not run (see :func:`failure`): the caller
-        then forms the attention itself.
+        the output [B, H, N, d] in v's dtype, or None when the kernels could not run (see :func:`failure`) or the
+        tensors are too large for their 32-bit offsets: the caller then forms the attention itself.
     """
     unknown = set(rows) - set(ROW_QUANTITIES)
     if unknown:
         raise ValueError(f"the fused kernel computes {ROW_QUANTITIES}, not {sorted(unknown)}")
     b, h, n, d = q.shape
     dev = q.device
+    if not _offsets_fit(q, k, v, head_sum, *rows.values()) or b * h * n >= 2**31 or b * n * n >= 2**31:
+        return None  # the kernels' offsets are 32-bit: so large a batch is formed instead
     ent, dst = rows.get("entropy"), rows.get("distance")
     if dst is not None and (dist is None or dist.stride(-1) != 1):
         raise ValueError("the mean distance needs the patch distances [P, P], contiguous rows")
