@@ -6,6 +6,7 @@ code, checked against the formed attention, a hand-computed case, and every anal
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -238,3 +239,30 @@ def test_a_layer_beyond_32_bit_offsets_is_left_to_the_formed_route(fused):
     assert fused_attention.attention(q, small, small, 1.0, {}) is None
     assert fused_attention.failure() is None  # declined, not failed
     assert fused_attention.attention(small, small, small, 1.0, {}) is not None
+
+
+def test_on_the_simulated_gpu_the_kernels_route_keeps_to_the_device_and_equals_the_cpu(fused, monkeypatch):
+    """The route's own tensors (the output, the rows' maxima and normalisers, the fusions' block) are made on the
+    model's device: on the simulated GPU (tests/devicesim.py) a host tensor meeting a device one raises, as CUDA
+    would, and the kernels are handed device tensors."""
+    from tests.devicesim import OnDevice, simulated_gpu
+
+    vm = small_model("vit_small_patch14_reg4_dinov2", img_size=56, depth=2)
+    images = [random_image(11), random_image(12)]
+    on_cpu = analyses(vm, images, monkeypatch, "0")
+    calls: list[str] = []
+    kernel = fused_attention.attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(type(q).__name__)
+        out = kernel(q, *args, **kwargs)
+        calls.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(fused_attention, "attention", counted)
+    with simulated_gpu(vm), mock.patch.dict("os.environ", {"VIZAPP_FUSED_ATTENTION": "interpret"}):
+        on_device = vizapp.analyze(vm, images)
+        assert all(isinstance(t, OnDevice) for r in on_device for t in (*r.q, *r.k))
+    assert calls == ["OnDevice"] * 2 * vm.num_layers
+    for a, b in zip(on_cpu, on_device, strict=True):
+        assert_same_analysis(a, b)
