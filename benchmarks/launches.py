@@ -87,6 +87,9 @@ NO_KERNEL = {
 _replaying = [0]
 """Depth of :meth:`StandInGraph.run` calls: their kernels are a graph's."""
 
+_counting: list[Counter] = []
+"""The counters entered, innermost last (:func:`stand_in_kernels` adds to the innermost)."""
+
 
 class StandInGraph:
     """Stands in for :class:`vizapp.cudagraph.GraphedPass` on the simulated GPU (or the CPU): recording does nothing; a
@@ -117,6 +120,64 @@ class StandInGraph:
                 _replaying[0] -= 1
             devicesim.waited("a replayed graph's synchronisation")
         yield out, staged
+
+
+def stand_in_kernels(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rows: dict[str, torch.Tensor],
+    dist: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    head_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stands in for :func:`vizapp.fused_attention.attention` on the simulated GPU (Triton's interpreter would take
+    minutes a layer at 1,374 tokens): the same results, computed by torch with the counter suspended, counted as the
+    two kernels they are on a GPU. Each kernel's bytes are its inputs and outputs once each, as for an operator (the
+    rows kernel: q, k, v, the output, each row's maximum and normaliser, the statistics' rows and the distances it
+    reads; the head-sum kernel: q, k, the maxima and normalisers, the sum); its FLOPs those of its matrix products
+    (q kᵀ and A·v; q kᵀ again), by torch's FLOP counter's rule of 2 per multiply-add."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    p = num_prefix_tokens
+    with torch.no_grad(), _disable_current_modes():
+        a = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # [B, H, N, N]
+        out = (a @ v.float()).to(v.dtype)
+        if "entropy" in rows:
+            rows["entropy"].copy_(torch.special.entr(a).sum(-1))
+        if "distance" in rows:
+            patches = a[:, :, p:, p:]
+            tiny = torch.finfo(torch.float32).tiny
+            rows["distance"].copy_((patches * dist).sum(-1) / patches.sum(-1).clamp_min(tiny))
+        if head_sum is not None:
+            head_sum.copy_(a.sum(1))
+    b, h, n, d = q.shape
+
+    def size(*ts: torch.Tensor | None) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    maxima = 2 * b * h * n * 4  # each row's maximum and normaliser, float32
+    product = 2 * b * h * n * n * d  # one [N, d] x [d, N] (or [N, N] x [N, d]) per image and head
+    if _counting:
+        where = "fused_attention.py"
+        read = dist if "distance" in rows else None
+        _counting[-1].kernel(size(q, k, v, out, read, *rows.values()) + maxima, 2 * product, where)
+        if head_sum is not None:
+            _counting[-1].kernel(size(q, k, head_sum) + maxima, product, where)
+    return out
+
+
+@contextlib.contextmanager
+def fused_kernels() -> Iterator[None]:
+    """vizapp's fused attention kernels on (:mod:`vizapp.fused_attention`), stood in for (:func:`stand_in_kernels`)."""
+    from vizapp import fused_attention
+
+    with (
+        mock.patch.object(fused_attention, "usable", lambda device: True),
+        mock.patch.object(fused_attention, "attention", stand_in_kernels),
+    ):
+        yield
 
 
 def _vizapp_file(frame: traceback.FrameSummary) -> str | None:
@@ -150,6 +211,16 @@ class _DeviceCalls(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             self.on_device = outer
+
+
+def _flop_rule(packet: Any, name: str) -> Callable[..., int] | None:
+    """torch's FLOP counter's rule for an operator, an in-place one's (``baddbmm_``: the attention's scores) being its
+    functional form's, whose arguments it takes (the registry has only the functional forms)."""
+    rule = flop_registry.get(packet)
+    if rule is None and name.endswith("_"):
+        functional = getattr(torch.ops.aten, name.rsplit(".", 1)[-1][:-1], None)
+        rule = flop_registry.get(functional) if functional is not None else None
+    return rule
 
 
 class Counter(TorchDispatchMode):
@@ -205,7 +276,7 @@ class Counter(TorchDispatchMode):
         else:
             self.kernels += 1
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-            rule = flop_registry.get(func.overloadpacket)
+            rule = _flop_rule(func.overloadpacket, name)
             if rule is not None:
                 n = int(rule(*args, **(kwargs or {}), out_val=out))
                 self.flops += n
@@ -218,12 +289,26 @@ class Counter(TorchDispatchMode):
                 self.outside[where] += 1
         return out
 
+    def kernel(self, nbytes: int, flops: int, where: str) -> None:
+        """One kernel launched outside ATen (vizapp's Triton kernels, see :func:`stand_in_kernels`), reading and
+        writing ``nbytes`` and computing ``flops``: the device's, as an operator's would be."""
+        self.kernels += 1
+        self.bytes += nbytes
+        self.flops += flops
+        self.by_source[where] += 1
+        if _replaying[0] > 0:
+            self.in_graphs += 1
+        else:
+            self.outside[where] += 1
+
     def __enter__(self) -> Counter:
         self._recording.__enter__()
         self._calls.__enter__()
+        _counting.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        _counting.remove(self)
         try:
             super().__exit__(*exc)
         finally:
@@ -274,11 +359,21 @@ def calls(vm: Any, batch: int, evaluator: Any = None) -> dict[str, Callable[[], 
         f"batch analyze, {batch} images": lambda: vizapp.analyze(vm, images),
         f"batch class maps, {batch} images": lambda: vizapp.explain(vm, images, ["relevance", "grad_rollout"], 1),
     }
+    for name in ("analyze", f"batch analyze, {batch} images"):
+        found[f"{name}, fused kernels"] = _with_fused_kernels(found[name])
     if evaluator is not None:
         items = [{"id": f"astronaut/{i}", "source": "astronaut", "target": -1} for i in range(batch)]
         pixels = [np.asarray(i.convert("RGB")) for i in images]
         found[f"evaluation, {batch} images"] = lambda: evaluator.evaluate_batch(items, pixels)
     return found
+
+
+def _with_fused_kernels(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with fused_kernels():
+            return call()
+
+    return run
 
 
 def measure(
@@ -358,7 +453,7 @@ def markdown(results: dict[str, list[tuple[str, Counter]]], argv: list[str]) -> 
         for name, c in rows:
             if name.startswith("bare, "):
                 bare[2] = c.kernels
-            base = bare.get(2, bare[1]) if ", " in name else bare[1]
+            base = bare.get(2, bare[1]) if " images" in name else bare[1]
             outside = c.kernels - c.in_graphs
             top, top_out, top_waits = (
                 ", ".join(f"{k} {v}" for k, v in n.most_common(5)) for n in (c.by_source, c.outside, c.waits)

@@ -311,6 +311,30 @@ def test_the_operator_count_takes_a_model_spec_and_a_subset_of_the_calls(tmp_pat
         launches.main([*args[:3], "anlyze", "--out", str(out)])
 
 
+def test_the_fused_kernels_rows_count_two_kernels_a_layer_in_place_of_the_formed_attentions_passes():
+    """With vizapp's fused kernels (stood in for: benchmarks.launches.stand_in_kernels), an analysis launches two
+    kernels a layer from vizapp/fused_attention.py and none of the formed route's per-chunk work (the chunks'
+    softmax, the distance and entropy passes), inside the analysis's graph; its device bytes drop and its FLOPs grow
+    by one q kᵀ a layer."""
+    from benchmarks import launches
+
+    spec = "vit_tiny_patch16_224@img_size=64,depth=3"
+    got = dict(launches.measure(spec, 2, only=["bare", "analyze", "analyze, fused kernels"]))
+    formed, fused = got["analyze"], got["analyze, fused kernels"]
+    assert fused.by_source["fused_attention.py"] == 2 * 3 and formed.by_source["fused_attention.py"] == 0
+    for where in ("attention.py", "analysis/distance.py"):
+        assert formed.by_source[where] > 0 and fused.by_source[where] == 0, where
+    # headstats.py: the entropy's kernels go; the token norms' summaries (block statistics) stay
+    assert fused.by_source["analysis/headstats.py"] < formed.by_source["analysis/headstats.py"]
+    assert fused.kernels < formed.kernels and fused.bytes < formed.bytes
+    # every layer: the head sum's second q kᵀ, less the distance sums' product [H, P, P] x [P, 2] of the formed route
+    # on a device (the kernel's sums are elementwise); 64 px in 16 px patches and CLS, ViT-Ti's heads 64 wide
+    p, d, heads = 4 * 4, 64, 3
+    n = 1 + p
+    assert fused.flops - formed.flops == 3 * (2 * heads * n * n * d - 2 * heads * p * p * 2)
+    assert fused.kernels - fused.in_graphs == formed.kernels - formed.in_graphs  # the kernels replay in the graph
+
+
 def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
     # vit_tiny, batch 2, vizapp's graphs stood in for: the bare forward's kernels are the model's own; an analysis adds
     # the digest and its device pass, and what a GPU would still launch outside their graphs is a remainder at most
@@ -329,6 +353,8 @@ def test_the_operator_count_of_an_analysis_splits_into_its_parts(tmp_path):
         "bare, 2 images",
         "batch analyze, 2 images",
         "batch class maps, 2 images",
+        "analyze, fused kernels",
+        "batch analyze, 2 images, fused kernels",
         "evaluation, 2 images",
     ]
     # the evaluation: its statistics forward, the maps of every method, and the forwards of its perturbed copies

@@ -266,3 +266,19 @@ def test_on_the_simulated_gpu_the_kernels_route_keeps_to_the_device_and_equals_t
     assert calls == ["OnDevice"] * 2 * vm.num_layers
     for a, b in zip(on_cpu, on_device, strict=True):
         assert_same_analysis(a, b)
+
+
+def test_the_operator_counts_stand_in_gives_the_kernels_results(fused):
+    """benchmarks.launches counts the kernels on the simulated GPU through a torch stand-in (the interpreter would
+    take minutes a layer at 1,374 tokens): it must compute what they compute."""
+    from benchmarks.launches import stand_in_kernels
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 85, 3, 2, 32) * 1.5).permute(2, 0, 3, 1, 4)
+    dist = patch_distance_matrix(9, 16)
+    got = run(q, k, v, 32**-0.5, dist, 4)
+    rows = {"entropy": torch.empty(2, 2, 85), "distance": torch.empty(2, 2, 81)}
+    head_sum = torch.empty(2, 85, 85)
+    out = stand_in_kernels(q, k, v, 32**-0.5, rows, dist, 4, head_sum)
+    for mine, theirs in zip((out, rows["entropy"], rows["distance"], head_sum), got, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -232,7 +232,8 @@ def _turn_off(error: BaseException) -> None:
 
 def _offsets_fit(*tensors: torch.Tensor | None) -> bool:
     """Every element of each tensor lies within a 32-bit offset of its first (the kernels' index arithmetic)."""
-    return all(t is None or sum((n - 1) * st for n, st in zip(t.shape, t.stride())) < 2**31 for t in tensors)
+    spans = [sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) for t in tensors if t is not None]
+    return all(span < 2**31 for span in spans)
 
 
 def attention(
