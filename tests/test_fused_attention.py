@@ -282,3 +282,15 @@ def test_the_operator_counts_stand_in_gives_the_kernels_results(fused):
     out = stand_in_kernels(q, k, v, 32**-0.5, rows, dist, 4, head_sum)
     for mine, theirs in zip((out, rows["entropy"], rows["distance"], head_sum), got, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_gpu_a_device_that_says_cuda_does_not_take_the_compiled_kernels(monkeypatch):
+    """The simulated GPU's tensors say cuda:0: with the default setting they are formed, not handed to a Triton
+    compiler that finds no driver (turning the kernels off for the process)."""
+    monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fused_attention, "interpreted", lambda: False)
+    assert not fused_attention.usable(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fused_attention.usable(torch.device("cuda", 0))
+    assert not fused_attention.usable(torch.device("cpu"))

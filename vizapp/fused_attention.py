@@ -23,8 +23,9 @@ anything else, and for any statistic whose row value is not one of :data:`ROW_QU
 
 ``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
 ``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
-``TRITON_INTERPRET=1``). A kernel that fails to compile or launch
-is reported once (:func:`failure`) and the process forms the attention from then on.
+``TRITON_INTERPRET=1``). A kernel that fails to compile or launch is reported once (:func:`failure`), and the process
+forms the attention from then on. Triton compiles each kernel at its first launch for a new shape (an eager run, before
+any CUDA graph records it) and keeps it in its on-disk cache.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 try:
     import triton.language as tl
-except ImportError:  # the kernels are then never used (usable() is False)
+except Exception:  # noqa: BLE001  (not installed, or broken: the kernels are then never used, usable() is False)
     tl = None
 
 if TYPE_CHECKING:
@@ -89,7 +90,9 @@ def usable(device: torch.device) -> bool:
     if setting == "0" or _failure is not None or tl is None:
         return False
     on_cpu = interpreted()
-    return (device.type == "cuda" and not on_cpu) or (setting == "interpret" and on_cpu)
+    if setting == "interpret":
+        return on_cpu
+    return device.type == "cuda" and not on_cpu and torch.cuda.is_available()  # not a simulated one (tests/devicesim)
 
 
 def _rows_kernel(
