@@ -131,18 +131,20 @@ def stand_in_kernels(
     dist: torch.Tensor | None = None,
     num_prefix_tokens: int = 0,
     head_sum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stands in for :func:`vizapp.fused_attention.attention` on the simulated GPU (Triton's interpreter would take
     minutes a layer at 1,374 tokens): the same results, computed by torch with the counter suspended, counted as the
     two kernels they are on a GPU. Each kernel's bytes are its inputs and outputs once each, as for an operator (the
-    rows kernel: q, k, v, the output, each row's maximum and normaliser, the statistics' rows and the distances it
-    reads; the head-sum kernel: q, k, the maxima and normalisers, the sum); its FLOPs those of its matrix products
+    rows kernel: q, k, v, the bias if any, the output, each row's maximum and normaliser, the statistics' rows and the
+    distances it reads; the head-sum kernel: q, k, the bias, the maxima and normalisers, the sum); its FLOPs those of its matrix products
     (q kᵀ and A·v; q kᵀ again), by torch's FLOP counter's rule of 2 per multiply-add."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     p = num_prefix_tokens
     with torch.no_grad(), _disable_current_modes():
-        a = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # [B, H, N, N]
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        a = torch.softmax(scores if bias is None else scores + bias.float(), dim=-1)  # [B, H, N, N]
         out = (a @ v.float()).to(v.dtype)
         if "entropy" in rows:
             rows["entropy"].copy_(torch.special.entr(a).sum(-1))
@@ -162,9 +164,9 @@ def stand_in_kernels(
     if _counting:
         where = "fused_attention.py"
         read = dist if "distance" in rows else None
-        _counting[-1].kernel(size(q, k, v, out, read, *rows.values()) + maxima, 2 * product, where)
+        _counting[-1].kernel(size(q, k, v, bias, out, read, *rows.values()) + maxima, 2 * product, where)
         if head_sum is not None:
-            _counting[-1].kernel(size(q, k, head_sum) + maxima, product, where)
+            _counting[-1].kernel(size(q, k, bias, head_sum) + maxima, product, where)
     return out
 
 

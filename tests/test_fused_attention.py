@@ -33,21 +33,22 @@ def fused(monkeypatch):
     return fused_attention
 
 
-def reference(q, k, v, scale, dist, p):
+def reference(q, k, v, scale, dist, p, bias=None):
     """What the formed route computes, in float64: the output, entropy and mean-distance rows, and the heads' sum."""
-    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)  # [B, H, N, N]
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    a = torch.softmax(s if bias is None else s + bias.double(), dim=-1)  # [B, H, N, N]
     out = a @ v.double()
-    entropy = -(a * torch.log(a)).sum(-1)
+    entropy = torch.special.entr(a).sum(-1)
     patches = a[:, :, p:, p:]
     distance = (patches * dist.double()).sum(-1) / patches.sum(-1)
     return out, entropy, distance, a.sum(1)
 
 
-def run(q, k, v, scale, dist, p, head_sum=True):
+def run(q, k, v, scale, dist, p, head_sum=True, bias=None):
     b, h, n, _ = q.shape
     rows = {"entropy": torch.full((b, h, n), math.nan), "distance": torch.full((b, h, n - p), math.nan)}
     hs = torch.full((b, n, n), math.nan) if head_sum else None
-    out = fused_attention.attention(q, k, v, scale, rows, dist, p, hs)
+    out = fused_attention.attention(q, k, v, scale, rows, dist, p, hs, bias)
     return out, rows["entropy"], rows["distance"], hs
 
 
@@ -74,6 +75,25 @@ def test_the_kernels_equal_the_formed_attention(fused, b, h, grid, p, d):
     torch.testing.assert_close(ent.double(), want[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dst.double(), want[2], rtol=1e-5, atol=1e-4)  # distances of up to 180 px
     torch.testing.assert_close(hs.double(), want[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 1), (1, 1)], ids=["per head", "per image", "shared"])
+def test_a_bias_and_a_mask_go_into_the_scores(fused, shape):
+    """An additive bias broadcast over images or heads (BEiT's relative position is [1, H, N, N]), with -inf where a
+    key is masked: for some rows every key of the first tile (64) and more, so the running maximum starts at -inf."""
+    torch.manual_seed(4)
+    b, h, p, d, grid = 2, 3, 1, 16, (10, 10)
+    n = p + grid[0] * grid[1]
+    q, k, v = (torch.randn(b, n, 3, h, d) * 1.5).permute(2, 0, 3, 1, 4)
+    bias = torch.randn(*shape, n, n)
+    bias[..., :5, :70] = -math.inf  # the first five queries see keys 70.. only
+    bias[..., 90:, 3:40] = -math.inf
+    dist = patch_distance_matrix(grid, 16)
+    got = run(q, k, v, d**-0.5, dist, p, bias=bias)
+    want = reference(q, k, v, d**-0.5, dist, p, bias.expand(b, h, n, n))
+    assert fused.failure() is None
+    for mine, theirs, name in zip(got, want, ("output", "entropy", "distance", "head sum"), strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-4, msg=name)
 
 
 def test_uniform_attention_by_hand(fused):
@@ -202,16 +222,17 @@ def test_a_statistic_without_a_kernel_form_has_the_attention_formed(fused, monke
     assert np.all(np.isfinite(through.statistics["max_weight_fused_test"]))
 
 
-def test_a_biased_layer_has_its_attention_formed(fused, monkeypatch):
-    """BEiT's relative-position bias goes to SDPA as ``attn_mask``: the kernels take no bias, so the layer is formed
-    as before (and the analysis equals the formed one)."""
-    vm = small_model("beit_base_patch16_224", img_size=32, depth=2, embed_dim=48, num_heads=2)
-    images = [random_image(9)]
+def test_a_relative_position_bias_goes_through_the_kernels(fused, monkeypatch):
+    """BEiT hands SDPA its relative-position bias as ``attn_mask`` [1, H, N, N]: the kernels add it to the scores, and
+    the analysis equals the formed one."""
+    vm = small_model("beit_base_patch16_224", img_size=64, depth=2, embed_dim=48, num_heads=2)
+    images = [random_image(9), random_image(10)]
     formed = analyses(vm, images, monkeypatch, "0")
     calls = count_calls(monkeypatch)
     through = analyses(vm, images, monkeypatch, "interpret")
-    assert calls == []
-    assert_same_analysis(formed[0], through[0])
+    assert len(calls) == 2
+    for a, b in zip(formed, through, strict=True):
+        assert_same_analysis(a, b)
 
 
 def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fused, monkeypatch, caplog):
@@ -280,6 +301,11 @@ def test_the_operator_counts_stand_in_gives_the_kernels_results(fused):
     rows = {"entropy": torch.empty(2, 2, 85), "distance": torch.empty(2, 2, 81)}
     head_sum = torch.empty(2, 85, 85)
     out = stand_in_kernels(q, k, v, 32**-0.5, rows, dist, 4, head_sum)
+    for mine, theirs in zip((out, rows["entropy"], rows["distance"], head_sum), got, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    bias = torch.randn(1, 2, 85, 85)
+    got = run(q, k, v, 32**-0.5, dist, 4, bias=bias)
+    out = stand_in_kernels(q, k, v, 32**-0.5, rows, dist, 4, head_sum, bias)
     for mine, theirs in zip((out, rows["entropy"], rows["distance"], head_sum), got, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 

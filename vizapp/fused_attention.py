@@ -18,8 +18,8 @@ row the moments the registered statistics are made of:
   the heads' attention that the rollout's mean fusion is made of, written once ([B, N, N], 1/H of the heads' bytes).
 
 Everything is fp32 (``input_precision="ieee"``: no TF32), so the results equal the formed attention's to rounding.
-Only plain self-attention is taken (no additive bias or mask); a caller falls back to forming the attention for
-anything else, and for any statistic whose row value is not one of :data:`ROW_QUANTITIES`.
+Self-attention with or without an additive bias or mask (BEiT's relative position, a -inf mask) is taken; a caller
+forms the attention for anything else, and for any statistic whose row value is not one of :data:`ROW_QUANTITIES`.
 
 ``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
 ``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
@@ -96,17 +96,18 @@ def usable(device: torch.device) -> bool:
 
 
 def _rows_kernel(
-    Q, K, V, OUT, M, L, ENT, DIST, D,  # noqa: N803  (Triton's pointer arguments)
+    Q, K, V, BIAS, OUT, M, L, ENT, DIST, D,  # noqa: N803  (Triton's pointer arguments)
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
+    s_bb, s_bh, s_bn, s_bm,
     s_ob, s_oh, s_on, s_od,
     s_eb, s_eh, s_en,
     s_db, s_dh, s_dn,
     s_dm,
     H, N, HEAD_DIM, PREFIX, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
-    ENTROPY: tl.constexpr, DISTANCE: tl.constexpr,  # noqa: N803
+    ENTROPY: tl.constexpr, DISTANCE: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: N803
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -137,13 +138,20 @@ def _rows_kernel(
             other=0.0,
         ).to(tl.float32)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision="ieee") * scale
+        if HAS_BIAS:  # the additive bias or mask the layer passed (-inf where a key is masked)
+            s += tl.load(
+                BIAS + b * s_bb + h * s_bh + rows[:, None] * s_bn + cols[None, :] * s_bm,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a key
-        alpha = tl.exp(m_i - m_new)  # 0 on the first tile
-        p = tl.exp(s - m_new[:, None])  # 0 off the keys
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # -inf only while every key so far is masked
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)  # 0 until a key is met
+        p = tl.exp(s - m_use[:, None])  # 0 off the keys and where masked
         if ENTROPY:
-            grown = l_i * tl.where(l_i > 0, m_new - m_i, 0.0)  # no inf·0 on the first tile
-            gap = p * tl.where(col_ok[None, :], m_new[:, None] - s, 0.0)
+            grown = l_i * tl.where(l_i > 0, m_use - m_i, 0.0)  # no inf·0 until a key is met
+            gap = p * tl.where(p > 0, m_use[:, None] - s, 0.0)  # a masked key's s is -inf: no 0·inf
             t_i = alpha * (t_i + grown) + tl.sum(gap, 1)
         if DISTANCE:
             patch_col = col_ok & (cols >= PREFIX)
@@ -180,12 +188,13 @@ def _rows_kernel(
 
 
 def _head_sum_kernel(
-    Q, K, M, L, F,  # noqa: N803
+    Q, K, BIAS, M, L, F,  # noqa: N803
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
+    s_bb, s_bh, s_bn, s_bm,
     s_fb, s_fn,
     H, N, HEAD_DIM, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,  # noqa: N803
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -209,6 +218,12 @@ def _head_sum_kernel(
             other=0.0,
         ).to(tl.float32)
         s = tl.dot(q, kt, input_precision="ieee") * scale
+        if HAS_BIAS:
+            s += tl.load(
+                BIAS + b * s_bb + h * s_bh + rows[:, None] * s_bn + cols[None, :] * s_bm,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
         stat = (b * H + h) * N + rows
         m = tl.load(M + stat, mask=row_ok, other=0.0)
         l_h = tl.load(L + stat, mask=row_ok, other=1.0)
@@ -248,9 +263,10 @@ def attention(
     dist: torch.Tensor | None = None,
     num_prefix_tokens: int = 0,
     head_sum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """softmax(q kᵀ·scale)·v for q, k, v [B, H, N, d], and the statistics' rows of every query, without forming the
-    attention.
+    """softmax(q kᵀ·scale + bias)·v for q, k, v [B, H, N, d], and the statistics' rows of every query, without forming
+    the attention.
 
     Args:
         rows: quantity (of :data:`ROW_QUANTITIES`) -> where its rows go: "entropy" [B, H, N], "distance" [B, H, P]
@@ -258,6 +274,8 @@ def attention(
         dist: [P, P] patch distances (contiguous rows), needed for "distance".
         num_prefix_tokens: tokens before the patches, first among queries and keys.
         head_sum: [B, N, N] float32 with a unit last stride, optional: receives Σ_h of the heads' attention.
+        bias: additive, [B or 1, H or 1, N, N] (a relative-position bias, or a mask with -inf), optional. A row whose
+            every key is masked is NaN, as the formed softmax's.
 
     Returns:
         the output [B, H, N, d] in v's dtype, or None when the kernels could not run (see :func:`failure`) or the
@@ -268,7 +286,11 @@ def attention(
         raise ValueError(f"the fused kernel computes {ROW_QUANTITIES}, not {sorted(unknown)}")
     b, h, n, d = q.shape
     dev = q.device
-    if not _offsets_fit(q, k, v, head_sum, *rows.values()) or b * h * n >= 2**31 or b * n * n >= 2**31:
+    if bias is not None:
+        if bias.dim() != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, h) or bias.shape[2:] != (n, n):
+            raise ValueError(f"a bias for [{b}, {h}, {n}, {n}] attention, got {tuple(bias.shape)}")
+        bias = bias.expand(b, h, n, n)  # a broadcast dimension's stride is 0
+    if not _offsets_fit(q, k, v, head_sum, bias, *rows.values()) or b * h * n >= 2**31 or b * n * n >= 2**31:
         return None  # the kernels' offsets are 32-bit: so large a batch is formed instead
     ent, dst = rows.get("entropy"), rows.get("distance")
     if dst is not None and (dist is None or dist.stride(-1) != 1):
@@ -281,27 +303,28 @@ def attention(
     dummy = m  # an unused pointer argument (its flag is off)
     e_t, d_t = (ent if ent is not None else dummy), (dst if dst is not None else dummy)
     dmat = dist if dist is not None else dummy
+    b_t, b_strides = (bias, bias.stride()) if bias is not None else (dummy, (0, 0, 0, 0))
     block_d = max(16, 1 << (d - 1).bit_length())
     try:
         rows_kernel, sum_kernel = _compiled()
         grid = ((n + BLOCK_M - 1) // BLOCK_M, b * h)
         rows_kernel[grid](
-            q, k, v, out, m, l_, e_t, d_t, dmat,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, b_t, out, m, l_, e_t, d_t, dmat,
+            *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
             *(e_t.stride() if ent is not None else (0, 0, 0)),
             *(d_t.stride() if dst is not None else (0, 0, 0)),
             dmat.stride(0) if dist is not None else 0,
             h, n, d, num_prefix_tokens, float(scale),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-            ENTROPY=ent is not None, DISTANCE=dst is not None, num_warps=NUM_WARPS,
+            ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
         )  # fmt: skip
         if head_sum is not None:
             grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, b)
             sum_kernel[grid](
-                q, k, m, l_, head_sum,
-                *q.stride(), *k.stride(), head_sum.stride(0), head_sum.stride(1),
+                q, k, b_t, m, l_, head_sum,
+                *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
                 h, n, d, float(scale),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=NUM_WARPS,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -324,10 +347,14 @@ def reduce_layer(
 ) -> torch.Tensor | None:
     """One layer's output from :func:`attention`, its rows written into ``reducer``'s buffers
     (and, with ``head_sum``, a function giving the [B, N, N] tensor for the heads' sum, that sum): None where the
-    kernel does not serve (the device, a bias, a statistic without a kernel form, the shapes) or failed; nothing
+    kernel does not serve (the device, a statistic without a kernel form, the shapes) or failed; nothing
     of the layer has then been counted."""
     b, h, n, _ = q.shape
-    if bias is not None or k.shape != q.shape or v.shape[:3] != q.shape[:3] or b != reducer.batch:
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or b != reducer.batch:
+        return None
+    if bias is not None and (bias.dim() != 4 or bias.shape[2:] != (n, n) or bias.shape[0] not in (1, b)):
+        return None
+    if bias is not None and bias.shape[1] not in (1, h):
         return None
     if not usable(q.device):
         return None
@@ -341,7 +368,7 @@ def reduce_layer(
         return None
     rows = {quantities[name]: buffer for name, buffer in reducer.row_buffers(layer, h).items()}  # type: ignore[misc]
     target = None if head_sum is None else head_sum()
-    out = attention(q, k, v, scale, rows, g.dist, g.num_prefix_tokens, target)
+    out = attention(q, k, v, scale, rows, g.dist, g.num_prefix_tokens, target, bias)
     if out is not None:
         reducer.rows_filled(layer)
     return out

@@ -109,7 +109,7 @@ class HeadStatistic(Statistic):
 
     patch_queries: ClassVar[bool] = False
     #: the fused kernel's row quantity equal to :meth:`rows` (:data:`vizapp.fused_attention.ROW_QUANTITIES`), or None:
-    #: the attention is then formed for every layer (as it is for a bias, or a head fusion but the mean)
+    #: the attention is then formed for every layer (as it is for a head fusion but the mean)
     fused_row: ClassVar[str | None] = None
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:

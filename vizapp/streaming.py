@@ -147,7 +147,7 @@ class LayerStatistics:
         bias: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """The layer's output with its statistics and the heads' sum taken by vizapp's fused kernels, without the
-        attention formed (:func:`vizapp.fused_attention.reduce_layer`: on a GPU, for plain self-attention); None to
+        attention formed (:func:`vizapp.fused_attention.reduce_layer`: on a GPU, with or without a bias); None to
         have it formed and handed over in chunks. Only the mean fusion has a kernel; max and min need the chunks."""
         if not self.valid or self._acc or self._accumulated != ("mean",) or q.shape[-2] != self.n:
             return None
