@@ -320,3 +320,27 @@ def test_without_a_gpu_a_device_that_says_cuda_does_not_take_the_compiled_kernel
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert fused_attention.usable(torch.device("cuda", 0))
     assert not fused_attention.usable(torch.device("cpu"))
+
+
+FAMILY_IDS = ["eva02_tiny", "relpos", "hf_vit", "hf_beit", "hf_dinov2_reg", "tv_vit_b_16"]
+
+
+@pytest.mark.parametrize("fid", FAMILY_IDS)
+def test_every_library_s_attention_goes_through_the_kernels(fused, monkeypatch, tmp_path, fid):
+    """RoPE (EVA-02: q and k rotated before SDPA), timm's relative position (relpos), transformers' sdpa attention
+    (ViT, BEiT's bias per layer, DINOv2 with registers) and torchvision's MultiheadAttention, evaluated by the
+    capture: every layer through the kernels, the analysis equal to the formed one."""
+    import test_families as fam
+
+    folders = {
+        hid: str(fam.save_hf(tmp_path / hid, config, model, extra))
+        for hid, config, model, extra in fam.HF
+        if hid == fid
+    }
+    vm = fam.load(fid, folders)
+    images = [random_image(13)]
+    formed = analyses(vm, images, monkeypatch, "0")
+    calls = count_calls(monkeypatch)
+    through = analyses(vm, images, monkeypatch, "interpret")
+    assert len(calls) == vm.num_layers, calls
+    assert_same_analysis(formed[0], through[0])
