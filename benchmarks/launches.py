@@ -56,7 +56,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 import vizapp
 from benchmarks import tables
@@ -215,9 +215,18 @@ class _DeviceCalls(TorchFunctionMode):
             self.on_device = outer
 
 
+def _cpu_attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """The CPU's fused attention (``_scaled_dot_product_flash_attention_for_cpu``, which the simulated GPU's SDPA
+    dispatches to) counted as torch's rule counts a GPU's: q kᵀ and A·v."""
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
 def _flop_rule(packet: Any, name: str) -> Callable[..., int] | None:
     """torch's FLOP counter's rule for an operator, an in-place one's (``baddbmm_``: the attention's scores) being its
-    functional form's, whose arguments it takes (the registry has only the functional forms)."""
+    functional form's, whose arguments it takes (the registry has only the functional forms); the CPU's fused
+    attention has a GPU's (the registry has only the GPU's kernels)."""
+    if name == "aten._scaled_dot_product_flash_attention_for_cpu":
+        return _cpu_attention_flops
     rule = flop_registry.get(packet)
     if rule is None and name.endswith("_"):
         functional = getattr(torch.ops.aten, name.rsplit(".", 1)[-1][:-1], None)

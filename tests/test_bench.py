@@ -311,6 +311,21 @@ def test_the_operator_count_takes_a_model_spec_and_a_subset_of_the_calls(tmp_pat
         launches.main([*args[:3], "anlyze", "--out", str(out)])
 
 
+def test_a_bare_forwards_flops_by_hand_its_fused_attention_included():
+    """ViT-Ti/16 at 64 px, 2 blocks, by hand: the patch embedding, each block's four linear layers and its attention
+    (q kᵀ and A·v, which the CPU's SDPA computes in a kernel torch's FLOP counter has no rule for: counted with the
+    GPU kernels' rule), and the head; 2 FLOPs a multiply-add."""
+    from benchmarks import launches
+
+    n, d, heads, width, hidden = 17, 64, 3, 192, 768
+    embed = 2 * 16 * (3 * 16 * 16) * width
+    linear = 2 * n * width * (3 * width) + 2 * n * width * width + 2 * (2 * n * width * hidden)
+    attention = 2 * (2 * heads * n * n * d)
+    head = 2 * width * 1000
+    got = dict(launches.measure("vit_tiny_patch16_224@img_size=64,depth=2", 2, only=["bare"]))
+    assert got["bare"].flops == embed + 2 * (linear + attention) + head
+
+
 def test_the_fused_kernels_rows_count_two_kernels_a_layer_in_place_of_the_formed_attentions_passes():
     """With vizapp's fused kernels (stood in for: benchmarks.launches.stand_in_kernels), an analysis launches two
     kernels a layer from vizapp/fused_attention.py and none of the formed route's per-chunk work (the chunks'
