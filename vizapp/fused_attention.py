@@ -38,10 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-try:
-    import triton.language as tl
-except Exception:  # noqa: BLE001  (not installed, or broken: the kernels are then never used, usable() is False)
-    tl = None
+tl = None  # triton.language, imported once the kernels may run (_triton): importing it costs a CPU process 0.5 s
 
 if TYPE_CHECKING:
     from vizapp.statistics import StatisticsReducer
@@ -71,9 +68,21 @@ def failure() -> str | None:
     return _failure
 
 
+def _triton() -> bool:
+    """Import Triton's language for the kernels (their global ``tl``); False where it is not installed or broken."""
+    global tl
+    if tl is None:
+        try:
+            import triton.language as language
+        except Exception:  # noqa: BLE001  (not installed, or broken: the kernels are then never used)
+            return False
+        tl = language
+    return True
+
+
 def interpreted() -> bool:
     """Triton was imported with ``TRITON_INTERPRET=1``: its kernels run on the CPU, through its interpreter."""
-    if tl is None:
+    if not _triton():
         return False
     try:
         from triton import knobs  # Triton 3.4 and later
@@ -87,12 +96,12 @@ def usable(device: torch.device) -> bool:
     ``VIZAPP_FUSED_ATTENTION=interpret`` in a process started with ``TRITON_INTERPRET=1`` (Triton reads it when it is
     first imported: its own helpers are then interpreted too)."""
     setting = mode()
-    if setting == "0" or _failure is not None or tl is None:
+    if setting == "0" or _failure is not None:
         return False
-    on_cpu = interpreted()
     if setting == "interpret":
-        return on_cpu
-    return device.type == "cuda" and not on_cpu and torch.cuda.is_available()  # not a simulated one (tests/devicesim)
+        return interpreted()
+    # a real CUDA device (not the simulated one of tests/devicesim), Triton importable and not interpreting
+    return device.type == "cuda" and torch.cuda.is_available() and _triton() and not interpreted()
 
 
 def _rows_kernel(
@@ -236,6 +245,8 @@ def _compiled() -> tuple:
     global _kernels
     with _lock:
         if _kernels is None:
+            if not _triton():
+                raise ImportError("Triton is not installed (or cannot be imported)")
             import triton
 
             _kernels = (triton.jit(_rows_kernel), triton.jit(_head_sum_kernel))
