@@ -426,26 +426,12 @@ def test_the_evaluation_on_cuda_gives_the_cpus_predictions_and_every_row():
     assert set(rows["cuda"][0]) == set(rows["cpu"][0])
 
 
-def count_fused(monkeypatch) -> list[tuple[int, ...]]:
-    """The shapes of q each call of the fused kernels had (vizapp.fused_attention)."""
-    from vizapp import fused_attention
-
-    calls: list[tuple[int, ...]] = []
-    kernel = fused_attention.attention
-
-    def counted(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return kernel(q, *args, **kwargs)
-
-    monkeypatch.setattr(fused_attention, "attention", counted)
-    return calls
-
-
 @pytest.mark.parametrize("fid,name,kwargs", MODELS, ids=[m[0] for m in MODELS])
 def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name, kwargs, monkeypatch):
     """The default route on a GPU (Triton's compiled kernels, vizapp.fused_attention) against the attention formed on
     the same GPU: a batch (eager) and one image (recorded as a CUDA graph with the kernels in it); BEiT's with its
     relative-position bias added in the kernels."""
+    from tests.test_fused_attention import count_calls
     from vizapp import fused_attention
 
     torch.manual_seed(0)
@@ -454,7 +440,7 @@ def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "0")
     formed = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "1")
-    calls = count_fused(monkeypatch)
+    calls = count_calls(monkeypatch)
     fused = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     assert fused_attention.failure() is None
     assert len(calls) >= 2 * gpu.num_layers and calls[0][0] == 2
