@@ -440,6 +440,8 @@ def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "0")
     formed = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "1")
+    assert fused_attention.self_check(gpu.device) is None  # the small layer against float64, on this GPU
+    assert fused_attention.usable(gpu.device), fused_attention.failure()  # (its first-use check, before the count)
     calls = count_calls(monkeypatch)
     fused = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     assert fused_attention.failure() is None

@@ -30,6 +30,7 @@ def fused(monkeypatch):
     """The kernels on for CPU tensors (through the interpreter), and a fresh process state for each test."""
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
     monkeypatch.setattr(fused_attention, "_failure", None)
+    assert fused_attention.usable(torch.device("cpu"))  # the self-check, once a process, before any test counts calls
     return fused_attention
 
 
@@ -244,11 +245,54 @@ def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fuse
         raise RuntimeError("PTX assembly failed (simulated)")
 
     monkeypatch.setattr(fused_attention, "_compiled", broken)
+    monkeypatch.setattr(fused_attention, "_passed", {})  # the first use's check meets the failure, in any test order
     with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
         through = analyses(vm, images, monkeypatch, "interpret")
     assert "PTX assembly failed" in (fused_attention.failure() or "")
     assert "forming the attention from now on" in caplog.text
     assert not fused_attention.usable(torch.device("cpu"))
+    assert_same_analysis(formed[0], through[0])
+
+
+@pytest.mark.parametrize(
+    "wrong, said",
+    [
+        ("entropy", "the entropy differs"),  # a row statistic 1e-3 off in one row
+        ("head sum", "the head sum differs"),  # the heads' sum 1e-3 off in one element
+        ("nan", "the distance differs"),  # a NaN where a number belongs
+    ],
+)
+def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_forms_the_attention(
+    fused, monkeypatch, caplog, wrong, said
+):
+    """Before its first use on a device the kernels run a small layer there against float64: a compiler or device that
+    gets them wrong (which only a GPU would show) turns them off, and the analysis is the formed one."""
+    assert fused.self_check(torch.device("cpu")) is None
+    kernel = fused_attention.attention
+
+    def miscomputed(q, k, v, scale, rows, dist=None, p=0, head_sum=None, bias=None):
+        out = kernel(q, k, v, scale, rows, dist, p, head_sum, bias)
+        if wrong == "entropy":
+            rows["entropy"][0, 1, 5] += 1e-3
+        elif wrong == "head sum":
+            head_sum[1, 0, 69] += 1e-3
+        else:
+            rows["distance"][1, 2, 0] = math.nan
+        return out
+
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    images = [random_image(13)]
+    formed = analyses(vm, images, monkeypatch, "0")
+    monkeypatch.setattr(fused_attention, "attention", miscomputed)
+    assert said in (fused.self_check(torch.device("cpu")) or "")
+    monkeypatch.setattr(fused_attention, "_passed", {})
+    calls = count_calls(monkeypatch)
+    with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
+        through = analyses(vm, images, monkeypatch, "interpret")
+    assert said in (fused.failure() or "") and "self-check on interpret" in fused.failure()
+    assert "forming the attention from now on" in caplog.text
+    assert calls == [(2, 3, 70, 64)]  # the check's first layer, which failed; the analysis formed its own
+    assert not fused.usable(torch.device("cpu"))
     assert_same_analysis(formed[0], through[0])
 
 
@@ -318,6 +362,7 @@ def test_without_a_gpu_a_device_that_says_cuda_does_not_take_the_compiled_kernel
     monkeypatch.setattr(fused_attention, "interpreted", lambda: False)
     assert not fused_attention.usable(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused_attention, "_passed", {"cuda:0": True})  # as if its self-check had passed there
     assert fused_attention.usable(torch.device("cuda", 0))
     assert not fused_attention.usable(torch.device("cpu"))
 

@@ -23,14 +23,16 @@ forms the attention for anything else, and for any statistic whose row value is 
 
 ``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
 ``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
-``TRITON_INTERPRET=1``). A kernel that fails to compile or launch is reported once (:func:`failure`), and the process
-forms the attention from then on. Triton compiles each kernel at its first launch for a new shape (an eager run, before
+``TRITON_INTERPRET=1``). Before their first use on a device they run a small layer there and are compared with
+float64 (:func:`self_check`). A kernel that fails that check, or to compile or launch, is reported once
+(:func:`failure`), and the process forms the attention from then on. Triton compiles each kernel at its first launch for a new shape (an eager run, before
 any CUDA graph records it) and keeps it in its on-disk cache.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -55,6 +57,8 @@ NUM_WARPS = 8  # a 64 x 64 fp32 tile is 16 registers a thread at 8 warps; about 
 _lock = threading.Lock()
 _kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
 _failure: str | None = None
+_passed: dict[str, bool] = {}  # device -> the kernels passed self_check there
+_check_lock = threading.Lock()
 
 
 def mode() -> str:
@@ -99,9 +103,79 @@ def usable(device: torch.device) -> bool:
     if setting == "0" or _failure is not None:
         return False
     if setting == "interpret":
-        return interpreted()
+        return interpreted() and _checked("interpret", torch.device("cpu"))
     # a real CUDA device (not the simulated one of tests/devicesim), Triton importable and not interpreting
-    return device.type == "cuda" and torch.cuda.is_available() and _triton() and not interpreted()
+    if device.type != "cuda" or not torch.cuda.is_available() or not _triton() or interpreted():
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _checked(f"cuda:{index}", torch.device("cuda", index))
+
+
+def _checked(key: str, device: torch.device) -> bool:
+    """The kernels passed :func:`self_check` on ``device`` (run once per device and process, at its first use); False
+    while a CUDA graph is being recorded on a device not yet checked (the check would wait on the device), the
+    attention is then formed."""
+    if key in _passed:
+        return _passed[key] and _failure is None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    with _check_lock:
+        if key not in _passed:
+            problem = self_check(device)
+            _passed[key] = problem is None
+            if problem is not None and _failure is None:  # (a kernel that raised has turned them off already)
+                _turn_off(RuntimeError(f"self-check on {key}: {problem}"))
+    return _passed[key] and _failure is None
+
+
+def self_check(device: torch.device) -> str | None:
+    """Run both kernels on a small layer on ``device`` and compare every result with float64's on the host: None where
+    each agrees to 1e-4, else what differed and by how much.
+
+    The layer: 2 images, 3 heads, 70 tokens (a second tile of queries and keys with 6 rows), 2 prefix tokens on a 2 x 34
+    grid, 64-wide heads (most ViTs': the check's compiled kernels are then often the ones an analysis launches), with
+    and without a bias that masks the whole first key tile for some rows. A compiler or device that computes the
+    kernels wrongly, which only a GPU run would otherwise show, thus turns them off before any analysis uses them. On
+    a GPU it costs their compilation for these shapes (Triton keeps it in its on-disk cache) and a few milliseconds."""
+    from vizapp.analysis.distance import patch_distance_matrix
+
+    gen = torch.Generator().manual_seed(20261207)
+    b, h, n, d, prefix = 2, 3, 70, 64, 2
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) * 1.5 for _ in range(3))
+    bias = torch.randn(1, h, n, n, generator=gen)
+    bias[:, :, 10:20, :64] = float("-inf")  # these rows see only the second tile's 6 keys
+    dist = patch_distance_matrix((2, 34), 16)
+    scale = d**-0.5
+    for with_bias in (None, bias):
+        rows = {
+            "entropy": torch.full((b, h, n), float("nan"), device=device),
+            "distance": torch.full((b, h, n - prefix), float("nan"), device=device),
+        }
+        head_sum = torch.full((b, n, n), float("nan"), device=device)
+        moved = [t.to(device) for t in (q, k, v)]
+        with torch.autocast(device.type, enabled=False):
+            out = attention(
+                *moved, scale, rows, dist.to(device), prefix, head_sum, None if with_bias is None else bias.to(device)
+            )
+        if out is None:
+            return f"the kernels did not run ({_failure})"
+        s = q.double() @ k.double().transpose(-1, -2) * scale
+        a = torch.softmax(s if with_bias is None else s + with_bias.double(), dim=-1)
+        patches = a[:, :, prefix:, prefix:]
+        expected = {
+            "output": a @ v.double(),
+            "entropy": torch.special.entr(a).sum(-1),
+            "distance": (patches * dist.double()).sum(-1) / patches.sum(-1),
+            "head sum": a.sum(1),
+        }
+        got = {"output": out, "entropy": rows["entropy"], "distance": rows["distance"], "head sum": head_sum}
+        for name, want in expected.items():
+            have = got[name].detach().double().cpu()
+            error = (have - want).abs().div(want.abs().clamp(min=1.0)).nan_to_num(nan=math.inf).max().item()
+            if not error <= 1e-4:
+                bias_said = "with" if with_bias is not None else "without"
+                return f"the {name} differs from float64's by {error:.3g} (relative), {bias_said} a bias"
+    return None
 
 
 def _rows_kernel(
