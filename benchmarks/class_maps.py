@@ -40,7 +40,11 @@ def _timed(vm: vizapp.models.VizModel, fn: Callable[[], object]) -> tuple[float,
 
 
 def measure(name: str, repeats: int, device: str = "cpu") -> dict[str, float]:
-    vm = vizapp.load_model(name, pretrained=False, device=device)
+    """``name``: a timm model, or ``name@key=value,...`` (:func:`benchmarks.bench.specs.parse_spec`: e.g. ViT-B's
+    structure at 5 tokens, whose times are then the host's and the dispatch's)."""
+    from benchmarks.bench.specs import parse_spec
+
+    vm = parse_spec(name).load(device)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
 
