@@ -296,6 +296,19 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
     assert_same_analysis(formed[0], through[0])
 
 
+def test_a_self_check_that_raises_turns_the_kernels_off_instead_of_failing_the_analysis(fused, monkeypatch):
+    def raising(device):
+        raise RuntimeError("CUDA error: out of memory (simulated)")
+
+    monkeypatch.setattr(fused_attention, "self_check", raising)
+    monkeypatch.setattr(fused_attention, "_passed", {})
+    vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
+    calls = count_calls(monkeypatch)
+    result = analyses(vm, [random_image(14)], monkeypatch, "interpret")[0]
+    assert "the check raised RuntimeError: CUDA error: out of memory" in (fused.failure() or "")
+    assert calls == [] and np.isfinite(result.statistics["distance"]).all()
+
+
 def test_a_layer_beyond_32_bit_offsets_is_left_to_the_formed_route(fused):
     """The kernels index with 32-bit offsets: a [B, H, N, d] view whose last element lies 2^31 floats past its first
     (on the meta device: a stride without the memory) is declined before any launch, not computed wrongly."""

@@ -121,7 +121,10 @@ def _checked(key: str, device: torch.device) -> bool:
         return False
     with _check_lock:
         if key not in _passed:
-            problem = self_check(device)
+            try:
+                problem = self_check(device)
+            except Exception as error:  # noqa: BLE001  (the check itself failed: the attention is formed)
+                problem = f"the check raised {type(error).__name__}: {error}"
             _passed[key] = problem is None
             if problem is not None and _failure is None:  # (a kernel that raised has turned them off already)
                 _turn_off(RuntimeError(f"self-check on {key}: {problem}"))
