@@ -309,6 +309,34 @@ def test_a_self_check_that_raises_turns_the_kernels_off_instead_of_failing_the_a
     assert calls == [] and np.isfinite(result.statistics["distance"]).all()
 
 
+def test_a_batch_beyond_the_grids_axis_limit_is_launched_in_slices_of_images(fused, monkeypatch):
+    """CUDA caps a grid's second axis at 65,535 programs, and the rows kernel puts images x heads there (4,096 images of
+    16 heads would not launch; the interpreter has no such cap). With the cap lowered to 7, a batch of 5 images of 3
+    heads goes in three launches of 2, 2 and 1 images, and gives what one launch gives, bias and head sum included."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(5, 70, 3, 3, 32) * 1.5).permute(2, 0, 3, 1, 4)
+    dist = patch_distance_matrix((2, 34), 16)
+    bias = torch.randn(5, 1, 70, 70)
+    whole = run(q, k, v, 32**-0.5, dist, 2, bias=bias)
+    grids: list[tuple[int, ...]] = []
+    rows_kernel, sum_kernel = fused_attention._compiled()
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(fused_attention, "_compiled", lambda: (Recorded(rows_kernel), Recorded(sum_kernel)))
+    monkeypatch.setattr(fused_attention, "GRID_YZ_LIMIT", 7)
+    sliced = run(q, k, v, 32**-0.5, dist, 2, bias=bias)
+    assert grids == [(2, 6), (2, 2, 2), (2, 6), (2, 2, 2), (2, 3), (2, 2, 1)]
+    for mine, theirs in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
 def test_a_layer_beyond_32_bit_offsets_is_left_to_the_formed_route(fused):
     """The kernels index with 32-bit offsets: a [B, H, N, d] view whose last element lies 2^31 floats past its first
     (on the meta device: a stride without the memory) is declined before any launch, not computed wrongly."""

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 ROW_QUANTITIES = ("entropy", "distance")
 
 BLOCK_M, BLOCK_N = 64, 64  # query and key rows of a tile
+# CUDA's limit on a launch grid's second and third axes: a layer of more than 65,535 // H images (4,095 at 16 heads)
+# is launched in parts, each a slice of the images
+GRID_YZ_LIMIT = 65_535
 NUM_WARPS = 8  # a 64 x 64 fp32 tile is 16 registers a thread at 8 warps; about six are live in the rows kernel
 
 _lock = threading.Lock()
@@ -393,27 +396,38 @@ def attention(
     dmat = dist if dist is not None else dummy
     b_t, b_strides = (bias, bias.stride()) if bias is not None else (dummy, (0, 0, 0, 0))
     block_d = max(16, 1 << (d - 1).bit_length())
+
+    def images(t: torch.Tensor, used: bool, i: int, j: int) -> torch.Tensor:
+        return t[i:j] if used else t
+
     try:
         rows_kernel, sum_kernel = _compiled()
-        grid = ((n + BLOCK_M - 1) // BLOCK_M, b * h)
-        rows_kernel[grid](
-            q, k, v, b_t, out, m, l_, e_t, d_t, dmat,
-            *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
-            *(e_t.stride() if ent is not None else (0, 0, 0)),
-            *(d_t.stride() if dst is not None else (0, 0, 0)),
-            dmat.stride(0) if dist is not None else 0,
-            h, n, d, num_prefix_tokens, float(scale),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-            ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
-        )  # fmt: skip
-        if head_sum is not None:
-            grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, b)
-            sum_kernel[grid](
-                q, k, b_t, m, l_, head_sum,
-                *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
-                h, n, d, float(scale),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
+        step = max(1, GRID_YZ_LIMIT // h)  # images a launch: b·h programs on the grid's second axis
+        for i in range(0, b, step):
+            j = min(b, i + step)
+            e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
+            b_i, hs_i = images(b_t, bias is not None, i, j), images(head_sum, head_sum is not None, i, j)  # type: ignore[arg-type]
+            q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
+            grid = ((n + BLOCK_M - 1) // BLOCK_M, (j - i) * h)
+            rows_kernel[grid](
+                q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_i, d_i, dmat,
+                *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
+                *(e_t.stride() if ent is not None else (0, 0, 0)),
+                *(d_t.stride() if dst is not None else (0, 0, 0)),
+                dmat.stride(0) if dist is not None else 0,
+                h, n, d, num_prefix_tokens, float(scale),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+                ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
             )  # fmt: skip
+            if head_sum is not None:
+                grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, j - i)
+                sum_kernel[grid](
+                    q_i, k_i, b_i, m_i, l_i, hs_i,
+                    *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
+                    h, n, d, float(scale),
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+                    num_warps=NUM_WARPS,
+                )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise  # a graph being recorded must fail whole (the caller then runs eagerly), not change route midway
