@@ -30,6 +30,7 @@ def fused(monkeypatch):
     """The kernels on for CPU tensors (through the interpreter), and a fresh process state for each test."""
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
     monkeypatch.setattr(fused_attention, "_failure", None)
+    monkeypatch.setattr(fused_attention, "_declined", {})
     assert fused_attention.usable(torch.device("cpu"))  # the self-check, once a process, before any test counts calls
     return fused_attention
 
@@ -294,6 +295,45 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
     assert calls == [(2, 3, 70, 64)]  # the check's first layer, which failed; the analysis formed its own
     assert not fused.usable(torch.device("cpu"))
     assert_same_analysis(formed[0], through[0])
+
+
+def test_a_variant_that_fails_to_launch_is_declined_and_the_others_still_run(fused, monkeypatch, caplog):
+    """A GPU-only failure of one variant (here: tiles for 128-wide heads beyond the device's shared memory) forms the
+    layers that need it, reported once, and leaves the kernels on for the others."""
+    rows_kernel, sum_kernel = fused_attention._compiled()
+    launches: list[int] = []
+
+    class Limited:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["BLOCK_D"])
+                if kwargs["BLOCK_D"] > 64:
+                    raise RuntimeError("out of resource: shared memory, Required: 262144 (simulated)")
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(fused_attention, "_compiled", lambda: (Limited(rows_kernel), Limited(sum_kernel)))
+    torch.manual_seed(6)
+    dist = patch_distance_matrix((2, 34), 16)
+    wide = [t.contiguous() for t in torch.randn(3, 1, 2, 70, 80).unbind(0)]  # 80-wide heads: a 128-wide block
+    narrow = [t.contiguous() for t in torch.randn(3, 1, 2, 70, 64).unbind(0)]
+    with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
+        assert run(*wide, 80**-0.5, dist, 2)[0] is None
+        assert run(*wide, 80**-0.5, dist, 2)[0] is None  # declined before any launch
+    assert launches == [128]
+    assert caplog.text.count("such layers are formed from now on") == 1
+    said = fused.failure() or ""
+    assert "out of resource" in said and "128-wide head block, entropy, distance, head sum" in said
+    assert fused.usable(torch.device("cpu"))
+    got = run(*narrow, 64**-0.5, dist, 2)
+    want = reference(*narrow, 64**-0.5, dist, 2)
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5)
+    assert launches == [128, 64, 64]
 
 
 def test_a_self_check_that_raises_turns_the_kernels_off_instead_of_failing_the_analysis(fused, monkeypatch):

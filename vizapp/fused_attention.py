@@ -24,9 +24,10 @@ forms the attention for anything else, and for any statistic whose row value is 
 ``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
 ``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
 ``TRITON_INTERPRET=1``). Before their first use on a device they run a small layer there and are compared with
-float64 (:func:`self_check`). A kernel that fails that check, or to compile or launch, is reported once
-(:func:`failure`), and the process forms the attention from then on. Triton compiles each kernel at its first launch for a new shape (an eager run, before
-any CUDA graph records it) and keeps it in its on-disk cache.
+float64 (:func:`self_check`). Kernels that fail that check are reported (:func:`failure`), and the process forms the
+attention from then on; a variant of them that fails to compile or launch (for one head width, bias or set of
+statistics) is reported once, and the layers that need it are formed. Triton compiles each kernel at its first launch
+for a new shape (an eager run, before any CUDA graph records it) and keeps it in its on-disk cache.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ NUM_WARPS = 8  # a 64 x 64 fp32 tile is 16 registers a thread at 8 warps; about 
 
 _lock = threading.Lock()
 _kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
-_failure: str | None = None
+_failure: str | None = None  # why the kernels are off in this process (a failed self-check)
+_declined: dict[tuple, str] = {}  # a kernel variant (head block, statistics, bias, head sum) -> why it failed to run
 _passed: dict[str, bool] = {}  # device -> the kernels passed self_check there
 _check_lock = threading.Lock()
 
@@ -71,8 +73,11 @@ def mode() -> str:
 
 
 def failure() -> str | None:
-    """Why the kernels were turned off in this process (a compile or launch error), or None."""
-    return _failure
+    """Why the kernels were turned off in this process (a failed self-check), else why the first of their variants
+    that failed to compile or launch did (layers needing it are formed), or None."""
+    if _failure is not None:
+        return _failure
+    return next(iter(_declined.values()), None)
 
 
 def _triton() -> bool:
@@ -129,7 +134,7 @@ def _checked(key: str, device: torch.device) -> bool:
             except Exception as error:  # noqa: BLE001  (the check itself failed: the attention is formed)
                 problem = f"the check raised {type(error).__name__}: {error}"
             _passed[key] = problem is None
-            if problem is not None and _failure is None:  # (a kernel that raised has turned them off already)
+            if problem is not None:
                 _turn_off(RuntimeError(f"self-check on {key}: {problem}"))
     return _passed[key] and _failure is None
 
@@ -164,7 +169,7 @@ def self_check(device: torch.device) -> str | None:
                 *moved, scale, rows, dist.to(device), prefix, head_sum, None if with_bias is None else bias.to(device)
             )
         if out is None:
-            return f"the kernels did not run ({_failure})"
+            return f"the kernels did not run ({failure()})"
         s = q.double() @ k.double().transpose(-1, -2) * scale
         a = torch.softmax(s if with_bias is None else s + with_bias.double(), dim=-1)
         patches = a[:, :, prefix:, prefix:]
@@ -339,6 +344,19 @@ def _turn_off(error: BaseException) -> None:
     log.warning("vizapp's fused attention kernels failed (%s); forming the attention from now on", _failure)
 
 
+def _decline(variant: tuple, error: BaseException) -> None:
+    """One variant failed to compile or launch (a wide head's tiles beyond the device's shared memory, say): layers
+    that need it are formed from now on, the others keep the kernels."""
+    block_d, entropy, distance, bias, head_sum = variant
+    parts = [f"{block_d}-wide head block"] + [
+        name
+        for name, on in (("entropy", entropy), ("distance", distance), ("a bias", bias), ("head sum", head_sum))
+        if on
+    ]
+    _declined[variant] = f"{type(error).__name__}: {error} (the kernels for {', '.join(parts)})"
+    log.warning("vizapp's fused attention kernels failed (%s); such layers are formed from now on", _declined[variant])
+
+
 def _offsets_fit(*tensors: torch.Tensor | None) -> bool:
     """Every element of each tensor lies within a 32-bit offset of its first (the kernels' index arithmetic)."""
     spans = [sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) for t in tensors if t is not None]
@@ -396,6 +414,9 @@ def attention(
     dmat = dist if dist is not None else dummy
     b_t, b_strides = (bias, bias.stride()) if bias is not None else (dummy, (0, 0, 0, 0))
     block_d = max(16, 1 << (d - 1).bit_length())
+    variant = (block_d, ent is not None, dst is not None, bias is not None, head_sum is not None)
+    if variant in _declined:
+        return None
 
     def images(t: torch.Tensor, used: bool, i: int, j: int) -> torch.Tensor:
         return t[i:j] if used else t
@@ -432,7 +453,7 @@ def attention(
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise  # a graph being recorded must fail whole (the caller then runs eagerly), not change route midway
         log.debug("fused kernel", exc_info=True)
-        _turn_off(error)
+        _decline(variant, error)
         return None
     return out
 

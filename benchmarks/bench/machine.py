@@ -58,9 +58,13 @@ def fused_route(device: str, after: bool = False) -> dict[str, str]:
         version = f"Triton {triton.__version__}"
     except ImportError:
         version = "no Triton"
+    used = fused_attention.usable(torch.device(device))  # (first: it runs the kernels' self-check on a GPU)
     failed = fused_attention.failure()
-    used = fused_attention.usable(torch.device(device))
-    route = f"failed, formed instead: {failed[:200]}" if failed else "on" if used else "off"
+    if failed:
+        said = failed[:200]
+        route = f"on, but a variant failed and its layers are formed: {said}" if used else f"failed, formed: {said}"
+    else:
+        route = "on" if used else "off"
     key = "fused attention kernels" + (" at end" if after else "")
     return {key: f"{route} ({version}, VIZAPP_FUSED_ATTENTION={fused_attention.mode()})"}
 
