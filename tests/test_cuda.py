@@ -481,3 +481,22 @@ def test_the_fused_kernels_on_cuda_equal_float64_at_1374_tokens(dtype):
     want = (patches * dist.double()).sum(-1) / patches.sum(-1)
     torch.testing.assert_close(rows["distance"].double(), want, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(head_sum.double(), a.sum(1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_the_fused_kernels_run_on_the_tensors_gpu_not_the_current_one():
+    """Triton launches on the current device; a layer on cuda:1 while cuda:0 is current must still be computed there
+    (vizapp.fused_attention enters the tensors' device), not read through pointers of another GPU."""
+    from vizapp import fused_attention
+    from vizapp.analysis.distance import patch_distance_matrix
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 64, device="cuda:1") for _ in range(3))
+    dist = patch_distance_matrix((2, 34), 16).to("cuda:1")
+    rows = {"entropy": torch.empty(2, 3, 70, device="cuda:1"), "distance": torch.empty(2, 3, 68, device="cuda:1")}
+    with torch.cuda.device(0):
+        out = fused_attention.attention(q, k, v, 0.125, rows, dist, 2)
+    assert out is not None, fused_attention.failure()
+    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.125, dim=-1)
+    torch.testing.assert_close(out.double(), a @ v.double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rows["entropy"].double(), torch.special.entr(a).sum(-1), rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ for a new shape (an eager run, before any CUDA graph records it) and keeps it in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -423,32 +424,35 @@ def attention(
 
     try:
         rows_kernel, sum_kernel = _compiled()
-        step = max(1, GRID_YZ_LIMIT // h)  # images a launch: b·h programs on the grid's second axis
-        for i in range(0, b, step):
-            j = min(b, i + step)
-            e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
-            b_i, hs_i = images(b_t, bias is not None, i, j), images(head_sum, head_sum is not None, i, j)  # type: ignore[arg-type]
-            q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
-            grid = ((n + BLOCK_M - 1) // BLOCK_M, (j - i) * h)
-            rows_kernel[grid](
-                q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_i, d_i, dmat,
-                *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
-                *(e_t.stride() if ent is not None else (0, 0, 0)),
-                *(d_t.stride() if dst is not None else (0, 0, 0)),
-                dmat.stride(0) if dist is not None else 0,
-                h, n, d, num_prefix_tokens, float(scale),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-                ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
-            )  # fmt: skip
-            if head_sum is not None:
-                grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, j - i)
-                sum_kernel[grid](
-                    q_i, k_i, b_i, m_i, l_i, hs_i,
-                    *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
-                    h, n, d, float(scale),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None,
-                    num_warps=NUM_WARPS,
+        # Triton launches on the current device: a model on another GPU than that one would otherwise be handed
+        # pointers it cannot read (an illegal access spoils the whole process's CUDA context)
+        with torch.cuda.device(dev) if dev.type == "cuda" and torch.cuda.is_available() else contextlib.nullcontext():
+            step = max(1, GRID_YZ_LIMIT // h)  # images a launch: b·h programs on the grid's second axis
+            for i in range(0, b, step):
+                j = min(b, i + step)
+                e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
+                b_i, hs_i = images(b_t, bias is not None, i, j), images(head_sum, head_sum is not None, i, j)  # type: ignore[arg-type]
+                q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
+                grid = ((n + BLOCK_M - 1) // BLOCK_M, (j - i) * h)
+                rows_kernel[grid](
+                    q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_i, d_i, dmat,
+                    *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
+                    *(e_t.stride() if ent is not None else (0, 0, 0)),
+                    *(d_t.stride() if dst is not None else (0, 0, 0)),
+                    dmat.stride(0) if dist is not None else 0,
+                    h, n, d, num_prefix_tokens, float(scale),
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+                    ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
                 )  # fmt: skip
+                if head_sum is not None:
+                    grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, j - i)
+                    sum_kernel[grid](
+                        q_i, k_i, b_i, m_i, l_i, hs_i,
+                        *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
+                        h, n, d, float(scale),
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+                        num_warps=NUM_WARPS,
+                    )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise  # a graph being recorded must fail whole (the caller then runs eagerly), not change route midway
