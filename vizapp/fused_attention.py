@@ -254,7 +254,7 @@ def _rows_kernel(
                 D + (rows - PREFIX)[:, None] * s_dm + (cols - PREFIX)[None, :],
                 mask=patch_row[:, None] & patch_col[None, :],
                 other=0.0,
-            )
+            ).to(tl.float32)  # (a float64 matrix would make the loop's sums float64: a compile error on a GPU)
             pp = tl.where(patch_col[None, :], p, 0.0)
             dn = dn * alpha + tl.sum(pp * d, 1)
             dd = dd * alpha + tl.sum(pp, 1)
