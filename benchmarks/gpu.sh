@@ -3,8 +3,9 @@
 # head ablation, and the model-family rows. Each step has its own time limit, so one failure or overrun leaves the
 # others' results; every step's output is appended to OUT/log.txt and its status to OUT/steps.txt.
 #
-#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch
-#                                               batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families)
+#   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests kernels fp32 fp32-formed fp32-eager memory fp16 bf16
+#                                               profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps
+#                                               ablation families)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -12,7 +13,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests kernels fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -56,6 +57,9 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
     | tee -a "$OUT/log.txt"
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# the fused attention kernels' launches (vizapp.fused_attention's tiles, chosen without a GPU) timed against torch's
+# attention of the same layers: which launch the next tiles should be (into log.txt only)
+step kernels 120 $PY -m benchmarks.kernel_resources --time
 # memory is measured in fresh subprocesses (GPU_MEMORY=1), about 15 s each on a GPU machine: off by default
 MEM=--no-memory
 [ "${GPU_MEMORY:-0}" = 1 ] && MEM="--mem-repeats 1"

@@ -6,6 +6,8 @@ code, checked against the formed attention, a hand-computed case, and every anal
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -23,6 +25,7 @@ interpreted = pytest.mark.skipif(
     not fused_attention.interpreted(), reason="Triton's interpreter is off in this process (a GPU is present)"
 )
 pytestmark = interpreted
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -372,7 +375,16 @@ def test_a_batch_beyond_the_grids_axis_limit_is_launched_in_slices_of_images(fus
     monkeypatch.setattr(fused_attention, "_compiled", lambda: (Recorded(rows_kernel), Recorded(sum_kernel)))
     monkeypatch.setattr(fused_attention, "GRID_YZ_LIMIT", 7)
     sliced = run(q, k, v, 32**-0.5, dist, 2, bias=bias)
-    assert grids == [(2, 6), (2, 2, 2), (2, 6), (2, 2, 2), (2, 3), (2, 2, 1)]
+    (rows_m, *_), (sum_m, sum_n, *_) = fused_attention.ROWS_TILES[32], fused_attention.SUM_TILES[32]
+    rows_tiles, sum_tiles = -(-70 // rows_m), (-(-70 // sum_m), -(-70 // sum_n))
+    assert grids == [
+        (rows_tiles, 6),
+        (*sum_tiles, 2),
+        (rows_tiles, 6),
+        (*sum_tiles, 2),
+        (rows_tiles, 3),
+        (*sum_tiles, 1),
+    ]
     for mine, theirs in zip(sliced, whole, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
@@ -470,3 +482,27 @@ def test_every_library_s_attention_goes_through_the_kernels(fused, monkeypatch, 
     through = analyses(vm, images, monkeypatch, "interpret")
     assert len(calls) == vm.num_layers, calls
     assert_same_analysis(formed[0], through[0])
+
+
+def test_a_head_wider_than_the_tiles_is_formed_without_a_launch(fused):
+    q = torch.randn(1, 2, 20, 160)  # a 256-wide block: no tiles are chosen for it
+    rows = {"entropy": torch.empty(1, 2, 20)}
+    assert 256 not in fused_attention.ROWS_TILES
+    assert fused_attention.attention(q, q, q, 1.0, rows) is None
+    assert fused_attention.failure() is None  # declined, not failed
+
+
+def test_the_chosen_tiles_compile_for_an_a10g_and_an_h100_without_spills_and_within_shared_memory():
+    """Triton compiles the kernels for a GPU target without one (its passes, then the ptxas its wheel ships):
+    benchmarks.kernel_resources --check exits 1 where a chosen launch spills registers to local memory or takes more
+    shared memory than the target has. Run in a subprocess: this process has Triton's interpreter on."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "benchmarks.kernel_resources", "--check", "--widths", "64", "--targets", "86", "90"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| rows") or line.startswith("| head sum")]
+    assert len(table) == 8  # two kernels, with and without a bias, two targets
+    assert all(line.split("|")[9].strip() == "0" for line in table)  # spilled bytes

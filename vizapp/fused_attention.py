@@ -53,11 +53,28 @@ log = logging.getLogger(__name__)
 #: taken without forming the attention
 ROW_QUANTITIES = ("entropy", "distance")
 
-BLOCK_M, BLOCK_N = 64, 64  # query and key rows of a tile
+#: Each kernel's tiles and launch, by the head's block (its width rounded up to a power of two, at least 16):
+#: (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages). Chosen without a GPU from what Triton compiles for
+#: sm_75 to sm_90 (benchmarks.kernel_resources, docs/benchmarks-kernels.md): no registers spilled to local memory and
+#: at most 64 KB of shared memory a block (a T4 has no more). The 64 x 64 tiles of 8 warps at Triton's default 3
+#: stages, which the kernels had before, spilled about 1 KB a thread and needed 144 KB on sm_90 (more than an A10G's,
+#: L4's or T4's most). Wider heads than 128 are formed. The timings that would settle them need a GPU (the
+#: benchmark's --time).
+ROWS_TILES: dict[int, tuple[int, int, int, int]] = {
+    16: (64, 32, 8, 1),
+    32: (64, 32, 8, 1),
+    64: (64, 32, 8, 1),
+    128: (32, 32, 8, 1),
+}
+SUM_TILES: dict[int, tuple[int, int, int, int]] = {
+    16: (64, 32, 8, 2),
+    32: (64, 32, 8, 2),
+    64: (64, 32, 8, 2),
+    128: (32, 32, 8, 1),
+}
 # CUDA's limit on a launch grid's second and third axes: a layer of more than 65,535 // H images (4,095 at 16 heads)
 # is launched in parts, each a slice of the images
 GRID_YZ_LIMIT = 65_535
-NUM_WARPS = 8  # a 64 x 64 fp32 tile is 16 registers a thread at 8 warps; about six are live in the rows kernel
 
 _lock = threading.Lock()
 _kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
@@ -416,8 +433,10 @@ def attention(
     b_t, b_strides = (bias, bias.stride()) if bias is not None else (dummy, (0, 0, 0, 0))
     block_d = max(16, 1 << (d - 1).bit_length())
     variant = (block_d, ent is not None, dst is not None, bias is not None, head_sum is not None)
-    if variant in _declined:
-        return None
+    if variant in _declined or block_d not in ROWS_TILES:
+        return None  # (a head wider than 128 is formed)
+    rows_m, rows_n, rows_warps, rows_stages = ROWS_TILES[block_d]
+    sum_m, sum_n, sum_warps, sum_stages = SUM_TILES[block_d]
 
     def images(t: torch.Tensor, used: bool, i: int, j: int) -> torch.Tensor:
         return t[i:j] if used else t
@@ -433,7 +452,7 @@ def attention(
                 e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
                 b_i, hs_i = images(b_t, bias is not None, i, j), images(head_sum, head_sum is not None, i, j)  # type: ignore[arg-type]
                 q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
-                grid = ((n + BLOCK_M - 1) // BLOCK_M, (j - i) * h)
+                grid = ((n + rows_m - 1) // rows_m, (j - i) * h)
                 rows_kernel[grid](
                     q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_i, d_i, dmat,
                     *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
@@ -441,17 +460,18 @@ def attention(
                     *(d_t.stride() if dst is not None else (0, 0, 0)),
                     dmat.stride(0) if dist is not None else 0,
                     h, n, d, num_prefix_tokens, float(scale),
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-                    ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None, num_warps=NUM_WARPS,
+                    BLOCK_M=rows_m, BLOCK_N=rows_n, BLOCK_D=block_d,
+                    ENTROPY=ent is not None, DISTANCE=dst is not None, HAS_BIAS=bias is not None,
+                    num_warps=rows_warps, num_stages=rows_stages,
                 )  # fmt: skip
                 if head_sum is not None:
-                    grid = ((n + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N, j - i)
+                    grid = ((n + sum_m - 1) // sum_m, (n + sum_n - 1) // sum_n, j - i)
                     sum_kernel[grid](
                         q_i, k_i, b_i, m_i, l_i, hs_i,
                         *q.stride(), *k.stride(), *b_strides, head_sum.stride(0), head_sum.stride(1),
                         h, n, d, float(scale),
-                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, HAS_BIAS=bias is not None,
-                        num_warps=NUM_WARPS,
+                        BLOCK_M=sum_m, BLOCK_N=sum_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+                        num_warps=sum_warps, num_stages=sum_stages,
                     )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (a compile or launch error of any kind: form the attention instead)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
