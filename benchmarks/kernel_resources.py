@@ -185,36 +185,47 @@ def markdown(rows: list[dict], argv: list[str], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def time_on_device(repeats: int = 20) -> str:
-    """The candidates' device time on this CUDA device, per layer, against torch's attention of the same layer."""
+LAYOUTS = {  # name: images, heads, grid side, prefix tokens, patch size
+    "ViT-B/16 at 224 px": (1, 12, 14, 1, 16),
+    "ViT-B/16 at 224 px, 16 images": (16, 12, 14, 1, 16),
+    "ViT-L/16 at 384 px": (1, 16, 24, 1, 16),
+    "DINOv2-L/14 at 518 px (registers)": (1, 16, 37, 5, 14),
+}
+
+
+def time_on_device(repeats: int = 20, device: str = "cuda", layouts=None, launches=None) -> str:
+    """The candidates' device time on this CUDA device, per layer, against torch's attention of the same layer
+    (``device="cpu"``: wall time through Triton's interpreter, for the tests)."""
     import torch
     import torch.nn.functional as F
 
     from vizapp import fused_attention
     from vizapp.analysis.distance import patch_distance_matrix
 
-    layouts = {  # name: images, heads, grid, prefix tokens, patch size
-        "ViT-B/16 at 224 px": (1, 12, 14, 1, 16),
-        "ViT-B/16 at 224 px, 16 images": (16, 12, 14, 1, 16),
-        "ViT-L/16 at 384 px": (1, 16, 24, 1, 16),
-        "DINOv2-L/14 at 518 px (registers)": (1, 16, 37, 5, 14),
-    }
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    layouts = LAYOUTS if layouts is None else layouts
+    cuda = device == "cuda"
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
 
     def timed(fn) -> float:
         for _ in range(3):
             fn()
         times = []
         for _ in range(repeats):
-            ev[0].record()
-            fn()
-            ev[1].record()
-            torch.cuda.synchronize()
-            times.append(ev[0].elapsed_time(ev[1]))
+            if cuda:
+                ev[0].record()
+                fn()
+                ev[1].record()
+                torch.cuda.synchronize()
+                times.append(ev[0].elapsed_time(ev[1]))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
         return statistics.median(times)
 
+    name_of_device = torch.cuda.get_device_name(0) if cuda else "the CPU (Triton's interpreter)"
     lines = [
-        f"Fused kernels against torch's attention on {torch.cuda.get_device_name(0)} (float32, medians of {repeats} "
+        f"Fused kernels against torch's attention on {name_of_device} (float32, medians of {repeats} "
         f"CUDA-event timings; Triton {__import__('triton').__version__}); 'both' is the rows and head-sum kernels of "
         "one layer, as an analysis launches them.",
         "",
@@ -225,12 +236,12 @@ def time_on_device(repeats: int = 20) -> str:
     try:
         for name, (b, h, g, p, patch) in layouts.items():
             n = p + g * g
-            q, k, v = (torch.randn(b, n, 3, h, 64, device="cuda") * 1.5).permute(2, 0, 3, 1, 4)
-            dist = patch_distance_matrix(g, patch).cuda()
-            ent, dst = torch.empty(b, h, n, device="cuda"), torch.empty(b, h, n - p, device="cuda")
-            head_sum = torch.empty(b, n, n, device="cuda")
+            q, k, v = (torch.randn(b, n, 3, h, 64, device=device) * 1.5).permute(2, 0, 3, 1, 4)
+            dist = patch_distance_matrix(g, patch).to(device)
+            ent, dst = torch.empty(b, h, n, device=device), torch.empty(b, h, n - p, device=device)
+            head_sum = torch.empty(b, n, n, device=device)
             sdpa = timed(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-            for launch in dict.fromkeys((saved[0][64], *CANDIDATES)):
+            for launch in dict.fromkeys((saved[0][64], *(CANDIDATES if launches is None else launches))):
                 fused_attention.ROWS_TILES[64] = fused_attention.SUM_TILES[64] = launch
                 rows = {"entropy": ent, "distance": dst}
                 args = (q, k, v, 0.125, rows, dist, p)

@@ -506,3 +506,16 @@ def test_the_chosen_tiles_compile_for_an_a10g_and_an_h100_without_spills_and_wit
     table = [line for line in done.stdout.splitlines() if line.startswith("| rows") or line.startswith("| head sum")]
     assert len(table) == 8  # two kernels, with and without a bias, two targets
     assert all(line.split("|")[9].strip() == "0" for line in table)  # spilled bytes
+
+
+def test_the_gpu_timing_of_the_launches_runs_each_candidate_and_restores_the_chosen_tiles(fused):
+    """gpu.sh's step `kernels` (benchmarks.kernel_resources --time) has one GPU run to work in: the same code, here
+    on a 17-token layer through the interpreter, times every candidate launch and leaves the chosen tiles as they were."""
+    from benchmarks.kernel_resources import time_on_device
+
+    chosen = dict(fused_attention.ROWS_TILES), dict(fused_attention.SUM_TILES)
+    text = time_on_device(1, "cpu", {"tiny": (1, 2, 4, 1, 16)}, [(32, 32, 4, 1)])
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tiny")]
+    assert [r[1].strip() for r in rows] == [str(chosen[0][64]), "(32, 32, 4, 1)"]
+    assert all(float(r[-1]) > 0 for r in rows), text  # both / SDPA, for each launch
+    assert chosen == (fused_attention.ROWS_TILES, fused_attention.SUM_TILES)
