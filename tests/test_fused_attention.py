@@ -279,7 +279,7 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
         if wrong == "entropy":
             rows["entropy"][0, 1, 5] += 1e-3
         elif wrong == "head sum":
-            head_sum[1, 0, 69] += 1e-3
+            head_sum[1, 0, 68] += 1e-3
         else:
             rows["distance"][1, 2, 0] = math.nan
         return out
@@ -295,7 +295,7 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
         through = analyses(vm, images, monkeypatch, "interpret")
     assert said in (fused.failure() or "") and "self-check on interpret" in fused.failure()
     assert "forming the attention from now on" in caplog.text
-    assert calls == [(2, 3, 70, 64)]  # the check's first layer, which failed; the analysis formed its own
+    assert calls == [(2, 3, 69, 64)]  # the check's first layer, which failed; the analysis formed its own
     assert not fused.usable(torch.device("cpu"))
     assert_same_analysis(formed[0], through[0])
 

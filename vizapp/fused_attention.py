@@ -161,18 +161,18 @@ def self_check(device: torch.device) -> str | None:
     """Run both kernels on a small layer on ``device`` and compare every result with float64's on the host: None where
     each agrees to 1e-4, else what differed and by how much.
 
-    The layer: 2 images, 3 heads, 70 tokens (a second tile of queries and keys with 6 rows), 2 prefix tokens on a 2 x 34
-    grid, 64-wide heads (most ViTs': the check's compiled kernels are then often the ones an analysis launches), with
-    and without a bias that masks the whole first key tile for some rows. A compiler or device that computes the
+    The layer: 2 images, 3 heads, 69 tokens (a last tile of queries and of keys with 5 rows), one prefix token before
+    a 2 x 34 grid, 64-wide heads (as most ViTs have: Triton's compile for a CLS token and 64-wide heads is then often
+    the one an analysis launches), with and without a bias that masks every key but the last 5 for some rows. A compiler or device that computes the
     kernels wrongly, which only a GPU run would otherwise show, thus turns them off before any analysis uses them. On
     a GPU it costs their compilation for these shapes (Triton keeps it in its on-disk cache) and a few milliseconds."""
     from vizapp.analysis.distance import patch_distance_matrix
 
     gen = torch.Generator().manual_seed(20261207)
-    b, h, n, d, prefix = 2, 3, 70, 64, 2
+    b, h, n, d, prefix = 2, 3, 69, 64, 1
     q, k, v = (torch.randn(b, h, n, d, generator=gen) * 1.5 for _ in range(3))
     bias = torch.randn(1, h, n, n, generator=gen)
-    bias[:, :, 10:20, :64] = float("-inf")  # these rows see only the second tile's 6 keys
+    bias[:, :, 10:20, :64] = float("-inf")  # these rows see only the last 5 keys: whole key tiles masked first
     dist = patch_distance_matrix((2, 34), 16)
     scale = d**-0.5
     for with_bias in (None, bias):
