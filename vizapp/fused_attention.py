@@ -55,11 +55,11 @@ ROW_QUANTITIES = ("entropy", "distance")
 
 #: Each kernel's tiles and launch, by the head's block (its width rounded up to a power of two, at least 16):
 #: (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages). Chosen without a GPU from what Triton compiles for
-#: sm_75 to sm_90 (benchmarks.kernel_resources, docs/benchmarks-kernels.md): no registers spilled to local memory and
-#: at most 64 KB of shared memory a block (a T4 has no more). The 64 x 64 tiles of 8 warps at Triton's default 3
-#: stages, which the kernels had before, spilled about 1 KB a thread and needed 144 KB on sm_90 (more than an A10G's,
-#: L4's or T4's most). Wider heads than 128 are formed. The timings that would settle them need a GPU (the
-#: benchmark's --time).
+#: sm_75 to sm_90 (benchmarks.kernel_resources, docs/benchmarks-kernels.md): no registers spilled to local memory (but
+#: 8 bytes a thread of the rows kernel at 128-wide heads on three targets) and at most 56 KB of shared memory a block
+#: (a T4 has 64). The 64 x 64 tiles of 8 warps at Triton's default 3 stages, which the kernels had before, spilled
+#: about 1 KB a thread and needed 144 KB on sm_90 (more than an A10G's, L4's or T4's most). Wider heads than 128 are
+#: formed. Which launch is fastest needs a GPU to time (the benchmark's --time, gpu.sh's step kernels).
 ROWS_TILES: dict[int, tuple[int, int, int, int]] = {
     16: (64, 32, 8, 1),
     32: (64, 32, 8, 1),
@@ -69,8 +69,8 @@ ROWS_TILES: dict[int, tuple[int, int, int, int]] = {
 SUM_TILES: dict[int, tuple[int, int, int, int]] = {
     16: (64, 32, 8, 2),
     32: (64, 32, 8, 2),
-    64: (64, 32, 8, 2),
-    128: (32, 32, 8, 1),
+    64: (32, 64, 8, 2),
+    128: (32, 64, 8, 2),
 }
 # CUDA's limit on a launch grid's second and third axes: a layer of more than 65,535 // H images (4,095 at 16 heads)
 # is launched in parts, each a slice of the images
