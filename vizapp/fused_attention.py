@@ -163,9 +163,10 @@ def self_check(device: torch.device) -> str | None:
 
     The layer: 2 images, 3 heads, 69 tokens (a last tile of queries and of keys with 5 rows), one prefix token before
     a 2 x 34 grid, 64-wide heads (as most ViTs have: Triton's compile for a CLS token and 64-wide heads is then often
-    the one an analysis launches), with and without a bias that masks every key but the last 5 for some rows. A compiler or device that computes the
-    kernels wrongly, which only a GPU run would otherwise show, thus turns them off before any analysis uses them. On
-    a GPU it costs their compilation for these shapes (Triton keeps it in its on-disk cache) and a few milliseconds."""
+    the one an analysis launches), with and without a bias that masks every key but the last 5 for some rows. A
+    compiler or device that computes the kernels wrongly, which only a GPU run would otherwise show, thus turns them
+    off before any analysis uses them. On a GPU it costs their compilation for these shapes (Triton keeps it in its
+    on-disk cache) and a few milliseconds."""
     from vizapp.analysis.distance import patch_distance_matrix
 
     gen = torch.Generator().manual_seed(20261207)
@@ -450,7 +451,8 @@ def attention(
             for i in range(0, b, step):
                 j = min(b, i + step)
                 e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
-                b_i, hs_i = images(b_t, bias is not None, i, j), images(head_sum, head_sum is not None, i, j)  # type: ignore[arg-type]
+                b_i = images(b_t, bias is not None, i, j)
+                hs_i = None if head_sum is None else head_sum[i:j]
                 q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
                 grid = ((n + rows_m - 1) // rows_m, (j - i) * h)
                 rows_kernel[grid](
