@@ -492,7 +492,8 @@ def test_a_head_wider_than_the_tiles_is_formed_without_a_launch(fused):
     assert fused_attention.failure() is None  # declined, not failed
 
 
-def test_the_chosen_tiles_compile_for_an_a10g_and_an_h100_without_spills_and_within_shared_memory():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_chosen_tiles_compile_for_an_a10g_and_an_h100_without_spills_and_within_shared_memory(dtype):
     """Triton compiles the kernels for a GPU target without one (its passes, then the ptxas its wheel ships):
     benchmarks.kernel_resources --check exits 1 where a chosen launch spills registers to local memory or takes more
     shared memory than the target has. Run in a subprocess: this process has Triton's interpreter on."""
@@ -501,6 +502,14 @@ def test_the_chosen_tiles_compile_for_an_a10g_and_an_h100_without_spills_and_wit
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, "-m", "benchmarks.kernel_resources", "--check", "--widths", "64", "--targets", "86", "90"]
+    args += ["--dtype", dtype]  # a bfloat16 model's layers are other compiles
+    import triton
+
+    if dtype == "bf16" and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3):
+        pytest.skip(
+            "Triton 3.2 (torch 2.6's) spills the bf16 rows kernel without a bias at every launch tried (120 to 1,788 "
+            "bytes a thread on sm_86 and sm_90)"
+        )
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| rows") or line.startswith("| head sum")]
