@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import os
 import re
 import statistics
@@ -141,28 +142,25 @@ def blocks_per_sm(target: Target, shared: int, registers: int, warps: int) -> in
 
 
 def resources(targets=TARGETS, candidates: bool = False, widths=None, dtype: str = "fp32") -> list[dict]:
-    """One row per (kernel, head block, bias, launch, target)."""
+    """One row per (kernel, head block, bias, launch, target), in that order."""
     from vizapp import fused_attention
 
     kernels = _kernels()
+    tiles = {"rows": fused_attention.ROWS_TILES, "head sum": fused_attention.SUM_TILES}
     rows = []
-    for block_d in widths or sorted(fused_attention.ROWS_TILES):
-        for name, chosen in (("rows", fused_attention.ROWS_TILES), ("head sum", fused_attention.SUM_TILES)):
-            launches = [chosen[block_d]] + ([c for c in CANDIDATES if c != chosen[block_d]] if candidates else [])
-            for bias in (False, True):
-                for launch in launches:
-                    m, n, warps, stages = launch
-                    constexprs = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "HAS_BIAS": bias}
-                    if name == "rows":
-                        constexprs |= {"ENTROPY": True, "DISTANCE": True}
-                    for target in targets:
-                        got = compile_for(kernels[name], constexprs, target.cc, warps, stages, dtype)
-                        fits = got["shared"] <= target.block_smem_kb * 1024
-                        rows.append({
-                            "kernel": name, "block_d": block_d, "bias": bias, "launch": launch,
-                            "chosen": launch == chosen[block_d], "cc": target.cc, **got, "fits": fits, "dtype": dtype,
-                            "blocks": blocks_per_sm(target, got["shared"], got["registers"], warps) if fits else 0,
-                        })  # fmt: skip
+    for block_d, name, bias in itertools.product(widths or sorted(tiles["rows"]), tiles, (False, True)):
+        chosen = tiles[name][block_d]
+        launches = [chosen] + ([c for c in CANDIDATES if c != chosen] if candidates else [])
+        for launch, target in itertools.product(launches, targets):
+            m, n, warps, stages = launch
+            constexprs = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "HAS_BIAS": bias}
+            if name == "rows":
+                constexprs |= {"ENTROPY": True, "DISTANCE": True}
+            got = compile_for(kernels[name], constexprs, target.cc, warps, stages, dtype)
+            fits = got["shared"] <= target.block_smem_kb * 1024
+            blocks = blocks_per_sm(target, got["shared"], got["registers"], warps) if fits else 0
+            rows.append({"kernel": name, "block_d": block_d, "bias": bias, "launch": launch, "chosen": launch == chosen,
+                         "cc": target.cc, **got, "fits": fits, "blocks": blocks, "dtype": dtype})  # fmt: skip
     return rows
 
 

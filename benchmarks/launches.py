@@ -137,8 +137,8 @@ def stand_in_kernels(
     minutes a layer at 1,374 tokens): the same results, computed by torch with the counter suspended, counted as the
     two kernels they are on a GPU. Each kernel's bytes are its inputs and outputs once each, as for an operator (the
     rows kernel: q, k, v, the bias if any, the output, each row's maximum and normaliser, the statistics' rows and the
-    distances it reads; the head-sum kernel: q, k, the bias, the maxima and normalisers, the sum); its FLOPs those of its matrix products
-    (q kᵀ and A·v; q kᵀ again), by torch's FLOP counter's rule of 2 per multiply-add."""
+    distances it reads; the head-sum kernel: q, k, the bias, the maxima and normalisers, the sum); its FLOPs those of
+    its matrix products (q kᵀ and A·v; q kᵀ again), by torch's FLOP counter's rule of 2 per multiply-add."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     p = num_prefix_tokens

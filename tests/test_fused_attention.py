@@ -40,13 +40,8 @@ def fused(monkeypatch):
 
 def reference(q, k, v, scale, dist, p, bias=None):
     """What the formed route computes, in float64: the output, entropy and mean-distance rows, and the heads' sum."""
-    s = q.double() @ k.double().transpose(-1, -2) * scale
-    a = torch.softmax(s if bias is None else s + bias.double(), dim=-1)  # [B, H, N, N]
-    out = a @ v.double()
-    entropy = torch.special.entr(a).sum(-1)
-    patches = a[:, :, p:, p:]
-    distance = (patches * dist.double()).sum(-1) / patches.sum(-1)
-    return out, entropy, distance, a.sum(1)
+    r = fused_attention.reference(q, k, v, scale, dist, p, bias)
+    return r["output"], r["entropy"], r["distance"], r["head sum"]
 
 
 def run(q, k, v, scale, dist, p, head_sum=True, bias=None):
@@ -151,6 +146,25 @@ def count_calls(monkeypatch) -> list[tuple[int, ...]]:
 
     monkeypatch.setattr(fused_attention, "attention", counted)
     return calls
+
+
+def watch_launches(monkeypatch, before) -> None:
+    """Each launch of either kernel calls ``before(grid, keyword arguments)`` first (which may raise, as a launch that
+    fails would), then launches."""
+    compiled = fused_attention._compiled()
+
+    class Watched:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                before(grid, kwargs)
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(fused_attention, "_compiled", lambda: tuple(Watched(k) for k in compiled))
 
 
 def analyses(vm, images, monkeypatch, setting):
@@ -303,23 +317,14 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
 def test_a_variant_that_fails_to_launch_is_declined_and_the_others_still_run(fused, monkeypatch, caplog):
     """A GPU-only failure of one variant (here: tiles for 128-wide heads beyond the device's shared memory) forms the
     layers that need it, reported once, and leaves the kernels on for the others."""
-    rows_kernel, sum_kernel = fused_attention._compiled()
     launches: list[int] = []
 
-    class Limited:
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def limited(grid, kwargs):
+        launches.append(kwargs["BLOCK_D"])
+        if kwargs["BLOCK_D"] > 64:
+            raise RuntimeError("out of resource: shared memory, Required: 262144 (simulated)")
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs["BLOCK_D"])
-                if kwargs["BLOCK_D"] > 64:
-                    raise RuntimeError("out of resource: shared memory, Required: 262144 (simulated)")
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(fused_attention, "_compiled", lambda: (Limited(rows_kernel), Limited(sum_kernel)))
+    watch_launches(monkeypatch, limited)
     torch.manual_seed(6)
     dist = patch_distance_matrix((2, 34), 16)
     wide = [t.contiguous() for t in torch.randn(3, 1, 2, 70, 80).unbind(0)]  # 80-wide heads: a 128-wide block
@@ -362,17 +367,7 @@ def test_a_batch_beyond_the_grids_axis_limit_is_launched_in_slices_of_images(fus
     bias = torch.randn(5, 1, 70, 70)
     whole = run(q, k, v, 32**-0.5, dist, 2, bias=bias)
     grids: list[tuple[int, ...]] = []
-    rows_kernel, sum_kernel = fused_attention._compiled()
-
-    class Recorded:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(fused_attention, "_compiled", lambda: (Recorded(rows_kernel), Recorded(sum_kernel)))
+    watch_launches(monkeypatch, lambda grid, kwargs: grids.append(grid))
     monkeypatch.setattr(fused_attention, "GRID_YZ_LIMIT", 7)
     sliced = run(q, k, v, 32**-0.5, dist, 2, bias=bias)
     (rows_m, *_), (sum_m, sum_n, *_) = fused_attention.ROWS_TILES[32], fused_attention.SUM_TILES[32]

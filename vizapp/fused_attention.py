@@ -189,23 +189,36 @@ def self_check(device: torch.device) -> str | None:
             )
         if out is None:
             return f"the kernels did not run ({failure()})"
-        s = q.double() @ k.double().transpose(-1, -2) * scale
-        a = torch.softmax(s if with_bias is None else s + with_bias.double(), dim=-1)
-        patches = a[:, :, prefix:, prefix:]
-        expected = {
-            "output": a @ v.double(),
-            "entropy": torch.special.entr(a).sum(-1),
-            "distance": (patches * dist.double()).sum(-1) / patches.sum(-1),
-            "head sum": a.sum(1),
-        }
         got = {"output": out, "entropy": rows["entropy"], "distance": rows["distance"], "head sum": head_sum}
-        for name, want in expected.items():
+        for name, want in reference(q, k, v, scale, dist, prefix, with_bias).items():
             have = got[name].detach().double().cpu()
             error = (have - want).abs().div(want.abs().clamp(min=1.0)).nan_to_num(nan=math.inf).max().item()
             if not error <= 1e-4:
                 bias_said = "with" if with_bias is not None else "without"
                 return f"the {name} differs from float64's by {error:.3g} (relative), {bias_said} a bias"
     return None
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    dist: torch.Tensor,
+    num_prefix_tokens: int,
+    bias: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """What the kernels compute, from the attention formed in float64: "output" [B, H, N, d], "entropy" [B, H, N],
+    "distance" [B, H, P] (the patch queries' rows) and "head sum" [B, N, N]."""
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    a = torch.softmax(s if bias is None else s + bias.double(), dim=-1)
+    patches = a[:, :, num_prefix_tokens:, num_prefix_tokens:]
+    return {
+        "output": a @ v.double(),
+        "entropy": torch.special.entr(a).sum(-1),
+        "distance": (patches * dist.double()).sum(-1) / patches.sum(-1),
+        "head sum": a.sum(1),
+    }
 
 
 def _rows_kernel(
@@ -376,6 +389,13 @@ def _decline(variant: tuple, error: BaseException) -> None:
     log.warning("vizapp's fused attention kernels failed (%s); such layers are formed from now on", _declined[variant])
 
 
+def _bias_fits(bias: torch.Tensor | None, b: int, h: int, n: int) -> bool:
+    """No bias, or an additive one the kernels take for [b, h, n, n] attention: [b or 1, h or 1, n, n]."""
+    return bias is None or (
+        bias.dim() == 4 and bias.shape[0] in (1, b) and bias.shape[1] in (1, h) and bias.shape[2:] == (n, n)
+    )
+
+
 def _offsets_fit(*tensors: torch.Tensor | None) -> bool:
     """Every element of each tensor lies within a 32-bit offset of its first (the kernels' index arithmetic)."""
     spans = [sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) for t in tensors if t is not None]
@@ -414,9 +434,9 @@ def attention(
         raise ValueError(f"the fused kernel computes {ROW_QUANTITIES}, not {sorted(unknown)}")
     b, h, n, d = q.shape
     dev = q.device
+    if not _bias_fits(bias, b, h, n):
+        raise ValueError(f"a bias for [{b}, {h}, {n}, {n}] attention, got {tuple(bias.shape)}")
     if bias is not None:
-        if bias.dim() != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, h) or bias.shape[2:] != (n, n):
-            raise ValueError(f"a bias for [{b}, {h}, {n}, {n}] attention, got {tuple(bias.shape)}")
         bias = bias.expand(b, h, n, n)  # a broadcast dimension's stride is 0
     if not _offsets_fit(q, k, v, head_sum, bias, *rows.values()) or b * h * n >= 2**31 or b * n * n >= 2**31:
         return None  # the kernels' offsets are 32-bit: so large a batch is formed instead
@@ -439,9 +459,6 @@ def attention(
     rows_m, rows_n, rows_warps, rows_stages = ROWS_TILES[block_d]
     sum_m, sum_n, sum_warps, sum_stages = SUM_TILES[block_d]
 
-    def images(t: torch.Tensor, used: bool, i: int, j: int) -> torch.Tensor:
-        return t[i:j] if used else t
-
     try:
         rows_kernel, sum_kernel = _compiled()
         # Triton launches on the current device: a model on another GPU than that one would otherwise be handed
@@ -450,13 +467,12 @@ def attention(
             step = max(1, GRID_YZ_LIMIT // h)  # images a launch: b·h programs on the grid's second axis
             for i in range(0, b, step):
                 j = min(b, i + step)
-                e_i, d_i = images(e_t, ent is not None, i, j), images(d_t, dst is not None, i, j)
-                b_i = images(b_t, bias is not None, i, j)
+                # (the unused pointers are m, whose first axis is the images too)
+                q_i, k_i, b_i, m_i, l_i = q[i:j], k[i:j], b_t[i:j], m[i:j], l_[i:j]
                 hs_i = None if head_sum is None else head_sum[i:j]
-                q_i, k_i, m_i, l_i = q[i:j], k[i:j], m[i:j], l_[i:j]
                 grid = ((n + rows_m - 1) // rows_m, (j - i) * h)
                 rows_kernel[grid](
-                    q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_i, d_i, dmat,
+                    q_i, k_i, v[i:j], b_i, out[i:j], m_i, l_i, e_t[i:j], d_t[i:j], dmat,
                     *q.stride(), *k.stride(), *v.stride(), *b_strides, *out.stride(),
                     *(e_t.stride() if ent is not None else (0, 0, 0)),
                     *(d_t.stride() if dst is not None else (0, 0, 0)),
@@ -501,9 +517,7 @@ def reduce_layer(
     b, h, n, _ = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or b != reducer.batch:
         return None
-    if bias is not None and (bias.dim() != 4 or bias.shape[2:] != (n, n) or bias.shape[0] not in (1, b)):
-        return None
-    if bias is not None and bias.shape[1] not in (1, h):
+    if not _bias_fits(bias, b, h, n):
         return None
     if not usable(q.device):
         return None
