@@ -432,7 +432,7 @@ def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name
     the same GPU: a batch (eager) and one image (recorded as a CUDA graph with the kernels in it); BEiT's with its
     relative-position bias added in the kernels."""
     from tests.test_fused_attention import count_calls
-    from vizapp import fused_attention
+    from vizapp import fused_attention, fused_check
 
     torch.manual_seed(0)
     gpu = vizapp.load_model(name, pretrained=False, device="cuda", **kwargs)
@@ -440,8 +440,14 @@ def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "0")
     formed = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "1")
-    assert fused_attention.self_check(gpu.device) is None  # the small layer against float64, on this GPU
-    assert fused_attention.usable(gpu.device), fused_attention.failure()  # (its first-use check, before the count)
+    for layer in (  # the small layers against float64, on this GPU: each compile is its own program
+        fused_check.CheckLayer(),
+        fused_check.CheckLayer(bias=torch.float32),
+        fused_check.CheckLayer(dtype=torch.bfloat16, bias=torch.bfloat16),
+        fused_check.CheckLayer(heads=1, head_dim=80, prefix=5, aligned=True),
+    ):
+        assert fused_check.self_check(gpu.device, layer) is None, layer
+    assert fused_attention.usable(gpu.device), fused_attention.failure()
     calls = count_calls(monkeypatch)
     fused = vizapp.analyze(gpu, images) + [vizapp.analyze(gpu, images[0])]
     assert fused_attention.failure() is None
@@ -457,7 +463,7 @@ def test_the_fused_kernels_give_the_formed_attentions_analysis_on_cuda(fid, name
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_fused_kernels_on_cuda_equal_float64_at_1374_tokens(dtype):
     """DINOv2-L/14 at 518 px's layout (CLS + 4 registers + 37 x 37 patches of 14 px), 22 tiles of queries and keys."""
-    from vizapp import fused_attention
+    from vizapp import fused_attention, fused_check
     from vizapp.analysis.distance import patch_distance_matrix
 
     torch.manual_seed(0)
@@ -473,7 +479,7 @@ def test_the_fused_kernels_on_cuda_equal_float64_at_1374_tokens(dtype):
     head_sum = torch.full((b, n, n), nan, device="cuda")
     out = fused_attention.attention(q, k, v, d**-0.5, rows, dist, p, head_sum)
     assert out is not None, fused_attention.failure()
-    want = fused_attention.reference(q, k, v, d**-0.5, dist, p)
+    want = fused_check.reference(q, k, v, d**-0.5, dist, p)
     out_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.double(), want["output"], **out_tol)
     torch.testing.assert_close(rows["entropy"].double(), want["entropy"], rtol=1e-4, atol=1e-4)
@@ -485,7 +491,7 @@ def test_the_fused_kernels_on_cuda_equal_float64_at_1374_tokens(dtype):
 def test_the_fused_kernels_run_on_the_tensors_gpu_not_the_current_one():
     """Triton launches on the current device; a layer on cuda:1 while cuda:0 is current must still be computed there
     (vizapp.fused_attention enters the tensors' device), not read through pointers of another GPU."""
-    from vizapp import fused_attention
+    from vizapp import fused_attention, fused_check
     from vizapp.analysis.distance import patch_distance_matrix
 
     torch.manual_seed(0)
@@ -495,6 +501,6 @@ def test_the_fused_kernels_run_on_the_tensors_gpu_not_the_current_one():
     with torch.cuda.device(0):
         out = fused_attention.attention(q, k, v, 0.125, rows, dist, 2)
     assert out is not None, fused_attention.failure()
-    want = fused_attention.reference(q, k, v, 0.125, dist, 2)
+    want = fused_check.reference(q, k, v, 0.125, dist, 2)
     torch.testing.assert_close(out.double(), want["output"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rows["entropy"].double(), want["entropy"], rtol=1e-4, atol=1e-4)

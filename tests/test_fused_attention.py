@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -16,7 +17,7 @@ import torch
 from conftest import FAMILIES, random_image, small_model
 
 import vizapp
-from vizapp import fused_attention, statistics
+from vizapp import fused_attention, fused_check, statistics
 from vizapp.analysis.distance import patch_distance_matrix
 from vizapp.statistics import HeadStatistic
 from vizapp.statistics_pass import forward_statistics
@@ -34,13 +35,13 @@ def fused(monkeypatch):
     monkeypatch.setenv("VIZAPP_FUSED_ATTENTION", "interpret")
     monkeypatch.setattr(fused_attention, "_failure", None)
     monkeypatch.setattr(fused_attention, "_declined", {})
-    assert fused_attention.usable(torch.device("cpu"))  # the self-check, once a process, before any test counts calls
+    assert fused_attention.usable(torch.device("cpu"))
     return fused_attention
 
 
 def reference(q, k, v, scale, dist, p, bias=None):
     """What the formed route computes, in float64: the output, entropy and mean-distance rows, and the heads' sum."""
-    r = fused_attention.reference(q, k, v, scale, dist, p, bias)
+    r = fused_check.reference(q, k, v, scale, dist, p, bias)
     return r["output"], r["entropy"], r["distance"], r["head sum"]
 
 
@@ -254,7 +255,9 @@ def test_a_relative_position_bias_goes_through_the_kernels(fused, monkeypatch):
         assert_same_analysis(a, b)
 
 
-def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fused, monkeypatch, caplog):
+def test_kernels_that_fail_to_compile_are_declined_and_the_analysis_is_formed(fused, monkeypatch, caplog):
+    """A compile that fails (here every one, at the check of its first use) declines its variant, reported once, and
+    the layers are formed: an analysis equal to the formed one."""
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     images = [random_image(10)]
     formed = analyses(vm, images, monkeypatch, "0")
@@ -263,12 +266,14 @@ def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fuse
         raise RuntimeError("PTX assembly failed (simulated)")
 
     monkeypatch.setattr(fused_attention, "_compiled", broken)
-    monkeypatch.setattr(fused_attention, "_passed", {})  # the first use's check meets the failure, in any test order
+    monkeypatch.setattr(fused_check, "_passed", {})  # the first use's check meets the failure, in any test order
+    calls = count_calls(monkeypatch)
     with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
         through = analyses(vm, images, monkeypatch, "interpret")
     assert "PTX assembly failed" in (fused_attention.failure() or "")
-    assert "forming the attention from now on" in caplog.text
-    assert not fused_attention.usable(torch.device("cpu"))
+    assert caplog.text.count("such layers are formed from now on") == 1
+    assert len(calls) == 2  # each layer asked; the first one's check declined the variant, the second's was declined
+    assert len(fused_attention._declined) == 1 and not fused_check._passed
     assert_same_analysis(formed[0], through[0])
 
 
@@ -283,12 +288,13 @@ def test_a_kernel_that_fails_turns_the_route_off_and_the_analysis_is_formed(fuse
 def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_forms_the_attention(
     fused, monkeypatch, caplog, wrong, said
 ):
-    """Before its first use on a device the kernels run a small layer there against float64: a compiler or device that
-    gets them wrong (which only a GPU would show) turns them off, and the analysis is the formed one."""
-    assert fused.self_check(torch.device("cpu")) is None
-    kernel = fused_attention.attention
+    """Before its first use on a device each compile of the kernels runs a small layer there against float64: a
+    compiler or device that gets them wrong (which only a GPU would show) turns them off, and the analysis is the
+    formed one."""
+    assert fused_check.self_check(torch.device("cpu")) is None
+    kernel = fused_attention._run
 
-    def miscomputed(q, k, v, scale, rows, dist=None, p=0, head_sum=None, bias=None):
+    def miscomputed(q, k, v, scale, rows, dist, p, head_sum, bias):
         out = kernel(q, k, v, scale, rows, dist, p, head_sum, bias)
         if wrong == "entropy":
             rows["entropy"][0, 1, 5] += 1e-3
@@ -301,15 +307,15 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     images = [random_image(13)]
     formed = analyses(vm, images, monkeypatch, "0")
-    monkeypatch.setattr(fused_attention, "attention", miscomputed)
-    assert said in (fused.self_check(torch.device("cpu")) or "")
-    monkeypatch.setattr(fused_attention, "_passed", {})
+    monkeypatch.setattr(fused_attention, "_run", miscomputed)
+    assert said in (fused_check.self_check(torch.device("cpu")) or "")
+    monkeypatch.setattr(fused_check, "_passed", {})
     calls = count_calls(monkeypatch)
     with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
         through = analyses(vm, images, monkeypatch, "interpret")
-    assert said in (fused.failure() or "") and "self-check on interpret" in fused.failure()
+    assert said in (fused.failure() or "") and "self-check on interpret (float32, 3 heads of 64" in fused.failure()
     assert "forming the attention from now on" in caplog.text
-    assert calls == [(2, 3, 69, 64)]  # the check's first layer, which failed; the analysis formed its own
+    assert calls == [(1, 3, 17, 64)]  # the first layer's check failed; the analysis formed every layer
     assert not fused.usable(torch.device("cpu"))
     assert_same_analysis(formed[0], through[0])
 
@@ -324,11 +330,12 @@ def test_a_variant_that_fails_to_launch_is_declined_and_the_others_still_run(fus
         if kwargs["BLOCK_D"] > 64:
             raise RuntimeError("out of resource: shared memory, Required: 262144 (simulated)")
 
-    watch_launches(monkeypatch, limited)
     torch.manual_seed(6)
     dist = patch_distance_matrix((2, 34), 16)
     wide = [t.contiguous() for t in torch.randn(3, 1, 2, 70, 80).unbind(0)]  # 80-wide heads: a 128-wide block
     narrow = [t.contiguous() for t in torch.randn(3, 1, 2, 70, 64).unbind(0)]
+    run(*narrow, 64**-0.5, dist, 2)  # (its compile's check, before the launches are watched)
+    watch_launches(monkeypatch, limited)
     with caplog.at_level("WARNING", logger="vizapp.fused_attention"):
         assert run(*wide, 80**-0.5, dist, 2)[0] is None
         assert run(*wide, 80**-0.5, dist, 2)[0] is None  # declined before any launch
@@ -345,16 +352,85 @@ def test_a_variant_that_fails_to_launch_is_declined_and_the_others_still_run(fus
 
 
 def test_a_self_check_that_raises_turns_the_kernels_off_instead_of_failing_the_analysis(fused, monkeypatch):
-    def raising(device):
+    def raising(device, layer):
         raise RuntimeError("CUDA error: out of memory (simulated)")
 
-    monkeypatch.setattr(fused_attention, "self_check", raising)
-    monkeypatch.setattr(fused_attention, "_passed", {})
+    monkeypatch.setattr(fused_check, "self_check", raising)
+    monkeypatch.setattr(fused_check, "_passed", {})
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     calls = count_calls(monkeypatch)
     result = analyses(vm, [random_image(14)], monkeypatch, "interpret")[0]
     assert "the check raised RuntimeError: CUDA error: out of memory" in (fused.failure() or "")
-    assert calls == [] and np.isfinite(result.statistics["distance"]).all()
+    assert calls == [(1, 3, 17, 64)]  # the first layer's check raised: it and the other layer were formed
+    assert np.isfinite(result.statistics["distance"]).all() and not fused.usable(torch.device("cpu"))
+
+
+CHECKED_LAYERS = [
+    fused_check.CheckLayer(),  # float32, 64-wide heads, a CLS token, entropy, distance and head sum
+    fused_check.CheckLayer(bias=torch.float32),
+    fused_check.CheckLayer(dtype=torch.bfloat16, bias=torch.bfloat16),
+    fused_check.CheckLayer(dtype=torch.float16, head_sum=False),
+    fused_check.CheckLayer(heads=1, head_dim=80, prefix=5, aligned=True),  # a 128-wide block, 80 tokens
+    fused_check.CheckLayer(head_dim=24, prefix=0, entropy=False, dist=torch.float64),
+    fused_check.CheckLayer(head_dim=16, prefix=70, distance=False),  # more prefix tokens than the default layer has
+]
+
+
+@pytest.mark.parametrize("layer", CHECKED_LAYERS, ids=str)
+def test_the_check_of_each_compile_passes_on_the_kernels_themselves(fused, layer):
+    assert fused_check.self_check(torch.device("cpu"), layer) is None
+
+
+def test_each_compile_is_checked_once_at_its_first_use(fused, monkeypatch):
+    """Triton compiles the kernels once per dtype, head block, bias and set of statistics (and for integers equal to 1
+    or divisible by 16): each such compile runs its own check at its first launch, and only then."""
+    seen: list[fused_check.CheckLayer] = []
+    real = fused_check.self_check
+    monkeypatch.setattr(fused_check, "self_check", lambda device, layer: seen.append(layer) or real(device, layer))
+    monkeypatch.setattr(fused_check, "_passed", {})
+    torch.manual_seed(8)
+    dist = patch_distance_matrix((4, 4), 16)
+    q, k, v = torch.randn(3, 1, 2, 17, 32).unbind(0)
+    bias = torch.randn(1, 2, 17, 17)
+    for _ in range(2):
+        run(q, k, v, 32**-0.5, dist, 1)
+        run(q, k, v, 32**-0.5, dist, 1, bias=bias)
+        run(q, k, v, 32**-0.5, dist, 1, head_sum=False)
+        run(*(t.bfloat16() for t in (q, k, v)), 32**-0.5, dist, 1)
+        run(q[:, :1], k[:, :1], v[:, :1], 32**-0.5, dist, 1)  # one head
+    plain = fused_check.CheckLayer(head_dim=32)
+    assert seen == [
+        plain,
+        replace(plain, bias=torch.float32),
+        replace(plain, head_sum=False),
+        replace(plain, dtype=torch.bfloat16),
+        replace(plain, heads=1),
+    ]
+    assert list(fused_check._passed.values()) == [True] * 5 and fused_attention.failure() is None
+
+
+def test_a_bfloat16_compile_is_checked_apart_from_the_float32_one(fused, monkeypatch):
+    """A device or compiler that gets only the bfloat16 kernels wrong passes the float32 layers' check; the first
+    bfloat16 layer's own check then turns the kernels off, and that layer is formed."""
+    kernel = fused_attention._run
+
+    def wrong_in_bfloat16(q, *args):
+        out = kernel(q, *args)
+        if out is not None and q.dtype == torch.bfloat16:
+            out[0, 0, 0] += 0.05  # beyond bfloat16's rounding (2^-7 relative to max(|value|, 1))
+        return out
+
+    monkeypatch.setattr(fused_attention, "_run", wrong_in_bfloat16)
+    monkeypatch.setattr(fused_check, "_passed", {})
+    torch.manual_seed(7)
+    dist = patch_distance_matrix((4, 17), 16)
+    q, k, v = torch.randn(3, 1, 2, 69, 64).unbind(0)
+    assert run(q, k, v, 0.125, dist, 1)[0] is not None
+    assert run(*(t.bfloat16() for t in (q, k, v)), 0.125, dist, 1)[0] is None
+    said = fused_attention.failure() or ""
+    assert "self-check on interpret (bfloat16, 3 heads of 64, entropy, distance, head sum)" in said, said
+    assert "the output differs from float64's" in said
+    assert not fused_attention.usable(torch.device("cpu"))
 
 
 def test_a_batch_beyond_the_grids_axis_limit_is_launched_in_slices_of_images(fused, monkeypatch):
@@ -450,8 +526,7 @@ def test_without_a_gpu_a_device_that_says_cuda_does_not_take_the_compiled_kernel
     monkeypatch.setattr(fused_attention, "interpreted", lambda: False)
     assert not fused_attention.usable(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fused_attention, "_passed", {"cuda:0": True})  # as if its self-check had passed there
-    assert fused_attention.usable(torch.device("cuda", 0))
+    assert fused_attention.usable(torch.device("cuda", 0))  # (each compile's check comes at its first launch)
     assert not fused_attention.usable(torch.device("cpu"))
 
 

@@ -23,24 +23,26 @@ forms the attention for anything else, and for any statistic whose row value is 
 
 ``VIZAPP_FUSED_ATTENTION``: unset or ``1``, the kernels run on a CUDA device where Triton imports; ``0``, never;
 ``interpret``, also on the CPU through Triton's interpreter (slow: for tests; the process must start with
-``TRITON_INTERPRET=1``). Before their first use on a device they run a small layer there and are compared with
-float64 (:func:`self_check`). Kernels that fail that check are reported (:func:`failure`), and the process forms the
-attention from then on; a variant of them that fails to compile or launch (for one head width, bias or set of
-statistics) is reported once, and the layers that need it are formed. Triton compiles each kernel at its first launch
-for a new shape (an eager run, before any CUDA graph records it) and keeps it in its on-disk cache.
+``TRITON_INTERPRET=1``). Each compile of them (its dtypes, head block, bias and statistics) runs a small layer on a
+device before its first use there and is compared with float64 (:mod:`vizapp.fused_check`). Kernels that fail that
+check are reported (:func:`failure`), and the process forms the attention from then on; a variant of them that fails
+to compile or launch (for one head width, bias or set of statistics) is reported once, and the layers that need it are
+formed. Triton compiles each kernel at its first launch for a new shape (an eager run, before any CUDA graph records
+it) and keeps it in its on-disk cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from vizapp import fused_check
 
 tl = None  # triton.language, imported once the kernels may run (_triton): importing it costs a CPU process 0.5 s
 
@@ -80,8 +82,6 @@ _lock = threading.Lock()
 _kernels: tuple | None = None  # (rows kernel, head-sum kernel), once jitted
 _failure: str | None = None  # why the kernels are off in this process (a failed self-check)
 _declined: dict[tuple, str] = {}  # a kernel variant (head block, statistics, bias, head sum) -> why it failed to run
-_passed: dict[str, bool] = {}  # device -> the kernels passed self_check there
-_check_lock = threading.Lock()
 
 
 def mode() -> str:
@@ -122,103 +122,17 @@ def interpreted() -> bool:
 
 
 def usable(device: torch.device) -> bool:
-    """The fused kernels run for tensors on ``device``: a CUDA device with Triton (unless turned off), or the CPU with
-    ``VIZAPP_FUSED_ATTENTION=interpret`` in a process started with ``TRITON_INTERPRET=1`` (Triton reads it when it is
-    first imported: its own helpers are then interpreted too)."""
+    """The fused kernels may run for tensors on ``device``: a CUDA device with Triton (unless turned off), or the CPU
+    with ``VIZAPP_FUSED_ATTENTION=interpret`` in a process started with ``TRITON_INTERPRET=1`` (Triton reads it when it
+    is first imported: its own helpers are then interpreted too). Each compile of them is checked at its first use
+    there (:func:`vizapp.fused_check.checked`)."""
     setting = mode()
     if setting == "0" or _failure is not None:
         return False
     if setting == "interpret":
-        return interpreted() and _checked("interpret", torch.device("cpu"))
+        return interpreted()
     # a real CUDA device (not the simulated one of tests/devicesim), Triton importable and not interpreting
-    if device.type != "cuda" or not torch.cuda.is_available() or not _triton() or interpreted():
-        return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return _checked(f"cuda:{index}", torch.device("cuda", index))
-
-
-def _checked(key: str, device: torch.device) -> bool:
-    """The kernels passed :func:`self_check` on ``device`` (run once per device and process, at its first use); False
-    while a CUDA graph is being recorded on a device not yet checked (the check would wait on the device), the
-    attention is then formed."""
-    if key in _passed:
-        return _passed[key] and _failure is None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    with _check_lock:
-        if key not in _passed:
-            try:
-                problem = self_check(device)
-            except Exception as error:  # noqa: BLE001  (the check itself failed: the attention is formed)
-                problem = f"the check raised {type(error).__name__}: {error}"
-            _passed[key] = problem is None
-            if problem is not None:
-                _turn_off(RuntimeError(f"self-check on {key}: {problem}"))
-    return _passed[key] and _failure is None
-
-
-def self_check(device: torch.device) -> str | None:
-    """Run both kernels on a small layer on ``device`` and compare every result with float64's on the host: None where
-    each agrees to 1e-4, else what differed and by how much.
-
-    The layer: 2 images, 3 heads, 69 tokens (a last tile of queries and of keys with 5 rows), one prefix token before
-    a 2 x 34 grid, 64-wide heads (as most ViTs have: Triton's compile for a CLS token and 64-wide heads is then often
-    the one an analysis launches), with and without a bias that masks every key but the last 5 for some rows. A
-    compiler or device that computes the kernels wrongly, which only a GPU run would otherwise show, thus turns them
-    off before any analysis uses them. On a GPU it costs their compilation for these shapes (Triton keeps it in its
-    on-disk cache) and a few milliseconds."""
-    from vizapp.analysis.distance import patch_distance_matrix
-
-    gen = torch.Generator().manual_seed(20261207)
-    b, h, n, d, prefix = 2, 3, 69, 64, 1
-    q, k, v = (torch.randn(b, h, n, d, generator=gen) * 1.5 for _ in range(3))
-    bias = torch.randn(1, h, n, n, generator=gen)
-    bias[:, :, 10:20, :64] = float("-inf")  # these rows see only the last 5 keys: whole key tiles masked first
-    dist = patch_distance_matrix((2, 34), 16)
-    scale = d**-0.5
-    for with_bias in (None, bias):
-        rows = {
-            "entropy": torch.full((b, h, n), float("nan"), device=device),
-            "distance": torch.full((b, h, n - prefix), float("nan"), device=device),
-        }
-        head_sum = torch.full((b, n, n), float("nan"), device=device)
-        moved = [t.to(device) for t in (q, k, v)]
-        with torch.autocast(device.type, enabled=False):
-            out = attention(
-                *moved, scale, rows, dist.to(device), prefix, head_sum, None if with_bias is None else bias.to(device)
-            )
-        if out is None:
-            return f"the kernels did not run ({failure()})"
-        got = {"output": out, "entropy": rows["entropy"], "distance": rows["distance"], "head sum": head_sum}
-        for name, want in reference(q, k, v, scale, dist, prefix, with_bias).items():
-            have = got[name].detach().double().cpu()
-            error = (have - want).abs().div(want.abs().clamp(min=1.0)).nan_to_num(nan=math.inf).max().item()
-            if not error <= 1e-4:
-                bias_said = "with" if with_bias is not None else "without"
-                return f"the {name} differs from float64's by {error:.3g} (relative), {bias_said} a bias"
-    return None
-
-
-def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    dist: torch.Tensor,
-    num_prefix_tokens: int,
-    bias: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """What the kernels compute, from the attention formed in float64: "output" [B, H, N, d], "entropy" [B, H, N],
-    "distance" [B, H, P] (the patch queries' rows) and "head sum" [B, N, N]."""
-    s = q.double() @ k.double().transpose(-1, -2) * scale
-    a = torch.softmax(s if bias is None else s + bias.double(), dim=-1)
-    patches = a[:, :, num_prefix_tokens:, num_prefix_tokens:]
-    return {
-        "output": a @ v.double(),
-        "entropy": torch.special.entr(a).sum(-1),
-        "distance": (patches * dist.double()).sum(-1) / patches.sum(-1),
-        "head sum": a.sum(1),
-    }
+    return device.type == "cuda" and torch.cuda.is_available() and _triton() and not interpreted()
 
 
 def _rows_kernel(
@@ -389,6 +303,11 @@ def _decline(variant: tuple, error: BaseException) -> None:
     log.warning("vizapp's fused attention kernels failed (%s); such layers are formed from now on", _declined[variant])
 
 
+def block(head_dim: int) -> int:
+    """The head's block in the kernels: its width rounded up to a power of two, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _bias_fits(bias: torch.Tensor | None, b: int, h: int, n: int) -> bool:
     """No bias, or an additive one the kernels take for [b, h, n, n] attention: [b or 1, h or 1, n, n]."""
     return bias is None or (
@@ -432,19 +351,41 @@ def attention(
     unknown = set(rows) - set(ROW_QUANTITIES)
     if unknown:
         raise ValueError(f"the fused kernel computes {ROW_QUANTITIES}, not {sorted(unknown)}")
-    b, h, n, d = q.shape
-    dev = q.device
+    b, h, n, _ = q.shape
     if not _bias_fits(bias, b, h, n):
         raise ValueError(f"a bias for [{b}, {h}, {n}, {n}] attention, got {tuple(bias.shape)}")
-    if bias is not None:
-        bias = bias.expand(b, h, n, n)  # a broadcast dimension's stride is 0
     if not _offsets_fit(q, k, v, head_sum, bias, *rows.values()) or b * h * n >= 2**31 or b * n * n >= 2**31:
         return None  # the kernels' offsets are 32-bit: so large a batch is formed instead
-    ent, dst = rows.get("entropy"), rows.get("distance")
-    if dst is not None and (dist is None or dist.stride(-1) != 1):
+    if "distance" in rows and (dist is None or dist.stride(-1) != 1):
         raise ValueError("the mean distance needs the patch distances [P, P], contiguous rows")
     if head_sum is not None and head_sum.stride(-1) != 1:
         raise ValueError("the head sum needs a unit last stride")
+    layer = fused_check.CheckLayer.of(q, rows, dist, num_prefix_tokens, head_sum is not None, bias)
+    if layer.variant in _declined or layer.variant[0] not in ROWS_TILES:
+        return None  # (a head wider than 128 is formed)
+    if not fused_check.checked(q.device, layer):
+        return None
+    return _run(q, k, v, scale, rows, dist, num_prefix_tokens, head_sum, bias)
+
+
+def _run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rows: dict[str, torch.Tensor],
+    dist: torch.Tensor | None,
+    num_prefix_tokens: int,
+    head_sum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """:func:`attention`'s launches, for arguments it has checked (and :func:`vizapp.fused_check.self_check`'s): the output, or None
+    where this variant of the kernels is declined or failed to compile or launch now."""
+    b, h, n, d = q.shape
+    dev = q.device
+    if bias is not None:
+        bias = bias.expand(b, h, n, n)  # a broadcast dimension's stride is 0
+    ent, dst = rows.get("entropy"), rows.get("distance")
     out = torch.empty((b, h, n, d), dtype=v.dtype, device=dev)
     m = torch.empty((b, h, n), dtype=torch.float32, device=dev)
     l_ = torch.empty_like(m)
@@ -452,10 +393,10 @@ def attention(
     e_t, d_t = (ent if ent is not None else dummy), (dst if dst is not None else dummy)
     dmat = dist if dist is not None else dummy
     b_t, b_strides = (bias, bias.stride()) if bias is not None else (dummy, (0, 0, 0, 0))
-    block_d = max(16, 1 << (d - 1).bit_length())
+    block_d = block(d)
     variant = (block_d, ent is not None, dst is not None, bias is not None, head_sum is not None)
     if variant in _declined or block_d not in ROWS_TILES:
-        return None  # (a head wider than 128 is formed)
+        return None
     rows_m, rows_n, rows_warps, rows_stages = ROWS_TILES[block_d]
     sum_m, sum_n, sum_warps, sum_stages = SUM_TILES[block_d]
 

@@ -58,7 +58,7 @@ def fused_route(device: str, after: bool = False) -> dict[str, str]:
         version = f"Triton {triton.__version__}"
     except ImportError:
         version = "no Triton"
-    used = fused_attention.usable(torch.device(device))  # (first: it runs the kernels' self-check on a GPU)
+    used = fused_attention.usable(torch.device(device))  # (each compile is checked at its first launch, in the run)
     failed = fused_attention.failure()
     if failed:
         said = failed[:200]
