@@ -409,6 +409,25 @@ def test_each_compile_is_checked_once_at_its_first_use(fused, monkeypatch):
     assert list(fused_check._passed.values()) == [True] * 5 and fused_attention.failure() is None
 
 
+def test_a_benchmark_run_reports_the_compiles_checked(fused, monkeypatch):
+    from benchmarks.bench.machine import fused_route
+
+    monkeypatch.setattr(fused_check, "_passed", {})
+    torch.manual_seed(9)
+    dist = patch_distance_matrix((4, 4), 16)
+    q, k, v = torch.randn(3, 1, 2, 17, 32).unbind(0)
+    assert "0 compiles checked" in fused_route("cpu", after=True)["fused attention kernels at end"]
+    run(q, k, v, 32**-0.5, dist, 1)
+    run(q, k, v, 32**-0.5, dist, 1, head_sum=False)
+    said = fused_route("cpu", after=True)["fused attention kernels at end"]
+    assert said.startswith("on; 2 compiles checked and passed on interpret (Triton "), said
+    fused_check._passed[("cuda:0", fused_check.CheckLayer(dtype=torch.bfloat16))] = False
+    assert (
+        "; failed: cuda:0 (bfloat16, 3 heads of 64, entropy, distance, head sum)"
+        in fused_route("cpu", True)["fused attention kernels at end"]
+    )
+
+
 def test_a_bfloat16_compile_is_checked_apart_from_the_float32_one(fused, monkeypatch):
     """A device or compiler that gets only the bfloat16 kernels wrong passes the float32 layers' check; the first
     bfloat16 layer's own check then turns the kernels off, and that layer is formed."""

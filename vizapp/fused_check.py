@@ -93,6 +93,18 @@ def checked(device: torch.device, layer: CheckLayer) -> bool:
     return _passed[key] and fused_attention._failure is None
 
 
+def checked_compiles() -> str:
+    """What this process's checks found, for a run's report: how many compiles passed on which devices, and each that
+    failed with its layer."""
+    passed = sorted({device for (device, _), ok in _passed.items() if ok})
+    count = sum(_passed.values())
+    said = f"{count} compile{'s' if count != 1 else ''} checked and passed" + (
+        f" on {', '.join(passed)}" if passed else ""
+    )
+    failed = [f"{device} ({layer})" for (device, layer), ok in _passed.items() if not ok]
+    return said + (f"; failed: {'; '.join(failed)}" if failed else "")
+
+
 def self_check(device: torch.device, layer: CheckLayer = CheckLayer()) -> str | None:
     """Run both kernels' compile for ``layer`` on a small layer on ``device`` and compare every result with float64's
     on the host: None where each agrees to 1e-4 (the output to its dtype's rounding besides), else what differed and

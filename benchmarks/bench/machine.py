@@ -65,6 +65,10 @@ def fused_route(device: str, after: bool = False) -> dict[str, str]:
         route = f"on, but a variant failed and its layers are formed: {said}" if used else f"failed, formed: {said}"
     else:
         route = "on" if used else "off"
+    if after:  # each compile's check ran at its first launch, during the run
+        from vizapp import fused_check
+
+        route += f"; {fused_check.checked_compiles()}"
     key = "fused attention kernels" + (" at end" if after else "")
     return {key: f"{route} ({version}, VIZAPP_FUSED_ATTENTION={fused_attention.mode()})"}
 
