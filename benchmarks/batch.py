@@ -96,7 +96,7 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
         out[f"{k}_faults"] = statistics.median(t[2] for t in v)
     inputs = [vm.transform(im)[None] for im in images]
     out["b_forwards"] = len(forward_groups(vm, inputs))
-    out["c_forwards"] = len(forward_groups(vm, inputs, gradients=True)) if class_maps else float("nan")
+    out["c_forwards"] = len(forward_groups(vm, inputs, gradients=True, graph=True)) if class_maps else float("nan")
     return out
 
 

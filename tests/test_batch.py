@@ -76,17 +76,25 @@ def counted_forwards(vm):
 
 @contextlib.contextmanager
 def counted_backwards(monkeypatch):
-    """Every backward pass run through torch.autograd.grad or torch.autograd.backward (Tensor.backward too)."""
+    """Every backward pass run through torch.autograd.grad or torch.autograd.backward (Tensor.backward too); not
+    those a backward runs inside itself (vizapp.graph_maps forms each layer's attention again in its backward)."""
     calls: list[str] = []
     grad, backward = torch.autograd.grad, torch.autograd.backward
+    depth = [0]
 
-    def counting_grad(*args, **kwargs):
-        calls.append("grad")
-        return grad(*args, **kwargs)
+    def counted(name, run):
+        def call(*args, **kwargs):
+            if depth[0] == 0:
+                calls.append(name)
+            depth[0] += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
-    def counting_backward(*args, **kwargs):
-        calls.append("backward")
-        return backward(*args, **kwargs)
+        return call
+
+    counting_grad, counting_backward = counted("grad", grad), counted("backward", backward)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     monkeypatch.setattr(torch.autograd, "backward", counting_backward)
@@ -445,6 +453,29 @@ def test_on_the_simulated_gpu_a_batch_takes_the_gpus_budget(card_model, monkeypa
         assert forward_groups(vm, inputs) == [[0, 1, 2, 3], [4]]
 
 
+def test_the_class_maps_of_a_batch_go_in_forwards_of_the_attention_graphs_size(card_model, monkeypatch):
+    """The maps straight from an AttentionGraph keep no attention, so their forwards are sized by
+    limits.attention_graph_bytes (by hand: 14·L·N·D + 12·L·N² + 10·N·D + 4·H·N² floats' bytes), not by an analysis
+    with its attention in the graph."""
+    assert (
+        limits.attention_graph_bytes(2, 10, 3, width=192)
+        == 4 * (14 * 2 * 10 * 192 + 10 * 10 * 192 + 4 * 3 * 100) + 2400
+    )
+    vm = load("card", card_model)
+    gh, gw = vm.grid_size
+    each = limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
+    assert each < sum(limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, True))
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES", 2 * each + 1)
+    imgs = images(5, seed=2)
+    with counted_forwards(vm) as forwards:
+        maps = vizapp.explain(vm, imgs, GRADIENT_MAPS)
+    assert forwards == [2, 2, 1]
+    with counted_forwards(vm) as forwards:
+        alone = vizapp.explain(vm, imgs[4:], GRADIENT_MAPS)
+    for name in GRADIENT_MAPS:
+        np.testing.assert_allclose(maps[name][4:], alone[name], rtol=1e-5, atol=1e-7)
+
+
 def test_layer_statistics_of_a_batch_equal_each_image_alone():
     """Chunks of two images arriving interleaved, heads and rows split, reduce as two batches of one."""
     from vizapp.analysis.distance import patch_distance_matrix
@@ -631,6 +662,40 @@ def test_the_maps_of_the_attention_graph_skip_the_analyses_and_equal_them(fid, c
                 assert_same_map(maps[name][b], expected[name][b])
             if i < len(through_analyses):
                 np.testing.assert_allclose(maps[name], through_analyses[i][name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fid", ["card", "beit", "gap_reg4"])
+def test_the_attention_graph_forms_the_attention_again_in_the_backward_and_keeps_none(fid, card_model):
+    """The graph holds each layer's q, k and v, not its attention: no [B, H, N, N] tensor is saved for the backward,
+    where keeping the attention saves several a layer. Every map equals the kept attention's route (the second code
+    path) to float64 rounding: the whole batch, a second class for some images from a retained graph, BEiT's bias."""
+    from vizapp import graph_maps
+
+    vm = load(fid, card_model)
+    x = torch.stack([vm.transform(img) for img in images(3, seed=9)])
+    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    n = vm.num_prefix_tokens + gh * gw
+    asked = {name: graph_maps.options(vm, name) for name in ["rollout", *GRADIENT_MAPS]}
+    found = {}
+    for recompute in (True, False):
+        square: list[tuple[int, ...]] = []
+
+        def saved(t, square=square):
+            if t.dim() == 4 and t.shape[0] == 3 and t.shape[-2:] == (n, n):  # (BEiT's shared bias is [1, H, N, N])
+                square.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
+            graph = graph_maps.AttentionGraph(vm, x, recompute=recompute)
+        assert (square == []) == recompute, square
+        first = graph.plain_maps(asked) | graph.class_maps(asked, [1, 2, 0], retain=True)
+        again = graph.class_maps(asked, [3, 4], members=[2, 0])
+        found[recompute] = (first, again)
+    for mine, kept in zip(found[True], found[False], strict=True):
+        assert mine.keys() == kept.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], kept[name], rtol=1e-12, atol=1e-12)
+    assert maps_differ(found[True][1]["relevance"][0].numpy(), found[True][1]["relevance"][1].numpy()) or fid == "beit"
 
 
 def test_one_image_of_the_attention_graph_takes_the_one_image_operations(card_model):

@@ -528,3 +528,19 @@ def test_the_gpu_profile_times_both_forms_of_the_device_digest_on_the_simulated_
         "  device sums, float64 form",
     ]
     assert all(t > 0 for _, t in rows)
+
+
+def test_the_graph_memory_benchmark_measures_both_routes_in_their_own_processes(tmp_path):
+    """benchmarks.graph_memory on a tiny ViT: one row, both routes' peaks (each process's own, above its baseline)
+    and times, and the ratios between them."""
+    from benchmarks import graph_memory
+
+    out = tmp_path / "graph.md"
+    graph_memory.main(["--case", "vit_tiny_patch16_224:2", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    [row] = [line for line in out.read_text().splitlines() if line.startswith("| vit_tiny")]
+    cells = [c.strip().replace(",", "") for c in row.strip("|").split("|")]
+    assert cells[1] == "2"
+    kept, again, ratio = float(cells[2]), float(cells[3]), float(cells[4])
+    assert kept >= 1 and again >= 1  # (MiB, rounded: the ratio is of the unrounded bytes)
+    assert (again - 0.5) / (kept + 0.5) - 0.005 <= ratio <= (again + 0.5) / (kept - 0.5) + 0.005
+    assert float(cells[5]) > 0 and float(cells[6]) > 0

@@ -84,18 +84,25 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, i
     return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients, vm.device)
 
 
-def forward_groups(vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False) -> list[list[int]]:
+def forward_groups(
+    vm: VizModel, inputs: Sequence[torch.Tensor], gradients: bool = False, graph: bool = False
+) -> list[list[int]]:
     """The images (indices into ``inputs``, each [1, C, H, W]) that go through each forward: those of one input size
     together (a model whose transform keeps the aspect ratio gives several), at most as many as fit
-    :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`, and at
-    least one."""
+    :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`
+    (``graph``: by :func:`vizapp.limits.attention_graph_bytes`, for the maps of a
+    :class:`vizapp.graph_maps.AttentionGraph`), and at least one."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(tuple(x.shape), []).append(i)
     groups = []
     for members in by_shape.values():
-        kept, working = _image_bytes(vm, inputs[members[0]], gradients)
-        size = max(1, limits.batch_forward_bytes(torch.device(vm.device)) // (kept + working))
+        if graph and not vm.windowed:
+            gh, gw = vm.grid_for(inputs[members[0]].shape[-2], inputs[members[0]].shape[-1])
+            per_image = limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
+        else:
+            per_image = sum(_image_bytes(vm, inputs[members[0]], gradients))
+        size = max(1, limits.batch_forward_bytes(torch.device(vm.device)) // per_image)
         groups += [members[j : j + size] for j in range(0, len(members), size)]
     return groups
 
@@ -242,7 +249,8 @@ def explain(
     if direct:
         checked = {m.name: graph_maps.options(vm, m.name, **per_method[m.name]) for m in on_analysis}
     maps: dict[str, list[np.ndarray | None]] = {name: [None] * len(inputs) for name in names}
-    for members in forward_groups(vm, [x for x, _ in inputs], gradients or bool(own_run)):
+    groups = forward_groups(vm, [x for x, _ in inputs], gradients or bool(own_run), graph=direct and not own_run)
+    for members in groups:
         x = torch.cat([inputs[i][0] for i in members])
         for m in own_run:  # None -> each image's top-1 class, from the method's own forward
             found_maps = m.batch(

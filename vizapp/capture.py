@@ -237,6 +237,10 @@ class AttentionCapture:
         self._handles: list[Any] = []
         self._owner: int | None = None
 
+    #: with ``with_grad``: ``recompute(capture, layer, q, k, v, scale, bias)`` gives a layer's output in the graph
+    #: instead of the attention formed there (and sets ``maps[layer]``), e.g. one that forms it again in the backward
+    recompute: Callable[..., torch.Tensor] | None = None
+
     def __len__(self) -> int:
         return len(self.modules)
 
@@ -306,6 +310,8 @@ class AttentionCapture:
             self.unexact_layers[layer] = why
             return run()
         if self.with_grad and torch.is_grad_enabled():
+            if self.recompute is not None:  # the attention formed again in the backward (vizapp.graph_maps)
+                return self.recompute(self, layer, q, k, v, scale, bias)
             a = attention_from_qk(q, k, scale, bias)  # [B, H, N, N] in the graph
             self.maps[layer] = a
             if self.on_attention is not None:
@@ -410,15 +416,10 @@ class AttentionCapture:
         plain = (
             a["query"] is a["key"] is a["value"]
             and a["use_separate_proj_weight"] is False
-            and a["bias_k"] is None
-            and a["bias_v"] is None
-            and not a["add_zero_attn"]
-            and a["key_padding_mask"] is None
-            and a["attn_mask"] is None
-            and not a["is_causal"]
-            and not a["need_weights"]
-            and a["static_k"] is None
-            and a["static_v"] is None
+            and all(
+                a[arg] is None for arg in ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+            )
+            and not (a["add_zero_attn"] or a["is_causal"] or a["need_weights"])
             and not (a["training"] and a["dropout_p"])
             and a["query"].dim() == 3
         )

@@ -379,8 +379,8 @@ def _run(
     head_sum: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """:func:`attention`'s launches, for arguments it has checked (and :func:`vizapp.fused_check.self_check`'s): the output, or None
-    where this variant of the kernels is declined or failed to compile or launch now."""
+    """:func:`attention`'s launches, for arguments it has checked (and :func:`vizapp.fused_check.self_check`'s): the
+    output, or None where this variant of the kernels is declined or failed to compile or launch now."""
     b, h, n, d = q.shape
     dev = q.device
     if bias is not None:

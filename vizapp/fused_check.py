@@ -114,8 +114,9 @@ def self_check(device: torch.device, layer: CheckLayer = CheckLayer()) -> str | 
     69 tokens (a last tile of queries and of keys with 5 rows; 80 where the model's count is a multiple of 16; more
     for a long prefix); with a bias when ``layer`` has one, that masks every key but the last 5 for some rows. The
     default is the float32 compile without a bias that most ViTs use. A compiler or device that computes the kernels
-    wrongly, which only a GPU run would otherwise show, thus turns them off before an analysis uses them. On a GPU it costs the compilation for that layer (Triton keeps it in its on-disk cache; it is usually
-    the one the analysis launches next) and a few milliseconds."""
+    wrongly, which only a GPU run would otherwise show, thus turns them off before an analysis uses them. On a GPU it
+    costs the compilation for that layer (Triton keeps it in its on-disk cache; it is usually the one the analysis
+    launches next) and a few milliseconds."""
     from vizapp.analysis.distance import patch_distance_matrix
 
     gen = torch.Generator().manual_seed(20261207)

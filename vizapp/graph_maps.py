@@ -27,6 +27,7 @@ import torch
 from vizapp import checks, gradient_pass
 from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
 from vizapp.analysis.rollout import fuse_heads, rollout_row
+from vizapp.attention import attention_from_qk
 from vizapp.capture import AttentionCapture
 from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_layer
 from vizapp.models import VizModel
@@ -93,32 +94,92 @@ def replayed(vm: VizModel, x: torch.Tensor) -> bool:
     return x.shape[0] == 1 and gradient_pass.graphable(vm, x[:1])
 
 
-class AttentionGraph:
-    """One forward of inputs ``x`` [B, C, H, W] with every layer's attention in the autograd graph (its check that
-    every layer's attention is vizapp's exact one raises UnsupportedModelError), and the maps it gives."""
+class _Recomputed(torch.autograd.Function):
+    """A layer's output softmax(q kᵀ·scale + bias)·v, in the operations of the attention formed in the graph (so its
+    value, and every gradient, is theirs), without keeping the attention: its backward forms it again from the saved
+    q, k and v, takes their gradients through it, and writes the layer's Ā = mean_h max(∂score/∂A ⊙ A, 0) into
+    ``out`` [B, N, N] float64. The graph thus holds q, k and v a layer, not the attention and its softmax's and
+    gradient's copies, 3·H·N² floats a layer and image (ViT-L/16 at 384 px: 2.6 of the 3.4 GB an image's graph
+    holds; :func:`vizapp.limits.analysis_memory`)."""
 
-    def __init__(self, vm: VizModel, x: torch.Tensor) -> None:
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any, scale: float, out: Any) -> Any:
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale, ctx.out = scale, out
+        return (attention_from_qk(q, k, scale, bias) @ v.float()).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        q, k, v, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            a = attention_from_qk(qkv[0], qkv[1], ctx.scale, None if bias is None else bias.detach())
+            output = (a @ qkv[2].float()).to(v.dtype)
+            *grads, grad_a = torch.autograd.grad(output, (*qkv, a), grad_out)
+        a = a.detach()
+        if a.dtype == grad_a.dtype == torch.float32 and a.device.type == "cpu":
+            grad_weighted_heads_into(ctx.out(), a, grad_a)  # the product in the gradient's memory
+        else:
+            ctx.out().copy_(grad_weighted_heads(a, grad_a))
+        needs = ctx.needs_input_grad
+        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None, None)
+
+
+class AttentionGraph:
+    """One forward of inputs ``x`` [B, C, H, W] whose every layer's attention takes part in the autograd graph (its
+    check that every layer's attention is vizapp's exact one raises UnsupportedModelError), and the maps it gives.
+    The attention is formed again in the backward rather than kept (:class:`_Recomputed`), and the plain maps form it
+    again from the kept q and k; ``recompute=False`` keeps it in the graph instead (a second code path, for checks
+    and for the benchmarks' comparison)."""
+
+    def __init__(self, vm: VizModel, x: torch.Tensor, recompute: bool = True) -> None:
         self.vm = vm
         self.size, self.p = x.shape[0], vm.num_prefix_tokens
         self.grid = vm.grid_for(x.shape[-2], x.shape[-1])
         n = self.p + self.grid[0] * self.grid[1]
-        with torch.enable_grad(), AttentionCapture(vm.model, with_grad=True) as cap:
-            self.logits = vm.logits(to_device(x, vm.device, vm.dtype))
-        for layer, a in enumerate(cap.maps):
+        self.n = n
+        self._fused: torch.Tensor | None = None  # [L, B, N, N] float64: each layer's Ā from the last backward
+        cap = AttentionCapture(vm.model, with_grad=True)
+        if recompute:
+            cap.recompute = self._layer
+        with torch.enable_grad(), cap:  # (the input needs a gradient: the graph is made when no weight needs one too)
+            self.logits = vm.logits(to_device(x, vm.device, vm.dtype).detach().requires_grad_(True))
+        for layer, q in enumerate(cap.q):
             if layer in cap.unexact_layers:
                 raise unexact_layer(layer, cap.unexact_layers[layer])
-            if a is None:
+            if q is None or cap.maps[layer] is None:
                 raise UnsupportedModelError(
                     f"layer {layer} formed its attention without scaled_dot_product_attention, so vizapp cannot take "
                     "its gradient (is fused attention off?)"
                 )
-        if cap.maps[0].shape[-1] != n:
+        if cap.q[0].shape[-2] != n:
             raise RuntimeError(
-                f"{cap.maps[0].shape[-1]} tokens do not match {self.p} prefix tokens + a {self.grid[0]}x{self.grid[1]} "
+                f"{cap.q[0].shape[-2]} tokens do not match {self.p} prefix tokens + a {self.grid[0]}x{self.grid[1]} "
                 "grid"
             )
-        self.maps: list[torch.Tensor] = list(cap.maps)  # [B, H, N, N] per layer, in the graph
-        self.n = n
+        #: recompute=False: each layer's attention [B, H, N, N] in the graph
+        self.formed: list[torch.Tensor] | None = None if recompute else list(cap.maps)
+        # what the backward is asked the gradients of: the first layer's q, k and v, so that every layer's backward
+        # runs (each layer's output is on the way from them to the logits) and no other gradient is kept
+        self.inputs = list(cap.maps) if self.formed is not None else list(cap.maps[0])
+        self.layers = [(cap.q[i], cap.k[i], cap.scales[i], cap.bias[i]) for i in range(len(cap.q))]
+
+    def _layer(
+        self, cap: AttentionCapture, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``AttentionCapture.recompute``: the layer's output through :class:`_Recomputed`, its Ā into this graph's
+        buffer."""
+        cap.maps[layer] = (q, k, v)
+        return _Recomputed.apply(q, k, v, bias, scale, lambda: self._fused[layer])
+
+    def _attention(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s attention [B, H, N, N] float32, formed again from its kept q and k."""
+        if self.formed is not None:
+            return self.formed[layer].detach().float()
+        q, k, scale, bias = self.layers[layer]
+        with torch.no_grad():
+            return attention_from_qk(q.detach(), k.detach(), scale, None if bias is None else bias.detach())
 
     def classes(self, wanted: Sequence[int | None]) -> list[int]:
         """One class per image, None -> its top-1 (one copy of the logits to the host, only when one is asked)."""
@@ -151,10 +212,10 @@ class AttentionGraph:
         out = {}
         for name, opt in asked.items():
             if name == "attention":  # the CLS query's weights to the patches, averaged over the heads
-                out[name] = self.maps[-1].detach()[:, :, 0, self.p :].float().mean(dim=1)
+                out[name] = self._attention(len(self.layers) - 1)[:, :, 0, self.p :].mean(dim=1)
             elif name == "rollout":
                 fused = torch.stack(
-                    [fuse_heads(a.detach().float(), opt.head_fusion) for a in self.maps]
+                    [fuse_heads(self._attention(layer), opt.head_fusion) for layer in range(len(self.layers))]
                 )  # [L, B, N, N]
                 out[name] = self._rows(fused, name, opt)[:, self.p :].float()
         return out
@@ -175,18 +236,19 @@ class AttentionGraph:
         dev = self.logits.device
         picked = tensor_on(rows, dev)
         score = self.logits[picked, tensor_on(list(classes), dev)].sum()
-        grads = list(torch.autograd.grad(score, self.maps, retain_graph=retain))  # [B, H, N, N] per layer
-        b = len(rows)
-        fused = torch.empty((len(grads), b, self.n, self.n), dtype=torch.float64, device=dev)  # Ā: [L, b, N, N]
-        whole = b == self.size
-        for layer, a in enumerate(self.maps):
+        if self._fused is None:
+            self._fused = torch.zeros((len(self.layers), self.size, self.n, self.n), dtype=torch.float64, device=dev)
+        else:
+            self._fused.zero_()  # (a layer whose attention the score does not reach has no backward: its Ā is 0)
+        # each layer's backward writes its Ā [B, N, N] (the images' other than `rows` are 0: their scores are not in it)
+        grads = list(torch.autograd.grad(score, self.inputs, retain_graph=retain, allow_unused=True))
+        for layer, a in enumerate(self.formed or []):  # the attention kept in the graph: ∂score/∂A of every layer
             grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
-            if not whole:
-                a, grad = a.detach()[picked], grad[picked]
             if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
-                grad_weighted_heads_into(fused[layer], a, grad)  # the product in the gradient's memory
+                grad_weighted_heads_into(self._fused[layer], a.detach(), grad)  # the product in the gradient's memory
             else:
-                fused[layer] = grad_weighted_heads(a, grad)
+                self._fused[layer] = grad_weighted_heads(a, grad)
+        fused = self._fused if len(rows) == self.size else self._fused[:, picked]  # Ā: [L, b, N, N]
         return {
             name: self._rows(fused, name, opt)[:, self.p :].float()
             for name, opt in asked.items()

@@ -172,7 +172,8 @@ def _maps(
     if not graph_maps.takes(vm, direct):
         direct = []
     out: dict[int, dict[tuple[str, str], torch.Tensor] | Exception] = {}
-    for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific or bool(own_run)):
+    graph = bool(direct) and not own_run  # (the maps of an AttentionGraph alone: its own memory estimate)
+    for members in forward_groups(vm, [inputs[i][None] for i in images], class_specific or bool(own_run), graph):
         group = [images[j] for j in members]
         t0 = time.perf_counter()
         x = torch.stack([inputs[i] for i in group])
