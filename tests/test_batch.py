@@ -698,6 +698,61 @@ def test_the_attention_graph_forms_the_attention_again_in_the_backward_and_keeps
     assert maps_differ(found[True][1]["relevance"][0].numpy(), found[True][1]["relevance"][1].numpy()) or fid == "beit"
 
 
+def test_an_attention_graph_is_freed_once_nothing_holds_it(card_model):
+    """The recomputing layers' backward finds the graph's buffer without holding the graph: no reference cycle
+    through autograd's nodes (which Python's collector cannot see) keeps the graph, its logits and their autograd
+    graph alive after use."""
+    import gc
+    import weakref
+
+    from vizapp import graph_maps
+
+    vm = load("card", card_model)
+    x = torch.stack([vm.transform(img) for img in images(2, seed=3)])
+    graph = graph_maps.AttentionGraph(vm, x)
+    graph.class_maps({"relevance": graph_maps.options(vm, "relevance")}, [0, 1], retain=True)
+    refs = [weakref.ref(graph), weakref.ref(graph.logits), weakref.ref(graph.inputs[0])]
+    del graph
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+
+
+@pytest.mark.parametrize("fid", ["card", "deit_distilled", "beit"])
+def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_model, monkeypatch):
+    """analyze() keeps no autograd graph: its relevance and gradient rollout for a class then take Ā from one forward
+    and backward that keep no attention (graph_maps.one_image_heads), form no per-head gradient, and equal the
+    per-head route's maps (result.RECOMPUTED off) to 1e-12."""
+    from vizapp import graph_maps, result
+
+    vm = load(fid, card_model)
+    img = images(1, seed=4)[0]
+    r = vizapp.analyze(vm, img)
+    square: list[tuple[int, ...]] = []
+
+    def saved(t):
+        if t.dim() == 4 and t.shape[1:] == (vm.num_heads, r.num_tokens, r.num_tokens):
+            square.append(tuple(t.shape))
+        return t
+
+    forward = graph_maps.AttentionGraph.__init__
+
+    def hooked(*args, **kwargs):  # what the forward saves for the backward (the backward forms a layer at a time)
+        with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
+            forward(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(graph_maps.AttentionGraph, "__init__", hooked)
+        m.setattr(result, "attention_gradients", None)  # (the per-head route's pass: called, it would raise)
+        found = {c: (r.relevance(c), r.grad_rollout(c, start_layer=1)) for c in (1, 3)}
+    assert fid == "beit" or square == []  # (BEiT's relative-position bias is [1, H, N, N], one a layer)
+    monkeypatch.setattr(result, "RECOMPUTED", False)
+    per_head = vizapp.analyze(vm, img)
+    for c, maps in found.items():
+        for mine, theirs in zip(maps, (per_head.relevance(c), per_head.grad_rollout(c, start_layer=1)), strict=True):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert maps_differ(found[1][0], found[3][0]) or fid == "beit"
+
+
 def test_one_image_of_the_attention_graph_takes_the_one_image_operations(card_model):
     """A batch of one image forms its rows as its Analysis does (a matrix-vector product a layer, not a batched one),
     so its maps are the analysis's bit for bit where both see the same attention: the gradient-enabled analysis of

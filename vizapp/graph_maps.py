@@ -17,7 +17,7 @@ which keeps q and k, not every layer's attention, and so does one image on a GPU
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any, scale: float, out: Any) -> Any:
         ctx.save_for_backward(q, k, v, bias)
-        ctx.scale, ctx.out = scale, out
+        ctx.scale, ctx.out = scale, out  # (box, layer): box[0] is the [L, B, N, N] buffer
         return (attention_from_qk(q, k, scale, bias) @ v.float()).to(v.dtype)
 
     @staticmethod
@@ -117,10 +117,12 @@ class _Recomputed(torch.autograd.Function):
             output = (a @ qkv[2].float()).to(v.dtype)
             *grads, grad_a = torch.autograd.grad(output, (*qkv, a), grad_out)
         a = a.detach()
+        box, layer = ctx.out
+        out = box[0][layer]
         if a.dtype == grad_a.dtype == torch.float32 and a.device.type == "cpu":
-            grad_weighted_heads_into(ctx.out(), a, grad_a)  # the product in the gradient's memory
+            grad_weighted_heads_into(out, a, grad_a)  # the product in the gradient's memory
         else:
-            ctx.out().copy_(grad_weighted_heads(a, grad_a))
+            out.copy_(grad_weighted_heads(a, grad_a))
         needs = ctx.needs_input_grad
         return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
@@ -139,6 +141,9 @@ class AttentionGraph:
         n = self.p + self.grid[0] * self.grid[1]
         self.n = n
         self._fused: torch.Tensor | None = None  # [L, B, N, N] float64: each layer's Ā from the last backward
+        # where the backward finds that buffer: a box, not this object, which the graph would then hold in a
+        # reference cycle through autograd's nodes that Python's garbage collector cannot see (a leak of the graph)
+        self._box: list[torch.Tensor | None] = [None]
         cap = AttentionCapture(vm.model, with_grad=True)
         if recompute:
             cap.recompute = self._layer
@@ -171,7 +176,7 @@ class AttentionGraph:
         """``AttentionCapture.recompute``: the layer's output through :class:`_Recomputed`, its Ā into this graph's
         buffer."""
         cap.maps[layer] = (q, k, v)
-        return _Recomputed.apply(q, k, v, bias, scale, lambda: self._fused[layer])
+        return _Recomputed.apply(q, k, v, bias, scale, (self._box, layer))
 
     def _attention(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s attention [B, H, N, N] float32, formed again from its kept q and k."""
@@ -220,16 +225,12 @@ class AttentionGraph:
                 out[name] = self._rows(fused, name, opt)[:, self.p :].float()
         return out
 
-    def class_maps(
-        self,
-        asked: Mapping[str, Options],
-        classes: Sequence[int],
-        members: Sequence[int] | None = None,
-        retain: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Gradient rollout and relevance (those of ``asked``) of images ``members`` (all by default), each for its
-        class ``classes[j]``, [b, P] float32 on the model's device each, from ONE backward of Σ_j logit[c_j] to the
-        attention maps; ``retain`` keeps the graph for a further call (e.g. another class for some images)."""
+    def fused_heads(
+        self, classes: Sequence[int], members: Sequence[int] | None = None, retain: bool = False
+    ) -> torch.Tensor:
+        """Ā = mean_h max(∂logit[c_j]/∂A ⊙ A, 0) of every layer for images ``members`` (all by default), each for its
+        class ``classes[j]``, [L, b, N, N] float64 on the model's device, from ONE backward of Σ_j logit[c_j];
+        ``retain`` keeps the graph for a further call (e.g. another class for some images)."""
         rows = list(range(self.size)) if members is None else list(members)
         if len(classes) != len(rows):
             raise ValueError(f"{len(classes)} classes for {len(rows)} images")
@@ -238,6 +239,7 @@ class AttentionGraph:
         score = self.logits[picked, tensor_on(list(classes), dev)].sum()
         if self._fused is None:
             self._fused = torch.zeros((len(self.layers), self.size, self.n, self.n), dtype=torch.float64, device=dev)
+            self._box[0] = self._fused
         else:
             self._fused.zero_()  # (a layer whose attention the score does not reach has no backward: its Ā is 0)
         # each layer's backward writes its Ā [B, N, N] (the images' other than `rows` are 0: their scores are not in it)
@@ -248,12 +250,39 @@ class AttentionGraph:
                 grad_weighted_heads_into(self._fused[layer], a.detach(), grad)  # the product in the gradient's memory
             else:
                 self._fused[layer] = grad_weighted_heads(a, grad)
-        fused = self._fused if len(rows) == self.size else self._fused[:, picked]  # Ā: [L, b, N, N]
+        return self._fused if len(rows) == self.size else self._fused[:, picked]
+
+    def class_maps(
+        self,
+        asked: Mapping[str, Options],
+        classes: Sequence[int],
+        members: Sequence[int] | None = None,
+        retain: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Gradient rollout and relevance (those of ``asked``) of images ``members`` (all by default), each for its
+        class ``classes[j]``, [b, P] float32 on the model's device each, from ONE backward of Σ_j logit[c_j] to the
+        attention maps (:meth:`fused_heads`)."""
+        fused = self.fused_heads(classes, members, retain)
         return {
             name: self._rows(fused, name, opt)[:, self.p :].float()
             for name, opt in asked.items()
             if name in GRADIENT_METHODS
         }
+
+
+def one_image_heads(vm: VizModel, x: torch.Tensor, cls: int, check: Callable[[], None]) -> torch.Tensor:
+    """Ā of every layer of one input ``x`` [1, C, H, W] for class ``cls``, [L, N, N] float64 on the model's device,
+    from a forward and a backward that keep no attention (:class:`AttentionGraph`); ``check`` (that the weights are
+    still the analysis's) is called before it is returned. What :meth:`Analysis.grad_weighted_heads` takes where no
+    per-head gradient is at hand and no recorded CUDA graph replays the passes: the passes formed with the attention
+    kept held 3.4 GB for ViT-L/16 at 384 px, and the per-head gradients and attention 0.5 GB each besides."""
+    try:
+        fused = AttentionGraph(vm, x).fused_heads([cls])[:, 0]
+    except Exception:
+        check()  # a model that is no longer the analysis's (converted, moved) says so, not how its pass failed
+        raise
+    check()
+    return fused
 
 
 def to_host(found: Mapping[Any, torch.Tensor], grid: tuple[int, int]) -> dict[Any, np.ndarray]:

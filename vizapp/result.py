@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizapp import checks, limits
+from vizapp import checks, gradient_pass, limits
 from vizapp.analysis.rollout import rollout_row
 from vizapp.capture import attention_from_qk
 from vizapp.errors import BadParameterError
@@ -204,6 +204,11 @@ class ModelRuns:
         if self.device == device:
             return self
         return replace(self, **self._moved(lambda t: None if t is None else t.to(device)), _cache=ResultCache())
+
+
+#: False: an analysis's class maps always take the per-head gradients (:meth:`Analysis.attention_gradients`), as
+#: before 2026-12-07, where no graph or batch backward holds them (benchmarks.graph_memory's comparison)
+RECOMPUTED = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -460,13 +465,20 @@ class Analysis(LabelFreeViews, ModelRuns):
     def grad_weighted_heads(self, class_idx: Any = None) -> torch.Tensor:
         """Ā = mean over heads of max(∇A ⊙ A, 0) for a class, every layer, [L, N, N] float64 (the fusion both
         gradient methods share; formed once per class)."""
+        from vizapp import graph_maps  # (which imports this module)
         from vizapp.analysis.relevance import grad_weighted_heads
 
         cls = self._class(class_idx)
-        return self._cache.get(
-            Key("grad_heads", (cls,)),
-            lambda: grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls)),
-        )
+
+        def make() -> torch.Tensor:
+            if RECOMPUTED and self.graph.maps is None and Key("grads", (cls,)) not in self._cache:
+                vm, check = self._model_later()  # no per-head gradients at hand, and none replayed on a GPU: a forward
+                x = to_device(self.input, vm.device, vm.dtype)  # and a backward that keep no attention
+                if cls not in self.graph.given and not gradient_pass.graphable(vm, x):
+                    return graph_maps.one_image_heads(vm, x, cls, check).to(self.device)
+            return grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
+
+        return self._cache.get(Key("grad_heads", (cls,)), make)
 
     def grad_rollout(
         self, class_idx: Any = None, discard_ratio: float = 0.0, start_layer: int = 0, start_row: str = "output"
