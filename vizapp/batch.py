@@ -91,7 +91,8 @@ def forward_groups(
     together (a model whose transform keeps the aspect ratio gives several), at most as many as fit
     :func:`vizapp.limits.batch_forward_bytes` on the model's device by :func:`vizapp.limits.analysis_bytes`
     (``graph``: by :func:`vizapp.limits.attention_graph_bytes`, for the maps of a
-    :class:`vizapp.graph_maps.AttentionGraph`), and at least one."""
+    :class:`vizapp.graph_maps.AttentionGraph`), and at least one; as few forwards as that allows, of even sizes (a
+    small last forward runs the model below its batched rate)."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(tuple(x.shape), []).append(i)
@@ -103,6 +104,7 @@ def forward_groups(
         else:
             per_image = sum(_image_bytes(vm, inputs[members[0]], gradients))
         size = max(1, limits.batch_forward_bytes(torch.device(vm.device)) // per_image)
+        size = -(-len(members) // -(-len(members) // size))  # as few forwards, as even as they go (16 by 12: 8 and 8)
         groups += [members[j : j + size] for j in range(0, len(members), size)]
     return groups
 

@@ -235,15 +235,17 @@ def analysis_memory(
 
 def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | None = None) -> int:
     """High estimate, in bytes, of one image's share of the forward and backward of a
-    :class:`vizapp.graph_maps.AttentionGraph` (the batch's class maps without an analysis): its autograd graph without
-    any attention, each layer's widest activations 14·N·D (:func:`analysis_memory`'s, the attention's 3·H·N² and
-    its gradients' 2·H·N² left out: the graph forms it again in the backward); each layer's Ā in float64 and its
-    float32 rollout fusion, 12·L·N²; and what one layer needs at once, 10·N·D of activations and 4·H·N² in the
-    forward or the backward (the attention, its gradient, the softmax's backward and the product)."""
+    :class:`vizapp.graph_maps.AttentionGraph` (the batch's class maps without an analysis): its autograd graph, which
+    holds no attention (the graph forms it again in the backward), 22·N·D a layer (a block saves about 16·N·D for its
+    backward: its norms' inputs, q, k and v, the heads' output, the MLP's 4·N·D twice; the rest is the allocator's
+    slack); each layer's Ā in float64 and its float32 rollout fusion, 12·L·N²; and what one layer needs at once,
+    10·N·D of activations and 4·H·N² in the forward or the backward (the attention, its gradient, the softmax's
+    backward and the product). Measured by benchmarks.graph_memory on the CPU (docs/benchmarks-graph-memory.md): ViT-B/16,
+    16 images, 154 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.23 GB against 1.45."""
     f32 = 4
     L, N, H = int(layers), int(tokens), int(heads)
     D = H * 64 if width is None else int(width)
-    return L * 14 * N * D * f32 + 12 * L * N * N + 10 * N * D * f32 + 4 * H * N * N * f32
+    return L * 22 * N * D * f32 + 12 * L * N * N + 10 * N * D * f32 + 4 * H * N * N * f32
 
 
 def statistic_rows_by_layer(layers: int, layer_bytes: int) -> bool:
