@@ -56,11 +56,41 @@ def measure(name: str, batch: int, recompute: bool, repeats: int) -> dict:
     return {"model": name, "batch": batch, "recompute": recompute, "peak": peak, "seconds": statistics.median(times)}
 
 
+def interleaved(name: str, batch: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``vizapp.explain(vm, images, ["relevance", "grad_rollout"])`` with the attention formed again
+    and kept, the two alternating in one process (after one warm-up each): explain's own forwards (sized by the
+    formed-again route's estimate, the same for both)."""
+    import functools
+
+    from vizapp import explain, graph_maps, load_model
+
+    vm = load_model(name, pretrained=False)
+    pixels = [np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8) for i in range(batch)]
+    images = [Image.fromarray(p) for p in pixels]
+    real = graph_maps.AttentionGraph
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for round_ in range(repeats + 1):
+            for recompute in (True, False):
+                graph_maps.AttentionGraph = functools.partial(real, recompute=recompute)
+                t0 = time.perf_counter()
+                explain(vm, images, ["relevance", "grad_rollout"])
+                if round_:
+                    times[recompute].append(time.perf_counter() - t0)
+    finally:
+        graph_maps.AttentionGraph = real
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--case", action="append", help="MODEL:IMAGES (default: ViT-B/16 of 16, ViT-L/16 at 384 of 2)")
+    parser.add_argument(
+        "--interleave", nargs="*", default=["vit_small_patch16_224:16", "vit_base_patch16_224:16"],
+        help="MODEL:IMAGES whose explain is timed with both routes alternating in one process",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--_case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -86,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{new['seconds'] / old['seconds']:.2f} |"
         )
         print(rows[-1], flush=True)
+    timed = []
+    for name, batch in [(c.split(":")[0], int(c.split(":")[1])) for c in args.interleave or []]:
+        again, kept = interleaved(name, batch, args.repeats)
+        timed.append(f"| {name} | {batch} | {kept:.2f} | {again:.2f} | {again / kept:.2f} |")
+        print(timed[-1], flush=True)
     text = "\n".join(
         [
             "# Class maps of a batch from one forward's graph: the attention kept, or formed again in the backward",
@@ -101,6 +136,19 @@ def main(argv: list[str] | None = None) -> None:
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
+            *(
+                [
+                    '`vizapp.explain(vm, images, ["relevance", "grad_rollout"])` with either route, alternating in '
+                    f"one process, medians of {args.repeats} rounds after a warm-up (explain's own forwards):",
+                    "",
+                    "| model | images | kept s | formed again s | ratio |",
+                    "|---|---|---|---|---|",
+                    *timed,
+                    "",
+                ]
+                if timed
+                else []
+            ),
         ]
     )
     args.out.write_text(text)

@@ -531,16 +531,19 @@ def test_the_gpu_profile_times_both_forms_of_the_device_digest_on_the_simulated_
 
 
 def test_the_graph_memory_benchmark_measures_both_routes_in_their_own_processes(tmp_path):
-    """benchmarks.graph_memory on a tiny ViT: one row, both routes' peaks (each process's own, above its baseline)
-    and times, and the ratios between them."""
+    """benchmarks.graph_memory on a tiny ViT: both routes' peaks (each process's own, above its baseline) and times,
+    and the ratios between them; then explain's time with the two routes alternating in one process."""
     from benchmarks import graph_memory
 
     out = tmp_path / "graph.md"
-    graph_memory.main(["--case", "vit_tiny_patch16_224:2", "--repeats", "1", "--threads", "1", "--out", str(out)])
-    [row] = [line for line in out.read_text().splitlines() if line.startswith("| vit_tiny")]
+    args = ["--case", "vit_tiny_patch16_224:2", "--interleave", "vit_tiny_patch16_224:2", "--repeats", "1"]
+    graph_memory.main([*args, "--threads", "1", "--out", str(out)])
+    row, alternating = [line for line in out.read_text().splitlines() if line.startswith("| vit_tiny")]
     cells = [c.strip().replace(",", "") for c in row.strip("|").split("|")]
     assert cells[1] == "2"
     kept, again, ratio = float(cells[2]), float(cells[3]), float(cells[4])
     assert kept >= 1 and again >= 1  # (MiB, rounded: the ratio is of the unrounded bytes)
     assert (again - 0.5) / (kept + 0.5) - 0.005 <= ratio <= (again + 0.5) / (kept - 0.5) + 0.005
     assert float(cells[5]) > 0 and float(cells[6]) > 0
+    images, kept_s, again_s, ratio_s = (float(c) for c in alternating.strip("|").split("|")[1:])
+    assert images == 2 and kept_s > 0 and again_s > 0 and ratio_s > 0  # explain timed with both routes, alternating

@@ -241,7 +241,7 @@ def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | Non
     slack); each layer's Ā in float64 and its float32 rollout fusion, 12·L·N²; and what one layer needs at once,
     10·N·D of activations and 4·H·N² in the forward or the backward (the attention, its gradient, the softmax's
     backward and the product). Measured by benchmarks.graph_memory on the CPU (docs/benchmarks-graph-memory.md): ViT-B/16,
-    16 images, 154 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.23 GB against 1.45."""
+    16 images, 163 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.31 GB against 1.45."""
     f32 = 4
     L, N, H = int(layers), int(tokens), int(heads)
     D = H * 64 if width is None else int(width)
