@@ -94,6 +94,15 @@ def replayed(vm: VizModel, x: torch.Tensor) -> bool:
     return x.shape[0] == 1 and gradient_pass.graphable(vm, x[:1])
 
 
+def _fuse_into(out: torch.Tensor, a: torch.Tensor, grad: torch.Tensor) -> None:
+    """Ā = mean_h max(grad ⊙ a, 0) of a layer's attention ``a`` and its gradient ``grad`` [B, H, N, N] into ``out``
+    [B, N, N] float64; on the CPU in float32 the product is formed in ``grad``'s memory (which nobody reads again)."""
+    if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
+        grad_weighted_heads_into(out, a, grad)
+    else:
+        out.copy_(grad_weighted_heads(a, grad))
+
+
 class _Recomputed(torch.autograd.Function):
     """A layer's output softmax(q kᵀ·scale + bias)·v, in the operations of the attention formed in the graph (so its
     value, and every gradient, is theirs), without keeping the attention: its backward forms it again from the saved
@@ -118,11 +127,7 @@ class _Recomputed(torch.autograd.Function):
             *grads, grad_a = torch.autograd.grad(output, (*qkv, a), grad_out)
         a = a.detach()
         box, layer = ctx.out
-        out = box[0][layer]
-        if a.dtype == grad_a.dtype == torch.float32 and a.device.type == "cpu":
-            grad_weighted_heads_into(out, a, grad_a)  # the product in the gradient's memory
-        else:
-            out.copy_(grad_weighted_heads(a, grad_a))
+        _fuse_into(box[0][layer], a, grad_a)
         needs = ctx.needs_input_grad
         return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
@@ -246,10 +251,7 @@ class AttentionGraph:
         grads = list(torch.autograd.grad(score, self.inputs, retain_graph=retain, allow_unused=True))
         for layer, a in enumerate(self.formed or []):  # the attention kept in the graph: ∂score/∂A of every layer
             grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
-            if a.dtype == grad.dtype == torch.float32 and a.device.type == "cpu":
-                grad_weighted_heads_into(self._fused[layer], a.detach(), grad)  # the product in the gradient's memory
-            else:
-                self._fused[layer] = grad_weighted_heads(a, grad)
+            _fuse_into(self._fused[layer], a.detach(), grad)
         return self._fused if len(rows) == self.size else self._fused[:, picked]
 
     def class_maps(
