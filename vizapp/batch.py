@@ -68,12 +68,13 @@ def _inputs(vm: VizModel, images: Any) -> list[tuple[torch.Tensor, tuple[str, ..
     return list(_pool().map(one, range(len(images))))  # results, and the first failure, in the images' order
 
 
-def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, int]:
+def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool, graph: bool = False) -> tuple[int, int]:
     """(what one input [1, C, H, W]'s analysis keeps, what its forward needs besides) in bytes:
     :func:`vizapp.limits.analysis_bytes`, or for a windowed model (Swin, at its configured size) the terms of
     :func:`vizapp.models.swin.analysis_memory`: its window record kept (twice with gradients: the graph's copy) with
     its block outputs, its working set and its activations (with gradients, every layer's: the graph holds them for
-    the backward)."""
+    the backward). ``graph``: the maps of a :class:`vizapp.graph_maps.AttentionGraph` instead of an analysis
+    (a ViT's: :func:`vizapp.limits.attention_graph_bytes`, all of it working memory)."""
     if vm.windowed:
         from vizapp.models.swin import analysis_memory
 
@@ -81,6 +82,8 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool) -> tuple[int, i
         kept = t["record"] * (2 if gradients else 1) + t["block_outputs"]
         return kept, t["working"] + t["activations"] * (vm.num_layers if gradients else 1)
     gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    if graph:
+        return 0, limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
     return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients, vm.device)
 
 
@@ -98,11 +101,7 @@ def forward_groups(
         by_shape.setdefault(tuple(x.shape), []).append(i)
     groups = []
     for members in by_shape.values():
-        if graph and not vm.windowed:
-            gh, gw = vm.grid_for(inputs[members[0]].shape[-2], inputs[members[0]].shape[-1])
-            per_image = limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
-        else:
-            per_image = sum(_image_bytes(vm, inputs[members[0]], gradients))
+        per_image = sum(_image_bytes(vm, inputs[members[0]], gradients, graph))
         size = max(1, limits.batch_forward_bytes(torch.device(vm.device)) // per_image)
         size = -(-len(members) // -(-len(members) // size))  # as few forwards, as even as they go (16 by 12: 8 and 8)
         groups += [members[j : j + size] for j in range(0, len(members), size)]

@@ -145,9 +145,9 @@ class AttentionGraph:
         self.grid = vm.grid_for(x.shape[-2], x.shape[-1])
         n = self.p + self.grid[0] * self.grid[1]
         self.n = n
-        self._fused: torch.Tensor | None = None  # [L, B, N, N] float64: each layer's Ā from the last backward
-        # where the backward finds that buffer: a box, not this object, which the graph would then hold in a
-        # reference cycle through autograd's nodes that Python's garbage collector cannot see (a leak of the graph)
+        # [L, B, N, N] float64, each layer's Ā from the last backward, in a box the backward finds it in: not this
+        # object, which the graph would then hold in a reference cycle through autograd's nodes that Python's garbage
+        # collector cannot see (a leak of the graph)
         self._box: list[torch.Tensor | None] = [None]
         cap = AttentionCapture(vm.model, with_grad=True)
         if recompute:
@@ -242,17 +242,19 @@ class AttentionGraph:
         dev = self.logits.device
         picked = tensor_on(rows, dev)
         score = self.logits[picked, tensor_on(list(classes), dev)].sum()
-        if self._fused is None:
-            self._fused = torch.zeros((len(self.layers), self.size, self.n, self.n), dtype=torch.float64, device=dev)
-            self._box[0] = self._fused
+        fused = self._box[0]
+        if fused is None:
+            fused = self._box[0] = torch.zeros(
+                (len(self.layers), self.size, self.n, self.n), dtype=torch.float64, device=dev
+            )
         else:
-            self._fused.zero_()  # (a layer whose attention the score does not reach has no backward: its Ā is 0)
+            fused.zero_()  # (a layer whose attention the score does not reach has no backward: its Ā is 0)
         # each layer's backward writes its Ā [B, N, N] (the images' other than `rows` are 0: their scores are not in it)
         grads = list(torch.autograd.grad(score, self.inputs, retain_graph=retain, allow_unused=True))
         for layer, a in enumerate(self.formed or []):  # the attention kept in the graph: ∂score/∂A of every layer
             grad, grads[layer] = grads[layer], None  # each layer's gradient goes once it is fused
-            _fuse_into(self._fused[layer], a.detach(), grad)
-        return self._fused if len(rows) == self.size else self._fused[:, picked]
+            _fuse_into(fused[layer], a.detach(), grad)
+        return fused if len(rows) == self.size else fused[:, picked]
 
     def class_maps(
         self,
