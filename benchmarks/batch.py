@@ -10,7 +10,9 @@ For each model (random weights) and batch size B, in interleaved rounds, the med
   (target c/a <= 2.5), for the batch sizes in ``--class-batches``.
 
 The forwards columns say how many forwards the memory budget (``vizapp.limits.BATCH_FORWARD_BYTES``) cut each call
-into. Times are wall and process CPU time (all threads); ratios are between medians of the same run. One table per
+into. Times are wall and process CPU time (all threads); ratios are between medians of the same run, and "paired"
+is the median over rounds of each round's own ratio (with the smallest and largest: how much the machine moved the
+ratio from round to round; the verdicts use the ratio of medians, as the issue defines the target). One table per
 ``--threads`` value (the machine's load average is printed with each: on a shared machine a busy neighbour stalls the
 second thread of every small parallel op). Writes docs/benchmarks-batch.md.
 """
@@ -94,10 +96,17 @@ def measure(vm: vizapp.VizModel, batch: int, class_maps: bool, repeats: int, war
         out[f"{k}_wall"] = statistics.median(t[0] for t in v)
         out[f"{k}_cpu"] = statistics.median(t[1] for t in v)
         out[f"{k}_faults"] = statistics.median(t[2] for t in v)
+        if k != "a":  # within each round, over that round's bare forward: what the machine's drift moves least
+            paired = [t[0] / a[0] for t, a in zip(v, times["a"], strict=True)]
+            out[f"{k}_paired"], out[f"{k}_lo"], out[f"{k}_hi"] = statistics.median(paired), min(paired), max(paired)
     inputs = [vm.transform(im)[None] for im in images]
     out["b_forwards"] = len(forward_groups(vm, inputs))
     out["c_forwards"] = len(forward_groups(vm, inputs, gradients=True, graph=True)) if class_maps else float("nan")
     return out
+
+
+def _paired(m: dict[str, float], k: str, digits: int) -> str:
+    return f"{m[k + '_paired']:.{digits}f} [{m[k + '_lo']:.{digits}f}, {m[k + '_hi']:.{digits}f}]"
 
 
 def _verdict(ratio: float, target: float) -> str:
@@ -118,7 +127,8 @@ def header(args: argparse.Namespace) -> list[str]:
         f"preprocessing included (target b/a <= {ANALYZE_TARGET:.2f}). c: `vizapp.explain(vm, images, "
         f'["relevance", "grad_rollout"])`, both maps of each image\'s top-1 class (target c/a <= {CLASS_MAP_TARGET}). '
         "Forwards: how many forwards the memory budget (`limits.BATCH_FORWARD_BYTES`) cut the call into. "
-        "ms per image = wall time / B. Page faults: the median minor page faults of the process during one call, in "
+        "ms per image = wall time / B. Paired: the median over rounds of the ratio within each round, [smallest, "
+        "largest] (the verdicts use the ratio of the medians). Page faults: the median minor page faults of the process during one call, in "
         "thousands (each is a fresh 4 KiB page the kernel zeroes and maps, roughly 2 µs: glibc gives large blocks "
         "back when they are freed, and whether a call's activations find their memory still mapped depends on what "
         "the process did before, so a bare forward's own count moves between runs).",
@@ -138,9 +148,9 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], threads: int, load: 
         f"Load average of the machine (1 min) at the start and end of this table: {load[0]:.1f}, {load[1]:.1f} "
         f"({os.cpu_count()} CPUs).",
         "",
-        "| model | B | a ms | a ms/image | b ms | b/a | b/a CPU | page faults a, b (k) | b forwards | b target | c ms "
-        "| c/a | c/a CPU | c forwards | c target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | B | a ms | a ms/image | b ms | b/a | b/a paired | b/a CPU | page faults a, b (k) | b forwards "
+        "| b target | c ms | c/a | c/a paired | c/a CPU | c forwards | c target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, batch, m in rows:
         a, b = m["a_wall"], m["b_wall"]
@@ -152,6 +162,7 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], threads: int, load: 
             f"{1e3 * a / batch:.1f}",
             f"{1e3 * b:.0f}",
             f"{ba:.3f}",
+            _paired(m, "b", 3),
             f"{m['b_cpu'] / m['a_cpu']:.3f}",
             f"{m['a_faults'] / 1e3:.1f}, {m['b_faults'] / 1e3:.1f}",
             f"{m['b_forwards']:.0f}",
@@ -162,12 +173,13 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], threads: int, load: 
             cells += [
                 f"{1e3 * m['c_wall']:.0f}",
                 f"{ca:.2f}",
+                _paired(m, "c", 2),
                 f"{m['c_cpu'] / m['a_cpu']:.2f}",
                 f"{m['c_forwards']:.0f}",
                 _verdict(ca, CLASS_MAP_TARGET),
             ]
         else:
-            cells += ["", "", "", "", ""]
+            cells += [""] * 6
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

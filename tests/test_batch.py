@@ -564,10 +564,13 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
             [c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines() if ln.startswith(f"| {spec}")
         ]
         assert [r[1] for r in rows] == ["2", "3"]
-        assert all(r[9] in ("met", "missed") and float(r[5]) > 0 for r in rows)
-        assert all(len(r[7].split(", ")) == 2 and min(map(float, r[7].split(", "))) >= 0 for r in rows)  # faults
-        assert rows[0][14] in ("met", "missed") and float(rows[0][11]) > 0  # class maps timed for B = 2
-        assert rows[1][10:] == [""] * 5  # and not for B = 3
+        assert all(r[10] in ("met", "missed") and float(r[5]) > 0 for r in rows)
+        assert all(len(r[8].split(", ")) == 2 and min(map(float, r[8].split(", "))) >= 0 for r in rows)  # faults
+        for r in rows:  # one round: the paired ratio is that round's, which is also the ratio of the medians
+            assert r[6] == f"{r[5]} [{r[5]}, {r[5]}]"
+        assert rows[0][16] in ("met", "missed") and float(rows[0][12]) > 0  # class maps timed for B = 2
+        assert rows[0][13] == f"{rows[0][12]} [{rows[0][12]}, {rows[0][12]}]"
+        assert rows[1][11:] == [""] * 6  # and not for B = 3
 
 
 @pytest.mark.parametrize("fid", ["vit", "beit", "reg4", "gap_reg4"])
