@@ -728,7 +728,7 @@ def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_
     """analyze() keeps no autograd graph: its relevance and gradient rollout for a class then take Ā from one forward
     and backward that keep no attention (graph_maps.one_image_heads), form no per-head gradient, and equal the
     per-head route's maps (result.RECOMPUTED off) to 1e-12."""
-    from vizapp import graph_maps, result
+    from vizapp import gradient_pass, graph_maps, result
 
     vm = load(fid, card_model)
     img = images(1, seed=4)[0]
@@ -748,7 +748,7 @@ def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_
 
     with monkeypatch.context() as m:
         m.setattr(graph_maps.AttentionGraph, "__init__", hooked)
-        m.setattr(result, "attention_gradients", None)  # (the per-head route's pass: called, it would raise)
+        m.setattr(gradient_pass, "attention_gradients", None)  # (the per-head route's pass: called, it would raise)
         found = {c: (r.relevance(c), r.grad_rollout(c, start_layer=1)) for c in (1, 3)}
     assert fid == "beit" or square == []  # (BEiT's relative-position bias is [1, H, N, N], one a layer)
     monkeypatch.setattr(result, "RECOMPUTED", False)
@@ -757,6 +757,33 @@ def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_
         for mine, theirs in zip(maps, (per_head.relevance(c), per_head.grad_rollout(c, start_layer=1)), strict=True):
             np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
     assert maps_differ(found[1][0], found[3][0]) or fid == "beit"
+
+
+def test_class_maps_from_replayed_gradients_ask_for_the_model_once(monkeypatch):
+    """Where an analysis's per-head gradients come from a replayed pass (a GPU with CUDA graphs; stood in for here by
+    graphable() answering True), grad_weighted_heads hands the model it asked for on to attention_gradients: a model
+    no longer in memory is reloaded once, not twice. The map is the per-head route's."""
+    from vizapp import gradient_pass, result
+
+    vm = load("vit", "")
+    img = images(1, seed=2)[0]
+    monkeypatch.setattr(result, "RECOMPUTED", False)
+    expected = vizapp.analyze(vm, img).grad_rollout(2)
+    monkeypatch.setattr(result, "RECOMPUTED", True)
+    r = vizapp.analyze(vm, img)
+    asked: list[int] = []
+    later, graphable, passes = result.ModelRuns._model_later, gradient_pass.graphable, gradient_pass.attention_gradients
+
+    def eager(*args, **kwargs):  # the passes themselves eager: there is no GPU to replay them on
+        with monkeypatch.context() as m:
+            m.setattr(gradient_pass, "graphable", graphable)
+            return passes(*args, **kwargs)
+
+    monkeypatch.setattr(result.ModelRuns, "_model_later", lambda self: asked.append(1) or later(self))
+    monkeypatch.setattr(gradient_pass, "graphable", lambda vm, x: True)
+    monkeypatch.setattr(gradient_pass, "attention_gradients", eager)
+    np.testing.assert_allclose(r.grad_rollout(2), expected, rtol=1e-12, atol=1e-12)
+    assert asked == [1]
 
 
 def test_one_image_of_the_attention_graph_takes_the_one_image_operations(card_model):

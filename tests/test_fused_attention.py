@@ -292,7 +292,7 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
     compiler or device that gets them wrong (which only a GPU would show) turns them off, and the analysis is the
     formed one."""
     assert fused_check.self_check(torch.device("cpu")) is None
-    kernel = fused_attention._run
+    kernel = fused_attention.launch
 
     def miscomputed(q, k, v, scale, rows, dist, p, head_sum, bias):
         out = kernel(q, k, v, scale, rows, dist, p, head_sum, bias)
@@ -307,7 +307,7 @@ def test_a_device_that_computes_the_kernels_wrongly_fails_their_self_check_and_f
     vm = small_model("vit_tiny_patch16_224", img_size=64, depth=2)
     images = [random_image(13)]
     formed = analyses(vm, images, monkeypatch, "0")
-    monkeypatch.setattr(fused_attention, "_run", miscomputed)
+    monkeypatch.setattr(fused_attention, "launch", miscomputed)
     assert said in (fused_check.self_check(torch.device("cpu")) or "")
     monkeypatch.setattr(fused_check, "_passed", {})
     calls = count_calls(monkeypatch)
@@ -431,7 +431,7 @@ def test_a_benchmark_run_reports_the_compiles_checked(fused, monkeypatch):
 def test_a_bfloat16_compile_is_checked_apart_from_the_float32_one(fused, monkeypatch):
     """A device or compiler that gets only the bfloat16 kernels wrong passes the float32 layers' check; the first
     bfloat16 layer's own check then turns the kernels off, and that layer is formed."""
-    kernel = fused_attention._run
+    kernel = fused_attention.launch
 
     def wrong_in_bfloat16(q, *args):
         out = kernel(q, *args)
@@ -439,7 +439,7 @@ def test_a_bfloat16_compile_is_checked_apart_from_the_float32_one(fused, monkeyp
             out[0, 0, 0] += 0.05  # beyond bfloat16's rounding (2^-7 relative to max(|value|, 1))
         return out
 
-    monkeypatch.setattr(fused_attention, "_run", wrong_in_bfloat16)
+    monkeypatch.setattr(fused_attention, "launch", wrong_in_bfloat16)
     monkeypatch.setattr(fused_check, "_passed", {})
     torch.manual_seed(7)
     dist = patch_distance_matrix((4, 17), 16)

@@ -284,7 +284,19 @@ def _compiled() -> tuple:
         return _kernels
 
 
-def _turn_off(error: BaseException) -> None:
+def turned_off() -> bool:
+    """A miscomputation (a failed self-check) turned every kernel off in this process."""
+    return _failure is not None
+
+
+def declined(variant: tuple) -> bool:
+    """The kernel variant (:attr:`vizapp.fused_check.CheckLayer.variant`) failed to compile or launch in this
+    process: layers that need it are formed."""
+    return variant in _declined
+
+
+def turn_off(error: BaseException) -> None:
+    """Every kernel off for the rest of the process (the self-check found ``error``): layers are formed."""
     global _failure
     _failure = f"{type(error).__name__}: {error}"
     log.warning("vizapp's fused attention kernels failed (%s); forming the attention from now on", _failure)
@@ -365,10 +377,10 @@ def attention(
         return None  # (a head wider than 128 is formed)
     if not fused_check.checked(q.device, layer):
         return None
-    return _run(q, k, v, scale, rows, dist, num_prefix_tokens, head_sum, bias)
+    return launch(q, k, v, scale, rows, dist, num_prefix_tokens, head_sum, bias)
 
 
-def _run(
+def launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -69,7 +69,7 @@ def checked(device: torch.device, layer: CheckLayer) -> bool:
     process); False while a CUDA graph is being recorded before that check (it would wait on the device: the
     attention is then formed; the graph's eager warm-up run has usually checked it already). A compile that fails the
     check turns every kernel off for the process; one that fails to compile or launch in the check is only declined,
-    as a real launch's failure is (:func:`vizapp.fused_attention._decline`)."""
+    as a real launch's failure is (:func:`vizapp.fused_attention.declined`)."""
     if device.type == "cuda" and torch.cuda.is_available() and not fused_attention.interpreted():
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         if (str(device), layer) not in _passed and torch.cuda.is_current_stream_capturing():
@@ -78,19 +78,19 @@ def checked(device: torch.device, layer: CheckLayer) -> bool:
         device = torch.device("cpu")
     key = ("interpret" if device.type == "cpu" else str(device), layer)
     if key in _passed:
-        return _passed[key] and fused_attention._failure is None
+        return _passed[key] and not fused_attention.turned_off()
     with _check_lock:
         if key not in _passed:
             try:
                 problem = self_check(device, layer)
             except Exception as error:  # noqa: BLE001  (the check itself failed: the attention is formed)
                 problem = f"the check raised {type(error).__name__}: {error}"
-            if problem is not None and layer.variant in fused_attention._declined:
+            if problem is not None and fused_attention.declined(layer.variant):
                 return False  # it did not compile or launch there: declined, not miscomputed
             _passed[key] = problem is None
             if problem is not None:
-                fused_attention._turn_off(RuntimeError(f"self-check on {key[0]} ({layer}): {problem}"))
-    return _passed[key] and fused_attention._failure is None
+                fused_attention.turn_off(RuntimeError(f"self-check on {key[0]} ({layer}): {problem}"))
+    return _passed[key] and not fused_attention.turned_off()
 
 
 def checked_compiles() -> str:
@@ -140,7 +140,7 @@ def self_check(device: torch.device, layer: CheckLayer = CheckLayer()) -> str | 
     head_sum = torch.full((b, n, n), float("nan"), device=device) if layer.head_sum else None
     moved = [None if t is None else t.to(device) for t in (q, k, v, dist, bias)]
     with torch.autocast(device.type, enabled=False):
-        out = fused_attention._run(*moved[:3], scale, rows, moved[3], prefix, head_sum, moved[4])
+        out = fused_attention.launch(*moved[:3], scale, rows, moved[3], prefix, head_sum, moved[4])
     if out is None:
         return f"the kernels did not run ({fused_attention.failure()})"
     got = {"output": out, "head sum": head_sum, **rows}

@@ -16,7 +16,6 @@ from vizapp import checks, gradient_pass, limits
 from vizapp.analysis.rollout import rollout_row
 from vizapp.capture import attention_from_qk
 from vizapp.errors import BadParameterError
-from vizapp.gradient_pass import attention_gradients
 from vizapp.models import VizModel
 from vizapp.models.base import READOUTS, readout_weights
 from vizapp.models.digest import WeightsDigest
@@ -427,8 +426,9 @@ class Analysis(LabelFreeViews, ModelRuns):
             parts.append(attention_from_qk(q, k, self.scales[0], bias))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
-        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
+    def attention_gradients(self, class_idx: Any = None, *, later: Any = None) -> torch.Tensor:
+        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept);
+        ``later``: :meth:`_model_later`'s answer where the caller has it (a model reloaded once, not twice)."""
         cls = self._class(class_idx)
         key = Key("grads", (cls,))
         if key in self._cache:
@@ -441,8 +441,8 @@ class Analysis(LabelFreeViews, ModelRuns):
             return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
         # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape); the
         # model's weights are checked against the result's once that work is queued, before its gradients are taken
-        vm, check = self._model_later()
-        grads = attention_gradients(vm, self.input, cls, len(self.probs), meanwhile=check)
+        vm, check = later or self._model_later()
+        grads = gradient_pass.attention_gradients(vm, self.input, cls, len(self.probs), meanwhile=check)
         return self._cache.put(key, grads.to(self.device))
 
     def output_weights(self, start_row: str = "output") -> torch.Tensor:
@@ -471,12 +471,13 @@ class Analysis(LabelFreeViews, ModelRuns):
         cls = self._class(class_idx)
 
         def make() -> torch.Tensor:
+            later = None
             if RECOMPUTED and self.graph.maps is None and Key("grads", (cls,)) not in self._cache:
-                vm, check = self._model_later()  # no per-head gradients at hand, and none replayed on a GPU: a forward
-                x = to_device(self.input, vm.device, vm.dtype)  # and a backward that keep no attention
+                later = vm, check = self._model_later()  # no per-head gradients at hand, and none replayed on a GPU:
+                x = to_device(self.input, vm.device, vm.dtype)  # a forward and a backward that keep no attention
                 if cls not in self.graph.given and not gradient_pass.graphable(vm, x):
                     return graph_maps.one_image_heads(vm, x, cls, check).to(self.device)
-            return grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls))
+            return grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls, later=later))
 
         return self._cache.get(Key("grad_heads", (cls,)), make)
 
