@@ -208,6 +208,36 @@ def test_distance_matches_an_independent_loop():
         assert got[0, h].item() == pytest.approx(total / 6, rel=1e-5)
 
 
+def test_a_cpu_block_of_many_heads_takes_the_distance_sums_as_one_product(monkeypatch):
+    """On the CPU a block of at least CPU_PRODUCT_MIN_HEADS heads takes Σ_j a_ij·d_ij and Σ_j a_ij as one batched
+    product with [d_i | 1]: by hand, a head whose every patch query sends 0.25 to a prefix token and 0.75 to the next
+    patch (sums 0.75·d and 0.75); for random heads, equal to the product and two sums a smaller block takes."""
+    from vizapp.analysis import distance
+
+    p, grid, cell = 2, (3, 4), (16, 8)
+    dist = distance.patch_distance_matrix(grid, cell)
+    n, heads = p + 12, distance.CPU_PRODUCT_MIN_HEADS + 1
+    attn = torch.softmax(torch.randn(heads, n, n, generator=torch.Generator().manual_seed(5)), dim=-1)
+    attn[0] = 0.0
+    for q in range(12):
+        attn[0, p + q, 1], attn[0, p + q, p + (q + 1) % 12] = 0.25, 0.75
+    products: list[int] = []
+    real = distance.BlockDistanceTerms._sums_by_product
+    monkeypatch.setattr(
+        distance.BlockDistanceTerms, "_sums_by_product", lambda self, *a: products.append(1) or real(self, *a)
+    )
+    q0, q1, num, den = distance.BlockDistanceTerms(dist, p)(attn, 0)
+    assert (q0, q1, products) == (0, 12, [1])
+    by_hand = [0.75 * float(dist[q, (q + 1) % 12]) for q in range(12)]
+    np.testing.assert_allclose(num[0].numpy(), by_hand, rtol=1e-6)
+    np.testing.assert_allclose(den[0].numpy(), 0.75, rtol=1e-6)
+    monkeypatch.setattr(distance, "CPU_PRODUCT_MIN_HEADS", heads + 1)  # the same block through the passes
+    _, _, num2, den2 = distance.BlockDistanceTerms(dist, p)(attn, 0)
+    assert products == [1]
+    torch.testing.assert_close(num, num2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(den, den2, rtol=1e-6, atol=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), prefix=st.integers(0, 5), gh=st.integers(1, 5), gw=st.integers(1, 5))
 def test_distance_between_zero_and_grid_diameter(seed, prefix, gh, gw):
