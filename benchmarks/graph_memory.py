@@ -1,5 +1,6 @@
 """What a batch's class maps straight from one forward's graph (:class:`vizapp.graph_maps.AttentionGraph`) hold and
-take, with the attention formed again in the backward (the default) and kept in the graph (``recompute=False``):
+take, with the attention formed again in the backward (``recompute=True``: always on a GPU, and on the CPU where
+keeping it would pass the forward budget, :func:`vizapp.graph_maps.recomputes`) and kept in the graph (``False``):
 ``python -m benchmarks.graph_memory``.
 
 Each (model, batch, route) runs in a fresh process (random weights, CPU). After the model is loaded and the batch
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             "resident memory (VmHWM, reset after loading and preprocessing) of one AttentionGraph forward with "
             "attention rollout, relevance and gradient rollout of one class per image; seconds: the median of "
             f"{args.repeats} repeats after it, in that process. Kept: `recompute=False` (the attention of every layer in "
-            "the autograd graph, as before 2026-12-07); formed again: the default.",
+            "the autograd graph: the CPU's route where the forward budget holds it); formed again: `recompute=True` "
+            "(always on a GPU, and on the CPU beyond that budget).",
             "",
             "| model | images | kept MiB | formed again MiB | ratio | kept s | formed again s | ratio |",
             "|---|---|---|---|---|---|---|---|",

@@ -454,6 +454,43 @@ def test_on_the_simulated_gpu_a_batch_takes_the_gpus_budget(card_model, monkeypa
     assert forward_groups(vm, [torch.zeros(1, 3, 8, 8)] * 7) == [[0, 1], [2, 3], [4, 5], [6]]
 
 
+def test_the_graph_keeps_the_attention_on_the_cpu_where_the_budget_holds_it(card_model, monkeypatch):
+    """graph_maps.recomputes: on the CPU a batch whose graph with every layer's attention kept fits
+    limits.batch_forward_bytes keeps it (by hand: 8·L·H·N² bytes above the formed-again graph's estimate), one byte
+    less forms it again in the backward; on a GPU it is always formed again. explain() takes that route."""
+    from tests.devicesim import simulated_gpu
+    from vizapp import graph_maps
+
+    assert (
+        limits.attention_graph_bytes(2, 10, 3, width=192, kept=True)
+        == limits.attention_graph_bytes(2, 10, 3, width=192) + 8 * 2 * 3 * 100
+    )
+    vm = load("card", card_model)
+    gh, gw = vm.grid_size
+    n = vm.num_prefix_tokens + gh * gw
+    each = limits.attention_graph_bytes(vm.num_layers, n, vm.num_heads) + 8 * vm.num_layers * vm.num_heads * n * n
+    x = torch.zeros(3, 1, *vm.input_size[-2:])
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES", 3 * each)
+    assert graph_maps.recomputes(vm, x) is False
+    with simulated_gpu(vm):
+        assert graph_maps.recomputes(vm, x) is True
+    routes: list[bool] = []
+    init = graph_maps.AttentionGraph.__init__
+
+    def spy(self, vm, x, recompute=None):
+        init(self, vm, x, recompute)
+        routes.append(self.formed is None)
+
+    monkeypatch.setattr(graph_maps.AttentionGraph, "__init__", spy)
+    kept = vizapp.explain(vm, images(3, seed=7), GRADIENT_MAPS)
+    monkeypatch.setattr(limits, "BATCH_FORWARD_BYTES", 3 * each - 1)
+    assert graph_maps.recomputes(vm, x) is True
+    formed = vizapp.explain(vm, images(3, seed=7), GRADIENT_MAPS)
+    assert routes == [False, True]  # one forward each (3 graphs' estimate fits either budget), kept then formed again
+    for name in GRADIENT_MAPS:
+        np.testing.assert_array_equal(kept[name], formed[name])  # the same operations either way
+
+
 def test_the_class_maps_of_a_batch_go_in_forwards_of_the_attention_graphs_size(card_model, monkeypatch):
     """The maps straight from an AttentionGraph keep no attention, so their forwards are sized by
     limits.attention_graph_bytes (by hand: 22·L·N·D + 10·N·D + 4·H·N² floats' bytes, and 12·L·N²), not by an analysis
@@ -715,7 +752,7 @@ def test_an_attention_graph_is_freed_once_nothing_holds_it(card_model):
 
     vm = load("card", card_model)
     x = torch.stack([vm.transform(img) for img in images(2, seed=3)])
-    graph = graph_maps.AttentionGraph(vm, x)
+    graph = graph_maps.AttentionGraph(vm, x, recompute=True)
     graph.class_maps({"relevance": graph_maps.options(vm, "relevance")}, [0, 1], retain=True)
     refs = [weakref.ref(graph), weakref.ref(graph.logits), weakref.ref(graph.inputs[0])]
     del graph
@@ -723,13 +760,16 @@ def test_an_attention_graph_is_freed_once_nothing_holds_it(card_model):
     assert [ref() for ref in refs] == [None, None, None]
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["formed again", "kept"])
 @pytest.mark.parametrize("fid", ["card", "deit_distilled", "beit"])
-def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_model, monkeypatch):
+def test_an_analysis_s_class_maps_take_one_pass_of_the_attention_graph(fid, recompute, card_model, monkeypatch):
     """analyze() keeps no autograd graph: its relevance and gradient rollout for a class then take Ā from one forward
-    and backward that keep no attention (graph_maps.one_image_heads), form no per-head gradient, and equal the
-    per-head route's maps (result.RECOMPUTED off) to 1e-12."""
+    and backward of an AttentionGraph (graph_maps.one_image_heads), form no per-head gradient, and equal the per-head
+    route's maps (result.RECOMPUTED off) to 1e-12, with the attention formed again in the backward (which the forward
+    then keeps none of) or kept (graph_maps.recomputes decides)."""
     from vizapp import gradient_pass, graph_maps, result
 
+    monkeypatch.setattr(graph_maps, "recomputes", lambda vm, x: recompute)
     vm = load(fid, card_model)
     img = images(1, seed=4)[0]
     r = vizapp.analyze(vm, img)
@@ -750,7 +790,10 @@ def test_an_analysis_s_class_maps_take_a_pass_that_keeps_no_attention(fid, card_
         m.setattr(graph_maps.AttentionGraph, "__init__", hooked)
         m.setattr(gradient_pass, "attention_gradients", None)  # (the per-head route's pass: called, it would raise)
         found = {c: (r.relevance(c), r.grad_rollout(c, start_layer=1)) for c in (1, 3)}
-    assert fid == "beit" or square == []  # (BEiT's relative-position bias is [1, H, N, N], one a layer)
+    if recompute:
+        assert fid == "beit" or square == []  # (BEiT's relative-position bias is [1, H, N, N], one a layer)
+    else:  # every layer's attention saved, in the pass of each of the two classes
+        assert square.count((1, vm.num_heads, r.num_tokens, r.num_tokens)) >= 2 * vm.num_layers
     monkeypatch.setattr(result, "RECOMPUTED", False)
     per_head = vizapp.analyze(vm, img)
     for c, maps in found.items():

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizapp import checks, gradient_pass
+from vizapp import checks, gradient_pass, limits
 from vizapp.analysis.relevance import grad_weighted_heads, grad_weighted_heads_into, relevance_row
 from vizapp.analysis.rollout import fuse_heads, rollout_row
 from vizapp.attention import attention_from_qk
@@ -132,14 +132,30 @@ class _Recomputed(torch.autograd.Function):
         return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
 
+def recomputes(vm: VizModel, x: torch.Tensor) -> bool:
+    """Whether an :class:`AttentionGraph` of inputs ``x`` [B, C, H, W] forms each layer's attention again in the
+    backward (:class:`_Recomputed`) rather than keeping it in the graph. On a GPU always: it takes the attention's
+    writes and reads out of the forward and frees its memory for larger batches. On the CPU only where keeping it
+    would take the forward beyond :func:`vizapp.limits.batch_forward_bytes` (by
+    :func:`~vizapp.limits.attention_graph_bytes` with ``kept``): there the kept route is the faster one where it
+    fits, by one QKᵀ product and one softmax a layer (``vizapp.explain`` of 16 images, 2 threads, the two routes
+    paired in one process: formed again 1.03 to 1.09 of the kept route's time for ViT-S/16, 1.00 for ViT-B/16).
+    The maps are the same either way (to 1e-12, tests)."""
+    if vm.device.type != "cpu":
+        return True
+    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    each = limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, kept=True)
+    return x.shape[0] * each > limits.batch_forward_bytes(vm.device)
+
+
 class AttentionGraph:
     """One forward of inputs ``x`` [B, C, H, W] whose every layer's attention takes part in the autograd graph (its
     check that every layer's attention is vizapp's exact one raises UnsupportedModelError), and the maps it gives.
-    The attention is formed again in the backward rather than kept (:class:`_Recomputed`), and the plain maps form it
-    again from the kept q and k; ``recompute=False`` keeps it in the graph instead (a second code path, for checks
-    and for the benchmarks' comparison)."""
+    ``recompute`` (default: :func:`recomputes`): the attention is formed again in the backward rather than kept
+    (:class:`_Recomputed`), and the plain maps form it again from the kept q and k; False keeps it in the graph
+    instead."""
 
-    def __init__(self, vm: VizModel, x: torch.Tensor, recompute: bool = True) -> None:
+    def __init__(self, vm: VizModel, x: torch.Tensor, recompute: bool | None = None) -> None:
         self.vm = vm
         self.size, self.p = x.shape[0], vm.num_prefix_tokens
         self.grid = vm.grid_for(x.shape[-2], x.shape[-1])
@@ -150,6 +166,8 @@ class AttentionGraph:
         # collector cannot see (a leak of the graph)
         self._box: list[torch.Tensor | None] = [None]
         cap = AttentionCapture(vm.model, with_grad=True)
+        if recompute is None:
+            recompute = recomputes(vm, x)
         if recompute:
             cap.recompute = self._layer
         with torch.enable_grad(), cap:  # (the input needs a gradient: the graph is made when no weight needs one too)
@@ -276,10 +294,11 @@ class AttentionGraph:
 
 def one_image_heads(vm: VizModel, x: torch.Tensor, cls: int, check: Callable[[], None]) -> torch.Tensor:
     """Ā of every layer of one input ``x`` [1, C, H, W] for class ``cls``, [L, N, N] float64 on the model's device,
-    from a forward and a backward that keep no attention (:class:`AttentionGraph`); ``check`` (that the weights are
-    still the analysis's) is called before it is returned. What :meth:`Analysis.grad_weighted_heads` takes where no
-    per-head gradient is at hand and no recorded CUDA graph replays the passes: the passes formed with the attention
-    kept held 3.4 GB for ViT-L/16 at 384 px, and the per-head gradients and attention 0.5 GB each besides."""
+    from one forward and backward of an :class:`AttentionGraph` (which keeps no attention on a GPU, or where keeping
+    it would pass the forward budget: :func:`recomputes`); ``check`` (that the weights are still the analysis's) is
+    called before it is returned. What :meth:`Analysis.grad_weighted_heads` takes where no per-head gradient is at
+    hand and no recorded CUDA graph replays the passes: the passes formed with the attention kept held 3.4 GB for
+    ViT-L/16 at 384 px, and the per-head gradients and attention 0.5 GB each besides."""
     try:
         fused = AttentionGraph(vm, x).fused_heads([cls])[:, 0]
     except Exception:

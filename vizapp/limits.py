@@ -233,7 +233,7 @@ def analysis_memory(
     return terms
 
 
-def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | None = None) -> int:
+def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | None = None, kept: bool = False) -> int:
     """High estimate, in bytes, of one image's share of the forward and backward of a
     :class:`vizapp.graph_maps.AttentionGraph` (the batch's class maps without an analysis): its autograd graph, which
     holds no attention (the graph forms it again in the backward), 22·N·D a layer (a block saves about 16·N·D for its
@@ -241,11 +241,17 @@ def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | Non
     slack); each layer's Ā in float64 and its float32 rollout fusion, 12·L·N²; and what one layer needs at once,
     10·N·D of activations and 4·H·N² in the forward or the backward (the attention, its gradient, the softmax's
     backward and the product). Measured by benchmarks.graph_memory on the CPU (docs/benchmarks-graph-memory.md): ViT-B/16,
-    16 images, 163 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.31 GB against 1.45."""
+    16 images, 163 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.31 GB against 1.45.
+
+    ``kept``: the graph that keeps every layer's attention instead (``AttentionGraph(recompute=False)``), which holds
+    it, and at the backward's end every layer's gradient of it, 8·L·H·N² more (the same runs' whole peaks, model
+    included: 2,907 and 3,033 MiB for 16 ViT-B/16 images against 3,411 MiB here, 3,765 and 3,853 MiB for 2 ViT-L/16
+    images at 384 px against 4,721)."""
     f32 = 4
     L, N, H = int(layers), int(tokens), int(heads)
     D = H * 64 if width is None else int(width)
-    return L * 22 * N * D * f32 + 12 * L * N * N + 10 * N * D * f32 + 4 * H * N * N * f32
+    kept_attention = 2 * L * H * N * N * f32 if kept else 0
+    return L * 22 * N * D * f32 + 12 * L * N * N + 10 * N * D * f32 + 4 * H * N * N * f32 + kept_attention
 
 
 def statistic_rows_by_layer(layers: int, layer_bytes: int) -> bool:

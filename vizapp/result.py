@@ -474,7 +474,7 @@ class Analysis(LabelFreeViews, ModelRuns):
             later = None
             if RECOMPUTED and self.graph.maps is None and Key("grads", (cls,)) not in self._cache:
                 later = vm, check = self._model_later()  # no per-head gradients at hand, and none replayed on a GPU:
-                x = to_device(self.input, vm.device, vm.dtype)  # a forward and a backward that keep no attention
+                x = to_device(self.input, vm.device, vm.dtype)  # one forward and backward (graph_maps)
                 if cls not in self.graph.given and not gradient_pass.graphable(vm, x):
                     return graph_maps.one_image_heads(vm, x, cls, check).to(self.device)
             return grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls, later=later))
