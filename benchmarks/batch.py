@@ -128,10 +128,10 @@ def header(args: argparse.Namespace) -> list[str]:
         f'["relevance", "grad_rollout"])`, both maps of each image\'s top-1 class (target c/a <= {CLASS_MAP_TARGET}). '
         "Forwards: how many forwards the memory budget (`limits.BATCH_FORWARD_BYTES`) cut the call into. "
         "ms per image = wall time / B. Paired: the median over rounds of the ratio within each round, [smallest, "
-        "largest] (the verdicts use the ratio of the medians). Page faults: the median minor page faults of the process during one call, in "
-        "thousands (each is a fresh 4 KiB page the kernel zeroes and maps, roughly 2 µs: glibc gives large blocks "
-        "back when they are freed, and whether a call's activations find their memory still mapped depends on what "
-        "the process did before, so a bare forward's own count moves between runs).",
+        "largest] (the verdicts use the ratio of the medians). Page faults: the median minor page faults of the "
+        "process during one call, in thousands (each is a fresh 4 KiB page the kernel zeroes and maps, roughly 2 µs: "
+        "glibc gives large blocks back when they are freed, and whether a call's activations find their memory still "
+        "mapped depends on what the process did before, so a bare forward's own count moves between runs).",
         "",
         "b and c do their per-image work (each image's attention chunks and their statistics) as about ten small "
         "parallel ops per image and layer, where the bare forward runs about ten large ones per layer for the whole "

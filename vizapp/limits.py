@@ -240,8 +240,9 @@ def attention_graph_bytes(layers: int, tokens: int, heads: int, width: int | Non
     backward: its norms' inputs, q, k and v, the heads' output, the MLP's 4·N·D twice; the rest is the allocator's
     slack); each layer's Ā in float64 and its float32 rollout fusion, 12·L·N²; and what one layer needs at once,
     10·N·D of activations and 4·H·N² in the forward or the backward (the attention, its gradient, the softmax's
-    backward and the product). Measured by benchmarks.graph_memory on the CPU (docs/benchmarks-graph-memory.md): ViT-B/16,
-    16 images, 163 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.31 GB against 1.45.
+    backward and the product). Measured by benchmarks.graph_memory on the CPU (docs/benchmarks-graph-memory.md):
+    ViT-B/16, 16 images, 163 MB an image against this estimate's 179; ViT-L/16 at 384 px, 2 images, 1.31 GB against
+    1.45.
 
     ``kept``: the graph that keeps every layer's attention instead (``AttentionGraph(recompute=False)``), which holds
     it, and at the backward's end every layer's gradient of it, 8·L·H·N² more (the same runs' whole peaks, model
