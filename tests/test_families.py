@@ -191,6 +191,7 @@ def test_capture_equals_the_library_explicit_attention(fid, hf_folders):
     assert vm.num_registers == registers.get(fid, 0)
     x = torch.stack([vm.transform(random_image(i)) for i in (1, 2)])
     maps, ref_logits = reference(vm, fid, x)
+    assert vm.tokens_for(x.shape[-2], x.shape[-1]) == maps[0].shape[-1]  # the library's own token count
 
     class Sink:
         def chunk(self, *a):
@@ -394,7 +395,9 @@ def test_naflex_keeps_each_images_aspect_ratio_within_its_patch_budget(tmp_path)
         assert (gw > gh) == landscape and gh * gw <= budget
         assert vm.batch_transform(img).shape[-2:] == (64, 48)
         r = vizapp.analyze(vm, img)
-        assert r.grid_size == (gh, gw) and r.num_tokens == vm.num_prefix_tokens + gh * gw
+        assert r.grid_size == (gh, gw) and r.num_tokens == vm.num_prefix_tokens + gh * gw == vm.tokens_for(
+            *x.shape[-2:]
+        )
         logits, maps = reference_attention(vm.model, x[None])
         for layer, ref in enumerate(maps):
             np.testing.assert_allclose(r.attention_layer(layer).numpy(), ref[0].numpy(), atol=1e-5)

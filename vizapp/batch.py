@@ -81,10 +81,10 @@ def _image_bytes(vm: VizModel, x: torch.Tensor, gradients: bool, graph: bool = F
         t = analysis_memory(vm)
         kept = t["record"] * (2 if gradients else 1) + t["block_outputs"]
         return kept, t["working"] + t["activations"] * (vm.num_layers if gradients else 1)
-    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
+    n = vm.tokens_for(x.shape[-2], x.shape[-1])
     if graph:
-        return 0, limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads)
-    return limits.analysis_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, gradients, vm.device)
+        return 0, limits.attention_graph_bytes(vm.num_layers, n, vm.num_heads)
+    return limits.analysis_bytes(vm.num_layers, n, vm.num_heads, gradients, vm.device)
 
 
 def forward_groups(

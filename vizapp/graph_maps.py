@@ -143,8 +143,7 @@ def recomputes(vm: VizModel, x: torch.Tensor) -> bool:
     The maps are the same either way (to 1e-12, tests)."""
     if vm.device.type != "cpu":
         return True
-    gh, gw = vm.grid_for(x.shape[-2], x.shape[-1])
-    each = limits.attention_graph_bytes(vm.num_layers, vm.num_prefix_tokens + gh * gw, vm.num_heads, kept=True)
+    each = limits.attention_graph_bytes(vm.num_layers, vm.tokens_for(x.shape[-2], x.shape[-1]), vm.num_heads, kept=True)
     return x.shape[0] * each > limits.batch_forward_bytes(vm.device)
 
 

@@ -426,12 +426,13 @@ class Analysis(LabelFreeViews, ModelRuns):
             parts.append(attention_from_qk(q, k, self.scales[0], bias))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def attention_gradients(self, class_idx: Any = None, *, later: Any = None) -> torch.Tensor:
-        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept);
-        ``later``: :meth:`_model_later`'s answer where the caller has it (a model reloaded once, not twice)."""
-        cls = self._class(class_idx)
-        key = Key("grads", (cls,))
-        if key in self._cache:
+    def attention_gradients(self, class_idx: Any = None) -> torch.Tensor:
+        """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
+        return self._attention_gradients(self._class(class_idx))
+
+    def _attention_gradients(self, cls: int, later: Any = None) -> torch.Tensor:
+        """Of a checked class; ``later``: :meth:`_model_later`'s answer where the caller has it (loaded once)."""
+        if (key := Key("grads", (cls,))) in self._cache:
             return self._cache.peek(key)
         if cls in self.graph.given:  # found by the backward of a whole batch (class_gradients)
             return self.graph.given[cls]
@@ -439,8 +440,7 @@ class Analysis(LabelFreeViews, ModelRuns):
             i = self.graph.image
             grads = torch.autograd.grad(self.graph.logits[i, cls], self.graph.maps, retain_graph=True)
             return self._cache.put(key, torch.stack([g[i].float() for g in grads]))
-        # a forward and a backward (on a GPU one replayed CUDA graph for every class of inputs of this shape); the
-        # model's weights are checked against the result's once that work is queued, before its gradients are taken
+        # a forward and a backward (on a GPU one replayed CUDA graph a shape), the weights checked once it is queued
         vm, check = later or self._model_later()
         grads = gradient_pass.attention_gradients(vm, self.input, cls, len(self.probs), meanwhile=check)
         return self._cache.put(key, grads.to(self.device))
@@ -477,7 +477,7 @@ class Analysis(LabelFreeViews, ModelRuns):
                 x = to_device(self.input, vm.device, vm.dtype)  # one forward and backward (graph_maps)
                 if cls not in self.graph.given and not gradient_pass.graphable(vm, x):
                     return graph_maps.one_image_heads(vm, x, cls, check).to(self.device)
-            return grad_weighted_heads(self.attention_stack(), self.attention_gradients(cls, later=later))
+            return grad_weighted_heads(self.attention_stack(), self._attention_gradients(cls, later))
 
         return self._cache.get(Key("grad_heads", (cls,)), make)
 

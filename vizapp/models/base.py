@@ -250,6 +250,11 @@ class VizModel:
         """Patch grid the model uses for an input of this size (dynamic-size models resize on the fly)."""
         return self.grid_fn(int(height), int(width))
 
+    def tokens_for(self, height: int, width: int) -> int:
+        """Tokens of each layer for an input of this size: the prefix tokens and the patches of :meth:`grid_for`."""
+        gh, gw = self.grid_for(height, width)
+        return self.num_prefix_tokens + gh * gw
+
     @property
     def pos_embed_status(self) -> str:
         """Empty when the model has a learned absolute position embedding (its scheme, or added beside RoPE or a
