@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu.sh OUT [STEP ...]      (steps: tests kernels fp32 fp32-formed fp32-eager memory fp16 bf16
 #                                               profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps
-#                                               ablation families)
+#                                               ablation families graph-routes)
 #
 # Needs a CUDA device; weights are random (nothing is downloaded). Fashion-MNIST's test files are read from
 # $VIZAPP_FMNIST_DIR (or the Debian package's folder).
@@ -13,7 +13,7 @@ set -u
 OUT=${1:?usage: gpu.sh OUT [STEP ...]}
 shift
 mkdir -p "$OUT"
-STEPS=${*:-tests kernels fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families}
+STEPS=${*:-tests kernels fp32 fp32-formed fp32-eager memory fp16 bf16 profile batch batch-bf16 eval-rate eval-bundled eval-vitb class-maps ablation families graph-routes}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -103,4 +103,9 @@ step class-maps 45 $PY -m benchmarks.class_maps --device cuda --threads 4 --repe
 step ablation 40 $PY -m benchmarks.ablation_cost --device cuda --threads 4 --repeats 5
 step families 120 $PY -m benchmarks.bench --families --device cuda --threads 4 --repeats 5 --no-memory --no-profile \
     --out "$OUT/benchmarks-families-cuda.md"
+# a batch's class maps with every layer's attention kept in the autograd graph against formed again in the backward
+# (the GPU's rule today): whether keeping it would be faster where it fits (rows into log.txt only)
+step graph-routes 100 $PY -m benchmarks.graph_memory --device cuda --threads 4 --repeats 5 \
+    --case vit_base_patch16_224:64 --case vit_large_patch16_384:8 --interleave vit_base_patch16_224:64 \
+    --out /tmp/benchmarks-graph-memory-cuda.md
 echo "done $(date +%T)" | tee -a "$OUT/steps.txt"

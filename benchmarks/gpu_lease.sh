@@ -27,4 +27,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-exec bash benchmarks/gpu.sh "$OUT" ${LEASE_STEPS:-tests kernels fp32 fp32-formed bf16 batch eval-rate profile class-maps}
+exec bash benchmarks/gpu.sh "$OUT" ${LEASE_STEPS:-tests kernels fp32 fp32-formed bf16 batch eval-rate profile class-maps graph-routes}

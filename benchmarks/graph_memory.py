@@ -7,7 +7,10 @@ Each (model, batch, route) runs in a fresh process (random weights, CPU). After 
 preprocessed, the peak resident memory is reset (``/proc/self/clear_refs``); one AttentionGraph forward, its attention
 rollout and the relevance and gradient rollout of one class per image then run (a warm-up), and the peak (``VmHWM``)
 above that point is read. The time is the median of the repeats that follow, in the same process. Writes
-docs/benchmarks-graph-memory.md.
+docs/benchmarks-graph-memory.md. ``--device cuda``: the same on a GPU, whose peak is the device's
+(``torch.cuda.max_memory_allocated`` above what the loaded model and the batch hold), each map's time taken after the
+device finishes; there the default rule always forms the attention again, and this measures whether keeping it would
+be faster.
 """
 
 from __future__ import annotations
@@ -26,29 +29,44 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks-graph-memory.md"
+OUT_CUDA = OUT.with_name("benchmarks-graph-memory-cuda.md")
 MARK = "GRAPH_MEMORY "
 CASES = (("vit_base_patch16_224", 16), ("vit_large_patch16_384", 2))
 
 
-def measure(name: str, batch: int, recompute: bool, repeats: int) -> dict:
+def _finish(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, batch: int, recompute: bool, repeats: int, device: str = "cpu") -> dict:
     """One case in this process: peak bytes above the memory after loading and preprocessing, and median seconds."""
     from benchmarks.bench.memory import _reset_peak_rss, _rss_bytes, _status_kb
     from vizapp import graph_maps, load_model
 
-    vm = load_model(name, pretrained=False)
+    vm = load_model(name, pretrained=False, device=device)
     pixels = [np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8) for i in range(batch)]
-    x = torch.stack([vm.transform(Image.fromarray(p)) for p in pixels])
+    x = torch.stack([vm.transform(Image.fromarray(p)) for p in pixels]).to(vm.device)
     asked = {m: graph_maps.options(vm, m) for m in ("rollout", *graph_maps.GRADIENT_METHODS)}
 
     def maps() -> dict:
         graph = graph_maps.AttentionGraph(vm, x, recompute=recompute)
-        return graph.plain_maps(asked) | graph.class_maps(asked, [i % 1000 for i in range(batch)])
+        found = graph.plain_maps(asked) | graph.class_maps(asked, [i % 1000 for i in range(batch)])
+        _finish(vm.device)
+        return found
 
-    base = _rss_bytes()
-    if not _reset_peak_rss():
-        raise SystemExit("this benchmark needs /proc/self/clear_refs (Linux)")
-    maps()
-    peak = _status_kb("VmHWM") * 1024 - base
+    if vm.device.type == "cuda":
+        _finish(vm.device)
+        base = torch.cuda.memory_allocated(vm.device)
+        torch.cuda.reset_peak_memory_stats(vm.device)
+        maps()
+        peak = torch.cuda.max_memory_allocated(vm.device) - base
+    else:
+        base = _rss_bytes()
+        if not _reset_peak_rss():
+            raise SystemExit("this benchmark needs /proc/self/clear_refs (Linux)")
+        maps()
+        peak = _status_kb("VmHWM") * 1024 - base
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -57,7 +75,7 @@ def measure(name: str, batch: int, recompute: bool, repeats: int) -> dict:
     return {"model": name, "batch": batch, "recompute": recompute, "peak": peak, "seconds": statistics.median(times)}
 
 
-def interleaved(name: str, batch: int, repeats: int) -> tuple[float, float]:
+def interleaved(name: str, batch: int, repeats: int, device: str = "cpu") -> tuple[float, float]:
     """Median seconds of ``vizapp.explain(vm, images, ["relevance", "grad_rollout"])`` with the attention formed again
     and kept, the two alternating in one process (after one warm-up each): explain's own forwards (sized by the
     formed-again route's estimate, the same for both)."""
@@ -65,7 +83,7 @@ def interleaved(name: str, batch: int, repeats: int) -> tuple[float, float]:
 
     from vizapp import explain, graph_maps, load_model
 
-    vm = load_model(name, pretrained=False)
+    vm = load_model(name, pretrained=False, device=device)
     pixels = [np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8) for i in range(batch)]
     images = [Image.fromarray(p) for p in pixels]
     real = graph_maps.AttentionGraph
@@ -75,7 +93,7 @@ def interleaved(name: str, batch: int, repeats: int) -> tuple[float, float]:
             for recompute in (True, False):
                 graph_maps.AttentionGraph = functools.partial(real, recompute=recompute)
                 t0 = time.perf_counter()
-                explain(vm, images, ["relevance", "grad_rollout"])
+                explain(vm, images, ["relevance", "grad_rollout"])  # numpy maps: the device has finished
                 if round_:
                     times[recompute].append(time.perf_counter() - t0)
     finally:
@@ -92,13 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         "--interleave", nargs="*", default=["vit_small_patch16_224:16", "vit_base_patch16_224:16"],
         help="MODEL:IMAGES whose explain is timed with both routes alternating in one process",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(ROOT)} (cpu), {OUT_CUDA.name} (cuda)")
     parser.add_argument("--_case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._case:
         name, batch, recompute = args._case
-        print(MARK + json.dumps(measure(name, int(batch), recompute == "1", args.repeats)), flush=True)
+        print(MARK + json.dumps(measure(name, int(batch), recompute == "1", args.repeats, args.device)), flush=True)
         return
     rows = []
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.case] if args.case else CASES
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         found = {}
         for recompute in ("1", "0"):
             cmd = [sys.executable, "-m", "benchmarks.graph_memory", "--_case", name, str(batch), recompute]
-            cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+            cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             line = next(ln for ln in done.stdout.splitlines() if ln.startswith(MARK))
             found[recompute] = json.loads(line[len(MARK) :])
@@ -119,16 +138,23 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
     timed = []
     for name, batch in [(c.split(":")[0], int(c.split(":")[1])) for c in args.interleave or []]:
-        again, kept = interleaved(name, batch, args.repeats)
+        again, kept = interleaved(name, batch, args.repeats, args.device)
         timed.append(f"| {name} | {batch} | {kept:.2f} | {again:.2f} | {again / kept:.2f} |")
         print(timed[-1], flush=True)
+    cuda = torch.device(args.device).type == "cuda"
+    where = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    peak_text = (
+        "device memory (max_memory_allocated above the loaded model and batch)"
+        if cuda
+        else "resident memory (VmHWM, reset after loading and preprocessing)"
+    )
     text = "\n".join(
         [
             "# Class maps of a batch from one forward's graph: the attention kept, or formed again in the backward",
             "",
-            f"Generated by `python -m benchmarks.graph_memory` (random weights, CPU, {args.threads} threads, "
+            f"Generated by `python -m benchmarks.graph_memory` (random weights, {where}, {args.threads} threads, "
             f"{torch.__version__}); edit the code, not this file. Each route of each case in its own process: peak "
-            "resident memory (VmHWM, reset after loading and preprocessing) of one AttentionGraph forward with "
+            f"{peak_text} of one AttentionGraph forward with "
             "attention rollout, relevance and gradient rollout of one class per image; seconds: the median of "
             f"{args.repeats} repeats after it, in that process. Kept: `recompute=False` (the attention of every layer in "
             "the autograd graph: the CPU's route where the forward budget holds it); formed again: `recompute=True` "
@@ -153,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             ),
         ]
     )
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    out = args.out or (OUT_CUDA if cuda else OUT)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
