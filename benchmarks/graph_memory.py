@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.bench.machine import device_name
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks-graph-memory.md"
 OUT_CUDA = OUT.with_name("benchmarks-graph-memory-cuda.md")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         timed.append(f"| {name} | {batch} | {kept:.2f} | {again:.2f} | {again / kept:.2f} |")
         print(timed[-1], flush=True)
     cuda = torch.device(args.device).type == "cuda"
-    where = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    where = device_name(args.device)
     peak_text = (
         "device memory (max_memory_allocated above the loaded model and batch)"
         if cuda

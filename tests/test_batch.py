@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -595,6 +596,8 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
     args = ["--models", spec, "--batches", "2", "3", "--class-batches", "2", "--repeats", "1", "--warmup", "0"]
     assert bench.main([*args, "--threads", "1", "2", "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
+    assert f"CPU ({cpu[1].strip()})" in text  # the processor the ratios were measured on
     for threads in (1, 2):
         table = text.split(f"## {threads} thread(s)", 1)[1].split("\n## ", 1)[0]
         rows = [
