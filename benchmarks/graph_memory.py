@@ -36,14 +36,9 @@ MARK = "GRAPH_MEMORY "
 CASES = (("vit_base_patch16_224", 16), ("vit_large_patch16_384", 2))
 
 
-def _finish(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(name: str, batch: int, recompute: bool, repeats: int, device: str = "cpu") -> dict:
     """One case in this process: peak bytes above the memory after loading and preprocessing, and median seconds."""
-    from benchmarks.bench.memory import _reset_peak_rss, _rss_bytes, _status_kb
+    from benchmarks.bench.memory import PeakMemory
     from vizapp import graph_maps, load_model
 
     vm = load_model(name, pretrained=False, device=device)
@@ -54,21 +49,14 @@ def measure(name: str, batch: int, recompute: bool, repeats: int, device: str = 
     def maps() -> dict:
         graph = graph_maps.AttentionGraph(vm, x, recompute=recompute)
         found = graph.plain_maps(asked) | graph.class_maps(asked, [i % 1000 for i in range(batch)])
-        _finish(vm.device)
+        vm.synchronize()
         return found
 
-    if vm.device.type == "cuda":
-        _finish(vm.device)
-        base = torch.cuda.memory_allocated(vm.device)
-        torch.cuda.reset_peak_memory_stats(vm.device)
-        maps()
-        peak = torch.cuda.max_memory_allocated(vm.device) - base
-    else:
-        base = _rss_bytes()
-        if not _reset_peak_rss():
-            raise SystemExit("this benchmark needs /proc/self/clear_refs (Linux)")
-        maps()
-        peak = _status_kb("VmHWM") * 1024 - base
+    peak_from_here = PeakMemory(vm.device)
+    if not peak_from_here.cuda and not peak_from_here.reset:
+        raise SystemExit("this benchmark needs /proc/self/clear_refs (Linux)")
+    maps()
+    peak = peak_from_here.bytes()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -430,7 +430,7 @@ class Analysis(LabelFreeViews, ModelRuns):
         """∂logit[class]/∂A for every layer and head, [L, H, N, N] (one forward + backward, fused attention kept)."""
         return self._attention_gradients(self._class(class_idx))
 
-    def _attention_gradients(self, cls: int, later: Any = None) -> torch.Tensor:
+    def _attention_gradients(self, cls: int, later: tuple[VizModel, Callable[[], None]] | None = None) -> torch.Tensor:
         """Of a checked class; ``later``: :meth:`_model_later`'s answer where the caller has it (loaded once)."""
         if (key := Key("grads", (cls,))) in self._cache:
             return self._cache.peek(key)

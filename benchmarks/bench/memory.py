@@ -52,6 +52,30 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+class PeakMemory:
+    """Peak memory above the point this was made: on CUDA the device's allocations (``max_memory_allocated`` above
+    ``memory_allocated``, after the device finishes), on the CPU the process's resident high-water mark ``VmHWM``
+    above its resident memory, once ``/proc/self/clear_refs`` has reset it (``reset``: whether it could)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self.base = _rss_bytes()
+            self.reset = _reset_peak_rss()
+
+    def bytes(self) -> int | None:
+        """The peak so far above the start, or None on the CPU where the high-water mark could not be reset or read."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        hwm_kb = _status_kb("VmHWM")
+        return hwm_kb * 1024 - self.base if hwm_kb is not None and self.reset else None
+
+
 def _storage_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
@@ -72,14 +96,8 @@ def measure_memory_here(stage: str, spec: ModelSpec, device: str, dtype: str = "
     x = vm.transform(img)  # only to size things; the stages transform again
     del x
     gc.collect()
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    else:
-        base = _rss_bytes()
-        reset_ok = _reset_peak_rss()
+    peak_from_here = PeakMemory(dev)
+    base = peak_from_here.base
     extra: dict[str, Any] = {}
     if stage == "a":
         keep: Any = stage_a(vm, img)
@@ -95,19 +113,18 @@ def measure_memory_here(stage: str, spec: ModelSpec, device: str, dtype: str = "
         keep = cap
     else:
         raise ValueError(f"unknown stage {stage!r}")
-    if cuda:
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
+    found = peak_from_here.bytes()
+    if peak_from_here.cuda:
+        peak = found
         method = "torch.cuda.max_memory_allocated - memory_allocated after load"
     else:
         # VmHWM is this address space's high-water mark, which clear_refs resets. ru_maxrss is max(VmHWM, the
         # signal struct's maxrss), and the latter keeps the high-water mark of the address space replaced by exec,
         # i.e. of the forked parent (the benchmark process, holding other models): clear_refs does not reset it.
-        hwm_kb = _status_kb("VmHWM")
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         extra["ru_maxrss_bytes"] = maxrss
-        if hwm_kb is not None and reset_ok:
-            peak = hwm_kb * 1024 - base
+        if found is not None:
+            peak = found
             method = "VmHWM (reset via /proc/self/clear_refs after load) - RSS after load"
         else:
             peak = maxrss - base
