@@ -42,8 +42,6 @@ def _cpu_model() -> str:
 
 def device_name(device: str) -> str:
     """The device a table was measured on, in words ("CPU (AMD EPYC)", "CUDA (NVIDIA H200)"): ratios move with it."""
-    import torch
-
     if torch.device(device).type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)})"
     return f"{device.upper()} ({_cpu_model()})"
