@@ -95,6 +95,37 @@ def test_head_fusion_in_chunks_by_hand():
     torch.testing.assert_close(parts.distances[0], whole.distances[0])
 
 
+def test_chunks_of_one_or_two_heads_are_fused_without_a_reduction():
+    """A chunk of one head (a 1,374-token model's heads come one at a time) is written or folded as it is, and one of
+    two heads (ViT-L/16 at 384 px) by one elementwise operation: bitwise what the reduction over the head axis gives,
+    with no sum, max or min over it. By hand: folding [0.25, 0.75] into [0.5, 0.5] gives the sum [0.75, 1.25], max
+    [0.5, 0.75] and min [0.25, 0.5]; the two heads [0.25, 0.75] and [0.5, 0.5] start the sum at [0.75, 1.25]."""
+    from tests.opcount import Ops
+    from vizapp.analysis.rollout import fuse_heads_into, start_fusion
+
+    head, other = torch.tensor([[[0.25, 0.75]]]), torch.tensor([[[0.5, 0.5]]])  # [c=1, r=1, N=2] each
+    by_hand = {"mean": [[0.75, 1.25]], "max": [[0.5, 0.75]], "min": [[0.25, 0.5]]}
+    reduce = {"mean": torch.sum, "max": torch.amax, "min": torch.amin}
+    pairwise = {"mean": torch.add, "max": torch.maximum, "min": torch.minimum}
+    for f, want in by_hand.items():
+        with Ops() as ops:
+            assert fuse_heads_into(torch.full((1, 2), 0.5), head, f).tolist() == want
+            assert torch.equal(start_fusion(torch.empty(1, 2), head, f), head[0])
+            assert start_fusion(torch.empty(1, 2), torch.cat([head, other]), f).tolist() == want
+        assert not {"aten.sum", "aten.amax", "aten.amin"} & set(ops.names), (f, ops.names)
+    for c in (1, 2):
+        attn = random_attention(5, 1, 2 * c, 7)[0]  # [2c, N=7, N=7]: two chunks of c heads
+        for f in by_hand:
+            with Ops() as ops:
+                started = start_fusion(torch.empty(7, 7), attn[:c], f)
+                folded = fuse_heads_into(started.clone(), attn[c:], f, work=torch.empty(7, 7))
+            assert not {"aten.sum", "aten.amax", "aten.amin"} & set(ops.names), (c, f, ops.names)
+            assert torch.equal(started, reduce[f](attn[:c], dim=-3)), (c, f)
+            assert torch.equal(folded, pairwise[f](reduce[f](attn[:c], dim=-3), reduce[f](attn[c:], dim=-3)))
+            if f != "mean":  # max and min are exact in any order: the fusion of all 2c heads
+                assert torch.equal(folded, reduce[f](attn, dim=-3)), (c, f)
+
+
 def test_stored_mean_fusions_are_divided_once_for_every_layer():
     """The stored mean fusions hold the heads' sums until the last layer is done, then one division makes every
     layer's mean (one operator for 3 layers, not 3), bitwise each layer's own ``finish_fusion``; layers that differ in

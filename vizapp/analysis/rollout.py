@@ -18,6 +18,29 @@ HEAD_FUSIONS = ("mean", "max", "min")
 FUSION_START = {"mean": 0.0, "max": -float("inf"), "min": float("inf")}
 
 
+_PAIRWISE = {"mean": torch.add, "max": torch.maximum, "min": torch.minimum}
+_OVER_HEADS = {"mean": torch.sum, "max": torch.amax, "min": torch.amin}
+
+
+def _over_heads(attn: torch.Tensor, head_fusion: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The heads of ``attn`` [..., c, r, N] summed ("mean"), or their max or min: [..., r, N], into ``out`` when given.
+
+    One head is itself (a view, or copied into ``out``) and two are one elementwise operation: bitwise what the
+    reduction over the head axis gives (a sum of two floats is rounded once however it is taken), without the
+    reduction, which on the CPU fills its output first and, over one head, only copies it. The 1,374-token ViT-L/14
+    hands its heads over one at a time, ViT-L/16 at 384 px two at a time (:func:`vizapp.limits.chunk_shape`).
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    c = attn.shape[-3]
+    if c == 1:
+        one = attn.select(-3, 0)
+        return one if out is None else out.copy_(one)
+    if c == 2:
+        return _PAIRWISE[head_fusion](attn.select(-3, 0), attn.select(-3, 1), out=out)
+    return _OVER_HEADS[head_fusion](attn, dim=-3, out=out)
+
+
 def fuse_heads_into(
     acc: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean", work: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -25,32 +48,18 @@ def fuse_heads_into(
 
     ``acc`` starts at :data:`FUSION_START` [head_fusion]; after every head has been folded in, "mean" still has to be
     divided by the number of heads (:func:`finish_fusion`). Chunks of heads may arrive in any order. ``work`` (shaped
-    like ``acc``, optional) receives the heads' sum, max or min on the way, instead of a new tensor.
+    like ``acc``, optional) receives the heads' sum, max or min on the way, instead of a new tensor (a chunk of one
+    head is folded in as it is).
     """
-    if head_fusion == "mean":
-        return acc.add_(torch.sum(attn, dim=-3, out=work) if work is not None else attn.sum(dim=-3))
-    if head_fusion == "max":
-        return torch.maximum(
-            acc, torch.amax(attn, dim=-3, out=work) if work is not None else attn.amax(dim=-3), out=acc
-        )
-    if head_fusion == "min":
-        return torch.minimum(
-            acc, torch.amin(attn, dim=-3, out=work) if work is not None else attn.amin(dim=-3), out=acc
-        )
-    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    heads = _over_heads(attn, head_fusion, work if attn.shape[-3] > 1 else None)
+    return _PAIRWISE[head_fusion](acc, heads, out=acc)
 
 
 def start_fusion(out: torch.Tensor, attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     """The running fusion ``out`` [..., r, N] of the first heads of these rows, written (not folded) from ``attn``
     [..., c, r, N]: what :func:`fuse_heads_into` gives from an accumulator at :data:`FUSION_START`, without filling it
     first. Later chunks of the same rows are folded in with :func:`fuse_heads_into`."""
-    if head_fusion == "mean":
-        return torch.sum(attn, dim=-3, out=out)
-    if head_fusion == "max":
-        return torch.amax(attn, dim=-3, out=out)
-    if head_fusion == "min":
-        return torch.amin(attn, dim=-3, out=out)
-    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    return _over_heads(attn, head_fusion, out)
 
 
 def finish_fusion(acc: torch.Tensor, num_heads: int, head_fusion: str) -> torch.Tensor:
