@@ -48,6 +48,26 @@ def test_quick_run_writes_every_column_and_a_row_per_model(tmp_path, capsys):
     assert all(float(c) > 0 for c in ds_rows[0][2:]), ds_rows
 
 
+def test_the_cost_model_counts_every_pass_and_the_weights_digest_by_hand():
+    """A 2-layer, 3-head model of 5 tokens (CLS and a 2x2 grid), width 8: everything fits the CPU's caches, so each
+    layer's analysis passes are 3 (scores, softmax, read back) + 5 (entropy) + 1 (head sum) + 2 (max, min) over
+    H·N² = 75, 3 (distance) over H·P² = 48 and 1 over N² = 25 (the kept mean): 2 · (11 · 75 + 3 · 48 + 25) = 1,988.
+    The digest reads the weights' bytes as given; ``model_shape`` counts them from the model (the same count as the
+    parameters flattened into one vector, for a timm ViT, which has no buffers)."""
+    from benchmarks.bench.costmodel import Shape, cost_model, model_shape
+    from benchmarks.bench.specs import parse_spec
+
+    s = Shape(5, 1, 4, 2, 3, 8, 32, 3, 16 * 16, 10, weight_bytes=12_345)
+    c = cost_model(s)
+    assert c["extra_elementwise"] == 1_988
+    assert c["extra_gemm_macs"] == 0  # the means are kept: no bottom-up rollout
+    assert c["digest_bytes"] == 12_345
+    vm = parse_spec("vit_tiny_patch16_224@img_size=32,depth=1").load("cpu")
+    flat = torch.nn.utils.parameters_to_vector(vm.model.parameters())
+    assert not list(vm.model.buffers())
+    assert model_shape(vm).weight_bytes == flat.numel() * 4
+
+
 def test_models_option_gives_one_row_each(tmp_path):
     out = tmp_path / "two.md"
     specs = ["vit_tiny_patch16_224@img_size=32,depth=1", "vit_small_patch14_reg4_dinov2@img_size=28,depth=1"]

@@ -26,6 +26,7 @@ class Shape:
     in_chans: int
     patch_pixels: int  # ph * pw
     num_classes: int
+    weight_bytes: int = 0  # every parameter and buffer: what the weights digest reads
 
 
 def model_shape(vm: Any) -> Shape:
@@ -49,6 +50,7 @@ def model_shape(vm: Any) -> Shape:
         in_chans=int(vm.input_size[0]),
         patch_pixels=int(vm.patch_size[0] * vm.patch_size[1]),
         num_classes=len(vm.labels),
+        weight_bytes=sum(t.numel() * t.element_size() for t in (*vm.model.parameters(), *vm.model.buffers())),
     )
 
 
@@ -63,13 +65,15 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     SDPA; the scores are written out, softmaxed into a second buffer and read back by A·v: ~3 passes over H·N² that SDPA's
     blocked kernel keeps in registers), and ``streaming.LayerStatistics.chunk`` reduces each hot chunk: the
     distance numerator (attention x pixel distance, then a sum: 2 passes over H·P²), its denominator (1 pass over
-    H·P²), the head sum (1 pass over H·N²) and, while the fused cache fits FUSED_CACHE_LIMIT_BYTES, max and min (2
-    more). Rollout: the mean-fused matrices are kept (L·N² floats, when under ROLLOUT_STORE_LIMIT_BYTES) and
+    H·P²), the entropy from the scores (5 passes over H·N²: the rows' largest score and largest weight, m - s, its
+    product with the weights and the rows' sums, :func:`vizapp.analysis.headstats.row_entropy_from_scores`), the head
+    sum (1 pass over H·N²) and, while the fused cache fits FUSED_CACHE_LIMIT_BYTES, max and min (2 more). Rollout: the mean-fused matrices are kept (L·N² floats, when under ROLLOUT_STORE_LIMIT_BYTES) and
     ``LayerStatistics.rollout_row`` carries the CLS row down after the forward (L vector-matrix products, 1 pass over
     N² each); above the limit ``layer_done`` multiplies the joint attention up bottom-up, one N x N x N product per
     layer. Memory: q and k of every layer (2·L·N·D floats, one contiguous copy per layer), one chunk and its distance
     product (c·r·N + c·r·P floats), the kept means (L·N²) or the joint (2·N²), and the other two fusions (2·L·N²)
-    while the cache fits, briefly twice while ``torch.stack`` runs.
+    while the cache fits, briefly twice while ``torch.stack`` runs. Once per call, the weights digest every analysis
+    records (:meth:`vizapp.VizModel.fingerprint`) reads every weight byte (``digest_bytes``).
     """
     n, p, L, h, d, m = s.tokens, s.patches, s.layers, s.heads, s.width, s.mlp_hidden
     f32 = 4
@@ -79,7 +83,7 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     store_mean = L * n * n * f32 <= limits.ROLLOUT_STORE_LIMIT_BYTES
     gemm_extra = 0 if store_mean else batch * L * n**3  # bottom-up rollout
     elementwise = (
-        batch * L * ((3 + 1 + (2 if keep_fused else 0)) * h * n * n + 3 * h * p * p + (n * n if store_mean else 0))
+        batch * L * ((3 + 5 + 1 + (2 if keep_fused else 0)) * h * n * n + 3 * h * p * p + (n * n if store_mean else 0))
     )
     chunk, rows = limits.chunk_shape(h, n, limits.chunk_bytes(torch.device("cpu")))
     qk = 2 * L * n * d * f32 * batch
@@ -91,6 +95,7 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
         "forward_attn_macs": float(batch * L * 2 * n * n * d),
         "extra_gemm_macs": float(gemm_extra),
         "extra_elementwise": float(elementwise),
+        "digest_bytes": float(s.weight_bytes),
         "chunk_heads": float(chunk),
         "chunk_rows": float(rows),
         "qk_bytes": float(qk),
@@ -110,6 +115,20 @@ def elementwise_rate(s: Shape, repeats: int = 3) -> float:
         torch.softmax(x, dim=-1)
         times.append(time.perf_counter() - t0)
     return 3 * x.numel() / statistics.median(times[1:])
+
+
+def digest_rate(repeats: int = 3, size: int = 64 << 20) -> float:
+    """Measured bytes per second of the weights digest's checksum (:func:`vizapp.models.digest.cpu_checksums`) over
+    one ``size``-byte float32 tensor."""
+    from vizapp.models.digest import cpu_checksums
+
+    x = torch.randn(size // 4)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        cpu_checksums(x)
+        times.append(time.perf_counter() - t0)
+    return size / statistics.median(times[1:])
 
 
 COST_MODEL_TEXT = """\
@@ -146,9 +165,11 @@ measured sources, see the hashes above):
   passes per layer; an earlier version that did this for every layer measured 1.19–1.25 b/a for ViT-L/384 against
   1.01–1.04 inline); calls it cannot reproduce (dropout, causal) are left to SDPA and refused by the views;
 * from the hot chunk (`streaming.LayerStatistics.chunk`): mean attention distance Σ_j a_ij·d_ij over Σ_j a_ij (the
-  renormalisation over the patches): ~3 passes over H·P²; the head sum for the mean fusion (1 pass over H·N²); max
-  and min (2 more) only while the fused matrices of all layers fit `FUSED_CACHE_LIMIT_BYTES` (16 MiB: ViT-S/B at
-  224 px yes, the ViT-L models no);
+  renormalisation over the patches): ~3 passes over H·P²; each row's attention entropy from its scores (5 passes
+  over H·N²: the largest score and the largest weight of each row, m − s, its product with the weights, the row
+  sums); the head sum for the mean fusion (1 pass over H·N², none where a chunk holds one head: it is added as it
+  is); max and min (2 more) only while the fused matrices of all layers fit `FUSED_CACHE_LIMIT_BYTES` (16 MiB:
+  ViT-S/B at 224 px yes, the ViT-L models no);
 * default rollout: while L·N² floats fit `limits.rollout_store_bytes(device)` (on the CPU `ROLLOUT_STORE_LIMIT_BYTES`,
   16 MiB, as the fused cache; on a GPU `ROLLOUT_STORE_LIMIT_BYTES_GPU`, 256 MiB), the mean-fused
   matrices are kept and `LayerStatistics.rollout_row` carries the CLS row from the top layer down after the forward,
@@ -159,13 +180,18 @@ measured sources, see the hashes above):
 * memory: q and k of every layer, 2·L·N·D floats, one contiguous copy per layer by the capture (kept: the per-head
   views of any layer and query are recomputed from them); one chunk and its distance product, c·(N² + P²) floats
   for whole heads; the kept means L·N² (or the joint, 2·N²); the max/min cache 2·L·N² while small, briefly twice
-  (lists + `torch.stack`).
+  (lists + `torch.stack`);
+* once per call, the weights digest the analysis records (`VizModel.fingerprint`, so that a method that runs the
+  model again can prove it is the same network): every parameter and buffer read once, W bytes (ViT-B/16: 346 MB,
+  ViT-L/16: 1.2 GB), whatever the input size.
 
-Extra time ≈ [L·N³ without kept means] / R_gemm + L·(4..6·H·N² + 3·H·P²) / R_elem, over forward ≈
+Extra time ≈ [L·N³ without kept means] / R_gemm + L·(9..11·H·N² + 3·H·P²) / R_elem + W / R_digest, over forward ≈
 L·(12·N·D² + 2·N²·D) / R_gemm. The elementwise part does not use the matrix units, runs at cache or memory
 bandwidth (R_elem is one to two orders of magnitude below R_gemm in elements/s vs MAC/s) and grows with H·N², so
-it dominates the extra time of ViT-B and ViT-L/384; at 1,374 tokens the bottom-up rollout's N³ GEMM is about as
-large. Added memory grows as L·N·D (q/k, linear in N) + L·N² (kept means, only while ≤ 16 MiB) + c·N²: for all
+it dominates the extra time of ViT-L/384; at 1,374 tokens the bottom-up rollout's N³ GEMM is about as large. The
+digest reads at about memory bandwidth and does not grow with N: at 224 px it is the largest term (the table
+below), and a processor whose matrix units are faster makes it and the elementwise part a larger share of a faster
+forward, so the same analysis gives a higher b/a there. Added memory grows as L·N·D (q/k, linear in N) + L·N² (kept means, only while ≤ 16 MiB) + c·N²: for all
 models here the q/k term dominates.
 
 Measured RSS can exceed these tensor-level counts: glibc's dynamic mmap threshold serves blocks up to 32 MB from the

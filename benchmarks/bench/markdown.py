@@ -336,7 +336,8 @@ def render_markdown(
         (
             "Predicted extra time of (b) over (a) = extra GEMM MACs / the GEMM rate achieved by (a) + extra "
             "elementwise element-passes / the rate of a softmax over one attention chunk measured in the same "
-            "process. Predicted added memory = q/k + kept means (or the joint) + 2 × the max/min cache (lists + "
+            "process + the weights' bytes / the rate of the digest's checksum over a 64 MiB tensor, measured in the "
+            "same process (its share of the prediction in the digest column). Predicted added memory = q/k + kept means (or the joint) + 2 × the max/min cache (lists + "
             "`torch.stack`) + one chunk; "
             "the measured value is the median peak of (b) minus that of (a)."
         ),
@@ -346,7 +347,8 @@ def render_markdown(
     for res in results:
         c = res.cost
         gemm_rate = c["forward_macs"] / res.med("a")
-        pred_s = c["extra_gemm_macs"] / gemm_rate + c["extra_elementwise"] / res.elem_rate
+        digest_s = c["digest_bytes"] / res.digest_rate
+        pred_s = c["extra_gemm_macs"] / gemm_rate + c["extra_elementwise"] / res.elem_rate + digest_s
         cm_rows.append(
             [
                 res.spec.label,
@@ -356,6 +358,9 @@ def render_markdown(
                 f"{c['extra_gemm_macs'] / 1e9:.2f}",
                 f"{c['extra_elementwise'] / 1e6:.0f}",
                 f"{res.elem_rate / 1e9:.2f}",
+                f"{c['digest_bytes'] / MB:.0f}",
+                f"{res.digest_rate / 1e9:.1f}",
+                f"{ms(digest_s)} ms",
                 f"{ms(pred_s)} ms ({100 * pred_s / res.med('a'):.1f} %)",
                 f"{ms(res.med('b') - res.med('a'))} ms ({100 * (res.med('b') / res.med('a') - 1):.1f} %)",
                 f"{c['qk_bytes'] / MB:.1f}",
@@ -375,6 +380,9 @@ def render_markdown(
             "extra GEMM GMAC",
             "extra elementwise M",
             "elementwise G/s",
+            "weights MB (digest)",
+            "digest GB/s",
+            "digest ms",
             "predicted extra time",
             "measured extra time",
             "q/k MB (2LND)",

@@ -43,10 +43,6 @@ class Stage:
     nested: bool = False
 
 
-def _method(name: str) -> tuple[str, ...]:
-    return (f"<method '{name}' of 'torch._C.TensorBase' objects>", f"<built-in method {name} ")
-
-
 def _function(name: str) -> tuple[str, ...]:
     return (f"<built-in method torch.{name}>", f"<built-in method {name} ")
 
@@ -78,19 +74,16 @@ STAGES = (
         nested=True,
     ),
     Stage(
+        "  of which: q and k kept, one copy a layer (kept.copy_pair)",
+        targets=("vizapp.kept:copy_pair",),
+        nested=True,
+    ),
+    Stage(
         "rollout row, top-down (LayerStatistics.rollout_row)", targets=("vizapp.streaming:LayerStatistics.rollout_row",)
     ),
     Stage(
-        "q/k copies (.contiguous in pipeline.py)",
-        builtins=(_method("contiguous"),),
-        called_from="vizapp.pipeline",
-        except_from=("vizapp.pipeline:Analysis.attention_row", "vizapp.pipeline:model_view"),
-    ),
-    Stage(
-        "torch.stack / torch.cat (fused, distances)",
-        builtins=(_function("stack"), _function("cat")),
-        called_from="vizapp.pipeline",
-        except_from=("vizapp.pipeline:Analysis.attention_row", "vizapp.pipeline:model_view"),
+        "weights digest, every parameter and buffer read (VizModel.fingerprint)",
+        targets=("vizapp.models.base:VizModel.fingerprint",),
     ),
     Stage("model_view (uint8 image)", targets=("vizapp.pipeline:model_view",)),
     Stage("per-head maps (r.attention)", targets=("vizapp.pipeline:Analysis.attention",)),

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from benchmarks.bench.costmodel import Shape, cost_model, elementwise_rate, model_shape
+from benchmarks.bench.costmodel import Shape, cost_model, digest_rate, elementwise_rate, model_shape
 from benchmarks.bench.memory import measure_memory
 from benchmarks.bench.profiling import profile_b
 from benchmarks.bench.specs import LARGE_MACS, SMALL_MACS, ModelSpec
@@ -43,6 +43,7 @@ class ModelResult:
     pos_sim_s: float = 0.0
     mem: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # one result per fresh subprocess
     elem_rate: float = float("nan")  # elements/s of a softmax pass, measured beside the timings
+    digest_rate: float = float("nan")  # bytes/s of the weights digest's checksum, measured beside the timings
     profile: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
 
@@ -151,6 +152,7 @@ def run_model(
         )
     if device == "cpu":
         res.elem_rate = elementwise_rate(shape)
+        res.digest_rate = digest_rate()
     else:
         failed = vm.graph_failures()
         log(f"  CUDA graphs: {len(vm.graphs)} recorded" + (f"; failed or slower: {failed}" if failed else ""))
