@@ -1,7 +1,8 @@
 """Every byte budget vizapp works within, in one place (the model cache and upload limits aside).
 
-The figures were measured on the 2-vCPU AMD EPYC these machines have (32 MiB shared L3); docs/benchmarks.md has the
-runs. Each module reads these names at call time, so a test may lower one with ``monkeypatch.setattr(limits, ...)``.
+The figures were measured on a 2-vCPU AMD EPYC (32 MiB shared L3) unless a comment names the 2-vCPU Intel Xeon (2 MiB
+L2 a core, 300 MiB L3) that other sessions get; docs/benchmarks.md has the runs. Each module reads these names at
+call time, so a test may lower one with ``monkeypatch.setattr(limits, ...)``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ IMAGE_GROUP_BYTES = 6 * 2**20
 # layer from q and k.
 ATTENTION_CHUNK_BYTES = 32 * 2**20
 # One head is split into blocks of query rows only when its N x N exceeds this (N > 2,048): 1,374-token heads took
-# 77 ms for 16 heads whole, 79 ms in 2 blocks and 117 ms in 3 (SDPA: 63 ms).
+# 77 ms for 16 heads whole, 79 ms in 2 blocks and 117 ms in 3 (SDPA: 63 ms). On the Intel Xeon, whose 2 MiB L2 a
+# block of 1 or 2 MiB would fit, the whole analysis of that 24-layer model took 4,158 ms with this limit against
+# 4,265, 4,299 and 4,461 ms with 4, 2 and 1 MiB blocks (medians of 4 interleaved rounds).
 ROW_BLOCK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 128  # smaller row blocks cost more in per-call overhead than they save
 # Keep head-fused matrices of every layer only while they stay small (vit_base: 1.9 MB per fusion; ViT-L/16 at 384 px
