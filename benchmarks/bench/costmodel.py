@@ -67,7 +67,8 @@ def cost_model(s: Shape, batch: int = 1) -> dict[str, float]:
     distance numerator (attention x pixel distance, then a sum: 2 passes over H·P²), its denominator (1 pass over
     H·P²), the entropy from the scores (5 passes over H·N²: the rows' largest score and largest weight, m - s, its
     product with the weights and the rows' sums, :func:`vizapp.analysis.headstats.row_entropy_from_scores`), the head
-    sum (1 pass over H·N²) and, while the fused cache fits FUSED_CACHE_LIMIT_BYTES, max and min (2 more). Rollout: the mean-fused matrices are kept (L·N² floats, when under ROLLOUT_STORE_LIMIT_BYTES) and
+    sum (1 pass over H·N²) and, while the fused cache fits FUSED_CACHE_LIMIT_BYTES, max and min (2 more). Rollout:
+    the mean-fused matrices are kept (L·N² floats, when under ROLLOUT_STORE_LIMIT_BYTES) and
     ``LayerStatistics.rollout_row`` carries the CLS row down after the forward (L vector-matrix products, 1 pass over
     N² each); above the limit ``layer_done`` multiplies the joint attention up bottom-up, one N x N x N product per
     layer. Memory: q and k of every layer (2·L·N·D floats, one contiguous copy per layer), one chunk and its distance
@@ -169,9 +170,9 @@ measured sources, see the hashes above):
 * from the hot chunk (`streaming.LayerStatistics.chunk`): mean attention distance Σ_j a_ij·d_ij over Σ_j a_ij (the
   renormalisation over the patches): ~3 passes over H·P²; each row's attention entropy from its scores (5 passes
   over H·N²: the largest score and the largest weight of each row, m − s, its product with the weights, the row
-  sums); the head sum for the mean fusion (1 pass over H·N², none where a chunk holds one head: it is added as it
-  is); max and min (2 more) only while the fused matrices of all layers fit `FUSED_CACHE_LIMIT_BYTES` (16 MiB:
-  ViT-S/B at 224 px yes, the ViT-L models no);
+  sums); the head sum for the mean fusion (1 pass over H·N²: a chunk of one head is added as it is, of two in one
+  elementwise sum); max and min (2 more) only while the fused matrices of all layers fit `FUSED_CACHE_LIMIT_BYTES`
+  (16 MiB: ViT-S/B at 224 px yes, the ViT-L models no);
 * default rollout: while L·N² floats fit `limits.rollout_store_bytes(device)` (on the CPU `ROLLOUT_STORE_LIMIT_BYTES`,
   16 MiB, as the fused cache; on a GPU `ROLLOUT_STORE_LIMIT_BYTES_GPU`, 256 MiB), the mean-fused
   matrices are kept and `LayerStatistics.rollout_row` carries the CLS row from the top layer down after the forward,
@@ -193,8 +194,8 @@ bandwidth (R_elem is one to two orders of magnitude below R_gemm in elements/s v
 it dominates the extra time of ViT-L/384; at 1,374 tokens the bottom-up rollout's N³ GEMM is about as large. The
 digest reads at about memory bandwidth and does not grow with N: at 224 px it is the largest term (the table
 below), and a processor whose matrix units are faster makes it and the elementwise part a larger share of a faster
-forward, so the same analysis gives a higher b/a there. Added memory grows as L·N·D (q/k, linear in N) + L·N² (kept means, only while ≤ 16 MiB) + c·N²: for all
-models here the q/k term dominates.
+forward, so the same analysis gives a higher b/a there. Added memory grows as L·N·D (q/k, linear in N) + L·N²
+(kept means, only while ≤ 16 MiB) + c·N²: for all models here the q/k term dominates.
 
 Measured RSS can exceed these tensor-level counts: glibc's dynamic mmap threshold serves blocks up to 32 MB from the
 heap, where blocks freed during the forward can stay resident, and the first forward in a process also maps library

@@ -337,8 +337,8 @@ def render_markdown(
             "Predicted extra time of (b) over (a) = extra GEMM MACs / the GEMM rate achieved by (a) + extra "
             "elementwise element-passes / the rate of a softmax over one attention chunk measured in the same "
             "process + the weights' bytes / the rate of the weights digest over 64 tensors of 8 MiB, measured in the "
-            "same process (its share of the prediction in the digest column). Predicted added memory = q/k + kept means (or the joint) + 2 × the max/min cache (lists + "
-            "`torch.stack`) + one chunk; "
+            "same process (its share of the prediction in the digest column). Predicted added memory = q/k + kept "
+            "means (or the joint) + 2 × the max/min cache (lists + `torch.stack`) + one chunk; "
             "the measured value is the median peak of (b) minus that of (a)."
         ),
         "",

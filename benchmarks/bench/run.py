@@ -43,7 +43,8 @@ class ModelResult:
     pos_sim_s: float = 0.0
     mem: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # one result per fresh subprocess
     elem_rate: float = float("nan")  # elements/s of a softmax pass, measured beside the timings
-    digest_rate: float = float("nan")  # bytes/s of the weights digest's checksum, measured beside the timings
+    # bytes/s of the weights digest (checksums and hashing), measured beside the timings
+    digest_rate: float = float("nan")
     profile: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
 
