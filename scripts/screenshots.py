@@ -107,6 +107,16 @@ def main() -> None:
                 path = out / f"{slug}.png"
                 page.screenshot(path=str(path), full_page=True)
                 print(f"wrote {path}")
+                if slug == "distance":  # the tab's other per-head statistic
+                    page.locator("#vizapp-statistic input").click()
+                    page.get_by_role("option", name="attention entropy (nats)").click()
+                    page.wait_for_function(
+                        "() => document.querySelector('#vizapp-distance-plot')?.innerText.includes('entropy per head')",
+                        timeout=120_000,
+                    )
+                    page.wait_for_timeout(800)
+                    page.screenshot(path=str(out / "entropy.png"), full_page=True)
+                    print(f"wrote {out / 'entropy.png'}")
             browser.close()
     finally:
         demo.close()

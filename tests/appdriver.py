@@ -242,15 +242,20 @@ def plot_of(d: AppDriver, elem_id: str) -> dict:
     return json.loads(value["plot"])
 
 
-def heatmap_z(trace: dict) -> np.ndarray:
-    """A heatmap's values as plotly ships them (a binary array or nested lists)."""
+def shipped(value: Any) -> np.ndarray:
+    """An array of a figure as plotly ships it to the page: a binary array (with its shape when not 1-D) or nested
+    lists (None for NaN), as float64."""
     import base64
 
-    z = trace["z"]
-    if isinstance(z, dict):
-        shape = tuple(int(v) for v in str(z["shape"]).split(","))
-        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
-    return np.asarray(z, dtype=float)
+    if isinstance(value, dict):
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).astype(np.float64)
+        return flat.reshape(tuple(int(v) for v in str(value["shape"]).split(","))) if "shape" in value else flat
+    return np.array(value, dtype=np.float64)  # None becomes NaN
+
+
+def heatmap_z(trace: dict) -> np.ndarray:
+    """A heatmap's values as plotly ships them (a binary array or nested lists)."""
+    return shipped(trace["z"])
 
 
 def assert_prompts_ranked(d: AppDriver, r: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -118,6 +119,19 @@ def test_person_analyses_an_image_and_explores(page, photo):
     focus = _plot_data(page, "vizapp-focus-plot")
     assert f"Layer {int(target['layer'])}, head {int(target['head'])}" in focus["title"]
     page.screenshot(path=str(ARTIFACTS / "05-head-opened-from-distance.png"), full_page=True)
+
+    # The same tab's other per-head statistic: the attention entropy, with uniform attention's log 50 nats as its line.
+    page.get_by_role("tab", name="Attention distance").click()
+    page.locator("#vizapp-statistic input").click()
+    page.get_by_role("option", name="attention entropy (nats)").click()
+    page.wait_for_function(
+        """() => { const gd = document.querySelector('#vizapp-distance-plot .js-plotly-plot');
+                   return gd && gd.layout.title && gd.layout.title.text.replace(/<br>/g, ' ').includes('entropy'); }""",
+        timeout=60_000,
+    )
+    line = page.evaluate("() => document.querySelector('#vizapp-distance-plot .js-plotly-plot').layout.shapes[0].y0")
+    assert abs(line - math.log(50)) < 1e-9  # 1 CLS + 7x7 patches
+    page.screenshot(path=str(ARTIFACTS / "05b-entropy.png"), full_page=True)
 
     # Position embeddings: the tiled cosine grid.
     page.get_by_role("tab", name="Position embeddings").click()

@@ -79,3 +79,24 @@ def test_compare_figure_leaves_room_above_for_wrapped_method_names():
     assert long.layout.margin.t >= short.layout.margin.t + 2 * 18  # two more lines of subplot title
     title_lines = 4  # three lines of name and one of scores
     assert long.layout.margin.t >= 34 + 20 + title_lines * 18  # the figure title below the label chip, then them
+
+
+def test_a_head_statistic_is_one_dot_per_head_placed_by_hand():
+    """2 layers x 2 heads: heads sit a quarter of a layer apart around their layer (jitter (h - 1/2) / 4), a missing
+    head (NaN) is kept as a gap, each dot carries (layer, head, value) for a click, and the reference is one line."""
+    values = np.array([[1.0, 2.0], [3.0, np.nan]])
+    fig = figures.head_statistic_figure(
+        values, (2.5, "uniform"), title="t", y_title="y (u)", hover="%{customdata[2]} u"
+    )
+    dots = fig.data[0]
+    np.testing.assert_allclose(dots.x, [-0.125, 0.125, 0.875, 1.125])
+    np.testing.assert_array_equal(dots.y, [1.0, 2.0, 3.0, np.nan])
+    np.testing.assert_array_equal(np.asarray(dots.customdata)[:, :2], [[0, 0], [0, 1], [1, 0], [1, 1]])
+    assert dots.hovertemplate.endswith("%{customdata[2]} u<extra></extra>")
+    [line] = fig.layout.shapes
+    assert (line.y0, line.y1) == (2.5, 2.5) and fig.layout.annotations[0].text == "uniform"
+    assert fig.layout.yaxis.title.text == "y (u)"
+    assert not figures.head_statistic_figure(values, None, title="t", y_title="y", hover="").layout.shapes
+    # the mean distance is this figure with its pixels and its uniform line
+    dist = figures.distance_figure(values, 2.0)
+    assert dist.layout.shapes[0].y0 == 2.0 and dist.layout.annotations[0].text == "uniform attention (2.0 px)"

@@ -312,3 +312,51 @@ def test_every_layers_means_at_once_equal_layer_by_layer(monkeypatch, images):
         mixed.layer_done(layer)
     for name, v in one_layer.values.items():
         torch.testing.assert_close(mixed.values[name], v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_toy_statistic_reaches_the_app(toy, tmp_path):
+    """Registered before the app is built, the toy head statistic is offered in the Attention distance tab (the block
+    one is not: one number per layer), drawn through the server as analyze computed it, with no reference line."""
+    from appdriver import AppDriver, assert_clean, plot_of, shipped
+    from conftest import start_app
+
+    from vizapp import models
+
+    sneaker = models.ASSETS_DIR / "examples" / "fmnist_7_sneaker.png"
+    demo = start_app(models.BUNDLED)
+    try:
+        d = AppDriver(demo.local_url)
+        choice = d.by_elem_id("vizapp-statistic")
+        offered = d.props[choice]["choices"]
+        assert [c[1] for c in offered] == ["distance", "entropy", "largest_weight"]
+        assert offered[-1][0] == "largest attention weight"
+        d.set(choice, "largest_weight", fire_change=False)
+        assert_clean(d.analyze(sneaker), "analyze with the toy statistic chosen")
+        fig = plot_of(d, "vizapp-distance-plot")
+    finally:
+        demo.close()
+    expected = vizapp.analyze(vizapp.load_model("bundled"), sneaker).statistics["largest_weight"]  # [L, H]
+    np.testing.assert_allclose(shipped(fig["data"][0]["y"]), expected.ravel(), rtol=1e-6)
+    assert "Largest attention weight per head" in fig["layout"]["title"]["text"].replace("<br>", " ")
+    assert not fig["layout"].get("shapes")
+
+
+def test_the_entropy_line_is_uniform_attention_over_every_key_unless_a_mask_hides_some():
+    """The Attention distance tab's entropy: dots equal to analyze's entropy, under log N for N = 50 tokens (1 CLS +
+    7x7 patches of the bundled model; uniform attention over N keys has entropy log N, the most a row can have);
+    with a -inf in a layer's bias (a mask hiding keys) there is no line, and the title says why."""
+    from dataclasses import replace
+
+    from vizapp import views
+
+    vm = vizapp.load_model("bundled")
+    r = vizapp.analyze(vm, Image.fromarray(np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)))
+    fig = views.head_statistic_view(r, "entropy")
+    np.testing.assert_array_equal(fig.data[0].y, r.statistics["entropy"].ravel())
+    assert fig.layout.shapes[0].y0 == pytest.approx(math.log(50)) and (r.statistics["entropy"] <= math.log(50)).all()
+    mask = torch.zeros(1, 50, 50)
+    mask[0, 3, 7] = -math.inf
+    masked = views.head_statistic_view(replace(r, biases=(mask,) * vm.num_layers), "entropy")
+    assert not masked.layout.shapes and "mask hides some keys" in masked.layout.title.text.replace("<br>", " ")
+    with pytest.raises(vizapp.errors.BadParameterError, match="no per-head statistic 'norm_patch_max'"):
+        views.head_statistic_view(r, "norm_patch_max")  # a per-block statistic: not a dot per head

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appdriver import AppDriver, assert_clean, assert_prompts_ranked, heatmap_z, plot_of
+from appdriver import AppDriver, assert_clean, assert_prompts_ranked, heatmap_z, plot_of, shipped
 from conftest import start_app, write_card_model
 from PIL import Image
 
@@ -650,3 +650,58 @@ def test_model_work_on_an_analysis_refuses_weights_changed_since(bundled_app):
     finally:
         head.data.copy_(original)
     assert_clean(d.click(d.by_label("Exact ablation", "button")), "exact ablation with the weights restored")
+
+
+def _dots(fig: dict) -> np.ndarray:
+    """The y values of a figure's first trace, as the page receives them."""
+    return shipped(fig["data"][0]["y"])
+
+
+def test_the_distance_tab_draws_every_registered_head_statistic(bundled_app, swin_app, tmp_path):
+    """The Attention distance tab's per-head statistic, through the server: the attention entropy of each head against
+    the entropy of every row of the layer's attention computed here in float64, with uniform attention's log N as its
+    line; the choice kept for the next image and in the figures download; back to the mean distance; a Swin model's
+    entropy over its windows, NaN where a layer has no such head."""
+    import zipfile
+
+    import torch
+
+    import vizapp
+
+    d = AppDriver(bundled_app)
+    assert_clean(d.analyze(SNEAKER), "analyze")
+    choice = d.by_elem_id("vizapp-statistic")
+    assert [c[1] for c in d.props[choice]["choices"]] == ["distance", "entropy"]
+    assert "Mean attention distance" in plot_of(d, "vizapp-distance-plot")["layout"]["title"]["text"]
+    assert_clean(d.set(choice, "entropy"), "the entropy")
+    fig = plot_of(d, "vizapp-distance-plot")
+    vm = models.load_model(models.BUNDLED)
+    r = vizapp.analyze(vm, Image.open(SNEAKER))
+    by_hand = []
+    for layer in range(r.num_layers):
+        a = r.attention_layer(layer).double()  # [H, N, N]
+        by_hand.append(-(a * torch.log(a)).nan_to_num().sum(-1).mean(-1).numpy())  # 0 log 0 = 0
+    np.testing.assert_allclose(_dots(fig), np.ravel(by_hand), rtol=1e-5)
+    assert fig["layout"]["shapes"][0]["y0"] == pytest.approx(np.log(50))  # 50 tokens: 1 CLS + 7x7 patches
+    assert "log 50 = 3.91 nats" in fig["layout"]["annotations"][0]["text"]
+    assert "Attention entropy per head" in fig["layout"]["title"]["text"].replace("<br>", " ")
+
+    assert_clean(d.analyze(TROUSER), "a new image")  # the choice stays
+    assert d.values[choice] == "entropy"
+    again = vizapp.analyze(vm, Image.open(TROUSER)).statistics["entropy"]
+    np.testing.assert_allclose(_dots(plot_of(d, "vizapp-distance-plot")), again.ravel(), rtol=1e-6)
+    assert_clean(d.click(d.by_label("Download every figure", "button")), "download figures")
+    names = zipfile.ZipFile(d.values[d.by_label("figures (.zip)", "file")]["path"]).namelist()
+    assert {"distance-mean-attention-distance.html", "distance-entropy.html"} <= set(names)
+    assert_clean(d.set(choice, "distance"), "back to the distance")
+    distance = vizapp.analyze(vm, Image.open(TROUSER)).mean_distance
+    np.testing.assert_allclose(_dots(plot_of(d, "vizapp-distance-plot")), distance.ravel(), rtol=1e-6)
+
+    s = AppDriver(swin_app[0])
+    photo, _ = _photos(tmp_path)
+    s.set(s.by_elem_id("vizapp-statistic"), "entropy", fire_change=False)  # chosen before any image: Analyze draws it
+    assert_clean(s.analyze(photo), "analyze a Swin")
+    swin = vizapp.analyze(vizapp.load_model(swin_app[1]), Image.open(photo)).statistics["entropy"]  # [L, max H]
+    assert np.isnan(swin).any() and not np.isnan(swin).all()  # 3 heads, then 6: empty cells in the first layers
+    np.testing.assert_allclose(_dots(plot_of(s, "vizapp-distance-plot")), swin.ravel(), rtol=1e-6)
+    assert "window" in plot_of(s, "vizapp-distance-plot")["layout"]["title"]["text"].replace("<br>", " ")

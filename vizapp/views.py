@@ -40,6 +40,7 @@ from vizapp.feature_views import (  # noqa: F401  (the Features tab's views, nam
     token_norm_views,
 )
 from vizapp.pipeline import Analysis, Query
+from vizapp.statistics import STATISTICS, HeadStatistic, head_statistics, undefined_statistics
 
 if TYPE_CHECKING:  # type hints only: vizapp/figures/ is the one package that imports plotly
     import plotly.graph_objects as go
@@ -207,6 +208,55 @@ def distance_view(r: Analysis) -> go.Figure:
         ref,
         title=f"Mean attention distance ({r.grid_size[0]}x{r.grid_size[1]} patches of {r.patch_size[0]} px)",
     )
+
+
+def statistic_choices() -> list[tuple[str, str]]:
+    """The Attention distance tab's choices: every registered per-head statistic (:mod:`vizapp.statistics`, a user's
+    too), as (its label and unit, its name), in registration order (mean attention distance first)."""
+    return [(f"{s.label} ({s.unit})" if s.unit else s.label or s.name, s.name) for s in head_statistics()]
+
+
+def statistic_view(r: Any, name: str, reference: tuple[float, str] | None = None, where: str = "") -> go.Figure:
+    """Per-head statistic ``name`` of an analysis (plain or windowed: ``r.statistics[name]`` [L, H], NaN for a head a
+    layer lacks), one dot per head per layer, with ``reference`` (value, label) as a dashed line; ``where`` ends the
+    title. The mean attention distance of a plain ViT is :func:`distance_view`, a windowed one's
+    :func:`vizapp.views_windows.distance_view`; entropy's reference, log N nats for rows over N tokens, is drawn for a
+    plain ViT (:func:`head_statistic_view`)."""
+    stat = STATISTICS.get(name)
+    values = r.statistics.get(name) if isinstance(r.statistics, Mapping) else None
+    if not isinstance(stat, HeadStatistic) or values is None or np.ndim(values) != 2:
+        offered = [n for _, n in statistic_choices() if n in r.statistics]
+        raise BadParameterError(f"no per-head statistic {name!r} in this analysis; it has {offered}")
+    label = stat.label or name
+    title = f"{label[:1].upper()}{label[1:]} per head{where}"
+    windowed = hasattr(r, "undefined_statistics")  # a WindowAnalysis says which are NaN for Swin
+    why = (r.undefined_statistics if windowed else undefined_statistics(r.num_prefix_tokens, False)).get(name, "")
+    if why:
+        title += f". {why}"
+    unit = f" {stat.unit}" if stat.unit else ""
+    return figures.head_statistic_figure(
+        np.asarray(values, dtype=np.float64),
+        reference,
+        title=title,
+        y_title=label + (f" ({stat.unit})" if stat.unit else ""),
+        hover="%{customdata[2]:.4g}" + unit,
+    )
+
+
+def head_statistic_view(r: Analysis, name: str) -> go.Figure:
+    """The Attention distance tab's plot of one registered per-head statistic of a plain ViT's analysis: the mean
+    distance as :func:`distance_view` draws it; the entropy with its value for uniform attention, log N nats (each
+    query's row spans all N tokens, unless a -inf in the model's attention bias masks some: no line then); any other
+    without a reference line."""
+    if name == "distance":
+        return distance_view(r)
+    n = r.num_tokens
+    if any(b is not None and bool(b.isneginf().any()) for b in r.biases):  # a mask: some rows skip some keys
+        return statistic_view(r, name, None, f" ({n} tokens; the model's mask hides some keys from some queries)")
+    ref = None
+    if name == "entropy":
+        ref = (float(np.log(n)), f"uniform attention over all {n} tokens (log {n} = {np.log(n):.2f} nats)")
+    return statistic_view(r, name, ref, f" ({n} tokens, each query's row over all of them)")
 
 
 def pos_view(sim: np.ndarray | None, note: str = "") -> go.Figure | None:
@@ -460,8 +510,9 @@ def figures_zip(figs: Mapping[str, Any], path: str) -> list[str]:
 def tab_figures(r: Analysis, c: Controls, vm: VizModel | None = None, extra: Mapping[str, Any] | None = None) -> dict:
     """Every figure the tabs show for this analysis and these controls, named "tab-what" (for one download): the
     Rollout tab's map for each method that needs no extra run (flow and the class maps do: they are added when
-    ``extra`` holds them), every head of the chosen layer and the enlarged head, the distances, the Position view
-    (when ``vm`` is given), and the Features tab's views. ``extra``: figures already drawn (e.g. Compare's)."""
+    ``extra`` holds them), every head of the chosen layer and the enlarged head, every per-head statistic (the
+    distances, the entropy), the Position view (when ``vm`` is given), and the Features tab's views. ``extra``:
+    figures already drawn (e.g. Compare's)."""
     out: dict[str, Any] = {}
     for name in available_methods(r):
         m = methods.METHODS[name]
@@ -470,6 +521,9 @@ def tab_figures(r: Analysis, c: Controls, vm: VizModel | None = None, extra: Map
     out["heads-all-heads"] = heads_view(r, c)
     out["heads-enlarged-head"] = focus_view(r, c)
     out["distance-mean-attention-distance"] = distance_view(r)
+    for _, name in statistic_choices():  # the tab's other per-head statistics (attention entropy, a user's)
+        if name != "distance" and name in r.statistics:
+            out[f"distance-{name.replace('_', '-')}"] = head_statistic_view(r, name)
     if vm is not None:
         pos = pos_embed_views(vm, tile=c.tile)
         if pos.figure is not None:

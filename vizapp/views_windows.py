@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vizapp import figures, methods
+from vizapp import figures, methods, views
 from vizapp.errors import BadParameterError
 from vizapp.figures.windows import add_cell_outline, window_heads_figure
 from vizapp.swin_result import CLASS_METHODS, METHODS, MODEL_METHODS, NOT_OFFERED, UNDEFINED, WindowAnalysis
@@ -187,6 +187,15 @@ def distance_view(r: WindowAnalysis) -> Any:
     )
 
 
+def head_statistic_view(r: WindowAnalysis, name: str) -> Any:
+    """The Attention distance tab's plot of one registered per-head statistic: the mean distance as
+    :func:`distance_view` draws it; any other over each layer's windows, without a reference line (a windowed row
+    spans its window's real slots, whose number varies where a window is padded)."""
+    if name == "distance":
+        return distance_view(r)
+    return views.statistic_view(r, name, None, " (each query's row over the slots of its window)")
+
+
 def bias_view(r: WindowAnalysis, layer: int) -> Any:
     """The learned relative-position bias of ``layer`` per head over (Δrow, Δcol) = query − key, read from the weights
     when the image was analysed; None when the model computes its bias otherwise (Swin V2's continuous bias)."""
@@ -274,6 +283,9 @@ def tab_figures(
         "heads-enlarged-head": focus_view(r, layer, head, q, opacity, colorscale),
         "distance-mean-attention-distance": distance_view(r),
     }
+    for _, name in views.statistic_choices():  # the tab's other per-head statistics (attention entropy, a user's)
+        if name != "distance" and name in r.statistics:
+            out[f"distance-{name.replace('_', '-')}"] = head_statistic_view(r, name)
     pos = bias_view(r, layer) if vm is None else model_bias_views(vm, layer).figure
     if pos is not None:
         out["position-relative"] = pos
@@ -306,6 +318,7 @@ __all__ = [
     "bias_view",
     "default_query",
     "distance_view",
+    "head_statistic_view",
     "focus_view",
     "heads_view",
     "layer_query",

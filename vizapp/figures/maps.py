@@ -177,15 +177,32 @@ def heads_figure(
 @readable
 def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title: str = "") -> go.Figure:
     """Mean attention distance: one dot per head per layer (ViT paper Fig. 7 right), uniform reference line."""
-    num_layers, num_heads = mean_distance.shape
+    return head_statistic_figure.__wrapped__(  # its title made readable once, here
+        mean_distance,
+        None if reference_px is None else (reference_px, f"uniform attention ({reference_px:.1f} px)"),
+        title=title or "Mean attention distance per head",
+        y_title="mean attention distance (pixels)",
+        hover="%{customdata[2]:.1f} px",
+    )
+
+
+@readable
+def head_statistic_figure(
+    values: np.ndarray, reference: tuple[float, str] | None, title: str, y_title: str, hover: str
+) -> go.Figure:
+    """One number per head per layer, [L, H] (NaN: a head the layer does not have, or a statistic not defined for the
+    model), one dot each, the heads of a layer side by side; ``reference``: (value, its label), a dashed line.
+    ``hover``: how a dot's value reads (``%{customdata[2]}`` is the value). Each dot's customdata is (layer, head,
+    value): a click opens that head (the app's distance plot)."""
+    num_layers, num_heads = values.shape
     layers, heads = np.mgrid[0:num_layers, 0:num_heads]
     jitter = (heads - (num_heads - 1) / 2) * (0.5 / max(num_heads, 1))
     fig = go.Figure(
         go.Scatter(
             x=(layers + jitter).ravel(),
-            y=mean_distance.ravel(),
+            y=values.ravel(),
             mode="markers",
-            customdata=np.stack([layers.ravel(), heads.ravel(), mean_distance.ravel()], -1),
+            customdata=np.stack([layers.ravel(), heads.ravel(), values.ravel()], -1),
             marker=dict(
                 color=heads.ravel(),
                 colorscale="Turbo",
@@ -193,23 +210,22 @@ def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title
                 line=dict(width=0.5, color="#333"),
                 colorbar=dict(title="head", thickness=12, dtick=1),
             ),
-            hovertemplate="layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}<br>%{customdata[2]:.1f} px"
-            "<extra></extra>",
+            hovertemplate="layer %{customdata[0]:.0f}, head %{customdata[1]:.0f}<br>" + hover + "<extra></extra>",
             name="heads",
         )
     )
-    if reference_px is not None:
+    if reference is not None:
         fig.add_hline(
-            y=reference_px,
+            y=reference[0],
             line_dash="dash",
             line_color="#888",
-            annotation_text=f"uniform attention ({reference_px:.1f} px)",
+            annotation_text=reference[1],
             annotation_position="top left",
         )
     fig.update_layout(
-        title=title or "Mean attention distance per head",
+        title=title,
         xaxis_title="layer (network depth)",
-        yaxis_title="mean attention distance (pixels)",
+        yaxis_title=y_title,
         margin=dict(l=10, r=10, t=50, b=40),
         height=420,
     )

@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from vizapp import methods, models, views
+from vizapp import methods, models, views, views_windows
 from vizapp.errors import BadImageError, BadParameterError, VizappError
 from vizapp.imageio import decode_image
 from vizapp.pipeline import START_ROWS, Analysis
@@ -49,6 +49,7 @@ from vizapp.ui.outputs import (
     MapOutputs,
     OpenHeadOutputs,
     PatchOutputs,
+    StatisticOutputs,
 )
 from vizapp.ui.store import ResultStore, default_store
 from vizapp.ui.validation import as_choice, as_float, as_head_or_mean, as_int, as_model_id
@@ -169,6 +170,7 @@ def analyze_image(
     random_weights: Any = False,
     colormap: Any = None,
     prompts: Any = None,
+    statistic: Any = "distance",
     progress: gr.Progress = gr.Progress(),
     request: gr.Request | None = None,
     *,
@@ -178,15 +180,17 @@ def analyze_image(
 ) -> AnalyzeOutputs:
     """The Analyze button (API name ``/analyze``): one forward pass, every view. ``random_weights``: the
     architecture with random weights (no download), said in the status line. ``prompts``: for a model with a text
-    tower (CLIP-like), its classes, one a line (the default set when empty); ignored for other models. The analysis
-    is kept in ``store`` (the demo's; :func:`~vizapp.ui.store.default_store` otherwise) for the session, and the state
-    holds its key."""
+    tower (CLIP-like), its classes, one a line (the default set when empty); ignored for other models. ``statistic``:
+    the per-head statistic the Attention distance tab shows (a registered one's name; None: the mean distance). The
+    analysis is kept in ``store`` (the demo's; :func:`~vizapp.ui.store.default_store` otherwise) for the session,
+    and the state holds its key."""
     if image is None:
         raise BadImageError("no image: upload one, paste one, use the webcam, or pick an example")
     name = _model_name(model_name, trusted_model)
     fusion = as_choice(head_fusion, "head fusion", views.HEAD_FUSIONS)
     discard = as_float(discard_ratio, "discard ratio", 0.0, 1.0, hi_inclusive=False)
     alpha = as_float(opacity, "opacity", 0.0, 1.0)
+    chosen = as_statistic(statistic)
     decoded = decode_image(image)  # a bad file is refused before any model work
     progress(0.05, desc=f"loading {name}")
     vm = _load(name, trusted_model, bool(random_weights))
@@ -211,7 +215,7 @@ def analyze_image(
         seen = views.input_sentence(vm, decoded.image, r)
         text = window_handlers.status(vm, r, startup_note, RANDOM_WEIGHTS_NOTE, seen)
         kw = dict(fusion=fusion, start=start, layer=lay, opacity=alpha, colorscale=colormap_choice(colormap))
-        return window_handlers.analyze_outputs(vm, r, state, status_text=text, **kw)
+        return window_handlers.analyze_outputs(vm, r, state, status_text=text, statistic=chosen, **kw)
     c = view_controls(
         state,
         head_fusion=fusion,
@@ -245,7 +249,8 @@ def analyze_image(
         rollout=figs["rollout"],
         heads=figs["heads"],
         query_image=figs["query_image"],
-        distance=figs["distance"],
+        distance=figs["distance"] if chosen == "distance" else views.head_statistic_view(r, chosen),
+        statistic=gr.update(value=chosen),
         summary=summary,
         layer=gr.update(maximum=r.num_layers - 1, value=lay),
         start_layer=gr.update(maximum=r.num_layers - 1, value=start),
@@ -396,6 +401,24 @@ def _parse_click(payload: Any, n: int) -> list[int]:
     if len(vals) < n:
         raise BadParameterError("could not read that click; use the selectors instead")
     return vals
+
+
+def as_statistic(value: Any) -> str:
+    """The name of a registered per-head statistic (the Attention distance tab's choice); None or "" is the mean
+    distance."""
+    if value is None or value == "":
+        return "distance"
+    return as_choice(value, "per-head statistic", [name for _, name in views.statistic_choices()])
+
+
+@user_errors
+def render_statistic(state: Any, statistic: Any, request: gr.Request | None = None) -> StatisticOutputs:
+    """The Attention distance tab's choice of per-head statistic (mean distance, entropy, any registered one)."""
+    name = as_statistic(statistic)
+    r = analysis_state(state, request)["analysis"]
+    if window_handlers.is_windowed(r):
+        return StatisticOutputs(views_windows.head_statistic_view(r, name))
+    return StatisticOutputs(views.head_statistic_view(r, name))
 
 
 @user_errors

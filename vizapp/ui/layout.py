@@ -30,6 +30,7 @@ from vizapp.ui.outputs import (
     OpenHeadOutputs,
     PatchOutputs,
     PosOutputs,
+    StatisticOutputs,
     TileOutputs,
     components,
 )
@@ -205,9 +206,17 @@ def _heads_tab(ui: Components) -> None:
 
 
 def _distance_tab(ui: Components) -> None:
-    ui.distance = gr.Plot(label="Mean attention distance", elem_id="vizapp-distance-plot")
+    ui.statistic = gr.Dropdown(
+        views.statistic_choices(),
+        value="distance",
+        label="Per-head statistic",
+        info="each one registered in vizapp.statistics; every analysis computes them all",
+        elem_id="vizapp-statistic",
+    )
+    ui.distance = gr.Plot(label="Per-head statistic", elem_id="vizapp-distance-plot")
     gr.Markdown(
-        "Each dot is one head; the dashed line is uniform attention over the grid. "
+        "Each dot is one head of one layer; the dashed line, where there is one, is the value of uniform attention "
+        "(over the grid for the distance, over every token for the entropy). "
         "Click a dot to open that head in the Heads tab."
     )
     ui.distance_click = gr.Textbox(visible="hidden", elem_id="vizapp-distance-click")
@@ -308,6 +317,7 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None, store:
         ui.random_weights,
         ui.colormap,
         ui.prompts,
+        ui.statistic,
     ]
     outputs = components(AnalyzeOutputs, ui)
     checked = [
@@ -363,6 +373,12 @@ def _wire_heads(ui: Components) -> None:
         ctrl.change(handlers.render_heads, inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER)
     ui.query_image.select(
         handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
+    )
+    ui.statistic.change(
+        event(handlers.render_statistic),
+        inputs=[ui.state, ui.statistic],
+        outputs=components(StatisticOutputs, ui),
+        **RERENDER,
     )
     ui.distance_click.change(
         handlers.open_head,

@@ -25,7 +25,8 @@ class AnalyzeOutputs(NamedTuple):
     rollout: Any  # go.Figure
     heads: Any  # go.Figure
     query_image: Any  # [H, W, 3] uint8
-    distance: Any  # go.Figure
+    distance: Any  # go.Figure: the chosen per-head statistic (mean attention distance unless another is chosen)
+    statistic: Any  # gr.update: the choice kept, or the mean distance where the chosen one is no longer registered
     summary: dict[str, Any]
     layer: Any  # gr.update of the layer slider's range
     start_layer: Any
@@ -103,6 +104,12 @@ class PatchOutputs(NamedTuple):
     query_mode: str
     query_row: int
     query_col: int
+
+
+class StatisticOutputs(NamedTuple):
+    """The Attention distance tab's statistic: one registered per-head statistic, a dot per head per layer."""
+
+    distance: Any  # go.Figure
 
 
 class OpenHeadOutputs(NamedTuple):

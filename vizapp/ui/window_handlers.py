@@ -152,6 +152,7 @@ def analyze_outputs(
     opacity: float,
     colorscale: str,
     status_text: str,
+    statistic: str = "distance",
 ) -> AnalyzeOutputs:
     """Every view of a new windowed analysis, and the controls set to this model's layers, grids and methods."""
     query = state["query"]
@@ -174,7 +175,8 @@ def analyze_outputs(
         rollout=V.map_view(r, "rollout", opacity=opacity, colorscale=colorscale, head_fusion=fusion, start_layer=start),
         heads=V.heads_view(r, layer, lq, colorscale=colorscale),
         query_image=views.query_image(r, views.Controls(query=query)),
-        distance=V.distance_view(r),
+        distance=V.head_statistic_view(r, statistic),
+        statistic=gr.update(value=statistic),
         summary=summary,
         layer=gr.update(maximum=r.num_layers - 1, value=layer),
         start_layer=gr.update(maximum=r.num_layers - 1, value=start),
