@@ -82,14 +82,15 @@ def test_compare_figure_leaves_room_above_for_wrapped_method_names():
 
 
 def test_a_head_statistic_is_one_dot_per_head_placed_by_hand():
-    """2 layers x 2 heads: heads sit a quarter of a layer apart around their layer (jitter (h - 1/2) / 4), a missing
-    head (NaN) is kept as a gap, each dot carries (layer, head, value) for a click, and the reference is one line."""
+    """2 layers x 2 heads: heads sit a quarter of a layer apart around their layer (jitter (h - 1/2) / 4); a layer
+    whose last head is missing (NaN, a Swin stage with fewer heads) has its one head on its tick; each dot carries
+    (layer, head, value) for a click, and the reference is one line."""
     values = np.array([[1.0, 2.0], [3.0, np.nan]])
     fig = figures.head_statistic_figure(
         values, (2.5, "uniform"), title="t", y_title="y (u)", hover="%{customdata[2]} u"
     )
     dots = fig.data[0]
-    np.testing.assert_allclose(dots.x, [-0.125, 0.125, 0.875, 1.125])
+    np.testing.assert_allclose(dots.x, [-0.125, 0.125, 1.0, 1.25])
     np.testing.assert_array_equal(dots.y, [1.0, 2.0, 3.0, np.nan])
     np.testing.assert_array_equal(np.asarray(dots.customdata)[:, :2], [[0, 0], [0, 1], [1, 0], [1, 1]])
     assert dots.hovertemplate.endswith("%{customdata[2]} u<extra></extra>")
@@ -97,6 +98,11 @@ def test_a_head_statistic_is_one_dot_per_head_placed_by_hand():
     assert (line.y0, line.y1) == (2.5, 2.5) and fig.layout.annotations[0].text == "uniform"
     assert fig.layout.yaxis.title.text == "y (u)"
     assert not figures.head_statistic_figure(values, None, title="t", y_title="y", hover="").layout.shapes
+    # Swin-like: 2 heads, then 4 (a quarter of a layer over the widest layer's 4 heads: 1/8 between heads)
+    swin = figures.head_statistic_figure(np.array([[1, 2, np.nan, np.nan], [3, 4, 5, 6.0]]), None, "t", "y", "")
+    np.testing.assert_allclose(
+        swin.data[0].x[[0, 1, 4, 5, 6, 7]], [-1 / 16, 1 / 16, 1 - 3 / 16, 1 - 1 / 16, 1 + 1 / 16, 1 + 3 / 16]
+    )
     # the mean distance is this figure with its pixels and its uniform line
     dist = figures.distance_figure(values, 2.0)
     assert dist.layout.shapes[0].y0 == 2.0 and dist.layout.annotations[0].text == "uniform attention (2.0 px)"

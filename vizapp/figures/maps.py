@@ -191,12 +191,16 @@ def head_statistic_figure(
     values: np.ndarray, reference: tuple[float, str] | None, title: str, y_title: str, hover: str
 ) -> go.Figure:
     """One number per head per layer, [L, H] (NaN: a head the layer does not have, or a statistic not defined for the
-    model), one dot each, the heads of a layer side by side; ``reference``: (value, its label), a dashed line.
+    model), one dot each, the heads of a layer side by side around its tick; ``reference``: (value, its label), a dashed line.
     ``hover``: how a dot's value reads (``%{customdata[2]}`` is the value). Each dot's customdata is (layer, head,
     value): a click opens that head (the app's distance plot)."""
     num_layers, num_heads = values.shape
     layers, heads = np.mgrid[0:num_layers, 0:num_heads]
-    jitter = (heads - (num_heads - 1) / 2) * (0.5 / max(num_heads, 1))
+    # each layer's heads centred on its tick: a layer with fewer heads than the widest (a Swin stage; NaN after its
+    # last head) sits centred too, its dots as far apart as every layer's
+    present = ~np.isnan(values)
+    own = np.where(present.any(axis=1), num_heads - np.argmax(present[:, ::-1], axis=1), num_heads)[:, None]
+    jitter = (heads - (own - 1) / 2) * (0.5 / max(num_heads, 1))
     fig = go.Figure(
         go.Scatter(
             x=(layers + jitter).ravel(),
