@@ -136,9 +136,11 @@ def test_export_folders_are_private_and_old_ones_are_removed():
 
 def test_pos_views(card_model):
     out = ui.render_pos(card_model, 0, 2, 3, trusted_model=card_model)
-    fig, tile = out.pos, out.tile
-    assert fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1) and "Tile (2, 3)" in tile.layout.title.text.replace(
-        "<br>", " "
+    fig, tile = out.pos, out.tile["value"]
+    assert (
+        out.tile["visible"] is True
+        and fig.data[0].z.shape == (7 * 8 - 1, 7 * 8 - 1)
+        and "Tile (2, 3)" in tile.layout.title.text.replace("<br>", " ")
     )
     note = ui.render_pos(card_model, 10, 0, 0, trusted_model=card_model).pos_note
     assert "resampled to 10x10" in note
@@ -463,7 +465,9 @@ def test_dinov3_renders_every_tab_and_says_what_needs_classes(dinov3, random_tim
     # Position tab: RoPE, drawn as the same tile mosaic as learned embeddings, with the scheme stated.
     pos = ui.render_pos(DINOV3[0], 0, 1, 2, 0, 0)
     assert "Rotary position embedding" in pos.pos_note and pos.pos.data[0].z.shape == (4 * 5 - 1, 4 * 5 - 1)
-    assert "Tile (1, 2)" in pos.tile.layout.title.text.replace("<br>", " ") and pos.pos_layer["visible"] is False
+    assert (
+        "Tile (1, 2)" in pos.tile["value"].layout.title.text.replace("<br>", " ") and pos.pos_layer["visible"] is False
+    )
     # Features: every view; the logit lens is hidden with a note; the gradient estimate is refused with the reason,
     # exact ablation runs (the whole model per layer, L·H passes) and scores 1 - cos.
     f = _features(st)
@@ -504,7 +508,11 @@ def test_naflex_in_the_app_keeps_the_photo_aspect_ratio(random_timm_in_app, tmp_
 
 def test_position_views_per_scheme(random_timm_in_app):
     beit = ui.render_pos("beit_base_patch16_224", 0, 0, 0, 1, 0)
-    assert "relative-position bias" in beit.pos_note and beit.tile is None
+    assert "relative-position bias" in beit.pos_note and beit.tile == {
+        "__type__": "update",
+        "value": None,
+        "visible": False,
+    }
     assert beit.pos.data[0].z.shape == (2 * 6 - 1, 2 * 6 - 1)  # 4 heads of (2·3-1)x(2·3-1) offsets, 2x2 mosaic
     assert "Layer 1" in beit.pos.layout.title.text.replace("<br>", " ") and "Δrow" in beit.pos.data[0].hovertemplate
     assert beit.pos_layer == {"visible": True, "maximum": 1, "__type__": "update"}

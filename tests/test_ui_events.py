@@ -661,7 +661,7 @@ def test_the_distance_tab_draws_every_registered_head_statistic(bundled_app, swi
     """The Attention distance tab's per-head statistic, through the server: the attention entropy of each head against
     the entropy of every row of the layer's attention computed here in float64, with uniform attention's log N as its
     line; the choice kept for the next image and in the figures download; back to the mean distance; a Swin model's
-    entropy over its windows, NaN where a layer has no such head."""
+    entropy over its windows, NaN where a layer has no such head (and its Position tab without the empty tile box)."""
     import zipfile
 
     import torch
@@ -697,7 +697,11 @@ def test_the_distance_tab_draws_every_registered_head_statistic(bundled_app, swi
     distance = vizapp.analyze(vm, Image.open(TROUSER)).mean_distance
     np.testing.assert_allclose(_dots(plot_of(d, "vizapp-distance-plot")), distance.ravel(), rtol=1e-6)
 
+    # the Position tab's enlarged tile: shown for a learned table, hidden (not an empty box) for Swin's relative bias
+    assert d.props[d.by_elem_id("vizapp-tile-plot")].get("visible", True) is not False
     s = AppDriver(swin_app[0])
+    assert_clean(s.load(), "page load")
+    assert s.props[s.by_elem_id("vizapp-tile-plot")]["visible"] is False
     photo, _ = _photos(tmp_path)
     s.set(s.by_elem_id("vizapp-statistic"), "entropy", fire_change=False)  # chosen before any image: Analyze draws it
     assert_clean(s.analyze(photo), "analyze a Swin")

@@ -131,7 +131,7 @@ class PosOutputs(NamedTuple):
     """The Position tab (API ``/position_embeddings``): the view that fits the model's position scheme."""
 
     pos: Any
-    tile: Any
+    tile: Any  # gr.update: the enlarged tile, hidden for a scheme without tiles (a relative bias, Swin's)
     pos_note: str
     pos_layer: Any  # gr.update: shown with this model's layer range for per-layer schemes, else hidden
     pos_head: Any

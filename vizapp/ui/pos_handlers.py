@@ -64,7 +64,8 @@ def render_pos(
     table_view = v.figure is not None and v.kind == "learned"
     return PosOutputs(
         pos=v.figure,
-        tile=v.tile,
+        # a scheme without tiles (a relative bias: per-head maps already) hides the enlarged-tile plot, not an empty box
+        tile=gr.update(value=v.tile, visible=v.tile is not None),
         pos_note=v.note,
         pos_layer=_selector(v.layers),
         pos_head=_selector(v.heads),
@@ -85,7 +86,7 @@ def render_pos_quietly(*args: Any, **kwargs: Any) -> PosOutputs:
         hidden = gr.update(visible=False)
         return PosOutputs(
             pos=None,
-            tile=None,
+            tile=gr.update(value=None, visible=False),
             pos_note=f"The position view of this model could not be shown: {e.message}",
             pos_layer=hidden,
             pos_head=hidden,
@@ -106,7 +107,7 @@ def _windowed_pos(vm: models.VizModel, layer: int) -> PosOutputs:
     hidden = gr.update(visible=False)
     return PosOutputs(
         pos=v.figure,
-        tile=None,
+        tile=gr.update(value=None, visible=False),
         pos_note=v.note,
         pos_layer=_selector(v.layers),
         pos_head=hidden,
