@@ -709,3 +709,34 @@ def test_the_distance_tab_draws_every_registered_head_statistic(bundled_app, swi
     assert np.isnan(swin).any() and not np.isnan(swin).all()  # 3 heads, then 6: empty cells in the first layers
     np.testing.assert_allclose(_dots(plot_of(s, "vizapp-distance-plot")), swin.ravel(), rtol=1e-6)
     assert "window" in plot_of(s, "vizapp-distance-plot")["layout"]["title"]["text"].replace("<br>", " ")
+
+
+def test_controls_touched_before_any_analysis_wait_for_it(bundled_app):
+    """Before the first Analyze, a view control's change leaves the page as it is, with no error (there is nothing to
+    redraw yet), and the next Analyze draws with the values chosen: the entropy in the Attention distance tab, the
+    Viridis colour map, layer 2 in the Heads tab."""
+    d = AppDriver(bundled_app)
+    assert_clean(d.load(), "page load")
+    d.reset_written()
+    redraws = {
+        "vizapp-statistic": "entropy",
+        d.by_label("Colour map", "dropdown"): "Viridis",
+        d.by_label("Layer (-1 = last)", "slider"): 2,
+        d.by_label("Head fusion", "radio"): "max",
+        d.by_label("Curve steps", "slider"): 8,
+    }
+    for control, value in redraws.items():
+        cid = d.by_elem_id(control) if isinstance(control, str) else control
+        fired = d.set(cid, value)
+        assert fired, f"{control}: no event ran"  # its redraw ran, and did nothing
+        assert_clean(fired, f"{control} before any analysis")
+    plots = [cid for cid in d.written if d.kind(cid) == "plot"]
+    assert not plots, f"drawn before any analysis: {plots}"
+    assert_clean(d.analyze(SNEAKER), "analyze")
+    assert "Attention entropy per head" in plot_of(d, "vizapp-distance-plot")["layout"]["title"]["text"].replace(
+        "<br>", " "
+    )
+    heads = plot_of(d, "vizapp-heads-plot")
+    assert heads["layout"]["title"]["text"].startswith("Layer 2")
+    heat = [t for t in heads["data"] if t["type"] == "heatmap"][0]
+    assert heat["colorscale"][-1][1].lower() == "#fde725"  # Viridis' last colour

@@ -37,7 +37,7 @@ from vizapp.ui.outputs import (
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, patch_picker
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, patch_picker, redraw
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -353,7 +353,7 @@ def _wire_rollout(ui: Components) -> list[Any]:
     controls = inputs[1:]  # every input but the state redraws the map
     outputs = components(MapOutputs, ui)
     # a map may run a backward or max-flows: model work, stopped when the event is cancelled
-    render = stops_when_cancelled(handlers.render_map)
+    render = redraw(stops_when_cancelled(handlers.render_map), MapOutputs)
     return [ctrl.change(render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK) for ctrl in controls]
 
 
@@ -370,12 +370,14 @@ def _wire_heads(ui: Components) -> None:
         ui.colormap,
     ]
     for ctrl in (ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.colormap):
-        ctrl.change(handlers.render_heads, inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER)
+        ctrl.change(
+            redraw(handlers.render_heads, HeadsOutputs), inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER
+        )
     ui.query_image.select(
         handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
     )
     ui.statistic.change(
-        event(handlers.render_statistic),
+        redraw(event(handlers.render_statistic), StatisticOutputs),
         inputs=[ui.state, ui.statistic],
         outputs=components(StatisticOutputs, ui),
         **RERENDER,
@@ -420,7 +422,7 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
 def _wire_compare(ui: Components) -> Any:
     for ctrl in (ui.compare_steps, ui.compare_slow):
         ctrl.change(
-            event(handlers.compare_cost),
+            redraw(event(handlers.compare_cost), CompareCostOutputs),
             inputs=[ui.state, ui.compare_steps, ui.compare_slow],
             outputs=components(CompareCostOutputs, ui),
             **RERENDER,

@@ -19,7 +19,7 @@ from vizapp.ui.outputs import (
     SecondImageOutputs,
     components,
 )
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker, redraw
 
 
 def features_tab(ui: Components) -> None:
@@ -134,7 +134,7 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     for done in analyze:
         done.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
     for ctrl in inputs[1:-1]:  # every input but the state and the opacity (the Rollout tab's, which redraws there)
-        ctrl.change(handlers.render_features, inputs=inputs, outputs=outputs, **RERENDER)
+        ctrl.change(redraw(handlers.render_features, FeaturesOutputs), inputs=inputs, outputs=outputs, **RERENDER)
     ui.feat_query_image.select(
         handlers.select_feature_patch,
         inputs=[ui.state],

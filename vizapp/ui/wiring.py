@@ -4,6 +4,7 @@ named result reaches gradio."""
 from __future__ import annotations
 
 import functools
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +32,35 @@ def event(fn: Any) -> Any:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         return for_gradio(fn(*args, **kwargs))
+
+    return run
+
+
+def redraw(fn: Any, outputs: type) -> Any:
+    """``fn`` for a control that redraws the session's analysis (state first among its inputs): before there is one
+    (nothing analysed yet), a change of the control leaves every output as it is (``outputs``: the event's
+    NamedTuple of :mod:`vizapp.ui.outputs`), with no error, and the next Analyze draws with its value; after, ``fn``.
+    An analysis the store no longer keeps is still said (``fn`` raises it)."""
+    count = len(outputs._fields)
+
+    def nothing_yet(state: Any) -> Any:
+        if isinstance(state, dict) and state.get("result") is not None:
+            return None
+        return gr.skip() if count == 1 else tuple(gr.skip() for _ in range(count))
+
+    if inspect.iscoroutinefunction(fn):  # e.g. stops_when_cancelled's: gradio awaits what it sees is async
+
+        @functools.wraps(fn)
+        async def run_async(state: Any, *args: Any, **kwargs: Any) -> Any:
+            skipped = nothing_yet(state)
+            return skipped if skipped is not None else await fn(state, *args, **kwargs)
+
+        return run_async
+
+    @functools.wraps(fn)
+    def run(state: Any, *args: Any, **kwargs: Any) -> Any:
+        skipped = nothing_yet(state)
+        return skipped if skipped is not None else fn(state, *args, **kwargs)
 
     return run
 
