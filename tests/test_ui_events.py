@@ -713,8 +713,9 @@ def test_the_distance_tab_draws_every_registered_head_statistic(bundled_app, swi
 
 def test_controls_touched_before_any_analysis_wait_for_it(bundled_app):
     """Before the first Analyze, a view control's change leaves the page as it is, with no error (there is nothing to
-    redraw yet), and the next Analyze draws with the values chosen: the entropy in the Attention distance tab, the
-    Viridis colour map, layer 2 in the Heads tab."""
+    redraw yet), and the next Analyze draws with the values it reads: the entropy in the Attention distance tab, the
+    Viridis colour map, layer 2 in the Heads tab (one control of each redraw: Rollout, Heads, statistic, Compare's
+    cost, Features)."""
     d = AppDriver(bundled_app)
     assert_clean(d.load(), "page load")
     d.reset_written()
@@ -724,6 +725,7 @@ def test_controls_touched_before_any_analysis_wait_for_it(bundled_app):
         d.by_label("Layer (-1 = last)", "slider"): 2,
         d.by_label("Head fusion", "radio"): "max",
         d.by_label("Curve steps", "slider"): 8,
+        d.by_label("Feature layer (-1 = last)", "slider"): 1,
     }
     for control, value in redraws.items():
         cid = d.by_elem_id(control) if isinstance(control, str) else control
