@@ -216,21 +216,22 @@ def statistic_choices() -> list[tuple[str, str]]:
     return [(f"{s.label} ({s.unit})" if s.unit else s.label or s.name, s.name) for s in head_statistics()]
 
 
-def statistic_view(r: Any, name: str, reference: tuple[float, str] | None = None, where: str = "") -> go.Figure:
-    """Per-head statistic ``name`` of an analysis (plain or windowed: ``r.statistics[name]`` [L, H], NaN for a head a
-    layer lacks), one dot per head per layer, with ``reference`` (value, label) as a dashed line; ``where`` ends the
-    title. The mean attention distance of a plain ViT is :func:`distance_view`, a windowed one's
+def statistic_view(
+    r: Any, name: str, reference: tuple[float, str] | None = None, where: str = "", windowed: bool = False
+) -> go.Figure:
+    """Per-head statistic ``name`` of an analysis (plain, or ``windowed``: ``r.statistics[name]`` [L, H], NaN for a
+    head a layer lacks), one dot per head per layer, with ``reference`` (value, label) as a dashed line; ``where`` ends
+    the title. The mean attention distance of a plain ViT is :func:`distance_view`, a windowed one's
     :func:`vizapp.views_windows.distance_view`; entropy's reference, log N nats for rows over N tokens, is drawn for a
     plain ViT (:func:`head_statistic_view`)."""
     stat = STATISTICS.get(name)
-    values = r.statistics.get(name) if isinstance(r.statistics, Mapping) else None
+    values = r.statistics.get(name)
     if not isinstance(stat, HeadStatistic) or values is None or np.ndim(values) != 2:
         offered = [n for _, n in statistic_choices() if n in r.statistics]
         raise BadParameterError(f"no per-head statistic {name!r} in this analysis; it has {offered}")
     label = stat.label or name
     title = f"{label[:1].upper()}{label[1:]} per head{where}"
-    windowed = hasattr(r, "undefined_statistics")  # a WindowAnalysis says which are NaN for Swin
-    why = (r.undefined_statistics if windowed else undefined_statistics(r.num_prefix_tokens, False)).get(name, "")
+    why = undefined_statistics(r.num_prefix_tokens, windowed).get(name, "")
     if why:
         title += f". {why}"
     unit = f" {stat.unit}" if stat.unit else ""
@@ -257,6 +258,16 @@ def head_statistic_view(r: Analysis, name: str) -> go.Figure:
     if name == "entropy":
         ref = (float(np.log(n)), f"uniform attention over all {n} tokens (log {n} = {np.log(n):.2f} nats)")
     return statistic_view(r, name, ref, f" ({n} tokens, each query's row over all of them)")
+
+
+def other_statistic_figures(r: Any, view: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """The download's page of every per-head statistic of ``r`` but the mean distance (the entropy, a user's), drawn
+    by ``view`` (:func:`head_statistic_view`, or a windowed analysis's), named "distance-<name>"."""
+    return {
+        f"distance-{name.replace('_', '-')}": view(r, name)
+        for _, name in statistic_choices()
+        if name != "distance" and name in r.statistics
+    }
 
 
 def pos_view(sim: np.ndarray | None, note: str = "") -> go.Figure | None:
@@ -521,9 +532,7 @@ def tab_figures(r: Analysis, c: Controls, vm: VizModel | None = None, extra: Map
     out["heads-all-heads"] = heads_view(r, c)
     out["heads-enlarged-head"] = focus_view(r, c)
     out["distance-mean-attention-distance"] = distance_view(r)
-    for _, name in statistic_choices():  # the tab's other per-head statistics (attention entropy, a user's)
-        if name != "distance" and name in r.statistics:
-            out[f"distance-{name.replace('_', '-')}"] = head_statistic_view(r, name)
+    out.update(other_statistic_figures(r, head_statistic_view))
     if vm is not None:
         pos = pos_embed_views(vm, tile=c.tile)
         if pos.figure is not None:

@@ -193,7 +193,7 @@ def head_statistic_view(r: WindowAnalysis, name: str) -> Any:
     spans its window's real slots, whose number varies where a window is padded)."""
     if name == "distance":
         return distance_view(r)
-    return views.statistic_view(r, name, None, " (each query's row over the slots of its window)")
+    return views.statistic_view(r, name, None, " (each query's row over the slots of its window)", windowed=True)
 
 
 def bias_view(r: WindowAnalysis, layer: int) -> Any:
@@ -283,9 +283,7 @@ def tab_figures(
         "heads-enlarged-head": focus_view(r, layer, head, q, opacity, colorscale),
         "distance-mean-attention-distance": distance_view(r),
     }
-    for _, name in views.statistic_choices():  # the tab's other per-head statistics (attention entropy, a user's)
-        if name != "distance" and name in r.statistics:
-            out[f"distance-{name.replace('_', '-')}"] = head_statistic_view(r, name)
+    out.update(views.other_statistic_figures(r, head_statistic_view))
     pos = bias_view(r, layer) if vm is None else model_bias_views(vm, layer).figure
     if pos is not None:
         out["position-relative"] = pos

@@ -177,7 +177,7 @@ def heads_figure(
 @readable
 def distance_figure(mean_distance: np.ndarray, reference_px: float | None, title: str = "") -> go.Figure:
     """Mean attention distance: one dot per head per layer (ViT paper Fig. 7 right), uniform reference line."""
-    return head_statistic_figure.__wrapped__(  # its title made readable once, here
+    return _dots_per_head(
         mean_distance,
         None if reference_px is None else (reference_px, f"uniform attention ({reference_px:.1f} px)"),
         title=title or "Mean attention distance per head",
@@ -191,9 +191,16 @@ def head_statistic_figure(
     values: np.ndarray, reference: tuple[float, str] | None, title: str, y_title: str, hover: str
 ) -> go.Figure:
     """One number per head per layer, [L, H] (NaN: a head the layer does not have, or a statistic not defined for the
-    model), one dot each, the heads of a layer side by side around its tick; ``reference``: (value, its label), a dashed line.
-    ``hover``: how a dot's value reads (``%{customdata[2]}`` is the value). Each dot's customdata is (layer, head,
-    value): a click opens that head (the app's distance plot)."""
+    model), one dot each, the heads of a layer side by side around its tick; ``reference``: (value, its label), a
+    dashed line. ``hover``: how a dot's value reads (``%{customdata[2]}`` is the value). Each dot's customdata is
+    (layer, head, value): a click opens that head (the app's distance plot)."""
+    return _dots_per_head(values, reference, title, y_title, hover)
+
+
+def _dots_per_head(
+    values: np.ndarray, reference: tuple[float, str] | None, title: str, y_title: str, hover: str
+) -> go.Figure:
+    """:func:`head_statistic_figure`'s plot, before :func:`readable` (which each public figure applies once)."""
     num_layers, num_heads = values.shape
     layers, heads = np.mgrid[0:num_layers, 0:num_heads]
     # each layer's heads centred on its tick: a layer with fewer heads than the widest (a Swin stage; NaN after its

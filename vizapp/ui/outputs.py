@@ -26,7 +26,7 @@ class AnalyzeOutputs(NamedTuple):
     heads: Any  # go.Figure
     query_image: Any  # [H, W, 3] uint8
     distance: Any  # go.Figure: the chosen per-head statistic (mean attention distance unless another is chosen)
-    statistic: Any  # gr.update: the choice kept, or the mean distance where the chosen one is no longer registered
+    statistic: Any  # gr.update: the choice, kept for the next image
     summary: dict[str, Any]
     layer: Any  # gr.update of the layer slider's range
     start_layer: Any
