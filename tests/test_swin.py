@@ -3,6 +3,8 @@ query maps, mean distance in input pixels, rollout and class maps through window
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -269,7 +271,7 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
     library's eager implementation, layer by layer."""
 
     model_cls, cfg = hf_swin(kind)
-    model_cls(cfg).save_pretrained(tmp_path)
+    random_tables(model_cls(cfg)).save_pretrained(tmp_path)
     vm = vizapp.load_model(str(tmp_path), device="cpu")
     r = vizapp.analyze(vm, random_image(0))
     assert isinstance(r, WindowAnalysis) and vm.family == "hf"
@@ -297,9 +299,14 @@ def test_transformers_swin_capture_equals_eager_attention(tmp_path, kind):
     assert bias.shape == (4, 7, 7)
     if kind == "swinv2":
         assert float(bias.min()) > 0 and float(bias.max()) < 16
-    else:  # the table itself: its (Δrow, Δcol) = (0, 0) entry is what every token adds for attending to itself
-        table = vm.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
-        torch.testing.assert_close(bias[:, 3, 3], table[3 * 7 + 3].detach())
+    else:  # the table as the model indexes it: query p and key k of a window get table[index[p, k]], which the
+        # view shows at (Δrow, Δcol) = p - k (the table random: transformers initialises it to zeros)
+        site = vm.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias
+        table, index = site.relative_position_bias_table.detach(), site.relative_position_index.view(16, 16)
+        assert float(table.abs().min()) > 0
+        for p_, k_ in itertools.product(range(16), repeat=2):
+            (pr, pc), (kr, kc) = divmod(p_, 4), divmod(k_, 4)
+            torch.testing.assert_close(bias[:, pr - kr + 3, pc - kc + 3], table[index[p_, k_]], atol=0, rtol=0)
     # the app's Position tab for the folder: layer 2's bias, the same values; Swin V2 says its bias is computed
     from vizapp import ui
 
@@ -346,6 +353,18 @@ def hf_swin(kind: str, **overrides) -> tuple:
     return model_cls, cfg
 
 
+def random_tables(model: torch.nn.Module, seed: int = 0, std: float = 1.0) -> torch.nn.Module:
+    """``model`` with every relative-position bias table filled with N(0, std²) values. transformers initialises
+    Swin's tables to zeros, and a zero table hides any mistake in how the bias is read, indexed or added (a capture
+    that dropped it, a view that transposed it, would pass every comparison)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def write_swin_folder(folder, heads=(3, 6), seed=0) -> str:
     """A tiny random-weight transformers Swin classifier saved as a user brings one (``save_pretrained``: config +
     safetensors): 36 px, 4-px patches, a 9x9 first grid padded to windows of 4, then 5x5; ``heads`` per stage."""
@@ -355,7 +374,7 @@ def write_swin_folder(folder, heads=(3, 6), seed=0) -> str:
     cfg = tf.SwinConfig(
         image_size=36, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=list(heads), window_size=4, num_labels=5
     )
-    tf.SwinForImageClassification(cfg).save_pretrained(folder)
+    random_tables(tf.SwinForImageClassification(cfg), seed).save_pretrained(folder)
     return str(folder)
 
 

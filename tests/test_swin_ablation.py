@@ -11,7 +11,7 @@ import torch
 
 import vizapp
 from tests.conftest import needs_timm_1_0_31
-from tests.test_swin import TINY, hf_swin
+from tests.test_swin import TINY, hf_swin, random_tables
 from vizapp import limits
 from vizapp.ablation import head_importance
 from vizapp.analysis.windows import window_index
@@ -38,7 +38,7 @@ def timm_vm():
 
 def _hf_vm(folder, kind):
     model_cls, cfg = hf_swin(kind, initializer_range=0.3)
-    model_cls(cfg).save_pretrained(folder)
+    random_tables(model_cls(cfg)).save_pretrained(folder)
     return vizapp.load_model(str(folder), device="cpu")
 
 

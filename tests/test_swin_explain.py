@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import all_hooks, needs_timm_1_0_31, random_image
-from test_swin import hf_swin
+from test_swin import hf_swin, random_tables
 
 import vizapp
 from vizapp import methods
@@ -41,7 +41,7 @@ def _timm(name: str, **kw):
 def _hf(kind: str):
 
     model_cls, cfg = hf_swin(kind)
-    return model_cls._from_config(cfg, attn_implementation="sdpa" if kind == "swin" else "eager").eval()
+    return random_tables(model_cls._from_config(cfg, attn_implementation="sdpa" if kind == "swin" else "eager")).eval()
 
 
 def _is_hf(model) -> bool:

@@ -15,7 +15,7 @@ import torch
 from appdriver import AppDriver, assert_clean, heatmap_z, plot_of
 from conftest import random_image, start_app
 from PIL import Image
-from test_swin import TINY, hf_swin, write_swin_folder
+from test_swin import TINY, hf_swin, random_tables, write_swin_folder
 
 import vizapp
 from vizapp.errors import BadParameterError, StaleResultError
@@ -122,7 +122,7 @@ def test_transformers_block_outputs_equal_its_reshaped_hidden_states(tmp_path, k
     output equals the encoder's reshaped_hidden_states before downsampling ([B, C, H, W], the library's own), to 1e-5."""
 
     model_cls, cfg = hf_swin(kind)
-    model_cls(cfg).save_pretrained(tmp_path)
+    random_tables(model_cls(cfg)).save_pretrained(tmp_path)
     vm = vizapp.load_model(str(tmp_path), device="cpu")
     r = vizapp.analyze(vm, random_image(3))
     assert r.layer_grids == ((9, 9), (9, 9), (5, 5), (5, 5)) and sorted(r.block_outputs) == [0, 1, 2, 3]

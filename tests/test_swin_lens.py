@@ -17,7 +17,7 @@ import torch
 from appdriver import AppDriver, assert_clean, plot_of
 from conftest import needs_timm_1_0_31, random_image, start_app
 from PIL import Image
-from test_swin import TINY, hf_swin, write_swin_folder
+from test_swin import TINY, hf_swin, random_tables, write_swin_folder
 
 import vizapp
 from vizapp.errors import BadParameterError
@@ -48,7 +48,7 @@ def _timm_vm(name: str = "swin_tiny_patch4_window7_224", **kw):
 
 def _hf_vm(folder: Path, kind: str):
     model_cls, cfg = hf_swin(kind)
-    model = model_cls(cfg)
+    model = random_tables(model_cls(cfg))
     _spread(model)
     model.save_pretrained(folder)
     return vizapp.load_model(str(folder), device="cpu")
