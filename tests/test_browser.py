@@ -362,3 +362,45 @@ def test_person_uses_the_controls_that_always_failed(page, bundled_app):
     _wait_title(page, "vizapp-pca-plot", "0.95")
     _no_error_toast(page)
     page.screenshot(path=str(ARTIFACTS / "14-features-after-fixes.png"), full_page=True)
+
+
+def test_the_heads_figure_follows_the_controls_as_they_were_last_set(page, card_model, photo, monkeypatch):
+    """Two Heads controls set one after the other while the first one's redraw is slow (a loaded server): the figure
+    left on the page is the one for both values, as the sliders show, not the first redraw's late answer. Each control
+    fired an event of its own, run beside the others, so the slow first answer came last and stayed."""
+    import functools
+    import time
+
+    from conftest import start_app
+
+    from vizapp.ui import handlers
+
+    real = handlers.render_heads
+
+    @functools.wraps(real)
+    def slow_before_the_column(state, layer, mode, row, col, *args, **kwargs):
+        if int(row) == 1 and int(col) != 5:  # the redraw for the row alone: answers after the column's would
+            time.sleep(3)
+        return real(state, layer, mode, row, col, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, "render_heads", slow_before_the_column)
+    demo = start_app(card_model)
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # a visitor of its own
+    try:
+        pg.goto(demo.local_url)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        _analyze(pg, photo, "7x7 patches")
+        pg.get_by_role("tab", name="Heads").click()
+        pg.get_by_role("radio", name="Clicked patch").check()
+        _wait_title(pg, "vizapp-heads-plot", "attention of patch")
+        for label, value in (("Patch row", "1"), ("Patch column", "5")):
+            box = pg.locator(f"input[type=number][aria-label*='{label}']")
+            box.fill(value)
+            box.press("Enter")
+        _wait_title(pg, "vizapp-heads-plot", "patch (1, 5)")
+        pg.wait_for_timeout(5000)  # the row's slow redraw (3 s) has answered by now
+        assert "patch (1, 5)" in _plot_data(pg, "vizapp-heads-plot")["title"]
+        _no_error_toast(pg)
+    finally:
+        pg.close()
+        demo.close()

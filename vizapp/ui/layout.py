@@ -37,7 +37,7 @@ from vizapp.ui.outputs import (
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, patch_picker, redraw
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, on_change, patch_picker, redraw
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -354,7 +354,7 @@ def _wire_rollout(ui: Components) -> list[Any]:
     outputs = components(MapOutputs, ui)
     # a map may run a backward or max-flows: model work, stopped when the event is cancelled
     render = redraw(stops_when_cancelled(handlers.render_map), MapOutputs)
-    return [ctrl.change(render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK) for ctrl in controls]
+    return [on_change(controls, render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK)]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -369,10 +369,13 @@ def _wire_heads(ui: Components) -> None:
         ui.opacity,
         ui.colormap,
     ]
-    for ctrl in (ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.colormap):
-        ctrl.change(
-            redraw(handlers.render_heads, HeadsOutputs), inputs=inputs, outputs=components(HeadsOutputs, ui), **RERENDER
-        )
+    on_change(
+        [ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.colormap],
+        redraw(handlers.render_heads, HeadsOutputs),
+        inputs=inputs,
+        outputs=components(HeadsOutputs, ui),
+        **RERENDER,
+    )
     ui.query_image.select(
         handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
     )
@@ -406,8 +409,8 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
         ui.random_weights,
     ]
     outputs = components(PosOutputs, ui)
-    for ctrl in (ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show):
-        ctrl.change(render_pos, inputs=inputs, outputs=outputs, **RERENDER)
+    controls = [ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show]
+    on_change(controls, render_pos, inputs=inputs, outputs=outputs, **RERENDER)
     ui.model.change(pick_model, inputs=inputs, outputs=outputs, api_name="position_embeddings")
     ui.random_weights.change(pick_model, inputs=inputs, outputs=outputs, **RERENDER)
     demo.load(pick_model, inputs=inputs, outputs=outputs, api_visibility="private")
@@ -420,13 +423,13 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
 
 
 def _wire_compare(ui: Components) -> Any:
-    for ctrl in (ui.compare_steps, ui.compare_slow):
-        ctrl.change(
-            redraw(event(handlers.compare_cost), CompareCostOutputs),
-            inputs=[ui.state, ui.compare_steps, ui.compare_slow],
-            outputs=components(CompareCostOutputs, ui),
-            **RERENDER,
-        )
+    on_change(
+        [ui.compare_steps, ui.compare_slow],
+        redraw(event(handlers.compare_cost), CompareCostOutputs),
+        inputs=[ui.state, ui.compare_steps, ui.compare_slow],
+        outputs=components(CompareCostOutputs, ui),
+        **RERENDER,
+    )
     return ui.compare_button.click(
         stops_when_cancelled(handlers.compare_methods),
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],

@@ -19,7 +19,7 @@ from vizapp.ui.outputs import (
     SecondImageOutputs,
     components,
 )
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, patch_picker, redraw
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, on_change, patch_picker, redraw
 
 
 def features_tab(ui: Components) -> None:
@@ -133,8 +133,8 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
     for done in analyze:
         done.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
-    for ctrl in inputs[1:-1]:  # every input but the state and the opacity (the Rollout tab's, which redraws there)
-        ctrl.change(redraw(handlers.render_features, FeaturesOutputs), inputs=inputs, outputs=outputs, **RERENDER)
+    controls = inputs[1:-1]  # every input but the state and the opacity (the Rollout tab's, which redraws there)
+    on_change(controls, redraw(handlers.render_features, FeaturesOutputs), inputs=inputs, outputs=outputs, **RERENDER)
     ui.feat_query_image.select(
         handlers.select_feature_patch,
         inputs=[ui.state],

@@ -65,6 +65,16 @@ def redraw(fn: Any, outputs: type) -> Any:
     return run
 
 
+def on_change(controls: list[Any], fn: Any, **kwargs: Any) -> Any:
+    """One event that a change of any of ``controls`` fires (``gr.on``; ``kwargs`` as for ``.change``, usually with
+    :data:`RERENDER`), instead of one event per control. Separate events ran side by side, so the redraw for the
+    first of two controls set in a row (row, then column; or the several a new analysis sets at once) could answer
+    last and leave a figure that matches neither the controls nor the second redraw. One event runs one redraw at a
+    time, and with ``trigger_mode="always_last"`` the changes made while it runs become one more run, with the
+    controls' values as they are when it starts."""
+    return gr.on([c.change for c in controls], fn, **kwargs)
+
+
 def bind(fn: Any, **bound: Any) -> Any:
     """``fn`` with keyword arguments ``bound``, keeping what gradio reads of it: its signature and its type hints,
     by which gradio injects Request and SelectData (``functools.partial`` hides the type hints, so a bound handler
