@@ -404,3 +404,47 @@ def test_the_heads_figure_follows_the_controls_as_they_were_last_set(page, card_
     finally:
         pg.close()
         demo.close()
+
+
+def test_the_heads_figure_matches_the_sliders_an_analysis_sets(page, tmp_path, photo, monkeypatch):
+    """A model without a class token: Analyze sets the query sliders to the centre patch, row and column at once. The
+    page fires the redraw for the row before the column holds its new value, so a first run reads (3, 0) while a
+    second reads (3, 3); the first, slowed here to 3 s, answers last. The figure left on the page is the one the
+    sliders show, not the late answer (before the runs were ordered, the Heads tab showed patch (3, 0))."""
+    import functools
+    import time
+
+    from conftest import start_app, write_card_model
+
+    from vizapp.ui import handlers
+
+    real, seen = handlers.render_heads, []
+
+    @functools.wraps(real)
+    def slow_between(state, layer, mode, row, col, *args, **kwargs):
+        seen.append((int(row), int(col)))
+        if (int(row), int(col)) == (3, 0):  # the row's new value beside the column's old one
+            time.sleep(3)
+        return real(state, layer, mode, row, col, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, "render_heads", slow_between)
+    demo = start_app(write_card_model(tmp_path, class_token=False, global_pool="avg"))
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.goto(demo.local_url)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        _analyze(pg, photo, "7x7 patches")
+        pg.get_by_role("tab", name="Heads").click()
+        _wait_title(pg, "vizapp-heads-plot", "patch (3, 3)")
+        pg.wait_for_timeout(5000)  # the slow run (3 s) has answered by now, if there was one
+        rows = [
+            pg.locator(f"input[type=number][aria-label*='{label}']").input_value()
+            for label in ("Patch row", "Patch column")
+        ]
+        assert rows == ["3", "3"]
+        assert "patch (3, 3)" in _plot_data(pg, "vizapp-heads-plot")["title"]
+        _no_error_toast(pg)
+        assert (3, 0) in seen and seen[-1] == (3, 3), seen  # the page did start the stale run: the case this tests
+    finally:
+        pg.close()
+        demo.close()

@@ -798,3 +798,18 @@ def test_rollout_tab_offers_the_cls_row_for_a_model_whose_output_reads_its_patch
     with pytest.raises(gr.Error, match="start row must be one of"):
         ui.render_map(out.state, "rollout", None, "mean", 0.0, 0, 0.6, "middle", progress=_noprogress)
     assert not analysed.start_row["visible"]
+
+
+def test_redraw_answers_are_shown_in_the_order_their_runs_started():
+    """wiring._Answers, by hand: runs 1 and 2 of a session's event start; 2 answers first and is shown, 1 answers
+    after it and is not; run 3 is shown; another session and another event count on their own."""
+    from vizapp.ui.wiring import _Answers
+
+    answers = _Answers(keep=2)
+    a, b = ("s1", 0), ("s2", 0)
+    assert (answers.start(a), answers.start(a)) == (1, 2)
+    assert answers.shown(a, 2) and not answers.shown(a, 1)
+    assert answers.start(a) == 3 and answers.shown(a, 3)
+    assert answers.start(b) == 1 and answers.shown(b, 1)  # s1's runs do not hold s2's answers back
+    assert answers.start(("s1", 1)) == 1  # a third key: the oldest (s1, 0) is forgotten, kept to 2
+    assert answers.start(a) == 1

@@ -395,7 +395,7 @@ def _wire_heads(ui: Components) -> None:
 
 def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
     # The operator's own model is trusted (it may be a local file): both events pass that on to the handler.
-    render_pos = functools.partial(handlers.render_pos, trusted_model=trusted)
+    render_pos = bind(handlers.render_pos, trusted_model=trusted)  # bind, not partial: gradio then sees the request
     pick_model = functools.partial(handlers.render_pos_quietly, trusted_model=trusted)
 
     inputs = [

@@ -39,12 +39,15 @@ def render_pos(
     pos_head: Any = 0,
     pos_show: Any = None,
     random_weights: Any = False,
+    request: gr.Request | None = None,
+    *,
     trusted_model: str | None = None,
 ) -> PosOutputs:
     """Position tab: the view that fits the model's scheme. Learned embeddings: the cosine grid at the model's grid or
     at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
     per-head maps of ``pos_layer``; none: a sentence. A model with a learned table beside RoPE or a bias offers both
-    (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`)."""
+    (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`). ``request``: the session, by which the tab's redraws are
+    shown in the order they started (:func:`vizapp.ui.wiring.on_change`); the view itself does not depend on it."""
     from vizapp.ui import handlers  # looked up at call time: tests and the app may replace handlers._load
 
     vm = handlers._load(handlers._model_name(model_name, trusted_model), trusted_model, bool(random_weights))

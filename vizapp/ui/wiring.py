@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import threading
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +21,7 @@ RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
 #: VIZAPP_CONCURRENCY bounds how many run at once in all (gradio's limit is per event otherwise: with a limit of 2,
 #: ten different heavy events could run together). Redraws from a kept analysis stay outside it.
 MODEL_WORK = dict(concurrency_id="vizapp-model-work")
+_EVENT_KEYS = itertools.count()
 
 
 class Components(SimpleNamespace):
@@ -65,14 +69,81 @@ def redraw(fn: Any, outputs: type) -> Any:
     return run
 
 
-def on_change(controls: list[Any], fn: Any, **kwargs: Any) -> Any:
+class _Answers:
+    """For each session and redraw event: how many of its runs have started, and the newest run whose answer was
+    shown. A run that answers after a newer one did is not shown (:func:`on_change`)."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[tuple[str, int], tuple[int, int]] = OrderedDict()  # (started, newest shown)
+        self._keep = keep
+
+    def start(self, key: tuple[str, int]) -> int:
+        with self._lock:
+            started, shown = self._runs.pop(key, (0, 0))
+            self._runs[key] = (started + 1, shown)
+            while len(self._runs) > self._keep:  # sessions long gone
+                self._runs.popitem(last=False)
+            return started + 1
+
+    def shown(self, key: tuple[str, int], run: int) -> bool:
+        """Whether run number ``run`` (from :meth:`start`) may show its answer: no run started after it has."""
+        with self._lock:
+            started, shown = self._runs.get(key, (run, 0))
+            if run < shown:
+                return False
+            self._runs[key] = (started, run)
+            return True
+
+
+_ANSWERS = _Answers()
+
+
+def on_change(controls: list[Any], fn: Any, *, outputs: Any, **kwargs: Any) -> Any:
     """One event that a change of any of ``controls`` fires (``gr.on``; ``kwargs`` as for ``.change``, usually with
-    :data:`RERENDER`), instead of one event per control. Separate events ran side by side, so the redraw for the
-    first of two controls set in a row (row, then column; or the several a new analysis sets at once) could answer
-    last and leave a figure that matches neither the controls nor the second redraw. One event runs one redraw at a
-    time, and with ``trigger_mode="always_last"`` the changes made while it runs become one more run, with the
-    controls' values as they are when it starts."""
-    return gr.on([c.change for c in controls], fn, **kwargs)
+    :data:`RERENDER`), instead of one event per control, whose answers are shown in the order the runs started.
+
+    Separate events ran side by side, so the redraw for the first of two controls set in a row (row, then column) could
+    answer last and leave a figure that matched neither the sliders nor the second redraw. One event with
+    ``trigger_mode="always_last"`` defers the changes made while a run is under way to one more run, but the page
+    starts a second run when the second change comes before the first run is registered (an analysis sets the row and
+    the column at once; the first run reads the column's old value): with the queue's default concurrency both run,
+    and the one that started first may answer last. So each run of a session is numbered as it starts, and a run that
+    answers after a newer one did returns ``gr.skip()`` for every output: the page keeps the newer figure. ``fn`` must
+    take a ``request`` (gradio's Request: the session); without one (a direct call) every answer is shown."""
+    count = len(outputs) if isinstance(outputs, (list, tuple)) else 1
+    keep = gr.skip() if count == 1 else tuple(gr.skip() for _ in range(count))
+    signature = inspect.signature(fn)
+    if "request" not in signature.parameters:
+        raise TypeError(f"{getattr(fn, '__name__', fn)} takes no request: its answers could not be ordered")
+    event_key = next(_EVENT_KEYS)
+
+    def key_of(args: Any, kwargs: Any) -> tuple[str, int] | None:
+        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+        session = getattr(request, "session_hash", None)
+        return None if session is None else (session, event_key)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def run_async(*args: Any, **kw: Any) -> Any:
+            key = key_of(args, kw)
+            run = _ANSWERS.start(key) if key else 0
+            answer = await fn(*args, **kw)
+            return answer if key is None or _ANSWERS.shown(key, run) else keep
+
+        newest: Any = run_async
+    else:
+
+        @functools.wraps(fn)
+        def run_sync(*args: Any, **kw: Any) -> Any:
+            key = key_of(args, kw)
+            run = _ANSWERS.start(key) if key else 0
+            answer = fn(*args, **kw)
+            return answer if key is None or _ANSWERS.shown(key, run) else keep
+
+        newest = run_sync
+    return gr.on([c.change for c in controls], newest, outputs=outputs, **kwargs)
 
 
 def bind(fn: Any, **bound: Any) -> Any:
