@@ -406,11 +406,12 @@ def test_the_heads_figure_follows_the_controls_as_they_were_last_set(page, card_
         demo.close()
 
 
-def test_the_heads_figure_matches_the_sliders_an_analysis_sets(page, tmp_path, photo, monkeypatch):
-    """A model without a class token: Analyze sets the query sliders to the centre patch, row and column at once. The
-    page fires the redraw for the row before the column holds its new value, so a first run reads (3, 0) while a
-    second reads (3, 3); the first, slowed here to 3 s, answers last. The figure left on the page is the one the
-    sliders show, not the late answer (before the runs were ordered, the Heads tab showed patch (3, 0))."""
+def test_an_analysis_draws_the_heads_once_and_redraws_answer_in_order(page, tmp_path, photo, monkeypatch):
+    """A model without a class token. Analyze sets the query sliders to the centre patch and draws the Heads tab
+    itself: no redraw runs after it (the redraw listened to every change of its controls, so an analysis set off one
+    per control it set, and one of them, reading the row's new value beside the column's old one, answered last with
+    the wrong patch). Then a click on a patch, whose redraw (slowed to 3 s) is still running when the layer is
+    changed: the layer's redraw answers first, and the click's, which read the old layer, is not shown over it."""
     import functools
     import time
 
@@ -421,30 +422,47 @@ def test_the_heads_figure_matches_the_sliders_an_analysis_sets(page, tmp_path, p
     real, seen = handlers.render_heads, []
 
     @functools.wraps(real)
-    def slow_between(state, layer, mode, row, col, *args, **kwargs):
-        seen.append((int(row), int(col)))
-        if (int(row), int(col)) == (3, 0):  # the row's new value beside the column's old one
+    def slow_after_the_click(state, layer, mode, row, col, *args, **kwargs):
+        seen.append((int(layer), int(row), int(col)))
+        if (int(layer), int(row), int(col)) == (1, 0, 6):  # the clicked patch at the old layer
             time.sleep(3)
         return real(state, layer, mode, row, col, *args, **kwargs)
 
-    monkeypatch.setattr(handlers, "render_heads", slow_between)
+    monkeypatch.setattr(handlers, "render_heads", slow_after_the_click)
     demo = start_app(write_card_model(tmp_path, class_token=False, global_pool="avg"))
     pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+
+    def sliders() -> list[str]:
+        return [
+            pg.locator(f"input[type=number][aria-label*='{s}']").input_value() for s in ("Patch row", "Patch column")
+        ]
+
     try:
         pg.goto(demo.local_url)
         pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
         _analyze(pg, photo, "7x7 patches")
         pg.get_by_role("tab", name="Heads").click()
-        _wait_title(pg, "vizapp-heads-plot", "patch (3, 3)")
-        pg.wait_for_timeout(5000)  # the slow run (3 s) has answered by now, if there was one
-        rows = [
-            pg.locator(f"input[type=number][aria-label*='{label}']").input_value()
-            for label in ("Patch row", "Patch column")
-        ]
-        assert rows == ["3", "3"]
-        assert "patch (3, 3)" in _plot_data(pg, "vizapp-heads-plot")["title"]
+        _wait_title(pg, "vizapp-heads-plot", "Layer 1: attention of patch (3, 3)")
+        pg.wait_for_timeout(1500)
+        assert sliders() == ["3", "3"]
+        assert seen == []  # the analysis drew the tab: no redraw ran after it
+        img = pg.locator("#vizapp-query-image img").first
+        box = img.bounding_box()
+        side = min(box["width"], box["height"])  # the square view, centred in its box ("contain")
+        top, left = box["y"] + (box["height"] - side) / 2, box["x"] + (box["width"] - side) / 2
+        pg.mouse.click(left + side * 0.95, top + side * 0.05)  # patch (0, 6)
+        pg.wait_for_function(
+            """() => ['Patch row', 'Patch column'].map(l =>
+                 document.querySelector(`input[type=number][aria-label*='${l}']`).value).join() === '0,6'"""
+        )
+        layer = pg.locator("input[type=number][aria-label*='Layer (-1 = last)']")
+        layer.fill("0")
+        layer.press("Enter")
+        _wait_title(pg, "vizapp-heads-plot", "Layer 0: attention of patch (0, 6)")
+        pg.wait_for_timeout(5000)  # the click's slow redraw (3 s) has answered by now
+        assert seen[0] == (1, 0, 6) and seen[-1] == (0, 0, 6), seen  # both ran: the case this tests
+        assert "Layer 0: attention of patch (0, 6)" in _plot_data(pg, "vizapp-heads-plot")["title"]
         _no_error_toast(pg)
-        assert (3, 0) in seen and seen[-1] == (3, 3), seen  # the page did start the stale run: the case this tests
     finally:
         pg.close()
         demo.close()

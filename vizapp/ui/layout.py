@@ -37,7 +37,7 @@ from vizapp.ui.outputs import (
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, on_change, patch_picker, redraw
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, on_input, patch_picker, redraw
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -354,7 +354,7 @@ def _wire_rollout(ui: Components) -> list[Any]:
     outputs = components(MapOutputs, ui)
     # a map may run a backward or max-flows: model work, stopped when the event is cancelled
     render = redraw(stops_when_cancelled(handlers.render_map), MapOutputs)
-    return [on_change(controls, render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK)]
+    return [on_input(controls, render, inputs=inputs, outputs=outputs, **RERENDER, **MODEL_WORK).event]
 
 
 def _wire_heads(ui: Components) -> None:
@@ -369,15 +369,18 @@ def _wire_heads(ui: Components) -> None:
         ui.opacity,
         ui.colormap,
     ]
-    on_change(
+    # kept on the page's namespace: a click on the Features tab's head importance opens a head too
+    ui.heads_redraw = on_input(
         [ui.layer, ui.query_mode, ui.query_row, ui.query_col, ui.per_head, ui.focus_head, ui.colormap],
         redraw(handlers.render_heads, HeadsOutputs),
         inputs=inputs,
         outputs=components(HeadsOutputs, ui),
         **RERENDER,
     )
-    ui.query_image.select(
-        handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
+    ui.heads_redraw.after(
+        ui.query_image.select(
+            handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
+        )
     )
     ui.statistic.change(
         redraw(event(handlers.render_statistic), StatisticOutputs),
@@ -385,11 +388,13 @@ def _wire_heads(ui: Components) -> None:
         outputs=components(StatisticOutputs, ui),
         **RERENDER,
     )
-    ui.distance_click.change(
-        handlers.open_head,
-        inputs=[ui.state, ui.distance_click],
-        outputs=components(OpenHeadOutputs, ui),
-        api_visibility="private",
+    ui.heads_redraw.after(
+        ui.distance_click.change(
+            handlers.open_head,
+            inputs=[ui.state, ui.distance_click],
+            outputs=components(OpenHeadOutputs, ui),
+            api_visibility="private",
+        )
     )
 
 
@@ -410,20 +415,22 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
     ]
     outputs = components(PosOutputs, ui)
     controls = [ui.resolution, ui.tile_row, ui.tile_col, ui.pos_layer, ui.pos_head, ui.pos_show]
-    on_change(controls, render_pos, inputs=inputs, outputs=outputs, **RERENDER)
+    redraw_pos = on_input(controls, render_pos, inputs=inputs, outputs=outputs, **RERENDER)
     ui.model.change(pick_model, inputs=inputs, outputs=outputs, api_name="position_embeddings")
     ui.random_weights.change(pick_model, inputs=inputs, outputs=outputs, **RERENDER)
     demo.load(pick_model, inputs=inputs, outputs=outputs, api_visibility="private")
-    ui.pos_click.change(
-        handlers.open_tile,
-        inputs=[ui.state, ui.pos_click],
-        outputs=components(TileOutputs, ui),
-        api_visibility="private",
+    redraw_pos.after(
+        ui.pos_click.change(
+            handlers.open_tile,
+            inputs=[ui.state, ui.pos_click],
+            outputs=components(TileOutputs, ui),
+            api_visibility="private",
+        )
     )
 
 
 def _wire_compare(ui: Components) -> Any:
-    on_change(
+    on_input(
         [ui.compare_steps, ui.compare_slow],
         redraw(event(handlers.compare_cost), CompareCostOutputs),
         inputs=[ui.state, ui.compare_steps, ui.compare_slow],

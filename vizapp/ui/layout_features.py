@@ -19,7 +19,7 @@ from vizapp.ui.outputs import (
     SecondImageOutputs,
     components,
 )
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, on_change, patch_picker, redraw
+from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, on_input, patch_picker, redraw
 
 
 def features_tab(ui: Components) -> None:
@@ -134,12 +134,14 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
     for done in analyze:
         done.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
     controls = inputs[1:-1]  # every input but the state and the opacity (the Rollout tab's, which redraws there)
-    on_change(controls, redraw(handlers.render_features, FeaturesOutputs), inputs=inputs, outputs=outputs, **RERENDER)
-    ui.feat_query_image.select(
-        handlers.select_feature_patch,
-        inputs=[ui.state],
-        outputs=components(FeaturePatchOutputs, ui),
-        api_visibility="private",
+    render = redraw(handlers.render_features, FeaturesOutputs)
+    on_input(controls, render, inputs=inputs, outputs=outputs, **RERENDER).after(
+        ui.feat_query_image.select(
+            handlers.select_feature_patch,
+            inputs=[ui.state],
+            outputs=components(FeaturePatchOutputs, ui),
+            api_visibility="private",
+        )
     )
     second = ui.second_button.click(
         handlers.analyze_second_image,
@@ -165,11 +167,13 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
         )
         for button, method in ((ui.imp_exact_button, "exact"), (ui.imp_gradient_button, "gradient"))
     ]
-    ui.importance_click.change(
-        handlers.open_head,
-        inputs=[ui.state, ui.importance_click],
-        outputs=components(OpenHeadOutputs, ui),
-        api_visibility="private",
+    ui.heads_redraw.after(  # the Heads tab's redraw (layout._wire_heads), for the head it opens
+        ui.importance_click.change(
+            handlers.open_head,
+            inputs=[ui.state, ui.importance_click],
+            outputs=components(OpenHeadOutputs, ui),
+            api_visibility="private",
+        )
     )
     ui.features_export_button.click(
         event(handlers.export_features),

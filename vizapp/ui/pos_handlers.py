@@ -47,7 +47,7 @@ def render_pos(
     at ``resolution`` (0 = its own); RoPE: its similarity mosaic (mixed RoPE per layer and head); relative bias:
     per-head maps of ``pos_layer``; none: a sentence. A model with a learned table beside RoPE or a bias offers both
     (``pos_show``, one of :data:`vizapp.views.POS_SHOWS`). ``request``: the session, by which the tab's redraws are
-    shown in the order they started (:func:`vizapp.ui.wiring.on_change`); the view itself does not depend on it."""
+    shown in the order they started (:func:`vizapp.ui.wiring.on_input`); the view itself does not depend on it."""
     from vizapp.ui import handlers  # looked up at call time: tests and the app may replace handlers._load
 
     vm = handlers._load(handlers._model_name(model_name, trusted_model), trusted_model, bool(random_weights))

@@ -8,8 +8,9 @@ import inspect
 import itertools
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -71,7 +72,7 @@ def redraw(fn: Any, outputs: type) -> Any:
 
 class _Answers:
     """For each session and redraw event: how many of its runs have started, and the newest run whose answer was
-    shown. A run that answers after a newer one did is not shown (:func:`on_change`)."""
+    shown. A run that answers after a newer one did is not shown (:func:`on_input`)."""
 
     def __init__(self, keep: int = 4096) -> None:
         self._lock = threading.Lock()
@@ -99,18 +100,34 @@ class _Answers:
 _ANSWERS = _Answers()
 
 
-def on_change(controls: list[Any], fn: Any, *, outputs: Any, **kwargs: Any) -> Any:
-    """One event that a change of any of ``controls`` fires (``gr.on``; ``kwargs`` as for ``.change``, usually with
-    :data:`RERENDER`), instead of one event per control, whose answers are shown in the order the runs started.
+class Redraw(NamedTuple):
+    """A tab's redraw, as :func:`on_input` wires it."""
 
-    Separate events ran side by side, so the redraw for the first of two controls set in a row (row, then column) could
-    answer last and leave a figure that matched neither the sliders nor the second redraw. One event with
-    ``trigger_mode="always_last"`` defers the changes made while a run is under way to one more run, but the page
-    starts a second run when the second change comes before the first run is registered (an analysis sets the row and
-    the column at once; the first run reads the column's old value): with the queue's default concurrency both run,
-    and the one that started first may answer last. So each run of a session is numbered as it starts, and a run that
-    answers after a newer one did returns ``gr.skip()`` for every output: the page keeps the newer figure. ``fn`` must
-    take a ``request`` (gradio's Request: the session); without one (a direct call) every answer is shown."""
+    event: Any  # the event the controls fire (for Cancel)
+    # after(dep): the same redraw also runs when ``dep`` (a click that sets controls) succeeds
+    after: Callable[[Any], Any]
+
+
+def on_input(controls: list[Any], fn: Any, *, inputs: Any, outputs: Any, **kwargs: Any) -> Redraw:
+    """The redraw ``fn`` of a tab, run when a person changes any of ``controls`` (``kwargs`` as for an event, usually
+    with :data:`RERENDER`): one event for them all (``gr.on`` over their ``input``), whose answers are shown in the
+    order the runs started.
+
+    - ``input``, not ``change``: a change also fires when a handler sets the control, and Analyze sets many at once
+      (the query row and column, the layers' ranges ...) while drawing every tab itself: one analysis set off up to
+      five Features redraws of about 150 ms each on the bundled model, for a 150 ms analysis. A handler that only sets
+      controls (a click on a patch, a dot, a tile) runs the redraw after itself through :attr:`Redraw.after`.
+    - One event, not one per control: separate events ran side by side, and the redraw for the first of two controls
+      set in a row could answer last, leaving a figure that matched neither the controls nor the second redraw (a Swin
+      screenshot showed the Heads tab at (4, 0) with its sliders at (4, 4)). With ``trigger_mode="always_last"`` the
+      changes made while a run is under way become one more run, with the controls' values as they are when it starts.
+    - In order: the redraw a click runs after itself (:attr:`Redraw.after`) is an event of its own, so it and the
+      controls' run both run when a control is changed while the click's is under way (the queue runs two events at
+      once); the click's run, which read the old value, may answer last. Each session's runs of the redraw, from
+      either event, are numbered as they start, and a run that answers after a newer one did returns ``gr.skip()``
+      for every output. ``fn`` must take a ``request`` (the session); without one (a direct call) every answer is
+      shown.
+    """
     count = len(outputs) if isinstance(outputs, (list, tuple)) else 1
     keep = gr.skip() if count == 1 else tuple(gr.skip() for _ in range(count))
     signature = inspect.signature(fn)
@@ -118,8 +135,8 @@ def on_change(controls: list[Any], fn: Any, *, outputs: Any, **kwargs: Any) -> A
         raise TypeError(f"{getattr(fn, '__name__', fn)} takes no request: its answers could not be ordered")
     event_key = next(_EVENT_KEYS)
 
-    def key_of(args: Any, kwargs: Any) -> tuple[str, int] | None:
-        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+    def key_of(args: Any, kw: Any) -> tuple[str, int] | None:
+        request = signature.bind_partial(*args, **kw).arguments.get("request")
         session = getattr(request, "session_hash", None)
         return None if session is None else (session, event_key)
 
@@ -143,7 +160,8 @@ def on_change(controls: list[Any], fn: Any, *, outputs: Any, **kwargs: Any) -> A
             return answer if key is None or _ANSWERS.shown(key, run) else keep
 
         newest = run_sync
-    return gr.on([c.change for c in controls], newest, outputs=outputs, **kwargs)
+    event = gr.on([c.input for c in controls], newest, inputs=inputs, outputs=outputs, **kwargs)
+    return Redraw(event, lambda dep: dep.success(newest, inputs=inputs, outputs=outputs, **kwargs))
 
 
 def bind(fn: Any, **bound: Any) -> Any:
