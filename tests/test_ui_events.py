@@ -742,3 +742,17 @@ def test_controls_touched_before_any_analysis_wait_for_it(bundled_app):
     assert heads["layout"]["title"]["text"].startswith("Layer 2")
     heat = [t for t in heads["data"] if t["type"] == "heatmap"][0]
     assert heat["colorscale"][-1][1].lower() == "#fde725"  # Viridis' last colour
+
+
+def test_the_compare_note_after_a_new_analysis_follows_its_box(bundled_app):
+    """Attention flow ticked in the Compare tab, then another image analysed: the cost note still counts the flow
+    maps (the analysis resets the curve steps, not the box; its own note left the flow out)."""
+    d = AppDriver(bundled_app)
+    assert_clean(d.load(), "page load")
+    assert_clean(d.analyze(SNEAKER), "analyze")
+    note = d.by_elem_id("vizapp-compare-cost")
+    assert "Not included: attention flow" in d.values[note]
+    assert_clean(d.set(d.by_label("Include attention flow", "checkbox"), True), "include attention flow")
+    assert "max-flow problems" in d.values[note] and "Not included" not in d.values[note]
+    assert_clean(d.analyze(TROUSER), "analyze the trouser")
+    assert "max-flow problems" in d.values[note] and "Not included" not in d.values[note]

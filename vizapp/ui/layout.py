@@ -429,14 +429,16 @@ def _wire_pos(ui: Components, demo: gr.Blocks, trusted: str | None) -> None:
     )
 
 
-def _wire_compare(ui: Components) -> Any:
-    on_input(
+def _wire_compare(ui: Components, analyze: list[Any]) -> Any:
+    cost = on_input(
         [ui.compare_steps, ui.compare_slow],
         redraw(event(handlers.compare_cost), CompareCostOutputs),
         inputs=[ui.state, ui.compare_steps, ui.compare_slow],
         outputs=components(CompareCostOutputs, ui),
         **RERENDER,
     )
+    for done in analyze:  # an analysis resets the steps, not the slow methods' box: the note says both
+        cost.after(done)
     return ui.compare_button.click(
         stops_when_cancelled(handlers.compare_methods),
         inputs=[ui.state, ui.compare_class, ui.compare_steps, ui.compare_slow],
@@ -485,7 +487,7 @@ def build_demo(model: str | None = None, results: ResultStore | None = None) -> 
         map_events = _wire_rollout(ui)
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
-        compare = _wire_compare(ui)
+        compare = _wire_compare(ui, analyze)
         feature_events = wire_features(ui, analyze)
         _wire_export(ui)
         _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
