@@ -466,3 +466,51 @@ def test_an_analysis_draws_the_heads_once_and_redraws_answer_in_order(page, tmp_
     finally:
         pg.close()
         demo.close()
+
+
+def test_a_redraw_still_running_from_the_last_image_does_not_land_on_the_new_one(page, card_model, photo, monkeypatch):
+    """A patch clicked in the Heads tab (its redraw slowed to 4 s), then another image analysed while that redraw
+    runs: the analysis answers first and shows the new image from its CLS token; the redraw, started from the last
+    image's analysis (which the new one replaced in the session's store), answers after it and is not shown, its
+    error neither (it was: a toast "this result was dropped to keep the server within its memory budget ... press
+    Analyze again" over the new, complete analysis)."""
+    import functools
+    import time
+
+    from conftest import start_app
+
+    from vizapp import models
+    from vizapp.ui import handlers
+
+    real, seen = handlers.render_heads, []
+
+    @functools.wraps(real)
+    def slow_patch(state, layer, mode, row, col, *args, **kwargs):
+        seen.append((mode, int(row), int(col)))
+        if (int(row), int(col)) == (0, 6):
+            time.sleep(4)
+        return real(state, layer, mode, row, col, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, "render_heads", slow_patch)
+    demo = start_app(card_model)
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.goto(demo.local_url)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        _analyze(pg, photo, "7x7 patches")
+        pg.get_by_role("tab", name="Heads").click()
+        _wait_title(pg, "vizapp-heads-plot", "attention of CLS")
+        box = pg.locator("#vizapp-query-image img").first.bounding_box()
+        side = min(box["width"], box["height"])  # the square view, centred in its box ("contain")
+        top, left = box["y"] + (box["height"] - side) / 2, box["x"] + (box["width"] - side) / 2
+        pg.mouse.click(left + side * 0.95, top + side * 0.05)  # patch (0, 6): its redraw takes 4 s
+        pg.wait_for_timeout(300)
+        _analyze(pg, str(models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png"), "7x7 patches")
+        _wait_title(pg, "vizapp-heads-plot", "attention of CLS")  # the new analysis, from its CLS token
+        pg.wait_for_timeout(6000)  # the slow redraw (4 s) has answered by now
+        assert seen and seen[0][1:] == (0, 6), seen  # it ran: the case this tests
+        assert "attention of CLS" in _plot_data(pg, "vizapp-heads-plot")["title"]
+        _no_error_toast(pg)
+    finally:
+        pg.close()
+        demo.close()

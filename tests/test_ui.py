@@ -813,3 +813,10 @@ def test_redraw_answers_are_shown_in_the_order_their_runs_started():
     assert answers.start(b) == 1 and answers.shown(b, 1)  # s1's runs do not hold s2's answers back
     assert answers.start(("s1", 1)) == 1  # a third key: the oldest (s1, 0) is forgotten, kept to 2
     assert answers.start(a) == 1
+    # a new analysis of s1: its redraws started so far are not shown; s2's are; the next run of s1 is
+    answers = _Answers()
+    assert (answers.start(a), answers.start(("s1", 1)), answers.start(b)) == (1, 1, 1)
+    answers.supersede("s1")
+    assert not answers.shown(a, 1) and not answers.shown(("s1", 1), 1)
+    assert answers.shown(b, 1)
+    assert answers.start(a) == 2 and answers.shown(a, 2)

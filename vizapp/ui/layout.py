@@ -37,7 +37,17 @@ from vizapp.ui.outputs import (
 from vizapp.ui.startup import choose_startup_model, model_choices, trusted_startup_model
 from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, bind, event, on_input, patch_picker, redraw
+from vizapp.ui.wiring import (
+    MODEL_WORK,
+    RERENDER,
+    Components,
+    bind,
+    event,
+    on_input,
+    patch_picker,
+    redraw,
+    supersedes_redraws,
+)
 
 EXAMPLES_DIR = models.ASSETS_DIR / "examples"
 TITLE = "vizapp: inside a Vision Transformer"
@@ -303,7 +313,9 @@ def _wire_analyze(ui: Components, startup_note: str, trusted: str | None, store:
 
     # The operator's start-up note and own model (which may be a local file) are bound; the rest come from the page.
     check = functools.partial(handlers.check_inputs, trusted_model=trusted)
-    analyze = bind(handlers.analyze_image, startup_note=startup_note, trusted_model=trusted, store=store)
+    analyze = supersedes_redraws(
+        bind(handlers.analyze_image, startup_note=startup_note, trusted_model=trusted, store=store)
+    )
 
     inputs = [
         ui.image,

@@ -96,6 +96,14 @@ class _Answers:
             self._runs[key] = (started, run)
             return True
 
+    def supersede(self, session: str) -> None:
+        """Every run of ``session``'s redraws started so far answers unseen: they read the state of an analysis that
+        a new one has replaced (a slow map of the last image must not land over the new image's page)."""
+        with self._lock:
+            for key, (started, _) in list(self._runs.items()):
+                if key[0] == session:
+                    self._runs[key] = (started, started + 1)
+
 
 _ANSWERS = _Answers()
 
@@ -146,7 +154,12 @@ def on_input(controls: list[Any], fn: Any, *, inputs: Any, outputs: Any, **kwarg
         async def run_async(*args: Any, **kw: Any) -> Any:
             key = key_of(args, kw)
             run = _ANSWERS.start(key) if key else 0
-            answer = await fn(*args, **kw)
+            try:
+                answer = await fn(*args, **kw)
+            except Exception:
+                if key is None or _ANSWERS.shown(key, run):
+                    raise
+                return keep  # an error about a superseded state (its analysis replaced) is not said either
             return answer if key is None or _ANSWERS.shown(key, run) else keep
 
         newest: Any = run_async
@@ -156,12 +169,35 @@ def on_input(controls: list[Any], fn: Any, *, inputs: Any, outputs: Any, **kwarg
         def run_sync(*args: Any, **kw: Any) -> Any:
             key = key_of(args, kw)
             run = _ANSWERS.start(key) if key else 0
-            answer = fn(*args, **kw)
+            try:
+                answer = fn(*args, **kw)
+            except Exception:
+                if key is None or _ANSWERS.shown(key, run):
+                    raise
+                return keep  # an error about a superseded state (its analysis replaced) is not said either
             return answer if key is None or _ANSWERS.shown(key, run) else keep
 
         newest = run_sync
     event = gr.on([c.input for c in controls], newest, inputs=inputs, outputs=outputs, **kwargs)
     return Redraw(event, lambda dep: dep.success(newest, inputs=inputs, outputs=outputs, **kwargs))
+
+
+def supersedes_redraws(fn: Any) -> Any:
+    """``fn`` (a handler that takes a ``request`` and replaces the session's analysis: Analyze), after whose answer
+    no redraw run started before it is shown (:meth:`_Answers.supersede`): a redraw still running from the last
+    analysis read its state, and would otherwise draw the old image over the new one's page."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        answer = fn(*args, **kwargs)
+        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+        session = getattr(request, "session_hash", None)
+        if session is not None:
+            _ANSWERS.supersede(session)
+        return answer
+
+    return run
 
 
 def bind(fn: Any, **bound: Any) -> Any:
