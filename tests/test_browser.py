@@ -514,3 +514,49 @@ def test_a_redraw_still_running_from_the_last_image_does_not_land_on_the_new_one
     finally:
         pg.close()
         demo.close()
+
+
+def test_a_new_analysis_stops_the_last_images_compare(page, card_model, photo, monkeypatch):
+    """Compare started (slowed to 4 s), then another image analysed while it runs: the analysis clears the Compare
+    tab and stops the last image's Compare, which says nothing on the new image's page (it answered a few seconds
+    after the analysis, with the last image's curves or, as here, a toast saying its result was dropped)."""
+    import functools
+    import time
+
+    from conftest import start_app
+
+    from vizapp import models
+    from vizapp.ui import handlers
+
+    real, seen = handlers.compare_methods, []
+
+    @functools.wraps(real)
+    def slow_compare(*args, **kwargs):
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            time.sleep(4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "compare_methods", slow_compare)
+    demo = start_app(card_model)
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.goto(demo.local_url)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        _analyze(pg, photo, "7x7 patches")
+        pg.get_by_role("tab", name="Compare").click()
+        pg.get_by_role("button", name="Compare methods").click()
+        pg.wait_for_timeout(500)
+        assert seen  # the Compare is under way
+        pg.locator("input[type=file]").first.set_input_files(
+            str(models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png")
+        )
+        pg.wait_for_timeout(1500)
+        pg.get_by_role("button", name="Analyze").click()
+        pg.wait_for_timeout(7000)  # the slow Compare (4 s) would have answered by now
+        assert pg.locator("#vizapp-compare-plot .js-plotly-plot").count() == 0
+        assert pg.locator("#vizapp-deletion-plot .js-plotly-plot").count() == 0
+        _no_error_toast(pg)
+    finally:
+        pg.close()
+        demo.close()

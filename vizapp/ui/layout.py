@@ -473,6 +473,16 @@ def _wire_export(ui: Components) -> None:
     )
 
 
+def _wire_new_image(ui: Components, old_work: list[Any]) -> None:
+    """Analyze (the button, or a click on an example) stops the long operations still running on the last image
+    (Compare, PCA across examples, head importance, a slow map): gradio stops waiting for them, and their deadlines stop
+    the work at its next check. The new analysis replaces the result they read, and clears what they would draw;
+    left running, they answered later with the last image's curves, or an error that the result was dropped."""
+    ui.analyze_button.click(None, cancels=old_work, queue=False)
+    if ui.examples is not None:
+        ui.examples.load_input_event.then(None, cancels=old_work, queue=False)
+
+
 def _wire_cancel(ui: Components, long_events: list[Any]) -> None:
     """Cancel: gradio stops waiting for the events, and the handlers' deadlines stop the work at their next check."""
     ui.cancel_button.click(
@@ -502,6 +512,7 @@ def build_demo(model: str | None = None, results: ResultStore | None = None) -> 
         compare = _wire_compare(ui, analyze)
         feature_events = wire_features(ui, analyze)
         _wire_export(ui)
+        _wire_new_image(ui, [*map_events, compare, *feature_events])
         _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
         demo.unload(bind(handlers.end_session, store=store))  # the page closed: its results go
     demo.results = store  # type: ignore[attr-defined]  (for the load test and tests)
