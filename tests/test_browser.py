@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -364,46 +367,79 @@ def test_person_uses_the_controls_that_always_failed(page, bundled_app):
     page.screenshot(path=str(ARTIFACTS / "14-features-after-fixes.png"), full_page=True)
 
 
-def test_the_heads_figure_follows_the_controls_as_they_were_last_set(page, card_model, photo, monkeypatch):
-    """Two Heads controls set one after the other while the first one's redraw is slow (a loaded server): the figure
-    left on the page is the one for both values, as the sliders show, not the first redraw's late answer. Each control
-    fired an event of its own, run beside the others, so the slow first answer came last and stayed."""
-    import functools
-    import time
-
+@contextmanager
+def _visitor_of_a_slowed_app(page, monkeypatch, model: str, handler: str, delay):
+    """A page of its own on a fresh app for ``model`` whose handler ``handler`` (a name in vizapp.ui.handlers, looked
+    up when the app is built) first sleeps ``delay(*args)`` seconds, as on a loaded server. Yields (page, calls): the
+    positional arguments of every call, in order (the handlers' own order: state first)."""
     from conftest import start_app
 
     from vizapp.ui import handlers
 
-    real = handlers.render_heads
+    real, calls = getattr(handlers, handler), []
 
     @functools.wraps(real)
-    def slow_before_the_column(state, layer, mode, row, col, *args, **kwargs):
-        if int(row) == 1 and int(col) != 5:  # the redraw for the row alone: answers after the column's would
-            time.sleep(3)
-        return real(state, layer, mode, row, col, *args, **kwargs)
+    def slowed(*args, **kwargs):
+        calls.append(args)
+        time.sleep(delay(*args))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(handlers, "render_heads", slow_before_the_column)
-    demo = start_app(card_model)
-    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # a visitor of its own
+    monkeypatch.setattr(handlers, handler, slowed)
+    demo = start_app(model)
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         pg.goto(demo.local_url)
         pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        yield pg, calls
+    finally:
+        pg.close()
+        demo.close()
+
+
+def _click_patch(pg, elem_id: str, fx: float, fy: float) -> None:
+    """Click the point (fx, fy) (fractions of its width and height) of the square view in the image ``elem_id``,
+    which the page draws centred in its box ("contain")."""
+    box = pg.locator(f"#{elem_id} img").first.bounding_box()
+    side = min(box["width"], box["height"])
+    top, left = box["y"] + (box["height"] - side) / 2, box["x"] + (box["width"] - side) / 2
+    pg.mouse.click(left + side * fx, top + side * fy)
+
+
+def _sliders(pg, *labels: str) -> list[str]:
+    return [pg.locator(f"input[type=number][aria-label*='{label}']").input_value() for label in labels]
+
+
+def _heads(*args) -> tuple[int, int, int]:
+    """(layer, row, column) of a render_heads call's arguments."""
+    return int(args[1]), int(args[3]), int(args[4])
+
+
+def test_the_heads_figure_follows_the_controls_as_they_were_last_set(page, card_model, photo, monkeypatch):
+    """Two Heads controls set one after the other while the first one's redraw is slow (3 s): the figure left on the
+    page is the one for both values, as the sliders show, not the first redraw's late answer (each control fired an
+    event of its own, run beside the others, so the slow first answer came last and stayed)."""
+
+    def row_alone(*args) -> float:  # the row's new value beside the column's old one
+        return 3.0 if _heads(*args)[1:] == (1, 3) else 0.0
+
+    with _visitor_of_a_slowed_app(page, monkeypatch, card_model, "render_heads", row_alone) as (pg, calls):
         _analyze(pg, photo, "7x7 patches")
         pg.get_by_role("tab", name="Heads").click()
         pg.get_by_role("radio", name="Clicked patch").check()
-        _wait_title(pg, "vizapp-heads-plot", "attention of patch")
+        _wait_title(pg, "vizapp-heads-plot", "attention of patch (0, 0)")
+        col = pg.locator("input[type=number][aria-label*='Patch column']")
+        col.fill("3")
+        col.press("Enter")
+        _wait_title(pg, "vizapp-heads-plot", "attention of patch (0, 3)")
         for label, value in (("Patch row", "1"), ("Patch column", "5")):
             box = pg.locator(f"input[type=number][aria-label*='{label}']")
             box.fill(value)
             box.press("Enter")
         _wait_title(pg, "vizapp-heads-plot", "patch (1, 5)")
         pg.wait_for_timeout(5000)  # the row's slow redraw (3 s) has answered by now
+        assert (1, 1, 3) in [_heads(*c) for c in calls]  # it ran: the case this tests
         assert "patch (1, 5)" in _plot_data(pg, "vizapp-heads-plot")["title"]
         _no_error_toast(pg)
-    finally:
-        pg.close()
-        demo.close()
 
 
 def test_an_analysis_draws_the_heads_once_and_redraws_answer_in_order(page, tmp_path, photo, monkeypatch):
@@ -412,45 +448,20 @@ def test_an_analysis_draws_the_heads_once_and_redraws_answer_in_order(page, tmp_
     per control it set, and one of them, reading the row's new value beside the column's old one, answered last with
     the wrong patch). Then a click on a patch, whose redraw (slowed to 3 s) is still running when the layer is
     changed: the layer's redraw answers first, and the click's, which read the old layer, is not shown over it."""
-    import functools
-    import time
+    from conftest import write_card_model
 
-    from conftest import start_app, write_card_model
+    def old_layer(*args) -> float:  # the clicked patch at the old layer
+        return 3.0 if _heads(*args) == (1, 0, 6) else 0.0
 
-    from vizapp.ui import handlers
-
-    real, seen = handlers.render_heads, []
-
-    @functools.wraps(real)
-    def slow_after_the_click(state, layer, mode, row, col, *args, **kwargs):
-        seen.append((int(layer), int(row), int(col)))
-        if (int(layer), int(row), int(col)) == (1, 0, 6):  # the clicked patch at the old layer
-            time.sleep(3)
-        return real(state, layer, mode, row, col, *args, **kwargs)
-
-    monkeypatch.setattr(handlers, "render_heads", slow_after_the_click)
-    demo = start_app(write_card_model(tmp_path, class_token=False, global_pool="avg"))
-    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
-
-    def sliders() -> list[str]:
-        return [
-            pg.locator(f"input[type=number][aria-label*='{s}']").input_value() for s in ("Patch row", "Patch column")
-        ]
-
-    try:
-        pg.goto(demo.local_url)
-        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    model = write_card_model(tmp_path, class_token=False, global_pool="avg")
+    with _visitor_of_a_slowed_app(page, monkeypatch, model, "render_heads", old_layer) as (pg, calls):
         _analyze(pg, photo, "7x7 patches")
         pg.get_by_role("tab", name="Heads").click()
         _wait_title(pg, "vizapp-heads-plot", "Layer 1: attention of patch (3, 3)")
         pg.wait_for_timeout(1500)
-        assert sliders() == ["3", "3"]
-        assert seen == []  # the analysis drew the tab: no redraw ran after it
-        img = pg.locator("#vizapp-query-image img").first
-        box = img.bounding_box()
-        side = min(box["width"], box["height"])  # the square view, centred in its box ("contain")
-        top, left = box["y"] + (box["height"] - side) / 2, box["x"] + (box["width"] - side) / 2
-        pg.mouse.click(left + side * 0.95, top + side * 0.05)  # patch (0, 6)
+        assert _sliders(pg, "Patch row", "Patch column") == ["3", "3"]
+        assert calls == []  # the analysis drew the tab: no redraw ran after it
+        _click_patch(pg, "vizapp-query-image", 0.95, 0.05)  # patch (0, 6)
         pg.wait_for_function(
             """() => ['Patch row', 'Patch column'].map(l =>
                  document.querySelector(`input[type=number][aria-label*='${l}']`).value).join() === '0,6'"""
@@ -460,12 +471,10 @@ def test_an_analysis_draws_the_heads_once_and_redraws_answer_in_order(page, tmp_
         layer.press("Enter")
         _wait_title(pg, "vizapp-heads-plot", "Layer 0: attention of patch (0, 6)")
         pg.wait_for_timeout(5000)  # the click's slow redraw (3 s) has answered by now
-        assert seen[0] == (1, 0, 6) and seen[-1] == (0, 0, 6), seen  # both ran: the case this tests
+        ran = [_heads(*c) for c in calls]
+        assert ran[0] == (1, 0, 6) and ran[-1] == (0, 0, 6), ran  # both ran: the case this tests
         assert "Layer 0: attention of patch (0, 6)" in _plot_data(pg, "vizapp-heads-plot")["title"]
         _no_error_toast(pg)
-    finally:
-        pg.close()
-        demo.close()
 
 
 def test_a_redraw_still_running_from_the_last_image_does_not_land_on_the_new_one(page, card_model, photo, monkeypatch):
@@ -474,89 +483,42 @@ def test_a_redraw_still_running_from_the_last_image_does_not_land_on_the_new_one
     image's analysis (which the new one replaced in the session's store), answers after it and is not shown, its
     error neither (it was: a toast "this result was dropped to keep the server within its memory budget ... press
     Analyze again" over the new, complete analysis)."""
-    import functools
-    import time
-
-    from conftest import start_app
-
     from vizapp import models
-    from vizapp.ui import handlers
 
-    real, seen = handlers.render_heads, []
+    def clicked(*args) -> float:
+        return 4.0 if _heads(*args)[1:] == (0, 6) else 0.0
 
-    @functools.wraps(real)
-    def slow_patch(state, layer, mode, row, col, *args, **kwargs):
-        seen.append((mode, int(row), int(col)))
-        if (int(row), int(col)) == (0, 6):
-            time.sleep(4)
-        return real(state, layer, mode, row, col, *args, **kwargs)
-
-    monkeypatch.setattr(handlers, "render_heads", slow_patch)
-    demo = start_app(card_model)
-    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
-    try:
-        pg.goto(demo.local_url)
-        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    with _visitor_of_a_slowed_app(page, monkeypatch, card_model, "render_heads", clicked) as (pg, calls):
         _analyze(pg, photo, "7x7 patches")
         pg.get_by_role("tab", name="Heads").click()
         _wait_title(pg, "vizapp-heads-plot", "attention of CLS")
-        box = pg.locator("#vizapp-query-image img").first.bounding_box()
-        side = min(box["width"], box["height"])  # the square view, centred in its box ("contain")
-        top, left = box["y"] + (box["height"] - side) / 2, box["x"] + (box["width"] - side) / 2
-        pg.mouse.click(left + side * 0.95, top + side * 0.05)  # patch (0, 6): its redraw takes 4 s
+        _click_patch(pg, "vizapp-query-image", 0.95, 0.05)  # patch (0, 6): its redraw takes 4 s
         pg.wait_for_timeout(300)
         _analyze(pg, str(models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png"), "7x7 patches")
         _wait_title(pg, "vizapp-heads-plot", "attention of CLS")  # the new analysis, from its CLS token
         pg.wait_for_timeout(6000)  # the slow redraw (4 s) has answered by now
-        assert seen and seen[0][1:] == (0, 6), seen  # it ran: the case this tests
+        assert calls and _heads(*calls[0])[1:] == (0, 6), calls  # it ran: the case this tests
         assert "attention of CLS" in _plot_data(pg, "vizapp-heads-plot")["title"]
         _no_error_toast(pg)
-    finally:
-        pg.close()
-        demo.close()
 
 
 def test_a_new_analysis_stops_the_last_images_compare(page, card_model, photo, monkeypatch):
     """Compare started (slowed to 4 s), then another image analysed while it runs: the analysis clears the Compare
     tab and stops the last image's Compare, which says nothing on the new image's page (it answered a few seconds
     after the analysis, with the last image's curves or, as here, a toast saying its result was dropped)."""
-    import functools
-    import time
-
-    from conftest import start_app
-
     from vizapp import models
-    from vizapp.ui import handlers
 
-    real, seen = handlers.compare_methods, []
-
-    @functools.wraps(real)
-    def slow_compare(*args, **kwargs):
-        seen.append(time.monotonic())
-        if len(seen) == 1:
-            time.sleep(4)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(handlers, "compare_methods", slow_compare)
-    demo = start_app(card_model)
-    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
-    try:
-        pg.goto(demo.local_url)
-        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+    with _visitor_of_a_slowed_app(page, monkeypatch, card_model, "compare_methods", lambda *a: 4.0) as (pg, calls):
         _analyze(pg, photo, "7x7 patches")
         pg.get_by_role("tab", name="Compare").click()
         pg.get_by_role("button", name="Compare methods").click()
         pg.wait_for_timeout(500)
-        assert seen  # the Compare is under way
-        pg.locator("input[type=file]").first.set_input_files(
-            str(models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png")
-        )
+        assert calls  # the Compare is under way
+        trouser = models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png"
+        pg.locator("input[type=file]").first.set_input_files(str(trouser))
         pg.wait_for_timeout(1500)
         pg.get_by_role("button", name="Analyze").click()
         pg.wait_for_timeout(7000)  # the slow Compare (4 s) would have answered by now
         assert pg.locator("#vizapp-compare-plot .js-plotly-plot").count() == 0
         assert pg.locator("#vizapp-deletion-plot .js-plotly-plot").count() == 0
         _no_error_toast(pg)
-    finally:
-        pg.close()
-        demo.close()
