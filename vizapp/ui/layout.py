@@ -394,7 +394,8 @@ def _wire_heads(ui: Components) -> None:
             handlers.select_patch, inputs=[ui.state], outputs=components(PatchOutputs, ui), api_visibility="private"
         )
     )
-    ui.statistic.change(
+    on_input(
+        [ui.statistic],
         redraw(event(handlers.render_statistic), StatisticOutputs),
         inputs=[ui.state, ui.statistic],
         outputs=components(StatisticOutputs, ui),
