@@ -93,8 +93,10 @@ def test_a_new_analysis_replaces_the_sessions_last_and_the_session_end_frees_it(
     second = store.put("s1", results[1])
     store.put("s2", results[2])
     assert len(store) == 2
-    with pytest.raises(ResultDroppedError):
+    with pytest.raises(ResultDroppedError, match="newer one has replaced"):  # not the memory budget
         store.get(first, "s1")
+    with pytest.raises(ResultDroppedError, match="memory budget"):  # another session's key says nothing of it
+        store.get(ResultKey(store, first.token, "s2"), "s2")
     store.attach(second, "s1", "other", results[0])  # the second image is counted with the first
     assert store.nbytes == result_bytes(results[1], results[0]) + result_bytes(results[2])
     assert store.drop_session("s1") == 1 and len(store) == 1

@@ -9,7 +9,8 @@ passes ``VIZAPP_MAX_RESULTS_BYTES`` (:data:`vizapp.budget.DEFAULT_MAX_RESULTS_BY
 first. The result just made or just asked for is never dropped by its own request, so the store exceeds the budget
 by at most that one result (itself bounded by ``VIZAPP_MAX_ANALYSIS_BYTES``). A session's entry goes when the session
 ends (gradio's unload, when the page's connection closes) or when the same session analyses another image. A handler
-whose result was dropped says so (:class:`ResultDroppedError`) and the app keeps serving. A key fetches only its own
+whose result was dropped says so (:class:`ResultDroppedError`: the budget, or the session's newer analysis) and the
+app keeps serving. A key fetches only its own
 session's result: the token is 128 random bits and the session must match.
 """
 
@@ -32,6 +33,10 @@ from vizapp.errors import VizappError
 #: What the store keeps of a session's working state (the rest stays in its ``gr.State``).
 STORED = ("analysis", "other")
 DROPPED = "this result was dropped to keep the server within its memory budget for kept results; press Analyze again"
+#: What a request on a session's earlier analysis is told once the session has analysed another image.
+REPLACED = "this was asked of an earlier analysis, which your newer one has replaced; ask again with the new one"
+#: How many replaced tokens are remembered (to say REPLACED rather than DROPPED), across sessions.
+REPLACED_KEEP = 4096
 
 
 class ResultDroppedError(VizappError):
@@ -107,6 +112,7 @@ class ResultStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.dropped = 0  # entries evicted for the budget, since start (for the load test and the log)
+        self._replaced: OrderedDict[str, str | None] = OrderedDict()  # token -> its session, the newest last
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -125,17 +131,23 @@ class ResultStore:
             if session is not None:
                 for t in [t for t, e in self._entries.items() if e.session == session]:
                     del self._entries[t]
+                    self._replaced[t] = session
+                while len(self._replaced) > REPLACED_KEEP:
+                    self._replaced.popitem(last=False)
             self._entries[token] = entry
             self._evict(keep=token)
         return ResultKey(self, token, session)
 
     def get(self, key: ResultKey, session: str | None) -> dict[str, Any]:
         """The kept items of ``key`` ({"analysis": ..., and "other" when a second image was analysed}); measured
-        again and made the most recently used. ResultDroppedError when it is gone or belongs to another session."""
+        again and made the most recently used. ResultDroppedError when it is gone or belongs to another session; its
+        message says when the session's own newer analysis replaced it (:data:`REPLACED`), not the budget."""
         with self._lock:
             entry = self._entries.get(key.token) if key.store is self else None
             if entry is None or entry.session != session or key.session != session:
-                raise ResultDroppedError()
+                mine = key.store is self and session is not None and key.session == session
+                replaced = mine and entry is None and self._replaced.get(key.token) == session
+                raise ResultDroppedError(REPLACED if replaced else DROPPED)
             self._entries.move_to_end(key.token)
             items = dict(entry.items)
         nbytes = result_bytes(*items.values())  # outside the lock: another request may be using this result
