@@ -453,8 +453,11 @@ def faithfulness_views(r: Analysis, maps: Mapping[str, np.ndarray], curves: Mapp
     return FaithfulnessViews(figures.compare_figure(r.image, maps, r.patch_size, scores), deletion, insertion, table)
 
 
-def render_all(r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = None) -> dict[str, Any]:
-    """Every figure the UI shows for one analysis."""
+def render_all(
+    r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = None, statistic: str = "distance"
+) -> dict[str, Any]:
+    """Every figure the UI shows for one analysis; "distance" is the Attention distance tab's per-head ``statistic``
+    (a registered name: the mean distance by default)."""
     c = c or Controls(query=default_query(r))
     return {
         "topk": figures.topk_figure(r.top_k) if r.top_k else None,
@@ -462,7 +465,7 @@ def render_all(r: Analysis, pos_sim: np.ndarray | None, c: Controls | None = Non
         "heads": heads_view(r, c),
         "focus": focus_view(r, c),
         "query_image": query_image(r, c),
-        "distance": distance_view(r),
+        "distance": distance_view(r) if statistic == "distance" else head_statistic_view(r, statistic),
         "pos": pos_view(pos_sim),
         "pos_tile": pos_tile_view(pos_sim, c.tile),
     }

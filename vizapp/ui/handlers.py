@@ -226,7 +226,7 @@ def analyze_image(
         per_head_scale=bool(per_head_scale),
         colorscale=colormap_choice(colormap),
     )
-    figs = views.render_all(r, None, c)
+    figs = views.render_all(r, None, c, statistic=chosen)
     summary = views.rounded(r.summary())
     summary["active_model_note"] = vm.note
     classes = views.class_choices(r)
@@ -249,7 +249,7 @@ def analyze_image(
         rollout=figs["rollout"],
         heads=figs["heads"],
         query_image=figs["query_image"],
-        distance=figs["distance"] if chosen == "distance" else views.head_statistic_view(r, chosen),
+        distance=figs["distance"],
         statistic=gr.update(value=chosen),
         summary=summary,
         layer=gr.update(maximum=r.num_layers - 1, value=lay),
