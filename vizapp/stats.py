@@ -356,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--statistics",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of yours whose import registers statistics (repeatable): each gets its CSV column",
+    )
     return p
 
 
@@ -363,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     from vizapp.models import load_model
+    from vizapp.user_statistics import import_statistics
+
+    try:
+        import_statistics(args.statistics)
+    except VizappError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     if args.threads:
         torch.set_num_threads(args.threads)

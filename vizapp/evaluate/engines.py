@@ -55,6 +55,9 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
     #: a CLIP-like model's text prompts as its classes (None: the model's own classes)
     prompts: tuple[str, ...] | None = None
+    #: the statistics of the user's own registered for the job (None: the built-in ones only): they are columns of
+    #: its rows, so a folder made with them does not resume without them, nor the other way round
+    statistics: tuple[str, ...] | None = None
 
     def evaluator_kwargs(self) -> dict[str, Any]:
         return {
@@ -158,8 +161,9 @@ def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
     (out / SHARD_DIR).mkdir(exist_ok=True)
     path = out / JOB_FILE
     mine = asdict(job)
-    if mine["prompts"] is None:  # a job without prompts is written as before prompts existed (and so resumes)
-        del mine["prompts"]
+    for optional in ("prompts", "statistics"):  # a job without them is written as before they existed (and resumes)
+        if mine[optional] is None:
+            del mine[optional]
     if path.exists() and not overwrite:
         try:
             theirs = json.loads(path.read_text(encoding="utf-8"))
@@ -174,7 +178,7 @@ def prepare(out: Path, job: Job, overwrite: bool = False) -> None:
                 "folder afresh, or pass another --out"
             )
         if theirs != json.loads(json.dumps(mine)):
-            diff = sorted(k for k in mine if json.dumps(mine[k]) != json.dumps(theirs.get(k)))
+            diff = sorted(k for k in {*mine, *theirs} if json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))
             raise JobError(
                 f"{out} holds results of a different job (differs in: {', '.join(diff)}); pass another --out, or "
                 "--overwrite to discard them"

@@ -25,6 +25,7 @@ from vizapp.evaluate.engines import (
     shards,
 )
 from vizapp.evaluate.worker import RANDOM, default_rollout_start_layer
+from vizapp.user_statistics import import_statistics, registered_beyond_built_ins
 
 DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", RANDOM)
 
@@ -118,6 +119,12 @@ def evaluate(
 
     if engine not in ("local", "ray"):
         raise VizappError(f"engine must be 'local' or 'ray', got {engine!r}")
+    own = registered_beyond_built_ins()
+    if engine == "ray" and own and not report_only:
+        raise VizappError(
+            f"statistics of your own are registered ({', '.join(own)}), and Ray's workers, other processes, would not "
+            "compute them: run this job with --engine local"
+        )
     if protocol not in PROTOCOLS:
         raise VizappError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if rollout_start_layer is None:
@@ -168,6 +175,7 @@ def evaluate(
         items_sha256=items_digest(items),
         num_items=len(items),
         prompts=prompts,
+        statistics=tuple(own) or None,
     )
     # the lock before anything is written, so that a second run fails at once; a report alone only reads shards
     with nullcontext() if report_only else lock_folder(out, exclusive=overwrite):
@@ -273,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None, help="also write the summary Markdown here")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished shards")
     parser.add_argument("--shards", default=None, help="START:STOP: run only these shards of the job (share --out)")
+    parser.add_argument(
+        "--statistics",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of yours whose import registers statistics (repeatable; the local engine only)",
+    )
     args = parser.parse_args(argv)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     if "--shards" in given:  # the recorded command is the whole job's
@@ -280,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         given = given[:i] + given[i + 2 :]
     command = "python -m vizapp.evaluate " + shlex.join(given)
     try:
+        import_statistics(args.statistics)
         summary = evaluate(
             args.data,
             args.out,
