@@ -102,8 +102,27 @@ def test_dataset_mode_and_the_evaluation_take_the_module(own_module, images, tmp
     assert run.main(common[:-2]) == 2
     assert "different job (differs in: statistics)" in capsys.readouterr().err
     statistics.register(sys.modules[own_module].RowPeak())
-    with pytest.raises(VizappError, match=r"statistics of your own are registered \(row_peak\).*--engine local"):
+    with pytest.raises(VizappError, match=r"registered in this process alone \(row_peak\).*--statistics MODULE"):
         run.evaluate(str(images), tmp_path / "ray", methods="", steps=0, engine="ray", progress=False)
+
+
+def test_rays_actors_import_the_module_and_give_the_local_rows(own_module, images, tmp_path):
+    """The Ray engine with ``statistics_modules``: each actor imports the module from the folder the driver found it
+    in, and the rows hold the same statistic, byte for byte, as the local engine's."""
+    from vizapp.evaluate import run
+
+    job = dict(methods="", steps=0, statistics_modules=[own_module], progress=False)
+    run.evaluate(str(images), tmp_path / "local", **job)
+    run.evaluate(str(images), tmp_path / "ray", engine="ray", workers=1, **job)
+    tables = []
+    for engine in ("local", "ray"):
+        with open(tmp_path / engine / "results.csv", newline="") as f:
+            tables.append(
+                {r["id"]: {k: v for k, v in r.items() if k.startswith("row_peak.")} for r in csv.DictReader(f)}
+            )
+    assert (
+        tables[0] == tables[1] and len(tables[0]) == 2 and len(next(iter(tables[0].values()))) == 18
+    )  # 6 layers x 3 heads
 
 
 def test_the_app_offers_the_modules_statistic(own_module, monkeypatch):

@@ -368,8 +368,19 @@ class RayAnalyser:
     and kills its own process, as a lost worker would; Ray restarts the actor and retries the batch.
     """
 
-    def __init__(self, kwargs: dict[str, Any], threads: int, time_limit: float, crash_once: str = "") -> None:
+    def __init__(
+        self,
+        kwargs: dict[str, Any],
+        threads: int,
+        time_limit: float,
+        crash_once: str = "",
+        statistics: dict[str, list[str]] | None = None,
+    ) -> None:
         from vizapp.evaluate.worker import Evaluator
+        from vizapp.user_statistics import in_worker
+
+        if statistics:  # the user's own, as the driver registered them (vizapp.user_statistics.for_workers)
+            in_worker(statistics)
 
         self.ev = Evaluator(**kwargs, threads=threads, time_limit=time_limit)
         self.crash_once = crash_once
@@ -460,6 +471,7 @@ def run_ray(
     progress: Progress | None = None,
     crash_once: str = "",
     log: Callable[[str], None] | None = None,
+    statistics: dict[str, list[str]] | None = None,
 ) -> dict[str, float] | None:
     """Evaluate the shards ``todo`` with Ray Data: item list -> decode tasks -> actor pool -> shard files.
 
@@ -507,6 +519,7 @@ def run_ray(
                 "threads": threads,
                 "time_limit": time_limit,
                 "crash_once": crash_once,
+                "statistics": statistics,
             },
             batch_size=1,  # one evaluation batch per call
             compute=ray.data.ActorPoolStrategy(size=workers),

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from vizapp.evaluate.engines import (
     shards,
 )
 from vizapp.evaluate.worker import RANDOM, default_rollout_start_layer
-from vizapp.user_statistics import import_statistics, registered_beyond_built_ins
+from vizapp.user_statistics import for_workers, import_statistics, registered_beyond_built_ins
 
 DEFAULT_METHODS = ("rollout", "grad_rollout", "relevance", "attention", "flow", RANDOM)
 
@@ -73,6 +74,7 @@ def evaluate(
     protocol: str = "chefer2021",
     rollout_start_layer: int | None = None,
     prompts: Any = None,
+    statistics_modules: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run (or resume) a job and write its report; returns the summary dict.
 
@@ -112,6 +114,9 @@ def evaluate(
             baseline), 0 under "patches". Part of the job.
         prompts: for a CLIP-like model, text prompts that are its classes (class folders named as the prompts); part
             of the job.
+        statistics_modules: modules of the user's own whose import registers statistics (``--statistics``), imported
+            here and, with the Ray engine, in every actor (:mod:`vizapp.user_statistics`); every statistic of the
+            user's own registered when the job starts is part of the job.
     """
     from vizapp import methods as registry
     from vizapp.evaluate.dataset import list_items
@@ -119,12 +124,9 @@ def evaluate(
 
     if engine not in ("local", "ray"):
         raise VizappError(f"engine must be 'local' or 'ray', got {engine!r}")
+    import_statistics(statistics_modules)
     own = registered_beyond_built_ins()
-    if engine == "ray" and own and not report_only:
-        raise VizappError(
-            f"statistics of your own are registered ({', '.join(own)}), and Ray's workers, other processes, would not "
-            "compute them: run this job with --engine local"
-        )
+    shared = for_workers(statistics_modules) if engine == "ray" and own and not report_only else None
     if protocol not in PROTOCOLS:
         raise VizappError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if rollout_start_layer is None:
@@ -211,6 +213,7 @@ def evaluate(
                 address=address,
                 progress=bar,
                 crash_once=crash_once,
+                statistics=shared,
             )
         seconds = time.perf_counter() - t0
         if bar:
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="a module of yours whose import registers statistics (repeatable; the local engine only)",
+        help="a module of yours whose import registers statistics (repeatable; Ray's actors import it too)",
     )
     args = parser.parse_args(argv)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
@@ -295,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         given = given[:i] + given[i + 2 :]
     command = "python -m vizapp.evaluate " + shlex.join(given)
     try:
-        import_statistics(args.statistics)
         summary = evaluate(
             args.data,
             args.out,
@@ -321,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol=args.protocol,
             rollout_start_layer=args.rollout_start_layer,
             prompts=args.prompt or None,
+            statistics_modules=args.statistics,
         )
     except (VizappError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
