@@ -71,8 +71,8 @@ def for_workers(modules: Sequence[str]) -> dict[str, list[str]]:
     Raises:
         BadParameterError: a statistic of the user's own was registered here but not by one of ``modules``.
     """
-    modules = list(modules)
-    alone = [n for n in registered_beyond_built_ins() if type(statistics.STATISTICS[n]).__module__ not in modules]
+    modules, own = list(modules), registered_beyond_built_ins()
+    alone = [n for n in own if type(statistics.STATISTICS[n]).__module__ not in modules]
     if alone:
         raise BadParameterError(
             f"statistics of your own are registered in this process alone ({', '.join(alone)}), and Ray's workers, "
@@ -87,7 +87,7 @@ def for_workers(modules: Sequence[str]) -> dict[str, list[str]]:
             folder = str(top.parent if spec.submodule_search_locations else top)
             if folder not in folders:
                 folders.append(folder)
-    return {"modules": modules, "folders": folders, "names": registered_beyond_built_ins()}
+    return {"modules": modules, "folders": folders, "names": own}
 
 
 def in_worker(shared: dict[str, list[str]]) -> None:

@@ -112,7 +112,7 @@ class ResultStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.dropped = 0  # entries evicted for the budget, since start (for the load test and the log)
-        self._replaced: OrderedDict[str, str | None] = OrderedDict()  # token -> its session, the newest last
+        self._replaced: OrderedDict[str, str] = OrderedDict()  # token -> its session, the newest last
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -145,8 +145,9 @@ class ResultStore:
         with self._lock:
             entry = self._entries.get(key.token) if key.store is self else None
             if entry is None or entry.session != session or key.session != session:
-                mine = key.store is self and session is not None and key.session == session
-                replaced = mine and entry is None and self._replaced.get(key.token) == session
+                # its own session's key, replaced by that session's newer analysis
+                owner = self._replaced.get(key.token) if entry is None and key.store is self else None
+                replaced = owner is not None and key.session == session == owner
                 raise ResultDroppedError(REPLACED if replaced else DROPPED)
             self._entries.move_to_end(key.token)
             items = dict(entry.items)

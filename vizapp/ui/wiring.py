@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
+from vizapp.ui.common import session_id
 from vizapp.ui.outputs import for_gradio
 
 # Re-render events fire on every control change; only the last of a burst runs.
@@ -143,39 +144,41 @@ def on_input(controls: list[Any], fn: Any, *, inputs: Any, outputs: Any, **kwarg
         raise TypeError(f"{getattr(fn, '__name__', fn)} takes no request: its answers could not be ordered")
     event_key = next(_EVENT_KEYS)
 
-    def key_of(args: Any, kw: Any) -> tuple[str, int] | None:
-        request = signature.bind_partial(*args, **kw).arguments.get("request")
-        session = getattr(request, "session_hash", None)
-        return None if session is None else (session, event_key)
+    def begin(args: Any, kw: Any) -> tuple[tuple[str, int] | None, int]:
+        """(this run's key, its number); no key for a call without a session."""
+        session = _session(signature, args, kw)
+        key = None if session is None else (session, event_key)
+        return key, _ANSWERS.start(key) if key else 0
+
+    def finish(key: tuple[str, int] | None, run: int, answer: Any, error: Exception | None) -> Any:
+        if key is None or _ANSWERS.shown(key, run):
+            if error is not None:
+                raise error
+            return answer
+        return keep  # a newer run answered first; an error about a superseded state is not said either
 
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def run_async(*args: Any, **kw: Any) -> Any:
-            key = key_of(args, kw)
-            run = _ANSWERS.start(key) if key else 0
+            key, run = begin(args, kw)
             try:
                 answer = await fn(*args, **kw)
-            except Exception:
-                if key is None or _ANSWERS.shown(key, run):
-                    raise
-                return keep  # an error about a superseded state (its analysis replaced) is not said either
-            return answer if key is None or _ANSWERS.shown(key, run) else keep
+            except Exception as exc:
+                return finish(key, run, None, exc)
+            return finish(key, run, answer, None)
 
         newest: Any = run_async
     else:
 
         @functools.wraps(fn)
         def run_sync(*args: Any, **kw: Any) -> Any:
-            key = key_of(args, kw)
-            run = _ANSWERS.start(key) if key else 0
+            key, run = begin(args, kw)
             try:
                 answer = fn(*args, **kw)
-            except Exception:
-                if key is None or _ANSWERS.shown(key, run):
-                    raise
-                return keep  # an error about a superseded state (its analysis replaced) is not said either
-            return answer if key is None or _ANSWERS.shown(key, run) else keep
+            except Exception as exc:
+                return finish(key, run, None, exc)
+            return finish(key, run, answer, None)
 
         newest = run_sync
     event = gr.on([c.input for c in controls], newest, inputs=inputs, outputs=outputs, **kwargs)
@@ -191,13 +194,17 @@ def supersedes_redraws(fn: Any) -> Any:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         answer = fn(*args, **kwargs)
-        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
-        session = getattr(request, "session_hash", None)
+        session = _session(signature, args, kwargs)
         if session is not None:
             _ANSWERS.supersede(session)
         return answer
 
     return run
+
+
+def _session(signature: inspect.Signature, args: Any, kwargs: Any) -> str | None:
+    """The session of a handler's call, from the ``request`` among its arguments (by ``signature``, the handler's)."""
+    return session_id(signature.bind_partial(*args, **kwargs).arguments.get("request"))
 
 
 def bind(fn: Any, **bound: Any) -> Any:
