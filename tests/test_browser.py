@@ -522,3 +522,35 @@ def test_a_new_analysis_stops_the_last_images_compare(page, card_model, photo, m
         assert pg.locator("#vizapp-compare-plot .js-plotly-plot").count() == 0
         assert pg.locator("#vizapp-deletion-plot .js-plotly-plot").count() == 0
         _no_error_toast(pg)
+
+
+def test_a_new_analysis_stops_the_last_images_figure_download(page, card_model, photo, monkeypatch):
+    """The figures' download asked for (its second time slowed to 4 s), then another image analysed while it runs:
+    the new analysis clears the download, and the last image's .zip does not come back over the new image's page (it
+    answered after the analysis with the last image's figures or, as here, a toast that its analysis was replaced).
+    The first, unslowed download shows the file, so the check below can see one."""
+    from vizapp import models
+
+    asked: list[int] = []
+
+    def second_time(*args) -> float:
+        asked.append(1)
+        return 4.0 if len(asked) == 2 else 0.0
+
+    link = "#vizapp-figures-zip a[download]"
+    with _visitor_of_a_slowed_app(page, monkeypatch, card_model, "export_figures", second_time) as (pg, calls):
+        _analyze(pg, photo, "7x7 patches")
+        download = pg.get_by_role("button", name="Download every figure (.zip of HTML pages)")
+        download.click()
+        pg.locator(link).first.wait_for(timeout=60_000)
+        assert "vizapp_figures" in pg.locator("#vizapp-figures-zip").inner_text()
+        download.click()
+        pg.wait_for_timeout(500)
+        assert len(calls) == 2  # the slow download is under way
+        trouser = models.ASSETS_DIR / "examples" / "fmnist_1_trouser.png"
+        pg.locator("input[type=file]").first.set_input_files(str(trouser))
+        pg.wait_for_timeout(1500)
+        pg.get_by_role("button", name="Analyze").click()
+        pg.wait_for_timeout(7000)  # the slow download (4 s) would have answered by now
+        assert pg.locator(link).count() == 0
+        _no_error_toast(pg)

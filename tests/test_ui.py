@@ -367,6 +367,22 @@ def test_cancel_button_cancels_the_long_events(card_model):
     assert any(getattr(demo.fns[d["id"]].fn, "__wrapped__", None) is ui.handlers.cancel_running for d in on_cancel)
 
 
+def test_a_new_image_stops_the_last_images_downloads(card_model):
+    """Analyze (the button, and a click on an example) cancels the three downloads still running on the last image,
+    beside its slow operations: left running, they answered over the new image's page (tests/test_browser.py has the
+    figures' case in Chromium)."""
+    demo = ui.build_demo(card_model)
+    deps = demo.config["dependencies"]
+    analyze_id = next(c["id"] for c in demo.config["components"] if c["props"].get("value") == "Analyze")
+    exports = {d["id"] for d in deps if d["api_name"] in ("export_files", "export_figures", "export_features")}
+    assert len(exports) == 3
+    stoppers = [d for d in deps if d["cancels"] and not d["outputs"] and d["id"] not in exports]
+    on_click = [d for d in stoppers if [analyze_id, "click"] in [list(t) for t in d["targets"]]]
+    assert len(on_click) == 1 and exports <= set(on_click[0]["cancels"])
+    on_example = [d for d in stoppers if [list(t) for t in d["targets"]] == [[None, "then"]]]  # after its load
+    assert len(on_example) == 1 and exports <= set(on_example[0]["cancels"])
+
+
 def test_cost_of_slow_operations_is_shown_before_they_run(analysed):
     assert analysed.map_cost == ""  # rollout, the method shown first, is not a slow one
     flow = ui.render_map(analysed.state, "flow", None, "mean", 0.0, 0, 0.6, progress=_noprogress).map_cost

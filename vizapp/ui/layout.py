@@ -461,24 +461,27 @@ def _wire_compare(ui: Components, analyze: list[Any]) -> Any:
     )
 
 
-def _wire_export(ui: Components) -> None:
-    ui.export_button.click(
+def _wire_export(ui: Components) -> list[Any]:
+    """The two downloads of the analysis; their events are returned, for a new image to stop."""
+    files = ui.export_button.click(
         handlers.export_files, inputs=[ui.state], outputs=components(ExportOutputs, ui), api_visibility="undocumented"
     )
-    ui.figures_button.click(
+    figures = ui.figures_button.click(
         handlers.export_figures,
         inputs=[ui.state, ui.layer, ui.opacity, ui.colormap, ui.focus_head],
         outputs=components(FiguresExportOutputs, ui),
         api_visibility="undocumented",
         **MODEL_WORK,
     )
+    return [files, figures]
 
 
 def _wire_new_image(ui: Components, old_work: list[Any]) -> None:
     """Analyze (the button, or a click on an example) stops the long operations still running on the last image
-    (Compare, PCA across examples, head importance, a slow map): gradio stops waiting for them, and their deadlines stop
-    the work at its next check. The new analysis replaces the result they read, and clears what they would draw;
-    left running, they answered later with the last image's curves, or an error that the result was dropped."""
+    (Compare, PCA across examples, head importance, a slow map, an export): gradio stops waiting for them, and their
+    deadlines stop the work at its next check. The new analysis replaces the result they read, and clears what they
+    would draw; left running, they answered later with the last image's curves or files, or an error that the result
+    was replaced."""
     ui.analyze_button.click(None, cancels=old_work, queue=False)
     if ui.examples is not None:
         ui.examples.load_input_event.then(None, cancels=old_work, queue=False)
@@ -511,9 +514,9 @@ def build_demo(model: str | None = None, results: ResultStore | None = None) -> 
         _wire_heads(ui)
         _wire_pos(ui, demo, trusted)
         compare = _wire_compare(ui, analyze)
-        feature_events = wire_features(ui, analyze)
-        _wire_export(ui)
-        _wire_new_image(ui, [*map_events, compare, *feature_events])
+        feature_events, feature_export = wire_features(ui, analyze)
+        exports = _wire_export(ui)
+        _wire_new_image(ui, [*map_events, compare, *feature_events, feature_export, *exports])
         _wire_cancel(ui, [*analyze, *map_events, compare, *feature_events])
         demo.unload(bind(handlers.end_session, store=store))  # the page closed: its results go
     demo.results = store  # type: ignore[attr-defined]  (for the load test and tests)

@@ -127,9 +127,9 @@ def _importance_fn(method: str) -> Any:
     return run
 
 
-def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
-    """The Features tab: re-render on every control change (no forward pass); its slow buttons are returned for
-    Cancel."""
+def wire_features(ui: Components, analyze: list[Any]) -> tuple[list[Any], Any]:
+    """The Features tab: re-render on every control change (no forward pass). Returned: its slow buttons' events (for
+    Cancel and a new image), and its export's (for a new image)."""
     inputs, outputs = _feature_inputs(ui), components(FeaturesOutputs, ui)
     for done in analyze:
         done.success(handlers.render_features, inputs=inputs, outputs=outputs, api_visibility="private")
@@ -175,10 +175,10 @@ def wire_features(ui: Components, analyze: list[Any]) -> list[Any]:
             api_visibility="private",
         )
     )
-    ui.features_export_button.click(
+    export = ui.features_export_button.click(
         event(handlers.export_features),
         inputs=[ui.state, ui.feat_layer, ui.feat_foreground, ui.feat_row, ui.feat_col, ui.dino_threshold],
         outputs=components(FeatureExportOutputs, ui),
         api_visibility="undocumented",
     )
-    return [second, gallery, *importance]
+    return [second, gallery, *importance], export
