@@ -3,6 +3,7 @@ batch, the class-specific ones from one forward and ONE backward), against the o
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -598,6 +599,11 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
     text = out.read_text(encoding="utf-8")
     cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
     assert f"CPU ({cpu[1].strip()})" in text  # the processor the ratios were measured on
+    assert f"--threads 1 2 --out {out}`" in text  # the command that wrote it, where it is not the default file
+    kept = bench.header(
+        argparse.Namespace(threads=[2], repeats=7, warmup=1, dtype="float32", device="cpu", out=bench.OUT)
+    )
+    assert "--threads 2` (random" in kept[2]
     for threads in (1, 2):
         table = text.split(f"## {threads} thread(s)", 1)[1].split("\n## ", 1)[0]
         rows = [
