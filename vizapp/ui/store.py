@@ -10,8 +10,8 @@ first. The result just made or just asked for is never dropped by its own reques
 by at most that one result (itself bounded by ``VIZAPP_MAX_ANALYSIS_BYTES``). A session's entry goes when the session
 ends (gradio's unload, when the page's connection closes) or when the same session analyses another image. A handler
 whose result was dropped says so (:class:`ResultDroppedError`: the budget, or the session's newer analysis) and the
-app keeps serving. A key fetches only its own
-session's result: the token is 128 random bits and the session must match.
+app keeps serving. A key fetches only its own session's result: the token is 128 random bits and the session must
+match.
 """
 
 from __future__ import annotations
