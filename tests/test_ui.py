@@ -362,6 +362,8 @@ def test_cancel_button_cancels_the_long_events(card_model):
     # analyze (from the button and from an example), compare, and the one event the 8 Rollout-tab controls fire
     # (colour map included)
     assert len(long_events) == 3 + 1 and long_events <= cancels
+    downloads = {d["id"] for d in deps if d["api_name"] in ("export_files", "export_figures", "export_features")}
+    assert len(downloads) == 3 and downloads <= cancels  # each may wait in the queue behind other model work
     [maps] = [d for d in deps if rollout_id in d["outputs"] and any(t[1] == "input" for t in d["targets"])]
     assert len({t[0] for t in maps["targets"] if t[1] == "input"}) == 8
     assert any(getattr(demo.fns[d["id"]].fn, "__wrapped__", None) is ui.handlers.cancel_running for d in on_cancel)
