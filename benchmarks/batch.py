@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from PIL import Image
 import vizapp
 from benchmarks.bench.machine import device_name
 from benchmarks.bench.specs import ModelSpec, parse_spec
+from vizapp import limits
+from vizapp.attention import image_group
 from vizapp.batch import forward_groups
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
@@ -114,6 +117,30 @@ def _verdict(ratio: float, target: float) -> str:
     return "met" if ratio <= target else "missed"
 
 
+def _images_per_group(budget: int, heads: int, tokens: int = 197) -> int:
+    """Images of ``heads`` heads of ``tokens`` tokens that the capture forms together within ``budget`` bytes (of a
+    batch of 64)."""
+    return image_group(SimpleNamespace(image_groups=True), 64, heads, tokens, budget)
+
+
+def _grouping(device: str) -> str:
+    """How b and c form the attention on ``device``, and (on the CPU) why their 2-thread ratios move with the load."""
+    budget = limits.chunk_bytes(torch.device(device), group=True)
+    name = "IMAGE_GROUP_BYTES" if device == "cpu" else "ATTENTION_CHUNK_BYTES"
+    text = (
+        "b and c form each layer's attention and its statistics a group of whole images at a time (as many as fit "
+        f"`limits.{name}`, {budget / 2**20:g} MiB of attention: {_images_per_group(budget, 6)} ViT-S/16 images, "
+        f"{_images_per_group(budget, 12)} ViT-B/16), about ten ops per group and layer, where the bare forward runs "
+        "about ten per layer for the whole batch"
+    )
+    if device != "cpu":
+        return text + "."
+    return text + (
+        ": when a neighbour holds a core, each of these parallel ops waits for its second thread, so on a loaded "
+        "machine the 2-thread ratios grow with B and with the load; the 1-thread table shows the work itself."
+    )
+
+
 def header(args: argparse.Namespace) -> list[str]:
     threads = " ".join(map(str, args.threads))
     out = "" if args.out == OUT else f" --out {args.out}"  # as typed, where it is not the default file
@@ -135,10 +162,7 @@ def header(args: argparse.Namespace) -> list[str]:
         "glibc gives large blocks back when they are freed, and whether a call's activations find their memory still "
         "mapped depends on what the process did before, so a bare forward's own count moves between runs).",
         "",
-        "b and c do their per-image work (each image's attention chunks and their statistics) as about ten small "
-        "parallel ops per image and layer, where the bare forward runs about ten large ones per layer for the whole "
-        "batch: when a neighbour holds a core, every small op waits for its second thread, so on a loaded machine the "
-        "2-thread ratios grow with B and with the load; the 1-thread table shows the work itself.",
+        _grouping(args.device),
     ]
 
 

@@ -588,7 +588,7 @@ def test_layer_statistics_with_a_scratch_buffer_equal_those_without():
     torch.testing.assert_close(entropy, torch.full((4,), np.log(5), dtype=torch.float64), rtol=1e-6, atol=0)
 
 
-def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
+def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path, monkeypatch):
     """benchmarks.batch on a tiny model, one round: a table per thread count, every cell filled where timed."""
     from benchmarks import batch as bench
 
@@ -604,6 +604,14 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path):
         argparse.Namespace(threads=[2], repeats=7, warmup=1, dtype="float32", device="cpu", out=bench.OUT)
     )
     assert "--threads 2` (random" in kept[2]
+    # 6 MiB of fp32 attention holds 6 images of ViT-S/16 (6 x 197^2 x 4 = 931,416 bytes each) and 3 of ViT-B/16;
+    # a GPU's 32 MiB, 36 and 18
+    assert "6 MiB of attention: 6 ViT-S/16 images, 3 ViT-B/16" in kept[-1] and "second thread" in kept[-1]
+    monkeypatch.setattr(bench, "device_name", lambda device: "CUDA (none here)")  # the header, as a GPU run writes it
+    on_gpu = bench.header(
+        argparse.Namespace(threads=[2], repeats=7, warmup=1, dtype="float32", device="cuda", out=bench.OUT)
+    )
+    assert "32 MiB of attention: 36 ViT-S/16 images, 18 ViT-B/16" in on_gpu[-1] and "thread" not in on_gpu[-1]
     for threads in (1, 2):
         table = text.split(f"## {threads} thread(s)", 1)[1].split("\n## ", 1)[0]
         rows = [
