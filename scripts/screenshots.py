@@ -44,6 +44,17 @@ def _wait_plot(page, elem_id: str, timeout: int = 120_000) -> None:
     )
 
 
+def open_tab(page, name: str) -> None:  # noqa: ANN001  (a Playwright page)
+    """Open the tab ``name``: from the tab row, or where the window is too narrow for every tab, from gradio's
+    "More tabs" menu."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count():
+        tab.click()
+        return
+    page.get_by_role("button", name="More tabs").click()
+    page.locator(".overflow-dropdown button", has_text=name).click()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bundled")
@@ -84,7 +95,7 @@ def main() -> None:
             page.get_by_role("button", name="Analyze").click()
             page.get_by_text(args.ready_text).first.wait_for(timeout=120_000)
             for slug, name in TABS:
-                page.get_by_role("tab", name=name).click()
+                open_tab(page, name)
                 page.wait_for_timeout(800)
                 if slug == "rollout" and args.method:
                     page.get_by_role("combobox", name="Method", exact=True).click()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts.screenshots import FLAGS as SCREENSHOT_FLAGS
+from scripts.screenshots import open_tab
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -183,6 +184,35 @@ def _wait_title(pg, elem_id: str, text: str) -> None:
         arg=[elem_id, text],
         timeout=60_000,
     )
+
+
+def test_a_person_in_a_half_screen_window_opens_the_tabs_from_the_more_tabs_menu(page, live_app, photo):
+    """At 900 px wide, gradio keeps Prediction, Rollout and Heads in the tab row and moves the rest into its "More
+    tabs" menu: opened from there, each tab draws its figure across its column, neither at plotly's default size nor
+    wider than the column."""
+    pg = page.context.browser.new_page(viewport={"width": 900, "height": 1000})
+    try:
+        pg.goto(live_app)
+        pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
+        _analyze(pg, photo, "7x7 patches")
+        assert [t.inner_text() for t in pg.get_by_role("tab").all()] == ["Prediction", "Rollout", "Heads"]
+        for name, plot, title in [
+            ("Attention distance", "vizapp-distance-plot", "Mean attention distance"),
+            ("Position embeddings", "vizapp-pos-plot", "Position embedding similarity"),
+            ("Features", "vizapp-pca-plot", "Feature PCA after block 1"),
+        ]:
+            open_tab(pg, name)
+            _wait_title(pg, plot, title)
+            pg.wait_for_timeout(500)  # plotly's resize to its column
+            width, column = pg.evaluate(
+                """(id) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
+                             return [gd._fullLayout.width, document.getElementById(id).clientWidth]; }""",
+                plot,
+            )
+            assert 0.8 * column <= width <= column and width != 700, (name, width, column)  # 700: plotly's default
+        pg.screenshot(path=str(ARTIFACTS / "17-narrow-window-features.png"), full_page=True)
+    finally:
+        pg.close()
 
 
 def test_person_opens_the_features_tab(page, photo):
