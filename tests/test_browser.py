@@ -211,6 +211,29 @@ def test_a_person_in_a_half_screen_window_opens_the_tabs_from_the_more_tabs_menu
             )
             assert 0.8 * column <= width <= column and width != 700, (name, width, column)  # 700: plotly's default
         pg.screenshot(path=str(ARTIFACTS / "17-narrow-window-features.png"), full_page=True)
+        # Compare's maps, three to a row, keep 760 px and scroll sideways in the narrower column, so that no two of
+        # their titles (name and score lines) overlap; squeezed to the column, neighbours' titles ran into each other
+        open_tab(pg, "Compare")
+        pg.get_by_role("button", name="Compare methods").click()
+        _wait_title(pg, "vizapp-compare-plot", "Explanations compared")
+        pg.wait_for_timeout(500)
+        width, column, scrolls, boxes = pg.evaluate(
+            """() => { const root = document.getElementById('vizapp-compare-plot'),
+                             gd = root.querySelector('.js-plotly-plot');
+                       const boxes = [...root.querySelectorAll('.annotation-text')].map(a => {
+                           const r = a.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; });
+                       const scroller = [...root.querySelectorAll('*')].find(e => e.scrollWidth > e.clientWidth + 1
+                           && getComputedStyle(e).overflowX === 'auto') || root;
+                       return [gd._fullLayout.width, root.clientWidth, scroller.scrollWidth > scroller.clientWidth,
+                               boxes]; }"""
+        )
+        assert width >= 760 > column and scrolls, (width, column)
+        assert len(boxes) == 7  # the 7 maps' titles (the figure's own title is not an annotation)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                overlap = min(a[2], b[2]) - max(a[0], b[0]) > 0 and min(a[3], b[3]) - max(a[1], b[1]) > 0
+                assert not overlap, (a, b)
+        pg.screenshot(path=str(ARTIFACTS / "18-narrow-window-compare.png"), full_page=True)
     finally:
         pg.close()
 

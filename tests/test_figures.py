@@ -79,6 +79,19 @@ def test_compare_figure_leaves_room_above_for_wrapped_method_names():
     assert long.layout.margin.t >= short.layout.margin.t + 2 * 18  # two more lines of subplot title
     title_lines = 4  # three lines of name and one of scores
     assert long.layout.margin.t >= 34 + 20 + title_lines * 18  # the figure title below the label chip, then them
+    # lines for the app's narrowest column (240 px): the name at most 26 characters a line, each score on its own
+    two = compare_figure(img, {long_name: heat}, (4, 4), {long_name: "deletion AUC 0.1<br>insertion AUC 0.2"})
+    lines = two.layout.annotations[0].text.split("<br>")
+    assert lines == ["GAE relevance (Chefer et", "al., ICCV 2021; through", "windows and merges)",
+                     "<sub>deletion AUC 0.1</sub>", "<sub>insertion AUC 0.2</sub>"]  # fmt: skip
+    assert two.layout.margin.t == long.layout.margin.t + 18  # room for the second score line
+    # with two rows, the gap between them holds the lower row's five title lines (18 px each) too
+    rows = compare_figure(img, dict.fromkeys(["a", "b", "c", long_name], heat), (4, 4), {long_name: "d<br>i"})
+    area = rows.layout.height - rows.layout.margin.t - rows.layout.margin.b
+    gap = (
+        rows.layout.yaxis.domain[0] - rows.layout.yaxis4.domain[1]
+    ) * area  # the first row's bottom, the second's top
+    assert gap >= 5 * 18 and rows.layout.margin.t == two.layout.margin.t
 
 
 def test_a_head_statistic_is_one_dot_per_head_placed_by_hand():

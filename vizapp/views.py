@@ -443,7 +443,7 @@ def faithfulness_views(r: Analysis, maps: Mapping[str, np.ndarray], curves: Mapp
     """Figures for maps ``{label: [gh, gw]}`` and their curves ``{label: {"deletion": Curve, "insertion": Curve}}``
     (from :meth:`~vizapp.pipeline.Analysis.faithfulness`; curves may have more entries, e.g. "random")."""
     scores = {
-        n: f"deletion AUC {c['deletion'].auc:.3f} · insertion AUC {c['insertion'].auc:.3f}" for n, c in curves.items()
+        n: f"deletion AUC {c['deletion'].auc:.3f}<br>insertion AUC {c['insertion'].auc:.3f}" for n, c in curves.items()
     }
     table = [[n, round(c["deletion"].auc, 4), round(c["insertion"].auc, 4)] for n, c in curves.items()]
     deletion, insertion = (

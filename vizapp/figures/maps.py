@@ -392,19 +392,28 @@ def compare_figure(
     patch_size: Sequence[int],
     scores: Mapping[str, str] | None = None,
 ) -> go.Figure:
-    """Several maps [gh, gw] side by side over the same image, each min-max rescaled, titled with its scores."""
+    """Several maps [gh, gw] side by side over the same image, each min-max rescaled, titled with its scores (lines
+    split by <br>)."""
     from plotly.subplots import make_subplots
 
     names = list(maps)
     scores = scores or {}
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
+    # lines for a column of 240 px (the app's smallest, see its CSS): a name wrapped at 26 characters, a score a line
+    titles = {
+        n: _wrap(n, 26) + "".join(f"<br><sub>{line}</sub>" for line in scores.get(n, "").split("<br>")) for n in names
+    }
+    # rows of 300 px, and between two rows room for the lower row's titles: the gap is a share of the plot's height
+    lines = max(t.count("<br>") + 1 for t in titles.values())
+    row_px, gap_px = 300, 18 * lines + 20
+    plot_px = nrows * row_px + (nrows - 1) * gap_px
     fig = make_subplots(
         rows=nrows,
         cols=ncols,
-        subplot_titles=[f"{_wrap(n, 30)}<br><sub>{scores.get(n, '')}</sub>" for n in names],
+        subplot_titles=[titles[n] for n in names],
         horizontal_spacing=0.02,
-        vertical_spacing=0.1,
+        vertical_spacing=gap_px / plot_px if nrows > 1 else 0.0,
     )
     src = _png_data_uri(image)
     ph, pw = int(patch_size[0]), int(patch_size[1])
@@ -433,12 +442,11 @@ def compare_figure(
             col=c,
         )
         _image_axes(fig, h, w, row=r, col=c)
-    # room above the first row for its subplot titles (a wrapped name and the scores line) and the figure's title
-    lines = max(_wrap(n, 30).count("<br>") + 2 for n in names)
+    # room above the first row for its subplot titles (a wrapped name and its score lines) and the figure's title
     top = 80 + 18 * lines
     fig.update_layout(
         margin=dict(l=10, r=10, t=top, b=10),
-        height=350 * nrows + top - 30,
+        height=plot_px + top + 10,
         title=dict(text="Explanations compared", y=1.0, yanchor="top", pad=dict(t=34)),  # below the label chip
     )
     return fig

@@ -63,6 +63,10 @@ CSS = """
 #vizapp-query-image img { image-rendering: pixelated; cursor: crosshair; }
 /* the upload fills its box: a 28x28 image would show at 28 px; pixelated applies to upscaling only */
 #vizapp-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+/* the compared maps, three to a row, at least 240 px each: in a narrower column (a half-screen window) they scroll
+   sideways rather than shrink until their titles run into each other */
+#vizapp-compare-plot { overflow-x: auto; }
+#vizapp-compare-plot .js-plotly-plot { min-width: 760px; }
 """
 
 # Plotly click -> hidden textbox bridge: gr.Plot has no click event, so the page forwards plotly_click on the
