@@ -189,27 +189,36 @@ def _wait_title(pg, elem_id: str, text: str) -> None:
 def test_a_person_in_a_half_screen_window_opens_the_tabs_from_the_more_tabs_menu(page, live_app, photo):
     """At 900 px wide, gradio keeps Prediction, Rollout and Heads in the tab row and moves the rest into its "More
     tabs" menu: opened from there, each tab draws its figure across its column, neither at plotly's default size nor
-    wider than the column."""
+    wider than the column; and the plots that sit in pairs on a wide page stand one above the other across the
+    whole tab (they were 184 px each, their titles cut off)."""
     pg = page.context.browser.new_page(viewport={"width": 900, "height": 1000})
     try:
         pg.goto(live_app)
         pg.get_by_role("button", name="Analyze").wait_for(timeout=60_000)
         _analyze(pg, photo, "7x7 patches")
         assert [t.inner_text() for t in pg.get_by_role("tab").all()] == ["Prediction", "Rollout", "Heads"]
-        for name, plot, title in [
-            ("Attention distance", "vizapp-distance-plot", "Mean attention distance"),
-            ("Position embeddings", "vizapp-pos-plot", "Position embedding similarity"),
-            ("Features", "vizapp-pca-plot", "Feature PCA after block 1"),
+        for name, plot, title, pairs in [
+            ("Attention distance", "vizapp-distance-plot", "Mean attention distance", []),
+            ("Position embeddings", "vizapp-pos-plot", "Position embedding similarity", ["pos", "tile"]),
+            (
+                "Features",
+                "vizapp-pca-plot",
+                "Feature PCA after block 1",
+                ["pca", "similarity", "norm-grid", "norm-hist"],
+            ),
         ]:
             open_tab(pg, name)
             _wait_title(pg, plot, title)
             pg.wait_for_timeout(500)  # plotly's resize to its column
-            width, column = pg.evaluate(
-                """(id) => { const gd = document.querySelector(`#${id} .js-plotly-plot`);
-                             return [gd._fullLayout.width, document.getElementById(id).clientWidth]; }""",
+            width, column, tab = pg.evaluate(
+                """(id) => { const root = document.getElementById(id), gd = root.querySelector('.js-plotly-plot');
+                             return [gd._fullLayout.width, root.clientWidth,
+                                     root.closest('[role=tabpanel]').clientWidth]; }""",
                 plot,
             )
             assert 0.8 * column <= width <= column and width != 700, (name, width, column)  # 700: plotly's default
+            widths = [pg.evaluate("(id) => document.getElementById(id).clientWidth", f"vizapp-{p}-plot") for p in pairs]
+            assert all(w >= 0.9 * tab for w in widths), (name, widths, tab)
         pg.screenshot(path=str(ARTIFACTS / "17-narrow-window-features.png"), full_page=True)
         # Compare's maps, three to a row, keep 760 px and scroll sideways in the narrower column, so that no two of
         # their titles (name and score lines) overlap; squeezed to the column, neighbours' titles ran into each other

@@ -39,6 +39,7 @@ from vizapp.ui.store import ResultStore
 from vizapp.ui.upload import UploadedImage
 from vizapp.ui.wiring import (
     MODEL_WORK,
+    PAIR,
     RERENDER,
     Components,
     bind,
@@ -254,8 +255,8 @@ def _pos_tab(ui: Components) -> None:
         ui.pos_layer = gr.Slider(0, 63, value=0, step=1, label="Position layer", visible=False)
         ui.pos_head = gr.Slider(0, 63, value=0, step=1, label="Position head (mixed RoPE)", visible=False)
     with gr.Row():
-        ui.pos = gr.Plot(label="Position structure (the title says which view)", elem_id="vizapp-pos-plot")
-        ui.tile = gr.Plot(label="Enlarged tile", elem_id="vizapp-tile-plot")
+        ui.pos = gr.Plot(label="Position structure (the title says which view)", elem_id="vizapp-pos-plot", **PAIR)
+        ui.tile = gr.Plot(label="Enlarged tile", elem_id="vizapp-tile-plot", **PAIR)
     ui.pos_click = gr.Textbox(visible="hidden", elem_id="vizapp-pos-click")
 
 
@@ -278,8 +279,8 @@ def _compare_tab(ui: Components) -> None:
     ui.compare_cost = gr.Markdown("", elem_id="vizapp-compare-cost")
     ui.compare = gr.Plot(label="Maps", elem_id="vizapp-compare-plot")
     with gr.Row():
-        ui.deletion = gr.Plot(label="Deletion", elem_id="vizapp-deletion-plot")
-        ui.insertion = gr.Plot(label="Insertion", elem_id="vizapp-insertion-plot")
+        ui.deletion = gr.Plot(label="Deletion", elem_id="vizapp-deletion-plot", **PAIR)
+        ui.insertion = gr.Plot(label="Insertion", elem_id="vizapp-insertion-plot", **PAIR)
     ui.auc_table = gr.Dataframe(
         headers=["method", "deletion AUC (lower better)", "insertion AUC (higher better)"],
         label="Faithfulness",

@@ -19,7 +19,7 @@ from vizapp.ui.outputs import (
     SecondImageOutputs,
     components,
 )
-from vizapp.ui.wiring import MODEL_WORK, RERENDER, Components, event, on_input, patch_picker, redraw
+from vizapp.ui.wiring import MODEL_WORK, PAIR, RERENDER, Components, event, on_input, patch_picker, redraw
 
 
 def features_tab(ui: Components) -> None:
@@ -51,9 +51,9 @@ def features_tab(ui: Components) -> None:
                 ui.second_button = gr.Button("Compare with the second image")
                 ui.second_note = gr.Markdown("")
             with gr.Column(scale=2):
-                with gr.Row():
-                    ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot")
-                    ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot")
+                with gr.Row():  # 285 px each on a wide page, in the column beside the controls: a smaller PAIR
+                    ui.feat_pca = gr.Plot(label="Feature PCA", elem_id="vizapp-pca-plot", min_width=260)
+                    ui.feat_sim = gr.Plot(label="Feature similarity", elem_id="vizapp-similarity-plot", min_width=260)
                 with gr.Row():
                     ui.pca_examples_button = gr.Button("PCA across examples (one forward pass over the gallery)")
                 ui.pca_gallery = gr.Plot(
@@ -63,17 +63,19 @@ def features_tab(ui: Components) -> None:
         ui.norm_sentence = gr.Markdown("", elem_id="vizapp-norm-sentence")
         ui.norm_layer = gr.Slider(-1, 11, value=-1, step=1, label="Norm layer (-1 = last)")
         with gr.Row():
-            ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot")
-            ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot")
+            ui.norm_grid = gr.Plot(label="Patch-token norms", elem_id="vizapp-norm-grid-plot", **PAIR)
+            ui.norm_hist = gr.Plot(label="Norm histogram", elem_id="vizapp-norm-hist-plot", **PAIR)
         with gr.Row():
-            ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot")
-            ui.register_plot = gr.Plot(label="Attention to registers", elem_id="vizapp-register-plot", visible=False)
+            ui.norm_depth = gr.Plot(label="CLS and registers across depth", elem_id="vizapp-norm-depth-plot", **PAIR)
+            ui.register_plot = gr.Plot(
+                label="Attention to registers", elem_id="vizapp-register-plot", visible=False, **PAIR
+            )
         gr.Markdown("### DINO masks (last layer, per head)")
         ui.mask_note = gr.Markdown("", elem_id="vizapp-mask-note")
         ui.dino_threshold = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Attention mass kept per head")
         with gr.Row():
-            ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot")
-            ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot")
+            ui.mask_heads = gr.Plot(label="Per head", elem_id="vizapp-mask-plot", **PAIR)
+            ui.mask_overlay = gr.Plot(label="Overlaid", elem_id="vizapp-mask-overlay-plot", **PAIR)
         gr.Markdown("### Logit lens")
         ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
         ui.lens_class = gr.Dropdown([], label="Class to follow across depth (type to search)", filterable=True)

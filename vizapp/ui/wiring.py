@@ -23,6 +23,10 @@ RERENDER = dict(api_visibility="undocumented", trigger_mode="always_last")
 #: VIZAPP_CONCURRENCY bounds how many run at once in all (gradio's limit is per event otherwise: with a limit of 2,
 #: ten different heavy events could run together). Redraws from a kept analysis stay outside it.
 MODEL_WORK = dict(concurrency_id="vizapp-model-work")
+#: Two plots in a row stay side by side while each gets this much (440 px at 1,280 px and wider); in a narrower window
+#: (a half-screen one, 900 px) gradio's row wraps them one above the other at the column's width, instead of 184 px
+#: each with their titles cut off.
+PAIR = dict(min_width=300)
 _EVENT_KEYS = itertools.count()
 
 
