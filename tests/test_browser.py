@@ -219,6 +219,9 @@ def test_a_person_in_a_half_screen_window_opens_the_tabs_from_the_more_tabs_menu
             assert 0.8 * column <= width <= column and width != 700, (name, width, column)  # 700: plotly's default
             widths = [pg.evaluate("(id) => document.getElementById(id).clientWidth", f"vizapp-{p}-plot") for p in pairs]
             assert all(w >= 0.9 * tab for w in widths), (name, widths, tab)
+        # the logit lens table, wider than the tab here, keeps its header on one line: "layer" broke into "la / ye / r"
+        heights = pg.evaluate("() => [...document.querySelectorAll('#vizapp-lens-table th')].map(t => t.offsetHeight)")
+        assert len(heights) == 6 and max(heights) < 50, heights  # one line: 37 px; three: 79
         pg.screenshot(path=str(ARTIFACTS / "17-narrow-window-features.png"), full_page=True)
         # Compare's maps, three to a row, keep 760 px and scroll sideways in the narrower column, so that no two of
         # their titles (name and score lines) overlap; squeezed to the column, neighbours' titles ran into each other

@@ -80,7 +80,11 @@ def features_tab(ui: Components) -> None:
         ui.lens_note = gr.Markdown("", elem_id="vizapp-lens-note")
         ui.lens_class = gr.Dropdown([], label="Class to follow across depth (type to search)", filterable=True)
         ui.lens_table = gr.Dataframe(
-            headers=["layer", "1", "2", "3", "4", "5"], label="Top-5 per layer", wrap=True, elem_id="vizapp-lens-table"
+            headers=["layer", "1", "2", "3", "4", "5"],
+            label="Top-5 per layer",
+            wrap=True,
+            column_widths=["64px"],  # the others as wide as their classes; "layer" on one line (it broke in three)
+            elem_id="vizapp-lens-table",
         )
         ui.lens_plot = gr.Plot(label="Probability across depth", elem_id="vizapp-lens-plot")
         with gr.Row():
