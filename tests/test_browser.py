@@ -226,6 +226,8 @@ def test_a_person_in_a_half_screen_window_opens_the_tabs_from_the_more_tabs_menu
         # Compare's maps, three to a row, keep 760 px and scroll sideways in the narrower column, so that no two of
         # their titles (name and score lines) overlap; squeezed to the column, neighbours' titles ran into each other
         open_tab(pg, "Compare")
+        # the flow checkbox wraps to a line of its own rather than shrink (66 px, its label cut to "Inclu / atten")
+        assert pg.locator("#vizapp-compare-slow").bounding_box()["width"] >= 160
         pg.get_by_role("button", name="Compare methods").click()
         _wait_title(pg, "vizapp-compare-plot", "Explanations compared")
         pg.wait_for_timeout(500)

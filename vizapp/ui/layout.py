@@ -67,6 +67,10 @@ CSS = """
 /* the compared maps, three to a row, at least 240 px each: in a narrower column (a half-screen window) they scroll
    sideways rather than shrink until their titles run into each other */
 #vizapp-compare-plot { overflow-x: auto; }
+/* gradio lets a checkbox in a row shrink to nothing (its min_width is not applied): in a half-screen window this one's
+   label was cut to "Inclu / atten / flow"; at 160 px, like its neighbours, the row wraps it onto a line of its own
+   (over the inline style gradio sets) */
+#vizapp-compare-slow { min-width: min(160px, 100%) !important; }
 #vizapp-compare-plot .js-plotly-plot { min-width: 760px; }
 """
 
@@ -267,7 +271,9 @@ def _compare_tab(ui: Components) -> None:
         ui.compare_steps = gr.Slider(
             2, 64, value=DEFAULT_COMPARE_STEPS, step=1, label="Curve steps (at most one patch a step)"
         )
-        ui.compare_slow = gr.Checkbox(value=False, label=f"Include {slow} (slow on big models)")
+        ui.compare_slow = gr.Checkbox(
+            value=False, label=f"Include {slow} (slow on big models)", elem_id="vizapp-compare-slow"
+        )
         ui.compare_button = gr.Button("Compare methods", variant="primary")
     gr.Markdown(
         "The curves here are vizapp's own deletion / insertion on this one image: whole patches are removed (or "
