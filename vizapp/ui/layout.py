@@ -67,11 +67,11 @@ CSS = """
 /* the compared maps, three to a row, at least 240 px each: in a narrower column (a half-screen window) they scroll
    sideways rather than shrink until their titles run into each other */
 #vizapp-compare-plot { overflow-x: auto; }
+#vizapp-compare-plot .js-plotly-plot { min-width: 760px; }
 /* gradio lets a checkbox in a row shrink to nothing (its min_width is not applied): in a half-screen window this one's
    label was cut to "Inclu / atten / flow"; at 160 px, like its neighbours, the row wraps it onto a line of its own
    (over the inline style gradio sets) */
 #vizapp-compare-slow { min-width: min(160px, 100%) !important; }
-#vizapp-compare-plot .js-plotly-plot { min-width: 760px; }
 """
 
 # Plotly click -> hidden textbox bridge: gr.Plot has no click event, so the page forwards plotly_click on the
