@@ -25,7 +25,6 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ import vizapp
 from benchmarks.bench.machine import device_name
 from benchmarks.bench.specs import ModelSpec, parse_spec
 from vizapp import limits
-from vizapp.attention import image_group
+from vizapp.attention import images_within
 from vizapp.batch import forward_groups
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
@@ -117,21 +116,15 @@ def _verdict(ratio: float, target: float) -> str:
     return "met" if ratio <= target else "missed"
 
 
-def _images_per_group(budget: int, heads: int, tokens: int = 197) -> int:
-    """Images of ``heads`` heads of ``tokens`` tokens that the capture forms together within ``budget`` bytes (of a
-    batch of 64)."""
-    return image_group(SimpleNamespace(image_groups=True), 64, heads, tokens, budget)
-
-
 def _grouping(device: str) -> str:
     """How b and c form the attention on ``device``, and (on the CPU) why their 2-thread ratios move with the load."""
     budget = limits.chunk_bytes(torch.device(device), group=True)
     name = "IMAGE_GROUP_BYTES" if device == "cpu" else "ATTENTION_CHUNK_BYTES"
+    small, base = (images_within(budget, heads, 197, 64) for heads in (6, 12))  # ViT-S/16, ViT-B/16 at 224 px
     text = (
         "b and c form each layer's attention and its statistics a group of whole images at a time (as many as fit "
-        f"`limits.{name}`, {budget / 2**20:g} MiB of attention: {_images_per_group(budget, 6)} ViT-S/16 images, "
-        f"{_images_per_group(budget, 12)} ViT-B/16), about ten ops per group and layer, where the bare forward runs "
-        "about ten per layer for the whole batch"
+        f"`limits.{name}`, {budget / 2**20:g} MiB of attention: {small} ViT-S/16 images, {base} ViT-B/16), about ten "
+        "ops per group and layer, where the bare forward runs about ten per layer for the whole batch"
     )
     if device != "cpu":
         return text + "."

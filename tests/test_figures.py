@@ -88,9 +88,8 @@ def test_compare_figure_leaves_room_above_for_wrapped_method_names():
     # with two rows, the gap between them holds the lower row's five title lines (18 px each) too
     rows = compare_figure(img, dict.fromkeys(["a", "b", "c", long_name], heat), (4, 4), {long_name: "d<br>i"})
     area = rows.layout.height - rows.layout.margin.t - rows.layout.margin.b
-    gap = (
-        rows.layout.yaxis.domain[0] - rows.layout.yaxis4.domain[1]
-    ) * area  # the first row's bottom, the second's top
+    # from the first row's bottom to the second's top
+    gap = (rows.layout.yaxis.domain[0] - rows.layout.yaxis4.domain[1]) * area
     assert gap >= 5 * 18 and rows.layout.margin.t == two.layout.margin.t
 
 

@@ -351,6 +351,11 @@ def test_cancel_stops_a_running_flow_and_frees_the_worker(card_model, photo):
     assert ui.deadline.running_sessions() == []  # nothing left registered
 
 
+def _downloads(deps: list[dict]) -> set[int]:
+    """The ids of the app's three download events (the .npz/.json export, the figures' .zip, the features' .npz)."""
+    return {d["id"] for d in deps if d["api_name"] in ("export_files", "export_figures", "export_features")}
+
+
 def test_cancel_button_cancels_the_long_events(card_model):
     demo = ui.build_demo(card_model)
     deps = demo.config["dependencies"]
@@ -362,7 +367,7 @@ def test_cancel_button_cancels_the_long_events(card_model):
     # analyze (from the button and from an example), compare, and the one event the 8 Rollout-tab controls fire
     # (colour map included)
     assert len(long_events) == 3 + 1 and long_events <= cancels
-    downloads = {d["id"] for d in deps if d["api_name"] in ("export_files", "export_figures", "export_features")}
+    downloads = _downloads(deps)
     assert len(downloads) == 3 and downloads <= cancels  # each may wait in the queue behind other model work
     [maps] = [d for d in deps if rollout_id in d["outputs"] and any(t[1] == "input" for t in d["targets"])]
     assert len({t[0] for t in maps["targets"] if t[1] == "input"}) == 8
@@ -376,7 +381,7 @@ def test_a_new_image_stops_the_last_images_downloads(card_model):
     demo = ui.build_demo(card_model)
     deps = demo.config["dependencies"]
     analyze_id = next(c["id"] for c in demo.config["components"] if c["props"].get("value") == "Analyze")
-    exports = {d["id"] for d in deps if d["api_name"] in ("export_files", "export_figures", "export_features")}
+    exports = _downloads(deps)
     assert len(exports) == 3
     stoppers = [d for d in deps if d["cancels"] and not d["outputs"] and d["id"] not in exports]
     on_click = [d for d in stoppers if [analyze_id, "click"] in [list(t) for t in d["targets"]]]

@@ -129,8 +129,13 @@ def image_group(consumer: Any, batch: int, heads: int, tokens: int, budget: int)
     small ones per image."""
     if not getattr(consumer, "image_groups", False) or batch < 2:
         return 1
-    per_image = heads * tokens * tokens * 4
-    return max(1, min(batch, budget // per_image))
+    return images_within(budget, heads, tokens, batch)
+
+
+def images_within(budget: int, heads: int, tokens: int, batch: int) -> int:
+    """How many of ``batch`` images' fp32 attention (``heads`` x ``tokens`` x ``tokens`` each) fit ``budget`` bytes;
+    at least 1."""
+    return max(1, min(batch, budget // (heads * tokens * tokens * 4)))
 
 
 def feed(
