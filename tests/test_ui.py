@@ -367,8 +367,8 @@ def test_cancel_button_cancels_the_long_events(card_model):
     # analyze (from the button and from an example), compare, and the one event the 8 Rollout-tab controls fire
     # (colour map included)
     assert len(long_events) == 3 + 1 and long_events <= cancels
-    downloads = _downloads(deps)
-    assert len(downloads) == 3 and downloads <= cancels  # each may wait in the queue behind other model work
+    # not the downloads: a cancelled download's outputs then showed gradio's "Error" in 2 of 8 runs (gradio 6.31)
+    assert len(_downloads(deps)) == 3 and not _downloads(deps) & cancels
     [maps] = [d for d in deps if rollout_id in d["outputs"] and any(t[1] == "input" for t in d["targets"])]
     assert len({t[0] for t in maps["targets"] if t[1] == "input"}) == 8
     assert any(getattr(demo.fns[d["id"]].fn, "__wrapped__", None) is ui.handlers.cancel_running for d in on_cancel)

@@ -536,7 +536,7 @@ def cancel_running(request: gr.Request | None = None) -> CancelOutputs:
     when = time.strftime("%H:%M:%S")
     if n:
         return CancelOutputs(f"{when}: cancelled {n} running operation(s); they stop at their next step.")
-    return CancelOutputs(f"{when}: no long operation was running; any download or request still waiting is dropped.")
+    return CancelOutputs(f"{when}: nothing was running to cancel.")
 
 
 def end_session(request: gr.Request | None = None, *, store: ResultStore | None = None) -> None:
