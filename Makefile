@@ -27,10 +27,12 @@ $(STAMP): $(RUN_STAMP) requirements-dev.txt
 
 venv: $(STAMP)
 
-# Debian packages: chromium for the browser test, Fashion-MNIST for the bundled model's data tests.
+# Debian packages: chromium for the browser test, Fashion-MNIST for the bundled model's data tests, a C compiler for
+# the CPU attention kernel (vizapp/cpu_rows.c; the app forms the attention with torch where there is none).
 debs:
 	@need=""; \
 	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	{ command -v cc >/dev/null 2>&1 && test -f /usr/include/math.h; } || need="$$need gcc libc6-dev"; \
 	test -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz || need="$$need dataset-fashion-mnist"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing Debian packages:$$need"; \

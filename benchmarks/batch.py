@@ -123,11 +123,18 @@ def _grouping(device: str) -> str:
     small, base = (images_within(budget, heads, 197, 64) for heads in (6, 12))  # ViT-S/16, ViT-B/16 at 224 px
     text = (
         "b and c form each layer's attention and its statistics a group of whole images at a time (as many as fit "
-        f"`limits.{name}`, {budget / 2**20:g} MiB of attention: {small} ViT-S/16 images, {base} ViT-B/16), about ten "
+        f"`limits.{name}`, {budget / 2**20:g} MiB of attention: {small} ViT-S/16 images, {base} ViT-B/16), a few "
         "ops per group and layer, where the bare forward runs about ten per layer for the whole batch"
     )
     if device != "cpu":
         return text + "."
+    from vizapp import cpu_rows
+
+    kernel = "on" if cpu_rows.library() is not None else f"off: {cpu_rows.why_off() or 'VIZAPP_CPU_KERNEL=0'}"
+    text += (
+        f"; each group's softmax, with its entropy and mean distance, is one pass of the CPU kernel (`vizapp.cpu_rows`, "
+        f"{kernel})"
+    )
     return text + (
         ": when a neighbour holds a core, each of these parallel ops waits for its second thread, so on a loaded "
         "machine the 2-thread ratios grow with B and with the load; the 1-thread table shows the work itself."

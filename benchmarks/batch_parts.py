@@ -6,8 +6,10 @@ mechanism on and then with each one off in turn, beside a bare batched forward o
 - **kept pool** (:mod:`vizapp.kept`): the blocks an analysis keeps (q and k, fusions, block outputs) handed out again
   once free, instead of fresh memory the kernel faults in page by page; off: ``limits.KEPT_POOL_MIN_BYTES`` above
   every block;
-- **entropy from scores** (:meth:`vizapp.statistics.AttentionEntropy.rows_from_scores`): the attention entropy from
-  the chunk's scores, without a log per weight; off: a log per weight;
+- **CPU kernel** (:mod:`vizapp.cpu_rows`): each chunk's softmax with its entropy and mean distance in one pass over
+  each row; off (``VIZAPP_CPU_KERNEL=0``): torch's softmax, then the statistics' own passes;
+- **entropy from scores** (:meth:`vizapp.statistics.AttentionEntropy.rows_from_scores`): with the CPU kernel off, the
+  attention entropy from the chunk's scores, without a log per weight; off (the kernel too): a log per weight;
 - **image groups** (``limits.IMAGE_GROUP_BYTES``): whole images handed to the statistics several at a time in 6 MiB
   groups; off: groups as large as the 3 MiB chunk of heads (``limits.INLINE_CHUNK_BYTES``).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,10 @@ def _off(part: str) -> Iterator[None]:
     """The mechanism ``part`` switched off for the duration ("" leaves everything on)."""
     entropy = type(vstats.STATISTICS["entropy"])
     saved = limits.KEPT_POOL_MIN_BYTES, limits.IMAGE_GROUP_BYTES, entropy.__dict__.get("rows_from_scores")
+    kernel = os.environ.get("VIZAPP_CPU_KERNEL")
     try:
+        if part in ("CPU kernel", "entropy from scores"):
+            os.environ["VIZAPP_CPU_KERNEL"] = "0"
         if part == "kept pool":
             limits.KEPT_POOL_MIN_BYTES = 1 << 62
         elif part == "entropy from scores":
@@ -59,11 +65,15 @@ def _off(part: str) -> Iterator[None]:
         yield
     finally:
         limits.KEPT_POOL_MIN_BYTES, limits.IMAGE_GROUP_BYTES = saved[0], saved[1]
+        if kernel is None:
+            os.environ.pop("VIZAPP_CPU_KERNEL", None)
+        else:
+            os.environ["VIZAPP_CPU_KERNEL"] = kernel
         if saved[2] is not None:
             entropy.rows_from_scores = saved[2]
 
 
-PARTS = ("", "entropy from scores", "image groups")  # switched off in this process ("" : none)
+PARTS = ("", "CPU kernel", "entropy from scores", "image groups")  # switched off in this process ("" : none)
 
 
 def measure(

@@ -627,31 +627,44 @@ def test_the_batch_benchmark_writes_a_row_per_model_and_batch_size(tmp_path, mon
         assert rows[1][11:] == [""] * 6  # and not for B = 3
 
 
+@pytest.mark.parametrize("kernel", ["torch", "CPU kernel"])
 @pytest.mark.parametrize("fid", ["vit", "beit", "reg4", "gap_reg4"])
-def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, monkeypatch):
+def test_whole_images_per_chunk_give_what_one_image_per_chunk_gives(fid, kernel, monkeypatch):
     """Where whole images fit the chunk size, a batch's attention is formed and reduced several images at a time
     ([g, H, N, N] chunks, relative bias included); every statistic, fusion and rollout equals the path that hands
-    over one image at a time (the chunk size of one image)."""
-    from vizapp import attention, streaming
+    over one image at a time (the chunk size of one image). Both with the softmax and statistics by torch's operations
+    and by the CPU kernel (vizapp.cpu_rows)."""
+    from vizapp import attention, cpu_rows, streaming
 
+    monkeypatch.setenv("VIZAPP_CPU_KERNEL", "1" if kernel == "CPU kernel" else "0")
     vm = load(fid, "")
     imgs = images(5)
     seen: list[int] = []
     real = streaming.LayerStatistics.chunk
+    real_kernel = streaming.LayerStatistics.softmax_rows
 
     def spy(self, layer, batch, head, attn, row, **kw):
         seen.append(attn.shape[0] if attn.dim() == 4 else 1)
         return real(self, layer, batch, head, attn, row, **kw)
 
+    def spy_kernel(self, layer, batch, head, scores, row, out):
+        taken = real_kernel(self, layer, batch, head, scores, row, out)
+        if taken:
+            seen.append(scores.shape[0] if scores.dim() == 4 else 1)
+        return taken
+
     from vizapp.statistics import STATISTICS
 
-    reduced: list[int] = []
+    reduced: list[int] = []  # the heads each statistic (or the kernel) reduced at once
     for stat in STATISTICS.values():
         if hasattr(stat, "rows"):
             monkeypatch.setattr(
                 stat, "rows", lambda attn, *a, _f=stat.rows: reduced.append(attn.shape[0]) or _f(attn, *a)
             )
+    real_rows = cpu_rows.softmax_rows
+    monkeypatch.setattr(cpu_rows, "softmax_rows", lambda s, *a: reduced.append(s.shape[0]) or real_rows(s, *a))
     monkeypatch.setattr(streaming.LayerStatistics, "chunk", spy)
+    monkeypatch.setattr(streaming.LayerStatistics, "softmax_rows", spy_kernel)
     grouped = vizapp.analyze(vm, imgs)
     assert max(seen) == 5  # the whole batch in one chunk per layer
     assert max(reduced) == 5 * vm.num_heads  # and each statistic reduced the 5 images' heads at once
@@ -787,6 +800,9 @@ def test_an_analysis_s_class_maps_take_one_pass_of_the_attention_graph(fid, reco
     from vizapp import gradient_pass, graph_maps, result
 
     monkeypatch.setattr(graph_maps, "recomputes", lambda vm, x: recompute)
+    # The per-head route reads the attention of the analysis's own forward, whose softmax (without a graph) would be
+    # the CPU kernel's: equal to torch's to about an ulp (tests/test_cpu_rows.py), not to 1e-12. Torch's here.
+    monkeypatch.setenv("VIZAPP_CPU_KERNEL", "0")
     vm = load(fid, card_model)
     img = images(1, seed=4)[0]
     r = vizapp.analyze(vm, img)

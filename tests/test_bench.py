@@ -485,15 +485,22 @@ def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
         t = kept.empty((2**19,))  # 2 MiB
         return kept.held() != before and t.numel() == 2**19
 
-    on = (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled())
-    assert on == (True, 6 * 2**20, True)
+    from vizapp import cpu_rows
+
+    def kernel() -> bool:
+        return cpu_rows.softmax_rows(a.clone(), torch.empty_like(a))
+
+    on = (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled(), kernel())
+    assert on == (True, 6 * 2**20, True, True)
     with batch_parts._off("kept pool"):
-        assert not pooled() and takes_scores()
+        assert not pooled() and takes_scores() and kernel()
+    with batch_parts._off("CPU kernel"):
+        assert not kernel() and takes_scores() and pooled()
     with batch_parts._off("entropy from scores"):
-        assert not takes_scores() and pooled()
+        assert not takes_scores() and not kernel() and pooled()
     with batch_parts._off("image groups"):
-        assert limits.IMAGE_GROUP_BYTES == limits.INLINE_CHUNK_BYTES and takes_scores()
-    assert (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled()) == on
+        assert limits.IMAGE_GROUP_BYTES == limits.INLINE_CHUNK_BYTES and takes_scores() and kernel()
+    assert (takes_scores(), limits.IMAGE_GROUP_BYTES, pooled(), kernel()) == on
     out = tmp_path / "parts.md"
     spec = "vit_tiny_patch16_224@img_size=32,depth=1"
     assert batch_parts.main(["--cases", f"{spec}:2", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
@@ -501,6 +508,7 @@ def test_the_parts_benchmark_switches_each_mechanism_off_and_back(tmp_path):
     assert [r[0] for r in rows] == [
         "bare forward",
         "every mechanism on",
+        "CPU kernel off",
         "entropy from scores off",
         "image groups off",
         "bare forward (own process)",

@@ -28,12 +28,15 @@ def attention_chunks(
     rows: int,
     work: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    softmax: Any = None,
 ):
     """softmax(q kᵀ · scale + bias) of q, k [H, N, d] in chunks of ``heads`` heads x ``rows`` query rows, fp32.
 
-    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N]). ``work`` ([2, heads,
-    rows, N] or larger; allocated when None) holds every chunk: its scores in ``work[0]``, the softmax of them in
-    ``work[1]``, so a chunk is valid only until the next one.
+    ``bias`` (optional) is [H or 1, N, N]. Yields (first head, first row, attention [c, r, N], taken). ``work`` ([2,
+    heads, rows, N] or larger; allocated when None) holds every chunk: its scores in ``work[0]``, the softmax of them
+    in ``work[1]``, so a chunk is valid only until the next one. ``softmax`` (optional): ``softmax(head, row, scores,
+    out) -> bool`` is offered each chunk's scores first (a consumer's ``softmax_rows``, see :func:`softmax_by`);
+    ``taken`` says it formed the softmax into ``out`` and took what it keeps of the chunk.
     """
     h, n, _ = q.shape
     if work is None:
@@ -54,7 +57,11 @@ def attention_chunks(
             # The softmax goes into a second buffer: onto its own input torch's kernel is slower (2 CPU threads:
             # 53 against 45 µs for [3, 197, 197]), and a new tensor per chunk is memory the allocator may hand back
             # and fault in again (1,374-token ViT-L: 7.5 MB per head, 384 times per forward).
-            yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=probs[:m, :r])
+            out = probs[:m, :r]
+            if softmax is not None and softmax(h0, r0, s, out):
+                yield h0, r0, out, True
+            else:
+                yield h0, r0, torch.ops.aten._softmax.out(s, -1, False, out=out), False
 
 
 class AttentionConsumer(Protocol):
@@ -84,6 +91,28 @@ class AttentionConsumer(Protocol):
     # dtype, having taken what it keeps of the layer without the capture forming the attention (vizapp's fused
     # kernels, :mod:`vizapp.fused_attention`); the capture then calls only :meth:`layer_done`. Or None: the capture
     # forms the attention and hands it over in chunks as usual.
+    #
+    # Optional: ``softmax_rows(layer, batch, head, scores, row, out) -> bool``: offered the scores of each chunk the
+    # capture forms, shaped as :meth:`chunk`'s attention would be, before their softmax. A consumer that forms the
+    # softmax into ``out`` itself, taking in the same pass what it keeps of the chunk (the CPU kernel,
+    # :mod:`vizapp.cpu_rows`), returns True and is not handed that chunk; else False, with nothing written.
+
+
+def softmax_by(consumer: AttentionConsumer, layer: int, batch: int, images: int | None = None) -> Any:
+    """The ``softmax`` hook of :func:`attention_chunks` for chunks of image ``batch`` of ``layer``: the consumer's
+    ``softmax_rows``, or None where it has none. With ``images``, each chunk is every head of that many images from
+    ``batch`` on, [g·H, N, N], offered as [g, H, N, N]."""
+    rows = getattr(consumer, "softmax_rows", None)
+    if rows is None:
+        return None
+    if images is None:
+        return lambda head, row, scores, out: rows(layer, batch, head, scores, row, out)
+
+    def whole(_head: int, _row: int, scores: torch.Tensor, out: torch.Tensor) -> bool:
+        shape = (images, scores.shape[0] // images, *scores.shape[1:])
+        return rows(layer, batch, 0, scores.view(shape), 0, out.view(shape))
+
+    return whole
 
 
 def offer(
@@ -155,9 +184,21 @@ def feed(
     with torch.no_grad():
         for i in range(b):
             bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
-            for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
-                hand_over(consumer, layer, i, h0, a, r0, work[0, : a.shape[0], : a.shape[1]], scores=bi is None)
+            for h0, r0, a, taken in attention_chunks(
+                q[i], k[i], scale, c, rows, work, bi, softmax_by(consumer, layer, i)
+            ):
+                if not taken:
+                    hand_over(consumer, layer, i, h0, a, r0, work[0, : a.shape[0], : a.shape[1]], scores=bi is None)
     consumer.layer_done(layer)
+
+
+def group_bias(bias: torch.Tensor | None, first: int, g: int, h: int, n: int) -> torch.Tensor | None:
+    """The additive bias [B or 1, H or 1, N, N] of images ``first .. first + g`` as their heads' [g·H, N, N] chunk, or
+    [1, N, N] where one bias serves every head and image (None stays None)."""
+    if bias is None:
+        return None
+    one = bias[first : first + g] if bias.shape[0] > 1 else bias[:1]
+    return one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
 
 
 def host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -15,8 +15,8 @@ close puts torch's function back. torch's ``nn.MultiheadAttention`` is marked wi
 
 - records q and k (and the additive bias) of the layer, [B, H, N, d] each;
 - with a consumer (``on_attention``), computes the attention itself in fp32, a cache-sized chunk of heads at a time,
-  hands each chunk to the consumer while it is hot, and returns chunk @ v as the layer's output, so the attention
-  is formed once instead of twice;
+  hands each chunk to the consumer while it is hot (or the chunk's scores, for a consumer that forms their softmax
+  itself: the CPU kernel), and returns chunk @ v as the layer's output, so the attention is formed once, not twice;
 - with ``with_grad``, computes the attention as a tensor in the autograd graph, so ∂score/∂A is exact;
 - with ``ablate``, replaces chosen heads' outputs (what the call returns, [B, H, N, d], before the output projection)
   by 0 or by their mean over the tokens, whichever path formed them; with ``record_head_outputs``, keeps those
@@ -52,10 +52,12 @@ from vizapp.attention import (  # noqa: F401  (named here too, where callers hav
     attention_chunks,
     attention_from_qk,
     feed,
+    group_bias,
     hand_over,
     host_copies,
     image_group,
     offer,
+    softmax_by,
 )
 from vizapp.errors import BadParameterError, UnsupportedModelError, unexact_layer
 from vizapp.layers import (  # noqa: F401  (named here too, where callers have found them)
@@ -351,9 +353,11 @@ class AttentionCapture:
             for i in range(b):
                 v32, out_i = v[i].float(), out[i]
                 bi = None if bias is None else bias[i if bias.shape[0] > 1 else 0]
-                for h0, r0, a in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi):
+                take = softmax_by(self.on_attention, layer, i)
+                for h0, r0, a, taken in attention_chunks(q[i], k[i], scale, c, rows, work, bias=bi, softmax=take):
                     m, r = a.shape[0], a.shape[1]
-                    hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r], scores=bi is None)  # scratch
+                    if not taken:
+                        hand_over(self.on_attention, layer, i, h0, a, r0, work[0, :m, :r], scores=bi is None)
                     vc, target = v32[h0 : h0 + m], out_i[h0 : h0 + m, r0 : r0 + r]
                     if fp32:
                         torch.bmm(a, vc, out=target)
@@ -391,14 +395,13 @@ class AttentionCapture:
             for i0 in range(0, b, group):
                 g = min(group, b - i0)
                 flat = slice(i0, i0 + g)
-                gb = None
-                if bias is not None:  # [B or 1, H or 1, N, N] -> [g·H, N, N], or [1, N, N] where one bias serves all
-                    one = bias[flat] if bias.shape[0] > 1 else bias[:1]
-                    gb = one[0] if one.shape[:2] == (1, 1) else one.expand(g, h, n, n).reshape(g * h, n, n)
+                gb = group_bias(bias, i0, g, h, n)
                 qs, ks = q[flat].reshape(g * h, n, d), k[flat].reshape(g * h, n, d)
-                ((_, _, a),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb)
-                spent = work[0, : g * h].view(g, h, n, n)  # the scores, the scratch once their softmax is formed
-                hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, spent, scores=gb is None)
+                whole = softmax_by(self.on_attention, layer, i0, images=g)  # the scores offered as [g, H, N, N]
+                ((_, _, a, taken),) = attention_chunks(qs, ks, scale, g * h, n, work, bias=gb, softmax=whole)
+                if not taken:  # the scores are the scratch once their softmax is formed
+                    spent = work[0, : g * h].view(g, h, n, n)
+                    hand_over(self.on_attention, layer, i0, 0, a.view(g, h, n, n), 0, spent, scores=gb is None)
                 vs, target = v[flat].float().reshape(g * h, n, -1), out[flat].view(g * h, n, -1)
                 if target.dtype == torch.float32:
                     torch.bmm(a, vs, out=target)
@@ -574,13 +577,9 @@ class AttentionCapture:
         return q, k
 
     def qk_on_cpu(self, image: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """q and k of every layer for one image of the batch, [H, N, d] float32 each, contiguous, on the CPU.
-
-        On the CPU nothing is copied. From a GPU each layer's q and k come over separately: one copy of the whole
-        packed block into fresh host memory was slower on the H200 machine (eager analyze of ViT-L/384 139.7 ms
-        against 53.8 ms with per-layer copies, and ViT-B/16 32.8 against 24.8 ms, in two sessions; docs/gpu.md).
-        The fast path on a GPU is a CUDA graph that stages its results in pinned memory (:mod:`vizapp.cudagraph`).
-        """
+        """q and k of every layer for one image of the batch, [H, N, d] float32 each, contiguous, on the CPU: nothing
+        copied on the CPU; from a GPU layer by layer, faster there than one copy of the packed block (docs/gpu.md: the
+        H200's eager ViT-L/384, 53.8 against 139.7 ms); the fast path on a GPU is :mod:`vizapp.cudagraph`'s staging."""
         return tuple(map(host_copies, self.qk_on_device(image)))
 
     def attention(self, layer: int) -> torch.Tensor:

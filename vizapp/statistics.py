@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from vizapp import fused_attention, limits
+from vizapp import cpu_rows, fused_attention, limits
 from vizapp.analysis.distance import BlockDistanceTerms
 from vizapp.analysis.headstats import row_entropy, row_entropy_from_scores, token_norm_stats
 
@@ -108,8 +108,8 @@ class HeadStatistic(Statistic):
     """
 
     patch_queries: ClassVar[bool] = False
-    #: the fused kernel's row quantity equal to :meth:`rows` (:data:`vizapp.fused_attention.ROW_QUANTITIES`), or None:
-    #: the attention is then formed for every layer (as it is for a head fusion but the mean)
+    #: the row quantity of the fused kernels (a GPU's :mod:`vizapp.fused_attention`, the CPU's :mod:`vizapp.cpu_rows`)
+    #: equal to :meth:`rows` (:data:`vizapp.fused_attention.ROW_QUANTITIES`), or None: the attention is then formed
     fused_row: ClassVar[str | None] = None
 
     def rows(self, attn: torch.Tensor, row: int, geometry: Geometry, out: torch.Tensor, work: torch.Tensor) -> None:
@@ -397,8 +397,7 @@ class StatisticsReducer:
         return buf[..., :q]
 
     # AttentionConsumer
-    #: takes chunks of several whole images, and a scratch buffer with each
-    #: (:meth:`vizapp.attention.AttentionConsumer.chunk`)
+    #: takes chunks of several whole images, and a scratch buffer with each (:class:`~vizapp.attention.AttentionConsumer`)
     image_groups = True
     takes_scratch = True
     takes_scores = True  # and is told when the scratch holds the chunk's scores
@@ -424,10 +423,7 @@ class StatisticsReducer:
             raise ValueError(f"attention of image {batch}, but the forward has {self.batch} images")
         work = scratch if scratch is not None and scratch.shape == attn.shape and scratch.dtype == attn.dtype else None
         scores = work if scores_in_scratch else None
-        if work is None:
-            work = self._work
-        if work is None or work.shape[0] < c or work.shape[1] < r or work.shape[2] != n or work.dtype != attn.dtype:
-            work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
+        work = self._working(work, c, r, attn)
         heads, p = slice(head, head + c), g.num_prefix_tokens
         lo = max(row, p)  # the chunk's first patch query
         jobs = []
@@ -440,6 +436,14 @@ class StatisticsReducer:
                 jobs.append((s, rows[batch, heads, row : row + r], work[:c, :r]))
         self._reduce(jobs, attn, row, g, scores)
         self._cells[layer] += c * r
+
+    def _working(self, work: torch.Tensor | None, c: int, r: int, attn: torch.Tensor) -> torch.Tensor:
+        """``work`` (a scratch that fits), else the reducer's own buffer for [c, r, N] chunks like ``attn``, grown."""
+        work = self._work if work is None else work
+        n = attn.shape[-1]
+        if work is None or work.shape[0] < c or work.shape[1] < r or work.shape[2] != n or work.dtype != attn.dtype:
+            work = self._work = torch.empty((c, r, n), dtype=attn.dtype, device=attn.device)
+        return work
 
     @staticmethod
     def _reduce(
@@ -489,16 +493,9 @@ class StatisticsReducer:
             raise ValueError(f"attention over {n} tokens, expected {g.num_keys}")
         flat = attn.view(images * h, r, n)
         scratch_ok = scratch is not None and scratch.is_contiguous()
-        work = scratch.view(images * h, r, n) if scratch_ok else self._work
+        work = scratch.view(images * h, r, n) if scratch_ok else None
         scores = work if scratch_ok and scores_in_scratch else None
-        if (
-            work is None
-            or work.shape[0] < images * h
-            or work.shape[1] < r
-            or work.shape[2] != n
-            or work.dtype != attn.dtype
-        ):
-            work = self._work = torch.empty((images * h, r, n), dtype=attn.dtype, device=attn.device)
+        work = self._working(work, images * h, r, attn)
         p = g.num_prefix_tokens
         jobs = []
         for s, rows in zip(self.head_stats, buffers, strict=True):
@@ -530,13 +527,16 @@ class StatisticsReducer:
         g = self._layer_geometry(layer)
         return {s.name: self._row_buffer(s, g, layer)[:, :heads] for s in self.head_stats}
 
-    def rows_filled(self, layer: int, images: int | None = None) -> None:
-        """The rows of ``layer`` of ``images`` images (default: every image) were written into :meth:`row_buffers`."""
-        images = self.batch if images is None else images
-        self._cells[layer] += images * self.heads[layer] * self._layer_geometry(layer).num_tokens
+    def rows_filled(self, layer: int, images: int | None = None, cells: int | None = None) -> None:
+        """``images`` images' rows of ``layer`` (default: all), or ``cells`` (image, head, query row) cells of them,
+        were written into :meth:`row_buffers`."""
+        whole = (self.batch if images is None else images) * self.heads[layer] * self._layer_geometry(layer).num_tokens
+        self._cells[layer] += whole if cells is None else cells
 
     #: ``attend(layer, q, k, v, scale, bias)``: the output, its rows from the fused kernel, or None (AttentionConsumer)
     attend = fused_attention.reduce_layer
+    #: ``softmax_rows(layer, batch, head, scores, row, out)``: a chunk's softmax and rows by the CPU kernel, or False
+    softmax_rows = cpu_rows.reduce_chunk
 
     def layer_done(self, layer: int) -> None:
         h, g = self.heads[layer], self._layer_geometry(layer)

@@ -98,17 +98,39 @@ class LayerStatistics:
         scratch: torch.Tensor | None = None,
         scores_in_scratch: bool = False,
     ) -> None:
-        images = attn.shape[0] if attn.dim() == 4 else 1  # [g, H, N, N]: images batch .. batch + g, whole
-        if attn.dim() == 4 and images == 1:
+        if attn.dim() == 4 and attn.shape[0] == 1:  # [g, H, N, N]: images batch .. batch + g, whole
             attn, scratch = attn[0], None if scratch is None else scratch[0]
-        c, r, n = attn.shape[-3:]
-        if not (batch >= 0 and batch + images <= self.batch) or n != self.n or not self.valid:
+        if not self._fits(batch, attn):
             self.valid = False
             return
+        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=scores_in_scratch)
+        self._fuse(layer, batch, attn, row, scratch)
+
+    def softmax_rows(
+        self, layer: int, batch: int, head: int, scores: torch.Tensor, row: int, out: torch.Tensor
+    ) -> bool:
+        """A chunk's softmax into ``out`` with its statistics by the CPU kernel
+        (:meth:`~vizapp.statistics.StatisticsReducer.softmax_rows`), then its fusions from that softmax as
+        :meth:`chunk` takes them, the spent scores their scratch; False, with nothing taken, where the kernel does not
+        serve (:meth:`chunk` is then handed the chunk)."""
+        if not self._fits(batch, scores) or not self.statistics.softmax_rows(layer, batch, head, scores, row, out):
+            return False
+        if out.dim() == 4 and out.shape[0] == 1:
+            out, scores = out[0], scores[0]
+        self._fuse(layer, batch, out, row, scores)
+        return True
+
+    def _fits(self, batch: int, attn: torch.Tensor) -> bool:
+        images = attn.shape[0] if attn.dim() == 4 else 1
+        return batch >= 0 and batch + images <= self.batch and attn.shape[-1] == self.n and self.valid
+
+    def _fuse(self, layer: int, batch: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None) -> None:
+        """The chunk into the layer's running head fusions (a buffer like ``attn`` it may overwrite: ``scratch``)."""
+        images = attn.shape[0] if attn.dim() == 4 else 1
+        r = attn.shape[-2]
         if not self._acc:  # the layer's first chunk
             self._acc = self._accumulators(layer, attn.device)
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
-        self.statistics.chunk(layer, batch, head, attn, row, scratch=scratch, scores_in_scratch=scores_in_scratch)
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
             for f, acc in self._acc.items():
@@ -240,7 +262,7 @@ def fused_layer(
     h, n, _ = q.shape
     out = torch.full((n, n), FUSION_START[head_fusion], device=q.device)
     shape = limits.chunk_shape(h, n, limits.INLINE_CHUNK_BYTES if budget is None else budget)
-    for _, r0, a in attention_chunks(q, k, scale, *shape, bias=bias):
+    for _, r0, a, _ in attention_chunks(q, k, scale, *shape, bias=bias):
         fuse_heads_into(out[r0 : r0 + a.shape[1]], a, head_fusion)
     return finish_fusion(out, h, head_fusion)
 
