@@ -90,6 +90,23 @@ def test_random_chunks_against_float64(images, heads, n, prefix, row0, rows, thr
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_heads_sum_is_written_or_added_per_image(threads):
+    """Two images of 3 heads, rows 1..5 of 6 tokens: each image's sum over its heads of the softmax rows, written into
+    a strided view of a larger [B, N, N] buffer, or added to what it holds; nothing else of the buffer touched."""
+    gen = torch.Generator().manual_seed(3)
+    chunk = torch.randn((6, 4, 6), generator=gen)
+    want = torch.softmax(chunk.double(), -1).view(2, 3, 4, 6).sum(1)
+    for add in (False, True):
+        buf = torch.full((3, 6, 6), 0.5)
+        out = torch.empty_like(chunk)
+        assert cpu_rows.softmax_rows(chunk, out, 1, 3, head_sum=(buf[1:, 1:5], add), threads=threads)
+        torch.testing.assert_close(buf[1:, 1:5].double(), want + (0.5 if add else 0.0), rtol=1e-6, atol=1e-6)
+        assert (buf[0] == 0.5).all() and (buf[:, [0, 5]] == 0.5).all()
+    with pytest.raises(ValueError, match="heads' sum"):
+        cpu_rows.softmax_rows(chunk, out, 1, 3, head_sum=(torch.zeros((2, 4, 6))[..., ::2], False))
+
+
 def test_bad_arguments_are_refused():
     scores = torch.zeros((2, 3, 4))
     with pytest.raises(ValueError, match="contiguous float32"):

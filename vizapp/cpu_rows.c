@@ -5,7 +5,9 @@
  *   mx = max_j s_j, e_j = exp(s_j - mx), l = sum_j e_j, T = sum_j e_j (mx - s_j) (every term >= 0);
  *   a_j = e_j / l is written out (the attention the caller multiplies by v);
  *   entropy = -sum_j a_j log a_j = T / l + log l;
- *   mean distance (patch queries i >= p): sum_{j >= p} a_ij d_ij / sum_{j >= p} a_ij over the patch keys.
+ *   mean distance (patch queries i >= p): sum_{j >= p} a_ij d_ij / sum_{j >= p} a_ij over the patch keys;
+ *   the heads' sum (optional): row i of the image's sum over its heads of a, written or added to.
+ * One worker takes every head of a query row, so that its sum is built in the cache by one thread.
  * A key whose score is -inf (a mask) gets weight 0 and adds nothing to T; a row whose every score is -inf is NaN, as
  * torch's softmax of it. */
 #include <math.h>
@@ -47,16 +49,20 @@ typedef struct {
     long rows, n, row0, prefix, per_image;
     const float *dist; /* [n - prefix, n - prefix], row-major */
     vz_target entropy, distance;
-    long lo, hi; /* this worker's rows of the chunk, counted over its matrices */
+    float *head_sum; /* row r of image b of the chunk at head_sum + b * hs_image + r * hs_row (unit last stride) */
+    long hs_image, hs_row;
+    int hs_add; /* add to what the head sum's rows hold (else the chunk's first head writes them) */
+    long lo, hi; /* this worker's (image, query row, head) triples of the chunk, the head fastest */
 } vz_job;
 
 static void vz_run(const vz_job *job) {
-    const long n = job->n, p = job->prefix, np = n - p;
+    const long n = job->n, p = job->prefix, np = n - p, per_image = job->per_image;
     for (long t = job->lo; t < job->hi; t++) {
-        const long m = t / job->rows, query = job->row0 + t % job->rows;
-        const long image = m / job->per_image, head = m % job->per_image;
-        const float *s = job->scores + t * n;
-        float *a = job->probs + t * n;
+        const long image = t / (job->rows * per_image), within = t % (job->rows * per_image);
+        const long local = within / per_image, head = within % per_image, query = job->row0 + local;
+        const long at = (image * per_image + head) * job->rows + local; /* the row's index in scores and probs */
+        const float *s = job->scores + at * n;
+        float *a = job->probs + at * n;
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (long j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
@@ -88,6 +94,16 @@ static void vz_run(const vz_job *job) {
             di->out[image * di->s_image + head * di->s_head + (query - di->first) * di->s_query] =
                 num / (den > 1.17549435e-38f ? den : 1.17549435e-38f);
         }
+        if (job->head_sum) {
+            float *hs = job->head_sum + image * job->hs_image + local * job->hs_row;
+            if (head == 0 && !job->hs_add) {
+#pragma omp simd
+                for (long j = 0; j < n; j++) hs[j] = a[j];
+            } else {
+#pragma omp simd
+                for (long j = 0; j < n; j++) hs[j] += a[j];
+            }
+        }
     }
 }
 
@@ -98,21 +114,25 @@ static void *vz_thread(void *arg) {
 
 /* The softmax of scores [mats, rows, n] (contiguous; rows row0 .. row0 + rows of their matrices; matrix m is head
  * m % per_image of image m / per_image of the chunk) into probs (same layout), with each row's entropy and mean
- * distance into their targets (a NULL out: not taken), split over `threads` threads. Returns the threads used. */
+ * distance into their targets and the heads' sum into head_sum (a NULL target: not taken), split over `threads`
+ * threads by query rows. Returns the threads used. */
 int vz_softmax_rows(const float *scores, float *probs, long mats, long rows, long n, long row0, long prefix,
                     long per_image, const float *dist, float *ent, long ent_si, long ent_sh, long ent_sq,
-                    long ent_first, float *dis, long dis_si, long dis_sh, long dis_sq, long dis_first, int threads) {
-    const long total = mats * rows;
-    if (total <= 0) return 0;
+                    long ent_first, float *dis, long dis_si, long dis_sh, long dis_sq, long dis_first,
+                    float *head_sum, long hs_image, long hs_row, int hs_add, int threads) {
+    if (per_image <= 0 || mats % per_image) return -1;
+    const long queries = mats / per_image * rows; /* (image, query row) pairs: a worker takes whole ones */
+    if (queries <= 0) return 0;
     if (threads > VZ_MAX_THREADS) threads = VZ_MAX_THREADS;
-    if (threads > total) threads = (int)total;
+    if (threads > queries) threads = (int)queries;
     if (threads < 1) threads = 1;
     vz_job jobs[VZ_MAX_THREADS];
     pthread_t ids[VZ_MAX_THREADS];
     for (int w = 0; w < threads; w++) {
         vz_job job = {scores, probs, rows, n, row0, prefix, per_image, dist,
                       {ent, ent_si, ent_sh, ent_sq, ent_first}, {dis, dis_si, dis_sh, dis_sq, dis_first},
-                      total * w / threads, total * (w + 1) / threads};
+                      head_sum, hs_image, hs_row, hs_add,
+                      queries * w / threads * per_image, queries * (w + 1) / threads * per_image};
         jobs[w] = job;
     }
     int started = 0; /* workers 1 .. started run in their own threads; the rest here, after worker 0 */

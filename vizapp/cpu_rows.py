@@ -116,7 +116,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.vz_softmax_rows
     p, n = ctypes.c_void_p, ctypes.c_long
-    fn.argtypes = [p, p, n, n, n, n, n, n, p, p, n, n, n, n, p, n, n, n, n, ctypes.c_int]
+    fn.argtypes = [p, p, n, n, n, n, n, n, p, p, n, n, n, n, p, n, n, n, n, p, n, n, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -168,6 +168,7 @@ def softmax_rows(
     dist: torch.Tensor | None = None,
     entropy: tuple[torch.Tensor, int] | None = None,
     distance: tuple[torch.Tensor, int] | None = None,
+    head_sum: tuple[torch.Tensor, bool] | None = None,
     threads: int | None = None,
 ) -> bool:
     """``out`` = softmax(``scores``, -1) for scores [M, R, N] (float32, contiguous; rows ``row0 .. row0 + R`` of M
@@ -176,7 +177,9 @@ def softmax_rows(
     - ``entropy`` (optional): (target [B', H', Q], first query): the entropy (nats) of query i of matrix m goes to
       ``target[m // per_image, m % per_image, i - first]`` for i >= first;
     - ``distance`` (optional): likewise, the mean distance Σ_j a_ij·d_ij / Σ_j a_ij over the patch keys j of patch
-      query i (i >= ``prefix``), with ``dist`` [N - prefix, N - prefix] (float32, contiguous).
+      query i (i >= ``prefix``), with ``dist`` [N - prefix, N - prefix] (float32, contiguous);
+    - ``head_sum`` (optional): (target [M // per_image, R, N] with a unit last stride, add): each image's sum over its
+      heads of the chunk's rows, written into the target or (``add``) added to what it holds.
 
     Returns False, with nothing written, where the kernel is not available (:func:`library`).
     """
@@ -194,11 +197,14 @@ def softmax_rows(
         dist is None or dist.dtype != torch.float32 or not dist.is_contiguous() or dist.shape != (n - prefix,) * 2
     ):
         raise ValueError(f"the mean distance needs the patch distances [{n - prefix}, {n - prefix}], float32")
-    for target in (entropy, distance):
+    for target in (entropy, distance, head_sum):
         if target is not None and (target[0].dtype != torch.float32 or target[0].device.type != "cpu"):
             raise ValueError("the rows' targets must be float32 on the CPU")
+    if head_sum is not None and (head_sum[0].shape != (m // per_image, r, n) or head_sum[0].stride(-1) != 1):
+        raise ValueError(f"the heads' sum goes to [{m // per_image}, {r}, {n}] with a unit last stride")
     threads = torch.get_num_threads() if threads is None else threads
     threads = max(1, min(threads, m * r // MIN_ROWS_PER_THREAD))
+    hs, hs_add = head_sum if head_sum is not None else (None, False)
     lib.vz_softmax_rows(
         scores.data_ptr(),
         out.data_ptr(),
@@ -211,6 +217,10 @@ def softmax_rows(
         None if dist is None or distance is None else dist.data_ptr(),
         *_target(*(entropy or (None, 0))),
         *_target(*(distance or (None, 0))),
+        None if hs is None else hs.data_ptr(),
+        0 if hs is None else hs.stride(0),
+        0 if hs is None else hs.stride(1),
+        int(bool(hs_add)),
         threads,
     )
     return True
@@ -224,10 +234,12 @@ def reduce_chunk(
     scores: torch.Tensor,
     row: int,
     out: torch.Tensor,
+    head_sum: tuple[torch.Tensor, bool] | None = None,
 ) -> bool:
     """The softmax of a chunk's ``scores`` into ``out`` with ``reducer``'s statistics of it written and counted: scores
     [c, r, N] of heads ``head .. head + c``, query rows ``row .. row + r`` of image ``batch``, or [g, H, N, N], every
-    head and row of images ``batch .. batch + g``. False, with nothing written, where the kernel does not serve (the
+    head and row of images ``batch .. batch + g``; ``head_sum`` as for :func:`softmax_rows` (its target [1 or g, r,
+    N]). False, with nothing written, where the kernel does not serve (the
     device, a statistic it does not compute, a windowed layer, the kernel off): the caller forms the softmax and hands
     it over (:meth:`~vizapp.statistics.StatisticsReducer.chunk`)."""
     if scores.device.type != "cpu" or scores.dtype != torch.float32 or not enabled():
@@ -270,6 +282,7 @@ def reduce_chunk(
         g.dist,
         targets.get("entropy"),
         targets.get("distance"),
+        head_sum,
     )
     if done:
         reducer.rows_filled(layer, cells=m * r)
@@ -277,8 +290,9 @@ def reduce_chunk(
 
 
 def self_check() -> str | None:
-    """The kernel on a small chunk (2 images of 3 heads, rows 2..8 of 9 tokens after 1 prefix token, a masked key)
-    against float64 torch: None where every value agrees to 1e-5 (relative) and 1e-6, else what differs."""
+    """The kernel on a small chunk (2 images of 3 heads, rows 2..8 of 9 tokens after 1 prefix token, a masked key,
+    the heads' sum added to ones) against float64 torch: None where every value agrees to 1e-5 (relative) and 1e-6,
+    else what differs."""
     gen = torch.Generator().manual_seed(0)
     n, p, r0 = 9, 1, 2
     scores64 = torch.randn((6, n, n), generator=gen, dtype=torch.float64) * 4
@@ -287,7 +301,8 @@ def self_check() -> str | None:
     chunk = scores64[:, r0:].float().contiguous()
     out = torch.empty_like(chunk)
     ent, dis = torch.full((2, 3, n), torch.nan), torch.full((2, 3, n - p), torch.nan)
-    softmax_rows(chunk, out, r0, 3, p, dist, (ent, 0), (dis, p))
+    summed = torch.ones((2, n - r0, n))
+    softmax_rows(chunk, out, r0, 3, p, dist, (ent, 0), (dis, p), (summed, True))
     a = torch.softmax(chunk.double(), -1)
     logs = torch.where(a > 0, a.log(), torch.zeros_like(a))
     want_ent = -(a * logs).sum(-1).view(2, 3, -1)
@@ -298,6 +313,7 @@ def self_check() -> str | None:
         ("softmax", out, a),
         ("entropy", ent[..., r0:], want_ent),
         ("distance", dis[..., r0 - p :], want_dis),
+        ("heads' sum", summed, 1 + a.view(2, 3, n - r0, n).sum(1)),
     ):
         if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6):
             bad.append(f"{name} off by {(got.double() - want).abs().max().item():.3g}")

@@ -535,7 +535,7 @@ class StatisticsReducer:
 
     #: ``attend(layer, q, k, v, scale, bias)``: the output, its rows from the fused kernel, or None (AttentionConsumer)
     attend = fused_attention.reduce_layer
-    #: ``softmax_rows(layer, batch, head, scores, row, out)``: a chunk's softmax and rows by the CPU kernel, or False
+    #: ``softmax_rows(layer, batch, head, scores, row, out, head_sum=None)``: a chunk's softmax and rows by the CPU kernel
     softmax_rows = cpu_rows.reduce_chunk
 
     def layer_done(self, layer: int) -> None:

@@ -109,38 +109,49 @@ class LayerStatistics:
     def softmax_rows(
         self, layer: int, batch: int, head: int, scores: torch.Tensor, row: int, out: torch.Tensor
     ) -> bool:
-        """A chunk's softmax into ``out`` with its statistics by the CPU kernel
-        (:meth:`~vizapp.statistics.StatisticsReducer.softmax_rows`), then its fusions from that softmax as
-        :meth:`chunk` takes them, the spent scores their scratch; False, with nothing taken, where the kernel does not
-        serve (:meth:`chunk` is then handed the chunk)."""
-        if not self._fits(batch, scores) or not self.statistics.softmax_rows(layer, batch, head, scores, row, out):
+        """A chunk's softmax into ``out`` with its statistics and the heads' sum of the mean fusion in the same pass of
+        the CPU kernel (:meth:`~vizapp.statistics.StatisticsReducer.softmax_rows`), then any other fusion (max, min)
+        from that softmax as :meth:`chunk` takes it, the spent scores its scratch; False, with nothing taken, where
+        the kernel does not serve (:meth:`chunk` is then handed the chunk)."""
+        if not self._fits(batch, scores):
+            return False
+        if not self._acc:  # the layer's first chunk
+            self._acc, self._started = self._accumulators(layer, scores.device), set()
+        images, r = (scores.shape[0] if scores.dim() == 4 else 1), scores.shape[-2]
+        add = scores.dim() == 3 and (batch, row) in self._started  # a later chunk of heads of these rows
+        summed = (self._acc["mean"][batch : batch + images, row : row + r], add)
+        if not self.statistics.softmax_rows(layer, batch, head, scores, row, out, head_sum=summed):
             return False
         if out.dim() == 4 and out.shape[0] == 1:
             out, scores = out[0], scores[0]
-        self._fuse(layer, batch, out, row, scores)
+        self._fuse(layer, batch, out, row, scores, summed="mean")
         return True
 
     def _fits(self, batch: int, attn: torch.Tensor) -> bool:
         images = attn.shape[0] if attn.dim() == 4 else 1
         return batch >= 0 and batch + images <= self.batch and attn.shape[-1] == self.n and self.valid
 
-    def _fuse(self, layer: int, batch: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None) -> None:
-        """The chunk into the layer's running head fusions (a buffer like ``attn`` it may overwrite: ``scratch``)."""
+    def _fuse(
+        self, layer: int, batch: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None, summed: str = ""
+    ) -> None:
+        """The chunk into the layer's running head fusions but ``summed`` (taken by the kernel), ``scratch`` a buffer
+        like ``attn`` it may overwrite."""
         images = attn.shape[0] if attn.dim() == 4 else 1
         r = attn.shape[-2]
         if not self._acc:  # the layer's first chunk
             self._acc = self._accumulators(layer, attn.device)
             self._started = set()  # (image, row block) pairs whose fusion holds some heads already
+        fusions = [(f, acc) for f, acc in self._acc.items() if f != summed]
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
-            for f, acc in self._acc.items():
+            for f, acc in fusions:
                 start_fusion(acc[batch : batch + images, row : row + r], attn, f)
             return
         first = (batch, row) not in self._started
         self._started.add((batch, row))
         # the statistics are done with the scratch: it takes the heads' sum (or max, min) folded into each fusion
         work = scratch[0] if scratch is not None and scratch.shape == attn.shape else None
-        for f, acc in self._acc.items():
+        for f, acc in fusions:
             if first:
                 start_fusion(acc[batch, row : row + r], attn, f)
             else:
