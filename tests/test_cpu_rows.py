@@ -3,6 +3,7 @@ distance in one pass. Hand-computed rows, float64 torch on random chunks (masks,
 targets), analyses with the kernel against analyses with torch's operations, and what happens without a compiler."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,17 @@ def test_a_built_library_is_reused_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_rows, "_state", {})
     assert cpu_rows.library() is not None
     assert list((tmp_path / "kernels").glob("*")) == [built] and built.stat().st_mtime_ns == stamp
+
+
+def test_an_unwritable_cache_builds_in_a_private_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setattr(cpu_rows, "_state", {})
+    monkeypatch.setenv("VIZAPP_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
+    lib = cpu_rows.library()
+    assert lib is not None and cpu_rows.why_off() is None
+    folder = Path(lib._name).parent
+    assert folder.name.startswith("vizapp-kernel-") and folder.stat().st_mode & 0o077 == 0  # private
 
 
 def test_switched_off_it_takes_nothing(monkeypatch):

@@ -2,14 +2,15 @@
 kernel, ``cpu_rows.c`` beside this file, compiled on first use).
 
 On the CPU an analysis forms each layer's attention in cache-sized chunks (:func:`vizapp.attention.attention_chunks`):
-the scores by one batched product, their softmax, then the statistics read the chunk again: the entropy from the
-scores and the softmax (two more passes with two maxima), the mean distance by a product with the distances. Each
-pass is vectorised by torch, but each reads the chunk anew, and together they cost more than the attention itself (16
-ViT-S/16 images on 2 threads of an AMD EPYC: 8.7 ms a layer for SDPA, 7.5 ms for the two products, 6 to 9 ms for the
-softmax and the statistics). The kernel reads each row of scores once into the cache and, while it is there, takes its
-maximum, its exponentials (a polynomial that vectorises), their sum, the entropy T/l + log l
-(:func:`vizapp.analysis.headstats.row_entropy_from_scores`'s identity) and the renormalised mean distance over the
-patch keys, and writes the softmax the caller multiplies by v. On that layer it takes 2.0 ms.
+the scores by one batched product, then torch's softmax, then each statistic's own passes over the chunk (the entropy
+from the scores and the softmax, the mean distance by a product with the distances) and the heads' sum for the
+rollout, each reading the chunk anew. The kernel reads each row of scores once into the cache and, while it is there,
+takes its maximum, its exponentials (a polynomial that vectorises), their sum, the entropy T/l + log l
+(:func:`vizapp.analysis.headstats.row_entropy_from_scores`'s identity), the renormalised mean distance over the patch
+keys and the row's share of its image's heads' sum, and writes the softmax the caller multiplies by v. One layer of 16
+ViT-S/16 images (96 heads of 197 tokens) on 2 threads of an AMD EPYC: SDPA 8.7 ms, the two products 7.5 ms, the
+kernel 2.0 ms (without the heads' sum; this module's first version). The whole analysis of those 16 images took 1.17
+times as long with the kernel off (docs/benchmarks-batch-parts.md).
 
 It serves a :class:`~vizapp.statistics.StatisticsReducer` whose every head statistic is one the kernel computes (its
 ``fused_row``, as for the GPU's :mod:`vizapp.fused_attention`) on a layer whose keys are its tokens; anything else is
@@ -17,7 +18,8 @@ formed as before.
 
 ``VIZAPP_CPU_KERNEL``: unset or ``1``, used where it builds; ``0``, never. The C compiler is ``$CC`` or ``cc``; the
 library is cached under ``$VIZAPP_CACHE_DIR`` (default ``~/.cache/vizapp``), named by a digest of the source, the
-flags, the compiler and the processor (it is built for the processor it runs on). Before its first use in a process
+flags, the compiler and the processor (it is built for the processor it runs on); where that folder cannot be
+written, it is built in a private temporary folder for the process, never a shared one. Before its first use in a process
 it runs a small chunk, with a masked key and a distance, against float64: a library that fails to build, to load or
 that check is reported once in the log and the process forms the attention as before.
 """
@@ -92,10 +94,11 @@ def _build(cc: str) -> Path:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _processor().encode()]))
         folder = _cache_dir()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            folder = Path(tempfile.gettempdir()) / f"vizapp-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(folder)
+        except OSError:  # a private folder of this process's own, never a shared one another user could fill
+            folder = Path(tempfile.mkdtemp(prefix="vizapp-kernel-"))
         target = folder / f"cpu_rows-{key.hexdigest()[:20]}.so"
         if target.exists():
             return target
