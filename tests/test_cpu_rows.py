@@ -217,3 +217,13 @@ def test_switched_off_it_takes_nothing(monkeypatch):
     out = torch.full_like(scores, 5.0)
     assert cpu_rows.library() is None and not cpu_rows.softmax_rows(scores, out)
     assert (out == 5.0).all()
+
+
+def test_the_kernel_runs_on_torch_s_own_openmp_runtime():
+    """Built with OpenMP, the library's libgomp is the one torch loaded (one libgomp mapped in the process): its
+    threads are torch's pool, not a second set competing with torch's for the cores."""
+    scores = torch.randn((4, 64, 64))
+    assert cpu_rows.softmax_rows(scores, torch.empty_like(scores), threads=2)
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        mapped = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(mapped) == 1, mapped

@@ -135,6 +135,15 @@ int vz_softmax_rows(const float *scores, float *probs, long mats, long rows, lon
                       queries * w / threads * per_image, queries * (w + 1) / threads * per_image};
         jobs[w] = job;
     }
+#ifdef _OPENMP
+    /* OpenMP's threads: in a process with torch they are torch's own (its libgomp, already loaded, serves this
+     * library's calls too), warm and waiting, where a thread of our own would have to wait for one of them to stop
+     * spinning after torch's last parallel operation */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int w = 0; w < threads; w++) vz_run(&jobs[w]);
+    (void)ids;
+    return threads;
+#endif
     int started = 0; /* workers 1 .. started run in their own threads; the rest here, after worker 0 */
     while (started + 1 < threads && pthread_create(&ids[started + 1], NULL, vz_thread, &jobs[started + 1]) == 0)
         started++;

@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_rows.c")
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-NATIVE = "-march=native"  # tried first; dropped where the compiler refuses it
+#: tried in this order: built for this processor, with OpenMP (whose runtime torch has loaded: the kernel then runs on
+#: torch's own threads), then without either where the compiler refuses them (its own POSIX threads)
+VARIANTS = (("-fopenmp", "-march=native"), ("-fopenmp",), ("-march=native",), ())
 #: rows below which the chunk runs on one thread (starting a thread costs about what 8,000 weights do)
 MIN_ROWS_PER_THREAD = 64
 
@@ -90,7 +92,8 @@ def _build(cc: str) -> Path:
     """The library for this source, compiler and processor: from the cache, else compiled into it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     source = SOURCE.read_bytes()
-    for flags in ((*FLAGS, NATIVE), FLAGS):
+    for extra in VARIANTS:
+        flags = (*FLAGS, *extra)
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _processor().encode()]))
         folder = _cache_dir()
         try:
