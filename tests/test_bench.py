@@ -575,3 +575,19 @@ def test_the_graph_memory_benchmark_measures_both_routes_in_their_own_processes(
     assert float(cells[5]) > 0 and float(cells[6]) > 0
     images, kept_s, again_s, ratio_s = (float(c) for c in alternating.strip("|").split("|")[1:])
     assert images == 2 and kept_s > 0 and again_s > 0 and ratio_s > 0  # explain timed with both routes, alternating
+
+
+def test_the_cpu_kernel_benchmark_times_both_routes_per_layer(tmp_path, monkeypatch):
+    """benchmarks.cpu_rows: a row per model and thread count, both routes timed (a route that did not run would read
+    about 0 or less once the copy is taken off), and the environment's switch as it was."""
+    import os
+
+    from benchmarks import cpu_rows as bench
+
+    monkeypatch.delenv("VIZAPP_CPU_KERNEL", raising=False)
+    out = tmp_path / "rows.md"
+    assert bench.main(["--batch", "2", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = [ln.strip("|").split("|") for ln in out.read_text(encoding="utf-8").splitlines() if ln.startswith("| ViT")]
+    assert [r[0].strip() for r in rows] == ["ViT-S/16", "ViT-B/16"]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 and r[2].strip() == "2" for r in rows)
+    assert "VIZAPP_CPU_KERNEL" not in os.environ
