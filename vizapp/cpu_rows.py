@@ -7,10 +7,11 @@ from the scores and the softmax, the mean distance by a product with the distanc
 rollout, each reading the chunk anew. The kernel reads each row of scores once into the cache and, while it is there,
 takes its maximum, its exponentials (a polynomial that vectorises), their sum, the entropy T/l + log l
 (:func:`vizapp.analysis.headstats.row_entropy_from_scores`'s identity), the renormalised mean distance over the patch
-keys and the row's share of its image's heads' sum, and writes the softmax the caller multiplies by v. One layer of 16
-ViT-S/16 images (96 heads of 197 tokens) on 2 threads of an AMD EPYC: SDPA 8.7 ms, the two products 7.5 ms, the
-kernel 2.0 ms (without the heads' sum; this module's first version). The whole analysis of those 16 images took 1.17
-times as long with the kernel off (docs/benchmarks-batch-parts.md).
+keys and the row's share of its image's heads' sum, and writes the softmax the caller multiplies by v. For one layer
+of 16 ViT-S/16 images on 2 threads of an AMD EPYC that took 4.7 ms against torch's operations' 13.0
+(docs/benchmarks-cpu-rows.md), beside SDPA's 8.7 ms for the whole layer and 7.5 ms for the two products. It runs on
+OpenMP, whose runtime in a process with torch is torch's own libgomp, so its rows go to torch's threads: with threads of
+its own (its first version), the second one waited for a core that torch's spinning thread held.
 
 It serves a :class:`~vizapp.statistics.StatisticsReducer` whose every head statistic is one the kernel computes (its
 ``fused_row``, as for the GPU's :mod:`vizapp.fused_attention`) on a layer whose keys are its tokens; anything else is
