@@ -107,10 +107,12 @@ static void vz_run(const vz_job *job) {
     }
 }
 
+#ifndef _OPENMP
 static void *vz_thread(void *arg) {
     vz_run((const vz_job *)arg);
     return NULL;
 }
+#endif
 
 /* The softmax of scores [mats, rows, n] (contiguous; rows row0 .. row0 + rows of their matrices; matrix m is head
  * m % per_image of image m / per_image of the chunk) into probs (same layout), with each row's entropy and mean
@@ -127,7 +129,6 @@ int vz_softmax_rows(const float *scores, float *probs, long mats, long rows, lon
     if (threads > queries) threads = (int)queries;
     if (threads < 1) threads = 1;
     vz_job jobs[VZ_MAX_THREADS];
-    pthread_t ids[VZ_MAX_THREADS];
     for (int w = 0; w < threads; w++) {
         vz_job job = {scores, probs, rows, n, row0, prefix, per_image, dist,
                       {ent, ent_si, ent_sh, ent_sq, ent_first}, {dis, dis_si, dis_sh, dis_sq, dis_first},
@@ -141,14 +142,14 @@ int vz_softmax_rows(const float *scores, float *probs, long mats, long rows, lon
      * spinning after torch's last parallel operation */
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int w = 0; w < threads; w++) vz_run(&jobs[w]);
-    (void)ids;
-    return threads;
-#endif
+#else
+    pthread_t ids[VZ_MAX_THREADS];
     int started = 0; /* workers 1 .. started run in their own threads; the rest here, after worker 0 */
     while (started + 1 < threads && pthread_create(&ids[started + 1], NULL, vz_thread, &jobs[started + 1]) == 0)
         started++;
     vz_run(&jobs[0]);
     for (int w = started + 1; w < threads; w++) vz_run(&jobs[w]);
     for (int w = 1; w <= started; w++) pthread_join(ids[w], NULL);
+#endif
     return threads;
 }

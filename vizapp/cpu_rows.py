@@ -92,17 +92,18 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     """The library for this source, compiler and processor: from the cache, else compiled into it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
+    source, processor = SOURCE.read_bytes(), _processor().encode()
+    folder = _cache_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(folder)
+    except OSError:  # a private folder of this process's own, never a shared one another user could fill
+        folder = Path(tempfile.mkdtemp(prefix="vizapp-kernel-"))
+    error = ""
     for extra in VARIANTS:
         flags = (*FLAGS, *extra)
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _processor().encode()]))
-        folder = _cache_dir()
-        try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK):
-                raise PermissionError(folder)
-        except OSError:  # a private folder of this process's own, never a shared one another user could fill
-            folder = Path(tempfile.mkdtemp(prefix="vizapp-kernel-"))
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), processor]))
         target = folder / f"cpu_rows-{key.hexdigest()[:20]}.so"
         if target.exists():
             return target
@@ -211,7 +212,7 @@ def softmax_rows(
         raise ValueError(f"the heads' sum goes to [{m // per_image}, {r}, {n}] with a unit last stride")
     threads = torch.get_num_threads() if threads is None else threads
     threads = max(1, min(threads, m * r // MIN_ROWS_PER_THREAD))
-    hs, hs_add = head_sum if head_sum is not None else (None, False)
+    summed = (None, 0, 0, 0) if head_sum is None else (head_sum[0].data_ptr(), *head_sum[0].stride()[:2], head_sum[1])
     lib.vz_softmax_rows(
         scores.data_ptr(),
         out.data_ptr(),
@@ -224,10 +225,8 @@ def softmax_rows(
         None if dist is None or distance is None else dist.data_ptr(),
         *_target(*(entropy or (None, 0))),
         *_target(*(distance or (None, 0))),
-        None if hs is None else hs.data_ptr(),
-        0 if hs is None else hs.stride(0),
-        0 if hs is None else hs.stride(1),
-        int(bool(hs_add)),
+        *summed[:3],
+        int(bool(summed[3])),
         threads,
     )
     return True

@@ -115,8 +115,7 @@ class LayerStatistics:
         the kernel does not serve (:meth:`chunk` is then handed the chunk)."""
         if not self._fits(batch, scores):
             return False
-        if not self._acc:  # the layer's first chunk
-            self._acc, self._started = self._accumulators(layer, scores.device), set()
+        self._begin_layer(layer, scores.device)
         images, r = (scores.shape[0] if scores.dim() == 4 else 1), scores.shape[-2]
         add = scores.dim() == 3 and (batch, row) in self._started  # a later chunk of heads of these rows
         summed = (self._acc["mean"][batch : batch + images, row : row + r], add)
@@ -131,6 +130,11 @@ class LayerStatistics:
         images = attn.shape[0] if attn.dim() == 4 else 1
         return batch >= 0 and batch + images <= self.batch and attn.shape[-1] == self.n and self.valid
 
+    def _begin_layer(self, layer: int, dev: torch.device) -> None:
+        """At the layer's first chunk: its fusions' accumulators, and no (image, row block) pair holding heads yet."""
+        if not self._acc:
+            self._acc, self._started = self._accumulators(layer, dev), set()
+
     def _fuse(
         self, layer: int, batch: int, attn: torch.Tensor, row: int, scratch: torch.Tensor | None, summed: str = ""
     ) -> None:
@@ -138,9 +142,7 @@ class LayerStatistics:
         like ``attn`` it may overwrite."""
         images = attn.shape[0] if attn.dim() == 4 else 1
         r = attn.shape[-2]
-        if not self._acc:  # the layer's first chunk
-            self._acc = self._accumulators(layer, attn.device)
-            self._started = set()  # (image, row block) pairs whose fusion holds some heads already
+        self._begin_layer(layer, attn.device)
         fusions = [(f, acc) for f, acc in self._acc.items() if f != summed]
         if images > 1:  # every head of these images: their fusions are written whole
             self._started.update((b, row) for b in range(batch, batch + images))
